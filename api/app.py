@@ -1,0 +1,54 @@
+"""The FastAPI application: Redis pool, result waiter and routes, wired in the lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from api import errors
+from api.predictions import ModelRegistry, Predictor
+from api.results import ResultWaiter
+from api.routes import predict_router, router
+from batcher.protocol import Keys
+from sentiment.settings import Settings
+
+
+def create_app(settings: Settings | None = None, redis: Redis | None = None) -> FastAPI:
+    """The app for `settings` (default: from the environment); tests may hand in their own Redis."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = redis or Redis(
+            connection_pool=BlockingConnectionPool.from_url(
+                settings.redis_url, max_connections=settings.redis_max_connections, timeout=settings.request_timeout_s,
+                socket_connect_timeout=2,
+            )
+        )
+        keys = Keys(settings.key_prefix)
+        waiter = ResultWaiter(client, keys)
+        waiter.start()
+        app.state.redis = client
+        app.state.keys = keys
+        app.state.models = ModelRegistry(client, keys)
+        app.state.predictor = Predictor(client, keys, waiter, app.state.models, settings.request_timeout_s)
+        try:
+            yield
+        finally:
+            await waiter.stop()
+            if redis is None:
+                await client.aclose()
+
+    app = FastAPI(
+        title="sentiment-batcher",
+        summary="DistilBERT SST-2 sentiment, micro-batched behind a Redis queue.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.include_router(predict_router(settings))
+    app.include_router(router)
+    errors.install(app)
+    return app

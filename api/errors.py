@@ -1,0 +1,76 @@
+"""The one map from what went wrong to an HTTP status (as in text-embeddings-inference).
+
+Handlers answer `{"error": message, "error_type": type}`; 503 and 429 carry `Retry-After`.
+Request validation keeps FastAPI's standard 422 body, which names the offending field.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import StrEnum
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+log = logging.getLogger(__name__)
+
+
+class ErrorType(StrEnum):
+    UNAVAILABLE = "unavailable"  # Redis unreachable, no model registered
+    OVERLOADED = "overloaded"  # queue too deep to answer within the timeout
+    TIMEOUT = "timeout"  # no result before the request's deadline
+    INFERENCE = "inference"  # the model failed on this request's texts
+
+
+STATUS = {
+    ErrorType.UNAVAILABLE: 503,
+    ErrorType.OVERLOADED: 503,
+    ErrorType.TIMEOUT: 504,
+    ErrorType.INFERENCE: 424,
+}
+RETRY_AFTER_S = {ErrorType.UNAVAILABLE: 1, ErrorType.OVERLOADED: 1}
+
+
+class ErrorBody(BaseModel):
+    error: str
+    error_type: ErrorType
+
+
+class ServiceError(Exception):
+    def __init__(self, error_type: ErrorType, message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+
+
+def error_response(error_type: ErrorType, message: str) -> JSONResponse:
+    retry = RETRY_AFTER_S.get(error_type)
+    return JSONResponse(
+        ErrorBody(error=message, error_type=error_type).model_dump(mode="json"),
+        status_code=STATUS[error_type],
+        headers={"Retry-After": str(retry)} if retry else None,
+    )
+
+
+# OpenAPI descriptions of every error a route can answer with (beyond FastAPI's 422).
+RESPONSES: dict[int | str, dict] = {
+    status: {"model": ErrorBody, "description": ", ".join(t.value for t in ErrorType if STATUS[t] == status)}
+    for status in sorted(set(STATUS.values()))
+}
+
+
+def install(app: FastAPI) -> None:
+    async def on_service_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ServiceError)
+        return error_response(exc.error_type, exc.message)
+
+    async def on_redis_error(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("redis unreachable: %s", exc)
+        return error_response(ErrorType.UNAVAILABLE, "the queue backend (Redis) is unreachable")
+
+    app.add_exception_handler(ServiceError, on_service_error)
+    app.add_exception_handler(RedisConnectionError, on_redis_error)
+    app.add_exception_handler(RedisTimeoutError, on_redis_error)

@@ -1,0 +1,76 @@
+"""The cache-first prediction path: cache lookup, one queued work item for the misses, merge."""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+
+import orjson
+from redis.asyncio import Redis
+
+from api.errors import ErrorType, ServiceError
+from api.results import ResultWaiter
+from batcher.protocol import Keys, ModelInfo, Prediction, Result, WorkItem, new_id
+
+MODEL_INFO_TTL_S = 1.0  # how stale the API's idea of the served model (and cache version) may be
+
+
+class CacheStatus(StrEnum):
+    HIT = "hit"  # every text answered from the cache
+    PARTIAL = "partial"
+    MISS = "miss"  # no text was in the cache
+
+
+class ModelRegistry:
+    """The model the workers announced (its version names the cache), re-read at most once a second."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._info: ModelInfo | None = None
+        self._expires = 0.0
+
+    async def current(self) -> ModelInfo | None:
+        if time.monotonic() >= self._expires:
+            raw = await self._redis.get(self._keys.model)
+            self._info = ModelInfo.decode(raw) if raw else None
+            self._expires = time.monotonic() + MODEL_INFO_TTL_S
+        return self._info
+
+
+class Predictor:
+    """Answers a list of texts from the cache and, for the misses, from the worker."""
+
+    def __init__(self, redis: Redis, keys: Keys, waiter: ResultWaiter, models: ModelRegistry, timeout_s: float) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._waiter = waiter
+        self._models = models
+        self._timeout_s = timeout_s
+
+    async def predict(self, texts: list[str]) -> tuple[list[Prediction], CacheStatus]:
+        unique = list(dict.fromkeys(texts))
+        found: dict[str, Prediction] = {}
+        if model := await self._models.current():
+            cached = await self._redis.mget([self._keys.cache(model.version, t) for t in unique])
+            found = {t: orjson.loads(c) for t, c in zip(unique, cached, strict=True) if c is not None}
+        missing = [t for t in unique if t not in found]
+        status = CacheStatus.HIT if not missing else CacheStatus.PARTIAL if found else CacheStatus.MISS
+        if missing:
+            found.update(zip(missing, await self._compute(missing), strict=True))
+        return [found[t] for t in texts], status
+
+    async def _compute(self, texts: list[str]) -> list[Prediction]:
+        now = time.time()
+        item = WorkItem(
+            id=new_id(), texts=texts, enqueued_at=now, deadline=now + self._timeout_s, reply_to=self._waiter.channel
+        )
+        with self._waiter.expect(item.id) as pending:
+            await self._redis.lpush(self._keys.queue, item.encode())
+            raw = await pending.result(item.deadline)
+        if raw is None:
+            raise ServiceError(ErrorType.TIMEOUT, f"no result within {self._timeout_s:g} s; the service is busy or has no worker")
+        result = Result.decode(raw)
+        if result.error is not None or result.predictions is None:
+            raise ServiceError(ErrorType.INFERENCE, result.error or "the worker returned no predictions")
+        return result.predictions

@@ -1,0 +1,73 @@
+"""HTTP routes: /predict, and the probes and model info operators need."""
+
+# No `from __future__ import annotations`: FastAPI must see the per-app request model itself.
+
+from dataclasses import asdict
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from redis.exceptions import RedisError
+
+from api.errors import RESPONSES, ErrorType, ServiceError
+from api.predictions import ModelRegistry, Predictor
+from api.schemas import ModelResponse, PredictResponse, ReadyResponse, predict_request
+from batcher.protocol import Keys
+from sentiment.settings import Settings
+
+
+def predict_router(settings: Settings) -> APIRouter:
+    router = APIRouter(tags=["predict"])
+    PredictRequest = predict_request(settings.max_texts, settings.max_chars)
+
+    @router.post("/predict", response_model=PredictResponse, responses=RESPONSES)
+    async def predict(body: PredictRequest, request: Request) -> Response:  # type: ignore[valid-type]
+        """Classify texts: every label's probability per text, in input order.
+
+        The `X-Cache` header says whether the answer came from the cache (`hit`), the model
+        (`miss`) or both (`partial`).
+        """
+        predictor: Predictor = request.app.state.predictor
+        predictions, cache = await predictor.predict(body.text)  # type: ignore[attr-defined]
+        # Built here rather than validated through the response model: the worker wrote this shape.
+        return Response(
+            orjson.dumps({"predictions": predictions}), media_type="application/json", headers={"X-Cache": cache}
+        )
+
+    return router
+
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: the process answers. Says nothing about Redis or workers (see /ready)."""
+    return {"status": "healthy"}
+
+
+@router.get("/ready", response_model=ReadyResponse, responses={503: {"description": "Redis down or no live worker"}})
+async def ready(request: Request) -> Response:
+    """Readiness: Redis answers and at least one worker has a fresh heartbeat."""
+    redis = request.app.state.redis
+    keys: Keys = request.app.state.keys
+    try:
+        await redis.ping()
+        worker_ids = await redis.smembers(keys.workers)
+        alive = await redis.exists(*(keys.heartbeat(w.decode()) for w in worker_ids)) if worker_ids else 0
+    except RedisError as exc:
+        return JSONResponse({"status": "not ready", "reason": f"redis unreachable: {exc}"}, status_code=503)
+    if not alive:
+        return JSONResponse({"status": "not ready", "reason": "no live worker"}, status_code=503)
+    return JSONResponse({"status": "ready", "workers": alive})
+
+
+@router.get("/model", response_model=ModelResponse, responses=RESPONSES)
+async def model(request: Request) -> ModelResponse:
+    """The model the workers serve: name, version (checkpoint fingerprint), labels, device."""
+    registry: ModelRegistry = request.app.state.models
+    info = await registry.current()
+    if info is None:
+        raise ServiceError(ErrorType.UNAVAILABLE, "no worker has announced a model yet")
+    return ModelResponse(**asdict(info))

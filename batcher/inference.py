@@ -1,0 +1,76 @@
+"""Cache-aware batched inference: the one path from texts to predictions.
+
+The micro-batching worker calls it per batch; bulk jobs call it per chunk. Texts already in the
+cache (computed by another request, another worker, or an earlier try of this work) are not
+computed again; fresh predictions go into the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import orjson
+from redis import Redis
+from redis.client import Pipeline
+
+from batcher.batching import batch_cut
+from batcher.protocol import Keys, Prediction, prediction
+from model_store.classifier import Classifier
+
+
+class Inference:
+    """Runs texts through the classifier in length-sorted batches, with the Redis result cache."""
+
+    def __init__(
+        self, classifier: Classifier, redis: Redis, keys: Keys, max_batch_size: int, max_batch_tokens: int,
+        cache_ttl_s: int,
+    ) -> None:
+        self.classifier = classifier
+        self.redis = redis
+        self.keys = keys
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.cache_ttl_s = cache_ttl_s
+        self.forwards = 0  # model calls so far
+        self.computed = 0  # texts that went through the model
+
+    def predict(
+        self, texts: Sequence[str], token_ids: Sequence[list[int]] | None = None, writes: Pipeline | None = None
+    ) -> list[Prediction]:
+        """Predictions in input order; identical texts are computed once.
+
+        `token_ids` spares re-tokenizing texts the caller has tokenized already. Cache writes go
+        into `writes` when given (the caller executes it with its own writes: one round trip).
+        """
+        ids_of = dict(zip(texts, token_ids, strict=True)) if token_ids is not None else {}
+        unique = list(dict.fromkeys(texts))
+        version = self.classifier.version
+        cached = self.redis.mget([self.keys.cache(version, t) for t in unique])
+        found = {t: orjson.loads(c) for t, c in zip(unique, cached, strict=True) if c is not None}
+        todo = [t for t in unique if t not in found]
+        if todo:
+            ids = [ids_of[t] for t in todo] if ids_of else self.classifier.tokenize(todo)
+            fresh = [prediction(self.classifier.labels, p) for p in self.run(ids)]
+            pipe = writes if writes is not None else self.redis.pipeline(transaction=False)
+            for text, pred in zip(todo, fresh, strict=True):
+                pipe.set(self.keys.cache(version, text), orjson.dumps(pred), ex=self.cache_ttl_s)
+                found[text] = pred
+            if writes is None:
+                pipe.execute()
+        return [found[t] for t in texts]
+
+    def run(self, token_ids: Sequence[list[int]]) -> list[list[float]]:
+        """Model probabilities for token ids: sorted by length, cut by the batch caps, input order kept."""
+        order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
+        probabilities: list[list[float]] = [[] for _ in token_ids]
+        start = 0
+        while start < len(order):
+            lengths = [len(token_ids[i]) for i in order[start : start + self.max_batch_size]]
+            end = start + batch_cut(lengths, self.max_batch_size, self.max_batch_tokens)
+            batch = order[start:end]
+            for i, probs in zip(batch, self.classifier.forward([token_ids[i] for i in batch]), strict=True):
+                probabilities[i] = probs
+            self.forwards += 1
+            self.computed += len(batch)
+            start = end
+        return probabilities

@@ -1,0 +1,131 @@
+"""The API <-> worker wire protocol, defined once and imported by both sides.
+
+Everything that crosses Redis is here: key names, the work item the API queues, the result the
+worker writes back, the cached per-text prediction, and what workers announce about themselves.
+No user text ever appears in a key name: texts are addressed by a SHA-256 digest.
+
+Flow: the API LPUSHes a `WorkItem` onto `queue`; a worker moves it (RIGHT -> LEFT, so FIFO) into
+its own `processing(worker)` list, computes, writes `result(id)` (short TTL) and one `cache` key per
+text, PUBLISHes the id on the item's `reply_to` channel, and only then removes the item from its
+processing list. A dead worker's processing list is pushed back onto the queue by a live one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import asdict, dataclass
+from typing import Any, Self
+
+import orjson
+
+Score = dict[str, Any]  # {"label": "POSITIVE", "score": 0.98}
+Prediction = list[Score]  # one Score per label, in the model's label order
+
+
+def new_id() -> str:
+    """An unguessable identifier (128 random bits) for requests, workers and API processes."""
+    return secrets.token_hex(16)
+
+
+def text_digest(text: str) -> str:
+    """The name of a text inside keys: never the text itself."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def prediction(labels: list[str], probabilities: list[float]) -> Prediction:
+    """The response shape for one text: every label, in the model's order."""
+    return [{"label": label, "score": p} for label, p in zip(labels, probabilities, strict=True)]
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Redis key names, all under one prefix."""
+
+    prefix: str
+
+    @property
+    def queue(self) -> str:
+        return f"{self.prefix}:queue"
+
+    @property
+    def workers(self) -> str:
+        """Set of the ids of workers that may hold work (live, or dead and not yet reclaimed)."""
+        return f"{self.prefix}:workers"
+
+    @property
+    def model(self) -> str:
+        """The `ModelInfo` of the model the workers serve (the API reads the cache version here)."""
+        return f"{self.prefix}:model"
+
+    def processing(self, worker_id: str) -> str:
+        return f"{self.prefix}:processing:{worker_id}"
+
+    def heartbeat(self, worker_id: str) -> str:
+        return f"{self.prefix}:heartbeat:{worker_id}"
+
+    def result(self, request_id: str) -> str:
+        return f"{self.prefix}:result:{request_id}"
+
+    def reply_channel(self, api_id: str) -> str:
+        return f"{self.prefix}:done:{api_id}"
+
+    def cache(self, model_version: str, text: str) -> str:
+        return f"{self.prefix}:cache:{model_version}:{text_digest(text)}"
+
+
+class _Json:
+    """JSON encoding for the dataclasses below (orjson: the hot path encodes these per request)."""
+
+    def encode(self) -> bytes:
+        return orjson.dumps(asdict(self))  # type: ignore[call-overload]
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> Self:
+        return cls(**orjson.loads(raw))
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem(_Json):
+    """One /predict request's cache misses, deduplicated, as queued for the worker."""
+
+    id: str
+    texts: list[str]
+    enqueued_at: float  # unix seconds
+    deadline: float  # unix seconds; past it nobody waits and the worker skips the item
+    reply_to: str  # pub/sub channel of the API process that waits
+
+
+@dataclass(frozen=True, slots=True)
+class Result(_Json):
+    """What the worker writes to `Keys.result`: one prediction per item text, or an error."""
+
+    predictions: list[Prediction] | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo(_Json):
+    """What a worker announces about the model it serves; `version` is part of every cache key."""
+
+    name: str
+    version: str
+    labels: list[str]
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatus(_Json):
+    """A worker's heartbeat value: who it is and what it has done (batch counters)."""
+
+    id: str
+    host: str
+    pid: int
+    model_version: str
+    started_at: float
+    batches: int = 0
+    requests: int = 0
+    texts: int = 0
+    expired: int = 0
+    largest_batch_requests: int = 0

@@ -1,0 +1,150 @@
+"""The micro-batching worker: queue -> batch -> model -> results, until told to stop.
+
+Each loop takes one batch (see `batching`), runs it through the shared cache-aware inference,
+and in one Redis transaction writes the finished requests' results, publishes their ids to the
+waiting API processes, and acknowledges them. A heartbeat key (TTL) says the worker is alive; a
+worker whose heartbeat lapses has its work requeued by the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import threading
+import time
+
+from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from batcher.batching import Batcher, Held, Slot
+from batcher.inference import Inference
+from batcher.protocol import Keys, ModelInfo, Result, WorkerStatus, new_id
+from batcher.queue import WorkQueue
+from model_store.classifier import Classifier
+from sentiment.settings import Settings
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_S = 1.0  # longest a blocking take waits, so heartbeats and stop requests are seen
+SUMMARY_EVERY_S = 30.0
+
+
+class Worker:
+    """One model, one loop; run it in the process's main thread and call `stop` from a signal handler."""
+
+    def __init__(self, settings: Settings, redis: Redis, classifier: Classifier) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.keys = Keys(settings.key_prefix)
+        self.classifier = classifier
+        self.status = WorkerStatus(
+            id=new_id(), host=socket.gethostname(), pid=os.getpid(), model_version=classifier.version,
+            started_at=time.time(),
+        )
+        self.queue = WorkQueue(redis, self.keys, self.status.id)
+        self.inference = Inference(
+            classifier, redis, self.keys, settings.max_batch_size, settings.max_batch_tokens, settings.cache_ttl_s
+        )
+        self.batcher = Batcher(
+            self.queue, classifier.tokenize, settings.max_batch_size, settings.max_batch_tokens,
+            settings.max_wait_ms / 1000,
+        )
+        self._stopping = threading.Event()
+        self._next_beat = self._next_reclaim = self._next_summary = 0.0
+
+    def stop(self) -> None:
+        """Finish the batch in hand, hand back anything else held, and leave `run`."""
+        self._stopping.set()
+
+    def run(self) -> None:
+        log.info("worker %s serving model %s (%s)", self.status.id, self.classifier.name, self.classifier.version)
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                self._tick()
+                backoff = 0.1
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                # What we held stays in our processing list; forget it here and requeue it on return.
+                self.batcher.drop_held()
+                self._next_beat = 0.0
+                log.warning("redis unreachable (%s); retrying in %.1f s", exc, backoff)
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+        self._leave()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_beat:
+            self._beat(first=self._next_beat == 0.0)
+        if now >= self._next_reclaim:
+            self.queue.reclaim_dead()
+            self._next_reclaim = now + self.settings.heartbeat_ttl_s
+        batch = self.batcher.next_batch(IDLE_POLL_S)
+        if batch:
+            self._process(batch)
+        if now >= self._next_summary:
+            self._log_summary()
+            self._next_summary = now + SUMMARY_EVERY_S
+
+    def _process(self, batch: list[Slot]) -> None:
+        started = time.perf_counter()
+        writes = self.redis.pipeline(transaction=True)
+        predictions = self.inference.predict([s.text for s in batch], [s.ids for s in batch], writes)
+        for slot, pred in zip(batch, predictions, strict=True):
+            slot.held.fill(slot.index, pred)
+        finished: list[Held] = [h for h in dict.fromkeys(s.held for s in batch) if h.missing == 0]
+        for held in finished:
+            result = Result(predictions=held.predictions)  # type: ignore[arg-type]  # all filled
+            writes.set(self.keys.result(held.item.id), result.encode(), ex=self.settings.result_ttl_s)
+            writes.publish(held.item.reply_to, held.item.id)
+            self.queue.ack(held.raw, writes)
+        writes.execute()
+        requests = len({id(s.held) for s in batch})
+        self.status = dataclasses.replace(
+            self.status,
+            batches=self.status.batches + 1,
+            requests=self.status.requests + len(finished),
+            texts=self.status.texts + len(batch),
+            expired=self.batcher.expired,
+            largest_batch_requests=max(self.status.largest_batch_requests, requests),
+        )
+        log.debug(
+            "batch %d: %d texts from %d requests, %d finished, %.1f ms",
+            self.status.batches, len(batch), requests, len(finished), (time.perf_counter() - started) * 1000,
+        )
+
+    def _beat(self, first: bool) -> None:
+        """Refresh the heartbeat; the first one also announces the model and requeues what we held."""
+        if first:
+            self.queue.give_back()
+            c = self.classifier
+            info = ModelInfo(c.name, c.version, c.labels, str(c.device), str(c.dtype).removeprefix("torch."))
+            self.redis.set(self.keys.model, info.encode())
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self.keys.heartbeat(self.status.id), self.status.encode(), px=int(self.settings.heartbeat_ttl_s * 1000))
+        pipe.sadd(self.keys.workers, self.status.id)
+        pipe.execute()
+        self._next_beat = time.monotonic() + self.settings.heartbeat_ttl_s / 3
+
+    def _leave(self) -> None:
+        """Hand back unfinished work and deregister; a Redis outage here leaves it to reclaim."""
+        self.batcher.drop_held()
+        try:
+            returned = self.queue.give_back()
+            self.redis.delete(self.keys.heartbeat(self.status.id))
+            self.redis.srem(self.keys.workers, self.status.id)
+            log.info("worker %s stopped; handed back %d unfinished items", self.status.id, returned)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("worker %s stopped without deregistering (%s): its work will be reclaimed", self.status.id, exc)
+        self._log_summary()
+
+    def _log_summary(self) -> None:
+        s = self.status
+        if s.batches:
+            log.info(
+                "%d batches, %d requests, %d texts (mean %.1f texts/batch, largest %d requests), %d expired",
+                s.batches, s.requests, s.texts, s.texts / s.batches, s.largest_batch_requests, s.expired,
+            )

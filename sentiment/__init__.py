@@ -1,0 +1,1 @@
+"""sentiment-batcher: the command line and the settings shared by every process."""

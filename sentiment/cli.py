@@ -1,0 +1,92 @@
+"""The `sentiment` command: serve | api | worker | model pull."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from model_store.hub import DEFAULT_REPO
+from sentiment.settings import Settings
+
+log = logging.getLogger("sentiment")
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = Settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
+    )
+    args = _parser(settings).parse_args(argv)
+    args.run(settings, args)
+
+
+def _parser(settings: Settings) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sentiment", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def with_address(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--host", default=settings.host, help="bind address (default %(default)s)")
+        p.add_argument("--port", type=int, default=settings.port, help="port (default %(default)s)")
+        return p
+
+    with_address(
+        commands.add_parser("serve", help="everything on this machine: embedded Redis, a worker, the API")
+    ).set_defaults(run=_serve)
+    with_address(commands.add_parser("api", help="the HTTP API (needs SENTIMENT_REDIS_URL)")).set_defaults(run=_api)
+    worker = commands.add_parser("worker", help="the micro-batching model worker (needs SENTIMENT_REDIS_URL)")
+    worker.add_argument(
+        "--probe", action="store_true", help="exit 0 if a worker on this host has a fresh heartbeat, else 1 (k8s probes)"
+    )
+    worker.set_defaults(run=_worker)
+
+    model = commands.add_parser("model", help="model checkpoints").add_subparsers(required=True, metavar="ACTION")
+    pull = model.add_parser("pull", help="download a checkpoint from the Hugging Face hub (for image builds)")
+    pull.add_argument("repo_id", nargs="?", default=DEFAULT_REPO, help="hub repository (default %(default)s)")
+    pull.add_argument("--dest", type=Path, default=settings.model_dir, help="directory (default SENTIMENT_MODEL_DIR)")
+    pull.add_argument("--revision", help="branch, tag or commit (default: the main branch)")
+    pull.set_defaults(run=_pull)
+    return parser
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> None:
+    from sentiment.embedded import serve
+
+    serve(settings, args.host, args.port)
+
+
+def _api(settings: Settings, args: argparse.Namespace) -> None:
+    import api.server
+
+    api.server.run(settings, args.host, args.port)
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> None:
+    import redis
+
+    if args.probe:
+        from batcher.liveness import worker_alive_on_this_host
+
+        sys.exit(0 if worker_alive_on_this_host(redis.Redis.from_url(settings.redis_url), settings.key_prefix) else 1)
+
+    from batcher.worker import Worker
+    from model_store.classifier import Classifier
+
+    classifier = Classifier(settings.model_dir, settings.device, settings.torch_threads)
+    worker = Worker(settings, redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2), classifier)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stop())
+    worker.run()
+
+
+def _pull(settings: Settings, args: argparse.Namespace) -> None:
+    from model_store.hub import pull
+
+    dest = pull(args.repo_id, args.dest, args.revision)
+    print(f"{args.repo_id} -> {dest}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""`sentiment serve`: the whole service on one machine with nothing else installed.
+
+Starts a Redis-compatible server on a free local port (redis-server when it is on PATH, else
+fakeredis' TCP server in this process), a worker process, and the API in this process. Ctrl-C
+stops the API, then the worker (which finishes its batch), then the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import redis
+
+import api.server
+from sentiment.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def embedded_redis() -> Iterator[str]:
+    """A throwaway, memory-only Redis on 127.0.0.1; yields its URL."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    if exe := shutil.which("redis-server"):
+        args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, start_new_session=True)
+        try:
+            _wait_for_redis(url, proc)
+            log.info("embedded redis-server on %s", url)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    else:
+        from fakeredis import TcpFakeServer
+
+        server = TcpFakeServer(("127.0.0.1", port), server_type="redis")
+        threading.Thread(target=server.serve_forever, daemon=True, name="fakeredis").start()
+        log.info("embedded fakeredis server on %s (install redis-server for more speed)", url)
+        try:
+            yield url
+        finally:
+            server.shutdown()
+
+
+def _wait_for_redis(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    client = redis.Redis.from_url(url)
+    give_up = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > give_up:
+                raise RuntimeError(f"embedded redis-server did not start on {url}") from None
+            time.sleep(0.05)
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    """Redis (embedded unless SENTIMENT_REDIS_URL is set), one worker process, the API here."""
+    given = settings.redis_url if settings.redis_url_given else None
+    with contextlib.nullcontext(given) if given else embedded_redis() as url:
+        env = {**os.environ, "SENTIMENT_REDIS_URL": url}
+        worker = subprocess.Popen([sys.executable, "-m", "sentiment.cli", "worker"], env=env, start_new_session=True)
+        try:
+            api.server.run(settings.model_copy(update={"redis_url": url}), host, port)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+

@@ -1,0 +1,74 @@
+"""The one settings object shared by the API, the worker and the CLI.
+
+Every field is read from an environment variable named ``SENTIMENT_<FIELD>`` (upper case), e.g.
+``SENTIMENT_REDIS_URL``; the README's configuration table lists them with their defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service configuration; one instance per process, built from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="SENTIMENT_", extra="ignore", frozen=True)
+
+    # Where things are
+    redis_url: str = Field(
+        "redis://localhost:6379/0",
+        description="Redis holding the queue, results and cache (redis://, rediss:// for TLS). "
+        "`sentiment serve` starts an embedded one when this is not set.",
+    )
+    key_prefix: str = Field("sentiment", description="Prefix of every Redis key the service uses.")
+    model_dir: Path = Field(
+        Path("models/distilbert-base-uncased-finetuned-sst2"),
+        description="Local Hugging Face checkpoint directory the worker loads (never downloaded at start).",
+    )
+    host: str = Field("127.0.0.1", description="API bind address (`sentiment api`/`serve`).")
+    port: int = Field(8000, ge=1, le=65535, description="API port.")
+
+    # Request limits
+    max_texts: int = Field(64, ge=1, description="Most texts in one /predict request.")
+    max_chars: int = Field(2000, ge=1, description="Most characters in one text.")
+    request_timeout_s: float = Field(10.0, gt=0, description="How long /predict waits for the worker before a 504.")
+
+    # Results
+    cache_ttl_s: int = Field(86_400, ge=1, description="Lifetime of a cached per-text prediction.")
+    result_ttl_s: int = Field(60, ge=1, description="Lifetime of a per-request result key nobody collected.")
+
+    # Micro-batching
+    max_batch_size: int = Field(32, ge=1, description="Most texts in one model forward.")
+    max_batch_tokens: int = Field(
+        8192, ge=1, description="Most padded tokens (texts x longest text) in one model forward."
+    )
+    max_wait_ms: float = Field(5.0, ge=0, description="Longest a lone request waits for company before its batch runs.")
+
+    # Model runtime
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="`auto` takes CUDA (half precision) when present, else the CPU."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="Torch intra-op threads on the CPU; unset lets torch use one per core."
+    )
+
+    # Worker liveness
+    heartbeat_ttl_s: float = Field(
+        10.0, gt=0, description="A worker silent for this long is dead: /ready drops it and its work is reclaimed."
+    )
+
+    # API plumbing
+    redis_max_connections: int = Field(
+        64, ge=2, description="Redis connections per API process (requests share them; waiting holds none)."
+    )
+    log_level: str = Field("INFO", description="Python log level.")
+
+    @property
+    def redis_url_given(self) -> bool:
+        """Whether the Redis URL came from the environment (else `serve` embeds its own)."""
+        return "redis_url" in self.model_fields_set
+
