@@ -56,6 +56,11 @@ class Settings(BaseSettings):
         None, ge=1, description="Torch intra-op threads on the CPU; unset lets torch use one per core."
     )
 
+    # Bulk jobs (/jobs, on RQ)
+    jobs_queue: str = Field("sentiment-jobs", description="RQ queue name of bulk jobs (Redis list `rq:queue:<name>`).")
+    jobs_max_texts: int = Field(10_000, ge=1, description="Most texts in one /jobs submission.")
+    job_ttl_s: int = Field(86_400, ge=1, description="How long a job and its results are kept after it ends.")
+
     # Worker liveness
     heartbeat_ttl_s: float = Field(
         10.0, gt=0, description="A worker silent for this long is dead: /ready drops it and its work is reclaimed."
