@@ -1,7 +1,8 @@
 """The one map from what went wrong to an HTTP status (as in text-embeddings-inference).
 
 Handlers answer `{"error": message, "error_type": type}`; 503 and 429 carry `Retry-After`.
-Request validation keeps FastAPI's standard 422 body, which names the offending field.
+Request validation keeps FastAPI's standard 422 body, which names the offending field (ASCII-escaped:
+the input it echoes may hold lone surrogates that UTF-8 cannot encode).
 """
 
 from __future__ import annotations
@@ -9,8 +10,12 @@ from __future__ import annotations
 import logging
 from enum import StrEnum
 
+import json
+
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -71,6 +76,12 @@ def install(app: FastAPI) -> None:
         log.warning("redis unreachable: %s", exc)
         return error_response(ErrorType.UNAVAILABLE, "the queue backend (Redis) is unreachable")
 
+    async def on_invalid_request(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        body = json.dumps({"detail": jsonable_encoder(exc.errors())})  # ensure_ascii: always encodable
+        return Response(body, status_code=422, media_type="application/json")
+
+    app.add_exception_handler(RequestValidationError, on_invalid_request)
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(RedisConnectionError, on_redis_error)
     app.add_exception_handler(RedisTimeoutError, on_redis_error)

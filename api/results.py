@@ -67,10 +67,10 @@ class ResultWaiter:
         self._task = asyncio.create_task(self._listen(), name="result-listener")
 
     async def stop(self) -> None:
+        """Cancel the listener; shutdown never waits more than a second on it."""
         if self._task:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=1.0)
 
     async def _listen(self) -> None:
         backoff = 0.1

@@ -5,20 +5,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, create_model
-
-
-def _encodable(text: str) -> str:
-    try:
-        text.encode()
-    except UnicodeEncodeError as exc:
-        raise ValueError("text is not valid Unicode (it holds a lone surrogate)") from exc
-    return text
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
 
 def text_list(max_texts: int, max_chars: int) -> object:
     """The `text` field: 1..max_texts strings of at most max_chars characters (empty allowed)."""
-    text = Annotated[str, StringConstraints(max_length=max_chars), AfterValidator(_encodable)]
+    text = Annotated[str, StringConstraints(max_length=max_chars)]
     return Annotated[
         list[text],  # type: ignore[valid-type]
         Field(min_length=1, max_length=max_texts, description="Texts to classify, answered in this order."),

@@ -84,8 +84,10 @@ class Batcher:
     def next_batch(self, idle_timeout: float) -> list[Slot]:
         """The next batch, or [] when no work came within `idle_timeout` seconds."""
         backlog = bool(self._slots)  # the rest of a split item: plenty of work, no waiting
-        if not backlog and not (self._take(idle_timeout) and self._slots):
-            return []
+        give_up = self.clock() + idle_timeout
+        while not self._slots:  # (expired items are dropped on the way)
+            if not self._take(max(give_up - self.clock(), 0)):
+                return []
         window_ends = self.clock() + self.max_wait_s
         while not self._full():
             if self._take(0):

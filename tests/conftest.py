@@ -1,0 +1,133 @@
+"""Shared fixtures: fakeredis for logic, a real redis-server for end to end, tiny and real models."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import threading
+
+import fakeredis
+import httpx
+import pytest
+
+from batcher.worker import Worker
+from model_store.classifier import Classifier
+from model_store.factory import write_tiny_model
+from sentiment.embedded import embedded_redis, free_port
+from sentiment.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+# Development data lives beside the checkout (../shared); SENTIMENT_SHARED_DIR points elsewhere.
+SHARED = Path(os.environ.get("SENTIMENT_SHARED_DIR", REPO.parent / "shared"))
+
+
+def shared_path(relative: str) -> Path:
+    """A file from ../shared; absent data fails in CI (where it must exist) and skips elsewhere."""
+    path = SHARED / relative
+    if not path.exists():
+        message = f"{path} is missing (set SENTIMENT_SHARED_DIR to the shared data directory)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def classifier(tiny_model_dir: Path) -> Classifier:
+    return Classifier(tiny_model_dir, device="cpu", threads=1)
+
+
+@pytest.fixture(scope="session")
+def small_model_dir() -> Path:
+    return shared_path("models/distilbert-sst2-small")
+
+
+@pytest.fixture
+def fake_server() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+def redis(fake_server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis(server=fake_server)
+
+
+@pytest.fixture
+def settings(tiny_model_dir: Path) -> Settings:
+    return Settings(key_prefix="test", model_dir=tiny_model_dir, max_wait_ms=20, request_timeout_s=10)
+
+
+@pytest.fixture
+def worker(settings: Settings, redis: fakeredis.FakeRedis, classifier: Classifier) -> Iterator[Worker]:
+    """A worker on the fake Redis; `start_worker` runs it in a thread, and it stops after the test."""
+    worker = Worker(settings, redis, classifier)
+    yield worker
+    worker.stop()
+
+
+def start_worker(worker: Worker) -> threading.Thread:
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server on a free port, for this test session only."""
+    assert shutil.which("redis-server"), "redis-server is not installed (.ci/run installs it)"
+    with embedded_redis() as url:
+        yield url
+
+
+class Service:
+    """`sentiment api` and `sentiment worker` as separate processes against one Redis."""
+
+    def __init__(self, redis_url: str, model_dir: Path, prefix: str, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ, "SENTIMENT_REDIS_URL": redis_url, "SENTIMENT_MODEL_DIR": str(model_dir),
+            "SENTIMENT_KEY_PREFIX": prefix, **env,
+        }
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *command: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-m", "sentiment.cli", *command], env=self.env)
+        self.procs.append(proc)
+        return proc
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        give_up = time.monotonic() + timeout_s
+        while time.monotonic() < give_up:
+            assert all(p.poll() is None for p in self.procs), "a service process exited"
+            try:
+                if httpx.get(f"{self.url}/ready").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("service not ready")
+
+    def stop(self) -> list[int]:
+        for proc in self.procs:
+            proc.terminate()
+        return [proc.wait(30) for proc in self.procs]
+
+
+def start_service(redis_url: str, model_dir: Path, prefix: str, **env: str) -> Service:
+    service = Service(redis_url, model_dir, prefix, **env)
+    service.start("api", "--port", str(service.port))
+    service.start("worker")
+    service.wait_ready()
+    return service

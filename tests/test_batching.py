@@ -1,0 +1,142 @@
+"""Batch forming on fakeredis: caps, waiting rules, splitting, expiry, and reclaiming work."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import fakeredis
+import pytest
+
+from batcher.batching import Batcher, batch_cut
+from batcher.protocol import Keys, WorkItem, new_id
+from batcher.queue import WorkQueue
+
+KEYS = Keys("t")
+
+
+def word_ids(texts: list[str]) -> list[list[int]]:
+    """A stand-in tokenizer: one token per word."""
+    return [[1] * len(t.split()) for t in texts]
+
+
+def push(redis: fakeredis.FakeRedis, *texts: str, ttl: float = 60) -> WorkItem:
+    now = time.time()
+    item = WorkItem(id=new_id(), texts=list(texts), enqueued_at=now, deadline=now + ttl, reply_to="t:done:x")
+    redis.lpush(KEYS.queue, item.encode())
+    return item
+
+
+def make_batcher(redis: fakeredis.FakeRedis, size: int = 8, tokens: int = 1000, wait_s: float = 60.0) -> Batcher:
+    return Batcher(WorkQueue(redis, KEYS, "w1"), word_ids, size, tokens, wait_s)
+
+
+def texts_of(batch) -> list[str]:
+    return [slot.text for slot in batch]
+
+
+@pytest.mark.parametrize(
+    ("lengths", "size", "tokens", "expected"),
+    [
+        ([3, 3, 3], 8, 100, 3),  # everything fits
+        ([3, 3, 3], 2, 100, 2),  # size cap
+        ([2, 2, 10], 8, 20, 2),  # the 10-token text would pad all three to 30 tokens
+        ([50], 8, 20, 1),  # one oversized text still makes a batch
+        ([], 8, 20, 0),
+    ],
+)
+def test_batch_cut(lengths: list[int], size: int, tokens: int, expected: int) -> None:
+    assert batch_cut(lengths, size, tokens) == expected
+
+
+def test_queued_work_goes_without_waiting(redis: fakeredis.FakeRedis) -> None:
+    # max_wait is a minute: returning at all shows that queued work does not wait for more.
+    push(redis, "a")
+    push(redis, "b c")
+    push(redis, "d")
+    batch = make_batcher(redis).next_batch(idle_timeout=1)
+    assert texts_of(batch) == ["a", "b c", "d"]  # FIFO across items
+
+
+def test_full_batch_goes_at_once(redis: fakeredis.FakeRedis) -> None:
+    push(redis, "first")
+    threading.Timer(0.2, push, (redis, "second")).start()
+    batch = make_batcher(redis, size=2).next_batch(idle_timeout=1)  # would sit out the minute if not full
+    assert texts_of(batch) == ["first", "second"]
+
+
+def test_lone_request_waits_at_most_max_wait(redis: fakeredis.FakeRedis) -> None:
+    push(redis, "alone")
+    batch = make_batcher(redis, wait_s=0.05).next_batch(idle_timeout=1)
+    assert texts_of(batch) == ["alone"]
+
+
+def test_lone_request_gets_company_arriving_within_the_wait(redis: fakeredis.FakeRedis) -> None:
+    push(redis, "first")
+    threading.Timer(0.05, push, (redis, "second")).start()
+    batch = make_batcher(redis, size=8, wait_s=0.5).next_batch(idle_timeout=1)
+    assert texts_of(batch) == ["first", "second"]
+
+
+def test_no_work_returns_empty_batch(redis: fakeredis.FakeRedis) -> None:
+    assert make_batcher(redis).next_batch(idle_timeout=0.05) == []
+
+
+def test_size_cap_splits_a_large_item_and_acks_only_when_done(redis: fakeredis.FakeRedis) -> None:
+    batcher = make_batcher(redis, size=3)
+    push(redis, "t0", "t1", "t2", "t3", "t4")
+    push(redis, "u0")
+    first = batcher.next_batch(idle_timeout=1)
+    assert texts_of(first) == ["t0", "t1", "t2"]
+    second = batcher.next_batch(idle_timeout=1)
+    assert texts_of(second) == ["t3", "t4", "u0"]
+    assert first[0].held is second[0].held  # one item, two batches
+    assert redis.llen(KEYS.processing("w1")) == 2  # both items still held: nothing acknowledged yet
+
+
+def test_token_cap_limits_padded_tokens(redis: fakeredis.FakeRedis) -> None:
+    push(redis, "a b", "c d", "e f g h i j k l m n")  # 2, 2 and 10 tokens
+    batcher = make_batcher(redis, tokens=20)
+    assert texts_of(batcher.next_batch(idle_timeout=1)) == ["a b", "c d"]  # 3 x 10 would be 30 tokens
+    assert texts_of(batcher.next_batch(idle_timeout=1)) == ["e f g h i j k l m n"]
+
+
+def test_expired_item_is_skipped_and_dropped(redis: fakeredis.FakeRedis) -> None:
+    push(redis, "too late", ttl=-1)
+    push(redis, "in time")
+    batcher = make_batcher(redis, wait_s=0.05)
+    assert texts_of(batcher.next_batch(idle_timeout=1)) == ["in time"]
+    assert batcher.expired == 1
+    assert redis.llen(KEYS.processing("w1")) == 1  # only the live item is held
+
+
+def test_dead_workers_work_is_reclaimed_oldest_first(redis: fakeredis.FakeRedis) -> None:
+    dead = WorkQueue(redis, KEYS, "dead")
+    redis.sadd(KEYS.workers, "dead")  # registered, but its heartbeat key has expired
+    first, second = push(redis, "one"), push(redis, "two")
+    assert dead.take(0) and dead.take(0)
+    assert redis.llen(KEYS.queue) == 0
+    alive = WorkQueue(redis, KEYS, "alive")
+    redis.set(KEYS.heartbeat("alive"), b"{}")
+    assert alive.reclaim_dead() == 2
+    assert not redis.sismember(KEYS.workers, "dead")
+    assert [WorkItem.decode(alive.take(0)).id for _ in range(2)] == [first.id, second.id]
+
+
+def test_live_workers_work_is_left_alone(redis: fakeredis.FakeRedis) -> None:
+    busy = WorkQueue(redis, KEYS, "busy")
+    redis.sadd(KEYS.workers, "busy")
+    redis.set(KEYS.heartbeat("busy"), b"{}")
+    push(redis, "mine")
+    assert busy.take(0)
+    assert WorkQueue(redis, KEYS, "other").reclaim_dead() == 0
+    assert redis.llen(KEYS.processing("busy")) == 1
+
+
+def test_give_back_requeues_everything_held(redis: fakeredis.FakeRedis) -> None:
+    queue = WorkQueue(redis, KEYS, "w1")
+    item = push(redis, "x")
+    assert queue.take(0)
+    assert queue.give_back() == 1
+    assert redis.llen(KEYS.processing("w1")) == 0
+    assert WorkItem.decode(redis.rpop(KEYS.queue)).id == item.id

@@ -1,0 +1,79 @@
+"""Loading checkpoints from disk: labels, fingerprint, padding, truncation, and the real checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from model_store.classifier import Classifier, fingerprint, pick_device
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path) -> Classifier:
+    return Classifier(tiny_model_dir, device="cpu", threads=1)
+
+
+def test_tiny_checkpoint_loads_through_the_real_loader(tiny: Classifier, tiny_model_dir: Path) -> None:
+    assert tiny.labels == ["NEGATIVE", "POSITIVE"]
+    assert tiny.version == fingerprint(tiny_model_dir)
+    assert tiny.device == torch.device("cpu")
+    assert tiny.max_length == 128
+
+
+def test_probabilities_cover_every_label_and_sum_to_one(tiny: Classifier) -> None:
+    for probs in tiny.forward(tiny.tokenize(["a good movie", "", "bad"])):
+        assert len(probs) == 2
+        assert sum(probs) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_padding_to_a_longer_neighbour_does_not_change_scores(tiny: Classifier) -> None:
+    short, long = tiny.tokenize(["fun", "this movie was not very good at all, it was awful and boring"])
+    alone = tiny.forward([short])[0]
+    padded = tiny.forward([short, long])[0]
+    assert padded == pytest.approx(alone, abs=1e-5)
+
+
+def test_long_text_is_truncated_to_the_model_maximum(tiny: Classifier) -> None:
+    [ids] = tiny.tokenize(["word " * 1000])
+    assert len(ids) == tiny.max_length
+    assert len(tiny.forward([ids])[0]) == 2
+
+
+def test_fingerprint_changes_with_any_checkpoint_file(tiny_model_dir: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(tiny_model_dir, tmp_path / "copy"))
+    assert fingerprint(copy) == fingerprint(tiny_model_dir)
+    config = json.loads((copy / "config.json").read_text())
+    config["id2label"] = {"0": "NEG", "1": "POS"}
+    (copy / "config.json").write_text(json.dumps(config))
+    assert fingerprint(copy) != fingerprint(tiny_model_dir)
+
+
+def test_missing_checkpoint_says_how_to_get_one(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="SENTIMENT_MODEL_DIR"):
+        Classifier(tmp_path)
+
+
+def test_auto_device_is_cuda_only_when_present() -> None:
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu").type == "cpu"
+
+
+def test_real_checkpoint_scores_equal_a_plain_transformers_forward(small_model_dir: Path) -> None:
+    texts = ["I love you.", "I hate you.", "a gorgeous, witty, seductive movie.", ""]
+    classifier = Classifier(small_model_dir, device="cpu")
+    ours = classifier.forward(classifier.tokenize(texts))
+
+    tokenizer = AutoTokenizer.from_pretrained(small_model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(small_model_dir).eval()
+    with torch.inference_mode():
+        reference = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.softmax(-1).tolist()
+    for got, want in zip(ours, reference, strict=True):
+        assert got == pytest.approx(want, abs=1e-4)
+    love, hate = ours[0], ours[1]
+    assert love[1] > 0.9  # POSITIVE
+    assert hate[0] > 0.5  # NEGATIVE

@@ -1,0 +1,116 @@
+"""The worker on fakeredis with the tiny model: results, cache, dedupe, notifications, shutdown."""
+
+from __future__ import annotations
+
+import time
+
+import fakeredis
+import orjson
+import pytest
+
+from batcher.liveness import live_workers
+from batcher.protocol import Keys, ModelInfo, Result, WorkItem, new_id, prediction
+from batcher.worker import Worker
+from model_store.classifier import Classifier
+from sentiment.settings import Settings
+from tests.conftest import start_worker
+
+
+def push(redis: fakeredis.FakeRedis, keys: Keys, *texts: str) -> WorkItem:
+    now = time.time()
+    item = WorkItem(new_id(), list(texts), now, now + 30, keys.reply_channel("api"))
+    redis.lpush(keys.queue, item.encode())
+    return item
+
+
+def wait_result(redis: fakeredis.FakeRedis, keys: Keys, item: WorkItem) -> Result:
+    for _ in range(500):
+        if raw := redis.get(keys.result(item.id)):
+            return Result.decode(raw)
+        time.sleep(0.01)
+    raise TimeoutError(item.id)
+
+
+def expected(classifier: Classifier, *texts: str) -> list[list[dict]]:
+    return [prediction(classifier.labels, p) for p in classifier.forward(classifier.tokenize(list(texts)))]
+
+
+def test_results_cache_and_acknowledgement(
+    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier
+) -> None:
+    keys = Keys(settings.key_prefix)
+    start_worker(worker)
+    item = push(redis, keys, "a good movie", "bad")
+    result = wait_result(redis, keys, item)
+    assert result.error is None
+    for got, want in zip(result.predictions, expected(classifier, "a good movie", "bad"), strict=True):
+        assert [s["label"] for s in got] == ["NEGATIVE", "POSITIVE"]
+        assert [s["score"] for s in got] == pytest.approx([s["score"] for s in want], abs=1e-5)
+    assert orjson.loads(redis.get(keys.cache(classifier.version, "bad"))) == result.predictions[1]
+    assert redis.ttl(keys.result(item.id)) <= settings.result_ttl_s
+    assert redis.llen(keys.processing(worker.status.id)) == 0  # acknowledged once written
+
+
+def test_worker_announces_model_and_heartbeat(worker: Worker, redis: fakeredis.FakeRedis, settings: Settings) -> None:
+    keys = Keys(settings.key_prefix)
+    start_worker(worker)
+    for _ in range(200):
+        if redis.get(keys.model):
+            break
+        time.sleep(0.01)
+    info = ModelInfo.decode(redis.get(keys.model))
+    assert (info.version, info.labels) == (worker.classifier.version, ["NEGATIVE", "POSITIVE"])
+    assert [s.id for s in live_workers(redis, settings.key_prefix)] == [worker.status.id]
+
+
+def test_identical_texts_across_requests_are_computed_once(
+    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings
+) -> None:
+    keys = Keys(settings.key_prefix)
+    items = [push(redis, keys, "same text", f"own {i}") for i in range(3)] + [push(redis, keys, "same text")]
+    start_worker(worker)
+    results = [wait_result(redis, keys, item) for item in items]
+    assert len({orjson.dumps(r.predictions[0]) for r in results}) == 1
+    assert worker.inference.computed == 4  # "same text" once, plus three own texts
+    assert worker.status.largest_batch_requests == 4  # all four queued requests went in one batch
+
+
+def test_cached_texts_are_not_recomputed(worker: Worker, redis: fakeredis.FakeRedis, settings: Settings) -> None:
+    keys = Keys(settings.key_prefix)
+    sentinel = prediction(["NEGATIVE", "POSITIVE"], [0.125, 0.875])
+    redis.set(keys.cache(worker.classifier.version, "known"), orjson.dumps(sentinel))
+    item = push(redis, keys, "known", "unknown")
+    start_worker(worker)
+    result = wait_result(redis, keys, item)
+    assert result.predictions[0] == sentinel
+    assert worker.inference.computed == 1
+
+
+def test_finished_requests_are_announced_on_their_reply_channel(
+    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings
+) -> None:
+    keys = Keys(settings.key_prefix)
+    pubsub = redis.pubsub()
+    pubsub.subscribe(keys.reply_channel("api"))
+    pubsub.get_message(timeout=1)  # subscription confirmation
+    item = push(redis, keys, "hello")
+    start_worker(worker)
+    message = pubsub.get_message(timeout=10)
+    assert message and message["data"].decode() == item.id
+
+
+def test_stop_deregisters_and_hands_back_held_work(
+    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings
+) -> None:
+    keys = Keys(settings.key_prefix)
+    thread = start_worker(worker)
+    wait_result(redis, keys, push(redis, keys, "warm"))
+    now = time.time()
+    held = WorkItem(new_id(), ["held"], now, now + 30, keys.reply_channel("api"))
+    redis.lpush(keys.processing(worker.status.id), held.encode())  # as if taken and not finished
+    worker.stop()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert live_workers(redis, settings.key_prefix) == []
+    assert not redis.sismember(keys.workers, worker.status.id)
+    assert WorkItem.decode(redis.rpop(keys.queue)).id == held.id
