@@ -1,4 +1,4 @@
-"""The `sentiment` command: serve | api | worker | model pull."""
+"""The `sentiment` command: serve | api | worker | jobs-worker | model pull."""
 
 from __future__ import annotations
 
@@ -41,6 +41,11 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         "--probe", action="store_true", help="exit 0 if a worker on this host has a fresh heartbeat, else 1 (k8s probes)"
     )
     worker.set_defaults(run=_worker)
+    jobs = commands.add_parser("jobs-worker", help="the bulk-jobs (RQ) worker, below /predict's CPU priority")
+    jobs.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default %(default)s: leaves the other cores to /predict)"
+    )
+    jobs.set_defaults(run=_jobs_worker)
 
     model = commands.add_parser("model", help="model checkpoints").add_subparsers(required=True, metavar="ACTION")
     pull = model.add_parser("pull", help="download a checkpoint from the Hugging Face hub (for image builds)")
@@ -79,6 +84,12 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
     worker.run()
+
+
+def _jobs_worker(settings: Settings, args: argparse.Namespace) -> None:
+    from batcher.jobs import run
+
+    run(settings, args.threads)
 
 
 def _pull(settings: Settings, args: argparse.Namespace) -> None:
