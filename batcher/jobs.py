@@ -126,17 +126,24 @@ def serve_jobs(settings: Settings, inference: Inference, redis: Redis, burst: bo
     return worker.work(burst=burst, logging_level=settings.log_level.upper())
 
 
-def yield_cpu(nice: int) -> None:
-    """Let the /predict worker have the CPU first: idle scheduling class where Linux has it, else nice."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # type: ignore[attr-defined]
-    except (AttributeError, OSError):
-        os.nice(nice)
+PRIORITIES = ("idle", "low", "normal")
 
 
-def run(settings: Settings, threads: int, nice: int = 19) -> None:
+def lower_priority(priority: str) -> None:
+    """Let /predict's worker have the CPU first.
+
+    `idle`: Linux's SCHED_IDLE class, which runs only on CPU time nobody else wants and is preempted
+    at once when the /predict worker wakes; `low`: nice 19; `normal`: compete as equals.
+    """
+    if priority == "idle" and hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    elif priority in ("idle", "low"):
+        os.nice(19)
+
+
+def run(settings: Settings, threads: int, priority: str = "idle") -> None:
     """`sentiment jobs-worker`: lower our CPU priority, load the model once, serve jobs."""
-    yield_cpu(nice)  # before torch starts its thread pool, so every thread inherits it
+    lower_priority(priority)  # before torch starts its thread pool, so every thread inherits it
     from model_store.classifier import Classifier
 
     classifier = Classifier(settings.model_dir, settings.device, threads)
@@ -146,4 +153,3 @@ def run(settings: Settings, threads: int, nice: int = 19) -> None:
         settings.cache_ttl_s,
     )
     serve_jobs(settings, inference, redis)
-

@@ -45,6 +45,10 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     jobs.add_argument(
         "--threads", type=int, default=1, help="torch threads (default %(default)s: leaves the other cores to /predict)"
     )
+    jobs.add_argument(
+        "--priority", choices=("idle", "low", "normal"), default="idle",
+        help="CPU priority against /predict's worker: idle = SCHED_IDLE, low = nice 19 (default %(default)s)",
+    )
     jobs.set_defaults(run=_jobs_worker)
 
     model = commands.add_parser("model", help="model checkpoints").add_subparsers(required=True, metavar="ACTION")
@@ -89,7 +93,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
 def _jobs_worker(settings: Settings, args: argparse.Namespace) -> None:
     from batcher.jobs import run
 
-    run(settings, args.threads)
+    run(settings, args.threads, args.priority)
 
 
 def _pull(settings: Settings, args: argparse.Namespace) -> None:
