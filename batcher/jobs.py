@@ -141,7 +141,7 @@ def lower_priority(priority: str) -> None:
         os.nice(19)
 
 
-def run(settings: Settings, threads: int, priority: str = "idle") -> None:
+def run(settings: Settings, threads: int | None, priority: str = "idle") -> None:
     """`sentiment jobs-worker`: lower our CPU priority, load the model once, serve jobs."""
     lower_priority(priority)  # before torch starts its thread pool, so every thread inherits it
     from model_store.classifier import Classifier

@@ -43,7 +43,8 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     worker.set_defaults(run=_worker)
     jobs = commands.add_parser("jobs-worker", help="the bulk-jobs (RQ) worker, below /predict's CPU priority")
     jobs.add_argument(
-        "--threads", type=int, default=1, help="torch threads (default %(default)s: leaves the other cores to /predict)"
+        "--threads", type=int, default=settings.torch_threads,
+        help="torch threads (default SENTIMENT_TORCH_THREADS, else one per core: the idle priority protects /predict)",
     )
     jobs.add_argument(
         "--priority", choices=("idle", "low", "normal"), default="idle",
