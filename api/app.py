@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import redis as sync_redis
 from fastapi import FastAPI
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from api import errors
+from api.job_store import JobStore
+from api.jobs import jobs_router
 from api.predictions import ModelRegistry, Predictor
 from api.results import ResultWaiter
 from api.routes import predict_router, router
@@ -16,8 +19,11 @@ from batcher.protocol import Keys
 from sentiment.settings import Settings
 
 
-def create_app(settings: Settings | None = None, redis: Redis | None = None) -> FastAPI:
-    """The app for `settings` (default: from the environment); tests may hand in their own Redis."""
+def create_app(
+    settings: Settings | None = None, redis: Redis | None = None, jobs_redis: sync_redis.Redis | None = None
+) -> FastAPI:
+    """The app for `settings` (default: from the environment); tests may hand in their own Redis
+    (`jobs_redis`: the synchronous client bulk jobs use, as RQ is synchronous)."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -35,12 +41,18 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         app.state.keys = keys
         app.state.models = ModelRegistry(client, keys)
         app.state.predictor = Predictor(client, keys, waiter, app.state.models, settings.request_timeout_s)
+        jobs_client = jobs_redis or sync_redis.Redis.from_url(
+            settings.redis_url, max_connections=settings.redis_max_connections, socket_connect_timeout=2
+        )
+        app.state.jobs = JobStore(jobs_client, settings)
         try:
             yield
         finally:
             await waiter.stop()
             if redis is None:
                 await client.aclose()
+            if jobs_redis is None:
+                jobs_client.close()
 
     app = FastAPI(
         title="sentiment-batcher",
@@ -49,6 +61,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         lifespan=lifespan,
     )
     app.include_router(predict_router(settings))
+    app.include_router(jobs_router(settings))
     app.include_router(router)
     errors.install(app)
     return app

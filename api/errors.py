@@ -28,6 +28,8 @@ class ErrorType(StrEnum):
     OVERLOADED = "overloaded"  # queue too deep to answer within the timeout
     TIMEOUT = "timeout"  # no result before the request's deadline
     INFERENCE = "inference"  # the model failed on this request's texts
+    NOT_FOUND = "not_found"  # no such job (never was, or expired)
+    CONFLICT = "conflict"  # the job's state forbids the operation (cancel after it ended)
 
 
 STATUS = {
@@ -35,6 +37,8 @@ STATUS = {
     ErrorType.OVERLOADED: 503,
     ErrorType.TIMEOUT: 504,
     ErrorType.INFERENCE: 424,
+    ErrorType.NOT_FOUND: 404,
+    ErrorType.CONFLICT: 409,
 }
 RETRY_AFTER_S = {ErrorType.UNAVAILABLE: 1, ErrorType.OVERLOADED: 1}
 
@@ -60,11 +64,15 @@ def error_response(error_type: ErrorType, message: str) -> JSONResponse:
     )
 
 
-# OpenAPI descriptions of every error a route can answer with (beyond FastAPI's 422).
-RESPONSES: dict[int | str, dict] = {
-    status: {"model": ErrorBody, "description": ", ".join(t.value for t in ErrorType if STATUS[t] == status)}
-    for status in sorted(set(STATUS.values()))
-}
+def responses(*types: ErrorType) -> dict[int | str, dict]:
+    """OpenAPI descriptions of the errors a route can answer with (beyond FastAPI's 422)."""
+    return {
+        status: {"model": ErrorBody, "description": ", ".join(t.value for t in types if STATUS[t] == status)}
+        for status in sorted({STATUS[t] for t in types})
+    }
+
+
+RESPONSES = responses(ErrorType.UNAVAILABLE, ErrorType.OVERLOADED, ErrorType.TIMEOUT, ErrorType.INFERENCE)
 
 
 def install(app: FastAPI) -> None:

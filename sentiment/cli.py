@@ -1,4 +1,4 @@
-"""The `sentiment` command: serve | api | worker | model pull."""
+"""The `sentiment` command: serve | api | worker | jobs-worker | model pull."""
 
 from __future__ import annotations
 
@@ -41,6 +41,16 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         "--probe", action="store_true", help="exit 0 if a worker on this host has a fresh heartbeat, else 1 (k8s probes)"
     )
     worker.set_defaults(run=_worker)
+    jobs = commands.add_parser("jobs-worker", help="the bulk-jobs (RQ) worker, below /predict's CPU priority")
+    jobs.add_argument(
+        "--threads", type=int, default=settings.torch_threads,
+        help="torch threads (default SENTIMENT_TORCH_THREADS, else one per core: the idle priority protects /predict)",
+    )
+    jobs.add_argument(
+        "--priority", choices=("idle", "low", "normal"), default="idle",
+        help="CPU priority against /predict's worker: idle = SCHED_IDLE, low = nice 19 (default %(default)s)",
+    )
+    jobs.set_defaults(run=_jobs_worker)
 
     model = commands.add_parser("model", help="model checkpoints").add_subparsers(required=True, metavar="ACTION")
     pull = model.add_parser("pull", help="download a checkpoint from the Hugging Face hub (for image builds)")
@@ -79,6 +89,12 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
     worker.run()
+
+
+def _jobs_worker(settings: Settings, args: argparse.Namespace) -> None:
+    from batcher.jobs import run
+
+    run(settings, args.threads, args.priority)
 
 
 def _pull(settings: Settings, args: argparse.Namespace) -> None:

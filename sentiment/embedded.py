@@ -1,8 +1,8 @@
 """`sentiment serve`: the whole service on one machine with nothing else installed.
 
 Starts a Redis-compatible server on a free local port (redis-server when it is on PATH, else
-fakeredis' TCP server in this process), a worker process, and the API in this process. Ctrl-C
-stops the API, then the worker (which finishes its batch), then the server.
+fakeredis' TCP server in this process), a worker process, a bulk-jobs worker process, and the API
+in this process. Ctrl-C stops the API, then the workers (which finish their batch), then the server.
 """
 
 from __future__ import annotations
@@ -74,17 +74,22 @@ def _wait_for_redis(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 
 
 
 def serve(settings: Settings, host: str, port: int) -> None:
-    """Redis (embedded unless SENTIMENT_REDIS_URL is set), one worker process, the API here."""
+    """Redis (embedded unless SENTIMENT_REDIS_URL is set), the two worker processes, the API here."""
     given = settings.redis_url if settings.redis_url_given else None
     with contextlib.nullcontext(given) if given else embedded_redis() as url:
         env = {**os.environ, "SENTIMENT_REDIS_URL": url}
-        worker = subprocess.Popen([sys.executable, "-m", "sentiment.cli", "worker"], env=env, start_new_session=True)
+        workers = [
+            subprocess.Popen([sys.executable, "-m", "sentiment.cli", command], env=env, start_new_session=True)
+            for command in ("worker", "jobs-worker")
+        ]
         try:
             api.server.run(settings.model_copy(update={"redis_url": url}), host, port)
         finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            for worker in workers:
+                worker.send_signal(signal.SIGTERM)
+            for worker in workers:
+                try:
+                    worker.wait(30)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
 

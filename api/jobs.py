@@ -1,0 +1,93 @@
+"""HTTP routes of bulk jobs: POST /jobs, GET /jobs/{id}, DELETE /jobs/{id}.
+
+Fire and poll: a submission answers at once (202 + Location); the jobs worker does the work.
+The routes are plain `def`: RQ is synchronous, and FastAPI runs such routes in its threadpool.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the per-app request model itself.
+
+from datetime import datetime
+from typing import Literal
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from api.errors import ErrorType, responses
+from api.job_store import JobStore
+from api.schemas import Score, text_list
+from sentiment.settings import Settings
+
+Status = Literal["queued", "started", "finished", "failed", "canceled"]
+
+
+class JobCreated(BaseModel):
+    job_id: str = Field(description="Unguessable id; anyone holding it can read and cancel the job.")
+    status: Literal["queued"]
+    status_url: str = Field(description="Where to poll: GET it (also in the Location header).")
+
+
+class Progress(BaseModel):
+    done: int = Field(description="Texts with a prediction so far (moves a chunk of batches at a time).")
+    total: int
+
+
+class JobResponse(BaseModel):
+    job_id: str
+    status: Status
+    progress: Progress
+    created_at: datetime
+    started_at: datetime | None = Field(description="Start of the latest run (a retried job ran more than once).")
+    ended_at: datetime | None
+    predictions: list[list[Score]] | None = Field(
+        None, description="When finished: one list per input text, in input order, as /predict answers."
+    )
+    error: str | None = Field(None, description="When failed: why, in one line.")
+
+
+def jobs_router(settings: Settings) -> APIRouter:
+    router = APIRouter(prefix="/jobs", tags=["jobs"])
+    JobRequest = create_model(
+        "JobRequest",
+        __config__=ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": ["I love you.", "I hate you."]}]}),
+        text=(text_list(settings.jobs_max_texts, settings.max_chars), ...),
+    )
+
+    @router.post("", status_code=202, response_model=JobCreated, responses=responses(ErrorType.UNAVAILABLE))
+    def create(body: JobRequest, request: Request, response: Response) -> JobCreated:  # type: ignore[valid-type]
+        """Queue texts for classification; poll `status_url` for progress and predictions."""
+        job_id = _store(request).create(body.text)  # type: ignore[attr-defined]
+        url = f"/jobs/{job_id}"
+        response.headers["Location"] = url
+        return JobCreated(job_id=job_id, status="queued", status_url=url)
+
+    @router.get("/{job_id}", response_model=JobResponse, responses=responses(ErrorType.NOT_FOUND, ErrorType.UNAVAILABLE))
+    def status(job_id: str, request: Request) -> Response:
+        """The job's status and progress; `predictions` once finished, `error` once failed.
+
+        Jobs (and their predictions) are kept for `SENTIMENT_JOB_TTL_S` after they end, then 404.
+        """
+        return _json(_store(request).view(job_id))
+
+    @router.delete(
+        "/{job_id}", response_model=JobResponse,
+        responses=responses(ErrorType.NOT_FOUND, ErrorType.CONFLICT, ErrorType.UNAVAILABLE),
+    )
+    def cancel(job_id: str, request: Request) -> Response:
+        """Cancel a job: a queued one never runs, a started one stops at its next chunk boundary.
+
+        Answers the job, now `canceled` (again, for a job canceled before). A job that already
+        finished or failed is left as it is: 409.
+        """
+        return _json(_store(request).cancel(job_id))
+
+    return router
+
+
+def _store(request: Request) -> JobStore:
+    return request.app.state.jobs
+
+
+def _json(view: dict) -> Response:
+    # Built here rather than validated through the response model: predictions can be 10,000 long.
+    return Response(orjson.dumps(view), media_type="application/json")

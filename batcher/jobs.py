@@ -1,0 +1,155 @@
+"""The bulk-jobs worker: an RQ worker that loads the model once and runs jobs in its own process.
+
+`classify` is the job: it runs the texts through the shared cache-aware `Inference.predict` chunk
+by chunk, saving progress in the job's meta and checking for cancellation between chunks. RQ owns
+the rest of the lifecycle (queue, status, result TTL, retries, failed registry).
+
+A `SimpleWorker` never forks, so the loaded model serves every job; but it has no parent process
+to heartbeat the running job, so `JobsWorker` does that from a thread. The heartbeat keeps the
+job's entry in RQ's started registry alive for `heartbeat_ttl_s`: when the process is killed the
+entry lapses, and the next registry cleanup (any jobs worker's maintenance, or the API reading the
+job) retries the job, or fails it once its retries are spent.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from redis import Redis
+from rq import Queue, SimpleWorker, get_current_job
+from rq.job import Job, JobStatus
+from rq.worker import WorkerStatus
+
+from batcher.inference import Inference
+from batcher.job_spec import CHUNKS_PER_BATCH, SERIALIZER, jobs_queue, progress
+from batcher.protocol import Keys, Prediction
+from sentiment.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_inference: Inference | None = None  # set once per process by `serve_jobs`, used by every job
+
+
+class JobCanceled(Exception):
+    """The job was canceled (DELETE /jobs/{id}) while it ran; it stops at a chunk boundary."""
+
+
+def classify(texts: list[str]) -> list[Prediction]:
+    """The RQ job: predictions for `texts`, in input order."""
+    if _inference is None:
+        raise RuntimeError("no model loaded in this process: run jobs with `sentiment jobs-worker`")
+    job = get_current_job()
+    chunk = _inference.max_batch_size * CHUNKS_PER_BATCH
+    predictions: list[Prediction] = []
+    for start in range(0, len(texts), chunk):
+        _stop_if_canceled(job)
+        predictions += _inference.predict(texts[start : start + chunk])
+        if job is not None:
+            job.meta.update(progress(len(predictions), len(texts)))
+            job.save_meta()
+    _stop_if_canceled(job)  # a cancel during the last chunk must not turn into "finished"
+    return predictions
+
+
+def _stop_if_canceled(job: Job | None) -> None:
+    if job is not None and job.get_status(refresh=True) == JobStatus.CANCELED:
+        raise JobCanceled(job.id)
+
+
+class JobsWorker(SimpleWorker):
+    """Runs jobs in this process (model loaded once), heartbeating each run from a thread."""
+
+    def __init__(self, *args: object, heartbeat_ttl_s: float, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.job_heartbeat_ttl = max(2, math.ceil(heartbeat_ttl_s))
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        """Short: a killed worker's job is seen as abandoned this long after its last beat."""
+        return self.job_heartbeat_ttl
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        execution = self.prepare_execution(job)
+        with self._beating(job, execution):
+            self.perform_job(job, queue, execution)
+        self.set_state(WorkerStatus.IDLE)
+
+    @contextmanager
+    def _beating(self, job: Job, execution: object) -> Iterator[None]:
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.job_heartbeat_ttl / 3):
+                try:
+                    self.maintain_heartbeats(job, execution)  # type: ignore[arg-type]
+                except Exception:  # a missed beat is survivable; the next one may work
+                    log.warning("job %s heartbeat failed", job.id, exc_info=True)
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def handle_exception(self, job: Job, *exc_info: object) -> None:
+        if isinstance(exc_info[1], JobCanceled):
+            log.info("job %s canceled; stopped at a chunk boundary", job.id)
+            return
+        super().handle_exception(job, *exc_info)
+
+    def handle_job_failure(self, job: Job, queue: Queue, started_job_registry=None, exc_string="", execution=None):  # type: ignore[no-untyped-def]
+        """A canceled job stays canceled: no retry, no failed registry; only its execution is dropped."""
+        if job.get_status(refresh=True) != JobStatus.CANCELED:
+            return super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+        with self.connection.pipeline() as pipeline:
+            self.cleanup_execution(job, pipeline=pipeline, execution=execution)
+            pipeline.execute()
+        return None
+
+
+def serve_jobs(settings: Settings, inference: Inference, redis: Redis, burst: bool = False) -> bool:
+    """Run the jobs worker loop with `inference` until stopped (or, in burst mode, the queue is empty)."""
+    global _inference
+    _inference = inference
+    period = max(1, math.ceil(settings.heartbeat_ttl_s))
+    worker = JobsWorker(
+        [jobs_queue(redis, settings)], connection=redis, serializer=SERIALIZER, heartbeat_ttl_s=settings.heartbeat_ttl_s,
+        # Look for abandoned jobs about as often as a heartbeat lapses; block on the queue no longer.
+        maintenance_interval=period, worker_ttl=period + 16, log_job_description=False,
+    )
+    return worker.work(burst=burst, logging_level=settings.log_level.upper())
+
+
+PRIORITIES = ("idle", "low", "normal")
+
+
+def lower_priority(priority: str) -> None:
+    """Let /predict's worker have the CPU first.
+
+    `idle`: Linux's SCHED_IDLE class, which runs only on CPU time nobody else wants and is preempted
+    at once when the /predict worker wakes; `low`: nice 19; `normal`: compete as equals.
+    """
+    if priority == "idle" and hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    elif priority in ("idle", "low"):
+        os.nice(19)
+
+
+def run(settings: Settings, threads: int | None, priority: str = "idle") -> None:
+    """`sentiment jobs-worker`: lower our CPU priority, load the model once, serve jobs."""
+    lower_priority(priority)  # before torch starts its thread pool, so every thread inherits it
+    from model_store.classifier import Classifier
+
+    classifier = Classifier(settings.model_dir, settings.device, threads)
+    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+    inference = Inference(
+        classifier, redis, Keys(settings.key_prefix), settings.max_batch_size, settings.max_batch_tokens,
+        settings.cache_ttl_s,
+    )
+    serve_jobs(settings, inference, redis)
