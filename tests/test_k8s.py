@@ -482,6 +482,27 @@ def test_torch_threads_equal_the_worker_cpu_limit(target: str) -> None:
     assert checked == 2
 
 
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+    for suffix, factor in units.items():
+        if quantity.lower().endswith(suffix.lower()):
+            return int(float(quantity[: -len(suffix)]) * factor)
+    return int(quantity)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_redis_evicts_cache_before_the_kernel_kills_it(target: str) -> None:
+    (container,) = get(target, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    options = dict(zip(args[::2], args[1::2], strict=True))
+    # Only keys with a TTL (cache, results) may go; the queues and RQ's jobs have none.
+    assert options["--maxmemory-policy"] == "volatile-lru"
+    limit = _bytes(container["resources"]["limits"]["memory"])
+    # Redis needs headroom beyond maxmemory (buffers, the append-only rewrite's fork).
+    assert _bytes(options["--maxmemory"]) <= 0.8 * limit
+    assert options["--dir"] in {m["mountPath"] for m in container["volumeMounts"]}
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_autoscaled_deployments_leave_replicas_to_the_autoscaler(target: str) -> None:
     scaled = {hpa["spec"]["scaleTargetRef"]["name"] for hpa in objects(target, "HorizontalPodAutoscaler")}
