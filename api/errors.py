@@ -7,10 +7,9 @@ the input it echoes may hold lone surrogates that UTF-8 cannot encode).
 
 from __future__ import annotations
 
+import json
 import logging
 from enum import StrEnum
-
-import json
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder

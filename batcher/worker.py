@@ -16,6 +16,7 @@ import threading
 import time
 
 from redis import Redis
+from redis.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -101,7 +102,6 @@ class Worker:
             writes.set(self.keys.result(held.item.id), result.encode(), ex=self.settings.result_ttl_s)
             writes.publish(held.item.reply_to, held.item.id)
             self.queue.ack(held.raw, writes)
-        writes.execute()
         requests = len({id(s.held) for s in batch})
         self.status = dataclasses.replace(
             self.status,
@@ -111,6 +111,8 @@ class Worker:
             expired=self.batcher.expired,
             largest_batch_requests=max(self.status.largest_batch_requests, requests),
         )
+        self._beat_into(writes)  # a busy worker's heartbeat rides on its result writes
+        writes.execute()
         log.debug(
             "batch %d: %d texts from %d requests, %d finished, %.1f ms",
             self.status.batches, len(batch), requests, len(finished), (time.perf_counter() - started) * 1000,
@@ -124,9 +126,12 @@ class Worker:
             info = ModelInfo(c.name, c.version, c.labels, str(c.device), str(c.dtype).removeprefix("torch."))
             self.redis.set(self.keys.model, info.encode())
         pipe = self.redis.pipeline(transaction=True)
+        self._beat_into(pipe)
+        pipe.execute()
+
+    def _beat_into(self, pipe: Pipeline) -> None:
         pipe.set(self.keys.heartbeat(self.status.id), self.status.encode(), px=int(self.settings.heartbeat_ttl_s * 1000))
         pipe.sadd(self.keys.workers, self.status.id)
-        pipe.execute()
         self._next_beat = time.monotonic() + self.settings.heartbeat_ttl_s / 3
 
     def _leave(self) -> None:

@@ -1,0 +1,122 @@
+"""End to end: a real redis-server, `sentiment api` and `sentiment worker` as separate processes.
+
+With the tiny model: concurrent requests, batching across requests, the cache. With the small real
+checkpoint from ../shared: labels, scores against plain transformers, SST-2 dev accuracy over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from batcher.liveness import live_workers
+from batcher.protocol import prediction
+from model_store.classifier import Classifier
+from sentiment.embedded import free_port
+from tests.conftest import Service, shared_path, start_service
+
+
+@pytest.fixture(scope="module")
+def tiny_service(redis_url: str, tiny_model_dir: Path) -> Iterator[Service]:
+    service = start_service(redis_url, tiny_model_dir, "e2e-tiny", SENTIMENT_MAX_WAIT_MS="50")
+    yield service
+    assert service.stop() == [0, 0]  # both exit cleanly on SIGTERM
+
+
+@pytest.fixture(scope="module")
+def small_service(redis_url: str, small_model_dir: Path) -> Iterator[Service]:
+    service = start_service(redis_url, small_model_dir, "e2e-small", SENTIMENT_MAX_BATCH_SIZE="64")
+    yield service
+    service.stop()
+
+
+async def post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        return await asyncio.gather(*(client.post("/predict", json=body) for body in bodies))
+
+
+def test_concurrent_requests_are_answered_correctly_in_shared_batches(
+    tiny_service: Service, classifier: Classifier, redis_url: str
+) -> None:
+    bodies = [{"text": [f"movie {i} was good", "the same for all", f"{i} bad"]} for i in range(60)]
+    responses = asyncio.run(post_all(tiny_service.url, bodies))
+    for body, response in zip(bodies, responses, strict=True):
+        assert response.status_code == 200
+        want = [prediction(classifier.labels, p) for p in classifier.forward(classifier.tokenize(body["text"]))]
+        for got, expected in zip(response.json()["predictions"], want, strict=True):
+            assert [s["label"] for s in got] == [s["label"] for s in expected]
+            assert [s["score"] for s in got] == pytest.approx([s["score"] for s in expected], abs=1e-5)
+    [worker] = live_workers(redis.Redis.from_url(redis_url), "e2e-tiny")
+    assert worker.requests == 60
+    assert worker.largest_batch_requests > 1  # requests shared model batches
+    assert worker.batches < 60
+
+    again = httpx.post(f"{tiny_service.url}/predict", json=bodies[0])
+    assert again.headers["x-cache"] == "hit"
+    assert again.json() == responses[0].json()
+
+
+def test_love_and_hate_through_the_service(small_service: Service) -> None:
+    response = httpx.post(f"{small_service.url}/predict", json={"text": ["I love you.", "I hate you."]})
+    love, hate = response.json()["predictions"]
+    assert [s["label"] for s in love] == ["NEGATIVE", "POSITIVE"]
+    assert love[1]["score"] > 0.9
+    assert hate[0]["score"] > hate[1]["score"]
+
+
+def sst2_dev() -> list[tuple[str, int]]:
+    with shared_path("data/sst2-dev.tsv").open(newline="") as f:
+        return [(row["text"], int(row["label"])) for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+
+
+def test_sst2_dev_through_http_equals_plain_transformers(small_service: Service, small_model_dir: Path) -> None:
+    dev = sst2_dev()
+    assert len(dev) == 872
+    texts = [t for t, _ in dev]
+    chunks = [texts[i : i + 16] for i in range(0, len(texts), 16)]
+    responses = asyncio.run(post_all(small_service.url, [{"text": c} for c in chunks]))
+    served = [[s["score"] for s in p] for r in responses for p in r.json()["predictions"]]
+
+    tokenizer = AutoTokenizer.from_pretrained(small_model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(small_model_dir).eval()
+    offline: list[list[float]] = []
+    with torch.inference_mode():
+        for chunk in chunks:
+            batch = tokenizer(chunk, padding=True, truncation=True, return_tensors="pt")
+            offline += model(**batch).logits.softmax(-1).tolist()
+
+    for got, want in zip(served, offline, strict=True):
+        assert got == pytest.approx(want, abs=1e-4)
+    accuracy = sum((s[1] > s[0]) == bool(label) for s, (_, label) in zip(served, dev, strict=True)) / len(dev)
+    offline_accuracy = sum((o[1] > o[0]) == bool(label) for o, (_, label) in zip(offline, dev, strict=True)) / len(dev)
+    assert accuracy == offline_accuracy
+    assert accuracy > 0.85  # a trained model, not noise
+
+
+def test_serve_runs_everything_and_stops_cleanly_on_ctrl_c(tiny_model_dir: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "SENTIMENT_REDIS_URL"}
+    env["SENTIMENT_MODEL_DIR"] = str(tiny_model_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "sentiment.cli", "serve", "--port", str(port)], env=env)
+    service = Service("unused", tiny_model_dir, "unused")
+    service.port, service.url, service.procs = port, f"http://127.0.0.1:{port}", [proc]
+    try:
+        service.wait_ready()
+        response = httpx.post(f"{service.url}/predict", json={"text": ["I love you.", "I hate you."]})
+        assert response.status_code == 200
+        assert len(response.json()["predictions"]) == 2
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
