@@ -7,6 +7,7 @@ once its result is written, so a worker that dies holds nothing that cannot be r
 from __future__ import annotations
 
 import logging
+import time
 
 from redis import Redis
 from redis.client import Pipeline
@@ -14,6 +15,9 @@ from redis.client import Pipeline
 from batcher.protocol import Keys
 
 log = logging.getLogger(__name__)
+
+BLOCKING_MIN_S = 0.5  # shorter waits poll (see `take`)
+POLL_S = 0.0005
 
 
 class WorkQueue:
@@ -27,11 +31,17 @@ class WorkQueue:
 
     def take(self, timeout: float) -> bytes | None:
         """The oldest queued item, moved into our processing list; wait up to `timeout` s (0: no wait)."""
-        if timeout <= 0:
-            return self.redis.lmove(self.keys.queue, self.processing, "RIGHT", "LEFT")
-        # BRPOPLPUSH is BLMOVE RIGHT LEFT; fakeredis 2.40's BLMOVE does not block, this one does.
-        # Redis rounds sub-millisecond timeouts to 0 (= forever) on old versions: keep >= 1 ms.
-        return self.redis.brpoplpush(self.keys.queue, self.processing, max(timeout, 0.001))
+        if timeout >= BLOCKING_MIN_S:
+            # BRPOPLPUSH is BLMOVE RIGHT LEFT; fakeredis 2.40's BLMOVE does not block, this one does.
+            return self.redis.brpoplpush(self.keys.queue, self.processing, timeout)
+        # Redis expires blocking timeouts from its event loop (hz=10: up to 100 ms late), far too
+        # coarse for a batching window of a few ms: poll instead, only for such short waits.
+        give_up = time.monotonic() + timeout
+        while (raw := self.redis.lmove(self.keys.queue, self.processing, "RIGHT", "LEFT")) is None:
+            if (remaining := give_up - time.monotonic()) <= 0:
+                return None
+            time.sleep(min(POLL_S, remaining))
+        return raw
 
     def ack(self, raw: bytes, redis: Redis | Pipeline | None = None) -> None:
         """Drop a finished (or expired) item from our processing list; pass a pipeline to batch it."""

@@ -1,6 +1,6 @@
 """/predict latency with and without a running bulk job (the numbers in docs/jobs.md).
 
-Usage: python bench/jobs_latency.py http://127.0.0.1:8123 ../shared/data/sst2-train.tsv
+Usage: python benchmarks/jobs_latency.py http://127.0.0.1:8123 ../shared/data/sst2-train.tsv
 Every /predict text is unique (a cache miss), so each request costs a model forward.
 """
 
