@@ -37,6 +37,7 @@ class Held:
     item: WorkItem
     predictions: list[Prediction | None] = field(init=False)
     missing: int = field(init=False)
+    error: str | None = None  # set when the model failed on this item's texts
 
     def __post_init__(self) -> None:
         self.predictions = [None] * len(self.item.texts)
@@ -109,7 +110,12 @@ class Batcher:
         raw = self.queue.take(timeout)
         if raw is None:
             return False
-        item = WorkItem.decode(raw)
+        try:
+            item = WorkItem.decode(raw)
+        except (ValueError, TypeError):  # not our protocol: nobody can be answered, never retry it
+            log.error("dropped a malformed work item (%d bytes)", len(raw))
+            self.queue.ack(raw)
+            return True
         if item.deadline < time.time():
             self.queue.ack(raw)
             self.expired += 1

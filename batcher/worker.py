@@ -92,17 +92,27 @@ class Worker:
 
     def _process(self, batch: list[Slot]) -> None:
         started = time.perf_counter()
+        batch = [s for s in batch if s.held.error is None]  # the rest of an item that already failed
+        if not batch:
+            return
         writes = self.redis.pipeline(transaction=True)
-        predictions = self.inference.predict([s.text for s in batch], [s.ids for s in batch], writes)
-        for slot, pred in zip(batch, predictions, strict=True):
-            slot.held.fill(slot.index, pred)
-        finished: list[Held] = [h for h in dict.fromkeys(s.held for s in batch) if h.missing == 0]
+        try:
+            self._predict(batch, writes)
+        except Exception:
+            log.exception("a batch of %d texts failed; retrying its requests one by one", len(batch))
+            for slots in _by_item(batch).values():
+                try:
+                    self._predict(slots, writes)
+                except Exception as exc:  # only this request fails; the worker carries on
+                    slots[0].held.error = f"the model failed on this request's texts ({type(exc).__name__})"
+                    log.warning("request %s failed in the model: %r", slots[0].held.item.id, exc)
+        finished: list[Held] = [h for h in _by_item(batch) if h.missing == 0 or h.error]
         for held in finished:
-            result = Result(predictions=held.predictions)  # type: ignore[arg-type]  # all filled
+            result = Result(error=held.error) if held.error else Result(predictions=held.predictions)  # type: ignore[arg-type]
             writes.set(self.keys.result(held.item.id), result.encode(), ex=self.settings.result_ttl_s)
             writes.publish(held.item.reply_to, held.item.id)
             self.queue.ack(held.raw, writes)
-        requests = len({id(s.held) for s in batch})
+        requests = len(_by_item(batch))
         self.status = dataclasses.replace(
             self.status,
             batches=self.status.batches + 1,
@@ -117,6 +127,11 @@ class Worker:
             "batch %d: %d texts from %d requests, %d finished, %.1f ms",
             self.status.batches, len(batch), requests, len(finished), (time.perf_counter() - started) * 1000,
         )
+
+    def _predict(self, slots: list[Slot], writes: Pipeline) -> None:
+        predictions = self.inference.predict([s.text for s in slots], [s.ids for s in slots], writes)
+        for slot, pred in zip(slots, predictions, strict=True):
+            slot.held.fill(slot.index, pred)
 
     def _beat(self, first: bool) -> None:
         """Refresh the heartbeat; the first one also announces the model and requeues what we held."""
@@ -153,3 +168,11 @@ class Worker:
                 "%d batches, %d requests, %d texts (mean %.1f texts/batch, largest %d requests), %d expired",
                 s.batches, s.requests, s.texts, s.texts / s.batches, s.largest_batch_requests, s.expired,
             )
+
+
+def _by_item(slots: list[Slot]) -> dict[Held, list[Slot]]:
+    """The batch's slots grouped by the work item they belong to, in batch order."""
+    groups: dict[Held, list[Slot]] = {}
+    for slot in slots:
+        groups.setdefault(slot.held, []).append(slot)
+    return groups

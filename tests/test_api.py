@@ -183,3 +183,19 @@ async def test_openapi_states_the_configured_limits_and_docs_render(client: http
     assert (request["minItems"], request["maxItems"], request["items"]["maxLength"]) == (1, 64, 2000)
     assert {"200", "422", "503", "504"} <= set(schema["paths"]["/predict"]["post"]["responses"])
     assert (await client.get("/docs")).status_code == 200
+
+
+async def test_model_failure_is_a_424_json_error(
+    client: httpx.AsyncClient, worker: Worker, classifier: Classifier, monkeypatch
+) -> None:
+    def broken(batch: list[list[int]]) -> list[list[float]]:
+        raise RuntimeError("out of cheese")
+
+    monkeypatch.setattr(classifier, "forward", broken)
+    start_worker(worker)
+    response = await client.post("/predict", json={"text": ["anything"]})
+    assert response.status_code == 424
+    assert response.json() == {
+        "error": "the model failed on this request's texts (RuntimeError)",
+        "error_type": "inference",
+    }

@@ -114,3 +114,37 @@ def test_stop_deregisters_and_hands_back_held_work(
     assert live_workers(redis, settings.key_prefix) == []
     assert not redis.sismember(keys.workers, worker.status.id)
     assert WorkItem.decode(redis.rpop(keys.queue)).id == held.id
+
+
+def test_a_poison_text_fails_only_its_own_request(
+    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, monkeypatch
+) -> None:
+    keys = Keys(settings.key_prefix)
+    [poison] = classifier.tokenize(["poison pill"])
+    real_forward = classifier.forward
+
+    def forward(batch: list[list[int]]) -> list[list[float]]:
+        if poison in batch:
+            raise RuntimeError("cannot digest this")
+        return real_forward(batch)
+
+    monkeypatch.setattr(classifier, "forward", forward)
+    good, bad, other = push(redis, keys, "fine"), push(redis, keys, "ok", "poison pill"), push(redis, keys, "good")
+    thread = start_worker(worker)
+    assert wait_result(redis, keys, bad).error == "the model failed on this request's texts (RuntimeError)"
+    assert wait_result(redis, keys, good).predictions and wait_result(redis, keys, other).predictions
+    after = push(redis, keys, "still serving")
+    assert wait_result(redis, keys, after).predictions
+    assert thread.is_alive()
+    assert redis.llen(keys.processing(worker.status.id)) == 0  # the failed request is answered, not stuck
+
+
+def test_a_malformed_work_item_is_dropped_and_the_worker_carries_on(
+    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings
+) -> None:
+    keys = Keys(settings.key_prefix)
+    redis.lpush(keys.queue, b"not json")
+    item = push(redis, keys, "after the junk")
+    start_worker(worker)
+    assert wait_result(redis, keys, item).predictions
+    assert redis.llen(keys.processing(worker.status.id)) == 0
