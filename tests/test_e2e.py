@@ -30,20 +30,25 @@ from tests.conftest import Service, shared_path, start_service
 
 @pytest.fixture(scope="module")
 def tiny_service(redis_url: str, tiny_model_dir: Path) -> Iterator[Service]:
-    service = start_service(redis_url, tiny_model_dir, "e2e-tiny", SENTIMENT_MAX_WAIT_MS="50")
+    service = start_service(
+        redis_url, tiny_model_dir, "e2e-tiny", SENTIMENT_MAX_WAIT_MS="50", SENTIMENT_REQUEST_TIMEOUT_S="120"
+    )
     yield service
     assert service.stop() == [0, 0]  # both exit cleanly on SIGTERM
 
 
 @pytest.fixture(scope="module")
 def small_service(redis_url: str, small_model_dir: Path) -> Iterator[Service]:
-    service = start_service(redis_url, small_model_dir, "e2e-small", SENTIMENT_MAX_BATCH_SIZE="64")
+    service = start_service(
+        # All of SST-2 dev at once queues ~10 s of work on 2 cores: a long deadline, this test is not about 504s.
+        redis_url, small_model_dir, "e2e-small", SENTIMENT_MAX_BATCH_SIZE="64", SENTIMENT_REQUEST_TIMEOUT_S="120"
+    )
     yield service
     service.stop()
 
 
 async def post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
-    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=180) as client:
         return await asyncio.gather(*(client.post("/predict", json=body) for body in bodies))
 
 
