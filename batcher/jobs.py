@@ -68,6 +68,14 @@ class JobsWorker(SimpleWorker):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.job_heartbeat_ttl = max(2, math.ceil(heartbeat_ttl_s))
 
+    def _set_ip_address(self, connection: Redis) -> None:
+        """RQ records its client address for display only: a server whose CLIENT INFO reply redis-py
+        cannot parse (fakeredis, under `sentiment serve` without redis-server) must not stop us."""
+        try:
+            super()._set_ip_address(connection)
+        except ValueError:
+            self.ip_address = "unknown"
+
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """Short: a killed worker's job is seen as abandoned this long after its last beat."""
         return self.job_heartbeat_ttl

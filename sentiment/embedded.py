@@ -58,6 +58,7 @@ def embedded_redis() -> Iterator[str]:
             yield url
         finally:
             server.shutdown()
+            server.server_close()
 
 
 def _wait_for_redis(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
