@@ -9,10 +9,13 @@ import redis as sync_redis
 from fastapi import FastAPI
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from api import errors
+from api import errors, limits
+from api.access import AccessControl, ApiKeys, document
 from api.job_store import JobStore
+from api.limits import BodyLimit, body_limit
 from api.jobs import jobs_router
 from api.predictions import ModelRegistry, Predictor
+from api.rate_limit import RateLimit
 from api.results import ResultWaiter
 from api.routes import predict_router, router
 from batcher.protocol import Keys
@@ -41,6 +44,8 @@ def create_app(
         app.state.keys = keys
         app.state.models = ModelRegistry(client, keys)
         app.state.predictor = Predictor(client, keys, waiter, app.state.models, settings.request_timeout_s)
+        if settings.rate_limit_per_s is not None:
+            app.state.rate_limit = RateLimit(client, keys, settings.rate_limit_per_s, settings.rate_limit_burst)
         jobs_client = jobs_redis or sync_redis.Redis.from_url(
             settings.redis_url, max_connections=settings.redis_max_connections, socket_connect_timeout=2
         )
@@ -64,4 +69,12 @@ def create_app(
     app.include_router(jobs_router(settings))
     app.include_router(router)
     errors.install(app)
+    limits.install(app)
+    # The last added runs first: a caller is checked before its body is read.
+    app.add_middleware(BodyLimit, limits={
+        "/predict": body_limit(settings.max_texts, settings.max_chars),
+        "/jobs": body_limit(settings.jobs_max_texts, settings.max_chars),
+    })
+    app.add_middleware(AccessControl, keys=ApiKeys(settings.api_keys or []))
+    document(app, keys_on=bool(settings.api_keys), rate_limit_on=settings.rate_limit_per_s is not None)
     return app

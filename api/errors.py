@@ -29,6 +29,10 @@ class ErrorType(StrEnum):
     INFERENCE = "inference"  # the model failed on this request's texts
     NOT_FOUND = "not_found"  # no such job (never was, or expired)
     CONFLICT = "conflict"  # the job's state forbids the operation (cancel after it ended)
+    TOO_LARGE = "too_large"  # request body over the route's limit, refused before parsing
+    UNAUTHORIZED = "unauthorized"  # API keys are on and the request sent none
+    FORBIDDEN = "forbidden"  # the request sent a key that is not configured
+    RATE_LIMITED = "rate_limited"  # this client's token bucket is empty
 
 
 STATUS = {
@@ -38,6 +42,10 @@ STATUS = {
     ErrorType.INFERENCE: 424,
     ErrorType.NOT_FOUND: 404,
     ErrorType.CONFLICT: 409,
+    ErrorType.TOO_LARGE: 413,
+    ErrorType.UNAUTHORIZED: 401,
+    ErrorType.FORBIDDEN: 403,
+    ErrorType.RATE_LIMITED: 429,
 }
 RETRY_AFTER_S = {ErrorType.UNAVAILABLE: 1, ErrorType.OVERLOADED: 1}
 

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from redis.exceptions import RedisError
 
-from api.errors import RESPONSES, ErrorType, ServiceError
+from api.errors import RESPONSES, ErrorType, ServiceError, responses
 from api.predictions import ModelRegistry, Predictor
 from api.schemas import ModelResponse, PredictResponse, ReadyResponse, predict_request
 from batcher.protocol import Keys
@@ -21,7 +21,7 @@ def predict_router(settings: Settings) -> APIRouter:
     router = APIRouter(tags=["predict"])
     PredictRequest = predict_request(settings.max_texts, settings.max_chars)
 
-    @router.post("/predict", response_model=PredictResponse, responses=RESPONSES)
+    @router.post("/predict", response_model=PredictResponse, responses={**RESPONSES, **responses(ErrorType.TOO_LARGE)})
     async def predict(body: PredictRequest, request: Request) -> Response:  # type: ignore[valid-type]
         """Classify texts: every label's probability per text, in input order.
 

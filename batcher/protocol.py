@@ -73,6 +73,10 @@ class Keys:
     def cache(self, model_version: str, text: str) -> str:
         return f"{self.prefix}:cache:{model_version}:{text_digest(text)}"
 
+    def rate_limit(self, client: str) -> str:
+        """A client's token bucket; `client` is an API key's digest or an address, never a key."""
+        return f"{self.prefix}:ratelimit:{client}"
+
 
 class _Json:
     """JSON encoding for the dataclasses below (orjson: the hot path encodes these per request)."""

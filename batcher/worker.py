@@ -98,14 +98,19 @@ class Worker:
         writes = self.redis.pipeline(transaction=True)
         try:
             self._predict(batch, writes)
-        except Exception:
-            log.exception("a batch of %d texts failed; retrying its requests one by one", len(batch))
+        except Exception as failure:
+            # Exception messages may quote the input: their text and traceback only at DEBUG.
+            log.warning(
+                "a batch of %d texts failed (%s); retrying its requests one by one", len(batch), type(failure).__name__
+            )
+            log.debug("the batch failed with", exc_info=True)
             for slots in _by_item(batch).values():
                 try:
                     self._predict(slots, writes)
                 except Exception as exc:  # only this request fails; the worker carries on
                     slots[0].held.error = f"the model failed on this request's texts ({type(exc).__name__})"
-                    log.warning("request %s failed in the model: %r", slots[0].held.item.id, exc)
+                    log.warning("request %s failed in the model (%s)", slots[0].held.item.id, type(exc).__name__)
+                    log.debug("request %s failed with", slots[0].held.item.id, exc_info=True)
         finished: list[Held] = [h for h in _by_item(batch) if h.missing == 0 or h.error]
         for held in finished:
             result = Result(error=held.error) if held.error else Result(predictions=held.predictions)  # type: ignore[arg-type]

@@ -7,16 +7,19 @@ Every field is read from an environment variable named ``SENTIMENT_<FIELD>`` (up
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MIN_API_KEY_CHARS = 16  # a guessable key is no key
 
 
 class Settings(BaseSettings):
     """Service configuration; one instance per process, built from the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="SENTIMENT_", extra="ignore", frozen=True)
+    # Errors never echo values: settings hold secrets (API keys, the Redis password in its URL).
+    model_config = SettingsConfigDict(env_prefix="SENTIMENT_", extra="ignore", frozen=True, hide_input_in_errors=True)
 
     # Where things are
     redis_url: str = Field(
@@ -71,6 +74,32 @@ class Settings(BaseSettings):
         64, ge=2, description="Redis connections per API process (requests share them; waiting holds none)."
     )
     log_level: str = Field("INFO", description="Python log level.")
+
+    # Access (docs/security.md)
+    api_keys: Annotated[list[SecretStr] | None, NoDecode] = Field(
+        None,
+        description="Comma-separated API keys; when set, every endpoint but /health and /ready needs one "
+        "(`X-API-Key: KEY` or `Authorization: Bearer KEY`). Unset: no authentication.",
+    )
+    rate_limit_per_s: float | None = Field(
+        None, gt=0, description="Requests per second each client (API key, else address) may sustain; unset: no limit."
+    )
+    rate_limit_burst: int = Field(20, ge=1, description="Requests a client may send at once before the rate applies.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        """One environment variable (a Kubernetes Secret key) holds all keys, comma-separated."""
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()] or None
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _long_keys(cls, keys: list[SecretStr] | None) -> list[SecretStr] | None:
+        if keys and any(len(k.get_secret_value()) < MIN_API_KEY_CHARS for k in keys):
+            raise ValueError(f"every API key needs at least {MIN_API_KEY_CHARS} characters")
+        return keys
 
     @property
     def redis_url_given(self) -> bool:

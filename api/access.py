@@ -1,0 +1,140 @@
+"""Who may call the API: optional API keys, then an optional per-client rate limit.
+
+One ASGI middleware in front of every route and mount, so /metrics, /docs, /openapi.json and any
+route added later are covered by default. Only the probes in `OPEN_PATHS` are exempt: a kubelet
+HTTP probe cannot send a secret header, and they tell only whether this pod can serve.
+
+Keys are compared as SHA-256 digests with `hmac.compare_digest` against every configured key:
+constant time, no early exit on a match, no length leak. A client is named by its key's digest
+(never the key) or, with keys off, by its address; the name keys its token bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import SecretStr
+from redis.exceptions import RedisError
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.errors import ErrorType, error_response, responses
+from api.rate_limit import RateLimit
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/health", "/ready"})
+SCHEMES = {
+    "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    "Bearer": {"type": "http", "scheme": "bearer"},
+}
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+class ApiKeys:
+    """The configured keys, held only as digests."""
+
+    def __init__(self, keys: list[SecretStr]) -> None:
+        self._digests = [_digest(k.get_secret_value()) for k in keys]
+
+    def __bool__(self) -> bool:
+        return bool(self._digests)
+
+    def client(self, presented: str) -> str | None:
+        """The client name of a configured key (a digest prefix), else None."""
+        digest = _digest(presented)
+        known = False
+        for d in self._digests:  # every key, always: the time says nothing about which matched
+            known |= hmac.compare_digest(digest, d)
+        return f"key-{digest.hex()[:16]}" if known else None
+
+
+def presented_key(headers: Headers) -> str | None:
+    """The key from `X-API-Key`, else from `Authorization: Bearer`."""
+    if key := headers.get("x-api-key"):
+        return key
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+class AccessControl:
+    """ASGI middleware: 401 without a key, 403 with a wrong one, 429 once the client's bucket is empty."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.keys:
+            presented = presented_key(Headers(scope=scope))
+            if presented is None:
+                # metric: sentiment_requests_refused_total{reason="unauthorized"}
+                response = error_response(ErrorType.UNAUTHORIZED, "an API key is required (X-API-Key or Authorization: Bearer)")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                await response(scope, receive, send)
+                return
+            client = self.keys.client(presented)
+            if client is None:
+                # metric: sentiment_requests_refused_total{reason="forbidden"}
+                await error_response(ErrorType.FORBIDDEN, "this API key is not valid")(scope, receive, send)
+                return
+        else:
+            client = f"addr-{(scope.get('client') or ('unknown',))[0]}"
+        limit: RateLimit | None = getattr(scope["app"].state, "rate_limit", None)
+        if limit is not None and (wait := await self._wait(limit, client)) is not None:
+            # metric: sentiment_requests_refused_total{reason="rate_limited"}
+            response = error_response(ErrorType.RATE_LIMITED, "too many requests from this client; retry later")
+            response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _wait(limit: RateLimit, client: str) -> float | None:
+        """The bucket's answer; with Redis unreachable the request goes on (and its route answers 503)."""
+        try:
+            return await limit.take(client)
+        except RedisError as exc:
+            log.debug("rate limit not checked, redis unreachable: %s", exc)
+            return None
+
+
+def document(app: FastAPI, keys_on: bool, rate_limit_on: bool) -> None:
+    """State in the OpenAPI schema what `AccessControl` enforces: the key schemes, 401/403/429."""
+    refusals = [t for t, on in ((ErrorType.UNAUTHORIZED, keys_on), (ErrorType.FORBIDDEN, keys_on),
+                                (ErrorType.RATE_LIMITED, rate_limit_on)) if on]
+    if not refusals:
+        return
+    build = app.openapi
+    extra = {
+        str(status): {"description": spec["description"], "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+        for status, spec in responses(*refusals).items()
+    }
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            if keys_on:
+                schema.setdefault("components", {})["securitySchemes"] = SCHEMES
+            for path, operations in schema["paths"].items():
+                for operation in operations.values():
+                    if path in OPEN_PATHS:
+                        operation["security"] = []
+                        continue
+                    if keys_on:
+                        operation["security"] = [{name: []} for name in SCHEMES]
+                    operation["responses"].update(extra)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]

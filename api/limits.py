@@ -1,0 +1,103 @@
+"""Hostile bodies: bounded before they are parsed; unparseable ones are a 422, never a 400 or 500.
+
+`BodyLimit` reads a request's body before the route does, counting bytes as they arrive: a
+Content-Length over the route's limit is refused before a byte is read, and a chunked body as soon
+as it grows past it, so nothing oversized is buffered whole or parsed. (FastAPI's own
+`max_body_size` answers a declared oversize in plain text, outside the JSON error shape.) The
+body is then handed on as it came: the route would have buffered it whole anyway. Each route's
+limit is the largest body its configured text limits allow (`body_limit`); other routes take none.
+`install` turns FastAPI's "error parsing the body" (nesting too deep, invalid UTF-8, a number with
+thousands of digits) into the 422 that malformed JSON gets.
+"""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import Response
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import ErrorType, error_response
+
+# "\uXXXX" is the longest a character of the Basic Multilingual Plane takes in JSON (UTF-8 takes at
+# most 4 bytes); only a text of mostly escaped astral characters (12 bytes each) can exceed this.
+BYTES_PER_CHAR = 6
+TEXT_OVERHEAD = 8  # quotes, comma and a space around each text
+BODY_OVERHEAD = 1024  # {"text": [...]} and some whitespace
+NO_BODY_BYTES = 1024  # GET, DELETE, /metrics: nothing to send
+
+# Why the JSON parser gave up, for the 422 (never the input itself).
+PARSE_FAILURES = {
+    RecursionError: "nesting too deep",
+    UnicodeDecodeError: "the body is not valid UTF-8",
+    ValueError: "a value the parser refuses (such as a number with thousands of digits)",
+}
+
+
+def body_limit(max_texts: int, max_chars: int) -> int:
+    """Bytes of the largest sensibly encoded body with `max_texts` texts of `max_chars` characters."""
+    return max_texts * (max_chars * BYTES_PER_CHAR + TEXT_OVERHEAD) + BODY_OVERHEAD
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over its path's limit (`limits`, else `NO_BODY_BYTES`)."""
+
+    def __init__(self, app: ASGIApp, limits: dict[str, int]) -> None:
+        self.app = app
+        self.limits = limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limits.get(scope["path"], NO_BODY_BYTES)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            await self._refuse(limit, scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                await self._refuse(limit, scope, receive, send)
+                return
+            more = message.get("more_body", False)
+        body: Message | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay() -> Message:
+            nonlocal body
+            if body is None:
+                return await receive()  # after the body: wait for the disconnect, as the server would
+            message, body = body, None
+            return message
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+        # metric: sentiment_requests_refused_total{reason="too_large"}
+        response = error_response(ErrorType.TOO_LARGE, f"request body larger than this route's limit of {limit} bytes")
+        await response(scope, receive, send)
+
+
+def install(app: FastAPI) -> None:
+    async def on_unparseable_body(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        cause = exc.__cause__
+        if exc.status_code == 400 and (why := next((w for t, w in PARSE_FAILURES.items() if isinstance(cause, t)), None)):
+            # The shape FastAPI gives malformed JSON, so every unparseable body reads the same.
+            detail = [{"type": "json_invalid", "loc": ["body"], "msg": "JSON decode error", "input": {}, "ctx": {"error": why}}]
+            return Response(json.dumps({"detail": detail}), status_code=422, media_type="application/json")
+        return await http_exception_handler(request, exc)
+
+    app.add_exception_handler(HTTPException, on_unparseable_body)

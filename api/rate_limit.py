@@ -1,0 +1,46 @@
+"""Per-client rate limit: a token bucket in Redis, shared by every API replica.
+
+One Lua script refills and takes in one atomic round trip, on Redis' clock (replicas' clocks may
+disagree). A bucket holds `burst` tokens and refills at `rate` per second; a request takes one.
+An empty bucket answers how long until a token is back: the 429's `Retry-After`.
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from batcher.protocol import Keys
+
+# KEYS[1]: the bucket (hash: tokens, ts). ARGV: rate (tokens/s), burst. Returns {taken, wait_s}.
+TAKE = """
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1]) or burst
+local ts = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+local taken, wait = 0, 0
+if tokens >= 1 then
+  tokens, taken = tokens - 1, 1
+else
+  wait = (1 - tokens) / rate
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+return {taken, tostring(wait)}
+"""
+
+
+class RateLimit:
+    """`take(client)`: None when the request may go, else the seconds until it may."""
+
+    def __init__(self, redis: Redis, keys: Keys, rate_per_s: float, burst: int) -> None:
+        self._keys = keys
+        self._rate = rate_per_s
+        self._burst = burst
+        self._take = redis.register_script(TAKE)
+
+    async def take(self, client: str) -> float | None:
+        taken, wait = await self._take(keys=[self._keys.rate_limit(client)], args=[self._rate, self._burst])
+        return None if taken else float(wait)
