@@ -1,0 +1,179 @@
+"""Hostile input against the real processes (`sentiment api` + `sentiment worker`, tiny model).
+
+schemathesis fuzzes every operation from the app's own /openapi.json; hypothesis throws arbitrary
+JSON, deep nesting, surrogates, invalid UTF-8 and huge bodies at /predict and /jobs. Nothing may
+answer 5xx; what is valid must be answered correctly. Example counts are bounded to keep this fast.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import schemathesis
+from schemathesis.specs.openapi.checks import allow_header_conformance
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from api.app import create_app
+from api.limits import body_limit
+from sentiment.settings import Settings
+from tests.conftest import Service, start_service
+
+MAX_TEXTS, MAX_CHARS, JOBS_MAX_TEXTS = 8, 200, 12  # small limits so generated bodies reach and cross them
+SETTINGS = {"max_texts": MAX_TEXTS, "max_chars": MAX_CHARS, "jobs_max_texts": JOBS_MAX_TEXTS}
+
+
+@pytest.fixture(scope="module")
+def service(redis_url: str, tiny_model_dir: Path) -> Iterator[Service]:
+    service = start_service(
+        redis_url, tiny_model_dir, "fuzz", SENTIMENT_REQUEST_TIMEOUT_S="30",
+        **{f"SENTIMENT_{name.upper()}": str(value) for name, value in SETTINGS.items()},
+    )
+    yield service
+    assert service.stop() == [0, 0]
+
+
+@pytest.fixture(scope="module")
+def http(service: Service) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=service.url, timeout=60) as client:
+        yield client
+
+
+# The schema the service serves, built from the same settings at collection time (schemathesis'
+# lazy fixture loader does not run on this pytest); the first test checks the two are the same.
+OPENAPI = create_app(Settings(_env_file=None, **SETTINGS)).openapi()
+schema = schemathesis.openapi.from_dict(OPENAPI)
+# Invalid data may also be refused for its size, before it is parsed (documented on both routes).
+schema.config.checks.negative_data_rejection.expected_statuses.append("413")
+
+
+def test_the_fuzzed_schema_is_the_served_one(http: httpx.Client) -> None:
+    assert http.get("/openapi.json").json() == OPENAPI
+
+
+@schema.parametrize()
+@settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(case: schemathesis.Case, service: Service) -> None:
+    # Every check: no 5xx, statuses and bodies as documented, invalid data refused, valid data accepted.
+    # Except the 405's Allow header: Starlette lists only the methods of the first route matching the
+    # path (GET /jobs/{id} and DELETE /jobs/{id} are two routes), a framework limitation, not input handling.
+    case.call_and_validate(base_url=service.url, excluded_checks=[allow_header_conformance])
+
+
+# Text that may hold lone surrogates (JSON "\ud800"), control characters and astral characters.
+any_text = st.text(st.characters(codec=None) | st.characters(categories=["Cs"]), max_size=MAX_CHARS + 20)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | any_text,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(any_text, inner, max_size=5),
+    max_leaves=30,
+)
+
+
+def encode(body: object, ascii_only: bool) -> bytes:
+    """JSON as a client would send it: \\u-escaped, or raw (lone surrogates then make invalid UTF-8)."""
+    return json.dumps(body, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+
+
+def post(http: httpx.Client, path: str, content: bytes) -> httpx.Response:
+    response = http.post(path, content=content, headers={"content-type": "application/json"})
+    assert response.status_code < 500, (response.status_code, response.text[:300])
+    assert response.headers["content-type"] == "application/json"
+    return response
+
+
+def valid(texts: object, max_texts: int) -> bool:
+    return (
+        isinstance(texts, list) and 1 <= len(texts) <= max_texts
+        and all(isinstance(t, str) and len(t) <= MAX_CHARS and t == t.encode("utf-8", "ignore").decode() for t in texts)
+    )
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    texts=st.lists(any_text, max_size=JOBS_MAX_TEXTS + 2) | json_values,
+    path=st.sampled_from(["/predict", "/jobs"]),
+    ascii_only=st.booleans(),
+)
+def test_arbitrary_json_bodies_are_answered_or_refused_never_a_5xx(
+    http: httpx.Client, texts: object, path: str, ascii_only: bool
+) -> None:
+    response = post(http, path, encode({"text": texts}, ascii_only))
+    if valid(texts, MAX_TEXTS if path == "/predict" else JOBS_MAX_TEXTS):
+        assert response.status_code == (200 if path == "/predict" else 202), response.text[:300]
+        if path == "/predict":
+            assert len(response.json()["predictions"]) == len(texts)  # type: ignore[arg-type]
+    else:
+        assert response.status_code == 422, response.text[:300]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=json_values, ascii_only=st.booleans())
+def test_any_json_document_is_a_clean_4xx_or_an_answer(http: httpx.Client, body: object, ascii_only: bool) -> None:
+    post(http, "/predict", encode(body, ascii_only))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(depth=st.integers(1, 100_000), kind=st.sampled_from(["[]", "{}"]))
+def test_deep_nesting_is_refused_without_a_5xx(http: httpx.Client, depth: int, kind: str) -> None:
+    opening, closing = kind
+    nested = (opening if kind == "[]" else '{"a":') * depth + ("" if kind == "[]" else "1") + closing * depth
+    content = f'{{"text": {nested}}}'.encode()
+    status = post(http, "/predict", content).status_code
+    assert status in (413, 422)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(raw=st.binary(max_size=2000))
+def test_arbitrary_bytes_are_refused_without_a_5xx(http: httpx.Client, raw: bytes) -> None:
+    assert post(http, "/predict", raw).status_code == 422
+
+
+@pytest.mark.parametrize("path", ["/predict", "/jobs"])
+def test_a_body_one_byte_over_the_limit_is_413_and_at_the_limit_is_parsed(http: httpx.Client, path: str) -> None:
+    texts = MAX_TEXTS if path == "/predict" else JOBS_MAX_TEXTS
+    limit = body_limit(texts, MAX_CHARS)
+    over = post(http, path, b" " * (limit + 1))
+    assert over.status_code == 413
+    assert over.json() == {"error": f"request body larger than this route's limit of {limit} bytes", "error_type": "too_large"}
+    at_limit = post(http, path, b'{"text": ["ok"]}'.ljust(limit))  # trailing whitespace is valid JSON
+    assert at_limit.status_code in (200, 202)
+
+
+def raw_request(service: Service, head: bytes, body_chunks: Iterator[bytes] = iter(())) -> bytes:
+    """Send a request head and body chunks over a socket, never finishing the body; the reply's start."""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:
+        sock.sendall(head)
+        for chunk in body_chunks:
+            sock.sendall(chunk)
+        return sock.recv(65536)
+
+
+def test_an_announced_oversized_body_is_refused_before_a_byte_of_it_is_sent(service: Service) -> None:
+    reply = raw_request(
+        service, b"POST /predict HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 10000000000\r\n\r\n",
+    )
+    assert reply.startswith(b"HTTP/1.1 413") and b'"error_type":"too_large"' in reply
+
+
+def test_a_chunked_body_is_refused_once_it_passes_the_limit_before_it_ends(service: Service) -> None:
+    chunk = b" " * 10_000
+    over = body_limit(MAX_TEXTS, MAX_CHARS) // len(chunk) + 1
+    reply = raw_request(
+        service, b"POST /predict HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n",
+        (b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(over)),  # and never the final empty chunk
+    )
+    assert reply.startswith(b"HTTP/1.1 413") and b'"error_type":"too_large"' in reply
+
+
+def test_the_largest_valid_request_fits_every_encoding(http: httpx.Client) -> None:
+    texts = ["é" * MAX_CHARS] * MAX_TEXTS  # 6 bytes a character once \\u-escaped
+    for ascii_only in (True, False):
+        response = post(http, "/predict", encode({"text": texts}, ascii_only))
+        assert response.status_code == 200
