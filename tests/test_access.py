@@ -1,0 +1,200 @@
+"""Access: optional API keys on every endpoint but the probes, and the per-client rate limit.
+
+The app runs in process (httpx ASGI transport); the rate limit's Lua script runs on the session's
+real redis-server (fakeredis here has no Lua: `lupa` is not installed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import fakeredis
+import httpx
+import pytest
+from fastapi.responses import PlainTextResponse
+from pydantic import ValidationError
+from redis.asyncio import Redis
+
+import api.access
+from api.access import ApiKeys
+from api.app import create_app
+from batcher.worker import Worker
+from sentiment.embedded import free_port
+from sentiment.settings import Settings
+from tests.conftest import start_worker
+
+pytestmark = pytest.mark.anyio
+
+KEY, OTHER_KEY = "k" * 20 + "-first-client", "o" * 20 + "-second-client"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def metrics_app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+    """Stands in for a mounted sub-application such as a Prometheus /metrics app."""
+    await PlainTextResponse("sentiment_up 1\n")(scope, receive, send)
+
+
+@asynccontextmanager
+async def serve(settings: Settings, redis: Redis, address: str = "10.0.0.1") -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, redis=redis, jobs_redis=fakeredis.FakeRedis())
+    app.mount("/metrics", metrics_app)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, client=(address, 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            yield client
+
+
+@pytest.fixture
+async def keyed(settings: Settings, fake_server: fakeredis.FakeServer) -> AsyncIterator[httpx.AsyncClient]:
+    keyed_settings = settings.model_copy(update={"api_keys": Settings(api_keys=f"{KEY},{OTHER_KEY}").api_keys})
+    async with serve(keyed_settings, fakeredis.FakeAsyncRedis(server=fake_server)) as client:
+        yield client
+
+
+# ---------------------------------------------------------------- API keys
+
+
+async def test_without_a_key_everything_but_the_probes_is_401(keyed: httpx.AsyncClient) -> None:
+    assert (await keyed.get("/health")).status_code == 200
+    assert (await keyed.get("/ready")).json() == {"status": "not ready", "reason": "no live worker"}
+    for method, path in [
+        ("POST", "/predict"), ("POST", "/jobs"), ("GET", "/jobs/" + "0" * 32), ("DELETE", "/jobs/" + "0" * 32),
+        ("GET", "/model"), ("GET", "/metrics"), ("GET", "/metrics/"), ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/no-such-route"),
+    ]:
+        response = await keyed.request(method, path, json={"text": ["hi"]} if method == "POST" else None)
+        assert response.status_code == 401, (method, path)
+        assert response.json()["error_type"] == "unauthorized"
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+async def test_a_wrong_key_is_403_in_either_header(keyed: httpx.AsyncClient) -> None:
+    for headers in ({"X-API-Key": KEY + "x"}, {"Authorization": f"Bearer {KEY[:-1]}"}, {"X-API-Key": "short"}):
+        response = await keyed.get("/metrics", headers=headers)
+        assert response.status_code == 403
+        assert response.json() == {"error": "this API key is not valid", "error_type": "forbidden"}
+    assert (await keyed.get("/metrics", headers={"Authorization": f"Basic {KEY}"})).status_code == 401
+
+
+async def test_every_configured_key_opens_every_endpoint(keyed: httpx.AsyncClient, worker: Worker) -> None:
+    start_worker(worker)
+    for headers in ({"X-API-Key": KEY}, {"Authorization": f"Bearer {OTHER_KEY}"}, {"authorization": f"bearer {KEY}"}):
+        assert (await keyed.post("/predict", json={"text": ["fine"]}, headers=headers)).status_code == 200
+        assert (await keyed.get("/metrics/", headers=headers)).text == "sentiment_up 1\n"  # a mount
+        assert (await keyed.get("/openapi.json", headers=headers)).status_code == 200
+        assert (await keyed.get("/jobs/" + "0" * 32, headers=headers)).status_code == 404
+
+
+async def test_keys_are_compared_against_every_key_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[bytes, bytes]] = []
+    real = api.access.hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(api.access.hmac, "compare_digest", counting)
+    keys = ApiKeys(Settings(api_keys=f"{KEY},{OTHER_KEY},{'z' * 40}").api_keys)  # type: ignore[arg-type]
+    first = keys.client(KEY)
+    assert len(calls) == 3  # no early exit on the first key's match
+    assert all(len(a) == len(b) == 32 for a, b in calls)  # digests: the key's length is not compared
+    assert first is not None and KEY not in first
+    assert keys.client("nope" * 5) is None and len(calls) == 6
+
+
+async def test_the_openapi_schema_shows_the_key_schemes_and_the_open_probes(keyed: httpx.AsyncClient) -> None:
+    schema = (await keyed.get("/openapi.json", headers={"X-API-Key": KEY})).json()
+    assert schema["components"]["securitySchemes"] == {
+        "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        "Bearer": {"type": "http", "scheme": "bearer"},
+    }
+    predict = schema["paths"]["/predict"]["post"]
+    assert predict["security"] == [{"ApiKey": []}, {"Bearer": []}]
+    assert {"401", "403"} <= set(predict["responses"])
+    assert schema["paths"]["/health"]["get"]["security"] == []
+    assert schema["paths"]["/ready"]["get"]["security"] == []
+
+
+async def test_without_keys_nothing_asks_for_one(settings: Settings, fake_server: fakeredis.FakeServer) -> None:
+    async with serve(settings, fakeredis.FakeAsyncRedis(server=fake_server)) as client:
+        assert (await client.get("/metrics/")).status_code == 200
+        schema = (await client.get("/openapi.json")).json()
+        assert "securitySchemes" not in schema.get("components", {})
+        assert "401" not in schema["paths"]["/predict"]["post"]["responses"]
+
+
+def test_keys_come_comma_separated_and_must_be_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SENTIMENT_API_KEYS", f" {KEY} ,{OTHER_KEY},")
+    assert [k.get_secret_value() for k in Settings().api_keys or []] == [KEY, OTHER_KEY]
+    assert KEY not in repr(Settings())
+    monkeypatch.setenv("SENTIMENT_API_KEYS", "tooshort-secret")
+    with pytest.raises(ValidationError) as failure:
+        Settings()
+    assert "at least 16 characters" in str(failure.value) and "tooshort-secret" not in str(failure.value)
+    monkeypatch.setenv("SENTIMENT_API_KEYS", "")
+    assert Settings().api_keys is None
+
+
+# ---------------------------------------------------------------- rate limit (real Redis: Lua)
+
+
+def limited(settings: Settings, redis_url: str, rate: float, burst: int, **update: object) -> Settings:
+    prefix = f"rl-{time.monotonic_ns()}"  # a fresh set of buckets per test on the shared server
+    return settings.model_copy(
+        update={"key_prefix": prefix, "redis_url": redis_url, "rate_limit_per_s": rate, "rate_limit_burst": burst, **update}
+    )
+
+
+async def test_a_client_over_its_rate_gets_429_with_the_bucket_s_retry_after(settings: Settings, redis_url: str) -> None:
+    config = limited(settings, redis_url, rate=0.1, burst=3)
+    async with serve(config, Redis.from_url(redis_url)) as client:
+        statuses = [(await client.get("/jobs/" + "0" * 32)).status_code for _ in range(3)]
+        refused = await client.get("/jobs/" + "0" * 32)
+        assert statuses == [404] * 3
+        assert refused.status_code == 429
+        assert refused.json()["error_type"] == "rate_limited"
+        assert 9 <= int(refused.headers["retry-after"]) <= 10  # one token at 0.1/s
+        assert [(await client.get("/health")).status_code for _ in range(5)] == [200] * 5  # probes never limited
+    async with serve(config, Redis.from_url(redis_url), address="10.0.0.2") as other:
+        assert (await other.get("/jobs/" + "0" * 32)).status_code == 404  # its own bucket
+
+
+async def test_the_bucket_refills_at_the_rate(settings: Settings, redis_url: str) -> None:
+    async with serve(limited(settings, redis_url, rate=10, burst=1), Redis.from_url(redis_url)) as client:
+        assert (await client.get("/jobs/" + "0" * 32)).status_code == 404
+        refused = await client.get("/jobs/" + "0" * 32)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        await asyncio.sleep(0.3)  # three tokens' worth at 10/s; the bucket holds one
+        assert (await client.get("/jobs/" + "0" * 32)).status_code == 404
+
+
+async def test_concurrent_requests_cannot_overdraw_the_bucket(settings: Settings, redis_url: str) -> None:
+    async with serve(limited(settings, redis_url, rate=0.01, burst=5), Redis.from_url(redis_url)) as client:
+        responses = await asyncio.gather(*(client.get("/jobs/" + "0" * 32) for _ in range(30)))
+        assert sorted(r.status_code for r in responses) == [404] * 5 + [429] * 25
+
+
+async def test_with_keys_the_bucket_is_per_key_and_named_by_its_digest(settings: Settings, redis_url: str) -> None:
+    config = limited(settings, redis_url, rate=0.01, burst=1, api_keys=Settings(api_keys=f"{KEY},{OTHER_KEY}").api_keys)
+    redis = Redis.from_url(redis_url)
+    async with serve(config, redis) as client:
+        assert (await client.get("/jobs/" + "0" * 32, headers={"X-API-Key": KEY})).status_code == 404
+        assert (await client.get("/jobs/" + "0" * 32, headers={"X-API-Key": KEY})).status_code == 429
+        assert (await client.get("/jobs/" + "0" * 32, headers={"X-API-Key": OTHER_KEY})).status_code == 404
+        names = [k.decode() for k in await redis.keys(f"{config.key_prefix}:*")]
+    assert len(names) == 2 and all(":ratelimit:key-" in n for n in names)
+    assert not [n for n in names for secret in (KEY, OTHER_KEY) if secret in n or secret[:16] in n]
+
+
+async def test_an_unreachable_redis_does_not_turn_the_limit_into_a_500(settings: Settings) -> None:
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    config = settings.model_copy(update={"redis_url": down, "rate_limit_per_s": 1.0})
+    async with serve(config, Redis.from_url(down, socket_connect_timeout=1)) as client:
+        response = await client.post("/predict", json={"text": ["hi"]})
+        assert response.status_code == 503 and response.json()["error_type"] == "unavailable"
