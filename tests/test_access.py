@@ -19,12 +19,13 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 import api.access
-from api.access import ApiKeys
+from api.access import OPEN_PATHS, ApiKeys
 from api.app import create_app
 from batcher.worker import Worker
 from sentiment.embedded import free_port
 from sentiment.settings import Settings
 from tests.conftest import start_worker
+from tests.test_k8s import TARGETS, container_of
 
 pytestmark = pytest.mark.anyio
 
@@ -198,3 +199,16 @@ async def test_an_unreachable_redis_does_not_turn_the_limit_into_a_500(settings:
     async with serve(config, Redis.from_url(down, socket_connect_timeout=1)) as client:
         response = await client.post("/predict", json={"text": ["hi"]})
         assert response.status_code == 503 and response.json()["error_type"] == "unavailable"
+
+
+# ---------------------------------------------------------------- Kubernetes
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_k8s_reads_keys_from_an_optional_secret_and_probes_need_none(target: str) -> None:
+    container = container_of(target, "sentiment-api")
+    (keys,) = [e for e in container.get("env", []) if e["name"] == "SENTIMENT_API_KEYS"]
+    assert keys["valueFrom"]["secretKeyRef"] == {"name": "sentiment-api-keys", "key": "keys", "optional": True}
+    # kubelet HTTP probes send no secret header: every one must hit an open path.
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["path"] in OPEN_PATHS, probe
