@@ -62,7 +62,7 @@ def presented_key(headers: Headers) -> str | None:
     if key := headers.get("x-api-key"):
         return key
     scheme, _, token = headers.get("authorization", "").partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else None
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
 class AccessControl:
@@ -80,7 +80,9 @@ class AccessControl:
             presented = presented_key(Headers(scope=scope))
             if presented is None:
                 # metric: sentiment_requests_refused_total{reason="unauthorized"}
-                response = error_response(ErrorType.UNAUTHORIZED, "an API key is required (X-API-Key or Authorization: Bearer)")
+                response = error_response(
+                    ErrorType.UNAUTHORIZED, "an API key is required (X-API-Key or Authorization: Bearer)"
+                )
                 response.headers["WWW-Authenticate"] = "Bearer"
                 await response(scope, receive, send)
                 return
@@ -112,13 +114,15 @@ class AccessControl:
 
 def document(app: FastAPI, keys_on: bool, rate_limit_on: bool) -> None:
     """State in the OpenAPI schema what `AccessControl` enforces: the key schemes, 401/403/429."""
-    refusals = [t for t, on in ((ErrorType.UNAUTHORIZED, keys_on), (ErrorType.FORBIDDEN, keys_on),
-                                (ErrorType.RATE_LIMITED, rate_limit_on)) if on]
+    refusals = [ErrorType.UNAUTHORIZED, ErrorType.FORBIDDEN] if keys_on else []
+    if rate_limit_on:
+        refusals.append(ErrorType.RATE_LIMITED)
     if not refusals:
         return
     build = app.openapi
+    error_body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
     extra = {
-        str(status): {"description": spec["description"], "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+        str(status): {"description": spec["description"], "content": error_body}
         for status, spec in responses(*refusals).items()
     }
 

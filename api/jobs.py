@@ -53,7 +53,9 @@ def jobs_router(settings: Settings) -> APIRouter:
         text=(text_list(settings.jobs_max_texts, settings.max_chars), ...),
     )
 
-    @router.post("", status_code=202, response_model=JobCreated, responses=responses(ErrorType.UNAVAILABLE, ErrorType.TOO_LARGE))
+    @router.post(
+        "", status_code=202, response_model=JobCreated, responses=responses(ErrorType.UNAVAILABLE, ErrorType.TOO_LARGE)
+    )
     def create(body: JobRequest, request: Request, response: Response) -> JobCreated:  # type: ignore[valid-type]
         """Queue texts for classification; poll `status_url` for progress and predictions."""
         job_id = _store(request).create(body.text)  # type: ignore[attr-defined]

@@ -94,9 +94,12 @@ def install(app: FastAPI) -> None:
     async def on_unparseable_body(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         cause = exc.__cause__
-        if exc.status_code == 400 and (why := next((w for t, w in PARSE_FAILURES.items() if isinstance(cause, t)), None)):
+        why = next((w for t, w in PARSE_FAILURES.items() if isinstance(cause, t)), None)
+        if exc.status_code == 400 and why:
             # The shape FastAPI gives malformed JSON, so every unparseable body reads the same.
-            detail = [{"type": "json_invalid", "loc": ["body"], "msg": "JSON decode error", "input": {}, "ctx": {"error": why}}]
+            detail = [
+                {"type": "json_invalid", "loc": ["body"], "msg": "JSON decode error", "input": {}, "ctx": {"error": why}}
+            ]
             return Response(json.dumps({"detail": detail}), status_code=422, media_type="application/json")
         return await http_exception_handler(request, exc)
 

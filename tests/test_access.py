@@ -67,7 +67,8 @@ async def test_without_a_key_everything_but_the_probes_is_401(keyed: httpx.Async
     assert (await keyed.get("/ready")).json() == {"status": "not ready", "reason": "no live worker"}
     for method, path in [
         ("POST", "/predict"), ("POST", "/jobs"), ("GET", "/jobs/" + "0" * 32), ("DELETE", "/jobs/" + "0" * 32),
-        ("GET", "/model"), ("GET", "/metrics"), ("GET", "/metrics/"), ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/no-such-route"),
+        ("GET", "/model"), ("GET", "/metrics"), ("GET", "/metrics/"), ("GET", "/openapi.json"), ("GET", "/docs"),
+        ("GET", "/no-such-route"),
     ]:
         response = await keyed.request(method, path, json={"text": ["hi"]} if method == "POST" else None)
         assert response.status_code == 401, (method, path)
@@ -148,11 +149,15 @@ def test_keys_come_comma_separated_and_must_be_long(monkeypatch: pytest.MonkeyPa
 def limited(settings: Settings, redis_url: str, rate: float, burst: int, **update: object) -> Settings:
     prefix = f"rl-{time.monotonic_ns()}"  # a fresh set of buckets per test on the shared server
     return settings.model_copy(
-        update={"key_prefix": prefix, "redis_url": redis_url, "rate_limit_per_s": rate, "rate_limit_burst": burst, **update}
+        update={
+            "key_prefix": prefix, "redis_url": redis_url, "rate_limit_per_s": rate, "rate_limit_burst": burst, **update
+        }
     )
 
 
-async def test_a_client_over_its_rate_gets_429_with_the_bucket_s_retry_after(settings: Settings, redis_url: str) -> None:
+async def test_a_client_over_its_rate_gets_429_with_the_bucket_s_retry_after(
+    settings: Settings, redis_url: str
+) -> None:
     config = limited(settings, redis_url, rate=0.1, burst=3)
     async with serve(config, Redis.from_url(redis_url)) as client:
         statuses = [(await client.get("/jobs/" + "0" * 32)).status_code for _ in range(3)]

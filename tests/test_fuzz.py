@@ -139,7 +139,9 @@ def test_a_body_one_byte_over_the_limit_is_413_and_at_the_limit_is_parsed(http: 
     limit = body_limit(texts, MAX_CHARS)
     over = post(http, path, b" " * (limit + 1))
     assert over.status_code == 413
-    assert over.json() == {"error": f"request body larger than this route's limit of {limit} bytes", "error_type": "too_large"}
+    assert over.json() == {
+        "error": f"request body larger than this route's limit of {limit} bytes", "error_type": "too_large"
+    }
     at_limit = post(http, path, b'{"text": ["ok"]}'.ljust(limit))  # trailing whitespace is valid JSON
     assert at_limit.status_code in (200, 202)
 

@@ -29,7 +29,9 @@ def anyio_backend() -> str:
 @pytest.fixture
 async def client(settings: Settings, fake_server: fakeredis.FakeServer) -> AsyncIterator[httpx.AsyncClient]:
     """The app with both its Redis clients (asyncio for /predict, sync for RQ) on the fake server."""
-    app = create_app(settings, redis=fakeredis.FakeAsyncRedis(server=fake_server), jobs_redis=fakeredis.FakeRedis(server=fake_server))
+    app = create_app(
+        settings, redis=fakeredis.FakeAsyncRedis(server=fake_server), jobs_redis=fakeredis.FakeRedis(server=fake_server)
+    )
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
             yield client
