@@ -232,7 +232,7 @@ def test_limits_are_422(service: tuple[Service, TestClient], body: dict) -> None
 def test_openapi_describes_every_response(service: tuple[Service, TestClient]) -> None:
     _, client = service
     paths = client.get("/openapi.json").json()["paths"]
-    assert set(paths["/jobs"]["post"]["responses"]) == {"202", "422", "503"}
+    assert set(paths["/jobs"]["post"]["responses"]) == {"202", "413", "422", "503"}
     assert set(paths["/jobs/{job_id}"]["get"]["responses"]) == {"200", "404", "422", "503"}
     assert set(paths["/jobs/{job_id}"]["delete"]["responses"]) == {"200", "404", "409", "422", "503"}
     for operation in (paths["/jobs"]["post"], *paths["/jobs/{job_id}"].values()):
