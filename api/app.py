@@ -40,7 +40,9 @@ def create_app(
         app.state.redis = client
         app.state.keys = keys
         app.state.models = ModelRegistry(client, keys)
-        app.state.predictor = Predictor(client, keys, waiter, app.state.models, settings.request_timeout_s)
+        app.state.predictor = Predictor(
+            client, keys, waiter, app.state.models, settings.request_timeout_s, settings.max_queue_depth
+        )
         jobs_client = jobs_redis or sync_redis.Redis.from_url(
             settings.redis_url, max_connections=settings.redis_max_connections, socket_connect_timeout=2
         )
