@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -170,27 +171,44 @@ def assert_correct(outcomes: list[Outcome], reference: Classifier) -> None:
         assert [s["score"] for s in got] == pytest.approx([s["score"] for s in expected], abs=1e-5), outcome.text
 
 
-def test_worker_killed_mid_batch_loses_nothing(
-    services: list[Service], redis_url: str, model_dir: Path, reference: Classifier
-) -> None:
-    prefix = "faults-kill"
-    svc = service(services, redis_url, model_dir, prefix)
-    client = redis.Redis.from_url(redis_url)
-    keys = Keys(prefix)
+@pytest.fixture(scope="module")
+def crew(redis_url: str, model_dir: Path) -> Iterator[Service]:
+    """One API and three workers, shared by the worker-fault tests: each takes one worker down."""
+    svc = Service(redis_url, model_dir, "faults-crew", **ENV)
     svc.start("api", "--port", str(svc.port))
-    victim, survivor = svc.start("worker"), svc.start("worker")
+    for _ in range(3):
+        svc.start("worker")
     svc.wait_ready()
-    victim_id = worker_id(client, prefix, victim.pid)
-    worker_id(client, prefix, survivor.pid)
-    with Load([svc.url], "kill") as load:
+    client = redis.Redis.from_url(redis_url)
+    for proc in svc.procs[1:]:
+        worker_id(client, "faults-crew", proc.pid)
+    yield svc
+    for proc in svc.procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def caught_holding_work(crew: Service, client: redis.Redis) -> tuple[subprocess.Popen[bytes], str]:
+    """A live worker, frozen (SIGSTOP) at a moment its processing list holds work; another stays live."""
+    workers = [p for p in crew.procs[1:] if p.poll() is None]
+    assert len(workers) >= 2
+    proc = workers[0]
+    worker = worker_id(client, "faults-crew", proc.pid)
+    while True:
+        proc.send_signal(signal.SIGSTOP)
+        if client.llen(Keys("faults-crew").processing(worker)):
+            return proc, worker
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.002)
+
+
+def test_worker_killed_mid_batch_loses_nothing(crew: Service, redis_url: str, reference: Classifier) -> None:
+    client = redis.Redis.from_url(redis_url)
+    keys = Keys("faults-crew")
+    with Load([crew.url], "kill") as load:
         load.wait_answered(20)
-        # Freeze the victim until it is caught holding work, then kill it there.
-        while True:
-            victim.send_signal(signal.SIGSTOP)
-            if client.llen(keys.processing(victim_id)):
-                break
-            victim.send_signal(signal.SIGCONT)
-            time.sleep(0.002)
+        victim, victim_id = caught_holding_work(crew, client)
         victim.kill()
         assert victim.wait(10) == -signal.SIGKILL
         wait_for("the dead worker's work to be reclaimed", lambda: not client.sismember(keys.workers, victim_id))
@@ -199,29 +217,17 @@ def test_worker_killed_mid_batch_loses_nothing(
     assert [o for o in outcomes if o.status != 200] == []
     assert_correct(outcomes, reference)
     assert not client.exists(keys.processing(victim_id))  # no stale processing list
-    assert list(client.scan_iter(f"{prefix}:result:*")) == []  # no result computed twice (an orphan)
-    assert survivor.poll() is None
+    assert list(client.scan_iter(f"{keys.prefix}:result:*")) == []  # no result computed twice (an orphan)
 
 
 def test_worker_sigterm_finishes_its_batch_and_hands_back_the_rest(
-    services: list[Service], redis_url: str, model_dir: Path, reference: Classifier
+    crew: Service, redis_url: str, reference: Classifier
 ) -> None:
-    prefix = "faults-term"
-    svc = service(services, redis_url, model_dir, prefix)
     client = redis.Redis.from_url(redis_url)
-    keys = Keys(prefix)
-    svc.start("api", "--port", str(svc.port))
-    leaving, staying = svc.start("worker"), svc.start("worker")
-    svc.wait_ready()
-    leaving_id = worker_id(client, prefix, leaving.pid)
-    with Load([svc.url], "term") as load:
+    keys = Keys("faults-crew")
+    with Load([crew.url], "term") as load:
         load.wait_answered(20)
-        while True:  # SIGTERM it while it holds work
-            leaving.send_signal(signal.SIGSTOP)
-            if client.llen(keys.processing(leaving_id)):
-                break
-            leaving.send_signal(signal.SIGCONT)
-            time.sleep(0.002)
+        leaving, leaving_id = caught_holding_work(crew, client)
         leaving.send_signal(signal.SIGTERM)
         leaving.send_signal(signal.SIGCONT)
         assert leaving.wait(30) == 0
@@ -232,7 +238,6 @@ def test_worker_sigterm_finishes_its_batch_and_hands_back_the_rest(
         outcomes = load.stop()
     assert [o for o in outcomes if o.status != 200] == []
     assert_correct(outcomes, reference)
-    assert staying.poll() is None
 
 
 def test_api_sigterm_drains_and_a_rolling_restart_drops_nothing(
