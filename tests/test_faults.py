@@ -22,6 +22,7 @@ import httpx
 import orjson
 import pytest
 import redis
+import rq
 
 from batcher.liveness import live_workers
 from batcher.protocol import Keys, ModelInfo, WorkItem, new_id, prediction
@@ -319,6 +320,7 @@ def test_redis_outage_gives_503s_and_everything_reconnects_by_itself(
         svc.start("jobs-worker", "--priority", "normal", "--threads", "1"),
     ]
     svc.wait_ready()
+    wait_for("the jobs worker to register", lambda: rq.Worker.count(connection=redis.Redis.from_url(redis_server.url)))
     with Load([svc.url], "outage", clients=4, timeout_s=30) as load:
         load.wait_answered(10)
         redis_server.stop()
