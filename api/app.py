@@ -43,7 +43,9 @@ def create_app(
         app.state.redis = client
         app.state.keys = keys
         app.state.models = ModelRegistry(client, keys)
-        app.state.predictor = Predictor(client, keys, waiter, app.state.models, settings.request_timeout_s)
+        app.state.predictor = Predictor(
+            client, keys, waiter, app.state.models, settings.request_timeout_s, settings.max_queue_depth
+        )
         if settings.rate_limit_per_s is not None:
             app.state.rate_limit = RateLimit(client, keys, settings.rate_limit_per_s, settings.rate_limit_burst)
         jobs_client = jobs_redis or sync_redis.Redis.from_url(

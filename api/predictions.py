@@ -41,12 +41,15 @@ class ModelRegistry:
 class Predictor:
     """Answers a list of texts from the cache and, for the misses, from the worker."""
 
-    def __init__(self, redis: Redis, keys: Keys, waiter: ResultWaiter, models: ModelRegistry, timeout_s: float) -> None:
+    def __init__(
+        self, redis: Redis, keys: Keys, waiter: ResultWaiter, models: ModelRegistry, timeout_s: float, max_queue_depth: int
+    ) -> None:
         self._redis = redis
         self._keys = keys
         self._waiter = waiter
         self._models = models
         self._timeout_s = timeout_s
+        self._max_queue_depth = max_queue_depth
 
     async def predict(self, texts: list[str]) -> tuple[list[Prediction], CacheStatus]:
         unique = list(dict.fromkeys(texts))
@@ -66,7 +69,7 @@ class Predictor:
             id=new_id(), texts=texts, enqueued_at=now, deadline=now + self._timeout_s, reply_to=self._waiter.channel
         )
         with self._waiter.expect(item.id) as pending:
-            await self._redis.lpush(self._keys.queue, item.encode())
+            await self._enqueue(item)
             raw = await pending.result(item.deadline)
         if raw is None:
             raise ServiceError(ErrorType.TIMEOUT, f"no result within {self._timeout_s:g} s; the service is busy or has no worker")
@@ -74,3 +77,18 @@ class Predictor:
         if result.error is not None or result.predictions is None:
             raise ServiceError(ErrorType.INFERENCE, result.error or "the worker returned no predictions")
         return result.predictions
+
+    async def _enqueue(self, item: WorkItem) -> None:
+        """Queue the item, or refuse it at once when the queue is already full (a 503 now beats a 504 later).
+
+        LPUSH answers the new depth in the same atomic step, so the common case is one round trip
+        and works on any Redis-compatible server (no Lua: fakeredis without lupa has none). An item
+        pushed past the limit is taken back with LREM; if a worker already took it, it is served.
+        """
+        raw = item.encode()
+        depth = await self._redis.lpush(self._keys.queue, raw)
+        if self._max_queue_depth and depth > self._max_queue_depth and await self._redis.lrem(self._keys.queue, 1, raw):
+            # metric: sentiment_requests_refused_total{reason="overloaded"}
+            raise ServiceError(
+                ErrorType.OVERLOADED, f"{depth - 1} requests are already queued (limit {self._max_queue_depth}); retry later"
+            )

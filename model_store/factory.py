@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import string
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -18,17 +19,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _WORDS = "i you it this that the a movie film is was not very good great bad awful love hate fun boring".split()
 
 
-def write_tiny_model(dest: Path, seed: int = 0, max_length: int = 128) -> Path:
-    """A 2-layer, 32-wide DistilBERT with a small word-piece vocabulary that spells any ASCII text."""
+def write_tiny_model(dest: Path, seed: int = 0, max_length: int = 128, poison_words: Sequence[str] = ()) -> Path:
+    """A 2-layer, 32-wide DistilBERT with a small word-piece vocabulary that spells any ASCII text.
+
+    `poison_words` (lower case) get token ids past the model's embedding table: the tokenizer
+    accepts them, the model fails on any text holding one (fault tests need input the model rejects).
+    """
     dest.mkdir(parents=True, exist_ok=True)
     chars = string.ascii_lowercase + string.digits
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *string.punctuation]
     vocab += [f"##{c}" for c in chars] + _WORDS
-    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, model_max_length=max_length).save_pretrained(dest)
     config = DistilBertConfig(
         vocab_size=len(vocab), dim=32, hidden_dim=64, n_layers=2, n_heads=2,
         max_position_embeddings=max_length, id2label=LABELS, label2id={v: k for k, v in LABELS.items()},
     )
+    vocab += poison_words
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, model_max_length=max_length).save_pretrained(dest)
     return _write_weights(config, dest, seed)
 
 

@@ -38,11 +38,9 @@ def embedded_redis() -> Iterator[str]:
     """A throwaway, memory-only Redis on 127.0.0.1; yields its URL."""
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
-    if exe := shutil.which("redis-server"):
-        args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, start_new_session=True)
+    if shutil.which("redis-server"):
+        proc = start_redis_server(port)
         try:
-            _wait_for_redis(url, proc)
             log.info("embedded redis-server on %s", url)
             yield url
         finally:
@@ -59,6 +57,19 @@ def embedded_redis() -> Iterator[str]:
         finally:
             server.shutdown()
             server.server_close()
+
+
+def start_redis_server(port: int) -> subprocess.Popen[bytes]:
+    """A memory-only redis-server on 127.0.0.1:`port`, answering PING when this returns."""
+    exe = shutil.which("redis-server") or "redis-server"
+    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for_redis(f"redis://127.0.0.1:{port}/0", proc)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc
 
 
 def _wait_for_redis(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:

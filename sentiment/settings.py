@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     max_texts: int = Field(64, ge=1, description="Most texts in one /predict request.")
     max_chars: int = Field(2000, ge=1, description="Most characters in one text.")
     request_timeout_s: float = Field(10.0, gt=0, description="How long /predict waits for the worker before a 504.")
+    max_queue_depth: int = Field(
+        500, ge=0, description="Most work items waiting in the queue: beyond it /predict answers 503 with "
+        "Retry-After at once instead of queueing work that would time out (0: no limit).",
+    )
 
     # Results
     cache_ttl_s: int = Field(86_400, ge=1, description="Lifetime of a cached per-text prediction.")

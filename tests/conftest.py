@@ -19,7 +19,7 @@ import pytest
 from batcher.worker import Worker
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
-from sentiment.embedded import embedded_redis, free_port
+from sentiment.embedded import embedded_redis, free_port, start_redis_server
 from sentiment.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +88,34 @@ def redis_url() -> Iterator[str]:
     assert shutil.which("redis-server"), "redis-server is not installed (.ci/run installs it)"
     with embedded_redis() as url:
         yield url
+
+
+class RedisServer:
+    """A redis-server a test can stop and start again on the same port (outage tests)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = start_redis_server(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A test's own redis-server (empty, memory only), stopped after the test."""
+    assert shutil.which("redis-server"), "redis-server is not installed (.ci/run installs it)"
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
 
 
 class Service:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from unittest.mock import AsyncMock
 
 import fakeredis
 import httpx
@@ -199,3 +200,21 @@ async def test_model_failure_is_a_424_json_error(
         "error": "the model failed on this request's texts (RuntimeError)",
         "error_type": "inference",
     }
+
+
+async def test_past_the_queue_limit_a_request_is_refused_unless_a_worker_already_took_it(
+    settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, worker: Worker, monkeypatch
+) -> None:
+    keys = Keys(settings.key_prefix)
+    full = settings.model_copy(update={"max_queue_depth": 1, "request_timeout_s": 5})
+    async with client_for(full, fakeredis.FakeAsyncRedis(server=fake_server)) as client:
+        redis.lpush(keys.queue, b"someone else's work")
+        refused = await client.post("/predict", json={"text": ["over the limit"]})
+        assert (refused.status_code, refused.headers["retry-after"]) == (503, "1")
+        assert refused.json()["error_type"] == "overloaded"
+        assert redis.lrange(keys.queue, 0, -1) == [b"someone else's work"]  # taken back out
+        # A worker took the item between LPUSH and LREM: it is served, not refused.
+        monkeypatch.setattr(fakeredis.FakeAsyncRedis, "lrem", AsyncMock(return_value=0))
+        start_worker(worker)
+        served = await client.post("/predict", json={"text": ["taken in time"]})
+        assert served.status_code == 200

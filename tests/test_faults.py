@@ -1,0 +1,400 @@
+"""Faults with real processes and a real redis-server: the promises of docs/reliability.md.
+
+The tiny model here has a tokenizer that knows a word its embedding table does not (`POISON`):
+any text holding it fails inside the model, the poison-input test's reject. Heartbeats are short so
+a dead worker's work is reclaimed quickly. Every wait is a generous hang guard, not a timing
+assert, except the 5 s recovery that the Redis-outage promise states.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+import redis
+import rq
+
+from batcher.liveness import live_workers
+from batcher.protocol import Keys, ModelInfo, WorkItem, new_id, prediction
+from model_store.classifier import Classifier
+from model_store.factory import write_tiny_model
+from tests.conftest import RedisServer, Service
+
+pytestmark = pytest.mark.faults
+
+POISON = "nightshade"
+HANG_GUARD_S = 60.0
+ENV = {
+    "SENTIMENT_HEARTBEAT_TTL_S": "2",
+    "SENTIMENT_REQUEST_TIMEOUT_S": "30",
+    "SENTIMENT_MAX_WAIT_MS": "20",
+    "SENTIMENT_TORCH_THREADS": "1",
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("poison-model"), poison_words=[POISON])
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> Classifier:
+    return Classifier(model_dir, "cpu", 1)
+
+
+@pytest.fixture
+def services() -> Iterator[list[Service]]:
+    """Services a test starts; every process still running is stopped afterwards."""
+    started: list[Service] = []
+    yield started
+    for service in started:
+        for proc in service.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+def service(services: list[Service], redis_url: str, model_dir: Path, prefix: str, **env: str) -> Service:
+    svc = Service(redis_url, model_dir, prefix, **{**ENV, **env})
+    services.append(svc)
+    return svc
+
+
+def wait_for(what: str, check: Callable[[], object], guard_s: float = HANG_GUARD_S) -> object:
+    give_up = time.monotonic() + guard_s
+    while not (value := check()):
+        assert time.monotonic() < give_up, f"gave up waiting for {what}"
+        time.sleep(0.01)
+    return value
+
+
+def worker_id(client: redis.Redis, prefix: str, pid: int) -> str:
+    def find() -> str | None:
+        return next((s.id for s in live_workers(client, prefix) if s.pid == pid), None)
+
+    return str(wait_for(f"worker {pid}'s heartbeat", find))
+
+
+@dataclass
+class Outcome:
+    url: str
+    text: str
+    started: float
+    ended: float
+    status: int | None = None  # None: no HTTP answer (see `error`)
+    body: dict | None = None
+    retry_after: str | None = None
+    error: str | None = None
+
+
+class Load:
+    """Concurrent clients, each posting one new text after another to the APIs in `urls` until stopped.
+
+    A refused connection (an API that stopped listening) was never accepted: the client sends the
+    same text to the next API, as a load balancer would. New connection per request, so a draining
+    API never sees a request on a kept-alive connection.
+    """
+
+    def __init__(self, urls: list[str], tag: str, clients: int = 6, timeout_s: float = HANG_GUARD_S) -> None:
+        self.urls = urls  # the test may change it while the load runs (rolling restart)
+        self.tag = tag
+        self.clients = clients
+        self.timeout_s = timeout_s
+        self.outcomes: list[Outcome] = []
+        self._count = itertools.count()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def stop(self) -> list[Outcome]:
+        self._stop.set()
+        self._thread.join(self.timeout_s + 10)
+        assert not self._thread.is_alive(), "load clients hung"
+        return self.outcomes
+
+    def answered(self) -> int:
+        return sum(o.status == 200 for o in self.outcomes)
+
+    def wait_answered(self, more: int) -> None:
+        target = self.answered() + more
+        wait_for(f"{more} more answers", lambda: self.answered() >= target)
+
+    async def _run(self) -> None:
+        limits = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits) as client:
+            await asyncio.gather(*(self._client(client) for _ in range(self.clients)))
+
+    async def _client(self, client: httpx.AsyncClient) -> None:
+        while not self._stop.is_set():
+            n = next(self._count)
+            text = f"{self.tag} {n} was a good movie"
+            for attempt in range(len(self.urls) + 1):
+                outcome = Outcome(url=self.urls[(n + attempt) % len(self.urls)], text=text, started=time.time(), ended=0)
+                try:
+                    r = await client.post(f"{outcome.url}/predict", json={"text": [text]})
+                    outcome.status, outcome.retry_after = r.status_code, r.headers.get("retry-after")
+                    outcome.body = r.json() if r.headers.get("content-type") == "application/json" else None
+                except httpx.ConnectError:
+                    await asyncio.sleep(0.01)
+                    continue  # not accepted: try the next API
+                except httpx.HTTPError as exc:
+                    outcome.error = repr(exc)
+                break
+            else:
+                outcome.error = "no API accepted the connection"
+            outcome.ended = time.time()
+            self.outcomes.append(outcome)
+
+
+def assert_correct(outcomes: list[Outcome], reference: Classifier) -> None:
+    """Each answered text got its own prediction (the classifier's own output), nothing else."""
+    answered = [o for o in outcomes if o.status == 200]
+    assert answered
+    texts = [o.text for o in answered]
+    want = [prediction(reference.labels, p) for p in reference.forward(reference.tokenize(texts))]
+    for outcome, expected in zip(answered, want, strict=True):
+        [got] = outcome.body["predictions"]
+        assert [s["label"] for s in got] == [s["label"] for s in expected]
+        assert [s["score"] for s in got] == pytest.approx([s["score"] for s in expected], abs=1e-5), outcome.text
+
+
+@pytest.fixture(scope="module")
+def crew(redis_url: str, model_dir: Path) -> Iterator[Service]:
+    """One API and three workers, shared by the worker-fault tests: each takes one worker down."""
+    svc = Service(redis_url, model_dir, "faults-crew", **ENV)
+    svc.start("api", "--port", str(svc.port))
+    for _ in range(3):
+        svc.start("worker")
+    svc.wait_ready()
+    client = redis.Redis.from_url(redis_url)
+    for proc in svc.procs[1:]:
+        worker_id(client, "faults-crew", proc.pid)
+    yield svc
+    for proc in svc.procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def caught_holding_work(crew: Service, client: redis.Redis) -> tuple[subprocess.Popen[bytes], str]:
+    """A live worker, frozen (SIGSTOP) at a moment its processing list holds work; another stays live."""
+    workers = [p for p in crew.procs[1:] if p.poll() is None]
+    assert len(workers) >= 2
+    proc = workers[0]
+    worker = worker_id(client, "faults-crew", proc.pid)
+    while True:
+        proc.send_signal(signal.SIGSTOP)
+        if client.llen(Keys("faults-crew").processing(worker)):
+            return proc, worker
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.002)
+
+
+def test_worker_killed_mid_batch_loses_nothing(crew: Service, redis_url: str, reference: Classifier) -> None:
+    client = redis.Redis.from_url(redis_url)
+    keys = Keys("faults-crew")
+    with Load([crew.url], "kill") as load:
+        load.wait_answered(20)
+        victim, victim_id = caught_holding_work(crew, client)
+        victim.kill()
+        assert victim.wait(10) == -signal.SIGKILL
+        wait_for("the dead worker's work to be reclaimed", lambda: not client.sismember(keys.workers, victim_id))
+        load.wait_answered(20)
+        outcomes = load.stop()
+    assert [o for o in outcomes if o.status != 200] == []
+    assert_correct(outcomes, reference)
+    assert not client.exists(keys.processing(victim_id))  # no stale processing list
+    assert list(client.scan_iter(f"{keys.prefix}:result:*")) == []  # no result computed twice (an orphan)
+
+
+def test_worker_sigterm_finishes_its_batch_and_hands_back_the_rest(
+    crew: Service, redis_url: str, reference: Classifier
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    keys = Keys("faults-crew")
+    with Load([crew.url], "term") as load:
+        load.wait_answered(20)
+        leaving, leaving_id = caught_holding_work(crew, client)
+        leaving.send_signal(signal.SIGTERM)
+        leaving.send_signal(signal.SIGCONT)
+        assert leaving.wait(30) == 0
+        # It deregistered and handed everything back itself: nothing is left to reclaim.
+        assert not client.sismember(keys.workers, leaving_id)
+        assert not client.exists(keys.processing(leaving_id))
+        load.wait_answered(20)
+        outcomes = load.stop()
+    assert [o for o in outcomes if o.status != 200] == []
+    assert_correct(outcomes, reference)
+
+
+def test_api_sigterm_drains_and_a_rolling_restart_drops_nothing(
+    services: list[Service], redis_url: str, model_dir: Path, reference: Classifier
+) -> None:
+    prefix = "faults-roll"
+    old = service(services, redis_url, model_dir, prefix)
+    old_api, old_worker = old.start("api", "--port", str(old.port)), old.start("worker")
+    old.wait_ready()
+    urls = [old.url]
+    with Load(urls, "roll") as load:
+        load.wait_answered(10)
+        new = service(services, redis_url, model_dir, prefix)
+        new.start("api", "--port", str(new.port))
+        new_worker = new.start("worker")
+        new.wait_ready()
+        urls.append(new.url)
+        load.wait_answered(10)
+        # Hold both workers so requests are in flight on the old API when it is told to stop.
+        for w in (old_worker, new_worker):
+            w.send_signal(signal.SIGSTOP)
+        time.sleep(0.3)
+        urls.remove(old.url)
+        terminated_at = time.time()
+        old_api.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        for w in (old_worker, new_worker):
+            w.send_signal(signal.SIGCONT)
+        assert old_api.wait(HANG_GUARD_S) == 0
+        old_worker.send_signal(signal.SIGTERM)
+        assert old_worker.wait(HANG_GUARD_S) == 0
+        load.wait_answered(10)
+        outcomes = load.stop()
+    assert [o for o in outcomes if o.status != 200] == []
+    assert_correct(outcomes, reference)
+    drained = [o for o in outcomes if o.url == old.url and o.started < terminated_at < o.ended]
+    assert drained  # requests in flight at SIGTERM were answered, not cut off
+    assert new_worker.poll() is None
+
+
+def test_poison_text_fails_only_its_own_request(
+    services: list[Service], redis_url: str, model_dir: Path, reference: Classifier
+) -> None:
+    prefix = "faults-poison"
+    # A long batching window: the poison text shares a model batch with the others.
+    svc = service(services, redis_url, model_dir, prefix, SENTIMENT_MAX_WAIT_MS="300")
+    svc.start("api", "--port", str(svc.port))
+    worker = svc.start("worker")
+    svc.wait_ready()
+    texts = [f"good movie {i}" for i in range(7)]
+    bodies = [{"text": [t]} for t in texts] + [{"text": ["fine", f"a {POISON} movie"]}]
+
+    async def post_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=svc.url, timeout=HANG_GUARD_S) as c:
+            return await asyncio.gather(*(c.post("/predict", json=b) for b in bodies))
+
+    *good, bad = asyncio.run(post_all())
+    assert bad.status_code == 424
+    assert bad.json() == {"error": "the model failed on this request's texts (IndexError)", "error_type": "inference"}
+    outcomes = [
+        Outcome(svc.url, t, 0, 0, status=r.status_code, body=r.json()) for t, r in zip(texts, good, strict=True)
+    ]
+    assert [o.status for o in outcomes] == [200] * len(texts)
+    assert_correct(outcomes, reference)
+    [status] = live_workers(redis.Redis.from_url(redis_url), prefix)
+    assert status.largest_batch_requests > 1  # the poison went through a shared batch, then alone
+    after = httpx.post(f"{svc.url}/predict", json={"text": ["still serving"]}, timeout=HANG_GUARD_S)
+    assert after.status_code == 200
+    assert worker.poll() is None
+
+
+def test_redis_outage_gives_503s_and_everything_reconnects_by_itself(
+    services: list[Service], redis_server: RedisServer, model_dir: Path, reference: Classifier
+) -> None:
+    svc = service(services, redis_server.url, model_dir, "faults-outage", SENTIMENT_REQUEST_TIMEOUT_S="15")
+    procs = [
+        svc.start("api", "--port", str(svc.port)),
+        svc.start("worker"),
+        svc.start("jobs-worker", "--priority", "normal", "--threads", "1"),
+    ]
+    svc.wait_ready()
+    wait_for("the jobs worker to register", lambda: rq.Worker.count(connection=redis.Redis.from_url(redis_server.url)))
+    with Load([svc.url], "outage", clients=4, timeout_s=30) as load:
+        load.wait_answered(10)
+        redis_server.stop()
+        down_at = time.monotonic()
+        wait_for("requests to see the outage", lambda: any(o.status == 503 for o in load.outcomes))
+        ready = httpx.get(f"{svc.url}/ready", timeout=10)
+        assert ready.status_code == 503
+        time.sleep(max(0.0, down_at + 2.5 - time.monotonic()))  # longer than the waiters' result poll
+        redis_server.start()
+        up_at = time.monotonic()
+        probe = itertools.count()
+        wait_for(
+            "a /predict answer after Redis returned",
+            lambda: httpx.post(f"{svc.url}/predict", json={"text": [f"probe {next(probe)}"]}, timeout=10).status_code
+            == 200,
+        )
+        assert time.monotonic() - up_at < 5.0  # the promise: serving again within 5 s, no restart
+        load.wait_answered(10)
+        outcomes = load.stop()
+    assert [o for o in outcomes if o.status not in (200, 503)] == []  # no 500, 504 or client timeout
+    refused = [o for o in outcomes if o.status == 503]
+    assert refused and all(o.retry_after for o in refused)
+    assert_correct(outcomes, reference)
+    # The jobs worker reconnected too: a job submitted now runs to the end.
+    job = httpx.post(f"{svc.url}/jobs", json={"text": ["after the outage"]}, timeout=10).json()["job_id"]
+    view = wait_for(
+        "the job to finish",
+        lambda: (v := httpx.get(f"{svc.url}/jobs/{job}", timeout=10).json())["status"] in ("finished", "failed") and v,
+    )
+    assert view["status"] == "finished"
+    assert [p.poll() for p in procs] == [None, None, None]  # the same processes, alive: none restarted
+
+
+def test_overload_is_refused_at_once_and_cache_hits_are_still_served(
+    services: list[Service], redis_url: str, model_dir: Path, reference: Classifier
+) -> None:
+    prefix = "faults-overload"
+    keys = Keys(prefix)
+    client = redis.Redis.from_url(redis_url)
+    # No worker: the queue only grows. A short request timeout tells accepted (504) from refused (503).
+    svc = service(services, redis_url, model_dir, prefix, SENTIMENT_MAX_QUEUE_DEPTH="3", SENTIMENT_REQUEST_TIMEOUT_S="2")
+    info = ModelInfo("tiny", reference.version, reference.labels, "cpu", "float32")
+    client.set(keys.model, info.encode())
+    cached = prediction(reference.labels, reference.forward(reference.tokenize(["cached"]))[0])
+    client.set(keys.cache(info.version, "cached"), orjson.dumps(cached))
+    svc.start("api", "--port", str(svc.port))
+    wait_for("the API", lambda: _up(svc.url))
+
+    accepted = httpx.post(f"{svc.url}/predict", json={"text": ["queued, never served"]}, timeout=HANG_GUARD_S)
+    assert accepted.status_code == 504  # below the limit: queued
+    for _ in range(3):
+        now = time.time()
+        client.lpush(keys.queue, WorkItem(new_id(), ["backlog"], now, now + 600, keys.reply_channel("x")).encode())
+    depth = client.llen(keys.queue)
+    refused = httpx.post(f"{svc.url}/predict", json={"text": ["one more"]}, timeout=HANG_GUARD_S)
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error_type"] == "overloaded"
+    assert client.llen(keys.queue) == depth  # refused work is not left in the queue
+    hit = httpx.post(f"{svc.url}/predict", json={"text": ["cached"]}, timeout=HANG_GUARD_S)
+    assert (hit.status_code, hit.headers["x-cache"], hit.json()) == (200, "hit", {"predictions": [cached]})
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_poison_word_is_outside_the_embedding_table(reference: Classifier) -> None:
+    [ids] = reference.tokenize([POISON])
+    assert max(ids) >= reference.model.config.vocab_size
+    with pytest.raises(IndexError):
+        reference.forward([ids])
