@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -73,6 +74,11 @@ def _api(settings: Settings, args: argparse.Namespace) -> None:
     api.server.run(settings, args.host, args.port)
 
 
+def _model_process() -> None:
+    """Torch already keeps the cores busy: the tokenizer's own thread pool would only fight it."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def _worker(settings: Settings, args: argparse.Namespace) -> None:
     import redis
 
@@ -84,7 +90,10 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
     from batcher.worker import Worker
     from model_store.classifier import Classifier
 
-    classifier = Classifier(settings.model_dir, settings.device, settings.torch_threads)
+    _model_process()
+    classifier = Classifier(
+        settings.model_dir, settings.device, settings.torch_threads, settings.precision, settings.torch_interop_threads
+    )
     worker = Worker(settings, redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2), classifier)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
@@ -94,6 +103,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
 def _jobs_worker(settings: Settings, args: argparse.Namespace) -> None:
     from batcher.jobs import run
 
+    _model_process()
     run(settings, args.threads, args.priority)
 
 
