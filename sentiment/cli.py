@@ -74,9 +74,15 @@ def _api(settings: Settings, args: argparse.Namespace) -> None:
     api.server.run(settings, args.host, args.port)
 
 
-def _model_process() -> None:
-    """Torch already keeps the cores busy: the tokenizer's own thread pool would only fight it."""
+def _model_process(settings: Settings) -> None:
+    """Thread behaviour of a process that runs the model; before torch loads (docs/tuning.md).
+
+    Torch already keeps the cores busy: the tokenizer's own thread pool would only fight it. Idle
+    OpenMP threads that spin steal the cores other processes (API, Redis) need, and stall every
+    parallel region when one of them is descheduled.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("OMP_WAIT_POLICY", settings.omp_wait_policy.upper())
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> None:
@@ -90,7 +96,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
     from batcher.worker import Worker
     from model_store.classifier import Classifier
 
-    _model_process()
+    _model_process(settings)
     classifier = Classifier(
         settings.model_dir, settings.device, settings.torch_threads, settings.precision, settings.torch_interop_threads
     )
@@ -103,7 +109,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
 def _jobs_worker(settings: Settings, args: argparse.Namespace) -> None:
     from batcher.jobs import run
 
-    _model_process()
+    _model_process(settings)
     run(settings, args.threads, args.priority)
 
 

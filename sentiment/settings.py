@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     torch_interop_threads: int = Field(
         1, ge=1, description="Torch inter-op threads (the service never runs independent ops in parallel)."
     )
+    omp_wait_policy: Literal["passive", "active"] = Field(
+        "passive",
+        description="How idle OpenMP (torch) threads wait: `passive` sleeps, which keeps the model fast when "
+        "other processes share the cores; `active` spins (OMP_WAIT_POLICY, when that is not set itself).",
+    )
 
     # Bulk jobs (/jobs, on RQ)
     jobs_queue: str = Field("sentiment-jobs", description="RQ queue name of bulk jobs (Redis list `rq:queue:<name>`).")
