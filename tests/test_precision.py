@@ -36,7 +36,7 @@ def reference_labels(model_dir: Path, texts: list[str]) -> list[int]:
 def test_default_precision_keeps_dev_accuracy_and_labels(small_model_dir: Path) -> None:
     rows = [line.split("\t") for line in shared_path("data/sst2-dev.tsv").read_text().splitlines()[1:]]
     texts, truth = [r[0] for r in rows], [int(r[1]) for r in rows]
-    settings = Settings(key_prefix="precision", model_dir=small_model_dir)  # precision: the default
+    settings = Settings(key_prefix="precision", model_dir=small_model_dir, torch_threads=1)  # precision: the default
     classifier = Classifier(small_model_dir, "cpu", settings.torch_threads, settings.precision)
     redis = fakeredis.FakeRedis()
     keys = Keys(settings.key_prefix)
