@@ -2,7 +2,12 @@
 
 As in Ray Serve's `serve/batching.py`: a batch goes as soon as it is full (texts or padded
 tokens); when the queue had work waiting it goes as soon as the queue is drained; a lone request
-waits at most `max_wait` for company. Items larger than a batch are split across batches.
+waits at most `max_wait` for company, and only when recent arrivals say company is likely within
+that time. Items larger than a batch are split across batches.
+
+Length-aware: a deep queue is read ahead into a window of up to `window` texts, and each batch is
+the oldest waiting text plus the texts closest to it in token length. Padding each batch to its
+longest text then wastes little, and the oldest text always goes next, so nothing starves.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class Held:
     predictions: list[Prediction | None] = field(init=False)
     missing: int = field(init=False)
     error: str | None = None  # set when the model failed on this item's texts
+    answered: bool = False  # its result is written (a later batch may still hold its other texts)
 
     def __post_init__(self) -> None:
         self.predictions = [None] * len(self.item.texts)
@@ -61,6 +67,47 @@ class Slot:
         return self.held.item.texts[self.index]
 
 
+def nearest_in_length(lengths: Sequence[int], max_size: int, max_tokens: int) -> list[int]:
+    """Indices of one batch within both caps: text 0 (the oldest) plus texts close to it in length.
+
+    Of the runs of texts in length order that contain text 0, the one with the fewest padded
+    tokens per real token; a batch short of `max_size` counts double while there are texts enough
+    to fill one (fewer, larger forwards). Returned in ascending index (arrival) order.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    anchor = order.index(0)
+    best: tuple[float, int, int] | None = None
+    for start in range(max(0, anchor - max_size + 1), anchor + 1):
+        run = [lengths[i] for i in order[start : start + max_size]]
+        count = batch_cut(run, max_size, max_tokens)
+        if start + count <= anchor:  # the caps cut the run before the oldest text
+            continue
+        waste = count * max(run[count - 1], 1) / max(sum(run[:count]), 1)
+        if count < min(max_size, len(order)):
+            waste *= 2
+        if best is None or waste < best[0]:
+            best = (waste, start, count)
+    assert best is not None  # the run that starts at the oldest text always qualifies
+    _, start, count = best
+    return sorted(order[start : start + count])
+
+
+class Arrivals:
+    """When recent work items were taken: is company for a lone request likely within the wait?"""
+
+    def __init__(self, keep: int = 8) -> None:
+        self._times: deque[float] = deque(maxlen=keep)
+
+    def add(self, when: float) -> None:
+        self._times.append(when)
+
+    def mean_gap(self) -> float:
+        """Mean seconds between the recent arrivals; infinite until there are two."""
+        if len(self._times) < 2:
+            return float("inf")
+        return (self._times[-1] - self._times[0]) / (len(self._times) - 1)
+
+
 class Batcher:
     """Turns the work queue into model batches of at most `max_size` texts and `max_tokens` padded tokens."""
 
@@ -71,6 +118,7 @@ class Batcher:
         max_size: int,
         max_tokens: int,
         max_wait_s: float,
+        window: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.queue = queue
@@ -78,23 +126,30 @@ class Batcher:
         self.max_size = max_size
         self.max_tokens = max_tokens
         self.max_wait_s = max_wait_s
+        self.window = max(window or max_size, max_size)  # texts read ahead to sort by length
         self.clock = clock
         self.expired = 0  # items skipped because their deadline had passed
-        self._slots: deque[Slot] = deque()  # taken texts not yet in a batch (FIFO)
+        self.arrivals = Arrivals()
+        self._slots: deque[Slot] = deque()  # taken texts not yet in a batch (oldest first)
 
-    def next_batch(self, idle_timeout: float) -> list[Slot]:
-        """The next batch, or [] when no work came within `idle_timeout` seconds."""
-        backlog = bool(self._slots)  # the rest of a split item: plenty of work, no waiting
+    def next_batch(self, idle_timeout: float, company: bool = True) -> list[Slot]:
+        """The next batch, or [] when no work came within `idle_timeout` seconds.
+
+        `company=False` never waits for more work once some is in hand (the caller has a batch
+        running and results to write).
+        """
+        backlog = bool(self._slots)  # the rest of a split item or of the window: no waiting
         give_up = self.clock() + idle_timeout
         while not self._slots:  # (expired items are dropped on the way)
             if not self._take(max(give_up - self.clock(), 0)):
                 return []
+        company = company and self.arrivals.mean_gap() <= self.max_wait_s
         window_ends = self.clock() + self.max_wait_s
-        while not self._full():
+        while len(self._slots) < self.window:
             if self._take(0):
                 backlog = True
                 continue
-            if backlog:
+            if backlog or not company or self._full():
                 break
             remaining = window_ends - self.clock()
             if remaining <= 0 or not self._take(remaining):
@@ -116,9 +171,10 @@ class Batcher:
             log.error("dropped a malformed work item (%d bytes)", len(raw))
             self.queue.ack(raw)
             return True
+        self.arrivals.add(self.clock())
         if item.deadline < time.time():
             self.queue.ack(raw)
-            self.expired += 1
+            self.expired += 1  # metric: sentiment_work_items_expired_total
             log.info("skipped work item %s: its deadline passed in the queue", item.id)
             return True
         held = Held(raw, item)
@@ -132,4 +188,12 @@ class Batcher:
         return len(self._slots) >= self.max_size or self._fits() < len(self._slots)
 
     def _cut(self) -> list[Slot]:
-        return [self._slots.popleft() for _ in range(self._fits())]
+        if self._fits() == len(self._slots):  # it all fits: one batch, in arrival order
+            batch = list(self._slots)
+            self._slots.clear()
+            return batch
+        chosen = nearest_in_length([len(s.ids) for s in self._slots], self.max_size, self.max_tokens)
+        batch = [self._slots[i] for i in chosen]
+        taken = set(chosen)
+        self._slots = deque(s for i, s in enumerate(self._slots) if i not in taken)
+        return batch

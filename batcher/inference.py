@@ -42,22 +42,29 @@ class Inference:
         `token_ids` spares re-tokenizing texts the caller has tokenized already. Cache writes go
         into `writes` when given (the caller executes it with its own writes: one round trip).
         """
-        ids_of = dict(zip(texts, token_ids, strict=True)) if token_ids is not None else {}
-        unique = list(dict.fromkeys(texts))
-        version = self.classifier.version
-        cached = self.redis.mget([self.keys.cache(version, t) for t in unique])
-        found = {t: orjson.loads(c) for t, c in zip(unique, cached, strict=True) if c is not None}
-        todo = [t for t in unique if t not in found]
+        found, todo = self.lookup(texts)
         if todo:
+            ids_of = dict(zip(texts, token_ids, strict=True)) if token_ids is not None else {}
             ids = [ids_of[t] for t in todo] if ids_of else self.classifier.tokenize(todo)
-            fresh = [prediction(self.classifier.labels, p) for p in self.run(ids)]
             pipe = writes if writes is not None else self.redis.pipeline(transaction=False)
-            for text, pred in zip(todo, fresh, strict=True):
-                pipe.set(self.keys.cache(version, text), orjson.dumps(pred), ex=self.cache_ttl_s)
-                found[text] = pred
+            found |= self.store(todo, self.run(ids), pipe)
             if writes is None:
                 pipe.execute()
         return [found[t] for t in texts]
+
+    def lookup(self, texts: Sequence[str]) -> tuple[dict[str, Prediction], list[str]]:
+        """The cached predictions among `texts`, and the distinct texts still to compute."""
+        unique = list(dict.fromkeys(texts))
+        cached = self.redis.mget([self.keys.cache(self.classifier.version, t) for t in unique])
+        found = {t: orjson.loads(c) for t, c in zip(unique, cached, strict=True) if c is not None}
+        return found, [t for t in unique if t not in found]
+
+    def store(self, texts: Sequence[str], probabilities: Sequence[list[float]], writes: Pipeline) -> dict[str, Prediction]:
+        """Fresh predictions for `texts`, queued into `writes` as cache entries."""
+        fresh = {t: prediction(self.classifier.labels, p) for t, p in zip(texts, probabilities, strict=True)}
+        for text, pred in fresh.items():
+            writes.set(self.keys.cache(self.classifier.version, text), orjson.dumps(pred), ex=self.cache_ttl_s)
+        return fresh
 
     def run(self, token_ids: Sequence[list[int]]) -> list[list[float]]:
         """Model probabilities for token ids: sorted by length, cut by the batch caps, input order kept."""
@@ -68,6 +75,9 @@ class Inference:
             lengths = [len(token_ids[i]) for i in order[start : start + self.max_batch_size]]
             end = start + batch_cut(lengths, self.max_batch_size, self.max_batch_tokens)
             batch = order[start:end]
+            # metric: sentiment_batch_size (len(batch)); sentiment_tokens_total{kind="real"} (sum of
+            # lengths) and {kind="padded"} (len(batch) x longest); time the forward below for
+            # sentiment_batch_compute_seconds and sentiment_worker_busy_seconds_total
             for i, probs in zip(batch, self.classifier.forward([token_ids[i] for i in batch]), strict=True):
                 probabilities[i] = probs
             self.forwards += 1

@@ -154,7 +154,7 @@ def run(settings: Settings, threads: int | None, priority: str = "idle") -> None
     lower_priority(priority)  # before torch starts its thread pool, so every thread inherits it
     from model_store.classifier import Classifier
 
-    classifier = Classifier(settings.model_dir, settings.device, threads)
+    classifier = Classifier(settings.model_dir, settings.device, threads, settings.precision, settings.torch_interop_threads)
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
     inference = Inference(
         classifier, redis, Keys(settings.key_prefix), settings.max_batch_size, settings.max_batch_tokens,

@@ -4,6 +4,10 @@ Each loop takes one batch (see `batching`), runs it through the shared cache-awa
 and in one Redis transaction writes the finished requests' results, publishes their ids to the
 waiting API processes, and acknowledges them. A heartbeat key (TTL) says the worker is alive; a
 worker whose heartbeat lapses has its work requeued by the others.
+
+With `overlap`, the model runs in a thread of its own (torch releases the GIL): while it computes
+batch N, this thread writes the results of batch N-1 and takes, tokenizes and looks up batch N+1,
+which is queued behind N at once. Work stays in the processing list until its results are written.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 from redis import Redis
 from redis.client import Pipeline
@@ -22,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from batcher.batching import Batcher, Held, Slot
 from batcher.inference import Inference
-from batcher.protocol import Keys, ModelInfo, Result, WorkerStatus, new_id
+from batcher.protocol import Keys, ModelInfo, Prediction, Result, WorkerStatus, new_id
 from batcher.queue import WorkQueue
 from model_store.classifier import Classifier
 from sentiment.settings import Settings
@@ -31,6 +38,27 @@ log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 1.0  # longest a blocking take waits, so heartbeats and stop requests are seen
 SUMMARY_EVERY_S = 30.0
+
+
+@dataclass(eq=False)
+class Running:
+    """A batch whose model forward has been started: its cached predictions and the texts computing."""
+
+    slots: list[Slot]
+    found: dict[str, Prediction]  # from the cache
+    todo: list[str]  # distinct texts in the forward
+    probabilities: Future[list[list[float]]]
+    started: float  # perf_counter
+
+
+def _call(compute: Callable[[], list[list[float]]]) -> Future[list[list[float]]]:
+    """Run `compute` here and now, as a finished future (no overlap)."""
+    future: Future[list[list[float]]] = Future()
+    try:
+        future.set_result(compute())
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
 
 
 class Worker:
@@ -51,8 +79,10 @@ class Worker:
         )
         self.batcher = Batcher(
             self.queue, classifier.tokenize, settings.max_batch_size, settings.max_batch_tokens,
-            settings.max_wait_ms / 1000,
+            settings.max_wait_ms / 1000, settings.batch_window,
         )
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model") if settings.overlap else None
+        self._running: Running | None = None  # (overlap) the batch in the model thread
         self._stopping = threading.Event()
         self._next_beat = self._next_reclaim = self._next_summary = 0.0
 
@@ -69,6 +99,7 @@ class Worker:
                 backoff = 0.1
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 # What we held stays in our processing list; forget it here and requeue it on return.
+                self._forget_running()
                 self.batcher.drop_held()
                 self._next_beat = 0.0
                 log.warning("redis unreachable (%s); retrying in %.1f s", exc, backoff)
@@ -83,40 +114,66 @@ class Worker:
         if now >= self._next_reclaim:
             self.queue.reclaim_dead()
             self._next_reclaim = now + self.settings.heartbeat_ttl_s
-        batch = self.batcher.next_batch(IDLE_POLL_S)
-        if batch:
-            self._process(batch)
+        running = self._running
+        # While a batch computes, take only what is queued now: its results are due soon.
+        batch = self.batcher.next_batch(0 if running else IDLE_POLL_S, company=running is None)
+        self._running = self._start(batch) if batch else None  # queued behind `running` in the model thread
+        if running:
+            self._finish(running)
+        if self._running and self._model_thread is None:
+            self._finish(self._running)
+            self._running = None
         if now >= self._next_summary:
             self._log_summary()
             self._next_summary = now + SUMMARY_EVERY_S
 
-    def _process(self, batch: list[Slot]) -> None:
+    def _start(self, batch: list[Slot]) -> Running | None:
+        """Look the batch up in the cache and start the model on the rest."""
         started = time.perf_counter()
         batch = [s for s in batch if s.held.error is None]  # the rest of an item that already failed
         if not batch:
-            return
+            return None
+        # metric: sentiment_queue_wait_seconds (time.time() - held.item.enqueued_at, per item, as its batch starts)
+        found, todo = self.inference.lookup([s.text for s in batch])
+        ids_of = {s.text: s.ids for s in batch}
+        ids = [ids_of[t] for t in todo]
+
+        def compute() -> list[list[float]]:
+            return self.inference.run(ids) if ids else []
+
+        probabilities = self._model_thread.submit(compute) if self._model_thread else _call(compute)
+        return Running(batch, found, todo, probabilities, started)
+
+    def _finish(self, running: Running) -> None:
+        """Wait for the batch's forward, then write its finished requests' results in one transaction."""
+        batch = running.slots
         writes = self.redis.pipeline(transaction=True)
         try:
-            self._predict(batch, writes)
+            found = running.found | self.inference.store(running.todo, running.probabilities.result(), writes)
+            for slot in batch:
+                slot.held.fill(slot.index, found[slot.text])
         except Exception as failure:
             # Exception messages may quote the input: their text and traceback only at DEBUG.
             log.warning(
                 "a batch of %d texts failed (%s); retrying its requests one by one", len(batch), type(failure).__name__
             )
             log.debug("the batch failed with", exc_info=True)
-            for slots in _by_item(batch).values():
+            for held, slots in _by_item(batch).items():
+                if held.error or held.answered:
+                    continue
                 try:
                     self._predict(slots, writes)
                 except Exception as exc:  # only this request fails; the worker carries on
-                    slots[0].held.error = f"the model failed on this request's texts ({type(exc).__name__})"
-                    log.warning("request %s failed in the model (%s)", slots[0].held.item.id, type(exc).__name__)
-                    log.debug("request %s failed with", slots[0].held.item.id, exc_info=True)
-        finished: list[Held] = [h for h in _by_item(batch) if h.missing == 0 or h.error]
+                    held.error = f"the model failed on this request's texts ({type(exc).__name__})"
+                    log.warning("request %s failed in the model (%s)", held.item.id, type(exc).__name__)
+                    log.debug("request %s failed with", held.item.id, exc_info=True)
+        finished = [h for h in _by_item(batch) if (h.missing == 0 or h.error) and not h.answered]
         for held in finished:
             result = Result(error=held.error) if held.error else Result(predictions=held.predictions)  # type: ignore[arg-type]
             writes.set(self.keys.result(held.item.id), result.encode(), ex=self.settings.result_ttl_s)
             writes.publish(held.item.reply_to, held.item.id)
             self.queue.ack(held.raw, writes)
+            held.answered = True
         requests = len(_by_item(batch))
         self.status = dataclasses.replace(
             self.status,
@@ -130,8 +187,14 @@ class Worker:
         writes.execute()
         log.debug(
             "batch %d: %d texts from %d requests, %d finished, %.1f ms",
-            self.status.batches, len(batch), requests, len(finished), (time.perf_counter() - started) * 1000,
+            self.status.batches, len(batch), requests, len(finished), (time.perf_counter() - running.started) * 1000,
         )
+
+    def _forget_running(self) -> None:
+        """Drop the batch in the model thread (its items stay in the processing list for `give_back`)."""
+        if self._running:
+            self._running.probabilities.exception()  # let the forward end; its outcome no longer matters
+            self._running = None
 
     def _predict(self, slots: list[Slot], writes: Pipeline) -> None:
         predictions = self.inference.predict([s.text for s in slots], [s.ids for s in slots], writes)
@@ -143,7 +206,7 @@ class Worker:
         if first:
             self.queue.give_back()
             c = self.classifier
-            info = ModelInfo(c.name, c.version, c.labels, str(c.device), str(c.dtype).removeprefix("torch."))
+            info = ModelInfo(c.name, c.version, c.labels, str(c.device), c.dtype_name)
             self.redis.set(self.keys.model, info.encode())
         pipe = self.redis.pipeline(transaction=True)
         self._beat_into(pipe)
@@ -155,7 +218,15 @@ class Worker:
         self._next_beat = time.monotonic() + self.settings.heartbeat_ttl_s / 3
 
     def _leave(self) -> None:
-        """Hand back unfinished work and deregister; a Redis outage here leaves it to reclaim."""
+        """Answer the batch in the model, hand back other work and deregister; a Redis outage leaves it to reclaim."""
+        try:
+            if self._running:
+                self._finish(self._running)
+        except (RedisConnectionError, RedisTimeoutError):
+            pass  # its items are still in our processing list: handed back or reclaimed below
+        self._forget_running()
+        if self._model_thread:
+            self._model_thread.shutdown()
         self.batcher.drop_held()
         try:
             returned = self.queue.give_back()

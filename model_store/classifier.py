@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -13,6 +15,8 @@ from transformers.utils import logging as hf_logging
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+Precision = Literal["auto", "fp32", "bf16", "int8"]
+CPU_DEFAULT_PRECISION: Precision = "fp32"  # see docs/tuning.md: the default must keep SST-2 accuracy
 
 
 def fingerprint(model_dir: Path) -> str:
@@ -36,10 +40,26 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class Classifier:
-    """Tokenizer plus model. `forward` pads each batch only to its own longest text."""
+def set_threads(threads: int | None, interop_threads: int | None = None) -> None:
+    """Size torch's CPU thread pools; call before the first forward (interop can be set only once)."""
+    if threads:
+        torch.set_num_threads(threads)
+    if interop_threads:
+        with contextlib.suppress(RuntimeError):  # already set, or already used, in this process
+            torch.set_num_interop_threads(interop_threads)
 
-    def __init__(self, model_dir: Path, device: str = "auto", threads: int | None = None) -> None:
+
+class Classifier:
+    """Tokenizer plus model. `forward` pads each batch only to its own longest text.
+
+    Precision: CUDA runs float16 weights (`auto`); the CPU runs `fp32`, `bf16` (autocast: bfloat16
+    matmuls, float32 weights) or `int8` (dynamic quantization of the Linear layers).
+    """
+
+    def __init__(
+        self, model_dir: Path, device: str = "auto", threads: int | None = None, precision: Precision = "auto",
+        interop_threads: int | None = None,
+    ) -> None:
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file() or not any(
             p.suffix in WEIGHT_SUFFIXES for p in model_dir.iterdir()
@@ -50,28 +70,41 @@ class Classifier:
             )
         hf_logging.disable_progress_bar()
         self.device = pick_device(device)
-        if self.device.type == "cpu" and threads:
-            torch.set_num_threads(threads)
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        if self.device.type == "cpu":
+            set_threads(threads, interop_threads)
+        cuda = self.device.type == "cuda"
+        self.precision = ("fp16" if cuda else CPU_DEFAULT_PRECISION) if precision == "auto" else precision
+        if cuda and self.precision == "int8":
+            raise ValueError("int8 dynamic quantization runs on the CPU only; use precision auto (fp16) on CUDA")
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
+        weights_dtype = self.dtype if cuda else torch.float32  # the CPU's bf16 is autocast over fp32 weights
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         if not self.tokenizer.is_fast:
             raise ValueError(f"{model_dir} has no fast (tokenizers) tokenizer")
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True, dtype=self.dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True, dtype=weights_dtype)
         self.model = model.to(self.device).eval()
+        if self.precision == "int8":
+            self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+        self._autocast = not cuda and self.precision == "bf16"
 
         config = self.model.config
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
         self.max_length = min(self.tokenizer.model_max_length, config.max_position_embeddings)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.name = model_dir.resolve().name
-        self.version = fingerprint(model_dir)
+        # Part of every cache key: a reduced precision's (slightly different) scores are cached apart.
+        self.version = fingerprint(model_dir) + ("" if self.precision in ("fp32", "fp16") else f"-{self.precision}")
         self.forward([self.tokenize(["warm up"])[0]])  # first call pays allocator and kernel set-up
         log.info(
             "model %s version %s on %s (%s, %d torch threads), labels %s",
-            self.name, self.version, self.device, str(self.dtype).removeprefix("torch."),
-            torch.get_num_threads(), self.labels,
+            self.name, self.version, self.device, self.dtype_name, torch.get_num_threads(), self.labels,
         )
+
+    @property
+    def dtype_name(self) -> str:
+        """What `/model` reports: the compute type (`int8` for quantized Linear layers)."""
+        return "int8" if self.precision == "int8" else str(self.dtype).removeprefix("torch.")
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text, truncated to the model's maximum length, unpadded."""
@@ -85,7 +118,8 @@ class Classifier:
         for row, ids in enumerate(batch):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention_mask[row, : len(ids)] = 1
-        with torch.inference_mode():
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._autocast)
+        with torch.inference_mode(), autocast:
             logits = self.model(
                 input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
             ).logits

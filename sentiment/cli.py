@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -73,6 +74,17 @@ def _api(settings: Settings, args: argparse.Namespace) -> None:
     api.server.run(settings, args.host, args.port)
 
 
+def _model_process(settings: Settings) -> None:
+    """Thread behaviour of a process that runs the model; before torch loads (docs/tuning.md).
+
+    Torch already keeps the cores busy: the tokenizer's own thread pool would only fight it. Idle
+    OpenMP threads that spin steal the cores other processes (API, Redis) need, and stall every
+    parallel region when one of them is descheduled.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("OMP_WAIT_POLICY", settings.omp_wait_policy.upper())
+
+
 def _worker(settings: Settings, args: argparse.Namespace) -> None:
     import redis
 
@@ -84,7 +96,10 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
     from batcher.worker import Worker
     from model_store.classifier import Classifier
 
-    classifier = Classifier(settings.model_dir, settings.device, settings.torch_threads)
+    _model_process(settings)
+    classifier = Classifier(
+        settings.model_dir, settings.device, settings.torch_threads, settings.precision, settings.torch_interop_threads
+    )
     worker = Worker(settings, redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2), classifier)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
@@ -94,6 +109,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
 def _jobs_worker(settings: Settings, args: argparse.Namespace) -> None:
     from batcher.jobs import run
 
+    _model_process(settings)
     run(settings, args.threads, args.priority)
 
 

@@ -53,14 +53,40 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         8192, ge=1, description="Most padded tokens (texts x longest text) in one model forward."
     )
-    max_wait_ms: float = Field(5.0, ge=0, description="Longest a lone request waits for company before its batch runs.")
+    max_wait_ms: float = Field(
+        5.0, ge=0,
+        description="Longest a lone request waits for company before its batch runs; it waits only when "
+        "recent requests arrived less than this far apart.",
+    )
+    batch_window: int = Field(
+        128, ge=1,
+        description="Most queued texts the worker reads ahead to group by token length (less padding); "
+        "the oldest text always goes in the next batch.",
+    )
+    overlap: bool = Field(
+        True,
+        description="Run the model in its own thread so the next batch is fetched and tokenized meanwhile.",
+    )
 
     # Model runtime
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="`auto` takes CUDA (half precision) when present, else the CPU."
     )
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        "auto",
+        description="Model arithmetic: `auto` is float16 on CUDA and fp32 on the CPU; `bf16` (autocast) and "
+        "`int8` (dynamic quantization of Linear layers) are CPU options (docs/tuning.md).",
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="Torch intra-op threads on the CPU; unset lets torch use one per core."
+    )
+    torch_interop_threads: int = Field(
+        1, ge=1, description="Torch inter-op threads (the service never runs independent ops in parallel)."
+    )
+    omp_wait_policy: Literal["passive", "active"] = Field(
+        "passive",
+        description="How idle OpenMP (torch) threads wait: `passive` sleeps, which keeps the model fast when "
+        "other processes share the cores; `active` spins (OMP_WAIT_POLICY, when that is not set itself).",
     )
 
     # Bulk jobs (/jobs, on RQ)

@@ -8,7 +8,7 @@ import time
 import fakeredis
 import pytest
 
-from batcher.batching import Batcher, batch_cut
+from batcher.batching import Batcher, batch_cut, nearest_in_length
 from batcher.protocol import Keys, WorkItem, new_id
 from batcher.queue import WorkQueue
 
@@ -27,8 +27,18 @@ def push(redis: fakeredis.FakeRedis, *texts: str, ttl: float = 60) -> WorkItem:
     return item
 
 
-def make_batcher(redis: fakeredis.FakeRedis, size: int = 8, tokens: int = 1000, wait_s: float = 60.0) -> Batcher:
-    return Batcher(WorkQueue(redis, KEYS, "w1"), word_ids, size, tokens, wait_s)
+def make_batcher(
+    redis: fakeredis.FakeRedis, size: int = 8, tokens: int = 1000, wait_s: float = 60.0, window: int | None = None
+) -> Batcher:
+    return Batcher(WorkQueue(redis, KEYS, "w1"), word_ids, size, tokens, wait_s, window)
+
+
+def busy(batcher: Batcher) -> Batcher:
+    """As if requests had been arriving a millisecond apart: company is worth waiting for."""
+    now = time.monotonic()
+    for i in range(3):
+        batcher.arrivals.add(now - 0.003 + i * 0.001)
+    return batcher
 
 
 def texts_of(batch) -> list[str]:
@@ -61,21 +71,105 @@ def test_queued_work_goes_without_waiting(redis: fakeredis.FakeRedis) -> None:
 def test_full_batch_goes_at_once(redis: fakeredis.FakeRedis) -> None:
     push(redis, "first")
     threading.Timer(0.2, push, (redis, "second")).start()
-    batch = make_batcher(redis, size=2).next_batch(idle_timeout=1)  # would sit out the minute if not full
+    batch = busy(make_batcher(redis, size=2)).next_batch(idle_timeout=1)  # would sit out the minute if not full
     assert texts_of(batch) == ["first", "second"]
 
 
 def test_lone_request_waits_at_most_max_wait(redis: fakeredis.FakeRedis) -> None:
     push(redis, "alone")
-    batch = make_batcher(redis, wait_s=0.05).next_batch(idle_timeout=1)
+    batch = busy(make_batcher(redis, wait_s=0.05)).next_batch(idle_timeout=1)
     assert texts_of(batch) == ["alone"]
 
 
 def test_lone_request_gets_company_arriving_within_the_wait(redis: fakeredis.FakeRedis) -> None:
     push(redis, "first")
     threading.Timer(0.05, push, (redis, "second")).start()
-    batch = make_batcher(redis, size=8, wait_s=0.5).next_batch(idle_timeout=1)
+    batch = busy(make_batcher(redis, size=8, wait_s=0.5)).next_batch(idle_timeout=1)
     assert texts_of(batch) == ["first", "second"]
+
+
+@pytest.mark.parametrize("history", [[], [0.0, 1.0, 2.0]], ids=["first request", "requests a second apart"])
+def test_lone_request_at_low_load_does_not_wait_for_company(redis: fakeredis.FakeRedis, history: list[float]) -> None:
+    batcher = make_batcher(redis, size=8, wait_s=5)
+    for when in history:
+        batcher.arrivals.add(when)
+    push(redis, "first")
+    threading.Timer(0.3, push, (redis, "second")).start()  # would be company if the batcher waited
+    assert texts_of(batcher.next_batch(idle_timeout=1)) == ["first"]
+    assert texts_of(batcher.next_batch(idle_timeout=1, company=False)) == ["second"]
+
+
+def test_no_company_wanted_means_no_waiting_even_at_high_load(redis: fakeredis.FakeRedis) -> None:
+    batcher = busy(make_batcher(redis, size=8, wait_s=5))
+    push(redis, "first")
+    threading.Timer(0.3, push, (redis, "second")).start()
+    assert texts_of(batcher.next_batch(idle_timeout=1, company=False)) == ["first"]
+    assert texts_of(batcher.next_batch(idle_timeout=1, company=False)) == ["second"]
+
+
+def test_arrival_gap_is_the_mean_of_recent_gaps() -> None:
+    batcher = make_batcher(fakeredis.FakeRedis())
+    assert batcher.arrivals.mean_gap() == float("inf")
+    for when in (10.0, 10.5, 11.0, 12.5):
+        batcher.arrivals.add(when)
+    assert batcher.arrivals.mean_gap() == pytest.approx(2.5 / 3)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "size", "tokens", "expected"),
+    [
+        ([5, 1, 9, 5, 1, 9], 2, 100, [0, 3]),  # the oldest with its equal, not with the short ones
+        ([1, 9, 1, 9, 1], 3, 100, [0, 2, 4]),  # the short ones together
+        ([9, 1, 1, 8, 2], 2, 100, [0, 3]),  # the longest oldest takes its nearest neighbour below
+        ([9, 1, 1, 8, 2], 2, 9, [0]),  # ... unless the token cap leaves room for it alone
+        ([1, 2, 30, 31, 3], 3, 100, [0, 1, 4]),
+    ],
+)
+def test_nearest_in_length_always_takes_the_oldest(
+    lengths: list[int], size: int, tokens: int, expected: list[int]
+) -> None:
+    assert nearest_in_length(lengths, size, tokens) == expected
+
+
+def test_deep_queue_is_grouped_by_length_within_the_window(redis: fakeredis.FakeRedis) -> None:
+    for i in range(4):
+        push(redis, f"s{i}")
+        push(redis, " ".join(["long"] * 10) + f" {i}")
+    batcher = make_batcher(redis, size=2, window=6)
+    batches = [texts_of(batcher.next_batch(idle_timeout=1)) for _ in range(4)]
+    assert batches[0] == ["s0", "s1"]  # the oldest and the nearest in length, not the long one queued between
+    assert all(len({len(t.split()) for t in b}) == 1 for b in batches)  # no batch mixes 1 and 11 words
+    assert sorted(t for b in batches for t in b) == sorted(
+        [f"s{i}" for i in range(4)] + [" ".join(["long"] * 10) + f" {i}" for i in range(4)]
+    )
+
+
+def test_window_bounds_the_work_taken_from_the_queue(redis: fakeredis.FakeRedis) -> None:
+    for i in range(20):
+        push(redis, f"t{i}")
+    batcher = make_batcher(redis, size=2, window=6)
+    assert texts_of(batcher.next_batch(idle_timeout=1)) == ["t0", "t1"]
+    assert redis.llen(KEYS.processing("w1")) == 6  # read ahead, held (never lost) until answered
+    assert redis.llen(KEYS.queue) == 14
+
+
+def test_an_outlier_oldest_text_is_never_starved(redis: fakeredis.FakeRedis) -> None:
+    push(redis, " ".join(["long"] * 20))
+    batcher = make_batcher(redis, size=4, window=8)
+    first = batcher.next_batch(idle_timeout=1)
+    for i in range(30):  # a steady stream of short texts, always enough to fill a batch without it
+        push(redis, f"s{i}")
+    assert len(first[0].ids) == 20
+    # and once it is not the oldest, later outliers wait at most until they are
+    push(redis, " ".join(["long"] * 20) + " again")
+    seen: list[str] = []
+    while batch := batcher.next_batch(idle_timeout=0.05):
+        oldest_before = min(batch, key=lambda s: s.held.item.enqueued_at)
+        seen += texts_of(batch)
+        assert oldest_before.held.item.enqueued_at <= min(
+            (s.held.item.enqueued_at for s in batcher._slots), default=float("inf")
+        )
+    assert len(seen) == 31 and seen[-1].endswith("again")
 
 
 def test_no_work_returns_empty_batch(redis: fakeredis.FakeRedis) -> None:

@@ -148,3 +148,36 @@ def test_a_malformed_work_item_is_dropped_and_the_worker_carries_on(
     start_worker(worker)
     assert wait_result(redis, keys, item).predictions
     assert redis.llen(keys.processing(worker.status.id)) == 0
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "serial"])
+def test_every_item_is_answered_once_in_the_order_of_its_texts(
+    redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, overlap: bool
+) -> None:
+    # Small batches and a read-ahead window: items are split, regrouped by length, and computed
+    # while the next batch is being formed.
+    settings = settings.model_copy(update={"max_batch_size": 3, "batch_window": 7, "overlap": overlap})
+    keys = Keys(settings.key_prefix)
+    pubsub = redis.pubsub()
+    pubsub.subscribe(keys.reply_channel("api"))
+    pubsub.get_message(timeout=1)
+    texts = [[("very " * (j * 3 % 7)) + f"good movie {i} {j}" for j in range(i % 4 + 1)] for i in range(12)]
+    items = [push(redis, keys, *t) for t in texts]
+    worker = Worker(settings, redis, classifier)
+    thread = start_worker(worker)
+    try:
+        for item, item_texts in zip(items, texts, strict=True):
+            result = wait_result(redis, keys, item)
+            want = expected(classifier, *item_texts)
+            assert [[s["score"] for s in p] for p in result.predictions] == [
+                pytest.approx([s["score"] for s in w], abs=1e-5) for w in want
+            ]
+        announced = []
+        while message := pubsub.get_message(timeout=0.5):
+            announced.append(message["data"].decode())
+        assert sorted(announced) == sorted(item.id for item in items)  # each exactly once
+        assert worker.status.batches >= 10  # 30 texts in batches of at most 3: items were split
+        assert redis.llen(keys.processing(worker.status.id)) == 0
+    finally:
+        worker.stop()
+        thread.join(10)
