@@ -19,6 +19,7 @@ from sentiment.settings import Settings
 
 K6_DIR = Path(__file__).resolve().parents[1] / "k6"
 TREND_STATS = "avg,min,med,max,p(90),p(95),p(99)"
+SHOWN = ("checks", "http_req_duration", "http_req_failed", "http_reqs", "iterations", "jobs_unfinished")
 
 
 def k6_binary() -> str:
@@ -30,9 +31,9 @@ def k6_binary() -> str:
     return found
 
 
-def k6_command(script: str, base_url: str, summary: Path, duration: str | None) -> list[str]:
-    """`k6 run` of k6/<script>.js; a `duration` shortens it to 5 s ramps around that hold."""
-    stages = ["-e", "RAMP_UP=5s", "-e", f"HOLD={duration}", "-e", "RAMP_DOWN=5s"] if duration else []
+def k6_command(script: str, base_url: str, summary: Path, duration: str | None, ramp: str = "5s") -> list[str]:
+    """`k6 run` of k6/<script>.js; a `duration` shortens it to `ramp` ramps around that hold."""
+    stages = ["-e", f"RAMP_UP={ramp}", "-e", f"HOLD={duration}", "-e", f"RAMP_DOWN={ramp}"] if duration else []
     return [
         k6_binary(), "run", "--quiet", "--summary-export", str(summary), "--summary-trend-stats", TREND_STATS,
         "-e", f"BASE_URL={base_url}", *stages, str(K6_DIR / f"{script}.js"),
@@ -71,13 +72,16 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace, status: int) -> 
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, values in sorted(metrics.items()):
+        if not name.startswith(SHOWN):
+            continue
         if "p(99)" in values:
             cells = [_ms(values.get(k)) for k in ("avg", "med", "p(90)", "p(95)", "p(99)", "max")]
             lines.append(f"| {name} | | | {' | '.join(cells)} |")
+        elif "passes" in values:  # a rate: checks passed, requests failed
+            total = values["passes"] + values["fails"]
+            lines.append(f"| {name} | {values['passes']} of {total} true ({values['value']:.2%}) | | | | | | | |")
         elif "count" in values:
             lines.append(f"| {name} | {values['count']} | {values.get('rate', 0):.1f} | | | | | | |")
-        elif "value" in values and name == "checks":
-            lines.append(f"| checks passed | {values.get('passes', 0)} of {values.get('passes', 0) + values.get('fails', 0)} | | | | | | | |")
     return "\n".join(lines)
 
 

@@ -37,7 +37,7 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
         raise SystemExit(f"--only: unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
     shared = default_shared_dir()
     data = args.data or shared / "data" / "sst2-train.tsv"
-    duration = 2.0 if args.quick else args.duration
+    duration = args.duration or (2.0 if args.quick else 30.0)
     warmup = 0.5 if args.quick else 2.0
     device = pick_device(args.device).type
     tag = device + ("-quick" if args.quick else "")

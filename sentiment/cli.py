@@ -72,8 +72,8 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         "--data", type=Path, help="sentences: an SST-2 TSV or one per line (default $SENTIMENT_SHARED_DIR/data/sst2-train.tsv)"
     )
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default=settings.device, help="default %(default)s")
-    bench.add_argument("--duration", type=float, default=30.0, help="seconds per load point (default %(default)s)")
-    bench.add_argument("--quick", action="store_true", help="a smoke: 2 s per point, no doc update (under 2 minutes)")
+    bench.add_argument("--duration", type=float, help="seconds per load point (default 30, 2 with --quick)")
+    bench.add_argument("--quick", action="store_true", help="a smoke: short points, no doc update (under 2 minutes)")
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="default %(default)s")
     bench.add_argument("--doc", type=Path, help="doc to update (default docs/performance.md; none for --quick)")
     bench.set_defaults(run=_bench)
