@@ -28,7 +28,7 @@ SECRET = re.compile(r"url|password|secret|api_key", flags=re.IGNORECASE)
 
 def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
     from benchmarks import limit, machine, report, service, targets
-    from benchmarks.workload import UniqueTexts, default_shared_dir, load_texts, model_dir
+    from benchmarks.workload import CHECKOUT, UniqueTexts, default_shared_dir, load_texts, model_dir
     from model_store.classifier import pick_device
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per readiness poll
@@ -79,14 +79,15 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
             _progress("cache", [results["service"]["cache_hits"], *results["bare"]])  # type: ignore[index]
     results["targets"] = targets.evaluate(results, clients=32)
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out or CHECKOUT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    results_file = args.out / f"bench-{stamp}-{tag}.json"
-    plot_files = report.plots(results, args.out, tag)
+    results_file = out / f"bench-{stamp}-{tag}.json"
+    plot_files = report.plots(results, out, tag)
     results["plots"] = [p.name for p in plot_files]
     results_file.write_text(json.dumps(results, indent=2) + "\n")
-    doc = args.doc or (None if args.quick else Path("docs/performance.md"))
-    block = report.markdown(results, results_file, plot_files, (doc or Path("docs/performance.md")).parent)
+    doc = args.doc or (None if args.quick else CHECKOUT / "docs" / "performance.md")
+    block = report.markdown(results, results_file, plot_files, (doc or CHECKOUT / "docs" / "performance.md").parent)
     for t in results["targets"]:  # type: ignore[attr-defined]
         print(f"{t['status']:>4}  {t['name']}: {t['value']} (goal {t['goal']})")
     if doc:

@@ -11,9 +11,12 @@ from pathlib import Path
 from sentiment.settings import Settings
 
 
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
 def default_shared_dir() -> Path:
-    """`SENTIMENT_SHARED_DIR`, else `../shared` beside the checkout (the development layout)."""
-    return Path(os.environ.get("SENTIMENT_SHARED_DIR", Path.cwd().parent / "shared"))
+    """`SENTIMENT_SHARED_DIR`, else `shared/` beside the checkout (the development layout, as in tests)."""
+    return Path(os.environ.get("SENTIMENT_SHARED_DIR", CHECKOUT.parent / "shared"))
 
 
 def load_texts(path: Path) -> list[str]:

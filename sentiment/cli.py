@@ -74,7 +74,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default=settings.device, help="default %(default)s")
     bench.add_argument("--duration", type=float, help="seconds per load point (default 30, 2 with --quick)")
     bench.add_argument("--quick", action="store_true", help="a smoke: short points, no doc update (under 2 minutes)")
-    bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="default %(default)s")
+    bench.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")
     bench.add_argument("--doc", type=Path, help="doc to update (default docs/performance.md; none for --quick)")
     bench.set_defaults(run=_bench)
     loadtest = commands.add_parser("loadtest", help="a k6 load test against `sentiment serve` on a free port")
