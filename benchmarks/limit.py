@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from model_store.classifier import Classifier
@@ -25,7 +26,8 @@ def batches(ids: list[list[int]], size: int, window: int = SORT_WINDOW) -> list[
 
 
 def measure(
-    model_dir: Path, device: str, threads: int | None, texts: list[str], sizes: list[int], duration_s: float
+    model_dir: Path, device: str, threads: int | None, texts: list[str], sizes: list[int], duration_s: float,
+    progress: Callable[[str, dict[str, object]], None],
 ) -> dict[str, object]:
     """Sentences/s and mean padded width per batch size, each forwarding for about `duration_s`
     (cycling through the texts if they run out first, as on a fast GPU)."""
@@ -48,4 +50,5 @@ def measure(
             "batch_size": size, "texts": done, "seconds": round(elapsed, 3),
             "texts_per_s": round(done / elapsed, 2), "mean_padded_tokens": round(padded / done, 1),
         })
+        progress("limit", points[-1])
     return {"model": classifier.name, "dtype": str(classifier.dtype).removeprefix("torch."), "points": points}

@@ -8,6 +8,7 @@ CPU time is recorded (`client_cpu_share`) so a run shows whether the client coul
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -97,7 +98,7 @@ async def _run(
     measure_to = measure_from + duration_s
     latencies: list[float] = []
     counted = {"requests": 0, "texts": 0, "errors": 0}
-    sequence = iter(range(1 << 62))
+    sequence = itertools.count()
 
     async def client() -> None:
         conn = _Connection(host, port)

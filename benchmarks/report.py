@@ -85,10 +85,11 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
     lines = [
         f"Run {m['date']} at commit `{m['git_commit']}` on **{m['cpu']}** ({m['cores']} cores{gpu}), "
         f"torch {m['torch']} ({m['torch_threads']} threads), device `{m['device']}`; "
-        f"model `{s['model']}` ({results.get('limit', {}).get('dtype', 'see results')}); "
+        f"model `{s['model']}` ({Path(s['model_source']).name}); "
         f"{s['duration_s']} s per point after {s['warmup_s']} s warm-up; command `{s['command']}`. "
         f"Results: [{results_file.name}]({rel(results_file)}).",
         "",
+        *([f"**Failed parts**: {results['failed']}", ""] if results.get("failed") else []),
         "| target | measured | goal | |",
         "| --- | --- | --- | --- |",
         *(f"| {t['name']} | {_cell(t['value'])} | {t['goal']} | **{t['status']}** |" for t in results["targets"]),

@@ -22,7 +22,7 @@ BATCH_SIZES = [1, 8, 16, 32, 64]
 SERVICE_CLIENTS = [1, 8, 32, 128]
 NAIVE_CLIENTS = [1, 32]
 CACHE_CLIENTS = 32
-TEXT_POOL = 4096  # texts the limit tokenizes once; the loads draw their own never-seen texts
+LIMIT_TEXTS = 4096  # texts the limit tokenizes once and cycles through (it has no cache to defeat)
 SECRET = re.compile(r"url|password|secret|api_key", flags=re.IGNORECASE)
 
 
@@ -47,36 +47,44 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
     texts = UniqueTexts(pool)
     command = " ".join(["sentiment", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "sentiment bench"
 
+    model_source = str(settings.model_dir) if args.model == "small" else f"{config_dir} (random weights)"
     results: dict[str, object] = {
         "machine": machine.describe(device),
         "settings": {
-            "command": command, "parts": only, "model": args.model, "data": str(data), "texts_in_pool": len(pool),
+            "command": command, "parts": only, "model": args.model, "model_source": model_source,
+            "data": str(data), "texts_in_pool": len(pool),
             "duration_s": duration, "warmup_s": warmup, "quick": args.quick,
             "service": {k: v for k, v in settings.model_dump(mode="json").items() if not SECRET.search(k)},
         },
     }
     print(f"bench: {', '.join(only)} on {device}, model {args.model}, {duration:g} s per point", flush=True)
+    failed: dict[str, str] = {}
     with model_dir(args.model, settings, config_dir) as model:
-        results["settings"]["model_dir"] = str(model) if args.model == "small" else f"{config_dir} (random weights)"  # type: ignore[index]
-        if "limit" in only:
-            results["limit"] = limit.measure(
-                model, device, settings.torch_threads, pool[:TEXT_POOL], BATCH_SIZES, duration / 2
-            )
-            texts.used = min(TEXT_POOL, len(pool))  # the service's texts were never seen by the limit either
-            _progress("limit", results["limit"]["points"])  # type: ignore[index]
-        if "naive" in only:
-            env = {"SENTIMENT_MODEL_DIR": str(model), "SENTIMENT_DEVICE": device}
-            results["naive"] = service.measure_app("benchmarks.naive_app:app", env, texts, NAIVE_CLIENTS, duration, warmup)
-            _progress("naive", results["naive"])
-        if "service" in only or "cache" in only:
-            results["service"] = service.measure(
+        env = {"SENTIMENT_MODEL_DIR": str(model), "SENTIMENT_DEVICE": device}
+        parts = {
+            "limit": lambda: limit.measure(
+                model, device, settings.torch_threads, pool[:LIMIT_TEXTS], BATCH_SIZES, duration / 2, _progress
+            ),
+            "naive": lambda: service.measure_app(
+                "benchmarks.naive_app:app", env, texts, NAIVE_CLIENTS, duration, warmup, _progress
+            ),
+            "service": lambda: service.measure(
                 model, device, texts, SERVICE_CLIENTS if "service" in only else [],
-                CACHE_CLIENTS if "cache" in only else None, duration, warmup,
-            )
-            _progress("service", results["service"]["points"])  # type: ignore[index]
-        if "cache" in only:
-            results["bare"] = service.measure_app("benchmarks.bare_app:app", {}, texts, [CACHE_CLIENTS], duration, warmup)
-            _progress("cache", [results["service"]["cache_hits"], *results["bare"]])  # type: ignore[index]
+                CACHE_CLIENTS if "cache" in only else None, duration, warmup, _progress,
+            ),
+            "bare": lambda: service.measure_app(
+                "benchmarks.bare_app:app", {}, texts, [CACHE_CLIENTS], duration, warmup, _progress
+            ),
+        }
+        runs = {"limit": "limit" in only, "naive": "naive" in only, "service": bool({"service", "cache"} & set(only)),
+                "bare": "cache" in only}  # (4) is the service's cache path, then the bare endpoint
+        for part in [p for p, wanted in runs.items() if wanted]:
+            try:  # a part that breaks is reported, and the others still run
+                results[part] = parts[part]()
+            except Exception as exc:
+                failed[part] = f"{type(exc).__name__}: {exc}"
+                print(f"  {part} FAILED: {failed[part]}", flush=True)
+    results["failed"] = failed
     results["targets"] = targets.evaluate(results, clients=32)
 
     out = args.out or CHECKOUT / "benchmarks" / "results"
@@ -99,9 +107,8 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
     return results
 
 
-def _progress(part: str, points: list[dict[str, object]]) -> None:
-    for p in points:
-        shown = {k: v for k, v in p.items() if k in (
-            "batch_size", "concurrency", "texts_per_s", "requests_per_s", "p50_ms", "p99_ms", "mean_batch_size",
-            "mean_queue_wait_ms", "errors", "client_cpu_share")}
-        print(f"  {part}: {shown}", flush=True)
+def _progress(part: str, point: dict[str, object]) -> None:
+    shown = {k: v for k, v in point.items() if k in (
+        "batch_size", "concurrency", "texts_per_s", "requests_per_s", "p50_ms", "p99_ms", "mean_batch_size",
+        "mean_queue_wait_ms", "errors", "client_cpu_share")}
+    print(f"  {part}: {shown}", flush=True)
