@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
 
 
 def replace_block(doc: Path, name: str, body: str) -> None:
@@ -43,14 +44,18 @@ def plots(results: dict[str, Any], out: Path, tag: str) -> list[Path]:
         written.append(_save(fig, out / f"{tag}-limit.png"))
     if points or naive:
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-        for name, series, style in (("(3) service", points, "o-"), ("(2) naive", naive, "s--")):
+        for name, series, style, color in (("(3) service", points, "o-", "#2a7"), ("(2) naive", naive, "s--", "#c55")):
             if series:
                 xs = [p["concurrency"] for p in series]
-                left.plot(xs, [p["texts_per_s"] for p in series], style, label=name)
-                right.plot(xs, [p["p99_ms"] for p in series], style, label=f"{name} p99")
-                right.plot(xs, [p["p50_ms"] for p in series], style, alpha=0.4, label=f"{name} p50")
+                left.plot(xs, [p["texts_per_s"] for p in series], style, color=color, label=name)
+                right.plot(xs, [p["p99_ms"] for p in series], style, color=color, label=f"{name} p99")
+                right.plot(xs, [p["p50_ms"] for p in series], style, color=color, alpha=0.4, label=f"{name} p50")
+        clients = sorted({p["concurrency"] for p in [*points, *naive]})
         left.set(xscale="log", xlabel="concurrent clients", ylabel="sentences/s", title="Throughput")
         right.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="latency (ms)", title="Latency")
+        for ax in (left, right):
+            ax.set_xticks(clients, [str(c) for c in clients])
+            ax.xaxis.set_minor_locator(NullLocator())
         left.legend()
         right.legend(fontsize="small")
         fig.suptitle(f"Service end to end vs naive baseline ({tag})")

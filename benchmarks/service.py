@@ -62,12 +62,12 @@ def measure(
         port, metrics_port = free_port(), free_port()
         env = {
             "SENTIMENT_REDIS_URL": redis_url, "SENTIMENT_MODEL_DIR": str(model_dir), "SENTIMENT_DEVICE": device,
-            "SENTIMENT_KEY_PREFIX": KEY_PREFIX, "SENTIMENT_METRICS_PORT": str(metrics_port),
-            "SENTIMENT_LOG_LEVEL": "WARNING",
+            "SENTIMENT_KEY_PREFIX": KEY_PREFIX, "SENTIMENT_LOG_LEVEL": "WARNING",
         }
         url = f"http://127.0.0.1:{port}"
         procs.start(["-m", "sentiment.cli", "api", "--port", str(port)], env)
-        procs.start(["-m", "sentiment.cli", "worker"], env)
+        # The worker's /metrics (batch size, queue wait) on a port of its own.
+        procs.start(["-m", "sentiment.cli", "worker"], {**env, "SENTIMENT_METRICS_PORT": str(metrics_port)})
         procs.wait_ok(f"{url}/ready")
         counters = WorkerCounters(f"http://127.0.0.1:{metrics_port}/metrics", redis_url, KEY_PREFIX)
         points = []
