@@ -7,6 +7,7 @@ batches them), so each batch pads only to its own longest text; only the forward
 from __future__ import annotations
 
 import itertools
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,11 +18,13 @@ SORT_WINDOW = 512
 
 
 def batches(ids: list[list[int]], size: int, window: int = SORT_WINDOW) -> list[list[list[int]]]:
-    """Batches of `size` in arrival order of windows, each window sorted by token length."""
+    """Batches of `size` cut from windows sorted by token length, in a fixed shuffled order: a run
+    stopped by the clock after any number of batches has still seen texts of every length."""
     out = []
     for start in range(0, len(ids), window):
         chunk = sorted(ids[start : start + window], key=len)
         out.extend(chunk[i : i + size] for i in range(0, len(chunk), size))
+    random.Random(0).shuffle(out)
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -11,6 +12,8 @@ import time
 from collections.abc import Iterator
 
 import httpx
+
+logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per readiness poll
 
 
 class Processes:

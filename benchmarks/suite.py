@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import logging
 import re
 import sys
 from pathlib import Path
@@ -31,7 +30,6 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
     from benchmarks.workload import CHECKOUT, UniqueTexts, default_shared_dir, load_texts, model_dir
     from model_store.classifier import pick_device
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per readiness poll
     only = [p.strip() for p in args.only.split(",") if p.strip()]
     if unknown := set(only) - set(PARTS):
         raise SystemExit(f"--only: unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")

@@ -11,6 +11,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from benchmarks.batch_stats import Snapshot, between, parse_metrics
+from benchmarks.limit import batches
 from benchmarks.report import replace_block
 from tests.conftest import REPO
 
@@ -80,3 +81,12 @@ def test_without_metrics_the_heartbeat_gives_batch_size_and_no_queue_wait() -> N
     before = Snapshot("heartbeat", {"texts": 10, "batches": 10})
     after = Snapshot("heartbeat", {"texts": 70, "batches": 14})
     assert between(before, after) == {"source": "heartbeat", "mean_batch_size": 15.0, "mean_queue_wait_ms": None}
+
+
+def test_limit_batches_pad_within_sorted_windows_and_any_prefix_mixes_lengths() -> None:
+    ids = [[0] * n for n in [*range(1, 41), *range(40, 0, -1)]]  # two windows of 40 texts, lengths 1..40
+    out = batches(ids, 8, window=40)
+    assert sorted(len(b) for b in out) == [8] * 10
+    assert all(max(map(len, b)) - min(map(len, b)) == 7 for b in out)  # neighbours in length: little padding
+    assert sorted(len(t) for b in out for t in b) == sorted(map(len, ids))
+    assert max(len(t) for b in out[:3] for t in b) > 8  # not just the shortest texts first
