@@ -4,7 +4,9 @@ free port; prints k6's summary, optionally writes it into a doc, and stops every
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from benchmarks.machine import cpu_model, git_commit
 from benchmarks.processes import running
 from benchmarks.report import replace_block
 from sentiment.embedded import free_port
@@ -64,9 +67,12 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace, status: int) -> 
     """The export's headline numbers as a table (requests, latency percentiles, checks, thresholds)."""
     metrics = summary["metrics"]
     stages = "the script's own stages" if args.full else f"5 s ramps around a {args.duration} hold"
+    verdict = "thresholds held" if status == 0 else "a threshold failed"
+    when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     lines = [
         f"`sentiment loadtest --script {args.script}{' --full' if args.full else ''}` ({stages}; model "
-        f"`{Path(args.model_dir).name}`): k6 exit status {status} ({'thresholds held' if status == 0 else 'a threshold failed'}).",
+        f"`{Path(args.model_dir).name}`), {when} at commit `{git_commit()}` on **{cpu_model()}** "
+        f"({os.cpu_count()} cores): k6 exit status {status} ({verdict}).",
         "",
         "| metric | count | rate/s | avg | med | p90 | p95 | p99 | max |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
