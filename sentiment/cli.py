@@ -1,4 +1,4 @@
-"""The `sentiment` command: serve | api | worker | jobs-worker | model pull."""
+"""The `sentiment` command: serve | api | worker | jobs-worker | model pull | bench | loadtest."""
 
 from __future__ import annotations
 
@@ -59,6 +59,32 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     pull.add_argument("--dest", type=Path, default=settings.model_dir, help="directory (default SENTIMENT_MODEL_DIR)")
     pull.add_argument("--revision", help="branch, tag or commit (default: the main branch)")
     pull.set_defaults(run=_pull)
+
+    # Development commands: they need a checkout (the `benchmarks` package and `k6/` are not in images).
+    bench = commands.add_parser("bench", help="benchmarks: model limit, naive baseline, this service, cache path")
+    bench.add_argument("--only", default="limit,naive,service,cache", help="parts to run (default %(default)s)")
+    bench.add_argument(
+        "--model", choices=("full", "small"), default="full",
+        help="full = DistilBERT-base shape with random weights from --config-dir; small = --model-dir",
+    )
+    bench.add_argument("--config-dir", type=Path, help="default $SENTIMENT_SHARED_DIR/models/distilbert-base-sst2-config")
+    bench.add_argument("--model-dir", type=Path, help="default $SENTIMENT_SHARED_DIR/models/distilbert-sst2-small")
+    bench.add_argument(
+        "--data", type=Path, help="sentences: an SST-2 TSV or one per line (default $SENTIMENT_SHARED_DIR/data/sst2-train.tsv)"
+    )
+    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default=settings.device, help="default %(default)s")
+    bench.add_argument("--duration", type=float, help="seconds per load point (default 30, 2 with --quick)")
+    bench.add_argument("--quick", action="store_true", help="a smoke: short points, no doc update (under 2 minutes)")
+    bench.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")
+    bench.add_argument("--doc", type=Path, help="doc to update (default docs/performance.md; none for --quick)")
+    bench.set_defaults(run=_bench)
+    loadtest = commands.add_parser("loadtest", help="a k6 load test against `sentiment serve` on a free port")
+    loadtest.add_argument("--script", choices=("load", "unique", "jobs"), default="load", help="k6/<script>.js")
+    loadtest.add_argument("--duration", default="20s", help="k6 hold stage (default %(default)s)")
+    loadtest.add_argument("--full", action="store_true", help="the script's own stages (load: 30 s ramp, 1 m hold)")
+    loadtest.add_argument("--model-dir", type=Path, default=settings.model_dir, help="default SENTIMENT_MODEL_DIR")
+    loadtest.add_argument("--doc", type=Path, help="also write the summary into this doc (docs/performance.md)")
+    loadtest.set_defaults(run=_loadtest)
     return parser
 
 
@@ -118,6 +144,18 @@ def _pull(settings: Settings, args: argparse.Namespace) -> None:
 
     dest = pull(args.repo_id, args.dest, args.revision)
     print(f"{args.repo_id} -> {dest}")
+
+
+def _bench(settings: Settings, args: argparse.Namespace) -> None:
+    from benchmarks.suite import run
+
+    run(settings, args)
+
+
+def _loadtest(settings: Settings, args: argparse.Namespace) -> None:
+    from benchmarks.loadtest import run
+
+    sys.exit(run(settings, args))
 
 
 if __name__ == "__main__":

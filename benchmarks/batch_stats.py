@@ -1,0 +1,83 @@
+"""What the worker did during a load point: mean batch size and queue wait, from counters read
+before and after. The worker's Prometheus `/metrics` when it serves one; else its heartbeat's
+`WorkerStatus` counters (batch size only: the heartbeat has no queue wait)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from batcher.protocol import Keys, WorkerStatus
+
+SAMPLES = (
+    "sentiment_batch_size_sum", "sentiment_batch_size_count",
+    "sentiment_queue_wait_seconds_sum", "sentiment_queue_wait_seconds_count",
+)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """The batch-size and queue-wait histogram sums and counts in a Prometheus exposition."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in SAMPLES:
+                found[sample.name] = found.get(sample.name, 0.0) + sample.value
+    return found
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    source: str  # "metrics" or "heartbeat"
+    counters: dict[str, float]
+
+
+def _ratio(before: Snapshot, after: Snapshot, num: str, den: str, scale: float = 1.0) -> float | None:
+    count = after.counters.get(den, 0.0) - before.counters.get(den, 0.0)
+    if num not in after.counters or count <= 0:
+        return None
+    return round((after.counters[num] - before.counters.get(num, 0.0)) / count * scale, 2)
+
+
+def between(before: Snapshot, after: Snapshot) -> dict[str, object]:
+    """Mean texts per forward and mean queue wait (ms; None when the source has no such counter)."""
+    if before.source == "metrics":
+        return {
+            "source": "metrics",
+            "mean_batch_size": _ratio(before, after, "sentiment_batch_size_sum", "sentiment_batch_size_count"),
+            "mean_queue_wait_ms": _ratio(
+                before, after, "sentiment_queue_wait_seconds_sum", "sentiment_queue_wait_seconds_count", 1000
+            ),
+        }
+    return {
+        "source": "heartbeat",
+        "mean_batch_size": _ratio(before, after, "texts", "batches"),
+        "mean_queue_wait_ms": None,
+    }
+
+
+class WorkerCounters:
+    """Reads the worker's counters; prefers `/metrics` on `metrics_url` when it answers."""
+
+    def __init__(self, metrics_url: str | None, redis_url: str, key_prefix: str) -> None:
+        self.metrics_url = metrics_url
+        self.redis = redis.Redis.from_url(redis_url)
+        self.keys = Keys(key_prefix)
+
+    def snapshot(self) -> Snapshot:
+        if self.metrics_url:
+            try:
+                response = httpx.get(self.metrics_url, timeout=5)
+                if response.status_code == 200 and (found := parse_metrics(response.text)):
+                    return Snapshot("metrics", found)
+            except httpx.TransportError:
+                pass
+        totals = {"texts": 0.0, "batches": 0.0}
+        for worker_id in self.redis.smembers(self.keys.workers):
+            if raw := self.redis.get(self.keys.heartbeat(worker_id.decode())):
+                status = WorkerStatus.decode(raw)
+                totals["texts"] += status.texts
+                totals["batches"] += status.batches
+        return Snapshot("heartbeat", totals)

@@ -1,0 +1,57 @@
+"""Benchmark (1), the limit: raw model forward throughput per batch size, no service around it.
+
+Texts are tokenized up front and sorted by length in windows (as a worker with a deep queue
+batches them), so each batch pads only to its own longest text; only the forwards are timed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from model_store.classifier import Classifier
+
+SORT_WINDOW = 512
+
+
+def batches(ids: list[list[int]], size: int, window: int = SORT_WINDOW) -> list[list[list[int]]]:
+    """Batches of `size` cut from windows sorted by token length, in a fixed shuffled order: a run
+    stopped by the clock after any number of batches has still seen texts of every length."""
+    out = []
+    for start in range(0, len(ids), window):
+        chunk = sorted(ids[start : start + window], key=len)
+        out.extend(chunk[i : i + size] for i in range(0, len(chunk), size))
+    random.Random(0).shuffle(out)
+    return out
+
+
+def measure(
+    model_dir: Path, device: str, threads: int | None, texts: list[str], sizes: list[int], duration_s: float,
+    progress: Callable[[str, dict[str, object]], None],
+) -> dict[str, object]:
+    """Sentences/s and mean padded width per batch size, each forwarding for about `duration_s`
+    (cycling through the texts if they run out first, as on a fast GPU)."""
+    classifier = Classifier(model_dir, device, threads)
+    ids = classifier.tokenize(texts)
+    points = []
+    for size in sizes:
+        work = batches(ids, size)
+        classifier.forward(work[0])  # a new shape's first forward pays set-up costs
+        done = padded = 0
+        started = time.perf_counter()
+        for batch in itertools.cycle(work):
+            classifier.forward(batch)
+            done += len(batch)
+            padded += len(batch) * max(map(len, batch))
+            if time.perf_counter() - started >= duration_s:
+                break
+        elapsed = time.perf_counter() - started
+        points.append({
+            "batch_size": size, "texts": done, "seconds": round(elapsed, 3),
+            "texts_per_s": round(done / elapsed, 2), "mean_padded_tokens": round(padded / done, 1),
+        })
+        progress("limit", points[-1])
+    return {"model": classifier.name, "dtype": str(classifier.dtype).removeprefix("torch."), "points": points}

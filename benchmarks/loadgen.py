@@ -1,0 +1,142 @@
+"""A closed-loop HTTP load generator: N connections, each sends its next request when the last answers.
+
+Raw asyncio HTTP/1.1 with keep-alive rather than an HTTP client library: on a 2-core box the client
+shares the CPU with what it measures, and this costs a fraction of httpx's CPU per request. Its own
+CPU time is recorded (`client_cpu_share`) so a run shows whether the client could have been the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import orjson
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """One load point: what completed inside the measuring window (the warm-up is left out)."""
+
+    concurrency: int
+    duration_s: float
+    requests: int
+    texts: int
+    errors: int
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    client_cpu_share: float  # client CPU seconds per wall second: near 1.0 means the client was the limit
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / self.duration_s
+
+    @property
+    def texts_per_s(self) -> float:
+        return self.texts / self.duration_s
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {
+            "concurrency": self.concurrency, "duration_s": round(self.duration_s, 3), "requests": self.requests,
+            "texts": self.texts, "errors": self.errors, "requests_per_s": round(self.requests_per_s, 2),
+            "texts_per_s": round(self.texts_per_s, 2), "p50_ms": self.p50_ms, "p95_ms": self.p95_ms,
+            "p99_ms": self.p99_ms, "client_cpu_share": round(self.client_cpu_share, 3),
+        }
+
+
+def percentile(sorted_ms: list[float], q: int) -> float | None:
+    """The q-th percentile (1..99) of sorted latencies, None when there are none."""
+    if not sorted_ms:
+        return None
+    if len(sorted_ms) == 1:
+        return round(sorted_ms[0], 2)
+    return round(statistics.quantiles(sorted_ms, n=100, method="inclusive")[q - 1], 2)
+
+
+class _Connection:
+    """One keep-alive HTTP/1.1 connection sending JSON POSTs (uvicorn answers with Content-Length)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> int:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        self.writer.write(head.encode() + body)
+        status_line, *headers = (await self.reader.readuntil(b"\r\n\r\n")).split(b"\r\n")
+        fields = dict(h.lower().split(b":", 1) for h in headers if b":" in h)
+        await self.reader.readexactly(int(fields.get(b"content-length", 0)))
+        if fields.get(b"connection", b"").strip() == b"close":
+            self.close()
+        return int(status_line.split()[1])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+async def _run(
+    url: str, texts_for: Callable[[int], list[str]], concurrency: int, warmup_s: float, duration_s: float
+) -> LoadResult:
+    parts = urlsplit(url)
+    host, port, path = parts.hostname or "127.0.0.1", parts.port or 80, parts.path or "/"
+    loop = asyncio.get_running_loop()
+    measure_from = loop.time() + warmup_s
+    measure_to = measure_from + duration_s
+    latencies: list[float] = []
+    counted = {"requests": 0, "texts": 0, "errors": 0}
+    sequence = itertools.count()
+
+    async def client() -> None:
+        conn = _Connection(host, port)
+        try:
+            while (started := loop.time()) < measure_to:
+                texts = texts_for(next(sequence))
+                try:
+                    status = await conn.post(path, orjson.dumps({"text": texts}))
+                except (OSError, asyncio.IncompleteReadError):
+                    conn.close()
+                    status = 0
+                ended = loop.time()
+                if measure_from <= ended <= measure_to:
+                    if status == 200:
+                        latencies.append((ended - started) * 1000)
+                        counted["requests"] += 1
+                        counted["texts"] += len(texts)
+                    else:
+                        counted["errors"] += 1
+        finally:
+            conn.close()
+
+    cpu_before = time.process_time()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    cpu_share = (time.process_time() - cpu_before) / (warmup_s + duration_s)
+    latencies.sort()
+    return LoadResult(
+        concurrency, duration_s, counted["requests"], counted["texts"], counted["errors"],
+        percentile(latencies, 50), percentile(latencies, 95), percentile(latencies, 99), cpu_share,
+    )
+
+
+def closed_loop(
+    url: str, texts_for: Callable[[int], list[str]], concurrency: int, duration_s: float, warmup_s: float = 1.0
+) -> LoadResult:
+    """POST `{"text": texts_for(i)}` to `url` from `concurrency` connections for warm-up + duration.
+
+    Requests that complete inside the window after the warm-up count (so throughput is not biased by
+    slow requests straddling its edges); non-200 answers count as errors, not latencies.
+    """
+    return asyncio.run(_run(url, texts_for, concurrency, warmup_s, duration_s))

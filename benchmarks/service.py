@@ -1,0 +1,116 @@
+"""Benchmarks (3) and (4): this service end to end, and its cache-hit path against a bare endpoint.
+
+Real processes as deployed: redis-server on a free port (fakeredis in its own process where
+redis-server is missing), `sentiment api` and `sentiment worker` as separate processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import redis
+
+from benchmarks.batch_stats import WorkerCounters, between
+from benchmarks.loadgen import closed_loop
+from benchmarks.processes import Processes, running, uvicorn_args
+from benchmarks.workload import UniqueTexts
+from sentiment.embedded import embedded_redis, free_port
+
+KEY_PREFIX = "bench"
+CACHED_TEXTS = 64  # distinct texts the all-hit requests cycle through
+WARM_TRIES = 10  # the previous point may have left a backlog: a warm-up request can time out (504)
+_FAKE_REDIS = (
+    "import sys; from fakeredis import TcpFakeServer; "
+    "TcpFakeServer(('127.0.0.1', int(sys.argv[1])), server_type='redis').serve_forever()"
+)
+
+
+@contextlib.contextmanager
+def redis_server(procs: Processes) -> Iterator[tuple[str, str]]:
+    """(URL, kind) of a Redis for this run, in a process of its own either way."""
+    if shutil.which("redis-server"):
+        with embedded_redis() as url:
+            yield url, "redis-server"
+        return
+    port = free_port()
+    procs.start(["-c", _FAKE_REDIS, str(port)], {})
+    url = f"redis://127.0.0.1:{port}/0"
+    give_up = time.monotonic() + 30
+    while True:
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > give_up:
+                raise
+            time.sleep(0.1)
+    yield url, "fakeredis"
+
+
+def measure(
+    model_dir: Path, device: str, texts: UniqueTexts, concurrencies: list[int], cache_concurrency: int | None,
+    duration_s: float, warmup_s: float, progress: Callable[[str, dict[str, object]], None],
+) -> dict[str, object]:
+    """(3) at each concurrency with never-seen texts; then (4), all-hit requests, when asked."""
+    # Redis outlives the service processes, so they stop without reconnect noise.
+    with running() as infra, redis_server(infra) as (redis_url, redis_kind), running() as procs:
+        port, metrics_port = free_port(), free_port()
+        env = {
+            "SENTIMENT_REDIS_URL": redis_url, "SENTIMENT_MODEL_DIR": str(model_dir), "SENTIMENT_DEVICE": device,
+            "SENTIMENT_KEY_PREFIX": KEY_PREFIX, "SENTIMENT_LOG_LEVEL": "WARNING",
+        }
+        url = f"http://127.0.0.1:{port}"
+        procs.start(["-m", "sentiment.cli", "api", "--port", str(port)], env)
+        # The worker's /metrics (batch size, queue wait) on a port of its own.
+        procs.start(["-m", "sentiment.cli", "worker"], {**env, "SENTIMENT_METRICS_PORT": str(metrics_port)})
+        procs.wait_ok(f"{url}/ready")
+        counters = WorkerCounters(f"http://127.0.0.1:{metrics_port}/metrics", redis_url, KEY_PREFIX)
+        points = []
+        for concurrency in concurrencies:
+            before = counters.snapshot()
+            load = closed_loop(f"{url}/predict", lambda _: texts.take(1), concurrency, duration_s, warmup_s)
+            points.append({**load.as_dict(), **between(before, counters.snapshot())})
+            progress("service", points[-1])
+        out: dict[str, object] = {"redis": redis_kind, "points": points}
+        if cache_concurrency:
+            cached = texts.take(CACHED_TEXTS)
+            _warm(f"{url}/predict", cached)
+            hits = closed_loop(
+                f"{url}/predict", lambda i: [cached[i % CACHED_TEXTS]], cache_concurrency, duration_s, warmup_s
+            )
+            out["cache_hits"] = hits.as_dict()
+            progress("cache", out["cache_hits"])  # type: ignore[arg-type]
+    return out
+
+
+def _warm(url: str, texts: list[str]) -> None:
+    """Put `texts` in the cache, retrying while a backlog from the last point drains."""
+    with httpx.Client(timeout=60) as client:
+        for _ in range(WARM_TRIES):
+            response = client.post(url, json={"text": texts})
+            if response.status_code == 200:
+                return
+        response.raise_for_status()
+
+
+def measure_app(
+    app: str, env: dict[str, str], texts: UniqueTexts, concurrencies: list[int], duration_s: float, warmup_s: float,
+    progress: Callable[[str, dict[str, object]], None],
+) -> list[dict[str, object]]:
+    """A single-process benchmark subject (the naive baseline, the bare endpoint) under uvicorn."""
+    with running() as procs:
+        port = free_port()
+        procs.start(uvicorn_args(app, port), {"SENTIMENT_LOG_LEVEL": "WARNING", **env})
+        procs.wait_ok(f"http://127.0.0.1:{port}/health")
+        points = []
+        for concurrency in concurrencies:
+            load = closed_loop(f"http://127.0.0.1:{port}/predict", lambda _: texts.take(1), concurrency,
+                               duration_s, warmup_s)
+            points.append(load.as_dict())
+            progress(app.split(".")[-1].split("_")[0], points[-1])
+        return points

@@ -1,0 +1,112 @@
+"""`sentiment bench`: the four benchmarks in one run, the targets, the results file, plots and docs.
+
+Runtime is fixed by the flags, not by the machine: about (5 batch sizes x duration/2)
++ (2 naive + 4 service + cache + bare points) x (duration + warm-up) + process starts;
+the default 30 s per point is about 7 minutes, `--quick` about 1 minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import sys
+from pathlib import Path
+
+from sentiment.settings import Settings
+
+PARTS = ("limit", "naive", "service", "cache")
+BATCH_SIZES = [1, 8, 16, 32, 64]
+SERVICE_CLIENTS = [1, 8, 32, 128]
+NAIVE_CLIENTS = [1, 32]
+CACHE_CLIENTS = 32
+LIMIT_TEXTS = 4096  # texts the limit tokenizes once and cycles through (it has no cache to defeat)
+SECRET = re.compile(r"url|password|secret|api_key", flags=re.IGNORECASE)
+
+
+def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
+    from benchmarks import limit, machine, report, service, targets
+    from benchmarks.workload import CHECKOUT, UniqueTexts, default_shared_dir, load_texts, model_dir
+    from model_store.classifier import pick_device
+
+    only = [p.strip() for p in args.only.split(",") if p.strip()]
+    if unknown := set(only) - set(PARTS):
+        raise SystemExit(f"--only: unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    shared = default_shared_dir()
+    data = args.data or shared / "data" / "sst2-train.tsv"
+    duration = args.duration or (2.0 if args.quick else 30.0)
+    warmup = 0.5 if args.quick else 2.0
+    device = pick_device(args.device).type
+    tag = device + ("-quick" if args.quick else "")
+    settings = settings.model_copy(update={"model_dir": args.model_dir or shared / "models" / "distilbert-sst2-small"})
+    config_dir = args.config_dir or shared / "models" / "distilbert-base-sst2-config"
+    pool = load_texts(data)
+    texts = UniqueTexts(pool)
+    command = " ".join(["sentiment", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "sentiment bench"
+
+    model_source = str(settings.model_dir) if args.model == "small" else f"{config_dir} (random weights)"
+    results: dict[str, object] = {
+        "machine": machine.describe(device),
+        "settings": {
+            "command": command, "parts": only, "model": args.model, "model_source": model_source,
+            "data": str(data), "texts_in_pool": len(pool),
+            "duration_s": duration, "warmup_s": warmup, "quick": args.quick,
+            "service": {k: v for k, v in settings.model_dump(mode="json").items() if not SECRET.search(k)},
+        },
+    }
+    print(f"bench: {', '.join(only)} on {device}, model {args.model}, {duration:g} s per point", flush=True)
+    failed: dict[str, str] = {}
+    with model_dir(args.model, settings, config_dir) as model:
+        env = {"SENTIMENT_MODEL_DIR": str(model), "SENTIMENT_DEVICE": device}
+        parts = {
+            "limit": lambda: limit.measure(
+                model, device, settings.torch_threads, pool[:LIMIT_TEXTS], BATCH_SIZES, duration / 2, _progress
+            ),
+            "naive": lambda: service.measure_app(
+                "benchmarks.naive_app:app", env, texts, NAIVE_CLIENTS, duration, warmup, _progress
+            ),
+            "service": lambda: service.measure(
+                model, device, texts, SERVICE_CLIENTS if "service" in only else [],
+                CACHE_CLIENTS if "cache" in only else None, duration, warmup, _progress,
+            ),
+            "bare": lambda: service.measure_app(
+                "benchmarks.bare_app:app", {}, texts, [CACHE_CLIENTS], duration, warmup, _progress
+            ),
+        }
+        runs = {"limit": "limit" in only, "naive": "naive" in only, "service": bool({"service", "cache"} & set(only)),
+                "bare": "cache" in only}  # (4) is the service's cache path, then the bare endpoint
+        for part in [p for p, wanted in runs.items() if wanted]:
+            try:  # a part that breaks is reported, and the others still run
+                results[part] = parts[part]()
+            except Exception as exc:
+                failed[part] = f"{type(exc).__name__}: {exc}"
+                print(f"  {part} FAILED: {failed[part]}", flush=True)
+    results["failed"] = failed
+    results["targets"] = targets.evaluate(results, clients=32)
+
+    out = args.out or CHECKOUT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    results_file = out / f"bench-{stamp}-{tag}.json"
+    plot_files = report.plots(results, out, tag)
+    results["plots"] = [p.name for p in plot_files]
+    results_file.write_text(json.dumps(results, indent=2) + "\n")
+    doc = args.doc or (None if args.quick else CHECKOUT / "docs" / "performance.md")
+    block = report.markdown(results, results_file, plot_files, (doc or CHECKOUT / "docs" / "performance.md").parent)
+    for t in results["targets"]:  # type: ignore[attr-defined]
+        print(f"{t['status']:>4}  {t['name']}: {t['value']} (goal {t['goal']})")
+    if doc:
+        report.replace_block(doc, f"bench:{device}", block)
+        print(f"wrote {results_file}, {len(plot_files)} plots, and the {device} section of {doc}")
+    else:
+        print(block)
+        print(f"wrote {results_file} and {len(plot_files)} plots (no doc: a --quick run)")
+    return results
+
+
+def _progress(part: str, point: dict[str, object]) -> None:
+    shown = {k: v for k, v in point.items() if k in (
+        "batch_size", "concurrency", "texts_per_s", "requests_per_s", "p50_ms", "p99_ms", "mean_batch_size",
+        "mean_queue_wait_ms", "errors", "client_cpu_share")}
+    print(f"  {part}: {shown}", flush=True)

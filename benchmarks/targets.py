@@ -1,0 +1,42 @@
+"""The issue's targets, as ratios of numbers measured in the same run. A benchmark reports; it
+does not assert: each target is PASS, MISS, or n/a when its inputs were not measured."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _point(points: list[dict[str, Any]], concurrency: int) -> dict[str, Any] | None:
+    return next((p for p in points if p["concurrency"] == concurrency), None)
+
+
+def _target(name: str, value: float | None, goal: str, ok: bool | None) -> dict[str, Any]:
+    status = "n/a" if value is None or ok is None else ("PASS" if ok else "MISS")
+    return {"name": name, "value": None if value is None else round(value, 3), "goal": goal, "status": status}
+
+
+def evaluate(results: dict[str, Any], clients: int = 32) -> list[dict[str, Any]]:
+    limit = results.get("limit")
+    naive = results.get("naive") or []
+    service = (results.get("service") or {}).get("points") or []
+    hits = (results.get("service") or {}).get("cache_hits")
+    bare = results.get("bare") or []
+
+    best_limit = max((p["texts_per_s"] for p in limit["points"]), default=None) if limit else None
+    best_service = max((p["texts_per_s"] for p in service), default=None)
+    saturation = best_service / best_limit if best_service and best_limit else None
+
+    ours, theirs = _point(service, clients), _point(naive, clients)
+    speedup = ours["texts_per_s"] / theirs["texts_per_s"] if ours and theirs and theirs["texts_per_s"] else None
+    p99_ratio = ours["p99_ms"] / theirs["p99_ms"] if ours and theirs and ours["p99_ms"] and theirs["p99_ms"] else None
+    bare_point = bare[0] if bare else None
+    cache = hits["requests_per_s"] / bare_point["requests_per_s"] if hits and bare_point else None
+    return [
+        _target("service / limit at saturation (best of each)", saturation, ">= 0.85",
+                None if saturation is None else saturation >= 0.85),
+        _target(f"service / naive at {clients} clients (sentences/s)", speedup, ">= 4",
+                None if speedup is None else speedup >= 4),
+        _target(f"service p99 / naive p99 at {clients} clients", p99_ratio, "<= 1",
+                None if p99_ratio is None else p99_ratio <= 1),
+        _target("cache hits / bare endpoint (requests/s)", cache, ">= 0.5", None if cache is None else cache >= 0.5),
+    ]

@@ -1,0 +1,58 @@
+"""What the benchmarks feed the model: unique texts, and the checkpoint to run them through."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from sentiment.settings import Settings
+
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def default_shared_dir() -> Path:
+    """`SENTIMENT_SHARED_DIR`, else `shared/` beside the checkout (the development layout, as in tests)."""
+    return Path(os.environ.get("SENTIMENT_SHARED_DIR", CHECKOUT.parent / "shared"))
+
+
+def load_texts(path: Path) -> list[str]:
+    """Unique texts in file order: the first column of a TSV with a `text` header, else one per line."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if lines and lines[0].split("\t")[0] == "text":
+        lines = [line.split("\t")[0] for line in lines[1:]]
+    return list(dict.fromkeys(t.strip() for t in lines if t.strip()))
+
+
+class UniqueTexts:
+    """An endless supply of never-repeated texts: the pool once, then the pool again with a round tag."""
+
+    def __init__(self, pool: list[str]) -> None:
+        if not pool:
+            raise ValueError("the text pool is empty")
+        self.pool = pool
+        self.used = 0
+
+    def take(self, count: int = 1) -> list[str]:
+        out = []
+        for _ in range(count):
+            round_, index = divmod(self.used, len(self.pool))
+            out.append(self.pool[index] if round_ == 0 else f"{self.pool[index]} ({round_})")
+            self.used += 1
+        return out
+
+
+@contextlib.contextmanager
+def model_dir(kind: str, settings: Settings, config_dir: Path) -> Iterator[Path]:
+    """The checkpoint to measure: `full` builds DistilBERT-base with random weights in a temporary
+    directory (deleted afterwards: weights are never left in the checkout); `small` is `--model-dir`."""
+    if kind == "small":
+        yield settings.model_dir
+        return
+    from model_store.factory import write_full_size_model
+
+    with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
+        yield write_full_size_model(config_dir, Path(tmp))

@@ -1,0 +1,40 @@
+// Shared by the k6 scripts: where the service is, the optional API key, and the stages.
+// Environment: BASE_URL (default http://127.0.0.1:8000), API_KEY (sent as X-API-Key when set),
+// VUS (default 10), RAMP_UP (30s), HOLD (1m), RAMP_DOWN (10s). A 1-minute smoke:
+//   k6 run -e RAMP_UP=10s -e HOLD=40s -e RAMP_DOWN=10s k6/load.js
+export const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8000').replace(/\/$/, '');
+
+export function headers() {
+  const h = { 'Content-Type': 'application/json' };
+  if (__ENV.API_KEY) {
+    h['X-API-Key'] = __ENV.API_KEY;
+  }
+  return h;
+}
+
+export function stages() {
+  const vus = parseInt(__ENV.VUS || '10', 10);
+  return [
+    { duration: __ENV.RAMP_UP || '30s', target: vus },
+    { duration: __ENV.HOLD || '1m', target: vus },
+    { duration: __ENV.RAMP_DOWN || '10s', target: 0 },
+  ];
+}
+
+// The seeds' fixed texts: the requests that repeat them are cache hits after their first answer.
+export const FIXED_TEXTS = [
+  'I love this product, it works great!',
+  'This is the worst purchase I have ever made.',
+  'The movie was okay, nothing special.',
+  'Absolutely fantastic experience, highly recommend.',
+  'Terrible customer service and a broken item.',
+];
+
+export function shuffled(items) {
+  const out = items.slice();
+  for (let i = out.length - 1; i > 0; i--) {
+    const j = Math.floor(Math.random() * (i + 1));
+    [out[i], out[j]] = [out[j], out[i]];
+  }
+  return out;
+}

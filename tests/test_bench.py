@@ -1,0 +1,92 @@
+"""`sentiment bench` end to end on the tiny model (structure only: timings belong in results files,
+never in asserts), the worker-counter arithmetic, and the doc block it rewrites."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+from benchmarks.batch_stats import Snapshot, between, parse_metrics
+from benchmarks.limit import batches
+from benchmarks.report import replace_block
+from tests.conftest import REPO
+
+SENTENCES = ["a gorgeous film", "the plot is a mess", "funny and warm", "i hated every minute", "not bad at all"]
+
+
+def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = tmp_path / "sentences.txt"
+    data.write_text("\n".join(SENTENCES * 3) + "\n")  # repeats are dropped: the workload is unique texts
+    out, doc = tmp_path / "results", tmp_path / "performance.md"
+    doc.write_text("# Performance\n\nprose stays\n")
+    subprocess.run(
+        [sys.executable, "-m", "sentiment.cli", "bench", "--quick", "--duration", "0.5", "--model", "small",
+         "--model-dir", str(tiny_model_dir), "--data", str(data), "--device", "cpu", "--out", str(out),
+         "--doc", str(doc)],
+        cwd=REPO, check=True, timeout=240,
+    )
+    [results_file] = out.glob("bench-*-cpu-quick.json")
+    results = json.loads(results_file.read_text())
+
+    assert {"cpu", "cores", "torch", "torch_threads", "device", "git_commit", "date"} <= set(results["machine"])
+    assert results["machine"]["device"] == "cpu" and results["failed"] == {}
+    assert results["settings"]["texts_in_pool"] == len(SENTENCES)
+    assert [p["batch_size"] for p in results["limit"]["points"]] == [1, 8, 16, 32, 64]
+    assert all(p["texts_per_s"] > 0 for p in results["limit"]["points"])
+    assert [p["concurrency"] for p in results["naive"]] == [1, 32]
+    service = results["service"]
+    assert [p["concurrency"] for p in service["points"]] == [1, 8, 32, 128]
+    for point in [*results["naive"], *service["points"], service["cache_hits"], *results["bare"]]:
+        assert point["errors"] == 0 and point["requests"] > 0 and point["p50_ms"] <= point["p99_ms"]
+    assert all(p["mean_batch_size"] >= 1 for p in service["points"])
+    assert [t["status"] in ("PASS", "MISS") for t in results["targets"]] == [True] * 4
+
+    assert sorted(results["plots"]) == ["cpu-quick-cache.png", "cpu-quick-limit.png", "cpu-quick-service.png"]
+    for name in results["plots"]:
+        assert (out / name).read_bytes().startswith(b"\x89PNG")
+    text = doc.read_text()
+    assert text.startswith("# Performance\n\nprose stays\n") and text.count("<!-- bench:cpu -->") == 1
+    assert results_file.name in text and "](results/cpu-quick-limit.png)" in text
+
+
+def test_doc_block_is_replaced_in_place_not_appended(tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Title\n<!-- k6:load -->\nold\n<!-- /k6:load -->\ntail\n")
+    replace_block(doc, "k6:load", "new")
+    replace_block(doc, "bench:cuda", "gpu")
+    assert doc.read_text() == (
+        "# Title\n<!-- k6:load -->\nnew\n<!-- /k6:load -->\ntail\n\n<!-- bench:cuda -->\ngpu\n<!-- /bench:cuda -->\n"
+    )
+
+
+def test_batch_size_and_queue_wait_come_from_the_worker_histograms_between_two_scrapes() -> None:
+    registry = CollectorRegistry()
+    size = Histogram("sentiment_batch_size", "texts per forward", registry=registry, buckets=(1, 8, 32, 64))
+    wait = Histogram("sentiment_queue_wait_seconds", "queue wait", registry=registry)
+    size.observe(1)  # before the load point: must not count
+    wait.observe(5.0)
+    before = Snapshot("metrics", parse_metrics(generate_latest(registry).decode()))
+    for texts, waited in ((8, 0.010), (16, 0.030)):
+        size.observe(texts)
+        wait.observe(waited)
+    after = Snapshot("metrics", parse_metrics(generate_latest(registry).decode()))
+    assert between(before, after) == {"source": "metrics", "mean_batch_size": 12.0, "mean_queue_wait_ms": 20.0}
+
+
+def test_without_metrics_the_heartbeat_gives_batch_size_and_no_queue_wait() -> None:
+    before = Snapshot("heartbeat", {"texts": 10, "batches": 10})
+    after = Snapshot("heartbeat", {"texts": 70, "batches": 14})
+    assert between(before, after) == {"source": "heartbeat", "mean_batch_size": 15.0, "mean_queue_wait_ms": None}
+
+
+def test_limit_batches_pad_within_sorted_windows_and_any_prefix_mixes_lengths() -> None:
+    ids = [[0] * n for n in [*range(1, 41), *range(40, 0, -1)]]  # two windows of 40 texts, lengths 1..40
+    out = batches(ids, 8, window=40)
+    assert sorted(len(b) for b in out) == [8] * 10
+    assert all(max(map(len, b)) - min(map(len, b)) == 7 for b in out)  # neighbours in length: little padding
+    assert sorted(len(t) for b in out for t in b) == sorted(map(len, ids))
+    assert max(len(t) for b in out[:3] for t in b) > 8  # not just the shortest texts first
