@@ -9,7 +9,7 @@ import redis as sync_redis
 from fastapi import FastAPI
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from api import errors
+from api import errors, metrics
 from api.job_store import JobStore
 from api.jobs import jobs_router
 from api.predictions import ModelRegistry, Predictor
@@ -45,6 +45,7 @@ def create_app(
             settings.redis_url, max_connections=settings.redis_max_connections, socket_connect_timeout=2
         )
         app.state.jobs = JobStore(jobs_client, settings)
+        app.state.scrape = metrics.scrape_state(jobs_client, app.state.jobs.queue, settings.key_prefix)
         try:
             yield
         finally:
@@ -63,5 +64,7 @@ def create_app(
     app.include_router(predict_router(settings))
     app.include_router(jobs_router(settings))
     app.include_router(router)
+    app.include_router(metrics.router)
+    app.add_middleware(metrics.RequestMetrics)
     errors.install(app)
     return app

@@ -9,6 +9,7 @@ import orjson
 from redis.asyncio import Redis
 
 from api.errors import ErrorType, ServiceError
+from api.metrics import CACHE_HITS, CACHE_MISSES
 from api.results import ResultWaiter
 from batcher.protocol import Keys, ModelInfo, Prediction, Result, WorkItem, new_id
 
@@ -56,6 +57,8 @@ class Predictor:
             found = {t: orjson.loads(c) for t, c in zip(unique, cached, strict=True) if c is not None}
         missing = [t for t in unique if t not in found]
         status = CacheStatus.HIT if not missing else CacheStatus.PARTIAL if found else CacheStatus.MISS
+        CACHE_HITS.inc(len(found))
+        CACHE_MISSES.inc(len(missing))
         if missing:
             found.update(zip(missing, await self._compute(missing), strict=True))
         return [found[t] for t in texts], status

@@ -14,6 +14,7 @@ from redis import Redis
 from redis.client import Pipeline
 
 from batcher.batching import batch_cut
+from batcher.metrics import timed_forward
 from batcher.protocol import Keys, Prediction, prediction
 from model_store.classifier import Classifier
 
@@ -68,7 +69,7 @@ class Inference:
             lengths = [len(token_ids[i]) for i in order[start : start + self.max_batch_size]]
             end = start + batch_cut(lengths, self.max_batch_size, self.max_batch_tokens)
             batch = order[start:end]
-            for i, probs in zip(batch, self.classifier.forward([token_ids[i] for i in batch]), strict=True):
+            for i, probs in zip(batch, timed_forward(self.classifier.forward, [token_ids[i] for i in batch]), strict=True):
                 probabilities[i] = probs
             self.forwards += 1
             self.computed += len(batch)

@@ -20,6 +20,7 @@ from redis.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from batcher import metrics
 from batcher.batching import Batcher, Held, Slot
 from batcher.inference import Inference
 from batcher.protocol import Keys, ModelInfo, Result, WorkerStatus, new_id
@@ -85,7 +86,8 @@ class Worker:
             self._next_reclaim = now + self.settings.heartbeat_ttl_s
         batch = self.batcher.next_batch(IDLE_POLL_S)
         if batch:
-            self._process(batch)
+            with metrics.busy():
+                self._process(batch)
         if now >= self._next_summary:
             self._log_summary()
             self._next_summary = now + SUMMARY_EVERY_S
@@ -95,6 +97,7 @@ class Worker:
         batch = [s for s in batch if s.held.error is None]  # the rest of an item that already failed
         if not batch:
             return
+        metrics.batch_started(batch)
         writes = self.redis.pipeline(transaction=True)
         try:
             self._predict(batch, writes)
