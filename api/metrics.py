@@ -78,6 +78,7 @@ class RequestMetrics:
             await self.app(scope, receive, send_status)
         finally:
             # The router records the matched route in the (shared) scope; its path is the template.
+            # Answered before routing (no route, or refused by a middleware): `unmatched`.
             route = getattr(scope.get("route"), "path", UNMATCHED_ROUTE)
             method = scope["method"] if scope["method"] in METHODS else "other"
             HTTP_REQUEST_DURATION.labels(route, method, str(status)).observe(time.perf_counter() - started)
