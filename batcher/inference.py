@@ -69,7 +69,8 @@ class Inference:
             lengths = [len(token_ids[i]) for i in order[start : start + self.max_batch_size]]
             end = start + batch_cut(lengths, self.max_batch_size, self.max_batch_tokens)
             batch = order[start:end]
-            for i, probs in zip(batch, timed_forward(self.classifier.forward, [token_ids[i] for i in batch]), strict=True):
+            batch_probs = timed_forward(self.classifier.forward, [token_ids[i] for i in batch])
+            for i, probs in zip(batch, batch_probs, strict=True):
                 probabilities[i] = probs
             self.forwards += 1
             self.computed += len(batch)

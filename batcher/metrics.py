@@ -108,7 +108,7 @@ class QueueDepth(Collector):
 
     @staticmethod
     def _family(value: float | None = None) -> GaugeMetricFamily:
-        family = GaugeMetricFamily("sentiment_queue_depth", "Work items waiting in the Redis queue (sampled at scrape).")
+        family = GaugeMetricFamily("sentiment_queue_depth", "Work items waiting in the Redis queue (read at scrape).")
         if value is not None:
             family.add_metric([], value)
         return family
