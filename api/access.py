@@ -79,7 +79,6 @@ class AccessControl:
         if self.keys:
             presented = presented_key(Headers(scope=scope))
             if presented is None:
-                # metric: sentiment_requests_refused_total{reason="unauthorized"}
                 response = error_response(
                     ErrorType.UNAUTHORIZED, "an API key is required (X-API-Key or Authorization: Bearer)"
                 )
@@ -88,14 +87,12 @@ class AccessControl:
                 return
             client = self.keys.client(presented)
             if client is None:
-                # metric: sentiment_requests_refused_total{reason="forbidden"}
                 await error_response(ErrorType.FORBIDDEN, "this API key is not valid")(scope, receive, send)
                 return
         else:
             client = f"addr-{(scope.get('client') or ('unknown',))[0]}"
         limit: RateLimit | None = getattr(scope["app"].state, "rate_limit", None)
         if limit is not None and (wait := await self._wait(limit, client)) is not None:
-            # metric: sentiment_requests_refused_total{reason="rate_limited"}
             response = error_response(ErrorType.RATE_LIMITED, "too many requests from this client; retry later")
             response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
             await response(scope, receive, send)

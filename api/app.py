@@ -9,7 +9,7 @@ import redis as sync_redis
 from fastapi import FastAPI
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from api import errors, limits
+from api import errors, limits, metrics
 from api.access import AccessControl, ApiKeys, document
 from api.job_store import JobStore
 from api.limits import BodyLimit, body_limit
@@ -52,6 +52,7 @@ def create_app(
             settings.redis_url, max_connections=settings.redis_max_connections, socket_connect_timeout=2
         )
         app.state.jobs = JobStore(jobs_client, settings)
+        app.state.scrape = metrics.scrape_state(jobs_client, app.state.jobs.queue, settings.key_prefix)
         try:
             yield
         finally:
@@ -70,6 +71,7 @@ def create_app(
     app.include_router(predict_router(settings))
     app.include_router(jobs_router(settings))
     app.include_router(router)
+    app.include_router(metrics.router)
     errors.install(app)
     limits.install(app)
     # The last added runs first: a caller is checked before its body is read.
@@ -78,5 +80,6 @@ def create_app(
         "/jobs": body_limit(settings.jobs_max_texts, settings.max_chars),
     })
     app.add_middleware(AccessControl, keys=ApiKeys(settings.api_keys or []))
+    app.add_middleware(metrics.RequestMetrics)  # outermost: refused requests are timed too
     document(app, keys_on=bool(settings.api_keys), rate_limit_on=settings.rate_limit_per_s is not None)
     return app

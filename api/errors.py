@@ -19,6 +19,8 @@ from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from api.metrics import REQUESTS_REFUSED
+
 log = logging.getLogger(__name__)
 
 
@@ -48,6 +50,10 @@ STATUS = {
     ErrorType.RATE_LIMITED: 429,
 }
 RETRY_AFTER_S = {ErrorType.UNAVAILABLE: 1, ErrorType.OVERLOADED: 1}
+# Requests turned away before any work: each answer counts in `sentiment_requests_refused_total{reason}`.
+REFUSED = (ErrorType.OVERLOADED, ErrorType.RATE_LIMITED, ErrorType.UNAUTHORIZED, ErrorType.FORBIDDEN, ErrorType.TOO_LARGE)
+for _refusal in REFUSED:
+    REQUESTS_REFUSED.labels(_refusal.value)  # every reason shows from the start, at 0
 
 
 class ErrorBody(BaseModel):
@@ -63,6 +69,8 @@ class ServiceError(Exception):
 
 
 def error_response(error_type: ErrorType, message: str) -> JSONResponse:
+    if error_type in REFUSED:
+        REQUESTS_REFUSED.labels(error_type.value).inc()
     retry = RETRY_AFTER_S.get(error_type)
     return JSONResponse(
         ErrorBody(error=message, error_type=error_type).model_dump(mode="json"),

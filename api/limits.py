@@ -85,7 +85,6 @@ class BodyLimit:
 
     @staticmethod
     async def _refuse(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
-        # metric: sentiment_requests_refused_total{reason="too_large"}
         response = error_response(ErrorType.TOO_LARGE, f"request body larger than this route's limit of {limit} bytes")
         await response(scope, receive, send)
 

@@ -9,6 +9,7 @@ import orjson
 from redis.asyncio import Redis
 
 from api.errors import ErrorType, ServiceError
+from api.metrics import CACHE_HITS, CACHE_MISSES
 from api.results import ResultWaiter
 from batcher.protocol import Keys, ModelInfo, Prediction, Result, WorkItem, new_id
 
@@ -59,6 +60,8 @@ class Predictor:
             found = {t: orjson.loads(c) for t, c in zip(unique, cached, strict=True) if c is not None}
         missing = [t for t in unique if t not in found]
         status = CacheStatus.HIT if not missing else CacheStatus.PARTIAL if found else CacheStatus.MISS
+        CACHE_HITS.inc(len(found))
+        CACHE_MISSES.inc(len(missing))
         if missing:
             found.update(zip(missing, await self._compute(missing), strict=True))
         return [found[t] for t in texts], status
@@ -88,7 +91,6 @@ class Predictor:
         raw = item.encode()
         depth = await self._redis.lpush(self._keys.queue, raw)
         if self._max_queue_depth and depth > self._max_queue_depth and await self._redis.lrem(self._keys.queue, 1, raw):
-            # metric: sentiment_requests_refused_total{reason="overloaded"}
             raise ServiceError(
                 ErrorType.OVERLOADED, f"{depth - 1} requests are already queued (limit {self._max_queue_depth}); retry later"
             )

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from batcher import metrics
 from batcher.protocol import Prediction, WorkItem
 from batcher.queue import WorkQueue
 
@@ -174,7 +175,8 @@ class Batcher:
         self.arrivals.add(self.clock())
         if item.deadline < time.time():
             self.queue.ack(raw)
-            self.expired += 1  # metric: sentiment_work_items_expired_total
+            self.expired += 1
+            metrics.WORK_ITEMS_EXPIRED.inc()
             log.info("skipped work item %s: its deadline passed in the queue", item.id)
             return True
         held = Held(raw, item)

@@ -14,6 +14,7 @@ from redis import Redis
 from redis.client import Pipeline
 
 from batcher.batching import batch_cut
+from batcher.metrics import timed_forward
 from batcher.protocol import Keys, Prediction, prediction
 from model_store.classifier import Classifier
 
@@ -75,10 +76,8 @@ class Inference:
             lengths = [len(token_ids[i]) for i in order[start : start + self.max_batch_size]]
             end = start + batch_cut(lengths, self.max_batch_size, self.max_batch_tokens)
             batch = order[start:end]
-            # metric: sentiment_batch_size (len(batch)); sentiment_tokens_total{kind="real"} (sum of
-            # lengths) and {kind="padded"} (len(batch) x longest); time the forward below for
-            # sentiment_batch_compute_seconds and sentiment_worker_busy_seconds_total
-            for i, probs in zip(batch, self.classifier.forward([token_ids[i] for i in batch]), strict=True):
+            batch_probs = timed_forward(self.classifier.forward, [token_ids[i] for i in batch])
+            for i, probs in zip(batch, batch_probs, strict=True):
                 probabilities[i] = probs
             self.forwards += 1
             self.computed += len(batch)

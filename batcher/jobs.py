@@ -25,6 +25,7 @@ from rq import Queue, SimpleWorker, get_current_job
 from rq.job import Job, JobStatus
 from rq.worker import WorkerStatus
 
+from batcher import metrics
 from batcher.inference import Inference
 from batcher.job_spec import CHUNKS_PER_BATCH, SERIALIZER, jobs_queue, progress
 from batcher.protocol import Keys, Prediction
@@ -48,7 +49,8 @@ def classify(texts: list[str]) -> list[Prediction]:
     predictions: list[Prediction] = []
     for start in range(0, len(texts), chunk):
         _stop_if_canceled(job)
-        predictions += _inference.predict(texts[start : start + chunk])
+        with metrics.busy():
+            predictions += _inference.predict(texts[start : start + chunk])
         if job is not None:
             job.meta.update(progress(len(predictions), len(texts)))
             job.save_meta()
@@ -155,6 +157,7 @@ def run(settings: Settings, threads: int | None, priority: str = "idle") -> None
     from model_store.classifier import Classifier
 
     classifier = Classifier(settings.model_dir, settings.device, threads, settings.precision, settings.torch_interop_threads)
+    metrics.serve(settings.jobs_metrics_port)
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
     inference = Inference(
         classifier, redis, Keys(settings.key_prefix), settings.max_batch_size, settings.max_batch_tokens,

@@ -27,6 +27,7 @@ from redis.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from batcher import metrics
 from batcher.batching import Batcher, Held, Slot
 from batcher.inference import Inference
 from batcher.protocol import Keys, ModelInfo, Prediction, Result, WorkerStatus, new_id
@@ -133,13 +134,14 @@ class Worker:
         batch = [s for s in batch if s.held.error is None]  # the rest of an item that already failed
         if not batch:
             return None
-        # metric: sentiment_queue_wait_seconds (time.time() - held.item.enqueued_at, per item, as its batch starts)
+        metrics.batch_started(batch)
         found, todo = self.inference.lookup([s.text for s in batch])
         ids_of = {s.text: s.ids for s in batch}
         ids = [ids_of[t] for t in todo]
 
         def compute() -> list[list[float]]:
-            return self.inference.run(ids) if ids else []
+            with metrics.busy():
+                return self.inference.run(ids) if ids else []
 
         probabilities = self._model_thread.submit(compute) if self._model_thread else _call(compute)
         return Running(batch, found, todo, probabilities, started)

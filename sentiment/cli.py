@@ -119,6 +119,8 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
 
         sys.exit(0 if worker_alive_on_this_host(redis.Redis.from_url(settings.redis_url), settings.key_prefix) else 1)
 
+    from batcher import metrics
+    from batcher.protocol import Keys
     from batcher.worker import Worker
     from model_store.classifier import Classifier
 
@@ -126,7 +128,9 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
     classifier = Classifier(
         settings.model_dir, settings.device, settings.torch_threads, settings.precision, settings.torch_interop_threads
     )
-    worker = Worker(settings, redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2), classifier)
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+    metrics.serve(settings.metrics_port, metrics.QueueDepth(client, Keys(settings.key_prefix)))
+    worker = Worker(settings, client, classifier)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
     worker.run()

@@ -131,6 +131,16 @@ class Settings(BaseSettings):
             raise ValueError(f"every API key needs at least {MIN_API_KEY_CHARS} characters")
         return keys
 
+    # Observability (the API serves /metrics on its own port)
+    metrics_port: int = Field(
+        9100, ge=0, le=65535, description="Port of the model worker's Prometheus /metrics; 0 disables."
+    )
+    jobs_metrics_port: int = Field(
+        9101, ge=0, le=65535,
+        description="Port of the bulk-jobs worker's Prometheus /metrics (apart from the worker's, so `serve` "
+        "runs both on one machine); 0 disables.",
+    )
+
     @property
     def redis_url_given(self) -> bool:
         """Whether the Redis URL came from the environment (else `serve` embeds its own)."""

@@ -126,7 +126,7 @@ class Service:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             **os.environ, "SENTIMENT_REDIS_URL": redis_url, "SENTIMENT_MODEL_DIR": str(model_dir),
-            "SENTIMENT_KEY_PREFIX": prefix, **env,
+            "SENTIMENT_KEY_PREFIX": prefix, "SENTIMENT_METRICS_PORT": "0", "SENTIMENT_JOBS_METRICS_PORT": "0", **env,
         }
         self.procs: list[subprocess.Popen[bytes]] = []
 

@@ -10,6 +10,7 @@ import copy
 import functools
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -608,3 +609,113 @@ def test_keda_list_target_fills_batches_and_keeps_the_wait_far_below_the_timeout
     assert backlog_texts / TEXTS_PER_S_PER_WORKER <= settings.request_timeout_s / 10
     assert so["spec"]["minReplicaCount"] >= 1, "interactive traffic must not wait for a cold start"
     assert so["spec"]["pollingInterval"] <= 10
+
+
+# ---------------------------------------------------------------- monitoring (k8s/monitoring)
+
+MONITORING = "monitoring"  # applied on its own: needs the Prometheus Operator CRDs, which the base must not
+MONITORED_COMPONENTS = {"sentiment-api": "api", "sentiment-worker": "worker", "sentiment-jobs-worker": "jobs-worker"}
+# Fields of the Prometheus Operator's PodMonitor this repository uses (monitoring.coreos.com/v1).
+PODMONITOR_SPEC_FIELDS = {"jobLabel", "podTargetLabels", "selector", "namespaceSelector", "podMetricsEndpoints"}
+ENDPOINT_FIELDS = {"port", "portNumber", "path", "scheme", "interval", "scrapeTimeout", "honorLabels", "relabelings"}
+
+
+def _monitoring(kind: str) -> dict[str, Any]:
+    (doc,) = objects(MONITORING, kind)
+    return doc
+
+
+def _metrics_port(target: str, deployment: str) -> tuple[str, int, str]:
+    """(port name, number, path) where the deployment's process serves /metrics, from its settings."""
+    container = container_of(target, deployment)
+    if deployment == "sentiment-api":
+        return "http", cli_args(container["args"]).port, "/metrics"
+    data = get(target, "ConfigMap", "sentiment-config")["data"] | env_of(container)
+    settings = Settings(_env_file=None, **{k.removeprefix("SENTIMENT_").lower(): v for k, v in data.items()
+                                           if k.startswith("SENTIMENT_")})
+    port = settings.metrics_port if container["args"][0] == "worker" else settings.jobs_metrics_port
+    return "metrics", port, "/metrics"
+
+
+def test_monitoring_renders_on_its_own_and_the_base_needs_no_operator() -> None:
+    kinds = sorted(doc["kind"] for doc in render(MONITORING))
+    assert kinds == ["ConfigMap", "PodMonitor", "PrometheusRule"]
+    for doc in render(MONITORING):
+        assert doc["metadata"]["namespace"] == NAMESPACE
+    for target in TARGETS:
+        assert not [d for d in render(target) if d["apiVersion"].startswith("monitoring.coreos.com/")], target
+    for kind in ("PodMonitor", "PrometheusRule"):
+        assert _monitoring(kind)["apiVersion"] == "monitoring.coreos.com/v1"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_podmonitor_scrapes_every_app_pod_where_it_serves_metrics(target: str) -> None:
+    monitor = _monitoring("PodMonitor")
+    spec = monitor["spec"]
+    assert set(spec) <= PODMONITOR_SPEC_FIELDS
+    endpoints = spec["podMetricsEndpoints"]
+    assert all(set(e) <= ENDPOINT_FIELDS for e in endpoints)
+    selected = {w["metadata"]["name"]: w for w in workloads(target) if selects(spec["selector"], pod_labels(w))}
+    assert set(selected) == set(MONITORED_COMPONENTS)
+    for name, workload in selected.items():
+        # `job` comes from this label; the dashboard and the alerts filter on its values.
+        assert pod_labels(workload)[spec["jobLabel"]] == MONITORED_COMPONENTS[name]
+        ports = {p["name"]: p["containerPort"] for c in containers(workload) for p in c.get("ports", [])}
+        scraped = [e for e in endpoints if e["port"] in ports]
+        assert len(scraped) == 1, f"{name}: {len(scraped)} endpoints match its ports {sorted(ports)}"
+        port_name, port, path = _metrics_port(target, name)
+        assert (scraped[0]["port"], ports[scraped[0]["port"]], scraped[0]["path"]) == (port_name, port, path), name
+        annotations = workload["spec"]["template"]["metadata"]["annotations"]
+        assert (annotations["prometheus.io/port"], annotations["prometheus.io/path"]) == (str(port), path), name
+
+
+def test_the_scraped_api_path_serves_prometheus_text() -> None:
+    import fakeredis
+    from fastapi.testclient import TestClient
+
+    server = fakeredis.FakeServer()
+    app = create_app(Settings(_env_file=None), redis=fakeredis.FakeAsyncRedis(server=server),
+                     jobs_redis=fakeredis.FakeRedis(server=server))
+    (endpoint,) = [e for e in _monitoring("PodMonitor")["spec"]["podMetricsEndpoints"] if e["port"] == "http"]
+    with TestClient(app) as client:
+        response = client.get(endpoint["path"])
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    assert "# TYPE sentiment_http_request_duration_seconds histogram" in response.text
+
+
+def _promql() -> list[tuple[str, str]]:
+    from tests.test_metrics import promql_expressions
+
+    return promql_expressions()
+
+
+def test_alert_rules_wait_before_firing_and_say_what_to_do() -> None:
+    rules = [r for g in _monitoring("PrometheusRule")["spec"]["groups"] for r in g["rules"]]
+    alerts = {r["alert"] for r in rules}
+    assert {"SentimentPredictLatencyP99OverTarget", "SentimentQueueGrowing", "SentimentNoLiveWorker"} <= alerts
+    for rule in rules:
+        assert set(rule) == {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]
+        assert re.fullmatch(r"\d+[smh]", rule["for"]) and not rule["for"].startswith("0"), rule["alert"]
+        assert rule["labels"]["severity"] in {"warning", "critical"}
+        assert set(rule["annotations"]) == {"summary", "description"} and len(rule["annotations"]["description"]) > 80
+
+
+def test_dashboard_and_alerts_filter_on_labels_that_exist() -> None:
+    """`job`, `namespace`, `route` and `deployment` values in every query match what is deployed and served."""
+    served_routes = set(create_app(Settings(_env_file=None)).openapi()["paths"]) | {"/metrics"}  # (not in the schema)
+    for where, expr in _promql():
+        for label, value in re.findall(r'\b(job|namespace|route|deployment)\s*!?=~?\s*"([^"]*)"', expr):
+            allowed = {
+                "job": set(MONITORED_COMPONENTS.values()), "namespace": {NAMESPACE, "$namespace"},
+                "route": served_routes, "deployment": set(MONITORED_COMPONENTS),
+            }[label]
+            assert value in allowed, f"{where}: {label}={value!r}"
+
+
+def test_dashboard_configmap_carries_the_dashboard_for_grafana() -> None:
+    configmap = _monitoring("ConfigMap")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (name,) = configmap["data"]
+    dashboard = json.loads(configmap["data"][name])
+    assert dashboard == json.loads((K8S / MONITORING / name).read_text())
+    assert dashboard["uid"] and {p["type"] for p in dashboard["panels"]} <= {"timeseries", "row", "stat"}

@@ -1,0 +1,131 @@
+"""The workers' Prometheus metrics: what batching achieves, what it costs, and how far behind it is.
+
+Metric objects live here (per process, in prometheus-client's default registry) so the batching
+code only makes one-line calls; `serve` exposes them on `SENTIMENT_METRICS_PORT` (the micro-batching
+worker) or `SENTIMENT_JOBS_METRICS_PORT` (the bulk-jobs worker). The names are the contract with
+the dashboards and alerts in k8s/monitoring/ (tests/test_metrics.py checks they agree).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, TypeVar
+
+from prometheus_client import REGISTRY, Counter, Histogram, disable_created_metrics, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from redis import Redis
+from redis.exceptions import RedisError
+
+from batcher.protocol import Keys
+
+if TYPE_CHECKING:
+    from batcher.batching import Slot
+
+log = logging.getLogger(__name__)
+disable_created_metrics()  # `_created` series double the series count and no panel uses them
+
+T = TypeVar("T")
+
+BATCH_SIZE = Histogram(
+    "sentiment_batch_size", "Texts per model forward.",
+    buckets=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256),
+)
+BATCH_COMPUTE_SECONDS = Histogram(
+    "sentiment_batch_compute_seconds", "Model time per forward (padding, forward, softmax).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 2, 5),
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "sentiment_queue_wait_seconds", "From a work item's enqueue (API clock) to the start of its first batch.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+TOKENS = Counter(
+    "sentiment_tokens", "Token positions computed: real = the texts' tokens, padded = texts x the batch's longest.",
+    ["kind"],
+)
+WORK_ITEMS_EXPIRED = Counter(
+    "sentiment_work_items_expired", "Work items skipped because their deadline passed while queued."
+)
+WORKER_BUSY_SECONDS = Counter(
+    "sentiment_worker_busy_seconds", "Seconds the model spent on batches (or job chunks); rate = busy ratio."
+)
+for _kind in ("real", "padded"):
+    TOKENS.labels(_kind)
+
+
+def timed_forward(forward: Callable[[list[list[int]]], T], batch: list[list[int]]) -> T:
+    """`forward(batch)`, recording its size, model time and real vs padded token positions."""
+    started = time.perf_counter()
+    result = forward(batch)
+    BATCH_COMPUTE_SECONDS.observe(time.perf_counter() - started)
+    BATCH_SIZE.observe(len(batch))
+    TOKENS.labels("real").inc(sum(map(len, batch)))
+    TOKENS.labels("padded").inc(len(batch) * max(map(len, batch), default=0))
+    return result
+
+
+def batch_started(slots: Iterable[Slot]) -> None:
+    """Record the queue wait of every work item whose first texts go into the batch starting now."""
+    now = time.time()
+    for held in {slot.held for slot in slots}:
+        if held.missing == len(held.item.texts):  # nothing filled yet: this is its first batch
+            QUEUE_WAIT_SECONDS.observe(max(now - held.item.enqueued_at, 0.0))
+
+
+@contextmanager
+def busy() -> Iterator[None]:
+    """Count the time inside as busy (the busy ratio is its rate)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        WORKER_BUSY_SECONDS.inc(time.perf_counter() - started)
+
+
+class QueueDepth(Collector):
+    """`sentiment_queue_depth`: work items waiting in the Redis queue, read (LLEN) at scrape time.
+
+    A scrape while Redis is unreachable leaves the gauge out instead of failing the whole scrape.
+    """
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+
+    def describe(self) -> Sequence[GaugeMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            depth = self.redis.llen(self.keys.queue)
+        except RedisError as exc:
+            log.warning("queue depth not sampled: redis unreachable (%s)", exc)
+            return
+        yield self._family(depth)
+
+    @staticmethod
+    def _family(value: float | None = None) -> GaugeMetricFamily:
+        family = GaugeMetricFamily("sentiment_queue_depth", "Work items waiting in the Redis queue (read at scrape).")
+        if value is not None:
+            family.add_metric([], value)
+        return family
+
+
+def serve(port: int, *collectors: Collector) -> None:
+    """Expose this process's metrics (plus `collectors`) over HTTP on `port`; 0 disables.
+
+    A port already taken is logged, not fatal: a worker that cannot be scraped still serves.
+    """
+    if not port:
+        return
+    for collector in collectors:
+        REGISTRY.register(collector)
+    try:
+        start_http_server(port)
+    except OSError as exc:
+        log.error("metrics not served: cannot listen on port %d (%s)", port, exc)
+        return
+    log.info("metrics on :%d/metrics", port)
