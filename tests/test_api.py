@@ -30,7 +30,8 @@ def anyio_backend() -> str:
 
 @asynccontextmanager
 async def client_for(settings: Settings, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, redis=redis)
+    # Bulk jobs get a fake Redis of their own: never the default URL's (a Redis these tests did not start).
+    app = create_app(settings, redis=redis, jobs_redis=fakeredis.FakeRedis())
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
             yield client
