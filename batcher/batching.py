@@ -35,6 +35,31 @@ def batch_cut(lengths: Sequence[int], max_size: int, max_tokens: int) -> int:
     return len(lengths)
 
 
+def split_by_length(lengths: Sequence[int], max_size: int, max_tokens: int, overhead_tokens: int) -> list[int]:
+    """Where to cut length-sorted texts into forwards so the model does the least work.
+
+    A forward costs its padded tokens (texts x longest) plus a fixed `overhead_tokens` (the
+    per-call cost, in token equivalents); dynamic programming over the sorted lengths finds the
+    cheapest cuts within the caps. A batch of 32 texts in arrival order pads to its longest text;
+    cut here into length-homogeneous forwards, DistilBERT-base on 2 CPU cores goes from 45 to
+    ~90 texts/s (docs/tuning.md). Returns the end index of each forward.
+    """
+    count = len(lengths)
+    cost = [0.0] + [float("inf")] * count
+    start_of = [0] * (count + 1)
+    for end in range(1, count + 1):
+        for start in range(max(0, end - max_size), end):
+            size = end - start
+            if size > 1 and size * lengths[end - 1] > max_tokens:
+                continue
+            if (c := cost[start] + size * lengths[end - 1] + overhead_tokens) < cost[end]:
+                cost[end], start_of[end] = c, start
+    ends = [count] if count else []
+    while ends and (start := start_of[ends[-1]]) > 0:
+        ends.append(start)
+    return ends[::-1]
+
+
 @dataclass(eq=False)
 class Held:
     """A work item this worker holds in its processing list until every text has a prediction."""

@@ -13,7 +13,7 @@ import orjson
 from redis import Redis
 from redis.client import Pipeline
 
-from batcher.batching import batch_cut
+from batcher.batching import split_by_length
 from batcher.metrics import timed_forward
 from batcher.protocol import Keys, Prediction, prediction
 from model_store.classifier import Classifier
@@ -68,13 +68,14 @@ class Inference:
         return fresh
 
     def run(self, token_ids: Sequence[list[int]]) -> list[list[float]]:
-        """Model probabilities for token ids: sorted by length, cut by the batch caps, input order kept."""
+        """Model probabilities for token ids: sorted by length, cut into the cheapest forwards, input order kept."""
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
+        lengths = [len(token_ids[i]) for i in order]
         probabilities: list[list[float]] = [[] for _ in token_ids]
         start = 0
-        while start < len(order):
-            lengths = [len(token_ids[i]) for i in order[start : start + self.max_batch_size]]
-            end = start + batch_cut(lengths, self.max_batch_size, self.max_batch_tokens)
+        for end in split_by_length(
+            lengths, self.max_batch_size, self.max_batch_tokens, self.classifier.forward_overhead_tokens
+        ):
             batch = order[start:end]
             batch_probs = timed_forward(self.classifier.forward, [token_ids[i] for i in batch])
             for i, probs in zip(batch, batch_probs, strict=True):

@@ -8,7 +8,7 @@ import time
 import fakeredis
 import pytest
 
-from batcher.batching import Batcher, batch_cut, nearest_in_length
+from batcher.batching import Batcher, batch_cut, nearest_in_length, split_by_length
 from batcher.protocol import Keys, WorkItem, new_id
 from batcher.queue import WorkQueue
 
@@ -57,6 +57,21 @@ def texts_of(batch) -> list[str]:
 )
 def test_batch_cut(lengths: list[int], size: int, tokens: int, expected: int) -> None:
     assert batch_cut(lengths, size, tokens) == expected
+
+
+@pytest.mark.parametrize(
+    ("lengths", "size", "tokens", "overhead", "ends"),
+    [
+        ([], 32, 8192, 64, []),
+        ([10] * 20, 32, 8192, 64, [20]),  # one length: one forward
+        ([5] * 16 + [60] * 16, 32, 8192, 64, [16, 32]),  # the short texts are not padded to 60
+        ([5] * 16 + [60] * 16, 32, 8192, 2000, [32]),  # a costly call (a GPU): one forward after all
+        ([5, 6, 7, 8] + [9] * 8, 4, 8192, 64, [4, 8, 12]),  # at most `size` texts a forward
+        ([10, 10, 10, 10, 500], 32, 1000, 64, [4, 5]),  # the token cap holds; a lone long text still runs
+    ],
+)
+def test_split_by_length(lengths: list[int], size: int, tokens: int, overhead: int, ends: list[int]) -> None:
+    assert split_by_length(lengths, size, tokens, overhead) == ends
 
 
 def test_queued_work_goes_without_waiting(redis: fakeredis.FakeRedis) -> None:
