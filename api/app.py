@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis as sync_redis
+from cachetools import TTLCache
 from fastapi import FastAPI
 from redis.asyncio import BlockingConnectionPool, Redis
 
@@ -43,8 +44,9 @@ def create_app(
         app.state.redis = client
         app.state.keys = keys
         app.state.models = ModelRegistry(client, keys)
+        local_cache = TTLCache(settings.local_cache_size, settings.cache_ttl_s) if settings.local_cache_size else None
         app.state.predictor = Predictor(
-            client, keys, waiter, app.state.models, settings.request_timeout_s, settings.max_queue_depth
+            client, keys, waiter, app.state.models, settings.request_timeout_s, settings.max_queue_depth, local_cache
         )
         if settings.rate_limit_per_s is not None:
             app.state.rate_limit = RateLimit(client, keys, settings.rate_limit_per_s, settings.rate_limit_burst)

@@ -6,6 +6,7 @@ import time
 from enum import StrEnum
 
 import orjson
+from cachetools import TTLCache
 from redis.asyncio import Redis
 
 from api.errors import ErrorType, ServiceError
@@ -43,7 +44,8 @@ class Predictor:
     """Answers a list of texts from the cache and, for the misses, from the worker."""
 
     def __init__(
-        self, redis: Redis, keys: Keys, waiter: ResultWaiter, models: ModelRegistry, timeout_s: float, max_queue_depth: int
+        self, redis: Redis, keys: Keys, waiter: ResultWaiter, models: ModelRegistry, timeout_s: float,
+        max_queue_depth: int, local_cache: TTLCache[str, Prediction] | None = None,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -51,13 +53,22 @@ class Predictor:
         self._models = models
         self._timeout_s = timeout_s
         self._max_queue_depth = max_queue_depth
+        # Hot texts skip Redis: entries are keyed like Redis' (model version + digest), so they can
+        # never outlive their model, and expire with the same TTL.
+        self._local = local_cache
 
     async def predict(self, texts: list[str]) -> tuple[list[Prediction], CacheStatus]:
         unique = list(dict.fromkeys(texts))
         found: dict[str, Prediction] = {}
         if model := await self._models.current():
-            cached = await self._redis.mget([self._keys.cache(model.version, t) for t in unique])
-            found = {t: orjson.loads(c) for t, c in zip(unique, cached, strict=True) if c is not None}
+            keys = {t: self._keys.cache(model.version, t) for t in unique}
+            local = self._local if self._local is not None else {}  # disabled: a throwaway per request
+            found = {t: local[k] for t, k in keys.items() if k in local}
+            if remote := [t for t in unique if t not in found]:
+                cached = await self._redis.mget([keys[t] for t in remote])
+                for text, raw in zip(remote, cached, strict=True):
+                    if raw is not None:
+                        found[text] = local[keys[text]] = orjson.loads(raw)
         missing = [t for t in unique if t not in found]
         status = CacheStatus.HIT if not missing else CacheStatus.PARTIAL if found else CacheStatus.MISS
         CACHE_HITS.inc(len(found))

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
 
     # Results
     cache_ttl_s: int = Field(86_400, ge=1, description="Lifetime of a cached per-text prediction.")
+    local_cache_size: int = Field(
+        10_000, ge=0, description="Cached predictions each API process also keeps in memory (LRU, same TTL) so "
+        "hot texts skip Redis; 0 disables.",
+    )
     result_ttl_s: int = Field(60, ge=1, description="Lifetime of a per-request result key nobody collected.")
 
     # Micro-batching

@@ -219,3 +219,25 @@ async def test_past_the_queue_limit_a_request_is_refused_unless_a_worker_already
         start_worker(worker)
         served = await client.post("/predict", json={"text": ["taken in time"]})
         assert served.status_code == 200
+
+
+async def test_hot_texts_are_answered_from_the_process_cache_without_redis(
+    settings: Settings, fake_server: fakeredis.FakeServer, worker: Worker
+) -> None:
+    start_worker(worker)
+    keys = Keys(settings.key_prefix)
+    async with client_for(settings, fakeredis.FakeAsyncRedis(server=fake_server)) as client:
+        first = await client.post("/predict", json={"text": ["hot text"]})  # computed
+        second = await client.post("/predict", json={"text": ["hot text"]})  # from Redis, now held locally
+        fakeredis.FakeRedis(server=fake_server).delete(keys.cache(worker.classifier.version, "hot text"))
+        third = await client.post("/predict", json={"text": ["hot text"]})  # Redis no longer has it
+    assert [r.headers["x-cache"] for r in (first, second, third)] == ["miss", "hit", "hit"]
+    assert third.json() == first.json()
+    assert worker.inference.computed == 1
+
+    off = settings.model_copy(update={"local_cache_size": 0})
+    async with client_for(off, fakeredis.FakeAsyncRedis(server=fake_server)) as client:
+        fakeredis.FakeRedis(server=fake_server).delete(keys.cache(worker.classifier.version, "hot text"))
+        again = await client.post("/predict", json={"text": ["hot text"]})
+    assert again.headers["x-cache"] == "miss"
+    assert worker.inference.computed == 2
