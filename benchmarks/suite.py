@@ -45,14 +45,24 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
     texts = UniqueTexts(pool)
     command = " ".join(["sentiment", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "sentiment bench"
 
-    model_source = str(settings.model_dir) if args.model == "small" else f"{config_dir} (random weights)"
+    def portable(path: Path) -> str:
+        """A path as results may record it: under the shared dir or the checkout, never this machine's."""
+        for base, name in ((shared, "$SENTIMENT_SHARED_DIR"), (CHECKOUT, ".")):
+            if Path(path).resolve().is_relative_to(base.resolve()):
+                return f"{name}/{Path(path).resolve().relative_to(base.resolve())}"
+        return Path(path).name
+
+    model_source = portable(settings.model_dir) if args.model == "small" else f"{portable(config_dir)} (random weights)"
     results: dict[str, object] = {
         "machine": machine.describe(device),
         "settings": {
             "command": command, "parts": only, "model": args.model, "model_source": model_source,
-            "data": str(data), "texts_in_pool": len(pool),
+            "data": portable(data), "texts_in_pool": len(pool),
             "duration_s": duration, "warmup_s": warmup, "quick": args.quick,
-            "service": {k: v for k, v in settings.model_dump(mode="json").items() if not SECRET.search(k)},
+            "service": {
+                k: portable(v) if k == "model_dir" else v
+                for k, v in settings.model_dump(mode="json").items() if not SECRET.search(k)
+            },
         },
     }
     print(f"bench: {', '.join(only)} on {device}, model {args.model}, {duration:g} s per point", flush=True)
