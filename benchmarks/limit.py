@@ -28,30 +28,40 @@ def batches(ids: list[list[int]], size: int, window: int = SORT_WINDOW) -> list[
     return out
 
 
-def measure(
-    model_dir: Path, device: str, threads: int | None, texts: list[str], sizes: list[int], duration_s: float,
-    progress: Callable[[str, dict[str, object]], None],
-) -> dict[str, object]:
-    """Sentences/s and mean padded width per batch size, each forwarding for about `duration_s`
-    (cycling through the texts if they run out first, as on a fast GPU)."""
-    classifier = Classifier(model_dir, device, threads)
-    ids = classifier.tokenize(texts)
-    points = []
-    for size in sizes:
-        work = batches(ids, size)
-        classifier.forward(work[0])  # a new shape's first forward pays set-up costs
+class Limit:
+    """The model alone, loaded once: the curve over batch sizes, and the best size's rate again on
+    demand, so the service's saturation point is compared with the limit measured beside it."""
+
+    def __init__(self, model_dir: Path, device: str, threads: int | None, texts: list[str]) -> None:
+        self.classifier = Classifier(model_dir, device, threads)
+        self.ids = self.classifier.tokenize(texts)
+
+    def point(self, size: int, duration_s: float) -> dict[str, object]:
+        """Sentences/s and mean padded width at one batch size, forwarding for about `duration_s`
+        (cycling through the texts if they run out first, as on a fast GPU)."""
+        work = batches(self.ids, size)
+        self.classifier.forward(work[0])  # a new shape's first forward pays set-up costs
         done = padded = 0
         started = time.perf_counter()
         for batch in itertools.cycle(work):
-            classifier.forward(batch)
+            self.classifier.forward(batch)
             done += len(batch)
             padded += len(batch) * max(map(len, batch))
             if time.perf_counter() - started >= duration_s:
                 break
         elapsed = time.perf_counter() - started
-        points.append({
+        return {
             "batch_size": size, "texts": done, "seconds": round(elapsed, 3),
             "texts_per_s": round(done / elapsed, 2), "mean_padded_tokens": round(padded / done, 1),
-        })
-        progress("limit", points[-1])
-    return {"model": classifier.name, "dtype": str(classifier.dtype).removeprefix("torch."), "points": points}
+        }
+
+    def measure(
+        self, sizes: list[int], duration_s: float, progress: Callable[[str, dict[str, object]], None]
+    ) -> dict[str, object]:
+        """Benchmark (1): one point per batch size."""
+        points = []
+        for size in sizes:
+            points.append(self.point(size, duration_s))
+            progress("limit", points[-1])
+        c = self.classifier
+        return {"model": c.name, "dtype": str(c.dtype).removeprefix("torch."), "points": points}

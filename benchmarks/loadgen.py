@@ -89,10 +89,9 @@ class _Connection:
 
 
 async def _run(
-    url: str, texts_for: Callable[[int], list[str]], concurrency: int, warmup_s: float, duration_s: float
+    urls: list[str], texts_for: Callable[[int], list[str]], concurrency: int, warmup_s: float, duration_s: float
 ) -> LoadResult:
-    parts = urlsplit(url)
-    host, port, path = parts.hostname or "127.0.0.1", parts.port or 80, parts.path or "/"
+    targets = [(p.hostname or "127.0.0.1", p.port or 80, p.path or "/") for p in map(urlsplit, urls)]
     loop = asyncio.get_running_loop()
     measure_from = loop.time() + warmup_s
     measure_to = measure_from + duration_s
@@ -100,7 +99,8 @@ async def _run(
     counted = {"requests": 0, "texts": 0, "errors": 0}
     sequence = itertools.count()
 
-    async def client() -> None:
+    async def client(number: int) -> None:
+        host, port, path = targets[number % len(targets)]
         conn = _Connection(host, port)
         try:
             while (started := loop.time()) < measure_to:
@@ -122,7 +122,7 @@ async def _run(
             conn.close()
 
     cpu_before = time.process_time()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
+    await asyncio.gather(*(client(n) for n in range(concurrency)))
     cpu_share = (time.process_time() - cpu_before) / (warmup_s + duration_s)
     latencies.sort()
     return LoadResult(
@@ -132,11 +132,13 @@ async def _run(
 
 
 def closed_loop(
-    url: str, texts_for: Callable[[int], list[str]], concurrency: int, duration_s: float, warmup_s: float = 1.0
+    url: str | list[str], texts_for: Callable[[int], list[str]], concurrency: int, duration_s: float, warmup_s: float = 1.0
 ) -> LoadResult:
     """POST `{"text": texts_for(i)}` to `url` from `concurrency` connections for warm-up + duration.
+
+    Given several URLs (API replicas), the connections are spread over them round-robin.
 
     Requests that complete inside the window after the warm-up count (so throughput is not biased by
     slow requests straddling its edges); non-200 answers count as errors, not latencies.
     """
-    return asyncio.run(_run(url, texts_for, concurrency, warmup_s, duration_s))
+    return asyncio.run(_run([url] if isinstance(url, str) else url, texts_for, concurrency, warmup_s, duration_s))

@@ -106,7 +106,9 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
     rows = [("(2) naive", p) for p in results.get("naive") or []]
     rows += [("(3) service", p) for p in (results.get("service") or {}).get("points") or []]
     if rows:
-        lines += ["", "**(2) naive baseline and (3) this service** (one never-seen sentence per request)", "",
+        apis = s.get("api_processes", 1)
+        lines += ["", "**(2) naive baseline and (3) this service** (one never-seen sentence per request; "
+                  f"{apis} API process{'es' if apis > 1 else ''} and one worker)", "",
                   "| subject | clients | sentences/s | p50 ms | p95 ms | p99 ms | mean batch | queue wait ms | errors |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         lines += [
@@ -114,6 +116,15 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
             f"{_cell(p['p99_ms'])} | {_cell(p.get('mean_batch_size'))} | {_cell(p.get('mean_queue_wait_ms'))} | "
             f"{p['errors']} |"
             for name, p in rows
+        ]
+    if paired := (results.get("service") or {}).get("saturation"):
+        lines += ["", f"**Saturation rounds** ({paired['clients']} clients; the limit at batch "
+                  f"{paired['limit_batch_size']} measured right before and after each service point)", "",
+                  "| round | limit before | service | limit after | service / mean limit |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [
+            f"| {i} | {r['limit_before']} | {r['service']} | {r['limit_after']} | {r['ratio']} |"
+            for i, r in enumerate(paired["rounds"], start=1)
         ]
     cache = [("(4) cache hits", (results.get("service") or {}).get("cache_hits"))]
     cache += [("bare endpoint", p) for p in results.get("bare") or []]

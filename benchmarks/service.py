@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import statistics
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -28,6 +30,17 @@ _FAKE_REDIS = (
     "import sys; from fakeredis import TcpFakeServer; "
     "TcpFakeServer(('127.0.0.1', int(sys.argv[1])), server_type='redis').serve_forever()"
 )
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The limit at its best batch size (`rate()`: sentences/s), measured again right before and
+    after each of `rounds` saturation points: this box's speed drifts by tens of percent within
+    minutes (other tenants), and a ratio of numbers taken minutes apart would measure that drift."""
+
+    rate: Callable[[], float]
+    batch_size: int
+    rounds: int
 
 
 @contextlib.contextmanager
@@ -55,37 +68,75 @@ def redis_server(procs: Processes) -> Iterator[tuple[str, str]]:
 def measure(
     model_dir: Path, device: str, texts: UniqueTexts, concurrencies: list[int], cache_concurrency: int | None,
     duration_s: float, warmup_s: float, progress: Callable[[str, dict[str, object]], None],
+    reference: Reference | None = None, api_processes: int = 1,
 ) -> dict[str, object]:
-    """(3) at each concurrency with never-seen texts; then (4), all-hit requests, when asked."""
+    """(3) at each concurrency with never-seen texts, then the saturation rounds against
+    `reference` when given; then (4), all-hit requests, when asked.
+
+    `api_processes` API replicas (as API pods behind a Kubernetes Service) share one worker; the
+    client's connections are spread over them. One suits 2 cores; a GPU worker outruns one API.
+    """
     # Redis outlives the service processes, so they stop without reconnect noise.
     with running() as infra, redis_server(infra) as (redis_url, redis_kind), running() as procs:
-        port, metrics_port = free_port(), free_port()
+        metrics_port = free_port()
         env = {
             "SENTIMENT_REDIS_URL": redis_url, "SENTIMENT_MODEL_DIR": str(model_dir), "SENTIMENT_DEVICE": device,
             "SENTIMENT_KEY_PREFIX": KEY_PREFIX, "SENTIMENT_LOG_LEVEL": "WARNING",
         }
-        url = f"http://127.0.0.1:{port}"
-        procs.start(["-m", "sentiment.cli", "api", "--port", str(port)], env)
+        urls = [f"http://127.0.0.1:{free_port()}" for _ in range(api_processes)]
+        for url in urls:
+            procs.start(["-m", "sentiment.cli", "api", "--port", url.rsplit(":", 1)[1]], env)
         # The worker's /metrics (batch size, queue wait) on a port of its own.
         procs.start(["-m", "sentiment.cli", "worker"], {**env, "SENTIMENT_METRICS_PORT": str(metrics_port)})
-        procs.wait_ok(f"{url}/ready")
+        for url in urls:
+            procs.wait_ok(f"{url}/ready")
+        predict = [f"{url}/predict" for url in urls]
         counters = WorkerCounters(f"http://127.0.0.1:{metrics_port}/metrics", redis_url, KEY_PREFIX)
         points = []
         for concurrency in concurrencies:
             before = counters.snapshot()
-            load = closed_loop(f"{url}/predict", lambda _: texts.take(1), concurrency, duration_s, warmup_s)
+            load = closed_loop(predict, lambda _: texts.take(1), concurrency, duration_s, warmup_s)
             points.append({**load.as_dict(), **between(before, counters.snapshot())})
             progress("service", points[-1])
         out: dict[str, object] = {"redis": redis_kind, "points": points}
+        if reference and concurrencies:
+            out["saturation"] = _saturation(
+                lambda: closed_loop(predict, lambda _: texts.take(1), max(concurrencies), duration_s,
+                                    warmup_s).texts_per_s,
+                max(concurrencies), reference, progress,
+            )
         if cache_concurrency:
             cached = texts.take(CACHED_TEXTS)
-            _warm(f"{url}/predict", cached)
+            _warm(predict[0], cached)
             hits = closed_loop(
-                f"{url}/predict", lambda i: [cached[i % CACHED_TEXTS]], cache_concurrency, duration_s, warmup_s
+                predict, lambda i: [cached[i % CACHED_TEXTS]], cache_concurrency, duration_s, warmup_s
             )
             out["cache_hits"] = hits.as_dict()
             progress("cache", out["cache_hits"])  # type: ignore[arg-type]
     return out
+
+
+def _saturation(
+    service: Callable[[], float], clients: int, reference: Reference,
+    progress: Callable[[str, dict[str, object]], None],
+) -> dict[str, object]:
+    """Rounds of limit, service at `clients`, limit; each round's ratio is the service over the mean
+    of the two limits beside it. The closed loop ends only when its requests have been answered,
+    so the worker is idle while the limit runs."""
+    rounds = []
+    for _ in range(reference.rounds):
+        before = reference.rate()
+        texts_per_s = service()
+        after = reference.rate()
+        rounds.append({
+            "limit_before": round(before, 2), "service": round(texts_per_s, 2), "limit_after": round(after, 2),
+            "ratio": round(texts_per_s / ((before + after) / 2), 3),
+        })
+        progress("saturation", rounds[-1])
+    return {
+        "clients": clients, "limit_batch_size": reference.batch_size, "rounds": rounds,
+        "median_ratio": statistics.median(r["ratio"] for r in rounds),
+    }
 
 
 def _warm(url: str, texts: list[str]) -> None:

@@ -1,8 +1,9 @@
 """`sentiment bench`: the four benchmarks in one run, the targets, the results file, plots and docs.
 
 Runtime is fixed by the flags, not by the machine: about (5 batch sizes x duration/2)
-+ (2 naive + 4 service + cache + bare points) x (duration + warm-up) + process starts;
-the default 30 s per point is about 7 minutes, `--quick` about 1 minute.
++ (2 naive + 4 service + cache + bare points) x (duration + warm-up)
++ 3 saturation rounds x (2 x duration/2 + duration + warm-up) + process starts;
+the default 30 s per point is about 10 minutes, `--quick` about 1 minute.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ SERVICE_CLIENTS = [1, 8, 32, 128]
 NAIVE_CLIENTS = [1, 32]
 CACHE_CLIENTS = 32
 LIMIT_TEXTS = 4096  # texts the limit tokenizes once and cycles through (it has no cache to defeat)
+SATURATION_ROUNDS = 3  # limit / service / limit rounds for the saturation target (1 with --quick)
 SECRET = re.compile(r"url|password|secret|api_key", flags=re.IGNORECASE)
 
 
@@ -58,7 +60,7 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
         "settings": {
             "command": command, "parts": only, "model": args.model, "model_source": model_source,
             "data": portable(data), "texts_in_pool": len(pool),
-            "duration_s": duration, "warmup_s": warmup, "quick": args.quick,
+            "duration_s": duration, "warmup_s": warmup, "quick": args.quick, "api_processes": args.api_processes,
             "service": {
                 k: portable(v) if k == "model_dir" else v
                 for k, v in settings.model_dump(mode="json").items() if not SECRET.search(k)
@@ -69,16 +71,30 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
     failed: dict[str, str] = {}
     with model_dir(args.model, settings, config_dir) as model:
         env = {"SENTIMENT_MODEL_DIR": str(model), "SENTIMENT_DEVICE": device}
+        model_alone: limit.Limit | None = None  # the limit part's model, used again beside the saturation point
+
+        def measure_limit() -> dict[str, object]:
+            nonlocal model_alone
+            model_alone = limit.Limit(model, device, settings.torch_threads, pool[:LIMIT_TEXTS])
+            return model_alone.measure(BATCH_SIZES, duration / 2, _progress)
+
+        def reference() -> service.Reference | None:
+            if model_alone is None or "limit" not in results or "service" not in only:
+                return None
+            alone = model_alone
+            best = max(results["limit"]["points"], key=lambda p: p["texts_per_s"])["batch_size"]  # type: ignore[index]
+            rate = lambda: float(alone.point(best, duration / 2)["texts_per_s"])  # type: ignore[arg-type]  # noqa: E731
+            return service.Reference(rate, best, 1 if args.quick else SATURATION_ROUNDS)
+
         parts = {
-            "limit": lambda: limit.measure(
-                model, device, settings.torch_threads, pool[:LIMIT_TEXTS], BATCH_SIZES, duration / 2, _progress
-            ),
+            "limit": measure_limit,
             "naive": lambda: service.measure_app(
                 "benchmarks.naive_app:app", env, texts, NAIVE_CLIENTS, duration, warmup, _progress
             ),
             "service": lambda: service.measure(
                 model, device, texts, SERVICE_CLIENTS if "service" in only else [],
-                CACHE_CLIENTS if "cache" in only else None, duration, warmup, _progress,
+                CACHE_CLIENTS if "cache" in only else None, duration, warmup, _progress, reference(),
+                args.api_processes,
             ),
             "bare": lambda: service.measure_app(
                 "benchmarks.bare_app:app", {}, texts, [CACHE_CLIENTS], duration, warmup, _progress
@@ -118,5 +134,5 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
 def _progress(part: str, point: dict[str, object]) -> None:
     shown = {k: v for k, v in point.items() if k in (
         "batch_size", "concurrency", "texts_per_s", "requests_per_s", "p50_ms", "p99_ms", "mean_batch_size",
-        "mean_queue_wait_ms", "errors", "client_cpu_share")}
+        "mean_queue_wait_ms", "errors", "client_cpu_share", "limit_before", "service", "limit_after", "ratio")}
     print(f"  {part}: {shown}", flush=True)

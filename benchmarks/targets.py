@@ -22,9 +22,14 @@ def evaluate(results: dict[str, Any], clients: int = 32) -> list[dict[str, Any]]
     hits = (results.get("service") or {}).get("cache_hits")
     bare = results.get("bare") or []
 
-    best_limit = max((p["texts_per_s"] for p in limit["points"]), default=None) if limit else None
-    best_service = max((p["texts_per_s"] for p in service), default=None)
-    saturation = best_service / best_limit if best_service and best_limit else None
+    paired = (results.get("service") or {}).get("saturation")
+    if paired:  # the limit measured beside each saturation round (see benchmarks.service.Reference)
+        saturation, how = paired["median_ratio"], f"median of {len(paired['rounds'])} limit/service/limit rounds"
+    else:
+        best_limit = max((p["texts_per_s"] for p in limit["points"]), default=None) if limit else None
+        best_service = max((p["texts_per_s"] for p in service), default=None)
+        saturation = best_service / best_limit if best_service and best_limit else None
+        how = "best of each"
 
     ours, theirs = _point(service, clients), _point(naive, clients)
     speedup = ours["texts_per_s"] / theirs["texts_per_s"] if ours and theirs and theirs["texts_per_s"] else None
@@ -32,7 +37,7 @@ def evaluate(results: dict[str, Any], clients: int = 32) -> list[dict[str, Any]]
     bare_point = bare[0] if bare else None
     cache = hits["requests_per_s"] / bare_point["requests_per_s"] if hits and bare_point else None
     return [
-        _target("service / limit at saturation (best of each)", saturation, ">= 0.85",
+        _target(f"service / limit at saturation ({how})", saturation, ">= 0.85",
                 None if saturation is None else saturation >= 0.85),
         _target(f"service / naive at {clients} clients (sentences/s)", speedup, ">= 4",
                 None if speedup is None else speedup >= 4),

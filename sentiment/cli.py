@@ -74,6 +74,10 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     )
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default=settings.device, help="default %(default)s")
     bench.add_argument("--duration", type=float, help="seconds per load point (default 30, 2 with --quick)")
+    bench.add_argument(
+        "--api-processes", type=int, default=1,
+        help="API replicas in front of the one worker (default %(default)s; a GPU worker outruns one)",
+    )
     bench.add_argument("--quick", action="store_true", help="a smoke: short points, no doc update (under 2 minutes)")
     bench.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")
     bench.add_argument("--doc", type=Path, help="doc to update (default docs/performance.md; none for --quick)")

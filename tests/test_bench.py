@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from benchmarks.batch_stats import Snapshot, between, parse_metrics
@@ -43,6 +44,15 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
     for point in [*results["naive"], *service["points"], service["cache_hits"], *results["bare"]]:
         assert point["errors"] == 0 and point["requests"] > 0 and point["p50_ms"] <= point["p99_ms"]
     assert all(p["mean_batch_size"] >= 1 for p in service["points"])
+    saturation = service["saturation"]  # --quick: one limit/service/limit round at the best batch size
+    best = max(results["limit"]["points"], key=lambda p: p["texts_per_s"])["batch_size"]
+    assert saturation["clients"] == 128 and saturation["limit_batch_size"] == best
+    [round_] = saturation["rounds"]
+    assert min(round_["limit_before"], round_["service"], round_["limit_after"]) > 0
+    assert saturation["median_ratio"] == round_["ratio"] == pytest.approx(
+        round_["service"] / ((round_["limit_before"] + round_["limit_after"]) / 2), abs=0.002
+    )
+    assert results["targets"][0]["value"] == saturation["median_ratio"]
     assert [t["status"] in ("PASS", "MISS") for t in results["targets"]] == [True] * 4
 
     assert sorted(results["plots"]) == ["cpu-quick-cache.png", "cpu-quick-limit.png", "cpu-quick-service.png"]
@@ -51,6 +61,7 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
     text = doc.read_text()
     assert text.startswith("# Performance\n\nprose stays\n") and text.count("<!-- bench:cpu -->") == 1
     assert results_file.name in text and "](results/cpu-quick-limit.png)" in text
+    assert "**Saturation rounds** (128 clients" in text
 
 
 def test_doc_block_is_replaced_in_place_not_appended(tmp_path: Path) -> None:
