@@ -24,6 +24,8 @@ from batcher.queue import WorkQueue
 
 log = logging.getLogger(__name__)
 
+TAKE_AT_ONCE = 64  # most items one round trip to Redis takes
+
 
 def batch_cut(lengths: Sequence[int], max_size: int, max_tokens: int) -> int:
     """How many leading texts (by token length) make one batch within both caps; at least one."""
@@ -157,6 +159,8 @@ class Batcher:
         self.expired = 0  # items skipped because their deadline had passed
         self.arrivals = Arrivals()
         self._slots: deque[Slot] = deque()  # taken texts not yet in a batch (oldest first)
+        self._burst = 1  # items the next `_take_queued` asks for
+        self._texts_per_item = 1
 
     def next_batch(self, idle_timeout: float, company: bool = True) -> list[Slot]:
         """The next batch, or [] when no work came within `idle_timeout` seconds.
@@ -172,7 +176,7 @@ class Batcher:
         company = company and self.arrivals.mean_gap() <= self.max_wait_s
         window_ends = self.clock() + self.max_wait_s
         while len(self._slots) < self.window:
-            if self._take(0):
+            if self._take_queued():
                 backlog = True
                 continue
             if backlog or not company or self._full():
@@ -191,22 +195,45 @@ class Batcher:
         raw = self.queue.take(timeout)
         if raw is None:
             return False
-        try:
-            item = WorkItem.decode(raw)
-        except (ValueError, TypeError):  # not our protocol: nobody can be answered, never retry it
-            log.error("dropped a malformed work item (%d bytes)", len(raw))
-            self.queue.ack(raw)
-            return True
-        self.arrivals.add(self.clock())
-        if item.deadline < time.time():
-            self.queue.ack(raw)
-            self.expired += 1
-            metrics.WORK_ITEMS_EXPIRED.inc()
-            log.info("skipped work item %s: its deadline passed in the queue", item.id)
-            return True
-        held = Held(raw, item)
-        self._slots.extend(Slot(held, i, ids) for i, ids in enumerate(self.tokenize(item.texts)))
+        self._admit([raw])
         return True
+
+    def _take_queued(self) -> bool:
+        """Take what is queued, up to the window, in one round trip; False when nothing was.
+
+        How many items to ask for grows while the queue keeps up and falls to what it had, so an
+        emptying queue costs few empty moves; items are counted at the texts per item last seen.
+        """
+        room = max(1, (self.window - len(self._slots)) // self._texts_per_item)
+        raws = self.queue.take_queued(min(room, self._burst))
+        self._burst = min(self._burst * 2, TAKE_AT_ONCE) if len(raws) == self._burst else max(len(raws), 1)
+        self._admit(raws)
+        return bool(raws)
+
+    def _admit(self, raws: list[bytes]) -> None:
+        """Decode taken items, drop malformed and expired ones, and tokenize the rest in one call."""
+        now, held = self.clock(), []
+        for raw in raws:
+            try:
+                item = WorkItem.decode(raw)
+            except (ValueError, TypeError):  # not our protocol: nobody can be answered, never retry it
+                log.error("dropped a malformed work item (%d bytes)", len(raw))
+                self.queue.ack(raw)
+                continue
+            self.arrivals.add(now)
+            if item.deadline < time.time():
+                self.queue.ack(raw)
+                self.expired += 1
+                metrics.WORK_ITEMS_EXPIRED.inc()
+                log.info("skipped work item %s: its deadline passed in the queue", item.id)
+                continue
+            held.append(Held(raw, item))
+        if not held:
+            return
+        ids = iter(self.tokenize([t for h in held for t in h.item.texts]))
+        for h in held:
+            self._slots.extend(Slot(h, i, next(ids)) for i in range(len(h.item.texts)))
+        self._texts_per_item = max(1, round(sum(len(h.item.texts) for h in held) / len(held)))
 
     def _fits(self) -> int:
         return batch_cut([len(s.ids) for s in self._slots], self.max_size, self.max_tokens)

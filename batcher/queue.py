@@ -43,6 +43,14 @@ class WorkQueue:
             time.sleep(min(POLL_S, remaining))
         return raw
 
+    def take_queued(self, most: int) -> list[bytes]:
+        """Up to `most` queued items, oldest first, moved into our processing list in one round trip
+        (a pipeline of LMOVEs: each move is atomic, so a crash mid-way leaves nothing unreclaimable)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for _ in range(most):
+            pipe.lmove(self.keys.queue, self.processing, "RIGHT", "LEFT")
+        return [raw for raw in pipe.execute() if raw is not None]
+
     def ack(self, raw: bytes, redis: Redis | Pipeline | None = None) -> None:
         """Drop a finished (or expired) item from our processing list; pass a pipeline to batch it."""
         (redis or self.redis).lrem(self.processing, 1, raw)

@@ -168,6 +168,29 @@ def test_window_bounds_the_work_taken_from_the_queue(redis: fakeredis.FakeRedis)
     assert redis.llen(KEYS.queue) == 14
 
 
+def test_a_deep_queue_is_taken_in_few_round_trips_and_tokenized_together(redis: fakeredis.FakeRedis) -> None:
+    for i in range(40):
+        push(redis, f"t{i}")
+    redis.lpush(KEYS.queue, b"not a work item")  # dropped and acknowledged on the way
+    push(redis, "too late", ttl=-1)  # skipped on the way
+    calls: list[int] = []
+
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        calls.append(len(texts))
+        return word_ids(texts)
+
+    batcher = Batcher(WorkQueue(redis, KEYS, "w1"), tokenize, 8, 1000, 60.0, 100)
+    moves = []
+    take_queued = batcher.queue.take_queued
+    batcher.queue.take_queued = lambda most: moves.append(most) or take_queued(most)  # type: ignore[method-assign]
+    assert texts_of(batcher.next_batch(idle_timeout=1)) == [f"t{i}" for i in range(8)]
+    assert len(moves) <= 8 and len(calls) <= 8  # one LMOVE pipeline and one tokenizer call per take, not per item
+    assert sum(calls) == 40 and batcher.expired == 1
+    assert redis.llen(KEYS.queue) == 0 and redis.llen(KEYS.processing("w1")) == 40  # held until answered
+    taken = texts_of(batcher.next_batch(idle_timeout=1)) + [s.text for s in batcher._slots]
+    assert taken == [f"t{i}" for i in range(8, 40)]  # arrival order kept across takes
+
+
 def test_an_outlier_oldest_text_is_never_starved(redis: fakeredis.FakeRedis) -> None:
     push(redis, " ".join(["long"] * 20))
     batcher = make_batcher(redis, size=4, window=8)
