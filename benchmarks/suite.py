@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -61,6 +62,8 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
             "command": command, "parts": only, "model": args.model, "model_source": model_source,
             "data": portable(data), "texts_in_pool": len(pool),
             "duration_s": duration, "warmup_s": warmup, "quick": args.quick, "api_processes": args.api_processes,
+            # How the model processes' OpenMP threads wait (the limit's and the worker's alike).
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "runtime default"),
             "service": {
                 k: portable(v) if k == "model_dir" else v
                 for k, v in settings.model_dump(mode="json").items() if not SECRET.search(k)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -52,6 +53,10 @@ def set_threads(threads: int | None, interop_threads: int | None = None) -> None
 class Classifier:
     """Tokenizer plus model. `forward` pads each batch only to its own longest text.
 
+    Every forward runs on the classifier's own thread, whichever thread calls it: torch's OpenMP
+    keeps a thread team per calling thread, and with more team threads than cores libgomp stops
+    spinning between ops (docs/tuning.md measures what that costs a saturated worker).
+
     Precision: CUDA runs float16 weights (`auto`); the CPU runs `fp32`, `bf16` (autocast: bfloat16
     matmuls, float32 weights) or `int8` (dynamic quantization of the Linear layers).
     """
@@ -82,10 +87,8 @@ class Classifier:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         if not self.tokenizer.is_fast:
             raise ValueError(f"{model_dir} has no fast (tokenizers) tokenizer")
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True, dtype=weights_dtype)
-        self.model = model.to(self.device).eval()
-        if self.precision == "int8":
-            self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="torch")
+        self.model = self._compute.submit(self._load, model_dir, weights_dtype).result()
         self._autocast = not cuda and self.precision == "bf16"
         # What one forward call costs beyond its tokens, in token equivalents: the worker splits a
         # batch into length-homogeneous forwards only where the padding saved outweighs this.
@@ -106,6 +109,14 @@ class Classifier:
             self.name, self.version, self.device, self.dtype_name, torch.get_num_threads(), self.labels,
         )
 
+    def _load(self, model_dir: Path, weights_dtype: torch.dtype) -> torch.nn.Module:
+        """The model, built on the compute thread as well: loading and quantizing run parallel ops too."""
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True, dtype=weights_dtype)
+        model = model.to(self.device).eval()
+        if self.precision == "int8":
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        return model
+
     @property
     def dtype_name(self) -> str:
         """What `/model` reports: the compute type (`int8` for quantized Linear layers)."""
@@ -117,6 +128,9 @@ class Classifier:
 
     def forward(self, batch: list[list[int]]) -> list[list[float]]:
         """Label probabilities per text for one batch of token ids (padded here to its longest)."""
+        return self._compute.submit(self._forward, batch).result()
+
+    def _forward(self, batch: list[list[int]]) -> list[list[float]]:
         width = max(len(ids) for ids in batch)
         input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)

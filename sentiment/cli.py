@@ -112,7 +112,8 @@ def _model_process(settings: Settings) -> None:
     parallel region when one of them is descheduled.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("OMP_WAIT_POLICY", settings.omp_wait_policy.upper())
+    if settings.omp_wait_policy != "spin":  # `spin`: the runtime's own default, so nothing to set
+        os.environ.setdefault("OMP_WAIT_POLICY", settings.omp_wait_policy.upper())
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> None:
@@ -155,6 +156,7 @@ def _pull(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _bench(settings: Settings, args: argparse.Namespace) -> None:
+    _model_process(settings)  # the limit's model threads behave as the worker's: the ratio is the service's cost
     from benchmarks.suite import run
 
     run(settings, args)

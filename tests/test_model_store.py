@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,23 @@ def test_long_text_is_truncated_to_the_model_maximum(tiny: Classifier) -> None:
     [ids] = tiny.tokenize(["word " * 1000])
     assert len(ids) == tiny.max_length
     assert len(tiny.forward([ids])[0]) == 2
+
+
+def test_every_forward_runs_on_one_thread_whichever_thread_calls(tiny: Classifier) -> None:
+    """One OpenMP thread team, not one per calling thread (the worker calls from its model thread)."""
+    ran_on: set[int] = set()
+    hook = tiny.model.register_forward_pre_hook(lambda *_: ran_on.add(threading.get_ident()))
+    try:
+        [ids] = tiny.tokenize(["a good movie"])
+        callers = [threading.Thread(target=tiny.forward, args=([ids],)) for _ in range(3)]
+        for caller in callers:
+            caller.start()
+            caller.join()
+        tiny.forward([ids])
+    finally:
+        hook.remove()
+    assert len(ran_on) == 1
+    assert ran_on.isdisjoint({threading.get_ident(), *(c.ident for c in callers)})
 
 
 def test_fingerprint_changes_with_any_checkpoint_file(tiny_model_dir: Path, tmp_path: Path) -> None:
