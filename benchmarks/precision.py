@@ -12,20 +12,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
+from benchmarks import machine
+from benchmarks.limit import batches
+from benchmarks.workload import default_shared_dir
 from model_store.classifier import Classifier
 from model_store.factory import write_full_size_model
 
 PRECISIONS = ("fp32", "bf16", "int8")
-WINDOW = 512
 
 
 def read_tsv(path: Path) -> tuple[list[str], list[int]]:
@@ -33,19 +31,12 @@ def read_tsv(path: Path) -> tuple[list[str], list[int]]:
     return [r[0] for r in rows], [int(r[1]) for r in rows]
 
 
-def windows_sorted(ids: list[list[int]]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for start in range(0, len(ids), WINDOW):
-        out += sorted(ids[start : start + WINDOW], key=len)
-    return out
-
-
 def throughput(classifier: Classifier, ids: list[list[int]], batch: int, repeats: int) -> float:
     rates = []
     for _ in range(repeats):
         started = time.perf_counter()
-        for i in range(0, len(ids), batch):
-            classifier.forward(ids[i : i + batch])
+        for chunk in batches(ids, batch):
+            classifier.forward(chunk)
         rates.append(len(ids) / (time.perf_counter() - started))
     return statistics.median(rates)
 
@@ -70,16 +61,9 @@ def labels(classifier: Classifier, texts: list[str]) -> list[int]:
     return out
 
 
-def machine() -> dict[str, object]:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "")
-    return {"cpu": model or platform.processor(), "cores": os.cpu_count(), "torch": torch.__version__}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_shared = os.environ.get("SENTIMENT_SHARED_DIR", str(Path(__file__).resolve().parents[1].parent / "shared"))
-    parser.add_argument("--shared", type=Path, default=Path(default_shared), help="shared data directory")
+    parser.add_argument("--shared", type=Path, default=default_shared_dir(), help="shared data directory")
     parser.add_argument("--out", type=Path, help="write the JSON here too")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: cores)")
     parser.add_argument("--precisions", nargs="+", default=PRECISIONS, choices=PRECISIONS)
@@ -90,13 +74,13 @@ def main() -> None:
 
     train, _ = read_tsv(args.shared / "data/sst2-train.tsv")
     dev, truth = read_tsv(args.shared / "data/sst2-dev.tsv")
-    results: dict[str, object] = {"machine": machine(), "threads": args.threads, "precisions": {}}
+    results: dict[str, object] = {"machine": machine.describe("cpu"), "threads": args.threads, "precisions": {}}
     reference: list[int] | None = None
     with tempfile.TemporaryDirectory() as tmp:
         full_dir = write_full_size_model(args.shared / "models/distilbert-base-sst2-config", Path(tmp) / "full")
         for precision in args.precisions:
             full = Classifier(full_dir, "cpu", args.threads, precision)
-            ids = windows_sorted(full.tokenize(train[: args.texts]))
+            ids = full.tokenize(train[: args.texts])
             row: dict[str, float] = {
                 "batch1_ms": batch1_ms(full, full.tokenize(train[: 30])),
                 "batch16_per_s": throughput(full, ids, 16, args.repeats),
