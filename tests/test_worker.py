@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import fakeredis
@@ -178,6 +179,39 @@ def test_every_item_is_answered_once_in_the_order_of_its_texts(
         assert sorted(announced) == sorted(item.id for item in items)  # each exactly once
         assert worker.status.batches >= 10  # 30 texts in batches of at most 3: items were split
         assert redis.llen(keys.processing(worker.status.id)) == 0
+    finally:
+        worker.stop()
+        thread.join(10)
+
+
+def test_the_next_batch_is_taken_late_in_the_running_forward(
+    redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, monkeypatch
+) -> None:
+    # A slow model and batches of 2. While [a, b] computes, c is queued at once and d 0.1 s into
+    # the forward: taken late in the forward, c waits for d and both go in one batch.
+    settings = settings.model_copy(update={"max_batch_size": 2, "batch_window": 2, "overlap": True})
+    keys = Keys(settings.key_prefix)
+    real_forward = classifier.forward
+    forwarding = threading.Event()
+
+    def slow_forward(batch: list[list[int]]) -> list[list[float]]:
+        forwarding.set()
+        time.sleep(0.5)
+        return real_forward(batch)
+
+    monkeypatch.setattr(classifier, "forward", slow_forward)
+    worker = Worker(settings, redis, classifier)
+    thread = start_worker(worker)
+    try:
+        wait_result(redis, keys, push(redis, keys, "warm up"))  # the worker learns how long a forward takes
+        forwarding.clear()
+        a, b, c = push(redis, keys, "text a"), push(redis, keys, "text b"), push(redis, keys, "text c")
+        assert forwarding.wait(5)
+        time.sleep(0.1)
+        d = push(redis, keys, "text d")
+        for item in (a, b, c, d):
+            assert wait_result(redis, keys, item).predictions
+        assert worker.status.batches == 3  # warm up, [a, b], [c, d]; taken at once it would be [c] then [d]
     finally:
         worker.stop()
         thread.join(10)
