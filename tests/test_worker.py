@@ -205,7 +205,9 @@ def test_the_next_batch_is_taken_late_in_the_running_forward(
     try:
         wait_result(redis, keys, push(redis, keys, "warm up"))  # the worker learns how long a forward takes
         forwarding.clear()
-        a, b, c = push(redis, keys, "text a"), push(redis, keys, "text b"), push(redis, keys, "text c")
+        now = time.time()
+        a, b, c = (WorkItem(new_id(), [f"text {n}"], now, now + 30, keys.reply_channel("api")) for n in "abc")
+        redis.lpush(keys.queue, *(item.encode() for item in (a, b, c)))  # at once, so [a, b] is one batch
         assert forwarding.wait(5)
         time.sleep(0.1)
         d = push(redis, keys, "text d")
