@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from model_store.classifier import Classifier
+from model_store.classifier import Classifier, Precision
 
 SORT_WINDOW = 512
 
@@ -32,8 +32,10 @@ class Limit:
     """The model alone, loaded once: the curve over batch sizes, and the best size's rate again on
     demand, so the service's saturation point is compared with the limit measured beside it."""
 
-    def __init__(self, model_dir: Path, device: str, threads: int | None, texts: list[str]) -> None:
-        self.classifier = Classifier(model_dir, device, threads)
+    def __init__(
+        self, model_dir: Path, device: str, threads: int | None, precision: Precision, texts: list[str]
+    ) -> None:
+        self.classifier = Classifier(model_dir, device, threads, precision)
         self.ids = self.classifier.tokenize(texts)
 
     def point(self, size: int, duration_s: float) -> dict[str, object]:
@@ -64,4 +66,4 @@ class Limit:
             points.append(self.point(size, duration_s))
             progress("limit", points[-1])
         c = self.classifier
-        return {"model": c.name, "dtype": str(c.dtype).removeprefix("torch."), "points": points}
+        return {"model": c.name, "dtype": c.dtype_name, "points": points}

@@ -91,7 +91,8 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
         f"Run {m['date']} at commit `{m['git_commit']}` on **{m['cpu']}** ({m['cores']} cores{gpu}), "
         f"torch {m['torch']} ({m['torch_threads']} threads, OpenMP waiting "
         f"`{s.get('omp_wait_policy', 'runtime default')}`), device `{m['device']}`; "
-        f"model `{s['model']}` ({Path(s['model_source']).name}); "
+        f"model `{s['model']}` ({Path(s['model_source']).name}), precision `{s['precision']}` "
+        "(the limit, naive baseline and worker alike); "
         f"{s['duration_s']} s per point after {s['warmup_s']} s warm-up; command `{s['command']}`. "
         f"Results: [{results_file.name}]({rel(results_file)}).",
         "",

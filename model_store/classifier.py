@@ -17,7 +17,6 @@ log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 Precision = Literal["auto", "fp32", "bf16", "int8"]
-CPU_DEFAULT_PRECISION: Precision = "fp32"  # see docs/tuning.md: the default must keep SST-2 accuracy
 
 
 def fingerprint(model_dir: Path) -> str:
@@ -41,6 +40,22 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere oneDNN
+    emulates it, about 9x slower than fp32 (docs/tuning.md)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> str:
+    """What `auto` means on this machine: float16 on CUDA; on the CPU bf16 where the hardware has
+    it (it keeps the SST-2 labels, docs/tuning.md), else fp32. Other values are taken as given."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if native_bf16() else "fp32"
+
+
 def set_threads(threads: int | None, interop_threads: int | None = None) -> None:
     """Size torch's CPU thread pools; call before the first forward (interop can be set only once)."""
     if threads:
@@ -58,7 +73,8 @@ class Classifier:
     spinning between ops (docs/tuning.md measures what that costs a saturated worker).
 
     Precision: CUDA runs float16 weights (`auto`); the CPU runs `fp32`, `bf16` (autocast: bfloat16
-    matmuls, float32 weights) or `int8` (dynamic quantization of the Linear layers).
+    matmuls, float32 weights; `auto` where the CPU has it natively) or `int8` (dynamic quantization
+    of the Linear layers).
     """
 
     def __init__(
@@ -78,7 +94,7 @@ class Classifier:
         if self.device.type == "cpu":
             set_threads(threads, interop_threads)
         cuda = self.device.type == "cuda"
-        self.precision = ("fp16" if cuda else CPU_DEFAULT_PRECISION) if precision == "auto" else precision
+        self.precision = resolve_precision(precision, self.device)
         if cuda and self.precision == "int8":
             raise ValueError("int8 dynamic quantization runs on the CPU only; use precision auto (fp16) on CUDA")
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
@@ -122,6 +138,10 @@ class Classifier:
         """What `/model` reports: the compute type (`int8` for quantized Linear layers)."""
         return "int8" if self.precision == "int8" else str(self.dtype).removeprefix("torch.")
 
+    def arithmetic(self) -> torch.autocast:
+        """The context every forward of this model runs in: bf16 autocast on the CPU when asked for."""
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._autocast)
+
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text, truncated to the model's maximum length, unpadded."""
         return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
@@ -137,8 +157,7 @@ class Classifier:
         for row, ids in enumerate(batch):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention_mask[row, : len(ids)] = 1
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._autocast)
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), self.arithmetic():
             logits = self.model(
                 input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
             ).logits

@@ -78,8 +78,9 @@ class Settings(BaseSettings):
     )
     precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
         "auto",
-        description="Model arithmetic: `auto` is float16 on CUDA and fp32 on the CPU; `bf16` (autocast) and "
-        "`int8` (dynamic quantization of Linear layers) are CPU options (docs/tuning.md).",
+        description="Model arithmetic: `auto` is float16 on CUDA; on the CPU bf16 (autocast) where it has "
+        "bfloat16 in hardware (avx512_bf16 or AMX), else fp32. `int8` (dynamic quantization of Linear layers) "
+        "is a CPU option (docs/tuning.md).",
     )
     torch_threads: int | None = Field(
         None, ge=1, description="Torch intra-op threads on the CPU; unset lets torch use one per core."

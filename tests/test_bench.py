@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from benchmarks.batch_stats import Snapshot, between, parse_metrics
 from benchmarks.limit import batches
 from benchmarks.report import replace_block
+from model_store.classifier import resolve_precision
 from tests.conftest import REPO
 
 SENTENCES = ["a gorgeous film", "the plot is a mess", "funny and warm", "i hated every minute", "not bad at all"]
@@ -36,6 +38,9 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
     assert {"cpu", "cores", "torch", "torch_threads", "device", "git_commit", "date"} <= set(results["machine"])
     assert results["machine"]["device"] == "cpu" and results["failed"] == {}
     assert results["settings"]["texts_in_pool"] == len(SENTENCES)
+    precision = resolve_precision("auto", torch.device("cpu"))  # bf16 or fp32, by this CPU
+    assert results["settings"]["precision"] == precision
+    assert results["limit"]["dtype"] == {"bf16": "bfloat16", "fp32": "float32"}[precision]
     assert [p["batch_size"] for p in results["limit"]["points"]] == [1, 8, 16, 32, 64]
     assert all(p["texts_per_s"] > 0 for p in results["limit"]["points"])
     assert [p["concurrency"] for p in results["naive"]] == [1, 32]

@@ -41,7 +41,10 @@ def tiny_service(redis_url: str, tiny_model_dir: Path) -> Iterator[Service]:
 def small_service(redis_url: str, small_model_dir: Path) -> Iterator[Service]:
     service = start_service(
         # All of SST-2 dev at once queues ~10 s of work on 2 cores: a long deadline, this test is not about 504s.
-        redis_url, small_model_dir, "e2e-small", SENTIMENT_MAX_BATCH_SIZE="64", SENTIMENT_REQUEST_TIMEOUT_S="120"
+        # fp32 (not `auto`, bf16 on some CPUs) so scores can equal a plain transformers forward;
+        # tests/test_precision.py holds bf16 to its accuracy rule.
+        redis_url, small_model_dir, "e2e-small", SENTIMENT_MAX_BATCH_SIZE="64", SENTIMENT_REQUEST_TIMEOUT_S="120",
+        SENTIMENT_PRECISION="fp32",
     )
     yield service
     service.stop()

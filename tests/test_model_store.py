@@ -11,12 +11,13 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from model_store.classifier import Classifier, fingerprint, pick_device
+from model_store import classifier as classifier_module
+from model_store.classifier import Classifier, fingerprint, pick_device, resolve_precision
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir: Path) -> Classifier:
-    return Classifier(tiny_model_dir, device="cpu", threads=1)
+    return Classifier(tiny_model_dir, device="cpu", threads=1, precision="fp32")  # `auto` is bf16 on some CPUs
 
 
 def test_tiny_checkpoint_loads_through_the_real_loader(tiny: Classifier, tiny_model_dir: Path) -> None:
@@ -81,9 +82,22 @@ def test_auto_device_is_cuda_only_when_present() -> None:
     assert pick_device("cpu").type == "cpu"
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_on_a_cpu_that_has_it(
+    native: bool, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(classifier_module, "native_bf16", lambda: native)
+    auto = Classifier(tiny_model_dir, device="cpu", threads=1)
+    assert (auto.precision, auto.dtype_name) == (("bf16", "bfloat16") if native else ("fp32", "float32"))
+    # A reduced precision's scores are cached apart from fp32's.
+    assert auto.version == fingerprint(tiny_model_dir) + ("-bf16" if native else "")
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    assert resolve_precision("int8", torch.device("cpu")) == "int8"
+
+
 def test_real_checkpoint_scores_equal_a_plain_transformers_forward(small_model_dir: Path) -> None:
     texts = ["I love you.", "I hate you.", "a gorgeous, witty, seductive movie.", ""]
-    classifier = Classifier(small_model_dir, device="cpu")
+    classifier = Classifier(small_model_dir, device="cpu", precision="fp32")
     ours = classifier.forward(classifier.tokenize(texts))
 
     tokenizer = AutoTokenizer.from_pretrained(small_model_dir)
