@@ -6,11 +6,11 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
-
-import threading
 
 import fakeredis
 import httpx
@@ -25,6 +25,8 @@ from sentiment.settings import Settings
 REPO = Path(__file__).resolve().parents[1]
 # Development data lives beside the checkout (../shared); SENTIMENT_SHARED_DIR points elsewhere.
 SHARED = Path(os.environ.get("SENTIMENT_SHARED_DIR", REPO.parent / "shared"))
+# A wait for the worker is a hang guard, never a timing claim: generous on a loaded 2-core box.
+HANG_GUARD_S = 30.0
 
 
 def shared_path(relative: str) -> Path:
@@ -77,9 +79,25 @@ def worker(settings: Settings, redis: fakeredis.FakeRedis, classifier: Classifie
 
 
 def start_worker(worker: Worker) -> threading.Thread:
+    """Run `worker` in a thread, and return once it has announced its model, as a readiness probe
+    would wait: an API that looked the model up before that would miss the cache for a second."""
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
+    give_up = time.monotonic() + HANG_GUARD_S
+    while not worker.redis.get(worker.keys.model):
+        if time.monotonic() > give_up or not thread.is_alive():
+            raise TimeoutError(f"the worker announced no model within {HANG_GUARD_S} s\n{thread_stacks()}")
+        time.sleep(0.005)
     return thread
+
+
+def thread_stacks() -> str:
+    """Where every thread of this process is: what a hang guard reports when it trips."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return "\n".join(
+        f"--- thread {names.get(ident, ident)}\n{''.join(traceback.format_stack(frame))}"
+        for ident, frame in sys._current_frames().items()
+    )
 
 
 @pytest.fixture(scope="session")

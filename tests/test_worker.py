@@ -14,7 +14,7 @@ from batcher.protocol import Keys, ModelInfo, Result, WorkItem, new_id, predicti
 from batcher.worker import Worker
 from model_store.classifier import Classifier
 from sentiment.settings import Settings
-from tests.conftest import start_worker
+from tests.conftest import HANG_GUARD_S, start_worker, thread_stacks
 
 
 def push(redis: fakeredis.FakeRedis, keys: Keys, *texts: str) -> WorkItem:
@@ -25,11 +25,13 @@ def push(redis: fakeredis.FakeRedis, keys: Keys, *texts: str) -> WorkItem:
 
 
 def wait_result(redis: fakeredis.FakeRedis, keys: Keys, item: WorkItem) -> Result:
-    for _ in range(500):
-        if raw := redis.get(keys.result(item.id)):
-            return Result.decode(raw)
+    give_up = time.monotonic() + HANG_GUARD_S
+    while not (raw := redis.get(keys.result(item.id))):
+        if time.monotonic() > give_up:
+            queued = redis.llen(keys.queue)
+            raise TimeoutError(f"no result for {item.id} in {HANG_GUARD_S} s ({queued} queued)\n{thread_stacks()}")
         time.sleep(0.01)
-    raise TimeoutError(item.id)
+    return Result.decode(raw)
 
 
 def expected(classifier: Classifier, *texts: str) -> list[list[dict]]:
@@ -54,11 +56,7 @@ def test_results_cache_and_acknowledgement(
 
 def test_worker_announces_model_and_heartbeat(worker: Worker, redis: fakeredis.FakeRedis, settings: Settings) -> None:
     keys = Keys(settings.key_prefix)
-    start_worker(worker)
-    for _ in range(200):
-        if redis.get(keys.model):
-            break
-        time.sleep(0.01)
+    start_worker(worker)  # returns once the model is announced
     info = ModelInfo.decode(redis.get(keys.model))
     assert (info.version, info.labels) == (worker.classifier.version, ["NEGATIVE", "POSITIVE"])
     assert [s.id for s in live_workers(redis, settings.key_prefix)] == [worker.status.id]
