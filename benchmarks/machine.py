@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from model_store.classifier import native_bf16
+
 
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo (Linux), else what the platform says."""
@@ -36,6 +38,8 @@ def describe(device: str) -> dict[str, object]:
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
+        # The same CPU name comes with and without bfloat16 in hardware, and it triples the CPU's rate.
+        "bf16_native": native_bf16(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "device": device,

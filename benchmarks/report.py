@@ -87,8 +87,9 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
     m, s = results["machine"], results["settings"]
     rel = lambda p: Path(os.path.relpath(p, doc_dir)).as_posix()  # noqa: E731
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    bf16 = {True: ", bfloat16 in hardware", False: ", no bfloat16 in hardware"}.get(m.get("bf16_native"), "")
     lines = [
-        f"Run {m['date']} at commit `{m['git_commit']}` on **{m['cpu']}** ({m['cores']} cores{gpu}), "
+        f"Run {m['date']} at commit `{m['git_commit']}` on **{m['cpu']}** ({m['cores']} cores{bf16}{gpu}), "
         f"torch {m['torch']} ({m['torch_threads']} threads, OpenMP waiting "
         f"`{s.get('omp_wait_policy', 'runtime default')}`), device `{m['device']}`; "
         f"model `{s['model']}` ({Path(s['model_source']).name}), precision `{s['precision']}` "

@@ -35,10 +35,13 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
     [results_file] = out.glob("bench-*-cpu-quick.json")
     results = json.loads(results_file.read_text())
 
-    assert {"cpu", "cores", "torch", "torch_threads", "device", "git_commit", "date"} <= set(results["machine"])
+    assert {"cpu", "cores", "bf16_native", "torch", "torch_threads", "device", "git_commit", "date"} <= set(
+        results["machine"]
+    )
     assert results["machine"]["device"] == "cpu" and results["failed"] == {}
     assert results["settings"]["texts_in_pool"] == len(SENTENCES)
     precision = resolve_precision("auto", torch.device("cpu"))  # bf16 or fp32, by this CPU
+    assert results["machine"]["bf16_native"] == (precision == "bf16")
     assert results["settings"]["precision"] == precision
     assert results["limit"]["dtype"] == {"bf16": "bfloat16", "fp32": "float32"}[precision]
     assert [p["batch_size"] for p in results["limit"]["points"]] == [1, 8, 16, 32, 64]
@@ -67,6 +70,7 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
     assert text.startswith("# Performance\n\nprose stays\n") and text.count("<!-- bench:cpu -->") == 1
     assert results_file.name in text and "](results/cpu-quick-limit.png)" in text
     assert "**Saturation rounds** (128 clients" in text
+    assert ("cores, no bfloat16 in hardware" in text) == (precision == "fp32")  # the same CPU name comes both ways
 
 
 def test_doc_block_is_replaced_in_place_not_appended(tmp_path: Path) -> None:
