@@ -97,7 +97,12 @@ class Settings(BaseSettings):
     )
 
     # Bulk jobs (/jobs, on RQ)
-    jobs_queue: str = Field("sentiment-jobs", description="RQ queue name of bulk jobs (Redis list `rq:queue:<name>`).")
+    jobs_queue: str = Field(
+        # From the key prefix, so deployments that share a Redis under different prefixes never run
+        # each other's jobs (with each other's models).
+        default_factory=lambda settings: f"{settings['key_prefix']}-jobs",
+        description="RQ queue name of bulk jobs (Redis list `rq:queue:<name>`); default `<key prefix>-jobs`.",
+    )
     jobs_max_texts: int = Field(10_000, ge=1, description="Most texts in one /jobs submission.")
     job_ttl_s: int = Field(86_400, ge=1, description="How long a job and its results are kept after it ends.")
 

@@ -120,6 +120,17 @@ def test_a_job_reads_the_cache_instead_of_recomputing(service: tuple[Service, Te
     assert client.get(f"/jobs/{second}").json()["predictions"] == client.get(f"/jobs/{first}").json()["predictions"][::-1]
 
 
+def test_a_deployment_under_another_key_prefix_never_runs_this_ones_jobs(service: tuple[Service, TestClient]) -> None:
+    svc, client = service
+    job_id = submit(client, TEXTS)
+    neighbour = Settings(redis_url=svc.settings.redis_url, key_prefix="neighbour")  # its own model, maybe
+    assert (svc.settings.jobs_queue, neighbour.jobs_queue) == ("sentiment-jobs", "neighbour-jobs")
+    serve_jobs(neighbour, svc.inference, svc.redis, burst=True)
+    assert client.get(f"/jobs/{job_id}").json()["status"] == "queued" and svc.inference.computed == 0
+    svc.run_jobs()
+    assert client.get(f"/jobs/{job_id}").json()["status"] == "finished"
+
+
 def test_progress_moves_chunk_by_chunk(service: tuple[Service, TestClient]) -> None:
     svc, client = service
     job_id = submit(client, TEXTS)
