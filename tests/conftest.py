@@ -9,8 +9,9 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import fakeredis
 import httpx
@@ -25,8 +26,9 @@ from sentiment.settings import Settings
 REPO = Path(__file__).resolve().parents[1]
 # Development data lives beside the checkout (../shared); SENTIMENT_SHARED_DIR points elsewhere.
 SHARED = Path(os.environ.get("SENTIMENT_SHARED_DIR", REPO.parent / "shared"))
-# A wait for the worker is a hang guard, never a timing claim: generous on a loaded 2-core box.
-HANG_GUARD_S = 30.0
+# Every wait in the tests is a hang guard, never a timing claim: generous on a loaded 2-core box.
+HANG_GUARD_S = 60.0
+T = TypeVar("T")
 
 
 def shared_path(relative: str) -> Path:
@@ -83,12 +85,23 @@ def start_worker(worker: Worker) -> threading.Thread:
     would wait: an API that looked the model up before that would miss the cache for a second."""
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
-    give_up = time.monotonic() + HANG_GUARD_S
-    while not worker.redis.get(worker.keys.model):
-        if time.monotonic() > give_up or not thread.is_alive():
-            raise TimeoutError(f"the worker announced no model within {HANG_GUARD_S} s\n{thread_stacks()}")
-        time.sleep(0.005)
+
+    def announced() -> bytes | None:
+        assert thread.is_alive(), "the worker thread ended before announcing its model"
+        return worker.redis.get(worker.keys.model)
+
+    wait_for("the worker to announce its model", announced)
     return thread
+
+
+def wait_for(what: str, check: Callable[[], T], guard_s: float = HANG_GUARD_S) -> T:
+    """`check()` once it is truthy; when the guard trips, the error says where every thread was."""
+    give_up = time.monotonic() + guard_s
+    while not (value := check()):
+        if time.monotonic() > give_up:
+            raise TimeoutError(f"gave up waiting for {what} after {guard_s} s\n{thread_stacks()}")
+        time.sleep(0.01)
+    return value
 
 
 def thread_stacks() -> str:

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,12 +28,11 @@ from batcher.liveness import live_workers
 from batcher.protocol import Keys, ModelInfo, WorkItem, new_id, prediction
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
-from tests.conftest import RedisServer, Service
+from tests.conftest import HANG_GUARD_S, RedisServer, Service, wait_for
 
 pytestmark = pytest.mark.faults
 
 POISON = "nightshade"
-HANG_GUARD_S = 60.0
 ENV = {
     "SENTIMENT_HEARTBEAT_TTL_S": "2",
     "SENTIMENT_REQUEST_TIMEOUT_S": "30",
@@ -68,14 +67,6 @@ def service(services: list[Service], redis_url: str, model_dir: Path, prefix: st
     svc = Service(redis_url, model_dir, prefix, **{**ENV, **env})
     services.append(svc)
     return svc
-
-
-def wait_for(what: str, check: Callable[[], object], guard_s: float = HANG_GUARD_S) -> object:
-    give_up = time.monotonic() + guard_s
-    while not (value := check()):
-        assert time.monotonic() < give_up, f"gave up waiting for {what}"
-        time.sleep(0.01)
-    return value
 
 
 def worker_id(client: redis.Redis, prefix: str, pid: int) -> str:

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,17 +26,10 @@ from batcher.protocol import Keys, Prediction
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
 from sentiment.embedded import free_port
+from tests.conftest import wait_for
 
 TEXTS = [f"text {i} is {'good' if i % 3 else 'bad'} or {'fun' if i % 7 else 'boring'}" for i in range(2000)]
 WAIT_S = 180.0  # a hang guard, not a timing assert: the idle-priority jobs worker starves on a busy box
-
-
-def wait_for(what: str, check: Callable[[], object]) -> object:
-    give_up = time.monotonic() + WAIT_S
-    while not (value := check()):
-        assert time.monotonic() < give_up, f"gave up waiting for {what}"
-        time.sleep(0.02)
-    return value
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +71,7 @@ def stack(model_dir: Path, tmp_path: Path) -> Iterator[tuple[httpx.Client, Calla
         except httpx.TransportError:
             return False
 
-    wait_for("the API", up)
+    wait_for("the API", up, WAIT_S)
     try:
         yield client, lambda: start("jobs-worker", sys.executable, "-m", "sentiment.cli", "jobs-worker"), \
             redis.Redis(port=port)
@@ -104,7 +96,9 @@ def test_a_2000_text_job_finishes_with_correct_predictions(stack, expected) -> N
     client, start_worker, _ = stack
     start_worker()
     job_id = client.post("/jobs", json={"text": TEXTS}).json()["job_id"]
-    view = wait_for("the job", lambda: (v := client.get(f"/jobs/{job_id}").json())["status"] == "finished" and v)
+    view = wait_for(
+        "the job", lambda: (v := client.get(f"/jobs/{job_id}").json())["status"] == "finished" and v, WAIT_S
+    )
     assert view["progress"] == {"done": 2000, "total": 2000}
     assert_predictions(view["predictions"], expected)
 
@@ -113,7 +107,7 @@ def test_a_job_whose_worker_is_killed_is_retried_and_finishes(stack, expected) -
     client, start_worker, rds = stack
     doomed = start_worker()
     job_id = client.post("/jobs", json={"text": TEXTS}).json()["job_id"]
-    wait_for("the job to start", lambda: client.get(f"/jobs/{job_id}").json()["status"] == "started")
+    wait_for("the job to start", lambda: client.get(f"/jobs/{job_id}").json()["status"] == "started", WAIT_S)
     doomed.send_signal(signal.SIGSTOP)  # frozen mid-job: it can neither finish nor clean up
     view = client.get(f"/jobs/{job_id}").json()
     assert view["status"] == "started" and view["progress"]["done"] < 2000
@@ -126,7 +120,7 @@ def test_a_job_whose_worker_is_killed_is_retried_and_finishes(stack, expected) -
         v = client.get(f"/jobs/{job_id}").json()
         return v if v["status"] in ("finished", "failed", "canceled") else None
 
-    view = wait_for("the job to end", ended)
+    view = wait_for("the job to end", ended, WAIT_S)
     assert view["status"] == "finished", view.get("error")
     assert_predictions(view["predictions"], expected)
     job = Job.fetch(job_id, connection=rds, serializer=SERIALIZER)

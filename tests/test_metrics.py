@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import fakeredis
@@ -30,7 +30,7 @@ from batcher.worker import Worker
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
 from sentiment.settings import Settings
-from tests.conftest import REPO, start_service, start_worker
+from tests.conftest import REPO, start_service, start_worker, wait_for
 
 MONITORING = REPO / "k8s" / "monitoring"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -47,14 +47,6 @@ def samples(exposition: str) -> Samples:
 
 def value(scraped: Samples, name: str, **labels: str) -> float:
     return scraped.get((name, frozenset(labels.items())), 0.0)
-
-
-def wait_for(what: str, condition: Callable[[], bool], timeout_s: float = 30) -> None:
-    """A hang guard, not a timing claim."""
-    give_up = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < give_up, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def work_item(keys: Keys, *texts: str, deadline_in_s: float = 30) -> WorkItem:

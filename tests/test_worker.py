@@ -14,7 +14,7 @@ from batcher.protocol import Keys, ModelInfo, Result, WorkItem, new_id, predicti
 from batcher.worker import Worker
 from model_store.classifier import Classifier
 from sentiment.settings import Settings
-from tests.conftest import HANG_GUARD_S, start_worker, thread_stacks
+from tests.conftest import start_worker, wait_for
 
 
 def push(redis: fakeredis.FakeRedis, keys: Keys, *texts: str) -> WorkItem:
@@ -25,13 +25,7 @@ def push(redis: fakeredis.FakeRedis, keys: Keys, *texts: str) -> WorkItem:
 
 
 def wait_result(redis: fakeredis.FakeRedis, keys: Keys, item: WorkItem) -> Result:
-    give_up = time.monotonic() + HANG_GUARD_S
-    while not (raw := redis.get(keys.result(item.id))):
-        if time.monotonic() > give_up:
-            queued = redis.llen(keys.queue)
-            raise TimeoutError(f"no result for {item.id} in {HANG_GUARD_S} s ({queued} queued)\n{thread_stacks()}")
-        time.sleep(0.01)
-    return Result.decode(raw)
+    return Result.decode(wait_for(f"the result of {item.id}", lambda: redis.get(keys.result(item.id))))
 
 
 def expected(classifier: Classifier, *texts: str) -> list[list[dict]]:
