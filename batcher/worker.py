@@ -3,7 +3,8 @@
 Each loop takes one batch (see `batching`), runs it through the shared cache-aware inference,
 and in one Redis transaction writes the finished requests' results, publishes their ids to the
 waiting API processes, and acknowledges them. A heartbeat key (TTL) says the worker is alive; a
-worker whose heartbeat lapses has its work requeued by the others.
+worker whose heartbeat lapses has its work requeued by the others. A forward can outlast the TTL
+(a full batch takes seconds on a small CPU), so the heartbeat is also refreshed while one runs.
 
 With `overlap`, the model runs in a thread of its own (torch releases the GIL): while it computes
 batch N, this thread writes the results of batch N-1 and then, late in N's forward, takes, tokenizes
@@ -19,13 +20,15 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from batcher import metrics
@@ -96,21 +99,28 @@ class Worker:
         self._stopping.set()
 
     def run(self) -> None:
+        """Serve until `stop`. Any Redis error is handled as an outage (drop what is in hand, back off,
+        retry): an error reply such as OOM at maxmemory, READONLY after a failover or NOPERM passes like
+        a lost connection, and dying of it would leave our work to the reclaim. Whatever ends the
+        loop, `_leave` hands back what we hold."""
         log.info("worker %s serving model %s (%s)", self.status.id, self.classifier.name, self.classifier.version)
         backoff = 0.1
-        while not self._stopping.is_set():
-            try:
-                self._tick()
-                backoff = 0.1
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                # What we held stays in our processing list; forget it here and requeue it on return.
-                self._forget_running()
-                self.batcher.drop_held()
-                self._next_beat = 0.0
-                log.warning("redis unreachable (%s); retrying in %.1f s", exc, backoff)
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 2.0)
-        self._leave()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    self._tick()
+                    backoff = 0.1
+                except RedisError as exc:
+                    # What we held stays in our processing list; forget it here and requeue it on return.
+                    self._forget_running()
+                    self.batcher.drop_held()
+                    self._next_beat = 0.0
+                    log.warning("redis failed (%s); retrying in %.1f s", _describe(exc), backoff)
+                    log.debug("redis failed with", exc_info=True)
+                    self._stopping.wait(backoff)
+                    backoff = min(backoff * 2, 2.0)
+        finally:
+            self._leave()
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -151,10 +161,11 @@ class Worker:
         found, todo = self.inference.lookup([s.text for s in batch])
         ids_of = {s.text: s.ids for s in batch}
         ids = [ids_of[t] for t in todo]
+        deadline = max(s.held.item.deadline for s in batch)
 
         def compute() -> list[list[float]]:
             began = time.perf_counter()
-            with metrics.busy():
+            with metrics.busy(), self._beating(deadline) if ids else nullcontext():
                 probabilities = self.inference.run(ids) if ids else []
             self._forward_s = time.perf_counter() - began
             return probabilities
@@ -203,6 +214,7 @@ class Worker:
         )
         self._beat_into(writes)  # a busy worker's heartbeat rides on its result writes
         writes.execute()
+        self._next_beat = time.monotonic() + self.settings.heartbeat_ttl_s / 3
         log.debug(
             "batch %d: %d texts from %d requests, %d finished, %.1f ms",
             self.status.batches, len(batch), requests, len(finished), (time.perf_counter() - running.started) * 1000,
@@ -229,18 +241,44 @@ class Worker:
         pipe = self.redis.pipeline(transaction=True)
         self._beat_into(pipe)
         pipe.execute()
+        self._next_beat = time.monotonic() + self.settings.heartbeat_ttl_s / 3
 
     def _beat_into(self, pipe: Pipeline) -> None:
         pipe.set(self.keys.heartbeat(self.status.id), self.status.encode(), px=int(self.settings.heartbeat_ttl_s * 1000))
         pipe.sadd(self.keys.workers, self.status.id)
-        self._next_beat = time.monotonic() + self.settings.heartbeat_ttl_s / 3
+
+    @contextmanager
+    def _beating(self, deadline: float) -> Iterator[None]:
+        """Refresh the heartbeat from a thread while a forward runs, as the loop cannot meanwhile: a
+        forward longer than the TTL is work, not death, and must not have its work reclaimed and run
+        twice. Only during the forward and only until its requests' last `deadline` (unix s), after
+        which nobody waits for its answers: a worker stuck anywhere else, or in a forward that never
+        returns, still falls silent: its work is reclaimed, and a liveness probe restarts it."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.settings.heartbeat_ttl_s / 3) and time.time() < deadline:
+                try:
+                    pipe = self.redis.pipeline(transaction=True)
+                    self._beat_into(pipe)
+                    pipe.execute()
+                except RedisError as exc:  # the loop deals with Redis failing; the next beat may work
+                    log.debug("heartbeat during a forward failed (%s)", type(exc).__name__)
+
+        thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()  # no beat after the forward: the loop owns the heartbeat again
 
     def _leave(self) -> None:
         """Answer the batch in the model, hand back other work and deregister; a Redis outage leaves it to reclaim."""
         try:
             if self._running:
                 self._finish(self._running)
-        except (RedisConnectionError, RedisTimeoutError):
+        except RedisError:
             pass  # its items are still in our processing list: handed back or reclaimed below
         self._forget_running()
         if self._model_thread:
@@ -251,8 +289,11 @@ class Worker:
             self.redis.delete(self.keys.heartbeat(self.status.id))
             self.redis.srem(self.keys.workers, self.status.id)
             log.info("worker %s stopped; handed back %d unfinished items", self.status.id, returned)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            log.warning("worker %s stopped without deregistering (%s): its work will be reclaimed", self.status.id, exc)
+        except RedisError as exc:
+            log.warning(
+                "worker %s stopped without deregistering (%s): its work will be reclaimed",
+                self.status.id, _describe(exc),
+            )
         self._log_summary()
 
     def _log_summary(self) -> None:
@@ -262,6 +303,13 @@ class Worker:
                 "%d batches, %d requests, %d texts (mean %.1f texts/batch, largest %d requests), %d expired",
                 s.batches, s.requests, s.texts, s.texts / s.batches, s.largest_batch_requests, s.expired,
             )
+
+
+def _describe(exc: RedisError) -> str:
+    """A Redis error for a log line: a connection error says where and why; an error reply only its
+    class (`OutOfMemoryError`, `ReadOnlyError`...), since redis-py quotes the failing command of a
+    pipeline in it, and ours carry work items, user text included."""
+    return str(exc) if isinstance(exc, (RedisConnectionError, RedisTimeoutError)) else type(exc).__name__
 
 
 def _by_item(slots: list[Slot]) -> dict[Held, list[Slot]]:

@@ -33,6 +33,12 @@ def fingerprint(model_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def cache_version(model_dir: Path, precision: str) -> str:
+    """The model's version, part of every cache key: the checkpoint's fingerprint, suffixed by any
+    precision but fp32 (`-fp16`, `-bf16`, `-int8`), whose slightly different scores are cached apart."""
+    return fingerprint(model_dir) + ("" if precision == "fp32" else f"-{precision}")
+
+
 def pick_device(device: str) -> torch.device:
     """`auto` means CUDA when this machine has it, else the CPU."""
     if device == "auto":
@@ -117,8 +123,7 @@ class Classifier:
         self.max_length = min(self.tokenizer.model_max_length, config.max_position_embeddings)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.name = model_dir.resolve().name
-        # Part of every cache key: a reduced precision's (slightly different) scores are cached apart.
-        self.version = fingerprint(model_dir) + ("" if self.precision in ("fp32", "fp16") else f"-{self.precision}")
+        self.version = cache_version(model_dir, self.precision)
         self.forward([self.tokenize(["warm up"])[0]])  # first call pays allocator and kernel set-up
         log.info(
             "model %s version %s on %s (%s, %d torch threads), labels %s",

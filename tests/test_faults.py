@@ -25,7 +25,7 @@ import redis
 import rq
 
 from batcher.liveness import live_workers
-from batcher.protocol import Keys, ModelInfo, WorkItem, new_id, prediction
+from batcher.protocol import Keys, ModelInfo, Result, WorkItem, new_id, prediction
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
 from tests.conftest import HANG_GUARD_S, RedisServer, Service, wait_for
@@ -345,6 +345,40 @@ def test_redis_outage_gives_503s_and_everything_reconnects_by_itself(
     )
     assert view["status"] == "finished"
     assert [p.poll() for p in procs] == [None, None, None]  # the same processes, alive: none restarted
+
+
+def test_redis_refusing_writes_is_survived_like_an_outage(
+    services: list[Service], redis_server: RedisServer, model_dir: Path, reference: Classifier
+) -> None:
+    # Redis at maxmemory with noeviction answers every write with an error reply (OOM), not a lost
+    # connection; READONLY after a failover and NOPERM come the same way. The worker holds on to its
+    # work, backs off, and serves it once writes are accepted again: the same process, one answer.
+    prefix = "faults-oom"
+    keys = Keys(prefix)
+    client = redis.Redis.from_url(redis_server.url)
+    pubsub = client.pubsub()
+    pubsub.subscribe(keys.reply_channel("api"))
+    worker = service(services, redis_server.url, model_dir, prefix).start("worker")
+    held_by = keys.processing(worker_id(client, prefix, worker.pid))
+    worker.send_signal(signal.SIGSTOP)  # so the work below cannot be answered before writes are refused
+    now = time.time()
+    item = WorkItem(new_id(), ["a good movie"], now, now + 600, keys.reply_channel("api"))
+    client.lpush(keys.queue, item.encode())
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", 1)
+    worker.send_signal(signal.SIGCONT)
+    wait_for("the worker's heartbeat to lapse (its writes are refused)", lambda: not live_workers(client, prefix))
+    assert worker.poll() is None
+    client.config_set("maxmemory", 0)
+    result = Result.decode(wait_for("the answer once Redis takes writes", lambda: client.get(keys.result(item.id))))
+    [want] = reference.forward(reference.tokenize(item.texts))
+    assert [s["score"] for s in result.predictions[0]] == pytest.approx(want, abs=1e-5)
+    messages = []
+    while message := pubsub.get_message(timeout=0.5):
+        messages.append(message)
+    assert [m["data"].decode() for m in messages if m["type"] == "message"] == [item.id]  # answered once
+    assert (client.llen(keys.queue), client.llen(held_by)) == (0, 0)
+    assert [s.pid for s in live_workers(client, prefix)] == [worker.pid]
 
 
 def test_overload_is_refused_at_once_and_cache_hits_are_still_served(

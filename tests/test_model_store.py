@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from model_store import classifier as classifier_module
-from model_store.classifier import Classifier, fingerprint, pick_device, resolve_precision
+from model_store.classifier import Classifier, cache_version, fingerprint, pick_device, resolve_precision
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,14 @@ def test_auto_precision_is_bf16_only_on_a_cpu_that_has_it(
     assert auto.version == fingerprint(tiny_model_dir) + ("-bf16" if native else "")
     assert resolve_precision("auto", torch.device("cuda")) == "fp16"
     assert resolve_precision("int8", torch.device("cpu")) == "int8"
+
+
+def test_every_precision_but_fp32_has_its_own_cache_version(tiny_model_dir: Path) -> None:
+    # CUDA's float16 too: an fp16 GPU worker and an fp32 CPU worker must not share cache entries.
+    plain = fingerprint(tiny_model_dir)
+    versions = {p: cache_version(tiny_model_dir, p) for p in ("fp32", "fp16", "bf16", "int8")}
+    assert versions == {"fp32": plain, "fp16": f"{plain}-fp16", "bf16": f"{plain}-bf16", "int8": f"{plain}-int8"}
+    assert Classifier(tiny_model_dir, device="cpu", threads=1, precision="bf16").version == versions["bf16"]
 
 
 def test_real_checkpoint_scores_equal_a_plain_transformers_forward(small_model_dir: Path) -> None:

@@ -1,20 +1,26 @@
-"""The worker on fakeredis with the tiny model: results, cache, dedupe, notifications, shutdown."""
+"""The worker on fakeredis with the tiny model: results, cache, dedupe, notifications, heartbeats,
+Redis errors, shutdown."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from typing import NoReturn
 
 import fakeredis
 import orjson
 import pytest
+from redis.client import Pipeline, PubSub
+from redis.exceptions import OutOfMemoryError
 
 from batcher.liveness import live_workers
 from batcher.protocol import Keys, ModelInfo, Result, WorkItem, new_id, prediction
+from batcher.queue import WorkQueue
 from batcher.worker import Worker
 from model_store.classifier import Classifier
 from sentiment.settings import Settings
-from tests.conftest import start_worker, wait_for
+from tests.conftest import HANG_GUARD_S, start_worker, wait_for
 
 
 def push(redis: fakeredis.FakeRedis, keys: Keys, *texts: str) -> WorkItem:
@@ -107,6 +113,144 @@ def test_stop_deregisters_and_hands_back_held_work(
     assert live_workers(redis, settings.key_prefix) == []
     assert not redis.sismember(keys.workers, worker.status.id)
     assert WorkItem.decode(redis.rpop(keys.queue)).id == held.id
+
+
+def announcements(pubsub: PubSub) -> list[str]:
+    """The request ids published so far on the subscribed reply channel."""
+    ids = []
+    while message := pubsub.get_message(timeout=0.5):
+        ids.append(message["data"].decode())
+    return ids
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "serial"])
+def test_a_forward_longer_than_the_heartbeat_ttl_keeps_its_work(
+    redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, monkeypatch, overlap: bool
+) -> None:
+    # The forward outlasts the heartbeat TTL twice over (a full batch on a small CPU). Another
+    # worker's reclaim, run late in it, must see a live worker: nothing requeued, computed or
+    # answered twice.
+    settings = settings.model_copy(update={"heartbeat_ttl_s": 1.0, "overlap": overlap})
+    keys = Keys(settings.key_prefix)
+    other = WorkQueue(redis, keys, "another worker")
+    reclaimed: list[int] = []
+    real_forward = classifier.forward
+
+    def slow_forward(batch: list[list[int]]) -> list[list[float]]:
+        time.sleep(2 * settings.heartbeat_ttl_s)
+        reclaimed.append(other.reclaim_dead())
+        return real_forward(batch)
+
+    monkeypatch.setattr(classifier, "forward", slow_forward)
+    pubsub = redis.pubsub()
+    pubsub.subscribe(keys.reply_channel("api"))
+    pubsub.get_message(timeout=1)
+    item = push(redis, keys, "a long forward")
+    worker = Worker(settings, redis, classifier)
+    thread = start_worker(worker)
+    try:
+        assert wait_result(redis, keys, item).predictions
+        assert reclaimed == [0]
+        assert announcements(pubsub) == [item.id]
+        assert worker.inference.computed == 1
+        assert (redis.llen(keys.queue), redis.llen(keys.processing(worker.status.id))) == (0, 0)
+    finally:
+        worker.stop()
+        thread.join(10)
+
+
+def test_a_forward_past_its_deadlines_stops_beating_so_a_hung_worker_is_reclaimed(
+    redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, monkeypatch
+) -> None:
+    # A forward that never returns must not keep the worker "alive" forever: once its requests'
+    # deadlines pass, nobody waits for it, its heartbeat lapses and its work is reclaimed.
+    settings = settings.model_copy(update={"heartbeat_ttl_s": 1.0})
+    keys = Keys(settings.key_prefix)
+    forwarding, release = threading.Event(), threading.Event()
+    real_forward = classifier.forward
+
+    def hung_forward(batch: list[list[int]]) -> list[list[float]]:
+        forwarding.set()
+        release.wait(HANG_GUARD_S)
+        return real_forward(batch)
+
+    monkeypatch.setattr(classifier, "forward", hung_forward)
+    now = time.time()
+    item = WorkItem(new_id(), ["stuck"], now, now + 5, keys.reply_channel("api"))
+    redis.lpush(keys.queue, item.encode())
+    worker = Worker(settings, redis, classifier)
+    thread = start_worker(worker)
+    try:
+        wait_for("the forward to start", forwarding.is_set)
+        wait_for("the hung worker's heartbeat to lapse", lambda: not redis.exists(keys.heartbeat(worker.status.id)))
+        assert WorkQueue(redis, keys, "another worker").reclaim_dead() == 1
+        assert WorkItem.decode(redis.rpop(keys.queue)).id == item.id
+    finally:
+        release.set()
+        worker.stop()
+        thread.join(10)
+
+
+def test_an_error_reply_from_redis_is_survived_like_an_outage(
+    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings, monkeypatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Redis at maxmemory (noeviction) refuses the transaction that writes a batch's results, as a
+    # replica turned read-only or a revoked ACL would. redis-py quotes the refused command, work item
+    # and its text included. The worker keeps the item, backs off, and answers it once Redis takes
+    # writes again: once, from the same worker thread, without logging the text.
+    keys = Keys(settings.key_prefix)
+    text = "private words"
+    refusals = [OutOfMemoryError(f"Command # 5 (LREM processing 1 {text}) of pipeline caused error: OOM")]
+    real_pipeline = redis.pipeline
+
+    def pipeline(transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+        pipe = real_pipeline(transaction, shard_hint)
+        real_execute = pipe.execute
+
+        def execute(raise_on_error: bool = True) -> list:
+            if refusals and any(args[0] == "PUBLISH" for args, _ in pipe.command_stack):
+                raise refusals.pop()  # EXECABORT: nothing in the transaction was applied
+            return real_execute(raise_on_error)
+
+        pipe.execute = execute
+        return pipe
+
+    monkeypatch.setattr(redis, "pipeline", pipeline)
+    caplog.set_level(logging.INFO)
+    pubsub = redis.pubsub()
+    pubsub.subscribe(keys.reply_channel("api"))
+    pubsub.get_message(timeout=1)
+    thread = start_worker(worker)
+    item = push(redis, keys, text)
+    wait_for("the answer, or the worker's death", lambda: redis.exists(keys.result(item.id)) or not thread.is_alive())
+    assert thread.is_alive()
+    assert refusals == []  # the write was refused once, then retried
+    assert wait_result(redis, keys, item).predictions
+    assert announcements(pubsub) == [item.id]
+    assert redis.llen(keys.processing(worker.status.id)) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("redis failed (OutOfMemoryError)" in m for m in warnings), warnings
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and text in r.getMessage()]
+
+
+def test_a_worker_that_crashes_still_hands_back_its_work(
+    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings, monkeypatch
+) -> None:
+    # Not a Redis error (a bug): the worker dies, but hands back what it took and deregisters at
+    # once instead of leaving it to the reclaim a heartbeat TTL later.
+    keys = Keys(settings.key_prefix)
+    item = push(redis, keys, "taken, then the worker crashes")
+
+    def crash(texts: list[str]) -> NoReturn:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(worker.inference, "lookup", crash)
+    with pytest.raises(RuntimeError, match="a bug"):
+        worker.run()
+    assert redis.llen(keys.processing(worker.status.id)) == 0
+    assert WorkItem.decode(redis.rpop(keys.queue)).id == item.id
+    assert not redis.sismember(keys.workers, worker.status.id)
+    assert live_workers(redis, settings.key_prefix) == []
 
 
 def test_a_poison_text_fails_only_its_own_request(
