@@ -3,6 +3,10 @@
 RQ holds the lifecycle; this module only enqueues (by function name), reads, and cancels. Reading
 a started job also runs RQ's abandoned-job cleanup, so a job whose worker died turns `queued`
 (retried) or `failed` even when no jobs worker is left to notice.
+
+Only ended jobs expire. Redis evicts keys that have a TTL under memory pressure (`volatile-lru`,
+k8s/base/redis.yaml), and a queued job whose hash was evicted would be skipped by the worker and
+answer 404: so a job carries no TTL until it finishes, fails or is canceled.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import re
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import WatchError
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.results import Result
@@ -43,7 +48,7 @@ class JobStore:
         job = self.queue.enqueue_call(
             JOB_FUNC, args=(texts,), job_id=new_id(), description=f"classify {len(texts)} texts",
             meta=progress(0, len(texts)), retry=RETRY, timeout=JOB_TIMEOUT_S,
-            ttl=self.ttl_s, result_ttl=self.ttl_s, failure_ttl=self.ttl_s,
+            result_ttl=self.ttl_s, failure_ttl=self.ttl_s,  # no `ttl`: see the module's docstring
         )
         return job.id
 
@@ -70,21 +75,32 @@ class JobStore:
         return view
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        """Cancel a queued or started job (a started one stops at its next chunk); 409 once it ended otherwise."""
+        """Cancel a queued or started job (a started one stops at its next chunk); 409 once it ended otherwise.
+
+        The status check and the cancel are one transaction, WATCHing the job: a job that finishes (or
+        changes at all) in between makes it fail, and we look again, so a finished job stays finished.
+        """
         job = self._fetch(job_id)
-        status = STATUS.get(job.get_status(), "queued")
-        if status in ("finished", "failed"):
-            raise ServiceError(ErrorType.CONFLICT, f"job {job_id} already {status}; there is nothing to cancel")
-        if status != "canceled":
-            try:
-                job.cancel()
-            except InvalidJobOperation:
-                pass  # canceled by someone else meanwhile
-            job.ended_at = now()
-            with self.redis.pipeline() as pipe:
-                pipe.hset(job.key, "ended_at", utcformat(job.ended_at))
-                job.cleanup(ttl=self.ttl_s, pipeline=pipe)  # a canceled job expires like any other
-                pipe.execute()
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(job.key)
+                    status = STATUS.get(job.get_status(), "queued")
+                    if status in ("finished", "failed"):
+                        message = f"job {job_id} already {status}; there is nothing to cancel"
+                        raise ServiceError(ErrorType.CONFLICT, message)
+                    if status == "canceled":
+                        break
+                    pipe.multi()
+                    job.cancel(pipeline=pipe)
+                    job.ended_at = now()
+                    pipe.hset(job.key, "ended_at", utcformat(job.ended_at))
+                    job.cleanup(ttl=self.ttl_s, pipeline=pipe)  # a canceled job expires like any other
+                    pipe.execute()
+                    break
+                except (WatchError, InvalidJobOperation):  # changed, canceled or expired meanwhile: look again
+                    pipe.reset()
+                    job = self._fetch(job_id)
         return self.view(job_id)
 
     def _fetch(self, job_id: str) -> Job:

@@ -9,6 +9,10 @@ to heartbeat the running job, so `JobsWorker` does that from a thread. The heart
 job's entry in RQ's started registry alive for `heartbeat_ttl_s`: when the process is killed the
 entry lapses, and the next registry cleanup (any jobs worker's maintenance, or the API reading the
 job) retries the job, or fails it once its retries are spent.
+
+RQ's worker rides out a Redis outage only while it waits for a job; one met while it runs a job (or
+between jobs) ends its loop. `serve_jobs` then starts a fresh worker, backing off until Redis answers;
+the job that was running is left to the abandoned-job handling above, like a killed worker's.
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import FrameType
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker, get_current_job
 from rq.job import Job, JobStatus
 from rq.worker import WorkerStatus
@@ -66,9 +73,34 @@ def _stop_if_canceled(job: Job | None) -> None:
 class JobsWorker(SimpleWorker):
     """Runs jobs in this process (model loaded once), heartbeating each run from a thread."""
 
+    max_connection_wait_time = 2.0  # RQ's reconnect backoff while waiting for a job stops here, not at a minute
+
     def __init__(self, *args: object, heartbeat_ttl_s: float, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.job_heartbeat_ttl = max(2, math.ceil(heartbeat_ttl_s))
+        self.told_to_stop = False  # by SIGTERM or SIGINT: `serve_jobs` starts no fresh worker after this one
+        self.drained = False  # the last look at the queue found it empty (how burst mode ends)
+
+    def work(self, *args: object, **kwargs: object) -> bool:
+        """RQ's loop; its pubsub thread is stopped however the loop ends (RQ's teardown skips that when
+        Redis is down, and every lost worker would leave one behind)."""
+        try:
+            return super().work(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            if self.pubsub_thread is not None:
+                self.pubsub_thread.stop()
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        """Noted before RQ's own handling, which writes to Redis: a stop asked for during an outage still stops."""
+        self.told_to_stop = True
+        super().request_stop(signum, frame)
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        found = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        self.drained = found is None
+        return found
 
     def _set_ip_address(self, connection: Redis) -> None:
         """RQ records its client address for display only: a server whose CLIENT INFO reply redis-py
@@ -124,16 +156,44 @@ class JobsWorker(SimpleWorker):
 
 
 def serve_jobs(settings: Settings, inference: Inference, redis: Redis, burst: bool = False) -> bool:
-    """Run the jobs worker loop with `inference` until stopped (or, in burst mode, the queue is empty)."""
+    """Run jobs with `inference` until stopped (or, in burst mode, until the queue is empty); True if any ran.
+
+    A worker whose loop ends otherwise met an error it does not survive, such as Redis failing mid-job
+    (RQ logs it): a fresh one takes over, with backoff.
+    """
     global _inference
     _inference = inference
     period = max(1, math.ceil(settings.heartbeat_ttl_s))
-    worker = JobsWorker(
-        [jobs_queue(redis, settings)], connection=redis, serializer=SERIALIZER, heartbeat_ttl_s=settings.heartbeat_ttl_s,
-        # Look for abandoned jobs about as often as a heartbeat lapses; block on the queue no longer.
-        maintenance_interval=period, worker_ttl=period + 16, log_job_description=False,
-    )
-    return worker.work(burst=burst, logging_level=settings.log_level.upper())
+    worked, backoff = False, 0.1
+    while True:
+        worker: JobsWorker | None = None
+        why = "RQ logged the error above"
+        try:
+            worker = JobsWorker(
+                [jobs_queue(redis, settings)], connection=redis, serializer=SERIALIZER,
+                heartbeat_ttl_s=settings.heartbeat_ttl_s,
+                # Look for abandoned jobs about as often as a heartbeat lapses; block on the queue no longer.
+                maintenance_interval=period, worker_ttl=period + 16, log_job_description=False,
+            )
+            worked = worker.work(burst=burst, logging_level=settings.log_level.upper()) or worked
+        except RedisError as exc:  # down, or refusing commands: either way, wait and try again
+            why = type(exc).__name__  # not its message: redis-py quotes a failed pipeline's commands, job texts too
+        if worker is not None and (worker.told_to_stop or worker.drained):
+            return worked
+        log.warning("jobs worker stopped unasked (%s); a fresh one in %.1f s", why, backoff)
+        if _pause(backoff):
+            return worked
+        backoff = min(backoff * 2, 2.0)
+
+
+def _pause(seconds: float) -> bool:
+    """Wait before the next worker; True when SIGTERM or SIGINT came meanwhile. Until the next worker
+    installs RQ's handlers there is no job to wind down, so a stop is a stop at once."""
+    asked = threading.Event()
+    if threading.current_thread() is threading.main_thread():  # (tests run workers in threads)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: asked.set())
+    return asked.wait(seconds)
 
 
 PRIORITIES = ("idle", "low", "normal")

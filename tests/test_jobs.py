@@ -11,9 +11,10 @@ from pathlib import Path
 import fakeredis
 import pytest
 from fastapi.testclient import TestClient
-from rq.job import Job
+from rq.job import Job, JobStatus
 
 from api.app import create_app
+from api.errors import ErrorType, ServiceError
 from batcher.inference import Inference
 from batcher.job_spec import SERIALIZER
 from batcher.jobs import serve_jobs
@@ -191,6 +192,43 @@ def test_a_finished_job_cannot_be_canceled(service: tuple[Service, TestClient]) 
     assert response.status_code == 409
     assert response.json()["error_type"] == "conflict"
     assert client.get(f"/jobs/{job_id}").json()["status"] == "finished"
+
+
+def test_a_job_that_finishes_while_being_canceled_stays_finished(
+    service: tuple[Service, TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc, client = service
+    job_id = submit(client, TEXTS[:2])
+    read = Job.get_status
+    seen: list[JobStatus] = []
+
+    def finish_right_after_the_read(job: Job, refresh: bool = True) -> JobStatus:
+        status = read(job, refresh)
+        if not seen:  # the cancel's first look: the job finishes before the cancel acts on it
+            seen.append(status)
+            svc.run_jobs()
+        return status
+
+    monkeypatch.setattr(Job, "get_status", finish_right_after_the_read)
+    with pytest.raises(ServiceError) as refused:
+        svc.app.state.jobs.cancel(job_id)  # as DELETE does, here on this thread: the jobs worker needs it
+    monkeypatch.undo()
+    assert seen == [JobStatus.QUEUED]
+    assert refused.value.error_type == ErrorType.CONFLICT
+    view = client.get(f"/jobs/{job_id}").json()
+    assert view["status"] == "finished" and len(view["predictions"]) == 2
+    assert job_id in svc.app.state.jobs.queue.finished_job_registry
+
+
+def test_a_job_has_no_expiry_until_it_ends(service: tuple[Service, TestClient]) -> None:
+    """Redis evicts keys with a TTL under memory pressure (volatile-lru): a queued job must have none."""
+    svc, client = service
+    job_id = submit(client, TEXTS)
+    keys = svc.redis.keys(f"*{job_id}*")
+    assert svc.job(job_id).key.encode() in keys
+    assert {key: svc.redis.ttl(key) for key in keys} == {key: -1 for key in keys}  # -1: no expiry
+    svc.run_jobs()
+    assert 0 < svc.redis.ttl(svc.job(job_id).key) <= svc.settings.job_ttl_s  # ended: kept job_ttl_s, then gone
 
 
 def test_a_failing_job_is_retried_then_failed_with_a_one_line_error(service: tuple[Service, TestClient]) -> None:

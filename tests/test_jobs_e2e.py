@@ -1,17 +1,19 @@
 """Bulk jobs end to end: a real redis-server, `sentiment api` and `sentiment jobs-worker` processes.
 
-Includes the crash case: a jobs worker SIGKILLed mid-job leaves the job to RQ's abandoned-job
-handling, which retries it on the next worker; it ends finished, never stuck in "started".
+Includes the crash cases: a jobs worker SIGKILLed mid-job, or one that loses Redis mid-job, leaves
+the job to RQ's abandoned-job handling, which retries it; it ends finished, never stuck in "started".
+The Redis here keeps an append-only file, as deployed, so what it held survives a restart.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import fakeredis
@@ -20,13 +22,15 @@ import pytest
 import redis
 from rq.job import Job
 
+from api.job_store import ENDED, JobStore
 from batcher.inference import Inference
 from batcher.job_spec import SERIALIZER
 from batcher.protocol import Keys, Prediction
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
 from sentiment.embedded import free_port
-from tests.conftest import wait_for
+from sentiment.settings import Settings
+from tests.conftest import RedisServer, wait_for
 
 TEXTS = [f"text {i} is {'good' if i % 3 else 'bad'} or {'fun' if i % 7 else 'boring'}" for i in range(2000)]
 WAIT_S = 180.0  # a hang guard, not a timing assert: the idle-priority jobs worker starves on a busy box
@@ -43,46 +47,99 @@ def expected(model_dir: Path) -> list[Prediction]:
     return Inference(classifier, fakeredis.FakeRedis(), Keys("expected"), 2, 8192, 60).predict(TEXTS)
 
 
-@pytest.fixture
-def stack(model_dir: Path, tmp_path: Path) -> Iterator[tuple[httpx.Client, Callable[[], subprocess.Popen], redis.Redis]]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not on PATH")
-    port = free_port()
-    procs: list[subprocess.Popen] = []
+class DurableRedis(RedisServer):
+    """A redis-server with an append-only file in `data`, as k8s/base/redis.yaml runs it: stopped and
+    started again, it holds what it held."""
 
-    def start(name: str, *args: str) -> subprocess.Popen:
-        log = (tmp_path / f"{name}-{len(procs)}.log").open("wb")
-        procs.append(subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT))
-        return procs[-1]
+    def __init__(self, data: Path) -> None:
+        super().__init__()
+        self.data = data
 
-    env = {
-        **os.environ, "SENTIMENT_REDIS_URL": f"redis://127.0.0.1:{port}/0", "SENTIMENT_MODEL_DIR": str(model_dir),
-        "SENTIMENT_MAX_BATCH_SIZE": "2", "SENTIMENT_JOBS_MAX_TEXTS": "2000", "SENTIMENT_HEARTBEAT_TTL_S": "2",
-    }
-    start("redis", exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no")
-    api_port = free_port()
-    start("api", sys.executable, "-m", "sentiment.cli", "api", "--port", str(api_port))
-    client = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=10)
+    def start(self) -> None:
+        exe = shutil.which("redis-server") or "redis-server"
+        self.proc = proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data), "--save", "",
+             "--appendonly", "yes"],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
 
-    def up() -> bool:
-        try:
-            return client.get("/health").status_code == 200
-        except httpx.TransportError:
-            return False
+        def answers() -> bool:
+            assert proc.poll() is None, "redis-server exited"
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
 
-    wait_for("the API", up, WAIT_S)
-    try:
-        yield client, lambda: start("jobs-worker", sys.executable, "-m", "sentiment.cli", "jobs-worker"), \
-            redis.Redis(port=port)
-    finally:
-        client.close()
-        for proc in reversed(procs):
+        wait_for("redis-server to answer", answers, WAIT_S)
+
+
+class Stack:
+    """An API and jobs workers, as processes, on a `DurableRedis` of their own."""
+
+    def __init__(self, model_dir: Path, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.server = DurableRedis(tmp_path)
+        self.redis = redis.Redis(port=self.server.port)
+        self.env = {
+            **os.environ, "SENTIMENT_REDIS_URL": self.server.url, "SENTIMENT_MODEL_DIR": str(model_dir),
+            "SENTIMENT_MAX_BATCH_SIZE": "2", "SENTIMENT_JOBS_MAX_TEXTS": "2000", "SENTIMENT_HEARTBEAT_TTL_S": "2",
+            "SENTIMENT_JOBS_METRICS_PORT": "0",  # tests run side by side: no fixed port
+        }
+        self.procs: list[subprocess.Popen] = []
+        self.logs: dict[int, Path] = {}
+        self.api_port = free_port()
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.api_port}", timeout=10)
+
+    def start(self) -> None:
+        """Redis and the API (jobs workers are each test's own)."""
+        self.server.start()
+        self._start("api", "--port", str(self.api_port))
+
+        def up() -> bool:
+            try:
+                return self.client.get("/health").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for("the API", up, WAIT_S)
+
+    def start_worker(self, *args: str) -> subprocess.Popen:
+        return self._start("jobs-worker", *args)
+
+    def output(self, proc: subprocess.Popen) -> str:
+        return self.logs[proc.pid].read_text(errors="replace")
+
+    def _start(self, *command: str) -> subprocess.Popen:
+        log = self.tmp_path / f"{command[0]}-{len(self.procs)}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "sentiment.cli", *command], env=self.env, stdout=out,
+                                    stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        self.logs[proc.pid] = log
+        return proc
+
+    def stop(self) -> None:
+        self.client.close()
+        for proc in reversed(self.procs):
             proc.terminate()
             try:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        self.server.stop()
+
+
+@pytest.fixture
+def stack(model_dir: Path, tmp_path: Path) -> Iterator[Stack]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not on PATH")
+    stack = Stack(model_dir, tmp_path)
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
 
 
 def assert_predictions(got: list[Prediction], want: list[Prediction]) -> None:
@@ -92,9 +149,9 @@ def assert_predictions(got: list[Prediction], want: list[Prediction]) -> None:
         assert [s["score"] for s in g] == pytest.approx([s["score"] for s in w], abs=1e-5)
 
 
-def test_a_2000_text_job_finishes_with_correct_predictions(stack, expected) -> None:  # type: ignore[no-untyped-def]
-    client, start_worker, _ = stack
-    start_worker()
+def test_a_2000_text_job_finishes_with_correct_predictions(stack: Stack, expected: list[Prediction]) -> None:
+    client = stack.client
+    stack.start_worker()
     job_id = client.post("/jobs", json={"text": TEXTS}).json()["job_id"]
     view = wait_for(
         "the job", lambda: (v := client.get(f"/jobs/{job_id}").json())["status"] == "finished" and v, WAIT_S
@@ -103,9 +160,9 @@ def test_a_2000_text_job_finishes_with_correct_predictions(stack, expected) -> N
     assert_predictions(view["predictions"], expected)
 
 
-def test_a_job_whose_worker_is_killed_is_retried_and_finishes(stack, expected) -> None:  # type: ignore[no-untyped-def]
-    client, start_worker, rds = stack
-    doomed = start_worker()
+def test_a_job_whose_worker_is_killed_is_retried_and_finishes(stack: Stack, expected: list[Prediction]) -> None:
+    client = stack.client
+    doomed = stack.start_worker()
     job_id = client.post("/jobs", json={"text": TEXTS}).json()["job_id"]
     wait_for("the job to start", lambda: client.get(f"/jobs/{job_id}").json()["status"] == "started", WAIT_S)
     doomed.send_signal(signal.SIGSTOP)  # frozen mid-job: it can neither finish nor clean up
@@ -114,14 +171,73 @@ def test_a_job_whose_worker_is_killed_is_retried_and_finishes(stack, expected) -
     doomed.kill()
     doomed.wait()
 
-    start_worker()
+    stack.start_worker()
 
-    def ended() -> dict | None:
-        v = client.get(f"/jobs/{job_id}").json()
-        return v if v["status"] in ("finished", "failed", "canceled") else None
-
-    view = wait_for("the job to end", ended, WAIT_S)
+    view = wait_for("the job to end", lambda: ended(client, job_id), WAIT_S)
     assert view["status"] == "finished", view.get("error")
     assert_predictions(view["predictions"], expected)
-    job = Job.fetch(job_id, connection=rds, serializer=SERIALIZER)
+    job = Job.fetch(job_id, connection=stack.redis, serializer=SERIALIZER)
     assert job.retries_left == 1  # RQ's abandoned-job handling retried it once
+
+
+def test_a_redis_outage_mid_job_keeps_the_worker_and_the_job(stack: Stack, expected: list[Prediction]) -> None:
+    client = stack.client
+    worker = stack.start_worker("--priority", "normal", "--threads", "1")
+    job_id = client.post("/jobs", json={"text": TEXTS}).json()["job_id"]
+    wait_for("the job to start", lambda: client.get(f"/jobs/{job_id}").json()["status"] == "started", WAIT_S)
+    worker.send_signal(signal.SIGSTOP)  # frozen mid-job, so that the outage certainly finds it running one
+    view = client.get(f"/jobs/{job_id}").json()
+    assert view["status"] == "started" and view["progress"]["done"] < len(TEXTS)
+    stack.server.stop()
+    worker.send_signal(signal.SIGCONT)
+
+    def alive() -> None:
+        assert worker.poll() is None, f"the jobs worker exited:\n{stack.output(worker)[-4000:]}"
+
+    def noticed() -> bool:
+        alive()
+        return "jobs worker stopped unasked" in stack.output(worker)
+
+    wait_for("the jobs worker to meet the outage", noticed, WAIT_S)
+    stack.server.start()  # the same port; the append-only file brings back the job, still "started"
+
+    def ended_and_alive() -> dict | None:
+        alive()
+        return ended(client, job_id)
+
+    view = wait_for("the job to end", ended_and_alive, WAIT_S)
+    assert view["status"] == "finished", view.get("error")
+    assert_predictions(view["predictions"], expected)
+    job = Job.fetch(job_id, connection=stack.redis, serializer=SERIALIZER)
+    assert job.retries_left == 1  # lost with its worker's Redis: RQ's abandoned-job handling ran it again
+    alive()  # the same process, never restarted
+
+
+def test_memory_pressure_never_evicts_a_queued_job(redis_server: RedisServer) -> None:
+    """Under volatile-lru (k8s/base/redis.yaml) Redis evicts only keys with a TTL: a queued job has none."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.config_set("maxmemory-policy", "volatile-lru")
+    client.config_set("maxmemory", client.info("memory")["used_memory"] + 8 * 2**20)
+    store = JobStore(client, Settings(redis_url=redis_server.url))
+    job_id = store.create(["still here"])
+    filler = itertools.count()
+
+    def evicted_plenty() -> bool:  # cache entries with a TTL, as the workers write them, until 2,000 are evicted
+        with client.pipeline(transaction=False) as pipe:
+            for _ in range(100):
+                pipe.set(f"cache:{next(filler)}", b"x" * 10_000, ex=3600)
+            pipe.execute()
+        return client.info("stats")["evicted_keys"] >= 2000
+
+    wait_for("Redis to evict cache entries", evicted_plenty, WAIT_S)
+    assert store.view(job_id)["status"] == "queued"
+    assert store.queue.job_ids == [job_id]
+
+
+def ended(client: httpx.Client, job_id: str) -> dict | None:
+    """The job's view once it ended; None before, or while the API answers 503 (Redis just came back)."""
+    response = client.get(f"/jobs/{job_id}")
+    if response.status_code == 503:
+        return None
+    view = response.json()
+    return view if view["status"] in ENDED else None
