@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.metrics import REQUESTS_REFUSED
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class ErrorType(StrEnum):
-    UNAVAILABLE = "unavailable"  # Redis unreachable, no model registered
+    UNAVAILABLE = "unavailable"  # Redis unreachable or refusing commands, no model registered
     OVERLOADED = "overloaded"  # queue too deep to answer within the timeout
     TIMEOUT = "timeout"  # no result before the request's deadline
     INFERENCE = "inference"  # the model failed on this request's texts
@@ -96,8 +97,14 @@ def install(app: FastAPI) -> None:
         return error_response(exc.error_type, exc.message)
 
     async def on_redis_error(_: Request, exc: Exception) -> JSONResponse:
-        log.warning("redis unreachable: %s", exc)
-        return error_response(ErrorType.UNAVAILABLE, "the queue backend (Redis) is unreachable")
+        """Down or refusing (OOM under maxmemory, READONLY after a failover, MISCONF, NOPERM): the
+        client's remedy is the same, retry later. The log names the class; an error reply's message
+        only at DEBUG, since redis-py quotes a failed pipeline's commands in it (a job's texts too)."""
+        kind = type(exc).__name__
+        outage = isinstance(exc, (RedisConnectionError, RedisTimeoutError))
+        log.warning("redis unavailable (%s)%s", kind, f": {exc}" if outage else "")
+        log.debug("redis failed with", exc_info=exc)
+        return error_response(ErrorType.UNAVAILABLE, f"the queue backend (Redis) is unavailable ({kind})")
 
     async def on_invalid_request(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -106,5 +113,4 @@ def install(app: FastAPI) -> None:
 
     app.add_exception_handler(RequestValidationError, on_invalid_request)
     app.add_exception_handler(ServiceError, on_service_error)
-    app.add_exception_handler(RedisConnectionError, on_redis_error)
-    app.add_exception_handler(RedisTimeoutError, on_redis_error)
+    app.add_exception_handler(RedisError, on_redis_error)

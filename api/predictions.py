@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from enum import StrEnum
 
@@ -58,12 +59,26 @@ class Predictor:
         self._local = local_cache
 
     async def predict(self, texts: list[str]) -> tuple[list[Prediction], CacheStatus]:
+        """Bounded as a whole by the request timeout from its start: a Redis stall anywhere (cache
+        lookup, pool wait, enqueue, the final GETDEL) ends in the 504 at the deadline, not after it."""
+        deadline = time.time() + self._timeout_s  # the work item's too: a worker skips it once we gave up
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await self._predict(texts, deadline)
+        except TimeoutError:
+            raise ServiceError(
+                ErrorType.TIMEOUT, f"no result within {self._timeout_s:g} s; the service is busy or has no worker"
+            ) from None
+
+    async def _predict(self, texts: list[str], deadline: float) -> tuple[list[Prediction], CacheStatus]:
         unique = list(dict.fromkeys(texts))
         found: dict[str, Prediction] = {}
         if model := await self._models.current():
             keys = {t: self._keys.cache(model.version, t) for t in unique}
             local = self._local if self._local is not None else {}  # disabled: a throwaway per request
-            found = {t: local[k] for t, k in keys.items() if k in local}
+            # One read per entry: `in` then `[]` reads a TTLCache's clock twice, and an entry expiring
+            # in between would raise KeyError.
+            found = {t: p for t, k in keys.items() if (p := local.get(k)) is not None}
             if remote := [t for t in unique if t not in found]:
                 cached = await self._redis.mget([keys[t] for t in remote])
                 for text, raw in zip(remote, cached, strict=True):
@@ -74,20 +89,16 @@ class Predictor:
         CACHE_HITS.inc(len(found))
         CACHE_MISSES.inc(len(missing))
         if missing:
-            found.update(zip(missing, await self._compute(missing), strict=True))
+            found.update(zip(missing, await self._compute(missing, deadline), strict=True))
         return [found[t] for t in texts], status
 
-    async def _compute(self, texts: list[str]) -> list[Prediction]:
-        now = time.time()
-        item = WorkItem(
-            id=new_id(), texts=texts, enqueued_at=now, deadline=now + self._timeout_s, reply_to=self._waiter.channel
-        )
+    async def _compute(self, texts: list[str], deadline: float) -> list[Prediction]:
+        """Queue the texts and wait for the worker's result. A wait cut by the deadline unregisters
+        itself; its item is then dropped by the worker as expired, or its result key expires unread."""
+        item = WorkItem(id=new_id(), texts=texts, enqueued_at=time.time(), deadline=deadline, reply_to=self._waiter.channel)
         with self._waiter.expect(item.id) as pending:
             await self._enqueue(item)
-            raw = await pending.result(item.deadline)
-        if raw is None:
-            raise ServiceError(ErrorType.TIMEOUT, f"no result within {self._timeout_s:g} s; the service is busy or has no worker")
-        result = Result.decode(raw)
+            result = Result.decode(await pending.result())
         if result.error is not None or result.predictions is None:
             raise ServiceError(ErrorType.INFERENCE, result.error or "the worker returned no predictions")
         return result.predictions

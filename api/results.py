@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Iterator
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from batcher.protocol import Keys, new_id
@@ -32,15 +32,19 @@ class Pending:
         self._poll_s = poll_s
         self.arrived = asyncio.Event()
 
-    async def result(self, deadline: float) -> bytes | None:
-        """The result (taken out of Redis), or None when `deadline` (unix s) passes first."""
-        while (remaining := deadline - time.time()) > 0:
+    async def result(self) -> bytes:
+        """The result (taken out of Redis) once notified, or found by the poll; the caller bounds the wait.
+
+        `asyncio.timeout`, not `wait_for`: on 3.11 `wait_for` can swallow the caller's cancellation
+        when the event fires at the same moment, which would outlive the caller's deadline.
+        """
+        while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.arrived.wait(), min(remaining, self._poll_s))
+                async with asyncio.timeout(self._poll_s):
+                    await self.arrived.wait()
             self.arrived.clear()
             if (raw := await self._redis.getdel(self._key)) is not None:
                 return raw
-        return None
 
 
 class ResultWaiter:
@@ -73,16 +77,24 @@ class ResultWaiter:
             await asyncio.wait({self._task}, timeout=1.0)
 
     async def _listen(self) -> None:
+        """Subscribe for good: any Redis error resubscribes with backoff. A refusal (NOPERM on the
+        channel, say) is logged as an error, not a warning: it will not heal by itself, and until
+        it does every request waits for the poll instead of its notification."""
         backoff = 0.1
         while True:
             try:
                 async with self._redis.pubsub() as pubsub:
                     await pubsub.subscribe(self.channel)
-                    backoff = 0.1
                     async for message in pubsub.listen():
-                        if message["type"] == "message" and (p := self._pending.get(message["data"].decode())):
+                        if message["type"] == "subscribe":
+                            backoff = 0.1  # confirmed: a refused SUBSCRIBE fails only here, at its reply
+                        elif message["type"] == "message" and (p := self._pending.get(message["data"].decode())):
                             p.arrived.set()
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning("result subscription lost (%s); resubscribing in %.1f s", exc, backoff)
+            except (RedisError, OSError) as exc:
+                outage = isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError))
+                log.log(
+                    logging.WARNING if outage else logging.ERROR, "result subscription lost (%s: %s); resubscribing in %.1f s",
+                    type(exc).__name__, exc, backoff,
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)

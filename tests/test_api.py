@@ -1,24 +1,32 @@
-"""The API in process (httpx ASGI transport) against fakeredis, with a worker thread on the tiny model."""
+"""The API in process (httpx ASGI transport) against fakeredis, with a worker thread on the tiny model;
+Redis refusing commands against a redis-server the test owns."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from unittest.mock import AsyncMock
 
 import fakeredis
 import httpx
+import orjson
 import pytest
+import redis as sync_redis
+from cachetools import TTLCache
 from redis.asyncio import Redis
 
 from api.app import create_app
-from batcher.protocol import Keys, WorkItem, prediction
+from api.predictions import CacheStatus, ModelRegistry, Predictor
+from api.results import ResultWaiter
+from batcher.protocol import Keys, ModelInfo, WorkItem, prediction
 from batcher.worker import Worker
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
 from sentiment.settings import Settings
-from tests.conftest import start_worker
+from tests.conftest import HANG_GUARD_S, RedisServer, start_worker, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -29,9 +37,12 @@ def anyio_backend() -> str:
 
 
 @asynccontextmanager
-async def client_for(settings: Settings, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
-    # Bulk jobs get a fake Redis of their own: never the default URL's (a Redis these tests did not start).
-    app = create_app(settings, redis=redis, jobs_redis=fakeredis.FakeRedis())
+async def client_for(
+    settings: Settings, redis: Redis, jobs_redis: sync_redis.Redis | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    # Bulk jobs get a fake Redis of their own unless the test hands one in: never the default URL's
+    # (a Redis these tests did not start).
+    app = create_app(settings, redis=redis, jobs_redis=jobs_redis or fakeredis.FakeRedis())
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
             yield client
@@ -41,6 +52,16 @@ async def client_for(settings: Settings, redis: Redis) -> AsyncIterator[httpx.As
 async def client(settings: Settings, fake_server: fakeredis.FakeServer) -> AsyncIterator[httpx.AsyncClient]:
     async with client_for(settings, fakeredis.FakeAsyncRedis(server=fake_server)) as client:
         yield client
+
+
+async def stall(*_: object, **__: object) -> None:
+    """A Redis command that never answers (a frozen or partitioned Redis, with no socket timeout)."""
+    await asyncio.Event().wait()
+
+
+def announce(redis: fakeredis.FakeRedis, keys: Keys, version: str = "v1") -> None:
+    """A model as a worker announces it, so the API looks texts up in the cache."""
+    redis.set(keys.model, ModelInfo("tiny", version, ["NEGATIVE", "POSITIVE"], "cpu", "float32").encode())
 
 
 def scores(predictions: list[list[dict]]) -> list[list[float]]:
@@ -110,6 +131,106 @@ async def test_redis_unreachable_is_503_with_retry_after(settings: Settings) -> 
     assert predict.json()["error_type"] == "unavailable"
     assert ready.status_code == 503 and "redis" in ready.json()["reason"]
     assert health.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("refuse", "error_class"),
+    [
+        (("CONFIG", "SET", "maxmemory", "1"), "OutOfMemoryError"),  # maxmemory reached, noeviction
+        (("REPLICAOF", "127.0.0.1", "1"), "ReadOnlyError"),  # a failover left the API on a replica
+    ],
+    ids=["out-of-memory", "read-only"],
+)
+async def test_redis_refusing_commands_is_503_with_retry_after(
+    settings: Settings, redis_server: RedisServer, refuse: tuple[str, ...], error_class: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Redis answers but refuses writes: the client's remedy is an outage's, retry later.
+    with sync_redis.Redis.from_url(redis_server.url) as jobs_redis:
+        jobs_redis.execute_command(*refuse)
+        async with Redis.from_url(redis_server.url) as redis, client_for(settings, redis, jobs_redis) as client:
+            predict = await client.post("/predict", json={"text": ["hi"]})  # refused at LPUSH
+            job = await client.post("/jobs", json={"text": ["hi"]})  # refused in RQ's enqueue
+    assert predict.json() == {
+        "error": f"the queue backend (Redis) is unavailable ({error_class})", "error_type": "unavailable"
+    }
+    for response in (predict, job):
+        assert (response.status_code, response.headers["retry-after"]) == (503, "1")
+        assert response.json()["error_type"] == "unavailable"
+    assert f"redis unavailable ({error_class})" in caplog.text
+
+
+@pytest.mark.parametrize("command", ["get", "mget", "lpush", "getdel"])  # model, cache lookup, enqueue, the result
+async def test_a_redis_stall_anywhere_in_a_request_ends_in_the_504(
+    settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, command: str, monkeypatch
+) -> None:
+    announce(redis, Keys(settings.key_prefix))
+    stalled = fakeredis.FakeAsyncRedis(server=fake_server)
+    monkeypatch.setattr(stalled, command, stall)
+    app = create_app(settings.model_copy(update={"request_timeout_s": 0.3}), redis=stalled, jobs_redis=fakeredis.FakeRedis())
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+            response = await asyncio.wait_for(client.post("/predict", json={"text": ["x"]}), HANG_GUARD_S)
+    assert response.status_code == 504
+    assert response.json()["error_type"] == "timeout"
+    assert app.state.predictor._waiter._pending == {}  # the cut wait unregistered itself
+
+
+async def test_a_request_cut_at_its_deadline_leaves_no_work_behind(
+    settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, worker: Worker, monkeypatch
+) -> None:
+    # Queued, then cut while taking its result: the item carries the request's deadline, so a worker
+    # taking it afterwards drops it instead of computing an answer nobody collects.
+    keys = Keys(settings.key_prefix)
+    stalled = fakeredis.FakeAsyncRedis(server=fake_server)
+    monkeypatch.setattr(stalled, "getdel", stall)
+    async with client_for(settings.model_copy(update={"request_timeout_s": 0.3}), stalled) as client:
+        response = await asyncio.wait_for(client.post("/predict", json={"text": ["cut short"]}), HANG_GUARD_S)
+    assert response.status_code == 504
+    assert redis.llen(keys.queue) == 1
+    start_worker(worker)
+    wait_for("the worker to drop the expired item", lambda: worker.batcher.expired == 1)
+    assert worker.inference.computed == 0
+    assert (redis.llen(keys.queue), list(redis.scan_iter(keys.result("*")))) == (0, [])
+
+
+async def test_a_local_cache_entry_expiring_during_the_lookup_is_no_500(
+    settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis
+) -> None:
+    # This clock ticks on every read: an entry there at one read is gone at the next, the race
+    # between `in` and `[]` that raised KeyError. Redis holds it too, so either way it is a hit.
+    keys = Keys(settings.key_prefix)
+    hot = [{"label": "NEGATIVE", "score": 0.1}, {"label": "POSITIVE", "score": 0.9}]
+    announce(redis, keys)
+    redis.set(keys.cache("v1", "hot"), orjson.dumps(hot))
+    ticks = itertools.count()
+    local: TTLCache[str, list[dict]] = TTLCache(10, ttl=2, timer=lambda: next(ticks))
+    local[keys.cache("v1", "hot")] = hot
+    client = fakeredis.FakeAsyncRedis(server=fake_server)
+    predictor = Predictor(client, keys, ResultWaiter(client, keys), ModelRegistry(client, keys), 1.0, 0, local)
+    assert await predictor.predict(["hot"]) == ([hot], CacheStatus.HIT)
+
+
+async def test_the_result_listener_outlives_a_refused_subscription(
+    settings: Settings, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An ACL user without channel access gets NOPERM at SUBSCRIBE: the listener says so at error
+    # level and keeps trying, and subscribes once access is granted, without a restart.
+    def refusals() -> int:
+        return sum(
+            r.name == "api.results" and r.levelno == logging.ERROR and "NoPermissionError" in r.getMessage()
+            for r in caplog.records
+        )
+
+    channels = Keys(settings.key_prefix).reply_channel("*")
+    with sync_redis.Redis.from_url(redis_server.url) as admin:
+        admin.execute_command("ACL", "SETUSER", "api", "on", ">secret", "~*", "+@all", "resetchannels")
+        async with Redis.from_url(f"redis://api:secret@127.0.0.1:{redis_server.port}/0") as redis:
+            async with client_for(settings, redis):
+                # Waited on in a thread: the listener runs on this event loop.
+                await asyncio.to_thread(wait_for, "the subscription to be refused twice", lambda: refusals() >= 2)
+                admin.execute_command("ACL", "SETUSER", "api", "allchannels")
+                await asyncio.to_thread(wait_for, "the listener to subscribe", lambda: admin.pubsub_channels(channels))
 
 
 async def test_ready_and_model_follow_the_worker(client: httpx.AsyncClient, worker: Worker) -> None:
