@@ -7,7 +7,13 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
+
+from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from model_store.hub import DEFAULT_REPO
 from sentiment.settings import Settings
@@ -33,15 +39,19 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         p.add_argument("--port", type=int, default=settings.port, help="port (default %(default)s)")
         return p
 
+    def with_probe(p: argparse.ArgumentParser, alive: str) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--probe", nargs="?", const="ready", choices=("ready", "live"),
+            help=f"exit 0 if {alive}, else 1 (k8s probes); `live` also passes while Redis is unreachable",
+        )
+        return p
+
     with_address(
         commands.add_parser("serve", help="everything on this machine: embedded Redis, a worker, the API")
     ).set_defaults(run=_serve)
     with_address(commands.add_parser("api", help="the HTTP API (needs SENTIMENT_REDIS_URL)")).set_defaults(run=_api)
     worker = commands.add_parser("worker", help="the micro-batching model worker (needs SENTIMENT_REDIS_URL)")
-    worker.add_argument(
-        "--probe", action="store_true", help="exit 0 if a worker on this host has a fresh heartbeat, else 1 (k8s probes)"
-    )
-    worker.set_defaults(run=_worker)
+    with_probe(worker, "a worker on this host has a fresh heartbeat").set_defaults(run=_worker)
     jobs = commands.add_parser("jobs-worker", help="the bulk-jobs (RQ) worker, below /predict's CPU priority")
     jobs.add_argument(
         "--threads", type=int, default=settings.torch_threads,
@@ -51,7 +61,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         "--priority", choices=("idle", "low", "normal"), default="idle",
         help="CPU priority against /predict's worker: idle = SCHED_IDLE, low = nice 19 (default %(default)s)",
     )
-    jobs.set_defaults(run=_jobs_worker)
+    with_probe(jobs, "an RQ worker on this host is registered on the jobs queue").set_defaults(run=_jobs_worker)
 
     model = commands.add_parser("model", help="model checkpoints").add_subparsers(required=True, metavar="ACTION")
     pull = model.add_parser("pull", help="download a checkpoint from the Hugging Face hub (for image builds)")
@@ -105,7 +115,8 @@ def _api(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _model_process(settings: Settings) -> None:
-    """Thread behaviour of a process that runs the model; before torch loads (docs/tuning.md).
+    """Thread behaviour of a process that runs the model (docs/tuning.md); call it before anything
+    imports torch, whose OpenMP runtime reads `OMP_WAIT_POLICY` once, when it loads.
 
     Torch already keeps the cores busy: the tokenizer's own thread pool would only fight it. Idle
     OpenMP threads that spin steal the cores other processes (API, Redis) need, and stall every
@@ -117,23 +128,21 @@ def _model_process(settings: Settings) -> None:
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> None:
-    import redis
-
     if args.probe:
         from batcher.liveness import worker_alive_on_this_host
 
-        sys.exit(0 if worker_alive_on_this_host(redis.Redis.from_url(settings.redis_url), settings.key_prefix) else 1)
+        _probe(args.probe, lambda client: worker_alive_on_this_host(client, settings.key_prefix), settings)
 
+    _model_process(settings)
     from batcher import metrics
     from batcher.protocol import Keys
     from batcher.worker import Worker
     from model_store.classifier import Classifier
 
-    _model_process(settings)
     classifier = Classifier(
         settings.model_dir, settings.device, settings.torch_threads, settings.precision, settings.torch_interop_threads
     )
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+    client = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
     metrics.serve(settings.metrics_port, metrics.QueueDepth(client, Keys(settings.key_prefix)))
     worker = Worker(settings, client, classifier)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -142,10 +151,27 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _jobs_worker(settings: Settings, args: argparse.Namespace) -> None:
-    from batcher.jobs import run
+    if args.probe:
+        from batcher.liveness import jobs_worker_alive_on_this_host
+
+        _probe(args.probe, lambda client: jobs_worker_alive_on_this_host(client, settings.jobs_queue), settings)
 
     _model_process(settings)
+    from batcher.jobs import run
+
     run(settings, args.threads, args.priority)
+
+
+def _probe(kind: str, alive: Callable[[Redis], bool], settings: Settings) -> NoReturn:
+    """Exit 0 when `alive` says so. A liveness probe also passes while Redis is unreachable: a
+    restart cannot bring Redis back, the workers reconnect by themselves, and restarting them would
+    only reload the model and kill running jobs (docs/reliability.md, "Redis outage")."""
+    try:
+        ok = alive(Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2))
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        print(f"redis unreachable ({exc}): {'passing, a restart cannot fix that' if kind == 'live' else 'not ready'}")
+        ok = kind == "live"
+    sys.exit(0 if ok else 1)
 
 
 def _pull(settings: Settings, args: argparse.Namespace) -> None:

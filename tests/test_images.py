@@ -262,7 +262,7 @@ def test_worker_image_runs_the_worker_by_default() -> None:
     assert argv[0] == "sentiment"
     assert cli(argv[1:]).run.__name__ == "_worker"
     check = exec_form(final.one("HEALTHCHECK").partition(" CMD ")[2])
-    assert check[0] == "sentiment" and cli(check[1:]).probe is True
+    assert check[0] == "sentiment" and cli(check[1:]).probe == "ready"
 
 
 def test_worker_image_runs_the_jobs_worker_on_request() -> None:

@@ -378,20 +378,22 @@ def test_container_commands_are_cli_subcommands(where: str, argv: list[str]) -> 
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_worker_probes_are_the_cli_probe(target: str) -> None:
-    container = container_of(target, "sentiment-worker")
-    assert cli_args(container["args"]).run.__name__ == "_worker"
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+@pytest.mark.parametrize(("name", "handler"), [("sentiment-worker", "_worker"), ("sentiment-jobs-worker", "_jobs_worker")])
+def test_worker_probes_are_the_cli_probe(target: str, name: str, handler: str) -> None:
+    """Startup and readiness need a fresh registration; liveness is the kind that survives a Redis outage."""
+    container = container_of(target, name)
+    assert cli_args(container["args"]).run.__name__ == handler
+    for probe, kind in (("startupProbe", "ready"), ("readinessProbe", "ready"), ("livenessProbe", "live")):
         command = container[probe]["exec"]["command"]
         assert command[0] == "sentiment"
         args = cli_args(command[1:])
-        assert args.run.__name__ == "_worker" and args.probe is True
+        assert (args.run.__name__, args.probe) == (handler, kind), probe
 
 
 def _run_probe(command: list[str], env: dict[str, str]) -> int:
-    executable = {"sentiment": [sys.executable, "-m", "sentiment.cli"], "python": [sys.executable]}[command[0]]
+    assert command[0] == "sentiment"
     done = subprocess.run(
-        executable + command[1:], env={**os.environ, **env}, capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "sentiment.cli", *command[1:]], env={**os.environ, **env}, capture_output=True, text=True, timeout=60, check=False
     )
     return done.returncode
 
@@ -401,19 +403,22 @@ def test_worker_exec_probe_reports_a_live_worker_on_this_pod() -> None:
     import redis
 
     target = "base"
-    probe = container_of(target, "sentiment-worker")["livenessProbe"]["exec"]["command"]
+    container = container_of(target, "sentiment-worker")
+    probes = [container[p]["exec"]["command"] for p in ("readinessProbe", "livenessProbe")]
     settings = configmap_settings(target)
     keys = Keys(settings.key_prefix)
     with embedded_redis() as url:
         env = {**get(target, "ConfigMap", "sentiment-config")["data"], "SENTIMENT_REDIS_URL": url}
         client = redis.Redis.from_url(url)
-        assert _run_probe(probe, env) == 1
+        assert [_run_probe(p, env) for p in probes] == [1, 1]
         # A live worker elsewhere (another pod) does not make this pod alive; one on this host does.
         for host, expected in (("another-pod", 1), (socket.gethostname(), 0)):
             status = WorkerStatus(id=new_id(), host=host, pid=1, model_version="v", started_at=time.time())
             client.set(keys.heartbeat(status.id), status.encode(), px=int(settings.heartbeat_ttl_s * 1000))
             client.sadd(keys.workers, status.id)
-            assert _run_probe(probe, env) == expected
+            assert [_run_probe(p, env) for p in probes] == [expected, expected]
+    # Redis gone: not ready, but alive (a restart cannot bring Redis back).
+    assert [_run_probe(p, env) for p in probes] == [1, 0]
 
 
 def test_jobs_worker_exec_probe_reports_an_rq_worker_on_this_pod() -> None:
@@ -421,7 +426,8 @@ def test_jobs_worker_exec_probe_reports_an_rq_worker_on_this_pod() -> None:
     import rq  # the jobs worker's dependency (arrives with `sentiment jobs-worker`)
 
     target = "base"
-    probe = container_of(target, "sentiment-jobs-worker")["livenessProbe"]["exec"]["command"]
+    container = container_of(target, "sentiment-jobs-worker")
+    probe, live = (container[p]["exec"]["command"] for p in ("readinessProbe", "livenessProbe"))
     settings = configmap_settings(target)
     with embedded_redis() as url:
         env = {**get(target, "ConfigMap", "sentiment-config")["data"], "SENTIMENT_REDIS_URL": url}
@@ -434,7 +440,8 @@ def test_jobs_worker_exec_probe_reports_an_rq_worker_on_this_pod() -> None:
         rq.Worker([rq.Queue("other", connection=client)], connection=client).register_birth()
         assert _run_probe(probe, env) == 1
         rq.Worker([rq.Queue(settings.jobs_queue, connection=client)], connection=client).register_birth()
-        assert _run_probe(probe, env) == 0
+        assert (_run_probe(probe, env), _run_probe(live, env)) == (0, 0)
+    assert (_run_probe(probe, env), _run_probe(live, env)) == (1, 0)  # Redis gone: not ready, still alive
 
 
 # ---------------------------------------------------------------- policy
