@@ -16,11 +16,10 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.metrics import REQUESTS_REFUSED
+from batcher.redis_errors import describe
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +99,9 @@ def install(app: FastAPI) -> None:
         """Down or refusing (OOM under maxmemory, READONLY after a failover, MISCONF, NOPERM): the
         client's remedy is the same, retry later. The log names the class; an error reply's message
         only at DEBUG, since redis-py quotes a failed pipeline's commands in it (a job's texts too)."""
-        kind = type(exc).__name__
-        outage = isinstance(exc, (RedisConnectionError, RedisTimeoutError))
-        log.warning("redis unavailable (%s)%s", kind, f": {exc}" if outage else "")
+        log.warning("redis unavailable (%s)", describe(exc))
         log.debug("redis failed with", exc_info=exc)
-        return error_response(ErrorType.UNAVAILABLE, f"the queue backend (Redis) is unavailable ({kind})")
+        return error_response(ErrorType.UNAVAILABLE, f"the queue backend (Redis) is unavailable ({type(exc).__name__})")
 
     async def on_invalid_request(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)

@@ -14,11 +14,10 @@ import logging
 from collections.abc import Iterator
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from batcher.protocol import Keys, new_id
+from batcher.redis_errors import OUTAGE, describe
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +90,9 @@ class ResultWaiter:
                         elif message["type"] == "message" and (p := self._pending.get(message["data"].decode())):
                             p.arrived.set()
             except (RedisError, OSError) as exc:
-                outage = isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError))
                 log.log(
-                    logging.WARNING if outage else logging.ERROR, "result subscription lost (%s: %s); resubscribing in %.1f s",
-                    type(exc).__name__, exc, backoff,
+                    logging.WARNING if isinstance(exc, OUTAGE) else logging.ERROR,
+                    "result subscription lost (%s); resubscribing in %.1f s", describe(exc), backoff,
                 )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)

@@ -36,6 +36,7 @@ from batcher import metrics
 from batcher.inference import Inference
 from batcher.job_spec import CHUNKS_PER_BATCH, SERIALIZER, jobs_queue, progress
 from batcher.protocol import Keys, Prediction
+from batcher.redis_errors import describe
 from sentiment.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def serve_jobs(settings: Settings, inference: Inference, redis: Redis, burst: bo
             )
             worked = worker.work(burst=burst, logging_level=settings.log_level.upper()) or worked
         except RedisError as exc:  # down, or refusing commands: either way, wait and try again
-            why = type(exc).__name__  # not its message: redis-py quotes a failed pipeline's commands, job texts too
+            why = describe(exc)
         if worker is not None and (worker.told_to_stop or worker.drained):
             return worked
         log.warning("jobs worker stopped unasked (%s); a fresh one in %.1f s", why, backoff)

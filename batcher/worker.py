@@ -27,15 +27,14 @@ from dataclasses import dataclass
 
 from redis import Redis
 from redis.client import Pipeline
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from batcher import metrics
 from batcher.batching import Batcher, Held, Slot
 from batcher.inference import Inference
 from batcher.protocol import Keys, ModelInfo, Prediction, Result, WorkerStatus, new_id
 from batcher.queue import WorkQueue
+from batcher.redis_errors import describe
 from model_store.classifier import Classifier
 from sentiment.settings import Settings
 
@@ -115,7 +114,7 @@ class Worker:
                     self._forget_running()
                     self.batcher.drop_held()
                     self._next_beat = 0.0
-                    log.warning("redis failed (%s); retrying in %.1f s", _describe(exc), backoff)
+                    log.warning("redis failed (%s); retrying in %.1f s", describe(exc), backoff)
                     log.debug("redis failed with", exc_info=True)
                     self._stopping.wait(backoff)
                     backoff = min(backoff * 2, 2.0)
@@ -292,7 +291,7 @@ class Worker:
         except RedisError as exc:
             log.warning(
                 "worker %s stopped without deregistering (%s): its work will be reclaimed",
-                self.status.id, _describe(exc),
+                self.status.id, describe(exc),
             )
         self._log_summary()
 
@@ -303,13 +302,6 @@ class Worker:
                 "%d batches, %d requests, %d texts (mean %.1f texts/batch, largest %d requests), %d expired",
                 s.batches, s.requests, s.texts, s.texts / s.batches, s.largest_batch_requests, s.expired,
             )
-
-
-def _describe(exc: RedisError) -> str:
-    """A Redis error for a log line: a connection error says where and why; an error reply only its
-    class (`OutOfMemoryError`, `ReadOnlyError`...), since redis-py quotes the failing command of a
-    pipeline in it, and ours carry work items, user text included."""
-    return str(exc) if isinstance(exc, (RedisConnectionError, RedisTimeoutError)) else type(exc).__name__
 
 
 def _by_item(slots: list[Slot]) -> dict[Held, list[Slot]]:

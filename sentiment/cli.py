@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from redis import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from batcher.redis_errors import OUTAGE
 from model_store.hub import DEFAULT_REPO
 from sentiment.settings import Settings
 
@@ -168,7 +167,7 @@ def _probe(kind: str, alive: Callable[[Redis], bool], settings: Settings) -> NoR
     only reload the model and kill running jobs (docs/reliability.md, "Redis outage")."""
     try:
         ok = alive(Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2))
-    except (RedisConnectionError, RedisTimeoutError) as exc:
+    except OUTAGE as exc:
         print(f"redis unreachable ({exc}): {'passing, a restart cannot fix that' if kind == 'live' else 'not ready'}")
         ok = kind == "live"
     sys.exit(0 if ok else 1)
