@@ -217,7 +217,9 @@ def run(settings: Settings, threads: int | None, priority: str = "idle") -> None
     lower_priority(priority)  # before torch starts its thread pool, so every thread inherits it
     from model_store.classifier import Classifier
 
-    classifier = Classifier(settings.model_dir, settings.device, threads, settings.precision, settings.torch_interop_threads)
+    classifier = Classifier(
+        settings.model_dir, settings.device, threads, settings.precision, settings.torch_interop_threads, settings.engine
+    )
     metrics.serve(settings.jobs_metrics_port)
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
     inference = Inference(

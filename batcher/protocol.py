@@ -117,6 +117,7 @@ class ModelInfo(_Json):
     labels: list[str]
     device: str
     dtype: str
+    engine: str = "torch"  # absent from workers older than the onnxruntime engine
 
 
 @dataclass(frozen=True, slots=True)

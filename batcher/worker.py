@@ -235,7 +235,7 @@ class Worker:
         if first:
             self.queue.give_back()
             c = self.classifier
-            info = ModelInfo(c.name, c.version, c.labels, str(c.device), c.dtype_name)
+            info = ModelInfo(c.name, c.version, c.labels, str(c.device), c.dtype_name, c.engine)
             self.redis.set(self.keys.model, info.encode())
         pipe = self.redis.pipeline(transaction=True)
         self._beat_into(pipe)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from model_store.classifier import Classifier, Precision
+from model_store.classifier import Classifier, Engine, Precision
 
 SORT_WINDOW = 512
 
@@ -33,9 +33,10 @@ class Limit:
     demand, so the service's saturation point is compared with the limit measured beside it."""
 
     def __init__(
-        self, model_dir: Path, device: str, threads: int | None, precision: Precision, texts: list[str]
+        self, model_dir: Path, device: str, threads: int | None, precision: Precision, engine: Engine,
+        texts: list[str],
     ) -> None:
-        self.classifier = Classifier(model_dir, device, threads, precision)
+        self.classifier = Classifier(model_dir, device, threads, precision, engine=engine)
         self.ids = self.classifier.tokenize(texts)
 
     def point(self, size: int, duration_s: float) -> dict[str, object]:
@@ -66,4 +67,4 @@ class Limit:
             points.append(self.point(size, duration_s))
             progress("limit", points[-1])
         c = self.classifier
-        return {"model": c.name, "dtype": c.dtype_name, "points": points}
+        return {"model": c.name, "dtype": c.dtype_name, "engine": c.engine, "points": points}

@@ -3,8 +3,9 @@
 A FastAPI app that calls the transformers pipeline once per request: no queue, no batching across
 requests, no cache. Same model as the worker, loaded by the worker's `Classifier` from the same
 settings (`SENTIMENT_MODEL_DIR`, `SENTIMENT_DEVICE`, `SENTIMENT_TORCH_THREADS`,
-`SENTIMENT_PRECISION`), so both run the same arithmetic and service / naive measures what the
-service adds around the model, not a cheaper precision.
+`SENTIMENT_PRECISION`), so both run the same arithmetic, not a cheaper precision. The pipeline
+runs on torch, as users run it; the worker's engine (ONNX Runtime for fp32 on the CPU) is part of
+what the service adds.
 Run: `python -m uvicorn benchmarks.naive_app:app`.
 """
 
@@ -18,7 +19,7 @@ from model_store.classifier import Classifier
 from sentiment.settings import Settings
 
 settings = Settings()
-model = Classifier(settings.model_dir, settings.device, settings.torch_threads, settings.precision)
+model = Classifier(settings.model_dir, settings.device, settings.torch_threads, settings.precision, engine="torch")
 classify = pipeline(
     "text-classification", model=model.model, tokenizer=model.tokenizer, top_k=None, device=model.device
 )

@@ -93,7 +93,8 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
         f"torch {m['torch']} ({m['torch_threads']} threads, OpenMP waiting "
         f"`{s.get('omp_wait_policy', 'runtime default')}`), device `{m['device']}`; "
         f"model `{s['model']}` ({Path(s['model_source']).name}), precision `{s['precision']}` "
-        "(the limit, naive baseline and worker alike); "
+        f"(the limit, naive baseline and worker alike), engine `{s.get('engine', 'torch')}` (the limit and "
+        "worker; the naive baseline runs the transformers pipeline on torch); "
         f"{s['duration_s']} s per point after {s['warmup_s']} s warm-up; command `{s['command']}`. "
         f"Results: [{results_file.name}]({rel(results_file)}).",
         "",

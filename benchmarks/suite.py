@@ -31,7 +31,7 @@ SECRET = re.compile(r"url|password|secret|api_key", flags=re.IGNORECASE)
 def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
     from benchmarks import limit, machine, report, service, targets
     from benchmarks.workload import CHECKOUT, UniqueTexts, default_shared_dir, load_texts, model_dir
-    from model_store.classifier import pick_device, resolve_precision
+    from model_store.classifier import pick_device, resolve_engine, resolve_precision
 
     only = [p.strip() for p in args.only.split(",") if p.strip()]
     if unknown := set(only) - set(PARTS):
@@ -43,6 +43,7 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
     target = pick_device(args.device)
     device = target.type
     precision = resolve_precision(settings.precision, target)  # the limit's, naive's and worker's
+    engine = resolve_engine(settings.engine, target, precision)  # the limit's and worker's
     tag = device + ("-quick" if args.quick else "")
     settings = settings.model_copy(update={"model_dir": args.model_dir or shared / "models" / "distilbert-sst2-small"})
     config_dir = args.config_dir or shared / "models" / "distilbert-base-sst2-config"
@@ -62,7 +63,7 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
         "machine": machine.describe(device),
         "settings": {
             "command": command, "parts": only, "model": args.model, "model_source": model_source,
-            "precision": precision,
+            "precision": precision, "engine": engine,
             "data": portable(data), "texts_in_pool": len(pool),
             "duration_s": duration, "warmup_s": warmup, "quick": args.quick, "api_processes": args.api_processes,
             # How the model processes' OpenMP threads wait (the limit's and the worker's alike).
@@ -73,7 +74,7 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
             },
         },
     }
-    print(f"bench: {', '.join(only)} on {device} ({precision}), model {args.model}, {duration:g} s a point", flush=True)
+    print(f"bench: {', '.join(only)} on {device} ({precision}, {engine}), model {args.model}, {duration:g} s a point", flush=True)
     failed: dict[str, str] = {}
     with model_dir(args.model, settings, config_dir) as model:
         env = {"SENTIMENT_MODEL_DIR": str(model), "SENTIMENT_DEVICE": device}
@@ -81,7 +82,9 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
 
         def measure_limit() -> dict[str, object]:
             nonlocal model_alone
-            model_alone = limit.Limit(model, device, settings.torch_threads, settings.precision, pool[:LIMIT_TEXTS])
+            model_alone = limit.Limit(
+                model, device, settings.torch_threads, settings.precision, settings.engine, pool[:LIMIT_TEXTS]
+            )
             return model_alone.measure(BATCH_SIZES, duration / 2, _progress)
 
         def reference() -> service.Reference | None:

@@ -139,7 +139,8 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
     from model_store.classifier import Classifier
 
     classifier = Classifier(
-        settings.model_dir, settings.device, settings.torch_threads, settings.precision, settings.torch_interop_threads
+        settings.model_dir, settings.device, settings.torch_threads, settings.precision, settings.torch_interop_threads,
+        settings.engine,
     )
     client = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
     metrics.serve(settings.metrics_port, metrics.QueueDepth(client, Keys(settings.key_prefix)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import threading
 from pathlib import Path
@@ -12,12 +13,17 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from model_store import classifier as classifier_module
-from model_store.classifier import Classifier, cache_version, fingerprint, pick_device, resolve_precision
+from model_store import onnx_engine
+from model_store.classifier import (
+    Classifier, cache_version, fingerprint, pick_device, resolve_engine, resolve_precision,
+)
+from tests.conftest import shared_path
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir: Path) -> Classifier:
-    return Classifier(tiny_model_dir, device="cpu", threads=1, precision="fp32")  # `auto` is bf16 on some CPUs
+@pytest.fixture(scope="module", params=["torch", "onnxruntime"])
+def tiny(tiny_model_dir: Path, request: pytest.FixtureRequest) -> Classifier:
+    """Both engines (fp32: `auto` is bf16 on some CPUs, which only torch runs)."""
+    return Classifier(tiny_model_dir, device="cpu", threads=1, precision="fp32", engine=request.param)
 
 
 def test_tiny_checkpoint_loads_through_the_real_loader(tiny: Classifier, tiny_model_dir: Path) -> None:
@@ -47,9 +53,15 @@ def test_long_text_is_truncated_to_the_model_maximum(tiny: Classifier) -> None:
 
 
 def test_every_forward_runs_on_one_thread_whichever_thread_calls(tiny: Classifier) -> None:
-    """One OpenMP thread team, not one per calling thread (the worker calls from its model thread)."""
+    """One thread team, not one per calling thread (the worker calls from its model thread)."""
     ran_on: set[int] = set()
-    hook = tiny.model.register_forward_pre_hook(lambda *_: ran_on.add(threading.get_ident()))
+    run = tiny._run
+
+    def recording(*args: torch.Tensor) -> torch.Tensor:
+        ran_on.add(threading.get_ident())
+        return run(*args)
+
+    tiny._run = recording
     try:
         [ids] = tiny.tokenize(["a good movie"])
         callers = [threading.Thread(target=tiny.forward, args=([ids],)) for _ in range(3)]
@@ -58,7 +70,7 @@ def test_every_forward_runs_on_one_thread_whichever_thread_calls(tiny: Classifie
             caller.join()
         tiny.forward([ids])
     finally:
-        hook.remove()
+        tiny._run = run
     assert len(ran_on) == 1
     assert ran_on.isdisjoint({threading.get_ident(), *(c.ident for c in callers)})
 
@@ -95,6 +107,35 @@ def test_auto_precision_is_bf16_only_on_a_cpu_that_has_it(
     assert resolve_precision("int8", torch.device("cpu")) == "int8"
 
 
+def test_auto_engine_is_onnxruntime_for_fp32_on_the_cpu_only(tiny_model_dir: Path) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_engine("auto", cpu, "fp32") == "onnxruntime"
+    assert [resolve_engine("auto", cpu, p) for p in ("bf16", "int8")] == ["torch", "torch"]
+    assert resolve_engine("auto", cuda, "fp16") == "torch"
+    assert resolve_engine("torch", cpu, "fp32") == "torch"
+    with pytest.raises(ValueError, match="onnxruntime engine runs fp32"):
+        Classifier(tiny_model_dir, device="cpu", threads=1, precision="bf16", engine="onnxruntime")
+    onnx = Classifier(tiny_model_dir, device="cpu", threads=1, precision="fp32")
+    assert (onnx.engine, onnx.model) == ("onnxruntime", None)  # torch's copy of the weights is let go
+    # The engine changes no score beyond float noise, so fp32 keeps one cache version for both.
+    assert onnx.version == Classifier(tiny_model_dir, device="cpu", threads=1, precision="fp32", engine="torch").version
+
+
+def test_a_model_the_exporter_cannot_take_is_served_by_torch_unless_onnxruntime_was_asked_for(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(model: torch.nn.Module, path: Path) -> None:
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(onnx_engine, "export", refuse)
+    fallback = Classifier(tiny_model_dir, device="cpu", threads=1, precision="fp32")
+    assert fallback.engine == "torch"
+    assert len(fallback.forward(fallback.tokenize(["a good movie"]))[0]) == 2
+    assert "ONNX export of" in caplog.text
+    with pytest.raises(RuntimeError, match="unsupported operator"):
+        Classifier(tiny_model_dir, device="cpu", threads=1, precision="fp32", engine="onnxruntime")
+
+
 def test_every_precision_but_fp32_has_its_own_cache_version(tiny_model_dir: Path) -> None:
     # CUDA's float16 too: an fp16 GPU worker and an fp32 CPU worker must not share cache entries.
     plain = fingerprint(tiny_model_dir)
@@ -117,3 +158,21 @@ def test_real_checkpoint_scores_equal_a_plain_transformers_forward(small_model_d
     love, hate = ours[0], ours[1]
     assert love[1] > 0.9  # POSITIVE
     assert hate[0] > 0.5  # NEGATIVE
+
+
+def test_onnxruntime_engine_scores_equal_torch_on_sst2_dev_in_any_batch_shape(small_model_dir: Path) -> None:
+    """The exported graph was traced on one padded example: batches of one (no padding), of mixed
+    lengths, and texts cut at the model's maximum must still score as torch scores them."""
+    texts = [line.split("\t")[0] for line in shared_path("data/sst2-dev.tsv").read_text().splitlines()[1:]]
+    texts += ["", "word " * 1000]
+    onnx = Classifier(small_model_dir, device="cpu", threads=1, precision="fp32", engine="onnxruntime")
+    torch_engine = Classifier(small_model_dir, device="cpu", threads=1, precision="fp32", engine="torch")
+    ids = onnx.tokenize(texts)
+    order = list(range(len(ids)))
+    random.Random(0).shuffle(order)
+    order = [len(ids) - 1, len(ids) - 2, *order]  # the two edge cases go first, alone (batch size 1)
+    for size, first, count in ((1, 0, 48), (7, 2, 112), (32, 2, 256)):
+        for start in range(first, first + count, size):
+            batch = [ids[i] for i in order[start : start + size]]
+            got, want = onnx.forward(batch), torch_engine.forward(batch)
+            assert torch.tensor(got) == pytest.approx(torch.tensor(want), abs=1e-5)

@@ -17,8 +17,11 @@ def test_result_round_trip_with_predictions_and_with_error() -> None:
 
 
 def test_model_info_and_worker_status_round_trip() -> None:
-    info = ModelInfo(name="m", version="abc", labels=["NEGATIVE", "POSITIVE"], device="cpu", dtype="float32")
+    info = ModelInfo("m", "abc", ["NEGATIVE", "POSITIVE"], device="cpu", dtype="float32", engine="onnxruntime")
     assert ModelInfo.decode(info.encode()) == info
+    # A worker from before the engine field (mid rolling upgrade) still reads: it ran torch.
+    older = b'{"name":"m","version":"abc","labels":["NEGATIVE","POSITIVE"],"device":"cpu","dtype":"float32"}'
+    assert ModelInfo.decode(older).engine == "torch"
     status = WorkerStatus(id="w", host="h", pid=1, model_version="abc", started_at=2.0, batches=3)
     assert WorkerStatus.decode(status.encode()) == status
 
