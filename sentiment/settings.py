@@ -96,7 +96,8 @@ class Settings(BaseSettings):
     )
     omp_wait_policy: Literal["passive", "spin", "active"] = Field(
         "passive",
-        description="How idle OpenMP (torch) threads wait: `passive` sleeps at once, which keeps the model fast "
+        description="How idle model threads wait (torch's OpenMP; ONNX Runtime's pool spins unless `passive`): "
+        "`passive` sleeps at once, which keeps the model fast "
         "when other processes share the cores; `spin` is the OpenMP runtime's default (spin a few ms, then "
         "sleep), 10-20% more throughput on cores of its own; `active` spins until the next work. Sets "
         "OMP_WAIT_POLICY, unless the environment does (docs/tuning.md).",
