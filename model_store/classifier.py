@@ -163,9 +163,9 @@ class Classifier:
         """Switch to the ONNX Runtime engine; for `auto`, a model the exporter cannot take stays on torch."""
         from model_store import onnx_engine
 
-        with tempfile.TemporaryDirectory(prefix="sentiment-onnx-") as tmp:
-            graph = Path(tmp) / "model.onnx"
-            try:
+        with contextlib.ExitStack() as stack:
+            try:  # no writable temporary directory, or a full one, is a failed export too
+                graph = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sentiment-onnx-"))) / "model.onnx"
                 onnx_engine.export(self.model, graph)
             except Exception:
                 if explicit:

@@ -1,7 +1,7 @@
 """The loaded model exported to ONNX and run by ONNX Runtime on the CPU.
 
 Same weights, same fp32 arithmetic as torch (probabilities agree to ~1e-6), but ONNX Runtime fuses
-attention, layer norm and GELU into a few kernels and skips torch's per-op dispatch: on 2 cores a
+layer norm, GELU and the residual adds, and runs the graph without torch's per-op dispatch: on 2 cores a
 DistilBERT-base forward of one short sentence takes 13 ms instead of 37, and batches of 16 run
 1.4x faster (docs/tuning.md, "Engine").
 """

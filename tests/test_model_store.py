@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -124,18 +125,23 @@ def test_auto_engine_is_onnxruntime_for_fp32_on_the_cpu_only(tiny_model_dir: Pat
     assert onnx.forward_overhead_tokens < plain.forward_overhead_tokens
 
 
-def test_a_model_the_exporter_cannot_take_is_served_by_torch_unless_onnxruntime_was_asked_for(
-    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("failure", ["exporter refuses", "no temporary directory"])
+def test_a_failed_export_is_served_by_torch_unless_onnxruntime_was_asked_for(
+    failure: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     def refuse(model: torch.nn.Module, path: Path) -> None:
         raise RuntimeError("unsupported operator")
 
-    monkeypatch.setattr(onnx_engine, "export", refuse)
+    if failure == "exporter refuses":
+        monkeypatch.setattr(onnx_engine, "export", refuse)
+    else:  # a read-only file system without a writable TMPDIR
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
     fallback = Classifier(tiny_model_dir, device="cpu", threads=1, precision="fp32")
     assert fallback.engine == "torch"
     assert len(fallback.forward(fallback.tokenize(["a good movie"]))[0]) == 2
     assert "ONNX export of" in caplog.text
-    with pytest.raises(RuntimeError, match="unsupported operator"):
+    with pytest.raises((RuntimeError, FileNotFoundError)):
         Classifier(tiny_model_dir, device="cpu", threads=1, precision="fp32", engine="onnxruntime")
 
 
