@@ -40,7 +40,6 @@ class ModelResponse(BaseModel):
     labels: list[str]
     device: str
     dtype: str
-    engine: str = Field(description="What runs the model: `onnxruntime` or `torch`.")
 
 
 class ReadyResponse(BaseModel):

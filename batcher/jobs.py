@@ -220,6 +220,7 @@ def run(settings: Settings, threads: int | None, priority: str = "idle") -> None
     classifier = Classifier(
         settings.model_dir, settings.device, threads, settings.precision, settings.torch_interop_threads, settings.engine
     )
+    metrics.describe_model(classifier)
     metrics.serve(settings.jobs_metrics_port)
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
     inference = Inference(

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, TypeVar
 
-from prometheus_client import REGISTRY, Counter, Histogram, disable_created_metrics, start_http_server
+from prometheus_client import REGISTRY, Counter, Histogram, Info, disable_created_metrics, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from redis import Redis
@@ -24,6 +24,7 @@ from batcher.protocol import Keys
 
 if TYPE_CHECKING:
     from batcher.batching import Slot
+    from model_store.classifier import Classifier
 
 log = logging.getLogger(__name__)
 disable_created_metrics()  # `_created` series double the series count and no panel uses them
@@ -52,8 +53,15 @@ WORK_ITEMS_EXPIRED = Counter(
 WORKER_BUSY_SECONDS = Counter(
     "sentiment_worker_busy_seconds", "Seconds the model spent on batches (or job chunks); rate = busy ratio."
 )
+MODEL = Info("sentiment_model", "The model this process serves: name, version, device, dtype and engine.")
 for _kind in ("real", "padded"):
     TOKENS.labels(_kind)
+
+
+def describe_model(c: Classifier) -> None:
+    """Publish what runs the model, as `sentiment_model_info`; `/model` on the API shows the same but
+    the engine, which a worker's log and this metric tell (`auto` may fall back to torch)."""
+    MODEL.info({"name": c.name, "version": c.version, "device": str(c.device), "dtype": c.dtype_name, "engine": c.engine})
 
 
 def timed_forward(forward: Callable[[list[list[int]]], T], batch: list[list[int]]) -> T:

@@ -12,9 +12,10 @@ processing list. A dead worker's processing list is pushed back onto the queue b
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Self
 
 import orjson
@@ -79,14 +80,24 @@ class Keys:
 
 
 class _Json:
-    """JSON encoding for the dataclasses below (orjson: the hot path encodes these per request)."""
+    """JSON encoding for the dataclasses below (orjson: the hot path encodes these per request).
+
+    Readers ignore fields they do not know, and every field added later has a default, so APIs and
+    workers one version apart read each other during a rolling update (docs/deploy.md).
+    """
 
     def encode(self) -> bytes:
         return orjson.dumps(asdict(self))  # type: ignore[call-overload]
 
     @classmethod
     def decode(cls, raw: bytes | str) -> Self:
-        return cls(**orjson.loads(raw))
+        known = _field_names(cls)
+        return cls(**{k: v for k, v in orjson.loads(raw).items() if k in known})
+
+
+@functools.cache
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls))
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +128,6 @@ class ModelInfo(_Json):
     labels: list[str]
     device: str
     dtype: str
-    engine: str = "torch"  # absent from workers older than the onnxruntime engine
 
 
 @dataclass(frozen=True, slots=True)

@@ -235,8 +235,9 @@ class Worker:
         if first:
             self.queue.give_back()
             c = self.classifier
-            info = ModelInfo(c.name, c.version, c.labels, str(c.device), c.dtype_name, c.engine)
+            info = ModelInfo(c.name, c.version, c.labels, str(c.device), c.dtype_name)
             self.redis.set(self.keys.model, info.encode())
+            metrics.describe_model(c)
         pipe = self.redis.pipeline(transaction=True)
         self._beat_into(pipe)
         pipe.execute()

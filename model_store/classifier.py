@@ -130,7 +130,7 @@ class Classifier:
         self.config = self.model.config
         self._run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._torch_logits
         if self.engine == "onnxruntime":
-            self._compute.submit(self._to_onnx, threads, explicit=engine == "onnxruntime").result()
+            self._compute.submit(self._to_onnx, model_dir, threads, explicit=engine == "onnxruntime").result()
         self._autocast = not cuda and self.precision == "bf16"
         # What one forward call costs beyond its tokens, in token equivalents: the worker splits a
         # batch into length-homogeneous forwards only where the padding saved outweighs this.
@@ -159,25 +159,27 @@ class Classifier:
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         return model
 
-    def _to_onnx(self, threads: int | None, explicit: bool) -> None:
-        """Switch to the ONNX Runtime engine; for `auto`, a model the exporter cannot take stays on torch."""
-        from model_store import onnx_engine
+    def _to_onnx(self, model_dir: Path, threads: int | None, explicit: bool) -> None:
+        """Switch to the ONNX Runtime engine. For `auto`, any failure (onnxruntime missing, no
+        writable temporary directory, a model the exporter or ONNX Runtime cannot take) serves torch."""
+        try:
+            from model_store import onnx_engine
 
-        with contextlib.ExitStack() as stack:
-            try:  # no writable temporary directory, or a full one, is a failed export too
-                graph = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sentiment-onnx-"))) / "model.onnx"
+            with tempfile.TemporaryDirectory(prefix="sentiment-onnx-") as tmp:
+                graph = Path(tmp) / "model.onnx"
                 onnx_engine.export(self.model, graph)
-            except Exception:
-                if explicit:
-                    raise
-                log.warning("ONNX export of %s failed; serving it with torch", self.config.model_type, exc_info=True)
-                self.engine = "torch"
-                return
-            # Torch's copy of the weights goes before ONNX Runtime loads its own: DistilBERT-base
-            # then peaks at 1.1 GB instead of 1.4 (docs/tuning.md, "Engine").
-            self.model = None
-            gc.collect()
-            self._run = onnx_engine.OnnxEngine(graph, threads)
+                # Torch's copy of the weights goes before ONNX Runtime loads its own: DistilBERT-base
+                # then peaks at 1.1 GB instead of 1.4 (docs/tuning.md, "Engine").
+                self.model = None
+                gc.collect()
+                # Torch's own default thread count honours OMP_NUM_THREADS; ONNX Runtime's would not.
+                self._run = onnx_engine.OnnxEngine(graph, threads or torch.get_num_threads())
+        except Exception:
+            if explicit:
+                raise
+            log.warning("ONNX Runtime cannot serve %s; serving it with torch", self.config.model_type, exc_info=True)
+            self.engine = "torch"
+            self.model = self.model or self._load(model_dir, torch.float32)
 
     def _torch_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)).logits

@@ -41,9 +41,9 @@ def export(model: torch.nn.Module, path: Path) -> None:
 class OnnxEngine:
     """An ONNX Runtime session over an exported model: token ids and mask in, logits out."""
 
-    def __init__(self, path: Path, threads: int | None) -> None:
+    def __init__(self, path: Path, threads: int) -> None:
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or 0  # 0: one per physical core
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         # Idle pool threads spin like OpenMP's, stealing the cores the API and Redis share on a small
         # box: follow the worker's OMP_WAIT_POLICY (passive unless set otherwise, docs/tuning.md).

@@ -189,6 +189,9 @@ def test_worker_metrics_follow_a_batch_and_an_expired_item(
     assert moved("sentiment_work_items_expired_total") == 1
     assert moved("sentiment_worker_busy_seconds_total") > 0
     assert redis.exists(keys.result(expired.id)) == 0
+    c = classifier
+    described = {"name": c.name, "version": c.version, "device": "cpu", "dtype": c.dtype_name, "engine": c.engine}
+    assert after[("sentiment_model_info", frozenset(described.items()))] == 1
 
 
 def test_queue_depth_is_read_at_scrape_time_and_a_redis_error_drops_only_it(

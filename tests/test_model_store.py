@@ -125,7 +125,7 @@ def test_auto_engine_is_onnxruntime_for_fp32_on_the_cpu_only(tiny_model_dir: Pat
     assert onnx.forward_overhead_tokens < plain.forward_overhead_tokens
 
 
-@pytest.mark.parametrize("failure", ["exporter refuses", "no temporary directory"])
+@pytest.mark.parametrize("failure", ["exporter refuses", "no temporary directory", "onnxruntime refuses"])
 def test_a_failed_export_is_served_by_torch_unless_onnxruntime_was_asked_for(
     failure: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -135,12 +135,14 @@ def test_a_failed_export_is_served_by_torch_unless_onnxruntime_was_asked_for(
 
     if failure == "exporter refuses":
         monkeypatch.setattr(onnx_engine, "export", refuse)
+    elif failure == "onnxruntime refuses":  # after torch's copy of the weights is gone: loaded again
+        monkeypatch.setattr(onnx_engine, "OnnxEngine", refuse)
     else:  # a read-only file system without a writable TMPDIR
         monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
     fallback = Classifier(tiny_model_dir, device="cpu", threads=1, precision="fp32")
     assert fallback.engine == "torch"
     assert len(fallback.forward(fallback.tokenize(["a good movie"]))[0]) == 2
-    assert "ONNX export of" in caplog.text
+    assert "ONNX Runtime cannot serve" in caplog.text
     with pytest.raises((RuntimeError, FileNotFoundError)):
         Classifier(tiny_model_dir, device="cpu", threads=1, precision="fp32", engine="onnxruntime")
 

@@ -1,5 +1,7 @@
 """The wire protocol: round trips, and no user text in any key name."""
 
+import orjson
+
 from batcher.protocol import Keys, ModelInfo, Result, WorkerStatus, WorkItem, new_id, prediction, text_digest
 
 
@@ -17,13 +19,14 @@ def test_result_round_trip_with_predictions_and_with_error() -> None:
 
 
 def test_model_info_and_worker_status_round_trip() -> None:
-    info = ModelInfo("m", "abc", ["NEGATIVE", "POSITIVE"], device="cpu", dtype="float32", engine="onnxruntime")
+    info = ModelInfo(name="m", version="abc", labels=["NEGATIVE", "POSITIVE"], device="cpu", dtype="float32")
     assert ModelInfo.decode(info.encode()) == info
-    # A worker from before the engine field (mid rolling upgrade) still reads: it ran torch.
-    older = b'{"name":"m","version":"abc","labels":["NEGATIVE","POSITIVE"],"device":"cpu","dtype":"float32"}'
-    assert ModelInfo.decode(older).engine == "torch"
     status = WorkerStatus(id="w", host="h", pid=1, model_version="abc", started_at=2.0, batches=3)
     assert WorkerStatus.decode(status.encode()) == status
+    # Mid rolling update, a field that a newer API or worker sends is ignored, whatever the message.
+    for message in (info, status, WorkItem("i", ["t"], 1.0, 2.0, "c"), Result(error="boom")):
+        newer = orjson.dumps({**orjson.loads(message.encode()), "added_later": 1})
+        assert type(message).decode(newer) == message
 
 
 def test_cache_keys_name_texts_by_digest_and_model_version() -> None:
