@@ -179,7 +179,8 @@ class Classifier:
                 raise
             log.warning("ONNX Runtime cannot serve %s; serving it with torch", self.config.model_type, exc_info=True)
             self.engine = "torch"
-            self.model = self.model or self._load(model_dir, torch.float32)
+            if self.model is None:  # ONNX Runtime failed after torch's weights were let go
+                self.model = self._load(model_dir, torch.float32)
 
     def _torch_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)).logits
