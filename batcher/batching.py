@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from batcher import metrics
 from batcher.protocol import Prediction, WorkItem
 from batcher.queue import WorkQueue
+from model_store.cost import ForwardCost
 
 log = logging.getLogger(__name__)
 
@@ -37,29 +38,41 @@ def batch_cut(lengths: Sequence[int], max_size: int, max_tokens: int) -> int:
     return len(lengths)
 
 
-def split_by_length(lengths: Sequence[int], max_size: int, max_tokens: int, overhead_tokens: int) -> list[int]:
-    """Where to cut length-sorted texts into forwards so the model does the least work.
+def split_by_length(lengths: Sequence[int], max_size: int, max_tokens: int, cost: ForwardCost) -> list[tuple[int, bool]]:
+    """Where to cut length-sorted texts into forwards, and which layout each takes, so the model
+    does the least work.
 
-    A forward costs its padded tokens (texts x longest) plus a fixed `overhead_tokens` (the
-    per-call cost, in token equivalents); dynamic programming over the sorted lengths finds the
-    cheapest cuts within the caps. A batch of 32 texts in arrival order pads to its longest text;
-    cut here into length-homogeneous forwards, DistilBERT-base on 2 CPU cores goes from 45 to
-    ~90 texts/s (docs/tuning.md). Returns the end index of each forward.
+    A padded forward computes texts x longest positions, a packed one (where the model packs)
+    exactly the texts' tokens plus attention across them; each call also has a fixed cost
+    (`model_store.cost.ForwardCost`). Dynamic programming over the sorted lengths finds the
+    cheapest cuts within the caps (at most `max_size` texts, `max_tokens` positions). A batch of
+    32 texts in arrival order pads to its longest text; cut here into length-homogeneous forwards,
+    DistilBERT-base on 2 CPU cores goes from 45 to ~90 texts/s, and packed from there to about
+    the model's speed on length-sorted batches (docs/tuning.md). Returns (end index, packed) per forward.
     """
     count = len(lengths)
-    cost = [0.0] + [float("inf")] * count
-    start_of = [0] * (count + 1)
+    before = [0]  # tokens before each index
+    for length in lengths:
+        before.append(before[-1] + length)
+    best = [0.0] + [float("inf")] * count
+    choice = [(0, False)] * (count + 1)  # (start, packed) of the cheapest last forward ending here
     for end in range(1, count + 1):
         for start in range(max(0, end - max_size), end):
             size = end - start
-            if size > 1 and size * lengths[end - 1] > max_tokens:
-                continue
-            if (c := cost[start] + size * lengths[end - 1] + overhead_tokens) < cost[end]:
-                cost[end], start_of[end] = c, start
-    ends = [count] if count else []
-    while ends and (start := start_of[ends[-1]]) > 0:
-        ends.append(start)
-    return ends[::-1]
+            if size == 1 or size * lengths[end - 1] <= max_tokens:
+                if (c := best[start] + cost.padded(size, lengths[end - 1])) < best[end]:
+                    best[end], choice[end] = c, (start, False)
+            total = before[end] - before[start]
+            if cost.packs and size > 1 and total <= max_tokens:
+                if (c := best[start] + cost.packed(total)) < best[end]:
+                    best[end], choice[end] = c, (start, True)
+    forwards = []
+    end = count
+    while end > 0:
+        start, packed = choice[end]
+        forwards.append((end, packed))
+        end = start
+    return forwards[::-1]
 
 
 @dataclass(eq=False)

@@ -68,16 +68,15 @@ class Inference:
         return fresh
 
     def run(self, token_ids: Sequence[list[int]]) -> list[list[float]]:
-        """Model probabilities for token ids: sorted by length, cut into the cheapest forwards, input order kept."""
+        """Model probabilities for token ids: sorted by length, cut into the cheapest forwards (each
+        padded or packed), input order kept."""
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
         lengths = [len(token_ids[i]) for i in order]
         probabilities: list[list[float]] = [[] for _ in token_ids]
         start = 0
-        for end in split_by_length(
-            lengths, self.max_batch_size, self.max_batch_tokens, self.classifier.forward_overhead_tokens
-        ):
+        for end, packed in split_by_length(lengths, self.max_batch_size, self.max_batch_tokens, self.classifier.cost):
             batch = order[start:end]
-            batch_probs = timed_forward(self.classifier.forward, [token_ids[i] for i in batch])
+            batch_probs = timed_forward(self.classifier.forward, [token_ids[i] for i in batch], packed)
             for i, probs in zip(batch, batch_probs, strict=True):
                 probabilities[i] = probs
             self.forwards += 1

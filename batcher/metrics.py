@@ -44,7 +44,8 @@ QUEUE_WAIT_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 TOKENS = Counter(
-    "sentiment_tokens", "Token positions computed: real = the texts' tokens, padded = texts x the batch's longest.",
+    "sentiment_tokens", "Token positions computed: real = the texts' tokens, padded = what the forward computed (texts x the "
+    "batch's longest; a packed forward computes its real tokens only).",
     ["kind"],
 )
 WORK_ITEMS_EXPIRED = Counter(
@@ -64,14 +65,15 @@ def describe_model(c: Classifier) -> None:
     MODEL.info({"name": c.name, "version": c.version, "device": str(c.device), "dtype": c.dtype_name, "engine": c.engine})
 
 
-def timed_forward(forward: Callable[[list[list[int]]], T], batch: list[list[int]]) -> T:
-    """`forward(batch)`, recording its size, model time and real vs padded token positions."""
+def timed_forward(forward: Callable[[list[list[int]], bool], T], batch: list[list[int]], packed: bool) -> T:
+    """`forward(batch, packed)`, recording its size, model time and real vs computed token positions."""
     started = time.perf_counter()
-    result = forward(batch)
+    result = forward(batch, packed)
     BATCH_COMPUTE_SECONDS.observe(time.perf_counter() - started)
     BATCH_SIZE.observe(len(batch))
-    TOKENS.labels("real").inc(sum(map(len, batch)))
-    TOKENS.labels("padded").inc(len(batch) * max(map(len, batch), default=0))
+    real = sum(map(len, batch))
+    TOKENS.labels("real").inc(real)
+    TOKENS.labels("padded").inc(real if packed else len(batch) * max(map(len, batch), default=0))
     return result
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
-import tempfile
 import logging
+import tempfile
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +16,9 @@ from typing import Literal
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
+
+from model_store import layout
+from model_store.cost import ForwardCost
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +96,10 @@ class Classifier:
 
     Precision: CUDA runs float16 weights (`auto`); the CPU runs `fp32`, `bf16` (autocast: bfloat16
     matmuls, float32 weights; `auto` where the CPU has it natively) or `int8` (dynamic quantization
-    of the Linear layers). Engine: torch, or (`auto` for fp32 on the CPU) the model exported to ONNX
-    Runtime at load; then `model` is None and torch keeps no copy of the weights.
+    of the Linear layers). Engine: torch (on the CPU a frozen TorchScript graph traced at load), or
+    (`auto` for fp32 on the CPU) the model exported to ONNX Runtime at load; then `model` is None
+    and torch keeps no copy of the weights. Either runs a `model_store.layout` module, so a
+    DistilBERT batch can go padded or packed (`forward`), as `cost` prices them.
     """
 
     def __init__(
@@ -125,36 +131,47 @@ class Classifier:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         if not self.tokenizer.is_fast:
             raise ValueError(f"{model_dir} has no fast (tokenizers) tokenizer")
+        self.pad_id = self.tokenizer.pad_token_id or 0
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="torch")
         self.model: torch.nn.Module | None = self._compute.submit(self._load, model_dir, weights_dtype).result()
         self.config = self.model.config
-        self._run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._torch_logits
+        # What the forward calls: the model behind the inputs of `model_store.layout`.
+        self._module: torch.nn.Module | None = layout.wrap(self.model)
+        self.segments = isinstance(self._module, layout.Segments)  # DistilBERT: it can run packed forwards
+        self._run: Callable[..., torch.Tensor] = self._torch_logits
+        self.traced = False  # torch's forward as a frozen TorchScript graph (`_trace`)
         if self.engine == "onnxruntime":
             self._compute.submit(self._to_onnx, model_dir, threads, explicit=engine == "onnxruntime").result()
         self._autocast = not cuda and self.precision == "bf16"
-        # What one forward call costs beyond its tokens, in token equivalents: the worker splits a
-        # batch into length-homogeneous forwards only where the padding saved outweighs this.
-        # Measured for DistilBERT-base on 2 CPU cores: ~18 ms a call with torch (~30 tokens; 64
-        # measured best), ~7 ms with ONNX Runtime (~11 tokens; 16 measured best in the service);
-        # ~3.5 ms on an H100, where a token costs ~1000x less (docs/tuning.md).
-        self.forward_overhead_tokens = 1024 if cuda else 16 if self.engine == "onnxruntime" else 64
+        if self.engine == "torch" and not cuda:
+            self._compute.submit(self._trace).result()
+        # What a forward costs, in token positions: the worker cuts each batch into the forwards, and
+        # picks for each the layout (padded or packed), that cost least. Measured for DistilBERT-base
+        # on 2 CPU cores: a call costs ~18 ms with torch (64 token positions measured best in the
+        # service), ~7 ms with ONNX Runtime (16); ~3.5 ms on an H100, where a token costs ~1000x less
+        # and padding next to nothing (never packed there). Attention over a packed row of T
+        # positions adds T * T / attention_tokens (docs/tuning.md, "Packing").
+        self.cost = ForwardCost(
+            overhead_tokens=1024 if cuda else 16 if self.engine == "onnxruntime" else 64,
+            attention_tokens=1024, packs=self.segments and not cuda,
+        )
 
         config = self.config
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
         self.max_length = min(self.tokenizer.model_max_length, config.max_position_embeddings)
-        self.pad_id = self.tokenizer.pad_token_id or 0
         self.name = model_dir.resolve().name
         self.version = cache_version(model_dir, self.precision)
         self.forward([self.tokenize(["warm up"])[0]])  # first call pays allocator and kernel set-up
         log.info(
             "model %s version %s on %s (%s, %s, %d threads), labels %s",
-            self.name, self.version, self.device, self.dtype_name, self.engine, torch.get_num_threads(), self.labels,
+            self.name, self.version, self.device, self.dtype_name, self.engine + (", traced" if self.traced else ""),
+            torch.get_num_threads(), self.labels,
         )
 
     def _load(self, model_dir: Path, weights_dtype: torch.dtype) -> torch.nn.Module:
         """The model, built on the compute thread as well: loading and quantizing run parallel ops too."""
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True, dtype=weights_dtype)
-        model = model.to(self.device).eval()
+        model = model.to(self.device).eval().requires_grad_(False)
         if self.precision == "int8":
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         return model
@@ -167,10 +184,10 @@ class Classifier:
 
             with tempfile.TemporaryDirectory(prefix="sentiment-onnx-") as tmp:
                 graph = Path(tmp) / "model.onnx"
-                onnx_engine.export(self.model, graph)
+                onnx_engine.export(self._module, graph, self._inputs([[1, 1, 1, 1], [1, 1]], packed=False))
                 # Torch's copy of the weights goes before ONNX Runtime loads its own: DistilBERT-base
                 # then peaks at 1.1 GB instead of 1.4 (docs/tuning.md, "Engine").
-                self.model = None
+                self.model = self._module = None
                 gc.collect()
                 # Torch's own default thread count honours OMP_NUM_THREADS; ONNX Runtime's would not.
                 self._run = onnx_engine.OnnxEngine(graph, threads or torch.get_num_threads())
@@ -181,9 +198,27 @@ class Classifier:
             self.engine = "torch"
             if self.model is None:  # ONNX Runtime failed after torch's weights were let go
                 self.model = self._load(model_dir, torch.float32)
+                self._module = layout.wrap(self.model)
 
-    def _torch_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)).logits
+    def _trace(self) -> None:
+        """Run torch's forwards as a TorchScript graph traced from the model and frozen: no Python
+        between ops, so a short forward costs less and holds no GIL the worker's loop wants, and
+        bf16's weight casts are folded in once (docs/tuning.md, "Traced graph"). Traced under the
+        forward's arithmetic on a padded example; a packed row runs the same ops. Any failure keeps
+        the eager forward."""
+        example = tuple(self._inputs([[1, 1, 1, 1], [1, 1]], packed=False).values())
+        try:
+            with torch.no_grad(), self.arithmetic(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the tracer's notes on shape branches, and its deprecation
+                graph = torch.jit.freeze(torch.jit.trace(self._module, example, check_trace=False))
+        except Exception:
+            log.warning("cannot trace %s; running it eagerly", self.config.model_type, exc_info=True)
+            return
+        self._run = lambda **inputs: graph(*inputs.values())  # `layout.inputs` keeps the forward's argument order
+        self.traced = True
+
+    def _torch_logits(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self._module(**{name: tensor.to(self.device) for name, tensor in inputs.items()})
 
     @property
     def dtype_name(self) -> str:
@@ -198,16 +233,14 @@ class Classifier:
         """Token ids per text, truncated to the model's maximum length, unpadded."""
         return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
 
-    def forward(self, batch: list[list[int]]) -> list[list[float]]:
-        """Label probabilities per text for one batch of token ids (padded here to its longest)."""
-        return self._compute.submit(self._forward, batch).result()
+    def forward(self, batch: list[list[int]], packed: bool = False) -> list[list[float]]:
+        """Label probabilities per text for one batch of token ids, padded here to its longest text
+        or (`packed`, where `cost.packs`) concatenated into one row (`model_store.layout`)."""
+        return self._compute.submit(self._forward, batch, packed).result()
 
-    def _forward(self, batch: list[list[int]]) -> list[list[float]]:
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
+    def _inputs(self, batch: list[list[int]], packed: bool) -> dict[str, torch.Tensor]:
+        return layout.inputs(batch, self.pad_id, segments=self.segments, packed=packed)
+
+    def _forward(self, batch: list[list[int]], packed: bool) -> list[list[float]]:
         with torch.inference_mode(), self.arithmetic():
-            return self._run(input_ids, attention_mask).float().softmax(dim=-1).cpu().tolist()
+            return self._run(**self._inputs(batch, packed)).float().softmax(dim=-1).cpu().tolist()

@@ -16,30 +16,28 @@ import onnxruntime
 import torch
 
 
-def export(model: torch.nn.Module, path: Path) -> None:
-    """Write the model as an ONNX graph with free batch and sequence axes. Done at every start (about
+def export(model: torch.nn.Module, path: Path, example: dict[str, torch.Tensor]) -> None:
+    """Write the model (a `model_store.layout` module) as an ONNX graph whose inputs are named as in
+    `example`, every axis free (rows, positions, texts). Done at every start (about
     4 s for DistilBERT-base on 2 cores), so the graph can never drift from the checkpoint it came
     from; to a file, so torch's copy of the weights can go before ONNX Runtime loads its own.
 
-    The TorchScript exporter (fast here; torch.export's takes 6x longer) traces one example, a
+    The TorchScript exporter (fast here; torch.export's takes 6x longer) traces the example, a
     padded batch of two. Transformers' mask code branches in Python on shapes, so
     tests/test_model_store.py holds the graph to torch's scores on SST-2 dev in batches of one,
-    of mixed lengths and of texts cut at the model's maximum length.
+    of mixed lengths, packed and of texts cut at the model's maximum length.
     """
-    attention_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
-    example = (attention_mask.clone(), attention_mask)  # token id 1 exists in every vocabulary
-    axes = {0: "batch", 1: "sequence"}
+    axes = {name: {axis: f"{name}_{axis}" for axis in range(tensor.dim())} for name, tensor in example.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on those branches, and its deprecation
         torch.onnx.export(
-            model, example, path, input_names=["input_ids", "attention_mask"], output_names=["logits"],
-            dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": {0: "batch"}},
-            opset_version=17, dynamo=False,
+            model, tuple(example.values()), path, input_names=list(example), output_names=["logits"],
+            dynamic_axes={**axes, "logits": {0: "texts"}}, opset_version=17, dynamo=False,
         )
 
 
 class OnnxEngine:
-    """An ONNX Runtime session over an exported model: token ids and mask in, logits out."""
+    """An ONNX Runtime session over an exported model: its named inputs in, logits out."""
 
     def __init__(self, path: Path, threads: int) -> None:
         options = onnxruntime.SessionOptions()
@@ -52,6 +50,6 @@ class OnnxEngine:
         options.log_severity_level = 3  # errors only: its notes on graph fusions are not ours to act on
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        (logits,) = self.session.run(None, {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        (logits,) = self.session.run(None, {name: tensor.numpy() for name, tensor in inputs.items()})
         return torch.from_numpy(logits)

@@ -55,7 +55,8 @@ class Settings(BaseSettings):
     # Micro-batching
     max_batch_size: int = Field(32, ge=1, description="Most texts in one model forward.")
     max_batch_tokens: int = Field(
-        8192, ge=1, description="Most padded tokens (texts x longest text) in one model forward."
+        8192, ge=1, description="Most token positions one model forward computes: texts x longest text when "
+        "padded, the texts' total when packed."
     )
     max_wait_ms: float = Field(
         5.0, ge=0,

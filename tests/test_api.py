@@ -312,7 +312,7 @@ async def test_openapi_states_the_configured_limits_and_docs_render(client: http
 async def test_model_failure_is_a_424_json_error(
     client: httpx.AsyncClient, worker: Worker, classifier: Classifier, monkeypatch
 ) -> None:
-    def broken(batch: list[list[int]]) -> list[list[float]]:
+    def broken(batch: list[list[int]], packed: bool = False) -> list[list[float]]:
         raise RuntimeError("out of cheese")
 
     monkeypatch.setattr(classifier, "forward", broken)

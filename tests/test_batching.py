@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import fakeredis
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from batcher.batching import Batcher, batch_cut, nearest_in_length, split_by_length
 from batcher.protocol import Keys, WorkItem, new_id
 from batcher.queue import WorkQueue
+from model_store.cost import ForwardCost
 
 KEYS = Keys("t")
 
@@ -59,19 +61,31 @@ def test_batch_cut(lengths: list[int], size: int, tokens: int, expected: int) ->
     assert batch_cut(lengths, size, tokens) == expected
 
 
+PADDED = ForwardCost(overhead_tokens=64, attention_tokens=1024, packs=False)  # a model that only pads
+PACKS = ForwardCost(overhead_tokens=64, attention_tokens=1024, packs=True)
+
+
 @pytest.mark.parametrize(
-    ("lengths", "size", "tokens", "overhead", "ends"),
+    ("lengths", "size", "tokens", "cost", "forwards"),
     [
-        ([], 32, 8192, 64, []),
-        ([10] * 20, 32, 8192, 64, [20]),  # one length: one forward
-        ([5] * 16 + [60] * 16, 32, 8192, 64, [16, 32]),  # the short texts are not padded to 60
-        ([5] * 16 + [60] * 16, 32, 8192, 2000, [32]),  # a costly call (a GPU): one forward after all
-        ([5, 6, 7, 8] + [9] * 8, 4, 8192, 64, [4, 8, 12]),  # at most `size` texts a forward
-        ([10, 10, 10, 10, 500], 32, 1000, 64, [4, 5]),  # the token cap holds; a lone long text still runs
+        ([], 32, 8192, PADDED, []),
+        ([10] * 20, 32, 8192, PADDED, [(20, False)]),  # one length: one forward
+        ([5] * 16 + [60] * 16, 32, 8192, PADDED, [(16, False), (32, False)]),  # the short texts are not padded to 60
+        # a costly call (a GPU): one forward after all
+        ([5] * 16 + [60] * 16, 32, 8192, replace(PADDED, overhead_tokens=2000), [(32, False)]),
+        ([5, 6, 7, 8] + [9] * 8, 4, 8192, PADDED, [(4, False), (8, False), (12, False)]),  # at most `size` texts a forward
+        ([10, 10, 10, 10, 500], 32, 1000, PADDED, [(4, False), (5, False)]),  # the token cap holds; a lone long text still runs
+        # Mixed lengths, as a shallow queue brings them: packed, one forward instead of padding or cutting.
+        ([5, 8, 11, 14, 17, 20, 23, 26], 32, 8192, PACKS, [(8, True)]),
+        ([10] * 20, 32, 8192, PACKS, [(20, False)]),  # one length: padding wastes nothing, packing adds attention
+        ([8] * 16 + [16] * 16, 32, 8192, PACKS, [(16, False), (32, False)]),  # runs of one length: padded, nothing wasted
+        # A packed row's attention grows as T x T: past some length a second call is cheaper.
+        ([5, 6, 7, 480, 500], 32, 8192, PACKS, [(4, True), (5, False)]),
+        ([5, 30, 30, 30], 32, 90, PACKS, [(1, False), (4, False)]),  # packed rows keep the token cap too (95 > 90)
     ],
 )
-def test_split_by_length(lengths: list[int], size: int, tokens: int, overhead: int, ends: list[int]) -> None:
-    assert split_by_length(lengths, size, tokens, overhead) == ends
+def test_split_by_length(lengths: list[int], size: int, tokens: int, cost: ForwardCost, forwards: list[tuple[int, bool]]) -> None:
+    assert split_by_length(lengths, size, tokens, cost) == forwards
 
 
 def test_queued_work_goes_without_waiting(redis: fakeredis.FakeRedis) -> None:

@@ -429,5 +429,7 @@ def model_error(reference: Classifier) -> str:
 def test_poison_word_is_outside_the_embedding_table(reference: Classifier) -> None:
     [ids] = reference.tokenize([POISON])
     assert max(ids) >= reference.config.vocab_size
-    # torch's embedding lookup, or ONNX Runtime's Gather (the default engine for fp32 on the CPU)
-    assert model_error(reference) == {"torch": "IndexError", "onnxruntime": "InvalidArgument"}[reference.engine]
+    # torch's eager embedding lookup, its traced graph (TorchScript re-raises as RuntimeError), or
+    # ONNX Runtime's Gather (the default engine for fp32 on the CPU)
+    expected = {"torch": "RuntimeError" if reference.traced else "IndexError", "onnxruntime": "InvalidArgument"}
+    assert model_error(reference) == expected[reference.engine]

@@ -1,4 +1,4 @@
-"""Loading checkpoints from disk: labels, fingerprint, padding, truncation, and the real checkpoint."""
+"""Loading checkpoints from disk: labels, fingerprint, padding, packing, truncation, and the real checkpoint."""
 
 from __future__ import annotations
 
@@ -11,13 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification,
+)
 
 from model_store import classifier as classifier_module
-from model_store import onnx_engine
+from model_store import layout, onnx_engine
 from model_store.classifier import (
     Classifier, cache_version, fingerprint, pick_device, resolve_engine, resolve_precision,
 )
+from model_store.factory import LABELS, TOKENIZER_FILES
 from tests.conftest import shared_path
 
 
@@ -58,9 +61,9 @@ def test_every_forward_runs_on_one_thread_whichever_thread_calls(tiny: Classifie
     ran_on: set[int] = set()
     run = tiny._run
 
-    def recording(*args: torch.Tensor) -> torch.Tensor:
+    def recording(**inputs: torch.Tensor) -> torch.Tensor:
         ran_on.add(threading.get_ident())
-        return run(*args)
+        return run(**inputs)
 
     tiny._run = recording
     try:
@@ -122,7 +125,7 @@ def test_auto_engine_is_onnxruntime_for_fp32_on_the_cpu_only(tiny_model_dir: Pat
     # The engine changes no score beyond float noise, so fp32 keeps one cache version for both.
     assert onnx.version == plain.version
     # ONNX Runtime's smaller per-call cost makes cutting a batch into more forwards pay sooner.
-    assert onnx.forward_overhead_tokens < plain.forward_overhead_tokens
+    assert onnx.cost.overhead_tokens < plain.cost.overhead_tokens
 
 
 @pytest.mark.parametrize("failure", ["exporter refuses", "no temporary directory", "onnxruntime refuses"])
@@ -130,7 +133,7 @@ def test_a_failed_export_is_served_by_torch_unless_onnxruntime_was_asked_for(
     failure: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    def refuse(model: torch.nn.Module, path: Path) -> None:
+    def refuse(*args: object) -> None:
         raise RuntimeError("unsupported operator")
 
     if failure == "exporter refuses":
@@ -171,13 +174,17 @@ def test_real_checkpoint_scores_equal_a_plain_transformers_forward(small_model_d
     assert hate[0] > 0.5  # NEGATIVE
 
 
-def test_onnxruntime_engine_scores_equal_torch_on_sst2_dev_in_any_batch_shape(small_model_dir: Path) -> None:
-    """The exported graph was traced on one padded example: batches of one (no padding), of mixed
-    lengths, and texts cut at the model's maximum must still score as torch scores them."""
+def test_every_engine_and_layout_scores_equal_eager_torch_on_sst2_dev_in_any_batch_shape(small_model_dir: Path) -> None:
+    """Both engines run graphs traced on one padded example (ONNX export, TorchScript), and a
+    packed row shares its graph: batches of one (no padding), of mixed lengths, and texts cut at
+    the model's maximum must score as the eager transformers model scores them padded."""
     texts = [line.split("\t")[0] for line in shared_path("data/sst2-dev.tsv").read_text().splitlines()[1:]]
     texts += ["", "word " * 1000]
     onnx = Classifier(small_model_dir, device="cpu", threads=1, precision="fp32", engine="onnxruntime")
     torch_engine = Classifier(small_model_dir, device="cpu", threads=1, precision="fp32", engine="torch")
+    assert onnx.cost.packs and torch_engine.cost.packs  # DistilBERT
+    assert torch_engine.traced
+    eager = AutoModelForSequenceClassification.from_pretrained(small_model_dir).eval()
     ids = onnx.tokenize(texts)
     order = list(range(len(ids)))
     random.Random(0).shuffle(order)
@@ -185,5 +192,43 @@ def test_onnxruntime_engine_scores_equal_torch_on_sst2_dev_in_any_batch_shape(sm
     for size, first, count in ((1, 0, 48), (7, 2, 112), (32, 2, 256)):
         for start in range(first, first + count, size):
             batch = [ids[i] for i in order[start : start + size]]
-            got, want = onnx.forward(batch), torch_engine.forward(batch)
-            assert torch.tensor(got) == pytest.approx(torch.tensor(want), abs=1e-5)
+            padded = layout.inputs(batch, onnx.pad_id, segments=False, packed=False)
+            with torch.inference_mode():
+                want = eager(**padded).logits.softmax(-1)
+            for engine, packed in ((onnx, False), (onnx, True), (torch_engine, False), (torch_engine, True)):
+                assert torch.tensor(engine.forward(batch, packed)) == pytest.approx(want, abs=1e-5)
+
+
+def test_a_model_other_than_distilbert_runs_padded_forwards_only(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Packing reads each text's first position through DistilBERT's own head; another
+    architecture keeps its stock padded forward, and the worker's cost model never packs for it."""
+    for name in TOKENIZER_FILES:
+        if (tiny_model_dir / name).is_file():
+            shutil.copy(tiny_model_dir / name, tmp_path / name)
+    config = BertConfig(
+        vocab_size=AutoConfig.from_pretrained(tiny_model_dir).vocab_size, hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=64, id2label=LABELS, label2id={v: k for k, v in LABELS.items()},
+    )
+    BertForSequenceClassification(config).save_pretrained(tmp_path)
+    bert = Classifier(tmp_path, device="cpu", threads=1, precision="fp32", engine="torch")
+    assert not bert.cost.packs
+    ids = bert.tokenize(["a good movie", "fun"])
+    assert len(bert.forward(ids)) == 2
+    with pytest.raises(ValueError, match="padded forwards only"):
+        bert.forward(ids, packed=True)
+
+
+def test_a_model_that_cannot_be_traced_runs_eagerly(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    traced = Classifier(tiny_model_dir, device="cpu", threads=1, precision="fp32", engine="torch")
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("untraceable control flow")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    eager = Classifier(tiny_model_dir, device="cpu", threads=1, precision="fp32", engine="torch")
+    assert (traced.traced, eager.traced) == (True, False)
+    assert "cannot trace" in caplog.text
+    ids = eager.tokenize(["a good movie", "fun"])
+    assert torch.tensor(eager.forward(ids, packed=True)) == pytest.approx(torch.tensor(traced.forward(ids)), abs=1e-6)

@@ -48,7 +48,7 @@ async def run_every_path(
     assert (await client.post("/predict", json={"text": [MARKER, 3]})).status_code == 422
     assert (await client.post("/jobs", json={"text": texts})).status_code == 202
 
-    def quoting(batch: list[list[int]]) -> list[list[float]]:
+    def quoting(batch: list[list[int]], packed: bool = False) -> list[list[float]]:
         raise RuntimeError(f"cannot classify {MARKER!r}")  # as a tokenizer or model error might
 
     monkeypatch.setattr(classifier, "forward", quoting)

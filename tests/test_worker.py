@@ -136,10 +136,10 @@ def test_a_forward_longer_than_the_heartbeat_ttl_keeps_its_work(
     reclaimed: list[int] = []
     real_forward = classifier.forward
 
-    def slow_forward(batch: list[list[int]]) -> list[list[float]]:
+    def slow_forward(batch: list[list[int]], packed: bool = False) -> list[list[float]]:
         time.sleep(2 * settings.heartbeat_ttl_s)
         reclaimed.append(other.reclaim_dead())
-        return real_forward(batch)
+        return real_forward(batch, packed)
 
     monkeypatch.setattr(classifier, "forward", slow_forward)
     pubsub = redis.pubsub()
@@ -169,10 +169,10 @@ def test_a_forward_past_its_deadlines_stops_beating_so_a_hung_worker_is_reclaime
     forwarding, release = threading.Event(), threading.Event()
     real_forward = classifier.forward
 
-    def hung_forward(batch: list[list[int]]) -> list[list[float]]:
+    def hung_forward(batch: list[list[int]], packed: bool = False) -> list[list[float]]:
         forwarding.set()
         release.wait(HANG_GUARD_S)
-        return real_forward(batch)
+        return real_forward(batch, packed)
 
     monkeypatch.setattr(classifier, "forward", hung_forward)
     now = time.time()
@@ -260,10 +260,10 @@ def test_a_poison_text_fails_only_its_own_request(
     [poison] = classifier.tokenize(["poison pill"])
     real_forward = classifier.forward
 
-    def forward(batch: list[list[int]]) -> list[list[float]]:
+    def forward(batch: list[list[int]], packed: bool = False) -> list[list[float]]:
         if poison in batch:
             raise RuntimeError("cannot digest this")
-        return real_forward(batch)
+        return real_forward(batch, packed)
 
     monkeypatch.setattr(classifier, "forward", forward)
     good, bad, other = push(redis, keys, "fine"), push(redis, keys, "ok", "poison pill"), push(redis, keys, "good")
@@ -330,10 +330,10 @@ def test_the_next_batch_is_taken_late_in_the_running_forward(
     real_forward = classifier.forward
     forwarding = threading.Event()
 
-    def slow_forward(batch: list[list[int]]) -> list[list[float]]:
+    def slow_forward(batch: list[list[int]], packed: bool = False) -> list[list[float]]:
         forwarding.set()
         time.sleep(0.5)
-        return real_forward(batch)
+        return real_forward(batch, packed)
 
     monkeypatch.setattr(classifier, "forward", slow_forward)
     worker = Worker(settings, redis, classifier)
