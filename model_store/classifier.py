@@ -23,6 +23,8 @@ from model_store.cost import ForwardCost
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# What both engines' graphs are traced on: a padded batch of two (token id 1 is in every vocabulary).
+TRACE_EXAMPLE = [[1, 1, 1, 1], [1, 1]]
 Precision = Literal["auto", "fp32", "bf16", "int8"]
 Engine = Literal["auto", "torch", "onnxruntime"]
 
@@ -184,7 +186,7 @@ class Classifier:
 
             with tempfile.TemporaryDirectory(prefix="sentiment-onnx-") as tmp:
                 graph = Path(tmp) / "model.onnx"
-                onnx_engine.export(self._module, graph, self._inputs([[1, 1, 1, 1], [1, 1]], packed=False))
+                onnx_engine.export(self._module, graph, self._inputs(TRACE_EXAMPLE, packed=False))
                 # Torch's copy of the weights goes before ONNX Runtime loads its own: DistilBERT-base
                 # then peaks at 1.1 GB instead of 1.4 (docs/tuning.md, "Engine").
                 self.model = self._module = None
@@ -206,7 +208,7 @@ class Classifier:
         bf16's weight casts are folded in once (docs/tuning.md, "Traced graph"). Traced under the
         forward's arithmetic on a padded example; a packed row runs the same ops. Any failure keeps
         the eager forward."""
-        example = tuple(self._inputs([[1, 1, 1, 1], [1, 1]], packed=False).values())
+        example = tuple(self._inputs(TRACE_EXAMPLE, packed=False).values())
         try:
             with torch.no_grad(), self.arithmetic(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the tracer's notes on shape branches, and its deprecation
