@@ -81,7 +81,8 @@ def create_app(
         "/predict": body_limit(settings.max_texts, settings.max_chars),
         "/jobs": body_limit(settings.jobs_max_texts, settings.max_chars),
     })
-    app.add_middleware(AccessControl, keys=ApiKeys(settings.api_keys or []))
+    if settings.api_keys or settings.rate_limit_per_s is not None:  # nothing to check: no layer to pass
+        app.add_middleware(AccessControl, keys=ApiKeys(settings.api_keys or []))
     app.add_middleware(metrics.RequestMetrics)  # outermost: refused requests are timed too
     document(app, keys_on=bool(settings.api_keys), rate_limit_on=settings.rate_limit_per_s is not None)
     return app

@@ -88,6 +88,12 @@ def responses(*types: ErrorType) -> dict[int | str, dict]:
 
 
 RESPONSES = responses(ErrorType.UNAVAILABLE, ErrorType.OVERLOADED, ErrorType.TIMEOUT, ErrorType.INFERENCE)
+# The 422 of a route that validates its body itself (`api.schemas.parse_json`), as FastAPI documents
+# its own: the schema is FastAPI's component, there as long as any route takes parameters.
+VALIDATION_ERROR = {
+    "description": "Validation Error",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}},
+}
 
 
 def install(app: FastAPI) -> None:

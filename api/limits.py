@@ -1,10 +1,11 @@
 """Hostile bodies: bounded before they are parsed; unparseable ones are a 422, never a 400 or 500.
 
-`BodyLimit` reads a request's body before the route does, counting bytes as they arrive: a
-Content-Length over the route's limit is refused before a byte is read, and a chunked body as soon
-as it grows past it, so nothing oversized is buffered whole or parsed. (FastAPI's own
-`max_body_size` answers a declared oversize in plain text, outside the JSON error shape.) The
-body is then handed on as it came: the route would have buffered it whole anyway. Each route's
+`BodyLimit` refuses a Content-Length over the route's limit before a byte is read, and lets a
+declared size within it pass untouched (the server never delivers more than Content-Length bytes).
+A chunked body is read first, counting bytes as they arrive and refused as soon as it grows past
+the limit, so nothing oversized is buffered whole or parsed; it is then handed on as it came (the
+route would have buffered it whole anyway). (FastAPI's own `max_body_size` answers a declared
+oversize in plain text, outside the JSON error shape.) Each route's
 limit is the largest body its configured text limits allow (`body_limit`); other routes take none.
 `install` turns FastAPI's "error parsing the body" (nesting too deep, invalid UTF-8, a number with
 thousands of digits) into the 422 that malformed JSON gets.
@@ -56,8 +57,11 @@ class BodyLimit:
             return
         limit = self.limits.get(scope["path"], NO_BODY_BYTES)
         declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            await self._refuse(limit, scope, receive, send)
+        if declared.isdigit():
+            if int(declared) > limit:
+                await self._refuse(limit, scope, receive, send)
+            else:  # the server delivers no more than Content-Length bytes: nothing to count
+                await self.app(scope, receive, send)
             return
         chunks: list[bytes] = []
         size = 0

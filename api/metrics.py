@@ -9,6 +9,7 @@ dashboards and alerts in k8s/monitoring/.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -52,6 +53,11 @@ REQUESTS_REFUSED = Counter(
 )
 
 
+@functools.cache  # bounded (route templates x METHODS x statuses); `labels` takes a lock each call
+def _duration(route: str, method: str, status: int) -> Histogram:
+    return HTTP_REQUEST_DURATION.labels(route, method, str(status))
+
+
 class RequestMetrics:
     """ASGI middleware timing every HTTP request into `sentiment_http_request_duration_seconds`."""
 
@@ -78,7 +84,7 @@ class RequestMetrics:
             # Answered before routing (no route, or refused by a middleware): `unmatched`.
             route = getattr(scope.get("route"), "path", UNMATCHED_ROUTE)
             method = scope["method"] if scope["method"] in METHODS else "other"
-            HTTP_REQUEST_DURATION.labels(route, method, str(status)).observe(time.perf_counter() - started)
+            _duration(route, method, status).observe(time.perf_counter() - started)
 
 
 class ServiceState(Collector):

@@ -1,7 +1,5 @@
 """HTTP routes: /predict, and the probes and model info operators need."""
 
-# No `from __future__ import annotations`: FastAPI must see the per-app request model itself.
-
 from dataclasses import asdict
 
 import orjson
@@ -10,9 +8,9 @@ from fastapi.responses import JSONResponse
 
 from redis.exceptions import RedisError
 
-from api.errors import RESPONSES, ErrorType, ServiceError, responses
+from api.errors import RESPONSES, VALIDATION_ERROR, ErrorType, ServiceError, responses
 from api.predictions import ModelRegistry, Predictor
-from api.schemas import ModelResponse, PredictResponse, ReadyResponse, predict_request
+from api.schemas import ModelResponse, PredictResponse, ReadyResponse, json_body, parse_json, predict_request
 from batcher.protocol import Keys
 from sentiment.settings import Settings
 
@@ -21,13 +19,17 @@ def predict_router(settings: Settings) -> APIRouter:
     router = APIRouter(tags=["predict"])
     PredictRequest = predict_request(settings.max_texts, settings.max_chars)
 
-    @router.post("/predict", response_model=PredictResponse, responses={**RESPONSES, **responses(ErrorType.TOO_LARGE)})
-    async def predict(body: PredictRequest, request: Request) -> Response:  # type: ignore[valid-type]
+    @router.post(
+        "/predict", response_model=PredictResponse, openapi_extra=json_body(PredictRequest),
+        responses={**RESPONSES, **responses(ErrorType.TOO_LARGE), 422: VALIDATION_ERROR},
+    )
+    async def predict(request: Request) -> Response:
         """Classify texts: every label's probability per text, in input order.
 
         The `X-Cache` header says whether the answer came from the cache (`hit`), the model
         (`miss`) or both (`partial`).
         """
+        body = parse_json(PredictRequest, await request.body(), request.headers.get("content-type", ""))
         predictor: Predictor = request.app.state.predictor
         predictions, cache = await predictor.predict(body.text)  # type: ignore[attr-defined]
         # Built here rather than validated through the response model: the worker wrote this shape.

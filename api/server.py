@@ -19,5 +19,6 @@ def run(settings: Settings, host: str, port: int) -> None:
         signal.signal(sig, lambda *_: sys.exit(0))
     uvicorn.run(
         create_app(settings), host=host, port=port, log_level=settings.log_level.lower(),
+        access_log=settings.log_level.upper() in ("DEBUG", "INFO"),  # else uvicorn still builds each line
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5, log_config=None,
     )
