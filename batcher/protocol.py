@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import secrets
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, Self
 
 import orjson
@@ -87,7 +87,8 @@ class _Json:
     """
 
     def encode(self) -> bytes:
-        return orjson.dumps(asdict(self))  # type: ignore[call-overload]
+        # orjson writes dataclasses itself: `asdict` first would deep-copy every prediction (80x slower).
+        return orjson.dumps(self)
 
     @classmethod
     def decode(cls, raw: bytes | str) -> Self:
