@@ -7,8 +7,9 @@ the limit, so nothing oversized is buffered whole or parsed; it is then handed o
 route would have buffered it whole anyway). (FastAPI's own `max_body_size` answers a declared
 oversize in plain text, outside the JSON error shape.) Each route's
 limit is the largest body its configured text limits allow (`body_limit`); other routes take none.
-`install` turns FastAPI's "error parsing the body" (nesting too deep, invalid UTF-8, a number with
-thousands of digits) into the 422 that malformed JSON gets.
+`install` turns FastAPI's "error parsing the body" of a body parameter (`/jobs`: nesting too deep,
+invalid UTF-8, a number with thousands of digits) into the 422 that malformed JSON gets; `/predict`
+parses its own body (`api.schemas.parse_json`), where these are malformed JSON already.
 """
 
 from __future__ import annotations

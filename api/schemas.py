@@ -55,7 +55,7 @@ def _in_body(error: Any) -> dict[str, Any]:
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:
-    """OpenAPI for a route that reads its body with `parse_json`: the body and its 422."""
+    """OpenAPI for the body of a route that reads it with `parse_json` (FastAPI sees no parameter)."""
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
