@@ -59,20 +59,21 @@ def between(before: Snapshot, after: Snapshot) -> dict[str, object]:
 
 
 class WorkerCounters:
-    """Reads the worker's counters; prefers `/metrics` on `metrics_url` when it answers."""
+    """Reads the workers' counters, summed; prefers their `/metrics` at `metrics_urls` when all answer."""
 
-    def __init__(self, metrics_url: str | None, redis_url: str, key_prefix: str) -> None:
-        self.metrics_url = metrics_url
+    def __init__(self, metrics_urls: list[str], redis_url: str, key_prefix: str) -> None:
+        self.metrics_urls = metrics_urls
         self.redis = redis.Redis.from_url(redis_url)
         self.keys = Keys(key_prefix)
 
     def snapshot(self) -> Snapshot:
-        if self.metrics_url:
+        if self.metrics_urls:
             try:
-                response = httpx.get(self.metrics_url, timeout=5)
-                if response.status_code == 200 and (found := parse_metrics(response.text)):
-                    return Snapshot("metrics", found)
-            except httpx.TransportError:
+                found = [parse_metrics(httpx.get(url, timeout=5).raise_for_status().text) for url in self.metrics_urls]
+                if all(found):
+                    summed = {k: sum(f[k] for f in found if k in f) for k in SAMPLES if any(k in f for f in found)}
+                    return Snapshot("metrics", summed)
+            except httpx.HTTPError:
                 pass
         totals = {"texts": 0.0, "batches": 0.0}
         for worker_id in self.redis.smembers(self.keys.workers):

@@ -1,7 +1,9 @@
 """Benchmark (1), the limit: raw model forward throughput per batch size, no service around it.
 
 Texts are tokenized up front and sorted by length in windows (as a worker with a deep queue
-batches them), so each batch pads only to its own longest text; only the forwards are timed.
+batches them), so each batch pads only to its own longest text; only the forwards are timed. With
+several workers (`--workers`), as many copies of the model run side by side, each with the threads
+one worker gets: the limit of the arrangement the service runs.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import itertools
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from model_store.classifier import Classifier, Engine, Precision
@@ -29,30 +32,31 @@ def batches(ids: list[list[int]], size: int, window: int = SORT_WINDOW) -> list[
 
 
 class Limit:
-    """The model alone, loaded once: the curve over batch sizes, and the best size's rate again on
-    demand, so the service's saturation point is compared with the limit measured beside it."""
+    """The model alone, loaded once per worker: the curve over batch sizes, and the best size's rate
+    again on demand, so the service's saturation point is compared with the limit measured beside it."""
 
     def __init__(
         self, model_dir: Path, device: str, threads: int | None, precision: Precision, engine: Engine,
-        texts: list[str],
+        texts: list[str], copies: int = 1,
     ) -> None:
-        self.classifier = Classifier(model_dir, device, threads, precision, engine=engine)
+        self.copies = [Classifier(model_dir, device, threads, precision, engine=engine) for _ in range(copies)]
+        self.classifier = self.copies[0]
         self.ids = self.classifier.tokenize(texts)
 
     def point(self, size: int, duration_s: float) -> dict[str, object]:
-        """Sentences/s and mean padded width at one batch size, forwarding for about `duration_s`
-        (cycling through the texts if they run out first, as on a fast GPU)."""
+        """Sentences/s and mean padded width at one batch size, every copy forwarding for about
+        `duration_s` (cycling through the texts if they run out first, as on a fast GPU)."""
         work = batches(self.ids, size)
-        self.classifier.forward(work[0])  # a new shape's first forward pays set-up costs
-        done = padded = 0
+        for copy in self.copies:
+            copy.forward(work[0])  # a new shape's first forward pays set-up costs
         started = time.perf_counter()
-        for batch in itertools.cycle(work):
-            self.classifier.forward(batch)
-            done += len(batch)
-            padded += len(batch) * max(map(len, batch))
-            if time.perf_counter() - started >= duration_s:
-                break
+        with ThreadPoolExecutor(len(self.copies)) as pool:  # (each copy computes on its own thread)
+            counts = list(pool.map(
+                lambda k: _forward_until(self.copies[k], work[k :: len(self.copies)] or work, started + duration_s),
+                range(len(self.copies)),
+            ))
         elapsed = time.perf_counter() - started
+        done, padded = sum(c[0] for c in counts), sum(c[1] for c in counts)
         return {
             "batch_size": size, "texts": done, "seconds": round(elapsed, 3),
             "texts_per_s": round(done / elapsed, 2), "mean_padded_tokens": round(padded / done, 1),
@@ -67,4 +71,18 @@ class Limit:
             points.append(self.point(size, duration_s))
             progress("limit", points[-1])
         c = self.classifier
-        return {"model": c.name, "dtype": c.dtype_name, "engine": c.engine, "points": points}
+        return {
+            "model": c.name, "dtype": c.dtype_name, "engine": c.engine, "copies": len(self.copies), "points": points,
+        }
+
+
+def _forward_until(classifier: Classifier, work: list[list[list[int]]], until: float) -> tuple[int, int]:
+    """Forward `work`'s batches in a cycle until the clock passes `until`: (texts, padded tokens)."""
+    done = padded = 0
+    for batch in itertools.cycle(work):
+        classifier.forward(batch)
+        done += len(batch)
+        padded += len(batch) * max(map(len, batch))
+        if time.perf_counter() >= until:
+            break
+    return done, padded

@@ -88,9 +88,12 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
     rel = lambda p: Path(os.path.relpath(p, doc_dir)).as_posix()  # noqa: E731
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
     bf16 = {True: ", bfloat16 in hardware", False: ", no bfloat16 in hardware"}.get(m.get("bf16_native"), "")
+    workers = s.get("workers", 1)
+    count = s.get("worker_threads") or m["torch_threads"]
+    threads = f"{count} thread{'s' if count != 1 else ''}" + (f" in each of {workers} workers" if workers > 1 else "")
     lines = [
         f"Run {m['date']} at commit `{m['git_commit']}` on **{m['cpu']}** ({m['cores']} cores{bf16}{gpu}), "
-        f"torch {m['torch']} ({m['torch_threads']} threads, OpenMP waiting "
+        f"torch {m['torch']} ({threads}, OpenMP waiting "
         f"`{s.get('omp_wait_policy', 'runtime default')}`), device `{m['device']}`; "
         f"model `{s['model']}` ({Path(s['model_source']).name}), precision `{s['precision']}` "
         f"(the limit, naive baseline and worker alike), engine `{s.get('engine', 'torch')}` (the limit and "
@@ -104,7 +107,8 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
         *(f"| {t['name']} | {_cell(t['value'])} | {t['goal']} | **{t['status']}** |" for t in results["targets"]),
     ]
     if limit := results.get("limit"):
-        lines += ["", "**(1) Limit** (model forward only, length-sorted windows of 512)", "",
+        copies = f"; {limit['copies']} copies side by side, as the workers run" if limit.get("copies", 1) > 1 else ""
+        lines += ["", f"**(1) Limit** (model forward only, length-sorted windows of 512{copies})", "",
                   "| batch size | sentences/s | mean padded tokens |", "| --- | --- | --- |"]
         lines += [f"| {p['batch_size']} | {p['texts_per_s']} | {p['mean_padded_tokens']} |" for p in limit["points"]]
     rows = [("(2) naive", p) for p in results.get("naive") or []]
@@ -112,7 +116,7 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
     if rows:
         apis = s.get("api_processes", 1)
         lines += ["", "**(2) naive baseline and (3) this service** (one never-seen sentence per request; "
-                  f"{apis} API process{'es' if apis > 1 else ''} and one worker)", "",
+                  f"{apis} API process{'es' if apis > 1 else ''} and {workers} worker{'s' if workers > 1 else ''})", "",
                   "| subject | clients | sentences/s | p50 ms | p95 ms | p99 ms | mean batch | queue wait ms | errors |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         lines += [

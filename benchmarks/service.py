@@ -68,17 +68,18 @@ def redis_server(procs: Processes) -> Iterator[tuple[str, str]]:
 def measure(
     model_dir: Path, device: str, texts: UniqueTexts, concurrencies: list[int], cache_concurrency: int | None,
     duration_s: float, warmup_s: float, progress: Callable[[str, dict[str, object]], None],
-    reference: Reference | None = None, api_processes: int = 1,
+    reference: Reference | None = None, api_processes: int = 1, workers: int = 1,
+    worker_env: dict[str, str] | None = None,
 ) -> dict[str, object]:
     """(3) at each concurrency with never-seen texts, then the saturation rounds against
     `reference` when given; then (4), all-hit requests, when asked.
 
-    `api_processes` API replicas (as API pods behind a Kubernetes Service) share one worker; the
-    client's connections are spread over them. One suits 2 cores; a GPU worker outruns one API.
+    `api_processes` API replicas (as API pods behind a Kubernetes Service) share `workers` workers
+    (each started with `worker_env` added); the client's connections are spread over the APIs. One
+    API suits 2 cores; a GPU worker outruns one.
     """
     # Redis outlives the service processes, so they stop without reconnect noise.
     with running() as infra, redis_server(infra) as (redis_url, redis_kind), running() as procs:
-        metrics_port = free_port()
         env = {
             "SENTIMENT_REDIS_URL": redis_url, "SENTIMENT_MODEL_DIR": str(model_dir), "SENTIMENT_DEVICE": device,
             "SENTIMENT_KEY_PREFIX": KEY_PREFIX, "SENTIMENT_LOG_LEVEL": "WARNING",
@@ -86,19 +87,24 @@ def measure(
         urls = [f"http://127.0.0.1:{free_port()}" for _ in range(api_processes)]
         for url in urls:
             procs.start(["-m", "sentiment.cli", "api", "--port", url.rsplit(":", 1)[1]], env)
-        # The worker's /metrics (batch size, queue wait) on a port of its own.
-        procs.start(["-m", "sentiment.cli", "worker"], {**env, "SENTIMENT_METRICS_PORT": str(metrics_port)})
-        for url in urls:
-            procs.wait_ok(f"{url}/ready")
+        # Each worker's /metrics (batch size, queue wait) on a port of its own.
+        metrics_ports = [free_port() for _ in range(workers)]
+        for port in metrics_ports:
+            procs.start(
+                ["-m", "sentiment.cli", "worker"], {**env, **(worker_env or {}), "SENTIMENT_METRICS_PORT": str(port)}
+            )
+        metrics_urls = [f"http://127.0.0.1:{port}/metrics" for port in metrics_ports]
+        for url in [*metrics_urls, *(f"{url}/ready" for url in urls)]:  # every worker has loaded its model
+            procs.wait_ok(url)
         predict = [f"{url}/predict" for url in urls]
-        counters = WorkerCounters(f"http://127.0.0.1:{metrics_port}/metrics", redis_url, KEY_PREFIX)
+        counters = WorkerCounters(metrics_urls, redis_url, KEY_PREFIX)
         points = []
         for concurrency in concurrencies:
             before = counters.snapshot()
             load = closed_loop(predict, lambda _: texts.take(1), concurrency, duration_s, warmup_s)
             points.append({**load.as_dict(), **between(before, counters.snapshot())})
             progress("service", points[-1])
-        out: dict[str, object] = {"redis": redis_kind, "points": points}
+        out: dict[str, object] = {"redis": redis_kind, "workers": workers, "points": points}
         if reference and concurrencies:
             out["saturation"] = _saturation(
                 lambda: closed_loop(predict, lambda _: texts.take(1), max(concurrencies), duration_s,

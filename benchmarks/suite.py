@@ -32,6 +32,7 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
     from benchmarks import limit, machine, report, service, targets
     from benchmarks.workload import CHECKOUT, UniqueTexts, default_shared_dir, load_texts, model_dir
     from model_store.classifier import pick_device, resolve_engine, resolve_precision
+    from sentiment.embedded import worker_env, worker_threads
 
     only = [p.strip() for p in args.only.split(",") if p.strip()]
     if unknown := set(only) - set(PARTS):
@@ -45,7 +46,10 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
     precision = resolve_precision(settings.precision, target)  # the limit's, naive's and worker's
     engine = resolve_engine(settings.engine, target, precision)  # the limit's and worker's
     tag = device + ("-quick" if args.quick else "")
-    settings = settings.model_copy(update={"model_dir": args.model_dir or shared / "models" / "distilbert-sst2-small"})
+    settings = settings.model_copy(update={
+        "model_dir": args.model_dir or shared / "models" / "distilbert-sst2-small", "workers": args.workers,
+    })
+    threads = worker_threads(settings)  # each worker's (and each limit copy's) share of the cores
     config_dir = args.config_dir or shared / "models" / "distilbert-base-sst2-config"
     pool = load_texts(data)
     texts = UniqueTexts(pool)
@@ -66,6 +70,7 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
             "precision": precision, "engine": engine,
             "data": portable(data), "texts_in_pool": len(pool),
             "duration_s": duration, "warmup_s": warmup, "quick": args.quick, "api_processes": args.api_processes,
+            "workers": args.workers, "worker_threads": threads,
             # How the model processes' OpenMP threads wait (the limit's and the worker's alike).
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "runtime default"),
             "service": {
@@ -74,7 +79,10 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
             },
         },
     }
-    print(f"bench: {', '.join(only)} on {device} ({precision}, {engine}), model {args.model}, {duration:g} s a point", flush=True)
+    plural = "s" if threads != 1 else ""
+    arrangement = "1 worker" if args.workers == 1 else f"{args.workers} workers, {threads} thread{plural} each"
+    print(f"bench: {', '.join(only)} on {device} ({precision}, {engine}, {arrangement}), model {args.model}, "
+          f"{duration:g} s a point", flush=True)
     failed: dict[str, str] = {}
     with model_dir(args.model, settings, config_dir) as model:
         env = {"SENTIMENT_MODEL_DIR": str(model), "SENTIMENT_DEVICE": device}
@@ -83,7 +91,7 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
         def measure_limit() -> dict[str, object]:
             nonlocal model_alone
             model_alone = limit.Limit(
-                model, device, settings.torch_threads, settings.precision, settings.engine, pool[:LIMIT_TEXTS]
+                model, device, threads, settings.precision, settings.engine, pool[:LIMIT_TEXTS], args.workers
             )
             return model_alone.measure(BATCH_SIZES, duration / 2, _progress)
 
@@ -103,7 +111,7 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
             "service": lambda: service.measure(
                 model, device, texts, SERVICE_CLIENTS if "service" in only else [],
                 CACHE_CLIENTS if "cache" in only else None, duration, warmup, _progress, reference(),
-                args.api_processes,
+                args.api_processes, args.workers, worker_env(settings),
             ),
             "bare": lambda: service.measure_app(
                 "benchmarks.bare_app:app", {}, texts, [CACHE_CLIENTS], duration, warmup, _progress

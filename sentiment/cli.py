@@ -45,9 +45,14 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         )
         return p
 
-    with_address(
-        commands.add_parser("serve", help="everything on this machine: embedded Redis, a worker, the API")
-    ).set_defaults(run=_serve)
+    serve = with_address(
+        commands.add_parser("serve", help="everything on this machine: embedded Redis, workers, the API")
+    )
+    serve.add_argument(
+        "--workers", type=_count, default=settings.workers,
+        help="micro-batching workers (default %(default)s: SENTIMENT_WORKERS)",
+    )
+    serve.set_defaults(run=_serve)
     with_address(commands.add_parser("api", help="the HTTP API (needs SENTIMENT_REDIS_URL)")).set_defaults(run=_api)
     worker = commands.add_parser("worker", help="the micro-batching model worker (needs SENTIMENT_REDIS_URL)")
     with_probe(worker, "a worker on this host has a fresh heartbeat").set_defaults(run=_worker)
@@ -84,8 +89,13 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default=settings.device, help="default %(default)s")
     bench.add_argument("--duration", type=float, help="seconds per load point (default 30, 2 with --quick)")
     bench.add_argument(
-        "--api-processes", type=int, default=1,
-        help="API replicas in front of the one worker (default %(default)s; a GPU worker outruns one)",
+        "--api-processes", type=_count, default=1,
+        help="API replicas in front of the workers (default %(default)s; a GPU worker outruns one)",
+    )
+    bench.add_argument(
+        "--workers", type=_count, default=settings.workers,
+        help="micro-batching workers, sharing the cores as `serve`'s do; the limit runs as many model copies "
+        "side by side (default %(default)s: SENTIMENT_WORKERS)",
     )
     bench.add_argument("--quick", action="store_true", help="a smoke: short points, no doc update (under 2 minutes)")
     bench.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")
@@ -101,10 +111,17 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     return parser
 
 
+def _count(text: str) -> int:
+    """A command-line count of processes: a whole number, at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def _serve(settings: Settings, args: argparse.Namespace) -> None:
     from sentiment.embedded import serve
 
-    serve(settings, args.host, args.port)
+    serve(settings.model_copy(update={"workers": args.workers}), args.host, args.port)
 
 
 def _api(settings: Settings, args: argparse.Namespace) -> None:

@@ -1,8 +1,9 @@
 """`sentiment serve`: the whole service on one machine with nothing else installed.
 
 Starts a Redis-compatible server on a free local port (redis-server when it is on PATH, else
-fakeredis' TCP server in this process), a worker process, a bulk-jobs worker process, and the API
-in this process. Ctrl-C stops the API, then the workers (which finish their batch), then the server.
+fakeredis' TCP server in this process), `workers` worker processes, a bulk-jobs worker process,
+and the API in this process. Ctrl-C stops the API, then the workers (which finish their batch),
+then the server.
 """
 
 from __future__ import annotations
@@ -85,14 +86,32 @@ def _wait_for_redis(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 
             time.sleep(0.05)
 
 
+def worker_threads(settings: Settings) -> int | None:
+    """Model threads for each of `settings.workers` workers on this machine: SENTIMENT_TORCH_THREADS
+    when set, else the cores shared out evenly, at least one each (None for a lone worker: its own
+    default, one per core). More model threads than cores collapses every forward (docs/tuning.md)."""
+    if settings.torch_threads or settings.workers == 1:
+        return settings.torch_threads
+    return max(1, (os.cpu_count() or 1) // settings.workers)
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """What each micro-batching worker's environment adds: its share of the cores."""
+    threads = worker_threads(settings)
+    return {"SENTIMENT_TORCH_THREADS": str(threads)} if threads else {}
+
+
 def serve(settings: Settings, host: str, port: int) -> None:
-    """Redis (embedded unless SENTIMENT_REDIS_URL is set), the two worker processes, the API here."""
+    """Redis (embedded unless SENTIMENT_REDIS_URL is set), the worker processes, the API here."""
     given = settings.redis_url if settings.redis_url_given else None
     with contextlib.nullcontext(given) if given else embedded_redis() as url:
         env = {**os.environ, "SENTIMENT_REDIS_URL": url}
+        commands = [("worker", worker_env(settings))] * settings.workers + [("jobs-worker", {})]
         workers = [
-            subprocess.Popen([sys.executable, "-m", "sentiment.cli", command], env=env, start_new_session=True)
-            for command in ("worker", "jobs-worker")
+            subprocess.Popen(
+                [sys.executable, "-m", "sentiment.cli", command], env={**env, **extra}, start_new_session=True
+            )
+            for command, extra in commands
         ]
         try:
             api.server.run(settings.model_copy(update={"redis_url": url}), host, port)

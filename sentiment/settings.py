@@ -92,6 +92,13 @@ class Settings(BaseSettings):
         None, ge=1,
         description="Intra-op threads of the model on the CPU (torch's or ONNX Runtime's); unset: one per core.",
     )
+    workers: int = Field(
+        1, ge=1,
+        description="Micro-batching worker processes `sentiment serve` (and `sentiment bench`) runs. Unless "
+        "SENTIMENT_TORCH_THREADS is set, they share the cores evenly: on 2 cores shared with the API, 2 workers of "
+        "1 thread carry about a quarter more at saturation than 1 of 2, which answers a lone request 1.5x "
+        "faster (docs/tuning.md, \"Workers per machine\").",
+    )
     torch_interop_threads: int = Field(
         1, ge=1, description="Torch inter-op threads (the service never runs independent ops in parallel)."
     )

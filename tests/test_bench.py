@@ -4,6 +4,7 @@ never in asserts), the worker-counter arithmetic, and the doc block it rewrites.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
     subprocess.run(
         [sys.executable, "-m", "sentiment.cli", "bench", "--quick", "--duration", "0.5", "--model", "small",
          "--model-dir", str(tiny_model_dir), "--data", str(data), "--device", "cpu", "--out", str(out),
-         "--doc", str(doc)],
+         "--doc", str(doc), "--workers", "2"],
         cwd=REPO, check=True, timeout=240,
     )
     [results_file] = out.glob("bench-*-cpu-quick.json")
@@ -44,6 +45,8 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
     assert results["machine"]["bf16_native"] == (precision == "bf16")
     assert results["settings"]["precision"] == precision
     assert results["limit"]["dtype"] == {"bf16": "bfloat16", "fp32": "float32"}[precision]
+    assert results["settings"]["workers"] == results["limit"]["copies"] == results["service"]["workers"] == 2
+    assert results["settings"]["worker_threads"] == max(1, (os.cpu_count() or 1) // 2)
     assert [p["batch_size"] for p in results["limit"]["points"]] == [1, 8, 16, 32, 64]
     assert all(p["texts_per_s"] > 0 for p in results["limit"]["points"])
     assert [p["concurrency"] for p in results["naive"]] == [1, 32]
@@ -51,6 +54,8 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
     assert [p["concurrency"] for p in service["points"]] == [1, 8, 32, 128]
     for point in [*results["naive"], *service["points"], service["cache_hits"], *results["bare"]]:
         assert point["errors"] == 0 and point["requests"] > 0 and point["p50_ms"] <= point["p99_ms"]
+    # Both workers' /metrics were read (a worker not answering falls back to heartbeats: no queue wait).
+    assert all(p["source"] == "metrics" and p["mean_queue_wait_ms"] is not None for p in service["points"])
     assert all(p["mean_batch_size"] >= 1 for p in service["points"])
     saturation = service["saturation"]  # --quick: one limit/service/limit round at the best batch size
     best = max(results["limit"]["points"], key=lambda p: p["texts_per_s"])["batch_size"]
@@ -70,6 +75,7 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
     assert text.startswith("# Performance\n\nprose stays\n") and text.count("<!-- bench:cpu -->") == 1
     assert results_file.name in text and "](results/cpu-quick-limit.png)" in text
     assert "**Saturation rounds** (128 clients" in text
+    assert "2 copies side by side" in text and "and 2 workers)" in text
     assert ("cores, no bfloat16 in hardware" in text) == (precision == "fp32")  # the same CPU name comes both ways
 
 

@@ -25,7 +25,7 @@ from batcher.liveness import live_workers
 from batcher.protocol import prediction
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
-from tests.conftest import Service, shared_path, start_service
+from tests.conftest import Service, shared_path, start_service, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -113,21 +113,30 @@ def test_sst2_dev_through_http_equals_plain_transformers(small_service: Service,
     assert accuracy > 0.85  # a trained model, not noise
 
 
-def test_serve_runs_everything_and_stops_cleanly_on_ctrl_c(tiny_model_dir: Path) -> None:
+def test_serve_runs_everything_and_stops_cleanly_on_ctrl_c(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """With `--workers 2`, two workers serve, each with half the cores' model threads (at least one)."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "SENTIMENT_REDIS_URL"}
-    env["SENTIMENT_MODEL_DIR"] = str(tiny_model_dir)
-    proc = subprocess.Popen([sys.executable, "-m", "sentiment.cli", "serve", "--port", str(port)], env=env)
+    env = {k: v for k, v in os.environ.items() if k not in ("SENTIMENT_REDIS_URL", "SENTIMENT_TORCH_THREADS")}
+    env |= {"SENTIMENT_MODEL_DIR": str(tiny_model_dir), "SENTIMENT_LOG_LEVEL": "INFO"}
+    log = tmp_path / "serve.log"
+    with log.open("w") as stderr:
+        command = [sys.executable, "-m", "sentiment.cli", "serve", "--port", str(port), "--workers", "2"]
+        proc = subprocess.Popen(command, env=env, stderr=stderr)
     service = Service("unused", tiny_model_dir, "unused")
     service.port, service.url, service.procs = port, f"http://127.0.0.1:{port}", [proc]
     try:
         service.wait_ready()
+        wait_for("both workers live", lambda: httpx.get(f"{service.url}/ready").json()["workers"] == 2)
         response = httpx.post(f"{service.url}/predict", json={"text": ["I love you.", "I hate you."]})
         assert response.status_code == 200
         assert len(response.json()["predictions"]) == 2
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
+    each = max(1, (os.cpu_count() or 1) // 2)
+    loaded = [line for line in log.read_text().splitlines() if "model_store.classifier" in line and " threads)" in line]
+    # The two workers, then the jobs worker with its own default (one thread per core).
+    assert sum(f", {each} threads)" in line for line in loaded) >= 2, loaded
 
 
 @pytest.mark.parametrize("command", ["worker", "jobs-worker"])

@@ -1,13 +1,16 @@
-"""`sentiment serve`'s embedded Redis: redis-server when installed, else fakeredis' TCP server."""
+"""`sentiment serve`'s embedded Redis (redis-server when installed, else fakeredis' TCP server), and
+its workers' share of the cores."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
 import redis
 
 from sentiment import embedded
+from sentiment.settings import Settings
 
 
 @pytest.mark.parametrize("has_redis_server", [True, False])
@@ -31,3 +34,18 @@ def test_embedded_redis_serves_the_commands_the_service_uses(
         pubsub.close()
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(url, socket_connect_timeout=1).ping()  # gone with its context
+
+
+@pytest.mark.parametrize(
+    ("workers", "torch_threads", "cores", "each"),
+    [(1, None, 8, None), (2, None, 8, 4), (3, None, 8, 2), (4, None, 2, 1), (2, 3, 8, 3), (1, 2, 8, 2)],
+)
+def test_workers_share_the_cores_unless_torch_threads_are_set(
+    workers: int, torch_threads: int | None, cores: int, each: int | None, settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """N workers never run more model threads than the machine has cores (a lone worker keeps its own default)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    settings = settings.model_copy(update={"workers": workers, "torch_threads": torch_threads})
+    assert embedded.worker_threads(settings) == each
+    assert embedded.worker_env(settings) == ({} if each is None else {"SENTIMENT_TORCH_THREADS": str(each)})
