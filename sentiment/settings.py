@@ -96,8 +96,8 @@ class Settings(BaseSettings):
         1, ge=1,
         description="Micro-batching worker processes `sentiment serve` (and `sentiment bench`) runs. Unless "
         "SENTIMENT_TORCH_THREADS is set, they share the cores evenly: on 2 cores shared with the API, 2 workers of "
-        "1 thread carry about a quarter more at saturation than 1 of 2, which answers a lone request 1.5x "
-        "faster (docs/tuning.md, \"Workers per machine\").",
+        "1 thread carry 17-35% more at saturation than 1 of 2, which answers a lone request up to 1.4x faster "
+        "(docs/tuning.md, \"Workers per machine\").",
     )
     torch_interop_threads: int = Field(
         1, ge=1, description="Torch inter-op threads (the service never runs independent ops in parallel)."
