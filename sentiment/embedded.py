@@ -9,6 +9,7 @@ then the server.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import shutil
@@ -101,12 +102,25 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return {"SENTIMENT_TORCH_THREADS": str(threads)} if threads else {}
 
 
+def worker_metrics_ports(settings: Settings) -> list[int]:
+    """Each worker's metrics port, so that none is left unscraped: SENTIMENT_METRICS_PORT and the
+    ports after it, passing over the jobs worker's (9100, 9102, 9103, ... by default); 0 (off) for all
+    when it is 0."""
+    if not settings.metrics_port:
+        return [0] * settings.workers
+    free = (p for p in itertools.count(settings.metrics_port) if p != settings.jobs_metrics_port)
+    return list(itertools.islice(free, settings.workers))
+
+
 def serve(settings: Settings, host: str, port: int) -> None:
     """Redis (embedded unless SENTIMENT_REDIS_URL is set), the worker processes, the API here."""
     given = settings.redis_url if settings.redis_url_given else None
     with contextlib.nullcontext(given) if given else embedded_redis() as url:
         env = {**os.environ, "SENTIMENT_REDIS_URL": url}
-        commands = [("worker", worker_env(settings))] * settings.workers + [("jobs-worker", {})]
+        commands = [
+            ("worker", {**worker_env(settings), "SENTIMENT_METRICS_PORT": str(metrics)})
+            for metrics in worker_metrics_ports(settings)
+        ] + [("jobs-worker", {})]
         workers = [
             subprocess.Popen(
                 [sys.executable, "-m", "sentiment.cli", command], env={**env, **extra}, start_new_session=True

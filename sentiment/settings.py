@@ -160,7 +160,8 @@ class Settings(BaseSettings):
 
     # Observability (the API serves /metrics on its own port)
     metrics_port: int = Field(
-        9100, ge=0, le=65535, description="Port of the model worker's Prometheus /metrics; 0 disables."
+        9100, ge=0, le=65535, description="Port of the model worker's Prometheus /metrics (`serve`'s further "
+        "workers take the ports after it, passing over the jobs worker's); 0 disables."
     )
     jobs_metrics_port: int = Field(
         9101, ge=0, le=65535,

@@ -114,10 +114,12 @@ def test_sst2_dev_through_http_equals_plain_transformers(small_service: Service,
 
 
 def test_serve_runs_everything_and_stops_cleanly_on_ctrl_c(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """With `--workers 2`, two workers serve, each with half the cores' model threads (at least one)."""
-    port = free_port()
+    """With `--workers 2`, two workers serve, each with half the cores' model threads (at least one)
+    and metrics of its own (on the ports after SENTIMENT_METRICS_PORT, passing over the jobs worker's)."""
+    port, metrics = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("SENTIMENT_REDIS_URL", "SENTIMENT_TORCH_THREADS")}
-    env |= {"SENTIMENT_MODEL_DIR": str(tiny_model_dir), "SENTIMENT_LOG_LEVEL": "INFO"}
+    env |= {"SENTIMENT_MODEL_DIR": str(tiny_model_dir), "SENTIMENT_LOG_LEVEL": "INFO",
+            "SENTIMENT_METRICS_PORT": str(metrics), "SENTIMENT_JOBS_METRICS_PORT": str(metrics + 1)}
     log = tmp_path / "serve.log"
     with log.open("w") as stderr:
         command = [sys.executable, "-m", "sentiment.cli", "serve", "--port", str(port), "--workers", "2"]
@@ -130,9 +132,12 @@ def test_serve_runs_everything_and_stops_cleanly_on_ctrl_c(tiny_model_dir: Path,
         response = httpx.post(f"{service.url}/predict", json={"text": ["I love you.", "I hate you."]})
         assert response.status_code == 200
         assert len(response.json()["predictions"]) == 2
+        for worker_metrics in (metrics, metrics + 2):
+            assert "sentiment_batch_size_count" in httpx.get(f"http://127.0.0.1:{worker_metrics}/metrics").text
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
+    assert "metrics not served" not in log.read_text()
     each = max(1, (os.cpu_count() or 1) // 2)
     loaded = [line for line in log.read_text().splitlines() if "model_store.classifier" in line and " threads)" in line]
     # The two workers, then the jobs worker with its own default (one thread per core).

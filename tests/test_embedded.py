@@ -49,3 +49,16 @@ def test_workers_share_the_cores_unless_torch_threads_are_set(
     settings = settings.model_copy(update={"workers": workers, "torch_threads": torch_threads})
     assert embedded.worker_threads(settings) == each
     assert embedded.worker_env(settings) == ({} if each is None else {"SENTIMENT_TORCH_THREADS": str(each)})
+
+
+@pytest.mark.parametrize(
+    ("workers", "metrics_port", "jobs_metrics_port", "ports"),
+    [(1, 9100, 9101, [9100]), (3, 9100, 9101, [9100, 9102, 9103]), (2, 9200, 9101, [9200, 9201]), (2, 0, 9101, [0, 0])],
+)
+def test_each_worker_gets_a_metrics_port_of_its_own(
+    workers: int, metrics_port: int, jobs_metrics_port: int, ports: list[int], settings: Settings
+) -> None:
+    settings = settings.model_copy(
+        update={"workers": workers, "metrics_port": metrics_port, "jobs_metrics_port": jobs_metrics_port}
+    )
+    assert embedded.worker_metrics_ports(settings) == ports
