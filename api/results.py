@@ -1,9 +1,10 @@
 """Waiting for results without a Redis connection per waiting request.
 
-Each API process subscribes once to its own reply channel; the worker publishes a request id
-there after writing the result key, which wakes that request's event. The result key stays the
-source of truth: a waiter also looks at it every `poll_s` seconds, so a notification lost while
-the subscription reconnects costs at most that much latency, never the answer.
+Each API process subscribes once to its own reply channel; the worker publishes a request's id
+and result there after writing the result key, which hands the result to that request and wakes
+it: one message per answer, no round trip to fetch it. The result key stays the source of truth: a
+waiter not answered by a message reads it every `poll_s` seconds, so a message lost while the
+subscription reconnects costs at most that much latency, never the answer.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from batcher.protocol import Keys, new_id
+from batcher.protocol import Keys, new_id, parse_reply
 from batcher.redis_errors import OUTAGE, describe
 
 log = logging.getLogger(__name__)
@@ -30,9 +31,17 @@ class Pending:
         self._key = key
         self._poll_s = poll_s
         self.arrived = asyncio.Event()
+        self.delivered: bytes | None = None  # the result, when its message carried it
+
+    def deliver(self, result: bytes | None) -> None:
+        """The reply arrived: keep its result, if it carried one, and wake the waiter."""
+        self.delivered = self.delivered or result
+        self.arrived.set()
 
     async def result(self) -> bytes:
-        """The result (taken out of Redis) once notified, or found by the poll; the caller bounds the wait.
+        """The result as delivered, or taken from its key (once woken without one, or at each poll);
+        the caller bounds the wait. A delivered result's key is left to expire (a second past the
+        deadline, as the worker sets it): deleting it would cost the round trip the message saves.
 
         `asyncio.timeout`, not `wait_for`: on 3.11 `wait_for` can swallow the caller's cancellation
         when the event fires at the same moment, which would outlive the caller's deadline.
@@ -41,6 +50,8 @@ class Pending:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._poll_s):
                     await self.arrived.wait()
+            if self.delivered is not None:
+                return self.delivered
             self.arrived.clear()
             if (raw := await self._redis.getdel(self._key)) is not None:
                 return raw
@@ -78,7 +89,7 @@ class ResultWaiter:
     async def _listen(self) -> None:
         """Subscribe for good: any Redis error resubscribes with backoff. A refusal (NOPERM on the
         channel, say) is logged as an error, not a warning: it will not heal by itself, and until
-        it does every request waits for the poll instead of its notification."""
+        it does every request waits for the poll instead of its reply."""
         backoff = 0.1
         while True:
             try:
@@ -87,8 +98,10 @@ class ResultWaiter:
                     async for message in pubsub.listen():
                         if message["type"] == "subscribe":
                             backoff = 0.1  # confirmed: a refused SUBSCRIBE fails only here, at its reply
-                        elif message["type"] == "message" and (p := self._pending.get(message["data"].decode())):
-                            p.arrived.set()
+                        elif message["type"] == "message":
+                            request_id, result = parse_reply(message["data"])
+                            if pending := self._pending.get(request_id):
+                                pending.deliver(result)
             except (RedisError, OSError) as exc:
                 log.log(
                     logging.WARNING if isinstance(exc, OUTAGE) else logging.ERROR,

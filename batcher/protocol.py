@@ -6,8 +6,9 @@ No user text ever appears in a key name: texts are addressed by a SHA-256 digest
 
 Flow: the API LPUSHes a `WorkItem` onto `queue`; a worker moves it (RIGHT -> LEFT, so FIFO) into
 its own `processing(worker)` list, computes, writes `result(id)` (short TTL) and one `cache` key per
-text, PUBLISHes the id on the item's `reply_to` channel, and only then removes the item from its
-processing list. A dead worker's processing list is pushed back onto the queue by a live one.
+text, PUBLISHes a `reply` (the id and the result) on the item's `reply_to` channel, and only then
+removes the item from its processing list. A dead worker's processing list is pushed back onto the
+queue by a live one.
 """
 
 from __future__ import annotations
@@ -32,6 +33,19 @@ def new_id() -> str:
 def text_digest(text: str) -> str:
     """The name of a text inside keys: never the text itself."""
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def reply(request_id: str, result: bytes) -> bytes:
+    """The pub/sub message that answers a request: its id, a space, then the bytes of its result key.
+    The result rides along so the waiting API needs no round trip to fetch it; the key stays, for a
+    waiter that missed the message (its subscription was reconnecting)."""
+    return f"{request_id} ".encode() + result
+
+
+def parse_reply(message: bytes) -> tuple[str, bytes | None]:
+    """(request id, result) of a `reply`; the result is None in the bare id earlier workers sent."""
+    request_id, _, result = message.partition(b" ")
+    return request_id.decode(), result or None
 
 
 def prediction(labels: list[str], probabilities: list[float]) -> Prediction:

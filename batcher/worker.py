@@ -1,7 +1,7 @@
 """The micro-batching worker: queue -> batch -> model -> results, until told to stop.
 
 Each loop takes one batch (see `batching`), runs it through the shared cache-aware inference,
-and in one Redis transaction writes the finished requests' results, publishes their ids to the
+and in one Redis transaction writes the finished requests' results, publishes them to the
 waiting API processes, and acknowledges them. A heartbeat key (TTL) says the worker is alive; a
 worker whose heartbeat lapses has its work requeued by the others. A forward can outlast the TTL
 (a full batch takes seconds on a small CPU), so the heartbeat is also refreshed while one runs.
@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from batcher import metrics
 from batcher.batching import Batcher, Held, Slot
 from batcher.inference import Inference
-from batcher.protocol import Keys, ModelInfo, Prediction, Result, WorkerStatus, new_id
+from batcher.protocol import Keys, ModelInfo, Prediction, Result, WorkerStatus, new_id, reply
 from batcher.queue import WorkQueue
 from batcher.redis_errors import describe
 from model_store.classifier import Classifier
@@ -198,8 +198,11 @@ class Worker:
         finished = [h for h in _by_item(batch) if (h.missing == 0 or h.error) and not h.answered]
         for held in finished:
             result = Result(error=held.error) if held.error else Result(predictions=held.predictions)  # type: ignore[arg-type]
-            writes.set(self.keys.result(held.item.id), result.encode(), ex=self.settings.result_ttl_s)
-            writes.publish(held.item.reply_to, held.item.id)
+            encoded = result.encode()
+            # Read only by a waiter the reply missed, and nobody waits past the deadline: a second more at most.
+            ttl_s = min(self.settings.result_ttl_s, max(held.item.deadline - time.time(), 0.0) + 1.0)
+            writes.set(self.keys.result(held.item.id), encoded, px=int(ttl_s * 1000))
+            writes.publish(held.item.reply_to, reply(held.item.id, encoded))
             self.queue.ack(held.raw, writes)
             held.answered = True
         requests = len(_by_item(batch))

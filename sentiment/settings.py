@@ -50,7 +50,10 @@ class Settings(BaseSettings):
         10_000, ge=0, description="Cached predictions each API process also keeps in memory (LRU, same TTL) so "
         "hot texts skip Redis; 0 disables.",
     )
-    result_ttl_s: int = Field(60, ge=1, description="Lifetime of a per-request result key nobody collected.")
+    result_ttl_s: int = Field(
+        60, ge=1, description="Longest a per-request result key lives; it never outlives its request's deadline by more "
+        "than a second.",
+    )
 
     # Micro-batching
     max_batch_size: int = Field(32, ge=1, description="Most texts in one model forward.")

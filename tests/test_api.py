@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from api.app import create_app
 from api.predictions import CacheStatus, ModelRegistry, Predictor
 from api.results import ResultWaiter
-from batcher.protocol import Keys, ModelInfo, WorkItem, prediction
+from batcher.protocol import Keys, ModelInfo, WorkItem, new_id, prediction, reply
 from batcher.worker import Worker
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
@@ -164,27 +164,40 @@ async def test_redis_refusing_commands_is_503_with_retry_after(
 async def test_a_redis_stall_anywhere_in_a_request_ends_in_the_504(
     settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, command: str, monkeypatch
 ) -> None:
-    announce(redis, Keys(settings.key_prefix))
+    keys = Keys(settings.key_prefix)
+    announce(redis, keys)
     stalled = fakeredis.FakeAsyncRedis(server=fake_server)
-    monkeypatch.setattr(stalled, command, stall)
-    app = create_app(settings.model_copy(update={"request_timeout_s": 0.3}), redis=stalled, jobs_redis=fakeredis.FakeRedis())
+    reached = asyncio.Event()
+
+    async def stall_here(*_: object, **__: object) -> None:
+        reached.set()
+        await stall()
+
+    monkeypatch.setattr(stalled, command, stall_here)
+    patient = settings.model_copy(update={"request_timeout_s": 1.0})
+    app = create_app(patient, redis=stalled, jobs_redis=fakeredis.FakeRedis())
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
-            response = await asyncio.wait_for(client.post("/predict", json={"text": ["x"]}), HANG_GUARD_S)
+            request = asyncio.create_task(client.post("/predict", json={"text": ["x"]}))
+            if command == "getdel":  # only when woken without the result: here by a bare id, as older workers sent
+                raw = await asyncio.to_thread(wait_for, "the work item", lambda: redis.lindex(keys.queue, 0))
+                item = WorkItem.decode(raw)
+                redis.publish(item.reply_to, item.id)
+            response = await asyncio.wait_for(request, HANG_GUARD_S)
+    assert reached.is_set()
     assert response.status_code == 504
     assert response.json()["error_type"] == "timeout"
     assert app.state.predictor._waiter._pending == {}  # the cut wait unregistered itself
 
 
 async def test_a_request_cut_at_its_deadline_leaves_no_work_behind(
-    settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, worker: Worker, monkeypatch
+    settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, worker: Worker
 ) -> None:
-    # Queued, then cut while taking its result: the item carries the request's deadline, so a worker
-    # taking it afterwards drops it instead of computing an answer nobody collects.
+    # Queued, then cut while waiting for its reply: the item carries the request's deadline, so a
+    # worker taking it afterwards drops it instead of computing an answer nobody collects.
     keys = Keys(settings.key_prefix)
-    stalled = fakeredis.FakeAsyncRedis(server=fake_server)
-    monkeypatch.setattr(stalled, "getdel", stall)
-    async with client_for(settings.model_copy(update={"request_timeout_s": 0.3}), stalled) as client:
+    short = settings.model_copy(update={"request_timeout_s": 0.3})
+    async with client_for(short, fakeredis.FakeAsyncRedis(server=fake_server)) as client:
         response = await asyncio.wait_for(client.post("/predict", json={"text": ["cut short"]}), HANG_GUARD_S)
     assert response.status_code == 504
     assert redis.llen(keys.queue) == 1
@@ -231,6 +244,36 @@ async def test_the_result_listener_outlives_a_refused_subscription(
                 await asyncio.to_thread(wait_for, "the subscription to be refused twice", lambda: refusals() >= 2)
                 admin.execute_command("ACL", "SETUSER", "api", "allchannels")
                 await asyncio.to_thread(wait_for, "the listener to subscribe", lambda: admin.pubsub_channels(channels))
+
+
+async def test_a_reply_hands_over_its_result_and_a_missed_reply_is_made_good_by_the_key(
+    settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis
+) -> None:
+    # The result rides in the reply, so a request is answered without its key (never written here).
+    # A bare id, as workers before replies sent, wakes the request to take the key. With no reply at
+    # all (lost while the subscription reconnected), the poll takes the key.
+    keys = Keys(settings.key_prefix)
+    client = fakeredis.FakeAsyncRedis(server=fake_server)
+    woken, polling = ResultWaiter(client, keys, poll_s=HANG_GUARD_S), ResultWaiter(client, keys, poll_s=0.05)
+    for waiter in (woken, polling):
+        waiter.start()
+    try:
+        await asyncio.to_thread(wait_for, "the listeners to subscribe", lambda: len(redis.pubsub_channels()) == 2)
+        delivered, bare, lost = new_id(), new_id(), new_id()
+        with woken.expect(delivered) as pending:
+            redis.publish(woken.channel, reply(delivered, b"from the reply"))
+            assert await asyncio.wait_for(pending.result(), 5) == b"from the reply"
+        with woken.expect(bare) as pending:
+            redis.set(keys.result(bare), b"from the key")
+            redis.publish(woken.channel, bare)
+            assert await asyncio.wait_for(pending.result(), 5) == b"from the key"
+        with polling.expect(lost) as pending:
+            redis.set(keys.result(lost), b"found by the poll")
+            assert await asyncio.wait_for(pending.result(), 5) == b"found by the poll"
+        assert redis.exists(keys.result(bare), keys.result(lost)) == 0  # taken
+    finally:
+        for waiter in (woken, polling):
+            await waiter.stop()
 
 
 async def test_ready_and_model_follow_the_worker(client: httpx.AsyncClient, worker: Worker) -> None:

@@ -2,7 +2,9 @@
 
 import orjson
 
-from batcher.protocol import Keys, ModelInfo, Result, WorkerStatus, WorkItem, new_id, prediction, text_digest
+from batcher.protocol import (
+    Keys, ModelInfo, Result, WorkerStatus, WorkItem, new_id, parse_reply, prediction, reply, text_digest,
+)
 
 
 def test_work_item_round_trip() -> None:
@@ -16,6 +18,13 @@ def test_result_round_trip_with_predictions_and_with_error() -> None:
     assert ok.predictions == [[{"label": "NEGATIVE", "score": 0.25}, {"label": "POSITIVE", "score": 0.75}]]
     failed = Result(error="boom")
     assert Result.decode(failed.encode()) == failed
+
+
+def test_a_reply_carries_its_request_id_and_result_and_reads_a_bare_id() -> None:
+    request_id = new_id()
+    result = Result(predictions=[prediction(["NEGATIVE", "POSITIVE"], [0.25, 0.75])]).encode()
+    assert parse_reply(reply(request_id, result)) == (request_id, result)
+    assert parse_reply(request_id.encode()) == (request_id, None)  # what workers before replies sent
 
 
 def test_model_info_and_worker_status_round_trip() -> None:

@@ -15,7 +15,7 @@ from redis.client import Pipeline, PubSub
 from redis.exceptions import OutOfMemoryError
 
 from batcher.liveness import live_workers
-from batcher.protocol import Keys, ModelInfo, Result, WorkItem, new_id, prediction
+from batcher.protocol import Keys, ModelInfo, Result, WorkItem, new_id, parse_reply, prediction
 from batcher.queue import WorkQueue
 from batcher.worker import Worker
 from model_store.classifier import Classifier
@@ -50,8 +50,15 @@ def test_results_cache_and_acknowledgement(
         assert [s["label"] for s in got] == ["NEGATIVE", "POSITIVE"]
         assert [s["score"] for s in got] == pytest.approx([s["score"] for s in want], abs=1e-5)
     assert orjson.loads(redis.get(keys.cache(classifier.version, "bad"))) == result.predictions[1]
-    assert redis.ttl(keys.result(item.id)) <= settings.result_ttl_s
     assert redis.llen(keys.processing(worker.status.id)) == 0  # acknowledged once written
+    # A result key lives a second past its request's deadline at most (nobody waits longer), and
+    # never more than result_ttl_s.
+    assert 0 < redis.ttl(keys.result(item.id)) <= round(item.deadline - item.enqueued_at) + 1 < settings.result_ttl_s
+    now = time.time()
+    patient = WorkItem(new_id(), ["a far deadline"], now, now + 10 * settings.result_ttl_s, keys.reply_channel("api"))
+    redis.lpush(keys.queue, patient.encode())
+    wait_result(redis, keys, patient)
+    assert 0 < redis.ttl(keys.result(patient.id)) <= settings.result_ttl_s
 
 
 def test_worker_announces_model_and_heartbeat(worker: Worker, redis: fakeredis.FakeRedis, settings: Settings) -> None:
@@ -95,7 +102,11 @@ def test_finished_requests_are_announced_on_their_reply_channel(
     item = push(redis, keys, "hello")
     start_worker(worker)
     message = pubsub.get_message(timeout=10)
-    assert message and message["data"].decode() == item.id
+    assert message and message["type"] == "message"
+    request_id, result = parse_reply(message["data"])
+    # The reply carries the result, byte for byte the result key's, so the API need not fetch it.
+    assert request_id == item.id and result == redis.get(keys.result(item.id))
+    assert Result.decode(result).predictions == wait_result(redis, keys, item).predictions
 
 
 def test_stop_deregisters_and_hands_back_held_work(
@@ -119,7 +130,7 @@ def announcements(pubsub: PubSub) -> list[str]:
     """The request ids published so far on the subscribed reply channel."""
     ids = []
     while message := pubsub.get_message(timeout=0.5):
-        ids.append(message["data"].decode())
+        ids.append(parse_reply(message["data"])[0])
     return ids
 
 
@@ -311,7 +322,7 @@ def test_every_item_is_answered_once_in_the_order_of_its_texts(
             ]
         announced = []
         while message := pubsub.get_message(timeout=0.5):
-            announced.append(message["data"].decode())
+            announced.append(parse_reply(message["data"])[0])
         assert sorted(announced) == sorted(item.id for item in items)  # each exactly once
         assert worker.status.batches >= 10  # 30 texts in batches of at most 3: items were split
         assert redis.llen(keys.processing(worker.status.id)) == 0
