@@ -1,4 +1,7 @@
-"""The cache-first prediction path: cache lookup, one queued work item for the misses, merge."""
+"""The cache-first prediction path: cache lookup, one queued work item for the misses, merge.
+
+Both Redis commands are coalesced (`api.coalescing`): the requests that look up, or queue, in the
+same turn of the event loop share one MGET, and one LPUSH of their work items."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import orjson
 from cachetools import TTLCache
 from redis.asyncio import Redis
 
+from api.coalescing import Coalescer
 from api.errors import ErrorType, ServiceError
 from api.metrics import CACHE_HITS, CACHE_MISSES
 from api.results import ResultWaiter
@@ -57,6 +61,8 @@ class Predictor:
         # Hot texts skip Redis: entries are keyed like Redis' (model version + digest), so they can
         # never outlive their model, and expire with the same TTL.
         self._local = local_cache
+        self._lookup = Coalescer(self._mget)
+        self._push = Coalescer(self._lpush)
 
     async def predict(self, texts: list[str]) -> tuple[list[Prediction], CacheStatus]:
         """Bounded as a whole by the request timeout from its start: a Redis stall anywhere (cache
@@ -80,7 +86,7 @@ class Predictor:
             # in between would raise KeyError.
             found = {t: p for t, k in keys.items() if (p := local.get(k)) is not None}
             if remote := [t for t in unique if t not in found]:
-                cached = await self._redis.mget([keys[t] for t in remote])
+                cached = await self._lookup([keys[t] for t in remote])
                 for text, raw in zip(remote, cached, strict=True):
                     if raw is not None:
                         found[text] = local[keys[text]] = orjson.loads(raw)
@@ -97,22 +103,31 @@ class Predictor:
         itself; its item is then dropped by the worker as expired, or its result key expires unread."""
         item = WorkItem(id=new_id(), texts=texts, enqueued_at=time.time(), deadline=deadline, reply_to=self._waiter.channel)
         with self._waiter.expect(item.id) as pending:
-            await self._enqueue(item)
+            if not await self._push(item.encode()):
+                raise ServiceError(
+                    ErrorType.OVERLOADED, f"the queue is full ({self._max_queue_depth} requests waiting); retry later"
+                )
             result = Result.decode(await pending.result())
         if result.error is not None or result.predictions is None:
             raise ServiceError(ErrorType.INFERENCE, result.error or "the worker returned no predictions")
         return result.predictions
 
-    async def _enqueue(self, item: WorkItem) -> None:
-        """Queue the item, or refuse it at once when the queue is already full (a 503 now beats a 504 later).
+    async def _mget(self, lookups: list[list[str]]) -> list[list[bytes | None]]:
+        """The cache entries of several requests' keys, in one MGET."""
+        values = iter(await self._redis.mget([key for keys in lookups for key in keys]))
+        return [[next(values) for _ in keys] for keys in lookups]
+
+    async def _lpush(self, items: list[bytes]) -> list[bool]:
+        """Queue several requests' work items in one LPUSH; whether each was queued, or refused at
+        once because the queue already held `max_queue_depth` items (a 503 now beats a 504 later).
 
         LPUSH answers the new depth in the same atomic step, so the common case is one round trip
         and works on any Redis-compatible server (no Lua: fakeredis without lupa has none). An item
         pushed past the limit is taken back with LREM; if a worker already took it, it is served.
         """
-        raw = item.encode()
-        depth = await self._redis.lpush(self._keys.queue, raw)
-        if self._max_queue_depth and depth > self._max_queue_depth and await self._redis.lrem(self._keys.queue, 1, raw):
-            raise ServiceError(
-                ErrorType.OVERLOADED, f"{depth - 1} requests are already queued (limit {self._max_queue_depth}); retry later"
-            )
+        depth = await self._redis.lpush(self._keys.queue, *items)
+        queued = []
+        for position, raw in enumerate(items, start=depth - len(items) + 1):  # each item's depth once pushed
+            over = self._max_queue_depth and position > self._max_queue_depth
+            queued.append(not (over and await self._redis.lrem(self._keys.queue, 1, raw)))
+        return queued

@@ -81,16 +81,17 @@ def worker(settings: Settings, redis: fakeredis.FakeRedis, classifier: Classifie
 
 
 def start_worker(worker: Worker) -> threading.Thread:
-    """Run `worker` in a thread, and return once it has announced its model, as a readiness probe
-    would wait: an API that looked the model up before that would miss the cache for a second."""
+    """Run `worker` in a thread, and return once it has announced its model and its heartbeat, as a
+    readiness probe would wait: an API that looked the model up before that would miss the cache for
+    a second."""
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
 
-    def announced() -> bytes | None:
+    def announced() -> bool:
         assert thread.is_alive(), "the worker thread ended before announcing its model"
-        return worker.redis.get(worker.keys.model)
+        return bool(worker.redis.get(worker.keys.model) and worker.redis.exists(worker.keys.heartbeat(worker.status.id)))
 
-    wait_for("the worker to announce its model", announced)
+    wait_for("the worker to announce its model and heartbeat", announced)
     return thread
 
 

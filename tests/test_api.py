@@ -120,6 +120,59 @@ async def test_concurrent_requests_share_batches_and_compute_shared_texts_once(
     assert worker.status.largest_batch_requests > 1
 
 
+def record_calls(client: Redis, calls: list[tuple[str, int]]) -> None:
+    """Record each MGET (with its key count) and LPUSH (with its value count) the client sends."""
+    for name in ("mget", "lpush"):
+        command = getattr(client, name)
+
+        async def recorded(*args: object, _name: str = name, _command=command) -> object:
+            calls.append((_name, len(args[-1]) if _name == "mget" else len(args) - 1))
+            return await _command(*args)
+
+        setattr(client, name, recorded)
+
+
+async def predictor_for(client: Redis, keys: Keys, timeout_s: float, max_queue_depth: int = 0) -> Predictor:
+    models = ModelRegistry(client, keys)
+    await models.current()  # read once, as every request within the second after finds it
+    return Predictor(client, keys, ResultWaiter(client, keys), models, timeout_s, max_queue_depth)
+
+
+async def test_requests_of_one_turn_share_one_cache_lookup_and_one_push(
+    settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis
+) -> None:
+    # No worker: the requests time out, and Redis shows what the API asked of it.
+    keys = Keys(settings.key_prefix)
+    announce(redis, keys)
+    client, calls = fakeredis.FakeAsyncRedis(server=fake_server), []
+    record_calls(client, calls)
+    predictor = await predictor_for(client, keys, 0.3)
+    outcomes = await asyncio.gather(
+        *(predictor.predict(["shared", f"own {i}"]) for i in range(5)), return_exceptions=True
+    )
+    assert [getattr(o, "error_type", o) for o in outcomes] == ["timeout"] * 5
+    assert calls == [("mget", 10), ("lpush", 5)]  # every request's keys, then every request's item
+    queued = [WorkItem.decode(raw).texts for raw in reversed(redis.lrange(keys.queue, 0, -1))]
+    assert queued == [["shared", f"own {i}"] for i in range(5)]  # one item each, first come first out
+
+
+async def test_requests_pushed_together_past_the_queue_limit_are_refused_one_by_one(
+    settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis
+) -> None:
+    keys = Keys(settings.key_prefix)
+    redis.lpush(keys.queue, b"someone else's work")
+    client, calls = fakeredis.FakeAsyncRedis(server=fake_server), []
+    record_calls(client, calls)
+    predictor = await predictor_for(client, keys, 0.3, max_queue_depth=3)
+    outcomes = await asyncio.gather(*(predictor.predict([f"text {i}"]) for i in range(4)), return_exceptions=True)
+    # One LPUSH took the queue from 1 to 5 items: the first two fit under the limit of 3 (and time
+    # out, no worker here), the last two were taken back out and refused at once.
+    assert calls == [("lpush", 4)]
+    assert [o.error_type for o in outcomes] == ["timeout", "timeout", "overloaded", "overloaded"]
+    queued = [WorkItem.decode(raw).texts for raw in reversed(redis.lrange(keys.queue, 0, -2))]
+    assert queued == [["text 0"], ["text 1"]]
+
+
 async def test_redis_unreachable_is_503_with_retry_after(settings: Settings) -> None:
     down = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
     async with client_for(settings, down) as client:
