@@ -128,6 +128,6 @@ class Predictor:
         depth = await self._redis.lpush(self._keys.queue, *items)
         queued = []
         for position, raw in enumerate(items, start=depth - len(items) + 1):  # each item's depth once pushed
-            over = self._max_queue_depth and position > self._max_queue_depth
-            queued.append(not (over and await self._redis.lrem(self._keys.queue, 1, raw)))
+            refused = 0 < self._max_queue_depth < position and await self._redis.lrem(self._keys.queue, 1, raw)
+            queued.append(not refused)
         return queued
