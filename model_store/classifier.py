@@ -148,14 +148,14 @@ class Classifier:
         if self.engine == "torch" and not cuda:
             self._compute.submit(self._trace).result()
         # What a forward costs, in token positions: the worker cuts each batch into the forwards, and
-        # picks for each the layout (padded or packed), that cost least. Measured for DistilBERT-base
-        # on 2 CPU cores: a call costs ~18 ms with torch (64 token positions measured best in the
-        # service), ~7 ms with ONNX Runtime (16); ~3.5 ms on an H100, where a token costs ~1000x less
+        # picks for each the layout (padded or packed), that cost least. Fitted to DistilBERT-base's
+        # forwards on 2 CPU cores: a call costs ~9 ms of torch's traced graph (32 token positions),
+        # ~7 ms with ONNX Runtime on AVX2 (16); ~3.5 ms on an H100, where a token costs ~1000x less
         # and padding next to nothing (never packed there). Attention over a packed row of T
-        # positions adds T * T / attention_tokens (docs/tuning.md, "Packing").
+        # positions adds T * T / attention_tokens (docs/tuning.md, "Packing", "The forward's cost, refitted").
         self.cost = ForwardCost(
-            overhead_tokens=1024 if cuda else 16 if self.engine == "onnxruntime" else 64,
-            attention_tokens=1024, packs=self.segments and not cuda,
+            overhead_tokens=1024 if cuda else 16 if self.engine == "onnxruntime" else 32,
+            attention_tokens=2048, packs=self.segments and not cuda,
         )
 
         config = self.config
