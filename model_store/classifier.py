@@ -150,9 +150,10 @@ class Classifier:
         # What a forward costs, in token positions: the worker cuts each batch into the forwards, and
         # picks for each the layout (padded or packed), that cost least. Fitted to DistilBERT-base's
         # forwards on 2 CPU cores: a call of torch's traced graph costs 3-9 ms, 12-32 token positions
-        # (32 measured best), ~7 ms with ONNX Runtime on AVX2 (16); ~3.5 ms on an H100, where a token costs ~1000x less
-        # and padding next to nothing (never packed there). Attention over a packed row of T
-        # positions adds T * T / attention_tokens (docs/tuning.md, "Packing", "The forward's cost, refitted").
+        # (16-48 measured alike; 32 used); ~7 ms with ONNX Runtime on AVX2 (16); ~3.5 ms on an H100,
+        # where a token costs ~1000x less and padding next to nothing (never packed there). Attention
+        # over a packed row of T positions adds T * T / attention_tokens (docs/tuning.md, "Packing",
+        # "The forward's cost, refitted").
         self.cost = ForwardCost(
             overhead_tokens=1024 if cuda else 16 if self.engine == "onnxruntime" else 32,
             attention_tokens=2048, packs=self.segments and not cuda,
