@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     batch_window: int = Field(
         128, ge=1,
         description="Most queued texts the worker reads ahead to group by token length (less padding); "
-        "the oldest text always goes in the next batch. `SENTIMENT_MAX_BATCH_SIZE` batches in arrival "
+        "the oldest text always goes in the next batch. Set to `SENTIMENT_MAX_BATCH_SIZE` for arrival "
         "order: about half the p99 at saturation, a few percent less throughput (docs/tuning.md).",
     )
     overlap: bool = Field(
