@@ -7,9 +7,12 @@ checkpoint from ../shared: labels, scores against plain transformers, SST-2 dev 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -113,10 +116,22 @@ def test_sst2_dev_through_http_equals_plain_transformers(small_service: Service,
     assert accuracy > 0.85  # a trained model, not noise
 
 
+def free_port_block(count: int) -> int:
+    """The first of `count` consecutive free ports, below Linux's ephemeral range (32768-): ports
+    after one the kernel handed out may be taken by any outgoing connection, the service's own
+    included, between this pick and the service's bind."""
+    for base in random.sample(range(20000, 32000, count), 100):
+        with contextlib.suppress(OSError), contextlib.ExitStack() as held:
+            for port in range(base, base + count):
+                held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports in 20000-32000")
+
+
 def test_serve_runs_everything_and_stops_cleanly_on_ctrl_c(tiny_model_dir: Path, tmp_path: Path) -> None:
     """With `--workers 2`, two workers serve, each with half the cores' model threads (at least one)
     and metrics of its own (on the ports after SENTIMENT_METRICS_PORT, passing over the jobs worker's)."""
-    port, metrics = free_port(), free_port()
+    port, metrics = free_port(), free_port_block(3)  # a worker, the jobs worker, the second worker
     env = {k: v for k, v in os.environ.items() if k not in ("SENTIMENT_REDIS_URL", "SENTIMENT_TORCH_THREADS")}
     env |= {"SENTIMENT_MODEL_DIR": str(tiny_model_dir), "SENTIMENT_LOG_LEVEL": "INFO",
             "SENTIMENT_METRICS_PORT": str(metrics), "SENTIMENT_JOBS_METRICS_PORT": str(metrics + 1)}
