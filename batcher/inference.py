@@ -7,7 +7,10 @@ computed again; fresh predictions go into the cache.
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 from redis import Redis
@@ -32,6 +35,12 @@ class Inference:
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.cache_ttl_s = cache_ttl_s
+        # One feeder per lane, each sending its lane's shares in the order they come: a worker's next
+        # batch (`run` called from another thread) starts on a lane the moment that lane is done.
+        self._feeds = [ThreadPoolExecutor(1, thread_name_prefix=f"lane-feed{k}") for k in range(classifier.lanes)]
+        self._counting = threading.Lock()
+        self._in_flight = 0  # `run` calls under way
+        self._all_threads = threading.Lock()  # held by a forward on all the threads: no lane runs beside it
         self.forwards = 0  # model calls so far
         self.computed = 0  # texts that went through the model
 
@@ -68,18 +77,46 @@ class Inference:
         return fresh
 
     def run(self, token_ids: Sequence[list[int]]) -> list[list[float]]:
-        """Model probabilities for token ids: sorted by length, cut into the cheapest forwards (each
-        padded or packed), input order kept."""
+        """Model probabilities for token ids: sorted by length, dealt in turn to the classifier's lanes
+        (equal shares of every length, so the lanes finish together), each share cut into the cheapest
+        forwards (each padded or packed); input order kept. A lone text takes all the threads, unless
+        another batch is computing."""
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
-        lengths = [len(token_ids[i]) for i in order]
         probabilities: list[list[float]] = [[] for _ in token_ids]
-        start = 0
-        for end, packed in split_by_length(lengths, self.max_batch_size, self.max_batch_tokens, self.classifier.cost):
-            batch = order[start:end]
-            batch_probs = timed_forward(self.classifier.forward, [token_ids[i] for i in batch], packed)
-            for i, probs in zip(batch, batch_probs, strict=True):
-                probabilities[i] = probs
-            self.forwards += 1
-            self.computed += len(batch)
-            start = end
+        with self._counting:  # (a worker runs two batches at once when it has lanes)
+            alone = self._in_flight == 0
+            self._in_flight += 1
+        try:
+            if self.classifier.lanes == 1 or (alone and len(order) == 1):
+                with self._all_threads:
+                    forwards = self._run_share(order, token_ids, probabilities, None)
+            else:
+                lanes = min(self.classifier.lanes, len(order))
+                shares = [self._feeds[k].submit(self._run_share, order[k::lanes], token_ids, probabilities, k)
+                          for k in range(lanes)]
+                forwards = sum(share.result() for share in shares)
+        finally:
+            with self._counting:
+                self._in_flight -= 1
+        with self._counting:
+            self.forwards += forwards
+            self.computed += len(order)
         return probabilities
+
+    def _run_share(
+        self, order: list[int], token_ids: Sequence[list[int]], probabilities: list[list[float]], lane: int | None
+    ) -> int:
+        """Forward the texts at `order` (sorted by length) on `lane`, filling `probabilities`; returns the forwards."""
+        if lane is not None:
+            with self._all_threads:  # wait out a lone text's forward on all the threads, if one runs
+                pass
+        lengths = [len(token_ids[i]) for i in order]
+        forward = self.classifier.forward if lane is None else functools.partial(self.classifier.forward, lane=lane)
+        cuts = split_by_length(lengths, self.max_batch_size, self.max_batch_tokens, self.classifier.cost)
+        start = 0
+        for end, packed in cuts:
+            batch = order[start:end]
+            for i, probs in zip(batch, timed_forward(forward, [token_ids[i] for i in batch], packed), strict=True):
+                probabilities[i] = probs
+            start = end
+        return len(cuts)

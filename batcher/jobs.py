@@ -218,7 +218,8 @@ def run(settings: Settings, threads: int | None, priority: str = "idle") -> None
     from model_store.classifier import Classifier
 
     classifier = Classifier(
-        settings.model_dir, settings.device, threads, settings.precision, settings.torch_interop_threads, settings.engine
+        settings.model_dir, settings.device, threads, settings.precision, settings.torch_interop_threads, settings.engine,
+        settings.forward_lanes,
     )
     metrics.describe_model(classifier)
     metrics.serve(settings.jobs_metrics_port)

@@ -9,6 +9,7 @@ the dashboards and alerts in k8s/monitoring/ (tests/test_metrics.py checks they 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -85,14 +86,31 @@ def batch_started(slots: Iterable[Slot]) -> None:
             QUEUE_WAIT_SECONDS.observe(max(now - held.item.enqueued_at, 0.0))
 
 
-@contextmanager
-def busy() -> Iterator[None]:
-    """Count the time inside as busy (the busy ratio is its rate)."""
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        WORKER_BUSY_SECONDS.inc(time.perf_counter() - started)
+class Busy:
+    """Time with at least one batch inside (the busy ratio is its rate): a worker with forward lanes
+    runs its next batch beside the last one, and that time counts once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._since = 0.0
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._inside == 0:
+                self._since = time.perf_counter()
+            self._inside += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inside -= 1
+                if self._inside == 0:
+                    WORKER_BUSY_SECONDS.inc(time.perf_counter() - self._since)
+
+
+busy = Busy()
 
 
 class QueueDepth(Collector):

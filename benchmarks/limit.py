@@ -3,7 +3,8 @@
 Texts are tokenized up front and sorted by length in windows (as a worker with a deep queue
 batches them), so each batch pads only to its own longest text; only the forwards are timed. With
 several workers (`--workers`), as many copies of the model run side by side, each with the threads
-one worker gets: the limit of the arrangement the service runs.
+one worker gets, and each copy's forward lanes (`SENTIMENT_FORWARD_LANES`) forward side by side
+too: the limit of the arrangement the service runs.
 """
 
 from __future__ import annotations
@@ -37,23 +38,25 @@ class Limit:
 
     def __init__(
         self, model_dir: Path, device: str, threads: int | None, precision: Precision, engine: Engine,
-        texts: list[str], copies: int = 1,
+        texts: list[str], copies: int = 1, lanes: int | None = None,
     ) -> None:
-        self.copies = [Classifier(model_dir, device, threads, precision, engine=engine) for _ in range(copies)]
+        self.copies = [Classifier(model_dir, device, threads, precision, engine=engine, lanes=lanes) for _ in range(copies)]
         self.classifier = self.copies[0]
         self.ids = self.classifier.tokenize(texts)
 
     def point(self, size: int, duration_s: float) -> dict[str, object]:
-        """Sentences/s and mean padded width at one batch size, every copy forwarding for about
-        `duration_s` (cycling through the texts if they run out first, as on a fast GPU)."""
+        """Sentences/s and mean padded width at one batch size, every lane of every copy forwarding
+        for about `duration_s` (cycling through the texts if they run out first, as on a fast GPU)."""
         work = batches(self.ids, size)
-        for copy in self.copies:
-            copy.forward(work[0])  # a new shape's first forward pays set-up costs
+        # (copy, lane) pairs; a copy without lanes forwards on all its threads (lane None)
+        streams = [(c, lane) for c in self.copies for lane in (range(c.lanes) if c.lanes > 1 else [None])]
+        for copy, lane in streams:
+            copy.forward(work[0], lane=lane)  # a new shape's first forward pays set-up costs
         started = time.perf_counter()
-        with ThreadPoolExecutor(len(self.copies)) as pool:  # (each copy computes on its own thread)
+        with ThreadPoolExecutor(len(streams)) as pool:  # (each stream waits on its own thread)
             counts = list(pool.map(
-                lambda k: _forward_until(self.copies[k], work[k :: len(self.copies)] or work, started + duration_s),
-                range(len(self.copies)),
+                lambda k: _forward_until(*streams[k], work[k :: len(streams)] or work, started + duration_s),
+                range(len(streams)),
             ))
         elapsed = time.perf_counter() - started
         done, padded = sum(c[0] for c in counts), sum(c[1] for c in counts)
@@ -72,15 +75,18 @@ class Limit:
             progress("limit", points[-1])
         c = self.classifier
         return {
-            "model": c.name, "dtype": c.dtype_name, "engine": c.engine, "copies": len(self.copies), "points": points,
+            "model": c.name, "dtype": c.dtype_name, "engine": c.engine, "copies": len(self.copies), "lanes": c.lanes,
+            "points": points,
         }
 
 
-def _forward_until(classifier: Classifier, work: list[list[list[int]]], until: float) -> tuple[int, int]:
-    """Forward `work`'s batches in a cycle until the clock passes `until`: (texts, padded tokens)."""
+def _forward_until(
+    classifier: Classifier, lane: int | None, work: list[list[list[int]]], until: float
+) -> tuple[int, int]:
+    """Forward `work`'s batches on `lane` in a cycle until the clock passes `until`: (texts, padded tokens)."""
     done = padded = 0
     for batch in itertools.cycle(work):
-        classifier.forward(batch)
+        classifier.forward(batch, lane=lane)
         done += len(batch)
         padded += len(batch) * max(map(len, batch))
         if time.perf_counter() >= until:

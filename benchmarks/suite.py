@@ -91,7 +91,8 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
         def measure_limit() -> dict[str, object]:
             nonlocal model_alone
             model_alone = limit.Limit(
-                model, device, threads, settings.precision, settings.engine, pool[:LIMIT_TEXTS], args.workers
+                model, device, threads, settings.precision, settings.engine, pool[:LIMIT_TEXTS], args.workers,
+                settings.forward_lanes,
             )
             return model_alone.measure(BATCH_SIZES, duration / 2, _progress)
 

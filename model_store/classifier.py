@@ -101,12 +101,13 @@ class Classifier:
     of the Linear layers). Engine: torch (on the CPU a frozen TorchScript graph traced at load), or
     (`auto` for fp32 on the CPU) the model exported to ONNX Runtime at load; then `model` is None
     and torch keeps no copy of the weights. Either runs a `model_store.layout` module, so a
-    DistilBERT batch can go padded or packed (`forward`), as `cost` prices them.
+    DistilBERT batch can go padded or packed (`forward`), as `cost` prices them. Torch's engine on
+    the CPU also has `lanes`: forwards that run side by side on a share of the threads each.
     """
 
     def __init__(
         self, model_dir: Path, device: str = "auto", threads: int | None = None, precision: Precision = "auto",
-        interop_threads: int | None = None, engine: Engine = "auto",
+        interop_threads: int | None = None, engine: Engine = "auto", lanes: int | None = None,
     ) -> None:
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file() or not any(
@@ -147,6 +148,7 @@ class Classifier:
         self._autocast = not cuda and self.precision == "bf16"
         if self.engine == "torch" and not cuda:
             self._compute.submit(self._trace).result()
+        self.lanes, self._lanes = self._open_lanes(lanes)
         # What a forward costs, in token positions: the worker cuts each batch into the forwards, and
         # picks for each the layout (padded or packed), that cost least. Fitted to DistilBERT-base's
         # forwards on 2 CPU cores: a call of torch's traced graph costs 3-9 ms, 12-32 token positions
@@ -166,10 +168,32 @@ class Classifier:
         self.version = cache_version(model_dir, self.precision)
         self.forward([self.tokenize(["warm up"])[0]])  # first call pays allocator and kernel set-up
         log.info(
-            "model %s version %s on %s (%s, %s, %d threads), labels %s",
+            "model %s version %s on %s (%s, %s, %d threads, %d forward lanes), labels %s",
             self.name, self.version, self.device, self.dtype_name, self.engine + (", traced" if self.traced else ""),
-            torch.get_num_threads(), self.labels,
+            torch.get_num_threads(), self.lanes, self.labels,
         )
+
+    def _open_lanes(self, lanes: int | None) -> tuple[int, list[ThreadPoolExecutor]]:
+        """Compute threads for forwards that run side by side, each on an equal share of the model's
+        threads (`forward(lane=k)`). A forward on 2 threads splits every op in two, and the halves meet
+        at a barrier after each op; whenever another process takes one core, the other thread waits.
+        Two 1-thread forwards never wait for each other (docs/tuning.md, "Lanes"). Torch's engine
+        on the CPU only: `auto` is 2 lanes where the model has 2 or more threads, else 1."""
+        threads = self._compute.submit(torch.get_num_threads).result()
+        if self.device.type == "cuda" or self.engine != "torch":
+            if lanes and lanes > 1:
+                raise ValueError("forward lanes run torch's engine on the CPU; set SENTIMENT_FORWARD_LANES=1 or unset")
+            return 1, []
+        lanes = lanes or min(2, threads)
+        if lanes > threads:
+            raise ValueError(f"{lanes} forward lanes need a thread each, and the model has {threads}")
+        if lanes == 1:
+            return 1, []
+        opened = [ThreadPoolExecutor(1, thread_name_prefix=f"torch-lane{k}") for k in range(lanes)]
+        for lane in opened:  # one at a time: a new thread takes torch's process-wide count at its first op
+            lane.submit(_own_threads, threads // lanes).result()
+        self._compute.submit(torch.set_num_threads, threads).result()  # the process-wide count back
+        return lanes, opened
 
     def _load(self, model_dir: Path, weights_dtype: torch.dtype) -> torch.nn.Module:
         """The model, built on the compute thread as well: loading and quantizing run parallel ops too."""
@@ -236,10 +260,12 @@ class Classifier:
         """Token ids per text, truncated to the model's maximum length, unpadded."""
         return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
 
-    def forward(self, batch: list[list[int]], packed: bool = False) -> list[list[float]]:
+    def forward(self, batch: list[list[int]], packed: bool = False, lane: int | None = None) -> list[list[float]]:
         """Label probabilities per text for one batch of token ids, padded here to its longest text
-        or (`packed`, where `cost.packs`) concatenated into one row (`model_store.layout`)."""
-        return self._compute.submit(self._forward, batch, packed).result()
+        or (`packed`, where `cost.packs`) concatenated into one row (`model_store.layout`). On all
+        the model's threads, or on lane `lane`'s share of them while the other lanes compute too."""
+        compute = self._compute if lane is None else self._lanes[lane]
+        return compute.submit(self._forward, batch, packed).result()
 
     def _inputs(self, batch: list[list[int]], packed: bool) -> dict[str, torch.Tensor]:
         return layout.inputs(batch, self.pad_id, segments=self.segments, packed=packed)
@@ -247,3 +273,11 @@ class Classifier:
     def _forward(self, batch: list[list[int]], packed: bool) -> list[list[float]]:
         with torch.inference_mode(), self.arithmetic():
             return self._run(**self._inputs(batch, packed)).float().softmax(dim=-1).cpu().tolist()
+
+
+def _own_threads(threads: int) -> None:
+    """Give the calling thread `threads` OpenMP threads of its own: torch's count is per calling
+    thread, taken from the process-wide count at the thread's first parallel op."""
+    torch.set_num_threads(threads)
+    if torch.get_num_threads() != threads:  # the first op's lazy set-up read another thread's count
+        raise RuntimeError(f"a forward lane got {torch.get_num_threads()} threads, not {threads}")

@@ -157,7 +157,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
 
     classifier = Classifier(
         settings.model_dir, settings.device, settings.torch_threads, settings.precision, settings.torch_interop_threads,
-        settings.engine,
+        settings.engine, settings.forward_lanes,
     )
     client = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
     metrics.serve(settings.metrics_port, metrics.QueueDepth(client, Keys(settings.key_prefix)))

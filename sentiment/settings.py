@@ -96,11 +96,18 @@ class Settings(BaseSettings):
         None, ge=1,
         description="Intra-op threads of the model on the CPU (torch's or ONNX Runtime's); unset: one per core.",
     )
+    forward_lanes: int | None = Field(
+        None, ge=1,
+        description="Forwards a batch runs side by side on the CPU (torch's engine), each on an equal share of "
+        "the model's threads; a lone text still takes them all. Unset: 2 where the model has 2 or more threads, "
+        "else 1. On 2 cores shared with the API, 2 lanes of 1 thread carry 15-20% more at saturation than 1 "
+        "forward on 2 threads, which waits for its slower thread after every op (docs/tuning.md, \"Lanes\").",
+    )
     workers: int = Field(
         1, ge=1,
         description="Micro-batching worker processes `sentiment serve` (and `sentiment bench`) runs. Unless "
-        "SENTIMENT_TORCH_THREADS is set, they share the cores evenly: on 2 cores shared with the API, 2 workers of "
-        "1 thread carry 17-35% more at saturation than 1 of 2, which answers a lone request up to 1.4x faster "
+        "SENTIMENT_TORCH_THREADS is set, they share the cores evenly. With forward lanes, 1 worker of 2 threads "
+        "carries about as much as 2 of 1 at saturation, and more at moderate load at a lower p99 "
         "(docs/tuning.md, \"Workers per machine\").",
     )
     torch_interop_threads: int = Field(

@@ -5,13 +5,16 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import fakeredis
 import pytest
 
 from batcher.batching import Batcher, batch_cut, nearest_in_length, split_by_length
+from batcher.inference import Inference
 from batcher.protocol import Keys, WorkItem, new_id
 from batcher.queue import WorkQueue
+from model_store.classifier import Classifier
 from model_store.cost import ForwardCost
 
 KEYS = Keys("t")
@@ -86,6 +89,36 @@ PACKS = ForwardCost(overhead_tokens=64, attention_tokens=1024, packs=True)
 )
 def test_split_by_length(lengths: list[int], size: int, tokens: int, cost: ForwardCost, forwards: list[tuple[int, bool]]) -> None:
     assert split_by_length(lengths, size, tokens, cost) == forwards
+
+
+def test_a_batch_is_dealt_to_the_forward_lanes_in_equal_shares_and_a_lone_text_takes_all_threads(
+    tiny_model_dir: Path,
+) -> None:
+    two = Classifier(tiny_model_dir, device="cpu", threads=2, precision="fp32", engine="torch")
+    calls: list[tuple[int | None, list[int]]] = []
+    forward = two.forward
+
+    def recording(batch: list[list[int]], packed: bool = False, lane: int | None = None) -> list[list[float]]:
+        calls.append((lane, sorted(map(len, batch))))
+        return forward(batch, packed, lane)
+
+    two.forward = recording  # type: ignore[method-assign]
+    inference = Inference(two, fakeredis.FakeRedis(), KEYS, 32, 8192, 60)
+    texts = [" ".join(["word"] * n) for n in (9, 1, 5, 3, 7, 2, 8, 4, 6)]
+    ids = two.tokenize(texts)
+    got = inference.run(ids)
+    assert {lane for lane, _ in calls} == {0, 1}
+    share = {lane: sorted(n for l, lengths in calls if l == lane for n in lengths) for lane in (0, 1)}
+    assert len(share[0]) + len(share[1]) == len(texts) and abs(len(share[0]) - len(share[1])) <= 1
+    assert sorted(share[0] + share[1]) == sorted(map(len, ids))
+    assert all(a < b for a, b in zip(share[0], share[1], strict=False))  # dealt in turn by length: every length in each
+    for text_ids, probs in zip(ids, got, strict=True):  # input order kept
+        assert probs == pytest.approx(forward([text_ids])[0], abs=1e-5)
+    assert inference.forwards == len(calls) and inference.computed == len(texts)
+
+    calls.clear()
+    inference.run(ids[:1])
+    assert calls == [(None, [len(ids[0])])]
 
 
 def test_queued_work_goes_without_waiting(redis: fakeredis.FakeRedis) -> None:

@@ -154,9 +154,9 @@ def test_serve_runs_everything_and_stops_cleanly_on_ctrl_c(tiny_model_dir: Path,
         assert proc.wait(60) == 0
     assert "metrics not served" not in log.read_text()
     each = max(1, (os.cpu_count() or 1) // 2)
-    loaded = [line for line in log.read_text().splitlines() if "model_store.classifier" in line and " threads)" in line]
+    loaded = [line for line in log.read_text().splitlines() if "model_store.classifier" in line and " threads, " in line]
     # The two workers, then the jobs worker with its own default (one thread per core).
-    assert sum(f", {each} threads)" in line for line in loaded) >= 2, loaded
+    assert sum(f", {each} threads, " in line for line in loaded) >= 2, loaded
 
 
 @pytest.mark.parametrize("command", ["worker", "jobs-worker"])

@@ -79,6 +79,35 @@ def test_every_forward_runs_on_one_thread_whichever_thread_calls(tiny: Classifie
     assert ran_on.isdisjoint({threading.get_ident(), *(c.ident for c in callers)})
 
 
+def test_forward_lanes_run_side_by_side_on_a_share_of_the_threads_each(tiny_model_dir: Path) -> None:
+    """Two lanes of one thread each, on threads of their own, and all the threads without a lane."""
+    two = Classifier(tiny_model_dir, device="cpu", threads=2, precision="fp32", engine="torch")
+    assert two.lanes == 2
+    seen: list[tuple[int, int]] = []
+    run = two._run
+
+    def recording(**inputs: torch.Tensor) -> torch.Tensor:
+        seen.append((threading.get_ident(), torch.get_num_threads()))
+        return run(**inputs)
+
+    two._run = recording
+    ids = two.tokenize(["a good movie", "bad"])
+    whole, first, second = two.forward(ids), two.forward(ids, lane=0), two.forward(ids, lane=1)
+    assert [n for _, n in seen] == [2, 1, 1]
+    assert len({ident for ident, _ in seen}) == 3
+    for got in (first, second):
+        assert torch.tensor(got) == pytest.approx(torch.tensor(whole), abs=1e-6)
+
+
+def test_forward_lanes_need_torch_on_the_cpu_and_a_thread_each(tiny_model_dir: Path) -> None:
+    assert Classifier(tiny_model_dir, device="cpu", threads=1, precision="fp32", engine="torch").lanes == 1
+    assert Classifier(tiny_model_dir, device="cpu", threads=2, precision="fp32", engine="onnxruntime").lanes == 1
+    with pytest.raises(ValueError, match="torch's engine"):
+        Classifier(tiny_model_dir, device="cpu", threads=2, precision="fp32", engine="onnxruntime", lanes=2)
+    with pytest.raises(ValueError, match="need a thread each"):
+        Classifier(tiny_model_dir, device="cpu", threads=2, precision="fp32", engine="torch", lanes=3)
+
+
 def test_fingerprint_changes_with_any_checkpoint_file(tiny_model_dir: Path, tmp_path: Path) -> None:
     copy = Path(shutil.copytree(tiny_model_dir, tmp_path / "copy"))
     assert fingerprint(copy) == fingerprint(tiny_model_dir)
