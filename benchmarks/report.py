@@ -108,7 +108,8 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
     ]
     if limit := results.get("limit"):
         copies = f"; {limit['copies']} copies side by side, as the workers run" if limit.get("copies", 1) > 1 else ""
-        lines += ["", f"**(1) Limit** (model forward only, length-sorted windows of 512{copies})", "",
+        lanes = f"; {limit['lanes']} forward lanes side by side, as the worker runs" if limit.get("lanes", 1) > 1 else ""
+        lines += ["", f"**(1) Limit** (model forward only, length-sorted windows of 512{copies}{lanes})", "",
                   "| batch size | sentences/s | mean padded tokens |", "| --- | --- | --- |"]
         lines += [f"| {p['batch_size']} | {p['texts_per_s']} | {p['mean_padded_tokens']} |" for p in limit["points"]]
     rows = [("(2) naive", p) for p in results.get("naive") or []]
