@@ -302,3 +302,18 @@ def test_dashboard_and_alerts_query_only_series_the_service_exports(
     families = {re.sub(r"_(bucket|sum|count|total)$", "", n) for n in exported if n.startswith("sentiment_")}
     shown = {re.sub(r"_(bucket|sum|count|total)$", "", n) for n in queried}
     assert families <= shown, families - shown
+
+
+def test_busy_time_counts_overlapping_batches_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker with forward lanes runs its next batch beside the last: the busy ratio stays <= 1."""
+    clock = iter([10.0, 20.0, 21.0, 22.0])  # read when the first batch enters and the last leaves
+    monkeypatch.setattr(worker_metrics.time, "perf_counter", lambda: next(clock))
+    busy = worker_metrics.Busy()
+    before = REGISTRY.get_sample_value("sentiment_worker_busy_seconds_total") or 0.0
+    with busy():  # 10 -> 20
+        with busy():  # inside the first: no time of its own
+            pass
+    with busy():  # 21 -> 22
+        pass
+    assert REGISTRY.get_sample_value("sentiment_worker_busy_seconds_total") - before == pytest.approx(11.0)
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import NoReturn
 
 import fakeredis
@@ -298,12 +299,23 @@ def test_a_malformed_work_item_is_dropped_and_the_worker_carries_on(
     assert redis.llen(keys.processing(worker.status.id)) == 0
 
 
-@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "serial"])
+@pytest.fixture(scope="module")
+def two_lanes(tiny_model_dir: Path) -> Classifier:
+    """Two forward lanes of one thread each: the worker runs its next batch beside the current one."""
+    return Classifier(tiny_model_dir, device="cpu", threads=2, precision="fp32", engine="torch")
+
+
+@pytest.mark.parametrize(("overlap", "lanes"), [(True, False), (False, False), (True, True)],
+                         ids=["overlap", "serial", "lanes"])
 def test_every_item_is_answered_once_in_the_order_of_its_texts(
-    redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, overlap: bool
+    redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, overlap: bool, lanes: bool,
+    request: pytest.FixtureRequest,
 ) -> None:
     # Small batches and a read-ahead window: items are split, regrouped by length, and computed
-    # while the next batch is being formed.
+    # while the next batch is being formed (with lanes, beside the current one).
+    if lanes:
+        classifier = request.getfixturevalue("two_lanes")
+        assert classifier.lanes == 2
     settings = settings.model_copy(update={"max_batch_size": 3, "batch_window": 7, "overlap": overlap})
     keys = Keys(settings.key_prefix)
     pubsub = redis.pubsub()
