@@ -8,9 +8,10 @@ worker whose heartbeat lapses has its work requeued by the others. A forward can
 
 With `overlap`, the model runs in a thread of its own (torch releases the GIL): while it computes
 batch N, this thread writes the results of batch N-1 and then, late in N's forward, takes, tokenizes
-and looks up batch N+1, which is queued behind N at once (with forward lanes, each lane starts its
-share of N+1 when it has finished its share of N). Taken late, N+1 can hold the requests that
-N-1's answers set off. Work stays in the processing list until its results are written.
+and looks up batch N+1, which is queued behind N at once. Taken late, N+1 can hold the requests
+that N-1's answers set off. With forward lanes, N+1 is taken at once and computes beside N: each
+lane starts its share of N+1 when it has finished its share of N. Work stays in the processing list
+until its results are written.
 """
 
 from __future__ import annotations
@@ -94,7 +95,6 @@ class Worker:
         )
         self._running: Running | None = None  # (overlap) the batch in the model thread
         self._forward_s = 0.0  # how long the last batch's forwards took
-        self._forward_done = 0.0  # when they ended (perf_counter)
         self._prepare_s = 0.0  # how long taking and starting the last batch took
         self._stopping = threading.Event()
         self._next_beat = self._next_reclaim = self._next_summary = 0.0
@@ -135,15 +135,14 @@ class Worker:
             self.queue.reclaim_dead()
             self._next_reclaim = now + self.settings.heartbeat_ttl_s
         running = self._running
-        if running:
+        if running and self.classifier.lanes == 1:
             # Take the next batch late in this one's forward, leaving time to prepare it: meanwhile
             # the clients that the last batch answered send their next requests, so the batch is
             # chosen from a wider window (less padding, fuller forwards) at no cost in latency,
-            # since nothing taken could start before this forward ends. It began when it was started
-            # or, queued behind (or, with lanes, beside) the last batch, when that one ended.
-            began = max(running.started, self._forward_done)
-            late = began + TAKE_LATE * self._forward_s - 2 * self._prepare_s
-            wait([running.probabilities], max(0.0, late - time.perf_counter()))
+            # since nothing taken could start before this forward ends. With lanes, each lane
+            # starts the next batch as soon as it is free, before the batch as a whole ends: take
+            # it at once, or the first lane to finish waits for it.
+            wait([running.probabilities], max(0.0, TAKE_LATE * self._forward_s - 2 * self._prepare_s))
         # While a batch computes, take only what is queued now: its results are due soon.
         prepare = time.perf_counter()
         batch = self.batcher.next_batch(0 if running else IDLE_POLL_S, company=running is None)
@@ -175,9 +174,7 @@ class Worker:
             began = time.perf_counter()
             with metrics.busy(), self._beating(deadline) if ids else nullcontext():
                 probabilities = self.inference.run(ids) if ids else []
-            # Started beside the last batch (lanes), it ran from when that one ended.
-            ended = time.perf_counter()
-            self._forward_s, self._forward_done = ended - max(began, self._forward_done), ended
+            self._forward_s = time.perf_counter() - began
             return probabilities
 
         probabilities = self._model_thread.submit(compute) if self._model_thread else _call(compute)
