@@ -95,12 +95,12 @@ class Inference:
                 shares = [self._feeds[k].submit(self._run_share, order[k::lanes], token_ids, probabilities, k)
                           for k in range(lanes)]
                 forwards = sum(share.result() for share in shares)
+            with self._counting:
+                self.forwards += forwards
+                self.computed += len(order)
         finally:
             with self._counting:
                 self._in_flight -= 1
-        with self._counting:
-            self.forwards += forwards
-            self.computed += len(order)
         return probabilities
 
     def _run_share(

@@ -177,7 +177,7 @@ class Classifier:
         """Compute threads for forwards that run side by side, each on an equal share of the model's
         threads (`forward(lane=k)`). A forward on 2 threads splits every op in two, and the halves meet
         at a barrier after each op; whenever another process takes one core, the other thread waits.
-        Two 1-thread forwards never wait for each other (docs/tuning.md, "Lanes"). Torch's engine
+        Two 1-thread forwards never wait for each other (docs/tuning.md, "Forward lanes"). Torch's engine
         on the CPU only: `auto` is 2 lanes where the model has 2 or more threads, else 1."""
         threads = self._compute.submit(torch.get_num_threads).result()
         if self.device.type == "cuda" or self.engine != "torch":
