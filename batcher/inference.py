@@ -8,6 +8,7 @@ computed again; fresh predictions go into the cache.
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,9 +36,16 @@ class Inference:
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.cache_ttl_s = cache_ttl_s
-        # One feeder per lane, each sending its lane's shares in the order they come: a worker's next
-        # batch (`run` called from another thread) starts on a lane the moment that lane is done.
-        self._feeds = [ThreadPoolExecutor(1, thread_name_prefix=f"lane-feed{k}") for k in range(classifier.lanes)]
+        # One feeder per lane, all taking shares from one queue in the order they come: a lane that is
+        # done takes the next share, of this batch or of the worker's next (`run` called from another
+        # thread), so no lane waits while work is queued.
+        self._lane = threading.local()
+        lane_ids = itertools.count()
+        self._feed = ThreadPoolExecutor(
+            classifier.lanes, thread_name_prefix="lane-feed", initializer=lambda: setattr(self._lane, "index", next(lane_ids))
+        )
+        started = threading.Barrier(classifier.lanes)  # every feeder started now, each with a lane of its own
+        list(self._feed.map(lambda _: started.wait(), range(classifier.lanes)))
         self._counting = threading.Lock()
         self._in_flight = 0  # `run` calls under way
         self._all_threads = threading.Lock()  # held by a forward on all the threads: no lane runs beside it
@@ -77,10 +85,10 @@ class Inference:
         return fresh
 
     def run(self, token_ids: Sequence[list[int]]) -> list[list[float]]:
-        """Model probabilities for token ids: sorted by length, dealt in turn to the classifier's lanes
-        (equal shares of every length, so the lanes finish together), each share cut into the cheapest
-        forwards (each padded or packed); input order kept. A lone text takes all the threads, unless
-        another batch is computing."""
+        """Model probabilities for token ids: sorted by length and dealt in turn into a share per lane
+        (equal shares of every length), which the lanes take as they come free; each share cut into
+        the cheapest forwards (each padded or packed); input order kept. A lone text takes all the
+        threads, unless another batch is computing."""
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
         probabilities: list[list[float]] = [[] for _ in token_ids]
         with self._counting:  # (a worker runs two batches at once when it has lanes)
@@ -89,10 +97,10 @@ class Inference:
         try:
             if self.classifier.lanes == 1 or (alone and len(order) == 1):
                 with self._all_threads:
-                    forwards = self._run_share(order, token_ids, probabilities, None)
+                    forwards = self._run_share(order, token_ids, probabilities, False)
             else:
                 lanes = min(self.classifier.lanes, len(order))
-                shares = [self._feeds[k].submit(self._run_share, order[k::lanes], token_ids, probabilities, k)
+                shares = [self._feed.submit(self._run_share, order[k::lanes], token_ids, probabilities, True)
                           for k in range(lanes)]
                 forwards = sum(share.result() for share in shares)
             with self._counting:
@@ -104,10 +112,12 @@ class Inference:
         return probabilities
 
     def _run_share(
-        self, order: list[int], token_ids: Sequence[list[int]], probabilities: list[list[float]], lane: int | None
+        self, order: list[int], token_ids: Sequence[list[int]], probabilities: list[list[float]], on_lane: bool
     ) -> int:
-        """Forward the texts at `order` (sorted by length) on `lane`, filling `probabilities`; returns the forwards."""
-        if lane is not None:
+        """Forward the texts at `order` (sorted by length), on this feeder's lane or on all the threads,
+        filling `probabilities`; returns the forwards."""
+        lane = self._lane.index if on_lane else None
+        if on_lane:
             with self._all_threads:  # wait out a lone text's forward on all the threads, if one runs
                 pass
         lengths = [len(token_ids[i]) for i in order]

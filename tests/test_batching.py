@@ -107,11 +107,10 @@ def test_a_batch_is_dealt_to_the_forward_lanes_in_equal_shares_and_a_lone_text_t
     texts = [" ".join(["word"] * n) for n in (9, 1, 5, 3, 7, 2, 8, 4, 6)]
     ids = two.tokenize(texts)
     got = inference.run(ids)
-    assert {lane for lane, _ in calls} == {0, 1}
-    share = {lane: sorted(n for l, lengths in calls if l == lane for n in lengths) for lane in (0, 1)}
-    assert len(share[0]) + len(share[1]) == len(texts) and abs(len(share[0]) - len(share[1])) <= 1
-    assert sorted(share[0] + share[1]) == sorted(map(len, ids))
-    assert all(a < b for a, b in zip(share[0], share[1], strict=False))  # dealt in turn by length: every length in each
+    assert len(calls) == 2 and {lane for lane, _ in calls} <= {0, 1}  # a share each, one forward each here
+    first, second = sorted(lengths for _, lengths in calls)
+    assert (len(first), len(second)) == (5, 4) and sorted(first + second) == sorted(map(len, ids))
+    assert all(a < b for a, b in zip(first, second, strict=False))  # dealt in turn by length: every length in each
     for text_ids, probs in zip(ids, got, strict=True):  # input order kept
         assert probs == pytest.approx(forward([text_ids])[0], abs=1e-5)
     assert inference.forwards == len(calls) and inference.computed == len(texts)
@@ -119,6 +118,37 @@ def test_a_batch_is_dealt_to_the_forward_lanes_in_equal_shares_and_a_lone_text_t
     calls.clear()
     inference.run(ids[:1])
     assert calls == [(None, [len(ids[0])])]
+
+
+def test_a_free_lane_takes_the_next_share_while_another_lane_is_held_up(tiny_model_dir: Path) -> None:
+    """Lanes take shares from one queue: a lane stuck in a long forward holds up no other batch's share."""
+    two = Classifier(tiny_model_dir, device="cpu", threads=2, precision="fp32", engine="torch")
+    forward = two.forward
+    first_call, stalled, release = threading.Lock(), threading.Event(), threading.Event()
+    lanes: list[int | None] = []
+
+    def one_stalls(batch: list[list[int]], packed: bool = False, lane: int | None = None) -> list[list[float]]:
+        lanes.append(lane)
+        if first_call.acquire(blocking=False):  # the very first forward holds its lane up
+            stalled.set()
+            release.wait(10)
+        return forward(batch, packed, lane)
+
+    two.forward = one_stalls  # type: ignore[method-assign]
+    inference = Inference(two, fakeredis.FakeRedis(), KEYS, 32, 8192, 60)
+    ids = two.tokenize(["a b c", "d", "e f", "g h i j"])
+    held_up = threading.Thread(target=inference.run, args=(ids,))
+    held_up.start()
+    try:
+        assert stalled.wait(10)
+        got = inference.run(ids[:2])  # both its shares must run on the lane that is free
+        assert len(got) == 2 and held_up.is_alive()
+        stuck = lanes[0]
+        assert lanes[-2:] == [1 - stuck, 1 - stuck]  # type: ignore[operator]
+    finally:
+        release.set()
+        held_up.join(10)
+    assert not held_up.is_alive()
 
 
 def test_queued_work_goes_without_waiting(redis: fakeredis.FakeRedis) -> None:
