@@ -11,7 +11,7 @@ import fakeredis
 import pytest
 
 from batcher.batching import Batcher, batch_cut, nearest_in_length, split_by_length
-from batcher.inference import Inference
+from batcher.inference import LANE_FORWARD_TOKENS, Inference
 from batcher.protocol import Keys, WorkItem, new_id
 from batcher.queue import WorkQueue
 from model_store.classifier import Classifier
@@ -118,6 +118,27 @@ def test_a_batch_is_dealt_to_the_forward_lanes_in_equal_shares_and_a_lone_text_t
     calls.clear()
     inference.run(ids[:1])
     assert calls == [(None, [len(ids[0])])]
+
+
+def test_a_lane_forward_stays_within_the_lane_token_cap(tiny_model_dir: Path) -> None:
+    """On a lane, a share is cut into forwards of at most LANE_FORWARD_TOKENS positions (a single
+    text may exceed it)."""
+    two = Classifier(tiny_model_dir, device="cpu", threads=2, precision="fp32", engine="torch")
+    calls: list[tuple[int | None, int]] = []
+    forward = two.forward
+
+    def recording(batch: list[list[int]], packed: bool = False, lane: int | None = None) -> list[list[float]]:
+        positions = sum(map(len, batch)) if packed else len(batch) * max(map(len, batch))
+        calls.append((lane, positions if len(batch) > 1 else 0))
+        return forward(batch, packed, lane)
+
+    two.forward = recording  # type: ignore[method-assign]
+    inference = Inference(two, fakeredis.FakeRedis(), KEYS, 32, 8192, 60)
+    ids = two.tokenize([" ".join(["word"] * (50 + n)) for n in range(12)])  # 6 a lane: over 300 positions each
+    assert sum(map(len, ids[::2])) > LANE_FORWARD_TOKENS
+    got = inference.run(ids)
+    assert len(got) == 12 and all(probs for probs in got)
+    assert len(calls) > 2 and all(lane is not None and positions <= LANE_FORWARD_TOKENS for lane, positions in calls)
 
 
 def test_a_free_lane_takes_the_next_share_while_another_lane_is_held_up(tiny_model_dir: Path) -> None:
