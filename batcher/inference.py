@@ -45,11 +45,13 @@ class Inference:
         # One feeder per lane, all taking shares from one queue in the order they come: a lane that is
         # done takes the next share, of this batch or of the worker's next (`run` called from another
         # thread), so no lane waits while work is queued.
-        self._lane = threading.local()
+        self._lane = threading.local()  # `index`: the lane of the feeder thread reading it
         lane_ids = itertools.count()
-        self._feed = ThreadPoolExecutor(
-            classifier.lanes, thread_name_prefix="lane-feed", initializer=lambda: setattr(self._lane, "index", next(lane_ids))
-        )
+
+        def bind() -> None:
+            self._lane.index = next(lane_ids)
+
+        self._feed = ThreadPoolExecutor(classifier.lanes, thread_name_prefix="lane-feed", initializer=bind)
         started = threading.Barrier(classifier.lanes)  # every feeder started now, each with a lane of its own
         list(self._feed.map(lambda _: started.wait(), range(classifier.lanes)))
         self._counting = threading.Lock()

@@ -9,8 +9,8 @@ worker whose heartbeat lapses has its work requeued by the others. A forward can
 With `overlap`, the model runs in a thread of its own (torch releases the GIL): while it computes
 batch N, this thread writes the results of batch N-1 and then, late in N's forward, takes, tokenizes
 and looks up batch N+1, which is queued behind N at once. Taken late, N+1 can hold the requests
-that N-1's answers set off. With forward lanes, N+1 is taken at once and computes beside N: each
-lane starts its share of N+1 when it has finished its share of N. Work stays in the processing list
+that N-1's answers set off. With forward lanes, N+1 is taken at once and computes beside N: a lane
+that has finished its share of N takes a share of N+1. Work stays in the processing list
 until its results are written.
 """
 
@@ -88,8 +88,8 @@ class Worker:
             self.queue, classifier.tokenize, settings.max_batch_size, settings.max_batch_tokens,
             settings.max_wait_ms / 1000, settings.batch_window,
         )
-        # With forward lanes the next batch computes beside this one: each lane starts its share as
-        # soon as it has finished this batch's (`Inference`), so no lane waits for the slower one.
+        # With forward lanes the next batch computes beside this one: a lane that is done with this
+        # batch takes a share of the next (`Inference`), so no lane waits for the slower one.
         self._model_thread = (
             ThreadPoolExecutor(2 if classifier.lanes > 1 else 1, thread_name_prefix="model") if settings.overlap else None
         )
