@@ -22,10 +22,10 @@ from batcher.metrics import timed_forward
 from batcher.protocol import Keys, Prediction, prediction
 from model_store.classifier import Classifier
 
-# Most token positions in one forward on a lane. A lane's forward runs on one core, fastest per
-# token at 128-384 positions; past about 400 its activations outgrow the core's cache and each
-# token costs 15-25% more (docs/tuning.md, "Forward lanes"). Cut at 256, a saturated worker's
-# batches ran 2.6-3.6% faster on the model's time.
+# Most token positions in one forward on a lane. A lane's forward runs on one core and is cheapest
+# per token at about 256 positions; from 448-512 on, its activations outgrow the core's cache and a
+# token costs 15-25% more, which the linear cost model cannot see (docs/tuning.md, "A lane's
+# forward and the core's cache"). Cut at 256, a saturated worker's batches took 2.4-3.5% less model time.
 LANE_FORWARD_TOKENS = 256
 
 
