@@ -38,8 +38,10 @@ def reference_labels(model_dir: Path, texts: list[str]) -> list[int]:
 def test_bf16_keeps_dev_accuracy_and_labels(small_model_dir: Path) -> None:
     rows = [line.split("\t") for line in shared_path("data/sst2-dev.tsv").read_text().splitlines()[1:]]
     texts, truth = [r[0] for r in rows], [int(r[1]) for r in rows]
-    settings = Settings(key_prefix="precision", model_dir=small_model_dir, torch_threads=1, precision="bf16")
+    # Two threads: two forward lanes of one thread each, as the worker runs on 2 cores by default.
+    settings = Settings(key_prefix="precision", model_dir=small_model_dir, torch_threads=2, precision="bf16")
     classifier = Classifier(small_model_dir, "cpu", settings.torch_threads, settings.precision)
+    assert classifier.lanes == 2
     redis = fakeredis.FakeRedis()
     keys = Keys(settings.key_prefix)
     now = time.time()
