@@ -52,8 +52,9 @@ class Inference:
             self._lane.index = next(lane_ids)
 
         self._feed = ThreadPoolExecutor(classifier.lanes, thread_name_prefix="lane-feed", initializer=bind)
-        started = threading.Barrier(classifier.lanes)  # every feeder started now, each with a lane of its own
-        list(self._feed.map(lambda _: started.wait(), range(classifier.lanes)))
+        if classifier.lanes > 1:  # (one lane never feeds: `run` computes on the calling thread)
+            started = threading.Barrier(classifier.lanes)  # every feeder started now, each with a lane of its own
+            list(self._feed.map(lambda _: started.wait(), range(classifier.lanes)))
         self._counting = threading.Lock()
         self._in_flight = 0  # `run` calls under way
         self._all_threads = threading.Lock()  # held by a forward on all the threads: no lane runs beside it
