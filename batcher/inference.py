@@ -7,11 +7,8 @@ computed again; fresh predictions go into the cache.
 
 from __future__ import annotations
 
-import functools
-import itertools
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 from redis import Redis
@@ -42,19 +39,6 @@ class Inference:
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.cache_ttl_s = cache_ttl_s
-        # One feeder per lane, all taking shares from one queue in the order they come: a lane that is
-        # done takes the next share, of this batch or of the worker's next (`run` called from another
-        # thread), so no lane waits while work is queued.
-        self._lane = threading.local()  # `index`: the lane of the feeder thread reading it
-        lane_ids = itertools.count()
-
-        def bind() -> None:
-            self._lane.index = next(lane_ids)
-
-        self._feed = ThreadPoolExecutor(classifier.lanes, thread_name_prefix="lane-feed", initializer=bind)
-        if classifier.lanes > 1:  # (one lane never feeds: `run` computes on the calling thread)
-            started = threading.Barrier(classifier.lanes)  # every feeder started now, each with a lane of its own
-            list(self._feed.map(lambda _: started.wait(), range(classifier.lanes)))
         self._counting = threading.Lock()
         self._in_flight = 0  # `run` calls under way
         self._all_threads = threading.Lock()  # held by a forward on all the threads: no lane runs beside it
@@ -95,7 +79,7 @@ class Inference:
 
     def run(self, token_ids: Sequence[list[int]]) -> list[list[float]]:
         """Model probabilities for token ids: sorted by length and dealt in turn into a share per lane
-        (equal shares of every length), which the lanes take as they come free; each share cut into
+        (equal shares of every length), which the lanes take as they come free (`Classifier.on_lane`); each share cut into
         the cheapest forwards (each padded or packed); input order kept. A lone text takes all the
         threads, unless another batch is computing."""
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
@@ -106,10 +90,10 @@ class Inference:
         try:
             if self.classifier.lanes == 1 or (alone and len(order) == 1):
                 with self._all_threads:
-                    forwards = self._run_share(order, token_ids, probabilities, False)
+                    forwards = self._run_share(order, token_ids, probabilities)
             else:
                 lanes = min(self.classifier.lanes, len(order))
-                shares = [self._feed.submit(self._run_share, order[k::lanes], token_ids, probabilities, True)
+                shares = [self.classifier.on_lane(self._run_share, order[k::lanes], token_ids, probabilities)
                           for k in range(lanes)]
                 forwards = sum(share.result() for share in shares)
             with self._counting:
@@ -120,23 +104,20 @@ class Inference:
                 self._in_flight -= 1
         return probabilities
 
-    def _run_share(
-        self, order: list[int], token_ids: Sequence[list[int]], probabilities: list[list[float]], on_lane: bool
-    ) -> int:
-        """Forward the texts at `order` (sorted by length), on this feeder's lane or on all the threads,
-        filling `probabilities`; returns the forwards."""
-        lane = self._lane.index if on_lane else None
+    def _run_share(self, order: list[int], token_ids: Sequence[list[int]], probabilities: list[list[float]]) -> int:
+        """Forward the texts at `order` (sorted by length), on the lane this runs on or else on all the
+        threads, filling `probabilities`; returns the forwards."""
+        on_lane = self.classifier.lane is not None
         if on_lane:
             with self._all_threads:  # wait out a lone text's forward on all the threads, if one runs
                 pass
         lengths = [len(token_ids[i]) for i in order]
-        forward = self.classifier.forward if lane is None else functools.partial(self.classifier.forward, lane=lane)
-        tokens = self.max_batch_tokens if lane is None else min(self.max_batch_tokens, LANE_FORWARD_TOKENS)
+        tokens = min(self.max_batch_tokens, LANE_FORWARD_TOKENS) if on_lane else self.max_batch_tokens
         cuts = split_by_length(lengths, self.max_batch_size, tokens, self.classifier.cost)
         start = 0
         for end, packed in cuts:
             batch = order[start:end]
-            for i, probs in zip(batch, timed_forward(forward, [token_ids[i] for i in batch], packed), strict=True):
+            for i, probs in zip(batch, timed_forward(self.classifier.forward, [token_ids[i] for i in batch], packed), strict=True):
                 probabilities[i] = probs
             start = end
         return len(cuts)

@@ -48,16 +48,24 @@ class Limit:
         """Sentences/s and mean padded width at one batch size, every lane of every copy forwarding
         for about `duration_s` (cycling through the texts if they run out first, as on a fast GPU)."""
         work = batches(self.ids, size)
-        # (copy, lane) pairs; a copy without lanes forwards on all its threads (lane None)
-        streams = [(c, lane) for c in self.copies for lane in (range(c.lanes) if c.lanes > 1 else [None])]
-        for copy, lane in streams:
-            copy.forward(work[0], lane=lane)  # a new shape's first forward pays set-up costs
-        started = time.perf_counter()
-        with ThreadPoolExecutor(len(streams)) as pool:  # (each stream waits on its own thread)
-            counts = list(pool.map(
-                lambda k: _forward_until(*streams[k], work[k :: len(streams)] or work, started + duration_s),
-                range(len(streams)),
-            ))
+        lanes = self.classifier.lanes  # (every copy alike)
+        streams = len(self.copies) * lanes
+
+        def run_copy(index: int, until: float) -> list[tuple[int, int]]:
+            """One stream per lane of copy `index` (a copy without lanes forwards on all its threads)."""
+            copy = self.copies[index]
+
+            def stream() -> tuple[int, int]:
+                k = index * lanes + (copy.lane or 0)
+                return _forward_until(copy, work[k::streams] or work, until)
+
+            return copy.on_each_lane(stream) if lanes > 1 else [stream()]
+
+        with ThreadPoolExecutor(len(self.copies)) as pool:  # (each copy waits on its own thread)
+            indices = range(len(self.copies))
+            list(pool.map(run_copy, indices, [0.0] * len(indices)))  # a new shape's first forward pays set-up costs
+            started = time.perf_counter()
+            counts = [c for per_copy in pool.map(run_copy, indices, [started + duration_s] * len(indices)) for c in per_copy]
         elapsed = time.perf_counter() - started
         done, padded = sum(c[0] for c in counts), sum(c[1] for c in counts)
         return {
@@ -80,13 +88,12 @@ class Limit:
         }
 
 
-def _forward_until(
-    classifier: Classifier, lane: int | None, work: list[list[list[int]]], until: float
-) -> tuple[int, int]:
-    """Forward `work`'s batches on `lane` in a cycle until the clock passes `until`: (texts, padded tokens)."""
+def _forward_until(classifier: Classifier, work: list[list[list[int]]], until: float) -> tuple[int, int]:
+    """Forward `work`'s batches in a cycle until the clock passes `until` (at least one), on the lane
+    this runs on, if any: (texts, padded tokens)."""
     done = padded = 0
     for batch in itertools.cycle(work):
-        classifier.forward(batch, lane=lane)
+        classifier.forward(batch)
         done += len(batch)
         padded += len(batch) * max(map(len, batch))
         if time.perf_counter() >= until:

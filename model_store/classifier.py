@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import itertools
 import logging
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -27,6 +29,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 TRACE_EXAMPLE = [[1, 1, 1, 1], [1, 1]]
 Precision = Literal["auto", "fp32", "bf16", "int8"]
 Engine = Literal["auto", "torch", "onnxruntime"]
+T = TypeVar("T")
 
 
 def fingerprint(model_dir: Path) -> str:
@@ -148,7 +151,8 @@ class Classifier:
         self._autocast = not cuda and self.precision == "bf16"
         if self.engine == "torch" and not cuda:
             self._compute.submit(self._trace).result()
-        self.lanes, self._lanes = self._open_lanes(lanes)
+        self._here = threading.local()  # `lane`: the forward lane whose thread reads it
+        self.lanes, self._lane_pool = self._open_lanes(lanes)
         # What a forward costs, in token positions: the worker cuts each batch into the forwards, and
         # picks for each the layout (padded or packed), that cost least. Fitted to DistilBERT-base's
         # forwards on 2 CPU cores: a call of torch's traced graph costs 3-9 ms, 12-32 token positions
@@ -173,27 +177,35 @@ class Classifier:
             torch.get_num_threads(), self.lanes, self.labels,
         )
 
-    def _open_lanes(self, lanes: int | None) -> tuple[int, list[ThreadPoolExecutor]]:
-        """Compute threads for forwards that run side by side, each on an equal share of the model's
-        threads (`forward(lane=k)`). A forward on 2 threads splits every op in two, and the halves meet
-        at a barrier after each op; whenever another process takes one core, the other thread waits.
-        Two 1-thread forwards never wait for each other (docs/tuning.md, "Forward lanes"). Torch's engine
-        on the CPU only: `auto` is 2 lanes where the model has 2 or more threads, else 1."""
+    def _open_lanes(self, lanes: int | None) -> tuple[int, ThreadPoolExecutor | None]:
+        """Threads for forwards that run side by side, each on an equal share of the model's threads
+        (`on_lane`). A forward on 2 threads splits every op in two, and the halves meet at a barrier
+        after each op; whenever another process takes one core, the other thread waits. Two 1-thread
+        forwards never wait for each other (docs/tuning.md, "Forward lanes"). Torch's engine on the CPU
+        only: `auto` is 2 lanes where the model has 2 or more threads, else 1."""
         threads = self._compute.submit(torch.get_num_threads).result()
         if self.device.type == "cuda" or self.engine != "torch":
             if lanes and lanes > 1:
                 raise ValueError("forward lanes run torch's engine on the CPU; set SENTIMENT_FORWARD_LANES=1 or unset")
-            return 1, []
+            return 1, None
         lanes = lanes or min(2, threads)
         if lanes > threads:
             raise ValueError(f"{lanes} forward lanes need a thread each, and the model has {threads}")
         if lanes == 1:
-            return 1, []
-        opened = [ThreadPoolExecutor(1, thread_name_prefix=f"torch-lane{k}") for k in range(lanes)]
-        for lane in opened:  # one at a time: a new thread takes torch's process-wide count at its first op
-            lane.submit(_own_threads, threads // lanes).result()
+            return 1, None
+        ids, one_at_a_time = itertools.count(), threading.Lock()
+
+        def become_lane() -> None:
+            with one_at_a_time:  # a new thread takes torch's process-wide count at its first op
+                self._here.lane = next(ids)
+                _own_threads(threads // lanes)
+
+        pool = ThreadPoolExecutor(lanes, thread_name_prefix="torch-lane", initializer=become_lane)
+        met = threading.Barrier(lanes, timeout=60)
+        for started in [pool.submit(met.wait) for _ in range(lanes)]:  # every lane's thread started now
+            started.result()
         self._compute.submit(torch.set_num_threads, threads).result()  # the process-wide count back
-        return lanes, opened
+        return lanes, pool
 
     def _load(self, model_dir: Path, weights_dtype: torch.dtype) -> torch.nn.Module:
         """The model, built on the compute thread as well: loading and quantizing run parallel ops too."""
@@ -260,12 +272,36 @@ class Classifier:
         """Token ids per text, truncated to the model's maximum length, unpadded."""
         return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
 
-    def forward(self, batch: list[list[int]], packed: bool = False, lane: int | None = None) -> list[list[float]]:
+    @property
+    def lane(self) -> int | None:
+        """The forward lane the calling thread is (inside `on_lane`), else None."""
+        return getattr(self._here, "lane", None)
+
+    def on_lane(self, fn: Callable[..., T], *args: object) -> Future[T]:
+        """Call `fn` on the first forward lane that is free (lanes take calls from one queue, so none
+        waits while calls are queued); the forwards it makes run right there, on that lane's threads."""
+        if self._lane_pool is None:
+            raise RuntimeError("this model has no forward lanes")
+        return self._lane_pool.submit(fn, *args)
+
+    def on_each_lane(self, fn: Callable[[], T]) -> list[T]:
+        """`fn` on every forward lane at once (the limit benchmark's streams, one per lane)."""
+        met = threading.Barrier(self.lanes, timeout=60)  # no lane takes two calls: each waits for the rest
+
+        def together() -> T:
+            met.wait()
+            return fn()
+
+        return [call.result() for call in [self.on_lane(together) for _ in range(self.lanes)]]
+
+    def forward(self, batch: list[list[int]], packed: bool = False) -> list[list[float]]:
         """Label probabilities per text for one batch of token ids, padded here to its longest text
-        or (`packed`, where `cost.packs`) concatenated into one row (`model_store.layout`). On all
-        the model's threads, or on lane `lane`'s share of them while the other lanes compute too."""
-        compute = self._compute if lane is None else self._lanes[lane]
-        return compute.submit(self._forward, batch, packed).result()
+        or (`packed`, where `cost.packs`) concatenated into one row (`model_store.layout`). Called
+        from a forward lane (`on_lane`), on that lane's share of the threads while the other lanes
+        compute too; from any other thread, on all the model's threads."""
+        if self.lane is not None:
+            return self._forward(batch, packed)
+        return self._compute.submit(self._forward, batch, packed).result()
 
     def _inputs(self, batch: list[list[int]], packed: bool) -> dict[str, torch.Tensor]:
         return layout.inputs(batch, self.pad_id, segments=self.segments, packed=packed)

@@ -98,9 +98,9 @@ def test_a_batch_is_dealt_to_the_forward_lanes_in_equal_shares_and_a_lone_text_t
     calls: list[tuple[int | None, list[int]]] = []
     forward = two.forward
 
-    def recording(batch: list[list[int]], packed: bool = False, lane: int | None = None) -> list[list[float]]:
-        calls.append((lane, sorted(map(len, batch))))
-        return forward(batch, packed, lane)
+    def recording(batch: list[list[int]], packed: bool = False) -> list[list[float]]:
+        calls.append((two.lane, sorted(map(len, batch))))
+        return forward(batch, packed)
 
     two.forward = recording  # type: ignore[method-assign]
     inference = Inference(two, fakeredis.FakeRedis(), KEYS, 32, 8192, 60)
@@ -127,10 +127,10 @@ def test_a_lane_forward_stays_within_the_lane_token_cap(tiny_model_dir: Path) ->
     calls: list[tuple[int | None, int]] = []
     forward = two.forward
 
-    def recording(batch: list[list[int]], packed: bool = False, lane: int | None = None) -> list[list[float]]:
+    def recording(batch: list[list[int]], packed: bool = False) -> list[list[float]]:
         positions = sum(map(len, batch)) if packed else len(batch) * max(map(len, batch))
-        calls.append((lane, positions if len(batch) > 1 else 0))
-        return forward(batch, packed, lane)
+        calls.append((two.lane, positions if len(batch) > 1 else 0))
+        return forward(batch, packed)
 
     two.forward = recording  # type: ignore[method-assign]
     inference = Inference(two, fakeredis.FakeRedis(), KEYS, 32, 8192, 60)
@@ -149,13 +149,13 @@ def test_a_free_lane_takes_the_next_share_while_another_lane_is_held_up(tiny_mod
     lanes: list[int | None] = []
     stuck: list[int | None] = []
 
-    def one_stalls(batch: list[list[int]], packed: bool = False, lane: int | None = None) -> list[list[float]]:
-        lanes.append(lane)
+    def one_stalls(batch: list[list[int]], packed: bool = False) -> list[list[float]]:
+        lanes.append(two.lane)
         if first_call.acquire(blocking=False):  # the very first forward holds its lane up
-            stuck.append(lane)
+            stuck.append(two.lane)
             stalled.set()
             release.wait(10)
-        return forward(batch, packed, lane)
+        return forward(batch, packed)
 
     two.forward = one_stalls  # type: ignore[method-assign]
     inference = Inference(two, fakeredis.FakeRedis(), KEYS, 32, 8192, 60)

@@ -92,10 +92,12 @@ def test_forward_lanes_run_side_by_side_on_a_share_of_the_threads_each(tiny_mode
 
     two._run = recording
     ids = two.tokenize(["a good movie", "bad"])
-    whole, first, second = two.forward(ids), two.forward(ids, lane=0), two.forward(ids, lane=1)
+    whole = two.forward(ids)
+    on_lanes = two.on_each_lane(lambda: (two.lane, two.forward(ids)))
+    assert sorted(lane for lane, _ in on_lanes) == [0, 1] and two.lane is None
     assert [n for _, n in seen] == [2, 1, 1]
     assert len({ident for ident, _ in seen}) == 3
-    for got in (first, second):
+    for _, got in on_lanes:
         assert torch.tensor(got) == pytest.approx(torch.tensor(whole), abs=1e-6)
 
 
