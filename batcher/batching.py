@@ -113,21 +113,26 @@ def nearest_in_length(lengths: Sequence[int], max_size: int, max_tokens: int) ->
 
     Of the runs of texts in length order that contain text 0, the one with the fewest padded
     tokens per real token; a batch short of `max_size` counts double while there are texts enough
-    to fill one (fewer, larger forwards). Returned in ascending index (arrival) order.
+    to fill one (fewer, larger forwards), and one that runs out of longer texts counts only where
+    no full run qualifies: the oldest text, however long, never makes a small batch of its own
+    while there are texts enough to fill one (the forwards cut the batch by length anyway,
+    `split_by_length`). Returned in ascending index (arrival) order.
     """
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     anchor = order.index(0)
-    best: tuple[float, int, int] | None = None
+    full = min(max_size, len(order))
+    best: tuple[tuple[bool, float], int, int] | None = None
     for start in range(max(0, anchor - max_size + 1), anchor + 1):
         run = [lengths[i] for i in order[start : start + max_size]]
         count = batch_cut(run, max_size, max_tokens)
         if start + count <= anchor:  # the caps cut the run before the oldest text
             continue
         waste = count * max(run[count - 1], 1) / max(sum(run[:count]), 1)
-        if count < min(max_size, len(order)):
+        if count < full:
             waste *= 2
-        if best is None or waste < best[0]:
-            best = (waste, start, count)
+        rank = (len(run) < full, waste)  # runs cut short by the end of the order last
+        if best is None or rank < best[0]:
+            best = (rank, start, count)
     assert best is not None  # the run that starts at the oldest text always qualifies
     _, start, count = best
     return sorted(order[start : start + count])

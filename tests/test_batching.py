@@ -237,6 +237,8 @@ def test_arrival_gap_is_the_mean_of_recent_gaps() -> None:
         ([9, 1, 1, 8, 2], 2, 100, [0, 3]),  # the longest oldest takes its nearest neighbour below
         ([9, 1, 1, 8, 2], 2, 9, [0]),  # ... unless the token cap leaves room for it alone
         ([1, 2, 30, 31, 3], 3, 100, [0, 1, 4]),
+        # a long oldest text fills its batch with the longest of the rest rather than going alone
+        ([60, 15, 15, 15, 15, 15], 4, 1000, [0, 3, 4, 5]),
     ],
 )
 def test_nearest_in_length_always_takes_the_oldest(
