@@ -116,7 +116,9 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
     rows += [("(3) service", p) for p in (results.get("service") or {}).get("points") or []]
     if rows:
         apis = s.get("api_processes", 1)
-        lines += ["", "**(2) naive baseline and (3) this service** (one never-seen sentence per request; "
+        per = s.get("texts_per_request", 1)
+        each = "one never-seen sentence" if per == 1 else f"{per} never-seen sentences"
+        lines += ["", f"**(2) naive baseline and (3) this service** ({each} per request; "
                   f"{apis} API process{'es' if apis > 1 else ''} and {workers} worker{'s' if workers > 1 else ''})", "",
                   "| subject | clients | sentences/s | p50 ms | p95 ms | p99 ms | mean batch | queue wait ms | errors |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

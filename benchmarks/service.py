@@ -69,9 +69,9 @@ def measure(
     model_dir: Path, device: str, texts: UniqueTexts, concurrencies: list[int], cache_concurrency: int | None,
     duration_s: float, warmup_s: float, progress: Callable[[str, dict[str, object]], None],
     reference: Reference | None = None, api_processes: int = 1, workers: int = 1,
-    worker_env: dict[str, str] | None = None,
+    worker_env: dict[str, str] | None = None, texts_per_request: int = 1,
 ) -> dict[str, object]:
-    """(3) at each concurrency with never-seen texts, then the saturation rounds against
+    """(3) at each concurrency with never-seen texts (`texts_per_request` a request), then the saturation rounds against
     `reference` when given; then (4), all-hit requests, when asked.
 
     `api_processes` API replicas (as API pods behind a Kubernetes Service) share `workers` workers
@@ -98,16 +98,17 @@ def measure(
             procs.wait_ok(url)
         predict = [f"{url}/predict" for url in urls]
         counters = WorkerCounters(metrics_urls, redis_url, KEY_PREFIX)
+        fresh = lambda _: texts.take(texts_per_request)  # noqa: E731
         points = []
         for concurrency in concurrencies:
             before = counters.snapshot()
-            load = closed_loop(predict, lambda _: texts.take(1), concurrency, duration_s, warmup_s)
+            load = closed_loop(predict, fresh, concurrency, duration_s, warmup_s)
             points.append({**load.as_dict(), **between(before, counters.snapshot())})
             progress("service", points[-1])
         out: dict[str, object] = {"redis": redis_kind, "workers": workers, "points": points}
         if reference and concurrencies:
             out["saturation"] = _saturation(
-                lambda: closed_loop(predict, lambda _: texts.take(1), max(concurrencies), duration_s,
+                lambda: closed_loop(predict, fresh, max(concurrencies), duration_s,
                                     warmup_s).texts_per_s,
                 max(concurrencies), reference, progress,
             )
@@ -157,16 +158,17 @@ def _warm(url: str, texts: list[str]) -> None:
 
 def measure_app(
     app: str, env: dict[str, str], texts: UniqueTexts, concurrencies: list[int], duration_s: float, warmup_s: float,
-    progress: Callable[[str, dict[str, object]], None],
+    progress: Callable[[str, dict[str, object]], None], texts_per_request: int = 1,
 ) -> list[dict[str, object]]:
-    """A single-process benchmark subject (the naive baseline, the bare endpoint) under uvicorn."""
+    """A single-process benchmark subject (the naive baseline, the bare endpoint) under uvicorn,
+    `texts_per_request` never-seen texts a request."""
     with running() as procs:
         port = free_port()
         procs.start(uvicorn_args(app, port), {"SENTIMENT_LOG_LEVEL": "WARNING", **env})
         procs.wait_ok(f"http://127.0.0.1:{port}/health")
         points = []
         for concurrency in concurrencies:
-            load = closed_loop(f"http://127.0.0.1:{port}/predict", lambda _: texts.take(1), concurrency,
+            load = closed_loop(f"http://127.0.0.1:{port}/predict", lambda _: texts.take(texts_per_request), concurrency,
                                duration_s, warmup_s)
             points.append(load.as_dict())
             progress(app.split(".")[-1].split("_")[0], points[-1])

@@ -37,6 +37,8 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
     only = [p.strip() for p in args.only.split(",") if p.strip()]
     if unknown := set(only) - set(PARTS):
         raise SystemExit(f"--only: unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    if args.texts_per_request < 1:
+        raise SystemExit("--texts-per-request: at least 1")
     shared = default_shared_dir()
     data = args.data or shared / "data" / "sst2-train.tsv"
     duration = args.duration or (2.0 if args.quick else 30.0)
@@ -68,7 +70,7 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
         "settings": {
             "command": command, "parts": only, "model": args.model, "model_source": model_source,
             "precision": precision, "engine": engine,
-            "data": portable(data), "texts_in_pool": len(pool),
+            "data": portable(data), "texts_in_pool": len(pool), "texts_per_request": args.texts_per_request,
             "duration_s": duration, "warmup_s": warmup, "quick": args.quick, "api_processes": args.api_processes,
             "workers": args.workers, "worker_threads": threads,
             # How the model processes' OpenMP threads wait (the limit's and the worker's alike).
@@ -107,12 +109,12 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
         parts = {
             "limit": measure_limit,
             "naive": lambda: service.measure_app(
-                "benchmarks.naive_app:app", env, texts, NAIVE_CLIENTS, duration, warmup, _progress
+                "benchmarks.naive_app:app", env, texts, NAIVE_CLIENTS, duration, warmup, _progress, args.texts_per_request
             ),
             "service": lambda: service.measure(
                 model, device, texts, SERVICE_CLIENTS if "service" in only else [],
                 CACHE_CLIENTS if "cache" in only else None, duration, warmup, _progress, reference(),
-                args.api_processes, args.workers, worker_env(settings),
+                args.api_processes, args.workers, worker_env(settings), args.texts_per_request,
             ),
             "bare": lambda: service.measure_app(
                 "benchmarks.bare_app:app", {}, texts, [CACHE_CLIENTS], duration, warmup, _progress

@@ -30,6 +30,9 @@ def evaluate(results: dict[str, Any], clients: int = 32) -> list[dict[str, Any]]
         best_service = max((p["texts_per_s"] for p in service), default=None)
         saturation = best_service / best_limit if best_service and best_limit else None
         how = "best of each"
+    per = (results.get("settings") or {}).get("texts_per_request", 1)
+    if per != 1:  # the API's work per text falls with longer requests: say so beside the ratio
+        how += f", {per} texts a request"
 
     ours, theirs = _point(service, clients), _point(naive, clients)
     speedup = ours["texts_per_s"] / theirs["texts_per_s"] if ours and theirs and theirs["texts_per_s"] else None

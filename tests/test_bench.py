@@ -30,7 +30,7 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
     subprocess.run(
         [sys.executable, "-m", "sentiment.cli", "bench", "--quick", "--duration", "0.5", "--model", "small",
          "--model-dir", str(tiny_model_dir), "--data", str(data), "--device", "cpu", "--out", str(out),
-         "--doc", str(doc), "--workers", "2"],
+         "--doc", str(doc), "--workers", "2", "--texts-per-request", "2"],
         cwd=REPO, check=True, timeout=240,
     )
     [results_file] = out.glob("bench-*-cpu-quick.json")
@@ -41,6 +41,7 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
     )
     assert results["machine"]["device"] == "cpu" and results["failed"] == {}
     assert results["settings"]["texts_in_pool"] == len(SENTENCES)
+    assert results["settings"]["texts_per_request"] == 2
     precision = resolve_precision("auto", torch.device("cpu"))  # bf16 or fp32, by this CPU
     assert results["machine"]["bf16_native"] == (precision == "bf16")
     assert results["settings"]["precision"] == precision
@@ -54,6 +55,9 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
     assert [p["concurrency"] for p in service["points"]] == [1, 8, 32, 128]
     for point in [*results["naive"], *service["points"], service["cache_hits"], *results["bare"]]:
         assert point["errors"] == 0 and point["requests"] > 0 and point["p50_ms"] <= point["p99_ms"]
+    # (2) and (3) send 2 never-seen texts a request; the cache path and the bare endpoint one cached text
+    assert all(p["texts"] == 2 * p["requests"] for p in [*results["naive"], *service["points"]])
+    assert all(p["texts"] == p["requests"] for p in [service["cache_hits"], *results["bare"]])
     # Both workers' /metrics were read (a worker not answering falls back to heartbeats: no queue wait).
     assert all(p["source"] == "metrics" and p["mean_queue_wait_ms"] is not None for p in service["points"])
     assert all(p["mean_batch_size"] >= 1 for p in service["points"])
@@ -66,6 +70,7 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
         round_["service"] / ((round_["limit_before"] + round_["limit_after"]) / 2), abs=0.002
     )
     assert results["targets"][0]["value"] == saturation["median_ratio"]
+    assert results["targets"][0]["name"].endswith(", 2 texts a request)")
     assert [t["status"] in ("PASS", "MISS") for t in results["targets"]] == [True] * 4
 
     assert sorted(results["plots"]) == ["cpu-quick-cache.png", "cpu-quick-limit.png", "cpu-quick-service.png"]
@@ -75,6 +80,7 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
     assert text.startswith("# Performance\n\nprose stays\n") and text.count("<!-- bench:cpu -->") == 1
     assert results_file.name in text and "](results/cpu-quick-limit.png)" in text
     assert "**Saturation rounds** (128 clients" in text
+    assert "(2 never-seen sentences per request;" in text
     assert "2 copies side by side" in text and "and 2 workers)" in text
     assert ("cores, no bfloat16 in hardware" in text) == (precision == "fp32")  # the same CPU name comes both ways
 
