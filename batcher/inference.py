@@ -79,9 +79,9 @@ class Inference:
 
     def run(self, token_ids: Sequence[list[int]]) -> list[list[float]]:
         """Model probabilities for token ids: sorted by length and dealt in turn into a share per lane
-        (equal shares of every length), which the lanes take as they come free (`Classifier.on_lane`); each share cut into
-        the cheapest forwards (each padded or packed); input order kept. A lone text takes all the
-        threads, unless another batch is computing."""
+        (equal shares of every length), which the lanes take as they come free (`Classifier.on_lane`);
+        each share cut into the cheapest forwards (each padded or packed); input order kept. A lone
+        text takes all the threads, unless another batch is computing."""
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
         probabilities: list[list[float]] = [[] for _ in token_ids]
         with self._counting:  # (a worker runs two batches at once when it has lanes)
@@ -117,7 +117,8 @@ class Inference:
         start = 0
         for end, packed in cuts:
             batch = order[start:end]
-            for i, probs in zip(batch, timed_forward(self.classifier.forward, [token_ids[i] for i in batch], packed), strict=True):
+            computed = timed_forward(self.classifier.forward, [token_ids[i] for i in batch], packed)
+            for i, probs in zip(batch, computed, strict=True):
                 probabilities[i] = probs
             start = end
         return len(cuts)

@@ -65,7 +65,8 @@ class Limit:
             indices = range(len(self.copies))
             list(pool.map(run_copy, indices, [0.0] * len(indices)))  # a new shape's first forward pays set-up costs
             started = time.perf_counter()
-            counts = [c for per_copy in pool.map(run_copy, indices, [started + duration_s] * len(indices)) for c in per_copy]
+            ends = [started + duration_s] * len(indices)
+            counts = [c for per_copy in pool.map(run_copy, indices, ends) for c in per_copy]
         elapsed = time.perf_counter() - started
         done, padded = sum(c[0] for c in counts), sum(c[1] for c in counts)
         return {

@@ -109,7 +109,8 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
         parts = {
             "limit": measure_limit,
             "naive": lambda: service.measure_app(
-                "benchmarks.naive_app:app", env, texts, NAIVE_CLIENTS, duration, warmup, _progress, args.texts_per_request
+                "benchmarks.naive_app:app", env, texts, NAIVE_CLIENTS, duration, warmup, _progress,
+                args.texts_per_request,
             ),
             "service": lambda: service.measure(
                 model, device, texts, SERVICE_CLIENTS if "service" in only else [],

@@ -99,7 +99,8 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--texts-per-request", type=int, default=1, metavar="N",
-        help="never-seen texts in each request of (2) and (3) (default 1, the API's most work per text; the targets are set for it)",
+        help="never-seen texts in each request of (2) and (3) (default 1, the API's most work per text; "
+        "the targets are set for it)",
     )
     bench.add_argument("--quick", action="store_true", help="a smoke: short points, no doc update (under 2 minutes)")
     bench.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")
