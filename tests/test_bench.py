@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from benchmarks.batch_stats import Snapshot, between, parse_metrics
 from benchmarks.limit import batches
 from benchmarks.report import replace_block
+from benchmarks.workload import UniqueTexts
 from model_store.classifier import resolve_precision
 from tests.conftest import REPO
 
@@ -122,3 +123,13 @@ def test_limit_batches_pad_within_sorted_windows_and_any_prefix_mixes_lengths() 
     assert all(max(map(len, b)) - min(map(len, b)) == 7 for b in out)  # neighbours in length: little padding
     assert sorted(len(t) for b in out for t in b) == sorted(map(len, ids))
     assert max(len(t) for b in out[:3] for t in b) > 8  # not just the shortest texts first
+
+
+def test_unique_texts_never_repeat_and_cost_the_model_the_same_in_every_round(tiny_model_dir: Path) -> None:
+    """Past the pool, texts stay new (cache misses) but tokenize as the pool's own, which the limit runs."""
+    from transformers import AutoTokenizer
+
+    texts = UniqueTexts(SENTENCES[:2]).take(6)
+    assert len(set(texts)) == 6 and texts[:2] == SENTENCES[:2]
+    ids = AutoTokenizer.from_pretrained(tiny_model_dir)(texts)["input_ids"]
+    assert ids[0:2] == ids[2:4] == ids[4:6]
