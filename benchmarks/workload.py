@@ -27,12 +27,18 @@ def load_texts(path: Path) -> list[str]:
     return list(dict.fromkeys(t.strip() for t in lines if t.strip()))
 
 
+def blank(round_: int) -> str:
+    """Whitespace naming `round_` (none for 0): its binary digits as spaces and tabs, so a small pool
+    used thousands of times over still makes short texts (pool texts end in no whitespace)."""
+    return "" if round_ == 0 else bin(round_)[2:].replace("0", " ").replace("1", "\t")
+
+
 class UniqueTexts:
-    """An endless supply of never-repeated texts: the pool once, then again with one trailing space
-    more each round. The tokenizer drops trailing whitespace, so a text of any round costs the model
-    what the limit's copy of it costs, while its cache key is new (a visible tag such as " (1)" made
-    the texts 3 tokens longer, and the service slower than the limit it is compared with, once a
-    run had used the pool's 67,350 SST-2 sentences)."""
+    """An endless supply of never-repeated texts: the pool once, then again each round with trailing
+    whitespace that spells the round (`blank`). The tokenizer drops it, so a text of any round costs
+    the model what the limit's copy of it costs, while its cache key is new (a visible tag such as
+    " (1)" made the texts 3 tokens longer, and the service slower than the limit it is compared
+    with, once a run had used the pool's 67,350 SST-2 sentences)."""
 
     def __init__(self, pool: list[str]) -> None:
         if not pool:
@@ -44,7 +50,7 @@ class UniqueTexts:
         out = []
         for _ in range(count):
             round_, index = divmod(self.used, len(self.pool))
-            out.append(self.pool[index] + " " * round_)
+            out.append(self.pool[index] + blank(round_))
             self.used += 1
         return out
 

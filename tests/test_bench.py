@@ -129,7 +129,9 @@ def test_unique_texts_never_repeat_and_cost_the_model_the_same_in_every_round(ti
     """Past the pool, texts stay new (cache misses) but tokenize as the pool's own, which the limit runs."""
     from transformers import AutoTokenizer
 
-    texts = UniqueTexts(SENTENCES[:2]).take(6)
-    assert len(set(texts)) == 6 and texts[:2] == SENTENCES[:2]
+    texts = UniqueTexts(SENTENCES[:2]).take(8)
+    assert len(set(texts)) == 8 and texts[:2] == SENTENCES[:2]
     ids = AutoTokenizer.from_pretrained(tiny_model_dir)(texts)["input_ids"]
-    assert ids[0:2] == ids[2:4] == ids[4:6]
+    assert ids[0:2] == ids[2:4] == ids[4:6] == ids[6:8]
+    many = UniqueTexts(SENTENCES[:1]).take(5000)  # a small pool, thousands of rounds: still short texts
+    assert len(set(many)) == 5000 and max(map(len, many)) <= len(SENTENCES[0]) + 13
