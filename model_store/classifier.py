@@ -201,9 +201,7 @@ class Classifier:
                 _own_threads(threads // lanes)
 
         pool = ThreadPoolExecutor(lanes, thread_name_prefix="torch-lane", initializer=become_lane)
-        met = threading.Barrier(lanes, timeout=60)
-        for started in [pool.submit(met.wait) for _ in range(lanes)]:  # every lane's thread started now
-            started.result()
+        _on_each_thread(pool, lanes, lambda: None)  # every lane's thread started now
         self._compute.submit(torch.set_num_threads, threads).result()  # the process-wide count back
         return lanes, pool
 
@@ -280,19 +278,16 @@ class Classifier:
     def on_lane(self, fn: Callable[..., T], *args: object) -> Future[T]:
         """Call `fn` on the first forward lane that is free (lanes take calls from one queue, so none
         waits while calls are queued); the forwards it makes run right there, on that lane's threads."""
-        if self._lane_pool is None:
-            raise RuntimeError("this model has no forward lanes")
-        return self._lane_pool.submit(fn, *args)
+        return self._lanes().submit(fn, *args)
 
     def on_each_lane(self, fn: Callable[[], T]) -> list[T]:
         """`fn` on every forward lane at once (the limit benchmark's streams, one per lane)."""
-        met = threading.Barrier(self.lanes, timeout=60)  # no lane takes two calls: each waits for the rest
+        return _on_each_thread(self._lanes(), self.lanes, fn)
 
-        def together() -> T:
-            met.wait()
-            return fn()
-
-        return [call.result() for call in [self.on_lane(together) for _ in range(self.lanes)]]
+    def _lanes(self) -> ThreadPoolExecutor:
+        if self._lane_pool is None:
+            raise RuntimeError("this model has no forward lanes")
+        return self._lane_pool
 
     def forward(self, batch: list[list[int]], packed: bool = False) -> list[list[float]]:
         """Label probabilities per text for one batch of token ids, padded here to its longest text
@@ -309,6 +304,18 @@ class Classifier:
     def _forward(self, batch: list[list[int]], packed: bool) -> list[list[float]]:
         with torch.inference_mode(), self.arithmetic():
             return self._run(**self._inputs(batch, packed)).float().softmax(dim=-1).cpu().tolist()
+
+
+def _on_each_thread(pool: ThreadPoolExecutor, threads: int, fn: Callable[[], T]) -> list[T]:
+    """`fn` on each of the `threads` threads of `pool` at once: no thread takes two calls, since
+    each waits for the others to start theirs."""
+    met = threading.Barrier(threads, timeout=60)
+
+    def together() -> T:
+        met.wait()
+        return fn()
+
+    return [call.result() for call in [pool.submit(together) for _ in range(threads)]]
 
 
 def _own_threads(threads: int) -> None:
