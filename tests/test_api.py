@@ -16,11 +16,13 @@ import orjson
 import pytest
 import redis as sync_redis
 from cachetools import TTLCache
+from fastapi import APIRouter, Depends, Request, Response
 from redis.asyncio import Redis
 
 from api.app import create_app
 from api.predictions import CacheStatus, ModelRegistry, Predictor
 from api.results import ResultWaiter
+from api.routes import RequestRoute
 from batcher.protocol import Keys, ModelInfo, WorkItem, new_id, prediction, reply
 from batcher.worker import Worker
 from model_store.classifier import Classifier
@@ -470,3 +472,21 @@ async def test_hot_texts_are_answered_from_the_process_cache_without_redis(
         again = await client.post("/predict", json={"text": ["hot text"]})
     assert again.headers["x-cache"] == "miss"
     assert worker.inference.computed == 2
+
+
+
+def test_a_request_route_refuses_what_it_would_not_inject() -> None:
+    """Its endpoint gets the Request and nothing else: a parameter or a dependency would silently
+    never be filled, so the route refuses it when made."""
+
+    async def with_a_parameter(request: Request, limit: int) -> Response:
+        return Response()
+
+    async def plain(request: Request) -> Response:
+        return Response()
+
+    APIRouter(route_class=RequestRoute).add_api_route("/plain", plain)
+    with pytest.raises(TypeError, match="takes only the Request"):
+        APIRouter(route_class=RequestRoute).add_api_route("/parameter", with_a_parameter)
+    with pytest.raises(TypeError, match="no dependencies"):
+        APIRouter(route_class=RequestRoute, dependencies=[Depends(lambda: None)]).add_api_route("/guarded", plain)
