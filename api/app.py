@@ -18,7 +18,7 @@ from api.jobs import jobs_router
 from api.predictions import ModelRegistry, Predictor
 from api.rate_limit import RateLimit
 from api.results import ResultWaiter
-from api.routes import predict_router, router
+from api.routes import add_predict_route, router
 from batcher.protocol import Keys
 from sentiment.settings import Settings
 
@@ -70,7 +70,7 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
     )
-    app.include_router(predict_router(settings))
+    add_predict_route(app, settings)
     app.include_router(jobs_router(settings))
     app.include_router(router)
     app.include_router(metrics.router)
