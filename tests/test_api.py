@@ -474,7 +474,6 @@ async def test_hot_texts_are_answered_from_the_process_cache_without_redis(
     assert worker.inference.computed == 2
 
 
-
 def test_a_request_route_refuses_what_it_would_not_inject() -> None:
     """Its endpoint gets the Request and nothing else: a parameter or a dependency would silently
     never be filled, so the route refuses it when made."""
