@@ -1,8 +1,8 @@
 """Waiting for results without a Redis connection per waiting request.
 
-Each API process subscribes once to its own reply channel; the worker publishes a request's id
-and result there after writing the result key, which hands the result to that request and wakes
-it: one message per answer, no round trip to fetch it. The result key stays the source of truth: a
+Each API process subscribes once to its own reply channel; the worker publishes the ids and results
+of the requests it finished there, in the transaction that writes their result keys, which hands
+each result to its request and wakes it: one message per worker round, no round trip to fetch it. The result key stays the source of truth: a
 waiter not answered by a message reads it every `poll_s` seconds, so a message lost while the
 subscription reconnects costs at most that much latency, never the answer.
 """
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from batcher.protocol import Keys, new_id, parse_reply
+from batcher.protocol import Keys, new_id, parse_replies
 from batcher.redis_errors import OUTAGE, describe
 
 log = logging.getLogger(__name__)
@@ -99,9 +99,9 @@ class ResultWaiter:
                         if message["type"] == "subscribe":
                             backoff = 0.1  # confirmed: a refused SUBSCRIBE fails only here, at its reply
                         elif message["type"] == "message":
-                            request_id, result = parse_reply(message["data"])
-                            if pending := self._pending.get(request_id):
-                                pending.deliver(result)
+                            for request_id, result in parse_replies(message["data"]):
+                                if pending := self._pending.get(request_id):
+                                    pending.deliver(result)
             except (RedisError, OSError) as exc:
                 log.log(
                     logging.WARNING if isinstance(exc, OUTAGE) else logging.ERROR,

@@ -34,6 +34,7 @@ from rq.worker import WorkerStatus
 
 from batcher import metrics
 from batcher.inference import Inference
+from batcher.plan import Policy
 from batcher.job_spec import CHUNKS_PER_BATCH, SERIALIZER, jobs_queue, progress
 from batcher.protocol import Keys, Prediction
 from batcher.redis_errors import describe
@@ -53,7 +54,7 @@ def classify(texts: list[str]) -> list[Prediction]:
     if _inference is None:
         raise RuntimeError("no model loaded in this process: run jobs with `sentiment jobs-worker`")
     job = get_current_job()
-    chunk = _inference.max_batch_size * CHUNKS_PER_BATCH
+    chunk = _inference.policy.max_texts * CHUNKS_PER_BATCH
     predictions: list[Prediction] = []
     for start in range(0, len(texts), chunk):
         _stop_if_canceled(job)
@@ -217,15 +218,9 @@ def run(settings: Settings, threads: int | None, priority: str = "idle") -> None
     lower_priority(priority)  # before torch starts its thread pool, so every thread inherits it
     from model_store.classifier import Classifier
 
-    classifier = Classifier(
-        settings.model_dir, settings.device, threads, settings.precision, settings.torch_interop_threads, settings.engine,
-        settings.forward_lanes,
-    )
+    classifier = Classifier.from_settings(settings, threads)
     metrics.describe_model(classifier)
     metrics.serve(settings.jobs_metrics_port)
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
-    inference = Inference(
-        classifier, redis, Keys(settings.key_prefix), settings.max_batch_size, settings.max_batch_tokens,
-        settings.cache_ttl_s,
-    )
-    serve_jobs(settings, inference, redis)
+    policy = Policy.of(settings, classifier.cost, lanes=1)  # one forward at a time, on this thread
+    serve_jobs(settings, Inference(classifier, redis, Keys(settings.key_prefix), policy, settings.cache_ttl_s), redis)

@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 from batcher.protocol import Keys
 
 if TYPE_CHECKING:
-    from batcher.batching import Slot
+    from batcher.work import Text
     from model_store.classifier import Classifier
 
 log = logging.getLogger(__name__)
@@ -55,15 +55,22 @@ WORK_ITEMS_EXPIRED = Counter(
 WORKER_BUSY_SECONDS = Counter(
     "sentiment_worker_busy_seconds", "Seconds the model spent on batches (or job chunks); rate = busy ratio."
 )
+STAGE_CPU_SECONDS = Counter(
+    "sentiment_worker_stage_cpu_seconds", "CPU seconds each stage of the worker spent, from its threads' own clocks: "
+    "take (Redis, decode, cache check, tokenize), plan (choosing forwards), forward (the engine), reply (encode, write).",
+    ["stage"],
+)
 MODEL = Info("sentiment_model", "The model this process serves: name, version, device, dtype and engine.")
 for _kind in ("real", "padded"):
     TOKENS.labels(_kind)
+for _stage in ("take", "plan", "forward", "reply"):
+    STAGE_CPU_SECONDS.labels(_stage)
 
 
 def describe_model(c: Classifier) -> None:
     """Publish what runs the model, as `sentiment_model_info`; `/model` on the API shows the same but
     the engine, which a worker's log and this metric tell (`auto` may fall back to torch)."""
-    MODEL.info({"name": c.name, "version": c.version, "device": str(c.device), "dtype": c.dtype_name, "engine": c.engine})
+    MODEL.info({"name": c.name, "version": c.version, "device": str(c.device), "dtype": c.dtype_name, "engine": c.engine.name})
 
 
 def timed_forward(forward: Callable[[list[list[int]], bool], T], batch: list[list[int]], packed: bool) -> T:
@@ -78,12 +85,14 @@ def timed_forward(forward: Callable[[list[list[int]], bool], T], batch: list[lis
     return result
 
 
-def batch_started(slots: Iterable[Slot]) -> None:
-    """Record the queue wait of every work item whose first texts go into the batch starting now."""
+def forward_started(texts: Iterable[Text]) -> None:
+    """Record the queue wait of every work item whose first texts go into the forward starting now."""
     now = time.time()
-    for held in {slot.held for slot in slots}:
-        if held.missing == len(held.item.texts):  # nothing filled yet: this is its first batch
-            QUEUE_WAIT_SECONDS.observe(max(now - held.item.enqueued_at, 0.0))
+    for text in texts:
+        for held, _ in text.waiters:
+            if not held.started:
+                held.started = True
+                QUEUE_WAIT_SECONDS.observe(max(now - held.item.enqueued_at, 0.0))
 
 
 class Busy:

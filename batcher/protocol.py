@@ -6,8 +6,8 @@ No user text ever appears in a key name: texts are addressed by a SHA-256 digest
 
 Flow: the API LPUSHes a `WorkItem` onto `queue`; a worker moves it (RIGHT -> LEFT, so FIFO) into
 its own `processing(worker)` list, computes, writes `result(id)` (short TTL) and one `cache` key per
-text, PUBLISHes a `reply` (the id and the result) on the item's `reply_to` channel, and only then
-removes the item from its processing list. A dead worker's processing list is pushed back onto the
+text, PUBLISHes `replies` (ids and results) on the items' `reply_to` channel, and in the same
+transaction removes the items from its processing list. A dead worker's processing list is pushed back onto the
 queue by a live one.
 """
 
@@ -35,22 +35,37 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def reply(request_id: str, result: bytes) -> bytes:
-    """The pub/sub message that answers a request: its id, a space, then the bytes of its result key.
-    The result rides along so the waiting API needs no round trip to fetch it; the key stays, for a
-    waiter that missed the message (its subscription was reconnecting)."""
-    return f"{request_id} ".encode() + result
+def replies(answers: list[tuple[str, bytes]]) -> bytes:
+    """The pub/sub message that answers requests of one API process: per request, its id, a space and
+    the bytes of its result key, one request a line (a result is JSON: it holds no raw newline). The
+    results ride along so the waiting API needs no round trip to fetch them, and one message answers
+    all of a process's requests that a worker finished together; the keys stay, for a waiter that
+    missed the message (its subscription was reconnecting)."""
+    return b"\n".join(f"{request_id} ".encode() + result for request_id, result in answers)
 
 
-def parse_reply(message: bytes) -> tuple[str, bytes | None]:
-    """(request id, result) of a `reply`; the result is None in the bare id earlier workers sent."""
-    request_id, _, result = message.partition(b" ")
-    return request_id.decode(), result or None
+def parse_replies(message: bytes) -> list[tuple[str, bytes | None]]:
+    """(request id, result) per line of `replies`; the result is None in the bare id earlier workers sent."""
+    answers = []
+    for line in message.split(b"\n"):
+        request_id, _, result = line.partition(b" ")
+        answers.append((request_id.decode(), result or None))
+    return answers
 
 
 def prediction(labels: list[str], probabilities: list[float]) -> Prediction:
     """The response shape for one text: every label, in the model's order."""
     return [{"label": label, "score": p} for label, p in zip(labels, probabilities, strict=True)]
+
+
+def encode_prediction(labels: list[str], probabilities: list[float]) -> bytes:
+    """One text's `prediction` as JSON: the cache entry, and a piece of every result that holds it."""
+    return orjson.dumps(prediction(labels, probabilities))
+
+
+def encode_result(predictions: list[bytes]) -> bytes:
+    """A `Result` with the given encoded predictions, joined rather than encoded again."""
+    return b'{"predictions":[' + b",".join(predictions) + b"]}"
 
 
 @dataclass(frozen=True)

@@ -7,53 +7,70 @@ once its result is written, so a worker that dies holds nothing that cannot be r
 from __future__ import annotations
 
 import logging
-import time
 
 from redis import Redis
 from redis.client import Pipeline
+from redis.exceptions import ResponseError
 
 from batcher.protocol import Keys
+from batcher.redis_link import Link
 
 log = logging.getLogger(__name__)
 
-BLOCKING_MIN_S = 0.5  # shorter waits poll (see `take`)
-POLL_S = 0.0005
-
 
 class WorkQueue:
-    """Take, acknowledge and reclaim work items for one worker."""
+    """Take, acknowledge and reclaim work items for one worker. Taking and acknowledging go through a
+    `Link` of their own: call them from one thread (the worker's take stage)."""
 
     def __init__(self, redis: Redis, keys: Keys, worker_id: str) -> None:
         self.redis = redis
         self.keys = keys
         self.worker_id = worker_id
         self.processing = keys.processing(worker_id)
+        self.link = Link(redis)
+        self.held: set[bytes] = set()  # taken items this process holds in memory, until acknowledged
 
     def take(self, timeout: float) -> bytes | None:
-        """The oldest queued item, moved into our processing list; wait up to `timeout` s (0: no wait)."""
-        if timeout >= BLOCKING_MIN_S:
-            # BRPOPLPUSH is BLMOVE RIGHT LEFT; fakeredis 2.40's BLMOVE does not block, this one does.
-            return self.redis.brpoplpush(self.keys.queue, self.processing, timeout)
-        # Redis expires blocking timeouts from its event loop (hz=10: up to 100 ms late), far too
-        # coarse for a batching window of a few ms: poll instead, only for such short waits.
-        give_up = time.monotonic() + timeout
-        while (raw := self.redis.lmove(self.keys.queue, self.processing, "RIGHT", "LEFT")) is None:
-            if (remaining := give_up - time.monotonic()) <= 0:
-                return None
-            time.sleep(min(POLL_S, remaining))
-        return raw
+        """The oldest queued item, moved into our processing list, waiting up to `timeout` s for one
+        (BRPOPLPUSH is BLMOVE RIGHT LEFT; fakeredis 2.40's BLMOVE does not block, this one does)."""
+        [raw] = self.link.call(("BRPOPLPUSH", self.keys.queue, self.processing, timeout))
+        return raw  # type: ignore[no-any-return]
+
+    def depth(self) -> int:
+        """Items waiting in the queue."""
+        [depth] = self.link.call(("LLEN", self.keys.queue))
+        return depth  # type: ignore[no-any-return]
 
     def take_queued(self, most: int) -> list[bytes]:
         """Up to `most` queued items, oldest first, moved into our processing list in one round trip
         (a pipeline of LMOVEs: each move is atomic, so a crash mid-way leaves nothing unreclaimable)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for _ in range(most):
-            pipe.lmove(self.keys.queue, self.processing, "RIGHT", "LEFT")
-        return [raw for raw in pipe.execute() if raw is not None]
+        if not most:
+            return []
+        replies = self.link.call(*[("LMOVE", self.keys.queue, self.processing, "RIGHT", "LEFT")] * most, raise_errors=False)
+        moved = [raw for raw in replies if isinstance(raw, bytes)]
+        if not moved and (errors := [r for r in replies if isinstance(r, ResponseError)]):
+            raise errors[0]  # (moves a refusal cut short are kept: they are ours now)
+        return moved
 
-    def ack(self, raw: bytes, redis: Redis | Pipeline | None = None) -> None:
-        """Drop a finished (or expired) item from our processing list; pass a pipeline to batch it."""
-        (redis or self.redis).lrem(self.processing, 1, raw)
+    def ack_all(self, raws: list[bytes]) -> None:
+        """Drop several items from our processing list in one round trip."""
+        self.link.call(*(("LREM", self.processing, 1, raw) for raw in raws))
+
+    def requeue_unheld(self) -> int:
+        """Requeue the items in our processing list that this process does not hold: taken by a round
+        trip whose replies a broken connection lost. Atomic against the reply stage's acknowledgements
+        (WATCH, retried)."""
+
+        def move(pipe: Pipeline) -> int:
+            held = set(self.held)
+            orphans = [raw for raw in pipe.lrange(self.processing, 0, -1) if raw not in held]
+            pipe.multi()
+            for raw in orphans:
+                pipe.lrem(self.processing, 1, raw)
+                pipe.rpush(self.keys.queue, raw)
+            return len(orphans)
+
+        return self.redis.transaction(move, self.processing, value_from_callable=True)  # type: ignore[no-any-return]
 
     def give_back(self) -> int:
         """Return everything this worker holds to the front of the queue (shutdown, lost state)."""

@@ -8,6 +8,9 @@ text included.
 
 from __future__ import annotations
 
+import logging
+import threading
+
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -17,3 +20,26 @@ OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
 def describe(exc: Exception) -> str:
     """`ConnectionError: Error 111 connecting to ...` for an outage, `OutOfMemoryError` for a reply."""
     return f"{type(exc).__name__}: {exc}" if isinstance(exc, OUTAGE) else type(exc).__name__
+
+
+class Backoff:
+    """The wait between tries after a Redis error: 0.1 s doubling to 2 s, each failure logged by its
+    class; `reset` after a success."""
+
+    FIRST_S, MOST_S = 0.1, 2.0
+
+    def __init__(self, log: logging.Logger, stopping: threading.Event) -> None:
+        self.log = log
+        self.stopping = stopping
+        self.delay = self.FIRST_S
+
+    def reset(self) -> None:
+        self.delay = self.FIRST_S
+
+    def wait(self, exc: Exception) -> bool:
+        """Log `exc`, then wait; True when the process is stopping."""
+        self.log.warning("redis failed (%s); retrying in %.1f s", describe(exc), self.delay)
+        self.log.debug("redis failed with", exc_info=exc)
+        stopped = self.stopping.wait(self.delay)
+        self.delay = min(self.delay * 2, self.MOST_S)
+        return stopped

@@ -13,10 +13,11 @@ import itertools
 import random
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from pathlib import Path
 
-from model_store.classifier import Classifier, Engine, Precision
+from model_store.classifier import Classifier
+from model_store.engine import EngineName, Precision
 
 SORT_WINDOW = 512
 
@@ -37,7 +38,7 @@ class Limit:
     again on demand, so the service's saturation point is compared with the limit measured beside it."""
 
     def __init__(
-        self, model_dir: Path, device: str, threads: int | None, precision: Precision, engine: Engine,
+        self, model_dir: Path, device: str, threads: int | None, precision: Precision, engine: EngineName,
         texts: list[str], copies: int = 1, lanes: int | None = None,
     ) -> None:
         self.copies = [Classifier(model_dir, device, threads, precision, engine=engine, lanes=lanes) for _ in range(copies)]
@@ -48,31 +49,31 @@ class Limit:
         """Sentences/s and mean padded width at one batch size, every lane of every copy forwarding
         for about `duration_s` (cycling through the texts if they run out first, as on a fast GPU)."""
         work = batches(self.ids, size)
-        lanes = self.classifier.lanes  # (every copy alike)
-        streams = len(self.copies) * lanes
-
-        def run_copy(index: int, until: float) -> list[tuple[int, int]]:
-            """One stream per lane of copy `index` (a copy without lanes forwards on all its threads)."""
-            copy = self.copies[index]
-
-            def stream() -> tuple[int, int]:
-                k = index * lanes + (copy.lane or 0)
-                return _forward_until(copy, work[k::streams] or work, until)
-
-            return copy.on_each_lane(stream) if lanes > 1 else [stream()]
-
-        with ThreadPoolExecutor(len(self.copies)) as pool:  # (each copy waits on its own thread)
-            indices = range(len(self.copies))
-            list(pool.map(run_copy, indices, [0.0] * len(indices)))  # a new shape's first forward pays set-up costs
-            started = time.perf_counter()
-            ends = [started + duration_s] * len(indices)
-            counts = [c for per_copy in pool.map(run_copy, indices, ends) for c in per_copy]
+        self._streams(work, 0.0)  # a new shape's first forward pays set-up costs
+        started = time.perf_counter()
+        counts = self._streams(work, started + duration_s)
         elapsed = time.perf_counter() - started
         done, padded = sum(c[0] for c in counts), sum(c[1] for c in counts)
         return {
             "batch_size": size, "texts": done, "seconds": round(elapsed, 3),
             "texts_per_s": round(done / elapsed, 2), "mean_padded_tokens": round(padded / done, 1),
         }
+
+    def _streams(self, work: list[list[list[int]]], until: float) -> list[tuple[int, int]]:
+        """Every lane of every copy forwarding its share of `work` on a thread of its own, as the
+        workers' lanes do, until `until`: (texts, padded tokens) per stream."""
+        streams = [copy for copy in self.copies for _ in range(copy.lanes)]
+        counts: list[tuple[int, int]] = [(0, 0)] * len(streams)
+
+        def stream(k: int) -> None:
+            counts[k] = _forward_until(streams[k], work[k :: len(streams)] or work, until)
+
+        threads = [threading.Thread(target=stream, args=(k,), name=f"limit-{k}") for k in range(len(streams))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return counts
 
     def measure(
         self, sizes: list[int], duration_s: float, progress: Callable[[str, dict[str, object]], None]
@@ -84,17 +85,18 @@ class Limit:
             progress("limit", points[-1])
         c = self.classifier
         return {
-            "model": c.name, "dtype": c.dtype_name, "engine": c.engine, "copies": len(self.copies), "lanes": c.lanes,
+            "model": c.name, "dtype": c.dtype_name, "engine": c.engine.name, "copies": len(self.copies), "lanes": c.lanes,
             "points": points,
         }
 
 
 def _forward_until(classifier: Classifier, work: list[list[list[int]]], until: float) -> tuple[int, int]:
-    """Forward `work`'s batches in a cycle until the clock passes `until` (at least one), on the lane
-    this runs on, if any: (texts, padded tokens)."""
+    """Forward `work`'s batches in a cycle until the clock passes `until` (at least one), on the
+    calling thread as a lane of the engine: (texts, padded tokens)."""
+    classifier.engine.start_lane()
     done = padded = 0
     for batch in itertools.cycle(work):
-        classifier.forward(batch)
+        classifier.engine.forward(batch)
         done += len(batch)
         padded += len(batch) * max(map(len, batch))
         if time.perf_counter() >= until:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from model_store.classifier import native_bf16
+from model_store.engine import native_bf16
 
 
 def cpu_model() -> str:

@@ -137,6 +137,21 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
             f"| {i} | {r['limit_before']} | {r['service']} | {r['limit_after']} | {r['ratio']} |"
             for i, r in enumerate(paired["rounds"], start=1)
         ]
+    if ceiling := results.get("ceiling"):
+        lines += ["", f"**(5) Ceiling** (the null engine: no model; 1 API process and 1 worker, {ceiling['clients']} "
+                  "clients; CPU per request and per text from /proc and the worker's own stage clocks)", "",
+                  "| subject | texts a request | requests/s | texts/s | p99 ms | API CPU us a request | "
+                  "worker CPU us a text | outside the forward us a text (take / plan / reply) | cores API / worker / Redis |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for p in ceiling["points"]:
+            st, cores = p["worker_stage_cpu_us_per_text"], p["cores"]
+            lines.append(
+                f"| service | {p['texts_per_request']} | {p['requests_per_s']} | {p['texts_per_s']} | {_cell(p['p99_ms'])} | "
+                f"{p['api_cpu_us_per_request']} | {p['worker_cpu_us_per_text']} | {p['worker_outside_forward_us_per_text']} "
+                f"({st['take']} / {st['plan']} / {st['reply']}) | {cores['api']} / {cores['worker']} / {cores['redis']} |"
+            )
+        b = ceiling["bare"]
+        lines.append(f"| bare endpoint | 1 | {b['requests_per_s']} | {b['texts_per_s']} | {_cell(b['p99_ms'])} | – | – | – | – |")
     cache = [("(4) cache hits", (results.get("service") or {}).get("cache_hits"))]
     cache += [("bare endpoint", p) for p in results.get("bare") or []]
     if any(p for _, p in cache):

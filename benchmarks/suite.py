@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sentiment.settings import Settings
 
-PARTS = ("limit", "naive", "service", "cache")
+PARTS = ("limit", "naive", "service", "cache", "ceiling")
 BATCH_SIZES = [1, 8, 16, 32, 64]
 SERVICE_CLIENTS = [1, 8, 32, 128]
 NAIVE_CLIENTS = [1, 32]
@@ -29,9 +29,9 @@ SECRET = re.compile(r"url|password|secret|api_key", flags=re.IGNORECASE)
 
 
 def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
-    from benchmarks import limit, machine, report, service, targets
+    from benchmarks import ceiling, limit, machine, report, service, targets
     from benchmarks.workload import CHECKOUT, UniqueTexts, default_shared_dir, load_texts, model_dir
-    from model_store.classifier import pick_device, resolve_engine, resolve_precision
+    from model_store.engine import pick_device, resolve_engine, resolve_precision
     from sentiment.embedded import worker_env, worker_threads
 
     only = [p.strip() for p in args.only.split(",") if p.strip()]
@@ -120,9 +120,10 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
             "bare": lambda: service.measure_app(
                 "benchmarks.bare_app:app", {}, texts, [CACHE_CLIENTS], duration, warmup, _progress
             ),
+            "ceiling": lambda: ceiling.measure(model, texts, duration, warmup, _progress),
         }
         runs = {"limit": "limit" in only, "naive": "naive" in only, "service": bool({"service", "cache"} & set(only)),
-                "bare": "cache" in only}  # (4) is the service's cache path, then the bare endpoint
+                "bare": "cache" in only, "ceiling": "ceiling" in only}  # (4): the cache path, then the bare endpoint
         for part in [p for p, wanted in runs.items() if wanted]:
             try:  # a part that breaks is reported, and the others still run
                 results[part] = parts[part]()
@@ -155,5 +156,6 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
 def _progress(part: str, point: dict[str, object]) -> None:
     shown = {k: v for k, v in point.items() if k in (
         "batch_size", "concurrency", "texts_per_s", "requests_per_s", "p50_ms", "p99_ms", "mean_batch_size",
-        "mean_queue_wait_ms", "errors", "client_cpu_share", "limit_before", "service", "limit_after", "ratio")}
+        "mean_queue_wait_ms", "errors", "client_cpu_share", "limit_before", "service", "limit_after", "ratio",
+        "texts_per_request", "api_cpu_us_per_request", "worker_outside_forward_us_per_text", "cores")}
     print(f"  {part}: {shown}", flush=True)

@@ -1,32 +1,35 @@
-"""The loaded model exported to ONNX and run by ONNX Runtime on the CPU.
+"""ONNX Runtime's engine: the checkpoint exported to ONNX at load and run on the CPU in fp32.
 
-Same weights, same fp32 arithmetic as torch (probabilities agree to ~1e-6), but ONNX Runtime fuses
-layer norm, GELU and the residual adds, and runs the graph without torch's per-op dispatch: on 2 cores a
-DistilBERT-base forward of one short sentence takes 13 ms instead of 37, and batches of 16 run
-1.4x faster (docs/tuning.md, "Engine").
+Same weights and arithmetic as torch (probabilities agree to ~1e-6), but ONNX Runtime fuses layer
+norm, GELU and the residual adds and runs the graph without torch's per-op dispatch, so short
+forwards cost much less (docs/tuning.md, "Engine").
 """
 
 from __future__ import annotations
 
+import gc
 import os
+import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import onnxruntime
 import torch
+
+from model_store import layout
+from model_store.checkpoint import Checkpoint
+from model_store.cost import ForwardCost
+from model_store.torch_engine import TRACE_EXAMPLE, load_module
 
 
 def export(model: torch.nn.Module, path: Path, example: dict[str, torch.Tensor]) -> None:
     """Write the model (a `model_store.layout` module) as an ONNX graph whose inputs are named as in
-    `example`, every axis free (rows, positions, texts). Done at every start (about
-    4 s for DistilBERT-base on 2 cores), so the graph can never drift from the checkpoint it came
-    from; to a file, so torch's copy of the weights can go before ONNX Runtime loads its own.
-
-    The TorchScript exporter (fast here; torch.export's takes 6x longer) traces the example, a
-    padded batch of two. Transformers' mask code branches in Python on shapes, so
-    tests/test_model_store.py holds the graph to torch's scores on SST-2 dev in batches of one,
-    of mixed lengths, packed and of texts cut at the model's maximum length.
-    """
+    `example`, every axis free (rows, positions, texts). Done at every start, so the graph can never
+    drift from the checkpoint it came from. The TorchScript exporter traces the example; transformers'
+    mask code branches in Python on shapes, so tests/test_model_store.py holds the graph to torch's
+    scores on SST-2 dev in every batch shape."""
     axes = {name: {axis: f"{name}_{axis}" for axis in range(tensor.dim())} for name, tensor in example.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on those branches, and its deprecation
@@ -37,9 +40,15 @@ def export(model: torch.nn.Module, path: Path, example: dict[str, torch.Tensor])
 
 
 class OnnxEngine:
-    """An ONNX Runtime session over an exported model: its named inputs in, logits out."""
+    """An ONNX Runtime session over an exported model: one forward at a time, on all its threads."""
 
-    def __init__(self, path: Path, threads: int) -> None:
+    name = "onnxruntime"
+    device = "cpu"
+    precision = "fp32"
+    dtype = "float32"
+    lanes = 1
+
+    def __init__(self, path: Path, threads: int, pad_id: int, segments: bool) -> None:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -49,7 +58,30 @@ class OnnxEngine:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         options.log_severity_level = 3  # errors only: its notes on graph fusions are not ours to act on
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.threads = threads
+        self._pad_id = pad_id
+        self._segments = segments
+        # A call's fixed cost in token positions (AVX2, 2 cores; docs/tuning.md, "The forward's cost").
+        self.cost = ForwardCost(overhead_tokens=16, attention_tokens=2048, packs=segments)
 
-    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def export(cls, checkpoint: Checkpoint, threads: int) -> OnnxEngine:
+        """Export the checkpoint to a temporary file, drop torch's copy of the weights, and load it
+        into ONNX Runtime (DistilBERT-base then peaks at 1.1 GB instead of 1.4)."""
+        module = load_module(checkpoint, torch.device("cpu"), "fp32")
+        segments = isinstance(module, layout.Segments)
+        with tempfile.TemporaryDirectory(prefix="sentiment-onnx-") as tmp:
+            graph = Path(tmp) / "model.onnx"
+            export(module, graph, layout.inputs(TRACE_EXAMPLE, checkpoint.pad_id, segments=segments, packed=False))
+            del module
+            gc.collect()
+            return cls(graph, threads, checkpoint.pad_id, segments)
+
+    def start_lane(self) -> None:
+        """One lane on all the session's threads: nothing to set per thread."""
+
+    def forward(self, batch: Sequence[list[int]], packed: bool = False) -> np.ndarray:
+        inputs = layout.inputs(batch, self._pad_id, segments=self._segments, packed=packed)
         (logits,) = self.session.run(None, {name: tensor.numpy() for name, tensor in inputs.items()})
-        return torch.from_numpy(logits)
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32)

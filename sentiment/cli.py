@@ -75,8 +75,10 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     pull.set_defaults(run=_pull)
 
     # Development commands: they need a checkout (the `benchmarks` package and `k6/` are not in images).
-    bench = commands.add_parser("bench", help="benchmarks: model limit, naive baseline, this service, cache path")
-    bench.add_argument("--only", default="limit,naive,service,cache", help="parts to run (default %(default)s)")
+    bench = commands.add_parser(
+        "bench", help="benchmarks: model limit, naive baseline, this service, cache path, the null-engine ceiling"
+    )
+    bench.add_argument("--only", default="limit,naive,service,cache,ceiling", help="parts to run (default %(default)s)")
     bench.add_argument(
         "--model", choices=("full", "small"), default="full",
         help="full = DistilBERT-base shape with random weights from --config-dir; small = --model-dir",
@@ -160,10 +162,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
     from batcher.worker import Worker
     from model_store.classifier import Classifier
 
-    classifier = Classifier(
-        settings.model_dir, settings.device, settings.torch_threads, settings.precision, settings.torch_interop_threads,
-        settings.engine, settings.forward_lanes,
-    )
+    classifier = Classifier.from_settings(settings)
     client = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
     metrics.serve(settings.metrics_port, metrics.QueueDepth(client, Keys(settings.key_prefix)))
     worker = Worker(settings, client, classifier)

@@ -63,18 +63,21 @@ class Settings(BaseSettings):
     )
     max_wait_ms: float = Field(
         5.0, ge=0,
-        description="Longest a lone request waits for company before its batch runs; it waits only when "
-        "recent requests arrived less than this far apart.",
+        description="Longest a lone request waits for company before its forward runs; it waits only when "
+        "recent requests arrived less than this far apart, so a lone client never waits (docs/tuning.md, "
+        "\"Batching\").",
     )
     batch_window: int = Field(
         128, ge=1,
-        description="Most queued texts the worker reads ahead to group by token length (less padding); "
-        "the oldest text always goes in the next batch. Set to `SENTIMENT_MAX_BATCH_SIZE` for arrival "
-        "order: about half the p99 at saturation, a few percent less throughput (docs/tuning.md).",
+        description="Most taken texts the worker holds ahead of the model, to group by token length (less "
+        "padding); the oldest text always goes in the next forward. `SENTIMENT_MAX_BATCH_SIZE` gives arrival "
+        "order (docs/tuning.md, \"Batching\").",
     )
-    overlap: bool = Field(
-        True,
-        description="Run the model in its own thread so the next batch is fetched and tokenized meanwhile.",
+    lane_max_tokens: int = Field(
+        256, ge=1,
+        description="Most token positions in one forward on a CPU forward lane (with 2 lanes or more): a "
+        "1-thread forward is cheapest per token near 256 positions and slows past ~400, when its activations "
+        "outgrow the core's cache (docs/tuning.md, \"Forward lanes\").",
     )
 
     # Model runtime
@@ -87,10 +90,11 @@ class Settings(BaseSettings):
         "bfloat16 in hardware (avx512_bf16 or AMX), else fp32. `int8` (dynamic quantization of Linear layers) "
         "is a CPU option (docs/tuning.md).",
     )
-    engine: Literal["auto", "torch", "onnxruntime"] = Field(
+    engine: Literal["auto", "torch", "onnxruntime", "null"] = Field(
         "auto",
         description="What runs the model: `auto` is ONNX Runtime for fp32 on the CPU (the model exported at load; "
-        "the same arithmetic, 1.4-2.8x faster than torch there) and torch for everything else (docs/tuning.md).",
+        "the same arithmetic, faster there) and torch for everything else; `null` answers constant scores at "
+        "almost no cost, to measure the service around the model (docs/tuning.md, \"Engine\").",
     )
     torch_threads: int | None = Field(
         None, ge=1,

@@ -89,7 +89,7 @@ def start_worker(worker: Worker) -> threading.Thread:
 
     def announced() -> bool:
         assert thread.is_alive(), "the worker thread ended before announcing its model"
-        return bool(worker.redis.get(worker.keys.model) and worker.redis.exists(worker.keys.heartbeat(worker.status.id)))
+        return bool(worker.redis.get(worker.keys.model) and worker.redis.exists(worker.keys.heartbeat(worker.id)))
 
     wait_for("the worker to announce its model and heartbeat", announced)
     return thread

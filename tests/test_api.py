@@ -23,7 +23,7 @@ from api.app import create_app
 from api.predictions import CacheStatus, ModelRegistry, Predictor
 from api.results import ResultWaiter
 from api.routes import RequestRoute
-from batcher.protocol import Keys, ModelInfo, WorkItem, new_id, prediction, reply
+from batcher.protocol import Keys, ModelInfo, WorkItem, new_id, prediction, replies
 from batcher.worker import Worker
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
@@ -93,7 +93,7 @@ async def test_cache_status_miss_then_hit_then_partial(client: httpx.AsyncClient
     assert [r.headers["x-cache"] for r in (first, again, partial)] == ["miss", "hit", "partial"]
     assert again.json()["predictions"] == first.json()["predictions"][::-1]
     assert partial.json()["predictions"][0] == first.json()["predictions"][0]
-    assert worker.inference.computed == 3
+    assert worker.lanes.computed == 3
 
 
 async def test_one_work_item_with_deduplicated_misses(
@@ -118,7 +118,7 @@ async def test_concurrent_requests_share_batches_and_compute_shared_texts_once(
     )
     assert all(r.status_code == 200 for r in responses)
     assert len({str(r.json()["predictions"][0]) for r in responses}) == 1
-    assert worker.inference.computed == 21
+    assert worker.lanes.computed == 21
     assert worker.status.largest_batch_requests > 1
 
 
@@ -257,8 +257,8 @@ async def test_a_request_cut_at_its_deadline_leaves_no_work_behind(
     assert response.status_code == 504
     assert redis.llen(keys.queue) == 1
     start_worker(worker)
-    wait_for("the worker to drop the expired item", lambda: worker.batcher.expired == 1)
-    assert worker.inference.computed == 0
+    wait_for("the worker to drop the expired item", lambda: worker.intake.expired == 1)
+    assert worker.lanes.computed == 0
     assert (redis.llen(keys.queue), list(redis.scan_iter(keys.result("*")))) == (0, [])
 
 
@@ -316,7 +316,7 @@ async def test_a_reply_hands_over_its_result_and_a_missed_reply_is_made_good_by_
         await asyncio.to_thread(wait_for, "the listeners to subscribe", lambda: len(redis.pubsub_channels()) == 2)
         delivered, bare, lost = new_id(), new_id(), new_id()
         with woken.expect(delivered) as pending:
-            redis.publish(woken.channel, reply(delivered, b"from the reply"))
+            redis.publish(woken.channel, replies([(delivered, b"from the reply")]))
             assert await asyncio.wait_for(pending.result(), 5) == b"from the reply"
         with woken.expect(bare) as pending:
             redis.set(keys.result(bare), b"from the key")
@@ -424,7 +424,7 @@ async def test_model_failure_is_a_424_json_error(
     def broken(batch: list[list[int]], packed: bool = False) -> list[list[float]]:
         raise RuntimeError("out of cheese")
 
-    monkeypatch.setattr(classifier, "forward", broken)
+    monkeypatch.setattr(classifier.engine, "forward", broken)
     start_worker(worker)
     response = await client.post("/predict", json={"text": ["anything"]})
     assert response.status_code == 424
@@ -464,14 +464,14 @@ async def test_hot_texts_are_answered_from_the_process_cache_without_redis(
         third = await client.post("/predict", json={"text": ["hot text"]})  # Redis no longer has it
     assert [r.headers["x-cache"] for r in (first, second, third)] == ["miss", "hit", "hit"]
     assert third.json() == first.json()
-    assert worker.inference.computed == 1
+    assert worker.lanes.computed == 1
 
     off = settings.model_copy(update={"local_cache_size": 0})
     async with client_for(off, fakeredis.FakeAsyncRedis(server=fake_server)) as client:
         fakeredis.FakeRedis(server=fake_server).delete(keys.cache(worker.classifier.version, "hot text"))
         again = await client.post("/predict", json={"text": ["hot text"]})
     assert again.headers["x-cache"] == "miss"
-    assert worker.inference.computed == 2
+    assert worker.lanes.computed == 2
 
 
 def test_a_request_route_refuses_what_it_would_not_inject() -> None:

@@ -17,7 +17,7 @@ from benchmarks.batch_stats import Snapshot, between, parse_metrics
 from benchmarks.limit import batches
 from benchmarks.report import replace_block
 from benchmarks.workload import UniqueTexts
-from model_store.classifier import resolve_precision
+from model_store.engine import resolve_precision
 from tests.conftest import REPO
 
 SENTENCES = ["a gorgeous film", "the plot is a mess", "funny and warm", "i hated every minute", "not bad at all"]
@@ -72,7 +72,25 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
     )
     assert results["targets"][0]["value"] == saturation["median_ratio"]
     assert results["targets"][0]["name"].endswith(", 2 texts a request)")
-    assert [t["status"] in ("PASS", "MISS") for t in results["targets"]] == [True] * 4
+    assert [t["status"] in ("PASS", "MISS") for t in results["targets"]] == [True] * 7
+    # (5) the ceiling: the null engine behind 1 API and 1 worker, 1 then 8 never-seen texts a request
+    ceiling = results["ceiling"]
+    assert [p["texts_per_request"] for p in ceiling["points"]] == [1, 8] and ceiling["clients"] == 128
+    for point in ceiling["points"]:
+        assert point["errors"] == 0 and point["texts"] == point["texts_per_request"] * point["requests"] > 0
+        assert min(point["api_cpu_us_per_request"], point["worker_cpu_us_per_text"]) > 0
+        stages = point["worker_stage_cpu_us_per_text"]
+        assert set(stages) == {"take", "plan", "forward", "reply"} and stages["take"] > 0 and stages["reply"] > 0
+        assert point["worker_outside_forward_us_per_text"] == pytest.approx(
+            stages["take"] + stages["plan"] + stages["reply"], abs=0.2
+        )
+    assert ceiling["ratio_to_bare"] == pytest.approx(
+        ceiling["points"][0]["requests_per_s"] / ceiling["bare"]["requests_per_s"], abs=0.002
+    )
+    assert [t["value"] for t in results["targets"][4:]] == [
+        ceiling["ratio_to_bare"], ceiling["points"][0]["worker_outside_forward_us_per_text"],
+        ceiling["points"][0]["api_cpu_us_per_request"],
+    ]
 
     assert sorted(results["plots"]) == ["cpu-quick-cache.png", "cpu-quick-limit.png", "cpu-quick-service.png"]
     for name in results["plots"]:
@@ -83,6 +101,7 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
     assert "**Saturation rounds** (128 clients" in text
     assert "(2 never-seen sentences per request;" in text
     assert "2 copies side by side" in text and "and 2 workers)" in text
+    assert "**(5) Ceiling** (the null engine" in text
     assert ("cores, no bfloat16 in hardware" in text) == (precision == "fp32")  # the same CPU name comes both ways
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import fakeredis
@@ -16,9 +16,10 @@ from rq.job import Job, JobStatus
 from api.app import create_app
 from api.errors import ErrorType, ServiceError
 from batcher.inference import Inference
+from batcher.plan import Policy
 from batcher.job_spec import SERIALIZER
 from batcher.jobs import serve_jobs
-from batcher.protocol import Keys
+from batcher.protocol import Keys, Prediction
 from batcher.worker import Worker
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
@@ -38,9 +39,9 @@ class SpyInference(Inference):
 
     before_chunk: Callable[[list[str]], None] = staticmethod(lambda texts: None)
 
-    def predict(self, texts, token_ids=None, writes=None):  # type: ignore[no-untyped-def]
+    def predict(self, texts: Sequence[str]) -> list[Prediction]:
         self.before_chunk(list(texts))
-        return super().predict(texts, token_ids, writes)
+        return super().predict(texts)
 
 
 class Service:
@@ -51,8 +52,8 @@ class Service:
         self.redis = fakeredis.FakeRedis(server=server)
         self.settings = settings
         # The jobs side caches under its own prefix, so its predictions are computed, not read from /predict's.
-        self.inference = SpyInference(classifier, self.redis, Keys("jobs-side"), settings.max_batch_size,
-                                      settings.max_batch_tokens, settings.cache_ttl_s)
+        policy = Policy.of(settings, classifier.cost, lanes=1)
+        self.inference = SpyInference(classifier, self.redis, Keys("jobs-side"), policy, settings.cache_ttl_s)
         self.app = create_app(settings, redis=fakeredis.FakeAsyncRedis(server=server), jobs_redis=self.redis)
         self.worker = Worker(settings, fakeredis.FakeRedis(server=server), classifier)
 

@@ -24,6 +24,7 @@ from rq.job import Job
 
 from api.job_store import ENDED, JobStore
 from batcher.inference import Inference
+from batcher.plan import Policy
 from batcher.job_spec import SERIALIZER
 from batcher.protocol import Keys, Prediction
 from model_store.classifier import Classifier
@@ -44,7 +45,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def expected(model_dir: Path) -> list[Prediction]:
     classifier = Classifier(model_dir, "cpu", 1)
-    return Inference(classifier, fakeredis.FakeRedis(), Keys("expected"), 2, 8192, 60).predict(TEXTS)
+    policy = Policy(max_texts=2, max_tokens=8192, max_wait_s=0, window=2, cost=classifier.cost)
+    return Inference(classifier, fakeredis.FakeRedis(), Keys("expected"), policy, 60).predict(TEXTS)
 
 
 class DurableRedis(RedisServer):

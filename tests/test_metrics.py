@@ -179,7 +179,7 @@ def test_worker_metrics_follow_a_batch_and_an_expired_item(
     def moved(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert worker.inference.forwards == 1  # one forward of the three texts
+    assert worker.lanes.forwards == 1  # one forward of the three texts
     assert moved("sentiment_batch_size_count") == 1 and moved("sentiment_batch_size_sum") == 3
     assert moved("sentiment_tokens_total", kind="real") == sum(lengths)
     assert classifier.cost.packs and sum(lengths) < 3 * max(lengths)
@@ -190,8 +190,10 @@ def test_worker_metrics_follow_a_batch_and_an_expired_item(
     assert moved("sentiment_work_items_expired_total") == 1
     assert moved("sentiment_worker_busy_seconds_total") > 0
     assert redis.exists(keys.result(expired.id)) == 0
+    for stage in ("take", "plan", "forward", "reply"):  # every stage's thread counted its CPU
+        assert moved("sentiment_worker_stage_cpu_seconds_total", stage=stage) > 0, stage
     c = classifier
-    described = {"name": c.name, "version": c.version, "device": "cpu", "dtype": c.dtype_name, "engine": c.engine}
+    described = {"name": c.name, "version": c.version, "device": "cpu", "dtype": c.dtype_name, "engine": c.engine.name}
     assert after[("sentiment_model_info", frozenset(described.items()))] == 1
 
 

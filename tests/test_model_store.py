@@ -1,4 +1,5 @@
-"""Loading checkpoints from disk: labels, fingerprint, padding, packing, truncation, and the real checkpoint."""
+"""Loading checkpoints from disk and running them: labels, fingerprint, tokenizer, engines (torch,
+ONNX Runtime, null), lanes, padding, packing, truncation, and the real checkpoint."""
 
 from __future__ import annotations
 
@@ -9,19 +10,28 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
     AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification,
 )
 
-from model_store import classifier as classifier_module
+from model_store import engine as engine_module
 from model_store import layout, onnx_engine
-from model_store.classifier import (
-    Classifier, cache_version, fingerprint, pick_device, resolve_engine, resolve_precision,
-)
+from model_store.checkpoint import Checkpoint, fingerprint
+from model_store.classifier import Classifier
+from model_store.engine import load_engine, pick_device, resolve_engine, resolve_precision
 from model_store.factory import LABELS, TOKENIZER_FILES
-from tests.conftest import shared_path
+from model_store.null_engine import NullEngine
+from model_store.onnx_engine import OnnxEngine
+from model_store.torch_engine import TorchEngine
+from sentiment.settings import Settings
+from tests.conftest import HANG_GUARD_S, shared_path
+
+
+def sst2_dev_texts() -> list[str]:
+    return [line.split("\t")[0] for line in shared_path("data/sst2-dev.tsv").read_text().splitlines()[1:]]
 
 
 @pytest.fixture(scope="module", params=["torch", "onnxruntime"])
@@ -33,7 +43,7 @@ def tiny(tiny_model_dir: Path, request: pytest.FixtureRequest) -> Classifier:
 def test_tiny_checkpoint_loads_through_the_real_loader(tiny: Classifier, tiny_model_dir: Path) -> None:
     assert tiny.labels == ["NEGATIVE", "POSITIVE"]
     assert tiny.version == fingerprint(tiny_model_dir)
-    assert tiny.device == torch.device("cpu")
+    assert tiny.device == "cpu"
     assert tiny.max_length == 128
 
 
@@ -56,47 +66,40 @@ def test_long_text_is_truncated_to_the_model_maximum(tiny: Classifier) -> None:
     assert len(tiny.forward([ids])[0]) == 2
 
 
-def test_every_forward_runs_on_one_thread_whichever_thread_calls(tiny: Classifier) -> None:
-    """One thread team, not one per calling thread (the worker calls from its model thread)."""
-    ran_on: set[int] = set()
-    run = tiny._run
-
-    def recording(**inputs: torch.Tensor) -> torch.Tensor:
-        ran_on.add(threading.get_ident())
-        return run(**inputs)
-
-    tiny._run = recording
-    try:
-        [ids] = tiny.tokenize(["a good movie"])
-        callers = [threading.Thread(target=tiny.forward, args=([ids],)) for _ in range(3)]
-        for caller in callers:
-            caller.start()
-            caller.join()
-        tiny.forward([ids])
-    finally:
-        tiny._run = run
-    assert len(ran_on) == 1
-    assert ran_on.isdisjoint({threading.get_ident(), *(c.ident for c in callers)})
-
-
-def test_forward_lanes_run_side_by_side_on_a_share_of_the_threads_each(tiny_model_dir: Path) -> None:
-    """Two lanes of one thread each, on threads of their own, and all the threads without a lane."""
+def test_each_forward_lane_computes_on_its_share_of_the_threads_and_the_main_thread_keeps_them_all(
+    tiny_model_dir: Path,
+) -> None:
+    """Two lanes over two threads: a thread that called `start_lane` runs its forwards on one thread,
+    the same scores as a forward on both; the calling (main) thread keeps its two."""
     two = Classifier(tiny_model_dir, device="cpu", threads=2, precision="fp32", engine="torch")
-    assert two.lanes == 2
-    seen: list[tuple[int, int]] = []
-    run = two._run
+    engine = two.engine
+    assert isinstance(engine, TorchEngine) and (engine.lanes, engine.threads) == (2, 2)
+    seen: list[tuple[int, int]] = []  # (thread, its torch threads) in every forward
+    run = engine._run
 
     def recording(**inputs: torch.Tensor) -> torch.Tensor:
         seen.append((threading.get_ident(), torch.get_num_threads()))
         return run(**inputs)
 
-    two._run = recording
+    engine._run = recording  # type: ignore[method-assign]
     ids = two.tokenize(["a good movie", "bad"])
     whole = two.forward(ids)
-    on_lanes = two.on_each_lane(lambda: (two.lane, two.forward(ids)))
-    assert sorted(lane for lane, _ in on_lanes) == [0, 1] and two.lane is None
-    assert [n for _, n in seen] == [2, 1, 1]
-    assert len({ident for ident, _ in seen}) == 3
+    on_lanes: list[tuple[int, list[list[float]]]] = []
+    both_started = threading.Barrier(2, timeout=HANG_GUARD_S)  # side by side, not one after the other
+
+    def lane() -> None:
+        engine.start_lane()
+        both_started.wait()
+        on_lanes.append((torch.get_num_threads(), two.forward(ids)))
+
+    lanes = [threading.Thread(target=lane) for _ in range(2)]
+    for thread in lanes:
+        thread.start()
+    for thread in lanes:
+        thread.join(HANG_GUARD_S)
+    assert [threads for threads, _ in on_lanes] == [1, 1]
+    assert torch.get_num_threads() == 2
+    assert sorted(n for _, n in seen) == [1, 1, 2] and len({ident for ident, _ in seen}) == 3
     for _, got in on_lanes:
         assert torch.tensor(got) == pytest.approx(torch.tensor(whole), abs=1e-6)
 
@@ -106,6 +109,8 @@ def test_forward_lanes_need_torch_on_the_cpu_and_a_thread_each(tiny_model_dir: P
     assert Classifier(tiny_model_dir, device="cpu", threads=2, precision="fp32", engine="onnxruntime").lanes == 1
     with pytest.raises(ValueError, match="torch's engine"):
         Classifier(tiny_model_dir, device="cpu", threads=2, precision="fp32", engine="onnxruntime", lanes=2)
+    with pytest.raises(ValueError, match="torch's engine"):
+        Classifier(tiny_model_dir, engine="null", lanes=2)
     with pytest.raises(ValueError, match="need a thread each"):
         Classifier(tiny_model_dir, device="cpu", threads=2, precision="fp32", engine="torch", lanes=3)
 
@@ -133,9 +138,9 @@ def test_auto_device_is_cuda_only_when_present() -> None:
 def test_auto_precision_is_bf16_only_on_a_cpu_that_has_it(
     native: bool, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(classifier_module, "native_bf16", lambda: native)
+    monkeypatch.setattr(engine_module, "native_bf16", lambda: native)
     auto = Classifier(tiny_model_dir, device="cpu", threads=1)
-    assert (auto.precision, auto.dtype_name) == (("bf16", "bfloat16") if native else ("fp32", "float32"))
+    assert (auto.engine.precision, auto.dtype_name) == (("bf16", "bfloat16") if native else ("fp32", "float32"))
     # A reduced precision's scores are cached apart from fp32's.
     assert auto.version == fingerprint(tiny_model_dir) + ("-bf16" if native else "")
     assert resolve_precision("auto", torch.device("cuda")) == "fp16"
@@ -151,7 +156,9 @@ def test_auto_engine_is_onnxruntime_for_fp32_on_the_cpu_only(tiny_model_dir: Pat
     with pytest.raises(ValueError, match="onnxruntime engine runs fp32"):
         Classifier(tiny_model_dir, device="cpu", threads=1, precision="bf16", engine="onnxruntime")
     onnx = Classifier(tiny_model_dir, device="cpu", threads=1, precision="fp32")
-    assert (onnx.engine, onnx.model) == ("onnxruntime", None)  # torch's copy of the weights is let go
+    assert isinstance(onnx.engine, OnnxEngine) and onnx.engine.name == "onnxruntime"
+    # torch's copy of the weights is let go
+    assert not any(isinstance(value, torch.nn.Module) for value in vars(onnx.engine).values())
     plain = Classifier(tiny_model_dir, device="cpu", threads=1, precision="fp32", engine="torch")
     # The engine changes no score beyond float noise, so fp32 keeps one cache version for both.
     assert onnx.version == plain.version
@@ -164,27 +171,29 @@ def test_a_failed_export_is_served_by_torch_unless_onnxruntime_was_asked_for(
     failure: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    def refuse(*args: object) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
         raise RuntimeError("unsupported operator")
 
+    checkpoint = Checkpoint(tiny_model_dir)
     if failure == "exporter refuses":
         monkeypatch.setattr(onnx_engine, "export", refuse)
     elif failure == "onnxruntime refuses":  # after torch's copy of the weights is gone: loaded again
-        monkeypatch.setattr(onnx_engine, "OnnxEngine", refuse)
+        monkeypatch.setattr(onnx_engine.onnxruntime, "InferenceSession", refuse)
     else:  # a read-only file system without a writable TMPDIR
         monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
-    fallback = Classifier(tiny_model_dir, device="cpu", threads=1, precision="fp32")
-    assert fallback.engine == "torch"
-    assert len(fallback.forward(fallback.tokenize(["a good movie"]))[0]) == 2
+    fallback = load_engine(checkpoint, "auto", "cpu", "fp32", threads=1)
+    assert isinstance(fallback, TorchEngine)
+    assert fallback.forward(checkpoint.tokenize(["a good movie"])).shape == (1, 2)
     assert "ONNX Runtime cannot serve" in caplog.text
     with pytest.raises((RuntimeError, FileNotFoundError)):
-        Classifier(tiny_model_dir, device="cpu", threads=1, precision="fp32", engine="onnxruntime")
+        load_engine(checkpoint, "onnxruntime", "cpu", "fp32", threads=1)
 
 
 def test_every_precision_but_fp32_has_its_own_cache_version(tiny_model_dir: Path) -> None:
     # CUDA's float16 too: an fp16 GPU worker and an fp32 CPU worker must not share cache entries.
     plain = fingerprint(tiny_model_dir)
-    versions = {p: cache_version(tiny_model_dir, p) for p in ("fp32", "fp16", "bf16", "int8")}
+    checkpoint = Checkpoint(tiny_model_dir)
+    versions = {p: checkpoint.version(p) for p in ("fp32", "fp16", "bf16", "int8")}
     assert versions == {"fp32": plain, "fp16": f"{plain}-fp16", "bf16": f"{plain}-bf16", "int8": f"{plain}-int8"}
     assert Classifier(tiny_model_dir, device="cpu", threads=1, precision="bf16").version == versions["bf16"]
 
@@ -209,12 +218,11 @@ def test_every_engine_and_layout_scores_equal_eager_torch_on_sst2_dev_in_any_bat
     """Both engines run graphs traced on one padded example (ONNX export, TorchScript), and a
     packed row shares its graph: batches of one (no padding), of mixed lengths, and texts cut at
     the model's maximum must score as the eager transformers model scores them padded."""
-    texts = [line.split("\t")[0] for line in shared_path("data/sst2-dev.tsv").read_text().splitlines()[1:]]
-    texts += ["", "word " * 1000]
+    texts = [*sst2_dev_texts(), "", "word " * 1000]
     onnx = Classifier(small_model_dir, device="cpu", threads=1, precision="fp32", engine="onnxruntime")
-    torch_engine = Classifier(small_model_dir, device="cpu", threads=1, precision="fp32", engine="torch")
-    assert onnx.cost.packs and torch_engine.cost.packs  # DistilBERT
-    assert torch_engine.traced
+    torched = Classifier(small_model_dir, device="cpu", threads=1, precision="fp32", engine="torch")
+    assert onnx.cost.packs and torched.cost.packs  # DistilBERT
+    assert isinstance(torched.engine, TorchEngine) and torched.engine.traced
     eager = AutoModelForSequenceClassification.from_pretrained(small_model_dir).eval()
     ids = onnx.tokenize(texts)
     order = list(range(len(ids)))
@@ -223,10 +231,10 @@ def test_every_engine_and_layout_scores_equal_eager_torch_on_sst2_dev_in_any_bat
     for size, first, count in ((1, 0, 48), (7, 2, 112), (32, 2, 256)):
         for start in range(first, first + count, size):
             batch = [ids[i] for i in order[start : start + size]]
-            padded = layout.inputs(batch, onnx.pad_id, segments=False, packed=False)
+            padded = layout.inputs(batch, onnx.checkpoint.pad_id, segments=False, packed=False)
             with torch.inference_mode():
                 want = eager(**padded).logits.softmax(-1)
-            for engine, packed in ((onnx, False), (onnx, True), (torch_engine, False), (torch_engine, True)):
+            for engine, packed in ((onnx, False), (onnx, True), (torched, False), (torched, True)):
                 assert torch.tensor(engine.forward(batch, packed)) == pytest.approx(want, abs=1e-5)
 
 
@@ -259,7 +267,48 @@ def test_a_model_that_cannot_be_traced_runs_eagerly(
 
     monkeypatch.setattr(torch.jit, "trace", refuse)
     eager = Classifier(tiny_model_dir, device="cpu", threads=1, precision="fp32", engine="torch")
-    assert (traced.traced, eager.traced) == (True, False)
+    assert (traced.engine.traced, eager.engine.traced) == (True, False)
     assert "cannot trace" in caplog.text
     ids = eager.tokenize(["a good movie", "fun"])
     assert torch.tensor(eager.forward(ids, packed=True)) == pytest.approx(torch.tensor(traced.forward(ids)), abs=1e-6)
+
+
+def test_the_null_engine_answers_constant_probabilities_under_a_cache_version_of_its_own(tiny_model_dir: Path) -> None:
+    """Every text, in any batch, gets the same probabilities over the model's labels; they are not the
+    model's, so they are cached apart from its scores."""
+    null = Classifier(tiny_model_dir, engine="null")
+    assert (null.engine.name, null.device, null.lanes) == ("null", "cpu", 1)
+    assert null.version == f"{fingerprint(tiny_model_dir)}-null" != Checkpoint(tiny_model_dir).version("fp32")
+    rows = []
+    for texts in (["a good movie"], ["", "bad", "word " * 1000], ["fun"] * 40):
+        got = null.forward(null.tokenize(texts), packed=len(texts) > 1)
+        assert np.array(got).shape == (len(texts), len(null.labels))
+        rows += got
+    assert all(row == rows[0] for row in rows)
+    assert sum(rows[0]) == pytest.approx(1.0, abs=1e-6)
+    three = NullEngine(3).forward([[1, 2], [3]])
+    assert three.shape == (2, 3) and three.sum(axis=1) == pytest.approx([1.0, 1.0], abs=1e-6)
+
+
+def test_the_tokenizer_gives_exactly_transformers_token_ids_on_sst2_dev(small_model_dir: Path) -> None:
+    """The Rust tokenizer, called directly, must give the ids transformers' tokenizer gives (special
+    tokens, lower-casing, truncation at the model's maximum): the model was trained on those."""
+    texts = [*sst2_dev_texts(), "", "word " * 1000, "Ünïcode naïve café — “quotes”"]
+    checkpoint = Checkpoint(small_model_dir)
+    assert checkpoint.max_length == 512
+    want = AutoTokenizer.from_pretrained(small_model_dir)(texts, truncation=True, max_length=checkpoint.max_length)
+    got = checkpoint.tokenize(texts)
+    assert got == want["input_ids"]
+    assert len(got[-2]) == checkpoint.max_length  # cut at the maximum, [SEP] kept
+
+
+def test_from_settings_builds_the_model_the_settings_describe(tiny_model_dir: Path) -> None:
+    null = Classifier.from_settings(Settings(engine="null", model_dir=tiny_model_dir))
+    assert (null.engine.name, null.version) == ("null", f"{fingerprint(tiny_model_dir)}-null")
+    assert (null.name, null.labels) == (tiny_model_dir.resolve().name, ["NEGATIVE", "POSITIVE"])
+    torched = Classifier.from_settings(
+        Settings(engine="torch", device="cpu", precision="fp32", torch_threads=1, model_dir=tiny_model_dir)
+    )
+    assert isinstance(torched.engine, TorchEngine)
+    assert (torched.device, torched.dtype_name, torched.engine.threads, torched.lanes) == ("cpu", "float32", 1, 1)
+    assert torched.version == fingerprint(tiny_model_dir)

@@ -51,7 +51,7 @@ async def run_every_path(
     def quoting(batch: list[list[int]], packed: bool = False) -> list[list[float]]:
         raise RuntimeError(f"cannot classify {MARKER!r}")  # as a tokenizer or model error might
 
-    monkeypatch.setattr(classifier, "forward", quoting)
+    monkeypatch.setattr(classifier.engine, "forward", quoting)
     assert (await client.post("/predict", json={"text": [f"fresh {MARKER}"]})).status_code == 424
 
 

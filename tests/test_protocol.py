@@ -3,7 +3,7 @@
 import orjson
 
 from batcher.protocol import (
-    Keys, ModelInfo, Result, WorkerStatus, WorkItem, new_id, parse_reply, prediction, reply, text_digest,
+    Keys, ModelInfo, Result, WorkerStatus, WorkItem, new_id, parse_replies, prediction, replies, text_digest,
 )
 
 
@@ -20,11 +20,13 @@ def test_result_round_trip_with_predictions_and_with_error() -> None:
     assert Result.decode(failed.encode()) == failed
 
 
-def test_a_reply_carries_its_request_id_and_result_and_reads_a_bare_id() -> None:
-    request_id = new_id()
-    result = Result(predictions=[prediction(["NEGATIVE", "POSITIVE"], [0.25, 0.75])]).encode()
-    assert parse_reply(reply(request_id, result)) == (request_id, result)
-    assert parse_reply(request_id.encode()) == (request_id, None)  # what workers before replies sent
+def test_a_reply_carries_each_request_id_and_result_and_reads_a_bare_id() -> None:
+    first, second = new_id(), new_id()
+    ok = Result(predictions=[prediction(["NEGATIVE", "POSITIVE"], [0.25, 0.75])]).encode()
+    failed = Result(error="line one\nline two").encode()  # JSON escapes the newline: one line per request
+    assert parse_replies(replies([(first, ok), (second, failed)])) == [(first, ok), (second, failed)]
+    assert parse_replies(replies([(first, ok)])) == [(first, ok)]  # what a worker answering one request sends
+    assert parse_replies(first.encode()) == [(first, None)]  # what workers before replies sent
 
 
 def test_model_info_and_worker_status_round_trip() -> None:

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import NoReturn
 
 import fakeredis
+import numpy as np
 import orjson
 import pytest
-from redis.client import Pipeline, PubSub
+from redis.client import PubSub
 from redis.exceptions import OutOfMemoryError
 
 from batcher.liveness import live_workers
-from batcher.protocol import Keys, ModelInfo, Result, WorkItem, new_id, parse_reply, prediction
+from batcher.protocol import Keys, ModelInfo, Result, WorkItem, new_id, parse_replies, prediction
 from batcher.queue import WorkQueue
 from batcher.worker import Worker
 from model_store.classifier import Classifier
@@ -51,7 +52,7 @@ def test_results_cache_and_acknowledgement(
         assert [s["label"] for s in got] == ["NEGATIVE", "POSITIVE"]
         assert [s["score"] for s in got] == pytest.approx([s["score"] for s in want], abs=1e-5)
     assert orjson.loads(redis.get(keys.cache(classifier.version, "bad"))) == result.predictions[1]
-    assert redis.llen(keys.processing(worker.status.id)) == 0  # acknowledged once written
+    assert redis.llen(keys.processing(worker.id)) == 0  # acknowledged once written
     # A result key lives a second past its request's deadline at most (nobody waits longer), and
     # never more than result_ttl_s.
     assert 0 < redis.ttl(keys.result(item.id)) <= round(item.deadline - item.enqueued_at) + 1 < settings.result_ttl_s
@@ -67,7 +68,7 @@ def test_worker_announces_model_and_heartbeat(worker: Worker, redis: fakeredis.F
     start_worker(worker)  # returns once the model is announced
     info = ModelInfo.decode(redis.get(keys.model))
     assert (info.version, info.labels) == (worker.classifier.version, ["NEGATIVE", "POSITIVE"])
-    assert [s.id for s in live_workers(redis, settings.key_prefix)] == [worker.status.id]
+    assert [s.id for s in live_workers(redis, settings.key_prefix)] == [worker.id]
 
 
 def test_identical_texts_across_requests_are_computed_once(
@@ -78,8 +79,8 @@ def test_identical_texts_across_requests_are_computed_once(
     start_worker(worker)
     results = [wait_result(redis, keys, item) for item in items]
     assert len({orjson.dumps(r.predictions[0]) for r in results}) == 1
-    assert worker.inference.computed == 4  # "same text" once, plus three own texts
-    assert worker.status.largest_batch_requests == 4  # all four queued requests went in one batch
+    assert worker.lanes.computed == 4  # "same text" once, plus three own texts
+    assert worker.status.largest_batch_requests == 4  # all four queued requests went in one forward
 
 
 def test_cached_texts_are_not_recomputed(worker: Worker, redis: fakeredis.FakeRedis, settings: Settings) -> None:
@@ -90,7 +91,7 @@ def test_cached_texts_are_not_recomputed(worker: Worker, redis: fakeredis.FakeRe
     start_worker(worker)
     result = wait_result(redis, keys, item)
     assert result.predictions[0] == sentinel
-    assert worker.inference.computed == 1
+    assert worker.lanes.computed == 1
 
 
 def test_finished_requests_are_announced_on_their_reply_channel(
@@ -104,7 +105,7 @@ def test_finished_requests_are_announced_on_their_reply_channel(
     start_worker(worker)
     message = pubsub.get_message(timeout=10)
     assert message and message["type"] == "message"
-    request_id, result = parse_reply(message["data"])
+    [(request_id, result)] = parse_replies(message["data"])
     # The reply carries the result, byte for byte the result key's, so the API need not fetch it.
     assert request_id == item.id and result == redis.get(keys.result(item.id))
     assert Result.decode(result).predictions == wait_result(redis, keys, item).predictions
@@ -118,12 +119,12 @@ def test_stop_deregisters_and_hands_back_held_work(
     wait_result(redis, keys, push(redis, keys, "warm"))
     now = time.time()
     held = WorkItem(new_id(), ["held"], now, now + 30, keys.reply_channel("api"))
-    redis.lpush(keys.processing(worker.status.id), held.encode())  # as if taken and not finished
+    redis.lpush(keys.processing(worker.id), held.encode())  # as if taken and not finished
     worker.stop()
     thread.join(10)
     assert not thread.is_alive()
     assert live_workers(redis, settings.key_prefix) == []
-    assert not redis.sismember(keys.workers, worker.status.id)
+    assert not redis.sismember(keys.workers, worker.id)
     assert WorkItem.decode(redis.rpop(keys.queue)).id == held.id
 
 
@@ -131,29 +132,28 @@ def announcements(pubsub: PubSub) -> list[str]:
     """The request ids published so far on the subscribed reply channel."""
     ids = []
     while message := pubsub.get_message(timeout=0.5):
-        ids.append(parse_reply(message["data"])[0])
+        ids += [request_id for request_id, _ in parse_replies(message["data"])]
     return ids
 
 
-@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "serial"])
 def test_a_forward_longer_than_the_heartbeat_ttl_keeps_its_work(
-    redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, monkeypatch, overlap: bool
+    redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, monkeypatch
 ) -> None:
     # The forward outlasts the heartbeat TTL twice over (a full batch on a small CPU). Another
     # worker's reclaim, run late in it, must see a live worker: nothing requeued, computed or
     # answered twice.
-    settings = settings.model_copy(update={"heartbeat_ttl_s": 1.0, "overlap": overlap})
+    settings = settings.model_copy(update={"heartbeat_ttl_s": 1.0})
     keys = Keys(settings.key_prefix)
     other = WorkQueue(redis, keys, "another worker")
     reclaimed: list[int] = []
-    real_forward = classifier.forward
+    real_forward = classifier.engine.forward
 
-    def slow_forward(batch: list[list[int]], packed: bool = False) -> list[list[float]]:
+    def slow_forward(batch: list[list[int]], packed: bool = False) -> np.ndarray:
         time.sleep(2 * settings.heartbeat_ttl_s)
         reclaimed.append(other.reclaim_dead())
         return real_forward(batch, packed)
 
-    monkeypatch.setattr(classifier, "forward", slow_forward)
+    monkeypatch.setattr(classifier.engine, "forward", slow_forward)
     pubsub = redis.pubsub()
     pubsub.subscribe(keys.reply_channel("api"))
     pubsub.get_message(timeout=1)
@@ -164,8 +164,8 @@ def test_a_forward_longer_than_the_heartbeat_ttl_keeps_its_work(
         assert wait_result(redis, keys, item).predictions
         assert reclaimed == [0]
         assert announcements(pubsub) == [item.id]
-        assert worker.inference.computed == 1
-        assert (redis.llen(keys.queue), redis.llen(keys.processing(worker.status.id))) == (0, 0)
+        assert worker.lanes.computed == 1
+        assert (redis.llen(keys.queue), redis.llen(keys.processing(worker.id))) == (0, 0)
     finally:
         worker.stop()
         thread.join(10)
@@ -179,14 +179,14 @@ def test_a_forward_past_its_deadlines_stops_beating_so_a_hung_worker_is_reclaime
     settings = settings.model_copy(update={"heartbeat_ttl_s": 1.0})
     keys = Keys(settings.key_prefix)
     forwarding, release = threading.Event(), threading.Event()
-    real_forward = classifier.forward
+    real_forward = classifier.engine.forward
 
-    def hung_forward(batch: list[list[int]], packed: bool = False) -> list[list[float]]:
+    def hung_forward(batch: list[list[int]], packed: bool = False) -> np.ndarray:
         forwarding.set()
         release.wait(HANG_GUARD_S)
         return real_forward(batch, packed)
 
-    monkeypatch.setattr(classifier, "forward", hung_forward)
+    monkeypatch.setattr(classifier.engine, "forward", hung_forward)
     now = time.time()
     item = WorkItem(new_id(), ["stuck"], now, now + 5, keys.reply_channel("api"))
     redis.lpush(keys.queue, item.encode())
@@ -194,7 +194,7 @@ def test_a_forward_past_its_deadlines_stops_beating_so_a_hung_worker_is_reclaime
     thread = start_worker(worker)
     try:
         wait_for("the forward to start", forwarding.is_set)
-        wait_for("the hung worker's heartbeat to lapse", lambda: not redis.exists(keys.heartbeat(worker.status.id)))
+        wait_for("the hung worker's heartbeat to lapse", lambda: not redis.exists(keys.heartbeat(worker.id)))
         assert WorkQueue(redis, keys, "another worker").reclaim_dead() == 1
         assert WorkItem.decode(redis.rpop(keys.queue)).id == item.id
     finally:
@@ -213,21 +213,14 @@ def test_an_error_reply_from_redis_is_survived_like_an_outage(
     keys = Keys(settings.key_prefix)
     text = "private words"
     refusals = [OutOfMemoryError(f"Command # 5 (LREM processing 1 {text}) of pipeline caused error: OOM")]
-    real_pipeline = redis.pipeline
+    real_transaction = worker.replies.link.transaction
 
-    def pipeline(transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
-        pipe = real_pipeline(transaction, shard_hint)
-        real_execute = pipe.execute
+    def transaction(*commands: tuple) -> list:
+        if refusals and any(command[0] == "PUBLISH" for command in commands):
+            raise refusals.pop()  # EXECABORT: nothing in the transaction was applied
+        return real_transaction(*commands)
 
-        def execute(raise_on_error: bool = True) -> list:
-            if refusals and any(args[0] == "PUBLISH" for args, _ in pipe.command_stack):
-                raise refusals.pop()  # EXECABORT: nothing in the transaction was applied
-            return real_execute(raise_on_error)
-
-        pipe.execute = execute
-        return pipe
-
-    monkeypatch.setattr(redis, "pipeline", pipeline)
+    monkeypatch.setattr(worker.replies.link, "transaction", transaction)
     caplog.set_level(logging.INFO)
     pubsub = redis.pubsub()
     pubsub.subscribe(keys.reply_channel("api"))
@@ -239,7 +232,7 @@ def test_an_error_reply_from_redis_is_survived_like_an_outage(
     assert refusals == []  # the write was refused once, then retried
     assert wait_result(redis, keys, item).predictions
     assert announcements(pubsub) == [item.id]
-    assert redis.llen(keys.processing(worker.status.id)) == 0
+    assert redis.llen(keys.processing(worker.id)) == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("redis failed (OutOfMemoryError)" in m for m in warnings), warnings
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and text in r.getMessage()]
@@ -256,12 +249,12 @@ def test_a_worker_that_crashes_still_hands_back_its_work(
     def crash(texts: list[str]) -> NoReturn:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(worker.inference, "lookup", crash)
+    monkeypatch.setattr(worker.intake, "tokenize", crash)
     with pytest.raises(RuntimeError, match="a bug"):
         worker.run()
-    assert redis.llen(keys.processing(worker.status.id)) == 0
+    assert redis.llen(keys.processing(worker.id)) == 0
     assert WorkItem.decode(redis.rpop(keys.queue)).id == item.id
-    assert not redis.sismember(keys.workers, worker.status.id)
+    assert not redis.sismember(keys.workers, worker.id)
     assert live_workers(redis, settings.key_prefix) == []
 
 
@@ -270,14 +263,14 @@ def test_a_poison_text_fails_only_its_own_request(
 ) -> None:
     keys = Keys(settings.key_prefix)
     [poison] = classifier.tokenize(["poison pill"])
-    real_forward = classifier.forward
+    real_forward = classifier.engine.forward
 
-    def forward(batch: list[list[int]], packed: bool = False) -> list[list[float]]:
+    def forward(batch: list[list[int]], packed: bool = False) -> np.ndarray:
         if poison in batch:
             raise RuntimeError("cannot digest this")
         return real_forward(batch, packed)
 
-    monkeypatch.setattr(classifier, "forward", forward)
+    monkeypatch.setattr(classifier.engine, "forward", forward)
     good, bad, other = push(redis, keys, "fine"), push(redis, keys, "ok", "poison pill"), push(redis, keys, "good")
     thread = start_worker(worker)
     assert wait_result(redis, keys, bad).error == "the model failed on this request's texts (RuntimeError)"
@@ -285,7 +278,7 @@ def test_a_poison_text_fails_only_its_own_request(
     after = push(redis, keys, "still serving")
     assert wait_result(redis, keys, after).predictions
     assert thread.is_alive()
-    assert redis.llen(keys.processing(worker.status.id)) == 0  # the failed request is answered, not stuck
+    assert redis.llen(keys.processing(worker.id)) == 0  # the failed request is answered, not stuck
 
 
 def test_a_malformed_work_item_is_dropped_and_the_worker_carries_on(
@@ -296,27 +289,26 @@ def test_a_malformed_work_item_is_dropped_and_the_worker_carries_on(
     item = push(redis, keys, "after the junk")
     start_worker(worker)
     assert wait_result(redis, keys, item).predictions
-    assert redis.llen(keys.processing(worker.status.id)) == 0
+    assert redis.llen(keys.processing(worker.id)) == 0
 
 
 @pytest.fixture(scope="module")
 def two_lanes(tiny_model_dir: Path) -> Classifier:
-    """Two forward lanes of one thread each: the worker runs its next batch beside the current one."""
+    """Two forward lanes of one thread each: two forwards run side by side."""
     return Classifier(tiny_model_dir, device="cpu", threads=2, precision="fp32", engine="torch")
 
 
-@pytest.mark.parametrize(("overlap", "lanes"), [(True, False), (False, False), (True, True)],
-                         ids=["overlap", "serial", "lanes"])
+@pytest.mark.parametrize("lanes", [False, True], ids=["one lane", "two lanes"])
 def test_every_item_is_answered_once_in_the_order_of_its_texts(
-    redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, overlap: bool, lanes: bool,
+    redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, lanes: bool,
     request: pytest.FixtureRequest,
 ) -> None:
-    # Small batches and a read-ahead window: items are split, regrouped by length, and computed
-    # while the next batch is being formed (with lanes, beside the current one).
+    # Small forwards and a read-ahead window: items are split, regrouped by length, and computed
+    # while the next forward is being chosen (with lanes, beside another forward).
     if lanes:
         classifier = request.getfixturevalue("two_lanes")
         assert classifier.lanes == 2
-    settings = settings.model_copy(update={"max_batch_size": 3, "batch_window": 7, "overlap": overlap})
+    settings = settings.model_copy(update={"max_batch_size": 3, "batch_window": 7})
     keys = Keys(settings.key_prefix)
     pubsub = redis.pubsub()
     pubsub.subscribe(keys.reply_channel("api"))
@@ -332,47 +324,55 @@ def test_every_item_is_answered_once_in_the_order_of_its_texts(
             assert [[s["score"] for s in p] for p in result.predictions] == [
                 pytest.approx([s["score"] for s in w], abs=1e-5) for w in want
             ]
-        announced = []
-        while message := pubsub.get_message(timeout=0.5):
-            announced.append(parse_reply(message["data"])[0])
-        assert sorted(announced) == sorted(item.id for item in items)  # each exactly once
-        assert worker.status.batches >= 10  # 30 texts in batches of at most 3: items were split
-        assert redis.llen(keys.processing(worker.status.id)) == 0
+        assert sorted(announcements(pubsub)) == sorted(item.id for item in items)  # each exactly once
+        assert worker.status.batches >= 10  # 30 texts in forwards of at most 3: items were split
+        assert redis.llen(keys.processing(worker.id)) == 0
     finally:
         worker.stop()
         thread.join(10)
 
 
-def test_the_next_batch_is_taken_late_in_the_running_forward(
+def test_the_next_forward_is_chosen_when_a_lane_is_free(
     redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, monkeypatch
 ) -> None:
-    # A slow model and batches of 2. While [a, b] computes, c is queued at once and d 0.1 s into
-    # the forward: taken late in the forward, c waits for d and both go in one batch.
-    settings = settings.model_copy(update={"max_batch_size": 2, "batch_window": 2, "overlap": True})
+    # A slow model and forwards of 2. While [a, b] computes, c is queued at once and d 0.1 s into
+    # the forward: the lane chooses its next forward only when it is free, so c and d go together.
+    settings = settings.model_copy(update={"max_batch_size": 2, "batch_window": 8})
     keys = Keys(settings.key_prefix)
-    real_forward = classifier.forward
+    real_forward = classifier.engine.forward
     forwarding = threading.Event()
 
-    def slow_forward(batch: list[list[int]], packed: bool = False) -> list[list[float]]:
+    def slow_forward(batch: list[list[int]], packed: bool = False) -> np.ndarray:
         forwarding.set()
         time.sleep(0.5)
         return real_forward(batch, packed)
 
-    monkeypatch.setattr(classifier, "forward", slow_forward)
+    monkeypatch.setattr(classifier.engine, "forward", slow_forward)
     worker = Worker(settings, redis, classifier)
     thread = start_worker(worker)
     try:
-        wait_result(redis, keys, push(redis, keys, "warm up"))  # the worker learns how long a forward takes
-        forwarding.clear()
         now = time.time()
         a, b, c = (WorkItem(new_id(), [f"text {n}"], now, now + 30, keys.reply_channel("api")) for n in "abc")
-        redis.lpush(keys.queue, *(item.encode() for item in (a, b, c)))  # at once, so [a, b] is one batch
+        redis.lpush(keys.queue, *(item.encode() for item in (a, b, c)))  # at once, so [a, b] is one forward
         assert forwarding.wait(5)
         time.sleep(0.1)
         d = push(redis, keys, "text d")
         for item in (a, b, c, d):
             assert wait_result(redis, keys, item).predictions
-        assert worker.status.batches == 3  # warm up, [a, b], [c, d]; taken at once it would be [c] then [d]
+        assert worker.status.batches == 2  # [a, b], [c, d]; chosen at once it would be [c] then [d]
     finally:
         worker.stop()
         thread.join(10)
+
+
+def test_a_worker_names_its_few_threads(worker: Worker) -> None:
+    # The threads of docs/architecture.md: take on the caller's, a forward lane per engine lane, reply, heartbeat.
+    before = {t.name for t in threading.enumerate()}
+    thread = start_worker(worker)
+    try:
+        mine = {t.name for t in threading.enumerate()} - before - {thread.name}
+        assert mine == {"forward-0", "reply", "heartbeat"}
+    finally:
+        worker.stop()
+        thread.join(10)
+    assert not {"forward-0", "reply", "heartbeat"} & {t.name for t in threading.enumerate()}

@@ -1,0 +1,98 @@
+"""The forward stage: the engine's lanes, each a thread that takes its next forward and runs it.
+
+A lane asks `Pending` for a forward when it is free, runs it on the engine, and hands the
+probabilities to the reply stage. A forward that fails is run again one text at a time, so a text
+the model cannot take fails only the requests that hold it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+
+from batcher import metrics
+from batcher.plan import Forward, Pending
+from batcher.reply import Replies
+from batcher.work import Text
+from model_store.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class Lanes:
+    """`engine.lanes` threads named `forward-N`; `running` holds each busy lane's forward and start."""
+
+    def __init__(self, engine: Engine, pending: Pending, replies: Replies) -> None:
+        self.engine = engine
+        self.pending = pending
+        self.replies = replies
+        self.running: dict[int, tuple[Forward, float]] = {}  # lane -> (forward, unix start)
+        self.forwards = self.computed = self.largest_forward_requests = 0
+        self.failure: BaseException | None = None  # a bug that ended a lane
+        self._tally = threading.Lock()
+        self.threads = [
+            threading.Thread(target=self._run, args=(lane,), name=f"forward-{lane}", daemon=True)
+            for lane in range(engine.lanes)
+        ]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def join(self) -> None:
+        for thread in self.threads:
+            if thread.ident is not None:  # (started)
+                thread.join()
+
+    def _run(self, lane: int) -> None:
+        try:
+            self.engine.start_lane()
+            cpu = time.thread_time()
+            while (forward := self.pending.next_forward()) is not None:
+                self.running[lane] = (forward, time.time())
+                self._count(forward)  # before any reply it leads to: their transactions carry the heartbeat
+                metrics.forward_started(forward.texts)
+                started = time.thread_time()
+                metrics.STAGE_CPU_SECONDS.labels("plan").inc(started - cpu)
+                try:
+                    with metrics.busy():
+                        probabilities = self._forward(forward)
+                finally:
+                    del self.running[lane]
+                    cpu = time.thread_time()
+                    metrics.STAGE_CPU_SECONDS.labels("forward").inc(cpu - started)
+                if probabilities is not None:
+                    self.replies.computed(forward.texts, probabilities)
+        except BaseException as exc:  # a bug, not a model failure: the worker stops and hands back its work
+            self.failure = exc
+            self.pending.close()
+            raise
+
+    def _forward(self, forward: Forward) -> np.ndarray | None:
+        try:
+            return metrics.timed_forward(self.engine.forward, [t.ids for t in forward.texts], forward.packed)
+        except Exception as exc:
+            self._one_by_one(forward.texts, exc)
+            return None
+
+    def _one_by_one(self, texts: list[Text], failure: Exception) -> None:
+        # Exception messages may quote the input: their text and traceback only at DEBUG.
+        log.warning("a forward of %d texts failed (%s); running them one by one", len(texts), type(failure).__name__)
+        log.debug("the forward failed with", exc_info=failure)
+        for text in texts:
+            try:
+                self.replies.computed([text], self.engine.forward([text.ids]))
+            except Exception as exc:
+                log.warning("a text failed in the model (%s)", type(exc).__name__)
+                log.debug("the text failed with", exc_info=True)
+                self.replies.failed([text], f"the model failed on this request's texts ({type(exc).__name__})")
+
+    def _count(self, forward: Forward) -> None:
+        requests = len({id(held) for text in forward.texts for held, _ in text.waiters})
+        with self._tally:
+            self.forwards += 1
+            self.computed += len(forward.texts)
+            self.largest_forward_requests = max(self.largest_forward_requests, requests)

@@ -1,0 +1,74 @@
+"""The heartbeat thread: says this worker is alive, and requeues the work of workers that are not.
+
+Every third of `heartbeat_ttl_s` it writes the worker's status under a key that lapses after the
+TTL (and the served model, should a restarted Redis have lost it); every TTL it looks for registered workers whose key lapsed and pushes their processing lists
+back onto the queue. A lane stuck in a forward past every deadline of its requests stops the beats:
+nobody waits for that forward any more, so the worker's work is reclaimed and a liveness probe
+restarts it. A long forward within its deadlines is work, and keeps beating.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from batcher.protocol import Keys, ModelInfo, WorkerStatus
+from batcher.queue import WorkQueue
+from batcher.redis_errors import describe
+from batcher.redis_link import Command, Link
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """A thread named `heartbeat` that beats while `healthy()` and reclaims dead workers' work."""
+
+    def __init__(
+        self, redis: Redis, keys: Keys, queue: WorkQueue, ttl_s: float, status: Callable[[], WorkerStatus],
+        healthy: Callable[[], bool], model: ModelInfo,
+    ) -> None:
+        self.link = Link(redis)
+        self.keys = keys
+        self.queue = queue
+        self.ttl_s = ttl_s
+        self.status = status
+        self.healthy = healthy
+        self.model = model.encode()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def beat(self) -> None:
+        if writes := self.writes():
+            self.link.transaction(*writes)
+
+    def writes(self) -> list[Command]:
+        """The beat as writes, for a busy worker's result transactions to carry (none while unhealthy)."""
+        if not self.healthy():
+            return []
+        status = self.status()
+        return [
+            ("SET", self.keys.heartbeat(status.id), status.encode(), "PX", int(self.ttl_s * 1000)),
+            ("SADD", self.keys.workers, status.id),
+            ("SET", self.keys.model, self.model, "NX"),  # again after a Redis that restarted empty
+        ]
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.thread.ident is not None:  # (started)
+            self.thread.join()
+
+    def _run(self) -> None:
+        next_reclaim = time.monotonic() + self.ttl_s
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self.beat()
+                if time.monotonic() >= next_reclaim:
+                    self.queue.reclaim_dead()
+                    next_reclaim = time.monotonic() + self.ttl_s
+            except RedisError as exc:  # the next beat may work; the stages deal with Redis failing
+                log.debug("heartbeat failed (%s)", describe(exc))

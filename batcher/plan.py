@@ -1,0 +1,218 @@
+"""The batching policy, all of it: how much to take, when a forward goes, and which texts go in it.
+
+Forward lanes pull: a lane that is free asks `Pending.next_forward` for its next forward, so each
+batch is chosen when the model can start it, from everything taken by then (as TEI's queue does).
+While the model computes, the intake keeps taking, so the next forward is chosen from a fuller pool
+at no cost in latency. The rules (docs/tuning.md, "Batching"):
+
+1. Take: the intake takes what is queued in one round trip, up to `batch_window` texts held ahead
+   of the model (`Policy.take_count` sizes it); from an empty queue it blocks for the next item,
+   then takes what came with it.
+2. Choose: the oldest held text and the held texts nearest to it in token length make the next
+   batch, up to `max_batch_size` texts and the forward's token budget (`max_batch_tokens`, or
+   `lane_max_tokens` on a CPU lane); the engine's cost model cuts it into the forwards that cost
+   least, each padded or packed into one row (`batch`). Free lanes run those forwards before
+   the next batch is chosen.
+3. Wait: a batch that is not full waits for company only while requests arrive less than
+   `max_wait_ms` apart, and at most until its oldest text has been queued `max_wait_ms`: a lone
+   client never waits, a backlog never waits again (`Pending.next_forward`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from batcher.work import Text
+from model_store.cost import ForwardCost
+from sentiment.settings import Settings
+
+ARRIVALS = 8  # work items whose take times estimate the arrival rate
+TAKE_AT_ONCE = 64  # most items one take asks for: the count doubles from 1 while the queue keeps up
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The knobs of the policy above, from settings and the engine."""
+
+    max_texts: int
+    max_tokens: int
+    max_wait_s: float
+    window: int
+    cost: ForwardCost
+
+    @classmethod
+    def of(cls, settings: Settings, cost: ForwardCost, lanes: int) -> Policy:
+        tokens = min(settings.max_batch_tokens, settings.lane_max_tokens) if lanes > 1 else settings.max_batch_tokens
+        window = max(settings.batch_window, settings.max_batch_size)
+        return cls(settings.max_batch_size, tokens, settings.max_wait_ms / 1000, window, cost)
+
+    def take_count(self, room: int, texts_per_item: float, last_asked: int, last_got: int) -> int:
+        """Items a take under load asks for: twice the last count while the queue kept up, else what
+        it had, within the window's room; an emptying queue costs few empty moves."""
+        burst = min(max(2 * last_asked, 1), TAKE_AT_ONCE) if last_got == last_asked else last_got + 1
+        return max(0, min(burst, int(room / max(texts_per_item, 1.0))))
+
+
+@dataclass(frozen=True)
+class Forward:
+    """What a lane runs next: texts, padded to the longest or packed into one row."""
+
+    texts: list[Text]
+    packed: bool
+
+
+def batch(lengths: Sequence[int], policy: Policy) -> tuple[list[tuple[list[int], bool]], bool]:
+    """The next batch from texts of these token lengths, index 0 the oldest: its forwards (indices
+    in ascending order, packed), the oldest text's first, and whether a cap, not the end of the
+    texts, ended it. The batch is the oldest text and its nearest neighbours in length, one by one
+    (the shorter on a tie), while they fit `max_texts` and `max_tokens` (padded, or packed where the
+    engine packs); the engine's cost model cuts it, sorted by length, into the forwards that cost
+    least in all (`cheapest_cuts`)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    lo = order.index(0)
+    hi = lo + 1  # the candidates are order[lo:hi]
+    anchor = longest = total = lengths[0]
+
+    def fits(length: int) -> bool:
+        count, top, tokens = hi - lo + 1, max(longest, length), total + length
+        return count * top <= policy.max_tokens or (policy.cost.packs and tokens <= policy.max_tokens)
+
+    full = True
+    while hi - lo < policy.max_texts:
+        below = lengths[order[lo - 1]] if lo > 0 else None
+        above = lengths[order[hi]] if hi < len(order) else None
+        if below is None and above is None:
+            full = False
+            break
+        nearer_below = above is None or (below is not None and anchor - below <= above - anchor)
+        for take_below in (nearer_below, not nearer_below):
+            length = below if take_below else above
+            if length is not None and fits(length):
+                lo, hi = (lo - 1, hi) if take_below else (lo, hi + 1)
+                longest, total = max(longest, length), total + length
+                break
+        else:
+            break  # the token cap: neither neighbour fits
+    candidates = order[lo:hi]
+    sizes = [lengths[i] for i in candidates]
+    if policy.cost.overhead_tokens >= len(sizes) * longest - total:  # no cut can save a call in padding
+        return [(sorted(candidates), packs_cheaper(sizes, policy))], full
+    forwards = [(sorted(candidates[start:end]), packed) for start, end, packed in cheapest_cuts(sizes, policy)]
+    forwards.sort(key=lambda forward: 0 not in forward[0])  # the oldest text's forward first
+    return forwards, full
+
+
+def packs_cheaper(lengths: Sequence[int], policy: Policy) -> bool:
+    """Whether one forward of these texts goes packed: where the engine packs and the row fits the
+    token cap, when padding would not fit or costs more."""
+    cost, count, longest, total = policy.cost, len(lengths), max(lengths), sum(lengths)
+    if not cost.packs or count == 1 or total > policy.max_tokens:
+        return False
+    return count * longest > policy.max_tokens or cost.packed(total) < cost.padded(count, longest)
+
+
+def cheapest_cuts(lengths: Sequence[int], policy: Policy) -> list[tuple[int, int, bool]]:
+    """Where to cut texts sorted by length into forwards within the caps, and which layout each
+    takes, so that the forwards cost least in all: (start, end, packed) per forward. A padded
+    forward computes texts x longest positions, a packed one the texts' total plus attention across
+    them, each call a fixed cost on top (`model_store.cost`); dynamic programming over the cuts."""
+    cost, count = policy.cost, len(lengths)
+    before = [0]  # tokens before each index
+    for length in lengths:
+        before.append(before[-1] + length)
+    best = [0.0] + [float("inf")] * count
+    choice = [(0, False)] * (count + 1)  # (start, packed) of the cheapest last forward ending here
+    for end in range(1, count + 1):
+        for start in range(max(0, end - policy.max_texts), end):
+            size, total = end - start, before[end] - before[start]
+            if size == 1 or size * lengths[end - 1] <= policy.max_tokens:
+                if (c := best[start] + cost.padded(size, lengths[end - 1])) < best[end]:
+                    best[end], choice[end] = c, (start, False)
+            if cost.packs and size > 1 and total <= policy.max_tokens:
+                if (c := best[start] + cost.packed(total)) < best[end]:
+                    best[end], choice[end] = c, (start, True)
+    cuts, end = [], count
+    while end > 0:
+        start, packed = choice[end]
+        cuts.append((start, end, packed))
+        end = start
+    return cuts[::-1]
+
+
+class Pending:
+    """Texts taken and not yet in a forward, oldest first; the intake adds, the lanes take forwards."""
+
+    def __init__(self, policy: Policy, clock: Callable[[], float] = time.time) -> None:
+        self.policy = policy
+        self.clock = clock
+        self._texts: dict[str, Text] = {}  # by text, in arrival order
+        self._ready: deque[Forward] = deque()  # the rest of the last batch's forwards, run before a new batch
+        self._arrivals: deque[float] = deque(maxlen=ARRIVALS)
+        self._changed = threading.Condition()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._texts) + sum(len(forward.texts) for forward in self._ready)
+
+    def room(self) -> int:
+        """Texts the window can still take."""
+        return self.policy.window - len(self)
+
+    def wait_for_room(self, timeout: float) -> int:
+        with self._changed:
+            self._changed.wait_for(lambda: self.room() > 0 or self._closed, timeout)
+            return self.room()
+
+    def add(self, texts: list[Text], items: int) -> None:
+        """Hold `texts` (from `items` work items) for the lanes; a text held already gains their waiters."""
+        with self._changed:
+            now = self.clock()
+            self._arrivals.extend([now] * min(items, ARRIVALS))
+            for text in texts:
+                if held := self._texts.get(text.text):
+                    held.waiters.extend(text.waiters)
+                else:
+                    self._texts[text.text] = text
+            self._changed.notify_all()
+
+    def next_forward(self) -> Forward | None:
+        """The next forward by the policy, waiting for texts or company as it says; None once closed.
+        A batch's forwards all go before the next batch is chosen, so no text of it is passed over."""
+        with self._changed:
+            while not self._closed:
+                if self._ready:
+                    return self._ready.popleft()
+                timeout = None
+                if self._texts:
+                    texts = list(self._texts.values())
+                    forwards, full = batch([len(t.ids) for t in texts], self.policy)
+                    timeout = texts[0].arrived + self.policy.max_wait_s - self.clock()
+                    if full or len(forwards) > 1 or timeout <= 0 or not self._company_likely():
+                        made = [Forward([texts[i] for i in indices], packed) for indices, packed in forwards]
+                        for text in (text for forward in made for text in forward.texts):
+                            del self._texts[text.text]
+                        self._ready.extend(made[1:])
+                        self._changed.notify_all()  # room for the intake
+                        return made[0]
+                self._changed.wait(timeout)
+            return None
+
+    def close(self) -> list[Text]:
+        """No more forwards: wake every lane, and return the texts still held."""
+        with self._changed:
+            self._closed = True
+            left = [*self._texts.values(), *(text for forward in self._ready for text in forward.texts)]
+            self._texts, self._ready = {}, deque()
+            self._changed.notify_all()
+            return left
+
+    def _company_likely(self) -> bool:
+        """Whether recent requests arrived less than the wait apart."""
+        if len(self._arrivals) < 2:
+            return False
+        gap = (self._arrivals[-1] - self._arrivals[0]) / (len(self._arrivals) - 1)
+        return gap <= self.policy.max_wait_s

@@ -1,0 +1,52 @@
+"""One stage thread's Redis connection: commands sent in one write, replies read back in order.
+
+redis-py's own connection, packer and parser, without its client's per-command bookkeeping (a
+connection taken from the pool and checked for stray data on every call, retry wrappers, response
+callbacks): a transaction of four SETs costs the worker a third of the CPU it costs through
+`Redis.pipeline` (docs/tuning.md, "The worker's Redis round trips"). Replies come back raw, as
+Redis sends them. Not thread-safe: each stage thread has its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis import Redis
+from redis.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+Command = tuple[Any, ...]
+
+
+class Link:
+    """A connection of `redis`'s pool, held by one thread for its hot-path commands."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._pool = redis.connection_pool
+        self._connection: AbstractConnection | None = None
+
+    def call(self, *commands: Command, raise_errors: bool = True) -> list[Any]:
+        """Send `commands` together and return their replies; an error reply raises once every reply
+        is read (or, not `raise_errors`, takes its place), a lost connection is dropped (the next call
+        reconnects)."""
+        connection = self._connection = self._connection or self._pool.get_connection()
+        try:
+            connection.send_packed_command(connection.pack_commands(commands))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(connection.read_response())
+                except ResponseError as error:
+                    replies.append(error)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            connection.disconnect()
+            raise
+        if raise_errors and (errors := [reply for reply in replies if isinstance(reply, ResponseError)]):
+            raise errors[0]
+        return replies
+
+    def transaction(self, *commands: Command) -> list[Any]:
+        """`commands` in MULTI/EXEC: all applied, or (an error reply such as OOM) none."""
+        return self.call(("MULTI",), *commands, ("EXEC",))[-1]  # type: ignore[no-any-return]

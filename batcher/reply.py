@@ -1,0 +1,134 @@
+"""The reply stage: finished work back to Redis, on a thread of its own.
+
+Everything finished since the last write goes in one transaction: each computed text's cache entry;
+for each request whose texts all have a prediction (or that failed), its result key and its
+acknowledgement (LREM from the processing list); and one message per API process, on its reply
+channel, with the results of all its requests finished here.
+A refused or lost write is retried with backoff, the same transaction again, until it goes or the
+worker stops; its work stays in the processing list meanwhile, so it is never lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from queue import SimpleQueue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+import numpy as np
+from redis import Redis
+from redis.exceptions import RedisError
+
+from batcher import metrics
+from batcher.protocol import Keys, encode_prediction, replies
+from batcher.queue import WorkQueue
+from batcher.redis_errors import Backoff, describe
+from batcher.redis_link import Command, Link
+from batcher.work import Held, Text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Texts with their cached predictions, their computed probabilities (to encode and cache), or an
+    error for all."""
+
+    texts: list[Text]
+    predictions: list[bytes] | None = None
+    probabilities: np.ndarray | None = None
+    error: str | None = None
+
+
+class Replies:
+    """Collects outcomes from the lanes and the intake; its thread writes them back."""
+
+    def __init__(
+        self, redis: Redis, keys: Keys, queue: WorkQueue, labels: list[str], cache_ttl_s: int, result_ttl_s: int,
+        stopping: threading.Event, heartbeat: Callable[[], list[Command]] = list,
+    ) -> None:
+        self.link = Link(redis)
+        self.keys = keys
+        self.queue = queue
+        self.labels = labels
+        self.cache_ttl_s = cache_ttl_s
+        self.result_ttl_s = result_ttl_s
+        self.stopping = stopping
+        self.heartbeat = heartbeat  # writes that say the worker is alive: a busy worker's beat rides along
+        self.answered = 0  # requests
+        self._inbox: SimpleQueue[Outcome | None] = SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="reply", daemon=True)
+
+    def computed(self, texts: list[Text], probabilities: np.ndarray) -> None:
+        self._inbox.put(Outcome(texts, probabilities=probabilities))
+
+    def cached(self, hits: list[tuple[Text, bytes]]) -> None:
+        self._inbox.put(Outcome([t for t, _ in hits], predictions=[p for _, p in hits]))
+
+    def failed(self, texts: list[Text], error: str) -> None:
+        self._inbox.put(Outcome(texts, error=error))
+
+    def close(self) -> None:
+        """Write what was put so far, then end the thread."""
+        self._inbox.put(None)
+        if self.thread.ident is not None:  # (started)
+            self.thread.join()
+
+    def _run(self) -> None:
+        closing = False
+        while not closing:
+            outcomes = [self._inbox.get()]
+            while not self._inbox.empty():
+                outcomes.append(self._inbox.get_nowait())
+            closing = None in outcomes
+            cpu = time.thread_time()
+            self._write([o for o in outcomes if o is not None])
+            metrics.STAGE_CPU_SECONDS.labels("reply").inc(time.thread_time() - cpu)
+
+    def _write(self, outcomes: list[Outcome]) -> None:
+        writes: list[Command] = []
+        finished: list[Held] = []
+        for outcome in outcomes:
+            predictions = outcome.predictions
+            if outcome.probabilities is not None:
+                predictions = [encode_prediction(self.labels, row) for row in outcome.probabilities.tolist()]
+                writes += [("SET", t.key, p, "EX", self.cache_ttl_s) for t, p in zip(outcome.texts, predictions)]
+            for index, text in enumerate(outcome.texts):
+                for held, at in text.waiters:
+                    if held.answered:
+                        continue
+                    if predictions is None:
+                        held.error = outcome.error
+                    else:
+                        held.fill(at, predictions[index])
+                    if held.complete:
+                        held.answered = True
+                        finished.append(held)
+        now = time.time()
+        answers: dict[str, list[tuple[str, bytes]]] = {}  # by reply channel
+        for held in finished:
+            result = held.result()
+            # Read only by a waiter the reply missed, and nobody waits past the deadline: a second more at most.
+            ttl_s = min(self.result_ttl_s, max(held.item.deadline - now, 0.0) + 1.0)
+            writes.append(("SET", self.keys.result(held.item.id), result, "PX", int(ttl_s * 1000)))
+            writes.append(("LREM", self.queue.processing, 1, held.raw))
+            answers.setdefault(held.item.reply_to, []).append((held.item.id, result))
+        writes += [("PUBLISH", channel, replies(pairs)) for channel, pairs in answers.items()]
+        self.answered += len(finished)
+        if writes:
+            self._execute(writes + self.heartbeat())
+        self.queue.held.difference_update(held.raw for held in finished)
+
+    def _execute(self, writes: list[Command]) -> None:
+        """One transaction (nothing applies if Redis refuses any of it), sent again until it goes; a
+        stopping worker gives up, leaving the work in its processing list for another worker."""
+        backoff = Backoff(log, self.stopping)
+        while True:
+            try:
+                self.link.transaction(*writes)
+                return
+            except RedisError as exc:
+                if self.stopping.is_set() or backoff.wait(exc):
+                    log.warning("results not written (%s); their work stays queued for another worker", describe(exc))
+                    return

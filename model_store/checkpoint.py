@@ -1,0 +1,66 @@
+"""A Hugging Face sequence-classification checkpoint on local disk: validated, fingerprinted, tokenized.
+
+Everything about a model that does not run it: its files, its version (part of every cache key), its
+labels and its tokenizer. What runs the forward is an engine (`model_store.engine`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from tokenizers import Tokenizer
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+from transformers.utils import logging as hf_logging
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def fingerprint(model_dir: Path) -> str:
+    """A version that changes whenever any checkpoint file (config, tokenizer, weights) changes."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in model_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+class Checkpoint:
+    """Config, labels, fingerprint and tokenizer of the checkpoint in `model_dir`."""
+
+    def __init__(self, model_dir: Path) -> None:
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file() or not any(
+            p.suffix in WEIGHT_SUFFIXES for p in model_dir.iterdir()
+        ):
+            raise FileNotFoundError(
+                f"no Hugging Face checkpoint (config.json + weights) in {model_dir.resolve()}; "
+                "set SENTIMENT_MODEL_DIR or fetch one with `sentiment model pull`"
+            )
+        hf_logging.disable_progress_bar()
+        self.dir = model_dir
+        self.name = model_dir.resolve().name
+        self.fingerprint = fingerprint(model_dir)
+        self.config: PretrainedConfig = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        self.labels = [self.config.id2label[i] for i in range(self.config.num_labels)]
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        if not tokenizer.is_fast:
+            raise ValueError(f"{model_dir} has no fast (tokenizers) tokenizer")
+        self.pad_id: int = tokenizer.pad_token_id or 0
+        self.max_length: int = min(tokenizer.model_max_length, self.config.max_position_embeddings)
+        # The Rust tokenizer itself, called once a batch: transformers' wrapper costs more per text
+        # in Python than the tokenizing does (docs/performance.md, "The ceiling").
+        self._tokenizer = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(self.max_length)
+
+    def version(self, precision: str) -> str:
+        """The model's version, part of every cache key: the fingerprint, suffixed by any precision but
+        fp32 (`-fp16`, `-bf16`, `-int8`, `-null`), whose different scores are cached apart."""
+        return self.fingerprint + ("" if precision == "fp32" else f"-{precision}")
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids per text, special tokens added, truncated to the model's maximum length, unpadded."""
+        return [encoding.ids for encoding in self._tokenizer.encode_batch_fast(texts)]

@@ -1,0 +1,111 @@
+"""What runs a model's forward: the interface every engine implements, and which engine `auto` picks.
+
+An engine takes batches of token ids and returns label probabilities; it knows nothing of Redis,
+batching or texts. Engines: torch (CPU fp32/bf16/int8, CUDA fp16/fp32), ONNX Runtime (CPU fp32) and
+the null engine (constant answers at almost no cost, to measure the service around the model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+from model_store.checkpoint import Checkpoint
+from model_store.cost import ForwardCost
+
+Precision = Literal["auto", "fp32", "bf16", "int8"]
+EngineName = Literal["auto", "torch", "onnxruntime", "null"]
+
+
+class Engine(Protocol):
+    """Runs forwards. `lanes` forwards may run side by side, each on a thread that called
+    `start_lane` once before its first forward (docs/architecture.md, "Threads")."""
+
+    name: str  # torch, onnxruntime, null
+    device: str  # cpu, cuda
+    precision: str  # fp32, bf16, fp16, int8, null: what the cache version says
+    dtype: str  # what /model reports: float32, bfloat16, float16, int8
+    cost: ForwardCost  # what a forward costs, so batches are cut where they cost least
+    threads: int  # CPU threads it computes on
+    lanes: int
+
+    def start_lane(self) -> None:
+        """Make the calling thread one of the `lanes` forward threads."""
+
+    def forward(self, batch: Sequence[list[int]], packed: bool = False) -> np.ndarray:
+        """Label probabilities, (texts, labels) float32, for one batch of token ids: padded to its
+        longest text, or (`packed`, where `cost.packs`) concatenated into one row."""
+        ...
+
+
+def pick_device(device: str) -> torch.device:
+    """`auto` means CUDA when this machine has it, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere oneDNN
+    emulates it, far slower than fp32 (docs/tuning.md, "Precision")."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> str:
+    """What `auto` means on this machine: float16 on CUDA; on the CPU bf16 where the hardware has
+    it (it keeps the SST-2 labels), else fp32. Other values are taken as given."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if native_bf16() else "fp32"
+
+
+def resolve_engine(engine: EngineName, device: torch.device, precision: str) -> str:
+    """What `auto` means: ONNX Runtime for fp32 on the CPU (the same arithmetic, faster there,
+    docs/tuning.md, "Engine"); torch for CUDA, bf16 autocast and int8, which it runs itself."""
+    if engine != "auto":
+        return engine
+    return "onnxruntime" if device.type == "cpu" and precision == "fp32" else "torch"
+
+
+def load_engine(
+    checkpoint: Checkpoint, engine: EngineName = "auto", device: str = "auto", precision: Precision = "auto",
+    threads: int | None = None, interop_threads: int | None = None, lanes: int | None = None,
+) -> Engine:
+    """The engine that runs `checkpoint` as asked. `auto` ONNX Runtime that cannot take the model
+    falls back to torch; an explicit choice fails instead."""
+    if engine == "null":
+        from model_store.null_engine import NullEngine
+
+        if lanes and lanes > 1:
+            raise ValueError("forward lanes run torch's engine on the CPU; set SENTIMENT_FORWARD_LANES=1 or unset")
+        return NullEngine(len(checkpoint.labels))
+    target = pick_device(device)
+    resolved = resolve_precision(precision, target)
+    if target.type == "cuda" and resolved == "int8":
+        raise ValueError("int8 dynamic quantization runs on the CPU only; use precision auto (fp16) on CUDA")
+    kind = resolve_engine(engine, target, resolved)
+    if kind == "onnxruntime" and (target.type == "cuda" or resolved != "fp32"):
+        raise ValueError("the onnxruntime engine runs fp32 on the CPU; use engine torch for other precisions")
+    if kind == "onnxruntime" and lanes and lanes > 1:
+        raise ValueError("forward lanes run torch's engine on the CPU; set SENTIMENT_FORWARD_LANES=1 or unset")
+    from model_store import torch_engine
+
+    if target.type == "cpu":
+        torch_engine.set_threads(threads, interop_threads)
+    if kind == "onnxruntime":
+        from model_store import onnx_engine
+
+        try:
+            return onnx_engine.OnnxEngine.export(checkpoint, threads or torch.get_num_threads())
+        except Exception:
+            if engine == "onnxruntime":
+                raise
+            torch_engine.log.warning(
+                "ONNX Runtime cannot serve %s; serving it with torch", checkpoint.config.model_type, exc_info=True
+            )
+    return torch_engine.TorchEngine(checkpoint, target, resolved, lanes)

@@ -1,0 +1,522 @@
+"""The batching policy (`batcher.plan`), the take stage on fakeredis, and the work queue: what a
+forward holds, when it goes, how much is taken, and that work is held until answered or reclaimed."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import fakeredis
+import numpy as np
+import pytest
+
+from batcher import intake as intake_module
+from batcher.intake import Intake
+from batcher.plan import TAKE_AT_ONCE, Forward, Pending, Policy, batch
+from batcher.protocol import Keys, Result, WorkItem, new_id
+from batcher.queue import WorkQueue
+from batcher.reply import Replies
+from batcher.work import Held, Text
+from model_store.cost import ForwardCost
+from sentiment.settings import Settings
+from tests.conftest import HANG_GUARD_S, wait_for
+
+KEYS = Keys("t")
+HOUR_S = 3600.0  # a wait no test sits out: a forward that waited this long trips the hang guard
+PADDED = ForwardCost(overhead_tokens=64, attention_tokens=1024, packs=False)  # a model that only pads
+PACKS = ForwardCost(overhead_tokens=64, attention_tokens=1024, packs=True)
+
+
+def policy(
+    max_texts: int = 8, max_tokens: int = 1000, max_wait_s: float = HOUR_S, window: int = 100,
+    cost: ForwardCost = PADDED,
+) -> Policy:
+    return Policy(max_texts, max_tokens, max_wait_s, window, cost)
+
+
+def word_ids(texts: list[str]) -> list[list[int]]:
+    """A stand-in tokenizer: one token per word."""
+    return [[1] * len(t.split()) for t in texts]
+
+
+def work_item(*texts: str, ttl: float = 60, enqueued_at: float | None = None) -> WorkItem:
+    now = time.time() if enqueued_at is None else enqueued_at
+    return WorkItem(id=new_id(), texts=list(texts), enqueued_at=now, deadline=now + ttl, reply_to=KEYS.reply_channel("x"))
+
+
+def push(redis: fakeredis.FakeRedis, *texts: str, ttl: float = 60) -> WorkItem:
+    item = work_item(*texts, ttl=ttl)
+    redis.lpush(KEYS.queue, item.encode())
+    return item
+
+
+def held_text(words: str, arrived: float | None = None) -> Text:
+    """A taken text of one work item of its own, `arrived` (enqueued) now unless given."""
+    item = work_item(words, enqueued_at=arrived)
+    return Text(words, KEYS.cache("v", words), [(Held(item.encode(), item), 0)], item.enqueued_at, word_ids([words])[0])
+
+
+def add(pending: Pending, *words: str, arrived: float | None = None) -> list[Text]:
+    """Each text as a work item of its own, taken one at a time (arrivals as close as a test makes them)."""
+    texts = [held_text(w, arrived) for w in words]
+    for text in texts:
+        pending.add([text], 1)
+    return texts
+
+
+def texts_of(forward: Forward | None) -> list[str]:
+    assert forward is not None
+    return [t.text for t in forward.texts]
+
+
+def next_forward(pending: Pending) -> Forward | None:
+    """`pending.next_forward()` from a lane thread, within the hang guard: a forward that waits for
+    company it should not (an hour, in these tests) fails here instead of hanging."""
+    got: list[Forward | None] = []
+    lane = threading.Thread(target=lambda: got.append(pending.next_forward()), daemon=True)
+    lane.start()
+    lane.join(HANG_GUARD_S)
+    if lane.is_alive():
+        pending.close()  # let the lane go
+        pytest.fail(f"the forward was still waiting after {HANG_GUARD_S} s")
+    return got[0]
+
+
+# --- batch: which texts go in the next forward -----------------------------------------------------
+
+
+def choose(lengths: list[int], policy: Policy) -> tuple[list[int], bool, bool]:
+    """The next batch's first forward: (indices, packed, full), `full` when a cap or a cut ended it."""
+    forwards, full = batch(lengths, policy)
+    indices, packed = forwards[0]
+    return indices, packed, full or len(forwards) > 1
+
+
+@pytest.mark.parametrize(
+    ("lengths", "max_texts", "max_tokens", "cost", "expected"),
+    [
+        ([3, 3, 3], 8, 100, PADDED, ([0, 1, 2], False, False)),  # everything fits; the texts ran out: not full
+        ([3, 3, 3], 2, 100, PADDED, ([0, 1], False, True)),  # max_texts stopped it
+        ([3, 3, 3], 3, 100, PADDED, ([0, 1, 2], False, True)),  # exactly max_texts: a full forward
+        ([2, 2, 10], 8, 20, PADDED, ([0, 1], False, True)),  # the 10-token text would pad all three to 30
+        ([10, 2, 2], 8, 20, PADDED, ([0, 2], False, True)),  # 2 x 10 padded fits, 3 x 10 does not
+        ([50], 8, 20, PADDED, ([0], False, False)),  # a lone oversized text still goes
+        ([50, 1, 1], 8, 20, PADDED, ([0], False, True)),  # ... alone, when nothing fits beside it
+        ([5, 1, 9, 5, 1, 9], 2, 100, PADDED, ([0, 3], False, True)),  # the oldest with its equal, not the short ones
+        ([1, 9, 1, 9, 1], 3, 100, PADDED, ([0, 2, 4], False, True)),  # the short ones together
+        ([9, 1, 1, 8, 2], 2, 100, PADDED, ([0, 3], False, True)),  # a long oldest takes its nearest neighbour below
+        ([9, 1, 1, 8, 2], 2, 9, PADDED, ([0], False, True)),  # ... unless the token cap leaves room for it alone
+        ([1, 2, 30, 31, 3], 3, 100, PADDED, ([0, 1, 4], False, True)),
+        ([5, 4, 6], 2, 100, PADDED, ([0, 1], False, True)),  # a tie in distance goes to the shorter
+        # a long oldest text goes alone where padding three short ones to it costs more than a call
+        ([60, 15, 15, 15, 15, 15], 4, 1000, PADDED, ([0], False, True)),
+        # Mixed lengths: packed into one row where the engine packs and it costs less than padding...
+        ([5, 8, 11, 14, 17, 20, 23, 26], 32, 8192, PACKS, ([0, 1, 2, 3, 4, 5, 6, 7], True, False)),
+        # ... never where it does not pack
+        ([5, 8, 11, 14, 17, 20, 23, 26], 32, 8192, PADDED, ([0, 1, 2, 3, 4, 5, 6, 7], False, False)),
+        # one length: padding wastes nothing, packing only adds attention
+        ([10] * 20, 32, 8192, PACKS, (list(range(20)), False, False)),
+        # runs of two lengths: cut in two padded forwards, cheaper than padding all to 16 or packing;
+        # the oldest text's run goes, the other stays held
+        ([8] * 16 + [16] * 16, 32, 8192, PACKS, (list(range(16)), False, True)),
+        # Past the padded budget (4 x 30 = 120 > 95), a packed row of 95 tokens still fits...
+        ([5, 30, 30, 30], 32, 95, PACKS, ([0, 1, 2, 3], True, False)),
+        # ... only where the engine packs
+        ([5, 30, 30, 30], 32, 95, PADDED, ([0, 1, 2], False, True)),
+        # and a packed row keeps the token cap too (95 > 90): the cheaper layout of what fits
+        ([5, 30, 30, 30], 32, 90, PACKS, ([0, 1, 2], True, True)),
+    ],
+)
+def test_choose_takes_the_oldest_and_its_nearest_neighbours_in_length_within_the_caps(
+    lengths: list[int], max_texts: int, max_tokens: int, cost: ForwardCost, expected: tuple[list[int], bool, bool]
+) -> None:
+    assert choose(lengths, policy(max_texts, max_tokens, cost=cost)) == expected
+
+
+# --- Pending: when a forward goes ----------------------------------------------------------------
+
+
+def test_a_full_forward_goes_at_once() -> None:
+    pending = Pending(policy(max_texts=2))
+    add(pending, "a", "b", "c")  # arrivals a moment apart: company is likely, but the forward is full
+    assert texts_of(next_forward(pending)) == ["a", "b"]
+
+
+@pytest.mark.parametrize("history", [[], [99.0, 100.0, 101.0]], ids=["first request", "requests a second apart"])
+def test_a_lone_client_never_waits_for_company(history: list[float]) -> None:
+    """Company is waited for only while requests arrive less than max_wait apart (here 0.5 s)."""
+    now = [0.0]
+    pending = Pending(policy(max_wait_s=0.5), clock=lambda: now[0])
+    for when in history:
+        now[0] = when
+        pending.add([], 1)  # an earlier request's take
+    now[0] = 102.0
+    add(pending, "alone", arrived=102.0)
+    # The clock stands still: a forward that waited for company would wait for ever.
+    assert texts_of(next_forward(pending)) == ["alone"]
+
+
+def test_a_forward_that_is_not_full_waits_for_company_while_requests_arrive_densely() -> None:
+    pending = Pending(policy(max_texts=4))
+    add(pending, "a", "b", "c")  # three requests a moment apart
+    threading.Timer(0.1, add, (pending, "d")).start()  # the fourth fills the forward: it goes then
+    assert texts_of(next_forward(pending)) == ["a", "b", "c", "d"]
+
+
+def test_company_is_waited_for_until_the_oldest_text_has_been_queued_max_wait() -> None:
+    """The wait counts from the oldest text's enqueue time, not from when the lane asked: with an
+    hour's max_wait, a wait counted from the ask would trip the hang guard."""
+    pending = Pending(policy(max_texts=8))
+    first = time.time() - HOUR_S + 0.2  # queued for all but 0.2 s of max_wait
+    add(pending, "a", arrived=first)
+    add(pending, "b", "c")
+    assert texts_of(next_forward(pending)) == ["a", "b", "c"]
+
+
+def test_a_backlog_never_waits_again() -> None:
+    """A text queued longer than max_wait already goes at once, though requests keep arriving densely."""
+    pending = Pending(policy(max_texts=8))
+    add(pending, "late", arrived=time.time() - HOUR_S - 1)
+    add(pending, "b", "c")
+    assert texts_of(next_forward(pending)) == ["late", "b", "c"]
+
+
+def test_close_wakes_a_waiting_lane_and_returns_the_texts_still_held() -> None:
+    pending = Pending(policy(max_texts=8))
+    add(pending, "a", "b", "c")  # dense arrivals, not full: a lane waits an hour for company
+    threading.Timer(0.1, pending.close).start()
+    assert next_forward(pending) is None
+    assert len(pending) == 0
+    pending = Pending(policy(max_texts=8))
+    texts = add(pending, "a", "b", "c")
+    assert pending.close() == texts
+    assert next_forward(pending) is None  # closed: no more forwards, ever
+
+
+def test_a_text_held_already_gains_the_waiters_of_a_later_request() -> None:
+    """One forward computes a text however many requests hold it."""
+    pending = Pending(policy(max_texts=2))
+    [first] = add(pending, "same")
+    waiters = list(first.waiters)
+    [again] = add(pending, "same")
+    add(pending, "other")
+    assert len(pending) == 2
+    forward = next_forward(pending)
+    assert texts_of(forward) == ["same", "other"] and forward.texts[0] is first
+    assert first.waiters == [*waiters, *again.waiters] and len(first.waiters) == 2
+
+
+def test_a_batch_cut_in_forwards_runs_them_all_before_newer_texts() -> None:
+    """The cost model cuts 4 one-word and 4 five-word texts in two forwards; a one-word text taken
+    after them waits for the next batch rather than passing the older five-word texts."""
+    pending = Pending(policy(max_texts=8, max_tokens=1000, cost=ForwardCost(2, 1024, packs=False)))
+    short, long = ["s1", "s2", "s3", "s4"], [f"l{i} a b c d" for i in range(4)]
+    add(pending, *short, *long)
+    assert texts_of(next_forward(pending)) == short
+    add(pending, "newer", arrived=0.0)  # (queued long ago: it waits for no company)
+    assert len(pending) == 5  # the batch's second forward still counts in the window
+    assert texts_of(next_forward(pending)) == long
+    assert texts_of(next_forward(pending)) == ["newer"]
+
+
+def test_the_window_bounds_the_texts_held_and_a_forward_makes_room() -> None:
+    pending = Pending(policy(max_texts=2, window=3))
+    add(pending, "a", "b")
+    assert pending.room() == 1
+    add(pending, "c")
+    assert pending.wait_for_room(0.01) == 0  # a full window: the intake takes nothing
+    blocked: list[int] = []
+    intake = threading.Thread(target=lambda: blocked.append(pending.wait_for_room(HANG_GUARD_S)))
+    intake.start()
+    assert texts_of(next_forward(pending)) == ["a", "b"]  # the forward wakes the waiting intake
+    intake.join(HANG_GUARD_S)
+    assert blocked == [2]
+    pending.close()
+    assert pending.wait_for_room(HANG_GUARD_S) == 3  # closed: nobody waits for room
+
+
+def test_a_long_oldest_text_goes_in_the_next_forward_however_many_short_texts_could_fill_it() -> None:
+    """Nearest in length never starves an outlier: every forward holds the oldest text then held."""
+    pending = Pending(policy(max_texts=4, window=64))
+    backlog = time.time() - HOUR_S  # queued long ago: no forward waits for company
+    long = "long " * 20
+    order = add(pending, long, arrived=backlog)
+    order += add(pending, *(f"s{i}" for i in range(30)), arrived=backlog)  # enough short ones to fill 7 forwards
+    first = next_forward(pending)
+    assert long in texts_of(first) and len(first.texts) == 4
+    order += add(pending, long + "again", arrived=backlog)  # a later outlier waits at most until it is the oldest
+    taken = set(texts_of(first))
+    while len(pending):
+        forward = next_forward(pending)
+        oldest = next(t.text for t in order if t.text not in taken)
+        assert oldest in texts_of(forward)
+        taken |= set(texts_of(forward))
+    assert taken == {t.text for t in order}
+
+
+# --- Policy: how much a take asks for ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("room", "texts_per_item", "last_asked", "last_got", "expected"),
+    [
+        (100, 1.0, 1, 1, 2),  # the queue kept up: twice as many
+        (100, 1.0, 16, 16, 32),
+        (1000, 1.0, 64, 64, TAKE_AT_ONCE),  # at most TAKE_AT_ONCE
+        (10, 1.0, 8, 8, 10),  # within the window's room
+        (100, 4.0, 32, 32, 25),  # room for 25 items of 4 texts
+        (10, 0.5, 32, 32, 10),  # items sharing texts: still an item a text of room at most
+        (100, 1.0, 16, 5, 6),  # the queue had fewer: what it had (and one more)
+        (100, 1.0, 16, 0, 1),  # an emptying queue costs one empty move, not 16
+        (2, 5.0, 8, 8, 0),  # no room for an item of 5 texts
+        (100, 1.0, 0, 0, 1),  # after no room: counting up again from 1, not stuck at 0 for good
+    ],
+)
+def test_take_count_doubles_while_the_queue_keeps_up_within_the_cap_and_the_room(
+    room: int, texts_per_item: float, last_asked: int, last_got: int, expected: int
+) -> None:
+    assert policy().take_count(room, texts_per_item, last_asked, last_got) == expected
+
+
+def test_policy_from_settings_caps_a_lane_forwards_tokens_and_keeps_a_forward_in_the_window() -> None:
+    settings = Settings(
+        max_batch_size=32, max_batch_tokens=8192, lane_max_tokens=256, batch_window=8,
+        max_wait_ms=5,
+    )
+    one, two = Policy.of(settings, PACKS, lanes=1), Policy.of(settings, PACKS, lanes=2)
+    assert (one.max_texts, one.max_tokens, one.max_wait_s, one.cost) == (32, 8192, 0.005, PACKS)
+    assert two.max_tokens == 256  # a 1-thread lane's forward is cheapest per token near 256 positions
+    assert one.window == two.window == 32  # a window smaller than a forward could never fill one
+
+
+# --- Intake: taking queued work on fakeredis -----------------------------------------------------
+
+
+class RepliesRecorder:
+    """The reply stage's inbox, as the intake fills it."""
+
+    def __init__(self) -> None:
+        self.hits: list[tuple[Text, bytes]] = []
+
+    def cached(self, hits: list[tuple[Text, bytes]]) -> None:
+        self.hits += hits
+
+    def computed(self, texts: list[Text], probabilities: np.ndarray) -> None:
+        raise AssertionError("the intake computes nothing")
+
+    def failed(self, texts: list[Text], error: str) -> None:
+        raise AssertionError("the intake fails nothing")
+
+
+def make_intake(
+    redis: fakeredis.FakeRedis, pending: Pending, replies: object | None = None,
+    tokenize: Callable[[list[str]], list[list[int]]] = word_ids,
+) -> Intake:
+    return Intake(
+        redis, WorkQueue(redis, KEYS, "w1"), pending, replies or RepliesRecorder(),  # type: ignore[arg-type]
+        tokenize, lambda text: KEYS.cache("v", text),
+    )
+
+
+def held_texts(pending: Pending) -> list[str]:
+    return [t.text for t in pending.close()]
+
+
+@pytest.fixture
+def short_idle_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A take that finds nothing gives up after 50 ms instead of a second."""
+    monkeypatch.setattr(intake_module, "IDLE_POLL_S", 0.05)
+
+
+def test_a_deep_queue_is_taken_in_few_round_trips_and_tokenized_once_a_take(redis: fakeredis.FakeRedis) -> None:
+    for i in range(40):
+        push(redis, f"t{i}")
+    tokenized: list[int] = []
+
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        tokenized.append(len(texts))
+        return word_ids(texts)
+
+    intake = make_intake(redis, Pending(policy(window=100)), tokenize=tokenize)
+    moves: list[int] = []
+    take_queued = intake.queue.take_queued
+    intake.queue.take_queued = lambda most: moves.append(most) or take_queued(most)  # type: ignore[method-assign]
+    takes = 0
+    while redis.llen(KEYS.queue):
+        assert intake.take()
+        takes += 1
+    # One LMOVE pipeline and one tokenizer call a take, not an item: the count doubles, 2 + 4 + ... + 32.
+    assert takes == len(moves) == len(tokenized) <= 6
+    assert sum(tokenized) == 40
+    assert redis.llen(KEYS.processing("w1")) == 40  # held until answered
+    assert held_texts(intake.pending) == [f"t{i}" for i in range(40)]  # arrival order kept across takes
+
+
+def test_the_take_count_recovers_after_the_window_left_no_room_for_an_item(
+    redis: fakeredis.FakeRedis, short_idle_poll: None
+) -> None:
+    """Items of 3 texts and a window of 10: the third take finds room for no whole item (it takes
+    one, blocking). Once the lanes have emptied the window, a deep queue is again taken several items
+    a round trip, not one a take for good."""
+    pending = Pending(policy(max_texts=3, window=10))
+    intake = make_intake(redis, pending)
+    for i in range(40):
+        push(redis, f"a{i}", f"b{i}", f"c{i}")
+    while pending.room() > 0:
+        assert intake.take()
+
+    def drain() -> None:
+        while len(pending):
+            assert len(next_forward(pending).texts) == 3  # full forwards: none waits
+
+    got = []
+    for _ in range(3):
+        drain()
+        before = redis.llen(KEYS.queue)
+        assert intake.take()
+        got.append(before - redis.llen(KEYS.queue))
+    assert max(got) > 1
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [b"not a work item", b"{}", b"[]", b"1",
+     b'{"id": "x", "texts": 5, "enqueued_at": 0, "deadline": 9e9, "reply_to": "c"}',
+     b'{"id": "x", "texts": ["a"], "enqueued_at": 0, "deadline": "soon", "reply_to": "c"}'],
+    ids=["not json", "no fields", "a list", "a number", "texts not a list", "a deadline not a number"],
+)
+def test_a_malformed_item_is_dropped_and_acknowledged(redis: fakeredis.FakeRedis, junk: bytes) -> None:
+    """Not our protocol: nobody can be answered, and a retry would fail again (the worker must not die)."""
+    redis.lpush(KEYS.queue, junk)
+    live = push(redis, "in time")
+    intake = make_intake(redis, Pending(policy()))
+    assert intake.take()
+    assert redis.lrange(KEYS.processing("w1"), 0, -1) == [live.encode()]
+    assert redis.llen(KEYS.queue) == 0
+    assert held_texts(intake.pending) == ["in time"]
+
+
+def test_an_expired_item_is_skipped_counted_and_acknowledged(redis: fakeredis.FakeRedis) -> None:
+    push(redis, "too late", ttl=-1)
+    live = push(redis, "in time")
+    intake = make_intake(redis, Pending(policy()))
+    assert intake.take()
+    assert intake.expired == 1
+    assert redis.lrange(KEYS.processing("w1"), 0, -1) == [live.encode()]  # only the live item is held
+    assert held_texts(intake.pending) == ["in time"]
+
+
+def test_cached_texts_go_to_the_reply_stage_not_to_the_model(redis: fakeredis.FakeRedis) -> None:
+    redis.set(KEYS.cache("v", "known"), b'[{"label":"POSITIVE","score":1.0}]')
+    item = push(redis, "known", "new")
+    replies = RepliesRecorder()
+    intake = make_intake(redis, Pending(policy()), replies)
+    assert intake.take()
+    [(hit, cached)] = replies.hits
+    assert (hit.text, cached) == ("known", b'[{"label":"POSITIVE","score":1.0}]')
+    assert [(held.item.id, index) for held, index in hit.waiters] == [(item.id, 0)]
+    assert held_texts(intake.pending) == ["new"]
+
+
+def test_the_window_bounds_the_work_taken_from_the_queue(redis: fakeredis.FakeRedis, short_idle_poll: None) -> None:
+    for i in range(20):
+        push(redis, f"t{i}")
+    pending = Pending(policy(max_texts=2, window=6))
+    intake = make_intake(redis, pending)
+    while pending.room() > 0:
+        assert intake.take()
+    assert not intake.take()  # a full window: nothing more taken
+    assert redis.llen(KEYS.processing("w1")) == len(pending) == 6  # read ahead, held (never lost) until answered
+    assert redis.llen(KEYS.queue) == 14
+    assert texts_of(next_forward(pending)) == ["t0", "t1"]
+    assert intake.take()
+    assert redis.llen(KEYS.processing("w1")) == 8 and len(pending) == 6
+
+
+def test_identical_texts_across_items_become_one_text_with_a_waiter_each(redis: fakeredis.FakeRedis) -> None:
+    tokenized: list[str] = []
+
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        tokenized.extend(texts)
+        return word_ids(texts)
+
+    first, second = push(redis, "same", "own"), push(redis, "other", "same")
+    intake = make_intake(redis, Pending(policy()), tokenize=tokenize)
+    assert intake.take()
+    assert sorted(tokenized) == ["other", "own", "same"]  # tokenized once
+    same, own, other = intake.pending.close()
+    assert (same.text, own.text, other.text) == ("same", "own", "other")
+    assert [(held.item.id, index) for held, index in same.waiters] == [(first.id, 0), (second.id, 1)]
+    assert same.arrived == first.enqueued_at  # its first request's enqueue time
+
+
+def test_an_item_split_across_forwards_is_held_until_all_its_texts_are_answered(redis: fakeredis.FakeRedis) -> None:
+    """A 5-text item and max_texts 3: two forwards; the item leaves the processing list with the second."""
+    queue = WorkQueue(redis, KEYS, "w1")
+    replies = Replies(redis, KEYS, queue, ["NEGATIVE", "POSITIVE"], 60, 60, threading.Event())
+    pending = Pending(policy(max_texts=3))
+    intake = Intake(redis, queue, pending, replies, word_ids, lambda text: KEYS.cache("v", text))
+    big = push(redis, "t0", "t1", "t2", "t3", "t4")
+    small = push(redis, "u0")
+    assert intake.take()
+    first, second = next_forward(pending), next_forward(pending)
+    assert (texts_of(first), texts_of(second)) == (["t0", "t1", "t2"], ["t3", "t4", "u0"])
+    assert first.texts[0].waiters[0][0] is second.texts[0].waiters[0][0]  # one item, two forwards
+    replies.thread.start()
+    try:
+        replies.computed(first.texts, np.full((3, 2), 0.5, dtype=np.float32))
+        wait_for("the first forward's cache entries", lambda: redis.exists(KEYS.cache("v", "t2")))
+        assert redis.llen(KEYS.processing("w1")) == 2  # both items still held: neither answered
+        assert not redis.exists(KEYS.result(big.id))
+        replies.computed(second.texts, np.full((3, 2), 0.5, dtype=np.float32))
+        result = Result.decode(wait_for("the big item's result", lambda: redis.get(KEYS.result(big.id))))
+    finally:
+        replies.close()
+    assert result.predictions is not None and len(result.predictions) == 5
+    assert redis.exists(KEYS.result(small.id))
+    assert redis.llen(KEYS.processing("w1")) == 0  # both acknowledged with their results
+
+
+# --- WorkQueue: taking, acknowledging and reclaiming ---------------------------------------------
+
+
+def test_take_queued_moves_the_oldest_first_and_ack_all_drops_exactly_those_given(redis: fakeredis.FakeRedis) -> None:
+    queue = WorkQueue(redis, KEYS, "w1")
+    items = [push(redis, f"t{i}") for i in range(3)]
+    raws = queue.take_queued(5)  # more than there is: what there is
+    assert [WorkItem.decode(raw).id for raw in raws] == [item.id for item in items]
+    queue.ack_all([raws[0], raws[2]])
+    assert redis.lrange(KEYS.processing("w1"), 0, -1) == [raws[1]]
+
+
+def test_dead_workers_work_is_reclaimed_oldest_first(redis: fakeredis.FakeRedis) -> None:
+    dead = WorkQueue(redis, KEYS, "dead")
+    redis.sadd(KEYS.workers, "dead")  # registered, but its heartbeat key has expired
+    first, second = push(redis, "one"), push(redis, "two")
+    assert len(dead.take_queued(2)) == 2
+    assert redis.llen(KEYS.queue) == 0
+    alive = WorkQueue(redis, KEYS, "alive")
+    redis.set(KEYS.heartbeat("alive"), b"{}")
+    assert alive.reclaim_dead() == 2
+    assert not redis.sismember(KEYS.workers, "dead")
+    assert [WorkItem.decode(raw).id for raw in alive.take_queued(2)] == [first.id, second.id]
+
+
+def test_live_workers_work_is_left_alone(redis: fakeredis.FakeRedis) -> None:
+    busy = WorkQueue(redis, KEYS, "busy")
+    redis.sadd(KEYS.workers, "busy")
+    redis.set(KEYS.heartbeat("busy"), b"{}")
+    push(redis, "mine")
+    assert busy.take_queued(1)
+    assert WorkQueue(redis, KEYS, "other").reclaim_dead() == 0
+    assert redis.llen(KEYS.processing("busy")) == 1
+
+
+def test_give_back_requeues_everything_held(redis: fakeredis.FakeRedis) -> None:
+    queue = WorkQueue(redis, KEYS, "w1")
+    first, second = push(redis, "x"), push(redis, "y")
+    assert queue.take_queued(2)
+    assert queue.give_back() == 2
+    assert redis.llen(KEYS.processing("w1")) == 0
+    assert [WorkItem.decode(redis.rpop(KEYS.queue)).id for _ in range(2)] == [first.id, second.id]  # oldest first again
