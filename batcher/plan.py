@@ -11,8 +11,9 @@ at no cost in latency. The rules (docs/tuning.md, "Batching"):
 2. Choose: the oldest held text and the held texts nearest to it in token length make the next
    batch, up to `max_batch_size` texts and the forward's token budget (`max_batch_tokens`, or
    `lane_max_tokens` on a CPU lane); the engine's cost model cuts it into the forwards that cost
-   least, each padded or packed into one row (`batch`). Free lanes run those forwards before
-   the next batch is chosen.
+   least, each padded or packed into one row (`batch`); a batch with fewer forwards than there
+   are idle lanes is cut further so each runs one (`spread`). Free lanes run those forwards
+   before the next batch is chosen.
 3. Wait: a batch that is not full waits for company only while requests arrive less than
    `max_wait_ms` apart, and at most until its oldest text has been queued `max_wait_ms`: a lone
    client never waits, a backlog never waits again (`Pending.next_forward`).
@@ -106,6 +107,25 @@ def batch(lengths: Sequence[int], policy: Policy) -> tuple[list[tuple[list[int],
     return forwards, full
 
 
+def spread(forwards: list[tuple[list[int], bool]], lengths: Sequence[int], lanes: int, policy: Policy) -> list[
+    tuple[list[int], bool]
+]:
+    """The forwards of a batch (as `batch` gives them) for `lanes` idle lanes: the one with the most
+    tokens halved by length while there are fewer forwards than lanes and it has two texts. Lanes run side by side,
+    so a batch one lane would run while the others idle ends sooner shared; the oldest text's
+    forward stays first."""
+    forwards = list(forwards)
+    while len(forwards) < lanes:
+        largest = max(range(len(forwards)), key=lambda f: sum(lengths[i] for i in forwards[f][0]))
+        by_length = sorted(forwards[largest][0], key=lengths.__getitem__)
+        if len(by_length) < 2:
+            break
+        halves = [sorted(by_length[: len(by_length) // 2]), sorted(by_length[len(by_length) // 2 :])]
+        forwards[largest : largest + 1] = [(h, packs_cheaper([lengths[i] for i in h], policy)) for h in halves]
+    forwards.sort(key=lambda forward: 0 not in forward[0])
+    return forwards
+
+
 def packs_cheaper(lengths: Sequence[int], policy: Policy) -> bool:
     """Whether one forward of these texts goes packed: where the engine packs and the row fits the
     token cap, when padding would not fit or costs more."""
@@ -152,6 +172,7 @@ class Pending:
         self._texts: dict[str, Text] = {}  # by text, in arrival order
         self._ready: deque[Forward] = deque()  # the rest of the last batch's forwards, run before a new batch
         self._arrivals: deque[float] = deque(maxlen=ARRIVALS)
+        self._idle = 0  # lanes in `next_forward`
         self._changed = threading.Condition()
         self._closed = False
 
@@ -183,23 +204,33 @@ class Pending:
         """The next forward by the policy, waiting for texts or company as it says; None once closed.
         A batch's forwards all go before the next batch is chosen, so no text of it is passed over."""
         with self._changed:
-            while not self._closed:
-                if self._ready:
-                    return self._ready.popleft()
-                timeout = None
-                if self._texts:
-                    texts = list(self._texts.values())
-                    forwards, full = batch([len(t.ids) for t in texts], self.policy)
-                    timeout = texts[0].arrived + self.policy.max_wait_s - self.clock()
-                    if full or len(forwards) > 1 or timeout <= 0 or not self._company_likely():
-                        made = [Forward([texts[i] for i in indices], packed) for indices, packed in forwards]
-                        for text in (text for forward in made for text in forward.texts):
-                            del self._texts[text.text]
-                        self._ready.extend(made[1:])
-                        self._changed.notify_all()  # room for the intake
-                        return made[0]
-                self._changed.wait(timeout)
-            return None
+            self._idle += 1
+            try:
+                return self._next_forward()
+            finally:
+                self._idle -= 1
+
+    def _next_forward(self) -> Forward | None:
+        """`next_forward`'s loop, under the lock."""
+        while not self._closed:
+            if self._ready:
+                return self._ready.popleft()
+            timeout = None
+            if self._texts:
+                texts = list(self._texts.values())
+                lengths = [len(t.ids) for t in texts]
+                forwards, full = batch(lengths, self.policy)
+                timeout = texts[0].arrived + self.policy.max_wait_s - self.clock()
+                if full or len(forwards) > 1 or timeout <= 0 or not self._company_likely():
+                    forwards = spread(forwards, lengths, self._idle, self.policy)
+                    made = [Forward([texts[i] for i in indices], packed) for indices, packed in forwards]
+                    for text in (text for forward in made for text in forward.texts):
+                        del self._texts[text.text]
+                    self._ready.extend(made[1:])
+                    self._changed.notify_all()  # room for the intake, forwards for idle lanes
+                    return made[0]
+            self._changed.wait(timeout)
+        return None
 
     def close(self) -> list[Text]:
         """No more forwards: wake every lane, and return the texts still held."""

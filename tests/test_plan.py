@@ -13,7 +13,7 @@ import pytest
 
 from batcher import intake as intake_module
 from batcher.intake import Intake
-from batcher.plan import TAKE_AT_ONCE, Forward, Pending, Policy, batch
+from batcher.plan import TAKE_AT_ONCE, Forward, Pending, Policy, batch, spread
 from batcher.protocol import Keys, Result, WorkItem, new_id
 from batcher.queue import WorkQueue
 from batcher.reply import Replies
@@ -218,6 +218,36 @@ def test_a_batch_cut_in_forwards_runs_them_all_before_newer_texts() -> None:
     assert len(pending) == 5  # the batch's second forward still counts in the window
     assert texts_of(next_forward(pending)) == long
     assert texts_of(next_forward(pending)) == ["newer"]
+
+
+@pytest.mark.parametrize(
+    ("forwards", "lanes", "expected"),
+    [
+        ([([0, 1, 2, 3], False)], 1, [[0, 1, 2, 3]]),  # one idle lane: the batch as it was cut
+        ([([0, 1, 2, 3], False)], 2, [[0, 3], [1, 2]]),  # halved by length: 0 and 3 are the short ones
+        ([([0, 1, 2, 3], False)], 3, [[0, 3], [2], [1]]),  # the one with the most tokens halved again
+        ([([0], False)], 2, [[0]]),  # one text: nothing to share
+        ([([1, 2], False), ([0, 3], False)], 2, [[0, 3], [1, 2]]),  # lanes enough already; the oldest's first
+    ],
+)
+def test_spread_cuts_a_batch_for_the_idle_lanes_by_length(
+    forwards: list[tuple[list[int], bool]], lanes: int, expected: list[list[int]]
+) -> None:
+    lengths = [2, 9, 8, 3]
+    assert [indices for indices, _ in spread(forwards, lengths, lanes, policy())] == expected
+
+
+def test_a_batch_that_one_lane_would_run_alone_is_shared_with_an_idle_lane() -> None:
+    pending = Pending(policy(max_texts=8))
+    got: list[Forward | None] = []
+    lanes = [threading.Thread(target=lambda: got.append(pending.next_forward()), daemon=True) for _ in range(2)]
+    for lane in lanes:
+        lane.start()
+    wait_for("both lanes to wait for texts", lambda: pending._idle == 2)
+    pending.add([held_text(words, arrived=0.0) for words in ("a", "b c", "d", "e f")], 4)  # one take, queued long ago
+    for lane in lanes:
+        lane.join(HANG_GUARD_S)
+    assert sorted(texts_of(forward) for forward in got) == [["a", "d"], ["b c", "e f"]]
 
 
 def test_the_window_bounds_the_texts_held_and_a_forward_makes_room() -> None:
