@@ -66,11 +66,12 @@ class WorkQueue:
             orphans = [raw for raw in pipe.lrange(self.processing, 0, -1) if raw not in held]
             pipe.multi()
             for raw in orphans:
-                pipe.lrem(self.processing, 1, raw)
+                pipe.execute_command("LREM", self.processing, 1, raw)
                 pipe.rpush(self.keys.queue, raw)
             return len(orphans)
 
-        return self.redis.transaction(move, self.processing, value_from_callable=True)  # type: ignore[no-any-return]
+        moved: int = self.redis.transaction(move, self.processing, value_from_callable=True)  # type: ignore[arg-type,assignment]
+        return moved
 
     def give_back(self) -> int:
         """Return everything this worker holds to the front of the queue (shutdown, lost state)."""
