@@ -11,8 +11,9 @@ from collections.abc import Sequence
 import orjson
 from redis import Redis
 
+from batcher.metrics import timed_forward
 from batcher.plan import Policy, batch
-from batcher.protocol import Keys, Prediction, encode_prediction
+from batcher.protocol import Keys, Prediction, prediction
 from model_store.classifier import Classifier
 
 
@@ -31,28 +32,29 @@ class Inference:
         """Predictions in input order."""
         unique = list(dict.fromkeys(texts))
         keys = [self.keys.cache(self.classifier.version, t) for t in unique]
-        found = {t: c for t, c in zip(unique, self.redis.mget(keys), strict=True) if c is not None}
+        found = {t: orjson.loads(c) for t, c in zip(unique, self.redis.mget(keys), strict=True) if c is not None}
         todo = [t for t in unique if t not in found]
         if todo:
-            fresh = dict(zip(todo, self._compute(self.classifier.tokenize(todo)), strict=True))
+            probabilities = self._compute(self.classifier.tokenize(todo))
+            fresh = {t: prediction(self.classifier.labels, p) for t, p in zip(todo, probabilities, strict=True)}
             pipe = self.redis.pipeline(transaction=False)
-            for text, encoded in fresh.items():
-                pipe.set(self.keys.cache(self.classifier.version, text), encoded, ex=self.cache_ttl_s)
+            for text, pred in fresh.items():
+                pipe.set(self.keys.cache(self.classifier.version, text), orjson.dumps(pred), ex=self.cache_ttl_s)
             pipe.execute()
             found |= fresh
-        return [orjson.loads(found[t]) for t in texts]
+        return [found[t] for t in texts]
 
-    def _compute(self, ids: list[list[int]]) -> list[bytes]:
-        """Encoded predictions for token ids, in order, a forward at a time as the policy cuts them."""
+    def _compute(self, ids: list[list[int]]) -> list[list[float]]:
+        """Probabilities for token ids, in order, a forward at a time as the policy cuts them."""
         left = list(range(len(ids)))
-        out: list[bytes] = [b""] * len(ids)
+        out: list[list[float]] = [[] for _ in ids]
         while left:
             forwards, _ = batch([len(ids[i]) for i in left], self.policy)
             for chosen, packed in forwards:
                 texts = [left[i] for i in chosen]
-                probabilities = self.classifier.engine.forward([ids[i] for i in texts], packed)
+                probabilities = timed_forward(self.classifier.engine.forward, [ids[i] for i in texts], packed)
                 for i, row in zip(texts, probabilities.tolist(), strict=True):
-                    out[i] = encode_prediction(self.classifier.labels, row)
+                    out[i] = row
                 self.computed += len(texts)
             taken = {i for chosen, _ in forwards for i in chosen}
             left = [i for n, i in enumerate(left) if n not in taken]

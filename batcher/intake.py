@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Callable
 
-from redis import Redis
 from redis.exceptions import RedisError
 
 from batcher import metrics
@@ -22,7 +21,6 @@ from batcher.plan import Pending
 from batcher.protocol import WorkItem
 from batcher.queue import WorkQueue
 from batcher.redis_errors import describe
-from batcher.redis_link import Link
 from batcher.reply import Replies
 from batcher.work import Held, Text
 
@@ -35,10 +33,9 @@ class Intake:
     """Takes work into `pending`; cache hits and dropped items go straight to `replies`."""
 
     def __init__(
-        self, redis: Redis, queue: WorkQueue, pending: Pending, replies: Replies,
+        self, queue: WorkQueue, pending: Pending, replies: Replies,
         tokenize: Callable[[list[str]], list[list[int]]], cache_key: Callable[[str], str],
     ) -> None:
-        self.link = Link(redis)
         self.queue = queue
         self.pending = pending
         self.replies = replies
@@ -110,7 +107,7 @@ class Intake:
                 known.waiters.append((held, index))
         self._texts_per_item = len(texts) / len(items)
         try:
-            [cached] = self.link.call(("MGET", *(t.key for t in texts.values())))
+            [cached] = self.queue.link.call(("MGET", *(t.key for t in texts.values())))
         except RedisError as exc:
             log.warning("cache check failed (%s); computing the texts", describe(exc))
             cached = [None] * len(texts)

@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 
 
 class WorkQueue:
-    """Take, acknowledge and reclaim work items for one worker. Taking and acknowledging go through a
-    `Link` of their own: call them from one thread (the worker's take stage)."""
+    """Take, acknowledge and reclaim work items for one worker. Taking and acknowledging go through
+    `link`, the take stage's connection (its cache check too): call them from that one thread."""
 
     def __init__(self, redis: Redis, keys: Keys, worker_id: str) -> None:
         self.redis = redis

@@ -45,6 +45,7 @@ class Worker:
         self.keys = Keys(settings.key_prefix)
         self.classifier = classifier
         self.id = new_id()
+        self._host = socket.gethostname()
         self._started_at = time.time()
         self._stopping = threading.Event()
         self.queue = WorkQueue(redis, self.keys, self.id)
@@ -60,7 +61,7 @@ class Worker:
         )
         self.lanes = Lanes(classifier.engine, self.pending, self.replies)
         self.intake = Intake(
-            redis, self.queue, self.pending, self.replies, classifier.tokenize,
+            self.queue, self.pending, self.replies, classifier.tokenize,
             lambda text: self.keys.cache(classifier.version, text),
         )
 
@@ -69,7 +70,7 @@ class Worker:
         """What the heartbeat says: who this worker is, and its counters."""
         lanes = self.lanes
         return WorkerStatus(
-            id=self.id, host=socket.gethostname(), pid=os.getpid(), model_version=self.classifier.version,
+            id=self.id, host=self._host, pid=os.getpid(), model_version=self.classifier.version,
             started_at=self._started_at, batches=lanes.forwards, requests=self.replies.answered, texts=lanes.computed,
             expired=self.intake.expired, largest_batch_requests=lanes.largest_forward_requests,
         )

@@ -72,6 +72,13 @@ def resolve_engine(engine: EngineName, device: torch.device, precision: str) -> 
     return "onnxruntime" if device.type == "cpu" and precision == "fp32" else "torch"
 
 
+def one_lane(lanes: int | None) -> int:
+    """The lanes of an engine that runs one forward at a time: forward lanes are torch's on the CPU."""
+    if lanes and lanes > 1:
+        raise ValueError("forward lanes run torch's engine on the CPU; set SENTIMENT_FORWARD_LANES=1 or unset")
+    return 1
+
+
 def load_engine(
     checkpoint: Checkpoint, engine: EngineName = "auto", device: str = "auto", precision: Precision = "auto",
     threads: int | None = None, interop_threads: int | None = None, lanes: int | None = None,
@@ -81,8 +88,7 @@ def load_engine(
     if engine == "null":
         from model_store.null_engine import NullEngine
 
-        if lanes and lanes > 1:
-            raise ValueError("forward lanes run torch's engine on the CPU; set SENTIMENT_FORWARD_LANES=1 or unset")
+        one_lane(lanes)
         return NullEngine(len(checkpoint.labels))
     target = pick_device(device)
     resolved = resolve_precision(precision, target)
@@ -91,8 +97,8 @@ def load_engine(
     kind = resolve_engine(engine, target, resolved)
     if kind == "onnxruntime" and (target.type == "cuda" or resolved != "fp32"):
         raise ValueError("the onnxruntime engine runs fp32 on the CPU; use engine torch for other precisions")
-    if kind == "onnxruntime" and lanes and lanes > 1:
-        raise ValueError("forward lanes run torch's engine on the CPU; set SENTIMENT_FORWARD_LANES=1 or unset")
+    if kind == "onnxruntime":
+        one_lane(lanes)
     from model_store import torch_engine
 
     if target.type == "cpu":

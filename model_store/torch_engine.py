@@ -20,6 +20,7 @@ from transformers import AutoModelForSequenceClassification
 from model_store import layout
 from model_store.checkpoint import Checkpoint
 from model_store.cost import ForwardCost
+from model_store.engine import one_lane
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,7 @@ class TorchEngine:
     @staticmethod
     def _lanes(lanes: int | None, threads: int, cuda: bool) -> int:
         if cuda:
-            if lanes and lanes > 1:
-                raise ValueError("forward lanes run torch's engine on the CPU; set SENTIMENT_FORWARD_LANES=1 or unset")
-            return 1
+            return one_lane(lanes)
         lanes = lanes or min(2, threads)
         if lanes > threads:
             raise ValueError(f"{lanes} forward lanes need a thread each, and the model has {threads}")

@@ -344,7 +344,7 @@ def make_intake(
     tokenize: Callable[[list[str]], list[list[int]]] = word_ids,
 ) -> Intake:
     return Intake(
-        redis, WorkQueue(redis, KEYS, "w1"), pending, replies or RepliesRecorder(),  # type: ignore[arg-type]
+        WorkQueue(redis, KEYS, "w1"), pending, replies or RepliesRecorder(),  # type: ignore[arg-type]
         tokenize, lambda text: KEYS.cache("v", text),
     )
 
@@ -486,7 +486,7 @@ def test_an_item_split_across_forwards_is_held_until_all_its_texts_are_answered(
     queue = WorkQueue(redis, KEYS, "w1")
     replies = Replies(redis, KEYS, queue, ["NEGATIVE", "POSITIVE"], 60, 60, threading.Event())
     pending = Pending(policy(max_texts=3))
-    intake = Intake(redis, queue, pending, replies, word_ids, lambda text: KEYS.cache("v", text))
+    intake = Intake(queue, pending, replies, word_ids, lambda text: KEYS.cache("v", text))
     big = push(redis, "t0", "t1", "t2", "t3", "t4")
     small = push(redis, "u0")
     assert intake.take()
