@@ -20,10 +20,23 @@ def test_configuration_table_lists_every_setting_with_its_default() -> None:
         assert shown == ("unset" if defaults[name] is None else f"`{defaults[name]}`"), name
 
 
-def test_readme_starts_with_the_install_and_serve_command_then_the_test_command() -> None:
-    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL)
-    install_and_serve, tests = blocks[0].strip(), blocks[1].strip()
-    assert "pip install torch==2.13.0" in install_and_serve and install_and_serve.endswith("sentiment serve")
-    assert tests.endswith("pytest")
+def test_readme_starts_with_the_install_and_serve_command_the_test_command_and_a_restart() -> None:
+    blocks = [block.strip() for block in re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL)]
+    install_and_serve, tests, restart = blocks[:3]
+    assert "\n" not in install_and_serve, "one command to copy"
+    steps = install_and_serve.split(" && ")
+    assert steps[:2] == ["python3 -m venv .venv", ". .venv/bin/activate"]
+    assert steps[-1].endswith(" sentiment serve")
+    assert tests == ". .venv/bin/activate && pytest"
+    assert restart == f". .venv/bin/activate && {steps[-1]}", "the same service, without the install"
+    installs = [step for step in steps if step.startswith("pip install ")]
+    assert installs[-1] == "pip install -e '.[dev]'"
+    # Torch first, the worker image's version from its CPU-only index: from PyPI it is the CUDA build.
+    image_args = dict(re.findall(r"^ARG (TORCH_\w+)=(\S+)$", (REPO / "Dockerfile.worker").read_text(), re.M))
+    assert image_args["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    torch = f"pip install --index-url {image_args['TORCH_INDEX_URL']} --retries 1 torch=={image_args['TORCH_VERSION']}"
+    assert installs[0] == torch
     ci = (REPO / ".ci" / "run").read_text()
-    assert "pip install -q torch==2.13.0" in ci and ci.rstrip().endswith("pytest")
+    for install in installs:  # CI installs as the README does, quietly
+        assert install.replace("pip install ", "pip install -q ", 1) in ci.splitlines(), install
+    assert ci.rstrip().endswith("\npytest")

@@ -3,12 +3,20 @@ ONNX Runtime, null), lanes, padding, packing, truncation, and the real checkpoin
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -312,3 +320,130 @@ def test_from_settings_builds_the_model_the_settings_describe(tiny_model_dir: Pa
     assert isinstance(torched.engine, TorchEngine)
     assert (torched.device, torched.dtype_name, torched.engine.threads, torched.lanes) == ("cpu", "float32", 1, 1)
     assert torched.version == fingerprint(tiny_model_dir)
+
+
+# ---------------------------------------------------------------- `sentiment model pull`, no internet
+
+
+class FakeHub(ThreadingHTTPServer):
+    """The three hub endpoints `sentiment model pull` uses (model info, file tree, file download),
+    serving `files` as one repository at one commit: a mirror that `HF_ENDPOINT` can point at."""
+
+    repo_id, commit = "org/tiny", "c0ffee" * 6 + "c0ff"
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        super().__init__(("127.0.0.1", 0), _FakeHubHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _FakeHubHandler(BaseHTTPRequestHandler):
+    server: FakeHub
+
+    def do_HEAD(self) -> None:
+        self._answer(with_body=False)
+
+    def do_GET(self) -> None:
+        self._answer(with_body=True)
+
+    def _answer(self, with_body: bool) -> None:
+        hub, path = self.server, urlsplit(self.path).path
+        api, resolve = f"/api/models/{hub.repo_id}", f"/{hub.repo_id}/resolve/{hub.commit}/"
+        headers = {"Content-Type": "application/json"}
+        if path == api or path.startswith(f"{api}/revision/"):
+            body = json.dumps({"id": hub.repo_id, "sha": hub.commit, "siblings": [{"rfilename": n} for n in hub.files]})
+        elif path.startswith(f"{api}/tree/{hub.commit}"):
+            body = json.dumps([
+                {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                for name, data in hub.files.items()
+            ])
+        elif path.startswith(resolve) and (name := path.removeprefix(resolve)) in hub.files:
+            body = hub.files[name]
+            headers = {"X-Repo-Commit": hub.commit, "ETag": f'"{hashlib.sha1(body).hexdigest()}"'}
+        else:
+            self.send_error(404)
+            return
+        data = body.encode() if isinstance(body, str) else body
+        self.send_response(200)
+        for key, value in {**headers, "Content-Length": str(len(data))}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if with_body:
+            self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        """Quiet: pytest shows the pull's own output on failure."""
+
+
+@pytest.fixture
+def fake_hub(tiny_model_dir: Path) -> Iterator[FakeHub]:
+    """The tiny checkpoint as a hub repository that also holds a pickle copy of the weights and a README."""
+    files = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir() if p.is_file()}
+    hub = FakeHub({**files, "pytorch_model.bin": b"pickle", "README.md": b"# tiny"})
+    thread = threading.Thread(target=hub.serve_forever, daemon=True)
+    thread.start()
+    yield hub
+    hub.shutdown()
+    hub.server_close()
+
+
+def model_pull(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`sentiment model pull` as a user runs it, with only `env` of the hub client's settings."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "TRANSFORMERS_OFFLINE"}
+    return subprocess.run(
+        [sys.executable, "-m", "sentiment.cli", "model", "pull", *args],
+        env={**inherited, "HF_HUB_DISABLE_PROGRESS_BARS": "1", **env},
+        capture_output=True, text=True, timeout=HANG_GUARD_S, check=False,
+    )
+
+
+def closed_port_url() -> str:
+    """A loopback address nothing listens on: connections are refused at once, as from a closed firewall."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_pull_from_an_unreachable_hub_fails_in_one_line_that_names_the_ways_out(tmp_path: Path) -> None:
+    done = model_pull("--dest", str(tmp_path / "model"), HF_ENDPOINT=closed_port_url(), HF_HOME=str(tmp_path / "hf"))
+    assert done.returncode == 1
+    assert len(done.stderr.splitlines()) == 1, done.stderr  # no retry warnings, no traceback
+    assert "cannot reach the Hugging Face hub" in done.stderr and "Connection refused" in done.stderr
+    assert all(way in done.stderr for way in ("SENTIMENT_MODEL_DIR=", "HF_ENDPOINT=", "HF_HUB_OFFLINE=1"))
+    assert not (tmp_path / "model").exists()
+
+
+def test_pull_shows_the_traceback_with_verbose(tmp_path: Path) -> None:
+    done = model_pull(
+        "--dest", str(tmp_path / "model"), "--verbose", HF_ENDPOINT=closed_port_url(), HF_HOME=str(tmp_path / "hf")
+    )
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr and "ConnectError" in done.stderr and "PullError" in done.stderr
+
+
+def test_pull_fetches_config_tokenizer_and_safetensors_from_a_mirror(
+    fake_hub: FakeHub, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "model"
+    done = model_pull(fake_hub.repo_id, "--dest", str(dest), HF_ENDPOINT=fake_hub.url, HF_HOME=str(tmp_path / "hf"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{fake_hub.repo_id} -> {dest}\n"
+    pulled = {p.name for p in dest.iterdir() if p.is_file()}
+    assert pulled == {p.name for p in tiny_model_dir.iterdir()}, "no pickle weights beside safetensors, no README"
+    assert Classifier(dest, device="cpu", threads=1, precision="fp32").version == fingerprint(tiny_model_dir)
+
+
+def test_pull_copies_from_the_hub_cache_when_offline(fake_hub: FakeHub, tiny_model_dir: Path, tmp_path: Path) -> None:
+    hf_home = str(tmp_path / "hf")
+    empty = model_pull(fake_hub.repo_id, "--dest", str(tmp_path / "none"), HF_HUB_OFFLINE="1", HF_HOME=hf_home)
+    assert empty.returncode == 1 and len(empty.stderr.splitlines()) == 1, empty.stderr
+    assert "HF_HUB_OFFLINE is set" in empty.stderr and "SENTIMENT_MODEL_DIR=" in empty.stderr
+
+    from huggingface_hub import snapshot_download  # fill the cache as an earlier online download would
+
+    snapshot_download(fake_hub.repo_id, cache_dir=f"{hf_home}/hub", endpoint=fake_hub.url)
+    dest = tmp_path / "model"
+    done = model_pull(fake_hub.repo_id, "--dest", str(dest), HF_HUB_OFFLINE="1", HF_HOME=hf_home)
+    assert done.returncode == 0, done.stderr
+    assert {p.name for p in dest.iterdir()} == {p.name for p in tiny_model_dir.iterdir()}
+    assert fingerprint(dest) == fingerprint(tiny_model_dir)

@@ -1,0 +1,47 @@
+"""/docs (Swagger UI) and /redoc (ReDoc) that work without internet.
+
+FastAPI's own pages load their JavaScript and CSS from a CDN, so they stay blank on an air-gapped
+cluster. The `fastapi-offline` package ships the same bundles (Swagger UI 5, ReDoc 2); this is
+FastAPI's "self-hosting JavaScript and CSS for docs" recipe, with that package's files served by
+the app itself. Like every route, they sit behind the access layer (api/access.py).
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+DOCS, REDOC, ASSETS = "/docs", "/redoc", "/docs/assets"
+
+
+def install(app: FastAPI) -> None:
+    """Add the two pages and their assets to `app`, created with `docs_url=None, redoc_url=None`
+    (FastAPI's CDN pages) and an `openapi_url`."""
+    assert app.docs_url is None and app.redoc_url is None and app.openapi_url, "FastAPI's CDN pages are on"
+    openapi_url = app.openapi_url
+    app.mount(ASSETS, StaticFiles(packages=[("fastapi_offline", "static")]), name="docs-assets")
+
+    @app.get(DOCS, include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")  # behind a path-prefixing proxy
+        return get_swagger_ui_html(
+            openapi_url=root + openapi_url,
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{ASSETS}/favicon.png",
+            swagger_ui_parameters=app.swagger_ui_parameters,
+        )
+
+    @app.get(REDOC, include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_redoc_html(
+            openapi_url=root + openapi_url,
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{ASSETS}/favicon.png",
+            with_google_fonts=False,  # fonts from Google's servers: the page falls back to the browser's
+        )
