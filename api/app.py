@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import redis as sync_redis
@@ -10,7 +10,7 @@ from cachetools import TTLCache
 from fastapi import FastAPI
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from api import errors, limits, metrics
+from api import docs_page, errors, limits, metrics
 from api.access import AccessControl, ApiKeys, document
 from api.job_store import JobStore
 from api.limits import BodyLimit, body_limit
@@ -24,10 +24,12 @@ from sentiment.settings import Settings
 
 
 def create_app(
-    settings: Settings | None = None, redis: Redis | None = None, jobs_redis: sync_redis.Redis | None = None
+    settings: Settings | None = None, redis: Redis | None = None, jobs_redis: sync_redis.Redis | None = None,
+    problem: Callable[[], str | None] | None = None,
 ) -> FastAPI:
     """The app for `settings` (default: from the environment); tests may hand in their own Redis
-    (`jobs_redis`: the synchronous client bulk jobs use, as RQ is synchronous)."""
+    (`jobs_redis`: the synchronous client bulk jobs use, as RQ is synchronous). `problem`: what else
+    /ready reports, when it has something to say (`sentiment serve`'s supervisor: a worker down)."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -43,6 +45,7 @@ def create_app(
         waiter.start()
         app.state.redis = client
         app.state.keys = keys
+        app.state.problem = problem
         app.state.models = ModelRegistry(client, keys)
         local_cache = TTLCache(settings.local_cache_size, settings.cache_ttl_s) if settings.local_cache_size else None
         app.state.predictor = Predictor(
@@ -69,7 +72,10 @@ def create_app(
         summary="DistilBERT SST-2 sentiment, micro-batched behind a Redis queue.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load from a CDN: docs_page serves them from the app
+        redoc_url=None,
     )
+    docs_page.install(app)
     add_predict_route(app, settings)
     app.include_router(jobs_router(settings))
     app.include_router(router)

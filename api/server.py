@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import sys
+from collections.abc import Callable
 
 import uvicorn
 
@@ -11,14 +14,33 @@ from api.app import create_app
 from sentiment.settings import Settings
 
 
-def run(settings: Settings, host: str, port: int) -> None:
-    """Serve until SIGINT/SIGTERM; uvicorn then stops accepting and drains in-flight requests."""
+def listen(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound before anything else starts: a taken port is one line, exit 1."""
+    try:
+        return socket.create_server(
+            (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=2048
+        )
+    except OSError as exc:
+        raise SystemExit(
+            f"sentiment: cannot listen on {host}:{port} ({os.strerror(exc.errno) if exc.errno else exc}): "
+            "another process holds it? choose one with --port"
+        ) from None
+
+
+def run(
+    settings: Settings, host: str, port: int, listening: socket.socket | None = None,
+    problem: Callable[[], str | None] | None = None,
+) -> None:
+    """Serve until SIGINT/SIGTERM; uvicorn then stops accepting and drains in-flight requests.
+    `problem`: what else /ready must report (`sentiment serve`'s supervisor)."""
+    listening = listening or listen(host, port)
     # uvicorn re-raises the stop signal once drained: make that a clean exit (status 0, callers'
     # `finally` blocks run) instead of death by signal or a KeyboardInterrupt traceback.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: sys.exit(0))
-    uvicorn.run(
-        create_app(settings), host=host, port=port, log_level=settings.log_level.lower(),
+    config = uvicorn.Config(
+        create_app(settings, problem=problem), host=host, port=port, log_level=settings.log_level.lower(),
         access_log=settings.log_level.upper() in ("DEBUG", "INFO"),  # else uvicorn still builds each line
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5, log_config=None,
     )
+    uvicorn.Server(config).run(sockets=[listening])

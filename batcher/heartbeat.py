@@ -1,8 +1,9 @@
 """The heartbeat thread: says this worker is alive, and requeues the work of workers that are not.
 
 Every third of `heartbeat_ttl_s` it writes the worker's status under a key that lapses after the
-TTL (and the served model, should a restarted Redis have lost it); every TTL it looks for registered workers whose key lapsed and pushes their processing lists
-back onto the queue. A lane stuck in a forward past every deadline of its requests stops the beats:
+TTL (and the served model, should a restarted Redis have lost it); every `LOOK_S` it asks the death
+watch (`liveness.DeathWatch`) which registered workers died, by their lapsed key or their closed
+connections, and pushes their processing lists back onto the queue. A lane stuck in a forward past every deadline of its requests stops the beats:
 nobody waits for that forward any more, so the worker's work is reclaimed and a liveness probe
 restarts it. A long forward within its deadlines is work, and keeps beating.
 """
@@ -23,6 +24,8 @@ from batcher.redis_errors import describe
 from batcher.redis_link import Command, Link
 
 log = logging.getLogger(__name__)
+
+LOOK_S = 0.5  # how often dead workers are looked for: a killed one is reclaimed within two looks
 
 
 class Heartbeat:
@@ -63,12 +66,12 @@ class Heartbeat:
             self.thread.join()
 
     def _run(self) -> None:
-        next_reclaim = time.monotonic() + self.ttl_s
-        while not self._stop.wait(self.ttl_s / 3):
+        next_beat = time.monotonic() + self.ttl_s / 3
+        while not self._stop.wait(min(LOOK_S, self.ttl_s / 3)):
             try:
-                self.beat()
-                if time.monotonic() >= next_reclaim:
-                    self.queue.reclaim_dead()
-                    next_reclaim = time.monotonic() + self.ttl_s
+                if time.monotonic() >= next_beat:
+                    self.beat()
+                    next_beat = time.monotonic() + self.ttl_s / 3
+                self.queue.reclaim_dead()
             except RedisError as exc:  # the next beat may work; the stages deal with Redis failing
                 log.debug("heartbeat failed (%s)", describe(exc))

@@ -38,6 +38,7 @@ from batcher.plan import Policy
 from batcher.job_spec import CHUNKS_PER_BATCH, SERIALIZER, jobs_queue, progress
 from batcher.protocol import Keys, Prediction
 from batcher.redis_errors import describe
+from model_store.classifier import Classifier
 from sentiment.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -213,12 +214,8 @@ def lower_priority(priority: str) -> None:
         os.nice(19)
 
 
-def run(settings: Settings, threads: int | None, priority: str = "idle") -> None:
-    """`sentiment jobs-worker`: lower our CPU priority, load the model once, serve jobs."""
-    lower_priority(priority)  # before torch starts its thread pool, so every thread inherits it
-    from model_store.classifier import Classifier
-
-    classifier = Classifier.from_settings(settings, threads)
+def run(settings: Settings, classifier: Classifier) -> None:
+    """`sentiment jobs-worker`, once `lower_priority` ran and the model loaded: serve jobs."""
     metrics.describe_model(classifier)
     metrics.serve(settings.jobs_metrics_port)
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2)

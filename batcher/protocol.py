@@ -88,6 +88,10 @@ class Keys:
         """The `ModelInfo` of the model the workers serve (the API reads the cache version here)."""
         return f"{self.prefix}:model"
 
+    def worker_connection(self, process_id: str) -> str:
+        """The name on a worker process's Redis connections (a client name, not a key)."""
+        return f"{self.prefix}:worker:{process_id}"
+
     def processing(self, worker_id: str) -> str:
         return f"{self.prefix}:processing:{worker_id}"
 
@@ -174,3 +178,4 @@ class WorkerStatus(_Json):
     texts: int = 0
     expired: int = 0
     largest_batch_requests: int = 0
+    connection: str | None = None  # the name on its Redis connections; None: only the heartbeat tells its death

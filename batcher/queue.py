@@ -12,6 +12,7 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import ResponseError
 
+from batcher.liveness import DeathWatch
 from batcher.protocol import Keys
 from batcher.redis_link import Link
 
@@ -29,6 +30,7 @@ class WorkQueue:
         self.processing = keys.processing(worker_id)
         self.link = Link(redis)
         self.held: set[bytes] = set()  # taken items this process holds in memory, until acknowledged
+        self.deaths = DeathWatch(redis, keys, worker_id)
 
     def take(self, timeout: float) -> bytes | None:
         """The oldest queued item, moved into our processing list, waiting up to `timeout` s for one
@@ -78,15 +80,14 @@ class WorkQueue:
         return self._requeue(self.worker_id)
 
     def reclaim_dead(self) -> int:
-        """Requeue the work of registered workers whose heartbeat has expired; returns items moved."""
+        """Requeue the work of the registered workers `deaths` says died and deregister them; returns
+        items moved."""
         moved = 0
-        for raw in self.redis.smembers(self.keys.workers):
-            worker_id = raw.decode()
-            if worker_id != self.worker_id and not self.redis.exists(self.keys.heartbeat(worker_id)):
-                count = self._requeue(worker_id)
-                self.redis.srem(self.keys.workers, worker_id)
-                log.warning("reclaimed %d work items from dead worker %s", count, worker_id)
-                moved += count
+        for worker_id in self.deaths.dead():
+            count = self._requeue(worker_id)
+            self.redis.srem(self.keys.workers, worker_id)
+            log.warning("reclaimed %d work items from dead worker %s", count, worker_id)
+            moved += count
         return moved
 
     def _requeue(self, worker_id: str) -> int:

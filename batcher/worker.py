@@ -46,6 +46,7 @@ class Worker:
         self.classifier = classifier
         self.id = new_id()
         self._host = socket.gethostname()
+        self._connection = redis.get_connection_kwargs().get("client_name")  # see `liveness.worker_client`
         self._started_at = time.time()
         self._stopping = threading.Event()
         self.queue = WorkQueue(redis, self.keys, self.id)
@@ -73,6 +74,7 @@ class Worker:
             id=self.id, host=self._host, pid=os.getpid(), model_version=self.classifier.version,
             started_at=self._started_at, batches=lanes.forwards, requests=self.replies.answered, texts=lanes.computed,
             expired=self.intake.expired, largest_batch_requests=lanes.largest_forward_requests,
+            connection=self._connection,
         )
 
     def stop(self) -> None:

@@ -7,7 +7,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -72,6 +73,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     pull.add_argument("repo_id", nargs="?", default=DEFAULT_REPO, help="hub repository (default %(default)s)")
     pull.add_argument("--dest", type=Path, default=settings.model_dir, help="directory (default SENTIMENT_MODEL_DIR)")
     pull.add_argument("--revision", help="branch, tag or commit (default: the main branch)")
+    pull.add_argument("--verbose", action="store_true", help="on failure, the traceback too (default: one line)")
     pull.set_defaults(run=_pull)
 
     # Development commands: they need a checkout (the `benchmarks` package and `k6/` are not in images).
@@ -158,13 +160,16 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
 
     _model_process(settings)
     from batcher import metrics
+    from batcher.liveness import worker_client
     from batcher.protocol import Keys
     from batcher.worker import Worker
     from model_store.classifier import Classifier
 
-    classifier = Classifier.from_settings(settings)
-    client = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
-    metrics.serve(settings.metrics_port, metrics.QueueDepth(client, Keys(settings.key_prefix)))
+    with _starting("worker"):
+        classifier = Classifier.from_settings(settings)
+    keys = Keys(settings.key_prefix)
+    client = worker_client(settings.redis_url, keys)
+    metrics.serve(settings.metrics_port, metrics.QueueDepth(client, keys))
     worker = Worker(settings, client, classifier)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
@@ -178,9 +183,25 @@ def _jobs_worker(settings: Settings, args: argparse.Namespace) -> None:
         _probe(args.probe, lambda client: jobs_worker_alive_on_this_host(client, settings.jobs_queue), settings)
 
     _model_process(settings)
-    from batcher.jobs import run
+    from batcher.jobs import lower_priority, run
+    from model_store.classifier import Classifier
 
-    run(settings, args.threads, args.priority)
+    lower_priority(args.priority)  # before torch starts its thread pool, so every thread inherits it
+    with _starting("jobs-worker"):
+        classifier = Classifier.from_settings(settings, args.threads)
+    run(settings, classifier)
+
+
+@contextmanager
+def _starting(command: str) -> Iterator[None]:
+    """A model that will not load (none at SENTIMENT_MODEL_DIR, a broken checkpoint, settings it
+    cannot run with) ends the process with one line a person can act on and exit 1; the traceback is
+    logged at DEBUG. Only start-up: a worker that fails later is a bug and dies loudly."""
+    try:
+        yield
+    except Exception as exc:
+        log.debug("start-up failed", exc_info=True)
+        raise SystemExit(f"sentiment {command}: {exc}") from None
 
 
 def _probe(kind: str, alive: Callable[[Redis], bool], settings: Settings) -> NoReturn:
@@ -196,9 +217,18 @@ def _probe(kind: str, alive: Callable[[Redis], bool], settings: Settings) -> NoR
 
 
 def _pull(settings: Settings, args: argparse.Namespace) -> None:
-    from model_store.hub import pull
+    """An unreachable hub is an expected failure, not a bug: one line saying why and what to do."""
+    from huggingface_hub.utils import logging as hub_logging
 
-    dest = pull(args.repo_id, args.dest, args.revision)
+    from model_store.hub import PullError, pull
+
+    hub_logging.disable_propagation()  # the hub logs through its own handler: through ours too printed it twice
+    try:
+        dest = pull(args.repo_id, args.dest, args.revision)
+    except PullError as exc:
+        if args.verbose:
+            raise
+        sys.exit(f"sentiment model pull: {exc}")
     print(f"{args.repo_id} -> {dest}")
 
 

@@ -1,9 +1,10 @@
 """`sentiment serve`: the whole service on one machine with nothing else installed.
 
 Starts a Redis-compatible server on a free local port (redis-server when it is on PATH, else
-fakeredis' TCP server in this process), `workers` worker processes, a bulk-jobs worker process,
-and the API in this process. Ctrl-C stops the API, then the workers (which finish their batch),
-then the server.
+fakeredis' TCP server in this process), `workers` worker processes and a bulk-jobs worker process
+under a supervisor (`sentiment.supervisor`), and, once they serve, the API in this process. Ctrl-C,
+SIGTERM or SIGHUP stops the API, then the workers (which finish their batch), then the server;
+SIGKILL of serve ends them too (their parent-death signal).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import redis
 
 import api.server
+from batcher.liveness import jobs_worker_alive_on_this_host, worker_alive_on_this_host
 from sentiment.settings import Settings
+from sentiment.supervisor import Child, StartFailed, Supervisor, die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,9 @@ def start_redis_server(port: int) -> subprocess.Popen[bytes]:
     """A memory-only redis-server on 127.0.0.1:`port`, answering PING when this returns."""
     exe = shutil.which("redis-server") or "redis-server"
     args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent(os.getpid())
+    )
     try:
         _wait_for_redis(f"redis://127.0.0.1:{port}/0", proc)
     except RuntimeError:
@@ -113,28 +118,47 @@ def worker_metrics_ports(settings: Settings) -> list[int]:
 
 
 def serve(settings: Settings, host: str, port: int) -> None:
-    """Redis (embedded unless SENTIMENT_REDIS_URL is set), the worker processes, the API here."""
+    """Redis (embedded unless SENTIMENT_REDIS_URL is set), the worker processes once they serve, then
+    the API here. A taken port or a worker that cannot start ends it with one line and exit 1."""
+    listening = api.server.listen(host, port)  # before anything starts: a taken port costs nothing
+    # A closed terminal (SIGHUP) stops serve as Ctrl-C does: the API drains, the workers finish.
+    signal.signal(signal.SIGHUP, lambda *_: signal.raise_signal(signal.SIGTERM))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # (until the API's own handler replaces it)
     given = settings.redis_url if settings.redis_url_given else None
     with contextlib.nullcontext(given) if given else embedded_redis() as url:
-        env = {**os.environ, "SENTIMENT_REDIS_URL": url}
-        commands = [
-            ("worker", {**worker_env(settings), "SENTIMENT_METRICS_PORT": str(metrics)})
-            for metrics in worker_metrics_ports(settings)
-        ] + [("jobs-worker", {})]
-        workers = [
-            subprocess.Popen(
-                [sys.executable, "-m", "sentiment.cli", command], env={**env, **extra}, start_new_session=True
-            )
-            for command, extra in commands
-        ]
+        supervisor = Supervisor(children(settings, url), serving(settings, url))
         try:
-            api.server.run(settings.model_copy(update={"redis_url": url}), host, port)
+            log.info("starting the workers")
+            supervisor.start()
+            api.server.run(settings.model_copy(update={"redis_url": url}), host, port, listening, supervisor.problem)
+        except StartFailed as exc:
+            raise SystemExit(f"sentiment serve: {exc}") from None
         finally:
-            for worker in workers:
-                worker.send_signal(signal.SIGTERM)
-            for worker in workers:
-                try:
-                    worker.wait(30)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
+            supervisor.stop()
 
+
+def children(settings: Settings, url: str) -> list[Child]:
+    """`settings.workers` micro-batching workers, each with its share of the cores, and a jobs worker."""
+    env = {**os.environ, "SENTIMENT_REDIS_URL": url}
+    workers = [
+        Child(f"worker-{n}", "worker", {**env, **worker_env(settings), "SENTIMENT_METRICS_PORT": str(metrics)})
+        for n, metrics in enumerate(worker_metrics_ports(settings), 1)
+    ]
+    return [*workers, Child("jobs-worker", "jobs-worker", env)]
+
+
+def serving(settings: Settings, url: str) -> Callable[[Child], bool]:
+    """Whether a child process serves: registered in Redis under its own pid, from this host."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+
+    def check(child: Child) -> bool:
+        assert child.proc is not None
+        pid = child.proc.pid
+        try:
+            if child.command == "worker":
+                return worker_alive_on_this_host(client, settings.key_prefix, pid)
+            return jobs_worker_alive_on_this_host(client, settings.jobs_queue, pid)
+        except redis.RedisError:
+            return False
+
+    return check

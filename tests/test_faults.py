@@ -221,6 +221,43 @@ def test_worker_killed_mid_batch_loses_nothing(crew: Service, redis_url: str, re
     assert answered and len(answered) == len(set(answered))  # no request answered twice
 
 
+def test_a_killed_worker_costs_no_request_an_error_with_default_settings(
+    services: list[Service], redis_url: str, model_dir: Path, reference: Classifier
+) -> None:
+    # Default heartbeat TTL and deadline (10 s each): the dead worker's closed connections, not its
+    # lapsed heartbeat, get its work reclaimed, in time for every request it held.
+    svc = Service(redis_url, model_dir, "faults-default", SENTIMENT_TORCH_THREADS="1")
+    services.append(svc)
+    svc.start("api", "--port", str(svc.port))
+    victim, _ = svc.start("worker"), svc.start("worker")
+    svc.wait_ready()
+    client = redis.Redis.from_url(redis_url)
+    keys = Keys("faults-default")
+    victim_id = worker_id(client, "faults-default", victim.pid)
+    replies = client.pubsub()
+    replies.psubscribe(keys.reply_channel("*"))
+    with Load([svc.url], "default-kill", clients=16) as load:
+        load.wait_answered(20)
+        while True:  # SIGSTOP holds the worker still until it is seen holding work, then SIGKILL
+            victim.send_signal(signal.SIGSTOP)
+            if client.llen(keys.processing(victim_id)):
+                break
+            victim.send_signal(signal.SIGCONT)
+            time.sleep(0.002)
+        victim.kill()
+        assert victim.wait(10) == -signal.SIGKILL
+        wait_for("the dead worker's work to be reclaimed", lambda: not client.sismember(keys.workers, victim_id))
+        load.wait_answered(20)
+        outcomes = load.stop()
+    assert [o for o in outcomes if o.status != 200] == []
+    assert_correct(outcomes, reference)
+    answered = []
+    while message := replies.get_message(timeout=0.5):
+        if message["type"] == "pmessage":
+            answered += [request_id for request_id, _ in parse_replies(message["data"])]
+    assert answered and len(answered) == len(set(answered))  # no request answered twice
+
+
 def test_worker_sigterm_finishes_its_batch_and_hands_back_the_rest(
     crew: Service, redis_url: str, reference: Classifier
 ) -> None:

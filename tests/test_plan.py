@@ -10,11 +10,12 @@ from collections.abc import Callable
 import fakeredis
 import numpy as np
 import pytest
+from redis.exceptions import NoPermissionError
 
 from batcher import intake as intake_module
 from batcher.intake import Intake
 from batcher.plan import TAKE_AT_ONCE, Forward, Pending, Policy, batch, spread
-from batcher.protocol import Keys, Result, WorkItem, new_id
+from batcher.protocol import Keys, Result, WorkerStatus, WorkItem, new_id
 from batcher.queue import WorkQueue
 from batcher.reply import Replies
 from batcher.work import Held, Text
@@ -520,6 +521,15 @@ def test_take_queued_moves_the_oldest_first_and_ack_all_drops_exactly_those_give
     assert redis.lrange(KEYS.processing("w1"), 0, -1) == [raws[1]]
 
 
+def register(server: fakeredis.FakeServer, worker_id: str, connection: str | None) -> fakeredis.FakeRedis:
+    """A worker as its heartbeat announces it, on a client whose connections carry `connection`."""
+    client = fakeredis.FakeRedis(server=server, client_name=connection)
+    status = WorkerStatus(id=worker_id, host="h", pid=1, model_version="v", started_at=0, connection=connection)
+    client.set(KEYS.heartbeat(worker_id), status.encode())
+    client.sadd(KEYS.workers, worker_id)
+    return client
+
+
 def test_dead_workers_work_is_reclaimed_oldest_first(redis: fakeredis.FakeRedis) -> None:
     dead = WorkQueue(redis, KEYS, "dead")
     redis.sadd(KEYS.workers, "dead")  # registered, but its heartbeat key has expired
@@ -533,14 +543,58 @@ def test_dead_workers_work_is_reclaimed_oldest_first(redis: fakeredis.FakeRedis)
     assert [WorkItem.decode(raw).id for raw in alive.take_queued(2)] == [first.id, second.id]
 
 
-def test_live_workers_work_is_left_alone(redis: fakeredis.FakeRedis) -> None:
-    busy = WorkQueue(redis, KEYS, "busy")
-    redis.sadd(KEYS.workers, "busy")
-    redis.set(KEYS.heartbeat("busy"), b"{}")
+def test_live_workers_work_is_left_alone(fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis) -> None:
+    busy = WorkQueue(register(fake_server, "busy", KEYS.worker_connection("p0")), KEYS, "busy")
     push(redis, "mine")
     assert busy.take_queued(1)
     assert WorkQueue(redis, KEYS, "other").reclaim_dead() == 0
     assert redis.llen(KEYS.processing("busy")) == 1
+
+
+def test_a_worker_whose_connections_closed_is_reclaimed_at_the_second_look_before_its_heartbeat_lapses(
+    fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis
+) -> None:
+    killed = register(fake_server, "killed", KEYS.worker_connection("p1"))
+    push(redis, "held by the killed worker")
+    assert WorkQueue(killed, KEYS, "killed").take_queued(1)
+    alive = WorkQueue(redis, KEYS, "alive")
+    assert alive.reclaim_dead() == 0  # connected
+    killed.connection_pool.disconnect()  # what the kernel does to a killed process's sockets
+    assert alive.reclaim_dead() == 0  # gone once: maybe a live worker reconnecting
+    assert alive.reclaim_dead() == 1  # gone twice: dead, though its heartbeat key still stands
+    assert redis.exists(KEYS.heartbeat("killed")) and not redis.sismember(KEYS.workers, "killed")
+
+
+def test_a_worker_that_reconnects_between_looks_keeps_its_work(
+    fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis
+) -> None:
+    blip = register(fake_server, "blip", KEYS.worker_connection("p2"))
+    push(redis, "held through a network blip")
+    assert WorkQueue(blip, KEYS, "blip").take_queued(1)
+    alive = WorkQueue(redis, KEYS, "alive")
+    blip.connection_pool.disconnect()
+    assert alive.reclaim_dead() == 0
+    blip.ping()  # reconnected, with its name
+    assert [alive.reclaim_dead() for _ in range(3)] == [0, 0, 0]
+    assert redis.llen(KEYS.processing("blip")) == 1
+
+
+def test_without_client_list_a_dead_worker_is_reclaimed_when_its_heartbeat_lapses(
+    fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, monkeypatch
+) -> None:
+    killed = register(fake_server, "killed", KEYS.worker_connection("p3"))
+    push(redis, "held")
+    assert WorkQueue(killed, KEYS, "killed").take_queued(1)
+    killed.connection_pool.disconnect()
+
+    def refused() -> None:
+        raise NoPermissionError("this user has no permissions to run the 'client|list' command")
+
+    monkeypatch.setattr(redis, "client_list", refused)  # an ACL user with -@dangerous, as docs/security.md's
+    alive = WorkQueue(redis, KEYS, "alive")
+    assert [alive.reclaim_dead() for _ in range(3)] == [0, 0, 0]
+    redis.delete(KEYS.heartbeat("killed"))  # its TTL ran out
+    assert alive.reclaim_dead() == 1
 
 
 def test_give_back_requeues_everything_held(redis: fakeredis.FakeRedis) -> None:

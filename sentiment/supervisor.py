@@ -1,0 +1,163 @@
+"""`sentiment serve`'s worker processes: started, watched, restarted with backoff, ended with serve.
+
+A worker that exits while it starts (no model, a broken one) ends serve: `start` raises `StartFailed`
+with the worker's own last line. One that dies later is restarted after 1, 2, 4 ... 30 s (back to 1 s
+once it has stayed up a minute), and `problem` says so meanwhile, for /ready. Every child gets
+Linux's parent-death signal, so SIGKILL of serve still ends it (SIGTERM: a worker finishes its batch
+and hands back the rest), and its stderr passes through serve, which keeps the last line of each.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+RESTART_MAX_S = 30.0
+STEADY_S = 60.0  # up this long, a restarted child's next restart waits 1 s again
+PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None  # bound before any fork
+
+
+class StartFailed(Exception):
+    """A child exited before it was up: the message is one line, the child's own cause."""
+
+
+def die_with_parent(parent: int) -> Callable[[], None]:
+    """A `preexec_fn` that has the child SIGTERMed when serve dies, however (Linux; elsewhere a child
+    outlives a killed serve). The signal follows the thread that started the child: start children
+    from threads that live as long as serve."""
+
+    def arm() -> None:
+        if _prctl is not None:
+            _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:  # serve died before the signal was armed
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
+@dataclass
+class Child:
+    """One `sentiment <command>` process of serve's, and what serve knows of it."""
+
+    name: str
+    command: str
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    last_line: str = ""
+    restarts: int = 0
+    started_at: float = 0.0
+    serving: bool = False  # `up` said so since it last started
+    ended: str = ""  # while it is down: why (`cause`)
+    restart_at: float | None = None  # while it is down: when it starts again
+    _echo: threading.Thread | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sentiment.cli", self.command], env=self.env, stderr=subprocess.PIPE,
+            start_new_session=True,  # Ctrl-C reaches serve alone, which stops the children in order
+            preexec_fn=die_with_parent(os.getpid()),
+        )
+        self.started_at, self.restart_at, self.serving, self.last_line = time.monotonic(), None, False, ""
+        self._echo = threading.Thread(target=self._pass_stderr, args=(self.proc,), name=f"{self.name}-stderr", daemon=True)
+        self._echo.start()
+
+    def exit_code(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def cause(self) -> str:
+        """Why it exited, in one line: the signal that killed it, or its exit status and its last line
+        on stderr (where the CLI writes a failure's one-line cause)."""
+        if self._echo is not None:
+            self._echo.join(2)  # the rest of its stderr
+        code = self.exit_code() or 0
+        if code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        return f"exit {code}: {self.last_line}" if code and self.last_line else f"exit {code}"
+
+    def _pass_stderr(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            sys.stderr.buffer.write(line)
+            sys.stderr.flush()
+            if text := line.decode(errors="replace").strip():
+                self.last_line = text
+
+
+class Supervisor:
+    """Starts `children`, waits until `up` says each is serving, then keeps them running until `stop`."""
+
+    def __init__(self, children: list[Child], up: Callable[[Child], bool]) -> None:
+        self.children = children
+        self.up = up
+        self._stopping = threading.Event()
+        self._watch = threading.Thread(target=self._run, name="supervisor", daemon=True)
+
+    def start(self) -> None:
+        """Start every child and return once all are up; `StartFailed` (the others stopped) if one exits first."""
+        for child in self.children:
+            child.start()
+        while not all(child.serving for child in self.children):
+            for child in self.children:
+                if child.exit_code() is not None:
+                    self.stop()
+                    raise StartFailed(f"{child.name} exited while starting ({child.cause()})")
+                child.serving = child.serving or self.up(child)
+            time.sleep(0.1)
+        log.info("%s up", ", ".join(c.name for c in self.children))
+        self._watch.start()
+
+    def problem(self) -> str | None:
+        """What is wrong now, for /ready: a child down and when it starts again, or one still starting."""
+        for child in self.children:
+            if child.restart_at is not None:
+                wait_s = max(0.0, child.restart_at - time.monotonic())
+                return f"{child.name} died ({child.ended}); restart {child.restarts} in {wait_s:.0f} s"
+            if not child.serving:
+                return f"{child.name} starting again (restart {child.restarts})"
+        return None
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM every child (workers finish their batch and hand back the rest); SIGKILL after `timeout_s`."""
+        self._stopping.set()
+        if self._watch.is_alive():
+            self._watch.join()
+        running = [c.proc for c in self.children if c.proc is not None and c.proc.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        for proc in running:
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(0.2):
+            now = time.monotonic()
+            for child in self.children:
+                if child.exit_code() is None:
+                    if not child.serving and self.up(child):
+                        child.serving = True
+                        log.info("%s up again (restart %d)", child.name, child.restarts)
+                    continue
+                child.serving = False
+                if child.restart_at is None:
+                    child.ended = child.cause()
+                    steady = now - child.started_at >= STEADY_S
+                    delay = 1.0 if steady else min(RESTART_MAX_S, 2.0 ** child.restarts)
+                    child.restarts = 1 if steady else child.restarts + 1
+                    child.restart_at = now + delay
+                    log.warning("%s died (%s); restarting in %.0f s", child.name, child.ended, delay)
+                elif now >= child.restart_at:
+                    child.start()

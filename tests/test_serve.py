@@ -1,0 +1,155 @@
+"""`sentiment serve` as a supervisor, run as a user runs it: a worker that cannot start ends it with
+one line, a worker that dies is restarted while /ready says so, and its children end with it however
+it ends. Each serve's processes carry a marker in their environment, so a test finds every one of
+them, the embedded redis-server included, even after serve has gone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from batcher.protocol import new_id
+from sentiment.embedded import free_port
+from tests.conftest import wait_for
+
+
+class Serve:
+    """A `sentiment serve` process on a free port, and the processes it started."""
+
+    def __init__(self, model_dir: Path, port: int | None = None) -> None:
+        self.marker = f"serve-test-{new_id()}"
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {
+            **os.environ, "SENTIMENT_MODEL_DIR": str(model_dir), "SENTIMENT_KEY_PREFIX": self.marker,
+            "SENTIMENT_TORCH_THREADS": "1", "SENTIMENT_METRICS_PORT": "0", "SENTIMENT_JOBS_METRICS_PORT": "0",
+        }
+        env.pop("SENTIMENT_REDIS_URL", None)  # its own embedded Redis
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sentiment.cli", "serve", "--port", str(self.port)], env=env,
+            stderr=subprocess.PIPE, text=True,
+        )
+        self.seen: set[int] = set()  # every process of this serve's found so far, to clean up after a failure
+
+    def family(self) -> dict[int, str]:
+        """pid -> command line of every live process of this serve: serve, its children, and any
+        process carrying the marker (redis-server overwrites its environment with its title, so it is
+        found as a child)."""
+        found = {}
+        for entry in Path("/proc").iterdir():
+            try:
+                if not entry.name.isdigit():
+                    continue
+                state, parent = (entry / "stat").read_text().rsplit(") ", 1)[1].split()[:2]
+                ours = self.marker.encode() in (entry / "environ").read_bytes() or int(parent) == self.proc.pid
+                if ours and state != "Z":  # (a zombie is gone, awaiting its parent's wait)
+                    found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                pass  # gone meanwhile, or not ours to read
+        self.seen |= set(found)
+        return found
+
+    def children(self) -> dict[int, str]:
+        return {pid: cmd for pid, cmd in self.family().items() if pid != self.proc.pid}
+
+    @staticmethod
+    def alive(pids: set[int]) -> set[int]:
+        """Those of `pids` still running (not gone, not zombies)."""
+        def running(pid: int) -> bool:
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+            except OSError:
+                return False
+
+        return {pid for pid in pids if running(pid)}
+
+    def ready(self) -> httpx.Response | None:
+        try:
+            return httpx.get(f"{self.url}/ready", timeout=5)
+        except httpx.TransportError:
+            return None
+
+    def wait_ready(self) -> None:
+        def up() -> bool:
+            assert self.proc.poll() is None, self.proc.communicate()[1]
+            return (r := self.ready()) is not None and r.status_code == 200
+
+        wait_for("serve to be ready", up)
+
+
+@pytest.fixture
+def serves() -> Iterator[list[Serve]]:
+    started: list[Serve] = []
+    yield started
+    for serve in started:
+        for pid in serve.alive(serve.seen | set(serve.family())):
+            os.kill(pid, signal.SIGKILL)
+        serve.proc.wait(10)
+
+
+def start(serves: list[Serve], model_dir: Path, port: int | None = None) -> Serve:
+    serve = Serve(model_dir, port)
+    serves.append(serve)
+    return serve
+
+
+def test_a_worker_that_cannot_start_ends_serve_with_its_one_line_cause(serves: list[Serve], tmp_path: Path) -> None:
+    serve = start(serves, tmp_path / "no-model-here")
+    _, stderr = serve.proc.communicate(timeout=120)
+    assert serve.proc.returncode == 1
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("sentiment serve: worker-1 exited while starting (exit 1: sentiment worker: no Hugging Face")
+    assert str(tmp_path / "no-model-here") in last
+    assert "Traceback" not in stderr
+    wait_for("serve's children to end", lambda: not serve.family())
+
+
+def test_a_taken_port_ends_serve_with_one_line_before_anything_starts(
+    serves: list[Serve], tiny_model_dir: Path
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        serve = start(serves, tiny_model_dir, port)
+        _, stderr = serve.proc.communicate(timeout=60)
+    assert serve.proc.returncode == 1
+    assert stderr.strip().splitlines() == [
+        f"sentiment: cannot listen on 127.0.0.1:{port} (Address already in use): another process holds it? "
+        "choose one with --port"
+    ]
+    assert not serve.family()
+
+
+def test_a_worker_that_dies_is_restarted_and_ready_says_so_meanwhile(serves: list[Serve], tiny_model_dir: Path) -> None:
+    serve = start(serves, tiny_model_dir)
+    serve.wait_ready()
+    [victim] = [pid for pid, cmd in serve.children().items() if cmd.endswith("sentiment.cli worker ")]
+    os.kill(victim, signal.SIGKILL)
+    down = wait_for("/ready to say the worker is down", lambda: (r := serve.ready()) and r.status_code == 503 and r)
+    assert down.json()["reason"].startswith("worker-1 died (killed by SIGKILL); restart 1 in ")
+    serve.wait_ready()
+    [successor] = [pid for pid, cmd in serve.children().items() if cmd.endswith("sentiment.cli worker ")]
+    assert successor != victim
+    r = httpx.post(f"{serve.url}/predict", json={"text": ["served by the restarted worker"]}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=lambda s: s.name)
+def test_serves_children_end_with_it(serves: list[Serve], tiny_model_dir: Path, sig: signal.Signals) -> None:
+    serve = start(serves, tiny_model_dir)
+    serve.wait_ready()
+    commands = " ".join(serve.children().values())
+    assert "redis-server" in commands and "cli worker" in commands and "cli jobs-worker" in commands
+    children = set(serve.children())
+    serve.proc.send_signal(sig)
+    serve.proc.wait(60)
+    wait_for(f"serve's children to end after {sig.name}", lambda: not serve.alive(children))
+    if sig != signal.SIGKILL:
+        assert serve.proc.returncode == 0
