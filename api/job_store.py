@@ -1,8 +1,8 @@
 """Bulk jobs as the API sees them: RQ calls in, plain JSON-ready views out (no torch here).
 
-RQ holds the lifecycle; this module only enqueues (by function name), reads, and cancels. Reading
-a started job also runs RQ's abandoned-job cleanup, so a job whose worker died turns `queued`
-(retried) or `failed` even when no jobs worker is left to notice.
+RQ holds the lifecycle; this module only enqueues (by function name), reads, cancels and deletes.
+Reading a started job also runs RQ's abandoned-job cleanup, so a job whose worker died turns
+`queued` (retried) or `failed` even when no jobs worker is left to notice.
 
 Only ended jobs expire. Redis evicts keys that have a TTL under memory pressure (`volatile-lru`,
 k8s/base/redis.yaml), and a queued job whose hash was evicted would be skipped by the worker and
@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline
 from redis.exceptions import WatchError
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
@@ -36,7 +37,7 @@ STATUS = {
 
 
 class JobStore:
-    """Create, read and cancel bulk jobs on the RQ queue named in settings."""
+    """Create, read, cancel and delete bulk jobs on the RQ queue named in settings."""
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
@@ -74,11 +75,13 @@ class JobStore:
             view["error"] = failure_message(job.latest_result())
         return view
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
-        """Cancel a queued or started job (a started one stops at its next chunk); 409 once it ended otherwise.
+    def delete(self, job_id: str) -> None:
+        """Cancel a queued or started job (a started one stops at its next chunk); delete an ended one
+        with its texts and results.
 
-        The status check and the cancel are one transaction, WATCHing the job: a job that finishes (or
-        changes at all) in between makes it fail, and we look again, so a finished job stays finished.
+        The status check and the change are one transaction, WATCHing the job: a job that ends (or
+        changes at all) in between makes it fail, and we look again, so a job that finishes meanwhile
+        is deleted, never turned `canceled` with its result.
         """
         job = self._fetch(job_id)
         with self.redis.pipeline() as pipe:
@@ -86,22 +89,34 @@ class JobStore:
                 try:
                     pipe.watch(job.key)
                     status = STATUS.get(job.get_status(), "queued")
-                    if status in ("finished", "failed"):
-                        message = f"job {job_id} already {status}; there is nothing to cancel"
-                        raise ServiceError(ErrorType.CONFLICT, message)
-                    if status == "canceled":
-                        break
+                    stopping = status == "canceled" and bool(job.execution_registry.get_execution_ids())
                     pipe.multi()
-                    job.cancel(pipeline=pipe)
-                    job.ended_at = now()
-                    pipe.hset(job.key, "ended_at", utcformat(job.ended_at))
-                    job.cleanup(ttl=self.ttl_s, pipeline=pipe)  # a canceled job expires like any other
+                    if status not in ENDED:
+                        job.cancel(pipeline=pipe)
+                        job.ended_at = now()
+                        pipe.hset(job.key, "ended_at", utcformat(job.ended_at))
+                        job.cleanup(ttl=self.ttl_s, pipeline=pipe)  # a canceled job expires like any other
+                    elif stopping:
+                        # Canceled, but its worker has yet to reach the chunk boundary where it reads
+                        # the status (RQ's worker loop dies on a job that is gone). Only the texts go
+                        # now, and with them the job to a reader (404); status and progress expire.
+                        pipe.hdel(job.key, "data")
+                    else:
+                        self._delete(job, pipe)
                     pipe.execute()
-                    break
-                except (WatchError, InvalidJobOperation):  # changed, canceled or expired meanwhile: look again
+                    return
+                except (WatchError, InvalidJobOperation):  # changed, canceled or gone meanwhile: look again
                     pipe.reset()
                     job = self._fetch(job_id)
-        return self.view(job_id)
+
+    def _delete(self, job: Job, pipe: Pipeline) -> None:
+        """An ended job's keys and registry entries. Not RQ's `Job.delete`: it fetches every execution
+        the job's index still names, and fails (ValueError) on one that expired with a killed worker
+        while the index keeps it a minute longer."""
+        queue = self.queue
+        for registry in (queue.finished_job_registry, queue.failed_job_registry, queue.canceled_job_registry):
+            registry.remove(job, pipeline=pipe)
+        pipe.delete(job.key, Result.get_key(job.id), job.execution_registry.key)
 
     def _fetch(self, job_id: str) -> Job:
         if JOB_ID.fullmatch(job_id):

@@ -10,19 +10,19 @@ from datetime import datetime
 from typing import Literal
 
 import orjson
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from api.errors import ErrorType, responses
+from api.errors import BODY_RESPONSES, ErrorType, responses
 from api.job_store import JobStore
-from api.schemas import Score, text_list
+from api.schemas import Score, require_json, text_list
 from sentiment.settings import Settings
 
 Status = Literal["queued", "started", "finished", "failed", "canceled"]
 
 
 class JobCreated(BaseModel):
-    job_id: str = Field(description="Unguessable id; anyone holding it can read and cancel the job.")
+    job_id: str = Field(description="Unguessable id; anyone holding it can read, cancel and delete the job.")
     status: Literal["queued"]
     status_url: str = Field(description="Where to poll: GET it (also in the Location header).")
 
@@ -45,8 +45,15 @@ class JobResponse(BaseModel):
     error: str | None = Field(None, description="When failed: why, in one line.")
 
 
+async def sent_as_json(request: Request) -> None:
+    """415 for a body declared as something other than JSON, as `/predict` answers (`async`: run
+    inline, not in the threadpool)."""
+    require_json(request.headers.get("content-type", ""))
+
+
 def jobs_router(settings: Settings) -> APIRouter:
-    router = APIRouter(prefix="/jobs", tags=["jobs"])
+    # A body without Content-Type is read as JSON (`api.schemas.is_json`); one declared otherwise is a 415.
+    router = APIRouter(prefix="/jobs", tags=["jobs"], strict_content_type=False)
     JobRequest = create_model(
         "JobRequest",
         __config__=ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": ["I love you.", "I hate you."]}]}),
@@ -54,7 +61,8 @@ def jobs_router(settings: Settings) -> APIRouter:
     )
 
     @router.post(
-        "", status_code=202, response_model=JobCreated, responses=responses(ErrorType.UNAVAILABLE, ErrorType.TOO_LARGE)
+        "", status_code=202, response_model=JobCreated, dependencies=[Depends(sent_as_json)],
+        responses={**responses(ErrorType.UNAVAILABLE), **BODY_RESPONSES},
     )
     def create(body: JobRequest, request: Request, response: Response) -> JobCreated:  # type: ignore[valid-type]
         """Queue texts for classification; poll `status_url` for progress and predictions."""
@@ -67,21 +75,23 @@ def jobs_router(settings: Settings) -> APIRouter:
     def status(job_id: str, request: Request) -> Response:
         """The job's status and progress; `predictions` once finished, `error` once failed.
 
-        Jobs (and their predictions) are kept for `SENTIMENT_JOB_TTL_S` after they end, then 404.
+        Jobs (and their predictions) are kept for `SENTIMENT_JOB_TTL_S` after they end, or until
+        DELETEd, then 404.
         """
         return _json(_store(request).view(job_id))
 
     @router.delete(
-        "/{job_id}", response_model=JobResponse,
-        responses=responses(ErrorType.NOT_FOUND, ErrorType.CONFLICT, ErrorType.UNAVAILABLE),
+        "/{job_id}", status_code=204, response_class=Response,
+        responses=responses(ErrorType.NOT_FOUND, ErrorType.UNAVAILABLE),
     )
-    def cancel(job_id: str, request: Request) -> Response:
-        """Cancel a job: a queued one never runs, a started one stops at its next chunk boundary.
+    def delete(job_id: str, request: Request) -> Response:
+        """Cancel a queued or started job, or delete one that ended, with its texts and results.
 
-        Answers the job, now `canceled` (again, for a job canceled before). A job that already
-        finished or failed is left as it is: 409.
+        Canceled, a queued job never runs and a started one stops at its next chunk boundary; it then
+        reads `canceled` (DELETE it again to delete it). Deleted, it answers 404 from then on.
         """
-        return _json(_store(request).cancel(job_id))
+        _store(request).delete(job_id)
+        return Response(status_code=204)
 
     return router
 

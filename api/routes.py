@@ -11,7 +11,7 @@ from fastapi.routing import APIRoute
 
 from redis.exceptions import RedisError
 
-from api.errors import RESPONSES, VALIDATION_ERROR, ErrorType, ServiceError, responses
+from api.errors import BODY_RESPONSES, RESPONSES, VALIDATION_ERROR, ErrorType, ServiceError
 from api.predictions import ModelRegistry, Predictor
 from api.schemas import ModelResponse, PredictResponse, ReadyResponse, json_body, parse_json, predict_request
 from batcher.protocol import Keys
@@ -62,7 +62,7 @@ def add_predict_route(app: FastAPI, settings: Settings) -> None:
     app.router.add_api_route(
         "/predict", predict, methods=["POST"], tags=["predict"], route_class_override=RequestRoute,
         response_model=PredictResponse, openapi_extra=json_body(PredictRequest),
-        responses={**RESPONSES, **responses(ErrorType.TOO_LARGE), 422: VALIDATION_ERROR},
+        responses={**RESPONSES, **BODY_RESPONSES, 422: VALIDATION_ERROR},
     )
 
 
@@ -77,7 +77,8 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready", response_model=ReadyResponse, responses={503: {"description": "Redis down or no live worker"}})
 async def ready(request: Request) -> Response:
-    """Readiness: Redis answers and at least one worker has a fresh heartbeat."""
+    """Readiness: Redis answers, at least one worker has a fresh heartbeat, and nothing else is wrong
+    (`sentiment serve`: none of its workers is down)."""
     redis = request.app.state.redis
     keys: Keys = request.app.state.keys
     try:
@@ -88,6 +89,8 @@ async def ready(request: Request) -> Response:
         return JSONResponse({"status": "not ready", "reason": f"redis unreachable: {exc}"}, status_code=503)
     if not alive:
         return JSONResponse({"status": "not ready", "reason": "no live worker"}, status_code=503)
+    if (problem := request.app.state.problem) and (reason := problem()):
+        return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
     return JSONResponse({"status": "ready", "workers": alive})
 
 

@@ -399,12 +399,62 @@ async def test_malformed_json_gets_a_422(client: httpx.AsyncClient, raw: bytes, 
     assert complaint in str(response.json()["detail"])
 
 
-async def test_a_body_not_sent_as_json_gets_a_422_that_says_so(client: httpx.AsyncClient) -> None:
-    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
-        headers = {"content-type": content_type} if content_type else {}
-        response = await client.post("/predict", content=b'{"text": ["ok"]}', headers=headers)
-        assert response.status_code == 422
-        assert response.json()["detail"][0]["loc"] == ["header", "content-type"]
+async def test_a_body_without_content_type_is_read_as_json(client: httpx.AsyncClient, worker: Worker) -> None:
+    start_worker(worker)
+    response = await client.post("/predict", content=b'{"text": ["ok", "fine"]}')  # as k6 and many scripts send it
+    assert "content-type" not in response.request.headers
+    assert response.status_code == 200
+    assert len(response.json()["predictions"]) == 2
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/json; charset=utf-8", "Application/JSON", "application/vnd.x+json", "application/problem+json"],
+)
+async def test_every_json_media_type_is_read_as_json(client: httpx.AsyncClient, content_type: str) -> None:
+    response = await client.post("/predict", content=b'{"text": []}', headers={"content-type": content_type})
+    assert response.status_code == 422  # parsed: the complaint is about the body
+    assert "at least 1 item" in response.json()["detail"][0]["msg"]
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "text/json", "application/json-seq", "a/b/+json"],
+)
+async def test_a_body_declared_as_another_media_type_is_a_415_naming_the_header(
+    client: httpx.AsyncClient, content_type: str
+) -> None:
+    response = await client.post("/predict", content=b'{"text": ["ok"]}', headers={"content-type": content_type})
+    assert response.status_code == 415
+    assert response.json()["error_type"] == "unsupported_media_type"
+    assert "Content-Type" in response.json()["error"] and content_type in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "quoted"),
+    [
+        ({"text": ["x" * 100_000]}, "x" * 100 + "… (100000 characters)"),
+        ({"text": ["x"] * 10_001}, ["x"] * 20 + ["… (10001 in all)"]),
+        ({"text": ["ok"], "k" * 1000: 1}, 1),  # the key, in `loc`, is cut instead
+        ([{"text": ["x" * 500]}] * 100, [{"text": ["x" * 94 + "… (500 characters)"]}, "… (100 in all)"]),
+    ],
+    ids=["long-text", "many-texts", "long-key", "nested"],
+)
+async def test_a_422_quotes_at_most_about_100_characters_of_a_bad_value(
+    client: httpx.AsyncClient, body: object, quoted: object
+) -> None:
+    response = await client.post("/predict", json=body)
+    assert response.status_code == 422 and len(response.content) < 1000  # not 100 KB
+    error = response.json()["detail"][0]
+    assert error["input"] == quoted
+    assert all(len(str(part)) < 130 for part in error["loc"])
+
+
+async def test_a_422_names_a_number_of_thousands_of_digits_by_its_size(client: httpx.AsyncClient) -> None:
+    body = b'{"text": [%s]}' % (b"9" * 4000)
+    response = await client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["input"] == "a number of more than 100 digits"
 
 
 async def test_openapi_states_the_configured_limits_and_docs_render(client: httpx.AsyncClient) -> None:
@@ -412,7 +462,7 @@ async def test_openapi_states_the_configured_limits_and_docs_render(client: http
     predict = schema["paths"]["/predict"]["post"]
     request = predict["requestBody"]["content"]["application/json"]["schema"]["properties"]["text"]
     assert (request["minItems"], request["maxItems"], request["items"]["maxLength"]) == (1, 64, 2000)
-    assert {"200", "422", "503", "504"} <= set(predict["responses"])
+    assert {"200", "413", "415", "422", "503", "504"} <= set(predict["responses"])
     ref = predict["responses"]["422"]["content"]["application/json"]["schema"]["$ref"]
     assert ref.rsplit("/", 1)[1] in schema["components"]["schemas"]  # the 422 documents FastAPI's shape
     assert (await client.get("/docs")).status_code == 200

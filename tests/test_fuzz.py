@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from api.app import create_app
 from api.limits import body_limit
+from api.schemas import is_json
 from sentiment.settings import Settings
 from tests.conftest import Service, start_service
 
@@ -131,6 +132,31 @@ def test_deep_nesting_is_refused_without_a_5xx(http: httpx.Client, depth: int, k
 @given(raw=st.binary(max_size=2000))
 def test_arbitrary_bytes_are_refused_without_a_5xx(http: httpx.Client, raw: bytes) -> None:
     assert post(http, "/predict", raw).status_code == 422
+
+
+# Content-Type values near the line between JSON and not: parameters, case, `+json` suffixes, extra slashes.
+content_types = st.builds(
+    "{}/{}{}".format,
+    st.sampled_from(["application", "Application", "APPLICATION", "text", "x"]),
+    st.sampled_from(["json", "JSON", "vnd.api+json", "+json", "json-seq", "x/+json", "plain", "x-www-form-urlencoded"]),
+    st.sampled_from(["", "; charset=utf-8", ";", "; a=b/c"]),
+) | st.text(st.sampled_from("ajnosx+/;= -."), max_size=30).filter(lambda value: value == value.strip())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(content_type=content_types | st.just(""), path=st.sampled_from(["/predict", "/jobs"]))
+def test_a_body_is_read_as_json_exactly_when_its_content_type_says_json_or_nothing(
+    http: httpx.Client, content_type: str, path: str
+) -> None:
+    """Both routes draw the line where `is_json` does (`/jobs` through FastAPI's own parsing), so no
+    body meets a parser it was not meant for: 415 or an answer, never a 422 or a 5xx."""
+    headers = {"content-type": content_type} if content_type else {}
+    response = http.post(path, content=b'{"text": ["ok"]}', headers=headers)
+    if is_json(content_type):
+        assert response.status_code == (200 if path == "/predict" else 202), response.text[:300]
+    else:
+        assert response.status_code == 415, response.text[:300]
+        assert response.json()["error_type"] == "unsupported_media_type"
 
 
 @pytest.mark.parametrize("path", ["/predict", "/jobs"])

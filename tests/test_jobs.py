@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import fakeredis
 import pytest
 from fastapi.testclient import TestClient
+from rq.executions import ExecutionRegistry
 from rq.job import Job, JobStatus
 
 from api.app import create_app
-from api.errors import ErrorType, ServiceError
 from batcher.inference import Inference
 from batcher.plan import Policy
 from batcher.job_spec import SERIALIZER
@@ -62,6 +65,10 @@ class Service:
 
     def job(self, job_id: str) -> Job:
         return Job.fetch(job_id, connection=self.redis, serializer=SERIALIZER)
+
+    @staticmethod
+    def job_key(job_id: str) -> str:
+        return Job.key_for(job_id)
 
 
 @pytest.fixture
@@ -153,28 +160,26 @@ def test_cancel_a_queued_job(service: tuple[Service, TestClient]) -> None:
     svc, client = service
     job_id = submit(client, TEXTS)
     response = client.delete(f"/jobs/{job_id}")
-    assert response.status_code == 200
-    assert response.json()["status"] == "canceled" and response.json()["ended_at"] is not None
+    assert (response.status_code, response.content) == (204, b"")
     svc.run_jobs()
     assert svc.inference.computed == 0
     view = client.get(f"/jobs/{job_id}").json()
-    assert view["status"] == "canceled" and "predictions" not in view
-    assert client.delete(f"/jobs/{job_id}").json()["status"] == "canceled"  # again: same answer
+    assert view["status"] == "canceled" and view["ended_at"] is not None and "predictions" not in view
     assert 0 < svc.redis.ttl(svc.job(job_id).key) <= svc.settings.job_ttl_s  # expires like any job
 
 
 def test_cancel_a_started_job_stops_it_at_the_next_chunk(service: tuple[Service, TestClient]) -> None:
     svc, client = service
     job_id = submit(client, TEXTS * 2)  # three chunks
-    answers: list[dict] = []
+    answers: list[int] = []
 
     def cancel_during_second_chunk(_: list[str]) -> None:
         if client.get(f"/jobs/{job_id}").json()["progress"]["done"] > 0 and not answers:
-            answers.append(client.delete(f"/jobs/{job_id}").json())
+            answers.append(client.delete(f"/jobs/{job_id}").status_code)
 
     svc.inference.before_chunk = cancel_during_second_chunk
     svc.run_jobs()  # returns: the job stopped, and was neither retried nor failed
-    assert answers[0]["status"] == "canceled"
+    assert answers == [204]
     chunk = svc.settings.max_batch_size * 4
     view = client.get(f"/jobs/{job_id}").json()
     assert view["status"] == "canceled"
@@ -185,17 +190,78 @@ def test_cancel_a_started_job_stops_it_at_the_next_chunk(service: tuple[Service,
     assert queue.count == 0
 
 
-def test_a_finished_job_cannot_be_canceled(service: tuple[Service, TestClient]) -> None:
+def explode(_: list[str]) -> None:
+    raise RuntimeError("model exploded")
+
+
+@pytest.mark.parametrize("ending", ["finished", "failed", "canceled"])
+def test_deleting_an_ended_job_removes_it_with_its_texts_and_results(
+    service: tuple[Service, TestClient], ending: str
+) -> None:
+    svc, client = service
+    job_id = submit(client, TEXTS[:3])
+    if ending == "failed":
+        svc.inference.before_chunk = explode
+    if ending == "canceled":
+        assert client.delete(f"/jobs/{job_id}").status_code == 204  # the first DELETE cancels
+    svc.run_jobs()
+    assert client.get(f"/jobs/{job_id}").json()["status"] == ending
+    assert list(svc.job(job_id).args) == [TEXTS[:3]]  # kept until now
+
+    response = client.delete(f"/jobs/{job_id}")
+    assert (response.status_code, response.content) == (204, b"")
+    assert svc.redis.keys(f"*{job_id}*") == []  # the job, its texts and its result (or error): gone
+    queue = svc.app.state.jobs.queue
+    for registry in (queue.finished_job_registry, queue.failed_job_registry, queue.canceled_job_registry):
+        assert job_id not in registry
+    for method in ("GET", "DELETE"):
+        assert client.request(method, f"/jobs/{job_id}").status_code == 404
+
+
+def test_an_ended_job_is_deleted_though_a_killed_worker_s_execution_is_still_indexed(
+    service: tuple[Service, TestClient],
+) -> None:
     svc, client = service
     job_id = submit(client, TEXTS[:2])
     svc.run_jobs()
-    response = client.delete(f"/jobs/{job_id}")
-    assert response.status_code == 409
-    assert response.json()["error_type"] == "conflict"
-    assert client.get(f"/jobs/{job_id}").json()["status"] == "finished"
+    # What a killed run leaves: its execution's hash expired with the heartbeat; RQ's index of the
+    # job's executions keeps the id a minute longer.
+    svc.redis.zadd(ExecutionRegistry(job_id, svc.redis).key, {"killed": time.time() + 60})
+    assert client.delete(f"/jobs/{job_id}").status_code == 204
+    assert svc.redis.keys(f"*{job_id}*") == []
 
 
-def test_a_job_that_finishes_while_being_canceled_stays_finished(
+def test_a_canceled_job_deleted_before_its_worker_stops_keeps_no_texts_and_the_worker_stops_cleanly(
+    service: tuple[Service, TestClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker looks at the job's status at its next chunk boundary (and writes its progress): the
+    job's hash must still be there then, or RQ's worker loop dies on the job."""
+    svc, client = service
+    job_id = submit(client, TEXTS * 2)  # three chunks
+    answers: list[int] = []
+
+    def cancel_and_delete_during_second_chunk(_: list[str]) -> None:
+        if client.get(f"/jobs/{job_id}").json()["progress"]["done"] > 0 and not answers:
+            answers.extend(client.delete(f"/jobs/{job_id}").status_code for _ in range(2))
+            assert client.get(f"/jobs/{job_id}").status_code == 404
+
+    svc.inference.before_chunk = cancel_and_delete_during_second_chunk
+    svc.run_jobs()  # returns: the job stopped at the chunk boundary, as any canceled job does
+    assert answers == [204, 204]
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert client.get(f"/jobs/{job_id}").status_code == 404
+    key = svc.job_key(job_id)
+    assert svc.redis.keys(f"*{job_id}*") == [key.encode()]  # status and progress, for the worker: no texts
+    assert b"data" not in svc.redis.hkeys(key)
+    assert 0 < svc.redis.ttl(key) <= svc.settings.job_ttl_s
+    queue = svc.app.state.jobs.queue
+    assert job_id not in queue.failed_job_registry and job_id not in queue.started_job_registry
+    job_id = submit(client, TEXTS[:2])
+    svc.run_jobs()
+    assert client.get(f"/jobs/{job_id}").json()["status"] == "finished"  # the worker carries on
+
+
+def test_a_job_that_finishes_while_being_canceled_is_deleted_never_turned_canceled(
     service: tuple[Service, TestClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     svc, client = service
@@ -205,20 +271,18 @@ def test_a_job_that_finishes_while_being_canceled_stays_finished(
 
     def finish_right_after_the_read(job: Job, refresh: bool = True) -> JobStatus:
         status = read(job, refresh)
-        if not seen:  # the cancel's first look: the job finishes before the cancel acts on it
+        if not seen:  # the DELETE's first look: the job finishes before the cancel acts on it
             seen.append(status)
             svc.run_jobs()
         return status
 
     monkeypatch.setattr(Job, "get_status", finish_right_after_the_read)
-    with pytest.raises(ServiceError) as refused:
-        svc.app.state.jobs.cancel(job_id)  # as DELETE does, here on this thread: the jobs worker needs it
+    svc.app.state.jobs.delete(job_id)  # as DELETE does, here on this thread: the jobs worker needs it
     monkeypatch.undo()
     assert seen == [JobStatus.QUEUED]
-    assert refused.value.error_type == ErrorType.CONFLICT
-    view = client.get(f"/jobs/{job_id}").json()
-    assert view["status"] == "finished" and len(view["predictions"]) == 2
-    assert job_id in svc.app.state.jobs.queue.finished_job_registry
+    assert client.get(f"/jobs/{job_id}").status_code == 404
+    assert svc.redis.keys(f"*{job_id}*") == []
+    assert job_id not in svc.app.state.jobs.queue.canceled_job_registry
 
 
 def test_a_job_has_no_expiry_until_it_ends(service: tuple[Service, TestClient]) -> None:
@@ -237,11 +301,11 @@ def test_a_failing_job_is_retried_then_failed_with_a_one_line_error(service: tup
     job_id = submit(client, TEXTS)
     runs: list[int] = []
 
-    def explode(_: list[str]) -> None:
+    def count_and_explode(texts: list[str]) -> None:
         runs.append(1)
-        raise RuntimeError("model exploded")
+        explode(texts)
 
-    svc.inference.before_chunk = explode
+    svc.inference.before_chunk = count_and_explode
     svc.run_jobs()
     assert len(runs) == 3  # the first run and two retries
     view = client.get(f"/jobs/{job_id}").json()
@@ -279,15 +343,46 @@ def test_limits_are_422(service: tuple[Service, TestClient], body: dict) -> None
     assert client.post("/jobs", json=body).status_code == 422
 
 
+def test_a_job_sent_without_content_type_is_read_as_json(service: tuple[Service, TestClient]) -> None:
+    _, client = service
+    response = client.post("/jobs", content=json.dumps({"text": TEXTS}))  # as k6 and many scripts send it
+    assert "content-type" not in response.request.headers
+    assert response.status_code == 202, response.text
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+def test_a_job_sent_as_another_media_type_is_a_415_naming_the_header(
+    service: tuple[Service, TestClient], content_type: str
+) -> None:
+    _, client = service
+    response = client.post("/jobs", content=json.dumps({"text": TEXTS}), headers={"content-type": content_type})
+    assert response.status_code == 415
+    assert response.json()["error_type"] == "unsupported_media_type"
+    assert "Content-Type" in response.json()["error"] and content_type in response.json()["error"]
+
+
+def test_a_422_for_a_job_quotes_the_bad_values_in_part(service: tuple[Service, TestClient]) -> None:
+    _, client = service
+    long_text = "0123456789" * 1000
+    too_long = client.post("/jobs", json={"text": ["ok", long_text]})
+    assert too_long.status_code == 422 and len(too_long.content) < 1000
+    assert too_long.json()["detail"][0]["input"] == long_text[:100] + "… (10000 characters)"
+    too_many = client.post("/jobs", json={"text": [f"text {i}" for i in range(21)]})
+    assert too_many.status_code == 422 and len(too_many.content) < 1000
+    assert too_many.json()["detail"][0]["input"][:2] == ["text 0", "text 1"]
+    assert too_many.json()["detail"][0]["input"][-1] == "… (21 in all)"
+
+
 def test_openapi_describes_every_response(service: tuple[Service, TestClient]) -> None:
     _, client = service
     paths = client.get("/openapi.json").json()["paths"]
-    assert set(paths["/jobs"]["post"]["responses"]) == {"202", "413", "422", "503"}
+    assert set(paths["/jobs"]["post"]["responses"]) == {"202", "413", "415", "422", "503"}
     assert set(paths["/jobs/{job_id}"]["get"]["responses"]) == {"200", "404", "422", "503"}
-    assert set(paths["/jobs/{job_id}"]["delete"]["responses"]) == {"200", "404", "409", "422", "503"}
+    assert set(paths["/jobs/{job_id}"]["delete"]["responses"]) == {"204", "404", "422", "503"}
+    assert "content" not in paths["/jobs/{job_id}"]["delete"]["responses"]["204"]
     for operation in (paths["/jobs"]["post"], *paths["/jobs/{job_id}"].values()):
-        for response in operation["responses"].values():
-            assert "schema" in response["content"]["application/json"]
+        for status, response in operation["responses"].items():
+            assert status == "204" or "schema" in response["content"]["application/json"]
 
 
 def test_the_api_still_imports_no_torch() -> None:

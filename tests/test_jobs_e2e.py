@@ -20,6 +20,7 @@ import fakeredis
 import httpx
 import pytest
 import redis
+from rq.executions import ExecutionRegistry
 from rq.job import Job
 
 from api.job_store import ENDED, JobStore
@@ -213,6 +214,31 @@ def test_a_redis_outage_mid_job_keeps_the_worker_and_the_job(stack: Stack, expec
     job = Job.fetch(job_id, connection=stack.redis, serializer=SERIALIZER)
     assert job.retries_left == 1  # lost with its worker's Redis: RQ's abandoned-job handling ran it again
     alive()  # the same process, never restarted
+
+
+def test_delete_cancels_a_running_job_then_deletes_it_and_the_worker_carries_on(stack: Stack) -> None:
+    client = stack.client
+    worker = stack.start_worker("--priority", "normal", "--threads", "1")
+    job_id = client.post("/jobs", json={"text": TEXTS}).json()["job_id"]
+    wait_for("the job to start", lambda: client.get(f"/jobs/{job_id}").json()["status"] == "started", WAIT_S)
+    worker.send_signal(signal.SIGSTOP)  # frozen mid-chunk: both DELETEs land before its next chunk boundary
+    assert client.delete(f"/jobs/{job_id}").status_code == 204
+    assert client.get(f"/jobs/{job_id}").json()["status"] == "canceled"
+    assert client.delete(f"/jobs/{job_id}").status_code == 204
+    assert client.get(f"/jobs/{job_id}").status_code == 404
+    worker.send_signal(signal.SIGCONT)
+
+    executions = ExecutionRegistry(job_id, stack.redis).key
+    wait_for("the worker to let go of the job", lambda: not stack.redis.exists(executions))
+    for key in stack.redis.keys(f"*{job_id}*"):  # what the worker needed (status, progress): no texts, and it expires
+        assert b"data" not in stack.redis.hkeys(key) and stack.redis.ttl(key) > 0, key
+    next_id = client.post("/jobs", json={"text": TEXTS[:10]}).json()["job_id"]
+    view = wait_for("the next job to end", lambda: ended(client, next_id), WAIT_S)
+    assert view["status"] == "finished"  # the same worker, which took the deletion in its stride
+    assert worker.poll() is None and "Traceback" not in stack.output(worker), stack.output(worker)[-4000:]
+    assert client.delete(f"/jobs/{next_id}").status_code == 204
+    assert client.get(f"/jobs/{next_id}").status_code == 404
+    assert stack.redis.keys(f"*{next_id}*") == []  # ended, then deleted: nothing of it is left
 
 
 def test_memory_pressure_never_evicts_a_queued_job(redis_server: RedisServer) -> None:
