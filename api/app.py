@@ -75,8 +75,8 @@ def create_app(
         docs_url=None,  # FastAPI's pages load from a CDN: docs_page serves them from the app
         redoc_url=None,
     )
+    add_predict_route(app, settings)  # first: the router tries routes in order, and /predict is the hot one
     docs_page.install(app)
-    add_predict_route(app, settings)
     app.include_router(jobs_router(settings))
     app.include_router(router)
     app.include_router(metrics.router)
