@@ -19,8 +19,8 @@ from api.predictions import ModelRegistry, Predictor
 from api.rate_limit import RateLimit
 from api.results import ResultWaiter
 from api.routes import add_predict_route, router
-from batcher.protocol import Keys
-from sentiment.settings import Settings
+from core.protocol import Keys
+from core.settings import Settings
 
 
 def create_app(

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from redis.exceptions import RedisError
 
 from api.metrics import REQUESTS_REFUSED
-from batcher.redis_errors import describe
+from core.redis_errors import describe
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from rq.results import Result
 from rq.utils import now, utcformat
 
 from api.errors import ErrorType, ServiceError
-from batcher.job_spec import JOB_FUNC, JOB_TIMEOUT_S, RETRY, SERIALIZER, jobs_queue, progress
-from batcher.protocol import new_id
-from sentiment.settings import Settings
+from core.job_spec import JOB_FUNC, JOB_TIMEOUT_S, RETRY, SERIALIZER, jobs_queue, progress
+from core.protocol import new_id
+from core.settings import Settings
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # what `new_id` makes; anything else cannot exist
 ENDED = {"finished", "failed", "canceled"}

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from api.errors import BODY_RESPONSES, ErrorType, responses
 from api.job_store import JobStore
 from api.schemas import Score, require_json, text_list
-from sentiment.settings import Settings
+from core.settings import Settings
 
 Status = Literal["queued", "started", "finished", "failed", "canceled"]
 

@@ -31,7 +31,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from batcher.liveness import live_workers
+from core.liveness import live_workers
 
 log = logging.getLogger(__name__)
 disable_created_metrics()  # `_created` series double the series count and no panel uses them

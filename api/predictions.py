@@ -17,7 +17,7 @@ from api.coalescing import Coalescer
 from api.errors import ErrorType, ServiceError
 from api.metrics import CACHE_HITS, CACHE_MISSES
 from api.results import ResultWaiter
-from batcher.protocol import Keys, ModelInfo, Prediction, Result, WorkItem, new_id
+from core.protocol import Keys, ModelInfo, Prediction, Result, WorkItem, new_id
 
 MODEL_INFO_TTL_S = 1.0  # how stale the API's idea of the served model (and cache version) may be
 

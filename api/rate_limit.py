@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from batcher.protocol import Keys
+from core.protocol import Keys
 
 # KEYS[1]: the bucket (hash: tokens, ts). ARGV: rate (tokens/s), burst. Returns {taken, wait_s}.
 TAKE = """

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from batcher.protocol import Keys, new_id, parse_replies
-from batcher.redis_errors import OUTAGE, describe
+from core.protocol import Keys, new_id, parse_replies
+from core.redis_errors import OUTAGE, describe
 
 log = logging.getLogger(__name__)
 

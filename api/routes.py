@@ -14,8 +14,8 @@ from redis.exceptions import RedisError
 from api.errors import BODY_RESPONSES, RESPONSES, VALIDATION_ERROR, ErrorType, ServiceError
 from api.predictions import ModelRegistry, Predictor
 from api.schemas import ModelResponse, PredictResponse, ReadyResponse, json_body, parse_json, predict_request
-from batcher.protocol import Keys
-from sentiment.settings import Settings
+from core.protocol import Keys
+from core.settings import Settings
 
 
 class RequestRoute(APIRoute):

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import uvicorn
 
 from api.app import create_app
-from sentiment.settings import Settings
+from core.settings import Settings
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from redis import Redis
 from redis.exceptions import RedisError
 
-from batcher.protocol import Keys, ModelInfo, WorkerStatus
+from core.protocol import Keys, ModelInfo, WorkerStatus
 from batcher.queue import WorkQueue
-from batcher.redis_errors import describe
+from core.redis_errors import describe
 from batcher.redis_link import Command, Link
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from redis import Redis
 
 from batcher.metrics import timed_forward
 from batcher.plan import Policy, batch
-from batcher.protocol import Keys, Prediction, prediction
+from core.protocol import Keys, Prediction, prediction
 from model_store.classifier import Classifier
 
 

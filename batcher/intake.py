@@ -18,9 +18,9 @@ from redis.exceptions import RedisError
 
 from batcher import metrics
 from batcher.plan import Pending
-from batcher.protocol import WorkItem
+from core.protocol import WorkItem
 from batcher.queue import WorkQueue
-from batcher.redis_errors import describe
+from core.redis_errors import describe
 from batcher.reply import Replies
 from batcher.work import Held, Text
 

@@ -35,11 +35,11 @@ from rq.worker import WorkerStatus
 from batcher import metrics
 from batcher.inference import Inference
 from batcher.plan import Policy
-from batcher.job_spec import CHUNKS_PER_BATCH, SERIALIZER, jobs_queue, progress
-from batcher.protocol import Keys, Prediction
-from batcher.redis_errors import describe
+from core.job_spec import CHUNKS_PER_BATCH, SERIALIZER, jobs_queue, progress
+from core.protocol import Keys, Prediction
+from core.redis_errors import describe
 from model_store.classifier import Classifier
-from sentiment.settings import Settings
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 from redis import Redis
 from redis.exceptions import RedisError
 
-from batcher.protocol import Keys
+from core.protocol import Keys
 
 if TYPE_CHECKING:
     from batcher.work import Text

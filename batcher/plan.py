@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from batcher.work import Text
 from model_store.cost import ForwardCost
-from sentiment.settings import Settings
+from core.settings import Settings
 
 ARRIVALS = 8  # work items whose take times estimate the arrival rate
 TAKE_AT_ONCE = 64  # most items one take asks for: the count doubles from 1 while the queue keeps up

@@ -12,8 +12,8 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import ResponseError
 
-from batcher.liveness import DeathWatch
-from batcher.protocol import Keys
+from core.liveness import DeathWatch
+from core.protocol import Keys
 from batcher.redis_link import Link
 
 log = logging.getLogger(__name__)

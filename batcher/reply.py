@@ -21,9 +21,9 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from batcher import metrics
-from batcher.protocol import Keys, encode_prediction, replies
+from core.protocol import Keys, encode_prediction, replies
 from batcher.queue import WorkQueue
-from batcher.redis_errors import Backoff, describe
+from core.redis_errors import Backoff, describe
 from batcher.redis_link import Command, Link
 from batcher.work import Held, Text
 

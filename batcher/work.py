@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from batcher.protocol import Result, WorkItem, encode_result
+from core.protocol import Result, WorkItem, encode_result
 
 
 @dataclass(eq=False, slots=True)

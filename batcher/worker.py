@@ -26,12 +26,12 @@ from batcher.forward import Lanes
 from batcher.heartbeat import Heartbeat
 from batcher.intake import IDLE_POLL_S, Intake
 from batcher.plan import Pending, Policy
-from batcher.protocol import Keys, ModelInfo, WorkerStatus, new_id
+from core.protocol import Keys, ModelInfo, WorkerStatus, new_id
 from batcher.queue import WorkQueue
-from batcher.redis_errors import Backoff, describe
+from core.redis_errors import Backoff, describe
 from batcher.reply import Replies
 from model_store.classifier import Classifier
-from sentiment.settings import Settings
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import httpx
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from batcher.protocol import Keys, WorkerStatus
+from core.protocol import Keys, WorkerStatus
 
 SAMPLES = (
     "sentiment_batch_size_sum", "sentiment_batch_size_count",

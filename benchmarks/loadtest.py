@@ -18,7 +18,7 @@ from benchmarks.machine import cpu_model, git_commit
 from benchmarks.processes import running
 from benchmarks.report import replace_block
 from sentiment.embedded import free_port
-from sentiment.settings import Settings
+from core.settings import Settings
 
 K6_DIR = Path(__file__).resolve().parents[1] / "k6"
 TREND_STATS = "avg,min,med,max,p(90),p(95),p(99)"

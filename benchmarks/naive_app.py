@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, pipeline
 from model_store import torch_engine
 from model_store.checkpoint import Checkpoint
 from model_store.engine import pick_device, resolve_precision
-from sentiment.settings import Settings
+from core.settings import Settings
 
 settings = Settings()
 checkpoint = Checkpoint(settings.model_dir)

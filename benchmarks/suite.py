@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from sentiment.settings import Settings
+from core.settings import Settings
 
 PARTS = ("limit", "naive", "service", "cache", "ceiling")
 BATCH_SIZES = [1, 8, 16, 32, 64]

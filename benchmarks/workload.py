@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from sentiment.settings import Settings
+from core.settings import Settings
 
 
 CHECKOUT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from pathlib import Path
 from model_store.checkpoint import Checkpoint
 from model_store.cost import ForwardCost
 from model_store.engine import Engine, EngineName, Precision, load_engine
-from sentiment.settings import Settings
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from typing import NoReturn
 
 from redis import Redis
 
-from batcher.redis_errors import OUTAGE
+from core.redis_errors import OUTAGE
 from model_store.hub import DEFAULT_REPO
-from sentiment.settings import Settings
+from core.settings import Settings
 
 log = logging.getLogger("sentiment")
 
@@ -154,14 +154,14 @@ def _model_process(settings: Settings) -> None:
 
 def _worker(settings: Settings, args: argparse.Namespace) -> None:
     if args.probe:
-        from batcher.liveness import worker_alive_on_this_host
+        from core.liveness import worker_alive_on_this_host
 
         _probe(args.probe, lambda client: worker_alive_on_this_host(client, settings.key_prefix), settings)
 
     _model_process(settings)
     from batcher import metrics
-    from batcher.liveness import worker_client
-    from batcher.protocol import Keys
+    from core.liveness import worker_client
+    from core.protocol import Keys
     from batcher.worker import Worker
     from model_store.classifier import Classifier
 
@@ -178,7 +178,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
 
 def _jobs_worker(settings: Settings, args: argparse.Namespace) -> None:
     if args.probe:
-        from batcher.liveness import jobs_worker_alive_on_this_host
+        from core.liveness import jobs_worker_alive_on_this_host
 
         _probe(args.probe, lambda client: jobs_worker_alive_on_this_host(client, settings.jobs_queue), settings)
 

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterator
 import redis
 
 import api.server
-from batcher.liveness import jobs_worker_alive_on_this_host, worker_alive_on_this_host
-from sentiment.settings import Settings
+from core.liveness import jobs_worker_alive_on_this_host, worker_alive_on_this_host
+from core.settings import Settings
 from sentiment.supervisor import Child, StartFailed, Supervisor, die_with_parent
 
 log = logging.getLogger(__name__)

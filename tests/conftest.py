@@ -21,7 +21,7 @@ from batcher.worker import Worker
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
 from sentiment.embedded import embedded_redis, free_port, start_redis_server
-from sentiment.settings import Settings
+from core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 # Development data lives beside the checkout (../shared); SENTIMENT_SHARED_DIR points elsewhere.

@@ -23,7 +23,7 @@ from api.access import OPEN_PATHS, ApiKeys
 from api.app import create_app
 from batcher.worker import Worker
 from sentiment.embedded import free_port
-from sentiment.settings import Settings
+from core.settings import Settings
 from tests.conftest import start_worker
 from tests.test_k8s import TARGETS, container_of
 

@@ -23,11 +23,11 @@ from api.app import create_app
 from api.predictions import CacheStatus, ModelRegistry, Predictor
 from api.results import ResultWaiter
 from api.routes import RequestRoute
-from batcher.protocol import Keys, ModelInfo, WorkItem, new_id, prediction, replies
+from core.protocol import Keys, ModelInfo, WorkItem, new_id, prediction, replies
 from batcher.worker import Worker
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
-from sentiment.settings import Settings
+from core.settings import Settings
 from tests.conftest import HANG_GUARD_S, RedisServer, start_worker, wait_for
 
 pytestmark = pytest.mark.anyio

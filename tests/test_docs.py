@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from sentiment.settings import Settings
+from core.settings import Settings
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text()

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 
 from api.app import create_app
 from sentiment.embedded import free_port
-from sentiment.settings import Settings
+from core.settings import Settings
 from tests.conftest import HANG_GUARD_S, wait_for
 
 # Every host name but the loopback address fails to resolve, whatever network the test machine has.

@@ -24,8 +24,8 @@ import redis
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from batcher.liveness import live_workers
-from batcher.protocol import prediction
+from core.liveness import live_workers
+from core.protocol import prediction
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
 from tests.conftest import Service, shared_path, start_service, wait_for

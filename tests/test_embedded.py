@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from sentiment import embedded
-from sentiment.settings import Settings
+from core.settings import Settings
 
 
 @pytest.mark.parametrize("has_redis_server", [True, False])

@@ -24,8 +24,8 @@ import pytest
 import redis
 import rq
 
-from batcher.liveness import live_workers
-from batcher.protocol import Keys, ModelInfo, Result, WorkItem, new_id, parse_replies, prediction
+from core.liveness import live_workers
+from core.protocol import Keys, ModelInfo, Result, WorkItem, new_id, parse_replies, prediction
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
 from model_store.torch_engine import TorchEngine

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from api.app import create_app
 from api.limits import body_limit
 from api.schemas import is_json
-from sentiment.settings import Settings
+from core.settings import Settings
 from tests.conftest import Service, start_service
 
 MAX_TEXTS, MAX_CHARS, JOBS_MAX_TEXTS = 8, 200, 12  # small limits so generated bodies reach and cross them

@@ -24,7 +24,7 @@ from packaging.requirements import Requirement
 from model_store.hub import DEFAULT_REPO
 from sentiment.cli import _parser
 from sentiment.embedded import embedded_redis, free_port
-from sentiment.settings import Settings
+from core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILES = ["Dockerfile.api", "Dockerfile.worker"]

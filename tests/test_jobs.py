@@ -20,13 +20,13 @@ from rq.job import Job, JobStatus
 from api.app import create_app
 from batcher.inference import Inference
 from batcher.plan import Policy
-from batcher.job_spec import SERIALIZER
+from core.job_spec import SERIALIZER
 from batcher.jobs import serve_jobs
-from batcher.protocol import Keys, Prediction
+from core.protocol import Keys, Prediction
 from batcher.worker import Worker
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
-from sentiment.settings import Settings
+from core.settings import Settings
 
 TEXTS = ["i love this movie", "awful film", "i love this movie", "not very good", "fun", "boring", "great", "bad",
          "i hate it", "this is a very very long text that is not boring at all"]

@@ -26,12 +26,12 @@ from rq.job import Job
 from api.job_store import ENDED, JobStore
 from batcher.inference import Inference
 from batcher.plan import Policy
-from batcher.job_spec import SERIALIZER
-from batcher.protocol import Keys, Prediction
+from core.job_spec import SERIALIZER
+from core.protocol import Keys, Prediction
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
 from sentiment.embedded import free_port
-from sentiment.settings import Settings
+from core.settings import Settings
 from tests.conftest import RedisServer, wait_for
 
 TEXTS = [f"text {i} is {'good' if i % 3 else 'bad'} or {'fun' if i % 7 else 'boring'}" for i in range(2000)]

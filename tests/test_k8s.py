@@ -26,10 +26,10 @@ import pytest
 import yaml
 
 from api.app import create_app
-from batcher.protocol import Keys, WorkerStatus, new_id
+from core.protocol import Keys, WorkerStatus, new_id
 from sentiment.cli import _parser
 from sentiment.embedded import embedded_redis
-from sentiment.settings import Settings
+from core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"

@@ -25,11 +25,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import create_app
 from batcher import metrics as worker_metrics
-from batcher.protocol import Keys, WorkItem, new_id
+from core.protocol import Keys, WorkItem, new_id
 from batcher.worker import Worker
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
-from sentiment.settings import Settings
+from core.settings import Settings
 from tests.conftest import REPO, start_service, start_worker, wait_for
 
 MONITORING = REPO / "k8s" / "monitoring"

@@ -34,7 +34,7 @@ from model_store.factory import LABELS, TOKENIZER_FILES
 from model_store.null_engine import NullEngine
 from model_store.onnx_engine import OnnxEngine
 from model_store.torch_engine import TorchEngine
-from sentiment.settings import Settings
+from core.settings import Settings
 from tests.conftest import HANG_GUARD_S, shared_path
 
 

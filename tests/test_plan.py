@@ -15,12 +15,12 @@ from redis.exceptions import NoPermissionError
 from batcher import intake as intake_module
 from batcher.intake import Intake
 from batcher.plan import TAKE_AT_ONCE, Forward, Pending, Policy, batch, spread
-from batcher.protocol import Keys, Result, WorkerStatus, WorkItem, new_id
+from core.protocol import Keys, Result, WorkerStatus, WorkItem, new_id
 from batcher.queue import WorkQueue
 from batcher.reply import Replies
 from batcher.work import Held, Text
 from model_store.cost import ForwardCost
-from sentiment.settings import Settings
+from core.settings import Settings
 from tests.conftest import HANG_GUARD_S, wait_for
 
 KEYS = Keys("t")

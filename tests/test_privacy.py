@@ -13,7 +13,7 @@ import pytest
 from batcher.worker import Worker
 from model_store.classifier import Classifier
 from api.app import create_app
-from sentiment.settings import Settings
+from core.settings import Settings
 from tests.conftest import start_worker
 
 pytestmark = pytest.mark.anyio

@@ -2,7 +2,7 @@
 
 import orjson
 
-from batcher.protocol import (
+from core.protocol import (
     Keys, ModelInfo, Result, WorkerStatus, WorkItem, new_id, parse_replies, prediction, replies, text_digest,
 )
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from batcher.protocol import new_id
+from core.protocol import new_id
 from sentiment.embedded import free_port
 from tests.conftest import wait_for
 

@@ -16,12 +16,12 @@ import pytest
 from redis.client import PubSub
 from redis.exceptions import OutOfMemoryError
 
-from batcher.liveness import live_workers
-from batcher.protocol import Keys, ModelInfo, Result, WorkItem, new_id, parse_replies, prediction
+from core.liveness import live_workers
+from core.protocol import Keys, ModelInfo, Result, WorkItem, new_id, parse_replies, prediction
 from batcher.queue import WorkQueue
 from batcher.worker import Worker
 from model_store.classifier import Classifier
-from sentiment.settings import Settings
+from core.settings import Settings
 from tests.conftest import HANG_GUARD_S, start_worker, wait_for
 
 

@@ -13,7 +13,7 @@ from redis import Redis
 from rq import Queue, Retry
 from rq.serializers import JSONSerializer
 
-from sentiment.settings import Settings
+from core.settings import Settings
 
 JOB_FUNC = "batcher.jobs.classify"  # resolved by the worker only
 SERIALIZER = JSONSerializer

@@ -12,7 +12,7 @@ from redis.exceptions import ResponseError
 from rq import Queue
 from rq import Worker as RQWorker
 
-from batcher.protocol import Keys, WorkerStatus, new_id
+from core.protocol import Keys, WorkerStatus, new_id
 
 log = logging.getLogger(__name__)
 
