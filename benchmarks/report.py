@@ -92,7 +92,7 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
     count = s.get("worker_threads") or m["torch_threads"]
     threads = f"{count} thread{'s' if count != 1 else ''}" + (f" in each of {workers} workers" if workers > 1 else "")
     lines = [
-        f"Run {m['date']} at commit `{m['git_commit']}` on **{m['cpu']}** ({m['cores']} cores{bf16}{gpu}), "
+        f"Run {m['date']} on **{m['cpu']}** ({m['cores']} cores{bf16}{gpu}), "
         f"torch {m['torch']} ({threads}, OpenMP waiting "
         f"`{s.get('omp_wait_policy', 'runtime default')}`), device `{m['device']}`; "
         f"model `{s['model']}` ({Path(s['model_source']).name}), precision `{s['precision']}` "

@@ -1,4 +1,4 @@
-"""The README stays true: its set-up commands, and a configuration table naming every setting."""
+"""The docs stay true: the README's set-up commands, its configuration table (the settings' own names,\ndefaults and descriptions), no commit ids, and no cited results file missing."""
 
 from __future__ import annotations
 
@@ -10,14 +10,50 @@ from tests.conftest import REPO
 README = (REPO / "README.md").read_text()
 
 
-def test_configuration_table_lists_every_setting_with_its_default() -> None:
-    rows = dict(re.findall(r"^\| `(SENTIMENT_[A-Z_0-9]+)` \| ([^|]+) \|", README, flags=re.MULTILINE))
-    assert set(rows) == {f"SENTIMENT_{name.upper()}" for name in Settings.model_fields}
-    defaults: dict[str, object] = {}  # a default computed from other settings is shown as computed from theirs
+TABLE_HEADER = "| variable | default | meaning |\n| --- | --- | --- |\n"
+
+
+def configuration_table() -> str:
+    """The README's configuration table, made from `Settings.model_fields`: name, default, description.
+
+    The settings' descriptions are the one description of each knob. After changing a setting,
+    regenerate the table and paste it over the README's:
+
+        python -c "from tests.test_docs import configuration_table as t; print(t(), end='')"
+    """
+    rows, defaults = [], {}  # a default computed from other settings is shown as computed from theirs
     for name, field in Settings.model_fields.items():
         defaults[name] = field.get_default(call_default_factory=True, validated_data=defaults)
-        shown = rows[f"SENTIMENT_{name.upper()}"].strip()
-        assert shown == ("unset" if defaults[name] is None else f"`{defaults[name]}`"), name
+        shown = "unset" if defaults[name] is None else f"`{defaults[name]}`"
+        description = " ".join((field.description or "").split()).replace("|", "\\|")
+        rows.append(f"| `SENTIMENT_{name.upper()}` | {shown} | {description} |\n")
+    return TABLE_HEADER + "".join(rows)
+
+
+def test_configuration_table_is_the_settings_names_defaults_and_descriptions() -> None:
+    start = README.index(TABLE_HEADER)
+    end = README.find("\n\n", start)
+    shown = README[start : end + 1 if end != -1 else len(README)]
+    assert shown == configuration_table(), (
+        "README's configuration table disagrees with core/settings.py; regenerate it "
+        "(tests/test_docs.py, configuration_table's docstring)"
+    )
+
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def test_docs_cite_no_commit_ids_and_exactly_the_results_files_kept() -> None:
+    cited_files: set[str] = set()
+    for doc in DOCS:
+        text = doc.read_text()
+        assert not re.findall(r"\b[0-9a-f]{7,40}\b", text), f"{doc.name} names a commit: readers cannot see it"
+        for cited in re.findall(r"\]\((?:\.\./)?benchmarks/results/([^)]+)\)", text):
+            assert (REPO / "benchmarks" / "results" / cited).is_file(), f"{doc.name} cites a missing {cited}"
+            cited_files.add(cited)
+    # Only the cited runs (the latest per machine kind) stay in the tree; older ones live in git history.
+    kept = {p.name for p in (REPO / "benchmarks" / "results").iterdir() if "quick" not in p.name}
+    assert kept <= cited_files, f"uncited results files: delete them (docs/performance.md): {sorted(kept - cited_files)}"
 
 
 def test_readme_starts_with_the_install_and_serve_command_the_test_command_and_a_restart() -> None:
