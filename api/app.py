@@ -13,18 +13,20 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from api import docs_page, errors, limits, metrics
 from api.access import AccessControl, ApiKeys, document
 from api.job_store import JobStore
-from api.limits import BodyLimit, body_limit
 from api.jobs import jobs_router
-from api.predictions import ModelRegistry, Predictor
+from api.limits import BodyLimit, body_limit
+from api.predictions import ModelInfoCache, Predictor
 from api.rate_limit import RateLimit
 from api.results import ResultWaiter
 from api.routes import add_predict_route, router
-from core.protocol import Keys
+from core.protocol import Keys, Prediction
 from core.settings import Settings
 
 
 def create_app(
-    settings: Settings | None = None, redis: Redis | None = None, jobs_redis: sync_redis.Redis | None = None,
+    settings: Settings | None = None,
+    redis: Redis | None = None,
+    jobs_redis: sync_redis.Redis | None = None,
     problem: Callable[[], str | None] | None = None,
 ) -> FastAPI:
     """The app for `settings` (default: from the environment); tests may hand in their own Redis
@@ -36,7 +38,9 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = redis or Redis(
             connection_pool=BlockingConnectionPool.from_url(
-                settings.redis_url, max_connections=settings.redis_max_connections, timeout=settings.request_timeout_s,
+                settings.redis_url,
+                max_connections=settings.redis_max_connections,
+                timeout=settings.request_timeout_s,
                 socket_connect_timeout=2,
             )
         )
@@ -46,8 +50,10 @@ def create_app(
         app.state.redis = client
         app.state.keys = keys
         app.state.problem = problem
-        app.state.models = ModelRegistry(client, keys)
-        local_cache = TTLCache(settings.local_cache_size, settings.cache_ttl_s) if settings.local_cache_size else None
+        app.state.models = ModelInfoCache(client, keys)
+        local_cache: TTLCache[str, Prediction] | None = (
+            TTLCache(settings.local_cache_size, settings.cache_ttl_s) if settings.local_cache_size else None
+        )
         app.state.predictor = Predictor(
             client, keys, waiter, app.state.models, settings.request_timeout_s, settings.max_queue_depth, local_cache
         )
@@ -83,10 +89,13 @@ def create_app(
     errors.install(app)
     limits.install(app)
     # The last added runs first: a caller is checked before its body is read.
-    app.add_middleware(BodyLimit, limits={
-        "/predict": body_limit(settings.max_texts, settings.max_chars),
-        "/jobs": body_limit(settings.jobs_max_texts, settings.max_chars),
-    })
+    app.add_middleware(
+        BodyLimit,
+        limits={
+            "/predict": body_limit(settings.max_texts, settings.max_chars),
+            "/jobs": body_limit(settings.jobs_max_texts, settings.max_chars),
+        },
+    )
     if settings.api_keys or settings.rate_limit_per_s is not None:  # nothing to check: no layer to pass
         app.add_middleware(AccessControl, keys=ApiKeys(settings.api_keys or []))
     app.add_middleware(metrics.RequestMetrics)  # outermost: refused requests are timed too

@@ -1,6 +1,8 @@
 """The one map from what went wrong to an HTTP status (as in text-embeddings-inference).
 
-Handlers answer `{"error": message, "error_type": type}`; 503 and 429 carry `Retry-After`.
+Every refusal is answered from `ERRORS`, one `ErrorType` -> status, headers and body map, which also
+writes the routes' OpenAPI (`responses`): handlers answer `{"error": message, "error_type": type}`
+(/ready's 503 `{"status": "not ready", "reason": ...}`); 503 and 429 carry `Retry-After`.
 Request validation keeps FastAPI's standard 422 body, which names the offending field (ASCII-escaped:
 the input it echoes may hold lone surrogates that UTF-8 cannot encode). It quotes the bad value
 only in part (`quote`): a 100,000-character text or 10,001 texts must not come back whole.
@@ -10,8 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -37,30 +41,56 @@ class ErrorType(StrEnum):
     UNAUTHORIZED = "unauthorized"  # API keys are on and the request sent none
     FORBIDDEN = "forbidden"  # the request sent a key that is not configured
     RATE_LIMITED = "rate_limited"  # this client's token bucket is empty
-
-
-STATUS = {
-    ErrorType.UNAVAILABLE: 503,
-    ErrorType.OVERLOADED: 503,
-    ErrorType.TIMEOUT: 504,
-    ErrorType.INFERENCE: 424,
-    ErrorType.NOT_FOUND: 404,
-    ErrorType.TOO_LARGE: 413,
-    ErrorType.UNSUPPORTED_MEDIA_TYPE: 415,
-    ErrorType.UNAUTHORIZED: 401,
-    ErrorType.FORBIDDEN: 403,
-    ErrorType.RATE_LIMITED: 429,
-}
-RETRY_AFTER_S = {ErrorType.UNAVAILABLE: 1, ErrorType.OVERLOADED: 1}
-# Requests turned away before any work: each answer counts in `sentiment_requests_refused_total{reason}`.
-REFUSED = (ErrorType.OVERLOADED, ErrorType.RATE_LIMITED, ErrorType.UNAUTHORIZED, ErrorType.FORBIDDEN, ErrorType.TOO_LARGE)
-for _refusal in REFUSED:
-    REQUESTS_REFUSED.labels(_refusal.value)  # every reason shows from the start, at 0
+    NOT_READY = "not_ready"  # /ready: Redis down, no live worker, or a worker of `sentiment serve` down
 
 
 class ErrorBody(BaseModel):
     error: str
     error_type: ErrorType
+
+    @classmethod
+    def of(cls, error_type: ErrorType, message: str) -> BaseModel:
+        return cls(error=message, error_type=error_type)
+
+
+class NotReadyBody(BaseModel):
+    """/ready's answer when not ready: the shape of its 200 (`status`), with the reason."""
+
+    status: Literal["not ready"]
+    reason: str
+
+    @classmethod
+    def of(cls, error_type: ErrorType, message: str) -> BaseModel:
+        return cls(status="not ready", reason=message)
+
+
+@dataclass(frozen=True)
+class ErrorSpec:
+    """How one `ErrorType` is answered."""
+
+    status: int
+    retry_after_s: int | None = None  # the `Retry-After` header, unless the answer names its own
+    refusal: bool = False  # turned away before any work: counted in `sentiment_requests_refused_total{reason}`
+    headers: Mapping[str, str] = field(default_factory=dict)  # sent with every such answer
+    body: type[ErrorBody | NotReadyBody] = ErrorBody
+
+
+ERRORS: dict[ErrorType, ErrorSpec] = {
+    ErrorType.UNAVAILABLE: ErrorSpec(503, retry_after_s=1),
+    ErrorType.OVERLOADED: ErrorSpec(503, retry_after_s=1, refusal=True),
+    ErrorType.TIMEOUT: ErrorSpec(504),
+    ErrorType.INFERENCE: ErrorSpec(424),
+    ErrorType.NOT_FOUND: ErrorSpec(404),
+    ErrorType.TOO_LARGE: ErrorSpec(413, refusal=True),
+    ErrorType.UNSUPPORTED_MEDIA_TYPE: ErrorSpec(415),
+    ErrorType.UNAUTHORIZED: ErrorSpec(401, refusal=True, headers={"WWW-Authenticate": "Bearer"}),
+    ErrorType.FORBIDDEN: ErrorSpec(403, refusal=True),
+    ErrorType.RATE_LIMITED: ErrorSpec(429, retry_after_s=1, refusal=True),  # the bucket says how long, mostly
+    ErrorType.NOT_READY: ErrorSpec(503, body=NotReadyBody),
+}
+for _type, _spec in ERRORS.items():
+    if _spec.refusal:
+        REQUESTS_REFUSED.labels(_type.value)  # every reason shows from the start, at 0
 
 
 class ServiceError(Exception):
@@ -70,23 +100,30 @@ class ServiceError(Exception):
         self.message = message
 
 
-def error_response(error_type: ErrorType, message: str) -> JSONResponse:
-    if error_type in REFUSED:
+def error_response(error_type: ErrorType, message: str, retry_after_s: int | None = None) -> JSONResponse:
+    """The answer for `error_type` as `ERRORS` says (`retry_after_s` overrides its `Retry-After`);
+    a refusal is counted."""
+    spec = ERRORS[error_type]
+    if spec.refusal:
         REQUESTS_REFUSED.labels(error_type.value).inc()
-    retry = RETRY_AFTER_S.get(error_type)
+    headers = dict(spec.headers)
+    if retry := retry_after_s or spec.retry_after_s:
+        headers["Retry-After"] = str(retry)
     return JSONResponse(
-        ErrorBody(error=message, error_type=error_type).model_dump(mode="json"),
-        status_code=STATUS[error_type],
-        headers={"Retry-After": str(retry)} if retry else None,
+        spec.body.of(error_type, message).model_dump(mode="json"), status_code=spec.status, headers=headers or None
     )
 
 
-def responses(*types: ErrorType) -> dict[int | str, dict]:
-    """OpenAPI descriptions of the errors a route can answer with (beyond FastAPI's 422)."""
-    return {
-        status: {"model": ErrorBody, "description": ", ".join(t.value for t in types if STATUS[t] == status)}
-        for status in sorted({STATUS[t] for t in types})
-    }
+def responses(*types: ErrorType) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI descriptions of the errors a route can answer with (beyond FastAPI's 422), from `ERRORS`."""
+    answers: dict[int | str, dict[str, Any]] = {}
+    for status in sorted({ERRORS[t].status for t in types}):
+        same = [t for t in types if ERRORS[t].status == status]
+        bodies = {ERRORS[t].body for t in same}
+        if len(bodies) != 1:
+            raise ValueError(f"{status}: one route's {same} answer different bodies")
+        answers[status] = {"model": bodies.pop(), "description": ", ".join(t.value for t in same)}
+    return answers
 
 
 RESPONSES = responses(ErrorType.UNAVAILABLE, ErrorType.OVERLOADED, ErrorType.TIMEOUT, ErrorType.INFERENCE)
@@ -98,6 +135,19 @@ VALIDATION_ERROR = {
     "description": "Validation Error",
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}},
 }
+
+
+def json_invalid(ctx: dict[str, Any]) -> dict[str, Any]:
+    """The validation error of a body that is not JSON (or not parseable), as FastAPI words it: the
+    body itself is never echoed."""
+    return {"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error", "input": {}, "ctx": ctx}
+
+
+def validation_response(errors: Sequence[Any]) -> Response:
+    """The 422 of request validation: FastAPI's body, with each bad value quoted (`quoted`) and
+    ASCII-escaped JSON (the input it echoes may hold lone surrogates that UTF-8 cannot encode)."""
+    detail = jsonable_encoder([quoted(error) for error in errors])
+    return Response(json.dumps({"detail": detail}), status_code=422, media_type="application/json")
 
 
 QUOTE_CHARS = 100  # of a bad value a 422 (or 415) echoes, about
@@ -156,9 +206,7 @@ def install(app: FastAPI) -> None:
 
     async def on_invalid_request(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        detail = jsonable_encoder([quoted(error) for error in exc.errors()])
-        body = json.dumps({"detail": detail})  # ensure_ascii: always encodable
-        return Response(body, status_code=422, media_type="application/json")
+        return validation_response(exc.errors())
 
     app.add_exception_handler(RequestValidationError, on_invalid_request)
     app.add_exception_handler(ServiceError, on_service_error)

@@ -30,9 +30,12 @@ from core.settings import Settings
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # what `new_id` makes; anything else cannot exist
 ENDED = {"finished", "failed", "canceled"}
 # RQ's finer states, as the five this API promises.
-STATUS = {
-    JobStatus.STARTED: "started", JobStatus.FINISHED: "finished", JobStatus.FAILED: "failed",
-    JobStatus.CANCELED: "canceled", JobStatus.STOPPED: "canceled",
+JOB_STATUS = {
+    JobStatus.STARTED: "started",
+    JobStatus.FINISHED: "finished",
+    JobStatus.FAILED: "failed",
+    JobStatus.CANCELED: "canceled",
+    JobStatus.STOPPED: "canceled",
 }  # everything else (created, queued, scheduled, deferred, ...) waits to run: "queued"
 
 
@@ -47,9 +50,15 @@ class JobStore:
     def create(self, texts: list[str]) -> str:
         """Queue a job for `texts`; returns its (unguessable) id."""
         job = self.queue.enqueue_call(
-            JOB_FUNC, args=(texts,), job_id=new_id(), description=f"classify {len(texts)} texts",
-            meta=progress(0, len(texts)), retry=RETRY, timeout=JOB_TIMEOUT_S,
-            result_ttl=self.ttl_s, failure_ttl=self.ttl_s,  # no `ttl`: see the module's docstring
+            JOB_FUNC,
+            args=(texts,),
+            job_id=new_id(),
+            description=f"classify {len(texts)} texts",
+            meta=progress(0, len(texts)),
+            retry=RETRY,
+            timeout=JOB_TIMEOUT_S,
+            result_ttl=self.ttl_s,
+            failure_ttl=self.ttl_s,  # no `ttl`: see the module's docstring
         )
         return job.id
 
@@ -59,7 +68,7 @@ class JobStore:
         if job.get_status() == JobStatus.STARTED:
             self.queue.started_job_registry.cleanup()  # is its worker gone? (cheap: one ZRANGEBYSCORE)
             job = self._fetch(job_id)
-        status = STATUS.get(job.get_status(refresh=False), "queued")
+        status = JOB_STATUS.get(job.get_status(refresh=False), "queued")
         meta = job.get_meta(refresh=False)
         view: dict[str, Any] = {
             "job_id": job.id,
@@ -88,7 +97,7 @@ class JobStore:
             while True:
                 try:
                     pipe.watch(job.key)
-                    status = STATUS.get(job.get_status(), "queued")
+                    status = JOB_STATUS.get(job.get_status(), "queued")
                     stopping = status == "canceled" and bool(job.execution_registry.get_execution_ids())
                     pipe.multi()
                     if status not in ENDED:

@@ -11,11 +11,11 @@ from typing import Literal
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, Field
 
 from api.errors import BODY_RESPONSES, ErrorType, responses
 from api.job_store import JobStore
-from api.schemas import Score, require_json, text_list
+from api.schemas import Score, require_json, texts_request
 from core.settings import Settings
 
 Status = Literal["queued", "started", "finished", "failed", "canceled"]
@@ -54,16 +54,17 @@ async def sent_as_json(request: Request) -> None:
 def jobs_router(settings: Settings) -> APIRouter:
     # A body without Content-Type is read as JSON (`api.schemas.is_json`); one declared otherwise is a 415.
     router = APIRouter(prefix="/jobs", tags=["jobs"], strict_content_type=False)
-    JobRequest = create_model(
-        "JobRequest",
-        __config__=ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": ["I love you.", "I hate you."]}]}),
-        text=(text_list(settings.jobs_max_texts, settings.max_chars), ...),
-    )
+    JobRequest = texts_request("JobRequest", settings.jobs_max_texts, settings.max_chars)
 
     @router.post(
-        "", status_code=202, response_model=JobCreated, dependencies=[Depends(sent_as_json)],
+        "",
+        status_code=202,
+        response_model=JobCreated,
+        dependencies=[Depends(sent_as_json)],
         responses={**responses(ErrorType.UNAVAILABLE), **BODY_RESPONSES},
     )
+    # (The `type: ignore`s: `JobRequest` is made at run time, with the configured limits, so mypy
+    # cannot use it as a type; FastAPI reads the annotation and validates the body as it.)
     def create(body: JobRequest, request: Request, response: Response) -> JobCreated:  # type: ignore[valid-type]
         """Queue texts for classification; poll `status_url` for progress and predictions."""
         job_id = _store(request).create(body.text)  # type: ignore[attr-defined]
@@ -71,7 +72,9 @@ def jobs_router(settings: Settings) -> APIRouter:
         response.headers["Location"] = url
         return JobCreated(job_id=job_id, status="queued", status_url=url)
 
-    @router.get("/{job_id}", response_model=JobResponse, responses=responses(ErrorType.NOT_FOUND, ErrorType.UNAVAILABLE))
+    @router.get(
+        "/{job_id}", response_model=JobResponse, responses=responses(ErrorType.NOT_FOUND, ErrorType.UNAVAILABLE)
+    )
     def status(job_id: str, request: Request) -> Response:
         """The job's status and progress; `predictions` once finished, `error` once failed.
 
@@ -81,7 +84,9 @@ def jobs_router(settings: Settings) -> APIRouter:
         return _json(_store(request).view(job_id))
 
     @router.delete(
-        "/{job_id}", status_code=204, response_class=Response,
+        "/{job_id}",
+        status_code=204,
+        response_class=Response,
         responses=responses(ErrorType.NOT_FOUND, ErrorType.UNAVAILABLE),
     )
     def delete(job_id: str, request: Request) -> Response:

@@ -14,8 +14,6 @@ parses its own body (`api.schemas.parse_json`), where these are malformed JSON a
 
 from __future__ import annotations
 
-import json
-
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import Response
@@ -23,7 +21,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import ErrorType, error_response
+from api.errors import ErrorType, error_response, json_invalid, validation_response
 
 # "\uXXXX" is the longest a character of the Basic Multilingual Plane takes in JSON (UTF-8 takes at
 # most 4 bytes); only a text of mostly escaped astral characters (12 bytes each) can exceed this.
@@ -100,11 +98,8 @@ def install(app: FastAPI) -> None:
         cause = exc.__cause__
         why = next((w for t, w in PARSE_FAILURES.items() if isinstance(cause, t)), None)
         if exc.status_code == 400 and why:
-            # The shape FastAPI gives malformed JSON, so every unparseable body reads the same.
-            detail = [
-                {"type": "json_invalid", "loc": ["body"], "msg": "JSON decode error", "input": {}, "ctx": {"error": why}}
-            ]
-            return Response(json.dumps({"detail": detail}), status_code=422, media_type="application/json")
+            # The 422 FastAPI gives malformed JSON, so every unparseable body reads the same.
+            return validation_response([json_invalid({"error": why})])
         return await http_exception_handler(request, exc)
 
     app.add_exception_handler(HTTPException, on_unparseable_body)

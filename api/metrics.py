@@ -40,7 +40,8 @@ UNMATCHED_ROUTE = "unmatched"  # every path no route serves (404s): one label va
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}  # anything else is "other"
 
 HTTP_REQUEST_DURATION = Histogram(
-    "sentiment_http_request_duration_seconds", "HTTP request latency, by route template, method and status.",
+    "sentiment_http_request_duration_seconds",
+    "HTTP request latency, by route template, method and status.",
     ["route", "method", "status"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 15),
 )
@@ -49,7 +50,9 @@ CACHE_LOOKUPS = Counter(
 )
 CACHE_HITS, CACHE_MISSES = CACHE_LOOKUPS.labels("hit"), CACHE_LOOKUPS.labels("miss")
 REQUESTS_REFUSED = Counter(
-    "sentiment_requests_refused", "Requests refused before any work (counted by api.errors.error_response): overload, rate limit, auth, size.", ["reason"]
+    "sentiment_requests_refused",
+    "Requests refused before any work (counted by api.errors.error_response): overload, rate limit, auth, size.",
+    ["reason"],
 )
 
 
@@ -103,8 +106,10 @@ class ServiceState(Collector):
         q = self.queue
         # The five states GET /jobs/{id} reports; deferred and scheduled jobs wait to run: queued.
         registries = {
-            "queued": [q.deferred_job_registry, q.scheduled_job_registry], "started": [q.started_job_registry],
-            "finished": [q.finished_job_registry], "failed": [q.failed_job_registry],
+            "queued": [q.deferred_job_registry, q.scheduled_job_registry],
+            "started": [q.started_job_registry],
+            "finished": [q.finished_job_registry],
+            "failed": [q.failed_job_registry],
             "canceled": [q.canceled_job_registry],
         }
         try:

@@ -18,6 +18,7 @@ from api.errors import ErrorType, ServiceError
 from api.metrics import CACHE_HITS, CACHE_MISSES
 from api.results import ResultWaiter
 from core.protocol import Keys, ModelInfo, Prediction, Result, WorkItem, new_id
+from core.redis_replies import raws
 
 MODEL_INFO_TTL_S = 1.0  # how stale the API's idea of the served model (and cache version) may be
 
@@ -28,7 +29,7 @@ class CacheStatus(StrEnum):
     MISS = "miss"  # no text was in the cache
 
 
-class ModelRegistry:
+class ModelInfoCache:
     """The model the workers announced (its version names the cache), re-read at most once a second."""
 
     def __init__(self, redis: Redis, keys: Keys) -> None:
@@ -49,8 +50,14 @@ class Predictor:
     """Answers a list of texts from the cache and, for the misses, from the worker."""
 
     def __init__(
-        self, redis: Redis, keys: Keys, waiter: ResultWaiter, models: ModelRegistry, timeout_s: float,
-        max_queue_depth: int, local_cache: TTLCache[str, Prediction] | None = None,
+        self,
+        redis: Redis,
+        keys: Keys,
+        waiter: ResultWaiter,
+        models: ModelInfoCache,
+        timeout_s: float,
+        max_queue_depth: int,
+        local_cache: TTLCache[str, Prediction] | None = None,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -101,7 +108,9 @@ class Predictor:
     async def _compute(self, texts: list[str], deadline: float) -> list[Prediction]:
         """Queue the texts and wait for the worker's result. A wait cut by the deadline unregisters
         itself; its item is then dropped by the worker as expired, or its result key expires unread."""
-        item = WorkItem(id=new_id(), texts=texts, enqueued_at=time.time(), deadline=deadline, reply_to=self._waiter.channel)
+        item = WorkItem(
+            id=new_id(), texts=texts, enqueued_at=time.time(), deadline=deadline, reply_to=self._waiter.channel
+        )
         with self._waiter.expect(item.id) as pending:
             if not await self._push(item.encode()):
                 raise ServiceError(
@@ -114,7 +123,7 @@ class Predictor:
 
     async def _mget(self, lookups: list[list[str]]) -> list[list[bytes | None]]:
         """The cache entries of several requests' keys, in one MGET."""
-        values = iter(await self._redis.mget([key for keys in lookups for key in keys]))
+        values = iter(raws(await self._redis.mget([key for keys in lookups for key in keys])))
         return [[next(values) for _ in keys] for keys in lookups]
 
     async def _lpush(self, items: list[bytes]) -> list[bool]:
@@ -128,6 +137,11 @@ class Predictor:
         depth = await self._redis.lpush(self._keys.queue, *items)
         queued = []
         for position, raw in enumerate(items, start=depth - len(items) + 1):  # each item's depth once pushed
-            refused = 0 < self._max_queue_depth < position and await self._redis.lrem(self._keys.queue, 1, raw)
+            # (`type: ignore`: redis-py's LREM wants the value as str; bytes are sent as they are.)
+            refused = 0 < self._max_queue_depth < position and await self._redis.lrem(
+                self._keys.queue,
+                1,
+                raw,  # type: ignore[arg-type]
+            )
             queued.append(not refused)
         return queued

@@ -18,7 +18,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core.protocol import Keys, new_id, parse_replies
-from core.redis_errors import OUTAGE, describe
+from core.redis_errors import OUTAGE, Backoff, describe
+from core.redis_replies import raw
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,8 @@ class Pending:
             if self.delivered is not None:
                 return self.delivered
             self.arrived.clear()
-            if (raw := await self._redis.getdel(self._key)) is not None:
-                return raw
+            if (result := raw(await self._redis.getdel(self._key))) is not None:
+                return result
 
 
 class ResultWaiter:
@@ -90,14 +91,14 @@ class ResultWaiter:
         """Subscribe for good: any Redis error resubscribes with backoff. A refusal (NOPERM on the
         channel, say) is logged as an error, not a warning: it will not heal by itself, and until
         it does every request waits for the poll instead of its reply."""
-        backoff = 0.1
+        backoff = Backoff(log)
         while True:
             try:
                 async with self._redis.pubsub() as pubsub:
                     await pubsub.subscribe(self.channel)
                     async for message in pubsub.listen():
                         if message["type"] == "subscribe":
-                            backoff = 0.1  # confirmed: a refused SUBSCRIBE fails only here, at its reply
+                            backoff.reset()  # confirmed: a refused SUBSCRIBE fails only here, at its reply
                         elif message["type"] == "message":
                             for request_id, result in parse_replies(message["data"]):
                                 if pending := self._pending.get(request_id):
@@ -105,7 +106,8 @@ class ResultWaiter:
             except (RedisError, OSError) as exc:
                 log.log(
                     logging.WARNING if isinstance(exc, OUTAGE) else logging.ERROR,
-                    "result subscription lost (%s); resubscribing in %.1f s", describe(exc), backoff,
+                    "result subscription lost (%s); resubscribing in %.1f s",
+                    describe(exc),
+                    backoff.delay,
                 )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await asyncio.sleep(backoff.next())

@@ -8,12 +8,11 @@ import orjson
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-
 from redis.exceptions import RedisError
 
-from api.errors import BODY_RESPONSES, RESPONSES, VALIDATION_ERROR, ErrorType, ServiceError
-from api.predictions import ModelRegistry, Predictor
-from api.schemas import ModelResponse, PredictResponse, ReadyResponse, json_body, parse_json, predict_request
+from api.errors import BODY_RESPONSES, RESPONSES, VALIDATION_ERROR, ErrorType, ServiceError, error_response, responses
+from api.predictions import ModelInfoCache, Predictor
+from api.schemas import ModelResponse, PredictResponse, ReadyResponse, json_body, parse_json, texts_request
 from core.protocol import Keys
 from core.settings import Settings
 
@@ -43,7 +42,7 @@ class RequestRoute(APIRoute):
 def add_predict_route(app: FastAPI, settings: Settings) -> None:
     """/predict, on the app's own router: FastAPI matches an included router's routes through a
     wrapper of its own, about 7 µs of a cached request's 51 in-process (docs/tuning.md)."""
-    PredictRequest = predict_request(settings.max_texts, settings.max_chars)
+    PredictRequest = texts_request("PredictRequest", settings.max_texts, settings.max_chars)
 
     async def predict(request: Request) -> Response:
         """Classify texts: every label's probability per text, in input order.
@@ -53,15 +52,20 @@ def add_predict_route(app: FastAPI, settings: Settings) -> None:
         """
         body = parse_json(PredictRequest, await request.body(), request.headers.get("content-type", ""))
         predictor: Predictor = request.app.state.predictor
-        predictions, cache = await predictor.predict(body.text)  # type: ignore[attr-defined]
+        predictions, cache = await predictor.predict(body.text)
         # Built here rather than validated through the response model: the worker wrote this shape.
         return Response(
             orjson.dumps({"predictions": predictions}), media_type="application/json", headers={"X-Cache": cache}
         )
 
     app.router.add_api_route(
-        "/predict", predict, methods=["POST"], tags=["predict"], route_class_override=RequestRoute,
-        response_model=PredictResponse, openapi_extra=json_body(PredictRequest),
+        "/predict",
+        predict,
+        methods=["POST"],
+        tags=["predict"],
+        route_class_override=RequestRoute,
+        response_model=PredictResponse,
+        openapi_extra=json_body(PredictRequest),
         responses={**RESPONSES, **BODY_RESPONSES, 422: VALIDATION_ERROR},
     )
 
@@ -75,7 +79,7 @@ async def health() -> dict[str, str]:
     return {"status": "healthy"}
 
 
-@router.get("/ready", response_model=ReadyResponse, responses={503: {"description": "Redis down or no live worker"}})
+@router.get("/ready", response_model=ReadyResponse, responses=responses(ErrorType.NOT_READY))
 async def ready(request: Request) -> Response:
     """Readiness: Redis answers, at least one worker has a fresh heartbeat, and nothing else is wrong
     (`sentiment serve`: none of its workers is down)."""
@@ -86,19 +90,19 @@ async def ready(request: Request) -> Response:
         worker_ids = await redis.smembers(keys.workers)
         alive = await redis.exists(*(keys.heartbeat(w.decode()) for w in worker_ids)) if worker_ids else 0
     except RedisError as exc:
-        return JSONResponse({"status": "not ready", "reason": f"redis unreachable: {exc}"}, status_code=503)
+        return error_response(ErrorType.NOT_READY, f"redis unreachable: {exc}")
     if not alive:
-        return JSONResponse({"status": "not ready", "reason": "no live worker"}, status_code=503)
+        return error_response(ErrorType.NOT_READY, "no live worker")
     if (problem := request.app.state.problem) and (reason := problem()):
-        return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+        return error_response(ErrorType.NOT_READY, reason)
     return JSONResponse({"status": "ready", "workers": alive})
 
 
 @router.get("/model", response_model=ModelResponse, responses=RESPONSES)
 async def model(request: Request) -> ModelResponse:
     """The model the workers serve: name, version (checkpoint fingerprint), labels, device."""
-    registry: ModelRegistry = request.app.state.models
-    info = await registry.current()
+    models: ModelInfoCache = request.app.state.models
+    info = await models.current()
     if info is None:
         raise ServiceError(ErrorType.UNAVAILABLE, "no worker has announced a model yet")
     return ModelResponse(**asdict(info))

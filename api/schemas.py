@@ -8,26 +8,33 @@ from typing import Annotated, Any, TypeVar
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, create_model
 
-from api.errors import ErrorType, ServiceError, quote
+from api.errors import ErrorType, ServiceError, json_invalid, quote
 
 M = TypeVar("M", bound=BaseModel)
 
 
-def text_list(max_texts: int, max_chars: int) -> object:
+def text_list(max_texts: int, max_chars: int) -> Any:
     """The `text` field: 1..max_texts strings of at most max_chars characters (empty allowed)."""
     text = Annotated[str, StringConstraints(max_length=max_chars)]
     return Annotated[
-        list[text],  # type: ignore[valid-type]
+        list[text],
         Field(min_length=1, max_length=max_texts, description="Texts to classify, answered in this order."),
     ]
 
 
-def predict_request(max_texts: int, max_chars: int) -> type[BaseModel]:
-    return create_model(
-        "PredictRequest",
-        __config__=ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": ["I love you.", "I hate you."]}]}),
-        text=(text_list(max_texts, max_chars), ...),
+class TextsRequest(BaseModel):
+    """`{"text": [...]}`; `texts_request` makes it with the configured limits."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"text": ["I love you.", "I hate you."]}]}
     )
+
+    text: list[str]
+
+
+def texts_request(name: str, max_texts: int, max_chars: int) -> type[TextsRequest]:
+    """A request body `{"text": [...]}` within these limits: /predict's `PredictRequest`, /jobs' `JobRequest`."""
+    return create_model(name, __base__=TextsRequest, text=(text_list(max_texts, max_chars), ...))
 
 
 def is_json(content_type: str) -> bool:
@@ -67,7 +74,7 @@ def parse_json(model: type[M], body: bytes, content_type: str) -> M:
 
 def _in_body(error: Any) -> dict[str, Any]:
     if error["type"] == "json_invalid":
-        return {"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error", "input": {}, "ctx": error["ctx"]}
+        return json_invalid(error["ctx"])
     return {**error, "loc": ("body", *error["loc"])}
 
 

@@ -28,7 +28,10 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def run(
-    settings: Settings, host: str, port: int, listening: socket.socket | None = None,
+    settings: Settings,
+    host: str,
+    port: int,
+    listening: socket.socket | None = None,
     problem: Callable[[], str | None] | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM; uvicorn then stops accepting and drains in-flight requests.
@@ -39,8 +42,12 @@ def run(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: sys.exit(0))
     config = uvicorn.Config(
-        create_app(settings, problem=problem), host=host, port=port, log_level=settings.log_level.lower(),
+        create_app(settings, problem=problem),
+        host=host,
+        port=port,
+        log_level=settings.log_level.lower(),
         access_log=settings.log_level.upper() in ("DEBUG", "INFO"),  # else uvicorn still builds each line
-        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5, log_config=None,
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        log_config=None,
     )
     uvicorn.Server(config).run(sockets=[listening])

@@ -14,26 +14,65 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from types import TracebackType
 
 from redis import Redis
 from redis.exceptions import RedisError
 
-from core.protocol import Keys, ModelInfo, WorkerStatus
 from batcher.queue import WorkQueue
-from core.redis_errors import describe
 from batcher.redis_link import Command, Link
+from core.protocol import Keys, ModelInfo, WorkerStatus
+from core.redis_errors import describe
 
 log = logging.getLogger(__name__)
 
 LOOK_S = 0.5  # how often dead workers are looked for: a killed one is reclaimed within two looks
 
 
+class Beating:
+    """`tick()` every `period_s` seconds on a daemon thread named `name`, from `start` (or entering the
+    `with` block) until `stop` (or leaving it); `stop` waits for a tick under way, and `tick` deals
+    with its own errors. The one beating thread of both workers: the /predict worker's `Heartbeat`,
+    and the jobs worker's per-job beat (`batcher.jobs`)."""
+
+    def __init__(self, name: str, period_s: float, tick: Callable[[], None]) -> None:
+        self.period_s = period_s
+        self.tick = tick
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.ident is not None:  # (started)
+            self._thread.join()
+
+    def __enter__(self) -> Beating:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.tick()
+
+
 class Heartbeat:
     """A thread named `heartbeat` that beats while `healthy()` and reclaims dead workers' work."""
 
     def __init__(
-        self, redis: Redis, keys: Keys, queue: WorkQueue, ttl_s: float, status: Callable[[], WorkerStatus],
-        healthy: Callable[[], bool], model: ModelInfo,
+        self,
+        redis: Redis,
+        keys: Keys,
+        queue: WorkQueue,
+        ttl_s: float,
+        status: Callable[[], WorkerStatus],
+        healthy: Callable[[], bool],
+        model: ModelInfo,
     ) -> None:
         self.link = Link(redis)
         self.keys = keys
@@ -42,8 +81,12 @@ class Heartbeat:
         self.status = status
         self.healthy = healthy
         self.model = model.encode()
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._next_beat = 0.0
+        self._beating = Beating("heartbeat", min(LOOK_S, ttl_s / 3), self._tick)
+
+    def start(self) -> None:
+        self._next_beat = time.monotonic() + self.ttl_s / 3
+        self._beating.start()
 
     def beat(self) -> None:
         if writes := self.writes():
@@ -61,17 +104,13 @@ class Heartbeat:
         ]
 
     def stop(self) -> None:
-        self._stop.set()
-        if self.thread.ident is not None:  # (started)
-            self.thread.join()
+        self._beating.stop()
 
-    def _run(self) -> None:
-        next_beat = time.monotonic() + self.ttl_s / 3
-        while not self._stop.wait(min(LOOK_S, self.ttl_s / 3)):
-            try:
-                if time.monotonic() >= next_beat:
-                    self.beat()
-                    next_beat = time.monotonic() + self.ttl_s / 3
-                self.queue.reclaim_dead()
-            except RedisError as exc:  # the next beat may work; the stages deal with Redis failing
-                log.debug("heartbeat failed (%s)", describe(exc))
+    def _tick(self) -> None:
+        try:
+            if time.monotonic() >= self._next_beat:
+                self.beat()
+                self._next_beat = time.monotonic() + self.ttl_s / 3
+            self.queue.reclaim_dead()
+        except RedisError as exc:  # the next beat may work; the stages deal with Redis failing
+            log.debug("heartbeat failed (%s)", describe(exc))

@@ -7,6 +7,7 @@ again; the rest are cut into forwards by the worker's own policy (`plan.batch`) 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Self
 
 import orjson
 from redis import Redis
@@ -14,6 +15,7 @@ from redis import Redis
 from batcher.metrics import timed_forward
 from batcher.plan import Policy, batch
 from core.protocol import Keys, Prediction, prediction
+from core.settings import Settings
 from model_store.classifier import Classifier
 
 
@@ -26,7 +28,12 @@ class Inference:
         self.keys = keys
         self.policy = policy
         self.cache_ttl_s = cache_ttl_s
-        self.computed = 0  # texts that went through the model
+
+    @classmethod
+    def for_jobs(cls, settings: Settings, classifier: Classifier, redis: Redis, keys: Keys | None = None) -> Self:
+        """As the jobs worker runs it: one forward at a time on the calling thread, the configured cache."""
+        policy = Policy.of(settings, classifier.cost, lanes=1)
+        return cls(classifier, redis, keys or Keys(settings.key_prefix), policy, settings.cache_ttl_s)
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
         """Predictions in input order."""
@@ -55,7 +62,6 @@ class Inference:
                 probabilities = timed_forward(self.classifier.engine.forward, [ids[i] for i in texts], packed)
                 for i, row in zip(texts, probabilities.tolist(), strict=True):
                     out[i] = row
-                self.computed += len(texts)
             taken = {i for chosen, _ in forwards for i in chosen}
             left = [i for n, i in enumerate(left) if n not in taken]
         return out

@@ -18,11 +18,11 @@ from redis.exceptions import RedisError
 
 from batcher import metrics
 from batcher.plan import Pending
-from core.protocol import WorkItem
 from batcher.queue import WorkQueue
-from core.redis_errors import describe
 from batcher.reply import Replies
 from batcher.work import Held, Text
+from core.protocol import WorkItem
+from core.redis_errors import describe
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,12 @@ class Intake:
     """Takes work into `pending`; cache hits and dropped items go straight to `replies`."""
 
     def __init__(
-        self, queue: WorkQueue, pending: Pending, replies: Replies,
-        tokenize: Callable[[list[str]], list[list[int]]], cache_key: Callable[[str], str],
+        self,
+        queue: WorkQueue,
+        pending: Pending,
+        replies: Replies,
+        tokenize: Callable[[list[str]], list[list[int]]],
+        cache_key: Callable[[str], str],
     ) -> None:
         self.queue = queue
         self.pending = pending
@@ -76,8 +80,10 @@ class Intake:
             try:
                 item = WorkItem.decode(raw)
                 if not (
-                    isinstance(item.texts, list) and all(isinstance(t, str) for t in item.texts)
-                    and isinstance(item.deadline, int | float) and isinstance(item.enqueued_at, int | float)
+                    isinstance(item.texts, list)
+                    and all(isinstance(t, str) for t in item.texts)
+                    and isinstance(item.deadline, int | float)
+                    and isinstance(item.enqueued_at, int | float)
                     and isinstance(item.reply_to, str)
                 ):
                     raise TypeError("a field of the wrong type")

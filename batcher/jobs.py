@@ -22,24 +22,23 @@ import math
 import os
 import signal
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from types import FrameType
+from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker, get_current_job
 from rq.job import Job, JobStatus
-from rq.worker import WorkerStatus
+from rq.worker import WorkerStatus as RQWorkerStatus  # (not core.protocol's WorkerStatus, a heartbeat)
 
 from batcher import metrics
+from batcher.heartbeat import Beating
 from batcher.inference import Inference
-from batcher.plan import Policy
 from core.job_spec import CHUNKS_PER_BATCH, SERIALIZER, jobs_queue, progress
-from core.protocol import Keys, Prediction
-from core.redis_errors import describe
-from model_store.classifier import Classifier
+from core.protocol import Prediction
+from core.redis_errors import Backoff, describe
 from core.settings import Settings
+from model_store.classifier import Classifier
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +77,17 @@ class JobsWorker(SimpleWorker):
 
     max_connection_wait_time = 2.0  # RQ's reconnect backoff while waiting for a job stops here, not at a minute
 
-    def __init__(self, *args: object, heartbeat_ttl_s: float, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *args: Any, heartbeat_ttl_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.job_heartbeat_ttl = max(2, math.ceil(heartbeat_ttl_s))
         self.told_to_stop = False  # by SIGTERM or SIGINT: `serve_jobs` starts no fresh worker after this one
         self.drained = False  # the last look at the queue found it empty (how burst mode ends)
 
-    def work(self, *args: object, **kwargs: object) -> bool:
+    def work(self, *args: Any, **kwargs: Any) -> bool:
         """RQ's loop; its pubsub thread is stopped however the loop ends (RQ's teardown skips that when
         Redis is down, and every lost worker would leave one behind)."""
         try:
-            return super().work(*args, **kwargs)  # type: ignore[arg-type]
+            return super().work(*args, **kwargs)
         finally:
             if self.pubsub_thread is not None:
                 self.pubsub_thread.stop()
@@ -119,28 +118,16 @@ class JobsWorker(SimpleWorker):
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         execution = self.prepare_execution(job)
-        with self._beating(job, execution):
-            self.perform_job(job, queue, execution)
-        self.set_state(WorkerStatus.IDLE)
-
-    @contextmanager
-    def _beating(self, job: Job, execution: object) -> Iterator[None]:
-        stop = threading.Event()
 
         def beat() -> None:
-            while not stop.wait(self.job_heartbeat_ttl / 3):
-                try:
-                    self.maintain_heartbeats(job, execution)  # type: ignore[arg-type]
-                except Exception:  # a missed beat is survivable; the next one may work
-                    log.warning("job %s heartbeat failed", job.id, exc_info=True)
+            try:
+                self.maintain_heartbeats(job, execution)
+            except Exception:  # a missed beat is survivable; the next one may work
+                log.warning("job %s heartbeat failed", job.id, exc_info=True)
 
-        thread = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
+        with Beating(f"heartbeat-{job.id}", self.job_heartbeat_ttl / 3, beat):
+            self.perform_job(job, queue, execution)
+        self.set_state(RQWorkerStatus.IDLE)
 
     def handle_exception(self, job: Job, *exc_info: object) -> None:
         if isinstance(exc_info[1], JobCanceled):
@@ -148,7 +135,7 @@ class JobsWorker(SimpleWorker):
             return
         super().handle_exception(job, *exc_info)
 
-    def handle_job_failure(self, job: Job, queue: Queue, started_job_registry=None, exc_string="", execution=None):  # type: ignore[no-untyped-def]
+    def handle_job_failure(self, job: Job, queue: Queue, started_job_registry=None, exc_string="", execution=None):
         """A canceled job stays canceled: no retry, no failed registry; only its execution is dropped."""
         if job.get_status(refresh=True) != JobStatus.CANCELED:
             return super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
@@ -167,36 +154,39 @@ def serve_jobs(settings: Settings, inference: Inference, redis: Redis, burst: bo
     global _inference
     _inference = inference
     period = max(1, math.ceil(settings.heartbeat_ttl_s))
-    worked, backoff = False, 0.1
+    stop_asked = threading.Event()
+    worked, backoff = False, Backoff(log, stop_asked)
     while True:
         worker: JobsWorker | None = None
         why = "RQ logged the error above"
         try:
             worker = JobsWorker(
-                [jobs_queue(redis, settings)], connection=redis, serializer=SERIALIZER,
+                [jobs_queue(redis, settings)],
+                connection=redis,
+                serializer=SERIALIZER,
                 heartbeat_ttl_s=settings.heartbeat_ttl_s,
                 # Look for abandoned jobs about as often as a heartbeat lapses; block on the queue no longer.
-                maintenance_interval=period, worker_ttl=period + 16, log_job_description=False,
+                maintenance_interval=period,
+                worker_ttl=period + 16,
+                log_job_description=False,
             )
             worked = worker.work(burst=burst, logging_level=settings.log_level.upper()) or worked
         except RedisError as exc:  # down, or refusing commands: either way, wait and try again
             why = describe(exc)
         if worker is not None and (worker.told_to_stop or worker.drained):
             return worked
-        log.warning("jobs worker stopped unasked (%s); a fresh one in %.1f s", why, backoff)
-        if _pause(backoff):
+        log.warning("jobs worker stopped unasked (%s); a fresh one in %.1f s", why, backoff.delay)
+        _stop_on_signal(stop_asked)
+        if backoff.pause():
             return worked
-        backoff = min(backoff * 2, 2.0)
 
 
-def _pause(seconds: float) -> bool:
-    """Wait before the next worker; True when SIGTERM or SIGINT came meanwhile. Until the next worker
+def _stop_on_signal(asked: threading.Event) -> None:
+    """Set `asked` on SIGTERM or SIGINT while waiting before the next worker. Until the next worker
     installs RQ's handlers there is no job to wind down, so a stop is a stop at once."""
-    asked = threading.Event()
     if threading.current_thread() is threading.main_thread():  # (tests run workers in threads)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: asked.set())
-    return asked.wait(seconds)
 
 
 PRIORITIES = ("idle", "low", "normal")
@@ -219,5 +209,4 @@ def run(settings: Settings, classifier: Classifier) -> None:
     metrics.describe_model(classifier)
     metrics.serve(settings.jobs_metrics_port)
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
-    policy = Policy.of(settings, classifier.cost, lanes=1)  # one forward at a time, on this thread
-    serve_jobs(settings, Inference(classifier, redis, Keys(settings.key_prefix), policy, settings.cache_ttl_s), redis)
+    serve_jobs(settings, Inference.for_jobs(settings, classifier, redis), redis)

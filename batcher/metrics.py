@@ -33,19 +33,23 @@ disable_created_metrics()  # `_created` series double the series count and no pa
 T = TypeVar("T")
 
 BATCH_SIZE = Histogram(
-    "sentiment_batch_size", "Texts per model forward.",
+    "sentiment_batch_size",
+    "Texts per model forward.",
     buckets=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256),
 )
 BATCH_COMPUTE_SECONDS = Histogram(
-    "sentiment_batch_compute_seconds", "Model time per forward (padding, forward, softmax).",
+    "sentiment_batch_compute_seconds",
+    "Model time per forward (padding, forward, softmax).",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 2, 5),
 )
 QUEUE_WAIT_SECONDS = Histogram(
-    "sentiment_queue_wait_seconds", "From a work item's enqueue (API clock) to the start of its first batch.",
+    "sentiment_queue_wait_seconds",
+    "From a work item's enqueue (API clock) to the start of its first batch.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 TOKENS = Counter(
-    "sentiment_tokens", "Token positions computed: real = the texts' tokens, padded = what the forward computed (texts x the "
+    "sentiment_tokens",
+    "Token positions computed: real = the texts' tokens, padded = what the forward computed (texts x the "
     "batch's longest; a packed forward computes its real tokens only).",
     ["kind"],
 )
@@ -56,7 +60,8 @@ WORKER_BUSY_SECONDS = Counter(
     "sentiment_worker_busy_seconds", "Seconds the model spent on batches (or job chunks); rate = busy ratio."
 )
 STAGE_CPU_SECONDS = Counter(
-    "sentiment_worker_stage_cpu_seconds", "CPU seconds each stage of the worker spent, from its threads' own clocks: "
+    "sentiment_worker_stage_cpu_seconds",
+    "CPU seconds each stage of the worker spent, from its threads' own clocks: "
     "take (Redis, decode, cache check, tokenize), plan (choosing forwards), forward (the engine), reply (encode, write).",
     ["stage"],
 )
@@ -70,7 +75,9 @@ for _stage in ("take", "plan", "forward", "reply"):
 def describe_model(c: Classifier) -> None:
     """Publish what runs the model, as `sentiment_model_info`; `/model` on the API shows the same but
     the engine, which a worker's log and this metric tell (`auto` may fall back to torch)."""
-    MODEL.info({"name": c.name, "version": c.version, "device": str(c.device), "dtype": c.dtype_name, "engine": c.engine.name})
+    MODEL.info(
+        {"name": c.name, "version": c.version, "device": str(c.device), "dtype": c.dtype_name, "engine": c.engine.name}
+    )
 
 
 def timed_forward(forward: Callable[[list[list[int]], bool], T], batch: list[list[int]], packed: bool) -> T:

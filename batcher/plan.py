@@ -28,8 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from batcher.work import Text
-from model_store.cost import ForwardCost
 from core.settings import Settings
+from model_store.cost import ForwardCost
 
 ARRIVALS = 8  # work items whose take times estimate the arrival rate
 TAKE_AT_ONCE = 64  # most items one take asks for: the count doubles from 1 while the queue keeps up
@@ -107,9 +107,9 @@ def batch(lengths: Sequence[int], policy: Policy) -> tuple[list[tuple[list[int],
     return forwards, full
 
 
-def spread(forwards: list[tuple[list[int], bool]], lengths: Sequence[int], lanes: int, policy: Policy) -> list[
-    tuple[list[int], bool]
-]:
+def spread(
+    forwards: list[tuple[list[int], bool]], lengths: Sequence[int], lanes: int, policy: Policy
+) -> list[tuple[list[int], bool]]:
     """The forwards of a batch (as `batch` gives them) for `lanes` idle lanes: the one with the most
     tokens halved by length while there are fewer forwards than lanes and it has two texts. Lanes run side by side,
     so a batch one lane would run while the others idle ends sooner shared; the oldest text's
@@ -149,12 +149,17 @@ def cheapest_cuts(lengths: Sequence[int], policy: Policy) -> list[tuple[int, int
     for end in range(1, count + 1):
         for start in range(max(0, end - policy.max_texts), end):
             size, total = end - start, before[end] - before[start]
-            if size == 1 or size * lengths[end - 1] <= policy.max_tokens:
-                if (c := best[start] + cost.padded(size, lengths[end - 1])) < best[end]:
-                    best[end], choice[end] = c, (start, False)
-            if cost.packs and size > 1 and total <= policy.max_tokens:
-                if (c := best[start] + cost.packed(total)) < best[end]:
-                    best[end], choice[end] = c, (start, True)
+            if (size == 1 or size * lengths[end - 1] <= policy.max_tokens) and (
+                c := best[start] + cost.padded(size, lengths[end - 1])
+            ) < best[end]:
+                best[end], choice[end] = c, (start, False)
+            if (
+                cost.packs
+                and size > 1
+                and total <= policy.max_tokens
+                and (c := best[start] + cost.packed(total)) < best[end]
+            ):
+                best[end], choice[end] = c, (start, True)
     cuts, end = [], count
     while end > 0:
         start, packed = choice[end]

@@ -12,9 +12,9 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import ResponseError
 
+from batcher.redis_link import Link
 from core.liveness import DeathWatch
 from core.protocol import Keys
-from batcher.redis_link import Link
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +36,21 @@ class WorkQueue:
         """The oldest queued item, moved into our processing list, waiting up to `timeout` s for one
         (BRPOPLPUSH is BLMOVE RIGHT LEFT; fakeredis 2.40's BLMOVE does not block, this one does)."""
         [raw] = self.link.call(("BRPOPLPUSH", self.keys.queue, self.processing, timeout))
-        return raw  # type: ignore[no-any-return]
+        return raw
 
     def depth(self) -> int:
         """Items waiting in the queue."""
         [depth] = self.link.call(("LLEN", self.keys.queue))
-        return depth  # type: ignore[no-any-return]
+        return depth
 
     def take_queued(self, most: int) -> list[bytes]:
         """Up to `most` queued items, oldest first, moved into our processing list in one round trip
         (a pipeline of LMOVEs: each move is atomic, so a crash mid-way leaves nothing unreclaimable)."""
         if not most:
             return []
-        replies = self.link.call(*[("LMOVE", self.keys.queue, self.processing, "RIGHT", "LEFT")] * most, raise_errors=False)
+        replies = self.link.call(
+            *[("LMOVE", self.keys.queue, self.processing, "RIGHT", "LEFT")] * most, raise_errors=False
+        )
         moved = [raw for raw in replies if isinstance(raw, bytes)]
         if not moved and (errors := [r for r in replies if isinstance(r, ResponseError)]):
             raise errors[0]  # (moves a refusal cut short are kept: they are ours now)
@@ -72,6 +74,8 @@ class WorkQueue:
                 pipe.rpush(self.keys.queue, raw)
             return len(orphans)
 
+        # (`type: ignore`: redis-py types `transaction`'s callable as returning None, and its result as
+        # the pipeline's replies; with `value_from_callable` it is what the callable returns.)
         moved: int = self.redis.transaction(move, self.processing, value_from_callable=True)  # type: ignore[arg-type,assignment]
         return moved
 

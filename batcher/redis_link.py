@@ -49,4 +49,4 @@ class Link:
 
     def transaction(self, *commands: Command) -> list[Any]:
         """`commands` in MULTI/EXEC: all applied, or (an error reply such as OOM) none."""
-        return self.call(("MULTI",), *commands, ("EXEC",))[-1]  # type: ignore[no-any-return]
+        return self.call(("MULTI",), *commands, ("EXEC",))[-1]

@@ -11,21 +11,22 @@ worker stops; its work stays in the processing list meanwhile, so it is never lo
 from __future__ import annotations
 
 import logging
-from queue import SimpleQueue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from queue import SimpleQueue
+
 import numpy as np
 from redis import Redis
 from redis.exceptions import RedisError
 
 from batcher import metrics
-from core.protocol import Keys, encode_prediction, replies
 from batcher.queue import WorkQueue
-from core.redis_errors import Backoff, describe
 from batcher.redis_link import Command, Link
 from batcher.work import Held, Text
+from core.protocol import Keys, encode_prediction, replies
+from core.redis_errors import Backoff, describe
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,15 @@ class Replies:
     """Collects outcomes from the lanes and the intake; its thread writes them back."""
 
     def __init__(
-        self, redis: Redis, keys: Keys, queue: WorkQueue, labels: list[str], cache_ttl_s: int, result_ttl_s: int,
-        stopping: threading.Event, heartbeat: Callable[[], list[Command]] = list,
+        self,
+        redis: Redis,
+        keys: Keys,
+        queue: WorkQueue,
+        labels: list[str],
+        cache_ttl_s: int,
+        result_ttl_s: int,
+        stopping: threading.Event,
+        heartbeat: Callable[[], list[Command]] = list,
     ) -> None:
         self.link = Link(redis)
         self.keys = keys
@@ -93,7 +101,9 @@ class Replies:
             predictions = outcome.predictions
             if outcome.probabilities is not None:
                 predictions = [encode_prediction(self.labels, row) for row in outcome.probabilities.tolist()]
-                writes += [("SET", t.key, p, "EX", self.cache_ttl_s) for t, p in zip(outcome.texts, predictions)]
+                writes += [
+                    ("SET", t.key, p, "EX", self.cache_ttl_s) for t, p in zip(outcome.texts, predictions, strict=True)
+                ]
             for index, text in enumerate(outcome.texts):
                 for held, at in text.waiters:
                     if held.answered:

@@ -26,12 +26,12 @@ from batcher.forward import Lanes
 from batcher.heartbeat import Heartbeat
 from batcher.intake import IDLE_POLL_S, Intake
 from batcher.plan import Pending, Policy
-from core.protocol import Keys, ModelInfo, WorkerStatus, new_id
 from batcher.queue import WorkQueue
-from core.redis_errors import Backoff, describe
 from batcher.reply import Replies
-from model_store.classifier import Classifier
+from core.protocol import Keys, ModelInfo, WorkerStatus, new_id
+from core.redis_errors import Backoff, describe
 from core.settings import Settings
+from model_store.classifier import Classifier
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +57,21 @@ class Worker:
             redis, self.keys, self.queue, settings.heartbeat_ttl_s, lambda: self.status, self._lanes_on_time, model
         )
         self.replies = Replies(
-            redis, self.keys, self.queue, classifier.labels, settings.cache_ttl_s, settings.result_ttl_s,
-            self._stopping, self.heartbeat.writes,
+            redis,
+            self.keys,
+            self.queue,
+            classifier.labels,
+            settings.cache_ttl_s,
+            settings.result_ttl_s,
+            self._stopping,
+            self.heartbeat.writes,
         )
         self.lanes = Lanes(classifier.engine, self.pending, self.replies)
         self.intake = Intake(
-            self.queue, self.pending, self.replies, classifier.tokenize,
+            self.queue,
+            self.pending,
+            self.replies,
+            classifier.tokenize,
             lambda text: self.keys.cache(classifier.version, text),
         )
 
@@ -71,9 +80,16 @@ class Worker:
         """What the heartbeat says: who this worker is, and its counters."""
         lanes = self.lanes
         return WorkerStatus(
-            id=self.id, host=self._host, pid=os.getpid(), model_version=self.classifier.version,
-            started_at=self._started_at, batches=lanes.forwards, requests=self.replies.answered, texts=lanes.computed,
-            expired=self.intake.expired, largest_batch_requests=lanes.largest_forward_requests,
+            id=self.id,
+            host=self._host,
+            pid=os.getpid(),
+            model_version=self.classifier.version,
+            started_at=self._started_at,
+            batches=lanes.forwards,
+            requests=self.replies.answered,
+            texts=lanes.computed,
+            expired=self.intake.expired,
+            largest_batch_requests=lanes.largest_forward_requests,
             connection=self._connection,
         )
 
@@ -87,7 +103,7 @@ class Worker:
         log.info("worker %s serving model %s (%s)", self.id, self.classifier.name, self.classifier.version)
         self.replies.thread.start()
         self.lanes.start()
-        self.heartbeat.thread.start()
+        self.heartbeat.start()
         self._announce()
         backoff, lost = Backoff(log, self._stopping), False
         try:
@@ -141,11 +157,17 @@ class Worker:
             self.redis.srem(self.keys.workers, self.id)
             log.info("worker %s stopped; handed back %d unfinished items", self.id, returned)
         except RedisError as exc:
-            log.warning("worker %s stopped without deregistering (%s): its work will be reclaimed", self.id, describe(exc))
+            log.warning(
+                "worker %s stopped without deregistering (%s): its work will be reclaimed", self.id, describe(exc)
+            )
         status = self.status
         if status.batches:
             log.info(
                 "%d forwards, %d requests, %d texts (mean %.1f texts a forward, largest %d requests), %d expired",
-                status.batches, status.requests, status.texts, status.texts / status.batches,
-                status.largest_batch_requests, status.expired,
+                status.batches,
+                status.requests,
+                status.texts,
+                status.texts / status.batches,
+                status.largest_batch_requests,
+                status.expired,
             )

@@ -11,16 +11,19 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.protocol import Keys, WorkerStatus
+from core.redis_replies import raw
 
 SAMPLES = (
-    "sentiment_batch_size_sum", "sentiment_batch_size_count",
-    "sentiment_queue_wait_seconds_sum", "sentiment_queue_wait_seconds_count",
+    "sentiment_batch_size_sum",
+    "sentiment_batch_size_count",
+    "sentiment_queue_wait_seconds_sum",
+    "sentiment_queue_wait_seconds_count",
 )
 
 
 def parse_metrics(text: str) -> dict[str, float]:
     """The batch-size and queue-wait histogram sums and counts in a Prometheus exposition."""
-    found = {}
+    found: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name in SAMPLES:
@@ -77,8 +80,8 @@ class WorkerCounters:
                 pass
         totals = {"texts": 0.0, "batches": 0.0}
         for worker_id in self.redis.smembers(self.keys.workers):
-            if raw := self.redis.get(self.keys.heartbeat(worker_id.decode())):
-                status = WorkerStatus.decode(raw)
+            if beat := self.redis.get(self.keys.heartbeat(raw(worker_id).decode())):
+                status = WorkerStatus.decode(beat)
                 totals["texts"] += status.texts
                 totals["batches"] += status.batches
         return Snapshot("heartbeat", totals)

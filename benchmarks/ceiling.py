@@ -10,9 +10,11 @@ accounting (`sentiment_worker_stage_cpu_seconds_total`) splits its CPU by stage.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import redis
@@ -45,22 +47,33 @@ def stage_cpu(metrics_url: str) -> dict[str, float]:
     return found
 
 
+def _take(texts: UniqueTexts, count: int, _: int) -> list[str]:
+    return texts.take(count)
+
+
 def measure(
-    model_dir: Path, texts: UniqueTexts, duration_s: float, warmup_s: float,
-    progress: Callable[[str, dict[str, object]], None],
+    model_dir: Path,
+    texts: UniqueTexts,
+    duration_s: float,
+    warmup_s: float,
+    progress: Callable[[str, Mapping[str, object]], None],
 ) -> dict[str, object]:
     """The two service points and the bare endpoint's, with CPU per request and per text."""
-    points = []
+    points: list[dict[str, Any]] = []
     with running() as infra, redis_server(infra) as (redis_url, redis_kind), running() as procs:
         env = {
-            "SENTIMENT_REDIS_URL": redis_url, "SENTIMENT_MODEL_DIR": str(model_dir), "SENTIMENT_ENGINE": "null",
-            "SENTIMENT_KEY_PREFIX": KEY_PREFIX, "SENTIMENT_LOG_LEVEL": "WARNING",
+            "SENTIMENT_REDIS_URL": redis_url,
+            "SENTIMENT_MODEL_DIR": str(model_dir),
+            "SENTIMENT_ENGINE": "null",
+            "SENTIMENT_KEY_PREFIX": KEY_PREFIX,
+            "SENTIMENT_LOG_LEVEL": "WARNING",
         }
         url = f"http://127.0.0.1:{free_port()}"
         metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
         api = procs.start(["-m", "sentiment.cli", "api", "--port", url.rsplit(":", 1)[1]], env)
         worker = procs.start(
-            ["-m", "sentiment.cli", "worker"], {**env, "SENTIMENT_METRICS_PORT": metrics_url.split(":")[2].split("/")[0]}
+            ["-m", "sentiment.cli", "worker"],
+            {**env, "SENTIMENT_METRICS_PORT": metrics_url.split(":")[2].split("/")[0]},
         )
         procs.wait_ok(metrics_url)
         procs.wait_ok(f"{url}/ready")
@@ -68,14 +81,15 @@ def measure(
         pids = {"api": api.pid, "worker": worker.pid, "redis": redis_pid}
         for per in (1, BULK):
             cpu_before, stages_before = {k: cpu_seconds(p) for k, p in pids.items()}, stage_cpu(metrics_url)
-            load = closed_loop(f"{url}/predict", lambda _: texts.take(per), CLIENTS, duration_s, warmup_s)
+            load = closed_loop(f"{url}/predict", functools.partial(_take, texts, per), CLIENTS, duration_s, warmup_s)
             cpu = {k: cpu_seconds(p) - cpu_before[k] for k, p in pids.items()}
             stages = {k: v - stages_before.get(k, 0.0) for k, v in stage_cpu(metrics_url).items()}
             # CPU is counted over warm-up and window, requests inside the window only: scale them up.
             requests = max(load.requests * (warmup_s + duration_s) / duration_s, 1.0)
             sent = requests * per
             point: dict[str, object] = {
-                "texts_per_request": per, **load.as_dict(),
+                "texts_per_request": per,
+                **load.as_dict(),
                 "api_cpu_us_per_request": round(cpu["api"] / requests * 1e6, 1),
                 "worker_cpu_us_per_text": round(cpu["worker"] / sent * 1e6, 1),
                 "redis_cpu_us_per_request": round(cpu["redis"] / requests * 1e6, 1),
@@ -90,6 +104,9 @@ def measure(
     [bare] = measure_app("benchmarks.bare_app:app", {}, texts, [CLIENTS], duration_s, warmup_s, progress)
     single = points[0]
     return {
-        "clients": CLIENTS, "redis": redis_kind, "points": points, "bare": bare,
-        "ratio_to_bare": round(float(single["requests_per_s"]) / float(bare["requests_per_s"]), 3),  # type: ignore[arg-type]
+        "clients": CLIENTS,
+        "redis": redis_kind,
+        "points": points,
+        "bare": bare,
+        "ratio_to_bare": round(float(single["requests_per_s"]) / cast(float, bare["requests_per_s"]), 3),
     }

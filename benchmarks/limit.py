@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import itertools
 import random
-import time
-from collections.abc import Callable
 import threading
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from model_store.classifier import Classifier
@@ -25,7 +25,7 @@ SORT_WINDOW = 512
 def batches(ids: list[list[int]], size: int, window: int = SORT_WINDOW) -> list[list[list[int]]]:
     """Batches of `size` cut from windows sorted by token length, in a fixed shuffled order: a run
     stopped by the clock after any number of batches has still seen texts of every length."""
-    out = []
+    out: list[list[list[int]]] = []
     for start in range(0, len(ids), window):
         chunk = sorted(ids[start : start + window], key=len)
         out.extend(chunk[i : i + size] for i in range(0, len(chunk), size))
@@ -38,14 +38,23 @@ class Limit:
     again on demand, so the service's saturation point is compared with the limit measured beside it."""
 
     def __init__(
-        self, model_dir: Path, device: str, threads: int | None, precision: Precision, engine: EngineName,
-        texts: list[str], copies: int = 1, lanes: int | None = None,
+        self,
+        model_dir: Path,
+        device: str,
+        threads: int | None,
+        precision: Precision,
+        engine: EngineName,
+        texts: list[str],
+        copies: int = 1,
+        lanes: int | None = None,
     ) -> None:
-        self.copies = [Classifier(model_dir, device, threads, precision, engine=engine, lanes=lanes) for _ in range(copies)]
+        self.copies = [
+            Classifier(model_dir, device, threads, precision, engine=engine, lanes=lanes) for _ in range(copies)
+        ]
         self.classifier = self.copies[0]
         self.ids = self.classifier.tokenize(texts)
 
-    def point(self, size: int, duration_s: float) -> dict[str, object]:
+    def point(self, size: int, duration_s: float) -> dict[str, float]:
         """Sentences/s and mean padded width at one batch size, every lane of every copy forwarding
         for about `duration_s` (cycling through the texts if they run out first, as on a fast GPU)."""
         work = batches(self.ids, size)
@@ -55,8 +64,11 @@ class Limit:
         elapsed = time.perf_counter() - started
         done, padded = sum(c[0] for c in counts), sum(c[1] for c in counts)
         return {
-            "batch_size": size, "texts": done, "seconds": round(elapsed, 3),
-            "texts_per_s": round(done / elapsed, 2), "mean_padded_tokens": round(padded / done, 1),
+            "batch_size": size,
+            "texts": done,
+            "seconds": round(elapsed, 3),
+            "texts_per_s": round(done / elapsed, 2),
+            "mean_padded_tokens": round(padded / done, 1),
         }
 
     def _streams(self, work: list[list[list[int]]], until: float) -> list[tuple[int, int]]:
@@ -76,7 +88,7 @@ class Limit:
         return counts
 
     def measure(
-        self, sizes: list[int], duration_s: float, progress: Callable[[str, dict[str, object]], None]
+        self, sizes: list[int], duration_s: float, progress: Callable[[str, Mapping[str, object]], None]
     ) -> dict[str, object]:
         """Benchmark (1): one point per batch size."""
         points = []
@@ -85,7 +97,11 @@ class Limit:
             progress("limit", points[-1])
         c = self.classifier
         return {
-            "model": c.name, "dtype": c.dtype_name, "engine": c.engine.name, "copies": len(self.copies), "lanes": c.lanes,
+            "model": c.name,
+            "dtype": c.dtype_name,
+            "engine": c.engine.name,
+            "copies": len(self.copies),
+            "lanes": c.lanes,
             "points": points,
         }
 

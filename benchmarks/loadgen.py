@@ -42,10 +42,17 @@ class LoadResult:
 
     def as_dict(self) -> dict[str, float | int | None]:
         return {
-            "concurrency": self.concurrency, "duration_s": round(self.duration_s, 3), "requests": self.requests,
-            "texts": self.texts, "errors": self.errors, "requests_per_s": round(self.requests_per_s, 2),
-            "texts_per_s": round(self.texts_per_s, 2), "p50_ms": self.p50_ms, "p95_ms": self.p95_ms,
-            "p99_ms": self.p99_ms, "client_cpu_share": round(self.client_cpu_share, 3),
+            "concurrency": self.concurrency,
+            "duration_s": round(self.duration_s, 3),
+            "requests": self.requests,
+            "texts": self.texts,
+            "errors": self.errors,
+            "requests_per_s": round(self.requests_per_s, 2),
+            "texts_per_s": round(self.texts_per_s, 2),
+            "p50_ms": self.p50_ms,
+            "p95_ms": self.p95_ms,
+            "p99_ms": self.p99_ms,
+            "client_cpu_share": round(self.client_cpu_share, 3),
         }
 
 
@@ -126,13 +133,24 @@ async def _run(
     cpu_share = (time.process_time() - cpu_before) / (warmup_s + duration_s)
     latencies.sort()
     return LoadResult(
-        concurrency, duration_s, counted["requests"], counted["texts"], counted["errors"],
-        percentile(latencies, 50), percentile(latencies, 95), percentile(latencies, 99), cpu_share,
+        concurrency,
+        duration_s,
+        counted["requests"],
+        counted["texts"],
+        counted["errors"],
+        percentile(latencies, 50),
+        percentile(latencies, 95),
+        percentile(latencies, 99),
+        cpu_share,
     )
 
 
 def closed_loop(
-    url: str | list[str], texts_for: Callable[[int], list[str]], concurrency: int, duration_s: float, warmup_s: float = 1.0
+    url: str | list[str],
+    texts_for: Callable[[int], list[str]],
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float = 1.0,
 ) -> LoadResult:
     """POST `{"text": texts_for(i)}` to `url` from `concurrency` connections for warm-up + duration.
 

@@ -14,11 +14,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import cpu_model, git_commit
+from benchmarks.machine import cpu_model
 from benchmarks.processes import running
 from benchmarks.report import replace_block
-from sentiment.embedded import free_port
 from core.settings import Settings
+from sentiment.embedded import free_port
 
 K6_DIR = Path(__file__).resolve().parents[1] / "k6"
 TREND_STATS = "avg,min,med,max,p(90),p(95),p(99)"
@@ -38,8 +38,17 @@ def k6_command(script: str, base_url: str, summary: Path, duration: str | None, 
     """`k6 run` of k6/<script>.js; a `duration` shortens it to `ramp` ramps around that hold."""
     stages = ["-e", f"RAMP_UP={ramp}", "-e", f"HOLD={duration}", "-e", f"RAMP_DOWN={ramp}"] if duration else []
     return [
-        k6_binary(), "run", "--quiet", "--summary-export", str(summary), "--summary-trend-stats", TREND_STATS,
-        "-e", f"BASE_URL={base_url}", *stages, str(K6_DIR / f"{script}.js"),
+        k6_binary(),
+        "run",
+        "--quiet",
+        "--summary-export",
+        str(summary),
+        "--summary-trend-stats",
+        TREND_STATS,
+        "-e",
+        f"BASE_URL={base_url}",
+        *stages,
+        str(K6_DIR / f"{script}.js"),
     ]
 
 
@@ -71,7 +80,7 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace, status: int) -> 
     when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     lines = [
         f"`sentiment loadtest --script {args.script}{' --full' if args.full else ''}` ({stages}; model "
-        f"`{Path(args.model_dir).name}`), {when} at commit `{git_commit()}` on **{cpu_model()}** "
+        f"`{Path(args.model_dir).name}`), {when} on **{cpu_model()}** "
         f"({os.cpu_count()} cores): k6 exit status {status} ({verdict}).",
         "",
         "| metric | count | rate/s | avg | med | p90 | p95 | p99 | max |",

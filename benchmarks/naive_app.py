@@ -15,10 +15,10 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from transformers import AutoTokenizer, pipeline
 
+from core.settings import Settings
 from model_store import torch_engine
 from model_store.checkpoint import Checkpoint
 from model_store.engine import pick_device, resolve_precision
-from core.settings import Settings
 
 settings = Settings()
 checkpoint = Checkpoint(settings.model_dir)
@@ -26,9 +26,12 @@ device = pick_device(settings.device)
 precision = resolve_precision(settings.precision, device)
 if device.type == "cpu":
     torch_engine.set_threads(settings.torch_threads, settings.torch_interop_threads)
-classify = pipeline(
-    "text-classification", model=torch_engine.load_model(checkpoint, device, precision),
-    tokenizer=AutoTokenizer.from_pretrained(checkpoint.dir, local_files_only=True), top_k=None, device=device,
+classify = pipeline(  # type: ignore[call-overload]  # its overloads want a PreTrainedModel; load_model says nn.Module
+    "text-classification",
+    model=torch_engine.load_model(checkpoint, device, precision),
+    tokenizer=AutoTokenizer.from_pretrained(checkpoint.dir, local_files_only=True),
+    top_k=None,
+    device=device,
 )
 app = FastAPI(title="naive baseline")
 

@@ -21,10 +21,11 @@ from benchmarks import machine
 from benchmarks.limit import batches
 from benchmarks.workload import default_shared_dir
 from model_store.classifier import Classifier
+from model_store.engine import EngineName, Precision
 from model_store.factory import write_full_size_model
 
-PRECISIONS = ("fp32", "bf16", "int8")
-ENGINE = "torch"  # the one engine that runs every precision: compares precisions, not engines
+PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "int8")
+ENGINE: EngineName = "torch"  # the one engine that runs every precision: compares precisions, not engines
 
 
 def read_tsv(path: Path) -> tuple[list[str], list[int]]:
@@ -75,27 +76,31 @@ def main() -> None:
 
     train, _ = read_tsv(args.shared / "data/sst2-train.tsv")
     dev, truth = read_tsv(args.shared / "data/sst2-dev.tsv")
-    results: dict[str, object] = {"machine": machine.describe("cpu"), "threads": args.threads, "precisions": {}}
+    precisions: dict[str, dict[str, float]] = {}
+    results = {"machine": machine.describe("cpu"), "threads": args.threads, "precisions": precisions}
     reference: list[int] | None = None
+    small_dir = args.shared / "models/distilbert-sst2-small"
+
+    def load(model_dir: Path, precision: Precision) -> Classifier:
+        return Classifier(model_dir, device="cpu", threads=args.threads, precision=precision, engine=ENGINE)
+
     with tempfile.TemporaryDirectory() as tmp:
         full_dir = write_full_size_model(args.shared / "models/distilbert-base-sst2-config", Path(tmp) / "full")
         for precision in args.precisions:
-            full = Classifier(full_dir, "cpu", args.threads, precision, engine=ENGINE)
+            full = load(full_dir, precision)
             ids = full.tokenize(train[: args.texts])
             row: dict[str, float] = {
-                "batch1_ms": batch1_ms(full, full.tokenize(train[: 30])),
+                "batch1_ms": batch1_ms(full, full.tokenize(train[:30])),
                 "batch16_per_s": throughput(full, ids, 16, args.repeats),
                 "batch32_per_s": throughput(full, ids, 32, args.repeats),
             }
             del full
             if not args.skip_accuracy:
-                small = Classifier(args.shared / "models/distilbert-sst2-small", "cpu", args.threads, precision, engine=ENGINE)
-                predicted = labels(small, dev)
-                reference = reference or (predicted if precision == "fp32" else labels(
-                    Classifier(args.shared / "models/distilbert-sst2-small", "cpu", args.threads, "fp32", engine=ENGINE), dev))
+                predicted = labels(load(small_dir, precision), dev)
+                reference = reference or (predicted if precision == "fp32" else labels(load(small_dir, "fp32"), dev))
                 row["dev_accuracy"] = sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(truth)
                 row["agreement_with_fp32"] = sum(p == r for p, r in zip(predicted, reference, strict=True)) / len(dev)
-            results["precisions"][precision] = row  # type: ignore[index]
+            precisions[precision] = row
             print(precision, json.dumps(row), flush=True)
     text = json.dumps(results, indent=2)
     print(text)

@@ -67,4 +67,15 @@ def running() -> Iterator[Processes]:
 
 def uvicorn_args(app: str, port: int) -> list[str]:
     """A benchmark subject app under uvicorn with the API's server options (one process, no access log)."""
-    return ["-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"]
+    return [
+        "-m",
+        "uvicorn",
+        app,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]

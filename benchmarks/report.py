@@ -10,8 +10,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import NullLocator  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.ticker import NullLocator
 
 
 def replace_block(doc: Path, name: str, body: str) -> None:
@@ -33,8 +33,13 @@ def plots(results: dict[str, Any], out: Path, tag: str) -> list[Path]:
     if limit:
         fig, ax = plt.subplots(figsize=(6.4, 4))
         sizes = [p["batch_size"] for p in limit["points"]]
-        ax.bar(range(len(sizes)), [p["texts_per_s"] for p in limit["points"]], color="#7a9cc6",
-               label="(1) model forward (limit)", tick_label=[str(s) for s in sizes])
+        ax.bar(
+            range(len(sizes)),
+            [p["texts_per_s"] for p in limit["points"]],
+            color="#7a9cc6",
+            label="(1) model forward (limit)",
+            tick_label=[str(s) for s in sizes],
+        )
         if points:
             ax.axhline(max(p["texts_per_s"] for p in points), color="#2a7", label="(3) service, best")
         if naive:
@@ -63,8 +68,12 @@ def plots(results: dict[str, Any], out: Path, tag: str) -> list[Path]:
     if service.get("cache_hits") and bare:
         fig, ax = plt.subplots(figsize=(6.4, 4))
         subjects = {"(4) cache hits": service["cache_hits"], "bare endpoint": bare[0]}
-        bars = ax.bar(range(2), [p["requests_per_s"] for p in subjects.values()], color=["#2a7", "#999"],
-                      tick_label=list(subjects))
+        bars = ax.bar(
+            range(2),
+            [p["requests_per_s"] for p in subjects.values()],
+            color=["#2a7", "#999"],
+            tick_label=list(subjects),
+        )
         ax.bar_label(bars, labels=[f"p99 {p['p99_ms']} ms" for p in subjects.values()])
         ax.set(ylabel="requests/s", title=f"Cache-hit path vs bare FastAPI ({tag}, {bare[0]['concurrency']} clients)")
         written.append(_save(fig, out / f"{tag}-cache.png"))
@@ -108,9 +117,16 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
     ]
     if limit := results.get("limit"):
         copies = f"; {limit['copies']} copies side by side, as the workers run" if limit.get("copies", 1) > 1 else ""
-        lanes = f"; {limit['lanes']} forward lanes side by side, as the worker runs" if limit.get("lanes", 1) > 1 else ""
-        lines += ["", f"**(1) Limit** (model forward only, length-sorted windows of 512{copies}{lanes})", "",
-                  "| batch size | sentences/s | mean padded tokens |", "| --- | --- | --- |"]
+        lanes = (
+            f"; {limit['lanes']} forward lanes side by side, as the worker runs" if limit.get("lanes", 1) > 1 else ""
+        )
+        lines += [
+            "",
+            f"**(1) Limit** (model forward only, length-sorted windows of 512{copies}{lanes})",
+            "",
+            "| batch size | sentences/s | mean padded tokens |",
+            "| --- | --- | --- |",
+        ]
         lines += [f"| {p['batch_size']} | {p['texts_per_s']} | {p['mean_padded_tokens']} |" for p in limit["points"]]
     rows = [("(2) naive", p) for p in results.get("naive") or []]
     rows += [("(3) service", p) for p in (results.get("service") or {}).get("points") or []]
@@ -118,10 +134,14 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
         apis = s.get("api_processes", 1)
         per = s.get("texts_per_request", 1)
         each = "one never-seen sentence" if per == 1 else f"{per} never-seen sentences"
-        lines += ["", f"**(2) naive baseline and (3) this service** ({each} per request; "
-                  f"{apis} API process{'es' if apis > 1 else ''} and {workers} worker{'s' if workers > 1 else ''})", "",
-                  "| subject | clients | sentences/s | p50 ms | p95 ms | p99 ms | mean batch | queue wait ms | errors |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            f"**(2) naive baseline and (3) this service** ({each} per request; "
+            f"{apis} API process{'es' if apis > 1 else ''} and {workers} worker{'s' if workers > 1 else ''})",
+            "",
+            "| subject | clients | sentences/s | p50 ms | p95 ms | p99 ms | mean batch | queue wait ms | errors |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         lines += [
             f"| {name} | {p['concurrency']} | {p['texts_per_s']} | {_cell(p['p50_ms'])} | {_cell(p['p95_ms'])} | "
             f"{_cell(p['p99_ms'])} | {_cell(p.get('mean_batch_size'))} | {_cell(p.get('mean_queue_wait_ms'))} | "
@@ -129,20 +149,28 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
             for name, p in rows
         ]
     if paired := (results.get("service") or {}).get("saturation"):
-        lines += ["", f"**Saturation rounds** ({paired['clients']} clients; the limit at batch "
-                  f"{paired['limit_batch_size']} measured right before and after each service point)", "",
-                  "| round | limit before | service | limit after | service / mean limit |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            f"**Saturation rounds** ({paired['clients']} clients; the limit at batch "
+            f"{paired['limit_batch_size']} measured right before and after each service point)",
+            "",
+            "| round | limit before | service | limit after | service / mean limit |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         lines += [
             f"| {i} | {r['limit_before']} | {r['service']} | {r['limit_after']} | {r['ratio']} |"
             for i, r in enumerate(paired["rounds"], start=1)
         ]
     if ceiling := results.get("ceiling"):
-        lines += ["", f"**(5) Ceiling** (the null engine: no model; 1 API process and 1 worker, {ceiling['clients']} "
-                  "clients; CPU per request and per text from /proc and the worker's own stage clocks)", "",
-                  "| subject | texts a request | requests/s | texts/s | p99 ms | API CPU us a request | "
-                  "worker CPU us a text | outside the forward us a text (take / plan / reply) | cores API / worker / Redis |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            f"**(5) Ceiling** (the null engine: no model; 1 API process and 1 worker, {ceiling['clients']} "
+            "clients; CPU per request and per text from /proc and the worker's own stage clocks)",
+            "",
+            "| subject | texts a request | requests/s | texts/s | p99 ms | API CPU us a request | "
+            "worker CPU us a text | outside the forward us a text (take / plan / reply) | cores API / worker / Redis |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for p in ceiling["points"]:
             st, cores = p["worker_stage_cpu_us_per_text"], p["cores"]
             lines.append(
@@ -151,17 +179,24 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
                 f"({st['take']} / {st['plan']} / {st['reply']}) | {cores['api']} / {cores['worker']} / {cores['redis']} |"
             )
         b = ceiling["bare"]
-        lines.append(f"| bare endpoint | 1 | {b['requests_per_s']} | {b['texts_per_s']} | {_cell(b['p99_ms'])} | – | – | – | – |")
+        lines.append(
+            f"| bare endpoint | 1 | {b['requests_per_s']} | {b['texts_per_s']} | {_cell(b['p99_ms'])} | – | – | – | – |"
+        )
     cache = [("(4) cache hits", (results.get("service") or {}).get("cache_hits"))]
     cache += [("bare endpoint", p) for p in results.get("bare") or []]
     if any(p for _, p in cache):
-        lines += ["", "**(4) cache-hit path vs a bare FastAPI endpoint** (same client, same concurrency)", "",
-                  "| subject | clients | requests/s | p50 ms | p99 ms | client CPU share |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "**(4) cache-hit path vs a bare FastAPI endpoint** (same client, same concurrency)",
+            "",
+            "| subject | clients | requests/s | p50 ms | p99 ms | client CPU share |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         lines += [
             f"| {name} | {p['concurrency']} | {p['requests_per_s']} | {_cell(p['p50_ms'])} | {_cell(p['p99_ms'])} | "
             f"{p['client_cpu_share']} |"
-            for name, p in cache if p
+            for name, p in cache
+            if p
         ]
     lines += ["", *(f"![{p.stem}]({rel(p)})" for p in plot_files)]
     return "\n".join(lines)

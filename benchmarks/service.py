@@ -10,7 +10,7 @@ import contextlib
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,10 +66,19 @@ def redis_server(procs: Processes) -> Iterator[tuple[str, str]]:
 
 
 def measure(
-    model_dir: Path, device: str, texts: UniqueTexts, concurrencies: list[int], cache_concurrency: int | None,
-    duration_s: float, warmup_s: float, progress: Callable[[str, dict[str, object]], None],
-    reference: Reference | None = None, api_processes: int = 1, workers: int = 1,
-    worker_env: dict[str, str] | None = None, texts_per_request: int = 1,
+    model_dir: Path,
+    device: str,
+    texts: UniqueTexts,
+    concurrencies: list[int],
+    cache_concurrency: int | None,
+    duration_s: float,
+    warmup_s: float,
+    progress: Callable[[str, Mapping[str, object]], None],
+    reference: Reference | None = None,
+    api_processes: int = 1,
+    workers: int = 1,
+    worker_env: dict[str, str] | None = None,
+    texts_per_request: int = 1,
 ) -> dict[str, object]:
     """(3) at each concurrency with never-seen texts (`texts_per_request` a request), then the saturation rounds against
     `reference` when given; then (4), all-hit requests, when asked.
@@ -81,8 +90,11 @@ def measure(
     # Redis outlives the service processes, so they stop without reconnect noise.
     with running() as infra, redis_server(infra) as (redis_url, redis_kind), running() as procs:
         env = {
-            "SENTIMENT_REDIS_URL": redis_url, "SENTIMENT_MODEL_DIR": str(model_dir), "SENTIMENT_DEVICE": device,
-            "SENTIMENT_KEY_PREFIX": KEY_PREFIX, "SENTIMENT_LOG_LEVEL": "WARNING",
+            "SENTIMENT_REDIS_URL": redis_url,
+            "SENTIMENT_MODEL_DIR": str(model_dir),
+            "SENTIMENT_DEVICE": device,
+            "SENTIMENT_KEY_PREFIX": KEY_PREFIX,
+            "SENTIMENT_LOG_LEVEL": "WARNING",
         }
         urls = [f"http://127.0.0.1:{free_port()}" for _ in range(api_processes)]
         for url in urls:
@@ -108,24 +120,25 @@ def measure(
         out: dict[str, object] = {"redis": redis_kind, "workers": workers, "points": points}
         if reference and concurrencies:
             out["saturation"] = _saturation(
-                lambda: closed_loop(predict, fresh, max(concurrencies), duration_s,
-                                    warmup_s).texts_per_s,
-                max(concurrencies), reference, progress,
+                lambda: closed_loop(predict, fresh, max(concurrencies), duration_s, warmup_s).texts_per_s,
+                max(concurrencies),
+                reference,
+                progress,
             )
         if cache_concurrency:
             cached = texts.take(CACHED_TEXTS)
             _warm(predict[0], cached)
-            hits = closed_loop(
-                predict, lambda i: [cached[i % CACHED_TEXTS]], cache_concurrency, duration_s, warmup_s
-            )
-            out["cache_hits"] = hits.as_dict()
-            progress("cache", out["cache_hits"])  # type: ignore[arg-type]
+            hits = closed_loop(predict, lambda i: [cached[i % CACHED_TEXTS]], cache_concurrency, duration_s, warmup_s)
+            out["cache_hits"] = cache_hits = hits.as_dict()
+            progress("cache", cache_hits)
     return out
 
 
 def _saturation(
-    service: Callable[[], float], clients: int, reference: Reference,
-    progress: Callable[[str, dict[str, object]], None],
+    service: Callable[[], float],
+    clients: int,
+    reference: Reference,
+    progress: Callable[[str, Mapping[str, object]], None],
 ) -> dict[str, object]:
     """Rounds of limit, service at `clients`, limit; each round's ratio is the service over the mean
     of the two limits beside it. The closed loop ends only when its requests have been answered,
@@ -135,13 +148,19 @@ def _saturation(
         before = reference.rate()
         texts_per_s = service()
         after = reference.rate()
-        rounds.append({
-            "limit_before": round(before, 2), "service": round(texts_per_s, 2), "limit_after": round(after, 2),
-            "ratio": round(texts_per_s / ((before + after) / 2), 3),
-        })
+        rounds.append(
+            {
+                "limit_before": round(before, 2),
+                "service": round(texts_per_s, 2),
+                "limit_after": round(after, 2),
+                "ratio": round(texts_per_s / ((before + after) / 2), 3),
+            }
+        )
         progress("saturation", rounds[-1])
     return {
-        "clients": clients, "limit_batch_size": reference.batch_size, "rounds": rounds,
+        "clients": clients,
+        "limit_batch_size": reference.batch_size,
+        "rounds": rounds,
         "median_ratio": statistics.median(r["ratio"] for r in rounds),
     }
 
@@ -157,8 +176,14 @@ def _warm(url: str, texts: list[str]) -> None:
 
 
 def measure_app(
-    app: str, env: dict[str, str], texts: UniqueTexts, concurrencies: list[int], duration_s: float, warmup_s: float,
-    progress: Callable[[str, dict[str, object]], None], texts_per_request: int = 1,
+    app: str,
+    env: dict[str, str],
+    texts: UniqueTexts,
+    concurrencies: list[int],
+    duration_s: float,
+    warmup_s: float,
+    progress: Callable[[str, Mapping[str, object]], None],
+    texts_per_request: int = 1,
 ) -> list[dict[str, object]]:
     """A single-process benchmark subject (the naive baseline, the bare endpoint) under uvicorn,
     `texts_per_request` never-seen texts a request."""
@@ -166,10 +191,15 @@ def measure_app(
         port = free_port()
         procs.start(uvicorn_args(app, port), {"SENTIMENT_LOG_LEVEL": "WARNING", **env})
         procs.wait_ok(f"http://127.0.0.1:{port}/health")
-        points = []
+        points: list[dict[str, object]] = []
         for concurrency in concurrencies:
-            load = closed_loop(f"http://127.0.0.1:{port}/predict", lambda _: texts.take(texts_per_request), concurrency,
-                               duration_s, warmup_s)
-            points.append(load.as_dict())
+            load = closed_loop(
+                f"http://127.0.0.1:{port}/predict",
+                lambda _: texts.take(texts_per_request),
+                concurrency,
+                duration_s,
+                warmup_s,
+            )
+            points.append({**load.as_dict()})
             progress(app.split(".")[-1].split("_")[0], points[-1])
         return points

@@ -14,7 +14,9 @@ import json
 import os
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from core.settings import Settings
 
@@ -48,9 +50,12 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
     precision = resolve_precision(settings.precision, target)  # the limit's, naive's and worker's
     engine = resolve_engine(settings.engine, target, precision)  # the limit's and worker's
     tag = device + ("-quick" if args.quick else "")
-    settings = settings.model_copy(update={
-        "model_dir": args.model_dir or shared / "models" / "distilbert-sst2-small", "workers": args.workers,
-    })
+    settings = settings.model_copy(
+        update={
+            "model_dir": args.model_dir or shared / "models" / "distilbert-sst2-small",
+            "workers": args.workers,
+        }
+    )
     threads = worker_threads(settings)  # each worker's (and each limit copy's) share of the cores
     config_dir = args.config_dir or shared / "models" / "distilbert-base-sst2-config"
     pool = load_texts(data)
@@ -65,26 +70,40 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
         return Path(path).name
 
     model_source = portable(settings.model_dir) if args.model == "small" else f"{portable(config_dir)} (random weights)"
-    results: dict[str, object] = {
+    results: dict[str, Any] = {  # the JSON document
         "machine": machine.describe(device),
         "settings": {
-            "command": command, "parts": only, "model": args.model, "model_source": model_source,
-            "precision": precision, "engine": engine,
-            "data": portable(data), "texts_in_pool": len(pool), "texts_per_request": args.texts_per_request,
-            "duration_s": duration, "warmup_s": warmup, "quick": args.quick, "api_processes": args.api_processes,
-            "workers": args.workers, "worker_threads": threads,
+            "command": command,
+            "parts": only,
+            "model": args.model,
+            "model_source": model_source,
+            "precision": precision,
+            "engine": engine,
+            "data": portable(data),
+            "texts_in_pool": len(pool),
+            "texts_per_request": args.texts_per_request,
+            "duration_s": duration,
+            "warmup_s": warmup,
+            "quick": args.quick,
+            "api_processes": args.api_processes,
+            "workers": args.workers,
+            "worker_threads": threads,
             # How the model processes' OpenMP threads wait (the limit's and the worker's alike).
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "runtime default"),
             "service": {
                 k: portable(v) if k == "model_dir" else v
-                for k, v in settings.model_dump(mode="json").items() if not SECRET.search(k)
+                for k, v in settings.model_dump(mode="json").items()
+                if not SECRET.search(k)
             },
         },
     }
     plural = "s" if threads != 1 else ""
     arrangement = "1 worker" if args.workers == 1 else f"{args.workers} workers, {threads} thread{plural} each"
-    print(f"bench: {', '.join(only)} on {device} ({precision}, {engine}, {arrangement}), model {args.model}, "
-          f"{duration:g} s a point", flush=True)
+    print(
+        f"bench: {', '.join(only)} on {device} ({precision}, {engine}, {arrangement}), model {args.model}, "
+        f"{duration:g} s a point",
+        flush=True,
+    )
     failed: dict[str, str] = {}
     with model_dir(args.model, settings, config_dir) as model:
         env = {"SENTIMENT_MODEL_DIR": str(model), "SENTIMENT_DEVICE": device}
@@ -93,7 +112,13 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
         def measure_limit() -> dict[str, object]:
             nonlocal model_alone
             model_alone = limit.Limit(
-                model, device, threads, settings.precision, settings.engine, pool[:LIMIT_TEXTS], args.workers,
+                model,
+                device,
+                threads,
+                settings.precision,
+                settings.engine,
+                pool[:LIMIT_TEXTS],
+                args.workers,
                 settings.forward_lanes,
             )
             return model_alone.measure(BATCH_SIZES, duration / 2, _progress)
@@ -102,28 +127,49 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
             if model_alone is None or "limit" not in results or "service" not in only:
                 return None
             alone = model_alone
-            best = max(results["limit"]["points"], key=lambda p: p["texts_per_s"])["batch_size"]  # type: ignore[index]
-            rate = lambda: float(alone.point(best, duration / 2)["texts_per_s"])  # type: ignore[arg-type]  # noqa: E731
+            best = max(results["limit"]["points"], key=lambda p: p["texts_per_s"])["batch_size"]
+            rate = lambda: alone.point(best, duration / 2)["texts_per_s"]  # noqa: E731
             return service.Reference(rate, best, 1 if args.quick else SATURATION_ROUNDS)
 
         parts = {
             "limit": measure_limit,
             "naive": lambda: service.measure_app(
-                "benchmarks.naive_app:app", env, texts, NAIVE_CLIENTS, duration, warmup, _progress,
+                "benchmarks.naive_app:app",
+                env,
+                texts,
+                NAIVE_CLIENTS,
+                duration,
+                warmup,
+                _progress,
                 args.texts_per_request,
             ),
             "service": lambda: service.measure(
-                model, device, texts, SERVICE_CLIENTS if "service" in only else [],
-                CACHE_CLIENTS if "cache" in only else None, duration, warmup, _progress, reference(),
-                args.api_processes, args.workers, worker_env(settings), args.texts_per_request,
+                model,
+                device,
+                texts,
+                SERVICE_CLIENTS if "service" in only else [],
+                CACHE_CLIENTS if "cache" in only else None,
+                duration,
+                warmup,
+                _progress,
+                reference(),
+                args.api_processes,
+                args.workers,
+                worker_env(settings),
+                args.texts_per_request,
             ),
             "bare": lambda: service.measure_app(
                 "benchmarks.bare_app:app", {}, texts, [CACHE_CLIENTS], duration, warmup, _progress
             ),
             "ceiling": lambda: ceiling.measure(model, texts, duration, warmup, _progress),
         }
-        runs = {"limit": "limit" in only, "naive": "naive" in only, "service": bool({"service", "cache"} & set(only)),
-                "bare": "cache" in only, "ceiling": "ceiling" in only}  # (4): the cache path, then the bare endpoint
+        runs = {
+            "limit": "limit" in only,
+            "naive": "naive" in only,
+            "service": bool({"service", "cache"} & set(only)),
+            "bare": "cache" in only,
+            "ceiling": "ceiling" in only,
+        }  # (4): the cache path, then the bare endpoint
         for part in [p for p, wanted in runs.items() if wanted]:
             try:  # a part that breaks is reported, and the others still run
                 results[part] = parts[part]()
@@ -142,7 +188,7 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
     results_file.write_text(json.dumps(results, indent=2) + "\n")
     doc = args.doc or (None if args.quick else CHECKOUT / "docs" / "performance.md")
     block = report.markdown(results, results_file, plot_files, (doc or CHECKOUT / "docs" / "performance.md").parent)
-    for t in results["targets"]:  # type: ignore[attr-defined]
+    for t in results["targets"]:
         print(f"{t['status']:>4}  {t['name']}: {t['value']} (goal {t['goal']})")
     if doc:
         report.replace_block(doc, f"bench:{device}", block)
@@ -153,9 +199,30 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
     return results
 
 
-def _progress(part: str, point: dict[str, object]) -> None:
-    shown = {k: v for k, v in point.items() if k in (
-        "batch_size", "concurrency", "texts_per_s", "requests_per_s", "p50_ms", "p99_ms", "mean_batch_size",
-        "mean_queue_wait_ms", "errors", "client_cpu_share", "limit_before", "service", "limit_after", "ratio",
-        "texts_per_request", "api_cpu_us_per_request", "worker_outside_forward_us_per_text", "cores")}
+def _progress(part: str, point: Mapping[str, object]) -> None:
+    shown = {
+        k: v
+        for k, v in point.items()
+        if k
+        in (
+            "batch_size",
+            "concurrency",
+            "texts_per_s",
+            "requests_per_s",
+            "p50_ms",
+            "p99_ms",
+            "mean_batch_size",
+            "mean_queue_wait_ms",
+            "errors",
+            "client_cpu_share",
+            "limit_before",
+            "service",
+            "limit_after",
+            "ratio",
+            "texts_per_request",
+            "api_cpu_us_per_request",
+            "worker_outside_forward_us_per_text",
+            "cores",
+        )
+    }
     print(f"  {part}: {shown}", flush=True)

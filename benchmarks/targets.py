@@ -45,16 +45,36 @@ def evaluate(results: dict[str, Any], clients: int = 32) -> list[dict[str, Any]]
     outside = single.get("worker_outside_forward_us_per_text")
     api_cpu = single.get("api_cpu_us_per_request")
     return [
-        _target(f"service / limit at saturation ({how})", saturation, ">= 0.85",
-                None if saturation is None else saturation >= 0.85),
-        _target(f"service / naive at {clients} clients (sentences/s)", speedup, ">= 4",
-                None if speedup is None else speedup >= 4),
-        _target(f"service p99 / naive p99 at {clients} clients", p99_ratio, "<= 1",
-                None if p99_ratio is None else p99_ratio <= 1),
+        _target(
+            f"service / limit at saturation ({how})",
+            saturation,
+            ">= 0.85",
+            None if saturation is None else saturation >= 0.85,
+        ),
+        _target(
+            f"service / naive at {clients} clients (sentences/s)",
+            speedup,
+            ">= 4",
+            None if speedup is None else speedup >= 4,
+        ),
+        _target(
+            f"service p99 / naive p99 at {clients} clients",
+            p99_ratio,
+            "<= 1",
+            None if p99_ratio is None else p99_ratio <= 1,
+        ),
         _target("cache hits / bare endpoint (requests/s)", cache, ">= 0.5", None if cache is None else cache >= 0.5),
-        _target("ceiling: 1-text misses / bare endpoint (requests/s, null engine)", bare_ratio, ">= 0.4",
-                None if bare_ratio is None else bare_ratio >= 0.4),
-        _target("ceiling: worker CPU a text outside the forward (us)", outside, "<= 100",
-                None if outside is None else outside <= 100),
+        _target(
+            "ceiling: 1-text misses / bare endpoint (requests/s, null engine)",
+            bare_ratio,
+            ">= 0.4",
+            None if bare_ratio is None else bare_ratio >= 0.4,
+        ),
+        _target(
+            "ceiling: worker CPU a text outside the forward (us)",
+            outside,
+            "<= 100",
+            None if outside is None else outside <= 100,
+        ),
         _target("ceiling: API CPU a 1-text miss (us)", api_cpu, "<= 300", None if api_cpu is None else api_cpu <= 300),
     ]

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from core.settings import Settings
 
-
 CHECKOUT = Path(__file__).resolve().parents[1]
 
 

@@ -13,6 +13,7 @@ from rq import Queue
 from rq import Worker as RQWorker
 
 from core.protocol import Keys, WorkerStatus, new_id
+from core.redis_replies import text
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class DeathWatch:
         self._client_list = True  # False once Redis refused CLIENT LIST: heartbeats only
 
     def dead(self) -> list[str]:
-        others = [w.decode() for w in self.redis.smembers(self.keys.workers) if w.decode() != self.me]
+        others = [w for w in map(text, self.redis.smembers(self.keys.workers)) if w != self.me]
         beats = self.redis.mget([self.keys.heartbeat(w) for w in others]) if others else []
         named = {w: WorkerStatus.decode(b).connection for w, b in zip(others, beats, strict=True) if b is not None}
         open_now = self._open_connections() if any(named.values()) else None
@@ -73,7 +74,7 @@ class DeathWatch:
 def live_workers(redis: Redis, key_prefix: str) -> list[WorkerStatus]:
     """The status of every registered worker whose heartbeat has not expired."""
     keys = Keys(key_prefix)
-    ids = [w.decode() for w in redis.smembers(keys.workers)]
+    ids = [text(w) for w in redis.smembers(keys.workers)]
     beats = redis.mget([keys.heartbeat(w) for w in ids]) if ids else []
     return [WorkerStatus.decode(b) for b in beats if b is not None]
 

@@ -13,7 +13,6 @@ queue by a live one.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import secrets
 from dataclasses import dataclass, fields
@@ -21,8 +20,8 @@ from typing import Any, Self
 
 import orjson
 
-Score = dict[str, Any]  # {"label": "POSITIVE", "score": 0.98}
-Prediction = list[Score]  # one Score per label, in the model's label order
+LabelScore = dict[str, Any]  # {"label": "POSITIVE", "score": 0.98} (the API's response model: `api.schemas.Score`)
+Prediction = list[LabelScore]  # one per label, in the model's label order
 
 
 def new_id() -> str:
@@ -129,9 +128,15 @@ class _Json:
         return cls(**{k: v for k, v in orjson.loads(raw).items() if k in known})
 
 
-@functools.cache
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
+
+
 def _field_names(cls: type) -> frozenset[str]:
-    return frozenset(f.name for f in fields(cls))
+    """A dataclass's field names, worked out once per class."""
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = frozenset(f.name for f in fields(cls))
+    return names
 
 
 @dataclass(frozen=True, slots=True)

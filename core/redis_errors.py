@@ -24,11 +24,12 @@ def describe(exc: Exception) -> str:
 
 class Backoff:
     """The wait between tries after a Redis error: 0.1 s doubling to 2 s, each failure logged by its
-    class; `reset` after a success."""
+    class; `reset` after a success. The one such loop: the /predict worker's stages, the API's result
+    subscription (`next` in an `asyncio.sleep`), the jobs worker's restarts (`pause`)."""
 
     FIRST_S, MOST_S = 0.1, 2.0
 
-    def __init__(self, log: logging.Logger, stopping: threading.Event) -> None:
+    def __init__(self, log: logging.Logger, stopping: threading.Event | None = None) -> None:
         self.log = log
         self.stopping = stopping
         self.delay = self.FIRST_S
@@ -36,10 +37,19 @@ class Backoff:
     def reset(self) -> None:
         self.delay = self.FIRST_S
 
+    def next(self) -> float:
+        """The delay to wait now (`delay`); the one after doubles, up to `MOST_S`."""
+        delay, self.delay = self.delay, min(self.delay * 2, self.MOST_S)
+        return delay
+
+    def pause(self) -> bool:
+        """Wait the next delay; True when the process is stopping (`stopping` set)."""
+        if self.stopping is None:
+            raise TypeError("Backoff.pause needs the `stopping` event")
+        return self.stopping.wait(self.next())
+
     def wait(self, exc: Exception) -> bool:
         """Log `exc`, then wait; True when the process is stopping."""
         self.log.warning("redis failed (%s); retrying in %.1f s", describe(exc), self.delay)
         self.log.debug("redis failed with", exc_info=exc)
-        stopped = self.stopping.wait(self.delay)
-        self.delay = min(self.delay * 2, self.MOST_S)
-        return stopped
+        return self.pause()

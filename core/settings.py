@@ -32,52 +32,68 @@ class Settings(BaseSettings):
         Path("models/distilbert-base-uncased-finetuned-sst2"),
         description="Local Hugging Face checkpoint directory the worker loads (never downloaded at start).",
     )
-    host: str = Field("127.0.0.1", description="API bind address (`sentiment api`/`serve`).")
-    port: int = Field(8000, ge=1, le=65535, description="API port.")
+    host: str = Field("127.0.0.1", description="API bind address (`sentiment api`/`serve`; `--host` overrides it).")
+    port: int = Field(8000, ge=1, le=65535, description="API port (`--port` overrides it).")
 
     # Request limits
     max_texts: int = Field(64, ge=1, description="Most texts in one /predict request.")
     max_chars: int = Field(2000, ge=1, description="Most characters in one text.")
-    request_timeout_s: float = Field(10.0, gt=0, description="How long /predict waits for the worker before a 504.")
+    request_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long /predict waits for its answer before a 504, a stalled Redis included; "
+        "also each work item's deadline, past which the worker skips it.",
+    )
     max_queue_depth: int = Field(
-        500, ge=0, description="Most work items waiting in the queue: beyond it /predict answers 503 with "
+        500,
+        ge=0,
+        description="Most work items waiting in the queue: beyond it /predict answers 503 with "
         "Retry-After at once instead of queueing work that would time out (0: no limit).",
     )
 
     # Results
     cache_ttl_s: int = Field(86_400, ge=1, description="Lifetime of a cached per-text prediction.")
     local_cache_size: int = Field(
-        10_000, ge=0, description="Cached predictions each API process also keeps in memory (LRU, same TTL) so "
+        10_000,
+        ge=0,
+        description="Cached predictions each API process also keeps in memory (LRU, same TTL) so "
         "hot texts skip Redis; 0 disables.",
     )
     result_ttl_s: int = Field(
-        60, ge=1, description="Longest a per-request result key lives; it never outlives its request's deadline by more "
+        60,
+        ge=1,
+        description="Longest a per-request result key lives; it never outlives its request's deadline by more "
         "than a second.",
     )
 
     # Micro-batching
     max_batch_size: int = Field(32, ge=1, description="Most texts in one model forward.")
     max_batch_tokens: int = Field(
-        8192, ge=1, description="Most token positions one model forward computes: texts x longest text when "
-        "padded, the texts' total when packed."
+        8192,
+        ge=1,
+        description="Most token positions one model forward computes: texts x longest text when "
+        "padded, the texts' total when packed.",
     )
     max_wait_ms: float = Field(
-        5.0, ge=0,
+        5.0,
+        ge=0,
         description="Longest a lone request waits for company before its forward runs; it waits only when "
         "recent requests arrived less than this far apart, so a lone client never waits (docs/tuning.md, "
-        "\"Batching\").",
+        '"Batching").',
     )
     batch_window: int = Field(
-        128, ge=1,
+        128,
+        ge=1,
         description="Most taken texts the worker holds ahead of the model, to group by token length (less "
         "padding); the oldest text always goes in the next forward. `SENTIMENT_MAX_BATCH_SIZE` gives arrival "
-        "order (docs/tuning.md, \"Batching\").",
+        'order (docs/tuning.md, "Batching").',
     )
     lane_max_tokens: int = Field(
-        256, ge=1,
+        256,
+        ge=1,
         description="Most token positions in one forward on a CPU forward lane (with 2 lanes or more): a "
         "1-thread forward is cheapest per token near 256 positions and slows past ~400, when its activations "
-        "outgrow the core's cache (docs/tuning.md, \"Forward lanes\").",
+        'outgrow the core\'s cache (docs/tuning.md, "Forward lanes").',
     )
 
     # Model runtime
@@ -94,25 +110,28 @@ class Settings(BaseSettings):
         "auto",
         description="What runs the model: `auto` is ONNX Runtime for fp32 on the CPU (the model exported at load; "
         "the same arithmetic, faster there) and torch for everything else; `null` answers constant scores at "
-        "almost no cost, to measure the service around the model (docs/tuning.md, \"Engine\").",
+        'almost no cost, to measure the service around the model (docs/tuning.md, "Engine").',
     )
     torch_threads: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="Intra-op threads of the model on the CPU (torch's or ONNX Runtime's); unset: one per core.",
     )
     forward_lanes: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="Forwards a batch runs side by side on the CPU (torch's engine), each on an equal share of "
         "the model's threads; a lone text still takes them all. Unset: 2 where the model has 2 or more threads, "
         "else 1. On 2 cores shared with the API, 2 lanes of 1 thread carry 15-20% more at saturation than 1 "
-        "forward on 2 threads, which waits for its slower thread after every op (docs/tuning.md, \"Forward lanes\").",
+        'forward on 2 threads, which waits for its slower thread after every op (docs/tuning.md, "Forward lanes").',
     )
     workers: int = Field(
-        1, ge=1,
+        1,
+        ge=1,
         description="Micro-batching worker processes `sentiment serve` (and `sentiment bench`) runs. Unless "
         "SENTIMENT_TORCH_THREADS is set, they share the cores evenly. With forward lanes, 1 worker of 2 threads "
         "carries about as much as 2 of 1 at saturation, and more at moderate load at a lower p99 "
-        "(docs/tuning.md, \"Workers per machine\").",
+        '(docs/tuning.md, "Workers per machine").',
     )
     torch_interop_threads: int = Field(
         1, ge=1, description="Torch inter-op threads (the service never runs independent ops in parallel)."
@@ -138,7 +157,9 @@ class Settings(BaseSettings):
 
     # Worker liveness
     heartbeat_ttl_s: float = Field(
-        10.0, gt=0, description="A worker silent for this long is dead: /ready drops it and its work is reclaimed."
+        10.0,
+        gt=0,
+        description="A worker silent for this long is dead: /ready drops it and its work is reclaimed (a killed one is noticed sooner, by its closed Redis connections).",
     )
 
     # API plumbing
@@ -154,9 +175,13 @@ class Settings(BaseSettings):
         "(`X-API-Key: KEY` or `Authorization: Bearer KEY`). Unset: no authentication.",
     )
     rate_limit_per_s: float | None = Field(
-        None, gt=0, description="Requests per second each client (API key, else address) may sustain; unset: no limit."
+        None,
+        gt=0,
+        description="Requests per second each client (API key, else address) may sustain, beyond it 429 with Retry-After; unset: no limit.",
     )
-    rate_limit_burst: int = Field(20, ge=1, description="Requests a client may send at once before the rate applies.")
+    rate_limit_burst: int = Field(
+        20, ge=1, description="Requests a client may send at once before the rate applies (the token bucket's size)."
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -175,11 +200,16 @@ class Settings(BaseSettings):
 
     # Observability (the API serves /metrics on its own port)
     metrics_port: int = Field(
-        9100, ge=0, le=65535, description="Port of the model worker's Prometheus /metrics (`serve`'s further "
-        "workers take the ports after it, passing over the jobs worker's); 0 disables."
+        9100,
+        ge=0,
+        le=65535,
+        description="Port of the model worker's Prometheus /metrics (`serve`'s further "
+        "workers take the ports after it, passing over the jobs worker's); 0 disables.",
     )
     jobs_metrics_port: int = Field(
-        9101, ge=0, le=65535,
+        9101,
+        ge=0,
+        le=65535,
         description="Port of the bulk-jobs worker's Prometheus /metrics (apart from the worker's, so `serve` "
         "runs both on one machine); 0 disables.",
     )
@@ -188,4 +218,3 @@ class Settings(BaseSettings):
     def redis_url_given(self) -> bool:
         """Whether the Redis URL came from the environment (else `serve` embeds its own)."""
         return "redis_url" in self.model_fields_set
-

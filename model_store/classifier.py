@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from core.settings import Settings
 from model_store.checkpoint import Checkpoint
 from model_store.cost import ForwardCost
 from model_store.engine import Engine, EngineName, Precision, load_engine
-from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -17,8 +17,14 @@ class Classifier:
     """`tokenize` texts, then `forward` batches of token ids to label probabilities."""
 
     def __init__(
-        self, model_dir: Path, device: str = "auto", threads: int | None = None, precision: Precision = "auto",
-        interop_threads: int | None = None, engine: EngineName = "auto", lanes: int | None = None,
+        self,
+        model_dir: Path,
+        device: str = "auto",
+        threads: int | None = None,
+        precision: Precision = "auto",
+        interop_threads: int | None = None,
+        engine: EngineName = "auto",
+        lanes: int | None = None,
     ) -> None:
         self.checkpoint = Checkpoint(model_dir)
         self.engine: Engine = load_engine(self.checkpoint, engine, device, precision, threads, interop_threads, lanes)
@@ -29,7 +35,13 @@ class Classifier:
         self.forward(self.tokenize(["warm up"]))  # the first call pays allocator and kernel set-up
         log.info(
             "model %s version %s on %s (%s, %s, %d threads, %d forward lanes), labels %s",
-            self.name, self.version, self.device, self.dtype_name, self.engine.name, self.engine.threads, self.lanes,
+            self.name,
+            self.version,
+            self.device,
+            self.dtype_name,
+            self.engine.name,
+            self.engine.threads,
+            self.lanes,
             self.labels,
         )
 
@@ -37,8 +49,13 @@ class Classifier:
     def from_settings(cls, settings: Settings, threads: int | None = None) -> Classifier:
         """The model as a worker process is configured to run it (`threads` overrides the setting)."""
         return cls(
-            settings.model_dir, settings.device, threads or settings.torch_threads, settings.precision,
-            settings.torch_interop_threads, settings.engine, settings.forward_lanes,
+            settings.model_dir,
+            device=settings.device,
+            threads=threads or settings.torch_threads,
+            precision=settings.precision,
+            interop_threads=settings.torch_interop_threads,
+            engine=settings.engine,
+            lanes=settings.forward_lanes,
         )
 
     @property

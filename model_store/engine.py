@@ -80,8 +80,13 @@ def one_lane(lanes: int | None) -> int:
 
 
 def load_engine(
-    checkpoint: Checkpoint, engine: EngineName = "auto", device: str = "auto", precision: Precision = "auto",
-    threads: int | None = None, interop_threads: int | None = None, lanes: int | None = None,
+    checkpoint: Checkpoint,
+    engine: EngineName = "auto",
+    device: str = "auto",
+    precision: Precision = "auto",
+    threads: int | None = None,
+    interop_threads: int | None = None,
+    lanes: int | None = None,
 ) -> Engine:
     """The engine that runs `checkpoint` as asked. `auto` ONNX Runtime that cannot take the model
     falls back to torch; an explicit choice fails instead."""

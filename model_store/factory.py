@@ -16,7 +16,29 @@ from transformers import AutoConfig, BertTokenizer, DistilBertConfig, DistilBert
 
 LABELS = {0: "NEGATIVE", 1: "POSITIVE"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-_WORDS = "i you it this that the a movie film is was not very good great bad awful love hate fun boring".split()
+_WORDS = [
+    "i",
+    "you",
+    "it",
+    "this",
+    "that",
+    "the",
+    "a",
+    "movie",
+    "film",
+    "is",
+    "was",
+    "not",
+    "very",
+    "good",
+    "great",
+    "bad",
+    "awful",
+    "love",
+    "hate",
+    "fun",
+    "boring",
+]
 
 
 def write_tiny_model(dest: Path, seed: int = 0, max_length: int = 128, poison_words: Sequence[str] = ()) -> Path:
@@ -30,8 +52,14 @@ def write_tiny_model(dest: Path, seed: int = 0, max_length: int = 128, poison_wo
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *string.punctuation]
     vocab += [f"##{c}" for c in chars] + _WORDS
     config = DistilBertConfig(
-        vocab_size=len(vocab), dim=32, hidden_dim=64, n_layers=2, n_heads=2,
-        max_position_embeddings=max_length, id2label=LABELS, label2id={v: k for k, v in LABELS.items()},
+        vocab_size=len(vocab),
+        dim=32,
+        hidden_dim=64,
+        n_layers=2,
+        n_heads=2,
+        max_position_embeddings=max_length,
+        id2label=LABELS,
+        label2id={v: k for k, v in LABELS.items()},
     )
     vocab += poison_words
     BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, model_max_length=max_length).save_pretrained(dest)

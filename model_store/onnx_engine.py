@@ -34,8 +34,14 @@ def export(model: torch.nn.Module, path: Path, example: dict[str, torch.Tensor])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on those branches, and its deprecation
         torch.onnx.export(
-            model, tuple(example.values()), path, input_names=list(example), output_names=["logits"],
-            dynamic_axes={**axes, "logits": {0: "texts"}}, opset_version=17, dynamo=False,
+            model,
+            tuple(example.values()),
+            path,
+            input_names=list(example),
+            output_names=["logits"],
+            dynamic_axes={**axes, "logits": {0: "texts"}},
+            opset_version=17,
+            dynamo=False,
         )
 
 

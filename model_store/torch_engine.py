@@ -70,18 +70,21 @@ class TorchEngine:
         self._device = device
         self.device = device.type
         self.precision = precision
-        self.dtype = "int8" if precision == "int8" else {"fp16": "float16", "bf16": "bfloat16"}.get(precision, "float32")
+        self.dtype = (
+            "int8" if precision == "int8" else {"fp16": "float16", "bf16": "bfloat16"}.get(precision, "float32")
+        )
         self._pad_id = checkpoint.pad_id
         self._module = load_module(checkpoint, device, precision)
         self._segments = isinstance(self._module, layout.Segments)
         self._run: Callable[..., torch.Tensor] = self._eager
-        self.traced = False
         if not cuda:
             self._trace()
         # A call's fixed cost in token positions: 32 for the traced graph on 2 CPU cores, ~1024 on
         # a GPU, where a token costs next to nothing and padding is never worth a packed row
         # (docs/tuning.md, "The forward's cost").
-        self.cost = ForwardCost(overhead_tokens=1024 if cuda else 32, attention_tokens=2048, packs=self._segments and not cuda)
+        self.cost = ForwardCost(
+            overhead_tokens=1024 if cuda else 32, attention_tokens=2048, packs=self._segments and not cuda
+        )
         threads = self.threads = torch.get_num_threads()
         self.lanes = self._lanes(lanes, threads, cuda)
         self._lane_threads = threads // self.lanes
@@ -129,4 +132,8 @@ class TorchEngine:
             log.warning("cannot trace %s; running it eagerly", type(self._module.model).__name__, exc_info=True)
             return
         self._run = lambda **inputs: graph(*inputs.values())  # `layout.inputs` keeps the forward's argument order
-        self.traced = True
+
+    @property
+    def traced(self) -> bool:
+        """Whether forwards run the traced graph: not on CUDA, nor where tracing failed."""
+        return self._run != self._eager

@@ -15,8 +15,8 @@ from typing import NoReturn
 from redis import Redis
 
 from core.redis_errors import OUTAGE
-from model_store.hub import DEFAULT_REPO
 from core.settings import Settings
+from model_store.hub import DEFAULT_REPO
 
 log = logging.getLogger("sentiment")
 
@@ -41,7 +41,10 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
 
     def with_probe(p: argparse.ArgumentParser, alive: str) -> argparse.ArgumentParser:
         p.add_argument(
-            "--probe", nargs="?", const="ready", choices=("ready", "live"),
+            "--probe",
+            nargs="?",
+            const="ready",
+            choices=("ready", "live"),
             help=f"exit 0 if {alive}, else 1 (k8s probes); `live` also passes while Redis is unreachable",
         )
         return p
@@ -50,7 +53,9 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         commands.add_parser("serve", help="everything on this machine: embedded Redis, workers, the API")
     )
     serve.add_argument(
-        "--workers", type=_count, default=settings.workers,
+        "--workers",
+        type=_count,
+        default=settings.workers,
         help="micro-batching workers (default %(default)s: SENTIMENT_WORKERS)",
     )
     serve.set_defaults(run=_serve)
@@ -59,11 +64,15 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     with_probe(worker, "a worker on this host has a fresh heartbeat").set_defaults(run=_worker)
     jobs = commands.add_parser("jobs-worker", help="the bulk-jobs (RQ) worker, below /predict's CPU priority")
     jobs.add_argument(
-        "--threads", type=int, default=settings.torch_threads,
+        "--threads",
+        type=int,
+        default=settings.torch_threads,
         help="torch threads (default SENTIMENT_TORCH_THREADS, else one per core: the idle priority protects /predict)",
     )
     jobs.add_argument(
-        "--priority", choices=("idle", "low", "normal"), default="idle",
+        "--priority",
+        choices=("idle", "low", "normal"),
+        default="idle",
         help="CPU priority against /predict's worker: idle = SCHED_IDLE, low = nice 19 (default %(default)s)",
     )
     with_probe(jobs, "an RQ worker on this host is registered on the jobs queue").set_defaults(run=_jobs_worker)
@@ -82,27 +91,40 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     )
     bench.add_argument("--only", default="limit,naive,service,cache,ceiling", help="parts to run (default %(default)s)")
     bench.add_argument(
-        "--model", choices=("full", "small"), default="full",
+        "--model",
+        choices=("full", "small"),
+        default="full",
         help="full = DistilBERT-base shape with random weights from --config-dir; small = --model-dir",
     )
-    bench.add_argument("--config-dir", type=Path, help="default $SENTIMENT_SHARED_DIR/models/distilbert-base-sst2-config")
+    bench.add_argument(
+        "--config-dir", type=Path, help="default $SENTIMENT_SHARED_DIR/models/distilbert-base-sst2-config"
+    )
     bench.add_argument("--model-dir", type=Path, help="default $SENTIMENT_SHARED_DIR/models/distilbert-sst2-small")
     bench.add_argument(
-        "--data", type=Path, help="sentences: an SST-2 TSV or one per line (default $SENTIMENT_SHARED_DIR/data/sst2-train.tsv)"
+        "--data",
+        type=Path,
+        help="sentences: an SST-2 TSV or one per line (default $SENTIMENT_SHARED_DIR/data/sst2-train.tsv)",
     )
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default=settings.device, help="default %(default)s")
     bench.add_argument("--duration", type=float, help="seconds per load point (default 30, 2 with --quick)")
     bench.add_argument(
-        "--api-processes", type=_count, default=1,
+        "--api-processes",
+        type=_count,
+        default=1,
         help="API replicas in front of the workers (default %(default)s; a GPU worker outruns one)",
     )
     bench.add_argument(
-        "--workers", type=_count, default=settings.workers,
+        "--workers",
+        type=_count,
+        default=settings.workers,
         help="micro-batching workers, sharing the cores as `serve`'s do; the limit runs as many model copies "
         "side by side (default %(default)s: SENTIMENT_WORKERS)",
     )
     bench.add_argument(
-        "--texts-per-request", type=int, default=1, metavar="N",
+        "--texts-per-request",
+        type=int,
+        default=1,
+        metavar="N",
         help="never-seen texts in each request of (2) and (3) (default 1, the API's most work per text; "
         "the targets are set for it)",
     )
@@ -160,9 +182,9 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
 
     _model_process(settings)
     from batcher import metrics
+    from batcher.worker import Worker
     from core.liveness import worker_client
     from core.protocol import Keys
-    from batcher.worker import Worker
     from model_store.classifier import Classifier
 
     with _starting("worker"):
@@ -246,4 +268,4 @@ def _loadtest(settings: Settings, args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

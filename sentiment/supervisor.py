@@ -64,12 +64,16 @@ class Child:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sentiment.cli", self.command], env=self.env, stderr=subprocess.PIPE,
+            [sys.executable, "-m", "sentiment.cli", self.command],
+            env=self.env,
+            stderr=subprocess.PIPE,
             start_new_session=True,  # Ctrl-C reaches serve alone, which stops the children in order
             preexec_fn=die_with_parent(os.getpid()),
         )
         self.started_at, self.restart_at, self.serving, self.last_line = time.monotonic(), None, False, ""
-        self._echo = threading.Thread(target=self._pass_stderr, args=(self.proc,), name=f"{self.name}-stderr", daemon=True)
+        self._echo = threading.Thread(
+            target=self._pass_stderr, args=(self.proc,), name=f"{self.name}-stderr", daemon=True
+        )
         self._echo.start()
 
     def exit_code(self) -> int | None:
@@ -155,7 +159,7 @@ class Supervisor:
                 if child.restart_at is None:
                     child.ended = child.cause()
                     steady = now - child.started_at >= STEADY_S
-                    delay = 1.0 if steady else min(RESTART_MAX_S, 2.0 ** child.restarts)
+                    delay = 1.0 if steady else min(RESTART_MAX_S, 2.0**child.restarts)
                     child.restarts = 1 if steady else child.restarts + 1
                     child.restart_at = now + delay
                     log.warning("%s died (%s); restarting in %.0f s", child.name, child.ended, delay)

@@ -18,10 +18,10 @@ import httpx
 import pytest
 
 from batcher.worker import Worker
+from core.settings import Settings
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
 from sentiment.embedded import embedded_redis, free_port, start_redis_server
-from core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 # Development data lives beside the checkout (../shared); SENTIMENT_SHARED_DIR points elsewhere.
@@ -157,8 +157,13 @@ class Service:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
-            **os.environ, "SENTIMENT_REDIS_URL": redis_url, "SENTIMENT_MODEL_DIR": str(model_dir),
-            "SENTIMENT_KEY_PREFIX": prefix, "SENTIMENT_METRICS_PORT": "0", "SENTIMENT_JOBS_METRICS_PORT": "0", **env,
+            **os.environ,
+            "SENTIMENT_REDIS_URL": redis_url,
+            "SENTIMENT_MODEL_DIR": str(model_dir),
+            "SENTIMENT_KEY_PREFIX": prefix,
+            "SENTIMENT_METRICS_PORT": "0",
+            "SENTIMENT_JOBS_METRICS_PORT": "0",
+            **env,
         }
         self.procs: list[subprocess.Popen[bytes]] = []
 

@@ -22,8 +22,8 @@ import api.access
 from api.access import OPEN_PATHS, ApiKeys
 from api.app import create_app
 from batcher.worker import Worker
-from sentiment.embedded import free_port
 from core.settings import Settings
+from sentiment.embedded import free_port
 from tests.conftest import start_worker
 from tests.test_k8s import TARGETS, container_of
 
@@ -66,8 +66,15 @@ async def test_without_a_key_everything_but_the_probes_is_401(keyed: httpx.Async
     assert (await keyed.get("/health")).status_code == 200
     assert (await keyed.get("/ready")).json() == {"status": "not ready", "reason": "no live worker"}
     for method, path in [
-        ("POST", "/predict"), ("POST", "/jobs"), ("GET", "/jobs/" + "0" * 32), ("DELETE", "/jobs/" + "0" * 32),
-        ("GET", "/model"), ("GET", "/metrics"), ("GET", "/metrics/"), ("GET", "/openapi.json"), ("GET", "/docs"),
+        ("POST", "/predict"),
+        ("POST", "/jobs"),
+        ("GET", "/jobs/" + "0" * 32),
+        ("DELETE", "/jobs/" + "0" * 32),
+        ("GET", "/model"),
+        ("GET", "/metrics"),
+        ("GET", "/metrics/"),
+        ("GET", "/openapi.json"),
+        ("GET", "/docs"),
         ("GET", "/no-such-route"),
     ]:
         response = await keyed.request(method, path, json={"text": ["hi"]} if method == "POST" else None)
@@ -150,7 +157,11 @@ def limited(settings: Settings, redis_url: str, rate: float, burst: int, **updat
     prefix = f"rl-{time.monotonic_ns()}"  # a fresh set of buckets per test on the shared server
     return settings.model_copy(
         update={
-            "key_prefix": prefix, "redis_url": redis_url, "rate_limit_per_s": rate, "rate_limit_burst": burst, **update
+            "key_prefix": prefix,
+            "redis_url": redis_url,
+            "rate_limit_per_s": rate,
+            "rate_limit_burst": burst,
+            **update,
         }
     )
 

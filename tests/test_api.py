@@ -20,14 +20,14 @@ from fastapi import APIRouter, Depends, Request, Response
 from redis.asyncio import Redis
 
 from api.app import create_app
-from api.predictions import CacheStatus, ModelRegistry, Predictor
+from api.predictions import CacheStatus, ModelInfoCache, Predictor
 from api.results import ResultWaiter
 from api.routes import RequestRoute
-from core.protocol import Keys, ModelInfo, WorkItem, new_id, prediction, replies
 from batcher.worker import Worker
+from core.protocol import Keys, ModelInfo, WorkItem, new_id, prediction, replies
+from core.settings import Settings
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
-from core.settings import Settings
 from tests.conftest import HANG_GUARD_S, RedisServer, start_worker, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -135,7 +135,7 @@ def record_calls(client: Redis, calls: list[tuple[str, int]]) -> None:
 
 
 async def predictor_for(client: Redis, keys: Keys, timeout_s: float, max_queue_depth: int = 0) -> Predictor:
-    models = ModelRegistry(client, keys)
+    models = ModelInfoCache(client, keys)
     await models.current()  # read once, as every request within the second after finds it
     return Predictor(client, keys, ResultWaiter(client, keys), models, timeout_s, max_queue_depth)
 
@@ -197,7 +197,10 @@ async def test_redis_unreachable_is_503_with_retry_after(settings: Settings) -> 
     ids=["out-of-memory", "read-only"],
 )
 async def test_redis_refusing_commands_is_503_with_retry_after(
-    settings: Settings, redis_server: RedisServer, refuse: tuple[str, ...], error_class: str,
+    settings: Settings,
+    redis_server: RedisServer,
+    refuse: tuple[str, ...],
+    error_class: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Redis answers but refuses writes: the client's remedy is an outage's, retry later.
@@ -207,7 +210,8 @@ async def test_redis_refusing_commands_is_503_with_retry_after(
             predict = await client.post("/predict", json={"text": ["hi"]})  # refused at LPUSH
             job = await client.post("/jobs", json={"text": ["hi"]})  # refused in RQ's enqueue
     assert predict.json() == {
-        "error": f"the queue backend (Redis) is unavailable ({error_class})", "error_type": "unavailable"
+        "error": f"the queue backend (Redis) is unavailable ({error_class})",
+        "error_type": "unavailable",
     }
     for response in (predict, job):
         assert (response.status_code, response.headers["retry-after"]) == (503, "1")
@@ -275,7 +279,7 @@ async def test_a_local_cache_entry_expiring_during_the_lookup_is_no_500(
     local: TTLCache[str, list[dict]] = TTLCache(10, ttl=2, timer=lambda: next(ticks))
     local[keys.cache("v1", "hot")] = hot
     client = fakeredis.FakeAsyncRedis(server=fake_server)
-    predictor = Predictor(client, keys, ResultWaiter(client, keys), ModelRegistry(client, keys), 1.0, 0, local)
+    predictor = Predictor(client, keys, ResultWaiter(client, keys), ModelInfoCache(client, keys), 1.0, 0, local)
     assert await predictor.predict(["hot"]) == ([hot], CacheStatus.HIT)
 
 

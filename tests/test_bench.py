@@ -29,10 +29,34 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
     out, doc = tmp_path / "results", tmp_path / "performance.md"
     doc.write_text("# Performance\n\nprose stays\n")
     subprocess.run(
-        [sys.executable, "-m", "sentiment.cli", "bench", "--quick", "--duration", "0.5", "--model", "small",
-         "--model-dir", str(tiny_model_dir), "--data", str(data), "--device", "cpu", "--out", str(out),
-         "--doc", str(doc), "--workers", "2", "--texts-per-request", "2"],
-        cwd=REPO, check=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "sentiment.cli",
+            "bench",
+            "--quick",
+            "--duration",
+            "0.5",
+            "--model",
+            "small",
+            "--model-dir",
+            str(tiny_model_dir),
+            "--data",
+            str(data),
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--doc",
+            str(doc),
+            "--workers",
+            "2",
+            "--texts-per-request",
+            "2",
+        ],
+        cwd=REPO,
+        check=True,
+        timeout=240,
     )
     [results_file] = out.glob("bench-*-cpu-quick.json")
     results = json.loads(results_file.read_text())
@@ -67,8 +91,10 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
     assert saturation["clients"] == 128 and saturation["limit_batch_size"] == best
     [round_] = saturation["rounds"]
     assert min(round_["limit_before"], round_["service"], round_["limit_after"]) > 0
-    assert saturation["median_ratio"] == round_["ratio"] == pytest.approx(
-        round_["service"] / ((round_["limit_before"] + round_["limit_after"]) / 2), abs=0.002
+    assert (
+        saturation["median_ratio"]
+        == round_["ratio"]
+        == pytest.approx(round_["service"] / ((round_["limit_before"] + round_["limit_after"]) / 2), abs=0.002)
     )
     assert results["targets"][0]["value"] == saturation["median_ratio"]
     assert results["targets"][0]["name"].endswith(", 2 texts a request)")
@@ -88,7 +114,8 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
         ceiling["points"][0]["requests_per_s"] / ceiling["bare"]["requests_per_s"], abs=0.002
     )
     assert [t["value"] for t in results["targets"][4:]] == [
-        ceiling["ratio_to_bare"], ceiling["points"][0]["worker_outside_forward_us_per_text"],
+        ceiling["ratio_to_bare"],
+        ceiling["points"][0]["worker_outside_forward_us_per_text"],
         ceiling["points"][0]["api_cpu_us_per_request"],
     ]
 

@@ -53,7 +53,9 @@ def test_docs_cite_no_commit_ids_and_exactly_the_results_files_kept() -> None:
             cited_files.add(cited)
     # Only the cited runs (the latest per machine kind) stay in the tree; older ones live in git history.
     kept = {p.name for p in (REPO / "benchmarks" / "results").iterdir() if "quick" not in p.name}
-    assert kept <= cited_files, f"uncited results files: delete them (docs/performance.md): {sorted(kept - cited_files)}"
+    assert kept <= cited_files, (
+        f"uncited results files: delete them (docs/performance.md): {sorted(kept - cited_files)}"
+    )
 
 
 def test_readme_starts_with_the_install_and_serve_command_the_test_command_and_a_restart() -> None:

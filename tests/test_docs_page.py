@@ -18,8 +18,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from api.app import create_app
-from sentiment.embedded import free_port
 from core.settings import Settings
+from sentiment.embedded import free_port
 from tests.conftest import HANG_GUARD_S, wait_for
 
 # Every host name but the loopback address fails to resolve, whatever network the test machine has.
@@ -37,10 +37,20 @@ def render(url: str, profile: Path) -> str:
     """The page's DOM once its scripts have run (the budget is the browser's virtual clock)."""
     done = subprocess.run(
         [
-            chromium(), "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
-            f"--host-resolver-rules={OFFLINE}", "--virtual-time-budget=5000", "--dump-dom", url,
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={profile}",
+            f"--host-resolver-rules={OFFLINE}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            url,
         ],
-        capture_output=True, text=True, timeout=HANG_GUARD_S, check=False,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout

@@ -46,7 +46,11 @@ def small_service(redis_url: str, small_model_dir: Path) -> Iterator[Service]:
         # All of SST-2 dev at once queues ~10 s of work on 2 cores: a long deadline, this test is not about 504s.
         # fp32 (not `auto`, bf16 on some CPUs) so scores can equal a plain transformers forward;
         # tests/test_precision.py holds bf16 to its accuracy rule.
-        redis_url, small_model_dir, "e2e-small", SENTIMENT_MAX_BATCH_SIZE="64", SENTIMENT_REQUEST_TIMEOUT_S="120",
+        redis_url,
+        small_model_dir,
+        "e2e-small",
+        SENTIMENT_MAX_BATCH_SIZE="64",
+        SENTIMENT_REQUEST_TIMEOUT_S="120",
         SENTIMENT_PRECISION="fp32",
     )
     yield service
@@ -133,8 +137,12 @@ def test_serve_runs_everything_and_stops_cleanly_on_ctrl_c(tiny_model_dir: Path,
     and metrics of its own (on the ports after SENTIMENT_METRICS_PORT, passing over the jobs worker's)."""
     port, metrics = free_port(), free_port_block(3)  # a worker, the jobs worker, the second worker
     env = {k: v for k, v in os.environ.items() if k not in ("SENTIMENT_REDIS_URL", "SENTIMENT_TORCH_THREADS")}
-    env |= {"SENTIMENT_MODEL_DIR": str(tiny_model_dir), "SENTIMENT_LOG_LEVEL": "INFO",
-            "SENTIMENT_METRICS_PORT": str(metrics), "SENTIMENT_JOBS_METRICS_PORT": str(metrics + 1)}
+    env |= {
+        "SENTIMENT_MODEL_DIR": str(tiny_model_dir),
+        "SENTIMENT_LOG_LEVEL": "INFO",
+        "SENTIMENT_METRICS_PORT": str(metrics),
+        "SENTIMENT_JOBS_METRICS_PORT": str(metrics + 1),
+    }
     log = tmp_path / "serve.log"
     with log.open("w") as stderr:
         command = [sys.executable, "-m", "sentiment.cli", "serve", "--port", str(port), "--workers", "2"]
@@ -154,7 +162,9 @@ def test_serve_runs_everything_and_stops_cleanly_on_ctrl_c(tiny_model_dir: Path,
         assert proc.wait(60) == 0
     assert "metrics not served" not in log.read_text()
     each = max(1, (os.cpu_count() or 1) // 2)
-    loaded = [line for line in log.read_text().splitlines() if "model_store.classifier" in line and " threads, " in line]
+    loaded = [
+        line for line in log.read_text().splitlines() if "model_store.classifier" in line and " threads, " in line
+    ]
     # The two workers, then the jobs worker with its own default (one thread per core).
     assert sum(f", {each} threads, " in line for line in loaded) >= 2, loaded
 
@@ -168,8 +178,10 @@ def test_model_processes_set_the_openmp_wait_policy_before_torch_loads(command: 
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
     env |= {
-        "OMP_DISPLAY_ENV": "VERBOSE", "SENTIMENT_OMP_WAIT_POLICY": "passive",
-        "SENTIMENT_MODEL_DIR": str(tmp_path / "no-model"), "SENTIMENT_REDIS_URL": f"redis://127.0.0.1:{free_port()}",
+        "OMP_DISPLAY_ENV": "VERBOSE",
+        "SENTIMENT_OMP_WAIT_POLICY": "passive",
+        "SENTIMENT_MODEL_DIR": str(tmp_path / "no-model"),
+        "SENTIMENT_REDIS_URL": f"redis://127.0.0.1:{free_port()}",
     }
     run = subprocess.run(
         [sys.executable, "-m", "sentiment.cli", command], env=env, capture_output=True, text=True, timeout=120

@@ -9,8 +9,8 @@ import shutil
 import pytest
 import redis
 
-from sentiment import embedded
 from core.settings import Settings
+from sentiment import embedded
 
 
 @pytest.mark.parametrize("has_redis_server", [True, False])
@@ -41,7 +41,11 @@ def test_embedded_redis_serves_the_commands_the_service_uses(
     [(1, None, 8, None), (2, None, 8, 4), (3, None, 8, 2), (4, None, 2, 1), (2, 3, 8, 3), (1, 2, 8, 2)],
 )
 def test_workers_share_the_cores_unless_torch_threads_are_set(
-    workers: int, torch_threads: int | None, cores: int, each: int | None, settings: Settings,
+    workers: int,
+    torch_threads: int | None,
+    cores: int,
+    each: int | None,
+    settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """N workers never run more model threads than the machine has cores (a lone worker keeps its own default)."""

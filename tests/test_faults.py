@@ -137,7 +137,9 @@ class Load:
             n = next(self._count)
             text = f"{self.tag} {n} was a good movie"
             for attempt in range(len(self.urls) + 1):
-                outcome = Outcome(url=self.urls[(n + attempt) % len(self.urls)], text=text, started=time.time(), ended=0)
+                outcome = Outcome(
+                    url=self.urls[(n + attempt) % len(self.urls)], text=text, started=time.time(), ended=0
+                )
                 try:
                     r = await client.post(f"{outcome.url}/predict", json={"text": [text]})
                     outcome.status, outcome.retry_after = r.status_code, r.headers.get("retry-after")
@@ -184,28 +186,32 @@ def crew(redis_url: str, model_dir: Path) -> Iterator[Service]:
             proc.wait(10)
 
 
-def caught_holding_work(crew: Service, client: redis.Redis) -> tuple[subprocess.Popen[bytes], str]:
+def caught_holding_work(
+    svc: Service, client: redis.Redis, prefix: str = "faults-crew"
+) -> tuple[subprocess.Popen[bytes], str]:
     """A live worker, frozen (SIGSTOP) at a moment its processing list holds work; another stays live."""
-    workers = [p for p in crew.procs[1:] if p.poll() is None]
+    workers = [p for p in svc.procs[1:] if p.poll() is None]
     assert len(workers) >= 2
     proc = workers[0]
-    worker = worker_id(client, "faults-crew", proc.pid)
+    worker = worker_id(client, prefix, proc.pid)
     while True:
         proc.send_signal(signal.SIGSTOP)
-        if client.llen(Keys("faults-crew").processing(worker)):
+        if client.llen(Keys(prefix).processing(worker)):
             return proc, worker
         proc.send_signal(signal.SIGCONT)
         time.sleep(0.002)
 
 
-def test_worker_killed_mid_batch_loses_nothing(crew: Service, redis_url: str, reference: Classifier) -> None:
+def kill_a_worker_under_load(svc: Service, redis_url: str, prefix: str, reference: Classifier, clients: int) -> str:
+    """SIGKILL one of `svc`'s workers while it holds work and `clients` post new texts; every request
+    must be answered 200 with its own prediction, once. Returns the dead worker's id."""
     client = redis.Redis.from_url(redis_url)
-    keys = Keys("faults-crew")
+    keys = Keys(prefix)
     replies = client.pubsub()
     replies.psubscribe(keys.reply_channel("*"))
-    with Load([crew.url], "kill") as load:
+    with Load([svc.url], f"kill-{prefix}", clients=clients) as load:
         load.wait_answered(20)
-        victim, victim_id = caught_holding_work(crew, client)
+        victim, victim_id = caught_holding_work(svc, client, prefix)
         victim.kill()
         assert victim.wait(10) == -signal.SIGKILL
         wait_for("the dead worker's work to be reclaimed", lambda: not client.sismember(keys.workers, victim_id))
@@ -219,6 +225,11 @@ def test_worker_killed_mid_batch_loses_nothing(crew: Service, redis_url: str, re
         if message["type"] == "pmessage":
             answered += [request_id for request_id, _ in parse_replies(message["data"])]
     assert answered and len(answered) == len(set(answered))  # no request answered twice
+    return victim_id
+
+
+def test_worker_killed_mid_batch_loses_nothing(crew: Service, redis_url: str, reference: Classifier) -> None:
+    kill_a_worker_under_load(crew, redis_url, "faults-crew", reference, clients=6)
 
 
 def test_a_killed_worker_costs_no_request_an_error_with_default_settings(
@@ -229,33 +240,10 @@ def test_a_killed_worker_costs_no_request_an_error_with_default_settings(
     svc = Service(redis_url, model_dir, "faults-default", SENTIMENT_TORCH_THREADS="1")
     services.append(svc)
     svc.start("api", "--port", str(svc.port))
-    victim, _ = svc.start("worker"), svc.start("worker")
+    svc.start("worker")
+    svc.start("worker")
     svc.wait_ready()
-    client = redis.Redis.from_url(redis_url)
-    keys = Keys("faults-default")
-    victim_id = worker_id(client, "faults-default", victim.pid)
-    replies = client.pubsub()
-    replies.psubscribe(keys.reply_channel("*"))
-    with Load([svc.url], "default-kill", clients=16) as load:
-        load.wait_answered(20)
-        while True:  # SIGSTOP holds the worker still until it is seen holding work, then SIGKILL
-            victim.send_signal(signal.SIGSTOP)
-            if client.llen(keys.processing(victim_id)):
-                break
-            victim.send_signal(signal.SIGCONT)
-            time.sleep(0.002)
-        victim.kill()
-        assert victim.wait(10) == -signal.SIGKILL
-        wait_for("the dead worker's work to be reclaimed", lambda: not client.sismember(keys.workers, victim_id))
-        load.wait_answered(20)
-        outcomes = load.stop()
-    assert [o for o in outcomes if o.status != 200] == []
-    assert_correct(outcomes, reference)
-    answered = []
-    while message := replies.get_message(timeout=0.5):
-        if message["type"] == "pmessage":
-            answered += [request_id for request_id, _ in parse_replies(message["data"])]
-    assert answered and len(answered) == len(set(answered))  # no request answered twice
+    kill_a_worker_under_load(svc, redis_url, "faults-default", reference, clients=16)
 
 
 def test_worker_sigterm_finishes_its_batch_and_hands_back_the_rest(
@@ -372,8 +360,9 @@ def test_redis_outage_gives_503s_and_everything_reconnects_by_itself(
         probe = itertools.count()
         wait_for(
             "a /predict answer after Redis returned",
-            lambda: httpx.post(f"{svc.url}/predict", json={"text": [f"probe {next(probe)}"]}, timeout=10).status_code
-            == 200,
+            lambda: (
+                httpx.post(f"{svc.url}/predict", json={"text": [f"probe {next(probe)}"]}, timeout=10).status_code == 200
+            ),
         )
         assert time.monotonic() - up_at < 5.0  # the promise: serving again within 5 s, no restart
         load.wait_answered(10)
@@ -434,7 +423,9 @@ def test_overload_is_refused_at_once_and_cache_hits_are_still_served(
     keys = Keys(prefix)
     client = redis.Redis.from_url(redis_url)
     # No worker: the queue only grows. A short request timeout tells accepted (504) from refused (503).
-    svc = service(services, redis_url, model_dir, prefix, SENTIMENT_MAX_QUEUE_DEPTH="3", SENTIMENT_REQUEST_TIMEOUT_S="2")
+    svc = service(
+        services, redis_url, model_dir, prefix, SENTIMENT_MAX_QUEUE_DEPTH="3", SENTIMENT_REQUEST_TIMEOUT_S="2"
+    )
     info = ModelInfo("tiny", reference.version, reference.labels, "cpu", "float32")
     client.set(keys.model, info.encode())
     cached = prediction(reference.labels, reference.forward(reference.tokenize(["cached"]))[0])
@@ -477,5 +468,7 @@ def test_poison_word_is_outside_the_embedding_table(reference: Classifier) -> No
     # torch's eager embedding lookup, its traced graph (TorchScript re-raises as RuntimeError), or
     # ONNX Runtime's Gather (the default engine for fp32 on the CPU)
     engine = reference.engine
-    expected = ("RuntimeError" if engine.traced else "IndexError") if isinstance(engine, TorchEngine) else "InvalidArgument"
+    expected = (
+        ("RuntimeError" if engine.traced else "IndexError") if isinstance(engine, TorchEngine) else "InvalidArgument"
+    )
     assert engine.name in ("torch", "onnxruntime") and model_error(reference) == expected

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import schemathesis
-from schemathesis.specs.openapi.checks import allow_header_conformance
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from schemathesis.specs.openapi.checks import allow_header_conformance
 
 from api.app import create_app
 from api.limits import body_limit
@@ -32,7 +32,10 @@ SETTINGS = {"max_texts": MAX_TEXTS, "max_chars": MAX_CHARS, "jobs_max_texts": JO
 @pytest.fixture(scope="module")
 def service(redis_url: str, tiny_model_dir: Path) -> Iterator[Service]:
     service = start_service(
-        redis_url, tiny_model_dir, "fuzz", SENTIMENT_REQUEST_TIMEOUT_S="30",
+        redis_url,
+        tiny_model_dir,
+        "fuzz",
+        SENTIMENT_REQUEST_TIMEOUT_S="30",
         **{f"SENTIMENT_{name.upper()}": str(value) for name, value in SETTINGS.items()},
     )
     yield service
@@ -89,7 +92,8 @@ def post(http: httpx.Client, path: str, content: bytes) -> httpx.Response:
 
 def valid(texts: object, max_texts: int) -> bool:
     return (
-        isinstance(texts, list) and 1 <= len(texts) <= max_texts
+        isinstance(texts, list)
+        and 1 <= len(texts) <= max_texts
         and all(isinstance(t, str) and len(t) <= MAX_CHARS and t == t.encode("utf-8", "ignore").decode() for t in texts)
     )
 
@@ -166,13 +170,14 @@ def test_a_body_one_byte_over_the_limit_is_413_and_at_the_limit_is_parsed(http: 
     over = post(http, path, b" " * (limit + 1))
     assert over.status_code == 413
     assert over.json() == {
-        "error": f"request body larger than this route's limit of {limit} bytes", "error_type": "too_large"
+        "error": f"request body larger than this route's limit of {limit} bytes",
+        "error_type": "too_large",
     }
     at_limit = post(http, path, b'{"text": ["ok"]}'.ljust(limit))  # trailing whitespace is valid JSON
     assert at_limit.status_code in (200, 202)
 
 
-def raw_request(service: Service, head: bytes, body_chunks: Iterator[bytes] = iter(())) -> bytes:
+def raw_request(service: Service, head: bytes, body_chunks: Iterable[bytes] = ()) -> bytes:
     """Send a request head and body chunks over a socket, never finishing the body; the reply."""
     with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:
         sock.sendall(head)
@@ -186,8 +191,8 @@ def raw_request(service: Service, head: bytes, body_chunks: Iterator[bytes] = it
 
 def test_an_announced_oversized_body_is_refused_before_a_byte_of_it_is_sent(service: Service) -> None:
     reply = raw_request(
-        service, b"POST /predict HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 10000000000\r\n\r\n",
+        service,
+        b"POST /predict HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n",
     )
     assert reply.startswith(b"HTTP/1.1 413") and b'"error_type":"too_large"' in reply
 
@@ -196,8 +201,8 @@ def test_a_chunked_body_is_refused_once_it_passes_the_limit_before_it_ends(servi
     chunk = b" " * 10_000
     over = body_limit(MAX_TEXTS, MAX_CHARS) // len(chunk) + 1
     reply = raw_request(
-        service, b"POST /predict HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n",
+        service,
+        b"POST /predict HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
         (b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(over)),  # and never the final empty chunk
     )
     assert reply.startswith(b"HTTP/1.1 413") and b'"error_type":"too_large"' in reply

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+from core.settings import Settings
 from model_store.hub import DEFAULT_REPO
 from sentiment.cli import _parser
 from sentiment.embedded import embedded_redis, free_port
-from core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILES = ["Dockerfile.api", "Dockerfile.worker"]
@@ -195,7 +195,9 @@ def test_api_healthcheck_probes_health_with_python(tmp_path: Path) -> None:
         env = {**os.environ, "SENTIMENT_REDIS_URL": url}
         server = subprocess.Popen(
             [sys.executable, "-m", "sentiment.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             give_up = time.monotonic() + 30
@@ -224,7 +226,7 @@ def test_worker_image_pulls_the_model_at_build_time() -> None:
     stage_args = dict(a.partition("=")[::2] for a in model.all("ARG"))
     assert stage_args["MODEL_REPO"] == DEFAULT_REPO
     # The command as the shell runs it with the default build args (an empty revision drops out).
-    command = pull.split("&&")[0].replace("${MODEL_REVISION:+--revision \"${MODEL_REVISION}\"}", "")
+    command = pull.split("&&")[0].replace('${MODEL_REVISION:+--revision "${MODEL_REVISION}"}', "")
     command = command.replace("${MODEL_REPO}", stage_args["MODEL_REPO"])
     argv = shlex.split(command)
     assert argv[:3] == ["sentiment", "model", "pull"]
@@ -309,20 +311,36 @@ def _excluded(path: str, patterns: list[str]) -> bool:
 
 def test_dockerignore_keeps_models_venvs_caches_and_git_out() -> None:
     patterns = [
-        line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
     for path in [
-        ".git/HEAD", ".venv/bin/python", "venv/lib/x.py", "models/distilbert/model.safetensors",
-        "api/__pycache__/app.cpython-311.pyc", "sentiment/cli.pyc", ".pytest_cache/v/cache", ".hypothesis/x",
-        "sentiment_batcher.egg-info/PKG-INFO", "shared/bench.json", "checkpoint/pytorch_model.bin",
-        "build/lib/x.py", "dist/x.whl", "tests/test_api.py", "k8s/base/api.yaml",
+        ".git/HEAD",
+        ".venv/bin/python",
+        "venv/lib/x.py",
+        "models/distilbert/model.safetensors",
+        "api/__pycache__/app.cpython-311.pyc",
+        "sentiment/cli.pyc",
+        ".pytest_cache/v/cache",
+        ".hypothesis/x",
+        "sentiment_batcher.egg-info/PKG-INFO",
+        "shared/bench.json",
+        "checkpoint/pytorch_model.bin",
+        "build/lib/x.py",
+        "dist/x.whl",
+        "tests/test_api.py",
+        "k8s/base/api.yaml",
     ]:
         assert _excluded(path, patterns), f"{path} would be sent to the Docker daemon"
     # ...while everything the Dockerfiles COPY stays in.
     copied = [
-        word for name in DOCKERFILES for stage in read_dockerfile(REPO / name).stages for copy in stage.all("COPY")
-        if not copy.startswith("--from=") for word in copy.split()[:-1]
+        word
+        for name in DOCKERFILES
+        for stage in read_dockerfile(REPO / name).stages
+        for copy in stage.all("COPY")
+        if not copy.startswith("--from=")
+        for word in copy.split()[:-1]
     ]
     assert {"pyproject.toml", "api", "batcher", "model_store", "sentiment"} <= set(copied)
     for source in copied:

@@ -60,7 +60,9 @@ def test_each_package_imports_only_the_layers_below_it() -> None:
 
 
 def test_nothing_imports_the_command_line() -> None:
-    importers = {m for m, p in sources().items() for name in imports(p) if name == "sentiment" or name.startswith("sentiment.")}
+    importers = {
+        m for m, p in sources().items() for name in imports(p) if name == "sentiment" or name.startswith("sentiment.")
+    }
     assert {m for m in importers if not m.startswith(("sentiment", "benchmarks"))} == set()
     assert {m for m, p in sources().items() if "sentiment.cli" in imports(p) and m != "sentiment.cli"} == set()
 

@@ -19,17 +19,26 @@ from rq.job import Job, JobStatus
 
 from api.app import create_app
 from batcher.inference import Inference
-from batcher.plan import Policy
-from core.job_spec import SERIALIZER
 from batcher.jobs import serve_jobs
-from core.protocol import Keys, Prediction
 from batcher.worker import Worker
+from core.job_spec import SERIALIZER
+from core.protocol import Keys, Prediction
+from core.settings import Settings
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
-from core.settings import Settings
 
-TEXTS = ["i love this movie", "awful film", "i love this movie", "not very good", "fun", "boring", "great", "bad",
-         "i hate it", "this is a very very long text that is not boring at all"]
+TEXTS = [
+    "i love this movie",
+    "awful film",
+    "i love this movie",
+    "not very good",
+    "fun",
+    "boring",
+    "great",
+    "bad",
+    "i hate it",
+    "this is a very very long text that is not boring at all",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +47,19 @@ def classifier(tmp_path_factory: pytest.TempPathFactory) -> Classifier:
 
 
 class SpyInference(Inference):
-    """The real inference, with a hook run before each chunk (to look at or poke the running job)."""
+    """The real inference, with a hook run before each chunk (to look at or poke the running job), and
+    a count of the texts that went through the model (`computed`)."""
 
     before_chunk: Callable[[list[str]], None] = staticmethod(lambda texts: None)
+    computed = 0
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
         self.before_chunk(list(texts))
         return super().predict(texts)
+
+    def _compute(self, ids: list[list[int]]) -> list[list[float]]:
+        self.computed += len(ids)
+        return super()._compute(ids)
 
 
 class Service:
@@ -55,8 +70,7 @@ class Service:
         self.redis = fakeredis.FakeRedis(server=server)
         self.settings = settings
         # The jobs side caches under its own prefix, so its predictions are computed, not read from /predict's.
-        policy = Policy.of(settings, classifier.cost, lanes=1)
-        self.inference = SpyInference(classifier, self.redis, Keys("jobs-side"), policy, settings.cache_ttl_s)
+        self.inference = SpyInference.for_jobs(settings, classifier, self.redis, Keys("jobs-side"))
         self.app = create_app(settings, redis=fakeredis.FakeAsyncRedis(server=server), jobs_redis=self.redis)
         self.worker = Worker(settings, fakeredis.FakeRedis(server=server), classifier)
 
@@ -74,7 +88,12 @@ class Service:
 @pytest.fixture
 def service(classifier: Classifier) -> Iterator[tuple[Service, TestClient]]:
     settings = Settings(
-        redis_url="redis://unused:1/0", max_batch_size=2, max_texts=64, jobs_max_texts=20, max_chars=100, job_ttl_s=600,
+        redis_url="redis://unused:1/0",
+        max_batch_size=2,
+        max_texts=64,
+        jobs_max_texts=20,
+        max_chars=100,
+        job_ttl_s=600,
         heartbeat_ttl_s=5,
     )
     svc = Service(classifier, settings)
@@ -126,7 +145,9 @@ def test_a_job_reads_the_cache_instead_of_recomputing(service: tuple[Service, Te
     second = submit(client, list(reversed(TEXTS)))
     svc.run_jobs()
     assert svc.inference.computed == computed  # all from the cache (as a retried job's first chunks are)
-    assert client.get(f"/jobs/{second}").json()["predictions"] == client.get(f"/jobs/{first}").json()["predictions"][::-1]
+    assert (
+        client.get(f"/jobs/{second}").json()["predictions"] == client.get(f"/jobs/{first}").json()["predictions"][::-1]
+    )
 
 
 def test_a_deployment_under_another_key_prefix_never_runs_this_ones_jobs(service: tuple[Service, TestClient]) -> None:

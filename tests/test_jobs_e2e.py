@@ -28,10 +28,10 @@ from batcher.inference import Inference
 from batcher.plan import Policy
 from core.job_spec import SERIALIZER
 from core.protocol import Keys, Prediction
+from core.settings import Settings
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
 from sentiment.embedded import free_port
-from core.settings import Settings
 from tests.conftest import RedisServer, wait_for
 
 TEXTS = [f"text {i} is {'good' if i % 3 else 'bad'} or {'fun' if i % 7 else 'boring'}" for i in range(2000)]
@@ -61,8 +61,19 @@ class DurableRedis(RedisServer):
     def start(self) -> None:
         exe = shutil.which("redis-server") or "redis-server"
         self.proc = proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data), "--save", "",
-             "--appendonly", "yes"],
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.data),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+            ],
             stdout=subprocess.DEVNULL,
         )
         client = redis.Redis(port=self.port)
@@ -85,8 +96,12 @@ class Stack:
         self.server = DurableRedis(tmp_path)
         self.redis = redis.Redis(port=self.server.port)
         self.env = {
-            **os.environ, "SENTIMENT_REDIS_URL": self.server.url, "SENTIMENT_MODEL_DIR": str(model_dir),
-            "SENTIMENT_MAX_BATCH_SIZE": "2", "SENTIMENT_JOBS_MAX_TEXTS": "2000", "SENTIMENT_HEARTBEAT_TTL_S": "2",
+            **os.environ,
+            "SENTIMENT_REDIS_URL": self.server.url,
+            "SENTIMENT_MODEL_DIR": str(model_dir),
+            "SENTIMENT_MAX_BATCH_SIZE": "2",
+            "SENTIMENT_JOBS_MAX_TEXTS": "2000",
+            "SENTIMENT_HEARTBEAT_TTL_S": "2",
             "SENTIMENT_JOBS_METRICS_PORT": "0",  # tests run side by side: no fixed port
         }
         self.procs: list[subprocess.Popen] = []
@@ -116,8 +131,9 @@ class Stack:
     def _start(self, *command: str) -> subprocess.Popen:
         log = self.tmp_path / f"{command[0]}-{len(self.procs)}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "sentiment.cli", *command], env=self.env, stdout=out,
-                                    stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sentiment.cli", *command], env=self.env, stdout=out, stderr=subprocess.STDOUT
+            )
         self.procs.append(proc)
         self.logs[proc.pid] = log
         return proc

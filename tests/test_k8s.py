@@ -27,9 +27,9 @@ import yaml
 
 from api.app import create_app
 from core.protocol import Keys, WorkerStatus, new_id
+from core.settings import Settings
 from sentiment.cli import _parser
 from sentiment.embedded import embedded_redis
-from core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -38,7 +38,11 @@ AUTOSCALED = ["base", "overlays/prod"]  # dev drops the autoscalers (no KEDA on 
 KUBERNETES_VERSION = "1.33.0"  # the oldest version the manifests must validate against (AKS)
 NAMESPACE = "sentiment"
 # Kinds kubernetes-validate has no schema for, and what checks them instead.
-CUSTOM_KINDS = {"ScaledObject": "k8s/schemas/keda-scaledobject.json", "Gateway": "test_istio", "VirtualService": "test_istio"}
+CUSTOM_KINDS = {
+    "ScaledObject": "k8s/schemas/keda-scaledobject.json",
+    "Gateway": "test_istio",
+    "VirtualService": "test_istio",
+}
 WORKLOAD_KINDS = {"Deployment", "StatefulSet"}
 
 # Measured on a 2-core box, DistilBERT-base fp32, 2 torch threads (docs/deploy.md).
@@ -175,8 +179,13 @@ def keda_errors(doc: dict[str, Any]) -> list[str]:
 def test_renders_with_expected_objects(target: str) -> None:
     kinds = sorted(doc["kind"] for doc in render(target))
     expected = {
-        "Namespace": 1, "ConfigMap": 1, "Service": 2, "StatefulSet": 1, "Deployment": 3,
-        "PodDisruptionBudget": 3, "NetworkPolicy": 1,
+        "Namespace": 1,
+        "ConfigMap": 1,
+        "Service": 2,
+        "StatefulSet": 1,
+        "Deployment": 3,
+        "PodDisruptionBudget": 3,
+        "NetworkPolicy": 1,
     }
     if target in AUTOSCALED:
         expected |= {"HorizontalPodAutoscaler": 1, "ScaledObject": 2}
@@ -238,8 +247,20 @@ def test_keda_schema_rejects_unknown_fields_and_wrong_types(mutate, error: str) 
 
 # Parameters of KEDA's `redis` (lists) scaler, from its documentation.
 REDIS_SCALER_PARAMETERS = {
-    "address", "addressFromEnv", "host", "hostFromEnv", "port", "portFromEnv", "usernameFromEnv", "passwordFromEnv",
-    "listName", "listLength", "activationListLength", "enableTLS", "unsafeSsl", "databaseIndex",
+    "address",
+    "addressFromEnv",
+    "host",
+    "hostFromEnv",
+    "port",
+    "portFromEnv",
+    "usernameFromEnv",
+    "passwordFromEnv",
+    "listName",
+    "listLength",
+    "activationListLength",
+    "enableTLS",
+    "unsafeSsl",
+    "databaseIndex",
 }
 
 
@@ -378,7 +399,9 @@ def test_container_commands_are_cli_subcommands(where: str, argv: list[str]) -> 
 
 
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize(("name", "handler"), [("sentiment-worker", "_worker"), ("sentiment-jobs-worker", "_jobs_worker")])
+@pytest.mark.parametrize(
+    ("name", "handler"), [("sentiment-worker", "_worker"), ("sentiment-jobs-worker", "_jobs_worker")]
+)
 def test_worker_probes_are_the_cli_probe(target: str, name: str, handler: str) -> None:
     """Startup and readiness need a fresh registration; liveness is the kind that survives a Redis outage."""
     container = container_of(target, name)
@@ -393,7 +416,12 @@ def test_worker_probes_are_the_cli_probe(target: str, name: str, handler: str) -
 def _run_probe(command: list[str], env: dict[str, str]) -> int:
     assert command[0] == "sentiment"
     done = subprocess.run(
-        [sys.executable, "-m", "sentiment.cli", *command[1:]], env={**os.environ, **env}, capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "sentiment.cli", *command[1:]],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     return done.returncode
 
@@ -554,15 +582,18 @@ def test_prod_images_are_pinned_registry_images() -> None:
 
 def test_prod_has_more_replicas_and_higher_limits_than_base() -> None:
     base, prod = "base", "overlays/prod"
-    assert get(prod, "ScaledObject", "sentiment-worker")["spec"]["minReplicaCount"] > get(
-        base, "ScaledObject", "sentiment-worker"
-    )["spec"]["minReplicaCount"]
-    assert get(prod, "ScaledObject", "sentiment-worker")["spec"]["maxReplicaCount"] > get(
-        base, "ScaledObject", "sentiment-worker"
-    )["spec"]["maxReplicaCount"]
-    assert get(prod, "HorizontalPodAutoscaler", "sentiment-api")["spec"]["minReplicas"] > get(
-        base, "HorizontalPodAutoscaler", "sentiment-api"
-    )["spec"]["minReplicas"]
+    assert (
+        get(prod, "ScaledObject", "sentiment-worker")["spec"]["minReplicaCount"]
+        > get(base, "ScaledObject", "sentiment-worker")["spec"]["minReplicaCount"]
+    )
+    assert (
+        get(prod, "ScaledObject", "sentiment-worker")["spec"]["maxReplicaCount"]
+        > get(base, "ScaledObject", "sentiment-worker")["spec"]["maxReplicaCount"]
+    )
+    assert (
+        get(prod, "HorizontalPodAutoscaler", "sentiment-api")["spec"]["minReplicas"]
+        > get(base, "HorizontalPodAutoscaler", "sentiment-api")["spec"]["minReplicas"]
+    )
     api_base, api_prod = container_of(base, "sentiment-api"), container_of(prod, "sentiment-api")
     assert cores(api_prod["resources"]["limits"]["cpu"]) > cores(api_base["resources"]["limits"]["cpu"])
 
@@ -638,8 +669,10 @@ def _metrics_port(target: str, deployment: str) -> tuple[str, int, str]:
     if deployment == "sentiment-api":
         return "http", cli_args(container["args"]).port, "/metrics"
     data = get(target, "ConfigMap", "sentiment-config")["data"] | env_of(container)
-    settings = Settings(_env_file=None, **{k.removeprefix("SENTIMENT_").lower(): v for k, v in data.items()
-                                           if k.startswith("SENTIMENT_")})
+    settings = Settings(
+        _env_file=None,
+        **{k.removeprefix("SENTIMENT_").lower(): v for k, v in data.items() if k.startswith("SENTIMENT_")},
+    )
     port = settings.metrics_port if container["args"][0] == "worker" else settings.jobs_metrics_port
     return "metrics", port, "/metrics"
 
@@ -681,8 +714,11 @@ def test_the_scraped_api_path_serves_prometheus_text() -> None:
     from fastapi.testclient import TestClient
 
     server = fakeredis.FakeServer()
-    app = create_app(Settings(_env_file=None), redis=fakeredis.FakeAsyncRedis(server=server),
-                     jobs_redis=fakeredis.FakeRedis(server=server))
+    app = create_app(
+        Settings(_env_file=None),
+        redis=fakeredis.FakeAsyncRedis(server=server),
+        jobs_redis=fakeredis.FakeRedis(server=server),
+    )
     (endpoint,) = [e for e in _monitoring("PodMonitor")["spec"]["podMetricsEndpoints"] if e["port"] == "http"]
     with TestClient(app) as client:
         response = client.get(endpoint["path"])
@@ -713,8 +749,10 @@ def test_dashboard_and_alerts_filter_on_labels_that_exist() -> None:
     for where, expr in _promql():
         for label, value in re.findall(r'\b(job|namespace|route|deployment)\s*!?=~?\s*"([^"]*)"', expr):
             allowed = {
-                "job": set(MONITORED_COMPONENTS.values()), "namespace": {NAMESPACE, "$namespace"},
-                "route": served_routes, "deployment": set(MONITORED_COMPONENTS),
+                "job": set(MONITORED_COMPONENTS.values()),
+                "namespace": {NAMESPACE, "$namespace"},
+                "route": served_routes,
+                "deployment": set(MONITORED_COMPONENTS),
             }[label]
             assert value in allowed, f"{where}: {label}={value!r}"
 

@@ -18,18 +18,18 @@ import httpx
 import pytest
 import redis as sync_redis
 import yaml
-from pydantic import SecretStr
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 
 from api.app import create_app
 from batcher import metrics as worker_metrics
-from core.protocol import Keys, WorkItem, new_id
 from batcher.worker import Worker
+from core.protocol import Keys, WorkItem, new_id
+from core.settings import Settings
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
-from core.settings import Settings
 from tests.conftest import REPO, start_service, start_worker, wait_for
 
 MONITORING = REPO / "k8s" / "monitoring"
@@ -134,7 +134,9 @@ def scrape_with(client: TestClient, headers: dict[str, str]) -> Samples:
 def test_jobs_gauge_shows_a_queued_job_and_live_workers(api: TestClient, worker: Worker) -> None:
     scraped = scrape(api)
     assert {s: value(scraped, "sentiment_jobs", status=s) for s in ("queued", "started", "finished")} == {
-        "queued": 0, "started": 0, "finished": 0,
+        "queued": 0,
+        "started": 0,
+        "finished": 0,
     }
     assert value(scraped, "sentiment_workers_live") == 0
     assert api.post("/jobs", json={"text": ["a", "b"]}).status_code == 202
@@ -251,9 +253,7 @@ def test_queried_names_ignore_label_values_and_keep_suffixes() -> None:
     assert queried_metric_names(expr) == {"sentiment_batch_size_bucket", "sentiment_jobs"}
 
 
-def test_dashboard_and_alerts_query_only_series_the_service_exports(
-    redis_url: str, tiny_model_dir: Path
-) -> None:
+def test_dashboard_and_alerts_query_only_series_the_service_exports(redis_url: str, tiny_model_dir: Path) -> None:
     """Scrape the real `api` and `worker` processes after real work, then check every query.
 
     A name is compared with the exported *series* names (`_bucket`, `_sum`, `_count`, `_total`
@@ -318,4 +318,3 @@ def test_busy_time_counts_overlapping_batches_once(monkeypatch: pytest.MonkeyPat
     with busy():  # 21 -> 22
         pass
     assert REGISTRY.get_sample_value("sentiment_worker_busy_seconds_total") - before == pytest.approx(11.0)
-

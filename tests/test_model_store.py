@@ -22,9 +22,14 @@ import numpy as np
 import pytest
 import torch
 from transformers import (
-    AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification,
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
 )
 
+from core.settings import Settings
 from model_store import engine as engine_module
 from model_store import layout, onnx_engine
 from model_store.checkpoint import Checkpoint, fingerprint
@@ -34,7 +39,6 @@ from model_store.factory import LABELS, TOKENIZER_FILES
 from model_store.null_engine import NullEngine
 from model_store.onnx_engine import OnnxEngine
 from model_store.torch_engine import TorchEngine
-from core.settings import Settings
 from tests.conftest import HANG_GUARD_S, shared_path
 
 
@@ -176,7 +180,10 @@ def test_auto_engine_is_onnxruntime_for_fp32_on_the_cpu_only(tiny_model_dir: Pat
 
 @pytest.mark.parametrize("failure", ["exporter refuses", "no temporary directory", "onnxruntime refuses"])
 def test_a_failed_export_is_served_by_torch_unless_onnxruntime_was_asked_for(
-    failure: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    failure: str,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
@@ -253,8 +260,13 @@ def test_a_model_other_than_distilbert_runs_padded_forwards_only(tiny_model_dir:
         if (tiny_model_dir / name).is_file():
             shutil.copy(tiny_model_dir / name, tmp_path / name)
     config = BertConfig(
-        vocab_size=AutoConfig.from_pretrained(tiny_model_dir).vocab_size, hidden_size=32, num_hidden_layers=1,
-        num_attention_heads=2, intermediate_size=64, id2label=LABELS, label2id={v: k for k, v in LABELS.items()},
+        vocab_size=AutoConfig.from_pretrained(tiny_model_dir).vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        id2label=LABELS,
+        label2id={v: k for k, v in LABELS.items()},
     )
     BertForSequenceClassification(config).save_pretrained(tmp_path)
     bert = Classifier(tmp_path, device="cpu", threads=1, precision="fp32", engine="torch")
@@ -353,10 +365,12 @@ class _FakeHubHandler(BaseHTTPRequestHandler):
         if path == api or path.startswith(f"{api}/revision/"):
             body = json.dumps({"id": hub.repo_id, "sha": hub.commit, "siblings": [{"rfilename": n} for n in hub.files]})
         elif path.startswith(f"{api}/tree/{hub.commit}"):
-            body = json.dumps([
-                {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
-                for name, data in hub.files.items()
-            ])
+            body = json.dumps(
+                [
+                    {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                    for name, data in hub.files.items()
+                ]
+            )
         elif path.startswith(resolve) and (name := path.removeprefix(resolve)) in hub.files:
             body = hub.files[name]
             headers = {"X-Repo-Commit": hub.commit, "ETag": f'"{hashlib.sha1(body).hexdigest()}"'}
@@ -393,7 +407,10 @@ def model_pull(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sentiment.cli", "model", "pull", *args],
         env={**inherited, "HF_HUB_DISABLE_PROGRESS_BARS": "1", **env},
-        capture_output=True, text=True, timeout=HANG_GUARD_S, check=False,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+        check=False,
     )
 
 

@@ -15,12 +15,12 @@ from redis.exceptions import NoPermissionError
 from batcher import intake as intake_module
 from batcher.intake import Intake
 from batcher.plan import TAKE_AT_ONCE, Forward, Pending, Policy, batch, spread
-from core.protocol import Keys, Result, WorkerStatus, WorkItem, new_id
 from batcher.queue import WorkQueue
 from batcher.reply import Replies
 from batcher.work import Held, Text
-from model_store.cost import ForwardCost
+from core.protocol import Keys, Result, WorkerStatus, WorkItem, new_id
 from core.settings import Settings
+from model_store.cost import ForwardCost
 from tests.conftest import HANG_GUARD_S, wait_for
 
 KEYS = Keys("t")
@@ -30,7 +30,10 @@ PACKS = ForwardCost(overhead_tokens=64, attention_tokens=1024, packs=True)
 
 
 def policy(
-    max_texts: int = 8, max_tokens: int = 1000, max_wait_s: float = HOUR_S, window: int = 100,
+    max_texts: int = 8,
+    max_tokens: int = 1000,
+    max_wait_s: float = HOUR_S,
+    window: int = 100,
     cost: ForwardCost = PADDED,
 ) -> Policy:
     return Policy(max_texts, max_tokens, max_wait_s, window, cost)
@@ -43,7 +46,9 @@ def word_ids(texts: list[str]) -> list[list[int]]:
 
 def work_item(*texts: str, ttl: float = 60, enqueued_at: float | None = None) -> WorkItem:
     now = time.time() if enqueued_at is None else enqueued_at
-    return WorkItem(id=new_id(), texts=list(texts), enqueued_at=now, deadline=now + ttl, reply_to=KEYS.reply_channel("x"))
+    return WorkItem(
+        id=new_id(), texts=list(texts), enqueued_at=now, deadline=now + ttl, reply_to=KEYS.reply_channel("x")
+    )
 
 
 def push(redis: fakeredis.FakeRedis, *texts: str, ttl: float = 60) -> WorkItem:
@@ -312,7 +317,10 @@ def test_take_count_doubles_while_the_queue_keeps_up_within_the_cap_and_the_room
 
 def test_policy_from_settings_caps_a_lane_forwards_tokens_and_keeps_a_forward_in_the_window() -> None:
     settings = Settings(
-        max_batch_size=32, max_batch_tokens=8192, lane_max_tokens=256, batch_window=8,
+        max_batch_size=32,
+        max_batch_tokens=8192,
+        lane_max_tokens=256,
+        batch_window=8,
         max_wait_ms=5,
     )
     one, two = Policy.of(settings, PACKS, lanes=1), Policy.of(settings, PACKS, lanes=2)
@@ -341,12 +349,17 @@ class RepliesRecorder:
 
 
 def make_intake(
-    redis: fakeredis.FakeRedis, pending: Pending, replies: object | None = None,
+    redis: fakeredis.FakeRedis,
+    pending: Pending,
+    replies: object | None = None,
     tokenize: Callable[[list[str]], list[list[int]]] = word_ids,
 ) -> Intake:
     return Intake(
-        WorkQueue(redis, KEYS, "w1"), pending, replies or RepliesRecorder(),  # type: ignore[arg-type]
-        tokenize, lambda text: KEYS.cache("v", text),
+        WorkQueue(redis, KEYS, "w1"),
+        pending,
+        replies or RepliesRecorder(),  # type: ignore[arg-type]
+        tokenize,
+        lambda text: KEYS.cache("v", text),
     )
 
 
@@ -412,9 +425,14 @@ def test_the_take_count_recovers_after_the_window_left_no_room_for_an_item(
 
 @pytest.mark.parametrize(
     "junk",
-    [b"not a work item", b"{}", b"[]", b"1",
-     b'{"id": "x", "texts": 5, "enqueued_at": 0, "deadline": 9e9, "reply_to": "c"}',
-     b'{"id": "x", "texts": ["a"], "enqueued_at": 0, "deadline": "soon", "reply_to": "c"}'],
+    [
+        b"not a work item",
+        b"{}",
+        b"[]",
+        b"1",
+        b'{"id": "x", "texts": 5, "enqueued_at": 0, "deadline": 9e9, "reply_to": "c"}',
+        b'{"id": "x", "texts": ["a"], "enqueued_at": 0, "deadline": "soon", "reply_to": "c"}',
+    ],
     ids=["not json", "no fields", "a list", "a number", "texts not a list", "a deadline not a number"],
 )
 def test_a_malformed_item_is_dropped_and_acknowledged(redis: fakeredis.FakeRedis, junk: bytes) -> None:
@@ -530,6 +548,14 @@ def register(server: fakeredis.FakeServer, worker_id: str, connection: str | Non
     return client
 
 
+def holding_work(server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, worker_id: str) -> fakeredis.FakeRedis:
+    """A registered worker, its connections named, holding one taken item in its processing list."""
+    client = register(server, worker_id, KEYS.worker_connection(f"process-of-{worker_id}"))
+    push(redis, f"held by {worker_id}")
+    assert WorkQueue(client, KEYS, worker_id).take_queued(1)
+    return client
+
+
 def test_dead_workers_work_is_reclaimed_oldest_first(redis: fakeredis.FakeRedis) -> None:
     dead = WorkQueue(redis, KEYS, "dead")
     redis.sadd(KEYS.workers, "dead")  # registered, but its heartbeat key has expired
@@ -544,9 +570,7 @@ def test_dead_workers_work_is_reclaimed_oldest_first(redis: fakeredis.FakeRedis)
 
 
 def test_live_workers_work_is_left_alone(fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis) -> None:
-    busy = WorkQueue(register(fake_server, "busy", KEYS.worker_connection("p0")), KEYS, "busy")
-    push(redis, "mine")
-    assert busy.take_queued(1)
+    holding_work(fake_server, redis, "busy")
     assert WorkQueue(redis, KEYS, "other").reclaim_dead() == 0
     assert redis.llen(KEYS.processing("busy")) == 1
 
@@ -554,9 +578,7 @@ def test_live_workers_work_is_left_alone(fake_server: fakeredis.FakeServer, redi
 def test_a_worker_whose_connections_closed_is_reclaimed_at_the_second_look_before_its_heartbeat_lapses(
     fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis
 ) -> None:
-    killed = register(fake_server, "killed", KEYS.worker_connection("p1"))
-    push(redis, "held by the killed worker")
-    assert WorkQueue(killed, KEYS, "killed").take_queued(1)
+    killed = holding_work(fake_server, redis, "killed")
     alive = WorkQueue(redis, KEYS, "alive")
     assert alive.reclaim_dead() == 0  # connected
     killed.connection_pool.disconnect()  # what the kernel does to a killed process's sockets
@@ -568,9 +590,7 @@ def test_a_worker_whose_connections_closed_is_reclaimed_at_the_second_look_befor
 def test_a_worker_that_reconnects_between_looks_keeps_its_work(
     fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis
 ) -> None:
-    blip = register(fake_server, "blip", KEYS.worker_connection("p2"))
-    push(redis, "held through a network blip")
-    assert WorkQueue(blip, KEYS, "blip").take_queued(1)
+    blip = holding_work(fake_server, redis, "blip")
     alive = WorkQueue(redis, KEYS, "alive")
     blip.connection_pool.disconnect()
     assert alive.reclaim_dead() == 0
@@ -582,9 +602,7 @@ def test_a_worker_that_reconnects_between_looks_keeps_its_work(
 def test_without_client_list_a_dead_worker_is_reclaimed_when_its_heartbeat_lapses(
     fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, monkeypatch
 ) -> None:
-    killed = register(fake_server, "killed", KEYS.worker_connection("p3"))
-    push(redis, "held")
-    assert WorkQueue(killed, KEYS, "killed").take_queued(1)
+    killed = holding_work(fake_server, redis, "killed")
     killed.connection_pool.disconnect()
 
     def refused() -> None:

@@ -15,10 +15,10 @@ import fakeredis
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from core.protocol import Keys, Result, WorkItem, new_id
 from batcher.worker import Worker
-from model_store.classifier import Classifier
+from core.protocol import Keys, Result, WorkItem, new_id
 from core.settings import Settings
+from model_store.classifier import Classifier
 from tests.conftest import shared_path, start_worker
 
 CHUNK = 32  # texts per work item

@@ -10,10 +10,10 @@ import fakeredis
 import httpx
 import pytest
 
-from batcher.worker import Worker
-from model_store.classifier import Classifier
 from api.app import create_app
+from batcher.worker import Worker
 from core.settings import Settings
+from model_store.classifier import Classifier
 from tests.conftest import start_worker
 
 pytestmark = pytest.mark.anyio
@@ -56,7 +56,10 @@ async def run_every_path(
 
 
 async def test_no_user_text_in_any_redis_key_name(
-    client: httpx.AsyncClient, redis: fakeredis.FakeRedis, worker: Worker, classifier: Classifier,
+    client: httpx.AsyncClient,
+    redis: fakeredis.FakeRedis,
+    worker: Worker,
+    classifier: Classifier,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     await run_every_path(client, worker, classifier, monkeypatch)
@@ -66,7 +69,10 @@ async def test_no_user_text_in_any_redis_key_name(
 
 
 async def test_logs_hold_no_user_text_unless_debug_is_asked_for(
-    client: httpx.AsyncClient, worker: Worker, classifier: Classifier, monkeypatch: pytest.MonkeyPatch,
+    client: httpx.AsyncClient,
+    worker: Worker,
+    classifier: Classifier,
+    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)

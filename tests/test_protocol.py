@@ -3,12 +3,23 @@
 import orjson
 
 from core.protocol import (
-    Keys, ModelInfo, Result, WorkerStatus, WorkItem, new_id, parse_replies, prediction, replies, text_digest,
+    Keys,
+    ModelInfo,
+    Result,
+    WorkerStatus,
+    WorkItem,
+    new_id,
+    parse_replies,
+    prediction,
+    replies,
+    text_digest,
 )
 
 
 def test_work_item_round_trip() -> None:
-    item = WorkItem(id=new_id(), texts=["I love you.", "", "ünï ☃"], enqueued_at=1.5, deadline=11.5, reply_to="p:done:x")
+    item = WorkItem(
+        id=new_id(), texts=["I love you.", "", "ünï ☃"], enqueued_at=1.5, deadline=11.5, reply_to="p:done:x"
+    )
     assert WorkItem.decode(item.encode()) == item
 
 

@@ -33,7 +33,8 @@ def redis_server(*args: str) -> Iterator[None]:
     assert exe, "redis-server is not installed (.ci/run installs it)"
     proc = subprocess.Popen(
         [exe, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *args],
-        stdout=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         time.sleep(0.3)
@@ -65,11 +66,32 @@ def test_a_password_an_acl_user_and_tls(tiny_model_dir: Path, tmp_path: Path) ->
     port, tls_port = free_port(), free_port()
     # "sentiment" may touch only its prefix's keys and channels, and no dangerous command (KEYS,
     # FLUSHALL, CONFIG, ...); the default user needs the password.
-    acl = ["--requirepass", PASSWORD, "--user", "sentiment", "on", f">{PASSWORD}", f"~{PREFIX}:*", f"&{PREFIX}:*",
-           "+@all", "-@dangerous"]
-    tls = ["--port", str(port), "--tls-port", str(tls_port), "--tls-cert-file", str(tmp_path / "server.pem"),
-           "--tls-key-file", str(tmp_path / "server.key"), "--tls-ca-cert-file", str(tmp_path / "ca.pem"),
-           "--tls-auth-clients", "no"]
+    acl = [
+        "--requirepass",
+        PASSWORD,
+        "--user",
+        "sentiment",
+        "on",
+        f">{PASSWORD}",
+        f"~{PREFIX}:*",
+        f"&{PREFIX}:*",
+        "+@all",
+        "-@dangerous",
+    ]
+    tls = [
+        "--port",
+        str(port),
+        "--tls-port",
+        str(tls_port),
+        "--tls-cert-file",
+        str(tmp_path / "server.pem"),
+        "--tls-key-file",
+        str(tmp_path / "server.key"),
+        "--tls-ca-cert-file",
+        str(tmp_path / "ca.pem"),
+        "--tls-auth-clients",
+        "no",
+    ]
     tls_url = f"rediss://sentiment:{PASSWORD}@127.0.0.1:{tls_port}/0?ssl_ca_certs={tmp_path / 'ca.pem'}"
     password_url = f"redis://:{PASSWORD}@127.0.0.1:{port}/0"
     with redis_server(*tls, *acl):

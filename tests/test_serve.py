@@ -29,13 +29,19 @@ class Serve:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
-            **os.environ, "SENTIMENT_MODEL_DIR": str(model_dir), "SENTIMENT_KEY_PREFIX": self.marker,
-            "SENTIMENT_TORCH_THREADS": "1", "SENTIMENT_METRICS_PORT": "0", "SENTIMENT_JOBS_METRICS_PORT": "0",
+            **os.environ,
+            "SENTIMENT_MODEL_DIR": str(model_dir),
+            "SENTIMENT_KEY_PREFIX": self.marker,
+            "SENTIMENT_TORCH_THREADS": "1",
+            "SENTIMENT_METRICS_PORT": "0",
+            "SENTIMENT_JOBS_METRICS_PORT": "0",
         }
         env.pop("SENTIMENT_REDIS_URL", None)  # its own embedded Redis
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sentiment.cli", "serve", "--port", str(self.port)], env=env,
-            stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "sentiment.cli", "serve", "--port", str(self.port)],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.seen: set[int] = set()  # every process of this serve's found so far, to clean up after a failure
 
@@ -63,6 +69,7 @@ class Serve:
     @staticmethod
     def alive(pids: set[int]) -> set[int]:
         """Those of `pids` still running (not gone, not zombies)."""
+
         def running(pid: int) -> bool:
             try:
                 return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"

@@ -16,12 +16,12 @@ import pytest
 from redis.client import PubSub
 from redis.exceptions import OutOfMemoryError
 
-from core.liveness import live_workers
-from core.protocol import Keys, ModelInfo, Result, WorkItem, new_id, parse_replies, prediction
 from batcher.queue import WorkQueue
 from batcher.worker import Worker
-from model_store.classifier import Classifier
+from core.liveness import live_workers
+from core.protocol import Keys, ModelInfo, Result, WorkItem, new_id, parse_replies, prediction
 from core.settings import Settings
+from model_store.classifier import Classifier
 from tests.conftest import HANG_GUARD_S, start_worker, wait_for
 
 
@@ -300,7 +300,10 @@ def two_lanes(tiny_model_dir: Path) -> Classifier:
 
 @pytest.mark.parametrize("lanes", [False, True], ids=["one lane", "two lanes"])
 def test_every_item_is_answered_once_in_the_order_of_its_texts(
-    redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, lanes: bool,
+    redis: fakeredis.FakeRedis,
+    settings: Settings,
+    classifier: Classifier,
+    lanes: bool,
     request: pytest.FixtureRequest,
 ) -> None:
     # Small forwards and a read-ahead window: items are split, regrouped by length, and computed
@@ -335,16 +338,17 @@ def test_every_item_is_answered_once_in_the_order_of_its_texts(
 def test_the_next_forward_is_chosen_when_a_lane_is_free(
     redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, monkeypatch
 ) -> None:
-    # A slow model and forwards of 2. While [a, b] computes, c is queued at once and d 0.1 s into
-    # the forward: the lane chooses its next forward only when it is free, so c and d go together.
+    # Forwards of 2, the first held until c and d are both held by the intake. While [a, b] computes,
+    # c is queued at once and d once it started: the lane chooses its next forward only when it is
+    # free, so c and d go together.
     settings = settings.model_copy(update={"max_batch_size": 2, "batch_window": 8})
     keys = Keys(settings.key_prefix)
     real_forward = classifier.engine.forward
-    forwarding = threading.Event()
+    forwarding, release = threading.Event(), threading.Event()
 
     def slow_forward(batch: list[list[int]], packed: bool = False) -> np.ndarray:
         forwarding.set()
-        time.sleep(0.5)
+        release.wait(HANG_GUARD_S)
         return real_forward(batch, packed)
 
     monkeypatch.setattr(classifier.engine, "forward", slow_forward)
@@ -354,9 +358,10 @@ def test_the_next_forward_is_chosen_when_a_lane_is_free(
         now = time.time()
         a, b, c = (WorkItem(new_id(), [f"text {n}"], now, now + 30, keys.reply_channel("api")) for n in "abc")
         redis.lpush(keys.queue, *(item.encode() for item in (a, b, c)))  # at once, so [a, b] is one forward
-        assert forwarding.wait(5)
-        time.sleep(0.1)
+        assert forwarding.wait(HANG_GUARD_S)
         d = push(redis, keys, "text d")
+        wait_for("c and d held for the next forward", lambda: len(worker.pending) == 2)
+        release.set()
         for item in (a, b, c, d):
             assert wait_result(redis, keys, item).predictions
         assert worker.status.batches == 2  # [a, b], [c, d]; chosen at once it would be [c] then [d]
