@@ -8,10 +8,11 @@ from contextlib import asynccontextmanager
 import redis as sync_redis
 from cachetools import TTLCache
 from fastapi import FastAPI
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 
 from api import docs_page, errors, limits, metrics
 from api.access import AccessControl, ApiKeys, document
+from api.inference_protocol import INFER_PATH, infer_body_limit, inference_protocol_router
 from api.job_store import JobStore
 from api.jobs import jobs_router
 from api.limits import BodyLimit, body_limit
@@ -20,6 +21,7 @@ from api.rate_limit import RateLimit
 from api.results import ResultWaiter
 from api.routes import add_predict_route, router
 from core.protocol import Keys, Prediction
+from core.redis_connect import async_client, is_sentinel, sync_client
 from core.settings import Settings
 
 
@@ -36,16 +38,14 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = redis or Redis(
-            connection_pool=BlockingConnectionPool.from_url(
-                settings.redis_url,
-                max_connections=settings.redis_max_connections,
-                timeout=settings.request_timeout_s,
-                socket_connect_timeout=2,
-            )
+        client = redis or async_client(
+            settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            timeout=settings.request_timeout_s,
+            socket_connect_timeout=2,
         )
         keys = Keys(settings.key_prefix)
-        waiter = ResultWaiter(client, keys)
+        waiter = ResultWaiter(client, keys, requeue=is_sentinel(settings.redis_url))  # failover may lose work
         waiter.start()
         app.state.redis = client
         app.state.keys = keys
@@ -59,7 +59,7 @@ def create_app(
         )
         if settings.rate_limit_per_s is not None:
             app.state.rate_limit = RateLimit(client, keys, settings.rate_limit_per_s, settings.rate_limit_burst)
-        jobs_client = jobs_redis or sync_redis.Redis.from_url(
+        jobs_client = jobs_redis or sync_client(
             settings.redis_url, max_connections=settings.redis_max_connections, socket_connect_timeout=2
         )
         app.state.jobs = JobStore(jobs_client, settings)
@@ -84,6 +84,7 @@ def create_app(
     add_predict_route(app, settings)  # first: the router tries routes in order, and /predict is the hot one
     docs_page.install(app)
     app.include_router(jobs_router(settings))
+    app.include_router(inference_protocol_router(settings))
     app.include_router(router)
     app.include_router(metrics.router)
     errors.install(app)
@@ -94,6 +95,7 @@ def create_app(
         limits={
             "/predict": body_limit(settings.max_texts, settings.max_chars),
             "/jobs": body_limit(settings.jobs_max_texts, settings.max_chars),
+            INFER_PATH: infer_body_limit(settings.max_texts, settings.max_chars),
         },
     )
     if settings.api_keys or settings.rate_limit_per_s is not None:  # nothing to check: no layer to pass

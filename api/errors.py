@@ -35,7 +35,7 @@ class ErrorType(StrEnum):
     OVERLOADED = "overloaded"  # queue too deep to answer within the timeout
     TIMEOUT = "timeout"  # no result before the request's deadline
     INFERENCE = "inference"  # the model failed on this request's texts
-    NOT_FOUND = "not_found"  # no such job (never was, expired, or deleted)
+    NOT_FOUND = "not_found"  # no such job (never was, expired, or deleted); a V2 model name not served
     TOO_LARGE = "too_large"  # request body over the route's limit, refused before parsing
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # a body declared as something other than JSON
     UNAUTHORIZED = "unauthorized"  # API keys are on and the request sent none

@@ -14,6 +14,8 @@ parses its own body (`api.schemas.parse_json`), where these are malformed JSON a
 
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import Response
@@ -44,17 +46,31 @@ def body_limit(max_texts: int, max_chars: int) -> int:
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for a body over its path's limit (`limits`, else `NO_BODY_BYTES`)."""
+    """ASGI middleware: 413 for a body over its path's limit (`limits`, else `NO_BODY_BYTES`). A
+    path may be a route template: `{name}` stands for one path segment."""
 
     def __init__(self, app: ASGIApp, limits: dict[str, int]) -> None:
         self.app = app
-        self.limits = limits
+        self.limits = {path: limit for path, limit in limits.items() if "{" not in path}
+        self.templates = [  # (the rarer case: tried after the exact paths)
+            (
+                re.compile("/".join("[^/]+" if part.startswith("{") else re.escape(part) for part in path.split("/"))),
+                limit,
+            )
+            for path, limit in limits.items()
+            if "{" in path
+        ]
+
+    def limit(self, path: str) -> int:
+        if (limit := self.limits.get(path)) is not None:
+            return limit
+        return next((limit for template, limit in self.templates if template.fullmatch(path)), NO_BODY_BYTES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limits.get(scope["path"], NO_BODY_BYTES)
+        limit = self.limit(scope["path"])
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit():
             if int(declared) > limit:

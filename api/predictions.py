@@ -17,6 +17,7 @@ from api.coalescing import Coalescer
 from api.errors import ErrorType, ServiceError
 from api.metrics import CACHE_HITS, CACHE_MISSES
 from api.results import ResultWaiter
+from core import tracing
 from core.protocol import Keys, ModelInfo, Prediction, Result, WorkItem, new_id
 from core.redis_replies import raws
 
@@ -73,7 +74,16 @@ class Predictor:
 
     async def predict(self, texts: list[str]) -> tuple[list[Prediction], CacheStatus]:
         """Bounded as a whole by the request timeout from its start: a Redis stall anywhere (cache
-        lookup, pool wait, enqueue, the final GETDEL) ends in the 504 at the deadline, not after it."""
+        lookup, pool wait, enqueue, the final GETDEL) ends in the 504 at the deadline, not after it.
+        Traced (tracing on), in FastAPI's span of the HTTP request, which continues a client's trace."""
+        if tracing.enabled:
+            with tracing.tracer.start_as_current_span("predict", attributes={"sentiment.texts": len(texts)}) as span:
+                predictions, status = await self._bounded(texts)
+                span.set_attribute("sentiment.cache", status.value)
+                return predictions, status
+        return await self._bounded(texts)
+
+    async def _bounded(self, texts: list[str]) -> tuple[list[Prediction], CacheStatus]:
         deadline = time.time() + self._timeout_s  # the work item's too: a worker skips it once we gave up
         try:
             async with asyncio.timeout(self._timeout_s):
@@ -93,7 +103,8 @@ class Predictor:
             # in between would raise KeyError.
             found = {t: p for t, k in keys.items() if (p := local.get(k)) is not None}
             if remote := [t for t in unique if t not in found]:
-                cached = await self._lookup([keys[t] for t in remote])
+                with tracing.span("predict.cache_lookup"):
+                    cached = await self._lookup([keys[t] for t in remote])
                 for text, raw in zip(remote, cached, strict=True):
                     if raw is not None:
                         found[text] = local[keys[text]] = orjson.loads(raw)
@@ -109,14 +120,23 @@ class Predictor:
         """Queue the texts and wait for the worker's result. A wait cut by the deadline unregisters
         itself; its item is then dropped by the worker as expired, or its result key expires unread."""
         item = WorkItem(
-            id=new_id(), texts=texts, enqueued_at=time.time(), deadline=deadline, reply_to=self._waiter.channel
+            id=new_id(),
+            texts=texts,
+            enqueued_at=time.time(),
+            deadline=deadline,
+            reply_to=self._waiter.channel,
+            traceparent=tracing.traceparent() if tracing.enabled else None,  # the `predict` span's
         )
-        with self._waiter.expect(item.id) as pending:
-            if not await self._push(item.encode()):
+        encoded = item.encode()
+        with self._waiter.expect(item.id, encoded) as pending:
+            with tracing.span("predict.enqueue"):
+                queued = await self._push(encoded)
+            if not queued:
                 raise ServiceError(
                     ErrorType.OVERLOADED, f"the queue is full ({self._max_queue_depth} requests waiting); retry later"
                 )
-            result = Result.decode(await pending.result())
+            with tracing.span("predict.wait"):
+                result = Result.decode(await pending.result())
         if result.error is not None or result.predictions is None:
             raise ServiceError(ErrorType.INFERENCE, result.error or "the worker returned no predictions")
         return result.predictions

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import uvicorn
 
 from api.app import create_app
+from core import tracing
 from core.settings import Settings
 
 
@@ -37,6 +38,7 @@ def run(
     """Serve until SIGINT/SIGTERM; uvicorn then stops accepting and drains in-flight requests.
     `problem`: what else /ready must report (`sentiment serve`'s supervisor)."""
     listening = listening or listen(host, port)
+    tracing.setup("sentiment-api")
     # uvicorn re-raises the stop signal once drained: make that a clean exit (status 0, callers'
     # `finally` blocks run) instead of death by signal or a KeyboardInterrupt traceback.
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -10,13 +10,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import AbstractContextManager
 
 import numpy as np
+from opentelemetry.trace import Span, SpanKind
 
 from batcher import metrics
 from batcher.plan import Forward, Pending
 from batcher.reply import Replies
-from batcher.work import Text
+from batcher.work import Text, traceparents
+from core import tracing
 from model_store.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -58,7 +61,7 @@ class Lanes:
                 started = time.thread_time()
                 metrics.STAGE_CPU_SECONDS.labels("plan").inc(started - cpu)
                 try:
-                    with metrics.busy():
+                    with metrics.busy(), self._span(forward, lane) if tracing.enabled else tracing.OFF:
                         probabilities = self._forward(forward)
                 finally:
                     del self.running[lane]
@@ -70,6 +73,21 @@ class Lanes:
             self.failure = exc
             self.pending.close()
             raise
+
+    def _span(self, forward: Forward, lane: int) -> AbstractContextManager[Span]:
+        """The forward's span (tracing on), linked to every request it serves."""
+        texts = forward.texts
+        return tracing.linked_span(
+            "worker.forward",
+            traceparents(texts),
+            SpanKind.CONSUMER,
+            requests=len({id(held) for text in texts for held, _ in text.waiters}),
+            texts=len(texts),
+            tokens=sum(len(t.ids) for t in texts),
+            queue_wait_s=time.time() - min(t.arrived for t in texts),  # its oldest text's, since the API queued it
+            packed=forward.packed,
+            lane=lane,
+        )
 
     def _forward(self, forward: Forward) -> np.ndarray | None:
         try:

@@ -20,7 +20,8 @@ from batcher import metrics
 from batcher.plan import Pending
 from batcher.queue import WorkQueue
 from batcher.reply import Replies
-from batcher.work import Held, Text
+from batcher.work import Held, Text, traceparents
+from core import tracing
 from core.protocol import WorkItem
 from core.redis_errors import describe
 
@@ -85,6 +86,7 @@ class Intake:
                     and isinstance(item.deadline, int | float)
                     and isinstance(item.enqueued_at, int | float)
                     and isinstance(item.reply_to, str)
+                    and (item.traceparent is None or isinstance(item.traceparent, str))
                 ):
                     raise TypeError("a field of the wrong type")
             # Not our protocol (AttributeError: JSON, but not an object): nobody can be answered, never retry it.
@@ -122,6 +124,14 @@ class Intake:
             self.replies.cached(hits)
         todo = [t for t, c in zip(texts.values(), cached, strict=True) if c is None]
         if todo:
-            for text, ids in zip(todo, self.tokenize([t.text for t in todo]), strict=True):
-                text.ids = ids
+            tokenizing = (
+                tracing.linked_span("worker.tokenize", traceparents(todo), texts=len(todo))
+                if tracing.enabled
+                else tracing.OFF
+            )
+            with tokenizing as span:
+                for text, ids in zip(todo, self.tokenize([t.text for t in todo]), strict=True):
+                    text.ids = ids
+                if span.is_recording():
+                    span.set_attribute("sentiment.tokens", sum(len(t.ids) for t in todo))
             self.pending.add(todo, len(items))

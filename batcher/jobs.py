@@ -22,9 +22,11 @@ import math
 import os
 import signal
 import threading
+from contextlib import AbstractContextManager
 from types import FrameType
 from typing import Any
 
+from opentelemetry.trace import Span
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker, get_current_job
@@ -34,8 +36,10 @@ from rq.worker import WorkerStatus as RQWorkerStatus  # (not core.protocol's Wor
 from batcher import metrics
 from batcher.heartbeat import Beating
 from batcher.inference import Inference
+from core import tracing
 from core.job_spec import CHUNKS_PER_BATCH, SERIALIZER, jobs_queue, progress
 from core.protocol import Prediction
+from core.redis_connect import sync_client
 from core.redis_errors import Backoff, describe
 from core.settings import Settings
 from model_store.classifier import Classifier
@@ -58,13 +62,26 @@ def classify(texts: list[str]) -> list[Prediction]:
     predictions: list[Prediction] = []
     for start in range(0, len(texts), chunk):
         _stop_if_canceled(job)
-        with metrics.busy():
+        with (
+            metrics.busy(),
+            _chunk_span(job, start, len(texts[start : start + chunk])) if tracing.enabled else tracing.OFF,
+        ):
             predictions += _inference.predict(texts[start : start + chunk])
         if job is not None:
             job.meta.update(progress(len(predictions), len(texts)))
             job.save_meta()
     _stop_if_canceled(job)  # a cancel during the last chunk must not turn into "finished"
     return predictions
+
+
+def _chunk_span(job: Job | None, start: int, texts: int) -> AbstractContextManager[Span]:
+    """A chunk's span (tracing on): which job, from which text, how many."""
+    attributes: dict[str, str | int] = {
+        "sentiment.job": job.id if job is not None else "",
+        "sentiment.start": start,
+        "sentiment.texts": texts,
+    }
+    return tracing.tracer.start_as_current_span("jobs.chunk", attributes=attributes)
 
 
 def _stop_if_canceled(job: Job | None) -> None:
@@ -153,6 +170,7 @@ def serve_jobs(settings: Settings, inference: Inference, redis: Redis, burst: bo
     """
     global _inference
     _inference = inference
+    tracing.setup("sentiment-jobs-worker")
     period = max(1, math.ceil(settings.heartbeat_ttl_s))
     stop_asked = threading.Event()
     worked, backoff = False, Backoff(log, stop_asked)
@@ -208,5 +226,5 @@ def run(settings: Settings, classifier: Classifier) -> None:
     """`sentiment jobs-worker`, once `lower_priority` ran and the model loaded: serve jobs."""
     metrics.describe_model(classifier)
     metrics.serve(settings.jobs_metrics_port)
-    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+    redis = sync_client(settings.redis_url, socket_connect_timeout=2)
     serve_jobs(settings, Inference.for_jobs(settings, classifier, redis), redis)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from redis import Redis
-from redis.connection import AbstractConnection
+from redis.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -25,12 +25,12 @@ class Link:
 
     def __init__(self, redis: Redis) -> None:
         self._pool = redis.connection_pool
-        self._connection: AbstractConnection | None = None
+        self._connection: Connection | None = None
 
     def call(self, *commands: Command, raise_errors: bool = True) -> list[Any]:
         """Send `commands` together and return their replies; an error reply raises once every reply
         is read (or, not `raise_errors`, takes its place), a lost connection is dropped (the next call
-        reconnects)."""
+        takes a fresh one from the pool)."""
         connection = self._connection = self._connection or self._pool.get_connection()
         try:
             connection.send_packed_command(connection.pack_commands(commands))
@@ -41,7 +41,11 @@ class Link:
                 except ResponseError as error:
                     replies.append(error)
         except (RedisConnectionError, RedisTimeoutError, OSError):
+            # Back to the pool, which opens the next one: a connection reconnecting by itself goes
+            # back to its old address, where a Sentinel pool asks the sentinels for the primary's.
             connection.disconnect()
+            self._connection = None
+            self._pool.release(connection)
             raise
         if raise_errors and (errors := [reply for reply in replies if isinstance(reply, ResponseError)]):
             raise errors[0]

@@ -25,6 +25,7 @@ from batcher import metrics
 from batcher.queue import WorkQueue
 from batcher.redis_link import Command, Link
 from batcher.work import Held, Text
+from core import tracing
 from core.protocol import Keys, encode_prediction, replies
 from core.redis_errors import Backoff, describe
 
@@ -127,7 +128,12 @@ class Replies:
         writes += [("PUBLISH", channel, replies(pairs)) for channel, pairs in answers.items()]
         self.answered += len(finished)
         if writes:
-            self._execute(writes + self.heartbeat())
+            with (
+                tracing.linked_span("worker.reply", (h.item.traceparent for h in finished), requests=len(finished))
+                if tracing.enabled
+                else tracing.OFF
+            ):
+                self._execute(writes + self.heartbeat())
         self.queue.held.difference_update(held.raw for held in finished)
 
     def _execute(self, writes: list[Command]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -55,3 +56,8 @@ class Text:
     def deadline(self) -> float:
         """Unix s past which no request waits for this text."""
         return max(held.item.deadline for held, _ in self.waiters)
+
+
+def traceparents(texts: Iterable[Text]) -> set[str]:
+    """The trace contexts of the requests waiting on `texts`, each once (tracing: their spans' links)."""
+    return {held.item.traceparent for text in texts for held, _ in text.waiters if held.item.traceparent}

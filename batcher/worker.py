@@ -28,6 +28,7 @@ from batcher.intake import IDLE_POLL_S, Intake
 from batcher.plan import Pending, Policy
 from batcher.queue import WorkQueue
 from batcher.reply import Replies
+from core import tracing
 from core.protocol import Keys, ModelInfo, WorkerStatus, new_id
 from core.redis_errors import Backoff, describe
 from core.settings import Settings
@@ -101,6 +102,7 @@ class Worker:
         """Serve until `stop`. A Redis error in the take (an outage, or an error reply such as OOM or
         READONLY) backs off and tries again: dying of it would leave our work to the reclaim."""
         log.info("worker %s serving model %s (%s)", self.id, self.classifier.name, self.classifier.version)
+        tracing.setup("sentiment-worker")
         self.replies.thread.start()
         self.lanes.start()
         self.heartbeat.start()

@@ -13,6 +13,7 @@ from rq import Queue
 from rq import Worker as RQWorker
 
 from core.protocol import Keys, WorkerStatus, new_id
+from core.redis_connect import sync_client
 from core.redis_replies import text
 
 log = logging.getLogger(__name__)
@@ -22,12 +23,12 @@ def worker_client(url: str, keys: Keys) -> Redis:
     """A worker's Redis client, every connection of it named after this process (`Keys.worker_connection`)
     so that other workers see it die when its connections close. Unnamed where Redis refuses CLIENT
     SETNAME (an ACL without it): the heartbeat's expiry alone then says when it died."""
-    client = Redis.from_url(url, socket_connect_timeout=2, client_name=keys.worker_connection(new_id()))
+    client = sync_client(url, socket_connect_timeout=2, client_name=keys.worker_connection(new_id()))
     try:
         client.ping()
     except ResponseError as exc:
         log.warning("redis refuses to name this worker's connections (%s): its death is noticed by its heartbeat", exc)
-        client = Redis.from_url(url, socket_connect_timeout=2)
+        client = sync_client(url, socket_connect_timeout=2)
     except RedisConnectionError:
         pass  # Redis not up yet: the worker waits for it, named
     return client

@@ -148,6 +148,7 @@ class WorkItem(_Json):
     enqueued_at: float  # unix seconds
     deadline: float  # unix seconds; past it nobody waits and the worker skips the item
     reply_to: str  # pub/sub channel of the API process that waits
+    traceparent: str | None = None  # W3C trace context of the request's span, only when tracing is on (core/tracing.py)
 
 
 @dataclass(frozen=True, slots=True)

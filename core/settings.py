@@ -24,7 +24,8 @@ class Settings(BaseSettings):
     # Where things are
     redis_url: str = Field(
         "redis://localhost:6379/0",
-        description="Redis holding the queue, results and cache (redis://, rediss:// for TLS). "
+        description="Redis holding the queue, results and cache (redis://, rediss:// for TLS, "
+        "redis+sentinel://host1:26379,host2:26379/mymaster/0 behind Sentinel: docs/deploy.md). "
         "`sentiment serve` starts an embedded one when this is not set.",
     )
     key_prefix: str = Field("sentiment", description="Prefix of every Redis key the service uses.")

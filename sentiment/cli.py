@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from redis import Redis
 
+from core.redis_connect import sync_client
 from core.redis_errors import OUTAGE
 from core.settings import Settings
 from model_store.hub import DEFAULT_REPO
@@ -231,7 +232,7 @@ def _probe(kind: str, alive: Callable[[Redis], bool], settings: Settings) -> NoR
     restart cannot bring Redis back, the workers reconnect by themselves, and restarting them would
     only reload the model and kill running jobs (docs/reliability.md, "Redis outage")."""
     try:
-        ok = alive(Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2))
+        ok = alive(sync_client(settings.redis_url, socket_connect_timeout=2, socket_timeout=2))
     except OUTAGE as exc:
         print(f"redis unreachable ({exc}): {'passing, a restart cannot fix that' if kind == 'live' else 'not ready'}")
         ok = kind == "live"

@@ -26,6 +26,7 @@ import redis
 
 import api.server
 from core.liveness import jobs_worker_alive_on_this_host, worker_alive_on_this_host
+from core.redis_connect import sync_client
 from core.settings import Settings
 from sentiment.supervisor import Child, StartFailed, Supervisor, die_with_parent
 
@@ -149,7 +150,7 @@ def children(settings: Settings, url: str) -> list[Child]:
 
 def serving(settings: Settings, url: str) -> Callable[[Child], bool]:
     """Whether a child process serves: registered in Redis under its own pid, from this host."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    client = sync_client(url, socket_connect_timeout=2, socket_timeout=2)
 
     def check(child: Child) -> bool:
         assert child.proc is not None

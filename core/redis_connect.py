@@ -1,0 +1,119 @@
+"""The one place a Redis client is built from SENTIMENT_REDIS_URL: a plain Redis, or the primary that
+Redis Sentinel names.
+
+A plain ``redis://`` or ``rediss://`` URL is handed to redis-py's ``from_url`` as it always was. The
+Sentinel form names the sentinels and the primary's service name::
+
+    redis+sentinel://[[username]:password@]host1[:26379],host2[:26379],.../service_name[/db][?sentinel_password=...]
+
+The credentials are the primary's (and its replicas'); ``sentinel_password`` is the sentinels' own
+``requirepass``, when they have one. The client's pool asks the sentinels for the primary's address
+each time it opens a connection, so after a failover the clients reconnect to the promoted replica
+by themselves; until then their commands fail as in any outage (`core.redis_errors.OUTAGE`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis
+import redis.asyncio
+from redis.asyncio.connection import BlockingConnectionPool as AsyncBlockingPool
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelPool
+from redis.sentinel import Sentinel
+
+SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_PORT = 26379
+SENTINEL_TIMEOUT_S = 2.0  # a sentinel that does not answer is passed over for the next
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+    sentinel_password: str | None
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelUrl | None:
+        """The Sentinel form's parts; None for any other URL. Errors never quote the URL: it may hold
+        a password."""
+        parts = urlsplit(url)
+        if parts.scheme != SENTINEL_SCHEME:
+            return None
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        username, _, password = userinfo.partition(":")
+        sentinels = []
+        for host in hosts.split(","):
+            name, colon, port = host.rpartition(":")
+            if not colon or not port.isdigit():  # no port ([::1] included): the default
+                name, port = host, ""
+            if not name:
+                raise ValueError(f"{SENTINEL_SCHEME} URL: a sentinel without a host")
+            sentinels.append((name.strip("[]"), int(port or SENTINEL_PORT)))
+        path = [p for p in parts.path.split("/") if p]
+        if not 1 <= len(path) <= 2 or (len(path) == 2 and not path[1].isdigit()):
+            raise ValueError(f"{SENTINEL_SCHEME} URL: the path must be /service_name or /service_name/db")
+        query = parse_qs(parts.query)
+        if unknown := set(query) - {"sentinel_password"}:
+            raise ValueError(f"{SENTINEL_SCHEME} URL: unknown option(s) {sorted(unknown)}")
+        return cls(
+            sentinels=sentinels,
+            service=unquote(path[0]),
+            db=int(path[1]) if len(path) == 2 else 0,
+            username=unquote(username) or None,
+            password=unquote(password) or None,
+            sentinel_password=query["sentinel_password"][0] if "sentinel_password" in query else None,
+        )
+
+    def primary_kwargs(self) -> dict[str, Any]:
+        return {"db": self.db, "username": self.username, "password": self.password}
+
+    def sentinel_kwargs(self) -> dict[str, Any]:
+        return {
+            "password": self.sentinel_password,
+            "socket_connect_timeout": SENTINEL_TIMEOUT_S,
+            "socket_timeout": SENTINEL_TIMEOUT_S,
+        }
+
+
+def is_sentinel(url: str) -> bool:
+    """Whether `url` is the Sentinel form: a failover may lose the last writes (replication is
+    asynchronous), which the API's waiting requests then push again (`api.results`)."""
+    return urlsplit(url).scheme == SENTINEL_SCHEME
+
+
+def sync_client(url: str, **options: Any) -> redis.Redis:
+    """A synchronous client (the workers, RQ, the probes, the API's jobs client): `Redis.from_url(url,
+    **options)`, or for the Sentinel form the primary's client with the same options."""
+    if (sentinel := SentinelUrl.parse(url)) is None:
+        return redis.Redis.from_url(url, **options)
+    manager = Sentinel(sentinel.sentinels, sentinel_kwargs=sentinel.sentinel_kwargs())
+    return manager.master_for(sentinel.service, **sentinel.primary_kwargs(), **options)
+
+
+class _BlockingSentinelPool(AsyncSentinelPool, AsyncBlockingPool):
+    """The primary's connections, found through Sentinel, at most `max_connections` of them: a
+    request waits up to `timeout` for one to be free, as with a plain URL's BlockingConnectionPool."""
+
+
+def async_client(url: str, *, max_connections: int, timeout: float, **options: Any) -> redis.asyncio.Redis:
+    """The API's asyncio client: a BlockingConnectionPool of `max_connections` that waits `timeout`
+    for a free connection, for a plain URL or the Sentinel form alike."""
+    if (sentinel := SentinelUrl.parse(url)) is None:
+        pool = AsyncBlockingPool.from_url(url, max_connections=max_connections, timeout=timeout, **options)
+        return redis.asyncio.Redis(connection_pool=pool)
+    manager = AsyncSentinel(sentinel.sentinels, sentinel_kwargs=sentinel.sentinel_kwargs())
+    return manager.master_for(
+        sentinel.service,
+        connection_pool_class=_BlockingSentinelPool,
+        max_connections=max_connections,
+        timeout=timeout,
+        **sentinel.primary_kwargs(),
+        **options,
+    )

@@ -1,0 +1,197 @@
+"""The Open Inference Protocol (KServe V2) REST routes, through a client this project did not write.
+
+End to end: `sentiment api` and `sentiment worker` against a real redis-server, called by
+tritonclient's HTTP client (JSON and binary tensors), answering what /predict and the model answer.
+In process on fakeredis: the probes open with keys on, the body limit, 404/503 before any work.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import fakeredis
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from api.app import create_app
+from api.inference_protocol import infer_body_limit
+from core.protocol import Keys, ModelInfo, prediction
+from core.settings import Settings
+from model_store.classifier import Classifier
+from tests.conftest import Service, start_service
+
+KEY = "a-test-key-of-some-length"
+TEXTS = ["a good movie", "bad", "", "a good movie", "ünïcödé ✓"]
+
+
+@pytest.fixture(scope="module")
+def service(redis_url: str, tiny_model_dir: Path) -> Iterator[Service]:
+    service = start_service(redis_url, tiny_model_dir, "v2", SENTIMENT_REQUEST_TIMEOUT_S="120", SENTIMENT_MAX_TEXTS="8")
+    yield service
+    assert service.stop() == [0, 0]
+
+
+@pytest.fixture(scope="module")
+def http(service: Service) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=service.url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(service: Service) -> Iterator[triton.InferenceServerClient]:
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{service.port}", network_timeout=120)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def model(http: httpx.Client) -> dict:
+    return http.get("/model").json()
+
+
+def text_input(texts: list[str], shape: list[int], binary: bool) -> triton.InferInput:
+    tensor = triton.InferInput("text", shape, "BYTES")
+    tensor.set_data_from_numpy(np.array(texts, dtype=np.object_).reshape(shape), binary_data=binary)
+    return tensor
+
+
+def test_probes_and_metadata(client: triton.InferenceServerClient, http: httpx.Client, model: dict) -> None:
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready(model["name"])
+    server = client.get_server_metadata()
+    assert server["name"] == "sentiment-batcher" and "binary_tensor_data" in server["extensions"]
+    assert http.get("/v2/health/live").json() == {"live": True}
+    assert http.get("/v2/health/ready").json() == {"ready": True}
+    metadata = client.get_model_metadata(model["name"])
+    assert metadata["name"] == model["name"] and metadata["versions"] == [model["version"]]
+    assert metadata["labels"] == model["labels"]
+    assert metadata["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    assert [(o["name"], o["datatype"], o["shape"]) for o in metadata["outputs"]] == [
+        ("label", "BYTES", [-1]),
+        ("scores", "FP32", [-1, len(model["labels"])]),
+    ]
+
+
+@pytest.mark.parametrize(("shape", "binary"), [([5], False), ([5, 1], False), ([5], True), ([5, 1], True)])
+def test_labels_and_scores_are_predicts_and_the_models(
+    client: triton.InferenceServerClient,
+    http: httpx.Client,
+    model: dict,
+    classifier: Classifier,
+    shape: list[int],
+    binary: bool,
+) -> None:
+    outputs = [triton.InferRequestedOutput("label"), triton.InferRequestedOutput("scores")]
+    result = client.infer(model["name"], [text_input(TEXTS, shape, binary)], outputs=outputs, request_id="r-1")
+    answer = result.get_response()
+    assert (answer["model_name"], answer["model_version"], answer["id"]) == (model["name"], model["version"], "r-1")
+    labels = list(result.as_numpy("label"))  # JSON strings (binary outputs would be bytes)
+    scores = result.as_numpy("scores")
+    assert scores.dtype == np.float32 and scores.shape == (len(TEXTS), len(model["labels"]))
+
+    predicted = http.post("/predict", json={"text": TEXTS}).json()["predictions"]
+    assert [[s["label"] for s in p] for p in predicted] == [model["labels"]] * len(TEXTS)
+    assert scores.ravel().tolist() == pytest.approx([s["score"] for p in predicted for s in p], abs=1e-6)
+    assert labels == [max(p, key=lambda s: s["score"])["label"] for p in predicted]
+    own = [prediction(classifier.labels, p) for p in classifier.forward(classifier.tokenize(TEXTS))]
+    assert scores.ravel().tolist() == pytest.approx([s["score"] for p in own for s in p], abs=1e-5)
+    assert labels == [classifier.labels[int(np.argmax([s["score"] for s in p]))] for p in own]
+
+
+def test_outputs_requested_by_name_and_all_by_default(
+    client: triton.InferenceServerClient, http: httpx.Client, model: dict
+) -> None:
+    only = client.infer(
+        model["name"], [text_input(["fine"], [1], False)], outputs=[triton.InferRequestedOutput("scores")]
+    )
+    assert [o["name"] for o in only.get_response()["outputs"]] == ["scores"]
+    body = {"inputs": [{"name": "input-0", "shape": [2], "datatype": "BYTES", "data": ["fine", "awful"]}]}
+    answer = http.post(f"/v2/models/{model['name']}/infer", json=body)
+    assert answer.status_code == 200
+    assert [(o["name"], o["shape"]) for o in answer.json()["outputs"]] == [("label", [2]), ("scores", [2, 2])]
+    assert answer.json()["id"]  # one is made up when the request names none
+
+
+def test_an_unknown_model_is_404(client: triton.InferenceServerClient, http: httpx.Client) -> None:
+    assert not client.is_model_ready("no-such-model")
+    with pytest.raises(InferenceServerException) as metadata:
+        client.get_model_metadata("no-such-model")
+    assert metadata.value.status() == "404"
+    with pytest.raises(InferenceServerException) as infer:
+        client.infer("no-such-model", [text_input(["x"], [1], False)])
+    assert infer.value.status() == "404" and "no model named 'no-such-model'" in infer.value.message()
+    assert http.get("/v2/models/no-such-model").json()["error_type"] == "not_found"
+
+
+def test_bad_input_is_a_4xx(client: triton.InferenceServerClient, http: httpx.Client, model: dict) -> None:
+    wrong_type = triton.InferInput("text", [1], "FP32")
+    wrong_type.set_data_from_numpy(np.array([1.0], dtype=np.float32), binary_data=False)
+    too_many = text_input(["x"] * 9, [9], False)  # SENTIMENT_MAX_TEXTS is 8
+    for inputs in ([wrong_type], [too_many], [text_input(["x"] * 2, [2], False)] * 2):
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer(model["name"], inputs)
+        assert refused.value.status() == "422"
+    url = f"/v2/models/{model['name']}/infer"
+    for tensor in (
+        {"shape": [3], "data": ["a", "b"]},  # shape and data disagree
+        {"shape": [2, 2], "data": ["a", "b", "c", "d"]},
+        {"shape": [1], "data": ["x" * 10_000]},  # over SENTIMENT_MAX_CHARS
+        {"shape": [1], "data": [7]},
+        {"shape": [1]},  # no data, no binary
+    ):
+        response = http.post(url, json={"inputs": [{"name": "text", "datatype": "BYTES", **tensor}]})
+        assert response.status_code == 422, (tensor, response.text)
+    header = b'{"inputs":[{"name":"t","shape":[1],"datatype":"BYTES","parameters":{"binary_data_size":6}}]}'
+    for binary in (struct.pack("<I", 5) + b"ab", struct.pack("<I", 2) + b"\xff\xfe"):  # cut short; not UTF-8
+        sent = header.replace(b":6", b":%d" % len(binary)) + binary
+        response = http.post(
+            url, content=sent, headers={"Inference-Header-Content-Length": str(len(sent) - len(binary))}
+        )
+        assert response.status_code == 422, response.text
+    assert http.post(url, content=b"text", headers={"content-type": "text/plain"}).status_code == 415
+
+
+# In process, on fakeredis.
+
+
+@pytest.fixture
+async def keyed(settings: Settings, fake_server: fakeredis.FakeServer) -> AsyncIterator[httpx.AsyncClient]:
+    keyed = settings.model_copy(update={"api_keys": Settings(api_keys=KEY).api_keys})
+    app = create_app(keyed, redis=fakeredis.FakeAsyncRedis(server=fake_server), jobs_redis=fakeredis.FakeRedis())
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+            yield client
+
+
+@pytest.mark.anyio
+async def test_probes_are_open_and_the_rest_keyed_404_and_503_before_work(
+    keyed: httpx.AsyncClient, settings: Settings, redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("api.predictions.MODEL_INFO_TTL_S", 0)  # the announcement below is seen at once
+    assert (await keyed.get("/v2/health/live")).status_code == 200
+    assert (await keyed.get("/v2/health/ready")).json() == {"status": "not ready", "reason": "no live worker"}
+    body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}
+    assert (await keyed.post("/v2/models/tiny/infer", json=body)).status_code == 401
+    assert (await keyed.get("/v2")).status_code == 401
+    auth = {"X-API-Key": KEY}
+    assert (await keyed.get("/v2", headers=auth)).json()["extensions"] == ["binary_tensor_data"]
+    unannounced = await keyed.post("/v2/models/tiny/infer", json=body, headers=auth)
+    assert (unannounced.status_code, unannounced.json()["error_type"]) == (503, "unavailable")
+    redis.set(Keys(settings.key_prefix).model, ModelInfo("tiny", "v1", ["NEGATIVE", "POSITIVE"], "cpu", "f32").encode())
+    other = await keyed.post("/v2/models/other/infer", json=body, headers=auth)
+    assert (other.status_code, other.json()["error_type"]) == (404, "not_found")
+    assert redis.llen(Keys(settings.key_prefix).queue) == 0  # nothing was queued
+    limit = infer_body_limit(settings.max_texts, settings.max_chars)
+    over = await keyed.post("/v2/models/tiny/infer", content=b" " * (limit + 1), headers=auth)
+    assert (over.status_code, over.json()["error_type"]) == (413, "too_large")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

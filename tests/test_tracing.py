@@ -1,0 +1,181 @@
+"""OpenTelemetry traces (core/tracing.py): a request's trace from the API, through its work item, to
+the worker's spans that link to it; nothing at all when tracing is off. The API runs in process on
+fakeredis with a worker thread on the same server, spans go to the SDK's in-memory exporter."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import fakeredis
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+import batcher.jobs
+from batcher.inference import Inference
+from batcher.worker import Worker
+from core import tracing
+from core.protocol import WorkItem
+from core.settings import Settings
+from model_store.classifier import Classifier
+from tests.conftest import start_worker, wait_for
+from tests.test_api import client_for
+
+pytestmark = pytest.mark.anyio
+
+CLIENT_TRACE = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"  # a client's W3C traceparent header
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def exporter(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    """Tracing on, into memory, for one test; global for this test alone, as `tracing.setup` makes it
+    (FastAPI then spans each HTTP request)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    tracing.install(provider)
+    yield exporter
+    tracing.install(None)
+    provider.shutdown()
+
+
+def taken_items(worker: Worker) -> list[WorkItem]:
+    """The work items `worker` takes from here on, as they came off the queue."""
+    taken: list[WorkItem] = []
+    admit = worker.intake.admit
+
+    def spy(raws: list[bytes]) -> None:
+        taken.extend(WorkItem.decode(raw) for raw in raws)
+        admit(raws)
+
+    worker.intake.admit = spy  # type: ignore[method-assign]
+    return taken
+
+
+def named(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
+    return [s for s in spans if s.name == name]
+
+
+async def test_a_requests_trace_crosses_to_the_worker_in_its_work_item(
+    exporter: InMemorySpanExporter, settings: Settings, fake_server: fakeredis.FakeServer, worker: Worker
+) -> None:
+    taken = taken_items(worker)
+    start_worker(worker)
+    async with client_for(settings, fakeredis.FakeAsyncRedis(server=fake_server)) as client:
+        response = await client.post("/predict", json={"text": ["good", "bad", "good"]})
+        assert response.status_code == 200
+        # The worker's reply span ends after the API had its answer (the reply went out in it).
+        spans = wait_for(
+            "the reply span", lambda: (s := exporter.get_finished_spans()) and named(s, "worker.reply") and s
+        )
+
+    [http] = named(spans, "POST /predict")  # FastAPI's
+    assert http.kind == SpanKind.SERVER and http.parent is None  # no traceparent header: a trace of its own
+    [predict] = named(spans, "predict")
+    request = predict.get_span_context()
+    ids = (request.trace_id, request.span_id)
+    assert predict.parent is not None and predict.parent.span_id == http.context.span_id
+    assert predict.attributes == {"sentiment.texts": 3, "sentiment.cache": "miss"}
+    phases = [s for s in spans if s.name.startswith("predict.")]
+    assert sorted(s.name for s in phases) == ["predict.cache_lookup", "predict.enqueue", "predict.wait"]
+    assert all(s.parent is not None and s.parent.span_id == request.span_id for s in phases)
+    assert all(s.context.trace_id == request.trace_id for s in phases)
+
+    [item] = taken
+    assert item.traceparent == f"00-{request.trace_id:032x}-{request.span_id:016x}-{request.trace_flags:02x}"
+
+    forwards = named(spans, "worker.forward")  # one, or one a lane where idle lanes split the batch
+    [tokenize] = named(spans, "worker.tokenize")
+    for span in [*forwards, tokenize, *named(spans, "worker.reply")]:
+        assert [(link.context.trace_id, link.context.span_id) for link in span.links] == [ids], span.name
+    attributes = [dict(s.attributes or {}) for s in forwards]
+    assert all(s.kind == SpanKind.CONSUMER for s in forwards)
+    assert all(a["sentiment.requests"] == 1 and a["sentiment.queue_wait_s"] >= 0 for a in attributes)
+    assert sum(a["sentiment.texts"] for a in attributes) == 2  # the distinct texts
+    tokens = sum(a["sentiment.tokens"] for a in attributes)
+    assert tokenize.attributes == {"sentiment.texts": 2, "sentiment.tokens": tokens}
+
+
+async def test_the_predict_span_continues_a_clients_trace(
+    exporter: InMemorySpanExporter, settings: Settings, fake_server: fakeredis.FakeServer, worker: Worker
+) -> None:
+    taken = taken_items(worker)
+    start_worker(worker)
+    async with client_for(settings, fakeredis.FakeAsyncRedis(server=fake_server)) as client:
+        response = await client.post("/predict", json={"text": ["fine"]}, headers={"traceparent": CLIENT_TRACE})
+        assert response.status_code == 200
+    spans = exporter.get_finished_spans()
+    [http], [predict] = named(spans, "POST /predict"), named(spans, "predict")
+    assert f"{predict.context.trace_id:032x}" == "ab" * 16
+    assert http.parent is not None and f"{http.parent.span_id:016x}" == "cd" * 8
+    assert [item.traceparent for item in taken] == [
+        f"00-{'ab' * 16}-{predict.context.span_id:016x}-01"
+    ]  # sampled, as the client's
+
+
+async def test_off_no_span_is_made_and_no_traceparent_queued(
+    settings: Settings, fake_server: fakeredis.FakeServer, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A working tracer behind the flag: anything that built spans without asking `enabled` would show here.
+    exporter, provider = InMemorySpanExporter(), TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(tracing, "tracer", provider.get_tracer("test"))
+    assert not tracing.enabled
+    taken = taken_items(worker)
+    start_worker(worker)
+    async with client_for(settings, fakeredis.FakeAsyncRedis(server=fake_server)) as client:
+        response = await client.post("/predict", json={"text": ["good", "bad"]}, headers={"traceparent": CLIENT_TRACE})
+        assert response.status_code == 200
+    wait_for("the item's acknowledgement", lambda: worker.replies.answered == 1)
+    assert [item.traceparent for item in taken] == [None]
+    assert exporter.get_finished_spans() == ()
+
+
+def test_a_span_per_jobs_chunk(
+    exporter: InMemorySpanExporter,
+    settings: Settings,
+    classifier: Classifier,
+    redis: fakeredis.FakeRedis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    inference = Inference.for_jobs(settings, classifier, redis)
+    monkeypatch.setattr(batcher.jobs, "_inference", inference)
+    chunk = inference.policy.max_texts * batcher.jobs.CHUNKS_PER_BATCH
+    texts = [f"text {i}" for i in range(chunk + 1)]
+    assert len(batcher.jobs.classify(texts)) == len(texts)
+    chunks = named(exporter.get_finished_spans(), "jobs.chunk")
+    assert [(s.attributes or {}).get("sentiment.start") for s in chunks] == [0, chunk]
+    assert [(s.attributes or {}).get("sentiment.texts") for s in chunks] == [chunk, 1]
+
+
+@pytest.mark.parametrize(
+    ("env", "exporters"),
+    [
+        ({}, []),
+        ({"OTEL_TRACES_EXPORTER": "none"}, []),
+        ({"OTEL_TRACES_EXPORTER": "otlp"}, ["otlp"]),
+        ({"OTEL_TRACES_EXPORTER": "otlp, Console"}, ["otlp", "console"]),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, ["otlp"]),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, ["otlp"]),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_TRACES_EXPORTER": "none"}, []),
+        ({"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"}, []),
+    ],
+)
+def test_which_environment_turns_tracing_on(env: dict[str, str], exporters: list[str]) -> None:
+    assert tracing.exporters(env) == exporters
+
+
+def test_setup_leaves_tracing_off_when_the_environment_does_not_ask(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    assert not tracing.setup("test")
+    assert not tracing.enabled
