@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.errors import ErrorType, error_response, responses
 from api.rate_limit import RateLimit
+from core.protocol import DEFAULT_CLIENT
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,13 @@ class ApiKeys:
         for d in self._digests:  # every key, always: the time says nothing about which matched
             known |= hmac.compare_digest(digest, d)
         return f"key-{digest.hex()[:16]}" if known else None
+
+
+def client_of(scope: Scope) -> str:
+    """The client a request queues work for, to be served in turn with others (`batcher.plan`) and
+    refused first when it holds the most (`api.predictions`): its API key's name, else the one default."""
+    state: dict[str, str] = scope.get("state") or {}
+    return state.get("client", DEFAULT_CLIENT)
 
 
 def presented_key(headers: Headers) -> str | None:
@@ -88,6 +96,7 @@ class AccessControl:
             if client is None:
                 await error_response(ErrorType.FORBIDDEN, "this API key is not valid")(scope, receive, send)
                 return
+            scope.setdefault("state", {})["client"] = client  # whose work it queues (`client_of`)
         else:
             client = f"addr-{(scope.get('client') or ('unknown',))[0]}"
         limit: RateLimit | None = getattr(scope["app"].state, "rate_limit", None)

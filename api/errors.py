@@ -42,6 +42,7 @@ class ErrorType(StrEnum):
     FORBIDDEN = "forbidden"  # the request sent a key that is not configured
     RATE_LIMITED = "rate_limited"  # this client's token bucket is empty
     NOT_READY = "not_ready"  # /ready: Redis down, no live worker, or a worker of `sentiment serve` down
+    CLIENT_GONE = "client_gone"  # the client disconnected while its request waited: nobody reads the answer
 
 
 class ErrorBody(BaseModel):
@@ -87,6 +88,7 @@ ERRORS: dict[ErrorType, ErrorSpec] = {
     ErrorType.FORBIDDEN: ErrorSpec(403, refusal=True),
     ErrorType.RATE_LIMITED: ErrorSpec(429, retry_after_s=1, refusal=True),  # the bucket says how long, mostly
     ErrorType.NOT_READY: ErrorSpec(503, body=NotReadyBody),
+    ErrorType.CLIENT_GONE: ErrorSpec(499),  # nginx's "client closed request": what the request metrics record
 }
 for _type, _spec in ERRORS.items():
     if _spec.refusal:

@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
+from api.access import client_of
 from api.errors import BODY_RESPONSES, RESPONSES, VALIDATION_ERROR, ErrorType, ServiceError, error_response, responses
 from api.limits import BODY_OVERHEAD, body_limit
 from api.predictions import ModelInfoCache, Predictor
@@ -213,7 +214,7 @@ def inference_protocol_router(settings: Settings) -> APIRouter:
             raise invalid((), f"{HEADER_LENGTH} must be the size of the JSON header, at most the body's", header)
         texts = request_texts(body, binary, settings.max_texts, settings.max_chars)
         predictor: Predictor = request.app.state.predictor
-        predictions, cache = await predictor.predict(texts)
+        predictions, cache = await predictor.predict(texts, client_of(request.scope), request.receive)
         wanted = [o.name for o in body.outputs] if body.outputs else OUTPUTS
         tensors = {
             "label": {

@@ -7,11 +7,15 @@ Reading a started job also runs RQ's abandoned-job cleanup, so a job whose worke
 Only ended jobs expire. Redis evicts keys that have a TTL under memory pressure (`volatile-lru`,
 k8s/base/redis.yaml), and a queued job whose hash was evicted would be skipped by the worker and
 answer 404: so a job carries no TTL until it finishes, fails or is canceled.
+
+A job created with a callback URL gets its webhook record in the same transaction (`core.webhooks`);
+a cancel makes it due at once, and deleting the job drops it with everything else of the job.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 from redis import Redis
@@ -23,20 +27,22 @@ from rq.results import Result
 from rq.utils import now, utcformat
 
 from api.errors import ErrorType, ServiceError
-from core.job_spec import JOB_FUNC, JOB_TIMEOUT_S, RETRY, SERIALIZER, jobs_queue, progress
+from core import webhooks
+from core.job_spec import (
+    ENDED,
+    JOB_FUNC,
+    JOB_STATUS,
+    JOB_TIMEOUT_S,
+    RETRY,
+    SERIALIZER,
+    jobs_queue,
+    progress,
+    status_document,
+)
 from core.protocol import new_id
 from core.settings import Settings
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # what `new_id` makes; anything else cannot exist
-ENDED = {"finished", "failed", "canceled"}
-# RQ's finer states, as the five this API promises.
-JOB_STATUS = {
-    JobStatus.STARTED: "started",
-    JobStatus.FINISHED: "finished",
-    JobStatus.FAILED: "failed",
-    JobStatus.CANCELED: "canceled",
-    JobStatus.STOPPED: "canceled",
-}  # everything else (created, queued, scheduled, deferred, ...) waits to run: "queued"
 
 
 class JobStore:
@@ -46,20 +52,28 @@ class JobStore:
         self.redis = redis
         self.queue = jobs_queue(redis, settings)
         self.ttl_s = settings.job_ttl_s
+        self.webhooks = webhooks.WebhookKeys(settings.key_prefix)
+        self.webhook_look_s = settings.heartbeat_ttl_s  # how often a job with a webhook is looked at before it ends
 
-    def create(self, texts: list[str]) -> str:
-        """Queue a job for `texts`; returns its (unguessable) id."""
-        job = self.queue.enqueue_call(
-            JOB_FUNC,
-            args=(texts,),
-            job_id=new_id(),
-            description=f"classify {len(texts)} texts",
-            meta=progress(0, len(texts)),
-            retry=RETRY,
-            timeout=JOB_TIMEOUT_S,
-            result_ttl=self.ttl_s,
-            failure_ttl=self.ttl_s,  # no `ttl`: see the module's docstring
-        )
+    def create(self, texts: list[str], callback_url: str | None = None) -> str:
+        """Queue a job for `texts`, and with it its webhook to `callback_url` (checked already); returns
+        its (unguessable) id."""
+        with self.redis.pipeline() as pipe:
+            job = self.queue.enqueue_call(
+                JOB_FUNC,
+                args=(texts,),
+                job_id=new_id(),
+                description=f"classify {len(texts)} texts",
+                meta=progress(0, len(texts)),
+                retry=RETRY,
+                timeout=JOB_TIMEOUT_S,
+                result_ttl=self.ttl_s,
+                failure_ttl=self.ttl_s,  # no `ttl`: see the module's docstring
+                pipeline=pipe,
+            )
+            if callback_url is not None:
+                webhooks.watch(pipe, self.webhooks, job.id, callback_url, time.time() + self.webhook_look_s)
+            pipe.execute()
         return job.id
 
     def view(self, job_id: str) -> dict[str, Any]:
@@ -68,21 +82,7 @@ class JobStore:
         if job.get_status() == JobStatus.STARTED:
             self.queue.started_job_registry.cleanup()  # is its worker gone? (cheap: one ZRANGEBYSCORE)
             job = self._fetch(job_id)
-        status = JOB_STATUS.get(job.get_status(refresh=False), "queued")
-        meta = job.get_meta(refresh=False)
-        view: dict[str, Any] = {
-            "job_id": job.id,
-            "status": status,
-            "progress": progress(meta.get("done", 0), meta.get("total", 0)),
-            "created_at": job.created_at,
-            "started_at": job.started_at if status != "queued" else None,
-            "ended_at": job.ended_at if status in ENDED else None,
-        }
-        if status == "finished":
-            view["predictions"] = job.return_value()
-        elif status == "failed":
-            view["error"] = failure_message(job.latest_result())
-        return view
+        return status_document(job)
 
     def delete(self, job_id: str) -> None:
         """Cancel a queued or started job (a started one stops at its next chunk); delete an ended one
@@ -105,11 +105,13 @@ class JobStore:
                         job.ended_at = now()
                         pipe.hset(job.key, "ended_at", utcformat(job.ended_at))
                         job.cleanup(ttl=self.ttl_s, pipeline=pipe)  # a canceled job expires like any other
+                        webhooks.look_now(pipe, self.webhooks, job.id)  # it ended: its webhook goes now
                     elif stopping:
                         # Canceled, but its worker has yet to reach the chunk boundary where it reads
                         # the status (RQ's worker loop dies on a job that is gone). Only the texts go
                         # now, and with them the job to a reader (404); status and progress expire.
                         pipe.hdel(job.key, "data")
+                        webhooks.forget(pipe, self.webhooks, job.id)
                     else:
                         self._delete(job, pipe)
                     pipe.execute()
@@ -126,6 +128,7 @@ class JobStore:
         for registry in (queue.finished_job_registry, queue.failed_job_registry, queue.canceled_job_registry):
             registry.remove(job, pipeline=pipe)
         pipe.delete(job.key, Result.get_key(job.id), job.execution_registry.key)
+        webhooks.forget(pipe, self.webhooks, job.id)  # an undelivered webhook holds its document
 
     def _fetch(self, job_id: str) -> Job:
         if JOB_ID.fullmatch(job_id):
@@ -134,14 +137,3 @@ class JobStore:
             except NoSuchJobError:
                 pass
         raise ServiceError(ErrorType.NOT_FOUND, f"no job {job_id} (unknown, or expired)")
-
-
-def failure_message(result: Result | None) -> str:
-    """Why a job failed, in one line: never a traceback."""
-    exc = (result.exc_string or "") if result is not None else ""
-    if "AbandonedJobError" in exc:
-        return "the jobs worker running this job stopped (killed or lost) and no retries were left"
-    if result is not None and result.type == Result.Type.MAX_RETRIES_EXCEEDED:
-        return "gave up after the maximum number of retries"
-    lines = [line.strip() for line in exc.splitlines() if line.strip()]
-    return lines[-1] if lines else "the job failed"

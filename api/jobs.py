@@ -7,16 +7,17 @@ The routes are plain `def`: RQ is synchronous, and FastAPI runs such routes in i
 # No `from __future__ import annotations`: FastAPI must see the per-app request model itself.
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints, WithJsonSchema
 
 from api.errors import BODY_RESPONSES, ErrorType, responses
 from api.job_store import JobStore
 from api.schemas import Score, require_json, texts_request
 from core.settings import Settings
+from core.webhooks import MAX_URL_CHARS, check_url
 
 Status = Literal["queued", "started", "finished", "failed", "canceled"]
 
@@ -54,7 +55,9 @@ async def sent_as_json(request: Request) -> None:
 def jobs_router(settings: Settings) -> APIRouter:
     # A body without Content-Type is read as JSON (`api.schemas.is_json`); one declared otherwise is a 415.
     router = APIRouter(prefix="/jobs", tags=["jobs"], strict_content_type=False)
-    JobRequest = texts_request("JobRequest", settings.jobs_max_texts, settings.max_chars)
+    JobRequest = texts_request(
+        "JobRequest", settings.jobs_max_texts, settings.max_chars, callback_url=callback_url_field(settings)
+    )
 
     @router.post(
         "",
@@ -66,8 +69,9 @@ def jobs_router(settings: Settings) -> APIRouter:
     # (The `type: ignore`s: `JobRequest` is made at run time, with the configured limits, so mypy
     # cannot use it as a type; FastAPI reads the annotation and validates the body as it.)
     def create(body: JobRequest, request: Request, response: Response) -> JobCreated:  # type: ignore[valid-type]
-        """Queue texts for classification; poll `status_url` for progress and predictions."""
-        job_id = _store(request).create(body.text)  # type: ignore[attr-defined]
+        """Queue texts for classification; poll `status_url` for progress and predictions, or name a
+        `callback_url` that gets the job's status document when it ends."""
+        job_id = _store(request).create(body.text, body.callback_url)  # type: ignore[attr-defined]
         url = f"/jobs/{job_id}"
         response.headers["Location"] = url
         return JobCreated(job_id=job_id, status="queued", status_url=url)
@@ -99,6 +103,33 @@ def jobs_router(settings: Settings) -> APIRouter:
         return Response(status_code=204)
 
     return router
+
+
+CALLBACK_URL = (
+    "Where to POST the job's status document (as GET /jobs/{id} answers it) when the job ends, signed "
+    '(docs/jobs.md, "Webhooks"): http or https, to a public address or an allowed network.'
+)
+
+
+def callback_url_field(settings: Settings) -> tuple[Any, Any]:
+    """JobRequest's `callback_url`, checked against the allow-list (`core.webhooks.check_url`): a 422
+    that says why. Without a webhook secret every URL is a 422, and the schema takes only null."""
+    if settings.webhook_secret is None:
+
+        def off(url: str | None) -> None:
+            if url is not None:
+                raise ValueError("webhooks are off: this service has no SENTIMENT_WEBHOOK_SECRET to sign them")
+
+        return Annotated[str | None, AfterValidator(off), WithJsonSchema({"type": "null"})], Field(
+            None, description=f"{CALLBACK_URL} Off here: no webhook secret is configured."
+        )
+
+    def checked(url: str) -> str:
+        check_url(url, settings.webhook_allowed_networks)
+        return url
+
+    url = Annotated[str, StringConstraints(max_length=MAX_URL_CHARS), AfterValidator(checked)]
+    return url | None, Field(None, description=CALLBACK_URL)
 
 
 def _store(request: Request) -> JobStore:

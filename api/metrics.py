@@ -1,10 +1,11 @@
 """The API's Prometheus metrics, served at GET /metrics on the API's own port.
 
 Request latency by route template (never the raw path: `/jobs/{job_id}`, one value for every
-unknown path), cache hits and misses per text, refused requests by reason, and, read from Redis at
-scrape time, jobs by state and live workers. Metric objects are module-level (one process per API
-replica) so any module can count with a one-line call; the names are the contract with the
-dashboards and alerts in k8s/monitoring/.
+unknown path), cache hits and misses per text, refused and abandoned requests by reason, replies
+nobody waited for, and, read from Redis at scrape time, jobs by state, live workers and webhooks on
+the dead-letter list. Metric objects are module-level (one process per API replica) so any module
+can count with a one-line call; the names are the contract with the dashboards and alerts in
+k8s/monitoring/.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from rq import Queue
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.liveness import live_workers
+from core.webhooks import WebhookKeys
 
 log = logging.getLogger(__name__)
 disable_created_metrics()  # `_created` series double the series count and no panel uses them
@@ -54,6 +56,18 @@ REQUESTS_REFUSED = Counter(
     "Requests refused before any work (counted by api.errors.error_response): overload, rate limit, auth, size.",
     ["reason"],
 )
+REQUESTS_ABANDONED = Counter(
+    "sentiment_requests_abandoned",
+    "Requests that stopped waiting for their queued work (`disconnected`: the client went away; `deadline`: "
+    "cut at the request timeout), their work items marked abandoned for the workers to drop.",
+    ["reason"],
+)
+REPLIES_UNCLAIMED = Counter(
+    "sentiment_replies_unclaimed",
+    "Results that reached this API process for a request no longer waiting: work a worker did for nobody.",
+)
+for _reason in ("disconnected", "deadline"):
+    REQUESTS_ABANDONED.labels(_reason)  # every reason shows from the start, at 0
 
 
 @functools.cache  # bounded (route templates x METHODS x statuses); `labels` takes a lock each call
@@ -91,10 +105,11 @@ class RequestMetrics:
 
 
 class ServiceState(Collector):
-    """`sentiment_jobs{status}` (RQ's queue and registries) and `sentiment_workers_live`, at scrape time.
+    """`sentiment_jobs{status}` (RQ's queue and registries), `sentiment_workers_live` and
+    `sentiment_webhook_dead_letters`, at scrape time.
 
     Two Redis round trips and no cleanup (counts are as RQ's registries hold them). A scrape while
-    Redis is unreachable leaves these two out instead of failing the whole scrape.
+    Redis is unreachable leaves these out instead of failing the whole scrape.
     """
 
     def __init__(self, redis: Redis, queue: Queue, key_prefix: str) -> None:
@@ -118,9 +133,11 @@ class ServiceState(Collector):
                 for group in registries.values():
                     for registry in group:
                         pipe.zcard(registry.key)
+                pipe.llen(WebhookKeys(self.key_prefix).dead_letters)
                 counts = iter(pipe.execute())
             waiting = next(counts)
             by_status = {status: sum(next(counts) for _ in group) for status, group in registries.items()}
+            dead_letters = next(counts)
             by_status["queued"] += waiting
             live = len(live_workers(self.redis, self.key_prefix))
         except RedisError as exc:
@@ -132,6 +149,11 @@ class ServiceState(Collector):
         yield jobs
         yield GaugeMetricFamily(
             "sentiment_workers_live", "Model workers with a fresh heartbeat (what /ready requires).", value=live
+        )
+        yield GaugeMetricFamily(
+            "sentiment_webhook_dead_letters",
+            'Job webhooks that gave up, kept on the dead-letter list (docs/jobs.md, "Webhooks").',
+            value=dead_letters,
         )
 
 

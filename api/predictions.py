@@ -1,27 +1,36 @@
 """The cache-first prediction path: cache lookup, one queued work item for the misses, merge.
 
 Both Redis commands are coalesced (`api.coalescing`): the requests that look up, or queue, in the
-same turn of the event loop share one MGET, and one LPUSH of their work items."""
+same turn of the event loop share one MGET, and one LPUSH of their work items. A request that stops
+waiting for its work (its client went away, or its deadline cut the wait) marks the item abandoned,
+for the workers to drop (`Predictor._wait`)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from enum import StrEnum
 
 import orjson
 from cachetools import TTLCache
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from starlette.types import Receive
 
 from api.coalescing import Coalescer
 from api.errors import ErrorType, ServiceError
-from api.metrics import CACHE_HITS, CACHE_MISSES
-from api.results import ResultWaiter
-from core import tracing
-from core.protocol import Keys, ModelInfo, Prediction, Result, WorkItem, new_id
+from api.metrics import CACHE_HITS, CACHE_MISSES, REQUESTS_ABANDONED
+from api.results import Pending, ResultWaiter
+from core import redis_replies, tracing
+from core.protocol import ABANDONED_GRACE_S, DEFAULT_CLIENT, Keys, ModelInfo, Prediction, Result, WorkItem, new_id
 from core.redis_replies import raws
 
+CLIENTS_TTL_S = (
+    60.0  # how often a process re-adds a client it queues for to `Keys.clients` (a Redis restart empties it)
+)
 MODEL_INFO_TTL_S = 1.0  # how stale the API's idea of the served model (and cache version) may be
+WATCH_AFTER_S = 0.05  # how far into a wait for the worker its client's going away is watched for
 
 
 class CacheStatus(StrEnum):
@@ -71,29 +80,40 @@ class Predictor:
         self._local = local_cache
         self._lookup = Coalescer(self._mget)
         self._push = Coalescer(self._lpush)
+        self._mark = Coalescer(self._set_abandoned)
+        self._marking: set[asyncio.Task[None]] = set()  # abandoned marks on their way (the loop keeps weak references)
+        self._clients_seen: dict[str, float] = {}  # client -> when this process last added it to `Keys.clients`
 
-    async def predict(self, texts: list[str]) -> tuple[list[Prediction], CacheStatus]:
+    async def predict(
+        self, texts: list[str], client: str = DEFAULT_CLIENT, receive: Receive | None = None
+    ) -> tuple[list[Prediction], CacheStatus]:
         """Bounded as a whole by the request timeout from its start: a Redis stall anywhere (cache
         lookup, pool wait, enqueue, the final GETDEL) ends in the 504 at the deadline, not after it.
-        Traced (tracing on), in FastAPI's span of the HTTP request, which continues a client's trace."""
+        `receive`: the request's ASGI receive channel, its body read; a wait for the worker ends when
+        it says the client went away (499). Traced (tracing on), in FastAPI's span of the HTTP
+        request, which continues a client's trace."""
         if tracing.enabled:
             with tracing.tracer.start_as_current_span("predict", attributes={"sentiment.texts": len(texts)}) as span:
-                predictions, status = await self._bounded(texts)
+                predictions, status = await self._bounded(texts, client, receive)
                 span.set_attribute("sentiment.cache", status.value)
                 return predictions, status
-        return await self._bounded(texts)
+        return await self._bounded(texts, client, receive)
 
-    async def _bounded(self, texts: list[str]) -> tuple[list[Prediction], CacheStatus]:
+    async def _bounded(
+        self, texts: list[str], client: str, receive: Receive | None
+    ) -> tuple[list[Prediction], CacheStatus]:
         deadline = time.time() + self._timeout_s  # the work item's too: a worker skips it once we gave up
         try:
             async with asyncio.timeout(self._timeout_s):
-                return await self._predict(texts, deadline)
+                return await self._predict(texts, deadline, client, receive)
         except TimeoutError:
             raise ServiceError(
                 ErrorType.TIMEOUT, f"no result within {self._timeout_s:g} s; the service is busy or has no worker"
             ) from None
 
-    async def _predict(self, texts: list[str], deadline: float) -> tuple[list[Prediction], CacheStatus]:
+    async def _predict(
+        self, texts: list[str], deadline: float, client: str, receive: Receive | None
+    ) -> tuple[list[Prediction], CacheStatus]:
         unique = list(dict.fromkeys(texts))
         found: dict[str, Prediction] = {}
         if model := await self._models.current():
@@ -113,55 +133,156 @@ class Predictor:
         CACHE_HITS.inc(len(found))
         CACHE_MISSES.inc(len(missing))
         if missing:
-            found.update(zip(missing, await self._compute(missing, deadline), strict=True))
+            found.update(zip(missing, await self._compute(missing, deadline, client, receive), strict=True))
         return [found[t] for t in texts], status
 
-    async def _compute(self, texts: list[str], deadline: float) -> list[Prediction]:
-        """Queue the texts and wait for the worker's result. A wait cut by the deadline unregisters
-        itself; its item is then dropped by the worker as expired, or its result key expires unread."""
+    async def _compute(
+        self, texts: list[str], deadline: float, client: str, receive: Receive | None
+    ) -> list[Prediction]:
+        """Queue the texts and wait for the worker's result. A wait cut by the deadline, or by its
+        client going away, unregisters itself and marks the item abandoned (`_wait`); a worker drops
+        it unstarted, or as expired, else its result key expires unread."""
         item = WorkItem(
             id=new_id(),
             texts=texts,
             enqueued_at=time.time(),
             deadline=deadline,
             reply_to=self._waiter.channel,
+            client=client,
             traceparent=tracing.traceparent() if tracing.enabled else None,  # the `predict` span's
         )
         encoded = item.encode()
         with self._waiter.expect(item.id, encoded) as pending:
             with tracing.span("predict.enqueue"):
-                queued = await self._push(encoded)
+                queued = await self._push((item, encoded))
             if not queued:
                 raise ServiceError(
-                    ErrorType.OVERLOADED, f"the queue is full ({self._max_queue_depth} requests waiting); retry later"
+                    ErrorType.OVERLOADED,
+                    f"the queue is full ({self._max_queue_depth} requests waiting) and this client holds the most "
+                    "of it; retry later",
                 )
             with tracing.span("predict.wait"):
-                result = Result.decode(await pending.result())
+                result = Result.decode(await self._wait(item, pending, receive))
         if result.error is not None or result.predictions is None:
             raise ServiceError(ErrorType.INFERENCE, result.error or "the worker returned no predictions")
         return result.predictions
+
+    async def _wait(self, item: WorkItem, pending: Pending, receive: Receive | None) -> bytes:
+        """The item's result. A wait that ends without it, cut by the deadline or by `receive` saying
+        the client went away (`_DisconnectWatch`), marks the item abandoned."""
+        watch = _DisconnectWatch(receive, pending) if receive is not None else None
+        try:
+            return await pending.result()
+        except ServiceError:  # (the watch's)
+            self._abandon(item, "disconnected")
+            raise
+        except asyncio.CancelledError:  # the deadline's timeout
+            self._abandon(item, "deadline")
+            raise
+        finally:
+            if watch is not None:
+                watch.stop()
+
+    def _abandon(self, item: WorkItem, reason: str) -> None:
+        """Mark `item` abandoned in the background, so a worker drops it before a forward has it; the
+        request ends now (its 504, or nothing for a client gone), even while Redis stalls."""
+        REQUESTS_ABANDONED.labels(reason).inc()
+        task = asyncio.get_running_loop().create_task(self._mark_abandoned(item.id, item.deadline))
+        self._marking.add(task)
+        task.add_done_callback(self._marking.discard)
+
+    async def _mark_abandoned(self, request_id: str, deadline: float) -> None:
+        with contextlib.suppress(RedisError):  # Redis down: the item is computed for nobody, as it was before
+            await self._mark((request_id, deadline))
+
+    async def _set_abandoned(self, marks: list[tuple[str, float]]) -> list[None]:
+        """Mark several items abandoned in one round trip (`Keys.abandoned`, each until a little past its
+        deadline), and move the epoch once for all of them."""
+        now = time.time()
+        pipe = self._redis.pipeline(transaction=False)
+        for request_id, deadline in marks:
+            pipe.set(self._keys.abandoned(request_id), 1, px=int((max(deadline - now, 0.0) + ABANDONED_GRACE_S) * 1000))
+        pipe.incr(self._keys.abandoned_epoch)
+        await pipe.execute()
+        return [None] * len(marks)
 
     async def _mget(self, lookups: list[list[str]]) -> list[list[bytes | None]]:
         """The cache entries of several requests' keys, in one MGET."""
         values = iter(raws(await self._redis.mget([key for keys in lookups for key in keys])))
         return [[next(values) for _ in keys] for keys in lookups]
 
-    async def _lpush(self, items: list[bytes]) -> list[bool]:
-        """Queue several requests' work items in one LPUSH; whether each was queued, or refused at
-        once because the queue already held `max_queue_depth` items (a 503 now beats a 504 later).
+    async def _lpush(self, items: list[tuple[WorkItem, bytes]]) -> list[bool]:
+        """Queue several requests' work items in one round trip: one LPUSH, and each item in its
+        client's `outstanding` set; whether each was queued.
 
-        LPUSH answers the new depth in the same atomic step, so the common case is one round trip
-        and works on any Redis-compatible server (no Lua: fakeredis without lupa has none). An item
-        pushed past the limit is taken back with LREM; if a worker already took it, it is served.
+        LPUSH answers the new depth in the same atomic step. Past `max_queue_depth` an item is
+        refused (a 503 now beats a 504 later) when its client holds the most outstanding work, so a
+        flood is refused while quieter clients still get in; past twice the depth every item is. A
+        refused item is taken back with LREM; if a worker already took it, it is served. No Lua:
+        fakeredis without lupa has none.
         """
-        depth = await self._redis.lpush(self._keys.queue, *items)
-        queued = []
-        for position, raw in enumerate(items, start=depth - len(items) + 1):  # each item's depth once pushed
+        by_client: dict[str, dict[str, float]] = {}
+        for item, _ in items:
+            by_client.setdefault(item.client, {})[item.id] = item.deadline
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.lpush(self._keys.queue, *(raw for _, raw in items))
+        for client, members in by_client.items():
+            pipe.zadd(self._keys.outstanding(client), members)
+        now = time.monotonic()
+        if new := [c for c in by_client if self._clients_seen.get(c, float("-inf")) < now - CLIENTS_TTL_S]:
+            pipe.sadd(self._keys.clients, *new)
+            self._clients_seen.update(dict.fromkeys(new, now))
+        depth: int = (await pipe.execute())[0]
+        queued, loads = [], None
+        for position, (item, raw) in enumerate(items, start=depth - len(items) + 1):  # each item's depth once pushed
+            refuse = 0 < self._max_queue_depth < position
+            if refuse and position <= 2 * self._max_queue_depth:
+                loads = loads if loads is not None else await self._loads()
+                refuse = loads.get(item.client, 0) >= max(loads.values(), default=0)
             # (`type: ignore`: redis-py's LREM wants the value as str; bytes are sent as they are.)
-            refused = 0 < self._max_queue_depth < position and await self._redis.lrem(
-                self._keys.queue,
-                1,
-                raw,  # type: ignore[arg-type]
-            )
-            queued.append(not refused)
+            if refuse and await self._redis.lrem(self._keys.queue, 1, raw):  # type: ignore[arg-type]
+                await self._redis.zrem(self._keys.outstanding(item.client), item.id)
+                queued.append(False)
+            else:
+                queued.append(True)
         return queued
+
+    async def _loads(self) -> dict[str, int]:
+        """Each client's outstanding work items, those past their deadline dropped first."""
+        clients = sorted(redis_replies.text(c) for c in await self._redis.smembers(self._keys.clients))
+        pipe = self._redis.pipeline(transaction=False)
+        for client in clients:
+            pipe.zremrangebyscore(self._keys.outstanding(client), "-inf", time.time())
+            pipe.zcard(self._keys.outstanding(client))
+        replies = await pipe.execute()
+        return dict(zip(clients, replies[1::2], strict=True))
+
+
+class _DisconnectWatch:
+    """Ends a wait for the worker with a 499 when `receive` says the client went away. It starts
+    `WATCH_AFTER_S` into the wait: a miss answered sooner (most) costs a timer, not a task, and a
+    client gone before then is seen at once when it starts."""
+
+    def __init__(self, receive: Receive, pending: Pending) -> None:
+        self._receive = receive
+        self._pending = pending
+        self._task: asyncio.Task[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._start)
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+
+    def _start(self) -> None:
+        self._task = asyncio.ensure_future(self._disconnected())
+        self._task.add_done_callback(self._gone)
+
+    async def _disconnected(self) -> None:
+        """Returns once the client has gone: with the body read, the next message is the disconnect."""
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+
+    def _gone(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is None:  # (a watch stopped or failed ends nothing)
+            self._pending.abort(ServiceError(ErrorType.CLIENT_GONE, "the client went away while its request waited"))

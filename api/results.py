@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from api.metrics import REPLIES_UNCLAIMED
 from core.protocol import Keys, new_id, parse_replies
 from core.redis_errors import OUTAGE, Backoff, describe
 from core.redis_replies import raw
@@ -41,6 +42,7 @@ class Pending:
         self._resend = False
         self.arrived = asyncio.Event()
         self.delivered: bytes | None = None  # the result, when its message carried it
+        self.error: Exception | None = None  # why the wait ends without a result (`abort`)
 
     def reconnected(self) -> None:
         """Redis is back after an outage: push the item again unless its result is there."""
@@ -50,6 +52,12 @@ class Pending:
     def deliver(self, result: bytes | None) -> None:
         """The reply arrived: keep its result, if it carried one, and wake the waiter."""
         self.delivered = self.delivered or result
+        self.arrived.set()
+
+    def abort(self, error: Exception) -> None:
+        """Nobody wants the result any more (the client went away): the wait raises `error`, unless
+        the result came first."""
+        self.error = error
         self.arrived.set()
 
     async def result(self) -> bytes:
@@ -69,6 +77,8 @@ class Pending:
                     await self.arrived.wait()
             if self.delivered is not None:
                 return self.delivered
+            if self.error is not None:
+                raise self.error
             self.arrived.clear()
             try:
                 if (result := raw(await self._redis.getdel(self._key))) is not None:
@@ -136,6 +146,8 @@ class ResultWaiter:
                             for request_id, result in parse_replies(message["data"]):
                                 if pending := self._pending.get(request_id):
                                     pending.deliver(result)
+                                else:  # cut at its deadline or its client gone, yet computed
+                                    REPLIES_UNCLAIMED.inc()
             except (RedisError, OSError) as exc:
                 lost = True
                 log.log(

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from redis.exceptions import RedisError
 
+from api.access import client_of
 from api.errors import BODY_RESPONSES, RESPONSES, VALIDATION_ERROR, ErrorType, ServiceError, error_response, responses
 from api.predictions import ModelInfoCache, Predictor
 from api.schemas import ModelResponse, PredictResponse, ReadyResponse, json_body, parse_json, texts_request
@@ -52,7 +53,8 @@ def add_predict_route(app: FastAPI, settings: Settings) -> None:
         """
         body = parse_json(PredictRequest, await request.body(), request.headers.get("content-type", ""))
         predictor: Predictor = request.app.state.predictor
-        predictions, cache = await predictor.predict(body.text)
+        # With the body read, `receive` says when the client goes away: a wait for the worker then stops.
+        predictions, cache = await predictor.predict(body.text, client_of(request.scope), request.receive)
         # Built here rather than validated through the response model: the worker wrote this shape.
         return Response(
             orjson.dumps({"predictions": predictions}), media_type="application/json", headers={"X-Cache": cache}

@@ -32,9 +32,10 @@ class TextsRequest(BaseModel):
     text: list[str]
 
 
-def texts_request(name: str, max_texts: int, max_chars: int) -> type[TextsRequest]:
-    """A request body `{"text": [...]}` within these limits: /predict's `PredictRequest`, /jobs' `JobRequest`."""
-    return create_model(name, __base__=TextsRequest, text=(text_list(max_texts, max_chars), ...))
+def texts_request(name: str, max_texts: int, max_chars: int, **fields: Any) -> type[TextsRequest]:
+    """A request body `{"text": [...]}` within these limits, with any further `fields` (as `create_model`
+    takes them): /predict's `PredictRequest`, /jobs' `JobRequest`."""
+    return create_model(name, __base__=TextsRequest, text=(text_list(max_texts, max_chars), ...), **fields)
 
 
 def is_json(content_type: str) -> bool:

@@ -3,8 +3,9 @@
 One take moves what is queued into this worker's processing list in one round trip
 (`Policy.take_count` says how many items to ask for), or, when the queue is empty, blocks for the
 next item. Malformed and
-expired items are dropped; the rest become distinct texts, answered from the cache where another
-request or worker computed them already, else tokenized in one call and held for the lanes.
+expired items are dropped, and so is the work of requests nobody waits for any more (`_abandoned`);
+the rest become distinct texts, answered from the cache where another request or worker computed
+them already, else tokenized in one call and held for the lanes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from redis.exceptions import RedisError
 from batcher import metrics
 from batcher.plan import Pending
 from batcher.queue import WorkQueue
+from batcher.redis_link import Command
 from batcher.reply import Replies
 from batcher.work import Held, Text, traceparents
 from core import tracing
@@ -28,6 +30,12 @@ from core.redis_errors import describe
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 1.0  # longest a blocking take waits, so a stop request is seen
+CLOCK_SKEW_S = 1.0  # how far the API's clock (a work item's times) may be from this worker's
+# While requests are being abandoned (the epoch moved in the last LOOKING_FOR_S) and the window is
+# full, the held work is looked over every LOOK_S, so the next forward leaves out what was abandoned
+# since the last take: under overload, a take waits a whole forward for room.
+LOOK_S = 0.01
+LOOKING_FOR_S = 1.0
 
 
 class Intake:
@@ -40,20 +48,29 @@ class Intake:
         replies: Replies,
         tokenize: Callable[[list[str]], list[list[int]]],
         cache_key: Callable[[str], str],
+        drop_abandoned: bool = True,
     ) -> None:
         self.queue = queue
         self.pending = pending
         self.replies = replies
         self.tokenize = tokenize
         self.cache_key = cache_key
+        self.drop_abandoned = drop_abandoned
         self.expired = 0  # items dropped because their deadline had passed
+        self.abandoned = 0  # items dropped because nobody waits for them any more
+        self._epoch: bytes | None = None  # `Keys.abandoned_epoch` at the last look (None: never moved)
+        self._epoch_moved = float("-inf")  # when this worker saw it move last (unix s)
         self._asked = self._got = 1  # items the last take asked for, and got
         self._texts_per_item = 1.0
 
     def take(self) -> bool:
-        """One take; False when no work came within `IDLE_POLL_S`."""
-        room = self.pending.wait_for_room(IDLE_POLL_S)
+        """One take; False when no work came within `IDLE_POLL_S`, or the window stayed full (while
+        work is being abandoned, `LOOK_S`, after a `look`)."""
+        looking = self.drop_abandoned and time.time() - self._epoch_moved < LOOKING_FOR_S
+        room = self.pending.wait_for_room(LOOK_S if looking else IDLE_POLL_S)
         if room <= 0:
+            if looking:
+                self.look()
             return False
         cpu, raws = time.thread_time(), []
         items = max(1, int(room / self._texts_per_item))  # what the window has room for
@@ -86,6 +103,7 @@ class Intake:
                     and isinstance(item.deadline, int | float)
                     and isinstance(item.enqueued_at, int | float)
                     and isinstance(item.reply_to, str)
+                    and isinstance(item.client, str)
                     and (item.traceparent is None or isinstance(item.traceparent, str))
                 ):
                     raise TypeError("a field of the wrong type")
@@ -102,11 +120,36 @@ class Intake:
                 continue
             items.append(Held(raw, item))
         self.queue.held.update(held.raw for held in items)
+        try:
+            if items:
+                dropped += self._hold(items)
+        finally:
+            self._acknowledge(dropped)
+
+    def look(self) -> None:
+        """Drop the held work abandoned since the last look (`LOOK_S`): one GET of the epoch, and
+        when it moved, the markers of the items held unstarted."""
+        cpu = time.thread_time()
+        try:
+            [epoch] = self.queue.link.call(("GET", self.queue.keys.abandoned_epoch))
+            _, dropped = self._abandoned([], epoch)
+            self._acknowledge([held.raw for held in dropped])
+        except RedisError:
+            pass  # the next take meets the outage, and backs off
+        finally:
+            metrics.STAGE_CPU_SECONDS.labels("take").inc(time.thread_time() - cpu)
+
+    def _acknowledge(self, dropped: list[bytes]) -> None:
+        """The one acknowledgement of items dropped unanswered (malformed, expired, abandoned): one
+        round trip; a failed one leaves them for the next worker to drop."""
         if dropped:
+            self.queue.held.difference_update(dropped)
             with contextlib.suppress(RedisError):
                 self.queue.ack_all(dropped)
-        if not items:
-            return
+
+    def _hold(self, items: list[Held]) -> list[bytes]:
+        """Answer the items' cached texts and hold the rest for the lanes, leaving out abandoned work;
+        the abandoned items, taken now or held before, to acknowledge."""
         texts: dict[str, Text] = {}
         for held in items:
             for index, sentence in enumerate(held.item.texts):
@@ -114,15 +157,24 @@ class Intake:
                     known = texts[sentence] = Text(sentence, self.cache_key(sentence), [], held.item.enqueued_at)
                 known.waiters.append((held, index))
         self._texts_per_item = len(texts) / len(items)
+        commands: list[Command] = [("MGET", *(t.key for t in texts.values()))]
+        if self.drop_abandoned:  # the epoch rides along: no round trip of its own
+            commands.append(("GET", self.queue.keys.abandoned_epoch))
         try:
-            [cached] = self.queue.link.call(("MGET", *(t.key for t in texts.values())))
+            cached, *epoch = self.queue.link.call(*commands)
         except RedisError as exc:
             log.warning("cache check failed (%s); computing the texts", describe(exc))
-            cached = [None] * len(texts)
-        hits = [(t, c) for t, c in zip(texts.values(), cached, strict=True) if c is not None]
+            cached, epoch = [None] * len(texts), []
+        checked = list(zip(texts.values(), cached, strict=True))
+        taken, unstarted = self._abandoned(items, epoch[0]) if epoch else (set(), [])
+        if taken:
+            for text in texts.values():
+                text.waiters[:] = [(h, index) for h, index in text.waiters if h not in taken]
+            metrics.ABANDONED_TEXTS.inc(sum(not t.waiters and c is None for t, c in checked))
+        hits = [(t, c) for t, c in checked if c is not None and t.waiters]
         if hits:
             self.replies.cached(hits)
-        todo = [t for t, c in zip(texts.values(), cached, strict=True) if c is None]
+        todo = [t for t, c in checked if c is None and t.waiters]
         if todo:
             tokenizing = (
                 tracing.linked_span("worker.tokenize", traceparents(todo), texts=len(todo))
@@ -134,4 +186,38 @@ class Intake:
                     text.ids = ids
                 if span.is_recording():
                     span.set_attribute("sentiment.tokens", sum(len(t.ids) for t in todo))
-            self.pending.add(todo, len(items))
+            self.pending.add(todo, len(items) - len(taken))
+        return [h.raw for h in (*taken, *unstarted)]
+
+    def _abandoned(self, items: list[Held], epoch: bytes | None) -> tuple[set[Held], list[Held]]:
+        """The abandoned work (`Keys.abandoned`, set by the API): of `items`, just taken, and of the
+        items held unstarted, which `Pending.drop` takes out. Markers are looked up (one MGET) only
+        where one may be new: every held item when `epoch` moved since the last look, and an item
+        just taken if it was queued before the epoch last moved (one abandoned after it was queued
+        moved the epoch). In the normal case, no abandonment, that is never."""
+        before, now = self._epoch, time.time()
+        if epoch != before:
+            self._epoch, self._epoch_moved = epoch, now
+            suspects = [*items, *self.pending.unstarted()]
+        else:
+            suspects = [h for h in items if h.item.enqueued_at <= self._epoch_moved + CLOCK_SKEW_S]
+        if not suspects:
+            return set(), []
+        keys = self.queue.keys
+        try:
+            [marks] = self.queue.link.call(("MGET", *(keys.abandoned(h.item.id) for h in suspects)))
+        except RedisError as exc:
+            log.warning("abandoned work not looked up (%s); computing it", describe(exc))
+            self._epoch = before  # look again at the next take
+            return set(), []
+        gone = [h for h, mark in zip(suspects, marks, strict=True) if mark is not None]
+        taken = set(items)
+        dropped, texts = self.pending.drop([h for h in gone if h not in taken])
+        taken.intersection_update(gone)
+        self.abandoned += len(taken) + len(dropped)
+        metrics.WORK_ITEMS_ABANDONED.labels("queued").inc(len(taken))
+        metrics.WORK_ITEMS_ABANDONED.labels("held").inc(len(dropped))
+        metrics.ABANDONED_TEXTS.inc(texts)
+        if taken or dropped:
+            log.debug("dropped %d abandoned work items (%d held)", len(taken) + len(dropped), len(dropped))
+        return taken, dropped

@@ -10,6 +10,9 @@ job's entry in RQ's started registry alive for `heartbeat_ttl_s`: when the proce
 entry lapses, and the next registry cleanup (any jobs worker's maintenance, or the API reading the
 job) retries the job, or fails it once its retries are spent.
 
+Webhooks (`batcher.webhooks`) go out from a thread of this process: a job that ends here makes its
+webhook due at once.
+
 RQ's worker rides out a Redis outage only while it waits for a job; one met while it runs a job (or
 between jobs) ends its loop. `serve_jobs` then starts a fresh worker, backing off until Redis answers;
 the job that was running is left to the abandoned-job handling above, like a killed worker's.
@@ -22,7 +25,7 @@ import math
 import os
 import signal
 import threading
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from types import FrameType
 from typing import Any
 
@@ -33,7 +36,7 @@ from rq import Queue, SimpleWorker, get_current_job
 from rq.job import Job, JobStatus
 from rq.worker import WorkerStatus as RQWorkerStatus  # (not core.protocol's WorkerStatus, a heartbeat)
 
-from batcher import metrics
+from batcher import metrics, webhooks
 from batcher.heartbeat import Beating
 from batcher.inference import Inference
 from core import tracing
@@ -42,6 +45,7 @@ from core.protocol import Prediction
 from core.redis_connect import sync_client
 from core.redis_errors import Backoff, describe
 from core.settings import Settings
+from core.webhooks import WebhookKeys, look_now
 from model_store.classifier import Classifier
 
 log = logging.getLogger(__name__)
@@ -94,9 +98,10 @@ class JobsWorker(SimpleWorker):
 
     max_connection_wait_time = 2.0  # RQ's reconnect backoff while waiting for a job stops here, not at a minute
 
-    def __init__(self, *args: Any, heartbeat_ttl_s: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, heartbeat_ttl_s: float, webhook_keys: WebhookKeys, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.job_heartbeat_ttl = max(2, math.ceil(heartbeat_ttl_s))
+        self.webhook_keys = webhook_keys
         self.told_to_stop = False  # by SIGTERM or SIGINT: `serve_jobs` starts no fresh worker after this one
         self.drained = False  # the last look at the queue found it empty (how burst mode ends)
 
@@ -145,6 +150,12 @@ class JobsWorker(SimpleWorker):
         with Beating(f"heartbeat-{job.id}", self.job_heartbeat_ttl / 3, beat):
             self.perform_job(job, queue, execution)
         self.set_state(RQWorkerStatus.IDLE)
+        try:
+            # Ended here (not retried): its webhook goes now. (A canceled job's went when the API canceled it.)
+            if job.get_status(refresh=True) in (JobStatus.FINISHED, JobStatus.FAILED):
+                look_now(self.connection, self.webhook_keys, job.id)
+        except RedisError as exc:  # its webhook's periodic look finds the job ended
+            log.warning("job %s ended, its webhook not told (%s)", job.id, describe(exc))
 
     def handle_exception(self, job: Job, *exc_info: object) -> None:
         if isinstance(exc_info[1], JobCanceled):
@@ -171,6 +182,17 @@ def serve_jobs(settings: Settings, inference: Inference, redis: Redis, burst: bo
     global _inference
     _inference = inference
     tracing.setup("sentiment-jobs-worker")
+    sending = (
+        Beating("webhooks", webhooks.LOOK_S, webhooks.Sender(settings, redis).tick)
+        if settings.webhook_secret is not None
+        else nullcontext()
+    )
+    with sending:
+        return _serve(settings, redis, burst)
+
+
+def _serve(settings: Settings, redis: Redis, burst: bool) -> bool:
+    """`serve_jobs`' loop: a fresh RQ worker each time one stops unasked."""
     period = max(1, math.ceil(settings.heartbeat_ttl_s))
     stop_asked = threading.Event()
     worked, backoff = False, Backoff(log, stop_asked)
@@ -183,6 +205,7 @@ def serve_jobs(settings: Settings, inference: Inference, redis: Redis, burst: bo
                 connection=redis,
                 serializer=SERIALIZER,
                 heartbeat_ttl_s=settings.heartbeat_ttl_s,
+                webhook_keys=WebhookKeys(settings.key_prefix),
                 # Look for abandoned jobs about as often as a heartbeat lapses; block on the queue no longer.
                 maintenance_interval=period,
                 worker_ttl=period + 16,

@@ -56,6 +56,16 @@ TOKENS = Counter(
 WORK_ITEMS_EXPIRED = Counter(
     "sentiment_work_items_expired", "Work items skipped because their deadline passed while queued."
 )
+WORK_ITEMS_ABANDONED = Counter(
+    "sentiment_work_items_abandoned",
+    "Work items dropped because nobody waits for them any more (their client went away, or the deadline cut "
+    "the wait): when=queued at the take, when=held taken but not yet in a forward.",
+    ["when"],
+)
+ABANDONED_TEXTS = Counter(
+    "sentiment_abandoned_texts",
+    "Texts left out of the forwards because every request that asked for them was abandoned.",
+)
 WORKER_BUSY_SECONDS = Counter(
     "sentiment_worker_busy_seconds", "Seconds the model spent on batches (or job chunks); rate = busy ratio."
 )
@@ -70,6 +80,8 @@ for _kind in ("real", "padded"):
     TOKENS.labels(_kind)
 for _stage in ("take", "plan", "forward", "reply"):
     STAGE_CPU_SECONDS.labels(_stage)
+for _when in ("queued", "held"):
+    WORK_ITEMS_ABANDONED.labels(_when)
 
 
 def describe_model(c: Classifier) -> None:

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
-from batcher.work import Text
+from batcher.work import Held, Text
 from core.settings import Settings
 from model_store.cost import ForwardCost
 
@@ -175,6 +176,8 @@ class Pending:
         self.policy = policy
         self.clock = clock
         self._texts: dict[str, Text] = {}  # by text, in arrival order
+        self._turns: dict[str, float] = {}  # per client, the turn after its last text held
+        self._round = 0.0  # the turn of the last batch's first text: where a client with nothing held comes in
         self._ready: deque[Forward] = deque()  # the rest of the last batch's forwards, run before a new batch
         self._arrivals: deque[float] = deque(maxlen=ARRIVALS)
         self._idle = 0  # lanes in `next_forward`
@@ -194,7 +197,9 @@ class Pending:
             return self.room()
 
     def add(self, texts: list[Text], items: int) -> None:
-        """Hold `texts` (from `items` work items) for the lanes; a text held already gains their waiters."""
+        """Hold `texts` (from `items` work items) for the lanes; a text held already gains their waiters.
+        Each new text takes its client's next turn, one text a turn, from the current round on: so
+        clients take turns text by text, and one with nothing held comes in at the next batch."""
         with self._changed:
             now = self.clock()
             self._arrivals.extend([now] * min(items, ARRIVALS))
@@ -202,6 +207,9 @@ class Pending:
                 if held := self._texts.get(text.text):
                     held.waiters.extend(text.waiters)
                 else:
+                    client = text.waiters[0][0].item.client
+                    text.turn = max(self._round, self._turns.get(client, 0.0))
+                    self._turns[client] = text.turn + 1
                     self._texts[text.text] = text
             self._changed.notify_all()
 
@@ -222,7 +230,7 @@ class Pending:
                 return self._ready.popleft()
             timeout = None
             if self._texts:
-                texts = list(self._texts.values())
+                texts = sorted(self._texts.values(), key=attrgetter("turn"))  # (stable: oldest first on a tie)
                 lengths = [len(t.ids) for t in texts]
                 forwards, full = batch(lengths, self.policy)
                 timeout = texts[0].arrived + self.policy.max_wait_s - self.clock()
@@ -231,11 +239,41 @@ class Pending:
                     made = [Forward([texts[i] for i in indices], packed) for indices, packed in forwards]
                     for text in (text for forward in made for text in forward.texts):
                         del self._texts[text.text]
+                    self._round = texts[0].turn
+                    if len(self._turns) > len(self._texts):  # forget clients whose turn has come round
+                        self._turns = {c: t for c, t in self._turns.items() if t > self._round}
                     self._ready.extend(made[1:])
                     self._changed.notify_all()  # room for the intake, forwards for idle lanes
                     return made[0]
             self._changed.wait(timeout)
         return None
+
+    def unstarted(self) -> list[Held]:
+        """The work items whose unanswered texts all still wait here: none is in a forward or on its
+        way to the reply, so `drop` can still take such an item out whole."""
+        with self._changed:
+            return [held for held, waiting in self._waiting().items() if waiting == held.missing]
+
+    def drop(self, items: Collection[Held]) -> tuple[list[Held], int]:
+        """Take out those of `items` still `unstarted`, and how many texts left with them: their
+        waiters leave every held text, and a text nobody else waits for leaves too (one another item
+        waits for stays). The rest of `items` stay, to be answered."""
+        with self._changed:
+            waiting = self._waiting()
+            out = {held for held in items if 0 < waiting[held] == held.missing and not held.answered}
+            gone = 0
+            for key, text in list(self._texts.items()) if out else []:
+                if any(held in out for held, _ in text.waiters):
+                    text.waiters[:] = [(held, index) for held, index in text.waiters if held not in out]
+                    if not text.waiters:
+                        del self._texts[key]
+                        gone += 1
+            self._changed.notify_all()  # room for the intake; a waiting lane's oldest text may have left
+            return list(out), gone
+
+    def _waiting(self) -> Counter[Held]:
+        """Per work item, its texts held here."""
+        return Counter(held for text in self._texts.values() for held, _ in text.waiters)
 
     def close(self) -> list[Text]:
         """No more forwards: wake every lane, and return the texts still held."""

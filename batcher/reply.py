@@ -118,6 +118,7 @@ class Replies:
                         finished.append(held)
         now = time.time()
         answers: dict[str, list[tuple[str, bytes]]] = {}  # by reply channel
+        done: dict[str, list[str]] = {}  # answered ids by client: no longer its outstanding work
         for held in finished:
             result = held.result()
             # Read only by a waiter the reply missed, and nobody waits past the deadline: a second more at most.
@@ -125,7 +126,9 @@ class Replies:
             writes.append(("SET", self.keys.result(held.item.id), result, "PX", int(ttl_s * 1000)))
             writes.append(("LREM", self.queue.processing, 1, held.raw))
             answers.setdefault(held.item.reply_to, []).append((held.item.id, result))
+            done.setdefault(held.item.client, []).append(held.item.id)
         writes += [("PUBLISH", channel, replies(pairs)) for channel, pairs in answers.items()]
+        writes += [("ZREM", self.keys.outstanding(client), *ids) for client, ids in done.items()]
         self.answered += len(finished)
         if writes:
             with (

@@ -74,6 +74,7 @@ class Worker:
             self.replies,
             classifier.tokenize,
             lambda text: self.keys.cache(classifier.version, text),
+            settings.drop_abandoned,
         )
 
     @property

@@ -1,4 +1,4 @@
-"""What the worker did during a load point: mean batch size and queue wait, from counters read
+"""What the worker did during a load point: mean batch size, queue wait and forward time, from counters read
 before and after. The worker's Prometheus `/metrics` when it serves one; else its heartbeat's
 `WorkerStatus` counters (batch size only: the heartbeat has no queue wait)."""
 
@@ -18,6 +18,8 @@ SAMPLES = (
     "sentiment_batch_size_count",
     "sentiment_queue_wait_seconds_sum",
     "sentiment_queue_wait_seconds_count",
+    "sentiment_batch_compute_seconds_sum",
+    "sentiment_batch_compute_seconds_count",
 )
 
 
@@ -45,7 +47,8 @@ def _ratio(before: Snapshot, after: Snapshot, num: str, den: str, scale: float =
 
 
 def between(before: Snapshot, after: Snapshot) -> dict[str, object]:
-    """Mean texts per forward and mean queue wait (ms; None when the source has no such counter)."""
+    """Mean texts per forward, mean queue wait and mean forward time (ms; None when the source has no
+    such counter)."""
     if before.source == "metrics":
         return {
             "source": "metrics",
@@ -53,11 +56,15 @@ def between(before: Snapshot, after: Snapshot) -> dict[str, object]:
             "mean_queue_wait_ms": _ratio(
                 before, after, "sentiment_queue_wait_seconds_sum", "sentiment_queue_wait_seconds_count", 1000
             ),
+            "mean_forward_ms": _ratio(
+                before, after, "sentiment_batch_compute_seconds_sum", "sentiment_batch_compute_seconds_count", 1000
+            ),
         }
     return {
         "source": "heartbeat",
         "mean_batch_size": _ratio(before, after, "texts", "batches"),
         "mean_queue_wait_ms": None,
+        "mean_forward_ms": None,
     }
 
 

@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -31,6 +31,7 @@ class LoadResult:
     p95_ms: float | None
     p99_ms: float | None
     client_cpu_share: float  # client CPU seconds per wall second: near 1.0 means the client was the limit
+    gave_up: int = 0  # requests whose client gave up waiting (`give_up_s`), neither answers nor errors
 
     @property
     def requests_per_s(self) -> float:
@@ -65,11 +66,15 @@ def percentile(sorted_ms: list[float], q: int) -> float | None:
     return round(statistics.quantiles(sorted_ms, n=100, method="inclusive")[q - 1], 2)
 
 
+GAVE_UP = -1  # the status of a request its client gave up on
+
+
 class _Connection:
     """One keep-alive HTTP/1.1 connection sending JSON POSTs (uvicorn answers with Content-Length)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, headers: Mapping[str, str]) -> None:
         self.host, self.port = host, port
+        self.headers = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -78,7 +83,7 @@ class _Connection:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
         head = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n{self.headers}"
             f"Content-Length: {len(body)}\r\n\r\n"
         )
         self.writer.write(head.encode() + body)
@@ -96,30 +101,46 @@ class _Connection:
 
 
 async def _run(
-    urls: list[str], texts_for: Callable[[int], list[str]], concurrency: int, warmup_s: float, duration_s: float
+    urls: list[str],
+    texts_for: Callable[[int], list[str]],
+    concurrency: int,
+    warmup_s: float,
+    duration_s: float,
+    headers: Mapping[str, str],
+    give_up_s: float | None = None,
 ) -> LoadResult:
     targets = [(p.hostname or "127.0.0.1", p.port or 80, p.path or "/") for p in map(urlsplit, urls)]
     loop = asyncio.get_running_loop()
     measure_from = loop.time() + warmup_s
     measure_to = measure_from + duration_s
     latencies: list[float] = []
-    counted = {"requests": 0, "texts": 0, "errors": 0}
+    counted = {"requests": 0, "texts": 0, "errors": 0, "gave_up": 0}
     sequence = itertools.count()
 
     async def client(number: int) -> None:
         host, port, path = targets[number % len(targets)]
-        conn = _Connection(host, port)
+        conn = _Connection(host, port, headers)
         try:
             while (started := loop.time()) < measure_to:
                 texts = texts_for(next(sequence))
+                body = orjson.dumps({"text": texts})
                 try:
-                    status = await conn.post(path, orjson.dumps({"text": texts}))
+                    if give_up_s is None:
+                        status = await conn.post(path, body)
+                    else:
+                        async with asyncio.timeout(give_up_s):
+                            status = await conn.post(path, body)
+                except TimeoutError:  # (before OSError, its base class)
+                    conn.close()  # as an HTTP client's read timeout does: the server sees the disconnect
+                    status = GAVE_UP
                 except (OSError, asyncio.IncompleteReadError):
                     conn.close()
                     status = 0
                 ended = loop.time()
                 if measure_from <= ended <= measure_to:
-                    if status == 200:
+                    if status == GAVE_UP:
+                        counted["gave_up"] += 1
+                    elif status == 200:
                         latencies.append((ended - started) * 1000)
                         counted["requests"] += 1
                         counted["texts"] += len(texts)
@@ -142,6 +163,7 @@ async def _run(
         percentile(latencies, 95),
         percentile(latencies, 99),
         cpu_share,
+        counted["gave_up"],
     )
 
 
@@ -151,12 +173,36 @@ def closed_loop(
     concurrency: int,
     duration_s: float,
     warmup_s: float = 1.0,
+    give_up_s: float | None = None,
 ) -> LoadResult:
     """POST `{"text": texts_for(i)}` to `url` from `concurrency` connections for warm-up + duration.
 
     Given several URLs (API replicas), the connections are spread over them round-robin.
 
     Requests that complete inside the window after the warm-up count (so throughput is not biased by
-    slow requests straddling its edges); non-200 answers count as errors, not latencies.
+    slow requests straddling its edges); non-200 answers count as errors, not latencies. With
+    `give_up_s`, a client stops waiting after that long, closes its connection and sends its next
+    request on a new one (`gave_up`).
     """
-    return asyncio.run(_run([url] if isinstance(url, str) else url, texts_for, concurrency, warmup_s, duration_s))
+    urls = [url] if isinstance(url, str) else url
+    return asyncio.run(_run(urls, texts_for, concurrency, warmup_s, duration_s, {}, give_up_s))
+
+
+@dataclass(frozen=True)
+class Load:
+    """One client's closed loop in `together`: its connections, texts and headers (an API key)."""
+
+    texts_for: Callable[[int], list[str]]
+    concurrency: int
+    headers: Mapping[str, str]
+
+
+def together(url: str, loads: list[Load], duration_s: float, warmup_s: float = 1.0) -> list[LoadResult]:
+    """Several clients' closed loops at once, over the same window, each measured on its own."""
+
+    async def run() -> list[LoadResult]:
+        return await asyncio.gather(
+            *(_run([url], load.texts_for, load.concurrency, warmup_s, duration_s, load.headers) for load in loads)
+        )
+
+    return asyncio.run(run())

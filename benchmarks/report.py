@@ -182,6 +182,40 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
         lines.append(
             f"| bare endpoint | 1 | {b['requests_per_s']} | {b['texts_per_s']} | {_cell(b['p99_ms'])} | – | – | – | – |"
         )
+    if fair := results.get("fairness"):
+        flood = fair["flood"]
+        lines += [
+            "",
+            f"**(6) Fairness** (API keys on: a flood client at {flood['connections']} connections, "
+            f"{flood['texts_per_request']} texts a request, beside a quiet client at 1 connection, 1 text)",
+            "",
+            "| point | quiet p50 ms | quiet p99 ms | flood p99 ms | texts/s in all | mean forward ms |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, label in (
+            ("quiet_alone", "quiet client alone"),
+            ("one_queue", "both under one key (one FIFO queue)"),
+            ("fair", "each under its own key (served in turn)"),
+        ):
+            p = fair["points"][name]
+            lines.append(
+                f"| {label} | {_cell(p['quiet']['p50_ms'])} | {_cell(p['quiet']['p99_ms'])} | "
+                f"{_cell((p.get('flood') or {}).get('p99_ms'))} | {p['texts_per_s']} | {_cell(p.get('mean_forward_ms'))} |"
+            )
+    if cancel := results.get("cancel"):
+        lines += [
+            "",
+            f"**Cancel** ({cancel['clients']} clients giving up after {cancel['give_up_s']:g} s, far more than "
+            "the worker serves; the queue limit off; the worker's dropping of abandoned work off, then on)",
+            "",
+            "| dropping | answers/s | p99 ms | gave up | texts computed | of them for nobody | share |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {'on' if p['drop_abandoned'] else 'off'} | {p['requests_per_s']} | {_cell(p['p99_ms'])} | "
+            f"{p['gave_up']} | {p['computed_texts']} | {p['texts_for_nobody']} | {_cell(p['share_for_nobody'])} |"
+            for p in cancel["points"]
+        ]
     cache = [("(4) cache hits", (results.get("service") or {}).get("cache_hits"))]
     cache += [("bare endpoint", p) for p in results.get("bare") or []]
     if any(p for _, p in cache):

@@ -1,9 +1,9 @@
-"""`sentiment bench`: the four benchmarks in one run, the targets, the results file, plots and docs.
+"""`sentiment bench`: the benchmarks in one run, the targets, the results file, plots and docs.
 
 Runtime is fixed by the flags, not by the machine: about (5 batch sizes x duration/2)
-+ (2 naive + 4 service + cache + bare points) x (duration + warm-up)
++ (2 naive + 4 service + cache + bare + 3 ceiling + 3 fairness points) x (duration + warm-up)
 + 3 saturation rounds x (2 x duration/2 + duration + warm-up) + process starts;
-the default 30 s per point is about 10 minutes, `--quick` about 1 minute.
+the default 30 s per point is about 12 minutes, `--quick` about 1 minute.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 from core.settings import Settings
 
-PARTS = ("limit", "naive", "service", "cache", "ceiling")
+PARTS = ("limit", "naive", "service", "cache", "ceiling", "fairness", "cancel")  # cancel: not in the default --only
 BATCH_SIZES = [1, 8, 16, 32, 64]
 SERVICE_CLIENTS = [1, 8, 32, 128]
 NAIVE_CLIENTS = [1, 32]
@@ -31,7 +31,7 @@ SECRET = re.compile(r"url|password|secret|api_key", flags=re.IGNORECASE)
 
 
 def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
-    from benchmarks import ceiling, limit, machine, report, service, targets
+    from benchmarks import cancel, ceiling, fairness, limit, machine, report, service, targets
     from benchmarks.workload import CHECKOUT, UniqueTexts, default_shared_dir, load_texts, model_dir
     from model_store.engine import pick_device, resolve_engine, resolve_precision
     from sentiment.embedded import worker_env, worker_threads
@@ -162,6 +162,12 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
                 "benchmarks.bare_app:app", {}, texts, [CACHE_CLIENTS], duration, warmup, _progress
             ),
             "ceiling": lambda: ceiling.measure(model, texts, duration, warmup, _progress),
+            "fairness": lambda: fairness.measure(
+                model, device, texts, duration, warmup, _progress, worker_env(settings), settings.max_batch_size
+            ),
+            "cancel": lambda: cancel.measure(
+                model, device, texts, duration, warmup, _progress, worker_env(settings), args.texts_per_request
+            ),
         }
         runs = {
             "limit": "limit" in only,
@@ -169,6 +175,8 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
             "service": bool({"service", "cache"} & set(only)),
             "bare": "cache" in only,
             "ceiling": "ceiling" in only,
+            "fairness": "fairness" in only,
+            "cancel": "cancel" in only,
         }  # (4): the cache path, then the bare endpoint
         for part in [p for p, wanted in runs.items() if wanted]:
             try:  # a part that breaks is reported, and the others still run
@@ -223,6 +231,10 @@ def _progress(part: str, point: Mapping[str, object]) -> None:
             "api_cpu_us_per_request",
             "worker_outside_forward_us_per_text",
             "cores",
+            "drop_abandoned",
+            "gave_up",
+            "computed_texts",
+            "share_for_nobody",
         )
     }
     print(f"  {part}: {shown}", flush=True)

@@ -77,4 +77,28 @@ def evaluate(results: dict[str, Any], clients: int = 32) -> list[dict[str, Any]]
             None if outside is None else outside <= 100,
         ),
         _target("ceiling: API CPU a 1-text miss (us)", api_cpu, "<= 300", None if api_cpu is None else api_cpu <= 300),
+        *_fairness(results.get("fairness")),
+    ]
+
+
+def _fairness(fairness: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The quiet client's p99 beside the flood against its p99 alone plus one forward, and the total
+    throughput against the single queue's (within noise: 10%)."""
+    p99, allowed = (fairness or {}).get("quiet_p99_ms"), (fairness or {}).get("quiet_p99_allowed_ms")
+    ratio = (fairness or {}).get("throughput_ratio_to_one_queue")
+    return [
+        _target(
+            "fairness: quiet client's p99 beside a flood (ms)",
+            p99,
+            f"<= {allowed} (alone + a full batch's forward)"
+            if allowed
+            else "<= its p99 alone + a full batch's forward",
+            None if p99 is None or allowed is None else p99 <= allowed,
+        ),
+        _target(
+            "fairness: throughput / one queue's (texts/s)",
+            ratio,
+            ">= 0.9",
+            None if ratio is None else ratio >= 0.9,
+        ),
     ]

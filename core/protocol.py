@@ -22,6 +22,8 @@ import orjson
 
 LabelScore = dict[str, Any]  # {"label": "POSITIVE", "score": 0.98} (the API's response model: `api.schemas.Score`)
 Prediction = list[LabelScore]  # one per label, in the model's label order
+DEFAULT_CLIENT = "default"  # the client of every request when API keys are off
+ABANDONED_GRACE_S = 1.0  # how long an `abandoned` marker outlives its item's deadline
 
 
 def new_id() -> str:
@@ -106,9 +108,29 @@ class Keys:
     def cache(self, model_version: str, text: str) -> str:
         return f"{self.prefix}:cache:{model_version}:{text_digest(text)}"
 
+    @property
+    def clients(self) -> str:
+        """Set of the clients that queued work (`outstanding` per client), for the overload refusal."""
+        return f"{self.prefix}:clients"
+
+    def outstanding(self, client: str) -> str:
+        """Sorted set of a client's work items queued or in a forward (id -> deadline): the API adds,
+        the worker removes when it answers or drops one; entries past their deadline count no more."""
+        return f"{self.prefix}:outstanding:{client}"
+
     def rate_limit(self, client: str) -> str:
         """A client's token bucket; `client` is an API key's digest or an address, never a key."""
         return f"{self.prefix}:ratelimit:{client}"
+
+    def abandoned(self, request_id: str) -> str:
+        """Set (`ABANDONED_GRACE_S` past its deadline) once nobody waits for the request's work item:
+        its client went away, or the deadline cut its wait. A worker drops such an item unstarted."""
+        return f"{self.prefix}:abandoned:{request_id}"
+
+    @property
+    def abandoned_epoch(self) -> str:
+        """Counter moved with every `abandoned` marker set: a worker looks markers up only when it moved."""
+        return f"{self.prefix}:abandoned"
 
 
 class _Json:
@@ -148,6 +170,7 @@ class WorkItem(_Json):
     enqueued_at: float  # unix seconds
     deadline: float  # unix seconds; past it nobody waits and the worker skips the item
     reply_to: str  # pub/sub channel of the API process that waits
+    client: str = DEFAULT_CLIENT  # who asked: an API key's name (`api.access`), else the one default client
     traceparent: str | None = None  # W3C trace context of the request's span, only when tracing is on (core/tracing.py)
 
 

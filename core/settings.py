@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MIN_API_KEY_CHARS = 16  # a guessable key is no key
@@ -49,7 +49,8 @@ class Settings(BaseSettings):
         500,
         ge=0,
         description="Most work items waiting in the queue: beyond it /predict answers 503 with "
-        "Retry-After at once instead of queueing work that would time out (0: no limit).",
+        "Retry-After at once, instead of queueing work that would time out, to the client holding the most "
+        "outstanding work; other clients get in up to twice this (0: no limit).",
     )
 
     # Results
@@ -95,6 +96,12 @@ class Settings(BaseSettings):
         description="Most token positions in one forward on a CPU forward lane (with 2 lanes or more): a "
         "1-thread forward is cheapest per token near 256 positions and slows past ~400, when its activations "
         'outgrow the core\'s cache (docs/tuning.md, "Forward lanes").',
+    )
+    drop_abandoned: bool = Field(
+        True,
+        description="Whether the worker drops the work of /predict requests nobody waits for any more (the "
+        "client went away, or the deadline cut the wait) before it goes into a forward. Off only to measure "
+        "what that saves (`sentiment bench --only cancel`, docs/performance.md).",
     )
 
     # Model runtime
@@ -156,6 +163,28 @@ class Settings(BaseSettings):
     jobs_max_texts: int = Field(10_000, ge=1, description="Most texts in one /jobs submission.")
     job_ttl_s: int = Field(86_400, ge=1, description="How long a job and its results are kept after it ends.")
 
+    # Webhooks of bulk jobs (docs/jobs.md, "Webhooks")
+    webhook_secret: SecretStr | None = Field(
+        None,
+        min_length=MIN_API_KEY_CHARS,
+        description="Key (16+ characters) that signs each webhook (HMAC-SHA256), the same on the API and the "
+        "jobs workers; unset: POST /jobs refuses a callback_url (422).",
+    )
+    webhook_allowed_networks: Annotated[list[IPvAnyNetwork], NoDecode] = Field(
+        [],
+        description="Comma-separated networks (CIDR) webhooks may call besides public addresses, e.g. "
+        "10.0.0.0/8; unset: no private, loopback, link-local or reserved address (no server-side request forgery).",
+    )
+    webhook_attempts: int = Field(
+        10, ge=1, description="Tries of a webhook before it goes on the dead-letter list (any answer but 2xx fails)."
+    )
+    webhook_backoff_s: float = Field(
+        2.0,
+        gt=0,
+        description="Wait before a webhook's second try, doubling after each; with the attempts, the time a "
+        "delivery may take (2 s x 511, about 17 minutes, at the defaults).",
+    )
+
     # Worker liveness
     heartbeat_ttl_s: float = Field(
         10.0,
@@ -198,6 +227,14 @@ class Settings(BaseSettings):
         if keys and any(len(k.get_secret_value()) < MIN_API_KEY_CHARS for k in keys):
             raise ValueError(f"every API key needs at least {MIN_API_KEY_CHARS} characters")
         return keys
+
+    @field_validator("webhook_allowed_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, value: object) -> object:
+        """Comma-separated, as the API keys."""
+        if isinstance(value, str):
+            return [n.strip() for n in value.split(",") if n.strip()]
+        return value
 
     # Observability (the API serves /metrics on its own port)
     metrics_port: int = Field(

@@ -90,7 +90,9 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="benchmarks: model limit, naive baseline, this service, cache path, the null-engine ceiling"
     )
-    bench.add_argument("--only", default="limit,naive,service,cache,ceiling", help="parts to run (default %(default)s)")
+    bench.add_argument(
+        "--only", default="limit,naive,service,cache,ceiling,fairness", help="parts to run (default %(default)s)"
+    )
     bench.add_argument(
         "--model",
         choices=("full", "small"),

@@ -15,13 +15,14 @@ import fakeredis
 import httpx
 import pytest
 from fastapi.responses import PlainTextResponse
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from redis.asyncio import Redis
 
 import api.access
 from api.access import OPEN_PATHS, ApiKeys
 from api.app import create_app
 from batcher.worker import Worker
+from core.protocol import Keys
 from core.settings import Settings
 from sentiment.embedded import free_port
 from tests.conftest import start_worker
@@ -98,6 +99,21 @@ async def test_every_configured_key_opens_every_endpoint(keyed: httpx.AsyncClien
         assert (await keyed.get("/metrics/", headers=headers)).text == "sentiment_up 1\n"  # a mount
         assert (await keyed.get("/openapi.json", headers=headers)).status_code == 200
         assert (await keyed.get("/jobs/" + "0" * 32, headers=headers)).status_code == 404
+
+
+async def test_each_key_queues_as_a_client_of_its_own_whose_answered_work_is_no_longer_outstanding(
+    keyed: httpx.AsyncClient, worker: Worker, redis: fakeredis.FakeRedis, settings: Settings
+) -> None:
+    """Fairness (`batcher.plan`) and the overload refusal (`api.predictions`) tell clients by their key."""
+    start_worker(worker)
+    for key in (KEY, OTHER_KEY):
+        assert (
+            await keyed.post("/predict", json={"text": [f"from {key}"]}, headers={"X-API-Key": key})
+        ).status_code == 200
+    keys, names = Keys(settings.key_prefix), ApiKeys([SecretStr(KEY), SecretStr(OTHER_KEY)])
+    clients = {c.decode() for c in redis.smembers(keys.clients)}
+    assert clients == {names.client(KEY), names.client(OTHER_KEY)}
+    assert [redis.zcard(keys.outstanding(c)) for c in clients] == [0, 0]  # answered
 
 
 async def test_keys_are_compared_against_every_key_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -225,6 +241,9 @@ def test_k8s_reads_keys_from_an_optional_secret_and_probes_need_none(target: str
     container = container_of(target, "sentiment-api")
     (keys,) = [e for e in container.get("env", []) if e["name"] == "SENTIMENT_API_KEYS"]
     assert keys["valueFrom"]["secretKeyRef"] == {"name": "sentiment-api-keys", "key": "keys", "optional": True}
+    for name in ("sentiment-api", "sentiment-jobs-worker"):  # the API checks callback URLs, the jobs worker signs
+        (secret,) = [e for e in container_of(target, name).get("env", []) if e["name"] == "SENTIMENT_WEBHOOK_SECRET"]
+        assert secret["valueFrom"]["secretKeyRef"] == {"name": "sentiment-webhooks", "key": "secret", "optional": True}
     # kubelet HTTP probes send no secret header: every one must hit an open path.
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"]["path"] in OPEN_PATHS, probe

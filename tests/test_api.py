@@ -8,6 +8,7 @@ import itertools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 from unittest.mock import AsyncMock
 
 import fakeredis
@@ -20,6 +21,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from redis.asyncio import Redis
 
 from api.app import create_app
+from api.errors import ErrorType, ServiceError
 from api.predictions import CacheStatus, ModelInfoCache, Predictor
 from api.results import ResultWaiter
 from api.routes import RequestRoute
@@ -123,15 +125,26 @@ async def test_concurrent_requests_share_batches_and_compute_shared_texts_once(
 
 
 def record_calls(client: Redis, calls: list[tuple[str, int]]) -> None:
-    """Record each MGET (with its key count) and LPUSH (with its value count) the client sends."""
-    for name in ("mget", "lpush"):
-        command = getattr(client, name)
+    """Record each MGET (with its key count) the client sends, and each LPUSH (with its value count)
+    its pipelines send."""
+    mget, pipeline = client.mget, client.pipeline
 
-        async def recorded(*args: object, _name: str = name, _command=command) -> object:
-            calls.append((_name, len(args[-1]) if _name == "mget" else len(args) - 1))
-            return await _command(*args)
+    async def recorded_mget(*args: Any) -> object:
+        calls.append(("mget", len(args[-1])))
+        return await mget(*args)
 
-        setattr(client, name, recorded)
+    def recorded_pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        async def recorded_execute(*execute_args: Any) -> object:
+            calls.extend(("lpush", len(command) - 2) for command, _ in pipe.command_stack if command[0] == "LPUSH")
+            return await execute(*execute_args)
+
+        pipe.execute = recorded_execute
+        return pipe
+
+    client.mget, client.pipeline = recorded_mget, recorded_pipeline  # type: ignore[method-assign]
 
 
 async def predictor_for(client: Redis, keys: Keys, timeout_s: float, max_queue_depth: int = 0) -> Predictor:
@@ -173,6 +186,49 @@ async def test_requests_pushed_together_past_the_queue_limit_are_refused_one_by_
     assert [o.error_type for o in outcomes] == ["timeout", "timeout", "overloaded", "overloaded"]
     queued = [WorkItem.decode(raw).texts for raw in reversed(redis.lrange(keys.queue, 0, -2))]
     assert queued == [["text 0"], ["text 1"]]
+
+
+async def test_past_the_queue_limit_the_client_holding_the_most_is_refused_and_others_get_in(
+    settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis
+) -> None:
+    keys = Keys(settings.key_prefix)
+    predictor = await predictor_for(fakeredis.FakeAsyncRedis(server=fake_server), keys, HANG_GUARD_S, max_queue_depth=2)
+
+    async def refused(texts: list[str], client: str) -> bool:
+        """Whether the request was refused as overloaded, which it is at once; an accepted one waits
+        for a worker (there is none) until the test ends."""
+        request = asyncio.create_task(predictor.predict(texts, client))
+        await asyncio.wait({request}, timeout=1.0)
+        if not request.done():
+            accepted.append(request)
+            return False
+        error = request.exception()
+        assert isinstance(error, ServiceError)
+        return error.error_type == ErrorType.OVERLOADED
+
+    accepted: list[asyncio.Task] = []
+    try:
+        assert [await refused([f"flood {i}"], "flood") for i in range(3)] == [
+            False,
+            False,
+            True,
+        ]  # past 2: the flood holds all
+        assert not await refused(["quiet"], "quiet")  # past the limit too, but a client holding less gets in
+        assert await refused(["flood 3"], "flood")  # the flood still holds the most
+        assert await refused(["quiet again"], "quiet")  # a client as heavy as the heaviest is refused too
+        assert not await refused(["third"], "third")
+        assert await refused(["fourth"], "fourth")  # past twice the limit, everyone is
+        queued = sorted(WorkItem.decode(raw).client for raw in redis.lrange(keys.queue, 0, -1))
+        assert queued == ["flood", "flood", "quiet", "third"]
+        assert {c: redis.zcard(keys.outstanding(c)) for c in ("flood", "quiet", "third", "fourth")} == {
+            "flood": 2,
+            "quiet": 1,
+            "third": 1,
+            "fourth": 0,
+        }
+    finally:
+        for request in accepted:
+            request.cancel()
 
 
 async def test_redis_unreachable_is_503_with_retry_after(settings: Settings) -> None:
@@ -219,7 +275,7 @@ async def test_redis_refusing_commands_is_503_with_retry_after(
     assert f"redis unavailable ({error_class})" in caplog.text
 
 
-@pytest.mark.parametrize("command", ["get", "mget", "lpush", "getdel"])  # model, cache lookup, enqueue, the result
+@pytest.mark.parametrize("command", ["get", "mget", "pipeline", "getdel"])  # model, cache lookup, enqueue, the result
 async def test_a_redis_stall_anywhere_in_a_request_ends_in_the_504(
     settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, command: str, monkeypatch
 ) -> None:
@@ -232,7 +288,17 @@ async def test_a_redis_stall_anywhere_in_a_request_ends_in_the_504(
         reached.set()
         await stall()
 
-    monkeypatch.setattr(stalled, command, stall_here)
+    if command == "pipeline":  # the enqueue's round trip
+        pipeline = stalled.pipeline
+
+        def stalled_pipeline(*args: Any, **kwargs: Any) -> Any:
+            pipe = pipeline(*args, **kwargs)
+            pipe.execute = stall_here
+            return pipe
+
+        monkeypatch.setattr(stalled, "pipeline", stalled_pipeline)
+    else:
+        monkeypatch.setattr(stalled, command, stall_here)
     patient = settings.model_copy(update={"request_timeout_s": 1.0})
     app = create_app(patient, redis=stalled, jobs_redis=fakeredis.FakeRedis())
     async with app.router.lifespan_context(app):

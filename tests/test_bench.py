@@ -97,8 +97,20 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
         == pytest.approx(round_["service"] / ((round_["limit_before"] + round_["limit_after"]) / 2), abs=0.002)
     )
     assert results["targets"][0]["value"] == saturation["median_ratio"]
+    fairness = results["fairness"]  # (6): a quiet client alone, then beside a flood under one key, then its own
+    assert list(fairness["points"]) == ["quiet_alone", "one_queue", "fair"]
+    for name, point in fairness["points"].items():
+        assert point["quiet"]["errors"] == 0 and point["quiet"]["requests"] == point["quiet"]["texts"] > 0
+        if name != "quiet_alone":
+            flood = point["flood"]
+            assert flood["errors"] == 0 and flood["texts"] == 4 * flood["requests"] > 0
+    assert [t["value"] for t in results["targets"][7:]] == [
+        fairness["quiet_p99_ms"],
+        fairness["throughput_ratio_to_one_queue"],
+    ]
+    assert fairness["quiet_p99_ms"] == fairness["points"]["fair"]["quiet"]["p99_ms"]
     assert results["targets"][0]["name"].endswith(", 2 texts a request)")
-    assert [t["status"] in ("PASS", "MISS") for t in results["targets"]] == [True] * 7
+    assert [t["status"] in ("PASS", "MISS") for t in results["targets"]] == [True] * 9
     # (5) the ceiling: the null engine behind 1 API and 1 worker, 1 then 8 never-seen texts a request
     ceiling = results["ceiling"]
     assert [p["texts_per_request"] for p in ceiling["points"]] == [1, 8] and ceiling["clients"] == 128
@@ -113,7 +125,7 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
     assert ceiling["ratio_to_bare"] == pytest.approx(
         ceiling["points"][0]["requests_per_s"] / ceiling["bare"]["requests_per_s"], abs=0.002
     )
-    assert [t["value"] for t in results["targets"][4:]] == [
+    assert [t["value"] for t in results["targets"][4:7]] == [
         ceiling["ratio_to_bare"],
         ceiling["points"][0]["worker_outside_forward_us_per_text"],
         ceiling["points"][0]["api_cpu_us_per_request"],
@@ -146,20 +158,33 @@ def test_batch_size_and_queue_wait_come_from_the_worker_histograms_between_two_s
     registry = CollectorRegistry()
     size = Histogram("sentiment_batch_size", "texts per forward", registry=registry, buckets=(1, 8, 32, 64))
     wait = Histogram("sentiment_queue_wait_seconds", "queue wait", registry=registry)
+    forward = Histogram("sentiment_batch_compute_seconds", "forward time", registry=registry)
     size.observe(1)  # before the load point: must not count
     wait.observe(5.0)
+    forward.observe(1.0)
     before = Snapshot("metrics", parse_metrics(generate_latest(registry).decode()))
-    for texts, waited in ((8, 0.010), (16, 0.030)):
+    for texts, waited, took in ((8, 0.010, 0.002), (16, 0.030, 0.004)):
         size.observe(texts)
         wait.observe(waited)
+        forward.observe(took)
     after = Snapshot("metrics", parse_metrics(generate_latest(registry).decode()))
-    assert between(before, after) == {"source": "metrics", "mean_batch_size": 12.0, "mean_queue_wait_ms": 20.0}
+    assert between(before, after) == {
+        "source": "metrics",
+        "mean_batch_size": 12.0,
+        "mean_queue_wait_ms": 20.0,
+        "mean_forward_ms": 3.0,
+    }
 
 
 def test_without_metrics_the_heartbeat_gives_batch_size_and_no_queue_wait() -> None:
     before = Snapshot("heartbeat", {"texts": 10, "batches": 10})
     after = Snapshot("heartbeat", {"texts": 70, "batches": 14})
-    assert between(before, after) == {"source": "heartbeat", "mean_batch_size": 15.0, "mean_queue_wait_ms": None}
+    assert between(before, after) == {
+        "source": "heartbeat",
+        "mean_batch_size": 15.0,
+        "mean_queue_wait_ms": None,
+        "mean_forward_ms": None,
+    }
 
 
 def test_limit_batches_pad_within_sorted_windows_and_any_prefix_mixes_lengths() -> None:

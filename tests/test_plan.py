@@ -18,7 +18,7 @@ from batcher.plan import TAKE_AT_ONCE, Forward, Pending, Policy, batch, spread
 from batcher.queue import WorkQueue
 from batcher.reply import Replies
 from batcher.work import Held, Text
-from core.protocol import Keys, Result, WorkerStatus, WorkItem, new_id
+from core.protocol import DEFAULT_CLIENT, Keys, Result, WorkerStatus, WorkItem, new_id
 from core.settings import Settings
 from model_store.cost import ForwardCost
 from tests.conftest import HANG_GUARD_S, wait_for
@@ -44,10 +44,15 @@ def word_ids(texts: list[str]) -> list[list[int]]:
     return [[1] * len(t.split()) for t in texts]
 
 
-def work_item(*texts: str, ttl: float = 60, enqueued_at: float | None = None) -> WorkItem:
+def work_item(*texts: str, ttl: float = 60, enqueued_at: float | None = None, client: str = DEFAULT_CLIENT) -> WorkItem:
     now = time.time() if enqueued_at is None else enqueued_at
     return WorkItem(
-        id=new_id(), texts=list(texts), enqueued_at=now, deadline=now + ttl, reply_to=KEYS.reply_channel("x")
+        id=new_id(),
+        texts=list(texts),
+        enqueued_at=now,
+        deadline=now + ttl,
+        reply_to=KEYS.reply_channel("x"),
+        client=client,
     )
 
 
@@ -57,15 +62,15 @@ def push(redis: fakeredis.FakeRedis, *texts: str, ttl: float = 60) -> WorkItem:
     return item
 
 
-def held_text(words: str, arrived: float | None = None) -> Text:
+def held_text(words: str, arrived: float | None = None, client: str = DEFAULT_CLIENT) -> Text:
     """A taken text of one work item of its own, `arrived` (enqueued) now unless given."""
-    item = work_item(words, enqueued_at=arrived)
+    item = work_item(words, enqueued_at=arrived, client=client)
     return Text(words, KEYS.cache("v", words), [(Held(item.encode(), item), 0)], item.enqueued_at, word_ids([words])[0])
 
 
-def add(pending: Pending, *words: str, arrived: float | None = None) -> list[Text]:
+def add(pending: Pending, *words: str, arrived: float | None = None, client: str = DEFAULT_CLIENT) -> list[Text]:
     """Each text as a work item of its own, taken one at a time (arrivals as close as a test makes them)."""
-    texts = [held_text(w, arrived) for w in words]
+    texts = [held_text(w, arrived, client) for w in words]
     for text in texts:
         pending.add([text], 1)
     return texts
@@ -289,6 +294,37 @@ def test_a_long_oldest_text_goes_in_the_next_forward_however_many_short_texts_co
         assert oldest in texts_of(forward)
         taken |= set(texts_of(forward))
     assert taken == {t.text for t in order}
+
+
+# --- fairness: clients take turns ----------------------------------------------------------------
+
+
+def test_a_quiet_clients_text_goes_in_the_next_forward_however_much_a_flood_holds() -> None:
+    pending = Pending(policy(max_texts=4, window=100))
+    backlog = time.time() - HOUR_S  # queued long ago: no forward waits for company
+    flood = add(pending, *(f"flood {i}" for i in range(40)), arrived=backlog, client="flood")
+    assert texts_of(next_forward(pending)) == [t.text for t in flood[:4]]
+    add(pending, "the quiet one here", arrived=time.time(), client="quiet")  # longer: no neighbour of the flood's
+    assert "the quiet one here" in texts_of(next_forward(pending))
+    add(pending, "the same quiet one", arrived=time.time())  # the default client's: no turn of its own yet either
+    assert "the same quiet one" in texts_of(next_forward(pending))
+
+
+def test_one_clients_backlog_keeps_arrival_order_behind_a_flood_of_its_own() -> None:
+    pending = Pending(policy(max_texts=4, window=100))
+    backlog = time.time() - HOUR_S
+    add(pending, *(f"flood {i}" for i in range(40)), arrived=backlog)
+    add(pending, "the late one here", arrived=backlog)
+    served = [texts_of(next_forward(pending)) for _ in range(11)]
+    assert served[-1] == ["the late one here"]  # one client: first come, first served
+
+
+def test_busy_clients_take_turns_text_by_text() -> None:
+    pending = Pending(policy(max_texts=1))
+    backlog = time.time() - HOUR_S
+    add(pending, "a0", "a1", "a2", arrived=backlog, client="a")
+    add(pending, "b0", "b1", "b2", arrived=backlog, client="b")
+    assert [texts_of(next_forward(pending)) for _ in range(6)] == [["a0"], ["b0"], ["a1"], ["b1"], ["a2"], ["b2"]]
 
 
 # --- Policy: how much a take asks for ------------------------------------------------------------
