@@ -187,24 +187,26 @@ class Predictor:
         """Mark `item` abandoned in the background, so a worker drops it before a forward has it; the
         request ends now (its 504, or nothing for a client gone), even while Redis stalls."""
         REQUESTS_ABANDONED.labels(reason).inc()
-        task = asyncio.get_running_loop().create_task(self._mark_abandoned(item.id, item.deadline))
+        task = asyncio.get_running_loop().create_task(self._mark_abandoned(item))
         self._marking.add(task)
         task.add_done_callback(self._marking.discard)
 
-    async def _mark_abandoned(self, request_id: str, deadline: float) -> None:
+    async def _mark_abandoned(self, item: WorkItem) -> None:
         with contextlib.suppress(RedisError):  # Redis down: the item is computed for nobody, as it was before
-            await self._mark((request_id, deadline))
+            await self._mark(item)
 
-    async def _set_abandoned(self, marks: list[tuple[str, float]]) -> list[None]:
+    async def _set_abandoned(self, items: list[WorkItem]) -> list[None]:
         """Mark several items abandoned in one round trip (`Keys.abandoned`, each until a little past its
-        deadline), and move the epoch once for all of them."""
+        deadline), no longer their clients' outstanding work, and move the epoch once for all of them."""
         now = time.time()
         pipe = self._redis.pipeline(transaction=False)
-        for request_id, deadline in marks:
-            pipe.set(self._keys.abandoned(request_id), 1, px=int((max(deadline - now, 0.0) + ABANDONED_GRACE_S) * 1000))
+        for item in items:
+            ttl_ms = int((max(item.deadline - now, 0.0) + ABANDONED_GRACE_S) * 1000)
+            pipe.set(self._keys.abandoned(item.id), 1, px=ttl_ms)
+            pipe.zrem(self._keys.outstanding(item.client), item.id)
         pipe.incr(self._keys.abandoned_epoch)
         await pipe.execute()
-        return [None] * len(marks)
+        return [None] * len(items)
 
     async def _mget(self, lookups: list[list[str]]) -> list[list[bytes | None]]:
         """The cache entries of several requests' keys, in one MGET."""

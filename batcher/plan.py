@@ -13,7 +13,7 @@ at no cost in latency. The rules (docs/tuning.md, "Batching"):
    `lane_max_tokens` on a CPU lane); the engine's cost model cuts it into the forwards that cost
    least, each padded or packed into one row (`batch`); a batch with fewer forwards than there
    are idle lanes is cut further so each runs one (`spread`). Free lanes run those forwards
-   before the next batch is chosen.
+   before the next batch is chosen, unless a client with nothing held came in: its turn goes first.
 3. Wait: a batch that is not full waits for company only while requests arrive less than
    `max_wait_ms` apart, and at most until its oldest text has been queued `max_wait_ms`: a lone
    client never waits, a backlog never waits again (`Pending.next_forward`).
@@ -215,7 +215,8 @@ class Pending:
 
     def next_forward(self) -> Forward | None:
         """The next forward by the policy, waiting for texts or company as it says; None once closed.
-        A batch's forwards all go before the next batch is chosen, so no text of it is passed over."""
+        A batch's forwards all go before the next batch is chosen, so no text of it is passed over
+        twice; only a turn that comes before theirs goes first (`_turn_comes_first`)."""
         with self._changed:
             self._idle += 1
             try:
@@ -226,7 +227,7 @@ class Pending:
     def _next_forward(self) -> Forward | None:
         """`next_forward`'s loop, under the lock."""
         while not self._closed:
-            if self._ready:
+            if self._ready and not self._turn_comes_first():
                 return self._ready.popleft()
             timeout = None
             if self._texts:
@@ -234,7 +235,7 @@ class Pending:
                 lengths = [len(t.ids) for t in texts]
                 forwards, full = batch(lengths, self.policy)
                 timeout = texts[0].arrived + self.policy.max_wait_s - self.clock()
-                if full or len(forwards) > 1 or timeout <= 0 or not self._company_likely():
+                if full or len(forwards) > 1 or timeout <= 0 or self._ready or not self._company_likely():
                     forwards = spread(forwards, lengths, self._idle, self.policy)
                     made = [Forward([texts[i] for i in indices], packed) for indices, packed in forwards]
                     for text in (text for forward in made for text in forward.texts):
@@ -247,6 +248,15 @@ class Pending:
                     return made[0]
             self._changed.wait(timeout)
         return None
+
+    def _turn_comes_first(self) -> bool:
+        """Whether a held text's turn comes before every text of the last batch's forwards still to
+        run (a client with nothing held came in): then a new batch goes first, and those wait one
+        forward more."""
+        if not self._texts:
+            return False
+        ready = min(text.turn for forward in self._ready for text in forward.texts)
+        return any(text.turn < ready for text in self._texts.values())
 
     def unstarted(self) -> list[Held]:
         """The work items whose unanswered texts all still wait here: none is in a forward or on its

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.loadgen import closed_loop
 from benchmarks.processes import running
-from benchmarks.service import KEY_PREFIX, redis_server
+from benchmarks.service import redis_server, service_env
 from benchmarks.workload import UniqueTexts
 from sentiment.embedded import free_port
 
@@ -65,14 +65,13 @@ def measure(
     points = []
     for drop in (False, True):
         env = {
-            "SENTIMENT_MODEL_DIR": str(model_dir),
             "SENTIMENT_DEVICE": device,
-            "SENTIMENT_KEY_PREFIX": KEY_PREFIX,
-            "SENTIMENT_LOG_LEVEL": "WARNING",
             "SENTIMENT_MAX_QUEUE_DEPTH": "0",
             "SENTIMENT_DROP_ABANDONED": str(drop).lower(),
         }
-        points.append({"drop_abandoned": drop, **_run(env, worker_env, texts, texts_per_request, duration_s, warmup_s)})
+        points.append(
+            {"drop_abandoned": drop, **_run(model_dir, env, worker_env, texts, texts_per_request, duration_s, warmup_s)}
+        )
         progress("cancel", points[-1])
     return {
         "clients": CLIENTS,
@@ -85,7 +84,8 @@ def measure(
 
 
 def _run(
-    env: dict[str, str],
+    model_dir: Path,
+    settings: dict[str, str],
     worker_env: dict[str, str],
     texts: UniqueTexts,
     texts_per_request: int,
@@ -95,7 +95,7 @@ def _run(
     """One API and one worker on a fresh Redis under the load; counters read as the measuring window
     opens (the end of the warm-up) and as the load ends."""
     with running() as infra, redis_server(infra) as (redis_url, redis_kind), running() as procs:
-        env = {**env, "SENTIMENT_REDIS_URL": redis_url}
+        env = service_env(redis_url, model_dir, **settings)
         url = f"http://127.0.0.1:{free_port()}"
         worker_port = free_port()
         procs.start(["-m", "sentiment.cli", "api", "--port", url.rsplit(":", 1)[1]], env)

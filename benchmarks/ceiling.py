@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.loadgen import closed_loop
 from benchmarks.processes import running
-from benchmarks.service import KEY_PREFIX, measure_app, redis_server
+from benchmarks.service import measure_app, redis_server, service_env
 from benchmarks.workload import UniqueTexts
 from sentiment.embedded import free_port
 
@@ -61,13 +61,7 @@ def measure(
     """The two service points and the bare endpoint's, with CPU per request and per text."""
     points: list[dict[str, Any]] = []
     with running() as infra, redis_server(infra) as (redis_url, redis_kind), running() as procs:
-        env = {
-            "SENTIMENT_REDIS_URL": redis_url,
-            "SENTIMENT_MODEL_DIR": str(model_dir),
-            "SENTIMENT_ENGINE": "null",
-            "SENTIMENT_KEY_PREFIX": KEY_PREFIX,
-            "SENTIMENT_LOG_LEVEL": "WARNING",
-        }
+        env = service_env(redis_url, model_dir, SENTIMENT_ENGINE="null")
         url = f"http://127.0.0.1:{free_port()}"
         metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
         api = procs.start(["-m", "sentiment.cli", "api", "--port", url.rsplit(":", 1)[1]], env)

@@ -22,7 +22,7 @@ from typing import Any
 from benchmarks.batch_stats import WorkerCounters, between
 from benchmarks.loadgen import Load, LoadResult, together
 from benchmarks.processes import running
-from benchmarks.service import KEY_PREFIX, redis_server
+from benchmarks.service import KEY_PREFIX, redis_server, service_env
 from benchmarks.workload import UniqueTexts
 from sentiment.embedded import free_port
 
@@ -49,14 +49,7 @@ def measure(
     quiet = Load(functools.partial(_take, texts, 1), 1, {"X-API-Key": QUIET_KEY})
     flood_as = lambda key: Load(functools.partial(_take, texts, FLOOD_TEXTS), FLOOD_CONNECTIONS, {"X-API-Key": key})  # noqa: E731
     with running() as infra, redis_server(infra) as (redis_url, redis_kind), running() as procs:
-        env = {
-            "SENTIMENT_REDIS_URL": redis_url,
-            "SENTIMENT_MODEL_DIR": str(model_dir),
-            "SENTIMENT_DEVICE": device,
-            "SENTIMENT_KEY_PREFIX": KEY_PREFIX,
-            "SENTIMENT_LOG_LEVEL": "WARNING",
-            "SENTIMENT_API_KEYS": f"{FLOOD_KEY},{QUIET_KEY}",
-        }
+        env = service_env(redis_url, model_dir, SENTIMENT_DEVICE=device, SENTIMENT_API_KEYS=f"{FLOOD_KEY},{QUIET_KEY}")
         url = f"http://127.0.0.1:{free_port()}"
         metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
         procs.start(["-m", "sentiment.cli", "api", "--port", url.rsplit(":", 1)[1]], env)

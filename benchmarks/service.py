@@ -43,6 +43,18 @@ class Reference:
     rounds: int
 
 
+def service_env(redis_url: str, model_dir: Path, **settings: str) -> dict[str, str]:
+    """The environment of a benchmark's service processes: this run's Redis and model, the bench's key
+    prefix, quiet logs, and `settings` (SENTIMENT_* variables) on top."""
+    return {
+        "SENTIMENT_REDIS_URL": redis_url,
+        "SENTIMENT_MODEL_DIR": str(model_dir),
+        "SENTIMENT_KEY_PREFIX": KEY_PREFIX,
+        "SENTIMENT_LOG_LEVEL": "WARNING",
+        **settings,
+    }
+
+
 @contextlib.contextmanager
 def redis_server(procs: Processes) -> Iterator[tuple[str, str]]:
     """(URL, kind) of a Redis for this run, in a process of its own either way."""
@@ -89,13 +101,7 @@ def measure(
     """
     # Redis outlives the service processes, so they stop without reconnect noise.
     with running() as infra, redis_server(infra) as (redis_url, redis_kind), running() as procs:
-        env = {
-            "SENTIMENT_REDIS_URL": redis_url,
-            "SENTIMENT_MODEL_DIR": str(model_dir),
-            "SENTIMENT_DEVICE": device,
-            "SENTIMENT_KEY_PREFIX": KEY_PREFIX,
-            "SENTIMENT_LOG_LEVEL": "WARNING",
-        }
+        env = service_env(redis_url, model_dir, SENTIMENT_DEVICE=device)
         urls = [f"http://127.0.0.1:{free_port()}" for _ in range(api_processes)]
         for url in urls:
             procs.start(["-m", "sentiment.cli", "api", "--port", url.rsplit(":", 1)[1]], env)

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import fakeredis
 import httpx
+import numpy as np
 import pytest
 
 from batcher.worker import Worker
@@ -196,3 +197,18 @@ def start_service(redis_url: str, model_dir: Path, prefix: str, **env: str) -> S
     service.start("worker")
     service.wait_ready()
     return service
+
+
+def hold_forwards(monkeypatch: pytest.MonkeyPatch, classifier: Classifier) -> tuple[threading.Event, threading.Event]:
+    """Make `classifier`'s forwards wait, each, for `release` (`forwarding` is set as one starts), so
+    what a worker takes meanwhile stays unstarted. Returns (forwarding, release)."""
+    real_forward = classifier.engine.forward
+    forwarding, release = threading.Event(), threading.Event()
+
+    def held(batch: list[list[int]], packed: bool = False) -> np.ndarray:
+        forwarding.set()
+        release.wait(HANG_GUARD_S)
+        return real_forward(batch, packed)
+
+    monkeypatch.setattr(classifier.engine, "forward", held)
+    return forwarding, release

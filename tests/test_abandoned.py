@@ -5,13 +5,11 @@ request waits for is still computed). In process on fakeredis, then with real pr
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from pathlib import Path
 
 import fakeredis
 import httpx
-import numpy as np
 import orjson
 import pytest
 import redis as sync_redis
@@ -24,7 +22,7 @@ from core.protocol import ABANDONED_GRACE_S, Keys, ModelInfo, Result, WorkItem, 
 from core.settings import Settings
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
-from tests.conftest import HANG_GUARD_S, Service, start_worker, wait_for
+from tests.conftest import HANG_GUARD_S, Service, hold_forwards, start_worker, wait_for
 from tests.test_api import client_for
 from tests.test_metrics import samples, value
 from tests.test_plan import HOUR_S, KEYS, held_texts, make_intake, policy, work_item
@@ -160,15 +158,7 @@ def test_a_text_shared_with_a_live_request_is_still_computed_and_that_request_an
     # The one lane is held in a forward, so what is taken next waits unstarted; then one of two
     # items sharing a text is abandoned.
     keys = Keys(settings.key_prefix)
-    real_forward = classifier.engine.forward
-    forwarding, release = threading.Event(), threading.Event()
-
-    def slow_forward(batch: list[list[int]], packed: bool = False) -> np.ndarray:
-        forwarding.set()
-        release.wait(HANG_GUARD_S)
-        return real_forward(batch, packed)
-
-    monkeypatch.setattr(classifier.engine, "forward", slow_forward)
+    forwarding, release = hold_forwards(monkeypatch, classifier)
     worker = Worker(settings, redis, classifier)
     thread = start_worker(worker)
     try:
@@ -242,6 +232,7 @@ async def test_a_client_that_goes_away_while_it_waits_gets_its_work_dropped(
     assert sent[0]["status"] == 499  # what the request metrics record; nobody reads it
     assert item.deadline < marked_until(redis, keys, item) <= item.deadline + 2 * ABANDONED_GRACE_S
     assert redis.get(keys.abandoned_epoch) == b"1"
+    assert redis.zcard(keys.outstanding(item.client)) == 0  # no longer its client's work (the overload refusal)
     start_worker(worker)
     wait_for("the worker to drop the item", lambda: worker.intake.abandoned == 1)
     assert worker.lanes.computed == 0

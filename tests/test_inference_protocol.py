@@ -23,10 +23,13 @@ from api.inference_protocol import infer_body_limit
 from core.protocol import Keys, ModelInfo, prediction
 from core.settings import Settings
 from model_store.classifier import Classifier
-from tests.conftest import Service, start_service
+from tests.conftest import REPO, Service, start_service
 
 KEY = "a-test-key-of-some-length"
 TEXTS = ["a good movie", "bad", "", "a good movie", "ünïcödé ✓"]
+
+
+README = (REPO / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +105,16 @@ def test_labels_and_scores_are_predicts_and_the_models(
     own = [prediction(classifier.labels, p) for p in classifier.forward(classifier.tokenize(TEXTS))]
     assert scores.ravel().tolist() == pytest.approx([s["score"] for p in own for s in p], abs=1e-5)
     assert labels == [classifier.labels[int(np.argmax([s["score"] for s in p]))] for p in own]
+
+
+def test_the_readmes_client_snippet_classifies_through_the_service(
+    service: Service, model: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    snippet = README.split("stock Open Inference Protocol client")[1].split("```python\n")[1].split("```")[0]
+    exec(snippet.replace("localhost:8000", f"127.0.0.1:{service.port}"), {})
+    labels, scores = capsys.readouterr().out.split("] [", 1)
+    assert sum(labels.count(f"'{label}'") for label in model["labels"]) == 2  # one per text
+    assert scores.count("[") == 2  # a row of scores per text
 
 
 def test_outputs_requested_by_name_and_all_by_default(

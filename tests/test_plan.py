@@ -319,6 +319,19 @@ def test_one_clients_backlog_keeps_arrival_order_behind_a_flood_of_its_own() -> 
     assert served[-1] == ["the late one here"]  # one client: first come, first served
 
 
+def test_a_quiet_clients_turn_goes_before_the_rest_of_a_flood_batch() -> None:
+    """The cost model cuts the flood's batch in two forwards; a quiet client's text taken after the
+    first left goes next, and the flood's second forward right after it."""
+    pending = Pending(policy(max_texts=8, max_tokens=1000, cost=ForwardCost(2, 1024, packs=False)))
+    backlog = time.time() - HOUR_S
+    short, long = ["s1", "s2", "s3", "s4"], [f"l{i} a b c d" for i in range(4)]
+    add(pending, *short, *long, arrived=backlog, client="flood")
+    assert texts_of(next_forward(pending)) == short
+    add(pending, "quiet", arrived=backlog, client="quiet")
+    assert texts_of(next_forward(pending)) == ["quiet"]
+    assert texts_of(next_forward(pending)) == long
+
+
 def test_busy_clients_take_turns_text_by_text() -> None:
     pending = Pending(policy(max_texts=1))
     backlog = time.time() - HOUR_S

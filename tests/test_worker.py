@@ -22,7 +22,7 @@ from core.liveness import live_workers
 from core.protocol import Keys, ModelInfo, Result, WorkItem, new_id, parse_replies, prediction
 from core.settings import Settings
 from model_store.classifier import Classifier
-from tests.conftest import HANG_GUARD_S, start_worker, wait_for
+from tests.conftest import HANG_GUARD_S, hold_forwards, start_worker, wait_for
 
 
 def push(redis: fakeredis.FakeRedis, keys: Keys, *texts: str) -> WorkItem:
@@ -343,15 +343,7 @@ def test_the_next_forward_is_chosen_when_a_lane_is_free(
     # free, so c and d go together.
     settings = settings.model_copy(update={"max_batch_size": 2, "batch_window": 8})
     keys = Keys(settings.key_prefix)
-    real_forward = classifier.engine.forward
-    forwarding, release = threading.Event(), threading.Event()
-
-    def slow_forward(batch: list[list[int]], packed: bool = False) -> np.ndarray:
-        forwarding.set()
-        release.wait(HANG_GUARD_S)
-        return real_forward(batch, packed)
-
-    monkeypatch.setattr(classifier.engine, "forward", slow_forward)
+    forwarding, release = hold_forwards(monkeypatch, classifier)
     worker = Worker(settings, redis, classifier)
     thread = start_worker(worker)
     try:
