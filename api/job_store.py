@@ -39,7 +39,7 @@ from core.job_spec import (
     progress,
     status_document,
 )
-from core.protocol import new_id
+from core.protocol import Keys, new_id
 from core.settings import Settings
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # what `new_id` makes; anything else cannot exist
@@ -52,7 +52,7 @@ class JobStore:
         self.redis = redis
         self.queue = jobs_queue(redis, settings)
         self.ttl_s = settings.job_ttl_s
-        self.webhooks = webhooks.WebhookKeys(settings.key_prefix)
+        self.keys = Keys(settings.key_prefix)
         self.webhook_look_s = settings.heartbeat_ttl_s  # how often a job with a webhook is looked at before it ends
 
     def create(self, texts: list[str], callback_url: str | None = None) -> str:
@@ -72,7 +72,7 @@ class JobStore:
                 pipeline=pipe,
             )
             if callback_url is not None:
-                webhooks.watch(pipe, self.webhooks, job.id, callback_url, time.time() + self.webhook_look_s)
+                webhooks.watch(pipe, self.keys, job.id, callback_url, time.time() + self.webhook_look_s)
             pipe.execute()
         return job.id
 
@@ -105,13 +105,13 @@ class JobStore:
                         job.ended_at = now()
                         pipe.hset(job.key, "ended_at", utcformat(job.ended_at))
                         job.cleanup(ttl=self.ttl_s, pipeline=pipe)  # a canceled job expires like any other
-                        webhooks.look_now(pipe, self.webhooks, job.id)  # it ended: its webhook goes now
+                        webhooks.look_now(pipe, self.keys, job.id)  # it ended: its webhook goes now
                     elif stopping:
                         # Canceled, but its worker has yet to reach the chunk boundary where it reads
                         # the status (RQ's worker loop dies on a job that is gone). Only the texts go
                         # now, and with them the job to a reader (404); status and progress expire.
                         pipe.hdel(job.key, "data")
-                        webhooks.forget(pipe, self.webhooks, job.id)
+                        webhooks.forget(pipe, self.keys, job.id)
                     else:
                         self._delete(job, pipe)
                     pipe.execute()
@@ -128,7 +128,7 @@ class JobStore:
         for registry in (queue.finished_job_registry, queue.failed_job_registry, queue.canceled_job_registry):
             registry.remove(job, pipeline=pipe)
         pipe.delete(job.key, Result.get_key(job.id), job.execution_registry.key)
-        webhooks.forget(pipe, self.webhooks, job.id)  # an undelivered webhook holds its document
+        webhooks.forget(pipe, self.keys, job.id)  # an undelivered webhook holds its document
 
     def _fetch(self, job_id: str) -> Job:
         if JOB_ID.fullmatch(job_id):

@@ -33,7 +33,7 @@ from rq import Queue
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.liveness import live_workers
-from core.webhooks import WebhookKeys
+from core.protocol import Keys
 
 log = logging.getLogger(__name__)
 disable_created_metrics()  # `_created` series double the series count and no panel uses them
@@ -133,7 +133,7 @@ class ServiceState(Collector):
                 for group in registries.values():
                     for registry in group:
                         pipe.zcard(registry.key)
-                pipe.llen(WebhookKeys(self.key_prefix).dead_letters)
+                pipe.llen(Keys(self.key_prefix).webhook_dead_letters)
                 counts = iter(pipe.execute())
             waiting = next(counts)
             by_status = {status: sum(next(counts) for _ in group) for status, group in registries.items()}

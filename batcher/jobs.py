@@ -41,11 +41,11 @@ from batcher.heartbeat import Beating
 from batcher.inference import Inference
 from core import tracing
 from core.job_spec import CHUNKS_PER_BATCH, SERIALIZER, jobs_queue, progress
-from core.protocol import Prediction
+from core.protocol import Keys, Prediction
 from core.redis_connect import sync_client
 from core.redis_errors import Backoff, describe
 from core.settings import Settings
-from core.webhooks import WebhookKeys, look_now
+from core.webhooks import look_now
 from model_store.classifier import Classifier
 
 log = logging.getLogger(__name__)
@@ -98,10 +98,10 @@ class JobsWorker(SimpleWorker):
 
     max_connection_wait_time = 2.0  # RQ's reconnect backoff while waiting for a job stops here, not at a minute
 
-    def __init__(self, *args: Any, heartbeat_ttl_s: float, webhook_keys: WebhookKeys, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, heartbeat_ttl_s: float, keys: Keys, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.job_heartbeat_ttl = max(2, math.ceil(heartbeat_ttl_s))
-        self.webhook_keys = webhook_keys
+        self.keys = keys
         self.told_to_stop = False  # by SIGTERM or SIGINT: `serve_jobs` starts no fresh worker after this one
         self.drained = False  # the last look at the queue found it empty (how burst mode ends)
 
@@ -153,7 +153,7 @@ class JobsWorker(SimpleWorker):
         try:
             # Ended here (not retried): its webhook goes now. (A canceled job's went when the API canceled it.)
             if job.get_status(refresh=True) in (JobStatus.FINISHED, JobStatus.FAILED):
-                look_now(self.connection, self.webhook_keys, job.id)
+                look_now(self.connection, self.keys, job.id)
         except RedisError as exc:  # its webhook's periodic look finds the job ended
             log.warning("job %s ended, its webhook not told (%s)", job.id, describe(exc))
 
@@ -205,7 +205,7 @@ def _serve(settings: Settings, redis: Redis, burst: bool) -> bool:
                 connection=redis,
                 serializer=SERIALIZER,
                 heartbeat_ttl_s=settings.heartbeat_ttl_s,
-                webhook_keys=WebhookKeys(settings.key_prefix),
+                keys=Keys(settings.key_prefix),
                 # Look for abandoned jobs about as often as a heartbeat lapses; block on the queue no longer.
                 maintenance_interval=period,
                 worker_ttl=period + 16,

@@ -1,7 +1,7 @@
 """Webhook delivery, a thread of the jobs worker: a job's status document, signed, POSTed to its
 callback URL once the job ends, retried with backoff, then kept on the dead-letter list.
 
-Every `LOOK_S` the thread takes the webhooks that are due (`WebhookKeys.pending`, scored by when to
+Every `LOOK_S` the thread takes the webhooks that are due (`Keys.webhooks`, scored by when to
 look next). One whose job has not ended is looked at again a heartbeat TTL later: the worker that
 ends a job, and the API that cancels one, make its webhook due at once; the periodic look catches a
 job that RQ's abandoned-job handling failed. Once the job has ended its document is made, once, and
@@ -37,11 +37,11 @@ from rq.job import Job, JobStatus
 
 from core import webhooks
 from core.job_spec import ENDED, JOB_STATUS, SERIALIZER, status_document
-from core.protocol import new_id
+from core.protocol import Keys, new_id
 from core.redis_errors import describe
 from core.redis_replies import raw, text
 from core.settings import Settings
-from core.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, Address, WebhookKeys, refusal, sign
+from core.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, Address, refusal, sign
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs each URL at INFO, and a callback URL may hold a token
@@ -69,7 +69,7 @@ class Sender:
         if settings.webhook_secret is None:
             raise ValueError("webhooks need SENTIMENT_WEBHOOK_SECRET")
         self.redis = redis
-        self.keys = WebhookKeys(settings.key_prefix)
+        self.keys = Keys(settings.key_prefix)
         self.secret = settings.webhook_secret.get_secret_value().encode()
         self.allowed = settings.webhook_allowed_networks
         self.attempts = settings.webhook_attempts
@@ -82,10 +82,10 @@ class Sender:
         """Deliver the webhooks that are due and that no other jobs worker is delivering."""
         try:
             due: list[bytes] = self.redis.zrangebyscore(
-                self.keys.pending, "-inf", time.time(), start=0, num=DUE_PER_LOOK
+                self.keys.webhooks, "-inf", time.time(), start=0, num=DUE_PER_LOOK
             )  # type: ignore[assignment]
             for job_id in map(text, due):
-                claim = self.keys.claim(job_id)
+                claim = self.keys.webhook_claim(job_id)
                 if self.redis.set(claim, self.name, nx=True, ex=CLAIM_S):
                     try:
                         self._handle(job_id)
@@ -93,16 +93,16 @@ class Sender:
                         raise
                     except Exception:  # a bug or a mangled record: never the end of the thread
                         log.exception("webhook of job %s failed; looked at again in %.0f s", job_id, self.look_s)
-                        self.redis.zadd(self.keys.pending, {job_id: time.time() + self.look_s}, xx=True)
+                        self.redis.zadd(self.keys.webhooks, {job_id: time.time() + self.look_s}, xx=True)
                     finally:
                         self.redis.delete(claim)
         except RedisError as exc:  # the next look tries again
             log.warning("webhooks not looked at: redis failed (%s)", describe(exc))
 
     def _handle(self, job_id: str) -> None:
-        record = {text(field): raw(value) for field, value in self.redis.hgetall(self.keys.record(job_id)).items()}
+        record = {text(field): raw(value) for field, value in self.redis.hgetall(self.keys.webhook(job_id)).items()}
         if "url" not in record:  # dropped with its job meanwhile
-            self.redis.zrem(self.keys.pending, job_id)
+            self.redis.zrem(self.keys.webhooks, job_id)
             return
         if "body" not in record:
             status = raw(self.redis.hget(Job.key_for(job_id), "status"))
@@ -185,7 +185,7 @@ class Sender:
     def _update(self, job_id: str, fields: Mapping[FieldT, EncodableT], look_at: float) -> bool:
         """Write `fields` to the webhook and look at it again at `look_at`, unless it was dropped
         meanwhile with its job (False then)."""
-        key = self.keys.record(job_id)
+        key = self.keys.webhook(job_id)
 
         def write(pipe: Pipeline) -> bool:
             if not pipe.exists(key):
@@ -193,7 +193,7 @@ class Sender:
             pipe.multi()
             if fields:
                 pipe.hset(key, mapping=fields)
-            pipe.zadd(self.keys.pending, {job_id: look_at}, xx=True)
+            pipe.zadd(self.keys.webhooks, {job_id: look_at}, xx=True)
             return True
 
         return bool(self.redis.transaction(write, key, value_from_callable=True))  # type: ignore[arg-type]
@@ -206,7 +206,7 @@ class Sender:
     def _finish(self, job_id: str, dead_letter: bytes | None = None) -> None:
         with self.redis.pipeline() as pipe:
             if dead_letter is not None:
-                pipe.lpush(self.keys.dead_letters, dead_letter)
-                pipe.ltrim(self.keys.dead_letters, 0, DEAD_LETTERS_KEPT - 1)
+                pipe.lpush(self.keys.webhook_dead_letters, dead_letter)
+                pipe.ltrim(self.keys.webhook_dead_letters, 0, DEAD_LETTERS_KEPT - 1)
             webhooks.forget(pipe, self.keys, job_id)
             pipe.execute()

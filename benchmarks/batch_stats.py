@@ -4,6 +4,7 @@ before and after. The worker's Prometheus `/metrics` when it serves one; else it
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import httpx
@@ -23,12 +24,13 @@ SAMPLES = (
 )
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """The batch-size and queue-wait histogram sums and counts in a Prometheus exposition."""
+def parse_metrics(text: str, names: Collection[str] = SAMPLES) -> dict[str, float]:
+    """The samples named `names` in a Prometheus exposition, each summed over its labels (by default
+    the batch-size, queue-wait and forward-time histograms' sums and counts)."""
     found: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in SAMPLES:
+            if sample.name in names:
                 found[sample.name] = found.get(sample.name, 0.0) + sample.value
     return found
 

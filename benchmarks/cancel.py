@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.batch_stats import parse_metrics
 from benchmarks.loadgen import closed_loop
 from benchmarks.processes import running
 from benchmarks.service import redis_server, service_env
@@ -41,13 +41,8 @@ COUNTERS = (
 
 def counters(*urls: str) -> dict[str, float]:
     """`COUNTERS` summed over their labels and the processes at `urls` (their /metrics)."""
-    found = dict.fromkeys(COUNTERS, 0.0)
-    for url in urls:
-        for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
-            for sample in family.samples:
-                if sample.name in found:
-                    found[sample.name] += sample.value
-    return found
+    scraped = [parse_metrics(httpx.get(url, timeout=10).text, COUNTERS) for url in urls]
+    return {name: sum(s.get(name, 0.0) for s in scraped) for name in COUNTERS}
 
 
 def measure(

@@ -118,6 +118,24 @@ class Keys:
         the worker removes when it answers or drops one; entries past their deadline count no more."""
         return f"{self.prefix}:outstanding:{client}"
 
+    @property
+    def webhooks(self) -> str:
+        """Sorted set: the job ids whose webhook is not yet delivered, scored by when to look next."""
+        return f"{self.prefix}:webhooks"
+
+    def webhook(self, job_id: str) -> str:
+        """Hash: a job's callback URL, tries so far, last error; once the job ended, the body and the delivery id."""
+        return f"{self.prefix}:webhook:{job_id}"
+
+    def webhook_claim(self, job_id: str) -> str:
+        """Held (with an expiry) by the jobs worker delivering it, so that two never send it at once."""
+        return f"{self.prefix}:webhook:{job_id}:claim"
+
+    @property
+    def webhook_dead_letters(self) -> str:
+        """List of the deliveries that gave up (JSON: job id, host, tries, last error, when), newest first."""
+        return f"{self.prefix}:webhooks:dead"
+
     def rate_limit(self, client: str) -> str:
         """A client's token bucket; `client` is an API key's digest or an address, never a key."""
         return f"{self.prefix}:ratelimit:{client}"

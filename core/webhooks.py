@@ -18,12 +18,13 @@ import hashlib
 import hmac
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from urllib.parse import urlsplit
 
 from redis import Redis
 from redis.client import Pipeline
+
+from core.protocol import Keys
 
 SIGNATURE_HEADER = "X-Sentiment-Signature"
 DELIVERY_HEADER = "X-Sentiment-Delivery"  # one id per webhook, the same on every try: receivers deduplicate by it
@@ -31,31 +32,6 @@ MAX_URL_CHARS = 2048
 
 Address = IPv4Address | IPv6Address
 Network = IPv4Network | IPv6Network
-
-
-@dataclass(frozen=True)
-class WebhookKeys:
-    """Redis key names of webhooks, under the service's key prefix (as `core.protocol.Keys`)."""
-
-    prefix: str
-
-    @property
-    def pending(self) -> str:
-        """Sorted set: the job ids whose webhook is not yet delivered, scored by when to look next."""
-        return f"{self.prefix}:webhooks"
-
-    def record(self, job_id: str) -> str:
-        """Hash: the URL, tries so far, last error; once the job ended, the body and the delivery id."""
-        return f"{self.prefix}:webhook:{job_id}"
-
-    def claim(self, job_id: str) -> str:
-        """Held (with an expiry) by the jobs worker delivering it, so that two never send it at once."""
-        return f"{self.prefix}:webhook:{job_id}:claim"
-
-    @property
-    def dead_letters(self) -> str:
-        """List of the deliveries that gave up (JSON: job id, host, tries, last error, when), newest first."""
-        return f"{self.prefix}:webhooks:dead"
 
 
 def refusal(address: Address, allowed: Sequence[Network]) -> str | None:
@@ -104,18 +80,18 @@ def sign(secret: bytes, body: bytes, at: int) -> str:
     return f"t={at},v1={mac}"
 
 
-def watch(pipe: Pipeline, keys: WebhookKeys, job_id: str, url: str, look_at: float) -> None:
+def watch(pipe: Pipeline, keys: Keys, job_id: str, url: str, look_at: float) -> None:
     """Record a webhook for a job being created in `pipe`; the jobs workers look at it from `look_at`."""
-    pipe.hset(keys.record(job_id), "url", url)
-    pipe.zadd(keys.pending, {job_id: look_at})
+    pipe.hset(keys.webhook(job_id), "url", url)
+    pipe.zadd(keys.webhooks, {job_id: look_at})
 
 
-def look_now(redis: Redis | Pipeline, keys: WebhookKeys, job_id: str) -> None:
+def look_now(redis: Redis | Pipeline, keys: Keys, job_id: str) -> None:
     """The job just ended: its webhook (if it has one) is due at once, not at its next periodic look."""
-    redis.zadd(keys.pending, {job_id: time.time()}, xx=True)
+    redis.zadd(keys.webhooks, {job_id: time.time()}, xx=True)
 
 
-def forget(pipe: Pipeline, keys: WebhookKeys, job_id: str) -> None:
+def forget(pipe: Pipeline, keys: Keys, job_id: str) -> None:
     """Drop a job's webhook, delivered or not (the job is deleted: so is what it would have sent)."""
-    pipe.delete(keys.record(job_id))
-    pipe.zrem(keys.pending, job_id)
+    pipe.delete(keys.webhook(job_id))
+    pipe.zrem(keys.webhooks, job_id)

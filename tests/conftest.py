@@ -177,11 +177,8 @@ class Service:
         give_up = time.monotonic() + timeout_s
         while time.monotonic() < give_up:
             assert all(p.poll() is None for p in self.procs), "a service process exited"
-            try:
-                if httpx.get(f"{self.url}/ready").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
+            if answers(f"{self.url}/ready"):
+                return
             time.sleep(0.2)
         raise TimeoutError("service not ready")
 
@@ -189,6 +186,14 @@ class Service:
         for proc in self.procs:
             proc.terminate()
         return [proc.wait(30) for proc in self.procs]
+
+
+def answers(url: str) -> bool:
+    """Whether `url` answers 200 (a service up, or ready); False while nothing listens."""
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def start_service(redis_url: str, model_dir: Path, prefix: str, **env: str) -> Service:

@@ -13,6 +13,7 @@ import httpx
 import orjson
 import pytest
 import redis as sync_redis
+from starlette.types import ASGIApp, Receive
 
 from api.app import create_app
 from batcher import intake as intake_module
@@ -202,6 +203,17 @@ def asgi_post(path: str, body: bytes) -> dict[str, object]:
     }
 
 
+async def post(app: ASGIApp, body: bytes, receive: Receive) -> list[dict[str, object]]:
+    """POST `body` to /predict as a server would, `receive` its channel; the messages sent back."""
+    sent: list[dict[str, object]] = []
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    await asyncio.wait_for(app(asgi_post("/predict", body), receive, send), HANG_GUARD_S)
+    return sent
+
+
 @pytest.mark.anyio
 async def test_a_client_that_goes_away_while_it_waits_gets_its_work_dropped(
     settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, worker: Worker
@@ -218,14 +230,9 @@ async def test_a_client_that_goes_away_while_it_waits_gets_its_work_dropped(
         await asyncio.to_thread(wait_for, "the work item", lambda: redis.llen(keys.queue))
         return {"type": "http.disconnect"}
 
-    sent: list[dict[str, object]] = []
-
-    async def send(message: dict[str, object]) -> None:
-        sent.append(message)
-
     app = create_app(settings, redis=fakeredis.FakeAsyncRedis(server=fake_server), jobs_redis=fakeredis.FakeRedis())
     async with app.router.lifespan_context(app):
-        await asyncio.wait_for(app(asgi_post("/predict", body), receive, send), HANG_GUARD_S)
+        sent = await post(app, body, receive)
         item = WorkItem.decode(redis.lindex(keys.queue, 0))
         await asyncio.to_thread(wait_for, "the abandoned marker", lambda: redis.exists(keys.abandoned(item.id)))
         assert app.state.predictor._waiter._pending == {}
@@ -256,14 +263,9 @@ async def test_a_cache_hit_never_watches_for_the_disconnect(
         assert len(received) == 1, "a cache hit reads its body and nothing more"
         return {"type": "http.request", "body": body, "more_body": False}
 
-    sent: list[dict[str, object]] = []
-
-    async def send(message: dict[str, object]) -> None:
-        sent.append(message)
-
     app = create_app(settings, redis=fakeredis.FakeAsyncRedis(server=fake_server), jobs_redis=fakeredis.FakeRedis())
     async with app.router.lifespan_context(app):
-        await asyncio.wait_for(app(asgi_post("/predict", body), receive, send), HANG_GUARD_S)
+        sent = await post(app, body, receive)
     assert sent[0]["status"] == 200 and orjson.loads(sent[1]["body"]) == {"predictions": [hot]}  # type: ignore[arg-type]
     assert received == ["receive"]
     assert not redis.exists(keys.abandoned_epoch)

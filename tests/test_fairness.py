@@ -14,7 +14,7 @@ import pytest
 
 from core.protocol import prediction
 from model_store.classifier import Classifier
-from tests.conftest import HANG_GUARD_S, Service, wait_for
+from tests.conftest import HANG_GUARD_S, Service, answers, wait_for
 
 FLOOD_KEY, QUIET_KEY = "flood-client-key-0000000001", "quiet-client-key-0000000002"
 
@@ -58,10 +58,3 @@ def test_past_the_limit_the_flood_is_refused_a_quiet_client_gets_in_and_all_acce
             assert [s["score"] for s in got] == pytest.approx([s["score"] for s in expected], abs=1e-5)
     finally:
         service.stop()
-
-
-def answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=5).status_code == 200
-    except httpx.TransportError:
-        return False

@@ -25,7 +25,7 @@ from core.protocol import Keys, prediction
 from core.redis_connect import SentinelUrl, async_client, sync_client
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port, start_redis_server
-from tests.conftest import Service, wait_for
+from tests.conftest import Service, answers, wait_for
 from tests.test_faults import Load, assert_correct
 from tests.test_k8s import tool
 
@@ -213,7 +213,7 @@ def test_work_the_failover_lost_is_pushed_again_by_the_waiting_api(
     svc = Service(sentinels.url, tiny_model_dir, "requeue", SENTIMENT_REQUEST_TIMEOUT_S="40")
     try:
         svc.start("api", "--port", str(svc.port))
-        wait_for("the API to listen", lambda: _answers(f"{svc.url}/health"))
+        wait_for("the API to listen", lambda: answers(f"{svc.url}/health"))
         replica, queue = redis.Redis(port=sentinels.replica_port), Keys("requeue").queue
         answer: list[httpx.Response] = []
         text = "a request accepted before the failover"
@@ -236,13 +236,6 @@ def test_work_the_failover_lost_is_pushed_again_by_the_waiting_api(
         assert [s["score"] for s in got] == pytest.approx([s["score"] for s in want], abs=1e-5)
     finally:
         svc.stop()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=5).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def test_the_k8s_sentinel_component_points_the_service_and_keda_at_the_sentinels(tmp_path: Path) -> None:

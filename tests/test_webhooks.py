@@ -30,8 +30,9 @@ from redis import Redis
 from api.app import create_app
 from api.job_store import JobStore
 from batcher.webhooks import Sender
+from core.protocol import Keys
 from core.settings import Settings
-from core.webhooks import WebhookKeys, check_url, refusal
+from core.webhooks import check_url, refusal
 from tests.conftest import REPO, Service, wait_for
 
 SECRET = "webhook-secret-for-tests"
@@ -128,8 +129,8 @@ def sender_seeing(
     return Sender(settings, fake, httpx.Client(transport=httpx.MockTransport(record))), sent
 
 
-def dead_letters(client: Redis, keys: WebhookKeys) -> list[dict[str, Any]]:
-    return [json.loads(entry) for entry in client.lrange(keys.dead_letters, 0, -1)]
+def dead_letters(client: Redis, keys: Keys) -> list[dict[str, Any]]:
+    return [json.loads(entry) for entry in client.lrange(keys.webhook_dead_letters, 0, -1)]
 
 
 def resolving(monkeypatch: pytest.MonkeyPatch, address: str) -> None:
@@ -165,7 +166,7 @@ def test_a_name_that_resolves_to_a_private_address_is_dead_lettered_without_a_co
     sender, sent = sender_seeing(settings, fake, lambda _: httpx.Response(204))
     sender.tick()
     assert sent == []
-    [letter] = dead_letters(fake, WebhookKeys(settings.key_prefix))
+    [letter] = dead_letters(fake, Keys(settings.key_prefix))
     assert letter["job_id"] == job_id and letter["host"] == "rebinding.example" and letter["attempts"] == 1
     assert letter["error"].startswith("rebinding.example resolves to 10.0.0.7 is a private address")
 
@@ -261,7 +262,7 @@ class Stack:
     redis: Redis
     receiver: Receiver
     jobs_worker: Any
-    keys = WebhookKeys(PREFIX)
+    keys = Keys(PREFIX)
 
     def submit(self, path: str) -> str:
         """A two-text job whose webhook goes to `path` on the receiver."""
@@ -271,7 +272,7 @@ class Stack:
 
     def delivered(self, job_id: str) -> bool:
         """Whether the job's webhook is done with: delivered or dead-lettered."""
-        return self.redis.zscore(self.keys.pending, job_id) is None
+        return self.redis.zscore(self.keys.webhooks, job_id) is None
 
 
 @pytest.fixture(scope="module")
@@ -332,14 +333,14 @@ def test_a_receiver_answering_500_gets_the_same_delivery_again_once(stack: Stack
     assert first.body == second.body
     assert first.headers["X-Sentiment-Delivery"] == second.headers["X-Sentiment-Delivery"]
     assert docs_verify()(SECRET.encode(), second.body, second.headers["X-Sentiment-Signature"])
-    assert job_id not in {json.loads(e)["job_id"] for e in stack.redis.lrange(stack.keys.dead_letters, 0, -1)}
+    assert job_id not in {json.loads(e)["job_id"] for e in stack.redis.lrange(stack.keys.webhook_dead_letters, 0, -1)}
 
 
 def test_a_receiver_that_keeps_failing_ends_on_the_dead_letter_list_which_metrics_count(stack: Stack) -> None:
     stack.receiver.plan["/down"] = [500] * 10
     job_id = stack.submit("/down")
     wait_for("the webhook to give up", lambda: stack.delivered(job_id) and len(stack.receiver.at("/down")) == 3)
-    letters = [json.loads(e) for e in stack.redis.lrange(stack.keys.dead_letters, 0, -1)]
+    letters = [json.loads(e) for e in stack.redis.lrange(stack.keys.webhook_dead_letters, 0, -1)]
     [letter] = [e for e in letters if e["job_id"] == job_id]
     assert (letter["host"], letter["attempts"], letter["error"]) == ("127.0.0.1", 3, "HTTP 500")
     metrics = stack.client.get("/metrics").text
@@ -370,12 +371,12 @@ def test_a_job_canceled_by_delete_notifies_its_callback(stack: Stack) -> None:
     "url", ["http://10.1.2.3/hook", "http://169.254.169.254/latest", "http://[::1]:8000/hook", "http://u:p@127.0.0.1/"]
 )
 def test_a_refused_callback_url_is_a_422_and_nothing_is_sent_or_queued(stack: Stack, url: str) -> None:
-    received, pending = len(stack.receiver.received), stack.redis.zcard(stack.keys.pending)
+    received, pending = len(stack.receiver.received), stack.redis.zcard(stack.keys.webhooks)
     queued = stack.redis.llen(f"rq:queue:{PREFIX}-jobs")
     response = stack.client.post("/jobs", json={"text": ["x"], "callback_url": url})
     assert response.status_code == 422
     [error] = response.json()["detail"]
     assert error["loc"] == ["body", "callback_url"] and error["input"] == url
     assert "address" in error["msg"] or "credentials" in error["msg"]
-    assert stack.redis.zcard(stack.keys.pending) == pending and stack.redis.llen(f"rq:queue:{PREFIX}-jobs") == queued
+    assert stack.redis.zcard(stack.keys.webhooks) == pending and stack.redis.llen(f"rq:queue:{PREFIX}-jobs") == queued
     assert len(stack.receiver.received) == received
