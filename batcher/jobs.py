@@ -50,6 +50,8 @@ from model_store.classifier import Classifier
 
 log = logging.getLogger(__name__)
 
+DEQUEUE_WAIT_S = 2  # longest one wait for a job blocks
+
 _inference: Inference | None = None  # set once per process by `serve_jobs`, used by every job
 
 
@@ -98,12 +100,24 @@ class JobsWorker(SimpleWorker):
 
     max_connection_wait_time = 2.0  # RQ's reconnect backoff while waiting for a job stops here, not at a minute
 
-    def __init__(self, *args: Any, heartbeat_ttl_s: float, keys: Keys, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, heartbeat_ttl_s: float, redis_timeout_s: float, keys: Keys, **kwargs: Any) -> None:
+        self.redis_timeout_s = redis_timeout_s  # (before RQ's constructor, which reads `connection_timeout`)
         super().__init__(*args, **kwargs)
         self.job_heartbeat_ttl = max(2, math.ceil(heartbeat_ttl_s))
         self.keys = keys
         self.told_to_stop = False  # by SIGTERM or SIGINT: `serve_jobs` starts no fresh worker after this one
         self.drained = False  # the last look at the queue found it empty (how burst mode ends)
+
+    @property
+    def dequeue_timeout(self) -> int:
+        """How long one wait for a job blocks (BLPOP): short, so that the read timeout of its connection,
+        which RQ sets from it, notices a silent Redis within seconds (RQ's own: the worker TTL - 15 s)."""
+        return DEQUEUE_WAIT_S
+
+    @property
+    def connection_timeout(self) -> int:
+        """The socket timeout RQ gives the worker's connections: a blocking wait plus the Redis timeout."""
+        return self.dequeue_timeout + math.ceil(self.redis_timeout_s)
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         """RQ's loop; its pubsub thread is stopped however the loop ends (RQ's teardown skips that when
@@ -205,6 +219,7 @@ def _serve(settings: Settings, redis: Redis, burst: bool) -> bool:
                 connection=redis,
                 serializer=SERIALIZER,
                 heartbeat_ttl_s=settings.heartbeat_ttl_s,
+                redis_timeout_s=settings.redis_timeout_s,
                 keys=Keys(settings.key_prefix),
                 # Look for abandoned jobs about as often as a heartbeat lapses; block on the queue no longer.
                 maintenance_interval=period,
@@ -249,5 +264,5 @@ def run(settings: Settings, classifier: Classifier) -> None:
     """`sentiment jobs-worker`, once `lower_priority` ran and the model loaded: serve jobs."""
     metrics.describe_model(classifier)
     metrics.serve(settings.jobs_metrics_port)
-    redis = sync_client(settings.redis_url, socket_connect_timeout=2)
+    redis = sync_client(settings.redis_url, settings.redis_timeout_s)
     serve_jobs(settings, Inference.for_jobs(settings, classifier, redis), redis)

@@ -20,6 +20,7 @@ from core.settings import Settings
 from model_store.hub import DEFAULT_REPO
 
 log = logging.getLogger("sentiment")
+PROBE_TIMEOUT_S = 2.0  # a probe answers within Kubernetes' timeoutSeconds (its default is 1 s; ours say 3)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,6 +186,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
 
     _model_process(settings)
     from batcher import metrics
+    from batcher.thread_failure import ThreadFailed
     from batcher.worker import Worker
     from core.liveness import worker_client
     from core.protocol import Keys
@@ -193,12 +195,15 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
     with _starting("worker"):
         classifier = Classifier.from_settings(settings)
     keys = Keys(settings.key_prefix)
-    client = worker_client(settings.redis_url, keys)
+    client = worker_client(settings.redis_url, settings.redis_timeout_s, keys)
     metrics.serve(settings.metrics_port, metrics.QueueDepth(client, keys))
     worker = Worker(settings, client, classifier)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
-    worker.run()
+    try:
+        worker.run()
+    except ThreadFailed as exc:  # logged with its traceback; the exit says it in one line
+        raise SystemExit(f"sentiment worker: {exc}") from None
 
 
 def _jobs_worker(settings: Settings, args: argparse.Namespace) -> None:
@@ -234,7 +239,7 @@ def _probe(kind: str, alive: Callable[[Redis], bool], settings: Settings) -> NoR
     restart cannot bring Redis back, the workers reconnect by themselves, and restarting them would
     only reload the model and kill running jobs (docs/reliability.md, "Redis outage")."""
     try:
-        ok = alive(sync_client(settings.redis_url, socket_connect_timeout=2, socket_timeout=2))
+        ok = alive(sync_client(settings.redis_url, PROBE_TIMEOUT_S))
     except OUTAGE as exc:
         print(f"redis unreachable ({exc}): {'passing, a restart cannot fix that' if kind == 'live' else 'not ready'}")
         ok = kind == "live"
