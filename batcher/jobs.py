@@ -184,7 +184,7 @@ def serve_jobs(settings: Settings, inference: Inference, redis: Redis, burst: bo
     tracing.setup("sentiment-jobs-worker")
     sending = (
         Beating("webhooks", webhooks.LOOK_S, webhooks.Sender(settings, redis).tick)
-        if settings.webhook_secret is not None
+        if settings.webhook_secrets
         else nullcontext()
     )
     with sending:
