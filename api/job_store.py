@@ -21,10 +21,10 @@ from typing import Any
 from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import WatchError
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.results import Result
-from rq.utils import now, utcformat
+from rq.utils import as_text, now, utcformat
 
 from api.errors import ErrorType, ServiceError
 from core import webhooks
@@ -79,46 +79,59 @@ class JobStore:
     def view(self, job_id: str) -> dict[str, Any]:
         """The job's status, progress and times; its predictions once finished, its error once failed."""
         job = self._fetch(job_id)
-        if job.get_status() == JobStatus.STARTED:
+        if job.get_status(refresh=False) == JobStatus.STARTED:
             self.queue.started_job_registry.cleanup()  # is its worker gone? (cheap: one ZRANGEBYSCORE)
             job = self._fetch(job_id)
-        return status_document(job)
+        document = status_document(job)
+        # An ended job's result is a second read: a job deleted in between is gone, not finished without predictions.
+        if document["status"] in ("finished", "failed") and not self.redis.exists(job.key):
+            raise _not_found(job_id)
+        return document
 
     def delete(self, job_id: str) -> None:
-        """Cancel a queued or started job (a started one stops at its next chunk); delete an ended one
-        with its texts and results.
+        """Cancel a queued or started job (a started one stops at its next chunk boundary); delete an
+        ended one with its texts and results.
 
-        The status check and the change are one transaction, WATCHing the job: a job that ends (or
-        changes at all) in between makes it fail, and we look again, so a job that finishes meanwhile
-        is deleted, never turned `canceled` with its result.
+        The status check and the change are one transaction, WATCHing the job: a job that changes
+        meanwhile (it starts or ends, another DELETE lands) makes it fail, and we look again, so a job
+        that finishes meanwhile is deleted, never turned `canceled` with its result. The jobs worker
+        writes a job only in transactions that look at it the same way (`batcher.jobs`), so a
+        canceled job stays canceled and a deleted one stays deleted, whatever its worker was doing.
         """
         job = self._fetch(job_id)
         with self.redis.pipeline() as pipe:
             while True:
                 try:
                     pipe.watch(job.key)
-                    status = JOB_STATUS.get(job.get_status(), "queued")
-                    stopping = status == "canceled" and bool(job.execution_registry.get_execution_ids())
+                    status = pipe.hget(job.key, "status")
+                    if status is None:  # deleted meanwhile (by another DELETE)
+                        raise _not_found(job_id)
                     pipe.multi()
-                    if status not in ENDED:
-                        job.cancel(pipeline=pipe)
-                        job.ended_at = now()
-                        pipe.hset(job.key, "ended_at", utcformat(job.ended_at))
-                        job.cleanup(ttl=self.ttl_s, pipeline=pipe)  # a canceled job expires like any other
-                        webhooks.look_now(pipe, self.keys, job.id)  # it ended: its webhook goes now
-                    elif stopping:
-                        # Canceled, but its worker has yet to reach the chunk boundary where it reads
-                        # the status (RQ's worker loop dies on a job that is gone). Only the texts go
-                        # now, and with them the job to a reader (404); status and progress expire.
-                        pipe.hdel(job.key, "data")
-                        webhooks.forget(pipe, self.keys, job.id)
-                    else:
+                    if JOB_STATUS.get(JobStatus(as_text(status)), "queued") in ENDED:
                         self._delete(job, pipe)
+                    else:
+                        self._cancel(job, pipe)
                     pipe.execute()
                     return
-                except (WatchError, InvalidJobOperation):  # changed, canceled or gone meanwhile: look again
+                except WatchError:
                     pipe.reset()
-                    job = self._fetch(job_id)
+
+    def _cancel(self, job: Job, pipe: Pipeline) -> None:
+        """Mark the job canceled, take it off the queue, and let it expire like any ended job.
+
+        RQ's `Job.cancel` also drops a started job's entries in the started registry, fetching each of
+        its executions to do so; one whose hash just went (its worker ending it, or a killed worker's,
+        expired while RQ's index keeps it a minute longer) fails the cancel (ValueError). Those
+        entries go anyway: the worker drops its execution where it stops, and a killed worker's
+        entries lapse (RQ's cleanup skips a job that is not `started`).
+        """
+        job.set_status(JobStatus.CANCELED, pipeline=pipe)
+        job.ended_at = now()
+        pipe.hset(job.key, "ended_at", utcformat(job.ended_at))
+        self.queue.remove(job, pipeline=pipe)
+        self.queue.canceled_job_registry.add(job, pipeline=pipe)
+        job.cleanup(ttl=self.ttl_s, pipeline=pipe)  # a canceled job expires like any other
+        webhooks.look_now(pipe, self.keys, job.id)  # it ended: its webhook goes now
 
     def _delete(self, job: Job, pipe: Pipeline) -> None:
         """An ended job's keys and registry entries. Not RQ's `Job.delete`: it fetches every execution
@@ -136,4 +149,8 @@ class JobStore:
                 return Job.fetch(job_id, connection=self.redis, serializer=SERIALIZER)
             except NoSuchJobError:
                 pass
-        raise ServiceError(ErrorType.NOT_FOUND, f"no job {job_id} (unknown, or expired)")
+        raise _not_found(job_id)
+
+
+def _not_found(job_id: str) -> ServiceError:
+    return ServiceError(ErrorType.NOT_FOUND, f"no job {job_id} (unknown, or expired)")

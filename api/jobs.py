@@ -113,15 +113,15 @@ CALLBACK_URL = (
 
 def callback_url_field(settings: Settings) -> tuple[Any, Any]:
     """JobRequest's `callback_url`, checked against the allow-list (`core.webhooks.check_url`): a 422
-    that says why. Without a webhook secret every URL is a 422, and the schema takes only null."""
-    if settings.webhook_secret is None:
+    that says why. Without webhook secrets every URL is a 422, and the schema takes only null."""
+    if not settings.webhook_secrets:
 
         def off(url: str | None) -> None:
             if url is not None:
-                raise ValueError("webhooks are off: this service has no SENTIMENT_WEBHOOK_SECRET to sign them")
+                raise ValueError("webhooks are off: this service has no SENTIMENT_WEBHOOK_SECRETS to sign them")
 
         return Annotated[str | None, AfterValidator(off), WithJsonSchema({"type": "null"})], Field(
-            None, description=f"{CALLBACK_URL} Off here: no webhook secret is configured."
+            None, description=f"{CALLBACK_URL} Off here: no webhook secrets are configured."
         )
 
     def checked(url: str) -> str:

@@ -4,6 +4,15 @@
 by chunk, saving progress in the job's meta and checking for cancellation between chunks. RQ owns
 the rest of the lifecycle (queue, status, result TTL, retries, failed registry).
 
+The API cancels or deletes a job whenever asked (`api.job_store`), also while this worker takes,
+starts, runs or ends it. So the worker writes a job's hash only in a transaction that WATCHes it and
+finds it neither canceled nor deleted (`_write_running`): at the start, at each chunk boundary and
+with the outcome. A job canceled or deleted before one of those points stops there (`JobCanceled`):
+it never starts, or runs no further chunk, or its outcome is dropped; only its execution is cleaned
+up. RQ's own versions of those steps write blindly: a canceled job would turn `started` again and
+end `finished`, a deleted one would come back as a hash of a few fields that never expires, and a
+read of a hash that went (`InvalidJobOperation`) would end RQ's worker loop.
+
 A `SimpleWorker` never forks, so the loaded model serves every job; but it has no parent process
 to heartbeat the running job, so `JobsWorker` does that from a thread. The heartbeat keeps the
 job's entry in RQ's started registry alive for `heartbeat_ttl_s`: when the process is killed the
@@ -25,15 +34,19 @@ import math
 import os
 import signal
 import threading
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from types import FrameType
 from typing import Any
 
 from opentelemetry.trace import Span
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.client import Pipeline
+from redis.exceptions import RedisError, WatchError
 from rq import Queue, SimpleWorker, get_current_job
+from rq.executions import Execution
 from rq.job import Job, JobStatus
+from rq.utils import as_text, now
 from rq.worker import WorkerStatus as RQWorkerStatus  # (not core.protocol's WorkerStatus, a heartbeat)
 
 from batcher import metrics, webhooks
@@ -56,7 +69,8 @@ _inference: Inference | None = None  # set once per process by `serve_jobs`, use
 
 
 class JobCanceled(Exception):
-    """The job was canceled (DELETE /jobs/{id}) while it ran; it stops at a chunk boundary."""
+    """The job was canceled or deleted (DELETE /jobs/{id}) before it started, while it ran, or as it
+    ended: it stops there, and its execution is all this worker cleans up."""
 
 
 def classify(texts: list[str]) -> list[Prediction]:
@@ -73,11 +87,47 @@ def classify(texts: list[str]) -> list[Prediction]:
             _chunk_span(job, start, len(texts[start : start + chunk])) if tracing.enabled else tracing.OFF,
         ):
             predictions += _inference.predict(texts[start : start + chunk])
-        if job is not None:
-            job.meta.update(progress(len(predictions), len(texts)))
-            job.save_meta()
-    _stop_if_canceled(job)  # a cancel during the last chunk must not turn into "finished"
+        _save_progress(job, len(predictions), len(texts))
+    _stop_if_canceled(job)  # a cancel during the last chunk stops it too
     return predictions
+
+
+def _stop_if_canceled(job: Job | None) -> None:
+    """A chunk boundary: JobCanceled when the job was canceled or deleted since the last."""
+    if job is not None:
+        _look(job.connection.hget(job.key, "status"), "while it ran")
+
+
+def _save_progress(job: Job | None, done: int, total: int) -> None:
+    """The texts done so far, in the job's meta: also a canceled job's (how far it got), never a deleted one's."""
+    if job is not None:
+        job.meta.update(progress(done, total))
+        meta = job.serializer.dumps(job.meta)
+        _write_running(job, lambda pipe: pipe.hset(job.key, "meta", meta), "while it ran", canceled_too=True)
+
+
+def _write_running(job: Job, write: Callable[[Pipeline], object], when: str, canceled_too: bool = False) -> None:
+    """`write` the job, in one transaction with a look at its hash (WATCHed: a change meanwhile means a
+    fresh look), unless it was deleted or (unless `canceled_too`) canceled: then JobCanceled."""
+    with job.connection.pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(job.key)
+                _look(pipe.hget(job.key, "status"), when, canceled_too)
+                pipe.multi()
+                write(pipe)
+                pipe.execute()
+                return
+            except WatchError:
+                continue
+
+
+def _look(status: bytes | str | None, when: str, canceled_too: bool = False) -> None:
+    """JobCanceled, saying what happened `when`, for a job whose hash reads `status`."""
+    if status is None:  # the hash went (or is a stray field of a heartbeat, about to go)
+        raise JobCanceled(f"deleted {when}")
+    if not canceled_too and JobStatus(as_text(status)) in (JobStatus.CANCELED, JobStatus.STOPPED):
+        raise JobCanceled(f"canceled {when}")
 
 
 def _chunk_span(job: Job | None, start: int, texts: int) -> AbstractContextManager[Span]:
@@ -88,11 +138,6 @@ def _chunk_span(job: Job | None, start: int, texts: int) -> AbstractContextManag
         "sentiment.texts": texts,
     }
     return tracing.tracer.start_as_current_span("jobs.chunk", attributes=attributes)
-
-
-def _stop_if_canceled(job: Job | None) -> None:
-    if job is not None and job.get_status(refresh=True) == JobStatus.CANCELED:
-        raise JobCanceled(job.id)
 
 
 class JobsWorker(SimpleWorker):
@@ -107,6 +152,7 @@ class JobsWorker(SimpleWorker):
         self.keys = keys
         self.told_to_stop = False  # by SIGTERM or SIGINT: `serve_jobs` starts no fresh worker after this one
         self.drained = False  # the last look at the queue found it empty (how burst mode ends)
+        self.dropped: str | None = None  # the last job said to be dropped (canceled or deleted)
 
     @property
     def dequeue_timeout(self) -> int:
@@ -164,27 +210,102 @@ class JobsWorker(SimpleWorker):
         with Beating(f"heartbeat-{job.id}", self.job_heartbeat_ttl / 3, beat):
             self.perform_job(job, queue, execution)
         self.set_state(RQWorkerStatus.IDLE)
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        """RQ's start (status `started`, heartbeats, off the intermediate queue), unless the job was
+        canceled or deleted after this worker took it off the queue: then it never runs."""
+        ttl = self.get_heartbeat_ttl(job)
+        taken = Queue(job.origin, connection=self.connection).intermediate_queue_key
+
+        def start(pipe: Pipeline) -> None:
+            self.heartbeat(ttl, pipeline=pipe)
+            job.heartbeat(now(), ttl, pipeline=pipe)
+            job.prepare_for_execution(self.name, pipeline=pipe)
+            pipe.persist(job.key)
+            if remove_from_intermediate_queue:
+                pipe.lrem(taken, 1, job.id)
+
         try:
-            # Ended here (not retried): its webhook goes now. (A canceled job's went when the API canceled it.)
-            if job.get_status(refresh=True) in (JobStatus.FINISHED, JobStatus.FAILED):
-                look_now(self.connection, self.keys, job.id)
-        except RedisError as exc:  # its webhook's periodic look finds the job ended
-            log.warning("job %s ended, its webhook not told (%s)", job.id, describe(exc))
+            _write_running(job, start, "before it started")
+        except JobCanceled:
+            if remove_from_intermediate_queue:
+                self.connection.lrem(taken, 1, job.id)
+            raise
+
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
+        """The run's end, in memory only: the outcome's transaction writes the job whole. (RQ writes
+        the job's last heartbeat here on its own, which would leave a deleted job a hash behind.)"""
+        job.ended_at = job.last_heartbeat = now()
+
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Execution) -> None:
+        """RQ's success (status `finished`, the result, the finished registry, the expiry), and the
+        job's webhook made due, unless the job was canceled or deleted during its last chunk:
+        then JobCanceled, which RQ hands to `handle_job_failure`."""
+        ttl = job.get_result_ttl(self.default_result_ttl)
+
+        def finish(pipe: Pipeline) -> None:
+            self.increment_successful_job_count(pipeline=pipe)
+            self.increment_total_working_time(job.ended_at - job.started_at, pipe)  # type: ignore[operator]
+            job._handle_success(
+                ttl,
+                pipeline=pipe,
+                worker_name=self.name,
+                execution_id=execution.id,
+                execution_started_at=execution.created_at,
+                execution_ended_at=job.ended_at,
+            )
+            job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
+            self.cleanup_execution(job, pipeline=pipe, execution=execution)
+            look_now(pipe, self.keys, job.id)
+
+        _write_running(job, finish, "as it finished")
 
     def handle_exception(self, job: Job, *exc_info: object) -> None:
         if isinstance(exc_info[1], JobCanceled):
-            log.info("job %s canceled; stopped at a chunk boundary", job.id)
+            log.info("job %s %s; dropped", job.id, exc_info[1])
+            self.dropped = job.id
             return
         super().handle_exception(job, *exc_info)
 
-    def handle_job_failure(self, job: Job, queue: Queue, started_job_registry=None, exc_string="", execution=None):
-        """A canceled job stays canceled: no retry, no failed registry; only its execution is dropped."""
-        if job.get_status(refresh=True) != JobStatus.CANCELED:
-            return super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
-        with self.connection.pipeline() as pipeline:
-            self.cleanup_execution(job, pipeline=pipeline, execution=execution)
-            pipeline.execute()
-        return None
+    def handle_job_failure(
+        self,
+        job: Job,
+        queue: Queue,
+        started_job_registry: Any = None,
+        exc_string: str = "",
+        execution: Execution | None = None,
+    ) -> None:
+        """RQ's failure (retried while retries are left, else status `failed` with its error and the
+        webhook made due), unless the job was canceled or deleted: then it is neither retried nor
+        failed, only its execution goes."""
+        retries_left = job.retries_left  # `job.retry` counts one off: a fresh look (WatchError) starts here again
+
+        def fail(pipe: Pipeline) -> None:
+            job.retries_left = retries_left
+            if job.should_retry:
+                job.retry(queue, pipe)
+            else:
+                job.set_status(JobStatus.FAILED, pipeline=pipe)
+                job._handle_failure(
+                    exc_string,
+                    pipeline=pipe,
+                    worker_name=self.name,
+                    execution_id=execution.id if execution else None,
+                    execution_started_at=execution.created_at if execution else None,
+                    execution_ended_at=job.ended_at,
+                )
+                look_now(pipe, self.keys, job.id)
+            self.increment_failed_job_count(pipe)
+            self.cleanup_execution(job, pipeline=pipe, execution=execution)
+
+        try:
+            _write_running(job, fail, "as it failed")
+        except JobCanceled as why:
+            if self.dropped != job.id:  # a failure, not the JobCanceled `handle_exception` told of
+                log.info("job %s %s; dropped", job.id, why)
+            with self.connection.pipeline() as pipe:
+                self.cleanup_execution(job, pipeline=pipe, execution=execution)
+                pipe.execute()
 
 
 def serve_jobs(settings: Settings, inference: Inference, redis: Redis, burst: bool = False) -> bool:
@@ -198,7 +319,7 @@ def serve_jobs(settings: Settings, inference: Inference, redis: Redis, burst: bo
     tracing.setup("sentiment-jobs-worker")
     sending = (
         Beating("webhooks", webhooks.LOOK_S, webhooks.Sender(settings, redis).tick)
-        if settings.webhook_secret is not None
+        if settings.webhook_secrets
         else nullcontext()
     )
     with sending:

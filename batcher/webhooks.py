@@ -8,25 +8,24 @@ job that RQ's abandoned-job handling failed. Once the job has ended its document
 kept with the webhook: every try sends the same body under the same delivery id.
 
 A claim key with an expiry lets one jobs worker at a time send a webhook; one that dies mid-delivery
-leaves it to another when the claim lapses (at least once: receivers deduplicate by delivery id).
+leaves it to another when the claim lapses (at least once: receivers deduplicate by `webhook-id`).
+A claim is released only while it is still this sender's (compare and delete): one that lapsed
+during a slow delivery and was taken by another sender stays that sender's.
 
-Connections go only to addresses that passed `core.webhooks.refusal`: the host is resolved here,
-every address checked, and the request sent to a checked address with the host's name in `Host` (and
-in TLS's SNI and certificate check), never resolved again by the HTTP client. No proxy from the
-environment, no redirect followed: either could lead elsewhere.
+Each try is signed anew (Standard Webhooks, `core.webhooks.signed_headers`) with every configured
+secret and POSTed by `batcher.webhook_http`: addresses checked, one connection, one deadline.
 """
 
 from __future__ import annotations
 
+import http.client
 import logging
-import socket
+import ssl
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from ipaddress import ip_address
 from urllib.parse import urlsplit
 
-import httpx
 import orjson
 from redis import Redis
 from redis.client import Pipeline
@@ -35,47 +34,39 @@ from redis.typing import EncodableT, FieldT
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
+from batcher.webhook_http import DEADLINE_S, Refused, Undelivered, post
 from core import webhooks
 from core.job_spec import ENDED, JOB_STATUS, SERIALIZER, status_document
 from core.protocol import Keys, new_id
 from core.redis_errors import describe
 from core.redis_replies import raw, text
 from core.settings import Settings
-from core.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, Address, refusal, sign
+from core.webhooks import secret_key, signed_headers
 
 log = logging.getLogger(__name__)
-logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs each URL at INFO, and a callback URL may hold a token
 
 LOOK_S = 0.25  # how often due webhooks are looked for
-TIMEOUT_S = 5.0  # to connect, and then between any two reads or writes, per address tried
-CLAIM_S = 60  # well past a delivery's longest (TIMEOUT_S per address)
+CLAIM_S = int(6 * DEADLINE_S)  # a delivery (its deadline) and the Redis writes around it, many times over
+HEADERS = {"Content-Type": "application/json", "User-Agent": "sentiment-batcher-webhooks"}
 DUE_PER_LOOK = 16
 DEAD_LETTERS_KEPT = 10_000  # the newest; older ones are dropped
 ERROR_CHARS = 200
 
 
-class Refused(Exception):
-    """The callback's host resolves to an address webhooks may not call: not retried."""
-
-
-class Undelivered(Exception):
-    """The receiver answered, but not 2xx: retried."""
-
-
 class Sender:
     """Delivers the webhooks that are due, on each `tick` (run every `LOOK_S` by a `Beating` thread)."""
 
-    def __init__(self, settings: Settings, redis: Redis, client: httpx.Client | None = None) -> None:
-        if settings.webhook_secret is None:
-            raise ValueError("webhooks need SENTIMENT_WEBHOOK_SECRET")
+    def __init__(self, settings: Settings, redis: Redis, tls: ssl.SSLContext | None = None) -> None:
+        if not settings.webhook_secrets:
+            raise ValueError("webhooks need SENTIMENT_WEBHOOK_SECRETS")
         self.redis = redis
         self.keys = Keys(settings.key_prefix)
-        self.secret = settings.webhook_secret.get_secret_value().encode()
+        self.signing_keys = [secret_key(secret.get_secret_value()) for secret in settings.webhook_secrets]
         self.allowed = settings.webhook_allowed_networks
         self.attempts = settings.webhook_attempts
         self.backoff_s = settings.webhook_backoff_s
         self.look_s = settings.heartbeat_ttl_s
-        self.client = client or httpx.Client(timeout=TIMEOUT_S, follow_redirects=False, trust_env=False)
+        self.tls = tls or ssl.create_default_context()  # the system's CAs, host names checked
         self.name = new_id()
 
     def tick(self) -> None:
@@ -95,9 +86,19 @@ class Sender:
                         log.exception("webhook of job %s failed; looked at again in %.0f s", job_id, self.look_s)
                         self.redis.zadd(self.keys.webhooks, {job_id: time.time() + self.look_s}, xx=True)
                     finally:
-                        self.redis.delete(claim)
+                        self._release(claim)
         except RedisError as exc:  # the next look tries again
             log.warning("webhooks not looked at: redis failed (%s)", describe(exc))
+
+    def _release(self, claim: str) -> None:
+        """Delete `claim` if it is still this sender's: compare and delete, in one transaction."""
+
+        def release(pipe: Pipeline) -> None:
+            if raw(pipe.get(claim)) == self.name.encode():
+                pipe.multi()
+                pipe.delete(claim)
+
+        self.redis.transaction(release, claim)
 
     def _handle(self, job_id: str) -> None:
         record = {text(field): raw(value) for field, value in self.redis.hgetall(self.keys.webhook(job_id)).items()}
@@ -123,11 +124,13 @@ class Sender:
     def _deliver(self, job_id: str, record: dict[str, bytes]) -> None:
         url, tries = record["url"].decode(), int(record.get("attempts", b"0")) + 1
         host = urlsplit(url).hostname
+        body, delivery = record["body"], record["delivery"].decode()
+        signed = signed_headers(self.signing_keys, delivery, body, int(time.time()))
         try:
-            self._post(url, record["body"], record["delivery"].decode())
+            post(url, body, HEADERS | signed, self.allowed, self.tls)
         except Refused as exc:
             self._give_up(job_id, host, tries, str(exc))
-        except (Undelivered, httpx.HTTPError, OSError) as exc:  # OSError: the name did not resolve
+        except (Undelivered, OSError, http.client.HTTPException) as exc:  # OSError: no name, connection, TLS; a timeout
             error = (str(exc) or type(exc).__name__)[:ERROR_CHARS]
             if tries >= self.attempts:
                 self._give_up(job_id, host, tries, error)
@@ -138,49 +141,6 @@ class Sender:
         else:
             log.info("webhook of job %s delivered to %s (try %d)", job_id, host, tries)
             self._finish(job_id)
-
-    def _post(self, url: str, body: bytes, delivery: str) -> None:
-        """POST `body`, signed, to a checked address of `url`'s host (the next one if it refuses the connection)."""
-        try:
-            target = httpx.URL(url)
-        except httpx.InvalidURL as exc:  # (what `core.webhooks.check_url` lets by, httpx may not)
-            raise Refused(f"not a URL to send to ({exc})") from None
-        headers = {
-            "Host": urlsplit(url).netloc,
-            "Content-Type": "application/json",
-            "User-Agent": "sentiment-batcher-webhooks",
-            DELIVERY_HEADER: delivery,
-            SIGNATURE_HEADER: sign(self.secret, body, int(time.time())),
-        }
-        tls = {"sni_hostname": target.host} if target.scheme == "https" else {}
-        unreachable: httpx.ConnectError | None = None
-        for address in self._addresses(target.host, target.port or (443 if tls else 80)):
-            request = self.client.build_request(
-                "POST", target.copy_with(host=str(address)), content=body, headers=headers, extensions=tls
-            )
-            try:
-                answer = self.client.send(request, stream=True)  # the status is all we read: never a body
-            except httpx.ConnectError as exc:
-                unreachable = exc
-                continue
-            answer.close()
-            if not answer.is_success:
-                raise Undelivered(f"HTTP {answer.status_code}")
-            return
-        assert unreachable is not None  # (a name resolves to one address at least)
-        raise unreachable
-
-    def _addresses(self, host: str, port: int) -> list[Address]:
-        """Every address `host` resolves to, each one checked: a refused one refuses the delivery."""
-        try:
-            addresses: list[Address] = [ip_address(host)]
-        except ValueError:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            addresses = list(dict.fromkeys(ip_address(info[4][0]) for info in infos))
-        for address in addresses:
-            if why := refusal(address, self.allowed):
-                raise Refused(why if str(address) == host else f"{host} resolves to {why}")
-        return addresses
 
     def _update(self, job_id: str, fields: Mapping[FieldT, EncodableT], look_at: float) -> bool:
         """Write `fields` to the webhook and look at it again at `look_at`, unless it was dropped

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from core.webhooks import secret_key
+
 MIN_API_KEY_CHARS = 16  # a guessable key is no key
 
 
@@ -172,16 +174,18 @@ class Settings(BaseSettings):
     job_ttl_s: int = Field(86_400, ge=1, description="How long a job and its results are kept after it ends.")
 
     # Webhooks of bulk jobs (docs/jobs.md, "Webhooks")
-    webhook_secret: SecretStr | None = Field(
+    webhook_secrets: Annotated[list[SecretStr] | None, NoDecode] = Field(
         None,
-        min_length=MIN_API_KEY_CHARS,
-        description="Key (16+ characters) that signs each webhook (HMAC-SHA256), the same on the API and the "
-        "jobs workers; unset: POST /jobs refuses a callback_url (422).",
+        description="Comma-separated secrets that sign each webhook (Standard Webhooks: `whsec_` + base64 of "
+        "24 to 64 random bytes), the same on the API and the jobs workers; each one signs every delivery, so "
+        "rotate by adding the new, moving receivers to it, then dropping the old. Unset: POST /jobs refuses a "
+        "callback_url (422).",
     )
     webhook_allowed_networks: Annotated[list[IPvAnyNetwork], NoDecode] = Field(
         [],
-        description="Comma-separated networks (CIDR) webhooks may call besides public addresses, e.g. "
-        "10.0.0.0/8; unset: no private, loopback, link-local or reserved address (no server-side request forgery).",
+        description="Comma-separated networks (CIDR) webhooks may call besides global unicast addresses, e.g. "
+        "10.0.0.0/8 (which opens 10.1.2.3 in IPv6 too: ::ffff:10.1.2.3, NAT64's 64:ff9b::a01:203); unset: no "
+        "private, loopback, link-local or reserved address (no server-side request forgery).",
     )
     webhook_attempts: int = Field(
         10, ge=1, description="Tries of a webhook before it goes on the dead-letter list (any answer but 2xx fails)."
@@ -221,7 +225,7 @@ class Settings(BaseSettings):
         20, ge=1, description="Requests a client may send at once before the rate applies (the token bucket's size)."
     )
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "webhook_secrets", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         """One environment variable (a Kubernetes Secret key) holds all keys, comma-separated."""
@@ -235,6 +239,18 @@ class Settings(BaseSettings):
         if keys and any(len(k.get_secret_value()) < MIN_API_KEY_CHARS for k in keys):
             raise ValueError(f"every API key needs at least {MIN_API_KEY_CHARS} characters")
         return keys
+
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _standard_secrets(cls, secrets: list[SecretStr] | None) -> list[SecretStr] | None:
+        """A bad secret stops the process at start, saying which one and why (never what it is)."""
+        listed = secrets or []
+        for number, secret in enumerate(listed, 1):
+            try:
+                secret_key(secret.get_secret_value())
+            except ValueError as exc:
+                raise ValueError(f"webhook secret {number} of {len(listed)} is refused: {exc}") from None
+        return secrets
 
     @field_validator("webhook_allowed_networks", mode="before")
     @classmethod

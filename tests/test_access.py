@@ -242,8 +242,9 @@ def test_k8s_reads_keys_from_an_optional_secret_and_probes_need_none(target: str
     (keys,) = [e for e in container.get("env", []) if e["name"] == "SENTIMENT_API_KEYS"]
     assert keys["valueFrom"]["secretKeyRef"] == {"name": "sentiment-api-keys", "key": "keys", "optional": True}
     for name in ("sentiment-api", "sentiment-jobs-worker"):  # the API checks callback URLs, the jobs worker signs
-        (secret,) = [e for e in container_of(target, name).get("env", []) if e["name"] == "SENTIMENT_WEBHOOK_SECRET"]
-        assert secret["valueFrom"]["secretKeyRef"] == {"name": "sentiment-webhooks", "key": "secret", "optional": True}
+        (secrets,) = [e for e in container_of(target, name).get("env", []) if e["name"] == "SENTIMENT_WEBHOOK_SECRETS"]
+        reference = {"name": "sentiment-webhooks", "key": "secrets", "optional": True}
+        assert secrets["valueFrom"]["secretKeyRef"] == reference
     # kubelet HTTP probes send no secret header: every one must hit an open path.
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"]["path"] in OPEN_PATHS, probe

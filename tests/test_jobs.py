@@ -10,16 +10,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import pytest
 from fastapi.testclient import TestClient
-from rq.executions import ExecutionRegistry
-from rq.job import Job, JobStatus
+from redis.client import Pipeline
+from rq import Queue
+from rq.executions import Execution, ExecutionRegistry
+from rq.job import Job
 
 from api.app import create_app
 from batcher.inference import Inference
-from batcher.jobs import serve_jobs
+from batcher.jobs import JobsWorker, serve_jobs
 from batcher.worker import Worker
 from core.job_spec import SERIALIZER
 from core.protocol import Keys, Prediction
@@ -252,12 +255,13 @@ def test_an_ended_job_is_deleted_though_a_killed_worker_s_execution_is_still_ind
     assert svc.redis.keys(f"*{job_id}*") == []
 
 
-def test_a_canceled_job_deleted_before_its_worker_stops_keeps_no_texts_and_the_worker_stops_cleanly(
+def test_a_running_job_canceled_then_deleted_goes_at_once_and_its_worker_drops_it(
     service: tuple[Service, TestClient], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The worker looks at the job's status at its next chunk boundary (and writes its progress): the
-    job's hash must still be there then, or RQ's worker loop dies on the job."""
+    """The worker finds the job gone at its next chunk boundary: it stops there, writes nothing back
+    (a deleted job never returns), and carries on."""
     svc, client = service
+    caplog.set_level(logging.INFO, logger="batcher.jobs")
     job_id = submit(client, TEXTS * 2)  # three chunks
     answers: list[int] = []
 
@@ -265,16 +269,16 @@ def test_a_canceled_job_deleted_before_its_worker_stops_keeps_no_texts_and_the_w
         if client.get(f"/jobs/{job_id}").json()["progress"]["done"] > 0 and not answers:
             answers.extend(client.delete(f"/jobs/{job_id}").status_code for _ in range(2))
             assert client.get(f"/jobs/{job_id}").status_code == 404
+            left = [key.decode() for key in svc.redis.keys(f"*{job_id}*")]
+            assert [key.split(":")[:3] for key in left] == [["rq", "execution", job_id]]  # only the run in hand
 
     svc.inference.before_chunk = cancel_and_delete_during_second_chunk
     svc.run_jobs()  # returns: the job stopped at the chunk boundary, as any canceled job does
     assert answers == [204, 204]
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert f"job {job_id} deleted while it ran; dropped" in caplog.messages
     assert client.get(f"/jobs/{job_id}").status_code == 404
-    key = svc.job_key(job_id)
-    assert svc.redis.keys(f"*{job_id}*") == [key.encode()]  # status and progress, for the worker: no texts
-    assert b"data" not in svc.redis.hkeys(key)
-    assert 0 < svc.redis.ttl(key) <= svc.settings.job_ttl_s
+    assert svc.redis.keys(f"*{job_id}*") == []  # its execution too
     queue = svc.app.state.jobs.queue
     assert job_id not in queue.failed_job_registry and job_id not in queue.started_job_registry
     job_id = submit(client, TEXTS[:2])
@@ -287,23 +291,166 @@ def test_a_job_that_finishes_while_being_canceled_is_deleted_never_turned_cancel
 ) -> None:
     svc, client = service
     job_id = submit(client, TEXTS[:2])
-    read = Job.get_status
-    seen: list[JobStatus] = []
+    store = svc.app.state.jobs
+    cancel = store._cancel
+    canceled: list[str] = []
 
-    def finish_right_after_the_read(job: Job, refresh: bool = True) -> JobStatus:
-        status = read(job, refresh)
-        if not seen:  # the DELETE's first look: the job finishes before the cancel acts on it
-            seen.append(status)
+    def finish_before_the_cancel_is_written(job: Job, pipe: Pipeline) -> None:
+        if not canceled:  # the DELETE's first look found it queued: the job finishes before the cancel acts on it
             svc.run_jobs()
-        return status
+        canceled.append(job.id)
+        cancel(job, pipe)
 
-    monkeypatch.setattr(Job, "get_status", finish_right_after_the_read)
-    svc.app.state.jobs.delete(job_id)  # as DELETE does, here on this thread: the jobs worker needs it
+    monkeypatch.setattr(store, "_cancel", finish_before_the_cancel_is_written)
+    store.delete(job_id)  # as DELETE does, here on this thread: the jobs worker needs it
     monkeypatch.undo()
-    assert seen == [JobStatus.QUEUED]
+    assert canceled == [job_id]  # once: its transaction failed, and the second look found it finished
     assert client.get(f"/jobs/{job_id}").status_code == 404
     assert svc.redis.keys(f"*{job_id}*") == []
-    assert job_id not in svc.app.state.jobs.queue.canceled_job_registry
+    assert job_id not in store.queue.canceled_job_registry
+
+
+@pytest.mark.parametrize("deletes", [1, 2])
+def test_a_job_canceled_or_deleted_once_its_worker_took_it_never_runs(
+    service: tuple[Service, TestClient],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    deletes: int,
+) -> None:
+    """Taken off the queue, a job is only in its worker's memory until it starts: a DELETE then wins."""
+    svc, client = service
+    caplog.set_level(logging.INFO, logger="batcher.jobs")
+    job_id = submit(client, TEXTS)
+    prepare = JobsWorker.prepare_execution
+
+    def delete_first(worker: JobsWorker, job: Job) -> Execution:
+        for _ in range(deletes):
+            assert client.delete(f"/jobs/{job_id}").status_code == 204
+        return prepare(worker, job)
+
+    monkeypatch.setattr(JobsWorker, "prepare_execution", delete_first)
+    svc.run_jobs()
+    assert svc.inference.computed == 0
+    assert f"job {job_id} {ENDINGS[deletes]} before it started; dropped" in caplog.messages
+    assert_let_go(svc, client, job_id, deletes)
+    view = client.get(f"/jobs/{job_id}").json()
+    assert deletes == 2 or (view["status"], view["started_at"]) == ("canceled", None)
+
+
+@pytest.mark.parametrize("ending", ["finished", "failed"])
+@pytest.mark.parametrize("deletes", [1, 2])
+def test_a_job_canceled_or_deleted_as_it_ends_is_dropped(
+    service: tuple[Service, TestClient],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    ending: str,
+    deletes: int,
+) -> None:
+    """A DELETE landing after the last chunk's look at the job, before its outcome is written: the
+    job stays canceled (never `finished` or `failed`, never retried) or deleted (never back)."""
+    svc, client = service
+    caplog.set_level(logging.INFO, logger="batcher.jobs")
+    job_id = submit(client, TEXTS[:3])  # one chunk
+    runs: list[int] = []
+
+    def run(texts: list[str]) -> None:
+        runs.append(1)
+        if ending == "failed":
+            explode(texts)
+
+    svc.inference.before_chunk = run
+    handler = "handle_job_success" if ending == "finished" else "handle_job_failure"
+    handle = getattr(JobsWorker, handler)
+
+    def delete_first(worker: JobsWorker, job: Job, *args: Any, **kwargs: Any) -> None:
+        for _ in range(deletes):
+            assert client.delete(f"/jobs/{job_id}").status_code == 204
+        handle(worker, job, *args, **kwargs)
+
+    monkeypatch.setattr(JobsWorker, handler, delete_first)
+    svc.run_jobs()
+    assert runs == [1]  # not retried
+    assert f"job {job_id} {ENDINGS[deletes]} as it {ending}; dropped" in caplog.messages
+    assert_let_go(svc, client, job_id, deletes)
+    if deletes == 1:
+        view = client.get(f"/jobs/{job_id}").json()
+        assert view["status"] == "canceled" and "predictions" not in view and "error" not in view
+
+
+@pytest.mark.parametrize("ending", ["finished", "failed"])
+def test_a_job_deleted_the_moment_it_ended_leaves_its_worker_running(
+    service: tuple[Service, TestClient],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    ending: str,
+) -> None:
+    """Its worker is done with it: nothing it does next reads the job (RQ's loop would end on a job that went)."""
+    svc, client = service
+    job_id = submit(client, TEXTS[:3])
+    if ending == "failed":
+        svc.inference.before_chunk = explode
+    handler = "handle_job_success" if ending == "finished" else "handle_job_failure"
+    handle = getattr(JobsWorker, handler)
+
+    def delete_once_ended(worker: JobsWorker, job: Job, *args: Any, **kwargs: Any) -> None:
+        handle(worker, job, *args, **kwargs)
+        if client.get(f"/jobs/{job_id}").json()["status"] == ending:  # (not a retry)
+            assert client.delete(f"/jobs/{job_id}").status_code == 204
+
+    monkeypatch.setattr(JobsWorker, handler, delete_once_ended)
+    svc.run_jobs()
+    assert client.get(f"/jobs/{job_id}").status_code == 404
+    assert svc.redis.keys(f"*{job_id}*") == []
+    assert not [r.getMessage() for r in caplog.records if r.name != "rq.worker" and r.levelno >= logging.WARNING]
+    assert not [r.getMessage() for r in caplog.records if "unhandled exception" in r.getMessage()]
+
+
+def test_a_job_deleted_while_its_result_is_read_is_404(
+    service: tuple[Service, TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc, client = service
+    job_id = submit(client, TEXTS[:3])
+    svc.run_jobs()
+    read = Job.return_value
+
+    def deleted_first(job: Job, refresh: bool = False) -> Any:
+        svc.app.state.jobs.delete(job_id)
+        return read(job, refresh)
+
+    monkeypatch.setattr(Job, "return_value", deleted_first)
+    response = client.get(f"/jobs/{job_id}")
+    assert response.status_code == 404, response.text  # not "finished" without its predictions
+
+
+def test_a_started_job_is_canceled_though_a_killed_worker_s_execution_is_still_indexed(
+    service: tuple[Service, TestClient],
+) -> None:
+    """A killed worker's execution expired with its heartbeat; RQ's index of the job's executions keeps
+    the id a minute longer (RQ's `Job.cancel` fails on it), and the job reads `started` until RQ's
+    abandoned-job cleanup notices."""
+    svc, client = service
+    job_id = submit(client, TEXTS[:2])
+    svc.redis.hset(svc.job_key(job_id), "status", "started")
+    svc.redis.zadd(ExecutionRegistry(job_id, svc.redis).key, {"killed": time.time() + 60})
+    assert client.delete(f"/jobs/{job_id}").status_code == 204
+    assert client.get(f"/jobs/{job_id}").json()["status"] == "canceled"
+    assert client.delete(f"/jobs/{job_id}").status_code == 204
+    assert svc.redis.keys(f"*{job_id}*") == []
+
+
+ENDINGS = {1: "canceled", 2: "deleted"}  # what one DELETE and two DELETEs do to a queued or running job
+
+
+def assert_let_go(svc: Service, client: TestClient, job_id: str, deletes: int) -> None:
+    """The worker dropped the job (canceled: it stays so; deleted: nothing naming it is left)."""
+    queue = svc.app.state.jobs.queue
+    for registry in (queue.started_job_registry, queue.finished_job_registry, queue.failed_job_registry):
+        assert job_id not in registry
+    assert queue.count == 0 and not svc.redis.exists(queue.intermediate_queue_key)
+    assert not svc.redis.keys(f"rq:execution*{job_id}*")
+    if deletes == 2:
+        assert client.get(f"/jobs/{job_id}").status_code == 404
+        assert svc.redis.keys(f"*{job_id}*") == []
 
 
 def test_a_job_has_no_expiry_until_it_ends(service: tuple[Service, TestClient]) -> None:
@@ -333,6 +480,35 @@ def test_a_failing_job_is_retried_then_failed_with_a_one_line_error(service: tup
     assert view["status"] == "failed"
     assert view["error"] == "RuntimeError: model exploded"
     assert "predictions" not in view
+
+
+def test_a_failing_job_is_retried_as_often_when_a_heartbeat_lands_as_its_failure_is_written(
+    service: tuple[Service, TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failure's transaction WATCHes the job: a heartbeat meanwhile means a fresh look, which must
+    not count a retry twice."""
+    svc, client = service
+    job_id = submit(client, TEXTS)
+    runs: list[int] = []
+
+    def count_and_explode(texts: list[str]) -> None:
+        runs.append(1)
+        explode(texts)
+
+    svc.inference.before_chunk = count_and_explode
+    retry = Job.retry
+    calls: list[int] = []
+
+    def beaten_to_it(job: Job, queue: Queue, pipeline: Pipeline) -> None:
+        calls.append(1)
+        if len(calls) % 2:  # each failure's first try: a heartbeat writes the job meanwhile
+            svc.redis.hset(job.key, "last_heartbeat", "now")
+        retry(job, queue, pipeline)
+
+    monkeypatch.setattr(Job, "retry", beaten_to_it)
+    svc.run_jobs()
+    assert len(runs) == 3 and len(calls) == 4  # two retries, each written on its second try
+    assert client.get(f"/jobs/{job_id}").json()["status"] == "failed"
 
 
 def test_unknown_and_expired_jobs_are_404(service: tuple[Service, TestClient]) -> None:

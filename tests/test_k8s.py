@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,6 +29,7 @@ import yaml
 from api.app import create_app
 from core.protocol import Keys, WorkerStatus, new_id
 from core.settings import Settings
+from core.webhooks import refusal
 from sentiment.cli import _parser
 from sentiment.embedded import embedded_redis
 
@@ -190,7 +192,7 @@ def test_renders_with_expected_objects(target: str) -> None:
     if target in AUTOSCALED:
         expected |= {"HorizontalPodAutoscaler": 1, "ScaledObject": 2}
     if target == "overlays/prod":
-        expected |= {"Gateway": 1, "VirtualService": 1}
+        expected |= {"Gateway": 1, "VirtualService": 1, "NetworkPolicy": 2}  # + the jobs workers' egress
     assert {k: kinds.count(k) for k in set(kinds)} == expected
     for doc in render(target):
         if doc["kind"] != "Namespace":
@@ -600,7 +602,7 @@ def test_prod_has_more_replicas_and_higher_limits_than_base() -> None:
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_only_the_api_the_workers_and_keda_reach_redis(target: str) -> None:
-    (policy,) = objects(target, "NetworkPolicy")
+    policy = get(target, "NetworkPolicy", "redis-clients")
     redis = get(target, "StatefulSet", "redis")
     assert selects(policy["spec"]["podSelector"], pod_labels(redis))
     assert policy["spec"]["policyTypes"] == ["Ingress"]
@@ -615,6 +617,82 @@ def test_only_the_api_the_workers_and_keda_reach_redis(target: str) -> None:
     (keda,) = [peer for peer in rule["from"] if "namespaceSelector" in peer]
     assert keda["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}
     assert keda["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "keda-operator"}}
+
+
+# What the jobs workers' egress must keep them from, whatever the webhook code lets through.
+NOT_FOR_WEBHOOKS = [
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "::/128",
+    "::1/128",
+    "::ffff:0:0/96",
+    "64:ff9b::/96",
+    "64:ff9b:1::/48",
+    "2001::/32",
+    "2002::/16",
+    "fc00::/7",
+    "fe80::/10",
+    "fec0::/10",
+    "ff00::/8",
+]
+
+
+def egress_rules(target: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The prod jobs workers' egress policy's rules: DNS, Redis, the web."""
+    policy = get(target, "NetworkPolicy", "jobs-worker-egress")
+    assert policy["spec"]["policyTypes"] == ["Egress"]  # ingress (Prometheus' scrape) is not its business
+    selected = [
+        w["metadata"]["name"] for w in workloads(target) if selects(policy["spec"]["podSelector"], pod_labels(w))
+    ]
+    assert selected == ["sentiment-jobs-worker"]
+    dns, redis, web = policy["spec"]["egress"]
+    return dns, redis, web
+
+
+def test_prod_jobs_workers_reach_only_dns_redis_and_the_web_ports_of_public_addresses() -> None:
+    prod = "overlays/prod"
+    dns, redis, web = egress_rules(prod)
+    assert dns["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}]
+    assert sorted((p["protocol"], p["port"]) for p in dns["ports"]) == [("TCP", 53), ("UDP", 53)]
+    (peer,) = redis["to"]
+    reached = [w["metadata"]["name"] for w in workloads(prod) if selects(peer["podSelector"], pod_labels(w))]
+    assert set(peer) == {"podSelector"} and reached == ["redis"]  # this namespace's Redis, nothing of ours
+    redis_port = get(prod, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"][0]["ports"][0]
+    assert redis["ports"] == [{"protocol": "TCP", "port": redis_port["containerPort"]}]
+    assert sorted((p["protocol"], p["port"]) for p in web["ports"]) == [("TCP", 80), ("TCP", 443)]
+    blocks = {peer["ipBlock"]["cidr"]: [ip_network(e) for e in peer["ipBlock"]["except"]] for peer in web["to"]}
+    assert set(blocks) == {"0.0.0.0/0", "::/0"}
+    excepted = [network for networks in blocks.values() for network in networks]
+    for network in map(ip_network, NOT_FOR_WEBHOOKS):
+        assert any(network.subnet_of(e) for e in excepted if e.version == network.version), network  # type: ignore[arg-type]
+    for network in excepted:  # a typo would except public addresses: each one's edges are refused by the code too
+        assert refusal(network[0], []) and refusal(network[-1], []), network
+    for public in ("8.8.8.8", "93.184.215.14", "2606:4700::1111"):
+        assert not any(ip_address(public) in network for network in excepted), public
+
+
+def test_the_sentinel_component_opens_the_sentinels_port_to_the_jobs_workers(tmp_path: Path) -> None:
+    with_sentinel = f"""
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources: [{os.path.relpath(K8S / "overlays/prod", tmp_path)}]
+components: [{os.path.relpath(K8S / "components/redis-sentinel", tmp_path)}]
+"""
+    (tmp_path / "kustomization.yaml").write_text(with_sentinel)
+    out = subprocess.run([tool("kubectl"), "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    (policy,) = [d for d in yaml.safe_load_all(out.stdout) if d and d["metadata"]["name"] == "jobs-worker-egress"]
+    redis = policy["spec"]["egress"][1]
+    assert redis["ports"] == [{"protocol": "TCP", "port": 6379}, {"protocol": "TCP", "port": 26379}]
+    _, prod_redis, _ = egress_rules("overlays/prod")
+    assert redis["to"] == prod_redis["to"]
 
 
 @pytest.mark.parametrize("target", TARGETS)
