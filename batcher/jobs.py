@@ -52,6 +52,7 @@ from rq.worker import WorkerStatus as RQWorkerStatus  # (not core.protocol's Wor
 from batcher import metrics, webhooks
 from batcher.heartbeat import Beating
 from batcher.inference import Inference
+from batcher.thread_failure import ThreadFailure
 from core import tracing
 from core.job_spec import CHUNKS_PER_BATCH, SERIALIZER, jobs_queue, progress
 from core.protocol import Keys, Prediction
@@ -64,6 +65,7 @@ from model_store.classifier import Classifier
 log = logging.getLogger(__name__)
 
 DEQUEUE_WAIT_S = 2  # longest one wait for a job blocks
+FAILED_STOP_S = 30.0  # a jobs worker whose webhook thread failed may finish its job this long (else it is retried)
 
 _inference: Inference | None = None  # set once per process by `serve_jobs`, used by every job
 
@@ -317,13 +319,18 @@ def serve_jobs(settings: Settings, inference: Inference, redis: Redis, burst: bo
     global _inference
     _inference = inference
     tracing.setup("sentiment-jobs-worker")
+    # A bug in the webhook thread stops the process as SIGTERM does (the job in hand finishes), then
+    # `ThreadFailed` says which thread and why.
+    failure = ThreadFailure(lambda: os.kill(os.getpid(), signal.SIGTERM), FAILED_STOP_S)
     sending = (
-        Beating("webhooks", webhooks.LOOK_S, webhooks.Sender(settings, redis).tick)
+        Beating("webhooks", webhooks.LOOK_S, webhooks.Sender(settings, redis).tick, failure)
         if settings.webhook_secrets
         else nullcontext()
     )
     with sending:
-        return _serve(settings, redis, burst)
+        worked = _serve(settings, redis, burst)
+    failure.raise_if_failed()
+    return worked
 
 
 def _serve(settings: Settings, redis: Redis, burst: bool) -> bool:

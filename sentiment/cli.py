@@ -214,12 +214,16 @@ def _jobs_worker(settings: Settings, args: argparse.Namespace) -> None:
 
     _model_process(settings)
     from batcher.jobs import lower_priority, run
+    from batcher.thread_failure import ThreadFailed
     from model_store.classifier import Classifier
 
     lower_priority(args.priority)  # before torch starts its thread pool, so every thread inherits it
     with _starting("jobs-worker"):
         classifier = Classifier.from_settings(settings, args.threads)
-    run(settings, classifier)
+    try:
+        run(settings, classifier)
+    except ThreadFailed as exc:  # logged with its traceback; the exit says it in one line
+        raise SystemExit(f"sentiment jobs-worker: {exc}") from None
 
 
 @contextmanager

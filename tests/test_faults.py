@@ -9,6 +9,7 @@ assert, except the 5 s recovery that the Redis-outage promise states.
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import os
 import signal
@@ -37,6 +38,7 @@ from tests.conftest import HANG_GUARD_S, RedisServer, Service, answers, wait_for
 pytestmark = pytest.mark.faults
 
 POISON = "nightshade"
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"a key of 24 bytes or more").decode()
 ENV = {
     "SENTIMENT_HEARTBEAT_TTL_S": "2",
     "SENTIMENT_REQUEST_TIMEOUT_S": "30",
@@ -293,6 +295,32 @@ def test_a_worker_whose_thread_dies_exits_with_its_cause_in_one_line_and_another
     assert response.status_code == 200
     outcome = Outcome(svc.url, "computed, then lost?", 0, 0, 200, response.json())
     assert_correct([outcome], reference)
+
+
+def test_a_jobs_worker_whose_webhook_thread_dies_exits_with_its_cause_in_one_line(
+    redis_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    bug = tmp_path / "bug"
+    bug.mkdir()
+    (bug / "sitecustomize.py").write_text(
+        "import batcher.webhooks\n\n\ndef tick(self):\n    raise RuntimeError('injected bug')\n\n\n"
+        "batcher.webhooks.Sender.tick = tick\n"
+    )
+    svc = Service(redis_url, model_dir, "faults-webhooks", SENTIMENT_WEBHOOK_SECRETS=WEBHOOK_SECRET, **ENV)
+    buggy = subprocess.Popen(
+        [sys.executable, "-m", "sentiment.cli", "jobs-worker", "--threads", "1"],
+        env={**svc.env, "PYTHONPATH": os.pathsep.join([str(bug), os.environ.get("PYTHONPATH", "")])},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _, stderr = buggy.communicate(timeout=HANG_GUARD_S)
+    finally:
+        buggy.kill()
+    assert buggy.returncode == 1
+    assert stderr.strip().splitlines()[-1] == (
+        "sentiment jobs-worker: the webhooks thread failed (RuntimeError: injected bug)"
+    )
 
 
 def test_worker_sigterm_finishes_its_batch_and_hands_back_the_rest(
