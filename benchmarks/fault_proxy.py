@@ -43,6 +43,7 @@ class FaultProxy:
         self.port = port
         self._loop = asyncio.new_event_loop()
         self._links: set[_Link] = set()
+        self.swallowed: set[_Link] = set()  # silenced connections that were sent something since
         self._flowing = asyncio.Event()
         self._delay_s = 0.0
         self._server: asyncio.Server | None = None
@@ -147,7 +148,9 @@ class FaultProxy:
                 if (wait_s := arrived + self._delay_s - loop.time()) > 0:
                     await asyncio.sleep(wait_s)
                 await self._flowing.wait()
-                if not link.silent:
+                if link.silent:
+                    self.swallowed.add(link)
+                else:
                     writer.write(data)
                     await writer.drain()
 

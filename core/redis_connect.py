@@ -19,15 +19,18 @@ after TCP's retry limit (about 15 minutes).
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 import redis.asyncio
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.connection import BlockingConnectionPool as AsyncBlockingPool
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelPool
+from redis.asyncio.sentinel import SentinelManagedConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.sentinel import Sentinel
@@ -125,6 +128,47 @@ def sync_client(url: str, timeout_s: float, **options: Any) -> redis.Redis:
     return manager.master_for(sentinel.service, **sentinel.primary_kwargs(), **options)
 
 
+class _PooledConnection:
+    """Mixed into the API's asyncio connections, one class per pool (`_pooled`), for two failures.
+
+    A read that times out (a peer gone silent: a host gone, a partition) marks the pool, and every
+    connection of it opened before that is opened again before its next command: they lead to the
+    same peer, and each would otherwise cost a request a timeout of its own.
+
+    Under uvloop (uvicorn's loop), a write to a connection the peer has reset raises RuntimeError
+    ("the handler is closed", uvloop issue 506) where asyncio's own loop raises OSError: as a
+    ConnectionError it is retried on a new connection like any lost one, not a 500.
+    """
+
+    silent_at = float("-inf")  # (monotonic) a read of this pool last timed out; set on the class
+    opened_at = float("inf")
+
+    async def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        if not self.is_connected:  # type: ignore[attr-defined]
+            self.opened_at = time.monotonic()  # (before the handshake's own commands are sent)
+        await super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except RedisTimeoutError:
+            type(self).silent_at = time.monotonic()
+            raise
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if self.opened_at < type(self).silent_at and self.is_connected:  # type: ignore[attr-defined]
+            await self.disconnect()  # type: ignore[attr-defined]
+        try:
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+        except RuntimeError as exc:  # (redis-py disconnected it already)
+            raise RedisConnectionError(f"the connection was closed under the write ({exc})") from exc
+
+
+def _pooled(cls: type[AbstractConnection]) -> type[AbstractConnection]:
+    """`cls` with `_PooledConnection` mixed in: a class of its own, so its pool's mark is its own."""
+    return type(cls.__name__, (_PooledConnection, cls), {})
+
+
 class _BlockingSentinelPool(AsyncSentinelPool, AsyncBlockingPool):
     """The primary's connections, found through Sentinel, at most `max_connections` of them: a
     request waits up to `timeout` for one to be free, as with a plain URL's BlockingConnectionPool."""
@@ -137,11 +181,13 @@ def async_client(url: str, timeout_s: float, *, max_connections: int, pool_wait_
     options, timeout = link_options(timeout_s), pool_wait_s
     if (sentinel := SentinelUrl.parse(url)) is None:
         pool = AsyncBlockingPool.from_url(url, max_connections=max_connections, timeout=timeout, **options)
+        pool.connection_class = _pooled(pool.connection_class)
         return redis.asyncio.Redis(connection_pool=pool)
     manager = AsyncSentinel(sentinel.sentinels, sentinel_kwargs=sentinel.sentinel_kwargs())
     return manager.master_for(
         sentinel.service,
         connection_pool_class=_BlockingSentinelPool,
+        connection_class=_pooled(SentinelManagedConnection),
         max_connections=max_connections,
         timeout=timeout,
         **sentinel.primary_kwargs(),

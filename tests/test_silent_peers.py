@@ -6,6 +6,7 @@ twice. A killed process cannot stage this: its kernel resets its connections at 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -15,11 +16,13 @@ import httpx
 import pytest
 import redis
 import rq
+import uvloop
 
 from benchmarks.cache_writes import CacheWrites
 from benchmarks.fault_proxy import FaultProxy
 from core.liveness import live_workers
 from core.protocol import Keys, new_id, prediction
+from core.redis_connect import async_client
 from model_store.classifier import Classifier
 from tests.conftest import HANG_GUARD_S, RedisServer, Service, wait_for
 
@@ -38,6 +41,50 @@ def proxy(redis_server: RedisServer) -> Iterator[FaultProxy]:
     proxy = FaultProxy(redis_server.port).start()
     yield proxy
     proxy.close()
+
+
+def test_a_pooled_connection_reset_while_idle_is_a_lost_connection_under_uvloop_too(redis_server: RedisServer) -> None:
+    # Under uvloop (uvicorn's loop) a write to a connection the peer reset while it sat in the pool
+    # raised RuntimeError out of redis-py, which the API answered 500; it is a lost connection, retried.
+    proxy = FaultProxy(redis_server.port).start()
+
+    async def reset_then_get() -> bytes | None:
+        client = async_client(proxy.url(), 2.0, max_connections=4, pool_wait_s=2.0)
+        try:
+            await client.set("pooled", "still here")
+            proxy.reset()
+            await asyncio.sleep(0.2)  # the loop sees the reset and closes the transport
+            return await client.get("pooled")
+        finally:
+            await client.aclose()
+
+    try:
+        assert uvloop.run(reset_then_get()) == b"still here"
+    finally:
+        proxy.close()
+
+
+def test_a_timeout_reopens_the_pools_other_connections_to_the_silent_peer(redis_server: RedisServer) -> None:
+    # Eight pooled connections go silent. The first command pays the timeout (and is retried on a new
+    # connection); the next eight, side by side, must not pay it again on the seven others.
+    proxy = FaultProxy(redis_server.port).start()
+
+    async def run() -> list[bytes | None]:
+        client = async_client(proxy.url(), 1.0, max_connections=8, pool_wait_s=10.0)
+        try:
+            await client.set("pooled", "here")
+            await asyncio.gather(*(client.get("pooled") for _ in range(8)))  # eight connections in the pool
+            proxy.silence()
+            assert await client.get("pooled") == b"here"
+            return await asyncio.gather(*(client.get("pooled") for _ in range(8)))
+        finally:
+            await client.aclose()
+
+    try:
+        assert asyncio.run(run()) == [b"here"] * 8
+        assert len(proxy.swallowed) == 1  # only the first command went into the silence
+    finally:
+        proxy.close()
 
 
 def expected(model_dir: Path, texts: list[str]) -> list[list[float]]:
