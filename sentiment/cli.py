@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -143,6 +144,16 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     loadtest.add_argument("--model-dir", type=Path, default=settings.model_dir, help="default SENTIMENT_MODEL_DIR")
     loadtest.add_argument("--doc", type=Path, help="also write the summary into this doc (docs/performance.md)")
     loadtest.set_defaults(run=_loadtest)
+    chaos = commands.add_parser(
+        "chaos", help="the production topology under mixed load while faults run; every promise checked"
+    )
+    chaos.add_argument("--duration", type=float, default=600.0, help="seconds of load (default %(default)g)")
+    chaos.add_argument("--quick", action="store_true", help="a minute, no doc update (what CI runs)")
+    chaos.add_argument("--model-dir", type=Path, help="default $SENTIMENT_SHARED_DIR/models/distilbert-sst2-small")
+    chaos.add_argument("--data", type=Path, help="sentences (default $SENTIMENT_SHARED_DIR/data/sst2-train.tsv)")
+    chaos.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")
+    chaos.add_argument("--doc", type=Path, help="doc to update (default docs/reliability.md; none for --quick)")
+    chaos.set_defaults(run=_chaos)
     return parser
 
 
@@ -271,6 +282,23 @@ def _bench(settings: Settings, args: argparse.Namespace) -> None:
     from benchmarks.suite import run
 
     run(settings, args)
+
+
+def _chaos(settings: Settings, args: argparse.Namespace) -> None:
+    """Exit 0 when every invariant held, else 1 (after the results are written)."""
+    from benchmarks.chaos import run
+    from benchmarks.workload import CHECKOUT, default_shared_dir
+
+    shared = default_shared_dir()
+    results = run(
+        args.model_dir or shared / "models" / "distilbert-sst2-small",
+        args.data or shared / "data" / "sst2-train.tsv",
+        60.0 if args.quick else args.duration,
+        args.out or (None if args.quick else CHECKOUT / "benchmarks" / "results"),
+        None if args.quick else args.doc or CHECKOUT / "docs" / "reliability.md",
+    )
+    print(json.dumps({k: results[k] for k in ("passed", "invariants", "requests", "statuses", "jobs")}, indent=1))
+    sys.exit(0 if results["passed"] else 1)
 
 
 def _loadtest(settings: Settings, args: argparse.Namespace) -> None:

@@ -53,6 +53,7 @@ class Child:
     name: str
     command: str
     env: dict[str, str]
+    args: tuple[str, ...] = ()  # after the command: `api --port 8001`
     proc: subprocess.Popen[bytes] | None = None
     last_line: str = ""
     restarts: int = 0
@@ -64,7 +65,7 @@ class Child:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sentiment.cli", self.command],
+            [sys.executable, "-m", "sentiment.cli", self.command, *self.args],
             env=self.env,
             stderr=subprocess.PIPE,
             start_new_session=True,  # Ctrl-C reaches serve alone, which stops the children in order
