@@ -41,7 +41,7 @@ from typing import Any
 
 from opentelemetry.trace import Span
 from redis import Redis
-from redis.client import Pipeline
+from redis.client import Pipeline, PubSub, PubSubWorkerThread
 from redis.exceptions import RedisError, WatchError
 from rq import Queue, SimpleWorker, get_current_job
 from rq.executions import Execution
@@ -175,6 +175,13 @@ class JobsWorker(SimpleWorker):
         finally:
             if self.pubsub_thread is not None:
                 self.pubsub_thread.stop()
+
+    def _pubsub_exception_handler(self, exc: Exception, pubsub: PubSub, pubsub_thread: PubSubWorkerThread) -> None:
+        """RQ's, but quiet once the thread was told to stop: RQ closes the subscription's connection
+        while the thread may still be reading it, and every end of a worker loop printed a traceback."""
+        if not pubsub_thread._running.is_set():  # (redis-py's flag; the thread's loop then ends)
+            return
+        super()._pubsub_exception_handler(exc, pubsub, pubsub_thread)
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         """Noted before RQ's own handling, which writes to Redis: a stop asked for during an outage still stops."""

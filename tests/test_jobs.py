@@ -15,7 +15,7 @@ from typing import Any
 import fakeredis
 import pytest
 from fastapi.testclient import TestClient
-from redis.client import Pipeline
+from redis.client import Pipeline, PubSubWorkerThread
 from rq import Queue
 from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job
@@ -585,3 +585,27 @@ def test_openapi_describes_every_response(service: tuple[Service, TestClient]) -
 def test_the_api_still_imports_no_torch() -> None:
     code = "import sys, api.app; bad = [m for m in ('torch', 'transformers') if m in sys.modules]; sys.exit(str(bad) if bad else 0)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_the_end_of_a_worker_loop_stops_rqs_command_thread_without_a_traceback(
+    fake_server: fakeredis.FakeServer,
+) -> None:
+    # RQ closes the subscription's connection under its thread; what the thread then meets is not an error.
+    redis = fakeredis.FakeRedis(server=fake_server)
+    worker = JobsWorker(
+        [Queue("q", connection=redis)], connection=redis, heartbeat_ttl_s=2, redis_timeout_s=5, keys=Keys("t")
+    )
+    pubsub = redis.pubsub()
+    thread = PubSubWorkerThread(pubsub, sleep_time=1)
+    thread._running.set()
+
+    def closed_under_it() -> None:
+        try:
+            raise TypeError("argument must be an int, or have a fileno() method.")
+        except TypeError as exc:
+            worker._pubsub_exception_handler(exc, pubsub, thread)
+
+    with pytest.raises(TypeError):  # running: RQ's own handling (not a connection error: raised again)
+        closed_under_it()
+    thread.stop()
+    closed_under_it()  # stopped: quiet
