@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import os
 import random
 import signal
@@ -43,6 +44,7 @@ from typing import Any
 import httpx
 import redis
 
+from benchmarks import machine
 from benchmarks.cache_writes import CacheWrites
 from benchmarks.fault_proxy import FaultProxy
 from benchmarks.report import replace_block
@@ -52,6 +54,8 @@ from core.protocol import Keys, WorkItem, new_id, prediction
 from core.settings import Settings
 from sentiment.embedded import free_port, start_redis_server
 from sentiment.supervisor import Child, Supervisor
+
+logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of the load
 
 DEADLINE_S = 10.0  # SENTIMENT_REQUEST_TIMEOUT_S, the default
 REDIS_TIMEOUT_S = 5.0  # SENTIMENT_REDIS_TIMEOUT_S, the default
@@ -461,7 +465,11 @@ def run(
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
     results = check(traffic, faults, expected, writes.computed_more_than_once(), behind, memory, duration_s)
-    results |= {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "duration_s": duration_s}
+    results |= {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "duration_s": duration_s,
+        "machine": machine.describe("cpu"),
+    }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"chaos-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(started))}.json"
@@ -575,19 +583,33 @@ def _brief(violation: Any) -> Any:
 def markdown(results: dict[str, Any], results_file: str) -> str:
     """The table docs/reliability.md shows."""
     first = results["faults"][0]["at"] if results["faults"] else 0
+    memory = ", ".join(
+        f"{name} {base / 1024:.0f} -> {end / 1024:.0f} MB"
+        for name in ("api-1", "worker-1")
+        if (base := results["memory_kib"].get("base", {}).get(name)) and (end := results["memory_kib"]["end"].get(name))
+    )
+    machine = results.get("machine", {})
     lines = [
-        f"Run of {results['started']}, {results['duration_s'] / 60:g} minutes "
-        f"([results](../benchmarks/results/{results_file})): {results['requests']} /predict requests "
-        f"({', '.join(f'{n} x {s}' for s, n in sorted(results['statuses'].items()))}), "
+        f"Run of {results['started']}, {results['duration_s'] / 60:g} minutes on {machine.get('cores', '?')} cores "
+        f"({machine.get('cpu', '?')}) ([results](../benchmarks/results/{results_file})): "
+        f"{results['requests']:,} /predict requests ({_counts(results['statuses'])}); "
         f"{results['jobs']['accepted']} jobs accepted, {results['jobs']['finished']} finished; "
-        f"{results['texts_computed_more_than_once']} distinct texts computed more than once.",
+        f"{results['texts_computed_more_than_once']} distinct texts computed more than once; memory from minute 2 "
+        f"to the end: {memory}.",
         "",
-        "| fault | at | healed -> first 200 |",
-        "| --- | --- | --- |",
-        *(f"| {f['name']} | {f['at'] - first:.0f} s | {f['recovery_s']} s |" for f in results["faults"]),
+        "| fault | at | healed -> first 200 | answers from the fault to 3 s after it healed |",
+        "| --- | --- | --- | --- |",
+        *(
+            f"| {f['name']} | {f['at'] - first:.0f} s | {f['recovery_s']} s | {_counts(f['answers_meanwhile'])} |"
+            for f in results["faults"]
+        ),
         "",
         "| invariant | violations |",
         "| --- | --- |",
         *(f"| {name} | {count} |" for name, count in results["invariants"].items()),
     ]
     return "\n".join(lines)
+
+
+def _counts(statuses: dict[str, int]) -> str:
+    return ", ".join(f"{n:,} x {status}" for status, n in statuses.items())
