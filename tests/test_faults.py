@@ -259,26 +259,33 @@ def test_a_killed_worker_costs_no_request_an_error_with_default_settings(
     kill_a_worker_under_load(svc, redis_url, "faults-default", reference, clients=16)
 
 
+def start_with_a_bug(svc: Service, tmp_path: Path, module: str, method: str, *command: str) -> subprocess.Popen[str]:
+    """`sentiment <command>` of `svc` with `module`'s `method` raising RuntimeError('injected bug'), put
+    in from outside (Python runs any `sitecustomize` on its path at start); its stderr piped."""
+    bug = tmp_path / "bug"
+    bug.mkdir(exist_ok=True)
+    owner, name = method.split(".")
+    (bug / "sitecustomize.py").write_text(
+        f"import {module}\n\n\ndef bug(*args, **kwargs):\n    raise RuntimeError('injected bug')\n\n\n"
+        f"{module}.{owner}.{name} = bug\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "sentiment.cli", *command],
+        env={**svc.env, "PYTHONPATH": os.pathsep.join([str(bug), os.environ.get("PYTHONPATH", "")])},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_a_worker_whose_thread_dies_exits_with_its_cause_in_one_line_and_another_answers_its_work(
     services: list[Service], redis_url: str, model_dir: Path, reference: Classifier, tmp_path: Path
 ) -> None:
     # A bug that kills the reply thread, put into the process from outside (Python runs any
     # `sitecustomize` on its path at start): the worker must not live on with its work stuck.
-    bug = tmp_path / "bug"
-    bug.mkdir()
-    (bug / "sitecustomize.py").write_text(
-        "import batcher.reply\n\n\ndef _write(self, outcomes):\n    raise RuntimeError('injected bug')\n\n\n"
-        "batcher.reply.Replies._write = _write\n"
-    )
     svc = service(services, redis_url, model_dir, "faults-thread")
     svc.start("api", "--port", str(svc.port))
     wait_for("the API", lambda: answers(f"{svc.url}/health"))
-    buggy = subprocess.Popen(
-        [sys.executable, "-m", "sentiment.cli", "worker"],
-        env={**svc.env, "PYTHONPATH": os.pathsep.join([str(bug), os.environ.get("PYTHONPATH", "")])},
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    buggy = start_with_a_bug(svc, tmp_path, "batcher.reply", "Replies._write", "worker")
     answer: list[httpx.Response] = []
     asking = threading.Thread(
         target=lambda: answer.append(
@@ -300,19 +307,8 @@ def test_a_worker_whose_thread_dies_exits_with_its_cause_in_one_line_and_another
 def test_a_jobs_worker_whose_webhook_thread_dies_exits_with_its_cause_in_one_line(
     redis_url: str, model_dir: Path, tmp_path: Path
 ) -> None:
-    bug = tmp_path / "bug"
-    bug.mkdir()
-    (bug / "sitecustomize.py").write_text(
-        "import batcher.webhooks\n\n\ndef tick(self):\n    raise RuntimeError('injected bug')\n\n\n"
-        "batcher.webhooks.Sender.tick = tick\n"
-    )
     svc = Service(redis_url, model_dir, "faults-webhooks", SENTIMENT_WEBHOOK_SECRETS=WEBHOOK_SECRET, **ENV)
-    buggy = subprocess.Popen(
-        [sys.executable, "-m", "sentiment.cli", "jobs-worker", "--threads", "1"],
-        env={**svc.env, "PYTHONPATH": os.pathsep.join([str(bug), os.environ.get("PYTHONPATH", "")])},
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    buggy = start_with_a_bug(svc, tmp_path, "batcher.webhooks", "Sender.tick", "jobs-worker", "--threads", "1")
     try:
         _, stderr = buggy.communicate(timeout=HANG_GUARD_S)
     finally:

@@ -464,9 +464,8 @@ def test_a_job_has_no_expiry_until_it_ends(service: tuple[Service, TestClient]) 
     assert 0 < svc.redis.ttl(svc.job(job_id).key) <= svc.settings.job_ttl_s  # ended: kept job_ttl_s, then gone
 
 
-def test_a_failing_job_is_retried_then_failed_with_a_one_line_error(service: tuple[Service, TestClient]) -> None:
-    svc, client = service
-    job_id = submit(client, TEXTS)
+def runs_exploding(svc: Service) -> list[int]:
+    """Make every run of a job fail in its first chunk; returns the list its runs are counted in."""
     runs: list[int] = []
 
     def count_and_explode(texts: list[str]) -> None:
@@ -474,6 +473,13 @@ def test_a_failing_job_is_retried_then_failed_with_a_one_line_error(service: tup
         explode(texts)
 
     svc.inference.before_chunk = count_and_explode
+    return runs
+
+
+def test_a_failing_job_is_retried_then_failed_with_a_one_line_error(service: tuple[Service, TestClient]) -> None:
+    svc, client = service
+    job_id = submit(client, TEXTS)
+    runs = runs_exploding(svc)
     svc.run_jobs()
     assert len(runs) == 3  # the first run and two retries
     view = client.get(f"/jobs/{job_id}").json()
@@ -489,13 +495,7 @@ def test_a_failing_job_is_retried_as_often_when_a_heartbeat_lands_as_its_failure
     not count a retry twice."""
     svc, client = service
     job_id = submit(client, TEXTS)
-    runs: list[int] = []
-
-    def count_and_explode(texts: list[str]) -> None:
-        runs.append(1)
-        explode(texts)
-
-    svc.inference.before_chunk = count_and_explode
+    runs = runs_exploding(svc)
     retry = Job.retry
     calls: list[int] = []
 

@@ -37,6 +37,13 @@ def wait_result(redis: fakeredis.FakeRedis, keys: Keys, item: WorkItem) -> Resul
     return Result.decode(wait_for(f"the result of {item.id}", lambda: redis.get(keys.result(item.id))))
 
 
+def reclaimed_once_its_heartbeat_lapses(redis: fakeredis.FakeRedis, keys: Keys, worker: Worker, item: WorkItem) -> None:
+    """`worker`, stuck, stops beating; another worker then requeues `item`, which it held."""
+    wait_for("the stuck worker's heartbeat to lapse", lambda: not redis.exists(keys.heartbeat(worker.id)))
+    assert WorkQueue(redis, keys, "another worker").reclaim_dead() == 1
+    assert WorkItem.decode(redis.rpop(keys.queue)).id == item.id
+
+
 def expected(classifier: Classifier, *texts: str) -> list[list[dict]]:
     return [prediction(classifier.labels, p) for p in classifier.forward(classifier.tokenize(list(texts)))]
 
@@ -195,9 +202,7 @@ def test_a_forward_past_its_deadlines_stops_beating_so_a_hung_worker_is_reclaime
     thread = start_worker(worker)
     try:
         wait_for("the forward to start", forwarding.is_set)
-        wait_for("the hung worker's heartbeat to lapse", lambda: not redis.exists(keys.heartbeat(worker.id)))
-        assert WorkQueue(redis, keys, "another worker").reclaim_dead() == 1
-        assert WorkItem.decode(redis.rpop(keys.queue)).id == item.id
+        reclaimed_once_its_heartbeat_lapses(redis, keys, worker, item)
     finally:
         release.set()
         worker.stop()
@@ -340,9 +345,7 @@ def test_a_stuck_reply_stage_stops_the_heartbeat_so_another_worker_reclaims_the_
     item = push(redis, keys, "computed, never written")
     try:
         wait_for("the reply stage to be stuck", writing.is_set)
-        wait_for("the stuck worker's heartbeat to lapse", lambda: not redis.exists(keys.heartbeat(worker.id)))
-        assert WorkQueue(redis, keys, "another worker").reclaim_dead() == 1
-        assert WorkItem.decode(redis.rpop(keys.queue)).id == item.id
+        reclaimed_once_its_heartbeat_lapses(redis, keys, worker, item)
     finally:
         release.set()
         worker.stop()
