@@ -40,12 +40,13 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = redis or async_client(
             settings.redis_url,
+            settings.redis_timeout_s,
             max_connections=settings.redis_max_connections,
-            timeout=settings.request_timeout_s,
-            socket_connect_timeout=2,
+            pool_wait_s=settings.request_timeout_s,
         )
         keys = Keys(settings.key_prefix)
-        waiter = ResultWaiter(client, keys, requeue=is_sentinel(settings.redis_url))  # failover may lose work
+        # Behind Sentinel a failover may lose work: waits push it again (`api.results`).
+        waiter = ResultWaiter(client, keys, requeue=is_sentinel(settings.redis_url), silence_s=settings.redis_timeout_s)
         waiter.start()
         app.state.redis = client
         app.state.keys = keys
@@ -60,7 +61,7 @@ def create_app(
         if settings.rate_limit_per_s is not None:
             app.state.rate_limit = RateLimit(client, keys, settings.rate_limit_per_s, settings.rate_limit_burst)
         jobs_client = jobs_redis or sync_client(
-            settings.redis_url, max_connections=settings.redis_max_connections, socket_connect_timeout=2
+            settings.redis_url, settings.redis_timeout_s, max_connections=settings.redis_max_connections
         )
         app.state.jobs = JobStore(jobs_client, settings)
         app.state.scrape = metrics.scrape_state(jobs_client, app.state.jobs.queue, settings.key_prefix)

@@ -35,6 +35,7 @@ class ErrorType(StrEnum):
     OVERLOADED = "overloaded"  # queue too deep to answer within the timeout
     TIMEOUT = "timeout"  # no result before the request's deadline
     INFERENCE = "inference"  # the model failed on this request's texts
+    BAD_RESULT = "bad_result"  # the worker's result could not be read (garbage in Redis, a worker of another protocol)
     NOT_FOUND = "not_found"  # no such job (never was, expired, or deleted); a V2 model name not served
     TOO_LARGE = "too_large"  # request body over the route's limit, refused before parsing
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # a body declared as something other than JSON
@@ -81,6 +82,7 @@ ERRORS: dict[ErrorType, ErrorSpec] = {
     ErrorType.OVERLOADED: ErrorSpec(503, retry_after_s=1, refusal=True),
     ErrorType.TIMEOUT: ErrorSpec(504),
     ErrorType.INFERENCE: ErrorSpec(424),
+    ErrorType.BAD_RESULT: ErrorSpec(502),
     ErrorType.NOT_FOUND: ErrorSpec(404),
     ErrorType.TOO_LARGE: ErrorSpec(413, refusal=True),
     ErrorType.UNSUPPORTED_MEDIA_TYPE: ErrorSpec(415),
@@ -128,7 +130,9 @@ def responses(*types: ErrorType) -> dict[int | str, dict[str, Any]]:
     return answers
 
 
-RESPONSES = responses(ErrorType.UNAVAILABLE, ErrorType.OVERLOADED, ErrorType.TIMEOUT, ErrorType.INFERENCE)
+RESPONSES = responses(
+    ErrorType.UNAVAILABLE, ErrorType.OVERLOADED, ErrorType.TIMEOUT, ErrorType.INFERENCE, ErrorType.BAD_RESULT
+)
 # What a route that takes a JSON body may answer before reading it.
 BODY_RESPONSES = responses(ErrorType.TOO_LARGE, ErrorType.UNSUPPORTED_MEDIA_TYPE)
 # The 422 of a route that validates its body itself (`api.schemas.parse_json`), as FastAPI documents

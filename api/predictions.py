@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from enum import StrEnum
 
@@ -23,8 +24,20 @@ from api.errors import ErrorType, ServiceError
 from api.metrics import CACHE_HITS, CACHE_MISSES, REQUESTS_ABANDONED
 from api.results import Pending, ResultWaiter
 from core import redis_replies, tracing
-from core.protocol import ABANDONED_GRACE_S, DEFAULT_CLIENT, Keys, ModelInfo, Prediction, Result, WorkItem, new_id
+from core.protocol import (
+    ABANDONED_GRACE_S,
+    DEFAULT_CLIENT,
+    Keys,
+    ModelInfo,
+    Prediction,
+    Result,
+    Unreadable,
+    WorkItem,
+    new_id,
+)
 from core.redis_replies import raws
+
+log = logging.getLogger(__name__)
 
 CLIENTS_TTL_S = (
     60.0  # how often a process re-adds a client it queues for to `Keys.clients` (a Redis restart empties it)
@@ -47,13 +60,25 @@ class ModelInfoCache:
         self._keys = keys
         self._info: ModelInfo | None = None
         self._expires = 0.0
+        self._unreadable: bytes | str | None = None  # the last unreadable announcement, logged once
 
     async def current(self) -> ModelInfo | None:
+        """The announced model; None before any worker announced one, or while the announcement is
+        unreadable (logged once per value): requests are then queued without a cache lookup."""
         if time.monotonic() >= self._expires:
             raw = await self._redis.get(self._keys.model)
-            self._info = ModelInfo.decode(raw) if raw else None
+            self._info = self._decode(raw) if raw else None
             self._expires = time.monotonic() + MODEL_INFO_TTL_S
         return self._info
+
+    def _decode(self, raw: bytes | str) -> ModelInfo | None:
+        try:
+            return ModelInfo.decode(raw)
+        except Unreadable as exc:
+            if raw != self._unreadable:
+                self._unreadable = raw
+                log.error("the announced model is unreadable (%s): no cache lookups until a worker announces it", exc)
+            return None
 
 
 class Predictor:
@@ -162,9 +187,22 @@ class Predictor:
                     "of it; retry later",
                 )
             with tracing.span("predict.wait"):
-                result = Result.decode(await self._wait(item, pending, receive))
-        if result.error is not None or result.predictions is None:
-            raise ServiceError(ErrorType.INFERENCE, result.error or "the worker returned no predictions")
+                raw = await self._wait(item, pending, receive)
+        try:
+            result = Result.decode(raw)
+        except Unreadable as exc:
+            log.error("request %s: unreadable result (%s)", item.id, exc)
+            raise ServiceError(ErrorType.BAD_RESULT, "the worker's result could not be read; retry") from None
+        if result.error is not None:
+            raise ServiceError(ErrorType.INFERENCE, result.error)
+        if result.predictions is None or len(result.predictions) != len(texts):
+            log.error(
+                "request %s: a result of %s predictions for %d texts",
+                item.id,
+                result.predictions and len(result.predictions),
+                len(texts),
+            )
+            raise ServiceError(ErrorType.BAD_RESULT, "the worker's result does not answer every text; retry")
         return result.predictions
 
     async def _wait(self, item: WorkItem, pending: Pending, receive: Receive | None) -> bytes:

@@ -15,6 +15,7 @@ from api.errors import BODY_RESPONSES, RESPONSES, VALIDATION_ERROR, ErrorType, S
 from api.predictions import ModelInfoCache, Predictor
 from api.schemas import ModelResponse, PredictResponse, ReadyResponse, json_body, parse_json, texts_request
 from core.protocol import Keys
+from core.redis_replies import text
 from core.settings import Settings
 
 
@@ -90,7 +91,7 @@ async def ready(request: Request) -> Response:
     try:
         await redis.ping()
         worker_ids = await redis.smembers(keys.workers)
-        alive = await redis.exists(*(keys.heartbeat(w.decode()) for w in worker_ids)) if worker_ids else 0
+        alive = await redis.exists(*(keys.heartbeat(text(w)) for w in worker_ids)) if worker_ids else 0
     except RedisError as exc:
         return error_response(ErrorType.NOT_READY, f"redis unreachable: {exc}")
     if not alive:

@@ -1,12 +1,14 @@
 """The forward stage: the engine's lanes, each a thread that takes its next forward and runs it.
 
 A lane asks `Pending` for a forward when it is free, runs it on the engine, and hands the
-probabilities to the reply stage. A forward that fails is run again one text at a time, so a text
-the model cannot take fails only the requests that hold it.
+probabilities to the reply stage. A forward that fails, or answers another shape than a row of
+label probabilities per text, is run again one text at a time, so a text the model cannot take fails
+only the requests that hold it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -18,6 +20,7 @@ from opentelemetry.trace import Span, SpanKind
 from batcher import metrics
 from batcher.plan import Forward, Pending
 from batcher.reply import Replies
+from batcher.thread_failure import ThreadFailure
 from batcher.work import Text, traceparents
 from core import tracing
 from model_store.engine import Engine
@@ -28,22 +31,22 @@ log = logging.getLogger(__name__)
 class Lanes:
     """`engine.lanes` threads named `forward-N`; `running` holds each busy lane's forward and start."""
 
-    def __init__(self, engine: Engine, pending: Pending, replies: Replies) -> None:
+    def __init__(self, engine: Engine, labels: int, pending: Pending, replies: Replies) -> None:
         self.engine = engine
+        self.labels = labels
         self.pending = pending
         self.replies = replies
         self.running: dict[int, tuple[Forward, float]] = {}  # lane -> (forward, unix start)
         self.forwards = self.computed = self.largest_forward_requests = 0
-        self.failure: BaseException | None = None  # a bug that ended a lane
         self._tally = threading.Lock()
-        self.threads = [
-            threading.Thread(target=self._run, args=(lane,), name=f"forward-{lane}", daemon=True)
-            for lane in range(engine.lanes)
-        ]
+        self.threads: list[threading.Thread] = []
 
-    def start(self) -> None:
-        for thread in self.threads:
-            thread.start()
+    def start(self, failure: ThreadFailure) -> None:
+        """One thread per lane; a bug in one (not a model failure) stops the worker (`failure`)."""
+        for lane in range(self.engine.lanes):
+            run = failure.guard(f"forward-{lane}", functools.partial(self._run, lane))
+            self.threads.append(threading.Thread(target=run, name=f"forward-{lane}", daemon=True))
+            self.threads[-1].start()
 
     def join(self) -> None:
         for thread in self.threads:
@@ -51,28 +54,23 @@ class Lanes:
                 thread.join()
 
     def _run(self, lane: int) -> None:
-        try:
-            self.engine.start_lane()
-            cpu = time.thread_time()
-            while (forward := self.pending.next_forward()) is not None:
-                self.running[lane] = (forward, time.time())
-                self._count(forward)  # before any reply it leads to: their transactions carry the heartbeat
-                metrics.forward_started(forward.texts)
-                started = time.thread_time()
-                metrics.STAGE_CPU_SECONDS.labels("plan").inc(started - cpu)
-                try:
-                    with metrics.busy(), self._span(forward, lane) if tracing.enabled else tracing.OFF:
-                        probabilities = self._forward(forward)
-                finally:
-                    del self.running[lane]
-                    cpu = time.thread_time()
-                    metrics.STAGE_CPU_SECONDS.labels("forward").inc(cpu - started)
-                if probabilities is not None:
-                    self.replies.computed(forward.texts, probabilities)
-        except BaseException as exc:  # a bug, not a model failure: the worker stops and hands back its work
-            self.failure = exc
-            self.pending.close()
-            raise
+        self.engine.start_lane()
+        cpu = time.thread_time()
+        while (forward := self.pending.next_forward()) is not None:
+            self.running[lane] = (forward, time.time())
+            self._count(forward)  # before any reply it leads to: their transactions carry the heartbeat
+            metrics.forward_started(forward.texts)
+            started = time.thread_time()
+            metrics.STAGE_CPU_SECONDS.labels("plan").inc(started - cpu)
+            try:
+                with metrics.busy(), self._span(forward, lane) if tracing.enabled else tracing.OFF:
+                    probabilities = self._forward(forward)
+            finally:
+                del self.running[lane]
+                cpu = time.thread_time()
+                metrics.STAGE_CPU_SECONDS.labels("forward").inc(cpu - started)
+            if probabilities is not None:
+                self.replies.computed(forward.texts, probabilities)
 
     def _span(self, forward: Forward, lane: int) -> AbstractContextManager[Span]:
         """The forward's span (tracing on), linked to every request it serves."""
@@ -91,10 +89,20 @@ class Lanes:
 
     def _forward(self, forward: Forward) -> np.ndarray | None:
         try:
-            return metrics.timed_forward(self.engine.forward, [t.ids for t in forward.texts], forward.packed)
+            return self._checked(
+                metrics.timed_forward(self.engine.forward, [t.ids for t in forward.texts], forward.packed),
+                len(forward.texts),
+            )
         except Exception as exc:
             self._one_by_one(forward.texts, exc)
             return None
+
+    def _checked(self, probabilities: np.ndarray, texts: int) -> np.ndarray:
+        """The engine's answer, if it is one row of label probabilities per text (else ValueError: a model failure)."""
+        if not isinstance(probabilities, np.ndarray) or probabilities.shape != (texts, self.labels):
+            shape = getattr(probabilities, "shape", type(probabilities).__name__)
+            raise ValueError(f"the engine answered {shape} for {texts} texts and {self.labels} labels")
+        return probabilities
 
     def _one_by_one(self, texts: list[Text], failure: Exception) -> None:
         # Exception messages may quote the input: their text and traceback only at DEBUG.
@@ -102,7 +110,7 @@ class Lanes:
         log.debug("the forward failed with", exc_info=failure)
         for text in texts:
             try:
-                self.replies.computed([text], self.engine.forward([text.ids]))
+                self.replies.computed([text], self._checked(self.engine.forward([text.ids]), 1))
             except Exception as exc:
                 log.warning("a text failed in the model (%s)", type(exc).__name__)
                 log.debug("the text failed with", exc_info=True)

@@ -3,9 +3,11 @@
 Every third of `heartbeat_ttl_s` it writes the worker's status under a key that lapses after the
 TTL (and the served model, should a restarted Redis have lost it); every `LOOK_S` it asks the death
 watch (`liveness.DeathWatch`) which registered workers died, by their lapsed key or their closed
-connections, and pushes their processing lists back onto the queue. A lane stuck in a forward past every deadline of its requests stops the beats:
-nobody waits for that forward any more, so the worker's work is reclaimed and a liveness probe
-restarts it. A long forward within its deadlines is work, and keeps beating.
+connections, and pushes their processing lists back onto the queue. A stuck pipeline (a lane in a
+forward past every deadline of its requests, the take or the reply stage in one step longer than
+the TTL: `Worker._healthy`) stops the beats: nobody waits for that work any more, so it is reclaimed
+and a liveness probe restarts the worker. A long forward within its deadlines is work, and keeps
+beating. A Redis failure skips a tick; any other failure is a bug, and stops the worker.
 """
 
 from __future__ import annotations
@@ -21,25 +23,30 @@ from redis.exceptions import RedisError
 
 from batcher.queue import WorkQueue
 from batcher.redis_link import Command, Link
+from batcher.thread_failure import ThreadFailure
 from core.protocol import Keys, ModelInfo, WorkerStatus
 from core.redis_errors import describe
 
 log = logging.getLogger(__name__)
 
-LOOK_S = 0.5  # how often dead workers are looked for: a killed one is reclaimed within two looks
+LOOK_S = 0.5  # how often dead workers are looked for
 
 
 class Beating:
     """`tick()` every `period_s` seconds on a daemon thread named `name`, from `start` (or entering the
-    `with` block) until `stop` (or leaving it); `stop` waits for a tick under way, and `tick` deals
-    with its own errors. The one beating thread of both workers: the /predict worker's `Heartbeat`,
-    and the jobs worker's per-job beat (`batcher.jobs`)."""
+    `with` block) until `stop` (or leaving it); `stop` waits for a tick under way. `tick` deals with
+    the errors it expects; one it does not stops the process (`failure`), or, without one, ends the
+    thread with its traceback logged. The one beating thread of both workers: the /predict worker's
+    `Heartbeat`, the jobs worker's per-job beat and its webhook sender (`batcher.jobs`)."""
 
-    def __init__(self, name: str, period_s: float, tick: Callable[[], None]) -> None:
+    def __init__(
+        self, name: str, period_s: float, tick: Callable[[], None], failure: ThreadFailure | None = None
+    ) -> None:
         self.period_s = period_s
         self.tick = tick
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        run = failure.guard(name, self._run) if failure is not None else self._run
+        self._thread = threading.Thread(target=run, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -82,10 +89,12 @@ class Heartbeat:
         self.healthy = healthy
         self.model = model.encode()
         self._next_beat = 0.0
-        self._beating = Beating("heartbeat", min(LOOK_S, ttl_s / 3), self._tick)
+        self._beating: Beating | None = None
 
-    def start(self) -> None:
+    def start(self, failure: ThreadFailure) -> None:
+        """The thread named `heartbeat`; a bug in it stops the worker (`failure`)."""
         self._next_beat = time.monotonic() + self.ttl_s / 3
+        self._beating = Beating("heartbeat", min(LOOK_S, self.ttl_s / 3), self._tick, failure)
         self._beating.start()
 
     def beat(self) -> None:
@@ -104,7 +113,8 @@ class Heartbeat:
         ]
 
     def stop(self) -> None:
-        self._beating.stop()
+        if self._beating is not None:
+            self._beating.stop()
 
     def _tick(self) -> None:
         try:

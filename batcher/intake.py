@@ -24,7 +24,7 @@ from batcher.redis_link import Command
 from batcher.reply import Replies
 from batcher.work import Held, Text, traceparents
 from core import tracing
-from core.protocol import WorkItem
+from core.protocol import Unreadable, WorkItem
 from core.redis_errors import describe
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,18 @@ class Intake:
         self._epoch_moved = float("-inf")  # when this worker saw it move last (unix s)
         self._asked = self._got = 1  # items the last take asked for, and got
         self._texts_per_item = 1.0
+        self.busy_since: float | None = None  # monotonic start of the take under way; None between takes
 
     def take(self) -> bool:
         """One take; False when no work came within `IDLE_POLL_S`, or the window stayed full (while
         work is being abandoned, `LOOK_S`, after a `look`)."""
+        self.busy_since = time.monotonic()
+        try:
+            return self._take()
+        finally:
+            self.busy_since = None
+
+    def _take(self) -> bool:
         looking = self.drop_abandoned and time.time() - self._epoch_moved < LOOKING_FOR_S
         room = self.pending.wait_for_room(LOOK_S if looking else IDLE_POLL_S)
         if room <= 0:
@@ -97,19 +105,8 @@ class Intake:
         for raw in raws:
             try:
                 item = WorkItem.decode(raw)
-                if not (
-                    isinstance(item.texts, list)
-                    and all(isinstance(t, str) for t in item.texts)
-                    and isinstance(item.deadline, int | float)
-                    and isinstance(item.enqueued_at, int | float)
-                    and isinstance(item.reply_to, str)
-                    and isinstance(item.client, str)
-                    and (item.traceparent is None or isinstance(item.traceparent, str))
-                ):
-                    raise TypeError("a field of the wrong type")
-            # Not our protocol (AttributeError: JSON, but not an object): nobody can be answered, never retry it.
-            except (ValueError, TypeError, AttributeError):
-                log.error("dropped a malformed work item (%d bytes)", len(raw))
+            except Unreadable as exc:  # nobody can be answered: never retry it
+                log.error("dropped an unreadable work item (%s)", exc)
                 dropped.append(raw)
                 continue
             if item.deadline < now:
@@ -182,12 +179,31 @@ class Intake:
                 else tracing.OFF
             )
             with tokenizing as span:
-                for text, ids in zip(todo, self.tokenize([t.text for t in todo]), strict=True):
-                    text.ids = ids
+                todo = self._tokenized(todo)
                 if span.is_recording():
                     span.set_attribute("sentiment.tokens", sum(len(t.ids) for t in todo))
             self.pending.add(todo, len(items) - len(taken))
         return [h.raw for h in (*taken, *unstarted)]
+
+    def _tokenized(self, texts: list[Text]) -> list[Text]:
+        """`texts` with their token ids, tokenized in one call; if that fails, one by one, and a text
+        the tokenizer cannot take fails only the requests that hold it (never the worker: another
+        worker would take the same item and fail the same way)."""
+        try:
+            for text, ids in zip(texts, self.tokenize([t.text for t in texts]), strict=True):
+                text.ids = ids
+            return texts
+        except Exception as exc:
+            log.warning("tokenizing %d texts failed (%s); one by one", len(texts), type(exc).__name__)
+        tokenized = []
+        for text in texts:
+            try:
+                [text.ids] = self.tokenize([text.text])
+                tokenized.append(text)
+            except Exception as exc:
+                log.warning("a text failed in the tokenizer (%s)", type(exc).__name__)
+                self.replies.failed([text], f"the tokenizer failed on this request's texts ({type(exc).__name__})")
+        return tokenized
 
     def _abandoned(self, items: list[Held], epoch: bytes | None) -> tuple[set[Held], list[Held]]:
         """The abandoned work (`Keys.abandoned`, set by the API): of `items`, just taken, and of the

@@ -41,7 +41,7 @@ from typing import Any
 
 from opentelemetry.trace import Span
 from redis import Redis
-from redis.client import Pipeline
+from redis.client import Pipeline, PubSub, PubSubWorkerThread
 from redis.exceptions import RedisError, WatchError
 from rq import Queue, SimpleWorker, get_current_job
 from rq.executions import Execution
@@ -52,6 +52,7 @@ from rq.worker import WorkerStatus as RQWorkerStatus  # (not core.protocol's Wor
 from batcher import metrics, webhooks
 from batcher.heartbeat import Beating
 from batcher.inference import Inference
+from batcher.thread_failure import ThreadFailure
 from core import tracing
 from core.job_spec import CHUNKS_PER_BATCH, SERIALIZER, jobs_queue, progress
 from core.protocol import Keys, Prediction
@@ -62,6 +63,9 @@ from core.webhooks import look_now
 from model_store.classifier import Classifier
 
 log = logging.getLogger(__name__)
+
+DEQUEUE_WAIT_S = 2  # longest one wait for a job blocks
+FAILED_STOP_S = 30.0  # a jobs worker whose webhook thread failed may finish its job this long (else it is retried)
 
 _inference: Inference | None = None  # set once per process by `serve_jobs`, used by every job
 
@@ -143,13 +147,25 @@ class JobsWorker(SimpleWorker):
 
     max_connection_wait_time = 2.0  # RQ's reconnect backoff while waiting for a job stops here, not at a minute
 
-    def __init__(self, *args: Any, heartbeat_ttl_s: float, keys: Keys, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, heartbeat_ttl_s: float, redis_timeout_s: float, keys: Keys, **kwargs: Any) -> None:
+        self.redis_timeout_s = redis_timeout_s  # (before RQ's constructor, which reads `connection_timeout`)
         super().__init__(*args, **kwargs)
         self.job_heartbeat_ttl = max(2, math.ceil(heartbeat_ttl_s))
         self.keys = keys
         self.told_to_stop = False  # by SIGTERM or SIGINT: `serve_jobs` starts no fresh worker after this one
         self.drained = False  # the last look at the queue found it empty (how burst mode ends)
         self.dropped: str | None = None  # the last job said to be dropped (canceled or deleted)
+
+    @property
+    def dequeue_timeout(self) -> int:
+        """How long one wait for a job blocks (BLPOP): short, so that the read timeout of its connection,
+        which RQ sets from it, notices a silent Redis within seconds (RQ's own: the worker TTL - 15 s)."""
+        return DEQUEUE_WAIT_S
+
+    @property
+    def connection_timeout(self) -> int:
+        """The socket timeout RQ gives the worker's connections: a blocking wait plus the Redis timeout."""
+        return self.dequeue_timeout + math.ceil(self.redis_timeout_s)
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         """RQ's loop; its pubsub thread is stopped however the loop ends (RQ's teardown skips that when
@@ -159,6 +175,13 @@ class JobsWorker(SimpleWorker):
         finally:
             if self.pubsub_thread is not None:
                 self.pubsub_thread.stop()
+
+    def _pubsub_exception_handler(self, exc: Exception, pubsub: PubSub, pubsub_thread: PubSubWorkerThread) -> None:
+        """RQ's, but quiet once the thread was told to stop: RQ closes the subscription's connection
+        while the thread may still be reading it, and every end of a worker loop printed a traceback."""
+        if not pubsub_thread._running.is_set():  # (redis-py's flag; the thread's loop then ends)
+            return
+        super()._pubsub_exception_handler(exc, pubsub, pubsub_thread)
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         """Noted before RQ's own handling, which writes to Redis: a stop asked for during an outage still stops."""
@@ -303,13 +326,18 @@ def serve_jobs(settings: Settings, inference: Inference, redis: Redis, burst: bo
     global _inference
     _inference = inference
     tracing.setup("sentiment-jobs-worker")
+    # A bug in the webhook thread stops the process as SIGTERM does (the job in hand finishes), then
+    # `ThreadFailed` says which thread and why.
+    failure = ThreadFailure(lambda: os.kill(os.getpid(), signal.SIGTERM), FAILED_STOP_S)
     sending = (
-        Beating("webhooks", webhooks.LOOK_S, webhooks.Sender(settings, redis).tick)
+        Beating("webhooks", webhooks.LOOK_S, webhooks.Sender(settings, redis).tick, failure)
         if settings.webhook_secrets
         else nullcontext()
     )
     with sending:
-        return _serve(settings, redis, burst)
+        worked = _serve(settings, redis, burst)
+    failure.raise_if_failed()
+    return worked
 
 
 def _serve(settings: Settings, redis: Redis, burst: bool) -> bool:
@@ -326,6 +354,7 @@ def _serve(settings: Settings, redis: Redis, burst: bool) -> bool:
                 connection=redis,
                 serializer=SERIALIZER,
                 heartbeat_ttl_s=settings.heartbeat_ttl_s,
+                redis_timeout_s=settings.redis_timeout_s,
                 keys=Keys(settings.key_prefix),
                 # Look for abandoned jobs about as often as a heartbeat lapses; block on the queue no longer.
                 maintenance_interval=period,
@@ -370,5 +399,5 @@ def run(settings: Settings, classifier: Classifier) -> None:
     """`sentiment jobs-worker`, once `lower_priority` ran and the model loaded: serve jobs."""
     metrics.describe_model(classifier)
     metrics.serve(settings.jobs_metrics_port)
-    redis = sync_client(settings.redis_url, socket_connect_timeout=2)
+    redis = sync_client(settings.redis_url, settings.redis_timeout_s)
     serve_jobs(settings, Inference.for_jobs(settings, classifier, redis), redis)

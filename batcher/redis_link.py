@@ -13,9 +13,7 @@ from typing import Any
 
 from redis import Redis
 from redis.connection import Connection
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Command = tuple[Any, ...]
 
@@ -29,8 +27,8 @@ class Link:
 
     def call(self, *commands: Command, raise_errors: bool = True) -> list[Any]:
         """Send `commands` together and return their replies; an error reply raises once every reply
-        is read (or, not `raise_errors`, takes its place), a lost connection is dropped (the next call
-        takes a fresh one from the pool)."""
+        is read (or, not `raise_errors`, takes its place). Any other failure drops the connection (the
+        next call takes a fresh one from the pool): replies left unread on it would answer the next call."""
         connection = self._connection = self._connection or self._pool.get_connection()
         try:
             connection.send_packed_command(connection.pack_commands(commands))
@@ -40,7 +38,7 @@ class Link:
                     replies.append(connection.read_response())
                 except ResponseError as error:
                     replies.append(error)
-        except (RedisConnectionError, RedisTimeoutError, OSError):
+        except BaseException:
             # Back to the pool, which opens the next one: a connection reconnecting by itself goes
             # back to its old address, where a Sentinel pool asks the sentinels for the primary's.
             connection.disconnect()

@@ -5,7 +5,8 @@ for each request whose texts all have a prediction (or that failed), its result 
 acknowledgement (LREM from the processing list); and one message per API process, on its reply
 channel, with the results of all its requests finished here.
 A refused or lost write is retried with backoff, the same transaction again, until it goes or the
-worker stops; its work stays in the processing list meanwhile, so it is never lost.
+worker stops; its work stays in the processing list meanwhile, so it is never lost. Any other
+failure is a bug, and stops the worker (`thread_failure`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from redis.exceptions import RedisError
 from batcher import metrics
 from batcher.queue import WorkQueue
 from batcher.redis_link import Command, Link
+from batcher.thread_failure import ThreadFailure
 from batcher.work import Held, Text
 from core import tracing
 from core.protocol import Keys, encode_prediction, replies
@@ -66,8 +68,14 @@ class Replies:
         self.stopping = stopping
         self.heartbeat = heartbeat  # writes that say the worker is alive: a busy worker's beat rides along
         self.answered = 0  # requests
+        self.busy_since: float | None = None  # monotonic start of the round being written; None while idle
         self._inbox: SimpleQueue[Outcome | None] = SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name="reply", daemon=True)
+        self.thread: threading.Thread | None = None
+
+    def start(self, failure: ThreadFailure) -> None:
+        """The thread named `reply`; a bug in it stops the worker (`failure`)."""
+        self.thread = threading.Thread(target=failure.guard("reply", self._run), name="reply", daemon=True)
+        self.thread.start()
 
     def computed(self, texts: list[Text], probabilities: np.ndarray) -> None:
         self._inbox.put(Outcome(texts, probabilities=probabilities))
@@ -81,7 +89,7 @@ class Replies:
     def close(self) -> None:
         """Write what was put so far, then end the thread."""
         self._inbox.put(None)
-        if self.thread.ident is not None:  # (started)
+        if self.thread is not None:
             self.thread.join()
 
     def _run(self) -> None:
@@ -91,8 +99,9 @@ class Replies:
             while not self._inbox.empty():
                 outcomes.append(self._inbox.get_nowait())
             closing = None in outcomes
-            cpu = time.thread_time()
+            cpu, self.busy_since = time.thread_time(), time.monotonic()
             self._write([o for o in outcomes if o is not None])
+            self.busy_since = None
             metrics.STAGE_CPU_SECONDS.labels("reply").inc(time.thread_time() - cpu)
 
     def _write(self, outcomes: list[Outcome]) -> None:

@@ -8,6 +8,8 @@
 Stages hand work on through `plan.Pending` (take -> forward) and the reply stage's inbox (forward ->
 reply), so the next forward is chosen while this one computes and results are written meanwhile
 (docs/architecture.md). Work stays in this worker's processing list until its result is written.
+A thread that dies of a bug stops the worker, which exits non-zero (`thread_failure`); a stage that
+is stuck stops the heartbeat, so the other workers reclaim the work (`Worker._healthy`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from batcher.intake import IDLE_POLL_S, Intake
 from batcher.plan import Pending, Policy
 from batcher.queue import WorkQueue
 from batcher.reply import Replies
+from batcher.thread_failure import ThreadFailure
 from core import tracing
 from core.protocol import Keys, ModelInfo, WorkerStatus, new_id
 from core.redis_errors import Backoff, describe
@@ -35,6 +38,8 @@ from core.settings import Settings
 from model_store.classifier import Classifier
 
 log = logging.getLogger(__name__)
+
+FAILED_STOP_S = 10.0  # how long a worker whose thread failed may take to hand back its work before it exits anyway
 
 
 class Worker:
@@ -52,10 +57,11 @@ class Worker:
         self._stopping = threading.Event()
         self.queue = WorkQueue(redis, self.keys, self.id)
         self.pending = Pending(Policy.of(settings, classifier.cost, classifier.lanes))
+        self.failure = ThreadFailure(self.stop, FAILED_STOP_S)
         c = classifier
         model = ModelInfo(c.name, c.version, c.labels, c.device, c.dtype_name)
         self.heartbeat = Heartbeat(
-            redis, self.keys, self.queue, settings.heartbeat_ttl_s, lambda: self.status, self._lanes_on_time, model
+            redis, self.keys, self.queue, settings.heartbeat_ttl_s, lambda: self.status, self._healthy, model
         )
         self.replies = Replies(
             redis,
@@ -67,7 +73,7 @@ class Worker:
             self._stopping,
             self.heartbeat.writes,
         )
-        self.lanes = Lanes(classifier.engine, self.pending, self.replies)
+        self.lanes = Lanes(classifier.engine, len(classifier.labels), self.pending, self.replies)
         self.intake = Intake(
             self.queue,
             self.pending,
@@ -101,16 +107,17 @@ class Worker:
 
     def run(self) -> None:
         """Serve until `stop`. A Redis error in the take (an outage, or an error reply such as OOM or
-        READONLY) backs off and tries again: dying of it would leave our work to the reclaim."""
+        READONLY) backs off and tries again: dying of it would leave our work to the reclaim. Raises
+        `ThreadFailed` once stopped when a thread (this one, the take, included) died of a bug."""
         log.info("worker %s serving model %s (%s)", self.id, self.classifier.name, self.classifier.version)
         tracing.setup("sentiment-worker")
-        self.replies.thread.start()
-        self.lanes.start()
-        self.heartbeat.start()
+        self.replies.start(self.failure)
+        self.lanes.start(self.failure)
+        self.heartbeat.start(self.failure)
         self._announce()
         backoff, lost = Backoff(log, self._stopping), False
         try:
-            while not self._stopping.is_set() and self.lanes.failure is None:
+            while not self._stopping.is_set():
                 try:
                     if lost and (orphans := self.queue.requeue_unheld()):
                         log.warning("requeued %d items whose take a Redis failure cut short", orphans)
@@ -122,10 +129,11 @@ class Worker:
                 except RedisError as exc:
                     lost = True
                     backoff.wait(exc)
+        except Exception as exc:
+            self.failure.report("take", exc)
         finally:
             self._leave()
-        if self.lanes.failure is not None:
-            raise self.lanes.failure
+        self.failure.raise_if_failed()
 
     def _announce(self) -> None:
         """The model this worker serves (its version names the cache) and a first heartbeat, before any
@@ -140,6 +148,16 @@ class Worker:
             except RedisError as exc:
                 if backoff.wait(exc):
                     return
+
+    def _healthy(self) -> bool:
+        """Whether the pipeline moves, as the heartbeat says: no thread failed, the take and reply
+        stages are not in one step for longer than the heartbeat TTL, and no lane is past its
+        deadlines (`_lanes_on_time`). A stuck worker stops beating, so the others reclaim its work."""
+        now, stuck_s = time.monotonic(), self.settings.heartbeat_ttl_s
+        stages = (self.intake.busy_since, self.replies.busy_since)
+        if self.failure.failed.is_set() or any(now - since > stuck_s for since in stages if since is not None):
+            return False
+        return self._lanes_on_time()
 
     def _lanes_on_time(self) -> bool:
         """False while a lane is in a forward past every deadline of its requests (hung: stop beating)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
+from collections.abc import Callable
 
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -12,23 +14,27 @@ from redis.exceptions import ResponseError
 from rq import Queue
 from rq import Worker as RQWorker
 
-from core.protocol import Keys, WorkerStatus, new_id
+from core.protocol import Keys, Unreadable, WorkerStatus, new_id
 from core.redis_connect import sync_client
-from core.redis_replies import text
+from core.redis_replies import raw, text
 
 log = logging.getLogger(__name__)
 
+# How long a registered worker may have no open connection before it is taken for dead: longer than a
+# live worker's reconnect after a blip or a failover (`redis_errors.Backoff.MOST_S`, then a connect).
+RECONNECT_S = 3.0
 
-def worker_client(url: str, keys: Keys) -> Redis:
+
+def worker_client(url: str, timeout_s: float, keys: Keys) -> Redis:
     """A worker's Redis client, every connection of it named after this process (`Keys.worker_connection`)
     so that other workers see it die when its connections close. Unnamed where Redis refuses CLIENT
     SETNAME (an ACL without it): the heartbeat's expiry alone then says when it died."""
-    client = sync_client(url, socket_connect_timeout=2, client_name=keys.worker_connection(new_id()))
+    client = sync_client(url, timeout_s, client_name=keys.worker_connection(new_id()))
     try:
         client.ping()
     except ResponseError as exc:
         log.warning("redis refuses to name this worker's connections (%s): its death is noticed by its heartbeat", exc)
-        client = sync_client(url, socket_connect_timeout=2)
+        client = sync_client(url, timeout_s)
     except RedisConnectionError:
         pass  # Redis not up yet: the worker waits for it, named
     return client
@@ -38,28 +44,46 @@ class DeathWatch:
     """Which registered workers died, as seen by the worker `me`.
 
     A worker is dead when its heartbeat lapsed (hung, partitioned from Redis, or its Redis refuses
-    CLIENT LIST), or when none of its named connections was open on two looks in a row: the kernel
-    closes a killed process's sockets at once, while a live worker reconnecting after a network blip
-    has none open only for a moment. A live worker in a long forward keeps its connections open and
-    its heartbeat thread beating, so it is never taken for dead.
+    CLIENT LIST), or when none of its named connections was open at any look for `RECONNECT_S`: the
+    kernel closes a killed process's sockets at once, while a live worker that lost its connections
+    (a network blip, a failover) opens new ones within its reconnect backoff, and its work must not
+    be computed twice. A live worker in a long forward keeps its connections open and its heartbeat
+    thread beating, so it is never taken for dead. An unreadable heartbeat is logged once and read
+    as a heartbeat without a connection name: alive until it lapses.
     """
 
-    def __init__(self, redis: Redis, keys: Keys, me: str) -> None:
+    def __init__(self, redis: Redis, keys: Keys, me: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.redis = redis
         self.keys = keys
         self.me = me
-        self._unconnected: set[str] = set()  # workers whose connections were gone at the last look
+        self.clock = clock
+        self._gone_since: dict[str, float] = {}  # workers without an open connection, since when (our clock)
         self._client_list = True  # False once Redis refused CLIENT LIST: heartbeats only
 
     def dead(self) -> list[str]:
-        others = [w for w in map(text, self.redis.smembers(self.keys.workers)) if w != self.me]
+        others = [w for w in self._registered() if w != self.me]
         beats = self.redis.mget([self.keys.heartbeat(w) for w in others]) if others else []
-        named = {w: WorkerStatus.decode(b).connection for w, b in zip(others, beats, strict=True) if b is not None}
-        open_now = self._open_connections() if any(named.values()) else None
-        unconnected = {w for w, name in named.items() if name and open_now is not None and name not in open_now}
-        dead = [w for w in others if w not in named or w in unconnected & self._unconnected]
-        self._unconnected = unconnected - set(dead)
+        named = {w: _status(w, b) for w, b in zip(others, beats, strict=True) if b is not None}
+        connections = {w: s.connection for w, s in named.items() if s is not None and s.connection}
+        open_now = self._open_connections() if connections else None
+        now = self.clock()
+        gone = [w for w, name in connections.items() if open_now is not None and name not in open_now]
+        self._gone_since = {w: self._gone_since.get(w, now) for w in gone}
+        dead = [w for w in others if w not in named or now - self._gone_since.get(w, now) >= RECONNECT_S]
+        for worker in dead:
+            self._gone_since.pop(worker, None)
         return dead
+
+    def _registered(self) -> list[str]:
+        """The ids in `Keys.workers`; one that is not an id (not UTF-8: written by something else) is dropped."""
+        ids = []
+        for member in self.redis.smembers(self.keys.workers):
+            try:
+                ids.append(raw(member).decode())
+            except UnicodeDecodeError:
+                log.error("dropped an unreadable member of %s (%d bytes)", self.keys.workers, len(member))
+                self.redis.srem(self.keys.workers, member)
+        return ids
 
     def _open_connections(self) -> set[str] | None:
         if not self._client_list:
@@ -72,12 +96,26 @@ class DeathWatch:
             return None
 
 
+_UNREADABLE_LOGGED: set[str] = set()  # workers whose unreadable heartbeat was logged
+
+
+def _status(worker: str, raw: bytes | str) -> WorkerStatus | None:
+    """A worker's heartbeat; None, logged once per worker, when it is unreadable."""
+    try:
+        return WorkerStatus.decode(raw)
+    except Unreadable as exc:
+        if worker not in _UNREADABLE_LOGGED:
+            _UNREADABLE_LOGGED.add(worker)
+            log.error("worker %s has an unreadable heartbeat (%s): skipped", worker, exc)
+        return None
+
+
 def live_workers(redis: Redis, key_prefix: str) -> list[WorkerStatus]:
-    """The status of every registered worker whose heartbeat has not expired."""
+    """The status of every registered worker whose heartbeat has not expired (and can be read)."""
     keys = Keys(key_prefix)
     ids = [text(w) for w in redis.smembers(keys.workers)]
     beats = redis.mget([keys.heartbeat(w) for w in ids]) if ids else []
-    return [WorkerStatus.decode(b) for b in beats if b is not None]
+    return [s for w, b in zip(ids, beats, strict=True) if b is not None and (s := _status(w, b)) is not None]
 
 
 def worker_alive_on_this_host(redis: Redis, key_prefix: str, pid: int | None = None) -> bool:

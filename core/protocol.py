@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Self
+from types import UnionType
+from typing import Any, Self, get_args, get_origin, get_type_hints
 
 import orjson
 
@@ -46,11 +48,12 @@ def replies(answers: list[tuple[str, bytes]]) -> bytes:
 
 
 def parse_replies(message: bytes) -> list[tuple[str, bytes | None]]:
-    """(request id, result) per line of `replies`; the result is None in the bare id earlier workers sent."""
+    """(request id, result) per line of `replies`; the result is None in the bare id earlier workers
+    sent. A line that is not ours names no waiting request: bytes that are not UTF-8 come out replaced."""
     answers = []
     for line in message.split(b"\n"):
         request_id, _, result = line.partition(b" ")
-        answers.append((request_id.decode(), result or None))
+        answers.append((request_id.decode(errors="replace"), result or None))
     return answers
 
 
@@ -151,11 +154,19 @@ class Keys:
         return f"{self.prefix}:abandoned"
 
 
+class Unreadable(ValueError):
+    """Bytes in Redis that are not the message they should be (not JSON, not an object, a field
+    missing or of the wrong type): written by something else, or by a version that broke the rules
+    below. Readers log it and skip it; it is never fatal to the process that meets it."""
+
+
 class _Json:
     """JSON encoding for the dataclasses below (orjson: the hot path encodes these per request).
 
     Readers ignore fields they do not know, and every field added later has a default, so APIs and
-    workers one version apart read each other during a rolling update (docs/deploy.md).
+    workers one version apart read each other during a rolling update (docs/deploy.md). `decode`
+    checks each field's type as declared (a list's items too, where declared as `list[str]`), so a
+    reader works on what it expects or gets `Unreadable`.
     """
 
     def encode(self) -> bytes:
@@ -164,19 +175,49 @@ class _Json:
 
     @classmethod
     def decode(cls, raw: bytes | str) -> Self:
-        known = _field_names(cls)
-        return cls(**{k: v for k, v in orjson.loads(raw).items() if k in known})
+        try:
+            fields = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise Unreadable(f"{cls.__name__}: not JSON") from None
+        if not isinstance(fields, dict):
+            raise Unreadable(f"{cls.__name__}: not a JSON object")
+        checks = _field_checks(cls)
+        values = {k: v for k, v in fields.items() if k in checks}
+        if wrong := [k for k, v in values.items() if not checks[k](v)]:
+            raise Unreadable(f"{cls.__name__}: {', '.join(sorted(wrong))} of the wrong type")
+        try:
+            return cls(**values)
+        except TypeError:  # a field without a default is missing
+            raise Unreadable(f"{cls.__name__}: a field is missing") from None
 
 
-_FIELD_NAMES: dict[type, frozenset[str]] = {}
+_FIELD_CHECKS: dict[type, dict[str, Callable[[Any], bool]]] = {}
 
 
-def _field_names(cls: type) -> frozenset[str]:
-    """A dataclass's field names, worked out once per class."""
-    names = _FIELD_NAMES.get(cls)
-    if names is None:
-        names = _FIELD_NAMES[cls] = frozenset(f.name for f in fields(cls))
-    return names
+def _field_checks(cls: type) -> dict[str, Callable[[Any], bool]]:
+    """Per field of a dataclass, whether a decoded JSON value fits its declared type; worked out once per class."""
+    checks = _FIELD_CHECKS.get(cls)
+    if checks is None:
+        hints = get_type_hints(cls)
+        checks = _FIELD_CHECKS[cls] = {f.name: _check(hints[f.name]) for f in fields(cls)}
+    return checks
+
+
+def _check(annotation: Any) -> Callable[[Any], bool]:
+    """Whether a JSON value fits `annotation`: str, int, float (an int too), bool, `list[str]`, any
+    other list, or one of those `| None`."""
+    options = get_args(annotation) if get_origin(annotation) is UnionType else (annotation,)
+    nullable = type(None) in options
+    [kind] = [o for o in options if o is not type(None)]
+    if get_origin(kind) is list:
+        strings = get_args(kind) == (str,)
+        return lambda v: (
+            (v is None and nullable) or (isinstance(v, list) and (not strings or all(isinstance(x, str) for x in v)))
+        )
+    types: tuple[type, ...] = (int, float) if kind is float else (kind,)
+    if kind in (int, float):  # JSON true and false are not numbers
+        return lambda v: (v is None and nullable) or (isinstance(v, types) and not isinstance(v, bool))
+    return lambda v: (v is None and nullable) or isinstance(v, types)
 
 
 @dataclass(frozen=True, slots=True)

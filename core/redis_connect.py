@@ -10,24 +10,57 @@ The credentials are the primary's (and its replicas'); ``sentinel_password`` is 
 ``requirepass``, when they have one. The client's pool asks the sentinels for the primary's address
 each time it opens a connection, so after a failover the clients reconnect to the promoted replica
 by themselves; until then their commands fail as in any outage (`core.redis_errors.OUTAGE`).
+
+Every client, of every process, gets `link_options`: a peer that goes silent without closing the
+connection (a host gone, a partition, a failover behind a proxy) is noticed within seconds, not
+after TCP's retry limit (about 15 minutes).
 """
 
 from __future__ import annotations
 
+import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 import redis.asyncio
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.connection import BlockingConnectionPool as AsyncBlockingPool
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelPool
+from redis.asyncio.sentinel import SentinelManagedConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.sentinel import Sentinel
 
 SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_PORT = 26379
 SENTINEL_TIMEOUT_S = 2.0  # a sentinel that does not answer is passed over for the next
+KEEPALIVE_PROBES = 3
+
+
+def link_options(timeout_s: float) -> dict[str, Any]:
+    """Socket options that notice a dead peer within about `timeout_s`: a reply later than that (past
+    a blocking command's own wait, which callers keep below it) drops its connection, and the command
+    is sent once more, over a new one (a pooled connection to a peer that went silent fails once, not
+    every request that takes it); TCP keepalive probes an idle one after `timeout_s` of silence;
+    TCP_USER_TIMEOUT ends one whose sent data goes unacknowledged that long (Linux)."""
+    options = {
+        socket.TCP_KEEPIDLE: max(1, round(timeout_s)),
+        socket.TCP_KEEPINTVL: max(1, round(timeout_s / KEEPALIVE_PROBES)),
+        socket.TCP_KEEPCNT: KEEPALIVE_PROBES,
+    }
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        options[socket.TCP_USER_TIMEOUT] = int(timeout_s * 1000)
+    return {
+        "socket_connect_timeout": timeout_s,
+        "socket_timeout": timeout_s,
+        "socket_keepalive": True,
+        "socket_keepalive_options": options,
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],  # once, at once (redis-py's retry of a connection)
+    }
 
 
 @dataclass(frozen=True)
@@ -75,11 +108,7 @@ class SentinelUrl:
         return {"db": self.db, "username": self.username, "password": self.password}
 
     def sentinel_kwargs(self) -> dict[str, Any]:
-        return {
-            "password": self.sentinel_password,
-            "socket_connect_timeout": SENTINEL_TIMEOUT_S,
-            "socket_timeout": SENTINEL_TIMEOUT_S,
-        }
+        return {"password": self.sentinel_password, **link_options(SENTINEL_TIMEOUT_S)}
 
 
 def is_sentinel(url: str) -> bool:
@@ -88,13 +117,56 @@ def is_sentinel(url: str) -> bool:
     return urlsplit(url).scheme == SENTINEL_SCHEME
 
 
-def sync_client(url: str, **options: Any) -> redis.Redis:
-    """A synchronous client (the workers, RQ, the probes, the API's jobs client): `Redis.from_url(url,
-    **options)`, or for the Sentinel form the primary's client with the same options."""
+def sync_client(url: str, timeout_s: float, **options: Any) -> redis.Redis:
+    """A synchronous client (the workers, RQ, the probes, the API's jobs client): `Redis.from_url(url)`
+    with `link_options(timeout_s)` and `options` (which win), or for the Sentinel form the primary's
+    client with the same options."""
+    options = {**link_options(timeout_s), **options}
     if (sentinel := SentinelUrl.parse(url)) is None:
         return redis.Redis.from_url(url, **options)
     manager = Sentinel(sentinel.sentinels, sentinel_kwargs=sentinel.sentinel_kwargs())
     return manager.master_for(sentinel.service, **sentinel.primary_kwargs(), **options)
+
+
+class _PooledConnection:
+    """Mixed into the API's asyncio connections, one class per pool (`_pooled`), for two failures.
+
+    A read that times out (a peer gone silent: a host gone, a partition) marks the pool, and every
+    connection of it opened before that is opened again before its next command: they lead to the
+    same peer, and each would otherwise cost a request a timeout of its own.
+
+    Under uvloop (uvicorn's loop), a write to a connection the peer has reset raises RuntimeError
+    ("the handler is closed", uvloop issue 506) where asyncio's own loop raises OSError: as a
+    ConnectionError it is retried on a new connection like any lost one, not a 500.
+    """
+
+    silent_at = float("-inf")  # (monotonic) a read of this pool last timed out; set on the class
+    opened_at = float("inf")
+
+    async def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        if not self.is_connected:  # type: ignore[attr-defined]
+            self.opened_at = time.monotonic()  # (before the handshake's own commands are sent)
+        await super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except RedisTimeoutError:
+            type(self).silent_at = time.monotonic()
+            raise
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if self.opened_at < type(self).silent_at and self.is_connected:  # type: ignore[attr-defined]
+            await self.disconnect()  # type: ignore[attr-defined]
+        try:
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+        except RuntimeError as exc:  # (redis-py disconnected it already)
+            raise RedisConnectionError(f"the connection was closed under the write ({exc})") from exc
+
+
+def _pooled(cls: type[AbstractConnection]) -> type[AbstractConnection]:
+    """`cls` with `_PooledConnection` mixed in: a class of its own, so its pool's mark is its own."""
+    return type(cls.__name__, (_PooledConnection, cls), {})
 
 
 class _BlockingSentinelPool(AsyncSentinelPool, AsyncBlockingPool):
@@ -102,16 +174,20 @@ class _BlockingSentinelPool(AsyncSentinelPool, AsyncBlockingPool):
     request waits up to `timeout` for one to be free, as with a plain URL's BlockingConnectionPool."""
 
 
-def async_client(url: str, *, max_connections: int, timeout: float, **options: Any) -> redis.asyncio.Redis:
-    """The API's asyncio client: a BlockingConnectionPool of `max_connections` that waits `timeout`
-    for a free connection, for a plain URL or the Sentinel form alike."""
+def async_client(url: str, timeout_s: float, *, max_connections: int, pool_wait_s: float) -> redis.asyncio.Redis:
+    """The API's asyncio client, with `link_options(timeout_s)`: a BlockingConnectionPool of
+    `max_connections` that waits `pool_wait_s` for a free connection, for a plain URL or the Sentinel
+    form alike."""
+    options, timeout = link_options(timeout_s), pool_wait_s
     if (sentinel := SentinelUrl.parse(url)) is None:
         pool = AsyncBlockingPool.from_url(url, max_connections=max_connections, timeout=timeout, **options)
+        pool.connection_class = _pooled(pool.connection_class)
         return redis.asyncio.Redis(connection_pool=pool)
     manager = AsyncSentinel(sentinel.sentinels, sentinel_kwargs=sentinel.sentinel_kwargs())
     return manager.master_for(
         sentinel.service,
         connection_pool_class=_BlockingSentinelPool,
+        connection_class=_pooled(SentinelManagedConnection),
         max_connections=max_connections,
         timeout=timeout,
         **sentinel.primary_kwargs(),

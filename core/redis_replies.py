@@ -25,5 +25,6 @@ def raws(replies: list[bytes | str | None]) -> list[bytes | None]:
 
 
 def text(reply: bytes | str) -> str:
-    """A reply that names something (a worker id in a set), decoded."""
-    return raw(reply).decode()
+    """A reply that names something (a worker id in a set), decoded; bytes that are not UTF-8 (written
+    by something else) come out replaced, never as an error."""
+    return raw(reply).decode(errors="replace")

@@ -30,6 +30,14 @@ class Settings(BaseSettings):
         "redis+sentinel://host1:26379,host2:26379/mymaster/0 behind Sentinel: docs/deploy.md). "
         "`sentiment serve` starts an embedded one when this is not set.",
     )
+    redis_timeout_s: float = Field(
+        5.0,
+        ge=1,
+        description="How late a Redis reply may be (past a blocking command's own wait) before its connection is "
+        "dropped and opened again, on every client of every process; also the connect timeout and TCP keepalive's "
+        "idle time. A Redis that goes silent (its host gone, a partition: no reset) is noticed within about this "
+        "long, twice it for an idle connection.",
+    )
     key_prefix: str = Field("sentiment", description="Prefix of every Redis key the service uses.")
     model_dir: Path = Field(
         Path("models/distilbert-base-uncased-finetuned-sst2"),

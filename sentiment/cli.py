@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ from core.settings import Settings
 from model_store.hub import DEFAULT_REPO
 
 log = logging.getLogger("sentiment")
+PROBE_TIMEOUT_S = 2.0  # a probe answers within Kubernetes' timeoutSeconds (its default is 1 s; ours say 3)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,6 +144,16 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     loadtest.add_argument("--model-dir", type=Path, default=settings.model_dir, help="default SENTIMENT_MODEL_DIR")
     loadtest.add_argument("--doc", type=Path, help="also write the summary into this doc (docs/performance.md)")
     loadtest.set_defaults(run=_loadtest)
+    chaos = commands.add_parser(
+        "chaos", help="the production topology under mixed load while faults run; every promise checked"
+    )
+    chaos.add_argument("--duration", type=float, default=600.0, help="seconds of load (default %(default)g)")
+    chaos.add_argument("--quick", action="store_true", help="a minute, no doc update (what CI runs)")
+    chaos.add_argument("--model-dir", type=Path, help="default $SENTIMENT_SHARED_DIR/models/distilbert-sst2-small")
+    chaos.add_argument("--data", type=Path, help="sentences (default $SENTIMENT_SHARED_DIR/data/sst2-train.tsv)")
+    chaos.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")
+    chaos.add_argument("--doc", type=Path, help="doc to update (default docs/reliability.md; none for --quick)")
+    chaos.set_defaults(run=_chaos)
     return parser
 
 
@@ -185,6 +197,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
 
     _model_process(settings)
     from batcher import metrics
+    from batcher.thread_failure import ThreadFailed
     from batcher.worker import Worker
     from core.liveness import worker_client
     from core.protocol import Keys
@@ -193,12 +206,15 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
     with _starting("worker"):
         classifier = Classifier.from_settings(settings)
     keys = Keys(settings.key_prefix)
-    client = worker_client(settings.redis_url, keys)
+    client = worker_client(settings.redis_url, settings.redis_timeout_s, keys)
     metrics.serve(settings.metrics_port, metrics.QueueDepth(client, keys))
     worker = Worker(settings, client, classifier)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
-    worker.run()
+    try:
+        worker.run()
+    except ThreadFailed as exc:  # logged with its traceback; the exit says it in one line
+        raise SystemExit(f"sentiment worker: {exc}") from None
 
 
 def _jobs_worker(settings: Settings, args: argparse.Namespace) -> None:
@@ -209,12 +225,16 @@ def _jobs_worker(settings: Settings, args: argparse.Namespace) -> None:
 
     _model_process(settings)
     from batcher.jobs import lower_priority, run
+    from batcher.thread_failure import ThreadFailed
     from model_store.classifier import Classifier
 
     lower_priority(args.priority)  # before torch starts its thread pool, so every thread inherits it
     with _starting("jobs-worker"):
         classifier = Classifier.from_settings(settings, args.threads)
-    run(settings, classifier)
+    try:
+        run(settings, classifier)
+    except ThreadFailed as exc:  # logged with its traceback; the exit says it in one line
+        raise SystemExit(f"sentiment jobs-worker: {exc}") from None
 
 
 @contextmanager
@@ -234,7 +254,7 @@ def _probe(kind: str, alive: Callable[[Redis], bool], settings: Settings) -> NoR
     restart cannot bring Redis back, the workers reconnect by themselves, and restarting them would
     only reload the model and kill running jobs (docs/reliability.md, "Redis outage")."""
     try:
-        ok = alive(sync_client(settings.redis_url, socket_connect_timeout=2, socket_timeout=2))
+        ok = alive(sync_client(settings.redis_url, PROBE_TIMEOUT_S))
     except OUTAGE as exc:
         print(f"redis unreachable ({exc}): {'passing, a restart cannot fix that' if kind == 'live' else 'not ready'}")
         ok = kind == "live"
@@ -262,6 +282,23 @@ def _bench(settings: Settings, args: argparse.Namespace) -> None:
     from benchmarks.suite import run
 
     run(settings, args)
+
+
+def _chaos(settings: Settings, args: argparse.Namespace) -> None:
+    """Exit 0 when every invariant held, else 1 (after the results are written)."""
+    from benchmarks.chaos import run
+    from benchmarks.workload import CHECKOUT, default_shared_dir
+
+    shared = default_shared_dir()
+    results = run(
+        args.model_dir or shared / "models" / "distilbert-sst2-small",
+        args.data or shared / "data" / "sst2-train.tsv",
+        60.0 if args.quick else args.duration,
+        args.out or (None if args.quick else CHECKOUT / "benchmarks" / "results"),
+        None if args.quick else args.doc or CHECKOUT / "docs" / "reliability.md",
+    )
+    print(json.dumps({k: results[k] for k in ("passed", "invariants", "requests", "statuses", "jobs")}, indent=1))
+    sys.exit(0 if results["passed"] else 1)
 
 
 def _loadtest(settings: Settings, args: argparse.Namespace) -> None:

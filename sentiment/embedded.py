@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import redis
 
@@ -65,10 +66,15 @@ def embedded_redis() -> Iterator[str]:
             server.server_close()
 
 
-def start_redis_server(port: int) -> subprocess.Popen[bytes]:
-    """A memory-only redis-server on 127.0.0.1:`port`, answering PING when this returns."""
+def start_redis_server(port: int, data_dir: Path | None = None, fsync: str = "everysec") -> subprocess.Popen[bytes]:
+    """A redis-server on 127.0.0.1:`port`, answering PING when this returns: memory-only, or with an
+    append-only file in `data_dir` written to disk every second (`fsync` "always": every write)."""
     exe = shutil.which("redis-server") or "redis-server"
-    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    if data_dir is None:
+        args += ["--appendonly", "no"]
+    else:
+        args += ["--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", fsync]
     proc = subprocess.Popen(
         args, stdout=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent(os.getpid())
     )
@@ -150,7 +156,7 @@ def children(settings: Settings, url: str) -> list[Child]:
 
 def serving(settings: Settings, url: str) -> Callable[[Child], bool]:
     """Whether a child process serves: registered in Redis under its own pid, from this host."""
-    client = sync_client(url, socket_connect_timeout=2, socket_timeout=2)
+    client = sync_client(url, settings.redis_timeout_s)
 
     def check(child: Child) -> bool:
         assert child.proc is not None

@@ -53,6 +53,7 @@ class Child:
     name: str
     command: str
     env: dict[str, str]
+    args: tuple[str, ...] = ()  # after the command: `api --port 8001`
     proc: subprocess.Popen[bytes] | None = None
     last_line: str = ""
     restarts: int = 0
@@ -64,7 +65,7 @@ class Child:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sentiment.cli", self.command],
+            [sys.executable, "-m", "sentiment.cli", self.command, *self.args],
             env=self.env,
             stderr=subprocess.PIPE,
             start_new_session=True,  # Ctrl-C reaches serve alone, which stops the children in order
@@ -147,21 +148,36 @@ class Supervisor:
                 proc.wait()
 
     def _run(self) -> None:
+        """Look after every child each 0.2 s. Whatever fails while looking after one (a fork refused
+        for lack of memory, a bug) is logged and tried again later: this thread outlives anything, or
+        no child would be restarted again."""
         while not self._stopping.wait(0.2):
-            now = time.monotonic()
             for child in self.children:
-                if child.exit_code() is None:
-                    if not child.serving and self.up(child):
-                        child.serving = True
-                        log.info("%s up again (restart %d)", child.name, child.restarts)
-                    continue
-                child.serving = False
-                if child.restart_at is None:
-                    child.ended = child.cause()
-                    steady = now - child.started_at >= STEADY_S
-                    delay = 1.0 if steady else min(RESTART_MAX_S, 2.0**child.restarts)
-                    child.restarts = 1 if steady else child.restarts + 1
-                    child.restart_at = now + delay
-                    log.warning("%s died (%s); restarting in %.0f s", child.name, child.ended, delay)
-                elif now >= child.restart_at:
-                    child.start()
+                try:
+                    self._look_after(child, time.monotonic())
+                except Exception:
+                    log.exception("looking after %s failed; trying again", child.name)
+                    if child.restart_at is not None:  # its start failed: the next one after a backoff
+                        self._restart_later(child, time.monotonic())
+
+    def _look_after(self, child: Child, now: float) -> None:
+        if child.exit_code() is None:
+            if not child.serving and self.up(child):
+                child.serving = True
+                log.info("%s up again (restart %d)", child.name, child.restarts)
+            return
+        child.serving = False
+        if child.restart_at is None:
+            child.ended = child.cause()
+            log.warning("%s died (%s); restarting in %.0f s", child.name, child.ended, self._restart_later(child, now))
+        elif now >= child.restart_at:
+            child.start()
+
+    def _restart_later(self, child: Child, now: float) -> float:
+        """Start `child` again 1, 2, 4 ... `RESTART_MAX_S` seconds from now (1 s again once it stayed
+        up `STEADY_S`); returns the delay."""
+        steady = now - child.started_at >= STEADY_S
+        delay = 1.0 if steady else min(RESTART_MAX_S, 2.0**child.restarts)
+        child.restarts = 1 if steady else child.restarts + 1
+        child.restart_at = now + delay
+        return delay

@@ -26,7 +26,7 @@ from api.predictions import CacheStatus, ModelInfoCache, Predictor
 from api.results import ResultWaiter
 from api.routes import RequestRoute
 from batcher.worker import Worker
-from core.protocol import Keys, ModelInfo, WorkItem, new_id, prediction, replies
+from core.protocol import Keys, ModelInfo, Result, WorkItem, new_id, prediction, replies
 from core.settings import Settings
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
@@ -399,6 +399,79 @@ async def test_a_reply_hands_over_its_result_and_a_missed_reply_is_made_good_by_
     finally:
         for waiter in (woken, polling):
             await waiter.stop()
+
+
+async def test_unreadable_results_are_a_502_and_the_listener_carries_on(
+    settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis
+) -> None:
+    # What a worker of another protocol version, or garbage in Redis, would send: never a 500, never
+    # the end of the process's one subscription.
+    keys = Keys(settings.key_prefix)
+
+    def answer(result: bytes) -> None:
+        """A stand-in worker: takes the next work item and replies `result`, after a line naming nobody."""
+        item = WorkItem.decode(wait_for("a work item", lambda: redis.rpop(keys.queue)))
+        redis.publish(item.reply_to, b"\xff\xfe not ours\n" + replies([(item.id, result)]))
+
+    good = Result(predictions=[prediction(["NEGATIVE", "POSITIVE"], [0.25, 0.75])]).encode()
+    async with client_for(settings, fakeredis.FakeAsyncRedis(server=fake_server)) as client:
+        await asyncio.to_thread(wait_for, "the listener to subscribe", lambda: redis.pubsub_channels())
+        for result, status in [(b"not json", 502), (Result(predictions=[]).encode(), 502), (good, 200)]:
+            answering = asyncio.create_task(asyncio.to_thread(answer, result))
+            response = await client.post("/predict", json={"text": ["anything"]})
+            await answering
+            assert response.status_code == status, response.text
+            if status == 502:
+                assert response.json()["error_type"] == "bad_result"
+        assert response.json() == {"predictions": [prediction(["NEGATIVE", "POSITIVE"], [0.25, 0.75])]}
+
+
+async def test_an_unreadable_model_announcement_costs_the_cache_not_the_requests(
+    client: httpx.AsyncClient, worker: Worker, redis: fakeredis.FakeRedis, settings: Settings
+) -> None:
+    start_worker(worker)
+    redis.set(Keys(settings.key_prefix).model, b"\x00 garbage")
+    response = await client.post("/predict", json={"text": ["still answered"]})
+    assert response.status_code == 200 and len(response.json()["predictions"]) == 1
+    assert (await client.get("/model")).status_code == 503
+
+
+async def test_a_bug_in_the_result_listener_resubscribes_and_no_waiter_is_left_behind(
+    settings: Settings,
+    fake_server: fakeredis.FakeServer,
+    redis: fakeredis.FakeRedis,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The listener is the only way replies reach this process's requests: whatever fails in it, it
+    # subscribes again, and the waiters look at their result keys at once.
+    keys = Keys(settings.key_prefix)
+    waiter = ResultWaiter(fakeredis.FakeAsyncRedis(server=fake_server), keys, poll_s=HANG_GUARD_S)
+    failures = [RuntimeError("a bug")]
+    real_deliver = waiter._deliver
+
+    def deliver(message: bytes) -> None:
+        if failures:
+            raise failures.pop()
+        real_deliver(message)
+
+    monkeypatch.setattr(waiter, "_deliver", deliver)
+    waiter.start()
+    try:
+        await asyncio.to_thread(wait_for, "the listener to subscribe", lambda: redis.pubsub_channels())
+        first, second = new_id(), new_id()
+        with waiter.expect(first) as pending:
+            redis.set(keys.result(first), b"from the key")
+            redis.publish(waiter.channel, replies([(first, b"lost with the bug")]))
+            assert await asyncio.wait_for(pending.result(), 10) == b"from the key"  # not the 60-s poll
+        with waiter.expect(second) as pending:
+            await asyncio.to_thread(wait_for, "the listener to subscribe again", lambda: redis.pubsub_channels())
+            redis.publish(waiter.channel, replies([(second, b"delivered")]))
+            assert await asyncio.wait_for(pending.result(), 10) == b"delivered"
+    finally:
+        await waiter.stop()
+    errors = [r for r in caplog.records if r.name == "api.results" and r.levelno == logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None  # the bug, with its traceback
 
 
 async def test_ready_and_model_follow_the_worker(client: httpx.AsyncClient, worker: Worker) -> None:

@@ -9,9 +9,12 @@ assert, except the 5 s recovery that the Redis-outage promise states.
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
+import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,16 +27,18 @@ import pytest
 import redis
 import rq
 
+from benchmarks.cache_writes import CacheWrites
 from core.liveness import live_workers
-from core.protocol import Keys, ModelInfo, Result, WorkItem, new_id, parse_replies, prediction
+from core.protocol import Keys, ModelInfo, Result, WorkItem, new_id, parse_replies, prediction, text_digest
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
 from model_store.torch_engine import TorchEngine
-from tests.conftest import HANG_GUARD_S, RedisServer, Service, wait_for
+from tests.conftest import HANG_GUARD_S, RedisServer, Service, answers, wait_for
 
 pytestmark = pytest.mark.faults
 
 POISON = "nightshade"
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"a key of 24 bytes or more").decode()
 ENV = {
     "SENTIMENT_HEARTBEAT_TTL_S": "2",
     "SENTIMENT_REQUEST_TIMEOUT_S": "30",
@@ -204,19 +209,27 @@ def caught_holding_work(
 
 def kill_a_worker_under_load(svc: Service, redis_url: str, prefix: str, reference: Classifier, clients: int) -> str:
     """SIGKILL one of `svc`'s workers while it holds work and `clients` post new texts; every request
-    must be answered 200 with its own prediction, once. Returns the dead worker's id."""
+    must be answered 200 with its own prediction, once, and no text computed twice but those the
+    dead worker held. Returns the dead worker's id."""
     client = redis.Redis.from_url(redis_url)
     keys = Keys(prefix)
     replies = client.pubsub()
     replies.psubscribe(keys.reply_channel("*"))
-    with Load([svc.url], f"kill-{prefix}", clients=clients) as load:
+    with CacheWrites(redis_url, prefix) as writes, Load([svc.url], f"kill-{prefix}", clients=clients) as load:
         load.wait_answered(20)
         victim, victim_id = caught_holding_work(svc, client, prefix)
+        held = {
+            text_digest(t)
+            for raw in client.lrange(keys.processing(victim_id), 0, -1)
+            for t in WorkItem.decode(raw).texts
+        }
         victim.kill()
         assert victim.wait(10) == -signal.SIGKILL
         wait_for("the dead worker's work to be reclaimed", lambda: not client.sismember(keys.workers, victim_id))
         load.wait_answered(20)
         outcomes = load.stop()
+        time.sleep(0.5)  # the last writes reach MONITOR
+    assert set(writes.computed_more_than_once()) <= held
     assert [o for o in outcomes if o.status != 200] == []
     assert_correct(outcomes, reference)
     assert not client.exists(keys.processing(victim_id))  # no stale processing list
@@ -244,6 +257,66 @@ def test_a_killed_worker_costs_no_request_an_error_with_default_settings(
     svc.start("worker")
     svc.wait_ready()
     kill_a_worker_under_load(svc, redis_url, "faults-default", reference, clients=16)
+
+
+def start_with_a_bug(svc: Service, tmp_path: Path, module: str, method: str, *command: str) -> subprocess.Popen[str]:
+    """`sentiment <command>` of `svc` with `module`'s `method` raising RuntimeError('injected bug'), put
+    in from outside (Python runs any `sitecustomize` on its path at start); its stderr piped."""
+    bug = tmp_path / "bug"
+    bug.mkdir(exist_ok=True)
+    owner, name = method.split(".")
+    (bug / "sitecustomize.py").write_text(
+        f"import {module}\n\n\ndef bug(*args, **kwargs):\n    raise RuntimeError('injected bug')\n\n\n"
+        f"{module}.{owner}.{name} = bug\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "sentiment.cli", *command],
+        env={**svc.env, "PYTHONPATH": os.pathsep.join([str(bug), os.environ.get("PYTHONPATH", "")])},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_worker_whose_thread_dies_exits_with_its_cause_in_one_line_and_another_answers_its_work(
+    services: list[Service], redis_url: str, model_dir: Path, reference: Classifier, tmp_path: Path
+) -> None:
+    # A bug that kills the reply thread, put into the process from outside (Python runs any
+    # `sitecustomize` on its path at start): the worker must not live on with its work stuck.
+    svc = service(services, redis_url, model_dir, "faults-thread")
+    svc.start("api", "--port", str(svc.port))
+    wait_for("the API", lambda: answers(f"{svc.url}/health"))
+    buggy = start_with_a_bug(svc, tmp_path, "batcher.reply", "Replies._write", "worker")
+    answer: list[httpx.Response] = []
+    asking = threading.Thread(
+        target=lambda: answer.append(
+            httpx.post(f"{svc.url}/predict", json={"text": ["computed, then lost?"]}, timeout=HANG_GUARD_S)
+        )
+    )
+    asking.start()
+    _, stderr = buggy.communicate(timeout=HANG_GUARD_S)
+    assert buggy.returncode == 1
+    assert stderr.strip().splitlines()[-1] == "sentiment worker: the reply thread failed (RuntimeError: injected bug)"
+    svc.start("worker")
+    asking.join(HANG_GUARD_S)
+    [response] = answer
+    assert response.status_code == 200
+    outcome = Outcome(svc.url, "computed, then lost?", 0, 0, 200, response.json())
+    assert_correct([outcome], reference)
+
+
+def test_a_jobs_worker_whose_webhook_thread_dies_exits_with_its_cause_in_one_line(
+    redis_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    svc = Service(redis_url, model_dir, "faults-webhooks", SENTIMENT_WEBHOOK_SECRETS=WEBHOOK_SECRET, **ENV)
+    buggy = start_with_a_bug(svc, tmp_path, "batcher.webhooks", "Sender.tick", "jobs-worker", "--threads", "1")
+    try:
+        _, stderr = buggy.communicate(timeout=HANG_GUARD_S)
+    finally:
+        buggy.kill()
+    assert buggy.returncode == 1
+    assert stderr.strip().splitlines()[-1] == (
+        "sentiment jobs-worker: the webhooks thread failed (RuntimeError: injected bug)"
+    )
 
 
 def test_worker_sigterm_finishes_its_batch_and_hands_back_the_rest(

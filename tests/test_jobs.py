@@ -15,7 +15,7 @@ from typing import Any
 import fakeredis
 import pytest
 from fastapi.testclient import TestClient
-from redis.client import Pipeline
+from redis.client import Pipeline, PubSubWorkerThread
 from rq import Queue
 from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job
@@ -464,9 +464,8 @@ def test_a_job_has_no_expiry_until_it_ends(service: tuple[Service, TestClient]) 
     assert 0 < svc.redis.ttl(svc.job(job_id).key) <= svc.settings.job_ttl_s  # ended: kept job_ttl_s, then gone
 
 
-def test_a_failing_job_is_retried_then_failed_with_a_one_line_error(service: tuple[Service, TestClient]) -> None:
-    svc, client = service
-    job_id = submit(client, TEXTS)
+def runs_exploding(svc: Service) -> list[int]:
+    """Make every run of a job fail in its first chunk; returns the list its runs are counted in."""
     runs: list[int] = []
 
     def count_and_explode(texts: list[str]) -> None:
@@ -474,6 +473,13 @@ def test_a_failing_job_is_retried_then_failed_with_a_one_line_error(service: tup
         explode(texts)
 
     svc.inference.before_chunk = count_and_explode
+    return runs
+
+
+def test_a_failing_job_is_retried_then_failed_with_a_one_line_error(service: tuple[Service, TestClient]) -> None:
+    svc, client = service
+    job_id = submit(client, TEXTS)
+    runs = runs_exploding(svc)
     svc.run_jobs()
     assert len(runs) == 3  # the first run and two retries
     view = client.get(f"/jobs/{job_id}").json()
@@ -489,13 +495,7 @@ def test_a_failing_job_is_retried_as_often_when_a_heartbeat_lands_as_its_failure
     not count a retry twice."""
     svc, client = service
     job_id = submit(client, TEXTS)
-    runs: list[int] = []
-
-    def count_and_explode(texts: list[str]) -> None:
-        runs.append(1)
-        explode(texts)
-
-    svc.inference.before_chunk = count_and_explode
+    runs = runs_exploding(svc)
     retry = Job.retry
     calls: list[int] = []
 
@@ -585,3 +585,27 @@ def test_openapi_describes_every_response(service: tuple[Service, TestClient]) -
 def test_the_api_still_imports_no_torch() -> None:
     code = "import sys, api.app; bad = [m for m in ('torch', 'transformers') if m in sys.modules]; sys.exit(str(bad) if bad else 0)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_the_end_of_a_worker_loop_stops_rqs_command_thread_without_a_traceback(
+    fake_server: fakeredis.FakeServer,
+) -> None:
+    # RQ closes the subscription's connection under its thread; what the thread then meets is not an error.
+    redis = fakeredis.FakeRedis(server=fake_server)
+    worker = JobsWorker(
+        [Queue("q", connection=redis)], connection=redis, heartbeat_ttl_s=2, redis_timeout_s=5, keys=Keys("t")
+    )
+    pubsub = redis.pubsub()
+    thread = PubSubWorkerThread(pubsub, sleep_time=1)
+    thread._running.set()
+
+    def closed_under_it() -> None:
+        try:
+            raise TypeError("argument must be an int, or have a fileno() method.")
+        except TypeError as exc:
+            worker._pubsub_exception_handler(exc, pubsub, thread)
+
+    with pytest.raises(TypeError):  # running: RQ's own handling (not a connection error: raised again)
+        closed_under_it()
+    thread.stop()
+    closed_under_it()  # stopped: quiet

@@ -17,7 +17,9 @@ from batcher.intake import Intake
 from batcher.plan import TAKE_AT_ONCE, Forward, Pending, Policy, batch, spread
 from batcher.queue import WorkQueue
 from batcher.reply import Replies
+from batcher.thread_failure import ThreadFailure
 from batcher.work import Held, Text
+from core.liveness import RECONNECT_S, live_workers
 from core.protocol import DEFAULT_CLIENT, Keys, Result, WorkerStatus, WorkItem, new_id
 from core.settings import Settings
 from model_store.cost import ForwardCost
@@ -561,7 +563,7 @@ def test_an_item_split_across_forwards_is_held_until_all_its_texts_are_answered(
     first, second = next_forward(pending), next_forward(pending)
     assert (texts_of(first), texts_of(second)) == (["t0", "t1", "t2"], ["t3", "t4", "u0"])
     assert first.texts[0].waiters[0][0] is second.texts[0].waiters[0][0]  # one item, two forwards
-    replies.thread.start()
+    replies.start(ThreadFailure(threading.Event().set, 10))
     try:
         replies.computed(first.texts, np.full((3, 2), 0.5, dtype=np.float32))
         wait_for("the first forward's cache entries", lambda: redis.exists(KEYS.cache("v", "t2")))
@@ -624,28 +626,68 @@ def test_live_workers_work_is_left_alone(fake_server: fakeredis.FakeServer, redi
     assert redis.llen(KEYS.processing("busy")) == 1
 
 
-def test_a_worker_whose_connections_closed_is_reclaimed_at_the_second_look_before_its_heartbeat_lapses(
+def watching_at(queue: WorkQueue, clock: list[float]) -> WorkQueue:
+    """`queue`, its death watch reading the time from `clock[0]`."""
+    queue.deaths.clock = lambda: clock[0]
+    return queue
+
+
+def test_a_worker_whose_connections_stay_closed_past_a_reconnect_is_reclaimed_before_its_heartbeat_lapses(
     fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis
 ) -> None:
     killed = holding_work(fake_server, redis, "killed")
-    alive = WorkQueue(redis, KEYS, "alive")
+    now = [0.0]
+    alive = watching_at(WorkQueue(redis, KEYS, "alive"), now)
     assert alive.reclaim_dead() == 0  # connected
     killed.connection_pool.disconnect()  # what the kernel does to a killed process's sockets
-    assert alive.reclaim_dead() == 0  # gone once: maybe a live worker reconnecting
-    assert alive.reclaim_dead() == 1  # gone twice: dead, though its heartbeat key still stands
+    assert alive.reclaim_dead() == 0  # gone: maybe a live worker reconnecting
+    now[0] = RECONNECT_S - 0.1
+    assert alive.reclaim_dead() == 0  # still within a reconnect's time
+    now[0] = RECONNECT_S
+    assert alive.reclaim_dead() == 1  # dead, though its heartbeat key still stands
     assert redis.exists(KEYS.heartbeat("killed")) and not redis.sismember(KEYS.workers, "killed")
 
 
-def test_a_worker_that_reconnects_between_looks_keeps_its_work(
+def test_a_worker_that_reconnects_slower_than_several_looks_keeps_its_work(
     fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis
 ) -> None:
+    # After a failover a live worker may take its whole backoff to reconnect: many looks, one reconnect.
     blip = holding_work(fake_server, redis, "blip")
-    alive = WorkQueue(redis, KEYS, "alive")
+    now = [0.0]
+    alive = watching_at(WorkQueue(redis, KEYS, "alive"), now)
     blip.connection_pool.disconnect()
-    assert alive.reclaim_dead() == 0
+    for now[0] in (0.0, 0.5, 1.0, 1.5, 2.0, 2.5):
+        assert alive.reclaim_dead() == 0
     blip.ping()  # reconnected, with its name
-    assert [alive.reclaim_dead() for _ in range(3)] == [0, 0, 0]
+    for now[0] in (3.0, 3.5, 10.0):
+        assert alive.reclaim_dead() == 0
     assert redis.llen(KEYS.processing("blip")) == 1
+    blip.connection_pool.disconnect()  # gone again later: its time counts from this look on
+    now[0] = 10.5
+    assert alive.reclaim_dead() == 0
+    now[0] = 10.5 + RECONNECT_S
+    assert alive.reclaim_dead() == 1
+
+
+@pytest.mark.parametrize("garbage", [b"not json", b"[1, 2]", b'{"id": 7}', b'{"connection": ["a list"]}'])
+def test_an_unreadable_heartbeat_is_logged_once_and_read_as_alive_until_it_lapses(
+    fake_server: fakeredis.FakeServer,
+    redis: fakeredis.FakeRedis,
+    garbage: bytes,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # One bad value must not break every worker's death watch (and the probes, /metrics) at once.
+    holding_work(fake_server, redis, "odd")
+    redis.set(KEYS.heartbeat("odd"), garbage)
+    redis.sadd(KEYS.workers, "\udcff".encode("utf-8", "surrogatepass"))  # a member that is not even UTF-8
+    alive = WorkQueue(redis, KEYS, "alive")
+    assert [alive.reclaim_dead() for _ in range(3)] == [0, 0, 0]
+    assert redis.smembers(KEYS.workers) == {b"odd"}  # the member that is no id is gone
+    assert live_workers(redis, KEYS.prefix) == []
+    assert redis.llen(KEYS.processing("odd")) == 1
+    assert len([r for r in caplog.records if "unreadable heartbeat" in r.getMessage()]) <= 1
+    redis.delete(KEYS.heartbeat("odd"))  # its TTL ran out
+    assert alive.reclaim_dead() == 1
 
 
 def test_without_client_list_a_dead_worker_is_reclaimed_when_its_heartbeat_lapses(

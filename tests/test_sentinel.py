@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -15,14 +17,16 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+import redis.asyncio
 import rq
 import yaml
 from redis.asyncio.connection import BlockingConnectionPool as AsyncBlockingPool
 from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelPool
 from redis.sentinel import SentinelConnectionPool
 
-from core.protocol import Keys, prediction
-from core.redis_connect import SentinelUrl, async_client, sync_client
+from api.results import ResultWaiter
+from core.protocol import Keys, new_id, prediction
+from core.redis_connect import SentinelUrl, async_client, link_options, sync_client
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port, start_redis_server
 from tests.conftest import Service, answers, wait_for
@@ -57,24 +61,30 @@ def test_a_malformed_sentinel_url_is_refused_without_quoting_it(url: str) -> Non
     assert "hunter2" not in str(raised.value)
 
 
-def test_both_forms_keep_the_apis_blocking_pool_and_its_options() -> None:
-    plain = async_client("redis://127.0.0.1:1/2", max_connections=7, timeout=3.5, socket_connect_timeout=2)
-    sentinel = async_client(
-        "redis+sentinel://127.0.0.1:1/m/2", max_connections=7, timeout=3.5, socket_connect_timeout=2
-    )
+def test_both_forms_keep_the_apis_blocking_pool_and_every_client_notices_a_silent_peer() -> None:
+    plain = async_client("redis://127.0.0.1:1/2", 4.0, max_connections=7, pool_wait_s=3.5)
+    sentinel = async_client("redis+sentinel://127.0.0.1:1/m/2", 4.0, max_connections=7, pool_wait_s=3.5)
     for client in (plain, sentinel):
         pool = client.connection_pool
         assert isinstance(pool, AsyncBlockingPool)
         assert (pool.max_connections, pool.timeout) == (7, 3.5)
-        assert pool.connection_kwargs["db"] == 2 and pool.connection_kwargs["socket_connect_timeout"] == 2
+        assert pool.connection_kwargs["db"] == 2
+        assert pool.connection_kwargs | link_options(4.0) == pool.connection_kwargs  # timeouts and keepalive
     assert type(plain.connection_pool) is AsyncBlockingPool  # a plain URL: exactly as before
     assert isinstance(sentinel.connection_pool, AsyncSentinelPool)
-    named = sync_client("redis+sentinel://:pw@127.0.0.1:1/m", client_name="w", max_connections=3)
+    named = sync_client("redis+sentinel://:pw@127.0.0.1:1/m", 4.0, client_name="w", max_connections=3)
     assert isinstance(named.connection_pool, SentinelConnectionPool)
     assert named.connection_pool.max_connections == 3
     kwargs = named.connection_pool.connection_kwargs
     assert (kwargs["client_name"], kwargs["password"], kwargs["db"]) == ("w", "pw", 0)
-    assert type(sync_client("redis://127.0.0.1:1/0").connection_pool) is redis.ConnectionPool
+    assert kwargs["socket_timeout"] == 4.0 and kwargs["socket_keepalive"]
+    sentinels = named.connection_pool.sentinel_manager.sentinels
+    assert all(s.connection_pool.connection_kwargs["socket_keepalive"] for s in sentinels)
+    plain_sync = sync_client("redis://127.0.0.1:1/0", 4.0, socket_timeout=2.0)
+    assert type(plain_sync.connection_pool) is redis.ConnectionPool
+    assert plain_sync.connection_pool.connection_kwargs["socket_timeout"] == 2.0  # the caller's option wins
+    keepalive = plain_sync.connection_pool.connection_kwargs["socket_keepalive_options"]
+    assert keepalive[socket.TCP_KEEPIDLE] == 4 and keepalive[socket.TCP_USER_TIMEOUT] == 4000
 
 
 class Sentinels:
@@ -162,7 +172,7 @@ def test_a_killed_primary_costs_no_500_and_no_accepted_request_once_its_replica_
         svc.start("worker")
         svc.start("jobs-worker", "--priority", "normal", "--threads", "1")
         svc.wait_ready()
-        wait_for("the jobs worker to register", lambda: rq.Worker.count(connection=sync_client(sentinels.url)))
+        wait_for("the jobs worker to register", lambda: rq.Worker.count(connection=sync_client(sentinels.url, 2.0)))
         with Load([svc.url], "sentinel", clients=4, timeout_s=30) as load:
             load.wait_answered(10)
             sentinels.primary.send_signal(signal.SIGKILL)
@@ -236,6 +246,32 @@ def test_work_the_failover_lost_is_pushed_again_by_the_waiting_api(
         assert [s["score"] for s in got] == pytest.approx([s["score"] for s in want], abs=1e-5)
     finally:
         svc.stop()
+
+
+def test_after_a_blip_only_work_that_is_nowhere_is_pushed_again(redis_url: str) -> None:
+    """A waiter pushes its item again only if it is not queued, not held by a worker and not answered:
+    a subscription blip must not queue again the work every waiting request already has in hand."""
+    keys = Keys(f"push-{new_id()[:8]}")
+    direct = redis.Redis.from_url(redis_url)
+
+    async def push(request: str, item: bytes) -> int:
+        client = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            await ResultWaiter(client, keys, requeue=True)._push_if_lost(request, item)
+        finally:
+            await client.aclose()
+        return direct.lrange(keys.queue, 0, -1).count(item)
+
+    queued, held, answered, lost = (new_id() for _ in range(4))
+    direct.lpush(keys.queue, queued)
+    direct.sadd(keys.workers, "w1")
+    direct.lpush(keys.processing("w1"), held)
+    direct.set(keys.result(answered), b"{}")
+    assert asyncio.run(push(queued, queued.encode())) == 1  # still once
+    assert asyncio.run(push(held, held.encode())) == 0
+    assert asyncio.run(push(answered, answered.encode())) == 0
+    assert asyncio.run(push(lost, lost.encode())) == 1
+    assert asyncio.run(push(lost, lost.encode())) == 1  # a second blip: queued now, not again
 
 
 def test_the_k8s_sentinel_component_points_the_service_and_keda_at_the_sentinels(tmp_path: Path) -> None:

@@ -5,11 +5,13 @@ them, the embedded redis-server included, even after serve has gone."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import pytest
 
 from core.protocol import new_id
 from sentiment.embedded import free_port
+from sentiment.supervisor import Child, Supervisor
 from tests.conftest import wait_for
 
 
@@ -160,3 +163,27 @@ def test_serves_children_end_with_it(serves: list[Serve], tiny_model_dir: Path, 
     wait_for(f"serve's children to end after {sig.name}", lambda: not serve.alive(children))
     if sig != signal.SIGKILL:
         assert serve.proc.returncode == 0
+
+
+def test_the_supervisor_outlives_a_child_it_cannot_start_again_and_tries_later(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A child that exits at once (a model pull with no hub), and a fork refused on its first restart:
+    # the supervisor's thread must live on and start the child again, or nothing is ever restarted.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    child = Child("pull", "model", env, ("pull", "no/such-model", "--dest", str(tmp_path / "model")))
+    real_start, starts = Child.start, []
+
+    def start(self: Child) -> None:
+        starts.append(time.monotonic())
+        if len(starts) == 2:
+            raise OSError(errno.EAGAIN, "fork refused")
+        real_start(self)
+
+    monkeypatch.setattr(Child, "start", start)
+    supervisor = Supervisor([child], lambda _: True)
+    supervisor.start()
+    try:
+        wait_for("a start after the refused one", lambda: len(starts) >= 3)
+    finally:
+        supervisor.stop()

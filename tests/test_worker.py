@@ -17,6 +17,7 @@ from redis.client import PubSub
 from redis.exceptions import OutOfMemoryError
 
 from batcher.queue import WorkQueue
+from batcher.thread_failure import ThreadFailed
 from batcher.worker import Worker
 from core.liveness import live_workers
 from core.protocol import Keys, ModelInfo, Result, WorkItem, new_id, parse_replies, prediction
@@ -34,6 +35,13 @@ def push(redis: fakeredis.FakeRedis, keys: Keys, *texts: str) -> WorkItem:
 
 def wait_result(redis: fakeredis.FakeRedis, keys: Keys, item: WorkItem) -> Result:
     return Result.decode(wait_for(f"the result of {item.id}", lambda: redis.get(keys.result(item.id))))
+
+
+def reclaimed_once_its_heartbeat_lapses(redis: fakeredis.FakeRedis, keys: Keys, worker: Worker, item: WorkItem) -> None:
+    """`worker`, stuck, stops beating; another worker then requeues `item`, which it held."""
+    wait_for("the stuck worker's heartbeat to lapse", lambda: not redis.exists(keys.heartbeat(worker.id)))
+    assert WorkQueue(redis, keys, "another worker").reclaim_dead() == 1
+    assert WorkItem.decode(redis.rpop(keys.queue)).id == item.id
 
 
 def expected(classifier: Classifier, *texts: str) -> list[list[dict]]:
@@ -194,9 +202,7 @@ def test_a_forward_past_its_deadlines_stops_beating_so_a_hung_worker_is_reclaime
     thread = start_worker(worker)
     try:
         wait_for("the forward to start", forwarding.is_set)
-        wait_for("the hung worker's heartbeat to lapse", lambda: not redis.exists(keys.heartbeat(worker.id)))
-        assert WorkQueue(redis, keys, "another worker").reclaim_dead() == 1
-        assert WorkItem.decode(redis.rpop(keys.queue)).id == item.id
+        reclaimed_once_its_heartbeat_lapses(redis, keys, worker, item)
     finally:
         release.set()
         worker.stop()
@@ -238,24 +244,112 @@ def test_an_error_reply_from_redis_is_survived_like_an_outage(
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and text in r.getMessage()]
 
 
-def test_a_worker_that_crashes_still_hands_back_its_work(
-    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings, monkeypatch
+def crash(*args: object, **kwargs: object) -> NoReturn:
+    raise RuntimeError("a bug")
+
+
+@pytest.mark.parametrize("thread", ["take", "forward-0", "reply", "heartbeat"])
+def test_a_bug_in_any_thread_stops_the_worker_which_hands_back_its_work_and_says_which(
+    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings, monkeypatch, thread: str
 ) -> None:
-    # Not a Redis error (a bug): the worker dies, but hands back what it took and deregisters at
-    # once instead of leaving it to the reclaim a heartbeat TTL later.
+    # Not a Redis error, not a text the model rejects (a bug): the worker stops, hands back what it
+    # took and deregisters at once (not a heartbeat TTL later), and `run` raises naming the thread:
+    # no thread dies while the others keep the worker looking alive.
     keys = Keys(settings.key_prefix)
+    where = {
+        "take": (worker.pending, "add"),
+        "forward-0": (worker.lanes, "_count"),
+        "reply": (worker.replies, "_write"),
+        "heartbeat": (worker.queue, "reclaim_dead"),
+    }
+    if thread == "heartbeat":  # its first look comes half a second in: keep the item held until then
+        forwarding, release = hold_forwards(monkeypatch, worker.classifier)
+        monkeypatch.setattr(worker.queue, "reclaim_dead", lambda: crash() if forwarding.is_set() else 0)
+        threading.Thread(target=lambda: (worker.failure.failed.wait(HANG_GUARD_S), release.set()), daemon=True).start()
+    else:
+        monkeypatch.setattr(*where[thread], crash)
     item = push(redis, keys, "taken, then the worker crashes")
-
-    def crash(texts: list[str]) -> NoReturn:
-        raise RuntimeError("a bug")
-
-    monkeypatch.setattr(worker.intake, "tokenize", crash)
-    with pytest.raises(RuntimeError, match="a bug"):
+    before = set(threading.enumerate())
+    with pytest.raises(ThreadFailed, match=f"the {thread} thread failed \\(RuntimeError: a bug\\)"):
         worker.run()
     assert redis.llen(keys.processing(worker.id)) == 0
-    assert WorkItem.decode(redis.rpop(keys.queue)).id == item.id
+    requeued = [WorkItem.decode(raw).id for raw in redis.lrange(keys.queue, 0, -1)]
+    if thread == "heartbeat":  # the forward under way finished: answered, or else handed back
+        assert requeued == [item.id] or (requeued == [] and redis.exists(keys.result(item.id)))
+    else:
+        assert requeued == [item.id]
     assert not redis.sismember(keys.workers, worker.id)
     assert live_workers(redis, settings.key_prefix) == []
+    assert not [t.name for t in set(threading.enumerate()) - before if t.name in ("reply", "heartbeat", "forward-0")]
+
+
+def test_a_text_the_tokenizer_cannot_take_fails_only_its_own_request(
+    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, monkeypatch
+) -> None:
+    keys = Keys(settings.key_prefix)
+    real_tokenize = worker.intake.tokenize
+
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        if "unspeakable" in texts:
+            raise RuntimeError("cannot spell this")
+        return real_tokenize(texts)
+
+    monkeypatch.setattr(worker.intake, "tokenize", tokenize)
+    good, bad = push(redis, keys, "fine"), push(redis, keys, "ok", "unspeakable")
+    thread = start_worker(worker)
+    assert wait_result(redis, keys, bad).error == "the tokenizer failed on this request's texts (RuntimeError)"
+    assert wait_result(redis, keys, good).predictions == expected(classifier, "fine")
+    assert wait_result(redis, keys, push(redis, keys, "still serving")).predictions
+    assert thread.is_alive()
+    assert redis.llen(keys.processing(worker.id)) == 0
+
+
+def test_an_engine_answering_the_wrong_shape_fails_the_requests_not_the_worker(
+    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, monkeypatch
+) -> None:
+    # A rows-for-texts mismatch would otherwise surface in the reply stage, far from its cause.
+    keys = Keys(settings.key_prefix)
+    real_forward = classifier.engine.forward
+    [odd] = classifier.tokenize(["three labels please"])
+
+    def forward(batch: list[list[int]], packed: bool = False) -> np.ndarray:
+        return np.full((len(batch), 3), 1 / 3) if odd in batch else real_forward(batch, packed)
+
+    monkeypatch.setattr(classifier.engine, "forward", forward)
+    bad, good = push(redis, keys, "three labels please"), push(redis, keys, "two labels")
+    thread = start_worker(worker)
+    assert wait_result(redis, keys, bad).error == "the model failed on this request's texts (ValueError)"
+    assert wait_result(redis, keys, good).predictions == expected(classifier, "two labels")
+    assert thread.is_alive()
+    assert redis.llen(keys.processing(worker.id)) == 0
+
+
+def test_a_stuck_reply_stage_stops_the_heartbeat_so_another_worker_reclaims_the_work(
+    redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, monkeypatch
+) -> None:
+    # Its lanes compute and its heartbeat thread runs, but results are never written: the worker
+    # must stop saying it is alive, or its requests wait out their deadlines.
+    settings = settings.model_copy(update={"heartbeat_ttl_s": 1.0})
+    keys = Keys(settings.key_prefix)
+    worker = Worker(settings, redis, classifier)
+    writing, release = threading.Event(), threading.Event()
+    real_write = worker.replies._write
+
+    def stuck_write(outcomes: list) -> None:
+        writing.set()
+        release.wait(HANG_GUARD_S)
+        real_write(outcomes)
+
+    monkeypatch.setattr(worker.replies, "_write", stuck_write)
+    thread = start_worker(worker)
+    item = push(redis, keys, "computed, never written")
+    try:
+        wait_for("the reply stage to be stuck", writing.is_set)
+        reclaimed_once_its_heartbeat_lapses(redis, keys, worker, item)
+    finally:
+        release.set()
+        worker.stop()
+        thread.join(10)
 
 
 def test_a_poison_text_fails_only_its_own_request(

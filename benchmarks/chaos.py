@@ -1,0 +1,615 @@
+"""`sentiment chaos`: the production topology under mixed load while faults run, and the promises of
+docs/reliability.md checked on everything that happened.
+
+Topology: a redis-server with an append-only file synced on every write, two `sentiment api`
+processes, two `sentiment worker`s and a `sentiment jobs-worker`, each behind a fault proxy of its
+own (`benchmarks/fault_proxy.py`) and restarted when it dies (`sentiment.supervisor`, as Kubernetes
+would). Load: clients posting 1-4 texts to /predict (a hot pool that hits the cache, and new texts),
+round robin over the APIs (a refused connection goes to the other, as a load balancer does), and a
+bulk job every few seconds, polled to its end. Faults, spaced evenly over the run (twice each in
+the full run): SIGKILL of a worker, an API process or the jobs worker (always the second of each: the
+first lives the whole run, for the memory check); Redis SIGKILL and restart; a 5 s blackhole; 200 ms
+of added latency; connection resets; every open connection gone silent; a garbage heartbeat and
+garbage work items written into Redis.
+
+Checked (`Checks`): every 200 carries the right predictions (the model run here, in process); every
+other answer is a 503 with Retry-After or a 504, within the deadline + 1 s; a connection error only
+for requests the killed API process held; every accepted job ends finished with the right
+predictions, or failed with a reason; after each fault heals, a request is answered 200 within 3 s;
+distinct texts computed more than once (cache writes per text, `benchmarks/cache_writes.py`); no
+process left behind; the never-killed API and worker use at most 10% more memory at the end than at
+minute 2 (full runs only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from benchmarks import machine
+from benchmarks.cache_writes import CacheWrites
+from benchmarks.fault_proxy import FaultProxy
+from benchmarks.report import replace_block
+from benchmarks.workload import UniqueTexts, load_texts
+from core.liveness import jobs_worker_alive_on_this_host, live_workers, worker_alive_on_this_host
+from core.protocol import Keys, WorkItem, new_id, prediction
+from core.settings import Settings
+from sentiment.embedded import free_port, start_redis_server
+from sentiment.supervisor import Child, Supervisor
+
+logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of the load
+
+DEADLINE_S = 10.0  # SENTIMENT_REQUEST_TIMEOUT_S, the default
+REDIS_TIMEOUT_S = 5.0  # SENTIMENT_REDIS_TIMEOUT_S, the default
+RECOVERY_S = 3.0  # after a fault heals, a request is answered 200 within this
+KILL_TAKES_S = 0.5  # a SIGKILLed process may still hold its sockets this long after the signal
+MEMORY_GROWTH = 0.10  # most growth of the never-killed processes' memory from minute 2 to the end
+MEMORY_BASE_S = 120.0
+SCORE_TOLERANCE = 1e-4  # the service's fp32 forwards against the same model run here
+JOB_END_WAIT_S = 180.0  # for the jobs accepted during the run to end once the load stops
+CLIENTS = 4
+JOB_EVERY_S = 5.0
+POOL_TEXTS = 5000  # SST-2 sentences; new texts are these again with trailing whitespace (`UniqueTexts`)
+HOT_TEXTS = 200  # of them, those that come back again and again: cache hits
+
+
+@dataclass
+class Answer:
+    """One /predict request and what came of it."""
+
+    api: str
+    texts: list[str]
+    started: float
+    ended: float = 0.0
+    status: int | None = None
+    retry_after: str | None = None
+    predictions: list[Any] | None = None
+    error: str | None = None
+
+
+@dataclass
+class JobRun:
+    """One bulk job: created (or refused), then polled to its end."""
+
+    texts: list[str]
+    created: float
+    status: int | None = None  # POST /jobs
+    id: str | None = None
+    ended: str | None = None  # finished, failed, canceled, or "gone" (404: lost)
+    error: str | None = None
+    predictions: list[Any] | None = None
+
+
+@dataclass
+class Fault:
+    name: str
+    at: float
+    healed: float
+    detail: str = ""
+
+
+@dataclass
+class Topology:
+    """Redis, a proxy per process, and the processes under a supervisor that restarts what dies."""
+
+    model_dir: Path
+    data_dir: Path
+    prefix: str = field(default_factory=lambda: f"chaos-{new_id()[:8]}")
+    redis_port: int = field(default_factory=free_port)
+    redis_proc: subprocess.Popen[bytes] | None = None
+    proxies: dict[str, FaultProxy] = field(default_factory=dict)
+    api_ports: list[int] = field(default_factory=list)
+    supervisor: Supervisor | None = None
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def api_urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{port}" for port in self.api_ports]
+
+    def start(self) -> None:
+        self.start_redis()
+        self.api_ports = [free_port(), free_port()]
+        base = {
+            **os.environ,
+            "SENTIMENT_MODEL_DIR": str(self.model_dir),
+            "SENTIMENT_KEY_PREFIX": self.prefix,
+            "SENTIMENT_PRECISION": "fp32",
+            "SENTIMENT_TORCH_THREADS": "1",
+            "SENTIMENT_LOG_LEVEL": "WARNING",
+            "SENTIMENT_METRICS_PORT": "0",
+            "SENTIMENT_JOBS_METRICS_PORT": "0",
+        }
+        commands = {
+            "api-1": ("api", ("--port", str(self.api_ports[0]))),
+            "api-2": ("api", ("--port", str(self.api_ports[1]))),
+            "worker-1": ("worker", ()),
+            "worker-2": ("worker", ()),
+            "jobs-worker": ("jobs-worker", ("--threads", "1")),
+        }
+        children = []
+        for name, (command, args) in commands.items():
+            self.proxies[name] = FaultProxy(self.redis_port).start()
+            env = {**base, "SENTIMENT_REDIS_URL": self.proxies[name].url()}
+            children.append(Child(name, command, env, args))
+        self.supervisor = Supervisor(children, self._up)
+        self.supervisor.start()
+
+    def start_redis(self) -> None:
+        self.redis_proc = start_redis_server(self.redis_port, self.data_dir, fsync="always")
+
+    def stop(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        for proxy in self.proxies.values():
+            proxy.close()
+        if self.redis_proc is not None:
+            self.redis_proc.terminate()
+            self.redis_proc.wait(30)
+
+    def child(self, name: str) -> Child:
+        assert self.supervisor is not None
+        return next(c for c in self.supervisor.children if c.name == name)
+
+    def pid(self, name: str) -> int | None:
+        proc = self.child(name).proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def _up(self, child: Child) -> bool:
+        assert child.proc is not None
+        direct = redis.Redis.from_url(self.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            if child.command == "api":
+                return httpx.get(f"http://127.0.0.1:{child.args[-1]}/health", timeout=2).status_code == 200
+            if child.command == "worker":
+                return worker_alive_on_this_host(direct, self.prefix, child.proc.pid)
+            return jobs_worker_alive_on_this_host(direct, f"{self.prefix}-jobs", child.proc.pid)
+        except (httpx.HTTPError, redis.RedisError):
+            return False
+        finally:
+            direct.close()
+
+
+class Traffic:
+    """The load, on an event loop of its own: /predict clients and a job every `JOB_EVERY_S`."""
+
+    def __init__(self, apis: list[str], hot: list[str], fresh: UniqueTexts) -> None:
+        self.apis = apis
+        self.hot = hot
+        self.fresh = fresh
+        self.answers: list[Answer] = []
+        self.jobs: list[JobRun] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="chaos-load", daemon=True)
+        self._rng = random.Random(7)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the load, then wait for every accepted job to end."""
+        self._stop.set()
+        self._thread.join(JOB_END_WAIT_S + 60)
+
+    def texts(self, low: int, high: int) -> list[str]:
+        count = self._rng.randint(low, high)
+        return [self._rng.choice(self.hot) if self._rng.random() < 0.5 else self.fresh.take()[0] for _ in range(count)]
+
+    async def _main(self) -> None:
+        limits = httpx.Limits(max_keepalive_connections=0)  # a killed API's clients reconnect elsewhere
+        async with httpx.AsyncClient(timeout=DEADLINE_S + 5, limits=limits) as client:
+            await asyncio.gather(*(self._predicting(client, n) for n in range(CLIENTS)), self._jobs(client))
+
+    async def _predicting(self, client: httpx.AsyncClient, number: int) -> None:
+        for turn in itertools.count(number):
+            if self._stop.is_set():
+                return
+            texts = self.texts(1, 4)
+            for api in (self.apis[turn % 2], self.apis[(turn + 1) % 2]):
+                answer = Answer(api, texts, time.time())
+                try:
+                    response = await client.post(f"{api}/predict", json={"text": texts})
+                except httpx.ConnectError:
+                    continue  # never accepted: the other API, as a load balancer would
+                except httpx.HTTPError as exc:
+                    answer.error = f"{type(exc).__name__}: {exc}"
+                else:
+                    answer.status, answer.retry_after = response.status_code, response.headers.get("retry-after")
+                    if response.status_code == 200:
+                        answer.predictions = response.json()["predictions"]
+                answer.ended = time.time()
+                self.answers.append(answer)
+                break
+            else:
+                await asyncio.sleep(0.05)  # both APIs down at once: not a request
+
+    async def _jobs(self, client: httpx.AsyncClient) -> None:
+        polling: list[JobRun] = []
+        next_job = time.monotonic()
+        give_up = float("inf")
+        while not self._stop.is_set() or (polling and time.monotonic() < give_up):
+            if self._stop.is_set() and give_up == float("inf"):
+                give_up = time.monotonic() + JOB_END_WAIT_S
+            if not self._stop.is_set() and time.monotonic() >= next_job:
+                next_job += JOB_EVERY_S
+                polling += await self._create(client)
+            for job in list(polling):
+                with contextlib.suppress(httpx.HTTPError):
+                    response = await client.get(f"{self.apis[0]}/jobs/{job.id}")
+                    if response.status_code == 404:
+                        job.ended = "gone"
+                    elif response.status_code == 200 and (view := response.json())["status"] in (
+                        "finished",
+                        "failed",
+                        "canceled",
+                    ):
+                        job.ended, job.error, job.predictions = (
+                            view["status"],
+                            view.get("error"),
+                            view.get("predictions"),
+                        )
+                    if job.ended is not None:
+                        polling.remove(job)
+            await asyncio.sleep(0.5)
+
+    async def _create(self, client: httpx.AsyncClient) -> list[JobRun]:
+        job = JobRun(self.texts(10, 60), time.time())
+        self.jobs.append(job)
+        for api in self.apis:
+            try:
+                response = await client.post(f"{api}/jobs", json={"text": job.texts})
+            except httpx.HTTPError as exc:
+                job.error = f"{type(exc).__name__}: {exc}"
+                continue
+            job.status, job.error = response.status_code, None
+            if response.status_code == 202:
+                job.id = response.json()["job_id"]
+                return [job]
+            return []
+        return []
+
+
+class Faults:
+    """The faults, each a method that returns once it has healed (its `Fault` says when)."""
+
+    def __init__(self, topology: Topology) -> None:
+        self.t = topology
+        self.direct = redis.Redis.from_url(topology.redis_url, socket_timeout=5)
+        self.keys = Keys(topology.prefix)
+
+    def schedule(self) -> list[Callable[[], Fault]]:
+        return [
+            self.kill_worker,
+            self.garbage_work_items,
+            self.kill_api,
+            self.reset_connections,
+            self.kill_redis,
+            self.garbage_heartbeat,
+            self.blackhole,
+            self.kill_jobs_worker,
+            self.latency,
+            self.silence,
+        ]
+
+    def kill_worker(self) -> Fault:
+        return self._kill("worker-2", "worker SIGKILL")
+
+    def kill_api(self) -> Fault:
+        return self._kill("api-2", "API process SIGKILL")
+
+    def kill_jobs_worker(self) -> Fault:
+        return self._kill("jobs-worker", "jobs worker SIGKILL")
+
+    def kill_redis(self) -> Fault:
+        at = time.time()
+        assert self.t.redis_proc is not None
+        self.t.redis_proc.kill()
+        self.t.redis_proc.wait(10)
+        time.sleep(2.0)
+        self.t.start_redis()  # (returns once it answers PING: the append-only file is loaded)
+        return Fault("Redis SIGKILL, restart after 2 s", at, time.time())
+
+    def blackhole(self) -> Fault:
+        at = time.time()
+        self._all(lambda p: p.blackhole(True))
+        time.sleep(5.0)
+        self._all(lambda p: p.blackhole(False))
+        return Fault("5 s blackhole", at, time.time())
+
+    def latency(self) -> Fault:
+        at = time.time()
+        self._all(lambda p: p.delay(0.2))
+        time.sleep(10.0)
+        self._all(lambda p: p.delay(0.0))
+        return Fault("200 ms latency for 10 s", at, time.time())
+
+    def reset_connections(self) -> Fault:
+        at = time.time()
+        self._all(FaultProxy.reset)
+        return Fault("every connection reset", at, time.time())
+
+    def silence(self) -> Fault:
+        """Every open connection goes silent; the processes are to notice within the Redis timeout."""
+        at = time.time()
+        self._all(FaultProxy.silence)
+        return Fault("every open connection silent", at, at + REDIS_TIMEOUT_S, f"healed: {REDIS_TIMEOUT_S:g} s later")
+
+    def garbage_heartbeat(self) -> Fault:
+        at = time.time()
+        ttl_ms = int(Settings().heartbeat_ttl_s * 1000)
+        pipe = self.direct.pipeline()
+        for status in live_workers(self.direct, self.t.prefix)[:1]:  # a live worker's, until its next beat
+            pipe.set(self.keys.heartbeat(status.id), b"\x00 not a heartbeat", px=ttl_ms)
+        pipe.sadd(self.keys.workers, "no-such-worker")
+        pipe.set(self.keys.heartbeat("no-such-worker"), b'{"id": 1}', px=ttl_ms)
+        pipe.execute()
+        return Fault("garbage heartbeats", at, time.time())
+
+    def garbage_work_items(self) -> Fault:
+        at = time.time()
+        item = WorkItem(new_id(), ["fine"], at, at + DEADLINE_S, "nobody").encode()
+        wrong = item.replace(b'"texts":["fine"]', b'"texts":[1,2]')
+        self.direct.lpush(self.keys.queue, b"\xff not json", wrong)
+        return Fault("garbage work items", at, time.time())
+
+    def _kill(self, name: str, what: str) -> Fault:
+        at = time.time()
+        pid = self.t.pid(name)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+        return Fault(what, at, at, f"pid {pid}")
+
+    def _all(self, action: Callable[[FaultProxy], None]) -> None:
+        for proxy in self.t.proxies.values():
+            action(proxy)
+
+
+def rss_kib(pid: int | None) -> int | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (OSError, TypeError):
+        return None
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+
+
+def left_behind(prefix: str) -> list[int]:
+    """Processes still running with this run's key prefix in their environment."""
+    marker = f"SENTIMENT_KEY_PREFIX={prefix}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+    return found
+
+
+def expected_scores(model_dir: Path, texts: list[str]) -> dict[str, list[float]]:
+    """Each pool text's label probabilities from the model run here, as the workers run it (fp32);
+    a text with trailing whitespace (`UniqueTexts`' later rounds) tokenizes, so scores, the same."""
+    from model_store.classifier import Classifier
+
+    classifier = Classifier(model_dir, "cpu", precision="fp32")
+    scores: dict[str, list[float]] = {}
+    for start in range(0, len(texts), 64):
+        chunk = texts[start : start + 64]
+        for text, p in zip(chunk, classifier.forward(classifier.tokenize(chunk)), strict=True):
+            scores[text] = [s["score"] for s in prediction(classifier.labels, p)]
+    return scores
+
+
+def run(
+    model_dir: Path, data: Path, duration_s: float, out: Path | None = None, doc: Path | None = None
+) -> dict[str, Any]:
+    """Run the chaos for `duration_s` and check everything; the results (also written to `out`)."""
+    pool = load_texts(data)
+    random.Random(11).shuffle(pool)
+    pool = pool[:POOL_TEXTS]
+    expected = expected_scores(model_dir, pool)
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="chaos-redis-") as data_dir:
+        topology = Topology(model_dir, Path(data_dir))
+        faults: list[Fault] = []
+        memory: dict[str, dict[str, int | None]] = {}
+        try:
+            topology.start()
+            with CacheWrites(topology.redis_url, topology.prefix) as writes:
+                traffic = Traffic(topology.api_urls, pool[:HOT_TEXTS], UniqueTexts(pool[HOT_TEXTS:]))
+                traffic.start()
+                chaos = Faults(topology)
+                schedule = chaos.schedule() * (2 if duration_s >= 300 else 1)
+                gap_s = duration_s / (len(schedule) + 1)
+                begun = time.monotonic()
+                base_at = min(MEMORY_BASE_S, duration_s / 3)
+                for n, fault in enumerate(schedule, 1):
+                    # On schedule, but never before the last fault has healed and been seen to heal.
+                    due = begun + n * gap_s
+                    if faults:
+                        due = max(due, time.monotonic() + faults[-1].healed - time.time() + 2 * RECOVERY_S)
+                    while (wait := due - time.monotonic()) > 0:
+                        if "base" not in memory and time.monotonic() - begun >= base_at:
+                            memory["base"] = {name: rss_kib(topology.pid(name)) for name in ("api-1", "worker-1")}
+                        time.sleep(min(wait, 0.5))
+                    faults.append(fault())
+                    print(f"chaos: {faults[-1].name} at {faults[-1].at - started:.0f} s", file=sys.stderr)
+                # Past the last fault's healing, long enough to see the service recover from it.
+                end = max(begun + duration_s, time.monotonic() + faults[-1].healed - time.time() + 2 * RECOVERY_S)
+                time.sleep(max(0.0, end - time.monotonic()))
+                memory["end"] = {name: rss_kib(topology.pid(name)) for name in ("api-1", "worker-1")}
+                traffic.stop()
+                time.sleep(1.0)  # the last cache writes reach MONITOR
+        finally:
+            topology.stop()
+        behind = left_behind(topology.prefix)
+        for pid in behind:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    results = check(traffic, faults, expected, writes.computed_more_than_once(), behind, memory, duration_s)
+    results |= {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "duration_s": duration_s,
+        "machine": machine.describe("cpu"),
+    }
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"chaos-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(started))}.json"
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        results["results_file"] = str(path)
+        if doc is not None:
+            replace_block(doc, "chaos", markdown(results, path.name))
+    return results
+
+
+def check(
+    traffic: Traffic,
+    faults: list[Fault],
+    expected: dict[str, list[float]],
+    computed_twice: dict[str, int],
+    behind: list[int],
+    memory: dict[str, dict[str, int | None]],
+    duration_s: float,
+) -> dict[str, Any]:
+    """Every invariant of the module's docstring, on what happened: its violations, counted, and a few shown."""
+    answers, jobs = traffic.answers, [j for j in traffic.jobs if j.status == 202]
+    api_kills = [f for f in faults if f.name.startswith("API")]
+
+    def wrong(predictions: list[Any] | None, texts: list[str]) -> bool:
+        if predictions is None or len(predictions) != len(texts):
+            return True
+        return not all(
+            [s["label"] for s in p] == ["NEGATIVE", "POSITIVE"]
+            and all(abs(s["score"] - e) <= SCORE_TOLERANCE for s, e in zip(p, expected[t.rstrip()], strict=True))
+            for p, t in zip(predictions, texts, strict=True)
+        )
+
+    def held_by_killed_api(a: Answer) -> bool:
+        """Sent to the API process killed while it was in flight (the process dies a moment after its SIGKILL)."""
+        return a.api == traffic.apis[1] and any(a.started <= f.at + KILL_TAKES_S and a.ended >= f.at for f in api_kills)
+
+    recovery = []
+    for fault in faults:
+        after = [a.ended for a in answers if a.status == 200 and a.started >= fault.healed]
+        recovery.append(round(min(after) - fault.healed, 2) if after else None)
+    growth = {
+        name: round(end / base - 1, 3)
+        if (base := memory.get("base", {}).get(name)) and (end := memory["end"][name])
+        else None
+        for name in ("api-1", "worker-1")
+    }
+    violations: dict[str, list[Any]] = {
+        "200 with a wrong answer": [a for a in answers if a.status == 200 and wrong(a.predictions, a.texts)],
+        "refusal that is not 503 + Retry-After or 504": [
+            a for a in answers if a.status not in (None, 200, 504) and not (a.status == 503 and a.retry_after)
+        ],
+        "answer later than the deadline + 1 s": [a for a in answers if a.ended - a.started > DEADLINE_S + 1],
+        "no answer, not held by a killed API": [a for a in answers if a.status is None and not held_by_killed_api(a)],
+        "accepted job not finished right nor failed with a reason": [
+            j
+            for j in jobs
+            if not ((j.ended == "finished" and not wrong(j.predictions, j.texts)) or (j.ended == "failed" and j.error))
+        ],
+        "fault not followed by a 200 within 3 s": [
+            f for f, r in zip(faults, recovery, strict=True) if r is None or r > RECOVERY_S
+        ],
+        "process left behind": behind,
+        "memory grown more than 10% since minute 2": [
+            n for n, g in growth.items() if g is not None and g > MEMORY_GROWTH
+        ]
+        if duration_s >= 2 * MEMORY_BASE_S
+        else [],
+    }
+    invariants = {name: len(found) for name, found in violations.items()}
+    return {
+        "invariants": invariants,
+        "passed": not any(invariants.values()),
+        "requests": len(answers),
+        "statuses": _statuses(answers),
+        "jobs": {
+            "accepted": len(jobs),
+            "finished": sum(j.ended == "finished" for j in jobs),
+            "refused": sum(j.status != 202 for j in traffic.jobs),
+        },
+        "texts_computed_more_than_once": len(computed_twice),
+        "faults": [
+            {
+                **asdict(f),
+                "recovery_s": r,
+                "answers_meanwhile": _statuses(a for a in answers if f.at <= a.ended <= f.healed + RECOVERY_S),
+            }
+            for f, r in zip(faults, recovery, strict=True)
+        ],
+        "memory_kib": memory,
+        "memory_growth": growth,
+        "examples": {name: [_brief(v) for v in found[:3]] for name, found in violations.items() if found},
+    }
+
+
+def _statuses(answers: Iterable[Answer]) -> dict[str, int]:
+    """How many answers of each status ("no answer": the connection failed)."""
+    counts: dict[str, int] = {}
+    for a in answers:
+        key = str(a.status) if a.status is not None else "no answer"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _brief(violation: Any) -> Any:
+    """A violation as the results file shows it: without the predictions."""
+    if isinstance(violation, Answer | JobRun | Fault):
+        return {k: v for k, v in asdict(violation).items() if k != "predictions"}
+    return violation
+
+
+def markdown(results: dict[str, Any], results_file: str) -> str:
+    """The table docs/reliability.md shows."""
+    first = results["faults"][0]["at"] if results["faults"] else 0
+    memory = ", ".join(
+        f"{name} {base / 1024:.0f} -> {end / 1024:.0f} MB"
+        for name in ("api-1", "worker-1")
+        if (base := results["memory_kib"].get("base", {}).get(name)) and (end := results["memory_kib"]["end"].get(name))
+    )
+    machine = results.get("machine", {})
+    lines = [
+        f"Run of {results['started']}, {results['duration_s'] / 60:g} minutes on {machine.get('cores', '?')} cores "
+        f"({machine.get('cpu', '?')}) ([results](../benchmarks/results/{results_file})): "
+        f"{results['requests']:,} /predict requests ({_counts(results['statuses'])}); "
+        f"{results['jobs']['accepted']} jobs accepted, {results['jobs']['finished']} finished; "
+        f"{results['texts_computed_more_than_once']} distinct texts computed more than once; memory from minute 2 "
+        f"to the end: {memory}.",
+        "",
+        "| fault | at | healed -> first 200 | answers from the fault to 3 s after it healed |",
+        "| --- | --- | --- | --- |",
+        *(
+            f"| {f['name']} | {f['at'] - first:.0f} s | {f['recovery_s']} s | {_counts(f['answers_meanwhile'])} |"
+            for f in results["faults"]
+        ),
+        "",
+        "| invariant | violations |",
+        "| --- | --- |",
+        *(f"| {name} | {count} |" for name, count in results["invariants"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def _counts(statuses: dict[str, int]) -> str:
+    return ", ".join(f"{n:,} x {status}" for status, n in statuses.items())

@@ -1,0 +1,45 @@
+"""A stage's Redis connection (`batcher.redis_link.Link`) on a real redis-server: a call cut short
+by any failure must not leave its replies on the connection for the next call to read."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from redis.connection import Connection
+
+from batcher.redis_link import Link
+
+
+def test_a_call_cut_short_by_any_error_leaves_no_reply_for_the_next(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.mset({"link:a": "a", "link:b": "b", "link:c": "c"})
+    link = Link(client)
+    assert link.call(("GET", "link:a")) == [b"a"]
+    real_read = Connection.read_response
+    reads = 0
+
+    def read_response(self: Connection, *args: object, **kwargs: object) -> object:
+        nonlocal reads
+        reads += 1
+        if reads == 2:  # the second reply of the call below: a bug, a parser failure, an interrupt
+            raise ValueError("not a connection error")
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Connection, "read_response", read_response)
+    with pytest.raises(ValueError):
+        link.call(("GET", "link:a"), ("GET", "link:b"))
+    assert link.call(("GET", "link:c")) == [b"c"]  # not "b", the reply left unread on the old connection
+
+
+def test_an_error_reply_keeps_the_connection_and_every_reply_in_its_place(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.set("link:n", "not a number")
+    link = Link(client)
+    replies = link.call(("INCR", "link:n"), ("GET", "link:n"), raise_errors=False)
+    assert isinstance(replies[0], redis.ResponseError) and replies[1] == b"not a number"
+    connection = link._connection
+    with pytest.raises(redis.ResponseError):
+        link.call(("INCR", "link:n"))
+    assert link._connection is connection  # an error reply is an answer: the connection is fine
