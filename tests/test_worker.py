@@ -82,9 +82,15 @@ def test_worker_announces_model_and_heartbeat(worker: Worker, redis: fakeredis.F
 def test_identical_texts_across_requests_are_computed_once(
     worker: Worker, redis: fakeredis.FakeRedis, settings: Settings
 ) -> None:
+    # Queued in one LPUSH while the worker waits on an empty queue: one take holds all four items, so
+    # "same text" is one held text with four waiters (queued beforehand, the takes' doubling count
+    # could leave the last item to a later take, and its text to a second forward).
     keys = Keys(settings.key_prefix)
-    items = [push(redis, keys, "same text", f"own {i}") for i in range(3)] + [push(redis, keys, "same text")]
     start_worker(worker)
+    now = time.time()
+    items = [WorkItem(new_id(), ["same text", f"own {i}"], now, now + 30, keys.reply_channel("api")) for i in range(3)]
+    items.append(WorkItem(new_id(), ["same text"], now, now + 30, keys.reply_channel("api")))
+    redis.lpush(keys.queue, *(item.encode() for item in items))
     results = [wait_result(redis, keys, item) for item in items]
     assert len({orjson.dumps(r.predictions[0]) for r in results}) == 1
     assert worker.lanes.computed == 4  # "same text" once, plus three own texts
