@@ -139,6 +139,7 @@ class ResultWaiter:
         self.channel = keys.reply_channel(new_id())
         self._pending: dict[str, Pending] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     @contextlib.contextmanager
     def expect(self, request_id: str, item: bytes | None = None) -> Iterator[Pending]:
@@ -167,7 +168,9 @@ class ResultWaiter:
         self._task = asyncio.create_task(self._listen(), name="result-listener")
 
     async def stop(self) -> None:
-        """Cancel the listener; shutdown never waits more than a second on it."""
+        """Cancel the listener; shutdown never waits more than a second on it. (A cancel that lands in
+        a Redis call may surface as a Redis error, which the loop survives: the flag ends it.)"""
+        self._stopping = True
         if self._task:
             self._task.cancel()
             await asyncio.wait({self._task}, timeout=1.0)
@@ -178,7 +181,7 @@ class ResultWaiter:
         heal by themselves, and until they do every request waits for the poll instead of its reply."""
         backoff = Backoff(log)
         lost = False  # the subscription failed since it was last confirmed: replies, or work, may be lost
-        while True:
+        while not self._stopping:
             try:
                 async with self._redis.pubsub() as pubsub:
                     await pubsub.subscribe(self.channel)
@@ -192,6 +195,8 @@ class ResultWaiter:
                         elif kind == "message":
                             self._deliver(data)
             except Exception as exc:
+                if self._stopping:
+                    return
                 lost = True
                 expected = isinstance(exc, OUTAGE)
                 log.log(
@@ -208,7 +213,7 @@ class ResultWaiter:
         (its PONG is a message too), and one silent for `silence_s` raises TimeoutError."""
         loop = asyncio.get_running_loop()
         heard = loop.time()
-        while True:
+        while not self._stopping:  # (a cancel that lands in get_message may be swallowed by it)
             message = await pubsub.get_message(timeout=HEALTH_CHECK_S)
             if message is not None:
                 heard = loop.time()
