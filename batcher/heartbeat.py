@@ -1,7 +1,7 @@
 """The heartbeat thread: says this worker is alive, and requeues the work of workers that are not.
 
 Every third of `heartbeat_ttl_s` it writes the worker's status under a key that lapses after the
-TTL (and the served model, should a restarted Redis have lost it); every `LOOK_S` it asks the death
+TTL (and the served model, should a restarted Redis have lost it); every `DEATH_WATCH_S` it asks the death
 watch (`liveness.DeathWatch`) which registered workers died, by their lapsed key or their closed
 connections, and pushes their processing lists back onto the queue. A stuck pipeline (a lane in a
 forward past every deadline of its requests, the take or the reply stage in one step longer than
@@ -29,7 +29,7 @@ from core.redis_errors import describe
 
 log = logging.getLogger(__name__)
 
-LOOK_S = 0.5  # how often dead workers are looked for
+DEATH_WATCH_S = 0.5  # how often dead workers are looked for
 
 
 class Beating:
@@ -94,7 +94,7 @@ class Heartbeat:
     def start(self, failure: ThreadFailure) -> None:
         """The thread named `heartbeat`; a bug in it stops the worker (`failure`)."""
         self._next_beat = time.monotonic() + self.ttl_s / 3
-        self._beating = Beating("heartbeat", min(LOOK_S, self.ttl_s / 3), self._tick, failure)
+        self._beating = Beating("heartbeat", min(DEATH_WATCH_S, self.ttl_s / 3), self._tick, failure)
         self._beating.start()
 
     def beat(self) -> None:

@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 IDLE_POLL_S = 1.0  # longest a blocking take waits, so a stop request is seen
 CLOCK_SKEW_S = 1.0  # how far the API's clock (a work item's times) may be from this worker's
 # While requests are being abandoned (the epoch moved in the last LOOKING_FOR_S) and the window is
-# full, the held work is looked over every LOOK_S, so the next forward leaves out what was abandoned
-# since the last take: under overload, a take waits a whole forward for room.
-LOOK_S = 0.01
+# full, the held work is looked over every ABANDONED_LOOK_S, so the next forward leaves out what was
+# abandoned since the last take: under overload, a take waits a whole forward for room.
+ABANDONED_LOOK_S = 0.01
 LOOKING_FOR_S = 1.0
 
 
@@ -66,7 +66,7 @@ class Intake:
 
     def take(self) -> bool:
         """One take; False when no work came within `IDLE_POLL_S`, or the window stayed full (while
-        work is being abandoned, `LOOK_S`, after a `look`)."""
+        work is being abandoned, `ABANDONED_LOOK_S`, after a `look`)."""
         self.busy_since = time.monotonic()
         try:
             return self._take()
@@ -75,7 +75,7 @@ class Intake:
 
     def _take(self) -> bool:
         looking = self.drop_abandoned and time.time() - self._epoch_moved < LOOKING_FOR_S
-        room = self.window.wait_for_room(LOOK_S if looking else IDLE_POLL_S)
+        room = self.window.wait_for_room(ABANDONED_LOOK_S if looking else IDLE_POLL_S)
         if room <= 0:
             if looking:
                 self.look()
@@ -124,8 +124,8 @@ class Intake:
             self._acknowledge(dropped)
 
     def look(self) -> None:
-        """Drop the held work abandoned since the last look (`LOOK_S`): one GET of the epoch, and
-        when it moved, the markers of the items held unstarted."""
+        """Drop the held work abandoned since the last look (`ABANDONED_LOOK_S`): one GET of the epoch,
+        and when it moved, the markers of the items held unstarted."""
         cpu = time.thread_time()
         try:
             [epoch] = self.queue.link.call(("GET", self.queue.keys.abandoned_epoch))

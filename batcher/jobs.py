@@ -330,7 +330,7 @@ def serve_jobs(settings: Settings, inference: Inference, redis: Redis, burst: bo
     # `ThreadFailed` says which thread and why.
     failure = ThreadFailure(lambda: os.kill(os.getpid(), signal.SIGTERM), FAILED_STOP_S)
     sending = (
-        Beating("webhooks", webhooks.LOOK_S, webhooks.Sender(settings, redis).tick, failure)
+        Beating("webhooks", webhooks.DUE_LOOK_S, webhooks.Sender(settings, redis).tick, failure)
         if settings.webhook_secrets
         else nullcontext()
     )
