@@ -54,7 +54,7 @@ ERROR_CHARS = 200
 
 
 class Sender:
-    """Delivers the webhooks that are due, on each `tick` (run every `DUE_LOOK_S` by a `Beating` thread)."""
+    """Delivers the webhooks that are due, on each `tick` (run every `DUE_LOOK_S` by a `Periodic` thread)."""
 
     def __init__(self, settings: Settings, redis: Redis, tls: ssl.SSLContext | None = None) -> None:
         if not settings.webhook_secrets:
