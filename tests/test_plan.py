@@ -334,12 +334,14 @@ def test_a_quiet_clients_turn_goes_before_the_rest_of_a_flood_batch() -> None:
     assert texts_of(next_forward(window)) == long
 
 
-def test_busy_clients_take_turns_text_by_text() -> None:
-    window = Window(policy(max_texts=1))
+def test_busy_clients_take_turns_text_by_text_within_each_forward() -> None:
+    """Each client's texts come in one take; a forward of four holds two of each, oldest turns first."""
+    window = Window(policy(max_texts=4))
     backlog = time.time() - HOUR_S
-    add(window, "a0", "a1", "a2", arrived=backlog, client="a")
-    add(window, "b0", "b1", "b2", arrived=backlog, client="b")
-    assert [texts_of(next_forward(window)) for _ in range(6)] == [["a0"], ["b0"], ["a1"], ["b1"], ["a2"], ["b2"]]
+    for client in ("a", "b"):
+        window.add([held_text(f"{client}{i}", backlog, client) for i in range(6)], 6)
+    served = [texts_of(next_forward(window)) for _ in range(3)]
+    assert served == [["a0", "b0", "a1", "b1"], ["a2", "b2", "a3", "b3"], ["a4", "b4", "a5", "b5"]]
 
 
 # --- Policy: how much a take asks for ------------------------------------------------------------
