@@ -24,6 +24,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
+from starlette.datastructures import Headers
 
 from api.access import client_of
 from api.errors import BODY_RESPONSES, RESPONSES, VALIDATION_ERROR, ErrorType, ServiceError, error_response, responses
@@ -31,7 +32,7 @@ from api.limits import BODY_OVERHEAD, body_limit
 from api.predictions import ModelInfoCache, Predictor
 from api.routes import ready
 from api.schemas import json_body, parse_json
-from core.protocol import ModelInfo, new_id
+from core.protocol import ModelInfo, Prediction, new_id
 from core.settings import Settings
 
 INFER_PATH = "/v2/models/{name}/infer"
@@ -147,9 +148,15 @@ async def served(request: Request, name: str, missing: ErrorType = ErrorType.UNA
 
 
 def inference_protocol_router(settings: Settings) -> APIRouter:
+    """The `/v2` routes: the server's and the model's metadata, health and readiness, and `infer`."""
     router = APIRouter(prefix="/v2", tags=["open inference protocol"])
-    InferRequest = infer_request(settings.max_texts, settings.max_chars)
-    not_ready = responses(ErrorType.NOT_READY)
+    add_metadata_routes(router)
+    add_infer_route(router, settings)
+    return router
+
+
+def add_metadata_routes(router: APIRouter) -> None:
+    """Server and model metadata, liveness and readiness."""
 
     @router.get("")
     async def server_metadata(request: Request) -> dict[str, Any]:
@@ -161,7 +168,7 @@ def inference_protocol_router(settings: Settings) -> APIRouter:
         """Liveness, as /health: the process answers."""
         return {"live": True}
 
-    @router.get("/health/ready", responses=not_ready)
+    @router.get("/health/ready", responses=responses(ErrorType.NOT_READY))
     async def server_ready(request: Request) -> Response:
         """Readiness, as /ready (its 503 when not ready)."""
         answer = await ready(request)
@@ -170,18 +177,7 @@ def inference_protocol_router(settings: Settings) -> APIRouter:
     @router.get("/models/{name}", responses=responses(ErrorType.NOT_FOUND, ErrorType.UNAVAILABLE))
     async def model_metadata(request: Request, name: str) -> dict[str, Any]:
         """The served model's metadata: its version, the input and outputs, and `labels` (the order of `scores`)."""
-        info = await served(request, name)
-        return {
-            "name": info.name,
-            "versions": [info.version],
-            "platform": "sentiment-batcher",
-            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
-            "outputs": [
-                {"name": "label", "datatype": "BYTES", "shape": [-1]},
-                {"name": "scores", "datatype": "FP32", "shape": [-1, len(info.labels)]},
-            ],
-            "labels": info.labels,
-        }
+        return metadata(await served(request, name))
 
     @router.get("/models/{name}/ready", responses=responses(ErrorType.NOT_FOUND, ErrorType.NOT_READY))
     async def model_ready(request: Request, name: str) -> Response:
@@ -195,6 +191,11 @@ def inference_protocol_router(settings: Settings) -> APIRouter:
             return error_response(exc.error_type, exc.message)
         return JSONResponse({"name": info.name, "ready": True})
 
+
+def add_infer_route(router: APIRouter, settings: Settings) -> None:
+    """`POST /models/{name}/infer`, its request schema made with the configured limits."""
+    InferRequest = infer_request(settings.max_texts, settings.max_chars)
+
     @router.post(
         "/models/{name}/infer",
         openapi_extra=json_body(InferRequest),
@@ -203,40 +204,61 @@ def inference_protocol_router(settings: Settings) -> APIRouter:
     async def infer(request: Request, name: str) -> Response:
         """Classify texts: the `label` and `scores` of each, in input order (the module's docstring)."""
         info = await served(request, name)  # first: another model's name is a 404, whatever the body
-        raw = await request.body()
-        header = request.headers.get(HEADER_LENGTH)
-        body: Any  # an `InferRequest`
-        if header is None:
-            body, binary = parse_json(InferRequest, raw, request.headers.get("content-type", "")), b""
-        elif header.isdigit() and int(header) <= len(raw):
-            body, binary = parse_json(InferRequest, raw[: int(header)], ""), raw[int(header) :]
-        else:
-            raise invalid((), f"{HEADER_LENGTH} must be the size of the JSON header, at most the body's", header)
+        body, binary = parse_infer(InferRequest, await request.body(), request.headers)
         texts = request_texts(body, binary, settings.max_texts, settings.max_chars)
         predictor: Predictor = request.app.state.predictor
         predictions, cache = await predictor.predict(texts, client_of(request.scope), request.receive)
-        wanted = [o.name for o in body.outputs] if body.outputs else OUTPUTS
-        tensors = {
-            "label": {
-                "datatype": "BYTES",
-                "shape": [len(texts)],
-                "data": [max(p, key=score)["label"] for p in predictions],
-            },
-            "scores": {
-                "datatype": "FP32",
-                "shape": [len(texts), len(predictions[0])],
-                "data": [s["score"] for p in predictions for s in p],
-            },
-        }
-        answer = {
-            "model_name": info.name,
-            "model_version": info.version,
-            "id": body.id or new_id(),
-            "outputs": [{"name": o, **tensors[o]} for o in OUTPUTS if o in wanted],
-        }
+        answer = infer_answer(info, body, predictions)
         return Response(orjson.dumps(answer), media_type="application/json", headers={"X-Cache": cache})
 
-    return router
+
+def metadata(info: ModelInfo) -> dict[str, Any]:
+    """The V2 model metadata of the served model."""
+    return {
+        "name": info.name,
+        "versions": [info.version],
+        "platform": "sentiment-batcher",
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [
+            {"name": "label", "datatype": "BYTES", "shape": [-1]},
+            {"name": "scores", "datatype": "FP32", "shape": [-1, len(info.labels)]},
+        ],
+        "labels": info.labels,
+    }
+
+
+def parse_infer(request_model: type[BaseModel], raw: bytes, headers: Headers) -> tuple[Any, bytes]:
+    """The request (an `InferRequest`) and the binary tensor data after its JSON header, if any
+    (`HEADER_LENGTH` says where the header ends)."""
+    header = headers.get(HEADER_LENGTH)
+    if header is None:
+        return parse_json(request_model, raw, headers.get("content-type", "")), b""
+    if header.isdigit() and int(header) <= len(raw):
+        return parse_json(request_model, raw[: int(header)], ""), raw[int(header) :]
+    raise invalid((), f"{HEADER_LENGTH} must be the size of the JSON header, at most the body's", header)
+
+
+def infer_answer(info: ModelInfo, body: Any, predictions: list[Prediction]) -> dict[str, Any]:
+    """The outputs `body` asks for (default both), in `OUTPUTS` order, for the texts' `predictions`."""
+    wanted = [o.name for o in body.outputs] if body.outputs else OUTPUTS
+    tensors = {
+        "label": {
+            "datatype": "BYTES",
+            "shape": [len(predictions)],
+            "data": [max(p, key=score)["label"] for p in predictions],
+        },
+        "scores": {
+            "datatype": "FP32",
+            "shape": [len(predictions), len(predictions[0])],
+            "data": [s["score"] for p in predictions for s in p],
+        },
+    }
+    return {
+        "model_name": info.name,
+        "model_version": info.version,
+        "id": body.id or new_id(),
+        "outputs": [{"name": o, **tensors[o]} for o in OUTPUTS if o in wanted],
+    }
 
 
 def score(label_score: dict[str, Any]) -> float:

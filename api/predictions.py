@@ -22,7 +22,7 @@ from starlette.types import Receive
 from api.coalescing import Coalescer
 from api.errors import ErrorType, ServiceError
 from api.metrics import CACHE_HITS, CACHE_MISSES, REQUESTS_ABANDONED
-from api.results import Pending, ResultWaiter
+from api.results import ResultWait, ResultWaiter
 from core import redis_replies, tracing
 from core.protocol import (
     ABANDONED_GRACE_S,
@@ -177,7 +177,7 @@ class Predictor:
             traceparent=tracing.traceparent() if tracing.enabled else None,  # the `predict` span's
         )
         encoded = item.encode()
-        with self._waiter.expect(item.id, encoded) as pending:
+        with self._waiter.expect(item.id, encoded) as wait:
             with tracing.span("predict.enqueue"):
                 queued = await self._push((item, encoded))
             if not queued:
@@ -187,7 +187,7 @@ class Predictor:
                     "of it; retry later",
                 )
             with tracing.span("predict.wait"):
-                raw = await self._wait(item, pending, receive)
+                raw = await self._wait(item, wait, receive)
         try:
             result = Result.decode(raw)
         except Unreadable as exc:
@@ -205,12 +205,12 @@ class Predictor:
             raise ServiceError(ErrorType.BAD_RESULT, "the worker's result does not answer every text; retry")
         return result.predictions
 
-    async def _wait(self, item: WorkItem, pending: Pending, receive: Receive | None) -> bytes:
+    async def _wait(self, item: WorkItem, wait: ResultWait, receive: Receive | None) -> bytes:
         """The item's result. A wait that ends without it, cut by the deadline or by `receive` saying
         the client went away (`_DisconnectWatch`), marks the item abandoned."""
-        watch = _DisconnectWatch(receive, pending) if receive is not None else None
+        watch = _DisconnectWatch(receive, wait) if receive is not None else None
         try:
-            return await pending.result()
+            return await wait.result()
         except ServiceError:  # (the watch's)
             self._abandon(item, "disconnected")
             raise
@@ -303,9 +303,9 @@ class _DisconnectWatch:
     `WATCH_AFTER_S` into the wait: a miss answered sooner (most) costs a timer, not a task, and a
     client gone before then is seen at once when it starts."""
 
-    def __init__(self, receive: Receive, pending: Pending) -> None:
+    def __init__(self, receive: Receive, wait: ResultWait) -> None:
         self._receive = receive
-        self._pending = pending
+        self._wait = wait
         self._task: asyncio.Task[None] | None = None
         self._timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._start)
 
@@ -325,4 +325,4 @@ class _DisconnectWatch:
 
     def _gone(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is None:  # (a watch stopped or failed ends nothing)
-            self._pending.abort(ServiceError(ErrorType.CLIENT_GONE, "the client went away while its request waited"))
+            self._wait.abort(ServiceError(ErrorType.CLIENT_GONE, "the client went away while its request waited"))

@@ -54,7 +54,7 @@ return 1
 """
 
 
-class Pending:
+class ResultWait:
     """One request's wait for its result key."""
 
     def __init__(
@@ -137,15 +137,15 @@ class ResultWaiter:
         self._silence_s = silence_s  # a subscription silent this long (PINGs unanswered) is made again
         self._push_script = redis.register_script(PUSH_IF_LOST) if requeue else None
         self.channel = keys.reply_channel(new_id())
-        self._pending: dict[str, Pending] = {}
+        self._waits: dict[str, ResultWait] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
     @contextlib.contextmanager
-    def expect(self, request_id: str, item: bytes | None = None) -> Iterator[Pending]:
+    def expect(self, request_id: str, item: bytes | None = None) -> Iterator[ResultWait]:
         """Register before queueing the work, so a fast answer cannot be missed; `item`: the work
         item as queued, pushed again (`requeue`) if an outage lost it."""
-        pending = self._pending[request_id] = Pending(
+        wait = self._waits[request_id] = ResultWait(
             self._redis,
             self._keys.result(request_id),
             self._poll_s,
@@ -153,9 +153,9 @@ class ResultWaiter:
             lambda item: self._push_if_lost(request_id, item),
         )
         try:
-            yield pending
+            yield wait
         finally:
-            del self._pending[request_id]
+            del self._waits[request_id]
 
     async def _push_if_lost(self, request_id: str, item: bytes) -> None:
         assert self._push_script is not None
@@ -190,7 +190,7 @@ class ResultWaiter:
                             backoff.reset()  # confirmed: a refused SUBSCRIBE fails only here, at its reply
                             if lost:
                                 lost = False
-                                for waiting in list(self._pending.values()):
+                                for waiting in list(self._waits.values()):
                                     waiting.reconnected()
                         elif kind == "message":
                             self._deliver(data)
@@ -226,7 +226,7 @@ class ResultWaiter:
     def _deliver(self, message: bytes) -> None:
         """Hand each result of a `replies` message to its waiting request."""
         for request_id, result in parse_replies(message):
-            if pending := self._pending.get(request_id):
-                pending.deliver(result)
+            if wait := self._waits.get(request_id):
+                wait.deliver(result)
             else:  # cut at its deadline or its client gone, yet computed (or a line that names nobody)
                 REPLIES_UNCLAIMED.inc()

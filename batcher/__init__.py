@@ -1,4 +1,6 @@
-"""The micro-batching worker and the wire protocol it shares with the API.
+"""The workers: the micro-batching /predict worker and the bulk jobs worker.
 
-`protocol` is light (the API imports it); `worker` and `inference` need the model (torch).
+`worker` is one pipeline (take: `intake`, batching: `plan`, the model: `forward`, results: `reply`,
+liveness: `heartbeat`); `jobs` runs /jobs on RQ and sends their webhooks (`webhooks`). Both need the
+model (`model_store`, torch); what they share with the API is in `core`.
 """

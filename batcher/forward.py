@@ -1,6 +1,6 @@
 """The forward stage: the engine's lanes, each a thread that takes its next forward and runs it.
 
-A lane asks `Pending` for a forward when it is free, runs it on the engine, and hands the
+A lane asks `Window` for a forward when it is free, runs it on the engine, and hands the
 probabilities to the reply stage. A forward that fails, or answers another shape than a row of
 label probabilities per text, is run again one text at a time, so a text the model cannot take fails
 only the requests that hold it.
@@ -18,7 +18,7 @@ import numpy as np
 from opentelemetry.trace import Span, SpanKind
 
 from batcher import metrics
-from batcher.plan import Forward, Pending
+from batcher.plan import Forward, Window
 from batcher.reply import Replies
 from batcher.thread_failure import ThreadFailure
 from batcher.work import Text, traceparents
@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 class Lanes:
     """`engine.lanes` threads named `forward-N`; `running` holds each busy lane's forward and start."""
 
-    def __init__(self, engine: Engine, labels: int, pending: Pending, replies: Replies) -> None:
+    def __init__(self, engine: Engine, labels: int, window: Window, replies: Replies) -> None:
         self.engine = engine
         self.labels = labels
-        self.pending = pending
+        self.window = window
         self.replies = replies
         self.running: dict[int, tuple[Forward, float]] = {}  # lane -> (forward, unix start)
         self.forwards = self.computed = self.largest_forward_requests = 0
@@ -56,7 +56,7 @@ class Lanes:
     def _run(self, lane: int) -> None:
         self.engine.start_lane()
         cpu = time.thread_time()
-        while (forward := self.pending.next_forward()) is not None:
+        while (forward := self.window.next_forward()) is not None:
             self.running[lane] = (forward, time.time())
             self._count(forward)  # before any reply it leads to: their transactions carry the heartbeat
             metrics.forward_started(forward.texts)

@@ -1,7 +1,7 @@
 """The heartbeat thread: says this worker is alive, and requeues the work of workers that are not.
 
 Every third of `heartbeat_ttl_s` it writes the worker's status under a key that lapses after the
-TTL (and the served model, should a restarted Redis have lost it); every `LOOK_S` it asks the death
+TTL (and the served model, should a restarted Redis have lost it); every `DEATH_WATCH_S` it asks the death
 watch (`liveness.DeathWatch`) which registered workers died, by their lapsed key or their closed
 connections, and pushes their processing lists back onto the queue. A stuck pipeline (a lane in a
 forward past every deadline of its requests, the take or the reply stage in one step longer than
@@ -13,14 +13,13 @@ beating. A Redis failure skips a tick; any other failure is a bug, and stops the
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
-from types import TracebackType
 
 from redis import Redis
 from redis.exceptions import RedisError
 
+from batcher.periodic import Periodic
 from batcher.queue import WorkQueue
 from batcher.redis_link import Command, Link
 from batcher.thread_failure import ThreadFailure
@@ -29,43 +28,7 @@ from core.redis_errors import describe
 
 log = logging.getLogger(__name__)
 
-LOOK_S = 0.5  # how often dead workers are looked for
-
-
-class Beating:
-    """`tick()` every `period_s` seconds on a daemon thread named `name`, from `start` (or entering the
-    `with` block) until `stop` (or leaving it); `stop` waits for a tick under way. `tick` deals with
-    the errors it expects; one it does not stops the process (`failure`), or, without one, ends the
-    thread with its traceback logged. The one beating thread of both workers: the /predict worker's
-    `Heartbeat`, the jobs worker's per-job beat and its webhook sender (`batcher.jobs`)."""
-
-    def __init__(
-        self, name: str, period_s: float, tick: Callable[[], None], failure: ThreadFailure | None = None
-    ) -> None:
-        self.period_s = period_s
-        self.tick = tick
-        self._stop = threading.Event()
-        run = failure.guard(name, self._run) if failure is not None else self._run
-        self._thread = threading.Thread(target=run, name=name, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.ident is not None:  # (started)
-            self._thread.join()
-
-    def __enter__(self) -> Beating:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        self.stop()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
-            self.tick()
+DEATH_WATCH_S = 0.5  # how often dead workers are looked for
 
 
 class Heartbeat:
@@ -89,13 +52,13 @@ class Heartbeat:
         self.healthy = healthy
         self.model = model.encode()
         self._next_beat = 0.0
-        self._beating: Beating | None = None
+        self._thread: Periodic | None = None
 
     def start(self, failure: ThreadFailure) -> None:
         """The thread named `heartbeat`; a bug in it stops the worker (`failure`)."""
         self._next_beat = time.monotonic() + self.ttl_s / 3
-        self._beating = Beating("heartbeat", min(LOOK_S, self.ttl_s / 3), self._tick, failure)
-        self._beating.start()
+        self._thread = Periodic("heartbeat", min(DEATH_WATCH_S, self.ttl_s / 3), self._tick, failure)
+        self._thread.start()
 
     def beat(self) -> None:
         if writes := self.writes():
@@ -113,8 +76,8 @@ class Heartbeat:
         ]
 
     def stop(self) -> None:
-        if self._beating is not None:
-            self._beating.stop()
+        if self._thread is not None:
+            self._thread.stop()
 
     def _tick(self) -> None:
         try:

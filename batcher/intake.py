@@ -18,7 +18,7 @@ from collections.abc import Callable
 from redis.exceptions import RedisError
 
 from batcher import metrics
-from batcher.plan import Pending
+from batcher.plan import Window
 from batcher.queue import WorkQueue
 from batcher.redis_link import Command
 from batcher.reply import Replies
@@ -32,26 +32,26 @@ log = logging.getLogger(__name__)
 IDLE_POLL_S = 1.0  # longest a blocking take waits, so a stop request is seen
 CLOCK_SKEW_S = 1.0  # how far the API's clock (a work item's times) may be from this worker's
 # While requests are being abandoned (the epoch moved in the last LOOKING_FOR_S) and the window is
-# full, the held work is looked over every LOOK_S, so the next forward leaves out what was abandoned
-# since the last take: under overload, a take waits a whole forward for room.
-LOOK_S = 0.01
+# full, the held work is looked over every ABANDONED_LOOK_S, so the next forward leaves out what was
+# abandoned since the last take: under overload, a take waits a whole forward for room.
+ABANDONED_LOOK_S = 0.01
 LOOKING_FOR_S = 1.0
 
 
 class Intake:
-    """Takes work into `pending`; cache hits and dropped items go straight to `replies`."""
+    """Takes work into `window`; cache hits and dropped items go straight to `replies`."""
 
     def __init__(
         self,
         queue: WorkQueue,
-        pending: Pending,
+        window: Window,
         replies: Replies,
         tokenize: Callable[[list[str]], list[list[int]]],
         cache_key: Callable[[str], str],
         drop_abandoned: bool = True,
     ) -> None:
         self.queue = queue
-        self.pending = pending
+        self.window = window
         self.replies = replies
         self.tokenize = tokenize
         self.cache_key = cache_key
@@ -66,7 +66,7 @@ class Intake:
 
     def take(self) -> bool:
         """One take; False when no work came within `IDLE_POLL_S`, or the window stayed full (while
-        work is being abandoned, `LOOK_S`, after a `look`)."""
+        work is being abandoned, `ABANDONED_LOOK_S`, after a `look`)."""
         self.busy_since = time.monotonic()
         try:
             return self._take()
@@ -75,7 +75,7 @@ class Intake:
 
     def _take(self) -> bool:
         looking = self.drop_abandoned and time.time() - self._epoch_moved < LOOKING_FOR_S
-        room = self.pending.wait_for_room(LOOK_S if looking else IDLE_POLL_S)
+        room = self.window.wait_for_room(ABANDONED_LOOK_S if looking else IDLE_POLL_S)
         if room <= 0:
             if looking:
                 self.look()
@@ -84,7 +84,7 @@ class Intake:
         items = max(1, int(room / self._texts_per_item))  # what the window has room for
         try:
             if self._got:  # the queue had work at the last take: take what is queued, one round trip
-                asked = self.pending.policy.take_count(room, self._texts_per_item, self._asked, self._got)
+                asked = self.window.policy.take_count(room, self._texts_per_item, self._asked, self._got)
                 raws = self.queue.take_queued(asked)
                 self._asked, self._got = asked, len(raws)
             if not raws and (first := self.queue.take(IDLE_POLL_S)) is not None:  # idle: block for the next
@@ -124,8 +124,8 @@ class Intake:
             self._acknowledge(dropped)
 
     def look(self) -> None:
-        """Drop the held work abandoned since the last look (`LOOK_S`): one GET of the epoch, and
-        when it moved, the markers of the items held unstarted."""
+        """Drop the held work abandoned since the last look (`ABANDONED_LOOK_S`): one GET of the epoch,
+        and when it moved, the markers of the items held unstarted."""
         cpu = time.thread_time()
         try:
             [epoch] = self.queue.link.call(("GET", self.queue.keys.abandoned_epoch))
@@ -182,7 +182,7 @@ class Intake:
                 todo = self._tokenized(todo)
                 if span.is_recording():
                     span.set_attribute("sentiment.tokens", sum(len(t.ids) for t in todo))
-            self.pending.add(todo, len(items) - len(taken))
+            self.window.add(todo, len(items) - len(taken))
         return [h.raw for h in (*taken, *unstarted)]
 
     def _tokenized(self, texts: list[Text]) -> list[Text]:
@@ -207,14 +207,14 @@ class Intake:
 
     def _abandoned(self, items: list[Held], epoch: bytes | None) -> tuple[set[Held], list[Held]]:
         """The abandoned work (`Keys.abandoned`, set by the API): of `items`, just taken, and of the
-        items held unstarted, which `Pending.drop` takes out. Markers are looked up (one MGET) only
+        items held unstarted, which `Window.drop` takes out. Markers are looked up (one MGET) only
         where one may be new: every held item when `epoch` moved since the last look, and an item
         just taken if it was queued before the epoch last moved (one abandoned after it was queued
         moved the epoch). In the normal case, no abandonment, that is never."""
         before, now = self._epoch, time.time()
         if epoch != before:
             self._epoch, self._epoch_moved = epoch, now
-            suspects = [*items, *self.pending.unstarted()]
+            suspects = [*items, *self.window.unstarted()]
         else:
             suspects = [h for h in items if h.item.enqueued_at <= self._epoch_moved + CLOCK_SKEW_S]
         if not suspects:
@@ -228,7 +228,7 @@ class Intake:
             return set(), []
         gone = [h for h, mark in zip(suspects, marks, strict=True) if mark is not None]
         taken = set(items)
-        dropped, texts = self.pending.drop([h for h in gone if h not in taken])
+        dropped, texts = self.window.drop([h for h in gone if h not in taken])
         taken.intersection_update(gone)
         self.abandoned += len(taken) + len(dropped)
         metrics.WORK_ITEMS_ABANDONED.labels("queued").inc(len(taken))

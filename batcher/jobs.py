@@ -50,8 +50,8 @@ from rq.utils import as_text, now
 from rq.worker import WorkerStatus as RQWorkerStatus  # (not core.protocol's WorkerStatus, a heartbeat)
 
 from batcher import metrics, webhooks
-from batcher.heartbeat import Beating
 from batcher.inference import Inference
+from batcher.periodic import Periodic
 from batcher.thread_failure import ThreadFailure
 from core import tracing
 from core.job_spec import CHUNKS_PER_BATCH, SERIALIZER, jobs_queue, progress
@@ -216,7 +216,7 @@ class JobsWorker(SimpleWorker):
             except Exception:  # a missed beat is survivable; the next one may work
                 log.warning("job %s heartbeat failed", job.id, exc_info=True)
 
-        with Beating(f"heartbeat-{job.id}", self.job_heartbeat_ttl / 3, beat):
+        with Periodic(f"heartbeat-{job.id}", self.job_heartbeat_ttl / 3, beat):
             self.perform_job(job, queue, execution)
         self.set_state(RQWorkerStatus.IDLE)
 
@@ -330,7 +330,7 @@ def serve_jobs(settings: Settings, inference: Inference, redis: Redis, burst: bo
     # `ThreadFailed` says which thread and why.
     failure = ThreadFailure(lambda: os.kill(os.getpid(), signal.SIGTERM), FAILED_STOP_S)
     sending = (
-        Beating("webhooks", webhooks.LOOK_S, webhooks.Sender(settings, redis).tick, failure)
+        Periodic("webhooks", webhooks.DUE_LOOK_S, webhooks.Sender(settings, redis).tick, failure)
         if settings.webhook_secrets
         else nullcontext()
     )

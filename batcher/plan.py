@@ -1,6 +1,6 @@
 """The batching policy, all of it: how much to take, when a forward goes, and which texts go in it.
 
-Forward lanes pull: a lane that is free asks `Pending.next_forward` for its next forward, so each
+Forward lanes pull: a lane that is free asks `Window.next_forward` for its next forward, so each
 batch is chosen when the model can start it, from everything taken by then (as TEI's queue does).
 While the model computes, the intake keeps taking, so the next forward is chosen from a fuller pool
 at no cost in latency. The rules (docs/tuning.md, "Batching"):
@@ -16,7 +16,7 @@ at no cost in latency. The rules (docs/tuning.md, "Batching"):
    before the next batch is chosen, unless a client with nothing held came in: its turn goes first.
 3. Wait: a batch that is not full waits for company only while requests arrive less than
    `max_wait_ms` apart, and at most until its oldest text has been queued `max_wait_ms`: a lone
-   client never waits, a backlog never waits again (`Pending.next_forward`).
+   client never waits, a backlog never waits again (`Window.next_forward`).
 """
 
 from __future__ import annotations
@@ -169,8 +169,9 @@ def cheapest_cuts(lengths: Sequence[int], policy: Policy) -> list[tuple[int, int
     return cuts[::-1]
 
 
-class Pending:
-    """Texts taken and not yet in a forward, oldest first; the intake adds, the lanes take forwards."""
+class Window:
+    """The worker's window (`batch_window`): texts taken and not yet in a forward, oldest first; the
+    intake adds, the lanes take forwards."""
 
     def __init__(self, policy: Policy, clock: Callable[[], float] = time.time) -> None:
         self.policy = policy

@@ -51,7 +51,7 @@ class Text:
     waiters: list[tuple[Held, int]]
     arrived: float  # unix s: its first request's enqueue time (the API's clock)
     ids: list[int] = field(default_factory=list)
-    turn: float = 0.0  # its place in the fair order between clients (`plan.Pending.add`)
+    turn: float = 0.0  # its place in the fair order between clients (`plan.Window.add`)
 
     @property
     def deadline(self) -> float:

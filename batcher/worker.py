@@ -5,7 +5,7 @@
     reply          finished work back to Redis, one transaction per round (`reply`)
     heartbeat      liveness and the reclaim of dead workers' work (`heartbeat`)
 
-Stages hand work on through `plan.Pending` (take -> forward) and the reply stage's inbox (forward ->
+Stages hand work on through `plan.Window` (take -> forward) and the reply stage's inbox (forward ->
 reply), so the next forward is chosen while this one computes and results are written meanwhile
 (docs/architecture.md). Work stays in this worker's processing list until its result is written.
 A thread that dies of a bug stops the worker, which exits non-zero (`thread_failure`); a stage that
@@ -27,7 +27,7 @@ from batcher import metrics
 from batcher.forward import Lanes
 from batcher.heartbeat import Heartbeat
 from batcher.intake import IDLE_POLL_S, Intake
-from batcher.plan import Pending, Policy
+from batcher.plan import Policy, Window
 from batcher.queue import WorkQueue
 from batcher.reply import Replies
 from batcher.thread_failure import ThreadFailure
@@ -56,7 +56,7 @@ class Worker:
         self._started_at = time.time()
         self._stopping = threading.Event()
         self.queue = WorkQueue(redis, self.keys, self.id)
-        self.pending = Pending(Policy.of(settings, classifier.cost, classifier.lanes))
+        self.window = Window(Policy.of(settings, classifier.cost, classifier.lanes))
         self.failure = ThreadFailure(self.stop, FAILED_STOP_S)
         c = classifier
         model = ModelInfo(c.name, c.version, c.labels, c.device, c.dtype_name)
@@ -73,10 +73,10 @@ class Worker:
             self._stopping,
             self.heartbeat.writes,
         )
-        self.lanes = Lanes(classifier.engine, len(classifier.labels), self.pending, self.replies)
+        self.lanes = Lanes(classifier.engine, len(classifier.labels), self.window, self.replies)
         self.intake = Intake(
             self.queue,
-            self.pending,
+            self.window,
             self.replies,
             classifier.tokenize,
             lambda text: self.keys.cache(classifier.version, text),
@@ -168,7 +168,7 @@ class Worker:
         """Let the lanes finish their forwards, write every result, hand back the rest and deregister;
         with Redis down, the work is left to the reclaim."""
         self._stopping.set()
-        self.pending.close()
+        self.window.close()
         self.lanes.join()
         self.replies.close()
         self.heartbeat.stop()

@@ -1,1 +1,2 @@
-"""Benchmarks of the service against its limit and the naive design (`sentiment bench`), and k6 smokes."""
+"""Benchmarks of the service against its limit and the naive design (`sentiment bench`), the k6 smokes
+(`sentiment loadtest`) and the chaos run (`sentiment chaos`)."""

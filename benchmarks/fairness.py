@@ -4,7 +4,7 @@ One API (API keys on) and one worker on the bench's model. A flood client sends 
 never-seen texts a request on `FLOOD_CONNECTIONS` connections; a quiet client one text on one
 connection. Three points: the quiet client alone; both under ONE key, which is the single FIFO
 queue (clients are told apart by key); both under their own keys, which the worker serves in turn
-(`batcher.plan.Pending`). The target: the quiet client's p99 beside the flood at most its p99 alone
+(`batcher.plan.Window`). The target: the quiet client's p99 beside the flood at most its p99 alone
 plus one full batch's forward, and the total throughput within noise of the single queue. A full
 batch is `max_batch_size` texts; its forward time is the flood's mean forward scaled from the mean
 texts a forward to that (a CPU forward costs about its tokens at these sizes). The quiet text rides in

@@ -14,11 +14,16 @@ import json
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.settings import Settings
+
+if TYPE_CHECKING:
+    from benchmarks.limit import Limit
+    from benchmarks.service import Reference
 
 PARTS = ("limit", "naive", "service", "cache", "ceiling", "fairness", "cancel")  # cancel: not in the default --only
 BATCH_SIZES = [1, 8, 16, 32, 64]
@@ -31,167 +36,239 @@ SECRET = re.compile(r"url|password|secret|api_key", flags=re.IGNORECASE)
 
 
 def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
-    from benchmarks import cancel, ceiling, fairness, limit, machine, report, service, targets
-    from benchmarks.workload import CHECKOUT, UniqueTexts, default_shared_dir, load_texts, model_dir
-    from model_store.engine import pick_device, resolve_engine, resolve_precision
-    from sentiment.embedded import worker_env, worker_threads
+    """The parts `--only` names, their targets, the results file and plots, and the doc's section."""
+    from benchmarks import machine, targets
 
-    only = [p.strip() for p in args.only.split(",") if p.strip()]
-    if unknown := set(only) - set(PARTS):
-        raise SystemExit(f"--only: unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
-    if args.texts_per_request < 1:
-        raise SystemExit("--texts-per-request: at least 1")
-    shared = default_shared_dir()
-    data = args.data or shared / "data" / "sst2-train.tsv"
-    duration = args.duration or (2.0 if args.quick else 30.0)
-    warmup = 0.5 if args.quick else 2.0
-    target = pick_device(args.device)
-    device = target.type
-    precision = resolve_precision(settings.precision, target)  # the limit's, naive's and worker's
-    engine = resolve_engine(settings.engine, target, precision)  # the limit's and worker's
-    tag = device + ("-quick" if args.quick else "")
-    settings = settings.model_copy(
-        update={
-            "model_dir": args.model_dir or shared / "models" / "distilbert-sst2-small",
-            "workers": args.workers,
-        }
-    )
-    threads = worker_threads(settings)  # each worker's (and each limit copy's) share of the cores
-    config_dir = args.config_dir or shared / "models" / "distilbert-base-sst2-config"
-    pool = load_texts(data)
-    texts = UniqueTexts(pool)
-    command = " ".join(["sentiment", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "sentiment bench"
+    bench = Bench.of(settings, args)
+    results: dict[str, Any] = {"machine": machine.describe(bench.device), "settings": bench.recorded()}  # the JSON
+    print(bench.headline(), flush=True)
+    results["failed"] = _measure(bench, results)
+    results["targets"] = targets.evaluate(results, clients=32)
+    _write(results, bench)
+    return results
 
-    def portable(path: Path) -> str:
+
+@dataclass(frozen=True)
+class Bench:
+    """One run's inputs: the flags and settings, resolved on this machine."""
+
+    args: argparse.Namespace
+    settings: Settings  # the service's, with the model and the worker count of the flags
+    only: list[str]
+    shared: Path
+    data: Path
+    config_dir: Path
+    duration: float
+    warmup: float
+    device: str
+    precision: str  # the limit's, naive's and worker's
+    engine: str  # the limit's and worker's
+    threads: int | None  # each worker's (and each limit copy's) share of the cores
+    pool: list[str]
+
+    @classmethod
+    def of(cls, settings: Settings, args: argparse.Namespace) -> Bench:
+        from benchmarks.workload import default_shared_dir, load_texts
+        from model_store.engine import pick_device, resolve_engine, resolve_precision
+        from sentiment.embedded import worker_threads
+
+        only = [p.strip() for p in args.only.split(",") if p.strip()]
+        if unknown := set(only) - set(PARTS):
+            raise SystemExit(f"--only: unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
+        if args.texts_per_request < 1:
+            raise SystemExit("--texts-per-request: at least 1")
+        shared = default_shared_dir()
+        data = args.data or shared / "data" / "sst2-train.tsv"
+        target = pick_device(args.device)
+        precision = resolve_precision(settings.precision, target)
+        model_dir = args.model_dir or shared / "models" / "distilbert-sst2-small"
+        settings = settings.model_copy(update={"model_dir": model_dir, "workers": args.workers})
+        return cls(
+            args,
+            settings,
+            only,
+            shared,
+            data,
+            args.config_dir or shared / "models" / "distilbert-base-sst2-config",
+            args.duration or (2.0 if args.quick else 30.0),
+            0.5 if args.quick else 2.0,
+            target.type,
+            precision,
+            resolve_engine(settings.engine, target, precision),
+            worker_threads(settings),
+            load_texts(data),
+        )
+
+    @property
+    def tag(self) -> str:
+        return self.device + ("-quick" if self.args.quick else "")
+
+    def portable(self, path: Path) -> str:
         """A path as results may record it: under the shared dir or the checkout, never this machine's."""
-        for base, name in ((shared, "$SENTIMENT_SHARED_DIR"), (CHECKOUT, ".")):
+        from benchmarks.workload import CHECKOUT
+
+        for base, name in ((self.shared, "$SENTIMENT_SHARED_DIR"), (CHECKOUT, ".")):
             if Path(path).resolve().is_relative_to(base.resolve()):
                 return f"{name}/{Path(path).resolve().relative_to(base.resolve())}"
         return Path(path).name
 
-    model_source = portable(settings.model_dir) if args.model == "small" else f"{portable(config_dir)} (random weights)"
-    results: dict[str, Any] = {  # the JSON document
-        "machine": machine.describe(device),
-        "settings": {
+    def recorded(self) -> dict[str, object]:
+        """The results file's `settings`: what was run, and how (no secrets, no paths of this machine)."""
+        args = self.args
+        command = " ".join(["sentiment", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "sentiment bench"
+        model_dir, config_dir = self.portable(self.settings.model_dir), self.portable(self.config_dir)
+        return {
             "command": command,
-            "parts": only,
+            "parts": self.only,
             "model": args.model,
-            "model_source": model_source,
-            "precision": precision,
-            "engine": engine,
-            "data": portable(data),
-            "texts_in_pool": len(pool),
+            "model_source": model_dir if args.model == "small" else f"{config_dir} (random weights)",
+            "precision": self.precision,
+            "engine": self.engine,
+            "data": self.portable(self.data),
+            "texts_in_pool": len(self.pool),
             "texts_per_request": args.texts_per_request,
-            "duration_s": duration,
-            "warmup_s": warmup,
+            "duration_s": self.duration,
+            "warmup_s": self.warmup,
             "quick": args.quick,
             "api_processes": args.api_processes,
             "workers": args.workers,
-            "worker_threads": threads,
+            "worker_threads": self.threads,
             # How the model processes' OpenMP threads wait (the limit's and the worker's alike).
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "runtime default"),
             "service": {
-                k: portable(v) if k == "model_dir" else v
-                for k, v in settings.model_dump(mode="json").items()
+                k: self.portable(v) if k == "model_dir" else v
+                for k, v in self.settings.model_dump(mode="json").items()
                 if not SECRET.search(k)
             },
-        },
-    }
-    plural = "s" if threads != 1 else ""
-    arrangement = "1 worker" if args.workers == 1 else f"{args.workers} workers, {threads} thread{plural} each"
-    print(
-        f"bench: {', '.join(only)} on {device} ({precision}, {engine}, {arrangement}), model {args.model}, "
-        f"{duration:g} s a point",
-        flush=True,
-    )
-    failed: dict[str, str] = {}
-    with model_dir(args.model, settings, config_dir) as model:
-        env = {"SENTIMENT_MODEL_DIR": str(model), "SENTIMENT_DEVICE": device}
-        model_alone: limit.Limit | None = None  # the limit part's model, used again beside the saturation point
-
-        def measure_limit() -> dict[str, object]:
-            nonlocal model_alone
-            model_alone = limit.Limit(
-                model,
-                device,
-                threads,
-                settings.precision,
-                settings.engine,
-                pool[:LIMIT_TEXTS],
-                args.workers,
-                settings.forward_lanes,
-            )
-            return model_alone.measure(BATCH_SIZES, duration / 2, _progress)
-
-        def reference() -> service.Reference | None:
-            if model_alone is None or "limit" not in results or "service" not in only:
-                return None
-            alone = model_alone
-            best = max(results["limit"]["points"], key=lambda p: p["texts_per_s"])["batch_size"]
-            rate = lambda: alone.point(best, duration / 2)["texts_per_s"]  # noqa: E731
-            return service.Reference(rate, best, 1 if args.quick else SATURATION_ROUNDS)
-
-        parts = {
-            "limit": measure_limit,
-            "naive": lambda: service.measure_app(
-                "benchmarks.naive_app:app",
-                env,
-                texts,
-                NAIVE_CLIENTS,
-                duration,
-                warmup,
-                _progress,
-                args.texts_per_request,
-            ),
-            "service": lambda: service.measure(
-                model,
-                device,
-                texts,
-                SERVICE_CLIENTS if "service" in only else [],
-                CACHE_CLIENTS if "cache" in only else None,
-                duration,
-                warmup,
-                _progress,
-                reference(),
-                args.api_processes,
-                args.workers,
-                worker_env(settings),
-                args.texts_per_request,
-            ),
-            "bare": lambda: service.measure_app(
-                "benchmarks.bare_app:app", {}, texts, [CACHE_CLIENTS], duration, warmup, _progress
-            ),
-            "ceiling": lambda: ceiling.measure(model, texts, duration, warmup, _progress),
-            "fairness": lambda: fairness.measure(
-                model, device, texts, duration, warmup, _progress, worker_env(settings), settings.max_batch_size
-            ),
-            "cancel": lambda: cancel.measure(
-                model, device, texts, duration, warmup, _progress, worker_env(settings), args.texts_per_request
-            ),
         }
-        runs = {
-            "limit": "limit" in only,
-            "naive": "naive" in only,
-            "service": bool({"service", "cache"} & set(only)),
-            "bare": "cache" in only,
-            "ceiling": "ceiling" in only,
-            "fairness": "fairness" in only,
-            "cancel": "cancel" in only,
-        }  # (4): the cache path, then the bare endpoint
-        for part in [p for p, wanted in runs.items() if wanted]:
-            try:  # a part that breaks is reported, and the others still run
+
+    def headline(self) -> str:
+        workers, threads = self.args.workers, self.threads
+        plural = "s" if threads != 1 else ""
+        arrangement = "1 worker" if workers == 1 else f"{workers} workers, {threads} thread{plural} each"
+        return (
+            f"bench: {', '.join(self.only)} on {self.device} ({self.precision}, {self.engine}, {arrangement}), "
+            f"model {self.args.model}, {self.duration:g} s a point"
+        )
+
+
+def _measure(bench: Bench, results: dict[str, Any]) -> dict[str, str]:
+    """Run the parts `--only` asks for into `results`; the parts that broke, and why (the others still run)."""
+    from benchmarks.workload import model_dir
+
+    only, failed = bench.only, {}
+    wanted = {
+        "limit": "limit" in only,
+        "naive": "naive" in only,
+        "service": bool({"service", "cache"} & set(only)),
+        "bare": "cache" in only,
+        "ceiling": "ceiling" in only,
+        "fairness": "fairness" in only,
+        "cancel": "cancel" in only,
+    }  # (4): the cache path, then the bare endpoint
+    with model_dir(bench.args.model, bench.settings, bench.config_dir) as model:
+        parts = _parts(bench, model, results)
+        for part in [p for p, wanted in wanted.items() if wanted]:
+            try:
                 results[part] = parts[part]()
             except Exception as exc:
                 failed[part] = f"{type(exc).__name__}: {exc}"
                 print(f"  {part} FAILED: {failed[part]}", flush=True)
-    results["failed"] = failed
-    results["targets"] = targets.evaluate(results, clients=32)
+    return failed
 
+
+def _parts(bench: Bench, model: Path, results: dict[str, Any]) -> dict[str, Callable[[], object]]:
+    """Each part's measurement, on `model`."""
+    from benchmarks import cancel, ceiling, fairness, service
+    from benchmarks.workload import UniqueTexts
+    from sentiment.embedded import worker_env
+
+    args, settings, duration, warmup, device = bench.args, bench.settings, bench.duration, bench.warmup, bench.device
+    texts = UniqueTexts(bench.pool)
+    env = {"SENTIMENT_MODEL_DIR": str(model), "SENTIMENT_DEVICE": device}
+    alone = ModelAlone(bench, model)
+    service_clients = SERVICE_CLIENTS if "service" in bench.only else []
+    cache_clients = CACHE_CLIENTS if "cache" in bench.only else None
+    return {
+        "limit": alone.measure,
+        "naive": lambda: service.measure_app(
+            "benchmarks.naive_app:app", env, texts, NAIVE_CLIENTS, duration, warmup, _progress, args.texts_per_request
+        ),
+        "service": lambda: service.measure(
+            model,
+            device,
+            texts,
+            service_clients,
+            cache_clients,
+            duration,
+            warmup,
+            _progress,
+            alone.reference(results),
+            args.api_processes,
+            args.workers,
+            worker_env(settings),
+            args.texts_per_request,
+        ),
+        "bare": lambda: service.measure_app(
+            "benchmarks.bare_app:app", {}, texts, [CACHE_CLIENTS], duration, warmup, _progress
+        ),
+        "ceiling": lambda: ceiling.measure(model, texts, duration, warmup, _progress),
+        "fairness": lambda: fairness.measure(
+            model, device, texts, duration, warmup, _progress, worker_env(settings), settings.max_batch_size
+        ),
+        "cancel": lambda: cancel.measure(
+            model, device, texts, duration, warmup, _progress, worker_env(settings), args.texts_per_request
+        ),
+    }
+
+
+class ModelAlone:
+    """The limit part's model, measured again beside the service's saturation point."""
+
+    def __init__(self, bench: Bench, model: Path) -> None:
+        self.bench = bench
+        self.model = model
+        self.limit: Limit | None = None
+
+    def measure(self) -> dict[str, object]:
+        from benchmarks.limit import Limit
+
+        bench, settings = self.bench, self.bench.settings
+        self.limit = Limit(
+            self.model,
+            bench.device,
+            bench.threads,
+            settings.precision,
+            settings.engine,
+            bench.pool[:LIMIT_TEXTS],
+            bench.args.workers,
+            settings.forward_lanes,
+        )
+        return self.limit.measure(BATCH_SIZES, bench.duration / 2, _progress)
+
+    def reference(self, results: dict[str, Any]) -> Reference | None:
+        """The model's best rate, measured as needed between the saturation rounds (None without the limit)."""
+        from benchmarks.service import Reference
+
+        alone, bench = self.limit, self.bench
+        if alone is None or "limit" not in results or "service" not in bench.only:
+            return None
+        best = max(results["limit"]["points"], key=lambda p: p["texts_per_s"])["batch_size"]
+        rate = lambda: alone.point(best, bench.duration / 2)["texts_per_s"]  # noqa: E731
+        return Reference(rate, best, 1 if bench.args.quick else SATURATION_ROUNDS)
+
+
+def _write(results: dict[str, Any], bench: Bench) -> None:
+    """The results file and plots; the doc's section for this device (printed instead for --quick)."""
+    from benchmarks import report
+    from benchmarks.workload import CHECKOUT
+
+    args, device = bench.args, bench.device
     out = args.out or CHECKOUT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    results_file = out / f"bench-{stamp}-{tag}.json"
-    plot_files = report.plots(results, out, tag)
+    results_file = out / f"bench-{stamp}-{bench.tag}.json"
+    plot_files = report.plots(results, out, bench.tag)
     results["plots"] = [p.name for p in plot_files]
     results_file.write_text(json.dumps(results, indent=2) + "\n")
     doc = args.doc or (None if args.quick else CHECKOUT / "docs" / "performance.md")
@@ -204,7 +281,6 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
     else:
         print(block)
         print(f"wrote {results_file} and {len(plot_files)} plots (no doc: a --quick run)")
-    return results
 
 
 def _progress(part: str, point: Mapping[str, object]) -> None:

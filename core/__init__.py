@@ -1,1 +1,2 @@
-"""The torch-free core both sides import: settings, the wire protocol, liveness, Redis errors, the job spec."""
+"""The torch-free code the API and the workers share: settings, the wire protocol, liveness, Redis
+connections and errors, the job spec, the webhook contract, tracing. It imports nothing else of ours."""

@@ -1,4 +1,6 @@
-"""Model loading: Hugging Face checkpoints on local disk, their fingerprint, and test/benchmark factories.
+"""The model: Hugging Face checkpoints on local disk and their fingerprint, the engines that run them
+(torch, ONNX Runtime, null) with their cost model and padded or packed layouts, `sentiment model pull`,
+and random-weight checkpoints for tests and benchmarks (`factory`).
 
-Imports torch and transformers; the API never imports this package.
+The engines need torch and transformers; the API never imports this package.
 """

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import string
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -41,12 +40,8 @@ _WORDS = [
 ]
 
 
-def write_tiny_model(dest: Path, seed: int = 0, max_length: int = 128, poison_words: Sequence[str] = ()) -> Path:
-    """A 2-layer, 32-wide DistilBERT with a small word-piece vocabulary that spells any ASCII text.
-
-    `poison_words` (lower case) get token ids past the model's embedding table: the tokenizer
-    accepts them, the model fails on any text holding one (fault tests need input the model rejects).
-    """
+def write_tiny_model(dest: Path, seed: int = 0, max_length: int = 128) -> Path:
+    """A 2-layer, 32-wide DistilBERT with a small word-piece vocabulary that spells any ASCII text."""
     dest.mkdir(parents=True, exist_ok=True)
     chars = string.ascii_lowercase + string.digits
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *string.punctuation]
@@ -61,7 +56,6 @@ def write_tiny_model(dest: Path, seed: int = 0, max_length: int = 128, poison_wo
         id2label=LABELS,
         label2id={v: k for k, v in LABELS.items()},
     )
-    vocab += poison_words
     BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, model_max_length=max_length).save_pretrained(dest)
     return _write_weights(config, dest, seed)
 

@@ -1,1 +1,2 @@
-"""sentiment-batcher: the command line and the settings shared by every process."""
+"""The `sentiment` command (`cli`), and `sentiment serve`: Redis, the workers and the API on one machine
+(`embedded`), its workers kept running by `supervisor`."""

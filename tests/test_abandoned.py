@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive
 
 from api.app import create_app
 from batcher import intake as intake_module
-from batcher.plan import Pending
+from batcher.plan import Window
 from batcher.worker import Worker
 from core.protocol import ABANDONED_GRACE_S, Keys, ModelInfo, Result, WorkItem, new_id, prediction
 from core.settings import Settings
@@ -80,7 +80,7 @@ def test_an_item_abandoned_before_it_is_taken_is_never_computed(
 def test_an_abandoned_item_held_but_not_yet_in_a_forward_is_dropped_at_the_next_take(
     redis: fakeredis.FakeRedis,
 ) -> None:
-    intake = make_intake(redis, Pending(policy()))
+    intake = make_intake(redis, Window(policy()))
     gone, live = push(redis, KEYS, "nobody waits", "for these"), push(redis, KEYS, "still wanted")
     assert intake.take()  # both held, neither in a forward
     abandon(redis, KEYS, gone)
@@ -89,7 +89,7 @@ def test_an_abandoned_item_held_but_not_yet_in_a_forward_is_dropped_at_the_next_
     assert intake.abandoned == 1
     assert processing(redis, KEYS) == {live.id, later.id}  # acknowledged, as an expired item is
     assert gone.encode() not in intake.queue.held
-    assert held_texts(intake.pending) == ["still wanted", "the next take"]
+    assert held_texts(intake.window) == ["still wanted", "the next take"]
 
 
 def test_while_work_is_being_abandoned_a_full_window_is_looked_over_between_takes(
@@ -97,28 +97,28 @@ def test_while_work_is_being_abandoned_a_full_window_is_looked_over_between_take
 ) -> None:
     # Under overload a take waits a whole forward for room: meanwhile the held work is looked over.
     monkeypatch.setattr(intake_module, "LOOKING_FOR_S", HOUR_S)
-    intake = make_intake(redis, Pending(policy(window=2)))
+    intake = make_intake(redis, Window(policy(window=2)))
     abandon(redis, KEYS, work_item("someone else's"))  # the epoch moves: work is being abandoned
     first, second = push(redis, KEYS, "first"), push(redis, KEYS, "second")
     push(redis, KEYS, "no room for this yet")
     assert intake.take()
-    assert intake.pending.room() == 0
+    assert intake.window.room() == 0
     abandon(redis, KEYS, first)
     assert not intake.take()  # no room: a look instead
     assert intake.abandoned == 1
     assert processing(redis, KEYS) == {second.id}
     assert redis.llen(KEYS.queue) == 1
-    assert held_texts(intake.pending) == ["second"]
+    assert held_texts(intake.window) == ["second"]
 
 
 def test_a_text_held_for_an_abandoned_and_a_live_item_stays_with_the_live_one(redis: fakeredis.FakeRedis) -> None:
-    intake = make_intake(redis, Pending(policy()))
+    intake = make_intake(redis, Window(policy()))
     gone, live = push(redis, KEYS, "shared", "only theirs"), push(redis, KEYS, "shared")
     assert intake.take()
     abandon(redis, KEYS, gone)
     push(redis, KEYS, "the next take")
     assert intake.take()
-    shared, *rest = intake.pending.close()
+    shared, *rest = intake.window.close()
     assert [(held.item.id, index) for held, index in shared.waiters] == [(live.id, 0)]
     assert [shared.text, *(t.text for t in rest)] == ["shared", "the next take"]
 
@@ -127,7 +127,7 @@ def test_without_a_move_of_the_epoch_no_marker_is_looked_up(
     redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The normal case: nothing was ever abandoned, and a take makes its one cache round trip only.
-    intake = make_intake(redis, Pending(policy()))
+    intake = make_intake(redis, Window(policy()))
     calls: list[str] = []
     call = intake.queue.link.call
 
@@ -145,12 +145,12 @@ def test_without_a_move_of_the_epoch_no_marker_is_looked_up(
 
 def test_with_dropping_off_abandoned_work_is_computed_as_before(redis: fakeredis.FakeRedis) -> None:
     # SENTIMENT_DROP_ABANDONED=false: the baseline `sentiment bench --only cancel` measures against.
-    intake = make_intake(redis, Pending(policy()))
+    intake = make_intake(redis, Window(policy()))
     intake.drop_abandoned = False
     gone = push(redis, KEYS, "nobody waits")
     abandon(redis, KEYS, gone)
     assert intake.take()
-    assert intake.abandoned == 0 and held_texts(intake.pending) == ["nobody waits"]
+    assert intake.abandoned == 0 and held_texts(intake.window) == ["nobody waits"]
 
 
 def test_a_text_shared_with_a_live_request_is_still_computed_and_that_request_answered(
@@ -166,7 +166,7 @@ def test_a_text_shared_with_a_live_request_is_still_computed_and_that_request_an
         first = push(redis, keys, "in the forward")
         assert forwarding.wait(HANG_GUARD_S)
         gone, live = push(redis, keys, "shared", "only theirs"), push(redis, keys, "shared")
-        wait_for("both items held", lambda: len(worker.pending) == 2)
+        wait_for("both items held", lambda: len(worker.window) == 2)
         abandon(redis, keys, gone)
         later = push(redis, keys, "the next take")
         wait_for("the abandoned item dropped", lambda: worker.intake.abandoned == 1)
@@ -235,7 +235,7 @@ async def test_a_client_that_goes_away_while_it_waits_gets_its_work_dropped(
         sent = await post(app, body, receive)
         item = WorkItem.decode(redis.lindex(keys.queue, 0))
         await asyncio.to_thread(wait_for, "the abandoned marker", lambda: redis.exists(keys.abandoned(item.id)))
-        assert app.state.predictor._waiter._pending == {}
+        assert app.state.predictor._waiter._waits == {}
     assert sent[0]["status"] == 499  # what the request metrics record; nobody reads it
     assert item.deadline < marked_until(redis, keys, item) <= item.deadline + 2 * ABANDONED_GRACE_S
     assert redis.get(keys.abandoned_epoch) == b"1"

@@ -312,7 +312,7 @@ async def test_a_redis_stall_anywhere_in_a_request_ends_in_the_504(
     assert reached.is_set()
     assert response.status_code == 504
     assert response.json()["error_type"] == "timeout"
-    assert app.state.predictor._waiter._pending == {}  # the cut wait unregistered itself
+    assert app.state.predictor._waiter._waits == {}  # the cut wait unregistered itself
 
 
 async def test_a_request_cut_at_its_deadline_leaves_no_work_behind(
@@ -385,16 +385,16 @@ async def test_a_reply_hands_over_its_result_and_a_missed_reply_is_made_good_by_
     try:
         await asyncio.to_thread(wait_for, "the listeners to subscribe", lambda: len(redis.pubsub_channels()) == 2)
         delivered, bare, lost = new_id(), new_id(), new_id()
-        with woken.expect(delivered) as pending:
+        with woken.expect(delivered) as wait:
             redis.publish(woken.channel, replies([(delivered, b"from the reply")]))
-            assert await asyncio.wait_for(pending.result(), 5) == b"from the reply"
-        with woken.expect(bare) as pending:
+            assert await asyncio.wait_for(wait.result(), 5) == b"from the reply"
+        with woken.expect(bare) as wait:
             redis.set(keys.result(bare), b"from the key")
             redis.publish(woken.channel, bare)
-            assert await asyncio.wait_for(pending.result(), 5) == b"from the key"
-        with polling.expect(lost) as pending:
+            assert await asyncio.wait_for(wait.result(), 5) == b"from the key"
+        with polling.expect(lost) as wait:
             redis.set(keys.result(lost), b"found by the poll")
-            assert await asyncio.wait_for(pending.result(), 5) == b"found by the poll"
+            assert await asyncio.wait_for(wait.result(), 5) == b"found by the poll"
         assert redis.exists(keys.result(bare), keys.result(lost)) == 0  # taken
     finally:
         for waiter in (woken, polling):
@@ -460,14 +460,14 @@ async def test_a_bug_in_the_result_listener_resubscribes_and_no_waiter_is_left_b
     try:
         await asyncio.to_thread(wait_for, "the listener to subscribe", lambda: redis.pubsub_channels())
         first, second = new_id(), new_id()
-        with waiter.expect(first) as pending:
+        with waiter.expect(first) as wait:
             redis.set(keys.result(first), b"from the key")
             redis.publish(waiter.channel, replies([(first, b"lost with the bug")]))
-            assert await asyncio.wait_for(pending.result(), 10) == b"from the key"  # not the 60-s poll
-        with waiter.expect(second) as pending:
+            assert await asyncio.wait_for(wait.result(), 10) == b"from the key"  # not the 60-s poll
+        with waiter.expect(second) as wait:
             await asyncio.to_thread(wait_for, "the listener to subscribe again", lambda: redis.pubsub_channels())
             redis.publish(waiter.channel, replies([(second, b"delivered")]))
-            assert await asyncio.wait_for(pending.result(), 10) == b"delivered"
+            assert await asyncio.wait_for(wait.result(), 10) == b"delivered"
     finally:
         await waiter.stop()
     errors = [r for r in caplog.records if r.name == "api.results" and r.levelno == logging.ERROR]

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
-from core.protocol import prediction
+from core.protocol import Keys, WorkItem, prediction
 from model_store.classifier import Classifier
 from tests.conftest import HANG_GUARD_S, Service, answers, wait_for
 
@@ -21,6 +22,12 @@ FLOOD_KEY, QUIET_KEY = "flood-client-key-0000000001", "quiet-client-key-00000000
 
 def post(url: str, key: str, text: str) -> httpx.Response:
     return httpx.post(f"{url}/predict", json={"text": [text]}, headers={"X-API-Key": key}, timeout=HANG_GUARD_S)
+
+
+def queued_texts(redis_url: str, prefix: str) -> list[str]:
+    """The texts of the work items in the queue."""
+    with redis.Redis.from_url(redis_url) as client:
+        return [text for raw in client.lrange(Keys(prefix).queue, 0, -1) for text in WorkItem.decode(raw).texts]
 
 
 def test_past_the_limit_the_flood_is_refused_a_quiet_client_gets_in_and_all_accepted_are_answered(
@@ -42,8 +49,10 @@ def test_past_the_limit_the_flood_is_refused_a_quiet_client_gets_in_and_all_acce
             wait_for("half the flood refused", lambda: sum(f.done() for f in flood) == 4)
             refused = [f for f in flood if f.done()]
             quiet = pool.submit(post, service.url, QUIET_KEY, "a quiet one")
+            queued = lambda: "a quiet one" in queued_texts(redis_url, "fair")  # noqa: E731
+            wait_for("the quiet one answered or queued", lambda: quiet.done() or queued())
+            assert queued() and not quiet.done()  # queued, though past the limit: no worker to answer it
             again = post(service.url, FLOOD_KEY, "flood again")  # the flood still holds the most
-            assert not quiet.done()  # queued, though past the limit
             service.start("worker")
             accepted = [f.result() for f in flood if f not in refused] + [quiet.result()]
         for response in [*(f.result() for f in refused), again]:

@@ -49,7 +49,18 @@ ENV = {
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("poison-model"), poison_words=[POISON])
+    return poisoned(write_tiny_model(tmp_path_factory.mktemp("poison-model")), POISON)
+
+
+def poisoned(model_dir: Path, word: str) -> Path:
+    """`model_dir` with `word` (lower case) in its tokenizer's vocabulary under the first token id past
+    the model's embedding table: the tokenizer takes any text holding it, the model fails on it."""
+    path = model_dir / "tokenizer.json"
+    tokenizer = orjson.loads(path.read_bytes())
+    vocab = tokenizer["model"]["vocab"]
+    vocab[word] = max(vocab.values()) + 1
+    path.write_bytes(orjson.dumps(tokenizer))
+    return model_dir
 
 
 @pytest.fixture(scope="module")

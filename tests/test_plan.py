@@ -14,7 +14,7 @@ from redis.exceptions import NoPermissionError
 
 from batcher import intake as intake_module
 from batcher.intake import Intake
-from batcher.plan import TAKE_AT_ONCE, Forward, Pending, Policy, batch, spread
+from batcher.plan import TAKE_AT_ONCE, Forward, Policy, Window, batch, spread
 from batcher.queue import WorkQueue
 from batcher.reply import Replies
 from batcher.thread_failure import ThreadFailure
@@ -70,11 +70,11 @@ def held_text(words: str, arrived: float | None = None, client: str = DEFAULT_CL
     return Text(words, KEYS.cache("v", words), [(Held(item.encode(), item), 0)], item.enqueued_at, word_ids([words])[0])
 
 
-def add(pending: Pending, *words: str, arrived: float | None = None, client: str = DEFAULT_CLIENT) -> list[Text]:
+def add(window: Window, *words: str, arrived: float | None = None, client: str = DEFAULT_CLIENT) -> list[Text]:
     """Each text as a work item of its own, taken one at a time (arrivals as close as a test makes them)."""
     texts = [held_text(w, arrived, client) for w in words]
     for text in texts:
-        pending.add([text], 1)
+        window.add([text], 1)
     return texts
 
 
@@ -83,15 +83,15 @@ def texts_of(forward: Forward | None) -> list[str]:
     return [t.text for t in forward.texts]
 
 
-def next_forward(pending: Pending) -> Forward | None:
-    """`pending.next_forward()` from a lane thread, within the hang guard: a forward that waits for
+def next_forward(window: Window) -> Forward | None:
+    """`window.next_forward()` from a lane thread, within the hang guard: a forward that waits for
     company it should not (an hour, in these tests) fails here instead of hanging."""
     got: list[Forward | None] = []
-    lane = threading.Thread(target=lambda: got.append(pending.next_forward()), daemon=True)
+    lane = threading.Thread(target=lambda: got.append(window.next_forward()), daemon=True)
     lane.start()
     lane.join(HANG_GUARD_S)
     if lane.is_alive():
-        pending.close()  # let the lane go
+        window.close()  # let the lane go
         pytest.fail(f"the forward was still waiting after {HANG_GUARD_S} s")
     return got[0]
 
@@ -147,75 +147,75 @@ def test_choose_takes_the_oldest_and_its_nearest_neighbours_in_length_within_the
     assert choose(lengths, policy(max_texts, max_tokens, cost=cost)) == expected
 
 
-# --- Pending: when a forward goes ----------------------------------------------------------------
+# --- Window: when a forward goes ----------------------------------------------------------------
 
 
 def test_a_full_forward_goes_at_once() -> None:
-    pending = Pending(policy(max_texts=2))
-    add(pending, "a", "b", "c")  # arrivals a moment apart: company is likely, but the forward is full
-    assert texts_of(next_forward(pending)) == ["a", "b"]
+    window = Window(policy(max_texts=2))
+    add(window, "a", "b", "c")  # arrivals a moment apart: company is likely, but the forward is full
+    assert texts_of(next_forward(window)) == ["a", "b"]
 
 
 @pytest.mark.parametrize("history", [[], [99.0, 100.0, 101.0]], ids=["first request", "requests a second apart"])
 def test_a_lone_client_never_waits_for_company(history: list[float]) -> None:
     """Company is waited for only while requests arrive less than max_wait apart (here 0.5 s)."""
     now = [0.0]
-    pending = Pending(policy(max_wait_s=0.5), clock=lambda: now[0])
+    window = Window(policy(max_wait_s=0.5), clock=lambda: now[0])
     for when in history:
         now[0] = when
-        pending.add([], 1)  # an earlier request's take
+        window.add([], 1)  # an earlier request's take
     now[0] = 102.0
-    add(pending, "alone", arrived=102.0)
+    add(window, "alone", arrived=102.0)
     # The clock stands still: a forward that waited for company would wait for ever.
-    assert texts_of(next_forward(pending)) == ["alone"]
+    assert texts_of(next_forward(window)) == ["alone"]
 
 
 def test_a_forward_that_is_not_full_waits_for_company_while_requests_arrive_densely() -> None:
-    pending = Pending(policy(max_texts=4))
-    add(pending, "a", "b", "c")  # three requests a moment apart
-    threading.Timer(0.1, add, (pending, "d")).start()  # the fourth fills the forward: it goes then
-    assert texts_of(next_forward(pending)) == ["a", "b", "c", "d"]
+    window = Window(policy(max_texts=4))
+    add(window, "a", "b", "c")  # three requests a moment apart
+    threading.Timer(0.1, add, (window, "d")).start()  # the fourth fills the forward: it goes then
+    assert texts_of(next_forward(window)) == ["a", "b", "c", "d"]
 
 
 def test_company_is_waited_for_until_the_oldest_text_has_been_queued_max_wait() -> None:
     """The wait counts from the oldest text's enqueue time, not from when the lane asked: with an
     hour's max_wait, a wait counted from the ask would trip the hang guard."""
-    pending = Pending(policy(max_texts=8))
+    window = Window(policy(max_texts=8))
     first = time.time() - HOUR_S + 0.2  # queued for all but 0.2 s of max_wait
-    add(pending, "a", arrived=first)
-    add(pending, "b", "c")
-    assert texts_of(next_forward(pending)) == ["a", "b", "c"]
+    add(window, "a", arrived=first)
+    add(window, "b", "c")
+    assert texts_of(next_forward(window)) == ["a", "b", "c"]
 
 
 def test_a_backlog_never_waits_again() -> None:
     """A text queued longer than max_wait already goes at once, though requests keep arriving densely."""
-    pending = Pending(policy(max_texts=8))
-    add(pending, "late", arrived=time.time() - HOUR_S - 1)
-    add(pending, "b", "c")
-    assert texts_of(next_forward(pending)) == ["late", "b", "c"]
+    window = Window(policy(max_texts=8))
+    add(window, "late", arrived=time.time() - HOUR_S - 1)
+    add(window, "b", "c")
+    assert texts_of(next_forward(window)) == ["late", "b", "c"]
 
 
 def test_close_wakes_a_waiting_lane_and_returns_the_texts_still_held() -> None:
-    pending = Pending(policy(max_texts=8))
-    add(pending, "a", "b", "c")  # dense arrivals, not full: a lane waits an hour for company
-    threading.Timer(0.1, pending.close).start()
-    assert next_forward(pending) is None
-    assert len(pending) == 0
-    pending = Pending(policy(max_texts=8))
-    texts = add(pending, "a", "b", "c")
-    assert pending.close() == texts
-    assert next_forward(pending) is None  # closed: no more forwards, ever
+    window = Window(policy(max_texts=8))
+    add(window, "a", "b", "c")  # dense arrivals, not full: a lane waits an hour for company
+    threading.Timer(0.1, window.close).start()
+    assert next_forward(window) is None
+    assert len(window) == 0
+    window = Window(policy(max_texts=8))
+    texts = add(window, "a", "b", "c")
+    assert window.close() == texts
+    assert next_forward(window) is None  # closed: no more forwards, ever
 
 
 def test_a_text_held_already_gains_the_waiters_of_a_later_request() -> None:
     """One forward computes a text however many requests hold it."""
-    pending = Pending(policy(max_texts=2))
-    [first] = add(pending, "same")
+    window = Window(policy(max_texts=2))
+    [first] = add(window, "same")
     waiters = list(first.waiters)
-    [again] = add(pending, "same")
-    add(pending, "other")
-    assert len(pending) == 2
-    forward = next_forward(pending)
+    [again] = add(window, "same")
+    add(window, "other")
+    assert len(window) == 2
+    forward = next_forward(window)
     assert texts_of(forward) == ["same", "other"] and forward.texts[0] is first
     assert first.waiters == [*waiters, *again.waiters] and len(first.waiters) == 2
 
@@ -223,14 +223,14 @@ def test_a_text_held_already_gains_the_waiters_of_a_later_request() -> None:
 def test_a_batch_cut_in_forwards_runs_them_all_before_newer_texts() -> None:
     """The cost model cuts 4 one-word and 4 five-word texts in two forwards; a one-word text taken
     after them waits for the next batch rather than passing the older five-word texts."""
-    pending = Pending(policy(max_texts=8, max_tokens=1000, cost=ForwardCost(2, 1024, packs=False)))
+    window = Window(policy(max_texts=8, max_tokens=1000, cost=ForwardCost(2, 1024, packs=False)))
     short, long = ["s1", "s2", "s3", "s4"], [f"l{i} a b c d" for i in range(4)]
-    add(pending, *short, *long)
-    assert texts_of(next_forward(pending)) == short
-    add(pending, "newer", arrived=0.0)  # (queued long ago: it waits for no company)
-    assert len(pending) == 5  # the batch's second forward still counts in the window
-    assert texts_of(next_forward(pending)) == long
-    assert texts_of(next_forward(pending)) == ["newer"]
+    add(window, *short, *long)
+    assert texts_of(next_forward(window)) == short
+    add(window, "newer", arrived=0.0)  # (queued long ago: it waits for no company)
+    assert len(window) == 5  # the batch's second forward still counts in the window
+    assert texts_of(next_forward(window)) == long
+    assert texts_of(next_forward(window)) == ["newer"]
 
 
 @pytest.mark.parametrize(
@@ -251,47 +251,47 @@ def test_spread_cuts_a_batch_for_the_idle_lanes_by_length(
 
 
 def test_a_batch_that_one_lane_would_run_alone_is_shared_with_an_idle_lane() -> None:
-    pending = Pending(policy(max_texts=8))
+    window = Window(policy(max_texts=8))
     got: list[Forward | None] = []
-    lanes = [threading.Thread(target=lambda: got.append(pending.next_forward()), daemon=True) for _ in range(2)]
+    lanes = [threading.Thread(target=lambda: got.append(window.next_forward()), daemon=True) for _ in range(2)]
     for lane in lanes:
         lane.start()
-    wait_for("both lanes to wait for texts", lambda: pending._idle == 2)
-    pending.add([held_text(words, arrived=0.0) for words in ("a", "b c", "d", "e f")], 4)  # one take, queued long ago
+    wait_for("both lanes to wait for texts", lambda: window._idle == 2)
+    window.add([held_text(words, arrived=0.0) for words in ("a", "b c", "d", "e f")], 4)  # one take, queued long ago
     for lane in lanes:
         lane.join(HANG_GUARD_S)
     assert sorted(texts_of(forward) for forward in got) == [["a", "d"], ["b c", "e f"]]
 
 
 def test_the_window_bounds_the_texts_held_and_a_forward_makes_room() -> None:
-    pending = Pending(policy(max_texts=2, window=3))
-    add(pending, "a", "b")
-    assert pending.room() == 1
-    add(pending, "c")
-    assert pending.wait_for_room(0.01) == 0  # a full window: the intake takes nothing
+    window = Window(policy(max_texts=2, window=3))
+    add(window, "a", "b")
+    assert window.room() == 1
+    add(window, "c")
+    assert window.wait_for_room(0.01) == 0  # a full window: the intake takes nothing
     blocked: list[int] = []
-    intake = threading.Thread(target=lambda: blocked.append(pending.wait_for_room(HANG_GUARD_S)))
+    intake = threading.Thread(target=lambda: blocked.append(window.wait_for_room(HANG_GUARD_S)))
     intake.start()
-    assert texts_of(next_forward(pending)) == ["a", "b"]  # the forward wakes the waiting intake
+    assert texts_of(next_forward(window)) == ["a", "b"]  # the forward wakes the waiting intake
     intake.join(HANG_GUARD_S)
     assert blocked == [2]
-    pending.close()
-    assert pending.wait_for_room(HANG_GUARD_S) == 3  # closed: nobody waits for room
+    window.close()
+    assert window.wait_for_room(HANG_GUARD_S) == 3  # closed: nobody waits for room
 
 
 def test_a_long_oldest_text_goes_in_the_next_forward_however_many_short_texts_could_fill_it() -> None:
     """Nearest in length never starves an outlier: every forward holds the oldest text then held."""
-    pending = Pending(policy(max_texts=4, window=64))
+    window = Window(policy(max_texts=4, window=64))
     backlog = time.time() - HOUR_S  # queued long ago: no forward waits for company
     long = "long " * 20
-    order = add(pending, long, arrived=backlog)
-    order += add(pending, *(f"s{i}" for i in range(30)), arrived=backlog)  # enough short ones to fill 7 forwards
-    first = next_forward(pending)
+    order = add(window, long, arrived=backlog)
+    order += add(window, *(f"s{i}" for i in range(30)), arrived=backlog)  # enough short ones to fill 7 forwards
+    first = next_forward(window)
     assert long in texts_of(first) and len(first.texts) == 4
-    order += add(pending, long + "again", arrived=backlog)  # a later outlier waits at most until it is the oldest
+    order += add(window, long + "again", arrived=backlog)  # a later outlier waits at most until it is the oldest
     taken = set(texts_of(first))
-    while len(pending):
-        forward = next_forward(pending)
+    while len(window):
+        forward = next_forward(window)
         oldest = next(t.text for t in order if t.text not in taken)
         assert oldest in texts_of(forward)
         taken |= set(texts_of(forward))
@@ -302,44 +302,46 @@ def test_a_long_oldest_text_goes_in_the_next_forward_however_many_short_texts_co
 
 
 def test_a_quiet_clients_text_goes_in_the_next_forward_however_much_a_flood_holds() -> None:
-    pending = Pending(policy(max_texts=4, window=100))
+    window = Window(policy(max_texts=4, window=100))
     backlog = time.time() - HOUR_S  # queued long ago: no forward waits for company
-    flood = add(pending, *(f"flood {i}" for i in range(40)), arrived=backlog, client="flood")
-    assert texts_of(next_forward(pending)) == [t.text for t in flood[:4]]
-    add(pending, "the quiet one here", arrived=time.time(), client="quiet")  # longer: no neighbour of the flood's
-    assert "the quiet one here" in texts_of(next_forward(pending))
-    add(pending, "the same quiet one", arrived=time.time())  # the default client's: no turn of its own yet either
-    assert "the same quiet one" in texts_of(next_forward(pending))
+    flood = add(window, *(f"flood {i}" for i in range(40)), arrived=backlog, client="flood")
+    assert texts_of(next_forward(window)) == [t.text for t in flood[:4]]
+    add(window, "the quiet one here", arrived=time.time(), client="quiet")  # longer: no neighbour of the flood's
+    assert "the quiet one here" in texts_of(next_forward(window))
+    add(window, "the same quiet one", arrived=time.time())  # the default client's: no turn of its own yet either
+    assert "the same quiet one" in texts_of(next_forward(window))
 
 
 def test_one_clients_backlog_keeps_arrival_order_behind_a_flood_of_its_own() -> None:
-    pending = Pending(policy(max_texts=4, window=100))
+    window = Window(policy(max_texts=4, window=100))
     backlog = time.time() - HOUR_S
-    add(pending, *(f"flood {i}" for i in range(40)), arrived=backlog)
-    add(pending, "the late one here", arrived=backlog)
-    served = [texts_of(next_forward(pending)) for _ in range(11)]
+    add(window, *(f"flood {i}" for i in range(40)), arrived=backlog)
+    add(window, "the late one here", arrived=backlog)
+    served = [texts_of(next_forward(window)) for _ in range(11)]
     assert served[-1] == ["the late one here"]  # one client: first come, first served
 
 
 def test_a_quiet_clients_turn_goes_before_the_rest_of_a_flood_batch() -> None:
     """The cost model cuts the flood's batch in two forwards; a quiet client's text taken after the
     first left goes next, and the flood's second forward right after it."""
-    pending = Pending(policy(max_texts=8, max_tokens=1000, cost=ForwardCost(2, 1024, packs=False)))
+    window = Window(policy(max_texts=8, max_tokens=1000, cost=ForwardCost(2, 1024, packs=False)))
     backlog = time.time() - HOUR_S
     short, long = ["s1", "s2", "s3", "s4"], [f"l{i} a b c d" for i in range(4)]
-    add(pending, *short, *long, arrived=backlog, client="flood")
-    assert texts_of(next_forward(pending)) == short
-    add(pending, "quiet", arrived=backlog, client="quiet")
-    assert texts_of(next_forward(pending)) == ["quiet"]
-    assert texts_of(next_forward(pending)) == long
+    add(window, *short, *long, arrived=backlog, client="flood")
+    assert texts_of(next_forward(window)) == short
+    add(window, "quiet", arrived=backlog, client="quiet")
+    assert texts_of(next_forward(window)) == ["quiet"]
+    assert texts_of(next_forward(window)) == long
 
 
-def test_busy_clients_take_turns_text_by_text() -> None:
-    pending = Pending(policy(max_texts=1))
+def test_busy_clients_take_turns_text_by_text_within_each_forward() -> None:
+    """Each client's texts come in one take; a forward of four holds two of each, oldest turns first."""
+    window = Window(policy(max_texts=4))
     backlog = time.time() - HOUR_S
-    add(pending, "a0", "a1", "a2", arrived=backlog, client="a")
-    add(pending, "b0", "b1", "b2", arrived=backlog, client="b")
-    assert [texts_of(next_forward(pending)) for _ in range(6)] == [["a0"], ["b0"], ["a1"], ["b1"], ["a2"], ["b2"]]
+    for client in ("a", "b"):
+        window.add([held_text(f"{client}{i}", backlog, client) for i in range(6)], 6)
+    served = [texts_of(next_forward(window)) for _ in range(3)]
+    assert served == [["a0", "b0", "a1", "b1"], ["a2", "b2", "a3", "b3"], ["a4", "b4", "a5", "b5"]]
 
 
 # --- Policy: how much a take asks for ------------------------------------------------------------
@@ -401,21 +403,21 @@ class RepliesRecorder:
 
 def make_intake(
     redis: fakeredis.FakeRedis,
-    pending: Pending,
+    window: Window,
     replies: object | None = None,
     tokenize: Callable[[list[str]], list[list[int]]] = word_ids,
 ) -> Intake:
     return Intake(
         WorkQueue(redis, KEYS, "w1"),
-        pending,
+        window,
         replies or RepliesRecorder(),  # type: ignore[arg-type]
         tokenize,
         lambda text: KEYS.cache("v", text),
     )
 
 
-def held_texts(pending: Pending) -> list[str]:
-    return [t.text for t in pending.close()]
+def held_texts(window: Window) -> list[str]:
+    return [t.text for t in window.close()]
 
 
 @pytest.fixture
@@ -433,7 +435,7 @@ def test_a_deep_queue_is_taken_in_few_round_trips_and_tokenized_once_a_take(redi
         tokenized.append(len(texts))
         return word_ids(texts)
 
-    intake = make_intake(redis, Pending(policy(window=100)), tokenize=tokenize)
+    intake = make_intake(redis, Window(policy(window=100)), tokenize=tokenize)
     moves: list[int] = []
     take_queued = intake.queue.take_queued
     intake.queue.take_queued = lambda most: moves.append(most) or take_queued(most)  # type: ignore[method-assign]
@@ -445,7 +447,7 @@ def test_a_deep_queue_is_taken_in_few_round_trips_and_tokenized_once_a_take(redi
     assert takes == len(moves) == len(tokenized) <= 6
     assert sum(tokenized) == 40
     assert redis.llen(KEYS.processing("w1")) == 40  # held until answered
-    assert held_texts(intake.pending) == [f"t{i}" for i in range(40)]  # arrival order kept across takes
+    assert held_texts(intake.window) == [f"t{i}" for i in range(40)]  # arrival order kept across takes
 
 
 def test_the_take_count_recovers_after_the_window_left_no_room_for_an_item(
@@ -454,16 +456,16 @@ def test_the_take_count_recovers_after_the_window_left_no_room_for_an_item(
     """Items of 3 texts and a window of 10: the third take finds room for no whole item (it takes
     one, blocking). Once the lanes have emptied the window, a deep queue is again taken several items
     a round trip, not one a take for good."""
-    pending = Pending(policy(max_texts=3, window=10))
-    intake = make_intake(redis, pending)
+    window = Window(policy(max_texts=3, window=10))
+    intake = make_intake(redis, window)
     for i in range(40):
         push(redis, f"a{i}", f"b{i}", f"c{i}")
-    while pending.room() > 0:
+    while window.room() > 0:
         assert intake.take()
 
     def drain() -> None:
-        while len(pending):
-            assert len(next_forward(pending).texts) == 3  # full forwards: none waits
+        while len(window):
+            assert len(next_forward(window).texts) == 3  # full forwards: none waits
 
     got = []
     for _ in range(3):
@@ -490,48 +492,48 @@ def test_a_malformed_item_is_dropped_and_acknowledged(redis: fakeredis.FakeRedis
     """Not our protocol: nobody can be answered, and a retry would fail again (the worker must not die)."""
     redis.lpush(KEYS.queue, junk)
     live = push(redis, "in time")
-    intake = make_intake(redis, Pending(policy()))
+    intake = make_intake(redis, Window(policy()))
     assert intake.take()
     assert redis.lrange(KEYS.processing("w1"), 0, -1) == [live.encode()]
     assert redis.llen(KEYS.queue) == 0
-    assert held_texts(intake.pending) == ["in time"]
+    assert held_texts(intake.window) == ["in time"]
 
 
 def test_an_expired_item_is_skipped_counted_and_acknowledged(redis: fakeredis.FakeRedis) -> None:
     push(redis, "too late", ttl=-1)
     live = push(redis, "in time")
-    intake = make_intake(redis, Pending(policy()))
+    intake = make_intake(redis, Window(policy()))
     assert intake.take()
     assert intake.expired == 1
     assert redis.lrange(KEYS.processing("w1"), 0, -1) == [live.encode()]  # only the live item is held
-    assert held_texts(intake.pending) == ["in time"]
+    assert held_texts(intake.window) == ["in time"]
 
 
 def test_cached_texts_go_to_the_reply_stage_not_to_the_model(redis: fakeredis.FakeRedis) -> None:
     redis.set(KEYS.cache("v", "known"), b'[{"label":"POSITIVE","score":1.0}]')
     item = push(redis, "known", "new")
     replies = RepliesRecorder()
-    intake = make_intake(redis, Pending(policy()), replies)
+    intake = make_intake(redis, Window(policy()), replies)
     assert intake.take()
     [(hit, cached)] = replies.hits
     assert (hit.text, cached) == ("known", b'[{"label":"POSITIVE","score":1.0}]')
     assert [(held.item.id, index) for held, index in hit.waiters] == [(item.id, 0)]
-    assert held_texts(intake.pending) == ["new"]
+    assert held_texts(intake.window) == ["new"]
 
 
 def test_the_window_bounds_the_work_taken_from_the_queue(redis: fakeredis.FakeRedis, short_idle_poll: None) -> None:
     for i in range(20):
         push(redis, f"t{i}")
-    pending = Pending(policy(max_texts=2, window=6))
-    intake = make_intake(redis, pending)
-    while pending.room() > 0:
+    window = Window(policy(max_texts=2, window=6))
+    intake = make_intake(redis, window)
+    while window.room() > 0:
         assert intake.take()
     assert not intake.take()  # a full window: nothing more taken
-    assert redis.llen(KEYS.processing("w1")) == len(pending) == 6  # read ahead, held (never lost) until answered
+    assert redis.llen(KEYS.processing("w1")) == len(window) == 6  # read ahead, held (never lost) until answered
     assert redis.llen(KEYS.queue) == 14
-    assert texts_of(next_forward(pending)) == ["t0", "t1"]
+    assert texts_of(next_forward(window)) == ["t0", "t1"]
     assert intake.take()
-    assert redis.llen(KEYS.processing("w1")) == 8 and len(pending) == 6
+    assert redis.llen(KEYS.processing("w1")) == 8 and len(window) == 6
 
 
 def test_identical_texts_across_items_become_one_text_with_a_waiter_each(redis: fakeredis.FakeRedis) -> None:
@@ -542,10 +544,10 @@ def test_identical_texts_across_items_become_one_text_with_a_waiter_each(redis: 
         return word_ids(texts)
 
     first, second = push(redis, "same", "own"), push(redis, "other", "same")
-    intake = make_intake(redis, Pending(policy()), tokenize=tokenize)
+    intake = make_intake(redis, Window(policy()), tokenize=tokenize)
     assert intake.take()
     assert sorted(tokenized) == ["other", "own", "same"]  # tokenized once
-    same, own, other = intake.pending.close()
+    same, own, other = intake.window.close()
     assert (same.text, own.text, other.text) == ("same", "own", "other")
     assert [(held.item.id, index) for held, index in same.waiters] == [(first.id, 0), (second.id, 1)]
     assert same.arrived == first.enqueued_at  # its first request's enqueue time
@@ -555,12 +557,12 @@ def test_an_item_split_across_forwards_is_held_until_all_its_texts_are_answered(
     """A 5-text item and max_texts 3: two forwards; the item leaves the processing list with the second."""
     queue = WorkQueue(redis, KEYS, "w1")
     replies = Replies(redis, KEYS, queue, ["NEGATIVE", "POSITIVE"], 60, 60, threading.Event())
-    pending = Pending(policy(max_texts=3))
-    intake = Intake(queue, pending, replies, word_ids, lambda text: KEYS.cache("v", text))
+    window = Window(policy(max_texts=3))
+    intake = Intake(queue, window, replies, word_ids, lambda text: KEYS.cache("v", text))
     big = push(redis, "t0", "t1", "t2", "t3", "t4")
     small = push(redis, "u0")
     assert intake.take()
-    first, second = next_forward(pending), next_forward(pending)
+    first, second = next_forward(window), next_forward(window)
     assert (texts_of(first), texts_of(second)) == (["t0", "t1", "t2"], ["t3", "t4", "u0"])
     assert first.texts[0].waiters[0][0] is second.texts[0].waiters[0][0]  # one item, two forwards
     replies.start(ThreadFailure(threading.Event().set, 10))

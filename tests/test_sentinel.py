@@ -162,7 +162,7 @@ def test_a_killed_primary_costs_no_500_and_no_accepted_request_once_its_replica_
 ) -> None:
     env = {
         "SENTIMENT_HEARTBEAT_TTL_S": "2",
-        "SENTIMENT_REQUEST_TIMEOUT_S": "10",
+        "SENTIMENT_REQUEST_TIMEOUT_S": "20",  # the deadline an accepted request waits out a failover within
         "SENTIMENT_MAX_WAIT_MS": "20",
         "SENTIMENT_TORCH_THREADS": "1",
     }
@@ -184,7 +184,7 @@ def test_a_killed_primary_costs_no_500_and_no_accepted_request_once_its_replica_
             wait_for(
                 "a /predict answer from the promoted replica",
                 lambda: (
-                    httpx.post(f"{svc.url}/predict", json={"text": [f"probe {next(probe)}"]}, timeout=15).status_code
+                    httpx.post(f"{svc.url}/predict", json={"text": [f"probe {next(probe)}"]}, timeout=30).status_code
                     == 200
                 ),
             )
@@ -202,17 +202,17 @@ def test_a_killed_primary_costs_no_500_and_no_accepted_request_once_its_replica_
         assert [p.poll() for p in svc.procs] == [None, None, None]  # recovered by itself: nothing restarted
     finally:
         svc.stop()
+    # The kill met requests in flight: each got a 503 if its push failed, else (accepted) its answer
+    # once the replica served. No 500, no client timeout, and no 504: an accepted request waits out
+    # the failover within its deadline, never loses to it.
+    assert [o for o in outcomes if o.started < killed_at < o.ended]
     failed = [o for o in outcomes if o.status != 200]
-    assert [(o.status, o.error) for o in failed if o.status not in (503, 504)] == []  # no 500, no client timeout
-    assert all(o.retry_after for o in failed if o.status == 503)
-    # In flight at the kill: 503 if its push failed, else (accepted) answered once the replica serves.
-    in_flight = [o for o in outcomes if o.started < killed_at < o.ended]
+    assert [(o.status, o.error) for o in failed if o.status != 503] == []
+    assert all(o.retry_after for o in failed)
     assert_correct(outcomes, classifier)
+    # So the answers stop for less than a request's deadline: the outage ends within it.
     answered = sorted(o.ended for o in outcomes if o.status == 200)
-    print(
-        f"\nprimary killed: {len(failed)} of {len(outcomes)} requests failed {sorted({o.status for o in failed})}; "
-        f"in flight: {sorted(o.status for o in in_flight)}; longest gap between answers {max(b - a for a, b in itertools.pairwise(answered)):.1f} s"
-    )
+    assert max(b - a for a, b in itertools.pairwise(answered)) < float(env["SENTIMENT_REQUEST_TIMEOUT_S"])
 
 
 def test_work_the_failover_lost_is_pushed_again_by_the_waiting_api(

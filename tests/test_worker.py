@@ -263,7 +263,7 @@ def test_a_bug_in_any_thread_stops_the_worker_which_hands_back_its_work_and_says
     # no thread dies while the others keep the worker looking alive.
     keys = Keys(settings.key_prefix)
     where = {
-        "take": (worker.pending, "add"),
+        "take": (worker.window, "add"),
         "forward-0": (worker.lanes, "_count"),
         "reply": (worker.replies, "_write"),
         "heartbeat": (worker.queue, "reclaim_dead"),
@@ -452,7 +452,7 @@ def test_the_next_forward_is_chosen_when_a_lane_is_free(
         redis.lpush(keys.queue, *(item.encode() for item in (a, b, c)))  # at once, so [a, b] is one forward
         assert forwarding.wait(HANG_GUARD_S)
         d = push(redis, keys, "text d")
-        wait_for("c and d held for the next forward", lambda: len(worker.pending) == 2)
+        wait_for("c and d held for the next forward", lambda: len(worker.window) == 2)
         release.set()
         for item in (a, b, c, d):
             assert wait_result(redis, keys, item).predictions
