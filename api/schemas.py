@@ -86,7 +86,10 @@ def json_body(model: type[BaseModel]) -> dict[str, Any]:
 
 class Score(BaseModel):
     label: str
-    score: float
+    score: float = Field(
+        description="By the model's score function (GET /model's `function`): a probability for softmax "
+        "(single-label) and sigmoid (multi-label), the raw value for none (regression)."
+    )
 
 
 class PredictResponse(BaseModel):
@@ -99,6 +102,11 @@ class ModelResponse(BaseModel):
     labels: list[str]
     device: str
     dtype: str
+    function: str = Field(
+        description="What turns the model's logits into its scores, as transformers' text-classification pipeline "
+        "decides it from the checkpoint's config: softmax (single-label), sigmoid (multi-label, or one output) or "
+        "none (regression)."
+    )
 
 
 class ReadyResponse(BaseModel):
