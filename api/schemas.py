@@ -80,8 +80,24 @@ def _in_body(error: Any) -> dict[str, Any]:
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:
-    """OpenAPI for the body of a route that reads it with `parse_json` (FastAPI sees no parameter)."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+    """OpenAPI for the body of a route that reads it with `parse_json` (FastAPI sees no parameter).
+    Nested models are written in place: pydantic's `#/$defs/...` references would point into the
+    OpenAPI document, where nothing (schemathesis, code generators) finds them."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        if (ref := node.get("$ref", "")).startswith("#/$defs/"):
+            return inline(
+                {**definitions[ref.removeprefix("#/$defs/")], **{k: v for k, v in node.items() if k != "$ref"}}
+            )
+        return {key: inline(value) for key, value in node.items()}
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 class Score(BaseModel):
