@@ -1,7 +1,7 @@
 """Who may call the API: optional API keys, then an optional per-client rate limit.
 
 One ASGI middleware in front of every route and mount, so /metrics, /docs, /openapi.json and any
-route added later are covered by default. Only the probes in `OPEN_PATHS` are exempt: a kubelet
+route added later are covered by default; the gRPC service asks the same `admit` (`api.inference_grpc`). Only the probes in `OPEN_PATHS` are exempt: a kubelet
 HTTP probe cannot send a secret header, and they tell only whether this pod can serve.
 
 Keys are compared as SHA-256 digests with `hmac.compare_digest` against every configured key:
@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
@@ -73,6 +74,42 @@ def presented_key(headers: Headers) -> str | None:
     return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
+@dataclass(frozen=True)
+class Refused:
+    """Why a caller is turned away, and when it may come back."""
+
+    error_type: ErrorType
+    message: str
+    retry_after_s: int | None = None
+
+
+async def admit(keys: ApiKeys, limit: RateLimit | None, presented: str | None, address: str) -> str | Refused:
+    """The client a call comes from (its key's name, or `addr-<address>` with keys off), or why it
+    is refused: no key (401), a wrong key (403), its token bucket empty (429)."""
+    if keys:
+        if presented is None:
+            return Refused(ErrorType.UNAUTHORIZED, "an API key is required (X-API-Key or Authorization: Bearer)")
+        client = keys.client(presented)
+        if client is None:
+            return Refused(ErrorType.FORBIDDEN, "this API key is not valid")
+    else:
+        client = f"addr-{address}"
+    if limit is not None and (wait := await _wait(limit, client)) is not None:
+        return Refused(
+            ErrorType.RATE_LIMITED, "too many requests from this client; retry later", max(1, math.ceil(wait))
+        )
+    return client
+
+
+async def _wait(limit: RateLimit, client: str) -> float | None:
+    """The bucket's answer; with Redis unreachable the call goes on (and its route answers 503)."""
+    try:
+        return await limit.take(client)
+    except RedisError as exc:
+        log.debug("rate limit not checked, redis unreachable: %s", exc)
+        return None
+
+
 class AccessControl:
     """ASGI middleware: 401 without a key, 403 with a wrong one, 429 once the client's bucket is empty."""
 
@@ -84,38 +121,15 @@ class AccessControl:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        if self.keys:
-            presented = presented_key(Headers(scope=scope))
-            if presented is None:
-                response = error_response(
-                    ErrorType.UNAUTHORIZED, "an API key is required (X-API-Key or Authorization: Bearer)"
-                )
-                await response(scope, receive, send)
-                return
-            client = self.keys.client(presented)
-            if client is None:
-                await error_response(ErrorType.FORBIDDEN, "this API key is not valid")(scope, receive, send)
-                return
-            scope.setdefault("state", {})["client"] = client  # whose work it queues (`client_of`)
-        else:
-            client = f"addr-{(scope.get('client') or ('unknown',))[0]}"
-        limit: RateLimit | None = getattr(scope["app"].state, "rate_limit", None)
-        if limit is not None and (wait := await self._wait(limit, client)) is not None:
-            response = error_response(
-                ErrorType.RATE_LIMITED, "too many requests from this client; retry later", max(1, math.ceil(wait))
-            )
-            await response(scope, receive, send)
+        presented = presented_key(Headers(scope=scope)) if self.keys else None
+        address = (scope.get("client") or ("unknown",))[0]
+        client = await admit(self.keys, getattr(scope["app"].state, "rate_limit", None), presented, address)
+        if isinstance(client, Refused):
+            await error_response(client.error_type, client.message, client.retry_after_s)(scope, receive, send)
             return
+        if self.keys:
+            scope.setdefault("state", {})["client"] = client  # whose work it queues (`client_of`)
         await self.app(scope, receive, send)
-
-    @staticmethod
-    async def _wait(limit: RateLimit, client: str) -> float | None:
-        """The bucket's answer; with Redis unreachable the request goes on (and its route answers 503)."""
-        try:
-            return await limit.take(client)
-        except RedisError as exc:
-            log.debug("rate limit not checked, redis unreachable: %s", exc)
-            return None
 
 
 def document(app: FastAPI, keys_on: bool, rate_limit_on: bool) -> None:

@@ -1,4 +1,5 @@
-"""The one map from what went wrong to an HTTP status (as in text-embeddings-inference).
+"""The one map from what went wrong to an HTTP status (as in text-embeddings-inference), and beside it
+the gRPC status of each (`GRPC_STATUS`, for the Open Inference Protocol over gRPC).
 
 Every refusal is answered from `ERRORS`, one `ErrorType` -> status, headers and body map, which also
 writes the routes' OpenAPI (`responses`): handlers answer `{"error": message, "error_type": type}`
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -92,6 +94,22 @@ ERRORS: dict[ErrorType, ErrorSpec] = {
     ErrorType.NOT_READY: ErrorSpec(503, body=NotReadyBody),
     ErrorType.CLIENT_GONE: ErrorSpec(499),  # nginx's "client closed request": what the request metrics record
 }
+# The same errors over gRPC (`api.inference_grpc`); bad input, FastAPI's 422, is INVALID_ARGUMENT there.
+GRPC_STATUS: dict[ErrorType, grpc.StatusCode] = {
+    ErrorType.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorType.OVERLOADED: grpc.StatusCode.UNAVAILABLE,
+    ErrorType.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorType.INFERENCE: grpc.StatusCode.INTERNAL,
+    ErrorType.BAD_RESULT: grpc.StatusCode.INTERNAL,
+    ErrorType.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorType.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorType.UNSUPPORTED_MEDIA_TYPE: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorType.UNAUTHORIZED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorType.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorType.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorType.NOT_READY: grpc.StatusCode.UNAVAILABLE,
+    ErrorType.CLIENT_GONE: grpc.StatusCode.CANCELLED,
+}
 for _type, _spec in ERRORS.items():
     if _spec.refusal:
         REQUESTS_REFUSED.labels(_type.value)  # every reason shows from the start, at 0
@@ -104,12 +122,18 @@ class ServiceError(Exception):
         self.message = message
 
 
-def error_response(error_type: ErrorType, message: str, retry_after_s: int | None = None) -> JSONResponse:
-    """The answer for `error_type` as `ERRORS` says (`retry_after_s` overrides its `Retry-After`);
-    a refusal is counted."""
+def counted(error_type: ErrorType) -> ErrorSpec:
+    """`ERRORS`' spec of `error_type`, a refusal counted (over HTTP and gRPC alike)."""
     spec = ERRORS[error_type]
     if spec.refusal:
         REQUESTS_REFUSED.labels(error_type.value).inc()
+    return spec
+
+
+def error_response(error_type: ErrorType, message: str, retry_after_s: int | None = None) -> JSONResponse:
+    """The answer for `error_type` as `ERRORS` says (`retry_after_s` overrides its `Retry-After`);
+    a refusal is counted."""
+    spec = counted(error_type)
     headers = dict(spec.headers)
     if retry := retry_after_s or spec.retry_after_s:
         headers["Retry-After"] = str(retry)

@@ -20,7 +20,7 @@ import struct
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
@@ -112,14 +112,9 @@ def unpack_bytes(raw: bytes, where: tuple[str | int, ...]) -> list[str]:
 
 
 def request_texts(body: Any, binary: bytes, max_texts: int, max_chars: int) -> list[str]:
-    """The input's texts, checked against its shape and the limits the schema could not state."""
+    """The input's texts, from JSON or the binary extension, checked (`checked_texts`)."""
     tensor = body.inputs[0]
     where: tuple[str | int, ...] = ("inputs", 0)
-    n, *rest = tensor.shape
-    if rest not in ([], [1]):
-        raise invalid((*where, "shape"), "the shape must be [n] or [n, 1]", tensor.shape)
-    if not 1 <= n <= max_texts:
-        raise invalid((*where, "shape"), f"between 1 and {max_texts} texts per request", tensor.shape)
     if tensor.data is not None:
         if binary:
             raise invalid(where, "data sent both in JSON and as binary", {})
@@ -129,16 +124,62 @@ def request_texts(body: Any, binary: bytes, max_texts: int, max_chars: int) -> l
         if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
             raise invalid(where, "no data: send it in `data`, or as binary data of `binary_data_size` bytes", {})
         texts = unpack_bytes(binary, (*where, "parameters", "binary_data_size"))
-        if too_long := next((t for t in texts if len(t) > max_chars), None):
-            raise invalid((*where, "data"), f"a text is longer than {max_chars} characters", too_long)
+    return checked_texts(tensor.shape, texts, max_texts, max_chars)
+
+
+def checked_texts(shape: list[int], texts: list[str], max_texts: int, max_chars: int) -> list[str]:
+    """`texts`, if they fit the input's shape (`[n]` or `[n, 1]`) and the limits, over REST and gRPC alike."""
+    where: tuple[str | int, ...] = ("inputs", 0)
+    n, *rest = shape or [0]
+    if rest not in ([], [1]):
+        raise invalid((*where, "shape"), "the shape must be [n] or [n, 1]", shape)
+    if not 1 <= n <= max_texts:
+        raise invalid((*where, "shape"), f"between 1 and {max_texts} texts per request", shape)
+    if too_long := next((t for t in texts if len(t) > max_chars), None):
+        raise invalid((*where, "data"), f"a text is longer than {max_chars} characters", too_long)
     if len(texts) != n:
-        raise invalid((*where, "data"), f"the shape says {n} texts, the data holds {len(texts)}", tensor.shape)
+        raise invalid((*where, "data"), f"the shape says {n} texts, the data holds {len(texts)}", shape)
     return texts
 
 
-async def served(request: Request, name: str, missing: ErrorType = ErrorType.UNAVAILABLE) -> ModelInfo:
+def server_metadata_body(app: FastAPI) -> dict[str, Any]:
+    return {"name": app.title, "version": app.version, "extensions": EXTENSIONS}
+
+
+def model_metadata_body(info: ModelInfo) -> dict[str, Any]:
+    """The served model's metadata: its version, the input and outputs, and `labels` (the order of `scores`)."""
+    return {
+        "name": info.name,
+        "versions": [info.version],
+        "platform": "sentiment-batcher",
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [
+            {"name": "label", "datatype": "BYTES", "shape": [-1]},
+            {"name": "scores", "datatype": "FP32", "shape": [-1, len(info.labels)]},
+        ],
+        "labels": info.labels,
+    }
+
+
+def output_tensors(predictions: list[Prediction]) -> dict[str, dict[str, Any]]:
+    """The outputs by name: `label`, each text's top-scoring label, and `scores`, every label's score
+    in the model's order, flat in row order."""
+    return {
+        "label": {
+            "datatype": "BYTES",
+            "shape": [len(predictions)],
+            "data": [max(p, key=score)["label"] for p in predictions],
+        },
+        "scores": {
+            "datatype": "FP32",
+            "shape": [len(predictions), len(predictions[0])],
+            "data": [s["score"] for p in predictions for s in p],
+        },
+    }
+
+
+async def served(models: ModelInfoCache, name: str, missing: ErrorType = ErrorType.UNAVAILABLE) -> ModelInfo:
     """The served model, if it is `name`: else 404; 503 (`missing`) while no worker has announced one."""
-    models: ModelInfoCache = request.app.state.models
     info = await models.current()
     if info is None:
         raise ServiceError(missing, "no worker has announced a model yet")
@@ -161,7 +202,7 @@ def add_metadata_routes(router: APIRouter) -> None:
     @router.get("")
     async def server_metadata(request: Request) -> dict[str, Any]:
         """Server metadata: name, version, and the protocol extensions supported."""
-        return {"name": request.app.title, "version": request.app.version, "extensions": EXTENSIONS}
+        return server_metadata_body(request.app)
 
     @router.get("/health/live")
     async def live() -> dict[str, bool]:
@@ -177,7 +218,7 @@ def add_metadata_routes(router: APIRouter) -> None:
     @router.get("/models/{name}", responses=responses(ErrorType.NOT_FOUND, ErrorType.UNAVAILABLE))
     async def model_metadata(request: Request, name: str) -> dict[str, Any]:
         """The served model's metadata: its version, the input and outputs, and `labels` (the order of `scores`)."""
-        return metadata(await served(request, name))
+        return model_metadata_body(await served(request.app.state.models, name))
 
     @router.get("/models/{name}/ready", responses=responses(ErrorType.NOT_FOUND, ErrorType.NOT_READY))
     async def model_ready(request: Request, name: str) -> Response:
@@ -186,7 +227,7 @@ def add_metadata_routes(router: APIRouter) -> None:
         if answer.status_code != 200:
             return answer
         try:
-            info = await served(request, name, missing=ErrorType.NOT_READY)
+            info = await served(request.app.state.models, name, missing=ErrorType.NOT_READY)
         except ServiceError as exc:
             return error_response(exc.error_type, exc.message)
         return JSONResponse({"name": info.name, "ready": True})
@@ -203,28 +244,13 @@ def add_infer_route(router: APIRouter, settings: Settings) -> None:
     )
     async def infer(request: Request, name: str) -> Response:
         """Classify texts: the `label` and `scores` of each, in input order (the module's docstring)."""
-        info = await served(request, name)  # first: another model's name is a 404, whatever the body
+        info = await served(request.app.state.models, name)  # first: another model's name is a 404, whatever the body
         body, binary = parse_infer(InferRequest, await request.body(), request.headers)
         texts = request_texts(body, binary, settings.max_texts, settings.max_chars)
         predictor: Predictor = request.app.state.predictor
         predictions, cache = await predictor.predict(texts, client_of(request.scope), request.receive)
         answer = infer_answer(info, body, predictions)
         return Response(orjson.dumps(answer), media_type="application/json", headers={"X-Cache": cache})
-
-
-def metadata(info: ModelInfo) -> dict[str, Any]:
-    """The V2 model metadata of the served model."""
-    return {
-        "name": info.name,
-        "versions": [info.version],
-        "platform": "sentiment-batcher",
-        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
-        "outputs": [
-            {"name": "label", "datatype": "BYTES", "shape": [-1]},
-            {"name": "scores", "datatype": "FP32", "shape": [-1, len(info.labels)]},
-        ],
-        "labels": info.labels,
-    }
 
 
 def parse_infer(request_model: type[BaseModel], raw: bytes, headers: Headers) -> tuple[Any, bytes]:
@@ -241,18 +267,7 @@ def parse_infer(request_model: type[BaseModel], raw: bytes, headers: Headers) ->
 def infer_answer(info: ModelInfo, body: Any, predictions: list[Prediction]) -> dict[str, Any]:
     """The outputs `body` asks for (default both), in `OUTPUTS` order, for the texts' `predictions`."""
     wanted = [o.name for o in body.outputs] if body.outputs else OUTPUTS
-    tensors = {
-        "label": {
-            "datatype": "BYTES",
-            "shape": [len(predictions)],
-            "data": [max(p, key=score)["label"] for p in predictions],
-        },
-        "scores": {
-            "datatype": "FP32",
-            "shape": [len(predictions), len(predictions[0])],
-            "data": [s["score"] for p in predictions for s in p],
-        },
-    }
+    tensors = output_tensors(predictions)
     return {
         "model_name": info.name,
         "model_version": info.version,

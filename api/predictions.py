@@ -31,9 +31,11 @@ from core.protocol import (
     ModelInfo,
     Prediction,
     Result,
+    ScoreFunction,
     Unreadable,
     WorkItem,
     new_id,
+    scored_version,
 )
 from core.redis_replies import raws
 
@@ -110,39 +112,54 @@ class Predictor:
         self._clients_seen: dict[str, float] = {}  # client -> when this process last added it to `Keys.clients`
 
     async def predict(
-        self, texts: list[str], client: str = DEFAULT_CLIENT, receive: Receive | None = None
+        self,
+        texts: list[str],
+        client: str = DEFAULT_CLIENT,
+        receive: Receive | None = None,
+        function: ScoreFunction | None = None,
+        timeout_s: float | None = None,
     ) -> tuple[list[Prediction], CacheStatus]:
-        """Bounded as a whole by the request timeout from its start: a Redis stall anywhere (cache
-        lookup, pool wait, enqueue, the final GETDEL) ends in the 504 at the deadline, not after it.
-        `receive`: the request's ASGI receive channel, its body read; a wait for the worker ends when
-        it says the client went away (499). Traced (tracing on), in FastAPI's span of the HTTP
-        request, which continues a client's trace."""
+        """Bounded as a whole by the request timeout from its start (`timeout_s` when the caller's own
+        deadline is sooner, as a gRPC call's): a Redis stall anywhere (cache lookup, pool wait, enqueue,
+        the final GETDEL) ends in the 504 at the deadline, not after it. `receive`: the request's ASGI
+        receive channel, its body read; a wait for the worker ends when it says the client went away
+        (499). `function`: scores by this function rather than the model's own (`ScoreFunction`).
+        Traced (tracing on), in FastAPI's span of the HTTP request, which continues a client's trace."""
+        timeout_s = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
         if tracing.enabled:
             with tracing.tracer.start_as_current_span("predict", attributes={"sentiment.texts": len(texts)}) as span:
-                predictions, status = await self._bounded(texts, client, receive)
+                predictions, status = await self._bounded(texts, client, receive, function, timeout_s)
                 span.set_attribute("sentiment.cache", status.value)
                 return predictions, status
-        return await self._bounded(texts, client, receive)
+        return await self._bounded(texts, client, receive, function, timeout_s)
 
     async def _bounded(
-        self, texts: list[str], client: str, receive: Receive | None
+        self,
+        texts: list[str],
+        client: str,
+        receive: Receive | None,
+        function: ScoreFunction | None,
+        timeout_s: float,
     ) -> tuple[list[Prediction], CacheStatus]:
-        deadline = time.time() + self._timeout_s  # the work item's too: a worker skips it once we gave up
+        deadline = time.time() + timeout_s  # the work item's too: a worker skips it once we gave up
         try:
-            async with asyncio.timeout(self._timeout_s):
-                return await self._predict(texts, deadline, client, receive)
+            async with asyncio.timeout(timeout_s):
+                return await self._predict(texts, deadline, client, receive, function)
         except TimeoutError:
             raise ServiceError(
-                ErrorType.TIMEOUT, f"no result within {self._timeout_s:g} s; the service is busy or has no worker"
+                ErrorType.TIMEOUT, f"no result within {timeout_s:g} s; the service is busy or has no worker"
             ) from None
 
     async def _predict(
-        self, texts: list[str], deadline: float, client: str, receive: Receive | None
+        self, texts: list[str], deadline: float, client: str, receive: Receive | None, function: ScoreFunction | None
     ) -> tuple[list[Prediction], CacheStatus]:
         unique = list(dict.fromkeys(texts))
         found: dict[str, Prediction] = {}
         if model := await self._models.current():
-            keys = {t: self._keys.cache(model.version, t) for t in unique}
+            if function == model.function:  # the model's own: its cache, and its work
+                function = None
+            version = scored_version(model.version, function)
+            keys = {t: self._keys.cache(version, t) for t in unique}
             local = self._local if self._local is not None else {}  # disabled: a throwaway per request
             # One read per entry: `in` then `[]` reads a TTLCache's clock twice, and an entry expiring
             # in between would raise KeyError.
@@ -158,11 +175,11 @@ class Predictor:
         CACHE_HITS.inc(len(found))
         CACHE_MISSES.inc(len(missing))
         if missing:
-            found.update(zip(missing, await self._compute(missing, deadline, client, receive), strict=True))
+            found.update(zip(missing, await self._compute(missing, deadline, client, receive, function), strict=True))
         return [found[t] for t in texts], status
 
     async def _compute(
-        self, texts: list[str], deadline: float, client: str, receive: Receive | None
+        self, texts: list[str], deadline: float, client: str, receive: Receive | None, function: ScoreFunction | None
     ) -> list[Prediction]:
         """Queue the texts and wait for the worker's result. A wait cut by the deadline, or by its
         client going away, unregisters itself and marks the item abandoned (`_wait`); a worker drops
@@ -175,6 +192,7 @@ class Predictor:
             reply_to=self._waiter.channel,
             client=client,
             traceparent=tracing.traceparent() if tracing.enabled else None,  # the `predict` span's
+            function=function,
         )
         encoded = item.encode()
         with self._waiter.expect(item.id, encoded) as wait:

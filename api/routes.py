@@ -9,6 +9,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from redis.exceptions import RedisError
+from starlette.datastructures import State
 
 from api.access import client_of
 from api.errors import BODY_RESPONSES, RESPONSES, VALIDATION_ERROR, ErrorType, ServiceError, error_response, responses
@@ -86,19 +87,27 @@ async def health() -> dict[str, str]:
 async def ready(request: Request) -> Response:
     """Readiness: Redis answers, at least one worker has a fresh heartbeat, and nothing else is wrong
     (`sentiment serve`: none of its workers is down)."""
-    redis = request.app.state.redis
-    keys: Keys = request.app.state.keys
+    alive = await readiness(request.app.state)
+    if isinstance(alive, str):
+        return error_response(ErrorType.NOT_READY, alive)
+    return JSONResponse({"status": "ready", "workers": alive})
+
+
+async def readiness(state: State) -> int | str:
+    """The live workers, or why the service is not ready (/ready's, and the gRPC probes')."""
+    redis = state.redis
+    keys: Keys = state.keys
     try:
         await redis.ping()
         worker_ids = await redis.smembers(keys.workers)
-        alive = await redis.exists(*(keys.heartbeat(text(w)) for w in worker_ids)) if worker_ids else 0
+        alive: int = await redis.exists(*(keys.heartbeat(text(w)) for w in worker_ids)) if worker_ids else 0
     except RedisError as exc:
-        return error_response(ErrorType.NOT_READY, f"redis unreachable: {exc}")
+        return f"redis unreachable: {exc}"
     if not alive:
-        return error_response(ErrorType.NOT_READY, "no live worker")
-    if (problem := request.app.state.problem) and (reason := problem()):
-        return error_response(ErrorType.NOT_READY, reason)
-    return JSONResponse({"status": "ready", "workers": alive})
+        return "no live worker"
+    if (problem := state.problem) and (reason := problem()):
+        return str(reason)
+    return alive
 
 
 @router.get("/model", response_model=ModelResponse, responses=RESPONSES)

@@ -80,13 +80,32 @@ def _in_body(error: Any) -> dict[str, Any]:
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:
-    """OpenAPI for the body of a route that reads it with `parse_json` (FastAPI sees no parameter)."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+    """OpenAPI for the body of a route that reads it with `parse_json` (FastAPI sees no parameter).
+    Nested models are written in place: pydantic's `#/$defs/...` references would point into the
+    OpenAPI document, where nothing (schemathesis, code generators) finds them."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        if (ref := node.get("$ref", "")).startswith("#/$defs/"):
+            return inline(
+                {**definitions[ref.removeprefix("#/$defs/")], **{k: v for k, v in node.items() if k != "$ref"}}
+            )
+        return {key: inline(value) for key, value in node.items()}
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 class Score(BaseModel):
     label: str
-    score: float
+    score: float = Field(
+        description="By the model's score function (GET /model's `function`): a probability for softmax "
+        "(single-label) and sigmoid (multi-label), the raw value for none (regression)."
+    )
 
 
 class PredictResponse(BaseModel):
@@ -99,6 +118,11 @@ class ModelResponse(BaseModel):
     labels: list[str]
     device: str
     dtype: str
+    function: str = Field(
+        description="What turns the model's logits into its scores, as transformers' text-classification pipeline "
+        "decides it from the checkpoint's config: softmax (single-label), sigmoid (multi-label, or one output) or "
+        "none (regression)."
+    )
 
 
 class ReadyResponse(BaseModel):

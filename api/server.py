@@ -1,7 +1,9 @@
-"""Runs the API under uvicorn (`sentiment api`, and the API half of `sentiment serve`)."""
+"""Runs the API under uvicorn (`sentiment api`, and the API half of `sentiment serve`), and its gRPC
+service on the same event loop (`api.inference_grpc`), so both share one `Predictor`."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -11,12 +13,14 @@ from collections.abc import Callable
 import uvicorn
 
 from api.app import create_app
+from api.inference_grpc import GrpcServer
 from core import tracing
 from core.settings import Settings
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """The API's listening socket, bound before anything else starts: a taken port is one line, exit 1."""
+def listen(host: str, port: int, flag: str = "--port") -> socket.socket:
+    """The API's listening socket, bound before anything else starts: a taken port is one line, exit 1
+    (naming `flag`, the option that chooses another)."""
     try:
         return socket.create_server(
             (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=2048
@@ -24,7 +28,7 @@ def listen(host: str, port: int) -> socket.socket:
     except OSError as exc:
         raise SystemExit(
             f"sentiment: cannot listen on {host}:{port} ({os.strerror(exc.errno) if exc.errno else exc}): "
-            "another process holds it? choose one with --port"
+            f"another process holds it? choose one with {flag}"
         ) from None
 
 
@@ -35,16 +39,21 @@ def run(
     listening: socket.socket | None = None,
     problem: Callable[[], str | None] | None = None,
 ) -> None:
-    """Serve until SIGINT/SIGTERM; uvicorn then stops accepting and drains in-flight requests.
-    `problem`: what else /ready must report (`sentiment serve`'s supervisor)."""
+    """Serve until SIGINT/SIGTERM; uvicorn then stops accepting and drains in-flight requests, then
+    the gRPC service (on `settings.grpc_port`, unless 0) its calls. `problem`: what else /ready must
+    report (`sentiment serve`'s supervisor)."""
     listening = listening or listen(host, port)
+    grpc = None
+    if settings.grpc_port:
+        listen(host, settings.grpc_port, "--grpc-port").close()  # a taken port: the same one line
+        grpc = GrpcServer(settings, host, settings.grpc_port)
     tracing.setup("sentiment-api")
     # uvicorn re-raises the stop signal once drained: make that a clean exit (status 0, callers'
     # `finally` blocks run) instead of death by signal or a KeyboardInterrupt traceback.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: sys.exit(0))
     config = uvicorn.Config(
-        create_app(settings, problem=problem),
+        create_app(settings, problem=problem, grpc=grpc),
         host=host,
         port=port,
         log_level=settings.log_level.lower(),
@@ -52,4 +61,11 @@ def run(
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
         log_config=None,
     )
-    uvicorn.Server(config).run(sockets=[listening])
+
+    async def serve() -> None:
+        if grpc is not None:  # in the loop that runs it (grpc.aio's rule), before anything starts
+            grpc.bind()
+        await uvicorn.Server(config).serve(sockets=[listening])
+
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:  # (what `uvicorn.Server.run` does)
+        runner.run(serve())

@@ -1,8 +1,8 @@
 """The forward stage: the engine's lanes, each a thread that takes its next forward and runs it.
 
 A lane asks `Window` for a forward when it is free, runs it on the engine, and hands the
-probabilities to the reply stage. A forward that fails, or answers another shape than a row of
-label probabilities per text, is run again one text at a time, so a text the model cannot take fails
+logits to the reply stage. A forward that fails, or answers another shape than a row of
+label logits per text, is run again one text at a time, so a text the model cannot take fails
 only the requests that hold it.
 """
 
@@ -64,13 +64,13 @@ class Lanes:
             metrics.STAGE_CPU_SECONDS.labels("plan").inc(started - cpu)
             try:
                 with metrics.busy(), self._span(forward, lane) if tracing.enabled else tracing.OFF:
-                    probabilities = self._forward(forward)
+                    logits = self._forward(forward)
             finally:
                 del self.running[lane]
                 cpu = time.thread_time()
                 metrics.STAGE_CPU_SECONDS.labels("forward").inc(cpu - started)
-            if probabilities is not None:
-                self.replies.computed(forward.texts, probabilities)
+            if logits is not None:
+                self.replies.computed(forward.texts, logits)
 
     def _span(self, forward: Forward, lane: int) -> AbstractContextManager[Span]:
         """The forward's span (tracing on), linked to every request it serves."""
@@ -97,12 +97,12 @@ class Lanes:
             self._one_by_one(forward.texts, exc)
             return None
 
-    def _checked(self, probabilities: np.ndarray, texts: int) -> np.ndarray:
-        """The engine's answer, if it is one row of label probabilities per text (else ValueError: a model failure)."""
-        if not isinstance(probabilities, np.ndarray) or probabilities.shape != (texts, self.labels):
-            shape = getattr(probabilities, "shape", type(probabilities).__name__)
+    def _checked(self, logits: np.ndarray, texts: int) -> np.ndarray:
+        """The engine's answer, if it is one row of label logits per text (else ValueError: a model failure)."""
+        if not isinstance(logits, np.ndarray) or logits.shape != (texts, self.labels):
+            shape = getattr(logits, "shape", type(logits).__name__)
             raise ValueError(f"the engine answered {shape} for {texts} texts and {self.labels} labels")
-        return probabilities
+        return logits
 
     def _one_by_one(self, texts: list[Text], failure: Exception) -> None:
         # Exception messages may quote the input: their text and traceback only at DEBUG.

@@ -42,8 +42,8 @@ class Inference:
         found = {t: orjson.loads(c) for t, c in zip(unique, self.redis.mget(keys), strict=True) if c is not None}
         todo = [t for t in unique if t not in found]
         if todo:
-            probabilities = self._compute(self.classifier.tokenize(todo))
-            fresh = {t: prediction(self.classifier.labels, p) for t, p in zip(todo, probabilities, strict=True)}
+            scores = self._compute(self.classifier.tokenize(todo))
+            fresh = {t: prediction(self.classifier.labels, p) for t, p in zip(todo, scores, strict=True)}
             pipe = self.redis.pipeline(transaction=False)
             for text, pred in fresh.items():
                 pipe.set(self.keys.cache(self.classifier.version, text), orjson.dumps(pred), ex=self.cache_ttl_s)
@@ -52,15 +52,15 @@ class Inference:
         return [found[t] for t in texts]
 
     def _compute(self, ids: list[list[int]]) -> list[list[float]]:
-        """Probabilities for token ids, in order, a forward at a time as the policy cuts them."""
+        """Scores for token ids, in order, a forward at a time as the policy cuts them."""
         left = list(range(len(ids)))
         out: list[list[float]] = [[] for _ in ids]
         while left:
             forwards, _ = batch([len(ids[i]) for i in left], self.policy)
             for chosen, packed in forwards:
                 texts = [left[i] for i in chosen]
-                probabilities = timed_forward(self.classifier.engine.forward, [ids[i] for i in texts], packed)
-                for i, row in zip(texts, probabilities.tolist(), strict=True):
+                logits = timed_forward(self.classifier.engine.forward, [ids[i] for i in texts], packed)
+                for i, row in zip(texts, self.classifier.scores(logits).tolist(), strict=True):
                     out[i] = row
             taken = {i for chosen, _ in forwards for i in chosen}
             left = [i for n, i in enumerate(left) if n not in taken]

@@ -24,11 +24,12 @@ from batcher.redis_link import Command
 from batcher.reply import Replies
 from batcher.work import Held, Text, traceparents
 from core import tracing
-from core.protocol import Unreadable, WorkItem
+from core.protocol import ScoreFunction, Unreadable, WorkItem
 from core.redis_errors import describe
 
 log = logging.getLogger(__name__)
 
+SCORE_FUNCTIONS = frozenset(ScoreFunction)
 IDLE_POLL_S = 1.0  # longest a blocking take waits, so a stop request is seen
 CLOCK_SKEW_S = 1.0  # how far the API's clock (a work item's times) may be from this worker's
 # While requests are being abandoned (the epoch moved in the last LOOKING_FOR_S) and the window is
@@ -47,7 +48,7 @@ class Intake:
         window: Window,
         replies: Replies,
         tokenize: Callable[[list[str]], list[list[int]]],
-        cache_key: Callable[[str], str],
+        cache_key: Callable[[str, ScoreFunction | None], str],
         drop_abandoned: bool = True,
     ) -> None:
         self.queue = queue
@@ -109,6 +110,10 @@ class Intake:
                 log.error("dropped an unreadable work item (%s)", exc)
                 dropped.append(raw)
                 continue
+            if item.function is not None and item.function not in SCORE_FUNCTIONS:
+                log.error("dropped a work item asking for scores by %r, no score function", item.function[:32])
+                dropped.append(raw)
+                continue
             if item.deadline < now:
                 self.expired += 1
                 metrics.WORK_ITEMS_EXPIRED.inc()
@@ -147,11 +152,13 @@ class Intake:
     def _hold(self, items: list[Held]) -> list[bytes]:
         """Answer the items' cached texts and hold the rest for the lanes, leaving out abandoned work;
         the abandoned items, taken now or held before, to acknowledge."""
-        texts: dict[str, Text] = {}
+        texts: dict[str, Text] = {}  # by cache key: a text asked for under another score function is another
         for held in items:
+            function = ScoreFunction(held.item.function) if held.item.function is not None else None
             for index, sentence in enumerate(held.item.texts):
-                if (known := texts.get(sentence)) is None:
-                    known = texts[sentence] = Text(sentence, self.cache_key(sentence), [], held.item.enqueued_at)
+                key = self.cache_key(sentence, function)
+                if (known := texts.get(key)) is None:
+                    known = texts[key] = Text(sentence, key, [], held.item.enqueued_at, function=function)
                 known.waiters.append((held, index))
         self._texts_per_item = len(texts) / len(items)
         commands: list[Command] = [("MGET", *(t.key for t in texts.values()))]

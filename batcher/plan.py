@@ -176,7 +176,7 @@ class Window:
     def __init__(self, policy: Policy, clock: Callable[[], float] = time.time) -> None:
         self.policy = policy
         self.clock = clock
-        self._texts: dict[str, Text] = {}  # by text, in arrival order
+        self._texts: dict[str, Text] = {}  # by cache key (a text, and its score function), in arrival order
         self._turns: dict[str, float] = {}  # per client, the turn after its last text held
         self._round = 0.0  # the turn of the last batch's first text: where a client with nothing held comes in
         self._ready: deque[Forward] = deque()  # the rest of the last batch's forwards, run before a new batch
@@ -205,13 +205,13 @@ class Window:
             now = self.clock()
             self._arrivals.extend([now] * min(items, ARRIVALS))
             for text in texts:
-                if held := self._texts.get(text.text):
+                if held := self._texts.get(text.key):
                     held.waiters.extend(text.waiters)
                 else:
                     client = text.waiters[0][0].item.client
                     text.turn = max(self._round, self._turns.get(client, 0.0))
                     self._turns[client] = text.turn + 1
-                    self._texts[text.text] = text
+                    self._texts[text.key] = text
             self._changed.notify_all()
 
     def next_forward(self) -> Forward | None:
@@ -240,7 +240,7 @@ class Window:
                     forwards = spread(forwards, lengths, self._idle, self.policy)
                     made = [Forward([texts[i] for i in indices], packed) for indices, packed in forwards]
                     for text in (text for forward in made for text in forward.texts):
-                        del self._texts[text.text]
+                        del self._texts[text.key]
                     self._round = texts[0].turn
                     if len(self._turns) > len(self._texts):  # forget clients whose turn has come round
                         self._turns = {c: t for c, t in self._turns.items() if t > self._round}

@@ -28,7 +28,7 @@ from batcher.redis_link import Command, Link
 from batcher.thread_failure import ThreadFailure
 from batcher.work import Held, Text
 from core import tracing
-from core.protocol import Keys, encode_prediction, replies
+from core.protocol import Keys, ScoreFunction, encode_prediction, replies
 from core.redis_errors import Backoff, describe
 
 log = logging.getLogger(__name__)
@@ -36,12 +36,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Outcome:
-    """Texts with their cached predictions, their computed probabilities (to encode and cache), or an
+    """Texts with their cached predictions, their computed logits (to score, encode and cache), or an
     error for all."""
 
     texts: list[Text]
     predictions: list[bytes] | None = None
-    probabilities: np.ndarray | None = None
+    logits: np.ndarray | None = None
     error: str | None = None
 
 
@@ -54,6 +54,7 @@ class Replies:
         keys: Keys,
         queue: WorkQueue,
         labels: list[str],
+        score: Callable[[np.ndarray, ScoreFunction | None], np.ndarray],
         cache_ttl_s: int,
         result_ttl_s: int,
         stopping: threading.Event,
@@ -63,6 +64,7 @@ class Replies:
         self.keys = keys
         self.queue = queue
         self.labels = labels
+        self.score = score  # logits -> scores: by the model's function (None), or another (`Classifier.scores`)
         self.cache_ttl_s = cache_ttl_s
         self.result_ttl_s = result_ttl_s
         self.stopping = stopping
@@ -77,8 +79,8 @@ class Replies:
         self.thread = threading.Thread(target=failure.guard("reply", self._run), name="reply", daemon=True)
         self.thread.start()
 
-    def computed(self, texts: list[Text], probabilities: np.ndarray) -> None:
-        self._inbox.put(Outcome(texts, probabilities=probabilities))
+    def computed(self, texts: list[Text], logits: np.ndarray) -> None:
+        self._inbox.put(Outcome(texts, logits=logits))
 
     def cached(self, hits: list[tuple[Text, bytes]]) -> None:
         self._inbox.put(Outcome([t for t, _ in hits], predictions=[p for _, p in hits]))
@@ -104,13 +106,23 @@ class Replies:
             self.busy_since = None
             metrics.STAGE_CPU_SECONDS.labels("reply").inc(time.thread_time() - cpu)
 
+    def _scores(self, outcome: Outcome) -> list[list[float]]:
+        """Each computed text's scores: by the model's own function, or by the one its requests named
+        (a text asked for under another function is a text of its own, `Text.function`)."""
+        assert outcome.logits is not None
+        scores = self.score(outcome.logits, None)
+        for row, text in enumerate(outcome.texts):
+            if text.function is not None:
+                scores[row] = self.score(outcome.logits[row : row + 1], text.function)[0]
+        return scores.tolist()
+
     def _write(self, outcomes: list[Outcome]) -> None:
         writes: list[Command] = []
         finished: list[Held] = []
         for outcome in outcomes:
             predictions = outcome.predictions
-            if outcome.probabilities is not None:
-                predictions = [encode_prediction(self.labels, row) for row in outcome.probabilities.tolist()]
+            if outcome.logits is not None:
+                predictions = [encode_prediction(self.labels, row) for row in self._scores(outcome)]
                 writes += [
                     ("SET", t.key, p, "EX", self.cache_ttl_s) for t, p in zip(outcome.texts, predictions, strict=True)
                 ]

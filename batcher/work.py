@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import cast
 
-from core.protocol import Result, WorkItem, encode_result
+from core.protocol import Result, ScoreFunction, WorkItem, encode_result
 
 
 @dataclass(eq=False, slots=True)
@@ -44,7 +44,8 @@ class Held:
 @dataclass(eq=False, slots=True)
 class Text:
     """One distinct text taken from the queue: its cache key, token ids, and every (item, index) that
-    asked for it, so a text in several requests goes through the model once."""
+    asked for it, so a text in several requests goes through the model once. A text asked for with
+    another score function than the model's is cached apart (its key), so it is another `Text`."""
 
     text: str
     key: str  # its cache key
@@ -52,6 +53,7 @@ class Text:
     arrived: float  # unix s: its first request's enqueue time (the API's clock)
     ids: list[int] = field(default_factory=list)
     turn: float = 0.0  # its place in the fair order between clients (`plan.Window.add`)
+    function: ScoreFunction | None = None  # the score function its requests named; None: the model's
 
     @property
     def deadline(self) -> float:

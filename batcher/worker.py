@@ -32,7 +32,7 @@ from batcher.queue import WorkQueue
 from batcher.reply import Replies
 from batcher.thread_failure import ThreadFailure
 from core import tracing
-from core.protocol import Keys, ModelInfo, WorkerStatus, new_id
+from core.protocol import Keys, ModelInfo, ScoreFunction, WorkerStatus, new_id, scored_version
 from core.redis_errors import Backoff, describe
 from core.settings import Settings
 from model_store.classifier import Classifier
@@ -59,7 +59,7 @@ class Worker:
         self.window = Window(Policy.of(settings, classifier.cost, classifier.lanes))
         self.failure = ThreadFailure(self.stop, FAILED_STOP_S)
         c = classifier
-        model = ModelInfo(c.name, c.version, c.labels, c.device, c.dtype_name)
+        model = ModelInfo(c.name, c.version, c.labels, c.device, c.dtype_name, c.function.value)
         self.heartbeat = Heartbeat(
             redis, self.keys, self.queue, settings.heartbeat_ttl_s, lambda: self.status, self._healthy, model
         )
@@ -68,6 +68,7 @@ class Worker:
             self.keys,
             self.queue,
             classifier.labels,
+            classifier.scores,
             settings.cache_ttl_s,
             settings.result_ttl_s,
             self._stopping,
@@ -79,9 +80,14 @@ class Worker:
             self.window,
             self.replies,
             classifier.tokenize,
-            lambda text: self.keys.cache(classifier.version, text),
+            self._cache_key,
             settings.drop_abandoned,
         )
+
+    def _cache_key(self, text: str, function: ScoreFunction | None) -> str:
+        """A text's cache key: under the model's version for its own scores, apart for another function's."""
+        own = function is None or function == self.classifier.function
+        return self.keys.cache(scored_version(self.classifier.version, None if own else function), text)
 
     @property
     def status(self) -> WorkerStatus:

@@ -139,6 +139,7 @@ class Topology:
             "SENTIMENT_LOG_LEVEL": "WARNING",
             "SENTIMENT_METRICS_PORT": "0",
             "SENTIMENT_JOBS_METRICS_PORT": "0",
+            "SENTIMENT_GRPC_PORT": "0",  # (two APIs on one machine)
         }
         commands = {
             "api-1": ("api", ("--port", str(self.api_ports[0]))),

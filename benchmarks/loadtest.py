@@ -34,8 +34,11 @@ def k6_binary() -> str:
     return found
 
 
-def k6_command(script: str, base_url: str, summary: Path, duration: str | None, ramp: str = "5s") -> list[str]:
-    """`k6 run` of k6/<script>.js; a `duration` shortens it to `ramp` ramps around that hold."""
+def k6_command(
+    script: str, base_url: str, summary: Path, duration: str | None, ramp: str = "5s", grpc_address: str | None = None
+) -> list[str]:
+    """`k6 run` of k6/<script>.js; a `duration` shortens it to `ramp` ramps around that hold;
+    `grpc_address`: the service's gRPC port (k6/grpc.js)."""
     stages = ["-e", f"RAMP_UP={ramp}", "-e", f"HOLD={duration}", "-e", f"RAMP_DOWN={ramp}"] if duration else []
     return [
         k6_binary(),
@@ -47,6 +50,7 @@ def k6_command(script: str, base_url: str, summary: Path, duration: str | None, 
         TREND_STATS,
         "-e",
         f"BASE_URL={base_url}",
+        *(["-e", f"GRPC_ADDRESS={grpc_address}"] if grpc_address else []),
         *stages,
         str(K6_DIR / f"{script}.js"),
     ]
@@ -54,16 +58,17 @@ def k6_command(script: str, base_url: str, summary: Path, duration: str | None, 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
     """k6's exit status: 0 when every threshold held."""
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="k6-") as tmp, running() as procs:
         summary = Path(tmp) / "summary.json"
         procs.start(
-            ["-m", "sentiment.cli", "serve", "--port", str(port)],
+            ["-m", "sentiment.cli", "serve", "--port", str(port), "--grpc-port", str(grpc_port)],
             {"SENTIMENT_MODEL_DIR": str(args.model_dir), "SENTIMENT_LOG_LEVEL": "WARNING"},
         )
         procs.wait_ok(f"{url}/ready")
-        command = k6_command(args.script, url, summary, None if args.full else args.duration)
+        duration = None if args.full else args.duration
+        command = k6_command(args.script, url, summary, duration, grpc_address=f"127.0.0.1:{grpc_port}")
         status = subprocess.run(command, check=False).returncode
         table = markdown(json.loads(summary.read_text()), args, status)
     print(table)

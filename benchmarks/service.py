@@ -45,9 +45,10 @@ class Reference:
 
 def service_env(redis_url: str, model_dir: Path, **settings: str) -> dict[str, str]:
     """The environment of a benchmark's service processes: this run's Redis and model, the bench's key
-    prefix, quiet logs, and `settings` (SENTIMENT_* variables) on top."""
+    prefix, quiet logs, no gRPC port (APIs run side by side), and `settings` (SENTIMENT_* variables) on top."""
     return {
         "SENTIMENT_REDIS_URL": redis_url,
+        "SENTIMENT_GRPC_PORT": "0",
         "SENTIMENT_MODEL_DIR": str(model_dir),
         "SENTIMENT_KEY_PREFIX": KEY_PREFIX,
         "SENTIMENT_LOG_LEVEL": "WARNING",

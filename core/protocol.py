@@ -17,6 +17,7 @@ import hashlib
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from enum import StrEnum
 from types import UnionType
 from typing import Any, Self, get_args, get_origin, get_type_hints
 
@@ -26,6 +27,21 @@ LabelScore = dict[str, Any]  # {"label": "POSITIVE", "score": 0.98} (the API's r
 Prediction = list[LabelScore]  # one per label, in the model's label order
 DEFAULT_CLIENT = "default"  # the client of every request when API keys are off
 ABANDONED_GRACE_S = 1.0  # how long an `abandoned` marker outlives its item's deadline
+
+
+class ScoreFunction(StrEnum):
+    """What turns a model's logits into its scores, named as transformers' text-classification
+    pipeline names them (`function_to_apply`): each checkpoint has its own (`model_store.scoring`)."""
+
+    SOFTMAX = "softmax"  # single-label classification: the labels' probabilities, summing to 1
+    SIGMOID = "sigmoid"  # multi-label classification, or one output: each label its own yes/no
+    NONE = "none"  # regression: the raw value
+
+
+def scored_version(version: str, function: str | None) -> str:
+    """The cache version of scores by `function`, a function other than the model's own (None): cached
+    apart from the model's own scores, which are cached under the model's version."""
+    return version if function is None else f"{version}~{function}"
 
 
 def new_id() -> str:
@@ -231,6 +247,7 @@ class WorkItem(_Json):
     reply_to: str  # pub/sub channel of the API process that waits
     client: str = DEFAULT_CLIENT  # who asked: an API key's name (`api.access`), else the one default client
     traceparent: str | None = None  # W3C trace context of the request's span, only when tracing is on (core/tracing.py)
+    function: str | None = None  # a `ScoreFunction` other than the model's own, asked for by name; None: the model's
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +267,7 @@ class ModelInfo(_Json):
     labels: list[str]
     device: str
     dtype: str
+    function: str = ScoreFunction.SOFTMAX.value  # the `ScoreFunction` its scores come from
 
 
 @dataclass(frozen=True, slots=True)

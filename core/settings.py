@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="API bind address (`sentiment api`/`serve`; `--host` overrides it).")
     port: int = Field(8000, ge=1, le=65535, description="API port (`--port` overrides it).")
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the API's gRPC service, the Open Inference Protocol over gRPC as Triton and KServe "
+        "clients call it, on the API's address (`--grpc-port` overrides it); 0 disables it.",
+    )
 
     # Request limits
     max_texts: int = Field(64, ge=1, description="Most texts in one /predict request.")

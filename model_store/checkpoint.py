@@ -1,7 +1,7 @@
 """A Hugging Face sequence-classification checkpoint on local disk: validated, fingerprinted, tokenized.
 
 Everything about a model that does not run it: its files, its version (part of every cache key), its
-labels and its tokenizer. What runs the forward is an engine (`model_store.engine`).
+labels, the function that turns its logits into scores (`model_store.scoring`) and its tokenizer. What runs the forward is an engine (`model_store.engine`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 from transformers.utils import logging as hf_logging
+
+from core.protocol import ScoreFunction
+from model_store.scoring import default_function
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -28,7 +31,7 @@ def fingerprint(model_dir: Path) -> str:
 
 
 class Checkpoint:
-    """Config, labels, fingerprint and tokenizer of the checkpoint in `model_dir`."""
+    """Config, labels, score function, fingerprint and tokenizer of the checkpoint in `model_dir`."""
 
     def __init__(self, model_dir: Path) -> None:
         model_dir = Path(model_dir)
@@ -45,6 +48,7 @@ class Checkpoint:
         self.fingerprint = fingerprint(model_dir)
         self.config: PretrainedConfig = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         self.labels = [self.config.id2label[i] for i in range(self.config.num_labels)]
+        self.function: ScoreFunction = default_function(self.config)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         if not tokenizer.is_fast:
             raise ValueError(f"{model_dir} has no fast (tokenizers) tokenizer")

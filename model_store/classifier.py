@@ -1,11 +1,16 @@
-"""A model ready to classify: its checkpoint (files, version, labels, tokenizer) and the engine that runs it."""
+"""A model ready to classify: its checkpoint (files, version, labels, score function, tokenizer) and the
+engine that runs it."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+import numpy as np
+
+from core.protocol import ScoreFunction
 from core.settings import Settings
+from model_store import scoring
 from model_store.checkpoint import Checkpoint
 from model_store.cost import ForwardCost
 from model_store.engine import Engine, EngineName, Precision, load_engine
@@ -14,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 class Classifier:
-    """`tokenize` texts, then `forward` batches of token ids to label probabilities."""
+    """`tokenize` texts, then `forward` batches of token ids to label scores."""
 
     def __init__(
         self,
@@ -30,11 +35,12 @@ class Classifier:
         self.engine: Engine = load_engine(self.checkpoint, engine, device, precision, threads, interop_threads, lanes)
         self.name = self.checkpoint.name
         self.labels = self.checkpoint.labels
+        self.function = self.checkpoint.function
         self.max_length = self.checkpoint.max_length
         self.version = self.checkpoint.version(self.engine.precision)
         self.forward(self.tokenize(["warm up"]))  # the first call pays allocator and kernel set-up
         log.info(
-            "model %s version %s on %s (%s, %s, %d threads, %d forward lanes), labels %s",
+            "model %s version %s on %s (%s, %s, %d threads, %d forward lanes), labels %s, scores by %s",
             self.name,
             self.version,
             self.device,
@@ -43,6 +49,7 @@ class Classifier:
             self.engine.threads,
             self.lanes,
             self.labels,
+            self.function,
         )
 
     @classmethod
@@ -77,6 +84,10 @@ class Classifier:
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.checkpoint.tokenize(texts)
 
+    def scores(self, logits: np.ndarray, function: ScoreFunction | None = None) -> np.ndarray:
+        """The engine's logits as scores: by the model's own function, or `function`."""
+        return scoring.apply(function or self.function, logits)
+
     def forward(self, batch: list[list[int]], packed: bool = False) -> list[list[float]]:
-        """Label probabilities per text, as plain lists (tests, benchmarks, bulk jobs)."""
-        return self.engine.forward(batch, packed).tolist()
+        """Label scores per text, as plain lists (tests, benchmarks)."""
+        return self.scores(self.engine.forward(batch, packed)).tolist()

@@ -1,7 +1,8 @@
 """What runs a model's forward: the interface every engine implements, and which engine `auto` picks.
 
-An engine takes batches of token ids and returns label probabilities; it knows nothing of Redis,
-batching or texts. Engines: torch (CPU fp32/bf16/int8, CUDA fp16/fp32), ONNX Runtime (CPU fp32) and
+An engine takes batches of token ids and returns the model's logits; it knows nothing of Redis,
+batching or texts, nor of the function that makes them scores (`model_store.scoring`, applied after
+every engine alike). Engines: torch (CPU fp32/bf16/int8, CUDA fp16/fp32), ONNX Runtime (CPU fp32) and
 the null engine (constant answers at almost no cost, to measure the service around the model).
 """
 
@@ -36,8 +37,8 @@ class Engine(Protocol):
         """Make the calling thread one of the `lanes` forward threads."""
 
     def forward(self, batch: Sequence[list[int]], packed: bool = False) -> np.ndarray:
-        """Label probabilities, (texts, labels) float32, for one batch of token ids: padded to its
-        longest text, or (`packed`, where `cost.packs`) concatenated into one row."""
+        """Logits, (texts, labels) float32, for one batch of token ids: padded to its longest text,
+        or (`packed`, where `cost.packs`) concatenated into one row."""
         ...
 
 

@@ -1,19 +1,31 @@
-"""Random-weight DistilBERT checkpoints in the Hugging Face on-disk format.
+"""Random-weight DistilBERT (and BERT) checkpoints in the Hugging Face on-disk format.
 
-Tests load a tiny one through the real loading code; benchmarks build the full-size shape from a
-config directory (compute cost equals the real model's; its predictions mean nothing).
+Tests load a tiny one through the real loading code, of any head (single-label, multi-label,
+regression); benchmarks build the full-size shape from a config directory (compute cost equals the
+real model's; its predictions mean nothing).
 """
 
 from __future__ import annotations
 
 import shutil
 import string
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
-from transformers import AutoConfig, BertTokenizer, DistilBertConfig, DistilBertForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertTokenizer,
+    DistilBertConfig,
+    PretrainedConfig,
+)
 
 LABELS = {0: "NEGATIVE", 1: "POSITIVE"}
+Architecture = Literal["distilbert", "bert"]
+ProblemType = Literal["single_label_classification", "multi_label_classification", "regression"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 _WORDS = [
     "i",
@@ -40,22 +52,47 @@ _WORDS = [
 ]
 
 
-def write_tiny_model(dest: Path, seed: int = 0, max_length: int = 128) -> Path:
-    """A 2-layer, 32-wide DistilBERT with a small word-piece vocabulary that spells any ASCII text."""
+def write_tiny_model(
+    dest: Path,
+    seed: int = 0,
+    max_length: int = 128,
+    architecture: Architecture = "distilbert",
+    labels: Sequence[str] = tuple(LABELS.values()),
+    problem_type: ProblemType | None = None,
+) -> Path:
+    """A 2-layer, 32-wide DistilBERT (or BERT) with a small word-piece vocabulary that spells any
+    ASCII text, and a head of `labels` for `problem_type` (None: as transformers infers it)."""
     dest.mkdir(parents=True, exist_ok=True)
     chars = string.ascii_lowercase + string.digits
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *string.punctuation]
     vocab += [f"##{c}" for c in chars] + _WORDS
-    config = DistilBertConfig(
-        vocab_size=len(vocab),
-        dim=32,
-        hidden_dim=64,
-        n_layers=2,
-        n_heads=2,
-        max_position_embeddings=max_length,
-        id2label=LABELS,
-        label2id={v: k for k, v in LABELS.items()},
-    )
+    id2label = dict(enumerate(labels))
+    label2id = {label: i for i, label in enumerate(labels)}
+    config: PretrainedConfig
+    if architecture == "bert":
+        config = BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=max_length,
+            id2label=id2label,
+            label2id=label2id,
+            problem_type=problem_type,
+        )
+    else:
+        config = DistilBertConfig(
+            vocab_size=len(vocab),
+            dim=32,
+            hidden_dim=64,
+            n_layers=2,
+            n_heads=2,
+            max_position_embeddings=max_length,
+            id2label=id2label,
+            label2id=label2id,
+            problem_type=problem_type,
+        )
     BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, model_max_length=max_length).save_pretrained(dest)
     return _write_weights(config, dest, seed)
 
@@ -69,7 +106,7 @@ def write_full_size_model(config_dir: Path, dest: Path, seed: int = 0) -> Path:
     return _write_weights(AutoConfig.from_pretrained(config_dir), dest, seed)
 
 
-def _write_weights(config: DistilBertConfig, dest: Path, seed: int) -> Path:
+def _write_weights(config: PretrainedConfig, dest: Path, seed: int) -> Path:
     torch.manual_seed(seed)
-    DistilBertForSequenceClassification(config).save_pretrained(dest)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(dest)
     return dest

@@ -1,4 +1,4 @@
-"""The null engine: constant probabilities of the right shape at almost no cost.
+"""The null engine: constant logits of the right shape at almost no cost.
 
 Not a model: `sentiment serve` and `sentiment bench` select it (SENTIMENT_ENGINE=null) to measure
 the service's own ceiling, everything around the forward, on any machine. Its answers are cached
@@ -15,7 +15,7 @@ from model_store.cost import ForwardCost
 
 
 class NullEngine:
-    """Every text gets the same probabilities: the softmax of logits 0, 1, 2, ... over the labels."""
+    """Every text gets the same logits: 0, 1, 2, ... over the labels."""
 
     name = "null"
     device = "cpu"
@@ -27,8 +27,7 @@ class NullEngine:
     cost = ForwardCost(overhead_tokens=1024, attention_tokens=2048, packs=False)
 
     def __init__(self, labels: int) -> None:
-        logits = np.arange(labels, dtype=np.float32)
-        self._row = np.exp(logits) / np.exp(logits).sum()
+        self._row = np.arange(labels, dtype=np.float32)
 
     def start_lane(self) -> None:
         """Nothing runs on the calling thread but this copy."""

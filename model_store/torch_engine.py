@@ -114,8 +114,7 @@ class TorchEngine:
 
     def forward(self, batch: Sequence[list[int]], packed: bool = False) -> np.ndarray:
         with torch.inference_mode(), arithmetic(self._device, self.precision):
-            logits = self._run(**self.inputs(batch, packed))
-            return logits.float().softmax(dim=-1).cpu().numpy()
+            return self._run(**self.inputs(batch, packed)).float().cpu().numpy()
 
     def _eager(self, **inputs: torch.Tensor) -> torch.Tensor:
         return self._module(**{name: tensor.to(self._device) for name, tensor in inputs.items()})

@@ -40,6 +40,9 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     def with_address(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--host", default=settings.host, help="bind address (default %(default)s)")
         p.add_argument("--port", type=int, default=settings.port, help="port (default %(default)s)")
+        p.add_argument(
+            "--grpc-port", type=int, default=settings.grpc_port, help="gRPC port, 0 for none (default %(default)s)"
+        )
         return p
 
     def with_probe(p: argparse.ArgumentParser, alive: str) -> argparse.ArgumentParser:
@@ -138,7 +141,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     bench.add_argument("--doc", type=Path, help="doc to update (default docs/performance.md; none for --quick)")
     bench.set_defaults(run=_bench)
     loadtest = commands.add_parser("loadtest", help="a k6 load test against `sentiment serve` on a free port")
-    loadtest.add_argument("--script", choices=("load", "unique", "jobs"), default="load", help="k6/<script>.js")
+    loadtest.add_argument("--script", choices=("load", "unique", "jobs", "grpc"), default="load", help="k6/<script>.js")
     loadtest.add_argument("--duration", default="20s", help="k6 hold stage (default %(default)s)")
     loadtest.add_argument("--full", action="store_true", help="the script's own stages (load: 30 s ramp, 1 m hold)")
     loadtest.add_argument("--model-dir", type=Path, default=settings.model_dir, help="default SENTIMENT_MODEL_DIR")
@@ -167,13 +170,13 @@ def _count(text: str) -> int:
 def _serve(settings: Settings, args: argparse.Namespace) -> None:
     from sentiment.embedded import serve
 
-    serve(settings.model_copy(update={"workers": args.workers}), args.host, args.port)
+    serve(settings.model_copy(update={"workers": args.workers, "grpc_port": args.grpc_port}), args.host, args.port)
 
 
 def _api(settings: Settings, args: argparse.Namespace) -> None:
     import api.server
 
-    api.server.run(settings, args.host, args.port)
+    api.server.run(settings.model_copy(update={"grpc_port": args.grpc_port}), args.host, args.port)
 
 
 def _model_process(settings: Settings) -> None:

@@ -128,6 +128,8 @@ def serve(settings: Settings, host: str, port: int) -> None:
     """Redis (embedded unless SENTIMENT_REDIS_URL is set), the worker processes once they serve, then
     the API here. A taken port or a worker that cannot start ends it with one line and exit 1."""
     listening = api.server.listen(host, port)  # before anything starts: a taken port costs nothing
+    if settings.grpc_port:  # (bound for good by the API, once the workers serve)
+        api.server.listen(host, settings.grpc_port, "--grpc-port").close()
     # A closed terminal (SIGHUP) stops serve as Ctrl-C does: the API drains, the workers finish.
     signal.signal(signal.SIGHUP, lambda *_: signal.raise_signal(signal.SIGTERM))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # (until the API's own handler replaces it)

@@ -27,6 +27,9 @@ from sentiment.embedded import embedded_redis, free_port, start_redis_server
 REPO = Path(__file__).resolve().parents[1]
 # Development data lives beside the checkout (../shared); SENTIMENT_SHARED_DIR points elsewhere.
 SHARED = Path(os.environ.get("SENTIMENT_SHARED_DIR", REPO.parent / "shared"))
+# The services tests start open no gRPC port unless a test gives one: the default port would be taken
+# by the first, and the next would fail to start.
+os.environ["SENTIMENT_GRPC_PORT"] = "0"
 # Every wait in the tests is a hang guard, never a timing claim: generous on a loaded 2-core box.
 HANG_GUARD_S = 60.0
 T = TypeVar("T")

@@ -174,7 +174,7 @@ def test_api_image_installs_no_torch_and_serves_on_port_8000() -> None:
     assert argv[0] == "sentiment"
     args = cli(argv[1:])
     assert (args.run.__name__, args.host, args.port) == ("_api", "0.0.0.0", 8000)
-    assert dockerfile.final.one("EXPOSE") == str(args.port)
+    assert dockerfile.final.one("EXPOSE") == f"{args.port} {args.grpc_port}"  # HTTP, and gRPC
 
 
 def _healthcheck() -> list[str]:

@@ -110,7 +110,7 @@ def test_labels_and_scores_are_predicts_and_the_models(
 def test_the_readmes_client_snippet_classifies_through_the_service(
     service: Service, model: dict, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    snippet = README.split("stock Open Inference Protocol client")[1].split("```python\n")[1].split("```")[0]
+    snippet = README.split("over REST with Triton's client")[1].split("```python\n")[1].split("```")[0]
     exec(snippet.replace("localhost:8000", f"127.0.0.1:{service.port}"), {})
     labels, scores = capsys.readouterr().out.split("] [", 1)
     assert sum(labels.count(f"'{label}'") for label in model["labels"]) == 2  # one per text

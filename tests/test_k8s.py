@@ -359,7 +359,7 @@ def test_http_probes_use_real_routes_and_the_served_port(target: str) -> None:
     args = cli_args(container["args"])
     assert args.run.__name__ == "_api" and args.host == "0.0.0.0"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": args.port}
+    assert ports == {"http": args.port, "grpc": args.grpc_port}
     paths = {}
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         get_ = container[probe]["httpGet"]

@@ -412,7 +412,7 @@ def make_intake(
         window,
         replies or RepliesRecorder(),  # type: ignore[arg-type]
         tokenize,
-        lambda text: KEYS.cache("v", text),
+        lambda text, _: KEYS.cache("v", text),
     )
 
 
@@ -556,9 +556,9 @@ def test_identical_texts_across_items_become_one_text_with_a_waiter_each(redis: 
 def test_an_item_split_across_forwards_is_held_until_all_its_texts_are_answered(redis: fakeredis.FakeRedis) -> None:
     """A 5-text item and max_texts 3: two forwards; the item leaves the processing list with the second."""
     queue = WorkQueue(redis, KEYS, "w1")
-    replies = Replies(redis, KEYS, queue, ["NEGATIVE", "POSITIVE"], 60, 60, threading.Event())
+    replies = Replies(redis, KEYS, queue, ["NEGATIVE", "POSITIVE"], lambda logits, _: logits, 60, 60, threading.Event())
     window = Window(policy(max_texts=3))
-    intake = Intake(queue, window, replies, word_ids, lambda text: KEYS.cache("v", text))
+    intake = Intake(queue, window, replies, word_ids, lambda text, _: KEYS.cache("v", text))
     big = push(redis, "t0", "t1", "t2", "t3", "t4")
     small = push(redis, "u0")
     assert intake.take()

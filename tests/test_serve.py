@@ -27,7 +27,7 @@ from tests.conftest import wait_for
 class Serve:
     """A `sentiment serve` process on a free port, and the processes it started."""
 
-    def __init__(self, model_dir: Path, port: int | None = None) -> None:
+    def __init__(self, model_dir: Path, port: int | None = None, env: dict[str, str] | None = None) -> None:
         self.marker = f"serve-test-{new_id()}"
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -38,6 +38,7 @@ class Serve:
             "SENTIMENT_TORCH_THREADS": "1",
             "SENTIMENT_METRICS_PORT": "0",
             "SENTIMENT_JOBS_METRICS_PORT": "0",
+            **(env or {}),
         }
         env.pop("SENTIMENT_REDIS_URL", None)  # its own embedded Redis
         self.proc = subprocess.Popen(
@@ -94,15 +95,19 @@ class Serve:
 
         wait_for("serve to be ready", up)
 
+    def kill(self) -> None:
+        """Whatever is left of this serve, however the test ended."""
+        for pid in self.alive(self.seen | set(self.family())):
+            os.kill(pid, signal.SIGKILL)
+        self.proc.wait(10)
+
 
 @pytest.fixture
 def serves() -> Iterator[list[Serve]]:
     started: list[Serve] = []
     yield started
     for serve in started:
-        for pid in serve.alive(serve.seen | set(serve.family())):
-            os.kill(pid, signal.SIGKILL)
-        serve.proc.wait(10)
+        serve.kill()
 
 
 def start(serves: list[Serve], model_dir: Path, port: int | None = None) -> Serve:

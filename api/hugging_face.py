@@ -1,0 +1,93 @@
+"""Hugging Face's text-classification task at `POST /`, where `huggingface_hub.InferenceClient(base_url)`
+sends `text_classification(text, top_k=..., function_to_apply=...)`: the client posts to the base URL
+itself, as to an Inference Endpoint.
+
+The Hub's task (huggingface.js, tasks/text-classification): `{"inputs": text, "parameters": {"top_k":
+k, "function_to_apply": "softmax" | "sigmoid" | "none"}}` answered `[[{"label", "score"}, ...]]`, the
+labels highest score first, the first `top_k` (every label when absent). `inputs` may also be a list
+of texts, answered a list each, as the Inference API takes them.
+
+Scores are /predict's (the same `Predictor`: cache, queue, limits, errors, keys). A `function_to_apply`
+other than the model's own (GET /model's `function`) is worked out by the worker from the model's
+logits, as transformers' pipeline does when asked for it, and cached apart from the model's own scores.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import FastAPI, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from api.access import client_of
+from api.errors import BODY_RESPONSES, RESPONSES, VALIDATION_ERROR
+from api.limits import body_limit
+from api.predictions import Predictor
+from api.routes import RequestRoute
+from api.schemas import Score, json_body, parse_json
+from core.protocol import Prediction, ScoreFunction
+
+PATH = "/"
+
+
+class Parameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    top_k: Annotated[int, Field(ge=1)] | None = Field(None, description="Only the top k labels (default: every label).")
+    function_to_apply: Literal["softmax", "sigmoid", "none"] | None = Field(
+        None, description="The function from the model's logits to the scores (default: the model's own, GET /model)."
+    )
+
+
+def classification_request(max_texts: int, max_chars: int) -> type[BaseModel]:
+    """The task's request with the configured limits (documented in the OpenAPI schema)."""
+    Text = Annotated[str, StringConstraints(max_length=max_chars)]
+
+    class TextClassificationRequest(BaseModel):
+        model_config = ConfigDict(
+            extra="forbid",
+            json_schema_extra={"examples": [{"inputs": "I love you.", "parameters": {"top_k": 1}}]},
+        )
+        inputs: Text | Annotated[list[Text], Field(min_length=1, max_length=max_texts)] = Field(
+            description="A text, or a list of texts (a list of labels each)."
+        )
+        parameters: Parameters | None = None
+
+    return TextClassificationRequest
+
+
+def body_limit_of(max_texts: int, max_chars: int) -> int:
+    """Bytes of the largest request: /predict's texts and room for the parameters."""
+    return body_limit(max_texts, max_chars) + 256
+
+
+def ranked(prediction: Prediction, top_k: int | None) -> Prediction:
+    """The labels highest score first (the model's order on a tie), the first `top_k` of them."""
+    return sorted(prediction, key=lambda s: -s["score"])[:top_k]
+
+
+def add_text_classification_route(app: FastAPI, max_texts: int, max_chars: int) -> None:
+    Request_ = classification_request(max_texts, max_chars)
+
+    async def text_classification(request: Request) -> Response:
+        """Hugging Face's text-classification task, for `InferenceClient(base_url).text_classification`:
+        each text's labels, highest score first."""
+        body: Any = parse_json(Request_, await request.body(), request.headers.get("content-type", ""))
+        parameters = body.parameters or Parameters()
+        texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+        function = ScoreFunction(parameters.function_to_apply) if parameters.function_to_apply else None
+        predictor: Predictor = request.app.state.predictor
+        predictions, cache = await predictor.predict(texts, client_of(request.scope), request.receive, function)
+        answer = [ranked(p, parameters.top_k) for p in predictions]
+        return Response(orjson.dumps(answer), media_type="application/json", headers={"X-Cache": cache})
+
+    app.router.add_api_route(
+        PATH,
+        text_classification,
+        methods=["POST"],
+        tags=["predict"],
+        route_class_override=RequestRoute,
+        response_model=list[list[Score]],
+        openapi_extra=json_body(Request_),
+        responses={**RESPONSES, **BODY_RESPONSES, 422: VALIDATION_ERROR},
+    )

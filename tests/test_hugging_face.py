@@ -1,0 +1,125 @@
+"""Hugging Face's text-classification task at `POST /`: `huggingface_hub.InferenceClient` unchanged.
+
+End to end: `sentiment api` and `sentiment worker` against a real redis-server, called by
+InferenceClient (and the README's snippet), answering /predict's labels and scores, ranked.
+In process on fakeredis with a worker thread: `top_k`, `function_to_apply` as transformers applies
+it to the model's logits (cached apart from the model's own scores), and bad parameters as 422.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import fakeredis
+import httpx
+import numpy as np
+import pytest
+from huggingface_hub import InferenceClient
+
+from api.app import create_app
+from batcher.worker import Worker
+from core.settings import Settings
+from model_store.classifier import Classifier
+from tests.conftest import REPO, Service, start_service, start_worker
+
+README = (REPO / "README.md").read_text()
+TEXTS = ["a good movie", "bad", "", "ünïcödé ✓"]
+
+
+@pytest.fixture(scope="module")
+def service(redis_url: str, tiny_model_dir: Path) -> Iterator[Service]:
+    service = start_service(redis_url, tiny_model_dir, "hf", SENTIMENT_REQUEST_TIMEOUT_S="120")
+    yield service
+    assert service.stop() == [0, 0]
+
+
+def predicted(url: str, texts: list[str]) -> list[list[dict]]:
+    return httpx.post(f"{url}/predict", json={"text": texts}, timeout=60).json()["predictions"]
+
+
+def test_inference_client_classifies_as_predict_ranked(service: Service) -> None:
+    client = InferenceClient(service.url)
+    for text, want in zip(TEXTS, predicted(service.url, TEXTS), strict=True):
+        answer = client.text_classification(text)
+        ranked = sorted(want, key=lambda s: -s["score"])
+        assert [(a.label, a.score) for a in answer] == [(s["label"], pytest.approx(s["score"])) for s in ranked]
+        [top] = client.text_classification(text, top_k=1)
+        assert top.label == ranked[0]["label"]
+    # The model's own function by name is the model's scores (SST-2's: softmax), the others its logits'.
+    [softmax] = client.text_classification(TEXTS[0], top_k=1, function_to_apply="softmax")
+    assert softmax.score == pytest.approx(max(s["score"] for s in predicted(service.url, TEXTS[:1])[0]))
+    raw = {a.label: a.score for a in client.text_classification(TEXTS[0], function_to_apply="none")}
+    sigmoid = {a.label: a.score for a in client.text_classification(TEXTS[0], function_to_apply="sigmoid")}
+    assert sigmoid == pytest.approx({label: 1 / (1 + math.exp(-logit)) for label, logit in raw.items()}, abs=1e-6)
+
+
+def test_the_readmes_inference_client_snippet_classifies_through_the_service(
+    service: Service, capsys: pytest.CaptureFixture[str]
+) -> None:
+    snippet = README.split("Hugging Face's client")[1].split("```python\n")[1].split("```")[0]
+    exec(snippet.replace("http://localhost:8000", service.url), {})
+    every, top = capsys.readouterr().out.strip().splitlines()
+    assert every.count("TextClassificationOutputElement(") == 2 and top.count("TextClassificationOutputElement(") == 1
+
+
+# In process, on fakeredis, with a worker thread.
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def client(settings: Settings, fake_server: fakeredis.FakeServer) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, redis=fakeredis.FakeAsyncRedis(server=fake_server), jobs_redis=fakeredis.FakeRedis())
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+            yield client
+
+
+@pytest.mark.anyio
+async def test_function_to_apply_is_the_pipelines_on_the_models_logits_cached_apart(
+    client: httpx.AsyncClient, worker: Worker, classifier: Classifier
+) -> None:
+    start_worker(worker)
+    logits = classifier.engine.forward(classifier.tokenize(TEXTS))
+    predict = await client.post("/predict", json={"text": TEXTS})
+    assert predict.headers["x-cache"] == "miss"
+    for function, want in (
+        ("softmax", classifier.scores(logits)),  # the model's own: /predict's cache
+        ("sigmoid", 1 / (1 + np.exp(-logits))),
+        ("none", logits),
+    ):
+        first = await client.post("/", json={"inputs": TEXTS, "parameters": {"function_to_apply": function}})
+        again = await client.post("/", json={"inputs": TEXTS, "parameters": {"function_to_apply": function}})
+        assert (first.headers["x-cache"], again.headers["x-cache"]) == (
+            "hit" if function == "softmax" else "miss",
+            "hit",
+        )
+        assert first.json() == again.json()
+        for answer, row in zip(first.json(), want.tolist(), strict=True):
+            assert {s["label"]: s["score"] for s in answer} == pytest.approx(
+                dict(zip(classifier.labels, row, strict=True)), abs=1e-5
+            )
+            assert [s["score"] for s in answer] == sorted((s["score"] for s in answer), reverse=True)
+    assert worker.lanes.computed == 3 * len(TEXTS)  # for the model's own function, and for each other once
+    one = await client.post("/", json={"inputs": "a good movie", "parameters": {"top_k": 1}})
+    assert len(one.json()) == 1 and len(one.json()[0]) == 1
+
+
+@pytest.mark.anyio
+async def test_bad_parameters_are_a_422(client: httpx.AsyncClient) -> None:
+    for body in (
+        {"inputs": "x", "parameters": {"top_k": 0}},
+        {"inputs": "x", "parameters": {"function_to_apply": "tanh"}},
+        {"inputs": "x", "parameters": {"temperature": 1}},
+        {"inputs": []},
+        {"inputs": ["x"] * 65},  # over SENTIMENT_MAX_TEXTS
+        {"inputs": "x" * 2001},  # over SENTIMENT_MAX_CHARS
+        {"text": ["x"]},
+    ):
+        response = await client.post("/", json=body)
+        assert response.status_code == 422, (body, response.text)

@@ -1,0 +1,376 @@
+"""The Open Inference Protocol over gRPC, through clients this project did not write.
+
+End to end: `sentiment api` (with its gRPC port) and `sentiment worker` against a real redis-server,
+called by tritonclient.grpc and kserve's InferenceGRPCClient, answering what /predict answers. Each
+client runs in a process of its own: both register the protocol's messages in protobuf's one default
+pool, as our generated modules do, and a pool takes each message once.
+In process on fakeredis, through our own generated stub: the status code of every refusal, the
+call's deadline as the request's, API keys, and the .proto held to the protocol's.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import grpc
+import httpx
+import pytest
+
+from api.app import create_app
+from api.grpc_v2 import grpc_predict_v2_pb2 as pb
+from api.grpc_v2 import grpc_predict_v2_pb2_grpc as pb_grpc
+from api.inference_grpc import GrpcServer
+from core.protocol import Keys, ModelInfo, WorkItem
+from core.settings import Settings
+from sentiment.embedded import free_port
+from tests.conftest import REPO, Service, start_service
+
+KEY = "a-test-key-of-some-length"
+TEXTS = ["a good movie", "bad", "", "a good movie", "ünïcödé ✓"]
+README = (REPO / "README.md").read_text()
+PROTO = REPO / "api" / "grpc_v2" / "grpc_predict_v2.proto"
+
+
+@pytest.fixture(scope="module")
+def service(redis_url: str, tiny_model_dir: Path) -> Iterator[Service]:
+    service = start_service(
+        redis_url,
+        tiny_model_dir,
+        "grpc",
+        SENTIMENT_GRPC_PORT=str(free_port()),
+        SENTIMENT_REQUEST_TIMEOUT_S="120",
+        SENTIMENT_MAX_TEXTS="8",
+    )
+    yield service
+    assert service.stop() == [0, 0]
+
+
+@pytest.fixture(scope="module")
+def grpc_address(service: Service) -> str:
+    return f"127.0.0.1:{service.env['SENTIMENT_GRPC_PORT']}"
+
+
+@pytest.fixture(scope="module")
+def model(service: Service) -> dict:
+    return httpx.get(f"{service.url}/model", timeout=30).json()
+
+
+def run_client(script: str, **values: Any) -> Any:
+    """Run `script` in a fresh Python, `values` bound as JSON; what it printed last, as JSON."""
+    preamble = "".join(f"{name} = json.loads({json.dumps(json.dumps(value))})\n" for name, value in values.items())
+    done = subprocess.run(
+        [sys.executable, "-c", "import json\n" + preamble + textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_tritonclient_grpc_probes_reads_metadata_and_classifies_as_predict(
+    service: Service, grpc_address: str, model: dict
+) -> None:
+    answer = run_client(
+        """
+        import numpy as np, tritonclient.grpc as triton
+        from tritonclient.utils import InferenceServerException
+        client = triton.InferenceServerClient(address)
+        metadata = client.get_model_metadata(name, as_json=True)
+        text = triton.InferInput("text", [len(texts), 1], "BYTES")
+        text.set_data_from_numpy(np.array(texts, dtype=object).reshape(-1, 1))
+        result = client.infer(name, [text], request_id="r-1", client_timeout=60)
+        only = client.infer(name, [text], outputs=[triton.InferRequestedOutput("scores")])
+        refusals = {}
+        for case, model_name, data in (
+            ("unknown model", "no-such-model", ["x"]),
+            ("too many texts", name, ["x"] * 9),  # SENTIMENT_MAX_TEXTS is 8
+            ("too long", name, ["x" * 10_000]),
+        ):
+            bad = triton.InferInput("text", [len(data)], "BYTES")
+            bad.set_data_from_numpy(np.array(data, dtype=object))
+            try:
+                client.infer(model_name, [bad])
+            except InferenceServerException as exc:
+                refusals[case] = exc.status()
+        print(json.dumps({
+            "live": client.is_server_live(),
+            "ready": client.is_server_ready(),
+            "model ready": client.is_model_ready(name),
+            "other model ready": client.is_model_ready("no-such-model"),
+            "server": client.get_server_metadata(as_json=True),
+            "metadata": metadata,
+            "response": result.get_response(as_json=True),
+            "label": [label.decode() for label in result.as_numpy("label")],
+            "scores": result.as_numpy("scores").tolist(),
+            "only": [o.name for o in only.get_response().outputs],
+            "refusals": refusals,
+        }))
+        """,
+        address=grpc_address,
+        name=model["name"],
+        texts=TEXTS,
+    )
+    assert answer["live"] and answer["ready"] and answer["model ready"] and not answer["other model ready"]
+    assert answer["server"]["name"] == "sentiment-batcher"
+    metadata = answer["metadata"]
+    assert (metadata["name"], metadata["versions"]) == (model["name"], [model["version"]])
+    assert [(o["name"], o["datatype"], o["shape"]) for o in metadata["outputs"]] == [
+        ("label", "BYTES", ["-1"]),
+        ("scores", "FP32", ["-1", str(len(model["labels"]))]),
+    ]
+    response = answer["response"]
+    assert (response["model_name"], response["model_version"], response["id"]) == (
+        model["name"],
+        model["version"],
+        "r-1",
+    )
+    predicted = httpx.post(f"{service.url}/predict", json={"text": TEXTS}, timeout=60).json()["predictions"]
+    assert answer["scores"] == [pytest.approx([s["score"] for s in p], abs=1e-6) for p in predicted]
+    assert answer["label"] == [max(p, key=lambda s: s["score"])["label"] for p in predicted]
+    assert answer["only"] == ["scores"]
+    assert answer["refusals"] == {
+        "unknown model": "StatusCode.NOT_FOUND",
+        "too many texts": "StatusCode.INVALID_ARGUMENT",
+        "too long": "StatusCode.INVALID_ARGUMENT",
+    }
+
+
+def test_kserves_grpc_client_classifies_as_predict(service: Service, grpc_address: str, model: dict) -> None:
+    answer = run_client(
+        """
+        import asyncio, numpy as np
+        from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+        async def main():
+            client = InferenceGRPCClient(address, timeout=60)
+            text = InferInput("text", [len(texts)], "BYTES")
+            text.set_data_from_numpy(np.array(texts, dtype=object))
+            result = await client.infer(InferRequest(model_name=name, infer_inputs=[text], request_id="k-1"))
+            ready = await client.is_server_ready() and await client.is_model_ready(name)
+            await client.close()
+            return {
+                "ready": ready,
+                "id": result.id,
+                "outputs": {o.name: o.as_numpy().tolist() for o in result.outputs},
+            }
+
+        print(json.dumps(asyncio.run(main()), default=lambda b: b.decode()))
+        """,
+        address=grpc_address,
+        name=model["name"],
+        texts=TEXTS,
+    )
+    predicted = httpx.post(f"{service.url}/predict", json={"text": TEXTS}, timeout=60).json()["predictions"]
+    assert answer["ready"] and answer["id"] == "k-1"
+    assert answer["outputs"]["scores"] == [pytest.approx([s["score"] for s in p], abs=1e-6) for p in predicted]
+    assert answer["outputs"]["label"] == [max(p, key=lambda s: s["score"])["label"] for p in predicted]
+
+
+@pytest.mark.parametrize("client", ["over gRPC with Triton's client", "over gRPC with KServe's client"])
+def test_the_readmes_grpc_snippets_classify_through_the_service(
+    service: Service, grpc_address: str, model: dict, client: str
+) -> None:
+    snippet = README.split(client)[1].split("```python\n")[1].split("```")[0]
+    snippet = snippet.replace("localhost:8000", service.url.removeprefix("http://")).replace(
+        "localhost:8001", grpc_address
+    )
+    done = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    labels, scores = done.stdout.split("] [", 1)
+    assert sum(labels.count(f"'{label}'") for label in model["labels"]) == 2  # one per text
+    assert scores.count("[") == 2  # a row of scores per text
+
+
+def test_a_taken_grpc_port_ends_the_api_with_one_line(redis_url: str, tiny_model_dir: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        service = Service(redis_url, tiny_model_dir, "grpc-taken", SENTIMENT_GRPC_PORT=str(port))
+        done = subprocess.run(
+            [sys.executable, "-m", "sentiment.cli", "api", "--port", str(service.port)],
+            env=service.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"sentiment: cannot listen on 127.0.0.1:{port} (Address already in use): another process holds it? "
+        "choose one with --grpc-port"
+    ]
+
+
+# In process, on fakeredis, through our own stub.
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class InProcess:
+    def __init__(self, stub: pb_grpc.GRPCInferenceServiceStub, redis: fakeredis.FakeRedis, keys: Keys) -> None:
+        self.stub = stub
+        self.redis = redis
+        self.keys = keys
+
+    def announce(self) -> None:
+        self.redis.set(self.keys.model, ModelInfo("tiny", "v1", ["NEGATIVE", "POSITIVE"], "cpu", "float32").encode())
+
+
+async def in_process(settings: Settings, fake_server: fakeredis.FakeServer) -> AsyncIterator[InProcess]:
+    server = GrpcServer(settings, "127.0.0.1", 0)
+    app = create_app(
+        settings, redis=fakeredis.FakeAsyncRedis(server=fake_server), jobs_redis=fakeredis.FakeRedis(), grpc=server
+    )
+    async with app.router.lifespan_context(app), grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield InProcess(
+            pb_grpc.GRPCInferenceServiceStub(channel),
+            fakeredis.FakeRedis(server=fake_server),
+            Keys(settings.key_prefix),
+        )
+
+
+@pytest.fixture
+async def local(
+    settings: Settings, fake_server: fakeredis.FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[InProcess]:
+    monkeypatch.setattr("api.predictions.MODEL_INFO_TTL_S", 0)  # an announcement is seen at once
+    async for running in in_process(settings.model_copy(update={"max_queue_depth": 1}), fake_server):
+        yield running
+
+
+def infer_request(texts: list[str], shape: list[int] | None = None, name: str = "tiny") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=name)
+    request.inputs.add(name="text", datatype="BYTES", shape=shape or [len(texts)])
+    request.inputs[0].contents.bytes_contents.extend(t.encode() for t in texts)
+    return request
+
+
+async def status_of(call: Any) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call
+    return refused.value.code()
+
+
+@pytest.mark.anyio
+async def test_every_refusal_has_its_status_code(local: InProcess) -> None:
+    stub = local.stub
+    assert await status_of(stub.ModelInfer(infer_request(["x"]), timeout=30)) == grpc.StatusCode.UNAVAILABLE
+    assert await status_of(stub.ModelMetadata(pb.ModelMetadataRequest(name="tiny"))) == grpc.StatusCode.UNAVAILABLE
+    local.announce()
+    assert await status_of(stub.ModelInfer(infer_request(["x"], name="other"))) == grpc.StatusCode.NOT_FOUND
+    two_inputs = infer_request(["x"])
+    two_inputs.inputs.add(name="more", datatype="BYTES", shape=[1])
+    wrong_type = infer_request(["x"])
+    wrong_type.inputs[0].datatype = "FP32"
+    not_utf8 = infer_request([])
+    not_utf8.inputs[0].shape[:] = [1]
+    not_utf8.inputs[0].contents.bytes_contents.append(b"\xff\xfe")
+    unknown_output = infer_request(["x"])
+    unknown_output.outputs.add(name="logits")
+    no_data = infer_request([], shape=[1])
+    for bad in (
+        infer_request(["a", "b"], shape=[3]),
+        infer_request(["a", "b"], shape=[2, 2]),
+        infer_request(["x" * 2001]),  # over SENTIMENT_MAX_CHARS
+        infer_request(["x"] * 65),  # over SENTIMENT_MAX_TEXTS
+        two_inputs,
+        wrong_type,
+        not_utf8,
+        unknown_output,
+        no_data,
+    ):
+        assert await status_of(stub.ModelInfer(bad)) == grpc.StatusCode.INVALID_ARGUMENT, bad
+    assert local.redis.llen(local.keys.queue) == 0  # nothing was queued
+    for n in range(2):  # another client's work fills the queue past twice its depth (1)
+        local.redis.lpush(local.keys.queue, WorkItem(f"w{n}", ["y"], time.time(), time.time() + 60, "c").encode())
+    assert await status_of(stub.ModelInfer(infer_request(["x"]))) == grpc.StatusCode.UNAVAILABLE  # overloaded
+    assert local.redis.llen(local.keys.queue) == 2  # and its work taken back
+
+
+@pytest.mark.anyio
+async def test_the_calls_deadline_is_its_requests_deadline(local: InProcess) -> None:
+    """No worker answers: the call ends DEADLINE_EXCEEDED at its own deadline, well before the
+    configured 10 s, and the queued work carries that deadline, so a worker would skip it."""
+    local.announce()
+    started = time.time()
+    assert (
+        await status_of(local.stub.ModelInfer(infer_request(["x"]), timeout=0.5)) == grpc.StatusCode.DEADLINE_EXCEEDED
+    )
+    [raw] = local.redis.lrange(local.keys.queue, 0, -1)
+    item = WorkItem.decode(raw)
+    assert started < item.deadline <= started + 1.0  # the call's 0.5 s, not SENTIMENT_REQUEST_TIMEOUT_S
+
+
+@pytest.mark.anyio
+async def test_api_keys_guard_every_call_but_the_server_probes(
+    settings: Settings, fake_server: fakeredis.FakeServer
+) -> None:
+    keyed = settings.model_copy(update={"api_keys": Settings(api_keys=KEY).api_keys})
+    async for local in in_process(keyed, fake_server):
+        stub = local.stub
+        assert (await stub.ServerLive(pb.ServerLiveRequest())).live
+        assert not (await stub.ServerReady(pb.ServerReadyRequest())).ready  # (no worker)
+        metadata = pb.ServerMetadataRequest()
+        assert await status_of(stub.ServerMetadata(metadata)) == grpc.StatusCode.UNAUTHENTICATED
+        assert await status_of(stub.ModelInfer(infer_request(["x"]))) == grpc.StatusCode.UNAUTHENTICATED
+        wrong = (("authorization", "Bearer not-the-key"),)
+        assert (
+            await status_of(stub.ModelInfer(infer_request(["x"]), metadata=wrong)) == grpc.StatusCode.PERMISSION_DENIED
+        )
+        for good in ((("authorization", f"Bearer {KEY}"),), (("x-api-key", KEY),)):
+            assert (await stub.ServerMetadata(metadata, metadata=good)).name == "sentiment-batcher"
+
+
+def test_the_proto_is_the_protocols_as_kserve_ships_it() -> None:
+    """Every message and RPC of ours has the kserve package's names, field numbers and types: the wire
+    format tritonclient and kserve speak. (kserve's descriptor is read in a process of its own.)"""
+    theirs = run_client(
+        """
+        from google.protobuf import descriptor_pb2, json_format
+        from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+        proto = descriptor_pb2.FileDescriptorProto()
+        pb.DESCRIPTOR.CopyToProto(proto)
+        print(json.dumps(json_format.MessageToDict(proto)))
+        """
+    )
+    from google.protobuf import descriptor_pb2, json_format
+
+    proto = descriptor_pb2.FileDescriptorProto()
+    pb.DESCRIPTOR.CopyToProto(proto)
+    ours = json_format.MessageToDict(proto)
+    assert ours["package"] == theirs["package"] == "inference"
+    their_messages = {m["name"]: m for m in theirs["messageType"]}
+    for message in ours["messageType"]:
+        assert message == their_messages[message["name"]]
+    [service], [their_service] = ours["service"], theirs["service"]
+    their_methods = {m["name"]: m for m in their_service["method"]}
+    assert service["name"] == their_service["name"] == "GRPCInferenceService"
+    for method in service["method"]:
+        assert {**method, "options": None} == {**their_methods[method["name"]], "options": None}
+
+
+def test_the_generated_modules_are_the_protos(tmp_path: Path) -> None:
+    """The committed modules are what grpcio-tools makes of the .proto now: they cannot drift from it."""
+    from grpc_tools import protoc
+
+    relative = PROTO.relative_to(REPO)
+    (tmp_path / relative.parent).mkdir(parents=True)
+    (tmp_path / relative).write_bytes(PROTO.read_bytes())
+    args = ["protoc", f"-I{tmp_path}", f"--python_out={tmp_path}", f"--pyi_out={tmp_path}"]
+    assert protoc.main([*args, f"--grpc_python_out={tmp_path}", str(tmp_path / relative)]) == 0
+    for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
+        generated = relative.with_name(relative.stem + suffix)
+        assert (tmp_path / generated).read_text() == (REPO / generated).read_text(), generated
