@@ -367,6 +367,7 @@ def _serve(settings: Settings, redis: Redis, burst: bool) -> bool:
         if worker is not None and (worker.told_to_stop or worker.drained):
             return worked
         log.warning("jobs worker stopped unasked (%s); a fresh one in %.1f s", why, backoff.delay)
+        redis.connection_pool.disconnect()  # the fresh one reconnects: a silent peer's connections are no use
         _stop_on_signal(stop_asked)
         if backoff.pause():
             return worked

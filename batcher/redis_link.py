@@ -14,6 +14,7 @@ from typing import Any
 from redis import Redis
 from redis.connection import Connection
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Command = tuple[Any, ...]
 
@@ -28,7 +29,9 @@ class Link:
     def call(self, *commands: Command, raise_errors: bool = True) -> list[Any]:
         """Send `commands` together and return their replies; an error reply raises once every reply
         is read (or, not `raise_errors`, takes its place). Any other failure drops the connection (the
-        next call takes a fresh one from the pool): replies left unread on it would answer the next call."""
+        next call takes a fresh one from the pool): replies left unread on it would answer the next call.
+        A timeout (a peer gone silent) drops the pool's idle connections too: they lead to the same peer,
+        and each would cost a call a timeout of its own."""
         connection = self._connection = self._connection or self._pool.get_connection()
         try:
             connection.send_packed_command(connection.pack_commands(commands))
@@ -38,12 +41,14 @@ class Link:
                     replies.append(connection.read_response())
                 except ResponseError as error:
                     replies.append(error)
-        except BaseException:
+        except BaseException as exc:
             # Back to the pool, which opens the next one: a connection reconnecting by itself goes
             # back to its old address, where a Sentinel pool asks the sentinels for the primary's.
             connection.disconnect()
             self._connection = None
             self._pool.release(connection)
+            if isinstance(exc, RedisTimeoutError):
+                self._pool.disconnect(inuse_connections=False)
             raise
         if raise_errors and (errors := [reply for reply in replies if isinstance(reply, ResponseError)]):
             raise errors[0]

@@ -18,11 +18,12 @@ import redis
 import rq
 import uvloop
 
+from batcher.redis_link import Link
 from benchmarks.cache_writes import CacheWrites
 from benchmarks.fault_proxy import FaultProxy
 from core.liveness import live_workers
 from core.protocol import Keys, new_id, prediction
-from core.redis_connect import async_client
+from core.redis_connect import async_client, sync_client
 from model_store.classifier import Classifier
 from tests.conftest import HANG_GUARD_S, RedisServer, Service, wait_for
 
@@ -83,6 +84,27 @@ def test_a_timeout_reopens_the_pools_other_connections_to_the_silent_peer(redis_
     try:
         assert asyncio.run(run()) == [b"here"] * 8
         assert len(proxy.swallowed) == 1  # only the first command went into the silence
+    finally:
+        proxy.close()
+
+
+def test_a_stages_timeout_drops_the_pools_idle_connections_to_the_silent_peer(redis_server: RedisServer) -> None:
+    # The worker's threads share one pool: once a stage's call times out, the next calls of any thread
+    # must not each go into the silence on another idle connection (5 s each, by default).
+    proxy = FaultProxy(redis_server.port).start()
+    try:
+        client = sync_client(proxy.url(), 1.0)
+        idle = [client.connection_pool.get_connection() for _ in range(4)]
+        for connection in idle:
+            connection.connect()
+            client.connection_pool.release(connection)
+        link = Link(client)
+        assert link.call(("PING",)) == [b"PONG"]
+        proxy.silence()
+        with pytest.raises(redis.TimeoutError):
+            link.call(("PING",))
+        assert link.call(("PING",)) == [b"PONG"] and client.ping()
+        assert len(proxy.swallowed) == 1  # only the first call went into the silence
     finally:
         proxy.close()
 
