@@ -44,6 +44,7 @@ from typing import Any
 import httpx
 import redis
 
+from api.results import HEALTH_CHECK_S
 from benchmarks import machine
 from benchmarks.cache_writes import CacheWrites
 from benchmarks.fault_proxy import FaultProxy
@@ -353,7 +354,8 @@ class Faults:
         """Every open connection goes silent; the processes are to notice within the Redis timeout."""
         at = time.time()
         self._all(FaultProxy.silence)
-        return Fault("every open connection silent", at, at + REDIS_TIMEOUT_S, f"healed: {REDIS_TIMEOUT_S:g} s later")
+        noticed = REDIS_TIMEOUT_S + HEALTH_CHECK_S  # (a quiet subscription is PINGed once a HEALTH_CHECK_S)
+        return Fault("every open connection silent", at, at + noticed, f"healed: {noticed:g} s later")
 
     def garbage_heartbeat(self) -> Fault:
         at = time.time()
