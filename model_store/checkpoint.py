@@ -14,9 +14,8 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
 from core.protocol import ScoreFunction
+from model_store.checkpoint_files import missing_checkpoint
 from model_store.scoring import default_function
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def fingerprint(model_dir: Path) -> str:
@@ -35,13 +34,8 @@ class Checkpoint:
 
     def __init__(self, model_dir: Path) -> None:
         model_dir = Path(model_dir)
-        if not (model_dir / "config.json").is_file() or not any(
-            p.suffix in WEIGHT_SUFFIXES for p in model_dir.iterdir()
-        ):
-            raise FileNotFoundError(
-                f"no Hugging Face checkpoint (config.json + weights) in {model_dir.resolve()}; "
-                "set SENTIMENT_MODEL_DIR or fetch one with `sentiment model pull`"
-            )
+        if missing := missing_checkpoint(model_dir):
+            raise FileNotFoundError(missing)
         hf_logging.disable_progress_bar()
         self.dir = model_dir
         self.name = model_dir.resolve().name

@@ -29,6 +29,7 @@ import api.server
 from core.liveness import jobs_worker_alive_on_this_host, worker_alive_on_this_host
 from core.redis_connect import sync_client
 from core.settings import Settings
+from model_store.checkpoint_files import missing_checkpoint
 from sentiment.supervisor import Child, StartFailed, Supervisor, die_with_parent
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,9 @@ def worker_metrics_ports(settings: Settings) -> list[int]:
 
 def serve(settings: Settings, host: str, port: int) -> None:
     """Redis (embedded unless SENTIMENT_REDIS_URL is set), the worker processes once they serve, then
-    the API here. A taken port or a worker that cannot start ends it with one line and exit 1."""
+    the API here. No model, a taken port or a worker that cannot start ends it with one line and exit 1."""
+    if missing := missing_checkpoint(settings.model_dir):  # before anything starts, as the ports below
+        raise SystemExit(f"sentiment serve: {missing}")
     listening = api.server.listen(host, port)  # before anything starts: a taken port costs nothing
     if settings.grpc_port:  # (bound for good by the API, once the workers serve)
         api.server.listen(host, settings.grpc_port, "--grpc-port").close()

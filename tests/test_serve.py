@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -110,19 +112,39 @@ def serves() -> Iterator[list[Serve]]:
         serve.kill()
 
 
-def start(serves: list[Serve], model_dir: Path, port: int | None = None) -> Serve:
-    serve = Serve(model_dir, port)
+def start(serves: list[Serve], model_dir: Path, port: int | None = None, env: dict[str, str] | None = None) -> Serve:
+    serve = Serve(model_dir, port, env)
     serves.append(serve)
     return serve
 
 
-def test_a_worker_that_cannot_start_ends_serve_with_its_one_line_cause(serves: list[Serve], tmp_path: Path) -> None:
+def test_no_model_ends_serve_with_one_line_before_anything_starts(serves: list[Serve], tmp_path: Path) -> None:
     serve = start(serves, tmp_path / "no-model-here")
+    _, stderr = serve.proc.communicate(timeout=60)
+    assert serve.proc.returncode == 1
+    assert stderr.strip().splitlines() == [
+        f"sentiment serve: no Hugging Face checkpoint (config.json + weights) in {tmp_path / 'no-model-here'}; "
+        "set SENTIMENT_MODEL_DIR or fetch one with `sentiment model pull`"
+    ]
+    assert not serve.family()
+
+
+def test_a_worker_that_cannot_start_ends_serve_with_its_one_line_cause(
+    serves: list[Serve], tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    broken = tmp_path / "broken-weights"
+    shutil.copytree(tiny_model_dir, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    serve = start(serves, broken, env={"SENTIMENT_ENGINE": "torch"})  # (auto tries ONNX first, logging why it cannot)
     _, stderr = serve.proc.communicate(timeout=120)
     assert serve.proc.returncode == 1
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("sentiment serve: worker-1 exited while starting (exit 1: sentiment worker: no Hugging Face")
-    assert str(tmp_path / "no-model-here") in last
+    # Both model processes load the same broken checkpoint: serve names the first to fail, with its cause.
+    failed = re.match(
+        r"sentiment serve: (worker-1|jobs-worker) exited while starting \(exit 1: sentiment (\S+): ", last
+    )
+    assert failed and failed[2] == {"worker-1": "worker", "jobs-worker": "jobs-worker"}[failed[1]], last
     assert "Traceback" not in stderr
     wait_for("serve's children to end", lambda: not serve.family())
 
