@@ -118,15 +118,19 @@ def start(serves: list[Serve], model_dir: Path, port: int | None = None, env: di
     return serve
 
 
-def test_no_model_ends_serve_with_one_line_before_anything_starts(serves: list[Serve], tmp_path: Path) -> None:
-    serve = start(serves, tmp_path / "no-model-here")
+def refused_at_start(serve: Serve) -> list[str]:
+    """What a serve that ended with exit 1 before starting any process wrote, line by line."""
     _, stderr = serve.proc.communicate(timeout=60)
     assert serve.proc.returncode == 1
-    assert stderr.strip().splitlines() == [
+    assert not serve.family()
+    return stderr.strip().splitlines()
+
+
+def test_no_model_ends_serve_with_one_line_before_anything_starts(serves: list[Serve], tmp_path: Path) -> None:
+    assert refused_at_start(start(serves, tmp_path / "no-model-here")) == [
         f"sentiment serve: no Hugging Face checkpoint (config.json + weights) in {tmp_path / 'no-model-here'}; "
         "set SENTIMENT_MODEL_DIR or fetch one with `sentiment model pull`"
     ]
-    assert not serve.family()
 
 
 def test_a_worker_that_cannot_start_ends_serve_with_its_one_line_cause(
@@ -154,14 +158,11 @@ def test_a_taken_port_ends_serve_with_one_line_before_anything_starts(
 ) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        serve = start(serves, tiny_model_dir, port)
-        _, stderr = serve.proc.communicate(timeout=60)
-    assert serve.proc.returncode == 1
-    assert stderr.strip().splitlines() == [
+        lines = refused_at_start(start(serves, tiny_model_dir, port))
+    assert lines == [
         f"sentiment: cannot listen on 127.0.0.1:{port} (Address already in use): another process holds it? "
         "choose one with --port"
     ]
-    assert not serve.family()
 
 
 def test_a_worker_that_dies_is_restarted_and_ready_says_so_meanwhile(serves: list[Serve], tiny_model_dir: Path) -> None:
