@@ -9,7 +9,8 @@ latency, never the answer.
 
 The subscription is watched: a quiet one is PINGed every `HEALTH_CHECK_S`, and one that stays silent
 for the Redis timeout (a peer gone without a reset) is dropped and made again, as is one that fails
-in any other way. Each time it comes back, every waiter looks at its result key at once.
+in any other way; a silent one also sends the client's other connections to the same peer to be
+opened again before their next command. Each time it comes back, every waiter looks at its result key at once.
 
 Behind Sentinel (`requeue`), a wait outlives an outage up to its deadline, and when the subscription
 is back each waiter whose result has not come pushes its work item again if it is nowhere else: not
@@ -31,6 +32,7 @@ from redis.exceptions import RedisError
 
 from api.metrics import REPLIES_UNCLAIMED
 from core.protocol import Keys, new_id, parse_replies
+from core.redis_connect import peer_went_silent
 from core.redis_errors import OUTAGE, Backoff, describe
 from core.redis_replies import raw
 
@@ -214,11 +216,13 @@ class ResultWaiter:
         loop = asyncio.get_running_loop()
         heard = loop.time()
         while not self._stopping:  # (a cancel that lands in get_message may be swallowed by it)
-            message = await pubsub.get_message(timeout=HEALTH_CHECK_S)
+            left_s = heard + self._silence_s - loop.time()
+            message = await pubsub.get_message(timeout=max(0.0, min(HEALTH_CHECK_S, left_s)))
             if message is not None:
                 heard = loop.time()
                 yield message["type"], message["data"]
             elif loop.time() - heard >= self._silence_s:
+                peer_went_silent(self._redis)  # (the client's other connections lead to the same peer)
                 raise TimeoutError(f"the subscription was silent for {self._silence_s:g} s")
             else:
                 await pubsub.ping()

@@ -9,14 +9,19 @@ Redis sends them. Not thread-safe: each stage thread has its own.
 
 from __future__ import annotations
 
+import time
+import weakref
 from typing import Any
 
 from redis import Redis
-from redis.connection import Connection
+from redis.connection import Connection, ConnectionPool
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Command = tuple[Any, ...]
+
+# (monotonic) when a call over each pool last timed out: a peer gone silent
+_silent_at: weakref.WeakKeyDictionary[ConnectionPool, float] = weakref.WeakKeyDictionary()
 
 
 class Link:
@@ -25,14 +30,20 @@ class Link:
     def __init__(self, redis: Redis) -> None:
         self._pool = redis.connection_pool
         self._connection: Connection | None = None
+        self._taken_at = 0.0  # (monotonic) when this link took its connection from the pool
 
     def call(self, *commands: Command, raise_errors: bool = True) -> list[Any]:
         """Send `commands` together and return their replies; an error reply raises once every reply
         is read (or, not `raise_errors`, takes its place). Any other failure drops the connection (the
         next call takes a fresh one from the pool): replies left unread on it would answer the next call.
-        A timeout (a peer gone silent) drops the pool's idle connections too: they lead to the same peer,
-        and each would cost a call a timeout of its own."""
-        connection = self._connection = self._connection or self._pool.get_connection()
+        A timeout (a peer gone silent) drops the pool's idle connections too, and every other link of
+        the pool drops the one it holds before its next call: they lead to the same peer, and each
+        would cost a call (a thread's next reply, its next beat) a timeout of its own."""
+        if self._connection is not None and self._taken_at < _silent_at.get(self._pool, 0.0):
+            self._drop(self._connection)
+        if self._connection is None:
+            self._connection, self._taken_at = self._pool.get_connection(), time.monotonic()
+        connection = self._connection
         try:
             connection.send_packed_command(connection.pack_commands(commands))
             replies: list[Any] = []
@@ -42,17 +53,21 @@ class Link:
                 except ResponseError as error:
                     replies.append(error)
         except BaseException as exc:
-            # Back to the pool, which opens the next one: a connection reconnecting by itself goes
-            # back to its old address, where a Sentinel pool asks the sentinels for the primary's.
-            connection.disconnect()
-            self._connection = None
-            self._pool.release(connection)
+            self._drop(connection)
             if isinstance(exc, RedisTimeoutError):
                 self._pool.disconnect(inuse_connections=False)
+                _silent_at[self._pool] = time.monotonic()  # (after: a link taking one meanwhile drops it)
             raise
         if raise_errors and (errors := [reply for reply in replies if isinstance(reply, ResponseError)]):
             raise errors[0]
         return replies
+
+    def _drop(self, connection: Connection) -> None:
+        """Back to the pool, which opens the next one: a connection reconnecting by itself goes back
+        to its old address, where a Sentinel pool asks the sentinels for the primary's."""
+        connection.disconnect()
+        self._connection = None
+        self._pool.release(connection)
 
     def transaction(self, *commands: Command) -> list[Any]:
         """`commands` in MULTI/EXEC: all applied, or (an error reply such as OOM) none."""

@@ -164,6 +164,15 @@ class _PooledConnection:
             raise RedisConnectionError(f"the connection was closed under the write ({exc})") from exc
 
 
+def peer_went_silent(client: redis.asyncio.Redis) -> None:
+    """What a read timeout does to the API client's pool (`_PooledConnection`), for a silence found
+    another way (the result subscription's watch): every connection opened before now is opened
+    again before its next command."""
+    connection_class = client.connection_pool.connection_class
+    if issubclass(connection_class, _PooledConnection):
+        connection_class.silent_at = time.monotonic()
+
+
 def _pooled(cls: type[AbstractConnection]) -> type[AbstractConnection]:
     """`cls` with `_PooledConnection` mixed in: a class of its own, so its pool's mark is its own."""
     return type(cls.__name__, (_PooledConnection, cls), {})

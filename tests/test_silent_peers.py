@@ -18,6 +18,7 @@ import redis
 import rq
 import uvloop
 
+from api.results import ResultWaiter
 from batcher.redis_link import Link
 from benchmarks.cache_writes import CacheWrites
 from benchmarks.fault_proxy import FaultProxy
@@ -88,9 +89,44 @@ def test_a_timeout_reopens_the_pools_other_connections_to_the_silent_peer(redis_
         proxy.close()
 
 
-def test_a_stages_timeout_drops_the_pools_idle_connections_to_the_silent_peer(redis_server: RedisServer) -> None:
+def test_a_silent_subscription_reopens_the_pools_other_connections_to_the_silent_peer(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The result subscription's watch is often the first to find the peer silent (an API whose
+    # requests all wait on it): the requests after it must not each pay a timeout on an idle
+    # connection, nor the new subscription go back into the silence.
+    proxy = FaultProxy(redis_server.port).start()
+
+    async def run() -> list[bytes | None]:
+        client = async_client(proxy.url(), 1.0, max_connections=8, pool_wait_s=10.0)
+        waiter = ResultWaiter(client, Keys("silent-subscription"), silence_s=2.0)
+        try:
+            await client.set("pooled", "here")
+            await asyncio.gather(*(client.get("pooled") for _ in range(4)))  # idle connections in the pool
+            waiter.start()
+            await asyncio.sleep(0.5)  # subscribed
+            proxy.silence()
+            guard = time.monotonic() + HANG_GUARD_S
+            while "result subscription lost" not in caplog.text and time.monotonic() < guard:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # subscribed again
+            return await asyncio.gather(*(client.get("pooled") for _ in range(4)))
+        finally:
+            await waiter.stop()
+            await client.aclose()
+
+    try:
+        assert asyncio.run(run()) == [b"here"] * 4
+        assert len(proxy.swallowed) == 1  # the subscription's PING, and nothing after it
+    finally:
+        proxy.close()
+
+
+def test_a_stages_timeout_moves_the_pools_other_connections_off_the_silent_peer(redis_server: RedisServer) -> None:
     # The worker's threads share one pool: once a stage's call times out, the next calls of any thread
-    # must not each go into the silence on another idle connection (5 s each, by default).
+    # must not each go into the silence on another connection (5 s each, by default): neither an idle
+    # one of the pool nor the one another stage held through the silence (the reply thread between
+    # two batches, the heartbeat between two beats).
     proxy = FaultProxy(redis_server.port).start()
     try:
         client = sync_client(proxy.url(), 1.0)
@@ -98,12 +134,12 @@ def test_a_stages_timeout_drops_the_pools_idle_connections_to_the_silent_peer(re
         for connection in idle:
             connection.connect()
             client.connection_pool.release(connection)
-        link = Link(client)
-        assert link.call(("PING",)) == [b"PONG"]
+        link, held = Link(client), Link(client)
+        assert link.call(("PING",)) == held.call(("PING",)) == [b"PONG"]
         proxy.silence()
         with pytest.raises(redis.TimeoutError):
             link.call(("PING",))
-        assert link.call(("PING",)) == [b"PONG"] and client.ping()
+        assert link.call(("PING",)) == held.call(("PING",)) == [b"PONG"] and client.ping()
         assert len(proxy.swallowed) == 1  # only the first call went into the silence
     finally:
         proxy.close()
