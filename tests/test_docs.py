@@ -65,7 +65,7 @@ def test_readme_starts_with_the_install_and_serve_command_the_test_command_and_a
     steps = install_and_serve.split(" && ")
     assert steps[:2] == ["python3 -m venv .venv", ". .venv/bin/activate"]
     assert steps[-1].endswith(" sentiment serve")
-    assert tests == ". .venv/bin/activate && pytest"
+    assert tests == ". .venv/bin/activate && .ci/test"
     assert restart == f". .venv/bin/activate && {steps[-1]}", "the same service, without the install"
     installs = [step for step in steps if step.startswith("pip install ")]
     assert installs[-1] == "pip install -e '.[dev]'"
@@ -77,4 +77,5 @@ def test_readme_starts_with_the_install_and_serve_command_the_test_command_and_a
     ci = (REPO / ".ci" / "run").read_text()
     for install in installs:  # CI installs as the README does, quietly
         assert install.replace("pip install ", "pip install -q ", 1) in ci.splitlines(), install
-    assert ci.rstrip().endswith("\npytest")
+    assert ci.rstrip().endswith("\n.ci/test"), "CI runs the README's test command"
+    assert (REPO / ".ci" / "test").read_text().rstrip().endswith('\nexec pytest "$@"')
