@@ -17,7 +17,7 @@ from redis import Redis
 
 from core.redis_connect import sync_client
 from core.redis_errors import OUTAGE
-from core.settings import Settings
+from core.settings import Settings, SettingsError, from_environment
 from model_store.hub import DEFAULT_REPO
 
 log = logging.getLogger("sentiment")
@@ -25,7 +25,11 @@ PROBE_TIMEOUT_S = 2.0  # a probe answers within Kubernetes' timeoutSeconds (its 
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = Settings()
+    try:
+        settings = from_environment()
+    except SettingsError as exc:  # a person's typo, not a bug: one line, exit 2 as for a bad argument
+        print(f"sentiment: {exc}", file=sys.stderr)
+        sys.exit(2)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
     )

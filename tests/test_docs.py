@@ -1,20 +1,20 @@
-"""The docs stay true: the README's set-up commands, its configuration table (the settings' own names,\ndefaults and descriptions), no commit ids, and no cited results file missing."""
+"""The docs stay true: the README's set-up commands, its configuration table (the settings' own names,\ndefaults, rules and descriptions), no commit ids, and no cited results file missing."""
 
 from __future__ import annotations
 
 import re
 
-from core.settings import Settings
+from core.settings import Settings, rule
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text()
 
 
-TABLE_HEADER = "| variable | default | meaning |\n| --- | --- | --- |\n"
+TABLE_HEADER = "| variable | default | rule | meaning |\n| --- | --- | --- | --- |\n"
 
 
 def configuration_table() -> str:
-    """The README's configuration table, made from `Settings.model_fields`: name, default, description.
+    """The README's configuration table, made from `Settings.model_fields`: name, default, rule, description.
 
     The settings' descriptions are the one description of each knob. After changing a setting,
     regenerate the table and paste it over the README's:
@@ -26,7 +26,7 @@ def configuration_table() -> str:
         defaults[name] = field.get_default(call_default_factory=True, validated_data=defaults)
         shown = "unset" if defaults[name] is None else f"`{defaults[name]}`"
         description = " ".join((field.description or "").split()).replace("|", "\\|")
-        rows.append(f"| `SENTIMENT_{name.upper()}` | {shown} | {description} |\n")
+        rows.append(f"| `SENTIMENT_{name.upper()}` | {shown} | {rule(name)} | {description} |\n")
     return TABLE_HEADER + "".join(rows)
 
 
