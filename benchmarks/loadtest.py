@@ -63,7 +63,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="k6-") as tmp, running() as procs:
         summary = Path(tmp) / "summary.json"
         procs.start(
-            ["-m", "sentiment.cli", "serve", "--port", str(port), "--grpc-port", str(grpc_port)],
+            ["-m", "sentiment.cli", "serve", "--port", str(port), "--grpc-port", str(grpc_port), "--ephemeral"],
             {"SENTIMENT_MODEL_DIR": str(args.model_dir), "SENTIMENT_LOG_LEVEL": "WARNING"},
         )
         procs.wait_ok(f"{url}/ready")

@@ -46,6 +46,13 @@ class Settings(BaseSettings):
         Path("models/distilbert-base-uncased-finetuned-sst2"),
         description="Local Hugging Face checkpoint directory the worker loads (never downloaded at start).",
     )
+    data_dir: Path = Field(
+        Path("sentiment-data"),
+        description="Where `sentiment serve`'s embedded redis-server keeps its append-only file, so jobs, results "
+        "and the cache outlive a restart (relative to the working directory; `--data-dir` overrides it, "
+        "`--ephemeral` keeps nothing); unused with SENTIMENT_REDIS_URL, or without redis-server (fakeredis keeps "
+        "nothing).",
+    )
     host: str = Field("127.0.0.1", description="API bind address (`sentiment api`/`serve`; `--host` overrides it).")
     port: int = Field(8000, ge=1, le=65535, description="API port (`--port` overrides it).")
     grpc_port: int = Field(

@@ -68,6 +68,16 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         default=settings.workers,
         help="micro-batching workers (default %(default)s: SENTIMENT_WORKERS)",
     )
+    serve.add_argument(
+        "--data-dir",
+        type=Path,
+        default=settings.data_dir,
+        help="where the embedded redis-server keeps jobs, results and the cache across restarts "
+        "(default %(default)s: SENTIMENT_DATA_DIR)",
+    )
+    serve.add_argument(
+        "--ephemeral", action="store_true", help="keep nothing: the embedded Redis in memory only (tests, smokes)"
+    )
     serve.set_defaults(run=_serve)
     with_address(commands.add_parser("api", help="the HTTP API (needs SENTIMENT_REDIS_URL)")).set_defaults(run=_api)
     worker = commands.add_parser("worker", help="the micro-batching model worker (needs SENTIMENT_REDIS_URL)")
@@ -174,7 +184,13 @@ def _count(text: str) -> int:
 def _serve(settings: Settings, args: argparse.Namespace) -> None:
     from sentiment.embedded import serve
 
-    serve(settings.model_copy(update={"workers": args.workers, "grpc_port": args.grpc_port}), args.host, args.port)
+    data_dir = None if args.ephemeral else args.data_dir.resolve()
+    serve(
+        settings.model_copy(update={"workers": args.workers, "grpc_port": args.grpc_port}),
+        args.host,
+        args.port,
+        data_dir,
+    )
 
 
 def _api(settings: Settings, args: argparse.Namespace) -> None:

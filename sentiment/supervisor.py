@@ -54,6 +54,7 @@ class Child:
     command: str
     env: dict[str, str]
     args: tuple[str, ...] = ()  # after the command: `api --port 8001`
+    finishing: str = "its work"  # what it finishes once told to stop, for the log of a stop
     proc: subprocess.Popen[bytes] | None = None
     last_line: str = ""
     restarts: int = 0
@@ -137,13 +138,18 @@ class Supervisor:
         self._stopping.set()
         if self._watch.is_alive():
             self._watch.join()
-        running = [c.proc for c in self.children if c.proc is not None and c.proc.poll() is None]
-        for proc in running:
+        running = [(c, c.proc) for c in self.children if c.proc is not None and c.proc.poll() is None]
+        if running:
+            waits = ", ".join(f"{child.name} to finish {child.finishing}" for child, _ in running)
+            log.info("stopping: waiting (at most %.0f s) for %s", timeout_s, waits)
+        for _, proc in running:
             proc.send_signal(signal.SIGTERM)
-        for proc in running:
+        give_up = time.monotonic() + timeout_s
+        for child, proc in running:
             try:
-                proc.wait(timeout_s)
+                log.info("%s stopped (exit %s)", child.name, proc.wait(max(0.0, give_up - time.monotonic())))
             except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s: killed", child.name, timeout_s)
                 proc.kill()
                 proc.wait()
 
