@@ -158,7 +158,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     loadtest.add_argument("--script", choices=("load", "unique", "jobs", "grpc"), default="load", help="k6/<script>.js")
     loadtest.add_argument("--duration", default="20s", help="k6 hold stage (default %(default)s)")
     loadtest.add_argument("--full", action="store_true", help="the script's own stages (load: 30 s ramp, 1 m hold)")
-    loadtest.add_argument("--model-dir", type=Path, default=settings.model_dir, help="default SENTIMENT_MODEL_DIR")
+    loadtest.add_argument("--model-dir", type=Path, help="default $SENTIMENT_SHARED_DIR/models/distilbert-sst2-small")
     loadtest.add_argument("--doc", type=Path, help="also write the summary into this doc (docs/performance.md)")
     loadtest.set_defaults(run=_loadtest)
     chaos = commands.add_parser(

@@ -59,7 +59,7 @@ def test_docs_cite_no_commit_ids_and_exactly_the_results_files_kept() -> None:
 
 
 def test_readme_starts_with_the_install_and_serve_command_the_test_command_and_a_restart() -> None:
-    blocks = [block.strip() for block in re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL)]
+    blocks = [block.strip() for block in re.findall(r"```bash[^\n]*\n(.*?)```", README, flags=re.DOTALL)]
     install_and_serve, tests, restart = blocks[:3]
     assert "\n" not in install_and_serve, "one command to copy"
     steps = install_and_serve.split(" && ")
