@@ -48,6 +48,7 @@ def create_app(
     )
     _add_routes(app, settings)
     _add_middleware(app, settings)
+    errors.document(app)
     document(app, keys_on=bool(settings.api_keys), rate_limit_on=settings.rate_limit_per_s is not None)
     return app
 

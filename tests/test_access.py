@@ -65,7 +65,7 @@ async def keyed(settings: Settings, fake_server: fakeredis.FakeServer) -> AsyncI
 
 async def test_without_a_key_everything_but_the_probes_is_401(keyed: httpx.AsyncClient) -> None:
     assert (await keyed.get("/health")).status_code == 200
-    assert (await keyed.get("/ready")).json() == {"status": "not ready", "reason": "no live worker"}
+    assert (await keyed.get("/ready")).json()["reason"] == "no live worker"
     for method, path in [
         ("POST", "/predict"),
         ("POST", "/jobs"),

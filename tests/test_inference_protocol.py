@@ -188,7 +188,7 @@ async def test_probes_are_open_and_the_rest_keyed_404_and_503_before_work(
 ) -> None:
     monkeypatch.setattr("api.predictions.MODEL_INFO_TTL_S", 0)  # the announcement below is seen at once
     assert (await keyed.get("/v2/health/live")).status_code == 200
-    assert (await keyed.get("/v2/health/ready")).json() == {"status": "not ready", "reason": "no live worker"}
+    assert (await keyed.get("/v2/health/ready")).json()["reason"] == "no live worker"
     body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}
     assert (await keyed.post("/v2/models/tiny/infer", json=body)).status_code == 401
     assert (await keyed.get("/v2")).status_code == 401
