@@ -239,14 +239,14 @@ class Settings(BaseSettings):
     # Access (docs/security.md)
     api_keys: Annotated[list[SecretStr] | None, NoDecode] = Field(
         None,
-        description="Comma-separated API keys; when set, every endpoint but /health and /ready needs one "
+        description="Comma-separated API keys; when set, every endpoint but the probes and the docs (README, Security) needs one "
         "(`X-API-Key: KEY` or `Authorization: Bearer KEY`). Unset: no authentication.",
         json_schema_extra={"rule": f"comma-separated keys of at least {MIN_API_KEY_CHARS} characters each"},
     )
     rate_limit_per_s: float | None = Field(
         None,
         gt=0,
-        description="Requests per second each client (API key, else address) may sustain, beyond it 429 with Retry-After; unset: no limit.",
+        description="Requests per second each client (API key, else address) may sustain, beyond it 429 with Retry-After (scrapes of /metrics are not counted); unset: no limit.",
     )
     rate_limit_burst: int = Field(
         20, ge=1, description="Requests a client may send at once before the rate applies (the token bucket's size)."
