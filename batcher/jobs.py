@@ -151,6 +151,20 @@ def _chunk_span(job: Job | None, start: int, texts: int) -> AbstractContextManag
     return tracing.tracer.start_as_current_span("jobs.chunk", attributes=attributes)
 
 
+class RoutineMaintenance(logging.Filter):
+    """RQ's worker logs its registry cleaning at INFO every maintenance interval (here about a
+    heartbeat TTL), two lines every ~10 s of an idle `serve`: routine, so DEBUG here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and str(record.msg).startswith("Worker %s: cleaning "):
+            record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+QUIET_MAINTENANCE = RoutineMaintenance()
+
+
 class JobsWorker(SimpleWorker):
     """Runs jobs in this process (model loaded once), heartbeating each run from a thread."""
 
@@ -159,6 +173,7 @@ class JobsWorker(SimpleWorker):
     def __init__(self, *args: Any, heartbeat_ttl_s: float, redis_timeout_s: float, keys: Keys, **kwargs: Any) -> None:
         self.redis_timeout_s = redis_timeout_s  # (before RQ's constructor, which reads `connection_timeout`)
         super().__init__(*args, **kwargs)
+        self.log.addFilter(QUIET_MAINTENANCE)  # (once: a logger keeps one copy of a filter)
         self.job_heartbeat_ttl = max(2, math.ceil(heartbeat_ttl_s))
         self.keys = keys
         self.told_to_stop = False  # by SIGTERM or SIGINT: `serve_jobs` starts no fresh worker after this one
