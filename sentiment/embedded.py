@@ -65,9 +65,8 @@ def embedded_redis(data_dir: Path | None = None) -> Iterator[str]:
         finally:
             if lock is not None:
                 os.close(lock)  # (redis-server holds it now, or nobody: it did not start)
-        kept = f"keeping jobs, results and the cache in {data_dir}" if data_dir else "memory only (--ephemeral)"
         try:
-            log.info("embedded redis-server on %s, %s", url, kept)
+            log.debug("embedded redis-server on %s", url)
             yield url
         finally:
             proc.terminate()
@@ -77,11 +76,7 @@ def embedded_redis(data_dir: Path | None = None) -> Iterator[str]:
 
         server = TcpFakeServer(("127.0.0.1", port), server_type="redis")
         threading.Thread(target=server.serve_forever, daemon=True, name="fakeredis").start()
-        log.warning(
-            "embedded fakeredis server on %s: nothing persists, jobs, results and the cache end with serve "
-            "(install redis-server to keep them, and for more speed)",
-            url,
-        )
+        log.debug("embedded fakeredis server on %s", url)
         try:
             yield url
         finally:
@@ -102,6 +97,17 @@ def _lock(data_dir: Path) -> int:
             f"{data_dir} is in use by another sentiment serve: name another --data-dir, or run --ephemeral"
         ) from None
     return fd
+
+
+def embedded_kind(url: str, data_dir: Path | None) -> str:
+    """What `embedded_redis(data_dir)` runs at `url` and what it keeps, for serve's "up" line."""
+    if shutil.which("redis-server"):
+        kept = f"keeping jobs, results and the cache in {data_dir}" if data_dir else "memory only (--ephemeral)"
+        return f"on {url} (embedded redis-server, {kept})"
+    return (
+        f"on {url} (embedded fakeredis: nothing persists, jobs, results and the cache end with serve; "
+        "install redis-server to keep them, and for more speed)"
+    )
 
 
 def start_redis_server(
@@ -186,8 +192,11 @@ def serve(settings: Settings, host: str, port: int, data_dir: Path | None) -> No
         with contextlib.nullcontext(given) if given else embedded_redis(data_dir) as url:
             supervisor = Supervisor(children(settings, url), serving(settings, url))
             try:
-                log.info("starting the workers")
+                log.debug("starting the workers")
                 supervisor.start()
+                # (a given URL may hold a password)
+                where = "at SENTIMENT_REDIS_URL" if given else embedded_kind(url, data_dir)
+                log.info("%s up; Redis %s", ", ".join(c.name for c in supervisor.children), where)
                 api.server.run(
                     settings.model_copy(update={"redis_url": url}), host, port, listening, supervisor.problem
                 )

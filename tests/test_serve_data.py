@@ -7,7 +7,6 @@ fakeredis keep nothing, and say so."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import signal
@@ -106,7 +105,7 @@ def test_serve_keeps_jobs_results_and_cache_across_a_restart_and_ctrl_c_requeues
         assert httpx.get(f"{url}/jobs/{small}").json() == small_done
         again = httpx.post(f"{url}/predict", json={"text": texts})
         assert (again.json(), again.headers["x-cache"]) == (first.json(), "hit")
-        redis_url = re.search(r"embedded redis-server on (\S+),", log.read_text())
+        redis_url = re.search(r"Redis on (\S+) \(embedded redis-server", log.read_text())
         assert redis_url
         job = Job.fetch(big, connection=redis.Redis.from_url(redis_url.group(1)), serializer=SERIALIZER)
         assert job.retries_left == RETRY.max, "a stop is not a failure: no retry spent"
@@ -117,10 +116,9 @@ def test_serve_keeps_jobs_results_and_cache_across_a_restart_and_ctrl_c_requeues
         assert httpx.get(f"{url}/jobs/{small}").status_code == 404
 
 
-def test_without_redis_server_serve_says_nothing_persists(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_without_redis_server_serve_says_nothing_persists(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(embedded.shutil, "which", lambda name: None)
-    with caplog.at_level(logging.WARNING), embedded.embedded_redis(Path("unused")) as url:
+    with embedded.embedded_redis(Path("unused")) as url:
         assert redis.Redis.from_url(url).ping()
-    assert "nothing persists, jobs, results and the cache end with serve" in caplog.text
+        said = embedded.embedded_kind(url, Path("unused"))  # what serve's "up" line says of its Redis
+    assert "nothing persists, jobs, results and the cache end with serve" in said
