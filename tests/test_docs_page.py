@@ -34,27 +34,26 @@ from tests.conftest import HANG_GUARD_S, start_worker, wait_for
 OFFLINE = "MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"
 
 
-def chromium() -> str:
+def chromium(profile: Path, *args: str) -> list[str]:
+    """A headless chromium's command line, with `profile` and `args`, that reaches only loopback."""
     found = shutil.which("chromium")
     if found is None:
         pytest.fail("chromium is not installed (.ci/run installs it)")
-    return found
+    return [
+        found,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        f"--user-data-dir={profile}",
+        f"--host-resolver-rules={OFFLINE}",
+        *args,
+    ]
 
 
 def render(url: str, profile: Path) -> str:
     """The page's DOM once its scripts have run (the budget is the browser's virtual clock)."""
     done = subprocess.run(
-        [
-            chromium(),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            f"--user-data-dir={profile}",
-            f"--host-resolver-rules={OFFLINE}",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-            url,
-        ],
+        chromium(profile, "--virtual-time-budget=5000", "--dump-dom", url),
         capture_output=True,
         text=True,
         timeout=HANG_GUARD_S,
@@ -158,16 +157,7 @@ class Page:
 def browser(profile: Path) -> Iterator[Page]:
     """A headless chromium that reaches nothing but loopback, and its one page."""
     process = subprocess.Popen(
-        [
-            chromium(),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            f"--user-data-dir={profile}",
-            f"--host-resolver-rules={OFFLINE}",
-            "--remote-debugging-port=0",
-            "about:blank",
-        ],
+        chromium(profile, "--remote-debugging-port=0", "about:blank"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
