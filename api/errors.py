@@ -300,7 +300,8 @@ def install(app: FastAPI) -> None:
 
 
 def http_error_response(request: Request, exc: HTTPException) -> JSONResponse:
-    """The router's 404 and 405 (and FastAPI's 400), in the one shape, their headers (`Allow`) kept."""
+    """The router's 404 and 405 (and FastAPI's 400), in the one shape, their headers (`Allow`) kept;
+    any other status (nothing raises one) is a bug's 500."""
     error_type = HTTP_ERRORS.get(exc.status_code, ErrorType.INTERNAL)
     where = f"{request.method} {quote(request.url.path)}"
     message = {
@@ -314,7 +315,10 @@ def document(app: FastAPI) -> None:
     """Make the OpenAPI document say what `install` answers: every 422 an `InvalidRequestBody` (FastAPI's
     own, on routes with path parameters, too) and, on every operation, `OTHER_ERRORS` as its default."""
     build = app.openapi
-    invalid = responses(ErrorType.INVALID_REQUEST)[ERRORS[ErrorType.INVALID_REQUEST].status]
+    invalid = {
+        "description": ErrorType.INVALID_REQUEST.value,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{InvalidRequestBody.__name__}"}}},
+    }
 
     def openapi() -> dict[str, Any]:
         if (schema := app.openapi_schema) is None:
@@ -323,12 +327,7 @@ def document(app: FastAPI) -> None:
                 for operation in operations.values():
                     answers = operation.setdefault("responses", {})
                     if "422" in answers:
-                        answers["422"] = {
-                            "description": invalid["description"],
-                            "content": {
-                                "application/json": {"schema": {"$ref": "#/components/schemas/InvalidRequestBody"}}
-                            },
-                        }
+                        answers["422"] = invalid
                     answers["default"] = OTHER_ERRORS
             components = schema.get("components", {}).get("schemas", {})
             for fastapi_own in ("HTTPValidationError", "ValidationError"):
