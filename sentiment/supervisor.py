@@ -141,7 +141,7 @@ class Supervisor:
         while not all(child.serving for child in self.children):
             for child in self.children:
                 if child.exit_code() is not None:
-                    self.stop()
+                    self.stop(quiet=True)  # (a start-up failure is one line: serve's, with this cause)
                     raise StartFailed(f"{child.name} exited while starting ({child.cause()})")
                 if not child.serving and self.up(child):
                     child.mark_up()
@@ -158,21 +158,23 @@ class Supervisor:
                 return f"{child.name} starting again (restart {child.restarts})"
         return None
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM every child (workers finish their batch and hand back the rest); SIGKILL after `timeout_s`."""
+    def stop(self, timeout_s: float = 30.0, quiet: bool = False) -> None:
+        """SIGTERM every child (workers finish their batch and hand back the rest); SIGKILL after `timeout_s`.
+        What it waits for is logged at INFO, at DEBUG when `quiet`."""
+        level = logging.DEBUG if quiet else logging.INFO
         self._stopping.set()
         if self._watch.is_alive():
             self._watch.join()
         running = [(c, c.proc) for c in self.children if c.proc is not None and c.proc.poll() is None]
         if running:
             waits = ", ".join(f"{child.name} to finish {child.finishing}" for child, _ in running)
-            log.info("stopping: waiting (at most %.0f s) for %s", timeout_s, waits)
+            log.log(level, "stopping: waiting (at most %.0f s) for %s", timeout_s, waits)
         for _, proc in running:
             proc.send_signal(signal.SIGTERM)
         give_up = time.monotonic() + timeout_s
         for child, proc in running:
             try:
-                log.info("%s stopped (exit %s)", child.name, proc.wait(max(0.0, give_up - time.monotonic())))
+                log.log(level, "%s stopped (exit %s)", child.name, proc.wait(max(0.0, give_up - time.monotonic())))
             except subprocess.TimeoutExpired:
                 log.warning("%s did not stop within %.0f s: killed", child.name, timeout_s)
                 proc.kill()
