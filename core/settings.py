@@ -18,6 +18,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from core.webhooks import secret_key
 
 MIN_API_KEY_CHARS = 16  # a guessable key is no key
+# Characters of English the full-size model classifies per second on 2 busy CPU cores, rounded down
+# (docs/tuning.md, "Long texts"): what bounds a request that must be answered within its deadline.
+CHARS_PER_S = 1000
 
 
 class Settings(BaseSettings):
@@ -65,13 +68,21 @@ class Settings(BaseSettings):
 
     # Request limits
     max_texts: int = Field(64, ge=1, description="Most texts in one /predict request.")
-    max_chars: int = Field(2000, ge=1, description="Most characters in one text.")
     request_timeout_s: float = Field(
         10.0,
         gt=0,
         description="How long /predict waits for its answer before a 504, a stalled Redis included; "
         "also each work item's deadline, past which the worker skips it.",
     )
+    max_request_chars: int = Field(
+        default_factory=lambda settings: int(settings["request_timeout_s"] * CHARS_PER_S),
+        ge=1,
+        description="Most characters in one /predict request, all its texts together; default 1,000 per second of "
+        "`SENTIMENT_REQUEST_TIMEOUT_S` (10,000): what the full-size model computes within that deadline on 2 busy "
+        'CPU cores, with room to spare (docs/tuning.md, "Long texts"). A larger request is refused at once (413) '
+        "with its size and the ways out: smaller requests, or /jobs.",
+    )
+    max_chars: int = Field(2000, ge=1, description="Most characters in one text.")
     max_queue_depth: int = Field(
         500,
         ge=0,
