@@ -52,6 +52,7 @@ class ErrorType(StrEnum):
     BAD_REQUEST = "bad_request"  # a body FastAPI could not read at all (its 400)
     METHOD_NOT_ALLOWED = "method_not_allowed"  # the path has no such method (the router's 405, with `Allow`)
     INTERNAL = "internal"  # a bug: an exception nothing handles
+    TEXT_TOO_LONG = "text_too_long"  # a text has more tokens than the model takes (SENTIMENT_LONG_TEXTS=reject)
 
 
 class ErrorBody(BaseModel):
@@ -121,6 +122,7 @@ ERRORS: dict[ErrorType, ErrorSpec] = {
     ErrorType.BAD_REQUEST: ErrorSpec(400),
     ErrorType.METHOD_NOT_ALLOWED: ErrorSpec(405),
     ErrorType.INTERNAL: ErrorSpec(500),
+    ErrorType.TEXT_TOO_LONG: ErrorSpec(422, refusal=True),
 }
 # The same errors over gRPC (`api.inference_grpc`); bad input, FastAPI's 422, is INVALID_ARGUMENT there.
 GRPC_STATUS: dict[ErrorType, grpc.StatusCode] = {
@@ -141,6 +143,7 @@ GRPC_STATUS: dict[ErrorType, grpc.StatusCode] = {
     ErrorType.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorType.METHOD_NOT_ALLOWED: grpc.StatusCode.UNIMPLEMENTED,
     ErrorType.INTERNAL: grpc.StatusCode.INTERNAL,
+    ErrorType.TEXT_TOO_LONG: grpc.StatusCode.INVALID_ARGUMENT,
 }
 # The router's and FastAPI's own HTTP errors (`HTTPException`), by status.
 HTTP_ERRORS = {

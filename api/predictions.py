@@ -229,9 +229,11 @@ class Predictor:
         CACHE_HITS.inc(len(found))
         CACHE_MISSES.inc(len(missing))
         if missing:
-            found.update(
-                zip(missing, await self._compute(missing, deadline, client, receive, function, queued), strict=True)
-            )
+            try:
+                computed = await self._compute(missing, deadline, client, receive, function, queued)
+            except _TooLong as exc:
+                raise exc.refusal(texts) from None
+            found.update(zip(missing, computed, strict=True))
         return [found[t] for t in texts], status
 
     async def _compute(
@@ -276,6 +278,8 @@ class Predictor:
         except Unreadable as exc:
             log.error("request %s: unreadable result (%s)", item.id, exc)
             raise ServiceError(ErrorType.BAD_RESULT, "the worker's result could not be read; retry") from None
+        if result.error is not None and result.too_long:
+            raise _TooLong(result.error, [(texts[i], tokens) for i, tokens in result.too_long if 0 <= i < len(texts)])
         if result.error is not None:
             raise ServiceError(ErrorType.INFERENCE, result.error)
         if result.predictions is None or len(result.predictions) != len(texts):
@@ -379,6 +383,29 @@ class Predictor:
             pipe.zcard(self._keys.outstanding(client))
         replies = await pipe.execute()
         return dict(zip(clients, replies[1::2], strict=True))
+
+
+class _TooLong(Exception):
+    """The worker refused texts as longer than the model takes (`Result.too_long`): the texts and their
+    tokens, named in the 422 by their places in the request."""
+
+    def __init__(self, why: str, texts: list[tuple[str, int]]) -> None:
+        super().__init__(why)
+        self.why = why
+        self.texts = texts
+
+    def refusal(self, request: list[str]) -> ServiceError:
+        places: dict[str, int] = {}
+        for index, text in enumerate(request):
+            places.setdefault(text, index)
+        named = ", ".join(
+            f"text {place} ({tokens:,} tokens)"
+            for place, tokens in sorted((places[text], tokens) for text, tokens in self.texts if text in places)
+        )
+        return ServiceError(
+            ErrorType.TEXT_TOO_LONG,
+            f"{named}: {self.why}; shorten it or split it, or send it to a service with SENTIMENT_LONG_TEXTS=chunk",
+        )
 
 
 class _DisconnectWatch:

@@ -67,6 +67,14 @@ class Settings(BaseSettings):
     )
 
     # Request limits
+    long_texts: Literal["truncate", "reject", "chunk"] = Field(
+        "truncate",
+        description="What a text longer than the model's length (its tokens, 512 for DistilBERT) gets: `truncate` "
+        "its first tokens only (counted in `sentiment_long_texts_total`); `reject` a 422 naming the text and its "
+        "tokens; `chunk` overlapping windows of the model's length, each through the batches as a text of its own, "
+        'the text\'s scores from their token-weighted mean logits (docs/tuning.md, "Long texts"). Part of the '
+        "model's version, so each choice has its own cache.",
+    )
     max_texts: int = Field(64, ge=1, description="Most texts in one /predict request.")
     request_timeout_s: float = Field(
         10.0,
@@ -82,7 +90,12 @@ class Settings(BaseSettings):
         'CPU cores, with room to spare (docs/tuning.md, "Long texts"). A larger request is refused at once (413) '
         "with its size and the ways out: smaller requests, or /jobs.",
     )
-    max_chars: int = Field(2000, ge=1, description="Most characters in one text.")
+    max_chars: int = Field(
+        default_factory=lambda settings: settings["max_request_chars"] if settings["long_texts"] == "chunk" else 2000,
+        ge=1,
+        description="Most characters in one text: default 2,000, or a whole request's (`SENTIMENT_MAX_REQUEST_CHARS`) under "
+        "`SENTIMENT_LONG_TEXTS=chunk`.",
+    )
     max_queue_depth: int = Field(
         500,
         ge=0,
