@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import orjson
@@ -159,12 +160,12 @@ class Predictor:
         timeout_s: float,
     ) -> tuple[list[Prediction], CacheStatus]:
         deadline = time.time() + timeout_s  # the work item's too: a worker skips it once we gave up
-        queued: list[bytes] = []  # the work item, once queued
+        call = _Call(deadline, client, receive, function)
         try:
             async with asyncio.timeout(timeout_s):
-                return await self._predict(texts, deadline, client, receive, function, queued)
+                return await self._predict(texts, call)
         except TimeoutError:
-            why = await self._late(queued[0] if queued else None)
+            why = await self._late(call.queued[0] if call.queued else None)
             raise ServiceError(ErrorType.TIMEOUT, f"no result within {timeout_s:g} s: {why}") from None
 
     async def _late(self, item: bytes | None) -> str:
@@ -198,17 +199,10 @@ class Predictor:
             "needs; send fewer or shorter texts a request, or submit them as a bulk job (POST /jobs)"
         )
 
-    async def _predict(
-        self,
-        texts: list[str],
-        deadline: float,
-        client: str,
-        receive: Receive | None,
-        function: ScoreFunction | None,
-        queued: list[bytes],
-    ) -> tuple[list[Prediction], CacheStatus]:
+    async def _predict(self, texts: list[str], call: _Call) -> tuple[list[Prediction], CacheStatus]:
         unique = list(dict.fromkeys(texts))
         found: dict[str, Prediction] = {}
+        function = call.function
         if model := await self._models.current():
             if function == model.function:  # the model's own: its cache, and its work
                 function = None
@@ -230,32 +224,24 @@ class Predictor:
         CACHE_MISSES.inc(len(missing))
         if missing:
             try:
-                computed = await self._compute(missing, deadline, client, receive, function, queued)
+                computed = await self._compute(missing, call, function)
             except _TooLong as exc:
                 raise exc.refusal(texts) from None
             found.update(zip(missing, computed, strict=True))
         return [found[t] for t in texts], status
 
-    async def _compute(
-        self,
-        texts: list[str],
-        deadline: float,
-        client: str,
-        receive: Receive | None,
-        function: ScoreFunction | None,
-        queued: list[bytes],
-    ) -> list[Prediction]:
-        """Queue the texts (the item, once queued, appended to `queued`: a late request's 504 looks for
-        it) and wait for the worker's result. A wait cut by the deadline, or by its client going away,
-        unregisters itself and marks the item abandoned (`_wait`); a worker drops it unstarted, or as
-        expired, else its result key expires unread."""
+    async def _compute(self, texts: list[str], call: _Call, function: ScoreFunction | None) -> list[Prediction]:
+        """Queue the texts, scored by `function` (None: the model's own), the item once queued kept in
+        `call.queued` (a late request's 504 looks for it), and wait for the worker's result. A wait cut by
+        the deadline, or by its client going away, unregisters itself and marks the item abandoned
+        (`_wait`); a worker drops it unstarted, or as expired, else its result key expires unread."""
         item = WorkItem(
             id=new_id(),
             texts=texts,
             enqueued_at=time.time(),
-            deadline=deadline,
+            deadline=call.deadline,
             reply_to=self._waiter.channel,
-            client=client,
+            client=call.client,
             traceparent=tracing.traceparent() if tracing.enabled else None,  # the `predict` span's
             function=function,
         )
@@ -264,7 +250,7 @@ class Predictor:
             with tracing.span("predict.enqueue"):
                 accepted = await self._push((item, encoded))
             if accepted:
-                queued.append(encoded)
+                call.queued.append(encoded)
             if not accepted:
                 raise ServiceError(
                     ErrorType.OVERLOADED,
@@ -272,7 +258,7 @@ class Predictor:
                     "of it; retry later",
                 )
             with tracing.span("predict.wait"):
-                raw = await self._wait(item, wait, receive)
+                raw = await self._wait(item, wait, call.receive)
         try:
             result = Result.decode(raw)
         except Unreadable as exc:
@@ -383,6 +369,18 @@ class Predictor:
             pipe.zcard(self._keys.outstanding(client))
         replies = await pipe.execute()
         return dict(zip(clients, replies[1::2], strict=True))
+
+
+@dataclass
+class _Call:
+    """What one request's path carries: its deadline, client, receive channel and asked-for score
+    function, and its work item once queued."""
+
+    deadline: float
+    client: str
+    receive: Receive | None
+    function: ScoreFunction | None
+    queued: list[bytes] = field(default_factory=list)
 
 
 class _TooLong(Exception):
