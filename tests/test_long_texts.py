@@ -141,7 +141,8 @@ def test_a_chunked_text_is_its_windows_run_through_transformers_in_the_batches_o
     assert [s["score"] for s in first.predictions[1]] == pytest.approx(want, abs=1e-4)
     assert first.predictions[1] == second.predictions[0]  # one text, computed once for both
     [short_ids] = classifier.tokenize([short])
-    windows = classifier.split([long])[0].windows
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    windows = tokenizer(long, truncation=True, max_length=128, stride=16, return_overflowing_tokens=True)["input_ids"]
     ran = [ids for batch in forwards for ids in batch]
     assert sorted(map(tuple, ran)) == sorted(map(tuple, [*windows, short_ids]))  # each window once, nothing else
     # Windows are texts to the batches: one forward held several, and one held a window and the short text.
@@ -169,21 +170,20 @@ def test_the_real_checkpoint_answers_a_long_review_as_transformers_does_from_its
     assert [s["score"] for s in result.predictions[0]] == pytest.approx(want, abs=1e-4)
 
 
-def test_a_bulk_job_chunks_and_rejects_as_the_worker_does(tiny_model_dir: Path) -> None:
-    long, short = review(400, seed=8), review(9, seed=9)
-    chunking = Classifier(tiny_model_dir, device="cpu", threads=1, long_texts=LongTexts.CHUNK)
-    settings = Settings(key_prefix="jobs", model_dir=tiny_model_dir, long_texts="chunk")
+def test_a_bulk_job_chunks_and_rejects_as_the_worker_does(small_model_dir: Path, tiny_model_dir: Path) -> None:
+    long, short = sst2_review(60, start=100), "a gorgeous, witty film."
+    chunking = Classifier(small_model_dir, device="cpu", threads=1, precision="fp32", long_texts=LongTexts.CHUNK)
+    settings = Settings(key_prefix="jobs", model_dir=small_model_dir, long_texts="chunk")
     jobs = Inference.for_jobs(settings, chunking, fakeredis.FakeRedis())
     got_long, got_short = jobs.predict([long, short])
-    assert [s["score"] for s in got_long] == pytest.approx(
-        transformers_chunked(tiny_model_dir, long, "softmax"), abs=1e-4
-    )
+    want_long = transformers_chunked(small_model_dir, long, "softmax")
+    assert [s["score"] for s in got_long] == pytest.approx(want_long, abs=1e-4)
     [want_short] = chunking.forward(chunking.tokenize([short]))
     assert [s["score"] for s in got_short] == pytest.approx(want_short, abs=1e-5)
     rejecting = Classifier(tiny_model_dir, device="cpu", threads=1, long_texts=LongTexts.REJECT)
     refusing = Inference.for_jobs(settings, rejecting, fakeredis.FakeRedis())
     with pytest.raises(ValueError, match="longer than the model's 128 tokens"):
-        refusing.predict([short, long])
+        refusing.predict([review(9), review(400)])
 
 
 @pytest.fixture(scope="module")
