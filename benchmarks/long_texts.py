@@ -10,8 +10,8 @@
 2. Deadline: the service as deployed (`sentiment api` and `sentiment worker`, a real Redis), with the
    full-size DistilBERT-base (random weights: the real model's cost) on this machine's cores, under
    `chunk` at the default limits: requests of never-seen 2,000-character texts up to
-   `SENTIMENT_MAX_REQUEST_CHARS`, one text of that many characters (chunked), and the issue's 64
-   texts of 2,000 characters, which must be refused at once. Each answer's status and seconds.
+   `SENTIMENT_MAX_REQUEST_CHARS`, one text of that many characters (chunked), and 64 texts of 2,000
+   characters (the largest request the per-text limits allow), which must be refused at once. Each answer's status and seconds.
 
 Writes `long-texts-<UTC time>-cpu.json`; docs/tuning.md ("Long texts") quotes it. The machine is
 shared: times are rough (the load average at start is recorded).
@@ -44,7 +44,7 @@ from sentiment.embedded import free_port
 
 REVIEWS = 20  # per label and set
 SENTENCES = 45  # per homogeneous review: about 1,000 tokens
-TEXT_CHARS = 2000  # the default SENTIMENT_MAX_CHARS, the texts of the 504
+TEXT_CHARS = 2000  # the default SENTIMENT_MAX_CHARS
 TRIES = 4  # requests per size
 
 
