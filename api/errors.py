@@ -52,7 +52,7 @@ class ErrorType(StrEnum):
     BAD_REQUEST = "bad_request"  # a body FastAPI could not read at all (its 400)
     METHOD_NOT_ALLOWED = "method_not_allowed"  # the path has no such method (the router's 405, with `Allow`)
     INTERNAL = "internal"  # a bug: an exception nothing handles
-    TEXT_TOO_LONG = "text_too_long"  # a text has more tokens than the model takes (SENTIMENT_LONG_TEXTS=reject)
+    TEXT_TOO_LONG = "text_too_long"  # texts of more tokens than the model takes (SENTIMENT_LONG_TEXTS=reject)
 
 
 class ErrorBody(BaseModel):
@@ -62,8 +62,9 @@ class ErrorBody(BaseModel):
     error_type: ErrorType
 
     @classmethod
-    def of(cls, error_type: ErrorType, message: str) -> BaseModel:
-        return cls(error=message, error_type=error_type)
+    def of(cls, error_type: ErrorType, message: str, **fields: Any) -> BaseModel:
+        """The body of `error_type`, with the fields of its own (`InvalidRequestBody`'s `detail`)."""
+        return cls(error=message, error_type=error_type, **fields)
 
 
 class NotReadyBody(ErrorBody):
@@ -73,7 +74,7 @@ class NotReadyBody(ErrorBody):
     reason: str
 
     @classmethod
-    def of(cls, error_type: ErrorType, message: str) -> BaseModel:
+    def of(cls, error_type: ErrorType, message: str, **fields: Any) -> BaseModel:
         return cls(error=message, error_type=error_type, status="not ready", reason=message)
 
 
@@ -88,7 +89,8 @@ class FieldError(BaseModel):
 
 
 class InvalidRequestBody(ErrorBody):
-    """A 422: the error (its first field, in one line) and FastAPI's `detail` list of every field."""
+    """A 422: the error (its first field, in one line) and FastAPI's `detail` list of every field; or,
+    the texts being longer than the model takes (`TEXT_TOO_LONG`), one entry per such text."""
 
     detail: list[FieldError]
 
@@ -122,7 +124,7 @@ ERRORS: dict[ErrorType, ErrorSpec] = {
     ErrorType.BAD_REQUEST: ErrorSpec(400),
     ErrorType.METHOD_NOT_ALLOWED: ErrorSpec(405),
     ErrorType.INTERNAL: ErrorSpec(500),
-    ErrorType.TEXT_TOO_LONG: ErrorSpec(422, refusal=True),
+    ErrorType.TEXT_TOO_LONG: ErrorSpec(422, refusal=True, body=InvalidRequestBody),
 }
 # The same errors over gRPC (`api.inference_grpc`); bad input, FastAPI's 422, is INVALID_ARGUMENT there.
 GRPC_STATUS: dict[ErrorType, grpc.StatusCode] = {
@@ -157,10 +159,13 @@ for _type, _spec in ERRORS.items():
 
 
 class ServiceError(Exception):
-    def __init__(self, error_type: ErrorType, message: str) -> None:
+    """An error answered from `ERRORS`; `fields`: its body's own beyond the message (a 422's `detail`)."""
+
+    def __init__(self, error_type: ErrorType, message: str, **fields: Any) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.message = message
+        self.fields = fields
 
 
 def counted(error_type: ErrorType) -> ErrorSpec:
@@ -172,16 +177,22 @@ def counted(error_type: ErrorType) -> ErrorSpec:
 
 
 def error_response(
-    error_type: ErrorType, message: str, retry_after_s: int | None = None, headers: Mapping[str, str] | None = None
+    error_type: ErrorType,
+    message: str,
+    retry_after_s: int | None = None,
+    headers: Mapping[str, str] | None = None,
+    fields: Mapping[str, Any] | None = None,
 ) -> JSONResponse:
     """The answer for `error_type` as `ERRORS` says (`retry_after_s` overrides its `Retry-After`;
-    `headers` adds to its own); a refusal is counted."""
+    `headers` adds to its own; `fields`, its body's own); a refusal is counted."""
     spec = counted(error_type)
     headers = {**spec.headers, **(headers or {})}
     if retry := retry_after_s or spec.retry_after_s:
         headers["Retry-After"] = str(retry)
     return JSONResponse(
-        spec.body.of(error_type, message).model_dump(mode="json"), status_code=spec.status, headers=headers or None
+        spec.body.of(error_type, message, **(fields or {})).model_dump(mode="json"),
+        status_code=spec.status,
+        headers=headers or None,
     )
 
 
@@ -202,6 +213,11 @@ RESPONSES = responses(
 )
 # What a route that takes a JSON body may answer about it: too large, not JSON, not valid.
 BODY_RESPONSES = responses(ErrorType.TOO_LARGE, ErrorType.UNSUPPORTED_MEDIA_TYPE, ErrorType.INVALID_REQUEST)
+# What a route that answers a JSON body's texts with the model may answer about them: the same, and
+# texts longer than the model takes (SENTIMENT_LONG_TEXTS=reject), a 422 of the same shape.
+TEXTS_RESPONSES = responses(
+    ErrorType.TOO_LARGE, ErrorType.UNSUPPORTED_MEDIA_TYPE, ErrorType.INVALID_REQUEST, ErrorType.TEXT_TOO_LONG
+)
 # What any operation may answer beyond those it lists: a bug's 500, and what another method or path
 # on its server gets (405, 404), all in the one shape.
 OTHER_ERRORS = {
@@ -278,7 +294,7 @@ def quoted(error: dict[str, Any]) -> dict[str, Any]:
 def install(app: FastAPI) -> None:
     async def on_service_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
-        return error_response(exc.error_type, exc.message)
+        return error_response(exc.error_type, exc.message, fields=exc.fields)
 
     async def on_redis_error(_: Request, exc: Exception) -> JSONResponse:
         """Down or refusing (OOM under maxmemory, READONLY after a failover, MISCONF, NOPERM): the
@@ -316,12 +332,14 @@ def http_error_response(request: Request, exc: HTTPException) -> JSONResponse:
 
 def document(app: FastAPI) -> None:
     """Make the OpenAPI document say what `install` answers: every 422 an `InvalidRequestBody` (FastAPI's
-    own, on routes with path parameters, too) and, on every operation, `OTHER_ERRORS` as its default."""
+    own, on routes with path parameters, too; a route's own, `responses`, keeps its description: the
+    types it names) and, on every operation, `OTHER_ERRORS` as its default."""
     build = app.openapi
     invalid = {
         "description": ErrorType.INVALID_REQUEST.value,
         "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{InvalidRequestBody.__name__}"}}},
     }
+    types = {t.value for t in ErrorType}
 
     def openapi() -> dict[str, Any]:
         if (schema := app.openapi_schema) is None:
@@ -330,7 +348,9 @@ def document(app: FastAPI) -> None:
                 for operation in operations.values():
                     answers = operation.setdefault("responses", {})
                     if "422" in answers:
-                        answers["422"] = invalid
+                        described = answers["422"].get("description", "")
+                        ours = set(described.split(", ")) <= types  # (FastAPI's own: "Validation Error")
+                        answers["422"] = {**invalid, "description": described} if ours else invalid
                     answers["default"] = OTHER_ERRORS
             components = schema.get("components", {}).get("schemas", {})
             for fastapi_own in ("HTTPValidationError", "ValidationError"):

@@ -393,16 +393,21 @@ class _TooLong(Exception):
         self.texts = texts
 
     def refusal(self, request: list[str]) -> ServiceError:
+        """The 422: each text named by its first place in `request` (in the message, and one `detail`
+        entry each, as a 422 of request validation names each field; the text itself is not echoed)."""
         places: dict[str, int] = {}
         for index, text in enumerate(request):
             places.setdefault(text, index)
-        named = ", ".join(
-            f"text {place} ({tokens:,} tokens)"
-            for place, tokens in sorted((places[text], tokens) for text, tokens in self.texts if text in places)
-        )
+        refused = sorted((places[text], tokens) for text, tokens in self.texts if text in places)
+        named = ", ".join(f"text {place} ({tokens:,} tokens)" for place, tokens in refused)
+        detail = [
+            {"loc": ["text", place], "msg": f"{tokens:,} tokens: {self.why}", "type": "text_too_long", "tokens": tokens}
+            for place, tokens in refused
+        ]
         return ServiceError(
             ErrorType.TEXT_TOO_LONG,
             f"{named}: {self.why}; shorten it or split it, or send it to a service with SENTIMENT_LONG_TEXTS=chunk",
+            detail=detail,
         )
 
 

@@ -163,4 +163,8 @@ async def test_the_openapi_document_gives_every_error_the_one_shape(client: http
             if "requestBody" in operation:
                 assert {"413", "415", "422"} <= set(answers), (method, path)
     assert set(resolved({"$ref": "#/components/schemas/ErrorType"})["enum"]) == {t.value for t in ErrorType}
+    # Every route that answers texts with the model says its 422 may also be texts too long for it.
+    for path, method in (("/predict", "post"), (INFER.replace("/tiny/", "/{name}/"), "post"), ("/", "post")):
+        described = document["paths"][path][method]["responses"]["422"]["description"]
+        assert described.split(", ") == [ErrorType.INVALID_REQUEST.value, ErrorType.TEXT_TOO_LONG.value], path
     assert schemas[ErrorBody.__name__]["required"] == ["error", "error_type"]

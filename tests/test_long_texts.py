@@ -8,6 +8,7 @@ from pathlib import Path
 
 import fakeredis
 import httpx
+import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -203,6 +204,15 @@ def test_reject_names_each_long_text_by_its_place_and_its_tokens(rejecting: str,
     tokens = [len(tokenizer(t)["input_ids"]) for t in (long, longer)]
     assert f"text 1 ({tokens[0]} tokens), text 3 ({tokens[1]} tokens)" in body["error"]
     assert "longer than the model's 128 tokens" in body["error"]
+    # The one 422 shape: a `detail` entry per text, as the OpenAPI document says /predict's 422 is.
+    assert [(d["loc"], d["type"], d["tokens"]) for d in body["detail"]] == [
+        (["text", 1], "text_too_long", tokens[0]),
+        (["text", 3], "text_too_long", tokens[1]),
+    ]
+    document = httpx.get(f"{rejecting}/openapi.json", timeout=HANG_GUARD_S).json()
+    answer = document["paths"]["/predict"]["post"]["responses"]["422"]
+    assert "text_too_long" in answer["description"].split(", ")
+    jsonschema.validate(body, {**answer["content"]["application/json"]["schema"], "components": document["components"]})
     ok = httpx.post(f"{rejecting}/predict", json={"text": [fine]}, timeout=HANG_GUARD_S)
     assert ok.status_code == 200  # a text within the length is answered
 
