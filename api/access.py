@@ -1,8 +1,13 @@
 """Who may call the API: optional API keys, then an optional per-client rate limit.
 
-One ASGI middleware in front of every route and mount, so /metrics, /docs, /openapi.json and any
-route added later are covered by default; the gRPC service asks the same `admit` (`api.inference_grpc`). Only the probes in `OPEN_PATHS` are exempt: a kubelet
-HTTP probe cannot send a secret header, and they tell only whether this pod can serve.
+One ASGI middleware in front of every route and mount, so /metrics and any route added later are
+covered by default; the gRPC service asks the same `admit` (`api.inference_grpc`). Only `OPEN_PATHS`
+are exempt: the probes (/health, /ready, and the Open Inference Protocol's, which Triton's and KServe's
+deployments probe), since a kubelet HTTP probe cannot send a secret header and they tell only whether
+this pod can serve; and the docs (/docs, /redoc, their assets, /openapi.json), since a browser loads
+them before anyone can type a key into Swagger's Authorize dialog, which then sends it with each call
+(the schema's `securitySchemes`). Prometheus' scrapes of /metrics (`SCRAPES`) need a key like any
+call but are never rate-limited: a scraper sharing a client's key or address must not use its bucket.
 
 Keys are compared as SHA-256 digests with `hmac.compare_digest` against every configured key:
 constant time, no early exit on a match, no length leak. A client is named by its key's digest
@@ -24,13 +29,16 @@ from redis.exceptions import RedisError
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.docs_page import ASSETS, DOCS, OPENAPI, REDOC
 from api.errors import ErrorType, error_response, responses
 from api.rate_limit import RateLimit
 from core.protocol import DEFAULT_CLIENT
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready"})  # (the V2 protocol's probes)
+PROBES = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready"})
+OPEN_PATHS = PROBES | {DOCS, REDOC, OPENAPI}  # the README's Security section names the same
+SCRAPES = frozenset({"/metrics"})
 SCHEMES = {
     "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
     "Bearer": {"type": "http", "scheme": "bearer"},
@@ -64,6 +72,11 @@ def client_of(scope: Scope) -> str:
     refused first when it holds the most (`api.predictions`): its API key's name, else the one default."""
     state: dict[str, str] = scope.get("state") or {}
     return state.get("client", DEFAULT_CLIENT)
+
+
+def is_open(path: str) -> bool:
+    """Whether `path` needs no key and counts against no rate limit (`OPEN_PATHS`, the docs' assets)."""
+    return path in OPEN_PATHS or path.startswith(ASSETS + "/")
 
 
 def presented_key(headers: Headers) -> str | None:
@@ -118,12 +131,13 @@ class AccessControl:
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         presented = presented_key(Headers(scope=scope)) if self.keys else None
         address = (scope.get("client") or ("unknown",))[0]
-        client = await admit(self.keys, getattr(scope["app"].state, "rate_limit", None), presented, address)
+        limit = None if scope["path"] in SCRAPES else getattr(scope["app"].state, "rate_limit", None)
+        client = await admit(self.keys, limit, presented, address)
         if isinstance(client, Refused):
             await error_response(client.error_type, client.message, client.retry_after_s)(scope, receive, send)
             return

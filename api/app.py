@@ -48,6 +48,7 @@ def create_app(
     )
     _add_routes(app, settings)
     _add_middleware(app, settings)
+    errors.document(app)
     document(app, keys_on=bool(settings.api_keys), rate_limit_on=settings.rate_limit_per_s is not None)
     return app
 
@@ -112,7 +113,14 @@ def _predicting(
         TTLCache(settings.local_cache_size, settings.cache_ttl_s) if settings.local_cache_size else None
     )
     app.state.predictor = Predictor(
-        client, keys, waiter, app.state.models, settings.request_timeout_s, settings.max_queue_depth, local_cache
+        client,
+        keys,
+        waiter,
+        app.state.models,
+        settings.request_timeout_s,
+        settings.max_queue_depth,
+        local_cache,
+        settings.max_request_chars,
     )
     if settings.rate_limit_per_s is not None:
         app.state.rate_limit = RateLimit(client, keys, settings.rate_limit_per_s, settings.rate_limit_burst)

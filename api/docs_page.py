@@ -3,7 +3,8 @@
 FastAPI's own pages load their JavaScript and CSS from a CDN, so they stay blank on an air-gapped
 cluster. The `fastapi-offline` package ships the same bundles (Swagger UI 5, ReDoc 2); this is
 FastAPI's "self-hosting JavaScript and CSS for docs" recipe, with that package's files served by
-the app itself. Like every route, they sit behind the access layer (api/access.py).
+the app itself. With API keys on they stay open (`api.access.OPEN_PATHS`): Swagger UI's Authorize
+button then sends the key with each call it makes.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-DOCS, REDOC, ASSETS = "/docs", "/redoc", "/docs/assets"
+DOCS, REDOC, ASSETS, OPENAPI = "/docs", "/redoc", "/docs/assets", "/openapi.json"
 
 
 def install(app: FastAPI) -> None:
     """Add the two pages and their assets to `app`, created with `docs_url=None, redoc_url=None`
-    (FastAPI's CDN pages) and an `openapi_url`."""
-    assert app.docs_url is None and app.redoc_url is None and app.openapi_url, "FastAPI's CDN pages are on"
+    (FastAPI's CDN pages) and the default `openapi_url`."""
+    assert app.docs_url is None and app.redoc_url is None and app.openapi_url == OPENAPI, "FastAPI's CDN pages are on"
     openapi_url = app.openapi_url
     app.mount(ASSETS, StaticFiles(packages=[("fastapi_offline", "static")]), name="docs-assets")
 

@@ -1,12 +1,13 @@
 """The one map from what went wrong to an HTTP status (as in text-embeddings-inference), and beside it
 the gRPC status of each (`GRPC_STATUS`, for the Open Inference Protocol over gRPC).
 
-Every refusal is answered from `ERRORS`, one `ErrorType` -> status, headers and body map, which also
-writes the routes' OpenAPI (`responses`): handlers answer `{"error": message, "error_type": type}`
-(/ready's 503 `{"status": "not ready", "reason": ...}`); 503 and 429 carry `Retry-After`.
-Request validation keeps FastAPI's standard 422 body, which names the offending field (ASCII-escaped:
-the input it echoes may hold lone surrogates that UTF-8 cannot encode). It quotes the bad value
-only in part (`quote`): a 100,000-character text or 10,001 texts must not come back whole.
+Every answer that is not a success comes from `ERRORS`, one `ErrorType` -> status, headers and body
+map, which also writes the OpenAPI document (`responses`, `document`): `{"error": message,
+"error_type": type}` on every route, for every status, the router's 404 and 405 and FastAPI's 422
+included (`install`); some add fields (/ready's 503 its `status` and `reason`, a 422 FastAPI's
+`detail` list naming each offending field); 503 and 429 carry `Retry-After`. A 422 is
+ASCII-escaped JSON (the input it echoes may hold lone surrogates that UTF-8 cannot encode) and quotes
+the bad value only in part (`quote`): a 100,000-character text or 10,001 texts must not come back whole.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException
 
 from api.metrics import REQUESTS_REFUSED
 from core.redis_errors import describe
@@ -38,7 +40,7 @@ class ErrorType(StrEnum):
     TIMEOUT = "timeout"  # no result before the request's deadline
     INFERENCE = "inference"  # the model failed on this request's texts
     BAD_RESULT = "bad_result"  # the worker's result could not be read (garbage in Redis, a worker of another protocol)
-    NOT_FOUND = "not_found"  # no such job (never was, expired, or deleted); a V2 model name not served
+    NOT_FOUND = "not_found"  # no such path; no such job (never was, expired, or deleted); a V2 model name not served
     TOO_LARGE = "too_large"  # request body over the route's limit, refused before parsing
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # a body declared as something other than JSON
     UNAUTHORIZED = "unauthorized"  # API keys are on and the request sent none
@@ -46,26 +48,51 @@ class ErrorType(StrEnum):
     RATE_LIMITED = "rate_limited"  # this client's token bucket is empty
     NOT_READY = "not_ready"  # /ready: Redis down, no live worker, or a worker of `sentiment serve` down
     CLIENT_GONE = "client_gone"  # the client disconnected while its request waited: nobody reads the answer
+    INVALID_REQUEST = "invalid_request"  # a body or parameter that does not validate (FastAPI's 422)
+    BAD_REQUEST = "bad_request"  # a body FastAPI could not read at all (its 400)
+    METHOD_NOT_ALLOWED = "method_not_allowed"  # the path has no such method (the router's 405, with `Allow`)
+    INTERNAL = "internal"  # a bug: an exception nothing handles
+    TEXT_TOO_LONG = "text_too_long"  # texts of more tokens than the model takes (SENTIMENT_LONG_TEXTS=reject)
 
 
 class ErrorBody(BaseModel):
+    """What every error answers (`ERRORS`); some add fields of their own."""
+
     error: str
     error_type: ErrorType
 
     @classmethod
-    def of(cls, error_type: ErrorType, message: str) -> BaseModel:
-        return cls(error=message, error_type=error_type)
+    def of(cls, error_type: ErrorType, message: str, **fields: Any) -> BaseModel:
+        """The body of `error_type`, with the fields of its own (`InvalidRequestBody`'s `detail`)."""
+        return cls(error=message, error_type=error_type, **fields)
 
 
-class NotReadyBody(BaseModel):
-    """/ready's answer when not ready: the shape of its 200 (`status`), with the reason."""
+class NotReadyBody(ErrorBody):
+    """/ready's answer when not ready: the error, and the shape of its 200 (`status`) with the reason."""
 
     status: Literal["not ready"]
     reason: str
 
     @classmethod
-    def of(cls, error_type: ErrorType, message: str) -> BaseModel:
-        return cls(status="not ready", reason=message)
+    def of(cls, error_type: ErrorType, message: str, **fields: Any) -> BaseModel:
+        return cls(error=message, error_type=error_type, status="not ready", reason=message)
+
+
+class FieldError(BaseModel):
+    """One offending field, as FastAPI (pydantic) reports it."""
+
+    model_config = ConfigDict(extra="allow")
+    loc: list[str | int]
+    msg: str
+    type: str
+    input: Any = None
+
+
+class InvalidRequestBody(ErrorBody):
+    """A 422: the error (its first field, in one line) and FastAPI's `detail` list of every field; or,
+    the texts being longer than the model takes (`TEXT_TOO_LONG`), one entry per such text."""
+
+    detail: list[FieldError]
 
 
 @dataclass(frozen=True)
@@ -93,6 +120,11 @@ ERRORS: dict[ErrorType, ErrorSpec] = {
     ErrorType.RATE_LIMITED: ErrorSpec(429, retry_after_s=1, refusal=True),  # the bucket says how long, mostly
     ErrorType.NOT_READY: ErrorSpec(503, body=NotReadyBody),
     ErrorType.CLIENT_GONE: ErrorSpec(499),  # nginx's "client closed request": what the request metrics record
+    ErrorType.INVALID_REQUEST: ErrorSpec(422, body=InvalidRequestBody),
+    ErrorType.BAD_REQUEST: ErrorSpec(400),
+    ErrorType.METHOD_NOT_ALLOWED: ErrorSpec(405),
+    ErrorType.INTERNAL: ErrorSpec(500),
+    ErrorType.TEXT_TOO_LONG: ErrorSpec(422, refusal=True, body=InvalidRequestBody),
 }
 # The same errors over gRPC (`api.inference_grpc`); bad input, FastAPI's 422, is INVALID_ARGUMENT there.
 GRPC_STATUS: dict[ErrorType, grpc.StatusCode] = {
@@ -109,6 +141,17 @@ GRPC_STATUS: dict[ErrorType, grpc.StatusCode] = {
     ErrorType.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorType.NOT_READY: grpc.StatusCode.UNAVAILABLE,
     ErrorType.CLIENT_GONE: grpc.StatusCode.CANCELLED,
+    ErrorType.INVALID_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorType.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorType.METHOD_NOT_ALLOWED: grpc.StatusCode.UNIMPLEMENTED,
+    ErrorType.INTERNAL: grpc.StatusCode.INTERNAL,
+    ErrorType.TEXT_TOO_LONG: grpc.StatusCode.INVALID_ARGUMENT,
+}
+# The router's and FastAPI's own HTTP errors (`HTTPException`), by status.
+HTTP_ERRORS = {
+    400: ErrorType.BAD_REQUEST,
+    404: ErrorType.NOT_FOUND,
+    405: ErrorType.METHOD_NOT_ALLOWED,
 }
 for _type, _spec in ERRORS.items():
     if _spec.refusal:
@@ -116,10 +159,13 @@ for _type, _spec in ERRORS.items():
 
 
 class ServiceError(Exception):
-    def __init__(self, error_type: ErrorType, message: str) -> None:
+    """An error answered from `ERRORS`; `fields`: its body's own beyond the message (a 422's `detail`)."""
+
+    def __init__(self, error_type: ErrorType, message: str, **fields: Any) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.message = message
+        self.fields = fields
 
 
 def counted(error_type: ErrorType) -> ErrorSpec:
@@ -130,20 +176,28 @@ def counted(error_type: ErrorType) -> ErrorSpec:
     return spec
 
 
-def error_response(error_type: ErrorType, message: str, retry_after_s: int | None = None) -> JSONResponse:
-    """The answer for `error_type` as `ERRORS` says (`retry_after_s` overrides its `Retry-After`);
-    a refusal is counted."""
+def error_response(
+    error_type: ErrorType,
+    message: str,
+    retry_after_s: int | None = None,
+    headers: Mapping[str, str] | None = None,
+    fields: Mapping[str, Any] | None = None,
+) -> JSONResponse:
+    """The answer for `error_type` as `ERRORS` says (`retry_after_s` overrides its `Retry-After`;
+    `headers` adds to its own; `fields`, its body's own); a refusal is counted."""
     spec = counted(error_type)
-    headers = dict(spec.headers)
+    headers = {**spec.headers, **(headers or {})}
     if retry := retry_after_s or spec.retry_after_s:
         headers["Retry-After"] = str(retry)
     return JSONResponse(
-        spec.body.of(error_type, message).model_dump(mode="json"), status_code=spec.status, headers=headers or None
+        spec.body.of(error_type, message, **(fields or {})).model_dump(mode="json"),
+        status_code=spec.status,
+        headers=headers or None,
     )
 
 
 def responses(*types: ErrorType) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI descriptions of the errors a route can answer with (beyond FastAPI's 422), from `ERRORS`."""
+    """OpenAPI descriptions of the errors a route can answer with, from `ERRORS`."""
     answers: dict[int | str, dict[str, Any]] = {}
     for status in sorted({ERRORS[t].status for t in types}):
         same = [t for t in types if ERRORS[t].status == status]
@@ -157,13 +211,21 @@ def responses(*types: ErrorType) -> dict[int | str, dict[str, Any]]:
 RESPONSES = responses(
     ErrorType.UNAVAILABLE, ErrorType.OVERLOADED, ErrorType.TIMEOUT, ErrorType.INFERENCE, ErrorType.BAD_RESULT
 )
-# What a route that takes a JSON body may answer before reading it.
-BODY_RESPONSES = responses(ErrorType.TOO_LARGE, ErrorType.UNSUPPORTED_MEDIA_TYPE)
-# The 422 of a route that validates its body itself (`api.schemas.parse_json`), as FastAPI documents
-# its own: the schema is FastAPI's component, there as long as any route takes parameters.
-VALIDATION_ERROR = {
-    "description": "Validation Error",
-    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}},
+# What a route that takes a JSON body may answer about it: too large, not JSON, not valid.
+BODY_RESPONSES = responses(ErrorType.TOO_LARGE, ErrorType.UNSUPPORTED_MEDIA_TYPE, ErrorType.INVALID_REQUEST)
+# What a route that answers a JSON body's texts with the model may answer about them: the same, and
+# texts longer than the model takes (SENTIMENT_LONG_TEXTS=reject), a 422 of the same shape.
+TEXTS_RESPONSES = responses(
+    ErrorType.TOO_LARGE, ErrorType.UNSUPPORTED_MEDIA_TYPE, ErrorType.INVALID_REQUEST, ErrorType.TEXT_TOO_LONG
+)
+# What any operation may answer beyond those it lists: a bug's 500, and what another method or path
+# on its server gets (405, 404), all in the one shape.
+OTHER_ERRORS = {
+    "description": "Any other error, in the same shape: "
+    + ", ".join(
+        f"{ERRORS[t].status} {t.value}" for t in (ErrorType.NOT_FOUND, ErrorType.METHOD_NOT_ALLOWED, ErrorType.INTERNAL)
+    ),
+    "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ErrorBody.__name__}"}}},
 }
 
 
@@ -174,10 +236,18 @@ def json_invalid(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 def validation_response(errors: Sequence[Any]) -> Response:
-    """The 422 of request validation: FastAPI's body, with each bad value quoted (`quoted`) and
-    ASCII-escaped JSON (the input it echoes may hold lone surrogates that UTF-8 cannot encode)."""
+    """The 422 of request validation (`InvalidRequestBody`): the first offending field in one line, and
+    FastAPI's `detail` list with each bad value quoted (`quoted`); ASCII-escaped JSON (the input it
+    echoes may hold lone surrogates that UTF-8 cannot encode)."""
     detail = jsonable_encoder([quoted(error) for error in errors])
-    return Response(json.dumps({"detail": detail}), status_code=422, media_type="application/json")
+    first = detail[0]
+    message = f"{'.'.join(str(part) for part in first['loc'])}: {first['msg']}"
+    if len(detail) > 1:
+        message += f" (and {len(detail) - 1} more: see detail)"
+    body = {"error": message, "error_type": ErrorType.INVALID_REQUEST.value, "detail": detail}
+    return Response(
+        json.dumps(body), status_code=ERRORS[ErrorType.INVALID_REQUEST].status, media_type="application/json"
+    )
 
 
 QUOTE_CHARS = 100  # of a bad value a 422 (or 415) echoes, about
@@ -224,7 +294,7 @@ def quoted(error: dict[str, Any]) -> dict[str, Any]:
 def install(app: FastAPI) -> None:
     async def on_service_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
-        return error_response(exc.error_type, exc.message)
+        return error_response(exc.error_type, exc.message, fields=exc.fields)
 
     async def on_redis_error(_: Request, exc: Exception) -> JSONResponse:
         """Down or refusing (OOM under maxmemory, READONLY after a failover, MISCONF, NOPERM): the
@@ -238,6 +308,53 @@ def install(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return validation_response(exc.errors())
 
+    async def on_bug(_: Request, exc: Exception) -> JSONResponse:
+        """Starlette logs the traceback and re-raises after this answer, in the one shape."""
+        return error_response(ErrorType.INTERNAL, f"the server failed ({type(exc).__name__}); this is a bug")
+
     app.add_exception_handler(RequestValidationError, on_invalid_request)
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(RedisError, on_redis_error)
+    app.add_exception_handler(Exception, on_bug)
+
+
+def http_error_response(request: Request, exc: HTTPException) -> JSONResponse:
+    """The router's 404 and 405 (and FastAPI's 400), in the one shape, their headers (`Allow`) kept;
+    any other status (nothing raises one) is a bug's 500."""
+    error_type = HTTP_ERRORS.get(exc.status_code, ErrorType.INTERNAL)
+    where = f"{request.method} {quote(request.url.path)}"
+    message = {
+        ErrorType.NOT_FOUND: f"{where}: no such path (GET /docs lists the routes)",
+        ErrorType.METHOD_NOT_ALLOWED: f"{where}: this path takes {(exc.headers or {}).get('Allow', 'other methods')}",
+    }.get(error_type, f"{where}: {exc.detail}")
+    return error_response(error_type, message, headers=exc.headers)
+
+
+def document(app: FastAPI) -> None:
+    """Make the OpenAPI document say what `install` answers: every 422 an `InvalidRequestBody` (FastAPI's
+    own, on routes with path parameters, too; a route's own, `responses`, keeps its description: the
+    types it names) and, on every operation, `OTHER_ERRORS` as its default."""
+    build = app.openapi
+    invalid = {
+        "description": ErrorType.INVALID_REQUEST.value,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{InvalidRequestBody.__name__}"}}},
+    }
+    types = {t.value for t in ErrorType}
+
+    def openapi() -> dict[str, Any]:
+        if (schema := app.openapi_schema) is None:
+            schema = build()  # (and kept as `app.openapi_schema`)
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    answers = operation.setdefault("responses", {})
+                    if "422" in answers:
+                        described = answers["422"].get("description", "")
+                        ours = set(described.split(", ")) <= types  # (FastAPI's own: "Validation Error")
+                        answers["422"] = {**invalid, "description": described} if ours else invalid
+                    answers["default"] = OTHER_ERRORS
+            components = schema.get("components", {}).get("schemas", {})
+            for fastapi_own in ("HTTPValidationError", "ValidationError"):
+                components.pop(fastapi_own, None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend its schema

@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from api.access import client_of
-from api.errors import BODY_RESPONSES, RESPONSES, VALIDATION_ERROR
+from api.errors import RESPONSES, TEXTS_RESPONSES
 from api.limits import body_limit
 from api.predictions import Predictor
 from api.routes import RequestRoute
@@ -89,5 +89,5 @@ def add_text_classification_route(app: FastAPI, max_texts: int, max_chars: int) 
         route_class_override=RequestRoute,
         response_model=list[list[Score]],
         openapi_extra=json_body(Request_),
-        responses={**RESPONSES, **BODY_RESPONSES, 422: VALIDATION_ERROR},
+        responses={**RESPONSES, **TEXTS_RESPONSES},
     )

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 from starlette.datastructures import Headers
 
 from api.access import client_of
-from api.errors import BODY_RESPONSES, RESPONSES, VALIDATION_ERROR, ErrorType, ServiceError, error_response, responses
+from api.errors import RESPONSES, TEXTS_RESPONSES, ErrorType, ServiceError, error_response, responses
 from api.limits import BODY_OVERHEAD, body_limit
 from api.predictions import ModelInfoCache, Predictor
 from api.routes import ready
@@ -240,7 +240,7 @@ def add_infer_route(router: APIRouter, settings: Settings) -> None:
     @router.post(
         "/models/{name}/infer",
         openapi_extra=json_body(InferRequest),
-        responses={**RESPONSES, **responses(ErrorType.NOT_FOUND), **BODY_RESPONSES, 422: VALIDATION_ERROR},
+        responses={**RESPONSES, **responses(ErrorType.NOT_FOUND), **TEXTS_RESPONSES},
     )
     async def infer(request: Request, name: str) -> Response:
         """Classify texts: the `label` and `scores` of each, in input order (the module's docstring)."""

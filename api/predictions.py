@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import orjson
@@ -46,6 +47,7 @@ CLIENTS_TTL_S = (
 )
 MODEL_INFO_TTL_S = 1.0  # how stale the API's idea of the served model (and cache version) may be
 WATCH_AFTER_S = 0.05  # how far into a wait for the worker its client's going away is watched for
+LATE_LOOK_S = 0.25  # longest a 504 waits on Redis to say what was slow (where its work item was)
 
 
 class CacheStatus(StrEnum):
@@ -95,6 +97,7 @@ class Predictor:
         timeout_s: float,
         max_queue_depth: int,
         local_cache: TTLCache[str, Prediction] | None = None,
+        max_request_chars: int | None = None,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -102,6 +105,7 @@ class Predictor:
         self._models = models
         self._timeout_s = timeout_s
         self._max_queue_depth = max_queue_depth
+        self._max_request_chars = max_request_chars  # a request's characters, all texts (None: no limit)
         # Hot texts skip Redis: entries are keyed like Redis' (model version + digest), so they can
         # never outlive their model, and expire with the same TTL.
         self._local = local_cache
@@ -126,12 +130,26 @@ class Predictor:
         (499). `function`: scores by this function rather than the model's own (`ScoreFunction`).
         Traced (tracing on), in FastAPI's span of the HTTP request, which continues a client's trace."""
         timeout_s = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
+        self._check_size(texts)
         if tracing.enabled:
             with tracing.tracer.start_as_current_span("predict", attributes={"sentiment.texts": len(texts)}) as span:
                 predictions, status = await self._bounded(texts, client, receive, function, timeout_s)
                 span.set_attribute("sentiment.cache", status.value)
                 return predictions, status
         return await self._bounded(texts, client, receive, function, timeout_s)
+
+    def _check_size(self, texts: list[str]) -> None:
+        """413 at once for a request of more characters than the model computes within the deadline
+        (`SENTIMENT_MAX_REQUEST_CHARS`): refused now, rather than a 504 once the deadline passed."""
+        most = self._max_request_chars
+        if most is not None and (size := sum(map(len, texts))) > most:
+            raise ServiceError(
+                ErrorType.TOO_LARGE,
+                f"this request holds {size:,} characters in {len(texts)} texts; a request may hold {most:,}, what the "
+                f"model answers within the {self._timeout_s:g}-s deadline (SENTIMENT_MAX_REQUEST_CHARS): split it "
+                f"into requests of at most {most:,} characters, or submit it as a bulk job (POST /jobs), which has "
+                "no deadline",
+            )
 
     async def _bounded(
         self,
@@ -142,19 +160,49 @@ class Predictor:
         timeout_s: float,
     ) -> tuple[list[Prediction], CacheStatus]:
         deadline = time.time() + timeout_s  # the work item's too: a worker skips it once we gave up
+        call = _Call(deadline, client, receive, function)
         try:
             async with asyncio.timeout(timeout_s):
-                return await self._predict(texts, deadline, client, receive, function)
+                return await self._predict(texts, call)
         except TimeoutError:
-            raise ServiceError(
-                ErrorType.TIMEOUT, f"no result within {timeout_s:g} s; the service is busy or has no worker"
-            ) from None
+            why = await self._late(call.queued[0] if call.queued else None)
+            raise ServiceError(ErrorType.TIMEOUT, f"no result within {timeout_s:g} s: {why}") from None
 
-    async def _predict(
-        self, texts: list[str], deadline: float, client: str, receive: Receive | None, function: ScoreFunction | None
-    ) -> tuple[list[Prediction], CacheStatus]:
+    async def _late(self, item: bytes | None) -> str:
+        """What kept a request past its deadline, for its 504: Redis (the item never queued), the queue
+        (still in it, behind others), no live worker, or the model (a worker took it, and computes)."""
+        if item is None:
+            return "Redis did not answer in time (the cache lookup or the queueing stalled)"
+        keys = self._keys
+        try:
+            async with asyncio.timeout(LATE_LOOK_S):
+                pipe = self._redis.pipeline(transaction=False)
+                # (`type: ignore`: redis-py's LPOS wants the value as str; bytes are sent as they are.)
+                pipe.lpos(keys.queue, item)  # type: ignore[arg-type]
+                pipe.llen(keys.queue)
+                pipe.smembers(keys.workers)
+                position, depth, workers = await pipe.execute()
+                heartbeats = [keys.heartbeat(redis_replies.text(w)) for w in workers]
+                alive: int = await self._redis.exists(*heartbeats) if heartbeats else 0
+        except (RedisError, TimeoutError):
+            return "its work item was queued; Redis did not say more in time"
+        if not alive:
+            return "no worker is alive to compute it (see /ready)"
+        if position is not None:
+            ahead = depth - position - 1  # LPUSH at the head, workers take from the tail
+            return (
+                f"its work item was still queued ({ahead} ahead of it): the service is busy; retry later, "
+                "or send fewer texts a request"
+            )
+        return (
+            "a worker took its work item and was still computing it: the model is slower than this request "
+            "needs; send fewer or shorter texts a request, or submit them as a bulk job (POST /jobs)"
+        )
+
+    async def _predict(self, texts: list[str], call: _Call) -> tuple[list[Prediction], CacheStatus]:
         unique = list(dict.fromkeys(texts))
         found: dict[str, Prediction] = {}
+        function = call.function
         if model := await self._models.current():
             if function == model.function:  # the model's own: its cache, and its work
                 function = None
@@ -175,42 +223,49 @@ class Predictor:
         CACHE_HITS.inc(len(found))
         CACHE_MISSES.inc(len(missing))
         if missing:
-            found.update(zip(missing, await self._compute(missing, deadline, client, receive, function), strict=True))
+            try:
+                computed = await self._compute(missing, call, function)
+            except _TooLong as exc:
+                raise exc.refusal(texts) from None
+            found.update(zip(missing, computed, strict=True))
         return [found[t] for t in texts], status
 
-    async def _compute(
-        self, texts: list[str], deadline: float, client: str, receive: Receive | None, function: ScoreFunction | None
-    ) -> list[Prediction]:
-        """Queue the texts and wait for the worker's result. A wait cut by the deadline, or by its
-        client going away, unregisters itself and marks the item abandoned (`_wait`); a worker drops
-        it unstarted, or as expired, else its result key expires unread."""
+    async def _compute(self, texts: list[str], call: _Call, function: ScoreFunction | None) -> list[Prediction]:
+        """Queue the texts, scored by `function` (None: the model's own), the item once queued kept in
+        `call.queued` (a late request's 504 looks for it), and wait for the worker's result. A wait cut by
+        the deadline, or by its client going away, unregisters itself and marks the item abandoned
+        (`_wait`); a worker drops it unstarted, or as expired, else its result key expires unread."""
         item = WorkItem(
             id=new_id(),
             texts=texts,
             enqueued_at=time.time(),
-            deadline=deadline,
+            deadline=call.deadline,
             reply_to=self._waiter.channel,
-            client=client,
+            client=call.client,
             traceparent=tracing.traceparent() if tracing.enabled else None,  # the `predict` span's
             function=function,
         )
         encoded = item.encode()
         with self._waiter.expect(item.id, encoded) as wait:
             with tracing.span("predict.enqueue"):
-                queued = await self._push((item, encoded))
-            if not queued:
+                accepted = await self._push((item, encoded))
+            if accepted:
+                call.queued.append(encoded)
+            if not accepted:
                 raise ServiceError(
                     ErrorType.OVERLOADED,
                     f"the queue is full ({self._max_queue_depth} requests waiting) and this client holds the most "
                     "of it; retry later",
                 )
             with tracing.span("predict.wait"):
-                raw = await self._wait(item, wait, receive)
+                raw = await self._wait(item, wait, call.receive)
         try:
             result = Result.decode(raw)
         except Unreadable as exc:
             log.error("request %s: unreadable result (%s)", item.id, exc)
             raise ServiceError(ErrorType.BAD_RESULT, "the worker's result could not be read; retry") from None
+        if result.error is not None and result.too_long:
+            raise _TooLong(result.error, [(texts[i], tokens) for i, tokens in result.too_long if 0 <= i < len(texts)])
         if result.error is not None:
             raise ServiceError(ErrorType.INFERENCE, result.error)
         if result.predictions is None or len(result.predictions) != len(texts):
@@ -314,6 +369,46 @@ class Predictor:
             pipe.zcard(self._keys.outstanding(client))
         replies = await pipe.execute()
         return dict(zip(clients, replies[1::2], strict=True))
+
+
+@dataclass
+class _Call:
+    """What one request's path carries: its deadline, client, receive channel and asked-for score
+    function, and its work item once queued."""
+
+    deadline: float
+    client: str
+    receive: Receive | None
+    function: ScoreFunction | None
+    queued: list[bytes] = field(default_factory=list)
+
+
+class _TooLong(Exception):
+    """The worker refused texts as longer than the model takes (`Result.too_long`): the texts and their
+    tokens, named in the 422 by their places in the request."""
+
+    def __init__(self, why: str, texts: list[tuple[str, int]]) -> None:
+        super().__init__(why)
+        self.why = why
+        self.texts = texts
+
+    def refusal(self, request: list[str]) -> ServiceError:
+        """The 422: each text named by its first place in `request` (in the message, and one `detail`
+        entry each, as a 422 of request validation names each field; the text itself is not echoed)."""
+        places: dict[str, int] = {}
+        for index, text in enumerate(request):
+            places.setdefault(text, index)
+        refused = sorted((places[text], tokens) for text, tokens in self.texts if text in places)
+        named = ", ".join(f"text {place} ({tokens:,} tokens)" for place, tokens in refused)
+        detail = [
+            {"loc": ["text", place], "msg": f"{tokens:,} tokens: {self.why}", "type": "text_too_long", "tokens": tokens}
+            for place, tokens in refused
+        ]
+        return ServiceError(
+            ErrorType.TEXT_TOO_LONG,
+            f"{named}: {self.why}; shorten it or split it, or send it to a service with SENTIMENT_LONG_TEXTS=chunk",
+            detail=detail,
+        )
 
 
 class _DisconnectWatch:

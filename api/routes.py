@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 from starlette.datastructures import State
 
 from api.access import client_of
-from api.errors import BODY_RESPONSES, RESPONSES, VALIDATION_ERROR, ErrorType, ServiceError, error_response, responses
+from api.errors import RESPONSES, TEXTS_RESPONSES, ErrorType, ServiceError, error_response, responses
 from api.predictions import ModelInfoCache, Predictor
 from api.schemas import ModelResponse, PredictResponse, ReadyResponse, json_body, parse_json, texts_request
 from core.protocol import Keys
@@ -70,7 +70,7 @@ def add_predict_route(app: FastAPI, settings: Settings) -> None:
         route_class_override=RequestRoute,
         response_model=PredictResponse,
         openapi_extra=json_body(PredictRequest),
-        responses={**RESPONSES, **BODY_RESPONSES, 422: VALIDATION_ERROR},
+        responses={**RESPONSES, **TEXTS_RESPONSES},
     )
 
 

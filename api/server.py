@@ -4,6 +4,7 @@ service on the same event loop (`api.inference_grpc`), so both share one `Predic
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import socket
@@ -26,10 +27,16 @@ def listen(host: str, port: int, flag: str = "--port") -> socket.socket:
             (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=2048
         )
     except OSError as exc:
-        raise SystemExit(
-            f"sentiment: cannot listen on {host}:{port} ({os.strerror(exc.errno) if exc.errno else exc}): "
-            f"another process holds it? choose one with {flag}"
-        ) from None
+        if (exc.errno or 0) < 0:  # getaddrinfo's (socket.EAI_*), which `create_server` re-raises as OSError
+            why, remedy = "no such host", "choose an address of this machine with --host"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            why, remedy = os.strerror(exc.errno), "choose an address of this machine with --host"
+        elif exc.errno == errno.EACCES:
+            why, remedy = os.strerror(exc.errno), f"a port below 1024 needs privileges: choose another with {flag}"
+        else:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            remedy = f"another process holds it? choose one with {flag}"
+        raise SystemExit(f"sentiment: cannot listen on {host}:{port} ({why}): {remedy}") from None
 
 
 def run(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Self
 
+import numpy as np
 import orjson
 from redis import Redis
 
@@ -17,6 +18,7 @@ from batcher.plan import Policy, batch
 from core.protocol import Keys, Prediction, prediction
 from core.settings import Settings
 from model_store.classifier import Classifier
+from model_store.long_texts import LongTexts, pool
 
 
 class Inference:
@@ -42,7 +44,7 @@ class Inference:
         found = {t: orjson.loads(c) for t, c in zip(unique, self.redis.mget(keys), strict=True) if c is not None}
         todo = [t for t in unique if t not in found]
         if todo:
-            scores = self._compute(self.classifier.tokenize(todo))
+            scores = self._scores(todo)
             fresh = {t: prediction(self.classifier.labels, p) for t, p in zip(todo, scores, strict=True)}
             pipe = self.redis.pipeline(transaction=False)
             for text, pred in fresh.items():
@@ -51,16 +53,32 @@ class Inference:
             found |= fresh
         return [found[t] for t in texts]
 
-    def _compute(self, ids: list[list[int]]) -> list[list[float]]:
-        """Scores for token ids, in order, a forward at a time as the policy cuts them."""
+    def _scores(self, texts: list[str]) -> list[list[float]]:
+        """Each text's scores, its long texts handled as the worker handles them (`model_store.long_texts`):
+        a chunked text's windows are computed as texts and their logits pooled; under `reject`, a text
+        longer than the model takes fails the job, naming it."""
+        tokenized = self.classifier.split(texts)
+        if self.classifier.long_texts == LongTexts.REJECT:
+            most = self.classifier.max_length
+            if too_long := [t.tokens for t in tokenized if t.tokens > most]:
+                raise ValueError(
+                    f"{len(too_long)} texts are longer than the model's {most} tokens (SENTIMENT_LONG_TEXTS=reject), "
+                    f"the first of {too_long[0]:,} tokens"
+                )
+        logits = iter(self._compute([ids for t in tokenized for ids in t.windows]))
+        rows = [pool(np.stack([next(logits) for _ in t.windows]), t.weights) for t in tokenized]
+        return self.classifier.scores(np.stack(rows)).tolist()
+
+    def _compute(self, ids: list[list[int]]) -> list[np.ndarray]:
+        """Logits for token ids, in order, a forward at a time as the policy cuts them."""
         left = list(range(len(ids)))
-        out: list[list[float]] = [[] for _ in ids]
+        out: list[np.ndarray] = [np.empty(0) for _ in ids]
         while left:
             forwards, _ = batch([len(ids[i]) for i in left], self.policy)
             for chosen, packed in forwards:
                 texts = [left[i] for i in chosen]
                 logits = timed_forward(self.classifier.engine.forward, [ids[i] for i in texts], packed)
-                for i, row in zip(texts, self.classifier.scores(logits).tolist(), strict=True):
+                for i, row in zip(texts, logits, strict=True):
                     out[i] = row
             taken = {i for chosen, _ in forwards for i in chosen}
             left = [i for n, i in enumerate(left) if n not in taken]

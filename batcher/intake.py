@@ -22,10 +22,11 @@ from batcher.plan import Window
 from batcher.queue import WorkQueue
 from batcher.redis_link import Command
 from batcher.reply import Replies
-from batcher.work import Held, Text, traceparents
+from batcher.work import Held, Text, Windows, traceparents
 from core import tracing
 from core.protocol import ScoreFunction, Unreadable, WorkItem
 from core.redis_errors import describe
+from model_store.long_texts import Tokenized
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,17 @@ class Intake:
         queue: WorkQueue,
         window: Window,
         replies: Replies,
-        tokenize: Callable[[list[str]], list[list[int]]],
+        split: Callable[[list[str]], list[Tokenized]],
         cache_key: Callable[[str, ScoreFunction | None], str],
         drop_abandoned: bool = True,
+        reject_past: int | None = None,
     ) -> None:
         self.queue = queue
         self.window = window
         self.replies = replies
-        self.tokenize = tokenize
+        # Texts to token ids: one window each, or a chunked text's windows (`model_store.long_texts`).
+        self.split = split
+        self.reject_past = reject_past  # `reject`: texts of more tokens than this are refused (None: none is)
         self.cache_key = cache_key
         self.drop_abandoned = drop_abandoned
         self.expired = 0  # items dropped because their deadline had passed
@@ -186,31 +190,58 @@ class Intake:
                 else tracing.OFF
             )
             with tokenizing as span:
-                todo = self._tokenized(todo)
+                todo = self._windows(self._tokenized(todo))
                 if span.is_recording():
                     span.set_attribute("sentiment.tokens", sum(len(t.ids) for t in todo))
             self.window.add(todo, len(items) - len(taken))
         return [h.raw for h in (*taken, *unstarted)]
 
-    def _tokenized(self, texts: list[Text]) -> list[Text]:
-        """`texts` with their token ids, tokenized in one call; if that fails, one by one, and a text
+    def _tokenized(self, texts: list[Text]) -> list[tuple[Text, Tokenized]]:
+        """`texts` with their tokens, tokenized in one call; if that fails, one by one, and a text
         the tokenizer cannot take fails only the requests that hold it (never the worker: another
         worker would take the same item and fail the same way)."""
         try:
-            for text, ids in zip(texts, self.tokenize([t.text for t in texts]), strict=True):
-                text.ids = ids
-            return texts
+            return list(zip(texts, self.split([t.text for t in texts]), strict=True))
         except Exception as exc:
             log.warning("tokenizing %d texts failed (%s); one by one", len(texts), type(exc).__name__)
         tokenized = []
         for text in texts:
             try:
-                [text.ids] = self.tokenize([text.text])
-                tokenized.append(text)
+                [tokens] = self.split([text.text])
+                tokenized.append((text, tokens))
             except Exception as exc:
                 log.warning("a text failed in the tokenizer (%s)", type(exc).__name__)
                 self.replies.failed([text], f"the tokenizer failed on this request's texts ({type(exc).__name__})")
         return tokenized
+
+    def _windows(self, tokenized: list[tuple[Text, Tokenized]]) -> list[Text]:
+        """The texts for the lanes: each text as one, a chunked text as its windows (each a `Text` the
+        batches take as any other, `Windows` pooling their logits back into the text's); a text past
+        `reject_past` refused with its request (and that request's other texts left out)."""
+        refused = [(text, tokens.tokens) for text, tokens in tokenized if self._refused(tokens)]
+        if refused:
+            metrics.LONG_TEXTS.labels("rejected").inc(len(refused))
+            gone = {held for text, _ in refused for held, _ in text.waiters}
+            tokenized = [(text, tokens) for text, tokens in tokenized if not self._refused(tokens)]
+            for text, _ in tokenized:  # their requests' other texts: nobody waits for them any more
+                text.waiters[:] = [(held, index) for held, index in text.waiters if held not in gone]
+            self.replies.refused(refused, self.reject_past or 0)
+        todo: list[Text] = []
+        for text, tokens in tokenized:
+            if not text.waiters:
+                continue
+            if len(tokens.windows) == 1:
+                text.ids = tokens.ids
+                if tokens.tokens > len(text.ids):
+                    metrics.LONG_TEXTS.labels("truncated").inc()
+                todo.append(text)
+            else:
+                metrics.LONG_TEXTS.labels("chunked").inc()
+                todo += Windows.of(text, tokens.windows, tokens.weights).texts
+        return todo
+
+    def _refused(self, tokens: Tokenized) -> bool:
+        return self.reject_past is not None and tokens.tokens > self.reject_past
 
     def _abandoned(self, items: list[Held], epoch: bytes | None) -> tuple[set[Held], list[Held]]:
         """The abandoned work (`Keys.abandoned`, set by the API): of `items`, just taken, and of the

@@ -68,6 +68,13 @@ DEQUEUE_WAIT_S = 2  # longest one wait for a job blocks
 FAILED_STOP_S = 30.0  # a jobs worker whose webhook thread failed may finish its job this long (else it is retried)
 
 _inference: Inference | None = None  # set once per process by `serve_jobs`, used by every job
+_stopping = threading.Event()  # set by a stop signal: the running job stops at its next chunk
+
+
+class JobInterrupted(Exception):
+    """This worker was told to stop (SIGTERM, serve's Ctrl-C) while the job ran: it stops at its next
+    chunk and goes back to the front of its queue, its retries untouched, for the next jobs worker
+    (the chunks done are in the cache, so it resumes at about where it stopped)."""
 
 
 class JobCanceled(Exception):
@@ -84,6 +91,8 @@ def classify(texts: list[str]) -> list[Prediction]:
     predictions: list[Prediction] = []
     for start in range(0, len(texts), chunk):
         _stop_if_canceled(job)
+        if _stopping.is_set():
+            raise JobInterrupted(f"stopped after {start} of {len(texts)} texts")
         with (
             metrics.busy(),
             _chunk_span(job, start, len(texts[start : start + chunk])) if tracing.enabled else tracing.OFF,
@@ -142,6 +151,20 @@ def _chunk_span(job: Job | None, start: int, texts: int) -> AbstractContextManag
     return tracing.tracer.start_as_current_span("jobs.chunk", attributes=attributes)
 
 
+class RoutineMaintenance(logging.Filter):
+    """RQ's worker logs its registry cleaning at INFO every maintenance interval (here about a
+    heartbeat TTL), two lines every ~10 s of an idle `serve`: routine, so DEBUG here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and str(record.msg).startswith("Worker %s: cleaning "):
+            record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+QUIET_MAINTENANCE = RoutineMaintenance()
+
+
 class JobsWorker(SimpleWorker):
     """Runs jobs in this process (model loaded once), heartbeating each run from a thread."""
 
@@ -150,11 +173,13 @@ class JobsWorker(SimpleWorker):
     def __init__(self, *args: Any, heartbeat_ttl_s: float, redis_timeout_s: float, keys: Keys, **kwargs: Any) -> None:
         self.redis_timeout_s = redis_timeout_s  # (before RQ's constructor, which reads `connection_timeout`)
         super().__init__(*args, **kwargs)
+        self.log.addFilter(QUIET_MAINTENANCE)  # (once: a logger keeps one copy of a filter)
         self.job_heartbeat_ttl = max(2, math.ceil(heartbeat_ttl_s))
         self.keys = keys
         self.told_to_stop = False  # by SIGTERM or SIGINT: `serve_jobs` starts no fresh worker after this one
         self.drained = False  # the last look at the queue found it empty (how burst mode ends)
         self.dropped: str | None = None  # the last job said to be dropped (canceled or deleted)
+        self.interrupted: str | None = None  # the last job stopped by `request_stop`, to requeue
 
     @property
     def dequeue_timeout(self) -> int:
@@ -186,6 +211,11 @@ class JobsWorker(SimpleWorker):
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         """Noted before RQ's own handling, which writes to Redis: a stop asked for during an outage still stops."""
         self.told_to_stop = True
+        _stopping.set()
+        if self.get_current_job_id():
+            log.info(
+                "stopping: job %s stops at its next chunk, back at the front of its queue", self.get_current_job_id()
+            )
         super().request_stop(signum, frame)
 
     def dequeue_job_and_maintain_ttl(
@@ -274,6 +304,10 @@ class JobsWorker(SimpleWorker):
             log.info("job %s %s; dropped", job.id, exc_info[1])
             self.dropped = job.id
             return
+        if isinstance(exc_info[1], JobInterrupted):
+            log.info("job %s %s; back at the front of the queue", job.id, exc_info[1])
+            self.interrupted = job.id
+            return
         super().handle_exception(job, *exc_info)
 
     def handle_job_failure(
@@ -291,6 +325,10 @@ class JobsWorker(SimpleWorker):
 
         def fail(pipe: Pipeline) -> None:
             job.retries_left = retries_left
+            if self.interrupted == job.id:  # not a failure: the next worker runs it, no retry spent
+                queue._enqueue_job(job, pipeline=pipe, at_front=True)
+                self.cleanup_execution(job, pipeline=pipe, execution=execution)
+                return
             if job.should_retry:
                 job.retry(queue, pipe)
             else:
@@ -325,6 +363,7 @@ def serve_jobs(settings: Settings, inference: Inference, redis: Redis, burst: bo
     """
     global _inference
     _inference = inference
+    _stopping.clear()
     tracing.setup("sentiment-jobs-worker")
     # A bug in the webhook thread stops the process as SIGTERM does (the job in hand finishes), then
     # `ThreadFailed` says which thread and why.

@@ -66,6 +66,12 @@ ABANDONED_TEXTS = Counter(
     "sentiment_abandoned_texts",
     "Texts left out of the forwards because every request that asked for them was abandoned.",
 )
+LONG_TEXTS = Counter(
+    "sentiment_long_texts",
+    "Texts longer than the model's length, by what they got (SENTIMENT_LONG_TEXTS): truncated (the first "
+    "tokens only), rejected (a 422), chunked (overlapping windows, their logits pooled).",
+    ["handling"],
+)
 WORKER_BUSY_SECONDS = Counter(
     "sentiment_worker_busy_seconds", "Seconds the model spent on batches (or job chunks); rate = busy ratio."
 )
@@ -78,6 +84,8 @@ STAGE_CPU_SECONDS = Counter(
 MODEL = Info("sentiment_model", "The model this process serves: name, version, device, dtype and engine.")
 for _kind in ("real", "padded"):
     TOKENS.labels(_kind)
+for _handling in ("truncated", "rejected", "chunked"):
+    LONG_TEXTS.labels(_handling)
 for _stage in ("take", "plan", "forward", "reply"):
     STAGE_CPU_SECONDS.labels(_stage)
 for _when in ("queued", "held"):

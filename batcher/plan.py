@@ -274,7 +274,8 @@ class Window:
             out = {held for held in items if 0 < waiting[held] == held.missing and not held.answered}
             gone = 0
             for key, text in list(self._texts.items()) if out else []:
-                if any(held in out for held, _ in text.waiters):
+                # (A chunked text's windows share one waiters list: the first emptied it for the rest.)
+                if not text.waiters or any(held in out for held, _ in text.waiters):
                     text.waiters[:] = [(held, index) for held, index in text.waiters if held not in out]
                     if not text.waiters:
                         del self._texts[key]
@@ -283,8 +284,8 @@ class Window:
             return list(out), gone
 
     def _waiting(self) -> Counter[Held]:
-        """Per work item, its texts held here."""
-        return Counter(held for text in self._texts.values() for held, _ in text.waiters)
+        """Per work item, its texts held here (a chunked text once, however many of its windows are)."""
+        return Counter(held for held, _ in {pair for text in self._texts.values() for pair in text.waiters})
 
     def close(self) -> list[Text]:
         """No more forwards: wake every lane, and return the texts still held."""

@@ -43,6 +43,7 @@ class Outcome:
     predictions: list[bytes] | None = None
     logits: np.ndarray | None = None
     error: str | None = None
+    tokens: list[int] | None = None  # refused as too long: each text's tokens (the error says the limit)
 
 
 class Replies:
@@ -88,6 +89,12 @@ class Replies:
     def failed(self, texts: list[Text], error: str) -> None:
         self._inbox.put(Outcome(texts, error=error))
 
+    def refused(self, texts: list[tuple[Text, int]], max_tokens: int) -> None:
+        """Texts longer than the model's `max_tokens` (`reject`): their requests fail, each naming
+        its texts' places and token counts (`Result.too_long`), which the API answers as a 422."""
+        error = f"longer than the model's {max_tokens} tokens (SENTIMENT_LONG_TEXTS=reject)"
+        self._inbox.put(Outcome([t for t, _ in texts], error=error, tokens=[n for _, n in texts]))
+
     def close(self) -> None:
         """Write what was put so far, then end the thread."""
         self._inbox.put(None)
@@ -106,6 +113,23 @@ class Replies:
             self.busy_since = None
             metrics.STAGE_CPU_SECONDS.labels("reply").inc(time.thread_time() - cpu)
 
+    @staticmethod
+    def _pooled(outcome: Outcome) -> Outcome:
+        """A forward's outcome with chunked texts' windows kept aside (`Windows`): each text whose last
+        window came is in it with its pooled logits, the other windows are not."""
+        if outcome.logits is None or all(t.windows is None for t in outcome.texts):
+            return outcome
+        texts, rows = [], []
+        for text, row in zip(outcome.texts, outcome.logits, strict=True):
+            if text.windows is None:
+                texts.append(text)
+                rows.append(row)
+            elif (pooled := text.windows.computed(text.window, row)) is not None:
+                texts.append(text.windows.text)
+                rows.append(pooled)
+        labels = outcome.logits.shape[1]
+        return Outcome(texts, logits=np.stack(rows) if rows else np.empty((0, labels), dtype=np.float32))
+
     def _scores(self, outcome: Outcome) -> list[list[float]]:
         """Each computed text's scores: by the model's own function, or by the one its requests named
         (a text asked for under another function is a text of its own, `Text.function`)."""
@@ -119,13 +143,17 @@ class Replies:
     def _write(self, outcomes: list[Outcome]) -> None:
         writes: list[Command] = []
         finished: list[Held] = []
-        for outcome in outcomes:
+        for outcome in map(self._pooled, outcomes):
             predictions = outcome.predictions
             if outcome.logits is not None:
                 predictions = [encode_prediction(self.labels, row) for row in self._scores(outcome)]
                 writes += [
                     ("SET", t.key, p, "EX", self.cache_ttl_s) for t, p in zip(outcome.texts, predictions, strict=True)
                 ]
+            for text, tokens in zip(outcome.texts, outcome.tokens or [], strict=False):  # every refused text named
+                for held, at in text.waiters:
+                    if not held.answered:
+                        held.too_long.append([at, tokens])
             for index, text in enumerate(outcome.texts):
                 for held, at in text.waiters:
                     if held.answered:

@@ -6,7 +6,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import cast
 
+import numpy as np
+
 from core.protocol import Result, ScoreFunction, WorkItem, encode_result
+from model_store.long_texts import pool
 
 
 @dataclass(eq=False, slots=True)
@@ -18,7 +21,8 @@ class Held:
     item: WorkItem
     predictions: list[bytes | None] = field(init=False)  # each text's, encoded
     missing: int = field(init=False)
-    error: str | None = None  # the model failed on one of its texts
+    error: str | None = None  # the model failed on one of its texts, or refused it
+    too_long: list[list[int]] = field(default_factory=list)  # refused texts: [index, tokens] (`Result.too_long`)
     answered: bool = False
     started: bool = False  # a text of it has gone into a forward (its queue wait is recorded)
 
@@ -37,7 +41,7 @@ class Held:
 
     def result(self) -> bytes:
         if self.error is not None:
-            return Result(error=self.error).encode()
+            return Result(error=self.error, too_long=self.too_long or None).encode()
         return encode_result(cast("list[bytes]", self.predictions))  # complete: no None left
 
 
@@ -54,11 +58,43 @@ class Text:
     ids: list[int] = field(default_factory=list)
     turn: float = 0.0  # its place in the fair order between clients (`plan.Window.add`)
     function: ScoreFunction | None = None  # the score function its requests named; None: the model's
+    windows: Windows | None = None  # a chunked text's window: the text it is part of
+    window: int = 0  # which window of it
 
     @property
     def deadline(self) -> float:
         """Unix s past which no request waits for this text."""
         return max(held.item.deadline for held, _ in self.waiters)
+
+
+@dataclass(eq=False, slots=True)
+class Windows:
+    """A chunked text on its way through the lanes: its windows, each a `Text` of its own in the
+    batches (sharing the text's waiters), and their logits as the reply stage gets them."""
+
+    text: Text  # the whole text: its cache key, waiters and score function
+    texts: list[Text]
+    weights: list[int]  # each window's text tokens (`model_store.long_texts.pool`)
+    logits: list[np.ndarray | None]
+
+    @classmethod
+    def of(cls, text: Text, windows: list[list[int]], weights: list[int]) -> Windows:
+        whole = cls(text, [], weights, [None] * len(windows))
+        whole.texts = [
+            # A key per window of this take: the same text taken again (another take) is computed again.
+            Text(text.text, f"{text.key}#{id(whole)}.{n}", text.waiters, text.arrived, ids, text.turn, text.function)
+            for n, ids in enumerate(windows)
+        ]
+        for n, window in enumerate(whole.texts):
+            window.windows, window.window = whole, n
+        return whole
+
+    def computed(self, window: int, logits: np.ndarray) -> np.ndarray | None:
+        """Keep one window's logits; the text's pooled logits once every window has come, else None."""
+        self.logits[window] = logits
+        if any(row is None for row in self.logits):
+            return None
+        return pool(np.stack(cast("list[np.ndarray]", self.logits)), self.weights)
 
 
 def traceparents(texts: Iterable[Text]) -> set[str]:

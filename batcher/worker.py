@@ -36,6 +36,7 @@ from core.protocol import Keys, ModelInfo, ScoreFunction, WorkerStatus, new_id, 
 from core.redis_errors import Backoff, describe
 from core.settings import Settings
 from model_store.classifier import Classifier
+from model_store.long_texts import LongTexts
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +80,10 @@ class Worker:
             self.queue,
             self.window,
             self.replies,
-            classifier.tokenize,
+            classifier.split,
             self._cache_key,
             settings.drop_abandoned,
+            classifier.max_length if classifier.long_texts == LongTexts.REJECT else None,
         )
 
     def _cache_key(self, text: str, function: ScoreFunction | None) -> str:

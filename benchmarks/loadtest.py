@@ -17,6 +17,7 @@ from typing import Any
 from benchmarks.machine import cpu_model
 from benchmarks.processes import running
 from benchmarks.report import replace_block
+from benchmarks.workload import default_shared_dir
 from core.settings import Settings
 from sentiment.embedded import free_port
 
@@ -57,13 +58,17 @@ def k6_command(
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    """k6's exit status: 0 when every threshold held."""
+    """k6's exit status: 0 when every threshold held. The model is the shared small one unless
+    `--model-dir` names another, as for `sentiment bench --quick`; a missing one is one line."""
+    args.model_dir = args.model_dir or default_shared_dir() / "models" / "distilbert-sst2-small"
+    if not (args.model_dir / "config.json").is_file():
+        raise SystemExit(f"sentiment loadtest: no model at {args.model_dir}: name one with --model-dir")
     port, grpc_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="k6-") as tmp, running() as procs:
         summary = Path(tmp) / "summary.json"
         procs.start(
-            ["-m", "sentiment.cli", "serve", "--port", str(port), "--grpc-port", str(grpc_port)],
+            ["-m", "sentiment.cli", "serve", "--port", str(port), "--grpc-port", str(grpc_port), "--ephemeral"],
             {"SENTIMENT_MODEL_DIR": str(args.model_dir), "SENTIMENT_LOG_LEVEL": "WARNING"},
         )
         procs.wait_ok(f"{url}/ready")

@@ -256,6 +256,9 @@ class Result(_Json):
 
     predictions: list[Prediction] | None = None
     error: str | None = None
+    # Texts refused as longer than the model takes (`SENTIMENT_LONG_TEXTS=reject`): [index in the item's
+    # texts, its tokens] each; the API answers them as bad input (422), naming them by the request's index.
+    too_long: list[list[int]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

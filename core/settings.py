@@ -1,20 +1,26 @@
 """The one settings object shared by the API, the worker and the CLI.
 
 Every field is read from an environment variable named ``SENTIMENT_<FIELD>`` (upper case), e.g.
-``SENTIMENT_REDIS_URL``; the README's configuration table lists them with their defaults.
+``SENTIMENT_REDIS_URL``; the README's configuration table lists them with their defaults and rules
+(`rule`). `from_environment` refuses a bad value in one line naming the variable, the value and the rule.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Annotated, Literal
+from types import NoneType, UnionType
+from typing import Annotated, Literal, get_args, get_origin
 
-from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator
+from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core.webhooks import secret_key
 
 MIN_API_KEY_CHARS = 16  # a guessable key is no key
+# Characters of English the full-size model classifies per second on 2 busy CPU cores, rounded down
+# (docs/tuning.md, "Long texts"): what bounds a request that must be answered within its deadline.
+CHARS_PER_S = 1000
 
 
 class Settings(BaseSettings):
@@ -43,6 +49,13 @@ class Settings(BaseSettings):
         Path("models/distilbert-base-uncased-finetuned-sst2"),
         description="Local Hugging Face checkpoint directory the worker loads (never downloaded at start).",
     )
+    data_dir: Path = Field(
+        Path("sentiment-data"),
+        description="Where `sentiment serve`'s embedded redis-server keeps its append-only file, so jobs, results "
+        "and the cache outlive a restart (relative to the working directory; `--data-dir` overrides it, "
+        "`--ephemeral` keeps nothing); unused with SENTIMENT_REDIS_URL, or without redis-server (fakeredis keeps "
+        "nothing).",
+    )
     host: str = Field("127.0.0.1", description="API bind address (`sentiment api`/`serve`; `--host` overrides it).")
     port: int = Field(8000, ge=1, le=65535, description="API port (`--port` overrides it).")
     grpc_port: int = Field(
@@ -54,13 +67,34 @@ class Settings(BaseSettings):
     )
 
     # Request limits
+    long_texts: Literal["truncate", "reject", "chunk"] = Field(
+        "truncate",
+        description="What a text longer than the model's length (its tokens, 512 for DistilBERT) gets: `truncate` "
+        "its first tokens only (counted in `sentiment_long_texts_total`); `reject` a 422 naming the text and its "
+        "tokens; `chunk` overlapping windows of the model's length, each through the batches as a text of its own, "
+        'the text\'s scores from their token-weighted mean logits (docs/tuning.md, "Long texts"). Part of the '
+        "model's version, so each choice has its own cache.",
+    )
     max_texts: int = Field(64, ge=1, description="Most texts in one /predict request.")
-    max_chars: int = Field(2000, ge=1, description="Most characters in one text.")
     request_timeout_s: float = Field(
         10.0,
         gt=0,
         description="How long /predict waits for its answer before a 504, a stalled Redis included; "
         "also each work item's deadline, past which the worker skips it.",
+    )
+    max_request_chars: int = Field(
+        default_factory=lambda settings: int(settings["request_timeout_s"] * CHARS_PER_S),
+        ge=1,
+        description="Most characters in one /predict request, all its texts together; default 1,000 per second of "
+        "`SENTIMENT_REQUEST_TIMEOUT_S` (10,000): what the full-size model computes within that deadline on 2 busy "
+        'CPU cores, with room to spare (docs/tuning.md, "Long texts"). A larger request is refused at once (413) '
+        "with its size and the ways out: smaller requests, or /jobs.",
+    )
+    max_chars: int = Field(
+        default_factory=lambda settings: settings["max_request_chars"] if settings["long_texts"] == "chunk" else 2000,
+        ge=1,
+        description="Most characters in one text: default 2,000, or a whole request's (`SENTIMENT_MAX_REQUEST_CHARS`) under "
+        "`SENTIMENT_LONG_TEXTS=chunk`.",
     )
     max_queue_depth: int = Field(
         500,
@@ -187,12 +221,14 @@ class Settings(BaseSettings):
         "24 to 64 random bytes), the same on the API and the jobs workers; each one signs every delivery, so "
         "rotate by adding the new, moving receivers to it, then dropping the old. Unset: POST /jobs refuses a "
         "callback_url (422).",
+        json_schema_extra={"rule": "comma-separated `whsec_` + base64 of 24 to 64 bytes each"},
     )
     webhook_allowed_networks: Annotated[list[IPvAnyNetwork], NoDecode] = Field(
         [],
         description="Comma-separated networks (CIDR) webhooks may call besides global unicast addresses, e.g. "
         "10.0.0.0/8 (which opens 10.1.2.3 in IPv6 too: ::ffff:10.1.2.3, NAT64's 64:ff9b::a01:203); unset: no "
         "private, loopback, link-local or reserved address (no server-side request forgery).",
+        json_schema_extra={"rule": "comma-separated networks in CIDR notation (IPv4 or IPv6)"},
     )
     webhook_attempts: int = Field(
         10, ge=1, description="Tries of a webhook before it goes on the dead-letter list (any answer but 2xx fails)."
@@ -215,18 +251,26 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(
         64, ge=2, description="Redis connections per API process (requests share them; waiting holds none)."
     )
-    log_level: str = Field("INFO", description="Python log level.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="Python log level (any case)."
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     # Access (docs/security.md)
     api_keys: Annotated[list[SecretStr] | None, NoDecode] = Field(
         None,
-        description="Comma-separated API keys; when set, every endpoint but /health and /ready needs one "
+        description="Comma-separated API keys; when set, every endpoint but the probes and the docs (README, Security) needs one "
         "(`X-API-Key: KEY` or `Authorization: Bearer KEY`). Unset: no authentication.",
+        json_schema_extra={"rule": f"comma-separated keys of at least {MIN_API_KEY_CHARS} characters each"},
     )
     rate_limit_per_s: float | None = Field(
         None,
         gt=0,
-        description="Requests per second each client (API key, else address) may sustain, beyond it 429 with Retry-After; unset: no limit.",
+        description="Requests per second each client (API key, else address) may sustain, beyond it 429 with Retry-After (scrapes of /metrics are not counted); unset: no limit.",
     )
     rate_limit_burst: int = Field(
         20, ge=1, description="Requests a client may send at once before the rate applies (the token bucket's size)."
@@ -243,8 +287,12 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _long_keys(cls, keys: list[SecretStr] | None) -> list[SecretStr] | None:
-        if keys and any(len(k.get_secret_value()) < MIN_API_KEY_CHARS for k in keys):
-            raise ValueError(f"every API key needs at least {MIN_API_KEY_CHARS} characters")
+        short = [n for n, k in enumerate(keys or [], 1) if len(k.get_secret_value()) < MIN_API_KEY_CHARS]
+        if short:
+            raise ValueError(
+                f"key {', '.join(map(str, short))} of {len(keys or [])} too short: "
+                f"every API key needs at least {MIN_API_KEY_CHARS} characters"
+            )
         return keys
 
     @field_validator("webhook_secrets")
@@ -287,3 +335,61 @@ class Settings(BaseSettings):
     def redis_url_given(self) -> bool:
         """Whether the Redis URL came from the environment (else `serve` embeds its own)."""
         return "redis_url" in self.model_fields_set
+
+
+class SettingsError(ValueError):
+    """A setting refused: the message is one line naming each bad variable, its value and its rule."""
+
+
+def from_environment() -> Settings:
+    """The settings, or `SettingsError` saying in one line which variables are refused and why."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError(_refusal(exc)) from None
+
+
+def rule(name: str) -> str:
+    """What `SENTIMENT_<NAME>` accepts, in words: the field's own `rule` where a validator sets one,
+    else its type and bounds (the README's table and `from_environment`'s refusals both say this)."""
+    field = Settings.model_fields[name]
+    extra = field.json_schema_extra
+    if isinstance(extra, dict) and "rule" in extra:
+        return str(extra["rule"])
+    kind = field.annotation
+    if get_origin(kind) is UnionType:  # `int | None`: unset is the default, not a value to set
+        kind = next(a for a in get_args(kind) if a is not NoneType)
+    if get_origin(kind) is Literal:
+        return "one of " + ", ".join(f"`{choice}`" for choice in get_args(kind))
+    words: dict[object, str] = {bool: "true or false", int: "a whole number", float: "a number", Path: "a path"}
+    word = words.get(kind, "text")
+    bounds = {b: getattr(m, b) for m in field.metadata for b in ("ge", "gt", "le") if hasattr(m, b)}
+    if "ge" in bounds and "le" in bounds:
+        return f"{word} from {bounds['ge']:g} to {bounds['le']:g}"
+    symbols = {"ge": ">=", "gt": ">", "le": "<="}
+    return " ".join([word, *(f"{symbols[b]} {bounds[b]:g}" for b in symbols if b in bounds)])
+
+
+def _refusal(exc: ValidationError) -> str:
+    """One line for every refused variable: `SENTIMENT_X='value' is refused: <rule>` (a validator's own
+    reason after it). A default computed from a refused setting is not a further refusal."""
+    reasons: dict[str, list[str]] = {}
+    for error in exc.errors(include_url=False):
+        if error["type"] != "default_factory_not_called":
+            reason = error["msg"].removeprefix("Value error, ") if error["type"] == "value_error" else ""
+            reasons.setdefault(str(error["loc"][0]), []).append(reason)
+    return "; ".join(
+        f"SENTIMENT_{name.upper()}={_shown(name)} is refused: {rule(name)}"
+        + "".join(f" ({reason})" for reason in dict.fromkeys(why) if reason)
+        for name, why in reasons.items()
+    )
+
+
+def _shown(name: str) -> str:
+    """The variable's value as set, quoted; a secret's only as its values' lengths."""
+    variable = f"SENTIMENT_{name}".upper()
+    value = next((v for k, v in os.environ.items() if k.upper() == variable), "")
+    if "SecretStr" not in str(Settings.model_fields[name].annotation):
+        return repr(value)
+    lengths = [str(len(v.strip())) for v in value.split(",") if v.strip()]
+    return f"<hidden: {len(lengths)} {'value' if len(lengths) == 1 else 'values'} of {', '.join(lengths)} characters>"

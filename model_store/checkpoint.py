@@ -15,6 +15,7 @@ from transformers.utils import logging as hf_logging
 
 from core.protocol import ScoreFunction
 from model_store.checkpoint_files import missing_checkpoint
+from model_store.long_texts import LongTexts, Splitter
 from model_store.scoring import default_function
 
 
@@ -58,6 +59,10 @@ class Checkpoint:
         """The model's version, part of every cache key: the fingerprint, suffixed by any precision but
         fp32 (`-fp16`, `-bf16`, `-int8`, `-null`), whose different scores are cached apart."""
         return self.fingerprint + ("" if precision == "fp32" else f"-{precision}")
+
+    def splitter(self, handling: LongTexts) -> Splitter:
+        """The tokenizer as `handling` treats texts longer than the model's length."""
+        return Splitter(self._tokenizer, self.max_length, handling)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text, special tokens added, truncated to the model's maximum length, unpadded."""

@@ -14,6 +14,7 @@ from model_store import scoring
 from model_store.checkpoint import Checkpoint
 from model_store.cost import ForwardCost
 from model_store.engine import Engine, EngineName, Precision, load_engine
+from model_store.long_texts import LongTexts, Splitter
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +31,23 @@ class Classifier:
         interop_threads: int | None = None,
         engine: EngineName = "auto",
         lanes: int | None = None,
+        long_texts: LongTexts = LongTexts.TRUNCATE,
     ) -> None:
         self.checkpoint = Checkpoint(model_dir)
+        self.long_texts = LongTexts(long_texts)
+        # Texts to token ids as the worker computes them: long ones truncated, whole (to reject), or in windows.
+        self.split: Splitter = self.checkpoint.splitter(self.long_texts)
         self.engine: Engine = load_engine(self.checkpoint, engine, device, precision, threads, interop_threads, lanes)
         self.name = self.checkpoint.name
         self.labels = self.checkpoint.labels
         self.function = self.checkpoint.function
         self.max_length = self.checkpoint.max_length
-        self.version = self.checkpoint.version(self.engine.precision)
+        # Each handling of long texts answers them differently: its own cache (truncate, the default, none).
+        handling = "" if self.long_texts == LongTexts.TRUNCATE else f"-{self.long_texts}"
+        self.version = self.checkpoint.version(self.engine.precision) + handling
         self.forward(self.tokenize(["warm up"]))  # the first call pays allocator and kernel set-up
         log.info(
-            "model %s version %s on %s (%s, %s, %d threads, %d forward lanes), labels %s, scores by %s",
+            "model %s version %s on %s (%s, %s, %d threads, %d forward lanes), labels %s, scores by %s, long texts %s",
             self.name,
             self.version,
             self.device,
@@ -50,6 +57,7 @@ class Classifier:
             self.lanes,
             self.labels,
             self.function,
+            self.long_texts,
         )
 
     @classmethod
@@ -63,6 +71,7 @@ class Classifier:
             interop_threads=settings.torch_interop_threads,
             engine=settings.engine,
             lanes=settings.forward_lanes,
+            long_texts=LongTexts(settings.long_texts),
         )
 
     @property
@@ -82,6 +91,7 @@ class Classifier:
         return self.engine.lanes
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids per text, truncated to the model's length (benchmarks, the naive baseline)."""
         return self.checkpoint.tokenize(texts)
 
     def scores(self, logits: np.ndarray, function: ScoreFunction | None = None) -> np.ndarray:

@@ -17,7 +17,7 @@ from redis import Redis
 
 from core.redis_connect import sync_client
 from core.redis_errors import OUTAGE
-from core.settings import Settings
+from core.settings import Settings, SettingsError, from_environment
 from model_store.hub import DEFAULT_REPO
 
 log = logging.getLogger("sentiment")
@@ -25,7 +25,11 @@ PROBE_TIMEOUT_S = 2.0  # a probe answers within Kubernetes' timeoutSeconds (its 
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = Settings()
+    try:
+        settings = from_environment()
+    except SettingsError as exc:  # a person's typo, not a bug: one line, exit 2 as for a bad argument
+        print(f"sentiment: {exc}", file=sys.stderr)
+        sys.exit(2)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
     )
@@ -63,6 +67,16 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         type=_count,
         default=settings.workers,
         help="micro-batching workers (default %(default)s: SENTIMENT_WORKERS)",
+    )
+    serve.add_argument(
+        "--data-dir",
+        type=Path,
+        default=settings.data_dir,
+        help="where the embedded redis-server keeps jobs, results and the cache across restarts "
+        "(default %(default)s: SENTIMENT_DATA_DIR)",
+    )
+    serve.add_argument(
+        "--ephemeral", action="store_true", help="keep nothing: the embedded Redis in memory only (tests, smokes)"
     )
     serve.set_defaults(run=_serve)
     with_address(commands.add_parser("api", help="the HTTP API (needs SENTIMENT_REDIS_URL)")).set_defaults(run=_api)
@@ -144,7 +158,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     loadtest.add_argument("--script", choices=("load", "unique", "jobs", "grpc"), default="load", help="k6/<script>.js")
     loadtest.add_argument("--duration", default="20s", help="k6 hold stage (default %(default)s)")
     loadtest.add_argument("--full", action="store_true", help="the script's own stages (load: 30 s ramp, 1 m hold)")
-    loadtest.add_argument("--model-dir", type=Path, default=settings.model_dir, help="default SENTIMENT_MODEL_DIR")
+    loadtest.add_argument("--model-dir", type=Path, help="default $SENTIMENT_SHARED_DIR/models/distilbert-sst2-small")
     loadtest.add_argument("--doc", type=Path, help="also write the summary into this doc (docs/performance.md)")
     loadtest.set_defaults(run=_loadtest)
     chaos = commands.add_parser(
@@ -170,7 +184,13 @@ def _count(text: str) -> int:
 def _serve(settings: Settings, args: argparse.Namespace) -> None:
     from sentiment.embedded import serve
 
-    serve(settings.model_copy(update={"workers": args.workers, "grpc_port": args.grpc_port}), args.host, args.port)
+    data_dir = None if args.ephemeral else args.data_dir.resolve()
+    serve(
+        settings.model_copy(update={"workers": args.workers, "grpc_port": args.grpc_port}),
+        args.host,
+        args.port,
+        data_dir,
+    )
 
 
 def _api(settings: Settings, args: argparse.Namespace) -> None:

@@ -3,13 +3,20 @@
 Starts a Redis-compatible server on a free local port (redis-server when it is on PATH, else
 fakeredis' TCP server in this process), `workers` worker processes and a bulk-jobs worker process
 under a supervisor (`sentiment.supervisor`), and, once they serve, the API in this process. Ctrl-C,
-SIGTERM or SIGHUP stops the API, then the workers (which finish their batch), then the server;
-SIGKILL of serve ends them too (their parent-death signal).
+SIGTERM or SIGHUP stops the API, then the workers (which finish their batch; a bulk job stops at
+its next chunk and goes back to the front of its queue), then the server; SIGKILL of serve ends them
+too (their parent-death signal).
+
+redis-server keeps an append-only file in a data directory (`--data-dir`, SENTIMENT_DATA_DIR), so
+jobs, results and the cache outlive a restart, and a job whose worker died is still retried after
+one; `--ephemeral` (and fakeredis) keep nothing, and serve says so at start. One serve at a time
+holds a data directory: its lock file stays locked while serve or its redis-server lives.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import logging
 import os
@@ -41,15 +48,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class DataDirInUse(Exception):
+    """Another serve (or its redis-server) holds the data directory: two servers would corrupt its file."""
+
+
 @contextlib.contextmanager
-def embedded_redis() -> Iterator[str]:
-    """A throwaway, memory-only Redis on 127.0.0.1; yields its URL."""
+def embedded_redis(data_dir: Path | None = None) -> Iterator[str]:
+    """A Redis on 127.0.0.1 (yields its URL): redis-server keeping its data in `data_dir`, or
+    memory-only when that is None; fakeredis in this process, memory-only, without redis-server."""
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     if shutil.which("redis-server"):
-        proc = start_redis_server(port)
+        lock = _lock(data_dir) if data_dir is not None else None
         try:
-            log.info("embedded redis-server on %s", url)
+            proc = start_redis_server(port, data_dir, holding=lock)
+        finally:
+            if lock is not None:
+                os.close(lock)  # (redis-server holds it now, or nobody: it did not start)
+        try:
+            log.debug("embedded redis-server on %s", url)
             yield url
         finally:
             proc.terminate()
@@ -59,7 +76,7 @@ def embedded_redis() -> Iterator[str]:
 
         server = TcpFakeServer(("127.0.0.1", port), server_type="redis")
         threading.Thread(target=server.serve_forever, daemon=True, name="fakeredis").start()
-        log.info("embedded fakeredis server on %s (install redis-server for more speed)", url)
+        log.debug("embedded fakeredis server on %s", url)
         try:
             yield url
         finally:
@@ -67,9 +84,38 @@ def embedded_redis() -> Iterator[str]:
             server.server_close()
 
 
-def start_redis_server(port: int, data_dir: Path | None = None, fsync: str = "everysec") -> subprocess.Popen[bytes]:
+def _lock(data_dir: Path) -> int:
+    """`data_dir` (made if missing) locked for this serve: an open descriptor of its lock file, which
+    redis-server inherits (the lock lasts while either lives); DataDirInUse when another holds it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / "serve.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DataDirInUse(
+            f"{data_dir} is in use by another sentiment serve: name another --data-dir, or run --ephemeral"
+        ) from None
+    return fd
+
+
+def embedded_kind(url: str, data_dir: Path | None) -> str:
+    """What `embedded_redis(data_dir)` runs at `url` and what it keeps, for serve's "up" line."""
+    if shutil.which("redis-server"):
+        kept = f"keeping jobs, results and the cache in {data_dir}" if data_dir else "memory only (--ephemeral)"
+        return f"on {url} (embedded redis-server, {kept})"
+    return (
+        f"on {url} (embedded fakeredis: nothing persists, jobs, results and the cache end with serve; "
+        "install redis-server to keep them, and for more speed)"
+    )
+
+
+def start_redis_server(
+    port: int, data_dir: Path | None = None, fsync: str = "everysec", holding: int | None = None
+) -> subprocess.Popen[bytes]:
     """A redis-server on 127.0.0.1:`port`, answering PING when this returns: memory-only, or with an
-    append-only file in `data_dir` written to disk every second (`fsync` "always": every write)."""
+    append-only file in `data_dir` written to disk every second (`fsync` "always": every write).
+    `holding`: a descriptor it keeps open as long as it runs (a lock)."""
     exe = shutil.which("redis-server") or "redis-server"
     args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
     if data_dir is None:
@@ -77,7 +123,11 @@ def start_redis_server(port: int, data_dir: Path | None = None, fsync: str = "ev
     else:
         args += ["--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", fsync]
     proc = subprocess.Popen(
-        args, stdout=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent(os.getpid())
+        args,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=die_with_parent(os.getpid()),
+        pass_fds=() if holding is None else (holding,),
     )
     try:
         _wait_for_redis(f"redis://127.0.0.1:{port}/0", proc)
@@ -125,9 +175,10 @@ def worker_metrics_ports(settings: Settings) -> list[int]:
     return list(itertools.islice(free, settings.workers))
 
 
-def serve(settings: Settings, host: str, port: int) -> None:
-    """Redis (embedded unless SENTIMENT_REDIS_URL is set), the worker processes once they serve, then
-    the API here. No model, a taken port or a worker that cannot start ends it with one line and exit 1."""
+def serve(settings: Settings, host: str, port: int, data_dir: Path | None) -> None:
+    """Redis (embedded unless SENTIMENT_REDIS_URL is set, keeping its data in `data_dir` unless that
+    is None), the worker processes once they serve, then the API here. No model, a taken port, a data
+    directory in use or a worker that cannot start ends it with one line and exit 1."""
     if missing := missing_checkpoint(settings.model_dir):  # before anything starts, as the ports below
         raise SystemExit(f"sentiment serve: {missing}")
     listening = api.server.listen(host, port)  # before anything starts: a taken port costs nothing
@@ -137,26 +188,37 @@ def serve(settings: Settings, host: str, port: int) -> None:
     signal.signal(signal.SIGHUP, lambda *_: signal.raise_signal(signal.SIGTERM))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # (until the API's own handler replaces it)
     given = settings.redis_url if settings.redis_url_given else None
-    with contextlib.nullcontext(given) if given else embedded_redis() as url:
-        supervisor = Supervisor(children(settings, url), serving(settings, url))
-        try:
-            log.info("starting the workers")
-            supervisor.start()
-            api.server.run(settings.model_copy(update={"redis_url": url}), host, port, listening, supervisor.problem)
-        except StartFailed as exc:
-            raise SystemExit(f"sentiment serve: {exc}") from None
-        finally:
-            supervisor.stop()
+    try:
+        with contextlib.nullcontext(given) if given else embedded_redis(data_dir) as url:
+            supervisor = Supervisor(children(settings, url), serving(settings, url))
+            try:
+                log.debug("starting the workers")
+                supervisor.start()
+                # (a given URL may hold a password)
+                where = "at SENTIMENT_REDIS_URL" if given else embedded_kind(url, data_dir)
+                log.info("%s up; Redis %s", ", ".join(c.name for c in supervisor.children), where)
+                api.server.run(
+                    settings.model_copy(update={"redis_url": url}), host, port, listening, supervisor.problem
+                )
+            finally:
+                supervisor.stop()
+    except (StartFailed, DataDirInUse) as exc:
+        raise SystemExit(f"sentiment serve: {exc}") from None
 
 
 def children(settings: Settings, url: str) -> list[Child]:
     """`settings.workers` micro-batching workers, each with its share of the cores, and a jobs worker."""
     env = {**os.environ, "SENTIMENT_REDIS_URL": url}
     workers = [
-        Child(f"worker-{n}", "worker", {**env, **worker_env(settings), "SENTIMENT_METRICS_PORT": str(metrics)})
+        Child(
+            f"worker-{n}",
+            "worker",
+            {**env, **worker_env(settings), "SENTIMENT_METRICS_PORT": str(metrics)},
+            finishing="its forwards under way",
+        )
         for n, metrics in enumerate(worker_metrics_ports(settings), 1)
     ]
-    return [*workers, Child("jobs-worker", "jobs-worker", env)]
+    return [*workers, Child("jobs-worker", "jobs-worker", env, finishing="the chunk of a running job")]
 
 
 def serving(settings: Settings, url: str) -> Callable[[Child], bool]:

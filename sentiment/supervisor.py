@@ -5,6 +5,8 @@ with the worker's own last line. One that dies later is restarted after 1, 2, 4 
 once it has stayed up a minute), and `problem` says so meanwhile, for /ready. Every child gets
 Linux's parent-death signal, so SIGKILL of serve still ends it (SIGTERM: a worker finishes its batch
 and hands back the rest), and its stderr passes through serve, which keeps the last line of each.
+What a child writes while it starts is held until it is up: a start-up failure then prints one line,
+serve's, with the child's cause (what was held is logged at DEBUG).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Child:
     command: str
     env: dict[str, str]
     args: tuple[str, ...] = ()  # after the command: `api --port 8001`
+    finishing: str = "its work"  # what it finishes once told to stop, for the log of a stop
     proc: subprocess.Popen[bytes] | None = None
     last_line: str = ""
     restarts: int = 0
@@ -62,6 +65,8 @@ class Child:
     ended: str = ""  # while it is down: why (`cause`)
     restart_at: float | None = None  # while it is down: when it starts again
     _echo: threading.Thread | None = field(default=None, repr=False)
+    _held: list[bytes] = field(default_factory=list, repr=False)  # its stderr while it starts
+    _output: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -72,6 +77,7 @@ class Child:
             preexec_fn=die_with_parent(os.getpid()),
         )
         self.started_at, self.restart_at, self.serving, self.last_line = time.monotonic(), None, False, ""
+        self._held = []
         self._echo = threading.Thread(
             target=self._pass_stderr, args=(self.proc,), name=f"{self.name}-stderr", daemon=True
         )
@@ -86,17 +92,37 @@ class Child:
         if self._echo is not None:
             self._echo.join(2)  # the rest of its stderr
         code = self.exit_code() or 0
+        with self._output:
+            if self._held:
+                log.debug("%s wrote while starting:\n%s", self.name, b"".join(self._held).decode(errors="replace"))
+                self._held = []
         if code < 0:
             return f"killed by {signal.Signals(-code).name}"
         return f"exit {code}: {self.last_line}" if code and self.last_line else f"exit {code}"
 
+    def mark_up(self) -> None:
+        """It serves: what it wrote while starting goes out now, and the rest as it comes."""
+        with self._output:
+            self.serving = True
+            self._write(*self._held)
+            self._held = []
+
     def _pass_stderr(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
-            sys.stderr.buffer.write(line)
-            sys.stderr.flush()
+            with self._output:
+                if self.serving:
+                    self._write(line)
+                else:
+                    self._held.append(line)
             if text := line.decode(errors="replace").strip():
                 self.last_line = text
+
+    @staticmethod
+    def _write(*lines: bytes) -> None:
+        for line in lines:
+            sys.stderr.buffer.write(line)
+        sys.stderr.flush()
 
 
 class Supervisor:
@@ -115,11 +141,11 @@ class Supervisor:
         while not all(child.serving for child in self.children):
             for child in self.children:
                 if child.exit_code() is not None:
-                    self.stop()
+                    self.stop(quiet=True)  # (a start-up failure is one line: serve's, with this cause)
                     raise StartFailed(f"{child.name} exited while starting ({child.cause()})")
-                child.serving = child.serving or self.up(child)
+                if not child.serving and self.up(child):
+                    child.mark_up()
             time.sleep(0.1)
-        log.info("%s up", ", ".join(c.name for c in self.children))
         self._watch.start()
 
     def problem(self) -> str | None:
@@ -132,18 +158,25 @@ class Supervisor:
                 return f"{child.name} starting again (restart {child.restarts})"
         return None
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM every child (workers finish their batch and hand back the rest); SIGKILL after `timeout_s`."""
+    def stop(self, timeout_s: float = 30.0, quiet: bool = False) -> None:
+        """SIGTERM every child (workers finish their batch and hand back the rest); SIGKILL after `timeout_s`.
+        What it waits for is logged at INFO, at DEBUG when `quiet`."""
+        level = logging.DEBUG if quiet else logging.INFO
         self._stopping.set()
         if self._watch.is_alive():
             self._watch.join()
-        running = [c.proc for c in self.children if c.proc is not None and c.proc.poll() is None]
-        for proc in running:
+        running = [(c, c.proc) for c in self.children if c.proc is not None and c.proc.poll() is None]
+        if running:
+            waits = ", ".join(f"{child.name} to finish {child.finishing}" for child, _ in running)
+            log.log(level, "stopping: waiting (at most %.0f s) for %s", timeout_s, waits)
+        for _, proc in running:
             proc.send_signal(signal.SIGTERM)
-        for proc in running:
+        give_up = time.monotonic() + timeout_s
+        for child, proc in running:
             try:
-                proc.wait(timeout_s)
+                log.log(level, "%s stopped (exit %s)", child.name, proc.wait(max(0.0, give_up - time.monotonic())))
             except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s: killed", child.name, timeout_s)
                 proc.kill()
                 proc.wait()
 
@@ -163,7 +196,7 @@ class Supervisor:
     def _look_after(self, child: Child, now: float) -> None:
         if child.exit_code() is None:
             if not child.serving and self.up(child):
-                child.serving = True
+                child.mark_up()
                 log.info("%s up again (restart %d)", child.name, child.restarts)
             return
         child.serving = False

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -30,6 +32,9 @@ SHARED = Path(os.environ.get("SENTIMENT_SHARED_DIR", REPO.parent / "shared"))
 # The services tests start open no gRPC port unless a test gives one: the default port would be taken
 # by the first, and the next would fail to start.
 os.environ["SENTIMENT_GRPC_PORT"] = "0"
+# `sentiment serve` keeps its Redis data in a directory of this session's, not the working directory's.
+os.environ["SENTIMENT_DATA_DIR"] = tempfile.mkdtemp(prefix="sentiment-data-")
+atexit.register(shutil.rmtree, os.environ["SENTIMENT_DATA_DIR"], ignore_errors=True)
 # Every wait in the tests is a hang guard, never a timing claim: generous on a loaded 2-core box.
 HANG_GUARD_S = 60.0
 T = TypeVar("T")

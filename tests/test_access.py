@@ -7,9 +7,11 @@ real redis-server (fakeredis here has no Lua: `lupa` is not installed).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import fakeredis
 import httpx
@@ -21,6 +23,7 @@ from redis.asyncio import Redis
 import api.access
 from api.access import OPEN_PATHS, ApiKeys
 from api.app import create_app
+from api.docs_page import ASSETS
 from batcher.worker import Worker
 from core.protocol import Keys
 from core.settings import Settings
@@ -65,7 +68,7 @@ async def keyed(settings: Settings, fake_server: fakeredis.FakeServer) -> AsyncI
 
 async def test_without_a_key_everything_but_the_probes_is_401(keyed: httpx.AsyncClient) -> None:
     assert (await keyed.get("/health")).status_code == 200
-    assert (await keyed.get("/ready")).json() == {"status": "not ready", "reason": "no live worker"}
+    assert (await keyed.get("/ready")).json()["reason"] == "no live worker"
     for method, path in [
         ("POST", "/predict"),
         ("POST", "/jobs"),
@@ -74,14 +77,34 @@ async def test_without_a_key_everything_but_the_probes_is_401(keyed: httpx.Async
         ("GET", "/model"),
         ("GET", "/metrics"),
         ("GET", "/metrics/"),
-        ("GET", "/openapi.json"),
-        ("GET", "/docs"),
         ("GET", "/no-such-route"),
     ]:
         response = await keyed.request(method, path, json={"text": ["hi"]} if method == "POST" else None)
         assert response.status_code == 401, (method, path)
         assert response.json()["error_type"] == "unauthorized"
         assert response.headers["www-authenticate"] == "Bearer"
+
+
+def readme_open_paths() -> set[str]:
+    """The paths the README's Security section says are open without a key."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    sentence = readme[readme.index("Open without a key:") :].split(".\n", 1)[0]
+    return set(re.findall(r"`(/[^`]*)`", sentence))
+
+
+async def test_the_open_paths_are_exactly_the_ones_the_readme_names(keyed: httpx.AsyncClient) -> None:
+    """Every route and mount asked without a key: those that answer are the README's, no more, no fewer."""
+    app = keyed._transport.app  # type: ignore[attr-defined]  # (httpx.ASGITransport's)
+    documented = (await keyed.get("/openapi.json", headers={"X-API-Key": KEY})).json()["paths"]
+    undocumented = {route.path for route in app.routes if hasattr(route, "path")}  # (included routers have none)
+    paths = {re.sub(r"\{[^}]+\}", "x", path) for path in {*documented, *undocumented}} | {f"{ASSETS}/swagger-ui.css"}
+    opened = set()
+    for path in paths:
+        for method in ("GET", "POST"):
+            if (await keyed.request(method, path)).status_code not in (401, 405):
+                opened.add(path)
+    assert readme_open_paths() == {p for p in opened if not p.startswith(ASSETS + "/")} == OPEN_PATHS
+    assert f"{ASSETS}/swagger-ui.css" in opened  # what /docs loads
 
 
 async def test_a_wrong_key_is_403_in_either_header(keyed: httpx.AsyncClient) -> None:
@@ -194,8 +217,22 @@ async def test_a_client_over_its_rate_gets_429_with_the_bucket_s_retry_after(
         assert refused.json()["error_type"] == "rate_limited"
         assert 9 <= int(refused.headers["retry-after"]) <= 10  # one token at 0.1/s
         assert [(await client.get("/health")).status_code for _ in range(5)] == [200] * 5  # probes never limited
+        assert [(await client.get("/metrics")).status_code for _ in range(5)] == [200] * 5  # nor scrapes
     async with serve(config, Redis.from_url(redis_url), address="10.0.0.2") as other:
         assert (await other.get("/jobs/" + "0" * 32)).status_code == 404  # its own bucket
+
+
+async def test_scrapes_of_metrics_take_nothing_from_the_scraper_s_bucket(settings: Settings, redis_url: str) -> None:
+    """Prometheus scraping with a client's key (or from its address) leaves that client its whole burst."""
+    keys = Settings(api_keys=f"{KEY},{OTHER_KEY}").api_keys
+    async with serve(
+        limited(settings, redis_url, rate=0.01, burst=2, api_keys=keys), Redis.from_url(redis_url)
+    ) as client:
+        scrapes = [(await client.get("/metrics", headers={"X-API-Key": KEY})).status_code for _ in range(10)]
+        assert scrapes == [200] * 10
+        assert (await client.get("/metrics")).status_code == 401  # a key still needed
+        statuses = [(await client.get("/jobs/" + "0" * 32, headers={"X-API-Key": KEY})).status_code for _ in range(3)]
+        assert statuses == [404, 404, 429]  # the burst, untouched by the scrapes
 
 
 async def test_the_bucket_refills_at_the_rate(settings: Settings, redis_url: str) -> None:

@@ -1,20 +1,20 @@
-"""The docs stay true: the README's set-up commands, its configuration table (the settings' own names,\ndefaults and descriptions), no commit ids, and no cited results file missing."""
+"""The docs stay true: the README's set-up commands, its configuration table (the settings' own names,\ndefaults, rules and descriptions), no commit ids, and no cited results file missing."""
 
 from __future__ import annotations
 
 import re
 
-from core.settings import Settings
+from core.settings import Settings, rule
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text()
 
 
-TABLE_HEADER = "| variable | default | meaning |\n| --- | --- | --- |\n"
+TABLE_HEADER = "| variable | default | rule | meaning |\n| --- | --- | --- | --- |\n"
 
 
 def configuration_table() -> str:
-    """The README's configuration table, made from `Settings.model_fields`: name, default, description.
+    """The README's configuration table, made from `Settings.model_fields`: name, default, rule, description.
 
     The settings' descriptions are the one description of each knob. After changing a setting,
     regenerate the table and paste it over the README's:
@@ -26,7 +26,7 @@ def configuration_table() -> str:
         defaults[name] = field.get_default(call_default_factory=True, validated_data=defaults)
         shown = "unset" if defaults[name] is None else f"`{defaults[name]}`"
         description = " ".join((field.description or "").split()).replace("|", "\\|")
-        rows.append(f"| `SENTIMENT_{name.upper()}` | {shown} | {description} |\n")
+        rows.append(f"| `SENTIMENT_{name.upper()}` | {shown} | {rule(name)} | {description} |\n")
     return TABLE_HEADER + "".join(rows)
 
 
@@ -59,13 +59,13 @@ def test_docs_cite_no_commit_ids_and_exactly_the_results_files_kept() -> None:
 
 
 def test_readme_starts_with_the_install_and_serve_command_the_test_command_and_a_restart() -> None:
-    blocks = [block.strip() for block in re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL)]
+    blocks = [block.strip() for block in re.findall(r"```bash[^\n]*\n(.*?)```", README, flags=re.DOTALL)]
     install_and_serve, tests, restart = blocks[:3]
     assert "\n" not in install_and_serve, "one command to copy"
     steps = install_and_serve.split(" && ")
     assert steps[:2] == ["python3 -m venv .venv", ". .venv/bin/activate"]
     assert steps[-1].endswith(" sentiment serve")
-    assert tests == ". .venv/bin/activate && pytest"
+    assert tests == ". .venv/bin/activate && .ci/test"
     assert restart == f". .venv/bin/activate && {steps[-1]}", "the same service, without the install"
     installs = [step for step in steps if step.startswith("pip install ")]
     assert installs[-1] == "pip install -e '.[dev]'"
@@ -77,4 +77,5 @@ def test_readme_starts_with_the_install_and_serve_command_the_test_command_and_a
     ci = (REPO / ".ci" / "run").read_text()
     for install in installs:  # CI installs as the README does, quietly
         assert install.replace("pip install ", "pip install -q ", 1) in ci.splitlines(), install
-    assert ci.rstrip().endswith("\npytest")
+    assert ci.rstrip().endswith("\n.ci/test"), "CI runs the README's test command"
+    assert (REPO / ".ci" / "test").read_text().rstrip().endswith('\nexec pytest "$@"')

@@ -16,14 +16,17 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from pydantic import SecretStr
 from tritonclient.utils import InferenceServerException
 
 from api.app import create_app
 from api.inference_protocol import infer_body_limit
+from batcher.worker import Worker
 from core.protocol import Keys, ModelInfo, prediction
 from core.settings import Settings
 from model_store.classifier import Classifier
-from tests.conftest import REPO, Service, start_service
+from tests.conftest import REPO, Service, start_service, start_worker
+from tests.test_docs_page import serving
 
 KEY = "a-test-key-of-some-length"
 TEXTS = ["a good movie", "bad", "", "a good movie", "ünïcödé ✓"]
@@ -107,14 +110,41 @@ def test_labels_and_scores_are_predicts_and_the_models(
     assert labels == [classifier.labels[int(np.argmax([s["score"] for s in p]))] for p in own]
 
 
+SNIPPET = README.split("over REST with Triton's client")[1].split("```python\n")[1].split("```")[0]
+
+
+def check_snippet_output(out: str, labels: list[str]) -> None:
+    """What the snippet prints: a label per text, then a row of scores per text."""
+    printed_labels, scores = out.split("] [", 1)
+    assert sum(printed_labels.count(f"'{label}'") for label in labels) == 2
+    assert scores.count("[") == 2
+
+
 def test_the_readmes_client_snippet_classifies_through_the_service(
-    service: Service, model: dict, capsys: pytest.CaptureFixture[str]
+    service: Service, model: dict, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    snippet = README.split("over REST with Triton's client")[1].split("```python\n")[1].split("```")[0]
-    exec(snippet.replace("localhost:8000", f"127.0.0.1:{service.port}"), {})
-    labels, scores = capsys.readouterr().out.split("] [", 1)
-    assert sum(labels.count(f"'{label}'") for label in model["labels"]) == 2  # one per text
-    assert scores.count("[") == 2  # a row of scores per text
+    monkeypatch.delenv("API_KEY", raising=False)
+    exec(SNIPPET.replace("localhost:8000", f"127.0.0.1:{service.port}"), {})
+    check_snippet_output(capsys.readouterr().out, model["labels"])
+
+
+def test_the_readmes_client_snippet_sends_its_key_when_keys_are_on(
+    settings: Settings,
+    fake_server: fakeredis.FakeServer,
+    worker: Worker,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    keyed = settings.model_copy(update={"api_keys": [SecretStr(KEY)]})
+    app = create_app(keyed, fakeredis.FakeAsyncRedis(server=fake_server), fakeredis.FakeRedis(server=fake_server))
+    start_worker(worker)
+    with serving(app) as url:
+        monkeypatch.setenv("API_KEY", KEY)
+        exec(SNIPPET.replace("localhost:8000", url.removeprefix("http://")), {})
+        check_snippet_output(capsys.readouterr().out, worker.classifier.labels)
+        monkeypatch.delenv("API_KEY")
+        with pytest.raises(KeyError, match="name"):  # without it: the 401's body has no model name
+            exec(SNIPPET.replace("localhost:8000", url.removeprefix("http://")), {})
 
 
 def test_outputs_requested_by_name_and_all_by_default(
@@ -188,7 +218,7 @@ async def test_probes_are_open_and_the_rest_keyed_404_and_503_before_work(
 ) -> None:
     monkeypatch.setattr("api.predictions.MODEL_INFO_TTL_S", 0)  # the announcement below is seen at once
     assert (await keyed.get("/v2/health/live")).status_code == 200
-    assert (await keyed.get("/v2/health/ready")).json() == {"status": "not ready", "reason": "no live worker"}
+    assert (await keyed.get("/v2/health/ready")).json()["reason"] == "no live worker"
     body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}
     assert (await keyed.post("/v2/models/tiny/infer", json=body)).status_code == 401
     assert (await keyed.get("/v2")).status_code == 401

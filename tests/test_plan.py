@@ -23,6 +23,7 @@ from core.liveness import RECONNECT_S, live_workers
 from core.protocol import DEFAULT_CLIENT, Keys, Result, WorkerStatus, WorkItem, new_id
 from core.settings import Settings
 from model_store.cost import ForwardCost
+from model_store.long_texts import Tokenized
 from tests.conftest import HANG_GUARD_S, wait_for
 
 KEYS = Keys("t")
@@ -44,6 +45,11 @@ def policy(
 def word_ids(texts: list[str]) -> list[list[int]]:
     """A stand-in tokenizer: one token per word."""
     return [[1] * len(t.split()) for t in texts]
+
+
+def whole(tokenize: Callable[[list[str]], list[list[int]]]) -> Callable[[list[str]], list[Tokenized]]:
+    """The intake's tokenizer from a stand-in: each text one window, never long."""
+    return lambda texts: [Tokenized([ids], [len(ids)], len(ids)) for ids in tokenize(texts)]
 
 
 def work_item(*texts: str, ttl: float = 60, enqueued_at: float | None = None, client: str = DEFAULT_CLIENT) -> WorkItem:
@@ -411,7 +417,7 @@ def make_intake(
         WorkQueue(redis, KEYS, "w1"),
         window,
         replies or RepliesRecorder(),  # type: ignore[arg-type]
-        tokenize,
+        whole(tokenize),
         lambda text, _: KEYS.cache("v", text),
     )
 
@@ -558,7 +564,7 @@ def test_an_item_split_across_forwards_is_held_until_all_its_texts_are_answered(
     queue = WorkQueue(redis, KEYS, "w1")
     replies = Replies(redis, KEYS, queue, ["NEGATIVE", "POSITIVE"], lambda logits, _: logits, 60, 60, threading.Event())
     window = Window(policy(max_texts=3))
-    intake = Intake(queue, window, replies, word_ids, lambda text, _: KEYS.cache("v", text))
+    intake = Intake(queue, window, replies, whole(word_ids), lambda text, _: KEYS.cache("v", text))
     big = push(redis, "t0", "t1", "t2", "t3", "t4")
     small = push(redis, "u0")
     assert intake.take()

@@ -23,6 +23,7 @@ from core.liveness import live_workers
 from core.protocol import Keys, ModelInfo, Result, WorkItem, new_id, parse_replies, prediction
 from core.settings import Settings
 from model_store.classifier import Classifier
+from model_store.long_texts import Tokenized
 from tests.conftest import HANG_GUARD_S, hold_forwards, start_worker, wait_for
 
 
@@ -293,14 +294,14 @@ def test_a_text_the_tokenizer_cannot_take_fails_only_its_own_request(
     worker: Worker, redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, monkeypatch
 ) -> None:
     keys = Keys(settings.key_prefix)
-    real_tokenize = worker.intake.tokenize
+    real_split = worker.intake.split
 
-    def tokenize(texts: list[str]) -> list[list[int]]:
+    def split(texts: list[str]) -> list[Tokenized]:
         if "unspeakable" in texts:
             raise RuntimeError("cannot spell this")
-        return real_tokenize(texts)
+        return real_split(texts)
 
-    monkeypatch.setattr(worker.intake, "tokenize", tokenize)
+    monkeypatch.setattr(worker.intake, "split", split)
     good, bad = push(redis, keys, "fine"), push(redis, keys, "ok", "unspeakable")
     thread = start_worker(worker)
     assert wait_result(redis, keys, bad).error == "the tokenizer failed on this request's texts (RuntimeError)"

@@ -1,0 +1,170 @@
+"""One error shape, `{"error", "error_type", ...}` (`api/errors.py`), for every status the API answers,
+on every route family (REST, the Open Inference Protocol, /jobs, Hugging Face's `POST /`), and an
+OpenAPI document that says so: each answer is checked against the schema the document gives for it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import fakeredis
+import httpx
+import jsonschema
+import pytest
+from pydantic import SecretStr
+
+from api.app import create_app
+from api.errors import ERRORS, ErrorBody, ErrorType
+from core.protocol import Keys
+from core.settings import Settings
+from tests.test_api import announce
+
+pytestmark = pytest.mark.anyio
+
+KEY = "k" * 20 + "-errors-test"
+INFER = "/v2/models/tiny/infer"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def started(settings: Settings, fake_server: fakeredis.FakeServer) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, fakeredis.FakeAsyncRedis(server=fake_server), fakeredis.FakeRedis(server=fake_server))
+
+    @app.get("/raises", include_in_schema=False)
+    async def raises() -> None:
+        """A bug, to see the 500's shape."""
+        raise RuntimeError("a bug")
+
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            yield client
+
+
+@pytest.fixture
+async def client(settings: Settings, fake_server: fakeredis.FakeServer) -> AsyncIterator[httpx.AsyncClient]:
+    announce(fakeredis.FakeRedis(server=fake_server), Keys(settings.key_prefix))  # a model, no worker
+    async for client in started(settings.model_copy(update={"max_chars": 20}), fake_server):
+        yield client
+
+
+@pytest.fixture
+async def keyed(settings: Settings, fake_server: fakeredis.FakeServer) -> AsyncIterator[httpx.AsyncClient]:
+    async for client in started(settings.model_copy(update={"api_keys": [SecretStr(KEY)]}), fake_server):
+        yield client
+
+
+# (method, path, request keywords, status, error_type): every route family, every error it answers
+# on its own (the worker's 424/502/504 and Redis' 503 come through the same `error_response`).
+CASES: list[tuple[str, str, dict[str, Any], int, ErrorType]] = [
+    ("GET", "/no-such-path", {}, 404, ErrorType.NOT_FOUND),
+    ("GET", "/docs/assets/no-such-file.js", {}, 404, ErrorType.NOT_FOUND),
+    ("GET", "/jobs/" + "0" * 32, {}, 404, ErrorType.NOT_FOUND),
+    ("DELETE", "/jobs/" + "0" * 32, {}, 404, ErrorType.NOT_FOUND),
+    ("GET", "/v2/models/another", {}, 404, ErrorType.NOT_FOUND),
+    ("POST", "/v2/models/another/infer", {"json": {}}, 404, ErrorType.NOT_FOUND),
+    ("GET", "/predict", {}, 405, ErrorType.METHOD_NOT_ALLOWED),
+    ("PUT", "/jobs", {}, 405, ErrorType.METHOD_NOT_ALLOWED),
+    ("GET", INFER, {}, 405, ErrorType.METHOD_NOT_ALLOWED),
+    ("GET", "/", {}, 405, ErrorType.METHOD_NOT_ALLOWED),
+    ("DELETE", "/health", {}, 405, ErrorType.METHOD_NOT_ALLOWED),
+    ("POST", "/predict", {"json": {"text": ["x" * 21]}}, 422, ErrorType.INVALID_REQUEST),
+    ("POST", "/predict", {"content": b"{"}, 422, ErrorType.INVALID_REQUEST),
+    ("POST", "/jobs", {"json": {"text": []}}, 422, ErrorType.INVALID_REQUEST),
+    ("POST", "/jobs", {"content": b"[" * 10_000 + b"]" * 10_000}, 422, ErrorType.INVALID_REQUEST),
+    ("POST", INFER, {"json": {"inputs": [{"name": "text"}]}}, 422, ErrorType.INVALID_REQUEST),
+    ("POST", "/", {"json": {"inputs": "x", "parameters": {"top_k": 0}}}, 422, ErrorType.INVALID_REQUEST),
+    (
+        "POST",
+        "/predict",
+        {"content": b"text", "headers": {"content-type": "text/plain"}},
+        415,
+        ErrorType.UNSUPPORTED_MEDIA_TYPE,
+    ),
+    ("POST", "/", {"content": b"x" * 1_000_000}, 413, ErrorType.TOO_LARGE),
+    ("GET", "/ready", {}, 503, ErrorType.NOT_READY),
+    ("GET", "/v2/health/ready", {}, 503, ErrorType.NOT_READY),
+    ("GET", "/raises", {}, 500, ErrorType.INTERNAL),
+]
+
+
+def check_shape(response: httpx.Response, status: int, error_type: ErrorType) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body["error_type"] == error_type.value and ERRORS[error_type].status == status
+    assert isinstance(body["error"], str) and body["error"], body
+    return body
+
+
+@pytest.mark.parametrize(("method", "path", "request_", "status", "error_type"), CASES)
+async def test_every_status_answers_the_one_shape(
+    client: httpx.AsyncClient, method: str, path: str, request_: dict[str, Any], status: int, error_type: ErrorType
+) -> None:
+    response = await client.request(method, path, **request_)
+    body = check_shape(response, status, error_type)
+    if status == 405:
+        assert response.headers["allow"] and response.headers["allow"] in body["error"]
+    if status == 422:  # FastAPI's list, inside: each offending field
+        assert body["detail"] and all({"loc", "msg", "type"} <= set(error) for error in body["detail"])
+        assert body["error"].startswith(".".join(str(part) for part in body["detail"][0]["loc"]))
+    if status == 503 and error_type is ErrorType.NOT_READY and path == "/ready":
+        assert (body["status"], body["reason"]) == ("not ready", body["error"])  # /ready's own fields too
+
+
+async def test_refused_callers_get_the_one_shape(keyed: httpx.AsyncClient) -> None:
+    check_shape(await keyed.get("/no-such-path"), 401, ErrorType.UNAUTHORIZED)
+    check_shape(await keyed.post("/predict", json={"text": ["x"]}), 401, ErrorType.UNAUTHORIZED)
+    check_shape(await keyed.get("/model", headers={"X-API-Key": "w" * 20}), 403, ErrorType.FORBIDDEN)
+
+
+def schema_of(document: dict[str, Any], path: str, method: str, status: int) -> dict[str, Any]:
+    """The schema the OpenAPI document gives this operation's answer with `status` (else its `default`)."""
+    answers = document["paths"][path][method.lower()]["responses"]
+    answer = answers.get(str(status), answers["default"])
+    return {**answer["content"]["application/json"]["schema"], "components": document["components"]}
+
+
+async def test_each_error_is_what_the_openapi_document_says(client: httpx.AsyncClient) -> None:
+    document = (await client.get("/openapi.json")).json()
+    templates = {"/jobs/" + "0" * 32: "/jobs/{job_id}", "/v2/models/another": "/v2/models/{name}"}
+    for method, path, request_, status, _ in CASES:
+        template = templates.get(path, path.replace("/another/", "/{name}/").replace("/tiny/", "/{name}/"))
+        operation = document["paths"].get(template, {})
+        if method.lower() not in operation:
+            continue  # (an unknown path or method: the `default` of every operation, checked below)
+        response = await client.request(method, path, **request_)
+        schema = schema_of(document, template, method, status)
+        jsonschema.validate(response.json(), schema)  # `$ref`s resolve against `components`
+    unknown = await client.get("/no-such-path")
+    jsonschema.validate(unknown.json(), schema_of(document, "/predict", "POST", 404))
+
+
+async def test_the_openapi_document_gives_every_error_the_one_shape(client: httpx.AsyncClient) -> None:
+    document = (await client.get("/openapi.json")).json()
+    schemas = document["components"]["schemas"]
+
+    def resolved(schema: dict[str, Any]) -> dict[str, Any]:
+        return schemas[schema["$ref"].rsplit("/", 1)[1]] if "$ref" in schema else schema
+
+    assert "HTTPValidationError" not in str(document)  # FastAPI's own 422 body is nowhere
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            answers = operation["responses"]
+            assert "default" in answers, (method, path)
+            for status, answer in answers.items():
+                if status.startswith("2"):
+                    continue
+                schema = resolved(answer["content"]["application/json"]["schema"])
+                assert {"error", "error_type"} <= set(schema["required"]), (method, path, status)
+            if "requestBody" in operation:
+                assert {"413", "415", "422"} <= set(answers), (method, path)
+    assert set(resolved({"$ref": "#/components/schemas/ErrorType"})["enum"]) == {t.value for t in ErrorType}
+    # Every route that answers texts with the model says its 422 may also be texts too long for it.
+    for path, method in (("/predict", "post"), (INFER.replace("/tiny/", "/{name}/"), "post"), ("/", "post")):
+        described = document["paths"][path][method]["responses"]["422"]["description"]
+        assert described.split(", ") == [ErrorType.INVALID_REQUEST.value, ErrorType.TEXT_TOO_LONG.value], path
+    assert schemas[ErrorBody.__name__]["required"] == ["error", "error_type"]

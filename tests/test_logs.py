@@ -1,0 +1,82 @@
+"""Quiet logs: an idle jobs worker logs nothing at INFO (RQ's routine maintenance is DEBUG), and a
+start-up failure, of `serve` or a command given bad input, is one line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import fakeredis
+import pytest
+
+from batcher.inference import Inference
+from batcher.jobs import serve_jobs
+from core.settings import Settings
+from model_store.classifier import Classifier
+from sentiment.embedded import free_port
+
+CLEANING = "cleaning registries"
+
+
+def maintenance_records(caplog: pytest.LogCaptureFixture, settings: Settings, classifier: Classifier) -> list:
+    """The records of one burst run of the jobs worker on an empty queue, which runs RQ's maintenance once."""
+    redis = fakeredis.FakeRedis()
+    caplog.clear()
+    serve_jobs(settings, Inference.for_jobs(settings, classifier, redis), redis, burst=True)
+    return [r for r in caplog.records if r.name.startswith("rq")]
+
+
+def test_rqs_routine_maintenance_logs_at_debug_not_info(
+    settings: Settings, classifier: Classifier, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    seen = maintenance_records(caplog, settings.model_copy(update={"log_level": "DEBUG"}), classifier)
+    cleaning = [r for r in seen if CLEANING in r.getMessage()]
+    assert cleaning and {r.levelno for r in cleaning} == {logging.DEBUG}  # it ran, at DEBUG
+    seen = maintenance_records(caplog, settings.model_copy(update={"log_level": "INFO"}), classifier)
+    assert seen and not [r for r in seen if "cleaning" in r.getMessage()]  # at INFO: RQ's other lines only
+
+
+def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`sentiment COMMAND` with `env`, and no Redis URL but one `env` gives (`serve`: its own)."""
+    base = {k: v for k, v in os.environ.items() if k != "SENTIMENT_REDIS_URL"}
+    return subprocess.run(
+        [sys.executable, "-m", "sentiment.cli", *command],
+        env={**base, "SENTIMENT_METRICS_PORT": "0", "SENTIMENT_JOBS_METRICS_PORT": "0", **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
+def test_a_worker_that_cannot_start_ends_serve_in_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint whose weights are garbage: both workers fail as they load it, and all serve prints
+    is its own line with the first one's cause (not theirs too, nor its progress lines)."""
+    broken = shutil.copytree(tiny_model_dir, tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    env = {"SENTIMENT_MODEL_DIR": str(broken), "SENTIMENT_TORCH_THREADS": "1"}
+    done = run(["serve", "--port", str(free_port()), "--grpc-port", "0"], env)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("sentiment serve: ") and "exited while starting (exit 1: sentiment " in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        (["api", "--host", "no-such-host.invalid", "--grpc-port", "0"], "(no such host): choose an address"),
+        (["api", "--host", "192.0.2.1", "--grpc-port", "0"], "choose an address of this machine with --host"),
+        (["worker"], "no Hugging Face checkpoint"),
+        (["jobs-worker"], "no Hugging Face checkpoint"),
+    ],
+)
+def test_a_command_given_bad_input_says_why_in_one_line(command: list[str], says: str, tmp_path: Path) -> None:
+    done = run(command, {"SENTIMENT_MODEL_DIR": str(tmp_path / "none"), "SENTIMENT_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert done.returncode == 1
+    assert len(done.stderr.strip().splitlines()) == 1 and says in done.stderr, done.stderr

@@ -1,0 +1,74 @@
+"""Limits that agree with the deadline: a request bigger than the model answers in time is refused at
+once (413, its size and the ways out), and a 504 says what was slow."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import fakeredis
+import pytest
+
+from api.errors import ServiceError
+from api.predictions import ModelInfoCache, Predictor
+from api.results import ResultWaiter
+from core.protocol import Keys, ModelInfo, WorkerStatus
+from core.settings import Settings
+from tests.test_api import client_for
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def test_a_request_past_its_character_limit_is_refused_at_once_with_its_size_and_the_ways_out(
+    settings: Settings, fake_server: fakeredis.FakeServer
+) -> None:
+    assert settings.max_request_chars == 10_000  # 1,000 a second of the 10-s deadline
+    texts = ["a" * 2000] * 5 + ["b" * 1999, "c"]  # 12,000 characters, every text within SENTIMENT_MAX_CHARS
+    async with client_for(settings, fakeredis.FakeAsyncRedis(server=fake_server)) as client:
+        response = await client.post("/predict", json={"text": texts})
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert error.startswith("this request holds 12,000 characters in 7 texts; a request may hold 10,000")
+    assert "split it into requests of at most 10,000 characters" in error and "(POST /jobs)" in error
+    assert not fakeredis.FakeRedis(server=fake_server).llen(Keys(settings.key_prefix).queue)  # nothing queued
+
+
+def test_the_limit_follows_the_deadline() -> None:
+    assert Settings(request_timeout_s=30).max_request_chars == 30_000
+
+
+async def late(fake_server: fakeredis.FakeServer, keys: Keys, alive: bool, take: bool) -> str:
+    """The 504 of a request nobody answers: with a live worker's heartbeat or none, its work item
+    left queued (behind another) or taken into a worker's processing list."""
+    redis = fakeredis.FakeRedis(server=fake_server)
+    redis.set(keys.model, ModelInfo("m", "v1", ["NEGATIVE", "POSITIVE"], "cpu", "fp32").encode())
+    if alive:
+        redis.sadd(keys.workers, "w1")
+        redis.set(keys.heartbeat("w1"), WorkerStatus("w1", "h", 1, "v1", time.time()).encode(), ex=60)
+    client = fakeredis.FakeAsyncRedis(server=fake_server)
+    predictor = Predictor(client, keys, ResultWaiter(client, keys), ModelInfoCache(client, keys), 0.5, 0)
+    redis.lpush(keys.queue, b"someone else's work")
+    request = asyncio.create_task(predictor.predict(["anything"]))
+    while redis.llen(keys.queue) != 2:
+        await asyncio.sleep(0.01)
+    if take:
+        redis.lmove(keys.queue, keys.processing("w1"), "LEFT", "RIGHT")  # (our item: the newest, at the head)
+    with pytest.raises(ServiceError) as refused:
+        await request
+    assert refused.value.error_type == "timeout"
+    return refused.value.message
+
+
+async def test_a_504_says_what_was_slow(fake_server: fakeredis.FakeServer) -> None:
+    keys = Keys("late")
+    queued = await late(fake_server, keys, alive=True, take=False)
+    assert queued.startswith("no result within 0.5 s: its work item was still queued (1 ahead of it)")
+    computing = await late(fakeredis.FakeServer(), keys, alive=True, take=True)
+    assert "a worker took its work item and was still computing it" in computing
+    nobody = await late(fakeredis.FakeServer(), keys, alive=False, take=False)
+    assert "no worker is alive to compute it" in nobody

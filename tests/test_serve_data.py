@@ -1,0 +1,124 @@
+"""`sentiment serve` keeps its data across a restart: its redis-server writes an append-only file in
+the data directory it names at start (one serve at a time), so jobs, results and the cache outlive
+it. Ctrl-C says what it waits for, and a running bulk job stops at its next chunk and goes back to
+the front of its queue, its retries untouched: the next serve finishes it. `--ephemeral` and
+fakeredis keep nothing, and say so."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from rq.job import Job
+
+from core.job_spec import RETRY, SERIALIZER
+from sentiment import embedded
+from sentiment.embedded import free_port
+from tests.conftest import answers, wait_for
+
+BIG_JOB = [f"review {n}: " + "the plot wanders but the actors carry it along " * 6 for n in range(10_000)]
+
+
+def serve_env(model_dir: Path) -> dict[str, str]:
+    """Serve's environment here: the model, one thread, no metrics ports, its own Redis and data directory."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SENTIMENT_REDIS_URL", "SENTIMENT_DATA_DIR")}
+    return env | {
+        "SENTIMENT_MODEL_DIR": str(model_dir),
+        "SENTIMENT_TORCH_THREADS": "1",
+        "SENTIMENT_METRICS_PORT": "0",
+        "SENTIMENT_JOBS_METRICS_PORT": "0",
+        "SENTIMENT_LOG_LEVEL": "INFO",
+    }
+
+
+@contextlib.contextmanager
+def serving(model_dir: Path, log: Path, *args: str) -> Iterator[str]:
+    """`sentiment serve ARGS` on a free port until Ctrl-C (SIGINT), which must end it with exit 0;
+    yields its URL once ready. Its stderr goes to `log`."""
+    port = free_port()
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sentiment.cli", "serve", "--port", str(port), *args],
+            env=serve_env(model_dir),
+            stderr=stderr,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for("serve to be ready", lambda: proc.poll() is not None or answers(f"{url}/ready"), 180)
+        assert proc.poll() is None, log.read_text()
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(90) == 0, log.read_text()
+
+
+def finished(url: str, job_id: str) -> dict:
+    return wait_for(
+        f"job {job_id} to finish",
+        lambda: (doc := httpx.get(f"{url}/jobs/{job_id}").json())["status"] == "finished" and doc,
+        180,
+    )
+
+
+def test_serve_keeps_jobs_results_and_cache_across_a_restart_and_ctrl_c_requeues_a_running_job(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    data, log = tmp_path / "data", tmp_path / "serve.log"
+    texts = ["I love you.", "I hate you."]
+    with serving(tiny_model_dir, log, "--data-dir", str(data)) as url:
+        assert f"keeping jobs, results and the cache in {data}" in log.read_text()
+        # A second serve on the same directory would corrupt its file: refused in one line.
+        second = subprocess.run(
+            [sys.executable, "-m", "sentiment.cli", "serve", "--port", str(free_port()), "--data-dir", str(data)],
+            env=serve_env(tiny_model_dir),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode == 1
+        assert second.stderr.splitlines()[-1] == (
+            f"sentiment serve: {data} is in use by another sentiment serve: name another --data-dir, or run --ephemeral"
+        )
+        first = httpx.post(f"{url}/predict", json={"text": texts})
+        assert (first.status_code, first.headers["x-cache"]) == (200, "miss")
+        small = httpx.post(f"{url}/jobs", json={"text": texts}).json()["job_id"]
+        small_done = finished(url, small)
+        big = httpx.post(f"{url}/jobs", json={"text": BIG_JOB}).json()["job_id"]
+        wait_for("the big job's first chunk", lambda: httpx.get(f"{url}/jobs/{big}").json()["progress"]["done"] > 0)
+    # Ctrl-C came while the big job ran: serve said what it waited for, and the job stopped at a chunk.
+    said = log.read_text()
+    assert "stopping: waiting (at most 30 s) for worker-1 to finish its forwards under way, jobs-worker to " in said
+    stopped = re.search(rf"job {big} stopped after (\d+) of 10000 texts; back at the front of the queue", said)
+    assert stopped and int(stopped.group(1)) < len(BIG_JOB), said
+    assert "jobs-worker stopped (exit 0)" in said and "killed" not in said
+
+    with serving(tiny_model_dir, log, "--data-dir", str(data)) as url:
+        assert httpx.get(f"{url}/jobs/{small}").json() == small_done
+        again = httpx.post(f"{url}/predict", json={"text": texts})
+        assert (again.json(), again.headers["x-cache"]) == (first.json(), "hit")
+        redis_url = re.search(r"Redis on (\S+) \(embedded redis-server", log.read_text())
+        assert redis_url
+        job = Job.fetch(big, connection=redis.Redis.from_url(redis_url.group(1)), serializer=SERIALIZER)
+        assert job.retries_left == RETRY.max, "a stop is not a failure: no retry spent"
+        assert len(finished(url, big)["predictions"]) == len(BIG_JOB)
+
+    with serving(tiny_model_dir, log, "--data-dir", str(data), "--ephemeral") as url:
+        assert "memory only (--ephemeral)" in log.read_text()
+        assert httpx.get(f"{url}/jobs/{small}").status_code == 404
+
+
+def test_without_redis_server_serve_says_nothing_persists(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(embedded.shutil, "which", lambda name: None)
+    with embedded.embedded_redis(Path("unused")) as url:
+        assert redis.Redis.from_url(url).ping()
+        said = embedded.embedded_kind(url, Path("unused"))  # what serve's "up" line says of its Redis
+    assert "nothing persists, jobs, results and the cache end with serve" in said

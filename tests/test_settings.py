@@ -1,0 +1,81 @@
+"""A bad setting stops every command at start with one line naming the variable, the value and the
+rule the README's table states, and exit status 2 (not a traceback naming a field)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from core.settings import Settings, SettingsError, from_environment, rule
+from tests.conftest import REPO
+
+COMMANDS = [
+    ["serve"],
+    ["api"],
+    ["worker"],
+    ["jobs-worker"],
+    ["worker", "--probe"],
+    ["model", "pull"],
+    ["bench", "--quick"],
+    ["loadtest"],
+    ["chaos", "--quick"],
+]
+
+
+def refused(command: list[str], **env: str) -> str:
+    """What `sentiment COMMAND` prints on stderr under `env`, having exited 2 with nothing on stdout."""
+    done = subprocess.run(
+        [sys.executable, "-m", "sentiment.cli", *command],
+        env={**os.environ, **env},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    return done.stderr
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_refuses_a_bad_setting_in_one_line(command: list[str]) -> None:
+    stderr = refused(command, SENTIMENT_MAX_TEXTS="lots")
+    assert stderr == f"sentiment: SENTIMENT_MAX_TEXTS='lots' is refused: {rule('max_texts')}\n"
+    assert rule("max_texts") == "a whole number >= 1"
+
+
+def test_a_short_api_key_is_refused_by_its_rule_and_never_shown() -> None:
+    stderr = refused(["api"], SENTIMENT_API_KEYS="alice-key,bob-key")
+    assert stderr.count("\n") == 1 and stderr.startswith("sentiment: SENTIMENT_API_KEYS=")
+    assert rule("api_keys") in stderr and "key 1, 2 of 2 too short" in stderr
+    assert "alice" not in stderr and "bob-key" not in stderr
+    assert "9, 7 characters" in stderr, "the lengths say what is wrong without the secret"
+
+
+def test_every_bad_variable_is_named_once_and_a_computed_default_is_not_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SENTIMENT_PORT", "80000")
+    monkeypatch.setenv("sentiment_device", "gpu")  # the variables are read whatever their case
+    monkeypatch.setenv("SENTIMENT_LOG_LEVEL", "loud")
+    with pytest.raises(SettingsError) as refusal:
+        from_environment()
+    parts = str(refusal.value).split("; ")
+    assert parts == [
+        "SENTIMENT_PORT='80000' is refused: a whole number from 1 to 65535",
+        "SENTIMENT_DEVICE='gpu' is refused: one of `auto`, `cpu`, `cuda`",
+        "SENTIMENT_LOG_LEVEL='loud' is refused: one of `DEBUG`, `INFO`, `WARNING`, `ERROR`, `CRITICAL`",
+    ]  # (SENTIMENT_JOBS_QUEUE, computed from a valid prefix, is not among them)
+
+
+def test_each_setting_has_a_rule_in_words() -> None:
+    rules = {name: rule(name) for name in Settings.model_fields}
+    assert rules["request_timeout_s"] == "a number > 0"
+    assert rules["metrics_port"] == "a whole number from 0 to 65535"
+    assert rules["drop_abandoned"] == "true or false"
+    assert all(rules.values()) and not [r for r in rules.values() if "<class" in r or "typing" in r]
+
+
+def test_log_level_takes_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SENTIMENT_LOG_LEVEL", "warning")
+    assert from_environment().log_level == "WARNING"
