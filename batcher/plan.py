@@ -17,6 +17,10 @@ at no cost in latency. The rules (docs/tuning.md, "Batching"):
 3. Wait: a batch that is not full waits for company only while requests arrive less than
    `max_wait_ms` apart, and at most until its oldest text has been queued `max_wait_ms`: a lone
    client never waits, a backlog never waits again (`Window.next_forward`).
+4. Bulk: /jobs texts (`Keys.bulk`) are held apart, up to `batch_window` more texts. They ride in
+   an interactive forward only where its caps leave room (`fill`), and make a forward of their own
+   (`batch`, one forward at a time) only when nothing interactive is held: interactive work waits
+   for at most the one bulk forward a lane is running.
 """
 
 from __future__ import annotations
@@ -108,6 +112,22 @@ def batch(lengths: Sequence[int], policy: Policy) -> tuple[list[tuple[list[int],
     return forwards, full
 
 
+def fill(lengths: Sequence[int], packed: bool, spare: Sequence[int], policy: Policy) -> list[int]:
+    """Which of the `spare` texts (bulk, by token length, oldest first) ride along in a forward of texts
+    of `lengths`: the oldest that fit its caps (`max_texts`; `max_tokens` as the forward is laid
+    out, packed or padded) and are no longer than its longest text, so its padding does not grow."""
+    count, longest, total = len(lengths), max(lengths), sum(lengths)
+    chosen = []
+    for index, length in enumerate(spare):
+        if count >= policy.max_texts:
+            break
+        room = total + length <= policy.max_tokens if packed else (count + 1) * longest <= policy.max_tokens
+        if length <= longest and room:
+            chosen.append(index)
+            count, total = count + 1, total + length
+    return chosen
+
+
 def spread(
     forwards: list[tuple[list[int], bool]], lengths: Sequence[int], lanes: int, policy: Policy
 ) -> list[tuple[list[int], bool]]:
@@ -177,6 +197,7 @@ class Window:
         self.policy = policy
         self.clock = clock
         self._texts: dict[str, Text] = {}  # by cache key (a text, and its score function), in arrival order
+        self._bulk: dict[str, Text] = {}  # the bulk class's texts, the same way: only for room `_texts` leaves
         self._turns: dict[str, float] = {}  # per client, the turn after its last text held
         self._round = 0.0  # the turn of the last batch's first text: where a client with nothing held comes in
         self._ready: deque[Forward] = deque()  # the rest of the last batch's forwards, run before a new batch
@@ -192,19 +213,29 @@ class Window:
         """Texts the window can still take."""
         return self.policy.window - len(self)
 
+    def bulk_room(self) -> int:
+        """Bulk texts the window can still take: as many again as interactive ones, held apart."""
+        return self.policy.window - len(self._bulk)
+
     def wait_for_room(self, timeout: float) -> int:
         with self._changed:
             self._changed.wait_for(lambda: self.room() > 0 or self._closed, timeout)
             return self.room()
 
-    def add(self, texts: list[Text], items: int) -> None:
+    def add(self, texts: list[Text], items: int, bulk: bool = False) -> None:
         """Hold `texts` (from `items` work items) for the lanes; a text held already gains their waiters.
         Each new text takes its client's next turn, one text a turn, from the current round on: so
-        clients take turns text by text, and one with nothing held comes in at the next batch."""
+        clients take turns text by text, and one with nothing held comes in at the next batch. Bulk
+        texts are held apart (`_add_bulk`)."""
         with self._changed:
+            if bulk:
+                self._add_bulk(texts)
+                return
             now = self.clock()
             self._arrivals.extend([now] * min(items, ARRIVALS))
             for text in texts:
+                if waiting := self._bulk.pop(text.key, None):  # asked for interactively too: it goes as such
+                    text.waiters.extend(waiting.waiters)
                 if held := self._texts.get(text.key):
                     held.waiters.extend(text.waiters)
                 else:
@@ -213,6 +244,16 @@ class Window:
                     self._turns[client] = text.turn + 1
                     self._texts[text.key] = text
             self._changed.notify_all()
+
+    def _add_bulk(self, texts: list[Text]) -> None:
+        """`add`, for bulk texts: no turns, no arrivals (they never make interactive work wait for
+        company); a text held already, of either class, gains their waiters."""
+        for text in texts:
+            if held := self._texts.get(text.key) or self._bulk.get(text.key):
+                held.waiters.extend(text.waiters)
+            else:
+                self._bulk[text.key] = text
+        self._changed.notify_all()
 
     def next_forward(self) -> Forward | None:
         """The next forward by the policy, waiting for texts or company as it says; None once closed.
@@ -246,9 +287,33 @@ class Window:
                         self._turns = {c: t for c, t in self._turns.items() if t > self._round}
                     self._ready.extend(made[1:])
                     self._changed.notify_all()  # room for the intake, forwards for idle lanes
-                    return made[0]
+                    return self._filled(made[0])
+            elif self._bulk and not self._ready:
+                return self._bulk_forward()
             self._changed.wait(timeout)
         return None
+
+    def _filled(self, forward: Forward) -> Forward:
+        """`forward` with the bulk texts that fit its spare room (`fill`)."""
+        if not self._bulk:
+            return forward
+        spare = list(self._bulk.values())
+        lengths = [len(t.ids) for t in forward.texts]
+        riders = [spare[i] for i in fill(lengths, forward.packed, [len(t.ids) for t in spare], self.policy)]
+        for text in riders:
+            del self._bulk[text.key]
+        return Forward(forward.texts + riders, forward.packed) if riders else forward
+
+    def _bulk_forward(self) -> Forward:
+        """The next forward of bulk texts alone (nothing interactive is held): the first of the batch
+        `batch` makes of them; the rest stay held, so an interactive text taken meanwhile goes next."""
+        texts = list(self._bulk.values())
+        forwards, _ = batch([len(t.ids) for t in texts], self.policy)
+        indices, packed = forwards[0]
+        for index in indices:
+            del self._bulk[texts[index].key]
+        self._changed.notify_all()  # room for the intake's bulk take
+        return Forward([texts[i] for i in indices], packed)
 
     def _turn_comes_first(self) -> bool:
         """Whether a held text's turn comes before every text of the last batch's forwards still to
@@ -290,8 +355,12 @@ class Window:
         """No more forwards: wake every lane, and return the texts still held."""
         with self._changed:
             self._closed = True
-            left = [*self._texts.values(), *(text for forward in self._ready for text in forward.texts)]
-            self._texts, self._ready = {}, deque()
+            left = [
+                *self._texts.values(),
+                *self._bulk.values(),
+                *(text for forward in self._ready for text in forward.texts),
+            ]
+            self._texts, self._bulk, self._ready = {}, {}, deque()
             self._changed.notify_all()
             return left
 

@@ -145,7 +145,7 @@ class Replies:
             # Read only by a waiter the reply missed, and nobody waits past the deadline: a second more at most.
             ttl_s = min(self.result_ttl_s, max(held.item.deadline - now, 0.0) + 1.0)
             writes.append(("SET", self.keys.result(held.item.id), result, "PX", int(ttl_s * 1000)))
-            writes.append(("LREM", self.queue.processing, 1, held.raw))
+            writes.append(("LREM", self.queue.processing_list(held.bulk), 1, held.raw))
             answers.setdefault(held.item.reply_to, []).append((held.item.id, result))
             done.setdefault(held.item.client, []).append(held.item.id)
         writes += [("PUBLISH", channel, replies(pairs)) for channel, pairs in answers.items()]

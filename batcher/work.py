@@ -21,6 +21,7 @@ class Held:
     error: str | None = None  # the model failed on one of its texts
     answered: bool = False
     started: bool = False  # a text of it has gone into a forward (its queue wait is recorded)
+    bulk: bool = False  # of the bulk class (a /jobs chunk, `Keys.bulk`): held in the bulk processing list
 
     def __post_init__(self) -> None:
         self.predictions = [None] * len(self.item.texts)

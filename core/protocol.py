@@ -9,6 +9,10 @@ its own `processing(worker)` list, computes, writes `result(id)` (short TTL) and
 text, PUBLISHes `replies` (ids and results) on the items' `reply_to` channel, and in the same
 transaction removes the items from its processing list. A dead worker's processing list is pushed back onto the
 queue by a live one.
+
+Bulk work (/jobs chunks, pushed by the jobs worker) is the same `WorkItem` on a list of its own,
+`bulk`, moved into `bulk_processing(worker)` and answered the same way: the list says the class, and
+a worker takes from it only for room the queue leaves (`batcher.plan`).
 """
 
 from __future__ import annotations
@@ -114,6 +118,15 @@ class Keys:
 
     def processing(self, worker_id: str) -> str:
         return f"{self.prefix}:processing:{worker_id}"
+
+    @property
+    def bulk(self) -> str:
+        """The bulk class's queue: /jobs chunks' never-seen texts, as `WorkItem`s the jobs worker LPUSHes."""
+        return f"{self.prefix}:bulk"
+
+    def bulk_processing(self, worker_id: str) -> str:
+        """A worker's bulk items taken and not yet answered (reclaimed onto `bulk` as `processing` is onto `queue`)."""
+        return f"{self.prefix}:processing-bulk:{worker_id}"
 
     def heartbeat(self, worker_id: str) -> str:
         return f"{self.prefix}:heartbeat:{worker_id}"

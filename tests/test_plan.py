@@ -422,8 +422,9 @@ def held_texts(window: Window) -> list[str]:
 
 @pytest.fixture
 def short_idle_poll(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A take that finds nothing gives up after 50 ms instead of a second."""
+    """A take that finds nothing (or no room) gives up after 50 ms instead of a quarter second (a second)."""
     monkeypatch.setattr(intake_module, "IDLE_POLL_S", 0.05)
+    monkeypatch.setattr(intake_module, "BULK_LOOK_S", 0.05)
 
 
 def test_a_deep_queue_is_taken_in_few_round_trips_and_tokenized_once_a_take(redis: fakeredis.FakeRedis) -> None:
@@ -620,6 +621,25 @@ def test_dead_workers_work_is_reclaimed_oldest_first(redis: fakeredis.FakeRedis)
     assert alive.reclaim_dead() == 2
     assert not redis.sismember(KEYS.workers, "dead")
     assert [WorkItem.decode(raw).id for raw in alive.take_queued(2)] == [first.id, second.id]
+
+
+def test_a_dead_workers_bulk_work_is_reclaimed_onto_the_bulk_list_as_its_interactive_work_onto_the_queue(
+    redis: fakeredis.FakeRedis,
+) -> None:
+    dead = WorkQueue(redis, KEYS, "dead")
+    redis.sadd(KEYS.workers, "dead")  # registered, but its heartbeat key has expired
+    interactive = push(redis, "asked")
+    now = time.time()
+    chunk = [WorkItem(new_id(), [f"bulk {i}"], now, now + 30, "jobs") for i in range(2)]
+    redis.lpush(KEYS.bulk, *(item.encode() for item in chunk))
+    assert len(dead.take_queued(1)) == 1 and len(dead.take_queued(2, bulk=True)) == 2
+    assert redis.llen(KEYS.bulk) == 0 and redis.llen(KEYS.bulk_processing("dead")) == 2
+    alive = WorkQueue(redis, KEYS, "alive")
+    redis.set(KEYS.heartbeat("alive"), b"{}")
+    assert alive.reclaim_dead() == 3
+    assert not redis.exists(KEYS.bulk_processing("dead"))
+    assert [WorkItem.decode(raw).id for raw in alive.take_queued(3)] == [interactive.id]  # bulk stays bulk
+    assert [WorkItem.decode(raw).id for raw in alive.take_queued(3, bulk=True)] == [item.id for item in chunk]
 
 
 def test_live_workers_work_is_left_alone(fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis) -> None:

@@ -473,3 +473,49 @@ def test_a_worker_names_its_few_threads(worker: Worker) -> None:
         worker.stop()
         thread.join(10)
     assert not {"forward-0", "reply", "heartbeat"} & {t.name for t in threading.enumerate()}
+
+
+def test_an_interactive_request_during_a_bulk_stream_rides_the_next_forward_with_bulk_in_its_spare_room(
+    redis: fakeredis.FakeRedis, classifier: Classifier, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bulk work (a /jobs stream) waits for room: interactive work taken while a bulk forward runs goes
+    in the next forward, and bulk texts fill the room that forward's caps leave."""
+    settings = Settings(key_prefix="two-classes", model_dir=tiny_model_dir, max_batch_size=4, max_wait_ms=0)
+    keys = Keys(settings.key_prefix)
+    forwards: list[list[list[int]]] = []  # each forward's token ids, as it starts
+    permits = threading.Semaphore(0)  # each lets one forward finish
+    real_forward = classifier.engine.forward
+
+    def held(batch: list[list[int]], packed: bool = False) -> np.ndarray:
+        forwards.append(batch)
+        assert permits.acquire(timeout=HANG_GUARD_S)
+        return real_forward(batch, packed)
+
+    monkeypatch.setattr(classifier.engine, "forward", held)
+    now = time.time()
+    bulk = [
+        WorkItem(new_id(), [f"bulk {i}", f"bulk {i} b", f"bulk {i} c", f"bulk {i} d"], now, now + 30, "jobs")
+        for i in range(10)
+    ]
+    redis.lpush(keys.bulk, *(item.encode() for item in bulk))
+    worker = Worker(settings, redis, classifier)
+    try:
+        start_worker(worker)
+        wait_for("a bulk forward to start", lambda: forwards)
+        question = "an interactive question asked meanwhile"
+        item = push(redis, keys, question)
+        wait_for("the interactive item to be held", lambda: len(worker.window) == 1)
+        assert len(forwards) == 1  # the lane is still in its bulk forward
+        permits.release()  # the bulk forward ends
+        wait_for("the next forward", lambda: len(forwards) == 2)
+        [ids] = classifier.tokenize([question])
+        assert forwards[1][0] == ids  # the interactive text, first in the very next forward
+        assert len(forwards[1]) == settings.max_batch_size  # the rest of its room: bulk texts
+        permits.release(len(bulk) * 4)
+        assert wait_result(redis, keys, item).error is None
+        for work in bulk:  # the bulk stream is answered too, and acknowledged from its own list
+            assert wait_result(redis, keys, work).error is None
+        wait_for("the bulk items acknowledged", lambda: redis.llen(keys.bulk_processing(worker.id)) == 0)
+    finally:
+        permits.release(100)
+        worker.stop()
