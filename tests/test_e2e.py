@@ -165,16 +165,15 @@ def test_serve_runs_everything_and_stops_cleanly_on_ctrl_c(tiny_model_dir: Path,
     loaded = [
         line for line in log.read_text().splitlines() if "model_store.classifier" in line and " threads, " in line
     ]
-    # The two workers, then the jobs worker with its own default (one thread per core).
+    # The two workers (the jobs worker loads no model).
     assert sum(f", {each} threads, " in line for line in loaded) >= 2, loaded
 
 
-@pytest.mark.parametrize("command", ["worker", "jobs-worker"])
-def test_model_processes_set_the_openmp_wait_policy_before_torch_loads(command: str, tmp_path: Path) -> None:
+def test_the_model_worker_sets_the_openmp_wait_policy_before_torch_loads(tmp_path: Path) -> None:
     """torch's OpenMP runtime reads OMP_WAIT_POLICY once, at load: set later, the setting does nothing.
 
     libgomp prints what it read when asked to (`OMP_DISPLAY_ENV`); `passive` is a spin count of 0,
-    the runtime's default 300000. The missing checkpoint stops each process right after torch loads.
+    the runtime's default 300000. The missing checkpoint stops the process right after torch loads.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
     env |= {
@@ -184,7 +183,7 @@ def test_model_processes_set_the_openmp_wait_policy_before_torch_loads(command: 
         "SENTIMENT_REDIS_URL": f"redis://127.0.0.1:{free_port()}",
     }
     run = subprocess.run(
-        [sys.executable, "-m", "sentiment.cli", command], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "sentiment.cli", "worker"], env=env, capture_output=True, text=True, timeout=120
     )
     assert run.returncode != 0 and "no Hugging Face checkpoint" in run.stderr, run.stderr[-2000:]
     assert "GOMP_SPINCOUNT = '0'" in run.stderr, run.stderr[-2000:]

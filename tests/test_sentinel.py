@@ -170,7 +170,7 @@ def test_a_killed_primary_costs_no_500_and_no_accepted_request_once_its_replica_
     try:
         svc.start("api", "--port", str(svc.port))
         svc.start("worker")
-        svc.start("jobs-worker", "--priority", "normal", "--threads", "1")
+        svc.start("jobs-worker")
         svc.wait_ready()
         wait_for("the jobs worker to register", lambda: rq.Worker.count(connection=sync_client(sentinels.url, 2.0)))
         with Load([svc.url], "sentinel", clients=4, timeout_s=30) as load:
