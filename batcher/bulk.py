@@ -57,15 +57,28 @@ class Bulk:
         self.deadline_s = settings.request_timeout_s
         self.channel = self.keys.reply_channel(new_id())
         self._pubsub: PubSub | None = None
+        self._waiting: dict[str, Chunk] = {}  # by work item id: the chunk its answer fills (chunks overlap)
 
-    def predict(self, texts: Sequence[str]) -> list[Prediction]:
-        """Predictions in input order; BulkFailed if the model failed on one of the texts."""
-        chunk = self._send(list(texts))
+    def send(self, texts: Sequence[str]) -> Chunk:
+        """Read what is cached, queue the rest; `receive` waits for it."""
+        unique = list(dict.fromkeys(texts))
+        chunk = Chunk(list(texts), {})
+        if (raw := self.redis.get(self.keys.model)) is not None:
+            version = ModelInfo.decode(raw).version
+            cached = self.redis.mget([self.keys.cache(version, t) for t in unique])
+            chunk.found = {t: orjson.loads(c) for t, c in zip(unique, cached, strict=True) if c is not None}
+        self._queue(chunk, [t for t in unique if t not in chunk.found])
+        return chunk
+
+    def receive(self, chunk: Chunk) -> list[Prediction]:
+        """A sent chunk's predictions in input order; BulkFailed if the model failed on one of its texts."""
         self._wait(chunk)
         return [chunk.found[t] for t in chunk.texts]
 
     def close(self) -> None:
-        """Drop the reply subscription (the next chunk subscribes again): after a Redis error, or at the end."""
+        """Forget the chunks sent and drop the reply subscription (the next chunk subscribes again):
+        at a job's end, after a Redis error."""
+        self._waiting.clear()
         if self._pubsub is not None:
             with contextlib.suppress(RedisError):
                 self._pubsub.close()
@@ -82,17 +95,6 @@ class Bulk:
             self._pubsub = pubsub
         return self._pubsub
 
-    def _send(self, texts: list[str]) -> Chunk:
-        """Read what is cached, queue the rest."""
-        unique = list(dict.fromkeys(texts))
-        chunk = Chunk(texts, {})
-        if (raw := self.redis.get(self.keys.model)) is not None:
-            version = ModelInfo.decode(raw).version
-            cached = self.redis.mget([self.keys.cache(version, t) for t in unique])
-            chunk.found = {t: orjson.loads(c) for t, c in zip(unique, cached, strict=True) if c is not None}
-        self._queue(chunk, [t for t in unique if t not in chunk.found])
-        return chunk
-
     def _queue(self, chunk: Chunk, texts: list[str]) -> None:
         """`texts` onto the bulk list, a forward's worth an item, in one round trip."""
         if not texts:
@@ -106,6 +108,7 @@ class Bulk:
             part = texts[start : start + self.item_texts]
             item = WorkItem(new_id(), part, now, chunk.deadline, self.channel, traceparent=traceparent)
             chunk.queued[item.id] = part
+            self._waiting[item.id] = chunk
             items.append(item.encode())
         self.redis.lpush(self.keys.bulk, *items)
 
@@ -119,7 +122,7 @@ class Bulk:
             if message is not None and message["type"] == "message":
                 for request_id, result in parse_replies(message["data"]):
                     if result is not None:
-                        self._answer(chunk, request_id, result)
+                        self._answer(request_id, result)
             if time.monotonic() - looked >= LOOK_S:
                 looked = time.monotonic()
                 self._look(chunk)
@@ -129,17 +132,22 @@ class Bulk:
         ids = list(chunk.queued)
         for request_id, result in zip(ids, raws(self.redis.mget([self.keys.result(i) for i in ids])), strict=True):
             if result is not None:
-                self._answer(chunk, request_id, result)
+                self._answer(request_id, result)
         if chunk.queued and time.time() > chunk.deadline + 1.0:
             late = [t for texts in chunk.queued.values() for t in texts]
             log.info("%d bulk texts unanswered by their deadline (a busy service); queued again", len(late))
+            for request_id in chunk.queued:
+                del self._waiting[request_id]
             chunk.queued.clear()
             self._queue(chunk, late)
 
-    def _answer(self, chunk: Chunk, request_id: str, raw: bytes) -> None:
-        texts = chunk.queued.pop(request_id, None)
-        if texts is None:  # another chunk's, or answered already
+    def _answer(self, request_id: str, raw: bytes) -> None:
+        """Fill the chunk that waits for `request_id` with its result (a chunk sent earlier or later
+        than the one waited for, too)."""
+        chunk = self._waiting.pop(request_id, None)
+        if chunk is None:  # answered already, or a job's that ended
             return
+        texts = chunk.queued.pop(request_id)
         try:
             result = Result.decode(raw)
         except Unreadable as exc:

@@ -1,8 +1,9 @@
 """The bulk-jobs worker: an RQ worker that runs jobs through the model workers' pipeline.
 
 `classify` is the job: it sends the texts chunk by chunk to the model workers as bulk work
-(`batcher.bulk`: no model, no torch in this process), saving progress in the job's meta and
-checking for cancellation between chunks, so a canceled job queues no further chunk. RQ owns the
+(`batcher.bulk`: no model, no torch in this process), each chunk sent while the one before it is
+computed (so the workers never wait for the next), saving progress in the job's meta and checking
+for cancellation between chunks, so a canceled job queues no further chunk. RQ owns the
 rest of the lifecycle (queue, status, result TTL, retries, failed registry).
 
 The API cancels or deletes a job whenever asked (`api.job_store`), also while this worker takes,
@@ -51,7 +52,7 @@ from rq.utils import as_text, now
 from rq.worker import WorkerStatus as RQWorkerStatus  # (not core.protocol's WorkerStatus, a heartbeat)
 
 from batcher import metrics, webhooks
-from batcher.bulk import Bulk
+from batcher.bulk import Bulk, Chunk
 from batcher.periodic import Periodic
 from batcher.thread_failure import ThreadFailure
 from core import tracing
@@ -79,13 +80,28 @@ def classify(texts: list[str]) -> list[Prediction]:
     """The RQ job: predictions for `texts`, in input order."""
     if _bulk is None:
         raise RuntimeError("no way to the model workers in this process: run jobs with `sentiment jobs-worker`")
-    job = get_current_job()
-    chunk = _bulk.item_texts * CHUNKS_PER_BATCH
+    try:
+        return _classify(_bulk, get_current_job(), texts)
+    finally:
+        _bulk.close()
+
+
+def _classify(bulk: Bulk, job: Job | None, texts: list[str]) -> list[Prediction]:
+    """`classify`, chunk by chunk, each sent before the last is waited for."""
+    chunk = bulk.item_texts * CHUNKS_PER_BATCH
     predictions: list[Prediction] = []
+    ahead: Chunk | None = None  # sent, not yet waited for: the workers compute it while the next one is sent
     for start in range(0, len(texts), chunk):
         _stop_if_canceled(job)
         with _chunk_span(job, start, len(texts[start : start + chunk])) if tracing.enabled else tracing.OFF:
-            predictions += _bulk.predict(texts[start : start + chunk])
+            sent = bulk.send(texts[start : start + chunk])
+        if ahead is not None:
+            predictions += bulk.receive(ahead)
+            _save_progress(job, len(predictions), len(texts))
+        ahead = sent
+    if ahead is not None:
+        _stop_if_canceled(job)  # a cancel meanwhile: the last chunk is not waited for
+        predictions += bulk.receive(ahead)
         _save_progress(job, len(predictions), len(texts))
     _stop_if_canceled(job)  # a cancel during the last chunk stops it too
     return predictions

@@ -25,7 +25,7 @@ from batcher.bulk import Bulk, Chunk
 from batcher.jobs import JobsWorker, serve_jobs
 from batcher.worker import Worker
 from core.job_spec import SERIALIZER
-from core.protocol import Keys, Prediction
+from core.protocol import Keys
 from core.settings import Settings
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
@@ -55,10 +55,12 @@ class SpyBulk(Bulk):
 
     before_chunk: Callable[[list[str]], None] = staticmethod(lambda texts: None)
     computed = 0
+    chunks = 0  # sent
 
-    def predict(self, texts: Sequence[str]) -> list[Prediction]:
+    def send(self, texts: Sequence[str]) -> Chunk:
         self.before_chunk(list(texts))
-        return super().predict(texts)
+        self.chunks += 1
+        return super().send(texts)
 
     def _queue(self, chunk: Chunk, texts: list[str]) -> None:
         self.computed += len(texts)
@@ -163,9 +165,9 @@ def test_a_deployment_under_another_key_prefix_never_runs_this_ones_jobs(service
     assert client.get(f"/jobs/{job_id}").json()["status"] == "finished"
 
 
-def test_progress_moves_chunk_by_chunk(service: tuple[Service, TestClient]) -> None:
+def test_progress_moves_chunk_by_chunk_each_sent_while_the_last_computes(service: tuple[Service, TestClient]) -> None:
     svc, client = service
-    job_id = submit(client, TEXTS)
+    job_id = submit(client, TEXTS * 2)  # three chunks
     seen: list[tuple[str, int]] = []
 
     def look(_: list[str]) -> None:
@@ -175,8 +177,8 @@ def test_progress_moves_chunk_by_chunk(service: tuple[Service, TestClient]) -> N
     svc.bulk.before_chunk = look
     svc.run_jobs()
     chunk = svc.settings.max_batch_size * 4  # CHUNKS_PER_BATCH
-    assert seen == [("started", 0), ("started", chunk)]
-    assert client.get(f"/jobs/{job_id}").json()["progress"] == {"done": len(TEXTS), "total": len(TEXTS)}
+    assert seen == [("started", 0), ("started", 0), ("started", chunk)]  # the second sent before the first's answer
+    assert client.get(f"/jobs/{job_id}").json()["progress"] == {"done": 2 * len(TEXTS), "total": 2 * len(TEXTS)}
 
 
 def test_cancel_a_queued_job(service: tuple[Service, TestClient]) -> None:
@@ -196,17 +198,18 @@ def test_cancel_a_started_job_stops_it_at_the_next_chunk(service: tuple[Service,
     job_id = submit(client, TEXTS * 2)  # three chunks
     answers: list[int] = []
 
-    def cancel_during_second_chunk(_: list[str]) -> None:
-        if client.get(f"/jobs/{job_id}").json()["progress"]["done"] > 0 and not answers:
+    def cancel_as_the_second_chunk_is_sent(_: list[str]) -> None:
+        if svc.bulk.chunks == 1 and not answers:
             answers.append(client.delete(f"/jobs/{job_id}").status_code)
 
-    svc.bulk.before_chunk = cancel_during_second_chunk
+    svc.bulk.before_chunk = cancel_as_the_second_chunk_is_sent
     svc.run_jobs()  # returns: the job stopped, and was neither retried nor failed
     assert answers == [204]
+    assert svc.bulk.chunks == 2  # no third chunk queued once canceled
     chunk = svc.settings.max_batch_size * 4
     view = client.get(f"/jobs/{job_id}").json()
     assert view["status"] == "canceled"
-    assert view["progress"] == {"done": 2 * chunk, "total": 2 * len(TEXTS)}  # the chunk in hand finished, no more
+    assert view["progress"] == {"done": chunk, "total": 2 * len(TEXTS)}  # the chunk in hand finished, no more
     assert "predictions" not in view and "error" not in view
     queue = svc.app.state.jobs.queue
     assert job_id not in queue.failed_job_registry and job_id not in queue.started_job_registry
