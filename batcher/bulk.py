@@ -6,8 +6,8 @@ announced the model's version), queues the texts not found there, deduplicated, 
 channel of its own, with the result keys read for a reply the subscription missed. A model worker
 takes bulk work only for the room interactive work leaves (`batcher.plan`); a worker that dies
 holding it has it reclaimed onto the bulk list (`batcher.queue`). Work nobody took before its
-deadline is dropped by the workers and queued again here, so a job on a busy service waits, never
-fails for it.
+deadline is dropped by the workers and queued again here, so a job on a busy service (or one with
+no model worker up) waits, up to the job's timeout (`core.job_spec.JOB_TIMEOUT_S`).
 """
 
 from __future__ import annotations
