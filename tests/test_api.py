@@ -682,3 +682,36 @@ def test_a_request_route_refuses_what_it_would_not_inject() -> None:
         APIRouter(route_class=RequestRoute).add_api_route("/parameter", with_a_parameter)
     with pytest.raises(TypeError, match="no dependencies"):
         APIRouter(route_class=RequestRoute, dependencies=[Depends(lambda: None)]).add_api_route("/guarded", plain)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/predict", {"text": ["in a hurry"]}),
+        (
+            "/v2/models/tiny/infer",
+            {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["in a hurry"]}]},
+        ),
+    ],
+)
+async def test_a_request_timeout_header_is_the_work_items_deadline(
+    client: httpx.AsyncClient, redis: fakeredis.FakeRedis, settings: Settings, path: str, body: dict
+) -> None:
+    # No worker: the request waits out its own deadline, not the service's 10 s, and the item it
+    # queued carries that deadline for every later decision (the worker's plan, its expiry).
+    keys = Keys(settings.key_prefix)
+    announce(redis, keys)
+    response = await asyncio.wait_for(client.post(path, json=body, headers={"X-Request-Timeout": "0.5"}), HANG_GUARD_S)
+    assert response.status_code == 504, response.text
+    assert response.json()["error_type"] == "timeout"
+    item = WorkItem.decode(redis.lindex(keys.queue, 0))
+    assert 0.4 < item.deadline - item.enqueued_at <= 0.5
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan", "inf", "10.5", ""])
+async def test_a_bad_request_timeout_header_is_a_422_naming_it(client: httpx.AsyncClient, value: str) -> None:
+    response = await client.post("/predict", json={"text": ["x"]}, headers={"X-Request-Timeout": value})
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["header", "X-Request-Timeout"]
+    assert "at most 10" in error["msg"]
