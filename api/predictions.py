@@ -211,6 +211,13 @@ class Predictor:
         except Unreadable as exc:
             log.error("request %s: unreadable result (%s)", item.id, exc)
             raise ServiceError(ErrorType.BAD_RESULT, "the worker's result could not be read; retry") from None
+        if result.late:
+            raise ServiceError(
+                ErrorType.TIMEOUT,
+                f"late, not lost: the service could not answer within this request's deadline "
+                f"({item.deadline - item.enqueued_at:.3g} s), so it was dropped before the model ran; retry later or "
+                "with a longer deadline",
+            )
         if result.error is not None:
             raise ServiceError(ErrorType.INFERENCE, result.error)
         if result.predictions is None or len(result.predictions) != len(texts):

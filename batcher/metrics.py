@@ -62,6 +62,11 @@ WORK_ITEMS_ABANDONED = Counter(
     "the wait): when=queued at the take, when=held taken but not yet in a forward.",
     ["when"],
 )
+WORK_ITEMS_LATE = Counter(
+    "sentiment_work_items_late",
+    "Work items dropped unstarted at the plan because the forward they would ride in could not end by their "
+    "deadline (the `deadline` overload policy); answered 504, late.",
+)
 ABANDONED_TEXTS = Counter(
     "sentiment_abandoned_texts",
     "Texts left out of the forwards because every request that asked for them was abandoned.",

@@ -43,6 +43,7 @@ class Outcome:
     predictions: list[bytes] | None = None
     logits: np.ndarray | None = None
     error: str | None = None
+    late: bool = False  # their requests could not be answered by their deadlines: answered as late
 
 
 class Replies:
@@ -88,6 +89,11 @@ class Replies:
     def failed(self, texts: list[Text], error: str) -> None:
         self._inbox.put(Outcome(texts, error=error))
 
+    def late(self, texts: list[Text]) -> None:
+        """Every request waiting on `texts` is answered as late (`plan.Window._in_time` dropped them)."""
+        metrics.WORK_ITEMS_LATE.inc(len({id(held) for text in texts for held, _ in text.waiters}))
+        self._inbox.put(Outcome(texts, late=True))
+
     def close(self) -> None:
         """Write what was put so far, then end the thread."""
         self._inbox.put(None)
@@ -130,7 +136,9 @@ class Replies:
                 for held, at in text.waiters:
                     if held.answered:
                         continue
-                    if predictions is None:
+                    if outcome.late:
+                        held.late = True
+                    elif predictions is None:
                         held.error = outcome.error
                     else:
                         held.fill(at, predictions[index])

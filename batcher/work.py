@@ -19,6 +19,7 @@ class Held:
     predictions: list[bytes | None] = field(init=False)  # each text's, encoded
     missing: int = field(init=False)
     error: str | None = None  # the model failed on one of its texts
+    late: bool = False  # dropped at the plan: it could not be answered by its deadline
     answered: bool = False
     started: bool = False  # a text of it has gone into a forward (its queue wait is recorded)
     bulk: bool = False  # of the bulk class (a /jobs chunk, `Keys.bulk`): held in the bulk processing list
@@ -34,9 +35,11 @@ class Held:
 
     @property
     def complete(self) -> bool:
-        return self.missing == 0 or self.error is not None
+        return self.missing == 0 or self.error is not None or self.late
 
     def result(self) -> bytes:
+        if self.late:
+            return Result(late=True).encode()
         if self.error is not None:
             return Result(error=self.error).encode()
         return encode_result(cast("list[bytes]", self.predictions))  # complete: no None left

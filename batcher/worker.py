@@ -56,7 +56,11 @@ class Worker:
         self._started_at = time.time()
         self._stopping = threading.Event()
         self.queue = WorkQueue(redis, self.keys, self.id)
-        self.window = Window(Policy.of(settings, classifier.cost, classifier.lanes))
+        self.window = Window(
+            Policy.of(settings, classifier.cost, classifier.lanes),
+            deadlines=settings.overload_policy == "deadline",
+            late=lambda texts: self.replies.late(texts),
+        )
         self.failure = ThreadFailure(self.stop, FAILED_STOP_S)
         c = classifier
         model = ModelInfo(c.name, c.version, c.labels, c.device, c.dtype_name, c.function.value)

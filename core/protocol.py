@@ -265,10 +265,12 @@ class WorkItem(_Json):
 
 @dataclass(frozen=True, slots=True)
 class Result(_Json):
-    """What the worker writes to `Keys.result`: one prediction per item text, or an error."""
+    """What the worker writes to `Keys.result`: one prediction per item text, an error, or `late`: the
+    item was dropped unstarted because it could not be answered by its deadline (not lost: the API's 504)."""
 
     predictions: list[Prediction] | None = None
     error: str | None = None
+    late: bool = False
 
 
 @dataclass(frozen=True, slots=True)

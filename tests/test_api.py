@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -715,3 +716,27 @@ async def test_a_bad_request_timeout_header_is_a_422_naming_it(client: httpx.Asy
     [error] = response.json()["detail"]
     assert error["loc"] == ["header", "X-Request-Timeout"]
     assert "at most 10" in error["msg"]
+
+
+async def test_work_that_cannot_make_its_deadline_is_answered_late_unstarted(
+    client: httpx.AsyncClient, worker: Worker, classifier: Classifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Forwards take 3 s here: a request due within 1 s cannot be answered in time, so the worker's
+    # plan drops it before the model runs and the API says so (late, not lost), within its deadline.
+    real_forward = classifier.engine.forward
+
+    def slow(batch: list[list[int]], packed: bool = False) -> Any:
+        time.sleep(3.0)
+        return real_forward(batch, packed)
+
+    monkeypatch.setattr(classifier.engine, "forward", slow)
+    start_worker(worker)
+    timed = await asyncio.wait_for(client.post("/predict", json={"text": ["the forward is timed"]}), HANG_GUARD_S)
+    assert timed.status_code == 200
+    computed = worker.lanes.computed
+    response = await asyncio.wait_for(
+        client.post("/predict", json={"text": ["in a hurry"]}, headers={"X-Request-Timeout": "1"}), HANG_GUARD_S
+    )
+    assert response.status_code == 504
+    assert response.json()["error"].startswith("late, not lost")
+    assert worker.lanes.computed == computed

@@ -13,6 +13,7 @@ import pytest
 from redis.exceptions import NoPermissionError
 
 from batcher import intake as intake_module
+from batcher.forward_time import OUTLIER, SMOOTHING
 from batcher.intake import Intake
 from batcher.plan import TAKE_AT_ONCE, Forward, Policy, Window, batch, spread
 from batcher.queue import WorkQueue
@@ -735,3 +736,76 @@ def test_give_back_requeues_everything_held(redis: fakeredis.FakeRedis) -> None:
     assert queue.give_back() == 2
     assert redis.llen(KEYS.processing("w1")) == 0
     assert [WorkItem.decode(redis.rpop(KEYS.queue)).id for _ in range(2)] == [first.id, second.id]  # oldest first again
+
+
+# --- deadlines: earliest first within the turns, late work dropped at the plan ---------------------
+
+
+def due_text(words: str, now: float, due_in: float, client: str = DEFAULT_CLIENT) -> Text:
+    """A taken text of a work item of its own, queued at `now` and due `due_in` seconds later."""
+    item = work_item(words, ttl=due_in, enqueued_at=now, client=client)
+    return Text(words, KEYS.cache("v", words), [(Held(item.encode(), item), 0)], now, word_ids([words])[0])
+
+
+@pytest.mark.parametrize("deadlines", [True, False])
+def test_each_clients_turns_go_to_its_earliest_deadlines_and_the_clients_still_take_turns(deadlines: bool) -> None:
+    now = time.time() - HOUR_S  # a backlog: no forward waits for company
+    window = Window(policy(max_texts=1), clock=lambda: now, deadlines=deadlines)
+    for words in ("flood0", "flood1", "flood2"):
+        window.add([due_text(words, now, 60, client="flood")], 1)
+    window.add([due_text("quiet", now, 60, client="quiet")], 1)
+    window.add([due_text("urgent", now, 1, client="flood")], 1)
+    served = [texts_of(next_forward(window))[0] for _ in range(5)]
+    if deadlines:  # the flood's urgent text takes the flood's first turn, not the quiet client's
+        assert served == ["urgent", "quiet", "flood0", "flood1", "flood2"]
+    else:
+        assert served == ["flood0", "quiet", "flood1", "flood2", "urgent"]
+
+
+def timed_window(now: float, late: list[Text], seconds_a_forward: float | None, max_texts: int = 8) -> Window:
+    """A window with deadlines on, its clock stopped at `now`, where a one-text forward of one token
+    has taken `seconds_a_forward` (None: no forward timed yet)."""
+    window = Window(policy(max_texts=max_texts, max_wait_s=0), clock=lambda: now, deadlines=True, late=late.extend)
+    if seconds_a_forward is not None:
+        window.forward_took(Forward([due_text("timed", now, 60)], packed=False), seconds_a_forward)
+    return window
+
+
+def test_a_text_whose_forward_would_end_past_its_deadline_is_dropped_as_late_and_the_rest_goes() -> None:
+    now, late = time.time() - HOUR_S, []
+    window = timed_window(now, late, seconds_a_forward=0.65)  # a forward of two one-token texts: about 0.66 s
+    window.add([due_text("hurried", now, 0.5), due_text("patient", now, 60)], 2)
+    assert texts_of(next_forward(window)) == ["patient"]
+    assert [t.text for t in late] == ["hurried"]
+    [(held, _)] = late[0].waiters
+    assert held.item.texts == ["hurried"] and len(window) == 0
+
+
+def test_a_late_item_leaves_the_window_whole() -> None:
+    now, late = time.time() - HOUR_S, []
+    window = timed_window(now, late, seconds_a_forward=0.65, max_texts=1)
+    item = work_item("first", "second", ttl=0.5, enqueued_at=now)
+    held = Held(item.encode(), item)
+    window.add([Text(w, KEYS.cache("v", w), [(held, i)], now, [1]) for i, w in enumerate(item.texts)], 1)
+    window.add([due_text("patient", now, 60)], 1)
+    assert texts_of(next_forward(window)) == ["patient"]  # "first" was late, and "second" left with it
+    assert [t.text for t in late] == ["first"] and len(window) == 0
+
+
+@pytest.mark.parametrize("seconds_a_forward", [None, 0.1])
+def test_nothing_is_late_before_a_forward_was_timed_or_where_the_forward_ends_in_time(
+    seconds_a_forward: float | None,
+) -> None:
+    now, late = time.time() - HOUR_S, []
+    window = timed_window(now, late, seconds_a_forward)
+    window.add([due_text("hurried", now, 0.5), due_text("patient", now, 60)], 2)
+    assert texts_of(next_forward(window)) == ["hurried", "patient"]
+    assert late == []
+
+
+def test_one_slow_forward_moves_the_estimate_a_bounded_step() -> None:
+    now, late = time.time() - HOUR_S, []
+    window = timed_window(now, late, seconds_a_forward=0.1)
+    window.forward_took(Forward([due_text("stalled", now, 60)], packed=False), 100.0)  # preempted, say
+    took = window.forward_time.predict([1], packed=False)
+    assert took is not None and 0.1 < took <= 0.1 * (1 + SMOOTHING * (OUTLIER - 1))
