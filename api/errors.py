@@ -116,10 +116,11 @@ for _type, _spec in ERRORS.items():
 
 
 class ServiceError(Exception):
-    def __init__(self, error_type: ErrorType, message: str) -> None:
+    def __init__(self, error_type: ErrorType, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.message = message
+        self.retry_after_s = retry_after_s  # the `Retry-After` header, where the refusal knows better than `ERRORS`
 
 
 def counted(error_type: ErrorType) -> ErrorSpec:
@@ -224,7 +225,7 @@ def quoted(error: dict[str, Any]) -> dict[str, Any]:
 def install(app: FastAPI) -> None:
     async def on_service_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
-        return error_response(exc.error_type, exc.message)
+        return error_response(exc.error_type, exc.message, exc.retry_after_s)
 
     async def on_redis_error(_: Request, exc: Exception) -> JSONResponse:
         """Down or refusing (OOM under maxmemory, READONLY after a failover, MISCONF, NOPERM): the

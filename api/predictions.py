@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.types import Receive
 
+from api.admission import Admission
 from api.coalescing import Coalescer
 from api.errors import ErrorType, ServiceError
 from api.metrics import CACHE_HITS, CACHE_MISSES, REQUESTS_ABANDONED
@@ -95,6 +96,7 @@ class Predictor:
         timeout_s: float,
         max_queue_depth: int,
         local_cache: TTLCache[str, Prediction] | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -105,6 +107,7 @@ class Predictor:
         # Hot texts skip Redis: entries are keyed like Redis' (model version + digest), so they can
         # never outlive their model, and expire with the same TTL.
         self._local = local_cache
+        self._admission = admission  # the `deadline` overload policy's refusal of what would be late
         self._lookup = Coalescer(self._mget)
         self._push = Coalescer(self._lpush)
         self._mark = Coalescer(self._set_abandoned)
@@ -183,7 +186,10 @@ class Predictor:
     ) -> list[Prediction]:
         """Queue the texts and wait for the worker's result. A wait cut by the deadline, or by its
         client going away, unregisters itself and marks the item abandoned (`_wait`); a worker drops
-        it unstarted, or as expired, else its result key expires unread."""
+        it unstarted, or as expired, else its result key expires unread. Refused first, writing nothing,
+        when the workers could not answer it by its deadline (`admission`)."""
+        if self._admission is not None:
+            await self._admission.admit(len(texts), deadline - time.time())
         item = WorkItem(
             id=new_id(),
             texts=texts,

@@ -68,7 +68,7 @@ class Intake:
         self._epoch: bytes | None = None  # `Keys.abandoned_epoch` at the last look (None: never moved)
         self._epoch_moved = float("-inf")  # when this worker saw it move last (unix s)
         self._asked = self._got = 1  # items the last take asked for, and got
-        self._texts_per_item = 1.0
+        self.texts_per_item = 1.0  # distinct texts an interactive item brought, at the last take
         self._bulk_taken = float("-inf")  # monotonic time of the last take that got bulk work
         self.busy_since: float | None = None  # monotonic start of the take under way; None between takes
 
@@ -89,10 +89,10 @@ class Intake:
                 self.look()
             return False
         cpu, raws = time.thread_time(), []
-        items = max(1, int(room / self._texts_per_item))  # what the window has room for
+        items = max(1, int(room / self.texts_per_item))  # what the window has room for
         try:
             if self._got:  # the queue had work at the last take: take what is queued, one round trip
-                asked = self.window.policy.take_count(room, self._texts_per_item, self._asked, self._got)
+                asked = self.window.policy.take_count(room, self.texts_per_item, self._asked, self._got)
                 raws = self.queue.take_queued(asked)
                 self._asked, self._got = asked, len(raws)
             if not raws and self._take_bulk():  # idle: bulk work fills it
@@ -184,8 +184,8 @@ class Intake:
                 if (known := texts.get(key)) is None:
                     known = texts[key] = Text(sentence, key, [], held.item.enqueued_at, function=function)
                 known.waiters.append((held, index))
-        if not bulk:  # (what sizes the queue's takes)
-            self._texts_per_item = len(texts) / len(items)
+        if not bulk:  # (what sizes the queue's takes, and the admission's prediction)
+            self.texts_per_item = len(texts) / len(items)
         commands: list[Command] = [("MGET", *(t.key for t in texts.values()))]
         if self.drop_abandoned and not bulk:  # the epoch rides along: no round trip of its own
             commands.append(("GET", self.queue.keys.abandoned_epoch))

@@ -96,7 +96,8 @@ class Worker:
     @property
     def status(self) -> WorkerStatus:
         """What the heartbeat says: who this worker is, and its counters."""
-        lanes = self.lanes
+        lanes, policy = self.lanes, self.window.policy
+        full = self.window.forward_time.full_forward(policy.max_texts, policy.max_tokens)
         return WorkerStatus(
             id=self.id,
             host=self._host,
@@ -109,6 +110,10 @@ class Worker:
             expired=self.intake.expired,
             largest_batch_requests=lanes.largest_forward_requests,
             connection=self._connection,
+            texts_per_s=None if full is None else self.classifier.lanes * full[0] / full[1],
+            forward_s=None if full is None else full[1],
+            held_texts=len(self.window) + sum(len(forward.texts) for forward, _ in list(lanes.running.values())),
+            texts_per_item=self.intake.texts_per_item,
         )
 
     def stop(self) -> None:

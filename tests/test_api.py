@@ -27,7 +27,7 @@ from api.predictions import CacheStatus, ModelInfoCache, Predictor
 from api.results import ResultWaiter
 from api.routes import RequestRoute
 from batcher.worker import Worker
-from core.protocol import Keys, ModelInfo, Result, WorkItem, new_id, prediction, replies
+from core.protocol import Keys, ModelInfo, Result, WorkerStatus, WorkItem, new_id, prediction, replies
 from core.settings import Settings
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
@@ -719,10 +719,16 @@ async def test_a_bad_request_timeout_header_is_a_422_naming_it(client: httpx.Asy
 
 
 async def test_work_that_cannot_make_its_deadline_is_answered_late_unstarted(
-    client: httpx.AsyncClient, worker: Worker, classifier: Classifier, monkeypatch: pytest.MonkeyPatch
+    settings: Settings,
+    fake_server: fakeredis.FakeServer,
+    worker: Worker,
+    classifier: Classifier,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Forwards take 3 s here: a request due within 1 s cannot be answered in time, so the worker's
     # plan drops it before the model runs and the API says so (late, not lost), within its deadline.
+    # The API admits it (an API without admission here: a prediction can be wrong), the plan is the last word.
+    admitting = settings.model_copy(update={"overload_policy": "queue-length"})
     real_forward = classifier.engine.forward
 
     def slow(batch: list[list[int]], packed: bool = False) -> Any:
@@ -731,12 +737,34 @@ async def test_work_that_cannot_make_its_deadline_is_answered_late_unstarted(
 
     monkeypatch.setattr(classifier.engine, "forward", slow)
     start_worker(worker)
-    timed = await asyncio.wait_for(client.post("/predict", json={"text": ["the forward is timed"]}), HANG_GUARD_S)
-    assert timed.status_code == 200
-    computed = worker.lanes.computed
-    response = await asyncio.wait_for(
-        client.post("/predict", json={"text": ["in a hurry"]}, headers={"X-Request-Timeout": "1"}), HANG_GUARD_S
-    )
+    async with client_for(admitting, fakeredis.FakeAsyncRedis(server=fake_server)) as client:
+        timed = await asyncio.wait_for(client.post("/predict", json={"text": ["the forward is timed"]}), HANG_GUARD_S)
+        assert timed.status_code == 200
+        computed = worker.lanes.computed
+        response = await asyncio.wait_for(
+            client.post("/predict", json={"text": ["in a hurry"]}, headers={"X-Request-Timeout": "1"}), HANG_GUARD_S
+        )
     assert response.status_code == 504
     assert response.json()["error"].startswith("late, not lost")
     assert worker.lanes.computed == computed
+
+
+async def test_a_request_the_workers_could_not_answer_in_time_is_refused_at_once_writing_nothing(
+    client: httpx.AsyncClient, redis: fakeredis.FakeRedis, settings: Settings
+) -> None:
+    # A worker that computes 10 texts a second, 100 texts queued: about 10 s until a new one is answered.
+    keys = Keys(settings.key_prefix)
+    announce(redis, keys)
+    worker = WorkerStatus(id="w", host="h", pid=1, model_version="v1", started_at=0.0, texts_per_s=10.0, forward_s=0.1)
+    redis.sadd(keys.workers, worker.id)
+    redis.set(keys.heartbeat(worker.id), worker.encode())
+    queued = WorkItem(id="i", texts=["x"], enqueued_at=0.0, deadline=0.0, reply_to="r").encode()
+    redis.lpush(keys.queue, *[queued] * 100)
+    before = redis.dbsize()
+    response = await asyncio.wait_for(
+        client.post("/predict", json={"text": ["in a hurry"]}, headers={"X-Request-Timeout": "1"}), HANG_GUARD_S
+    )
+    assert response.status_code == 503
+    assert response.json()["error_type"] == "overloaded"
+    assert response.headers["Retry-After"] == "10"  # 10.1 s - 1 s, rounded up
+    assert (redis.llen(keys.queue), redis.dbsize()) == (100, before)  # nothing queued, nothing written

@@ -79,6 +79,23 @@ def test_worker_announces_model_and_heartbeat(worker: Worker, redis: fakeredis.F
     assert [s.id for s in live_workers(redis, settings.key_prefix)] == [worker.id]
 
 
+def test_the_heartbeat_publishes_the_measured_throughput_once_a_forward_was_timed(
+    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings
+) -> None:
+    # What the API's admission predicts by: nothing before a forward (a cold start admits), then the
+    # throughput of full forwards and a full forward's time, from the forwards timed so far.
+    keys = Keys(settings.key_prefix)
+    start_worker(worker)
+    [cold] = live_workers(redis, settings.key_prefix)
+    assert (cold.texts_per_s, cold.forward_s, cold.held_texts) == (None, None, 0)
+    wait_result(redis, keys, push(redis, keys, "a timed forward", "of two texts"))
+    worker.heartbeat.beat()
+    [timed] = live_workers(redis, settings.key_prefix)
+    assert timed.texts_per_s is not None and timed.forward_s is not None
+    assert timed.texts_per_s == pytest.approx(worker.classifier.lanes * settings.max_batch_size / timed.forward_s)
+    assert timed.texts_per_item == 2.0
+
+
 def test_identical_texts_across_requests_are_computed_once(
     worker: Worker, redis: fakeredis.FakeRedis, settings: Settings
 ) -> None:
