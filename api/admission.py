@@ -8,8 +8,8 @@ forward for its own texts. The workers publish what it needs in their heartbeats
 (`core.protocol.WorkerStatus`: throughput measured per forward and smoothed, `batcher.forward_time`);
 `Load` reads them and the queue's length in one round trip at most every `REFRESH_S` (two when a
 worker came or went), shared by all of the process's requests, and counts the texts this process
-admitted since. Until a worker has
-timed a forward there is no prediction, and every request is admitted (a cold start admits).
+admitted since. Until a worker has timed a forward there is no prediction, and every request is
+admitted (a cold start admits); so is a request with nothing ahead of it (an idle fleet admits).
 """
 
 from __future__ import annotations
@@ -116,9 +116,12 @@ class Admission:
 
     async def admit(self, texts: int, timeout_s: float) -> None:
         """Admit `texts` due within `timeout_s`, counted as queued; else `ServiceError` OVERLOADED, with
-        `Retry-After` the seconds until the work ahead would have shrunk enough (at least 1)."""
+        `Retry-After` the seconds until the work ahead would have shrunk enough (at least 1). With
+        nothing ahead a request is always admitted: its forward is the only measure of a forward
+        time that is wrong (a first, slow one), and the plan still drops it if it cannot make it."""
         fleet = await self.load.current()
-        if fleet is not None and (wait_s := fleet.wait_s(self.load.admitted)) > timeout_s:
+        ahead = fleet is not None and (fleet.texts_ahead or self.load.admitted)
+        if fleet is not None and ahead and (wait_s := fleet.wait_s(self.load.admitted)) > timeout_s:
             raise ServiceError(
                 ErrorType.OVERLOADED,
                 f"the service would answer in about {wait_s:.2g} s, past this request's deadline "

@@ -128,3 +128,14 @@ async def test_a_failed_read_admits(redis: fakeredis.FakeAsyncRedis, monkeypatch
     monkeypatch.setattr(redis, "pipeline", failing)
     clock.now += REFRESH_S
     assert await refused(admission, 1, timeout_s=1.0) is None  # the request meets the outage itself
+
+
+async def test_with_nothing_ahead_a_request_is_admitted_however_slow_the_forwards_seem(
+    redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    # A first forward far slower than the rest (a warm-up) must not refuse an idle service for good:
+    # no forward would run to correct it.
+    await beat(redis, status(texts_per_s=1.0, forward_s=5.0))
+    admission = Admission(Load(redis, KEYS, Clock()))
+    assert await refused(admission, 1, timeout_s=1.0) is None
+    assert await refused(admission, 1, timeout_s=1.0) is not None  # one ahead now: 6 s
