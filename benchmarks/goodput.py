@@ -46,13 +46,13 @@ Progress = Callable[[str, Mapping[str, object]], None]
 
 
 def measure(
+    texts: UniqueTexts,
+    progress: Progress,
     model_dir: Path,
     device: str,
-    texts: UniqueTexts,
+    worker_env: dict[str, str],
     duration_s: float,
     warmup_s: float,
-    progress: Progress,
-    worker_env: dict[str, str],
     job_texts: int = JOB_TEXTS,
 ) -> dict[str, object]:
     """The saturation rate, then each policy's points and its point beside a bulk job."""

@@ -243,69 +243,6 @@ class OpenLoopResult:
         }
 
 
-async def _open(
-    url: str,
-    texts_for: Callable[[int], list[str]],
-    rate_per_s: float,
-    duration_s: float,
-    warmup_s: float,
-    give_up_s: float,
-    headers: Mapping[str, str],
-) -> OpenLoopResult:
-    split = urlsplit(url)
-    host, port, path = split.hostname or "127.0.0.1", split.port or 80, split.path or "/"
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    measure_from, measure_to = start + warmup_s, start + warmup_s + duration_s
-    idle: list[_Connection] = []  # keep-alive connections free for the next request
-    answers: dict[int, list[float]] = {}  # by status, each request's milliseconds, of those sent in the window
-
-    async def send(number: int) -> None:
-        conn = idle.pop() if idle else _Connection(host, port, headers)
-        sent_at = loop.time()
-        try:
-            async with asyncio.timeout(give_up_s):
-                status = await conn.post(path, orjson.dumps({"text": texts_for(number)}))
-            idle.append(conn)
-        except TimeoutError:  # (before OSError, its base class)
-            conn.close()
-            status = GAVE_UP
-        except (OSError, asyncio.IncompleteReadError):
-            conn.close()
-            status = 0
-        if measure_from <= sent_at < measure_to:
-            answers.setdefault(status, []).append((loop.time() - sent_at) * 1000)
-
-    cpu_before = time.process_time()
-    sending: set[asyncio.Task[None]] = set()
-    for number in itertools.count():
-        if (due := start + number / rate_per_s) >= measure_to:
-            break
-        await asyncio.sleep(max(0.0, due - loop.time()))
-        task = loop.create_task(send(number))
-        sending.add(task)
-        task.add_done_callback(sending.discard)
-    await asyncio.gather(*sending)
-    for conn in idle:
-        conn.close()
-    cpu_share = (time.process_time() - cpu_before) / (loop.time() - start)
-    counted = {status: len(ms) for status, ms in answers.items()}
-    known = (200, 503, 504, GAVE_UP)
-    return OpenLoopResult(
-        rate_per_s,
-        duration_s,
-        sum(counted.values()),
-        counted.get(200, 0),
-        counted.get(503, 0),
-        counted.get(504, 0),
-        counted.get(GAVE_UP, 0),
-        sum(n for status, n in counted.items() if status not in known),
-        percentile(sorted(answers.get(200, [])), 99),
-        percentile(sorted(answers.get(503, [])), 99),
-        cpu_share,
-    )
-
-
 def open_loop(
     url: str,
     texts_for: Callable[[int], list[str]],
@@ -318,4 +255,59 @@ def open_loop(
     """POST `{"text": texts_for(i)}` to `url` at `rate_per_s` requests a second for warm-up + duration,
     each sent when due whatever the earlier ones are doing (as many connections as that takes), each
     given up after `give_up_s`. The requests sent after the warm-up count, by how they ended."""
-    return asyncio.run(_open(url, texts_for, rate_per_s, duration_s, warmup_s, give_up_s, headers or {}))
+
+    async def run() -> OpenLoopResult:
+        split = urlsplit(url)
+        host, port, path = split.hostname or "127.0.0.1", split.port or 80, split.path or "/"
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        measure_from, measure_to = start + warmup_s, start + warmup_s + duration_s
+        idle: list[_Connection] = []  # keep-alive connections free for the next request
+        answers: dict[int, list[float]] = {}  # by status, each request's milliseconds, of those sent in the window
+
+        async def send(number: int) -> None:
+            conn = idle.pop() if idle else _Connection(host, port, headers or {})
+            sent_at = loop.time()
+            try:
+                async with asyncio.timeout(give_up_s):
+                    status = await conn.post(path, orjson.dumps({"text": texts_for(number)}))
+                idle.append(conn)
+            except TimeoutError:  # (before OSError, its base class)
+                conn.close()
+                status = GAVE_UP
+            except (OSError, asyncio.IncompleteReadError):
+                conn.close()
+                status = 0
+            if measure_from <= sent_at < measure_to:
+                answers.setdefault(status, []).append((loop.time() - sent_at) * 1000)
+
+        cpu_before = time.process_time()
+        sending: set[asyncio.Task[None]] = set()
+        for number in itertools.count():
+            if (due := start + number / rate_per_s) >= measure_to:
+                break
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            task = loop.create_task(send(number))
+            sending.add(task)
+            task.add_done_callback(sending.discard)
+        await asyncio.gather(*sending)
+        for conn in idle:
+            conn.close()
+        cpu_share = (time.process_time() - cpu_before) / (loop.time() - start)
+        counted = {status: len(ms) for status, ms in answers.items()}
+        known = (200, 503, 504, GAVE_UP)
+        return OpenLoopResult(
+            rate_per_s,
+            duration_s,
+            sum(counted.values()),
+            counted.get(200, 0),
+            counted.get(503, 0),
+            counted.get(504, 0),
+            counted.get(GAVE_UP, 0),
+            sum(n for status, n in counted.items() if status not in known),
+            percentile(sorted(answers.get(200, [])), 99),
+            percentile(sorted(answers.get(503, [])), 99),
+            cpu_share,
+        )
+
+    return asyncio.run(run())

@@ -222,13 +222,13 @@ def _parts(bench: Bench, model: Path, results: dict[str, Any]) -> dict[str, Call
             model, device, texts, duration, warmup, _progress, worker_env(settings), args.texts_per_request
         ),
         "goodput": lambda: goodput.measure(
+            texts,
+            _progress,
             model,
             device,
-            texts,
+            worker_env(settings),
             duration,
             warmup,
-            _progress,
-            worker_env(settings),
             goodput.JOB_TEXTS if not args.quick else goodput.QUICK_JOB_TEXTS,
         ),
     }
