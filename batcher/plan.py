@@ -25,7 +25,8 @@ at no cost in latency. The rules (docs/tuning.md, "Batching"):
    deadline first (`Window._by_deadline`), and a forward as it goes to a lane leaves out the work
    items it could not answer by their deadlines, by the measured forward time (`Window._in_time`):
    they are answered as late, unstarted, rather than computed for nobody. Bulk work is never late
-   (its jobs worker queues again what passed its deadline, and a late answer still fills the cache).
+   (its jobs worker queues again what passed its deadline, and a late answer still fills the cache),
+   and rides in an interactive forward only as far as it leaves that forward's texts in time.
 """
 
 from __future__ import annotations
@@ -337,15 +338,34 @@ class Window:
         return None
 
     def _filled(self, forward: Forward) -> Forward:
-        """`forward` with the bulk texts that fit its spare room (`fill`)."""
+        """`forward` with the bulk texts that fit its spare room (`fill`), as many of them as leave its
+        texts in time (`_riders_in_time`)."""
         if not self._bulk:
             return forward
         spare = list(self._bulk.values())
         lengths = [len(t.ids) for t in forward.texts]
         riders = [spare[i] for i in fill(lengths, forward.packed, [len(t.ids) for t in spare], self.policy)]
+        riders = self._riders_in_time(forward, riders)
         for text in riders:
             del self._bulk[text.key]
         return Forward(forward.texts + riders, forward.packed) if riders else forward
+
+    def _riders_in_time(self, forward: Forward, riders: list[Text]) -> list[Text]:
+        """The oldest of `riders` that `forward` can take and still end by the deadline of each of its
+        texts it would end in time for without them (rule 5): bulk work never makes interactive work late."""
+        if not self.deadlines or not riders:
+            return riders
+        lengths = [len(t.ids) for t in forward.texts]
+        if (took := self.forward_time.predict(lengths, forward.packed)) is None:
+            return riders
+        start = self.clock()
+        due = min((t.deadline for t in forward.texts if t.deadline >= start + took), default=float("inf"))
+        while riders:
+            took = self.forward_time.predict(lengths + [len(t.ids) for t in riders], forward.packed)
+            if took is None or start + took <= due:
+                break
+            riders = riders[:-1]
+        return riders
 
     def _bulk_forward(self) -> Forward:
         """The next forward of bulk texts alone (nothing interactive is held): the first of the batch

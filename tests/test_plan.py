@@ -792,6 +792,37 @@ def test_a_late_item_leaves_the_window_whole() -> None:
     assert [t.text for t in late] == ["first"] and len(window) == 0
 
 
+def bulk_text(words: str, now: float, due_in: float) -> Text:
+    """A taken text of a bulk work item of its own (a /jobs chunk's), queued at `now`, due `due_in` s later."""
+    item = work_item(words, ttl=due_in, enqueued_at=now)
+    return Text(words, KEYS.cache("v", words), [(Held(item.encode(), item, bulk=True), 0)], now, word_ids([words])[0])
+
+
+def test_bulk_work_is_never_dropped_as_late_alone_or_with_an_interactive_request_on_its_text() -> None:
+    now, late = time.time() - HOUR_S, []
+    window = timed_window(now, late, seconds_a_forward=0.65)  # any forward ends past 0.5 s
+    window.add([bulk_text("shared", now, 0.5)], 1, bulk=True)
+    window.add([due_text("shared", now, 0.5)], 1)  # asked for interactively too: it goes as such
+    window.add([bulk_text("rider", now, 0.5)], 1, bulk=True)
+    assert texts_of(next_forward(window)) == ["shared", "rider"]  # its jobs worker waits for it
+    window.add([bulk_text("alone", now, 0.5)], 1, bulk=True)
+    assert texts_of(next_forward(window)) == ["alone"]
+    assert late == []
+
+
+@pytest.mark.parametrize(("due_in", "riders"), [(0.655, 0), (0.665, 1), (60, 3)])
+def test_bulk_rides_in_an_interactive_forward_only_as_far_as_it_leaves_its_texts_in_time(
+    due_in: float, riders: int
+) -> None:
+    now, late = time.time() - HOUR_S, []
+    window = timed_window(now, late, seconds_a_forward=0.65)  # one text 0.65 s, each one more about 0.01 s
+    for words in ("bulk0", "bulk1", "bulk2"):
+        window.add([bulk_text(words, now, 60)], 1, bulk=True)
+    window.add([due_text("asked", now, due_in)], 1)
+    assert texts_of(next_forward(window)) == ["asked", *(f"bulk{i}" for i in range(riders))]
+    assert late == []
+
+
 @pytest.mark.parametrize("seconds_a_forward", [None, 0.1])
 def test_nothing_is_late_before_a_forward_was_timed_or_where_the_forward_ends_in_time(
     seconds_a_forward: float | None,
