@@ -71,6 +71,7 @@ class Lanes:
                 metrics.STAGE_CPU_SECONDS.labels("forward").inc(cpu - started)
             if logits is not None:
                 self.window.forward_took(forward, time.monotonic() - wall)
+                metrics.bulk_computed(forward.texts)
                 self.replies.computed(forward.texts, logits)
 
     def _span(self, forward: Forward, lane: int) -> AbstractContextManager[Span]:

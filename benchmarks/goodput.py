@@ -6,9 +6,10 @@ text a request). Then, for each policy (`SENTIMENT_OVERLOAD_POLICY`) on fresh pr
 one model worker, one jobs worker): requests at `MULTIPLES` of that rate, sent open loop (at a
 constant rate, whatever the answers), each with `X-Request-Timeout: DEADLINE_S` and given up by its
 client after as long. Each point reports the goodput (answers within the deadline a second), the p99
-of the refusals, and the share of the texts the model computed for requests nobody collected
-(abandoned, or answered past their deadline: the API's `sentiment_replies_unclaimed_total` against
-the worker's `sentiment_batch_size_sum`; a refused request is never computed). Last, the lowest
+of the refusals, and the share of the interactive texts the model computed for requests nobody
+collected (abandoned, or answered past their deadline: the API's `sentiment_replies_unclaimed_total`
+against the worker's `sentiment_batch_size_sum` less its `sentiment_bulk_texts_total`, the bulk job's
+texts; a refused request is never computed). Last, the lowest
 multiple again with a bulk job of `JOB_TEXTS` texts running beside it: the interactive p99 against
 the same point alone.
 """
@@ -39,6 +40,7 @@ QUICK_JOB_TEXTS = 200  # `--quick`: the structure, not the measure
 COUNTERS = (
     "sentiment_replies_unclaimed_total",  # API: results nobody collected
     "sentiment_batch_size_sum",  # worker: texts computed
+    "sentiment_bulk_texts_total",  # worker: of them, for bulk work alone (a job's, not interactive)
     "sentiment_work_items_late_total",  # worker: dropped at the plan, late
     "sentiment_work_items_expired_total",  # worker: past their deadline when taken
 )
@@ -138,7 +140,9 @@ def _point(
     )
     time.sleep(2 * DEADLINE_S)  # the backlog's deadlines pass: the next point starts on an idle service
     moved = {k: v - before[k] for k, v in counters(*scraped, names=COUNTERS).items()}
-    computed, wasted = moved["sentiment_batch_size_sum"], moved["sentiment_replies_unclaimed_total"]
+    # Interactive texts only: a job's texts run through the same model worker, and are never for nobody.
+    computed = moved["sentiment_batch_size_sum"] - moved["sentiment_bulk_texts_total"]
+    wasted = moved["sentiment_replies_unclaimed_total"]
     return {
         **load.as_dict(),
         "computed_texts": int(computed),

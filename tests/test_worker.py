@@ -13,6 +13,7 @@ import fakeredis
 import numpy as np
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from redis.client import PubSub
 from redis.exceptions import OutOfMemoryError
 
@@ -496,7 +497,8 @@ def test_an_interactive_request_during_a_bulk_stream_rides_the_next_forward_with
     redis: fakeredis.FakeRedis, classifier: Classifier, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Bulk work (a /jobs stream) waits for room: interactive work taken while a bulk forward runs goes
-    in the next forward, and bulk texts fill the room that forward's caps leave."""
+    in the next forward, and bulk texts fill the room that forward's caps leave. Its texts are counted
+    apart (`sentiment_bulk_texts_total`), so what was computed for interactive work is known."""
     settings = Settings(key_prefix="two-classes", model_dir=tiny_model_dir, max_batch_size=4, max_wait_ms=0)
     keys = Keys(settings.key_prefix)
     forwards: list[list[list[int]]] = []  # each forward's token ids, as it starts
@@ -515,6 +517,7 @@ def test_an_interactive_request_during_a_bulk_stream_rides_the_next_forward_with
         for i in range(10)
     ]
     redis.lpush(keys.bulk, *(item.encode() for item in bulk))
+    bulk_texts = REGISTRY.get_sample_value("sentiment_bulk_texts_total") or 0.0
     worker = Worker(settings, redis, classifier)
     try:
         start_worker(worker)
@@ -533,6 +536,7 @@ def test_an_interactive_request_during_a_bulk_stream_rides_the_next_forward_with
         for work in bulk:  # the bulk stream is answered too, and acknowledged from its own list
             assert wait_result(redis, keys, work).error is None
         wait_for("the bulk items acknowledged", lambda: redis.llen(keys.bulk_processing(worker.id)) == 0)
+        assert REGISTRY.get_sample_value("sentiment_bulk_texts_total") == bulk_texts + 4 * len(bulk)  # not the question
     finally:
         permits.release(100)
         worker.stop()
