@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from api import docs_page, errors, hugging_face, limits, metrics
 from api.access import AccessControl, ApiKeys, document
+from api.admission import Admission, Load
 from api.inference_grpc import GrpcServer
 from api.inference_protocol import INFER_PATH, infer_body_limit, inference_protocol_router
 from api.job_store import JobStore
@@ -112,6 +113,7 @@ def _predicting(
     local_cache: TTLCache[str, Prediction] | None = (
         TTLCache(settings.local_cache_size, settings.cache_ttl_s) if settings.local_cache_size else None
     )
+    admission = Admission(Load(client, keys)) if settings.overload_policy == "deadline" else None
     app.state.predictor = Predictor(
         client,
         keys,
@@ -121,6 +123,7 @@ def _predicting(
         settings.max_queue_depth,
         local_cache,
         settings.max_request_chars,
+        admission,
     )
     if settings.rate_limit_per_s is not None:
         app.state.rate_limit = RateLimit(client, keys, settings.rate_limit_per_s, settings.rate_limit_burst)

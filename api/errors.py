@@ -159,12 +159,14 @@ for _type, _spec in ERRORS.items():
 
 
 class ServiceError(Exception):
-    """An error answered from `ERRORS`; `fields`: its body's own beyond the message (a 422's `detail`)."""
+    """An error answered from `ERRORS`; `retry_after_s`: its `Retry-After`, where the refusal knows
+    better than `ERRORS`; `fields`: its body's own beyond the message (a 422's `detail`)."""
 
-    def __init__(self, error_type: ErrorType, message: str, **fields: Any) -> None:
+    def __init__(self, error_type: ErrorType, message: str, retry_after_s: int | None = None, **fields: Any) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.message = message
+        self.retry_after_s = retry_after_s
         self.fields = fields
 
 
@@ -294,7 +296,7 @@ def quoted(error: dict[str, Any]) -> dict[str, Any]:
 def install(app: FastAPI) -> None:
     async def on_service_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
-        return error_response(exc.error_type, exc.message, fields=exc.fields)
+        return error_response(exc.error_type, exc.message, exc.retry_after_s, fields=exc.fields)
 
     async def on_redis_error(_: Request, exc: Exception) -> JSONResponse:
         """Down or refusing (OOM under maxmemory, READONLY after a failover, MISCONF, NOPERM): the

@@ -31,7 +31,7 @@ from api.errors import RESPONSES, TEXTS_RESPONSES, ErrorType, ServiceError, erro
 from api.limits import BODY_OVERHEAD, body_limit
 from api.predictions import ModelInfoCache, Predictor
 from api.routes import ready
-from api.schemas import json_body, parse_json
+from api.schemas import json_body, parse_json, requested_timeout, timeout_parameter
 from core.protocol import ModelInfo, Prediction, new_id
 from core.settings import Settings
 
@@ -239,7 +239,7 @@ def add_infer_route(router: APIRouter, settings: Settings) -> None:
 
     @router.post(
         "/models/{name}/infer",
-        openapi_extra=json_body(InferRequest),
+        openapi_extra={**json_body(InferRequest), **timeout_parameter(settings.request_timeout_s)},
         responses={**RESPONSES, **responses(ErrorType.NOT_FOUND), **TEXTS_RESPONSES},
     )
     async def infer(request: Request, name: str) -> Response:
@@ -247,8 +247,11 @@ def add_infer_route(router: APIRouter, settings: Settings) -> None:
         info = await served(request.app.state.models, name)  # first: another model's name is a 404, whatever the body
         body, binary = parse_infer(InferRequest, await request.body(), request.headers)
         texts = request_texts(body, binary, settings.max_texts, settings.max_chars)
+        timeout_s = requested_timeout(request.headers, settings.request_timeout_s)
         predictor: Predictor = request.app.state.predictor
-        predictions, cache = await predictor.predict(texts, client_of(request.scope), request.receive)
+        predictions, cache = await predictor.predict(
+            texts, client_of(request.scope), request.receive, timeout_s=timeout_s
+        )
         answer = infer_answer(info, body, predictions)
         return Response(orjson.dumps(answer), media_type="application/json", headers={"X-Cache": cache})
 

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.types import Receive
 
+from api.admission import Admission
 from api.coalescing import Coalescer
 from api.errors import ErrorType, ServiceError
 from api.metrics import CACHE_HITS, CACHE_MISSES, REQUESTS_ABANDONED
@@ -98,6 +99,7 @@ class Predictor:
         max_queue_depth: int,
         local_cache: TTLCache[str, Prediction] | None = None,
         max_request_chars: int | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -109,6 +111,7 @@ class Predictor:
         # Hot texts skip Redis: entries are keyed like Redis' (model version + digest), so they can
         # never outlive their model, and expire with the same TTL.
         self._local = local_cache
+        self._admission = admission  # the `deadline` overload policy's refusal of what would be late
         self._lookup = Coalescer(self._mget)
         self._push = Coalescer(self._lpush)
         self._mark = Coalescer(self._set_abandoned)
@@ -234,7 +237,10 @@ class Predictor:
         """Queue the texts, scored by `function` (None: the model's own), the item once queued kept in
         `call.queued` (a late request's 504 looks for it), and wait for the worker's result. A wait cut by
         the deadline, or by its client going away, unregisters itself and marks the item abandoned
-        (`_wait`); a worker drops it unstarted, or as expired, else its result key expires unread."""
+        (`_wait`); a worker drops it unstarted, or as expired, else its result key expires unread. Refused
+        first, writing nothing, when the workers could not answer it by its deadline (`admission`)."""
+        if self._admission is not None:
+            await self._admission.admit(len(texts), call.deadline - time.time())
         item = WorkItem(
             id=new_id(),
             texts=texts,
@@ -266,6 +272,13 @@ class Predictor:
             raise ServiceError(ErrorType.BAD_RESULT, "the worker's result could not be read; retry") from None
         if result.error is not None and result.too_long:
             raise _TooLong(result.error, [(texts[i], tokens) for i, tokens in result.too_long if 0 <= i < len(texts)])
+        if result.late:
+            raise ServiceError(
+                ErrorType.TIMEOUT,
+                f"late, not lost: the service could not answer within this request's deadline "
+                f"({item.deadline - item.enqueued_at:.3g} s), so it was dropped before the model ran; retry later or "
+                "with a longer deadline",
+            )
         if result.error is not None:
             raise ServiceError(ErrorType.INFERENCE, result.error)
         if result.predictions is None or len(result.predictions) != len(texts):

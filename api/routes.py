@@ -14,7 +14,16 @@ from starlette.datastructures import State
 from api.access import client_of
 from api.errors import RESPONSES, TEXTS_RESPONSES, ErrorType, ServiceError, error_response, responses
 from api.predictions import ModelInfoCache, Predictor
-from api.schemas import ModelResponse, PredictResponse, ReadyResponse, json_body, parse_json, texts_request
+from api.schemas import (
+    ModelResponse,
+    PredictResponse,
+    ReadyResponse,
+    json_body,
+    parse_json,
+    requested_timeout,
+    texts_request,
+    timeout_parameter,
+)
 from core.protocol import Keys
 from core.redis_replies import text
 from core.settings import Settings
@@ -54,9 +63,12 @@ def add_predict_route(app: FastAPI, settings: Settings) -> None:
         (`miss`) or both (`partial`).
         """
         body = parse_json(PredictRequest, await request.body(), request.headers.get("content-type", ""))
+        timeout_s = requested_timeout(request.headers, settings.request_timeout_s)
         predictor: Predictor = request.app.state.predictor
         # With the body read, `receive` says when the client goes away: a wait for the worker then stops.
-        predictions, cache = await predictor.predict(body.text, client_of(request.scope), request.receive)
+        predictions, cache = await predictor.predict(
+            body.text, client_of(request.scope), request.receive, timeout_s=timeout_s
+        )
         # Built here rather than validated through the response model: the worker wrote this shape.
         return Response(
             orjson.dumps({"predictions": predictions}), media_type="application/json", headers={"X-Cache": cache}
@@ -69,7 +81,7 @@ def add_predict_route(app: FastAPI, settings: Settings) -> None:
         tags=["predict"],
         route_class_override=RequestRoute,
         response_model=PredictResponse,
-        openapi_extra=json_body(PredictRequest),
+        openapi_extra={**json_body(PredictRequest), **timeout_parameter(settings.request_timeout_s)},
         responses={**RESPONSES, **TEXTS_RESPONSES},
     )
 

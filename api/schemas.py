@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, TypeVar
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, create_model
+from starlette.datastructures import Headers
 
 from api.errors import ErrorType, ServiceError, json_invalid, quote
 
@@ -77,6 +79,52 @@ def _in_body(error: Any) -> dict[str, Any]:
     if error["type"] == "json_invalid":
         return json_invalid(error["ctx"])
     return {**error, "loc": ("body", *error["loc"])}
+
+
+TIMEOUT_HEADER = "X-Request-Timeout"
+
+
+def requested_timeout(headers: Headers, most_s: float) -> float | None:
+    """The request's own deadline, `X-Request-Timeout` seconds from now (None: the default, `most_s`).
+    A client that needs its answer sooner says so, so that the service refuses at once what it could
+    not answer in time, and never computes for a client that has given up. A value that is not a
+    number of seconds above 0 and at most `most_s` is a 422: a longer wait than the service's own
+    deadline is not on offer."""
+    raw = headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= most_s:  # (NaN fails too)
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("header", TIMEOUT_HEADER),
+                    "msg": f"a number of seconds above 0 and at most {most_s:g}",
+                    "input": quote(raw),
+                }
+            ]
+        )
+    return seconds
+
+
+def timeout_parameter(most_s: float) -> dict[str, Any]:
+    """The OpenAPI of `X-Request-Timeout` (`requested_timeout`), for a route's `openapi_extra`."""
+    return {
+        "parameters": [
+            {
+                "name": TIMEOUT_HEADER,
+                "in": "header",
+                "required": False,
+                "description": "Seconds this request may take (its deadline): sooner than the service's "
+                f"{most_s:g} s. A request that cannot be answered in time is refused at once (503 with Retry-After).",
+                "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": most_s},
+            }
+        ]
+    }
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:

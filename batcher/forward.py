@@ -60,7 +60,7 @@ class Lanes:
             self.running[lane] = (forward, time.time())
             self._count(forward)  # before any reply it leads to: their transactions carry the heartbeat
             metrics.forward_started(forward.texts)
-            started = time.thread_time()
+            started, wall = time.thread_time(), time.monotonic()
             metrics.STAGE_CPU_SECONDS.labels("plan").inc(started - cpu)
             try:
                 with metrics.busy(), self._span(forward, lane) if tracing.enabled else tracing.OFF:
@@ -70,6 +70,8 @@ class Lanes:
                 cpu = time.thread_time()
                 metrics.STAGE_CPU_SECONDS.labels("forward").inc(cpu - started)
             if logits is not None:
+                self.window.forward_took(forward, time.monotonic() - wall)
+                metrics.bulk_computed(forward.texts)
                 self.replies.computed(forward.texts, logits)
 
     def _span(self, forward: Forward, lane: int) -> AbstractContextManager[Span]:

@@ -1,8 +1,8 @@
 """The take stage: queued work items into held texts, on the worker's main thread.
 
 One take moves what is queued into this worker's processing list in one round trip
-(`Policy.take_count` says how many items to ask for), or, when the queue is empty, blocks for the
-next item. Malformed and
+(`Policy.take_count` says how many items to ask for), or, when the queue is empty, takes bulk work
+(`Keys.bulk`, /jobs chunks) for the window's bulk room, else blocks for the next item. Malformed and
 expired items are dropped, and so is the work of requests nobody waits for any more (`_abandoned`);
 the rest become distinct texts, answered from the cache where another request or worker computed
 them already, else tokenized in one call and held for the lanes.
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from redis.exceptions import RedisError
 
 from batcher import metrics
-from batcher.plan import Window
+from batcher.plan import TAKE_AT_ONCE, Window
 from batcher.queue import WorkQueue
 from batcher.redis_link import Command
 from batcher.reply import Replies
@@ -31,7 +31,13 @@ from model_store.long_texts import Tokenized
 log = logging.getLogger(__name__)
 
 SCORE_FUNCTIONS = frozenset(ScoreFunction)
-IDLE_POLL_S = 1.0  # longest a blocking take waits, so a stop request is seen
+IDLE_POLL_S = 1.0  # longest a take waits for the window's room, so a stop request is seen
+# How long a take blocks on an empty queue (an interactive item ends the wait at once): while bulk work
+# flows (held, or taken in the last BULK_FLOWS_S), BULK_POLL_S, so the lanes never run dry of bulk;
+# else BULK_LOOK_S, so a job's first chunk waits no longer than that.
+BULK_POLL_S = 0.02
+BULK_LOOK_S = 0.25
+BULK_FLOWS_S = 1.0
 CLOCK_SKEW_S = 1.0  # how far the API's clock (a work item's times) may be from this worker's
 # While requests are being abandoned (the epoch moved in the last LOOKING_FOR_S) and the window is
 # full, the held work is looked over every ABANDONED_LOOK_S, so the next forward leaves out what was
@@ -66,11 +72,12 @@ class Intake:
         self._epoch: bytes | None = None  # `Keys.abandoned_epoch` at the last look (None: never moved)
         self._epoch_moved = float("-inf")  # when this worker saw it move last (unix s)
         self._asked = self._got = 1  # items the last take asked for, and got
-        self._texts_per_item = 1.0
+        self.texts_per_item = 1.0  # distinct texts an interactive item brought, at the last take
+        self._bulk_taken = float("-inf")  # monotonic time of the last take that got bulk work
         self.busy_since: float | None = None  # monotonic start of the take under way; None between takes
 
     def take(self) -> bool:
-        """One take; False when no work came within `IDLE_POLL_S`, or the window stayed full (while
+        """One take; False when no work came within `_idle_wait`, or the window stayed full (while
         work is being abandoned, `ABANDONED_LOOK_S`, after a `look`)."""
         self.busy_since = time.monotonic()
         try:
@@ -86,13 +93,15 @@ class Intake:
                 self.look()
             return False
         cpu, raws = time.thread_time(), []
-        items = max(1, int(room / self._texts_per_item))  # what the window has room for
+        items = max(1, int(room / self.texts_per_item))  # what the window has room for
         try:
             if self._got:  # the queue had work at the last take: take what is queued, one round trip
-                asked = self.window.policy.take_count(room, self._texts_per_item, self._asked, self._got)
+                asked = self.window.policy.take_count(room, self.texts_per_item, self._asked, self._got)
                 raws = self.queue.take_queued(asked)
                 self._asked, self._got = asked, len(raws)
-            if not raws and (first := self.queue.take(IDLE_POLL_S)) is not None:  # idle: block for the next
+            if not raws and self._take_bulk():  # idle: bulk work fills it
+                return True
+            if not raws and (first := self.queue.take(self._idle_wait())) is not None:  # idle: block for the next
                 raws = [first]
                 raws += self.queue.take_queued(min(self.queue.depth(), items - 1))  # and what came with it
                 self._asked = self._got = len(raws)
@@ -102,10 +111,25 @@ class Intake:
             metrics.STAGE_CPU_SECONDS.labels("take").inc(time.thread_time() - cpu)
         return bool(raws)
 
-    def admit(self, raws: list[bytes]) -> None:
+    def _take_bulk(self) -> bool:
+        """Bulk items for the window's bulk room (one round trip; an item is at most a forward of texts),
+        only once it has room for a whole forward; whether any came."""
+        most = min(self.window.bulk_room() // self.window.policy.max_texts, TAKE_AT_ONCE)
+        raws = self.queue.take_queued(most, bulk=True)
+        if raws:
+            self._bulk_taken = time.monotonic()
+            self.admit(raws, bulk=True)
+        return bool(raws)
+
+    def _idle_wait(self) -> float:
+        """How long a take blocks on an empty queue: briefly while bulk work flows (`BULK_POLL_S`)."""
+        flows = self.window.bulk_room() < self.window.policy.window
+        return BULK_POLL_S if flows or time.monotonic() - self._bulk_taken < BULK_FLOWS_S else BULK_LOOK_S
+
+    def admit(self, raws: list[bytes], bulk: bool = False) -> None:
         """Decode taken items, drop malformed and expired ones, answer cached texts, hold the rest.
         Never fails on Redis: what was taken is held (a failed cache check computes the texts; a
-        failed drop leaves the item for the next worker to drop)."""
+        failed drop leaves the item for the next worker to drop). `bulk`: items of the bulk class."""
         now, items, dropped = time.time(), [], []
         for raw in raws:
             try:
@@ -124,13 +148,13 @@ class Intake:
                 log.info("skipped work item %s: its deadline passed in the queue", item.id)
                 dropped.append(raw)
                 continue
-            items.append(Held(raw, item))
+            items.append(Held(raw, item, bulk=bulk))
         self.queue.held.update(held.raw for held in items)
         try:
             if items:
-                dropped += self._hold(items)
+                dropped += self._hold(items, bulk)
         finally:
-            self._acknowledge(dropped)
+            self._acknowledge(dropped, bulk)
 
     def look(self) -> None:
         """Drop the held work abandoned since the last look (`ABANDONED_LOOK_S`): one GET of the epoch,
@@ -145,17 +169,17 @@ class Intake:
         finally:
             metrics.STAGE_CPU_SECONDS.labels("take").inc(time.thread_time() - cpu)
 
-    def _acknowledge(self, dropped: list[bytes]) -> None:
+    def _acknowledge(self, dropped: list[bytes], bulk: bool = False) -> None:
         """The one acknowledgement of items dropped unanswered (malformed, expired, abandoned): one
         round trip; a failed one leaves them for the next worker to drop."""
         if dropped:
             self.queue.held.difference_update(dropped)
             with contextlib.suppress(RedisError):
-                self.queue.ack_all(dropped)
+                self.queue.ack_all(dropped, bulk)
 
-    def _hold(self, items: list[Held]) -> list[bytes]:
-        """Answer the items' cached texts and hold the rest for the lanes, leaving out abandoned work;
-        the abandoned items, taken now or held before, to acknowledge."""
+    def _hold(self, items: list[Held], bulk: bool) -> list[bytes]:
+        """Answer the items' cached texts and hold the rest for the lanes, leaving out abandoned work
+        (bulk work is never marked abandoned); the abandoned items, taken now or held before, to acknowledge."""
         texts: dict[str, Text] = {}  # by cache key: a text asked for under another score function is another
         for held in items:
             function = ScoreFunction(held.item.function) if held.item.function is not None else None
@@ -164,9 +188,10 @@ class Intake:
                 if (known := texts.get(key)) is None:
                     known = texts[key] = Text(sentence, key, [], held.item.enqueued_at, function=function)
                 known.waiters.append((held, index))
-        self._texts_per_item = len(texts) / len(items)
+        if not bulk:  # (what sizes the queue's takes, and the admission's prediction)
+            self.texts_per_item = len(texts) / len(items)
         commands: list[Command] = [("MGET", *(t.key for t in texts.values()))]
-        if self.drop_abandoned:  # the epoch rides along: no round trip of its own
+        if self.drop_abandoned and not bulk:  # the epoch rides along: no round trip of its own
             commands.append(("GET", self.queue.keys.abandoned_epoch))
         try:
             cached, *epoch = self.queue.link.call(*commands)
@@ -193,7 +218,7 @@ class Intake:
                 todo = self._windows(self._tokenized(todo))
                 if span.is_recording():
                     span.set_attribute("sentiment.tokens", sum(len(t.ids) for t in todo))
-            self.window.add(todo, len(items) - len(taken))
+            self.window.add(todo, len(items) - len(taken), bulk)
         return [h.raw for h in (*taken, *unstarted)]
 
     def _tokenized(self, texts: list[Text]) -> list[tuple[Text, Tokenized]]:

@@ -1,8 +1,10 @@
-"""The bulk-jobs worker: an RQ worker that loads the model once and runs jobs in its own process.
+"""The bulk-jobs worker: an RQ worker that runs jobs through the model workers' pipeline.
 
-`classify` is the job: it runs the texts through the shared cache-aware `Inference.predict` chunk
-by chunk, saving progress in the job's meta and checking for cancellation between chunks. RQ owns
-the rest of the lifecycle (queue, status, result TTL, retries, failed registry).
+`classify` is the job: it sends the texts chunk by chunk to the model workers as bulk work
+(`batcher.bulk`: no model, no torch in this process), each chunk sent while the one before it is
+computed (so the workers never wait for the next), saving progress in the job's meta and checking
+for cancellation between chunks, so a canceled job queues no further chunk. RQ owns the
+rest of the lifecycle (queue, status, result TTL, retries, failed registry).
 
 The API cancels or deletes a job whenever asked (`api.job_store`), also while this worker takes,
 starts, runs or ends it. So the worker writes a job's hash only in a transaction that WATCHes it and
@@ -13,7 +15,7 @@ up. RQ's own versions of those steps write blindly: a canceled job would turn `s
 end `finished`, a deleted one would come back as a hash of a few fields that never expires, and a
 read of a hash that went (`InvalidJobOperation`) would end RQ's worker loop.
 
-A `SimpleWorker` never forks, so the loaded model serves every job; but it has no parent process
+A `SimpleWorker` never forks, so one reply subscription serves every job; but it has no parent process
 to heartbeat the running job, so `JobsWorker` does that from a thread. The heartbeat keeps the
 job's entry in RQ's started registry alive for `heartbeat_ttl_s`: when the process is killed the
 entry lapses, and the next registry cleanup (any jobs worker's maintenance, or the API reading the
@@ -50,7 +52,7 @@ from rq.utils import as_text, now
 from rq.worker import WorkerStatus as RQWorkerStatus  # (not core.protocol's WorkerStatus, a heartbeat)
 
 from batcher import metrics, webhooks
-from batcher.inference import Inference
+from batcher.bulk import Bulk, Chunk
 from batcher.periodic import Periodic
 from batcher.thread_failure import ThreadFailure
 from core import tracing
@@ -60,14 +62,13 @@ from core.redis_connect import sync_client
 from core.redis_errors import Backoff, describe
 from core.settings import Settings
 from core.webhooks import look_now
-from model_store.classifier import Classifier
 
 log = logging.getLogger(__name__)
 
 DEQUEUE_WAIT_S = 2  # longest one wait for a job blocks
 FAILED_STOP_S = 30.0  # a jobs worker whose webhook thread failed may finish its job this long (else it is retried)
 
-_inference: Inference | None = None  # set once per process by `serve_jobs`, used by every job
+_bulk: Bulk | None = None  # set once per process by `serve_jobs`, used by every job
 _stopping = threading.Event()  # set by a stop signal: the running job stops at its next chunk
 
 
@@ -84,20 +85,32 @@ class JobCanceled(Exception):
 
 def classify(texts: list[str]) -> list[Prediction]:
     """The RQ job: predictions for `texts`, in input order."""
-    if _inference is None:
-        raise RuntimeError("no model loaded in this process: run jobs with `sentiment jobs-worker`")
-    job = get_current_job()
-    chunk = _inference.policy.max_texts * CHUNKS_PER_BATCH
+    if _bulk is None:
+        raise RuntimeError("no way to the model workers in this process: run jobs with `sentiment jobs-worker`")
+    try:
+        return _classify(_bulk, get_current_job(), texts)
+    finally:
+        _bulk.close()
+
+
+def _classify(bulk: Bulk, job: Job | None, texts: list[str]) -> list[Prediction]:
+    """`classify`, chunk by chunk, each sent before the last is waited for."""
+    chunk = bulk.item_texts * CHUNKS_PER_BATCH
     predictions: list[Prediction] = []
+    ahead: Chunk | None = None  # sent, not yet waited for: the workers compute it while the next one is sent
     for start in range(0, len(texts), chunk):
         _stop_if_canceled(job)
         if _stopping.is_set():
-            raise JobInterrupted(f"stopped after {start} of {len(texts)} texts")
-        with (
-            metrics.busy(),
-            _chunk_span(job, start, len(texts[start : start + chunk])) if tracing.enabled else tracing.OFF,
-        ):
-            predictions += _inference.predict(texts[start : start + chunk])
+            raise JobInterrupted(f"stopped after {len(predictions)} of {len(texts)} texts")
+        with _chunk_span(job, start, len(texts[start : start + chunk])) if tracing.enabled else tracing.OFF:
+            sent = bulk.send(texts[start : start + chunk])
+        if ahead is not None:
+            predictions += bulk.receive(ahead)
+            _save_progress(job, len(predictions), len(texts))
+        ahead = sent
+    if ahead is not None:
+        _stop_if_canceled(job)  # a cancel meanwhile: the last chunk is not waited for
+        predictions += bulk.receive(ahead)
         _save_progress(job, len(predictions), len(texts))
     _stop_if_canceled(job)  # a cancel during the last chunk stops it too
     return predictions
@@ -166,7 +179,7 @@ QUIET_MAINTENANCE = RoutineMaintenance()
 
 
 class JobsWorker(SimpleWorker):
-    """Runs jobs in this process (model loaded once), heartbeating each run from a thread."""
+    """Runs jobs in this process, heartbeating each run from a thread."""
 
     max_connection_wait_time = 2.0  # RQ's reconnect backoff while waiting for a job stops here, not at a minute
 
@@ -355,14 +368,14 @@ class JobsWorker(SimpleWorker):
                 pipe.execute()
 
 
-def serve_jobs(settings: Settings, inference: Inference, redis: Redis, burst: bool = False) -> bool:
-    """Run jobs with `inference` until stopped (or, in burst mode, until the queue is empty); True if any ran.
+def serve_jobs(settings: Settings, bulk: Bulk, redis: Redis, burst: bool = False) -> bool:
+    """Run jobs through `bulk` until stopped (or, in burst mode, until the queue is empty); True if any ran.
 
     A worker whose loop ends otherwise met an error it does not survive, such as Redis failing mid-job
     (RQ logs it): a fresh one takes over, with backoff.
     """
-    global _inference
-    _inference = inference
+    global _bulk
+    _bulk = bulk
     _stopping.clear()
     tracing.setup("sentiment-jobs-worker")
     # A bug in the webhook thread stops the process as SIGTERM does (the job in hand finishes), then
@@ -373,8 +386,11 @@ def serve_jobs(settings: Settings, inference: Inference, redis: Redis, burst: bo
         if settings.webhook_secrets
         else nullcontext()
     )
-    with sending:
-        worked = _serve(settings, redis, burst)
+    try:
+        with sending:
+            worked = _serve(settings, redis, burst)
+    finally:
+        bulk.close()
     failure.raise_if_failed()
     return worked
 
@@ -407,6 +423,8 @@ def _serve(settings: Settings, redis: Redis, burst: bool) -> bool:
             return worked
         log.warning("jobs worker stopped unasked (%s); a fresh one in %.1f s", why, backoff.delay)
         redis.connection_pool.disconnect()  # the fresh one reconnects: a silent peer's connections are no use
+        if _bulk is not None:
+            _bulk.close()  # (its subscription too: the next chunk subscribes again)
         _stop_on_signal(stop_asked)
         if backoff.pause():
             return worked
@@ -420,24 +438,8 @@ def _stop_on_signal(asked: threading.Event) -> None:
             signal.signal(sig, lambda *_: asked.set())
 
 
-PRIORITIES = ("idle", "low", "normal")
-
-
-def lower_priority(priority: str) -> None:
-    """Let /predict's worker have the CPU first.
-
-    `idle`: Linux's SCHED_IDLE class, which runs only on CPU time nobody else wants and is preempted
-    at once when the /predict worker wakes; `low`: nice 19; `normal`: compete as equals.
-    """
-    if priority == "idle" and hasattr(os, "SCHED_IDLE"):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    elif priority in ("idle", "low"):
-        os.nice(19)
-
-
-def run(settings: Settings, classifier: Classifier) -> None:
-    """`sentiment jobs-worker`, once `lower_priority` ran and the model loaded: serve jobs."""
-    metrics.describe_model(classifier)
+def run(settings: Settings) -> None:
+    """`sentiment jobs-worker`: serve jobs."""
     metrics.serve(settings.jobs_metrics_port)
     redis = sync_client(settings.redis_url, settings.redis_timeout_s)
-    serve_jobs(settings, Inference.for_jobs(settings, classifier, redis), redis)
+    serve_jobs(settings, Bulk(settings, redis), redis)

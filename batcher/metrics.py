@@ -62,6 +62,16 @@ WORK_ITEMS_ABANDONED = Counter(
     "the wait): when=queued at the take, when=held taken but not yet in a forward.",
     ["when"],
 )
+WORK_ITEMS_LATE = Counter(
+    "sentiment_work_items_late",
+    "Work items dropped unstarted at the plan because the forward they would ride in could not end by their "
+    "deadline (the `deadline` overload policy); answered 504, late.",
+)
+BULK_TEXTS = Counter(
+    "sentiment_bulk_texts",
+    "Texts computed for bulk work alone (/jobs chunks): of `sentiment_batch_size_sum`, those no interactive "
+    "request waited for.",
+)
 ABANDONED_TEXTS = Counter(
     "sentiment_abandoned_texts",
     "Texts left out of the forwards because every request that asked for them was abandoned.",
@@ -110,6 +120,12 @@ def timed_forward(forward: Callable[[list[list[int]], bool], T], batch: list[lis
     TOKENS.labels("real").inc(real)
     TOKENS.labels("padded").inc(real if packed else len(batch) * max(map(len, batch), default=0))
     return result
+
+
+def bulk_computed(texts: Iterable[Text]) -> None:
+    """Count the texts of a computed forward that only bulk work waited for (`BULK_TEXTS`)."""
+    if bulk := sum(1 for text in texts if all(held.bulk for held, _ in text.waiters)):
+        BULK_TEXTS.inc(bulk)
 
 
 def forward_started(texts: Iterable[Text]) -> None:

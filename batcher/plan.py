@@ -17,6 +17,16 @@ at no cost in latency. The rules (docs/tuning.md, "Batching"):
 3. Wait: a batch that is not full waits for company only while requests arrive less than
    `max_wait_ms` apart, and at most until its oldest text has been queued `max_wait_ms`: a lone
    client never waits, a backlog never waits again (`Window.next_forward`).
+4. Bulk: /jobs texts (`Keys.bulk`) are held apart, up to `batch_window` more texts. They ride in
+   an interactive forward only where its caps leave room (`fill`), and make a forward of their own
+   (`batch`, one forward at a time) only when nothing interactive is held: interactive work waits
+   for at most the one bulk forward a lane is running.
+5. Deadlines (the `deadline` overload policy): each client's held texts take its turns earliest
+   deadline first (`Window._by_deadline`), and a forward as it goes to a lane leaves out the work
+   items it could not answer by their deadlines, by the measured forward time (`Window._in_time`):
+   they are answered as late, unstarted, rather than computed for nobody. Bulk work is never late
+   (its jobs worker queues again what passed its deadline, and a late answer still fills the cache),
+   and rides in an interactive forward only as far as it leaves that forward's texts in time.
 """
 
 from __future__ import annotations
@@ -28,10 +38,12 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 
+from batcher.forward_time import ForwardTime
 from batcher.work import Held, Text
 from core.settings import Settings
 from model_store.cost import ForwardCost
 
+_TURN = attrgetter("turn")
 ARRIVALS = 8  # work items whose take times estimate the arrival rate
 TAKE_AT_ONCE = 64  # most items one take asks for: the count doubles from 1 while the queue keeps up
 
@@ -108,6 +120,22 @@ def batch(lengths: Sequence[int], policy: Policy) -> tuple[list[tuple[list[int],
     return forwards, full
 
 
+def fill(lengths: Sequence[int], packed: bool, spare: Sequence[int], policy: Policy) -> list[int]:
+    """Which of the `spare` texts (bulk, by token length, oldest first) ride along in a forward of texts
+    of `lengths`: the oldest that fit its caps (`max_texts`; `max_tokens` as the forward is laid
+    out, packed or padded) and are no longer than its longest text, so its padding does not grow."""
+    count, longest, total = len(lengths), max(lengths), sum(lengths)
+    chosen = []
+    for index, length in enumerate(spare):
+        if count >= policy.max_texts:
+            break
+        room = total + length <= policy.max_tokens if packed else (count + 1) * longest <= policy.max_tokens
+        if length <= longest and room:
+            chosen.append(index)
+            count, total = count + 1, total + length
+    return chosen
+
+
 def spread(
     forwards: list[tuple[list[int], bool]], lengths: Sequence[int], lanes: int, policy: Policy
 ) -> list[tuple[list[int], bool]]:
@@ -173,10 +201,20 @@ class Window:
     """The worker's window (`batch_window`): texts taken and not yet in a forward, oldest first; the
     intake adds, the lanes take forwards."""
 
-    def __init__(self, policy: Policy, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        clock: Callable[[], float] = time.time,
+        deadlines: bool = False,
+        late: Callable[[list[Text]], None] | None = None,
+    ) -> None:
         self.policy = policy
         self.clock = clock
+        self.deadlines = deadlines  # rule 5; off: first come, first served within the turns
+        self.late = late  # where the texts of items dropped as late go (the reply stage answers them)
+        self.forward_time = ForwardTime(policy.cost)  # timed by the lanes (`Lanes`)
         self._texts: dict[str, Text] = {}  # by cache key (a text, and its score function), in arrival order
+        self._bulk: dict[str, Text] = {}  # the bulk class's texts, the same way: only for room `_texts` leaves
         self._turns: dict[str, float] = {}  # per client, the turn after its last text held
         self._round = 0.0  # the turn of the last batch's first text: where a client with nothing held comes in
         self._ready: deque[Forward] = deque()  # the rest of the last batch's forwards, run before a new batch
@@ -188,31 +226,73 @@ class Window:
     def __len__(self) -> int:
         return len(self._texts) + sum(len(forward.texts) for forward in self._ready)
 
+    def held(self) -> int:
+        """Texts held, counted under the lock: for threads other than the intake and the lanes (the
+        heartbeat's status), which would otherwise count while a lane takes a forward."""
+        with self._changed:
+            return len(self)
+
     def room(self) -> int:
         """Texts the window can still take."""
         return self.policy.window - len(self)
+
+    def bulk_room(self) -> int:
+        """Bulk texts the window can still take: as many again as interactive ones, held apart."""
+        return self.policy.window - len(self._bulk)
 
     def wait_for_room(self, timeout: float) -> int:
         with self._changed:
             self._changed.wait_for(lambda: self.room() > 0 or self._closed, timeout)
             return self.room()
 
-    def add(self, texts: list[Text], items: int) -> None:
+    def add(self, texts: list[Text], items: int, bulk: bool = False) -> None:
         """Hold `texts` (from `items` work items) for the lanes; a text held already gains their waiters.
         Each new text takes its client's next turn, one text a turn, from the current round on: so
-        clients take turns text by text, and one with nothing held comes in at the next batch."""
+        clients take turns text by text, and one with nothing held comes in at the next batch. Bulk
+        texts are held apart (`_add_bulk`)."""
         with self._changed:
+            if bulk:
+                self._add_bulk(texts)
+                return
             now = self.clock()
             self._arrivals.extend([now] * min(items, ARRIVALS))
+            clients = set()
             for text in texts:
+                if waiting := self._bulk.pop(text.key, None):  # asked for interactively too: it goes as such
+                    text.waiters.extend(waiting.waiters)
                 if held := self._texts.get(text.key):
                     held.waiters.extend(text.waiters)
                 else:
-                    client = text.waiters[0][0].item.client
+                    client = _client(text)
                     text.turn = max(self._round, self._turns.get(client, 0.0))
                     self._turns[client] = text.turn + 1
                     self._texts[text.key] = text
+                    clients.add(client)
+            if self.deadlines:
+                self._by_deadline(clients)
             self._changed.notify_all()
+
+    def _add_bulk(self, texts: list[Text]) -> None:
+        """`add`, for bulk texts: no turns, no arrivals (they never make interactive work wait for
+        company); a text held already, of either class, gains their waiters."""
+        for text in texts:
+            if held := self._texts.get(text.key) or self._bulk.get(text.key):
+                held.waiters.extend(text.waiters)
+            else:
+                self._bulk[text.key] = text
+        self._changed.notify_all()
+
+    def _by_deadline(self, clients: Collection[str]) -> None:
+        """Each of `clients`' held texts take its turns earliest deadline first: the turns a client
+        holds stay its own (fairness between clients is unchanged), their order within it is EDF."""
+        own: dict[str, list[Text]] = {client: [] for client in clients}
+        for text in self._texts.values():
+            if (mine := own.get(_client(text))) is not None:
+                mine.append(text)
+        for mine in own.values():
+            turns = sorted(text.turn for text in mine)
+            for text, turn in zip(sorted(mine, key=attrgetter("deadline", "arrived")), turns, strict=True):
+                text.turn = turn
 
     def next_forward(self) -> Forward | None:
         """The next forward by the policy, waiting for texts or company as it says; None once closed.
@@ -229,10 +309,13 @@ class Window:
         """`next_forward`'s loop, under the lock."""
         while not self._closed:
             if self._ready and not self._turn_comes_first():
-                return self._ready.popleft()
+                if ready := self._in_time(self._ready.popleft()):
+                    return ready
+                continue
             timeout = None
             if self._texts:
-                texts = sorted(self._texts.values(), key=attrgetter("turn"))  # (stable: oldest first on a tie)
+                # (stable: oldest first on a tie; with deadlines, the earliest deadline)
+                texts = sorted(self._texts.values(), key=attrgetter("turn", "deadline") if self.deadlines else _TURN)
                 lengths = [len(t.ids) for t in texts]
                 forwards, full = batch(lengths, self.policy)
                 timeout = texts[0].arrived + self.policy.max_wait_s - self.clock()
@@ -246,9 +329,83 @@ class Window:
                         self._turns = {c: t for c, t in self._turns.items() if t > self._round}
                     self._ready.extend(made[1:])
                     self._changed.notify_all()  # room for the intake, forwards for idle lanes
-                    return made[0]
+                    if first := self._in_time(made[0]):
+                        return self._filled(first)
+                    continue
+            elif self._bulk and not self._ready:
+                return self._bulk_forward()
             self._changed.wait(timeout)
         return None
+
+    def _filled(self, forward: Forward) -> Forward:
+        """`forward` with the bulk texts that fit its spare room (`fill`), as many of them as leave its
+        texts in time (`_riders_in_time`)."""
+        if not self._bulk:
+            return forward
+        spare = list(self._bulk.values())
+        lengths = [len(t.ids) for t in forward.texts]
+        riders = [spare[i] for i in fill(lengths, forward.packed, [len(t.ids) for t in spare], self.policy)]
+        riders = self._riders_in_time(forward, riders)
+        for text in riders:
+            del self._bulk[text.key]
+        return Forward(forward.texts + riders, forward.packed) if riders else forward
+
+    def _riders_in_time(self, forward: Forward, riders: list[Text]) -> list[Text]:
+        """The oldest of `riders` that `forward` can take and still end by the deadline of each of its
+        texts it would end in time for without them (rule 5): bulk work never makes interactive work late."""
+        if not self.deadlines or not riders:
+            return riders
+        lengths = [len(t.ids) for t in forward.texts]
+        if (took := self.forward_time.predict(lengths, forward.packed)) is None:
+            return riders
+        start = self.clock()
+        due = min((t.deadline for t in forward.texts if t.deadline >= start + took), default=float("inf"))
+        while riders:
+            took = self.forward_time.predict(lengths + [len(t.ids) for t in riders], forward.packed)
+            if took is None or start + took <= due:
+                break
+            riders = riders[:-1]
+        return riders
+
+    def _bulk_forward(self) -> Forward:
+        """The next forward of bulk texts alone (nothing interactive is held): the first of the batch
+        `batch` makes of them; the rest stay held, so an interactive text taken meanwhile goes next."""
+        texts = list(self._bulk.values())
+        forwards, _ = batch([len(t.ids) for t in texts], self.policy)
+        indices, packed = forwards[0]
+        for index in indices:
+            del self._bulk[texts[index].key]
+        self._changed.notify_all()  # room for the intake's bulk take
+        return Forward([texts[i] for i in indices], packed)
+
+    def _in_time(self, forward: Forward) -> Forward | None:
+        """`forward` without the texts of work items it could not answer by their deadlines, were it
+        to start now and take as long as forwards have been taking (rule 5); None when nothing is
+        left. Such an item leaves the window whole (its other texts too, where nobody else waits for
+        them) and its texts go to `late`, to be answered as late. Before any forward was timed,
+        every item is in time."""
+        if not self.deadlines:
+            return forward
+        took = self.forward_time.predict([len(t.ids) for t in forward.texts], forward.packed)
+        if took is None:
+            return forward
+        finish = self.clock() + took
+        # (every waiter of it is late; a text a bulk item waits for goes: bulk work is never late)
+        late = [text for text in forward.texts if text.deadline < finish and not _bulk_waits(text)]
+        if not late:
+            return forward
+        items = {held for text in late for held, _ in text.waiters}
+        gone = {id(text) for text in late}
+        kept = [t for t in forward.texts if id(t) not in gone and _without(t, items)]
+        for key, text in list(self._texts.items()):
+            if not _without(text, items):
+                del self._texts[key]
+        ready = [(waiting, [t for t in waiting.texts if _without(t, items)]) for waiting in self._ready]
+        self._ready = deque(_forward(texts, waiting.packed) for waiting, texts in ready if texts)
+        if self.late is not None:
+            self.late(late)
+        self._changed.notify_all()  # room for the intake
+        return _forward(kept, forward.packed) if kept else None
 
     def _turn_comes_first(self) -> bool:
         """Whether a held text's turn comes before every text of the last batch's forwards still to
@@ -291,10 +448,18 @@ class Window:
         """No more forwards: wake every lane, and return the texts still held."""
         with self._changed:
             self._closed = True
-            left = [*self._texts.values(), *(text for forward in self._ready for text in forward.texts)]
-            self._texts, self._ready = {}, deque()
+            left = [
+                *self._texts.values(),
+                *self._bulk.values(),
+                *(text for forward in self._ready for text in forward.texts),
+            ]
+            self._texts, self._bulk, self._ready = {}, {}, deque()
             self._changed.notify_all()
             return left
+
+    def forward_took(self, forward: Forward, seconds: float) -> None:
+        """A lane ran `forward` in `seconds`: the measure of rule 5's predictions."""
+        self.forward_time.record([len(t.ids) for t in forward.texts], forward.packed, seconds)
 
     def _company_likely(self) -> bool:
         """Whether recent requests arrived less than the wait apart."""
@@ -302,3 +467,25 @@ class Window:
             return False
         gap = (self._arrivals[-1] - self._arrivals[0]) / (len(self._arrivals) - 1)
         return gap <= self.policy.max_wait_s
+
+
+def _forward(texts: list[Text], packed: bool) -> Forward:
+    """A forward of what is left of one: one text is never packed."""
+    return Forward(texts, packed and len(texts) > 1)
+
+
+def _client(text: Text) -> str:
+    """The client whose turn a held text takes: its first request's."""
+    return text.waiters[0][0].item.client
+
+
+def _bulk_waits(text: Text) -> bool:
+    """Whether a bulk work item waits for `text` (it was asked for interactively too)."""
+    return any(held.bulk for held, _ in text.waiters)
+
+
+def _without(text: Text, items: Collection[Held]) -> bool:
+    """Take `items`' waiters off `text`; whether anybody still waits for it."""
+    if any(held in items for held, _ in text.waiters):
+        text.waiters[:] = [(held, index) for held, index in text.waiters if held not in items]
+    return bool(text.waiters)

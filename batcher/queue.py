@@ -1,7 +1,8 @@
 """The worker's side of the Redis work list.
 
 Work moves atomically from the shared queue into this worker's processing list and leaves it only
-once its result is written, so a worker that dies holds nothing that cannot be reclaimed.
+once its result is written, so a worker that dies holds nothing that cannot be reclaimed. Bulk work
+(`Keys.bulk`) does the same through a processing list of its own, and goes back onto the bulk list.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class WorkQueue:
         self.keys = keys
         self.worker_id = worker_id
         self.processing = keys.processing(worker_id)
+        self.bulk_processing = keys.bulk_processing(worker_id)
         self.link = Link(redis)
         self.held: set[bytes] = set()  # taken items this process holds in memory, until acknowledged
         self.deaths = DeathWatch(redis, keys, worker_id)
@@ -43,40 +45,51 @@ class WorkQueue:
         [depth] = self.link.call(("LLEN", self.keys.queue))
         return depth
 
-    def take_queued(self, most: int) -> list[bytes]:
-        """Up to `most` queued items, oldest first, moved into our processing list in one round trip
-        (a pipeline of LMOVEs: each move is atomic, so a crash mid-way leaves nothing unreclaimable)."""
+    def take_queued(self, most: int, bulk: bool = False) -> list[bytes]:
+        """Up to `most` queued items (of the bulk class: from `Keys.bulk`), oldest first, moved into our
+        processing list in one round trip (a pipeline of LMOVEs: each move is atomic, so a crash
+        mid-way leaves nothing unreclaimable)."""
         if not most:
             return []
-        replies = self.link.call(
-            *[("LMOVE", self.keys.queue, self.processing, "RIGHT", "LEFT")] * most, raise_errors=False
-        )
+        source, held_in = self._lists(self.worker_id)[bulk]
+        replies = self.link.call(*[("LMOVE", source, held_in, "RIGHT", "LEFT")] * most, raise_errors=False)
         moved = [raw for raw in replies if isinstance(raw, bytes)]
         if not moved and (errors := [r for r in replies if isinstance(r, ResponseError)]):
             raise errors[0]  # (moves a refusal cut short are kept: they are ours now)
         return moved
 
-    def ack_all(self, raws: list[bytes]) -> None:
-        """Drop several items from our processing list in one round trip."""
-        self.link.call(*(("LREM", self.processing, 1, raw) for raw in raws))
+    def ack_all(self, raws: list[bytes], bulk: bool = False) -> None:
+        """Drop several items from our processing list (the bulk one) in one round trip."""
+        self.link.call(*(("LREM", self.processing_list(bulk), 1, raw) for raw in raws))
+
+    def processing_list(self, bulk: bool) -> str:
+        """Where our taken items of a class wait for their answer."""
+        return self.bulk_processing if bulk else self.processing
+
+    def _lists(self, worker_id: str) -> tuple[tuple[str, str], tuple[str, str]]:
+        """(queue, processing list) of the interactive class and of the bulk class, for a worker."""
+        keys = self.keys
+        return (keys.queue, keys.processing(worker_id)), (keys.bulk, keys.bulk_processing(worker_id))
 
     def requeue_unheld(self) -> int:
         """Requeue the items in our processing list that this process does not hold: taken by a round
         trip whose replies a broken connection lost. Atomic against the reply stage's acknowledgements
         (WATCH, retried)."""
 
+        lists = self._lists(self.worker_id)
+
         def move(pipe: Pipeline) -> int:
             held = set(self.held)
-            orphans = [raw for raw in pipe.lrange(self.processing, 0, -1) if raw not in held]
+            orphans = [(q, p, raw) for q, p in lists for raw in pipe.lrange(p, 0, -1) if raw not in held]
             pipe.multi()
-            for raw in orphans:
-                pipe.execute_command("LREM", self.processing, 1, raw)
-                pipe.rpush(self.keys.queue, raw)
+            for queue, processing, raw in orphans:
+                pipe.execute_command("LREM", processing, 1, raw)
+                pipe.rpush(queue, raw)
             return len(orphans)
 
         # (`type: ignore`: redis-py types `transaction`'s callable as returning None, and its result as
         # the pipeline's replies; with `value_from_callable` it is what the callable returns.)
-        moved: int = self.redis.transaction(move, self.processing, value_from_callable=True)  # type: ignore[arg-type,assignment]
+        moved: int = self.redis.transaction(move, *(p for _, p in lists), value_from_callable=True)  # type: ignore[arg-type,assignment]
         return moved
 
     def give_back(self) -> int:
@@ -95,8 +108,9 @@ class WorkQueue:
         return moved
 
     def _requeue(self, worker_id: str) -> int:
-        # Newest first onto the consuming end: the oldest item ends up first in line again.
+        # Newest first onto the consuming end: the oldest item ends up first in line again, in its class's queue.
         count = 0
-        while self.redis.lmove(self.keys.processing(worker_id), self.keys.queue, "LEFT", "RIGHT") is not None:
-            count += 1
+        for queue, processing in self._lists(worker_id):
+            while self.redis.lmove(processing, queue, "LEFT", "RIGHT") is not None:
+                count += 1
         return count

@@ -44,6 +44,7 @@ class Outcome:
     logits: np.ndarray | None = None
     error: str | None = None
     tokens: list[int] | None = None  # refused as too long: each text's tokens (the error says the limit)
+    late: bool = False  # their requests could not be answered by their deadlines: answered as late
 
 
 class Replies:
@@ -94,6 +95,11 @@ class Replies:
         its texts' places and token counts (`Result.too_long`), which the API answers as a 422."""
         error = f"longer than the model's {max_tokens} tokens (SENTIMENT_LONG_TEXTS=reject)"
         self._inbox.put(Outcome([t for t, _ in texts], error=error, tokens=[n for _, n in texts]))
+
+    def late(self, texts: list[Text]) -> None:
+        """Every request waiting on `texts` is answered as late (`plan.Window._in_time` dropped them)."""
+        metrics.WORK_ITEMS_LATE.inc(len({id(held) for text in texts for held, _ in text.waiters}))
+        self._inbox.put(Outcome(texts, late=True))
 
     def close(self) -> None:
         """Write what was put so far, then end the thread."""
@@ -158,7 +164,9 @@ class Replies:
                 for held, at in text.waiters:
                     if held.answered:
                         continue
-                    if predictions is None:
+                    if outcome.late:
+                        held.late = True
+                    elif predictions is None:
                         held.error = outcome.error
                     else:
                         held.fill(at, predictions[index])
@@ -173,7 +181,7 @@ class Replies:
             # Read only by a waiter the reply missed, and nobody waits past the deadline: a second more at most.
             ttl_s = min(self.result_ttl_s, max(held.item.deadline - now, 0.0) + 1.0)
             writes.append(("SET", self.keys.result(held.item.id), result, "PX", int(ttl_s * 1000)))
-            writes.append(("LREM", self.queue.processing, 1, held.raw))
+            writes.append(("LREM", self.queue.processing_list(held.bulk), 1, held.raw))
             answers.setdefault(held.item.reply_to, []).append((held.item.id, result))
             done.setdefault(held.item.client, []).append(held.item.id)
         writes += [("PUBLISH", channel, replies(pairs)) for channel, pairs in answers.items()]

@@ -23,8 +23,10 @@ class Held:
     missing: int = field(init=False)
     error: str | None = None  # the model failed on one of its texts, or refused it
     too_long: list[list[int]] = field(default_factory=list)  # refused texts: [index, tokens] (`Result.too_long`)
+    late: bool = False  # dropped at the plan: it could not be answered by its deadline
     answered: bool = False
     started: bool = False  # a text of it has gone into a forward (its queue wait is recorded)
+    bulk: bool = False  # of the bulk class (a /jobs chunk, `Keys.bulk`): held in the bulk processing list
 
     def __post_init__(self) -> None:
         self.predictions = [None] * len(self.item.texts)
@@ -37,9 +39,11 @@ class Held:
 
     @property
     def complete(self) -> bool:
-        return self.missing == 0 or self.error is not None
+        return self.missing == 0 or self.error is not None or self.late
 
     def result(self) -> bytes:
+        if self.late:
+            return Result(late=True).encode()
         if self.error is not None:
             return Result(error=self.error, too_long=self.too_long or None).encode()
         return encode_result(cast("list[bytes]", self.predictions))  # complete: no None left

@@ -57,7 +57,11 @@ class Worker:
         self._started_at = time.time()
         self._stopping = threading.Event()
         self.queue = WorkQueue(redis, self.keys, self.id)
-        self.window = Window(Policy.of(settings, classifier.cost, classifier.lanes))
+        self.window = Window(
+            Policy.of(settings, classifier.cost, classifier.lanes),
+            deadlines=settings.overload_policy == "deadline",
+            late=lambda texts: self.replies.late(texts),
+        )
         self.failure = ThreadFailure(self.stop, FAILED_STOP_S)
         c = classifier
         model = ModelInfo(c.name, c.version, c.labels, c.device, c.dtype_name, c.function.value)
@@ -94,7 +98,8 @@ class Worker:
     @property
     def status(self) -> WorkerStatus:
         """What the heartbeat says: who this worker is, and its counters."""
-        lanes = self.lanes
+        lanes, policy = self.lanes, self.window.policy
+        full = self.window.forward_time.full_forward(policy.max_texts, policy.max_tokens)
         return WorkerStatus(
             id=self.id,
             host=self._host,
@@ -107,6 +112,10 @@ class Worker:
             expired=self.intake.expired,
             largest_batch_requests=lanes.largest_forward_requests,
             connection=self._connection,
+            texts_per_s=None if full is None else self.classifier.lanes * full[0] / full[1],
+            forward_s=None if full is None else full[1],
+            held_texts=self.window.held() + sum(len(forward.texts) for forward, _ in list(lanes.running.values())),
+            texts_per_item=self.intake.texts_per_item,
         )
 
     def stop(self) -> None:

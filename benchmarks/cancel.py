@@ -39,10 +39,10 @@ COUNTERS = (
 )
 
 
-def counters(*urls: str) -> dict[str, float]:
-    """`COUNTERS` summed over their labels and the processes at `urls` (their /metrics)."""
-    scraped = [parse_metrics(httpx.get(url, timeout=10).text, COUNTERS) for url in urls]
-    return {name: sum(s.get(name, 0.0) for s in scraped) for name in COUNTERS}
+def counters(*urls: str, names: tuple[str, ...] = COUNTERS) -> dict[str, float]:
+    """`names` summed over their labels and the processes at `urls` (their /metrics)."""
+    scraped = [parse_metrics(httpx.get(url, timeout=10).text, names) for url in urls]
+    return {name: sum(s.get(name, 0.0) for s in scraped) for name in names}
 
 
 def measure(

@@ -147,7 +147,7 @@ class Topology:
             "api-2": ("api", ("--port", str(self.api_ports[1]))),
             "worker-1": ("worker", ()),
             "worker-2": ("worker", ()),
-            "jobs-worker": ("jobs-worker", ("--threads", "1")),
+            "jobs-worker": ("jobs-worker", ()),
         }
         children = []
         for name, (command, args) in commands.items():

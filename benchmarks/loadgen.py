@@ -1,4 +1,6 @@
-"""A closed-loop HTTP load generator: N connections, each sends its next request when the last answers.
+"""HTTP load generators: closed loop (N connections, each sends its next request when the last
+answers) and open loop (`open_loop`: requests at a constant rate, whatever the answers, as k6's
+`constant-arrival-rate` sends them: a closed loop slows down with the service, and so hides overload).
 
 Raw asyncio HTTP/1.1 with keep-alive rather than an HTTP client library: on a 2-core box the client
 shares the CPU with what it measures, and this costs a fraction of httpx's CPU per request. Its own
@@ -203,6 +205,111 @@ def together(url: str, loads: list[Load], duration_s: float, warmup_s: float = 1
     async def run() -> list[LoadResult]:
         return await asyncio.gather(
             *(_run([url], load.texts_for, load.concurrency, warmup_s, duration_s, load.headers) for load in loads)
+        )
+
+    return asyncio.run(run())
+
+
+@dataclass(frozen=True)
+class OpenLoopResult:
+    """One open-loop point: the requests sent inside the measuring window, by how each ended."""
+
+    rate_per_s: float
+    duration_s: float
+    sent: int
+    in_time: int  # answered 200 before the client's deadline
+    refused: int  # 503 (the service said at once it could not answer in time, or a queue limit)
+    late: int  # 504 (the service's own deadline)
+    gave_up: int  # no answer by the client's deadline
+    errors: int  # anything else
+    p99_ms: float | None  # of the answers in time
+    refusal_p99_ms: float | None  # of the refusals
+    client_cpu_share: float
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {
+            "rate_per_s": round(self.rate_per_s, 2),
+            "duration_s": round(self.duration_s, 3),
+            "sent": self.sent,
+            "in_time": self.in_time,
+            "goodput_per_s": round(self.in_time / self.duration_s, 2),
+            "refused": self.refused,
+            "late": self.late,
+            "gave_up": self.gave_up,
+            "errors": self.errors,
+            "p99_ms": self.p99_ms,
+            "refusal_p99_ms": self.refusal_p99_ms,
+            "client_cpu_share": round(self.client_cpu_share, 3),
+        }
+
+
+def open_loop(
+    url: str,
+    texts_for: Callable[[int], list[str]],
+    rate_per_s: float,
+    duration_s: float,
+    warmup_s: float,
+    give_up_s: float,
+    headers: Mapping[str, str] | None = None,
+) -> OpenLoopResult:
+    """POST `{"text": texts_for(i)}` to `url` at `rate_per_s` requests a second for warm-up + duration,
+    each sent when due whatever the earlier ones are doing (as many connections as that takes), each
+    given up after `give_up_s`. The requests due after the warm-up count, by how they ended: by their
+    schedule, not the moment they went out, so a generator that falls behind on a busy machine still
+    counts the window's arrivals (it would count none where it falls behind by the whole window)."""
+
+    async def run() -> OpenLoopResult:
+        split = urlsplit(url)
+        host, port, path = split.hostname or "127.0.0.1", split.port or 80, split.path or "/"
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        measure_from, measure_to = start + warmup_s, start + warmup_s + duration_s
+        idle: list[_Connection] = []  # keep-alive connections free for the next request
+        answers: dict[int, list[float]] = {}  # by status, each request's milliseconds, of those due in the window
+
+        async def send(number: int, due: float) -> None:
+            conn = idle.pop() if idle else _Connection(host, port, headers or {})
+            sent_at = loop.time()
+            try:
+                async with asyncio.timeout(give_up_s):
+                    status = await conn.post(path, orjson.dumps({"text": texts_for(number)}))
+                idle.append(conn)
+            except TimeoutError:  # (before OSError, its base class)
+                conn.close()
+                status = GAVE_UP
+            except (OSError, asyncio.IncompleteReadError):
+                conn.close()
+                status = 0
+            if measure_from <= due < measure_to:
+                answers.setdefault(status, []).append((loop.time() - sent_at) * 1000)
+
+        cpu_before = time.process_time()
+        sending: set[asyncio.Task[None]] = set()
+        for number in itertools.count():
+            if (due := start + number / rate_per_s) >= measure_to:
+                break
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            task = loop.create_task(send(number, due))
+            sending.add(task)
+            task.add_done_callback(sending.discard)
+        await asyncio.gather(*sending)
+        for conn in idle:
+            conn.close()
+        cpu_share = (time.process_time() - cpu_before) / (loop.time() - start)
+        counted = {status: len(ms) for status, ms in answers.items()}
+        known = (200, 503, 504, GAVE_UP)
+        return OpenLoopResult(
+            rate_per_s,
+            duration_s,
+            sum(counted.values()),
+            counted.get(200, 0),
+            counted.get(503, 0),
+            counted.get(504, 0),
+            counted.get(GAVE_UP, 0),
+            sum(n for status, n in counted.items() if status not in known),
+            percentile(sorted(answers.get(200, [])), 99),
+            percentile(sorted(answers.get(503, [])), 99),
+            cpu_share,
         )
 
     return asyncio.run(run())

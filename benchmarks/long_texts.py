@@ -3,8 +3,9 @@
     python -m benchmarks.long_texts [--shared ../shared] [--out benchmarks/results]
 
 1. Answers: real SST-2 dev sentences joined into long reviews (about 1,000-2,000 tokens), scored by
-   the trained small checkpoint under `truncate`, `chunk` and `reject`, on the bulk path's code
-   (`batcher.inference`: the worker's tokenizer and pooling). Two sets: reviews whose sentences all
+   the trained small checkpoint under `truncate`, `chunk` and `reject`, as a bulk job's chunks get
+   them (`batcher.bulk` to a model worker run in this process on fakeredis: its tokenizer, batches
+   and pooling). Two sets: reviews whose sentences all
    share one label, and reviews whose first 512 tokens are of one label and the rest, the larger
    part, of the other ("the verdict comes later"; the truth is the majority's label).
 2. Deadline: the service as deployed (`sentiment api` and `sentiment worker`, a real Redis), with the
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -32,10 +34,10 @@ from typing import Any
 import fakeredis
 import httpx
 
-from batcher.inference import Inference
+from batcher.bulk import Bulk, BulkFailed
+from batcher.worker import Worker
 from benchmarks.processes import running
 from benchmarks.service import redis_server, service_env
-from core.protocol import Keys
 from core.settings import Settings
 from model_store.classifier import Classifier
 from model_store.factory import write_full_size_model
@@ -95,8 +97,11 @@ def answers(shared: Path) -> dict[str, Any]:
         review["tokens"] = tokens(review["text"])
     for handling in LongTexts:
         classifier = Classifier(model_dir, device="cpu", precision="fp32", long_texts=handling)
-        settings = Settings(model_dir=model_dir, long_texts=handling.value)
-        inference = Inference.for_jobs(settings, classifier, fakeredis.FakeRedis(), Keys(f"long-{handling}"))
+        settings = Settings(model_dir=model_dir, long_texts=handling.value, key_prefix=f"long-{handling}")
+        redis = fakeredis.FakeRedis()
+        worker, bulk = Worker(settings, redis, classifier), Bulk(settings, redis)
+        running_worker = threading.Thread(target=worker.run, daemon=True)
+        running_worker.start()
         for set_name in ("one label", "verdict later"):
             rows = [r for r in texts if r["set"] == set_name]
             right = refused = 0
@@ -104,9 +109,10 @@ def answers(shared: Path) -> dict[str, Any]:
             started = time.perf_counter()
             for review in rows:
                 try:
-                    [prediction] = inference.predict([review["text"]])
-                except ValueError:
+                    [prediction] = bulk.receive(bulk.send([review["text"]]))
+                except BulkFailed:
                     refused += 1
+                    bulk.close()
                     continue
                 scores = [s["score"] for s in prediction]
                 right += scores.index(max(scores)) == review["truth"]
@@ -118,6 +124,9 @@ def answers(shared: Path) -> dict[str, Any]:
                 "mean_score_of_the_truth": sum(truth_scores) / len(truth_scores) if truth_scores else None,
                 "seconds": round(time.perf_counter() - started, 2),
             }
+        bulk.close()
+        worker.stop()
+        running_worker.join()
     for set_name in ("one label", "verdict later"):
         lengths = [r["tokens"] for r in texts if r["set"] == set_name]
         results.setdefault("reviews", {})[set_name] = {"tokens_min": min(lengths), "tokens_max": max(lengths)}

@@ -216,6 +216,25 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
             f"{p['gave_up']} | {p['computed_texts']} | {p['texts_for_nobody']} | {_cell(p['share_for_nobody'])} |"
             for p in cancel["points"]
         ]
+    if goodput := results.get("goodput"):
+        lines += [
+            "",
+            f"**Goodput** (open loop at multiples of the saturation rate, {goodput['saturation_texts_per_s']} "
+            f"texts/s; every request due within {goodput['deadline_s']:g} s; each overload policy on fresh "
+            "processes; the last row of each, 0.5x beside a bulk job)",
+            "",
+            "| policy | load | sent | goodput/s | p99 ms | refused | refusals' p99 ms | late (504) | gave up | "
+            "computed | for nobody |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for policy, run in goodput["policies"].items():
+            rows = [(f"{p['multiple']:g}x", p) for p in run["points"]] + [("0.5x + job", run["beside_job"])]
+            lines += [
+                f"| {policy} | {load} | {p['sent']} | {p['goodput_per_s']} | {_cell(p['p99_ms'])} | {p['refused']} | "
+                f"{_cell(p['refusal_p99_ms'])} | {p['late']} | {p['gave_up']} | {p['computed_texts']} | "
+                f"{_cell(p['share_for_nobody'])} |"
+                for load, p in rows
+            ]
     cache = [("(4) cache hits", (results.get("service") or {}).get("cache_hits"))]
     cache += [("bare endpoint", p) for p in results.get("bare") or []]
     if any(p for _, p in cache):

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from benchmarks.limit import Limit
     from benchmarks.service import Reference
 
-PARTS = ("limit", "naive", "service", "cache", "ceiling", "fairness", "cancel")  # cancel: not in the default --only
+# cancel, goodput: not in the default --only
+PARTS = ("limit", "naive", "service", "cache", "ceiling", "fairness", "cancel", "goodput")
 BATCH_SIZES = [1, 8, 16, 32, 64]
 SERVICE_CLIENTS = [1, 8, 32, 128]
 NAIVE_CLIENTS = [1, 32]
@@ -165,6 +166,7 @@ def _measure(bench: Bench, results: dict[str, Any]) -> dict[str, str]:
         "ceiling": "ceiling" in only,
         "fairness": "fairness" in only,
         "cancel": "cancel" in only,
+        "goodput": "goodput" in only,
     }  # (4): the cache path, then the bare endpoint
     with model_dir(bench.args.model, bench.settings, bench.config_dir) as model:
         parts = _parts(bench, model, results)
@@ -179,7 +181,7 @@ def _measure(bench: Bench, results: dict[str, Any]) -> dict[str, str]:
 
 def _parts(bench: Bench, model: Path, results: dict[str, Any]) -> dict[str, Callable[[], object]]:
     """Each part's measurement, on `model`."""
-    from benchmarks import cancel, ceiling, fairness, service
+    from benchmarks import cancel, ceiling, fairness, goodput, service
     from benchmarks.workload import UniqueTexts
     from sentiment.embedded import worker_env
 
@@ -218,6 +220,16 @@ def _parts(bench: Bench, model: Path, results: dict[str, Any]) -> dict[str, Call
         ),
         "cancel": lambda: cancel.measure(
             model, device, texts, duration, warmup, _progress, worker_env(settings), args.texts_per_request
+        ),
+        "goodput": lambda: goodput.measure(
+            texts,
+            _progress,
+            model,
+            device,
+            worker_env(settings),
+            duration,
+            warmup,
+            goodput.JOB_TEXTS if not args.quick else goodput.QUICK_JOB_TEXTS,
         ),
     }
 
@@ -311,6 +323,14 @@ def _progress(part: str, point: Mapping[str, object]) -> None:
             "gave_up",
             "computed_texts",
             "share_for_nobody",
+            "saturation_texts_per_s",
+            "policy",
+            "multiple",
+            "goodput_per_s",
+            "refused",
+            "late",
+            "refusal_p99_ms",
+            "p99_ratio_to_alone",
         )
     }
     print(f"  {part}: {shown}", flush=True)

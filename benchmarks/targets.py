@@ -78,6 +78,50 @@ def evaluate(results: dict[str, Any], clients: int = 32) -> list[dict[str, Any]]
         ),
         _target("ceiling: API CPU a 1-text miss (us)", api_cpu, "<= 300", None if api_cpu is None else api_cpu <= 300),
         *_fairness(results.get("fairness")),
+        *_goodput(results.get("goodput")),
+    ]
+
+
+def _goodput(goodput: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The issue's goodput targets, for the `deadline` policy (only where the part ran): goodput at 2x and
+    3x saturation against its peak, refusals' p99 at 3x, the share computed for nobody (the worst
+    point), and the interactive p99 beside a bulk job against alone. The `queue-length` policy is the
+    baseline the table shows beside it."""
+    if not goodput:
+        return []
+    deadline = goodput["policies"].get("deadline") or {}
+    points = {p["multiple"]: p for p in deadline.get("points", [])}
+    peak = deadline.get("peak_goodput_per_s")
+    targets = []
+    for multiple in (2.0, 3.0):
+        ratio = points[multiple]["goodput_per_s"] / peak if multiple in points and peak else None
+        targets.append(
+            _target(
+                f"goodput: at {multiple:g}x saturation / peak (deadline policy)",
+                ratio,
+                ">= 0.9",
+                None if ratio is None else ratio >= 0.9,
+            )
+        )
+    refusals = (points.get(3.0) or {}).get("refusal_p99_ms")
+    shares = [p["share_for_nobody"] for p in points.values() if p.get("share_for_nobody") is not None]
+    worst = max(shares) if shares else None
+    beside = (deadline.get("beside_job") or {}).get("p99_ratio_to_alone")
+    return [
+        *targets,
+        _target("goodput: refusals' p99 at 3x (ms)", refusals, "<= 5", None if refusals is None else refusals <= 5),
+        _target(
+            "goodput: share of computed texts for nobody (worst point)",
+            worst,
+            "<= 0.05",
+            None if worst is None else worst <= 0.05,
+        ),
+        _target(
+            "goodput: interactive p99 at 0.5x beside a bulk job / alone",
+            beside,
+            "<= 1.2",
+            None if beside is None else beside <= 1.2,
+        ),
     ]
 
 

@@ -9,6 +9,10 @@ its own `processing(worker)` list, computes, writes `result(id)` (short TTL) and
 text, PUBLISHes `replies` (ids and results) on the items' `reply_to` channel, and in the same
 transaction removes the items from its processing list. A dead worker's processing list is pushed back onto the
 queue by a live one.
+
+Bulk work (/jobs chunks, pushed by the jobs worker) is the same `WorkItem` on a list of its own,
+`bulk`, moved into `bulk_processing(worker)` and answered the same way: the list says the class, and
+a worker takes from it only for room the queue leaves (`batcher.plan`).
 """
 
 from __future__ import annotations
@@ -114,6 +118,15 @@ class Keys:
 
     def processing(self, worker_id: str) -> str:
         return f"{self.prefix}:processing:{worker_id}"
+
+    @property
+    def bulk(self) -> str:
+        """The bulk class's queue: /jobs chunks' never-seen texts, as `WorkItem`s the jobs worker LPUSHes."""
+        return f"{self.prefix}:bulk"
+
+    def bulk_processing(self, worker_id: str) -> str:
+        """A worker's bulk items taken and not yet answered (reclaimed onto `bulk` as `processing` is onto `queue`)."""
+        return f"{self.prefix}:processing-bulk:{worker_id}"
 
     def heartbeat(self, worker_id: str) -> str:
         return f"{self.prefix}:heartbeat:{worker_id}"
@@ -252,13 +265,15 @@ class WorkItem(_Json):
 
 @dataclass(frozen=True, slots=True)
 class Result(_Json):
-    """What the worker writes to `Keys.result`: one prediction per item text, or an error."""
+    """What the worker writes to `Keys.result`: one prediction per item text, an error, or `late`: the
+    item was dropped unstarted because it could not be answered by its deadline (not lost: the API's 504)."""
 
     predictions: list[Prediction] | None = None
     error: str | None = None
     # Texts refused as longer than the model takes (`SENTIMENT_LONG_TEXTS=reject`): [index in the item's
     # texts, its tokens] each; the API answers them as bad input (422), naming them by the request's index.
     too_long: list[list[int]] | None = None
+    late: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,3 +303,10 @@ class WorkerStatus(_Json):
     expired: int = 0
     largest_batch_requests: int = 0
     connection: str | None = None  # the name on its Redis connections; None: only the heartbeat tells its death
+    # What the API's admission predicts by (`api.admission`): the texts a second this worker computes
+    # under load and a full forward's seconds (None until it timed a forward: a cold worker is not
+    # predicted), the texts it holds (taken, not yet answered), and the distinct texts a queued item brings.
+    texts_per_s: float | None = None
+    forward_s: float | None = None
+    held_texts: int = 0
+    texts_per_item: float = 1.0

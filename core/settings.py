@@ -103,6 +103,15 @@ class Settings(BaseSettings):
         "Retry-After at once, instead of queueing work that would time out, to the client holding the most "
         "outstanding work; other clients get in up to twice this (0: no limit).",
     )
+    overload_policy: Literal["deadline", "queue-length"] = Field(
+        "deadline",
+        description="How the service meets more work than it can answer in time. `deadline`: the API refuses "
+        "at once (503 with Retry-After) a request it predicts would miss its deadline, from the work queued ahead "
+        "of it and the workers' measured throughput, and the worker runs held work earliest deadline first within "
+        "the clients' turns and drops a request whose forward could not end by its deadline (a 504 saying it was "
+        "late). `queue-length`: first come, first served, refused only past `SENTIMENT_MAX_QUEUE_DEPTH` (which "
+        'holds under both; docs/reliability.md, "Overload").',
+    )
 
     # Results
     cache_ttl_s: int = Field(86_400, ge=1, description="Lifetime of a cached per-text prediction.")

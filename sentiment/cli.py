@@ -82,19 +82,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     with_address(commands.add_parser("api", help="the HTTP API (needs SENTIMENT_REDIS_URL)")).set_defaults(run=_api)
     worker = commands.add_parser("worker", help="the micro-batching model worker (needs SENTIMENT_REDIS_URL)")
     with_probe(worker, "a worker on this host has a fresh heartbeat").set_defaults(run=_worker)
-    jobs = commands.add_parser("jobs-worker", help="the bulk-jobs (RQ) worker, below /predict's CPU priority")
-    jobs.add_argument(
-        "--threads",
-        type=int,
-        default=settings.torch_threads,
-        help="torch threads (default SENTIMENT_TORCH_THREADS, else one per core: the idle priority protects /predict)",
-    )
-    jobs.add_argument(
-        "--priority",
-        choices=("idle", "low", "normal"),
-        default="idle",
-        help="CPU priority against /predict's worker: idle = SCHED_IDLE, low = nice 19 (default %(default)s)",
-    )
+    jobs = commands.add_parser("jobs-worker", help="the bulk-jobs (RQ) worker: /jobs through the model workers")
     with_probe(jobs, "an RQ worker on this host is registered on the jobs queue").set_defaults(run=_jobs_worker)
 
     model = commands.add_parser("model", help="model checkpoints").add_subparsers(required=True, metavar="ACTION")
@@ -246,16 +234,11 @@ def _jobs_worker(settings: Settings, args: argparse.Namespace) -> None:
 
         _probe(args.probe, lambda client: jobs_worker_alive_on_this_host(client, settings.jobs_queue), settings)
 
-    _model_process(settings)
-    from batcher.jobs import lower_priority, run
+    from batcher.jobs import run
     from batcher.thread_failure import ThreadFailed
-    from model_store.classifier import Classifier
 
-    lower_priority(args.priority)  # before torch starts its thread pool, so every thread inherits it
-    with _starting("jobs-worker"):
-        classifier = Classifier.from_settings(settings, args.threads)
     try:
-        run(settings, classifier)
+        run(settings)
     except ThreadFailed as exc:  # logged with its traceback; the exit says it in one line
         raise SystemExit(f"sentiment jobs-worker: {exc}") from None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,7 +27,7 @@ from api.predictions import CacheStatus, ModelInfoCache, Predictor
 from api.results import ResultWaiter
 from api.routes import RequestRoute
 from batcher.worker import Worker
-from core.protocol import Keys, ModelInfo, Result, WorkItem, new_id, prediction, replies
+from core.protocol import Keys, ModelInfo, Result, WorkerStatus, WorkItem, new_id, prediction, replies
 from core.settings import Settings
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
@@ -682,3 +683,88 @@ def test_a_request_route_refuses_what_it_would_not_inject() -> None:
         APIRouter(route_class=RequestRoute).add_api_route("/parameter", with_a_parameter)
     with pytest.raises(TypeError, match="no dependencies"):
         APIRouter(route_class=RequestRoute, dependencies=[Depends(lambda: None)]).add_api_route("/guarded", plain)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/predict", {"text": ["in a hurry"]}),
+        (
+            "/v2/models/tiny/infer",
+            {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["in a hurry"]}]},
+        ),
+    ],
+)
+async def test_a_request_timeout_header_is_the_work_items_deadline(
+    client: httpx.AsyncClient, redis: fakeredis.FakeRedis, settings: Settings, path: str, body: dict
+) -> None:
+    # No worker: the request waits out its own deadline, not the service's 10 s, and the item it
+    # queued carries that deadline for every later decision (the worker's plan, its expiry).
+    keys = Keys(settings.key_prefix)
+    announce(redis, keys)
+    response = await asyncio.wait_for(client.post(path, json=body, headers={"X-Request-Timeout": "0.5"}), HANG_GUARD_S)
+    assert response.status_code == 504, response.text
+    assert response.json()["error_type"] == "timeout"
+    item = WorkItem.decode(redis.lindex(keys.queue, 0))
+    assert 0.4 < item.deadline - item.enqueued_at <= 0.5
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan", "inf", "10.5", ""])
+async def test_a_bad_request_timeout_header_is_a_422_naming_it(client: httpx.AsyncClient, value: str) -> None:
+    response = await client.post("/predict", json={"text": ["x"]}, headers={"X-Request-Timeout": value})
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["header", "X-Request-Timeout"]
+    assert "at most 10" in error["msg"]
+
+
+async def test_work_that_cannot_make_its_deadline_is_answered_late_unstarted(
+    settings: Settings,
+    fake_server: fakeredis.FakeServer,
+    worker: Worker,
+    classifier: Classifier,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Forwards take 3 s here: a request due within 1 s cannot be answered in time, so the worker's
+    # plan drops it before the model runs and the API says so (late, not lost), within its deadline.
+    # The API admits it (an API without admission here: a prediction can be wrong), the plan is the last word.
+    admitting = settings.model_copy(update={"overload_policy": "queue-length"})
+    real_forward = classifier.engine.forward
+
+    def slow(batch: list[list[int]], packed: bool = False) -> Any:
+        time.sleep(3.0)
+        return real_forward(batch, packed)
+
+    monkeypatch.setattr(classifier.engine, "forward", slow)
+    start_worker(worker)
+    async with client_for(admitting, fakeredis.FakeAsyncRedis(server=fake_server)) as client:
+        timed = await asyncio.wait_for(client.post("/predict", json={"text": ["the forward is timed"]}), HANG_GUARD_S)
+        assert timed.status_code == 200
+        computed = worker.lanes.computed
+        response = await asyncio.wait_for(
+            client.post("/predict", json={"text": ["in a hurry"]}, headers={"X-Request-Timeout": "1"}), HANG_GUARD_S
+        )
+    assert response.status_code == 504
+    assert response.json()["error"].startswith("late, not lost")
+    assert worker.lanes.computed == computed
+
+
+async def test_a_request_the_workers_could_not_answer_in_time_is_refused_at_once_writing_nothing(
+    client: httpx.AsyncClient, redis: fakeredis.FakeRedis, settings: Settings
+) -> None:
+    # A worker that computes 10 texts a second, 100 texts queued: about 10 s until a new one is answered.
+    keys = Keys(settings.key_prefix)
+    announce(redis, keys)
+    worker = WorkerStatus(id="w", host="h", pid=1, model_version="v1", started_at=0.0, texts_per_s=10.0, forward_s=0.1)
+    redis.sadd(keys.workers, worker.id)
+    redis.set(keys.heartbeat(worker.id), worker.encode())
+    queued = WorkItem(id="i", texts=["x"], enqueued_at=0.0, deadline=0.0, reply_to="r").encode()
+    redis.lpush(keys.queue, *[queued] * 100)
+    before = redis.dbsize()
+    response = await asyncio.wait_for(
+        client.post("/predict", json={"text": ["in a hurry"]}, headers={"X-Request-Timeout": "1"}), HANG_GUARD_S
+    )
+    assert response.status_code == 503
+    assert response.json()["error_type"] == "overloaded"
+    assert response.headers["Retry-After"] == "10"  # 10.1 s - 1 s, rounded up
+    assert (redis.llen(keys.queue), redis.dbsize()) == (100, before)  # nothing queued, nothing written

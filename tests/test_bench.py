@@ -206,3 +206,42 @@ def test_unique_texts_never_repeat_and_cost_the_model_the_same_in_every_round(ti
     assert ids[0:2] == ids[2:4] == ids[4:6] == ids[6:8]
     many = UniqueTexts(SENTENCES[:1]).take(5000)  # a small pool, thousands of rounds: still short texts
     assert len(set(many)) == 5000 and max(map(len, many)) <= len(SENTENCES[0]) + 13
+
+
+def test_quick_goodput_bench_runs_both_overload_policies_side_by_side(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = tmp_path / "sentences.txt"
+    data.write_text("\n".join(SENTENCES) + "\n")
+    out, doc = tmp_path / "results", tmp_path / "performance.md"
+    doc.write_text("# Performance\n")
+    subprocess.run(
+        [
+            sys.executable, "-m", "sentiment.cli", "bench", "--quick", "--only", "goodput", "--duration", "0.3",
+            "--model", "small", "--model-dir", str(tiny_model_dir), "--data", str(data), "--device", "cpu",
+            "--out", str(out), "--doc", str(doc),
+        ],
+        cwd=REPO,
+        check=True,
+        timeout=600,
+    )  # fmt: skip
+    [results_file] = out.glob("bench-*-cpu-quick.json")
+    results = json.loads(results_file.read_text())
+    assert results["failed"] == {}
+    goodput = results["goodput"]
+    assert goodput["deadline_s"] == 1.0 and goodput["saturation_texts_per_s"] > 0
+    assert list(goodput["policies"]) == ["deadline", "queue-length"]  # both in one results file
+    for policy, run in goodput["policies"].items():
+        points = run["points"]
+        assert [(p["policy"], p["multiple"]) for p in points] == [(policy, m) for m in (0.5, 1.0, 1.5, 2.0, 3.0)]
+        for point in [*points, run["beside_job"]]:
+            ended = point["in_time"] + point["refused"] + point["late"] + point["gave_up"] + point["errors"]
+            assert point["sent"] == ended > 0 and point["errors"] == 0
+            assert point["goodput_per_s"] == pytest.approx(point["in_time"] / point["duration_s"], abs=0.01)
+        assert [p["rate_per_s"] for p in points] == pytest.approx(
+            [m * goodput["saturation_texts_per_s"] for m in (0.5, 1.0, 1.5, 2.0, 3.0)], rel=0.01
+        )
+        assert run["peak_goodput_per_s"] == max(p["goodput_per_s"] for p in points)
+        assert sum(p["computed_texts"] for p in points) > 0
+        assert run["beside_job"]["job_status_after"] in ("queued", "started", "finished")
+    names = [t["name"] for t in results["targets"]]
+    assert sum(name.startswith("goodput:") for name in names) == 5
+    assert "**Goodput**" in doc.read_text()

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,8 +25,9 @@ import redis
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from api.admission import REFRESH_S
 from core.liveness import live_workers
-from core.protocol import prediction
+from core.protocol import Keys, WorkItem, prediction
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
 from tests.conftest import Service, shared_path, start_service, wait_for
@@ -165,16 +167,15 @@ def test_serve_runs_everything_and_stops_cleanly_on_ctrl_c(tiny_model_dir: Path,
     loaded = [
         line for line in log.read_text().splitlines() if "model_store.classifier" in line and " threads, " in line
     ]
-    # The two workers, then the jobs worker with its own default (one thread per core).
+    # The two workers (the jobs worker loads no model).
     assert sum(f", {each} threads, " in line for line in loaded) >= 2, loaded
 
 
-@pytest.mark.parametrize("command", ["worker", "jobs-worker"])
-def test_model_processes_set_the_openmp_wait_policy_before_torch_loads(command: str, tmp_path: Path) -> None:
+def test_the_model_worker_sets_the_openmp_wait_policy_before_torch_loads(tmp_path: Path) -> None:
     """torch's OpenMP runtime reads OMP_WAIT_POLICY once, at load: set later, the setting does nothing.
 
     libgomp prints what it read when asked to (`OMP_DISPLAY_ENV`); `passive` is a spin count of 0,
-    the runtime's default 300000. The missing checkpoint stops each process right after torch loads.
+    the runtime's default 300000. The missing checkpoint stops the process right after torch loads.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
     env |= {
@@ -184,7 +185,51 @@ def test_model_processes_set_the_openmp_wait_policy_before_torch_loads(command: 
         "SENTIMENT_REDIS_URL": f"redis://127.0.0.1:{free_port()}",
     }
     run = subprocess.run(
-        [sys.executable, "-m", "sentiment.cli", command], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "sentiment.cli", "worker"], env=env, capture_output=True, text=True, timeout=120
     )
     assert run.returncode != 0 and "no Hugging Face checkpoint" in run.stderr, run.stderr[-2000:]
     assert "GOMP_SPINCOUNT = '0'" in run.stderr, run.stderr[-2000:]
+
+
+def test_a_request_due_sooner_than_the_workers_can_answer_is_refused_at_once_by_its_own_deadline(
+    redis_url: str, tiny_model_dir: Path
+) -> None:
+    # Real processes: the deadline a request asks for (X-Request-Timeout) is what admission judges it
+    # by, from the throughput the worker publishes once it has timed a forward.
+    prefix = "e2e-goodput"
+    service = start_service(redis_url, tiny_model_dir, prefix, SENTIMENT_MAX_QUEUE_DEPTH="0")  # no depth limit
+    client, keys = redis.Redis.from_url(redis_url), Keys(prefix)
+    worker = service.procs[1]
+    try:
+        bad = httpx.post(f"{service.url}/predict", json={"text": ["x"]}, headers={"X-Request-Timeout": "0"})
+        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["header", "X-Request-Timeout"]
+        timed = httpx.post(f"{service.url}/predict", json={"text": ["a timed forward"]}, timeout=60)
+        assert timed.status_code == 200
+        [status] = wait_for(
+            "the worker's measured throughput", lambda: [s for s in live_workers(client, prefix) if s.texts_per_s]
+        )
+        assert status.texts_per_s is not None
+        worker.send_signal(signal.SIGSTOP)  # its heartbeat stays fresh for a while; it takes nothing meanwhile
+        backlog = int(2 * status.texts_per_s) + 1  # over two seconds of work, already past its own deadline
+        gone = WorkItem("gone", ["x"], 0.0, 0.0, keys.reply_channel("nobody")).encode()
+        client.lpush(keys.queue, *[gone] * backlog)  # (its blocked take may still move one: Redis serves it)
+        depth = client.llen(keys.queue)
+        time.sleep(REFRESH_S)  # the API's view of the load (read with the timed request's) is stale by now
+        hurried = httpx.post(
+            f"{service.url}/predict", json={"text": ["in a hurry"]}, headers={"X-Request-Timeout": "1"}, timeout=60
+        )
+        assert hurried.status_code == 503 and int(hurried.headers["Retry-After"]) >= 1
+        assert client.llen(keys.queue) == depth  # refused without being queued
+        worker.send_signal(signal.SIGCONT)  # it drops the expired backlog, and the next request gets in
+        wait_for("the backlog to go", lambda: client.llen(keys.queue) == 0)
+        later = wait_for(
+            "an admitted request",
+            lambda: (
+                (r := httpx.post(f"{service.url}/predict", json={"text": ["later"]}, timeout=60)).status_code == 200
+                and r
+            ),
+        )
+        assert later.json()["predictions"]
+    finally:
+        worker.send_signal(signal.SIGCONT)
+        service.stop()

@@ -319,7 +319,7 @@ def test_a_jobs_worker_whose_webhook_thread_dies_exits_with_its_cause_in_one_lin
     redis_url: str, model_dir: Path, tmp_path: Path
 ) -> None:
     svc = Service(redis_url, model_dir, "faults-webhooks", SENTIMENT_WEBHOOK_SECRETS=WEBHOOK_SECRET, **ENV)
-    buggy = start_with_a_bug(svc, tmp_path, "batcher.webhooks", "Sender.tick", "jobs-worker", "--threads", "1")
+    buggy = start_with_a_bug(svc, tmp_path, "batcher.webhooks", "Sender.tick", "jobs-worker")
     try:
         _, stderr = buggy.communicate(timeout=HANG_GUARD_S)
     finally:
@@ -427,7 +427,7 @@ def test_redis_outage_gives_503s_and_everything_reconnects_by_itself(
     procs = [
         svc.start("api", "--port", str(svc.port)),
         svc.start("worker"),
-        svc.start("jobs-worker", "--priority", "normal", "--threads", "1"),
+        svc.start("jobs-worker"),
     ]
     svc.wait_ready()
     wait_for("the jobs worker to register", lambda: rq.Worker.count(connection=redis.Redis.from_url(redis_server.url)))

@@ -21,11 +21,11 @@ from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job
 
 from api.app import create_app
-from batcher.inference import Inference
+from batcher.bulk import Bulk, Chunk
 from batcher.jobs import JobsWorker, serve_jobs
 from batcher.worker import Worker
 from core.job_spec import SERIALIZER
-from core.protocol import Keys, Prediction
+from core.protocol import Keys
 from core.settings import Settings
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
@@ -49,36 +49,37 @@ def classifier(tmp_path_factory: pytest.TempPathFactory) -> Classifier:
     return Classifier(write_tiny_model(tmp_path_factory.mktemp("model")), "cpu", 1)
 
 
-class SpyInference(Inference):
-    """The real inference, with a hook run before each chunk (to look at or poke the running job), and
-    a count of the texts that went through the model (`computed`)."""
+class SpyBulk(Bulk):
+    """The real way to the model workers, with a hook run before each chunk (to look at or poke the
+    running job), and a count of the texts sent to the model workers (`computed`: not in the cache)."""
 
     before_chunk: Callable[[list[str]], None] = staticmethod(lambda texts: None)
     computed = 0
+    chunks = 0  # sent
 
-    def predict(self, texts: Sequence[str]) -> list[Prediction]:
+    def send(self, texts: Sequence[str]) -> Chunk:
         self.before_chunk(list(texts))
-        return super().predict(texts)
+        self.chunks += 1
+        return super().send(texts)
 
-    def _compute(self, ids: list[list[int]]) -> list[list[float]]:
-        self.computed += len(ids)
-        return super()._compute(ids)
+    def _queue(self, chunk: Chunk, texts: list[str]) -> None:
+        self.computed += len(texts)
+        super()._queue(chunk, texts)
 
 
 class Service:
-    """API + /predict worker thread on one fakeredis server; jobs run by `run_jobs` (burst)."""
+    """API + model worker thread on one fakeredis server; jobs run by `run_jobs` (burst), through the worker."""
 
     def __init__(self, classifier: Classifier, settings: Settings) -> None:
         server = fakeredis.FakeServer()
         self.redis = fakeredis.FakeRedis(server=server)
         self.settings = settings
-        # The jobs side caches under its own prefix, so its predictions are computed, not read from /predict's.
-        self.inference = SpyInference.for_jobs(settings, classifier, self.redis, Keys("jobs-side"))
+        self.bulk = SpyBulk(settings, self.redis)
         self.app = create_app(settings, redis=fakeredis.FakeAsyncRedis(server=server), jobs_redis=self.redis)
         self.worker = Worker(settings, fakeredis.FakeRedis(server=server), classifier)
 
     def run_jobs(self) -> None:
-        serve_jobs(self.settings, self.inference, self.redis, burst=True)
+        serve_jobs(self.settings, self.bulk, self.redis, burst=True)
 
     def job(self, job_id: str) -> Job:
         return Job.fetch(job_id, connection=self.redis, serializer=SERIALIZER)
@@ -143,11 +144,11 @@ def test_a_job_reads_the_cache_instead_of_recomputing(service: tuple[Service, Te
     svc, client = service
     first = submit(client, TEXTS)
     svc.run_jobs()
-    computed = svc.inference.computed
+    computed = svc.bulk.computed
     assert computed == len(set(TEXTS))
     second = submit(client, list(reversed(TEXTS)))
     svc.run_jobs()
-    assert svc.inference.computed == computed  # all from the cache (as a retried job's first chunks are)
+    assert svc.bulk.computed == computed  # all from the cache (as a retried job's first chunks are)
     assert (
         client.get(f"/jobs/{second}").json()["predictions"] == client.get(f"/jobs/{first}").json()["predictions"][::-1]
     )
@@ -158,26 +159,26 @@ def test_a_deployment_under_another_key_prefix_never_runs_this_ones_jobs(service
     job_id = submit(client, TEXTS)
     neighbour = Settings(redis_url=svc.settings.redis_url, key_prefix="neighbour")  # its own model, maybe
     assert (svc.settings.jobs_queue, neighbour.jobs_queue) == ("sentiment-jobs", "neighbour-jobs")
-    serve_jobs(neighbour, svc.inference, svc.redis, burst=True)
-    assert client.get(f"/jobs/{job_id}").json()["status"] == "queued" and svc.inference.computed == 0
+    serve_jobs(neighbour, svc.bulk, svc.redis, burst=True)
+    assert client.get(f"/jobs/{job_id}").json()["status"] == "queued" and svc.bulk.computed == 0
     svc.run_jobs()
     assert client.get(f"/jobs/{job_id}").json()["status"] == "finished"
 
 
-def test_progress_moves_chunk_by_chunk(service: tuple[Service, TestClient]) -> None:
+def test_progress_moves_chunk_by_chunk_each_sent_while_the_last_computes(service: tuple[Service, TestClient]) -> None:
     svc, client = service
-    job_id = submit(client, TEXTS)
+    job_id = submit(client, TEXTS * 2)  # three chunks
     seen: list[tuple[str, int]] = []
 
     def look(_: list[str]) -> None:
         view = client.get(f"/jobs/{job_id}").json()
         seen.append((view["status"], view["progress"]["done"]))
 
-    svc.inference.before_chunk = look
+    svc.bulk.before_chunk = look
     svc.run_jobs()
     chunk = svc.settings.max_batch_size * 4  # CHUNKS_PER_BATCH
-    assert seen == [("started", 0), ("started", chunk)]
-    assert client.get(f"/jobs/{job_id}").json()["progress"] == {"done": len(TEXTS), "total": len(TEXTS)}
+    assert seen == [("started", 0), ("started", 0), ("started", chunk)]  # the second sent before the first's answer
+    assert client.get(f"/jobs/{job_id}").json()["progress"] == {"done": 2 * len(TEXTS), "total": 2 * len(TEXTS)}
 
 
 def test_cancel_a_queued_job(service: tuple[Service, TestClient]) -> None:
@@ -186,7 +187,7 @@ def test_cancel_a_queued_job(service: tuple[Service, TestClient]) -> None:
     response = client.delete(f"/jobs/{job_id}")
     assert (response.status_code, response.content) == (204, b"")
     svc.run_jobs()
-    assert svc.inference.computed == 0
+    assert svc.bulk.computed == 0
     view = client.get(f"/jobs/{job_id}").json()
     assert view["status"] == "canceled" and view["ended_at"] is not None and "predictions" not in view
     assert 0 < svc.redis.ttl(svc.job(job_id).key) <= svc.settings.job_ttl_s  # expires like any job
@@ -197,17 +198,18 @@ def test_cancel_a_started_job_stops_it_at_the_next_chunk(service: tuple[Service,
     job_id = submit(client, TEXTS * 2)  # three chunks
     answers: list[int] = []
 
-    def cancel_during_second_chunk(_: list[str]) -> None:
-        if client.get(f"/jobs/{job_id}").json()["progress"]["done"] > 0 and not answers:
+    def cancel_as_the_second_chunk_is_sent(_: list[str]) -> None:
+        if svc.bulk.chunks == 1 and not answers:
             answers.append(client.delete(f"/jobs/{job_id}").status_code)
 
-    svc.inference.before_chunk = cancel_during_second_chunk
+    svc.bulk.before_chunk = cancel_as_the_second_chunk_is_sent
     svc.run_jobs()  # returns: the job stopped, and was neither retried nor failed
     assert answers == [204]
+    assert svc.bulk.chunks == 2  # no third chunk queued once canceled
     chunk = svc.settings.max_batch_size * 4
     view = client.get(f"/jobs/{job_id}").json()
     assert view["status"] == "canceled"
-    assert view["progress"] == {"done": 2 * chunk, "total": 2 * len(TEXTS)}  # the chunk in hand finished, no more
+    assert view["progress"] == {"done": chunk, "total": 2 * len(TEXTS)}  # the chunk in hand finished, no more
     assert "predictions" not in view and "error" not in view
     queue = svc.app.state.jobs.queue
     assert job_id not in queue.failed_job_registry and job_id not in queue.started_job_registry
@@ -225,7 +227,7 @@ def test_deleting_an_ended_job_removes_it_with_its_texts_and_results(
     svc, client = service
     job_id = submit(client, TEXTS[:3])
     if ending == "failed":
-        svc.inference.before_chunk = explode
+        svc.bulk.before_chunk = explode
     if ending == "canceled":
         assert client.delete(f"/jobs/{job_id}").status_code == 204  # the first DELETE cancels
     svc.run_jobs()
@@ -272,7 +274,7 @@ def test_a_running_job_canceled_then_deleted_goes_at_once_and_its_worker_drops_i
             left = [key.decode() for key in svc.redis.keys(f"*{job_id}*")]
             assert [key.split(":")[:3] for key in left] == [["rq", "execution", job_id]]  # only the run in hand
 
-    svc.inference.before_chunk = cancel_and_delete_during_second_chunk
+    svc.bulk.before_chunk = cancel_and_delete_during_second_chunk
     svc.run_jobs()  # returns: the job stopped at the chunk boundary, as any canceled job does
     assert answers == [204, 204]
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -330,7 +332,7 @@ def test_a_job_canceled_or_deleted_once_its_worker_took_it_never_runs(
 
     monkeypatch.setattr(JobsWorker, "prepare_execution", delete_first)
     svc.run_jobs()
-    assert svc.inference.computed == 0
+    assert svc.bulk.computed == 0
     assert f"job {job_id} {ENDINGS[deletes]} before it started; dropped" in caplog.messages
     assert_let_go(svc, client, job_id, deletes)
     view = client.get(f"/jobs/{job_id}").json()
@@ -358,7 +360,7 @@ def test_a_job_canceled_or_deleted_as_it_ends_is_dropped(
         if ending == "failed":
             explode(texts)
 
-    svc.inference.before_chunk = run
+    svc.bulk.before_chunk = run
     handler = "handle_job_success" if ending == "finished" else "handle_job_failure"
     handle = getattr(JobsWorker, handler)
 
@@ -388,7 +390,7 @@ def test_a_job_deleted_the_moment_it_ended_leaves_its_worker_running(
     svc, client = service
     job_id = submit(client, TEXTS[:3])
     if ending == "failed":
-        svc.inference.before_chunk = explode
+        svc.bulk.before_chunk = explode
     handler = "handle_job_success" if ending == "finished" else "handle_job_failure"
     handle = getattr(JobsWorker, handler)
 
@@ -472,7 +474,7 @@ def runs_exploding(svc: Service) -> list[int]:
         runs.append(1)
         explode(texts)
 
-    svc.inference.before_chunk = count_and_explode
+    svc.bulk.before_chunk = count_and_explode
     return runs
 
 
@@ -582,8 +584,9 @@ def test_openapi_describes_every_response(service: tuple[Service, TestClient]) -
             assert status == "204" or "schema" in response["content"]["application/json"]
 
 
-def test_the_api_still_imports_no_torch() -> None:
-    code = "import sys, api.app; bad = [m for m in ('torch', 'transformers') if m in sys.modules]; sys.exit(str(bad) if bad else 0)"
+@pytest.mark.parametrize("module", ["api.app", "batcher.jobs"])
+def test_the_api_and_the_jobs_worker_import_no_torch(module: str) -> None:
+    code = f"import sys, {module}; bad = [m for m in ('torch', 'transformers') if m in sys.modules]; sys.exit(str(bad) if bad else 0)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 

@@ -16,17 +16,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import fakeredis
 import httpx
 import pytest
 import redis
 from rq.job import Job
 
 from api.job_store import ENDED, JobStore
-from batcher.inference import Inference
-from batcher.plan import Policy
 from core.job_spec import SERIALIZER
-from core.protocol import Keys, Prediction
+from core.protocol import Keys, Prediction, WorkerStatus, prediction
 from core.settings import Settings
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
@@ -34,7 +31,7 @@ from sentiment.embedded import free_port
 from tests.conftest import RedisServer, wait_for
 
 TEXTS = [f"text {i} is {'good' if i % 3 else 'bad'} or {'fun' if i % 7 else 'boring'}" for i in range(2000)]
-WAIT_S = 180.0  # a hang guard, not a timing assert: the idle-priority jobs worker starves on a busy box
+WAIT_S = 180.0  # a hang guard, not a timing assert: a busy box is slow
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +42,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def expected(model_dir: Path) -> list[Prediction]:
     classifier = Classifier(model_dir, "cpu", 1)
-    policy = Policy(max_texts=2, max_tokens=8192, max_wait_s=0, window=2, cost=classifier.cost)
-    return Inference(classifier, fakeredis.FakeRedis(), Keys("expected"), policy, 60).predict(TEXTS)
+    pairs = (classifier.forward(classifier.tokenize(TEXTS[i : i + 2])) for i in range(0, len(TEXTS), 2))
+    return [prediction(classifier.labels, p) for scores in pairs for p in scores]
 
 
 class DurableRedis(RedisServer):
@@ -88,7 +85,7 @@ class DurableRedis(RedisServer):
 
 
 class Stack:
-    """An API and jobs workers, as processes, on a `DurableRedis` of their own."""
+    """An API, a model worker and jobs workers, as processes, on a `DurableRedis` of their own."""
 
     def __init__(self, model_dir: Path, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
@@ -109,20 +106,25 @@ class Stack:
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.api_port}", timeout=10)
 
     def start(self) -> None:
-        """Redis and the API (jobs workers are each test's own)."""
+        """Redis, the API and the model worker that computes the jobs' texts (jobs workers are each test's own)."""
         self.server.start()
         self._start("api", "--port", str(self.api_port))
+        self.start_model_worker()
 
-        def up() -> bool:
-            try:
-                return self.client.get("/health").status_code == 200
-            except httpx.TransportError:
-                return False
+        wait_for("the API and a model worker", lambda: self.live_workers() >= 1, WAIT_S)
 
-        wait_for("the API", up, WAIT_S)
+    def live_workers(self) -> int:
+        """The model workers the API sees live (0 while it does not answer)."""
+        try:
+            return int(self.client.get("/ready").json().get("workers", 0))
+        except httpx.TransportError:
+            return 0
 
     def start_worker(self, *args: str) -> subprocess.Popen:
         return self._start("jobs-worker", *args)
+
+    def start_model_worker(self) -> subprocess.Popen:
+        return self._start("worker")
 
     def output(self, proc: subprocess.Popen) -> str:
         return self.logs[proc.pid].read_text(errors="replace")
@@ -198,9 +200,33 @@ def test_a_job_whose_worker_is_killed_is_retried_and_finishes(stack: Stack, expe
     assert job.retries_left == 1  # RQ's abandoned-job handling retried it once
 
 
+def test_a_model_worker_killed_mid_job_has_its_bulk_work_reclaimed_and_the_job_finishes_unretried(
+    stack: Stack, expected: list[Prediction]
+) -> None:
+    client = stack.client
+    stack.start_model_worker()  # the one left
+    wait_for("both model workers", lambda: stack.live_workers() == 2, WAIT_S)
+    jobs_worker = stack.start_worker()
+    job_id = client.post("/jobs", json={"text": TEXTS}).json()["job_id"]
+    keys = Keys(Settings().key_prefix)
+
+    def holding_bulk() -> int | None:
+        for worker_id in stack.redis.smembers(keys.workers):
+            if stack.redis.llen(keys.bulk_processing(worker_id.decode())):
+                return WorkerStatus.decode(stack.redis.get(keys.heartbeat(worker_id.decode())) or b"{}").pid
+        return None
+
+    os.kill(wait_for("a model worker to hold bulk work", holding_bulk, WAIT_S), signal.SIGKILL)
+    view = wait_for("the job to end", lambda: ended(client, job_id), WAIT_S)
+    assert view["status"] == "finished", view.get("error")
+    assert_predictions(view["predictions"], expected)
+    assert Job.fetch(job_id, connection=stack.redis, serializer=SERIALIZER).retries_left == 2  # never retried
+    assert "queued again" not in stack.output(jobs_worker)  # the dead worker's items came back, reclaimed
+
+
 def test_a_redis_outage_mid_job_keeps_the_worker_and_the_job(stack: Stack, expected: list[Prediction]) -> None:
     client = stack.client
-    worker = stack.start_worker("--priority", "normal", "--threads", "1")
+    worker = stack.start_worker()
     job_id = client.post("/jobs", json={"text": TEXTS}).json()["job_id"]
     wait_for("the job to start", lambda: client.get(f"/jobs/{job_id}").json()["status"] == "started", WAIT_S)
     worker.send_signal(signal.SIGSTOP)  # frozen mid-job, so that the outage certainly finds it running one
@@ -233,7 +259,7 @@ def test_a_redis_outage_mid_job_keeps_the_worker_and_the_job(stack: Stack, expec
 
 def test_delete_cancels_a_running_job_then_deletes_it_and_the_worker_carries_on(stack: Stack) -> None:
     client = stack.client
-    worker = stack.start_worker("--priority", "normal", "--threads", "1")
+    worker = stack.start_worker()
     job_id = client.post("/jobs", json={"text": TEXTS}).json()["job_id"]
     wait_for("the job to start", lambda: client.get(f"/jobs/{job_id}").json()["status"] == "started", WAIT_S)
     worker.send_signal(signal.SIGSTOP)  # frozen mid-chunk: both DELETEs land before its next chunk boundary

@@ -47,7 +47,8 @@ class Case:
 
 @dataclass
 class Stack:
-    """`sentiment api` and `sentiment jobs-worker` on a redis-server of the test's own."""
+    """`sentiment api`, `sentiment jobs-worker` and the model worker it sends texts to, on a redis-server
+    of the test's own."""
 
     api: subprocess.Popen[bytes]
     worker: subprocess.Popen[bytes]
@@ -75,7 +76,8 @@ def stack(redis_server: RedisServer, tiny_model_dir: Path, tmp_path: Path) -> It
     procs = []
     for name, command in (
         ("api", ["api", "--port", str(port)]),
-        ("jobs-worker", ["jobs-worker", "--priority", "normal", "--threads", "1"]),
+        ("jobs-worker", ["jobs-worker"]),
+        ("worker", ["worker"]),
     ):
         with (tmp_path / f"{name}.log").open("wb") as out:
             procs.append(

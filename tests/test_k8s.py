@@ -270,11 +270,12 @@ REDIS_SCALER_PARAMETERS = {
 def test_redis_triggers_use_known_scaler_parameters(target: str) -> None:
     for so in objects(target, "ScaledObject"):
         triggers = [t for t in so["spec"]["triggers"] if t["type"] == "redis"]
-        assert len(triggers) == 1, so["metadata"]["name"]
-        metadata = triggers[0]["metadata"]
-        assert set(metadata) <= REDIS_SCALER_PARAMETERS, set(metadata) - REDIS_SCALER_PARAMETERS
-        assert {"address", "listName", "listLength"} <= set(metadata)
-        assert int(metadata["listLength"]) >= 1
+        assert triggers, so["metadata"]["name"]
+        for trigger in triggers:
+            metadata = trigger["metadata"]
+            assert set(metadata) <= REDIS_SCALER_PARAMETERS, set(metadata) - REDIS_SCALER_PARAMETERS
+            assert {"address", "listName", "listLength"} <= set(metadata)
+            assert int(metadata["listLength"]) >= 1
 
 
 def test_istio_routes_reach_the_api_service() -> None:
@@ -315,8 +316,7 @@ def _check_list_trigger(target: str, scaled_object: str, list_name: str, subcomm
     """The ScaledObject watches `list_name` at the ConfigMap's Redis and scales its consumer."""
     url = urlsplit(configmap_settings(target).redis_url)
     so = get(target, "ScaledObject", scaled_object)
-    (trigger,) = [t for t in so["spec"]["triggers"] if t["type"] == "redis"]
-    assert trigger["metadata"]["listName"] == list_name
+    (trigger,) = [t for t in so["spec"]["triggers"] if t["type"] == "redis" and t["metadata"]["listName"] == list_name]
     assert trigger["metadata"]["address"] == f"{url.hostname}:{url.port}"
     assert trigger["metadata"]["databaseIndex"] == (url.path.strip("/") or "0")
     assert so["spec"]["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
@@ -324,10 +324,11 @@ def _check_list_trigger(target: str, scaled_object: str, list_name: str, subcomm
 
 
 @pytest.mark.parametrize("target", AUTOSCALED)
-def test_worker_scaledobject_watches_the_work_list(target: str) -> None:
-    settings = configmap_settings(target)
-    assert Keys(settings.key_prefix).queue == "sentiment:queue"
-    _check_list_trigger(target, "sentiment-worker", Keys(settings.key_prefix).queue, "worker")
+def test_worker_scaledobject_watches_both_classes_lists(target: str) -> None:
+    keys = Keys(configmap_settings(target).key_prefix)
+    assert (keys.queue, keys.bulk) == ("sentiment:queue", "sentiment:bulk")
+    _check_list_trigger(target, "sentiment-worker", keys.queue, "worker")
+    _check_list_trigger(target, "sentiment-worker", keys.bulk, "worker")
 
 
 @pytest.mark.parametrize("target", AUTOSCALED)
@@ -509,7 +510,7 @@ def test_every_container_has_resources_probes_and_a_locked_down_security_context
 def test_torch_threads_equal_the_worker_cpu_limit(target: str) -> None:
     checked = 0
     for workload, container in app_containers(target):
-        if container["args"][0] not in {"worker", "jobs-worker"}:
+        if container["args"][0] != "worker":  # (the jobs worker loads no model)
             continue
         limit = cores(container["resources"]["limits"]["cpu"])
         assert limit == int(limit) >= 1, "torch threads are whole: give the worker whole cores"
@@ -517,7 +518,7 @@ def test_torch_threads_equal_the_worker_cpu_limit(target: str) -> None:
         threads = {name: int(env[name]) for name in ("SENTIMENT_TORCH_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
         assert set(threads.values()) == {int(limit)}, f"{workload['metadata']['name']}: {threads} vs limit {limit}"
         checked += 1
-    assert checked == 2
+    assert checked == 1
 
 
 def _bytes(quantity: str) -> int:
@@ -717,7 +718,8 @@ def test_keda_list_target_fills_batches_and_keeps_the_wait_far_below_the_timeout
     """The arithmetic of docs/deploy.md: a backlog of `listLength` requests per worker is..."""
     settings = configmap_settings(target)
     so = get(target, "ScaledObject", "sentiment-worker")
-    (trigger,) = [t for t in so["spec"]["triggers"] if t["type"] == "redis"]
+    queue = Keys(settings.key_prefix).queue
+    (trigger,) = [t for t in so["spec"]["triggers"] if t["type"] == "redis" and t["metadata"]["listName"] == queue]
     backlog_texts = int(trigger["metadata"]["listLength"]) * TEXTS_PER_REQUEST
     # ...at least one saturating batch (scaling out earlier would trade throughput for replicas)...
     assert backlog_texts >= SATURATING_BATCH

@@ -13,31 +13,28 @@ from pathlib import Path
 import fakeredis
 import pytest
 
-from batcher.inference import Inference
+from batcher.bulk import Bulk
 from batcher.jobs import serve_jobs
 from core.settings import Settings
-from model_store.classifier import Classifier
 from sentiment.embedded import free_port
 
 CLEANING = "cleaning registries"
 
 
-def maintenance_records(caplog: pytest.LogCaptureFixture, settings: Settings, classifier: Classifier) -> list:
+def maintenance_records(caplog: pytest.LogCaptureFixture, settings: Settings) -> list:
     """The records of one burst run of the jobs worker on an empty queue, which runs RQ's maintenance once."""
     redis = fakeredis.FakeRedis()
     caplog.clear()
-    serve_jobs(settings, Inference.for_jobs(settings, classifier, redis), redis, burst=True)
+    serve_jobs(settings, Bulk(settings, redis), redis, burst=True)
     return [r for r in caplog.records if r.name.startswith("rq")]
 
 
-def test_rqs_routine_maintenance_logs_at_debug_not_info(
-    settings: Settings, classifier: Classifier, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_rqs_routine_maintenance_logs_at_debug_not_info(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    seen = maintenance_records(caplog, settings.model_copy(update={"log_level": "DEBUG"}), classifier)
+    seen = maintenance_records(caplog, settings.model_copy(update={"log_level": "DEBUG"}))
     cleaning = [r for r in seen if CLEANING in r.getMessage()]
     assert cleaning and {r.levelno for r in cleaning} == {logging.DEBUG}  # it ran, at DEBUG
-    seen = maintenance_records(caplog, settings.model_copy(update={"log_level": "INFO"}), classifier)
+    seen = maintenance_records(caplog, settings.model_copy(update={"log_level": "INFO"}))
     assert seen and not [r for r in seen if "cleaning" in r.getMessage()]  # at INFO: RQ's other lines only
 
 
@@ -55,8 +52,9 @@ def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[
 
 
 def test_a_worker_that_cannot_start_ends_serve_in_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """A checkpoint whose weights are garbage: both workers fail as they load it, and all serve prints
-    is its own line with the first one's cause (not theirs too, nor its progress lines)."""
+    """A checkpoint whose weights are garbage: the model worker fails as it loads it, and all serve
+    prints is its own line with that cause (not the worker's lines too, nor the jobs worker's, which
+    loads no model and was up, nor serve's progress lines)."""
     broken = shutil.copytree(tiny_model_dir, tmp_path / "broken")
     (broken / "model.safetensors").write_bytes(b"not safetensors")
     env = {"SENTIMENT_MODEL_DIR": str(broken), "SENTIMENT_TORCH_THREADS": "1"}

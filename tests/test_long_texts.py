@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from batcher.inference import Inference
+from batcher.bulk import Bulk, BulkFailed
 from batcher.worker import Worker
-from core.protocol import Keys, new_id
+from core.protocol import Keys, Prediction, new_id
 from core.settings import Settings
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
@@ -171,20 +171,35 @@ def test_the_real_checkpoint_answers_a_long_review_as_transformers_does_from_its
     assert [s["score"] for s in result.predictions[0]] == pytest.approx(want, abs=1e-4)
 
 
-def test_a_bulk_job_chunks_and_rejects_as_the_worker_does(small_model_dir: Path, tiny_model_dir: Path) -> None:
+def test_a_bulk_jobs_texts_are_chunked_and_rejected_by_the_model_worker(
+    small_model_dir: Path, tiny_model_dir: Path, redis: fakeredis.FakeRedis
+) -> None:
+    # A job's chunks go through the model workers' pipeline as bulk work (`batcher.bulk`), long texts too.
     long, short = sst2_review(60, start=100), "a gorgeous, witty film."
     chunking = Classifier(small_model_dir, device="cpu", threads=1, precision="fp32", long_texts=LongTexts.CHUNK)
     settings = Settings(key_prefix="jobs", model_dir=small_model_dir, long_texts="chunk")
-    jobs = Inference.for_jobs(settings, chunking, fakeredis.FakeRedis())
-    got_long, got_short = jobs.predict([long, short])
+    got_long, got_short = bulk_predictions(settings, redis, chunking, [long, short])
     want_long = transformers_chunked(small_model_dir, long, "softmax")
     assert [s["score"] for s in got_long] == pytest.approx(want_long, abs=1e-4)
     [want_short] = chunking.forward(chunking.tokenize([short]))
     assert [s["score"] for s in got_short] == pytest.approx(want_short, abs=1e-5)
     rejecting = Classifier(tiny_model_dir, device="cpu", threads=1, long_texts=LongTexts.REJECT)
-    refusing = Inference.for_jobs(settings, rejecting, fakeredis.FakeRedis())
-    with pytest.raises(ValueError, match="longer than the model's 128 tokens"):
-        refusing.predict([review(9), review(400)])
+    settings = Settings(key_prefix="jobs-reject", model_dir=tiny_model_dir, long_texts="reject")
+    with pytest.raises(BulkFailed, match="longer than the model's 128 tokens"):
+        bulk_predictions(settings, redis, rejecting, [review(9), review(400)])
+
+
+def bulk_predictions(
+    settings: Settings, redis: fakeredis.FakeRedis, classifier: Classifier, texts: list[str]
+) -> list[Prediction]:
+    """`texts` as a bulk job's chunk, through a model worker of `classifier`."""
+    worker, bulk = Worker(settings, redis, classifier), Bulk(settings, redis)
+    start_worker(worker)
+    try:
+        return bulk.receive(bulk.send(texts))
+    finally:
+        bulk.close()
+        worker.stop()
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import pytest
 from redis.exceptions import NoPermissionError
 
 from batcher import intake as intake_module
+from batcher.forward_time import OUTLIER, SMOOTHING
 from batcher.intake import Intake
 from batcher.plan import TAKE_AT_ONCE, Forward, Policy, Window, batch, spread
 from batcher.queue import WorkQueue
@@ -428,8 +429,9 @@ def held_texts(window: Window) -> list[str]:
 
 @pytest.fixture
 def short_idle_poll(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A take that finds nothing gives up after 50 ms instead of a second."""
+    """A take that finds nothing (or no room) gives up after 50 ms instead of a quarter second (a second)."""
     monkeypatch.setattr(intake_module, "IDLE_POLL_S", 0.05)
+    monkeypatch.setattr(intake_module, "BULK_LOOK_S", 0.05)
 
 
 def test_a_deep_queue_is_taken_in_few_round_trips_and_tokenized_once_a_take(redis: fakeredis.FakeRedis) -> None:
@@ -628,6 +630,25 @@ def test_dead_workers_work_is_reclaimed_oldest_first(redis: fakeredis.FakeRedis)
     assert [WorkItem.decode(raw).id for raw in alive.take_queued(2)] == [first.id, second.id]
 
 
+def test_a_dead_workers_bulk_work_is_reclaimed_onto_the_bulk_list_as_its_interactive_work_onto_the_queue(
+    redis: fakeredis.FakeRedis,
+) -> None:
+    dead = WorkQueue(redis, KEYS, "dead")
+    redis.sadd(KEYS.workers, "dead")  # registered, but its heartbeat key has expired
+    interactive = push(redis, "asked")
+    now = time.time()
+    chunk = [WorkItem(new_id(), [f"bulk {i}"], now, now + 30, "jobs") for i in range(2)]
+    redis.lpush(KEYS.bulk, *(item.encode() for item in chunk))
+    assert len(dead.take_queued(1)) == 1 and len(dead.take_queued(2, bulk=True)) == 2
+    assert redis.llen(KEYS.bulk) == 0 and redis.llen(KEYS.bulk_processing("dead")) == 2
+    alive = WorkQueue(redis, KEYS, "alive")
+    redis.set(KEYS.heartbeat("alive"), b"{}")
+    assert alive.reclaim_dead() == 3
+    assert not redis.exists(KEYS.bulk_processing("dead"))
+    assert [WorkItem.decode(raw).id for raw in alive.take_queued(3)] == [interactive.id]  # bulk stays bulk
+    assert [WorkItem.decode(raw).id for raw in alive.take_queued(3, bulk=True)] == [item.id for item in chunk]
+
+
 def test_live_workers_work_is_left_alone(fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis) -> None:
     holding_work(fake_server, redis, "busy")
     assert WorkQueue(redis, KEYS, "other").reclaim_dead() == 0
@@ -721,3 +742,107 @@ def test_give_back_requeues_everything_held(redis: fakeredis.FakeRedis) -> None:
     assert queue.give_back() == 2
     assert redis.llen(KEYS.processing("w1")) == 0
     assert [WorkItem.decode(redis.rpop(KEYS.queue)).id for _ in range(2)] == [first.id, second.id]  # oldest first again
+
+
+# --- deadlines: earliest first within the turns, late work dropped at the plan ---------------------
+
+
+def due_text(words: str, now: float, due_in: float, client: str = DEFAULT_CLIENT) -> Text:
+    """A taken text of a work item of its own, queued at `now` and due `due_in` seconds later."""
+    item = work_item(words, ttl=due_in, enqueued_at=now, client=client)
+    return Text(words, KEYS.cache("v", words), [(Held(item.encode(), item), 0)], now, word_ids([words])[0])
+
+
+@pytest.mark.parametrize("deadlines", [True, False])
+def test_each_clients_turns_go_to_its_earliest_deadlines_and_the_clients_still_take_turns(deadlines: bool) -> None:
+    now = time.time() - HOUR_S  # a backlog: no forward waits for company
+    window = Window(policy(max_texts=1), clock=lambda: now, deadlines=deadlines)
+    for words in ("flood0", "flood1", "flood2"):
+        window.add([due_text(words, now, 60, client="flood")], 1)
+    window.add([due_text("quiet", now, 60, client="quiet")], 1)
+    window.add([due_text("urgent", now, 1, client="flood")], 1)
+    served = [texts_of(next_forward(window))[0] for _ in range(5)]
+    if deadlines:  # the flood's urgent text takes the flood's first turn, not the quiet client's
+        assert served == ["urgent", "quiet", "flood0", "flood1", "flood2"]
+    else:
+        assert served == ["flood0", "quiet", "flood1", "flood2", "urgent"]
+
+
+def timed_window(now: float, late: list[Text], seconds_a_forward: float | None, max_texts: int = 8) -> Window:
+    """A window with deadlines on, its clock stopped at `now`, where a one-text forward of one token
+    has taken `seconds_a_forward` (None: no forward timed yet)."""
+    window = Window(policy(max_texts=max_texts, max_wait_s=0), clock=lambda: now, deadlines=True, late=late.extend)
+    if seconds_a_forward is not None:
+        window.forward_took(Forward([due_text("timed", now, 60)], packed=False), seconds_a_forward)
+    return window
+
+
+def test_a_text_whose_forward_would_end_past_its_deadline_is_dropped_as_late_and_the_rest_goes() -> None:
+    now, late = time.time() - HOUR_S, []
+    window = timed_window(now, late, seconds_a_forward=0.65)  # a forward of two one-token texts: about 0.66 s
+    window.add([due_text("hurried", now, 0.5), due_text("patient", now, 60)], 2)
+    assert texts_of(next_forward(window)) == ["patient"]
+    assert [t.text for t in late] == ["hurried"]
+    [(held, _)] = late[0].waiters
+    assert held.item.texts == ["hurried"] and len(window) == 0
+
+
+def test_a_late_item_leaves_the_window_whole() -> None:
+    now, late = time.time() - HOUR_S, []
+    window = timed_window(now, late, seconds_a_forward=0.65, max_texts=1)
+    item = work_item("first", "second", ttl=0.5, enqueued_at=now)
+    held = Held(item.encode(), item)
+    window.add([Text(w, KEYS.cache("v", w), [(held, i)], now, [1]) for i, w in enumerate(item.texts)], 1)
+    window.add([due_text("patient", now, 60)], 1)
+    assert texts_of(next_forward(window)) == ["patient"]  # "first" was late, and "second" left with it
+    assert [t.text for t in late] == ["first"] and len(window) == 0
+
+
+def bulk_text(words: str, now: float, due_in: float) -> Text:
+    """A taken text of a bulk work item of its own (a /jobs chunk's), queued at `now`, due `due_in` s later."""
+    item = work_item(words, ttl=due_in, enqueued_at=now)
+    return Text(words, KEYS.cache("v", words), [(Held(item.encode(), item, bulk=True), 0)], now, word_ids([words])[0])
+
+
+def test_bulk_work_is_never_dropped_as_late_alone_or_with_an_interactive_request_on_its_text() -> None:
+    now, late = time.time() - HOUR_S, []
+    window = timed_window(now, late, seconds_a_forward=0.65)  # any forward ends past 0.5 s
+    window.add([bulk_text("shared", now, 0.5)], 1, bulk=True)
+    window.add([due_text("shared", now, 0.5)], 1)  # asked for interactively too: it goes as such
+    window.add([bulk_text("rider", now, 0.5)], 1, bulk=True)
+    assert texts_of(next_forward(window)) == ["shared", "rider"]  # its jobs worker waits for it
+    window.add([bulk_text("alone", now, 0.5)], 1, bulk=True)
+    assert texts_of(next_forward(window)) == ["alone"]
+    assert late == []
+
+
+@pytest.mark.parametrize(("due_in", "riders"), [(0.655, 0), (0.665, 1), (60, 3)])
+def test_bulk_rides_in_an_interactive_forward_only_as_far_as_it_leaves_its_texts_in_time(
+    due_in: float, riders: int
+) -> None:
+    now, late = time.time() - HOUR_S, []
+    window = timed_window(now, late, seconds_a_forward=0.65)  # one text 0.65 s, each one more about 0.01 s
+    for words in ("bulk0", "bulk1", "bulk2"):
+        window.add([bulk_text(words, now, 60)], 1, bulk=True)
+    window.add([due_text("asked", now, due_in)], 1)
+    assert texts_of(next_forward(window)) == ["asked", *(f"bulk{i}" for i in range(riders))]
+    assert late == []
+
+
+@pytest.mark.parametrize("seconds_a_forward", [None, 0.1])
+def test_nothing_is_late_before_a_forward_was_timed_or_where_the_forward_ends_in_time(
+    seconds_a_forward: float | None,
+) -> None:
+    now, late = time.time() - HOUR_S, []
+    window = timed_window(now, late, seconds_a_forward)
+    window.add([due_text("hurried", now, 0.5), due_text("patient", now, 60)], 2)
+    assert texts_of(next_forward(window)) == ["hurried", "patient"]
+    assert late == []
+
+
+def test_one_slow_forward_moves_the_estimate_a_bounded_step() -> None:
+    now, late = time.time() - HOUR_S, []
+    window = timed_window(now, late, seconds_a_forward=0.1)
+    window.forward_took(Forward([due_text("stalled", now, 60)], packed=False), 100.0)  # preempted, say
+    took = window.forward_time.predict([1], packed=False)
+    assert took is not None and 0.1 < took <= 0.1 * (1 + SMOOTHING * (OUTLIER - 1))

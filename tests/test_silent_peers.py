@@ -180,7 +180,7 @@ def test_every_process_notices_a_silent_redis_and_carries_on_without_computing_t
     try:
         svc.start("api", "--port", str(svc.port))
         svc.start("worker")
-        svc.start("jobs-worker", "--priority", "normal", "--threads", "1")
+        svc.start("jobs-worker")
         svc.wait_ready()
         queue = rq.Queue(f"{prefix}-jobs", connection=direct)
         wait_for("the jobs worker", lambda: rq.Worker.all(queue=queue))

@@ -15,12 +15,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 import batcher.jobs
-from batcher.inference import Inference
+from batcher.bulk import Bulk
 from batcher.worker import Worker
 from core import tracing
 from core.protocol import WorkItem
 from core.settings import Settings
-from model_store.classifier import Classifier
 from tests.conftest import start_worker, wait_for
 from tests.test_api import client_for
 
@@ -143,13 +142,14 @@ async def test_off_no_span_is_made_and_no_traceparent_queued(
 def test_a_span_per_jobs_chunk(
     exporter: InMemorySpanExporter,
     settings: Settings,
-    classifier: Classifier,
+    worker: Worker,
     redis: fakeredis.FakeRedis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    inference = Inference.for_jobs(settings, classifier, redis)
-    monkeypatch.setattr(batcher.jobs, "_inference", inference)
-    chunk = inference.policy.max_texts * batcher.jobs.CHUNKS_PER_BATCH
+    start_worker(worker)  # computes the chunks' texts
+    bulk = Bulk(settings, redis)
+    monkeypatch.setattr(batcher.jobs, "_bulk", bulk)
+    chunk = bulk.item_texts * batcher.jobs.CHUNKS_PER_BATCH
     texts = [f"text {i}" for i in range(chunk + 1)]
     assert len(batcher.jobs.classify(texts)) == len(texts)
     chunks = named(exporter.get_finished_spans(), "jobs.chunk")

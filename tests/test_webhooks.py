@@ -551,7 +551,8 @@ def stack(redis_url: str, tiny_model_dir: Path) -> Iterator[Stack]:
     )
     with receiving() as receiver:
         service.start("api", "--port", str(service.port))
-        jobs_worker = service.start("jobs-worker", "--priority", "normal", "--threads", "1")
+        service.start("worker")  # computes the jobs' texts
+        jobs_worker = service.start("jobs-worker")
         client = httpx.Client(base_url=service.url, timeout=10)
 
         def up() -> bool:

@@ -13,6 +13,7 @@ import fakeredis
 import numpy as np
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from redis.client import PubSub
 from redis.exceptions import OutOfMemoryError
 
@@ -78,6 +79,23 @@ def test_worker_announces_model_and_heartbeat(worker: Worker, redis: fakeredis.F
     info = ModelInfo.decode(redis.get(keys.model))
     assert (info.version, info.labels) == (worker.classifier.version, ["NEGATIVE", "POSITIVE"])
     assert [s.id for s in live_workers(redis, settings.key_prefix)] == [worker.id]
+
+
+def test_the_heartbeat_publishes_the_measured_throughput_once_a_forward_was_timed(
+    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings
+) -> None:
+    # What the API's admission predicts by: nothing before a forward (a cold start admits), then the
+    # throughput of full forwards and a full forward's time, from the forwards timed so far.
+    keys = Keys(settings.key_prefix)
+    start_worker(worker)
+    [cold] = live_workers(redis, settings.key_prefix)
+    assert (cold.texts_per_s, cold.forward_s, cold.held_texts) == (None, None, 0)
+    wait_result(redis, keys, push(redis, keys, "a timed forward", "of two texts"))
+    worker.heartbeat.beat()
+    [timed] = live_workers(redis, settings.key_prefix)
+    assert timed.texts_per_s is not None and timed.forward_s is not None
+    assert timed.texts_per_s == pytest.approx(worker.classifier.lanes * settings.max_batch_size / timed.forward_s)
+    assert timed.texts_per_item == 2.0
 
 
 def test_identical_texts_across_requests_are_computed_once(
@@ -474,3 +492,52 @@ def test_a_worker_names_its_few_threads(worker: Worker) -> None:
         worker.stop()
         thread.join(10)
     assert not {"forward-0", "reply", "heartbeat"} & {t.name for t in threading.enumerate()}
+
+
+def test_an_interactive_request_during_a_bulk_stream_rides_the_next_forward_with_bulk_in_its_spare_room(
+    redis: fakeredis.FakeRedis, classifier: Classifier, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bulk work (a /jobs stream) waits for room: interactive work taken while a bulk forward runs goes
+    in the next forward, and bulk texts fill the room that forward's caps leave. Its texts are counted
+    apart (`sentiment_bulk_texts_total`), so what was computed for interactive work is known."""
+    settings = Settings(key_prefix="two-classes", model_dir=tiny_model_dir, max_batch_size=4, max_wait_ms=0)
+    keys = Keys(settings.key_prefix)
+    forwards: list[list[list[int]]] = []  # each forward's token ids, as it starts
+    permits = threading.Semaphore(0)  # each lets one forward finish
+    real_forward = classifier.engine.forward
+
+    def held(batch: list[list[int]], packed: bool = False) -> np.ndarray:
+        forwards.append(batch)
+        assert permits.acquire(timeout=HANG_GUARD_S)
+        return real_forward(batch, packed)
+
+    monkeypatch.setattr(classifier.engine, "forward", held)
+    now = time.time()
+    bulk = [
+        WorkItem(new_id(), [f"bulk {i}", f"bulk {i} b", f"bulk {i} c", f"bulk {i} d"], now, now + 30, "jobs")
+        for i in range(10)
+    ]
+    redis.lpush(keys.bulk, *(item.encode() for item in bulk))
+    bulk_texts = REGISTRY.get_sample_value("sentiment_bulk_texts_total") or 0.0
+    worker = Worker(settings, redis, classifier)
+    try:
+        start_worker(worker)
+        wait_for("a bulk forward to start", lambda: forwards)
+        question = "an interactive question asked meanwhile"
+        item = push(redis, keys, question)
+        wait_for("the interactive item to be held", lambda: len(worker.window) == 1)
+        assert len(forwards) == 1  # the lane is still in its bulk forward
+        permits.release()  # the bulk forward ends
+        wait_for("the next forward", lambda: len(forwards) == 2)
+        [ids] = classifier.tokenize([question])
+        assert forwards[1][0] == ids  # the interactive text, first in the very next forward
+        assert len(forwards[1]) == settings.max_batch_size  # the rest of its room: bulk texts
+        permits.release(len(bulk) * 4)
+        assert wait_result(redis, keys, item).error is None
+        for work in bulk:  # the bulk stream is answered too, and acknowledged from its own list
+            assert wait_result(redis, keys, work).error is None
+        wait_for("the bulk items acknowledged", lambda: redis.llen(keys.bulk_processing(worker.id)) == 0)
+        assert REGISTRY.get_sample_value("sentiment_bulk_texts_total") == bulk_texts + 4 * len(bulk)  # not the question
+    finally:
+        permits.release(100)
+        worker.stop()

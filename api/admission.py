@@ -1,0 +1,131 @@
+"""Admission by predicted completion (the `deadline` overload policy): a request that the workers
+could not answer by its deadline is refused at once, 503 with `Retry-After`, instead of being queued
+to time out, and its refusal costs no Redis write.
+
+The prediction (`Fleet.wait_s`): the texts ahead of a new request (queued items times the distinct
+texts an item brings, plus the texts the workers hold) over the fleet's throughput, plus one full
+forward for its own texts. The workers publish what it needs in their heartbeats
+(`core.protocol.WorkerStatus`: throughput measured per forward and smoothed, `batcher.forward_time`);
+`Load` reads them and the queue's length in one round trip at most every `REFRESH_S` (two when a
+worker came or went), shared by all of the process's requests, and counts the texts this process
+admitted since. Until a worker has timed a forward there is no prediction, and every request is
+admitted (a cold start admits); so is a request with nothing ahead of it (an idle fleet admits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from api.errors import ErrorType, ServiceError
+from core.protocol import Keys, Unreadable, WorkerStatus
+from core.redis_replies import text
+
+REFRESH_S = 0.1  # how stale the view of the fleet's load may be
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """The live workers' load, as their heartbeats and the queue said it at one read."""
+
+    texts_per_s: float  # all the workers' together
+    forward_s: float  # the slowest worker's full forward
+    texts_ahead: float  # queued and held texts
+
+    def wait_s(self, admitted_since: int) -> float:
+        """Seconds until a request queued now would be answered, `admitted_since` more texts queued
+        since this view was read."""
+        return (self.texts_ahead + admitted_since) / self.texts_per_s + self.forward_s
+
+
+def fleet(statuses: list[WorkerStatus], queued_items: int) -> Fleet | None:
+    """The load of the workers with a measured throughput; None while none has one."""
+    timed = [s for s in statuses if s.texts_per_s and s.forward_s]
+    if not timed:
+        return None
+    per_item = max(s.texts_per_item for s in timed)
+    return Fleet(
+        texts_per_s=sum(s.texts_per_s or 0.0 for s in timed),
+        forward_s=max(s.forward_s or 0.0 for s in timed),
+        texts_ahead=queued_items * per_item + sum(s.held_texts for s in statuses),
+    )
+
+
+class Load:
+    """This API process's view of the fleet's load, read again when older than `REFRESH_S`."""
+
+    def __init__(self, redis: Redis, keys: Keys, clock: Callable[[], float] = time.monotonic) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._clock = clock
+        self._fleet: Fleet | None = None
+        self._read_at = -math.inf
+        self._workers: list[str] = []  # the registered workers at the last read: whose heartbeats the next reads
+        self._reading: asyncio.Task[None] | None = None
+        self.admitted = 0  # texts this process queued since the last read
+
+    async def current(self) -> Fleet | None:
+        """The fleet's load, read again (one round trip, shared by the requests that find it stale) when
+        stale; None before any worker timed a forward, or while Redis fails (the request meets that itself)."""
+        if self._clock() - self._read_at >= REFRESH_S:
+            if self._reading is None:
+                self._reading = asyncio.ensure_future(self._read())
+                self._reading.add_done_callback(self._read_done)
+            await asyncio.shield(self._reading)
+        return self._fleet
+
+    def _read_done(self, _: asyncio.Task[None]) -> None:
+        self._reading = None
+
+    async def _read(self) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.smembers(self._keys.workers)
+        pipe.llen(self._keys.queue)
+        workers = self._workers
+        if workers:
+            pipe.mget([self._keys.heartbeat(w) for w in workers])
+        try:
+            members, queued, *beats = await pipe.execute()
+            self._workers = sorted(text(m) for m in members)
+            if self._workers != workers:  # a worker came or went: a second round trip, rarely
+                beats = [await self._redis.mget([self._keys.heartbeat(w) for w in self._workers])]
+        except RedisError:
+            self._fleet = None
+        else:
+            statuses = []
+            for raw in beats[0] if self._workers else []:
+                if raw is not None:
+                    with contextlib.suppress(Unreadable):  # (`core.liveness` logs it)
+                        statuses.append(WorkerStatus.decode(raw))
+            self._fleet = fleet(statuses, queued)
+        self._read_at, self.admitted = self._clock(), 0
+
+
+class Admission:
+    """Refuses what the fleet could not answer in time, by `Load`'s prediction."""
+
+    def __init__(self, load: Load) -> None:
+        self.load = load
+
+    async def admit(self, texts: int, timeout_s: float) -> None:
+        """Admit `texts` due within `timeout_s`, counted as queued; else `ServiceError` OVERLOADED, with
+        `Retry-After` the seconds until the work ahead would have shrunk enough (at least 1). With
+        nothing ahead a request is always admitted: its forward is the only measure of a forward
+        time that is wrong (a first, slow one), and the plan still drops it if it cannot make it."""
+        fleet = await self.load.current()
+        ahead = fleet is not None and (fleet.texts_ahead or self.load.admitted)
+        if fleet is not None and ahead and (wait_s := fleet.wait_s(self.load.admitted)) > timeout_s:
+            raise ServiceError(
+                ErrorType.OVERLOADED,
+                f"the service would answer in about {wait_s:.2g} s, past this request's deadline "
+                f"({timeout_s:.2g} s from now); retry later",
+                retry_after_s=max(1, math.ceil(wait_s - timeout_s)),
+            )
+        self.load.admitted += texts

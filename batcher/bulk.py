@@ -1,0 +1,157 @@
+"""A /jobs chunk's way to the model: through the model workers' own pipeline, as bulk work.
+
+The jobs worker loads no model. For each chunk it reads the cache (one MGET, once a model worker has
+announced the model's version), queues the texts not found there, deduplicated, onto `Keys.bulk` as
+`WorkItem`s of at most a forward's texts, and waits for their results as the API does: on a reply
+channel of its own, with the result keys read for a reply the subscription missed. A model worker
+takes bulk work only for the room interactive work leaves (`batcher.plan`); a worker that dies
+holding it has it reclaimed onto the bulk list (`batcher.queue`). Work nobody took before its
+deadline is dropped by the workers and queued again here, so a job on a busy service (or one with
+no model worker up) waits, up to the job's timeout (`core.job_spec.JOB_TIMEOUT_S`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import orjson
+from redis import Redis
+from redis.client import PubSub
+from redis.exceptions import RedisError
+
+from core import tracing
+from core.protocol import Keys, ModelInfo, Prediction, Result, Unreadable, WorkItem, new_id, parse_replies
+from core.redis_replies import raws
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LOOK_S = 1.0  # how often a wait reads the result keys of what is still unanswered (a missed reply)
+
+
+class BulkFailed(Exception):
+    """The model failed on a text of the chunk (the worker's error, as /predict would answer it)."""
+
+
+@dataclass
+class Chunk:
+    """One chunk on its way: its texts, the predictions found so far, and its queued items' texts by id."""
+
+    texts: list[str]
+    found: dict[str, Prediction]
+    queued: dict[str, list[str]] = field(default_factory=dict)
+    deadline: float = 0.0  # unix s: past it (and a second), what is still unanswered is queued again
+
+
+class Bulk:
+    """Predictions for lists of texts from the model workers, as bulk work."""
+
+    def __init__(self, settings: Settings, redis: Redis, keys: Keys | None = None) -> None:
+        self.redis = redis
+        self.keys = keys or Keys(settings.key_prefix)
+        self.item_texts = settings.max_batch_size  # texts per work item: at most a forward's
+        self.deadline_s = settings.request_timeout_s
+        self.channel = self.keys.reply_channel(new_id())
+        self._pubsub: PubSub | None = None
+        self._waiting: dict[str, Chunk] = {}  # by work item id: the chunk its answer fills (chunks overlap)
+
+    def send(self, texts: Sequence[str]) -> Chunk:
+        """Read what is cached, queue the rest; `receive` waits for it."""
+        unique = list(dict.fromkeys(texts))
+        chunk = Chunk(list(texts), {})
+        if (raw := self.redis.get(self.keys.model)) is not None:
+            version = ModelInfo.decode(raw).version
+            cached = self.redis.mget([self.keys.cache(version, t) for t in unique])
+            chunk.found = {t: orjson.loads(c) for t, c in zip(unique, cached, strict=True) if c is not None}
+        self._queue(chunk, [t for t in unique if t not in chunk.found])
+        return chunk
+
+    def receive(self, chunk: Chunk) -> list[Prediction]:
+        """A sent chunk's predictions in input order; BulkFailed if the model failed on one of its texts."""
+        self._wait(chunk)
+        return [chunk.found[t] for t in chunk.texts]
+
+    def close(self) -> None:
+        """Forget the chunks sent and drop the reply subscription (the next chunk subscribes again):
+        at a job's end, after a Redis error."""
+        self._waiting.clear()
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError):
+                self._pubsub.close()
+            self._pubsub = None
+
+    def _subscribed(self) -> PubSub:
+        """This process's reply subscription, confirmed before any item is queued (a reply sent
+        earlier would be missed, and found only by reading its result key)."""
+        if self._pubsub is None:
+            pubsub = self.redis.pubsub()
+            pubsub.subscribe(self.channel)
+            while pubsub.get_message(timeout=LOOK_S) is None:  # the subscription's confirmation
+                pass
+            self._pubsub = pubsub
+        return self._pubsub
+
+    def _queue(self, chunk: Chunk, texts: list[str]) -> None:
+        """`texts` onto the bulk list, a forward's worth an item, in one round trip."""
+        if not texts:
+            return
+        self._subscribed()
+        now = time.time()
+        chunk.deadline = now + self.deadline_s
+        traceparent = tracing.traceparent() if tracing.enabled else None
+        items = []
+        for start in range(0, len(texts), self.item_texts):
+            part = texts[start : start + self.item_texts]
+            item = WorkItem(new_id(), part, now, chunk.deadline, self.channel, traceparent=traceparent)
+            chunk.queued[item.id] = part
+            self._waiting[item.id] = chunk
+            items.append(item.encode())
+        self.redis.lpush(self.keys.bulk, *items)
+
+    def _wait(self, chunk: Chunk) -> None:
+        """Until every queued item is answered: replies as they come, the result keys every `LOOK_S`;
+        what passed its deadline unanswered (dropped by the workers) is queued again."""
+        pubsub = self._subscribed()
+        looked = time.monotonic()
+        while chunk.queued:
+            message = pubsub.get_message(ignore_subscribe_messages=True, timeout=LOOK_S)
+            if message is not None and message["type"] == "message":
+                for request_id, result in parse_replies(message["data"]):
+                    if result is not None:
+                        self._answer(request_id, result)
+            if time.monotonic() - looked >= LOOK_S:
+                looked = time.monotonic()
+                self._look(chunk)
+
+    def _look(self, chunk: Chunk) -> None:
+        """Read the result keys of the unanswered items; queue again the texts of those past their deadline."""
+        ids = list(chunk.queued)
+        for request_id, result in zip(ids, raws(self.redis.mget([self.keys.result(i) for i in ids])), strict=True):
+            if result is not None:
+                self._answer(request_id, result)
+        if chunk.queued and time.time() > chunk.deadline + 1.0:
+            late = [t for texts in chunk.queued.values() for t in texts]
+            log.info("%d bulk texts unanswered by their deadline (a busy service); queued again", len(late))
+            for request_id in chunk.queued:
+                del self._waiting[request_id]
+            chunk.queued.clear()
+            self._queue(chunk, late)
+
+    def _answer(self, request_id: str, raw: bytes) -> None:
+        """Fill the chunk that waits for `request_id` with its result (a chunk sent earlier or later
+        than the one waited for, too)."""
+        chunk = self._waiting.pop(request_id, None)
+        if chunk is None:  # answered already, or a job's that ended
+            return
+        texts = chunk.queued.pop(request_id)
+        try:
+            result = Result.decode(raw)
+        except Unreadable as exc:
+            raise BulkFailed(f"an unreadable result ({exc})") from None
+        if result.error is not None or result.predictions is None:
+            raise BulkFailed(result.error or "no predictions")
+        chunk.found.update(zip(texts, result.predictions, strict=True))

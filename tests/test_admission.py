@@ -1,0 +1,141 @@
+"""Admission by predicted completion (`api.admission`) on fakeredis with a clock the test moves: what
+is refused, with which Retry-After, how often the fleet's load is read, and that a cold start admits."""
+
+from __future__ import annotations
+
+import asyncio
+
+import fakeredis
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from api.admission import REFRESH_S, Admission, Load
+from api.errors import ErrorType, ServiceError
+from core.protocol import Keys, WorkerStatus, WorkItem, new_id
+
+pytestmark = pytest.mark.anyio
+KEYS = Keys("t")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def status(texts_per_s: float | None = 100.0, forward_s: float | None = 0.1, held: int = 0) -> WorkerStatus:
+    return WorkerStatus(
+        id=new_id(), host="h", pid=1, model_version="v", started_at=0.0,
+        texts_per_s=texts_per_s, forward_s=forward_s, held_texts=held,
+    )  # fmt: skip
+
+
+async def beat(redis: fakeredis.FakeAsyncRedis, worker: WorkerStatus) -> None:
+    await redis.sadd(KEYS.workers, worker.id)
+    await redis.set(KEYS.heartbeat(worker.id), worker.encode())
+
+
+async def queue(redis: fakeredis.FakeAsyncRedis, items: int) -> None:
+    item = WorkItem(id="i", texts=["x"], enqueued_at=0.0, deadline=0.0, reply_to="r")
+    await redis.lpush(KEYS.queue, *[item.encode()] * items)
+
+
+async def refused(admission: Admission, texts: int, timeout_s: float) -> ServiceError | None:
+    try:
+        await admission.admit(texts, timeout_s)
+    except ServiceError as exc:
+        assert exc.error_type is ErrorType.OVERLOADED
+        return exc
+    return None
+
+
+@pytest.fixture
+def redis() -> fakeredis.FakeAsyncRedis:
+    return fakeredis.FakeAsyncRedis()
+
+
+async def test_a_request_that_would_be_answered_past_its_deadline_is_refused_with_retry_after_from_the_prediction(
+    redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    await beat(redis, status(texts_per_s=100.0, forward_s=0.1, held=20))
+    await queue(redis, 290)  # 310 texts ahead: answered in 3.1 + 0.1 s
+    admission = Admission(Load(redis, KEYS, Clock()))
+    refusal = await refused(admission, 1, timeout_s=1.0)
+    assert refusal is not None and refusal.retry_after_s == 3  # 3.2 s - 1 s, rounded up
+    assert await refused(admission, 1, timeout_s=3.5) is None
+
+
+async def test_the_texts_admitted_since_the_last_read_count_until_the_next(redis: fakeredis.FakeAsyncRedis) -> None:
+    await beat(redis, status(texts_per_s=10.0, forward_s=0.1))
+    clock = Clock()
+    admission = Admission(Load(redis, KEYS, clock))
+    answers = [await refused(admission, 1, timeout_s=1.0) for _ in range(12)]
+    assert [a is None for a in answers] == [True] * 10 + [False] * 2  # (9 ahead) / 10 + 0.1 = 1.0 s: the last in
+    clock.now += REFRESH_S  # read again: nothing was queued after all
+    assert await refused(admission, 1, timeout_s=1.0) is None
+
+
+async def test_the_load_is_read_once_per_refresh_whatever_the_requests(
+    redis: fakeredis.FakeAsyncRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await beat(redis, status(texts_per_s=100.0, forward_s=0.1))
+    clock = Clock()
+    load = Load(redis, KEYS, clock)
+    reads = []
+    pipeline = redis.pipeline
+    monkeypatch.setattr(redis, "pipeline", lambda *a, **k: reads.append(1) or pipeline(*a, **k))
+    await asyncio.gather(*(load.current() for _ in range(50)))
+    assert len(reads) == 1
+    await queue(redis, 1000)  # a backlog the view has not read yet
+    admission = Admission(load)
+    assert await refused(admission, 1, timeout_s=1.0) is None and len(reads) == 1
+    clock.now += REFRESH_S
+    assert await refused(admission, 1, timeout_s=1.0) is not None and len(reads) == 2
+
+
+@pytest.mark.parametrize("cold", [status(texts_per_s=None, forward_s=None), None])
+async def test_a_cold_start_admits(redis: fakeredis.FakeAsyncRedis, cold: WorkerStatus | None) -> None:
+    # A worker that has not timed a forward yet, or none at all: nothing to predict by.
+    if cold is not None:
+        await beat(redis, cold)
+    await queue(redis, 10_000)
+    assert await refused(Admission(Load(redis, KEYS, Clock())), 1, timeout_s=0.01) is None
+
+
+async def test_a_failed_read_admits(redis: fakeredis.FakeAsyncRedis, monkeypatch: pytest.MonkeyPatch) -> None:
+    await beat(redis, status(texts_per_s=1.0))
+    await queue(redis, 100)
+    clock = Clock()
+    admission = Admission(Load(redis, KEYS, clock))
+    assert await refused(admission, 1, timeout_s=1.0) is not None
+    pipeline = redis.pipeline
+
+    def failing(*args: object, **kwargs: object) -> object:
+        pipe = pipeline(*args, **kwargs)
+        pipe.execute = lambda *_, **__: _raise()
+        return pipe
+
+    async def _raise() -> None:
+        raise RedisConnectionError("Redis went away")
+
+    monkeypatch.setattr(redis, "pipeline", failing)
+    clock.now += REFRESH_S
+    assert await refused(admission, 1, timeout_s=1.0) is None  # the request meets the outage itself
+
+
+async def test_with_nothing_ahead_a_request_is_admitted_however_slow_the_forwards_seem(
+    redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    # A first forward far slower than the rest (a warm-up) must not refuse an idle service for good:
+    # no forward would run to correct it.
+    await beat(redis, status(texts_per_s=1.0, forward_s=5.0))
+    admission = Admission(Load(redis, KEYS, Clock()))
+    assert await refused(admission, 1, timeout_s=1.0) is None
+    assert await refused(admission, 1, timeout_s=1.0) is not None  # one ahead now: 6 s
