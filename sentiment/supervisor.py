@@ -5,8 +5,8 @@ with the worker's own last line. One that dies later is restarted after 1, 2, 4 
 once it has stayed up a minute), and `problem` says so meanwhile, for /ready. Every child gets
 Linux's parent-death signal, so SIGKILL of serve still ends it (SIGTERM: a worker finishes its batch
 and hands back the rest), and its stderr passes through serve, which keeps the last line of each.
-What a child writes while it starts is held until it is up: a start-up failure then prints one line,
-serve's, with the child's cause (what was held is logged at DEBUG).
+What the children write while they start is held until all are up: a start-up failure then prints
+one line, serve's, with the failed child's cause (what was held is logged at DEBUG).
 """
 
 from __future__ import annotations
@@ -135,17 +135,22 @@ class Supervisor:
         self._watch = threading.Thread(target=self._run, name="supervisor", daemon=True)
 
     def start(self) -> None:
-        """Start every child and return once all are up; `StartFailed` (the others stopped) if one exits first."""
+        """Start every child and return once all are up; `StartFailed` (the others stopped) if one exits
+        first. What the children wrote goes out once all are up: a start-up failure is one line, serve's,
+        with its cause, however far the others got."""
         for child in self.children:
             child.start()
-        while not all(child.serving for child in self.children):
+        up: set[str] = set()
+        while len(up) < len(self.children):
             for child in self.children:
                 if child.exit_code() is not None:
-                    self.stop(quiet=True)  # (a start-up failure is one line: serve's, with this cause)
+                    self.stop(quiet=True)
                     raise StartFailed(f"{child.name} exited while starting ({child.cause()})")
-                if not child.serving and self.up(child):
-                    child.mark_up()
+                if child.name not in up and self.up(child):
+                    up.add(child.name)
             time.sleep(0.1)
+        for child in self.children:
+            child.mark_up()
         self._watch.start()
 
     def problem(self) -> str | None:

@@ -71,7 +71,6 @@ def test_a_worker_that_cannot_start_ends_serve_in_one_line(tiny_model_dir: Path,
         (["api", "--host", "no-such-host.invalid", "--grpc-port", "0"], "(no such host): choose an address"),
         (["api", "--host", "192.0.2.1", "--grpc-port", "0"], "choose an address of this machine with --host"),
         (["worker"], "no Hugging Face checkpoint"),
-        (["jobs-worker"], "no Hugging Face checkpoint"),
     ],
 )
 def test_a_command_given_bad_input_says_why_in_one_line(command: list[str], says: str, tmp_path: Path) -> None:
