@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,10 @@ LOOK_S = 1.0  # how often a wait reads the result keys of what is still unanswer
 
 class BulkFailed(Exception):
     """The model failed on a text of the chunk (the worker's error, as /predict would answer it)."""
+
+
+class BulkStopped(Exception):
+    """The process was told to stop while it waited for a chunk (`receive`'s `stopping`)."""
 
 
 @dataclass
@@ -70,9 +75,11 @@ class Bulk:
         self._queue(chunk, [t for t in unique if t not in chunk.found])
         return chunk
 
-    def receive(self, chunk: Chunk) -> list[Prediction]:
-        """A sent chunk's predictions in input order; BulkFailed if the model failed on one of its texts."""
-        self._wait(chunk)
+    def receive(self, chunk: Chunk, stopping: threading.Event | None = None) -> list[Prediction]:
+        """A sent chunk's predictions in input order; BulkFailed if the model failed on one of its texts,
+        BulkStopped within `LOOK_S` of `stopping` being set (the model workers stop too, and may never
+        answer)."""
+        self._wait(chunk, stopping)
         return [chunk.found[t] for t in chunk.texts]
 
     def close(self) -> None:
@@ -112,12 +119,14 @@ class Bulk:
             items.append(item.encode())
         self.redis.lpush(self.keys.bulk, *items)
 
-    def _wait(self, chunk: Chunk) -> None:
+    def _wait(self, chunk: Chunk, stopping: threading.Event | None) -> None:
         """Until every queued item is answered: replies as they come, the result keys every `LOOK_S`;
         what passed its deadline unanswered (dropped by the workers) is queued again."""
         pubsub = self._subscribed()
         looked = time.monotonic()
         while chunk.queued:
+            if stopping is not None and stopping.is_set():
+                raise BulkStopped(f"{len(chunk.queued)} work items unanswered")
             message = pubsub.get_message(ignore_subscribe_messages=True, timeout=LOOK_S)
             if message is not None and message["type"] == "message":
                 for request_id, result in parse_replies(message["data"]):

@@ -52,7 +52,7 @@ from rq.utils import as_text, now
 from rq.worker import WorkerStatus as RQWorkerStatus  # (not core.protocol's WorkerStatus, a heartbeat)
 
 from batcher import metrics, webhooks
-from batcher.bulk import Bulk, Chunk
+from batcher.bulk import Bulk, BulkStopped, Chunk
 from batcher.periodic import Periodic
 from batcher.thread_failure import ThreadFailure
 from core import tracing
@@ -105,15 +105,23 @@ def _classify(bulk: Bulk, job: Job | None, texts: list[str]) -> list[Prediction]
         with _chunk_span(job, start, len(texts[start : start + chunk])) if tracing.enabled else tracing.OFF:
             sent = bulk.send(texts[start : start + chunk])
         if ahead is not None:
-            predictions += bulk.receive(ahead)
+            predictions += _received(bulk, ahead, len(predictions), len(texts))
             _save_progress(job, len(predictions), len(texts))
         ahead = sent
     if ahead is not None:
         _stop_if_canceled(job)  # a cancel meanwhile: the last chunk is not waited for
-        predictions += bulk.receive(ahead)
+        predictions += _received(bulk, ahead, len(predictions), len(texts))
         _save_progress(job, len(predictions), len(texts))
     _stop_if_canceled(job)  # a cancel during the last chunk stops it too
     return predictions
+
+
+def _received(bulk: Bulk, chunk: Chunk, done: int, total: int) -> list[Prediction]:
+    """`chunk`'s predictions; JobInterrupted if this worker is told to stop while it waits for them."""
+    try:
+        return bulk.receive(chunk, _stopping)
+    except BulkStopped:
+        raise JobInterrupted(f"stopped after {done} of {total} texts") from None
 
 
 def _stop_if_canceled(job: Job | None) -> None:
