@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": describe("cpu"),
         "this": git_commit(),
-        "other": str(args.other),
-        "model_dir": str(args.model_dir),
+        "other": git_commit(args.other),
+        "model": args.model_dir.name,
         "texts": args.texts,
         "method": "alternated runs (other, this, ...), each a fresh service and a fresh key prefix; "
         "seconds from POST /jobs to GET saying finished",

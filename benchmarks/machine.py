@@ -23,11 +23,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def git_commit() -> str | None:
-    """The checkout's commit, with `-dirty` when there are uncommitted changes."""
+def git_commit(checkout: Path | None = None) -> str | None:
+    """The commit of `checkout` (None: this one), with `-dirty` when there are uncommitted changes."""
     try:
         out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True, text=True, check=True
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=checkout,
         )
     except (OSError, subprocess.CalledProcessError):
         return None

@@ -18,7 +18,7 @@ from enum import StrEnum
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-STRIDE_FRACTION = 8  # a window shares 1/8 of its length with the next: context across the cut, at 14% more tokens
+STRIDE_FRACTION = 8  # a window shares 1/8 of its length with the next: context across the cut (docs/tuning.md)
 
 
 class LongTexts(StrEnum):
