@@ -74,6 +74,7 @@ class Intake:
         self._asked = self._got = 1  # items the last take asked for, and got
         self.texts_per_item = 1.0  # distinct texts an interactive item brought, at the last take
         self._bulk_taken = float("-inf")  # monotonic time of the last take that got bulk work
+        self._bulk_looked = float("-inf")  # monotonic time of the last look for bulk work
         self.busy_since: float | None = None  # monotonic start of the take under way; None between takes
 
     def take(self) -> bool:
@@ -99,7 +100,7 @@ class Intake:
                 asked = self.window.policy.take_count(room, self.texts_per_item, self._asked, self._got)
                 raws = self.queue.take_queued(asked)
                 self._asked, self._got = asked, len(raws)
-            if not raws and self._take_bulk():  # idle: bulk work fills it
+            if not raws and self._bulk_due() and self._take_bulk():  # idle: bulk work fills it
                 return True
             if not raws and (first := self.queue.take(self._idle_wait())) is not None:  # idle: block for the next
                 raws = [first]
@@ -111,9 +112,20 @@ class Intake:
             metrics.STAGE_CPU_SECONDS.labels("take").inc(time.thread_time() - cpu)
         return bool(raws)
 
+    def _bulk_due(self) -> bool:
+        """Whether to look for bulk work now: at every idle take while it flows, else once a
+        `BULK_LOOK_S` (a lone request's take costs no round trip to an empty bulk list)."""
+        return self._bulk_flows() or time.monotonic() - self._bulk_looked >= BULK_LOOK_S
+
+    def _bulk_flows(self) -> bool:
+        """Bulk work is held, or was taken in the last `BULK_FLOWS_S`."""
+        held = self.window.bulk_room() < self.window.policy.window
+        return held or time.monotonic() - self._bulk_taken < BULK_FLOWS_S
+
     def _take_bulk(self) -> bool:
         """Bulk items for the window's bulk room (one round trip; an item is at most a forward of texts),
         only once it has room for a whole forward; whether any came."""
+        self._bulk_looked = time.monotonic()
         most = min(self.window.bulk_room() // self.window.policy.max_texts, TAKE_AT_ONCE)
         raws = self.queue.take_queued(most, bulk=True)
         if raws:
@@ -123,8 +135,7 @@ class Intake:
 
     def _idle_wait(self) -> float:
         """How long a take blocks on an empty queue: briefly while bulk work flows (`BULK_POLL_S`)."""
-        flows = self.window.bulk_room() < self.window.policy.window
-        return BULK_POLL_S if flows or time.monotonic() - self._bulk_taken < BULK_FLOWS_S else BULK_LOOK_S
+        return BULK_POLL_S if self._bulk_flows() else BULK_LOOK_S
 
     def admit(self, raws: list[bytes], bulk: bool = False) -> None:
         """Decode taken items, drop malformed and expired ones, answer cached texts, hold the rest.
