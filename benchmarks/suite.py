@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from benchmarks.limit import Limit
     from benchmarks.service import Reference
 
-# cancel, goodput: not in the default --only
 PARTS = ("limit", "naive", "service", "cache", "ceiling", "fairness", "cancel", "goodput")
+DEFAULT_PARTS = PARTS[:6]  # a run of these writes its device's block of the doc; any other run, a block of its own
 BATCH_SIZES = [1, 8, 16, 32, 64]
 SERVICE_CLIENTS = [1, 8, 32, 128]
 NAIVE_CLIENTS = [1, 32]
@@ -73,7 +73,7 @@ class Bench:
         from model_store.engine import pick_device, resolve_engine, resolve_precision
         from sentiment.embedded import worker_threads
 
-        only = [p.strip() for p in args.only.split(",") if p.strip()]
+        only = [p.strip() for p in (args.only or ",".join(DEFAULT_PARTS)).split(",") if p.strip()]
         if unknown := set(only) - set(PARTS):
             raise SystemExit(f"--only: unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
         if args.texts_per_request < 1:
@@ -142,6 +142,13 @@ class Bench:
                 if not SECRET.search(k)
             },
         }
+
+    def block(self) -> str:
+        """The doc block this run writes: its device's for the default parts, else one named after its parts
+        too, so that a run of a few parts (`--only goodput`) leaves the full run's rows as they are."""
+        if set(self.only) == set(DEFAULT_PARTS):
+            return f"bench:{self.device}"
+        return f"bench:{self.device}:{'+'.join(p for p in PARTS if p in self.only)}"
 
     def headline(self) -> str:
         workers, threads = self.args.workers, self.threads
@@ -275,7 +282,7 @@ def _write(results: dict[str, Any], bench: Bench) -> None:
     from benchmarks import report
     from benchmarks.workload import CHECKOUT
 
-    args, device = bench.args, bench.device
+    args = bench.args
     out = args.out or CHECKOUT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -288,8 +295,9 @@ def _write(results: dict[str, Any], bench: Bench) -> None:
     for t in results["targets"]:
         print(f"{t['status']:>4}  {t['name']}: {t['value']} (goal {t['goal']})")
     if doc:
-        report.replace_block(doc, f"bench:{device}", block)
-        print(f"wrote {results_file}, {len(plot_files)} plots, and the {device} section of {doc}")
+        name = bench.block()
+        report.replace_block(doc, name, block)
+        print(f"wrote {results_file}, {len(plot_files)} plots, and the block <!-- {name} --> of {doc}")
     else:
         print(block)
         print(f"wrote {results_file} and {len(plot_files)} plots (no doc: a --quick run)")

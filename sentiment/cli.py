@@ -98,7 +98,9 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         "bench", help="benchmarks: model limit, naive baseline, this service, cache path, the null-engine ceiling"
     )
     bench.add_argument(
-        "--only", default="limit,naive,service,cache,ceiling,fairness", help="parts to run (default %(default)s)"
+        "--only",
+        help="parts to run, of limit, naive, service, cache, ceiling, fairness, cancel, goodput (default: all but "
+        "cancel and goodput); a run of other parts writes its own block of the doc",
     )
     bench.add_argument(
         "--model",

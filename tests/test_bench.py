@@ -212,7 +212,8 @@ def test_quick_goodput_bench_runs_both_overload_policies_side_by_side(tmp_path: 
     data = tmp_path / "sentences.txt"
     data.write_text("\n".join(SENTENCES) + "\n")
     out, doc = tmp_path / "results", tmp_path / "performance.md"
-    doc.write_text("# Performance\n")
+    full_run = "<!-- bench:cpu -->\nthe full run's rows\n<!-- /bench:cpu -->\n"
+    doc.write_text(f"# Performance\n\n{full_run}")
     subprocess.run(
         [
             sys.executable, "-m", "sentiment.cli", "bench", "--quick", "--only", "goodput", "--duration", "0.3",
@@ -244,4 +245,6 @@ def test_quick_goodput_bench_runs_both_overload_policies_side_by_side(tmp_path: 
         assert run["beside_job"]["job_status_after"] in ("queued", "started", "finished")
     names = [t["name"] for t in results["targets"]]
     assert sum(name.startswith("goodput:") for name in names) == 5
-    assert "**Goodput**" in doc.read_text()
+    text = doc.read_text()
+    assert text.startswith(f"# Performance\n\n{full_run}")  # a run of one part keeps the full run's block
+    assert text.count("<!-- bench:cpu:goodput -->") == 1 and "**Goodput**" in text.split(full_run)[1]
