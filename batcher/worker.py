@@ -168,8 +168,8 @@ class Worker:
 
     def _healthy(self) -> bool:
         """Whether the pipeline moves, as the heartbeat says: no thread failed, the take and reply
-        stages are not in one step for longer than the heartbeat TTL, and no lane is past its
-        deadlines (`_lanes_on_time`). A stuck worker stops beating, so the others reclaim its work."""
+        stages are not in one step for longer than the heartbeat TTL, and no lane is hung
+        (`_lanes_on_time`). A stuck worker stops beating, so the others reclaim its work."""
         now, stuck_s = time.monotonic(), self.settings.heartbeat_ttl_s
         stages = (self.intake.busy_since, self.replies.busy_since)
         if self.failure.failed.is_set() or any(now - since > stuck_s for since in stages if since is not None):
@@ -177,9 +177,13 @@ class Worker:
         return self._lanes_on_time()
 
     def _lanes_on_time(self) -> bool:
-        """False while a lane is in a forward past every deadline of its requests (hung: stop beating)."""
-        now = time.time()
-        return all(now < max(t.deadline for t in forward.texts) for forward, _ in list(self.lanes.running.values()))
+        """False while a lane is hung: in a forward past every deadline of its requests, and longer than
+        the heartbeat TTL (bulk work is never late: its forward may start past its items' deadlines)."""
+        now, ttl_s = time.time(), self.settings.heartbeat_ttl_s
+        return all(
+            now < max(max(t.deadline for t in forward.texts), started + ttl_s)
+            for forward, started in list(self.lanes.running.values())
+        )
 
     def _leave(self) -> None:
         """Let the lanes finish their forwards, write every result, hand back the rest and deregister;

@@ -234,6 +234,33 @@ def test_a_forward_past_its_deadlines_stops_beating_so_a_hung_worker_is_reclaime
         thread.join(10)
 
 
+def test_a_bulk_forward_past_its_items_deadlines_is_work_not_a_hung_lane(
+    redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, monkeypatch
+) -> None:
+    # Bulk work is never late: its forward may run past its items' deadlines (held behind interactive
+    # work). That is no hang: the worker keeps beating and taking; a hung lane is one past every deadline
+    # and longer than the heartbeat TTL.
+    keys = Keys(settings.key_prefix)
+    forwarding, release = hold_forwards(monkeypatch, classifier)
+    now = time.time()
+    chunk = WorkItem(new_id(), ["a job's text"], now, now + 0.5, keys.reply_channel("jobs"))
+    redis.lpush(keys.bulk, chunk.encode())
+    worker = Worker(settings, redis, classifier)
+    thread = start_worker(worker)
+    try:
+        wait_for("the bulk forward to start", forwarding.is_set)
+        wait_for("the chunk's deadline to pass", lambda: time.time() > chunk.deadline)
+        assert worker.heartbeat.writes()  # it still beats
+        item = push(redis, keys, "asked meanwhile")
+        wait_for("the interactive item to be held", lambda: len(worker.window) == 1)
+        release.set()
+        assert wait_result(redis, keys, item).error is None and wait_result(redis, keys, chunk).error is None
+    finally:
+        release.set()
+        worker.stop()
+        thread.join(10)
+
+
 def test_an_error_reply_from_redis_is_survived_like_an_outage(
     worker: Worker, redis: fakeredis.FakeRedis, settings: Settings, monkeypatch, caplog: pytest.LogCaptureFixture
 ) -> None:
