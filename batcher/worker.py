@@ -139,7 +139,7 @@ class Worker:
                     if lost and (orphans := self.queue.requeue_unheld()):
                         log.warning("requeued %d items whose take a Redis failure cut short", orphans)
                     lost = False
-                    if not self._lanes_on_time():  # a hung lane: take nothing it would hold up
+                    if not self._healthy():  # a hung lane or stuck reply: take nothing it would hold up
                         self._stopping.wait(IDLE_POLL_S)
                     elif self.intake.take():
                         backoff.reset()
