@@ -20,7 +20,10 @@ at no cost in latency. The rules (docs/tuning.md, "Batching"):
 4. Bulk: /jobs texts (`Keys.bulk`) are held apart, up to `batch_window` more texts. They ride in
    an interactive forward only where its caps leave room (`fill`), and make a forward of their own
    (`batch`, one forward at a time) only when nothing interactive is held: interactive work waits
-   for at most the one bulk forward a lane is running.
+   for at most the one bulk forward a lane is running. While interactive work flows (some taken in
+   the last `INTERACTIVE_FLOWS_S`), bulk texts may lengthen an interactive forward, and a bulk
+   forward may last, at most `bulk_delay_ms` by the measured forward time (`Window._bulk_bound`); an
+   idle service's bulk forwards are full.
 5. Deadlines (the `deadline` overload policy): each client's held texts take its turns earliest
    deadline first (`Window._by_deadline`), and a forward as it goes to a lane leaves out the work
    items it could not answer by their deadlines, by the measured forward time (`Window._in_time`):
@@ -31,6 +34,7 @@ at no cost in latency. The rules (docs/tuning.md, "Batching"):
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -46,6 +50,7 @@ from model_store.cost import ForwardCost
 _TURN = attrgetter("turn")
 ARRIVALS = 8  # work items whose take times estimate the arrival rate
 TAKE_AT_ONCE = 64  # most items one take asks for: the count doubles from 1 while the queue keeps up
+INTERACTIVE_FLOWS_S = 1.0  # interactive work taken this recently bounds bulk work by `bulk_delay_s` (rule 4)
 
 
 @dataclass(frozen=True)
@@ -57,12 +62,15 @@ class Policy:
     max_wait_s: float
     window: int
     cost: ForwardCost
+    bulk_delay_s: float = math.inf  # most a bulk text may add to an interactive one's wait (rule 4); inf: no bound
 
     @classmethod
     def of(cls, settings: Settings, cost: ForwardCost, lanes: int) -> Policy:
         tokens = min(settings.max_batch_tokens, settings.lane_max_tokens) if lanes > 1 else settings.max_batch_tokens
         window = max(settings.batch_window, settings.max_batch_size)
-        return cls(settings.max_batch_size, tokens, settings.max_wait_ms / 1000, window, cost)
+        return cls(
+            settings.max_batch_size, tokens, settings.max_wait_ms / 1000, window, cost, settings.bulk_delay_ms / 1000
+        )
 
     def take_count(self, room: int, texts_per_item: float, last_asked: int, last_got: int) -> int:
         """Items a take under load asks for: twice the last count while the queue kept up, else what
@@ -338,45 +346,66 @@ class Window:
         return None
 
     def _filled(self, forward: Forward) -> Forward:
-        """`forward` with the bulk texts that fit its spare room (`fill`), as many of them as leave its
-        texts in time (`_riders_in_time`)."""
+        """`forward` with the bulk texts that fit its spare room (`fill`), as many of them as keep it
+        within the bulk bound and its texts in time (`_riders_within`)."""
         if not self._bulk:
             return forward
         spare = list(self._bulk.values())
         lengths = [len(t.ids) for t in forward.texts]
         riders = [spare[i] for i in fill(lengths, forward.packed, [len(t.ids) for t in spare], self.policy)]
-        riders = self._riders_in_time(forward, riders)
+        riders = self._riders_within(forward, riders)
         for text in riders:
             del self._bulk[text.key]
         return Forward(forward.texts + riders, forward.packed) if riders else forward
 
-    def _riders_in_time(self, forward: Forward, riders: list[Text]) -> list[Text]:
-        """The oldest of `riders` that `forward` can take and still end by the deadline of each of its
-        texts it would end in time for without them (rule 5): bulk work never makes interactive work late."""
-        if not self.deadlines or not riders:
+    def _riders_within(self, forward: Forward, riders: list[Text]) -> list[Text]:
+        """The oldest of `riders` that `forward` can take and still take at most the bulk bound longer than
+        without them (rule 4), and end by the deadline of each of its texts it would end in time for
+        without them (rule 5): bulk work never makes interactive work late."""
+        bound = self._bulk_bound()
+        if not riders or (bound is None and not self.deadlines):
             return riders
         lengths = [len(t.ids) for t in forward.texts]
         if (took := self.forward_time.predict(lengths, forward.packed)) is None:
             return riders
-        start = self.clock()
-        due = min((t.deadline for t in forward.texts if t.deadline >= start + took), default=float("inf"))
-        while riders:
-            took = self.forward_time.predict(lengths + [len(t.ids) for t in riders], forward.packed)
-            if took is None or start + took <= due:
-                break
-            riders = riders[:-1]
-        return riders
+        most = took + bound if bound is not None else math.inf
+        if self.deadlines:
+            start = self.clock()
+            due = min((t.deadline for t in forward.texts if t.deadline >= start + took), default=math.inf)
+            most = min(most, due - start)
+        return riders[: self._fitting(lengths, [len(t.ids) for t in riders], forward.packed, most)]
 
     def _bulk_forward(self) -> Forward:
         """The next forward of bulk texts alone (nothing interactive is held): the first of the batch
-        `batch` makes of them; the rest stay held, so an interactive text taken meanwhile goes next."""
+        `batch` makes of them, its oldest texts within the bulk bound (rule 4); the rest stay held, so
+        an interactive text taken meanwhile goes next."""
         texts = list(self._bulk.values())
         forwards, _ = batch([len(t.ids) for t in texts], self.policy)
         indices, packed = forwards[0]
+        if (bound := self._bulk_bound()) is not None:
+            lengths = [len(texts[i].ids) for i in indices]
+            indices = indices[: 1 + self._fitting(lengths[:1], lengths[1:], packed, bound)]
+            packed = packs_cheaper([len(texts[i].ids) for i in indices], self.policy)
         for index in indices:
             del self._bulk[texts[index].key]
         self._changed.notify_all()  # room for the intake's bulk take
         return Forward([texts[i] for i in indices], packed)
+
+    def _bulk_bound(self) -> float | None:
+        """Seconds bulk texts may add to an interactive text's wait (rule 4): `bulk_delay_s` while
+        interactive work flows, else None (no bound: an idle service's bulk forwards are full)."""
+        flows = bool(self._arrivals) and self.clock() - self._arrivals[-1] < INTERACTIVE_FLOWS_S
+        return self.policy.bulk_delay_s if flows and math.isfinite(self.policy.bulk_delay_s) else None
+
+    def _fitting(self, lengths: list[int], extra: list[int], packed: bool, seconds: float) -> int:
+        """How many of `extra` (token lengths, oldest first) a forward of texts of `lengths` can add and
+        still be predicted to take at most `seconds`; all of them before any forward was timed."""
+        count = len(extra)
+        while count and (took := self.forward_time.predict(lengths + extra[:count], packed)) is not None:
+            if took <= seconds:
+                break
+            count -= 1
+        return count
 
     def _in_time(self, forward: Forward) -> Forward | None:
         """`forward` without the texts of work items it could not answer by their deadlines, were it

@@ -143,6 +143,14 @@ class Settings(BaseSettings):
         "recent requests arrived less than this far apart, so a lone client never waits (docs/tuning.md, "
         '"Batching").',
     )
+    bulk_delay_ms: float = Field(
+        20.0,
+        ge=0,
+        description="Most that bulk work (/jobs) may add to an interactive request's wait while interactive work "
+        "flows: a forward of bulk texts alone lasts at most this long by the measured forward time, and bulk "
+        "texts riding in an interactive forward lengthen it by at most as much; an idle service's bulk forwards "
+        'are full (docs/tuning.md, "Bulk work").',
+    )
     batch_window: int = Field(
         128,
         ge=1,

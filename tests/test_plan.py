@@ -3,6 +3,7 @@ forward holds, when it goes, how much is taken, and that work is held until answ
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from redis.exceptions import NoPermissionError
 from batcher import intake as intake_module
 from batcher.forward_time import OUTLIER, SMOOTHING
 from batcher.intake import Intake
-from batcher.plan import TAKE_AT_ONCE, Forward, Policy, Window, batch, spread
+from batcher.plan import INTERACTIVE_FLOWS_S, TAKE_AT_ONCE, Forward, Policy, Window, batch, spread
 from batcher.queue import WorkQueue
 from batcher.reply import Replies
 from batcher.thread_failure import ThreadFailure
@@ -39,8 +40,9 @@ def policy(
     max_wait_s: float = HOUR_S,
     window: int = 100,
     cost: ForwardCost = PADDED,
+    bulk_delay_s: float = math.inf,
 ) -> Policy:
-    return Policy(max_texts, max_tokens, max_wait_s, window, cost)
+    return Policy(max_texts, max_tokens, max_wait_s, window, cost, bulk_delay_s)
 
 
 def word_ids(texts: list[str]) -> list[list[int]]:
@@ -827,6 +829,40 @@ def test_bulk_rides_in_an_interactive_forward_only_as_far_as_it_leaves_its_texts
     window.add([due_text("asked", now, due_in)], 1)
     assert texts_of(next_forward(window)) == ["asked", *(f"bulk{i}" for i in range(riders))]
     assert late == []
+
+
+def bulk_window(clock: list[float], bulk_delay_s: float) -> Window:
+    """A window (deadlines off) whose clock reads `clock[0]`, where a one-text forward of one token has
+    taken 0.65 s (each text more, about 0.01 s), and one interactive text was taken now and has gone."""
+    window = Window(policy(max_wait_s=0, bulk_delay_s=bulk_delay_s), clock=lambda: clock[0])
+    window.forward_took(Forward([due_text("timed", clock[0], 60)], packed=False), 0.65)
+    window.add([due_text("asked", clock[0], 60)], 1)
+    assert texts_of(next_forward(window)) == ["asked"]
+    return window
+
+
+@pytest.mark.parametrize(("bulk_delay_s", "riders"), [(0.005, 0), (0.015, 1), (math.inf, 3)])
+def test_while_interactive_work_flows_bulk_rides_only_as_far_as_the_bulk_delay_lengthens_the_forward(
+    bulk_delay_s: float, riders: int
+) -> None:
+    clock = [time.time() - HOUR_S]
+    window = bulk_window(clock, bulk_delay_s)
+    for words in ("bulk0", "bulk1", "bulk2"):
+        window.add([bulk_text(words, clock[0], 60)], 1, bulk=True)
+    window.add([due_text("again", clock[0], 60)], 1)
+    assert texts_of(next_forward(window)) == ["again", *(f"bulk{i}" for i in range(riders))]
+
+
+def test_while_interactive_work_flows_a_bulk_forward_lasts_at_most_the_bulk_delay_and_an_idle_services_is_full() -> (
+    None
+):
+    clock = [time.time() - HOUR_S]
+    window = bulk_window(clock, bulk_delay_s=0.705)
+    for i in range(16):
+        window.add([bulk_text(f"bulk{i}", clock[0], 60)], 1, bulk=True)
+    assert texts_of(next_forward(window)) == [f"bulk{i}" for i in range(6)]  # 0.70 s of 0.705
+    clock[0] += INTERACTIVE_FLOWS_S  # nothing interactive since: a full forward
+    assert texts_of(next_forward(window)) == [f"bulk{i}" for i in range(6, 14)]
 
 
 @pytest.mark.parametrize("seconds_a_forward", [None, 0.1])
