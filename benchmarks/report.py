@@ -91,6 +91,11 @@ def _cell(value: Any) -> str:
     return "–" if value is None else str(value)
 
 
+def _cores(cores: dict[str, float] | None) -> str:
+    """A goodput point's cores: the model worker's, the API's and the load generator's."""
+    return " / ".join(_cell(cores.get(k)) for k in ("model_worker", "api", "client")) if cores else "–"
+
+
 def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path], doc_dir: Path) -> str:
     """The block docs/performance.md shows for one device: machine, targets, tables, plots."""
     m, s = results["machine"], results["settings"]
@@ -221,18 +226,20 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
             "",
             f"**Goodput** (open loop at multiples of the saturation rate, {goodput['saturation_texts_per_s']} "
             f"texts/s; every request due within {goodput['deadline_s']:g} s; each overload policy on fresh "
-            "processes; the last row of each, 0.5x beside a bulk job)",
+            "processes; the last row of each, 0.5x beside a bulk job; refusals' p99 as the client saw it and as "
+            "the API timed it, to its histogram's bucket; the cores of the model worker, the API and the load "
+            "generator)",
             "",
-            "| policy | load | sent | goodput/s | p99 ms | refused | refusals' p99 ms | late (504) | gave up | "
-            "computed | for nobody |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| policy | load | sent | goodput/s | p99 ms | refused | refusals' p99 ms (client / API) | late (504) | "
+            "gave up | computed | for nobody | cores (model / API / client) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for policy, run in goodput["policies"].items():
             rows = [(f"{p['multiple']:g}x", p) for p in run["points"]] + [("0.5x + job", run["beside_job"])]
             lines += [
                 f"| {policy} | {load} | {p['sent']} | {p['goodput_per_s']} | {_cell(p['p99_ms'])} | {p['refused']} | "
-                f"{_cell(p['refusal_p99_ms'])} | {p['late']} | {p['gave_up']} | {p['computed_texts']} | "
-                f"{_cell(p['share_for_nobody'])} |"
+                f"{_cell(p['refusal_p99_ms'])} / {_cell(p.get('refusal_p99_ms_at_api'))} | {p['late']} | "
+                f"{p['gave_up']} | {p['computed_texts']} | {_cell(p['share_for_nobody'])} | {_cores(p.get('cores'))} |"
                 for load, p in rows
             ]
     cache = [("(4) cache hits", (results.get("service") or {}).get("cache_hits"))]

@@ -84,7 +84,7 @@ def evaluate(results: dict[str, Any], clients: int = 32) -> list[dict[str, Any]]
 
 def _goodput(goodput: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The issue's goodput targets, for the `deadline` policy (only where the part ran): goodput at 2x and
-    3x saturation against its peak, refusals' p99 at 3x, the share computed for nobody (the worst
+    3x saturation against its peak, refusals' p99 at 3x (as the client saw it, and as the API timed it), the share computed for nobody (the worst
     point), and the interactive p99 beside a bulk job against alone. The `queue-length` policy is the
     baseline the table shows beside it."""
     if not goodput:
@@ -104,12 +104,24 @@ def _goodput(goodput: dict[str, Any] | None) -> list[dict[str, Any]]:
             )
         )
     refusals = (points.get(3.0) or {}).get("refusal_p99_ms")
+    at_api = (points.get(3.0) or {}).get("refusal_p99_ms_at_api")
     shares = [p["share_for_nobody"] for p in points.values() if p.get("share_for_nobody") is not None]
     worst = max(shares) if shares else None
     beside = (deadline.get("beside_job") or {}).get("p99_ratio_to_alone")
     return [
         *targets,
-        _target("goodput: refusals' p99 at 3x (ms)", refusals, "<= 5", None if refusals is None else refusals <= 5),
+        _target(
+            "goodput: refusals' p99 at 3x, as the client saw it (ms)",
+            refusals,
+            "<= 5",
+            None if refusals is None else refusals <= 5,
+        ),
+        _target(
+            "goodput: refusals' p99 at 3x, as the API timed it (ms, its histogram's bucket)",
+            at_api,
+            "<= 5",
+            None if at_api is None else at_api <= 5,
+        ),
         _target(
             "goodput: share of computed texts for nobody (worst point)",
             worst,

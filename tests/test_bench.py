@@ -237,6 +237,8 @@ def test_quick_goodput_bench_runs_both_overload_policies_side_by_side(tmp_path: 
             ended = point["in_time"] + point["refused"] + point["late"] + point["gave_up"] + point["errors"]
             assert point["sent"] == ended > 0 and point["errors"] == 0
             assert point["goodput_per_s"] == pytest.approx(point["in_time"] / point["duration_s"], abs=0.01)
+            assert set(point["cores"]) == {"api", "model_worker", "jobs_worker", "client"} and point["cores"]["api"] > 0
+            assert point["refusal_p99_ms_at_api"] is None or point["refused"] > 0
         assert [p["rate_per_s"] for p in points] == pytest.approx(
             [m * goodput["saturation_texts_per_s"] for m in (0.5, 1.0, 1.5, 2.0, 3.0)], rel=0.01
         )
@@ -244,7 +246,7 @@ def test_quick_goodput_bench_runs_both_overload_policies_side_by_side(tmp_path: 
         assert sum(p["computed_texts"] for p in points) > 0
         assert run["beside_job"]["job_status_after"] in ("queued", "started", "finished")
     names = [t["name"] for t in results["targets"]]
-    assert sum(name.startswith("goodput:") for name in names) == 5
+    assert sum(name.startswith("goodput:") for name in names) == 6
     text = doc.read_text()
     assert text.startswith(f"# Performance\n\n{full_run}")  # a run of one part keeps the full run's block
     assert text.count("<!-- bench:cpu:goodput -->") == 1 and "**Goodput**" in text.split(full_run)[1]
