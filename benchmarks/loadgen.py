@@ -69,6 +69,7 @@ def percentile(sorted_ms: list[float], q: int) -> float | None:
 
 
 GAVE_UP = -1  # the status of a request its client gave up on
+KEEP_ALIVE_S = 4.0  # longest an open-loop connection idles before its next request: uvicorn closes one idle 5 s
 
 
 class _Connection:
@@ -264,16 +265,22 @@ def open_loop(
         loop = asyncio.get_running_loop()
         start = loop.time()
         measure_from, measure_to = start + warmup_s, start + warmup_s + duration_s
-        idle: list[_Connection] = []  # keep-alive connections free for the next request
+        idle: list[tuple[_Connection, float]] = []  # keep-alive connections free for the next request, since when
         answers: dict[int, list[float]] = {}  # by status, each request's milliseconds, of those due in the window
 
         async def send(number: int, due: float) -> None:
-            conn = idle.pop() if idle else _Connection(host, port, headers or {})
+            conn = None
+            while idle and conn is None:  # one idle past the server's keep-alive may be closed: never sent on
+                conn, since = idle.pop()
+                if loop.time() - since >= KEEP_ALIVE_S:
+                    conn.close()
+                    conn = None
+            conn = conn or _Connection(host, port, headers or {})
             sent_at = loop.time()
             try:
                 async with asyncio.timeout(give_up_s):
                     status = await conn.post(path, orjson.dumps({"text": texts_for(number)}))
-                idle.append(conn)
+                idle.append((conn, loop.time()))
             except TimeoutError:  # (before OSError, its base class)
                 conn.close()
                 status = GAVE_UP
@@ -293,7 +300,7 @@ def open_loop(
             sending.add(task)
             task.add_done_callback(sending.discard)
         await asyncio.gather(*sending)
-        for conn in idle:
+        for conn, _ in idle:
             conn.close()
         cpu_share = (time.process_time() - cpu_before) / (loop.time() - start)
         counted = {status: len(ms) for status, ms in answers.items()}

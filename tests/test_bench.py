@@ -3,22 +3,25 @@ never in asserts), the worker-counter arithmetic, and the doc block it rewrites.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
+from benchmarks import loadgen
 from benchmarks.batch_stats import Snapshot, between, parse_metrics
 from benchmarks.limit import batches
 from benchmarks.report import replace_block
 from benchmarks.workload import UniqueTexts
 from model_store.engine import resolve_precision
-from tests.conftest import REPO
+from tests.conftest import HANG_GUARD_S, REPO
 
 SENTENCES = ["a gorgeous film", "the plot is a mess", "funny and warm", "i hated every minute", "not bad at all"]
 
@@ -250,3 +253,60 @@ def test_quick_goodput_bench_runs_both_overload_policies_side_by_side(tmp_path: 
     text = doc.read_text()
     assert text.startswith(f"# Performance\n\n{full_run}")  # a run of one part keeps the full run's block
     assert text.count("<!-- bench:cpu:goodput -->") == 1 and "**Goodput**" in text.split(full_run)[1]
+
+
+class ClosingServer:
+    """An HTTP/1.1 server in a thread of its own that closes a keep-alive connection idle `idle_s`, as
+    uvicorn does; a request whose body says "slow" is answered after `idle_s`."""
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = idle_s
+        self.requests = 0
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self._started.wait(HANG_GUARD_S)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._started.set()
+        self._loop.run_forever()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.idle_s)
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                body = await reader.readexactly(length)
+                self.requests += 1
+                if b"slow" in body:
+                    await asyncio.sleep(self.idle_s)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(HANG_GUARD_S)
+
+
+def test_the_open_loop_never_sends_on_a_connection_idle_past_the_servers_keep_alive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Slow answers open several connections; fast ones then reuse only the latest, so the others idle
+    past the server's keep-alive and are closed by it; slow answers again need them. Sent on such a
+    connection, a request would never reach the server and count as an error."""
+    server = ClosingServer(idle_s=0.3)
+    monkeypatch.setattr(loadgen, "KEEP_ALIVE_S", 0.2)
+    pattern = ["slow"] * 5 + ["fast"] * 15 + ["slow"] * 5  # at 20 a second: 0.25 s, 0.75 s, 0.25 s
+    try:
+        result = loadgen.open_loop(
+            f"http://127.0.0.1:{server.port}/", lambda i: [pattern[i]], 20, len(pattern) / 20, 0.0, HANG_GUARD_S
+        )
+    finally:
+        server.stop()
+    assert (result.sent, result.in_time, result.errors) == (len(pattern), len(pattern), 0)
+    assert server.requests == len(pattern)
