@@ -110,31 +110,15 @@ def _goodput(goodput: dict[str, Any] | None) -> list[dict[str, Any]]:
     beside = (deadline.get("beside_job") or {}).get("p99_ratio_to_alone")
     return [
         *targets,
-        _target(
-            "goodput: refusals' p99 at 3x, as the client saw it (ms)",
-            refusals,
-            "<= 5",
-            None if refusals is None else refusals <= 5,
-        ),
-        _target(
-            "goodput: refusals' p99 at 3x, as the API timed it (ms, its histogram's bucket)",
-            at_api,
-            "<= 5",
-            None if at_api is None else at_api <= 5,
-        ),
-        _target(
-            "goodput: share of computed texts for nobody (worst point)",
-            worst,
-            "<= 0.05",
-            None if worst is None else worst <= 0.05,
-        ),
-        _target(
-            "goodput: interactive p99 at 0.5x beside a bulk job / alone",
-            beside,
-            "<= 1.2",
-            None if beside is None else beside <= 1.2,
-        ),
+        _at_most("goodput: refusals' p99 at 3x, as the client saw it (ms)", refusals, 5),
+        _at_most("goodput: refusals' p99 at 3x, as the API timed it (ms, its histogram's bucket)", at_api, 5),
+        _at_most("goodput: share of computed texts for nobody (worst point)", worst, 0.05),
+        _at_most("goodput: interactive p99 at 0.5x beside a bulk job / alone", beside, 1.2),
     ]
+
+
+def _at_most(name: str, value: float | None, most: float) -> dict[str, Any]:
+    return _target(name, value, f"<= {most:g}", None if value is None else value <= most)
 
 
 def _fairness(fairness: dict[str, Any] | None) -> list[dict[str, Any]]:

@@ -3,9 +3,11 @@ Redis errors, shutdown."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -37,6 +39,33 @@ def push(redis: fakeredis.FakeRedis, keys: Keys, *texts: str) -> WorkItem:
 
 def wait_result(redis: fakeredis.FakeRedis, keys: Keys, item: WorkItem) -> Result:
     return Result.decode(wait_for(f"the result of {item.id}", lambda: redis.get(keys.result(item.id))))
+
+
+def worker_holding(
+    redis: fakeredis.FakeRedis,
+    settings: Settings,
+    classifier: Classifier,
+    monkeypatch: pytest.MonkeyPatch,
+    item: WorkItem,
+    onto: str,
+) -> tuple[Worker, threading.Event, threading.Event]:
+    """A worker, not started, whose forwards each wait for `release` (`hold_forwards`), with `item` queued
+    for it on the list `onto`: (worker, forwarding, release)."""
+    forwarding, release = hold_forwards(monkeypatch, classifier)
+    redis.lpush(onto, item.encode())
+    return Worker(settings, redis, classifier), forwarding, release
+
+
+@contextlib.contextmanager
+def running_until_released(worker: Worker, release: threading.Event) -> Iterator[None]:
+    """`worker` running in a thread; at the end its held forwards released (`hold_forwards`), then stopped."""
+    thread = start_worker(worker)
+    try:
+        yield
+    finally:
+        release.set()
+        worker.stop()
+        thread.join(10)
 
 
 def reclaimed_once_its_heartbeat_lapses(redis: fakeredis.FakeRedis, keys: Keys, worker: Worker, item: WorkItem) -> None:
@@ -211,27 +240,12 @@ def test_a_forward_past_its_deadlines_stops_beating_so_a_hung_worker_is_reclaime
     # deadlines pass, nobody waits for it, its heartbeat lapses and its work is reclaimed.
     settings = settings.model_copy(update={"heartbeat_ttl_s": 1.0})
     keys = Keys(settings.key_prefix)
-    forwarding, release = threading.Event(), threading.Event()
-    real_forward = classifier.engine.forward
-
-    def hung_forward(batch: list[list[int]], packed: bool = False) -> np.ndarray:
-        forwarding.set()
-        release.wait(HANG_GUARD_S)
-        return real_forward(batch, packed)
-
-    monkeypatch.setattr(classifier.engine, "forward", hung_forward)
     now = time.time()
     item = WorkItem(new_id(), ["stuck"], now, now + 5, keys.reply_channel("api"))
-    redis.lpush(keys.queue, item.encode())
-    worker = Worker(settings, redis, classifier)
-    thread = start_worker(worker)
-    try:
+    worker, forwarding, release = worker_holding(redis, settings, classifier, monkeypatch, item, keys.queue)
+    with running_until_released(worker, release):
         wait_for("the forward to start", forwarding.is_set)
         reclaimed_once_its_heartbeat_lapses(redis, keys, worker, item)
-    finally:
-        release.set()
-        worker.stop()
-        thread.join(10)
 
 
 def test_a_bulk_forward_past_its_items_deadlines_is_work_not_a_hung_lane(
@@ -241,13 +255,10 @@ def test_a_bulk_forward_past_its_items_deadlines_is_work_not_a_hung_lane(
     # work). That is no hang: the worker keeps beating and taking; a hung lane is one past every deadline
     # and longer than the heartbeat TTL.
     keys = Keys(settings.key_prefix)
-    forwarding, release = hold_forwards(monkeypatch, classifier)
     now = time.time()
     chunk = WorkItem(new_id(), ["a job's text"], now, now + 0.5, keys.reply_channel("jobs"))
-    redis.lpush(keys.bulk, chunk.encode())
-    worker = Worker(settings, redis, classifier)
-    thread = start_worker(worker)
-    try:
+    worker, forwarding, release = worker_holding(redis, settings, classifier, monkeypatch, chunk, keys.bulk)
+    with running_until_released(worker, release):
         wait_for("the bulk forward to start", forwarding.is_set)
         wait_for("the chunk's deadline to pass", lambda: time.time() > chunk.deadline)
         assert worker.heartbeat.writes()  # it still beats
@@ -255,10 +266,6 @@ def test_a_bulk_forward_past_its_items_deadlines_is_work_not_a_hung_lane(
         wait_for("the interactive item to be held", lambda: len(worker.window) == 1)
         release.set()
         assert wait_result(redis, keys, item).error is None and wait_result(redis, keys, chunk).error is None
-    finally:
-        release.set()
-        worker.stop()
-        thread.join(10)
 
 
 def test_an_error_reply_from_redis_is_survived_like_an_outage(
