@@ -62,7 +62,7 @@ class Policy:
     max_wait_s: float
     window: int
     cost: ForwardCost
-    bulk_delay_s: float = math.inf  # most a bulk text may add to an interactive one's wait (rule 4); inf: no bound
+    bulk_delay_s: float  # most a bulk text may add to an interactive one's wait (rule 4); inf: no bound
 
     @classmethod
     def of(cls, settings: Settings, cost: ForwardCost, lanes: int) -> Policy:
