@@ -45,38 +45,13 @@ def evaluate(results: dict[str, Any], clients: int = 32) -> list[dict[str, Any]]
     outside = single.get("worker_outside_forward_us_per_text")
     api_cpu = single.get("api_cpu_us_per_request")
     return [
-        _target(
-            f"service / limit at saturation ({how})",
-            saturation,
-            ">= 0.85",
-            None if saturation is None else saturation >= 0.85,
-        ),
-        _target(
-            f"service / naive at {clients} clients (sentences/s)",
-            speedup,
-            ">= 4",
-            None if speedup is None else speedup >= 4,
-        ),
-        _target(
-            f"service p99 / naive p99 at {clients} clients",
-            p99_ratio,
-            "<= 1",
-            None if p99_ratio is None else p99_ratio <= 1,
-        ),
-        _target("cache hits / bare endpoint (requests/s)", cache, ">= 0.5", None if cache is None else cache >= 0.5),
-        _target(
-            "ceiling: 1-text misses / bare endpoint (requests/s, null engine)",
-            bare_ratio,
-            ">= 0.4",
-            None if bare_ratio is None else bare_ratio >= 0.4,
-        ),
-        _target(
-            "ceiling: worker CPU a text outside the forward (us)",
-            outside,
-            "<= 100",
-            None if outside is None else outside <= 100,
-        ),
-        _target("ceiling: API CPU a 1-text miss (us)", api_cpu, "<= 300", None if api_cpu is None else api_cpu <= 300),
+        _at_least(f"service / limit at saturation ({how})", saturation, 0.85),
+        _at_least(f"service / naive at {clients} clients (sentences/s)", speedup, 4),
+        _at_most(f"service p99 / naive p99 at {clients} clients", p99_ratio, 1),
+        _at_least("cache hits / bare endpoint (requests/s)", cache, 0.5),
+        _at_least("ceiling: 1-text misses / bare endpoint (requests/s, null engine)", bare_ratio, 0.4),
+        _at_most("ceiling: worker CPU a text outside the forward (us)", outside, 100),
+        _at_most("ceiling: API CPU a 1-text miss (us)", api_cpu, 300),
         *_fairness(results.get("fairness")),
         *_goodput(results.get("goodput")),
     ]
@@ -84,9 +59,9 @@ def evaluate(results: dict[str, Any], clients: int = 32) -> list[dict[str, Any]]
 
 def _goodput(goodput: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The issue's goodput targets, for the `deadline` policy (only where the part ran): goodput at 2x and
-    3x saturation against its peak, refusals' p99 at 3x (as the client saw it, and as the API timed it), the share computed for nobody (the worst
-    point), and the interactive p99 beside a bulk job against alone. The `queue-length` policy is the
-    baseline the table shows beside it."""
+    3x saturation against its peak, refusals' p99 at 3x (as the client saw it, and as the API timed
+    it), the share computed for nobody (the worst point), and the interactive p99 beside a bulk job
+    against alone. The `queue-length` policy is the baseline the table shows beside it."""
     if not goodput:
         return []
     deadline = goodput["policies"].get("deadline") or {}
@@ -95,14 +70,7 @@ def _goodput(goodput: dict[str, Any] | None) -> list[dict[str, Any]]:
     targets = []
     for multiple in (2.0, 3.0):
         ratio = points[multiple]["goodput_per_s"] / peak if multiple in points and peak else None
-        targets.append(
-            _target(
-                f"goodput: at {multiple:g}x saturation / peak (deadline policy)",
-                ratio,
-                ">= 0.9",
-                None if ratio is None else ratio >= 0.9,
-            )
-        )
+        targets.append(_at_least(f"goodput: at {multiple:g}x saturation / peak (deadline policy)", ratio, 0.9))
     refusals = (points.get(3.0) or {}).get("refusal_p99_ms")
     at_api = (points.get(3.0) or {}).get("refusal_p99_ms_at_api")
     shares = [p["share_for_nobody"] for p in points.values() if p.get("share_for_nobody") is not None]
@@ -121,6 +89,10 @@ def _at_most(name: str, value: float | None, most: float) -> dict[str, Any]:
     return _target(name, value, f"<= {most:g}", None if value is None else value <= most)
 
 
+def _at_least(name: str, value: float | None, least: float) -> dict[str, Any]:
+    return _target(name, value, f">= {least:g}", None if value is None else value >= least)
+
+
 def _fairness(fairness: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The quiet client's p99 beside the flood against its p99 alone plus one forward, and the total
     throughput against the single queue's (within noise: 10%)."""
@@ -135,10 +107,5 @@ def _fairness(fairness: dict[str, Any] | None) -> list[dict[str, Any]]:
             else "<= its p99 alone + a full batch's forward",
             None if p99 is None or allowed is None else p99 <= allowed,
         ),
-        _target(
-            "fairness: throughput / one queue's (texts/s)",
-            ratio,
-            ">= 0.9",
-            None if ratio is None else ratio >= 0.9,
-        ),
+        _at_least("fairness: throughput / one queue's (texts/s)", ratio, 0.9),
     ]
