@@ -269,13 +269,11 @@ def open_loop(
         answers: dict[int, list[float]] = {}  # by status, each request's milliseconds, of those due in the window
 
         async def send(number: int, due: float) -> None:
-            conn = None
-            while idle and conn is None:  # one idle past the server's keep-alive may be closed: never sent on
-                conn, since = idle.pop()
-                if loop.time() - since >= KEEP_ALIVE_S:
-                    conn.close()
-                    conn = None
-            conn = conn or _Connection(host, port, headers or {})
+            if idle and loop.time() - idle[-1][1] >= KEEP_ALIVE_S:  # the latest idle past the keep-alive: all are
+                for stale, _ in idle:  # (the server may have closed them: never sent on)
+                    stale.close()
+                idle.clear()
+            conn = idle.pop()[0] if idle else _Connection(host, port, headers or {})
             sent_at = loop.time()
             try:
                 async with asyncio.timeout(give_up_s):

@@ -289,6 +289,12 @@ class ClosingServer:
             writer.close()
 
     def stop(self) -> None:
+        async def close() -> None:  # (its connections' tasks end cancelled, not destroyed pending)
+            self._server.close()
+            for task in asyncio.all_tasks() - {asyncio.current_task()}:
+                task.cancel()
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(HANG_GUARD_S)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(HANG_GUARD_S)
 
