@@ -7,7 +7,8 @@ channel of its own, with the result keys read for a reply the subscription misse
 takes bulk work only for the room interactive work leaves (`batcher.plan`); a worker that dies
 holding it has it reclaimed onto the bulk list (`batcher.queue`). Work nobody took before its
 deadline is dropped by the workers and queued again here, so a job on a busy service (or one with
-no model worker up) waits, up to the job's timeout (`core.job_spec.JOB_TIMEOUT_S`).
+no model worker up) waits, up to the job's timeout (`core.job_spec.JOB_TIMEOUT_S`). A job that stops
+short (canceled, interrupted, failed) takes back what it queued and no worker took (`withdraw`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Bulk:
         self.channel = self.keys.reply_channel(new_id())
         self._pubsub: PubSub | None = None
         self._waiting: dict[str, Chunk] = {}  # by work item id: the chunk its answer fills (chunks overlap)
+        self._items: dict[str, bytes] = {}  # by work item id: the unanswered items as queued (`withdraw`)
 
     def send(self, texts: Sequence[str]) -> Chunk:
         """Read what is cached, queue the rest; `receive` waits for it."""
@@ -82,10 +84,31 @@ class Bulk:
         self._wait(chunk, stopping)
         return [chunk.found[t] for t in chunk.texts]
 
+    def withdraw(self) -> None:
+        """Take the unanswered items that no model worker took yet back off the bulk list, in one round
+        trip: a job that stops short leaves nothing queued for nobody (a worker would compute it
+        otherwise, until its deadline). When Redis fails they stay, and expire as before."""
+        if not self._items:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for raw in self._items.values():
+            # (`type: ignore`: redis-py's LREM wants the value as str; bytes are sent as they are.)
+            pipe.lrem(self.keys.bulk, 1, raw)  # type: ignore[arg-type]
+        try:
+            withdrawn = sum(pipe.execute())
+        except RedisError as exc:
+            log.warning(
+                "could not take back %d bulk work items (%s): they expire at their deadline", len(self._items), exc
+            )
+            return
+        log.info("took back %d of %d unanswered bulk work items (a worker holds the rest)", withdrawn, len(self._items))
+        self._items.clear()
+
     def close(self) -> None:
         """Forget the chunks sent and drop the reply subscription (the next chunk subscribes again):
         at a job's end, after a Redis error."""
         self._waiting.clear()
+        self._items.clear()
         if self._pubsub is not None:
             with contextlib.suppress(RedisError):
                 self._pubsub.close()
@@ -116,7 +139,8 @@ class Bulk:
             item = WorkItem(new_id(), part, now, chunk.deadline, self.channel, traceparent=traceparent)
             chunk.queued[item.id] = part
             self._waiting[item.id] = chunk
-            items.append(item.encode())
+            self._items[item.id] = item.encode()
+            items.append(self._items[item.id])
         self.redis.lpush(self.keys.bulk, *items)
 
     def _wait(self, chunk: Chunk, stopping: threading.Event | None) -> None:
@@ -147,6 +171,7 @@ class Bulk:
             log.info("%d bulk texts unanswered by their deadline (a busy service); queued again", len(late))
             for request_id in chunk.queued:
                 del self._waiting[request_id]
+                del self._items[request_id]
             chunk.queued.clear()
             self._queue(chunk, late)
 
@@ -156,6 +181,7 @@ class Bulk:
         chunk = self._waiting.pop(request_id, None)
         if chunk is None:  # answered already, or a job's that ended
             return
+        del self._items[request_id]
         texts = chunk.queued.pop(request_id)
         try:
             result = Result.decode(raw)

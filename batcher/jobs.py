@@ -3,7 +3,8 @@
 `classify` is the job: it sends the texts chunk by chunk to the model workers as bulk work
 (`batcher.bulk`: no model, no torch in this process), each chunk sent while the one before it is
 computed (so the workers never wait for the next), saving progress in the job's meta and checking
-for cancellation between chunks, so a canceled job queues no further chunk. RQ owns the
+for cancellation between chunks, so a canceled job queues no further chunk, and takes back what it
+queued that no model worker took (`Bulk.withdraw`, as an interrupted or failed one does). RQ owns the
 rest of the lifecycle (queue, status, result TTL, retries, failed registry).
 
 The API cancels or deletes a job whenever asked (`api.job_store`), also while this worker takes,
@@ -52,7 +53,7 @@ from rq.utils import as_text, now
 from rq.worker import WorkerStatus as RQWorkerStatus  # (not core.protocol's WorkerStatus, a heartbeat)
 
 from batcher import metrics, webhooks
-from batcher.bulk import Bulk, BulkStopped, Chunk
+from batcher.bulk import Bulk, BulkFailed, BulkStopped, Chunk
 from batcher.periodic import Periodic
 from batcher.thread_failure import ThreadFailure
 from core import tracing
@@ -89,6 +90,9 @@ def classify(texts: list[str]) -> list[Prediction]:
         raise RuntimeError("no way to the model workers in this process: run jobs with `sentiment jobs-worker`")
     try:
         return _classify(_bulk, get_current_job(), texts)
+    except (JobCanceled, JobInterrupted, BulkFailed):  # (not a Redis error: a silent peer would hold it up)
+        _bulk.withdraw()
+        raise
     finally:
         _bulk.close()
 

@@ -29,6 +29,7 @@ from core.protocol import Keys
 from core.settings import Settings
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
+from tests.conftest import wait_for
 
 TEXTS = [
     "i love this movie",
@@ -57,6 +58,10 @@ class SpyBulk(Bulk):
     computed = 0
     chunks = 0  # sent
 
+    def __init__(self, settings: Settings, redis: fakeredis.FakeRedis) -> None:
+        super().__init__(settings, redis)
+        self.items: list[list[str]] = []  # each queue's work item ids
+
     def send(self, texts: Sequence[str]) -> Chunk:
         self.before_chunk(list(texts))
         self.chunks += 1
@@ -65,6 +70,7 @@ class SpyBulk(Bulk):
     def _queue(self, chunk: Chunk, texts: list[str]) -> None:
         self.computed += len(texts)
         super()._queue(chunk, texts)
+        self.items.append(list(chunk.queued))
 
 
 class Service:
@@ -214,6 +220,28 @@ def test_cancel_a_started_job_stops_it_at_the_next_chunk(service: tuple[Service,
     queue = svc.app.state.jobs.queue
     assert job_id not in queue.failed_job_registry and job_id not in queue.started_job_registry
     assert queue.count == 0
+
+
+def test_a_job_canceled_with_a_chunk_queued_takes_it_back_off_the_bulk_list(
+    service: tuple[Service, TestClient],
+) -> None:
+    svc, client = service
+    job_id = submit(client, [f"{text} {i}" for i, text in enumerate(TEXTS * 2)])  # three chunks, none cached
+    keys = Keys(svc.settings.key_prefix)
+    answers: list[int] = []
+
+    def cancel_with_no_model_worker_as_the_second_chunk_is_sent(_: list[str]) -> None:
+        if svc.bulk.chunks == 1 and not answers:
+            first = svc.bulk.items[0]
+            wait_for("the first chunk's results", lambda: svc.redis.exists(*map(keys.result, first)) == len(first))
+            svc.worker.stop()  # nothing takes the second chunk from here on
+            answers.append(client.delete(f"/jobs/{job_id}").status_code)
+
+    svc.bulk.before_chunk = cancel_with_no_model_worker_as_the_second_chunk_is_sent
+    svc.run_jobs()  # the first chunk's answers in hand, the cancel found at that boundary
+    assert answers == [204] and svc.bulk.chunks == 2
+    assert client.get(f"/jobs/{job_id}").json()["status"] == "canceled"
+    assert len(svc.bulk.items[1]) == 4 and svc.redis.llen(keys.bulk) == 0  # queued, then taken back
 
 
 def explode(_: list[str]) -> None:

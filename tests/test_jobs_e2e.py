@@ -22,7 +22,7 @@ import redis
 from rq.job import Job
 
 from api.job_store import ENDED, JobStore
-from core.job_spec import SERIALIZER
+from core.job_spec import CHUNKS_PER_BATCH, SERIALIZER
 from core.protocol import Keys, Prediction, WorkerStatus, prediction
 from core.settings import Settings
 from model_store.classifier import Classifier
@@ -222,6 +222,27 @@ def test_a_model_worker_killed_mid_job_has_its_bulk_work_reclaimed_and_the_job_f
     assert_predictions(view["predictions"], expected)
     assert Job.fetch(job_id, connection=stack.redis, serializer=SERIALIZER).retries_left == 2  # never retried
     assert "queued again" not in stack.output(jobs_worker)  # the dead worker's items came back, reclaimed
+
+
+def test_a_jobs_worker_stopped_mid_job_takes_its_queued_bulk_work_back_and_the_job_waits_for_the_next(
+    stack: Stack, expected: list[Prediction]
+) -> None:
+    client = stack.client
+    (model_worker,) = [p for p in stack.procs if p.args[-1] == "worker"]
+    model_worker.send_signal(signal.SIGSTOP)  # frozen: nothing takes the job's chunks off the bulk list
+    jobs_worker = stack.start_worker()
+    job_id = client.post("/jobs", json={"text": TEXTS}).json()["job_id"]
+    keys = Keys(Settings().key_prefix)
+    wait_for("two chunks queued", lambda: stack.redis.llen(keys.bulk) >= 2 * CHUNKS_PER_BATCH, WAIT_S)
+    jobs_worker.terminate()
+    assert jobs_worker.wait(WAIT_S) == 0
+    assert stack.redis.llen(keys.bulk) == 0  # taken back: no worker computes them for nobody
+    assert client.get(f"/jobs/{job_id}").json()["status"] == "queued"  # back at the front of its queue
+    model_worker.send_signal(signal.SIGCONT)
+    stack.start_worker()
+    view = wait_for("the job to end", lambda: ended(client, job_id), WAIT_S)
+    assert view["status"] == "finished", view.get("error")
+    assert_predictions(view["predictions"], expected)
 
 
 def test_a_redis_outage_mid_job_keeps_the_worker_and_the_job(stack: Stack, expected: list[Prediction]) -> None:
