@@ -450,5 +450,8 @@ class _DisconnectWatch:
             pass
 
     def _gone(self, task: asyncio.Task[None]) -> None:
+        # Let go of the ended task: it keeps its CancelledError, whose traceback holds this watch, and
+        # that cycle would be the garbage collector's to free (docs/tuning.md, "Garbage collection").
+        self._task = None
         if not task.cancelled() and task.exception() is None:  # (a watch stopped or failed ends nothing)
             self._wait.abort(ServiceError(ErrorType.CLIENT_GONE, "the client went away while its request waited"))

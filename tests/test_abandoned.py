@@ -5,7 +5,9 @@ request waits for is still computed). In process on fakeredis, then with real pr
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import weakref
 from pathlib import Path
 
 import fakeredis
@@ -15,7 +17,9 @@ import pytest
 import redis as sync_redis
 from starlette.types import ASGIApp, Receive
 
+from api import predictions
 from api.app import create_app
+from api.results import ResultWait
 from batcher import intake as intake_module
 from batcher.plan import Window
 from batcher.worker import Worker
@@ -269,6 +273,47 @@ async def test_a_cache_hit_never_watches_for_the_disconnect(
     assert sent[0]["status"] == 200 and orjson.loads(sent[1]["body"]) == {"predictions": [hot]}  # type: ignore[arg-type]
     assert received == ["receive"]
     assert not redis.exists(keys.abandoned_epoch)
+
+
+@pytest.mark.anyio
+async def test_a_wait_watched_for_the_disconnect_leaves_no_garbage_cycle(
+    settings: Settings,
+    fake_server: fakeredis.FakeServer,
+    worker: Worker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every wait past WATCH_AFTER_S (all of them under load) runs a watch task, cancelled when the
+    # result comes: what it leaves must go with the request, not wait for a collection.
+    watches: list[weakref.ref[predictions._DisconnectWatch]] = []
+
+    class Watch(predictions._DisconnectWatch):
+        def __init__(self, receive: Receive, wait: ResultWait) -> None:
+            super().__init__(receive, wait)
+            watches.append(weakref.ref(self))
+
+    monkeypatch.setattr(predictions, "_DisconnectWatch", Watch)
+    monkeypatch.setattr(predictions, "WATCH_AFTER_S", 0.0)  # the watch runs from the start of the wait
+    start_worker(worker)
+    body = orjson.dumps({"text": ["a text to wait for"]})
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, object]:
+        if messages:
+            return messages.pop()
+        await asyncio.Event().wait()  # the client stays
+        return {"type": "http.disconnect"}
+
+    app = create_app(settings, redis=fakeredis.FakeAsyncRedis(server=fake_server), jobs_redis=fakeredis.FakeRedis())
+    async with app.router.lifespan_context(app):
+        gc.disable()
+        try:
+            sent = await post(app, body, receive)
+            for _ in range(3):  # the cancelled watch task's last step, and its done callback
+                await asyncio.sleep(0)
+            assert sent[0]["status"] == 200
+            assert len(watches) == 1 and watches[0]() is None  # freed as the request ended, no collection
+        finally:
+            gc.enable()
 
 
 @pytest.mark.anyio
