@@ -16,6 +16,7 @@ import uvicorn
 from api.app import create_app
 from api.inference_grpc import GrpcServer
 from core import tracing
+from core.heap import freeze_startup_heap
 from core.settings import Settings
 
 
@@ -74,5 +75,6 @@ def run(
             grpc.bind()
         await uvicorn.Server(config).serve(sockets=[listening])
 
+    freeze_startup_heap()
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:  # (what `uvicorn.Server.run` does)
         runner.run(serve())
