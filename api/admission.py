@@ -8,14 +8,17 @@ forward for its own texts. The workers publish what it needs in their heartbeats
 (`core.protocol.WorkerStatus`: throughput measured per forward and smoothed, `batcher.forward_time`);
 `Load` reads them and the queue's length in one round trip at most every `REFRESH_S` (two when a
 worker came or went), shared by all of the process's requests, and counts the texts this process
-admitted since. Until a worker has timed a forward there is no prediction, and every request is
-admitted (a cold start admits); so is a request with nothing ahead of it (an idle fleet admits).
+admitted since. A stale view is read again in the background: only the process's first request
+waits for a read, so a refusal never waits on Redis. Until a worker has timed a forward there is no
+prediction, and every request is admitted (a cold start admits); so is a request with nothing ahead
+of it (an idle fleet admits).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -27,6 +30,8 @@ from redis.exceptions import RedisError
 from api.errors import ErrorType, ServiceError
 from core.protocol import Keys, Unreadable, WorkerStatus
 from core.redis_replies import text
+
+log = logging.getLogger(__name__)
 
 REFRESH_S = 0.1  # how stale the view of the fleet's load may be
 
@@ -72,17 +77,20 @@ class Load:
         self.admitted = 0  # texts this process queued since the last read
 
     async def current(self) -> Fleet | None:
-        """The fleet's load, read again (one round trip, shared by the requests that find it stale) when
-        stale; None before any worker timed a forward, or while Redis fails (the request meets that itself)."""
-        if self._clock() - self._read_at >= REFRESH_S:
-            if self._reading is None:
-                self._reading = asyncio.ensure_future(self._read())
-                self._reading.add_done_callback(self._read_done)
+        """The fleet's load as last read, read again in the background (one round trip, whatever the
+        requests) once stale, and waited for only before the first read ended; None before any worker
+        timed a forward, or while Redis fails (the request meets that itself)."""
+        if self._clock() - self._read_at >= REFRESH_S and self._reading is None:
+            self._reading = asyncio.ensure_future(self._read())
+            self._reading.add_done_callback(self._read_done)
+        if self._read_at == -math.inf and self._reading is not None:
             await asyncio.shield(self._reading)
         return self._fleet
 
-    def _read_done(self, _: asyncio.Task[None]) -> None:
+    def _read_done(self, task: asyncio.Task[None]) -> None:
         self._reading = None
+        if not task.cancelled() and (exc := task.exception()) is not None:  # a bug: no request awaits it to see
+            log.error("reading the fleet's load failed", exc_info=exc)
 
     async def _read(self) -> None:
         pipe = self._redis.pipeline(transaction=False)

@@ -12,6 +12,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from api.admission import REFRESH_S, Admission, Load
 from api.errors import ErrorType, ServiceError
 from core.protocol import Keys, WorkerStatus, WorkItem, new_id
+from tests.conftest import HANG_GUARD_S
 
 pytestmark = pytest.mark.anyio
 KEYS = Keys("t")
@@ -56,6 +57,13 @@ async def refused(admission: Admission, texts: int, timeout_s: float) -> Service
     return None
 
 
+async def read_again(load: Load) -> None:
+    """Start the read of a stale view, and let it end (requests meanwhile decide by the last one)."""
+    await load.current()
+    if load._reading is not None:
+        await load._reading
+
+
 @pytest.fixture
 def redis() -> fakeredis.FakeAsyncRedis:
     return fakeredis.FakeAsyncRedis()
@@ -78,7 +86,8 @@ async def test_the_texts_admitted_since_the_last_read_count_until_the_next(redis
     admission = Admission(Load(redis, KEYS, clock))
     answers = [await refused(admission, 1, timeout_s=1.0) for _ in range(12)]
     assert [a is None for a in answers] == [True] * 10 + [False] * 2  # (9 ahead) / 10 + 0.1 = 1.0 s: the last in
-    clock.now += REFRESH_S  # read again: nothing was queued after all
+    clock.now += REFRESH_S
+    await read_again(admission.load)  # nothing was queued after all
     assert await refused(admission, 1, timeout_s=1.0) is None
 
 
@@ -97,7 +106,38 @@ async def test_the_load_is_read_once_per_refresh_whatever_the_requests(
     admission = Admission(load)
     assert await refused(admission, 1, timeout_s=1.0) is None and len(reads) == 1
     clock.now += REFRESH_S
+    await asyncio.gather(*(load.current() for _ in range(50)), read_again(load))
     assert await refused(admission, 1, timeout_s=1.0) is not None and len(reads) == 2
+
+
+async def test_a_stale_view_is_read_again_in_the_background_while_requests_decide_by_it(
+    redis: fakeredis.FakeAsyncRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await beat(redis, status(texts_per_s=100.0, forward_s=0.1))
+    clock = Clock()
+    admission = Admission(Load(redis, KEYS, clock))
+    assert await refused(admission, 1, timeout_s=1.0) is None  # the first read, waited for
+    await queue(redis, 1000)
+    answer = asyncio.Event()
+    pipeline = redis.pipeline
+
+    def slow(*args: object, **kwargs: object) -> object:  # a Redis that takes its time to answer
+        pipe = pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        async def answered(*a: object, **k: object) -> object:
+            await answer.wait()
+            return await execute(*a, **k)
+
+        pipe.execute = answered
+        return pipe
+
+    monkeypatch.setattr(redis, "pipeline", slow)
+    clock.now += REFRESH_S
+    assert await asyncio.wait_for(refused(admission, 1, timeout_s=1.0), HANG_GUARD_S) is None  # by the last view
+    answer.set()
+    await read_again(admission.load)
+    assert await refused(admission, 1, timeout_s=1.0) is not None  # the backlog, read
 
 
 @pytest.mark.parametrize("cold", [status(texts_per_s=None, forward_s=None), None])
@@ -127,6 +167,7 @@ async def test_a_failed_read_admits(redis: fakeredis.FakeAsyncRedis, monkeypatch
 
     monkeypatch.setattr(redis, "pipeline", failing)
     clock.now += REFRESH_S
+    await read_again(admission.load)
     assert await refused(admission, 1, timeout_s=1.0) is None  # the request meets the outage itself
 
 
