@@ -74,14 +74,14 @@ class Load:
         self._read_at = -math.inf
         self._workers: list[str] = []  # the registered workers at the last read: whose heartbeats the next reads
         self._reading: asyncio.Task[None] | None = None
-        self.admitted = 0  # texts this process queued since the last read
+        self.admitted = 0  # texts this process queued since the last read was asked for
 
     async def current(self) -> Fleet | None:
         """The fleet's load as last read, read again in the background (one round trip, whatever the
         requests) once stale, and waited for only before the first read ended; None before any worker
         timed a forward, or while Redis fails (the request meets that itself)."""
         if self._clock() - self._read_at >= REFRESH_S and self._reading is None:
-            self._reading = asyncio.ensure_future(self._read())
+            self._reading = asyncio.ensure_future(self._read(self.admitted))
             self._reading.add_done_callback(self._read_done)
         if self._read_at == -math.inf and self._reading is not None:
             await asyncio.shield(self._reading)
@@ -92,7 +92,10 @@ class Load:
         if not task.cancelled() and (exc := task.exception()) is not None:  # a bug: no request awaits it to see
             log.error("reading the fleet's load failed", exc_info=exc)
 
-    async def _read(self) -> None:
+    async def _read(self, counted: int) -> None:
+        """Read the view again, asked for when this process had admitted `counted` texts since the
+        last: the queue's length read holds those. What it admits while the read is on its way
+        still counts after it (their work items may be queued after the length was read)."""
         pipe = self._redis.pipeline(transaction=False)
         pipe.smembers(self._keys.workers)
         pipe.llen(self._keys.queue)
@@ -113,7 +116,7 @@ class Load:
                     with contextlib.suppress(Unreadable):  # (`core.liveness` logs it)
                         statuses.append(WorkerStatus.decode(raw))
             self._fleet = fleet(statuses, queued)
-        self._read_at, self.admitted = self._clock(), 0
+        self._read_at, self.admitted = self._clock(), self.admitted - counted
 
 
 class Admission:

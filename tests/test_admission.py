@@ -64,6 +64,26 @@ async def read_again(load: Load) -> None:
         await load._reading
 
 
+def held_reads(redis: fakeredis.FakeAsyncRedis, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Make Redis answer the view's reads only once the returned event is set (a slow peer)."""
+    answer = asyncio.Event()
+    pipeline = redis.pipeline
+
+    def slow(*args: object, **kwargs: object) -> object:
+        pipe = pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        async def answered(*a: object, **k: object) -> object:
+            await answer.wait()
+            return await execute(*a, **k)
+
+        pipe.execute = answered
+        return pipe
+
+    monkeypatch.setattr(redis, "pipeline", slow)
+    return answer
+
+
 @pytest.fixture
 def redis() -> fakeredis.FakeAsyncRedis:
     return fakeredis.FakeAsyncRedis()
@@ -118,26 +138,29 @@ async def test_a_stale_view_is_read_again_in_the_background_while_requests_decid
     admission = Admission(Load(redis, KEYS, clock))
     assert await refused(admission, 1, timeout_s=1.0) is None  # the first read, waited for
     await queue(redis, 1000)
-    answer = asyncio.Event()
-    pipeline = redis.pipeline
-
-    def slow(*args: object, **kwargs: object) -> object:  # a Redis that takes its time to answer
-        pipe = pipeline(*args, **kwargs)
-        execute = pipe.execute
-
-        async def answered(*a: object, **k: object) -> object:
-            await answer.wait()
-            return await execute(*a, **k)
-
-        pipe.execute = answered
-        return pipe
-
-    monkeypatch.setattr(redis, "pipeline", slow)
+    answer = held_reads(redis, monkeypatch)
     clock.now += REFRESH_S
     assert await asyncio.wait_for(refused(admission, 1, timeout_s=1.0), HANG_GUARD_S) is None  # by the last view
     answer.set()
     await read_again(admission.load)
     assert await refused(admission, 1, timeout_s=1.0) is not None  # the backlog, read
+
+
+async def test_the_texts_admitted_while_a_read_is_on_its_way_count_after_it(
+    redis: fakeredis.FakeAsyncRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await beat(redis, status(texts_per_s=10.0, forward_s=0.1))
+    clock = Clock()
+    admission = Admission(Load(redis, KEYS, clock))
+    assert await refused(admission, 1, timeout_s=1.0) is None  # after the first read
+    await queue(redis, 1)  # its work item
+    answer = held_reads(redis, monkeypatch)
+    clock.now += REFRESH_S
+    answers = [await refused(admission, 1, timeout_s=1.0) for _ in range(9)]  # the next read on its way
+    assert [a is None for a in answers] == [True] * 9
+    answer.set()
+    await read_again(admission.load)  # read before their work items were queued: one item ahead
+    assert await refused(admission, 1, timeout_s=1.0) is not None  # (1 + 9 ahead) / 10 + 0.1 s: past 1 s
 
 
 @pytest.mark.parametrize("cold", [status(texts_per_s=None, forward_s=None), None])
