@@ -8,8 +8,9 @@ forward for its own texts. The workers publish what it needs in their heartbeats
 (`core.protocol.WorkerStatus`: throughput measured per forward and smoothed, `batcher.forward_time`);
 `Load` reads them and the queue's length in one round trip at most every `REFRESH_S` (two when a
 worker came or went), shared by all of the process's requests, and counts the texts this process
-admitted since. A stale view is read again in the background: only the process's first request
-waits for a read, so a refusal never waits on Redis. Until a worker has timed a forward there is no
+admitted since. A stale view is read again in the background, so a refusal under load never waits
+on Redis; only a view older than `MAX_AGE_S` (the process's first, or one from before a quiet
+spell) is waited for. Until a worker has timed a forward there is no
 prediction, and every request is admitted (a cold start admits); so is a request with nothing ahead
 of it (an idle fleet admits).
 """
@@ -34,6 +35,7 @@ from core.redis_replies import text
 log = logging.getLogger(__name__)
 
 REFRESH_S = 0.1  # how stale the view of the fleet's load may be
+MAX_AGE_S = 0.5  # older than this (after a quiet spell, or a slow read), a request waits for a fresh one
 
 
 @dataclass(frozen=True)
@@ -78,12 +80,13 @@ class Load:
 
     async def current(self) -> Fleet | None:
         """The fleet's load as last read, read again in the background (one round trip, whatever the
-        requests) once stale, and waited for only before the first read ended; None before any worker
+        requests) once stale, and waited for only when older than `MAX_AGE_S`; None before any worker
         timed a forward, or while Redis fails (the request meets that itself)."""
-        if self._clock() - self._read_at >= REFRESH_S and self._reading is None:
+        age = self._clock() - self._read_at
+        if age >= REFRESH_S and self._reading is None:
             self._reading = asyncio.ensure_future(self._read(self.admitted))
             self._reading.add_done_callback(self._read_done)
-        if self._read_at == -math.inf and self._reading is not None:
+        if age >= MAX_AGE_S and self._reading is not None:
             await asyncio.shield(self._reading)
         return self._fleet
 

@@ -9,7 +9,7 @@ import fakeredis
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from api.admission import REFRESH_S, Admission, Load
+from api.admission import MAX_AGE_S, REFRESH_S, Admission, Load
 from api.errors import ErrorType, ServiceError
 from core.protocol import Keys, WorkerStatus, WorkItem, new_id
 from tests.conftest import HANG_GUARD_S
@@ -144,6 +144,19 @@ async def test_a_stale_view_is_read_again_in_the_background_while_requests_decid
     answer.set()
     await read_again(admission.load)
     assert await refused(admission, 1, timeout_s=1.0) is not None  # the backlog, read
+
+
+async def test_a_view_from_before_a_quiet_spell_is_read_again_before_a_request_decides_by_it(
+    redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    await beat(redis, status(texts_per_s=100.0, forward_s=0.1))
+    await queue(redis, 1000)
+    clock = Clock()
+    admission = Admission(Load(redis, KEYS, clock))
+    assert await refused(admission, 1, timeout_s=1.0) is not None  # a backlog
+    await redis.delete(KEYS.queue)  # answered meanwhile
+    clock.now += MAX_AGE_S
+    assert await refused(admission, 1, timeout_s=1.0) is None
 
 
 async def test_the_texts_admitted_while_a_read_is_on_its_way_count_after_it(
