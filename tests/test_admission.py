@@ -64,6 +64,12 @@ async def read_again(load: Load) -> None:
         await load._reading
 
 
+def admitting(redis: fakeredis.FakeAsyncRedis) -> tuple[Admission, Clock]:
+    """Admission by the load `redis` holds, on a clock the test moves."""
+    clock = Clock()
+    return Admission(Load(redis, KEYS, clock)), clock
+
+
 def held_reads(redis: fakeredis.FakeAsyncRedis, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
     """Make Redis answer the view's reads only once the returned event is set (a slow peer)."""
     answer = asyncio.Event()
@@ -102,8 +108,7 @@ async def test_a_request_that_would_be_answered_past_its_deadline_is_refused_wit
 
 async def test_the_texts_admitted_since_the_last_read_count_until_the_next(redis: fakeredis.FakeAsyncRedis) -> None:
     await beat(redis, status(texts_per_s=10.0, forward_s=0.1))
-    clock = Clock()
-    admission = Admission(Load(redis, KEYS, clock))
+    admission, clock = admitting(redis)
     answers = [await refused(admission, 1, timeout_s=1.0) for _ in range(12)]
     assert [a is None for a in answers] == [True] * 10 + [False] * 2  # (9 ahead) / 10 + 0.1 = 1.0 s: the last in
     clock.now += REFRESH_S
@@ -134,8 +139,7 @@ async def test_a_stale_view_is_read_again_in_the_background_while_requests_decid
     redis: fakeredis.FakeAsyncRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await beat(redis, status(texts_per_s=100.0, forward_s=0.1))
-    clock = Clock()
-    admission = Admission(Load(redis, KEYS, clock))
+    admission, clock = admitting(redis)
     assert await refused(admission, 1, timeout_s=1.0) is None  # the first read, waited for
     await queue(redis, 1000)
     answer = held_reads(redis, monkeypatch)
@@ -151,8 +155,7 @@ async def test_a_view_from_before_a_quiet_spell_is_read_again_before_a_request_d
 ) -> None:
     await beat(redis, status(texts_per_s=100.0, forward_s=0.1))
     await queue(redis, 1000)
-    clock = Clock()
-    admission = Admission(Load(redis, KEYS, clock))
+    admission, clock = admitting(redis)
     assert await refused(admission, 1, timeout_s=1.0) is not None  # a backlog
     await redis.delete(KEYS.queue)  # answered meanwhile
     clock.now += MAX_AGE_S
@@ -163,8 +166,7 @@ async def test_the_texts_admitted_while_a_read_is_on_its_way_count_after_it(
     redis: fakeredis.FakeAsyncRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await beat(redis, status(texts_per_s=10.0, forward_s=0.1))
-    clock = Clock()
-    admission = Admission(Load(redis, KEYS, clock))
+    admission, clock = admitting(redis)
     assert await refused(admission, 1, timeout_s=1.0) is None  # after the first read
     await queue(redis, 1)  # its work item
     answer = held_reads(redis, monkeypatch)
@@ -188,8 +190,7 @@ async def test_a_cold_start_admits(redis: fakeredis.FakeAsyncRedis, cold: Worker
 async def test_a_failed_read_admits(redis: fakeredis.FakeAsyncRedis, monkeypatch: pytest.MonkeyPatch) -> None:
     await beat(redis, status(texts_per_s=1.0))
     await queue(redis, 100)
-    clock = Clock()
-    admission = Admission(Load(redis, KEYS, clock))
+    admission, clock = admitting(redis)
     assert await refused(admission, 1, timeout_s=1.0) is not None
     pipeline = redis.pipeline
 
