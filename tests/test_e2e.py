@@ -25,7 +25,7 @@ import redis
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from api.admission import REFRESH_S
+from api.admission import MAX_AGE_S
 from core.liveness import live_workers
 from core.protocol import Keys, WorkItem, prediction
 from model_store.classifier import Classifier
@@ -214,7 +214,7 @@ def test_a_request_due_sooner_than_the_workers_can_answer_is_refused_at_once_by_
         gone = WorkItem("gone", ["x"], 0.0, 0.0, keys.reply_channel("nobody")).encode()
         client.lpush(keys.queue, *[gone] * backlog)  # (its blocked take may still move one: Redis serves it)
         depth = client.llen(keys.queue)
-        time.sleep(REFRESH_S)  # the API's view of the load (read with the timed request's) is stale by now
+        time.sleep(MAX_AGE_S)  # the API's view of the load (read with the timed request's) is too old to go by now
         hurried = httpx.post(
             f"{service.url}/predict", json={"text": ["in a hurry"]}, headers={"X-Request-Timeout": "1"}, timeout=60
         )
