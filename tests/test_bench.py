@@ -241,7 +241,9 @@ def test_quick_goodput_bench_runs_both_overload_policies_side_by_side(tmp_path: 
             assert point["sent"] == ended > 0 and point["errors"] == 0
             assert point["goodput_per_s"] == pytest.approx(point["in_time"] / point["duration_s"], abs=0.01)
             assert set(point["cores"]) == {"api", "model_worker", "jobs_worker", "client"} and point["cores"]["api"] > 0
-            assert point["refusal_p99_ms_at_api"] is None or point["refused"] > 0
+            # A refusal the API times reached its client, or one that had given up (an API on
+            # shared cores may answer past the client's second).
+            assert point["refusal_p99_ms_at_api"] is None or point["refused"] + point["gave_up"] > 0
         assert [p["rate_per_s"] for p in points] == pytest.approx(
             [m * goodput["saturation_texts_per_s"] for m in (0.5, 1.0, 1.5, 2.0, 3.0)], rel=0.01
         )
