@@ -63,8 +63,9 @@ class Bulk:
         self.deadline_s = settings.request_timeout_s
         self.channel = self.keys.reply_channel(new_id())
         self._pubsub: PubSub | None = None
-        self._waiting: dict[str, Chunk] = {}  # by work item id: the chunk its answer fills (chunks overlap)
-        self._items: dict[str, bytes] = {}  # by work item id: the unanswered items as queued (`withdraw`)
+        # By work item id, each unanswered item: the chunk its answer fills (chunks overlap), and the
+        # item as queued (`withdraw`).
+        self._waiting: dict[str, tuple[Chunk, bytes]] = {}
 
     def send(self, texts: Sequence[str]) -> Chunk:
         """Read what is cached, queue the rest; `receive` waits for it."""
@@ -88,27 +89,28 @@ class Bulk:
         """Take the unanswered items that no model worker took yet back off the bulk list, in one round
         trip: a job that stops short leaves nothing queued for nobody (a worker would compute it
         otherwise, until its deadline). When Redis fails they stay, and expire as before."""
-        if not self._items:
+        if not self._waiting:
             return
         pipe = self.redis.pipeline(transaction=False)
-        for raw in self._items.values():
+        for _, raw in self._waiting.values():
             # (`type: ignore`: redis-py's LREM wants the value as str; bytes are sent as they are.)
             pipe.lrem(self.keys.bulk, 1, raw)  # type: ignore[arg-type]
         try:
             withdrawn = sum(pipe.execute())
         except RedisError as exc:
             log.warning(
-                "could not take back %d bulk work items (%s): they expire at their deadline", len(self._items), exc
+                "could not take back %d bulk work items (%s): they expire at their deadline", len(self._waiting), exc
             )
             return
-        log.info("took back %d of %d unanswered bulk work items (a worker holds the rest)", withdrawn, len(self._items))
-        self._items.clear()
+        log.info(
+            "took back %d of %d unanswered bulk work items (a worker holds the rest)", withdrawn, len(self._waiting)
+        )
+        self._waiting.clear()
 
     def close(self) -> None:
         """Forget the chunks sent and drop the reply subscription (the next chunk subscribes again):
         at a job's end, after a Redis error."""
         self._waiting.clear()
-        self._items.clear()
         if self._pubsub is not None:
             with contextlib.suppress(RedisError):
                 self._pubsub.close()
@@ -138,9 +140,9 @@ class Bulk:
             part = texts[start : start + self.item_texts]
             item = WorkItem(new_id(), part, now, chunk.deadline, self.channel, traceparent=traceparent)
             chunk.queued[item.id] = part
-            self._waiting[item.id] = chunk
-            self._items[item.id] = item.encode()
-            items.append(self._items[item.id])
+            raw = item.encode()
+            self._waiting[item.id] = (chunk, raw)
+            items.append(raw)
         self.redis.lpush(self.keys.bulk, *items)
 
     def _wait(self, chunk: Chunk, stopping: threading.Event | None) -> None:
@@ -171,17 +173,16 @@ class Bulk:
             log.info("%d bulk texts unanswered by their deadline (a busy service); queued again", len(late))
             for request_id in chunk.queued:
                 del self._waiting[request_id]
-                del self._items[request_id]
             chunk.queued.clear()
             self._queue(chunk, late)
 
     def _answer(self, request_id: str, raw: bytes) -> None:
         """Fill the chunk that waits for `request_id` with its result (a chunk sent earlier or later
         than the one waited for, too)."""
-        chunk = self._waiting.pop(request_id, None)
-        if chunk is None:  # answered already, or a job's that ended
+        waiting = self._waiting.pop(request_id, None)
+        if waiting is None:  # answered already, or a job's that ended
             return
-        del self._items[request_id]
+        chunk = waiting[0]
         texts = chunk.queued.pop(request_id)
         try:
             result = Result.decode(raw)
