@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import os
 import signal
 import socket
@@ -16,7 +17,6 @@ import uvicorn
 from api.app import create_app
 from api.inference_grpc import GrpcServer
 from core import tracing
-from core.heap import freeze_startup_heap
 from core.settings import Settings
 
 
@@ -75,6 +75,10 @@ def run(
             grpc.bind()
         await uvicorn.Server(config).serve(sockets=[listening])
 
-    freeze_startup_heap()
+    # Everything alive now (modules, the app) out of the collector's reach, so that a full collection,
+    # which stops the event loop, walks only what requests hold (docs/tuning.md, "Garbage
+    # collection"). Garbage first: the frozen is never collected.
+    gc.collect()
+    gc.freeze()
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:  # (what `uvicorn.Server.run` does)
         runner.run(serve())
