@@ -31,7 +31,7 @@ from core.protocol import Keys, ModelInfo, Result, WorkerStatus, WorkItem, new_i
 from core.settings import Settings
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
-from tests.conftest import HANG_GUARD_S, RedisServer, start_worker, wait_for
+from tests.conftest import HANG_GUARD_S, SCORE_ABS, RedisServer, start_worker, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -85,7 +85,7 @@ async def test_predictions_in_input_order_with_every_label(
     assert [[s["label"] for s in p] for p in body["predictions"]] == [["NEGATIVE", "POSITIVE"]] * 4
     want = [prediction(classifier.labels, p) for p in classifier.forward(classifier.tokenize(texts))]
     for got, expected in zip(scores(body["predictions"]), scores(want), strict=True):
-        assert got == pytest.approx(expected, abs=1e-5)
+        assert got == pytest.approx(expected, abs=SCORE_ABS)
 
 
 async def test_cache_status_miss_then_hit_then_partial(client: httpx.AsyncClient, worker: Worker) -> None:

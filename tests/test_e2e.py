@@ -30,7 +30,7 @@ from core.liveness import live_workers
 from core.protocol import Keys, WorkItem, prediction
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
-from tests.conftest import Service, shared_path, start_service, wait_for
+from tests.conftest import SCORE_ABS, Service, shared_path, start_service, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_concurrent_requests_are_answered_correctly_in_shared_batches(
         want = [prediction(classifier.labels, p) for p in classifier.forward(classifier.tokenize(body["text"]))]
         for got, expected in zip(response.json()["predictions"], want, strict=True):
             assert [s["label"] for s in got] == [s["label"] for s in expected]
-            assert [s["score"] for s in got] == pytest.approx([s["score"] for s in expected], abs=1e-5)
+            assert [s["score"] for s in got] == pytest.approx([s["score"] for s in expected], abs=SCORE_ABS)
     [worker] = live_workers(redis.Redis.from_url(redis_url), "e2e-tiny")
     assert worker.requests == 60
     assert worker.largest_batch_requests > 1  # requests shared model batches

@@ -15,7 +15,7 @@ import redis
 
 from core.protocol import Keys, WorkItem, prediction
 from model_store.classifier import Classifier
-from tests.conftest import HANG_GUARD_S, Service, answers, wait_for
+from tests.conftest import HANG_GUARD_S, SCORE_ABS, Service, answers, wait_for
 
 FLOOD_KEY, QUIET_KEY = "flood-client-key-0000000001", "quiet-client-key-0000000002"
 
@@ -64,6 +64,6 @@ def test_past_the_limit_the_flood_is_refused_a_quiet_client_gets_in_and_all_acce
         want = [prediction(classifier.labels, p) for p in classifier.forward(classifier.tokenize(texts))]
         for response, expected in zip(accepted, want, strict=True):
             [got] = response.json()["predictions"]
-            assert [s["score"] for s in got] == pytest.approx([s["score"] for s in expected], abs=1e-5)
+            assert [s["score"] for s in got] == pytest.approx([s["score"] for s in expected], abs=SCORE_ABS)
     finally:
         service.stop()

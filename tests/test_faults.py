@@ -33,7 +33,7 @@ from core.protocol import Keys, ModelInfo, Result, WorkItem, new_id, parse_repli
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
 from model_store.torch_engine import TorchEngine
-from tests.conftest import HANG_GUARD_S, RedisServer, Service, answers, wait_for
+from tests.conftest import HANG_GUARD_S, SCORE_ABS, RedisServer, Service, answers, wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -181,7 +181,7 @@ def assert_correct(outcomes: list[Outcome], reference: Classifier) -> None:
     for outcome, expected in zip(answered, want, strict=True):
         [got] = outcome.body["predictions"]
         assert [s["label"] for s in got] == [s["label"] for s in expected]
-        assert [s["score"] for s in got] == pytest.approx([s["score"] for s in expected], abs=1e-5), outcome.text
+        assert [s["score"] for s in got] == pytest.approx([s["score"] for s in expected], abs=SCORE_ABS), outcome.text
 
 
 @pytest.fixture(scope="module")
@@ -490,7 +490,7 @@ def test_redis_refusing_writes_is_survived_like_an_outage(
     client.config_set("maxmemory", 0)
     result = Result.decode(wait_for("the answer once Redis takes writes", lambda: client.get(keys.result(item.id))))
     [want] = reference.forward(reference.tokenize(item.texts))
-    assert [s["score"] for s in result.predictions[0]] == pytest.approx(want, abs=1e-5)
+    assert [s["score"] for s in result.predictions[0]] == pytest.approx(want, abs=SCORE_ABS)
     messages = []
     while message := pubsub.get_message(timeout=0.5):
         messages.append(message)

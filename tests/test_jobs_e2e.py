@@ -28,7 +28,7 @@ from core.settings import Settings
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
 from sentiment.embedded import free_port
-from tests.conftest import RedisServer, wait_for
+from tests.conftest import SCORE_ABS, RedisServer, wait_for
 
 TEXTS = [f"text {i} is {'good' if i % 3 else 'bad'} or {'fun' if i % 7 else 'boring'}" for i in range(2000)]
 WAIT_S = 180.0  # a hang guard, not a timing assert: a busy box is slow
@@ -166,7 +166,7 @@ def assert_predictions(got: list[Prediction], want: list[Prediction]) -> None:
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         assert [s["label"] for s in g] == [s["label"] for s in w]
-        assert [s["score"] for s in g] == pytest.approx([s["score"] for s in w], abs=1e-5)
+        assert [s["score"] for s in g] == pytest.approx([s["score"] for s in w], abs=SCORE_ABS)
 
 
 def test_a_2000_text_job_finishes_with_correct_predictions(stack: Stack, expected: list[Prediction]) -> None:

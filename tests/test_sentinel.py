@@ -29,7 +29,7 @@ from core.protocol import Keys, new_id, prediction
 from core.redis_connect import SentinelUrl, async_client, link_options, sync_client
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port, start_redis_server
-from tests.conftest import Service, answers, wait_for
+from tests.conftest import SCORE_ABS, Service, answers, wait_for
 from tests.test_faults import Load, assert_correct
 from tests.test_k8s import tool
 
@@ -243,7 +243,7 @@ def test_work_the_failover_lost_is_pushed_again_by_the_waiting_api(
         [got] = response.json()["predictions"]
         [want] = [prediction(classifier.labels, p) for p in classifier.forward(classifier.tokenize([text]))]
         assert [s["label"] for s in got] == [s["label"] for s in want]
-        assert [s["score"] for s in got] == pytest.approx([s["score"] for s in want], abs=1e-5)
+        assert [s["score"] for s in got] == pytest.approx([s["score"] for s in want], abs=SCORE_ABS)
     finally:
         svc.stop()
 

@@ -27,7 +27,7 @@ from core.protocol import Keys, ModelInfo, Result, WorkItem, new_id, parse_repli
 from core.settings import Settings
 from model_store.classifier import Classifier
 from model_store.long_texts import Tokenized
-from tests.conftest import HANG_GUARD_S, hold_forwards, start_worker, wait_for
+from tests.conftest import HANG_GUARD_S, SCORE_ABS, hold_forwards, start_worker, wait_for
 
 
 def push(redis: fakeredis.FakeRedis, keys: Keys, *texts: str) -> WorkItem:
@@ -89,7 +89,7 @@ def test_results_cache_and_acknowledgement(
     assert result.error is None
     for got, want in zip(result.predictions, expected(classifier, "a good movie", "bad"), strict=True):
         assert [s["label"] for s in got] == ["NEGATIVE", "POSITIVE"]
-        assert [s["score"] for s in got] == pytest.approx([s["score"] for s in want], abs=1e-5)
+        assert [s["score"] for s in got] == pytest.approx([s["score"] for s in want], abs=SCORE_ABS)
     assert orjson.loads(redis.get(keys.cache(classifier.version, "bad"))) == result.predictions[1]
     assert redis.llen(keys.processing(worker.id)) == 0  # acknowledged once written
     # A result key lives a second past its request's deadline at most (nobody waits longer), and
@@ -478,7 +478,7 @@ def test_every_item_is_answered_once_in_the_order_of_its_texts(
             result = wait_result(redis, keys, item)
             want = expected(classifier, *item_texts)
             assert [[s["score"] for s in p] for p in result.predictions] == [
-                pytest.approx([s["score"] for s in w], abs=1e-5) for w in want
+                pytest.approx([s["score"] for s in w], abs=SCORE_ABS) for w in want
             ]
         assert sorted(announcements(pubsub)) == sorted(item.id for item in items)  # each exactly once
         assert worker.status.batches >= 10  # 30 texts in forwards of at most 3: items were split
