@@ -144,7 +144,7 @@ class Settings(BaseSettings):
         '"Batching").',
     )
     bulk_delay_ms: float = Field(
-        20.0,
+        5.0,
         ge=0,
         description="Most that bulk work (/jobs) may add to an interactive request's wait while interactive work "
         "flows: a forward of bulk texts alone lasts at most this long by the measured forward time, and bulk "
