@@ -10,9 +10,8 @@ forward for its own texts. The workers publish what it needs in their heartbeats
 worker came or went), shared by all of the process's requests, and counts the texts this process
 admitted since. A stale view is read again in the background, so a refusal under load never waits
 on Redis; only a view older than `MAX_AGE_S` (the process's first, or one from before a quiet
-spell) is waited for. Until a worker has timed a forward there is no
-prediction, and every request is admitted (a cold start admits); so is a request with nothing ahead
-of it (an idle fleet admits).
+spell) is waited for. Until a worker has timed a forward there is no prediction, and every request
+is admitted (a cold start admits); so is a request with nothing ahead of it (an idle fleet admits).
 """
 
 from __future__ import annotations

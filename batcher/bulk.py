@@ -182,7 +182,7 @@ class Bulk:
         waiting = self._waiting.pop(request_id, None)
         if waiting is None:  # answered already, or a job's that ended
             return
-        chunk = waiting[0]
+        chunk, _ = waiting
         texts = chunk.queued.pop(request_id)
         try:
             result = Result.decode(raw)
