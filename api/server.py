@@ -19,6 +19,8 @@ from api.inference_grpc import GrpcServer
 from core import tracing
 from core.settings import Settings
 
+FULL_COLLECTION_AFTER = 100  # collections of the middle generation per full one (the collector's own default: 10)
+
 
 def listen(host: str, port: int, flag: str = "--port") -> socket.socket:
     """The API's listening socket, bound before anything else starts: a taken port is one line, exit 1
@@ -76,9 +78,11 @@ def run(
         await uvicorn.Server(config).serve(sockets=[listening])
 
     # Everything alive now (modules, the app) out of the collector's reach, so that a full collection,
-    # which stops the event loop, walks only what requests hold (docs/tuning.md, "Garbage
-    # collection"). Garbage first: the frozen is never collected.
+    # which stops the event loop, walks only what requests hold; and full collections a tenth as
+    # often, since under load what they walk is requests in flight, which they never free
+    # (docs/tuning.md, "Garbage collection"). Garbage first: the frozen is never collected.
     gc.collect()
     gc.freeze()
+    gc.set_threshold(*gc.get_threshold()[:2], FULL_COLLECTION_AFTER)
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:  # (what `uvicorn.Server.run` does)
         runner.run(serve())
