@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from benchmarks.cancel import counters
 from benchmarks.ceiling import cpu_seconds
@@ -43,6 +44,9 @@ MIN_SATURATION_S = 2.0
 JOB_TEXTS = 10_000
 QUICK_JOB_TEXTS = 200  # `--quick`: the structure, not the measure
 REQUEST_BUCKETS = "sentiment_http_request_duration_seconds_bucket"  # the API's timing of each request
+REQUESTS_TIMED = "sentiment_http_request_duration_seconds_count"  # the requests it answered
+SETTLE_POLL_S = 0.5
+SETTLE_MAX_S = 60.0
 COUNTERS = (
     "sentiment_replies_unclaimed_total",  # API: results nobody collected
     "sentiment_batch_size_sum",  # worker: texts computed
@@ -155,7 +159,7 @@ def _point(
     )
     elapsed = time.monotonic() - started
     cores = {k: round((cpu_seconds(p) - cpu_before[k]) / elapsed, 3) for k, p in service.pids.items()}
-    time.sleep(2 * DEADLINE_S)  # the backlog's deadlines pass: the next point starts on an idle service
+    _settle(service.scraped[0])
     moved = {k: v - before[k] for k, v in counters(*service.scraped, names=COUNTERS).items()}
     # Interactive texts only: a job's texts run through the same model worker, and are never for nobody.
     computed = moved["sentiment_batch_size_sum"] - moved["sentiment_bulk_texts_total"]
@@ -172,14 +176,39 @@ def _point(
     }
 
 
+def _settle(metrics_url: str) -> None:
+    """Wait until the next point can start on an idle service: the backlog's deadlines have passed and
+    the API has answered every /predict it was sent (two reads of its count `SETTLE_POLL_S` apart
+    agree, within `SETTLE_MAX_S`). Past saturation on shared cores an API may still answer a point's
+    requests seconds after their clients gave up; read by the next point, its refusals would be that
+    point's."""
+    time.sleep(2 * DEADLINE_S)
+    give_up, answered = time.monotonic() + SETTLE_MAX_S, _answered(metrics_url)
+    while time.monotonic() < give_up:
+        time.sleep(SETTLE_POLL_S)
+        if (now := _answered(metrics_url)) == answered:
+            return
+        answered = now
+
+
+def _predict_samples(metrics_url: str) -> Iterator[Sample]:
+    """The API's timing of its /predict requests so far: its request-duration histogram's samples."""
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
+        yield from (sample for sample in family.samples if sample.labels.get("route") == "/predict")
+
+
+def _answered(metrics_url: str) -> float:
+    """The /predict requests the API has answered so far, whatever their status."""
+    return sum(sample.value for sample in _predict_samples(metrics_url) if sample.name == REQUESTS_TIMED)
+
+
 def _refusal_times(metrics_url: str) -> dict[float, float]:
     """The API's timing of its /predict 503s so far: the count at or under each bucket bound (seconds)."""
     found: dict[float, float] = {}
-    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
-        for sample in family.samples:
-            labels = sample.labels
-            if sample.name == REQUEST_BUCKETS and labels.get("route") == "/predict" and labels.get("status") == "503":
-                found[float(labels["le"])] = found.get(float(labels["le"]), 0.0) + sample.value
+    for sample in _predict_samples(metrics_url):
+        if sample.name == REQUEST_BUCKETS and sample.labels.get("status") == "503":
+            bound = float(sample.labels["le"])
+            found[bound] = found.get(bound, 0.0) + sample.value
     return found
 
 
