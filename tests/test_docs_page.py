@@ -162,8 +162,7 @@ def browser(profile: Path) -> Iterator[Page]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        port_file = profile / "DevToolsActivePort"
-        port = wait_for("chromium's DevTools port", lambda: port_file.exists() and port_file.read_text().split()[0])
+        port = wait_for("chromium's DevTools port", lambda: devtools_port(profile / "DevToolsActivePort"))
         targets = httpx.get(f"http://127.0.0.1:{port}/json/list").json()
         page = next(t for t in targets if t["type"] == "page")
         with connect(page["webSocketDebuggerUrl"], max_size=None) as socket:
@@ -171,6 +170,13 @@ def browser(profile: Path) -> Iterator[Page]:
     finally:
         process.kill()
         process.wait(HANG_GUARD_S)
+
+
+def devtools_port(port_file: Path) -> str | None:
+    """The port on the first line of chromium's DevToolsActivePort, once that line is whole: the file
+    may be seen empty, or half written, before."""
+    written = port_file.read_text() if port_file.exists() else ""
+    return written.split("\n", 1)[0] if "\n" in written else None
 
 
 # Swagger UI's inputs are React's: a value typed in is set through the element's own setter, then announced.
