@@ -2,9 +2,11 @@
 answers) and open loop (`open_loop`: requests at a constant rate, whatever the answers, as k6's
 `constant-arrival-rate` sends them: a closed loop slows down with the service, and so hides overload).
 
-Raw asyncio HTTP/1.1 with keep-alive rather than an HTTP client library: on a 2-core box the client
-shares the CPU with what it measures, and this costs a fraction of httpx's CPU per request. Its own
-CPU time is recorded (`client_cpu_share`) so a run shows whether the client could have been the limit.
+Raw HTTP/1.1 with keep-alive, on an asyncio protocol and uvloop, rather than an HTTP client library:
+on a 2-core box the client shares the CPU with what it measures, and this costs a fraction of httpx's
+CPU a request, and a third less than asyncio's streams on asyncio's own loop (docs/performance.md,
+"Load generator"). Its own CPU time is recorded (`client_cpu_share`) so a run shows whether the
+client could have been the limit.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ import asyncio
 import itertools
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import orjson
+import uvloop
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -72,35 +78,73 @@ GAVE_UP = -1  # the status of a request its client gave up on
 KEEP_ALIVE_S = 4.0  # longest an open-loop connection idles before its next request: uvicorn closes one idle 5 s
 
 
+class _Response(asyncio.Protocol):
+    """One TCP connection's side of `_Connection`: reads its HTTP/1.1 answers (uvicorn answers with
+    Content-Length) and hands each status to the request that waits for it."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.answer: asyncio.Future[int] | None = None  # the status the request sent last waits for
+        self.closes = False  # the last answer said `Connection: close`
+        self._received = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's transports are not its subclasses)
+
+    def data_received(self, data: bytes) -> None:
+        self._received += data
+        if (end := self._received.find(b"\r\n\r\n")) < 0:
+            return
+        status_line, *headers = bytes(self._received[:end]).split(b"\r\n")
+        fields = dict(h.lower().split(b":", 1) for h in headers if b":" in h)
+        if len(self._received) < (size := end + 4 + int(fields.get(b"content-length", 0))):
+            return
+        del self._received[:size]
+        self.closes = fields.get(b"connection", b"").strip() == b"close"
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_result(int(status_line.split()[1]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_exception(ConnectionResetError("the server closed the connection"))
+
+
 class _Connection:
-    """One keep-alive HTTP/1.1 connection sending JSON POSTs (uvicorn answers with Content-Length)."""
+    """One keep-alive HTTP/1.1 connection sending JSON POSTs, opened again once the server closed it."""
 
     def __init__(self, host: str, port: int, headers: Mapping[str, str]) -> None:
         self.host, self.port = host, port
         self.headers = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        self._open: _Response | None = None
 
     async def post(self, path: str, body: bytes) -> int:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        assert self.reader is not None
+        loop = asyncio.get_running_loop()
+        if self._open is None or self._open.transport is None or self._open.transport.is_closing():
+            _, self._open = await loop.create_connection(_Response, self.host, self.port)
+        response = self._open
+        assert response.transport is not None
+        response.answer = loop.create_future()
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n{self.headers}"
             f"Content-Length: {len(body)}\r\n\r\n"
         )
-        self.writer.write(head.encode() + body)
-        status_line, *headers = (await self.reader.readuntil(b"\r\n\r\n")).split(b"\r\n")
-        fields = dict(h.lower().split(b":", 1) for h in headers if b":" in h)
-        await self.reader.readexactly(int(fields.get(b"content-length", 0)))
-        if fields.get(b"connection", b"").strip() == b"close":
+        response.transport.write(head.encode() + body)
+        status = await response.answer
+        if response.closes:
             self.close()
-        return int(status_line.split()[1])
+        return status
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
+        if self._open is not None and self._open.transport is not None:
+            self._open.transport.close()
+        self._open = None
+
+
+def _run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """`main` run to its end on a new uvloop event loop (uvicorn's, and cheaper a request than asyncio's)."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 async def _run(
@@ -136,7 +180,7 @@ async def _run(
                 except TimeoutError:  # (before OSError, its base class)
                     conn.close()  # as an HTTP client's read timeout does: the server sees the disconnect
                     status = GAVE_UP
-                except (OSError, asyncio.IncompleteReadError):
+                except OSError:
                     conn.close()
                     status = 0
                 ended = loop.time()
@@ -188,7 +232,7 @@ def closed_loop(
     request on a new one (`gave_up`).
     """
     urls = [url] if isinstance(url, str) else url
-    return asyncio.run(_run(urls, texts_for, concurrency, warmup_s, duration_s, {}, give_up_s))
+    return _run_loop(_run(urls, texts_for, concurrency, warmup_s, duration_s, {}, give_up_s))
 
 
 @dataclass(frozen=True)
@@ -208,7 +252,7 @@ def together(url: str, loads: list[Load], duration_s: float, warmup_s: float = 1
             *(_run([url], load.texts_for, load.concurrency, warmup_s, duration_s, load.headers) for load in loads)
         )
 
-    return asyncio.run(run())
+    return _run_loop(run())
 
 
 @dataclass(frozen=True)
@@ -282,7 +326,7 @@ def open_loop(
             except TimeoutError:  # (before OSError, its base class)
                 conn.close()
                 status = GAVE_UP
-            except (OSError, asyncio.IncompleteReadError):
+            except OSError:
                 conn.close()
                 status = 0
             if measure_from <= due < measure_to:
@@ -317,4 +361,4 @@ def open_loop(
             cpu_share,
         )
 
-    return asyncio.run(run())
+    return _run_loop(run())
