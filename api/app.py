@@ -46,6 +46,11 @@ def create_app(
         lifespan=_lifespan(settings, redis, jobs_redis, problem, grpc),
         docs_url=None,  # FastAPI's pages load from a CDN: docs_page serves them from the app
         redoc_url=None,
+        # FastAPI's own OpenTelemetry keeps its span of each request, which a configured tracer provider
+        # (`core.tracing`'s, or one the user set up) picks up; its metrics and logs are off, since the
+        # service exports Prometheus metrics and logs through `logging`: each signal left on looks up
+        # its provider on every request (docs/tuning.md, "/predict without FastAPI's request handler").
+        telemetry={"metrics": False, "logs": False},
     )
     _add_routes(app, settings)
     _add_middleware(app, settings)

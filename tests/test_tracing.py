@@ -4,11 +4,11 @@ fakeredis with a worker thread on the same server, spans go to the SDK's in-memo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import fakeredis
 import pytest
-from opentelemetry import trace
+from opentelemetry import _logs, metrics, trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -58,6 +58,16 @@ def taken_items(worker: Worker) -> list[WorkItem]:
 
     worker.intake.admit = spy  # type: ignore[method-assign]
     return taken
+
+
+def counted(getter: Callable[[], object], calls: list[str]) -> Callable[[], object]:
+    """`getter`, noting its name in `calls` each time it is called."""
+
+    def get() -> object:
+        calls.append(getter.__name__)
+        return getter()
+
+    return get
 
 
 def named(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
@@ -129,6 +139,14 @@ async def test_off_no_span_is_made_and_no_traceparent_queued(
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     monkeypatch.setattr(tracing, "tracer", provider.get_tracer("test"))
     assert not tracing.enabled
+    # FastAPI's own telemetry looks for a configured tracer provider (a user's own may be), and no other.
+    asked: list[str] = []
+    for module, getter in (
+        (trace, "get_tracer_provider"),
+        (metrics, "get_meter_provider"),
+        (_logs, "get_logger_provider"),
+    ):
+        monkeypatch.setattr(module, getter, counted(getattr(module, getter), asked))
     taken = taken_items(worker)
     start_worker(worker)
     async with client_for(settings, fakeredis.FakeAsyncRedis(server=fake_server)) as client:
@@ -137,6 +155,7 @@ async def test_off_no_span_is_made_and_no_traceparent_queued(
     wait_for("the item's acknowledgement", lambda: worker.replies.answered == 1)
     assert [item.traceparent for item in taken] == [None]
     assert exporter.get_finished_spans() == ()
+    assert set(asked) == {"get_tracer_provider"}
 
 
 def test_a_span_per_jobs_chunk(
