@@ -97,17 +97,27 @@ class _Response(asyncio.Protocol):
             return
         status_line, *headers = bytes(self._received[:end]).split(b"\r\n")
         fields = dict(h.lower().split(b":", 1) for h in headers if b":" in h)
-        if len(self._received) < (size := end + 4 + int(fields.get(b"content-length", 0))):
+        try:
+            size, status = end + 4 + int(fields.get(b"content-length", 0)), int(status_line.split()[1])
+        except (ValueError, IndexError):  # not HTTP: the request fails as on a lost connection
+            self._fail(ConnectionError(f"not an HTTP answer: {status_line[:60]!r}"))
+            return
+        if len(self._received) < size:
             return
         del self._received[:size]
         self.closes = fields.get(b"connection", b"").strip() == b"close"
         if self.answer is not None and not self.answer.done():
-            self.answer.set_result(int(status_line.split()[1]))
+            self.answer.set_result(status)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._fail(ConnectionResetError("the server closed the connection"))
+
+    def _fail(self, error: OSError) -> None:
+        if self.transport is not None:
+            self.transport.close()
         if self.answer is not None and not self.answer.done():
-            self.answer.set_exception(ConnectionResetError("the server closed the connection"))
+            self.answer.set_exception(error)
 
 
 class _Connection:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -257,12 +258,16 @@ def test_quick_goodput_bench_runs_both_overload_policies_side_by_side(tmp_path: 
     assert text.count("<!-- bench:cpu:goodput -->") == 1 and "**Goodput**" in text.split(full_run)[1]
 
 
+OK_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+
+
 class ClosingServer:
     """An HTTP/1.1 server in a thread of its own that closes a keep-alive connection idle `idle_s`, as
-    uvicorn does; a request whose body says "slow" is answered after `idle_s`."""
+    uvicorn does; a request whose body says "slow" is answered after `idle_s`. Each answer is `answer`."""
 
-    def __init__(self, idle_s: float) -> None:
+    def __init__(self, idle_s: float, answer: bytes = OK_ANSWER) -> None:
         self.idle_s = idle_s
+        self.answer = answer
         self.requests = 0
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -286,7 +291,7 @@ class ClosingServer:
                 self.requests += 1
                 if b"slow" in body:
                     await asyncio.sleep(self.idle_s)
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                writer.write(self.answer)
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
@@ -318,3 +323,17 @@ def test_the_open_loop_never_sends_on_a_connection_idle_past_the_servers_keep_al
         server.stop()
     assert (result.sent, result.in_time, result.errors) == (len(pattern), len(pattern), 0)
     assert server.requests == len(pattern)
+
+
+def test_an_answer_that_is_not_http_counts_as_an_error_without_a_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """A peer that is not an HTTP server (a wrong port) fails each request as a lost connection would:
+    counted, and the client goes on, rather than a traceback logged by the event loop each time."""
+    server = ClosingServer(idle_s=HANG_GUARD_S, answer=b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+    try:
+        with caplog.at_level(logging.ERROR):
+            result = loadgen.closed_loop(f"http://127.0.0.1:{server.port}/", lambda _: ["x"], 2, 0.3, 0.0)
+        logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]  # (before the server stops)
+    finally:
+        server.stop()
+    assert (result.requests, result.errors > 0) == (0, True)
+    assert logged == []
