@@ -1,6 +1,7 @@
 """Admission by predicted completion (the `deadline` overload policy): a request that the workers
 could not answer by its deadline is refused at once, 503 with `Retry-After`, instead of being queued
-to time out, and its refusal costs no Redis write.
+to time out; decided before the cache lookup (`api.predictions`), its refusal costs no Redis round
+trip.
 
 The prediction (`Fleet.wait_s`): the texts ahead of a new request (queued items times the distinct
 texts an item brings, plus the texts the workers hold) over the fleet's throughput, plus one full
@@ -142,3 +143,7 @@ class Admission:
                 retry_after_s=max(1, math.ceil(wait_s - timeout_s)),
             )
         self.load.admitted += texts
+
+    def release(self, texts: int) -> None:
+        """Uncount `texts` admitted but never queued: the cache answered them after all."""
+        self.load.admitted -= texts

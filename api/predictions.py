@@ -203,25 +203,35 @@ class Predictor:
         )
 
     async def _predict(self, texts: list[str], call: _Call) -> tuple[list[Prediction], CacheStatus]:
+        """The process's own cache, then Redis's, then the workers. Admission (`deadline` policy) comes
+        before Redis's lookup, so that a refusal waits on no round trip: under overload only the
+        process's own cache answers (docs/tuning.md, "Overload"). What Redis's cache then answers is
+        uncounted from the admitted texts, never having been queued."""
         unique = list(dict.fromkeys(texts))
         found: dict[str, Prediction] = {}
         function = call.function
+        keys: dict[str, str] = {}  # each text's cache key, while a model is announced
+        local = self._local if self._local is not None else {}  # disabled: a throwaway per request
         if model := await self._models.current():
             if function == model.function:  # the model's own: its cache, and its work
                 function = None
             version = scored_version(model.version, function)
             keys = {t: self._keys.cache(version, t) for t in unique}
-            local = self._local if self._local is not None else {}  # disabled: a throwaway per request
             # One read per entry: `in` then `[]` reads a TTLCache's clock twice, and an entry expiring
             # in between would raise KeyError.
             found = {t: p for t, k in keys.items() if (p := local.get(k)) is not None}
-            if remote := [t for t in unique if t not in found]:
-                with tracing.span("predict.cache_lookup"):
-                    cached = await self._lookup([keys[t] for t in remote])
-                for text, raw in zip(remote, cached, strict=True):
-                    if raw is not None:
-                        found[text] = local[keys[text]] = orjson.loads(raw)
+        remote = [t for t in unique if t not in found]
+        if remote and self._admission is not None:
+            await self._admission.admit(len(remote), call.deadline - time.time())
+        if remote and keys:
+            with tracing.span("predict.cache_lookup"):
+                cached = await self._lookup([keys[t] for t in remote])
+            for text, raw in zip(remote, cached, strict=True):
+                if raw is not None:
+                    found[text] = local[keys[text]] = orjson.loads(raw)
         missing = [t for t in unique if t not in found]
+        if self._admission is not None and (answered := len(remote) - len(missing)):
+            self._admission.release(answered)
         status = CacheStatus.HIT if not missing else CacheStatus.PARTIAL if found else CacheStatus.MISS
         CACHE_HITS.inc(len(found))
         CACHE_MISSES.inc(len(missing))
@@ -237,10 +247,7 @@ class Predictor:
         """Queue the texts, scored by `function` (None: the model's own), the item once queued kept in
         `call.queued` (a late request's 504 looks for it), and wait for the worker's result. A wait cut by
         the deadline, or by its client going away, unregisters itself and marks the item abandoned
-        (`_wait`); a worker drops it unstarted, or as expired, else its result key expires unread. Refused
-        first, writing nothing, when the workers could not answer it by its deadline (`admission`)."""
-        if self._admission is not None:
-            await self._admission.admit(len(texts), call.deadline - time.time())
+        (`_wait`); a worker drops it unstarted, or as expired, else its result key expires unread."""
         item = WorkItem(
             id=new_id(),
             texts=texts,

@@ -21,6 +21,7 @@ from cachetools import TTLCache
 from fastapi import APIRouter, Depends, Request, Response
 from redis.asyncio import Redis
 
+from api.admission import MAX_AGE_S, Admission, Load
 from api.app import create_app
 from api.errors import ErrorType, ServiceError
 from api.predictions import CacheStatus, ModelInfoCache, Predictor
@@ -768,3 +769,46 @@ async def test_a_request_the_workers_could_not_answer_in_time_is_refused_at_once
     assert response.json()["error_type"] == "overloaded"
     assert response.headers["Retry-After"] == "10"  # 10.1 s - 1 s, rounded up
     assert (redis.llen(keys.queue), redis.dbsize()) == (100, before)  # nothing queued, nothing written
+
+
+async def test_under_overload_a_refusal_looks_nothing_up_and_only_the_process_cache_answers(
+    settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Admission comes before Redis's cache lookup, so a refusal waits on no round trip: a text only
+    # Redis's cache holds is refused like a miss once the fleet is overloaded; one in the process's
+    # own cache is still answered. An admitted text that Redis's cache answers is uncounted again.
+    keys = Keys(settings.key_prefix)
+    hot = [{"label": "NEGATIVE", "score": 0.1}, {"label": "POSITIVE", "score": 0.9}]
+    announce(redis, keys)
+    for text in ("in redis", "also in redis", "held here"):
+        redis.set(keys.cache("v1", text), orjson.dumps(hot))
+    worker = WorkerStatus(id="w", host="h", pid=1, model_version="v1", started_at=0.0, texts_per_s=10.0, forward_s=0.1)
+    redis.sadd(keys.workers, worker.id)
+    redis.set(keys.heartbeat(worker.id), worker.encode())
+    queued = WorkItem(id="i", texts=["x"], enqueued_at=0.0, deadline=0.0, reply_to="r").encode()
+    redis.lpush(keys.queue, *[queued] * 5)  # 0.6 s until a new request is answered: in time
+    now = [0.0]
+    client = fakeredis.FakeAsyncRedis(server=fake_server)
+    admission = Admission(Load(fakeredis.FakeAsyncRedis(server=fake_server), keys, lambda: now[0]))
+    local: TTLCache[str, list[dict]] = TTLCache(10, ttl=60)
+    local[keys.cache("v1", "held here")] = hot
+    predictor = Predictor(
+        client, keys, ResultWaiter(client, keys), ModelInfoCache(client, keys), 1.0, 0, local, admission=admission
+    )
+    lookups, mget = [], client.mget  # the cache's (the view of the load is read on a client of its own)
+
+    async def lookup(keys: list[str]) -> list[bytes | None]:
+        lookups.append(keys)
+        return await mget(keys)
+
+    monkeypatch.setattr(client, "mget", lookup)
+    assert await predictor.predict(["in redis"]) == ([hot], CacheStatus.HIT)  # and held here from now on
+    assert (admission.load.admitted, len(lookups)) == (0, 1)
+
+    redis.lpush(keys.queue, *[queued] * 95)  # 10.1 s: past a 1-s deadline
+    now[0] += MAX_AGE_S  # the view is read again before the next request decides by it
+    with pytest.raises(ServiceError) as refused:
+        await predictor.predict(["also in redis"])
+    assert refused.value.error_type is ErrorType.OVERLOADED
+    assert len(lookups) == 1  # no lookup for the refusal
+    assert await predictor.predict(["held here", "in redis"]) == ([hot, hot], CacheStatus.HIT)
