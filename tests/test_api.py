@@ -797,9 +797,9 @@ async def test_under_overload_a_refusal_looks_nothing_up_and_only_the_process_ca
     )
     lookups, mget = [], client.mget  # the cache's (the view of the load is read on a client of its own)
 
-    async def lookup(keys: list[str]) -> list[bytes | None]:
-        lookups.append(keys)
-        return await mget(keys)
+    async def lookup(wanted: list[str]) -> list[bytes | None]:
+        lookups.append(wanted)
+        return await mget(wanted)
 
     monkeypatch.setattr(client, "mget", lookup)
     assert await predictor.predict(["in redis"]) == ([hot], CacheStatus.HIT)  # and held here from now on
