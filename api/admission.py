@@ -9,17 +9,16 @@ forward for its own texts. The workers publish what it needs in their heartbeats
 (`core.protocol.WorkerStatus`: throughput measured per forward and smoothed, `batcher.forward_time`);
 `Load` reads them and the queue's length in one round trip at most every `REFRESH_S` (two when a
 worker came or went), shared by all of the process's requests, and counts the texts this process
-admitted since. A stale view is read again in the background, so a refusal under load never waits
-on Redis; only a view older than `MAX_AGE_S` (the process's first, or one from before a quiet
-spell) is waited for. Until a worker has timed a forward there is no prediction, and every request
-is admitted (a cold start admits); so is a request with nothing ahead of it (an idle fleet admits).
+admitted since. A stale view is read again in the background (`api.refreshed`), so a refusal under
+load never waits on Redis; only a view older than `MAX_AGE_S` (the process's first, or one from
+before a quiet spell) is waited for. Until a worker has timed a forward there is no prediction,
+and every request is admitted (a cold start admits); so is a request with nothing ahead of it (an
+idle fleet admits).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -29,10 +28,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from api.errors import ErrorType, ServiceError
+from api.refreshed import Refreshed
 from core.protocol import Keys, Unreadable, WorkerStatus
 from core.redis_replies import text
-
-log = logging.getLogger(__name__)
 
 REFRESH_S = 0.1  # how stale the view of the fleet's load may be
 MAX_AGE_S = 0.5  # older than this (after a quiet spell, or a slow read), a request waits for a fresh one
@@ -71,31 +69,18 @@ class Load:
     def __init__(self, redis: Redis, keys: Keys, clock: Callable[[], float] = time.monotonic) -> None:
         self._redis = redis
         self._keys = keys
-        self._clock = clock
-        self._fleet: Fleet | None = None
-        self._read_at = -math.inf
         self._workers: list[str] = []  # the registered workers at the last read: whose heartbeats the next reads
-        self._reading: asyncio.Task[None] | None = None
         self.admitted = 0  # texts this process queued since the last read was asked for
+        self.view: Refreshed[Fleet | None] = Refreshed(
+            lambda: self._read(self.admitted), None, REFRESH_S, MAX_AGE_S, clock
+        )
 
     async def current(self) -> Fleet | None:
-        """The fleet's load as last read, read again in the background (one round trip, whatever the
-        requests) once stale, and waited for only when older than `MAX_AGE_S`; None before any worker
-        timed a forward, or while Redis fails (the request meets that itself)."""
-        age = self._clock() - self._read_at
-        if age >= REFRESH_S and self._reading is None:
-            self._reading = asyncio.ensure_future(self._read(self.admitted))
-            self._reading.add_done_callback(self._read_done)
-        if age >= MAX_AGE_S and self._reading is not None:
-            await asyncio.shield(self._reading)
-        return self._fleet
+        """The fleet's load as last read (`Refreshed`: one round trip, whatever the requests); None
+        before any worker timed a forward, or while Redis fails (the request meets that itself)."""
+        return await self.view.current()
 
-    def _read_done(self, task: asyncio.Task[None]) -> None:
-        self._reading = None
-        if not task.cancelled() and (exc := task.exception()) is not None:  # a bug: no request awaits it to see
-            log.error("reading the fleet's load failed", exc_info=exc)
-
-    async def _read(self, counted: int) -> None:
+    async def _read(self, counted: int) -> Fleet | None:
         """Read the view again, asked for when this process had admitted `counted` texts since the
         last: the queue's length read holds those. What it admits while the read is on its way
         still counts after it (their work items may be queued after the length was read)."""
@@ -111,15 +96,16 @@ class Load:
             if self._workers != workers:  # a worker came or went: a second round trip, rarely
                 beats = [await self._redis.mget([self._keys.heartbeat(w) for w in self._workers])]
         except RedisError:
-            self._fleet = None
+            found = None
         else:
             statuses = []
             for raw in beats[0] if self._workers else []:
                 if raw is not None:
                     with contextlib.suppress(Unreadable):  # (`core.liveness` logs it)
                         statuses.append(WorkerStatus.decode(raw))
-            self._fleet = fleet(statuses, queued)
-        self._read_at, self.admitted = self._clock(), self.admitted - counted
+            found = fleet(statuses, queued)
+        self.admitted -= counted
+        return found
 
 
 class Admission:

@@ -24,6 +24,7 @@ from api.admission import Admission
 from api.coalescing import Coalescer
 from api.errors import ErrorType, ServiceError
 from api.metrics import CACHE_HITS, CACHE_MISSES, REQUESTS_ABANDONED
+from api.refreshed import Refreshed
 from api.results import ResultWait, ResultWaiter
 from core import redis_replies, tracing
 from core.protocol import (
@@ -46,7 +47,8 @@ log = logging.getLogger(__name__)
 CLIENTS_TTL_S = (
     60.0  # how often a process re-adds a client it queues for to `Keys.clients` (a Redis restart empties it)
 )
-MODEL_INFO_TTL_S = 1.0  # how stale the API's idea of the served model (and cache version) may be
+MODEL_INFO_MAX_AGE_S = 1.0  # how stale the API's idea of the served model (and cache version) may be
+MODEL_INFO_REFRESH_S = 0.5  # how stale it may be before it is read again in the background
 WATCH_AFTER_S = 0.05  # how far into a wait for the worker its client's going away is watched for
 LATE_LOOK_S = 0.25  # longest a 504 waits on Redis to say what was slow (where its work item was)
 
@@ -58,23 +60,24 @@ class CacheStatus(StrEnum):
 
 
 class ModelInfoCache:
-    """The model the workers announced (its version names the cache), re-read at most once a second."""
+    """The model the workers announced (its version names the cache), shared by the process's
+    requests (`Refreshed`): read again in the background every `MODEL_INFO_REFRESH_S`, waited for
+    only when older than `MODEL_INFO_MAX_AGE_S`, so a request under load never waits on Redis for it."""
 
     def __init__(self, redis: Redis, keys: Keys) -> None:
         self._redis = redis
         self._keys = keys
-        self._info: ModelInfo | None = None
-        self._expires = 0.0
         self._unreadable: bytes | str | None = None  # the last unreadable announcement, logged once
+        self.view: Refreshed[ModelInfo | None] = Refreshed(self._read, None, MODEL_INFO_REFRESH_S, MODEL_INFO_MAX_AGE_S)
 
     async def current(self) -> ModelInfo | None:
         """The announced model; None before any worker announced one, or while the announcement is
         unreadable (logged once per value): requests are then queued without a cache lookup."""
-        if time.monotonic() >= self._expires:
-            raw = await self._redis.get(self._keys.model)
-            self._info = self._decode(raw) if raw else None
-            self._expires = time.monotonic() + MODEL_INFO_TTL_S
-        return self._info
+        return await self.view.current()
+
+    async def _read(self) -> ModelInfo | None:
+        raw = await self._redis.get(self._keys.model)
+        return self._decode(raw) if raw else None
 
     def _decode(self, raw: bytes | str) -> ModelInfo | None:
         try:

@@ -60,8 +60,8 @@ async def refused(admission: Admission, texts: int, timeout_s: float) -> Service
 async def read_again(load: Load) -> None:
     """Start the read of a stale view, and let it end (requests meanwhile decide by the last one)."""
     await load.current()
-    if load._reading is not None:
-        await load._reading
+    if load.view.reading is not None:
+        await load.view.reading
 
 
 def admitting(redis: fakeredis.FakeAsyncRedis) -> tuple[Admission, Clock]:

@@ -70,6 +70,21 @@ def announce(redis: fakeredis.FakeRedis, keys: Keys, version: str = "v1") -> Non
     redis.set(keys.model, ModelInfo("tiny", version, ["NEGATIVE", "POSITIVE"], "cpu", "float32").encode())
 
 
+def behind(redis: fakeredis.FakeRedis, keys: Keys, items: int) -> None:
+    """One worker announced, computing 10 texts a second at 0.1 s a forward, with `items` one-text
+    work items queued: (items + 1) / 10 s until a new request's text is answered."""
+    announce(redis, keys)
+    worker = WorkerStatus(id="w", host="h", pid=1, model_version="v1", started_at=0.0, texts_per_s=10.0, forward_s=0.1)
+    redis.sadd(keys.workers, worker.id)
+    redis.set(keys.heartbeat(worker.id), worker.encode())
+    queue_more(redis, keys, items)
+
+
+def queue_more(redis: fakeredis.FakeRedis, keys: Keys, items: int) -> None:
+    queued = WorkItem(id="i", texts=["x"], enqueued_at=0.0, deadline=0.0, reply_to="r").encode()
+    redis.lpush(keys.queue, *[queued] * items)
+
+
 def scores(predictions: list[list[dict]]) -> list[list[float]]:
     return [[s["score"] for s in p] for p in predictions]
 
@@ -755,12 +770,7 @@ async def test_a_request_the_workers_could_not_answer_in_time_is_refused_at_once
 ) -> None:
     # A worker that computes 10 texts a second, 100 texts queued: about 10 s until a new one is answered.
     keys = Keys(settings.key_prefix)
-    announce(redis, keys)
-    worker = WorkerStatus(id="w", host="h", pid=1, model_version="v1", started_at=0.0, texts_per_s=10.0, forward_s=0.1)
-    redis.sadd(keys.workers, worker.id)
-    redis.set(keys.heartbeat(worker.id), worker.encode())
-    queued = WorkItem(id="i", texts=["x"], enqueued_at=0.0, deadline=0.0, reply_to="r").encode()
-    redis.lpush(keys.queue, *[queued] * 100)
+    behind(redis, keys, 100)
     before = redis.dbsize()
     response = await asyncio.wait_for(
         client.post("/predict", json={"text": ["in a hurry"]}, headers={"X-Request-Timeout": "1"}), HANG_GUARD_S
@@ -779,14 +789,9 @@ async def test_under_overload_a_refusal_looks_nothing_up_and_only_the_process_ca
     # own cache is still answered. An admitted text that Redis's cache answers is uncounted again.
     keys = Keys(settings.key_prefix)
     hot = [{"label": "NEGATIVE", "score": 0.1}, {"label": "POSITIVE", "score": 0.9}]
-    announce(redis, keys)
+    behind(redis, keys, 5)  # 0.6 s until a new request is answered: in time
     for text in ("in redis", "also in redis", "held here"):
         redis.set(keys.cache("v1", text), orjson.dumps(hot))
-    worker = WorkerStatus(id="w", host="h", pid=1, model_version="v1", started_at=0.0, texts_per_s=10.0, forward_s=0.1)
-    redis.sadd(keys.workers, worker.id)
-    redis.set(keys.heartbeat(worker.id), worker.encode())
-    queued = WorkItem(id="i", texts=["x"], enqueued_at=0.0, deadline=0.0, reply_to="r").encode()
-    redis.lpush(keys.queue, *[queued] * 5)  # 0.6 s until a new request is answered: in time
     now = [0.0]
     client = fakeredis.FakeAsyncRedis(server=fake_server)
     admission = Admission(Load(fakeredis.FakeAsyncRedis(server=fake_server), keys, lambda: now[0]))
@@ -805,10 +810,45 @@ async def test_under_overload_a_refusal_looks_nothing_up_and_only_the_process_ca
     assert await predictor.predict(["in redis"]) == ([hot], CacheStatus.HIT)  # and held here from now on
     assert (admission.load.admitted, len(lookups)) == (0, 1)
 
-    redis.lpush(keys.queue, *[queued] * 95)  # 10.1 s: past a 1-s deadline
+    queue_more(redis, keys, 95)  # 10.1 s: past a 1-s deadline
     now[0] += MAX_AGE_S  # the view is read again before the next request decides by it
     with pytest.raises(ServiceError) as refused:
         await predictor.predict(["also in redis"])
     assert refused.value.error_type is ErrorType.OVERLOADED
     assert len(lookups) == 1  # no lookup for the refusal
     assert await predictor.predict(["held here", "in redis"]) == ([hot, hot], CacheStatus.HIT)
+
+
+async def test_under_overload_a_refusal_waits_on_no_read_of_the_announced_model_and_requests_share_one(
+    settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The announced model (the cache's version) is read again in the background: while that read
+    # is on its way (Redis slow to answer), requests go on with the model read last, refused at once
+    # under overload, and all of them together make one read; the next request sees what it read.
+    monkeypatch.setattr("api.predictions.MODEL_INFO_REFRESH_S", 0)  # stale at once: every request would read it
+    keys = Keys(settings.key_prefix)
+    behind(redis, keys, 100)  # 10.1 s until a new request is answered: past a 1-s deadline
+    client = fakeredis.FakeAsyncRedis(server=fake_server)
+    models = ModelInfoCache(client, keys)
+    assert (await models.current()) is not None  # the first read, waited for
+    admission = Admission(Load(fakeredis.FakeAsyncRedis(server=fake_server), keys))
+    predictor = Predictor(client, keys, ResultWaiter(client, keys), models, 1.0, 0, admission=admission)
+    answer, reads, get = asyncio.Event(), [], client.get
+
+    async def slow_get(key: str) -> bytes | None:
+        reads.append(key)
+        await answer.wait()
+        return await get(key)
+
+    monkeypatch.setattr(client, "get", slow_get)
+    announce(redis, keys, version="v2")
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(*(predictor.predict([f"text {i}"]) for i in range(20)), return_exceptions=True), HANG_GUARD_S
+    )
+    assert [getattr(o, "error_type", o) for o in outcomes] == [ErrorType.OVERLOADED] * 20
+    assert reads == [keys.model]  # one read of the announcement for all of them, still on its way
+    answer.set()
+    assert models.view.reading is not None
+    await models.view.reading
+    info = await models.current()  # by what that read found
+    assert info is not None and info.version == "v2"

@@ -246,7 +246,7 @@ async def in_process(settings: Settings, fake_server: fakeredis.FakeServer) -> A
 async def local(
     settings: Settings, fake_server: fakeredis.FakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[InProcess]:
-    monkeypatch.setattr("api.predictions.MODEL_INFO_TTL_S", 0)  # an announcement is seen at once
+    monkeypatch.setattr("api.predictions.MODEL_INFO_MAX_AGE_S", 0)  # an announcement is seen at once
     async for running in in_process(settings.model_copy(update={"max_queue_depth": 1}), fake_server):
         yield running
 

@@ -204,7 +204,10 @@ def test_bad_input_is_a_4xx(client: triton.InferenceServerClient, http: httpx.Cl
 
 
 @pytest.fixture
-async def keyed(settings: Settings, fake_server: fakeredis.FakeServer) -> AsyncIterator[httpx.AsyncClient]:
+async def keyed(
+    settings: Settings, fake_server: fakeredis.FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[httpx.AsyncClient]:
+    monkeypatch.setattr("api.predictions.MODEL_INFO_MAX_AGE_S", 0)  # an announcement is seen at once
     keyed = settings.model_copy(update={"api_keys": Settings(api_keys=KEY).api_keys})
     app = create_app(keyed, redis=fakeredis.FakeAsyncRedis(server=fake_server), jobs_redis=fakeredis.FakeRedis())
     async with app.router.lifespan_context(app):
@@ -214,9 +217,8 @@ async def keyed(settings: Settings, fake_server: fakeredis.FakeServer) -> AsyncI
 
 @pytest.mark.anyio
 async def test_probes_are_open_and_the_rest_keyed_404_and_503_before_work(
-    keyed: httpx.AsyncClient, settings: Settings, redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+    keyed: httpx.AsyncClient, settings: Settings, redis: fakeredis.FakeRedis
 ) -> None:
-    monkeypatch.setattr("api.predictions.MODEL_INFO_TTL_S", 0)  # the announcement below is seen at once
     assert (await keyed.get("/v2/health/live")).status_code == 200
     assert (await keyed.get("/v2/health/ready")).json()["reason"] == "no live worker"
     body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}
