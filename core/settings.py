@@ -220,6 +220,15 @@ class Settings(BaseSettings):
         "sleep), 10-20% more throughput on cores of its own; `active` spins until the next work. Sets "
         "OMP_WAIT_POLICY, unless the environment does (docs/tuning.md).",
     )
+    worker_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="The model worker's CPU priority (Unix nice, 0-19; 0 leaves it as started): on cores it shares "
+        "with the API and Redis, their short wake-ups (a refusal, a cache hit, a reply) run ahead of its forwards, "
+        "which take what they leave. Its threads and, where Linux gives the worker a scheduling group of its own "
+        '(autogroup), that group (docs/tuning.md, "CPU priority").',
+    )
 
     # Bulk jobs (/jobs, on RQ)
     jobs_queue: str = Field(

@@ -202,6 +202,23 @@ def _model_process(settings: Settings) -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", settings.omp_wait_policy.upper())
 
 
+def _give_way(nice: int) -> None:
+    """The model worker at CPU priority `nice` (docs/tuning.md, "CPU priority"), so that on cores it
+    shares the API's and Redis's wake-ups preempt its forwards. Called before any thread starts: they
+    inherit it. Linux's autogroups weigh a session's threads against each other only, so a worker
+    that leads its own session (as `sentiment serve` starts it) lowers that group's priority too;
+    one in a shell's session leaves the shell's group alone."""
+    if not nice:
+        return
+    os.setpriority(os.PRIO_PROCESS, 0, max(nice, os.getpriority(os.PRIO_PROCESS, 0)))
+    group = Path("/proc/self/autogroup")
+    if os.getsid(0) == os.getpid() and group.exists():
+        try:
+            group.write_text(str(nice))
+        except OSError as exc:  # (a read-only /proc): its threads' priority still holds within the group
+            log.info("the worker's scheduling group keeps its priority: %s", exc)
+
+
 def _worker(settings: Settings, args: argparse.Namespace) -> None:
     if args.probe:
         from core.liveness import worker_alive_on_this_host
@@ -209,6 +226,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
         _probe(args.probe, lambda client: worker_alive_on_this_host(client, settings.key_prefix), settings)
 
     _model_process(settings)
+    _give_way(settings.worker_nice)
     from batcher import metrics
     from batcher.thread_failure import ThreadFailed
     from batcher.worker import Worker

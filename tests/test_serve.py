@@ -175,6 +175,28 @@ def test_a_worker_that_dies_is_restarted_and_ready_says_so_meanwhile(serves: lis
     assert r.status_code == 200 and len(r.json()["predictions"]) == 1
 
 
+def test_the_model_worker_gives_way_to_the_api_on_the_cores_they_share(
+    serves: list[Serve], tiny_model_dir: Path
+) -> None:
+    # SENTIMENT_WORKER_NICE: every thread of the worker at that priority, and its own scheduling group
+    # where the kernel groups by session (autogroup); serve, whose process runs the API, keeps its own.
+    serve = start(serves, tiny_model_dir, env={"SENTIMENT_WORKER_NICE": "7"})
+    serve.wait_ready()
+    [worker] = [pid for pid, cmd in serve.children().items() if cmd.endswith("sentiment.cli worker ")]
+
+    def nices(pid: int) -> set[int]:  # (a thread's nice is the 19th field of its stat)
+        return {
+            int((t / "stat").read_text().rsplit(") ", 1)[1].split()[16]) for t in Path(f"/proc/{pid}/task").iterdir()
+        }
+
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    assert nices(worker) == {max(7, ours)}
+    assert nices(serve.proc.pid) == {ours}
+    if Path("/proc/self/autogroup").exists():
+        assert Path(f"/proc/{worker}/autogroup").read_text().split()[-2:] == ["nice", "7"]
+        assert Path(f"/proc/{serve.proc.pid}/autogroup").read_text() == Path("/proc/self/autogroup").read_text()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=lambda s: s.name)
 def test_serves_children_end_with_it(serves: list[Serve], tiny_model_dir: Path, sig: signal.Signals) -> None:
     serve = start(serves, tiny_model_dir)
