@@ -210,13 +210,13 @@ def _give_way(nice: int) -> None:
     one in a shell's session leaves the shell's group alone."""
     if not nice:
         return
-    os.setpriority(os.PRIO_PROCESS, 0, max(nice, os.getpriority(os.PRIO_PROCESS, 0)))
     group = Path("/proc/self/autogroup")
-    if os.getsid(0) == os.getpid() and group.exists():
-        try:
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, max(nice, os.getpriority(os.PRIO_PROCESS, 0)))
+        if os.getsid(0) == os.getpid() and group.exists():
             group.write_text(str(nice))
-        except OSError as exc:  # (a read-only /proc): its threads' priority still holds within the group
-            log.info("the worker's scheduling group keeps its priority: %s", exc)
+    except OSError as exc:  # a sandbox that forbids it, a read-only /proc: the worker serves all the same
+        log.info("the worker's CPU priority stays as it was: %s", exc)
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> None:

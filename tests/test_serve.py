@@ -6,6 +6,7 @@ them, the embedded redis-server included, even after serve has gone."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import httpx
 import pytest
 
 from core.protocol import new_id
+from sentiment.cli import _give_way
 from sentiment.embedded import free_port
 from sentiment.supervisor import Child, Supervisor
 from tests.conftest import wait_for
@@ -195,6 +197,19 @@ def test_the_model_worker_gives_way_to_the_api_on_the_cores_they_share(
     if Path("/proc/self/autogroup").exists():
         assert Path(f"/proc/{worker}/autogroup").read_text().split()[-2:] == ["nice", "7"]
         assert Path(f"/proc/{serve.proc.pid}/autogroup").read_text() == Path("/proc/self/autogroup").read_text()
+
+
+def test_a_worker_refused_a_lower_priority_serves_all_the_same(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A sandbox may forbid setpriority (a seccomp profile): that costs the priority, not the worker.
+    def refused(*_: int) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "setpriority", refused)
+    with caplog.at_level(logging.INFO, "sentiment"):
+        _give_way(7)
+    assert "the worker's CPU priority stays as it was: [Errno 1] Operation not permitted" in caplog.text
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=lambda s: s.name)
