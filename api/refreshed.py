@@ -33,7 +33,7 @@ class Refreshed(Generic[T]):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._read = read
-        self.value = value
+        self._value = value
         self._refresh_s = refresh_s
         self._max_age_s = max_age_s
         self._clock = clock
@@ -47,10 +47,10 @@ class Refreshed(Generic[T]):
             self.reading.add_done_callback(self._done)
         if age >= self._max_age_s and self.reading is not None:
             await asyncio.shield(self.reading)
-        return self.value
+        return self._value
 
     async def _refresh(self, read: Coroutine[Any, Any, T]) -> None:
-        self.value = await read
+        self._value = await read
         self._read_at = self._clock()
 
     def _done(self, task: asyncio.Task[None]) -> None:
