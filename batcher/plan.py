@@ -460,18 +460,20 @@ class Window:
             out = {held for held in items if 0 < waiting[held] == held.missing and not held.answered}
             gone = 0
             for key, text in list(self._texts.items()) if out else []:
-                # (A chunked text's windows share one waiters list: the first emptied it for the rest.)
-                if not text.waiters or any(held in out for held, _ in text.waiters):
-                    text.waiters[:] = [(held, index) for held, index in text.waiters if held not in out]
-                    if not text.waiters:
-                        del self._texts[key]
-                        gone += 1
+                if not _without(text, out):
+                    del self._texts[key]
+                    gone += 1
             self._changed.notify_all()  # room for the intake; a waiting lane's oldest text may have left
             return list(out), gone
 
     def _waiting(self) -> Counter[Held]:
-        """Per work item, its texts held here (a chunked text once, however many of its windows are)."""
-        return Counter(held for held, _ in {pair for text in self._texts.values() for pair in text.waiters})
+        """Per work item, its texts held here: a chunked text once, and only while every window of it
+        is (once one has gone into a forward, its requests have started)."""
+        pairs = set()
+        for text in self._texts.values():
+            if text.windows is None or all(self._texts.get(w.key) is w for w in text.windows.texts):
+                pairs.update(text.waiters)
+        return Counter(held for held, _ in pairs)
 
     def close(self) -> list[Text]:
         """No more forwards: wake every lane, and return the texts still held."""

@@ -130,9 +130,10 @@ class Replies:
             if text.windows is None:
                 texts.append(text)
                 rows.append(row)
-            elif (pooled := text.windows.computed(text.window, row)) is not None:
-                texts.append(text.windows.text)
-                rows.append(pooled)
+            elif pooled := text.windows.computed(text.window, row):
+                whole, logits = pooled
+                texts.append(whole)
+                rows.append(logits)
         labels = outcome.logits.shape[1]
         return Outcome(texts, logits=np.stack(rows) if rows else np.empty((0, labels), dtype=np.float32))
 

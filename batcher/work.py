@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 import numpy as np
@@ -74,7 +74,9 @@ class Text:
 @dataclass(eq=False, slots=True)
 class Windows:
     """A chunked text on its way through the lanes: its windows, each a `Text` of its own in the
-    batches (sharing the text's waiters), and their logits as the reply stage gets them."""
+    batches, and their logits as the reply stage gets them. Each window has its own list of the
+    text's waiters, so the plan takes a request off the windows it still holds (dropped, or late)
+    without touching those a lane or the reply stage has."""
 
     text: Text  # the whole text: its cache key, waiters and score function
     texts: list[Text]
@@ -86,19 +88,22 @@ class Windows:
         whole = cls(text, [], weights, [None] * len(windows))
         whole.texts = [
             # A key per window of this take: the same text taken again (another take) is computed again.
-            Text(text.text, f"{text.key}#{id(whole)}.{n}", text.waiters, text.arrived, ids, text.turn, text.function)
+            replace(text, key=f"{text.key}#{id(whole)}.{n}", waiters=list(text.waiters), ids=ids)
             for n, ids in enumerate(windows)
         ]
         for n, window in enumerate(whole.texts):
             window.windows, window.window = whole, n
         return whole
 
-    def computed(self, window: int, logits: np.ndarray) -> np.ndarray | None:
-        """Keep one window's logits; the text's pooled logits once every window has come, else None."""
+    def computed(self, window: int, logits: np.ndarray) -> tuple[Text, np.ndarray] | None:
+        """Keep one window's logits. Once every window has come: the whole text, waited for by the
+        requests that waited for every window (one taken off a window was answered otherwise), and
+        its pooled logits; else None."""
         self.logits[window] = logits
         if any(row is None for row in self.logits):
             return None
-        return pool(np.stack(cast("list[np.ndarray]", self.logits)), self.weights)
+        waiters = [pair for pair in self.text.waiters if all(pair in t.waiters for t in self.texts)]
+        return replace(self.text, waiters=waiters), pool(np.stack(cast("list[np.ndarray]", self.logits)), self.weights)
 
 
 def traceparents(texts: Iterable[Text]) -> set[str]:
