@@ -28,7 +28,7 @@ from starlette.datastructures import Headers
 
 from api.access import client_of
 from api.errors import RESPONSES, TEXTS_RESPONSES, ErrorType, ServiceError, error_response, responses
-from api.limits import BODY_OVERHEAD, body_limit
+from api.limits import BODY_OVERHEAD, body_limit, declared_size
 from api.predictions import ModelInfoCache, Predictor
 from api.routes import ready
 from api.schemas import json_body, parse_json, requested_timeout, timeout_parameter
@@ -262,8 +262,8 @@ def parse_infer(request_model: type[BaseModel], raw: bytes, headers: Headers) ->
     header = headers.get(HEADER_LENGTH)
     if header is None:
         return parse_json(request_model, raw, headers.get("content-type", "")), b""
-    if header.isdigit() and int(header) <= len(raw):
-        return parse_json(request_model, raw[: int(header)], ""), raw[int(header) :]
+    if (size := declared_size(header)) is not None and size <= len(raw):
+        return parse_json(request_model, raw[:size], ""), raw[size:]
     raise invalid((), f"{HEADER_LENGTH} must be the size of the JSON header, at most the body's", header)
 
 

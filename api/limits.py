@@ -2,11 +2,11 @@
 
 `BodyLimit` refuses a Content-Length over the route's limit before a byte is read, and lets a
 declared size within it pass untouched (the server never delivers more than Content-Length bytes).
-A chunked body is read first, counting bytes as they arrive and refused as soon as it grows past
-the limit, so nothing oversized is buffered whole or parsed; it is then handed on as it came (the
-route would have buffered it whole anyway). (FastAPI's own `max_body_size` answers a declared
-oversize in plain text, outside the JSON error shape.) Each route's
-limit is the largest body its configured text limits allow (`body_limit`); other routes take none.
+A chunked body (or one whose Content-Length is not a number) is read first, counting bytes as
+they arrive and refused as soon as it grows past the limit, so nothing oversized is buffered whole
+or parsed; it is then handed on as it came (the route would have buffered it whole anyway).
+(FastAPI's own `max_body_size` answers a declared oversize in plain text, outside the JSON error
+shape.) Each route's limit is the largest body its configured text limits allow (`body_limit`); other routes take none.
 `install` turns FastAPI's "error parsing the body" of a body parameter (`/jobs`: nesting too deep,
 invalid UTF-8, a number with thousands of digits) into the 422 that malformed JSON gets (every other
 HTTP error, the router's 404 and 405 among them, into `api.errors`' shape); `/predict` parses its own
@@ -45,6 +45,18 @@ def body_limit(max_texts: int, max_chars: int) -> int:
     return max_texts * (max_chars * BYTES_PER_CHAR + TEXT_OVERHEAD) + BODY_OVERHEAD
 
 
+def declared_size(header: str) -> int | None:
+    """The byte count a header declares (Content-Length, the binary tensor extension's header size):
+    ASCII digits only, else None. `str.isdigit` also passes "²", which `int` refuses, as it refuses
+    a number of more than 4,300 digits."""
+    if not (header.isascii() and header.isdigit()):
+        return None
+    try:
+        return int(header)
+    except ValueError:  # past int's digit limit: no body is that long
+        return None
+
+
 class BodyLimit:
     """ASGI middleware: 413 for a body over its path's limit (`limits`, else `NO_BODY_BYTES`). A
     path may be a route template: `{name}` stands for one path segment."""
@@ -71,9 +83,9 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = self.limit(scope["path"])
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit():
-            if int(declared) > limit:
+        declared = declared_size(Headers(scope=scope).get("content-length", ""))
+        if declared is not None:
+            if declared > limit:
                 await self._refuse(limit, scope, receive, send)
             else:  # the server delivers no more than Content-Length bytes: nothing to count
                 await self.app(scope, receive, send)

@@ -240,3 +240,20 @@ async def test_probes_are_open_and_the_rest_keyed_404_and_503_before_work(
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_a_header_length_not_in_ascii_digits_is_a_422(
+    keyed: httpx.AsyncClient, settings: Settings, redis: fakeredis.FakeRedis
+) -> None:
+    redis.set(Keys(settings.key_prefix).model, ModelInfo("tiny", "v1", ["NEGATIVE", "POSITIVE"], "cpu", "f32").encode())
+    sent = b'{"inputs":[{"name":"t","shape":[1],"datatype":"BYTES","data":["hi"]}]}'
+    # "²" (latin-1 \xb2) passes str.isdigit and int() refuses it, as it refuses 5,000 ASCII digits
+    for length in (b"\xb2", b"9" * 5000, b"-1", b" 7", str(len(sent) + 1).encode()):
+        response = await keyed.post(
+            "/v2/models/tiny/infer",
+            content=sent,
+            headers={"X-API-Key": KEY, "Inference-Header-Content-Length": length},
+        )
+        assert (response.status_code, response.json()["error_type"]) == (422, "invalid_request"), length
+        assert "inference-header-content-length must be the size of the JSON header" in response.text
