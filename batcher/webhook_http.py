@@ -27,7 +27,7 @@ from ipaddress import ip_address
 from typing import Any
 from urllib.parse import urlsplit
 
-from core.webhooks import Network, refusal
+from core.webhooks import Network, name_refusal, refusal
 
 DEADLINE_S = 10.0  # one delivery, DNS to the answer's headers; receivers are to answer at once and work later
 RESOLVERS = 4  # names resolved at once: a hung resolver holds them all, later deliveries time out waiting
@@ -64,6 +64,8 @@ def post(
         raise Refused("not a URL to send to (its port)") from None
     if parts.scheme not in ("http", "https") or not host or not host.isascii():
         raise Refused("not an http(s) URL with an ASCII host")
+    if why := name_refusal(host):
+        raise Refused(why)
     targets = _checked(host, resolve(host, port, deadline), allowed)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     request = {"Host": parts.netloc, "Connection": "close", **headers}

@@ -60,6 +60,7 @@ NOT_PUBLIC: dict[Network, str] = {
     ip_network("3fff::/20"): "documentation",
 }
 URL_FORBIDDEN = re.compile(r"[\x00-\x20\x7f]")  # what an HTTP request line cannot carry
+MAX_NAME_CHARS = 253  # DNS's longest name, without the trailing dot
 
 
 def secret_key(secret: str) -> bytes:
@@ -160,9 +161,22 @@ def literal_address(host: str) -> Address | None:
         return None
 
 
+def name_refusal(host: str) -> str | None:
+    """Why the resolver cannot take the ASCII host `host`; None when it can. getaddrinfo and TLS's SNI
+    encode a name with Python's IDNA codec, which refuses an empty label and one over 63 characters."""
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return "a callback URL's host name has no empty label (a..b) and none over 63 characters"
+    if len(host.removesuffix(".")) > MAX_NAME_CHARS:
+        return f"a callback URL's host name is at most {MAX_NAME_CHARS} characters"
+    return None
+
+
 def check_url(url: str, allowed: Sequence[Network]) -> None:
     """ValueError saying why `url` may not be a callback: not http(s), credentials or spaces in it, no
-    host or not an ASCII one, or an address `refusal` refuses. A name passes here: its addresses are checked at each delivery."""
+    host, not an ASCII one or one the resolver cannot take, or an address `refusal` refuses. A name
+    passes here: its addresses are checked at each delivery."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise ValueError("a callback URL is http:// or https://")
@@ -174,6 +188,8 @@ def check_url(url: str, allowed: Sequence[Network]) -> None:
         raise ValueError("a callback URL names a host")
     if not parts.hostname.isascii():
         raise ValueError("a callback URL's host is ASCII (an international name in its xn-- form)")
+    if why := name_refusal(parts.hostname):
+        raise ValueError(why)
     try:
         parts.port  # noqa: B018 (parsing it is the check)
     except ValueError:

@@ -198,6 +198,9 @@ def test_numeric_host_forms_are_the_addresses_they_spell(host: str, why: str) ->
         ("https://example.com:99999/hook", "port"),
         ("https://example.com/a hook", "no spaces or control characters"),
         ("https://bücher.example/hook", "ASCII"),
+        ("http://a..example.com/", "no empty label"),  # IDNA (and so the resolver) refuses both
+        (f"http://{'a' * 70}.example.com/", "none over 63 characters"),
+        (f"http://{'a.' * 127}example/", "at most 253 characters"),  # DNS's most
     ],
 )
 def test_a_callback_url_is_refused_with_the_reason(url: str, why: str) -> None:
@@ -413,6 +416,15 @@ def test_a_name_that_resolves_to_a_private_address_is_dead_lettered_without_a_co
     [letter] = dead_letters(fake, Keys(settings.key_prefix))
     assert letter["job_id"] == job_id and letter["host"] == "rebinding.example" and letter["attempts"] == 1
     assert letter["error"].startswith("rebinding.example leads to 10.0.0.7, a private address")
+
+
+def test_a_host_name_the_resolver_cannot_take_is_dead_lettered_at_its_first_try(settings: Settings) -> None:
+    fake = fakeredis.FakeRedis()
+    job_id = canceled_job(fake, settings, "http://a..example.com/hook")  # (JobStore takes the URL as checked)
+    Sender(settings, fake).tick()
+    [letter] = dead_letters(fake, Keys(settings.key_prefix))
+    assert (letter["job_id"], letter["host"], letter["attempts"]) == (job_id, "a..example.com", 1)
+    assert "host name" in letter["error"], letter
 
 
 def test_a_redirect_is_not_followed_and_counts_as_a_failed_try(settings: Settings, receiver: Receiver) -> None:
@@ -647,6 +659,11 @@ def test_a_job_canceled_by_delete_notifies_its_callback(stack: Stack) -> None:
 )
 def test_a_refused_callback_url_is_a_422_and_nothing_is_queued(stack: Stack, url: str) -> None:
     refused(stack, url, "address")
+
+
+@pytest.mark.parametrize("url", ["http://a..example.com/", f"http://{'a' * 70}.example.com/"])
+def test_a_callback_url_whose_host_name_the_resolver_cannot_take_is_a_422(stack: Stack, url: str) -> None:
+    refused(stack, url, "host name")
 
 
 def test_a_callback_url_with_credentials_is_refused_before_anything_is_sent_to_it(stack: Stack) -> None:
