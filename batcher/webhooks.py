@@ -5,7 +5,11 @@ Every `DUE_LOOK_S` the thread takes the webhooks that are due (`Keys.webhooks`, 
 look next). One whose job has not ended is looked at again a heartbeat TTL later: the worker that
 ends a job, and the API that cancels one, make its webhook due at once; the periodic look catches a
 job that RQ's abandoned-job handling failed. Once the job has ended its document is made, once, and
-kept with the webhook: every try sends the same body under the same delivery id.
+kept with the webhook: every try sends the same body under the same delivery id. From then on the
+webhook expires with its job, or after its next try if that is later (`Sender._update`).
+
+Any failure of a try is one of `SENTIMENT_WEBHOOK_ATTEMPTS`, foreseen (not 2xx, no connection, the
+deadline) or not (a bug, an input nothing foresaw); a refused address ends the tries at once.
 
 A claim key with an expiry lets one jobs worker at a time send a webhook; one that dies mid-delivery
 leaves it to another when the claim lapses (at least once: receivers deduplicate by `webhook-id`).
@@ -82,9 +86,9 @@ class Sender:
                         self._handle(job_id)
                     except RedisError:
                         raise
-                    except Exception:  # a bug or a mangled record: never the end of the thread
-                        log.exception("webhook of job %s failed; looked at again in %.0f s", job_id, self.look_s)
-                        self.redis.zadd(self.keys.webhooks, {job_id: time.time() + self.look_s}, xx=True)
+                    except Exception:  # a record it cannot read (mangled): it never will, nor the thread end
+                        log.exception("webhook of job %s unreadable: dead-lettered", job_id)
+                        self._finish(job_id, dead_letter_entry(job_id, None, 0, "its record is unreadable"))
                     finally:
                         self._release(claim)
         except RedisError as exc:  # the next look tries again
@@ -102,66 +106,84 @@ class Sender:
 
     def _handle(self, job_id: str) -> None:
         record = {text(field): raw(value) for field, value in self.redis.hgetall(self.keys.webhook(job_id)).items()}
-        if "url" not in record:  # dropped with its job meanwhile
+        if "url" not in record:  # dropped with its job meanwhile, or expired
             self.redis.zrem(self.keys.webhooks, job_id)
             return
-        if "body" not in record:
-            status = raw(self.redis.hget(Job.key_for(job_id), "status"))
-            if status is not None and JOB_STATUS.get(JobStatus(status.decode()), "queued") not in ENDED:
-                self._update(job_id, {}, time.time() + self.look_s)
-                return
-            try:
-                job = Job.fetch(job_id, connection=self.redis, serializer=SERIALIZER)
-            except NoSuchJobError:
-                log.info("job %s expired before its webhook went out: nothing to send", job_id)
-                self._finish(job_id)
-                return
-            record |= {"body": orjson.dumps(status_document(job)), "delivery": new_id().encode()}
-            if not self._update(job_id, {"body": record["body"], "delivery": record["delivery"]}, time.time()):
-                return
-        self._deliver(job_id, record)
-
-    def _deliver(self, job_id: str, record: dict[str, bytes]) -> None:
         url, tries = record["url"].decode(), int(record.get("attempts", b"0")) + 1
         host = urlsplit(url).hostname
-        body, delivery = record["body"], record["delivery"].decode()
-        signed = signed_headers(self.signing_keys, delivery, body, int(time.time()))
         try:
-            post(url, body, HEADERS | signed, self.allowed, self.tls)
+            if "body" not in record:
+                status = raw(self.redis.hget(Job.key_for(job_id), "status"))
+                if status is not None and JOB_STATUS.get(JobStatus(status.decode()), "queued") not in ENDED:
+                    self._update(job_id, {}, time.time() + self.look_s, ended=False)
+                    return
+                try:
+                    job = Job.fetch(job_id, connection=self.redis, serializer=SERIALIZER)
+                except NoSuchJobError:
+                    log.info("job %s expired before its webhook went out: nothing to send", job_id)
+                    self._finish(job_id)
+                    return
+                record |= {"body": orjson.dumps(status_document(job)), "delivery": new_id().encode()}
+                if not self._update(job_id, {"body": record["body"], "delivery": record["delivery"]}, time.time()):
+                    return
+            self._deliver(url, record["body"], record["delivery"].decode())
+        except RedisError:
+            raise
         except Refused as exc:
             self._give_up(job_id, host, tries, str(exc))
-        except (Undelivered, OSError, http.client.HTTPException) as exc:  # OSError: no name, connection, TLS; a timeout
-            error = (str(exc) or type(exc).__name__)[:ERROR_CHARS]
-            if tries >= self.attempts:
-                self._give_up(job_id, host, tries, error)
-            else:
-                delay = self.backoff_s * 2 ** (tries - 1)
-                log.info("webhook of job %s to %s failed (%s); try %d in %.1f s", job_id, host, error, tries + 1, delay)
-                self._update(job_id, {"attempts": str(tries), "error": error}, time.time() + delay)
+        except Exception as exc:  # any failure of a try counts as one, foreseen or not
+            self._failed(job_id, host, tries, exc)
         else:
             log.info("webhook of job %s delivered to %s (try %d)", job_id, host, tries)
             self._finish(job_id)
 
-    def _update(self, job_id: str, fields: Mapping[FieldT, EncodableT], look_at: float) -> bool:
+    def _deliver(self, url: str, body: bytes, delivery: str) -> None:
+        """One try: `body`, signed now, POSTed to `url` (raising as `post` does)."""
+        signed = signed_headers(self.signing_keys, delivery, body, int(time.time()))
+        post(url, body, HEADERS | signed, self.allowed, self.tls)
+
+    def _failed(self, job_id: str, host: str | None, tries: int, exc: Exception) -> None:
+        """A failed try: retried after its backoff, or, the tries spent, dead-lettered. A failure `post`
+        foresees (not 2xx; OSError: no name, connection, TLS, a timeout; a broken answer) is logged at
+        INFO; any other one at WARNING, with its traceback at the first try."""
+        foreseen = isinstance(exc, Undelivered | OSError | http.client.HTTPException)
+        error = ((str(exc) or type(exc).__name__) if foreseen else f"{type(exc).__name__}: {exc}")[:ERROR_CHARS]
+        traceback = not foreseen and tries == 1
+        if tries >= self.attempts:
+            self._give_up(job_id, host, tries, error, traceback)
+            return
+        delay = self.backoff_s * 2 ** (tries - 1)
+        level = logging.INFO if foreseen else logging.WARNING
+        failure = "webhook of job %s to %s failed (%s); try %d in %.1f s"
+        log.log(level, failure, job_id, host, error, tries + 1, delay, exc_info=traceback)
+        self._update(job_id, {"attempts": str(tries), "error": error}, time.time() + delay)
+
+    def _update(self, job_id: str, fields: Mapping[FieldT, EncodableT], look_at: float, ended: bool = True) -> bool:
         """Write `fields` to the webhook and look at it again at `look_at`, unless it was dropped
-        meanwhile with its job (False then)."""
+        meanwhile with its job (False then). Once the job has `ended`, the webhook expires with it, or
+        after the next try's claim would lapse, whichever is later: it never outlives its job by
+        more than its tries take, nor vanishes before they run out."""
         key = self.keys.webhook(job_id)
 
         def write(pipe: Pipeline) -> bool:
             if not pipe.exists(key):
                 return False
+            next_try_ms = int((look_at - time.time() + CLAIM_S) * 1000)
+            expire_ms = max(int(pipe.pttl(Job.key_for(job_id))), next_try_ms) if ended else None
             pipe.multi()
             if fields:
                 pipe.hset(key, mapping=fields)
+            if expire_ms is not None:
+                pipe.pexpire(key, expire_ms)
             pipe.zadd(self.keys.webhooks, {job_id: look_at}, xx=True)
             return True
 
         return bool(self.redis.transaction(write, key, value_from_callable=True))  # type: ignore[arg-type]
 
-    def _give_up(self, job_id: str, host: str | None, tries: int, error: str) -> None:
-        log.warning("webhook of job %s to %s gave up after %d tries (%s): dead-lettered", job_id, host, tries, error)
-        entry = {"job_id": job_id, "host": host, "attempts": tries, "error": error, "at": datetime.now(UTC)}
-        self._finish(job_id, orjson.dumps(entry))
+    def _give_up(self, job_id: str, host: str | None, tries: int, error: str, traceback: bool = False) -> None:
+        dead = "webhook of job %s to %s gave up after %d tries (%s): dead-lettered"
+        log.warning(dead, job_id, host, tries, error, exc_info=traceback)
+        self._finish(job_id, dead_letter_entry(job_id, host, tries, error))
 
     def _finish(self, job_id: str, dead_letter: bytes | None = None) -> None:
         with self.redis.pipeline() as pipe:
@@ -170,3 +192,8 @@ class Sender:
                 pipe.ltrim(self.keys.webhook_dead_letters, 0, DEAD_LETTERS_KEPT - 1)
             webhooks.forget(pipe, self.keys, job_id)
             pipe.execute()
+
+
+def dead_letter_entry(job_id: str, host: str | None, tries: int, error: str) -> bytes:
+    """An entry of the dead-letter list: the job, where it was to go, the tries made, the last error, when."""
+    return orjson.dumps({"job_id": job_id, "host": host, "attempts": tries, "error": error, "at": datetime.now(UTC)})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import re
 import signal
 import socket
@@ -39,7 +40,7 @@ from redis import Redis
 from api.app import create_app
 from api.job_store import JobStore
 from batcher.webhook_http import post
-from batcher.webhooks import Sender
+from batcher.webhooks import CLAIM_S, Sender
 from core.protocol import Keys
 from core.settings import Settings
 from core.webhooks import check_url, refusal
@@ -441,6 +442,65 @@ def test_a_redirect_is_not_followed_and_counts_as_a_failed_try(settings: Setting
         "error": "HTTP 302",
         "at": None,
     }
+
+
+def test_an_unexpected_failure_of_a_try_counts_as_one_and_ends_on_the_dead_letter_list(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A delivery that raises what nothing foresaw (here what IDNA raised for `a..example.com`) is a
+    failed try like a 500: counted, one warning each, then dead-lettered."""
+
+    def post(*args: Any, **kwargs: Any) -> None:
+        raise UnicodeError("encoding with 'idna' codec failed (UnicodeError: label empty or too long)")
+
+    monkeypatch.setattr("batcher.webhooks.post", post)
+    fake = fakeredis.FakeRedis()
+    job_id = canceled_job(fake, settings, "http://hooks.example/")
+    sender = Sender(settings, fake)
+    with caplog.at_level(logging.INFO, logger="batcher.webhooks"):
+        for _ in range(settings.webhook_attempts):
+            fake.zadd(sender.keys.webhooks, {job_id: 0}, xx=True)  # due now, whatever its backoff
+            sender.tick()
+    [letter] = dead_letters(fake, sender.keys)
+    assert (letter["job_id"], letter["host"], letter["attempts"]) == (job_id, "hooks.example", 2)
+    assert letter["error"].startswith("UnicodeError: encoding with 'idna' codec failed"), letter
+    assert fake.keys(f"*{job_id}*") == [f"rq:job:{job_id}".encode()]  # the webhook and its claim gone
+    sent = [r for r in caplog.records if r.name == "batcher.webhooks"]
+    warnings = [r for r in sent if r.levelno == logging.WARNING]
+    assert len(warnings) == settings.webhook_attempts == len(sent), caplog.text  # one line a try
+    assert [bool(r.exc_info) for r in warnings] == [True, False]  # the traceback once, with the first
+
+
+def test_a_record_the_sender_cannot_read_is_dead_lettered_at_once(settings: Settings) -> None:
+    fake = fakeredis.FakeRedis()
+    job_id = canceled_job(fake, settings, "http://hooks.example/")
+    fake.hset(Keys(settings.key_prefix).webhook(job_id), "attempts", "mangled")
+    Sender(settings, fake).tick()
+    [letter] = dead_letters(fake, Keys(settings.key_prefix))
+    assert (letter["job_id"], letter["attempts"], letter["error"]) == (job_id, 0, "its record is unreadable")
+    assert fake.keys(f"*{job_id}*") == [f"rq:job:{job_id}".encode()]
+
+
+@pytest.mark.parametrize(("job_ttl_s", "backoff_s"), [(86_400, 0.01), (1, 600.0)])
+def test_a_webhook_record_expires_with_its_job_or_after_its_next_try_whichever_is_later(
+    settings: Settings, receiver: Receiver, job_ttl_s: int, backoff_s: float
+) -> None:
+    settings = settings.model_copy(update={"job_ttl_s": job_ttl_s, "webhook_backoff_s": backoff_s})
+    fake = fakeredis.FakeRedis()
+    store = JobStore(fake, settings)
+    job_id = store.create(["a text"], receiver.url("/later"))
+    record = Keys(settings.key_prefix).webhook(job_id)
+    assert fake.pttl(record) == -1  # while the job is queued neither has a TTL (nothing evicts them)
+    receiver.plan["/later"] = [500]
+    store.delete(job_id)  # canceled: it has ended, its webhook is due
+    Sender(settings, fake).tick()
+    assert fake.hget(record, "error") == b"HTTP 500"  # its second try is due in `backoff_s`
+    expires_ms, job_ms = fake.pttl(record), fake.pttl(f"rq:job:{job_id}")
+    assert 0 < job_ms <= job_ttl_s * 1000
+    if job_ttl_s * 1000 > (backoff_s + CLAIM_S) * 1000:
+        assert (backoff_s + CLAIM_S) * 1000 < expires_ms <= job_ttl_s * 1000  # the job's: not a day past it
+    else:
+        assert expires_ms > backoff_s * 1000  # the next try's: the tries run out on the dead-letter list
 
 
 def test_a_claim_that_lapsed_and_was_taken_by_another_sender_stays_theirs(
