@@ -1,5 +1,6 @@
 """HTTP routes: /predict, and the probes and model info operators need."""
 
+import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict
 from typing import Any
@@ -25,8 +26,11 @@ from api.schemas import (
     timeout_parameter,
 )
 from core.protocol import Keys
+from core.redis_errors import describe
 from core.redis_replies import text
 from core.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class RequestRoute(APIRoute):
@@ -98,7 +102,8 @@ async def health() -> dict[str, str]:
 @router.get("/ready", response_model=ReadyResponse, responses=responses(ErrorType.NOT_READY))
 async def ready(request: Request) -> Response:
     """Readiness: Redis answers, at least one worker has a fresh heartbeat, and nothing else is wrong
-    (`sentiment serve`: none of its workers is down)."""
+    (`sentiment serve`: none of its workers is down). Open to anyone, it says what is wrong in
+    general terms; the details (Redis's address and words, a worker's last line) are in the log."""
     alive = await readiness(request.app.state)
     if isinstance(alive, str):
         return error_response(ErrorType.NOT_READY, alive)
@@ -113,8 +118,9 @@ async def readiness(state: State) -> int | str:
         await redis.ping()
         worker_ids = await redis.smembers(keys.workers)
         alive: int = await redis.exists(*(keys.heartbeat(text(w)) for w in worker_ids)) if worker_ids else 0
-    except RedisError as exc:
-        return f"redis unreachable: {exc}"
+    except RedisError as exc:  # where Redis is, and its words, are the operator's: the log's, not the probe's
+        log.warning("not ready: redis unavailable (%s)", describe(exc))
+        return f"redis unavailable ({type(exc).__name__})"
     if not alive:
         return "no live worker"
     if (problem := state.problem) and (reason := problem()):

@@ -62,7 +62,6 @@ class Child:
     restarts: int = 0
     started_at: float = 0.0
     serving: bool = False  # `up` said so since it last started
-    ended: str = ""  # while it is down: why (`cause`)
     restart_at: float | None = None  # while it is down: when it starts again
     _echo: threading.Thread | None = field(default=None, repr=False)
     _held: list[bytes] = field(default_factory=list, repr=False)  # its stderr while it starts
@@ -154,11 +153,12 @@ class Supervisor:
         self._watch.start()
 
     def problem(self) -> str | None:
-        """What is wrong now, for /ready: a child down and when it starts again, or one still starting."""
+        """What is wrong now, for /ready: a child down and when it starts again, or one still starting.
+        Never why it died: anyone may read /ready, and a cause may name hosts and paths (the log has it)."""
         for child in self.children:
             if child.restart_at is not None:
                 wait_s = max(0.0, child.restart_at - time.monotonic())
-                return f"{child.name} died ({child.ended}); restart {child.restarts} in {wait_s:.0f} s"
+                return f"{child.name} died; restart {child.restarts} in {wait_s:.0f} s"
             if not child.serving:
                 return f"{child.name} starting again (restart {child.restarts})"
         return None
@@ -206,8 +206,9 @@ class Supervisor:
             return
         child.serving = False
         if child.restart_at is None:
-            child.ended = child.cause()
-            log.warning("%s died (%s); restarting in %.0f s", child.name, child.ended, self._restart_later(child, now))
+            log.warning(
+                "%s died (%s); restarting in %.0f s", child.name, child.cause(), self._restart_later(child, now)
+            )
         elif now >= child.restart_at:
             child.start()
 

@@ -261,6 +261,21 @@ async def test_redis_unreachable_is_503_with_retry_after(settings: Settings) -> 
     assert health.status_code == 200
 
 
+async def test_the_probes_say_redis_is_unavailable_never_where_nor_its_words(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    down = Redis.from_url(f"redis://localhost:{port}/0", socket_connect_timeout=1)
+    with caplog.at_level(logging.WARNING, logger="api"):
+        async with client_for(settings, down) as client:
+            answers = [await client.get(path) for path in ("/ready", "/v2/health/ready")]
+    for answer in answers:
+        assert (answer.status_code, answer.json()["reason"]) == (503, "redis unavailable (ConnectionError)")
+        assert "localhost" not in answer.text and str(port) not in answer.text and "refused" not in answer.text
+    probe_logs = [r.getMessage() for r in caplog.records if r.name == "api.routes"]
+    assert probe_logs and all(f"localhost:{port}" in m for m in probe_logs)  # where, and Redis's words: the log's
+
+
 @pytest.mark.parametrize(
     ("refuse", "error_class"),
     [

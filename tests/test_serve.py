@@ -169,7 +169,7 @@ def test_a_worker_that_dies_is_restarted_and_ready_says_so_meanwhile(serves: lis
     [victim] = [pid for pid, cmd in serve.children().items() if cmd.endswith("sentiment.cli worker ")]
     os.kill(victim, signal.SIGKILL)
     down = wait_for("/ready to say the worker is down", lambda: (r := serve.ready()) and r.status_code == 503 and r)
-    assert down.json()["reason"].startswith("worker-1 died (killed by SIGKILL); restart 1 in ")
+    assert down.json()["reason"].startswith("worker-1 died; restart 1 in ")  # why: in serve's log
     serve.wait_ready()
     [successor] = [pid for pid, cmd in serve.children().items() if cmd.endswith("sentiment.cli worker ")]
     assert successor != victim
@@ -248,3 +248,19 @@ def test_the_supervisor_outlives_a_child_it_cannot_start_again_and_tries_later(
         wait_for("a start after the refused one", lambda: len(starts) >= 3)
     finally:
         supervisor.stop()
+
+
+def test_ready_says_a_child_died_but_never_its_last_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A child that exits at once with a cause that names a path (a model pull with no hub): /ready's
+    # reason, which anyone may read, says it died; its words go to serve's log alone.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    child = Child("pull", "model", env, ("pull", "no/such-model", "--dest", str(tmp_path / "model")))
+    supervisor = Supervisor([child], lambda _: True)
+    with caplog.at_level(logging.WARNING, logger="sentiment.supervisor"):
+        supervisor.start()
+        try:
+            reason = wait_for("the death noticed", lambda: (r := supervisor.problem()) and "died" in r and r)
+        finally:
+            supervisor.stop()
+    assert reason.startswith("pull died; restart 1 in "), reason
+    assert "exit 1: sentiment model pull: HF_HUB_OFFLINE is set and the hub cache" in caplog.text
