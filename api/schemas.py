@@ -162,7 +162,9 @@ class PredictResponse(BaseModel):
 
 class ModelResponse(BaseModel):
     name: str
-    version: str = Field(description="Fingerprint of the checkpoint files; part of every cache key.")
+    version: str = Field(
+        description="Fingerprint of the checkpoint files and of what its scores mean; part of every cache key."
+    )
     labels: list[str]
     device: str
     dtype: str

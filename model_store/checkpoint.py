@@ -16,12 +16,13 @@ from transformers.utils import logging as hf_logging
 from core.protocol import ScoreFunction
 from model_store.checkpoint_files import missing_checkpoint
 from model_store.long_texts import LongTexts, Splitter
-from model_store.scoring import default_function
+from model_store.scoring import SCORES_GENERATION, default_function
 
 
 def fingerprint(model_dir: Path) -> str:
-    """A version that changes whenever any checkpoint file (config, tokenizer, weights) changes."""
-    digest = hashlib.sha256()
+    """A version that changes whenever any checkpoint file (config, tokenizer, weights) changes, or
+    what its scores mean (`SCORES_GENERATION`): a cache entry of either's past is never read."""
+    digest = hashlib.sha256(f"scores {SCORES_GENERATION}\0".encode())
     for path in sorted(p for p in model_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
         digest.update(path.name.encode() + b"\0")
         with path.open("rb") as f:

@@ -7,6 +7,8 @@ pipeline decides it (`TextClassificationPipeline.postprocess`, `function_to_appl
 
 The function is part of what a model is: config.json says it, and the model's version (a fingerprint
 of every checkpoint file, config.json included) changes with it, so cached scores never outlive it.
+So does `SCORES_GENERATION`, what the service makes of a checkpoint's logits: bump it whenever the
+same checkpoint's scores change meaning, and every model's version, so every cache key, changes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import numpy as np
 from transformers import PretrainedConfig
 
 from core.protocol import ScoreFunction
+
+SCORES_GENERATION = 2  # the checkpoint's own function on the engine's logits (`default_function`, `apply`)
 
 
 def default_function(config: PretrainedConfig) -> ScoreFunction:

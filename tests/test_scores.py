@@ -10,18 +10,25 @@ architectures (DistilBERT, BERT) are scored by our engines and by the pipeline; 
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 from typing import Any
 
+import fakeredis
 import httpx
+import orjson
 import pytest
+from fastapi.testclient import TestClient
 from transformers import pipeline
 
-from core.protocol import ScoreFunction
+from api.app import create_app
+from batcher.worker import Worker
+from core.protocol import Keys, ScoreFunction
+from core.settings import Settings
 from model_store.checkpoint import Checkpoint, fingerprint
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
-from tests.conftest import wait_for
+from tests.conftest import SCORE_ABS, start_worker, wait_for
 from tests.test_serve import Serve
 
 TEXTS = ["a good movie", "bad", "", "i love this film, it was not boring at all", "ünïcödé ✓ 42"]
@@ -116,6 +123,40 @@ def test_a_changed_problem_type_is_a_new_model_version(tmp_path: Path) -> None:
     assert (single / "model.safetensors").read_bytes() == (multi / "model.safetensors").read_bytes()
     assert fingerprint(single) != fingerprint(multi)
     assert (Checkpoint(single).function, Checkpoint(multi).function) == ("softmax", "sigmoid")
+
+
+def files_fingerprint(model_dir: Path) -> str:
+    """The cache version an fp32 checkpoint had while every cached score was a softmax, whatever its
+    head: the SHA-256 of its files alone."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in model_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def test_scores_cached_when_every_head_was_a_softmax_are_never_served(root: Path) -> None:
+    """A regression checkpoint's softmax was 1.0 for every text: an entry of that cache, left in Redis
+    across an upgrade, is under another version than the one the worker now announces, and missed."""
+    model_dir = checkpoint_dir(root, "distilbert", "regression")
+    classifier = Classifier(model_dir, device="cpu", threads=1, engine="torch", precision="fp32")
+    old_version = files_fingerprint(model_dir)
+    assert classifier.version != old_version
+    settings = Settings(key_prefix="scores", model_dir=model_dir, max_wait_ms=20, request_timeout_s=10)
+    server = fakeredis.FakeServer()
+    redis = fakeredis.FakeRedis(server=server)
+    keys = Keys(settings.key_prefix)
+    redis.set(keys.cache(old_version, TEXTS[0]), orjson.dumps([{"label": "rating", "score": 1.0}]))
+    worker = Worker(settings, redis, classifier)
+    start_worker(worker)
+    app = create_app(settings, redis=fakeredis.FakeAsyncRedis(server=server), jobs_redis=redis)
+    try:
+        with TestClient(app) as client:
+            answer = client.post("/predict", json={"text": [TEXTS[0]]})
+    finally:
+        worker.stop()
+    assert (answer.status_code, answer.headers["X-Cache"]) == (200, "miss")
+    [[score]] = answer.json()["predictions"]
+    assert score["score"] == pytest.approx(classifier.forward(classifier.tokenize([TEXTS[0]]))[0][0], abs=SCORE_ABS)
 
 
 @pytest.mark.parametrize("kind", ["multi_label", "regression"])
