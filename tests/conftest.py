@@ -136,15 +136,18 @@ def redis_url() -> Iterator[str]:
 
 
 class RedisServer:
-    """A redis-server a test can stop and start again on the same port (outage tests)."""
+    """A redis-server a test can stop and start again on the same port (outage tests): memory only,
+    or with an append-only file in `data`, as k8s/base/redis.yaml runs it (started again, it holds
+    what it held)."""
 
-    def __init__(self) -> None:
+    def __init__(self, data: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.data = data
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc = start_redis_server(self.port)
+        self.proc = start_redis_server(self.port, self.data)
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -46,50 +46,12 @@ def expected(model_dir: Path) -> list[Prediction]:
     return [prediction(classifier.labels, p) for scores in pairs for p in scores]
 
 
-class DurableRedis(RedisServer):
-    """A redis-server with an append-only file in `data`, as k8s/base/redis.yaml runs it: stopped and
-    started again, it holds what it held."""
-
-    def __init__(self, data: Path) -> None:
-        super().__init__()
-        self.data = data
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server") or "redis-server"
-        self.proc = proc = subprocess.Popen(
-            [
-                exe,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.data),
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-
-        def answers() -> bool:
-            assert proc.poll() is None, "redis-server exited"
-            try:
-                return bool(client.ping())
-            except redis.ConnectionError:
-                return False
-
-        wait_for("redis-server to answer", answers, WAIT_S)
-
-
 class Stack:
-    """An API, a model worker and jobs workers, as processes, on a `DurableRedis` of their own."""
+    """An API, a model worker and jobs workers, as processes, on a redis-server of their own with an append-only file."""
 
     def __init__(self, model_dir: Path, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
-        self.server = DurableRedis(tmp_path)
+        self.server = RedisServer(tmp_path)
         self.redis = redis.Redis(port=self.server.port)
         self.env = {
             **os.environ,
