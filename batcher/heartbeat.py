@@ -7,7 +7,9 @@ connections, and pushes their processing lists back onto the queue. A stuck pipe
 forward past every deadline of its requests, the take or the reply stage in one step longer than
 the TTL: `Worker._healthy`) stops the beats: nobody waits for that work any more, so it is reclaimed
 and a liveness probe restarts the worker. A long forward within its deadlines is work, and keeps
-beating. A Redis failure skips a tick; any other failure is a bug, and stops the worker.
+beating. A Redis failure skips a tick, and holds the death watch's reading of lapsed heartbeats back
+for a TTL once Redis answers (an outage that lapsed this worker's heartbeat lapsed the others' too,
+and they beat again meanwhile); any other failure is a bug, and stops the worker.
 """
 
 from __future__ import annotations
@@ -86,4 +88,5 @@ class Heartbeat:
                 self._next_beat = time.monotonic() + self.ttl_s / 3
             self.queue.reclaim_dead()
         except RedisError as exc:  # the next beat may work; the stages deal with Redis failing
+            self.queue.deaths.redis_failed(self.ttl_s)
             log.debug("heartbeat failed (%s)", describe(exc))

@@ -49,7 +49,9 @@ class DeathWatch:
     (a network blip, a failover) opens new ones within its reconnect backoff, and its work must not
     be computed twice. A live worker in a long forward keeps its connections open and its heartbeat
     thread beating, so it is never taken for dead. An unreadable heartbeat is logged once and read
-    as a heartbeat without a connection name: alive until it lapses.
+    as a heartbeat without a connection name: alive until it lapses. After `me` failed to reach or
+    write to Redis (`redis_failed`), every heartbeat may have lapsed in the same outage, live workers'
+    too: a lapsed heartbeat is death again only once the workers had a heartbeat TTL to beat again.
     """
 
     def __init__(self, redis: Redis, keys: Keys, me: str, clock: Callable[[], float] = time.monotonic) -> None:
@@ -59,6 +61,8 @@ class DeathWatch:
         self.clock = clock
         self._gone_since: dict[str, float] = {}  # workers without an open connection, since when (our clock)
         self._client_list = True  # False once Redis refused CLIENT LIST: heartbeats only
+        self._lapses_from = float("-inf")  # (our clock) from when a lapsed heartbeat is a death
+        self._grace_s: float | None = None  # set by `redis_failed`: how long after the next look that is
 
     def dead(self) -> list[str]:
         others = [w for w in self._registered() if w != self.me]
@@ -67,12 +71,22 @@ class DeathWatch:
         connections = {w: s.connection for w, s in named.items() if s is not None and s.connection}
         open_now = self._open_connections() if connections else None
         now = self.clock()
+        if self._grace_s is not None:
+            self._lapses_from, self._grace_s = now + self._grace_s, None
+        lapses = now >= self._lapses_from
         gone = [w for w, name in connections.items() if open_now is not None and name not in open_now]
         self._gone_since = {w: self._gone_since.get(w, now) for w in gone}
-        dead = [w for w in others if w not in named or now - self._gone_since.get(w, now) >= RECONNECT_S]
+        dead = [w for w in others if (lapses and w not in named) or now - self._gone_since.get(w, now) >= RECONNECT_S]
         for worker in dead:
             self._gone_since.pop(worker, None)
         return dead
+
+    def redis_failed(self, grace_s: float) -> None:
+        """`me` failed to reach or write to Redis: the other workers may have failed to beat as long, so
+        their lapsed heartbeats count only `grace_s` (a heartbeat TTL) after the next look, by which
+        the live ones beat again; and their connections have `RECONNECT_S` from the next look to open."""
+        self._grace_s = grace_s
+        self._gone_since.clear()
 
     def _registered(self) -> list[str]:
         """The ids in `Keys.workers`; one that is not an id (not UTF-8: written by something else) is dropped."""

@@ -1,4 +1,5 @@
-"""Faults with real processes and a real redis-server: the promises of docs/reliability.md.
+"""Faults with real processes (or, where a forward must be held, workers in this process) and a real
+redis-server: the promises of docs/reliability.md.
 
 The tiny model here has a tokenizer that knows a word its embedding table does not (`POISON`):
 any text holding it fails inside the model, the poison-input test's reject. Heartbeats are short so
@@ -27,13 +28,25 @@ import pytest
 import redis
 import rq
 
+from batcher.worker import Worker
 from benchmarks.cache_writes import CacheWrites
-from core.liveness import live_workers
-from core.protocol import Keys, ModelInfo, Result, WorkItem, new_id, parse_replies, prediction, text_digest
+from core.liveness import live_workers, worker_client
+from core.protocol import (
+    Keys,
+    ModelInfo,
+    Result,
+    WorkerStatus,
+    WorkItem,
+    new_id,
+    parse_replies,
+    prediction,
+    text_digest,
+)
+from core.settings import Settings
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
 from model_store.torch_engine import TorchEngine
-from tests.conftest import HANG_GUARD_S, SCORE_ABS, RedisServer, Service, answers, wait_for
+from tests.conftest import HANG_GUARD_S, SCORE_ABS, RedisServer, Service, answers, hold_forwards, start_worker, wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -463,6 +476,80 @@ def test_redis_outage_gives_503s_and_everything_reconnects_by_itself(
     )
     assert view["status"] == "finished"
     assert [p.poll() for p in procs] == [None, None, None]  # the same processes, alive: none restarted
+
+
+def test_an_outage_longer_than_the_heartbeat_ttl_reclaims_only_the_workers_that_do_not_come_back(
+    tmp_path: Path, settings: Settings, classifier: Classifier, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every heartbeat lapses in an outage longer than its TTL (Redis, append-only as deployed, restores
+    # the keys' expiry times, which ran on). A live worker holding an item in a forward, back a little
+    # after the other (a reconnect's backoff), must keep its item; a registered worker that never comes
+    # back is still reclaimed.
+    server = RedisServer(tmp_path)
+    server.start()
+    settings = settings.model_copy(update={"heartbeat_ttl_s": 1.0})
+    keys = Keys(settings.key_prefix)
+    client = redis.Redis.from_url(server.url)
+    forwarding, release = hold_forwards(monkeypatch, classifier)
+    now = time.time()
+    held, lost = (WorkItem(new_id(), [text], now, now + 600, keys.reply_channel("api")) for text in ("held", "lost"))
+    client.lpush(keys.queue, held.encode())
+    holder = Worker(settings, worker_client(server.url, settings.redis_timeout_s, keys), classifier)
+    watcher = Worker(
+        settings, worker_client(server.url, settings.redis_timeout_s, keys), Classifier(tiny_model_dir, "cpu", 1)
+    )
+    down, watched = threading.Event(), threading.Event()
+    real_dead, real_beat = watcher.queue.deaths.dead, holder.heartbeat.beat
+
+    def watcher_dead() -> list[str]:
+        dead = real_dead()
+        if down.is_set():
+            watched.set()
+        return dead
+
+    def holder_beat() -> None:
+        if down.is_set():
+            watched.wait(HANG_GUARD_S)  # back after the watcher's first look once Redis is
+        real_beat()
+
+    monkeypatch.setattr(watcher.queue.deaths, "dead", watcher_dead)
+    monkeypatch.setattr(holder.heartbeat, "beat", holder_beat)
+    threads = [start_worker(holder)]
+    try:
+        wait_for("the holder's forward to start", forwarding.is_set)
+        threads.append(start_worker(watcher))
+        status = WorkerStatus(id="gone", host="h", pid=1, model_version="v", started_at=0)
+        with client.pipeline() as registered:  # a worker that dies in the outage, holding `lost`
+            registered.lpush(keys.processing("gone"), lost.encode())
+            registered.set(keys.heartbeat("gone"), status.encode(), px=int(settings.heartbeat_ttl_s * 1000))
+            registered.sadd(keys.workers, "gone")
+            registered.execute()
+        server.stop()
+        down.set()
+        time.sleep(2 * settings.heartbeat_ttl_s)  # down for longer than every heartbeat's TTL
+        server.start()
+        pubsub = client.pubsub()
+        pubsub.subscribe(keys.reply_channel("api"))
+        pubsub.get_message(timeout=1)
+        wait_for("the gone worker's work to be reclaimed", lambda: not client.sismember(keys.workers, "gone"))
+        assert client.lrange(keys.processing(holder.id), -1, -1) == [held.encode()]  # its oldest: still its own
+        release.set()
+        results = [wait_for(f"{i.id}'s result", lambda i=i: client.get(keys.result(i.id))) for i in (held, lost)]
+        assert all(Result.decode(r).predictions for r in results)
+        assert holder.lanes.computed + watcher.lanes.computed == 2  # nothing computed twice
+        answered = []
+        while message := pubsub.get_message(timeout=0.5):
+            if message["type"] == "message":
+                answered += [request_id for request_id, _ in parse_replies(message["data"])]
+        assert sorted(answered) == sorted([held.id, lost.id])  # each answered once
+        assert {s.id for s in live_workers(client, settings.key_prefix)} == {holder.id, watcher.id}
+    finally:
+        release.set()
+        for worker in (holder, watcher):
+            worker.stop()
+        for thread in threads:
+            thread.join(10)
+        server.stop()
 
 
 def test_redis_refusing_writes_is_survived_like_an_outage(
