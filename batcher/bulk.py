@@ -5,10 +5,13 @@ announced the model's version), queues the texts not found there, deduplicated, 
 `WorkItem`s of at most a forward's texts, and waits for their results as the API does: on a reply
 channel of its own, with the result keys read for a reply the subscription missed. A model worker
 takes bulk work only for the room interactive work leaves (`batcher.plan`); a worker that dies
-holding it has it reclaimed onto the bulk list (`batcher.queue`). Work nobody took before its
-deadline is dropped by the workers and queued again here, so a job on a busy service (or one with
-no model worker up) waits, up to the job's timeout (`core.job_spec.JOB_TIMEOUT_S`). A job that stops
-short (canceled, interrupted, failed) takes back what it queued and no worker took (`withdraw`).
+holding it has it reclaimed onto the bulk list (`batcher.queue`). Work unanswered a second past its
+deadline is queued again here, the copies no worker took taken back first, so the bulk list holds
+each unanswered text once; a job on a busy service (or one with no model worker up) waits, up to
+the job's timeout (`core.job_spec.JOB_TIMEOUT_S`). A copy a worker took is left to it: it drops it
+as expired, or computes it into the cache, where the new copy finds it (its own answer goes to an
+id no chunk waits for any more). A job that stops short (canceled, interrupted, failed) takes back
+what it queued and no worker took (`withdraw`).
 """
 
 from __future__ import annotations
@@ -91,12 +94,8 @@ class Bulk:
         otherwise, until its deadline). When Redis fails they stay, and expire as before."""
         if not self._waiting:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        for _, raw in self._waiting.values():
-            # (`type: ignore`: redis-py's LREM wants the value as str; bytes are sent as they are.)
-            pipe.lrem(self.keys.bulk, 1, raw)  # type: ignore[arg-type]
         try:
-            withdrawn = sum(pipe.execute())
+            withdrawn = self._take_back([raw for _, raw in self._waiting.values()])
         except RedisError as exc:
             log.warning(
                 "could not take back %d bulk work items (%s): they expire at their deadline", len(self._waiting), exc
@@ -106,6 +105,14 @@ class Bulk:
             "took back %d of %d unanswered bulk work items (a worker holds the rest)", withdrawn, len(self._waiting)
         )
         self._waiting.clear()
+
+    def _take_back(self, items: list[bytes]) -> int:
+        """Remove `items` from the bulk list in one round trip; how many were there (no worker took them)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for raw in items:
+            # (`type: ignore`: redis-py's LREM wants the value as str; bytes are sent as they are.)
+            pipe.lrem(self.keys.bulk, 1, raw)  # type: ignore[arg-type]
+        return sum(pipe.execute())
 
     def close(self) -> None:
         """Forget the chunks sent and drop the reply subscription (the next chunk subscribes again):
@@ -163,14 +170,22 @@ class Bulk:
                 self._look(chunk)
 
     def _look(self, chunk: Chunk) -> None:
-        """Read the result keys of the unanswered items; queue again the texts of those past their deadline."""
+        """Read the result keys of the unanswered items; queue again the texts of those past their
+        deadline, taking back first their copies still on the bulk list."""
         ids = list(chunk.queued)
         for request_id, result in zip(ids, raws(self.redis.mget([self.keys.result(i) for i in ids])), strict=True):
             if result is not None:
                 self._answer(request_id, result)
         if chunk.queued and time.time() > chunk.deadline + 1.0:
             late = [t for texts in chunk.queued.values() for t in texts]
-            log.info("%d bulk texts unanswered by their deadline (a busy service); queued again", len(late))
+            taken_back = self._take_back([self._waiting[request_id][1] for request_id in chunk.queued])
+            log.info(
+                "%d bulk texts unanswered by their deadline (a busy service); queued again, %d of their %d items"
+                " taken back off the bulk list (a worker took the rest)",
+                len(late),
+                taken_back,
+                len(chunk.queued),
+            )
             for request_id in chunk.queued:
                 del self._waiting[request_id]
             chunk.queued.clear()

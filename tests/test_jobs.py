@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import subprocess
@@ -21,15 +22,16 @@ from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job
 
 from api.app import create_app
-from batcher.bulk import Bulk, Chunk
+from batcher.bulk import Bulk, BulkStopped, Chunk
 from batcher.jobs import JobsWorker, serve_jobs
+from batcher.queue import WorkQueue
 from batcher.worker import Worker
 from core.job_spec import SERIALIZER
-from core.protocol import Keys
+from core.protocol import Keys, WorkItem
 from core.settings import Settings
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
-from tests.conftest import wait_for
+from tests.conftest import HANG_GUARD_S, wait_for
 
 TEXTS = [
     "i love this movie",
@@ -242,6 +244,42 @@ def test_a_job_canceled_with_a_chunk_queued_takes_it_back_off_the_bulk_list(
     assert answers == [204] and svc.bulk.chunks == 2
     assert client.get(f"/jobs/{job_id}").json()["status"] == "canceled"
     assert len(svc.bulk.items[1]) == 4 and svc.redis.llen(keys.bulk) == 0  # queued, then taken back
+
+
+def test_texts_past_their_deadline_are_queued_again_once_however_many_deadlines_pass(
+    redis: fakeredis.FakeRedis,
+) -> None:
+    # No model worker answers (a busy service): each deadline queues the chunk's texts again. The bulk
+    # list, which KEDA scales on, must hold each unanswered text once, not a copy per deadline; a copy a
+    # worker took (held, or dropped as expired) is not on it, and its texts are queued again too.
+    settings = Settings(key_prefix="requeue", max_batch_size=2, request_timeout_s=0.1)
+    keys = Keys(settings.key_prefix)
+    bulk = Bulk(settings, redis)
+    texts = [f"text {i}" for i in range(5)]
+    chunk = bulk.send(texts)
+    assert WorkQueue(redis, keys, "busy").take_queued(1, bulk=True)  # a worker took one, never to answer
+    stopping = threading.Event()
+
+    def wait() -> None:
+        with contextlib.suppress(BulkStopped):
+            bulk.receive(chunk, stopping)
+
+    deadlines = {chunk.deadline}
+
+    def queued_again_three_times() -> bool:
+        deadlines.add(chunk.deadline)
+        return len(deadlines) > 3
+
+    waiting = threading.Thread(target=wait)
+    waiting.start()
+    try:
+        wait_for("three deadlines to pass", queued_again_three_times)
+    finally:
+        stopping.set()
+        waiting.join(HANG_GUARD_S)
+    queued = [WorkItem.decode(raw) for raw in redis.lrange(keys.bulk, 0, -1)]
+    assert sorted(t for item in queued for t in item.texts) == texts
+    assert {item.id for item in queued} == set(chunk.queued)  # the copies the chunk waits for
 
 
 def explode(_: list[str]) -> None:
