@@ -3,15 +3,17 @@ could not answer by its deadline is refused at once, 503 with `Retry-After`, ins
 to time out; decided before the cache lookup (`api.predictions`), its refusal costs no Redis round
 trip.
 
-The prediction (`Fleet.wait_s`): the texts ahead of a new request (queued items times the distinct
-texts an item brings, plus the texts the workers hold) over the fleet's throughput, plus one full
-forward for its own texts. The workers publish what it needs in their heartbeats
-(`core.protocol.WorkerStatus`: throughput measured per forward and smoothed, `batcher.forward_time`);
-`Load` reads them and the queue's length in one round trip at most every `REFRESH_S` (two when a
-worker came or went), shared by all of the process's requests, and counts the texts this process
-admitted since. A stale view is read again in the background (`api.refreshed`), so a refusal under
-load never waits on Redis; only a view older than `MAX_AGE_S` (the process's first, or one from
-before a quiet spell) is waited for. Until a worker has timed a forward there is no prediction,
+The prediction (`Fleet.wait_s`): the texts ahead of a new request (the queued items' texts, plus the
+texts the workers hold) over the fleet's throughput, plus one full forward for its own texts. The
+workers publish their throughput and held texts in their heartbeats (`core.protocol.WorkerStatus`:
+throughput measured per forward and smoothed, `batcher.forward_time`); `Load` reads them and the
+queue's length in one round trip at most every `REFRESH_S` (two when a worker came or went), shared
+by all of the process's requests, and counts the texts this process admitted since. The queue is
+first in, first out, so the items in it are the newest queued: `Load` counts their texts as those of
+the newest items this process queued (exact behind one API process; behind several, a sample of
+the same traffic). A stale view is read again in the background (`api.refreshed`), so a refusal
+under load never waits on Redis; only a view older than `MAX_AGE_S` (the process's first, or one
+from before a quiet spell) is waited for. Until a worker has timed a forward there is no prediction,
 and every request is admitted (a cold start admits); so is a request with nothing ahead of it (an
 idle fleet admits).
 """
@@ -19,10 +21,13 @@ idle fleet admits).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -34,6 +39,7 @@ from core.redis_replies import text
 
 REFRESH_S = 0.1  # how stale the view of the fleet's load may be
 MAX_AGE_S = 0.5  # older than this (after a quiet spell, or a slow read), a request waits for a fresh one
+ITEMS_KEPT = 1024  # the newest work items this process queued whose texts it keeps (past them, their mean)
 
 
 @dataclass(frozen=True)
@@ -50,17 +56,40 @@ class Fleet:
         return (self.texts_ahead + admitted_since) / self.texts_per_s + self.forward_s
 
 
-def fleet(statuses: list[WorkerStatus], queued_items: int) -> Fleet | None:
+def fleet(statuses: list[WorkerStatus], queued_texts: float) -> Fleet | None:
     """The load of the workers with a measured throughput; None while none has one."""
     timed = [s for s in statuses if s.texts_per_s and s.forward_s]
     if not timed:
         return None
-    per_item = max(s.texts_per_item for s in timed)
     return Fleet(
         texts_per_s=sum(s.texts_per_s or 0.0 for s in timed),
         forward_s=max(s.forward_s or 0.0 for s in timed),
-        texts_ahead=queued_items * per_item + sum(s.held_texts for s in statuses),
+        texts_ahead=queued_texts + sum(s.held_texts for s in statuses),
     )
+
+
+@dataclass
+class _Count:
+    """Texts admitted between two reads being asked for, less those the cache then answered."""
+
+    texts: int = 0
+
+
+class Admitted:
+    """One request's admitted texts, in the count of their time between reads (`Load`)."""
+
+    def __init__(self, count: _Count, items: deque[int], texts: int) -> None:
+        self._count = count
+        self._items = items
+        self._texts = texts
+
+    def queued(self, texts: int) -> None:
+        """Its work item holds `texts` of them (0: none was queued): the others, which the cache
+        answered, are uncounted from their own count. Once a read took that count for queued, it no
+        longer adds to the load: nothing is uncounted twice, and no count goes below zero."""
+        self._count.texts -= self._texts - texts
+        if texts:
+            self._items.append(texts)
 
 
 class Load:
@@ -70,20 +99,42 @@ class Load:
         self._redis = redis
         self._keys = keys
         self._workers: list[str] = []  # the registered workers at the last read: whose heartbeats the next reads
-        self.admitted = 0  # texts this process queued since the last read was asked for
-        self.view: Refreshed[Fleet | None] = Refreshed(
-            lambda: self._read(self.admitted), None, REFRESH_S, MAX_AGE_S, clock
-        )
+        # The texts of the work items this process queued, newest last.
+        self._items: deque[int] = deque(maxlen=ITEMS_KEPT)
+        self._admitted = _Count()  # texts admitted since the last read was asked for
+        self._reading: _Count | None = None  # those admitted before the read on its way was asked for
+        self.view: Refreshed[Fleet | None] = Refreshed(self._ask, None, REFRESH_S, MAX_AGE_S, clock)
+
+    @property
+    def admitted(self) -> int:
+        """Texts this process admitted that the last read did not see queued."""
+        return self._admitted.texts + (self._reading.texts if self._reading is not None else 0)
+
+    def admit(self, texts: int) -> Admitted:
+        """`texts` counted as queued (until `Admitted.queued` says how many were)."""
+        self._admitted.texts += texts
+        return Admitted(self._admitted, self._items, texts)
 
     async def current(self) -> Fleet | None:
         """The fleet's load as last read (`Refreshed`: one round trip, whatever the requests); None
         before any worker timed a forward, or while Redis fails (the request meets that itself)."""
         return await self.view.current()
 
-    async def _read(self, counted: int) -> Fleet | None:
-        """Read the view again, asked for when this process had admitted `counted` texts since the
-        last: the queue's length read holds those. What it admits while the read is on its way
-        still counts after it (their work items may be queued after the length was read)."""
+    def _ask(self) -> Coroutine[Any, Any, Fleet | None]:
+        """A read, asked for now: the queue's length it reads holds what was admitted until now."""
+        self._reading, self._admitted = self._admitted, _Count()
+        return self._read()
+
+    def _queued_texts(self, items: int) -> float:
+        """The texts of the newest `items` work items queued, as this process queued its own newest
+        (past the `ITEMS_KEPT` it keeps, their mean; one text an item before it queued any)."""
+        newest = list(itertools.islice(reversed(self._items), items))
+        mean = sum(newest) / len(newest) if newest else 1.0
+        return sum(newest) + (items - len(newest)) * mean
+
+    async def _read(self) -> Fleet | None:
+        """Read the view again. What this process admits while the read is on its way still counts
+        after it (their work items may be queued after the length was read)."""
         pipe = self._redis.pipeline(transaction=False)
         pipe.smembers(self._keys.workers)
         pipe.llen(self._keys.queue)
@@ -103,8 +154,8 @@ class Load:
                 if raw is not None:
                     with contextlib.suppress(Unreadable):  # (`core.liveness` logs it)
                         statuses.append(WorkerStatus.decode(raw))
-            found = fleet(statuses, queued)
-        self.admitted -= counted
+            found = fleet(statuses, self._queued_texts(queued))
+        self._reading = None
         return found
 
 
@@ -114,11 +165,12 @@ class Admission:
     def __init__(self, load: Load) -> None:
         self.load = load
 
-    async def admit(self, texts: int, timeout_s: float) -> None:
-        """Admit `texts` due within `timeout_s`, counted as queued; else `ServiceError` OVERLOADED, with
-        `Retry-After` the seconds until the work ahead would have shrunk enough (at least 1). With
-        nothing ahead a request is always admitted: its forward is the only measure of a forward
-        time that is wrong (a first, slow one), and the plan still drops it if it cannot make it."""
+    async def admit(self, texts: int, timeout_s: float) -> Admitted:
+        """Admit `texts` due within `timeout_s`, counted as queued until `Admitted.queued` says how
+        many its work item holds; else `ServiceError` OVERLOADED, with `Retry-After` the seconds until
+        the work ahead would have shrunk enough (at least 1). With nothing ahead a request is always
+        admitted: its forward is the only measure of a forward time that is wrong (a first, slow
+        one), and the plan still drops it if it cannot make it."""
         fleet = await self.load.current()
         ahead = fleet is not None and (fleet.texts_ahead or self.load.admitted)
         if fleet is not None and ahead and (wait_s := fleet.wait_s(self.load.admitted)) > timeout_s:
@@ -128,8 +180,4 @@ class Admission:
                 f"({timeout_s:.2g} s from now); retry later",
                 retry_after_s=max(1, math.ceil(wait_s - timeout_s)),
             )
-        self.load.admitted += texts
-
-    def release(self, texts: int) -> None:
-        """Uncount `texts` admitted but never queued: the cache answered them after all."""
-        self.load.admitted -= texts
+        return self.load.admit(texts)

@@ -209,7 +209,7 @@ class Predictor:
         """The process's own cache, then Redis's, then the workers. Admission (`deadline` policy) comes
         before Redis's lookup, so that a refusal waits on no round trip: under overload only the
         process's own cache answers (docs/tuning.md, "Overload"). What Redis's cache then answers is
-        uncounted from the admitted texts, never having been queued."""
+        uncounted from the admitted texts, never having been queued (`Admitted.queued`)."""
         unique = list(dict.fromkeys(texts))
         found: dict[str, Prediction] = {}
         function = call.function
@@ -224,8 +224,9 @@ class Predictor:
             # in between would raise KeyError.
             found = {t: p for t, k in keys.items() if (p := local.get(k)) is not None}
         remote = [t for t in unique if t not in found]
+        admitted = None
         if remote and self._admission is not None:
-            await self._admission.admit(len(remote), call.deadline - time.time())
+            admitted = await self._admission.admit(len(remote), call.deadline - time.time())
         if remote and keys:
             with tracing.span("predict.cache_lookup"):
                 cached = await self._lookup([keys[t] for t in remote])
@@ -233,8 +234,8 @@ class Predictor:
                 if raw is not None:
                     found[text] = local[keys[text]] = orjson.loads(raw)
         missing = [t for t in unique if t not in found]
-        if self._admission is not None and (answered := len(remote) - len(missing)):
-            self._admission.release(answered)
+        if admitted is not None:
+            admitted.queued(len(missing))
         status = CacheStatus.HIT if not missing else CacheStatus.PARTIAL if found else CacheStatus.MISS
         CACHE_HITS.inc(len(found))
         CACHE_MISSES.inc(len(missing))

@@ -199,7 +199,7 @@ class Intake:
                 if (known := texts.get(key)) is None:
                     known = texts[key] = Text(sentence, key, [], held.item.enqueued_at, function=function)
                 known.waiters.append((held, index))
-        if not bulk:  # (what sizes the queue's takes, and the admission's prediction)
+        if not bulk:  # (what sizes the queue's takes)
             self.texts_per_item = len(texts) / len(items)
         commands: list[Command] = [("MGET", *(t.key for t in texts.values()))]
         if self.drop_abandoned and not bulk:  # the epoch rides along: no round trip of its own

@@ -48,6 +48,14 @@ async def queue(redis: fakeredis.FakeAsyncRedis, items: int) -> None:
     await redis.lpush(KEYS.queue, *[item.encode()] * items)
 
 
+async def queued_by(admission: Admission, redis: fakeredis.FakeAsyncRedis, texts: int) -> None:
+    """A request of `texts` texts, admitted, none in the cache: its work item queued."""
+    admitted = await admission.admit(texts, timeout_s=HANG_GUARD_S)
+    admitted.queued(texts)
+    item = WorkItem(id=new_id(), texts=[f"text {i}" for i in range(texts)], enqueued_at=0.0, deadline=0.0, reply_to="r")
+    await redis.lpush(KEYS.queue, item.encode())
+
+
 async def refused(admission: Admission, texts: int, timeout_s: float) -> ServiceError | None:
     try:
         await admission.admit(texts, timeout_s)
@@ -217,3 +225,43 @@ async def test_with_nothing_ahead_a_request_is_admitted_however_slow_the_forward
     admission = Admission(Load(redis, KEYS, Clock()))
     assert await refused(admission, 1, timeout_s=1.0) is None
     assert await refused(admission, 1, timeout_s=1.0) is not None  # one ahead now: 6 s
+
+
+async def test_queued_items_count_as_the_texts_they_hold_not_as_the_largest_item_taken_last(
+    redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    # A worker whose last take was one 64-text item holds it; the 1-text items queued behind it are
+    # one text each, not 64.
+    await beat(redis, status(texts_per_s=100.0, forward_s=0.1, held=64))
+    admission, clock = admitting(redis)
+    for _ in range(20):
+        await queued_by(admission, redis, 1)
+    clock.now += REFRESH_S
+    await read_again(admission.load)
+    assert await refused(admission, 1, timeout_s=1.0) is None  # (64 + 20) / 100 + 0.1 s: in time
+    await queued_by(admission, redis, 64)
+    clock.now += REFRESH_S
+    await read_again(admission.load)
+    assert await refused(admission, 1, timeout_s=1.0) is not None  # (64 + 20 + 64) / 100 + 0.1 s: late
+
+
+@pytest.mark.parametrize("read", ["ended", "on its way"])
+async def test_texts_the_cache_answered_after_a_read_counted_them_are_uncounted_once(
+    redis: fakeredis.FakeAsyncRedis, monkeypatch: pytest.MonkeyPatch, read: str
+) -> None:
+    # A request admits 5 texts; a read of the queue is asked for before its cache lookup answers all
+    # 5, so nothing is queued: the read takes them out of the count, and uncounting them must not again.
+    await beat(redis, status(texts_per_s=10.0, forward_s=0.1))
+    admission, clock = admitting(redis)
+    admitted = await admission.admit(5, timeout_s=1.0)
+    answer = held_reads(redis, monkeypatch)
+    clock.now += REFRESH_S
+    await admission.load.current()  # the read asked for
+    if read == "ended":
+        answer.set()
+        await read_again(admission.load)
+    admitted.queued(0)  # the cache answered all five
+    answer.set()
+    await read_again(admission.load)
+    answers = [await refused(admission, 1, timeout_s=1.0) for _ in range(12)]
+    assert [a is None for a in answers] == [True] * 10 + [False] * 2  # (9 ahead) / 10 + 0.1 = 1.0 s: the last in
