@@ -4,8 +4,8 @@ The jobs worker loads no model. For each chunk it reads the cache (one MGET, onc
 announced the model's version), queues the texts not found there, deduplicated, onto `Keys.bulk` as
 `WorkItem`s of at most a forward's texts, and waits for their results as the API does: on a reply
 channel of its own, with the result keys read for a reply the subscription missed. A model worker
-takes bulk work only for the room interactive work leaves (`batcher.plan`); a worker that dies
-holding it has it reclaimed onto the bulk list (`batcher.queue`). Work unanswered a second past its
+takes bulk work for the room interactive work leaves, with a floor under load (`batcher.plan`); a
+worker that dies holding it has it reclaimed onto the bulk list (`batcher.queue`). Work unanswered a second past its
 deadline is queued again here, the copies no worker took taken back first, so the bulk list holds
 each unanswered text once; a job on a busy service (or one with no model worker up) waits, up to
 the job's timeout (`core.job_spec.JOB_TIMEOUT_S`). A copy a worker took is left to it: it drops it

@@ -1,8 +1,9 @@
 """The take stage: queued work items into held texts, on the worker's main thread.
 
 One take moves what is queued into this worker's processing list in one round trip
-(`Policy.take_count` says how many items to ask for), or, when the queue is empty, takes bulk work
-(`Keys.bulk`, /jobs chunks) for the window's bulk room, else blocks for the next item. Malformed and
+(`Policy.take_count` says how many items to ask for); it takes bulk work (`Keys.bulk`, /jobs
+chunks) for the window's bulk room when the queue is empty, or when the window holds none (bulk
+work's floor, `plan` rule 4); an empty queue blocks it for the next item. Malformed and
 expired items are dropped, and so is the work of requests nobody waits for any more (`_abandoned`);
 the rest become distinct texts, answered from the cache where another request or worker computed
 them already, else tokenized in one call and held for the lanes.
@@ -100,7 +101,8 @@ class Intake:
                 asked = self.window.policy.take_count(room, self.texts_per_item, self._asked, self._got)
                 raws = self.queue.take_queued(asked)
                 self._asked, self._got = asked, len(raws)
-            if not raws and self._bulk_due() and self._take_bulk():  # idle: bulk work fills it
+            # Idle, bulk work fills it; under load, it comes for bulk work's floor (`plan`, rule 4).
+            if (not raws or not self.window.holds_bulk()) and self._bulk_due() and self._take_bulk():
                 return True
             if not raws and (first := self.queue.take(self._idle_wait())) is not None:  # idle: block for the next
                 raws = [first]

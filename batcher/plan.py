@@ -24,6 +24,10 @@ at no cost in latency. The rules (docs/tuning.md, "Batching"):
    the last `INTERACTIVE_FLOWS_S`), bulk texts may lengthen an interactive forward, and a bulk
    forward may last, at most `bulk_delay_ms` by the measured forward time (`Window._bulk_bound`); an
    idle service's bulk forwards are full.
+   A floor under it (`bulk_share`): while bulk texts are held, the interactive texts sent owe bulk
+   work its share of the texts computed, which riders and bulk forwards pay back; once it is owed a
+   forward's worth (or all it holds), a bulk forward of that many goes between two batches, beyond
+   the bulk bound (`Window._bulk_owed`), so a job finishes under sustained interactive load.
 5. Deadlines (the `deadline` overload policy): each client's held texts take its turns earliest
    deadline first (`Window._by_deadline`), and a forward as it goes to a lane leaves out the work
    items it could not answer by their deadlines, by the measured forward time (`Window._in_time`):
@@ -63,13 +67,20 @@ class Policy:
     window: int
     cost: ForwardCost
     bulk_delay_s: float  # most a bulk text may add to an interactive one's wait (rule 4); inf: no bound
+    bulk_share: float = 0.0  # bulk work's floor: its share of the texts computed while it waits (rule 4)
 
     @classmethod
     def of(cls, settings: Settings, cost: ForwardCost, lanes: int) -> Policy:
         tokens = min(settings.max_batch_tokens, settings.lane_max_tokens) if lanes > 1 else settings.max_batch_tokens
         window = max(settings.batch_window, settings.max_batch_size)
         return cls(
-            settings.max_batch_size, tokens, settings.max_wait_ms / 1000, window, cost, settings.bulk_delay_ms / 1000
+            settings.max_batch_size,
+            tokens,
+            settings.max_wait_ms / 1000,
+            window,
+            cost,
+            settings.bulk_delay_ms / 1000,
+            settings.bulk_share,
         )
 
     def take_count(self, room: int, texts_per_item: float, last_asked: int, last_got: int) -> int:
@@ -227,6 +238,7 @@ class Window:
         self._round = 0.0  # the turn of the last batch's first text: where a client with nothing held comes in
         self._ready: deque[Forward] = deque()  # the rest of the last batch's forwards, run before a new batch
         self._arrivals: deque[float] = deque(maxlen=ARRIVALS)
+        self._bulk_owed = 0.0  # bulk texts owed to bulk work's floor (rule 4), at most a forward's worth
         self._idle = 0  # lanes in `next_forward`
         self._changed = threading.Condition()
         self._closed = False
@@ -318,9 +330,16 @@ class Window:
         while not self._closed:
             if self._ready and not self._turn_comes_first():
                 if ready := self._in_time(self._ready.popleft()):
-                    return ready
+                    return self._sent(ready)
                 continue
             timeout = None
+            if (
+                self._bulk
+                and self._texts
+                and not self._ready
+                and self._bulk_owed >= min(self.policy.max_texts, len(self._bulk))
+            ):
+                return self._bulk_forward(owed=True)
             if self._texts:
                 # (stable: oldest first on a tie; with deadlines, the earliest deadline)
                 texts = sorted(self._texts.values(), key=attrgetter("turn", "deadline") if self.deadlines else _TURN)
@@ -338,12 +357,26 @@ class Window:
                     self._ready.extend(made[1:])
                     self._changed.notify_all()  # room for the intake, forwards for idle lanes
                     if first := self._in_time(made[0]):
-                        return self._filled(first)
+                        return self._sent(self._filled(first))
                     continue
             elif self._bulk and not self._ready:
                 return self._bulk_forward()
             self._changed.wait(timeout)
         return None
+
+    def _sent(self, forward: Forward) -> Forward:
+        """`forward`, on its way to a lane, in bulk work's account (rule 4's floor): its interactive
+        texts owe bulk work its share while bulk texts are held, its bulk texts pay it back."""
+        bulk = sum(all(held.bulk for held, _ in text.waiters) for text in forward.texts)
+        if self._bulk and (share := self.policy.bulk_share):
+            owed = self._bulk_owed + (len(forward.texts) - bulk) * share / (1 - share)
+            self._bulk_owed = min(owed, self.policy.max_texts)
+        self._bulk_owed = max(self._bulk_owed - bulk, 0.0)
+        return forward
+
+    def holds_bulk(self) -> bool:
+        """Whether bulk texts are held (the intake takes more under interactive load only when not)."""
+        return bool(self._bulk)
 
     def _filled(self, forward: Forward) -> Forward:
         """`forward` with the bulk texts that fit its spare room (`fill`), as many of them as keep it
@@ -375,21 +408,24 @@ class Window:
             most = min(most, due - start)
         return riders[: self._fitting(lengths, [len(t.ids) for t in riders], forward.packed, most)]
 
-    def _bulk_forward(self) -> Forward:
-        """The next forward of bulk texts alone (nothing interactive is held): the first of the batch
-        `batch` makes of them, its oldest texts within the bulk bound (rule 4); the rest stay held, so
-        an interactive text taken meanwhile goes next."""
+    def _bulk_forward(self, owed: bool = False) -> Forward:
+        """The next forward of bulk texts alone: the first of the batch `batch` makes of them, its
+        oldest texts within the bulk bound (rule 4); the rest stay held, so an interactive text taken
+        meanwhile goes next. Nothing interactive is held, or (`owed`) the floor is due: then as many
+        as are owed, beyond the bound."""
         texts = list(self._bulk.values())
         forwards, _ = batch([len(t.ids) for t in texts], self.policy)
         indices, packed = forwards[0]
-        if (bound := self._bulk_bound()) is not None:
+        bound = None if owed else self._bulk_bound()
+        if owed or bound is not None:
             lengths = [len(texts[i].ids) for i in indices]
-            indices = indices[: 1 + self._fitting(lengths[:1], lengths[1:], packed, bound)]
+            most = int(self._bulk_owed) if bound is None else 1 + self._fitting(lengths[:1], lengths[1:], packed, bound)
+            indices = indices[:most]
             packed = packs_cheaper([len(texts[i].ids) for i in indices], self.policy)
         for index in indices:
             del self._bulk[texts[index].key]
         self._changed.notify_all()  # room for the intake's bulk take
-        return Forward([texts[i] for i in indices], packed)
+        return self._sent(Forward([texts[i] for i in indices], packed))
 
     def _bulk_bound(self) -> float | None:
         """Seconds bulk texts may add to an interactive text's wait (rule 4): `bulk_delay_s` while

@@ -151,6 +151,14 @@ class Settings(BaseSettings):
         "texts riding in an interactive forward lengthen it by at most as much; an idle service's bulk forwards "
         'are full (docs/tuning.md, "Bulk work").',
     )
+    bulk_share: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Bulk work's floor: the share of the texts a model worker computes that goes to bulk work "
+        "(/jobs) while it holds some, however busy interactive work keeps it, so a job finishes under sustained "
+        'load; 0: bulk work only in the room interactive work leaves (docs/tuning.md, "Bulk work").',
+    )
     batch_window: int = Field(
         128,
         ge=1,

@@ -41,8 +41,9 @@ def policy(
     window: int = 100,
     cost: ForwardCost = PADDED,
     bulk_delay_s: float = math.inf,
+    bulk_share: float = 0.0,
 ) -> Policy:
-    return Policy(max_texts, max_tokens, max_wait_s, window, cost, bulk_delay_s)
+    return Policy(max_texts, max_tokens, max_wait_s, window, cost, bulk_delay_s, bulk_share)
 
 
 def word_ids(texts: list[str]) -> list[list[int]]:
@@ -448,7 +449,13 @@ def test_a_deep_queue_is_taken_in_few_round_trips_and_tokenized_once_a_take(redi
     intake = make_intake(redis, Window(policy(window=100)), tokenize=tokenize)
     moves: list[int] = []
     take_queued = intake.queue.take_queued
-    intake.queue.take_queued = lambda most: moves.append(most) or take_queued(most)  # type: ignore[method-assign]
+
+    def counted(most: int, bulk: bool = False) -> list[bytes]:
+        if not bulk:  # (a busy take looks for bulk work too, at most every BULK_LOOK_S)
+            moves.append(most)
+        return take_queued(most, bulk)
+
+    intake.queue.take_queued = counted  # type: ignore[method-assign]
     takes = 0
     while redis.llen(KEYS.queue):
         assert intake.take()
@@ -893,6 +900,35 @@ def test_while_interactive_work_flows_a_bulk_forward_lasts_at_most_the_bulk_dela
     assert texts_of(next_forward(window)) == [f"bulk{i}" for i in range(6)]  # 0.70 s of 0.705
     clock[0] += INTERACTIVE_FLOWS_S  # nothing interactive since: a full forward
     assert texts_of(next_forward(window)) == [f"bulk{i}" for i in range(6, 14)]
+
+
+@pytest.mark.parametrize("share", [0.05, 0.25])
+def test_under_sustained_interactive_load_bulk_work_gets_its_share_of_the_texts(share: float) -> None:
+    """Interactive texts always held, so bulk work never finds room or a forward of its own but for
+    its floor: its share of the texts computed, within a forward's worth."""
+    clock = [time.time() - HOUR_S]
+    window = Window(policy(max_texts=4, max_wait_s=0, bulk_delay_s=0.0, bulk_share=share), clock=lambda: clock[0])
+    for i in range(200):  # more than its share of what follows
+        window.add([bulk_text(f"bulk{i}", clock[0], 60)], 1, bulk=True)
+    sent = {True: 0, False: 0}
+    for i in range(100):
+        add(window, *(f"asked{i}.{n}" for n in range(4)), arrived=clock[0])
+        forward = next_forward(window)
+        assert forward is not None
+        for text in forward.texts:
+            sent[all(held.bulk for held, _ in text.waiters)] += 1
+    assert share * sum(sent.values()) - 4 <= sent[True] <= share * sum(sent.values()) + 4
+
+
+def test_while_it_holds_no_bulk_work_a_busy_take_takes_some_for_bulk_works_floor(redis: fakeredis.FakeRedis) -> None:
+    window = Window(policy(max_texts=2, bulk_share=0.05))
+    intake = make_intake(redis, window)
+    for i in range(4):
+        redis.lpush(KEYS.queue, work_item(f"asked {i}").encode())
+    redis.lpush(KEYS.bulk, work_item("bulk one").encode())
+    assert intake.take()
+    assert window.holds_bulk() and redis.llen(KEYS.bulk) == 0
+    assert redis.llen(KEYS.queue) < 4  # interactive items in the same take
 
 
 @pytest.mark.parametrize("seconds_a_forward", [None, 0.1])

@@ -129,6 +129,7 @@ class PlanMachine(RuleBasedStateMachine):
         packs=st.booleans(),
         deadlines=st.booleans(),
         bulk_delay_s=st.sampled_from([math.inf, 0.02]),
+        bulk_share=st.sampled_from([0.0, 0.2]),
     )
     def start(
         self,
@@ -139,6 +140,7 @@ class PlanMachine(RuleBasedStateMachine):
         packs: bool,
         deadlines: bool,
         bulk_delay_s: float,
+        bulk_share: float,
     ) -> None:
         self.clock = Clock()
         self.redis = fakeredis.FakeRedis()
@@ -147,7 +149,7 @@ class PlanMachine(RuleBasedStateMachine):
         score = lambda rows, function: scoring.apply(function or ScoreFunction.SOFTMAX, rows)  # noqa: E731
         self.replies = Replies(self.redis, KEYS, self.queue, LABELS, score, 3600, 60, stopping)
         cost = ForwardCost(overhead_tokens=4, attention_tokens=64, packs=packs)
-        policy = Policy(max_texts, max_tokens, max_wait_s, WINDOW, cost, bulk_delay_s)
+        policy = Policy(max_texts, max_tokens, max_wait_s, WINDOW, cost, bulk_delay_s, bulk_share)
         self.window = Window(policy, self.clock, deadlines, self.replies.late)
         self.window._changed = Stepped(self.clock)
         self.intake = Intake(self.queue, self.window, self.replies, split, lambda text, _: KEYS.cache("v", text))
@@ -159,9 +161,9 @@ class PlanMachine(RuleBasedStateMachine):
         self.answered: dict[str, Result] = {}  # by the reply stage
         self.dropped: set[str] = set()  # acknowledged unanswered: abandoned
         self.marked: set[str] = set()  # marked abandoned, as the API does
-        self.waits: dict[
-            str, tuple[float, int]
-        ] = {}  # per client with texts held: (round its wait began, forwards since)
+        # Per client with texts held: (the round its wait began, forwards gone without it since).
+        self.waits: dict[str, tuple[float, int]] = {}
+        self.unpaid = 0  # interactive texts sent since bulk work, held all the while, last had one sent
         self.broken: list[str] = []  # promises seen broken inside the stages' calls (`_check`)
         self._record_answers()
 
@@ -258,7 +260,7 @@ class PlanMachine(RuleBasedStateMachine):
     def forward(self) -> None:
         """A free lane asks for its next forward, as `Lanes._run` does; the other idle lanes wait beside it."""
         lane = min(set(range(self.lanes)) - set(self.running))
-        round_before = self.window._round
+        round_before, held_bulk = self.window._round, self.window.holds_bulk()
         self.window._idle = self.lanes - len(self.running) - 1  # (`next_forward` counts this lane)
         try:
             forward = self.window.next_forward()
@@ -271,6 +273,7 @@ class PlanMachine(RuleBasedStateMachine):
             return
         self.running[lane] = forward
         self._turns_taken(forward, round_before)
+        self._bulk_floor(forward, held_bulk)
 
     def _turns_taken(self, forward: Forward, round_before: float) -> None:
         """Count the forwards that went without a client that has texts held. A client's texts take
@@ -291,6 +294,15 @@ class PlanMachine(RuleBasedStateMachine):
             self.waits[client] = (since, passed + 1)
             bound = (len(CLIENTS) * (turn - since + 1) + 1) * self.window.policy.max_texts
             assert passed + 1 <= bound, f"client {client} passed over {passed + 1} times (turn {turn}, from {since})"
+
+    def _bulk_floor(self, forward: Forward, held_bulk: bool) -> None:
+        """Count the interactive texts sent while bulk work waits without a text sent: at most what
+        owes it a forward's worth at its share (`Policy.bulk_share`), and the rest of a batch under way."""
+        bulk = sum(all(h.bulk for h, _ in t.waiters) for t in forward.texts)
+        self.unpaid = 0 if bulk or not held_bulk else self.unpaid + len(forward.texts)
+        if share := self.window.policy.bulk_share:
+            most = self.window.policy.max_texts * ((1 - share) / share + 2)
+            assert self.unpaid <= most, f"bulk work waited through {self.unpaid} interactive texts"
 
     @precondition(lambda self: self.running)
     @rule(data=st.data(), seconds=st.sampled_from([0.001, 0.02, 0.2]), fails=st.booleans())
@@ -451,7 +463,7 @@ test_the_plan_keeps_its_promises_in_any_sequence = PlanMachine.TestCase
 def replay(deadlines: bool, *steps: Callable[[PlanMachine], object]) -> None:
     """Run `steps` on one lane that takes one text a forward, checking every invariant after each."""
     machine = PlanMachine()
-    machine.start(1, 1, 12, 0.0, packs=False, deadlines=deadlines, bulk_delay_s=math.inf)
+    machine.start(1, 1, 12, 0.0, packs=False, deadlines=deadlines, bulk_delay_s=math.inf, bulk_share=0.0)
     for step in steps:
         step(machine)
         machine.check()
