@@ -251,7 +251,8 @@ class Predictor:
         """Queue the texts, scored by `function` (None: the model's own), the item once queued kept in
         `call.queued` (a late request's 504 looks for it), and wait for the worker's result. A wait cut by
         the deadline, or by its client going away, unregisters itself and marks the item abandoned
-        (`_wait`); a worker drops it unstarted, or as expired, else its result key expires unread."""
+        (`_wait`), as does a cut with the push in flight (Redis may have queued it); a worker drops it
+        unstarted, or as expired, else its result key expires unread."""
         item = WorkItem(
             id=new_id(),
             texts=texts,
@@ -264,8 +265,12 @@ class Predictor:
         )
         encoded = item.encode()
         with self._waiter.expect(item.id, encoded) as wait:
-            with tracing.span("predict.enqueue"):
-                accepted = await self._push((item, encoded))
+            try:
+                with tracing.span("predict.enqueue"):
+                    accepted = await self._push((item, encoded))
+            except asyncio.CancelledError:  # cut with the push in flight: the item may be queued all the same
+                self._abandon(item, "deadline")
+                raise
             if accepted:
                 call.queued.append(encoded)
             if not accepted:

@@ -331,6 +331,40 @@ async def test_a_request_cut_at_its_deadline_marks_its_work_abandoned(
     assert redis.get(keys.abandoned_epoch) == b"1"
 
 
+@pytest.mark.anyio
+async def test_a_request_cut_while_its_push_is_in_flight_marks_its_work_abandoned(
+    settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis
+) -> None:
+    # Redis queues the item but its answer never comes back: when the deadline cuts the request, the
+    # item may be queued, so it is marked abandoned for the workers to drop.
+    keys = Keys(settings.key_prefix)
+    client = fakeredis.FakeAsyncRedis(server=fake_server)
+    pipeline = client.pipeline
+
+    def answer_lost(*args: object, **kwargs: object) -> object:
+        pipe = pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        async def queued_then_silent(*a: object, **k: object) -> object:
+            pushing = any(command[0] == "LPUSH" for command, _ in pipe.command_stack)
+            answer = await execute(*a, **k)
+            if pushing:
+                await asyncio.Event().wait()
+            return answer
+
+        pipe.execute = queued_then_silent
+        return pipe
+
+    client.pipeline = answer_lost  # type: ignore[method-assign]
+    short = settings.model_copy(update={"request_timeout_s": 0.3})
+    async with client_for(short, client) as api:
+        response = await asyncio.wait_for(api.post("/predict", json={"text": ["cut mid-push"]}), HANG_GUARD_S)
+        item = WorkItem.decode(redis.lindex(keys.queue, 0))
+        await asyncio.to_thread(wait_for, "the abandoned marker", lambda: redis.exists(keys.abandoned(item.id)))
+    assert response.status_code == 504
+    assert redis.get(keys.abandoned_epoch) == b"1"
+
+
 # --- real processes -------------------------------------------------------------------------------
 
 
