@@ -3,7 +3,7 @@
 Both Redis commands are coalesced (`api.coalescing`): the requests that look up, or queue, in the
 same turn of the event loop share one MGET, and one LPUSH of their work items. A request that stops
 waiting for its work (its client went away, or its deadline cut the wait) marks the item abandoned,
-for the workers to drop (`Predictor._wait`)."""
+for the workers to drop (`Predictor._bounded`)."""
 
 from __future__ import annotations
 
@@ -171,8 +171,16 @@ class Predictor:
             async with asyncio.timeout(timeout_s):
                 return await self._predict(texts, call)
         except TimeoutError:
+            self._abandon(call, "deadline")
             why = await self._late(call.queued[0] if call.queued else None)
             raise ServiceError(ErrorType.TIMEOUT, f"no result within {timeout_s:g} s: {why}") from None
+        except asyncio.CancelledError:  # its caller gave up (a gRPC client's cancel)
+            self._abandon(call, "disconnected")
+            raise
+        except ServiceError as exc:
+            if exc.error_type is ErrorType.CLIENT_GONE:  # (the disconnect watch's, `_wait`)
+                self._abandon(call, "disconnected")
+            raise
 
     async def _late(self, item: bytes | None) -> str:
         """What kept a request past its deadline, for its 504: Redis (the item never queued), the queue
@@ -249,10 +257,11 @@ class Predictor:
 
     async def _compute(self, texts: list[str], call: _Call, function: ScoreFunction | None) -> list[Prediction]:
         """Queue the texts, scored by `function` (None: the model's own), the item once queued kept in
-        `call.queued` (a late request's 504 looks for it), and wait for the worker's result. A wait cut by
-        the deadline, or by its client going away, unregisters itself and marks the item abandoned
-        (`_wait`), as does a cut with the push in flight (Redis may have queued it); a worker drops it
-        unstarted, or as expired, else its result key expires unread."""
+        `call.queued` (a late request's 504 looks for it), and wait for the worker's result. From its
+        push (Redis may queue it, whatever the push's answer) until its result, the item is
+        `call.pending`: a request cut meanwhile, by the deadline or by its client going away, unregisters
+        its wait and marks the item abandoned (`_bounded`); a worker drops it unstarted, or as expired,
+        else its result key expires unread."""
         item = WorkItem(
             id=new_id(),
             texts=texts,
@@ -265,22 +274,21 @@ class Predictor:
         )
         encoded = item.encode()
         with self._waiter.expect(item.id, encoded) as wait:
-            try:
-                with tracing.span("predict.enqueue"):
-                    accepted = await self._push((item, encoded))
-            except asyncio.CancelledError:  # cut with the push in flight: the item may be queued all the same
-                self._abandon(item, "deadline")
-                raise
+            call.pending = item
+            with tracing.span("predict.enqueue"):
+                accepted = await self._push((item, encoded))
             if accepted:
                 call.queued.append(encoded)
             if not accepted:
+                call.pending = None
                 raise ServiceError(
                     ErrorType.OVERLOADED,
                     f"the queue is full ({self._max_queue_depth} requests waiting) and this client holds the most "
                     "of it; retry later",
                 )
             with tracing.span("predict.wait"):
-                raw = await self._wait(item, wait, call.receive)
+                raw = await self._wait(wait, call.receive)
+            call.pending = None
         try:
             result = Result.decode(raw)
         except Unreadable as exc:
@@ -307,25 +315,22 @@ class Predictor:
             raise ServiceError(ErrorType.BAD_RESULT, "the worker's result does not answer every text; retry")
         return result.predictions
 
-    async def _wait(self, item: WorkItem, wait: ResultWait, receive: Receive | None) -> bytes:
-        """The item's result. A wait that ends without it, cut by the deadline or by `receive` saying
-        the client went away (`_DisconnectWatch`), marks the item abandoned."""
+    async def _wait(self, wait: ResultWait, receive: Receive | None) -> bytes:
+        """The item's result; the wait ends with a 499 when `receive` says the client went away
+        (`_DisconnectWatch`)."""
         watch = _DisconnectWatch(receive, wait) if receive is not None else None
         try:
             return await wait.result()
-        except ServiceError:  # (the watch's)
-            self._abandon(item, "disconnected")
-            raise
-        except asyncio.CancelledError:  # the deadline's timeout
-            self._abandon(item, "deadline")
-            raise
         finally:
             if watch is not None:
                 watch.stop()
 
-    def _abandon(self, item: WorkItem, reason: str) -> None:
-        """Mark `item` abandoned in the background, so a worker drops it before a forward has it; the
-        request ends now (its 504, or nothing for a client gone), even while Redis stalls."""
+    def _abandon(self, call: _Call, reason: str) -> None:
+        """Mark the call's pending item, if any, abandoned in the background, so a worker drops it
+        before a forward has it; the request ends now (its 504, or nothing for a client gone), even
+        while Redis stalls. `reason`: who stopped waiting, the deadline or the client."""
+        if (item := call.pending) is None:
+            return
         REQUESTS_ABANDONED.labels(reason).inc()
         task = asyncio.get_running_loop().create_task(self._mark_abandoned(item))
         self._marking.add(task)
@@ -403,12 +408,13 @@ class Predictor:
 @dataclass
 class _Call:
     """What one request's path carries: its deadline, client, receive channel and asked-for score
-    function, and its work item once queued."""
+    function, and its work item while it may be queued unanswered (`pending`) and once queued."""
 
     deadline: float
     client: str
     receive: Receive | None
     function: ScoreFunction | None
+    pending: WorkItem | None = None  # its work item, from its push until its result
     queued: list[bytes] = field(default_factory=list)
 
 

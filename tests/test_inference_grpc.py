@@ -10,6 +10,7 @@ call's deadline as the request's, API keys, and the .proto held to the protocol'
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import fakeredis
 import grpc
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from api.app import create_app
 from api.grpc_v2 import grpc_predict_v2_pb2 as pb
@@ -32,7 +34,7 @@ from api.inference_grpc import GrpcServer
 from core.protocol import Keys, ModelInfo, WorkItem
 from core.settings import Settings
 from sentiment.embedded import free_port
-from tests.conftest import REPO, Service, start_service
+from tests.conftest import HANG_GUARD_S, REPO, Service, start_service, wait_for
 
 KEY = "a-test-key-of-some-length"
 TEXTS = ["a good movie", "bad", "", "a good movie", "ünïcödé ✓"]
@@ -312,6 +314,27 @@ async def test_the_calls_deadline_is_its_requests_deadline(local: InProcess) -> 
     [raw] = local.redis.lrange(local.keys.queue, 0, -1)
     item = WorkItem.decode(raw)
     assert started < item.deadline <= started + 1.0  # the call's 0.5 s, not SENTIMENT_REQUEST_TIMEOUT_S
+
+
+@pytest.mark.anyio
+async def test_a_call_its_client_cancels_abandons_its_work_as_disconnected(local: InProcess) -> None:
+    """No worker answers: the client cancels the call while its work is queued, long before its
+    deadline. The work is marked abandoned, counted as its client gone, not as the deadline."""
+    local.announce()
+
+    def abandoned(reason: str) -> float:
+        return REGISTRY.get_sample_value("sentiment_requests_abandoned_total", {"reason": reason}) or 0.0
+
+    before = {reason: abandoned(reason) for reason in ("disconnected", "deadline")}
+    call = local.stub.ModelInfer(infer_request(["x"]), timeout=HANG_GUARD_S)
+    await asyncio.to_thread(wait_for, "the work item", lambda: local.redis.llen(local.keys.queue))
+    call.cancel()
+    item = WorkItem.decode(local.redis.lindex(local.keys.queue, 0))
+    await asyncio.to_thread(wait_for, "the abandoned marker", lambda: local.redis.exists(local.keys.abandoned(item.id)))
+    assert {reason: abandoned(reason) - count for reason, count in before.items()} == {
+        "disconnected": 1,
+        "deadline": 0,
+    }
 
 
 @pytest.mark.anyio
