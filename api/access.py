@@ -11,13 +11,15 @@ call but are never rate-limited: a scraper sharing a client's key or address mus
 
 Keys are compared as SHA-256 digests with `hmac.compare_digest` against every configured key:
 constant time, no early exit on a match, no length leak. A client is named by its key's digest
-(never the key) or, with keys off, by its address; the name keys its token bucket.
+(never the key) or, with keys off, by its address (`address_client`: one name over HTTP and gRPC);
+the name keys its token bucket.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import math
 from dataclasses import dataclass
@@ -74,6 +76,18 @@ def client_of(scope: Scope) -> str:
     return state.get("client", DEFAULT_CLIENT)
 
 
+def address_client(address: str) -> str:
+    """The client named by its address, one name however a transport writes it: `::1` (HTTP's),
+    `[::1]` (gRPC's peer), or an IPv4 address mapped into IPv6 (`::ffff:10.0.0.1`, from a dual-stack
+    socket) as the IPv4 address. What is no IP address (a Unix socket's) is kept as it is."""
+    try:
+        ip = ipaddress.ip_address(address.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return f"addr-{address}"
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return f"addr-{mapped or ip}"
+
+
 def is_open(path: str) -> bool:
     """Whether `path` needs no key and counts against no rate limit (`OPEN_PATHS`, the docs' assets)."""
     return path in OPEN_PATHS or path.startswith(ASSETS + "/")
@@ -97,7 +111,7 @@ class Refused:
 
 
 async def admit(keys: ApiKeys, limit: RateLimit | None, presented: str | None, address: str) -> str | Refused:
-    """The client a call comes from (its key's name, or `addr-<address>` with keys off), or why it
+    """The client a call comes from (its key's name, or `address_client` with keys off), or why it
     is refused: no key (401), a wrong key (403), its token bucket empty (429)."""
     if keys:
         if presented is None:
@@ -106,7 +120,7 @@ async def admit(keys: ApiKeys, limit: RateLimit | None, presented: str | None, a
         if client is None:
             return Refused(ErrorType.FORBIDDEN, "this API key is not valid")
     else:
-        client = f"addr-{address}"
+        client = address_client(address)
     if limit is not None and (wait := await _wait(limit, client)) is not None:
         return Refused(
             ErrorType.RATE_LIMITED, "too many requests from this client; retry later", max(1, math.ceil(wait))

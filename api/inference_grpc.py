@@ -24,6 +24,7 @@ import logging
 import struct
 from collections.abc import Awaitable
 from typing import Any, NoReturn, TypeVar
+from urllib.parse import unquote
 
 import grpc
 from fastapi import FastAPI
@@ -193,7 +194,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return DEFAULT_CLIENT
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         presented = presented_key(Headers(headers=metadata))
-        address = context.peer().rsplit(":", 1)[0].removeprefix("ipv4:").removeprefix("ipv6:")
+        # The peer is a URI: `ipv4:10.0.0.1:port`, `ipv6:%5B::1%5D:port`.
+        address = unquote(context.peer()).rsplit(":", 1)[0].removeprefix("ipv4:").removeprefix("ipv6:")
         client = await admit(self.keys, getattr(self.app.state, "rate_limit", None), presented, address)
         if isinstance(client, Refused):
             await abort(context, client.error_type, client.message)

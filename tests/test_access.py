@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import fakeredis
+import grpc
 import httpx
 import pytest
 from fastapi.responses import PlainTextResponse
@@ -24,6 +25,9 @@ import api.access
 from api.access import OPEN_PATHS, ApiKeys
 from api.app import create_app
 from api.docs_page import ASSETS
+from api.grpc_v2 import grpc_predict_v2_pb2 as pb
+from api.grpc_v2 import grpc_predict_v2_pb2_grpc as pb_grpc
+from api.inference_grpc import GrpcServer
 from batcher.worker import Worker
 from core.protocol import Keys
 from core.settings import Settings
@@ -270,6 +274,27 @@ async def test_with_keys_the_bucket_is_per_key_and_named_by_its_digest(settings:
         names = [k.decode() for k in await redis.keys(f"{config.key_prefix}:*")]
     assert len(names) == 2 and all(":ratelimit:key-" in n for n in names)
     assert not [n for n in names for secret in (KEY, OTHER_KEY) if secret in n or secret[:16] in n]
+
+
+@pytest.mark.parametrize(
+    ("http_address", "grpc_host"),
+    [("::1", "::1"), ("::ffff:127.0.0.1", "127.0.0.1")],  # (a dual-stack socket's IPv4 client over HTTP)
+)
+async def test_a_client_has_one_bucket_over_http_and_grpc(
+    settings: Settings, redis_url: str, http_address: str, grpc_host: str
+) -> None:
+    # The HTTP server names the client by its bare address; gRPC's peer is a URI (`ipv6:%5B::1%5D:port`).
+    config = limited(settings, redis_url, rate=0.01, burst=1)
+    server = GrpcServer(config, grpc_host, 0)
+    app = create_app(config, redis=Redis.from_url(redis_url), jobs_redis=fakeredis.FakeRedis(), grpc=server)
+    host = server.address.rsplit(":", 1)[0]
+    async with app.router.lifespan_context(app), grpc.aio.insecure_channel(f"{host}:{server.port}") as channel:
+        transport = httpx.ASGITransport(app=app, client=(http_address, 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            assert (await client.get("/jobs/" + "0" * 32)).status_code == 404  # the bucket's one token
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await pb_grpc.GRPCInferenceServiceStub(channel).ServerMetadata(pb.ServerMetadataRequest())
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 async def test_an_unreachable_redis_does_not_turn_the_limit_into_a_500(settings: Settings) -> None:
