@@ -17,6 +17,7 @@ from enum import StrEnum
 import orjson
 from cachetools import TTLCache
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 from starlette.types import Receive
 
@@ -120,6 +121,7 @@ class Predictor:
         self._mark = Coalescer(self._set_abandoned)
         self._marking: set[asyncio.Task[None]] = set()  # abandoned marks on their way (the loop keeps weak references)
         self._clients_seen: dict[str, float] = {}  # client -> when this process last added it to `Keys.clients`
+        self._clients_known: set[str] = set()  # `Keys.clients` as the last refusal read it (`_loads`)
 
     async def predict(
         self,
@@ -364,9 +366,11 @@ class Predictor:
 
         LPUSH answers the new depth in the same atomic step. Past `max_queue_depth` an item is
         refused (a 503 now beats a 504 later) when its client holds the most outstanding work, so a
-        flood is refused while quieter clients still get in; past twice the depth every item is. A
-        refused item is taken back with LREM; if a worker already took it, it is served. No Lua:
-        fakeredis without lupa has none.
+        flood is refused while quieter clients still get in; past twice the depth every item is. The
+        turn's refused items are taken back in one round trip (LREMs, and their `outstanding`
+        entries); one a worker already took is served. Every request of the turn waits on these round
+        trips: a refusal costs it at most two (`_loads`, the take-back). No Lua: fakeredis without
+        lupa has none.
         """
         by_client: dict[str, dict[str, float]] = {}
         for item, _ in items:
@@ -380,29 +384,52 @@ class Predictor:
             pipe.sadd(self._keys.clients, *new)
             self._clients_seen.update(dict.fromkeys(new, now))
         depth: int = (await pipe.execute())[0]
-        queued, loads = [], None
+        refused, loads = [], None
         for position, (item, raw) in enumerate(items, start=depth - len(items) + 1):  # each item's depth once pushed
             refuse = 0 < self._max_queue_depth < position
             if refuse and position <= 2 * self._max_queue_depth:
                 loads = loads if loads is not None else await self._loads()
                 refuse = loads.get(item.client, 0) >= max(loads.values(), default=0)
+            if refuse:
+                refused.append((item, raw))
+        taken_back = await self._take_back(refused) if refused else set()
+        return [item.id not in taken_back for item, _ in items]
+
+    async def _take_back(self, items: list[tuple[WorkItem, bytes]]) -> set[str]:
+        """Take refused items off the queue and out of their clients' `outstanding` sets, in one round
+        trip; the ids of those taken back (one a worker took meanwhile is served, uncounted in its
+        client's load from now on)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for _, raw in items:
             # (`type: ignore`: redis-py's LREM wants the value as str; bytes are sent as they are.)
-            if refuse and await self._redis.lrem(self._keys.queue, 1, raw):  # type: ignore[arg-type]
-                await self._redis.zrem(self._keys.outstanding(item.client), item.id)
-                queued.append(False)
-            else:
-                queued.append(True)
-        return queued
+            pipe.lrem(self._keys.queue, 1, raw)  # type: ignore[arg-type]
+        for item, _ in items:
+            pipe.zrem(self._keys.outstanding(item.client), item.id)
+        removed = await pipe.execute()
+        return {item.id for (item, _), count in zip(items, removed[: len(items)], strict=True) if count}
 
     async def _loads(self) -> dict[str, int]:
-        """Each client's outstanding work items, those past their deadline dropped first."""
-        clients = sorted(redis_replies.text(c) for c in await self._redis.smembers(self._keys.clients))
+        """Each client's outstanding work items, those past their deadline dropped first, in one round
+        trip: the set of clients is read with the loads of those it held at the last read and those
+        this process queues for; a second reads the clients new since, if any."""
+        known = sorted(self._clients_known | self._clients_seen.keys())
         pipe = self._redis.pipeline(transaction=False)
+        pipe.smembers(self._keys.clients)
+        self._read_loads(pipe, known)
+        members, *replies = await pipe.execute()
+        loads = dict(zip(known, replies[1::2], strict=True))
+        self._clients_known = {redis_replies.text(c) for c in members}
+        if new := sorted(self._clients_known - loads.keys()):
+            pipe = self._redis.pipeline(transaction=False)
+            self._read_loads(pipe, new)
+            loads.update(zip(new, (await pipe.execute())[1::2], strict=True))
+        return loads
+
+    def _read_loads(self, pipe: Pipeline, clients: list[str]) -> None:
+        now = time.time()
         for client in clients:
-            pipe.zremrangebyscore(self._keys.outstanding(client), "-inf", time.time())
+            pipe.zremrangebyscore(self._keys.outstanding(client), "-inf", now)
             pipe.zcard(self._keys.outstanding(client))
-        replies = await pipe.execute()
-        return dict(zip(clients, replies[1::2], strict=True))
 
 
 @dataclass

@@ -205,6 +205,80 @@ async def test_requests_pushed_together_past_the_queue_limit_are_refused_one_by_
     assert queued == [["text 0"], ["text 1"]]
 
 
+def record_round_trips(client: Redis, round_trips: list[list[str]]) -> None:
+    """Record each round trip the client makes: the names of its commands, one for a command alone."""
+    execute_command, pipeline = client.execute_command, client.pipeline
+
+    async def recorded_command(*args: Any, **options: Any) -> object:
+        round_trips.append([str(args[0]).upper()])
+        return await execute_command(*args, **options)
+
+    def recorded_pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        async def recorded_execute(*execute_args: Any) -> object:
+            round_trips.append([str(command[0]).upper() for command, _ in pipe.command_stack])
+            return await execute(*execute_args)
+
+        pipe.execute = recorded_execute
+        return pipe
+
+    client.execute_command, client.pipeline = recorded_command, recorded_pipeline  # type: ignore[method-assign]
+
+
+async def test_refusals_past_the_queue_limit_cost_the_turn_two_round_trips_after_its_push(
+    settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis
+) -> None:
+    # Inside the coalesced turn every other request of the turn waits on them: the clients' loads,
+    # read in one round trip, then the refused items taken back in one, however many are refused.
+    keys = Keys(settings.key_prefix)
+    redis.lpush(keys.queue, b"someone else's work")
+    client, round_trips = fakeredis.FakeAsyncRedis(server=fake_server), []
+    predictor = await predictor_for(client, keys, HANG_GUARD_S, max_queue_depth=3)
+    record_round_trips(client, round_trips)
+    requests = [asyncio.create_task(predictor.predict([f"text {i}"])) for i in range(5)]
+    try:
+        accepted, refused = requests[:2], requests[2:]
+        await asyncio.wait(refused, timeout=HANG_GUARD_S)  # refused at once; the others wait for a worker
+        assert [getattr(r.exception(), "error_type", None) for r in refused] == ["overloaded"] * 3
+        assert not any(r.done() for r in accepted)
+        assert round_trips[0][0] == "LPUSH"  # (no model announced: no cache lookup)
+        assert [sorted(set(commands)) for commands in round_trips[1:]] == [
+            ["SMEMBERS", "ZCARD", "ZREMRANGEBYSCORE"],  # the loads
+            ["LREM", "ZREM"],  # the take-back
+        ]
+        queued = [WorkItem.decode(raw).texts for raw in reversed(redis.lrange(keys.queue, 0, -2))]
+        assert queued == [["text 0"], ["text 1"]]
+        assert redis.zcard(keys.outstanding("default")) == 2
+    finally:
+        for request in requests:
+            request.cancel()
+        await asyncio.gather(*requests, return_exceptions=True)
+
+
+async def test_past_the_queue_limit_the_loads_count_a_client_new_to_this_process(
+    settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis
+) -> None:
+    # Another API process queued three items for its client: this one learns of that client from the
+    # set it reads with the loads it knows of, and reads its load in a second round trip.
+    keys = Keys(settings.key_prefix)
+    redis.sadd(keys.clients, "elsewhere")
+    redis.zadd(keys.outstanding("elsewhere"), {f"item {i}": time.time() + HANG_GUARD_S for i in range(3)})
+    redis.lpush(keys.queue, *[b"elsewhere's work"] * 3)
+    client, round_trips = fakeredis.FakeAsyncRedis(server=fake_server), []
+    predictor = await predictor_for(client, keys, 0.3, max_queue_depth=3)
+    record_round_trips(client, round_trips)
+    with pytest.raises(ServiceError) as cut:
+        await predictor.predict(["mine"])
+    assert cut.value.error_type == ErrorType.TIMEOUT  # past the limit, and in (no worker): it holds less
+    assert [sorted(set(commands)) for commands in round_trips[:3]] == [
+        ["LPUSH", "SADD", "ZADD"],
+        ["SMEMBERS", "ZCARD", "ZREMRANGEBYSCORE"],  # "default", which this process queues for
+        ["ZCARD", "ZREMRANGEBYSCORE"],  # "elsewhere"
+    ]
+
+
 async def test_past_the_queue_limit_the_client_holding_the_most_is_refused_and_others_get_in(
     settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis
 ) -> None:
