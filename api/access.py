@@ -26,13 +26,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from pydantic import SecretStr
 from redis.exceptions import RedisError
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.deadline import Deadline, Stage, request_deadline
 from api.docs_page import ASSETS, DOCS, OPENAPI, REDOC
-from api.errors import ErrorType, error_response, responses
+from api.errors import ErrorType, ServiceError, error_response, responses
 from api.rate_limit import RateLimit
 from core.protocol import DEFAULT_CLIENT
 
@@ -110,9 +112,22 @@ class Refused:
     retry_after_s: int | None = None
 
 
-async def admit(keys: ApiKeys, limit: RateLimit | None, presented: str | None, address: str) -> str | Refused:
+async def admit(
+    keys: ApiKeys, limit: RateLimit | None, presented: str | None, address: str, deadline: Deadline
+) -> str | Refused:
     """The client a call comes from (its key's name, or `address_client` with keys off), or why it
-    is refused: no key (401), a wrong key (403), its token bucket empty (429)."""
+    is refused: no key (401), a wrong key (403), its token bucket empty (429), its deadline reached
+    (504: the rate limit waits on Redis no longer than the request's deadline)."""
+    try:
+        deadline.enter(Stage.AUTHENTICATION)
+        return await _admit(keys, limit, presented, address, deadline)
+    except ServiceError as exc:
+        return Refused(exc.error_type, exc.message)
+
+
+async def _admit(
+    keys: ApiKeys, limit: RateLimit | None, presented: str | None, address: str, deadline: Deadline
+) -> str | Refused:
     if keys:
         if presented is None:
             return Refused(ErrorType.UNAUTHORIZED, "an API key is required (X-API-Key or Authorization: Bearer)")
@@ -121,7 +136,11 @@ async def admit(keys: ApiKeys, limit: RateLimit | None, presented: str | None, a
             return Refused(ErrorType.FORBIDDEN, "this API key is not valid")
     else:
         client = address_client(address)
-    if limit is not None and (wait := await _wait(limit, client)) is not None:
+    if limit is None:
+        return client
+    async with deadline.redis_call(Stage.RATE_LIMIT):
+        wait = await _wait(limit, client)
+    if wait is not None:
         return Refused(
             ErrorType.RATE_LIMITED, "too many requests from this client; retry later", max(1, math.ceil(wait))
         )
@@ -138,20 +157,28 @@ async def _wait(limit: RateLimit, client: str) -> float | None:
 
 
 class AccessControl:
-    """ASGI middleware: 401 without a key, 403 with a wrong one, 429 once the client's bucket is empty."""
+    """ASGI middleware: 401 without a key, 403 with a wrong one, 429 once the client's bucket is empty,
+    504 at the request's deadline, which it fixes (`api.deadline`; a bad `X-Request-Timeout` is the
+    route's to refuse, the default meanwhile): `timeout_s`, the service's request timeout."""
 
-    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
+    def __init__(self, app: ASGIApp, keys: ApiKeys, timeout_s: float) -> None:
         self.app = app
         self.keys = keys
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
-        presented = presented_key(Headers(scope=scope)) if self.keys else None
+        headers = Headers(scope=scope)
+        try:
+            deadline = request_deadline(scope, headers, self.timeout_s)
+        except RequestValidationError:
+            deadline = Deadline(self.timeout_s)
+        presented = presented_key(headers) if self.keys else None
         address = (scope.get("client") or ("unknown",))[0]
         limit = None if scope["path"] in SCRAPES else getattr(scope["app"].state, "rate_limit", None)
-        client = await admit(self.keys, limit, presented, address)
+        client = await admit(self.keys, limit, presented, address, deadline)
         if isinstance(client, Refused):
             await error_response(client.error_type, client.message, client.retry_after_s)(scope, receive, send)
             return

@@ -160,5 +160,5 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
         },
     )
     if settings.api_keys or settings.rate_limit_per_s is not None:  # nothing to check: no layer to pass
-        app.add_middleware(AccessControl, keys=ApiKeys(settings.api_keys or []))
+        app.add_middleware(AccessControl, keys=ApiKeys(settings.api_keys or []), timeout_s=settings.request_timeout_s)
     app.add_middleware(metrics.RequestMetrics)  # outermost

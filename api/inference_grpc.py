@@ -9,8 +9,9 @@ queue, limits and access control apply. What differs from REST is carried by gRP
   (tritonclient's way: a little-endian uint32 length, then the UTF-8 bytes, per text) or in
   `contents.bytes_contents`; its outputs `label` and `scores` (as over REST) are answered in
   `raw_output_contents`, as Triton answers them; the `x-cache` trailing metadata says hit, miss or partial.
-- The call's deadline is its request's deadline where it comes before SENTIMENT_REQUEST_TIMEOUT_S:
-  the work item carries it, and a worker skips the work once the caller gave up.
+- The call's deadline is its request's deadline where it comes before SENTIMENT_REQUEST_TIMEOUT_S,
+  from the call's arrival (`api.deadline`: its rate limit and model lookup count against it): the
+  work item carries it, and a worker skips the work once the caller gave up.
 - Errors are gRPC status codes, from `api.errors.GRPC_STATUS`: overload and outages UNAVAILABLE,
   the deadline DEADLINE_EXCEEDED, another model NOT_FOUND, bad input INVALID_ARGUMENT (REST's 422),
   a message over the request limit RESOURCE_EXHAUSTED (grpc's own check).
@@ -33,6 +34,7 @@ from redis.exceptions import RedisError
 from starlette.datastructures import Headers
 
 from api.access import ApiKeys, Refused, admit, presented_key
+from api.deadline import Deadline, Stage
 from api.errors import GRPC_STATUS, ErrorType, ServiceError, counted
 from api.grpc_v2 import grpc_predict_v2_pb2 as pb
 from api.grpc_v2 import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -124,24 +126,30 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=not isinstance(await readiness(self.app.state), str))
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Any:
-        await self._client(context)
+        await self._client(context, self._deadline(context))
         if isinstance(await readiness(self.app.state), str):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=await self._answer(context, self._served(request.name, ErrorType.NOT_READY)))
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
-        await self._client(context)
+        await self._client(context, self._deadline(context))
         return pb.ServerMetadataResponse(**server_metadata_body(self.app))
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
-        await self._client(context)
+        await self._client(context, self._deadline(context))
         metadata = model_metadata_body(await self._answer(context, served(self.app.state.models, request.name)))
         del metadata["labels"]  # (no such field in the message: GET /model and REST's metadata have them)
         return pb.ModelMetadataResponse(**metadata)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
-        client = await self._client(context)
-        return await self._answer(context, self._infer(request, context, client))
+        deadline = self._deadline(context)
+        client = await self._client(context, deadline)
+        return await self._answer(context, self._infer(request, context, client, deadline))
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
+        """The call's deadline, as it arrives: its own where that comes before the request timeout."""
+        most_s, remaining = self.settings.request_timeout_s, context.time_remaining()
+        return Deadline(most_s if remaining is None else min(remaining, most_s))
 
     async def _served(self, name: str, missing: ErrorType) -> bool:
         try:
@@ -150,14 +158,17 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return False
         return True
 
-    async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, client: str) -> Any:
-        info = await served(self.app.state.models, request.model_name)  # first: another model is NOT_FOUND
+    async def _infer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, client: str, deadline: Deadline
+    ) -> Any:
+        async with deadline.redis_call(Stage.MODEL_LOOKUP):
+            info = await served(self.app.state.models, request.model_name)  # first: another model is NOT_FOUND
         texts = self._texts(request)
         wanted = {o.name for o in request.outputs} or set(OUTPUTS)
         if unknown := wanted - set(OUTPUTS):
             raise invalid(("outputs",), f"the outputs are {' and '.join(OUTPUTS)}", sorted(unknown))
         predictor: Predictor = self.app.state.predictor
-        predictions, cache = await predictor.predict(texts, client, timeout_s=context.time_remaining())
+        predictions, cache = await predictor.predict(texts, client, deadline=deadline)
         response = pb.ModelInferResponse(model_name=info.name, model_version=info.version, id=request.id or new_id())
         for name, tensor in output_tensors(predictions).items():
             if name in wanted:
@@ -188,15 +199,16 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise invalid(where, "no data: send it in contents.bytes_contents or one raw_input_contents", {})
         return checked_texts(list(tensor.shape), texts, self.settings.max_texts, self.settings.max_chars)
 
-    async def _client(self, context: grpc.aio.ServicerContext) -> str:
-        """Who calls, as over HTTP (`api.access.admit`): the work's client, or the call ends refused."""
+    async def _client(self, context: grpc.aio.ServicerContext, deadline: Deadline) -> str:
+        """Who calls, as over HTTP (`api.access.admit`, by `deadline`): the work's client, or the call
+        ends refused."""
         if not self.checked:
             return DEFAULT_CLIENT
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         presented = presented_key(Headers(headers=metadata))
         # The peer is a URI: `ipv4:10.0.0.1:port`, `ipv6:%5B::1%5D:port`.
         address = unquote(context.peer()).rsplit(":", 1)[0].removeprefix("ipv4:").removeprefix("ipv6:")
-        client = await admit(self.keys, getattr(self.app.state, "rate_limit", None), presented, address)
+        client = await admit(self.keys, getattr(self.app.state, "rate_limit", None), presented, address, deadline)
         if isinstance(client, Refused):
             await abort(context, client.error_type, client.message)
         return client if self.keys else DEFAULT_CLIENT

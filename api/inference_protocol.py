@@ -27,11 +27,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 from starlette.datastructures import Headers
 
 from api.access import client_of
+from api.deadline import Stage, request_deadline
 from api.errors import RESPONSES, TEXTS_RESPONSES, ErrorType, ServiceError, error_response, responses
 from api.limits import BODY_OVERHEAD, body_limit, declared_size
 from api.predictions import ModelInfoCache, Predictor
 from api.routes import ready
-from api.schemas import json_body, parse_json, requested_timeout, timeout_parameter
+from api.schemas import json_body, parse_json, timeout_parameter
 from core.protocol import ModelInfo, Prediction, new_id
 from core.settings import Settings
 
@@ -244,13 +245,14 @@ def add_infer_route(router: APIRouter, settings: Settings) -> None:
     )
     async def infer(request: Request, name: str) -> Response:
         """Classify texts: the `label` and `scores` of each, in input order (the module's docstring)."""
-        info = await served(request.app.state.models, name)  # first: another model's name is a 404, whatever the body
+        deadline = request_deadline(request.scope, request.headers, settings.request_timeout_s)
+        async with deadline.redis_call(Stage.MODEL_LOOKUP):  # next: another model's name is a 404, whatever the body
+            info = await served(request.app.state.models, name)
         body, binary = parse_infer(InferRequest, await request.body(), request.headers)
         texts = request_texts(body, binary, settings.max_texts, settings.max_chars)
-        timeout_s = requested_timeout(request.headers, settings.request_timeout_s)
         predictor: Predictor = request.app.state.predictor
         predictions, cache = await predictor.predict(
-            texts, client_of(request.scope), request.receive, timeout_s=timeout_s
+            texts, client_of(request.scope), request.receive, deadline=deadline
         )
         answer = infer_answer(info, body, predictions)
         return Response(orjson.dumps(answer), media_type="application/json", headers={"X-Cache": cache})

@@ -23,6 +23,7 @@ from starlette.types import Receive
 
 from api.admission import Admission
 from api.coalescing import Coalescer
+from api.deadline import Deadline, Stage
 from api.errors import ErrorType, ServiceError
 from api.metrics import CACHE_HITS, CACHE_MISSES, REQUESTS_ABANDONED
 from api.refreshed import Refreshed
@@ -129,22 +130,25 @@ class Predictor:
         client: str = DEFAULT_CLIENT,
         receive: Receive | None = None,
         function: ScoreFunction | None = None,
-        timeout_s: float | None = None,
+        deadline: Deadline | None = None,
     ) -> tuple[list[Prediction], CacheStatus]:
-        """Bounded as a whole by the request timeout from its start (`timeout_s` when the caller's own
-        deadline is sooner, as a gRPC call's): a Redis stall anywhere (cache lookup, pool wait, enqueue,
-        the final GETDEL) ends in the 504 at the deadline, not after it. `receive`: the request's ASGI
-        receive channel, its body read; a wait for the worker ends when it says the client went away
-        (499). `function`: scores by this function rather than the model's own (`ScoreFunction`).
-        Traced (tracing on), in FastAPI's span of the HTTP request, which continues a client's trace."""
-        timeout_s = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
+        """Bounded as a whole by the request's `deadline`, fixed when it arrived (`api.deadline`; by
+        default the request timeout from now): a Redis stall anywhere (model and cache lookups, pool
+        wait, enqueue, the final GETDEL) ends in the 504 at the deadline, not after it, naming the stage
+        it reached. `receive`: the request's ASGI receive channel, its body read; a wait for the worker
+        ends when it says the client went away (499). `function`: scores by this function rather than
+        the model's own (`ScoreFunction`). Traced (tracing on), in FastAPI's span of the HTTP request,
+        which continues a client's trace."""
+        if deadline is None:
+            deadline = Deadline(self._timeout_s)
         self._check_size(texts)
+        call = _Call(deadline, client, receive, function)
         if tracing.enabled:
             with tracing.tracer.start_as_current_span("predict", attributes={"sentiment.texts": len(texts)}) as span:
-                predictions, status = await self._bounded(texts, client, receive, function, timeout_s)
+                predictions, status = await self._bounded(texts, call)
                 span.set_attribute("sentiment.cache", status.value)
                 return predictions, status
-        return await self._bounded(texts, client, receive, function, timeout_s)
+        return await self._bounded(texts, call)
 
     def _check_size(self, texts: list[str]) -> None:
         """413 at once for a request of more characters than the model computes within the deadline
@@ -159,23 +163,13 @@ class Predictor:
                 "no deadline",
             )
 
-    async def _bounded(
-        self,
-        texts: list[str],
-        client: str,
-        receive: Receive | None,
-        function: ScoreFunction | None,
-        timeout_s: float,
-    ) -> tuple[list[Prediction], CacheStatus]:
-        deadline = time.time() + timeout_s  # the work item's too: a worker skips it once we gave up
-        call = _Call(deadline, client, receive, function)
+    async def _bounded(self, texts: list[str], call: _Call) -> tuple[list[Prediction], CacheStatus]:
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout_at(call.deadline.loop_at()):
                 return await self._predict(texts, call)
         except TimeoutError:
             self._abandon(call, "deadline")
-            why = await self._late(call.queued[0] if call.queued else None)
-            raise ServiceError(ErrorType.TIMEOUT, f"no result within {timeout_s:g} s: {why}") from None
+            raise call.deadline.reached(await self._late(call, call.queued[0]) if call.queued else None) from None
         except asyncio.CancelledError:  # its caller gave up (a gRPC client's cancel)
             self._abandon(call, "disconnected")
             raise
@@ -184,11 +178,9 @@ class Predictor:
                 self._abandon(call, "disconnected")
             raise
 
-    async def _late(self, item: bytes | None) -> str:
-        """What kept a request past its deadline, for its 504: Redis (the item never queued), the queue
-        (still in it, behind others), no live worker, or the model (a worker took it, and computes)."""
-        if item is None:
-            return "Redis did not answer in time (the cache lookup or the queueing stalled)"
+    async def _late(self, call: _Call, item: bytes) -> str:
+        """Where the call's queued `item` was at its deadline, for its 504 to say: still in the queue
+        (behind how many), with no live worker to take it, or taken by a worker (the model stage)."""
         keys = self._keys
         try:
             async with asyncio.timeout(LATE_LOOK_S):
@@ -210,6 +202,7 @@ class Predictor:
                 f"its work item was still queued ({ahead} ahead of it): the service is busy; retry later, "
                 "or send fewer texts a request"
             )
+        call.deadline.stage = Stage.MODEL
         return (
             "a worker took its work item and was still computing it: the model is slower than this request "
             "needs; send fewer or shorter texts a request, or submit them as a bulk job (POST /jobs)"
@@ -225,7 +218,9 @@ class Predictor:
         function = call.function
         keys: dict[str, str] = {}  # each text's cache key, while a model is announced
         local = self._local if self._local is not None else {}  # disabled: a throwaway per request
-        if model := await self._models.current():
+        with call.deadline.on_redis(Stage.MODEL_LOOKUP):
+            model = await self._models.current()
+        if model:
             if function == model.function:  # the model's own: its cache, and its work
                 function = None
             version = scored_version(model.version, function)
@@ -236,9 +231,10 @@ class Predictor:
         remote = [t for t in unique if t not in found]
         admitted = None
         if remote and self._admission is not None:
-            admitted = await self._admission.admit(len(remote), call.deadline - time.time())
+            with call.deadline.on_redis(Stage.ADMISSION):
+                admitted = await self._admission.admit(len(remote), call.deadline.left_s())
         if remote and keys:
-            with tracing.span("predict.cache_lookup"):
+            with tracing.span("predict.cache_lookup"), call.deadline.on_redis(Stage.CACHE_LOOKUP):
                 cached = await self._lookup([keys[t] for t in remote])
             for text, raw in zip(remote, cached, strict=True):
                 if raw is not None:
@@ -268,7 +264,7 @@ class Predictor:
             id=new_id(),
             texts=texts,
             enqueued_at=time.time(),
-            deadline=call.deadline,
+            deadline=call.deadline.at,
             reply_to=self._waiter.channel,
             client=call.client,
             traceparent=tracing.traceparent() if tracing.enabled else None,  # the `predict` span's
@@ -276,8 +272,8 @@ class Predictor:
         )
         encoded = item.encode()
         with self._waiter.expect(item.id, encoded) as wait:
-            call.pending = item
-            with tracing.span("predict.enqueue"):
+            with tracing.span("predict.enqueue"), call.deadline.on_redis(Stage.QUEUE):
+                call.pending = item
                 accepted = await self._push((item, encoded))
             if accepted:
                 call.queued.append(encoded)
@@ -437,7 +433,7 @@ class _Call:
     """What one request's path carries: its deadline, client, receive channel and asked-for score
     function, and its work item while it may be queued unanswered (`pending`) and once queued."""
 
-    deadline: float
+    deadline: Deadline
     client: str
     receive: Receive | None
     function: ScoreFunction | None

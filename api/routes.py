@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 from starlette.datastructures import State
 
 from api.access import client_of
+from api.deadline import request_deadline
 from api.errors import RESPONSES, TEXTS_RESPONSES, ErrorType, ServiceError, error_response, responses
 from api.predictions import ModelInfoCache, Predictor
 from api.schemas import (
@@ -21,7 +22,6 @@ from api.schemas import (
     ReadyResponse,
     json_body,
     parse_json,
-    requested_timeout,
     texts_request,
     timeout_parameter,
 )
@@ -66,12 +66,12 @@ def add_predict_route(app: FastAPI, settings: Settings) -> None:
         The `X-Cache` header says whether the answer came from the cache (`hit`), the model
         (`miss`) or both (`partial`).
         """
+        deadline = request_deadline(request.scope, request.headers, settings.request_timeout_s)
         body = parse_json(PredictRequest, await request.body(), request.headers.get("content-type", ""))
-        timeout_s = requested_timeout(request.headers, settings.request_timeout_s)
         predictor: Predictor = request.app.state.predictor
         # With the body read, `receive` says when the client goes away: a wait for the worker then stops.
         predictions, cache = await predictor.predict(
-            body.text, client_of(request.scope), request.receive, timeout_s=timeout_s
+            body.text, client_of(request.scope), request.receive, deadline=deadline
         )
         # Built here rather than validated through the response model: the worker wrote this shape.
         return Response(

@@ -79,8 +79,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         10.0,
         gt=0,
-        description="How long /predict waits for its answer before a 504, a stalled Redis included; "
-        "also each work item's deadline, past which the worker skips it.",
+        description="How long /predict waits for its answer before a 504, from the request's arrival (its rate "
+        "limit and model lookup included), a stalled Redis included; also each work item's deadline, past which the "
+        "worker skips it.",
     )
     max_request_chars: int = Field(
         default_factory=lambda settings: int(settings["request_timeout_s"] * CHARS_PER_S),

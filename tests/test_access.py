@@ -28,11 +28,13 @@ from api.docs_page import ASSETS
 from api.grpc_v2 import grpc_predict_v2_pb2 as pb
 from api.grpc_v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 from api.inference_grpc import GrpcServer
+from api.rate_limit import RateLimit
 from batcher.worker import Worker
 from core.protocol import Keys
 from core.settings import Settings
 from sentiment.embedded import free_port
-from tests.conftest import start_worker
+from tests.conftest import HANG_GUARD_S, start_worker
+from tests.test_api import stall
 from tests.test_k8s import TARGETS, container_of
 
 pytestmark = pytest.mark.anyio
@@ -295,6 +297,41 @@ async def test_a_client_has_one_bucket_over_http_and_grpc(
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await pb_grpc.GRPCInferenceServiceStub(channel).ServerMetadata(pb.ServerMetadataRequest())
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_the_rate_limit_waits_on_redis_no_longer_than_the_requests_deadline(
+    settings: Settings, fake_server: fakeredis.FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The deadline runs from the request's arrival, before the rate limit's script: a Redis that never
+    # answers it costs the request its deadline, then a 504 naming the stage.
+    monkeypatch.setattr(RateLimit, "take", stall)
+    config = settings.model_copy(update={"rate_limit_per_s": 1.0})
+    async with serve(config, fakeredis.FakeAsyncRedis(server=fake_server)) as client:
+        response = await asyncio.wait_for(
+            client.post("/predict", json={"text": ["x"]}, headers={"X-Request-Timeout": "0.5"}), HANG_GUARD_S
+        )
+    assert (response.status_code, response.json()) == (
+        504,
+        {
+            "error": "no result within 0.5 s: the deadline was reached at the rate limit stage, waiting on Redis",
+            "error_type": "timeout",
+        },
+    )
+
+
+async def test_a_deadline_passed_on_arrival_is_reached_at_the_authentication(keyed: httpx.AsyncClient) -> None:
+    # (5e-324 s: the smallest number above 0, passed before anything is done.)
+    headers = {"X-API-Key": KEY, "X-Request-Timeout": "5e-324"}
+    response = await keyed.post("/predict", json={"text": ["x"]}, headers=headers)
+    assert (response.status_code, response.json()) == (
+        504,
+        {
+            "error": "no result within 4.94066e-324 s: the deadline was reached at the authentication stage",
+            "error_type": "timeout",
+        },
+    )
+    bad = await keyed.post("/predict", json={"text": ["x"]}, headers={"X-API-Key": KEY, "X-Request-Timeout": "0"})
+    assert bad.status_code == 422  # the route's to refuse, past the access check
 
 
 async def test_an_unreachable_redis_does_not_turn_the_limit_into_a_500(settings: Settings) -> None:

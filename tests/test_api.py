@@ -381,36 +381,69 @@ async def test_redis_refusing_commands_is_503_with_retry_after(
     assert f"redis unavailable ({error_class})" in caplog.text
 
 
-@pytest.mark.parametrize("command", ["get", "mget", "pipeline", "getdel"])  # model, cache lookup, enqueue, the result
-async def test_a_redis_stall_anywhere_in_a_request_ends_in_the_504(
-    settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, command: str, monkeypatch
+INFER = "/v2/models/tiny/infer"
+
+
+def stall_command(client: Redis, command: str, reached: asyncio.Event) -> None:
+    """Make every call of `command` the client sends, alone or in a pipeline, stall (`reached` set)."""
+    execute_command, pipeline = client.execute_command, client.pipeline
+
+    async def stalled_command(*args: Any, **options: Any) -> object:
+        if str(args[0]).upper() == command:
+            reached.set()
+            await stall()
+        return await execute_command(*args, **options)
+
+    def stalled_pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        async def stalled_execute(*execute_args: Any) -> object:
+            if any(str(c[0]).upper() == command for c, _ in pipe.command_stack):
+                reached.set()
+                await stall()
+            return await execute(*execute_args)
+
+        pipe.execute = stalled_execute
+        return pipe
+
+    client.execute_command, client.pipeline = stalled_command, stalled_pipeline  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize(
+    ("path", "command", "stage"),
+    [
+        ("/predict", "GET", "model lookup"),
+        ("/predict", "LLEN", "admission"),  # the fleet's load
+        ("/predict", "MGET", "cache lookup"),
+        ("/predict", "LPUSH", "queue"),  # the enqueue
+        ("/predict", "GETDEL", "queue"),  # the result, read when woken without it
+        (INFER, "GET", "model lookup"),  # the route's own, before it reads the texts
+    ],
+)
+async def test_a_redis_stall_anywhere_in_a_request_ends_in_the_504_naming_its_stage(
+    settings: Settings,
+    fake_server: fakeredis.FakeServer,
+    redis: fakeredis.FakeRedis,
+    path: str,
+    command: str,
+    stage: str,
 ) -> None:
     keys = Keys(settings.key_prefix)
     announce(redis, keys)
-    stalled = fakeredis.FakeAsyncRedis(server=fake_server)
-    reached = asyncio.Event()
-
-    async def stall_here(*_: object, **__: object) -> None:
-        reached.set()
-        await stall()
-
-    if command == "pipeline":  # the enqueue's round trip
-        pipeline = stalled.pipeline
-
-        def stalled_pipeline(*args: Any, **kwargs: Any) -> Any:
-            pipe = pipeline(*args, **kwargs)
-            pipe.execute = stall_here
-            return pipe
-
-        monkeypatch.setattr(stalled, "pipeline", stalled_pipeline)
-    else:
-        monkeypatch.setattr(stalled, command, stall_here)
+    stalled, reached = fakeredis.FakeAsyncRedis(server=fake_server), asyncio.Event()
+    stall_command(stalled, command, reached)
+    body = (
+        {"text": ["x"]}
+        if path == "/predict"
+        else {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}
+    )
     patient = settings.model_copy(update={"request_timeout_s": 1.0})
     app = create_app(patient, redis=stalled, jobs_redis=fakeredis.FakeRedis())
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
-            request = asyncio.create_task(client.post("/predict", json={"text": ["x"]}))
-            if command == "getdel":  # only when woken without the result: here by a bare id, as older workers sent
+            request = asyncio.create_task(client.post(path, json=body))
+            if command == "GETDEL":  # only when woken without the result: here by a bare id, as older workers sent
                 raw = await asyncio.to_thread(wait_for, "the work item", lambda: redis.lindex(keys.queue, 0))
                 item = WorkItem.decode(raw)
                 redis.publish(item.reply_to, item.id)
@@ -418,7 +451,34 @@ async def test_a_redis_stall_anywhere_in_a_request_ends_in_the_504(
     assert reached.is_set()
     assert response.status_code == 504
     assert response.json()["error_type"] == "timeout"
+    error = response.json()["error"]
+    assert error.startswith(f"no result within 1 s: the deadline was reached at the {stage} stage"), error
+    assert ("waiting on Redis" in error) == (command != "GETDEL")  # (a worker's reply was what it waited for)
     assert app.state.predictor._waiter._waits == {}  # the cut wait unregistered itself
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/predict", {"text": ["hot"]}),
+        (INFER, {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["hot"]}]}),
+    ],
+)
+async def test_a_deadline_passed_before_any_redis_call_is_a_504_naming_the_stage_not_redis(
+    client: httpx.AsyncClient, redis: fakeredis.FakeRedis, settings: Settings, path: str, body: dict
+) -> None:
+    # Its answer is in the cache, and Redis is healthy: 1 µs has passed before the model lookup.
+    keys = Keys(settings.key_prefix)
+    announce(redis, keys)
+    redis.set(keys.cache("v1", "hot"), orjson.dumps(prediction(["NEGATIVE", "POSITIVE"], [0.25, 0.75])))
+    response = await client.post(path, json=body, headers={"X-Request-Timeout": "0.000001"})
+    assert (response.status_code, response.json()) == (
+        504,
+        {
+            "error": "no result within 1e-06 s: the deadline was reached at the model lookup stage",
+            "error_type": "timeout",
+        },
+    )
 
 
 async def test_a_request_cut_at_its_deadline_leaves_no_work_behind(

@@ -31,10 +31,12 @@ from api.app import create_app
 from api.grpc_v2 import grpc_predict_v2_pb2 as pb
 from api.grpc_v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 from api.inference_grpc import GrpcServer
+from api.rate_limit import RateLimit
 from core.protocol import Keys, ModelInfo, WorkItem
 from core.settings import Settings
 from sentiment.embedded import free_port
 from tests.conftest import HANG_GUARD_S, REPO, Service, start_service, wait_for
+from tests.test_api import stall
 
 KEY = "a-test-key-of-some-length"
 TEXTS = ["a good movie", "bad", "", "a good movie", "ünïcödé ✓"]
@@ -314,6 +316,29 @@ async def test_the_calls_deadline_is_its_requests_deadline(local: InProcess) -> 
     [raw] = local.redis.lrange(local.keys.queue, 0, -1)
     item = WorkItem.decode(raw)
     assert started < item.deadline <= started + 1.0  # the call's 0.5 s, not SENTIMENT_REQUEST_TIMEOUT_S
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stage", ["rate limit", "model lookup"])
+async def test_a_redis_stall_before_the_prediction_ends_the_call_at_its_deadline(
+    settings: Settings, fake_server: fakeredis.FakeServer, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    """The call's deadline (here the service's 0.5 s, sooner than the call's own) runs from its arrival:
+    Redis never answering the rate limit's script, or the read of the announced model, ends it with
+    DEADLINE_EXCEEDED naming the stage, well before the client's own deadline."""
+    if stage == "rate limit":
+        monkeypatch.setattr(RateLimit, "take", stall)
+    else:
+        monkeypatch.setattr(fakeredis.FakeAsyncRedis, "get", stall)
+    hurried = settings.model_copy(update={"request_timeout_s": 0.5, "rate_limit_per_s": 1.0})
+    async for running in in_process(hurried, fake_server):
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await running.stub.ModelInfer(infer_request(["x"]), timeout=HANG_GUARD_S)
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert (
+        ended.value.details()
+        == f"no result within 0.5 s: the deadline was reached at the {stage} stage, waiting on Redis"
+    )
 
 
 @pytest.mark.anyio

@@ -67,8 +67,11 @@ async def late(fake_server: fakeredis.FakeServer, keys: Keys, alive: bool, take:
 async def test_a_504_says_what_was_slow(fake_server: fakeredis.FakeServer) -> None:
     keys = Keys("late")
     queued = await late(fake_server, keys, alive=True, take=False)
-    assert queued.startswith("no result within 0.5 s: its work item was still queued (1 ahead of it)")
+    assert queued.startswith(
+        "no result within 0.5 s: the deadline was reached at the queue stage: its work item was still queued "
+        "(1 ahead of it)"
+    )
     computing = await late(fakeredis.FakeServer(), keys, alive=True, take=True)
-    assert "a worker took its work item and was still computing it" in computing
+    assert "reached at the model stage: a worker took its work item and was still computing it" in computing
     nobody = await late(fakeredis.FakeServer(), keys, alive=False, take=False)
-    assert "no worker is alive to compute it" in nobody
+    assert "reached at the queue stage: no worker is alive to compute it" in nobody

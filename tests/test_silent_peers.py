@@ -26,7 +26,7 @@ from core.liveness import live_workers
 from core.protocol import Keys, new_id, prediction
 from core.redis_connect import async_client, sync_client
 from model_store.classifier import Classifier
-from tests.conftest import HANG_GUARD_S, RedisServer, Service, wait_for
+from tests.conftest import HANG_GUARD_S, RedisServer, Service, answers, wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -143,6 +143,39 @@ def test_a_stages_timeout_moves_the_pools_other_connections_off_the_silent_peer(
         assert len(proxy.swallowed) == 1  # only the first call went into the silence
     finally:
         proxy.close()
+
+
+def test_a_request_through_a_silent_redis_answers_504_at_its_own_deadline(
+    redis_server: RedisServer, proxy: FaultProxy, tiny_model_dir: Path
+) -> None:
+    # Redis goes silent for every connection, open or new, while the API's rate limit waits on its
+    # script: a request due within 1 s gets its 504 then, naming the stage, not after the service's
+    # own timeout (120 s) or Redis's (30 s, retried once); the hang guard (60 s) is shorter than both.
+    svc = Service(
+        proxy.url(),
+        tiny_model_dir,
+        f"silent-deadline-{new_id()[:8]}",
+        **{**ENV, "SENTIMENT_REDIS_TIMEOUT_S": "30"},
+        SENTIMENT_REQUEST_TIMEOUT_S="120",
+        SENTIMENT_RATE_LIMIT_PER_S="1000",
+    )
+    try:
+        svc.start("api", "--port", str(svc.port))
+        wait_for("the API", lambda: answers(f"{svc.url}/health"))
+        proxy.blackhole(True)
+        answer = httpx.post(
+            f"{svc.url}/predict", json={"text": ["x"]}, headers={"X-Request-Timeout": "1"}, timeout=HANG_GUARD_S
+        )
+        assert (answer.status_code, answer.json()) == (
+            504,
+            {
+                "error": "no result within 1 s: the deadline was reached at the rate limit stage, waiting on Redis",
+                "error_type": "timeout",
+            },
+        )
+    finally:
+        proxy.blackhole(False)
+        svc.stop()
 
 
 def expected(model_dir: Path, texts: list[str]) -> list[list[float]]:
