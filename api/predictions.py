@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
 import orjson
@@ -52,7 +52,7 @@ CLIENTS_TTL_S = (
 MODEL_INFO_MAX_AGE_S = 1.0  # how stale the API's idea of the served model (and cache version) may be
 MODEL_INFO_REFRESH_S = 0.5  # how stale it may be before it is read again in the background
 WATCH_AFTER_S = 0.05  # how far into a wait for the worker its client's going away is watched for
-LATE_LOOK_S = 0.25  # longest a 504 waits on Redis to say what was slow (where its work item was)
+LOOK_BEFORE_S = 0.1  # how long before its deadline a request still waiting looks where its work item is (`_look`)
 
 
 class CacheStatus(StrEnum):
@@ -169,7 +169,7 @@ class Predictor:
                 return await self._predict(texts, call)
         except TimeoutError:
             self._abandon(call, "deadline")
-            raise call.deadline.reached(await self._late(call, call.queued[0]) if call.queued else None) from None
+            raise call.deadline.reached(call.where()) from None
         except asyncio.CancelledError:  # its caller gave up (a gRPC client's cancel)
             self._abandon(call, "disconnected")
             raise
@@ -178,35 +178,38 @@ class Predictor:
                 self._abandon(call, "disconnected")
             raise
 
-    async def _late(self, call: _Call, item: bytes) -> str:
-        """Where the call's queued `item` was at its deadline, for its 504 to say: still in the queue
+    def _look(self, call: _Call, item: bytes) -> None:
+        call.looking = asyncio.ensure_future(self._where(call, item))
+
+    async def _where(self, call: _Call, item: bytes) -> None:
+        """Where the call's queued `item` is, for its 504 to say (`_Call.found`): still in the queue
         (behind how many), with no live worker to take it, or taken by a worker (the model stage)."""
         keys = self._keys
         try:
-            async with asyncio.timeout(LATE_LOOK_S):
-                pipe = self._redis.pipeline(transaction=False)
-                # (`type: ignore`: redis-py's LPOS wants the value as str; bytes are sent as they are.)
-                pipe.lpos(keys.queue, item)  # type: ignore[arg-type]
-                pipe.llen(keys.queue)
-                pipe.smembers(keys.workers)
-                position, depth, workers = await pipe.execute()
-                heartbeats = [keys.heartbeat(redis_replies.text(w)) for w in workers]
-                alive: int = await self._redis.exists(*heartbeats) if heartbeats else 0
-        except (RedisError, TimeoutError):
-            return "its work item was queued; Redis did not say more in time"
+            pipe = self._redis.pipeline(transaction=False)
+            # (`type: ignore`: redis-py's LPOS wants the value as str; bytes are sent as they are.)
+            pipe.lpos(keys.queue, item)  # type: ignore[arg-type]
+            pipe.llen(keys.queue)
+            pipe.smembers(keys.workers)
+            position, depth, workers = await pipe.execute()
+            heartbeats = [keys.heartbeat(redis_replies.text(w)) for w in workers]
+            alive: int = await self._redis.exists(*heartbeats) if heartbeats else 0
+        except RedisError:
+            return
         if not alive:
-            return "no worker is alive to compute it (see /ready)"
-        if position is not None:
+            call.found = "no worker is alive to compute it (see /ready)"
+        elif position is not None:
             ahead = depth - position - 1  # LPUSH at the head, workers take from the tail
-            return (
+            call.found = (
                 f"its work item was still queued ({ahead} ahead of it): the service is busy; retry later, "
                 "or send fewer texts a request"
             )
-        call.deadline.stage = Stage.MODEL
-        return (
-            "a worker took its work item and was still computing it: the model is slower than this request "
-            "needs; send fewer or shorter texts a request, or submit them as a bulk job (POST /jobs)"
-        )
+        else:
+            call.deadline.stage = Stage.MODEL
+            call.found = (
+                "a worker took its work item and was still computing it: the model is slower than this request "
+                "needs; send fewer or shorter texts a request, or submit them as a bulk job (POST /jobs)"
+            )
 
     async def _predict(self, texts: list[str], call: _Call) -> tuple[list[Prediction], CacheStatus]:
         """The process's own cache, then Redis's, then the workers. Admission (`deadline` policy) comes
@@ -254,12 +257,11 @@ class Predictor:
         return [found[t] for t in texts], status
 
     async def _compute(self, texts: list[str], call: _Call, function: ScoreFunction | None) -> list[Prediction]:
-        """Queue the texts, scored by `function` (None: the model's own), the item once queued kept in
-        `call.queued` (a late request's 504 looks for it), and wait for the worker's result. From its
-        push (Redis may queue it, whatever the push's answer) until its result, the item is
-        `call.pending`: a request cut meanwhile, by the deadline or by its client going away, unregisters
-        its wait and marks the item abandoned (`_bounded`); a worker drops it unstarted, or as expired,
-        else its result key expires unread."""
+        """Queue the texts, scored by `function` (None: the model's own), and wait for the worker's
+        result. From its push (Redis may queue it, whatever the push's answer) until its result, the
+        item is `call.pending`: a request cut meanwhile, by the deadline or by its client going away,
+        unregisters its wait and marks the item abandoned (`_bounded`); a worker drops it unstarted, or
+        as expired, else its result key expires unread."""
         item = WorkItem(
             id=new_id(),
             texts=texts,
@@ -275,8 +277,6 @@ class Predictor:
             with tracing.span("predict.enqueue"), call.deadline.on_redis(Stage.QUEUE):
                 call.pending = item
                 accepted = await self._push((item, encoded))
-            if accepted:
-                call.queued.append(encoded)
             if not accepted:
                 call.pending = None
                 raise ServiceError(
@@ -285,7 +285,7 @@ class Predictor:
                     "of it; retry later",
                 )
             with tracing.span("predict.wait"):
-                raw = await self._wait(wait, call.receive)
+                raw = await self._wait(wait, call, encoded)
             call.pending = None
         try:
             result = Result.decode(raw)
@@ -313,13 +313,19 @@ class Predictor:
             raise ServiceError(ErrorType.BAD_RESULT, "the worker's result does not answer every text; retry")
         return result.predictions
 
-    async def _wait(self, wait: ResultWait, receive: Receive | None) -> bytes:
-        """The item's result; the wait ends with a 499 when `receive` says the client went away
-        (`_DisconnectWatch`)."""
+    async def _wait(self, wait: ResultWait, call: _Call, item: bytes) -> bytes:
+        """The queued `item`'s result; the wait ends with a 499 when `call.receive` says the client went
+        away (`_DisconnectWatch`). `LOOK_BEFORE_S` before the deadline, a request still waiting looks
+        where its item is (`_where`), so that its 504 can say so at the deadline, not after it."""
+        receive = call.receive
         watch = _DisconnectWatch(receive, wait) if receive is not None else None
+        look = asyncio.get_running_loop().call_at(call.deadline.loop_at() - LOOK_BEFORE_S, self._look, call, item)
         try:
             return await wait.result()
         finally:
+            look.cancel()
+            if call.looking is not None:
+                call.looking.cancel()
             if watch is not None:
                 watch.stop()
 
@@ -431,14 +437,22 @@ class Predictor:
 @dataclass
 class _Call:
     """What one request's path carries: its deadline, client, receive channel and asked-for score
-    function, and its work item while it may be queued unanswered (`pending`) and once queued."""
+    function, its work item while it may be queued unanswered (`pending`), and where the look shortly
+    before the deadline found that item (`found`, `looking`)."""
 
     deadline: Deadline
     client: str
     receive: Receive | None
     function: ScoreFunction | None
     pending: WorkItem | None = None  # its work item, from its push until its result
-    queued: list[bytes] = field(default_factory=list)
+    looking: asyncio.Task[None] | None = None
+    found: str | None = None
+
+    def where(self) -> str | None:
+        """What a 504 says of the item: where the look found it, or that Redis did not say."""
+        if self.found is None and self.looking is not None:
+            return "its work item was queued; where it was, Redis did not say in time"
+        return self.found
 
 
 class _TooLong(Exception):

@@ -481,6 +481,47 @@ async def test_a_deadline_passed_before_any_redis_call_is_a_504_naming_the_stage
     )
 
 
+async def test_a_504_waits_on_no_redis_call_after_the_deadline(
+    settings: Settings, fake_server: fakeredis.FakeServer
+) -> None:
+    # Redis goes silent the moment the request stops waiting for its result: the 504 still says where
+    # its work item was, looked up before the deadline, and waits on nothing after it.
+    keys = Keys(settings.key_prefix)
+    client = fakeredis.FakeAsyncRedis(server=fake_server)
+    predictor = await predictor_for(client, keys, 0.5)
+    waits, waited = predictor._waiter._waits, []
+    execute_command, pipeline = client.execute_command, client.pipeline
+
+    async def silent_once_it_stopped_waiting() -> None:
+        waited.append(bool(waits))
+        if any(waited) and not waits:
+            await stall()
+
+    async def command(*args: Any, **options: Any) -> object:
+        await silent_once_it_stopped_waiting()
+        return await execute_command(*args, **options)
+
+    def silent_pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        async def silent_execute(*execute_args: Any) -> object:
+            await silent_once_it_stopped_waiting()
+            return await execute(*execute_args)
+
+        pipe.execute = silent_execute
+        return pipe
+
+    client.execute_command, client.pipeline = command, silent_pipeline  # type: ignore[method-assign]
+    with pytest.raises(ServiceError) as cut:
+        await asyncio.wait_for(predictor.predict(["x"]), HANG_GUARD_S)
+    assert cut.value.error_type == ErrorType.TIMEOUT
+    assert cut.value.message == (
+        "no result within 0.5 s: the deadline was reached at the queue stage: "
+        "no worker is alive to compute it (see /ready)"
+    )
+
+
 async def test_a_request_cut_at_its_deadline_leaves_no_work_behind(
     settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, worker: Worker
 ) -> None:
