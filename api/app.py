@@ -140,7 +140,7 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
     docs_page.install(app)
     app.include_router(jobs_router(settings))
     app.include_router(inference_protocol_router(settings))
-    hugging_face.add_text_classification_route(app, settings.max_texts, settings.max_chars)
+    hugging_face.add_text_classification_route(app, settings.max_texts, settings.max_chars, settings.request_timeout_s)
     app.include_router(router)
     app.include_router(metrics.router)
     errors.install(app)

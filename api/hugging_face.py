@@ -7,9 +7,10 @@ k, "function_to_apply": "softmax" | "sigmoid" | "none"}}` answered `[[{"label", 
 labels highest score first, the first `top_k` (every label when absent). `inputs` may also be a list
 of texts, answered a list each, as the Inference API takes them.
 
-Scores are /predict's (the same `Predictor`: cache, queue, limits, errors, keys). A `function_to_apply`
-other than the model's own (GET /model's `function`) is worked out by the worker from the model's
-logits, as transformers' pipeline does when asked for it, and cached apart from the model's own scores.
+Scores are /predict's (the same `Predictor`: cache, queue, limits, errors, keys, and a sooner
+deadline by `X-Request-Timeout`). A `function_to_apply` other than the model's own (GET /model's
+`function`) is worked out by the worker from the model's logits, as transformers' pipeline does when
+asked for it, and cached apart from the model's own scores.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from fastapi import FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from api.access import client_of
+from api.deadline import request_deadline
 from api.errors import RESPONSES, TEXTS_RESPONSES
 from api.limits import body_limit
 from api.predictions import Predictor
 from api.routes import RequestRoute
-from api.schemas import Score, json_body, parse_json
+from api.schemas import Score, json_body, parse_json, timeout_parameter
 from core.protocol import Prediction, ScoreFunction
 
 PATH = "/"
@@ -66,18 +68,23 @@ def ranked(prediction: Prediction, top_k: int | None) -> Prediction:
     return sorted(prediction, key=lambda s: -s["score"])[:top_k]
 
 
-def add_text_classification_route(app: FastAPI, max_texts: int, max_chars: int) -> None:
+def add_text_classification_route(app: FastAPI, max_texts: int, max_chars: int, timeout_s: float) -> None:
+    """The route, its request within the text limits; `timeout_s`: the service's request timeout, the
+    longest `X-Request-Timeout` it takes."""
     Request_ = classification_request(max_texts, max_chars)
 
     async def text_classification(request: Request) -> Response:
         """Hugging Face's text-classification task, for `InferenceClient(base_url).text_classification`:
         each text's labels, highest score first."""
+        deadline = request_deadline(request.scope, request.headers, timeout_s)
         body: Any = parse_json(Request_, await request.body(), request.headers.get("content-type", ""))
         parameters = body.parameters or Parameters()
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
         function = ScoreFunction(parameters.function_to_apply) if parameters.function_to_apply else None
         predictor: Predictor = request.app.state.predictor
-        predictions, cache = await predictor.predict(texts, client_of(request.scope), request.receive, function)
+        predictions, cache = await predictor.predict(
+            texts, client_of(request.scope), request.receive, function, deadline
+        )
         answer = [ranked(p, parameters.top_k) for p in predictions]
         return Response(orjson.dumps(answer), media_type="application/json", headers={"X-Cache": cache})
 
@@ -88,6 +95,6 @@ def add_text_classification_route(app: FastAPI, max_texts: int, max_chars: int) 
         tags=["predict"],
         route_class_override=RequestRoute,
         response_model=list[list[Score]],
-        openapi_extra=json_body(Request_),
+        openapi_extra={**json_body(Request_), **timeout_parameter(timeout_s)},
         responses={**RESPONSES, **TEXTS_RESPONSES},
     )

@@ -462,6 +462,7 @@ async def test_a_redis_stall_anywhere_in_a_request_ends_in_the_504_naming_its_st
     [
         ("/predict", {"text": ["hot"]}),
         (INFER, {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["hot"]}]}),
+        ("/", {"inputs": "hot"}),  # Hugging Face's task
     ],
 )
 async def test_a_deadline_passed_before_any_redis_call_is_a_504_naming_the_stage_not_redis(
