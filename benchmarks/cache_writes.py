@@ -1,8 +1,10 @@
-"""How often the service computed each distinct text, read off Redis: every computed text's cache
-entry is written once per computation (the /predict worker's reply transaction, a bulk job's chunk),
-so counting the cache SETs per text digest in Redis' MONITOR stream counts the computations, with
-nothing added to the service. The fault tests and the chaos run use it to show that recovery
-computes nothing twice but what a dead worker was computing.
+"""How often the service computed each distinct text, read off Redis: every computation of a text
+writes its cache entry once (the /predict worker's reply transaction, a bulk job's chunk), so
+counting the cache SETs per text digest in Redis' MONITOR stream counts the computations, with
+nothing added to the service. A reply transaction whose reply a broken connection lost is sent
+again as it was (`batcher.reply`): a transaction byte for byte the same as one already applied is
+that one again, one computation. The fault tests and the chaos run use it to show that recovery
+computes nothing twice but what a fault put back.
 
 MONITOR costs Redis throughput: for tests and the chaos run only. The monitor reconnects by itself
 when Redis restarts.
@@ -10,6 +12,7 @@ when Redis restarts.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import time
@@ -19,12 +22,15 @@ import redis
 
 
 class CacheWrites:
-    """Counts, on a thread of its own, the cache entries written under `key_prefix` per text digest."""
+    """Counts, on a thread of its own, the computations written to cache entries under `key_prefix`,
+    per text digest."""
 
     def __init__(self, redis_url: str, key_prefix: str) -> None:
         self._url = redis_url
         self._pattern = re.compile(rf"^SET {re.escape(key_prefix)}:cache:[^: ]+:([0-9a-f]{{64}}) ")
         self.counts: Counter[str] = Counter()
+        self._transactions: dict[str, list[str]] = {}  # client -> its commands since MULTI
+        self._applied: set[bytes] = set()  # digests of the transactions that wrote cache entries
         self._stop = threading.Event()
         self._watching = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cache-writes", daemon=True)
@@ -40,21 +46,40 @@ class CacheWrites:
         self._thread.join(10)
 
     def computed_more_than_once(self) -> dict[str, int]:
-        """Digest -> writes, for every text written more than once."""
+        """Digest -> computations, for every text computed more than once."""
         return {digest: n for digest, n in self.counts.items() if n > 1}
+
+    def _seen(self, command: str, client: str) -> None:
+        """One command of the MONITOR stream (`client`: its connection). A transaction's commands are
+        kept until its EXEC, then counted, unless it is one already counted, sent again."""
+        name = command.split(" ", 1)[0].upper()
+        if name == "MULTI":
+            self._transactions[client] = []
+        elif name in ("EXEC", "DISCARD"):
+            commands = self._transactions.pop(client, [])
+            digests = [match.group(1) for c in commands if (match := self._pattern.match(c))]
+            if name == "EXEC" and digests:
+                sent = hashlib.sha256("\n".join(commands).encode()).digest()
+                if sent not in self._applied:
+                    self._applied.add(sent)
+                    self.counts.update(digests)
+        elif client in self._transactions:
+            self._transactions[client].append(command)
+        elif match := self._pattern.match(command):
+            self.counts[match.group(1)] += 1
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._transactions.clear()  # (a new connection: the clients of the last one are gone)
             try:
                 client = redis.Redis.from_url(self._url, socket_timeout=1.0)
                 with client.monitor() as monitor:
                     self._watching.set()
                     while not self._stop.is_set():
                         try:
-                            command = monitor.next_command()["command"]
+                            seen = monitor.next_command()
                         except redis.TimeoutError:
                             continue
-                        if match := self._pattern.match(command):
-                            self.counts[match.group(1)] += 1
+                        self._seen(seen["command"], f"{seen['client_address']}:{seen['client_port']}")
             except (redis.ConnectionError, OSError):
                 time.sleep(0.2)
