@@ -23,12 +23,13 @@ import redis
 
 class CacheWrites:
     """Counts, on a thread of its own, the computations written to cache entries under `key_prefix`,
-    per text digest."""
+    per text digest, and when each digest's entry was first written."""
 
     def __init__(self, redis_url: str, key_prefix: str) -> None:
         self._url = redis_url
         self._pattern = re.compile(rf"^SET {re.escape(key_prefix)}:cache:[^: ]+:([0-9a-f]{{64}}) ")
         self.counts: Counter[str] = Counter()
+        self.first_written: dict[str, float] = {}  # digest -> unix s (Redis's clock) of its first cache write
         self._transactions: dict[str, list[str]] = {}  # client -> its commands since MULTI
         self._applied: set[bytes] = set()  # digests of the transactions that wrote cache entries
         self._stop = threading.Event()
@@ -49,9 +50,10 @@ class CacheWrites:
         """Digest -> computations, for every text computed more than once."""
         return {digest: n for digest, n in self.counts.items() if n > 1}
 
-    def _seen(self, command: str, client: str) -> None:
-        """One command of the MONITOR stream (`client`: its connection). A transaction's commands are
-        kept until its EXEC, then counted, unless it is one already counted, sent again."""
+    def _seen(self, command: str, client: str, at: float) -> None:
+        """One command of the MONITOR stream (`client`: its connection, `at`: when Redis ran it). A
+        transaction's commands are kept until its EXEC, then counted, unless it is one already
+        counted, sent again."""
         name = command.split(" ", 1)[0].upper()
         if name == "MULTI":
             self._transactions[client] = []
@@ -62,11 +64,16 @@ class CacheWrites:
                 sent = hashlib.sha256("\n".join(commands).encode()).digest()
                 if sent not in self._applied:
                     self._applied.add(sent)
-                    self.counts.update(digests)
+                    self._computed(digests, at)
         elif client in self._transactions:
             self._transactions[client].append(command)
         elif match := self._pattern.match(command):
-            self.counts[match.group(1)] += 1
+            self._computed([match.group(1)], at)
+
+    def _computed(self, digests: list[str], at: float) -> None:
+        self.counts.update(digests)
+        for digest in digests:
+            self.first_written.setdefault(digest, at)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -80,6 +87,6 @@ class CacheWrites:
                             seen = monitor.next_command()
                         except redis.TimeoutError:
                             continue
-                        self._seen(seen["command"], f"{seen['client_address']}:{seen['client_port']}")
+                        self._seen(seen["command"], f"{seen['client_address']}:{seen['client_port']}", seen["time"])
             except (redis.ConnectionError, OSError):
                 time.sleep(0.2)

@@ -323,7 +323,8 @@ def _chaos(settings: Settings, args: argparse.Namespace) -> None:
         args.out or (None if args.quick else CHECKOUT / "benchmarks" / "results"),
         None if args.quick else args.doc or CHECKOUT / "docs" / "reliability.md",
     )
-    print(json.dumps({k: results[k] for k in ("passed", "invariants", "requests", "statuses", "jobs")}, indent=1))
+    shown = ("passed", "invariants", "examples", "requests", "statuses", "jobs")  # examples: of what broke
+    print(json.dumps({k: results[k] for k in shown}, indent=1))
     sys.exit(0 if results["passed"] else 1)
 
 

@@ -31,3 +31,5 @@ def test_a_transaction_sent_again_is_one_computation_and_another_workers_is_anot
     digest = {text: text_digest(text) for text in ("resent", "again", "last")}
     assert writes.counts == {digest["resent"]: 1, digest["again"]: 2, digest["last"]: 1}
     assert writes.computed_more_than_once() == {digest["again"]: 2}
+    assert writes.first_written[digest["again"]] == writes.first_written[digest["resent"]]  # the first write's time
+    assert writes.first_written[digest["again"]] < writes.first_written[digest["last"]]

@@ -1,6 +1,7 @@
 """The chaos run's short version (`sentiment chaos --quick`): the production topology behind the
 project's fault proxies, mixed /predict and /jobs load, every fault once, every invariant of
-docs/reliability.md's chaos section holding. About two minutes, with start-up."""
+docs/reliability.md's chaos section holding (about two minutes, with start-up); and the invariants'
+checks failing on counts that break them."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.chaos import run
+from benchmarks.chaos import Answer, Fault, JobRun, computed_past_put_back, run
+from core.protocol import text_digest
 from tests.conftest import shared_path
 
-pytestmark = pytest.mark.faults
 
-
+@pytest.mark.faults
 def test_every_promise_holds_while_faults_run_under_mixed_load(small_model_dir: Path, tmp_path: Path) -> None:
     results = run(small_model_dir, shared_path("data/sst2-train.tsv"), 60.0, out=tmp_path)
     recovery = {f["name"]: (f["recovery_s"], f["answers_meanwhile"]) for f in results["faults"]}
@@ -25,3 +26,29 @@ def test_every_promise_holds_while_faults_run_under_mixed_load(small_model_dir: 
     assert len(results["faults"]) == 10 and all(f["recovery_s"] is not None for f in results["faults"])
     assert results["statuses"].get("200", 0) > 1000 and results["jobs"]["finished"] >= 5, shown
     assert (tmp_path / Path(results["results_file"]).name).is_file()
+
+
+def test_a_text_computed_more_often_than_raced_for_or_put_back_by_a_fault_breaks_the_invariant() -> None:
+    """Texts first written at 10 s: one asked once (and again once cached), one asked by two requests
+    before it was written, one in a job that a fault ran across, one in a job after the fault."""
+    answers = [
+        Answer("http://api-1", ["asked once"], 9.0),
+        Answer("http://api-2", ["asked once", "raced"], 11.0),  # after the first write: a cache hit
+        Answer("http://api-1", ["raced"], 9.0),
+        Answer("http://api-2", ["raced"], 9.5),
+    ]
+    jobs = [
+        JobRun(["in a cut job"], 8.0, status=202, ended_at=12.0),
+        JobRun(["in a later job"], 9.8, status=202, ended_at=10.5),
+    ]
+    faults = [Fault("jobs worker SIGKILL", 9.6, 9.6)]
+    texts = ("asked once", "raced", "in a cut job", "in a later job")
+    first_written = {text_digest(text): 10.0 for text in texts}
+    bounds = dict(zip(texts, (1, 2, 2, 1), strict=True))
+
+    within = {text_digest(text): bound for text, bound in bounds.items()}
+    assert computed_past_put_back(within, first_written, answers, jobs, faults) == []
+    beyond = {text_digest(text): bound + 1 for text, bound in bounds.items()}
+    assert computed_past_put_back(beyond, first_written, answers, jobs, faults) == [
+        {"text": text_digest(text), "computed": bound + 1, "bound": bound} for text, bound in bounds.items()
+    ]
