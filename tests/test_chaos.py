@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.chaos import Answer, Fault, JobRun, computed_past_put_back, run
+from benchmarks.cache_writes import CacheWrites
+from benchmarks.chaos import Answer, Fault, JobRun, Traffic, check, computed_past_put_back, run
+from benchmarks.workload import UniqueTexts
 from core.protocol import text_digest
 from tests.conftest import shared_path
 
@@ -52,3 +54,24 @@ def test_a_text_computed_more_often_than_raced_for_or_put_back_by_a_fault_breaks
     assert computed_past_put_back(beyond, first_written, answers, jobs, faults) == [
         {"text": text_digest(text), "computed": bound + 1, "bound": bound} for text, bound in bounds.items()
     ]
+
+
+@pytest.mark.parametrize(
+    ("end", "broken"),
+    [
+        ({"api-1": 84_000, "worker-1": 549_000}, []),  # 5% and 9.8%
+        ({"api-1": 88_800, "worker-1": 500_000}, ["api-1"]),  # 11%
+        ({"api-1": 80_000, "worker-1": None}, ["worker-1"]),  # not measured
+    ],
+)
+def test_memory_grown_past_its_bound_or_not_measured_fails_the_run(
+    end: dict[str, int | None], broken: list[str]
+) -> None:
+    """A quiet run (no requests, no faults) with the never-killed processes' memory at the end of the
+    warm-up and at the end (KiB): only the memory check can fail it."""
+    memory: dict[str, dict[str, int | None]] = {"base": {"api-1": 80_000, "worker-1": 500_000}, "end": end}
+    traffic = Traffic(["http://127.0.0.1:1", "http://127.0.0.1:2"], [], UniqueTexts(["unsent"]))
+    writes = CacheWrites("redis://127.0.0.1:1/0", "unwatched")  # (never entered: nothing watched, nothing counted)
+    results = check(traffic, [], {}, writes, [], memory)
+    assert results["passed"] == (not broken), results["invariants"]
+    assert sorted(n for found in results["examples"].values() for n in found) == broken
