@@ -14,10 +14,14 @@ by themselves; until then their commands fail as in any outage (`core.redis_erro
 Every client, of every process, gets `link_options`: a peer that goes silent without closing the
 connection (a host gone, a partition, a failover behind a proxy) is noticed within seconds, not
 after TCP's retry limit (about 15 minutes).
+
+A URL is shown (logs, refusals) only as `masked` shows it, its passwords hidden; a process reaches
+its Redis once as it starts (`reach`), to tell a Redis not up yet from a URL that is wrong.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -26,14 +30,18 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 import redis.asyncio
+import redis.connection
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.connection import BlockingConnectionPool as AsyncBlockingPool
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelPool
 from redis.asyncio.sentinel import SentinelManagedConnection
+from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.sentinel import Sentinel
+
+from core.redis_errors import OUTAGE
 
 SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_PORT = 26379
@@ -115,6 +123,54 @@ def is_sentinel(url: str) -> bool:
     """Whether `url` is the Sentinel form: a failover may lose the last writes (replication is
     asynchronous), which the API's waiting requests then push again (`api.results`)."""
     return urlsplit(url).scheme == SENTINEL_SCHEME
+
+
+def check_url(url: str) -> str:
+    """`url` when redis-py can connect by it; else ValueError saying why (never quoting it)."""
+    if SentinelUrl.parse(url) is None:
+        redis.connection.parse_url(url)
+    return url
+
+
+def masked(url: str) -> str:
+    """`url` as logs and refusals show it: the password of its user part and of its query
+    (`password`, `sentinel_password`) as `***`, a user part without a `:` all of it, malformed or not."""
+    scheme, sep, rest = url.rpartition("://")
+    userinfo, at, hosts = rest.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        rest = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
+    return re.sub(r"((?:^|[?&])(?:sentinel_)?password=)[^&]*", r"\1***", scheme + sep + rest)
+
+
+class RedisAtStart(Exception):
+    """Redis, as a process starts, is not what SENTIMENT_REDIS_URL promised: the message is one line
+    naming the URL, masked, and what failed."""
+
+
+class RedisUnreachable(RedisAtStart):
+    """Nothing answers at the URL: Redis may be down, or not up yet."""
+
+
+class RedisRefused(RedisAtStart):
+    """Redis answered and turned this service away: no wait fixes that, a person must."""
+
+
+def reach(url: str, timeout_s: float) -> None:
+    """PING Redis at `url` once, as a process starts. `RedisRefused` when it answers but refuses the
+    URL's credentials (a wrong password, an unknown user), its database or the PING;
+    `RedisUnreachable` when nothing answers within `timeout_s` (a Redis still loading its data
+    counts: it will answer)."""
+    client = sync_client(url, timeout_s)
+    try:
+        client.ping()
+    except (RedisError, OSError) as exc:
+        said = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, OUTAGE) and not isinstance(exc, AuthenticationError):  # (redis-py's is a ConnectionError)
+            raise RedisUnreachable(f"Redis at {masked(url)} is unreachable ({said})") from None
+        raise RedisRefused(f"Redis at {masked(url)} refused this service ({said}): check SENTIMENT_REDIS_URL") from None
+    finally:
+        client.close()
 
 
 def sync_client(url: str, timeout_s: float, **options: Any) -> redis.Redis:

@@ -15,6 +15,7 @@ from typing import Annotated, Literal, get_args, get_origin
 from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from core.redis_connect import check_url, masked
 from core.webhooks import secret_key
 
 MIN_API_KEY_CHARS = 16  # a guessable key is no key
@@ -35,6 +36,7 @@ class Settings(BaseSettings):
         description="Redis holding the queue, results and cache (redis://, rediss:// for TLS, "
         "redis+sentinel://host1:26379,host2:26379/mymaster/0 behind Sentinel: docs/deploy.md). "
         "`sentiment serve` starts an embedded one when this is not set.",
+        json_schema_extra={"rule": "a redis://, rediss://, unix:// or redis+sentinel:// URL"},
     )
     redis_timeout_s: float = Field(
         5.0,
@@ -290,6 +292,11 @@ class Settings(BaseSettings):
         "INFO", description="Python log level (any case)."
     )
 
+    @field_validator("redis_url")
+    @classmethod
+    def _connectable(cls, url: str) -> str:
+        return check_url(url)
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: object) -> object:
@@ -421,9 +428,12 @@ def _refusal(exc: ValidationError) -> str:
 
 
 def _shown(name: str) -> str:
-    """The variable's value as set, quoted; a secret's only as its values' lengths."""
+    """The variable's value as set, quoted; a secret's only as its values' lengths, a Redis URL's
+    without its password."""
     variable = f"SENTIMENT_{name}".upper()
     value = next((v for k, v in os.environ.items() if k.upper() == variable), "")
+    if name == "redis_url":
+        return repr(masked(value))
     if "SecretStr" not in str(Settings.model_fields[name].annotation):
         return repr(value)
     lengths = [str(len(v.strip())) for v in value.split(",") if v.strip()]

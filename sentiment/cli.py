@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from redis import Redis
 
-from core.redis_connect import sync_client
+from core.redis_connect import RedisRefused, RedisUnreachable, reach, sync_client
 from core.redis_errors import OUTAGE
 from core.settings import Settings, SettingsError, from_environment
 from model_store.hub import DEFAULT_REPO
@@ -186,7 +186,22 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
 def _api(settings: Settings, args: argparse.Namespace) -> None:
     import api.server
 
-    api.server.run(settings.model_copy(update={"grpc_port": args.grpc_port}), args.host, args.port)
+    listening = api.server.listen(args.host, args.port)  # a taken port first: it costs nothing
+    _reach_redis(settings, "api", "answering 503 until it does")
+    api.server.run(settings.model_copy(update={"grpc_port": args.grpc_port}), args.host, args.port, listening)
+
+
+def _reach_redis(settings: Settings, command: str, meanwhile: str) -> None:
+    """Redis as `command` starts: one that turns the service away (a wrong password, an unknown user)
+    ends it with one line; one not up yet is said once, at WARNING, with what the process does
+    `meanwhile`, since it reconnects by itself (docs/reliability.md, "Redis outage"): Kubernetes starts
+    it beside Redis."""
+    try:
+        reach(settings.redis_url, settings.redis_timeout_s)
+    except RedisRefused as exc:
+        raise SystemExit(f"sentiment {command}: {exc}") from None
+    except RedisUnreachable as exc:
+        log.warning("%s: %s", exc, meanwhile)
 
 
 def _model_process(settings: Settings) -> None:
@@ -236,6 +251,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
 
     with _starting("worker"):
         classifier = Classifier.from_settings(settings)
+    _reach_redis(settings, "worker", "waiting for it, retrying")
     keys = Keys(settings.key_prefix)
     client = worker_client(settings.redis_url, settings.redis_timeout_s, keys)
     metrics.serve(settings.metrics_port, metrics.QueueDepth(client, keys))
@@ -257,6 +273,7 @@ def _jobs_worker(settings: Settings, args: argparse.Namespace) -> None:
     from batcher.jobs import run
     from batcher.thread_failure import ThreadFailed
 
+    _reach_redis(settings, "jobs-worker", "waiting for it, retrying")
     try:
         run(settings)
     except ThreadFailed as exc:  # logged with its traceback; the exit says it in one line

@@ -34,7 +34,7 @@ import redis
 
 import api.server
 from core.liveness import jobs_worker_alive_on_this_host, worker_alive_on_this_host
-from core.redis_connect import sync_client
+from core.redis_connect import RedisAtStart, RedisUnreachable, masked, reach, sync_client
 from core.settings import Settings
 from model_store.checkpoint_files import missing_checkpoint
 from sentiment.supervisor import Child, StartFailed, Supervisor, die_with_parent
@@ -177,8 +177,9 @@ def worker_metrics_ports(settings: Settings) -> list[int]:
 
 def serve(settings: Settings, host: str, port: int, data_dir: Path | None) -> None:
     """Redis (embedded unless SENTIMENT_REDIS_URL is set, keeping its data in `data_dir` unless that
-    is None), the worker processes once they serve, then the API here. No model, a taken port, a data
-    directory in use or a worker that cannot start ends it with one line and exit 1."""
+    is None), the worker processes once they serve, then the API here. No model, a taken port, a given
+    Redis that is unreachable or refuses it, a data directory in use or a worker that cannot start ends
+    it with one line and exit 1."""
     if missing := missing_checkpoint(settings.model_dir):  # before anything starts, as the ports below
         raise SystemExit(f"sentiment serve: {missing}")
     listening = api.server.listen(host, port)  # before anything starts: a taken port costs nothing
@@ -189,20 +190,25 @@ def serve(settings: Settings, host: str, port: int, data_dir: Path | None) -> No
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # (until the API's own handler replaces it)
     given = settings.redis_url if settings.redis_url_given else None
     try:
+        if given:  # one machine, nothing of its own to wait for: a Redis that is not up ends serve
+            reach(given, settings.redis_timeout_s)
         with contextlib.nullcontext(given) if given else embedded_redis(data_dir) as url:
             supervisor = Supervisor(children(settings, url), serving(settings, url))
             try:
                 log.debug("starting the workers")
                 supervisor.start()
-                # (a given URL may hold a password)
-                where = "at SENTIMENT_REDIS_URL" if given else embedded_kind(url, data_dir)
+                where = f"at {masked(given)}" if given else embedded_kind(url, data_dir)
                 log.info("%s up; Redis %s", ", ".join(c.name for c in supervisor.children), where)
                 api.server.run(
                     settings.model_copy(update={"redis_url": url}), host, port, listening, supervisor.problem
                 )
             finally:
                 supervisor.stop()
-    except (StartFailed, DataDirInUse) as exc:
+    except RedisUnreachable as exc:
+        raise SystemExit(
+            f"sentiment serve: {exc}: start it, or unset SENTIMENT_REDIS_URL for an embedded one"
+        ) from None
+    except (StartFailed, DataDirInUse, RedisAtStart) as exc:
         raise SystemExit(f"sentiment serve: {exc}") from None
 
 
