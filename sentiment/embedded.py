@@ -10,7 +10,8 @@ too (their parent-death signal).
 redis-server keeps an append-only file in a data directory (`--data-dir`, SENTIMENT_DATA_DIR), so
 jobs, results and the cache outlive a restart, and a job whose worker died is still retried after
 one; `--ephemeral` (and fakeredis) keep nothing, and serve says so at start. One serve at a time
-holds a data directory: its lock file stays locked while serve or its redis-server lives.
+holds a data directory: its lock file stays locked while serve or its redis-server lives. What
+redis-server says goes to `redis-server.log` there; a start it refuses ends serve with its last line.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import fcntl
 import itertools
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,8 +51,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SILENT_S = 10.0  # a redis-server that answers nothing this long, loading or not, will not start
+LOG_LINE = re.compile(rb"^\d+:[A-Z] \d+ \w+ \d+ [\d:.]+ [.*#-] ")  # `pid:role date time level ` of its log
+
+
 class DataDirInUse(Exception):
     """Another serve (or its redis-server) holds the data directory: two servers would corrupt its file."""
+
+
+class DataDirUnusable(Exception):
+    """The data directory cannot be made or written, or redis-server would not start in it: one line,
+    with the reason the system or redis-server gave."""
 
 
 @contextlib.contextmanager
@@ -86,9 +98,15 @@ def embedded_redis(data_dir: Path | None = None) -> Iterator[str]:
 
 def _lock(data_dir: Path) -> int:
     """`data_dir` (made if missing) locked for this serve: an open descriptor of its lock file, which
-    redis-server inherits (the lock lasts while either lives); DataDirInUse when another holds it."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(data_dir / "serve.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    redis-server inherits (the lock lasts while either lives); DataDirInUse when another holds it,
+    DataDirUnusable when it cannot be made or written."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(data_dir / "serve.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise DataDirUnusable(
+            f"cannot keep data in {data_dir} ({exc.strerror}): name another --data-dir, or run --ephemeral"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -114,40 +132,62 @@ def start_redis_server(
     port: int, data_dir: Path | None = None, fsync: str = "everysec", holding: int | None = None
 ) -> subprocess.Popen[bytes]:
     """A redis-server on 127.0.0.1:`port`, answering PING when this returns: memory-only, or with an
-    append-only file in `data_dir` written to disk every second (`fsync` "always": every write).
-    `holding`: a descriptor it keeps open as long as it runs (a lock)."""
+    append-only file in `data_dir` written to disk every second (`fsync` "always": every write), and
+    its log in `redis-server.log` there. `holding`: a descriptor it keeps open as long as it runs (a
+    lock). DataDirUnusable, with its own last word, when it will not start."""
     exe = shutil.which("redis-server") or "redis-server"
     args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
     if data_dir is None:
         args += ["--appendonly", "no"]
     else:
         args += ["--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", fsync]
-    proc = subprocess.Popen(
-        args,
-        stdout=subprocess.DEVNULL,
-        start_new_session=True,
-        preexec_fn=die_with_parent(os.getpid()),
-        pass_fds=() if holding is None else (holding,),
-    )
-    try:
-        _wait_for_redis(f"redis://127.0.0.1:{port}/0", proc)
-    except RuntimeError:
+    where = f"on 127.0.0.1:{port}" if data_dir is None else f"in {data_dir}"
+    with open(data_dir / "redis-server.log", "w+b") if data_dir else tempfile.TemporaryFile() as said:
+        proc = subprocess.Popen(
+            args,
+            stdout=said,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent(os.getpid()),
+            pass_fds=() if holding is None else (holding,),
+        )
+        if (failure := _wait_for_redis(f"redis://127.0.0.1:{port}/0", proc, where)) is None:
+            return proc
         proc.kill()
-        raise
-    return proc
+        proc.wait()
+        said.seek(0)
+        raise DataDirUnusable(f"redis-server would not start {where} ({failure}): {_last_word(said.read())}")
 
 
-def _wait_for_redis(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
-    client = redis.Redis.from_url(url)
-    give_up = time.monotonic() + timeout_s
-    while True:
-        try:
-            client.ping()
-            return
-        except redis.ConnectionError:
-            if proc.poll() is not None or time.monotonic() > give_up:
-                raise RuntimeError(f"embedded redis-server did not start on {url}") from None
+def _wait_for_redis(url: str, proc: subprocess.Popen[bytes], where: str) -> str | None:
+    """None once redis-server answers PING; else why it will not: it exited, or answered nothing for
+    `SILENT_S`. While it loads its append-only file it answers LOADING, for as long as that takes."""
+    client = redis.Redis.from_url(url, socket_timeout=SILENT_S, socket_connect_timeout=SILENT_S)
+    give_up, loading = time.monotonic() + SILENT_S, False
+    try:
+        while True:
+            try:
+                client.ping()
+                return None
+            except redis.BusyLoadingError:
+                if not loading:
+                    log.info("redis-server %s is loading its append-only file; serve starts once it is loaded", where)
+                give_up, loading = time.monotonic() + SILENT_S, True
+            except (redis.ConnectionError, redis.TimeoutError):
+                pass
+            if (code := proc.poll()) is not None:
+                return f"exit {code}"
+            if time.monotonic() > give_up:
+                return f"no answer in {SILENT_S:.0f} s"
             time.sleep(0.05)
+    finally:
+        client.close()
+
+
+def _last_word(said: bytes) -> str:
+    """redis-server's last meaningful line: its log's last that is not blank, without the prefix."""
+    lines = [LOG_LINE.sub(b"", line).strip() for line in said.splitlines()]
+    return next((line.decode(errors="replace") for line in reversed(lines) if line), "it said nothing")
 
 
 def worker_threads(settings: Settings) -> int | None:
@@ -178,8 +218,8 @@ def worker_metrics_ports(settings: Settings) -> list[int]:
 def serve(settings: Settings, host: str, port: int, data_dir: Path | None) -> None:
     """Redis (embedded unless SENTIMENT_REDIS_URL is set, keeping its data in `data_dir` unless that
     is None), the worker processes once they serve, then the API here. No model, a taken port, a given
-    Redis that is unreachable or refuses it, a data directory in use or a worker that cannot start ends
-    it with one line and exit 1."""
+    Redis that is unreachable or refuses it, a data directory in use or unusable, a redis-server that
+    will not start or a worker that cannot start ends it with one line and exit 1."""
     if missing := missing_checkpoint(settings.model_dir):  # before anything starts, as the ports below
         raise SystemExit(f"sentiment serve: {missing}")
     listening = api.server.listen(host, port)  # before anything starts: a taken port costs nothing
@@ -208,7 +248,7 @@ def serve(settings: Settings, host: str, port: int, data_dir: Path | None) -> No
         raise SystemExit(
             f"sentiment serve: {exc}: start it, or unset SENTIMENT_REDIS_URL for an embedded one"
         ) from None
-    except (StartFailed, DataDirInUse, RedisAtStart) as exc:
+    except (StartFailed, DataDirInUse, DataDirUnusable, RedisAtStart) as exc:
         raise SystemExit(f"sentiment serve: {exc}") from None
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import redis
 
 from core.settings import Settings
 from sentiment import embedded
+from tests.conftest import wait_for
 
 
 @pytest.mark.parametrize("has_redis_server", [True, False])
@@ -34,6 +36,29 @@ def test_embedded_redis_serves_the_commands_the_service_uses(
         pubsub.close()
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(url, socket_connect_timeout=1).ping()  # gone with its context
+
+
+def test_a_redis_server_loading_a_large_append_only_file_is_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, keys = tmp_path / "data", 300
+    with embedded.embedded_redis(data) as url:
+        client = redis.Redis.from_url(url)
+        for n in range(keys):  # incompressible values: the load answers LOADING between them
+            client.set(f"key:{n}", os.urandom(2000))
+        client.bgrewriteaof()
+        wait_for("the rewritten append-only file", lambda: client.info("persistence")["aof_rewrite_in_progress"] == 0)
+    # redis-server as it loads a large file: slowly, each key delayed (a debugging option of its own),
+    # answering LOADING meanwhile; longer than any bound a start could put on a server that answers.
+    slow = tmp_path / "redis-server"
+    real = shutil.which("redis-server")
+    slow.write_text(
+        f'#!/bin/sh\nexec {real} "$@" --key-load-delay 50000 --loading-process-events-interval-bytes 1024\n'
+    )
+    slow.chmod(0o755)
+    monkeypatch.setattr(embedded.shutil, "which", lambda name: str(slow))
+    with embedded.embedded_redis(data) as url:
+        assert redis.Redis.from_url(url).dbsize() == keys
 
 
 @pytest.mark.parametrize(

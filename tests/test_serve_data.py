@@ -23,7 +23,7 @@ from rq.job import Job
 from core.job_spec import RETRY, SERIALIZER
 from sentiment import embedded
 from sentiment.embedded import free_port
-from tests.conftest import answers, wait_for
+from tests.conftest import HANG_GUARD_S, answers, wait_for
 
 BIG_JOB = [f"review {n}: " + "the plot wanders but the actors carry it along " * 6 for n in range(10_000)]
 
@@ -122,3 +122,36 @@ def test_without_redis_server_serve_says_nothing_persists(monkeypatch: pytest.Mo
         assert redis.Redis.from_url(url).ping()
         said = embedded.embedded_kind(url, Path("unused"))  # what serve's "up" line says of its Redis
     assert "nothing persists, jobs, results and the cache end with serve" in said
+
+
+def refused_data_dir(model_dir: Path, data: Path) -> list[str]:
+    """What `sentiment serve --data-dir DATA` wrote, line by line, having exited 1."""
+    done = subprocess.run(
+        [sys.executable, "-m", "sentiment.cli", "serve", "--port", str(free_port()), "--data-dir", str(data)],
+        env=serve_env(model_dir),
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert done.returncode == 1, done.stderr
+    return done.stderr.strip().splitlines()
+
+
+def test_a_data_directory_that_cannot_be_made_ends_serve_with_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    data = tmp_path / "a-file" / "data"  # under a regular file: nobody can make it, root included
+    assert refused_data_dir(tiny_model_dir, data) == [
+        f"sentiment serve: cannot keep data in {data} (Not a directory): name another --data-dir, or run --ephemeral"
+    ]
+
+
+def test_a_redis_server_that_will_not_start_ends_serve_with_its_own_reason(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "appendonlydir").write_text("")  # where redis-server keeps its append-only files: a file instead
+    assert refused_data_dir(tiny_model_dir, data) == [
+        f"sentiment serve: redis-server would not start in {data} (exit 1): "
+        "Can't open or create append-only dir appendonlydir: Not a directory"
+    ]
