@@ -4,9 +4,10 @@ A worker that exits while it starts (no model, a broken one) ends serve: `start`
 with the worker's own last line. One that dies later is restarted after 1, 2, 4 ... 30 s (back to 1 s
 once it has stayed up a minute), and `problem` says so meanwhile, for /ready. Every child gets
 Linux's parent-death signal, so SIGKILL of serve still ends it (SIGTERM: a worker finishes its batch
-and hands back the rest), and its stderr passes through serve, which keeps the last line of each.
-What the children write while they start is held until all are up: a start-up failure then prints
-one line, serve's, with the failed child's cause (what was held is logged at DEBUG).
+and hands back the rest), and its stderr passes through serve, which keeps the last line of each
+and drains it even once serve's own stderr is gone. What the children write while they start is
+held until all are up: a start-up failure then prints one line, serve's, with the failed child's
+cause (what was held is logged at DEBUG).
 """
 
 from __future__ import annotations
@@ -119,9 +120,14 @@ class Child:
 
     @staticmethod
     def _write(*lines: bytes) -> None:
-        for line in lines:
-            sys.stderr.buffer.write(line)
-        sys.stderr.flush()
+        """To serve's stderr; once that is gone (a closed terminal, a reader that ended: EPIPE), nowhere.
+        The child's pipe is drained all the same, or the child would block on it once full."""
+        try:
+            for line in lines:
+                sys.stderr.buffer.write(line)
+            sys.stderr.flush()
+        except (OSError, ValueError):  # (ValueError: serve's stderr closed)
+            pass
 
 
 class Supervisor:

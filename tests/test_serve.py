@@ -5,6 +5,7 @@ them, the embedded redis-server included, even after serve has gone."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -264,3 +265,37 @@ def test_ready_says_a_child_died_but_never_its_last_line(tmp_path: Path, caplog:
             supervisor.stop()
     assert reason.startswith("pull died; restart 1 in "), reason
     assert "exit 1: sentiment model pull: HF_HUB_OFFLINE is set and the hub cache" in caplog.text
+
+
+def test_a_child_writing_much_keeps_running_once_serves_stderr_is_gone(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Serve's stderr a pipe nobody reads any more (a closed terminal, `serve | head` that ended): what
+    # the children write goes nowhere, but their pipes must still be drained, or a child blocks on a
+    # full one, mid-log, with the work in its hands.
+    read, write = os.pipe()
+    os.close(read)
+    gone = open(write, "w")  # noqa: SIM115 (closed below, its unwritable buffer dropped)
+    monkeypatch.setattr(sys, "stderr", gone)
+    written = tmp_path / "written"
+    noisy = tmp_path / "noisy"
+    noisy.mkdir()
+    (noisy / "sitecustomize.py").write_text(  # (Python runs it at start: the child writes 4 pipes' worth, then waits)
+        "import sys, time\n"
+        "for _ in range(64):\n"
+        "    sys.stderr.write('x' * 4095 + '\\n')\n"
+        "    sys.stderr.flush()\n"
+        f"open({str(written)!r}, 'w').close()\n"
+        "time.sleep(600)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(noisy), os.environ.get("PYTHONPATH", "")])}
+    supervisor = Supervisor([Child("noisy", "model", env, ("pull", "--help"))], lambda _: True)
+    supervisor.start()
+    try:
+        wait_for("the child to write it all", written.exists)
+        assert supervisor.children[0].exit_code() is None
+        wait_for("serve to have read it all", lambda: supervisor.children[0].last_line == "x" * 4095)
+    finally:
+        supervisor.stop()
+        with contextlib.suppress(BrokenPipeError):
+            gone.close()
