@@ -165,6 +165,8 @@ def production_topology(block: str) -> None:
                 f"curl -s localhost:{ports['8000']}/predict -H 'content-type: application/json' -d '{{\"text\": [\"Great.\"]}}'"
             )
             assert len(json.loads(out)["predictions"]) == 1
+            # It has no password: this machine alone may reach it.
+            assert redis.Redis(port=ports["6380"]).config_get("bind") == {"bind": "127.0.0.1"}
     finally:
         with suppress(redis.ConnectionError):  # (daemonized: outside the script's group)
             redis.Redis(port=ports["6380"]).shutdown(nosave=True)
