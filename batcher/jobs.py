@@ -452,6 +452,6 @@ def _stop_on_signal(asked: threading.Event) -> None:
 
 def run(settings: Settings) -> None:
     """`sentiment jobs-worker`: serve jobs."""
-    metrics.serve(settings.jobs_metrics_port)
+    metrics.serve(settings.metrics_host, settings.jobs_metrics_port)
     redis = sync_client(settings.redis_url, settings.redis_timeout_s)
     serve_jobs(settings, Bulk(settings, redis), redis)

@@ -194,8 +194,8 @@ class QueueDepth(Collector):
         return family
 
 
-def serve(port: int, *collectors: Collector) -> None:
-    """Expose this process's metrics (plus `collectors`) over HTTP on `port`; 0 disables.
+def serve(host: str, port: int, *collectors: Collector) -> None:
+    """Expose this process's metrics (plus `collectors`) over HTTP on `host`:`port`; port 0 disables.
 
     A port already taken is logged, not fatal: a worker that cannot be scraped still serves.
     """
@@ -204,8 +204,8 @@ def serve(port: int, *collectors: Collector) -> None:
     for collector in collectors:
         REGISTRY.register(collector)
     try:
-        start_http_server(port)
+        start_http_server(port, host)
     except OSError as exc:
-        log.error("metrics not served: cannot listen on port %d (%s)", port, exc)
+        log.error("metrics not served: cannot listen on %s:%d (%s)", host, port, exc)
         return
-    log.info("metrics on :%d/metrics", port)
+    log.info("metrics on %s:%d/metrics", host, port)

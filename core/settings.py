@@ -372,6 +372,12 @@ class Settings(BaseSettings):
         description="Port of the bulk-jobs worker's Prometheus /metrics (apart from the worker's, so `serve` "
         "runs both on one machine); 0 disables.",
     )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address both workers serve their Prometheus /metrics on: this machine alone, as the API's "
+        "`SENTIMENT_HOST`; `0.0.0.0` where Prometheus scrapes them from elsewhere (the images and the Kubernetes "
+        "manifests set it).",
+    )
 
     @property
     def redis_url_given(self) -> bool:

@@ -254,7 +254,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
     _reach_redis(settings, "worker", "waiting for it, retrying")
     keys = Keys(settings.key_prefix)
     client = worker_client(settings.redis_url, settings.redis_timeout_s, keys)
-    metrics.serve(settings.metrics_port, metrics.QueueDepth(client, keys))
+    metrics.serve(settings.metrics_host, settings.metrics_port, metrics.QueueDepth(client, keys))
     worker = Worker(settings, client, classifier)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())

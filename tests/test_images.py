@@ -265,13 +265,16 @@ def test_worker_image_runs_the_worker_by_default() -> None:
     assert cli(argv[1:]).run.__name__ == "_worker"
     check = exec_form(final.one("HEALTHCHECK").partition(" CMD ")[2])
     assert check[0] == "sentiment" and cli(check[1:]).probe == "ready"
+    assert final.env()["SENTIMENT_METRICS_HOST"] == "0.0.0.0", "scraped from outside the container"
 
 
 def test_api_image_runs_the_jobs_worker_on_request() -> None:
     # `docker run IMAGE jobs-worker` replaces CMD and keeps the ENTRYPOINT `sentiment`: the jobs worker
     # loads no model, so the torch-free image runs it.
-    assert exec_form(read_dockerfile(REPO / "Dockerfile.api").final.one("ENTRYPOINT")) == ["sentiment"]
+    final = read_dockerfile(REPO / "Dockerfile.api").final
+    assert exec_form(final.one("ENTRYPOINT")) == ["sentiment"]
     cli(["jobs-worker"])
+    assert final.env()["SENTIMENT_METRICS_HOST"] == "0.0.0.0", "its metrics scraped from outside the container"
 
 
 # ---------------------------------------------------------------- the build context

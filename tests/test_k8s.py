@@ -743,18 +743,19 @@ def _monitoring(kind: str) -> dict[str, Any]:
     return doc
 
 
-def _metrics_port(target: str, deployment: str) -> tuple[str, int, str]:
-    """(port name, number, path) where the deployment's process serves /metrics, from its settings."""
+def _metrics_endpoint(target: str, deployment: str) -> tuple[str, str, int, str]:
+    """(port name, address, number, path) where the deployment's process serves /metrics, from its settings."""
     container = container_of(target, deployment)
     if deployment == "sentiment-api":
-        return "http", cli_args(container["args"]).port, "/metrics"
+        args = cli_args(container["args"])
+        return "http", args.host, args.port, "/metrics"
     data = get(target, "ConfigMap", "sentiment-config")["data"] | env_of(container)
     settings = Settings(
         _env_file=None,
         **{k.removeprefix("SENTIMENT_").lower(): v for k, v in data.items() if k.startswith("SENTIMENT_")},
     )
     port = settings.metrics_port if container["args"][0] == "worker" else settings.jobs_metrics_port
-    return "metrics", port, "/metrics"
+    return "metrics", settings.metrics_host, port, "/metrics"
 
 
 def test_monitoring_renders_on_its_own_and_the_base_needs_no_operator() -> None:
@@ -783,7 +784,8 @@ def test_podmonitor_scrapes_every_app_pod_where_it_serves_metrics(target: str) -
         ports = {p["name"]: p["containerPort"] for c in containers(workload) for p in c.get("ports", [])}
         scraped = [e for e in endpoints if e["port"] in ports]
         assert len(scraped) == 1, f"{name}: {len(scraped)} endpoints match its ports {sorted(ports)}"
-        port_name, port, path = _metrics_port(target, name)
+        port_name, address, port, path = _metrics_endpoint(target, name)
+        assert address == "0.0.0.0", f"{name} serves /metrics on {address} alone: Prometheus scrapes the pod's address"
         assert (scraped[0]["port"], ports[scraped[0]["port"]], scraped[0]["path"]) == (port_name, port, path), name
         annotations = workload["spec"]["template"]["metadata"]["annotations"]
         assert (annotations["prometheus.io/port"], annotations["prometheus.io/path"]) == (str(port), path), name

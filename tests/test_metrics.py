@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,7 @@ from core.protocol import Keys, WorkItem, new_id
 from core.settings import Settings
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
-from tests.conftest import REPO, start_service, start_worker, wait_for
+from tests.conftest import REPO, Service, start_service, start_worker, wait_for
 
 MONITORING = REPO / "k8s" / "monitoring"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -304,6 +305,41 @@ def test_dashboard_and_alerts_query_only_series_the_service_exports(redis_url: s
     families = {re.sub(r"_(bucket|sum|count|total)$", "", n) for n in exported if n.startswith("sentiment_")}
     shown = {re.sub(r"_(bucket|sum|count|total)$", "", n) for n in queried}
     assert families <= shown, families - shown
+
+
+def listening_on(port: int) -> set[str]:
+    """The IPv4 addresses a socket of this machine listens on at `port` (Linux's /proc/net/tcp)."""
+    found = set()
+    for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = row.split()[1], row.split()[3]
+        address, at = local.split(":")
+        if state == "0A" and int(at, 16) == port:  # (0A: LISTEN)
+            found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return found
+
+
+@pytest.mark.parametrize(("host", "address"), [(None, "127.0.0.1"), ("0.0.0.0", "0.0.0.0")], ids=["default", "0.0.0.0"])
+def test_the_workers_serve_metrics_on_this_machine_alone_unless_told(
+    host: str | None, address: str, redis_url: str, tiny_model_dir: Path
+) -> None:
+    # As the API does on 127.0.0.1 unless told otherwise; the images and Kubernetes say 0.0.0.0.
+    worker_port, jobs_port = free_port(), free_port()
+    service = Service(
+        redis_url,
+        tiny_model_dir,
+        f"metrics-{new_id()[:8]}",
+        SENTIMENT_METRICS_PORT=str(worker_port),
+        SENTIMENT_JOBS_METRICS_PORT=str(jobs_port),
+        **({"SENTIMENT_METRICS_HOST": host} if host else {}),
+    )
+    service.start("worker")
+    service.start("jobs-worker")
+    try:
+        for port in (worker_port, jobs_port):
+            assert wait_for(f"metrics on port {port}", lambda port=port: listening_on(port)) == {address}
+            assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 200
+    finally:
+        service.stop()
 
 
 def test_busy_time_counts_overlapping_batches_once(monkeypatch: pytest.MonkeyPatch) -> None:
