@@ -58,6 +58,15 @@ class Settings(BaseSettings):
         "`--ephemeral` keeps nothing); unused with SENTIMENT_REDIS_URL, or without redis-server (fakeredis keeps "
         "nothing).",
     )
+    embedded_redis_max_mb: int = Field(
+        256,
+        ge=1,
+        description="Most memory (MiB) `sentiment serve`'s embedded redis-server holds (its `maxmemory`): past it "
+        "keys that expire yield, least recently used first (`volatile-lru`, as in k8s/): cached predictions and "
+        "ended bulk jobs (which then answer 404 early), never the queues, work in hand or a queued or running job, "
+        "which never expire; with nothing left to yield, writes are refused (503). Unused with "
+        'SENTIMENT_REDIS_URL; fakeredis has no such bound (docs/tuning.md, "The API process").',
+    )
     host: str = Field("127.0.0.1", description="API bind address (`sentiment api`/`serve`; `--host` overrides it).")
     port: int = Field(8000, ge=1, le=65535, description="API port (`--port` overrides it).")
     grpc_port: int = Field(

@@ -9,9 +9,11 @@ too (their parent-death signal).
 
 redis-server keeps an append-only file in a data directory (`--data-dir`, SENTIMENT_DATA_DIR), so
 jobs, results and the cache outlive a restart, and a job whose worker died is still retried after
-one; `--ephemeral` (and fakeredis) keep nothing, and serve says so at start. One serve at a time
-holds a data directory: its lock file stays locked while serve or its redis-server lives. What
-redis-server says goes to `redis-server.log` there; a start it refuses ends serve with its last line.
+one; `--ephemeral` (and fakeredis) keep nothing, and serve says so at start. It holds at most
+SENTIMENT_EMBEDDED_REDIS_MAX_MB: past that the cache yields, never queued work or a job. One serve
+at a time holds a data directory: its lock file stays locked while serve or its redis-server lives.
+What redis-server says goes to `redis-server.log` there; a start it refuses ends serve with its last
+line.
 """
 
 from __future__ import annotations
@@ -65,15 +67,16 @@ class DataDirUnusable(Exception):
 
 
 @contextlib.contextmanager
-def embedded_redis(data_dir: Path | None = None) -> Iterator[str]:
+def embedded_redis(data_dir: Path | None = None, max_mb: int | None = None) -> Iterator[str]:
     """A Redis on 127.0.0.1 (yields its URL): redis-server keeping its data in `data_dir`, or
-    memory-only when that is None; fakeredis in this process, memory-only, without redis-server."""
+    memory-only when that is None, within `max_mb` MiB when given; fakeredis in this process,
+    memory-only and unbounded, without redis-server."""
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     if shutil.which("redis-server"):
         lock = _lock(data_dir) if data_dir is not None else None
         try:
-            proc = start_redis_server(port, data_dir, holding=lock)
+            proc = start_redis_server(port, data_dir, holding=lock, max_mb=max_mb)
         finally:
             if lock is not None:
                 os.close(lock)  # (redis-server holds it now, or nobody: it did not start)
@@ -129,14 +132,22 @@ def embedded_kind(url: str, data_dir: Path | None) -> str:
 
 
 def start_redis_server(
-    port: int, data_dir: Path | None = None, fsync: str = "everysec", holding: int | None = None
+    port: int,
+    data_dir: Path | None = None,
+    fsync: str = "everysec",
+    holding: int | None = None,
+    max_mb: int | None = None,
 ) -> subprocess.Popen[bytes]:
     """A redis-server on 127.0.0.1:`port`, answering PING when this returns: memory-only, or with an
     append-only file in `data_dir` written to disk every second (`fsync` "always": every write), and
     its log in `redis-server.log` there. `holding`: a descriptor it keeps open as long as it runs (a
-    lock). DataDirUnusable, with its own last word, when it will not start."""
+    lock). `max_mb`: its `maxmemory`, past which keys that expire yield, least recently used first
+    (the service gives none to queued work or a queued or running job). DataDirUnusable, with its own
+    last word, when it will not start."""
     exe = shutil.which("redis-server") or "redis-server"
     args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    if max_mb is not None:
+        args += ["--maxmemory", f"{max_mb}mb", "--maxmemory-policy", "volatile-lru"]
     if data_dir is None:
         args += ["--appendonly", "no"]
     else:
@@ -232,7 +243,9 @@ def serve(settings: Settings, host: str, port: int, data_dir: Path | None) -> No
     try:
         if given:  # one machine, nothing of its own to wait for: a Redis that is not up ends serve
             reach(given, settings.redis_timeout_s)
-        with contextlib.nullcontext(given) if given else embedded_redis(data_dir) as url:
+        with (
+            contextlib.nullcontext(given) if given else embedded_redis(data_dir, settings.embedded_redis_max_mb) as url
+        ):
             supervisor = Supervisor(children(settings, url), serving(settings, url))
             try:
                 log.debug("starting the workers")

@@ -20,7 +20,10 @@ import pytest
 import redis
 from rq.job import Job
 
+from api.job_store import JobStore
 from core.job_spec import RETRY, SERIALIZER
+from core.protocol import Keys
+from core.settings import Settings
 from sentiment import embedded
 from sentiment.embedded import free_port
 from tests.conftest import HANG_GUARD_S, answers, wait_for
@@ -41,14 +44,14 @@ def serve_env(model_dir: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def serving(model_dir: Path, log: Path, *args: str) -> Iterator[str]:
-    """`sentiment serve ARGS` on a free port until Ctrl-C (SIGINT), which must end it with exit 0;
-    yields its URL once ready. Its stderr goes to `log`."""
+def serving(model_dir: Path, log: Path, *args: str, **env: str) -> Iterator[str]:
+    """`sentiment serve ARGS` (its environment `serve_env` and `env`) on a free port until Ctrl-C
+    (SIGINT), which must end it with exit 0; yields its URL once ready. Its stderr goes to `log`."""
     port = free_port()
     with log.open("w") as stderr:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sentiment.cli", "serve", "--port", str(port), *args],
-            env=serve_env(model_dir),
+            env=serve_env(model_dir) | env,
             stderr=stderr,
         )
     url = f"http://127.0.0.1:{port}"
@@ -114,6 +117,34 @@ def test_serve_keeps_jobs_results_and_cache_across_a_restart_and_ctrl_c_requeues
     with serving(tiny_model_dir, log, "--data-dir", str(data), "--ephemeral") as url:
         assert "memory only (--ephemeral)" in log.read_text()
         assert httpx.get(f"{url}/jobs/{small}").status_code == 404
+
+
+def test_serves_redis_is_bounded_and_the_cache_yields_never_queued_work_or_a_job(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Keys of a deployment of their own beside serve's (its workers take none of them): what a busy
+    # serve's Redis holds, as the API and the workers write it; cache entries of 4 times its bound.
+    settings = Settings(key_prefix="bounded")
+    keys, item, entries = Keys(settings.key_prefix), b"an item queued by the API", 40_000
+    log = tmp_path / "serve.log"
+    with serving(tiny_model_dir, log, "--data-dir", str(tmp_path / "data"), SENTIMENT_EMBEDDED_REDIS_MAX_MB="4"):
+        found = re.search(r"Redis on (\S+) \(embedded redis-server", log.read_text())
+        assert found
+        client = redis.Redis.from_url(found.group(1))
+        client.lpush(keys.queue, item)
+        client.lpush(keys.processing("a-worker"), item)
+        jobs = JobStore(client, settings)
+        job = jobs.create(["a text of a queued job"])
+        for start in range(0, entries, 1000):
+            with client.pipeline(transaction=False) as pipe:
+                for n in range(start, start + 1000):
+                    pipe.set(keys.cache("v1", f"text {n}"), b"s" * 300, ex=settings.cache_ttl_s)
+                pipe.execute()
+        assert client.info("stats")["evicted_keys"] > 0
+        assert sum(1 for _ in client.scan_iter(f"{keys.prefix}:cache:*", count=1000)) < entries
+        assert client.lrange(keys.queue, 0, -1) == [item]
+        assert client.lrange(keys.processing("a-worker"), 0, -1) == [item]
+        assert jobs.view(job)["status"] == "queued"
 
 
 def test_without_redis_server_serve_says_nothing_persists(monkeypatch: pytest.MonkeyPatch) -> None:
