@@ -18,7 +18,8 @@ import numpy as np
 from opentelemetry.trace import Span, SpanKind
 
 from batcher import metrics
-from batcher.plan import Forward, Window
+from batcher.batches import Forward
+from batcher.plan import Window
 from batcher.reply import Replies
 from batcher.thread_failure import ThreadFailure
 from batcher.work import Text, traceparents

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from redis.exceptions import RedisError
 
 from batcher import metrics
-from batcher.plan import TAKE_AT_ONCE, Window
+from batcher.plan import Window
+from batcher.policy import TAKE_AT_ONCE
 from batcher.queue import WorkQueue
 from batcher.redis_link import Command
 from batcher.reply import Replies

@@ -60,7 +60,7 @@ class Text:
     waiters: list[tuple[Held, int]]
     arrived: float  # unix s: its first request's enqueue time (the API's clock)
     ids: list[int] = field(default_factory=list)
-    turn: float = 0.0  # its place in the fair order between clients (`plan.Window.add`)
+    turn: float = 0.0  # its place in the fair order between clients (`turns.Turns.take`)
     function: ScoreFunction | None = None  # the score function its requests named; None: the model's
     windows: Windows | None = None  # a chunked text's window: the text it is part of
     window: int = 0  # which window of it

@@ -27,7 +27,8 @@ from batcher import metrics
 from batcher.forward import Lanes
 from batcher.heartbeat import Heartbeat
 from batcher.intake import IDLE_POLL_S, Intake
-from batcher.plan import Policy, Window
+from batcher.plan import Window
+from batcher.policy import Policy
 from batcher.queue import WorkQueue
 from batcher.reply import Replies
 from batcher.thread_failure import ThreadFailure

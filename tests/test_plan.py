@@ -14,9 +14,11 @@ import pytest
 from redis.exceptions import NoPermissionError
 
 from batcher import intake as intake_module
+from batcher.batches import Forward, batch, spread
 from batcher.forward_time import OUTLIER, SMOOTHING
 from batcher.intake import Intake
-from batcher.plan import INTERACTIVE_FLOWS_S, TAKE_AT_ONCE, Forward, Policy, Window, batch, spread
+from batcher.plan import INTERACTIVE_FLOWS_S, Window
+from batcher.policy import TAKE_AT_ONCE, Policy
 from batcher.queue import WorkQueue
 from batcher.reply import Replies
 from batcher.thread_failure import ThreadFailure

@@ -17,7 +17,7 @@ fakeredis. After every step it checks what the worker promises:
 - an item dropped as abandoned had no text in a forward; bulk work is never late and never dropped;
 - the items held in memory are those in the processing lists, and are those not answered;
 - no client waits more than a turn: a forward goes only with a text whose turn comes no later than
-  every turn held (`Window.add`'s turns).
+  every turn held (`batcher.turns`).
 
 The lanes run in the test's own thread, one step at a time: a wait of the window's with a timeout moves
 the test's clock past it, and one without (nothing to do) leaves the lane idle (`Stepped`). Sequences it
@@ -41,8 +41,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from batcher.batches import Forward
 from batcher.intake import Intake
-from batcher.plan import Forward, Policy, Window
+from batcher.plan import Window
+from batcher.policy import Policy
 from batcher.queue import WorkQueue
 from batcher.reply import Replies
 from batcher.work import Held, Text, Windows
@@ -260,7 +262,7 @@ class PlanMachine(RuleBasedStateMachine):
     def forward(self) -> None:
         """A free lane asks for its next forward, as `Lanes._run` does; the other idle lanes wait beside it."""
         lane = min(set(range(self.lanes)) - set(self.running))
-        round_before, held_bulk = self.window._round, self.window.holds_bulk()
+        round_before, held_bulk = self.window._turns.round, self.window.holds_bulk()
         self.window._idle = self.lanes - len(self.running) - 1  # (`next_forward` counts this lane)
         try:
             forward = self.window.next_forward()
@@ -277,7 +279,7 @@ class PlanMachine(RuleBasedStateMachine):
 
     def _turns_taken(self, forward: Forward, round_before: float) -> None:
         """Count the forwards that went without a client that has texts held. A client's texts take
-        turns, one a turn, from the round it came in (`Window.add`), and each new batch takes the held
+        turns, one a turn, from the round it came in (`Turns.take`), and each new batch takes the held
         text of the earliest turn: so a client that waits from round r with its earliest held text at
         turn t sees at most every client's turns in between go first, each a batch of at most
         `max_texts` forwards, and the rest of the batch under way."""
@@ -385,7 +387,7 @@ class PlanMachine(RuleBasedStateMachine):
     def _held(self) -> list[Text]:
         """The texts in the window: held, interactive and bulk, and in the last batch's forwards."""
         w = self.window
-        return [*w._texts.values(), *w._bulk.values(), *(t for f in w._ready for t in f.texts)]
+        return [*w._texts.values(), *w._bulk.texts.values(), *(t for f in w._ready for t in f.texts)]
 
     def check(self) -> None:
         """Every invariant (Hypothesis checks them after each step; a replayed sequence calls this)."""
