@@ -1,5 +1,6 @@
-"""The one map from what went wrong to an HTTP status (as in text-embeddings-inference), and beside it
-the gRPC status of each (`GRPC_STATUS`, for the Open Inference Protocol over gRPC).
+"""The one map from what went wrong to a status (as in text-embeddings-inference): each `ErrorType`'s
+HTTP status and gRPC status code (the Open Inference Protocol over gRPC, `api.inference_grpc`) in one
+`ErrorSpec`.
 
 Every answer that is not a success comes from `ERRORS`, one `ErrorType` -> status, headers and body
 map, which also writes the OpenAPI document (`responses`, `document`): `{"error": message,
@@ -19,11 +20,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-import grpc
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from grpc import StatusCode
 from pydantic import BaseModel, ConfigDict
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
@@ -97,9 +98,10 @@ class InvalidRequestBody(ErrorBody):
 
 @dataclass(frozen=True)
 class ErrorSpec:
-    """How one `ErrorType` is answered."""
+    """How one `ErrorType` is answered, over HTTP and over gRPC."""
 
     status: int
+    grpc_status: StatusCode  # (bad input, HTTP's 4xx of the body, is INVALID_ARGUMENT)
     retry_after_s: int | None = None  # the `Retry-After` header, unless the answer names its own
     refusal: bool = False  # turned away before any work: counted in `sentiment_requests_refused_total{reason}`
     headers: Mapping[str, str] = field(default_factory=dict)  # sent with every such answer
@@ -107,45 +109,28 @@ class ErrorSpec:
 
 
 ERRORS: dict[ErrorType, ErrorSpec] = {
-    ErrorType.UNAVAILABLE: ErrorSpec(503, retry_after_s=1),
-    ErrorType.OVERLOADED: ErrorSpec(503, retry_after_s=1, refusal=True),
-    ErrorType.TIMEOUT: ErrorSpec(504),
-    ErrorType.INFERENCE: ErrorSpec(424),
-    ErrorType.BAD_RESULT: ErrorSpec(502),
-    ErrorType.NOT_FOUND: ErrorSpec(404),
-    ErrorType.TOO_LARGE: ErrorSpec(413, refusal=True),
-    ErrorType.UNSUPPORTED_MEDIA_TYPE: ErrorSpec(415),
-    ErrorType.UNAUTHORIZED: ErrorSpec(401, refusal=True, headers={"WWW-Authenticate": "Bearer"}),
-    ErrorType.FORBIDDEN: ErrorSpec(403, refusal=True),
-    ErrorType.RATE_LIMITED: ErrorSpec(429, retry_after_s=1, refusal=True),  # the bucket says how long, mostly
-    ErrorType.NOT_READY: ErrorSpec(503, body=NotReadyBody),
-    ErrorType.CLIENT_GONE: ErrorSpec(499),  # nginx's "client closed request": what the request metrics record
-    ErrorType.INVALID_REQUEST: ErrorSpec(422, body=InvalidRequestBody),
-    ErrorType.BAD_REQUEST: ErrorSpec(400),
-    ErrorType.METHOD_NOT_ALLOWED: ErrorSpec(405),
-    ErrorType.INTERNAL: ErrorSpec(500),
-    ErrorType.TEXT_TOO_LONG: ErrorSpec(422, refusal=True, body=InvalidRequestBody),
-}
-# The same errors over gRPC (`api.inference_grpc`); bad input, FastAPI's 422, is INVALID_ARGUMENT there.
-GRPC_STATUS: dict[ErrorType, grpc.StatusCode] = {
-    ErrorType.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    ErrorType.OVERLOADED: grpc.StatusCode.UNAVAILABLE,
-    ErrorType.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
-    ErrorType.INFERENCE: grpc.StatusCode.INTERNAL,
-    ErrorType.BAD_RESULT: grpc.StatusCode.INTERNAL,
-    ErrorType.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    ErrorType.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorType.UNSUPPORTED_MEDIA_TYPE: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorType.UNAUTHORIZED: grpc.StatusCode.UNAUTHENTICATED,
-    ErrorType.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED,
-    ErrorType.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorType.NOT_READY: grpc.StatusCode.UNAVAILABLE,
-    ErrorType.CLIENT_GONE: grpc.StatusCode.CANCELLED,
-    ErrorType.INVALID_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorType.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorType.METHOD_NOT_ALLOWED: grpc.StatusCode.UNIMPLEMENTED,
-    ErrorType.INTERNAL: grpc.StatusCode.INTERNAL,
-    ErrorType.TEXT_TOO_LONG: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorType.UNAVAILABLE: ErrorSpec(503, StatusCode.UNAVAILABLE, retry_after_s=1),
+    ErrorType.OVERLOADED: ErrorSpec(503, StatusCode.UNAVAILABLE, retry_after_s=1, refusal=True),
+    ErrorType.TIMEOUT: ErrorSpec(504, StatusCode.DEADLINE_EXCEEDED),
+    ErrorType.INFERENCE: ErrorSpec(424, StatusCode.INTERNAL),
+    ErrorType.BAD_RESULT: ErrorSpec(502, StatusCode.INTERNAL),
+    ErrorType.NOT_FOUND: ErrorSpec(404, StatusCode.NOT_FOUND),
+    ErrorType.TOO_LARGE: ErrorSpec(413, StatusCode.RESOURCE_EXHAUSTED, refusal=True),
+    ErrorType.UNSUPPORTED_MEDIA_TYPE: ErrorSpec(415, StatusCode.INVALID_ARGUMENT),
+    ErrorType.UNAUTHORIZED: ErrorSpec(
+        401, StatusCode.UNAUTHENTICATED, refusal=True, headers={"WWW-Authenticate": "Bearer"}
+    ),
+    ErrorType.FORBIDDEN: ErrorSpec(403, StatusCode.PERMISSION_DENIED, refusal=True),
+    # the bucket says how long, mostly
+    ErrorType.RATE_LIMITED: ErrorSpec(429, StatusCode.RESOURCE_EXHAUSTED, retry_after_s=1, refusal=True),
+    ErrorType.NOT_READY: ErrorSpec(503, StatusCode.UNAVAILABLE, body=NotReadyBody),
+    # nginx's "client closed request": what the request metrics record
+    ErrorType.CLIENT_GONE: ErrorSpec(499, StatusCode.CANCELLED),
+    ErrorType.INVALID_REQUEST: ErrorSpec(422, StatusCode.INVALID_ARGUMENT, body=InvalidRequestBody),
+    ErrorType.BAD_REQUEST: ErrorSpec(400, StatusCode.INVALID_ARGUMENT),
+    ErrorType.METHOD_NOT_ALLOWED: ErrorSpec(405, StatusCode.UNIMPLEMENTED),
+    ErrorType.INTERNAL: ErrorSpec(500, StatusCode.INTERNAL),
+    ErrorType.TEXT_TOO_LONG: ErrorSpec(422, StatusCode.INVALID_ARGUMENT, refusal=True, body=InvalidRequestBody),
 }
 # The router's and FastAPI's own HTTP errors (`HTTPException`), by status.
 HTTP_ERRORS = {

@@ -12,7 +12,7 @@ queue, limits and access control apply. What differs from REST is carried by gRP
 - The call's deadline is its request's deadline where it comes before SENTIMENT_REQUEST_TIMEOUT_S,
   from the call's arrival (`api.deadline`: its rate limit and model lookup count against it): the
   work item carries it, and a worker skips the work once the caller gave up.
-- Errors are gRPC status codes, from `api.errors.GRPC_STATUS`: overload and outages UNAVAILABLE,
+- Errors are gRPC status codes, from `api.errors.ERRORS` (each error's `grpc_status`): overload and outages UNAVAILABLE,
   the deadline DEADLINE_EXCEEDED, another model NOT_FOUND, bad input INVALID_ARGUMENT (REST's 422),
   a message over the request limit RESOURCE_EXHAUSTED (grpc's own check).
 - API keys ride in the `authorization: Bearer KEY` or `x-api-key` metadata; ServerLive and
@@ -35,7 +35,7 @@ from starlette.datastructures import Headers
 
 from api.access import ApiKeys, Refused, admit, presented_key
 from api.deadline import Deadline, Stage
-from api.errors import GRPC_STATUS, ErrorType, ServiceError, counted
+from api.errors import ErrorType, ServiceError, counted
 from api.grpc_v2 import grpc_predict_v2_pb2 as pb
 from api.grpc_v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 from api.inference_protocol import (
@@ -98,8 +98,7 @@ class GrpcServer:
 
 async def abort(context: grpc.aio.ServicerContext, error_type: ErrorType, message: str) -> NoReturn:
     """End the call with `error_type`'s gRPC status (a refusal counted, as over HTTP)."""
-    counted(error_type)
-    await context.abort(GRPC_STATUS[error_type], message)
+    await context.abort(counted(error_type).grpc_status, message)
     raise AssertionError("unreachable: abort raises")  # (grpc's stubs do not say it never returns)
 
 
@@ -221,7 +220,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         except ServiceError as exc:
             await abort(context, exc.error_type, exc.message)
         except RequestValidationError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, validation_message(exc))
+            await abort(context, ErrorType.INVALID_REQUEST, validation_message(exc))
         except RedisError as exc:
             log.warning("redis unavailable (%s)", describe(exc))
             await abort(

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import fakeredis
+import grpc
 import httpx
 import jsonschema
 import pytest
@@ -91,6 +92,14 @@ CASES: list[tuple[str, str, dict[str, Any], int, ErrorType]] = [
     ("GET", "/v2/health/ready", {}, 503, ErrorType.NOT_READY),
     ("GET", "/raises", {}, 500, ErrorType.INTERNAL),
 ]
+
+
+def test_every_error_type_has_its_http_status_and_its_grpc_status_code() -> None:
+    """One spec per kind carries both: a kind cannot be added with one only."""
+    assert set(ERRORS) == set(ErrorType)
+    for error_type, spec in ERRORS.items():
+        assert 400 <= spec.status < 600, error_type
+        assert isinstance(spec.grpc_status, grpc.StatusCode) and spec.grpc_status is not grpc.StatusCode.OK, error_type
 
 
 def check_shape(response: httpx.Response, status: int, error_type: ErrorType) -> dict[str, Any]:
