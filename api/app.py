@@ -13,8 +13,9 @@ from redis.asyncio import Redis
 from api import docs_page, errors, hugging_face, limits, metrics
 from api.access import AccessControl, ApiKeys, document
 from api.admission import Admission, Load
+from api.inference import infer_body_limit
 from api.inference_grpc import GrpcServer
-from api.inference_protocol import INFER_PATH, infer_body_limit, inference_protocol_router
+from api.inference_protocol import INFER_PATH, inference_protocol_router
 from api.job_store import JobStore
 from api.jobs import jobs_router
 from api.limits import BodyLimit, body_limit

@@ -9,6 +9,7 @@ included (`install`); some add fields (/ready's 503 its `status` and `reason`, a
 `detail` list naming each offending field); 503 and 429 carry `Retry-After`. A 422 is
 ASCII-escaped JSON (the input it echoes may hold lone surrogates that UTF-8 cannot encode) and quotes
 the bad value only in part (`quote`): a 100,000-character text or 10,001 texts must not come back whole.
+What an exception answers, `failure` says, for the HTTP handlers (`install`) and the gRPC server alike.
 """
 
 from __future__ import annotations
@@ -222,19 +223,40 @@ def json_invalid(ctx: dict[str, Any]) -> dict[str, Any]:
     return {"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error", "input": {}, "ctx": ctx}
 
 
-def validation_response(errors: Sequence[Any]) -> Response:
-    """The 422 of request validation (`InvalidRequestBody`): the first offending field in one line, and
-    FastAPI's `detail` list with each bad value quoted (`quoted`); ASCII-escaped JSON (the input it
-    echoes may hold lone surrogates that UTF-8 cannot encode)."""
+def failure(exc: Exception) -> ServiceError:
+    """What any exception answers, over HTTP (`install`) and gRPC (`api.inference_grpc`) alike: its own
+    error; a request that does not validate, `invalid_request`; Redis down or refusing (OOM under
+    maxmemory, READONLY after a failover, MISCONF, NOPERM), unavailable, since the client's remedy is
+    the same, retry later; else a bug. The log names Redis's error class; an error reply's message
+    only at DEBUG, since redis-py quotes a failed pipeline's commands in it (a job's texts too)."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, RequestValidationError):
+        return invalid_request(exc.errors())
+    if isinstance(exc, RedisError):
+        log.warning("redis unavailable (%s)", describe(exc))
+        log.debug("redis failed with", exc_info=exc)
+        return ServiceError(ErrorType.UNAVAILABLE, f"the queue backend (Redis) is unavailable ({type(exc).__name__})")
+    return ServiceError(ErrorType.INTERNAL, f"the server failed ({type(exc).__name__}); this is a bug")
+
+
+def invalid_request(errors: Sequence[Any]) -> ServiceError:
+    """The error of request validation (`InvalidRequestBody`): the first offending field in one line,
+    and FastAPI's `detail` list with each bad value quoted (`quoted`)."""
     detail = jsonable_encoder([quoted(error) for error in errors])
     first = detail[0]
     message = f"{'.'.join(str(part) for part in first['loc'])}: {first['msg']}"
     if len(detail) > 1:
-        message += f" (and {len(detail) - 1} more: see detail)"
-    body = {"error": message, "error_type": ErrorType.INVALID_REQUEST.value, "detail": detail}
-    return Response(
-        json.dumps(body), status_code=ERRORS[ErrorType.INVALID_REQUEST].status, media_type="application/json"
-    )
+        message += f" (and {len(detail) - 1} more)"
+    return ServiceError(ErrorType.INVALID_REQUEST, message, detail=detail)
+
+
+def validation_response(errors: Sequence[Any]) -> Response:
+    """The 422 of request validation (`invalid_request`), as ASCII-escaped JSON (the input it echoes
+    may hold lone surrogates that UTF-8 cannot encode)."""
+    error = invalid_request(errors)
+    body = {"error": error.message, "error_type": error.error_type.value, **error.fields}
+    return Response(json.dumps(body), status_code=ERRORS[error.error_type].status, media_type="application/json")
 
 
 QUOTE_CHARS = 100  # of a bad value a 422 (or 415) echoes, about
@@ -279,30 +301,16 @@ def quoted(error: dict[str, Any]) -> dict[str, Any]:
 
 
 def install(app: FastAPI) -> None:
-    async def on_service_error(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, ServiceError)
-        return error_response(exc.error_type, exc.message, exc.retry_after_s, fields=exc.fields)
+    async def on_error(_: Request, exc: Exception) -> Response:
+        """Every error a route raises, as `failure` answers it; after a bug's answer Starlette logs
+        its traceback and re-raises it."""
+        if isinstance(exc, RequestValidationError):
+            return validation_response(exc.errors())
+        error = failure(exc)
+        return error_response(error.error_type, error.message, error.retry_after_s, fields=error.fields)
 
-    async def on_redis_error(_: Request, exc: Exception) -> JSONResponse:
-        """Down or refusing (OOM under maxmemory, READONLY after a failover, MISCONF, NOPERM): the
-        client's remedy is the same, retry later. The log names the class; an error reply's message
-        only at DEBUG, since redis-py quotes a failed pipeline's commands in it (a job's texts too)."""
-        log.warning("redis unavailable (%s)", describe(exc))
-        log.debug("redis failed with", exc_info=exc)
-        return error_response(ErrorType.UNAVAILABLE, f"the queue backend (Redis) is unavailable ({type(exc).__name__})")
-
-    async def on_invalid_request(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        return validation_response(exc.errors())
-
-    async def on_bug(_: Request, exc: Exception) -> JSONResponse:
-        """Starlette logs the traceback and re-raises after this answer, in the one shape."""
-        return error_response(ErrorType.INTERNAL, f"the server failed ({type(exc).__name__}); this is a bug")
-
-    app.add_exception_handler(RequestValidationError, on_invalid_request)
-    app.add_exception_handler(ServiceError, on_service_error)
-    app.add_exception_handler(RedisError, on_redis_error)
-    app.add_exception_handler(Exception, on_bug)
+    for raised in (RequestValidationError, ServiceError, RedisError, Exception):
+        app.add_exception_handler(raised, on_error)
 
 
 def http_error_response(request: Request, exc: HTTPException) -> JSONResponse:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -26,13 +27,16 @@ import grpc
 import httpx
 import pytest
 from prometheus_client import REGISTRY
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from api.app import create_app
+from api.errors import ERRORS, ErrorType
 from api.grpc_v2 import grpc_predict_v2_pb2 as pb
 from api.grpc_v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 from api.inference_grpc import GrpcServer
+from api.predictions import ModelInfoCache, Predictor
 from api.rate_limit import RateLimit
-from core.protocol import Keys, ModelInfo, WorkItem
+from core.protocol import Keys, ModelInfo, WorkerStatus, WorkItem
 from core.settings import Settings
 from sentiment.embedded import free_port
 from tests.conftest import HANG_GUARD_S, REPO, Service, start_service, wait_for
@@ -224,8 +228,13 @@ def anyio_backend() -> str:
 
 
 class InProcess:
-    def __init__(self, stub: pb_grpc.GRPCInferenceServiceStub, redis: fakeredis.FakeRedis, keys: Keys) -> None:
+    """The app's gRPC service through our stub, and its REST routes through `http`."""
+
+    def __init__(
+        self, stub: pb_grpc.GRPCInferenceServiceStub, http: httpx.AsyncClient, redis: fakeredis.FakeRedis, keys: Keys
+    ) -> None:
         self.stub = stub
+        self.http = http
         self.redis = redis
         self.keys = keys
 
@@ -238,9 +247,15 @@ async def in_process(settings: Settings, fake_server: fakeredis.FakeServer) -> A
     app = create_app(
         settings, redis=fakeredis.FakeAsyncRedis(server=fake_server), jobs_redis=fakeredis.FakeRedis(), grpc=server
     )
-    async with app.router.lifespan_context(app), grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with (
+        app.router.lifespan_context(app),
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        httpx.AsyncClient(transport=transport, base_url="http://api") as http,
+    ):
         yield InProcess(
             pb_grpc.GRPCInferenceServiceStub(channel),
+            http,
             fakeredis.FakeRedis(server=fake_server),
             Keys(settings.key_prefix),
         )
@@ -302,6 +317,153 @@ async def test_every_refusal_has_its_status_code(local: InProcess) -> None:
         local.redis.lpush(local.keys.queue, WorkItem(f"w{n}", ["y"], time.time(), time.time() + 60, "c").encode())
     assert await status_of(stub.ModelInfer(infer_request(["x"]))) == grpc.StatusCode.UNAVAILABLE  # overloaded
     assert local.redis.llen(local.keys.queue) == 2  # and its work taken back
+
+
+def tensor(**fields: Any) -> dict[str, Any]:
+    """A V2 input as REST's JSON has it: one text, but for `fields` (None: without that field)."""
+    tensor = {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"], **fields}
+    return {key: value for key, value in tensor.items() if value is not None}
+
+
+def binary_texts(*elements: bytes) -> bytes:
+    return b"".join(struct.pack("<I", len(element)) + element for element in elements)
+
+
+def set_parameter(parameter: pb.InferParameter, value: bool | int | float | str) -> None:
+    kind = {bool: "bool_param", int: "int64_param", float: "double_param", str: "string_param"}[type(value)]
+    setattr(parameter, kind, value)
+
+
+def grpc_infer_request(body: dict[str, Any], binary: bytes | None) -> pb.ModelInferRequest:
+    """REST's V2 request `body` (and its input's `binary` data) as the same request over gRPC."""
+    request = pb.ModelInferRequest(model_name="tiny", id=body.get("id", ""))
+    for key, value in body.get("parameters", {}).items():
+        set_parameter(request.parameters[key], value)
+    for fields in body["inputs"]:
+        sent = request.inputs.add(name=fields["name"], datatype=fields["datatype"], shape=fields["shape"])
+        sent.contents.bytes_contents.extend(text.encode() for text in fields.get("data", []))
+        for key, value in fields.get("parameters", {}).items():
+            set_parameter(sent.parameters[key], value)
+    for output in body.get("outputs", []):
+        asked = request.outputs.add(name=output["name"])
+        for key, value in output.get("parameters", {}).items():
+            set_parameter(asked.parameters[key], value)
+    if binary is not None:
+        request.raw_input_contents.append(binary)
+    return request
+
+
+async def rest_infer(http: httpx.AsyncClient, body: dict[str, Any], binary: bytes | None) -> httpx.Response:
+    """`body` over REST; with `binary`, as the binary tensor extension sends the input's data."""
+    if binary is None:
+        return await http.post("/v2/models/tiny/infer", json=body)
+    body["inputs"][0]["parameters"] = {"binary_data_size": len(binary)}
+    header = json.dumps(body).encode()
+    return await http.post(
+        "/v2/models/tiny/infer",
+        content=header + binary,
+        headers={"Inference-Header-Content-Length": str(len(header)), "content-type": "application/json"},
+    )
+
+
+# Bad requests, each sent as REST's JSON and as gRPC's protobuf: (the request, its input's binary data).
+BAD_REQUESTS: dict[str, tuple[dict[str, Any], bytes | None]] = {
+    "shape and data disagree": ({"inputs": [tensor(shape=[3], data=["a", "b"])]}, None),
+    "a shape of three dimensions": ({"inputs": [tensor(shape=[1, 1, 1])]}, None),
+    "a shape of [2, 2]": ({"inputs": [tensor(shape=[2, 2], data=["a", "b", "c", "d"])]}, None),
+    "a dimension of 0": ({"inputs": [tensor(shape=[0])]}, None),
+    "more texts than SENTIMENT_MAX_TEXTS": ({"inputs": [tensor(shape=[65], data=["x"] * 65)]}, None),
+    "a text over SENTIMENT_MAX_CHARS": ({"inputs": [tensor(data=["x" * 2001])]}, None),
+    "not BYTES": ({"inputs": [tensor(datatype="FP32")]}, None),
+    "two inputs": ({"inputs": [tensor(), tensor(name="more")]}, None),
+    "no data": ({"inputs": [tensor(data=None)]}, None),
+    "data and binary data": ({"inputs": [tensor()]}, binary_texts(b"x")),
+    "binary data cut short": ({"inputs": [tensor(data=None)]}, binary_texts(b"ab")[:-1]),
+    "binary data not UTF-8": ({"inputs": [tensor(data=None)]}, binary_texts(b"\xff\xfe")),
+    "an unknown output": ({"inputs": [tensor()], "outputs": [{"name": "logits"}]}, None),
+    "three outputs": (
+        {"inputs": [tensor()], "outputs": [{"name": "label"}, {"name": "scores"}, {"name": "label"}]},
+        None,
+    ),
+    "an output's parameter too long": (
+        {"inputs": [tensor()], "outputs": [{"name": "label", "parameters": {"p": "v" * 65}}]},
+        None,
+    ),
+    "nine parameters": ({"inputs": [tensor()], "parameters": {f"p{n}": n for n in range(9)}}, None),
+    "an input's parameter too long": ({"inputs": [tensor(parameters={"p" * 65: 1})]}, None),
+    "an id too long": ({"id": "i" * 257, "inputs": [tensor()]}, None),
+    "an input's name too long": ({"inputs": [tensor(name="n" * 65)]}, None),
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+async def test_a_bad_request_is_the_same_error_over_rest_and_grpc(local: InProcess, case: str) -> None:
+    """One validation: the same bad request is INVALID_REQUEST over either transport, with the same
+    message, its location on REST's wire in `body`; and nothing is queued."""
+    local.announce()
+    body, binary = BAD_REQUESTS[case]
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await local.stub.ModelInfer(grpc_infer_request(body, binary), timeout=HANG_GUARD_S)
+    rest = await rest_infer(local.http, json.loads(json.dumps(body)), binary)  # (a copy: it sets binary_data_size)
+    assert (rest.status_code, rest.json()["error_type"]) == (422, ErrorType.INVALID_REQUEST), rest.text
+    assert refused.value.code() == ERRORS[ErrorType.INVALID_REQUEST].grpc_status
+    assert refused.value.details() == rest.json()["error"].removeprefix("body."), rest.text
+    assert local.redis.llen(local.keys.queue) == 0
+
+
+async def broken_predictor(*_: object, **__: object) -> None:
+    raise RuntimeError("a bug")
+
+
+async def redis_gone(*_: object, **__: object) -> None:
+    raise RedisConnectionError("connection refused")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("fault", "error_type"), [(redis_gone, ErrorType.UNAVAILABLE), (broken_predictor, ErrorType.INTERNAL)]
+)
+async def test_a_fault_is_the_same_error_over_rest_and_grpc(
+    local: InProcess, monkeypatch: pytest.MonkeyPatch, fault: Any, error_type: ErrorType
+) -> None:
+    local.announce()
+    monkeypatch.setattr(Predictor, "predict", fault)
+    body = {"inputs": [tensor()]}
+    rest = await local.http.post("/v2/models/tiny/infer", json=body)
+    assert (rest.status_code, rest.json()["error_type"]) == (ERRORS[error_type].status, error_type)
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await local.stub.ModelInfer(grpc_infer_request(body, None), timeout=HANG_GUARD_S)
+    assert (ended.value.code(), ended.value.details()) == (ERRORS[error_type].grpc_status, rest.json()["error"])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("situation", ["ready", "another model", "no live worker", "redis fails the model lookup"])
+async def test_readiness_is_one_answer_over_rest_and_grpc(
+    local: InProcess, monkeypatch: pytest.MonkeyPatch, situation: str
+) -> None:
+    """Ready: /ready's readiness, and the announced model is the one named. REST answers 200, or the
+    error (404 for another model, else 503 not ready); gRPC the same as a bool."""
+    local.announce()
+    if situation != "no live worker":
+        worker = WorkerStatus(id="w", host="h", pid=1, model_version="v1", started_at=0.0)
+        local.redis.sadd(local.keys.workers, worker.id)
+        local.redis.set(local.keys.heartbeat(worker.id), worker.encode())
+    if situation == "redis fails the model lookup":
+        monkeypatch.setattr(ModelInfoCache, "current", redis_gone)
+    name = "other" if situation == "another model" else "tiny"
+    expected = {
+        "ready": (200, None),
+        "another model": (404, ErrorType.NOT_FOUND),
+        "no live worker": (503, ErrorType.NOT_READY),
+        "redis fails the model lookup": (503, ErrorType.NOT_READY),
+    }[situation]
+    rest = await local.http.get(f"/v2/models/{name}/ready")
+    assert (rest.status_code, rest.json().get("error_type")) == expected, rest.text
+    assert (await local.stub.ModelReady(pb.ModelReadyRequest(name=name))).ready is (expected[0] == 200)
+    server_ready = (await local.http.get("/v2/health/ready")).status_code == 200
+    assert (await local.stub.ServerReady(pb.ServerReadyRequest())).ready is server_ready
+    assert server_ready is (situation != "no live worker")
 
 
 @pytest.mark.anyio

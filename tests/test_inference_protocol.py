@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from tritonclient.utils import InferenceServerException
 
 from api.app import create_app
-from api.inference_protocol import infer_body_limit
+from api.inference import infer_body_limit
 from batcher.worker import Worker
 from core.protocol import Keys, ModelInfo, prediction
 from core.settings import Settings
