@@ -103,7 +103,7 @@ class ErrorSpec:
 
     status: int
     grpc_status: StatusCode  # (bad input, HTTP's 4xx of the body, is INVALID_ARGUMENT)
-    retry_after_s: int | None = None  # the `Retry-After` header, unless the answer names its own
+    retry_after_s: int | None = None  # `Retry-After` (gRPC: its retry pushback), unless the answer names its own
     refusal: bool = False  # turned away before any work: counted in `sentiment_requests_refused_total{reason}`
     headers: Mapping[str, str] = field(default_factory=dict)  # sent with every such answer
     body: type[ErrorBody | NotReadyBody] = ErrorBody

@@ -17,7 +17,8 @@ queue, limits and access control apply. What differs from REST is carried by gRP
 - Errors are gRPC status codes, each error's `grpc_status` (`api.errors.ERRORS`, mapped by
   `api.errors.failure` as over HTTP): overload and outages UNAVAILABLE, the deadline
   DEADLINE_EXCEEDED, another model NOT_FOUND, bad input INVALID_ARGUMENT (REST's 422), a bug
-  INTERNAL, a message over the request limit RESOURCE_EXHAUSTED (grpc's own check).
+  INTERNAL, a message over the request limit RESOURCE_EXHAUSTED (grpc's own check); where REST's
+  answer has `Retry-After`, the `grpc-retry-pushback-ms` trailing metadata says the same wait.
 - ServerReady and ModelReady answer `api.inference.ready` as a bool: another model's name, or a
   service not ready, is `ready: false` (REST's 404 and 503).
 - API keys ride in the `authorization: Bearer KEY` or `x-api-key` metadata; ServerLive and
@@ -91,8 +92,12 @@ class GrpcServer:
 
 
 async def abort(context: grpc.aio.ServicerContext, error: ServiceError) -> NoReturn:
-    """End the call with its error's gRPC status (a refusal counted, as over HTTP)."""
-    await context.abort(counted(error.error_type).grpc_status, error.message)
+    """End the call with its error's gRPC status (a refusal counted, as over HTTP), and HTTP's
+    `Retry-After` as the retry pushback of gRPC's retry policies (gRFC A6)."""
+    spec = counted(error.error_type)
+    retry = error.retry_after_s or spec.retry_after_s
+    pushback = (("grpc-retry-pushback-ms", str(retry * 1000)),) if retry else ()
+    await context.abort(spec.grpc_status, error.message, trailing_metadata=pushback)
     raise AssertionError("unreachable: abort raises")  # (grpc's stubs do not say it never returns)
 
 

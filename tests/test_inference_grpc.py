@@ -319,6 +319,21 @@ async def test_every_refusal_has_its_status_code(local: InProcess) -> None:
     assert local.redis.llen(local.keys.queue) == 2  # and its work taken back
 
 
+@pytest.mark.anyio
+async def test_a_refusal_says_when_to_retry_over_grpc_as_over_rest(local: InProcess) -> None:
+    """Overloaded: REST's 503 has `Retry-After`, gRPC's UNAVAILABLE the same wait as its retry
+    pushback (`grpc-retry-pushback-ms`, which a client's retry policy honours)."""
+    local.announce()
+    for n in range(2):  # another client's work fills the queue past twice its depth (1)
+        local.redis.lpush(local.keys.queue, WorkItem(f"w{n}", ["y"], time.time(), time.time() + 60, "c").encode())
+    rest = await local.http.post("/v2/models/tiny/infer", json={"inputs": [tensor()]})
+    assert (rest.status_code, rest.json()["error_type"], rest.headers["retry-after"]) == (503, "overloaded", "1")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await local.stub.ModelInfer(infer_request(["x"]), timeout=HANG_GUARD_S)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert ("grpc-retry-pushback-ms", "1000") in tuple(refused.value.trailing_metadata() or ())
+
+
 def tensor(**fields: Any) -> dict[str, Any]:
     """A V2 input as REST's JSON has it: one text, but for `fields` (None: without that field)."""
     tensor = {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"], **fields}
