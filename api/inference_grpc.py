@@ -83,7 +83,12 @@ class GrpcServer:
         assert self._server is not None
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(app, self.settings), self._server)
         await self._server.start()
-        log.info("gRPC (Open Inference Protocol) on %s", self.address.rsplit(":", 1)[0] + f":{self.port}")
+        log.info("gRPC (Open Inference Protocol) on %s", self.bound)
+
+    @property
+    def bound(self) -> str:
+        """The address it listens on, `host:port` with the port it got (`--grpc-port 0`: one chosen)."""
+        return self.address.rsplit(":", 1)[0] + f":{self.port}"
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new calls, and end those in flight after `grace_s`."""

@@ -48,10 +48,12 @@ def run(
     port: int,
     listening: socket.socket | None = None,
     problem: Callable[[], str | None] | None = None,
+    up: Callable[[str, str | None], None] | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM; uvicorn then stops accepting and drains in-flight requests, then
     the gRPC service (on `settings.grpc_port`, unless 0) its calls. `problem`: what else /ready must
-    report (`sentiment serve`'s supervisor)."""
+    report (`sentiment serve`'s supervisor). `up`: called once both serve, with the API's URL and
+    gRPC's address (None without gRPC)."""
     listening = listening or listen(host, port)
     grpc = None
     if settings.grpc_port:
@@ -75,7 +77,12 @@ def run(
     async def serve() -> None:
         if grpc is not None:  # in the loop that runs it (grpc.aio's rule), before anything starts
             grpc.bind()
-        await uvicorn.Server(config).serve(sockets=[listening])
+        await _Server(config, serving).serve(sockets=[listening])
+
+    def serving() -> None:
+        if up is not None:
+            url = "http://" + (f"[{host}]" if ":" in host else host) + f":{listening.getsockname()[1]}"
+            up(url, grpc.bound if grpc is not None else None)
 
     # Everything alive now (modules, the app) out of the collector's reach, so that a full collection,
     # which stops the event loop, walks only what requests hold; and full collections a tenth as
@@ -86,3 +93,16 @@ def run(
     gc.set_threshold(*gc.get_threshold()[:2], FULL_COLLECTION_AFTER)
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:  # (what `uvicorn.Server.run` does)
         runner.run(serve())
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, calling `up` once it serves: the app started (gRPC with it), the socket
+    accepting (uvicorn says nothing of a socket it was given)."""
+
+    def __init__(self, config: uvicorn.Config, up: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.up = up
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.up()

@@ -251,9 +251,15 @@ def serve(settings: Settings, host: str, port: int, data_dir: Path | None) -> No
                 log.debug("starting the workers")
                 supervisor.start()
                 where = f"at {masked(given)}" if given else embedded_kind(url, data_dir)
-                log.info("%s up; Redis %s", ", ".join(c.name for c in supervisor.children), where)
+                workers = ", ".join(c.name for c in supervisor.children)
+
+                def up(api_url: str, grpc: str | None) -> None:  # serve's one "up" line: what to use first
+                    log.info(
+                        "up: %s (%s); %s; Redis %s", api_url, f"gRPC {grpc}" if grpc else "no gRPC", workers, where
+                    )
+
                 api.server.run(
-                    settings.model_copy(update={"redis_url": url}), host, port, listening, supervisor.problem
+                    settings.model_copy(update={"redis_url": url}), host, port, listening, supervisor.problem, up
                 )
             finally:
                 supervisor.stop()

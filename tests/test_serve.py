@@ -164,6 +164,23 @@ def test_a_taken_port_ends_serve_with_one_line_before_anything_starts(
     ]
 
 
+def test_serves_up_line_names_the_http_address_then_grpc_and_redis(serves: list[Serve], tiny_model_dir: Path) -> None:
+    # What a newcomer looks for once serve is up: where to send requests, in one line.
+    grpc_port = free_port()
+    serve = start(serves, tiny_model_dir, env={"SENTIMENT_GRPC_PORT": str(grpc_port)})
+    serve.wait_ready()  # (the line is out before the API answers)
+    serve.proc.send_signal(signal.SIGINT)
+    _, stderr = serve.proc.communicate(timeout=90)
+    [up] = [
+        line.split("] ", 1)[1]
+        for line in stderr.splitlines()
+        if " INFO sentiment.embedded [" in line and "; Redis on " in line
+    ]
+    assert up.startswith(
+        f"up: {serve.url} (gRPC 127.0.0.1:{grpc_port}); worker-1, jobs-worker; Redis on redis://127.0.0.1:"
+    ), up
+
+
 def test_a_worker_that_dies_is_restarted_and_ready_says_so_meanwhile(serves: list[Serve], tiny_model_dir: Path) -> None:
     serve = start(serves, tiny_model_dir)
     serve.wait_ready()
