@@ -1,4 +1,4 @@
-"""The `sentiment` command: serve | api | worker | jobs-worker | model pull | bench | loadtest."""
+"""The `sentiment` command: its subcommands, each parsed here and run by the package that owns it."""
 
 from __future__ import annotations
 
@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _parser(settings: Settings) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sentiment", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="sentiment",
+        epilog="`sentiment COMMAND --help` says more. Every setting is a SENTIMENT_* environment variable "
+        "(the README's configuration table); a command's options override theirs.",
+    )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     def with_address(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -60,7 +64,15 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         return p
 
     serve = with_address(
-        commands.add_parser("serve", help="everything on this machine: embedded Redis, workers, the API")
+        commands.add_parser(
+            "serve",
+            help="everything on this machine: embedded Redis, workers, the API",
+            description="Start the whole service on this machine: an embedded Redis (redis-server when it is "
+            "on PATH, else fakeredis), the micro-batching model workers and the bulk-jobs worker, then the HTTP "
+            "API and gRPC once they serve; one line says where once it is up. The model: the Hugging Face "
+            f"checkpoint in SENTIMENT_MODEL_DIR (now {settings.model_dir}). Every setting is a SENTIMENT_* "
+            "environment variable: the README's configuration table.",
+        )
     )
     serve.add_argument(
         "--workers",
@@ -161,6 +173,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     chaos.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")
     chaos.add_argument("--doc", type=Path, help="doc to update (default docs/reliability.md; none for --quick)")
     chaos.set_defaults(run=_chaos)
+    parser.description = f"The sentiment-batcher service and its tools: {' | '.join(commands.choices)}."
     return parser
 
 

@@ -1,10 +1,13 @@
-"""The docs stay true: the README's set-up commands, its configuration table (the settings' own names,\ndefaults, rules and descriptions), no commit ids, and no cited results file missing."""
+"""The docs stay true: the README's set-up commands, its configuration table (the settings' own names,\ndefaults, rules and descriptions), no commit ids, no cited results file missing, and the command's help."""
 
 from __future__ import annotations
 
 import re
 
+import pytest
+
 from core.settings import Settings, rule
+from sentiment.cli import _parser
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text()
@@ -79,3 +82,25 @@ def test_readme_starts_with_the_install_and_serve_command_the_test_command_and_a
         assert install.replace("pip install ", "pip install -q ", 1) in ci.splitlines(), install
     assert ci.rstrip().endswith("\n.ci/test"), "CI runs the README's test command"
     assert (REPO / ".ci" / "test").read_text().rstrip().endswith('\nexec pytest "$@"')
+
+
+def help_of(*command: str, capsys: pytest.CaptureFixture[str]) -> str:
+    """What `sentiment COMMAND --help` prints."""
+    with pytest.raises(SystemExit):
+        _parser(Settings(_env_file=None)).parse_args([*command, "--help"])
+    return capsys.readouterr().out
+
+
+def test_sentiment_help_sums_up_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    summary, commands = help_of(capsys=capsys).split("positional arguments:")
+    listed = re.findall(r"^    (\S+)", commands.split("options:")[0], re.M)
+    assert {"serve", "chaos"} <= set(listed)
+    summed_up = re.findall(r"[\w-]+", re.sub(r"-\n", "-", summary.split("\n\n", 1)[1]))  # (wrapped at hyphens)
+    assert [name for name in listed if name not in summed_up] == []
+
+
+def test_serve_help_says_what_it_starts_and_where_the_settings_are(capsys: pytest.CaptureFixture[str]) -> None:
+    description = help_of("serve", capsys=capsys).split("\n\n")[1]
+    assert " ".join(description.split()).startswith("Start the whole service on this machine: ")
+    assert "SENTIMENT_MODEL_DIR" in description
+    assert "the README's configuration table" in " ".join(description.split())
