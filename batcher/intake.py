@@ -46,6 +46,9 @@ CLOCK_SKEW_S = 1.0  # how far the API's clock (a work item's times) may be from 
 # abandoned since the last take: under overload, a take waits a whole forward for room.
 ABANDONED_LOOK_S = 0.01
 LOOKING_FOR_S = 1.0
+# Work whose deadline passed in the queue (a backlog kept across a restart, a worker stalled): each
+# item at DEBUG, and at most one INFO line this often, counting the items since the last one.
+EXPIRED_SAID_EVERY_S = 10.0
 
 
 class Intake:
@@ -70,6 +73,8 @@ class Intake:
         self.cache_key = cache_key
         self.drop_abandoned = drop_abandoned
         self.expired = 0  # items dropped because their deadline had passed
+        self._expired_unsaid = 0  # of them, those the INFO line has not counted yet
+        self._expired_said = float("-inf")  # monotonic time of that line's last saying
         self.abandoned = 0  # items dropped because nobody waits for them any more
         self._epoch: bytes | None = None  # `Keys.abandoned_epoch` at the last look (None: never moved)
         self._epoch_moved = float("-inf")  # when this worker saw it move last (unix s)
@@ -87,6 +92,8 @@ class Intake:
             return self._take()
         finally:
             self.busy_since = None
+            if self._expired_unsaid:
+                self._say_expired()
 
     def _take(self) -> bool:
         looking = self.drop_abandoned and time.time() - self._epoch_moved < LOOKING_FOR_S
@@ -158,8 +165,9 @@ class Intake:
                 continue
             if item.deadline < now:
                 self.expired += 1
+                self._expired_unsaid += 1
                 metrics.WORK_ITEMS_EXPIRED.inc()
-                log.info("skipped work item %s: its deadline passed in the queue", item.id)
+                log.debug("skipped work item %s: its deadline passed in the queue", item.id)
                 dropped.append(raw)
                 continue
             items.append(Held(raw, item, bulk=bulk))
@@ -169,6 +177,17 @@ class Intake:
                 dropped += self._hold(items, bulk)
         finally:
             self._acknowledge(dropped, bulk)
+
+    def _say_expired(self) -> None:
+        """The INFO line on work dropped as expired, unless said in the last `EXPIRED_SAID_EVERY_S`."""
+        now = time.monotonic()
+        if now - self._expired_said >= EXPIRED_SAID_EVERY_S:
+            count, self._expired_unsaid, self._expired_said = self._expired_unsaid, 0, now
+            log.info(
+                "dropped %d work item%s whose deadline passed before a worker took them (queued before a restart?)",
+                count,
+                "" if count == 1 else "s",
+            )
 
     def look(self) -> None:
         """Drop the held work abandoned since the last look (`ABANDONED_LOOK_S`): one GET of the epoch,

@@ -1,10 +1,12 @@
-"""Quiet logs: an idle jobs worker logs nothing at INFO (RQ's routine maintenance is DEBUG), and a
+"""Quiet logs: an idle jobs worker logs nothing at INFO (RQ's routine maintenance is DEBUG), work
+whose deadline passed in the queue is a summary line now and then (each item at DEBUG), and a
 start-up failure, of `serve` or a command given bad input, is one line."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,10 +15,13 @@ from pathlib import Path
 import fakeredis
 import pytest
 
+from batcher import intake as intake_module
 from batcher.bulk import Bulk
 from batcher.jobs import serve_jobs
+from batcher.plan import Window
 from core.settings import Settings
 from sentiment.embedded import free_port
+from tests.test_plan import KEYS, make_intake, policy, work_item
 
 CLEANING = "cleaning registries"
 
@@ -36,6 +41,39 @@ def test_rqs_routine_maintenance_logs_at_debug_not_info(settings: Settings, capl
     assert cleaning and {r.levelno for r in cleaning} == {logging.DEBUG}  # it ran, at DEBUG
     seen = maintenance_records(caplog, settings.model_copy(update={"log_level": "INFO"}))
     assert seen and not [r for r in seen if "cleaning" in r.getMessage()]  # at INFO: RQ's other lines only
+
+
+def test_work_expired_in_the_queue_is_a_summary_now_and_then_each_item_at_debug(
+    redis: fakeredis.FakeRedis, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a restart with persisted data meets: a backlog whose deadlines passed. Routine, not an error.
+    caplog.set_level(logging.DEBUG, logger="batcher.intake")
+    intake = make_intake(redis, Window(policy()))
+
+    def expired(items: int) -> None:
+        redis.lpush(KEYS.queue, *(work_item("too late", ttl=-1).encode() for _ in range(items)))
+        while redis.llen(KEYS.queue):
+            intake.take()
+
+    def said(level: int) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "batcher.intake" and r.levelno == level]
+
+    expired(3)
+    expired(2)  # (in takes of a few items each: the first said at once, the rest held back)
+    assert len(said(logging.DEBUG)) == 5
+    assert all(line.endswith(": its deadline passed in the queue") for line in said(logging.DEBUG))
+    [first] = said(logging.INFO)
+    monkeypatch.setattr(intake_module, "EXPIRED_SAID_EVERY_S", 0.0)  # the interval over
+    monkeypatch.setattr(intake_module, "BULK_LOOK_S", 0.05)
+    intake.take()  # an idle take says what was held back
+    summary = "work items whose deadline passed before a worker took them (queued before a restart?)"
+    counts = [
+        int(m.group(1))
+        for line in said(logging.INFO)
+        if (m := re.fullmatch(rf"dropped (\d+) {re.escape(summary)}", line))
+    ]
+    assert said(logging.INFO)[0] == first and len(counts) == 2 and sum(counts) == 5, said(logging.INFO)
+    assert intake.expired == 5
 
 
 def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
