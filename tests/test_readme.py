@@ -1,5 +1,6 @@
 """The README's commands run as written: every `bash` block not fenced `bash not-run`, in order, against
-the service its restart command starts, checking what they print where the README shows it.
+the service its restart command starts, checking what they print where the README shows it, and the
+line it shows that service printing once up.
 
 Two things differ from a reader's shell, both environmental: the test runs inside the activated
 environment (a leading `. .venv/bin/activate && ` is dropped), and the ports the README names
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from pathlib import Path
 
 import httpx
@@ -72,9 +73,13 @@ def run(command: str) -> str:
 
 
 @contextmanager
-def background(script: str, ready_url: str, **extra: str) -> Iterator[subprocess.Popen[bytes]]:
-    """`script` running in its own process group until the test is done, once `ready_url` answers."""
-    proc = subprocess.Popen(["bash", "-c", script], cwd=REPO, env=env(**extra), start_new_session=True)
+def background(script: str, ready_url: str, log: Path | None = None, **extra: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`script` running in its own process group until the test is done, once `ready_url` answers;
+    what it writes to stderr goes to `log` where one is given."""
+    with open(log, "wb") if log else nullcontext() as stderr:
+        proc = subprocess.Popen(
+            ["bash", "-c", script], cwd=REPO, env=env(**extra), start_new_session=True, stderr=stderr
+        )
     try:
         wait_for(ready_url, lambda: proc.poll() is not None or answers(ready_url), 180)
         assert proc.poll() is None, f"{script} exited {proc.returncode}"
@@ -101,6 +106,7 @@ def test_the_readmes_bash_blocks_run_as_written(tmp_path: Path) -> None:
     ports = {"8000": free_port(), "8001": free_port()}
     api = f"http://127.0.0.1:{ports['8000']}"
     blocks = [body for runs, body in bash_blocks() if runs]
+    serve_log = tmp_path / "serve.log"
     with ExitStack() as stack:
         for block in blocks:
             first = block.splitlines()[0]
@@ -109,14 +115,20 @@ def test_the_readmes_bash_blocks_run_as_written(tmp_path: Path) -> None:
                     background(
                         here(first, ports),
                         f"{api}/ready",
+                        serve_log,
                         SENTIMENT_PORT=str(ports["8000"]),
                         SENTIMENT_GRPC_PORT=str(ports["8001"]),
                         SENTIMENT_METRICS_PORT="0",
                         SENTIMENT_JOBS_METRICS_PORT="0",
                     )
                 )
+                up_line(serve_log.read_text(), ports)
             elif first.startswith("curl -s localhost:8000/predict"):
                 predict(block, ports)
+            elif first.startswith("curl -s localhost:8000/jobs "):
+                job(block, ports)
+            elif first.startswith("curl -s localhost:8000/metrics"):
+                metrics(block, ports)
             elif first.startswith("curl -si localhost:8000/jobs"):
                 jobs(block, ports)
             elif first.startswith("redis-server --port 6380"):
@@ -127,15 +139,58 @@ def test_the_readmes_bash_blocks_run_as_written(tmp_path: Path) -> None:
                 pytest.fail(f"a README block this test does not run: run it here, or fence it `bash not-run`:\n{block}")
 
 
+def up_line(said: str, ports: dict[str, int]) -> None:
+    """The "up" line the README shows is serve's, as it prints it: the same words, its numbers (time,
+    pid, ports) and data directory aside."""
+    shown = re.search(r"^.* INFO sentiment\.embedded \[\d+\] up: .*$", README, re.M)
+    assert shown, "the README shows no line of `sentiment serve` saying it is up"
+    [real] = [line for line in said.splitlines() if " INFO sentiment.embedded [" in line and "] up: " in line]
+    assert f"up: http://127.0.0.1:{ports['8000']} (gRPC 127.0.0.1:{ports['8001']}); " in real
+
+    def shape(line: str) -> str:
+        return re.sub(r"\d+", "N", re.sub(r" cache in \S+\)$", " cache in DIR)", line))
+
+    assert shape(shown.group()) == shape(real)
+
+
+def job(block: str, ports: dict[str, int]) -> None:
+    """The README's first /jobs example: the submission answers as shown, and the poll, once the job
+    has finished, answers as shown: the same fields, the same labels, scores within bf16's few thousandths."""
+    (submit, shown_submitted), (poll, shown_finished) = commands(block)
+    submitted = json.loads(run(here(submit, ports)))
+    job_id = submitted["job_id"]
+    assert submitted == json.loads("".join(shown_submitted).replace("<id>", job_id))
+    poll = here(poll, ports).replace("<id>", job_id)
+    finished = wait_for("the job", lambda: (doc := json.loads(run(poll)))["status"] == "finished" and doc)
+    expected = json.loads("".join(shown_finished).replace("<id>", job_id))
+    assert finished.keys() == expected.keys()
+    assert [finished[k] for k in ("job_id", "status", "progress")] == [
+        expected[k] for k in ("job_id", "status", "progress")
+    ]
+    same_predictions(finished["predictions"], expected["predictions"])
+
+
+def metrics(block: str, ports: dict[str, int]) -> None:
+    """The README's metrics example prints the series it shows, in its order; one live worker."""
+    command, *shown = block.splitlines()
+    got = run(here(command, ports)).splitlines()
+    assert [line.rsplit(" ", 1)[0] for line in got] == [line.rsplit(" ", 1)[0] for line in shown]
+    assert "sentiment_workers_live 1.0" in got and "sentiment_workers_live 1.0" in shown
+
+
 def predict(block: str, ports: dict[str, int]) -> None:
     """The README's /predict example prints what it shows: the same labels, scores within bf16's few
     thousandths."""
     [(command, shown)] = commands(block)
-    got, expected = json.loads(run(here(command, ports))), json.loads("".join(shown))
-    assert len(got["predictions"]) == len(expected["predictions"])
-    for text_got, text_expected in zip(got["predictions"], expected["predictions"], strict=True):
-        assert [p["label"] for p in text_got] == [p["label"] for p in text_expected]
-        assert [p["score"] for p in text_got] == pytest.approx([p["score"] for p in text_expected], abs=0.01)
+    same_predictions(json.loads(run(here(command, ports)))["predictions"], json.loads("".join(shown))["predictions"])
+
+
+def same_predictions(got: list[list[dict]], shown: list[list[dict]]) -> None:
+    """The predictions the README shows: the same labels, scores within bf16's few thousandths."""
+    assert len(got) == len(shown)
+    for text_got, text_shown in zip(got, shown, strict=True):
+        assert [p["label"] for p in text_got] == [p["label"] for p in text_shown]
+        assert [p["score"] for p in text_got] == pytest.approx([p["score"] for p in text_shown], abs=0.01)
 
 
 def jobs(block: str, ports: dict[str, int]) -> None:
