@@ -1,7 +1,7 @@
 """Who may call the API: optional API keys, then an optional per-client rate limit.
 
 One ASGI middleware in front of every route and mount, so /metrics and any route added later are
-covered by default; the gRPC service asks the same `admit` (`api.inference_grpc`). Only `OPEN_PATHS`
+covered by default; the gRPC service asks the same `check` (`api.inference_grpc`). Only `OPEN_PATHS`
 are exempt: the probes (/health, /ready, and the Open Inference Protocol's, which Triton's and KServe's
 deployments probe), since a kubelet HTTP probe cannot send a secret header and they tell only whether
 this pod can serve; and the docs (/docs, /redoc, their assets, /openapi.json), since a browser loads
@@ -104,7 +104,7 @@ def presented_key(headers: Headers) -> str | None:
 
 
 @dataclass(frozen=True)
-class Refused:
+class Denied:
     """Why a caller is turned away, and when it may come back."""
 
     error_type: ErrorType
@@ -112,28 +112,28 @@ class Refused:
     retry_after_s: int | None = None
 
 
-async def admit(
+async def check(
     keys: ApiKeys, limit: RateLimit | None, presented: str | None, address: str, deadline: Deadline
-) -> str | Refused:
+) -> str | Denied:
     """The client a call comes from (its key's name, or `address_client` with keys off), or why it
     is refused: no key (401), a wrong key (403), its token bucket empty (429), its deadline reached
     (504: the rate limit waits on Redis no longer than the request's deadline)."""
     try:
         deadline.enter(Stage.AUTHENTICATION)
-        return await _admit(keys, limit, presented, address, deadline)
+        return await _check(keys, limit, presented, address, deadline)
     except ServiceError as exc:
-        return Refused(exc.error_type, exc.message)
+        return Denied(exc.error_type, exc.message)
 
 
-async def _admit(
+async def _check(
     keys: ApiKeys, limit: RateLimit | None, presented: str | None, address: str, deadline: Deadline
-) -> str | Refused:
+) -> str | Denied:
     if keys:
         if presented is None:
-            return Refused(ErrorType.UNAUTHORIZED, "an API key is required (X-API-Key or Authorization: Bearer)")
+            return Denied(ErrorType.UNAUTHORIZED, "an API key is required (X-API-Key or Authorization: Bearer)")
         client = keys.client(presented)
         if client is None:
-            return Refused(ErrorType.FORBIDDEN, "this API key is not valid")
+            return Denied(ErrorType.FORBIDDEN, "this API key is not valid")
     else:
         client = address_client(address)
     if limit is None:
@@ -141,7 +141,7 @@ async def _admit(
     async with deadline.redis_call(Stage.RATE_LIMIT):
         wait = await _wait(limit, client)
     if wait is not None:
-        return Refused(
+        return Denied(
             ErrorType.RATE_LIMITED, "too many requests from this client; retry later", max(1, math.ceil(wait))
         )
     return client
@@ -178,8 +178,8 @@ class AccessControl:
         presented = presented_key(headers) if self.keys else None
         address = (scope.get("client") or ("unknown",))[0]
         limit = None if scope["path"] in SCRAPES else getattr(scope["app"].state, "rate_limit", None)
-        client = await admit(self.keys, limit, presented, address, deadline)
-        if isinstance(client, Refused):
+        client = await check(self.keys, limit, presented, address, deadline)
+        if isinstance(client, Denied):
             await error_response(client.error_type, client.message, client.retry_after_s)(scope, receive, send)
             return
         if self.keys:

@@ -64,7 +64,7 @@ def fleet(statuses: list[WorkerStatus], queued_texts: float) -> Fleet | None:
     return Fleet(
         texts_per_s=sum(s.texts_per_s or 0.0 for s in timed),
         forward_s=max(s.forward_s or 0.0 for s in timed),
-        texts_ahead=queued_texts + sum(s.held_texts for s in statuses),
+        texts_ahead=queued_texts + sum(s.texts_ahead for s in statuses),
     )
 
 

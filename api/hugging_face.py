@@ -33,7 +33,7 @@ from core.protocol import Prediction, ScoreFunction
 PATH = "/"
 
 
-class Parameters(BaseModel):
+class ClassificationParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
     top_k: Annotated[int, Field(ge=1)] | None = Field(None, description="Only the top k labels (default: every label).")
     function_to_apply: Literal["softmax", "sigmoid", "none"] | None = Field(
@@ -53,7 +53,7 @@ def classification_request(max_texts: int, max_chars: int) -> type[BaseModel]:
         inputs: Text | Annotated[list[Text], Field(min_length=1, max_length=max_texts)] = Field(
             description="A text, or a list of texts (a list of labels each)."
         )
-        parameters: Parameters | None = None
+        parameters: ClassificationParameters | None = None
 
     return TextClassificationRequest
 
@@ -78,7 +78,7 @@ def add_text_classification_route(app: FastAPI, max_texts: int, max_chars: int, 
         each text's labels, highest score first."""
         deadline = request_deadline(request.scope, request.headers, timeout_s)
         body: Any = parse_json(Request_, await request.body(), request.headers.get("content-type", ""))
-        parameters = body.parameters or Parameters()
+        parameters = body.parameters or ClassificationParameters()
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
         function = ScoreFunction(parameters.function_to_apply) if parameters.function_to_apply else None
         predictor: Predictor = request.app.state.predictor

@@ -52,7 +52,7 @@ EXTENSIONS = ["binary_tensor_data"]
 
 # A V2 parameter's value; bounded so that a request's envelope fits `ENVELOPE_BYTES`.
 Short = Annotated[str, StringConstraints(max_length=64)]
-Parameters = Annotated[dict[Short, StrictBool | int | float | Short], Field(max_length=8)]
+InferParameters = Annotated[dict[Short, StrictBool | int | float | Short], Field(max_length=8)]
 ENVELOPE_BYTES = 32 * BODY_OVERHEAD  # id, names, shapes and parameters around the texts, escaped
 Location = tuple[str | int, ...]
 
@@ -66,7 +66,7 @@ def infer_body_limit(max_texts: int, max_chars: int) -> int:
 class RequestedOutput(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["label", "scores"]
-    parameters: Parameters | None = Field(
+    parameters: InferParameters | None = Field(
         None, description="Accepted and ignored (answered as JSON over REST, raw over gRPC)."
     )
 
@@ -78,7 +78,7 @@ class InferInput(BaseModel):
         description="`[n]` or `[n, 1]`, n texts"
     )
     datatype: Literal["BYTES"]
-    parameters: Parameters | None = None
+    parameters: InferParameters | None = None
     data: list[str] | list[list[str]] | None = Field(None, description="The texts; absent when sent as binary data.")
 
 
@@ -90,7 +90,7 @@ class InferRequest(BaseModel):
         },
     )
     id: Annotated[str, StringConstraints(max_length=256)] | None = None
-    parameters: Parameters | None = None
+    parameters: InferParameters | None = None
     inputs: Annotated[list[InferInput], Field(min_length=1, max_length=1)]
     outputs: Annotated[list[RequestedOutput], Field(max_length=2)] | None = None
 

@@ -38,7 +38,7 @@ from fastapi import FastAPI
 from starlette.datastructures import Headers
 
 from api import inference
-from api.access import ApiKeys, Refused, admit, presented_key
+from api.access import ApiKeys, Denied, check, presented_key
 from api.deadline import Deadline
 from api.errors import ErrorType, ServiceError, counted, failure
 from api.grpc_v2 import grpc_predict_v2_pb2 as pb
@@ -209,15 +209,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return body, raw[0] if raw else None
 
     async def _client(self, context: grpc.aio.ServicerContext, deadline: Deadline) -> str:
-        """Who calls, as over HTTP (`api.access.admit`, by `deadline`): the work's client, or its refusal."""
+        """Who calls, as over HTTP (`api.access.check`, by `deadline`): the work's client, or its refusal."""
         if not self.checked:
             return DEFAULT_CLIENT
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         presented = presented_key(Headers(headers=metadata))
         # The peer is a URI: `ipv4:10.0.0.1:port`, `ipv6:%5B::1%5D:port`.
         address = unquote(context.peer()).rsplit(":", 1)[0].removeprefix("ipv4:").removeprefix("ipv6:")
-        client = await admit(self.keys, getattr(self.app.state, "rate_limit", None), presented, address, deadline)
-        if isinstance(client, Refused):
+        client = await check(self.keys, getattr(self.app.state, "rate_limit", None), presented, address, deadline)
+        if isinstance(client, Denied):
             raise ServiceError(client.error_type, client.message, client.retry_after_s)
         return client if self.keys else DEFAULT_CLIENT
 

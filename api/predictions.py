@@ -52,7 +52,7 @@ CLIENTS_TTL_S = (
 MODEL_INFO_MAX_AGE_S = 1.0  # how stale the API's idea of the served model (and cache version) may be
 MODEL_INFO_REFRESH_S = 0.5  # how stale it may be before it is read again in the background
 WATCH_AFTER_S = 0.05  # how far into a wait for the worker its client's going away is watched for
-LOOK_BEFORE_S = 0.1  # how long before its deadline a request still waiting looks where its work item is (`_look`)
+LOCATE_BEFORE_S = 0.1  # how long before its deadline a request still waiting looks where its work item is (`_locate`)
 
 
 class CacheStatus(StrEnum):
@@ -178,7 +178,7 @@ class Predictor:
                 self._abandon(call, "disconnected")
             raise
 
-    def _look(self, call: _Call, item: bytes) -> None:
+    def _locate(self, call: _Call, item: bytes) -> None:
         call.looking = asyncio.ensure_future(self._where(call, item))
 
     async def _where(self, call: _Call, item: bytes) -> None:
@@ -315,15 +315,15 @@ class Predictor:
 
     async def _wait(self, wait: ResultWait, call: _Call, item: bytes) -> bytes:
         """The queued `item`'s result; the wait ends with a 499 when `call.receive` says the client went
-        away (`_DisconnectWatch`). `LOOK_BEFORE_S` before the deadline, a request still waiting looks
+        away (`_DisconnectWatch`). `LOCATE_BEFORE_S` before the deadline, a request still waiting looks
         where its item is (`_where`), so that its 504 can say so at the deadline, not after it."""
         receive = call.receive
         watch = _DisconnectWatch(receive, wait) if receive is not None else None
-        look = asyncio.get_running_loop().call_at(call.deadline.loop_at() - LOOK_BEFORE_S, self._look, call, item)
+        locate = asyncio.get_running_loop().call_at(call.deadline.loop_at() - LOCATE_BEFORE_S, self._locate, call, item)
         try:
             return await wait.result()
         finally:
-            look.cancel()
+            locate.cancel()
             if call.looking is not None:
                 call.looking.cancel()
             if watch is not None:

@@ -35,7 +35,7 @@ from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-LOOK_S = 1.0  # how often a wait reads the result keys of what is still unanswered (a missed reply)
+RESULTS_READ_EVERY_S = 1.0  # how often a wait reads the result keys of what is still unanswered (a missed reply)
 
 
 class BulkFailed(Exception):
@@ -83,7 +83,7 @@ class Bulk:
 
     def receive(self, chunk: Chunk, stopping: threading.Event | None = None) -> list[Prediction]:
         """A sent chunk's predictions in input order; BulkFailed if the model failed on one of its texts,
-        BulkStopped within `LOOK_S` of `stopping` being set (the model workers stop too, and may never
+        BulkStopped within `RESULTS_READ_EVERY_S` of `stopping` being set (the model workers stop too, and may never
         answer)."""
         self._wait(chunk, stopping)
         return [chunk.found[t] for t in chunk.texts]
@@ -129,7 +129,7 @@ class Bulk:
         if self._pubsub is None:
             pubsub = self.redis.pubsub()
             pubsub.subscribe(self.channel)
-            while pubsub.get_message(timeout=LOOK_S) is None:  # the subscription's confirmation
+            while pubsub.get_message(timeout=RESULTS_READ_EVERY_S) is None:  # the subscription's confirmation
                 pass
             self._pubsub = pubsub
         return self._pubsub
@@ -153,23 +153,23 @@ class Bulk:
         self.redis.lpush(self.keys.bulk, *items)
 
     def _wait(self, chunk: Chunk, stopping: threading.Event | None) -> None:
-        """Until every queued item is answered: replies as they come, the result keys every `LOOK_S`;
+        """Until every queued item is answered: replies as they come, the result keys every `RESULTS_READ_EVERY_S`;
         what passed its deadline unanswered (dropped by the workers) is queued again."""
         pubsub = self._subscribed()
         looked = time.monotonic()
         while chunk.queued:
             if stopping is not None and stopping.is_set():
                 raise BulkStopped(f"{len(chunk.queued)} work items unanswered")
-            message = pubsub.get_message(ignore_subscribe_messages=True, timeout=LOOK_S)
+            message = pubsub.get_message(ignore_subscribe_messages=True, timeout=RESULTS_READ_EVERY_S)
             if message is not None and message["type"] == "message":
                 for request_id, result in parse_replies(message["data"]):
                     if result is not None:
                         self._answer(request_id, result)
-            if time.monotonic() - looked >= LOOK_S:
+            if time.monotonic() - looked >= RESULTS_READ_EVERY_S:
                 looked = time.monotonic()
-                self._look(chunk)
+                self._read_results(chunk)
 
-    def _look(self, chunk: Chunk) -> None:
+    def _read_results(self, chunk: Chunk) -> None:
         """Read the result keys of the unanswered items; queue again the texts of those past their
         deadline, taking back first their copies still on the bulk list."""
         ids = list(chunk.queued)

@@ -35,17 +35,17 @@ log = logging.getLogger(__name__)
 SCORE_FUNCTIONS = frozenset(ScoreFunction)
 IDLE_POLL_S = 1.0  # longest a take waits for the window's room, so a stop request is seen
 # How long a take blocks on an empty queue (an interactive item ends the wait at once): while bulk work
-# flows (held, or taken in the last BULK_FLOWS_S), BULK_POLL_S, so the lanes never run dry of bulk;
-# else BULK_LOOK_S, so a job's first chunk waits no longer than that.
-BULK_POLL_S = 0.02
-BULK_LOOK_S = 0.25
+# flows (held, or taken in the last BULK_FLOWS_S), BULK_FLOWING_WAIT_S, so the lanes never run dry of bulk;
+# else BULK_IDLE_WAIT_S, so a job's first chunk waits no longer than that.
+BULK_FLOWING_WAIT_S = 0.02
+BULK_IDLE_WAIT_S = 0.25
 BULK_FLOWS_S = 1.0
 CLOCK_SKEW_S = 1.0  # how far the API's clock (a work item's times) may be from this worker's
-# While requests are being abandoned (the epoch moved in the last LOOKING_FOR_S) and the window is
-# full, the held work is looked over every ABANDONED_LOOK_S, so the next forward leaves out what was
+# While requests are being abandoned (the epoch moved in the last ABANDONING_FOR_S) and the window is
+# full, the held work is looked over every ABANDONED_RECHECK_S, so the next forward leaves out what was
 # abandoned since the last take: under overload, a take waits a whole forward for room.
-ABANDONED_LOOK_S = 0.01
-LOOKING_FOR_S = 1.0
+ABANDONED_RECHECK_S = 0.01
+ABANDONING_FOR_S = 1.0
 # Work whose deadline passed in the queue (a backlog kept across a restart, a worker stalled): each
 # item at DEBUG, and at most one INFO line this often, counting the items since the last one.
 EXPIRED_SAID_EVERY_S = 10.0
@@ -86,7 +86,7 @@ class Intake:
 
     def take(self) -> bool:
         """One take; False when no work came within `_idle_wait`, or the window stayed full (while
-        work is being abandoned, `ABANDONED_LOOK_S`, after a `look`)."""
+        work is being abandoned, `ABANDONED_RECHECK_S`, after `recheck_abandoned`)."""
         self.busy_since = time.monotonic()
         try:
             return self._take()
@@ -96,11 +96,11 @@ class Intake:
                 self._say_expired()
 
     def _take(self) -> bool:
-        looking = self.drop_abandoned and time.time() - self._epoch_moved < LOOKING_FOR_S
-        room = self.window.wait_for_room(ABANDONED_LOOK_S if looking else IDLE_POLL_S)
+        looking = self.drop_abandoned and time.time() - self._epoch_moved < ABANDONING_FOR_S
+        room = self.window.wait_for_room(ABANDONED_RECHECK_S if looking else IDLE_POLL_S)
         if room <= 0:
             if looking:
-                self.look()
+                self.recheck_abandoned()
             return False
         cpu, raws = time.thread_time(), []
         items = max(1, int(room / self.texts_per_item))  # what the window has room for
@@ -118,14 +118,14 @@ class Intake:
                 self._asked = self._got = len(raws)
         finally:
             if raws:  # taken, so held, even where the rest of the take failed
-                self.admit(raws)
+                self.hold(raws)
             metrics.STAGE_CPU_SECONDS.labels("take").inc(time.thread_time() - cpu)
         return bool(raws)
 
     def _bulk_due(self) -> bool:
         """Whether to look for bulk work now: at every idle take while it flows, else once a
-        `BULK_LOOK_S` (a lone request's take costs no round trip to an empty bulk list)."""
-        return self._bulk_flows() or time.monotonic() - self._bulk_looked >= BULK_LOOK_S
+        `BULK_IDLE_WAIT_S` (a lone request's take costs no round trip to an empty bulk list)."""
+        return self._bulk_flows() or time.monotonic() - self._bulk_looked >= BULK_IDLE_WAIT_S
 
     def _bulk_flows(self) -> bool:
         """Bulk work is held, or was taken in the last `BULK_FLOWS_S`."""
@@ -140,14 +140,14 @@ class Intake:
         raws = self.queue.take_queued(most, bulk=True)
         if raws:
             self._bulk_taken = time.monotonic()
-            self.admit(raws, bulk=True)
+            self.hold(raws, bulk=True)
         return bool(raws)
 
     def _idle_wait(self) -> float:
-        """How long a take blocks on an empty queue: briefly while bulk work flows (`BULK_POLL_S`)."""
-        return BULK_POLL_S if self._bulk_flows() else BULK_LOOK_S
+        """How long a take blocks on an empty queue: briefly while bulk work flows (`BULK_FLOWING_WAIT_S`)."""
+        return BULK_FLOWING_WAIT_S if self._bulk_flows() else BULK_IDLE_WAIT_S
 
-    def admit(self, raws: list[bytes], bulk: bool = False) -> None:
+    def hold(self, raws: list[bytes], bulk: bool = False) -> None:
         """Decode taken items, drop malformed and expired ones, answer cached texts, hold the rest.
         Never fails on Redis: what was taken is held (a failed cache check computes the texts; a
         failed drop leaves the item for the next worker to drop). `bulk`: items of the bulk class."""
@@ -171,10 +171,10 @@ class Intake:
                 dropped.append(raw)
                 continue
             items.append(Held(raw, item, bulk=bulk))
-        self.queue.held.update(held.raw for held in items)
+        self.queue.held_raws.update(held.raw for held in items)
         try:
             if items:
-                dropped += self._hold(items, bulk)
+                dropped += self._hold_items(items, bulk)
         finally:
             self._acknowledge(dropped, bulk)
 
@@ -189,8 +189,8 @@ class Intake:
                 "" if count == 1 else "s",
             )
 
-    def look(self) -> None:
-        """Drop the held work abandoned since the last look (`ABANDONED_LOOK_S`): one GET of the epoch,
+    def recheck_abandoned(self) -> None:
+        """Drop the held work abandoned since the last look (`ABANDONED_RECHECK_S`): one GET of the epoch,
         and when it moved, the markers of the items held unstarted."""
         cpu = time.thread_time()
         try:
@@ -206,11 +206,11 @@ class Intake:
         """The one acknowledgement of items dropped unanswered (malformed, expired, abandoned): one
         round trip; a failed one leaves them for the next worker to drop."""
         if dropped:
-            self.queue.held.difference_update(dropped)
+            self.queue.held_raws.difference_update(dropped)
             with contextlib.suppress(RedisError):
                 self.queue.ack_all(dropped, bulk)
 
-    def _hold(self, items: list[Held], bulk: bool) -> list[bytes]:
+    def _hold_items(self, items: list[Held], bulk: bool) -> list[bytes]:
         """Answer the items' cached texts and hold the rest for the lanes, leaving out abandoned work
         (bulk work is never marked abandoned); the abandoned items, taken now or held before, to acknowledge."""
         texts: dict[str, Text] = {}  # by cache key: a text asked for under another score function is another

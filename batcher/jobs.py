@@ -131,7 +131,7 @@ def _received(bulk: Bulk, chunk: Chunk, done: int, total: int) -> list[Predictio
 def _stop_if_canceled(job: Job | None) -> None:
     """A chunk boundary: JobCanceled when the job was canceled or deleted since the last."""
     if job is not None:
-        _look(job.connection.hget(job.key, "status"), "while it ran")
+        _raise_if_gone(job.connection.hget(job.key, "status"), "while it ran")
 
 
 def _save_progress(job: Job | None, done: int, total: int) -> None:
@@ -149,7 +149,7 @@ def _write_running(job: Job, write: Callable[[Pipeline], object], when: str, can
         while True:
             try:
                 pipe.watch(job.key)
-                _look(pipe.hget(job.key, "status"), when, canceled_too)
+                _raise_if_gone(pipe.hget(job.key, "status"), when, canceled_too)
                 pipe.multi()
                 write(pipe)
                 pipe.execute()
@@ -158,7 +158,7 @@ def _write_running(job: Job, write: Callable[[Pipeline], object], when: str, can
                 continue
 
 
-def _look(status: bytes | str | None, when: str, canceled_too: bool = False) -> None:
+def _raise_if_gone(status: bytes | str | None, when: str, canceled_too: bool = False) -> None:
     """JobCanceled, saying what happened `when`, for a job whose hash reads `status`."""
     if status is None:  # the hash went (or is a stray field of a heartbeat, about to go)
         raise JobCanceled(f"deleted {when}")
@@ -394,7 +394,7 @@ def serve_jobs(settings: Settings, bulk: Bulk, redis: Redis, burst: bool = False
     # `ThreadFailed` says which thread and why.
     failure = ThreadFailure(lambda: os.kill(os.getpid(), signal.SIGTERM), FAILED_STOP_S)
     sending = (
-        Periodic("webhooks", webhooks.DUE_LOOK_S, webhooks.Sender(settings, redis).tick, failure)
+        Periodic("webhooks", webhooks.DUE_WEBHOOKS_EVERY_S, webhooks.Sender(settings, redis).tick, failure)
         if settings.webhook_secrets
         else nullcontext()
     )

@@ -84,7 +84,7 @@ class Window:
     def __len__(self) -> int:
         return len(self._texts) + sum(len(forward.texts) for forward in self._ready)
 
-    def held(self) -> int:
+    def count(self) -> int:
         """Texts held, counted under the lock: for threads other than the intake and the lanes (the
         heartbeat's status), which would otherwise count while a lane takes a forward."""
         with self._changed:

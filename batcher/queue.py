@@ -31,7 +31,7 @@ class WorkQueue:
         self.processing = keys.processing(worker_id)
         self.bulk_processing = keys.bulk_processing(worker_id)
         self.link = Link(redis)
-        self.held: set[bytes] = set()  # taken items this process holds in memory, until acknowledged
+        self.held_raws: set[bytes] = set()  # the items this process holds (`Held.raw`), until acknowledged
         self.deaths = DeathWatch(redis, keys, worker_id)
 
     def take(self, timeout: float) -> bytes | None:
@@ -79,7 +79,7 @@ class WorkQueue:
         lists = self._lists(self.worker_id)
 
         def move(pipe: Pipeline) -> int:
-            held = set(self.held)
+            held = set(self.held_raws)
             orphans = [(q, p, raw) for q, p in lists for raw in pipe.lrange(p, 0, -1) if raw not in held]
             pipe.multi()
             for queue, processing, raw in orphans:

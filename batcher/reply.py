@@ -195,7 +195,7 @@ class Replies:
                 else tracing.OFF
             ):
                 self._execute(writes + self.heartbeat())
-        self.queue.held.difference_update(held.raw for held in finished)
+        self.queue.held_raws.difference_update(held.raw for held in finished)
 
     def _execute(self, writes: list[Command]) -> None:
         """One transaction (nothing applies if Redis refuses any of it), sent again until it goes; a

@@ -36,7 +36,7 @@ Target = tuple[socket.AddressFamily, Any]  # (family, socket address) from getad
 _resolvers = threading.BoundedSemaphore(RESOLVERS)
 
 
-class Refused(Exception):
+class AddressRefused(Exception):
     """The URL may not be called: its host resolves to a refused address, or it is not a URL to send
     to. Not retried."""
 
@@ -53,7 +53,7 @@ def post(
     tls: ssl.SSLContext,
     deadline_s: float = DEADLINE_S,
 ) -> None:
-    """POST `body` to `url` within `deadline_s`: Refused, Undelivered (not 2xx), TimeoutError (the
+    """POST `body` to `url` within `deadline_s`: AddressRefused, Undelivered (not 2xx), TimeoutError (the
     deadline), or another OSError or http.client.HTTPException (no connection, a broken answer)."""
     deadline = time.monotonic() + deadline_s
     parts = urlsplit(url)
@@ -61,11 +61,11 @@ def post(
     try:
         port = parts.port or (443 if https else 80)
     except ValueError:
-        raise Refused("not a URL to send to (its port)") from None
+        raise AddressRefused("not a URL to send to (its port)") from None
     if parts.scheme not in ("http", "https") or not host or not host.isascii():
-        raise Refused("not an http(s) URL with an ASCII host")
+        raise AddressRefused("not an http(s) URL with an ASCII host")
     if why := name_refusal(host):
-        raise Refused(why)
+        raise AddressRefused(why)
     targets = _checked(host, resolve(host, port, deadline), allowed)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     request = {"Host": parts.netloc, "Connection": "close", **headers}
@@ -80,7 +80,7 @@ def post(
             finally:
                 connection.close()
         except (http.client.InvalidURL, UnicodeError) as exc:
-            raise Refused(f"not a URL to send to ({exc})") from None
+            raise AddressRefused(f"not a URL to send to ({exc})") from None
         except (OSError, http.client.HTTPException):
             if not watchdog.fired:
                 raise
@@ -116,7 +116,7 @@ def _checked(host: str, targets: list[Target], allowed: Sequence[Network]) -> li
     """`targets`, each address checked: a refused one refuses the delivery."""
     for _, address in targets:
         if why := refusal(ip_address(address[0]), allowed, host):
-            raise Refused(why)
+            raise AddressRefused(why)
     return list(dict.fromkeys(targets))
 
 

@@ -1,7 +1,7 @@
 """Webhook delivery, a thread of the jobs worker: a job's status document, signed, POSTed to its
 callback URL once the job ends, retried with backoff, then kept on the dead-letter list.
 
-Every `DUE_LOOK_S` the thread takes the webhooks that are due (`Keys.webhooks`, scored by when to
+Every `DUE_WEBHOOKS_EVERY_S` the thread takes the webhooks that are due (`Keys.webhooks`, scored by when to
 look next). One whose job has not ended is looked at again a heartbeat TTL later: the worker that
 ends a job, and the API that cancels one, make its webhook due at once; the periodic look catches a
 job that RQ's abandoned-job handling failed. Once the job has ended its document is made, once, and
@@ -38,7 +38,7 @@ from redis.typing import EncodableT, FieldT
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
-from batcher.webhook_http import DEADLINE_S, Refused, Undelivered, post
+from batcher.webhook_http import DEADLINE_S, AddressRefused, Undelivered, post
 from core import webhooks
 from core.job_spec import ENDED, JOB_STATUS, SERIALIZER, status_document
 from core.protocol import Keys, new_id
@@ -49,7 +49,7 @@ from core.webhooks import secret_key, signed_headers
 
 log = logging.getLogger(__name__)
 
-DUE_LOOK_S = 0.25  # how often due webhooks are looked for
+DUE_WEBHOOKS_EVERY_S = 0.25  # how often due webhooks are looked for
 CLAIM_S = int(6 * DEADLINE_S)  # a delivery (its deadline) and the Redis writes around it, many times over
 HEADERS = {"Content-Type": "application/json", "User-Agent": "sentiment-batcher-webhooks"}
 DUE_PER_LOOK = 16
@@ -58,7 +58,7 @@ ERROR_CHARS = 200
 
 
 class Sender:
-    """Delivers the webhooks that are due, on each `tick` (run every `DUE_LOOK_S` by a `Periodic` thread)."""
+    """Delivers the webhooks that are due, on each `tick` (run every `DUE_WEBHOOKS_EVERY_S` by a `Periodic` thread)."""
 
     def __init__(self, settings: Settings, redis: Redis, tls: ssl.SSLContext | None = None) -> None:
         if not settings.webhook_secrets:
@@ -129,7 +129,7 @@ class Sender:
             self._deliver(url, record["body"], record["delivery"].decode())
         except RedisError:
             raise
-        except Refused as exc:
+        except AddressRefused as exc:
             self._give_up(job_id, host, tries, str(exc))
         except Exception as exc:  # any failure of a try counts as one, foreseen or not
             self._failed(job_id, host, tries, exc)

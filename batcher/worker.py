@@ -115,7 +115,7 @@ class Worker:
             connection=self._connection,
             texts_per_s=None if full is None else self.classifier.lanes * full[0] / full[1],
             forward_s=None if full is None else full[1],
-            held_texts=self.window.held() + sum(len(forward.texts) for forward, _ in list(lanes.running.values())),
+            texts_ahead=self.window.count() + sum(len(forward.texts) for forward, _ in list(lanes.running.values())),
         )
 
     def stop(self) -> None:

@@ -305,7 +305,7 @@ class WorkerStatus(_Json):
     connection: str | None = None  # the name on its Redis connections; None: only the heartbeat tells its death
     # What the API's admission predicts by (`api.admission`): the texts a second this worker computes
     # under load and a full forward's seconds (None until it timed a forward: a cold worker is not
-    # predicted), and the texts it holds (taken, not yet answered).
+    # predicted), and the texts ahead of new work in it (held in its window or in a forward).
     texts_per_s: float | None = None
     forward_s: float | None = None
-    held_texts: int = 0
+    texts_ahead: int = 0

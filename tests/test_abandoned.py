@@ -92,7 +92,7 @@ def test_an_abandoned_item_held_but_not_yet_in_a_forward_is_dropped_at_the_next_
     assert intake.take()  # the epoch moved: the held items' markers are looked up
     assert intake.abandoned == 1
     assert processing(redis, KEYS) == {live.id, later.id}  # acknowledged, as an expired item is
-    assert gone.encode() not in intake.queue.held
+    assert gone.encode() not in intake.queue.held_raws
     assert held_texts(intake.window) == ["still wanted", "the next take"]
 
 
@@ -100,7 +100,7 @@ def test_while_work_is_being_abandoned_a_full_window_is_looked_over_between_take
     redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Under overload a take waits a whole forward for room: meanwhile the held work is looked over.
-    monkeypatch.setattr(intake_module, "LOOKING_FOR_S", HOUR_S)
+    monkeypatch.setattr(intake_module, "ABANDONING_FOR_S", HOUR_S)
     intake = make_intake(redis, Window(policy(window=2)))
     abandon(redis, KEYS, work_item("someone else's"))  # the epoch moves: work is being abandoned
     first, second = push(redis, KEYS, "first"), push(redis, KEYS, "second")

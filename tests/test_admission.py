@@ -34,7 +34,7 @@ class Clock:
 def status(texts_per_s: float | None = 100.0, forward_s: float | None = 0.1, held: int = 0) -> WorkerStatus:
     return WorkerStatus(
         id=new_id(), host="h", pid=1, model_version="v", started_at=0.0,
-        texts_per_s=texts_per_s, forward_s=forward_s, held_texts=held,
+        texts_per_s=texts_per_s, forward_s=forward_s, texts_ahead=held,
     )  # fmt: skip
 
 

@@ -64,7 +64,7 @@ def test_work_expired_in_the_queue_is_a_summary_now_and_then_each_item_at_debug(
     assert all(line.endswith(": its deadline passed in the queue") for line in said(logging.DEBUG))
     [first] = said(logging.INFO)
     monkeypatch.setattr(intake_module, "EXPIRED_SAID_EVERY_S", 0.0)  # the interval over
-    monkeypatch.setattr(intake_module, "BULK_LOOK_S", 0.05)
+    monkeypatch.setattr(intake_module, "BULK_IDLE_WAIT_S", 0.05)
     intake.take()  # an idle take says what was held back
     summary = "work items whose deadline passed before a worker took them (queued before a restart?)"
     counts = [

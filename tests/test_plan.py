@@ -436,7 +436,7 @@ def held_texts(window: Window) -> list[str]:
 def short_idle_poll(monkeypatch: pytest.MonkeyPatch) -> None:
     """A take that finds nothing (or no room) gives up after 50 ms instead of a quarter second (a second)."""
     monkeypatch.setattr(intake_module, "IDLE_POLL_S", 0.05)
-    monkeypatch.setattr(intake_module, "BULK_LOOK_S", 0.05)
+    monkeypatch.setattr(intake_module, "BULK_IDLE_WAIT_S", 0.05)
 
 
 def test_a_deep_queue_is_taken_in_few_round_trips_and_tokenized_once_a_take(redis: fakeredis.FakeRedis) -> None:
@@ -453,7 +453,7 @@ def test_a_deep_queue_is_taken_in_few_round_trips_and_tokenized_once_a_take(redi
     take_queued = intake.queue.take_queued
 
     def counted(most: int, bulk: bool = False) -> list[bytes]:
-        if not bulk:  # (a busy take looks for bulk work too, at most every BULK_LOOK_S)
+        if not bulk:  # (a busy take looks for bulk work too, at most every BULK_IDLE_WAIT_S)
             moves.append(most)
         return take_queued(most, bulk)
 

@@ -3,7 +3,7 @@
 `batcher.plan.Window` grew turns, deadlines, lateness, bulk riders and the windows of long texts;
 its defects sit where two of them meet, which examples rarely reach. Here Hypothesis takes work items
 (1-3 texts, texts shared between items and takes, chunked texts of 2-3 windows, bulk items,
-deadlines, three clients) through the real intake (`Intake.admit`, on fakeredis), runs forwards on 1-3
+deadlines, three clients) through the real intake (`Intake.hold`, on fakeredis), runs forwards on 1-3
 lanes that finish (or fail) in any order, abandons items as the API does, moves the clock past
 deadlines, forgets cached texts, and closes; the reply stage (`Replies`) writes every outcome to
 fakeredis. After every step it checks what the worker promises:
@@ -254,7 +254,7 @@ class PlanMachine(RuleBasedStateMachine):
                 self.bulk.add(item.id)
             self.redis.lpush(source, item.encode())
         raws = self.queue.take_queued(len(takes), bulk=bulk)
-        self.intake.admit(raws, bulk=bulk)
+        self.intake.hold(raws, bulk=bulk)
         self._settle()
 
     @precondition(lambda self: len(self.running) < self.lanes)
@@ -352,7 +352,7 @@ class PlanMachine(RuleBasedStateMachine):
         self.redis.set(KEYS.abandoned(item_id), 1)
         self.redis.incr(KEYS.abandoned_epoch)
         if look:
-            self.intake.look()
+            self.intake.recheck_abandoned()
         self._settle()
 
     @rule(seconds=st.sampled_from([0.01, 0.1, 0.5, 2.0]))
@@ -445,12 +445,12 @@ class PlanMachine(RuleBasedStateMachine):
 
     @invariant()
     def held_as_listed(self) -> None:
-        """In memory (`WorkQueue.held`), in the processing lists, and not answered: the same items."""
+        """In memory (`WorkQueue.held_raws`), in the processing lists, and not answered: the same items."""
         unanswered = {self.raws[i] for i in self.items if i not in self.answered and i not in self.dropped}
         listed = set(
             self.redis.lrange(KEYS.processing("w"), 0, -1) + self.redis.lrange(KEYS.bulk_processing("w"), 0, -1)
         )
-        assert self.queue.held == unanswered == listed, (self.queue.held ^ unanswered, unanswered ^ listed)
+        assert self.queue.held_raws == unanswered == listed, (self.queue.held_raws ^ unanswered, unanswered ^ listed)
 
 
 PlanMachine.TestCase.settings = settings(

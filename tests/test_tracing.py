@@ -50,13 +50,13 @@ def exporter(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
 def taken_items(worker: Worker) -> list[WorkItem]:
     """The work items `worker` takes from here on, as they came off the queue."""
     taken: list[WorkItem] = []
-    admit = worker.intake.admit
+    hold = worker.intake.hold
 
     def spy(raws: list[bytes]) -> None:
         taken.extend(WorkItem.decode(raw) for raw in raws)
-        admit(raws)
+        hold(raws)
 
-    worker.intake.admit = spy  # type: ignore[method-assign]
+    worker.intake.hold = spy  # type: ignore[method-assign]
     return taken
 
 

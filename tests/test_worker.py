@@ -118,7 +118,7 @@ def test_the_heartbeat_publishes_the_measured_throughput_once_a_forward_was_time
     keys = Keys(settings.key_prefix)
     start_worker(worker)
     [cold] = live_workers(redis, settings.key_prefix)
-    assert (cold.texts_per_s, cold.forward_s, cold.held_texts) == (None, None, 0)
+    assert (cold.texts_per_s, cold.forward_s, cold.texts_ahead) == (None, None, 0)
     wait_result(redis, keys, push(redis, keys, "a timed forward", "of two texts"))
     worker.heartbeat.beat()
     [timed] = live_workers(redis, settings.key_prefix)
