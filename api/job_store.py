@@ -89,7 +89,7 @@ class JobStore:
         return document
 
     def delete(self, job_id: str) -> None:
-        """Cancel a queued or started job (a started one stops at its next chunk boundary); delete an
+        """Cancel a queued or started job (a started one stops at its next part boundary); delete an
         ended one with its texts and results.
 
         The status check and the change are one transaction, WATCHing the job: a job that changes

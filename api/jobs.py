@@ -29,7 +29,7 @@ class JobCreated(BaseModel):
 
 
 class Progress(BaseModel):
-    done: int = Field(description="Texts with a prediction so far (moves a chunk of batches at a time).")
+    done: int = Field(description="Texts with a prediction so far (moves a part, a few batches of texts, at a time).")
     total: int
 
 
@@ -96,7 +96,7 @@ def jobs_router(settings: Settings) -> APIRouter:
     def delete(job_id: str, request: Request) -> Response:
         """Cancel a queued or started job, or delete one that ended, with its texts and results.
 
-        Canceled, a queued job never runs and a started one stops at its next chunk boundary; it then
+        Canceled, a queued job never runs and a started one stops at its next part boundary; it then
         reads `canceled` (DELETE it again to delete it). Deleted, it answers 404 from then on.
         """
         _store(request).delete(job_id)

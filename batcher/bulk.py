@@ -1,6 +1,6 @@
-"""A /jobs chunk's way to the model: through the model workers' own pipeline, as bulk work.
+"""A part of a /jobs job's texts on its way to the model: through the model workers' own pipeline, as bulk work.
 
-The jobs worker loads no model. For each chunk it reads the cache (one MGET, once a model worker has
+The jobs worker loads no model. For each part it reads the cache (one MGET, once a model worker has
 announced the model's version), queues the texts not found there, deduplicated, onto `Keys.bulk` as
 `WorkItem`s of at most a forward's texts, and waits for their results as the API does: on a reply
 channel of its own, with the result keys read for a reply the subscription missed. A model worker
@@ -10,7 +10,7 @@ deadline is queued again here, the copies no worker took taken back first, so th
 each unanswered text once; a job on a busy service (or one with no model worker up) waits, up to
 the job's timeout (`core.job_spec.JOB_TIMEOUT_S`). A copy a worker took is left to it: it drops it
 as expired, or computes it into the cache, where the new copy finds it (its own answer goes to an
-id no chunk waits for any more). A job that stops short (canceled, interrupted, failed) takes back
+id no part waits for any more). A job that stops short (canceled, interrupted, failed) takes back
 what it queued and no worker took (`withdraw`).
 """
 
@@ -39,16 +39,16 @@ RESULTS_READ_EVERY_S = 1.0  # how often a wait reads the result keys of what is 
 
 
 class BulkFailed(Exception):
-    """The model failed on a text of the chunk (the worker's error, as /predict would answer it)."""
+    """The model failed on a text of the part (the worker's error, as /predict would answer it)."""
 
 
 class BulkStopped(Exception):
-    """The process was told to stop while it waited for a chunk (`receive`'s `stopping`)."""
+    """The process was told to stop while it waited for a part (`receive`'s `stopping`)."""
 
 
 @dataclass
-class Chunk:
-    """One chunk on its way: its texts, the predictions found so far, and its queued items' texts by id."""
+class Part:
+    """One part on its way: its texts, the predictions found so far, and its queued items' texts by id."""
 
     texts: list[str]
     found: dict[str, Prediction]
@@ -66,27 +66,27 @@ class Bulk:
         self.deadline_s = settings.request_timeout_s
         self.channel = self.keys.reply_channel(new_id())
         self._pubsub: PubSub | None = None
-        # By work item id, each unanswered item: the chunk its answer fills (chunks overlap), and the
+        # By work item id, each unanswered item: the part its answer fills (parts overlap), and the
         # item as queued (`withdraw`).
-        self._waiting: dict[str, tuple[Chunk, bytes]] = {}
+        self._waiting: dict[str, tuple[Part, bytes]] = {}
 
-    def send(self, texts: Sequence[str]) -> Chunk:
+    def send(self, texts: Sequence[str]) -> Part:
         """Read what is cached, queue the rest; `receive` waits for it."""
         unique = list(dict.fromkeys(texts))
-        chunk = Chunk(list(texts), {})
+        part = Part(list(texts), {})
         if (raw := self.redis.get(self.keys.model)) is not None:
             version = ModelInfo.decode(raw).version
             cached = self.redis.mget([self.keys.cache(version, t) for t in unique])
-            chunk.found = {t: orjson.loads(c) for t, c in zip(unique, cached, strict=True) if c is not None}
-        self._queue(chunk, [t for t in unique if t not in chunk.found])
-        return chunk
+            part.found = {t: orjson.loads(c) for t, c in zip(unique, cached, strict=True) if c is not None}
+        self._queue(part, [t for t in unique if t not in part.found])
+        return part
 
-    def receive(self, chunk: Chunk, stopping: threading.Event | None = None) -> list[Prediction]:
-        """A sent chunk's predictions in input order; BulkFailed if the model failed on one of its texts,
+    def receive(self, part: Part, stopping: threading.Event | None = None) -> list[Prediction]:
+        """A sent part's predictions in input order; BulkFailed if the model failed on one of its texts,
         BulkStopped within `RESULTS_READ_EVERY_S` of `stopping` being set (the model workers stop too, and may never
         answer)."""
-        self._wait(chunk, stopping)
-        return [chunk.found[t] for t in chunk.texts]
+        self._wait(part, stopping)
+        return [part.found[t] for t in part.texts]
 
     def withdraw(self) -> None:
         """Take the unanswered items that no model worker took yet back off the bulk list, in one round
@@ -115,7 +115,7 @@ class Bulk:
         return sum(pipe.execute())
 
     def close(self) -> None:
-        """Forget the chunks sent and drop the reply subscription (the next chunk subscribes again):
+        """Forget the parts sent and drop the reply subscription (the next part subscribes again):
         at a job's end, after a Redis error."""
         self._waiting.clear()
         if self._pubsub is not None:
@@ -134,32 +134,32 @@ class Bulk:
             self._pubsub = pubsub
         return self._pubsub
 
-    def _queue(self, chunk: Chunk, texts: list[str]) -> None:
+    def _queue(self, part: Part, texts: list[str]) -> None:
         """`texts` onto the bulk list, a forward's worth an item, in one round trip."""
         if not texts:
             return
         self._subscribed()
         now = time.time()
-        chunk.deadline = now + self.deadline_s
+        part.deadline = now + self.deadline_s
         traceparent = tracing.traceparent() if tracing.enabled else None
         items = []
         for start in range(0, len(texts), self.item_texts):
-            part = texts[start : start + self.item_texts]
-            item = WorkItem(new_id(), part, now, chunk.deadline, self.channel, traceparent=traceparent)
-            chunk.queued[item.id] = part
+            item_texts = texts[start : start + self.item_texts]
+            item = WorkItem(new_id(), item_texts, now, part.deadline, self.channel, traceparent=traceparent)
+            part.queued[item.id] = item_texts
             raw = item.encode()
-            self._waiting[item.id] = (chunk, raw)
+            self._waiting[item.id] = (part, raw)
             items.append(raw)
         self.redis.lpush(self.keys.bulk, *items)
 
-    def _wait(self, chunk: Chunk, stopping: threading.Event | None) -> None:
+    def _wait(self, part: Part, stopping: threading.Event | None) -> None:
         """Until every queued item is answered: replies as they come, the result keys every `RESULTS_READ_EVERY_S`;
         what passed its deadline unanswered (dropped by the workers) is queued again."""
         pubsub = self._subscribed()
         looked = time.monotonic()
-        while chunk.queued:
+        while part.queued:
             if stopping is not None and stopping.is_set():
-                raise BulkStopped(f"{len(chunk.queued)} work items unanswered")
+                raise BulkStopped(f"{len(part.queued)} work items unanswered")
             message = pubsub.get_message(ignore_subscribe_messages=True, timeout=RESULTS_READ_EVERY_S)
             if message is not None and message["type"] == "message":
                 for request_id, result in parse_replies(message["data"]):
@@ -167,42 +167,42 @@ class Bulk:
                         self._answer(request_id, result)
             if time.monotonic() - looked >= RESULTS_READ_EVERY_S:
                 looked = time.monotonic()
-                self._read_results(chunk)
+                self._read_results(part)
 
-    def _read_results(self, chunk: Chunk) -> None:
+    def _read_results(self, part: Part) -> None:
         """Read the result keys of the unanswered items; queue again the texts of those past their
         deadline, taking back first their copies still on the bulk list."""
-        ids = list(chunk.queued)
+        ids = list(part.queued)
         for request_id, result in zip(ids, raws(self.redis.mget([self.keys.result(i) for i in ids])), strict=True):
             if result is not None:
                 self._answer(request_id, result)
-        if chunk.queued and time.time() > chunk.deadline + 1.0:
-            late = [t for texts in chunk.queued.values() for t in texts]
-            taken_back = self._take_back([self._waiting[request_id][1] for request_id in chunk.queued])
+        if part.queued and time.time() > part.deadline + 1.0:
+            late = [t for texts in part.queued.values() for t in texts]
+            taken_back = self._take_back([self._waiting[request_id][1] for request_id in part.queued])
             log.info(
                 "%d bulk texts unanswered by their deadline (a busy service); queued again, %d of their %d items"
                 " taken back off the bulk list (a worker took the rest)",
                 len(late),
                 taken_back,
-                len(chunk.queued),
+                len(part.queued),
             )
-            for request_id in chunk.queued:
+            for request_id in part.queued:
                 del self._waiting[request_id]
-            chunk.queued.clear()
-            self._queue(chunk, late)
+            part.queued.clear()
+            self._queue(part, late)
 
     def _answer(self, request_id: str, raw: bytes) -> None:
-        """Fill the chunk that waits for `request_id` with its result (a chunk sent earlier or later
+        """Fill the part that waits for `request_id` with its result (a part sent earlier or later
         than the one waited for, too)."""
         waiting = self._waiting.pop(request_id, None)
         if waiting is None:  # answered already, or a job's that ended
             return
-        chunk, _ = waiting
-        texts = chunk.queued.pop(request_id)
+        part, _ = waiting
+        texts = part.queued.pop(request_id)
         try:
             result = Result.decode(raw)
         except Unreadable as exc:
             raise BulkFailed(f"an unreadable result ({exc})") from None
         if result.error is not None or result.predictions is None:
             raise BulkFailed(result.error or "no predictions")
-        chunk.found.update(zip(texts, result.predictions, strict=True))
+        part.found.update(zip(texts, result.predictions, strict=True))

@@ -2,7 +2,7 @@
 
 One take moves what is queued into this worker's processing list in one round trip
 (`Policy.take_count` says how many items to ask for); it takes bulk work (`Keys.bulk`, /jobs
-chunks) for the window's bulk room when the queue is empty, or when the window holds none (bulk
+parts) for the window's bulk room when the queue is empty, or when the window holds none (bulk
 work's floor, `plan` rule 4); an empty queue blocks it for the next item. Malformed and
 expired items are dropped, and so is the work of requests nobody waits for any more (`_abandoned`);
 the rest become distinct texts, answered from the cache where another request or worker computed
@@ -36,7 +36,7 @@ SCORE_FUNCTIONS = frozenset(ScoreFunction)
 IDLE_POLL_S = 1.0  # longest a take waits for the window's room, so a stop request is seen
 # How long a take blocks on an empty queue (an interactive item ends the wait at once): while bulk work
 # flows (held, or taken in the last BULK_FLOWS_S), BULK_FLOWING_WAIT_S, so the lanes never run dry of bulk;
-# else BULK_IDLE_WAIT_S, so a job's first chunk waits no longer than that.
+# else BULK_IDLE_WAIT_S, so a job's first part waits no longer than that.
 BULK_FLOWING_WAIT_S = 0.02
 BULK_IDLE_WAIT_S = 0.25
 BULK_FLOWS_S = 1.0

@@ -1,17 +1,17 @@
 """The bulk-jobs worker: an RQ worker that runs jobs through the model workers' pipeline.
 
-`classify` is the job: it sends the texts chunk by chunk to the model workers as bulk work
-(`batcher.bulk`: no model, no torch in this process), each chunk sent while the one before it is
+`classify` is the job: it sends the texts part by part to the model workers as bulk work
+(`batcher.bulk`: no model, no torch in this process), each part sent while the one before it is
 computed (so the workers never wait for the next), saving progress in the job's meta and checking
-for cancellation between chunks, so a canceled job queues no further chunk, and takes back what it
+for cancellation between parts, so a canceled job queues no further part, and takes back what it
 queued that no model worker took (`Bulk.withdraw`, as an interrupted or failed one does). RQ owns the
 rest of the lifecycle (queue, status, result TTL, retries, failed registry).
 
 The API cancels or deletes a job whenever asked (`api.job_store`), also while this worker takes,
 starts, runs or ends it. So the worker writes a job's hash only in a transaction that WATCHes it and
-finds it neither canceled nor deleted (`_write_running`): at the start, at each chunk boundary and
+finds it neither canceled nor deleted (`_write_running`): at the start, at each part boundary and
 with the outcome. A job canceled or deleted before one of those points stops there (`JobCanceled`):
-it never starts, or runs no further chunk, or its outcome is dropped; only its execution is cleaned
+it never starts, or runs no further part, or its outcome is dropped; only its execution is cleaned
 up. RQ's own versions of those steps write blindly: a canceled job would turn `started` again and
 end `finished`, a deleted one would come back as a hash of a few fields that never expires, and a
 read of a hash that went (`InvalidJobOperation`) would end RQ's worker loop.
@@ -37,8 +37,10 @@ import math
 import os
 import signal
 import threading
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -53,11 +55,11 @@ from rq.utils import as_text, now
 from rq.worker import WorkerStatus as RQWorkerStatus  # (not core.protocol's WorkerStatus, a heartbeat)
 
 from batcher import metrics, webhooks
-from batcher.bulk import Bulk, BulkFailed, BulkStopped, Chunk
+from batcher.bulk import Bulk, BulkFailed, BulkStopped, Part
 from batcher.periodic import Periodic
 from batcher.thread_failure import ThreadFailure
 from core import tracing
-from core.job_spec import CHUNKS_PER_BATCH, SERIALIZER, jobs_queue, progress
+from core.job_spec import BATCHES_PER_PART, SERIALIZER, jobs_queue, progress
 from core.protocol import Keys, Prediction
 from core.redis_connect import sync_client
 from core.redis_errors import Backoff, describe
@@ -69,14 +71,34 @@ log = logging.getLogger(__name__)
 DEQUEUE_WAIT_S = 2  # longest one wait for a job blocks
 FAILED_STOP_S = 30.0  # a jobs worker whose webhook thread failed may finish its job this long (else it is retried)
 
-_bulk: Bulk | None = None  # set once per process by `serve_jobs`, used by every job
-_stopping = threading.Event()  # set by a stop signal: the running job stops at its next chunk
+
+@dataclass(frozen=True)
+class Context:
+    """What a job needs from the process that runs it: its way to the model workers, and the stop
+    signal (set, the running job stops at its next part). `serve_jobs` makes one a process, and its
+    workers hand it to each job they run (`running`): RQ calls a job with its arguments alone."""
+
+    bulk: Bulk
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+
+_running: ContextVar[Context] = ContextVar("jobs_context")
+
+
+@contextmanager
+def running(context: Context) -> Iterator[None]:
+    """`context` for the jobs run inside this block (`classify` reads it)."""
+    token = _running.set(context)
+    try:
+        yield
+    finally:
+        _running.reset(token)
 
 
 class JobInterrupted(Exception):
     """This worker was told to stop (SIGTERM, serve's Ctrl-C) while the job ran: it stops at its next
-    chunk and goes back to the front of its queue, its retries untouched, for the next jobs worker
-    (the chunks done are in the cache, so it resumes at about where it stopped)."""
+    part and goes back to the front of its queue, its retries untouched, for the next jobs worker
+    (the parts done are in the cache, so it resumes at about where it stopped)."""
 
 
 class JobCanceled(Exception):
@@ -86,50 +108,52 @@ class JobCanceled(Exception):
 
 def classify(texts: list[str]) -> list[Prediction]:
     """The RQ job: predictions for `texts`, in input order."""
-    if _bulk is None:
+    context = _running.get(None)
+    if context is None:
         raise RuntimeError("no way to the model workers in this process: run jobs with `sentiment jobs-worker`")
     try:
-        return _classify(_bulk, get_current_job(), texts)
+        return _classify(context, get_current_job(), texts)
     except (JobCanceled, JobInterrupted, BulkFailed):  # (not a Redis error: a silent peer would hold it up)
-        _bulk.withdraw()
+        context.bulk.withdraw()
         raise
     finally:
-        _bulk.close()
+        context.bulk.close()
 
 
-def _classify(bulk: Bulk, job: Job | None, texts: list[str]) -> list[Prediction]:
-    """`classify`, chunk by chunk, each sent before the last is waited for."""
-    chunk = bulk.item_texts * CHUNKS_PER_BATCH
+def _classify(context: Context, job: Job | None, texts: list[str]) -> list[Prediction]:
+    """`classify`, part by part, each sent before the last is waited for."""
+    bulk = context.bulk
+    size = bulk.item_texts * BATCHES_PER_PART
     predictions: list[Prediction] = []
-    ahead: Chunk | None = None  # sent, not yet waited for: the workers compute it while the next one is sent
-    for start in range(0, len(texts), chunk):
+    ahead: Part | None = None  # sent, not yet waited for: the workers compute it while the next one is sent
+    for start in range(0, len(texts), size):
         _stop_if_canceled(job)
-        if _stopping.is_set():
+        if context.stopping.is_set():
             raise JobInterrupted(f"stopped after {len(predictions)} of {len(texts)} texts")
-        with _chunk_span(job, start, len(texts[start : start + chunk])) if tracing.enabled else tracing.OFF:
-            sent = bulk.send(texts[start : start + chunk])
+        with _part_span(job, start, len(texts[start : start + size])) if tracing.enabled else tracing.OFF:
+            sent = bulk.send(texts[start : start + size])
         if ahead is not None:
-            predictions += _received(bulk, ahead, len(predictions), len(texts))
+            predictions += _received(context, ahead, len(predictions), len(texts))
             _save_progress(job, len(predictions), len(texts))
         ahead = sent
     if ahead is not None:
-        _stop_if_canceled(job)  # a cancel meanwhile: the last chunk is not waited for
-        predictions += _received(bulk, ahead, len(predictions), len(texts))
+        _stop_if_canceled(job)  # a cancel meanwhile: the last part is not waited for
+        predictions += _received(context, ahead, len(predictions), len(texts))
         _save_progress(job, len(predictions), len(texts))
-    _stop_if_canceled(job)  # a cancel during the last chunk stops it too
+    _stop_if_canceled(job)  # a cancel during the last part stops it too
     return predictions
 
 
-def _received(bulk: Bulk, chunk: Chunk, done: int, total: int) -> list[Prediction]:
-    """`chunk`'s predictions; JobInterrupted if this worker is told to stop while it waits for them."""
+def _received(context: Context, part: Part, done: int, total: int) -> list[Prediction]:
+    """`part`'s predictions; JobInterrupted if this worker is told to stop while it waits for them."""
     try:
-        return bulk.receive(chunk, _stopping)
+        return context.bulk.receive(part, context.stopping)
     except BulkStopped:
         raise JobInterrupted(f"stopped after {done} of {total} texts") from None
 
 
 def _stop_if_canceled(job: Job | None) -> None:
-    """A chunk boundary: JobCanceled when the job was canceled or deleted since the last."""
+    """A part boundary: JobCanceled when the job was canceled or deleted since the last."""
     if job is not None:
         _raise_if_gone(job.connection.hget(job.key, "status"), "while it ran")
 
@@ -166,14 +190,14 @@ def _raise_if_gone(status: bytes | str | None, when: str, canceled_too: bool = F
         raise JobCanceled(f"canceled {when}")
 
 
-def _chunk_span(job: Job | None, start: int, texts: int) -> AbstractContextManager[Span]:
-    """A chunk's span (tracing on): which job, from which text, how many."""
+def _part_span(job: Job | None, start: int, texts: int) -> AbstractContextManager[Span]:
+    """A part's span (tracing on): which job, from which text, how many."""
     attributes: dict[str, str | int] = {
         "sentiment.job": job.id if job is not None else "",
         "sentiment.start": start,
         "sentiment.texts": texts,
     }
-    return tracing.tracer.start_as_current_span("jobs.chunk", attributes=attributes)
+    return tracing.tracer.start_as_current_span("jobs.part", attributes=attributes)
 
 
 class RoutineMaintenance(logging.Filter):
@@ -195,7 +219,10 @@ class JobsWorker(SimpleWorker):
 
     max_connection_wait_time = 2.0  # RQ's reconnect backoff while waiting for a job stops here, not at a minute
 
-    def __init__(self, *args: Any, heartbeat_ttl_s: float, redis_timeout_s: float, keys: Keys, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, context: Context, heartbeat_ttl_s: float, redis_timeout_s: float, keys: Keys, **kwargs: Any
+    ) -> None:
+        self.context = context  # what each job it runs is handed (`running`)
         self.redis_timeout_s = redis_timeout_s  # (before RQ's constructor, which reads `connection_timeout`)
         super().__init__(*args, **kwargs)
         self.log.addFilter(QUIET_MAINTENANCE)  # (once: a logger keeps one copy of a filter)
@@ -236,10 +263,10 @@ class JobsWorker(SimpleWorker):
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         """Noted before RQ's own handling, which writes to Redis: a stop asked for during an outage still stops."""
         self.told_to_stop = True
-        _stopping.set()
+        self.context.stopping.set()
         if self.get_current_job_id():
             log.info(
-                "stopping: job %s stops at its next chunk, back at the front of its queue", self.get_current_job_id()
+                "stopping: job %s stops at its next part, back at the front of its queue", self.get_current_job_id()
             )
         super().request_stop(signum, frame)
 
@@ -271,7 +298,7 @@ class JobsWorker(SimpleWorker):
             except Exception:  # a missed beat is survivable; the next one may work
                 log.warning("job %s heartbeat failed", job.id, exc_info=True)
 
-        with Periodic(f"heartbeat-{job.id}", self.job_heartbeat_ttl / 3, beat):
+        with Periodic(f"heartbeat-{job.id}", self.job_heartbeat_ttl / 3, beat), running(self.context):
             self.perform_job(job, queue, execution)
         self.set_state(RQWorkerStatus.IDLE)
 
@@ -303,7 +330,7 @@ class JobsWorker(SimpleWorker):
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Execution) -> None:
         """RQ's success (status `finished`, the result, the finished registry, the expiry), and the
-        job's webhook made due, unless the job was canceled or deleted during its last chunk:
+        job's webhook made due, unless the job was canceled or deleted during its last part:
         then JobCanceled, which RQ hands to `handle_job_failure`."""
         ttl = job.get_result_ttl(self.default_result_ttl)
 
@@ -386,9 +413,7 @@ def serve_jobs(settings: Settings, bulk: Bulk, redis: Redis, burst: bool = False
     A worker whose loop ends otherwise met an error it does not survive, such as Redis failing mid-job
     (RQ logs it): a fresh one takes over, with backoff.
     """
-    global _bulk
-    _bulk = bulk
-    _stopping.clear()
+    context = Context(bulk)
     tracing.setup("sentiment-jobs-worker")
     # A bug in the webhook thread stops the process as SIGTERM does (the job in hand finishes), then
     # `ThreadFailed` says which thread and why.
@@ -400,14 +425,14 @@ def serve_jobs(settings: Settings, bulk: Bulk, redis: Redis, burst: bool = False
     )
     try:
         with sending:
-            worked = _serve(settings, redis, burst)
+            worked = _serve(settings, redis, burst, context)
     finally:
         bulk.close()
     failure.raise_if_failed()
     return worked
 
 
-def _serve(settings: Settings, redis: Redis, burst: bool) -> bool:
+def _serve(settings: Settings, redis: Redis, burst: bool, context: Context) -> bool:
     """`serve_jobs`' loop: a fresh RQ worker each time one stops unasked."""
     period = max(1, math.ceil(settings.heartbeat_ttl_s))
     stop_asked = threading.Event()
@@ -420,6 +445,7 @@ def _serve(settings: Settings, redis: Redis, burst: bool) -> bool:
                 [jobs_queue(redis, settings)],
                 connection=redis,
                 serializer=SERIALIZER,
+                context=context,
                 heartbeat_ttl_s=settings.heartbeat_ttl_s,
                 redis_timeout_s=settings.redis_timeout_s,
                 keys=Keys(settings.key_prefix),
@@ -435,8 +461,7 @@ def _serve(settings: Settings, redis: Redis, burst: bool) -> bool:
             return worked
         log.warning("jobs worker stopped unasked (%s); a fresh one in %.1f s", why, backoff.delay)
         redis.connection_pool.disconnect()  # the fresh one reconnects: a silent peer's connections are no use
-        if _bulk is not None:
-            _bulk.close()  # (its subscription too: the next chunk subscribes again)
+        context.bulk.close()  # (its subscription too: the next part subscribes again)
         _stop_on_signal(stop_asked)
         if backoff.pause():
             return worked

@@ -69,7 +69,7 @@ WORK_ITEMS_LATE = Counter(
 )
 BULK_TEXTS = Counter(
     "sentiment_bulk_texts",
-    "Texts computed for bulk work alone (/jobs chunks): of `sentiment_batch_size_sum`, those no interactive "
+    "Texts computed for bulk work alone (/jobs parts): of `sentiment_batch_size_sum`, those no interactive "
     "request waited for.",
 )
 ABANDONED_TEXTS = Counter(
@@ -83,7 +83,7 @@ LONG_TEXTS = Counter(
     ["handling"],
 )
 WORKER_BUSY_SECONDS = Counter(
-    "sentiment_worker_busy_seconds", "Seconds the model spent on batches (or job chunks); rate = busy ratio."
+    "sentiment_worker_busy_seconds", "Seconds the model spent on batches (or job parts); rate = busy ratio."
 )
 STAGE_CPU_SECONDS = Counter(
     "sentiment_worker_stage_cpu_seconds",

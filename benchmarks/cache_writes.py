@@ -1,5 +1,5 @@
 """How often the service computed each distinct text, read off Redis: every computation of a text
-writes its cache entry once (the /predict worker's reply transaction, a bulk job's chunk), so
+writes its cache entry once (the /predict worker's reply transaction, a bulk job's part), so
 counting the cache SETs per text digest in Redis' MONITOR stream counts the computations, with
 nothing added to the service. A reply transaction whose reply a broken connection lost is sent
 again as it was (`batcher.reply`): a transaction byte for byte the same as one already applied is

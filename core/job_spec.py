@@ -24,7 +24,7 @@ SERIALIZER = JSONSerializer
 # the retry reads back from the cache whatever the earlier runs computed.
 RETRY = Retry(max=2)
 JOB_TIMEOUT_S = 3600  # a run past this is stopped (and retried, then failed): a hang, not a big job
-CHUNKS_PER_BATCH = 4  # a progress update (and cancel check) every this many full batches
+BATCHES_PER_PART = 4  # a progress update (and cancel check) every this many full batches
 ENDED = {"finished", "failed", "canceled"}
 # RQ's finer states, as the five this API promises.
 JOB_STATUS = {

@@ -10,7 +10,7 @@ text, PUBLISHes `replies` (ids and results) on the items' `reply_to` channel, an
 transaction removes the items from its processing list. A dead worker's processing list is pushed back onto the
 queue by a live one.
 
-Bulk work (/jobs chunks, pushed by the jobs worker) is the same `WorkItem` on a list of its own,
+Bulk work (/jobs parts, pushed by the jobs worker) is the same `WorkItem` on a list of its own,
 `bulk`, moved into `bulk_processing(worker)` and answered the same way: the list says the class, and
 a worker takes from it only for room the queue leaves (`batcher.plan`).
 """
@@ -121,7 +121,7 @@ class Keys:
 
     @property
     def bulk(self) -> str:
-        """The bulk class's queue: /jobs chunks' never-seen texts, as `WorkItem`s the jobs worker LPUSHes."""
+        """The bulk class's queue: /jobs parts' never-seen texts, as `WorkItem`s the jobs worker LPUSHes."""
         return f"{self.prefix}:bulk"
 
     def bulk_processing(self, worker_id: str) -> str:

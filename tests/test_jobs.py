@@ -22,8 +22,8 @@ from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job
 
 from api.app import create_app
-from batcher.bulk import Bulk, BulkStopped, Chunk
-from batcher.jobs import JobsWorker, serve_jobs
+from batcher.bulk import Bulk, BulkStopped, Part
+from batcher.jobs import Context, JobsWorker, serve_jobs
 from batcher.queue import WorkQueue
 from batcher.worker import Worker
 from core.job_spec import SERIALIZER
@@ -53,26 +53,26 @@ def classifier(tmp_path_factory: pytest.TempPathFactory) -> Classifier:
 
 
 class SpyBulk(Bulk):
-    """The real way to the model workers, with a hook run before each chunk (to look at or poke the
+    """The real way to the model workers, with a hook run before each part (to look at or poke the
     running job), and a count of the texts sent to the model workers (`computed`: not in the cache)."""
 
-    before_chunk: Callable[[list[str]], None] = staticmethod(lambda texts: None)
+    before_part: Callable[[list[str]], None] = staticmethod(lambda texts: None)
     computed = 0
-    chunks = 0  # sent
+    parts = 0  # sent
 
     def __init__(self, settings: Settings, redis: fakeredis.FakeRedis) -> None:
         super().__init__(settings, redis)
         self.items: list[list[str]] = []  # each queue's work item ids
 
-    def send(self, texts: Sequence[str]) -> Chunk:
-        self.before_chunk(list(texts))
-        self.chunks += 1
+    def send(self, texts: Sequence[str]) -> Part:
+        self.before_part(list(texts))
+        self.parts += 1
         return super().send(texts)
 
-    def _queue(self, chunk: Chunk, texts: list[str]) -> None:
+    def _queue(self, part: Part, texts: list[str]) -> None:
         self.computed += len(texts)
-        super()._queue(chunk, texts)
-        self.items.append(list(chunk.queued))
+        super()._queue(part, texts)
+        self.items.append(list(part.queued))
 
 
 class Service:
@@ -156,7 +156,7 @@ def test_a_job_reads_the_cache_instead_of_recomputing(service: tuple[Service, Te
     assert computed == len(set(TEXTS))
     second = submit(client, list(reversed(TEXTS)))
     svc.run_jobs()
-    assert svc.bulk.computed == computed  # all from the cache (as a retried job's first chunks are)
+    assert svc.bulk.computed == computed  # all from the cache (as a retried job's first parts are)
     assert (
         client.get(f"/jobs/{second}").json()["predictions"] == client.get(f"/jobs/{first}").json()["predictions"][::-1]
     )
@@ -173,19 +173,19 @@ def test_a_deployment_under_another_key_prefix_never_runs_this_ones_jobs(service
     assert client.get(f"/jobs/{job_id}").json()["status"] == "finished"
 
 
-def test_progress_moves_chunk_by_chunk_each_sent_while_the_last_computes(service: tuple[Service, TestClient]) -> None:
+def test_progress_moves_part_by_part_each_sent_while_the_last_computes(service: tuple[Service, TestClient]) -> None:
     svc, client = service
-    job_id = submit(client, TEXTS * 2)  # three chunks
+    job_id = submit(client, TEXTS * 2)  # three parts
     seen: list[tuple[str, int]] = []
 
     def look(_: list[str]) -> None:
         view = client.get(f"/jobs/{job_id}").json()
         seen.append((view["status"], view["progress"]["done"]))
 
-    svc.bulk.before_chunk = look
+    svc.bulk.before_part = look
     svc.run_jobs()
-    chunk = svc.settings.max_batch_size * 4  # CHUNKS_PER_BATCH
-    assert seen == [("started", 0), ("started", 0), ("started", chunk)]  # the second sent before the first's answer
+    part = svc.settings.max_batch_size * 4  # BATCHES_PER_PART
+    assert seen == [("started", 0), ("started", 0), ("started", part)]  # the second sent before the first's answer
     assert client.get(f"/jobs/{job_id}").json()["progress"] == {"done": 2 * len(TEXTS), "total": 2 * len(TEXTS)}
 
 
@@ -201,47 +201,47 @@ def test_cancel_a_queued_job(service: tuple[Service, TestClient]) -> None:
     assert 0 < svc.redis.ttl(svc.job(job_id).key) <= svc.settings.job_ttl_s  # expires like any job
 
 
-def test_cancel_a_started_job_stops_it_at_the_next_chunk(service: tuple[Service, TestClient]) -> None:
+def test_cancel_a_started_job_stops_it_at_the_next_part(service: tuple[Service, TestClient]) -> None:
     svc, client = service
-    job_id = submit(client, TEXTS * 2)  # three chunks
+    job_id = submit(client, TEXTS * 2)  # three parts
     answers: list[int] = []
 
-    def cancel_as_the_second_chunk_is_sent(_: list[str]) -> None:
-        if svc.bulk.chunks == 1 and not answers:
+    def cancel_as_the_second_part_is_sent(_: list[str]) -> None:
+        if svc.bulk.parts == 1 and not answers:
             answers.append(client.delete(f"/jobs/{job_id}").status_code)
 
-    svc.bulk.before_chunk = cancel_as_the_second_chunk_is_sent
+    svc.bulk.before_part = cancel_as_the_second_part_is_sent
     svc.run_jobs()  # returns: the job stopped, and was neither retried nor failed
     assert answers == [204]
-    assert svc.bulk.chunks == 2  # no third chunk queued once canceled
-    chunk = svc.settings.max_batch_size * 4
+    assert svc.bulk.parts == 2  # no third part queued once canceled
+    part = svc.settings.max_batch_size * 4
     view = client.get(f"/jobs/{job_id}").json()
     assert view["status"] == "canceled"
-    assert view["progress"] == {"done": chunk, "total": 2 * len(TEXTS)}  # the chunk in hand finished, no more
+    assert view["progress"] == {"done": part, "total": 2 * len(TEXTS)}  # the part in hand finished, no more
     assert "predictions" not in view and "error" not in view
     queue = svc.app.state.jobs.queue
     assert job_id not in queue.failed_job_registry and job_id not in queue.started_job_registry
     assert queue.count == 0
 
 
-def test_a_job_canceled_with_a_chunk_queued_takes_it_back_off_the_bulk_list(
+def test_a_job_canceled_with_a_part_queued_takes_it_back_off_the_bulk_list(
     service: tuple[Service, TestClient],
 ) -> None:
     svc, client = service
-    job_id = submit(client, [f"{text} {i}" for i, text in enumerate(TEXTS * 2)])  # three chunks, none cached
+    job_id = submit(client, [f"{text} {i}" for i, text in enumerate(TEXTS * 2)])  # three parts, none cached
     keys = Keys(svc.settings.key_prefix)
     answers: list[int] = []
 
-    def cancel_with_no_model_worker_as_the_second_chunk_is_sent(_: list[str]) -> None:
-        if svc.bulk.chunks == 1 and not answers:
+    def cancel_with_no_model_worker_as_the_second_part_is_sent(_: list[str]) -> None:
+        if svc.bulk.parts == 1 and not answers:
             first = svc.bulk.items[0]
-            wait_for("the first chunk's results", lambda: svc.redis.exists(*map(keys.result, first)) == len(first))
-            svc.worker.stop()  # nothing takes the second chunk from here on
+            wait_for("the first part's results", lambda: svc.redis.exists(*map(keys.result, first)) == len(first))
+            svc.worker.stop()  # nothing takes the second part from here on
             answers.append(client.delete(f"/jobs/{job_id}").status_code)
 
-    svc.bulk.before_chunk = cancel_with_no_model_worker_as_the_second_chunk_is_sent
-    svc.run_jobs()  # the first chunk's answers in hand, the cancel found at that boundary
-    assert answers == [204] and svc.bulk.chunks == 2
+    svc.bulk.before_part = cancel_with_no_model_worker_as_the_second_part_is_sent
+    svc.run_jobs()  # the first part's answers in hand, the cancel found at that boundary
+    assert answers == [204] and svc.bulk.parts == 2
     assert client.get(f"/jobs/{job_id}").json()["status"] == "canceled"
     assert len(svc.bulk.items[1]) == 4 and svc.redis.llen(keys.bulk) == 0  # queued, then taken back
 
@@ -249,25 +249,25 @@ def test_a_job_canceled_with_a_chunk_queued_takes_it_back_off_the_bulk_list(
 def test_texts_past_their_deadline_are_queued_again_once_however_many_deadlines_pass(
     redis: fakeredis.FakeRedis,
 ) -> None:
-    # No model worker answers (a busy service): each deadline queues the chunk's texts again. The bulk
+    # No model worker answers (a busy service): each deadline queues the part's texts again. The bulk
     # list, which KEDA scales on, must hold each unanswered text once, not a copy per deadline; a copy a
     # worker took (held, or dropped as expired) is not on it, and its texts are queued again too.
     settings = Settings(key_prefix="requeue", max_batch_size=2, request_timeout_s=0.1)
     keys = Keys(settings.key_prefix)
     bulk = Bulk(settings, redis)
     texts = [f"text {i}" for i in range(5)]
-    chunk = bulk.send(texts)
+    part = bulk.send(texts)
     assert WorkQueue(redis, keys, "busy").take_queued(1, bulk=True)  # a worker took one, never to answer
     stopping = threading.Event()
 
     def wait() -> None:
         with contextlib.suppress(BulkStopped):
-            bulk.receive(chunk, stopping)
+            bulk.receive(part, stopping)
 
-    deadlines = {chunk.deadline}
+    deadlines = {part.deadline}
 
     def queued_again_three_times() -> bool:
-        deadlines.add(chunk.deadline)
+        deadlines.add(part.deadline)
         return len(deadlines) > 3
 
     waiting = threading.Thread(target=wait)
@@ -279,7 +279,7 @@ def test_texts_past_their_deadline_are_queued_again_once_however_many_deadlines_
         waiting.join(HANG_GUARD_S)
     queued = [WorkItem.decode(raw) for raw in redis.lrange(keys.bulk, 0, -1)]
     assert sorted(t for item in queued for t in item.texts) == texts
-    assert {item.id for item in queued} == set(chunk.queued)  # the copies the chunk waits for
+    assert {item.id for item in queued} == set(part.queued)  # the copies the part waits for
 
 
 def explode(_: list[str]) -> None:
@@ -293,7 +293,7 @@ def test_deleting_an_ended_job_removes_it_with_its_texts_and_results(
     svc, client = service
     job_id = submit(client, TEXTS[:3])
     if ending == "failed":
-        svc.bulk.before_chunk = explode
+        svc.bulk.before_part = explode
     if ending == "canceled":
         assert client.delete(f"/jobs/{job_id}").status_code == 204  # the first DELETE cancels
     svc.run_jobs()
@@ -326,22 +326,22 @@ def test_an_ended_job_is_deleted_though_a_killed_worker_s_execution_is_still_ind
 def test_a_running_job_canceled_then_deleted_goes_at_once_and_its_worker_drops_it(
     service: tuple[Service, TestClient], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The worker finds the job gone at its next chunk boundary: it stops there, writes nothing back
+    """The worker finds the job gone at its next part boundary: it stops there, writes nothing back
     (a deleted job never returns), and carries on."""
     svc, client = service
     caplog.set_level(logging.INFO, logger="batcher.jobs")
-    job_id = submit(client, TEXTS * 2)  # three chunks
+    job_id = submit(client, TEXTS * 2)  # three parts
     answers: list[int] = []
 
-    def cancel_and_delete_during_second_chunk(_: list[str]) -> None:
+    def cancel_and_delete_during_second_part(_: list[str]) -> None:
         if client.get(f"/jobs/{job_id}").json()["progress"]["done"] > 0 and not answers:
             answers.extend(client.delete(f"/jobs/{job_id}").status_code for _ in range(2))
             assert client.get(f"/jobs/{job_id}").status_code == 404
             left = [key.decode() for key in svc.redis.keys(f"*{job_id}*")]
             assert [key.split(":")[:3] for key in left] == [["rq", "execution", job_id]]  # only the run in hand
 
-    svc.bulk.before_chunk = cancel_and_delete_during_second_chunk
-    svc.run_jobs()  # returns: the job stopped at the chunk boundary, as any canceled job does
+    svc.bulk.before_part = cancel_and_delete_during_second_part
+    svc.run_jobs()  # returns: the job stopped at the part boundary, as any canceled job does
     assert answers == [204, 204]
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert f"job {job_id} deleted while it ran; dropped" in caplog.messages
@@ -414,11 +414,11 @@ def test_a_job_canceled_or_deleted_as_it_ends_is_dropped(
     ending: str,
     deletes: int,
 ) -> None:
-    """A DELETE landing after the last chunk's look at the job, before its outcome is written: the
+    """A DELETE landing after the last part's look at the job, before its outcome is written: the
     job stays canceled (never `finished` or `failed`, never retried) or deleted (never back)."""
     svc, client = service
     caplog.set_level(logging.INFO, logger="batcher.jobs")
-    job_id = submit(client, TEXTS[:3])  # one chunk
+    job_id = submit(client, TEXTS[:3])  # one part
     runs: list[int] = []
 
     def run(texts: list[str]) -> None:
@@ -426,7 +426,7 @@ def test_a_job_canceled_or_deleted_as_it_ends_is_dropped(
         if ending == "failed":
             explode(texts)
 
-    svc.bulk.before_chunk = run
+    svc.bulk.before_part = run
     handler = "handle_job_success" if ending == "finished" else "handle_job_failure"
     handle = getattr(JobsWorker, handler)
 
@@ -456,7 +456,7 @@ def test_a_job_deleted_the_moment_it_ended_leaves_its_worker_running(
     svc, client = service
     job_id = submit(client, TEXTS[:3])
     if ending == "failed":
-        svc.bulk.before_chunk = explode
+        svc.bulk.before_part = explode
     handler = "handle_job_success" if ending == "finished" else "handle_job_failure"
     handle = getattr(JobsWorker, handler)
 
@@ -533,14 +533,14 @@ def test_a_job_has_no_expiry_until_it_ends(service: tuple[Service, TestClient]) 
 
 
 def runs_exploding(svc: Service) -> list[int]:
-    """Make every run of a job fail in its first chunk; returns the list its runs are counted in."""
+    """Make every run of a job fail in its first part; returns the list its runs are counted in."""
     runs: list[int] = []
 
     def count_and_explode(texts: list[str]) -> None:
         runs.append(1)
         explode(texts)
 
-    svc.bulk.before_chunk = count_and_explode
+    svc.bulk.before_part = count_and_explode
     return runs
 
 
@@ -661,8 +661,14 @@ def test_the_end_of_a_worker_loop_stops_rqs_command_thread_without_a_traceback(
 ) -> None:
     # RQ closes the subscription's connection under its thread; what the thread then meets is not an error.
     redis = fakeredis.FakeRedis(server=fake_server)
+    context = Context(Bulk(Settings(), redis))
     worker = JobsWorker(
-        [Queue("q", connection=redis)], connection=redis, heartbeat_ttl_s=2, redis_timeout_s=5, keys=Keys("t")
+        [Queue("q", connection=redis)],
+        connection=redis,
+        context=context,
+        heartbeat_ttl_s=2,
+        redis_timeout_s=5,
+        keys=Keys("t"),
     )
     pubsub = redis.pubsub()
     thread = PubSubWorkerThread(pubsub, sleep_time=1)

@@ -22,7 +22,7 @@ import redis
 from rq.job import Job
 
 from api.job_store import ENDED, JobStore
-from core.job_spec import CHUNKS_PER_BATCH, SERIALIZER
+from core.job_spec import BATCHES_PER_PART, SERIALIZER
 from core.protocol import Keys, Prediction, WorkerStatus, prediction
 from core.settings import Settings
 from model_store.classifier import Classifier
@@ -191,11 +191,11 @@ def test_a_jobs_worker_stopped_mid_job_takes_its_queued_bulk_work_back_and_the_j
 ) -> None:
     client = stack.client
     (model_worker,) = [p for p in stack.procs if p.args[-1] == "worker"]
-    model_worker.send_signal(signal.SIGSTOP)  # frozen: nothing takes the job's chunks off the bulk list
+    model_worker.send_signal(signal.SIGSTOP)  # frozen: nothing takes the job's parts off the bulk list
     jobs_worker = stack.start_worker()
     job_id = client.post("/jobs", json={"text": TEXTS}).json()["job_id"]
     keys = Keys(Settings().key_prefix)
-    wait_for("two chunks queued", lambda: stack.redis.llen(keys.bulk) >= 2 * CHUNKS_PER_BATCH, WAIT_S)
+    wait_for("two parts queued", lambda: stack.redis.llen(keys.bulk) >= 2 * BATCHES_PER_PART, WAIT_S)
     jobs_worker.terminate()
     assert jobs_worker.wait(WAIT_S) == 0
     assert stack.redis.llen(keys.bulk) == 0  # taken back: no worker computes them for nobody
@@ -245,7 +245,7 @@ def test_delete_cancels_a_running_job_then_deletes_it_and_the_worker_carries_on(
     worker = stack.start_worker()
     job_id = client.post("/jobs", json={"text": TEXTS}).json()["job_id"]
     wait_for("the job to start", lambda: client.get(f"/jobs/{job_id}").json()["status"] == "started", WAIT_S)
-    worker.send_signal(signal.SIGSTOP)  # frozen mid-chunk: both DELETEs land before its next chunk boundary
+    worker.send_signal(signal.SIGSTOP)  # frozen mid-part: both DELETEs land before its next part boundary
     assert client.delete(f"/jobs/{job_id}").status_code == 204
     assert client.get(f"/jobs/{job_id}").json()["status"] == "canceled"
     assert client.delete(f"/jobs/{job_id}").status_code == 204

@@ -69,7 +69,7 @@ def stack(redis_server: RedisServer, tiny_model_dir: Path, tmp_path: Path) -> It
         "SENTIMENT_MODEL_DIR": str(tiny_model_dir),
         "SENTIMENT_KEY_PREFIX": PREFIX,
         "SENTIMENT_ENGINE": "null",
-        "SENTIMENT_MAX_BATCH_SIZE": "2",  # chunks of 8 texts: a job of 1-20 texts has 1-3 chunk boundaries
+        "SENTIMENT_MAX_BATCH_SIZE": "2",  # parts of 8 texts: a job of 1-20 texts has 1-3 part boundaries
         "SENTIMENT_METRICS_PORT": "0",
         "SENTIMENT_JOBS_METRICS_PORT": "0",
     }
@@ -235,7 +235,7 @@ def test_create_cancel_and_delete_racing_jobs_start_and_end(stack: Stack) -> Non
 
 
 def texts(scenario: Scenario) -> int:
-    """1-20 texts a job (1-3 chunks); 200 (25 chunks) for one to cancel while it runs."""
+    """1-20 texts a job (1-3 parts); 200 (25 parts) for one to cancel while it runs."""
     return 200 if scenario is cancel_once_started else random.randint(1, 20)
 
 

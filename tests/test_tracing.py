@@ -158,22 +158,21 @@ async def test_off_no_span_is_made_and_no_traceparent_queued(
     assert set(asked) == {"get_tracer_provider"}
 
 
-def test_a_span_per_jobs_chunk(
+def test_a_span_per_jobs_part(
     exporter: InMemorySpanExporter,
     settings: Settings,
     worker: Worker,
     redis: fakeredis.FakeRedis,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    start_worker(worker)  # computes the chunks' texts
+    start_worker(worker)  # computes the parts' texts
     bulk = Bulk(settings, redis)
-    monkeypatch.setattr(batcher.jobs, "_bulk", bulk)
-    chunk = bulk.item_texts * batcher.jobs.CHUNKS_PER_BATCH
-    texts = [f"text {i}" for i in range(chunk + 1)]
-    assert len(batcher.jobs.classify(texts)) == len(texts)
-    chunks = named(exporter.get_finished_spans(), "jobs.chunk")
-    assert [(s.attributes or {}).get("sentiment.start") for s in chunks] == [0, chunk]
-    assert [(s.attributes or {}).get("sentiment.texts") for s in chunks] == [chunk, 1]
+    part = bulk.item_texts * batcher.jobs.BATCHES_PER_PART
+    texts = [f"text {i}" for i in range(part + 1)]
+    with batcher.jobs.running(batcher.jobs.Context(bulk)):
+        assert len(batcher.jobs.classify(texts)) == len(texts)
+    parts = named(exporter.get_finished_spans(), "jobs.part")
+    assert [(s.attributes or {}).get("sentiment.start") for s in parts] == [0, part]
+    assert [(s.attributes or {}).get("sentiment.texts") for s in parts] == [part, 1]
 
 
 @pytest.mark.parametrize(
