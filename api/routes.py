@@ -37,8 +37,8 @@ class RequestRoute(APIRoute):
     """A documented route whose endpoint takes the `Request` and returns its `Response` itself.
 
     FastAPI's per-request handler, which solves the endpoint's parameters (parsing the query string
-    even where none is declared), is skipped: a cached /predict went from 72-82 to 50-51 µs of CPU
-    in-process (docs/tuning.md, "/predict without FastAPI's request handler"). The OpenAPI entry
+    even where none is declared), is skipped (what it cost a cached /predict: docs/tuning.md,
+    "/predict without FastAPI's request handler"). The OpenAPI entry
     still comes from the route's arguments (`response_model`, `openapi_extra`), and errors raised
     by the endpoint reach the app's handlers as from any route. Nothing is injected, so the
     endpoint may declare no other parameter and the route no dependencies; this is refused when
@@ -57,7 +57,7 @@ class RequestRoute(APIRoute):
 
 def add_predict_route(app: FastAPI, settings: Settings) -> None:
     """/predict, on the app's own router: FastAPI matches an included router's routes through a
-    wrapper of its own, about 7 µs of a cached request's 51 in-process (docs/tuning.md)."""
+    wrapper of its own, a cost on every request (docs/tuning.md, "The API's CPU")."""
     PredictRequest = texts_request("PredictRequest", settings.max_texts, settings.max_chars)
 
     async def predict(request: Request) -> Response:

@@ -63,8 +63,8 @@ def require_json(content_type: str) -> None:
 def parse_json(model: type[M], body: bytes, content_type: str) -> M:
     """`body` validated as `model` in one pass over the JSON bytes, else FastAPI's 422 for it.
 
-    For the hot path: a FastAPI body parameter parses with the stdlib, then validates the objects,
-    about 12 µs more per request, a tenth of a cache hit's CPU (docs/tuning.md, "The API's CPU").
+    For the hot path: a FastAPI body parameter parses with the stdlib, then validates the objects, a
+    second pass over every request (its cost: docs/tuning.md, "The API's CPU").
     A body declared as anything but JSON is refused (`require_json`), and a malformed one is
     "JSON decode error" without the body echoed back.
     """

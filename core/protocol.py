@@ -199,7 +199,7 @@ class _Json:
     """
 
     def encode(self) -> bytes:
-        # orjson writes dataclasses itself: `asdict` first would deep-copy every prediction (80x slower).
+        # orjson writes dataclasses itself: `asdict` first would deep-copy every prediction.
         return orjson.dumps(self)
 
     @classmethod
