@@ -202,6 +202,11 @@ class Settings(BaseSettings):
         "bfloat16 in hardware (avx512_bf16 or AMX), else fp32. `int8` (dynamic quantization of Linear layers) "
         "is a CPU option (docs/tuning.md).",
     )
+    int8_dir: Path | None = Field(
+        None,
+        description="Where the int8 artifact and its accuracy report are (`sentiment model quantize` writes "
+        "them); unset: `int8/` inside SENTIMENT_MODEL_DIR.",
+    )
     engine: Literal["auto", "torch", "onnxruntime", "null"] = Field(
         "auto",
         description="What runs the model: `auto` is ONNX Runtime for fp32 on the CPU (the model exported at load; "

@@ -54,7 +54,7 @@ class OnnxEngine:
     dtype = "float32"
     lanes = 1
 
-    def __init__(self, path: Path, threads: int, pad_id: int, segments: bool) -> None:
+    def __init__(self, path: Path, threads: int, pad_id: int) -> None:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -66,7 +66,7 @@ class OnnxEngine:
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.threads = threads
         self._pad_id = pad_id
-        self._segments = segments
+        segments = self._segments = "segments" in {i.name for i in self.session.get_inputs()}  # `layout.Segments`
         # A call's fixed cost in token positions (AVX2, 2 cores; docs/tuning.md, "The forward's cost").
         self.cost = ForwardCost(overhead_tokens=16, attention_tokens=2048, packs=segments)
 
@@ -81,12 +81,16 @@ class OnnxEngine:
             export(module, graph, layout.inputs(TRACE_EXAMPLE, checkpoint.pad_id, segments=segments, packed=False))
             del module
             gc.collect()
-            return cls(graph, threads, checkpoint.pad_id, segments)
+            return cls(graph, threads, checkpoint.pad_id)
 
     def start_lane(self) -> None:
         """One lane on all the session's threads: nothing to set per thread."""
 
     def forward(self, batch: Sequence[list[int]], packed: bool = False) -> np.ndarray:
-        inputs = layout.inputs(batch, self._pad_id, segments=self._segments, packed=packed)
-        (logits,) = self.session.run(None, {name: tensor.numpy() for name, tensor in inputs.items()})
+        logits, *_ = self.outputs(batch, packed)
         return np.asarray(logits, dtype=np.float32)
+
+    def outputs(self, batch: Sequence[list[int]], packed: bool = False) -> list[np.ndarray]:
+        """Every output of the graph for one batch: the logits, then any other (`model_store.quantize`'s taps)."""
+        inputs = layout.inputs(batch, self._pad_id, segments=self._segments, packed=packed)
+        return list(self.session.run(None, {name: tensor.numpy() for name, tensor in inputs.items()}))

@@ -104,6 +104,33 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     pull.add_argument("--revision", help="branch, tag or commit (default: the main branch)")
     pull.add_argument("--verbose", action="store_true", help="on failure, the traceback too (default: one line)")
     pull.set_defaults(run=_pull)
+    quantize = model.add_parser(
+        "quantize", help="make the checkpoint's int8 artifact (ONNX Runtime) and the report of the accuracy it keeps"
+    )
+    quantize.add_argument(
+        "model_dir", nargs="?", type=Path, default=settings.model_dir, help="checkpoint (default SENTIMENT_MODEL_DIR)"
+    )
+    quantize.add_argument(
+        "--calibration",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="sentences like the traffic's, one a line or a TSV's text column (SST-2 train)",
+    )
+    quantize.add_argument(
+        "--eval",
+        type=Path,
+        required=True,
+        metavar="TSV",
+        help="labelled sentences the report measures, text<TAB>label under a header (SST-2 dev)",
+    )
+    quantize.add_argument(
+        "--calibration-size", type=int, default=512, help="sentences taken from --calibration (default %(default)s)"
+    )
+    quantize.add_argument(
+        "--dest", type=Path, default=settings.int8_dir, help="default SENTIMENT_INT8_DIR, else int8/ in the checkpoint"
+    )
+    quantize.set_defaults(run=_quantize)
 
     # Development commands: they need a checkout (the `benchmarks` package and `k6/` are not in images).
     bench = commands.add_parser(
@@ -331,6 +358,25 @@ def _pull(settings: Settings, args: argparse.Namespace) -> None:
             raise
         sys.exit(f"sentiment model pull: {exc}")
     print(f"{args.repo_id} -> {dest}")
+
+
+def _quantize(settings: Settings, args: argparse.Namespace) -> None:
+    """Write the artifact and its report, and say in one line whether it keeps the accuracy rule. A
+    failing report is a result, not an error (exit 0): the report is what decides whether it is served."""
+    from model_store.checkpoint import Checkpoint
+    from model_store.int8 import DEFAULT_DIR
+    from model_store.quantize import quantize, read_labelled, read_sentences
+
+    with _starting("model quantize"):
+        checkpoint = Checkpoint(args.model_dir)
+        calibration = read_sentences(args.calibration)[: args.calibration_size]
+        texts, labels = read_labelled(args.eval)
+    dest = args.dest or checkpoint.dir / DEFAULT_DIR
+    report = quantize(
+        checkpoint, dest, (args.calibration, calibration), (args.eval, texts, labels), settings.torch_threads
+    )
+    verdict = "passes the accuracy rule" if report.passes else "FAILS the accuracy rule"
+    print(f"{dest}: {verdict}; {report.summary()}")
 
 
 def _bench(settings: Settings, args: argparse.Namespace) -> None:

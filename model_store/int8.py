@@ -1,0 +1,74 @@
+"""The int8 artifact of a checkpoint: where it lives, what its report says, and whether it may be served.
+
+`sentiment model quantize` (`model_store.quantize`) writes it: `model.onnx`, the quantized graph
+ONNX Runtime runs, and `report.json`, the accuracy it keeps against fp32 on labelled sentences. By
+default it sits in `int8/` inside the model directory (a folder: the checkpoint's fingerprint reads
+only the files beside `config.json`, so the artifact leaves the model's version as it is). Nothing
+here imports a framework: the worker reads the report before it loads anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DIR = "int8"  # inside the model directory, unless SENTIMENT_INT8_DIR names another
+MODEL_FILE = "model.onnx"
+REPORT_FILE = "report.json"
+# The adoption rule for a faster precision (docs/tuning.md, "Precision").
+MAX_ACCURACY_DROP = 0.005
+MIN_AGREEMENT = 0.99
+
+
+def file_digest(path: Path) -> str:
+    """The first 16 hex digits of the file's SHA-256."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Report:
+    """What `sentiment model quantize` measured, written beside the graph as `report.json`."""
+
+    checkpoint: str  # the fingerprint of the checkpoint it was made from
+    artifact: str  # `file_digest` of model.onnx
+    tool: str  # e.g. "onnxruntime 1.32.0"
+    method: str  # what was quantized, and how
+    kept_float: list[str]  # the graph's MatMul/Gemm nodes left in float
+    calibration: dict[str, Any]  # the sentences the recipe was chosen on: file, count, digest
+    evaluation: dict[str, Any]  # the labelled sentences of the figures below: file, count, digest
+    fp32_accuracy: float
+    int8_accuracy: float
+    agreement: float  # the share of sentences whose top label is fp32's
+    largest_score_difference: float  # over every sentence and label, the model's own scores
+    rule: dict[str, float] = field(
+        default_factory=lambda: {"max_accuracy_drop": MAX_ACCURACY_DROP, "min_agreement": MIN_AGREEMENT}
+    )
+
+    @property
+    def passes(self) -> bool:
+        """The adoption rule: accuracy within 0.5 point of fp32, and >= 99% of the labels agreeing."""
+        return self.fp32_accuracy - self.int8_accuracy <= MAX_ACCURACY_DROP and self.agreement >= MIN_AGREEMENT
+
+    def summary(self) -> str:
+        """The figures in one line (start-up log, the command's output)."""
+        return (
+            f"{self.evaluation['sentences']} sentences of {self.evaluation['data']}: accuracy "
+            f"{self.int8_accuracy:.2%} against fp32's {self.fp32_accuracy:.2%}, {self.agreement:.2%} of labels "
+            f"agreeing, largest score difference {self.largest_score_difference:.4f}"
+        )
+
+    def write(self, directory: Path) -> None:
+        (directory / REPORT_FILE).write_text(json.dumps({**asdict(self), "passes": self.passes}, indent=2) + "\n")
+
+    @classmethod
+    def read(cls, directory: Path) -> Report:
+        fields = json.loads((directory / REPORT_FILE).read_text())
+        fields.pop("passes", None)  # derived, written for people
+        return cls(**fields)

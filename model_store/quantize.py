@@ -1,0 +1,246 @@
+"""`sentiment model quantize`: a checkpoint's int8 artifact for ONNX Runtime, and its accuracy report.
+
+The recipe was chosen by measurement against the alternatives (docs/tuning.md, "Precision"): the
+graph the fp32 engine serves (`onnx_engine.export`), quantized by ONNX Runtime dynamically (int8
+weights per output channel, each activation quantized at every forward over its own range), the
+classifier head kept in float (one row per text: it costs nothing). A transformer's activations
+have a few outlier channels, tens of times the others' range, that take most of an activation's
+int8 steps; the `split` recipe runs those channels (found on calibration sentences) in float beside
+the int8 product of the rest, as LLM.int8() does. The fastest recipe whose scores on the labelled
+sentences keep the accuracy rule is kept; where none does, the most accurate, its report failing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+from onnx import helper, numpy_helper
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from model_store import layout, scoring
+from model_store.checkpoint import Checkpoint
+from model_store.int8 import MODEL_FILE, Report, file_digest
+from model_store.onnx_engine import OnnxEngine, export
+from model_store.torch_engine import TRACE_EXAMPLE, load_module
+
+log = logging.getLogger(__name__)
+
+RECIPES = ("dynamic", "split")  # fastest first
+OUTLIER_RANGE = 3.0  # a channel whose calibration range is this many times the median channel's runs in float
+BATCH = 32  # sentences per forward, sorted by length as the worker batches them
+
+
+def read_sentences(path: Path) -> list[str]:
+    """The first column of a TSV whose header starts with `text`, else one sentence per line."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if lines and lines[0].split("\t")[0] == "text":
+        lines = [line.split("\t")[0] for line in lines[1:]]
+    return [line.strip() for line in lines if line.strip()]
+
+
+def read_labelled(path: Path) -> tuple[list[str], list[int]]:
+    """A TSV of `text<TAB>label` under a header, the label a class index (SST-2's format)."""
+    rows = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
+    if not rows or any(len(row) < 2 or not row[1].strip().isdigit() for row in rows):
+        raise ValueError(f"{path}: expected a header, then text<TAB>label rows with a class index as the label")
+    return [row[0] for row in rows], [int(row[1]) for row in rows]
+
+
+def quantize(
+    checkpoint: Checkpoint,
+    dest: Path,
+    calibration: tuple[Path, Sequence[str]],
+    evaluation: tuple[Path, Sequence[str], Sequence[int]],
+    threads: int | None = None,
+) -> Report:
+    """Write `model.onnx` and `report.json` into `dest` (replacing any artifact there) and return the report.
+    `calibration`: sentences like the traffic's, whose activations find the outlier channels;
+    `evaluation`: labelled sentences, the report's figures."""
+    threads = threads or torch.get_num_threads()
+    texts = evaluation[1]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="sentiment-quantize-") as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        module = load_module(checkpoint, torch.device("cpu"), "fp32")
+        segments = isinstance(module, layout.Segments)
+        export(module, fp32, layout.inputs(TRACE_EXAMPLE, checkpoint.pad_id, segments=segments, packed=False))
+        del module
+        reference = _scores(OnnxEngine(fp32, threads, checkpoint.pad_id), checkpoint, texts)
+        report = None
+        for recipe in RECIPES:
+            staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+            try:
+                report = _make(recipe, checkpoint, fp32, staging, calibration, evaluation, reference, threads)
+                log.info("recipe %s: %s", recipe, report.summary())
+                if report.passes or recipe == RECIPES[-1]:
+                    if dest.exists():
+                        shutil.rmtree(dest)
+                    os.replace(staging, dest)
+                    break
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    assert report is not None
+    return report
+
+
+def _make(
+    recipe: str,
+    checkpoint: Checkpoint,
+    fp32: Path,
+    dest: Path,
+    calibration: tuple[Path, Sequence[str]],
+    evaluation: tuple[Path, Sequence[str], Sequence[int]],
+    reference: np.ndarray,
+    threads: int,
+) -> Report:
+    """One recipe's graph and report in `dest`."""
+    graph = onnx.load(fp32)
+    outliers = _outlier_channels(graph, fp32, checkpoint, calibration[1], threads) if recipe == "split" else {}
+    channels = sum(len(c) for c in outliers.values())
+    _split(graph, outliers)
+    float_nodes = [n.name for n in graph.graph.node if n.op_type == "Gemm" or n.name.endswith(OUTLIER_SUFFIX)]
+    rewritten = dest / "fp32-split.onnx"
+    onnx.save(graph, rewritten)
+    del graph
+    int8 = dest / MODEL_FILE
+    root = logging.getLogger()
+    was, root.disabled = root.disabled, True  # its advice to pre-process the graph, once per call
+    try:
+        quantize_dynamic(
+            rewritten,
+            int8,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=float_nodes,
+        )
+    finally:
+        root.disabled = was
+    rewritten.unlink()
+    scores = _scores(OnnxEngine(int8, threads, checkpoint.pad_id), checkpoint, evaluation[1])
+    truth = np.asarray(evaluation[2])
+    split = f", {channels} outlier channels of {len(outliers)} activations in float" if recipe == "split" else ""
+    report = Report(
+        checkpoint=checkpoint.fingerprint,
+        artifact=file_digest(int8),
+        tool=f"onnxruntime {onnxruntime.__version__}",
+        method=f"{recipe}: dynamic int8, weights per output channel, every MatMul with a weight{split}; "
+        "the head (Gemm) in float",
+        kept_float=float_nodes,
+        calibration=_described(calibration[0], calibration[1]),
+        evaluation=_described(evaluation[0], evaluation[1]),
+        fp32_accuracy=float((reference.argmax(-1) == truth).mean()),
+        int8_accuracy=float((scores.argmax(-1) == truth).mean()),
+        agreement=float((reference.argmax(-1) == scores.argmax(-1)).mean()),
+        largest_score_difference=float(np.abs(reference - scores).max()),
+    )
+    report.write(dest)
+    return report
+
+
+OUTLIER_SUFFIX = "/outlier_channels"
+
+
+def _weighted_products(graph: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """The MatMuls whose second input is a weight, by the activation they multiply."""
+    weights = {init.name for init in graph.graph.initializer}
+    products: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in weights:
+            products.setdefault(node.input[0], []).append(node)
+    return products
+
+
+def _outlier_channels(
+    graph: onnx.ModelProto, path: Path, checkpoint: Checkpoint, sentences: Sequence[str], threads: int
+) -> dict[str, np.ndarray]:
+    """Per activation into a weighted product, the channels whose largest magnitude over the
+    calibration sentences is `OUTLIER_RANGE` times the median channel's, or more."""
+    activations = list(_weighted_products(graph))
+    tapped = onnx.load(path)
+    tapped.graph.output.extend(
+        helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in activations
+    )
+    with tempfile.TemporaryDirectory(prefix="sentiment-calibrate-") as tmp:
+        onnx.save(tapped, Path(tmp) / "tapped.onnx")
+        del tapped
+        engine = OnnxEngine(Path(tmp) / "tapped.onnx", threads, checkpoint.pad_id)
+        largest = {name: np.zeros(0, dtype=np.float32) for name in activations}
+        ids = sorted(checkpoint.tokenize(list(sentences)), key=len)
+        for start in range(0, len(ids), BATCH):
+            _, *values = engine.outputs(ids[start : start + BATCH])
+            for name, value in zip(activations, values, strict=True):
+                peak = np.abs(value.reshape(-1, value.shape[-1])).max(0)
+                largest[name] = peak if not largest[name].size else np.maximum(largest[name], peak)
+    return {
+        name: channels
+        for name, peak in largest.items()
+        if (channels := np.flatnonzero(peak > OUTLIER_RANGE * np.median(peak))).size
+    }
+
+
+def _split(graph: onnx.ModelProto, outliers: dict[str, np.ndarray]) -> None:
+    """Rewrite each product `x @ w` whose activation has outlier channels `o` as
+    `(x * mask) @ w + x[..., o] @ w[o]`: the first quantized over the other channels' range alone,
+    the second (named `...OUTLIER_SUFFIX`) in float."""
+    weights = {init.name: init for init in graph.graph.initializer}
+    before: dict[str, list[onnx.NodeProto]] = {}  # by the name of the node they go before, or after
+    after: dict[str, list[onnx.NodeProto]] = {}
+    for activation, products in _weighted_products(graph).items():
+        if activation not in outliers:
+            continue
+        channels = outliers[activation]
+        mask = np.ones(numpy_helper.to_array(weights[products[0].input[1]]).shape[0], dtype=np.float32)
+        mask[channels] = 0.0
+        inliers, picked = f"{activation}/inliers", f"{activation}/outliers"
+        graph.graph.initializer.extend(
+            [
+                numpy_helper.from_array(mask, f"{inliers}_mask"),
+                numpy_helper.from_array(channels.astype(np.int64), f"{picked}_index"),
+            ]
+        )
+        before[products[0].name] = [
+            helper.make_node("Mul", [activation, f"{inliers}_mask"], [inliers], name=f"{inliers}_mul"),
+            helper.make_node("Gather", [activation, f"{picked}_index"], [picked], name=f"{picked}_gather", axis=-1),
+        ]
+        for product in products:
+            weight = f"{product.name}{OUTLIER_SUFFIX}_weight"
+            graph.graph.initializer.append(
+                numpy_helper.from_array(numpy_helper.to_array(weights[product.input[1]])[channels], weight)
+            )
+            out = product.output[0]
+            product.input[0], product.output[0] = inliers, f"{out}/inliers"
+            after[product.name] = [
+                helper.make_node("MatMul", [picked, weight], [f"{out}/outliers"], name=product.name + OUTLIER_SUFFIX),
+                helper.make_node("Add", [f"{out}/inliers", f"{out}/outliers"], [out], name=f"{product.name}/sum"),
+            ]
+    nodes = [new for node in graph.graph.node for new in [*before.get(node.name, []), node, *after.get(node.name, [])]]
+    del graph.graph.node[:]
+    graph.graph.node.extend(nodes)
+
+
+def _scores(engine: OnnxEngine, checkpoint: Checkpoint, texts: Sequence[str]) -> np.ndarray:
+    """The model's scores per text, forwards of `BATCH` sentences of similar length."""
+    ids = checkpoint.tokenize(list(texts))
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    logits = np.zeros((len(ids), len(checkpoint.labels)), dtype=np.float32)
+    for start in range(0, len(order), BATCH):
+        chunk = order[start : start + BATCH]
+        logits[chunk] = engine.forward([ids[i] for i in chunk])
+    return scoring.apply(checkpoint.function, logits)
+
+
+def _described(path: Path, texts: Sequence[str]) -> dict[str, object]:
+    """Which sentences: the file's name, how many, and a digest of them (the same file name may hold others)."""
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+    return {"data": path.name, "sentences": len(texts), "sha256": digest}
