@@ -32,12 +32,16 @@ class Classifier:
         engine: EngineName = "auto",
         lanes: int | None = None,
         long_texts: LongTexts = LongTexts.TRUNCATE,
+        int8_dir: Path | None = None,
+        int8_allow_failing: bool = False,
     ) -> None:
         self.checkpoint = Checkpoint(model_dir)
         self.long_texts = LongTexts(long_texts)
         # Texts to token ids as the worker computes them: long ones truncated, whole (to reject), or in windows.
         self.split: Splitter = self.checkpoint.splitter(self.long_texts)
-        self.engine: Engine = load_engine(self.checkpoint, engine, device, precision, threads, interop_threads, lanes)
+        self.engine: Engine = load_engine(
+            self.checkpoint, engine, device, precision, threads, interop_threads, lanes, int8_dir, int8_allow_failing
+        )
         self.name = self.checkpoint.name
         self.labels = self.checkpoint.labels
         self.function = self.checkpoint.function
@@ -72,6 +76,8 @@ class Classifier:
             engine=settings.engine,
             lanes=settings.forward_lanes,
             long_texts=LongTexts(settings.long_texts),
+            int8_dir=settings.int8_dir,
+            int8_allow_failing=settings.int8_allow_failing,
         )
 
     @property

@@ -2,13 +2,15 @@
 
 An engine takes batches of token ids and returns the model's logits; it knows nothing of Redis,
 batching or texts, nor of the function that makes them scores (`model_store.scoring`, applied after
-every engine alike). Engines: torch (CPU fp32/bf16/int8, CUDA fp16/fp32), ONNX Runtime (CPU fp32) and
-the null engine (constant answers at almost no cost, to measure the service around the model).
+every engine alike). Engines: torch (CPU fp32/bf16/int8, CUDA fp16/fp32), ONNX Runtime (CPU fp32, and
+int8 from the artifact `sentiment model quantize` makes) and the null engine (constant answers at
+almost no cost, to measure the service around the model).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
@@ -16,6 +18,7 @@ import torch
 
 from model_store.checkpoint import Checkpoint
 from model_store.cost import ForwardCost
+from model_store.int8 import DEFAULT_DIR, Artifact, Refused
 
 Precision = Literal["auto", "fp32", "bf16", "int8"]
 EngineName = Literal["auto", "torch", "onnxruntime", "null"]
@@ -27,7 +30,7 @@ class Engine(Protocol):
 
     name: str  # torch, onnxruntime, null
     device: str  # cpu, cuda
-    precision: str  # fp32, bf16, fp16, int8, null: what the cache version says
+    precision: str  # fp32, bf16, fp16, int8, int8-<artifact>, null: what the cache version says
     dtype: str  # what /model reports: float32, bfloat16, float16, int8
     cost: ForwardCost  # what a forward costs, so batches are cut where they cost least
     threads: int  # CPU threads it computes on
@@ -66,11 +69,26 @@ def resolve_precision(precision: Precision, device: torch.device) -> str:
 
 
 def resolve_engine(engine: EngineName, device: torch.device, precision: str) -> str:
-    """What `auto` means: ONNX Runtime for fp32 on the CPU (the same arithmetic, faster there,
-    docs/tuning.md, "Engine"); torch for CUDA, bf16 autocast and int8, which it runs itself."""
+    """What `auto` means: ONNX Runtime for fp32 (the same arithmetic, faster there, docs/tuning.md,
+    "Engine") and int8 (the artifact) on the CPU; torch for CUDA and bf16 autocast."""
     if engine != "auto":
         return engine
-    return "onnxruntime" if device.type == "cpu" and precision == "fp32" else "torch"
+    return "onnxruntime" if device.type == "cpu" and precision in ("fp32", "int8") else "torch"
+
+
+def int8_artifact(checkpoint: Checkpoint, directory: Path | None, allow_failing: bool = False) -> Artifact:
+    """The int8 artifact in `directory` (default: `int8/` in the model directory), refused in one line
+    (`Refused`) where there is none, it cannot be trusted, or it fails the accuracy rule and
+    `allow_failing` is off."""
+    directory = directory or checkpoint.dir / DEFAULT_DIR
+    artifact = Artifact.find(directory, checkpoint.fingerprint)
+    if artifact is None:
+        raise Refused(
+            f"no int8 artifact in {directory}: make one with `sentiment model quantize`, or set "
+            "SENTIMENT_ENGINE=torch for torch's dynamic quantization (which fails the accuracy rule)"
+        )
+    artifact.check(allow_failing)
+    return artifact
 
 
 def one_lane(lanes: int | None) -> int:
@@ -88,21 +106,26 @@ def load_engine(
     threads: int | None = None,
     interop_threads: int | None = None,
     lanes: int | None = None,
+    int8_dir: Path | None = None,
+    int8_allow_failing: bool = False,
 ) -> Engine:
-    """The engine that runs `checkpoint` as asked. `auto` ONNX Runtime that cannot take the model
-    falls back to torch; an explicit choice fails instead."""
+    """The engine that runs `checkpoint` as asked. `auto` ONNX Runtime that cannot take the fp32
+    model falls back to torch; an explicit choice fails instead, as does an int8 artifact."""
     if engine == "null":
         from model_store.null_engine import NullEngine
 
         one_lane(lanes)
         return NullEngine(len(checkpoint.labels))
     target = pick_device(device)
+    if target.type == "cuda" and precision == "int8":
+        raise ValueError("int8 runs on the CPU only; use precision auto (fp16) on CUDA")
+    artifact = None
+    if target.type == "cpu" and engine in ("auto", "onnxruntime") and precision == "int8":
+        artifact = int8_artifact(checkpoint, int8_dir, int8_allow_failing)
     resolved = resolve_precision(precision, target)
-    if target.type == "cuda" and resolved == "int8":
-        raise ValueError("int8 dynamic quantization runs on the CPU only; use precision auto (fp16) on CUDA")
     kind = resolve_engine(engine, target, resolved)
-    if kind == "onnxruntime" and (target.type == "cuda" or resolved != "fp32"):
-        raise ValueError("the onnxruntime engine runs fp32 on the CPU; use engine torch for other precisions")
+    if kind == "onnxruntime" and (target.type == "cuda" or resolved not in ("fp32", "int8")):
+        raise ValueError("the onnxruntime engine runs fp32 and int8 on the CPU; use engine torch for other precisions")
     if kind == "onnxruntime":
         one_lane(lanes)
     from model_store import torch_engine
@@ -111,6 +134,9 @@ def load_engine(
         torch_engine.set_threads(threads, interop_threads)
     if kind == "onnxruntime":
         from model_store import onnx_engine
+
+        if artifact is not None:
+            return onnx_engine.OnnxEngine.int8(checkpoint, artifact, threads or torch.get_num_threads())
 
         try:
             return onnx_engine.OnnxEngine.export(checkpoint, threads or torch.get_num_threads())

@@ -72,3 +72,51 @@ class Report:
         fields = json.loads((directory / REPORT_FILE).read_text())
         fields.pop("passes", None)  # derived, written for people
         return cls(**fields)
+
+
+class Refused(Exception):
+    """An artifact the worker will not serve: the one line says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """An int8 artifact on disk whose report is of this checkpoint and of this graph."""
+
+    directory: Path
+    report: Report
+
+    @property
+    def model(self) -> Path:
+        return self.directory / MODEL_FILE
+
+    @property
+    def tag(self) -> str:
+        """What the cache version says of its scores: another artifact (recipe, calibration, tool)
+        scores otherwise, so each has its own."""
+        return f"int8-{self.report.artifact[:8]}"
+
+    @classmethod
+    def find(cls, directory: Path, fingerprint: str) -> Artifact | None:
+        """The artifact in `directory`; None where there is none. Raises `Refused` for one that cannot
+        be trusted: a report missing or unreadable, of another checkpoint, or of another graph."""
+        if not (directory / MODEL_FILE).is_file():
+            return None
+        remake = f"make it again with `sentiment model quantize` (int8 artifact {directory})"
+        try:
+            report = Report.read(directory)
+        except (OSError, ValueError, TypeError) as exc:
+            raise Refused(f"the int8 artifact's report cannot be read ({type(exc).__name__}: {exc}); {remake}") from exc
+        if report.checkpoint != fingerprint:
+            raise Refused(f"the int8 artifact was made from another checkpoint ({report.checkpoint}); {remake}")
+        if file_digest(directory / MODEL_FILE) != report.artifact:
+            raise Refused(f"the int8 artifact's graph is not the one its report measured; {remake}")
+        return cls(directory, report)
+
+    def check(self, allow_failing: bool) -> None:
+        """Raise `Refused` unless the report passes the accuracy rule, or `allow_failing` says to serve it anyway."""
+        if not self.report.passes and not allow_failing:
+            raise Refused(
+                f"the int8 artifact fails the accuracy rule ({self.report.summary()}; at most "
+                f"{MAX_ACCURACY_DROP:.1%} lower, >= {MIN_AGREEMENT:.0%} agreeing); set SENTIMENT_INT8_ALLOW_FAILING=true "
+                "to serve it anyway, or another SENTIMENT_PRECISION"
+            )

@@ -1,6 +1,7 @@
-"""ONNX Runtime's engine: the checkpoint exported to ONNX at load and run on the CPU in fp32.
+"""ONNX Runtime's engine: the checkpoint exported to ONNX at load and run on the CPU in fp32, or the
+int8 artifact `sentiment model quantize` made from that same export (`model_store.quantize`).
 
-Same weights and arithmetic as torch (scores agree to ~1e-6), but ONNX Runtime fuses layer
+Same weights and arithmetic as torch in fp32 (scores agree to ~1e-6), but ONNX Runtime fuses layer
 norm, GELU and the residual adds and runs the graph without torch's per-op dispatch, so short
 forwards cost much less (docs/tuning.md, "Engine").
 """
@@ -21,6 +22,7 @@ import torch
 from model_store import layout
 from model_store.checkpoint import Checkpoint
 from model_store.cost import ForwardCost
+from model_store.int8 import Artifact
 from model_store.torch_engine import TRACE_EXAMPLE, load_module
 
 
@@ -50,11 +52,9 @@ class OnnxEngine:
 
     name = "onnxruntime"
     device = "cpu"
-    precision = "fp32"
-    dtype = "float32"
     lanes = 1
 
-    def __init__(self, path: Path, threads: int, pad_id: int) -> None:
+    def __init__(self, path: Path, threads: int, pad_id: int, precision: str = "fp32") -> None:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -65,6 +65,8 @@ class OnnxEngine:
         options.log_severity_level = 3  # errors only: its notes on graph fusions are not ours to act on
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.threads = threads
+        self.precision = precision
+        self.dtype = "float32" if precision == "fp32" else "int8"
         self._pad_id = pad_id
         segments = self._segments = "segments" in {i.name for i in self.session.get_inputs()}  # `layout.Segments`
         # A call's fixed cost in token positions (AVX2, 2 cores; docs/tuning.md, "The forward's cost").
@@ -82,6 +84,11 @@ class OnnxEngine:
             del module
             gc.collect()
             return cls(graph, threads, checkpoint.pad_id)
+
+    @classmethod
+    def int8(cls, checkpoint: Checkpoint, artifact: Artifact, threads: int) -> OnnxEngine:
+        """The artifact's quantized graph, its scores cached under the artifact's own version."""
+        return cls(artifact.model, threads, checkpoint.pad_id, precision=artifact.tag)
 
     def start_lane(self) -> None:
         """One lane on all the session's threads: nothing to set per thread."""

@@ -1,4 +1,6 @@
-"""The int8 artifact: `sentiment model quantize` makes it with its accuracy report.
+"""The int8 artifact: `sentiment model quantize` makes it with its accuracy report, the worker serves it
+when the precision asks for it, refuses one it cannot trust, and
+every head and chunked long texts answer as the float model does, within `INT8_ABS`.
 
 Random tiny checkpoints (DistilBERT and BERT, each head) stand in for the real one: the accuracy the
 artifact keeps on SST-2 is what its report measures (`sentiment model quantize` on the small
@@ -9,22 +11,30 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import fakeredis
 import numpy as np
 import onnx
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from batcher.worker import Worker
+from core.settings import Settings
 from model_store import int8, layout, quantize
 from model_store.checkpoint import Checkpoint, fingerprint
 from model_store.classifier import Classifier
 from model_store.factory import write_tiny_model
+from model_store.long_texts import LongTexts
 from model_store.onnx_engine import OnnxEngine, export
 from model_store.torch_engine import TRACE_EXAMPLE, load_module
 from sentiment.cli import main
-from tests.test_long_texts import review
+from tests.conftest import REPO, start_worker
+from tests.test_long_texts import push, review, wait_result
+from tests.test_scores import KINDS
 
 # How far an int8 score may lie from fp32's on the random checkpoints (their largest difference is
 # 1.4e-3, a regression head's raw value); the real checkpoint's is in its report.
@@ -49,6 +59,19 @@ def make_artifact(model_dir: Path, dest: Path | None = None) -> int8.Report:
         (Path("eval.tsv"), TEXTS[80:], labels),
         threads=1,
     )
+
+
+def rewrite_report(directory: Path, **changes: object) -> None:
+    path = directory / int8.REPORT_FILE
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.fixture(scope="module")
+def with_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint with a passing artifact in its `int8/`."""
+    model_dir = write_tiny_model(tmp_path_factory.mktemp("int8") / "model")
+    assert make_artifact(model_dir).passes
+    return model_dir
 
 
 def test_quantize_writes_the_artifact_and_its_report_beside_the_checkpoint(
@@ -76,6 +99,94 @@ def test_quantize_writes_the_artifact_and_its_report_beside_the_checkpoint(
     assert report["passes"] == int8.Report.read(artifact).passes == (report["agreement"] >= 0.99)
     assert "passes the accuracy rule" in capsys.readouterr().out
     assert not list(model_dir.glob(".int8-*"))  # no staging folder left behind
+
+
+def worker_start(model_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`sentiment worker` as a person starts it: a model it will not load ends it before Redis is needed."""
+    return subprocess.run(
+        [sys.executable, "-m", "sentiment.cli", "worker"],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "SENTIMENT_MODEL_DIR": str(model_dir), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_failing_artifact_is_refused_in_one_line_unless_told_to_serve_it(with_artifact: Path, tmp_path: Path) -> None:
+    model_dir = copy_checkpoint(with_artifact, tmp_path / "model")
+    make_artifact(model_dir)
+    rewrite_report(model_dir / "int8", agreement=0.97)
+    refused = worker_start(model_dir, SENTIMENT_PRECISION="int8")
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]  # one line
+    assert refused.stderr.startswith("sentiment worker: the int8 artifact fails the accuracy rule")
+    assert "97.00% of labels agreeing" in refused.stderr and "SENTIMENT_INT8_ALLOW_FAILING" in refused.stderr
+    told = Classifier(model_dir, device="cpu", threads=1, precision="int8", int8_allow_failing=True)
+    assert told.dtype_name == "int8"
+
+
+@pytest.mark.parametrize("fault", ["other checkpoint", "other graph", "unreadable report"])
+def test_an_artifact_that_cannot_be_trusted_is_refused(fault: str, with_artifact: Path, tmp_path: Path) -> None:
+    model_dir = copy_checkpoint(with_artifact, tmp_path / "model")
+    make_artifact(model_dir)
+    if fault == "other checkpoint":  # the checkpoint changed after the artifact was made
+        weights = load_file(model_dir / "model.safetensors")
+        weights["classifier.bias"] += 1.0
+        save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+        message = "made from another checkpoint"
+    elif fault == "other graph":
+        graph = onnx.load(model_dir / "int8" / "model.onnx")
+        graph.doc_string = "edited"
+        onnx.save(graph, model_dir / "int8" / "model.onnx")
+        message = "not the one its report measured"
+    else:
+        (model_dir / "int8" / "report.json").write_text("{")
+        message = "report cannot be read"
+    with pytest.raises(int8.Refused, match=message):
+        Classifier(model_dir, device="cpu", threads=1, precision="int8")
+
+
+def test_int8_without_an_artifact_says_how_to_make_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    refused = worker_start(tiny_model_dir, SENTIMENT_PRECISION="int8", SENTIMENT_INT8_DIR=str(tmp_path / "none"))
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        f"sentiment worker: no int8 artifact in {tmp_path / 'none'}: make one with `sentiment model quantize`, "
+        "or set SENTIMENT_ENGINE=torch for torch's dynamic quantization (which fails the accuracy rule)"
+    )
+
+
+@pytest.mark.parametrize("architecture", ["distilbert", "bert"])
+@pytest.mark.parametrize("kind", ["single_label", "multi_label", "regression"])
+def test_every_head_answers_as_fp32_does(architecture: str, kind: str, tmp_path: Path) -> None:
+    model_dir = write_tiny_model(tmp_path / "model", seed=3, architecture=architecture, **KINDS[kind])  # type: ignore[arg-type]
+    make_artifact(model_dir)
+    quantized = Classifier(model_dir, device="cpu", threads=1, precision="int8")
+    fp32 = Classifier(model_dir, device="cpu", threads=1, precision="fp32")
+    assert quantized.dtype_name == "int8" and quantized.labels == fp32.labels
+    ids = fp32.tokenize(TEXTS[:48])
+    want = np.array(fp32.forward(ids))
+    for packed in [False, True] if quantized.cost.packs else [False]:  # DistilBERT packs too
+        assert np.array(quantized.forward(ids, packed)) == pytest.approx(want, abs=INT8_ABS)
+    singles = [quantized.forward([one])[0] for one in ids[:8]]
+    assert np.array(singles) == pytest.approx(want[:8], abs=INT8_ABS)
+
+
+def test_a_chunked_long_text_answers_as_fp32_does(with_artifact: Path, redis: fakeredis.FakeRedis) -> None:
+    """Through the worker: the long text's windows ride in int8 forwards, and their mean is fp32's."""
+    scores = {}
+    for precision in ("int8", "fp32"):
+        classifier = Classifier(with_artifact, device="cpu", threads=1, precision=precision, long_texts=LongTexts.CHUNK)  # type: ignore[arg-type]
+        settings = Settings(key_prefix=precision, model_dir=with_artifact, long_texts="chunk", max_wait_ms=50)
+        worker = Worker(settings, redis, classifier)
+        item = push(redis, worker.keys, review(400, seed=1), review(12, seed=2))
+        start_worker(worker)
+        try:
+            result = wait_result(redis, worker.keys, item)
+        finally:
+            worker.stop()
+        assert result.error is None and result.predictions is not None
+        scores[precision] = [[s["score"] for s in p] for p in result.predictions]
+    assert np.array(scores["int8"]) == pytest.approx(np.array(scores["fp32"]), abs=INT8_ABS)
 
 
 def outlier_model(dest: Path) -> Path:

@@ -159,10 +159,10 @@ def test_auto_precision_is_bf16_only_on_a_cpu_that_has_it(
     assert resolve_precision("int8", torch.device("cpu")) == "int8"
 
 
-def test_auto_engine_is_onnxruntime_for_fp32_on_the_cpu_only(tiny_model_dir: Path) -> None:
+def test_auto_engine_is_onnxruntime_for_fp32_and_int8_on_the_cpu_only(tiny_model_dir: Path) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_engine("auto", cpu, "fp32") == "onnxruntime"
-    assert [resolve_engine("auto", cpu, p) for p in ("bf16", "int8")] == ["torch", "torch"]
+    assert [resolve_engine("auto", cpu, p) for p in ("fp32", "int8")] == ["onnxruntime", "onnxruntime"]
+    assert resolve_engine("auto", cpu, "bf16") == "torch"
     assert resolve_engine("auto", cuda, "fp16") == "torch"
     assert resolve_engine("torch", cpu, "fp32") == "torch"
     with pytest.raises(ValueError, match="onnxruntime engine runs fp32"):
