@@ -198,10 +198,11 @@ class Settings(BaseSettings):
     )
     precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
         "auto",
-        description="Model arithmetic: `auto` is float16 on CUDA; on the CPU bf16 (autocast) where it has "
-        "bfloat16 in hardware (avx512_bf16 or AMX), else fp32. `int8` serves the artifact `sentiment model "
-        "quantize` made, on ONNX Runtime (with SENTIMENT_ENGINE=torch: torch's dynamic quantization of the Linear "
-        'layers, which fails the accuracy rule); a CPU option (docs/tuning.md, "Precision").',
+        description="Model arithmetic: `auto` is float16 on CUDA; on the CPU the int8 artifact where one whose "
+        "report passes the accuracy rule is present (`sentiment model quantize`), else bf16 (autocast) where the "
+        "CPU has bfloat16 in hardware (avx512_bf16 or AMX), else fp32. `int8` serves the artifact on ONNX Runtime "
+        "(with SENTIMENT_ENGINE=torch: torch's dynamic quantization of the Linear layers, which fails the rule); "
+        'a CPU option (docs/tuning.md, "Precision").',
     )
     int8_dir: Path | None = Field(
         None,
@@ -211,7 +212,7 @@ class Settings(BaseSettings):
     int8_allow_failing: bool = Field(
         False,
         description="Serve an int8 artifact whose report fails the accuracy rule when SENTIMENT_PRECISION=int8 "
-        "asks for it; off: the worker refuses to start, in one line.",
+        "asks for it (`auto` never picks one); off: the worker refuses to start, in one line.",
     )
     engine: Literal["auto", "torch", "onnxruntime", "null"] = Field(
         "auto",

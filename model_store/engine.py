@@ -9,6 +9,7 @@ almost no cost, to measure the service around the model).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, Protocol
@@ -19,6 +20,8 @@ import torch
 from model_store.checkpoint import Checkpoint
 from model_store.cost import ForwardCost
 from model_store.int8 import DEFAULT_DIR, Artifact, Refused
+
+log = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "bf16", "int8"]
 EngineName = Literal["auto", "torch", "onnxruntime", "null"]
@@ -58,13 +61,16 @@ def native_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def resolve_precision(precision: Precision, device: torch.device) -> str:
-    """What `auto` means on this machine: float16 on CUDA; on the CPU bf16 where the hardware has
-    it (it keeps the SST-2 labels), else fp32. Other values are taken as given."""
+def resolve_precision(precision: Precision, device: torch.device, int8: bool = False) -> str:
+    """What `auto` means on this machine: float16 on CUDA; on the CPU int8 where an artifact that
+    passes the accuracy rule is present (`int8`), else bf16 where the hardware has it (it keeps the
+    SST-2 labels), else fp32. Other values are taken as given."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "fp16"
+    if int8:
+        return "int8"
     return "bf16" if native_bf16() else "fp32"
 
 
@@ -76,18 +82,36 @@ def resolve_engine(engine: EngineName, device: torch.device, precision: str) -> 
     return "onnxruntime" if device.type == "cpu" and precision in ("fp32", "int8") else "torch"
 
 
-def int8_artifact(checkpoint: Checkpoint, directory: Path | None, allow_failing: bool = False) -> Artifact:
-    """The int8 artifact in `directory` (default: `int8/` in the model directory), refused in one line
-    (`Refused`) where there is none, it cannot be trusted, or it fails the accuracy rule and
-    `allow_failing` is off."""
+def int8_artifact(
+    checkpoint: Checkpoint, directory: Path | None, precision: Precision, allow_failing: bool = False
+) -> Artifact | None:
+    """The int8 artifact to serve. Asked for (`int8`): the one in `directory` (default: `int8/` in
+    the model directory), refused in one line (`Refused`) where there is none, it cannot be trusted, or
+    it fails the accuracy rule and `allow_failing` is off. Under `auto`: one that passes, else None,
+    and the log says which and why."""
     directory = directory or checkpoint.dir / DEFAULT_DIR
-    artifact = Artifact.find(directory, checkpoint.fingerprint)
+    if precision == "int8":
+        artifact = Artifact.find(directory, checkpoint.fingerprint)
+        if artifact is None:
+            raise Refused(
+                f"no int8 artifact in {directory}: make one with `sentiment model quantize`, or set "
+                "SENTIMENT_ENGINE=torch for torch's dynamic quantization (which fails the accuracy rule)"
+            )
+        artifact.check(allow_failing)
+        return artifact
+    try:
+        artifact = Artifact.find(directory, checkpoint.fingerprint)
+    except Refused as exc:
+        log.warning("precision auto: not serving int8: %s", exc)
+        return None
     if artifact is None:
-        raise Refused(
-            f"no int8 artifact in {directory}: make one with `sentiment model quantize`, or set "
-            "SENTIMENT_ENGINE=torch for torch's dynamic quantization (which fails the accuracy rule)"
+        return None
+    if not artifact.report.passes:
+        log.warning(
+            "precision auto: the int8 artifact in %s fails the accuracy rule (%s)", directory, artifact.report.summary()
         )
-    artifact.check(allow_failing)
+        return None
+    log.info("precision auto: serving the int8 artifact in %s (%s)", directory, artifact.report.summary())
     return artifact
 
 
@@ -120,9 +144,9 @@ def load_engine(
     if target.type == "cuda" and precision == "int8":
         raise ValueError("int8 runs on the CPU only; use precision auto (fp16) on CUDA")
     artifact = None
-    if target.type == "cpu" and engine in ("auto", "onnxruntime") and precision == "int8":
-        artifact = int8_artifact(checkpoint, int8_dir, int8_allow_failing)
-    resolved = resolve_precision(precision, target)
+    if target.type == "cpu" and engine in ("auto", "onnxruntime") and precision in ("auto", "int8"):
+        artifact = int8_artifact(checkpoint, int8_dir, precision, int8_allow_failing)
+    resolved = resolve_precision(precision, target, int8=artifact is not None)
     kind = resolve_engine(engine, target, resolved)
     if kind == "onnxruntime" and (target.type == "cuda" or resolved not in ("fp32", "int8")):
         raise ValueError("the onnxruntime engine runs fp32 and int8 on the CPU; use engine torch for other precisions")

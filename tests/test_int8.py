@@ -1,5 +1,5 @@
 """The int8 artifact: `sentiment model quantize` makes it with its accuracy report, the worker serves it
-when the precision asks for it, refuses one it cannot trust, and
+when the precision asks for it (or `auto` finds one that passes), refuses one it cannot trust, and
 every head and chunked long texts answer as the float model does, within `INT8_ABS`.
 
 Random tiny checkpoints (DistilBERT and BERT, each head) stand in for the real one: the accuracy the
@@ -10,6 +10,7 @@ checkpoint, docs/tuning.md "Precision"), too slow for a test.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -20,8 +21,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
+from api.app import create_app
 from batcher.worker import Worker
 from core.settings import Settings
 from model_store import int8, layout, quantize
@@ -101,6 +104,33 @@ def test_quantize_writes_the_artifact_and_its_report_beside_the_checkpoint(
     assert not list(model_dir.glob(".int8-*"))  # no staging folder left behind
 
 
+def test_auto_serves_a_passing_artifact_says_so_and_caches_its_scores_apart(
+    with_artifact: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="model_store.engine"):
+        auto = Classifier(with_artifact, device="cpu", threads=1)
+    assert isinstance(auto.engine, OnnxEngine) and auto.dtype_name == "int8"
+    assert "precision auto: serving the int8 artifact" in caplog.text
+    report = int8.Report.read(with_artifact / "int8")
+    assert auto.version == f"{fingerprint(with_artifact)}-int8-{report.artifact[:8]}"
+    fp32 = Classifier(with_artifact, device="cpu", threads=1, precision="fp32")
+    torch_int8 = Classifier(with_artifact, device="cpu", threads=1, precision="int8", engine="torch")
+    assert len({auto.version, fp32.version, torch_int8.version}) == 3  # three kinds of scores, three caches
+    settings = Settings(key_prefix="int8", model_dir=with_artifact, max_wait_ms=20, request_timeout_s=10)
+    server = fakeredis.FakeServer()
+    worker = Worker(settings, fakeredis.FakeRedis(server=server), auto)
+    start_worker(worker)
+    app = create_app(
+        settings, redis=fakeredis.FakeAsyncRedis(server=server), jobs_redis=fakeredis.FakeRedis(server=server)
+    )
+    try:
+        with TestClient(app) as client:
+            model = client.get("/model").json()
+    finally:
+        worker.stop()
+    assert (model["dtype"], model["version"]) == ("int8", auto.version)
+
+
 def worker_start(model_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """`sentiment worker` as a person starts it: a model it will not load ends it before Redis is needed."""
     return subprocess.run(
@@ -112,7 +142,9 @@ def worker_start(model_dir: Path, **env: str) -> subprocess.CompletedProcess[str
     )
 
 
-def test_a_failing_artifact_is_refused_in_one_line_unless_told_to_serve_it(with_artifact: Path, tmp_path: Path) -> None:
+def test_a_failing_artifact_is_refused_in_one_line_unless_told_to_serve_it(
+    with_artifact: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     model_dir = copy_checkpoint(with_artifact, tmp_path / "model")
     make_artifact(model_dir)
     rewrite_report(model_dir / "int8", agreement=0.97)
@@ -123,10 +155,16 @@ def test_a_failing_artifact_is_refused_in_one_line_unless_told_to_serve_it(with_
     assert "97.00% of labels agreeing" in refused.stderr and "SENTIMENT_INT8_ALLOW_FAILING" in refused.stderr
     told = Classifier(model_dir, device="cpu", threads=1, precision="int8", int8_allow_failing=True)
     assert told.dtype_name == "int8"
+    with caplog.at_level(logging.WARNING, logger="model_store.engine"):
+        auto = Classifier(model_dir, device="cpu", threads=1, int8_allow_failing=True)
+    assert auto.dtype_name != "int8"  # `auto` never picks a failing one
+    assert "fails the accuracy rule" in caplog.text
 
 
 @pytest.mark.parametrize("fault", ["other checkpoint", "other graph", "unreadable report"])
-def test_an_artifact_that_cannot_be_trusted_is_refused(fault: str, with_artifact: Path, tmp_path: Path) -> None:
+def test_an_artifact_that_cannot_be_trusted_is_refused_and_auto_passes_it_by(
+    fault: str, with_artifact: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     model_dir = copy_checkpoint(with_artifact, tmp_path / "model")
     make_artifact(model_dir)
     if fault == "other checkpoint":  # the checkpoint changed after the artifact was made
@@ -144,6 +182,9 @@ def test_an_artifact_that_cannot_be_trusted_is_refused(fault: str, with_artifact
         message = "report cannot be read"
     with pytest.raises(int8.Refused, match=message):
         Classifier(model_dir, device="cpu", threads=1, precision="int8")
+    with caplog.at_level(logging.WARNING, logger="model_store.engine"):
+        auto = Classifier(model_dir, device="cpu", threads=1)
+    assert auto.dtype_name != "int8" and message in caplog.text
 
 
 def test_int8_without_an_artifact_says_how_to_make_one(tiny_model_dir: Path, tmp_path: Path) -> None:

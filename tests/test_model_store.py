@@ -157,6 +157,7 @@ def test_auto_precision_is_bf16_only_on_a_cpu_that_has_it(
     assert auto.version == fingerprint(tiny_model_dir) + ("-bf16" if native else "")
     assert resolve_precision("auto", torch.device("cuda")) == "fp16"
     assert resolve_precision("int8", torch.device("cpu")) == "int8"
+    assert resolve_precision("auto", torch.device("cpu"), int8=True) == "int8"  # a passing artifact (test_int8.py)
 
 
 def test_auto_engine_is_onnxruntime_for_fp32_and_int8_on_the_cpu_only(tiny_model_dir: Path) -> None:
