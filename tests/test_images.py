@@ -241,10 +241,35 @@ def test_worker_image_pulls_the_model_at_build_time() -> None:
     assert not any("model pull" in r for r in final.all("RUN"))
 
 
+def test_worker_image_quantizes_the_model_it_pulled_where_sst2_is_given() -> None:
+    """The int8 artifact is made beside the pulled checkpoint, from the `sst2` build context's
+    sentences; that stage is empty unless `--build-context sst2=DIR` fills it, and then the build says
+    it made none (the worker runs bf16 or fp32)."""
+    dockerfile = read_dockerfile(REPO / "Dockerfile.worker")
+    sst2 = dockerfile.stage("sst2")
+    assert (sst2.base, sst2.instructions) == ("scratch", [])
+    model = dockerfile.stage("model")
+    (pull,) = [r for r in model.all("RUN") if "sentiment model pull" in r]
+    (run,) = [r for r in model.all("RUN") if "sentiment model quantize" in r]
+    assert model.all("RUN").index(pull) < model.all("RUN").index(run)
+    mount, script = run.split(" ", 1)
+    assert mount == "--mount=type=bind,from=sst2,target=/tmp/sst2"
+    given, quantize, otherwise = re.fullmatch(r"if \[ -f (\S+) \]; then (.+?); else echo (.+); fi", script).groups()
+    args = cli(shlex.split(quantize)[1:])
+    assert args.run.__name__ == "_quantize"
+    assert f"--dest {args.model_dir} " in pull  # the checkpoint the build pulled
+    assert given == str(args.eval) and {args.calibration.name, args.eval.name} == {"sst2-train.tsv", "sst2-dev.tsv"}
+    assert all(str(p).startswith("/tmp/sst2/") for p in (args.calibration, args.eval))
+    assert args.dest is None  # int8/ in the checkpoint, which the final stage copies whole
+    assert "no int8 artifact" in otherwise
+    final = dockerfile.final
+    assert f"--from=model {args.model_dir} {args.model_dir}" in final.all("COPY")
+
+
 def test_worker_image_installs_cpu_torch_unless_told_otherwise() -> None:
     dockerfile = read_dockerfile(REPO / "Dockerfile.worker")
     assert dockerfile.args["BASE_IMAGE"].startswith("python:3.11-slim")
-    assert all(stage.base in {"${BASE_IMAGE}", "build"} for stage in dockerfile.stages)
+    assert all(stage.base in {"${BASE_IMAGE}", "build"} for stage in dockerfile.stages if stage.name != "sst2")
     build = dockerfile.stage("build")
     stage_args = dict(a.partition("=")[::2] for a in build.all("ARG"))
     assert stage_args["TORCH_INDEX_URL"].endswith("/whl/cpu")
