@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_DIR = "int8"  # inside the model directory, unless SENTIMENT_INT8_DIR names another
+RECIPES = ("dynamic", "split")  # how `model_store.quantize` may make it, fastest first
 MODEL_FILE = "model.onnx"
 REPORT_FILE = "report.json"
 # The adoption rule for a faster precision (docs/tuning.md, "Precision").
@@ -39,6 +40,7 @@ class Report:
     checkpoint: str  # the fingerprint of the checkpoint it was made from
     artifact: str  # `file_digest` of model.onnx
     tool: str  # e.g. "onnxruntime 1.32.0"
+    recipe: str  # one of RECIPES
     method: str  # what was quantized, and how
     kept_float: list[str]  # the graph's MatMul/Gemm nodes left in float
     calibration: dict[str, Any]  # the sentences the recipe was chosen on: file, count, digest

@@ -29,13 +29,12 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from model_store import layout, scoring
 from model_store.checkpoint import Checkpoint
-from model_store.int8 import MODEL_FILE, Report, file_digest
+from model_store.int8 import MODEL_FILE, RECIPES, Report, file_digest
 from model_store.onnx_engine import OnnxEngine, export
 from model_store.torch_engine import TRACE_EXAMPLE, load_module
 
 log = logging.getLogger(__name__)
 
-RECIPES = ("dynamic", "split")  # fastest first
 OUTLIER_RANGE = 3.0  # a channel whose calibration range is this many times the median channel's runs in float
 BATCH = 32  # sentences per forward, sorted by length as the worker batches them
 
@@ -62,10 +61,11 @@ def quantize(
     calibration: tuple[Path, Sequence[str]],
     evaluation: tuple[Path, Sequence[str], Sequence[int]],
     threads: int | None = None,
+    recipes: Sequence[str] = RECIPES,
 ) -> Report:
     """Write `model.onnx` and `report.json` into `dest` (replacing any artifact there) and return the report.
     `calibration`: sentences like the traffic's, whose activations find the outlier channels;
-    `evaluation`: labelled sentences, the report's figures."""
+    `evaluation`: labelled sentences, the report's figures; `recipes`: those to try, fastest first."""
     threads = threads or torch.get_num_threads()
     texts = evaluation[1]
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -77,12 +77,12 @@ def quantize(
         del module
         reference = _scores(OnnxEngine(fp32, threads, checkpoint.pad_id), checkpoint, texts)
         report = None
-        for recipe in RECIPES:
+        for recipe in recipes:
             staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
             try:
                 report = _make(recipe, checkpoint, fp32, staging, calibration, evaluation, reference, threads)
                 log.info("recipe %s: %s", recipe, report.summary())
-                if report.passes or recipe == RECIPES[-1]:
+                if report.passes or recipe == recipes[-1]:
                     if dest.exists():
                         shutil.rmtree(dest)
                     os.replace(staging, dest)
@@ -134,8 +134,8 @@ def _make(
         checkpoint=checkpoint.fingerprint,
         artifact=file_digest(int8),
         tool=f"onnxruntime {onnxruntime.__version__}",
-        method=f"{recipe}: dynamic int8, weights per output channel, every MatMul with a weight{split}; "
-        "the head (Gemm) in float",
+        recipe=recipe,
+        method=f"dynamic int8, weights per output channel, every MatMul with a weight{split}; the head (Gemm) in float",
         kept_float=float_nodes,
         calibration=_described(calibration[0], calibration[1]),
         evaluation=_described(evaluation[0], evaluation[1]),

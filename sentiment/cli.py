@@ -19,6 +19,7 @@ from core.redis_connect import RedisRefused, RedisUnreachable, reach, sync_clien
 from core.redis_errors import OUTAGE
 from core.settings import Settings, SettingsError, from_environment
 from model_store.hub import DEFAULT_REPO
+from model_store.int8 import RECIPES
 
 log = logging.getLogger("sentiment")
 PROBE_TIMEOUT_S = 2.0  # a probe answers within Kubernetes' timeoutSeconds (its default is 1 s; ours say 3)
@@ -129,6 +130,11 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     )
     quantize.add_argument(
         "--dest", type=Path, default=settings.int8_dir, help="default SENTIMENT_INT8_DIR, else int8/ in the checkpoint"
+    )
+    quantize.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        help='this recipe alone (default: the fastest whose report passes, docs/tuning.md "Precision")',
     )
     quantize.set_defaults(run=_quantize)
 
@@ -372,8 +378,9 @@ def _quantize(settings: Settings, args: argparse.Namespace) -> None:
         calibration = read_sentences(args.calibration)[: args.calibration_size]
         texts, labels = read_labelled(args.eval)
     dest = args.dest or checkpoint.dir / DEFAULT_DIR
+    recipes = [args.recipe] if args.recipe else RECIPES
     report = quantize(
-        checkpoint, dest, (args.calibration, calibration), (args.eval, texts, labels), settings.torch_threads
+        checkpoint, dest, (args.calibration, calibration), (args.eval, texts, labels), settings.torch_threads, recipes
     )
     verdict = "passes the accuracy rule" if report.passes else "FAILS the accuracy rule"
     print(f"{dest}: {verdict}; {report.summary()}")

@@ -86,14 +86,15 @@ def test_quantize_writes_the_artifact_and_its_report_beside_the_checkpoint(
     calibration.write_text("text\tlabel\n" + "".join(f"{t}\t1\n" for t in TEXTS[:80]))
     evaluation = tmp_path / "dev.tsv"
     evaluation.write_text("text\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(TEXTS[80:])))
-    main(["model", "quantize", str(model_dir), "--calibration", str(calibration), "--eval", str(evaluation)])
+    argv = ["model", "quantize", str(model_dir), "--calibration", str(calibration), "--eval", str(evaluation)]
+    main(argv)
 
     artifact = model_dir / "int8"
     report = json.loads((artifact / "report.json").read_text())
     assert (artifact / "model.onnx").is_file()
     assert fingerprint(model_dir) == before  # a folder of its own: the model's version is unchanged
     assert report["checkpoint"] == before and report["artifact"] == int8.file_digest(artifact / "model.onnx")
-    assert report["tool"].startswith("onnxruntime ") and report["method"].startswith("dynamic")
+    assert report["tool"].startswith("onnxruntime ") and report["recipe"] == "dynamic"
     assert (report["calibration"]["data"], report["calibration"]["sentences"]) == ("train.tsv", 80)
     assert (report["evaluation"]["data"], report["evaluation"]["sentences"]) == ("dev.tsv", 80)
     for figure in ("fp32_accuracy", "int8_accuracy", "agreement"):
@@ -102,6 +103,8 @@ def test_quantize_writes_the_artifact_and_its_report_beside_the_checkpoint(
     assert report["passes"] == int8.Report.read(artifact).passes == (report["agreement"] >= 0.99)
     assert "passes the accuracy rule" in capsys.readouterr().out
     assert not list(model_dir.glob(".int8-*"))  # no staging folder left behind
+    main([*argv, "--recipe", "split"])
+    assert int8.Report.read(artifact).recipe == "split"  # that recipe alone, though the faster one passes
 
 
 def test_auto_serves_a_passing_artifact_says_so_and_caches_its_scores_apart(
@@ -260,7 +263,7 @@ def test_outlier_channels_run_in_float_beside_the_int8_product_of_the_rest(tmp_p
     assert split == pytest.approx(plain, abs=1e-5)
 
     reports = {}
-    for recipe in quantize.RECIPES:
+    for recipe in int8.RECIPES:
         (tmp_path / recipe).mkdir()
         reports[recipe] = quantize._make(
             recipe,
@@ -286,5 +289,5 @@ def test_where_no_recipe_passes_the_most_accurate_is_written_with_a_failing_repo
 ) -> None:
     monkeypatch.setattr(int8, "MIN_AGREEMENT", 1.01)  # a rule no recipe can keep
     report = make_artifact(outlier_model(tmp_path / "model"))
-    assert not report.passes and report.method.startswith(quantize.RECIPES[-1])
+    assert not report.passes and report.recipe == int8.RECIPES[-1]
     assert int8.Report.read(tmp_path / "model" / "int8") == report
