@@ -2,7 +2,8 @@
 
 Tests load a tiny one through the real loading code, of any head (single-label, multi-label,
 regression); benchmarks build the full-size shape from a config directory (compute cost equals the
-real model's; its predictions mean nothing).
+real model's; its predictions mean nothing). `plant_outliers` gives either the outlier channels of a
+trained transformer's activations, which int8 recipes must meet (`model_store.quantize`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -104,6 +106,33 @@ def write_full_size_model(config_dir: Path, dest: Path, seed: int = 0) -> Path:
         if (config_dir / name).is_file():
             shutil.copy(config_dir / name, dest / name)
     return _write_weights(AutoConfig.from_pretrained(config_dir), dest, seed)
+
+
+# Products whose input activation only one other product writes, so planting changes nothing else:
+# the FFN's output (its hidden layer's GELU) and attention's output (the values' weighted sum).
+_PLANTED = {
+    "lin1": "lin2",
+    "v_lin": "out_lin",
+    "intermediate.dense": "output.dense",
+    "self.value": "attention.output.dense",
+}
+
+
+def plant_outliers(model_dir: Path, channels: Sequence[int] = (5,), scale: float = 50.0) -> Path:
+    """Give the FFN's and attention's output products an input with `channels` `scale` times the others'
+    range, as a trained model's activations have a few (the shared checkpoint: 89 channels over 3
+    times the median in 19 of its 24) and random weights none: the writing product's output channels
+    are scaled up and the reading product's weights for them down, so nothing else changes much."""
+    weights = load_file(model_dir / "model.safetensors")
+    picked = list(channels)
+    for name, tensor in weights.items():
+        stem = name.removesuffix(".weight").removesuffix(".bias")
+        if stem.endswith(tuple(_PLANTED)):
+            tensor[picked] *= scale  # a Linear's weight is (outputs, inputs): its output channels
+        elif name.endswith(".weight") and stem.endswith(tuple(_PLANTED.values())):
+            tensor[:, picked] /= scale
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    return model_dir
 
 
 def _write_weights(config: PretrainedConfig, dest: Path, seed: int) -> Path:

@@ -30,7 +30,7 @@ from core.settings import Settings
 from model_store import int8, layout, quantize
 from model_store.checkpoint import Checkpoint, fingerprint
 from model_store.classifier import Classifier
-from model_store.factory import write_tiny_model
+from model_store.factory import plant_outliers, write_tiny_model
 from model_store.long_texts import LongTexts
 from model_store.onnx_engine import OnnxEngine, export
 from model_store.torch_engine import TRACE_EXAMPLE, load_module
@@ -233,28 +233,16 @@ def test_a_chunked_long_text_answers_as_fp32_does(with_artifact: Path, redis: fa
     assert np.array(scores["int8"]) == pytest.approx(np.array(scores["fp32"]), abs=INT8_ABS)
 
 
-def outlier_model(dest: Path) -> Path:
-    """A tiny DistilBERT whose attention output has one channel 50 times the others' range, as trained
-    transformers' activations have (the real checkpoint's FFN inputs: one channel 8-16 times the median)."""
-    model_dir = write_tiny_model(dest, seed=3)
-    weights = load_file(model_dir / "model.safetensors")
-    for layer in range(2):
-        for part in ("weight", "bias"):
-            weights[f"distilbert.transformer.layer.{layer}.sa_layer_norm.{part}"][5] *= 50.0
-    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
-    return model_dir
-
-
 def test_outlier_channels_run_in_float_beside_the_int8_product_of_the_rest(tmp_path: Path) -> None:
     """The `split` rewrite finds the channel on calibration sentences and keeps fp32's arithmetic
     exactly; quantized, the outlier channels' products stay float MatMuls beside the int8 ones."""
-    checkpoint = Checkpoint(outlier_model(tmp_path / "model"))
+    checkpoint = Checkpoint(plant_outliers(write_tiny_model(tmp_path / "model", seed=3)))
     module = load_module(checkpoint, torch.device("cpu"), "fp32")
     graph_path = tmp_path / "fp32.onnx"
     export(module, graph_path, layout.inputs(TRACE_EXAMPLE, checkpoint.pad_id, segments=True, packed=False))
     graph = onnx.load(graph_path)
     outliers = quantize._outlier_channels(graph, graph_path, checkpoint, TEXTS[:80], threads=1)
-    assert [5] in [channels.tolist() for channels in outliers.values()], outliers  # each layer's lin1 input
+    assert [5] in [channels.tolist() for channels in outliers.values()], outliers  # each planted one
     quantize._split(graph, outliers)
     onnx.save(graph, tmp_path / "split.onnx")
     ids = checkpoint.tokenize(TEXTS[80:])
@@ -288,6 +276,6 @@ def test_where_no_recipe_passes_the_most_accurate_is_written_with_a_failing_repo
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(int8, "MIN_AGREEMENT", 1.01)  # a rule no recipe can keep
-    report = make_artifact(outlier_model(tmp_path / "model"))
+    report = make_artifact(plant_outliers(write_tiny_model(tmp_path / "model", seed=3)))
     assert not report.passes and report.recipe == int8.RECIPES[-1]
     assert int8.Report.read(tmp_path / "model" / "int8") == report
