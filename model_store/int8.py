@@ -33,6 +33,19 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def int8_instructions() -> str:
+    """This CPU's instructions that multiply int8 (`/proc/cpuinfo`'s flags), "avx2" at the least: an
+    artifact's figures hold for CPUs of the same set (AVX2's products can saturate, VNNI's and AMX's
+    cannot, docs/tuning.md "Precision")."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown"
+    return (
+        " ".join(f for f in ("avx2", "avx_vnni", "avx512_vnni", "amx_int8") if f in flags) or "none of avx2, vnni, amx"
+    )
+
+
 @dataclass(frozen=True)
 class Report:
     """What `sentiment model quantize` measured, written beside the graph as `report.json`."""
@@ -40,6 +53,7 @@ class Report:
     checkpoint: str  # the fingerprint of the checkpoint it was made from
     artifact: str  # `file_digest` of model.onnx
     tool: str  # e.g. "onnxruntime 1.32.0"
+    cpu: str  # the int8 instructions of the CPU it was measured on (`int8_instructions`)
     recipe: str  # one of RECIPES
     method: str  # what was quantized, and how
     kept_float: list[str]  # the graph's MatMul/Gemm nodes left in float
@@ -63,7 +77,7 @@ class Report:
         return (
             f"{self.evaluation['sentences']} sentences of {self.evaluation['data']}: accuracy "
             f"{self.int8_accuracy:.2%} against fp32's {self.fp32_accuracy:.2%}, {self.agreement:.2%} of labels "
-            f"agreeing, largest score difference {self.largest_score_difference:.4f}"
+            f"agreeing, largest score difference {self.largest_score_difference:.4f}, measured with {self.cpu}"
         )
 
     def write(self, directory: Path) -> None:

@@ -29,7 +29,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from model_store import layout, scoring
 from model_store.checkpoint import Checkpoint
-from model_store.int8 import MODEL_FILE, RECIPES, Report, file_digest
+from model_store.int8 import MODEL_FILE, RECIPES, Report, file_digest, int8_instructions
 from model_store.onnx_engine import OnnxEngine, export
 from model_store.torch_engine import TRACE_EXAMPLE, load_module
 
@@ -134,6 +134,7 @@ def _make(
         checkpoint=checkpoint.fingerprint,
         artifact=file_digest(int8),
         tool=f"onnxruntime {onnxruntime.__version__}",
+        cpu=int8_instructions(),
         recipe=recipe,
         method=f"dynamic int8, weights per output channel, every MatMul with a weight{split}; the head (Gemm) in float",
         kept_float=float_nodes,

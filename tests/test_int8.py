@@ -95,6 +95,7 @@ def test_quantize_writes_the_artifact_and_its_report_beside_the_checkpoint(
     assert fingerprint(model_dir) == before  # a folder of its own: the model's version is unchanged
     assert report["checkpoint"] == before and report["artifact"] == int8.file_digest(artifact / "model.onnx")
     assert report["tool"].startswith("onnxruntime ") and report["recipe"] == "dynamic"
+    assert report["cpu"] == int8.int8_instructions()  # what its figures hold for
     assert (report["calibration"]["data"], report["calibration"]["sentences"]) == ("train.tsv", 80)
     assert (report["evaluation"]["data"], report["evaluation"]["sentences"]) == ("dev.tsv", 80)
     for figure in ("fp32_accuracy", "int8_accuracy", "agreement"):
