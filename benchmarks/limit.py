@@ -47,9 +47,13 @@ class Limit:
         texts: list[str],
         copies: int = 1,
         lanes: int | None = None,
+        int8_allow_failing: bool = False,
     ) -> None:
         self.copies = [
-            Classifier(model_dir, device, threads, precision, engine=engine, lanes=lanes) for _ in range(copies)
+            Classifier(
+                model_dir, device, threads, precision, engine=engine, lanes=lanes, int8_allow_failing=int8_allow_failing
+            )
+            for _ in range(copies)
         ]
         self.classifier = self.copies[0]
         self.ids = self.classifier.tokenize(texts)

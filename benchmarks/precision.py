@@ -24,12 +24,12 @@ from pathlib import Path
 
 from benchmarks import machine
 from benchmarks.limit import batches
-from benchmarks.workload import default_shared_dir
+from benchmarks.workload import default_shared_dir, int8_for_speed
 from model_store.checkpoint import Checkpoint
 from model_store.classifier import Classifier
 from model_store.engine import EngineName, Precision
-from model_store.factory import plant_outliers, write_full_size_model
-from model_store.int8 import RECIPES
+from model_store.factory import write_full_size_model
+from model_store.int8 import RECIPES, Report
 from model_store.quantize import quantize
 
 # name -> precision and engine: torch runs every precision but the artifact (precisions compared on
@@ -136,9 +136,8 @@ def main() -> None:
                 ) / len(dev)
         full_dir = write_full_size_model(args.shared / "models/distilbert-base-sst2-config", Path(tmp) / "full")
         if "int8-onnxruntime" in rows:
-            plant_outliers(full_dir)
-            few = (evaluation[0], dev[:64], truth[:64])  # its figures mean nothing: few sentences will do
-            made = quantize(Checkpoint(full_dir), full_dir / "int8", calibration, few, args.threads, [recipe])
+            int8_for_speed(full_dir, args.shared, recipe)
+            made = Report.read(full_dir / "int8")
             rows["int8-onnxruntime"]["method"] = f"{made.recipe}: {made.method}"
         full = {name: load(full_dir, name) for name in rows}
         ids = full[args.variants[0]].tokenize(train[: args.texts])
