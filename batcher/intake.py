@@ -24,7 +24,7 @@ from batcher.policy import TAKE_AT_ONCE
 from batcher.queue import WorkQueue
 from batcher.redis_link import Command
 from batcher.reply import Replies
-from batcher.work import Held, Text, Windows, traceparents
+from batcher.work import Chunks, Held, Text, traceparents
 from core import tracing
 from core.protocol import ScoreFunction, Unreadable, WorkItem
 from core.redis_errors import describe
@@ -67,7 +67,7 @@ class Intake:
         self.queue = queue
         self.window = window
         self.replies = replies
-        # Texts to token ids: one window each, or a chunked text's windows (`model_store.long_texts`).
+        # Texts to token ids: one chunk each, or a chunked text's chunks (`model_store.long_texts`).
         self.split = split
         self.reject_past = reject_past  # `reject`: texts of more tokens than this are refused (None: none is)
         self.cache_key = cache_key
@@ -273,8 +273,8 @@ class Intake:
         return tokenized
 
     def _windows(self, tokenized: list[tuple[Text, Tokenized]]) -> list[Text]:
-        """The texts for the lanes: each text as one, a chunked text as its windows (each a `Text` the
-        batches take as any other, `Windows` pooling their logits back into the text's); a text past
+        """The texts for the lanes: each text as one, a chunked text as its chunks (each a `Text` the
+        batches take as any other, `Chunks` pooling their logits back into the text's); a text past
         `reject_past` refused with its request (and that request's other texts left out)."""
         refused = [(text, tokens.tokens) for text, tokens in tokenized if self._refused(tokens)]
         if refused:
@@ -288,14 +288,14 @@ class Intake:
         for text, tokens in tokenized:
             if not text.waiters:
                 continue
-            if len(tokens.windows) == 1:
+            if len(tokens.chunks) == 1:
                 text.ids = tokens.ids
                 if tokens.tokens > len(text.ids):
                     metrics.LONG_TEXTS.labels("truncated").inc()
                 todo.append(text)
             else:
                 metrics.LONG_TEXTS.labels("chunked").inc()
-                todo += Windows.of(text, tokens.windows, tokens.weights).texts
+                todo += Chunks.of(text, tokens.chunks, tokens.weights).texts
         return todo
 
     def _refused(self, tokens: Tokenized) -> bool:

@@ -79,7 +79,7 @@ ABANDONED_TEXTS = Counter(
 LONG_TEXTS = Counter(
     "sentiment_long_texts",
     "Texts longer than the model's length, by what they got (SENTIMENT_LONG_TEXTS): truncated (the first "
-    "tokens only), rejected (a 422), chunked (overlapping windows, their logits pooled).",
+    "tokens only), rejected (a 422), chunked (overlapping chunks, their logits pooled).",
     ["handling"],
 )
 WORKER_BUSY_SECONDS = Counter(

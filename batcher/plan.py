@@ -239,11 +239,11 @@ class Window:
             return list(out), gone
 
     def _waiting(self) -> Counter[Held]:
-        """Per work item, its texts held here: a chunked text once, and only while every window of it
+        """Per work item, its texts held here: a chunked text once, and only while every chunk of it
         is (once one has gone into a forward, its requests have started)."""
         pairs = set()
         for text in self._texts.values():
-            if text.windows is None or all(self._texts.get(w.key) is w for w in text.windows.texts):
+            if text.chunks is None or all(self._texts.get(c.key) is c for c in text.chunks.texts):
                 pairs.update(text.waiters)
         return Counter(held for held, _ in pairs)
 

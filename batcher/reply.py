@@ -121,16 +121,16 @@ class Replies:
 
     @staticmethod
     def _pooled(outcome: Outcome) -> Outcome:
-        """A forward's outcome with chunked texts' windows kept aside (`Windows`): each text whose last
-        window came is in it with its pooled logits, the other windows are not."""
-        if outcome.logits is None or all(t.windows is None for t in outcome.texts):
+        """A forward's outcome with chunked texts' chunks kept aside (`Chunks`): each text whose last
+        chunk came is in it with its pooled logits, the other chunks are not."""
+        if outcome.logits is None or all(t.chunks is None for t in outcome.texts):
             return outcome
         texts, rows = [], []
         for text, row in zip(outcome.texts, outcome.logits, strict=True):
-            if text.windows is None:
+            if text.chunks is None:
                 texts.append(text)
                 rows.append(row)
-            elif pooled := text.windows.computed(text.window, row):
+            elif pooled := text.chunks.computed(text.chunk, row):
                 whole, logits = pooled
                 texts.append(whole)
                 rows.append(logits)

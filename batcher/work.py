@@ -62,8 +62,8 @@ class Text:
     ids: list[int] = field(default_factory=list)
     turn: float = 0.0  # its place in the fair order between clients (`turns.Turns.take`)
     function: ScoreFunction | None = None  # the score function its requests named; None: the model's
-    windows: Windows | None = None  # a chunked text's window: the text it is part of
-    window: int = 0  # which window of it
+    chunks: Chunks | None = None  # a chunked text's chunk: the chunks of the text it is part of
+    chunk: int = 0  # which chunk of it
 
     @property
     def deadline(self) -> float:
@@ -72,34 +72,34 @@ class Text:
 
 
 @dataclass(eq=False, slots=True)
-class Windows:
-    """A chunked text on its way through the lanes: its windows, each a `Text` of its own in the
-    batches, and their logits as the reply stage gets them. Each window has its own list of the
-    text's waiters, so the plan takes a request off the windows it still holds (dropped, or late)
+class Chunks:
+    """A chunked text on its way through the lanes: its chunks, each a `Text` of its own in the
+    batches, and their logits as the reply stage gets them. Each chunk has its own list of the
+    text's waiters, so the plan takes a request off the chunks it still holds (dropped, or late)
     without touching those a lane or the reply stage has."""
 
     text: Text  # the whole text: its cache key, waiters and score function
     texts: list[Text]
-    weights: list[int]  # each window's text tokens (`model_store.long_texts.pool`)
+    weights: list[int]  # each chunk's text tokens (`model_store.long_texts.pool`)
     logits: list[np.ndarray | None]
 
     @classmethod
-    def of(cls, text: Text, windows: list[list[int]], weights: list[int]) -> Windows:
-        whole = cls(text, [], weights, [None] * len(windows))
+    def of(cls, text: Text, chunks: list[list[int]], weights: list[int]) -> Chunks:
+        whole = cls(text, [], weights, [None] * len(chunks))
         whole.texts = [
-            # A key per window of this take: the same text taken again (another take) is computed again.
+            # A key per chunk of this take: the same text taken again (another take) is computed again.
             replace(text, key=f"{text.key}#{id(whole)}.{n}", waiters=list(text.waiters), ids=ids)
-            for n, ids in enumerate(windows)
+            for n, ids in enumerate(chunks)
         ]
-        for n, window in enumerate(whole.texts):
-            window.windows, window.window = whole, n
+        for n, chunk in enumerate(whole.texts):
+            chunk.chunks, chunk.chunk = whole, n
         return whole
 
-    def computed(self, window: int, logits: np.ndarray) -> tuple[Text, np.ndarray] | None:
-        """Keep one window's logits. Once every window has come: the whole text, waited for by the
-        requests that waited for every window (one taken off a window was answered otherwise), and
+    def computed(self, chunk: int, logits: np.ndarray) -> tuple[Text, np.ndarray] | None:
+        """Keep one chunk's logits. Once every chunk has come: the whole text, waited for by the
+        requests that waited for every chunk (one taken off a chunk was answered otherwise), and
         its pooled logits; else None."""
-        self.logits[window] = logits
+        self.logits[chunk] = logits
         if any(row is None for row in self.logits):
             return None
         waiters = [pair for pair in self.text.waiters if all(pair in t.waiters for t in self.texts)]

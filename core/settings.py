@@ -82,7 +82,7 @@ class Settings(BaseSettings):
         "truncate",
         description="What a text longer than the model's length (its tokens, 512 for DistilBERT) gets: `truncate` "
         "its first tokens only (counted in `sentiment_long_texts_total`); `reject` a 422 naming the text and its "
-        "tokens; `chunk` overlapping windows of the model's length, each through the batches as a text of its own, "
+        "tokens; `chunk` overlapping chunks of the model's length, each through the batches as a text of its own, "
         'the text\'s scores from their token-weighted mean logits (docs/tuning.md, "Long texts"). Part of the '
         "model's version, so each choice has its own cache.",
     )

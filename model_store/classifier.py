@@ -37,7 +37,7 @@ class Classifier:
     ) -> None:
         self.checkpoint = Checkpoint(model_dir)
         self.long_texts = LongTexts(long_texts)
-        # Texts to token ids as the worker computes them: long ones truncated, whole (to reject), or in windows.
+        # Texts to token ids as the worker computes them: long ones truncated, whole (to reject), or in chunks.
         self.split: Splitter = self.checkpoint.splitter(self.long_texts)
         self.engine: Engine = load_engine(
             self.checkpoint, engine, device, precision, threads, interop_threads, lanes, int8_dir, int8_allow_failing

@@ -1,13 +1,13 @@
-"""Texts longer than the model's length: truncated, rejected, or cut into windows whose logits pool.
+"""Texts longer than the model's length: truncated, rejected, or cut into chunks whose logits pool.
 
 The choice (`SENTIMENT_LONG_TEXTS`) is made where texts become token ids, by the tokenizer itself:
 
 - `truncate`: the first `max_length` tokens (specials included), as transformers' pipeline does;
 - `reject`: the whole text's tokens, which the worker refuses past `max_length` (it names the count);
-- `chunk`: overlapping windows of `max_length` tokens, `max_length // 8` shared between neighbours,
+- `chunk`: overlapping chunks of `max_length` tokens, `max_length // 8` shared between neighbours,
   exactly as transformers' `tokenizer(text, truncation=True, max_length=..., stride=...,
-  return_overflowing_tokens=True)` cuts them; each window is a forward's text of its own, and the
-  text's logits are the windows' mean weighted by the text tokens each holds (`pool`).
+  return_overflowing_tokens=True)` cuts them; each chunk is a forward's text of its own, and the
+  text's logits are the chunks' mean weighted by the text tokens each holds (`pool`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from enum import StrEnum
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-STRIDE_FRACTION = 8  # a window shares 1/8 of its length with the next: context across the cut (docs/tuning.md)
+STRIDE_FRACTION = 8  # a chunk shares 1/8 of its length with the next: context across the cut (docs/tuning.md)
 
 
 class LongTexts(StrEnum):
@@ -30,17 +30,17 @@ class LongTexts(StrEnum):
 @dataclass(frozen=True, slots=True)
 class Tokenized:
     """One text as the model will see it: the token ids of each forward (one, or a chunked text's
-    windows), each window's weight in the pooled logits (its text tokens), and the whole text's
+    chunks), each chunk's weight in the pooled logits (its text tokens), and the whole text's
     token count with special tokens (what `reject` compares with the model's length)."""
 
-    windows: list[list[int]]
+    chunks: list[list[int]]
     weights: list[int]
     tokens: int
 
     @property
     def ids(self) -> list[int]:
-        """The only window's ids (a text within the model's length, or truncated)."""
-        [ids] = self.windows
+        """The only chunk's ids (a text within the model's length, or truncated)."""
+        [ids] = self.chunks
         return ids
 
 
@@ -79,11 +79,11 @@ def _text_tokens(encoding: Encoding) -> int:
 
 
 def pool(logits: np.ndarray, weights: list[int]) -> np.ndarray:
-    """A chunked text's logits, (labels,), from its windows' (windows, labels): their mean weighted by
-    each window's text tokens. In logits, so one rule serves every score function (softmax, sigmoid,
-    a regression's raw value) and any `function_to_apply`; weighted, so a short last window counts
+    """A chunked text's logits, (labels,), from its chunks' (chunks, labels): their mean weighted by
+    each chunk's text tokens. In logits, so one rule serves every score function (softmax, sigmoid,
+    a regression's raw value) and any `function_to_apply`; weighted, so a short last chunk counts
     for the little text it holds (docs/tuning.md, "Long texts")."""
-    if len(weights) == 1:  # (a text of one window is its window, an empty text included: no tokens to weigh)
+    if len(weights) == 1:  # (a text of one chunk is its chunk, an empty text included: no tokens to weigh)
         return np.asarray(logits[0], dtype=np.float32)
     w = np.asarray(weights, dtype=np.float64)
     return (np.asarray(logits, dtype=np.float64) * (w / w.sum())[:, None]).sum(axis=0).astype(np.float32)

@@ -217,7 +217,7 @@ def test_every_head_answers_as_fp32_does(architecture: str, kind: str, tmp_path:
 
 
 def test_a_chunked_long_text_answers_as_fp32_does(with_artifact: Path, redis: fakeredis.FakeRedis) -> None:
-    """Through the worker: the long text's windows ride in int8 forwards, and their mean is fp32's."""
+    """Through the worker: the long text's chunks ride in int8 forwards, and their mean is fp32's."""
     scores = {}
     for precision in ("int8", "fp32"):
         classifier = Classifier(with_artifact, device="cpu", threads=1, precision=precision, long_texts=LongTexts.CHUNK)  # type: ignore[arg-type]

@@ -59,12 +59,12 @@ def sst2_review(sentences: int, start: int = 0) -> str:
 
 def transformers_chunked(model_dir: Path, text: str, function: str) -> list[float]:
     """What the service should answer for a chunked `text`, computed with transformers alone: its
-    overflowing windows (stride: an eighth of the length), each window's logits, their mean weighted
-    by each window's non-special tokens, then the score function."""
+    overflowing chunks (stride: an eighth of the length), each chunk's logits, their mean weighted
+    by each chunk's non-special tokens, then the score function."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     length = min(tokenizer.model_max_length, model.config.max_position_embeddings)
-    windows = tokenizer(
+    chunks = tokenizer(
         text,
         truncation=True,
         max_length=length,
@@ -75,9 +75,9 @@ def transformers_chunked(model_dir: Path, text: str, function: str) -> list[floa
         return_tensors="pt",
     )
     with torch.no_grad():
-        logits = model(input_ids=windows["input_ids"], attention_mask=windows["attention_mask"]).logits.double()
-    weights = ((1 - windows["special_tokens_mask"]) * windows["attention_mask"]).sum(1).double()
-    assert len(weights) > 2, "the text is not long enough to make several windows"
+        logits = model(input_ids=chunks["input_ids"], attention_mask=chunks["attention_mask"]).logits.double()
+    weights = ((1 - chunks["special_tokens_mask"]) * chunks["attention_mask"]).sum(1).double()
+    assert len(weights) > 2, "the text is not long enough to make several chunks"
     pooled = (logits * weights[:, None]).sum(0) / weights.sum()
     scores = {"softmax": pooled.softmax(0), "sigmoid": pooled.sigmoid(), "none": pooled}[function]
     return scores.tolist()
@@ -100,15 +100,15 @@ def test_the_windows_are_transformers_overflowing_windows(tiny_model_dir: Path, 
     full = tokenizer(text)["input_ids"]
     long, fits = classifier.split([text, short])
     assert long.tokens == len(full) > classifier.max_length  # the whole text's count, whichever the handling
-    assert fits.windows == [tokenizer(short)["input_ids"]] and fits.tokens == len(fits.ids)
+    assert fits.chunks == [tokenizer(short)["input_ids"]] and fits.tokens == len(fits.ids)
     if handling == LongTexts.CHUNK:
         want = tokenizer(text, truncation=True, max_length=128, stride=16, return_overflowing_tokens=True)["input_ids"]
-        assert long.windows == want and len(want) > 2
+        assert long.chunks == want and len(want) > 2
         assert long.weights == [len(ids) - 2 for ids in want]
     elif handling == LongTexts.TRUNCATE:
-        assert long.windows == [tokenizer(text, truncation=True, max_length=128)["input_ids"]]
+        assert long.chunks == [tokenizer(text, truncation=True, max_length=128)["input_ids"]]
     else:
-        assert long.windows == [full]
+        assert long.chunks == [full]
 
 
 @pytest.mark.parametrize("problem_type", ["single_label_classification", "multi_label_classification", "regression"])
@@ -143,12 +143,12 @@ def test_a_chunked_text_is_its_windows_run_through_transformers_in_the_batches_o
     assert first.predictions[1] == second.predictions[0]  # one text, computed once for both
     [short_ids] = classifier.tokenize([short])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    windows = tokenizer(long, truncation=True, max_length=128, stride=16, return_overflowing_tokens=True)["input_ids"]
+    chunks = tokenizer(long, truncation=True, max_length=128, stride=16, return_overflowing_tokens=True)["input_ids"]
     ran = [ids for batch in forwards for ids in batch]
-    assert sorted(map(tuple, ran)) == sorted(map(tuple, [*windows, short_ids]))  # each window once, nothing else
-    # Windows are texts to the batches: one forward held several, and one held a window and the short text.
-    assert any(sum(w in batch for w in windows) > 1 for batch in forwards)
-    assert any(short_ids in batch and any(w in batch for w in windows) for batch in forwards)
+    assert sorted(map(tuple, ran)) == sorted(map(tuple, [*chunks, short_ids]))  # each chunk once, nothing else
+    # Chunks are texts to the batches: one forward held several, and one held a chunk and the short text.
+    assert any(sum(w in batch for w in chunks) > 1 for batch in forwards)
+    assert any(short_ids in batch and any(w in batch for w in chunks) for batch in forwards)
     cached = redis.get(keys.cache(classifier.version, long))
     assert cached is not None and classifier.version.endswith("-chunk")
 
@@ -156,7 +156,7 @@ def test_a_chunked_text_is_its_windows_run_through_transformers_in_the_batches_o
 def test_the_real_checkpoint_answers_a_long_review_as_transformers_does_from_its_windows(
     small_model_dir: Path, redis: fakeredis.FakeRedis
 ) -> None:
-    text = sst2_review(60)  # about 1,500 tokens: 4 windows of 512
+    text = sst2_review(60)  # about 1,500 tokens: 4 chunks of 512
     classifier = Classifier(small_model_dir, device="cpu", threads=1, precision="fp32", long_texts=LongTexts.CHUNK)
     settings = Settings(key_prefix="test", model_dir=small_model_dir, long_texts="chunk")
     keys = Keys(settings.key_prefix)

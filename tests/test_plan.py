@@ -22,7 +22,7 @@ from batcher.policy import TAKE_AT_ONCE, Policy
 from batcher.queue import WorkQueue
 from batcher.reply import Replies
 from batcher.thread_failure import ThreadFailure
-from batcher.work import Held, Text, Windows
+from batcher.work import Chunks, Held, Text
 from core.liveness import RECONNECT_S, live_workers
 from core.protocol import DEFAULT_CLIENT, Keys, Result, WorkerStatus, WorkItem, new_id
 from core.settings import Settings
@@ -809,20 +809,20 @@ def test_a_late_item_leaves_the_window_whole() -> None:
     assert [t.text for t in late] == ["first"] and len(window) == 0
 
 
-def chunked(words: str, now: float, due_in: float, windows: int = 2) -> tuple[Held, list[Text]]:
-    """A work item of one text chunked into `windows` windows of one token, queued at `now`, due
-    `due_in` s later: its held item, and the windows as the intake holds them."""
+def chunked(words: str, now: float, due_in: float, chunks: int = 2) -> tuple[Held, list[Text]]:
+    """A work item of one text chunked into `chunks` chunks of one token, queued at `now`, due
+    `due_in` s later: its held item, and the chunks as the intake holds them."""
     item = work_item(words, ttl=due_in, enqueued_at=now)
     held = Held(item.encode(), item)
     text = Text(words, KEYS.cache("v", words), [(held, 0)], now)
-    return held, Windows.of(text, [[1]] * windows, [1] * windows).texts
+    return held, Chunks.of(text, [[1]] * chunks, [1] * chunks).texts
 
 
 def test_an_item_is_not_dropped_while_a_window_of_its_chunked_text_is_in_a_forward() -> None:
     now = time.time() - HOUR_S
     window = Window(policy(max_texts=1, max_wait_s=0), clock=lambda: now)
-    held, windows = chunked("long", now, 60)
-    window.add(windows, 1)
+    held, chunks = chunked("long", now, 60)
+    window.add(chunks, 1)
     running = next_forward(window)  # the first window goes; the second stays held
     assert running is not None and window.unstarted() == []
     assert window.drop([held]) == ([], 0)  # abandoned: started, so it stays, to be answered
@@ -832,10 +832,10 @@ def test_an_item_is_not_dropped_while_a_window_of_its_chunked_text_is_in_a_forwa
 def test_a_late_item_on_a_chunked_text_is_answered_late_though_another_window_is_held() -> None:
     now, late = time.time() - HOUR_S, []
     window = timed_window(now, late, seconds_a_forward=0.65, max_texts=1)
-    held, windows = chunked("long", now, 0.5)
-    window.add(windows, 1)
+    held, chunks = chunked("long", now, 0.5)
+    window.add(chunks, 1)
     window.add([due_text("patient", now, 60)], 1)
-    assert texts_of(next_forward(window)) == ["patient"]  # both windows late, and the item with them
+    assert texts_of(next_forward(window)) == ["patient"]  # both chunks late, and the item with them
     assert [t.waiters for t in late] == [[(held, 0)]] and len(window) == 0
 
 

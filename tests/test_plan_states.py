@@ -1,8 +1,8 @@
 """The plan as a state machine (Hypothesis's stateful testing), between the real take and reply stages.
 
-`batcher.plan.Window` grew turns, deadlines, lateness, bulk riders and the windows of long texts;
+`batcher.plan.Window` grew turns, deadlines, lateness, bulk riders and the chunks of long texts;
 its defects sit where two of them meet, which examples rarely reach. Here Hypothesis takes work items
-(1-3 texts, texts shared between items and takes, chunked texts of 2-3 windows, bulk items,
+(1-3 texts, texts shared between items and takes, chunked texts of 2-3 chunks, bulk items,
 deadlines, three clients) through the real intake (`Intake.hold`, on fakeredis), runs forwards on 1-3
 lanes that finish (or fail) in any order, abandons items as the API does, moves the clock past
 deadlines, forgets cached texts, and closes; the reply stage (`Replies`) writes every outcome to
@@ -47,7 +47,7 @@ from batcher.plan import Window
 from batcher.policy import Policy
 from batcher.queue import WorkQueue
 from batcher.reply import Replies
-from batcher.work import Held, Text, Windows
+from batcher.work import Chunks, Held, Text
 from core.protocol import Keys, Result, ScoreFunction, WorkItem
 from model_store import scoring
 from model_store.cost import ForwardCost
@@ -56,7 +56,7 @@ from model_store.long_texts import Tokenized
 KEYS = Keys("s")
 LABELS = ["NEGATIVE", "POSITIVE"]
 CLIENTS = ("a", "b", "c")
-# A text by name: "s<n>" one window, "c<n>" chunked into 2-3 windows (as often: they meet where the bugs are).
+# A text by name: "s<n>" one window, "c<n>" chunked into 2-3 chunks (as often: they meet where the bugs are).
 TEXT = st.one_of(st.sampled_from(["s0", "s1", "s2", "s3"]), st.sampled_from(["c0", "c1"]))
 TTLS = (0.05, 0.3, 1.0, 60.0)  # seconds from queueing to deadline
 WINDOW = 16  # `batch_window`: texts held ahead of the model
@@ -68,7 +68,7 @@ def _number(*parts: object) -> int:
 
 def windows_of(name: str) -> list[list[int]]:
     """Token ids of each window of the text `name` (the test's tokenizer)."""
-    count = 2 + _number(name, "windows") % 2 if name.startswith("c") else 1
+    count = 2 + _number(name, "chunks") % 2 if name.startswith("c") else 1
     return [[_number(name, n, p) % 1000 for p in range(1 + _number(name, n) % 9)] for n in range(count)]
 
 
@@ -83,7 +83,7 @@ def logits(ids: list[int]) -> np.ndarray:
 
 
 def expected(name: str) -> list[float]:
-    """A text's scores computed apart from the worker: the softmax of its windows' logits averaged,
+    """A text's scores computed apart from the worker: the softmax of its chunks' logits averaged,
     each weighted by its tokens."""
     ws = windows_of(name)
     mean = np.average(np.stack([logits(w) for w in ws]).astype(np.float64), axis=0, weights=[len(w) for w in ws])
@@ -403,11 +403,11 @@ class PlanMachine(RuleBasedStateMachine):
     @invariant()
     def every_text_has_a_waiter(self) -> None:
         for text in self._in_lanes() + self._held():
-            assert text.waiters, f"{text.text} (window {text.window}) has no waiter"
+            assert text.waiters, f"{text.text} (chunk {text.chunk}) has no waiter"
             assert math.isfinite(text.deadline)
         for text in self._held():  # (a model failure answers an item at once: its other texts still go)
             waiting = [h for h, _ in text.waiters if self._waits(h.item.id)]
-            assert waiting, f"{text.text} (window {text.window}) is held for nobody"
+            assert waiting, f"{text.text} (chunk {text.chunk}) is held for nobody"
 
     def _waits(self, item_id: str) -> bool:
         """Whether the item's requester still waits for its texts: not answered, or answered as failed."""
@@ -417,7 +417,7 @@ class PlanMachine(RuleBasedStateMachine):
     @invariant()
     def every_unanswered_item_can_still_be_answered(self) -> None:
         """Each unanswered text of an unanswered item is held, ready or in a lane, for it; for a chunked
-        text, each of its windows not computed yet."""
+        text, each of its chunks not computed yet."""
         places: dict[tuple[int, int], list[Text]] = {}  # (id of the item, index of its text) -> where
         for text in self._in_lanes() + self._held():
             for held, index in text.waiters:
@@ -428,11 +428,11 @@ class PlanMachine(RuleBasedStateMachine):
                     continue
                 found = places.get((id(held), index), [])
                 assert found, f"{held.item.texts[index]} of {held.item.id} is nowhere: never answered"
-                if all(t.windows is not None for t in found):
-                    [windows] = {id(t.windows): t.windows for t in found}.values()
-                    assert windows is not None
-                    computing = {t.window for t in found}
-                    missing = {n for n, row in enumerate(windows.logits) if row is None}
+                if all(t.chunks is not None for t in found):
+                    [chunks] = {id(t.chunks): t.chunks for t in found}.values()
+                    assert chunks is not None
+                    computing = {t.chunk for t in found}
+                    missing = {n for n, row in enumerate(chunks.logits) if row is None}
                     assert missing <= computing, f"a window of {held.item.texts[index]} is nowhere: never answered"
 
     def _outstanding(self) -> list[Held]:
@@ -496,7 +496,7 @@ def test_found_a_late_item_on_a_chunked_text_never_answered() -> None:
 
 
 def test_found_an_abandoned_item_answered_again_by_its_chunked_texts_pooled_scores() -> None:
-    """Dropped while another item kept the text's windows held, it was answered again once they pooled."""
+    """Dropped while another item kept the text's chunks held, it was answered again once they pooled."""
     replay(
         False,
         lambda m: m.take([(["s0"], "a", 0.05), (["s0", "s1", "c0"], "a", 0.05), (["c0"], "a", 0.05)], bulk=False),
@@ -505,24 +505,24 @@ def test_found_an_abandoned_item_answered_again_by_its_chunked_texts_pooled_scor
     )
 
 
-# --- the reply stage's pooling of windows ---------------------------------------------------------
+# --- the reply stage's pooling of chunks ---------------------------------------------------------
 
 
 @given(
-    windows=st.lists(st.tuples(st.integers(1, 512), st.floats(-30, 30), st.floats(-30, 30)), min_size=2, max_size=6),
+    chunks=st.lists(st.tuples(st.integers(1, 512), st.floats(-30, 30), st.floats(-30, 30)), min_size=2, max_size=6),
     order=st.randoms(use_true_random=False),
 )
 def test_a_chunked_texts_pooled_logits_are_the_same_whatever_order_its_windows_come_in(
-    windows: list[tuple[int, float, float]], order: Random
+    chunks: list[tuple[int, float, float]], order: Random
 ) -> None:
-    weights, rows = [w for w, _, _ in windows], [np.array(r, dtype=np.float32) for _, *r in windows]
+    weights, rows = [w for w, _, _ in chunks], [np.array(r, dtype=np.float32) for _, *r in chunks]
     item = WorkItem("i", ["long"], 0.0, 60.0, KEYS.reply_channel("api"))
     text = Text("long", KEYS.cache("v", "long"), [(Held(item.encode(), item), 0)], 0.0)
-    chunked = Windows.of(text, [[1] * w for w in weights], weights)
-    arrivals = list(range(len(windows)))
+    chunked = Chunks.of(text, [[1] * w for w in weights], weights)
+    arrivals = list(range(len(chunks)))
     order.shuffle(arrivals)
     pooled = [chunked.computed(n, rows[n]) for n in arrivals]
-    assert pooled[:-1] == [None] * (len(windows) - 1)
+    assert pooled[:-1] == [None] * (len(chunks) - 1)
     assert pooled[-1] is not None
     whole, scores = pooled[-1]
     mean = np.average(np.stack(rows).astype(np.float64), axis=0, weights=weights)
