@@ -23,13 +23,13 @@ import redis
 
 class CacheWrites:
     """Counts, on a thread of its own, the computations written to cache entries under `key_prefix`,
-    per text digest, and when each digest's entry was first written."""
+    per text digest, and when each was written."""
 
     def __init__(self, redis_url: str, key_prefix: str) -> None:
         self._url = redis_url
         self._pattern = re.compile(rf"^SET {re.escape(key_prefix)}:cache:[^: ]+:([0-9a-f]{{64}}) ")
         self.counts: Counter[str] = Counter()
-        self.first_written: dict[str, float] = {}  # digest -> unix s (Redis's clock) of its first cache write
+        self.written: dict[str, list[float]] = {}  # digest -> unix s (Redis's clock) of each of its cache writes
         self._transactions: dict[str, list[str]] = {}  # client -> its commands since MULTI
         self._applied: set[bytes] = set()  # digests of the transactions that wrote cache entries
         self._stop = threading.Event()
@@ -70,10 +70,15 @@ class CacheWrites:
         elif match := self._pattern.match(command):
             self._computed([match.group(1)], at)
 
+    @property
+    def first_written(self) -> dict[str, float]:
+        """Digest -> when its entry was first written."""
+        return {digest: times[0] for digest, times in self.written.items()}
+
     def _computed(self, digests: list[str], at: float) -> None:
         self.counts.update(digests)
         for digest in digests:
-            self.first_written.setdefault(digest, at)
+            self.written.setdefault(digest, []).append(at)
 
     def _run(self) -> None:
         while not self._stop.is_set():

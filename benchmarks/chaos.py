@@ -19,7 +19,7 @@ predictions, or failed with a reason; after each fault heals, a request is answe
 no process left behind; the never-killed API and worker use at most 10% more memory at the end than
 at the end of the warm-up (minute 2, or a third of a shorter run); no text computed more often than
 the run put it back: once, plus once for each further request or job that asked for it before its
-first result was written, and for each fault during a job that asks for it
+first result was written, and for each fault during a request or job that asks for it
 (`computed_past_put_back`; computations counted off Redis, `benchmarks/cache_writes.py`).
 """
 
@@ -513,6 +513,11 @@ def check(
         """Sent to the API process killed while it was in flight (the process dies a moment after its SIGKILL)."""
         return a.api == traffic.apis[1] and any(a.started <= f.at + KILL_TAKES_S and a.ended >= f.at for f in api_kills)
 
+    def asked(digest: str) -> list[tuple[float, float | None]]:
+        """When the requests and jobs that asked for a text began and ended (unix s, as the faults')."""
+        spans = [(a.started, a.ended, a.texts) for a in answers] + [(j.created, j.ended_at, j.texts) for j in jobs]
+        return [(start, end) for start, end, texts in spans if digest in map(text_digest, texts)]
+
     recovery = []
     for fault in faults:
         after = [a.ended for a in answers if a.status == 200 and a.started >= fault.healed]
@@ -542,9 +547,10 @@ def check(
         "memory grown more than 10% since the warm-up, or not measured": [
             n for n, g in growth.items() if g is None or g > MEMORY_GROWTH
         ],
-        "text computed more often than raced for or put back by a fault": computed_past_put_back(
-            writes.counts, writes.first_written, answers, traffic.jobs, faults
-        ),
+        "text computed more often than raced for or put back by a fault": [
+            found | {"written": writes.written[found["text"]], "asked": asked(found["text"])}
+            for found in computed_past_put_back(writes.counts, writes.first_written, answers, traffic.jobs, faults)
+        ],
     }
     invariants = {name: len(found) for name, found in violations.items()}
     return {
@@ -582,18 +588,24 @@ def computed_past_put_back(
     """The texts computed (`CacheWrites`) more often than the run put them back: once each, once more
     for each further request or job that asked for one before its first cache write (racing for a
     text not cached yet, each queues it, and two workers may each take one), and once more for each
-    fault during a job that asks for it (a job a fault cut runs again, RQ's retry; bulk work a fault
-    held past its deadline is queued again, and the new copy may meet the old one in a worker). A
-    killed worker adds none: the worker that reclaims its work finds what it wrote in the cache, and
-    computes what it computed without writing, the one write of those texts."""
+    fault during a request or job that asks for it (a push whose reply the fault lost is sent once
+    more, `core.redis_connect.link_options`, so the item is queued twice; a job a fault cut runs
+    again, RQ's retry; bulk work a fault held past its deadline is queued again; and the two copies
+    may meet in two workers). A killed worker adds none: the worker that reclaims its work finds what
+    it wrote in the cache, and computes what it computed without writing, the one write of those texts."""
     raced: Counter[str] = Counter()
     for at, texts in [*((a.started, a.texts) for a in answers), *((j.created, j.texts) for j in jobs)]:
         raced.update(d for d in map(text_digest, texts) if at < first_written.get(d, float("-inf")))
+    spans = [(a.started, a.ended, a.texts) for a in answers] + [
+        (j.created, j.ended_at, j.texts)
+        for j in jobs
+        if j.status in (202, None)  # (None: its POST got no answer, maybe accepted)
+    ]
     cut: Counter[str] = Counter()
     for fault in faults:
-        for job in (j for j in jobs if j.status in (202, None)):  # (None: its POST got no answer, maybe accepted)
-            if job.created <= fault.healed and (job.ended_at is None or job.ended_at >= fault.at):
-                cut.update(map(text_digest, job.texts))
+        for started, ended, texts in spans:
+            if started <= fault.healed and (ended is None or ended >= fault.at):
+                cut.update(map(text_digest, texts))
     return [
         {"text": digest, "computed": n, "bound": bound}
         for digest, n in computed.items()

@@ -20,7 +20,7 @@ from tests.conftest import shared_path
 @pytest.mark.faults
 def test_every_promise_holds_while_faults_run_under_mixed_load(small_model_dir: Path, tmp_path: Path) -> None:
     results = run(small_model_dir, shared_path("data/sst2-train.tsv"), 60.0, out=tmp_path)
-    recovery = {f["name"]: (f["recovery_s"], f["answers_meanwhile"]) for f in results["faults"]}
+    recovery = {f["name"]: (f["at"], f["recovery_s"], f["answers_meanwhile"]) for f in results["faults"]}
     shown = json.dumps(
         {k: results[k] for k in ("invariants", "statuses", "jobs", "examples")} | {"recovery": recovery}, indent=1
     )
@@ -32,21 +32,23 @@ def test_every_promise_holds_while_faults_run_under_mixed_load(small_model_dir: 
 
 def test_a_text_computed_more_often_than_raced_for_or_put_back_by_a_fault_breaks_the_invariant() -> None:
     """Texts first written at 10 s: one asked once (and again once cached), one asked by two requests
-    before it was written, one in a job that a fault ran across, one in a job after the fault."""
+    before it was written, one in a request and one in a job that a fault ran across, one in a job
+    after the fault."""
     answers = [
-        Answer("http://api-1", ["asked once"], 9.0),
-        Answer("http://api-2", ["asked once", "raced"], 11.0),  # after the first write: a cache hit
-        Answer("http://api-1", ["raced"], 9.0),
-        Answer("http://api-2", ["raced"], 9.5),
+        Answer("http://api-1", ["asked once"], 9.0, 9.1),
+        Answer("http://api-2", ["asked once", "raced"], 11.0, 11.1),  # after the first write: a cache hit
+        Answer("http://api-1", ["raced"], 9.0, 9.1),
+        Answer("http://api-2", ["raced"], 9.5, 9.55),
+        Answer("http://api-1", ["in a cut request"], 9.55, 10.2),
     ]
     jobs = [
         JobRun(["in a cut job"], 8.0, status=202, ended_at=12.0),
         JobRun(["in a later job"], 9.8, status=202, ended_at=10.5),
     ]
-    faults = [Fault("jobs worker SIGKILL", 9.6, 9.6)]
-    texts = ("asked once", "raced", "in a cut job", "in a later job")
+    faults = [Fault("every connection reset", 9.6, 9.6)]
+    texts = ("asked once", "raced", "in a cut request", "in a cut job", "in a later job")
     first_written = {text_digest(text): 10.0 for text in texts}
-    bounds = dict(zip(texts, (1, 2, 2, 1), strict=True))
+    bounds = dict(zip(texts, (1, 2, 2, 2, 1), strict=True))
 
     within = {text_digest(text): bound for text, bound in bounds.items()}
     assert computed_past_put_back(within, first_written, answers, jobs, faults) == []
