@@ -23,7 +23,10 @@ from sentiment.embedded import free_port
 
 K6_DIR = Path(__file__).resolve().parents[1] / "k6"
 TREND_STATS = "avg,min,med,max,p(90),p(95),p(99)"
-SHOWN = ("checks", "http_req_duration", "http_req_failed", "http_reqs", "iterations", "jobs_unfinished")
+SHOWN = (
+    *("checks", "http_req_duration", "http_req_failed", "http_reqs", "iterations", "jobs_unfinished"),
+    *("goodput", "refused", "refusal_duration", "late"),  # k6/goodput.js
+)
 
 
 def k6_binary() -> str:
@@ -36,10 +39,17 @@ def k6_binary() -> str:
 
 
 def k6_command(
-    script: str, base_url: str, summary: Path, duration: str | None, ramp: str = "5s", grpc_address: str | None = None
+    script: str,
+    base_url: str,
+    summary: Path,
+    duration: str | None,
+    ramp: str = "5s",
+    grpc_address: str | None = None,
+    rate: int | None = None,
 ) -> list[str]:
-    """`k6 run` of k6/<script>.js; a `duration` shortens it to `ramp` ramps around that hold;
-    `grpc_address`: the service's gRPC port (k6/grpc.js)."""
+    """`k6 run` of k6/<script>.js; a `duration` shortens it to `ramp` ramps around that hold (an open
+    loop's whole run); `grpc_address`: the service's gRPC port (k6/grpc.js); `rate`: an open loop's
+    requests a second (k6/goodput.js)."""
     stages = ["-e", f"RAMP_UP={ramp}", "-e", f"HOLD={duration}", "-e", f"RAMP_DOWN={ramp}"] if duration else []
     return [
         k6_binary(),
@@ -52,6 +62,7 @@ def k6_command(
         "-e",
         f"BASE_URL={base_url}",
         *(["-e", f"GRPC_ADDRESS={grpc_address}"] if grpc_address else []),
+        *(["-e", f"RATE={rate}"] if rate else []),
         *stages,
         str(K6_DIR / f"{script}.js"),
     ]
@@ -73,7 +84,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         )
         procs.wait_ok(f"{url}/ready")
         duration = None if args.full else args.duration
-        command = k6_command(args.script, url, summary, duration, grpc_address=f"127.0.0.1:{grpc_port}")
+        command = k6_command(args.script, url, summary, duration, grpc_address=f"127.0.0.1:{grpc_port}", rate=args.rate)
         status = subprocess.run(command, check=False).returncode
         table = markdown(json.loads(summary.read_text()), args, status)
     print(table)
@@ -86,10 +97,13 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace, status: int) -> 
     """The export's headline numbers as a table (requests, latency percentiles, checks, thresholds)."""
     metrics = summary["metrics"]
     stages = "the script's own stages" if args.full else f"5 s ramps around a {args.duration} hold"
+    if args.script == "goodput":  # an open loop: no ramps
+        stages = f"{args.rate or 'the script default'} requests/s for {'1m' if args.full else args.duration}"
     verdict = "thresholds held" if status == 0 else "a threshold failed"
     when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     lines = [
-        f"`sentiment loadtest --script {args.script}{' --full' if args.full else ''}` ({stages}; model "
+        f"`sentiment loadtest --script {args.script}{' --full' if args.full else ''}"
+        f"{f' --rate {args.rate}' if args.rate else ''}` ({stages}; model "
         f"`{Path(args.model_dir).name}`), {when} on **{cpu_model()}** "
         f"({os.cpu_count()} cores): k6 exit status {status} ({verdict}).",
         "",

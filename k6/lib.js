@@ -2,6 +2,8 @@
 // Environment: BASE_URL (default http://127.0.0.1:8000), API_KEY (sent as X-API-Key when set),
 // VUS (default 10), RAMP_UP (30s), HOLD (1m), RAMP_DOWN (10s). A 1-minute smoke:
 //   k6 run -e RAMP_UP=10s -e HOLD=40s -e RAMP_DOWN=10s k6/load.js
+import { SharedArray } from 'k6/data';
+
 export const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8000').replace(/\/$/, '');
 
 export function headers() {
@@ -37,4 +39,19 @@ export function shuffled(items) {
     [out[i], out[j]] = [out[j], out[i]];
   }
   return out;
+}
+
+// Sentences from DATA (a file, one per line, a TSV's first column; a header line `text` skipped), else
+// a few built in: call once, in a script's init context (k6's SharedArray).
+export function sentences() {
+  return new SharedArray('sentences', () =>
+    __ENV.DATA
+      ? open(__ENV.DATA).split('\n').map((l) => l.split('\t')[0].trim()).filter((l) => l && l !== 'text')
+      : ['a quietly moving film', 'the plot never comes together', 'sharp, funny and warm', 'a tedious mess'],
+  );
+}
+
+// The k-th never-sent text of this test (no cache hit: each one costs a forward).
+export function uniqueText(sentencesArray, k, vu) {
+  return `${sentencesArray[k % sentencesArray.length]} #${vu}-${k}-${Date.now()}`;
 }

@@ -4,15 +4,10 @@
 import http from 'k6/http';
 import exec from 'k6/execution';
 import { check } from 'k6';
-import { SharedArray } from 'k6/data';
-import { BASE_URL, headers, stages } from './lib.js';
+import { BASE_URL, headers, sentences, stages, uniqueText } from './lib.js';
 
 const PER_REQUEST = parseInt(__ENV.TEXTS_PER_REQUEST || '1', 10);
-const SENTENCES = new SharedArray('sentences', () =>
-  __ENV.DATA
-    ? open(__ENV.DATA).split('\n').map((l) => l.split('\t')[0].trim()).filter((l) => l && l !== 'text')
-    : ['a quietly moving film', 'the plot never comes together', 'sharp, funny and warm', 'a tedious mess'],
-);
+const SENTENCES = sentences();
 
 export const options = {
   stages: stages(),
@@ -23,8 +18,7 @@ export default function () {
   const n = exec.scenario.iterationInTest;
   const texts = [];
   for (let i = 0; i < PER_REQUEST; i++) {
-    const k = n * PER_REQUEST + i;
-    texts.push(`${SENTENCES[k % SENTENCES.length]} #${exec.vu.idInTest}-${k}-${Date.now()}`);
+    texts.push(uniqueText(SENTENCES, n * PER_REQUEST + i, exec.vu.idInTest));
   }
   const res = http.post(`${BASE_URL}/predict`, JSON.stringify({ text: texts }), { headers: headers() });
   check(res, {

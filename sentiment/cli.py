@@ -190,7 +190,11 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     bench.add_argument("--doc", type=Path, help="doc to update (default docs/performance.md; none for --quick)")
     bench.set_defaults(run=_bench)
     loadtest = commands.add_parser("loadtest", help="a k6 load test against `sentiment serve` on a free port")
-    loadtest.add_argument("--script", choices=("load", "unique", "jobs", "grpc"), default="load", help="k6/<script>.js")
+    scripts = ("load", "unique", "jobs", "grpc", "goodput")
+    loadtest.add_argument("--script", choices=scripts, default="load", help="k6/<script>.js")
+    loadtest.add_argument(
+        "--rate", type=_count, help="goodput: requests a second, an open loop (default: the script's, 20)"
+    )
     loadtest.add_argument("--duration", default="20s", help="k6 hold stage (default %(default)s)")
     loadtest.add_argument("--full", action="store_true", help="the script's own stages (load: 30 s ramp, 1 m hold)")
     loadtest.add_argument("--model-dir", type=Path, help="default $SENTIMENT_SHARED_DIR/models/distilbert-sst2-small")

@@ -13,13 +13,14 @@ from benchmarks.loadtest import K6_DIR, k6_binary, k6_command
 from sentiment.embedded import free_port
 from tests.conftest import start_service
 
-SCRIPTS = ("load", "unique", "jobs", "grpc")
+SCRIPTS = ("load", "unique", "jobs", "grpc", "goodput")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_script_passes_k6_inspect(script: str) -> None:
     out = subprocess.run([k6_binary(), "inspect", str(K6_DIR / f"{script}.js")], capture_output=True, check=True)
-    assert json.loads(out.stdout)["stages"]
+    options = json.loads(out.stdout)
+    assert options["stages"] or options["scenarios"]
 
 
 def test_every_script_runs_against_the_service_with_its_thresholds_holding(
@@ -36,5 +37,10 @@ def test_every_script_runs_against_the_service_with_its_thresholds_holding(
             assert subprocess.run(command, capture_output=True, timeout=120).returncode == 0, script
             metrics = json.loads(summary.read_text())["metrics"]
             assert metrics["checks"]["fails"] == 0 and metrics["checks"]["passes"] > 0, script
+            if script == "goodput":  # every answer classified: in time (texts), refused or late
+                answered = metrics["goodput"]["count"] + sum(
+                    metrics.get(m, {}).get("count", 0) for m in ("refused", "late")
+                )
+                assert metrics["goodput"]["count"] > 0 and answered == metrics["iterations"]["count"]
     finally:
         service.stop()
