@@ -13,6 +13,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 from matplotlib.ticker import NullLocator
 
+from benchmarks.targets import shown
+
 
 def replace_block(doc: Path, name: str, body: str) -> None:
     """Put `body` between `<!-- name -->` and `<!-- /name -->` in `doc`, appending the pair if absent."""
@@ -118,7 +120,7 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
         *([f"**Failed parts**: {results['failed']}", ""] if results.get("failed") else []),
         "| target | measured | goal | |",
         "| --- | --- | --- | --- |",
-        *(f"| {t['name']} | {_cell(t['value'])} | {t['goal']} | **{t['status']}** |" for t in results["targets"]),
+        *(f"| {t['name']} | {_cell(t['value'])} | {t['goal']} | **{t['status']}** |" for t in shown(results)),
     ]
     if limit := results.get("limit"):
         copies = f"; {limit['copies']} copies side by side, as the workers run" if limit.get("copies", 1) > 1 else ""

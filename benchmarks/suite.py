@@ -304,7 +304,7 @@ def _write(results: dict[str, Any], bench: Bench) -> None:
     results_file.write_text(json.dumps(results, indent=2) + "\n")
     doc = args.doc or (None if args.quick else CHECKOUT / "docs" / "performance.md")
     block = report.markdown(results, results_file, plot_files, (doc or CHECKOUT / "docs" / "performance.md").parent)
-    for t in results["targets"]:
+    for t in targets.shown(results):
         print(f"{t['status']:>4}  {t['name']}: {t['value']} (goal {t['goal']})")
     if doc:
         name = bench.block()

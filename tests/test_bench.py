@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ from benchmarks import loadgen
 from benchmarks.batch_stats import Snapshot, between, parse_metrics
 from benchmarks.limit import batches
 from benchmarks.report import replace_block
+from benchmarks.targets import evaluate, shown
 from benchmarks.workload import UniqueTexts
 from model_store.engine import resolve_precision
 from tests.conftest import HANG_GUARD_S, REPO
@@ -256,6 +258,18 @@ def test_quick_goodput_bench_runs_both_overload_policies_side_by_side(tmp_path: 
     text = doc.read_text()
     assert text.startswith(f"# Performance\n\n{full_run}")  # a run of one part keeps the full run's block
     assert text.count("<!-- bench:cpu:goodput -->") == 1 and "**Goodput**" in text.split(full_run)[1]
+    targets_shown = re.findall(r"^\| (\w[^|]*?) \| .* \| \*\*(?:PASS|MISS|n/a)\*\* \|$", text.split(full_run)[1], re.M)
+    assert targets_shown and all(name.startswith("goodput:") for name in targets_shown)  # no n/a of parts not run
+
+
+def test_a_run_of_some_parts_shows_the_targets_of_those_parts_alone() -> None:
+    """The GPU run of the service and goodput parts: its goodput targets, not the limit's, naive's,
+    cache's, ceiling's or fairness's n/a; a results file from before targets named their part shows all."""
+    results = json.loads((REPO / "benchmarks/results/bench-20261127T060140Z-cuda.json").read_text())
+    results["targets"] = evaluate(results)
+    assert [t["name"].split(":")[0] for t in shown(results)] == ["goodput"] * 6
+    old = [{k: v for k, v in t.items() if k != "part"} for t in results["targets"]]
+    assert shown(results | {"targets": old}) == old
 
 
 OK_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
