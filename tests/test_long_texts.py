@@ -112,7 +112,7 @@ def test_the_windows_are_transformers_overflowing_windows(tiny_model_dir: Path, 
 
 
 @pytest.mark.parametrize("problem_type", ["single_label_classification", "multi_label_classification", "regression"])
-def test_a_chunked_text_is_its_windows_run_through_transformers_in_the_batches_of_other_texts(
+def test_a_chunked_text_is_its_chunks_run_through_transformers_in_the_batches_of_other_texts(
     tmp_path: Path, redis: fakeredis.FakeRedis, problem_type: str
 ) -> None:
     labels = ["ONLY"] if problem_type == "regression" else ["NEGATIVE", "POSITIVE"]
@@ -153,7 +153,7 @@ def test_a_chunked_text_is_its_windows_run_through_transformers_in_the_batches_o
     assert cached is not None and classifier.version.endswith("-chunk")
 
 
-def test_the_real_checkpoint_answers_a_long_review_as_transformers_does_from_its_windows(
+def test_the_real_checkpoint_answers_a_long_review_as_transformers_does_from_its_chunks(
     small_model_dir: Path, redis: fakeredis.FakeRedis
 ) -> None:
     text = sst2_review(60)  # about 1,500 tokens: 4 chunks of 512

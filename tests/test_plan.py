@@ -818,18 +818,18 @@ def chunked(words: str, now: float, due_in: float, chunks: int = 2) -> tuple[Hel
     return held, Chunks.of(text, [[1]] * chunks, [1] * chunks).texts
 
 
-def test_an_item_is_not_dropped_while_a_window_of_its_chunked_text_is_in_a_forward() -> None:
+def test_an_item_is_not_dropped_while_a_chunk_of_its_chunked_text_is_in_a_forward() -> None:
     now = time.time() - HOUR_S
     window = Window(policy(max_texts=1, max_wait_s=0), clock=lambda: now)
     held, chunks = chunked("long", now, 60)
     window.add(chunks, 1)
-    running = next_forward(window)  # the first window goes; the second stays held
+    running = next_forward(window)  # the first chunk goes; the second stays held
     assert running is not None and window.unstarted() == []
     assert window.drop([held]) == ([], 0)  # abandoned: started, so it stays, to be answered
     assert running.texts[0].waiters == [(held, 0)] and texts_of(next_forward(window)) == ["long"]
 
 
-def test_a_late_item_on_a_chunked_text_is_answered_late_though_another_window_is_held() -> None:
+def test_a_late_item_on_a_chunked_text_is_answered_late_though_another_chunk_is_held() -> None:
     now, late = time.time() - HOUR_S, []
     window = timed_window(now, late, seconds_a_forward=0.65, max_texts=1)
     held, chunks = chunked("long", now, 0.5)

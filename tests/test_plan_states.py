@@ -11,9 +11,9 @@ fakeredis. After every step it checks what the worker promises:
 - every text in the window, in the last batch's forwards or in a lane has a waiter (so its `deadline`
   is defined), and one held or ready has a waiter still unanswered;
 - every item taken is answered exactly once (results, late, an error, or dropped as abandoned),
-  results only once all of its texts, every window of them pooled, were computed, and with the scores
+  results only once all of its texts, every chunk of them pooled, were computed, and with the scores
   of an independent computation; an item not answered yet can still be: each of its unanswered texts,
-  each window of a chunked one, is held, ready or in a lane;
+  each chunk of a chunked one, is held, ready or in a lane;
 - an item dropped as abandoned had no text in a forward; bulk work is never late and never dropped;
 - the items held in memory are those in the processing lists, and are those not answered;
 - no client waits more than a turn: a forward goes only with a text whose turn comes no later than
@@ -56,7 +56,7 @@ from model_store.long_texts import Tokenized
 KEYS = Keys("s")
 LABELS = ["NEGATIVE", "POSITIVE"]
 CLIENTS = ("a", "b", "c")
-# A text by name: "s<n>" one window, "c<n>" chunked into 2-3 chunks (as often: they meet where the bugs are).
+# A text by name: "s<n>" one chunk, "c<n>" chunked into 2-3 chunks (as often: they meet where the bugs are).
 TEXT = st.one_of(st.sampled_from(["s0", "s1", "s2", "s3"]), st.sampled_from(["c0", "c1"]))
 TTLS = (0.05, 0.3, 1.0, 60.0)  # seconds from queueing to deadline
 WINDOW = 16  # `batch_window`: texts held ahead of the model
@@ -66,26 +66,26 @@ def _number(*parts: object) -> int:
     return zlib.crc32(repr(parts).encode())
 
 
-def windows_of(name: str) -> list[list[int]]:
-    """Token ids of each window of the text `name` (the test's tokenizer)."""
+def chunks_of(name: str) -> list[list[int]]:
+    """Token ids of each chunk of the text `name` (the test's tokenizer)."""
     count = 2 + _number(name, "chunks") % 2 if name.startswith("c") else 1
     return [[_number(name, n, p) % 1000 for p in range(1 + _number(name, n) % 9)] for n in range(count)]
 
 
 def split(texts: list[str]) -> list[Tokenized]:
-    """The intake's tokenizer: each window weighs its tokens."""
-    return [Tokenized(ws, [len(w) for w in ws], sum(map(len, ws))) for ws in map(windows_of, texts)]
+    """The intake's tokenizer: each chunk weighs its tokens."""
+    return [Tokenized(ws, [len(w) for w in ws], sum(map(len, ws))) for ws in map(chunks_of, texts)]
 
 
 def logits(ids: list[int]) -> np.ndarray:
-    """The test's model: two logits from a window's ids."""
+    """The test's model: two logits from a chunk's ids."""
     return np.array([sum(ids) % 97 / 10 - 4.8, len(ids) % 13 / 3 - 2], dtype=np.float32)
 
 
 def expected(name: str) -> list[float]:
     """A text's scores computed apart from the worker: the softmax of its chunks' logits averaged,
     each weighted by its tokens."""
-    ws = windows_of(name)
+    ws = chunks_of(name)
     mean = np.average(np.stack([logits(w) for w in ws]).astype(np.float64), axis=0, weights=[len(w) for w in ws])
     return list(np.exp(mean) / np.exp(mean).sum())
 
@@ -433,7 +433,7 @@ class PlanMachine(RuleBasedStateMachine):
                     assert chunks is not None
                     computing = {t.chunk for t in found}
                     missing = {n for n, row in enumerate(chunks.logits) if row is None}
-                    assert missing <= computing, f"a window of {held.item.texts[index]} is nowhere: never answered"
+                    assert missing <= computing, f"a chunk of {held.item.texts[index]} is nowhere: never answered"
 
     def _outstanding(self) -> list[Held]:
         """The items taken and not answered, each as a text held, ready or in a lane waits for it."""
@@ -472,7 +472,7 @@ def replay(deadlines: bool, *steps: Callable[[PlanMachine], object]) -> None:
     machine.teardown()
 
 
-def test_found_an_abandoned_item_dropped_while_a_window_of_its_chunked_text_ran() -> None:
+def test_found_an_abandoned_item_dropped_while_a_chunk_of_its_chunked_text_ran() -> None:
     """The drop took the item's waiter off every window, the one in the lane too: no waiter, no deadline."""
     replay(
         False,
@@ -485,7 +485,7 @@ def test_found_an_abandoned_item_dropped_while_a_window_of_its_chunked_text_ran(
 
 
 def test_found_a_late_item_on_a_chunked_text_never_answered() -> None:
-    """Late at its first window, it was taken off the second, which emptied the late window's waiters."""
+    """Late at its first chunk, it was taken off the second, which emptied the late chunk's waiters."""
     replay(
         True,
         lambda m: m.take([(["s0"], "a", 0.05), (["s0", "c0"], "a", 0.05)], bulk=False),
@@ -512,7 +512,7 @@ def test_found_an_abandoned_item_answered_again_by_its_chunked_texts_pooled_scor
     chunks=st.lists(st.tuples(st.integers(1, 512), st.floats(-30, 30), st.floats(-30, 30)), min_size=2, max_size=6),
     order=st.randoms(use_true_random=False),
 )
-def test_a_chunked_texts_pooled_logits_are_the_same_whatever_order_its_windows_come_in(
+def test_a_chunked_texts_pooled_logits_are_the_same_whatever_order_its_chunks_come_in(
     chunks: list[tuple[int, float, float]], order: Random
 ) -> None:
     weights, rows = [w for w, _, _ in chunks], [np.array(r, dtype=np.float32) for _, *r in chunks]
