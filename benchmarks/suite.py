@@ -291,7 +291,7 @@ class ModelAlone:
 
 def _write(results: dict[str, Any], bench: Bench) -> None:
     """The results file and plots; the doc's section for this device (printed instead for --quick)."""
-    from benchmarks import report
+    from benchmarks import report, targets
     from benchmarks.workload import CHECKOUT
 
     args = bench.args
