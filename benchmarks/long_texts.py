@@ -36,11 +36,11 @@ import httpx
 
 from batcher.bulk import Bulk, BulkFailed
 from batcher.worker import Worker
+from benchmarks.checkpoints import write_full_size_model
 from benchmarks.processes import running
 from benchmarks.service import redis_server, service_env
 from core.settings import Settings
 from model_store.classifier import Classifier
-from model_store.factory import write_full_size_model
 from model_store.long_texts import LongTexts
 from sentiment.embedded import free_port
 

@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 from benchmarks import machine
+from benchmarks.checkpoints import write_full_size_model
 from benchmarks.limit import batches
 from benchmarks.workload import default_shared_dir, int8_for_speed
 from model_store.checkpoint import Checkpoint
 from model_store.classifier import Classifier
 from model_store.engine import EngineName, Precision
-from model_store.factory import write_full_size_model
 from model_store.int8 import RECIPES, Report
 from model_store.quantize import quantize
 

@@ -63,7 +63,7 @@ def model_dir(kind: str, settings: Settings, config_dir: Path) -> Iterator[Path]
     if kind == "small":
         yield settings.model_dir
         return
-    from model_store.factory import write_full_size_model
+    from benchmarks.checkpoints import write_full_size_model
 
     with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
         model = write_full_size_model(config_dir, Path(tmp))
@@ -78,8 +78,8 @@ def int8_for_speed(model: Path, shared: Path, recipe: str = "split") -> None:
     channels a trained model has are planted (`factory.plant_outliers`: their float path costs time).
     Its report fails the accuracy rule (the predictions mean nothing): served with
     SENTIMENT_INT8_ALLOW_FAILING."""
+    from benchmarks.checkpoints import plant_outliers
     from model_store.checkpoint import Checkpoint
-    from model_store.factory import plant_outliers
     from model_store.quantize import quantize, read_labelled, read_sentences
 
     plant_outliers(model)

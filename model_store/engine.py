@@ -29,7 +29,7 @@ EngineName = Literal["auto", "torch", "onnxruntime", "null"]
 
 class Engine(Protocol):
     """Runs forwards. `lanes` forwards may run side by side, each on a thread that called
-    `start_lane` once before its first forward (docs/architecture.md, "Threads")."""
+    `start_lane` once before its first forward (docs/architecture.md, "A worker's threads")."""
 
     name: str  # torch, onnxruntime, null
     device: str  # cpu, cuda

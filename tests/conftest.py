@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 from batcher.worker import Worker
+from benchmarks.checkpoints import write_tiny_model
 from core.settings import Settings
 from model_store.classifier import Classifier
-from model_store.factory import write_tiny_model
 from sentiment.embedded import embedded_redis, free_port, start_redis_server
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,6 +30,7 @@ import rq
 
 from batcher.worker import Worker
 from benchmarks.cache_writes import CacheWrites
+from benchmarks.checkpoints import write_tiny_model
 from core.liveness import live_workers, worker_client
 from core.protocol import (
     Keys,
@@ -44,7 +45,6 @@ from core.protocol import (
 )
 from core.settings import Settings
 from model_store.classifier import Classifier
-from model_store.factory import write_tiny_model
 from model_store.torch_engine import TorchEngine
 from tests.conftest import HANG_GUARD_S, SCORE_ABS, RedisServer, Service, answers, hold_forwards, start_worker, wait_for
 

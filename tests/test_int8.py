@@ -26,11 +26,11 @@ from safetensors.torch import load_file, save_file
 
 from api.app import create_app
 from batcher.worker import Worker
+from benchmarks.checkpoints import plant_outliers, write_tiny_model
 from core.settings import Settings
 from model_store import int8, layout, quantize
 from model_store.checkpoint import Checkpoint, fingerprint
 from model_store.classifier import Classifier
-from model_store.factory import plant_outliers, write_tiny_model
 from model_store.long_texts import LongTexts
 from model_store.onnx_engine import OnnxEngine, export
 from model_store.torch_engine import TRACE_EXAMPLE, load_module

@@ -26,11 +26,11 @@ from batcher.bulk import Bulk, BulkStopped, Part
 from batcher.jobs import Context, JobsWorker, serve_jobs
 from batcher.queue import WorkQueue
 from batcher.worker import Worker
+from benchmarks.checkpoints import write_tiny_model
 from core.job_spec import SERIALIZER
 from core.protocol import Keys, WorkItem
 from core.settings import Settings
 from model_store.classifier import Classifier
-from model_store.factory import write_tiny_model
 from tests.conftest import HANG_GUARD_S, wait_for
 
 TEXTS = [

@@ -22,11 +22,11 @@ import redis
 from rq.job import Job
 
 from api.job_store import ENDED, JobStore
+from benchmarks.checkpoints import write_tiny_model
 from core.job_spec import BATCHES_PER_PART, SERIALIZER
 from core.protocol import Keys, Prediction, WorkerStatus, prediction
 from core.settings import Settings
 from model_store.classifier import Classifier
-from model_store.factory import write_tiny_model
 from sentiment.embedded import free_port
 from tests.conftest import SCORE_ABS, RedisServer, wait_for
 

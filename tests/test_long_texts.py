@@ -16,10 +16,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from batcher.bulk import Bulk, BulkFailed
 from batcher.worker import Worker
+from benchmarks.checkpoints import write_tiny_model
 from core.protocol import Keys, Prediction, new_id
 from core.settings import Settings
 from model_store.classifier import Classifier
-from model_store.factory import write_tiny_model
 from model_store.long_texts import LongTexts
 from sentiment.embedded import free_port
 from tests.conftest import HANG_GUARD_S, shared_path, start_service, start_worker

@@ -29,13 +29,13 @@ from transformers import (
     BertForSequenceClassification,
 )
 
+from benchmarks.checkpoints import LABELS, TOKENIZER_FILES
 from core.settings import Settings
 from model_store import engine as engine_module
 from model_store import layout, onnx_engine
 from model_store.checkpoint import Checkpoint, fingerprint
 from model_store.classifier import Classifier
 from model_store.engine import load_engine, pick_device, resolve_engine, resolve_precision
-from model_store.factory import LABELS, TOKENIZER_FILES
 from model_store.null_engine import NullEngine
 from model_store.onnx_engine import OnnxEngine
 from model_store.torch_engine import TorchEngine

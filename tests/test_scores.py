@@ -23,11 +23,11 @@ from transformers import pipeline
 
 from api.app import create_app
 from batcher.worker import Worker
+from benchmarks.checkpoints import write_tiny_model
 from core.protocol import Keys, ScoreFunction
 from core.settings import Settings
 from model_store.checkpoint import Checkpoint, fingerprint
 from model_store.classifier import Classifier
-from model_store.factory import write_tiny_model
 from tests.conftest import SCORE_ABS, start_worker, wait_for
 from tests.test_serve import Serve
 
