@@ -515,8 +515,7 @@ def check(
 
     def asked(digest: str) -> list[tuple[float, float | None]]:
         """When the requests and jobs that asked for a text began and ended (unix s, as the faults')."""
-        spans = [(a.started, a.ended, a.texts) for a in answers] + [(j.created, j.ended_at, j.texts) for j in jobs]
-        return [(start, end) for start, end, texts in spans if digest in map(text_digest, texts)]
+        return [(start, end) for start, end, texts in _spans(answers, jobs) if digest in map(text_digest, texts)]
 
     recovery = []
     for fault in faults:
@@ -596,11 +595,7 @@ def computed_past_put_back(
     raced: Counter[str] = Counter()
     for at, texts in [*((a.started, a.texts) for a in answers), *((j.created, j.texts) for j in jobs)]:
         raced.update(d for d in map(text_digest, texts) if at < first_written.get(d, float("-inf")))
-    spans = [(a.started, a.ended, a.texts) for a in answers] + [
-        (j.created, j.ended_at, j.texts)
-        for j in jobs
-        if j.status in (202, None)  # (None: its POST got no answer, maybe accepted)
-    ]
+    spans = _spans(answers, jobs)
     cut: Counter[str] = Counter()
     for fault in faults:
         for started, ended, texts in spans:
@@ -610,6 +605,14 @@ def computed_past_put_back(
         {"text": digest, "computed": n, "bound": bound}
         for digest, n in computed.items()
         if n > (bound := max(raced[digest], 1) + cut[digest])
+    ]
+
+
+def _spans(answers: list[Answer], jobs: list[JobRun]) -> list[tuple[float, float | None, list[str]]]:
+    """(began, ended: None while unknown, texts) of each request, and of each job that may have been
+    accepted (202, or None: its POST got no answer)."""
+    return [(a.started, a.ended, a.texts) for a in answers] + [
+        (j.created, j.ended_at, j.texts) for j in jobs if j.status in (202, None)
     ]
 
 

@@ -12,7 +12,7 @@ import shutil
 import string
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -70,31 +70,18 @@ def write_tiny_model(
     vocab += [f"##{c}" for c in chars] + _WORDS
     id2label = dict(enumerate(labels))
     label2id = {label: i for i, label in enumerate(labels)}
+    shared: dict[str, Any] = {
+        "vocab_size": len(vocab),
+        "max_position_embeddings": max_length,
+        "id2label": id2label,
+        "label2id": label2id,
+        "problem_type": problem_type,
+    }
     config: PretrainedConfig
-    if architecture == "bert":
-        config = BertConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=max_length,
-            id2label=id2label,
-            label2id=label2id,
-            problem_type=problem_type,
-        )
+    if architecture == "bert":  # (the same shape under each family's own names)
+        config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, **shared)
     else:
-        config = DistilBertConfig(
-            vocab_size=len(vocab),
-            dim=32,
-            hidden_dim=64,
-            n_layers=2,
-            n_heads=2,
-            max_position_embeddings=max_length,
-            id2label=id2label,
-            label2id=label2id,
-            problem_type=problem_type,
-        )
+        config = DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=2, **shared)
     BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, model_max_length=max_length).save_pretrained(dest)
     return _write_weights(config, dest, seed)
 
