@@ -1,8 +1,9 @@
 """Benchmark `goodput`: open-loop load past saturation, every request due within `DEADLINE_S`, under
 both overload policies side by side.
 
-The saturation rate is measured first (a closed loop of `SATURATION_CLIENTS` clients, one never-seen
-text a request). Then, for each policy (`SENTIMENT_OVERLOAD_POLICY`) on fresh processes (one API,
+First the in-time capacity C: closed loops of `CAPACITY_CLIENTS` clients (one never-seen text a
+request, no deadline), the best rate whose p99 is within `DEADLINE_S`: what the box can answer in
+time. The saturation rate is the point at `SATURATION_CLIENTS`. Then, for each policy (`SENTIMENT_OVERLOAD_POLICY`) on fresh processes (one API,
 one model worker, one jobs worker): requests at `MULTIPLES` of that rate, sent open loop (at a
 constant rate, whatever the answers), each with `X-Request-Timeout: DEADLINE_S` and given up by its
 client after as long. Each point reports the goodput (answers within the deadline a second), the p99
@@ -11,18 +12,25 @@ collected (abandoned, or answered past their deadline: the API's `sentiment_repl
 against the worker's `sentiment_batch_size_sum` less its `sentiment_bulk_texts_total`, the bulk job's
 texts; a refused request is never computed). Each point also reports the refusals' p99 as the API
 timed them (the bound of its request-duration histogram's bucket: the client's own figure holds its
-scheduling delays on shared cores too) and the cores each process used. Last, the lowest
-multiple again with a bulk job of `JOB_TEXTS` texts running beside it: the interactive p99 against
-the same point alone.
+scheduling delays on shared cores too), the cores each process used and the API's CPU a request by
+how it ended (`api_cpu_s`, `api_answered`; `refusal_cost_us` splits them). Then the lowest multiple
+again with a bulk job of `JOB_TEXTS` texts running beside it: the interactive p99 against the same
+point alone. Last, for the `deadline` policy, k6's `constant-arrival-rate` (k6/goodput.js) at
+`HELD_MULTIPLES`, those held to C: the same question asked by an independent load generator.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -31,15 +39,19 @@ from prometheus_client.samples import Sample
 from benchmarks.cancel import counters
 from benchmarks.ceiling import cpu_seconds
 from benchmarks.loadgen import closed_loop, open_loop
+from benchmarks.loadtest import k6_command
 from benchmarks.processes import running
 from benchmarks.service import redis_server, service_env
+from benchmarks.targets import HELD_MULTIPLES
 from benchmarks.workload import UniqueTexts
 from sentiment.embedded import free_port
 
 MULTIPLES = (0.5, 1.0, 1.5, 2.0, 3.0)
 DEADLINE_S = 1.0
 POLICIES = ("deadline", "queue-length")
+CAPACITY_CLIENTS = (8, 16, 32, 64, 128)
 SATURATION_CLIENTS = 64
+K6_MIN_S = 1.0  # k6's shortest scenario
 MIN_SATURATION_S = 2.0
 JOB_TEXTS = 10_000
 QUICK_JOB_TEXTS = 200  # `--quick`: the structure, not the measure
@@ -76,15 +88,19 @@ def measure(
     duration_s: float,
     warmup_s: float,
     job_texts: int = JOB_TEXTS,
+    k6_data: Path | None = None,
 ) -> dict[str, object]:
-    """The saturation rate, then each policy's points and its point beside a bulk job."""
-    saturation: float | None = None
+    """The in-time capacity and the saturation rate, then each policy's points, its point beside a
+    bulk job, and (the `deadline` policy's) k6's points; `k6_data`: the sentences k6 sends."""
+    capacity: dict[str, object] | None = None
+    saturation = 0.0
     policies: dict[str, object] = {}
     for policy in POLICIES:
         with _service(model_dir, device, worker_env, policy) as service:
-            if saturation is None:
-                saturation = _saturation(service.url, texts, duration_s, warmup_s)
-                progress("goodput", {"saturation_texts_per_s": round(saturation, 2)})
+            if capacity is None:
+                capacity = _capacity(service.url, texts, duration_s, warmup_s)
+                saturation = float(capacity["saturation_texts_per_s"])  # type: ignore[arg-type]
+                progress("goodput", capacity)
             points = [
                 _point(service, texts, multiple * saturation, duration_s, warmup_s)
                 | {"multiple": multiple, "policy": policy}
@@ -95,11 +111,24 @@ def measure(
             beside = _beside_job(service, texts, MULTIPLES[0] * saturation, duration_s, warmup_s, job_texts)
             beside["p99_ratio_to_alone"] = _ratio(beside["p99_ms"], points[0]["p99_ms"])
             progress("goodput", {"policy": policy, "beside_job": True, **beside})
-            policies[policy] = {"points": points, "beside_job": beside, "peak_goodput_per_s": _peak(points)}
+            run: dict[str, object] = {
+                "points": points,
+                "beside_job": beside,
+                "peak_goodput_per_s": _peak(points),
+                "refusal_cost_us": refusal_cost_us(points),
+            }
+            if policy == "deadline":
+                run["k6"] = [
+                    _k6_point(service, multiple * saturation, duration_s, k6_data) | {"multiple": multiple}
+                    for multiple in HELD_MULTIPLES
+                ]
+                progress("goodput", {"policy": policy, "k6": run["k6"]})
+            policies[policy] = run
     return {
         "deadline_s": DEADLINE_S,
+        "capacity": capacity,
         "saturation_clients": SATURATION_CLIENTS,
-        "saturation_texts_per_s": round(saturation or 0.0, 2),
+        "saturation_texts_per_s": round(saturation, 2),
         "multiples": list(MULTIPLES),
         "job_texts": job_texts,
         "duration_s": duration_s,
@@ -125,19 +154,30 @@ def _service(model_dir: Path, device: str, worker_env: dict[str, str], policy: s
         yield Service(url, scraped, {"api": api.pid, "model_worker": worker.pid, "jobs_worker": jobs.pid})
 
 
-def _saturation(url: str, texts: UniqueTexts, duration_s: float, warmup_s: float) -> float:
-    """Texts a second answered by a closed loop of `SATURATION_CLIENTS`, at least `MIN_SATURATION_S`
-    after a second's warm-up at least (the first forwards are slow)."""
-    load = closed_loop(
-        f"{url}/predict",
-        lambda _: texts.take(1),
-        SATURATION_CLIENTS,
-        max(duration_s, MIN_SATURATION_S),
-        max(warmup_s, 1.0),
-    )
-    if not load.texts:
-        raise RuntimeError(f"no answer while measuring the saturation rate ({load.errors} errors)")
-    return load.texts_per_s
+def _capacity(url: str, texts: UniqueTexts, duration_s: float, warmup_s: float) -> dict[str, object]:
+    """Closed loops of each of `CAPACITY_CLIENTS` clients, at least `MIN_SATURATION_S` after a
+    second's warm-up at least (the first forwards are slow): the saturation rate (the point at
+    `SATURATION_CLIENTS`) and the in-time capacity C (the best rate whose p99 is within the deadline;
+    None when none is)."""
+    points = []
+    for clients in CAPACITY_CLIENTS:
+        load = closed_loop(
+            f"{url}/predict",
+            lambda _: texts.take(1),
+            clients,
+            max(duration_s, MIN_SATURATION_S),
+            max(warmup_s, 1.0),
+        )
+        if not load.texts:
+            raise RuntimeError(f"no answer from a closed loop of {clients} clients ({load.errors} errors)")
+        points.append(load.as_dict())
+    in_time = [float(p["texts_per_s"]) for p in points if (p["p99_ms"] or 0.0) <= DEADLINE_S * 1000]  # type: ignore[arg-type]
+    saturation = next(p["texts_per_s"] for p in points if p["concurrency"] == SATURATION_CLIENTS)
+    return {
+        "points": points,
+        "saturation_texts_per_s": saturation,
+        "in_time_texts_per_s": max(in_time) if in_time else None,
+    }
 
 
 def _point(
@@ -146,7 +186,7 @@ def _point(
     """One open-loop point and what the model computed meanwhile (counted until the last request's
     deadline has passed, so that work finished for nobody after the load counts too)."""
     before = counters(*service.scraped, names=COUNTERS)
-    refusals_before = _refusal_times(service.scraped[0])
+    refusals_before, answered_before = _refusal_times(service.scraped[0]), _answered(service.scraped[0])
     cpu_before, started = {k: cpu_seconds(p) for k, p in service.pids.items()}, time.monotonic()
     load = open_loop(
         f"{service.url}/predict",
@@ -160,6 +200,8 @@ def _point(
     elapsed = time.monotonic() - started
     cores = {k: round((cpu_seconds(p) - cpu_before[k]) / elapsed, 3) for k, p in service.pids.items()}
     _settle(service.scraped[0])
+    api_cpu_s = cpu_seconds(service.pids["api"]) - cpu_before["api"]
+    answered = {k: int(v - answered_before.get(k, 0.0)) for k, v in _answered(service.scraped[0]).items()}
     moved = {k: v - before[k] for k, v in counters(*service.scraped, names=COUNTERS).items()}
     # Interactive texts only: a job's texts run through the same model worker, and are never for nobody.
     computed = moved["sentiment_batch_size_sum"] - moved["sentiment_bulk_texts_total"]
@@ -168,6 +210,8 @@ def _point(
         **load.as_dict(),
         "refusal_p99_ms_at_api": _p99_bound_ms(refusals_before, _refusal_times(service.scraped[0])),
         "cores": {**cores, "client": round(load.client_cpu_share, 3)},
+        "api_cpu_s": round(api_cpu_s, 3),  # the point and its settling, warm-up included
+        "api_answered": {status: n for status, n in answered.items() if n},  # over the same span, by status
         "computed_texts": int(computed),
         "texts_for_nobody": int(wasted),
         "share_for_nobody": round(wasted / computed, 3) if computed else None,
@@ -183,10 +227,10 @@ def _settle(metrics_url: str) -> None:
     requests seconds after their clients gave up; read by the next point, its refusals would be that
     point's."""
     time.sleep(2 * DEADLINE_S)
-    give_up, answered = time.monotonic() + SETTLE_MAX_S, _answered(metrics_url)
+    give_up, answered = time.monotonic() + SETTLE_MAX_S, sum(_answered(metrics_url).values())
     while time.monotonic() < give_up:
         time.sleep(SETTLE_POLL_S)
-        if (now := _answered(metrics_url)) == answered:
+        if (now := sum(_answered(metrics_url).values())) == answered:
             return
         answered = now
 
@@ -197,9 +241,27 @@ def _predict_samples(metrics_url: str) -> Iterator[Sample]:
         yield from (sample for sample in family.samples if sample.labels.get("route") == "/predict")
 
 
-def _answered(metrics_url: str) -> float:
-    """The /predict requests the API has answered so far, whatever their status."""
-    return sum(sample.value for sample in _predict_samples(metrics_url) if sample.name == REQUESTS_TIMED)
+def _answered(metrics_url: str) -> dict[str, float]:
+    """The /predict requests the API has answered so far, by status."""
+    found: dict[str, float] = {}
+    for sample in _predict_samples(metrics_url):
+        if sample.name == REQUESTS_TIMED:
+            found[sample.labels["status"]] = found.get(sample.labels["status"], 0.0) + sample.value
+    return found
+
+
+def refusal_cost_us(points: list[dict[str, Any]]) -> float | None:
+    """The API's CPU (us) a refused request costs: the most loaded point's API CPU, less its other
+    answers at the CPU an answer cost at the least loaded point (which refused none), over its
+    refusals. None where either is missing."""
+    quiet, loaded = points[0], points[-1]
+    quiet_answers = sum(quiet["api_answered"].values())
+    refused = loaded["api_answered"].get("503", 0)
+    if quiet["api_answered"].get("503") or not quiet_answers or not refused:
+        return None
+    others = sum(loaded["api_answered"].values()) - refused
+    answers_cpu = others * quiet["api_cpu_s"] / quiet_answers
+    return round(max(0.0, loaded["api_cpu_s"] - answers_cpu) / refused * 1e6, 1)
 
 
 def _refusal_times(metrics_url: str) -> dict[float, float]:
@@ -240,3 +302,34 @@ def _ratio(value: object, base: object) -> float | None:
     if not isinstance(value, int | float) or not isinstance(base, int | float) or not base:
         return None
     return round(value / base, 3)
+
+
+def _k6_point(service: Service, rate_per_s: float, duration_s: float, data: Path | None) -> dict[str, object]:
+    """k6/goodput.js at `rate_per_s` for `duration_s` (at least k6's 1 s; no warm-up of k6's own), as
+    its summary counts the answers: in time, refused, late; then the service settles as after `_point`."""
+    duration_s = max(duration_s, K6_MIN_S)
+    with tempfile.TemporaryDirectory(prefix="k6-") as tmp:
+        summary = Path(tmp) / "summary.json"
+        command = k6_command("goodput", service.url, summary, f"{duration_s:g}s", rate=max(1, round(rate_per_s)))
+        env = {**os.environ, "DEADLINE_S": f"{DEADLINE_S:g}", **({"DATA": str(data)} if data else {})}
+        ran = subprocess.run(command, env=env, check=False, capture_output=True, text=True, timeout=duration_s + 120)
+        if not summary.is_file():
+            raise RuntimeError(f"k6 wrote no summary (exit status {ran.returncode}): {ran.stderr.strip()[-300:]}")
+        metrics = json.loads(summary.read_text())["metrics"]
+    _settle(service.scraped[0])
+    in_time = int(metrics.get("goodput", {}).get("count", 0))
+    return {
+        "rate_per_s": round(rate_per_s),
+        "duration_s": duration_s,
+        "sent": int(metrics.get("iterations", {}).get("count", 0)),
+        "in_time": in_time,
+        "goodput_per_s": round(in_time / duration_s, 2),
+        "refused": int(metrics.get("refused", {}).get("count", 0)),
+        "late": int(metrics.get("late", {}).get("count", 0)),
+        "dropped": int(metrics.get("dropped_iterations", {}).get("count", 0)),  # k6 found no VU free
+        "refusal_p99_ms": _rounded(metrics.get("refusal_duration", {}).get("p(99)")),
+    }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)

@@ -224,7 +224,19 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
             for p in cancel["points"]
         ]
     if goodput := results.get("goodput"):
+        capacity = goodput.get("capacity") or {}
         lines += [
+            "",
+            f"**In-time capacity** C = {_cell(capacity.get('in_time_texts_per_s'))} texts/s: the best closed loop "
+            f"whose p99 is within the {goodput['deadline_s']:g}-s deadline (one never-seen text a request, no "
+            "deadline sent)",
+            "",
+            "| clients | texts/s | p99 ms |",
+            "| --- | --- | --- |",
+            *(
+                f"| {p['concurrency']} | {p['texts_per_s']} | {_cell(p['p99_ms'])} |"
+                for p in capacity.get("points", [])
+            ),
             "",
             f"**Goodput** (open loop at multiples of the saturation rate, {goodput['saturation_texts_per_s']} "
             f"texts/s; every request due within {goodput['deadline_s']:g} s; each overload policy on fresh "
@@ -243,6 +255,20 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
                 f"{_cell(p['refusal_p99_ms'])} / {_cell(p.get('refusal_p99_ms_at_api'))} | {p['late']} | "
                 f"{p['gave_up']} | {p['computed_texts']} | {_cell(p['share_for_nobody'])} | {_cores(p.get('cores'))} |"
                 for load, p in rows
+            ]
+        if k6 := (goodput["policies"].get("deadline") or {}).get("k6"):
+            lines += [
+                "",
+                "**Goodput under k6** (`k6/goodput.js`, `constant-arrival-rate`, the deadline policy; dropped: "
+                "arrivals k6 found no free VU for)",
+                "",
+                "| load | requests/s | sent | goodput/s | refused | refusals' p99 ms | late | dropped |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |",
+                *(
+                    f"| {p['multiple']:g}x | {p['rate_per_s']} | {p['sent']} | {p['goodput_per_s']} | {p['refused']} | "
+                    f"{_cell(p['refusal_p99_ms'])} | {p['late']} | {p['dropped']} |"
+                    for p in k6
+                ),
             ]
     cache = [("(4) cache hits", (results.get("service") or {}).get("cache_hits"))]
     cache += [("bare endpoint", p) for p in results.get("bare") or []]

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from benchmarks import loadgen
 from benchmarks.batch_stats import Snapshot, between, parse_metrics
+from benchmarks.goodput import refusal_cost_us
 from benchmarks.limit import batches
 from benchmarks.report import replace_block
 from benchmarks.targets import evaluate, shown
@@ -253,8 +254,23 @@ def test_quick_goodput_bench_runs_both_overload_policies_side_by_side(tmp_path: 
         assert run["peak_goodput_per_s"] == max(p["goodput_per_s"] for p in points)
         assert sum(p["computed_texts"] for p in points) > 0
         assert run["beside_job"]["job_status_after"] in ("queued", "started", "finished")
+        for point in points:  # the API's answers over the point and its settling, by status
+            assert sum(point["api_answered"].values()) >= point["sent"] - point["gave_up"] and point["api_cpu_s"] > 0
+    capacity = goodput["capacity"]
+    assert [p["concurrency"] for p in capacity["points"]] == [8, 16, 32, 64, 128]
+    assert (
+        capacity["saturation_texts_per_s"] == capacity["points"][3]["texts_per_s"] == goodput["saturation_texts_per_s"]
+    )
+    in_time = [p["texts_per_s"] for p in capacity["points"] if p["p99_ms"] <= 1000]
+    assert capacity["in_time_texts_per_s"] == (max(in_time) if in_time else None)
+    k6 = goodput["policies"]["deadline"]["k6"]  # k6's open loop, the deadline policy alone
+    assert [p["multiple"] for p in k6] == [1.0, 2.0, 3.0] and "k6" not in goodput["policies"]["queue-length"]
+    for point in k6:
+        assert point["sent"] > 0 and point["in_time"] + point["refused"] + point["late"] <= point["sent"]
+        assert point["rate_per_s"] == max(1, round(point["multiple"] * goodput["saturation_texts_per_s"]))
     names = [t["name"] for t in results["targets"]]
-    assert sum(name.startswith("goodput:") for name in names) == 6
+    assert sum(name.startswith("goodput:") for name in names) == 11
+    assert sum("in-time capacity (k6)" in name for name in names) == 3
     text = doc.read_text()
     assert text.startswith(f"# Performance\n\n{full_run}")  # a run of one part keeps the full run's block
     assert text.count("<!-- bench:cpu:goodput -->") == 1 and "**Goodput**" in text.split(full_run)[1]
@@ -267,9 +283,36 @@ def test_a_run_of_some_parts_shows_the_targets_of_those_parts_alone() -> None:
     cache's, ceiling's or fairness's n/a; a results file from before targets named their part shows all."""
     results = json.loads((REPO / "benchmarks/results/bench-20261127T060140Z-cuda.json").read_text())
     results["targets"] = evaluate(results)
-    assert [t["name"].split(":")[0] for t in shown(results)] == ["goodput"] * 6
+    assert [t["name"].split(":")[0] for t in shown(results)] == ["goodput"] * 11
     old = [{k: v for k, v in t.items() if k != "part"} for t in results["targets"]]
     assert shown(results | {"targets": old}) == old
+
+
+def test_goodput_is_held_to_the_in_time_capacity_and_a_refusal_costs_what_its_cpu_says() -> None:
+    """Goodput at 1x, 2x and 3x against C, the best closed loop within the deadline (not the peak of
+    the open loop's points), under both generators; a refusal's API CPU: the loaded point's CPU less
+    its other answers at the quiet point's cost a request."""
+    quiet = {"multiple": 0.5, "goodput_per_s": 50.0, "api_cpu_s": 2.0, "api_answered": {"200": 1000}}
+    points = [quiet] + [
+        {"multiple": m, "goodput_per_s": g, "api_cpu_s": 3.0, "api_answered": {"200": 500, "503": 5000}}
+        for m, g in ((1.0, 90.0), (2.0, 80.0), (3.0, 95.0))
+    ]
+    assert refusal_cost_us(points) == 400.0  # (3 s - 500 x 2 ms) / 5,000
+    assert refusal_cost_us([{**quiet, "api_answered": {"200": 900, "503": 1}}, *points[1:]]) is None
+    k6 = [{"multiple": m, "goodput_per_s": g} for m, g in ((1.0, 99.0), (2.0, 85.0), (3.0, 70.0))]
+    run = {"points": points, "k6": k6, "refusal_cost_us": 400.0, "beside_job": {}}
+    capacity = {"in_time_texts_per_s": 100.0, "points": []}
+    results = {"goodput": {"capacity": capacity, "policies": {"deadline": run}}}
+    found = {t["name"]: (t["value"], t["status"]) for t in evaluate(results)}
+    assert [found[f"goodput: at {m}x saturation / in-time capacity (bench)"] for m in (1, 2, 3)] == [
+        (0.9, "PASS"), (0.8, "MISS"), (0.95, "PASS")
+    ]  # fmt: skip
+    assert [found[f"goodput: at {m}x saturation / in-time capacity (k6)"] for m in (1, 2, 3)] == [
+        (0.99, "PASS"), (0.85, "MISS"), (0.7, "MISS")
+    ]  # fmt: skip
+    assert found["goodput: API CPU a refused request (us)"] == (400.0, "MISS")
+    results["goodput"]["capacity"] = {"in_time_texts_per_s": None, "points": []}  # no closed loop within it
+    assert {t["status"] for t in evaluate(results) if "in-time capacity" in t["name"]} == {"n/a"}
 
 
 OK_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
