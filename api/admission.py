@@ -4,7 +4,10 @@ to time out; decided before the cache lookup (`api.predictions`), its refusal co
 trip.
 
 The prediction (`Fleet.wait_s`): the texts ahead of a new request (the queued items' texts, plus the
-texts the workers hold) over the fleet's throughput, plus one full forward for its own texts. The
+texts the workers hold) over the fleet's throughput, counted `QUEUE_MARGIN` times, plus one full
+forward for its own texts. The margin is for the throughput, which swings forward to forward on
+cores the model shares: admitted up to the deadline by the prediction itself, a request is late as
+often as the throughput reads high. The
 workers publish their throughput and held texts in their heartbeats (`core.protocol.WorkerStatus`:
 throughput measured per forward and smoothed, `batcher.forward_time`); `Load` reads them and the
 queue's length in one round trip at most every `REFRESH_S` (two when a worker came or went), shared
@@ -40,6 +43,7 @@ from core.redis_replies import text
 REFRESH_S = 0.1  # how stale the view of the fleet's load may be
 MAX_AGE_S = 0.5  # older than this (after a quiet spell, or a slow read), a request waits for a fresh one
 ITEMS_KEPT = 1024  # the newest work items this process queued whose texts it keeps (past them, their mean)
+QUEUE_MARGIN = 1.5  # the queue's predicted wait counts this many times (docs/tuning.md, "Overload")
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class Fleet:
     def wait_s(self, admitted_since: int) -> float:
         """Seconds until a request queued now would be answered, `admitted_since` more texts queued
         since this view was read."""
-        return (self.texts_ahead + admitted_since) / self.texts_per_s + self.forward_s
+        return QUEUE_MARGIN * (self.texts_ahead + admitted_since) / self.texts_per_s + self.forward_s
 
 
 def fleet(statuses: list[WorkerStatus], queued_texts: float) -> Fleet | None:

@@ -107,18 +107,18 @@ async def test_a_request_that_would_be_answered_past_its_deadline_is_refused_wit
     redis: fakeredis.FakeAsyncRedis,
 ) -> None:
     await beat(redis, status(texts_per_s=100.0, forward_s=0.1, held=20))
-    await queue(redis, 290)  # 310 texts ahead: answered in 3.1 + 0.1 s
+    await queue(redis, 290)  # 310 texts ahead: answered in 3.1 s (counted 1.5 times) + 0.1 s
     admission = Admission(Load(redis, KEYS, Clock()))
     refusal = await refused(admission, 1, timeout_s=1.0)
-    assert refusal is not None and refusal.retry_after_s == 3  # 3.2 s - 1 s, rounded up
-    assert await refused(admission, 1, timeout_s=3.5) is None
+    assert refusal is not None and refusal.retry_after_s == 4  # 4.75 s - 1 s, rounded up
+    assert await refused(admission, 1, timeout_s=4.8) is None
 
 
 async def test_the_texts_admitted_since_the_last_read_count_until_the_next(redis: fakeredis.FakeAsyncRedis) -> None:
     await beat(redis, status(texts_per_s=10.0, forward_s=0.1))
     admission, clock = admitting(redis)
     answers = [await refused(admission, 1, timeout_s=1.0) for _ in range(12)]
-    assert [a is None for a in answers] == [True] * 10 + [False] * 2  # (9 ahead) / 10 + 0.1 = 1.0 s: the last in
+    assert [a is None for a in answers] == [True] * 7 + [False] * 5  # 1.5 x (6 ahead) / 10 + 0.1 = 1.0 s: the last in
     clock.now += REFRESH_S
     await read_again(admission.load)  # nothing was queued after all
     assert await refused(admission, 1, timeout_s=1.0) is None
@@ -179,11 +179,11 @@ async def test_the_texts_admitted_while_a_read_is_on_its_way_count_after_it(
     await queue(redis, 1)  # its work item
     answer = held_reads(redis, monkeypatch)
     clock.now += REFRESH_S
-    answers = [await refused(admission, 1, timeout_s=1.0) for _ in range(9)]  # the next read on its way
-    assert [a is None for a in answers] == [True] * 9
+    answers = [await refused(admission, 1, timeout_s=1.0) for _ in range(6)]  # the next read on its way
+    assert [a is None for a in answers] == [True] * 6
     answer.set()
     await read_again(admission.load)  # read before their work items were queued: one item ahead
-    assert await refused(admission, 1, timeout_s=1.0) is not None  # (1 + 9 ahead) / 10 + 0.1 s: past 1 s
+    assert await refused(admission, 1, timeout_s=1.0) is not None  # 1.5 x (1 + 6 ahead) / 10 + 0.1 s: past 1 s
 
 
 @pytest.mark.parametrize("cold", [status(texts_per_s=None, forward_s=None), None])
@@ -232,17 +232,17 @@ async def test_queued_items_count_as_the_texts_they_hold_not_as_the_largest_item
 ) -> None:
     # A worker whose last take was one 64-text item holds it; the 1-text items queued behind it are
     # one text each, not 64.
-    await beat(redis, status(texts_per_s=100.0, forward_s=0.1, held=64))
+    await beat(redis, status(texts_per_s=200.0, forward_s=0.1, held=64))
     admission, clock = admitting(redis)
     for _ in range(20):
         await queued_by(admission, redis, 1)
     clock.now += REFRESH_S
     await read_again(admission.load)
-    assert await refused(admission, 1, timeout_s=1.0) is None  # (64 + 20) / 100 + 0.1 s: in time
+    assert await refused(admission, 1, timeout_s=1.0) is None  # 1.5 x (64 + 20) / 200 + 0.1 s: in time
     await queued_by(admission, redis, 64)
     clock.now += REFRESH_S
     await read_again(admission.load)
-    assert await refused(admission, 1, timeout_s=1.0) is not None  # (64 + 20 + 64) / 100 + 0.1 s: late
+    assert await refused(admission, 1, timeout_s=1.0) is not None  # 1.5 x (64 + 20 + 64) / 200 + 0.1 s: late
 
 
 @pytest.mark.parametrize("read", ["ended", "on its way"])
@@ -264,4 +264,4 @@ async def test_texts_the_cache_answered_after_a_read_counted_them_are_uncounted_
     answer.set()
     await read_again(admission.load)
     answers = [await refused(admission, 1, timeout_s=1.0) for _ in range(12)]
-    assert [a is None for a in answers] == [True] * 10 + [False] * 2  # (9 ahead) / 10 + 0.1 = 1.0 s: the last in
+    assert [a is None for a in answers] == [True] * 7 + [False] * 5  # 1.5 x (6 ahead) / 10 + 0.1 = 1.0 s: the last in

@@ -968,7 +968,7 @@ async def test_a_request_the_workers_could_not_answer_in_time_is_refused_at_once
     )
     assert response.status_code == 503
     assert response.json()["error_type"] == "overloaded"
-    assert response.headers["Retry-After"] == "10"  # 10.1 s - 1 s, rounded up
+    assert response.headers["Retry-After"] == "15"  # 1.5 x 10 s + 0.1 s - 1 s, rounded up
     assert (redis.llen(keys.queue), redis.dbsize()) == (100, before)  # nothing queued, nothing written
 
 
