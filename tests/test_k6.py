@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from benchmarks.loadtest import K6_DIR, k6_binary, k6_command
 from sentiment.embedded import free_port
@@ -44,3 +45,31 @@ def test_every_script_runs_against_the_service_with_its_thresholds_holding(
                 assert metrics["goodput"]["count"] > 0 and answered == metrics["iterations"]["count"]
     finally:
         service.stop()
+
+
+def test_a_unique_text_is_new_to_the_cache_yet_costs_the_model_what_its_sentence_costs(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    # What k6's unique and goodput scripts send must cost what the bench's texts cost, so that their
+    # goodput compares with the bench's in-time capacity: the tag that makes each new is whitespace.
+    script = tmp_path / "texts.js"
+    script.write_text(
+        f"import {{ uniqueText }} from '{K6_DIR / 'lib.js'}';\n"
+        "export const options = { iterations: 1, vus: 1 };\n"
+        "const SENTENCES = ['a quietly moving film', 'the plot never comes together'];\n"
+        "export default function () {\n"
+        "  for (let vu = 1; vu <= 3; vu++) {\n"
+        "    for (let k = 0; k < 40; k++) { console.log(JSON.stringify(uniqueText(SENTENCES, k, vu))); }\n"
+        "  }\n"
+        "}\n"
+    )
+    out = subprocess.run(
+        [k6_binary(), "run", "--quiet", "--log-format", "raw", str(script)], capture_output=True, text=True
+    )
+    texts = [json.loads(line) for line in out.stderr.splitlines() if line.startswith('"')]
+    assert len(texts) == len(set(texts)) == 120
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for text in texts:
+        sentence = text.rstrip()
+        assert sentence in ("a quietly moving film", "the plot never comes together")
+        assert tokenizer(text)["input_ids"] == tokenizer(sentence)["input_ids"]
