@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import subprocess
 import tempfile
 import time
@@ -312,7 +313,9 @@ def _k6_point(service: Service, rate_per_s: float, duration_s: float, data: Path
         summary = Path(tmp) / "summary.json"
         command = k6_command("goodput", service.url, summary, f"{duration_s:g}s", rate=max(1, round(rate_per_s)))
         env = {**os.environ, "DEADLINE_S": f"{DEADLINE_S:g}", **({"DATA": str(data)} if data else {})}
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         ran = subprocess.run(command, env=env, check=False, capture_output=True, text=True, timeout=duration_s + 120)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # (k6 is the only child waited for meanwhile)
         if not summary.is_file():
             raise RuntimeError(f"k6 wrote no summary (exit status {ran.returncode}): {ran.stderr.strip()[-300:]}")
         metrics = json.loads(summary.read_text())["metrics"]
@@ -328,6 +331,7 @@ def _k6_point(service: Service, rate_per_s: float, duration_s: float, data: Path
         "late": int(metrics.get("late", {}).get("count", 0)),
         "dropped": int(metrics.get("dropped_iterations", {}).get("count", 0)),  # k6 found no VU free
         "refusal_p99_ms": _rounded(metrics.get("refusal_duration", {}).get("p(99)")),
+        "client_cores": round((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / duration_s, 3),
     }
 
 

@@ -262,11 +262,11 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
                 "**Goodput under k6** (`k6/goodput.js`, `constant-arrival-rate`, the deadline policy; dropped: "
                 "arrivals k6 found no free VU for)",
                 "",
-                "| load | requests/s | sent | goodput/s | refused | refusals' p99 ms | late | dropped |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- |",
+                "| load | requests/s | sent | goodput/s | refused | refusals' p99 ms | late | dropped | k6's cores |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
                 *(
                     f"| {p['multiple']:g}x | {p['rate_per_s']} | {p['sent']} | {p['goodput_per_s']} | {p['refused']} | "
-                    f"{_cell(p['refusal_p99_ms'])} | {p['late']} | {p['dropped']} |"
+                    f"{_cell(p['refusal_p99_ms'])} | {p['late']} | {p['dropped']} | {_cell(p.get('client_cores'))} |"
                     for p in k6
                 ),
             ]
