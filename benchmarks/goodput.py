@@ -12,10 +12,10 @@ collected (abandoned, or answered past their deadline: the API's `sentiment_repl
 against the worker's `sentiment_batch_size_sum` less its `sentiment_bulk_texts_total`, the bulk job's
 texts; a refused request is never computed). Each point also reports the refusals' p99 as the API
 timed them (the bound of its request-duration histogram's bucket: the client's own figure holds its
-scheduling delays on shared cores too), the cores each process used and the API's CPU a request by
-how it ended (`api_cpu_s`, `api_answered`; `refusal_cost_us` splits them). Then the lowest multiple
-again with a bulk job of `JOB_TEXTS` texts running beside it: the interactive p99 against the same
-point alone. Last, for the `deadline` policy, k6's `constant-arrival-rate` (k6/goodput.js) at
+scheduling delays on shared cores too), the cores each process used, and the API's CPU and answers
+by status (`_api_cost`, as for each closed loop and k6 point; `refusal_cost_us` splits them). Then
+the lowest multiple again with a bulk job of `JOB_TEXTS` texts running beside it: the interactive
+p99 against the same point alone. Last, for the `deadline` policy, k6's `constant-arrival-rate` (k6/goodput.js) at
 `HELD_MULTIPLES`, those held to C: the same question asked by an independent load generator.
 """
 
@@ -99,7 +99,7 @@ def measure(
     for policy in POLICIES:
         with _service(model_dir, device, worker_env, policy) as service:
             if capacity is None:
-                capacity = _capacity(service.url, texts, duration_s, warmup_s)
+                capacity = _capacity(service, texts, duration_s, warmup_s)
                 saturation = float(capacity["saturation_texts_per_s"])  # type: ignore[arg-type]
                 progress("goodput", capacity)
             points = [
@@ -155,24 +155,25 @@ def _service(model_dir: Path, device: str, worker_env: dict[str, str], policy: s
         yield Service(url, scraped, {"api": api.pid, "model_worker": worker.pid, "jobs_worker": jobs.pid})
 
 
-def _capacity(url: str, texts: UniqueTexts, duration_s: float, warmup_s: float) -> dict[str, object]:
+def _capacity(service: Service, texts: UniqueTexts, duration_s: float, warmup_s: float) -> dict[str, object]:
     """Closed loops of each of `CAPACITY_CLIENTS` clients, at least `MIN_SATURATION_S` after a
     second's warm-up at least (the first forwards are slow): the saturation rate (the point at
     `SATURATION_CLIENTS`) and the in-time capacity C (the best rate whose p99 is within the deadline;
     None when none is)."""
-    points = []
+    points: list[dict[str, Any]] = []
     for clients in CAPACITY_CLIENTS:
-        load = closed_loop(
-            f"{url}/predict",
-            lambda _: texts.take(1),
-            clients,
-            max(duration_s, MIN_SATURATION_S),
-            max(warmup_s, 1.0),
-        )
+        with _api_cost(service) as cost:
+            load = closed_loop(
+                f"{service.url}/predict",
+                lambda _: texts.take(1),
+                clients,
+                max(duration_s, MIN_SATURATION_S),
+                max(warmup_s, 1.0),
+            )
         if not load.texts:
             raise RuntimeError(f"no answer from a closed loop of {clients} clients ({load.errors} errors)")
-        points.append(load.as_dict())
-    in_time = [float(p["texts_per_s"]) for p in points if (p["p99_ms"] or 0.0) <= DEADLINE_S * 1000]  # type: ignore[arg-type]
+        points.append({**load.as_dict(), **cost})
+    in_time = [p["texts_per_s"] for p in points if (p["p99_ms"] or 0.0) <= DEADLINE_S * 1000]
     saturation = next(p["texts_per_s"] for p in points if p["concurrency"] == SATURATION_CLIENTS)
     return {
         "points": points,
@@ -186,23 +187,21 @@ def _point(
 ) -> dict[str, object]:
     """One open-loop point and what the model computed meanwhile (counted until the last request's
     deadline has passed, so that work finished for nobody after the load counts too)."""
-    before = counters(*service.scraped, names=COUNTERS)
-    refusals_before, answered_before = _refusal_times(service.scraped[0]), _answered(service.scraped[0])
-    cpu_before, started = {k: cpu_seconds(p) for k, p in service.pids.items()}, time.monotonic()
-    load = open_loop(
-        f"{service.url}/predict",
-        lambda _: texts.take(1),
-        rate_per_s,
-        duration_s,
-        warmup_s,
-        DEADLINE_S,
-        {"X-Request-Timeout": f"{DEADLINE_S:g}"},
-    )
-    elapsed = time.monotonic() - started
-    cores = {k: round((cpu_seconds(p) - cpu_before[k]) / elapsed, 3) for k, p in service.pids.items()}
-    _settle(service.scraped[0])
-    api_cpu_s = cpu_seconds(service.pids["api"]) - cpu_before["api"]
-    answered = {k: int(v - answered_before.get(k, 0.0)) for k, v in _answered(service.scraped[0]).items()}
+    before, refusals_before = counters(*service.scraped, names=COUNTERS), _refusal_times(service.scraped[0])
+    with _api_cost(service) as cost:  # the point and its settling, warm-up included
+        cpu_before, started = {k: cpu_seconds(p) for k, p in service.pids.items()}, time.monotonic()
+        load = open_loop(
+            f"{service.url}/predict",
+            lambda _: texts.take(1),
+            rate_per_s,
+            duration_s,
+            warmup_s,
+            DEADLINE_S,
+            {"X-Request-Timeout": f"{DEADLINE_S:g}"},
+        )
+        elapsed = time.monotonic() - started
+        cores = {k: round((cpu_seconds(p) - cpu_before[k]) / elapsed, 3) for k, p in service.pids.items()}
+        _settle(service.scraped[0])
     moved = {k: v - before[k] for k, v in counters(*service.scraped, names=COUNTERS).items()}
     # Interactive texts only: a job's texts run through the same model worker, and are never for nobody.
     computed = moved["sentiment_batch_size_sum"] - moved["sentiment_bulk_texts_total"]
@@ -211,8 +210,7 @@ def _point(
         **load.as_dict(),
         "refusal_p99_ms_at_api": _p99_bound_ms(refusals_before, _refusal_times(service.scraped[0])),
         "cores": {**cores, "client": round(load.client_cpu_share, 3)},
-        "api_cpu_s": round(api_cpu_s, 3),  # the point and its settling, warm-up included
-        "api_answered": {status: n for status, n in answered.items() if n},  # over the same span, by status
+        **cost,
         "computed_texts": int(computed),
         "texts_for_nobody": int(wasted),
         "share_for_nobody": round(wasted / computed, 3) if computed else None,
@@ -249,6 +247,21 @@ def _answered(metrics_url: str) -> dict[str, float]:
         if sample.name == REQUESTS_TIMED:
             found[sample.labels["status"]] = found.get(sample.labels["status"], 0.0) + sample.value
     return found
+
+
+@contextlib.contextmanager
+def _api_cost(service: Service) -> Iterator[dict[str, object]]:
+    """The API's CPU seconds over the block, its /predict answers by status, and its CPU an answer
+    (us), filled in as the block ends."""
+    cpu, answered = cpu_seconds(service.pids["api"]), _answered(service.scraped[0])
+    found: dict[str, object] = {}
+    yield found
+    spent = cpu_seconds(service.pids["api"]) - cpu
+    moved = {k: int(v - answered.get(k, 0.0)) for k, v in _answered(service.scraped[0]).items()}
+    total = sum(moved.values())
+    found["api_cpu_s"] = round(spent, 3)
+    found["api_answered"] = {status: n for status, n in moved.items() if n}
+    found["api_cpu_us_per_answer"] = round(spent / total * 1e6, 1) if total else None
 
 
 def refusal_cost_us(points: list[dict[str, Any]]) -> float | None:
@@ -313,13 +326,16 @@ def _k6_point(service: Service, rate_per_s: float, duration_s: float, data: Path
         summary = Path(tmp) / "summary.json"
         command = k6_command("goodput", service.url, summary, f"{duration_s:g}s", rate=max(1, round(rate_per_s)))
         env = {**os.environ, "DEADLINE_S": f"{DEADLINE_S:g}", **({"DATA": str(data)} if data else {})}
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        ran = subprocess.run(command, env=env, check=False, capture_output=True, text=True, timeout=duration_s + 120)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # (k6 is the only child waited for meanwhile)
+        with _api_cost(service) as cost:
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            ran = subprocess.run(
+                command, env=env, check=False, capture_output=True, text=True, timeout=duration_s + 120
+            )
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)  # (k6 is the only child waited for meanwhile)
+            _settle(service.scraped[0])
         if not summary.is_file():
             raise RuntimeError(f"k6 wrote no summary (exit status {ran.returncode}): {ran.stderr.strip()[-300:]}")
         metrics = json.loads(summary.read_text())["metrics"]
-    _settle(service.scraped[0])
     in_time = int(metrics.get("goodput", {}).get("count", 0))
     return {
         "rate_per_s": round(rate_per_s),
@@ -332,6 +348,7 @@ def _k6_point(service: Service, rate_per_s: float, duration_s: float, data: Path
         "dropped": int(metrics.get("dropped_iterations", {}).get("count", 0)),  # k6 found no VU free
         "refusal_p99_ms": _rounded(metrics.get("refusal_duration", {}).get("p(99)")),
         "client_cores": round((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / duration_s, 3),
+        **cost,
     }
 
 

@@ -93,6 +93,47 @@ def _cell(value: Any) -> str:
     return "–" if value is None else str(value)
 
 
+def _goodput_lines(goodput: dict[str, Any]) -> list[str]:
+    """The goodput part: C and its closed loops in a line, then one row a point (k6's rows: a dash
+    where its summary has no such figure; its given-up requests count as late)."""
+    capacity = goodput.get("capacity") or {}
+    loops = "; ".join(
+        f"{p['concurrency']}: {p['texts_per_s']}/s, p99 {_cell(p['p99_ms'])} ms, API {_cell(p.get('api_cpu_us_per_answer'))} µs"
+        for p in capacity.get("points", [])
+    )
+    lines = [
+        f"**In-time capacity** C = {_cell(capacity.get('in_time_texts_per_s'))} texts/s, the best closed loop "
+        f"within the {goodput['deadline_s']:g}-s deadline (clients: texts, p99, the API's CPU an answer; {loops})",
+        "",
+        f"**Goodput** (open loop at multiples of the saturation rate, {goodput['saturation_texts_per_s']} "
+        f"texts/s; every request due within {goodput['deadline_s']:g} s; each overload policy on fresh "
+        "processes; 0.5x again beside a bulk job; k6's rows `k6/goodput.js`, its given-up requests late; "
+        "refusals' p99 as the client saw "
+        "it and as the API timed it, to its histogram's bucket; the API's CPU an answer; the cores of the "
+        "model worker, the API and the load generator)",
+        "",
+        "| policy | load | sent | goodput/s | p99 ms | refused | refusals' p99 ms (client / API) | late (504) | "
+        "gave up | computed | for nobody | API µs an answer | cores (model / API / client) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for policy, run in goodput["policies"].items():
+        rows = [(f"{p['multiple']:g}x", p) for p in run["points"]] + [("0.5x + job", run["beside_job"])]
+        lines += [
+            f"| {policy} | {load} | {p['sent']} | {p['goodput_per_s']} | {_cell(p['p99_ms'])} | {p['refused']} | "
+            f"{_cell(p['refusal_p99_ms'])} / {_cell(p.get('refusal_p99_ms_at_api'))} | {p['late']} | "
+            f"{p['gave_up']} | {p['computed_texts']} | {_cell(p['share_for_nobody'])} | "
+            f"{_cell(p.get('api_cpu_us_per_answer'))} | {_cores(p.get('cores'))} |"
+            for load, p in rows
+        ]
+        lines += [
+            f"| {policy}, k6 | {p['multiple']:g}x | {p['sent']} | {p['goodput_per_s']} | – | {p['refused']} | "
+            f"{_cell(p['refusal_p99_ms'])} / – | {p['late']} | – | – | – | "
+            f"{_cell(p.get('api_cpu_us_per_answer'))} | – / – / {_cell(p.get('client_cores'))} |"
+            for p in run.get("k6", [])
+        ]
+    return lines
+
+
 def _cores(cores: dict[str, float] | None) -> str:
     """A goodput point's cores: the model worker's, the API's and the load generator's."""
     return " / ".join(_cell(cores.get(k)) for k in ("model_worker", "api", "client")) if cores else "–"
@@ -224,52 +265,7 @@ def markdown(results: dict[str, Any], results_file: Path, plot_files: list[Path]
             for p in cancel["points"]
         ]
     if goodput := results.get("goodput"):
-        capacity = goodput.get("capacity") or {}
-        lines += [
-            "",
-            f"**In-time capacity** C = {_cell(capacity.get('in_time_texts_per_s'))} texts/s: the best closed loop "
-            f"whose p99 is within the {goodput['deadline_s']:g}-s deadline (one never-seen text a request, no "
-            "deadline sent)",
-            "",
-            "| clients | texts/s | p99 ms |",
-            "| --- | --- | --- |",
-            *(
-                f"| {p['concurrency']} | {p['texts_per_s']} | {_cell(p['p99_ms'])} |"
-                for p in capacity.get("points", [])
-            ),
-            "",
-            f"**Goodput** (open loop at multiples of the saturation rate, {goodput['saturation_texts_per_s']} "
-            f"texts/s; every request due within {goodput['deadline_s']:g} s; each overload policy on fresh "
-            "processes; the last row of each, 0.5x beside a bulk job; refusals' p99 as the client saw it and as "
-            "the API timed it, to its histogram's bucket; the cores of the model worker, the API and the load "
-            "generator)",
-            "",
-            "| policy | load | sent | goodput/s | p99 ms | refused | refusals' p99 ms (client / API) | late (504) | "
-            "gave up | computed | for nobody | cores (model / API / client) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for policy, run in goodput["policies"].items():
-            rows = [(f"{p['multiple']:g}x", p) for p in run["points"]] + [("0.5x + job", run["beside_job"])]
-            lines += [
-                f"| {policy} | {load} | {p['sent']} | {p['goodput_per_s']} | {_cell(p['p99_ms'])} | {p['refused']} | "
-                f"{_cell(p['refusal_p99_ms'])} / {_cell(p.get('refusal_p99_ms_at_api'))} | {p['late']} | "
-                f"{p['gave_up']} | {p['computed_texts']} | {_cell(p['share_for_nobody'])} | {_cores(p.get('cores'))} |"
-                for load, p in rows
-            ]
-        if k6 := (goodput["policies"].get("deadline") or {}).get("k6"):
-            lines += [
-                "",
-                "**Goodput under k6** (`k6/goodput.js`, `constant-arrival-rate`, the deadline policy; dropped: "
-                "arrivals k6 found no free VU for)",
-                "",
-                "| load | requests/s | sent | goodput/s | refused | refusals' p99 ms | late | dropped | k6's cores |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-                *(
-                    f"| {p['multiple']:g}x | {p['rate_per_s']} | {p['sent']} | {p['goodput_per_s']} | {p['refused']} | "
-                    f"{_cell(p['refusal_p99_ms'])} | {p['late']} | {p['dropped']} | {_cell(p.get('client_cores'))} |"
-                    for p in k6
-                ),
-            ]
+        lines += ["", *_goodput_lines(goodput)]
     cache = [("(4) cache hits", (results.get("service") or {}).get("cache_hits"))]
     cache += [("bare endpoint", p) for p in results.get("bare") or []]
     if any(p for _, p in cache):

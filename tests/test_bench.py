@@ -261,6 +261,9 @@ def test_quick_goodput_bench_runs_both_overload_policies_side_by_side(tmp_path: 
     assert (
         capacity["saturation_texts_per_s"] == capacity["points"][3]["texts_per_s"] == goodput["saturation_texts_per_s"]
     )
+    assert all(
+        p["api_cpu_us_per_answer"] > 0 and sum(p["api_answered"].values()) >= p["requests"] for p in capacity["points"]
+    )
     in_time = [p["texts_per_s"] for p in capacity["points"] if p["p99_ms"] <= 1000]
     assert capacity["in_time_texts_per_s"] == (max(in_time) if in_time else None)
     k6 = goodput["policies"]["deadline"]["k6"]  # k6's open loop, the deadline policy alone
