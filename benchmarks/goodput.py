@@ -13,10 +13,11 @@ against the worker's `sentiment_batch_size_sum` less its `sentiment_bulk_texts_t
 texts; a refused request is never computed). Each point also reports the refusals' p99 as the API
 timed them (the bound of its request-duration histogram's bucket: the client's own figure holds its
 scheduling delays on shared cores too), the cores each process used, and the API's CPU and answers
-by status (`_api_cost`, as for each closed loop and k6 point; `refusal_cost_us` splits them). Then
+by status (`_api_cost`, as for each closed loop and k6 point). Then
 the lowest multiple again with a bulk job of `JOB_TEXTS` texts running beside it: the interactive
-p99 against the same point alone. Last, for the `deadline` policy, k6's `constant-arrival-rate` (k6/goodput.js) at
-`HELD_MULTIPLES`, those held to C: the same question asked by an independent load generator.
+p99 against the same point alone. For the `deadline` policy, k6's `constant-arrival-rate` (k6/goodput.js) at
+`HELD_MULTIPLES`, those held to C: the same question asked by an independent load generator. Last,
+the API's CPU a refusal alone (`_refusals`): at the 3x rate, an API that refuses every request.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -42,9 +44,10 @@ from benchmarks.ceiling import cpu_seconds
 from benchmarks.loadgen import closed_loop, open_loop
 from benchmarks.loadtest import k6_command
 from benchmarks.processes import running
-from benchmarks.service import redis_server, service_env
+from benchmarks.service import KEY_PREFIX, redis_server, service_env
 from benchmarks.targets import HELD_MULTIPLES
 from benchmarks.workload import UniqueTexts
+from core.protocol import Keys, WorkerStatus, WorkItem
 from sentiment.embedded import free_port
 
 MULTIPLES = (0.5, 1.0, 1.5, 2.0, 3.0)
@@ -52,6 +55,7 @@ DEADLINE_S = 1.0
 POLICIES = ("deadline", "queue-length")
 CAPACITY_CLIENTS = (8, 16, 32, 64, 128)
 SATURATION_CLIENTS = 64
+REFUSAL_BACKLOG = 1000  # the queued items `_refusals`' API sees: over 1,000 s at a text a second
 K6_MIN_S = 1.0  # k6's shortest scenario
 MIN_SATURATION_S = 2.0
 JOB_TEXTS = 10_000
@@ -116,7 +120,6 @@ def measure(
                 "points": points,
                 "beside_job": beside,
                 "peak_goodput_per_s": _peak(points),
-                "refusal_cost_us": refusal_cost_us(points),
             }
             if policy == "deadline":
                 run["k6"] = [
@@ -125,9 +128,12 @@ def measure(
                 ]
                 progress("goodput", {"policy": policy, "k6": run["k6"]})
             policies[policy] = run
+    refusals = _refusals(model_dir, MULTIPLES[-1] * saturation, duration_s, warmup_s)
+    progress("goodput", refusals)
     return {
         "deadline_s": DEADLINE_S,
         "capacity": capacity,
+        "refusals": refusals,
         "saturation_clients": SATURATION_CLIENTS,
         "saturation_texts_per_s": round(saturation, 2),
         "multiples": list(MULTIPLES),
@@ -153,6 +159,39 @@ def _service(model_dir: Path, device: str, worker_env: dict[str, str], policy: s
         procs.wait_ok(scraped[1])
         procs.wait_ok(f"{url}/ready")
         yield Service(url, scraped, {"api": api.pid, "model_worker": worker.pid, "jobs_worker": jobs.pid})
+
+
+def _refusals(model_dir: Path, rate_per_s: float, duration_s: float, warmup_s: float) -> dict[str, object]:
+    """What a refusal costs the API, apart from any other request: an API alone on a Redis of its own,
+    whose one (absent) worker's heartbeat says it computes a text a second behind `REFUSAL_BACKLOG`
+    queued items, sent `rate_per_s` requests a second open loop, each due within the deadline: every
+    one is refused. The model idles meanwhile, so its cores leave the API's caches warm."""
+    with running() as infra, redis_server(infra) as (redis_url, _), running() as procs:
+        env = service_env(redis_url, model_dir, SENTIMENT_OVERLOAD_POLICY="deadline")
+        keys, fake = Keys(KEY_PREFIX), redis.Redis.from_url(redis_url)
+        worker = WorkerStatus(
+            id="absent", host="-", pid=0, model_version="-", started_at=0.0, texts_per_s=1.0, forward_s=0.1
+        )
+        fake.sadd(keys.workers, worker.id)
+        fake.set(keys.heartbeat(worker.id), worker.encode())
+        item = WorkItem(id="-", texts=["-"], enqueued_at=0.0, deadline=0.0, reply_to="-").encode()
+        fake.lpush(keys.queue, *[item] * REFUSAL_BACKLOG)
+        url = f"http://127.0.0.1:{free_port()}"
+        api = procs.start(["-m", "sentiment.cli", "api", "--port", url.rsplit(":", 1)[1]], env)
+        procs.wait_ok(f"{url}/health")
+        service = Service(url, (f"{url}/metrics", ""), {"api": api.pid})
+        texts = UniqueTexts(["a sentence nobody computes"])
+        with _api_cost(service) as cost:
+            load = open_loop(
+                f"{url}/predict",
+                lambda _: texts.take(1),
+                rate_per_s,
+                duration_s,
+                warmup_s,
+                DEADLINE_S,
+                {"X-Request-Timeout": f"{DEADLINE_S:g}"},
+            )
+        return {**load.as_dict(), **cost}
 
 
 def _capacity(service: Service, texts: UniqueTexts, duration_s: float, warmup_s: float) -> dict[str, object]:
@@ -262,20 +301,6 @@ def _api_cost(service: Service) -> Iterator[dict[str, object]]:
     found["api_cpu_s"] = round(spent, 3)
     found["api_answered"] = {status: n for status, n in moved.items() if n}
     found["api_cpu_us_per_answer"] = round(spent / total * 1e6, 1) if total else None
-
-
-def refusal_cost_us(points: list[dict[str, Any]]) -> float | None:
-    """The API's CPU (us) a refused request costs: the most loaded point's API CPU, less its other
-    answers at the CPU an answer cost at the least loaded point (which refused none), over its
-    refusals. None where either is missing."""
-    quiet, loaded = points[0], points[-1]
-    quiet_answers = sum(quiet["api_answered"].values())
-    refused = loaded["api_answered"].get("503", 0)
-    if quiet["api_answered"].get("503") or not quiet_answers or not refused:
-        return None
-    others = sum(loaded["api_answered"].values()) - refused
-    answers_cpu = others * quiet["api_cpu_s"] / quiet_answers
-    return round(max(0.0, loaded["api_cpu_s"] - answers_cpu) / refused * 1e6, 1)
 
 
 def _refusal_times(metrics_url: str) -> dict[float, float]:

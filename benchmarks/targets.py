@@ -96,7 +96,11 @@ def _goodput(goodput: dict[str, Any] | None) -> list[dict[str, Any]]:
             at_3x.get("refusal_p99_ms_at_api"),
             5,
         ),
-        _at_most("goodput: API CPU a refused request (us)", deadline.get("refusal_cost_us"), 150),
+        _at_most(
+            "goodput: API CPU a refused request (us, every request refused)",
+            (goodput.get("refusals") or {}).get("api_cpu_us_per_answer"),
+            150,
+        ),
         _at_most("goodput: share of computed texts for nobody (worst point)", worst, 0.05),
         _at_most("goodput: interactive p99 at 0.5x beside a bulk job / alone", beside, 1.2),
     ]
