@@ -103,17 +103,9 @@ def _goodput_lines(goodput: dict[str, Any]) -> list[str]:
     )
     lines = [
         f"**In-time capacity** C = {_cell(capacity.get('in_time_texts_per_s'))} texts/s, the best closed loop "
-        f"within the {goodput['deadline_s']:g}-s deadline (clients: texts, p99, the API's CPU an answer; {loops})",
+        f"within the {goodput['deadline_s']:g}-s deadline (clients: texts, p99, the API's CPU an answer; {loops})."
+        + _refusals_alone(goodput.get("refusals")),
         "",
-    ]
-    if refusals := goodput.get("refusals"):
-        lines += [
-            f"**A refusal alone**: an API that refuses every request, sent {refusals['rate_per_s']} a second "
-            f"(the 3x rate) open loop, spends {_cell(refusals.get('api_cpu_us_per_answer'))} µs of CPU on each "
-            f"(p99 {_cell(refusals['refusal_p99_ms'])} ms as the client saw it)",
-            "",
-        ]
-    lines += [
         f"**Goodput** (open loop at multiples of the saturation rate, {goodput['saturation_texts_per_s']} "
         f"texts/s; every request due within {goodput['deadline_s']:g} s; each overload policy on fresh "
         "processes; 0.5x again beside a bulk job; k6's rows `k6/goodput.js`, its given-up requests late; "
@@ -141,6 +133,16 @@ def _goodput_lines(goodput: dict[str, Any]) -> list[str]:
             for p in run.get("k6", [])
         ]
     return lines
+
+
+def _refusals_alone(refusals: dict[str, Any] | None) -> str:
+    return (
+        f" **A refusal alone**: an API refusing every request, sent {refusals['rate_per_s']} a second (the 3x "
+        f"rate) open loop, spends {_cell(refusals.get('api_cpu_us_per_answer'))} µs of CPU on each (p99 "
+        f"{_cell(refusals['refusal_p99_ms'])} ms as the client saw it)."
+        if refusals
+        else ""
+    )
 
 
 def _cores(cores: dict[str, float] | None) -> str:
