@@ -41,7 +41,7 @@ from prometheus_client.samples import Sample
 
 from benchmarks.cancel import counters
 from benchmarks.ceiling import cpu_seconds
-from benchmarks.loadgen import closed_loop, open_loop
+from benchmarks.loadgen import OpenLoopResult, closed_loop, open_loop
 from benchmarks.loadtest import k6_command
 from benchmarks.processes import running
 from benchmarks.service import KEY_PREFIX, redis_server, service_env
@@ -180,17 +180,8 @@ def _refusals(model_dir: Path, rate_per_s: float, duration_s: float, warmup_s: f
         api = procs.start(["-m", "sentiment.cli", "api", "--port", url.rsplit(":", 1)[1]], env)
         procs.wait_ok(f"{url}/health")
         service = Service(url, (f"{url}/metrics", ""), {"api": api.pid})
-        texts = UniqueTexts(["a sentence nobody computes"])
         with _api_cost(service) as cost:
-            load = open_loop(
-                f"{url}/predict",
-                lambda _: texts.take(1),
-                rate_per_s,
-                duration_s,
-                warmup_s,
-                DEADLINE_S,
-                {"X-Request-Timeout": f"{DEADLINE_S:g}"},
-            )
+            load = _due_open_loop(url, UniqueTexts(["a sentence nobody computes"]), rate_per_s, duration_s, warmup_s)
         return {**load.as_dict(), **cost}
 
 
@@ -229,15 +220,7 @@ def _point(
     before, refusals_before = counters(*service.scraped, names=COUNTERS), _refusal_times(service.scraped[0])
     with _api_cost(service) as cost:  # the point and its settling, warm-up included
         cpu_before, started = {k: cpu_seconds(p) for k, p in service.pids.items()}, time.monotonic()
-        load = open_loop(
-            f"{service.url}/predict",
-            lambda _: texts.take(1),
-            rate_per_s,
-            duration_s,
-            warmup_s,
-            DEADLINE_S,
-            {"X-Request-Timeout": f"{DEADLINE_S:g}"},
-        )
+        load = _due_open_loop(service.url, texts, rate_per_s, duration_s, warmup_s)
         elapsed = time.monotonic() - started
         cores = {k: round((cpu_seconds(p) - cpu_before[k]) / elapsed, 3) for k, p in service.pids.items()}
         _settle(service.scraped[0])
@@ -256,6 +239,15 @@ def _point(
         "dropped_late": int(moved["sentiment_work_items_late_total"]),
         "expired": int(moved["sentiment_work_items_expired_total"]),
     }
+
+
+def _due_open_loop(
+    url: str, texts: UniqueTexts, rate_per_s: float, duration_s: float, warmup_s: float
+) -> OpenLoopResult:
+    """/predict at `rate_per_s` open loop, one never-seen text a request, each due within the
+    deadline (`X-Request-Timeout`) and given up by its client once it has passed."""
+    headers = {"X-Request-Timeout": f"{DEADLINE_S:g}"}
+    return open_loop(f"{url}/predict", lambda _: texts.take(1), rate_per_s, duration_s, warmup_s, DEADLINE_S, headers)
 
 
 def _settle(metrics_url: str) -> None:
