@@ -7,18 +7,17 @@ The prediction (`Fleet.wait_s`): the texts ahead of a new request (the queued it
 texts the workers hold) over the fleet's throughput, counted `QUEUE_MARGIN` times, plus one full
 forward for its own texts. The margin is for the throughput, which swings forward to forward on
 cores the model shares: admitted up to the deadline by the prediction itself, a request is late as
-often as the throughput reads high. The
-workers publish their throughput and held texts in their heartbeats (`core.protocol.WorkerStatus`:
-throughput measured per forward and smoothed, `batcher.forward_time`); `Load` reads them and the
-queue's length in one round trip at most every `REFRESH_S` (two when a worker came or went), shared
-by all of the process's requests, and counts the texts this process admitted since. The queue is
-first in, first out, so the items in it are the newest queued: `Load` counts their texts as those of
-the newest items this process queued (exact behind one API process; behind several, a sample of
-the same traffic). A stale view is read again in the background (`api.refreshed`), so a refusal
-under load never waits on Redis; only a view older than `MAX_AGE_S` (the process's first, or one
-from before a quiet spell) is waited for. Until a worker has timed a forward there is no prediction,
-and every request is admitted (a cold start admits); so is a request with nothing ahead of it (an
-idle fleet admits).
+often as the throughput reads high. The workers publish their throughput and held texts in their
+heartbeats (`core.protocol.WorkerStatus`: throughput measured per forward and smoothed,
+`batcher.forward_time`); `Load` reads them and the queue's length in one round trip at most every
+`REFRESH_S` (two when a worker came or went), shared by all of the process's requests, and counts
+the texts this process admitted since. The queue is first in, first out, so the items in it are the
+newest queued: `Load` counts their texts as those of the newest items this process queued (exact
+behind one API process; behind several, a sample of the same traffic). A stale view is read again in
+the background (`api.refreshed`), so a refusal under load never waits on Redis; only a view older
+than `MAX_AGE_S` (the process's first, or one from before a quiet spell) is waited for. Until a
+worker has timed a forward there is no prediction, and every request is admitted (a cold start
+admits); so is a request with nothing ahead of it (an idle fleet admits).
 """
 
 from __future__ import annotations

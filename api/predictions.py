@@ -2,9 +2,10 @@
 
 Texts the process's own cache lacks meet admission (`api.admission`, the `deadline` policy) before
 Redis's cache. Each of the three Redis commands is coalesced (`api.coalescing`): the requests that
-look up, queue or give up in the same turn of the event loop share one MGET, one LPUSH of their
-work items, and one write of their abandoned marks. A request that stops waiting for its work (its client went away, or its deadline
-cut the wait) marks the item abandoned, for the workers to drop (`Predictor._bounded`)."""
+look up, queue or give up in the same turn of the event loop share one MGET, one LPUSH of their work
+items, and one write of their abandoned marks. A request that stops waiting for its work (its client
+went away, or its deadline cut the wait) marks the item abandoned, for the workers to drop
+(`Predictor._bounded`)."""
 
 from __future__ import annotations
 

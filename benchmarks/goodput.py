@@ -3,21 +3,22 @@ both overload policies side by side.
 
 First the in-time capacity C: closed loops of `CAPACITY_CLIENTS` clients (one never-seen text a
 request, no deadline), the best rate whose p99 is within `DEADLINE_S`: what the box can answer in
-time. The saturation rate is the point at `SATURATION_CLIENTS`. Then, for each policy (`SENTIMENT_OVERLOAD_POLICY`) on fresh processes (one API,
-one model worker, one jobs worker): requests at `MULTIPLES` of that rate, sent open loop (at a
-constant rate, whatever the answers), each with `X-Request-Timeout: DEADLINE_S` and given up by its
-client after as long. Each point reports the goodput (answers within the deadline a second), the p99
-of the refusals, and the share of the interactive texts the model computed for requests nobody
-collected (abandoned, or answered past their deadline: the API's `sentiment_replies_unclaimed_total`
-against the worker's `sentiment_batch_size_sum` less its `sentiment_bulk_texts_total`, the bulk job's
-texts; a refused request is never computed). Each point also reports the refusals' p99 as the API
-timed them (the bound of its request-duration histogram's bucket: the client's own figure holds its
-scheduling delays on shared cores too), the cores each process used, and the API's CPU and answers
-by status (`_api_cost`, as for each closed loop and k6 point). Then
-the lowest multiple again with a bulk job of `JOB_TEXTS` texts running beside it: the interactive
-p99 against the same point alone. For the `deadline` policy, k6's `constant-arrival-rate` (k6/goodput.js) at
-`HELD_MULTIPLES`, those held to C: the same question asked by an independent load generator. Last,
-the API's CPU a refusal alone (`_refusals`): at the 3x rate, an API that refuses every request.
+time. The saturation rate is the point at `SATURATION_CLIENTS`. Then, for each policy
+(`SENTIMENT_OVERLOAD_POLICY`) on fresh processes (one API, one model worker, one jobs worker):
+requests at `MULTIPLES` of that rate, sent open loop (at a constant rate, whatever the answers),
+each with `X-Request-Timeout: DEADLINE_S` and given up by its client after as long. Each point
+reports the goodput (answers within the deadline a second), the p99 of the refusals, and the share
+of the interactive texts the model computed for requests nobody collected (abandoned, or answered
+past their deadline: the API's `sentiment_replies_unclaimed_total` against the worker's
+`sentiment_batch_size_sum` less its `sentiment_bulk_texts_total`, the bulk job's texts; a refused
+request is never computed). Each point also reports the refusals' p99 as the API timed them (the
+bound of its request-duration histogram's bucket: the client's own figure holds its scheduling
+delays on shared cores too), the cores each process used, and the API's CPU and answers by status
+(`_api_cost`, as for each closed loop and k6 point). Then the lowest multiple again with a bulk job
+of `JOB_TEXTS` texts running beside it: the interactive p99 against the same point alone. For the
+`deadline` policy, k6's `constant-arrival-rate` (k6/goodput.js) at `HELD_MULTIPLES`, those held to
+C: the same question asked by an independent load generator. Last, the API's CPU a refusal alone
+(`_refusals`): at the 3x rate, an API that refuses every request.
 """
 
 from __future__ import annotations
@@ -97,14 +98,14 @@ def measure(
 ) -> dict[str, object]:
     """The in-time capacity and the saturation rate, then each policy's points, its point beside a
     bulk job, and (the `deadline` policy's) k6's points; `k6_data`: the sentences k6 sends."""
-    capacity: dict[str, object] | None = None
+    capacity: dict[str, Any] | None = None
     saturation = 0.0
     policies: dict[str, object] = {}
     for policy in POLICIES:
         with _service(model_dir, device, worker_env, policy) as service:
             if capacity is None:
                 capacity = _capacity(service, texts, duration_s, warmup_s)
-                saturation = float(capacity["saturation_texts_per_s"])  # type: ignore[arg-type]
+                saturation = capacity["saturation_texts_per_s"]
                 progress("goodput", capacity)
             points = [
                 _point(service, texts, multiple * saturation, duration_s, warmup_s)
@@ -179,20 +180,19 @@ def _refusals(model_dir: Path, rate_per_s: float, duration_s: float, warmup_s: f
         url = f"http://127.0.0.1:{free_port()}"
         api = procs.start(["-m", "sentiment.cli", "api", "--port", url.rsplit(":", 1)[1]], env)
         procs.wait_ok(f"{url}/health")
-        service = Service(url, (f"{url}/metrics", ""), {"api": api.pid})
-        with _api_cost(service) as cost:
+        with _api_cost(api.pid, f"{url}/metrics") as cost:
             load = _due_open_loop(url, UniqueTexts(["a sentence nobody computes"]), rate_per_s, duration_s, warmup_s)
         return {**load.as_dict(), **cost}
 
 
-def _capacity(service: Service, texts: UniqueTexts, duration_s: float, warmup_s: float) -> dict[str, object]:
+def _capacity(service: Service, texts: UniqueTexts, duration_s: float, warmup_s: float) -> dict[str, Any]:
     """Closed loops of each of `CAPACITY_CLIENTS` clients, at least `MIN_SATURATION_S` after a
     second's warm-up at least (the first forwards are slow): the saturation rate (the point at
     `SATURATION_CLIENTS`) and the in-time capacity C (the best rate whose p99 is within the deadline;
     None when none is)."""
     points: list[dict[str, Any]] = []
     for clients in CAPACITY_CLIENTS:
-        with _api_cost(service) as cost:
+        with _api_cost(service.pids["api"], service.scraped[0]) as cost:
             load = closed_loop(
                 f"{service.url}/predict",
                 lambda _: texts.take(1),
@@ -218,7 +218,7 @@ def _point(
     """One open-loop point and what the model computed meanwhile (counted until the last request's
     deadline has passed, so that work finished for nobody after the load counts too)."""
     before, refusals_before = counters(*service.scraped, names=COUNTERS), _refusal_times(service.scraped[0])
-    with _api_cost(service) as cost:  # the point and its settling, warm-up included
+    with _api_cost(service.pids["api"], service.scraped[0]) as cost:  # the point and its settling, warm-up included
         cpu_before, started = {k: cpu_seconds(p) for k, p in service.pids.items()}, time.monotonic()
         load = _due_open_loop(service.url, texts, rate_per_s, duration_s, warmup_s)
         elapsed = time.monotonic() - started
@@ -281,14 +281,14 @@ def _answered(metrics_url: str) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def _api_cost(service: Service) -> Iterator[dict[str, object]]:
-    """The API's CPU seconds over the block, its /predict answers by status, and its CPU an answer
-    (us), filled in as the block ends."""
-    cpu, answered = cpu_seconds(service.pids["api"]), _answered(service.scraped[0])
+def _api_cost(pid: int, metrics_url: str) -> Iterator[dict[str, object]]:
+    """The API's (process `pid`, /metrics at `metrics_url`) CPU seconds over the block, its /predict
+    answers by status, and its CPU an answer (us), filled in as the block ends."""
+    cpu, answered = cpu_seconds(pid), _answered(metrics_url)
     found: dict[str, object] = {}
     yield found
-    spent = cpu_seconds(service.pids["api"]) - cpu
-    moved = {k: int(v - answered.get(k, 0.0)) for k, v in _answered(service.scraped[0]).items()}
+    spent = cpu_seconds(pid) - cpu
+    moved = {k: int(v - answered.get(k, 0.0)) for k, v in _answered(metrics_url).items()}
     total = sum(moved.values())
     found["api_cpu_s"] = round(spent, 3)
     found["api_answered"] = {status: n for status, n in moved.items() if n}
@@ -343,7 +343,7 @@ def _k6_point(service: Service, rate_per_s: float, duration_s: float, data: Path
         summary = Path(tmp) / "summary.json"
         command = k6_command("goodput", service.url, summary, f"{duration_s:g}s", rate=max(1, round(rate_per_s)))
         env = {**os.environ, "DEADLINE_S": f"{DEADLINE_S:g}", **({"DATA": str(data)} if data else {})}
-        with _api_cost(service) as cost:
+        with _api_cost(service.pids["api"], service.scraped[0]) as cost:
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             ran = subprocess.run(
                 command, env=env, check=False, capture_output=True, text=True, timeout=duration_s + 120

@@ -109,9 +109,8 @@ def _goodput_lines(goodput: dict[str, Any]) -> list[str]:
         f"**Goodput** (open loop at multiples of the saturation rate, {goodput['saturation_texts_per_s']} "
         f"texts/s; every request due within {goodput['deadline_s']:g} s; each overload policy on fresh "
         "processes; 0.5x again beside a bulk job; k6's rows `k6/goodput.js`, its given-up requests late; "
-        "refusals' p99 as the client saw "
-        "it and as the API timed it, to its histogram's bucket; the API's CPU an answer; the cores of the "
-        "model worker, the API and the load generator)",
+        "refusals' p99 as the client saw it and as the API timed it, to its histogram's bucket; the API's "
+        "CPU an answer; the cores of the model worker, the API and the load generator)",
         "",
         "| policy | load | sent | goodput/s | p99 ms | refused | refusals' p99 ms (client / API) | late (504) | "
         "gave up | computed | for nobody | API µs an answer | cores (model / API / client) |",
