@@ -166,7 +166,8 @@ def _refusals(model_dir: Path, rate_per_s: float, duration_s: float, warmup_s: f
     """What a refusal costs the API, apart from any other request: an API alone on a Redis of its own,
     whose one (absent) worker's heartbeat says it computes a text a second behind `REFUSAL_BACKLOG`
     queued items, sent `rate_per_s` requests a second open loop, each due within the deadline: every
-    one is refused. The model idles meanwhile, so its cores leave the API's caches warm."""
+    one is refused, or given up by its client where the rate is past what the API refuses in time (a
+    tiny model's). The model idles meanwhile, so its cores leave the API's caches warm."""
     with running() as infra, redis_server(infra) as (redis_url, _), running() as procs:
         env = service_env(redis_url, model_dir, SENTIMENT_OVERLOAD_POLICY="deadline")
         keys, fake = Keys(KEY_PREFIX), redis.Redis.from_url(redis_url)

@@ -271,8 +271,9 @@ def test_quick_goodput_bench_runs_both_overload_policies_side_by_side(tmp_path: 
         assert point["sent"] > 0 and point["in_time"] + point["refused"] + point["late"] <= point["sent"]
         assert point["rate_per_s"] == max(1, round(point["multiple"] * goodput["saturation_texts_per_s"]))
     refusals = goodput["refusals"]  # an API alone, refusing every request
-    assert refusals["sent"] > 0 and refusals["refused"] == refusals["sent"] and refusals["in_time"] == 0
-    assert refusals["api_answered"]["503"] == sum(refusals["api_answered"].values()) >= refusals["sent"]
+    # The tiny model's 3x rate is past what an API on shared cores refuses in time: a client may give up.
+    assert refusals["refused"] > 0 and refusals["refused"] + refusals["gave_up"] == refusals["sent"]
+    assert refusals["api_answered"]["503"] == sum(refusals["api_answered"].values()) >= refusals["refused"]
     assert refusals["api_cpu_us_per_answer"] > 0
     names = [t["name"] for t in results["targets"]]
     assert sum(name.startswith("goodput:") for name in names) == 11
