@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from api import docs_page, errors, hugging_face, limits, metrics
 from api.access import AccessControl, ApiKeys, document
 from api.admission import Admission, Load
+from api.hot_path import HotPathApp
 from api.inference import infer_body_limit
 from api.inference_grpc import GrpcServer
 from api.inference_protocol import INFER_PATH, inference_protocol_router
@@ -40,7 +41,7 @@ def create_app(
     /ready reports, when it has something to say (`sentiment serve`'s supervisor: a worker down).
     `grpc`: the gRPC service to run beside the routes, on the same `Predictor` (`api.server`)."""
     settings = settings or Settings()
-    app = FastAPI(
+    app = HotPathApp(
         title="sentiment-batcher",
         summary="DistilBERT SST-2 sentiment, micro-batched behind a Redis queue.",
         version="0.1.0",

@@ -1,0 +1,61 @@
+"""The app whose POST /predict goes straight to its route, past the layers every other request passes.
+
+Starlette wraps every request in FastAPI's telemetry check, its error and body-limit layers, an exit
+stack for uploaded files, and the router's matching: /predict needs none of them, and pays for each
+on the hot path (what skipping them bought: docs/tuning.md, "/predict without FastAPI's request
+handler"). Its POSTs get the same error handling and the app's own middleware, in the order Starlette
+gives them (a bug's 500, the app's middleware, the handlers of known errors, the route), built once.
+With FastAPI's telemetry on (a tracer provider configured), every request takes the full stack,
+where FastAPI makes the request's span.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from starlette._utils import get_route_path
+from starlette.middleware.errors import ServerErrorMiddleware
+from starlette.middleware.exceptions import ExceptionMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+PATH = "/predict"
+
+
+class HotPathApp(FastAPI):
+    """FastAPI, with POST `PATH` dispatched to its route under the app's middleware alone."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._hot: ASGIApp | None = None  # built at the first /predict: the routes and middleware are all in
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and get_route_path(scope) == PATH
+            and not self._native_telemetry.enabled()  # (FastAPI's own check, on each request too)
+        ):
+            scope["app"] = self
+            if self._hot is None:
+                self._hot = self._hot_stack()
+            await self._hot(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+    def _hot_stack(self) -> ASGIApp:
+        """Starlette's stack (`Starlette.build_middleware_stack`) around the one route, not the router."""
+        route = next(r for r in self.router.routes if isinstance(r, APIRoute) and r.path == PATH)
+        handle = route.app
+
+        async def routed(scope: Scope, receive: Receive, send: Send) -> None:
+            scope.update(router=self.router, route=route, endpoint=route.endpoint, path_params={})
+            await handle(scope, receive, send)
+
+        known = {k: v for k, v in self.exception_handlers.items() if k not in (500, Exception)}
+        app: ASGIApp = ExceptionMiddleware(routed, handlers=known, debug=self.debug)
+        for cls, args, kwargs in reversed(self.user_middleware):
+            app = cls(app, *args, **kwargs)
+        bug = next((h for k, h in reversed(self.exception_handlers.items()) if k in (500, Exception)), None)
+        return ServerErrorMiddleware(app, handler=bug, debug=self.debug)
