@@ -18,7 +18,10 @@ from fastapi.routing import APIRoute
 from starlette._utils import get_route_path
 from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.middleware.exceptions import ExceptionMiddleware
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.routes import RequestRoute
 
 PATH = "/predict"
 
@@ -45,13 +48,20 @@ class HotPathApp(FastAPI):
         await super().__call__(scope, receive, send)
 
     def _hot_stack(self) -> ASGIApp:
-        """Starlette's stack (`Starlette.build_middleware_stack`) around the one route, not the router."""
+        """Starlette's stack (`Starlette.build_middleware_stack`) around the one route's endpoint, not
+        the router: its errors meet the same handlers, which Starlette's per-route wrapper would look
+        up again."""
         route = next(r for r in self.router.routes if isinstance(r, APIRoute) and r.path == PATH)
-        handle = route.app
+        if not isinstance(route, RequestRoute):  # (else FastAPI's handler would want its exit stacks)
+            raise TypeError(
+                f"{PATH}: the hot path calls a RequestRoute's endpoint itself, not a {type(route).__name__}"
+            )
+        endpoint = route.get_route_handler()  # the endpoint: the Request in, its Response out
 
         async def routed(scope: Scope, receive: Receive, send: Send) -> None:
             scope.update(router=self.router, route=route, endpoint=route.endpoint, path_params={})
-            await handle(scope, receive, send)
+            response = await endpoint(Request(scope, receive, send))
+            await response(scope, receive, send)
 
         known = {k: v for k, v in self.exception_handlers.items() if k not in (500, Exception)}
         app: ASGIApp = ExceptionMiddleware(routed, handlers=known, debug=self.debug)

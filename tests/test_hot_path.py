@@ -18,6 +18,7 @@ from starlette.routing import Router
 from starlette.types import Receive, Scope, Send
 
 from api.app import create_app
+from api.hot_path import HotPathApp
 from api.predictions import Predictor
 from core.protocol import Keys
 from core.settings import Settings
@@ -125,3 +126,17 @@ async def test_predict_behind_a_root_path_takes_the_hot_path(
         assert answer.status_code == 503 and answer.json()["error_type"] == "overloaded", answer.text
         assert (await client.get("/api/health")).status_code == 200
     assert routed == ["/api/health"]
+
+
+@pytest.mark.anyio
+async def test_the_hot_path_calls_a_request_routes_endpoint_and_no_other() -> None:
+    # A plain APIRoute's handler solves dependencies in exit stacks the hot path does not open.
+    app = HotPathApp()
+
+    @app.post("/predict")
+    async def predict() -> dict[str, str]:
+        return {}
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+        with pytest.raises(TypeError, match="calls a RequestRoute's endpoint itself, not a APIRoute"):
+            await client.post("/predict")
