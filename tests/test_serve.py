@@ -230,28 +230,20 @@ def test_a_worker_refused_a_lower_priority_serves_all_the_same(
     assert "the worker's CPU priority stays as it was: [Errno 1] Operation not permitted" in caplog.text
 
 
-def command_lines(pids: set[int]) -> dict[int, str]:
-    """Each of `pids`' command line, of those still there to read."""
-    found = {}
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    return found
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=lambda s: s.name)
 def test_serves_children_end_with_it(serves: list[Serve], tiny_model_dir: Path, sig: signal.Signals) -> None:
     serve = start(serves, tiny_model_dir)
     serve.wait_ready()
-    commands = " ".join(serve.children().values())
+    children = serve.children()  # pid -> command line
+    commands = " ".join(children.values())
     assert "redis-server" in commands and "cli worker" in commands and "cli jobs-worker" in commands
-    children = set(serve.children())
     serve.proc.send_signal(sig)
     serve.proc.wait(60)
     try:
-        wait_for(f"serve's children to end after {sig.name}", lambda: not serve.alive(children))
+        wait_for(f"serve's children to end after {sig.name}", lambda: not serve.alive(set(children)))
     except TimeoutError as exc:  # name the children that outlived serve, not only the test's threads
-        raise TimeoutError(f"{exc}\nstill running: {command_lines(serve.alive(children))}") from None
+        survivors = {pid: children[pid] for pid in serve.alive(set(children))}
+        raise TimeoutError(f"{exc}\nstill running: {survivors}") from None
     if sig != signal.SIGKILL:
         assert serve.proc.returncode == 0
 
