@@ -44,7 +44,7 @@ from benchmarks.cancel import counters
 from benchmarks.ceiling import cpu_seconds
 from benchmarks.loadgen import OpenLoopResult, closed_loop, open_loop
 from benchmarks.loadtest import k6_command
-from benchmarks.processes import running
+from benchmarks.processes import Processes, running
 from benchmarks.service import KEY_PREFIX, redis_server, service_env
 from benchmarks.targets import HELD_MULTIPLES
 from benchmarks.workload import UniqueTexts
@@ -150,8 +150,7 @@ def _service(model_dir: Path, device: str, worker_env: dict[str, str], policy: s
     """One API, one model worker and one jobs worker on a fresh Redis, under `policy`."""
     with running() as infra, redis_server(infra) as (redis_url, _), running() as procs:
         env = service_env(redis_url, model_dir, SENTIMENT_DEVICE=device, SENTIMENT_OVERLOAD_POLICY=policy)
-        url, worker_port = f"http://127.0.0.1:{free_port()}", free_port()
-        api = procs.start(["-m", "sentiment.cli", "api", "--port", url.rsplit(":", 1)[1]], env)
+        (url, api), worker_port = _start_api(procs, env), free_port()
         worker = procs.start(
             ["-m", "sentiment.cli", "worker"], {**env, **worker_env, "SENTIMENT_METRICS_PORT": str(worker_port)}
         )
@@ -160,6 +159,12 @@ def _service(model_dir: Path, device: str, worker_env: dict[str, str], policy: s
         procs.wait_ok(scraped[1])
         procs.wait_ok(f"{url}/ready")
         yield Service(url, scraped, {"api": api.pid, "model_worker": worker.pid, "jobs_worker": jobs.pid})
+
+
+def _start_api(procs: Processes, env: dict[str, str]) -> tuple[str, subprocess.Popen[bytes]]:
+    """A `sentiment api` on a free port: its URL and process."""
+    port = free_port()
+    return f"http://127.0.0.1:{port}", procs.start(["-m", "sentiment.cli", "api", "--port", str(port)], env)
 
 
 def _refusals(model_dir: Path, rate_per_s: float, duration_s: float, warmup_s: float) -> dict[str, object]:
@@ -178,8 +183,7 @@ def _refusals(model_dir: Path, rate_per_s: float, duration_s: float, warmup_s: f
         fake.set(keys.heartbeat(worker.id), worker.encode())
         item = WorkItem(id="-", texts=["-"], enqueued_at=0.0, deadline=0.0, reply_to="-").encode()
         fake.lpush(keys.queue, *[item] * REFUSAL_BACKLOG)
-        url = f"http://127.0.0.1:{free_port()}"
-        api = procs.start(["-m", "sentiment.cli", "api", "--port", url.rsplit(":", 1)[1]], env)
+        url, api = _start_api(procs, env)
         procs.wait_ok(f"{url}/health")
         with _api_cost(api.pid, f"{url}/metrics") as cost:
             load = _due_open_loop(url, UniqueTexts(["a sentence nobody computes"]), rate_per_s, duration_s, warmup_s)

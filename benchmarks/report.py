@@ -135,6 +135,7 @@ def _goodput_lines(goodput: dict[str, Any]) -> list[str]:
 
 
 def _refusals_alone(refusals: dict[str, Any] | None) -> str:
+    """The capacity paragraph's sentence on an API refusing everything (none in older results files)."""
     return (
         f" **A refusal alone**: an API refusing every request, sent {refusals['rate_per_s']} a second (the 3x "
         f"rate) open loop, spends {_cell(refusals.get('api_cpu_us_per_answer'))} µs of CPU on each (p99 "
