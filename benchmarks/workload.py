@@ -72,18 +72,24 @@ def model_dir(kind: str, settings: Settings, config_dir: Path) -> Iterator[Path]
         yield model
 
 
-def int8_for_speed(model: Path, shared: Path, recipe: str = "split") -> None:
-    """The int8 artifact of a random-weight checkpoint, for its speed alone: made with the recipe the
-    shared checkpoint's report picks, on the SST-2 train sentences it calibrates on, once the outlier
-    channels a trained model has are planted (`factory.plant_outliers`: their float path costs time).
-    Its report fails the accuracy rule (the predictions mean nothing): served with
-    SENTIMENT_INT8_ALLOW_FAILING."""
+def int8_for_speed(model: Path, shared: Path, recipe: str | None = None) -> str:
+    """The int8 artifact of a random-weight checkpoint, for its speed alone, and its recipe: by
+    default the one `sentiment model quantize` keeps for the shared checkpoint on this CPU, made on the
+    SST-2 train sentences it calibrates on, once the outlier channels a trained model has are planted
+    (`factory.plant_outliers`: their float path costs time). Its report fails the accuracy rule (the
+    predictions mean nothing): served with SENTIMENT_INT8_ALLOW_FAILING."""
     from benchmarks.checkpoints import plant_outliers
     from model_store.checkpoint import Checkpoint
     from model_store.quantize import quantize, read_labelled, read_sentences
 
-    plant_outliers(model)
     train = shared / "data" / "sst2-train.tsv"
+    calibration = (train, read_sentences(train)[:512])
     dev, labels = read_labelled(shared / "data" / "sst2-dev.tsv")
+    if recipe is None:
+        with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
+            small = Checkpoint(shared / "models" / "distilbert-sst2-small")
+            recipe = quantize(small, Path(tmp) / "int8", calibration, (Path("sst2-dev.tsv"), dev, labels)).recipe
+    plant_outliers(model)
     few = (Path("sst2-dev.tsv"), dev[:64], labels[:64])  # its figures mean nothing: few sentences will do
-    quantize(Checkpoint(model), model / "int8", (train, read_sentences(train)[:512]), few, recipes=[recipe])
+    quantize(Checkpoint(model), model / "int8", calibration, few, recipes=[recipe])
+    return recipe

@@ -2,9 +2,9 @@
 
 An engine takes batches of token ids and returns the model's logits; it knows nothing of Redis,
 batching or texts, nor of the function that makes them scores (`model_store.scoring`, applied after
-every engine alike). Engines: torch (CPU fp32/bf16/int8, CUDA fp16/fp32), ONNX Runtime (CPU fp32, and
-int8 from the artifact `sentiment model quantize` makes) and the null engine (constant answers at
-almost no cost, to measure the service around the model).
+every engine alike). Engines: torch (CPU fp32/bf16/int8, CUDA fp16/fp32), ONNX Runtime (CPU fp32),
+the int8 artifact `sentiment model quantize` makes (on ONNX Runtime or OpenVINO, by its recipe) and
+the null engine (constant answers at almost no cost, to measure the service around the model).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class Engine(Protocol):
     """Runs forwards. `lanes` forwards may run side by side, each on a thread that called
     `start_lane` once before its first forward (docs/architecture.md, "A worker's threads")."""
 
-    name: str  # torch, onnxruntime, null
+    name: str  # torch, onnxruntime, openvino, null
     device: str  # cpu, cuda
     precision: str  # fp32, bf16, fp16, int8, int8-<artifact>, null: what the cache version says
     dtype: str  # what /model reports: float32, bfloat16, float16, int8
@@ -146,6 +146,14 @@ def load_engine(
     artifact = None
     if target.type == "cpu" and engine in ("auto", "onnxruntime") and precision in ("auto", "int8"):
         artifact = int8_artifact(checkpoint, int8_dir, precision, int8_allow_failing)
+    if artifact is not None and engine == "onnxruntime" and artifact.report.runtime != engine:
+        why = f"the int8 artifact runs on {artifact.report.runtime} (recipe {artifact.report.recipe}), not {engine}"
+        if precision == "int8":
+            raise Refused(
+                f"{why}: set SENTIMENT_ENGINE=auto, or make one with `sentiment model quantize --recipe dynamic`"
+            )
+        log.warning("precision auto: not serving int8: %s", why)
+        artifact = None
     resolved = resolve_precision(precision, target, int8=artifact is not None)
     kind = resolve_engine(engine, target, resolved)
     if kind == "onnxruntime" and (target.type == "cuda" or resolved not in ("fp32", "int8")):
@@ -159,6 +167,10 @@ def load_engine(
     if kind == "onnxruntime":
         from model_store import onnx_engine
 
+        if artifact is not None and artifact.report.runtime == "openvino":
+            from model_store.openvino_engine import OpenVinoEngine
+
+            return OpenVinoEngine.int8(checkpoint, artifact, threads or torch.get_num_threads())
         if artifact is not None:
             return onnx_engine.OnnxEngine.int8(checkpoint, artifact, threads or torch.get_num_threads())
 

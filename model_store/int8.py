@@ -1,7 +1,8 @@
 """The int8 artifact of a checkpoint: where it lives, what its report says, and whether it may be served.
 
-`sentiment model quantize` (`model_store.quantize`) writes it: `model.onnx`, the quantized graph
-ONNX Runtime runs, and `report.json`, the accuracy it keeps against fp32 on labelled sentences. By
+`sentiment model quantize` (`model_store.quantize`) writes it: the quantized graph (`model.onnx` for
+ONNX Runtime, `model.xml` and `model.bin` for OpenVINO, by its recipe) and `report.json`, the
+accuracy it keeps against fp32 on labelled sentences and its speed on this CPU. By
 default it sits in `int8/` inside the model directory (a folder: the checkpoint's fingerprint reads
 only the files beside `config.json`, so the artifact leaves the model's version as it is). Nothing
 here imports a framework: the worker reads the report before it loads anything.
@@ -16,20 +17,23 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_DIR = "int8"  # inside the model directory, unless SENTIMENT_INT8_DIR names another
-RECIPES = ("dynamic", "split")  # how `model_store.quantize` may make it, fastest first
-MODEL_FILE = "model.onnx"
+# How `model_store.quantize` may make it, and the runtime that serves each recipe's graph.
+RUNTIMES = {"dynamic": "onnxruntime", "split": "onnxruntime", "openvino": "openvino"}
+RECIPES = tuple(RUNTIMES)
+MODEL_FILES = {"onnxruntime": ("model.onnx",), "openvino": ("model.xml", "model.bin")}  # the graph first
 REPORT_FILE = "report.json"
 # The adoption rule for a faster precision (docs/tuning.md, "Precision").
 MAX_ACCURACY_DROP = 0.005
 MIN_AGREEMENT = 0.99
 
 
-def file_digest(path: Path) -> str:
-    """The first 16 hex digits of the file's SHA-256."""
+def file_digest(*paths: Path) -> str:
+    """The first 16 hex digits of the SHA-256 of the files' bytes, one after the other."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
+    for path in paths:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
     return digest.hexdigest()[:16]
 
 
@@ -51,18 +55,20 @@ class Report:
     """What `sentiment model quantize` measured, written beside the graph as `report.json`."""
 
     checkpoint: str  # the fingerprint of the checkpoint it was made from
-    artifact: str  # `file_digest` of model.onnx
+    artifact: str  # `file_digest` of its graph's files (`MODEL_FILES`)
     tool: str  # e.g. "onnxruntime 1.32.0"
     cpu: str  # the int8 instructions of the CPU it was measured on (`int8_instructions`)
     recipe: str  # one of RECIPES
     method: str  # what was quantized, and how
-    kept_float: list[str]  # the graph's MatMul/Gemm nodes left in float
+    kept_float: list[str]  # the graph's MatMul/Gemm nodes left in float (ONNX Runtime's recipes)
     calibration: dict[str, Any]  # the sentences the recipe was chosen on: file, count, digest
     evaluation: dict[str, Any]  # the labelled sentences of the figures below: file, count, digest
     fp32_accuracy: float
     int8_accuracy: float
     agreement: float  # the share of sentences whose top label is fp32's
     largest_score_difference: float  # over every sentence and label, the model's own scores
+    speedup: float  # fp32's time over the evaluation sentences (ONNX Runtime, batches of 32) over its own
+    tried: dict[str, dict[str, Any]]  # every recipe made: passes, agreement, int8_accuracy, speedup
     rule: dict[str, float] = field(
         default_factory=lambda: {"max_accuracy_drop": MAX_ACCURACY_DROP, "min_agreement": MIN_AGREEMENT}
     )
@@ -72,12 +78,21 @@ class Report:
         """The adoption rule: accuracy within 0.5 point of fp32, and >= 99% of the labels agreeing."""
         return self.fp32_accuracy - self.int8_accuracy <= MAX_ACCURACY_DROP and self.agreement >= MIN_AGREEMENT
 
+    @property
+    def runtime(self) -> str:
+        return RUNTIMES[self.recipe]
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return MODEL_FILES[self.runtime]
+
     def summary(self) -> str:
         """The figures in one line (start-up log, the command's output)."""
         return (
-            f"{self.evaluation['sentences']} sentences of {self.evaluation['data']}: accuracy "
+            f"recipe {self.recipe}, {self.evaluation['sentences']} sentences of {self.evaluation['data']}: accuracy "
             f"{self.int8_accuracy:.2%} against fp32's {self.fp32_accuracy:.2%}, {self.agreement:.2%} of labels "
-            f"agreeing, largest score difference {self.largest_score_difference:.4f}, measured with {self.cpu}"
+            f"agreeing, largest score difference {self.largest_score_difference:.4f}, {self.speedup:.2f}x fp32's "
+            f"speed, measured with {self.cpu}"
         )
 
     def write(self, directory: Path) -> None:
@@ -103,7 +118,8 @@ class Artifact:
 
     @property
     def model(self) -> Path:
-        return self.directory / MODEL_FILE
+        """The graph its runtime loads (OpenVINO finds the weights beside it)."""
+        return self.directory / self.report.files[0]
 
     @property
     def tag(self) -> str:
@@ -115,7 +131,8 @@ class Artifact:
     def find(cls, directory: Path, fingerprint: str) -> Artifact | None:
         """The artifact in `directory`; None where there is none. Raises `Refused` for one that cannot
         be trusted: a report missing or unreadable, of another checkpoint, or of another graph."""
-        if not (directory / MODEL_FILE).is_file():
+        graphs = {name for files in MODEL_FILES.values() for name in files}
+        if not any((directory / name).is_file() for name in (REPORT_FILE, *graphs)):
             return None
         remake = f"make it again with `sentiment model quantize` (int8 artifact {directory})"
         try:
@@ -124,7 +141,11 @@ class Artifact:
             raise Refused(f"the int8 artifact's report cannot be read ({type(exc).__name__}: {exc}); {remake}") from exc
         if report.checkpoint != fingerprint:
             raise Refused(f"the int8 artifact was made from another checkpoint ({report.checkpoint}); {remake}")
-        if file_digest(directory / MODEL_FILE) != report.artifact:
+        try:
+            digest = file_digest(*(directory / name for name in report.files))
+        except (OSError, KeyError):  # a file gone, or a recipe this version does not know
+            digest = None
+        if digest != report.artifact:
             raise Refused(f"the int8 artifact's graph is not the one its report measured; {remake}")
         return cls(directory, report)
 

@@ -1,36 +1,43 @@
-"""`sentiment model quantize`: a checkpoint's int8 artifact for ONNX Runtime, and its accuracy report.
+"""`sentiment model quantize`: a checkpoint's int8 artifact, and its report of accuracy and speed.
 
-The recipe was chosen by measurement against the alternatives (docs/tuning.md, "Precision"): the
-graph the fp32 engine serves (`onnx_engine.export`), quantized by ONNX Runtime dynamically (int8
-weights per output channel, each activation quantized at every forward over its own range), the
-classifier head kept in float (one row per text: it costs nothing). A transformer's activations
-have a few outlier channels, tens of times the others' range, that take most of an activation's
-int8 steps; the `split` recipe runs those channels (found on calibration sentences) in float beside
-the int8 product of the rest, as LLM.int8() does. The fastest recipe whose scores on the labelled
-sentences keep the accuracy rule is kept; where none does, the most accurate, its report failing.
+Every recipe starts from the graph the fp32 engine serves (`onnx_engine.export`); the head is kept
+in float (one row per text: it costs nothing). For ONNX Runtime, `dynamic` quantizes it dynamically
+(int8 weights per output channel, each activation quantized at every forward over its own range).
+A transformer's activations have a few outlier channels, tens of times the others' range, that take
+most of an activation's int8 steps; `split` runs those channels (found on calibration sentences) in
+float beside the int8 product of the rest, as LLM.int8() does. `openvino` is NNCF's static
+quantization for OpenVINO, which runs int8 on AMX and VNNI. Which is fastest depends on the CPU
+(docs/tuning.md, "Precision"), so each is made and timed here: the fastest whose scores on the
+labelled sentences keep the accuracy rule is kept; where none does, the most accurate, its report
+failing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import nncf
 import numpy as np
 import onnx
 import onnxruntime
+import openvino
 import torch
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from model_store import layout, scoring
 from model_store.checkpoint import Checkpoint
-from model_store.int8 import MODEL_FILE, RECIPES, Report, file_digest, int8_instructions
+from model_store.int8 import MODEL_FILES, RECIPES, RUNTIMES, Report, file_digest, int8_instructions
 from model_store.onnx_engine import OnnxEngine, export
+from model_store.openvino_engine import OpenVinoEngine
 from model_store.torch_engine import TRACE_EXAMPLE, load_module
 
 log = logging.getLogger(__name__)
@@ -63,33 +70,44 @@ def quantize(
     threads: int | None = None,
     recipes: Sequence[str] = RECIPES,
 ) -> Report:
-    """Write `model.onnx` and `report.json` into `dest` (replacing any artifact there) and return the report.
-    `calibration`: sentences like the traffic's, whose activations find the outlier channels;
-    `evaluation`: labelled sentences, the report's figures; `recipes`: those to try, fastest first."""
+    """Write the artifact and `report.json` into `dest` (replacing any artifact there) and return the report.
+    `calibration`: sentences like the traffic's, whose activations set the ranges and find the outlier
+    channels; `evaluation`: labelled sentences, the report's figures and speed; `recipes`: those to
+    make, each measured on this CPU: the fastest that passes the rule is kept, else the most accurate."""
     threads = threads or torch.get_num_threads()
     texts = evaluation[1]
     dest.parent.mkdir(parents=True, exist_ok=True)
+    stagings: list[Path] = []
     with tempfile.TemporaryDirectory(prefix="sentiment-quantize-") as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         module = load_module(checkpoint, torch.device("cpu"), "fp32")
         segments = isinstance(module, layout.Segments)
         export(module, fp32, layout.inputs(TRACE_EXAMPLE, checkpoint.pad_id, segments=segments, packed=False))
         del module
-        reference = _scores(OnnxEngine(fp32, threads, checkpoint.pad_id), checkpoint, texts)
-        report = None
-        for recipe in recipes:
-            staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-            try:
-                report = _make(recipe, checkpoint, fp32, staging, calibration, evaluation, reference, threads)
-                log.info("recipe %s: %s", recipe, report.summary())
-                if report.passes or recipe == recipes[-1]:
-                    if dest.exists():
-                        shutil.rmtree(dest)
-                    os.replace(staging, dest)
-                    break
-            finally:
+        reference, fp32_seconds = _timed_scores(OnnxEngine(fp32, threads, checkpoint.pad_id), checkpoint, texts)
+        made: dict[str, Report] = {}
+        try:
+            for recipe in recipes:
+                stagings.append(Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent)))
+                made[recipe] = _make(
+                    recipe, checkpoint, fp32, stagings[-1], calibration, evaluation, reference, fp32_seconds, threads
+                )
+                log.info("%s", made[recipe].summary())
+            passing = [report for report in made.values() if report.passes]
+            best = (
+                max(passing, key=lambda r: r.speedup)
+                if passing
+                else max(made.values(), key=lambda r: (r.agreement, r.int8_accuracy))
+            )
+            report = dataclasses.replace(best, tried={recipe: _figures(r) for recipe, r in made.items()})
+            staging = stagings[list(made).index(best.recipe)]
+            report.write(staging)
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(staging, dest)
+        finally:
+            for staging in stagings:
                 shutil.rmtree(staging, ignore_errors=True)
-    assert report is not None
     return report
 
 
@@ -101,18 +119,54 @@ def _make(
     calibration: tuple[Path, Sequence[str]],
     evaluation: tuple[Path, Sequence[str], Sequence[int]],
     reference: np.ndarray,
+    fp32_seconds: float,
     threads: int,
 ) -> Report:
     """One recipe's graph and report in `dest`."""
+    files = [dest / name for name in MODEL_FILES[RUNTIMES[recipe]]]
+    engine: OnnxEngine | OpenVinoEngine
+    if RUNTIMES[recipe] == "openvino":
+        tool, method, kept_float = _nncf_int8(fp32, files[0], checkpoint, calibration[1])
+        engine = OpenVinoEngine(files[0], threads, checkpoint.pad_id, "int8")
+    else:
+        tool, method, kept_float = _onnxruntime_int8(recipe, fp32, files[0], checkpoint, calibration[1], threads)
+        engine = OnnxEngine(files[0], threads, checkpoint.pad_id)
+    scores, seconds = _timed_scores(engine, checkpoint, evaluation[1])
+    del engine
+    truth = np.asarray(evaluation[2])
+    report = Report(
+        checkpoint=checkpoint.fingerprint,
+        artifact=file_digest(*files),
+        tool=tool,
+        cpu=int8_instructions(),
+        recipe=recipe,
+        method=method,
+        kept_float=kept_float,
+        calibration=_described(calibration[0], calibration[1]),
+        evaluation=_described(evaluation[0], evaluation[1]),
+        fp32_accuracy=float((reference.argmax(-1) == truth).mean()),
+        int8_accuracy=float((scores.argmax(-1) == truth).mean()),
+        agreement=float((reference.argmax(-1) == scores.argmax(-1)).mean()),
+        largest_score_difference=float(np.abs(reference - scores).max()),
+        speedup=fp32_seconds / seconds,
+        tried={},
+    )
+    report.write(dest)
+    return report
+
+
+def _onnxruntime_int8(
+    recipe: str, fp32: Path, int8: Path, checkpoint: Checkpoint, sentences: Sequence[str], threads: int
+) -> tuple[str, str, list[str]]:
+    """`dynamic` or `split`: the graph for ONNX Runtime in `int8`; the tool, the method, the nodes kept in float."""
     graph = onnx.load(fp32)
-    outliers = _outlier_channels(graph, fp32, checkpoint, calibration[1], threads) if recipe == "split" else {}
+    outliers = _outlier_channels(graph, fp32, checkpoint, sentences, threads) if recipe == "split" else {}
     channels = sum(len(c) for c in outliers.values())
     _split(graph, outliers)
     float_nodes = [n.name for n in graph.graph.node if n.op_type == "Gemm" or n.name.endswith(OUTLIER_SUFFIX)]
-    rewritten = dest / "fp32-split.onnx"
+    rewritten = int8.parent / "fp32-split.onnx"
     onnx.save(graph, rewritten)
     del graph
-    int8 = dest / MODEL_FILE
     root = logging.getLogger()
     was, root.disabled = root.disabled, True  # its advice to pre-process the graph, once per call
     try:
@@ -127,26 +181,57 @@ def _make(
     finally:
         root.disabled = was
     rewritten.unlink()
-    scores = _scores(OnnxEngine(int8, threads, checkpoint.pad_id), checkpoint, evaluation[1])
-    truth = np.asarray(evaluation[2])
     split = f", {channels} outlier channels of {len(outliers)} activations in float" if recipe == "split" else ""
-    report = Report(
-        checkpoint=checkpoint.fingerprint,
-        artifact=file_digest(int8),
-        tool=f"onnxruntime {onnxruntime.__version__}",
-        cpu=int8_instructions(),
-        recipe=recipe,
-        method=f"dynamic int8, weights per output channel, every MatMul with a weight{split}; the head (Gemm) in float",
-        kept_float=float_nodes,
-        calibration=_described(calibration[0], calibration[1]),
-        evaluation=_described(evaluation[0], evaluation[1]),
-        fp32_accuracy=float((reference.argmax(-1) == truth).mean()),
-        int8_accuracy=float((scores.argmax(-1) == truth).mean()),
-        agreement=float((reference.argmax(-1) == scores.argmax(-1)).mean()),
-        largest_score_difference=float(np.abs(reference - scores).max()),
+    method = f"dynamic int8, weights per output channel, every MatMul with a weight{split}; the head (Gemm) in float"
+    return f"onnxruntime {onnxruntime.__version__}", method, float_nodes
+
+
+def _nncf_int8(fp32: Path, int8: Path, checkpoint: Checkpoint, sentences: Sequence[str]) -> tuple[str, str, list[str]]:
+    """`openvino`: NNCF's post-training quantization of the export (its transformer preset), activation
+    ranges from the calibration sentences in batches as the worker makes them; the model in `int8`."""
+    segments = "segments" in {i.name for i in onnx.load(fp32, load_external_data=False).graph.input}
+    ids = sorted(checkpoint.tokenize(list(sentences)), key=len)
+    feeds = [
+        {
+            name: tensor.numpy()
+            for name, tensor in layout.inputs(
+                ids[i : i + BATCH], checkpoint.pad_id, segments=segments, packed=False
+            ).items()
+        }
+        for i in range(0, len(ids), BATCH)
+    ]
+    logging.getLogger("nncf").setLevel(logging.ERROR)  # its notes on each step; its handlers are not only its own
+    model = openvino.Core().read_model(fp32)
+    quantized = nncf.quantize(
+        model,
+        nncf.Dataset(feeds),
+        model_type=nncf.ModelType.TRANSFORMER,
+        subset_size=len(feeds),
+        fast_bias_correction=True,
     )
-    report.write(dest)
-    return report
+    openvino.save_model(quantized, int8, compress_to_fp16=False)  # the float weights as they were
+    tool = f"openvino {openvino.__version__}, nncf {nncf.__version__}"
+    return tool, "static int8 (NNCF, transformer preset: activations' ranges from calibration), OpenVINO", []
+
+
+def _timed_scores(
+    engine: OnnxEngine | OpenVinoEngine, checkpoint: Checkpoint, texts: Sequence[str]
+) -> tuple[np.ndarray, float]:
+    """`_scores`, and the seconds a second pass takes (the first warms the runtime's shapes up)."""
+    scores = _scores(engine, checkpoint, texts)
+    start = time.perf_counter()
+    _scores(engine, checkpoint, texts)
+    return scores, time.perf_counter() - start
+
+
+def _figures(report: Report) -> dict[str, object]:
+    """What the report's `tried` keeps of each recipe made."""
+    return {
+        "passes": report.passes,
+        "agreement": report.agreement,
+        "int8_accuracy": report.int8_accuracy,
+        "speedup": round(report.speedup, 3),
+    }
 
 
 OUTLIER_SUFFIX = "/outlier_channels"
@@ -230,7 +315,7 @@ def _split(graph: onnx.ModelProto, outliers: dict[str, np.ndarray]) -> None:
     graph.graph.node.extend(nodes)
 
 
-def _scores(engine: OnnxEngine, checkpoint: Checkpoint, texts: Sequence[str]) -> np.ndarray:
+def _scores(engine: OnnxEngine | OpenVinoEngine, checkpoint: Checkpoint, texts: Sequence[str]) -> np.ndarray:
     """The model's scores per text, forwards of `BATCH` sentences of similar length."""
     ids = checkpoint.tokenize(list(texts))
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))

@@ -106,7 +106,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     pull.add_argument("--verbose", action="store_true", help="on failure, the traceback too (default: one line)")
     pull.set_defaults(run=_pull)
     quantize = model.add_parser(
-        "quantize", help="make the checkpoint's int8 artifact (ONNX Runtime) and the report of the accuracy it keeps"
+        "quantize", help="make the checkpoint's int8 artifact and the report of the accuracy and speed it keeps"
     )
     quantize.add_argument(
         "model_dir", nargs="?", type=Path, default=settings.model_dir, help="checkpoint (default SENTIMENT_MODEL_DIR)"

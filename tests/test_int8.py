@@ -14,6 +14,7 @@ import logging
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import fakeredis
@@ -50,7 +51,7 @@ def copy_checkpoint(model_dir: Path, dest: Path) -> Path:
     return dest
 
 
-def make_artifact(model_dir: Path, dest: Path | None = None) -> int8.Report:
+def make_artifact(model_dir: Path, dest: Path | None = None, recipes: Sequence[str] = int8.RECIPES) -> int8.Report:
     """An artifact of `model_dir` in `dest` (default: its `int8/`), evaluated against fp32's own labels."""
     checkpoint = Checkpoint(model_dir)
     fp32 = Classifier(model_dir, device="cpu", threads=1, precision="fp32")
@@ -61,6 +62,7 @@ def make_artifact(model_dir: Path, dest: Path | None = None) -> int8.Report:
         (Path("calibration.txt"), TEXTS[:80]),
         (Path("eval.tsv"), TEXTS[80:], labels),
         threads=1,
+        recipes=recipes,
     )
 
 
@@ -91,10 +93,14 @@ def test_quantize_writes_the_artifact_and_its_report_beside_the_checkpoint(
 
     artifact = model_dir / "int8"
     report = json.loads((artifact / "report.json").read_text())
-    assert (artifact / "model.onnx").is_file()
+    runtime = int8.RUNTIMES[report["recipe"]]
+    files = [artifact / name for name in int8.MODEL_FILES[runtime]]
     assert fingerprint(model_dir) == before  # a folder of its own: the model's version is unchanged
-    assert report["checkpoint"] == before and report["artifact"] == int8.file_digest(artifact / "model.onnx")
-    assert report["tool"].startswith("onnxruntime ") and report["recipe"] == "dynamic"
+    assert report["checkpoint"] == before and report["artifact"] == int8.file_digest(*files)
+    assert report["tool"].startswith(f"{runtime} ")
+    assert set(report["tried"]) == set(int8.RECIPES)  # each made and timed on this CPU
+    passing = {recipe: figures["speedup"] for recipe, figures in report["tried"].items() if figures["passes"]}
+    assert report["recipe"] == max(passing, key=lambda recipe: passing[recipe])  # the fastest that passes
     assert report["cpu"] == int8.int8_instructions()  # what its figures hold for
     assert (report["calibration"]["data"], report["calibration"]["sentences"]) == ("train.tsv", 80)
     assert (report["evaluation"]["data"], report["evaluation"]["sentences"]) == ("dev.tsv", 80)
@@ -105,7 +111,9 @@ def test_quantize_writes_the_artifact_and_its_report_beside_the_checkpoint(
     assert "passes the accuracy rule" in capsys.readouterr().out
     assert not list(model_dir.glob(".int8-*"))  # no staging folder left behind
     main([*argv, "--recipe", "split"])
-    assert int8.Report.read(artifact).recipe == "split"  # that recipe alone, though the faster one passes
+    split = int8.Report.read(artifact)
+    assert (split.recipe, list(split.tried)) == ("split", ["split"])  # that recipe alone
+    assert sorted(path.name for path in artifact.iterdir()) == ["model.onnx", "report.json"]  # nothing of the last
 
 
 def test_auto_serves_a_passing_artifact_says_so_and_caches_its_scores_apart(
@@ -113,9 +121,9 @@ def test_auto_serves_a_passing_artifact_says_so_and_caches_its_scores_apart(
 ) -> None:
     with caplog.at_level(logging.INFO, logger="model_store.engine"):
         auto = Classifier(with_artifact, device="cpu", threads=1)
-    assert isinstance(auto.engine, OnnxEngine) and auto.dtype_name == "int8"
-    assert "precision auto: serving the int8 artifact" in caplog.text
     report = int8.Report.read(with_artifact / "int8")
+    assert auto.engine.name == report.runtime and auto.dtype_name == "int8"
+    assert "precision auto: serving the int8 artifact" in caplog.text
     assert auto.version == f"{fingerprint(with_artifact)}-int8-{report.artifact[:8]}"
     fp32 = Classifier(with_artifact, device="cpu", threads=1, precision="fp32")
     torch_int8 = Classifier(with_artifact, device="cpu", threads=1, precision="int8", engine="torch")
@@ -191,6 +199,18 @@ def test_an_artifact_that_cannot_be_trusted_is_refused_and_auto_passes_it_by(
     assert auto.dtype_name != "int8" and message in caplog.text
 
 
+def test_an_openvino_artifact_is_refused_where_onnxruntime_is_asked_for_by_name(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    model_dir = copy_checkpoint(tiny_model_dir, tmp_path / "model")
+    make_artifact(model_dir, recipes=["openvino"])
+    assert Classifier(model_dir, device="cpu", threads=1, precision="int8").engine.name == "openvino"
+    with pytest.raises(
+        int8.Refused, match=r"runs on openvino \(recipe openvino\), not onnxruntime: set SENTIMENT_ENGINE=auto"
+    ):
+        Classifier(model_dir, device="cpu", threads=1, precision="int8", engine="onnxruntime")
+
+
 def test_int8_without_an_artifact_says_how_to_make_one(tiny_model_dir: Path, tmp_path: Path) -> None:
     refused = worker_start(tiny_model_dir, SENTIMENT_PRECISION="int8", SENTIMENT_INT8_DIR=str(tmp_path / "none"))
     assert refused.returncode == 1
@@ -200,14 +220,16 @@ def test_int8_without_an_artifact_says_how_to_make_one(tiny_model_dir: Path, tmp
     )
 
 
+@pytest.mark.parametrize("recipe", ["dynamic", "openvino"])  # one a runtime
 @pytest.mark.parametrize("architecture", ["distilbert", "bert"])
 @pytest.mark.parametrize("kind", ["single_label", "multi_label", "regression"])
-def test_every_head_answers_as_fp32_does(architecture: str, kind: str, tmp_path: Path) -> None:
+def test_every_head_answers_as_fp32_does(recipe: str, architecture: str, kind: str, tmp_path: Path) -> None:
     model_dir = write_tiny_model(tmp_path / "model", seed=3, architecture=architecture, **KINDS[kind])  # type: ignore[arg-type]
-    make_artifact(model_dir)
-    quantized = Classifier(model_dir, device="cpu", threads=1, precision="int8")
+    make_artifact(model_dir, recipes=[recipe])
+    quantized = Classifier(model_dir, device="cpu", threads=1, precision="int8", int8_allow_failing=True)
     fp32 = Classifier(model_dir, device="cpu", threads=1, precision="fp32")
     assert quantized.dtype_name == "int8" and quantized.labels == fp32.labels
+    assert quantized.engine.name == int8.RUNTIMES[recipe]
     ids = fp32.tokenize(TEXTS[:48])
     want = np.array(fp32.forward(ids))
     for packed in [False, True] if quantized.cost.packs else [False]:  # DistilBERT packs too
@@ -252,7 +274,7 @@ def test_outlier_channels_run_in_float_beside_the_int8_product_of_the_rest(tmp_p
     assert split == pytest.approx(plain, abs=1e-5)
 
     reports = {}
-    for recipe in int8.RECIPES:
+    for recipe in ("dynamic", "split"):
         (tmp_path / recipe).mkdir()
         reports[recipe] = quantize._make(
             recipe,
@@ -262,9 +284,10 @@ def test_outlier_channels_run_in_float_beside_the_int8_product_of_the_rest(tmp_p
             (Path("calibration.txt"), TEXTS[:80]),
             (Path("eval.tsv"), TEXTS[80:], [0] * 80),
             quantize._scores(OnnxEngine(graph_path, 1, checkpoint.pad_id), checkpoint, TEXTS[80:]),
+            fp32_seconds=1.0,
             threads=1,
         )
-    nodes = {node.name: node.op_type for node in onnx.load(tmp_path / "split" / int8.MODEL_FILE).graph.node}
+    nodes = {node.name: node.op_type for node in onnx.load(tmp_path / "split" / "model.onnx").graph.node}
     in_float = [name for name in reports["split"].kept_float if name.endswith(quantize.OUTLIER_SUFFIX)]
     assert in_float and all(nodes[name] == "MatMul" for name in in_float)
     # and beside each, the product of the other channels in int8
@@ -278,5 +301,54 @@ def test_where_no_recipe_passes_the_most_accurate_is_written_with_a_failing_repo
 ) -> None:
     monkeypatch.setattr(int8, "MIN_AGREEMENT", 1.01)  # a rule no recipe can keep
     report = make_artifact(plant_outliers(write_tiny_model(tmp_path / "model", seed=3)))
-    assert not report.passes and report.recipe == int8.RECIPES[-1]
+    tried = report.tried
+    assert not report.passes and not any(figures["passes"] for figures in tried.values())
+    assert report.recipe == max(tried, key=lambda recipe: (tried[recipe]["agreement"], tried[recipe]["int8_accuracy"]))
     assert int8.Report.read(tmp_path / "model" / "int8") == report
+
+
+def test_the_fastest_recipe_that_passes_is_kept_whatever_their_order(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The choice alone, each recipe's figures given: speed decides among those that pass."""
+    figures = {"dynamic": (0.98, 3.0), "split": (0.995, 1.5), "openvino": (0.992, 2.5)}  # agreement, speedup
+    made = _fake_recipes(monkeypatch, figures)
+    for recipes in (["dynamic", "split", "openvino"], ["openvino", "split", "dynamic"]):
+        report = make_artifact(tiny_model_dir, tmp_path / "int8", recipes)
+        assert report.recipe == "openvino" and set(report.tried) == set(recipes)
+        assert (tmp_path / "int8" / "made-by").read_text() == "openvino"  # its graph, not another's
+        assert int8.Report.read(tmp_path / "int8") == report
+    assert len(made) == 6 and not list(tmp_path.glob(".int8-*"))  # every staging folder gone
+    figures["openvino"] = (0.97, 2.5)
+    assert make_artifact(tiny_model_dir, tmp_path / "int8", list(figures)).recipe == "split"
+
+
+def _fake_recipes(monkeypatch: pytest.MonkeyPatch, figures: dict[str, tuple[float, float]]) -> list[str]:
+    made: list[str] = []
+
+    def make(recipe: str, checkpoint: Checkpoint, fp32: Path, dest: Path, *_: object) -> int8.Report:
+        (dest / "made-by").write_text(recipe)
+        made.append(recipe)
+        agreement, speedup = figures[recipe]
+        report = int8.Report(
+            checkpoint=checkpoint.fingerprint,
+            artifact="0" * 16,
+            tool="tool",
+            cpu="cpu",
+            recipe=recipe,
+            method="method",
+            kept_float=[],
+            calibration={"data": "calibration.txt", "sentences": 80},
+            evaluation={"data": "eval.tsv", "sentences": 80},
+            fp32_accuracy=0.9,
+            int8_accuracy=0.9,
+            agreement=agreement,
+            largest_score_difference=0.1,
+            speedup=speedup,
+            tried={},
+        )
+        report.write(dest)
+        return report
+
+    monkeypatch.setattr(quantize, "_make", make)
+    return made
