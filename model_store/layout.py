@@ -58,9 +58,11 @@ def wrap(model: torch.nn.Module) -> Segments | Padded:
     return (Segments(model) if isinstance(model, DistilBertForSequenceClassification) else Padded(model)).eval()
 
 
-def inputs(batch: Sequence[list[int]], pad_id: int, *, segments: bool, packed: bool) -> dict[str, torch.Tensor]:
+def inputs(
+    batch: Sequence[list[int]], pad_id: int, *, segments: bool, packed: bool, granule: int = 1
+) -> dict[str, torch.Tensor]:
     """The tensors for `batch`: `Segments`' (packed into one row, or padded to the longest text)
-    when `segments`, else `Padded`'s."""
+    when `segments`, else `Padded`'s; a packed row padded up to a multiple of `granule` positions."""
     if not segments:
         if packed:
             raise ValueError("this model runs padded forwards only")
@@ -73,6 +75,8 @@ def inputs(batch: Sequence[list[int]], pad_id: int, *, segments: bool, packed: b
         return {"input_ids": input_ids, "attention_mask": attention_mask}
     rows = [list(batch)] if packed else [[ids] for ids in batch]
     width = max(sum(map(len, texts)) for texts in rows)
+    if packed:
+        width = -(-width // granule) * granule
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     segment = torch.full((len(rows), width), PAD_SEGMENT, dtype=torch.long)

@@ -27,6 +27,10 @@ class OpenVinoEngine:
     device = "cpu"
     lanes = 1
     dtype = "int8"
+    # A packed row is padded up to a multiple of this many positions: OpenVINO compiles its kernels
+    # for each new input shape, and a packed row of any total length is nearly always new (docs/tuning.md,
+    # "Precision"). Padded rows keep their width: short texts would compute mostly padding.
+    granule = 32
 
     def __init__(self, path: Path, threads: int, pad_id: int, precision: str) -> None:
         core = openvino.Core()
@@ -49,6 +53,6 @@ class OpenVinoEngine:
         """One lane on all the model's threads: nothing to set per thread."""
 
     def forward(self, batch: Sequence[list[int]], packed: bool = False) -> np.ndarray:
-        inputs = layout.inputs(batch, self._pad_id, segments=self._segments, packed=packed)
+        inputs = layout.inputs(batch, self._pad_id, segments=self._segments, packed=packed, granule=self.granule)
         result = self._request.infer({name: tensor.numpy() for name, tensor in inputs.items()})
         return np.asarray(result.to_tuple()[0], dtype=np.float32)

@@ -38,7 +38,7 @@ from model_store.classifier import Classifier
 from model_store.engine import load_engine, pick_device, resolve_engine, resolve_precision
 from model_store.null_engine import NullEngine
 from model_store.onnx_engine import OnnxEngine
-from model_store.torch_engine import TorchEngine
+from model_store.torch_engine import TorchEngine, load_module
 from tests.conftest import HANG_GUARD_S, shared_path
 
 
@@ -252,6 +252,18 @@ def test_every_engine_and_layout_scores_equal_eager_torch_on_sst2_dev_in_any_bat
                 want = eager(**padded).logits.softmax(-1)
             for engine, packed in ((onnx, False), (onnx, True), (torched, False), (torched, True)):
                 assert torch.tensor(engine.forward(batch, packed)) == pytest.approx(want, abs=1e-5)
+
+
+def test_a_packed_row_padded_to_a_granule_scores_as_the_row_unpadded(tiny_model_dir: Path) -> None:
+    """The positions a granule adds (OpenVINO's engine asks for one) are a segment of their own: no
+    text attends to them, so no score moves."""
+    checkpoint = Checkpoint(tiny_model_dir)
+    module = load_module(checkpoint, torch.device("cpu"), "fp32")
+    ids = checkpoint.tokenize(["a good movie", "fun", "not at all what I had hoped for"])
+    rows = {g: layout.inputs(ids, checkpoint.pad_id, segments=True, packed=True, granule=g) for g in (1, 64)}
+    assert rows[1]["input_ids"].shape[1] == sum(map(len, ids)) < 64 == rows[64]["input_ids"].shape[1]
+    with torch.inference_mode():
+        assert module(**rows[64]) == pytest.approx(module(**rows[1]), abs=1e-6)
 
 
 def test_a_model_other_than_distilbert_runs_padded_forwards_only(tiny_model_dir: Path, tmp_path: Path) -> None:
