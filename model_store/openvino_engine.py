@@ -42,7 +42,9 @@ class OpenVinoEngine:
         self.threads = threads
         self.precision = precision
         self._pad_id = pad_id
-        self.cost = ForwardCost(overhead_tokens=16, attention_tokens=2048, packs=self._segments)  # as ONNX Runtime's
+        # A call's fixed cost in token positions, fitted to OpenVINO's curve over batch sizes on the
+        # full-size shape (docs/tuning.md, "Precision").
+        self.cost = ForwardCost(overhead_tokens=48, attention_tokens=2048, packs=self._segments)
 
     @classmethod
     def int8(cls, checkpoint: Checkpoint, artifact: Artifact, threads: int) -> OpenVinoEngine:
