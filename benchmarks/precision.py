@@ -53,9 +53,13 @@ def read_tsv(path: Path) -> tuple[list[str], list[int]]:
 def throughputs(models: dict[str, Classifier], ids: list[list[int]], batch: int, repeats: int) -> dict[str, float]:
     """Median sentences/s of each variant over `repeats` rounds; within a round each batch is run by
     every variant in turn, the order reversed every other batch, so a slower minute of a shared box
-    falls on all of them alike."""
+    falls on all of them alike. An untimed round first: oneDNN and OpenVINO compile kernels for each
+    new shape, which a worker pays once."""
     rates: dict[str, list[float]] = {name: [] for name in models}
     chunks = batches(ids, batch)
+    for chunk in chunks:
+        for model in models.values():
+            model.forward(chunk)
     for _ in range(repeats):
         spent = dict.fromkeys(models, 0.0)
         for i, chunk in enumerate(chunks):
