@@ -200,8 +200,8 @@ class Settings(BaseSettings):
         "auto",
         description="Model arithmetic: `auto` is float16 on CUDA; on the CPU the int8 artifact where one whose "
         "report passes the accuracy rule is present (`sentiment model quantize`), else bf16 (autocast) where the "
-        "CPU has bfloat16 in hardware (avx512_bf16 or AMX), else fp32. `int8` serves the artifact on ONNX Runtime "
-        "(with SENTIMENT_ENGINE=torch: torch's dynamic quantization of the Linear layers, which fails the rule); "
+        "CPU has bfloat16 in hardware (avx512_bf16 or AMX), else fp32. `int8` serves the artifact on its recipe's "
+        "runtime, ONNX Runtime or OpenVINO (with SENTIMENT_ENGINE=torch: torch's dynamic quantization of the Linear layers, which fails the rule); "
         'a CPU option (docs/tuning.md, "Precision").',
     )
     int8_dir: Path | None = Field(
