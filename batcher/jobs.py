@@ -49,6 +49,7 @@ from redis import Redis
 from redis.client import Pipeline, PubSub, PubSubWorkerThread
 from redis.exceptions import RedisError, WatchError
 from rq import Queue, SimpleWorker, get_current_job
+from rq.exceptions import StopRequested
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.utils import as_text, now
@@ -75,8 +76,9 @@ FAILED_STOP_S = 30.0  # a jobs worker whose webhook thread failed may finish its
 @dataclass(frozen=True)
 class Context:
     """What a job needs from the process that runs it: its way to the model workers, and the stop
-    signal (set, the running job stops at its next part). `serve_jobs` makes one a process, and its
-    workers hand it to each job they run (`running`): RQ calls a job with its arguments alone."""
+    signal (set, the running job stops at its next part, a wait for a job ends and no fresh worker
+    starts). `serve_jobs` makes one a process, and its workers hand it to each job they run
+    (`running`): RQ calls a job with its arguments alone."""
 
     bulk: Bulk
     stopping: threading.Event = field(default_factory=threading.Event)
@@ -228,7 +230,7 @@ class JobsWorker(SimpleWorker):
         self.log.addFilter(QUIET_MAINTENANCE)  # (once: a logger keeps one copy of a filter)
         self.job_heartbeat_ttl = max(2, math.ceil(heartbeat_ttl_s))
         self.keys = keys
-        self.told_to_stop = False  # by SIGTERM or SIGINT: `serve_jobs` starts no fresh worker after this one
+        self.waiting = False  # in RQ's wait for a job (`dequeue_job_and_maintain_ttl`)
         self.drained = False  # the last look at the queue found it empty (how burst mode ends)
         self.dropped: str | None = None  # the last job said to be dropped (canceled or deleted)
         self.interrupted: str | None = None  # the last job stopped by `request_stop`, to requeue
@@ -262,7 +264,6 @@ class JobsWorker(SimpleWorker):
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         """Noted before RQ's own handling, which writes to Redis: a stop asked for during an outage still stops."""
-        self.told_to_stop = True
         self.context.stopping.set()
         if self.get_current_job_id():
             log.info(
@@ -273,9 +274,21 @@ class JobsWorker(SimpleWorker):
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
     ) -> tuple[Job, Queue] | None:
-        found = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        self.waiting = True
+        try:
+            found = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        finally:
+            self.waiting = False
         self.drained = found is None
         return found
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
+        """RQ's, but a stop asked for while waiting for a job ends the wait here. RQ's stop is the
+        StopRequested its signal handler raises wherever the main thread is; raised inside a log call,
+        logging swallows it, and RQ's wait retries a lost Redis for ever (this heartbeat every turn)."""
+        if self.waiting and self.context.stopping.is_set():
+            raise StopRequested
+        super().heartbeat(timeout, pipeline)
 
     def _set_ip_address(self, connection: Redis) -> None:
         """RQ records its client address for display only: a server whose CLIENT INFO reply redis-py
@@ -435,8 +448,7 @@ def serve_jobs(settings: Settings, bulk: Bulk, redis: Redis, burst: bool = False
 def _serve(settings: Settings, redis: Redis, burst: bool, context: Context) -> bool:
     """`serve_jobs`' loop: a fresh RQ worker each time one stops unasked."""
     period = max(1, math.ceil(settings.heartbeat_ttl_s))
-    stop_asked = threading.Event()
-    worked, backoff = False, Backoff(log, stop_asked)
+    worked, backoff = False, Backoff(log, context.stopping)
     while True:
         worker: JobsWorker | None = None
         why = "RQ logged the error above"
@@ -457,12 +469,12 @@ def _serve(settings: Settings, redis: Redis, burst: bool, context: Context) -> b
             worked = worker.work(burst=burst, logging_level=settings.log_level.upper()) or worked
         except RedisError as exc:  # down, or refusing commands: either way, wait and try again
             why = describe(exc)
-        if worker is not None and (worker.told_to_stop or worker.drained):
+        if context.stopping.is_set() or (worker is not None and worker.drained):
             return worked
         log.warning("jobs worker stopped unasked (%s); a fresh one in %.1f s", why, backoff.delay)
         redis.connection_pool.disconnect()  # the fresh one reconnects: a silent peer's connections are no use
         context.bulk.close()  # (its subscription too: the next part subscribes again)
-        _stop_on_signal(stop_asked)
+        _stop_on_signal(context.stopping)
         if backoff.pause():
             return worked
 

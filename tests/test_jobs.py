@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import subprocess
 import sys
 import threading
@@ -16,8 +17,10 @@ from typing import Any
 import fakeredis
 import pytest
 from fastapi.testclient import TestClient
+from redis import exceptions as redis_exceptions
 from redis.client import Pipeline, PubSubWorkerThread
 from rq import Queue
+from rq.exceptions import StopRequested
 from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job
 
@@ -684,3 +687,46 @@ def test_the_end_of_a_worker_loop_stops_rqs_command_thread_without_a_traceback(
         closed_under_it()
     thread.stop()
     closed_under_it()  # stopped: quiet
+
+
+def test_a_stop_swallowed_on_its_way_still_ends_a_wait_through_an_outage(
+    fake_server: fakeredis.FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # RQ's stop is the StopRequested its SIGTERM handler raises wherever the main thread is: inside a
+    # log call (RQ logs each failed try while Redis is down) logging swallows it, and RQ's wait for a
+    # job retried the lost Redis for ever, a jobs worker outliving the `serve` that started it.
+    redis = fakeredis.FakeRedis(server=fake_server)
+    context = Context(Bulk(Settings(), redis))
+    worker = JobsWorker(
+        [Queue("q", connection=redis)],
+        connection=redis,
+        context=context,
+        heartbeat_ttl_s=2,
+        redis_timeout_s=5,
+        keys=Keys("t"),
+    )
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(StopRequested):  # what logging's handleError then swallows
+            worker.request_stop(signal.SIGTERM, None)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+    def lost(*_: object, **__: object) -> None:
+        raise redis_exceptions.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(Queue, "dequeue_any", lost)
+    ended: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            worker.dequeue_job_and_maintain_ttl(timeout=1)
+        except BaseException as exc:  # (what ended the wait is the result)
+            ended.append(exc)
+
+    waiting = threading.Thread(target=wait, daemon=True)
+    waiting.start()
+    waiting.join(HANG_GUARD_S)
+    assert not waiting.is_alive(), "RQ's wait for a job went on retrying a lost Redis after the stop"
+    assert [type(exc) for exc in ended] == [StopRequested]
