@@ -14,6 +14,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from model_store.long_texts import LongTexts
 from model_store.onnx_engine import OnnxEngine, export
 from model_store.torch_engine import TRACE_EXAMPLE, load_module
 from sentiment.cli import main
-from tests.conftest import REPO, start_worker
+from tests.conftest import HANG_GUARD_S, REPO, start_worker
 from tests.test_long_texts import push, review, wait_result
 from tests.test_scores import KINDS
 
@@ -352,3 +353,27 @@ def _fake_recipes(monkeypatch: pytest.MonkeyPatch, figures: dict[str, tuple[floa
 
     monkeypatch.setattr(quantize, "_make", make)
     return made
+
+
+def test_openvinos_lanes_forward_side_by_side_each_as_one_lane_does(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model_dir = copy_checkpoint(tiny_model_dir, tmp_path / "model")
+    make_artifact(model_dir, recipes=["openvino"])
+    one = Classifier(model_dir, device="cpu", threads=2, precision="int8", lanes=1)
+    two = Classifier(model_dir, device="cpu", threads=2, precision="int8")  # auto: a lane a thread
+    assert (one.lanes, two.lanes) == (1, 2)
+    batches = [one.tokenize(TEXTS[start : start + 20]) for start in (0, 20)]
+    want = [one.forward(batch, packed=True) for batch in batches]
+    got: dict[int, list[list[float]]] = {}
+    started = threading.Barrier(2)
+
+    def lane(index: int) -> None:
+        two.engine.start_lane()
+        started.wait()
+        got[index] = two.forward(batches[index], packed=True)
+
+    lanes = [threading.Thread(target=lane, args=(index,)) for index in (0, 1)]
+    for thread in lanes:
+        thread.start()
+    for thread in lanes:
+        thread.join(HANG_GUARD_S)
+    assert [np.array(got[index]) for index in (0, 1)] == [pytest.approx(np.array(w), abs=1e-5) for w in want]
