@@ -659,13 +659,10 @@ def test_the_api_and_the_jobs_worker_import_no_torch(module: str) -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
-def test_the_end_of_a_worker_loop_stops_rqs_command_thread_without_a_traceback(
-    fake_server: fakeredis.FakeServer,
-) -> None:
-    # RQ closes the subscription's connection under its thread; what the thread then meets is not an error.
-    redis = fakeredis.FakeRedis(server=fake_server)
+def lone_worker(redis: fakeredis.FakeRedis) -> JobsWorker:
+    """A jobs worker on one queue, outside any `serve_jobs` loop."""
     context = Context(Bulk(Settings(), redis))
-    worker = JobsWorker(
+    return JobsWorker(
         [Queue("q", connection=redis)],
         connection=redis,
         context=context,
@@ -673,6 +670,14 @@ def test_the_end_of_a_worker_loop_stops_rqs_command_thread_without_a_traceback(
         redis_timeout_s=5,
         keys=Keys("t"),
     )
+
+
+def test_the_end_of_a_worker_loop_stops_rqs_command_thread_without_a_traceback(
+    fake_server: fakeredis.FakeServer,
+) -> None:
+    # RQ closes the subscription's connection under its thread; what the thread then meets is not an error.
+    redis = fakeredis.FakeRedis(server=fake_server)
+    worker = lone_worker(redis)
     pubsub = redis.pubsub()
     thread = PubSubWorkerThread(pubsub, sleep_time=1)
     thread._running.set()
@@ -695,16 +700,7 @@ def test_a_stop_swallowed_on_its_way_still_ends_a_wait_through_an_outage(
     # RQ's stop is the StopRequested its SIGTERM handler raises wherever the main thread is: inside a
     # log call (RQ logs each failed try while Redis is down) logging swallows it, and RQ's wait for a
     # job retried the lost Redis for ever, a jobs worker outliving the `serve` that started it.
-    redis = fakeredis.FakeRedis(server=fake_server)
-    context = Context(Bulk(Settings(), redis))
-    worker = JobsWorker(
-        [Queue("q", connection=redis)],
-        connection=redis,
-        context=context,
-        heartbeat_ttl_s=2,
-        redis_timeout_s=5,
-        keys=Keys("t"),
-    )
+    worker = lone_worker(fakeredis.FakeRedis(server=fake_server))
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         with pytest.raises(StopRequested):  # what logging's handleError then swallows
