@@ -77,7 +77,7 @@ def quantize(
     threads = threads or torch.get_num_threads()
     texts = evaluation[1]
     dest.parent.mkdir(parents=True, exist_ok=True)
-    stagings: list[Path] = []
+    stagings: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="sentiment-quantize-") as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         module = load_module(checkpoint, torch.device("cpu"), "fp32")
@@ -88,11 +88,29 @@ def quantize(
         made: dict[str, Report] = {}
         try:
             for recipe in recipes:
-                stagings.append(Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent)))
-                made[recipe] = _make(
-                    recipe, checkpoint, fp32, stagings[-1], calibration, evaluation, reference, fp32_seconds, threads
-                )
+                stagings[recipe] = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+                try:
+                    made[recipe] = _make(
+                        recipe,
+                        checkpoint,
+                        fp32,
+                        stagings[recipe],
+                        calibration,
+                        evaluation,
+                        reference,
+                        fp32_seconds,
+                        threads,
+                    )
+                except Exception:  # a tool that cannot take this model costs its recipe, not the others
+                    if len(recipes) == 1:
+                        raise
+                    log.warning(
+                        "recipe %s could not be made; the others are measured without it", recipe, exc_info=True
+                    )
+                    continue
                 log.info("%s", made[recipe].summary())
+            if not made:
+                raise RuntimeError(f"no int8 recipe could be made of {checkpoint.dir} (the log above says why)")
             passing = [report for report in made.values() if report.passes]
             best = (
                 max(passing, key=lambda r: r.speedup)
@@ -100,13 +118,12 @@ def quantize(
                 else max(made.values(), key=lambda r: (r.agreement, r.int8_accuracy))
             )
             report = dataclasses.replace(best, tried={recipe: _figures(r) for recipe, r in made.items()})
-            staging = stagings[list(made).index(best.recipe)]
-            report.write(staging)
+            report.write(stagings[best.recipe])
             if dest.exists():
                 shutil.rmtree(dest)
-            os.replace(staging, dest)
+            os.replace(stagings[best.recipe], dest)
         finally:
-            for staging in stagings:
+            for staging in stagings.values():
                 shutil.rmtree(staging, ignore_errors=True)
     return report
 

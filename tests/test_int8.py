@@ -324,6 +324,23 @@ def test_the_fastest_recipe_that_passes_is_kept_whatever_their_order(
     assert make_artifact(tiny_model_dir, tmp_path / "int8", list(figures)).recipe == "split"
 
 
+def test_a_recipe_its_tool_cannot_make_costs_that_recipe_alone(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(*_: object) -> None:
+        raise RuntimeError("the converter cannot take this model")
+
+    monkeypatch.setattr(quantize, "_nncf_int8", refuse)
+    with caplog.at_level(logging.WARNING, logger="model_store.quantize"):
+        report = make_artifact(tiny_model_dir, tmp_path / "int8")
+    assert set(report.tried) == {"dynamic", "split"} and report.recipe in report.tried
+    assert "recipe openvino could not be made" in caplog.text
+    with pytest.raises(RuntimeError, match="cannot take this model"):  # asked for alone: its error
+        make_artifact(tiny_model_dir, tmp_path / "int8", ["openvino"])
+    assert int8.Report.read(tmp_path / "int8") == report  # the artifact there is left as it was
+    assert not list(tmp_path.glob(".int8-*"))
+
+
 def _fake_recipes(monkeypatch: pytest.MonkeyPatch, figures: dict[str, tuple[float, float]]) -> list[str]:
     made: list[str] = []
 
