@@ -158,8 +158,7 @@ def load_engine(
     kind = resolve_engine(engine, target, resolved)
     if kind == "onnxruntime" and (target.type == "cuda" or resolved not in ("fp32", "int8")):
         raise ValueError("the onnxruntime engine runs fp32 and int8 on the CPU; use engine torch for other precisions")
-    openvino = artifact is not None and artifact.report.runtime == "openvino"
-    if kind == "onnxruntime" and not openvino:
+    if kind == "onnxruntime" and (artifact is None or artifact.report.runtime == "onnxruntime"):
         one_lane(lanes)
     from model_store import torch_engine
 
@@ -168,10 +167,9 @@ def load_engine(
     if kind == "onnxruntime":
         from model_store import onnx_engine
 
-        if openvino:
+        if artifact is not None and artifact.report.runtime == "openvino":
             from model_store.openvino_engine import OpenVinoEngine
 
-            assert artifact is not None
             return OpenVinoEngine.int8(checkpoint, artifact, threads or torch.get_num_threads(), lanes)
         if artifact is not None:
             return onnx_engine.OnnxEngine.int8(checkpoint, artifact, threads or torch.get_num_threads())

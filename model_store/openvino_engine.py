@@ -21,6 +21,11 @@ from model_store.cost import ForwardCost
 from model_store.int8 import Artifact
 
 
+def takes_segments(model: openvino.Model) -> bool:
+    """Whether the model is `layout.Segments` (packs), by its inputs' names."""
+    return "segments" in {port.get_any_name() for port in model.inputs}
+
+
 class OpenVinoEngine:
     """A compiled OpenVINO model: `lanes` forwards side by side (`auto`: 2 where there are 2 threads
     or more), each on its share of the threads."""
@@ -36,7 +41,7 @@ class OpenVinoEngine:
     def __init__(self, path: Path, threads: int, pad_id: int, precision: str, lanes: int | None = None) -> None:
         core = openvino.Core()
         model = core.read_model(path)
-        self._segments = "segments" in {port.get_any_name() for port in model.inputs}  # `layout.Segments`
+        self._segments = takes_segments(model)
         self.lanes = lanes or min(2, threads)
         if self.lanes > threads:
             raise ValueError(f"{self.lanes} forward lanes need a thread each, and the model has {threads}")

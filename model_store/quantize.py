@@ -37,7 +37,7 @@ from model_store import layout, scoring
 from model_store.checkpoint import Checkpoint
 from model_store.int8 import MODEL_FILES, RECIPES, RUNTIMES, Report, file_digest, int8_instructions
 from model_store.onnx_engine import OnnxEngine, export
-from model_store.openvino_engine import OpenVinoEngine
+from model_store.openvino_engine import OpenVinoEngine, takes_segments
 from model_store.torch_engine import TRACE_EXAMPLE, load_module
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,8 @@ def _onnxruntime_int8(
 def _nncf_int8(fp32: Path, int8: Path, checkpoint: Checkpoint, sentences: Sequence[str]) -> tuple[str, str, list[str]]:
     """`openvino`: NNCF's post-training quantization of the export (its transformer preset), activation
     ranges from the calibration sentences in batches as the worker makes them; the model in `int8`."""
-    segments = "segments" in {i.name for i in onnx.load(fp32, load_external_data=False).graph.input}
+    model = openvino.Core().read_model(fp32)
+    segments = takes_segments(model)
     ids = sorted(checkpoint.tokenize(list(sentences)), key=len)
     feeds = [
         {
@@ -218,7 +219,6 @@ def _nncf_int8(fp32: Path, int8: Path, checkpoint: Checkpoint, sentences: Sequen
         for i in range(0, len(ids), BATCH)
     ]
     logging.getLogger("nncf").setLevel(logging.ERROR)  # its notes on each step; its handlers are not only its own
-    model = openvino.Core().read_model(fp32)
     quantized = nncf.quantize(
         model,
         nncf.Dataset(feeds),
