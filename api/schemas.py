@@ -173,6 +173,10 @@ class ModelResponse(BaseModel):
         "decides it from the checkpoint's config: softmax (single-label), sigmoid (multi-label, or one output) or "
         "none (regression)."
     )
+    engine: str = Field(
+        description="The runtime that computes the forwards: torch, onnxruntime or openvino (int8 artifacts), null; "
+        "empty from a worker that does not say."
+    )
 
 
 class ReadyResponse(BaseModel):

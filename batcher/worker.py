@@ -65,7 +65,7 @@ class Worker:
         )
         self.failure = ThreadFailure(self.stop, FAILED_STOP_S)
         c = classifier
-        model = ModelInfo(c.name, c.version, c.labels, c.device, c.dtype_name, c.function.value)
+        model = ModelInfo(c.name, c.version, c.labels, c.device, c.dtype_name, c.function.value, c.engine.name)
         self.heartbeat = Heartbeat(
             redis, self.keys, self.queue, settings.heartbeat_ttl_s, lambda: self.status, self._healthy, model
         )

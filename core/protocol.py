@@ -286,6 +286,7 @@ class ModelInfo(_Json):
     device: str
     dtype: str
     function: str = ScoreFunction.SOFTMAX.value  # the `ScoreFunction` its scores come from
+    engine: str = ""  # the runtime of its forwards: torch, onnxruntime, openvino, null ("": a worker before the field)
 
 
 @dataclass(frozen=True, slots=True)

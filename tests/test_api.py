@@ -694,7 +694,7 @@ async def test_ready_and_model_follow_the_worker(client: httpx.AsyncClient, work
     model = (await client.get("/model")).json()
     assert model["version"] == worker.classifier.version
     assert model["labels"] == ["NEGATIVE", "POSITIVE"]
-    assert model["dtype"] == worker.classifier.dtype_name
+    assert (model["dtype"], model["engine"]) == (worker.classifier.dtype_name, worker.classifier.engine.name)
 
 
 async def test_no_user_text_in_any_key(client: httpx.AsyncClient, worker: Worker, redis: fakeredis.FakeRedis) -> None:

@@ -141,7 +141,7 @@ def test_auto_serves_a_passing_artifact_says_so_and_caches_its_scores_apart(
             model = client.get("/model").json()
     finally:
         worker.stop()
-    assert (model["dtype"], model["version"]) == ("int8", auto.version)
+    assert (model["dtype"], model["engine"], model["version"]) == ("int8", report.runtime, auto.version)
 
 
 def worker_start(model_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:

@@ -49,6 +49,9 @@ def test_model_info_and_worker_status_round_trip() -> None:
     for message in (info, status, WorkItem("i", ["t"], 1.0, 2.0, "c"), Result(error="boom")):
         newer = orjson.dumps({**orjson.loads(message.encode()), "added_later": 1})
         assert type(message).decode(newer) == message
+    # And a field added later is read with its default from an older sender.
+    older = {k: v for k, v in orjson.loads(info.encode()).items() if k != "engine"}
+    assert ModelInfo.decode(orjson.dumps(older)) == info and info.engine == ""
 
 
 def test_cache_keys_name_texts_by_digest_and_model_version() -> None:
