@@ -84,7 +84,7 @@ def int8_for_speed(model: Path, shared: Path, recipe: str | None = None) -> str:
 
     train = shared / "data" / "sst2-train.tsv"
     calibration = (train, read_sentences(train)[:512])
-    dev, labels = read_labelled(shared / "data" / "sst2-dev.tsv")
+    dev, labels = read_labelled(shared / "data" / "sst2-dev.tsv", classes=2)
     if recipe is None:
         with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
             small = Checkpoint(shared / "models" / "distilbert-sst2-small")

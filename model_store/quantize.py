@@ -47,19 +47,27 @@ BATCH = 32  # sentences per forward, sorted by length as the worker batches them
 
 
 def read_sentences(path: Path) -> list[str]:
-    """The first column of a TSV whose header starts with `text`, else one sentence per line."""
+    """One sentence a line; of a TSV (a tab in its first line, its header, as SST-2's `text` or GLUE's
+    `sentence`), the first column. Raises ValueError where there is none to calibrate on."""
     lines = path.read_text(encoding="utf-8").splitlines()
-    if lines and lines[0].split("\t")[0] == "text":
+    if lines and ("\t" in lines[0] or lines[0].strip() == "text"):
         lines = [line.split("\t")[0] for line in lines[1:]]
-    return [line.strip() for line in lines if line.strip()]
+    sentences = [line.strip() for line in lines if line.strip()]
+    if not sentences:
+        raise ValueError(f"{path}: no sentences to calibrate on (one a line, or a TSV's first column under its header)")
+    return sentences
 
 
-def read_labelled(path: Path) -> tuple[list[str], list[int]]:
-    """A TSV of `text<TAB>label` under a header, the label a class index (SST-2's format)."""
+def read_labelled(path: Path, classes: int) -> tuple[list[str], list[int]]:
+    """A TSV of `text<TAB>label` under a header, the label a class index below `classes`, the
+    model's labels (SST-2's format). Raises ValueError on anything else, rather than measure it."""
     rows = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
     if not rows or any(len(row) < 2 or not row[1].strip().isdigit() for row in rows):
         raise ValueError(f"{path}: expected a header, then text<TAB>label rows with a class index as the label")
-    return [row[0] for row in rows], [int(row[1]) for row in rows]
+    labels = [int(row[1]) for row in rows]
+    if (most := max(labels)) >= classes:
+        raise ValueError(f"{path}: a label {most}, and the model has {classes} labels (class indexes 0-{classes - 1})")
+    return [row[0] for row in rows], labels
 
 
 def quantize(

@@ -116,7 +116,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         type=Path,
         required=True,
         metavar="FILE",
-        help="sentences like the traffic's, one a line or a TSV's text column (SST-2 train)",
+        help="sentences like the traffic's, one a line or a TSV's first column under its header (SST-2 train)",
     )
     quantize.add_argument(
         "--eval",
@@ -126,7 +126,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         help="labelled sentences the report measures, text<TAB>label under a header (SST-2 dev)",
     )
     quantize.add_argument(
-        "--calibration-size", type=int, default=512, help="sentences taken from --calibration (default %(default)s)"
+        "--calibration-size", type=_count, default=512, help="sentences taken from --calibration (default %(default)s)"
     )
     quantize.add_argument(
         "--dest", type=Path, default=settings.int8_dir, help="default SENTIMENT_INT8_DIR, else int8/ in the checkpoint"
@@ -215,7 +215,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
 
 
 def _count(text: str) -> int:
-    """A command-line count of processes: a whole number, at least 1."""
+    """A command-line count (processes, sentences): a whole number, at least 1."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return int(text)
@@ -380,7 +380,7 @@ def _quantize(settings: Settings, args: argparse.Namespace) -> None:
     with _starting("model quantize"):
         checkpoint = Checkpoint(args.model_dir)
         calibration = read_sentences(args.calibration)[: args.calibration_size]
-        texts, labels = read_labelled(args.eval)
+        texts, labels = read_labelled(args.eval, len(checkpoint.labels))
     dest = args.dest or checkpoint.dir / DEFAULT_DIR
     recipes = [args.recipe] if args.recipe else RECIPES
     report = quantize(

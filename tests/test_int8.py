@@ -144,6 +144,38 @@ def test_auto_serves_a_passing_artifact_says_so_and_caches_its_scores_apart(
     assert (model["dtype"], model["engine"], model["version"]) == ("int8", report.runtime, auto.version)
 
 
+def test_a_tsv_is_read_by_its_first_column_under_any_header(tmp_path: Path) -> None:
+    glue = tmp_path / "glue.tsv"  # GLUE's SST-2 header says `sentence`, the shared copy's `text`
+    glue.write_text("sentence\tlabel\nhide new secretions \t0\n\nits charms\t1\n")
+    assert quantize.read_sentences(glue) == ["hide new secretions", "its charms"]
+    assert quantize.read_labelled(glue, classes=2) == (["hide new secretions ", "its charms"], [0, 1])
+    lines = tmp_path / "lines.txt"
+    lines.write_text("sentence one\n  \nsentence two\n")
+    assert quantize.read_sentences(lines) == ["sentence one", "sentence two"]
+
+
+def test_quantize_refuses_what_it_cannot_measure_in_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
+    good = tmp_path / "good.tsv"
+    good.write_text("text\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(TEXTS[:8])))
+    header_only = tmp_path / "empty.tsv"
+    header_only.write_text("text\tlabel\n")
+    three_classes = tmp_path / "three.tsv"
+    three_classes.write_text("text\tlabel\n" + "".join(f"{t}\t{i % 3}\n" for i, t in enumerate(TEXTS[:8])))
+    dest = tmp_path / "int8"
+    argv = ["model", "quantize", str(tiny_model_dir), "--dest", str(dest)]
+    for calibration, evaluation, said in (
+        (header_only, good, "empty.tsv: no sentences to calibrate on"),
+        (good, three_classes, "three.tsv: a label 2, and the model has 2 labels"),
+    ):
+        with pytest.raises(SystemExit) as refused:
+            main([*argv, "--calibration", str(calibration), "--eval", str(evaluation)])
+        assert str(refused.value.code).startswith("sentiment model quantize: ") and said in str(refused.value.code)
+    with pytest.raises(SystemExit) as refused:  # (argparse's usage error: exit 2)
+        main([*argv, "--calibration", str(good), "--eval", str(good), "--calibration-size", "0"])
+    assert refused.value.code == 2
+    assert not dest.exists()  # nothing made from what was refused
+
+
 def worker_start(model_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """`sentiment worker` as a person starts it: a model it will not load ends it before Redis is needed."""
     return subprocess.run(
