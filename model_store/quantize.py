@@ -70,6 +70,18 @@ def read_labelled(path: Path, classes: int) -> tuple[list[str], list[int]]:
     return [row[0] for row in rows], labels
 
 
+def check_destination(dest: Path) -> None:
+    """Make `dest`'s parent, and raise ValueError now, before the work, where the artifact (a folder,
+    staged beside it) could not be written there at its end."""
+    if dest.exists() and not dest.is_dir():
+        raise ValueError(f"{dest} is a file; the int8 artifact is a folder: name another with --dest")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(prefix=f".{dest.name}-", dir=dest.parent).cleanup()  # as the staging needs
+    except OSError as exc:
+        raise ValueError(f"cannot write the int8 artifact at {dest} ({exc.strerror}: {exc.filename})") from exc
+
+
 def quantize(
     checkpoint: Checkpoint,
     dest: Path,
@@ -84,7 +96,7 @@ def quantize(
     make, each measured on this CPU: the fastest that passes the rule is kept, else the most accurate."""
     threads = threads or torch.get_num_threads()
     texts = evaluation[1]
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    check_destination(dest)
     stagings: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="sentiment-quantize-") as tmp:
         fp32 = Path(tmp) / "fp32.onnx"

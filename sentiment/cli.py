@@ -375,13 +375,14 @@ def _quantize(settings: Settings, args: argparse.Namespace) -> None:
     failing report is a result, not an error (exit 0): the report is what decides whether it is served."""
     from model_store.checkpoint import Checkpoint
     from model_store.int8 import DEFAULT_DIR
-    from model_store.quantize import quantize, read_labelled, read_sentences
+    from model_store.quantize import check_destination, quantize, read_labelled, read_sentences
 
     with _starting("model quantize"):
         checkpoint = Checkpoint(args.model_dir)
         calibration = read_sentences(args.calibration)[: args.calibration_size]
         texts, labels = read_labelled(args.eval, len(checkpoint.labels))
-    dest = args.dest or checkpoint.dir / DEFAULT_DIR
+        dest = args.dest or checkpoint.dir / DEFAULT_DIR
+        check_destination(dest)
     recipes = [args.recipe] if args.recipe else RECIPES
     report = quantize(
         checkpoint, dest, (args.calibration, calibration), (args.eval, texts, labels), settings.torch_threads, recipes

@@ -174,6 +174,15 @@ def test_quantize_refuses_what_it_cannot_measure_in_one_line(tiny_model_dir: Pat
         main([*argv, "--calibration", str(good), "--eval", str(good), "--calibration-size", "0"])
     assert refused.value.code == 2
     assert not dest.exists()  # nothing made from what was refused
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for where, said in (
+        (a_file, "a-file is a file"),
+        (a_file / "int8", "cannot write the int8 artifact"),
+    ):  # refused before the work
+        with pytest.raises(SystemExit) as refused:
+            main([*argv[:-1], str(where), "--calibration", str(good), "--eval", str(good)])
+        assert str(refused.value.code).startswith("sentiment model quantize: ") and said in str(refused.value.code)
 
 
 def worker_start(model_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
