@@ -116,9 +116,13 @@ def int8_artifact(
 
 
 def one_lane(lanes: int | None) -> int:
-    """The lanes of an engine that runs one forward at a time: forward lanes are torch's on the CPU."""
+    """The lanes of an engine that runs one forward at a time: forward lanes are torch's on the CPU,
+    and OpenVINO's for the int8 artifact."""
     if lanes and lanes > 1:
-        raise ValueError("forward lanes run torch's engine on the CPU; set SENTIMENT_FORWARD_LANES=1 or unset")
+        raise ValueError(
+            "forward lanes run torch's engine on the CPU, or OpenVINO's int8 artifact, not this one; "
+            "set SENTIMENT_FORWARD_LANES=1 or unset"
+        )
     return 1
 
 
