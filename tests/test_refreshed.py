@@ -1,12 +1,16 @@
 """A shared value read again in the background (`api.refreshed`), on a clock the test moves: when a
-request waits for a read, and what a failed read leaves."""
+request waits for a read, and what a failed read leaves; by examples, then as a state machine."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from api.refreshed import Refreshed
@@ -75,3 +79,96 @@ async def test_a_failed_read_leaves_the_value_and_the_next_request_reads_again(
     assert [r.message for r in caplog.records] == ["a background read from Redis failed"]
     source.failure = None
     assert await refreshed.current() == source.reads
+
+
+REFRESH_S, MAX_AGE_S = 1.0, 5.0
+
+
+class Gate:
+    """Reads that each wait on a future of their own, which the machine ends (or fails) when it says."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.reads: list[asyncio.Future[int]] = []
+
+    async def __call__(self) -> int:
+        read: asyncio.Future[int] = self.loop.create_future()
+        self.reads.append(read)
+        return await read
+
+    def on_its_way(self) -> list[asyncio.Future[int]]:
+        return [read for read in self.reads if not read.done()]
+
+
+class RefreshedMachine(RuleBasedStateMachine):
+    """`Refreshed` as a state machine: requests, the clock moving on, and reads that end or fail
+    whenever Hypothesis says, against what it promises:
+
+    - one read at a time, whatever the requests, and `reading` says whether one is on its way;
+    - a request starts a read where the value is `REFRESH_S` old and none is on its way;
+    - it goes on with the value at once, unless the value is `MAX_AGE_S` old (or was never read):
+      then it waits for the read on its way, and gets what that read gets, its value or its failure;
+    - a failed read leaves the value and its age as they were.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.now = 0.0
+        self.gate = Gate(self.loop)
+        self.refreshed = Refreshed(self.gate, 0, REFRESH_S, MAX_AGE_S, clock=lambda: self.now)
+        self.value, self.read_at = 0, -math.inf  # what the value and its age should be
+        self.waiting: list[asyncio.Task[int]] = []  # requests waiting for the read on its way
+
+    def settle(self) -> None:
+        for _ in range(10):
+            self.loop.run_until_complete(asyncio.sleep(0))
+
+    @rule(seconds=st.floats(0, 2 * MAX_AGE_S))
+    def time_passes(self, seconds: float) -> None:
+        self.now += seconds
+
+    @rule()
+    def a_request(self) -> None:
+        age, reads, on_its_way = self.now - self.read_at, len(self.gate.reads), bool(self.gate.on_its_way())
+        request = self.loop.create_task(self.refreshed.current())
+        self.settle()
+        assert len(self.gate.reads) == reads + (age >= REFRESH_S and not on_its_way)
+        if age >= MAX_AGE_S:
+            assert not request.done()
+            self.waiting.append(request)
+        else:
+            assert request.done() and request.result() == self.value
+
+    @precondition(lambda self: self.gate.on_its_way())
+    @rule(value=st.integers(), fails=st.booleans())
+    def the_read_ends(self, value: int, fails: bool) -> None:
+        [read] = self.gate.on_its_way()
+        if fails:
+            read.set_exception(RedisConnectionError("Redis went away"))
+        else:
+            read.set_result(value)
+            self.value, self.read_at = value, self.now
+        self.settle()
+        for request in self.waiting:
+            assert request.done()
+            if fails:
+                assert isinstance(request.exception(), RedisConnectionError)
+            else:
+                assert request.result() == value
+        self.waiting.clear()
+
+    @invariant()
+    def one_read_at_a_time(self) -> None:
+        assert len(self.gate.on_its_way()) <= 1
+        assert (self.refreshed.reading is None) == (not self.gate.on_its_way())
+
+    def teardown(self) -> None:
+        for task in asyncio.all_tasks(self.loop):
+            task.cancel()
+        self.settle()
+        self.loop.close()
+
+
+TestRefreshedMachine = RefreshedMachine.TestCase
+TestRefreshedMachine.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
