@@ -42,7 +42,7 @@ from core.redis_replies import text
 REFRESH_S = 0.1  # how stale the view of the fleet's load may be
 MAX_AGE_S = 0.5  # older than this (after a quiet spell, or a slow read), a request waits for a fresh one
 ITEMS_KEPT = 1024  # the newest work items this process queued whose texts it keeps (past them, their mean)
-QUEUE_MARGIN = 1.5  # the queue's predicted wait counts this many times (docs/tuning.md, "Overload")
+QUEUE_MARGIN = 2.0  # the queue's predicted wait counts this many times (docs/tuning.md, "Overload")
 
 
 @dataclass(frozen=True)

@@ -107,18 +107,19 @@ async def test_a_request_that_would_be_answered_past_its_deadline_is_refused_wit
     redis: fakeredis.FakeAsyncRedis,
 ) -> None:
     await beat(redis, status(texts_per_s=100.0, forward_s=0.1, held=20))
-    await queue(redis, 290)  # 310 texts ahead: answered in 3.1 s (counted 1.5 times) + 0.1 s
+    await queue(redis, 290)  # 310 texts ahead: answered in 3.1 s (counted twice) + 0.1 s
     admission = Admission(Load(redis, KEYS, Clock()))
     refusal = await refused(admission, 1, timeout_s=1.0)
-    assert refusal is not None and refusal.retry_after_s == 4  # 4.75 s - 1 s, rounded up
-    assert await refused(admission, 1, timeout_s=4.8) is None
+    assert refusal is not None and refusal.retry_after_s == 6  # 6.3 s - 1 s, rounded up
+    assert await refused(admission, 1, timeout_s=6.2) is not None
+    assert await refused(admission, 1, timeout_s=6.4) is None
 
 
 async def test_the_texts_admitted_since_the_last_read_count_until_the_next(redis: fakeredis.FakeAsyncRedis) -> None:
     await beat(redis, status(texts_per_s=10.0, forward_s=0.1))
     admission, clock = admitting(redis)
     answers = [await refused(admission, 1, timeout_s=1.0) for _ in range(12)]
-    assert [a is None for a in answers] == [True] * 7 + [False] * 5  # 1.5 x (6 ahead) / 10 + 0.1 = 1.0 s: the last in
+    assert [a is None for a in answers] == [True] * 5 + [False] * 7  # 2 x (4 ahead) / 10 + 0.1 = 0.9 s: the last in
     clock.now += REFRESH_S
     await read_again(admission.load)  # nothing was queued after all
     assert await refused(admission, 1, timeout_s=1.0) is None
@@ -179,11 +180,11 @@ async def test_the_texts_admitted_while_a_read_is_on_its_way_count_after_it(
     await queue(redis, 1)  # its work item
     answer = held_reads(redis, monkeypatch)
     clock.now += REFRESH_S
-    answers = [await refused(admission, 1, timeout_s=1.0) for _ in range(6)]  # the next read on its way
-    assert [a is None for a in answers] == [True] * 6
+    answers = [await refused(admission, 1, timeout_s=1.0) for _ in range(4)]  # the next read on its way
+    assert [a is None for a in answers] == [True] * 4  # the last: 2 x (1 + 3 ahead) / 10 + 0.1 = 0.9 s
     answer.set()
     await read_again(admission.load)  # read before their work items were queued: one item ahead
-    assert await refused(admission, 1, timeout_s=1.0) is not None  # 1.5 x (1 + 6 ahead) / 10 + 0.1 s: past 1 s
+    assert await refused(admission, 1, timeout_s=1.0) is not None  # 2 x (1 + 4 ahead) / 10 + 0.1 s: past 1 s
 
 
 @pytest.mark.parametrize("cold", [status(texts_per_s=None, forward_s=None), None])
@@ -224,7 +225,7 @@ async def test_with_nothing_ahead_a_request_is_admitted_however_slow_the_forward
     await beat(redis, status(texts_per_s=1.0, forward_s=5.0))
     admission = Admission(Load(redis, KEYS, Clock()))
     assert await refused(admission, 1, timeout_s=1.0) is None
-    assert await refused(admission, 1, timeout_s=1.0) is not None  # one ahead now: 6 s
+    assert await refused(admission, 1, timeout_s=1.0) is not None  # one ahead now: 7 s
 
 
 async def test_queued_items_count_as_the_texts_they_hold_not_as_the_largest_item_taken_last(
@@ -238,11 +239,11 @@ async def test_queued_items_count_as_the_texts_they_hold_not_as_the_largest_item
         await queued_by(admission, redis, 1)
     clock.now += REFRESH_S
     await read_again(admission.load)
-    assert await refused(admission, 1, timeout_s=1.0) is None  # 1.5 x (64 + 20) / 200 + 0.1 s: in time
+    assert await refused(admission, 1, timeout_s=1.0) is None  # 2 x (64 + 20) / 200 + 0.1 s: in time
     await queued_by(admission, redis, 64)
     clock.now += REFRESH_S
     await read_again(admission.load)
-    assert await refused(admission, 1, timeout_s=1.0) is not None  # 1.5 x (64 + 20 + 64) / 200 + 0.1 s: late
+    assert await refused(admission, 1, timeout_s=1.0) is not None  # 2 x (64 + 20 + 64) / 200 + 0.1 s: late
 
 
 @pytest.mark.parametrize("read", ["ended", "on its way"])
@@ -264,4 +265,4 @@ async def test_texts_the_cache_answered_after_a_read_counted_them_are_uncounted_
     answer.set()
     await read_again(admission.load)
     answers = [await refused(admission, 1, timeout_s=1.0) for _ in range(12)]
-    assert [a is None for a in answers] == [True] * 7 + [False] * 5  # 1.5 x (6 ahead) / 10 + 0.1 = 1.0 s: the last in
+    assert [a is None for a in answers] == [True] * 5 + [False] * 7  # 2 x (4 ahead) / 10 + 0.1 = 0.9 s: the last in
