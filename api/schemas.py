@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, TypeVar
 
 from fastapi.exceptions import RequestValidationError
@@ -82,6 +83,7 @@ def _in_body(error: Any) -> dict[str, Any]:
 
 
 TIMEOUT_HEADER = "X-Request-Timeout"
+SECONDS = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 def requested_timeout(headers: Headers, most_s: float) -> float | None:
@@ -93,10 +95,8 @@ def requested_timeout(headers: Headers, most_s: float) -> float | None:
     raw = headers.get(TIMEOUT_HEADER)
     if raw is None:
         return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = math.nan
+    # ASCII digits, as `1.5`, `.5` or `5e-3`: `float` also takes `1_0`, `inf`, `nan` and non-ASCII spaces.
+    seconds = float(raw) if SECONDS.fullmatch(raw) else math.nan
     if not 0 < seconds <= most_s:  # (NaN fails too)
         raise RequestValidationError(
             [

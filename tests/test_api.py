@@ -482,6 +482,16 @@ async def test_a_deadline_passed_before_any_redis_call_is_a_504_naming_the_stage
     )
 
 
+@pytest.mark.parametrize("seconds", [b"1_0", b"inf", b"nan", b"\xa01", b"0x1p0", b"1,5", b"+1", b"", b"0", b"31"])
+async def test_a_deadline_header_that_is_no_number_of_seconds_in_range_is_a_422(
+    client: httpx.AsyncClient, seconds: bytes
+) -> None:
+    # Python's `float` takes `1_0`, `inf`, `nan` and a leading no-break space: none is a number of seconds.
+    response = await client.post("/predict", json={"text": ["x"]}, headers={"X-Request-Timeout": seconds})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["header", "X-Request-Timeout"]
+
+
 async def test_a_504_waits_on_no_redis_call_after_the_deadline(
     settings: Settings, fake_server: fakeredis.FakeServer
 ) -> None:
