@@ -228,9 +228,10 @@ class Settings(BaseSettings):
     forward_lanes: int | None = Field(
         None,
         ge=1,
-        description="Forwards a batch runs side by side on the CPU (torch's engine, and OpenVINO's for the int8 "
-        "artifact), each on an equal share of the model's threads; on torch a lone text still takes them all. Unset: 2 where the model has 2 or more threads, "
-        "else 1. On 2 cores shared with the API, 2 lanes of 1 thread carry 15-20% more at saturation than 1 "
+        description="Forwards a batch runs side by side on the CPU (torch, ONNX Runtime, OpenVINO), each on an "
+        "equal share of the model's threads; on torch a lone text still takes them all. Unset: 2 where the model has "
+        "2 or more threads (fp32 on ONNX Runtime: 1, a lone text there is 1.6x slower on 1 thread), else 1. On 2 "
+        "cores shared with the API, 2 lanes of 1 thread carry 15-20% more at saturation than 1 "
         'forward on 2 threads, which waits for its slower thread after every op (docs/tuning.md, "Forward lanes").',
     )
     workers: int = Field(

@@ -116,11 +116,11 @@ def int8_artifact(
 
 
 def one_lane(lanes: int | None) -> int:
-    """The lanes of an engine that runs one forward at a time: forward lanes are torch's on the CPU,
-    and OpenVINO's for the int8 artifact."""
+    """The lanes of an engine that runs one forward at a time: forward lanes are the CPU's engines'
+    (torch, ONNX Runtime, OpenVINO), not CUDA's or the null engine's."""
     if lanes and lanes > 1:
         raise ValueError(
-            "forward lanes run torch's engine on the CPU, or OpenVINO's int8 artifact, not this one; "
+            "forward lanes run the model on the CPU (torch, ONNX Runtime or OpenVINO), not on this engine; "
             "set SENTIMENT_FORWARD_LANES=1 or unset"
         )
     return 1
@@ -162,8 +162,6 @@ def load_engine(
     kind = resolve_engine(engine, target, resolved)
     if kind == "onnxruntime" and (target.type == "cuda" or resolved not in ("fp32", "int8")):
         raise ValueError("the onnxruntime engine runs fp32 and int8 on the CPU; use engine torch for other precisions")
-    if kind == "onnxruntime" and (artifact is None or artifact.report.runtime == "onnxruntime"):
-        one_lane(lanes)
     from model_store import torch_engine
 
     if target.type == "cpu":
@@ -176,10 +174,10 @@ def load_engine(
 
             return OpenVinoEngine.int8(checkpoint, artifact, threads or torch.get_num_threads(), lanes)
         if artifact is not None:
-            return onnx_engine.OnnxEngine.int8(checkpoint, artifact, threads or torch.get_num_threads())
+            return onnx_engine.OnnxEngine.int8(checkpoint, artifact, threads or torch.get_num_threads(), lanes)
 
         try:
-            return onnx_engine.OnnxEngine.export(checkpoint, threads or torch.get_num_threads())
+            return onnx_engine.OnnxEngine.export(checkpoint, threads or torch.get_num_threads(), lanes or 1)
         except Exception:
             if engine == "onnxruntime":
                 raise

@@ -48,15 +48,17 @@ def export(model: torch.nn.Module, path: Path, example: dict[str, torch.Tensor])
 
 
 class OnnxEngine:
-    """An ONNX Runtime session over an exported model: one forward at a time, on all its threads."""
+    """An ONNX Runtime session over an exported model: `lanes` forwards side by side, each a `run`
+    of the one session (one copy of the weights) on its share of the threads."""
 
     name = "onnxruntime"
     device = "cpu"
-    lanes = 1
 
-    def __init__(self, path: Path, threads: int, pad_id: int, precision: str = "fp32") -> None:
+    def __init__(self, path: Path, threads: int, pad_id: int, precision: str = "fp32", lanes: int = 1) -> None:
+        if lanes > threads:
+            raise ValueError(f"{lanes} forward lanes need a thread each, and the model has {threads}")
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = threads // lanes  # 1: a run computes on its caller's thread alone
         options.inter_op_num_threads = 1
         # Idle pool threads spin like OpenMP's, stealing the cores the API and Redis share on a small
         # box: follow the worker's OMP_WAIT_POLICY (passive unless set otherwise, docs/tuning.md).
@@ -65,6 +67,7 @@ class OnnxEngine:
         options.log_severity_level = 3  # errors only: its notes on graph fusions are not ours to act on
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.threads = threads
+        self.lanes = lanes
         self.precision = precision
         self.dtype = "float32" if precision == "fp32" else "int8"
         self._pad_id = pad_id
@@ -73,9 +76,10 @@ class OnnxEngine:
         self.cost = ForwardCost(overhead_tokens=16, attention_tokens=2048, packs=segments)
 
     @classmethod
-    def export(cls, checkpoint: Checkpoint, threads: int) -> OnnxEngine:
+    def export(cls, checkpoint: Checkpoint, threads: int, lanes: int | None = None) -> OnnxEngine:
         """Export the checkpoint to a temporary file, drop torch's copy of the weights, and load it
-        into ONNX Runtime (DistilBERT-base then peaks at 1.1 GB instead of 1.4)."""
+        into ONNX Runtime (DistilBERT-base then peaks at 1.1 GB instead of 1.4). One lane unless
+        asked: a lone text on one thread of two takes 1.6x as long in fp32 (docs/tuning.md, "Forward lanes")."""
         module = load_module(checkpoint, torch.device("cpu"), "fp32")
         segments = isinstance(module, layout.Segments)
         with tempfile.TemporaryDirectory(prefix="sentiment-onnx-") as tmp:
@@ -83,15 +87,16 @@ class OnnxEngine:
             export(module, graph, layout.inputs(TRACE_EXAMPLE, checkpoint.pad_id, segments=segments, packed=False))
             del module
             gc.collect()
-            return cls(graph, threads, checkpoint.pad_id)
+            return cls(graph, threads, checkpoint.pad_id, lanes=lanes or 1)
 
     @classmethod
-    def int8(cls, checkpoint: Checkpoint, artifact: Artifact, threads: int) -> OnnxEngine:
-        """The artifact's quantized graph, its scores cached under the artifact's own version."""
-        return cls(artifact.model, threads, checkpoint.pad_id, precision=artifact.tag)
+    def int8(cls, checkpoint: Checkpoint, artifact: Artifact, threads: int, lanes: int | None = None) -> OnnxEngine:
+        """The artifact's quantized graph, its scores cached under the artifact's own version; `auto`
+        lanes: 2 where there are 2 threads or more (a lone int8 text on one thread is still faster than fp32)."""
+        return cls(artifact.model, threads, checkpoint.pad_id, precision=artifact.tag, lanes=lanes or min(2, threads))
 
     def start_lane(self) -> None:
-        """One lane on all the session's threads: nothing to set per thread."""
+        """Nothing to set per thread: concurrent runs of one session are ONNX Runtime's own."""
 
     def forward(self, batch: Sequence[list[int]], packed: bool = False) -> np.ndarray:
         logits, *_ = self.outputs(batch, packed)

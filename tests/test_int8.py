@@ -413,12 +413,16 @@ def _fake_recipes(monkeypatch: pytest.MonkeyPatch, figures: dict[str, tuple[floa
     return made
 
 
-def test_openvinos_lanes_forward_side_by_side_each_as_one_lane_does(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("recipe", ["openvino", "split"])
+def test_int8_lanes_forward_side_by_side_each_as_one_lane_does(
+    recipe: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     model_dir = copy_checkpoint(tiny_model_dir, tmp_path / "model")
-    make_artifact(model_dir, recipes=["openvino"])
+    make_artifact(model_dir, recipes=[recipe])
     one = Classifier(model_dir, device="cpu", threads=2, precision="int8", lanes=1)
     two = Classifier(model_dir, device="cpu", threads=2, precision="int8")  # auto: a lane a thread
     assert (one.lanes, two.lanes) == (1, 2)
+    assert two.engine.name == int8.RUNTIMES[recipe]
     batches = [one.tokenize(TEXTS[start : start + 20]) for start in (0, 20)]
     want = [one.forward(batch, packed=True) for batch in batches]
     got: dict[int, list[list[float]]] = {}

@@ -35,7 +35,7 @@ from model_store import engine as engine_module
 from model_store import layout, onnx_engine
 from model_store.checkpoint import Checkpoint, fingerprint
 from model_store.classifier import Classifier
-from model_store.engine import load_engine, pick_device, resolve_engine, resolve_precision
+from model_store.engine import EngineName, load_engine, pick_device, resolve_engine, resolve_precision
 from model_store.null_engine import NullEngine
 from model_store.onnx_engine import OnnxEngine
 from model_store.torch_engine import TorchEngine, load_module
@@ -116,15 +116,17 @@ def test_each_forward_lane_computes_on_its_share_of_the_threads_and_the_main_thr
         assert torch.tensor(got) == pytest.approx(torch.tensor(whole), abs=1e-6)
 
 
-def test_forward_lanes_need_torch_on_the_cpu_and_a_thread_each(tiny_model_dir: Path) -> None:
+def test_forward_lanes_need_the_cpu_and_a_thread_each(tiny_model_dir: Path) -> None:
     assert Classifier(tiny_model_dir, device="cpu", threads=1, precision="fp32", engine="torch").lanes == 1
     assert Classifier(tiny_model_dir, device="cpu", threads=2, precision="fp32", engine="onnxruntime").lanes == 1
-    with pytest.raises(ValueError, match="torch's engine"):
-        Classifier(tiny_model_dir, device="cpu", threads=2, precision="fp32", engine="onnxruntime", lanes=2)
-    with pytest.raises(ValueError, match="torch's engine"):
+    asked = Classifier(tiny_model_dir, device="cpu", threads=2, precision="fp32", engine="onnxruntime", lanes=2)
+    assert (asked.engine.name, asked.lanes) == ("onnxruntime", 2)
+    with pytest.raises(ValueError, match="not on this engine"):
         Classifier(tiny_model_dir, engine="null", lanes=2)
-    with pytest.raises(ValueError, match="need a thread each"):
-        Classifier(tiny_model_dir, device="cpu", threads=2, precision="fp32", engine="torch", lanes=3)
+    cpu_engines: tuple[EngineName, ...] = ("torch", "onnxruntime")
+    for engine in cpu_engines:
+        with pytest.raises(ValueError, match="need a thread each"):
+            Classifier(tiny_model_dir, device="cpu", threads=2, precision="fp32", engine=engine, lanes=3)
 
 
 def test_fingerprint_changes_with_any_checkpoint_file(tiny_model_dir: Path, tmp_path: Path) -> None:
