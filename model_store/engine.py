@@ -177,7 +177,7 @@ def load_engine(
             return onnx_engine.OnnxEngine.int8(checkpoint, artifact, threads or torch.get_num_threads(), lanes)
 
         try:
-            return onnx_engine.OnnxEngine.export(checkpoint, threads or torch.get_num_threads(), lanes or 1)
+            return onnx_engine.OnnxEngine.export(checkpoint, threads or torch.get_num_threads(), lanes)
         except Exception:
             if engine == "onnxruntime":
                 raise
