@@ -115,6 +115,15 @@ def int8_artifact(
     return artifact
 
 
+def cpu_lanes(lanes: int | None, threads: int, default: int = 2) -> int:
+    """The forward lanes of a CPU engine: as asked, else `default` where there are threads for them;
+    each lane needs a thread of its own."""
+    lanes = lanes or min(default, threads)
+    if lanes > threads:
+        raise ValueError(f"{lanes} forward lanes need a thread each, and the model has {threads}")
+    return lanes
+
+
 def one_lane(lanes: int | None) -> int:
     """The lanes of an engine that runs one forward at a time: forward lanes are the CPU's engines'
     (torch, ONNX Runtime, OpenVINO), not CUDA's or the null engine's."""

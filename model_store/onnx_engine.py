@@ -22,6 +22,7 @@ import torch
 from model_store import layout
 from model_store.checkpoint import Checkpoint
 from model_store.cost import ForwardCost
+from model_store.engine import cpu_lanes
 from model_store.int8 import Artifact
 from model_store.torch_engine import TRACE_EXAMPLE, load_module
 
@@ -55,8 +56,7 @@ class OnnxEngine:
     device = "cpu"
 
     def __init__(self, path: Path, threads: int, pad_id: int, precision: str = "fp32", lanes: int = 1) -> None:
-        if lanes > threads:
-            raise ValueError(f"{lanes} forward lanes need a thread each, and the model has {threads}")
+        lanes = cpu_lanes(lanes, threads)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads // lanes  # 1: a run computes on its caller's thread alone
         options.inter_op_num_threads = 1
@@ -87,13 +87,13 @@ class OnnxEngine:
             export(module, graph, layout.inputs(TRACE_EXAMPLE, checkpoint.pad_id, segments=segments, packed=False))
             del module
             gc.collect()
-            return cls(graph, threads, checkpoint.pad_id, lanes=lanes or 1)
+            return cls(graph, threads, checkpoint.pad_id, lanes=cpu_lanes(lanes, threads, default=1))
 
     @classmethod
     def int8(cls, checkpoint: Checkpoint, artifact: Artifact, threads: int, lanes: int | None = None) -> OnnxEngine:
         """The artifact's quantized graph, its scores cached under the artifact's own version; `auto`
         lanes: 2 where there are 2 threads or more (a lone int8 text on one thread is still faster than fp32)."""
-        return cls(artifact.model, threads, checkpoint.pad_id, precision=artifact.tag, lanes=lanes or min(2, threads))
+        return cls(artifact.model, threads, checkpoint.pad_id, precision=artifact.tag, lanes=cpu_lanes(lanes, threads))
 
     def start_lane(self) -> None:
         """Nothing to set per thread: concurrent runs of one session are ONNX Runtime's own."""

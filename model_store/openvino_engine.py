@@ -18,6 +18,7 @@ import openvino
 from model_store import layout
 from model_store.checkpoint import Checkpoint
 from model_store.cost import ForwardCost
+from model_store.engine import cpu_lanes
 from model_store.int8 import Artifact
 
 
@@ -42,9 +43,7 @@ class OpenVinoEngine:
         core = openvino.Core()
         model = core.read_model(path)
         self._segments = takes_segments(model)
-        self.lanes = lanes or min(2, threads)
-        if self.lanes > threads:
-            raise ValueError(f"{self.lanes} forward lanes need a thread each, and the model has {threads}")
+        self.lanes = cpu_lanes(lanes, threads)
         # A stream a lane, the threads shared out: each lane's forwards run on threads of their own,
         # so a core taken by the API stalls one lane, not both (docs/tuning.md, "Forward lanes").
         config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": self.lanes}

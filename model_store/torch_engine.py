@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification
 from model_store import layout
 from model_store.checkpoint import Checkpoint
 from model_store.cost import ForwardCost
-from model_store.engine import one_lane
+from model_store.engine import cpu_lanes, one_lane
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +94,7 @@ class TorchEngine:
     def _lanes(lanes: int | None, threads: int, cuda: bool) -> int:
         if cuda:
             return one_lane(lanes)
-        lanes = lanes or min(2, threads)
-        if lanes > threads:
-            raise ValueError(f"{lanes} forward lanes need a thread each, and the model has {threads}")
-        return lanes
+        return cpu_lanes(lanes, threads)
 
     def start_lane(self) -> None:
         """Give the calling thread its share of the OpenMP threads: torch's count is per calling thread,
