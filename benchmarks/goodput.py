@@ -4,7 +4,8 @@ both overload policies side by side.
 First the in-time capacity C: closed loops of `CAPACITY_CLIENTS` clients (one never-seen text a
 request, no deadline), the best rate whose p99 is within `DEADLINE_S`: what the box can answer in
 time. The saturation rate is the point at `SATURATION_CLIENTS`. Then, for each policy
-(`SENTIMENT_OVERLOAD_POLICY`) on fresh processes (one API, one model worker, one jobs worker):
+(`SENTIMENT_OVERLOAD_POLICY`) on fresh processes (`api_processes` APIs side by side, one model
+worker, one jobs worker):
 requests at `MULTIPLES` of that rate, sent open loop (at a constant rate, whatever the answers),
 each with `X-Request-Timeout: DEADLINE_S` and given up by its client after as long. Each point
 reports the goodput (answers within the deadline a second), the p99 of the refusals, and the share
@@ -77,12 +78,18 @@ Progress = Callable[[str, Mapping[str, object]], None]
 
 @dataclass(frozen=True)
 class Service:
-    """The processes of one policy's service: the API's URL, the /metrics of the API and the model
-    worker, and each process's pid."""
+    """The processes of one policy's service: the APIs' URLs and /metrics, the model worker's
+    /metrics, and the pids of each kind of process (the APIs', the model worker's, the jobs worker's)."""
 
-    url: str
-    scraped: tuple[str, str]
-    pids: dict[str, int]
+    urls: list[str]
+    api_metrics: list[str]
+    worker_metrics: str
+    pids: dict[str, list[int]]
+
+    @property
+    def scraped(self) -> list[str]:
+        """Every /metrics whose counters the points read."""
+        return [*self.api_metrics, self.worker_metrics]
 
 
 def measure(
@@ -95,14 +102,16 @@ def measure(
     warmup_s: float,
     job_texts: int = JOB_TEXTS,
     k6_data: Path | None = None,
+    api_processes: int = 1,
 ) -> dict[str, object]:
     """The in-time capacity and the saturation rate, then each policy's points, its point beside a
-    bulk job, and (the `deadline` policy's) k6's points; `k6_data`: the sentences k6 sends."""
+    bulk job, and (the `deadline` policy's) k6's points; `k6_data`: the sentences k6 sends;
+    `api_processes`: API replicas sharing the model worker (a GPU worker outruns one)."""
     capacity: dict[str, Any] | None = None
     saturation = 0.0
     policies: dict[str, object] = {}
     for policy in POLICIES:
-        with _service(model_dir, device, worker_env, policy) as service:
+        with _service(model_dir, device, worker_env, policy, api_processes) as service:
             if capacity is None:
                 capacity = _capacity(service, texts, duration_s, warmup_s)
                 saturation = capacity["saturation_texts_per_s"]
@@ -133,6 +142,7 @@ def measure(
     progress("goodput", refusals)
     return {
         "deadline_s": DEADLINE_S,
+        "api_processes": api_processes,
         "capacity": capacity,
         "refusals": refusals,
         "saturation_clients": SATURATION_CLIENTS,
@@ -146,19 +156,28 @@ def measure(
 
 
 @contextlib.contextmanager
-def _service(model_dir: Path, device: str, worker_env: dict[str, str], policy: str) -> Iterator[Service]:
-    """One API, one model worker and one jobs worker on a fresh Redis, under `policy`."""
+def _service(
+    model_dir: Path, device: str, worker_env: dict[str, str], policy: str, api_processes: int
+) -> Iterator[Service]:
+    """`api_processes` APIs, one model worker and one jobs worker on a fresh Redis, under `policy`."""
     with running() as infra, redis_server(infra) as (redis_url, _), running() as procs:
         env = service_env(redis_url, model_dir, SENTIMENT_DEVICE=device, SENTIMENT_OVERLOAD_POLICY=policy)
-        (url, api), worker_port = _start_api(procs, env), free_port()
+        apis, worker_port = [_start_api(procs, env) for _ in range(api_processes)], free_port()
         worker = procs.start(
             ["-m", "sentiment.cli", "worker"], {**env, **worker_env, "SENTIMENT_METRICS_PORT": str(worker_port)}
         )
         jobs = procs.start(["-m", "sentiment.cli", "jobs-worker"], {**env, "SENTIMENT_JOBS_METRICS_PORT": "0"})
-        scraped = (f"{url}/metrics", f"http://127.0.0.1:{worker_port}/metrics")
-        procs.wait_ok(scraped[1])
-        procs.wait_ok(f"{url}/ready")
-        yield Service(url, scraped, {"api": api.pid, "model_worker": worker.pid, "jobs_worker": jobs.pid})
+        urls = [url for url, _ in apis]
+        service = Service(
+            urls,
+            [f"{url}/metrics" for url in urls],
+            f"http://127.0.0.1:{worker_port}/metrics",
+            {"api": [api.pid for _, api in apis], "model_worker": [worker.pid], "jobs_worker": [jobs.pid]},
+        )
+        procs.wait_ok(service.worker_metrics)
+        for url in urls:
+            procs.wait_ok(f"{url}/ready")
+        yield service
 
 
 def _start_api(procs: Processes, env: dict[str, str]) -> tuple[str, subprocess.Popen[bytes]]:
@@ -185,8 +204,8 @@ def _refusals(model_dir: Path, rate_per_s: float, duration_s: float, warmup_s: f
         fake.lpush(keys.queue, *[item] * REFUSAL_BACKLOG)
         url, api = _start_api(procs, env)
         procs.wait_ok(f"{url}/health")
-        with _api_cost(api.pid, f"{url}/metrics") as cost:
-            load = _due_open_loop(url, UniqueTexts(["a sentence nobody computes"]), rate_per_s, duration_s, warmup_s)
+        with _api_cost([api.pid], [f"{url}/metrics"]) as cost:
+            load = _due_open_loop([url], UniqueTexts(["a sentence nobody computes"]), rate_per_s, duration_s, warmup_s)
         return {**load.as_dict(), **cost}
 
 
@@ -197,9 +216,9 @@ def _capacity(service: Service, texts: UniqueTexts, duration_s: float, warmup_s:
     None when none is)."""
     points: list[dict[str, Any]] = []
     for clients in CAPACITY_CLIENTS:
-        with _api_cost(service.pids["api"], service.scraped[0]) as cost:
+        with _api_cost(service.pids["api"], service.api_metrics) as cost:
             load = closed_loop(
-                f"{service.url}/predict",
+                [f"{url}/predict" for url in service.urls],
                 lambda _: texts.take(1),
                 clients,
                 max(duration_s, MIN_SATURATION_S),
@@ -222,20 +241,20 @@ def _point(
 ) -> dict[str, object]:
     """One open-loop point and what the model computed meanwhile (counted until the last request's
     deadline has passed, so that work finished for nobody after the load counts too)."""
-    before, refusals_before = counters(*service.scraped, names=COUNTERS), _refusal_times(service.scraped[0])
-    with _api_cost(service.pids["api"], service.scraped[0]) as cost:  # the point and its settling, warm-up included
-        cpu_before, started = {k: cpu_seconds(p) for k, p in service.pids.items()}, time.monotonic()
-        load = _due_open_loop(service.url, texts, rate_per_s, duration_s, warmup_s)
+    before, refusals_before = counters(*service.scraped, names=COUNTERS), _refusal_times(service.api_metrics)
+    with _api_cost(service.pids["api"], service.api_metrics) as cost:  # the point and its settling, warm-up included
+        cpu_before, started = {k: _cpu(pids) for k, pids in service.pids.items()}, time.monotonic()
+        load = _due_open_loop(service.urls, texts, rate_per_s, duration_s, warmup_s)
         elapsed = time.monotonic() - started
-        cores = {k: round((cpu_seconds(p) - cpu_before[k]) / elapsed, 3) for k, p in service.pids.items()}
-        _settle(service.scraped[0])
+        cores = {k: round((_cpu(pids) - cpu_before[k]) / elapsed, 3) for k, pids in service.pids.items()}
+        _settle(service.api_metrics)
     moved = {k: v - before[k] for k, v in counters(*service.scraped, names=COUNTERS).items()}
     # Interactive texts only: a job's texts run through the same model worker, and are never for nobody.
     computed = moved["sentiment_batch_size_sum"] - moved["sentiment_bulk_texts_total"]
     wasted = moved["sentiment_replies_unclaimed_total"]
     return {
         **load.as_dict(),
-        "refusal_p99_ms_at_api": _p99_bound_ms(refusals_before, _refusal_times(service.scraped[0])),
+        "refusal_p99_ms_at_api": _p99_bound_ms(refusals_before, _refusal_times(service.api_metrics)),
         "cores": {**cores, "client": round(load.client_cpu_share, 3)},
         **cost,
         "computed_texts": int(computed),
@@ -247,63 +266,70 @@ def _point(
 
 
 def _due_open_loop(
-    url: str, texts: UniqueTexts, rate_per_s: float, duration_s: float, warmup_s: float
+    urls: list[str], texts: UniqueTexts, rate_per_s: float, duration_s: float, warmup_s: float
 ) -> OpenLoopResult:
-    """/predict at `rate_per_s` open loop, one never-seen text a request, each due within the
-    deadline (`X-Request-Timeout`) and given up by its client once it has passed."""
+    """/predict at `rate_per_s` open loop over the APIs at `urls`, one never-seen text a request, each
+    due within the deadline (`X-Request-Timeout`) and given up by its client once it has passed."""
     headers = {"X-Request-Timeout": f"{DEADLINE_S:g}"}
-    return open_loop(f"{url}/predict", lambda _: texts.take(1), rate_per_s, duration_s, warmup_s, DEADLINE_S, headers)
+    predict = [f"{url}/predict" for url in urls]
+    return open_loop(predict, lambda _: texts.take(1), rate_per_s, duration_s, warmup_s, DEADLINE_S, headers)
 
 
-def _settle(metrics_url: str) -> None:
+def _cpu(pids: list[int]) -> float:
+    """The CPU seconds the processes `pids` have used."""
+    return sum(cpu_seconds(pid) for pid in pids)
+
+
+def _settle(metrics_urls: list[str]) -> None:
     """Wait until the next point can start on an idle service: the backlog's deadlines have passed and
-    the API has answered every /predict it was sent (two reads of its count `SETTLE_POLL_S` apart
-    agree, within `SETTLE_MAX_S`). Past saturation on shared cores an API may still answer a point's
+    the APIs (/metrics at `metrics_urls`) have answered every /predict they were sent (two reads of their
+    count `SETTLE_POLL_S` apart agree, within `SETTLE_MAX_S`). Past saturation on shared cores an API may still answer a point's
     requests seconds after their clients gave up; read by the next point, its refusals would be that
     point's."""
     time.sleep(2 * DEADLINE_S)
-    give_up, answered = time.monotonic() + SETTLE_MAX_S, sum(_answered(metrics_url).values())
+    give_up, answered = time.monotonic() + SETTLE_MAX_S, sum(_answered(metrics_urls).values())
     while time.monotonic() < give_up:
         time.sleep(SETTLE_POLL_S)
-        if (now := sum(_answered(metrics_url).values())) == answered:
+        if (now := sum(_answered(metrics_urls).values())) == answered:
             return
         answered = now
 
 
-def _predict_samples(metrics_url: str) -> Iterator[Sample]:
-    """The API's timing of its /predict requests so far: its request-duration histogram's samples."""
-    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
-        yield from (sample for sample in family.samples if sample.labels.get("route") == "/predict")
+def _predict_samples(metrics_urls: list[str]) -> Iterator[Sample]:
+    """The APIs' timing of their /predict requests so far: their request-duration histograms' samples."""
+    for url in metrics_urls:
+        for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+            yield from (sample for sample in family.samples if sample.labels.get("route") == "/predict")
 
 
-def _answered(metrics_url: str) -> dict[str, float]:
-    """The /predict requests the API has answered so far, by status."""
+def _answered(metrics_urls: list[str]) -> dict[str, float]:
+    """The /predict requests the APIs have answered so far, by status."""
     found: dict[str, float] = {}
-    for sample in _predict_samples(metrics_url):
+    for sample in _predict_samples(metrics_urls):
         if sample.name == REQUESTS_TIMED:
             found[sample.labels["status"]] = found.get(sample.labels["status"], 0.0) + sample.value
     return found
 
 
 @contextlib.contextmanager
-def _api_cost(pid: int, metrics_url: str) -> Iterator[dict[str, object]]:
-    """The API's (process `pid`, /metrics at `metrics_url`) CPU seconds over the block, its /predict
-    answers by status, and its CPU an answer (us), filled in as the block ends."""
-    cpu, answered = cpu_seconds(pid), _answered(metrics_url)
+def _api_cost(pids: list[int], metrics_urls: list[str]) -> Iterator[dict[str, object]]:
+    """The APIs' (processes `pids`, /metrics at `metrics_urls`) CPU seconds over the block, their
+    /predict answers by status, and their CPU an answer (us), filled in as the block ends."""
+    cpu, answered = _cpu(pids), _answered(metrics_urls)
     found: dict[str, object] = {}
     yield found
-    spent = cpu_seconds(pid) - cpu
-    moved = {k: int(v - answered.get(k, 0.0)) for k, v in _answered(metrics_url).items()}
+    spent = _cpu(pids) - cpu
+    moved = {k: int(v - answered.get(k, 0.0)) for k, v in _answered(metrics_urls).items()}
     total = sum(moved.values())
     found["api_cpu_s"] = round(spent, 3)
     found["api_answered"] = {status: n for status, n in moved.items() if n}
     found["api_cpu_us_per_answer"] = round(spent / total * 1e6, 1) if total else None
 
 
-def _refusal_times(metrics_url: str) -> dict[float, float]:
-    """The API's timing of its /predict 503s so far: the count at or under each bucket bound (seconds)."""
+def _refusal_times(metrics_urls: list[str]) -> dict[float, float]:
+    """The APIs' timing of their /predict 503s so far: the count at or under each bucket bound (seconds)."""
     found: dict[float, float] = {}
-    for sample in _predict_samples(metrics_url):
+    for sample in _predict_samples(metrics_urls):
         if sample.name == REQUEST_BUCKETS and sample.labels.get("status") == "503":
             bound = float(sample.labels["le"])
             found[bound] = found.get(bound, 0.0) + sample.value
@@ -322,11 +348,11 @@ def _beside_job(
     service: Service, texts: UniqueTexts, rate_per_s: float, duration_s: float, warmup_s: float, job_texts: int
 ) -> dict[str, object]:
     """The point at `rate_per_s` with a bulk job of `job_texts` never-seen texts submitted as it starts."""
-    response = httpx.post(f"{service.url}/jobs", json={"text": texts.take(job_texts)}, timeout=60)
+    response = httpx.post(f"{service.urls[0]}/jobs", json={"text": texts.take(job_texts)}, timeout=60)
     response.raise_for_status()
     job = response.json()["job_id"]
     point = _point(service, texts, rate_per_s, duration_s, warmup_s)
-    status = httpx.get(f"{service.url}/jobs/{job}", timeout=10).json()
+    status = httpx.get(f"{service.urls[0]}/jobs/{job}", timeout=10).json()
     return {**point, "job_status_after": status.get("status"), "job_progress_after": status.get("progress")}
 
 
@@ -346,15 +372,17 @@ def _k6_point(service: Service, rate_per_s: float, duration_s: float, data: Path
     duration_s = max(duration_s, K6_MIN_S)
     with tempfile.TemporaryDirectory(prefix="k6-") as tmp:
         summary = Path(tmp) / "summary.json"
-        command = k6_command("goodput", service.url, summary, f"{duration_s:g}s", rate=max(1, round(rate_per_s)))
+        command = k6_command(
+            "goodput", ",".join(service.urls), summary, f"{duration_s:g}s", rate=max(1, round(rate_per_s))
+        )
         env = {**os.environ, "DEADLINE_S": f"{DEADLINE_S:g}", **({"DATA": str(data)} if data else {})}
-        with _api_cost(service.pids["api"], service.scraped[0]) as cost:
+        with _api_cost(service.pids["api"], service.api_metrics) as cost:
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             ran = subprocess.run(
                 command, env=env, check=False, capture_output=True, text=True, timeout=duration_s + 120
             )
             after = resource.getrusage(resource.RUSAGE_CHILDREN)  # (k6 is the only child waited for meanwhile)
-            _settle(service.scraped[0])
+            _settle(service.api_metrics)
         if not summary.is_file():
             raise RuntimeError(f"k6 wrote no summary (exit status {ran.returncode}): {ran.stderr.strip()[-300:]}")
         metrics = json.loads(summary.read_text())["metrics"]

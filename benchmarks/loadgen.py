@@ -300,7 +300,7 @@ class OpenLoopResult:
 
 
 def open_loop(
-    url: str,
+    url: str | list[str],
     texts_for: Callable[[int], list[str]],
     rate_per_s: float,
     duration_s: float,
@@ -310,30 +310,34 @@ def open_loop(
 ) -> OpenLoopResult:
     """POST `{"text": texts_for(i)}` to `url` at `rate_per_s` requests a second for warm-up + duration,
     each sent when due whatever the earlier ones are doing (as many connections as that takes), each
-    given up after `give_up_s`. The requests due after the warm-up count, by how they ended: by their
-    schedule, not the moment they went out, so a generator that falls behind on a busy machine still
-    counts the window's arrivals (it would count none where it falls behind by the whole window)."""
+    given up after `give_up_s`. Given several URLs (API replicas), the requests go to them in turn.
+    The requests due after the warm-up count, by how they ended: by their schedule, not the moment they
+    went out, so a generator that falls behind on a busy machine still counts the window's arrivals (it
+    would count none where it falls behind by the whole window)."""
+    targets = [urlsplit(u) for u in ([url] if isinstance(url, str) else url)]
 
     async def run() -> OpenLoopResult:
-        split = urlsplit(url)
-        host, port, path = split.hostname or "127.0.0.1", split.port or 80, split.path or "/"
         loop = asyncio.get_running_loop()
         start = loop.time()
         measure_from, measure_to = start + warmup_s, start + warmup_s + duration_s
-        idle: list[tuple[_Connection, float]] = []  # keep-alive connections free for the next request, since when
+        # Per target, keep-alive connections free for the next request, since when.
+        idle: list[list[tuple[_Connection, float]]] = [[] for _ in targets]
         answers: dict[int, list[float]] = {}  # by status, each request's milliseconds, of those due in the window
 
         async def send(number: int, due: float) -> None:
-            if idle and loop.time() - idle[-1][1] >= KEEP_ALIVE_S:  # the latest idle past the keep-alive: all are
-                for stale, _ in idle:  # (the server may have closed them: never sent on)
+            target, free = targets[number % len(targets)], idle[number % len(targets)]
+            if free and loop.time() - free[-1][1] >= KEEP_ALIVE_S:  # the latest idle past the keep-alive: all are
+                for stale, _ in free:  # (the server may have closed them: never sent on)
                     stale.close()
-                idle.clear()
-            conn = idle.pop()[0] if idle else _Connection(host, port, headers or {})
+                free.clear()
+            conn = (
+                free.pop()[0] if free else _Connection(target.hostname or "127.0.0.1", target.port or 80, headers or {})
+            )
             sent_at = time.perf_counter()  # (the loop's clock is too coarse for latencies: `_run`)
             try:
                 async with asyncio.timeout(give_up_s):
-                    status = await conn.post(path, orjson.dumps({"text": texts_for(number)}))
-                idle.append((conn, loop.time()))
+                    status = await conn.post(target.path or "/", orjson.dumps({"text": texts_for(number)}))
+                free.append((conn, loop.time()))
             except TimeoutError:  # (before OSError, its base class)
                 conn.close()
                 status = GAVE_UP
@@ -353,7 +357,7 @@ def open_loop(
             sending.add(task)
             task.add_done_callback(sending.discard)
         await asyncio.gather(*sending)
-        for conn, _ in idle:
+        for conn, _ in itertools.chain.from_iterable(idle):
             conn.close()
         cpu_share = (time.process_time() - cpu_before) / (loop.time() - start)
         counted = {status: len(ms) for status, ms in answers.items()}

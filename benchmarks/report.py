@@ -108,9 +108,9 @@ def _goodput_lines(goodput: dict[str, Any]) -> list[str]:
         "",
         f"**Goodput** (open loop at multiples of the saturation rate, {goodput['saturation_texts_per_s']} "
         f"texts/s; every request due within {goodput['deadline_s']:g} s; each overload policy on fresh "
-        "processes; 0.5x again beside a bulk job; k6's rows `k6/goodput.js`, its given-up requests late; "
+        f"processes, {_apis(goodput)}; 0.5x again beside a bulk job; k6's rows `k6/goodput.js`, its given-up requests late; "
         "refusals' p99 as the client saw it and as the API timed it, to its histogram's bucket; the API's "
-        "CPU an answer; the cores of the model worker, the API and the load generator)",
+        "CPU an answer; the cores of the model worker, the APIs together and the load generator)",
         "",
         "| policy | load | sent | goodput/s | p99 ms | refused | refusals' p99 ms (client / API) | late (504) | "
         "gave up | computed | for nobody | API µs an answer | cores (model / API / client) |",
@@ -132,6 +132,12 @@ def _goodput_lines(goodput: dict[str, Any]) -> list[str]:
             for p in run.get("k6", [])
         ]
     return lines
+
+
+def _apis(goodput: dict[str, Any]) -> str:
+    """How many API processes the goodput points ran (one in older results files)."""
+    apis = goodput.get("api_processes", 1)
+    return f"{apis} API processes side by side" if apis > 1 else "one API process"
 
 
 def _refusals_alone(refusals: dict[str, Any] | None) -> str:

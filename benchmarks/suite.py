@@ -249,6 +249,7 @@ def _parts(bench: Bench, model: Path, results: dict[str, Any]) -> dict[str, Call
             warmup,
             goodput.JOB_TEXTS if not args.quick else goodput.QUICK_JOB_TEXTS,
             bench.data,
+            args.api_processes,
         ),
     }
 

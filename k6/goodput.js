@@ -11,7 +11,7 @@ import http from 'k6/http';
 import exec from 'k6/execution';
 import { check } from 'k6';
 import { Counter, Trend } from 'k6/metrics';
-import { BASE_URL, headers, sentences, uniqueText } from './lib.js';
+import { BASE_URLS, headers, sentences, uniqueText } from './lib.js';
 
 const RATE = parseInt(__ENV.RATE || '20', 10);
 const DEADLINE_S = parseFloat(__ENV.DEADLINE_S || '1');
@@ -50,7 +50,8 @@ export default function () {
     timeout: `${Math.round(DEADLINE_S * 1000)}ms`,
     responseCallback: http.expectedStatuses(200),
   };
-  const res = http.post(`${BASE_URL}/predict`, JSON.stringify({ text: texts }), params);
+  const api = BASE_URLS[n % BASE_URLS.length]; // API replicas in turn, as a Service spreads them
+  const res = http.post(`${api}/predict`, JSON.stringify({ text: texts }), params);
   const inTime = res.status === 200 && res.timings.duration <= DEADLINE_S * 1000;
   const refusal = (res.status === 503 || res.status === 429) && Boolean(res.headers['Retry-After']);
   // Late: a 504, the client's timeout at the deadline (k6's error 1050), or a 200 a moment past it.

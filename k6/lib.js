@@ -1,10 +1,12 @@
 // Shared by the k6 scripts: where the service is, the optional API key, and the stages.
-// Environment: BASE_URL (default http://127.0.0.1:8000), API_KEY (sent as X-API-Key when set),
-// VUS (default 10), RAMP_UP (30s), HOLD (1m), RAMP_DOWN (10s). A 1-minute smoke:
+// Environment: BASE_URL (default http://127.0.0.1:8000; several, comma-separated, are API replicas:
+// BASE_URLS, which goodput.js takes in turn), API_KEY (sent as X-API-Key when set), VUS (default 10),
+// RAMP_UP (30s), HOLD (1m), RAMP_DOWN (10s). A 1-minute smoke:
 //   k6 run -e RAMP_UP=10s -e HOLD=40s -e RAMP_DOWN=10s k6/load.js
 import { SharedArray } from 'k6/data';
 
-export const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8000').replace(/\/$/, '');
+export const BASE_URLS = (__ENV.BASE_URL || 'http://127.0.0.1:8000').split(',').map((u) => u.replace(/\/$/, ''));
+export const BASE_URL = BASE_URLS[0];
 
 export function headers() {
   const h = { 'Content-Type': 'application/json' };

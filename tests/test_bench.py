@@ -224,7 +224,7 @@ def test_quick_goodput_bench_runs_both_overload_policies_side_by_side(tmp_path: 
         [
             sys.executable, "-m", "sentiment.cli", "bench", "--quick", "--only", "goodput", "--duration", "0.3",
             "--model", "small", "--model-dir", str(tiny_model_dir), "--data", str(data), "--device", "cpu",
-            "--out", str(out), "--doc", str(doc),
+            "--out", str(out), "--doc", str(doc), "--api-processes", "2",
         ],
         cwd=REPO,
         check=True,
@@ -235,6 +235,7 @@ def test_quick_goodput_bench_runs_both_overload_policies_side_by_side(tmp_path: 
     assert results["failed"] == {}
     goodput = results["goodput"]
     assert goodput["deadline_s"] == 1.0 and goodput["saturation_texts_per_s"] > 0
+    assert goodput["api_processes"] == 2  # API replicas share the model worker, as a GPU worker needs
     assert list(goodput["policies"]) == ["deadline", "queue-length"]  # both in one results file
     for policy, run in goodput["policies"].items():
         points = run["points"]
@@ -282,6 +283,7 @@ def test_quick_goodput_bench_runs_both_overload_policies_side_by_side(tmp_path: 
     text = doc.read_text()
     assert text.startswith(f"# Performance\n\n{full_run}")  # a run of one part keeps the full run's block
     assert text.count("<!-- bench:cpu:goodput -->") == 1 and "**Goodput**" in text.split(full_run)[1]
+    assert "2 API processes side by side" in text.split(full_run)[1]
     targets_shown = re.findall(r"^\| (\w[^|]*?) \| .* \| \*\*(?:PASS|MISS|n/a)\*\* \|$", text.split(full_run)[1], re.M)
     assert targets_shown and all(name.startswith("goodput:") for name in targets_shown)  # no n/a of parts not run
 
@@ -382,6 +384,21 @@ def test_the_open_loop_never_sends_on_a_connection_idle_past_the_servers_keep_al
         server.stop()
     assert (result.sent, result.in_time, result.errors) == (len(pattern), len(pattern), 0)
     assert server.requests == len(pattern)
+
+
+def test_an_open_loop_over_api_replicas_sends_to_each_in_turn() -> None:
+    """Given several URLs (API processes side by side), the open loop's requests go to them in turn,
+    each answered on its own server, as the closed loop spreads its connections."""
+    servers = [ClosingServer(idle_s=HANG_GUARD_S) for _ in range(2)]
+    try:
+        result = loadgen.open_loop(
+            [f"http://127.0.0.1:{s.port}/" for s in servers], lambda _: ["x"], 40, 0.5, 0.0, HANG_GUARD_S
+        )
+    finally:
+        for server in servers:
+            server.stop()
+    assert (result.sent, result.in_time, result.errors) == (20, 20, 0)
+    assert [s.requests for s in servers] == [10, 10]
 
 
 def test_an_answer_that_is_not_http_counts_as_an_error_without_a_traceback(caplog: pytest.LogCaptureFixture) -> None:
