@@ -291,7 +291,7 @@ def test_quick_goodput_bench_runs_both_overload_policies_side_by_side(tmp_path: 
 def test_a_run_of_some_parts_shows_the_targets_of_those_parts_alone() -> None:
     """The GPU run of the service and goodput parts: its goodput targets, not the limit's, naive's,
     cache's, ceiling's or fairness's n/a; a results file from before targets named their part shows all."""
-    results = json.loads((REPO / "benchmarks/results/bench-20261127T060140Z-cuda.json").read_text())
+    results = json.loads((REPO / "benchmarks/results/bench-20261128T034150Z-cuda.json").read_text())
     results["targets"] = evaluate(results)
     assert [t["name"].split(":")[0] for t in shown(results)] == ["goodput"] * 11
     old = [{k: v for k, v in t.items() if k != "part"} for t in results["targets"]]
