@@ -1,15 +1,20 @@
 """Admission by predicted completion (`api.admission`) on fakeredis with a clock the test moves: what
-is refused, with which Retry-After, how often the fleet's load is read, and that a cold start admits."""
+is refused, with which Retry-After, how often the fleet's load is read, and that a cold start admits;
+then the count of admitted texts across reads, as a state machine."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import fakeredis
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from api.admission import MAX_AGE_S, REFRESH_S, Admission, Load
+from api.admission import MAX_AGE_S, REFRESH_S, Admission, Admitted, Fleet, Load
 from api.errors import ErrorType, ServiceError
 from core.protocol import Keys, WorkerStatus, WorkItem, new_id
 from tests.conftest import HANG_GUARD_S
@@ -266,3 +271,119 @@ async def test_texts_the_cache_answered_after_a_read_counted_them_are_uncounted_
     await read_again(admission.load)
     answers = [await refused(admission, 1, timeout_s=1.0) for _ in range(12)]
     assert [a is None for a in answers] == [True] * 5 + [False] * 7  # 2 x (4 ahead) / 10 + 0.1 = 0.9 s: the last in
+
+
+class AdmittedTextsMachine(RuleBasedStateMachine):
+    """`Load`'s count of the texts admitted and not yet seen queued, as a state machine: requests
+    admitted, their cache lookups answering some or all of their texts (the rest queued), and reads
+    of the queue asked for and ending whenever Hypothesis says, one at a time, behind one API
+    process and no worker taking. What it promises:
+
+    - the count holds each request admitted since the last ended read was asked for: all its texts
+      until its lookup answered, then those it queued; a request the read on its way or an earlier
+      one took is no longer counted, whenever its lookup answers (nothing is uncounted twice);
+    - an ended read sees as ahead exactly the texts queued by then.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.now = 1000.0
+        self.redis = fakeredis.FakeAsyncRedis()
+        self.answers: list[asyncio.Future[None]] = []  # the reads' round trips, answered when a rule says
+        pipeline = self.redis.pipeline
+
+        def gated(*args: object, **kwargs: object) -> object:
+            pipe = pipeline(*args, **kwargs)
+            execute = pipe.execute
+
+            async def answered(*a: object, **k: object) -> object:
+                answer = self.loop.create_future()
+                self.answers.append(answer)
+                await answer
+                return await execute(*a, **k)
+
+            pipe.execute = answered
+            return pipe
+
+        self.redis.pipeline = gated  # type: ignore[method-assign]
+        self.loop.run_until_complete(beat(self.redis, status(texts_per_s=100.0, forward_s=0.1)))
+        self.load = Load(self.redis, KEYS, clock=lambda: self.now)
+        self.requests: list[Request] = []
+        self.asked = 0  # the reads asked for so far: a request admitted now is taken by read `asked + 1`
+        self.ended = 0  # the reads that ended
+        self.queued_texts = 0
+
+    def settle(self) -> None:
+        for _ in range(10):
+            self.loop.run_until_complete(asyncio.sleep(0))
+
+    def on_its_way(self) -> bool:
+        return self.load.view.reading is not None
+
+    @rule(texts=st.integers(1, 8))
+    def a_request_is_admitted(self, texts: int) -> None:
+        self.requests.append(Request(self.load.admit(texts), texts, taken_by=self.asked + 1))
+
+    @precondition(lambda self: any(r.queued is None for r in self.requests))
+    @rule(data=st.data())
+    def its_lookup_answers(self, data: st.DataObject) -> None:
+        request = data.draw(st.sampled_from([r for r in self.requests if r.queued is None]))
+        queued = data.draw(st.integers(0, request.texts))  # the rest the cache answered
+        request.admitted.queued(queued)
+        request.queued = queued
+        if queued:  # its work item, pushed once the lookup answered (`api.predictions`)
+            self.loop.run_until_complete(queue_texts(self.redis, queued))
+            self.queued_texts += queued
+
+    @precondition(lambda self: not self.on_its_way())
+    @rule()
+    def a_read_is_asked_for(self) -> None:
+        self.now += MAX_AGE_S  # stale: the next request's look starts a read
+        self.loop.create_task(self.load.current())
+        self.settle()
+        assert self.on_its_way()
+        self.asked += 1
+
+    @precondition(lambda self: self.on_its_way())
+    @rule()
+    def the_read_ends(self) -> None:
+        [answer] = [a for a in self.answers if not a.done()]
+        answer.set_result(None)
+        self.settle()
+        assert not self.on_its_way()
+        self.ended += 1
+        view = self.loop.run_until_complete(self.load.current())
+        assert isinstance(view, Fleet) and view.texts_ahead == self.queued_texts
+
+    @invariant()
+    def the_count_holds_the_requests_no_ended_read_took(self) -> None:
+        counted = [r.texts if r.queued is None else r.queued for r in self.requests if r.taken_by > self.ended]
+        assert self.load.admitted == sum(counted) >= 0
+
+    def teardown(self) -> None:
+        for task in asyncio.all_tasks(self.loop):
+            task.cancel()
+        self.settle()
+        self.loop.close()
+
+
+@dataclass
+class Request:
+    """A request admitted in `AdmittedTextsMachine`: its texts, the read that takes it (the count of
+    reads asked for, then one more), and those it queued (None until its lookup answers)."""
+
+    admitted: Admitted
+    texts: int
+    taken_by: int
+    queued: int | None = None
+
+
+async def queue_texts(redis: fakeredis.FakeAsyncRedis, texts: int) -> None:
+    """One work item of `texts` texts queued."""
+    item = WorkItem(id=new_id(), texts=[f"text {i}" for i in range(texts)], enqueued_at=0.0, deadline=0.0, reply_to="r")
+    await redis.lpush(KEYS.queue, item.encode())
+
+
+TestAdmittedTextsMachine = AdmittedTextsMachine.TestCase
+TestAdmittedTextsMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
