@@ -1,10 +1,11 @@
 """One stage thread's Redis connection: commands sent in one write, replies read back in order.
 
-redis-py's own connection, packer and parser, without its client's per-command bookkeeping (a
-connection taken from the pool and checked for stray data on every call, retry wrappers, response
-callbacks): a transaction of four SETs costs the worker a third of the CPU it costs through
-`Redis.pipeline` (docs/tuning.md, "The worker's Redis round trips"). Replies come back raw, as
-Redis sends them. Not thread-safe: each stage thread has its own.
+redis-py's own connection and parser, without its client's per-command bookkeeping (a connection
+taken from the pool and checked for stray data on every call, retry wrappers, response callbacks):
+a transaction of four SETs costs the worker a third of the CPU it costs through `Redis.pipeline`
+(docs/tuning.md, "The worker's Redis round trips"). Commands are packed by hiredis in one call each,
+without redis-py's packer around it (which splits a command name holding spaces: none here has
+one). Replies come back raw, as Redis sends them. Not thread-safe: each stage thread has its own.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 import weakref
 from typing import Any
 
+import hiredis
 from redis import Redis
 from redis.connection import Connection, ConnectionPool
 from redis.exceptions import ResponseError
@@ -45,7 +47,7 @@ class Link:
             self._connection, self._taken_at = self._pool.get_connection(), time.monotonic()
         connection = self._connection
         try:
-            connection.send_packed_command(connection.pack_commands(commands))
+            connection.send_packed_command([b"".join(map(hiredis.pack_command, commands))])
             replies: list[Any] = []
             for _ in commands:
                 try:

@@ -1,5 +1,6 @@
-"""A stage's Redis connection (`batcher.redis_link.Link`) on a real redis-server: a call cut short
-by any failure must not leave its replies on the connection for the next call to read."""
+"""A stage's Redis connection (`batcher.redis_link.Link`) on a real redis-server: what it packs
+reaches Redis byte for byte, and a call cut short by any failure must not leave its replies on the
+connection for the next call to read."""
 
 from __future__ import annotations
 
@@ -8,6 +9,20 @@ import redis
 from redis.connection import Connection
 
 from batcher.redis_link import Link
+
+
+def test_every_kind_of_argument_reaches_redis_as_redis_py_sends_it(redis_url: str) -> None:
+    """Its own packing (hiredis, one call a command) against redis-py's: text with spaces and
+    non-ASCII, bytes holding the protocol's own CRLF and NUL, integers and floats, and a large value."""
+    client = redis.Redis.from_url(redis_url)
+    values: list[str | bytes | int | float] = ["two words", "é ü 😀", b"\r\n$3\r\nbad\x00", 7, 2.5, -1, b"x" * 100_000]
+    link = Link(client)
+    replies = link.call(*(("SET", f"link:v{i}", v) for i, v in enumerate(values)), ("ECHO", "a b"))
+    assert replies == [b"OK"] * len(values) + [b"a b"]
+    client.mset({f"link:r{i}": v for i, v in enumerate(values)})  # (redis-py packs these)
+    for i in range(len(values)):
+        assert client.get(f"link:v{i}") == client.get(f"link:r{i}")
+    assert link.call(("LPUSH", "link:l", 1, "2", b"3"), ("LRANGE", "link:l", 0, -1)) == [3, [b"3", b"2", b"1"]]
 
 
 def test_a_call_cut_short_by_any_error_leaves_no_reply_for_the_next(
