@@ -1,10 +1,15 @@
-"""The coalescer on its own: one call per event-loop turn, each caller its own answer or failure."""
+"""The coalescer on its own: one call per event-loop turn, each caller its own answer or failure; by
+examples, then as a state machine."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from api.coalescing import Coalescer
 
@@ -97,3 +102,108 @@ async def test_callers_cut_before_the_turn_ends_cost_no_call() -> None:
     await asyncio.gather(caller, return_exceptions=True)
     await asyncio.sleep(0.01)
     assert run.calls == []
+
+
+@dataclass
+class Caller:
+    """A caller in `CoalescerMachine`: its argument, its task, the turn it came in, whether it gave up."""
+
+    argument: int
+    task: asyncio.Task[int]
+    turn: int
+    gave_up: bool = False
+
+
+class CoalescerMachine(RuleBasedStateMachine):
+    """The coalescer as a state machine: turns of callers, callers giving up, and calls answering or
+    failing, whenever Hypothesis says. What it promises:
+
+    - each turn makes one call, with its callers' arguments in the order they came;
+    - a caller that has not given up waits until its turn's call ends, then gets its own answer, or
+      the call's failure;
+    - a call whose callers have all given up is cancelled; one with a caller left is not.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.coalescer: Coalescer[int, int] = Coalescer(self.run)
+        self.calls: list[tuple[list[int], asyncio.Future[list[int]]]] = []  # each call's arguments and answer
+        self.callers: list[Caller] = []
+        self.turns = 0
+        self.ended: dict[int, Exception | None] = {}  # the calls that ended, by turn: None, or what they raised
+
+    async def run(self, arguments: list[int]) -> list[int]:
+        answer: asyncio.Future[list[int]] = self.loop.create_future()
+        self.calls.append((arguments, answer))
+        return await answer
+
+    def settle(self) -> None:
+        for _ in range(10):
+            self.loop.run_until_complete(asyncio.sleep(0))
+
+    @rule(callers=st.integers(1, 4))
+    def a_turn_of_callers(self, callers: int) -> None:
+        for _ in range(callers):
+            argument = len(self.callers)
+            task = self.loop.create_task(self.coalescer(argument))
+            self.callers.append(Caller(argument, task, self.turns))
+        self.settle()
+        self.turns += 1
+        assert len(self.calls) == self.turns  # the turn's call has started
+
+    @precondition(lambda self: any(not c.gave_up for c in self.callers))
+    @rule(data=st.data())
+    def a_caller_gives_up(self, data: st.DataObject) -> None:
+        caller = data.draw(st.sampled_from([c for c in self.callers if not c.gave_up]))
+        caller.task.cancel()
+        caller.gave_up = True
+        self.settle()
+
+    @precondition(lambda self: any(not answer.done() for _, answer in self.calls))
+    @rule(data=st.data(), fails=st.booleans())
+    def a_call_ends(self, data: st.DataObject, fails: bool) -> None:
+        turn = data.draw(st.sampled_from([t for t, (_, answer) in enumerate(self.calls) if not answer.done()]))
+        arguments, answer = self.calls[turn]
+        failure = ValueError(f"call {turn} failed") if fails else None
+        if failure is not None:
+            answer.set_exception(failure)
+        else:
+            answer.set_result([10 * a for a in arguments])
+        self.ended[turn] = failure
+        self.settle()
+
+    @invariant()
+    def each_turn_one_call_with_its_callers_arguments(self) -> None:
+        assert [arguments for arguments, _ in self.calls] == [
+            [c.argument for c in self.callers if c.turn == turn] for turn in range(self.turns)
+        ]
+
+    @invariant()
+    def each_caller_gets_its_own_answer_once_its_call_ended(self) -> None:
+        for caller in self.callers:
+            if caller.gave_up:
+                assert caller.task.cancelled() or caller.task.done()
+            elif caller.turn not in self.ended:
+                assert not caller.task.done()
+            elif (failure := self.ended[caller.turn]) is not None:
+                assert caller.task.exception() is failure
+            else:
+                assert caller.task.result() == 10 * caller.argument
+
+    @invariant()
+    def a_call_nobody_waits_for_is_cancelled(self) -> None:
+        for turn, (_, answer) in enumerate(self.calls):
+            if turn not in self.ended:
+                everyone_gave_up = all(c.gave_up for c in self.callers if c.turn == turn)
+                assert answer.cancelled() == everyone_gave_up
+
+    def teardown(self) -> None:
+        for task in asyncio.all_tasks(self.loop):
+            task.cancel()
+        self.settle()
+        self.loop.close()
+
+
+TestCoalescerMachine = CoalescerMachine.TestCase
+TestCoalescerMachine.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
