@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import os
 import shutil
@@ -19,6 +20,7 @@ import fakeredis
 import httpx
 import numpy as np
 import pytest
+from hypothesis.stateful import RuleBasedStateMachine
 
 from batcher.worker import Worker
 from benchmarks.checkpoints import write_tiny_model
@@ -37,6 +39,27 @@ os.environ["SENTIMENT_DATA_DIR"] = tempfile.mkdtemp(prefix="sentiment-data-")
 atexit.register(shutil.rmtree, os.environ["SENTIMENT_DATA_DIR"], ignore_errors=True)
 # Every wait in the tests is a hang guard, never a timing claim: generous on a loaded 2-core box.
 HANG_GUARD_S = 60.0
+
+
+class LoopMachine(RuleBasedStateMachine):
+    """A Hypothesis state machine over asyncio code, on an event loop of its own: `settle` runs it until
+    what the last step set going has gone as far as it can; at the end, what still runs is cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+
+    def settle(self) -> None:
+        for _ in range(10):
+            self.loop.run_until_complete(asyncio.sleep(0))
+
+    def teardown(self) -> None:
+        for task in asyncio.all_tasks(self.loop):
+            task.cancel()
+        self.settle()
+        self.loop.close()
+
+
 # How far a service's score for a text may lie from the reference classifier's own forward of it: a
 # row's arithmetic may depend on the batch it rode in (bf16 kernels are picked by shape on a CPU
 # without AMX, and moved one of the tiny model's scores by 1.5e-5).

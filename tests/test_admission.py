@@ -11,13 +11,13 @@ import fakeredis
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import invariant, precondition, rule
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from api.admission import MAX_AGE_S, REFRESH_S, Admission, Admitted, Fleet, Load
 from api.errors import ErrorType, ServiceError
 from core.protocol import Keys, WorkerStatus, WorkItem, new_id
-from tests.conftest import HANG_GUARD_S
+from tests.conftest import HANG_GUARD_S, LoopMachine
 
 pytestmark = pytest.mark.anyio
 KEYS = Keys("t")
@@ -273,7 +273,7 @@ async def test_texts_the_cache_answered_after_a_read_counted_them_are_uncounted_
     assert [a is None for a in answers] == [True] * 5 + [False] * 7  # 2 x (4 ahead) / 10 + 0.1 = 0.9 s: the last in
 
 
-class AdmittedTextsMachine(RuleBasedStateMachine):
+class AdmittedTextsMachine(LoopMachine):
     """`Load`'s count of the texts admitted and not yet seen queued, as a state machine: requests
     admitted, their cache lookups answering some or all of their texts (the rest queued), and reads
     of the queue asked for and ending whenever Hypothesis says, one at a time, behind one API
@@ -287,7 +287,6 @@ class AdmittedTextsMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.loop = asyncio.new_event_loop()
         self.now = 1000.0
         self.redis = fakeredis.FakeAsyncRedis()
         self.answers: list[asyncio.Future[None]] = []  # the reads' round trips, answered when a rule says
@@ -313,10 +312,6 @@ class AdmittedTextsMachine(RuleBasedStateMachine):
         self.asked = 0  # the reads asked for so far: a request admitted now is taken by read `asked + 1`
         self.ended = 0  # the reads that ended
         self.queued_texts = 0
-
-    def settle(self) -> None:
-        for _ in range(10):
-            self.loop.run_until_complete(asyncio.sleep(0))
 
     def on_its_way(self) -> bool:
         return self.load.view.reading is not None
@@ -360,12 +355,6 @@ class AdmittedTextsMachine(RuleBasedStateMachine):
     def the_count_holds_the_requests_no_ended_read_took(self) -> None:
         counted = [r.texts if r.queued is None else r.queued for r in self.requests if r.taken_by > self.ended]
         assert self.load.admitted == sum(counted) >= 0
-
-    def teardown(self) -> None:
-        for task in asyncio.all_tasks(self.loop):
-            task.cancel()
-        self.settle()
-        self.loop.close()
 
 
 @dataclass

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import invariant, precondition, rule
 
 from api.coalescing import Coalescer
+from tests.conftest import LoopMachine
 
 pytestmark = pytest.mark.anyio
 
@@ -114,7 +115,7 @@ class Caller:
     gave_up: bool = False
 
 
-class CoalescerMachine(RuleBasedStateMachine):
+class CoalescerMachine(LoopMachine):
     """The coalescer as a state machine: turns of callers, callers giving up, and calls answering or
     failing, whenever Hypothesis says. What it promises:
 
@@ -126,7 +127,6 @@ class CoalescerMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.loop = asyncio.new_event_loop()
         self.coalescer: Coalescer[int, int] = Coalescer(self.run)
         self.calls: list[tuple[list[int], asyncio.Future[list[int]]]] = []  # each call's arguments and answer
         self.callers: list[Caller] = []
@@ -137,10 +137,6 @@ class CoalescerMachine(RuleBasedStateMachine):
         answer: asyncio.Future[list[int]] = self.loop.create_future()
         self.calls.append((arguments, answer))
         return await answer
-
-    def settle(self) -> None:
-        for _ in range(10):
-            self.loop.run_until_complete(asyncio.sleep(0))
 
     @rule(callers=st.integers(1, 4))
     def a_turn_of_callers(self, callers: int) -> None:
@@ -197,12 +193,6 @@ class CoalescerMachine(RuleBasedStateMachine):
             if turn not in self.ended:
                 everyone_gave_up = all(c.gave_up for c in self.callers if c.turn == turn)
                 assert answer.cancelled() == everyone_gave_up
-
-    def teardown(self) -> None:
-        for task in asyncio.all_tasks(self.loop):
-            task.cancel()
-        self.settle()
-        self.loop.close()
 
 
 TestCoalescerMachine = CoalescerMachine.TestCase

@@ -10,10 +10,11 @@ import math
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import invariant, precondition, rule
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from api.refreshed import Refreshed
+from tests.conftest import LoopMachine
 
 pytestmark = pytest.mark.anyio
 
@@ -100,7 +101,7 @@ class Gate:
         return [read for read in self.reads if not read.done()]
 
 
-class RefreshedMachine(RuleBasedStateMachine):
+class RefreshedMachine(LoopMachine):
     """`Refreshed` as a state machine: requests, the clock moving on, and reads that end or fail
     whenever Hypothesis says, against what it promises:
 
@@ -113,16 +114,11 @@ class RefreshedMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.loop = asyncio.new_event_loop()
         self.now = 0.0
         self.gate = Gate(self.loop)
         self.refreshed = Refreshed(self.gate, 0, REFRESH_S, MAX_AGE_S, clock=lambda: self.now)
         self.value, self.read_at = 0, -math.inf  # what the value and its age should be
         self.waiting: list[asyncio.Task[int]] = []  # requests waiting for the read on its way
-
-    def settle(self) -> None:
-        for _ in range(10):
-            self.loop.run_until_complete(asyncio.sleep(0))
 
     @rule(seconds=st.floats(0, 2 * MAX_AGE_S))
     def time_passes(self, seconds: float) -> None:
@@ -162,12 +158,6 @@ class RefreshedMachine(RuleBasedStateMachine):
     def one_read_at_a_time(self) -> None:
         assert len(self.gate.on_its_way()) <= 1
         assert (self.refreshed.reading is None) == (not self.gate.on_its_way())
-
-    def teardown(self) -> None:
-        for task in asyncio.all_tasks(self.loop):
-            task.cancel()
-        self.settle()
-        self.loop.close()
 
 
 TestRefreshedMachine = RefreshedMachine.TestCase
