@@ -24,7 +24,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from grpc import StatusCode
 from pydantic import BaseModel, ConfigDict
 from redis.exceptions import RedisError
@@ -139,9 +139,8 @@ HTTP_ERRORS = {
     404: ErrorType.NOT_FOUND,
     405: ErrorType.METHOD_NOT_ALLOWED,
 }
-for _type, _spec in ERRORS.items():
-    if _spec.refusal:
-        REQUESTS_REFUSED.labels(_type.value)  # every reason shows from the start, at 0
+# Every reason shows from the start, at 0; resolved once, as `labels` takes a lock each call.
+_REFUSED = {t: REQUESTS_REFUSED.labels(t.value) for t, spec in ERRORS.items() if spec.refusal}
 
 
 class ServiceError(Exception):
@@ -160,7 +159,7 @@ def counted(error_type: ErrorType) -> ErrorSpec:
     """`ERRORS`' spec of `error_type`, a refusal counted (over HTTP and gRPC alike)."""
     spec = ERRORS[error_type]
     if spec.refusal:
-        REQUESTS_REFUSED.labels(error_type.value).inc()
+        _REFUSED[error_type].inc()
     return spec
 
 
@@ -170,17 +169,18 @@ def error_response(
     retry_after_s: int | None = None,
     headers: Mapping[str, str] | None = None,
     fields: Mapping[str, Any] | None = None,
-) -> JSONResponse:
+) -> Response:
     """The answer for `error_type` as `ERRORS` says (`retry_after_s` overrides its `Retry-After`;
     `headers` adds to its own; `fields`, its body's own); a refusal is counted."""
     spec = counted(error_type)
     headers = {**spec.headers, **(headers or {})}
     if retry := retry_after_s or spec.retry_after_s:
         headers["Retry-After"] = str(retry)
-    return JSONResponse(
-        spec.body.of(error_type, message, **(fields or {})).model_dump(mode="json"),
+    return Response(
+        spec.body.of(error_type, message, **(fields or {})).model_dump_json(),
         status_code=spec.status,
         headers=headers or None,
+        media_type="application/json",
     )
 
 
@@ -313,7 +313,7 @@ def install(app: FastAPI) -> None:
         app.add_exception_handler(raised, on_error)
 
 
-def http_error_response(request: Request, exc: HTTPException) -> JSONResponse:
+def http_error_response(request: Request, exc: HTTPException) -> Response:
     """The router's 404 and 405 (and FastAPI's 400), in the one shape, their headers (`Allow`) kept;
     any other status (nothing raises one) is a bug's 500."""
     error_type = HTTP_ERRORS.get(exc.status_code, ErrorType.INTERNAL)
