@@ -119,7 +119,7 @@ async def test_one_work_item_with_deduplicated_misses(
     settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis
 ) -> None:
     # No worker: the request times out, and the queue shows exactly what the API asked for. The deadline
-    # leaves a new app's first lookups room on a busy box (0.3 s was once cut at the model lookup).
+    # leaves room for a new app's first lookups on a busy box: the test is of what is queued, not how fast.
     fast = settings.model_copy(update={"request_timeout_s": 2.0})
     async with client_for(fast, fakeredis.FakeAsyncRedis(server=fake_server)) as client:
         response = await client.post("/predict", json={"text": ["x", "y", "x", "x"]})
