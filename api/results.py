@@ -100,7 +100,7 @@ class ResultWait:
         deadline, as the worker sets it): deleting it would cost the round trip the message saves.
 
         A wait with an item to push again rides out an outage at its polls (the caller's deadline
-        ends it); one without ends in the outage's error.
+        ends it); one without ends in the outage's error, unless its result was delivered meanwhile.
 
         `asyncio.timeout`, not `wait_for`: on 3.11 `wait_for` can swallow the caller's cancellation
         when the event fires at the same moment, which would outlive the caller's deadline.
@@ -121,7 +121,7 @@ class ResultWait:
                     self._resend = False
                     await self._push_if_lost(self._item)
             except OUTAGE as exc:
-                if self._item is None:
+                if self._item is None and self.delivered is None:  # (a result delivered meanwhile is answered)
                     raise
                 log.debug("result poll failed (%s); waiting on", describe(exc))
 
