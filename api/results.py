@@ -72,15 +72,16 @@ class ResultWait:
         self._poll_s = poll_s
         self._item = item  # the queued work item, pushed again after an outage if lost (None: never)
         self._push_if_lost = push_if_lost
-        self._resend = False
+        self._comebacks = 0  # times the subscription came back
+        self._pushed_for = 0  # the comebacks before the latest push of the item that succeeded
         self.arrived = asyncio.Event()
         self.delivered: bytes | None = None  # the result, when its message carried it
         self.error: Exception | None = None  # why the wait ends without a result (`abort`)
 
     def reconnected(self) -> None:
         """The subscription is back after a failure: look at the result key now, and push the item
-        again if it was lost."""
-        self._resend = self._item is not None
+        again if it was lost (at each look that finds no result, until a push sent since succeeds)."""
+        self._comebacks += 1
         self.arrived.set()
 
     def deliver(self, result: bytes | None) -> None:
@@ -117,9 +118,10 @@ class ResultWait:
             try:
                 if (result := raw(await self._redis.getdel(self._key))) is not None:
                     return result
-                if self._resend and self._item is not None and self._push_if_lost is not None:
-                    self._resend = False
+                if self._pushed_for < self._comebacks and self._item is not None and self._push_if_lost is not None:
+                    comebacks = self._comebacks
                     await self._push_if_lost(self._item)
+                    self._pushed_for = comebacks
             except OUTAGE as exc:
                 if self._item is None and self.delivered is None:  # (a result delivered meanwhile is answered)
                     raise

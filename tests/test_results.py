@@ -35,22 +35,23 @@ class GetdelGate:
 
 class ResultWaitMachine(LoopMachine):
     """One wait, its worker writing the result key and publishing a message that carries the result,
-    or not, or is lost; the subscription coming back; the client going away; and GETDELs of the key
-    that answer or fail whenever Hypothesis says. What the wait promises:
+    or not, or is lost; the subscription coming back; the poll; the client going away; and GETDELs of
+    the key that answer or fail whenever Hypothesis says. What the wait promises:
 
     - it returns the worker's result, and nothing else; it raises the client's going away only where
-      no message had carried the result, and Redis's failure only where a GETDEL failed;
-    - woken (a message, the subscription back, the client gone), it never waits on: it ends, or looks
-      at the key, and a wake that comes while it looks makes it look again;
-    - a message that carries the result ends it, whatever else happens.
+      no message had carried the result, and Redis's failure only where a GETDEL failed and none had;
+    - woken (a message, the subscription back, the poll, the client gone), it never waits on: it ends,
+      or looks at the key, and a wake that comes while it looks makes it look again;
+    - a message that carries the result ends it once what it sent to Redis has ended, whatever else
+      happens.
 
-    The poll (`poll_s`) never fires here: every look is one the wait was woken for.
+    The poll's own timer (`poll_s`) never fires here: `the_poll_comes` stands for it.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.redis = GetdelGate(self.loop)
-        self.wait = ResultWait(cast(Redis, self.redis), "result-key", poll_s=HANG_GUARD_S)
+        self.wait = self.make_wait()
         self.task = self.loop.create_task(self.wait.result())
         self.key: bytes | None = None  # the result key, as the worker left it (GETDEL takes it)
         self.written = False
@@ -59,7 +60,11 @@ class ResultWaitMachine(LoopMachine):
         self.failed = False  # a GETDEL failed
         self.unlooked = False  # woken since the wait's last look began
         self.looks = 0
+        self.comebacks = 0  # times the subscription came back
         self.settle()
+
+    def make_wait(self) -> ResultWait:
+        return ResultWait(cast(Redis, self.redis), "result-key", poll_s=HANG_GUARD_S)
 
     def settle(self) -> None:
         super().settle()
@@ -78,8 +83,16 @@ class ResultWaitMachine(LoopMachine):
 
     @rule()
     def the_subscription_comes_back(self) -> None:
+        self.comebacks += 1
         self.unlooked = True
         self.wait.reconnected()
+        self.settle()
+
+    @rule()
+    def the_poll_comes(self) -> None:
+        """What `poll_s` of waiting does: the wait stops waiting for a wake, and looks."""
+        self.unlooked = True
+        self.wait.arrived.set()
         self.settle()
 
     @precondition(lambda self: self.gone is None)
@@ -99,15 +112,24 @@ class ResultWaitMachine(LoopMachine):
             call.set_exception(RedisConnectionError("Redis went away"))
         else:
             call.set_result(self.key)
-            self.key = None
+            found, self.key = self.key, None
         self.settle()
+        if not fails and found is None:
+            self.found_nothing()
+
+    def busy(self) -> bool:
+        """Whether the wait waits on Redis: a look on its way."""
+        return bool(self.redis.on_its_way())
+
+    def found_nothing(self) -> None:
+        """A look that found no result has ended (and the wait has gone as far as it can)."""
 
     @invariant()
     def it_ends_as_promised(self) -> None:
         if not self.task.done():
-            looking = bool(self.redis.on_its_way())  # (a look on its way ends first, within Redis's timeout)
-            assert not self.carried or looking, "a message carried the result, and the wait goes on"
-            assert not self.unlooked or looking, "woken, the wait neither ended nor looked"
+            busy = self.busy()  # (what it sent ends first, within Redis's timeout)
+            assert not self.carried or busy, "a message carried the result, and the wait goes on"
+            assert not self.unlooked or busy, "woken, the wait neither ended nor looked"
             return
         error: Any = self.task.exception()
         if error is None:
@@ -121,3 +143,59 @@ class ResultWaitMachine(LoopMachine):
 
 TestResultWaitMachine = ResultWaitMachine.TestCase
 TestResultWaitMachine.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
+
+
+class RequeueWaitMachine(ResultWaitMachine):
+    """The wait behind Sentinel (`requeue`): its work item, which a failover may have lost, is pushed
+    again (`PUSH_IF_LOST`) once the subscription is back and a look finds no result. The rules above,
+    and pushes that end or fail whenever Hypothesis says; beyond what a wait promises:
+
+    - an outage never ends it (only its result, or its client going away; the caller's deadline);
+    - it pushes only after the subscription came back, and only after a look found no result;
+    - once the subscription came back, every look that finds no result pushes, until a push sent
+      after the comeback succeeded (a failed push is tried again at the next look).
+    """
+
+    def __init__(self) -> None:
+        self.pushes: list[tuple[int, asyncio.Future[None]]] = []  # each push, and the comebacks before it
+        self.pushed_for = 0  # the comebacks before the latest push that succeeded
+        super().__init__()
+
+    def make_wait(self) -> ResultWait:
+        return ResultWait(cast(Redis, self.redis), "result-key", HANG_GUARD_S, b"item", self.push_if_lost)
+
+    async def push_if_lost(self, item: bytes) -> None:
+        push: asyncio.Future[None] = self.loop.create_future()
+        self.pushes.append((self.comebacks, push))
+        await push
+
+    def pushing(self) -> list[tuple[int, asyncio.Future[None]]]:
+        return [(comebacks, push) for comebacks, push in self.pushes if not push.done()]
+
+    def busy(self) -> bool:
+        return super().busy() or bool(self.pushing())
+
+    @precondition(lambda self: self.pushing())
+    @rule(fails=st.booleans())
+    def a_push_ends(self, fails: bool) -> None:
+        [(comebacks, push)] = self.pushing()
+        if fails:
+            push.set_exception(RedisConnectionError("Redis went away"))
+        else:
+            push.set_result(None)
+            self.pushed_for = max(self.pushed_for, comebacks)
+        self.settle()
+
+    def found_nothing(self) -> None:
+        if not self.task.done() and self.pushed_for < self.comebacks:
+            assert self.pushing(), "the subscription came back, a look found no result, and no push went"
+
+    @invariant()
+    def it_pushes_as_promised(self) -> None:
+        assert all(comebacks > 0 for comebacks, _ in self.pushes), "a push before the subscription came back"
+        if self.task.done():
+            assert not isinstance(self.task.exception(), RedisConnectionError), "an outage ended the wait"
+
+
+TestRequeueWaitMachine = RequeueWaitMachine.TestCase
+TestRequeueWaitMachine.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
