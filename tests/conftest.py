@@ -14,7 +14,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import fakeredis
 import httpx
@@ -39,6 +39,7 @@ os.environ["SENTIMENT_DATA_DIR"] = tempfile.mkdtemp(prefix="sentiment-data-")
 atexit.register(shutil.rmtree, os.environ["SENTIMENT_DATA_DIR"], ignore_errors=True)
 # Every wait in the tests is a hang guard, never a timing claim: generous on a loaded 2-core box.
 HANG_GUARD_S = 60.0
+T = TypeVar("T")
 
 
 class LoopMachine(RuleBasedStateMachine):
@@ -60,11 +61,27 @@ class LoopMachine(RuleBasedStateMachine):
         self.loop.close()
 
 
+class Gate(Generic[T]):
+    """Calls (of anything: a read, a GETDEL, a push) that each wait on a future of their own, which a
+    state machine ends, or fails, when it says."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.calls: list[asyncio.Future[T]] = []
+
+    async def __call__(self, *_: object) -> T:
+        call: asyncio.Future[T] = self.loop.create_future()
+        self.calls.append(call)
+        return await call
+
+    def on_its_way(self) -> list[asyncio.Future[T]]:
+        return [call for call in self.calls if not call.done()]
+
+
 # How far a service's score for a text may lie from the reference classifier's own forward of it: a
 # row's arithmetic may depend on the batch it rode in (bf16 kernels are picked by shape on a CPU
 # without AMX, and moved one of the tiny model's scores by 1.5e-5).
 SCORE_ABS = 1e-4
-T = TypeVar("T")
 
 
 def shared_path(relative: str) -> Path:

@@ -14,7 +14,7 @@ from hypothesis.stateful import invariant, precondition, rule
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from api.refreshed import Refreshed
-from tests.conftest import LoopMachine
+from tests.conftest import Gate, LoopMachine
 
 pytestmark = pytest.mark.anyio
 
@@ -85,22 +85,6 @@ async def test_a_failed_read_leaves_the_value_and_the_next_request_reads_again(
 REFRESH_S, MAX_AGE_S = 1.0, 5.0
 
 
-class Gate:
-    """Reads that each wait on a future of their own, which the machine ends (or fails) when it says."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.reads: list[asyncio.Future[int]] = []
-
-    async def __call__(self) -> int:
-        read: asyncio.Future[int] = self.loop.create_future()
-        self.reads.append(read)
-        return await read
-
-    def on_its_way(self) -> list[asyncio.Future[int]]:
-        return [read for read in self.reads if not read.done()]
-
-
 class RefreshedMachine(LoopMachine):
     """`Refreshed` as a state machine: requests, the clock moving on, and reads that end or fail
     whenever Hypothesis says, against what it promises:
@@ -115,7 +99,7 @@ class RefreshedMachine(LoopMachine):
     def __init__(self) -> None:
         super().__init__()
         self.now = 0.0
-        self.gate = Gate(self.loop)
+        self.gate: Gate[int] = Gate(self.loop)
         self.refreshed = Refreshed(self.gate, 0, REFRESH_S, MAX_AGE_S, clock=lambda: self.now)
         self.value, self.read_at = 0, -math.inf  # what the value and its age should be
         self.waiting: list[asyncio.Task[int]] = []  # requests waiting for the read on its way
@@ -126,10 +110,10 @@ class RefreshedMachine(LoopMachine):
 
     @rule()
     def a_request(self) -> None:
-        age, reads, on_its_way = self.now - self.read_at, len(self.gate.reads), bool(self.gate.on_its_way())
+        age, reads, on_its_way = self.now - self.read_at, len(self.gate.calls), bool(self.gate.on_its_way())
         request = self.loop.create_task(self.refreshed.current())
         self.settle()
-        assert len(self.gate.reads) == reads + (age >= REFRESH_S and not on_its_way)
+        assert len(self.gate.calls) == reads + (age >= REFRESH_S and not on_its_way)
         if age >= MAX_AGE_S:
             assert not request.done()
             self.waiting.append(request)

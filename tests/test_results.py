@@ -12,25 +12,16 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from api.results import ResultWait
-from tests.conftest import HANG_GUARD_S, LoopMachine
+from tests.conftest import HANG_GUARD_S, Gate, LoopMachine
 
 RESULT = b'{"id": "r", "predictions": []}'
 
 
 class GetdelGate:
-    """A Redis whose GETDELs each wait on a future of their own, which the machine ends (or fails)."""
+    """A Redis whose GETDELs wait on the machine (`Gate`)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.calls: list[asyncio.Future[bytes | None]] = []
-
-    async def getdel(self, key: str) -> bytes | None:
-        call: asyncio.Future[bytes | None] = self.loop.create_future()
-        self.calls.append(call)
-        return await call
-
-    def on_its_way(self) -> list[asyncio.Future[bytes | None]]:
-        return [call for call in self.calls if not call.done()]
+        self.getdel: Gate[bytes | None] = Gate(loop)
 
 
 class ResultWaitMachine(LoopMachine):
@@ -59,7 +50,7 @@ class ResultWaitMachine(LoopMachine):
         self.gone: Exception | None = None  # the client went away
         self.failed = False  # a GETDEL failed
         self.unlooked = False  # woken since the wait's last look began
-        self.looks = 0
+        self.looks = 0  # GETDELs the wait sent
         self.comebacks = 0  # times the subscription came back
         self.settle()
 
@@ -68,8 +59,8 @@ class ResultWaitMachine(LoopMachine):
 
     def settle(self) -> None:
         super().settle()
-        if len(self.redis.calls) > self.looks:
-            self.looks, self.unlooked = len(self.redis.calls), False
+        if len(self.redis.getdel.calls) > self.looks:
+            self.looks, self.unlooked = len(self.redis.getdel.calls), False
 
     @precondition(lambda self: not self.written)
     @rule(message=st.sampled_from(["carries the result", "bare", "lost"]))
@@ -103,23 +94,24 @@ class ResultWaitMachine(LoopMachine):
         self.wait.abort(self.gone)
         self.settle()
 
-    @precondition(lambda self: self.redis.on_its_way())
+    @precondition(lambda self: self.redis.getdel.on_its_way())
     @rule(fails=st.booleans())
     def a_getdel_ends(self, fails: bool) -> None:
-        [call] = self.redis.on_its_way()
+        [call] = self.redis.getdel.on_its_way()
         if fails:
             self.failed = True
             call.set_exception(RedisConnectionError("Redis went away"))
-        else:
-            call.set_result(self.key)
-            found, self.key = self.key, None
+            self.settle()
+            return
+        found, self.key = self.key, None  # (GETDEL takes it)
+        call.set_result(found)
         self.settle()
-        if not fails and found is None:
+        if found is None:
             self.found_nothing()
 
     def busy(self) -> bool:
         """Whether the wait waits on Redis: a look on its way."""
-        return bool(self.redis.on_its_way())
+        return bool(self.redis.getdel.on_its_way())
 
     def found_nothing(self) -> None:
         """A look that found no result has ended (and the wait has gone as far as it can)."""
@@ -157,42 +149,39 @@ class RequeueWaitMachine(ResultWaitMachine):
     """
 
     def __init__(self) -> None:
-        self.pushes: list[tuple[int, asyncio.Future[None]]] = []  # each push, and the comebacks before it
+        self.sent_for: list[int] = []  # each push, the comebacks before it was sent
         self.pushed_for = 0  # the comebacks before the latest push that succeeded
         super().__init__()
+        self.pushes: Gate[None] = Gate(self.loop)
 
     def make_wait(self) -> ResultWait:
         return ResultWait(cast(Redis, self.redis), "result-key", HANG_GUARD_S, b"item", self.push_if_lost)
 
     async def push_if_lost(self, item: bytes) -> None:
-        push: asyncio.Future[None] = self.loop.create_future()
-        self.pushes.append((self.comebacks, push))
-        await push
-
-    def pushing(self) -> list[tuple[int, asyncio.Future[None]]]:
-        return [(comebacks, push) for comebacks, push in self.pushes if not push.done()]
+        self.sent_for.append(self.comebacks)
+        await self.pushes()
 
     def busy(self) -> bool:
-        return super().busy() or bool(self.pushing())
+        return super().busy() or bool(self.pushes.on_its_way())
 
-    @precondition(lambda self: self.pushing())
+    @precondition(lambda self: self.pushes.on_its_way())
     @rule(fails=st.booleans())
     def a_push_ends(self, fails: bool) -> None:
-        [(comebacks, push)] = self.pushing()
+        [push] = self.pushes.on_its_way()  # (the latest: one at a time)
         if fails:
             push.set_exception(RedisConnectionError("Redis went away"))
         else:
             push.set_result(None)
-            self.pushed_for = max(self.pushed_for, comebacks)
+            self.pushed_for = max(self.pushed_for, self.sent_for[-1])
         self.settle()
 
     def found_nothing(self) -> None:
         if not self.task.done() and self.pushed_for < self.comebacks:
-            assert self.pushing(), "the subscription came back, a look found no result, and no push went"
+            assert self.pushes.on_its_way(), "the subscription came back, a look found no result, and no push went"
 
     @invariant()
     def it_pushes_as_promised(self) -> None:
-        assert all(comebacks > 0 for comebacks, _ in self.pushes), "a push before the subscription came back"
+        assert all(comebacks > 0 for comebacks in self.sent_for), "a push before the subscription came back"
         if self.task.done():
             assert not isinstance(self.task.exception(), RedisConnectionError), "an outage ended the wait"
 
