@@ -188,3 +188,32 @@ class RequeueWaitMachine(ResultWaitMachine):
 
 TestRequeueWaitMachine = RequeueWaitMachine.TestCase
 TestRequeueWaitMachine.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
+
+
+def test_a_result_delivered_while_a_failing_look_was_out_is_answered() -> None:
+    """A sequence `ResultWaitMachine` found, replayed, so that no search has to find it again."""
+    state = ResultWaitMachine()
+    try:
+        state.the_subscription_comes_back()  # (a look goes out)
+        state.the_worker_answers(message="carries the result")
+        state.a_getdel_ends(fails=True)
+        state.it_ends_as_promised()
+        assert state.task.result() == RESULT
+    finally:
+        state.teardown()
+
+
+def test_a_failed_push_is_tried_again_at_the_next_look() -> None:
+    """The sequence `RequeueWaitMachine` found, replayed: the machine's search reaches it only now and
+    then, and the promise matters behind every failover."""
+    state = RequeueWaitMachine()
+    try:
+        state.the_subscription_comes_back()
+        state.the_poll_comes()  # (while the first look is out: it looks again after)
+        state.a_getdel_ends(fails=False)
+        state.a_push_ends(fails=True)
+        state.a_getdel_ends(fails=False)  # (asserts that a push went)
+        state.it_pushes_as_promised()
+        state.it_ends_as_promised()
+    finally:
+        state.teardown()
