@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(
         5.0,
         ge=1,
+        le=32767,  # Linux's most for TCP keepalive's idle time and interval: past it no connection opens
         description="How late a Redis reply may be (past a blocking command's own wait) before its connection is "
         "dropped and opened again, on every client of every process; also the connect timeout and TCP keepalive's "
         "idle time. A Redis that goes silent (its host gone, a partition: no reset) is noticed within about this "
@@ -90,6 +91,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         10.0,
         gt=0,
+        allow_inf_nan=False,  # (infinity has no request size, `max_request_chars`, nor deadline)
         description="How long /predict waits for its answer before a 504, from the request's arrival (its rate "
         "limit and model lookup included), a stalled Redis included; also each work item's deadline, past which the "
         "worker skips it.",
@@ -303,6 +305,7 @@ class Settings(BaseSettings):
     heartbeat_ttl_s: float = Field(
         10.0,
         gt=0,
+        allow_inf_nan=False,  # (a key's expiry and the jobs worker's beat are whole numbers)
         description="A worker silent for this long is dead: /ready drops it and its work is reclaimed (a killed one is noticed sooner, by its closed Redis connections).",
     )
 
@@ -446,7 +449,8 @@ def _refusal(exc: ValidationError) -> str:
     reasons: dict[str, list[str]] = {}
     for error in exc.errors(include_url=False):
         if error["type"] != "default_factory_not_called":
-            reason = error["msg"].removeprefix("Value error, ") if error["type"] == "value_error" else ""
+            said = error["type"] in ("value_error", "finite_number")  # (`inf` is a number > 0 in words)
+            reason = error["msg"].removeprefix("Value error, ") if said else ""
             reasons.setdefault(str(error["loc"][0]), []).append(reason)
     return "; ".join(
         f"SENTIMENT_{name.upper()}={_shown(name)} is refused: {rule(name)}"

@@ -3,14 +3,16 @@ rule the README's table states, and exit status 2 (not a traceback naming a fiel
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 
+from core.redis_connect import reach
 from core.settings import Settings, SettingsError, from_environment, rule
-from tests.conftest import REPO
+from tests.conftest import REPO, RedisServer
 
 COMMANDS = [
     ["serve"],
@@ -79,3 +81,28 @@ def test_each_setting_has_a_rule_in_words() -> None:
 def test_log_level_takes_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SENTIMENT_LOG_LEVEL", "warning")
     assert from_environment().log_level == "WARNING"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("SENTIMENT_REDIS_TIMEOUT_S", "40000"),  # past TCP keepalive's most: the kernel refuses every connection
+        ("SENTIMENT_REDIS_TIMEOUT_S", "inf"),
+        ("SENTIMENT_REQUEST_TIMEOUT_S", "inf"),  # an OverflowError's traceback (its request size)
+        ("SENTIMENT_HEARTBEAT_TTL_S", "inf"),  # the jobs worker's beat: an OverflowError once started
+    ],
+)
+def test_a_setting_that_could_only_fail_later_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as refusal:
+        from_environment()
+    assert str(refusal.value).startswith(f"{variable}={value!r} is refused: ")
+
+
+def test_the_longest_redis_timeout_accepted_still_reaches_redis(redis_server: RedisServer) -> None:
+    """The bound is the kernel's, not a guess: at the most accepted, a connection still opens."""
+    longest = next(m.le for m in Settings.model_fields["redis_timeout_s"].metadata if hasattr(m, "le"))
+    assert math.isfinite(longest)
+    reach(redis_server.url, longest)  # (past it: RedisUnreachable, `Invalid argument`)
