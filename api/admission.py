@@ -60,8 +60,9 @@ class Fleet:
 
 
 def fleet(statuses: list[WorkerStatus], queued_texts: float) -> Fleet | None:
-    """The load of the workers with a measured throughput; None while none has one."""
-    timed = [s for s in statuses if s.texts_per_s and s.forward_s]
+    """The load of the workers with a measured throughput; None while none has one. A heartbeat whose
+    throughput or forward time is not above 0 (written by something else) measures nothing."""
+    timed = [s for s in statuses if (s.texts_per_s or 0.0) > 0 and (s.forward_s or 0.0) > 0]
     if not timed:
         return None
     return Fleet(
@@ -176,7 +177,8 @@ class Admission:
         one), and the plan still drops it if it cannot make it."""
         fleet = await self.load.current()
         ahead = fleet is not None and (fleet.texts_ahead or self.load.admitted)
-        if fleet is not None and ahead and (wait_s := fleet.wait_s(self.load.admitted)) > timeout_s:
+        wait_s = fleet.wait_s(self.load.admitted) if fleet is not None and ahead else 0.0
+        if timeout_s < wait_s < math.inf:  # (an endless wait, from a heartbeat's nonsense, is no prediction)
             raise ServiceError(
                 ErrorType.OVERLOADED,
                 f"the service would answer in about {wait_s:.2g} s, past this request's deadline "

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import fakeredis
 import pytest
-from hypothesis import settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import invariant, precondition, rule
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -376,3 +376,39 @@ async def queue_texts(redis: fakeredis.FakeAsyncRedis, texts: int) -> None:
 
 TestAdmittedTextsMachine = AdmittedTextsMachine.TestCase
 TestAdmittedTextsMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+# What a heartbeat can hold and still decode: any finite number where the fields are numbers.
+rates = st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False))
+
+
+@settings(max_examples=200, deadline=None)
+@example(beats=[(5.0, 0.1, 10), (-5.0, 0.1, 0)], queued=0, texts=1, timeout_s=1.0)  # throughputs summing to 0
+@example(beats=[(1e-308, 1.0, 10)], queued=0, texts=1, timeout_s=1.0)  # an endless wait
+@given(
+    beats=st.lists(st.tuples(rates, rates, st.integers(-(2**40), 2**40)), min_size=1, max_size=3),
+    queued=st.integers(0, 50),
+    texts=st.integers(1, 64),
+    timeout_s=st.floats(0.001, 60),
+)
+def test_a_heartbeat_that_decodes_to_nonsense_never_makes_admission_fail(
+    beats: list[tuple[float | None, float | None, int]], queued: int, texts: int, timeout_s: float
+) -> None:
+    """Whatever numbers the workers' heartbeats hold, a request is admitted or refused with the 503's
+    whole-number Retry-After: never a 500 (a division by throughputs summing to 0, an endless wait's
+    Retry-After)."""
+
+    async def admit() -> None:
+        redis = fakeredis.FakeAsyncRedis()
+        for texts_per_s, forward_s, held in beats:
+            await beat(redis, status(texts_per_s, forward_s, held))
+        if queued:
+            await queue(redis, queued)
+        try:
+            await Admission(Load(redis, KEYS)).admit(texts, timeout_s)
+        except ServiceError as refusal:
+            assert refusal.error_type is ErrorType.OVERLOADED
+            assert isinstance(refusal.retry_after_s, int) and refusal.retry_after_s >= 1
+        await redis.aclose()
+
+    asyncio.run(admit())
