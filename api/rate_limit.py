@@ -2,7 +2,9 @@
 
 One Lua script refills and takes in one atomic round trip, on Redis' clock (replicas' clocks may
 disagree). A bucket holds `burst` tokens and refills at `rate` per second; a request takes one.
-An empty bucket answers how long until a token is back: the 429's `Retry-After`.
+An empty bucket answers how long until a token is back: the 429's `Retry-After`. A bucket holds 0 to
+`burst` tokens, whatever its hash held (a negative count written by something else would otherwise
+refuse its client for ever, refreshed at each try, with an endless `Retry-After`: a 500).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
 local tokens = tonumber(state[1]) or burst
 local ts = tonumber(state[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+tokens = math.min(burst, math.max(0, tokens) + math.max(0, now - ts) * rate)  -- never below 0: whatever the hash held
 local taken, wait = 0, 0
 if tokens >= 1 then
   tokens, taken = tokens - 1, 1

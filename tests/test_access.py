@@ -211,6 +211,22 @@ def limited(settings: Settings, redis_url: str, rate: float, burst: int, **updat
     )
 
 
+@pytest.mark.parametrize("garbage", [b"-inf", b"-1e300", b"nan", b"not a number"])
+async def test_a_rate_limit_bucket_holding_garbage_answers_a_wait_of_a_token_at_most(
+    redis_url: str, garbage: bytes
+) -> None:
+    """A bucket whose count is garbage (a negative one: an endless wait, kept at every try, a 500)
+    still answers the 429's wait for one token at most, and is a bucket again after one take."""
+    keys = Keys(f"rl-{time.monotonic_ns()}")
+    redis = Redis.from_url(redis_url)
+    await redis.hset(keys.rate_limit("c"), mapping={"tokens": garbage, "ts": b"0"})
+    limit = RateLimit(redis, keys, rate_per_s=10.0, burst=2)
+    waits = [await limit.take("c") for _ in range(3)]
+    await redis.aclose()
+    assert all(wait is None or 0 < wait <= 1 / 10.0 for wait in waits), waits
+    assert waits[0] is None, "the garbage is a full bucket's worth of time old: refilled"
+
+
 async def test_a_client_over_its_rate_gets_429_with_the_bucket_s_retry_after(
     settings: Settings, redis_url: str
 ) -> None:
