@@ -67,6 +67,8 @@ class Coalescer(Generic[In, Out]):
     async def _call(self, turn: _Turn[In, Out]) -> None:
         try:
             answers = await self._run([argument for argument, _ in turn.calls])
+            if len(answers) != len(turn.calls):  # (a caller left without an answer would wait forever)
+                raise ValueError(f"{len(answers)} answers to {len(turn.calls)} calls")
         except Exception as exc:
             for _, future in turn.calls:
                 if not future.done():

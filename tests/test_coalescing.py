@@ -197,3 +197,36 @@ class CoalescerMachine(LoopMachine):
 
 TestCoalescerMachine = CoalescerMachine.TestCase
 TestCoalescerMachine.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+
+
+class MiscountingCoalescerMachine(CoalescerMachine):
+    """`CoalescerMachine`, where a call may also answer more or fewer answers than it had callers (a
+    bug in `run`): each caller left waiting on it gets a failure at once, never a wait to its deadline."""
+
+    @precondition(lambda self: any(not answer.done() for _, answer in self.calls))
+    @rule(data=st.data(), more=st.booleans())
+    def a_call_answers_the_wrong_number(self, data: st.DataObject, more: bool) -> None:
+        turn = data.draw(st.sampled_from([t for t, (_, answer) in enumerate(self.calls) if not answer.done()]))
+        arguments, answer = self.calls[turn]
+        answer.set_result([10 * a for a in arguments] + [0] if more else [10 * a for a in arguments[:-1]])
+        self.ended[turn] = MISCOUNTED
+        self.settle()
+
+    @invariant()
+    def each_caller_gets_its_own_answer_once_its_call_ended(self) -> None:
+        for caller in self.callers:
+            if caller.gave_up:
+                assert caller.task.cancelled() or caller.task.done()
+            elif caller.turn not in self.ended:
+                assert not caller.task.done()
+            elif (failure := self.ended[caller.turn]) is MISCOUNTED:
+                assert isinstance(caller.task.exception(), ValueError), "a caller of a miscounted call still waits"
+            elif failure is not None:
+                assert caller.task.exception() is failure
+            else:
+                assert caller.task.result() == 10 * caller.argument
+
+
+MISCOUNTED = ValueError("the call answered the wrong number of callers")
+TestMiscountingCoalescerMachine = MiscountingCoalescerMachine.TestCase
+TestMiscountingCoalescerMachine.settings = settings(max_examples=100, stateful_step_count=25, deadline=None)
