@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -268,11 +269,14 @@ def quote(value: Any, budget: int = QUOTE_CHARS) -> Any:
     never the whole body. A string keeps its first `budget` characters, a list or object the items
     that fit (each level down costs its brackets, which also bounds the depth), each with a count of
     what it held; a number of more than `QUOTE_CHARS` digits is named by its size (`str` refuses
-    past 4,300 digits)."""
+    past 4,300 digits); NaN and Infinity, which the parsers take but JSON has not, as the strings the
+    client wrote (bare, they would make the 422 a body strict parsers refuse)."""
     if isinstance(value, str):
         return value if len(value) <= budget else f"{value[:budget]}… ({len(value)} characters)"
     if isinstance(value, int) and abs(value) >= _LONG_NUMBER:
         return f"a number of more than {QUOTE_CHARS} digits"
+    if isinstance(value, float) and not math.isfinite(value):
+        return json.dumps(value)
     if isinstance(value, dict):
         fields: dict[Any, Any] = {}
         for key, item in value.items():

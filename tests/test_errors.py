@@ -4,7 +4,9 @@ OpenAPI document that says so: each answer is checked against the schema the doc
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+import math
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import fakeredis
@@ -12,6 +14,9 @@ import grpc
 import httpx
 import jsonschema
 import pytest
+from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from api.app import create_app
@@ -179,3 +184,78 @@ async def test_the_openapi_document_gives_every_error_the_one_shape(client: http
         described = document["paths"][path][method]["responses"]["422"]["description"]
         assert described.split(", ") == [ErrorType.INVALID_REQUEST.value, ErrorType.TEXT_TOO_LONG.value], path
     assert schemas[ErrorBody.__name__]["required"] == ["error", "error_type"]
+
+
+# ---------------------------------------------------------------- bodies every client can parse
+
+
+ROUTES = ["/predict", "/jobs", INFER, "/"]
+
+
+def strict_json(raw: bytes) -> Any:
+    """`raw` parsed as RFC 8259 JSON, which has no NaN or Infinity (Python's parser takes them; a
+    browser's `JSON.parse`, Go's and Java's parsers do not)."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(raw, parse_constant=refuse)
+
+
+def body_for(path: str, value: object) -> dict[str, Any]:
+    """`value` where each route wants its texts: a place that takes only strings."""
+    if path == INFER:
+        return {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": value}]}
+    return {"inputs": value} if path == "/" else {"text": value}
+
+
+@pytest.mark.parametrize("path", ROUTES)
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+async def test_a_non_finite_number_in_a_bad_body_is_quoted_in_json_a_strict_parser_reads(
+    client: httpx.AsyncClient, path: str, constant: str
+) -> None:
+    """The parsers take NaN and Infinity (a JSON extension); a 422 quoting them must not write them bare."""
+    content = json.dumps(body_for(path, ["ok", "CONSTANT"])).replace('"CONSTANT"', constant)
+    response = await client.post(path, content=content.encode(), headers={"content-type": "application/json"})
+    body = strict_json(response.content)
+    assert (response.status_code, body["error_type"]) == (422, "invalid_request")
+    assert constant in json.dumps(body["detail"])  # quoted as the client wrote it, as a string
+
+
+@pytest.fixture(scope="module")
+def sync_client() -> Iterator[TestClient]:
+    """An app on its own fakeredis, a model announced and no worker, for Hypothesis (which runs no coroutines)."""
+    settings = Settings(_env_file=None, key_prefix="strict", request_timeout_s=2)
+    server = fakeredis.FakeServer()
+    announce(fakeredis.FakeRedis(server=server), Keys(settings.key_prefix))
+    with TestClient(
+        create_app(settings, fakeredis.FakeAsyncRedis(server=server), fakeredis.FakeRedis(server=server))
+    ) as client:
+        yield client
+
+
+# Any JSON document holding at least one non-finite number, anywhere in it.
+leaves = (
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5) | st.sampled_from([math.nan, math.inf, -math.inf])
+)
+documents = st.recursive(
+    leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+)
+
+
+def non_finite_in(value: object) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, list):
+        return any(non_finite_in(item) for item in value)
+    if isinstance(value, dict):
+        return any(non_finite_in(item) for item in value.values())
+    return False
+
+
+@settings(max_examples=60, deadline=None)
+@given(value=documents.filter(non_finite_in), path=st.sampled_from(ROUTES))
+def test_every_refusal_of_a_body_is_strict_json(sync_client: TestClient, value: object, path: str) -> None:
+    response = sync_client.post(path, content=json.dumps(body_for(path, value)).encode())
+    assert response.status_code == 422, response.text
+    strict_json(response.content)
