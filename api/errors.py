@@ -30,6 +30,7 @@ from grpc import StatusCode
 from pydantic import BaseModel, ConfigDict
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from api.metrics import REQUESTS_REFUSED
 from core.redis_errors import describe
@@ -50,7 +51,7 @@ class ErrorType(StrEnum):
     FORBIDDEN = "forbidden"  # the request sent a key that is not configured
     RATE_LIMITED = "rate_limited"  # this client's token bucket is empty
     NOT_READY = "not_ready"  # /ready: Redis down, no live worker, or a worker of `sentiment serve` down
-    CLIENT_GONE = "client_gone"  # the client disconnected while its request waited: nobody reads the answer
+    CLIENT_GONE = "client_gone"  # the client left while its request was sent or waited: nobody reads the answer
     INVALID_REQUEST = "invalid_request"  # a body or parameter that does not validate (FastAPI's 422)
     BAD_REQUEST = "bad_request"  # a body FastAPI could not read at all (its 400)
     METHOD_NOT_ALLOWED = "method_not_allowed"  # the path has no such method (the router's 405, with `Allow`)
@@ -228,12 +229,15 @@ def failure(exc: Exception) -> ServiceError:
     """What any exception answers, over HTTP (`install`) and gRPC (`api.inference_grpc`) alike: its own
     error; a request that does not validate, `invalid_request`; Redis down or refusing (OOM under
     maxmemory, READONLY after a failover, MISCONF, NOPERM), unavailable, since the client's remedy is
-    the same, retry later; else a bug. The log names Redis's error class; an error reply's message
-    only at DEBUG, since redis-py quotes a failed pipeline's commands in it (a job's texts too)."""
+    the same, retry later; a client that hung up mid-body, gone; else a bug. The log names Redis's
+    error class; an error reply's message only at DEBUG, since redis-py quotes a failed pipeline's
+    commands in it (a job's texts too)."""
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, RequestValidationError):
         return invalid_request(exc.errors())
+    if isinstance(exc, ClientDisconnect):  # (reading the body: no bug, nobody to answer)
+        return ServiceError(ErrorType.CLIENT_GONE, "the client went away while it sent its request")
     if isinstance(exc, RedisError):
         log.warning("redis unavailable (%s)", describe(exc))
         log.debug("redis failed with", exc_info=exc)
@@ -313,7 +317,8 @@ def install(app: FastAPI) -> None:
         error = failure(exc)
         return error_response(error.error_type, error.message, error.retry_after_s, fields=error.fields)
 
-    for raised in (RequestValidationError, ServiceError, RedisError, Exception):
+    # (each but `Exception` answered where the route is: Starlette logs and re-raises only a bug)
+    for raised in (RequestValidationError, ServiceError, RedisError, ClientDisconnect, Exception):
         app.add_exception_handler(raised, on_error)
 
 

@@ -8,9 +8,9 @@ or parsed; it is then handed on as it came (the route would have buffered it who
 (FastAPI's own `max_body_size` answers a declared oversize in plain text, outside the JSON error
 shape.) Each route's limit is the largest body its configured text limits allow (`body_limit`); other routes take none.
 `install` turns FastAPI's "error parsing the body" of a body parameter (`/jobs`: nesting too deep,
-invalid UTF-8, a number with thousands of digits) into the 422 that malformed JSON gets (every other
-HTTP error, the router's 404 and 405 among them, into `api.errors`' shape); `/predict` parses its own
-body (`api.schemas.parse_json`), where these are malformed JSON already.
+invalid UTF-8, a number with thousands of digits) into the 422 that malformed JSON gets, a client gone
+mid-body into its 499 (every other HTTP error, the router's 404 and 405 among them, into `api.errors`'
+shape); `/predict` parses its own body (`api.schemas.parse_json`), where these are malformed JSON already.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import ErrorType, error_response, http_error_response, json_invalid, validation_response
+from api.errors import ErrorType, error_response, failure, http_error_response, json_invalid, validation_response
 
 # "\uXXXX" is the longest a character of the Basic Multilingual Plane takes in JSON (UTF-8 takes at
 # most 4 bytes); only a text of mostly escaped astral characters (12 bytes each) can exceed this.
@@ -128,6 +129,9 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 400 and why:
             # The 422 FastAPI gives malformed JSON, so every unparseable body reads the same.
             return validation_response([json_invalid({"error": why})])
+        if isinstance(cause, ClientDisconnect):  # gone mid-body: as on the routes that read their own
+            gone = failure(cause)
+            return error_response(gone.error_type, gone.message)
         return http_error_response(request, exc)
 
     app.add_exception_handler(HTTPException, on_unparseable_body)

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
+from starlette.types import Message
 
 from api.app import create_app
 from api.errors import ERRORS, ErrorBody, ErrorType
@@ -259,3 +260,49 @@ def test_every_refusal_of_a_body_is_strict_json(sync_client: TestClient, value: 
     response = sync_client.post(path, content=json.dumps(body_for(path, value)).encode())
     assert response.status_code == 422, response.text
     strict_json(response.content)
+
+
+async def cut_off_upload(path: str) -> list[Message]:
+    """What the app sends for a POST whose client goes away after the first bytes of its declared body."""
+    server = fakeredis.FakeServer()
+    announce(fakeredis.FakeRedis(server=server), Keys("cut"))
+    app = create_app(
+        Settings(_env_file=None, key_prefix="cut"),
+        fakeredis.FakeAsyncRedis(server=server),
+        fakeredis.FakeRedis(server=server),
+    )
+    arrivals: list[Message] = [{"type": "http.request", "body": b'{"text": ["', "more_body": True}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return arrivals.pop(0) if arrivals else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("api", 80),
+    }
+    async with app.router.lifespan_context(app):
+        await app(scope, receive, send)
+    return sent
+
+
+@pytest.mark.parametrize("path", ROUTES)
+async def test_a_client_gone_mid_upload_is_client_gone_not_a_bug(path: str) -> None:
+    """Nobody reads the answer, but the status is what the metrics record and the logs blame: a
+    client that hangs up while sending is the 499 of one that hangs up while waiting, not a 500."""
+    sent = await cut_off_upload(path)  # (a bug's 500 would also raise here, for the server to log)
+    assert sent[0]["status"] == 499
+    assert json.loads(sent[1]["body"])["error_type"] == "client_gone"
