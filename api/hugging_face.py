@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import FastAPI, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 
 from api.access import client_of
 from api.deadline import request_deadline
@@ -35,7 +35,10 @@ PATH = "/"
 
 class ClassificationParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    top_k: Annotated[int, Field(ge=1)] | None = Field(None, description="Only the top k labels (default: every label).")
+    # (strict: `"2"`, `true` or `2.0` is a client's mistake, not a count: the schema says integer)
+    top_k: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        None, description="Only the top k labels (default: every label)."
+    )
     function_to_apply: Literal["softmax", "sigmoid", "none"] | None = Field(
         None, description="The function from the model's logits to the scores (default: the model's own, GET /model)."
     )

@@ -32,7 +32,16 @@ from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, ValidationError, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StringConstraints,
+    ValidationError,
+    create_model,
+)
 from redis.exceptions import RedisError
 from starlette.datastructures import State
 from starlette.types import Receive
@@ -74,7 +83,8 @@ class RequestedOutput(BaseModel):
 class InferInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Short = Field(description="Any name (KServe's examples say `input-0`); the metadata calls it `text`.")
-    shape: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1, max_length=2)] = Field(
+    # (strict: `"2"`, `true` or `2.0` is a client's mistake, not an int64 count: the schema says integer)
+    shape: Annotated[list[Annotated[StrictInt, Field(ge=1)]], Field(min_length=1, max_length=2)] = Field(
         description="`[n]` or `[n, 1]`, n texts"
     )
     datatype: Literal["BYTES"]

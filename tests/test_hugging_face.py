@@ -114,6 +114,7 @@ async def test_function_to_apply_is_the_pipelines_on_the_models_logits_cached_ap
 async def test_bad_parameters_are_a_422(client: httpx.AsyncClient) -> None:
     for body in (
         {"inputs": "x", "parameters": {"top_k": 0}},
+        *({"inputs": "x", "parameters": {"top_k": count}} for count in ("1", True, 1.0)),  # (`true` is no 1)
         {"inputs": "x", "parameters": {"function_to_apply": "tanh"}},
         {"inputs": "x", "parameters": {"temperature": 1}},
         {"inputs": []},
