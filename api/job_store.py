@@ -1,7 +1,7 @@
 """Bulk jobs as the API sees them: RQ calls in, plain JSON-ready views out (no torch here).
 
 RQ holds the lifecycle; this module only enqueues (by function name), reads, cancels and deletes.
-Reading a started job also runs RQ's abandoned-job cleanup, so a job whose worker died turns
+Reading a started job also runs the abandoned-job cleanup (`reap_abandoned`), so a job whose worker died turns
 `queued` (retried) or `failed` even when no jobs worker is left to notice.
 
 Only ended jobs expire. Redis evicts keys that have a TTL under memory pressure (`volatile-lru`,
@@ -37,6 +37,7 @@ from core.job_spec import (
     SERIALIZER,
     jobs_queue,
     progress,
+    reap_abandoned,
     status_document,
 )
 from core.protocol import Keys, new_id
@@ -80,7 +81,7 @@ class JobStore:
         """The job's status, progress and times; its predictions once finished, its error once failed."""
         job = self._fetch(job_id)
         if job.get_status(refresh=False) == JobStatus.STARTED:
-            self.queue.started_job_registry.cleanup()  # is its worker gone? (cheap: one ZRANGEBYSCORE)
+            reap_abandoned(self.queue)  # is its worker gone? (cheap: one ZRANGEBYSCORE)
             job = self._fetch(job_id)
         document = status_document(job)
         # An ended job's result is a second read: a job deleted in between is gone, not finished without predictions.

@@ -48,7 +48,7 @@ from opentelemetry.trace import Span
 from redis import Redis
 from redis.client import Pipeline, PubSub, PubSubWorkerThread
 from redis.exceptions import RedisError, WatchError
-from rq import Queue, SimpleWorker, get_current_job
+from rq import Queue, SimpleWorker, get_current_job, worker_registration
 from rq.exceptions import StopRequested
 from rq.executions import Execution
 from rq.job import Job, JobStatus
@@ -60,7 +60,7 @@ from batcher.bulk import Bulk, BulkFailed, BulkStopped, Part
 from batcher.periodic import Periodic
 from batcher.thread_failure import ThreadFailure
 from core import tracing
-from core.job_spec import BATCHES_PER_PART, SERIALIZER, jobs_queue, progress
+from core.job_spec import BATCHES_PER_PART, SERIALIZER, jobs_queue, progress, reap_abandoned
 from core.protocol import Keys, Prediction
 from core.redis_connect import sync_client
 from core.redis_errors import Backoff, describe
@@ -297,6 +297,24 @@ class JobsWorker(SimpleWorker):
             super()._set_ip_address(connection)
         except ValueError:
             self.ip_address = "unknown"
+
+    def clean_registries(self) -> None:
+        """RQ's maintenance, its abandoned-job cleanup `reap_abandoned`'s (RQ's writes blindly: a job
+        canceled or deleted as it looked would be queued again, and run)."""
+        for queue in self.queues:
+            if queue.acquire_maintenance_lock():  # one jobs worker at a time
+                reap_abandoned(queue)
+                for registry in (
+                    queue.finished_job_registry,
+                    queue.failed_job_registry,
+                    queue.deferred_job_registry,
+                    queue.ready_job_registry,
+                ):
+                    registry.cleanup()
+                worker_registration.clean_worker_registry(queue)
+                queue.intermediate_queue.cleanup(self, queue)
+                queue.release_maintenance_lock()
+        self.last_cleaned_at = now()  # type: ignore[assignment]  # (RQ's annotation: None only)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """Short: a killed worker's job is seen as abandoned this long after its last beat."""

@@ -8,13 +8,18 @@ is made here too: GET /jobs/{id} answers it, and its webhook (`batcher.webhooks`
 
 from __future__ import annotations
 
+from contextlib import suppress
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import WatchError
 from rq import Queue, Retry
+from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.registry import record_job_failure
 from rq.results import Result
 from rq.serializers import JSONSerializer
+from rq.utils import as_text, current_timestamp, now, parse_composite_key
 
 from core.settings import Settings
 
@@ -39,6 +44,39 @@ JOB_STATUS = {
 def jobs_queue(redis: Redis, settings: Settings) -> Queue:
     """The RQ queue of bulk jobs, as both the API and the jobs worker see it."""
     return Queue(settings.jobs_queue, connection=redis, serializer=SERIALIZER)
+
+
+def reap_abandoned(queue: Queue) -> None:
+    """RQ's abandoned-job cleanup (`StartedJobRegistry.cleanup`): each job whose heartbeat lapsed (its
+    worker killed or lost) is retried, or failed once its retries are spent; but each in a transaction
+    that WATCHes the job and finds it still `started` and its lapsed entry still there. RQ's looks, then
+    writes blindly: a DELETE landing in between was undone (the canceled job queued again, and run),
+    and two cleanups at once (the API's, a jobs worker's) queued the job twice."""
+    registry, connection = queue.started_job_registry, queue.connection
+    lapsed: list[bytes] = connection.zrangebyscore(registry.key, 0, current_timestamp())  # type: ignore[assignment]
+    for entry in map(as_text, lapsed):
+        job_id, _ = parse_composite_key(entry)
+        with connection.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(Job.key_for(job_id))
+                    status, still = pipe.hget(Job.key_for(job_id), "status"), pipe.zscore(registry.key, entry)
+                    job = None
+                    if status is not None and still is not None and as_text(status) == JobStatus.STARTED:
+                        with suppress(NoSuchJobError):  # deleted since the look: the WATCH fails, the next look says so
+                            job = Job.fetch(job_id, connection=connection, serializer=queue.serializer)
+                    pipe.multi()
+                    pipe.zrem(registry.key, entry)
+                    if job is not None and job.retries_left:
+                        job.retry(queue, pipe)
+                    elif job is not None:
+                        record_job_failure(
+                            job, f"Moved to FailedJobRegistry, due to AbandonedJobError, at {now()}", pipe
+                        )
+                    pipe.execute()
+                    break
+                except WatchError:
+                    pipe.reset()
 
 
 def progress(done: int, total: int) -> dict[str, Any]:

@@ -13,10 +13,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import fakeredis
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 from redis import exceptions as redis_exceptions
 from redis.client import Pipeline, PubSubWorkerThread
 from rq import Queue
@@ -25,6 +29,8 @@ from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job
 
 from api.app import create_app
+from api.errors import ErrorType, ServiceError
+from api.job_store import JobStore
 from batcher.bulk import Bulk, BulkStopped, Part
 from batcher.jobs import Context, JobsWorker, serve_jobs
 from batcher.queue import WorkQueue
@@ -726,3 +732,131 @@ def test_a_stop_swallowed_on_its_way_still_ends_a_wait_through_an_outage(
     waiting.join(HANG_GUARD_S)
     assert not waiting.is_alive(), "RQ's wait for a job went on retrying a lost Redis after the stop"
     assert [type(exc) for exc in ended] == [StopRequested]
+
+
+# ---------------------------------------------------------------- the abandoned-job cleanup against DELETE
+
+
+RETRIES = 2  # core.job_spec.RETRY
+MEANWHILE = ["nothing", "cancel", "cancel and delete", "another cleanup"]
+
+
+@contextlib.contextmanager
+def meanwhile(job_id: str, fetches_before: int, action: Callable[[], object]) -> Iterator[None]:
+    """Run `action` once, right after the cleanup's fetch of `job_id` (the fetch after `fetches_before`
+    others of it): where another process's DELETE or cleanup may land, between its look and its write."""
+    fetch = Job.fetch
+    seen = [0]
+
+    def fetched(*args: Any, **kwargs: Any) -> Job:
+        job = fetch(*args, **kwargs)
+        if job.id == job_id:
+            seen[0] += 1
+            if seen[0] == fetches_before + 1:
+                action()
+        return job
+
+    with mock.patch.object(Job, "fetch", staticmethod(fetched)):
+        yield
+
+
+class AbandonedJobs(RuleBasedStateMachine):
+    """Jobs submitted, taken by jobs workers that die, their DELETEs, and the abandoned-job cleanup
+    (the API's, on reading a started job; a jobs worker's maintenance) with a DELETE or another cleanup
+    landing between its look and its write. The model: what each job is, and its retries left."""
+
+    jobs = Bundle("jobs")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.redis = fakeredis.FakeRedis()
+        settings = Settings(redis_url="redis://unused:1/0", job_ttl_s=600, heartbeat_ttl_s=5)
+        self.store = JobStore(self.redis, settings)
+        self.queue = self.store.queue
+        self.worker = JobsWorker(
+            [self.queue],
+            connection=self.redis,
+            serializer=SERIALIZER,
+            context=Context(Bulk(settings, self.redis)),
+            heartbeat_ttl_s=settings.heartbeat_ttl_s,
+            redis_timeout_s=settings.redis_timeout_s,
+            keys=Keys(settings.key_prefix),
+        )
+        self.model: dict[str, str] = {}
+        self.retries: dict[str, int] = {}
+
+    @rule(target=jobs)
+    def submit(self) -> str:
+        job_id = self.store.create(["a text"])
+        self.model[job_id], self.retries[job_id] = "queued", RETRIES
+        return job_id
+
+    @rule(job_id=jobs)
+    def taken_by_a_worker_that_dies(self, job_id: str) -> None:
+        """A jobs worker took the job, started it and was killed: its heartbeat lapsed."""
+        if self.model[job_id] != "queued":
+            return
+        self.redis.lrem(self.queue.key, 1, job_id)
+        self.redis.hset(Job.key_for(job_id), "status", "started")
+        self.redis.zadd(self.queue.started_job_registry.key, {f"{job_id}:killed-{time.time()}": time.time() - 1})
+        self.model[job_id] = "started"
+
+    @rule(job_id=jobs)
+    def delete(self, job_id: str) -> None:
+        self._delete(job_id)
+
+    @rule(job_id=jobs, by_the_api=st.booleans(), action=st.sampled_from(MEANWHILE))
+    def cleanup(self, job_id: str, by_the_api: bool, action: str) -> None:
+        """The cleanup of `job_id` (the API's reading it, or a jobs worker's maintenance), `action`
+        landing between its look at the job and its write."""
+        if self.model[job_id] != "started":
+            return
+        actions: dict[str, Callable[[], object]] = {
+            "nothing": lambda: None,
+            "cancel": lambda: self._delete(job_id),
+            "cancel and delete": lambda: (self._delete(job_id), self._delete(job_id)),
+            "another cleanup": lambda: self._reaped(self.store.view(job_id)["status"], job_id),
+        }
+        # The API's read fetches the job once before its cleanup does.
+        with meanwhile(job_id, 1 if by_the_api else 0, actions[action]):
+            try:
+                status = self.store.view(job_id)["status"] if by_the_api else self.worker.clean_registries()
+            except ServiceError as gone:
+                assert gone.error_type == ErrorType.NOT_FOUND and self.model[job_id] == "deleted"
+                status = None
+        self._reaped(status, job_id)
+
+    def _reaped(self, status: str | None, job_id: str) -> None:
+        """A cleanup ran, which answered `status` for `job_id`: every abandoned job was retried, or
+        failed once its retries were spent."""
+        for abandoned in [job for job, what in self.model.items() if what == "started"]:
+            self.model[abandoned] = "queued" if self.retries[abandoned] else "failed"
+            self.retries[abandoned] = max(self.retries[abandoned] - 1, 0)
+        assert status in (None, self.model[job_id])
+
+    def _delete(self, job_id: str) -> None:
+        if self.model[job_id] == "deleted":
+            return
+        self.store.delete(job_id)
+        self.model[job_id] = "deleted" if self.model[job_id] in ("canceled", "failed") else "canceled"
+
+    @invariant()
+    def each_job_is_what_its_calls_made_it(self) -> None:
+        for job_id, expected in self.model.items():
+            status = self.redis.hget(Job.key_for(job_id), "status")
+            assert (status.decode() if status else "deleted") == expected, job_id
+
+    @invariant()
+    def the_queue_holds_each_queued_job_once_and_nothing_else(self) -> None:
+        queued = [job_id.decode() for job_id in self.redis.lrange(self.queue.key, 0, -1)]
+        assert sorted(queued) == sorted(job_id for job_id, what in self.model.items() if what == "queued")
+
+    @invariant()
+    def a_queued_job_never_expires(self) -> None:
+        for job_id, what in self.model.items():
+            if what == "queued":
+                assert self.redis.ttl(Job.key_for(job_id)) == -1, job_id
+
+
+AbandonedJobs.TestCase.settings = hypothesis_settings(max_examples=60, stateful_step_count=12, deadline=None)
+test_a_cleanup_of_abandoned_jobs_never_undoes_a_delete_nor_queues_a_job_twice = AbandonedJobs.TestCase
