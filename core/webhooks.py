@@ -175,8 +175,8 @@ def name_refusal(host: str) -> str | None:
 
 def check_url(url: str, allowed: Sequence[Network]) -> None:
     """ValueError saying why `url` may not be a callback: not http(s), credentials or spaces in it, no
-    host, not an ASCII one or one the resolver cannot take, or an address `refusal` refuses. A name
-    passes here: its addresses are checked at each delivery."""
+    host, not an ASCII one or one the resolver cannot take, a path or query not ASCII, or an address
+    `refusal` refuses. A name passes here: its addresses are checked at each delivery."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise ValueError("a callback URL is http:// or https://")
@@ -188,6 +188,8 @@ def check_url(url: str, allowed: Sequence[Network]) -> None:
         raise ValueError("a callback URL names a host")
     if not parts.hostname.isascii():
         raise ValueError("a callback URL's host is ASCII (an international name in its xn-- form)")
+    if not (parts.path + parts.query).isascii():  # an HTTP request line is ASCII: it could never be sent
+        raise ValueError("a callback URL's path and query are ASCII (the rest percent-encoded: é is %C3%A9)")
     if why := name_refusal(parts.hostname):
         raise ValueError(why)
     try:

@@ -199,6 +199,8 @@ def test_numeric_host_forms_are_the_addresses_they_spell(host: str, why: str) ->
         ("https://example.com:99999/hook", "port"),
         ("https://example.com/a hook", "no spaces or control characters"),
         ("https://bücher.example/hook", "ASCII"),
+        ("http://example.com/café", "percent-encoded"),  # an HTTP request line is ASCII: it could never be sent
+        ("http://example.com/hook?name=José", "percent-encoded"),
         ("http://a..example.com/", "no empty label"),  # IDNA (and so the resolver) refuses both
         (f"http://{'a' * 70}.example.com/", "none over 63 characters"),
         (f"http://{'a.' * 127}example/", "at most 253 characters"),  # DNS's most
@@ -211,6 +213,17 @@ def test_a_callback_url_is_refused_with_the_reason(url: str, why: str) -> None:
 
 def test_names_pass_until_delivery() -> None:
     check_url("https://hooks.example.com/x?token=1", [])  # a name's addresses are checked at each delivery
+
+
+def test_a_percent_encoded_path_and_a_fragment_that_is_not_ascii_are_delivered(settings: Settings) -> None:
+    """What the refusal of a path that is not ASCII asks for is delivered as written; a fragment is never sent."""
+    fake = fakeredis.FakeRedis()
+    with receiving() as receiver:
+        for path in ("/caf%C3%A9?name=Jos%C3%A9", "/hook#café"):
+            check_url(receiver.url(path), LOOPBACK)
+            canceled_job(fake, settings, receiver.url(path))
+        Sender(settings, fake).tick()
+    assert sorted(d.path for d in receiver.received) == ["/caf%C3%A9?name=Jos%C3%A9", "/hook"]
 
 
 @pytest.mark.parametrize(
