@@ -71,7 +71,8 @@ def post(
     request = {"Host": parts.netloc, "Connection": "close", **headers}
     with _connect(targets, deadline) as sock, Watchdog(sock, deadline) as watchdog:
         try:
-            stream = tls.wrap_socket(sock, server_hostname=host) if https else sock
+            # SNI and the certificate check take a name without its root's dot (RFC 6066), as curl sends it.
+            stream = tls.wrap_socket(sock, server_hostname=host.removesuffix(".")) if https else sock
             connection = http.client.HTTPConnection(host, port)
             connection.sock = stream  # (so it never connects, nor resolves, itself)
             try:

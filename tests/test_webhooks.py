@@ -420,6 +420,29 @@ def test_tls_is_checked_against_each_urls_own_host_on_its_own_connection(
     assert error is not None and b"certificate verify failed: Hostname mismatch" in error, error  # to be retried
 
 
+def test_an_https_callback_to_a_name_with_its_root_s_dot_is_delivered(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hooks.example.test.` is the fully qualified `hooks.example.test`: SNI and the certificate check
+    take it without the dot (RFC 6066). With it, every try failed the check, then a dead letter."""
+    ca = trustme.CA()
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("hooks.example.test").configure_cert(served)
+    names: list[str | None] = []
+    served.sni_callback = lambda _sock, name, _context: names.append(name)
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    fake = fakeredis.FakeRedis()
+    resolving(monkeypatch, "127.0.0.1")
+    with receiving(tls=served) as receiver:
+        job_id = canceled_job(fake, settings, receiver.url("/hook", host="hooks.example.test."))
+        Sender(settings, fake, tls=trusting).tick()
+    error = fake.hget(Keys(settings.key_prefix).webhook(job_id), "error")
+    assert [d.path for d in receiver.received] == ["/hook"], error
+    assert names == ["hooks.example.test"]
+    assert json.loads(receiver.received[0].body)["job_id"] == job_id
+
+
 def test_a_name_that_resolves_to_a_private_address_is_dead_lettered_without_a_connection(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
