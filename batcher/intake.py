@@ -163,6 +163,10 @@ class Intake:
                 log.error("dropped a work item asking for scores by %r, no score function", item.function[:32])
                 dropped.append(raw)
                 continue
+            if not item.texts:  # nothing to answer it with: held, it would stay in the processing list for good
+                log.error("dropped a work item of no texts")
+                dropped.append(raw)
+                continue
             if item.deadline < now:
                 self.expired += 1
                 self._expired_unsaid += 1

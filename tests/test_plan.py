@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import fakeredis
 import numpy as np
+import orjson
 import pytest
 from redis.exceptions import NoPermissionError
 
@@ -950,3 +951,19 @@ def test_one_slow_forward_moves_the_estimate_a_bounded_step() -> None:
     window.forward_took(Forward([due_text("stalled", now, 60)], packed=False), 100.0)  # preempted, say
     took = window.forward_time.predict([1], packed=False)
     assert took is not None and 0.1 < took <= 0.1 * (1 + SMOOTHING * (OUTLIER - 1))
+
+
+def test_an_item_with_no_texts_is_dropped_and_the_next_take_goes_on(redis: fakeredis.FakeRedis) -> None:
+    """An item of no texts has nothing to compute: left held it would sit in the processing list for
+    good, and the next take divided by its zero texts a take."""
+    now = time.time()
+    empty = orjson.dumps({"id": "e", "texts": [], "enqueued_at": now, "deadline": now + 60, "reply_to": "c"})
+    redis.lpush(KEYS.queue, empty)
+    intake = make_intake(redis, Window(policy()))
+    intake.take()
+    assert redis.llen(KEYS.processing("w1")) == 0
+    assert not intake.queue.held_raws
+    live = push(redis, "after it")
+    assert intake.take()
+    assert redis.lrange(KEYS.processing("w1"), 0, -1) == [live.encode()]
+    assert held_texts(intake.window) == ["after it"]

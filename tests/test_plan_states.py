@@ -36,6 +36,7 @@ from typing import Any
 
 import fakeredis
 import numpy as np
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -528,3 +529,85 @@ def test_a_chunked_texts_pooled_logits_are_the_same_whatever_order_its_chunks_co
     mean = np.average(np.stack(rows).astype(np.float64), axis=0, weights=weights)
     assert whole.key == text.key and whole.waiters == text.waiters
     assert scores == pytest.approx(mean, abs=1e-4)
+
+
+# ---------------------------------------------------------------- items no API sends, among the plan's
+
+
+def _item(now: float, n: int, **fields: object) -> bytes:
+    """A work item's JSON with `fields` over a good one's."""
+    good = {"id": f"junk{n}", "texts": ["s0"], "enqueued_at": now, "deadline": now + 60, "reply_to": "r"}
+    return orjson.dumps(good | fields)
+
+
+JUNK: dict[str, Callable[[float, int], bytes]] = {
+    "not json": lambda now, n: b"not json %d" % n,
+    "no texts": lambda now, n: _item(now, n, texts=[]),
+    "texts of numbers": lambda now, n: _item(now, n, texts=[1, 2]),
+    "no deadline": lambda now, n: orjson.dumps(
+        {"id": f"junk{n}", "texts": ["s1"], "enqueued_at": now, "reply_to": "r"}
+    ),
+    "past its deadline": lambda now, n: _item(now, n, deadline=now - 1e6),  # (the intake's clock is the real one)
+    "no such score function": lambda now, n: _item(now, n, function="tanh"),
+}
+
+
+class OddItemsMachine(PlanMachine):
+    """`PlanMachine` (every promise of the plan, checked after each step), with two more kinds of take:
+    an item that names a text more than once (each place gets its prediction, in order), and good
+    items taken together with junk (dropped and acknowledged, never held, never answered)."""
+
+    junk: set[bytes]
+
+    @precondition(lambda self: self.window.room() > 0)
+    @rule(
+        texts=st.lists(TEXT, min_size=2, max_size=4).filter(lambda texts: len(set(texts)) < len(texts)),
+        client=st.sampled_from(CLIENTS),
+        ttl=st.sampled_from(TTLS),
+        bulk=st.booleans(),
+    )
+    def take_repeats(self, texts: list[str], client: str, ttl: float, bulk: bool) -> None:
+        self.take([(texts, client, ttl)], bulk)
+
+    @precondition(lambda self: self.window.room() > 0)
+    @rule(
+        junk=st.lists(st.sampled_from(sorted(JUNK)), min_size=1, max_size=3),
+        texts=st.lists(TEXT, min_size=1, max_size=2, unique=True),
+        bulk=st.booleans(),
+    )
+    def take_with_junk(self, junk: list[str], texts: list[str], bulk: bool) -> None:
+        if not hasattr(self, "junk"):
+            self._ack_junk_apart()
+        source = KEYS.bulk if bulk else KEYS.queue
+        for kind in junk:
+            raw = JUNK[kind](self.clock.now, len(self.junk))
+            self.junk.add(raw)
+            self.redis.lpush(source, raw)
+        now = self.clock.now
+        item = WorkItem(f"i{len(self.items)}", texts, now, now + 60, KEYS.reply_channel("api"))
+        self.items[item.id], self.raws[item.id] = item, item.encode()
+        if bulk:
+            self.bulk.add(item.id)
+        self.redis.lpush(source, item.encode())
+        self.intake.hold(self.queue.take_queued(len(junk) + 1, bulk=bulk), bulk=bulk)
+        self._settle()
+        listed = self.redis.lrange(KEYS.processing("w"), 0, -1) + self.redis.lrange(KEYS.bulk_processing("w"), 0, -1)
+        assert not self.junk & (set(listed) | self.queue.held_raws), "junk held"
+
+    def _ack_junk_apart(self) -> None:
+        """Junk is acknowledged as any dropped item, but is no item of the machine's to count."""
+        self.junk = set()
+        counted = self.queue.ack_all
+
+        def acknowledged(raws: list[bytes], bulk: bool = False) -> None:
+            WorkQueue.ack_all(self.queue, [r for r in raws if r in self.junk], bulk)
+            if items := [r for r in raws if r not in self.junk]:
+                counted(items, bulk)
+
+        self.queue.ack_all = acknowledged  # type: ignore[method-assign]
+
+
+OddItemsMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+test_odd_items_keep_the_plans_promises = OddItemsMachine.TestCase
