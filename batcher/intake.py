@@ -103,7 +103,8 @@ class Intake:
                 self.recheck_abandoned()
             return False
         cpu, raws = time.thread_time(), []
-        items = max(1, int(room / self.texts_per_item))  # what the window has room for
+        # What the window has room for (items that shared texts bring a fraction of one each: room at most).
+        items = max(1, int(room / max(self.texts_per_item, 1.0)))
         try:
             if self._got:  # the queue had work at the last take: take what is queued, one round trip
                 asked = self.window.policy.take_count(room, self.texts_per_item, self._asked, self._got)

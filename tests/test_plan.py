@@ -967,3 +967,23 @@ def test_an_item_with_no_texts_is_dropped_and_the_next_take_goes_on(redis: faker
     assert intake.take()
     assert redis.lrange(KEYS.processing("w1"), 0, -1) == [live.encode()]
     assert held_texts(intake.window) == ["after it"]
+
+
+def test_after_a_run_of_one_text_an_idle_worker_takes_a_burst_only_for_its_window(
+    redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Items that all asked for one text make a take's texts an item a fraction: the next take from an
+    empty queue sized itself by it, and took a burst ten windows deep, leaving the other workers idle."""
+    monkeypatch.setattr(intake_module, "BULK_IDLE_WAIT_S", 0.05)  # (the empty take's wait)
+    window = Window(policy(window=100))
+    intake = make_intake(redis, window)
+    for _ in range(200):
+        push(redis, "the same text")
+    while redis.llen(KEYS.queue):
+        intake.take()
+    assert intake.texts_per_item < 1
+    assert not intake.take()  # the queue empty: the next take blocks for the first item
+    for n in range(1000):
+        push(redis, f"text {n}")
+    assert intake.take()
+    assert len(window) <= window.policy.window
