@@ -120,7 +120,8 @@ class Window:
                         self._bulk.texts[text.key] = text
                 self._changed.notify_all()
                 return
-            self._arrivals.extend([self.clock()] * min(items, ARRIVALS))
+            now = self.clock()
+            self._arrivals.extend([now] * min(items, ARRIVALS))
             clients = set()
             for text in texts:
                 if waiting := self._bulk.texts.pop(text.key, None):  # asked for interactively too: it goes as such
@@ -128,6 +129,8 @@ class Window:
                 if held := self._texts.get(text.key):
                     held.waiters.extend(text.waiters)
                 else:
+                    # Queued by the API's clock: one ahead of ours would stretch the wait for company (rule 3).
+                    text.arrived = min(text.arrived, now)
                     clients.add(self._turns.take(text))
                     self._texts[text.key] = text
             if self.deadlines:

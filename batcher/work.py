@@ -58,7 +58,7 @@ class Text:
     text: str
     key: str  # its cache key
     waiters: list[tuple[Held, int]]
-    arrived: float  # unix s: its first request's enqueue time (the API's clock)
+    arrived: float  # unix s: its first request's enqueue time (the API's clock), at most the time it was held
     ids: list[int] = field(default_factory=list)
     turn: float = 0.0  # its place in the fair order between clients (`turns.Turns.take`)
     function: ScoreFunction | None = None  # the score function its requests named; None: the model's

@@ -987,3 +987,29 @@ def test_after_a_run_of_one_text_an_idle_worker_takes_a_burst_only_for_its_windo
         push(redis, f"text {n}")
     assert intake.take()
     assert len(window) <= window.policy.window
+
+
+def test_a_text_queued_ahead_of_the_workers_clock_waits_for_company_at_most_max_wait() -> None:
+    """The wait for company runs from a text's enqueue time, on the API's clock: one far ahead (a
+    skewed clock, or a bad item) made a lane wait that far, or fail outright past the longest wait
+    a lock takes."""
+    clock = [time.time()]
+    window = Window(policy(max_wait_s=0.05), clock=lambda: clock[0])
+    add(window, "far ahead", arrived=clock[0] + 1e10)
+    add(window, "now")  # close behind it: company looks likely, so the batch waits for more
+    lane: list[object] = []
+
+    def run() -> None:
+        try:
+            lane.append(window.next_forward())
+        except Exception as exc:  # (a failed lane thread stops the worker)
+            lane.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    clock[0] += 0.05  # the oldest text has now waited max_wait on the worker's clock
+    thread.join(HANG_GUARD_S)
+    if thread.is_alive():
+        window.close()
+    assert len(lane) == 1 and not isinstance(lane[0], Exception), lane
+    assert texts_of(lane[0]) == ["far ahead", "now"]  # type: ignore[arg-type]

@@ -576,3 +576,32 @@ def test_an_interactive_request_during_a_bulk_stream_rides_the_next_forward_with
     finally:
         permits.release(100)
         worker.stop()
+
+
+def test_a_worker_answers_around_an_item_queued_far_ahead_of_its_clock(
+    settings: Settings, redis: fakeredis.FakeRedis, classifier: Classifier
+) -> None:
+    """End to end: the odd item and the one taken with it (texts of one length: one forward, which
+    waits for company; the odd one first by its deadline) are answered, and the worker keeps serving."""
+    worker = Worker(settings.model_copy(update={"max_wait_ms": 1000}), redis, classifier)
+    keys = Keys(settings.key_prefix)
+    now = time.time()
+    items = [
+        WorkItem(new_id(), ["ahead"], now + 1e10, now + 20, keys.reply_channel("api")),
+        WorkItem(new_id(), ["today"], now, now + 30, keys.reply_channel("api")),
+    ]
+    for item in items:
+        redis.lpush(keys.queue, item.encode())
+    thread = start_worker(worker)
+    try:
+        for item in items:
+
+            def answered(item: WorkItem = item) -> bytes | str:
+                assert thread.is_alive(), worker.failure.cause  # (a dead worker answers nothing more)
+                return redis.get(keys.result(item.id)) or b""
+
+            result = Result.decode(wait_for(f"the result of {item.id}", answered))
+            assert result.predictions is not None and len(result.predictions) == 1
+    finally:
+        worker.stop()
+        thread.join(HANG_GUARD_S)
