@@ -2,7 +2,7 @@
 
 A lane asks `Window` for a forward when it is free, runs it on the engine, and hands the
 logits to the reply stage. A forward that fails, or answers another shape than a row of
-label logits per text, is run again one text at a time, so a text the model cannot take fails
+finite label logits per text, is run again one text at a time, so a text the model cannot take fails
 only the requests that hold it.
 """
 
@@ -101,10 +101,13 @@ class Lanes:
             return None
 
     def _checked(self, logits: np.ndarray, texts: int) -> np.ndarray:
-        """The engine's answer, if it is one row of label logits per text (else ValueError: a model failure)."""
+        """The engine's answer, if it is one row of finite label logits per text (else ValueError: a
+        model failure; a NaN or an infinity has no score, and JSON would cache it as null)."""
         if not isinstance(logits, np.ndarray) or logits.shape != (texts, self.labels):
             shape = getattr(logits, "shape", type(logits).__name__)
             raise ValueError(f"the engine answered {shape} for {texts} texts and {self.labels} labels")
+        if not np.isfinite(logits).all():
+            raise ValueError("the engine answered logits that are not finite numbers")
         return logits
 
     def _one_by_one(self, texts: list[Text], failure: Exception) -> None:

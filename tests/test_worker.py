@@ -605,3 +605,32 @@ def test_a_worker_answers_around_an_item_queued_far_ahead_of_its_clock(
     finally:
         worker.stop()
         thread.join(HANG_GUARD_S)
+
+
+def test_logits_that_are_not_numbers_fail_their_requests_and_are_never_cached(
+    worker: Worker, redis: fakeredis.FakeRedis, classifier: Classifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NaN or an infinity out of the model (an fp16 overflow, a broken artifact) has no score: JSON
+    writes it as null, which would answer its request wrongly and be served from the cache for a day."""
+    keys = Keys(worker.settings.key_prefix)
+    real_forward = classifier.engine.forward
+    [odd] = classifier.tokenize(["not a number"])
+
+    def forward(batch: list[list[int]], packed: bool = False) -> np.ndarray:
+        logits = real_forward(batch, packed)
+        logits[[ids == odd for ids in batch]] = [np.nan, np.inf]
+        return logits
+
+    monkeypatch.setattr(classifier.engine, "forward", forward)
+    now = time.time()
+    bad, good = (WorkItem(new_id(), texts, now, now + 30, "api") for texts in (["not a number", "fine"], ["fine"]))
+    for item in (bad, good):
+        redis.lpush(keys.queue, item.encode())
+    thread = start_worker(worker)
+    try:
+        assert Result.decode(wait_for("its answer", lambda: redis.get(keys.result(bad.id)) or b"")).error
+        assert Result.decode(wait_for("its answer", lambda: redis.get(keys.result(good.id)) or b"")).predictions
+        assert not redis.get(worker._cache_key("not a number", None))
+    finally:
+        worker.stop()
+        thread.join(HANG_GUARD_S)
