@@ -153,6 +153,7 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(
         5.0,
         ge=0,
+        allow_inf_nan=False,  # (an endless wait for company: the lane's timed wait overflows)
         description="Longest a lone request waits for company before its forward runs; it waits only when "
         "recent requests arrived less than this far apart, so a lone client never waits (docs/tuning.md, "
         '"Batching").',
@@ -304,7 +305,7 @@ class Settings(BaseSettings):
     # Worker liveness
     heartbeat_ttl_s: float = Field(
         10.0,
-        gt=0,
+        ge=1,  # (under a millisecond its key's PX is 0, which Redis refuses inside the beat's MULTI, silently)
         allow_inf_nan=False,  # (a key's expiry and the jobs worker's beat are whole numbers)
         description="A worker silent for this long is dead: /ready drops it and its work is reclaimed (a killed one is noticed sooner, by its closed Redis connections).",
     )

@@ -90,6 +90,8 @@ def test_log_level_takes_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
         ("SENTIMENT_REDIS_TIMEOUT_S", "inf"),
         ("SENTIMENT_REQUEST_TIMEOUT_S", "inf"),  # an OverflowError's traceback (its request size)
         ("SENTIMENT_HEARTBEAT_TTL_S", "inf"),  # the jobs worker's beat: an OverflowError once started
+        ("SENTIMENT_HEARTBEAT_TTL_S", "0.0005"),  # a heartbeat key of PX 0: refused inside MULTI, never raised
+        ("SENTIMENT_MAX_WAIT_MS", "inf"),  # the first batch that waits for company kills its lane
     ],
 )
 def test_a_setting_that_could_only_fail_later_is_refused_at_start(
