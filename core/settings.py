@@ -333,7 +333,9 @@ class Settings(BaseSettings):
         None,
         description="Comma-separated API keys; when set, every endpoint but the probes and the docs (README, Security) needs one "
         "(`X-API-Key: KEY` or `Authorization: Bearer KEY`). Unset: no authentication.",
-        json_schema_extra={"rule": f"comma-separated keys of at least {MIN_API_KEY_CHARS} characters each"},
+        json_schema_extra={
+            "rule": f"comma-separated keys of at least {MIN_API_KEY_CHARS} printable ASCII characters each"
+        },
     )
     rate_limit_per_s: float | None = Field(
         None,
@@ -354,12 +356,18 @@ class Settings(BaseSettings):
 
     @field_validator("api_keys")
     @classmethod
-    def _long_keys(cls, keys: list[SecretStr] | None) -> list[SecretStr] | None:
-        short = [n for n, k in enumerate(keys or [], 1) if len(k.get_secret_value()) < MIN_API_KEY_CHARS]
-        if short:
+    def _usable_keys(cls, keys: list[SecretStr] | None) -> list[SecretStr] | None:
+        """Long enough, and printable ASCII: HTTP servers read header bytes as latin-1 (a UTF-8 key never
+        matches) and gRPC metadata is ASCII, so any other key could never authenticate."""
+        secrets = [k.get_secret_value() for k in keys or []]
+        if short := [n for n, k in enumerate(secrets, 1) if len(k) < MIN_API_KEY_CHARS]:
             raise ValueError(
-                f"key {', '.join(map(str, short))} of {len(keys or [])} too short: "
+                f"key {', '.join(map(str, short))} of {len(secrets)} too short: "
                 f"every API key needs at least {MIN_API_KEY_CHARS} characters"
+            )
+        if odd := [n for n, k in enumerate(secrets, 1) if not (k.isascii() and k.isprintable())]:
+            raise ValueError(
+                f"key {', '.join(map(str, odd))} of {len(secrets)} not printable ASCII: no client could send it in a header"
             )
         return keys
 

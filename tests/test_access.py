@@ -191,6 +191,11 @@ def test_keys_come_comma_separated_and_must_be_long(monkeypatch: pytest.MonkeyPa
     with pytest.raises(ValidationError) as failure:
         Settings()
     assert "at least 16 characters" in str(failure.value) and "tooshort-secret" not in str(failure.value)
+    for odd in ("ключ-ключ-ключ-ключ", "a-long-enough-key\twith-a-tab"):  # a UTF-8 key never matches latin-1 headers
+        monkeypatch.setenv("SENTIMENT_API_KEYS", f"{KEY},{odd}")
+        with pytest.raises(ValidationError) as failure:
+            Settings()
+        assert "key 2 of 2 not printable ASCII" in str(failure.value) and odd not in str(failure.value)
     monkeypatch.setenv("SENTIMENT_API_KEYS", "")
     assert Settings().api_keys is None
 
