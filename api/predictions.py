@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 from enum import StrEnum
 
-import orjson
 from cachetools import TTLCache
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -42,6 +41,7 @@ from core.protocol import (
     Unreadable,
     WorkItem,
     new_id,
+    read_prediction,
     scored_version,
 )
 from core.redis_replies import raws
@@ -242,8 +242,8 @@ class Predictor:
             with tracing.span("predict.cache_lookup"), call.deadline.on_redis(Stage.CACHE_LOOKUP):
                 cached = await self._lookup([keys[t] for t in remote])
             for text, raw in zip(remote, cached, strict=True):
-                if raw is not None:
-                    found[text] = local[keys[text]] = orjson.loads(raw)
+                if raw is not None and (cached_prediction := read_prediction(raw)) is not None:
+                    found[text] = local[keys[text]] = cached_prediction
         missing = [t for t in unique if t not in found]
         if admitted is not None:
             admitted.queued(len(missing))

@@ -23,13 +23,22 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import orjson
 from redis import Redis
 from redis.client import PubSub
 from redis.exceptions import RedisError
 
 from core import tracing
-from core.protocol import Keys, ModelInfo, Prediction, Result, Unreadable, WorkItem, new_id, parse_replies
+from core.protocol import (
+    Keys,
+    ModelInfo,
+    Prediction,
+    Result,
+    Unreadable,
+    WorkItem,
+    new_id,
+    parse_replies,
+    read_prediction,
+)
 from core.redis_replies import raws
 from core.settings import Settings
 
@@ -77,7 +86,8 @@ class Bulk:
         if (raw := self.redis.get(self.keys.model)) is not None:
             version = ModelInfo.decode(raw).version
             cached = self.redis.mget([self.keys.cache(version, t) for t in unique])
-            part.found = {t: orjson.loads(c) for t, c in zip(unique, cached, strict=True) if c is not None}
+            found = {t: read_prediction(c) for t, c in zip(unique, cached, strict=True) if c is not None}
+            part.found = {t: p for t, p in found.items() if p is not None}
         self._queue(part, [t for t in unique if t not in part.found])
         return part
 

@@ -26,7 +26,7 @@ from batcher.redis_link import Command
 from batcher.reply import Replies
 from batcher.work import Chunks, Held, Text, traceparents
 from core import tracing
-from core.protocol import ScoreFunction, Unreadable, WorkItem
+from core.protocol import ScoreFunction, Unreadable, WorkItem, read_prediction
 from core.redis_errors import describe
 from model_store.long_texts import Tokenized
 
@@ -236,7 +236,11 @@ class Intake:
         except RedisError as exc:
             log.warning("cache check failed (%s); computing the texts", describe(exc))
             cached, epoch = [None] * len(texts), []
-        checked = list(zip(texts.values(), cached, strict=True))
+        # (an entry that holds no prediction is a miss: computed, and written over)
+        checked = [
+            (t, c if c is None or read_prediction(c) is not None else None)
+            for t, c in zip(texts.values(), cached, strict=True)
+        ]
         taken, unstarted = self._abandoned(items, epoch[0]) if epoch else (set(), [])
         if taken:
             for text in texts.values():

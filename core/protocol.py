@@ -87,6 +87,27 @@ def encode_prediction(labels: list[str], probabilities: list[float]) -> bytes:
     return orjson.dumps(prediction(labels, probabilities))
 
 
+def read_prediction(raw: bytes | str) -> Prediction | None:
+    """A cache entry's prediction; None when it holds none (garbage, or written by something else):
+    read as a miss, computed and written over, rather than failing every request for that text until
+    the entry expires."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    scored = isinstance(value, list) and value and all(_label_score(s) for s in value)
+    return value if scored else None
+
+
+def _label_score(value: object) -> bool:
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("label"), str)
+        and isinstance(score := value.get("score"), int | float)
+        and not isinstance(score, bool)
+    )
+
+
 def encode_result(predictions: list[bytes]) -> bytes:
     """A `Result` with the given encoded predictions, joined rather than encoded again."""
     return b'{"predictions":[' + b",".join(predictions) + b"]}"

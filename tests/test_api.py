@@ -28,7 +28,7 @@ from api.predictions import CacheStatus, ModelInfoCache, Predictor
 from api.results import ResultWaiter
 from api.routes import RequestRoute
 from batcher.worker import Worker
-from core.protocol import Keys, ModelInfo, Result, WorkerStatus, WorkItem, new_id, prediction, replies
+from core.protocol import Keys, ModelInfo, Result, WorkerStatus, WorkItem, new_id, prediction, read_prediction, replies
 from core.settings import Settings
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
@@ -653,6 +653,23 @@ async def test_an_unreadable_model_announcement_costs_the_cache_not_the_requests
     response = await client.post("/predict", json={"text": ["still answered"]})
     assert response.status_code == 200 and len(response.json()["predictions"]) == 1
     assert (await client.get("/model")).status_code == 503
+
+
+@pytest.mark.parametrize("garbage", [b"\x00 garbage", b'"a string"', b'[{"label": "POSITIVE"}]', b"[]"])
+async def test_a_cache_entry_that_holds_no_prediction_is_a_miss_computed_and_written_over(
+    client: httpx.AsyncClient, worker: Worker, redis: fakeredis.FakeRedis, garbage: bytes
+) -> None:
+    """Garbage where a text's prediction is cached (written by something else) was a 500, or a 502 from
+    the worker's copy of it, for every request of that text until the entry expired (a day)."""
+    start_worker(worker)
+    assert (await client.post("/predict", json={"text": ["a model announced"]})).status_code == 200
+    key = worker._cache_key("garbled", None)
+    redis.set(key, garbage)
+    response = await client.post("/predict", json={"text": ["garbled"]})
+    assert (response.status_code, response.headers["x-cache"]) == (200, "miss"), response.text
+    [prediction] = response.json()["predictions"]
+    assert [s["label"] for s in prediction] == ["NEGATIVE", "POSITIVE"]
+    assert read_prediction(redis.get(key) or b"") == prediction
 
 
 async def test_a_bug_in_the_result_listener_resubscribes_and_no_waiter_is_left_behind(

@@ -16,6 +16,7 @@ from typing import Any
 from unittest import mock
 
 import fakeredis
+import orjson
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import settings as hypothesis_settings
@@ -37,7 +38,7 @@ from batcher.queue import WorkQueue
 from batcher.worker import Worker
 from benchmarks.checkpoints import write_tiny_model
 from core.job_spec import SERIALIZER
-from core.protocol import Keys, WorkItem
+from core.protocol import Keys, ModelInfo, WorkItem
 from core.settings import Settings
 from model_store.classifier import Classifier
 from tests.conftest import HANG_GUARD_S, wait_for
@@ -253,6 +254,21 @@ def test_a_job_canceled_with_a_part_queued_takes_it_back_off_the_bulk_list(
     assert answers == [204] and svc.bulk.parts == 2
     assert client.get(f"/jobs/{job_id}").json()["status"] == "canceled"
     assert len(svc.bulk.items[1]) == 4 and svc.redis.llen(keys.bulk) == 0  # queued, then taken back
+
+
+def test_a_cache_entry_that_holds_no_prediction_is_queued_as_a_miss(redis: fakeredis.FakeRedis) -> None:
+    """A job's part read garbage where a text's prediction is cached as that text's prediction (a job
+    result of garbage, or a 500 reading it); it is a miss, for a model worker to compute and write over."""
+    settings = Settings(key_prefix="garbled")
+    keys = Keys(settings.key_prefix)
+    redis.set(keys.model, ModelInfo("tiny", "v1", ["NEGATIVE", "POSITIVE"], "cpu", "float32").encode())
+    good = orjson.dumps([{"label": "NEGATIVE", "score": 0.25}, {"label": "POSITIVE", "score": 0.75}])
+    redis.set(keys.cache("v1", "cached"), good)
+    redis.set(keys.cache("v1", "garbled"), b"\x00 garbage")
+    part = Bulk(settings, redis).send(["cached", "garbled"])
+    assert part.found == {"cached": orjson.loads(good)}
+    [queued] = [WorkItem.decode(raw) for raw in redis.lrange(keys.bulk, 0, -1)]
+    assert queued.texts == ["garbled"]
 
 
 def test_texts_past_their_deadline_are_queued_again_once_however_many_deadlines_pass(
