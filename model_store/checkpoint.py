@@ -10,7 +10,7 @@ import hashlib
 from pathlib import Path
 
 from tokenizers import Tokenizer
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from core.protocol import ScoreFunction
@@ -31,6 +31,36 @@ def fingerprint(model_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def labels(config: PretrainedConfig) -> list[str]:
+    """The head's labels by output: config.json's id2label must hold each id from 0 up, or the error
+    says so (indexing it would fail with a bare `KeyError: 1`)."""
+    id2label = {int(i): str(label) for i, label in (config.id2label or {}).items()}
+    ids = sorted(id2label)
+    if ids != list(range(len(ids))):
+        raise ValueError(
+            f"config.json's id2label has ids {', '.join(map(str, ids))}: it needs one label for each of 0 to "
+            f"{len(ids) - 1}, the outputs of the model's head"
+        )
+    return [id2label[i] for i in ids]
+
+
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer, refused in one line that names the directory when its files are
+    unreadable or absent: without them transformers builds one of its special tokens alone, which
+    would read every word as unknown and serve the same scores for every text."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot load the tokenizer in {model_dir} ({type(exc).__name__}: {exc})") from exc
+    files = list(tokenizer.vocab_files_names.values())
+    if not any((model_dir / name).is_file() for name in files):
+        raise ValueError(
+            f"no tokenizer vocabulary in {model_dir} (none of {', '.join(files)}): copy the checkpoint's "
+            "tokenizer files beside config.json, or fetch them with `sentiment model pull`"
+        )
+    return tokenizer
+
+
 class Checkpoint:
     """Config, labels, score function, fingerprint and tokenizer of the checkpoint in `model_dir`."""
 
@@ -43,9 +73,9 @@ class Checkpoint:
         self.name = model_dir.resolve().name
         self.fingerprint = fingerprint(model_dir)
         self.config: PretrainedConfig = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-        self.labels = [self.config.id2label[i] for i in range(self.config.num_labels)]
+        self.labels = labels(self.config)
         self.function: ScoreFunction = default_function(self.config)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        tokenizer = load_tokenizer(model_dir)
         if not tokenizer.is_fast:
             raise ValueError(f"{model_dir} has no fast (tokenizers) tokenizer")
         self.pad_id: int = tokenizer.pad_token_id or 0
@@ -55,6 +85,12 @@ class Checkpoint:
         self._tokenizer = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(self.max_length)
+        embedded = getattr(self.config, "vocab_size", None)
+        if embedded and (largest := max(self._tokenizer.get_vocab(with_added_tokens=True).values())) >= embedded:
+            raise ValueError(
+                f"the tokenizer in {model_dir} gives token ids up to {largest}, and the model embeds {embedded}: "
+                "its tokenizer files are another checkpoint's"
+            )
 
     def version(self, precision: str) -> str:
         """The model's version, part of every cache key: the fingerprint, suffixed by any precision but

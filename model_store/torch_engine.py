@@ -39,9 +39,22 @@ def set_threads(threads: int | None, interop_threads: int | None = None) -> None
 
 def load_model(checkpoint: Checkpoint, device: torch.device, precision: str) -> torch.nn.Module:
     """The checkpoint's transformers model in eval mode on `device`: float16 weights for fp16 on CUDA,
-    int8 Linear layers for int8, else float32 (the CPU's bf16 is autocast over them, `arithmetic`)."""
+    int8 Linear layers for int8, else float32 (the CPU's bf16 is autocast over them, `arithmetic`).
+
+    Refused in one line that names the directory when the weights cannot be read, or lack any of the
+    model's tensors: transformers would initialize those at random and the model serve noise."""
     dtype = {"fp16": torch.float16}.get(precision, torch.float32) if device.type == "cuda" else torch.float32
-    model = AutoModelForSequenceClassification.from_pretrained(checkpoint.dir, local_files_only=True, dtype=dtype)
+    try:
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
+            checkpoint.dir, local_files_only=True, dtype=dtype, output_loading_info=True
+        )
+    except Exception as exc:
+        raise ValueError(f"cannot load the weights in {checkpoint.dir} ({type(exc).__name__}: {exc})") from exc
+    if missing := sorted(loading["missing_keys"]):
+        raise ValueError(
+            f"the weights in {checkpoint.dir} lack {len(missing)} of the model's tensors ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}): a checkpoint of another architecture, or without its head"
+        )
     model = model.to(device).eval().requires_grad_(False)
     if precision == "int8":
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)

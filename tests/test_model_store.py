@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -479,3 +480,57 @@ def test_pull_copies_from_the_hub_cache_when_offline(fake_hub: FakeHub, tiny_mod
     assert done.returncode == 0, done.stderr
     assert {p.name for p in dest.iterdir()} == {p.name for p in tiny_model_dir.iterdir()}
     assert fingerprint(dest) == fingerprint(tiny_model_dir)
+
+
+# ---------------------------------------------------------------- a checkpoint directory's edges
+# What a person can point SENTIMENT_MODEL_DIR at: each ends in one clear line, or a correct answer.
+
+
+def edited_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+
+
+def test_a_checkpoint_without_its_tokenizer_vocabulary_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model_dir = edited_checkpoint(tiny_model_dir, tmp_path)
+    (model_dir / "tokenizer.json").unlink()  # transformers then builds a tokenizer of 5 special tokens
+    with pytest.raises(ValueError, match=r"no tokenizer vocabulary .*tokenizer\.json"):
+        Checkpoint(model_dir)
+
+
+def test_a_tokenizer_of_ids_past_the_models_embeddings_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model_dir = edited_checkpoint(tiny_model_dir, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the real checkpoint's 30,522 tokens
+        shutil.copy(shared_path("models/distilbert-sst2-small") / name, model_dir / name)
+    with pytest.raises(ValueError, match=r"token ids up to 30521, and the model embeds 130"):
+        Checkpoint(model_dir)
+
+
+@pytest.mark.parametrize("broken", ["tokenizer.json", "model.safetensors"])
+def test_a_corrupt_tokenizer_or_weights_file_is_named_in_the_error(
+    broken: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    model_dir = edited_checkpoint(tiny_model_dir, tmp_path)
+    (model_dir / broken).write_bytes((model_dir / broken).read_bytes()[:100])  # truncated
+    what = "tokenizer" if broken == "tokenizer.json" else "weights"
+    with pytest.raises(ValueError, match=f"cannot load the {what} in {model_dir}"):
+        load_module(Checkpoint(model_dir), torch.device("cpu"), "fp32")
+
+
+def test_an_id2label_that_skips_an_id_names_the_ids(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model_dir = edited_checkpoint(tiny_model_dir, tmp_path)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["id2label"] = {"0": "NEGATIVE", "2": "POSITIVE"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"id2label has ids 0, 2: .* 0 to 1"):
+        Checkpoint(model_dir)
+
+
+def test_weights_missing_from_the_file_are_refused_not_initialized_at_random(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    model_dir = edited_checkpoint(tiny_model_dir, tmp_path)
+    weights = load_file(model_dir / "model.safetensors")
+    headless = {name: tensor for name, tensor in weights.items() if not name.startswith("classifier.")}
+    save_file(headless, model_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lack 2 of the model's tensors \(classifier\.bias, classifier\.weight\)"):
+        load_module(Checkpoint(model_dir), torch.device("cpu"), "fp32")
