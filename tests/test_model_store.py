@@ -35,6 +35,7 @@ from core.settings import Settings
 from model_store import engine as engine_module
 from model_store import layout, onnx_engine
 from model_store.checkpoint import Checkpoint, fingerprint
+from model_store.checkpoint_files import missing_checkpoint
 from model_store.classifier import Classifier
 from model_store.engine import EngineName, load_engine, pick_device, resolve_engine, resolve_precision
 from model_store.null_engine import NullEngine
@@ -534,3 +535,20 @@ def test_weights_missing_from_the_file_are_refused_not_initialized_at_random(
     save_file(headless, model_dir / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"lack 2 of the model's tensors \(classifier\.bias, classifier\.weight\)"):
         load_module(Checkpoint(model_dir), torch.device("cpu"), "fp32")
+
+
+def test_a_model_directory_that_loops_or_cannot_be_read_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert f"no Hugging Face checkpoint (config.json + weights) in {loop}" in str(missing_checkpoint(loop))
+
+    def denied(self: Path) -> bool:  # what a directory this user may not enter answers (root may enter any)
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "is_file", denied)
+    assert missing_checkpoint(tmp_path) == (
+        f"cannot read {tmp_path / 'config.json'}: Permission denied; "
+        "set SENTIMENT_MODEL_DIR to a checkpoint this user may read"
+    )
