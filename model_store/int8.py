@@ -101,6 +101,8 @@ class Report:
     @classmethod
     def read(cls, directory: Path) -> Report:
         fields = json.loads((directory / REPORT_FILE).read_text())
+        if not isinstance(fields, dict):  # (`null`, a list: `find` refuses it as it does broken JSON)
+            raise TypeError(f"{REPORT_FILE} holds {type(fields).__name__}, not an object")
         fields.pop("passes", None)  # derived, written for people
         return cls(**fields)
 

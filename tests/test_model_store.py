@@ -33,7 +33,7 @@ from transformers import (
 from benchmarks.checkpoints import LABELS, TOKENIZER_FILES
 from core.settings import Settings
 from model_store import engine as engine_module
-from model_store import layout, onnx_engine
+from model_store import int8, layout, onnx_engine
 from model_store.checkpoint import Checkpoint, fingerprint
 from model_store.checkpoint_files import missing_checkpoint
 from model_store.classifier import Classifier
@@ -552,3 +552,9 @@ def test_a_model_directory_that_loops_or_cannot_be_read_is_one_line(
         f"cannot read {tmp_path / 'config.json'}: Permission denied; "
         "set SENTIMENT_MODEL_DIR to a checkpoint this user may read"
     )
+
+
+def test_an_int8_report_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
+    (tmp_path / int8.REPORT_FILE).write_text("null")
+    with pytest.raises(int8.Refused, match="report cannot be read"):
+        int8.Artifact.find(tmp_path, "fingerprint")
