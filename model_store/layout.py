@@ -62,7 +62,12 @@ def inputs(
     batch: Sequence[list[int]], pad_id: int, *, segments: bool, packed: bool, granule: int = 1
 ) -> dict[str, torch.Tensor]:
     """The tensors for `batch`: `Segments`' (packed into one row, or padded to the longest text)
-    when `segments`, else `Padded`'s; a packed row padded up to a multiple of `granule` positions."""
+    when `segments`, else `Padded`'s; a packed row padded up to a multiple of `granule` positions.
+
+    A text of no tokens (a tokenizer without special tokens, given "") is refused: it would read the
+    next text's first token packed, or padding alone padded, and answer scores that are not its own."""
+    if not all(batch):
+        raise ValueError("a text of no tokens: the model has nothing of it to read")
     if not segments:
         if packed:
             raise ValueError("this model runs padded forwards only")

@@ -554,6 +554,13 @@ def test_a_model_directory_that_loops_or_cannot_be_read_is_one_line(
     )
 
 
+def test_a_text_of_no_tokens_fails_rather_than_take_another_texts_scores() -> None:
+    # A tokenizer with no special-token template turns "" into no ids at all.
+    for segments, packed in ((True, True), (True, False), (False, False)):
+        with pytest.raises(ValueError, match="a text of no tokens"):
+            layout.inputs([[2, 50, 3], []], 0, segments=segments, packed=packed)
+
+
 def test_an_int8_report_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
     (tmp_path / int8.REPORT_FILE).write_text("null")
     with pytest.raises(int8.Refused, match="report cannot be read"):
