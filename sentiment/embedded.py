@@ -13,7 +13,7 @@ one; `--ephemeral` (and fakeredis) keep nothing, and serve says so at start. It 
 SENTIMENT_EMBEDDED_REDIS_MAX_MB: past that the cache yields, never queued work or a job. One serve
 at a time holds a data directory: its lock file stays locked while serve or its redis-server lives.
 What redis-server says goes to `redis-server.log` there; a start it refuses ends serve with its last
-line.
+line, and so does its death later (nothing else can serve without it): serve stops, exit 1.
 """
 
 from __future__ import annotations
@@ -66,11 +66,16 @@ class DataDirUnusable(Exception):
     with the reason the system or redis-server gave."""
 
 
+class RedisServerDied(Exception):
+    """The embedded redis-server exited under serve: one line, how, and its last word when it said one."""
+
+
 @contextlib.contextmanager
-def embedded_redis(data_dir: Path | None = None, max_mb: int | None = None) -> Iterator[str]:
+def embedded_redis(data_dir: Path | None = None, max_mb: int | None = None, watched: bool = False) -> Iterator[str]:
     """A Redis on 127.0.0.1 (yields its URL): redis-server keeping its data in `data_dir`, or
     memory-only when that is None, within `max_mb` MiB when given; fakeredis in this process,
-    memory-only and unbounded, without redis-server."""
+    memory-only and unbounded, without redis-server. `watched` (serve's): a redis-server that exits
+    first SIGTERMs this process (`_watch`) and ends the block with RedisServerDied."""
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     if shutil.which("redis-server"):
@@ -80,12 +85,19 @@ def embedded_redis(data_dir: Path | None = None, max_mb: int | None = None) -> I
         finally:
             if lock is not None:
                 os.close(lock)  # (redis-server holds it now, or nobody: it did not start)
+        stopping = threading.Event()
+        if watched:
+            threading.Thread(target=_watch, args=(proc, stopping), name="redis-server-watch", daemon=True).start()
         try:
             log.debug("embedded redis-server on %s", url)
             yield url
         finally:
+            stopping.set()
+            died = proc.poll()
             proc.terminate()
             proc.wait(10)
+            if watched and died is not None:
+                raise RedisServerDied(f"stopped: {_death(died, data_dir)}")
     else:
         from fakeredis import TcpFakeServer
 
@@ -97,6 +109,26 @@ def embedded_redis(data_dir: Path | None = None, max_mb: int | None = None) -> I
         finally:
             server.shutdown()
             server.server_close()
+
+
+def _watch(proc: subprocess.Popen[bytes], stopping: threading.Event) -> None:
+    """Stop serve as SIGTERM does (the API drains, the workers finish) when its redis-server exits
+    before serve stops it: the API and workers would otherwise retry a Redis that never comes back."""
+    code = proc.wait()
+    if not stopping.is_set():
+        log.error("%s: stopping", _death(code, None))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _death(code: int, data_dir: Path | None) -> str:
+    """How redis-server ended, in one line: the signal, or its exit status and its log's last word."""
+    if code < 0:
+        return f"its redis-server was killed by {signal.Signals(-code).name}"
+    try:
+        said = f": {_last_word((data_dir / 'redis-server.log').read_bytes())}" if data_dir is not None else ""
+    except OSError:  # (its log gone with the directory: the status alone)
+        said = ""
+    return f"its redis-server exited (exit {code}){said}"
 
 
 def _lock(data_dir: Path) -> int:
@@ -244,7 +276,9 @@ def serve(settings: Settings, host: str, port: int, data_dir: Path | None) -> No
         if given:  # one machine, nothing of its own to wait for: a Redis that is not up ends serve
             reach(given, settings.redis_timeout_s)
         with (
-            contextlib.nullcontext(given) if given else embedded_redis(data_dir, settings.embedded_redis_max_mb) as url
+            contextlib.nullcontext(given)
+            if given
+            else embedded_redis(data_dir, settings.embedded_redis_max_mb, watched=True) as url
         ):
             supervisor = Supervisor(children(settings, url), serving(settings, url))
             try:
@@ -267,7 +301,7 @@ def serve(settings: Settings, host: str, port: int, data_dir: Path | None) -> No
         raise SystemExit(
             f"sentiment serve: {exc}: start it, or unset SENTIMENT_REDIS_URL for an embedded one"
         ) from None
-    except (StartFailed, DataDirInUse, DataDirUnusable, RedisAtStart) as exc:
+    except (StartFailed, DataDirInUse, DataDirUnusable, RedisAtStart, RedisServerDied) as exc:
         raise SystemExit(f"sentiment serve: {exc}") from None
 
 

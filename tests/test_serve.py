@@ -320,3 +320,22 @@ def test_a_child_writing_much_keeps_running_once_serves_stderr_is_gone(
         supervisor.stop()
         with contextlib.suppress(BrokenPipeError):
             gone.close()
+
+
+# Its embedded redis-server dying under it: nothing can serve without Redis, and nothing brings it back.
+
+
+def test_a_redis_server_that_dies_under_serve_ends_it_with_one_line(
+    serves: list[Serve], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Killed (the OOM killer's way): serve stops everything and says why last, rather than answering
+    # 503 and retrying a Redis that never comes back.
+    serve = start(serves, tiny_model_dir, env={"SENTIMENT_DATA_DIR": str(tmp_path / "data")})
+    serve.wait_ready()
+    children = serve.children()
+    [redis_server] = [pid for pid, cmd in children.items() if "redis-server" in cmd]
+    os.kill(redis_server, signal.SIGKILL)
+    _, stderr = serve.proc.communicate(timeout=120)
+    assert serve.proc.returncode == 1
+    assert stderr.strip().splitlines()[-1] == "sentiment serve: stopped: its redis-server was killed by SIGKILL"
+    wait_for("serve's children to end", lambda: not serve.alive(set(children)))
