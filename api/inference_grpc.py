@@ -212,8 +212,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         """Who calls, as over HTTP (`api.access.check`, by `deadline`): the work's client, or its refusal."""
         if not self.checked:
             return DEFAULT_CLIENT
-        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        presented = presented_key(Headers(headers=metadata))
+        # Every entry in order, as HTTP's headers: a key sent twice is read as over HTTP, its first.
+        metadata = [(k.encode(), v.encode()) for k, v in context.invocation_metadata() or () if isinstance(v, str)]
+        presented = presented_key(Headers(raw=metadata))
         # The peer is a URI: `ipv4:10.0.0.1:port`, `ipv6:%5B::1%5D:port`.
         address = unquote(context.peer()).rsplit(":", 1)[0].removeprefix("ipv4:").removeprefix("ipv6:")
         client = await check(self.keys, getattr(self.app.state, "rate_limit", None), presented, address, deadline)

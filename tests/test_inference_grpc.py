@@ -599,3 +599,28 @@ def test_the_generated_modules_are_the_protos(tmp_path: Path) -> None:
     for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
         generated = relative.with_name(relative.stem + suffix)
         assert (tmp_path / generated).read_text() == (REPO / generated).read_text(), generated
+
+
+# API keys in metadata as odd as HTTP's headers may be: the same answer over both.
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("order", ["wrong key first", "right key first"])
+async def test_a_key_sent_twice_is_read_over_grpc_as_over_rest(
+    settings: Settings, fake_server: fakeredis.FakeServer, order: str
+) -> None:
+    """Two `x-api-key` entries (a proxy adding its own): gRPC reads the one HTTP reads, the first."""
+    keyed = settings.model_copy(update={"api_keys": Settings(api_keys=KEY).api_keys})
+    sent = [("x-api-key", "not-the-key"), ("x-api-key", KEY)]
+    if order == "right key first":
+        sent.reverse()
+    async for local in in_process(keyed, fake_server):
+        rest = (await local.http.get("/v2", headers=sent)).status_code
+        try:
+            await local.stub.ServerMetadata(pb.ServerMetadataRequest(), metadata=tuple(sent), timeout=HANG_GUARD_S)
+            code = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as refused:
+            code = refused.code()
+    assert (rest, code) == (
+        (200, grpc.StatusCode.OK) if order == "right key first" else (403, grpc.StatusCode.PERMISSION_DENIED)
+    )
