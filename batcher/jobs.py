@@ -263,12 +263,12 @@ class JobsWorker(SimpleWorker):
         super()._pubsub_exception_handler(exc, pubsub, pubsub_thread)
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
-        """Noted before RQ's own handling, which writes to Redis: a stop asked for during an outage still stops."""
+        """Noted before RQ's own handling, which writes to Redis: a stop asked for during an outage still
+        stops. The running job is this process's own (`executions`): RQ's `get_current_job_id` reads
+        Redis when idle, and in a signal handler its error would replace the stop."""
         self.context.stopping.set()
-        if self.get_current_job_id():
-            log.info(
-                "stopping: job %s stops at its next part, back at the front of its queue", self.get_current_job_id()
-            )
+        if running := next(iter(self.executions.values()), None):
+            log.info("stopping: job %s stops at its next part, back at the front of its queue", running.job_id)
         super().request_stop(signum, frame)
 
     def dequeue_job_and_maintain_ttl(

@@ -750,6 +750,21 @@ def test_a_stop_swallowed_on_its_way_still_ends_a_wait_through_an_outage(
     assert [type(exc) for exc in ended] == [StopRequested]
 
 
+def test_a_stop_asked_for_during_an_outage_is_a_stop_not_a_redis_error(fake_server: fakeredis.FakeServer) -> None:
+    # An idle worker's current job is RQ's executions set in Redis: looked up in the SIGTERM handler
+    # while Redis was down, its ConnectionError replaced the stop, a traceback of four chained errors.
+    worker = lone_worker(fakeredis.FakeRedis(server=fake_server))
+    fake_server.connected = False
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(StopRequested):
+            worker.request_stop(signal.SIGTERM, None)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert worker.context.stopping.is_set()
+
+
 # ---------------------------------------------------------------- the abandoned-job cleanup against DELETE
 
 
