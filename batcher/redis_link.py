@@ -10,6 +10,7 @@ one). Replies come back raw, as Redis sends them. Not thread-safe: each stage th
 
 from __future__ import annotations
 
+import logging
 import time
 import weakref
 from typing import Any
@@ -19,6 +20,10 @@ from redis import Redis
 from redis.connection import Connection, ConnectionPool
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from core.redis_errors import describe
+
+log = logging.getLogger(__name__)
 
 Command = tuple[Any, ...]
 
@@ -33,6 +38,7 @@ class Link:
         self._pool = redis.connection_pool
         self._connection: Connection | None = None
         self._taken_at = 0.0  # (monotonic) when this link took its connection from the pool
+        self._failed_alone: set[tuple[Any, str]] = set()  # (command, error class) a transaction logged
 
     def call(self, *commands: Command, raise_errors: bool = True) -> list[Any]:
         """Send `commands` together and return their replies; an error reply raises once every reply
@@ -72,5 +78,14 @@ class Link:
         self._pool.release(connection)
 
     def transaction(self, *commands: Command) -> list[Any]:
-        """`commands` in MULTI/EXEC: all applied, or (an error reply such as OOM) none."""
-        return self.call(("MULTI",), *commands, ("EXEC",))[-1]
+        """`commands` in MULTI/EXEC: all applied, or (an error reply as they are queued, such as OOM)
+        none, raised. One that fails as EXEC runs it (WRONGTYPE on a key something else wrote) fails
+        alone, the rest applied (Redis has no rollback): its error takes its reply's place, logged once
+        per command and error class, not raised, since sending the rest again would publish twice."""
+        replies: list[Any] = self.call(("MULTI",), *commands, ("EXEC",))[-1]
+        for command, reply in zip(commands, replies, strict=True):
+            if isinstance(reply, ResponseError) and (command[0], describe(reply)) not in self._failed_alone:
+                self._failed_alone.add((command[0], describe(reply)))
+                log.error("redis refused a transaction's %s (%s); the rest was applied", command[0], describe(reply))
+                log.debug("redis refused %s with", command[0], exc_info=reply)
+        return replies

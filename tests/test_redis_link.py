@@ -4,6 +4,7 @@ connection for the next call to read."""
 
 from __future__ import annotations
 
+import fakeredis
 import pytest
 import redis
 from redis.connection import Connection
@@ -58,3 +59,21 @@ def test_an_error_reply_keeps_the_connection_and_every_reply_in_its_place(redis_
     with pytest.raises(redis.ResponseError):
         link.call(("INCR", "link:n"))
     assert link._connection is connection  # an error reply is an answer: the connection is fine
+
+
+def test_a_command_that_fails_as_exec_runs_it_is_logged_once_and_the_rest_applied(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis reports a command that fails inside EXEC (WRONGTYPE on a key something else wrote) in
+    EXEC's own reply, having applied the others: not raised (sent again, the rest would publish twice),
+    but never silent. fakeredis answers as redis-server does."""
+    for client in (redis.Redis.from_url(redis_url), fakeredis.FakeRedis()):
+        client.set("link:workers", "garbage")
+        link = Link(client)
+        caplog.clear()
+        for _ in range(2):
+            replies = link.transaction(("SET", "link:beat", "1"), ("SADD", "link:workers", "w"))
+            assert replies[0] == b"OK" and isinstance(replies[1], redis.ResponseError)
+        assert client.get("link:beat") == b"1"
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert errors == ["redis refused a transaction's SADD (ResponseError); the rest was applied"]
