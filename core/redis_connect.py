@@ -89,16 +89,9 @@ class SentinelUrl:
             return None
         userinfo, _, hosts = parts.netloc.rpartition("@")
         username, _, password = userinfo.partition(":")
-        sentinels = []
-        for host in hosts.split(","):
-            name, colon, port = host.rpartition(":")
-            if not colon or not port.isdigit():  # no port ([::1] included): the default
-                name, port = host, ""
-            if not name:
-                raise ValueError(f"{SENTINEL_SCHEME} URL: a sentinel without a host")
-            sentinels.append((name.strip("[]"), int(port or SENTINEL_PORT)))
+        sentinels = [_sentinel(host) for host in hosts.split(",")]
         path = [p for p in parts.path.split("/") if p]
-        if not 1 <= len(path) <= 2 or (len(path) == 2 and not path[1].isdigit()):
+        if not 1 <= len(path) <= 2 or (len(path) == 2 and not _number(path[1])):
             raise ValueError(f"{SENTINEL_SCHEME} URL: the path must be /service_name or /service_name/db")
         query = parse_qs(parts.query)
         if unknown := set(query) - {"sentinel_password"}:
@@ -119,6 +112,31 @@ class SentinelUrl:
         return {"password": self.sentinel_password, **link_options(SENTINEL_TIMEOUT_S)}
 
 
+def _number(digits: str) -> bool:
+    """Whether `digits` is a whole number as a URL writes one (ASCII digits: `int` refuses `²`)."""
+    return digits.isascii() and digits.isdigit()
+
+
+def _sentinel(host: str) -> tuple[str, int]:
+    """One sentinel of the URL, `host[:port]` or `[ipv6][:port]`: ValueError for a port that is not
+    1-65535 or an IPv6 address out of brackets, which would otherwise name another host or port."""
+    name, port = host, ""
+    if host.startswith("["):
+        name, bracket, after = host[1:].partition("]")
+        if not bracket or after[:1] not in ("", ":"):
+            raise ValueError(f"{SENTINEL_SCHEME} URL: an IPv6 sentinel must be [address] or [address]:port")
+        port = after[1:]
+    elif host.count(":") > 1:
+        raise ValueError(f"{SENTINEL_SCHEME} URL: an IPv6 sentinel must be in brackets, [address]:port")
+    else:
+        name, _, port = host.partition(":")
+    if not name:
+        raise ValueError(f"{SENTINEL_SCHEME} URL: a sentinel without a host")
+    if port and not (_number(port) and 1 <= int(port) <= 65535):
+        raise ValueError(f"{SENTINEL_SCHEME} URL: a sentinel's port must be a number from 1 to 65535")
+    return name, int(port or SENTINEL_PORT)
+
+
 def is_sentinel(url: str) -> bool:
     """Whether `url` is the Sentinel form: a failover may lose the last writes (replication is
     asynchronous), which the API's waiting requests then push again (`api.results`)."""
@@ -126,9 +144,16 @@ def is_sentinel(url: str) -> bool:
 
 
 def check_url(url: str) -> str:
-    """`url` when redis-py can connect by it; else ValueError saying why (never quoting it)."""
+    """`url` when redis-py can connect by it; else ValueError saying why (never quoting it). redis-py
+    itself reads port 0 as 6379 and a path that is not a number as database 0 (`/1/2` as 12): refused."""
     if SentinelUrl.parse(url) is None:
         redis.connection.parse_url(url)
+        parts = urlsplit(url)
+        if parts.scheme in ("redis", "rediss"):
+            if parts.port == 0:
+                raise ValueError("the port must be a number from 1 to 65535")
+            if (db := unquote(parts.path).removeprefix("/")) and not _number(db):
+                raise ValueError("the path must be /db, a number")
     return url
 
 

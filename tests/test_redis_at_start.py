@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from core.liveness import jobs_worker_alive_on_this_host, worker_alive_on_this_host
+from core.settings import SettingsError, from_environment
 from sentiment.embedded import free_port
 from tests.conftest import HANG_GUARD_S, RedisServer, wait_for
 
@@ -158,3 +159,23 @@ def test_a_process_started_before_its_redis_says_once_what_it_waits_for_and_serv
         proc.kill()  # (its stop is another test's: a worker at low priority may wait long for a core)
         proc.wait()
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("redis://:hunter2@localhost:0/0", "the port must be a number from 1 to 65535"),
+        ("redis://:hunter2@localhost/x", "the path must be /db, a number"),
+        ("rediss://:hunter2@localhost/1/2", "the path must be /db, a number"),
+    ],
+)
+def test_a_url_redis_py_would_read_as_another_port_or_database_is_a_refused_setting(
+    url: str, why: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py reads port 0 as 6379, a path that is no number as database 0 and `/1/2` as database 12:
+    a silent connection to another Redis or database, where the URL should be refused in one line."""
+    monkeypatch.setenv("SENTIMENT_REDIS_URL", url)
+    with pytest.raises(SettingsError) as raised:
+        from_environment()
+    [line] = str(raised.value).splitlines()
+    assert line.endswith(f"({why})") and "hunter2" not in line

@@ -27,6 +27,7 @@ from redis.sentinel import SentinelConnectionPool
 from api.results import ResultWaiter
 from core.protocol import Keys, new_id, prediction
 from core.redis_connect import SentinelUrl, async_client, link_options, sync_client
+from core.settings import SettingsError, from_environment
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port, start_redis_server
 from tests.conftest import SCORE_ABS, Service, answers, wait_for
@@ -293,3 +294,25 @@ def test_the_k8s_sentinel_component_points_the_service_and_keda_at_the_sentinels
             assert trigger["type"] == "redis-sentinel"
             assert trigger["metadata"]["sentinelMaster"] == url.service
             assert trigger["metadata"]["addresses"] == ",".join(f"{h}:{p}" for h, p in url.sentinels)
+
+
+@pytest.mark.parametrize(
+    ("sentinels", "why"),
+    [
+        ("h1:0", "a sentinel's port must be a number from 1 to 65535"),
+        ("h1:70000,h2", "a sentinel's port must be a number from 1 to 65535"),
+        ("h1:2637x", "a sentinel's port must be a number from 1 to 65535"),
+        ("::1", "an IPv6 sentinel must be in brackets, [address]:port"),
+        ("[::1]x", "an IPv6 sentinel must be [address] or [address]:port"),
+    ],
+)
+def test_a_sentinel_that_would_be_another_host_or_port_is_a_refused_setting(
+    sentinels: str, why: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read leniently, `h1:2637x` was host `h1:2637x` and `::1` host `:` port 1: a process that waits
+    for a Redis it can never reach, where the URL should be refused at start, in one line."""
+    monkeypatch.setenv("SENTIMENT_REDIS_URL", f"redis+sentinel://:hunter2@{sentinels}/mymaster")
+    with pytest.raises(SettingsError) as raised:
+        from_environment()
+    [line] = str(raised.value).splitlines()
+    assert line.endswith(f"(redis+sentinel URL: {why})") and "hunter2" not in line
