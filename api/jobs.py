@@ -6,14 +6,16 @@ The routes are plain `def`: RQ is synchronous, and FastAPI runs such routes in i
 
 # No `from __future__ import annotations`: FastAPI must see the per-app request model itself.
 
+import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints, WithJsonSchema
 
-from api.errors import BODY_RESPONSES, ErrorType, responses
+from api.errors import BODY_RESPONSES, ErrorType, json_invalid, responses
 from api.job_store import JobStore
 from api.schemas import Score, require_json, texts_request
 from core.settings import Settings
@@ -47,9 +49,16 @@ class JobResponse(BaseModel):
 
 
 async def sent_as_json(request: Request) -> None:
-    """415 for a body declared as something other than JSON, as `/predict` answers (`async`: run
-    inline, not in the threadpool)."""
+    """415 for a body declared as something other than JSON, and the 422 of malformed JSON for one
+    not in UTF-8, as `/predict` answers (`async`: run inline, not in the threadpool). FastAPI parses
+    the body with the standard library, which also reads UTF-8 after a byte order mark, UTF-16 and
+    UTF-32 (`json.detect_encoding`, from the first bytes); JSON is UTF-8 (RFC 8259), as `/predict`'s
+    parser reads it."""
     require_json(request.headers.get("content-type", ""))
+    if json.detect_encoding(await request.body()) != "utf-8":  # (the body FastAPI read, kept)
+        raise RequestValidationError(
+            [json_invalid({"error": "the body is not UTF-8: a byte order mark, or UTF-16 or UTF-32"})]
+        )
 
 
 def jobs_router(settings: Settings) -> APIRouter:

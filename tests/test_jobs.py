@@ -891,3 +891,22 @@ class AbandonedJobs(RuleBasedStateMachine):
 
 AbandonedJobs.TestCase.settings = hypothesis_settings(max_examples=60, stateful_step_count=12, deadline=None)
 test_a_cleanup_of_abandoned_jobs_never_undoes_a_delete_nor_queues_a_job_twice = AbandonedJobs.TestCase
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        b"\xef\xbb\xbf" + b'{"text": ["a"]}',  # UTF-8 with a byte order mark
+        '{"text": ["a"]}'.encode("utf-16"),
+        '{"text": ["a"]}'.encode("utf-16-le"),  # (no mark: told by its NUL bytes)
+        '{"text": ["a"]}'.encode("utf-32"),
+    ],
+)
+def test_a_job_not_sent_as_utf8_is_the_422_of_malformed_json_as_on_predict(encoded: bytes) -> None:
+    """The standard library's `json.loads`, which FastAPI parses /jobs by, reads these; /predict's
+    parser does not (JSON is UTF-8, RFC 8259): both routes refuse them alike."""
+    app = create_app(Settings(), redis=fakeredis.FakeAsyncRedis(), jobs_redis=fakeredis.FakeRedis())
+    with TestClient(app) as client:
+        response = client.post("/jobs", content=encoded, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert [error["type"] for error in response.json()["detail"]] == ["json_invalid"]
