@@ -218,3 +218,13 @@ def test_with_keys_on_swagger_ui_authorizes_and_calls_predict(
         )
     assert status.strip() == "200", body
     assert json.loads(body)["predictions"][0][0]["label"] == "NEGATIVE"  # the example's first text, every label
+
+
+@pytest.mark.parametrize("asked", ["bytes=0-3", "bytes=abc", "bytes=999999999-", "items=0-3"])
+def test_an_asset_is_sent_whole_whatever_range_a_request_asks(api_url: str, asked: str) -> None:
+    """No plain-text 400 or empty 416 (Starlette's answers to a bad or unsatisfiable Range), outside
+    the one error shape: the assets ignore Range, as RFC 9110 lets any server, and say so."""
+    whole = httpx.get(f"{api_url}/docs/assets/favicon.png")
+    response = httpx.get(f"{api_url}/docs/assets/favicon.png", headers={"range": asked})
+    assert (response.status_code, response.content) == (200, whole.content)
+    assert whole.headers["accept-ranges"] == response.headers["accept-ranges"] == "none"
