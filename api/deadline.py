@@ -2,11 +2,12 @@
 lookup, and the stage it has reached, which its 504 names.
 
 The first layer that asks fixes it (`request_deadline`): the access control when keys or a rate
-limit are on, else the route, each before anything else. The gRPC service fixes a call's from the
-call's own deadline. Every wait on Redis on a request's path is cut at it: the prediction path as a
-whole (`api.predictions`), the steps before it each (`Deadline.redis_call`). A stage begun past the
-deadline makes no call: its 504 says the deadline was reached there, and blames Redis only when a
-call to Redis was the one outstanding.
+limit are on, else the body limit before it reads a chunked body (`api.limits`), else the route,
+each before anything else. The gRPC service fixes a call's from the call's own deadline. Every wait
+on Redis on a request's path is cut at it: the prediction path as a whole (`api.predictions`), the
+steps before it each (`Deadline.redis_call`). A stage begun past the deadline makes no call: its 504
+says the deadline was reached there, and blames Redis only when a call to Redis was the one
+outstanding.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 declared size within it pass untouched (the server never delivers more than Content-Length bytes).
 A chunked body (or one whose Content-Length is not a number) is read first, counting bytes as
 they arrive and refused as soon as it grows past the limit, so nothing oversized is buffered whole
-or parsed; it is then handed on as it came (the route would have buffered it whole anyway).
+or parsed; it is then handed on as it came (the route would have buffered it whole anyway). The
+request's deadline is fixed before (`api.deadline`): its upload counts, as a declared size's does.
 (FastAPI's own `max_body_size` answers a declared oversize in plain text, outside the JSON error
 shape.) Each route's limit is the largest body its configured text limits allow (`body_limit`); other routes take none.
 `install` turns FastAPI's "error parsing the body" of a body parameter (`/jobs`: nesting too deep,
@@ -15,15 +16,18 @@ shape); `/predict` parses its own body (`api.schemas.parse_json`), where these a
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.deadline import request_deadline
 from api.errors import ErrorType, error_response, failure, http_error_response, json_invalid, validation_response
 
 # "\uXXXX" is the longest a character of the Basic Multilingual Plane takes in JSON (UTF-8 takes at
@@ -60,10 +64,12 @@ def declared_size(header: str) -> int | None:
 
 class BodyLimit:
     """ASGI middleware: 413 for a body over its path's limit (`limits`, else `NO_BODY_BYTES`). A
-    path may be a route template: `{name}` stands for one path segment."""
+    path may be a route template: `{name}` stands for one path segment. `timeout_s`: the service's
+    request timeout, for the deadline of a request whose body it reads."""
 
-    def __init__(self, app: ASGIApp, limits: dict[str, int]) -> None:
+    def __init__(self, app: ASGIApp, limits: dict[str, int], timeout_s: float) -> None:
         self.app = app
+        self.timeout_s = timeout_s
         self.limits = {path: limit for path, limit in limits.items() if "{" not in path}
         self.templates = [  # (the rarer case: tried after the exact paths)
             (
@@ -84,13 +90,16 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = self.limit(scope["path"])
-        declared = declared_size(Headers(scope=scope).get("content-length", ""))
+        headers = Headers(scope=scope)
+        declared = declared_size(headers.get("content-length", ""))
         if declared is not None:
             if declared > limit:
                 await self._refuse(limit, scope, receive, send)
             else:  # the server delivers no more than Content-Length bytes: nothing to count
                 await self.app(scope, receive, send)
             return
+        with contextlib.suppress(RequestValidationError):  # (a bad X-Request-Timeout: the route's 422)
+            request_deadline(scope, headers, self.timeout_s)  # before the upload, which it bounds
         chunks: list[bytes] = []
         size = 0
         more = True

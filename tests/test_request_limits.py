@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import fakeredis
+import httpx
 import pytest
+from starlette.types import Message, Receive, Scope, Send
 
+from api.app import create_app
 from api.errors import ServiceError
 from api.predictions import ModelInfoCache, Predictor
 from api.results import ResultWaiter
@@ -75,3 +79,31 @@ async def test_a_504_says_what_was_slow(fake_server: fakeredis.FakeServer) -> No
     assert "reached at the model stage: a worker took its work item and was still computing it" in computing
     nobody = await late(fakeredis.FakeServer(), keys, alive=False, take=False)
     assert "reached at the queue stage: no worker is alive to compute it" in nobody
+
+
+async def test_a_chunked_body_is_read_within_its_deadline_fixed_at_arrival(
+    settings: Settings, fake_server: fakeredis.FakeServer
+) -> None:
+    """With no access control, the body limit reads a chunked body before the route runs: it fixes
+    the deadline first, so that the upload counts against it, as a body of declared size does."""
+    assert not settings.api_keys and settings.rate_limit_per_s is None
+    app = create_app(settings, fakeredis.FakeAsyncRedis(server=fake_server), fakeredis.FakeRedis(server=fake_server))
+    fixed: list[bool] = []  # for each chunk read, whether the deadline was fixed by then
+
+    async def spied(scope: Scope, receive: Receive, send: Send) -> None:
+        async def reading() -> Message:
+            message = await receive()
+            fixed.append("deadline" in scope.get("state", {}))
+            return message
+
+        await app(scope, reading if scope["type"] == "http" else receive, send)
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: sent chunked
+        yield b'{"text": '
+        yield b"[]}"
+
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=spied), base_url="http://api") as client:
+            response = await client.post("/predict", content=chunks())
+    assert response.status_code == 422  # (the route reached: it read the body)
+    assert fixed and all(fixed), fixed
