@@ -6,6 +6,7 @@ A chunked body (or one whose Content-Length is not a number) is read first, coun
 they arrive and refused as soon as it grows past the limit, so nothing oversized is buffered whole
 or parsed; it is then handed on as it came (the route would have buffered it whole anyway). The
 request's deadline is fixed before (`api.deadline`): its upload counts, as a declared size's does.
+A path the router redirects to its route (`/predict/`, 307) has that route's limit.
 (FastAPI's own `max_body_size` answers a declared oversize in plain text, outside the JSON error
 shape.) Each route's limit is the largest body its configured text limits allow (`body_limit`); other routes take none.
 `install` turns FastAPI's "error parsing the body" of a body parameter (`/jobs`: nesting too deep,
@@ -81,6 +82,10 @@ class BodyLimit:
         ]
 
     def limit(self, path: str) -> int:
+        if (limit := self.limits.get(path)) is not None:
+            return limit
+        # `/predict/`: the router redirects it to its route (307), where the client sends the body again
+        path = path.removesuffix("/")
         if (limit := self.limits.get(path)) is not None:
             return limit
         return next((limit for template, limit in self.templates if template.fullmatch(path)), NO_BODY_BYTES)

@@ -14,6 +14,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from api.app import create_app
 from api.errors import ServiceError
+from api.limits import body_limit
 from api.predictions import ModelInfoCache, Predictor
 from api.results import ResultWaiter
 from core.protocol import Keys, ModelInfo, WorkerStatus
@@ -107,3 +108,16 @@ async def test_a_chunked_body_is_read_within_its_deadline_fixed_at_arrival(
             response = await client.post("/predict", content=chunks())
     assert response.status_code == 422  # (the route reached: it read the body)
     assert fixed and all(fixed), fixed
+
+
+async def test_a_body_sent_to_a_path_with_a_trailing_slash_is_redirected_within_the_route_s_limit(
+    settings: Settings, fake_server: fakeredis.FakeServer
+) -> None:
+    """The router redirects `/predict/` to `/predict` (307: the client sends the body again), so the
+    body limit of `/predict` applies there, not the 1,024 bytes of a path that takes no body."""
+    body = {"text": ["a" * 2000]}
+    async with client_for(settings, fakeredis.FakeAsyncRedis(server=fake_server)) as client:
+        moved = await client.post("/predict/", json=body)
+        too_large = await client.post("/predict/", json={"text": ["a"] * 1_000_000})
+    assert (moved.status_code, moved.headers["location"]) == (307, "http://api/predict"), moved.text
+    assert too_large.status_code == 413 and str(body_limit(settings.max_texts, settings.max_chars)) in too_large.text
