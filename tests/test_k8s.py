@@ -847,3 +847,27 @@ def test_dashboard_configmap_carries_the_dashboard_for_grafana() -> None:
     assert dashboard == json.loads((K8S / MONITORING / name).read_text())
     # Grafana's built-in panel types only: the dashboard needs no plugin.
     assert dashboard["uid"] and {p["type"] for p in dashboard["panels"]} <= {"timeseries", "row", "stat", "table"}
+
+
+# ---------------------------------------------------------------- shutdown and scale-down
+
+
+@pytest.mark.parametrize("target", AUTOSCALED)
+def test_jobs_workers_never_scale_to_zero_since_they_alone_send_webhooks(target: str) -> None:
+    """A webhook is retried for minutes after its job ends, by a thread of `sentiment jobs-worker` only;
+    the RQ list KEDA watches empties when the last job starts. At zero replicas the retries stopped."""
+    senders = sorted(
+        str(path.relative_to(REPO))
+        for package in ("api", "batcher", "core", "sentiment")
+        for path in (REPO / package).rglob("*.py")
+        if "webhooks.Sender(" in path.read_text()
+    )
+    assert senders == ["batcher/jobs.py"], senders
+    settings = configmap_settings(target)
+    retries_s = settings.webhook_backoff_s * (2 ** (settings.webhook_attempts - 1) - 1)
+    so = get(target, "ScaledObject", "sentiment-jobs-worker")
+    # (A longer cooldownPeriod is no cure: it counts from the last job's start, however long it runs.)
+    assert so["spec"]["minReplicaCount"] >= 1, (
+        f"{target}: jobs workers scale to zero {so['spec'].get('cooldownPeriod', 300)} s after the last job "
+        f"starts, cutting short its webhook's {retries_s:.0f} s of retries"
+    )
