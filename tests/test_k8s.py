@@ -852,6 +852,30 @@ def test_dashboard_configmap_carries_the_dashboard_for_grafana() -> None:
 # ---------------------------------------------------------------- shutdown and scale-down
 
 
+def _pre_stop_pause_s(container: dict[str, Any]) -> float:
+    """Seconds the container's preStop hook holds SIGTERM back (`sleep N`, exec or the kubelet's own), else 0."""
+    hook = container.get("lifecycle", {}).get("preStop", {})
+    if "sleep" in hook:
+        return float(hook["sleep"]["seconds"])
+    command = hook.get("exec", {}).get("command", [])
+    return float(command[1]) if len(command) == 2 and command[0] == "sleep" else 0.0
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_api_pods_wait_out_their_endpoint_removal_then_drain_within_the_grace_period(target: str) -> None:
+    """SIGTERM closes uvicorn's listening socket at once, while Services and the mesh still route to
+    the pod until its endpoint removal reaches them: a preStop pause covers that; then uvicorn drains
+    HTTP for `int(request_timeout_s) + 5` s and gRPC its calls for `request_timeout_s` (api/server.py's
+    `timeout_graceful_shutdown`, api/app.py's `grpc.stop`), all within the grace period."""
+    pod = get(target, "Deployment", "sentiment-api")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    pause = _pre_stop_pause_s(container)
+    assert 3 <= pause <= 15, f"{target}: the API needs a preStop pause of a few seconds, has {pause}"
+    timeout = configmap_settings(target).request_timeout_s
+    drain = pause + (int(timeout) + 5) + timeout
+    assert pod["terminationGracePeriodSeconds"] >= drain + 5, f"{target}: grace below the {drain} s drain"
+
+
 @pytest.mark.parametrize("target", AUTOSCALED)
 def test_jobs_workers_never_scale_to_zero_since_they_alone_send_webhooks(target: str) -> None:
     """A webhook is retried for minutes after its job ends, by a thread of `sentiment jobs-worker` only;
