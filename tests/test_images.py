@@ -377,3 +377,22 @@ def test_dockerignore_keeps_models_venvs_caches_and_git_out() -> None:
             if "[" not in path:
                 assert not _excluded(path, patterns), f"{path} is needed by a COPY but ignored"
     assert not _excluded("README.md", patterns)
+
+
+def test_dockerignore_keeps_serve_data_and_checkout_only_trees_out() -> None:
+    """`sentiment serve` run in the checkout keeps its Redis (users' texts) in sentiment-data/; the
+    benchmarks and k6 scripts are not in the images either: none of it goes in the build context
+    (which `az acr build` uploads)."""
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert Settings.model_fields["data_dir"].default == Path("sentiment-data")  # (the default, in the checkout)
+    for path in [
+        "sentiment-data/appendonlydir/appendonly.aof.1.incr.aof",
+        "sentiment-data/redis-server.log",
+        "benchmarks/results/bench.json",
+        "k6/load.js",
+    ]:
+        assert _excluded(path, patterns), f"{path} would be sent to the Docker daemon"
