@@ -396,3 +396,32 @@ def test_dockerignore_keeps_serve_data_and_checkout_only_trees_out() -> None:
         "k6/load.js",
     ]:
         assert _excluded(path, patterns), f"{path} would be sent to the Docker daemon"
+
+
+def test_api_image_healthcheck_probes_the_jobs_worker_when_the_image_runs_it(tmp_path: Path) -> None:
+    """The API image also runs `jobs-worker` (no HTTP there): its HEALTHCHECK, run against PID 1's
+    arguments, must pass for a registered jobs worker and still check /health for the API."""
+    import redis
+    import rq
+
+    check = _healthcheck()
+    assert "/proc/1/cmdline" in check[-1], "the HEALTHCHECK must tell the jobs worker from the API"
+    port = free_port()  # nothing listens there: the API branch fails
+    cmdline = tmp_path / "cmdline"
+
+    def run(argv: list[str], url: str) -> int:
+        cmdline.write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+        code = check[-1].replace("/proc/1/cmdline", str(cmdline)).replace(":8000/", f":{port}/")
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        env = {**os.environ, "PATH": path, "SENTIMENT_REDIS_URL": url}
+        return subprocess.run([sys.executable, *check[1:-1], code], env=env, capture_output=True, timeout=60).returncode
+
+    with embedded_redis() as url:
+        client = redis.Redis.from_url(url)
+        client.client_info = lambda: {"addr": "127.0.0.1:0"}  # type: ignore[method-assign]  # (as in test_k8s)
+        assert run(["sentiment", "jobs-worker"], url) == 1  # no jobs worker registered yet
+        queue = rq.Queue(Settings(_env_file=None).jobs_queue, connection=client)
+        rq.Worker([queue], connection=client).register_birth()
+        assert run(["sentiment", "jobs-worker"], url) == 0
+        assert run(["/sbin/docker-init", "--", "sentiment", "jobs-worker"], url) == 0  # docker run --init
+        assert run(["sentiment", "api", "--host", "0.0.0.0", "--port", "8000"], url) != 0
