@@ -303,6 +303,7 @@ class JobsWorker(SimpleWorker):
         canceled or deleted as it looked would be queued again, and run)."""
         for queue in self.queues:
             if queue.acquire_maintenance_lock():  # one jobs worker at a time
+                self.log.debug("Worker %s: cleaning registries for queue: %s", self.name, queue.name)
                 reap_abandoned(queue)
                 for registry in (
                     queue.finished_job_registry,
