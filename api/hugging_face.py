@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import FastAPI, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from api.access import client_of
 from api.deadline import request_deadline
@@ -27,7 +27,7 @@ from api.errors import RESPONSES, TEXTS_RESPONSES
 from api.limits import body_limit
 from api.predictions import Predictor
 from api.routes import RequestRoute
-from api.schemas import Score, json_body, parse_json, timeout_parameter
+from api.schemas import JSON_INTEGER, Score, json_body, parse_json, timeout_parameter
 from core.protocol import Prediction, ScoreFunction
 
 PATH = "/"
@@ -35,8 +35,7 @@ PATH = "/"
 
 class ClassificationParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    # (strict: `"2"`, `true` or `2.0` is a client's mistake, not a count: the schema says integer)
-    top_k: Annotated[StrictInt, Field(ge=1)] | None = Field(
+    top_k: Annotated[int, Field(ge=1), JSON_INTEGER] | None = Field(
         None, description="Only the top k labels (default: every label)."
     )
     function_to_apply: Literal["softmax", "sigmoid", "none"] | None = Field(

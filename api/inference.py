@@ -37,7 +37,6 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
-    StrictInt,
     StringConstraints,
     ValidationError,
     create_model,
@@ -51,6 +50,7 @@ from api.errors import ErrorType, ServiceError
 from api.limits import BODY_OVERHEAD, body_limit
 from api.predictions import CacheStatus, ModelInfoCache, Predictor
 from api.routes import readiness
+from api.schemas import JSON_INTEGER
 from core.protocol import ModelInfo, Prediction, new_id
 from core.redis_errors import describe
 
@@ -83,8 +83,7 @@ class RequestedOutput(BaseModel):
 class InferInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Short = Field(description="Any name (KServe's examples say `input-0`); the metadata calls it `text`.")
-    # (strict: `"2"`, `true` or `2.0` is a client's mistake, not an int64 count: the schema says integer)
-    shape: Annotated[list[Annotated[StrictInt, Field(ge=1)]], Field(min_length=1, max_length=2)] = Field(
+    shape: Annotated[list[Annotated[int, Field(ge=1), JSON_INTEGER]], Field(min_length=1, max_length=2)] = Field(
         description="`[n]` or `[n, 1]`, n texts"
     )
     datatype: Literal["BYTES"]

@@ -8,12 +8,24 @@ import re
 from typing import Annotated, Any, TypeVar
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, create_model
 from starlette.datastructures import Headers
 
 from api.errors import ErrorType, ServiceError, json_invalid, quote
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def _json_integer(value: object) -> object:
+    """JSON Schema's integer, `2` or `2.0`; pydantic's lax `int` would also read `"2"` and `true` (as 1)."""
+    if isinstance(value, bool | str):
+        raise ValueError("a JSON integer, not a string or a boolean")
+    return value
+
+
+# A count as the OpenAPI schema's `integer` says: `Annotated[int, Field(ge=1), JSON_INTEGER]` (after the
+# constraints, which the schema then shows as `minimum`).
+JSON_INTEGER = BeforeValidator(_json_integer)
 
 
 def text_list(max_texts: int, max_chars: int) -> Any:
