@@ -24,6 +24,7 @@ from api.app import create_app
 from api.errors import ERRORS, ErrorBody, ErrorType
 from core.protocol import Keys
 from core.settings import Settings
+from tests.test_abandoned import asgi_post
 from tests.test_api import announce
 
 pytestmark = pytest.mark.anyio
@@ -280,20 +281,7 @@ async def cut_off_upload(path: str) -> list[Message]:
     async def send(message: Message) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("api", 80),
-    }
+    scope = asgi_post(path, b" " * 1000)  # (a body of 1,000 bytes declared, its first sent)
     async with app.router.lifespan_context(app):
         await app(scope, receive, send)
     return sent

@@ -396,18 +396,25 @@ def test_each_delivery_has_a_connection_of_its_own(settings: Settings, receiver:
     assert len(one) == len(two) == 1 and one[0].peer != two[0].peer  # the receiver would have kept it open
 
 
+def tls_for(name: str) -> tuple[ssl.SSLContext, ssl.SSLContext, list[str | None]]:
+    """A receiver's TLS with a certificate for `name` from a test CA, a sender's context trusting that CA,
+    and the server names (SNI) the receiver is asked for, as they come."""
+    ca = trustme.CA()
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(name).configure_cert(served)
+    names: list[str | None] = []
+    served.sni_callback = lambda _sock, name, _context: names.append(name)
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    return served, trusting, names
+
+
 def test_tls_is_checked_against_each_urls_own_host_on_its_own_connection(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two names on one address and port, a certificate for one of them: its webhook goes, with its
     name in SNI; the other's is refused by the certificate check, never carried on the first's connection."""
-    ca = trustme.CA()
-    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("hooks.example.test").configure_cert(served)
-    names: list[str | None] = []
-    served.sni_callback = lambda _sock, name, _context: names.append(name)
-    trusting = ssl.create_default_context()
-    ca.configure_trust(trusting)
+    served, trusting, names = tls_for("hooks.example.test")
     fake = fakeredis.FakeRedis()
     resolving(monkeypatch, "127.0.0.1")
     with receiving(tls=served) as receiver:
@@ -425,13 +432,7 @@ def test_an_https_callback_to_a_name_with_its_root_s_dot_is_delivered(
 ) -> None:
     """`hooks.example.test.` is the fully qualified `hooks.example.test`: SNI and the certificate check
     take it without the dot (RFC 6066). With it, every try failed the check, then a dead letter."""
-    ca = trustme.CA()
-    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("hooks.example.test").configure_cert(served)
-    names: list[str | None] = []
-    served.sni_callback = lambda _sock, name, _context: names.append(name)
-    trusting = ssl.create_default_context()
-    ca.configure_trust(trusting)
+    served, trusting, names = tls_for("hooks.example.test")
     fake = fakeredis.FakeRedis()
     resolving(monkeypatch, "127.0.0.1")
     with receiving(tls=served) as receiver:
