@@ -85,12 +85,6 @@ class Checkpoint:
         self._tokenizer = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(self.max_length)
-        embedded = getattr(self.config, "vocab_size", None)
-        if embedded and (largest := max(self._tokenizer.get_vocab(with_added_tokens=True).values())) >= embedded:
-            raise ValueError(
-                f"the tokenizer in {model_dir} gives token ids up to {largest}, and the model embeds {embedded}: "
-                "its tokenizer files are another checkpoint's"
-            )
 
     def version(self, precision: str) -> str:
         """The model's version, part of every cache key: the fingerprint, suffixed by any precision but

@@ -498,14 +498,6 @@ def test_a_checkpoint_without_its_tokenizer_vocabulary_is_refused(tiny_model_dir
         Checkpoint(model_dir)
 
 
-def test_a_tokenizer_of_ids_past_the_models_embeddings_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
-    model_dir = edited_checkpoint(tiny_model_dir, tmp_path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # the real checkpoint's 30,522 tokens
-        shutil.copy(shared_path("models/distilbert-sst2-small") / name, model_dir / name)
-    with pytest.raises(ValueError, match=r"token ids up to 30521, and the model embeds 130"):
-        Checkpoint(model_dir)
-
-
 @pytest.mark.parametrize("broken", ["tokenizer.json", "model.safetensors"])
 def test_a_corrupt_tokenizer_or_weights_file_is_named_in_the_error(
     broken: str, tiny_model_dir: Path, tmp_path: Path
