@@ -55,6 +55,7 @@ class Heartbeat:
         self.model = model.encode()
         self._next_beat = 0.0
         self._thread: Periodic | None = None
+        self._failing = False  # the last tick failed on Redis (said at WARNING once, then at DEBUG until one works)
 
     def start(self, failure: ThreadFailure) -> None:
         """The thread named `heartbeat`; a bug in it stops the worker (`failure`)."""
@@ -89,4 +90,12 @@ class Heartbeat:
             self.queue.reclaim_dead()
         except RedisError as exc:  # the next beat may work; the stages deal with Redis failing
             self.queue.deaths.redis_failed(self.ttl_s)
-            log.debug("heartbeat failed (%s)", describe(exc))
+            # Once a run of failures: an idle worker's refused beats (OOM, NOPERM) are otherwise seen only
+            # as /ready counting it out when its heartbeat lapses.
+            level = logging.DEBUG if self._failing else logging.WARNING
+            log.log(
+                level, "heartbeat failed (%s); it lapses in %g s unless a beat gets through", describe(exc), self.ttl_s
+            )
+            self._failing = True
+        else:
+            self._failing = False

@@ -634,3 +634,24 @@ def test_logits_that_are_not_numbers_fail_their_requests_and_are_never_cached(
     finally:
         worker.stop()
         thread.join(HANG_GUARD_S)
+
+
+def test_a_failing_heartbeat_is_said_once_a_run_of_failures_not_at_each_tick(
+    worker: Worker, fake_server: fakeredis.FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An idle worker whose beats Redis refuses (OOM, NOPERM) was logged at DEBUG alone: /ready counted it
+    # out with nothing said. Said at WARNING once a run, not every half second of an outage.
+    caplog.set_level(logging.DEBUG, logger="batcher.heartbeat")
+
+    def warnings() -> int:
+        return sum(r.levelno == logging.WARNING for r in caplog.records if r.name == "batcher.heartbeat")
+
+    fake_server.connected = False
+    for _ in range(3):
+        worker.heartbeat._tick()
+    assert warnings() == 1
+    fake_server.connected = True
+    worker.heartbeat._tick()
+    fake_server.connected = False
+    worker.heartbeat._tick()
+    assert warnings() == 2, "a new run of failures is said again"
