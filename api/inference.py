@@ -32,15 +32,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StringConstraints,
-    ValidationError,
-    create_model,
-)
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, ValidationError, create_model
 from redis.exceptions import RedisError
 from starlette.datastructures import State
 from starlette.types import Receive

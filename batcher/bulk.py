@@ -86,8 +86,11 @@ class Bulk:
         if (raw := self.redis.get(self.keys.model)) is not None:
             version = ModelInfo.decode(raw).version
             cached = self.redis.mget([self.keys.cache(version, t) for t in unique])
-            found = {t: read_prediction(c) for t, c in zip(unique, cached, strict=True) if c is not None}
-            part.found = {t: p for t, p in found.items() if p is not None}
+            part.found = {
+                t: p
+                for t, c in zip(unique, cached, strict=True)
+                if c is not None and (p := read_prediction(c)) is not None
+            }
         self._queue(part, [t for t in unique if t not in part.found])
         return part
 
