@@ -7,7 +7,10 @@ Every field is read from an environment variable named ``SENTIMENT_<FIELD>`` (up
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from types import NoneType, UnionType
 from typing import Annotated, Literal, get_args, get_origin
@@ -22,6 +25,15 @@ MIN_API_KEY_CHARS = 16  # a guessable key is no key
 # Characters of English the full-size model classifies per second on 2 busy CPU cores, rounded down
 # (docs/tuning.md, "Long texts"): what bounds a request that must be answered within its deadline.
 CHARS_PER_S = 1000
+# SENTIMENT_* variables that are no setting and meant to be there: the tests' and benchmarks' shared
+# directory, and the service links Kubernetes adds to every pod for a Service named sentiment-*
+# (k8s/base/api.yaml's sentiment-api: SENTIMENT_API_SERVICE_HOST, SENTIMENT_API_PORT=tcp://...,
+# SENTIMENT_API_PORT_80_TCP_ADDR ...).
+NOT_SETTINGS = frozenset({"SENTIMENT_SHARED_DIR"})
+SERVICE_LINK = re.compile(
+    r"SENTIMENT_(\w+_)?(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)"
+)
+SERVICE_LINK_PORT = re.compile(r"SENTIMENT_\w+_PORT")  # with a value such as tcp://10.0.0.11:80
 
 
 class Settings(BaseSettings):
@@ -429,6 +441,25 @@ def from_environment() -> Settings:
         return Settings()
     except ValidationError as exc:
         raise SettingsError(_refusal(exc)) from None
+
+
+def strays(environ: Mapping[str, str]) -> dict[str, str]:
+    """The SENTIMENT_* variables of `environ` that are no setting, each with its one-line warning: a
+    misspelt one (SENTIMENT_MAX_BATCHSIZE) is otherwise ignored in silence, its default served.
+    Refused it is not: the name may be another program's (`NOT_SETTINGS`, Kubernetes' service links)."""
+    names = {name.upper(): f"SENTIMENT_{name.upper()}" for name in Settings.model_fields}
+    found: dict[str, str] = {}
+    for variable, value in environ.items():
+        upper = variable.upper()
+        link = SERVICE_LINK.fullmatch(upper) or (
+            SERVICE_LINK_PORT.fullmatch(upper) and value.startswith(("tcp://", "udp://", "sctp://"))
+        )
+        if not upper.startswith("SENTIMENT_") or upper in names.values() or upper in NOT_SETTINGS or link:
+            continue
+        close = difflib.get_close_matches(upper.removeprefix("SENTIMENT_"), names, n=1)
+        hint = f"did you mean {names[close[0]]}?" if close else "the README's configuration table lists them"
+        found[variable] = f"{variable} is no setting, so it is ignored: {hint}"
+    return found
 
 
 def rule(name: str) -> str:

@@ -17,7 +17,7 @@ from redis import Redis
 
 from core.redis_connect import RedisRefused, RedisUnreachable, reach, sync_client
 from core.redis_errors import OUTAGE
-from core.settings import Settings, SettingsError, from_environment
+from core.settings import Settings, SettingsError, from_environment, strays
 from model_store.hub import DEFAULT_REPO
 from model_store.int8 import RECIPES
 
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
     )
+    for warning in strays(os.environ).values():  # (not refused: the name may be another program's)
+        log.warning(warning)
     args = _parser(settings).parse_args(argv)
     args.run(settings, args)
 

@@ -40,7 +40,7 @@ import redis
 import api.server
 from core.liveness import jobs_worker_alive_on_this_host, worker_alive_on_this_host
 from core.redis_connect import RedisAtStart, RedisUnreachable, masked, reach, sync_client
-from core.settings import Settings
+from core.settings import Settings, strays
 from model_store.checkpoint_files import missing_checkpoint
 from sentiment.supervisor import Child, StartFailed, Supervisor, die_with_parent
 
@@ -306,8 +306,10 @@ def serve(settings: Settings, host: str, port: int, data_dir: Path | None) -> No
 
 
 def children(settings: Settings, url: str) -> list[Child]:
-    """`settings.workers` micro-batching workers, each with its share of the cores, and a jobs worker."""
-    env = {**os.environ, "SENTIMENT_REDIS_URL": url}
+    """`settings.workers` micro-batching workers, each with its share of the cores, and a jobs worker.
+    Variables that are no setting stay with serve, which warned of them: each child would again."""
+    stray = strays(os.environ)
+    env = {**{k: v for k, v in os.environ.items() if k not in stray}, "SENTIMENT_REDIS_URL": url}
     workers = [
         Child(
             f"worker-{n}",

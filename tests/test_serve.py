@@ -181,6 +181,16 @@ def test_serves_up_line_names_the_http_address_then_grpc_and_redis(serves: list[
     ), up
 
 
+def test_serve_warns_of_a_misspelt_setting_once_not_once_per_child(serves: list[Serve], tiny_model_dir: Path) -> None:
+    serve = start(serves, tiny_model_dir, env={"SENTIMENT_MAX_BATCHSIZE": "3"})
+    serve.wait_ready()  # (the children's start-up output is out once all are up)
+    serve.proc.send_signal(signal.SIGINT)
+    _, stderr = serve.proc.communicate(timeout=90)
+    warned = [line for line in stderr.splitlines() if "SENTIMENT_MAX_BATCHSIZE" in line]
+    assert len(warned) == 1, stderr
+    assert warned[0].endswith("is no setting, so it is ignored: did you mean SENTIMENT_MAX_BATCH_SIZE?")
+
+
 def test_a_worker_that_dies_is_restarted_and_ready_says_so_meanwhile(serves: list[Serve], tiny_model_dir: Path) -> None:
     serve = start(serves, tiny_model_dir)
     serve.wait_ready()

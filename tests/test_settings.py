@@ -108,3 +108,44 @@ def test_the_longest_redis_timeout_accepted_still_reaches_redis(redis_server: Re
     longest = next(m.le for m in Settings.model_fields["redis_timeout_s"].metadata if hasattr(m, "le"))
     assert math.isfinite(longest)
     reach(redis_server.url, longest)  # (past it: RedisUnreachable, `Invalid argument`)
+
+
+# What Kubernetes adds to every pod of the namespace for k8s/base/api.yaml's Service `sentiment-api`.
+SERVICE_LINKS = {
+    "SENTIMENT_API_SERVICE_HOST": "10.0.0.11",
+    "SENTIMENT_API_SERVICE_PORT": "80",
+    "SENTIMENT_API_SERVICE_PORT_HTTP": "80",
+    "SENTIMENT_API_SERVICE_PORT_GRPC": "8001",
+    "SENTIMENT_API_PORT": "tcp://10.0.0.11:80",
+    "SENTIMENT_API_PORT_80_TCP": "tcp://10.0.0.11:80",
+    "SENTIMENT_API_PORT_80_TCP_PROTO": "tcp",
+    "SENTIMENT_API_PORT_80_TCP_PORT": "80",
+    "SENTIMENT_API_PORT_80_TCP_ADDR": "10.0.0.11",
+    "SENTIMENT_API_PORT_8001_TCP_ADDR": "10.0.0.11",
+}
+
+
+def test_a_misspelt_setting_is_warned_of_naming_the_closest_and_others_variables_are_not() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "sentiment.cli", "model", "pull", "--help"],
+        env={
+            **os.environ,
+            **SERVICE_LINKS,
+            "SENTIMENT_SHARED_DIR": str(REPO.parent / "shared"),
+            "SENTIMENT_MAX_BATCHSIZE": "3",  # silently the default 32 before
+            "SENTIMENT_METRIC_PORT": "9200",  # ends like a service link's name, but no link's value
+        },
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0
+    said = sorted(line.split("] ", 1)[1] for line in done.stderr.splitlines())
+    assert said == [
+        "SENTIMENT_MAX_BATCHSIZE is no setting, so it is ignored: did you mean SENTIMENT_MAX_BATCH_SIZE?",
+        "SENTIMENT_METRIC_PORT is no setting, so it is ignored: did you mean SENTIMENT_METRICS_PORT?",
+    ], done.stderr
+    assert " WARNING sentiment [" in done.stderr
+
+
