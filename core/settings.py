@@ -335,6 +335,13 @@ class Settings(BaseSettings):
     def _connectable(cls, url: str) -> str:
         return check_url(url)
 
+    @field_validator("int8_dir", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: object) -> object:
+        """An empty SENTIMENT_INT8_DIR (a template's blank) is unset: as a path it is the working directory,
+        where `auto` finds no artifact and serves without int8, in silence."""
+        return None if value == "" else value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: object) -> object:

@@ -149,3 +149,9 @@ def test_a_misspelt_setting_is_warned_of_naming_the_closest_and_others_variables
     assert " WARNING sentiment [" in done.stderr
 
 
+def test_an_empty_int8_dir_is_unset_not_the_working_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    # (as `.`, precision `auto` looked for the artifact there, found none and served without int8, in silence)
+    monkeypatch.setenv("SENTIMENT_INT8_DIR", "")
+    assert from_environment().int8_dir is None
+
+
