@@ -437,6 +437,19 @@ class Settings(BaseSettings):
         """Whether the Redis URL came from the environment (else `serve` embeds its own)."""
         return "redis_url" in self.model_fields_set
 
+    def unheeded(self) -> list[str]:
+        """Warnings for settings given that leave the API open in silence; not refused: one ConfigMap may
+        set a burst that an overlay's rate turns on, and an empty SENTIMENT_API_KEYS is documented as off
+        (but `--from-literal=keys="$KEY_1,$KEY_2"` with neither set in the shell is one too)."""
+        given, warnings = self.model_fields_set, []
+        if "api_keys" in given and not self.api_keys:
+            warnings.append("SENTIMENT_API_KEYS is set but holds no key: no authentication")
+        if "rate_limit_burst" in given and self.rate_limit_per_s is None:
+            warnings.append(
+                "SENTIMENT_RATE_LIMIT_BURST is set but unused: without SENTIMENT_RATE_LIMIT_PER_S no rate limit"
+            )
+        return warnings
+
 
 class SettingsError(ValueError):
     """A setting refused: the message is one line naming each bad variable, its value and its rule."""

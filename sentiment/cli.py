@@ -227,6 +227,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
     from sentiment.embedded import serve
 
     data_dir = None if args.ephemeral else args.data_dir.resolve()
+    for warning in settings.unheeded():
+        log.warning(warning)
     serve(
         settings.model_copy(update={"workers": args.workers, "grpc_port": args.grpc_port}),
         args.host,
@@ -238,6 +240,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
 def _api(settings: Settings, args: argparse.Namespace) -> None:
     import api.server
 
+    for warning in settings.unheeded():
+        log.warning(warning)
     listening = api.server.listen(args.host, args.port)  # a taken port first: it costs nothing
     _reach_redis(settings, "api", "answering 503 until it does")
     api.server.run(settings.model_copy(update={"grpc_port": args.grpc_port}), args.host, args.port, listening)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -147,6 +148,34 @@ def test_a_misspelt_setting_is_warned_of_naming_the_closest_and_others_variables
         "SENTIMENT_METRIC_PORT is no setting, so it is ignored: did you mean SENTIMENT_METRICS_PORT?",
     ], done.stderr
     assert " WARNING sentiment [" in done.stderr
+
+
+NO_RATE_LIMIT = "SENTIMENT_RATE_LIMIT_BURST is set but unused: without SENTIMENT_RATE_LIMIT_PER_S no rate limit"
+NO_AUTHENTICATION = "SENTIMENT_API_KEYS is set but holds no key: no authentication"
+
+
+@pytest.mark.parametrize(
+    ("env", "warnings"),
+    [
+        ({"SENTIMENT_RATE_LIMIT_BURST": "10"}, [NO_RATE_LIMIT]),
+        ({"SENTIMENT_RATE_LIMIT_BURST": "10", "SENTIMENT_RATE_LIMIT_PER_S": "5"}, []),
+        ({"SENTIMENT_API_KEYS": " , "}, [NO_AUTHENTICATION]),  # `--from-literal=keys="$KEY_1,$KEY_2"`, neither set
+        ({"SENTIMENT_API_KEYS": "a-key-long-enough-to-keep"}, []),
+    ],
+)
+def test_a_setting_that_leaves_the_api_open_in_silence_is_warned_of(env: dict[str, str], warnings: list[str]) -> None:
+    ours = ("SENTIMENT_RATE_LIMIT_BURST", "SENTIMENT_RATE_LIMIT_PER_S", "SENTIMENT_API_KEYS")
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # (past the warnings, `sentiment api` ends at its port)
+        done = subprocess.run(
+            [sys.executable, "-m", "sentiment.cli", "api", "--port", str(taken.getsockname()[1])],
+            env={**{k: v for k, v in os.environ.items() if k.upper() not in ours}, **env},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 1 and "cannot listen on 127.0.0.1:" in done.stderr.splitlines()[-1], done.stderr
+    assert [line.split("] ", 1)[1] for line in done.stderr.splitlines() if " WARNING sentiment [" in line] == warnings
 
 
 def test_an_empty_int8_dir_is_unset_not_the_working_directory(monkeypatch: pytest.MonkeyPatch) -> None:
