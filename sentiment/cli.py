@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -50,9 +51,9 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
 
     def with_address(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--host", default=settings.host, help="bind address (default %(default)s)")
-        p.add_argument("--port", type=int, default=settings.port, help="port (default %(default)s)")
+        p.add_argument("--port", type=_port(1), default=settings.port, help="port (default %(default)s)")
         p.add_argument(
-            "--grpc-port", type=int, default=settings.grpc_port, help="gRPC port, 0 for none (default %(default)s)"
+            "--grpc-port", type=_port(0), default=settings.grpc_port, help="gRPC port, 0 for none (default %(default)s)"
         )
         return p
 
@@ -86,9 +87,8 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     serve.add_argument(
         "--data-dir",
         type=Path,
-        default=settings.data_dir,
         help="where the embedded redis-server keeps jobs, results and the cache across restarts "
-        "(default %(default)s: SENTIMENT_DATA_DIR)",
+        f"(default {settings.data_dir}: SENTIMENT_DATA_DIR)",
     )
     serve.add_argument(
         "--ephemeral", action="store_true", help="keep nothing: the embedded Redis in memory only (tests, smokes)"
@@ -165,7 +165,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         help="sentences: an SST-2 TSV or one per line (default $SENTIMENT_SHARED_DIR/data/sst2-train.tsv)",
     )
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default=settings.device, help="default %(default)s")
-    bench.add_argument("--duration", type=float, help="seconds per load point (default 30, 2 with --quick)")
+    bench.add_argument("--duration", type=_seconds, help="seconds per load point (default 30, 2 with --quick)")
     bench.add_argument(
         "--api-processes",
         type=_count,
@@ -197,7 +197,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     loadtest.add_argument(
         "--rate", type=_count, help="goodput: requests a second, an open loop (default: the script's, 20)"
     )
-    loadtest.add_argument("--duration", default="20s", help="k6 hold stage (default %(default)s)")
+    loadtest.add_argument("--duration", help="k6 hold stage (default 20s; --full: the script's)")
     loadtest.add_argument("--full", action="store_true", help="the script's own stages (load: 30 s ramp, 1 m hold)")
     loadtest.add_argument("--model-dir", type=Path, help="default $SENTIMENT_SHARED_DIR/models/distilbert-sst2-small")
     loadtest.add_argument("--doc", type=Path, help="also write the summary into this doc (docs/performance.md)")
@@ -205,7 +205,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     chaos = commands.add_parser(
         "chaos", help="the production topology under mixed load while faults run; every promise checked"
     )
-    chaos.add_argument("--duration", type=float, default=600.0, help="seconds of load (default %(default)g)")
+    chaos.add_argument("--duration", type=_seconds, default=600.0, help="seconds of load (default %(default)g)")
     chaos.add_argument("--quick", action="store_true", help="a minute, no doc update (what CI runs)")
     chaos.add_argument("--model-dir", type=Path, help="default $SENTIMENT_SHARED_DIR/models/distilbert-sst2-small")
     chaos.add_argument("--data", type=Path, help="sentences (default $SENTIMENT_SHARED_DIR/data/sst2-train.tsv)")
@@ -223,10 +223,35 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _port(lowest: int) -> Callable[[str], int]:
+    """A command-line port, by its setting's rule: past 65535 was a traceback, and `api --port 0` a port
+    chosen by the system that nothing names."""
+
+    def port(text: str) -> int:
+        if not text.isdigit() or not lowest <= int(text) <= 65535:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {lowest} to 65535, got {text!r}")
+        return int(text)
+
+    return port
+
+
+def _seconds(text: str) -> float:
+    """A command-line duration: seconds above 0, finite (bench took `--duration 0` for its default)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return seconds
+
+
 def _serve(settings: Settings, args: argparse.Namespace) -> None:
     from sentiment.embedded import serve
 
-    data_dir = None if args.ephemeral else args.data_dir.resolve()
+    if settings.redis_url_given and (args.ephemeral or args.data_dir):  # (the up line names the Redis, not this)
+        log.warning("--data-dir and --ephemeral are the embedded Redis's: unused with SENTIMENT_REDIS_URL")
+    data_dir = None if args.ephemeral else (args.data_dir or settings.data_dir).resolve()
     for warning in settings.unheeded():
         log.warning(warning)
     serve(
@@ -398,6 +423,13 @@ def _quantize(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _bench(settings: Settings, args: argparse.Namespace) -> None:
+    """A model option the other `--model` ignores is refused: the run would measure another model."""
+    if args.model == "full" and args.model_dir:
+        raise SystemExit(
+            "sentiment bench: --model-dir is --model small's; --model full (the default) has random weights"
+        )
+    if args.model == "small" and args.config_dir:
+        raise SystemExit("sentiment bench: --config-dir is --model full's; --model small measures --model-dir")
     _model_process(settings)  # the limit's model threads behave as the worker's: the ratio is the service's cost
     from benchmarks.suite import run
 
@@ -423,6 +455,14 @@ def _chaos(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _loadtest(settings: Settings, args: argparse.Namespace) -> None:
+    """An option the run would ignore is refused: the summary would name it as if it had been used."""
+    if args.rate and args.script != "goodput":
+        raise SystemExit(
+            f"sentiment loadtest: --rate is goodput's (an open loop); --script {args.script} sets its own load"
+        )
+    if args.full and args.duration:
+        raise SystemExit("sentiment loadtest: --full runs the script's own stages: --duration or --full, not both")
+    args.duration = args.duration or "20s"
     from benchmarks.loadtest import run
 
     sys.exit(run(settings, args))

@@ -191,6 +191,25 @@ def test_serve_warns_of_a_misspelt_setting_once_not_once_per_child(serves: list[
     assert warned[0].endswith("is no setting, so it is ignored: did you mean SENTIMENT_MAX_BATCH_SIZE?")
 
 
+@pytest.mark.parametrize("option", [["--ephemeral"], ["--data-dir", "kept-here"]], ids=lambda o: o[0])
+def test_a_data_option_that_a_given_redis_makes_unused_is_warned_of(tmp_path: Path, option: list[str]) -> None:
+    done = subprocess.run(  # (past the warning, serve ends for want of a model)
+        [sys.executable, "-m", "sentiment.cli", "serve", "--port", str(free_port()), *option],
+        env={
+            **os.environ,
+            "SENTIMENT_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+            "SENTIMENT_MODEL_DIR": str(tmp_path),
+        },
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and "no Hugging Face checkpoint" in done.stderr.splitlines()[-1], done.stderr
+    warned = [line.split("] ", 1)[1] for line in done.stderr.splitlines() if " WARNING sentiment [" in line]
+    assert warned == ["--data-dir and --ephemeral are the embedded Redis's: unused with SENTIMENT_REDIS_URL"]
+
+
 def test_a_worker_that_dies_is_restarted_and_ready_says_so_meanwhile(serves: list[Serve], tiny_model_dir: Path) -> None:
     serve = start(serves, tiny_model_dir)
     serve.wait_ready()

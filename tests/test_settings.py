@@ -150,6 +150,41 @@ def test_a_misspelt_setting_is_warned_of_naming_the_closest_and_others_variables
     assert " WARNING sentiment [" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("options", "refusal"),
+    [
+        (["--rate", "50"], "--rate is goodput's (an open loop); --script load sets its own load"),
+        (
+            ["--script", "unique", "--rate", "50"],
+            "--rate is goodput's (an open loop); --script unique sets its own load",
+        ),
+        (["--full", "--duration", "5m"], "--full runs the script's own stages: --duration or --full, not both"),
+    ],
+)
+def test_a_loadtest_option_the_run_would_ignore_is_refused_before_it_starts(
+    tmp_path: os.PathLike[str], options: list[str], refusal: str
+) -> None:
+    # (the model directory is empty: past the refusal, the run would end for want of a model)
+    done = subprocess.run(
+        [sys.executable, "-m", "sentiment.cli", "loadtest", "--model-dir", str(tmp_path), *options],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", f"sentiment loadtest: {refusal}\n")
+
+
+@pytest.mark.parametrize("command", [["bench"], ["chaos"]], ids=" ".join)
+@pytest.mark.parametrize("duration", ["0", "-5", "nan", "inf"])
+def test_a_duration_of_no_time_is_refused_not_taken_for_the_default(
+    tmp_path: os.PathLike[str], command: list[str], duration: str
+) -> None:
+    # (no such data: past the refusal, the run would end before it starts anything)
+    stderr = refused([*command, "--duration", duration, "--data", os.path.join(tmp_path, "none.tsv")])
+    assert stderr.endswith(f"argument --duration: expected a number of seconds > 0, got {duration!r}\n"), stderr
+
+
 NO_RATE_LIMIT = "SENTIMENT_RATE_LIMIT_BURST is set but unused: without SENTIMENT_RATE_LIMIT_PER_S no rate limit"
 NO_AUTHENTICATION = "SENTIMENT_API_KEYS is set but holds no key: no authentication"
 
@@ -184,3 +219,48 @@ def test_an_empty_int8_dir_is_unset_not_the_working_directory(monkeypatch: pytes
     assert from_environment().int8_dir is None
 
 
+@pytest.mark.parametrize(
+    ("options", "refusal"),
+    [
+        (["--model-dir", "mine"], "--model-dir is --model small's; --model full (the default) has random weights"),
+        (
+            ["--model", "small", "--config-dir", "mine"],
+            "--config-dir is --model full's; --model small measures --model-dir",
+        ),
+    ],
+)
+def test_a_bench_model_option_the_chosen_model_would_ignore_is_refused(
+    tmp_path: os.PathLike[str], options: list[str], refusal: str
+) -> None:
+    done = subprocess.run(  # (no such data: past the refusal, the run would end before it starts anything)
+        [
+            sys.executable,
+            "-m",
+            "sentiment.cli",
+            "bench",
+            "--quick",
+            "--data",
+            os.path.join(tmp_path, "none.tsv"),
+            *options,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", f"sentiment bench: {refusal}\n")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "rule"),
+    [
+        ("--port", "0", "from 1 to 65535"),  # `api`: a port the system chose, that nothing named
+        ("--port", "80000", "from 1 to 65535"),  # an OverflowError's traceback
+        ("--grpc-port", "70000", "from 0 to 65535"),
+        ("--port", "-1", "from 1 to 65535"),
+    ],
+)
+@pytest.mark.parametrize("command", ["api", "serve"])
+def test_a_port_option_is_refused_by_its_settings_rule(command: str, option: str, value: str, rule: str) -> None:
+    stderr = refused([command, option, value])
+    assert stderr.endswith(f"argument {option}: expected a whole number {rule}, got {value!r}\n"), stderr
