@@ -72,6 +72,10 @@ def run(
         access_log=settings.log_level.upper() in ("DEBUG", "INFO"),  # else uvicorn still builds each line
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
         log_config=None,
+        # X-Forwarded-For names the client (its rate-limit bucket, the access log) only from the proxies
+        # FORWARDED_ALLOW_IPS names: uvicorn's default trusts loopback, where any local caller may
+        # claim any address (docs/security.md, "Behind a proxy or ingress").
+        proxy_headers="FORWARDED_ALLOW_IPS" in os.environ,
     )
 
     async def serve() -> None:

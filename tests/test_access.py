@@ -17,6 +17,7 @@ import fakeredis
 import grpc
 import httpx
 import pytest
+import redis as sync_redis
 from fastapi.responses import PlainTextResponse
 from pydantic import SecretStr, ValidationError
 from redis.asyncio import Redis
@@ -33,7 +34,7 @@ from batcher.worker import Worker
 from core.protocol import Keys
 from core.settings import Settings
 from sentiment.embedded import free_port
-from tests.conftest import HANG_GUARD_S, start_worker
+from tests.conftest import HANG_GUARD_S, Service, answers, start_worker, wait_for
 from tests.test_api import stall
 from tests.test_k8s import TARGETS, container_of
 
@@ -318,6 +319,44 @@ async def test_a_client_has_one_bucket_over_http_and_grpc(
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await pb_grpc.GRPCInferenceServiceStub(channel).ServerMetadata(pb.ServerMetadataRequest())
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.mark.parametrize(
+    ("allowed", "statuses", "buckets"),
+    [
+        (None, [404, 429, 429], ["addr-127.0.0.1"]),  # its own address, whatever it claims
+        ("127.0.0.1", [404, 404, 404], ["addr-10.9.8.0", "addr-10.9.8.1", "addr-10.9.8.2"]),  # a named proxy
+    ],
+)
+def test_x_forwarded_for_names_the_client_only_from_a_proxy_forwarded_allow_ips_names(
+    redis_url: str,
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    allowed: str | None,
+    statuses: list[int],
+    buckets: list[str],
+) -> None:
+    """The real server (uvicorn, which reads proxy headers; the in-process app does not): a local
+    caller claiming other addresses in X-Forwarded-For gets no bucket per claim, unless
+    FORWARDED_ALLOW_IPS names it as the proxy."""
+    monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+    env = {"SENTIMENT_RATE_LIMIT_PER_S": "0.01", "SENTIMENT_RATE_LIMIT_BURST": "1"}
+    prefix = f"xff-{time.monotonic_ns()}"
+    service = Service(redis_url, tiny_model_dir, prefix, **env, **({"FORWARDED_ALLOW_IPS": allowed} if allowed else {}))
+    service.start("api", "--port", str(service.port))
+    try:
+        wait_for("the API to answer", lambda: answers(f"{service.url}/health"))
+        answered = [
+            httpx.get(f"{service.url}/jobs/{'0' * 32}", headers={"X-Forwarded-For": f"10.9.8.{i}"}).status_code
+            for i in range(3)
+        ]
+    finally:
+        service.stop()
+    names = sorted(
+        k.decode().removeprefix(f"{prefix}:ratelimit:")
+        for k in sync_redis.Redis.from_url(redis_url).keys(f"{prefix}:*")
+    )
+    assert (answered, names) == (statuses, buckets)
 
 
 async def test_the_rate_limit_waits_on_redis_no_longer_than_the_requests_deadline(
