@@ -27,6 +27,15 @@ enabled = False
 tracer: trace.Tracer = trace.NoOpTracer()
 OFF: AbstractContextManager[trace.Span] = nullcontext(trace.INVALID_SPAN)  # what `span` gives when off
 _W3C = TraceContextTextMapPropagator()
+# A client's malformed traceparent, tracestate or baggage header is its own affair, not the operator's:
+# the SDK logs a WARNING for each bad entry (up to 180 a request), quoting the header whole (kilobytes),
+# so any client could fill the log with lines of its choosing. The header is ignored all the same.
+for _logger in (
+    "opentelemetry.baggage.propagation",
+    "opentelemetry.trace.propagation.tracecontext",
+    "opentelemetry.trace.span",
+):
+    logging.getLogger(_logger).setLevel(logging.ERROR)
 
 
 def exporters(env: Mapping[str, str] = os.environ) -> list[str]:

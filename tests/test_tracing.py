@@ -4,6 +4,7 @@ fakeredis with a worker thread on the same server, spans go to the SDK's in-memo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 
 import fakeredis
@@ -197,3 +198,27 @@ def test_setup_leaves_tracing_off_when_the_environment_does_not_ask(monkeypatch:
         monkeypatch.delenv(name, raising=False)
     assert not tracing.setup("test")
     assert not tracing.enabled
+async def test_malformed_trace_headers_are_ignored_without_a_log_line_a_client_writes(
+    exporter: InMemorySpanExporter,
+    settings: Settings,
+    fake_server: fakeredis.FakeServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The SDK would log a WARNING per bad baggage or tracestate entry (180 for one request here),
+    and a too long baggage header whole: any client could fill the log with lines of its own."""
+    caplog.set_level(logging.INFO)
+    bad_entries = ",".join(f'k{i}="v"' for i in range(200))  # (a quote is no baggage character)
+    async with client_for(settings, fakeredis.FakeAsyncRedis(server=fake_server)) as client:
+        for headers in (
+            {
+                "traceparent": CLIENT_TRACE,
+                "tracestate": ",".join(f"K{i}=v" for i in range(32)),  # (keys are lower case)
+                "baggage": bad_entries,
+            },
+            {"traceparent": CLIENT_TRACE + "-garbage", "baggage": "forged log line " * 2000},
+            {"traceparent": "0" * 600},
+        ):
+            assert (await client.get("/health", headers=headers)).status_code == 200
+    assert [r.getMessage()[:80] for r in caplog.records if r.name.startswith("opentelemetry")] == []
+    [continued, *_] = named(exporter.get_finished_spans(), "GET /health")
+    assert continued.parent is not None and f"{continued.parent.span_id:016x}" == "cd" * 8  # the valid traceparent
