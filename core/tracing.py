@@ -27,6 +27,7 @@ enabled = False
 tracer: trace.Tracer = trace.NoOpTracer()
 OFF: AbstractContextManager[trace.Span] = nullcontext(trace.INVALID_SPAN)  # what `span` gives when off
 _W3C = TraceContextTextMapPropagator()
+KNOWN = ("otlp", "console")
 # A client's malformed traceparent, tracestate or baggage header is its own affair, not the operator's:
 # the SDK logs a WARNING for each bad entry (up to 180 a request), quoting the header whole (kilobytes),
 # so any client could fill the log with lines of its choosing. The header is ignored all the same.
@@ -51,24 +52,38 @@ def exporters(env: Mapping[str, str] = os.environ) -> list[str]:
 def setup(service: str) -> bool:
     """Turn tracing on if the environment asks (once per process); `service`: the service name unless
     `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES` gives one. True if tracing is on."""
-    wanted = exporters()
-    if enabled or not wanted:
-        return enabled
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-
-    resource = Resource.create()
-    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({SERVICE_NAME: service}))
-    provider = TracerProvider(resource=resource)  # shut down (spans flushed) at exit
-    known: dict[str, type[SpanExporter]] = {"otlp": OTLPSpanExporter, "console": ConsoleSpanExporter}
-    for name in wanted:
-        if name in known:
-            provider.add_span_processor(BatchSpanProcessor(known[name]()))
+    if enabled:
+        return True
+    wanted = []
+    # gRPC's OTLP exporter is not installed: HTTP's would send to the gRPC collector port, failing each batch.
+    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "")
+    for name in exporters():  # only those it can export to: spans for no exporter would cost every request
+        if name not in KNOWN:
+            log.warning("OTEL_TRACES_EXPORTER=%s: unknown exporter (known: %s); ignored", name, ", ".join(KNOWN))
+        elif name == "otlp" and protocol.strip().lower() == "grpc":
+            log.warning("OTEL_EXPORTER_OTLP_PROTOCOL=grpc: OTLP goes over HTTP only (http/protobuf); otlp ignored")
         else:
-            log.warning("OTEL_TRACES_EXPORTER=%s: unknown exporter (known: otlp, console); ignored", name)
+            wanted.append(name)
+    if not wanted:
+        return False
+    # The SDK raises on some OTEL_* values (OTEL_BSP_SCHEDULE_DELAY=-5, OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT=x,
+    # the latter as it is imported) where it defaults others: traces off, and the process serves.
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+        known: dict[str, type[SpanExporter]] = {"otlp": OTLPSpanExporter, "console": ConsoleSpanExporter}
+        resource = Resource.create()
+        if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+            resource = resource.merge(Resource({SERVICE_NAME: service}))
+        provider = TracerProvider(resource=resource)  # shut down (spans flushed) at exit
+        for name in wanted:
+            provider.add_span_processor(BatchSpanProcessor(known[name]()))
+    except ValueError as exc:
+        log.error("tracing off: an OTEL_* environment variable is invalid (%s)", exc)
+        return False
     trace.set_tracer_provider(provider)
     install(provider)
     log.info("tracing on: %s spans of %s", "+".join(wanted), resource.attributes.get(SERVICE_NAME))

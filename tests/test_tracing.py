@@ -5,6 +5,9 @@ fakeredis with a worker thread on the same server, spans go to the SDK's in-memo
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 import fakeredis
@@ -21,7 +24,7 @@ from batcher.worker import Worker
 from core import tracing
 from core.protocol import WorkItem
 from core.settings import Settings
-from tests.conftest import start_worker, wait_for
+from tests.conftest import REPO, start_worker, wait_for
 from tests.test_api import client_for
 
 pytestmark = pytest.mark.anyio
@@ -198,6 +201,46 @@ def test_setup_leaves_tracing_off_when_the_environment_does_not_ask(monkeypatch:
         monkeypatch.delenv(name, raising=False)
     assert not tracing.setup("test")
     assert not tracing.enabled
+
+
+@pytest.mark.parametrize(
+    ("env", "on", "says"),
+    [
+        ({"OTEL_TRACES_EXPORTER": "jaeger"}, False, "OTEL_TRACES_EXPORTER=jaeger: unknown exporter"),
+        ({"OTEL_TRACES_EXPORTER": "jaeger,console"}, True, "tracing on: console spans"),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+            False,
+            "OTEL_EXPORTER_OTLP_PROTOCOL=grpc: OTLP goes over HTTP only",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "console", "OTEL_BSP_SCHEDULE_DELAY": "-5"},
+            False,
+            "tracing off: an OTEL_* environment variable is invalid (schedule_delay_millis must be positive.)",
+        ),
+        (  # (raised as the SDK is imported)
+            {"OTEL_TRACES_EXPORTER": "console", "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "many"},
+            False,
+            "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT must be a non-negative integer but got many",
+        ),
+    ],
+)
+def test_an_otel_environment_the_sdk_cannot_follow_leaves_tracing_off_in_one_line(
+    env: dict[str, str], on: bool, says: str
+) -> None:
+    """An exporter it does not have is no reason to build spans for nobody; an OTEL_* value the SDK
+    refuses is no reason to stop serving (a process of its own: the SDK reads its environment once)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    setup = "import logging; logging.basicConfig(level=logging.INFO); from core import tracing; " + (
+        "print(tracing.setup('t'), tracing.enabled)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", setup], env={**clean, **env}, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert (done.returncode, done.stdout.split()) == (0, [str(on)] * 2), done.stderr
+    assert says in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 async def test_malformed_trace_headers_are_ignored_without_a_log_line_a_client_writes(
     exporter: InMemorySpanExporter,
     settings: Settings,
