@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import struct
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import unquote
 
 import grpc
 from fastapi import FastAPI
+from google.protobuf.unknown_fields import UnknownFieldSet  # type: ignore[import-not-found]  # (no stubs yet)
 from starlette.datastructures import Headers
 
 from api import inference
@@ -226,7 +228,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 def parameters(fields: Mapping[str, pb.InferParameter]) -> dict[str, Any] | None:
     """V2 parameters as plain values (one with no value set as None, which is invalid)."""
     plain = {
-        key: getattr(value, kind) if (kind := value.WhichOneof("parameter_choice")) else None
+        key: getattr(value, kind) if (kind := value.WhichOneof("parameter_choice")) else tritons(value)
         for key, value in fields.items()
     }
     return plain or None
+
+
+def tritons(parameter: pb.InferParameter) -> float | int | None:
+    """The value of Triton's own choices, `double_param = 4` and `uint64_param = 5`, which KServe's
+    message lacks: tritonclient sends a float parameter and `priority` so, and REST takes both; the
+    last sent, as protobuf reads a oneof. None when there is neither."""
+    value = None
+    for field in UnknownFieldSet(parameter):
+        if (field.field_number, field.wire_type) == (4, 1):  # double: 64 bits, fixed
+            value = struct.unpack("<d", struct.pack("<Q", field.data))[0]
+        elif (field.field_number, field.wire_type) == (5, 0):  # uint64: a varint
+            value = field.data
+    return value

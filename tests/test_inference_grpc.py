@@ -185,6 +185,32 @@ def test_kserves_grpc_client_classifies_as_predict(service: Service, grpc_addres
     assert answer["outputs"]["label"] == [max(p, key=lambda s: s["score"])["label"] for p in predicted]
 
 
+def test_tritonclients_float_and_uint64_parameters_are_taken_as_over_rest(
+    service: Service, grpc_address: str, model: dict
+) -> None:
+    """tritonclient.grpc sends `priority` as Triton's `uint64_param` and a float parameter as its
+    `double_param`, choices KServe's message lacks: read as REST reads the same request's JSON."""
+    answer = run_client(
+        """
+        import numpy as np, tritonclient.grpc as triton
+        from tritonclient.utils import InferenceServerException
+        text = triton.InferInput("text", [1], "BYTES")
+        text.set_data_from_numpy(np.array(["a good movie"], dtype=object))
+        try:
+            result = triton.InferenceServerClient(address).infer(
+                name, [text], priority=2**64 - 1, parameters={"temperature": 0.5}, client_timeout=60
+            )
+            print(json.dumps([label.decode() for label in result.as_numpy("label")]))
+        except InferenceServerException as exc:
+            print(json.dumps([exc.status(), exc.message()]))
+        """,
+        address=grpc_address,
+        name=model["name"],
+    )
+    predicted = httpx.post(f"{service.url}/predict", json={"text": ["a good movie"]}, timeout=60).json()
+    assert answer == [max(predicted["predictions"][0], key=lambda s: s["score"])["label"]]
+
+
 @pytest.mark.parametrize("client", ["over gRPC with Triton's client", "over gRPC with KServe's client"])
 def test_the_readmes_grpc_snippets_classify_through_the_service(
     service: Service, grpc_address: str, model: dict, client: str
