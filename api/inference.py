@@ -152,11 +152,11 @@ class Inference:
         loc = (*self.located, *where)
         return RequestValidationError([{"type": "value_error", "loc": loc, "msg": message, "input": value}])
 
-    async def model_named(self, state: State, name: str, deadline: Deadline) -> ModelInfo:
-        """The served model, if it is `name` (`served`), looked up within the call's deadline: first,
-        so that another model's name is NOT_FOUND whatever the request."""
+    async def model_named(self, state: State, name: str, deadline: Deadline, version: str = "") -> ModelInfo:
+        """The served model, if it is `name` (and `version`, where named: `served`), looked up within
+        the call's deadline: first, so that another model's name is NOT_FOUND whatever the request."""
         async with deadline.redis_call(Stage.MODEL_LOOKUP):
-            return await served(state.models, name)
+            return await served(state.models, name, version=version)
 
     async def infer(
         self,
@@ -241,25 +241,33 @@ def score(label_score: dict[str, Any]) -> float:
     return float(label_score["score"])
 
 
-async def served(models: ModelInfoCache, name: str, missing: ErrorType = ErrorType.UNAVAILABLE) -> ModelInfo:
-    """The served model, if it is `name`: else NOT_FOUND; `missing` while no worker has announced one."""
+async def served(
+    models: ModelInfoCache, name: str, missing: ErrorType = ErrorType.UNAVAILABLE, version: str = ""
+) -> ModelInfo:
+    """The served model, if it is `name` and, where a `version` is named (gRPC's optional field), its
+    version: else NOT_FOUND, never another version's answer; `missing` while no worker has announced one."""
     info = await models.current()
     if info is None:
         raise ServiceError(missing, "no worker has announced a model yet")
     if name != info.name:
         raise ServiceError(ErrorType.NOT_FOUND, f"no model named {name[:100]!r}: this server serves {info.name!r}")
+    if version and version != info.version:
+        raise ServiceError(
+            ErrorType.NOT_FOUND,
+            f"no version {version[:100]!r} of {name!r}: this server serves its version {info.version!r}",
+        )
     return info
 
 
-async def ready(state: State, name: str | None = None) -> None:
-    """Nothing when the service is ready (/ready's `readiness`) and, given a model's `name`, serves
-    it; else the error saying why not: NOT_READY, or NOT_FOUND for another model's name."""
+async def ready(state: State, name: str | None = None, version: str = "") -> None:
+    """Nothing when the service is ready (/ready's `readiness`) and, given a model's `name` (and
+    `version`), serves it; else the error saying why not: NOT_READY, or NOT_FOUND for another model's."""
     alive = await readiness(state)
     if isinstance(alive, str):
         raise ServiceError(ErrorType.NOT_READY, alive)
     if name is not None:
         try:
-            await served(state.models, name, missing=ErrorType.NOT_READY)
+            await served(state.models, name, missing=ErrorType.NOT_READY, version=version)
         except RedisError as exc:  # (as `readiness` logs it)
             log.warning("not ready: redis unavailable (%s)", describe(exc))
             raise ServiceError(ErrorType.NOT_READY, f"redis unavailable ({type(exc).__name__})") from None

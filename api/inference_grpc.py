@@ -147,7 +147,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     @answered
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._client(context, self._deadline(context))
-        return pb.ModelReadyResponse(ready=await self._ready(request.name))
+        return pb.ModelReadyResponse(ready=await self._ready(request.name, request.version))
 
     @answered
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
@@ -157,7 +157,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     @answered
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._client(context, self._deadline(context))
-        metadata = inference.model_metadata(await inference.served(self.app.state.models, request.name))
+        info = await inference.served(self.app.state.models, request.name, version=request.version)
+        metadata = inference.model_metadata(info)
         del metadata["labels"]  # (no such field in the message: GET /model and REST's metadata have them)
         return pb.ModelMetadataResponse(**metadata)
 
@@ -166,7 +167,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         deadline = self._deadline(context)
         client = await self._client(context, deadline)
         state = self.app.state
-        info = await self.inference.model_named(state, request.model_name, deadline)
+        info = await self.inference.model_named(state, request.model_name, deadline, request.model_version)
         body, binary = self._request(request)
         answer, cache = await self.inference.infer(state, info, body, binary, client, deadline)
         response = pb.ModelInferResponse(model_name=answer.model_name, model_version=answer.model_version, id=answer.id)
@@ -181,9 +182,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         most_s, remaining = self.settings.request_timeout_s, context.time_remaining()
         return Deadline(most_s if remaining is None else min(remaining, most_s))
 
-    async def _ready(self, name: str | None = None) -> bool:
+    async def _ready(self, name: str | None = None, version: str = "") -> bool:
         try:
-            await inference.ready(self.app.state, name)
+            await inference.ready(self.app.state, name, version)
         except ServiceError:
             return False
         return True

@@ -508,6 +508,29 @@ async def test_readiness_is_one_answer_over_rest_and_grpc(
 
 
 @pytest.mark.anyio
+async def test_a_model_version_not_served_is_not_found(local: InProcess) -> None:
+    """gRPC's requests may name a version (tritonclient's `model_version`): another than the served
+    model's is NOT_FOUND (and not ready), never the served version's answer; the served one is taken."""
+    local.announce()
+    stub, other = local.stub, "7"
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.ModelMetadata(pb.ModelMetadataRequest(name="tiny", version=other), timeout=HANG_GUARD_S)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert refused.value.details() == "no version '7' of 'tiny': this server serves its version 'v1'"
+    request = infer_request(["x"])
+    request.model_version = other
+    assert await status_of(stub.ModelInfer(request, timeout=HANG_GUARD_S)) == grpc.StatusCode.NOT_FOUND
+    assert local.redis.llen(local.keys.queue) == 0  # nothing was queued
+    worker = WorkerStatus(id="w", host="h", pid=1, model_version="v1", started_at=0.0)
+    local.redis.sadd(local.keys.workers, worker.id)
+    local.redis.set(local.keys.heartbeat(worker.id), worker.encode())
+    assert not (await stub.ModelReady(pb.ModelReadyRequest(name="tiny", version=other))).ready
+    assert (await stub.ModelReady(pb.ModelReadyRequest(name="tiny", version="v1"))).ready
+    served = await stub.ModelMetadata(pb.ModelMetadataRequest(name="tiny", version="v1"), timeout=HANG_GUARD_S)
+    assert list(served.versions) == ["v1"]
+
+
+@pytest.mark.anyio
 async def test_the_calls_deadline_is_its_requests_deadline(local: InProcess) -> None:
     """No worker answers: the call ends DEADLINE_EXCEEDED at its own deadline, well before the
     configured 10 s, and the queued work carries that deadline, so a worker would skip it."""
