@@ -32,7 +32,16 @@ from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, ValidationError, create_model
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+    ValidationError,
+    create_model,
+)
 from redis.exceptions import RedisError
 from starlette.datastructures import State
 from starlette.types import Receive
@@ -64,11 +73,20 @@ def infer_body_limit(max_texts: int, max_chars: int) -> int:
     return body_limit(max_texts, max_chars) + ENVELOPE_BYTES
 
 
+def unclassified(parameters: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Triton's classification extension (tritonclient's `class_count`) answers an output as its top
+    classes, another type and shape: not served, so refused, never answered as the plain output."""
+    if parameters and parameters.get("classification"):
+        raise ValueError("the classification extension is not supported: ask for `label`, or `scores` for every label")
+    return parameters
+
+
 class RequestedOutput(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["label", "scores"]
-    parameters: InferParameters | None = Field(
-        None, description="Accepted and ignored (answered as JSON over REST, raw over gRPC)."
+    parameters: Annotated[InferParameters | None, AfterValidator(unclassified)] = Field(
+        None,
+        description="Accepted and ignored (answered as JSON over REST, raw over gRPC), but for `classification`.",
     )
 
 

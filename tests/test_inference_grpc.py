@@ -433,6 +433,11 @@ BAD_REQUESTS: dict[str, tuple[dict[str, Any], bytes | None]] = {
     "nine parameters": ({"inputs": [tensor()], "parameters": {f"p{n}": n for n in range(9)}}, None),
     "an input's parameter too long": ({"inputs": [tensor(parameters={"p" * 65: 1})]}, None),
     "an id too long": ({"id": "i" * 257, "inputs": [tensor()]}, None),
+    # tritonclient's `class_count`: Triton's classification extension, another answer than `scores`
+    "an output as classes": (
+        {"inputs": [tensor()], "outputs": [{"name": "scores", "parameters": {"classification": 1}}]},
+        None,
+    ),
     "an input's name too long": ({"inputs": [tensor(name="n" * 65)]}, None),
 }
 

@@ -201,6 +201,24 @@ def test_bad_input_is_a_4xx(client: triton.InferenceServerClient, http: httpx.Cl
     assert http.post(url, content=b"text", headers={"content-type": "text/plain"}).status_code == 415
 
 
+def test_client_options_the_service_does_not_serve_are_refused_saying_so(
+    client: triton.InferenceServerClient, model: dict
+) -> None:
+    """tritonclient's `class_count` (Triton's classification extension: an output as its top classes)
+    is a 422, not the plain scores; its `request_compression_algorithm` a 415, not a JSON decode error."""
+    text = text_input(["fine"], [1], True)
+    with pytest.raises(InferenceServerException) as classes:
+        client.infer(model["name"], [text], outputs=[triton.InferRequestedOutput("scores", class_count=1)])
+    assert classes.value.status() == "422"
+    assert "the classification extension is not supported" in classes.value.message()
+    for algorithm in ("gzip", "deflate"):
+        with pytest.raises(InferenceServerException) as compressed:
+            client.infer(model["name"], [text], request_compression_algorithm=algorithm)
+        assert compressed.value.status() == "415", algorithm
+        assert compressed.value.message().startswith("the body must not be compressed"), algorithm
+    assert client.infer(model["name"], [text], response_compression_algorithm="gzip").as_numpy("label").shape == (1,)
+
+
 # In process, on fakeredis.
 
 
