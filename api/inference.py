@@ -109,6 +109,7 @@ class InferRequest(BaseModel):
         },
     )
     id: Annotated[str, StringConstraints(max_length=256)] | None = None
+    model_name: Short | None = Field(None, description="KServe's REST client sends it: the path's name, if any.")
     parameters: InferParameters | None = None
     inputs: Annotated[list[InferInput], Field(min_length=1, max_length=1)]
     outputs: Annotated[list[RequestedOutput], Field(max_length=2)] | None = None

@@ -82,6 +82,8 @@ def add_infer_route(router: APIRouter, settings: Settings) -> None:
         state = request.app.state
         info = await v2.model_named(state, name, deadline)
         body, binary = parse_infer(v2, await request.body(), request.headers)
+        if body.model_name not in (None, name):  # (KServe's client repeats the path's name in the body)
+            raise v2.invalid(("model_name",), f"the path names the model {name[:100]!r}", body.model_name)
         answer, cache = await v2.infer(state, info, body, binary, client_of(request.scope), deadline, request.receive)
         return Response(orjson.dumps(answer), media_type="application/json", headers={"X-Cache": cache})
 

@@ -27,6 +27,7 @@ from core.settings import Settings
 from model_store.classifier import Classifier
 from tests.conftest import REPO, Service, start_service, start_worker
 from tests.test_docs_page import serving
+from tests.test_inference_grpc import run_client
 
 KEY = "a-test-key-of-some-length"
 TEXTS = ["a good movie", "bad", "", "a good movie", "ünïcödé ✓"]
@@ -199,6 +200,39 @@ def test_bad_input_is_a_4xx(client: triton.InferenceServerClient, http: httpx.Cl
         )
         assert response.status_code == 422, response.text
     assert http.post(url, content=b"text", headers={"content-type": "text/plain"}).status_code == 415
+
+
+def test_kserves_rest_client_classifies_as_predict(service: Service, http: httpx.Client, model: dict) -> None:
+    """KServe's InferenceRESTClient repeats the model's name in the body (`model_name`): taken, and
+    the answer is /predict's; a body naming another model than the path is a 422."""
+    answer = run_client(
+        """
+        import asyncio, numpy as np
+        from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+        async def main():
+            client = InferenceRESTClient(RESTConfig(protocol="v2", timeout=60))
+            text = InferInput("text", [len(texts)], "BYTES")
+            text.set_data_from_numpy(np.array(texts, dtype=object), binary_data=False)
+            result = await client.infer(url, InferRequest(model_name=name, infer_inputs=[text]), model_name=name)
+            await client.close()
+            return {o.name: o.as_numpy().tolist() for o in result.outputs}
+
+        print(json.dumps(asyncio.run(main())))
+        """,
+        url=service.url,
+        name=model["name"],
+        texts=TEXTS,
+    )
+    predicted = http.post("/predict", json={"text": TEXTS}).json()["predictions"]
+    assert answer["scores"] == [pytest.approx([s["score"] for s in p], abs=1e-6) for p in predicted]
+    assert answer["label"] == [max(p, key=lambda s: s["score"])["label"] for p in predicted]
+    body = {"model_name": "other", "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}
+    other = http.post(f"/v2/models/{model['name']}/infer", json=body)
+    assert (other.status_code, other.json()["error"]) == (
+        422,
+        f"body.model_name: the path names the model {model['name']!r}",
+    )
 
 
 def test_client_options_the_service_does_not_serve_are_refused_saying_so(
