@@ -20,7 +20,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from redis import Redis
@@ -94,11 +94,14 @@ class Bulk:
         self._queue(part, [t for t in unique if t not in part.found])
         return part
 
-    def receive(self, part: Part, stopping: threading.Event | None = None) -> list[Prediction]:
+    def receive(
+        self, part: Part, stopping: threading.Event | None = None, again: Callable[[], object] | None = None
+    ) -> list[Prediction]:
         """A sent part's predictions in input order; BulkFailed if the model failed on one of its texts,
         BulkStopped within `RESULTS_READ_EVERY_S` of `stopping` being set (the model workers stop too, and may never
-        answer)."""
-        self._wait(part, stopping)
+        answer). `again` runs before texts past their deadline are queued again: what it raises ends the
+        wait (a job canceled meanwhile queues nothing more, nor waits up to its timeout for a busy service)."""
+        self._wait(part, stopping, again)
         return [part.found[t] for t in part.texts]
 
     def withdraw(self) -> None:
@@ -165,7 +168,7 @@ class Bulk:
             items.append(raw)
         self.redis.lpush(self.keys.bulk, *items)
 
-    def _wait(self, part: Part, stopping: threading.Event | None) -> None:
+    def _wait(self, part: Part, stopping: threading.Event | None, again: Callable[[], object] | None) -> None:
         """Until every queued item is answered: replies as they come, the result keys every `RESULTS_READ_EVERY_S`;
         what passed its deadline unanswered (dropped by the workers) is queued again."""
         pubsub = self._subscribed()
@@ -180,9 +183,9 @@ class Bulk:
                         self._answer(request_id, result)
             if time.monotonic() - looked >= RESULTS_READ_EVERY_S:
                 looked = time.monotonic()
-                self._read_results(part)
+                self._read_results(part, again)
 
-    def _read_results(self, part: Part) -> None:
+    def _read_results(self, part: Part, again: Callable[[], object] | None = None) -> None:
         """Read the result keys of the unanswered items; queue again the texts of those past their
         deadline, taking back first their copies still on the bulk list."""
         ids = list(part.queued)
@@ -190,6 +193,8 @@ class Bulk:
             if result is not None:
                 self._answer(request_id, result)
         if part.queued and time.time() > part.deadline + 1.0:
+            if again is not None:
+                again()
             late = [t for texts in part.queued.values() for t in texts]
             taken_back = self._take_back([self._waiting[request_id][1] for request_id in part.queued])
             log.info(

@@ -135,23 +135,25 @@ def _classify(context: Context, job: Job | None, texts: list[str]) -> list[Predi
         with _part_span(job, start, len(texts[start : start + size])) if tracing.enabled else tracing.OFF:
             sent = bulk.send(texts[start : start + size])
         if ahead is not None:
-            predictions += _received(context, ahead, len(predictions), len(texts))
+            predictions += _received(context, job, ahead, len(predictions), texts)
             _save_progress(job, len(predictions), len(texts))
         ahead = sent
     if ahead is not None:
         _stop_if_canceled(job)  # a cancel meanwhile: the last part is not waited for
-        predictions += _received(context, ahead, len(predictions), len(texts))
+        predictions += _received(context, job, ahead, len(predictions), texts)
         _save_progress(job, len(predictions), len(texts))
     _stop_if_canceled(job)  # a cancel during the last part stops it too
     return predictions
 
 
-def _received(context: Context, part: Part, done: int, total: int) -> list[Prediction]:
-    """`part`'s predictions; JobInterrupted if this worker is told to stop while it waits for them."""
+def _received(context: Context, job: Job | None, part: Part, done: int, texts: list[str]) -> list[Prediction]:
+    """`part`'s predictions; JobInterrupted if this worker is told to stop while it waits for them,
+    JobCanceled if the job was canceled or deleted by the time its texts would be queued again (past
+    their deadline: a busy service, or none)."""
     try:
-        return context.bulk.receive(part, context.stopping)
+        return context.bulk.receive(part, context.stopping, lambda: _stop_if_canceled(job))
     except BulkStopped:
-        raise JobInterrupted(f"stopped after {done} of {total} texts") from None
+        raise JobInterrupted(f"stopped after {done} of {len(texts)} texts") from None
 
 
 def _stop_if_canceled(job: Job | None) -> None:

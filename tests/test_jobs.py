@@ -234,6 +234,30 @@ def test_cancel_a_started_job_stops_it_at_the_next_part(service: tuple[Service, 
     assert queue.count == 0
 
 
+def test_a_job_canceled_while_no_model_worker_answers_queues_its_part_no_more(classifier: Classifier) -> None:
+    """Nothing answers its part (the model workers busy, or none up): canceled, the job still waited
+    for it, queueing its texts again at every deadline to be computed for nobody, its jobs worker
+    held for up to the job's hour-long timeout."""
+    settings = Settings(redis_url="redis://unused:1/0", max_batch_size=2, request_timeout_s=0.1)
+    svc = Service(classifier, settings)  # its model worker never runs
+    requeued: list[list[str]] = []
+
+    def queue(part: Part, texts: list[str]) -> None:
+        if len(svc.bulk.items) == 2:  # both parts sent: this is the first one's texts past their deadline
+            requeued.append(texts)
+            raise RuntimeError("queued again for a canceled job")  # (ends the wait the bug makes endless)
+        SpyBulk._queue(svc.bulk, part, texts)
+
+    with TestClient(svc.app) as client:
+        job_id = submit(client, TEXTS)  # two parts
+        svc.bulk.before_part = lambda _: svc.bulk.parts == 1 and client.delete(f"/jobs/{job_id}")
+        svc.bulk._queue = queue  # type: ignore[method-assign]
+        svc.run_jobs()
+        assert requeued == []
+        assert client.get(f"/jobs/{job_id}").json()["status"] == "canceled"
+    assert svc.redis.llen(Keys(settings.key_prefix).bulk) == 0  # taken back: nothing left to compute for nobody
+
+
 def test_a_job_canceled_with_a_part_queued_takes_it_back_off_the_bulk_list(
     service: tuple[Service, TestClient],
 ) -> None:
