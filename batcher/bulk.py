@@ -51,6 +51,24 @@ class BulkFailed(Exception):
     """The model failed on a text of the part (the worker's error, as /predict would answer it)."""
 
 
+class TooLong(BulkFailed):
+    """The model refused texts as longer than it takes (`SENTIMENT_LONG_TEXTS=reject`): each with its tokens."""
+
+    def __init__(self, why: str, texts: dict[str, int]) -> None:
+        super().__init__(why)
+        self.why = why
+        self.texts = texts
+
+    def named(self, job: Sequence[str]) -> BulkFailed:
+        """The failure naming each refused text by its first place in `job` and its tokens, as /predict's
+        422 does (never the text): the one line a job of thousands of texts fails with."""
+        places: dict[str, int] = {}
+        for index, text in enumerate(job):
+            places.setdefault(text, index)
+        refused = sorted((places[text], tokens) for text, tokens in self.texts.items() if text in places)
+        return BulkFailed(", ".join(f"text {place} ({tokens:,} tokens)" for place, tokens in refused) + f": {self.why}")
+
+
 class BulkStopped(Exception):
     """The process was told to stop while it waited for a part (`receive`'s `stopping`)."""
 
@@ -221,6 +239,8 @@ class Bulk:
             result = Result.decode(raw)
         except Unreadable as exc:
             raise BulkFailed(f"an unreadable result ({exc})") from None
+        if result.too_long:
+            raise TooLong(result.error or "too long", {texts[at]: tokens for at, tokens in result.too_long})
         if result.error is not None or result.predictions is None:
             raise BulkFailed(result.error or "no predictions")
         part.found.update(zip(texts, result.predictions, strict=True))

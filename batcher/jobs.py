@@ -56,7 +56,7 @@ from rq.utils import as_text, now
 from rq.worker import WorkerStatus as RQWorkerStatus  # (not core.protocol's WorkerStatus, a heartbeat)
 
 from batcher import metrics, webhooks
-from batcher.bulk import Bulk, BulkFailed, BulkStopped, Part
+from batcher.bulk import Bulk, BulkFailed, BulkStopped, Part, TooLong
 from batcher.periodic import Periodic
 from batcher.thread_failure import ThreadFailure
 from core import tracing
@@ -149,11 +149,14 @@ def _classify(context: Context, job: Job | None, texts: list[str]) -> list[Predi
 def _received(context: Context, job: Job | None, part: Part, done: int, texts: list[str]) -> list[Prediction]:
     """`part`'s predictions; JobInterrupted if this worker is told to stop while it waits for them,
     JobCanceled if the job was canceled or deleted by the time its texts would be queued again (past
-    their deadline: a busy service, or none)."""
+    their deadline: a busy service, or none), and BulkFailed naming the job's texts the model refused
+    as too long."""
     try:
         return context.bulk.receive(part, context.stopping, lambda: _stop_if_canceled(job))
     except BulkStopped:
         raise JobInterrupted(f"stopped after {done} of {len(texts)} texts") from None
+    except TooLong as refused:
+        raise refused.named(texts) from None
 
 
 def _stop_if_canceled(job: Job | None) -> None:

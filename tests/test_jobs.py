@@ -628,6 +628,28 @@ def test_a_failing_job_is_retried_as_often_when_a_heartbeat_lands_as_its_failure
     assert client.get(f"/jobs/{job_id}").json()["status"] == "failed"
 
 
+def test_a_job_with_a_text_refused_as_too_long_fails_naming_its_place_in_the_job(tmp_path: Path) -> None:
+    """SENTIMENT_LONG_TEXTS=reject: /predict's 422 names the refused text; a job of thousands of texts
+    failed with "longer than the model's 128 tokens" alone, naming none."""
+    settings = Settings(redis_url="redis://unused:1/0", max_batch_size=2, jobs_max_texts=20, long_texts="reject")
+    svc = Service(Classifier(write_tiny_model(tmp_path / "model"), "cpu", 1, long_texts="reject"), settings)
+    thread = threading.Thread(target=svc.worker.run, daemon=True)
+    thread.start()
+    long = " ".join(["great"] * 200)
+    try:
+        with TestClient(svc.app) as client:
+            job_id = submit(client, [*TEXTS, long, "fun", long])  # in the job's second part, and again
+            svc.run_jobs()
+            view = client.get(f"/jobs/{job_id}").json()
+    finally:
+        svc.worker.stop()
+        thread.join(10)
+    assert view["status"] == "failed"
+    assert view["error"].endswith(
+        "BulkFailed: text 10 (202 tokens): longer than the model's 128 tokens (SENTIMENT_LONG_TEXTS=reject)"
+    ), view["error"]
+
+
 def test_unknown_and_expired_jobs_are_404(service: tuple[Service, TestClient]) -> None:
     svc, client = service
     for path in ("/jobs/" + "0" * 32, "/jobs/not-an-id"):
