@@ -166,9 +166,11 @@ def _stop_if_canceled(job: Job | None) -> None:
 
 
 def _save_progress(job: Job | None, done: int, total: int) -> None:
-    """The texts done so far, in the job's meta: also a canceled job's (how far it got), never a deleted one's."""
+    """The texts done so far, in the job's meta: also a canceled job's (how far it got), never a deleted one's.
+    Never fewer than an earlier run of the job saved: a retry reads those parts back from the cache, and
+    progress that went back would tell a poller the job lost them."""
     if job is not None:
-        job.meta.update(progress(done, total))
+        job.meta.update(progress(max(done, job.meta.get("done", 0)), total))
         meta = job.serializer.dumps(job.meta)
         _write_running(job, lambda pipe: pipe.hset(job.key, "meta", meta), "while it ran", canceled_too=True)
 

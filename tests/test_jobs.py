@@ -199,6 +199,30 @@ def test_progress_moves_part_by_part_each_sent_while_the_last_computes(service: 
     assert client.get(f"/jobs/{job_id}").json()["progress"] == {"done": 2 * len(TEXTS), "total": 2 * len(TEXTS)}
 
 
+def test_progress_never_goes_back_when_a_job_is_retried(
+    service: tuple[Service, TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry reads back from the cache, part by part, what the run before it computed: its progress
+    started again from 0 under the eyes of whoever polled (16 of 20 done, then 8)."""
+    svc, client = service
+    job_id = submit(client, TEXTS * 2)  # three parts
+    seen: list[int] = []
+    svc.bulk.before_part = lambda _: seen.append(client.get(f"/jobs/{job_id}").json()["progress"]["done"])
+    receive, received = svc.bulk.receive, []
+
+    def fails_at_the_first_runs_last_part(part: Part, *args: Any) -> list[Any]:
+        received.append(part)
+        if len(received) == 3:
+            raise RuntimeError("model exploded")
+        return receive(part, *args)
+
+    monkeypatch.setattr(svc.bulk, "receive", fails_at_the_first_runs_last_part)
+    svc.run_jobs()
+    view = client.get(f"/jobs/{job_id}").json()
+    assert view["status"] == "finished" and view["progress"]["done"] == 2 * len(TEXTS)
+    assert len(seen) == 6 and seen == sorted(seen), seen  # two runs of three parts
+
+
 def test_cancel_a_queued_job(service: tuple[Service, TestClient]) -> None:
     svc, client = service
     job_id = submit(client, TEXTS)
