@@ -70,6 +70,7 @@ def reap_abandoned(queue: Queue) -> None:
                     if job is not None and job.retries_left:
                         job.retry(queue, pipe)
                     elif job is not None:
+                        job.ended_at = now()  # (RQ's leaves it unset: a `failed` job that never ended)
                         record_job_failure(
                             job, f"Moved to FailedJobRegistry, due to AbandonedJobError, at {now()}", pipe
                         )

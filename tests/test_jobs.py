@@ -963,6 +963,18 @@ AbandonedJobs.TestCase.settings = hypothesis_settings(max_examples=60, stateful_
 test_a_cleanup_of_abandoned_jobs_never_undoes_a_delete_nor_queues_a_job_twice = AbandonedJobs.TestCase
 
 
+def test_a_job_the_cleanup_fails_says_when_it_ended(redis: fakeredis.FakeRedis) -> None:
+    """Its third worker killed, the job read `failed` with `ended_at: null`, in GET's answer and its webhook's body."""
+    store = JobStore(redis, Settings(redis_url="redis://unused:1/0", job_ttl_s=600))
+    job_id = store.create(["a text"])
+    for run in range(RETRIES + 1):
+        redis.lrem(store.queue.key, 1, job_id)  # taken, started, and its worker killed: its heartbeat lapsed
+        redis.hset(Job.key_for(job_id), "status", "started")
+        redis.zadd(store.queue.started_job_registry.key, {f"{job_id}:killed-{run}": time.time() - 1})
+        view = store.view(job_id)
+    assert view["status"] == "failed" and view["ended_at"] is not None, view
+
+
 @pytest.mark.parametrize(
     "encoded",
     [
