@@ -113,8 +113,7 @@ class Sender:
         host = urlsplit(url).hostname
         try:
             if "body" not in record:
-                status = raw(self.redis.hget(Job.key_for(job_id), "status"))
-                if status is not None and JOB_STATUS.get(JobStatus(status.decode()), "queued") not in ENDED:
+                if not _ended(raw(self.redis.hget(Job.key_for(job_id), "status"))):
                     self._update(job_id, {}, time.time() + self.look_s, ended=False)
                     return
                 try:
@@ -162,23 +161,26 @@ class Sender:
         """Write `fields` to the webhook and look at it again at `look_at`, unless it was dropped
         meanwhile with its job (False then). Once the job has `ended`, the webhook expires with it, or
         after the next try's claim would lapse, whichever is later: it never outlives its job by
-        more than its tries take, nor vanishes before they run out."""
-        key = self.keys.webhook(job_id)
+        more than its tries take, nor vanishes before they run out. A job looked at running that ended
+        since (WATCHed) is looked at now: its end made the webhook due at once, and a later look would
+        undo that, sending it a heartbeat TTL late."""
+        key, job_key = self.keys.webhook(job_id), Job.key_for(job_id)
 
         def write(pipe: Pipeline) -> bool:
             if not pipe.exists(key):
                 return False
-            next_try_ms = int((look_at - time.time() + CLAIM_S) * 1000)
+            look = look_at if ended or not _ended(raw(pipe.hget(job_key, "status"))) else time.time()
+            next_try_ms = int((look - time.time() + CLAIM_S) * 1000)
             expire_ms = max(int(pipe.pttl(Job.key_for(job_id))), next_try_ms) if ended else None
             pipe.multi()
             if fields:
                 pipe.hset(key, mapping=fields)
             if expire_ms is not None:
                 pipe.pexpire(key, expire_ms)
-            pipe.zadd(self.keys.webhooks, {job_id: look_at}, xx=True)
+            pipe.zadd(self.keys.webhooks, {job_id: look}, xx=True)
             return True
 
-        return bool(self.redis.transaction(write, key, value_from_callable=True))  # type: ignore[arg-type]
+        return bool(self.redis.transaction(write, key, job_key, value_from_callable=True))  # type: ignore[arg-type]
 
     def _give_up(self, job_id: str, host: str | None, tries: int, error: str, traceback: bool = False) -> None:
         dead = "webhook of job %s to %s gave up after %d tries (%s): dead-lettered"
@@ -192,6 +194,11 @@ class Sender:
                 pipe.ltrim(self.keys.webhook_dead_letters, 0, DEAD_LETTERS_KEPT - 1)
             webhooks.forget(pipe, self.keys, job_id)
             pipe.execute()
+
+
+def _ended(status: bytes | None) -> bool:
+    """Whether a job whose hash reads `status` has ended (or is gone: there is nothing to wait for)."""
+    return status is None or JOB_STATUS.get(JobStatus(status.decode()), "queued") in ENDED
 
 
 def dead_letter_entry(job_id: str, host: str | None, tries: int, error: str) -> bytes:

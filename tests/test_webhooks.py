@@ -552,6 +552,32 @@ def test_a_claim_that_lapsed_and_was_taken_by_another_sender_stays_theirs(
     assert fake.get(claim) == b"another-sender"
 
 
+def test_a_job_that_ends_as_its_webhook_is_looked_at_keeps_its_webhook_due_at_once(
+    settings: Settings, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender finds the job running, and the job ends (its webhook made due at once) before the
+    sender puts the next look a heartbeat TTL off: that look overwrote the end's, and the webhook
+    went out a heartbeat TTL late."""
+    fake = fakeredis.FakeRedis()
+    store = JobStore(fake, settings)
+    job_id = store.create(["a text"], receiver.url("/ended"))
+    keys = Keys(settings.key_prefix)
+    fake.zadd(keys.webhooks, {job_id: 0})  # its periodic look is due
+    update = Sender._update
+
+    def ended_meanwhile(sender: Sender, *args: Any, **kwargs: Any) -> bool:
+        if kwargs.get("ended") is False:
+            store.delete(job_id)  # canceled: its webhook is due at once
+        return update(sender, *args, **kwargs)
+
+    monkeypatch.setattr(Sender, "_update", ended_meanwhile)
+    sender = Sender(settings, fake)
+    sender.tick()
+    assert receiver.at("/ended") == []
+    sender.tick()
+    assert len(receiver.at("/ended")) == 1, fake.zscore(keys.webhooks, job_id)
+
+
 def test_deleting_a_job_drops_its_undelivered_webhook(settings: Settings, receiver: Receiver) -> None:
     fake = fakeredis.FakeRedis()
     job_id = canceled_job(fake, settings, receiver.url("/deleted"))
