@@ -767,6 +767,7 @@ def test_a_job_canceled_by_delete_notifies_its_callback(stack: Stack) -> None:
     document = docs_receive()(OTHER_SECRET, delivery.body, delivery.headers)
     assert document is not None and (document["job_id"], document["status"]) == (job_id, "canceled")
     assert document["progress"] == {"done": 0, "total": 2}
+    wait_for("the webhook to be done with", lambda: stack.delivered(job_id))  # (the next tests count what is pending)
 
 
 @pytest.mark.parametrize(
