@@ -157,7 +157,7 @@ class Window:
                     return self._bulk.sent(ready)
                 continue
             timeout = None
-            if self._texts and not self._ready and self._bulk.due():
+            if self._texts and self._bulk.due():  # (between batches: the last one's rest waits for a turn first)
                 return self._bulk_forward(owed=True)
             if self._texts:
                 # (stable: oldest first on a tie; with deadlines, the earliest deadline)

@@ -463,14 +463,40 @@ test_the_plan_keeps_its_promises_in_any_sequence = PlanMachine.TestCase
 # --- sequences it found, kept as plain tests ------------------------------------------------------
 
 
-def replay(deadlines: bool, *steps: Callable[[PlanMachine], object]) -> None:
-    """Run `steps` on one lane that takes one text a forward, checking every invariant after each."""
+def replay(
+    deadlines: bool,
+    *steps: Callable[[PlanMachine], object],
+    lanes: int = 1,
+    max_texts: int = 1,
+    packs: bool = False,
+    bulk_share: float = 0.0,
+) -> None:
+    """Run `steps` (by default on one lane that takes one text a forward), checking every invariant after each."""
     machine = PlanMachine()
-    machine.start(1, 1, 12, 0.0, packs=False, deadlines=deadlines, bulk_delay_s=math.inf, bulk_share=0.0)
+    machine.start(
+        lanes, max_texts, 12, 0.0, packs=packs, deadlines=deadlines, bulk_delay_s=math.inf, bulk_share=bulk_share
+    )
     for step in steps:
         step(machine)
         machine.check()
     machine.teardown()
+
+
+def test_found_the_bulk_floor_put_off_while_each_new_batch_passed_the_last_ones_rest() -> None:
+    """A held text's earlier turn sent a new batch ahead of the last batch's rest at each step, and the
+    floor waited for no rest to be left: 13 interactive texts went by bulk work owed a forward after 8."""
+    replay(
+        False,
+        lambda m: m.take([(["s1", "c0", "c1"], "a", 0.05)], bulk=False),
+        lambda m: m.take([(["c0"], "a", 0.05)], bulk=False),
+        lambda m: m.take([(["c0"], "a", 0.05)], bulk=True),
+        lambda m: m.take([(["s0", "c0"], "a", 0.05)], bulk=False),
+        lambda m: m.catch_up(0.001),
+        lanes=2,
+        max_texts=2,
+        packs=True,
+        bulk_share=0.2,
+    )
 
 
 def test_found_an_abandoned_item_dropped_while_a_chunk_of_its_chunked_text_ran() -> None:
