@@ -53,11 +53,15 @@ class ThreadFailure:
             if self.cause is not None:
                 log.debug("thread %s failed too", name, exc_info=exc)
                 return
-            self.cause = f"the {name} thread failed ({type(exc).__name__}: {exc})"
+            self.cause = f"the {name} thread failed ({type(exc).__name__}: {_message(exc)})"
         log.error("%s; stopping", self.cause, exc_info=exc)
-        self._deadline = threading.Timer(self.grace_s, self._exit_now)
-        self._deadline.daemon = True
-        self._deadline.start()
+        deadline = threading.Timer(self.grace_s, self._exit_now)
+        deadline.daemon = True
+        try:
+            deadline.start()
+            self._deadline = deadline
+        except RuntimeError:  # no thread to be had (what failed may be just that): the stop goes on, unbounded
+            log.warning("no thread for the %.0f s bound on the stop; stopping without it", self.grace_s)
         self.failed.set()
         self._stop()
 
@@ -72,3 +76,12 @@ class ThreadFailure:
         log.critical("%s; still not stopped after %.0f s: exiting now", self.cause, self.grace_s)
         logging.shutdown()
         os._exit(EXIT_STATUS)
+
+
+def _message(exc: BaseException) -> str:
+    """`str(exc)`, or a stand-in where that fails (a `__str__` that raises, an argument whose repr does):
+    describing a failure must never stop the stop it sets off."""
+    try:
+        return str(exc)
+    except Exception:
+        return "its message could not be read"

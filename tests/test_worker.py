@@ -341,6 +341,53 @@ def test_a_bug_in_any_thread_stops_the_worker_which_hands_back_its_work_and_says
     assert not [t.name for t in set(threading.enumerate()) - before if t.name in ("reply", "heartbeat", "forward-0")]
 
 
+class UnreadableError(Exception):
+    """An exception whose message cannot be read (as one that quotes a tensor of a broken device)."""
+
+    def __str__(self) -> str:
+        raise ValueError("no message")
+
+
+class NoThreadTimer(threading.Timer):
+    """A timer whose thread cannot start: the process is out of threads or memory."""
+
+    def start(self) -> None:
+        raise RuntimeError("can't start new thread")
+
+
+@pytest.mark.parametrize("how", ["a message that cannot be read", "no thread left for the stop's bound"])
+def test_a_thread_that_dies_stops_the_worker_even_where_its_failure_cannot_be_described_or_bounded(
+    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings, monkeypatch, how: str
+) -> None:
+    # The failure's own handling failing (the message's `str`, the timer's thread) left the reply thread
+    # dead and the worker beating: a live-looking worker whose taken work waited forever.
+    def dies(*args: object) -> NoReturn:
+        raise UnreadableError() if how == "a message that cannot be read" else MemoryError()
+
+    monkeypatch.setattr(worker.replies, "_write", dies)
+    if how == "no thread left for the stop's bound":
+        monkeypatch.setattr(threading, "Timer", NoThreadTimer)
+    keys = Keys(settings.key_prefix)
+    item = push(redis, keys, "taken, then the reply thread dies")
+    failed: list[BaseException] = []
+    thread = threading.Thread(target=_run_catching, args=(worker, failed), daemon=True)
+    thread.start()
+    wait_for("the reply thread to start and die", lambda: (t := worker.replies.thread) and t.ident and not t.is_alive())
+    assert worker.failure.failed.is_set(), "the worker goes on with its reply thread dead"
+    thread.join(HANG_GUARD_S)
+    assert [type(exc) for exc in failed] == [ThreadFailed]
+    assert "the reply thread failed" in str(failed[0])
+    assert [WorkItem.decode(raw).id for raw in redis.lrange(keys.queue, 0, -1)] == [item.id]
+    assert not redis.exists(keys.heartbeat(worker.id))
+
+
+def _run_catching(worker: Worker, failed: list[BaseException]) -> None:
+    try:
+        worker.run()
+    except BaseException as exc:
+        failed.append(exc)
+
+
 def test_a_text_the_tokenizer_cannot_take_fails_only_its_own_request(
     worker: Worker, redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, monkeypatch
 ) -> None:
