@@ -79,7 +79,10 @@ def add_text_classification_route(app: FastAPI, max_texts: int, max_chars: int, 
         """Hugging Face's text-classification task, for `InferenceClient(base_url).text_classification`:
         each text's labels, highest score first."""
         deadline = request_deadline(request.scope, request.headers, timeout_s)
-        body: Any = parse_json(Request_, await request.body(), request.headers.get("content-type", ""))
+        headers = request.headers
+        body: Any = parse_json(
+            Request_, await request.body(), headers.get("content-type", ""), headers.get("content-encoding", "")
+        )
         parameters = body.parameters or ClassificationParameters()
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
         function = ScoreFunction(parameters.function_to_apply) if parameters.function_to_apply else None

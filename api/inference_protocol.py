@@ -18,10 +18,10 @@ from starlette.datastructures import Headers
 from api import inference
 from api.access import client_of
 from api.deadline import request_deadline
-from api.errors import RESPONSES, TEXTS_RESPONSES, ErrorType, ServiceError, quote, responses
+from api.errors import RESPONSES, TEXTS_RESPONSES, ErrorType, responses
 from api.inference import Inference, InferRequest
 from api.limits import declared_size
-from api.schemas import json_body, parse_json, timeout_parameter
+from api.schemas import json_body, parse_json, require_uncompressed, timeout_parameter
 from core.settings import Settings
 
 INFER_PATH = "/v2/models/{name}/infer"
@@ -92,12 +92,7 @@ def parse_infer(v2: Inference, raw: bytes, headers: Headers) -> tuple[InferReque
     """The request and its input's binary data after the JSON header, if any (`HEADER_LENGTH` says
     where the header ends; the input's `binary_data_size`, how long its data is); a compressed body
     is a 415, as one not JSON is."""
-    if (coding := headers.get("content-encoding", "").strip().lower()) not in ("", "identity"):
-        # (tritonclient's `request_compression_algorithm`: a compressed body would read as malformed JSON)
-        raise ServiceError(
-            ErrorType.UNSUPPORTED_MEDIA_TYPE,
-            f"the body must not be compressed: send it with no Content-Encoding, not {quote(coding)!r}",
-        )
+    require_uncompressed(headers.get("content-encoding", ""))  # (tritonclient's `request_compression_algorithm`)
     header = headers.get(HEADER_LENGTH)
     if header is None:
         return parse_json(v2.request_model, raw, headers.get("content-type", "")), None

@@ -67,7 +67,10 @@ def add_predict_route(app: FastAPI, settings: Settings) -> None:
         (`miss`) or both (`partial`).
         """
         deadline = request_deadline(request.scope, request.headers, settings.request_timeout_s)
-        body = parse_json(PredictRequest, await request.body(), request.headers.get("content-type", ""))
+        headers = request.headers
+        body = parse_json(
+            PredictRequest, await request.body(), headers.get("content-type", ""), headers.get("content-encoding", "")
+        )
         predictor: Predictor = request.app.state.predictor
         # With the body read, `receive` says when the client goes away: a wait for the worker then stops.
         predictions, cache = await predictor.predict(

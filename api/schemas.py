@@ -63,8 +63,20 @@ def is_json(content_type: str) -> bool:
     return kind == "application" and "/" not in subtype and (subtype == "json" or subtype.endswith("+json"))
 
 
-def require_json(content_type: str) -> None:
-    """415 for a body declared as something else (a form, plain text), before it is read."""
+def require_uncompressed(content_encoding: str) -> None:
+    """415 for a compressed body (Content-Encoding: gzip, deflate, br), before it is read: it would
+    read as malformed JSON, a 422 that misleads."""
+    if (coding := content_encoding.strip().lower()) not in ("", "identity"):
+        raise ServiceError(
+            ErrorType.UNSUPPORTED_MEDIA_TYPE,
+            f"the body must not be compressed: send it with no Content-Encoding, not {quote(coding)!r}",
+        )
+
+
+def require_json(content_type: str, content_encoding: str = "") -> None:
+    """415 for a body declared as something else (a form, plain text), or compressed
+    (`require_uncompressed`), before it is read."""
+    require_uncompressed(content_encoding)
     if not is_json(content_type):
         raise ServiceError(
             ErrorType.UNSUPPORTED_MEDIA_TYPE,
@@ -73,15 +85,15 @@ def require_json(content_type: str) -> None:
         )
 
 
-def parse_json(model: type[M], body: bytes, content_type: str) -> M:
+def parse_json(model: type[M], body: bytes, content_type: str, content_encoding: str = "") -> M:
     """`body` validated as `model` in one pass over the JSON bytes, else FastAPI's 422 for it.
 
     For the hot path: a FastAPI body parameter parses with the stdlib, then validates the objects, a
     second pass over every request (its cost: docs/tuning.md, "The API's CPU").
-    A body declared as anything but JSON is refused (`require_json`), and a malformed one is
-    "JSON decode error" without the body echoed back.
+    A body declared as anything but JSON, or compressed, is refused (`require_json`), and a malformed
+    one is "JSON decode error" without the body echoed back.
     """
-    require_json(content_type)
+    require_json(content_type, content_encoding)
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:

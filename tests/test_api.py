@@ -4,6 +4,7 @@ Redis refusing commands against a redis-server the test owns."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import itertools
 import logging
 import time
@@ -807,6 +808,25 @@ async def test_a_body_declared_as_another_media_type_is_a_415_naming_the_header(
     assert response.status_code == 415
     assert response.json()["error_type"] == "unsupported_media_type"
     assert "Content-Type" in response.json()["error"] and content_type in response.json()["error"]
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", " GZIP "])
+async def test_a_compressed_body_is_a_415_not_malformed_json(client: httpx.AsyncClient, coding: str) -> None:
+    """A client that compresses its body (`Content-Encoding`) hears why, as on /v2/.../infer: not a
+    misleading "JSON decode error"."""
+    response = await client.post(
+        "/predict", content=gzip.compress(b'{"text": ["ok"]}'), headers={"content-encoding": coding}
+    )
+    assert response.status_code == 415, response.text
+    assert response.json()["error_type"] == "unsupported_media_type"
+    assert response.json()["error"].startswith("the body must not be compressed")
+    assert coding.strip().lower() in response.json()["error"]
+
+
+async def test_an_identity_content_encoding_is_read_as_it_is(client: httpx.AsyncClient) -> None:
+    response = await client.post("/predict", content=b'{"text": []}', headers={"content-encoding": "identity"})
+    assert response.status_code == 422  # parsed: the complaint is about the body
+    assert "at least 1 item" in response.json()["detail"][0]["msg"]
 
 
 @pytest.mark.parametrize(

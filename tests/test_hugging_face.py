@@ -8,6 +8,7 @@ it to the model's logits (cached apart from the model's own scores), and bad par
 
 from __future__ import annotations
 
+import gzip
 import math
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -125,3 +126,11 @@ async def test_bad_parameters_are_a_422(client: httpx.AsyncClient) -> None:
     ):
         response = await client.post("/", json=body)
         assert response.status_code == 422, (body, response.text)
+
+
+@pytest.mark.anyio
+async def test_a_compressed_body_is_a_415_not_malformed_json(client: httpx.AsyncClient) -> None:
+    response = await client.post("/", content=gzip.compress(b'{"inputs": "x"}'), headers={"content-encoding": "gzip"})
+    assert response.status_code == 415, response.text
+    assert response.json()["error_type"] == "unsupported_media_type"
+    assert response.json()["error"].startswith("the body must not be compressed")
