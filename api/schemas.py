@@ -120,7 +120,8 @@ def requested_timeout(headers: Headers, most_s: float) -> float | None:
     if raw is None:
         return None
     # ASCII digits, as `1.5`, `.5` or `5e-3`: `float` also takes `1_0`, `inf`, `nan` and non-ASCII spaces.
-    seconds = float(raw) if SECONDS.fullmatch(raw) else math.nan
+    # Around them, HTTP's optional whitespace, no part of the value (httptools leaves the trailing one).
+    seconds = float(raw) if SECONDS.fullmatch(raw.strip(" \t")) else math.nan
     if not 0 < seconds <= most_s:  # (NaN fails too)
         raise RequestValidationError(
             [

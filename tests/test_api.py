@@ -964,6 +964,22 @@ async def test_a_request_timeout_header_is_the_work_items_deadline(
     assert 0.4 < item.deadline - item.enqueued_at <= 0.5
 
 
+@pytest.mark.parametrize("value", ["0.5 ", " 0.5", "\t0.5\t"])
+async def test_a_request_timeout_header_with_whitespace_around_it_is_its_number(
+    client: httpx.AsyncClient, redis: fakeredis.FakeRedis, settings: Settings, value: str
+) -> None:
+    """HTTP's optional whitespace around a value is no part of it; httptools (uvicorn's default
+    parser) leaves the trailing whitespace in place, where h11 strips it."""
+    keys = Keys(settings.key_prefix)
+    announce(redis, keys)
+    response = await asyncio.wait_for(
+        client.post("/predict", json={"text": ["x"]}, headers={"X-Request-Timeout": value}), HANG_GUARD_S
+    )
+    assert response.status_code == 504, response.text
+    item = WorkItem.decode(redis.lindex(keys.queue, 0))
+    assert 0.4 < item.deadline - item.enqueued_at <= 0.5
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "soon", "nan", "inf", "10.5", ""])
 async def test_a_bad_request_timeout_header_is_a_422_naming_it(client: httpx.AsyncClient, value: str) -> None:
     response = await client.post("/predict", json={"text": ["x"]}, headers={"X-Request-Timeout": value})
