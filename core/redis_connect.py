@@ -49,6 +49,14 @@ SENTINEL_TIMEOUT_S = 2.0  # a sentinel that does not answer is passed over for t
 KEEPALIVE_PROBES = 3
 
 
+def _for_socket(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` less TCP keepalive for a unix:// URL: redis-py refuses it for a unix socket's
+    connection (a TypeError), and a local Redis that dies closes its socket."""
+    if urlsplit(url).scheme != "unix":
+        return options
+    return {k: v for k, v in options.items() if k not in ("socket_keepalive", "socket_keepalive_options")}
+
+
 def link_options(timeout_s: float) -> dict[str, Any]:
     """Socket options that notice a dead peer within about `timeout_s`: a reply later than that (past
     a blocking command's own wait, which callers keep below it) drops its connection, and the command
@@ -204,7 +212,7 @@ def sync_client(url: str, timeout_s: float, **options: Any) -> redis.Redis:
     client with the same options."""
     options = {**link_options(timeout_s), **options}
     if (sentinel := SentinelUrl.parse(url)) is None:
-        return redis.Redis.from_url(url, **options)
+        return redis.Redis.from_url(url, **_for_socket(url, options))
     manager = Sentinel(sentinel.sentinels, sentinel_kwargs=sentinel.sentinel_kwargs())
     return manager.master_for(sentinel.service, **sentinel.primary_kwargs(), **options)
 
@@ -270,6 +278,7 @@ def async_client(url: str, timeout_s: float, *, max_connections: int, pool_wait_
     form alike."""
     options, timeout = link_options(timeout_s), pool_wait_s
     if (sentinel := SentinelUrl.parse(url)) is None:
+        options = _for_socket(url, options)
         pool = AsyncBlockingPool.from_url(url, max_connections=max_connections, timeout=timeout, **options)
         pool.connection_class = _pooled(pool.connection_class)
         return redis.asyncio.Redis(connection_pool=pool)

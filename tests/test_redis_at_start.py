@@ -7,6 +7,7 @@ say once what they wait for and serve once it comes (Kubernetes starts them besi
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -179,3 +180,32 @@ def test_a_url_redis_py_would_read_as_another_port_or_database_is_a_refused_sett
         from_environment()
     [line] = str(raised.value).splitlines()
     assert line.endswith(f"({why})") and "hunter2" not in line
+
+
+@pytest.mark.parametrize("command", ["api", "worker"])
+def test_a_unix_socket_url_serves_like_a_tcp_one(command: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The settings take a unix:// URL, so every client of the process must connect by it: redis-py
+    refuses TCP keepalive options for a unix socket's connection (a TypeError, then a traceback)."""
+    socket_path = tmp_path / "redis.sock"
+    exe = shutil.which("redis-server") or "redis-server"
+    args = [exe, "--port", "0", "--unixsocket", str(socket_path), "--save", "", "--appendonly", "no"]
+    server = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    client = redis.Redis(unix_socket_path=str(socket_path))
+    try:
+        wait_for("redis-server to listen on its socket", lambda: socket_path.exists() and client.ping())
+        log, args = tmp_path / f"{command}.log", command_line(command)
+        with log.open("w") as stderr:
+            proc = subprocess.Popen(args, env=environment(f"unix://{socket_path}", tiny_model_dir), stderr=stderr)
+        try:
+            if command == "worker":
+                serving = lambda: worker_alive_on_this_host(client, PREFIX, proc.pid)  # noqa: E731
+            else:  # (its port is the last of its arguments)
+                serving = lambda: readiness(f"http://127.0.0.1:{args[-1]}/ready") == "no live worker"  # noqa: E731
+            wait_for(f"the {command} to serve", lambda: proc.poll() is not None or serving())
+            assert proc.poll() is None, log.read_text()
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        server.kill()
+        server.wait()
