@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -36,12 +37,13 @@ from redis.asyncio.connection import BlockingConnectionPool as AsyncBlockingPool
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelPool
 from redis.asyncio.sentinel import SentinelManagedConnection
-from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.sentinel import Sentinel
 
 from core.redis_errors import OUTAGE
+from core.redis_replies import raw
 
 SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_PORT = 26379
@@ -191,19 +193,67 @@ class RedisRefused(RedisAtStart):
 
 def reach(url: str, timeout_s: float) -> None:
     """PING Redis at `url` once, as a process starts. `RedisRefused` when it answers but refuses the
-    URL's credentials (a wrong password, an unknown user), its database or the PING;
-    `RedisUnreachable` when nothing answers within `timeout_s` (a Redis still loading its data
-    counts: it will answer)."""
+    URL's credentials (a wrong password, an unknown user), its database or the PING, when its TLS
+    certificate fails verification, when it is a Sentinel, or when the sentinels refuse the URL or
+    know no such service; `RedisUnreachable` when nothing answers within `timeout_s` (a Redis still
+    loading its data counts: it will answer)."""
+    if (sentinel := SentinelUrl.parse(url)) is not None:
+        _ask_sentinels(url, sentinel)
     client = sync_client(url, timeout_s)
     try:
         client.ping()
+        if _role(client) == b"sentinel":  # (it answers PING, then refuses every command of ours)
+            raise RedisRefused(
+                f"Redis at {masked(url)} refused this service (it is a Sentinel, which holds no data): "
+                "check SENTIMENT_REDIS_URL"
+            )
     except (RedisError, OSError) as exc:
         said = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, OUTAGE) and not isinstance(exc, AuthenticationError):  # (redis-py's is a ConnectionError)
+        if isinstance(exc, OUTAGE) and not isinstance(exc, AuthenticationError) and not _untrusted(exc):
             raise RedisUnreachable(f"Redis at {masked(url)} is unreachable ({said})") from None
         raise RedisRefused(f"Redis at {masked(url)} refused this service ({said}): check SENTIMENT_REDIS_URL") from None
     finally:
         client.close()
+
+
+def _ask_sentinels(url: str, sentinel: SentinelUrl) -> None:
+    """What redis-py reads as "no master found", an outage, told apart: `RedisRefused` when no sentinel
+    monitors the service and one refused the URL's sentinel_password, or answered without it;
+    `RedisUnreachable`, said short, when none answers."""
+    refusal, answered, failure = "", False, ""
+    for host, port in sentinel.sentinels:
+        client = redis.Redis(host, port, **sentinel.sentinel_kwargs())
+        try:
+            if sentinel.service in client.sentinel_masters():
+                return
+            answered = True
+        except (AuthenticationError, ResponseError) as exc:
+            refusal = refusal or f"{type(exc).__name__}: {exc}"
+        except (RedisError, OSError) as exc:
+            failure = failure or f"{type(exc).__name__}: {exc}"
+        finally:
+            client.close()
+    if refusal or answered:
+        why = refusal or f"no sentinel monitors {sentinel.service!r}"
+        raise RedisRefused(f"Redis at {masked(url)} refused this service ({why}): check SENTIMENT_REDIS_URL")
+    raise RedisUnreachable(f"Redis at {masked(url)} is unreachable (no sentinel answers: {failure})")
+
+
+def _role(client: redis.Redis) -> bytes | None:
+    """The server's ROLE (`master`, `slave`, `sentinel`); None where an ACL refuses it."""
+    try:
+        return raw(client.execute_command("ROLE")[0])
+    except ResponseError:
+        return None
+
+
+def _untrusted(exc: BaseException) -> bool:
+    """Whether `exc` (redis-py's ConnectionError, as its AuthenticationError is) comes of a TLS server
+    certificate that failed verification: an unknown CA, another host's name; no wait fixes that."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+        cause = cause.__cause__ or cause.__context__
+    return cause is not None
 
 
 def sync_client(url: str, timeout_s: float, **options: Any) -> redis.Redis:

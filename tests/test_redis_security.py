@@ -7,7 +7,9 @@ one setting holds the whole connection for the API, both workers, the probes and
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ import pytest
 import redis
 import trustme
 
+from core.redis_connect import RedisRefused, reach
 from sentiment.embedded import free_port
 from tests.conftest import Service
 
@@ -116,3 +119,27 @@ def test_a_password_an_acl_user_and_tls(tiny_model_dir: Path, tmp_path: Path) ->
             assert len(response.json()["predictions"]) == 2
         finally:
             assert service.stop() == [0, 0]
+
+
+def test_a_tls_server_whose_certificate_fails_verification_is_a_refusal_not_an_outage(tmp_path: Path) -> None:
+    """A rediss:// URL without the CA that signed the server's certificate (or naming another host):
+    redis-py raises it as a ConnectionError, which `api` and the workers took for a Redis not up
+    yet and waited on for ever, where no wait fixes it."""
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    server.cert_chain_pems[0].write_to_path(tmp_path / "server.pem")
+    server.private_key_pem.write_to_path(tmp_path / "server.key")
+    tls_port = free_port()
+    tls = ["--port", "0", "--tls-port", str(tls_port), "--tls-auth-clients", "no"]
+    tls += ["--tls-cert-file", str(tmp_path / "server.pem"), "--tls-key-file", str(tmp_path / "server.key")]
+    url = f"rediss://:{PASSWORD}@127.0.0.1:{tls_port}/0"  # (no ssl_ca_certs: the system's, which never signed it)
+    with redis_server(*tls):
+        for _ in range(50):  # (until it listens)
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", tls_port), timeout=1):
+                break
+            time.sleep(0.1)
+        with pytest.raises(RedisRefused) as refused:
+            reach(url, 5)
+        [line] = str(refused.value).splitlines()
+        assert line.startswith(f"Redis at rediss://:***@127.0.0.1:{tls_port}/0 refused this service (ConnectionError: ")
+        assert "CERTIFICATE_VERIFY_FAILED" in line and PASSWORD not in line

@@ -26,11 +26,19 @@ from redis.sentinel import SentinelConnectionPool
 
 from api.results import ResultWaiter
 from core.protocol import Keys, new_id, prediction
-from core.redis_connect import SentinelUrl, async_client, link_options, sync_client
+from core.redis_connect import (
+    RedisRefused,
+    RedisUnreachable,
+    SentinelUrl,
+    async_client,
+    link_options,
+    reach,
+    sync_client,
+)
 from core.settings import SettingsError, from_environment
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port, start_redis_server
-from tests.conftest import SCORE_ABS, Service, answers, wait_for
+from tests.conftest import SCORE_ABS, RedisServer, Service, answers, wait_for
 from tests.test_faults import Load, assert_correct
 from tests.test_k8s import tool
 
@@ -316,3 +324,87 @@ def test_a_sentinel_that_would_be_another_host_or_port_is_a_refused_setting(
         from_environment()
     [line] = str(raised.value).splitlines()
     assert line.endswith(f"(redis+sentinel URL: {why})") and "hunter2" not in line
+
+
+def start_sentinel(tmp_path: Path, primary_port: int | None, *conf: str) -> tuple[int, subprocess.Popen[bytes]]:
+    """One real sentinel on a free port, monitoring `primary_port` as SERVICE (None: its own port), with
+    `conf`'s lines."""
+    port = free_port()
+    monitored = port if primary_port is None else primary_port
+    path = tmp_path / f"sentinel-{port}.conf"
+    lines = [f"port {port}", "bind 127.0.0.1", "daemonize no", f"sentinel monitor {SERVICE} 127.0.0.1 {monitored} 1"]
+    path.write_text("".join(f"{line}\n" for line in [*lines, *conf]))
+    exe = shutil.which("redis-server") or "redis-server"
+    proc = subprocess.Popen([exe, str(path), "--sentinel"], stdout=subprocess.DEVNULL)
+    wait_for("the sentinel to answer", lambda: _answers(port))
+    return port, proc
+
+
+def _answers(port: int) -> bool:
+    try:
+        return bool(redis.Redis(port=port, socket_timeout=2).ping())
+    except redis.AuthenticationError:
+        return True
+    except redis.ConnectionError:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("path", "query", "why"),
+    [
+        (f"/{SERVICE}/0", "", "(AuthenticationError: "),
+        (f"/{SERVICE}/0", "?sentinel_password=wrong", "(AuthenticationError: "),
+        ("/no-such-service/0", "?sentinel_password=s3cret", "(no sentinel monitors 'no-such-service')"),
+        (f"/{SERVICE}/0", "?sentinel_password=s3cret", None),
+    ],
+    ids=["no sentinel password", "a wrong one", "an unknown service", "all right"],
+)
+def test_sentinels_that_turn_the_service_away_are_a_refusal_not_an_outage(
+    path: str, query: str, why: str | None, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """redis-py reads a sentinel's refused password and a service no sentinel monitors as "no master
+    found", an outage: `api` and the workers would wait for ever for what no wait brings."""
+    port, proc = start_sentinel(tmp_path, redis_server.port, "requirepass s3cret")
+    url = f"redis+sentinel://127.0.0.1:{port}{path}{query}"
+    try:
+        if why is None:
+            reach(url, 5)
+            return
+        with pytest.raises(RedisRefused) as refused:
+            reach(url, 5)
+        [line] = str(refused.value).splitlines()
+        assert why in line and line.endswith(": check SENTIMENT_REDIS_URL")
+        assert "s3cret" not in line and "wrong" not in line
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_sentinels_that_all_refuse_are_an_outage_said_in_one_short_line() -> None:
+    """Not up yet (Kubernetes starts them together): waited for, and said once, without redis-py's
+    description of each sentinel's client (a kilobyte each)."""
+    ports = [free_port(), free_port()]
+    url = f"redis+sentinel://{','.join(f'127.0.0.1:{p}' for p in ports)}/{SERVICE}/0"
+    with pytest.raises(RedisUnreachable) as unreachable:
+        reach(url, 5)
+    [line] = str(unreachable.value).splitlines()
+    assert "redis.client.Redis" not in line and len(line) < 300, line
+    assert line.startswith(f"Redis at {url} is unreachable (no sentinel answers: ConnectionError: ")
+
+
+@pytest.mark.parametrize("form", ["redis:// at a sentinel", "a sentinel naming itself"])
+def test_a_sentinel_taken_for_the_primary_is_a_refusal(form: str, tmp_path: Path) -> None:
+    """A sentinel answers PING, so a URL that leads to one (its port in a redis:// URL, or a sentinel
+    monitoring its own address) passed the start, and then every command failed "unknown command"."""
+    port, proc = start_sentinel(tmp_path, None)
+    try:
+        at_sentinel = f"redis://127.0.0.1:{port}/0"
+        url = at_sentinel if form == "redis:// at a sentinel" else f"redis+sentinel://127.0.0.1:{port}/{SERVICE}/0"
+        with pytest.raises(RedisRefused) as refused:
+            reach(url, 5)
+        assert str(refused.value) == (
+            f"Redis at {url} refused this service (it is a Sentinel, which holds no data): check SENTIMENT_REDIS_URL"
+        )
+    finally:
+        proc.kill()
+        proc.wait()
