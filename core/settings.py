@@ -309,7 +309,9 @@ class Settings(BaseSettings):
     )
     webhook_backoff_s: float = Field(
         2.0,
-        gt=0,
+        ge=0.001,
+        le=86400,  # (past it, or at inf, a failed try's next look overflows its key's expiry: dead-lettered at once)
+        allow_inf_nan=False,
         description="Wait before a webhook's second try, doubling after each; with the attempts, the time a "
         "delivery may take (2 s x 511, about 17 minutes, at the defaults).",
     )

@@ -93,6 +93,8 @@ def test_log_level_takes_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
         ("SENTIMENT_HEARTBEAT_TTL_S", "inf"),  # the jobs worker's beat: an OverflowError once started
         ("SENTIMENT_HEARTBEAT_TTL_S", "0.0005"),  # a heartbeat key of PX 0: refused inside MULTI, never raised
         ("SENTIMENT_MAX_WAIT_MS", "inf"),  # the first batch that waits for company kills its lane
+        ("SENTIMENT_WEBHOOK_BACKOFF_S", "inf"),  # a failed webhook's next look: dead-lettered as "unreadable"
+        ("SENTIMENT_WEBHOOK_BACKOFF_S", "1e300"),  # (its key's expiry past Redis's most)
     ],
 )
 def test_a_setting_that_could_only_fail_later_is_refused_at_start(
