@@ -56,7 +56,6 @@ class TooLong(BulkFailed):
 
     def __init__(self, why: str, texts: dict[str, int]) -> None:
         super().__init__(why)
-        self.why = why
         self.texts = texts
 
     def named(self, job: Sequence[str]) -> BulkFailed:
@@ -66,7 +65,7 @@ class TooLong(BulkFailed):
         for index, text in enumerate(job):
             places.setdefault(text, index)
         refused = sorted((places[text], tokens) for text, tokens in self.texts.items() if text in places)
-        return BulkFailed(", ".join(f"text {place} ({tokens:,} tokens)" for place, tokens in refused) + f": {self.why}")
+        return BulkFailed(", ".join(f"text {place} ({tokens:,} tokens)" for place, tokens in refused) + f": {self}")
 
 
 class BulkStopped(Exception):
@@ -203,7 +202,7 @@ class Bulk:
                 looked = time.monotonic()
                 self._read_results(part, again)
 
-    def _read_results(self, part: Part, again: Callable[[], object] | None = None) -> None:
+    def _read_results(self, part: Part, again: Callable[[], object] | None) -> None:
         """Read the result keys of the unanswered items; queue again the texts of those past their
         deadline, taking back first their copies still on the bulk list."""
         ids = list(part.queued)

@@ -12,13 +12,14 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import Annotated, NoReturn
 
+from pydantic import TypeAdapter, ValidationError
 from redis import Redis
 
 from core.redis_connect import RedisRefused, RedisUnreachable, reach, sync_client
 from core.redis_errors import OUTAGE
-from core.settings import Settings, SettingsError, from_environment, strays
+from core.settings import Settings, SettingsError, from_environment, rule, strays
 from model_store.hub import DEFAULT_REPO
 from model_store.int8 import RECIPES
 
@@ -51,9 +52,12 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
 
     def with_address(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--host", default=settings.host, help="bind address (default %(default)s)")
-        p.add_argument("--port", type=_port(1), default=settings.port, help="port (default %(default)s)")
+        p.add_argument("--port", type=_port("port"), default=settings.port, help="port (default %(default)s)")
         p.add_argument(
-            "--grpc-port", type=_port(0), default=settings.grpc_port, help="gRPC port, 0 for none (default %(default)s)"
+            "--grpc-port",
+            type=_port("grpc_port"),
+            default=settings.grpc_port,
+            help="gRPC port, 0 for none (default %(default)s)",
         )
         return p
 
@@ -223,14 +227,16 @@ def _count(text: str) -> int:
     return int(text)
 
 
-def _port(lowest: int) -> Callable[[str], int]:
-    """A command-line port, by its setting's rule: past 65535 was a traceback, and `api --port 0` a port
-    chosen by the system that nothing names."""
+def _port(name: str) -> Callable[[str], int]:
+    """A command-line port held to its setting's own field (`SENTIMENT_<NAME>`): past 65535 was a
+    traceback, and `api --port 0` a port chosen by the system that nothing names."""
+    adapter = TypeAdapter(Annotated[int, Settings.model_fields[name]])
 
     def port(text: str) -> int:
-        if not text.isdigit() or not lowest <= int(text) <= 65535:
-            raise argparse.ArgumentTypeError(f"expected a whole number from {lowest} to 65535, got {text!r}")
-        return int(text)
+        try:
+            return adapter.validate_python(text)
+        except ValidationError:
+            raise argparse.ArgumentTypeError(f"expected {rule(name)}, got {text!r}") from None
 
     return port
 
