@@ -16,7 +16,7 @@ from api.admission import Admission, Load
 from api.hot_path import HotPathApp
 from api.inference import infer_body_limit
 from api.inference_grpc import GrpcServer
-from api.inference_protocol import INFER_PATH, inference_protocol_router
+from api.inference_protocol import INFER_PATHS, inference_protocol_router
 from api.job_store import JobStore
 from api.jobs import jobs_router
 from api.limits import BodyLimit, body_limit
@@ -157,7 +157,7 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
         limits={
             "/predict": body_limit(settings.max_texts, settings.max_chars),
             "/jobs": body_limit(settings.jobs_max_texts, settings.max_chars),
-            INFER_PATH: infer_body_limit(settings.max_texts, settings.max_chars),
+            **dict.fromkeys(INFER_PATHS, infer_body_limit(settings.max_texts, settings.max_chars)),
             hugging_face.PATH: hugging_face.body_limit_of(settings.max_texts, settings.max_chars),
         },
         timeout_s=settings.request_timeout_s,

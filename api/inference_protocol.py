@@ -1,15 +1,17 @@
 """The Open Inference Protocol (KServe V2) over REST, on the same app and the same path as /predict:
 `api.inference`'s calls at /v2, their requests decoded from JSON and their answers encoded as JSON.
 
-Server and model metadata, liveness and readiness, and `POST /v2/models/{name}/infer`: the texts'
-data as JSON strings (flat or nested) or as the binary tensor extension (the input's
-`binary_data_size` bytes after the JSON header, `Inference-Header-Content-Length`: tritonclient's
-default). Outputs are always answered as JSON, which clients of the binary extension read too. The
-texts go through `Predictor`, as /predict's do: the same cache, queue, limits, errors (`api.errors`:
-404 for another model's name, a 422 located in `body`) and access control.
-"""
+Server and model metadata, liveness and readiness, and `POST /v2/models/{name}/infer`; each model
+route also at `/v2/models/{name}/versions/{version}` (tritonclient's `model_version`): the served
+version answers there, another is a 404 naming it, as over gRPC. The texts' data as JSON strings
+(flat or nested) or as the binary tensor extension (the input's `binary_data_size` bytes after the
+JSON header, `Inference-Header-Content-Length`: tritonclient's default). Outputs are always answered
+as JSON, which clients of the binary extension read too. The texts go through `Predictor`, as
+/predict's do: the same cache, queue, limits, errors (`api.errors`: 404 for another model's name, a
+422 located in `body`) and access control."""
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Request, Response
@@ -24,8 +26,17 @@ from api.limits import declared_size
 from api.schemas import json_body, parse_json, require_uncompressed, timeout_parameter
 from core.settings import Settings
 
-INFER_PATH = "/v2/models/{name}/infer"
+MODEL_PATHS = ("/models/{name}", "/models/{name}/versions/{version}")  # (under /v2)
+INFER_PATHS = tuple(f"/v2{path}/infer" for path in MODEL_PATHS)
 HEADER_LENGTH = "inference-header-content-length"  # the binary tensor extension's JSON header size
+VERSION_PARAMETER = {
+    "name": "version",
+    "in": "path",
+    "required": True,
+    "description": "The served version (GET /model's `version`); another is 404.",
+    "schema": {"type": "string"},
+}
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 
 
 def inference_protocol_router(settings: Settings) -> APIRouter:
@@ -55,24 +66,50 @@ def add_metadata_routes(router: APIRouter) -> None:
         await inference.ready(request.app.state)
         return {"ready": True}
 
-    @router.get("/models/{name}", responses=responses(ErrorType.NOT_FOUND, ErrorType.UNAVAILABLE))
+    @model_route(router, "GET", "", responses=responses(ErrorType.NOT_FOUND, ErrorType.UNAVAILABLE))
     async def model_metadata(request: Request, name: str) -> dict[str, Any]:
         """The served model's metadata: its version, the input and outputs, and `labels` (the order of `scores`)."""
-        return inference.model_metadata(await inference.served(request.app.state.models, name))
+        return inference.model_metadata(
+            await inference.served(request.app.state.models, name, version=version_of(request))
+        )
 
-    @router.get("/models/{name}/ready", responses=responses(ErrorType.NOT_FOUND, ErrorType.NOT_READY))
+    @model_route(router, "GET", "/ready", responses=responses(ErrorType.NOT_FOUND, ErrorType.NOT_READY))
     async def model_ready(request: Request, name: str) -> dict[str, Any]:
-        """200 when the service is ready (/ready) and serves this model; 404 for another name."""
-        await inference.ready(request.app.state, name)
+        """200 when the service is ready (/ready) and serves this model; 404 for another name or version."""
+        await inference.ready(request.app.state, name, version_of(request))
         return {"name": name, "ready": True}
+
+
+def model_route(router: APIRouter, method: str, path: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
+    """Add the endpoint under each of `MODEL_PATHS`, the model's and its version's: one route body,
+    the version read from the path where it has one (`version_of`)."""
+
+    def add(endpoint: Endpoint) -> Endpoint:
+        model, version = MODEL_PATHS
+        router.add_api_route(model + path, endpoint, methods=[method], **options)
+        extra = options.get("openapi_extra", {})
+        parameters = [*extra.get("parameters", ()), VERSION_PARAMETER]
+        versioned = {**options, "openapi_extra": {**extra, "parameters": parameters}}
+        router.add_api_route(version + path, endpoint, methods=[method], **versioned)
+        return endpoint
+
+    return add
+
+
+def version_of(request: Request) -> str:
+    """The version the path names, or "" (any: the served one)."""
+    version: str = request.path_params.get("version", "")
+    return version
 
 
 def add_infer_route(router: APIRouter, settings: Settings) -> None:
     """`POST /models/{name}/infer`, its request schema made with the configured limits."""
     v2 = Inference(settings.max_texts, settings.max_chars, located=("body",))
 
-    @router.post(
-        "/models/{name}/infer",
+    @model_route(
+        router,
+        "POST",
+        "/infer",
         openapi_extra={**json_body(v2.request_model), **timeout_parameter(settings.request_timeout_s)},
         responses={**RESPONSES, **responses(ErrorType.NOT_FOUND), **TEXTS_RESPONSES},
     )
@@ -80,7 +117,7 @@ def add_infer_route(router: APIRouter, settings: Settings) -> None:
         """Classify texts: the `label` and `scores` of each, in input order (`api.inference`)."""
         deadline = request_deadline(request.scope, request.headers, settings.request_timeout_s)
         state = request.app.state
-        info = await v2.model_named(state, name, deadline)
+        info = await v2.model_named(state, name, deadline, version_of(request))
         body, binary = parse_infer(v2, await request.body(), request.headers)
         if body.model_name not in (None, name):  # (KServe's client repeats the path's name in the body)
             raise v2.invalid(("model_name",), f"the path names the model {name[:100]!r}", body.model_name)

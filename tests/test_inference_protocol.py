@@ -173,6 +173,29 @@ def test_an_unknown_model_is_404(client: triton.InferenceServerClient, http: htt
     assert http.get("/v2/models/no-such-model").json()["error_type"] == "not_found"
 
 
+def test_the_served_version_is_answered_at_its_path_and_another_is_404(
+    client: triton.InferenceServerClient, model: dict
+) -> None:
+    """tritonclient's `model_version` asks at `/v2/models/{name}/versions/{version}[/ready|/infer]`:
+    the served version answers as the unversioned path does; another is a 404 naming the served one,
+    as over gRPC, within the same body limit."""
+    name, version = model["name"], model["version"]
+    assert client.is_model_ready(name, model_version=version)
+    assert not client.is_model_ready(name, model_version="1")
+    assert client.get_model_metadata(name, model_version=version) == client.get_model_metadata(name)
+    long = "a fine film " * 150  # a body of more than the 1 KiB of a route that takes none
+    result = client.infer(name, [text_input(["fine", long], [2], True)], model_version=version)
+    assert result.get_response()["model_version"] == version and result.as_numpy("scores").shape == (2, 2)
+    for call in (
+        lambda: client.get_model_metadata(name, model_version="1"),
+        lambda: client.infer(name, [text_input(["fine"], [1], True)], model_version="1"),
+    ):
+        with pytest.raises(InferenceServerException) as other:
+            call()
+        assert other.value.status() == "404"
+        assert f"no version '1' of {name!r}: this server serves its version {version!r}" in other.value.message()
+
+
 def test_bad_input_is_a_4xx(client: triton.InferenceServerClient, http: httpx.Client, model: dict) -> None:
     wrong_type = triton.InferInput("text", [1], "FP32")
     wrong_type.set_data_from_numpy(np.array([1.0], dtype=np.float32), binary_data=False)
