@@ -86,7 +86,8 @@ class RequestedOutput(BaseModel):
     name: Literal["label", "scores"]
     parameters: Annotated[InferParameters | None, AfterValidator(unclassified)] = Field(
         None,
-        description="Accepted and ignored (answered as JSON over REST, raw over gRPC), but for `classification`.",
+        description="`binary_data` (REST; gRPC answers raw): this output as binary data, overriding the request's "
+        "`binary_data_output`. Others are accepted and ignored, but for `classification`.",
     )
 
 

@@ -5,10 +5,12 @@ Server and model metadata, liveness and readiness, and `POST /v2/models/{name}/i
 route also at `/v2/models/{name}/versions/{version}` (tritonclient's `model_version`): the served
 version answers there, another is a 404 naming it, as over gRPC. The texts' data as JSON strings
 (flat or nested) or as the binary tensor extension (the input's `binary_data_size` bytes after the
-JSON header, `Inference-Header-Content-Length`: tritonclient's default). Outputs are always answered
-as JSON, which clients of the binary extension read too. The texts go through `Predictor`, as
-/predict's do: the same cache, queue, limits, errors (`api.errors`: 404 for another model's name, a
-422 located in `body`) and access control."""
+JSON header, `Inference-Header-Content-Length`: tritonclient's default). Outputs are answered as
+JSON, or as binary data where asked (`binary_outputs`; tritonclient's default too), as Triton answers
+them: the same client code reads the same types as from gRPC's raw outputs. The texts go through
+`Predictor`, as /predict's do: the same cache, queue, limits, errors (`api.errors`: 404 for another
+model's name, a 422 located in `body`) and access control.
+"""
 
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -21,7 +23,7 @@ from api import inference
 from api.access import client_of
 from api.deadline import request_deadline
 from api.errors import RESPONSES, TEXTS_RESPONSES, ErrorType, responses
-from api.inference import Inference, InferRequest
+from api.inference import OUTPUTS, Inference, InferRequest, InferResponse, Location, packed
 from api.limits import declared_size
 from api.schemas import json_body, parse_json, require_uncompressed, timeout_parameter
 from core.settings import Settings
@@ -37,6 +39,20 @@ VERSION_PARAMETER = {
     "schema": {"type": "string"},
 }
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
+BINARY_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {
+            "application/octet-stream": {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": "Outputs asked as binary data: the JSON answer, then their data "
+                    f"(the answer's size in the {HEADER_LENGTH} header).",
+                }
+            }
+        }
+    }
+}
 
 
 def inference_protocol_router(settings: Settings) -> APIRouter:
@@ -111,7 +127,7 @@ def add_infer_route(router: APIRouter, settings: Settings) -> None:
         "POST",
         "/infer",
         openapi_extra={**json_body(v2.request_model), **timeout_parameter(settings.request_timeout_s)},
-        responses={**RESPONSES, **responses(ErrorType.NOT_FOUND), **TEXTS_RESPONSES},
+        responses={**RESPONSES, **responses(ErrorType.NOT_FOUND), **TEXTS_RESPONSES, **BINARY_RESPONSE},
     )
     async def infer(request: Request, name: str) -> Response:
         """Classify texts: the `label` and `scores` of each, in input order (`api.inference`)."""
@@ -121,8 +137,9 @@ def add_infer_route(router: APIRouter, settings: Settings) -> None:
         body, binary = parse_infer(v2, await request.body(), request.headers)
         if body.model_name not in (None, name):  # (KServe's client repeats the path's name in the body)
             raise v2.invalid(("model_name",), f"the path names the model {name[:100]!r}", body.model_name)
+        as_binary = binary_outputs(v2, body)
         answer, cache = await v2.infer(state, info, body, binary, client_of(request.scope), deadline, request.receive)
-        return Response(orjson.dumps(answer), media_type="application/json", headers={"X-Cache": cache})
+        return encoded(answer, as_binary, {"X-Cache": cache})
 
 
 def parse_infer(v2: Inference, raw: bytes, headers: Headers) -> tuple[InferRequest, bytes | None]:
@@ -144,3 +161,42 @@ def parse_infer(v2: Inference, raw: bytes, headers: Headers) -> tuple[InferReque
         where = ("inputs", 0, "parameters", "binary_data_size")
         raise v2.invalid(where, f"the size of the binary data after the JSON header: {len(binary)}", declared)
     return body, binary
+
+
+def binary_outputs(v2: Inference, body: InferRequest) -> set[str]:
+    """The outputs to answer as binary data, as Triton decides: each requested output's `binary_data`
+    where it says, else the request's `binary_data_output` (false when absent); a flag not a boolean
+    is a 422."""
+    default = flag(v2, body.parameters, ("parameters",), "binary_data_output") or False
+    if not body.outputs:
+        return set(OUTPUTS) if default else set()
+    wanted = {
+        o.name: flag(v2, o.parameters, ("outputs", i, "parameters"), "binary_data") for i, o in enumerate(body.outputs)
+    }
+    return {name for name, own in wanted.items() if (default if own is None else own)}
+
+
+def flag(v2: Inference, parameters: dict[str, Any] | None, where: Location, key: str) -> bool | None:
+    value = (parameters or {}).get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    raise v2.invalid((*where, key), "a boolean: true or false", value)
+
+
+def encoded(answer: InferResponse, binary: set[str], headers: dict[str, str]) -> Response:
+    """The answer as JSON; the outputs in `binary` as their contents after it instead (each its
+    `binary_data_size`, the JSON's size in `HEADER_LENGTH`), laid out as gRPC's `raw_output_contents`."""
+    outputs: list[dict[str, Any]] = []
+    raw: list[bytes] = []
+    for tensor in answer.outputs:
+        outputs.append({"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape})
+        if tensor.name in binary:
+            raw.append(packed(tensor))
+            outputs[-1]["parameters"] = {"binary_data_size": len(raw[-1])}
+        else:
+            outputs[-1]["data"] = tensor.data
+    header = orjson.dumps({**vars(answer), "outputs": outputs})
+    if not raw:
+        return Response(header, media_type="application/json", headers=headers)
+    headers = {**headers, HEADER_LENGTH: str(len(header))}
+    return Response(header + b"".join(raw), media_type="application/octet-stream", headers=headers)

@@ -25,6 +25,7 @@ from batcher.worker import Worker
 from core.protocol import Keys, ModelInfo, prediction
 from core.settings import Settings
 from model_store.classifier import Classifier
+from sentiment.embedded import free_port
 from tests.conftest import REPO, Service, start_service, start_worker
 from tests.test_docs_page import serving
 from tests.test_inference_grpc import run_client
@@ -38,7 +39,14 @@ README = (REPO / "README.md").read_text()
 
 @pytest.fixture(scope="module")
 def service(redis_url: str, tiny_model_dir: Path) -> Iterator[Service]:
-    service = start_service(redis_url, tiny_model_dir, "v2", SENTIMENT_REQUEST_TIMEOUT_S="120", SENTIMENT_MAX_TEXTS="8")
+    service = start_service(
+        redis_url,
+        tiny_model_dir,
+        "v2",
+        SENTIMENT_GRPC_PORT=str(free_port()),
+        SENTIMENT_REQUEST_TIMEOUT_S="120",
+        SENTIMENT_MAX_TEXTS="8",
+    )
     yield service
     assert service.stop() == [0, 0]
 
@@ -98,7 +106,7 @@ def test_labels_and_scores_are_predicts_and_the_models(
     result = client.infer(model["name"], [text_input(TEXTS, shape, binary)], outputs=outputs, request_id="r-1")
     answer = result.get_response()
     assert (answer["model_name"], answer["model_version"], answer["id"]) == (model["name"], model["version"], "r-1")
-    labels = list(result.as_numpy("label"))  # JSON strings (binary outputs would be bytes)
+    labels = [label.decode() for label in result.as_numpy("label")]  # binary outputs: tritonclient's default
     scores = result.as_numpy("scores")
     assert scores.dtype == np.float32 and scores.shape == (len(TEXTS), len(model["labels"]))
 
@@ -160,6 +168,43 @@ def test_outputs_requested_by_name_and_all_by_default(
     assert answer.status_code == 200
     assert [(o["name"], o["shape"]) for o in answer.json()["outputs"]] == [("label", [2]), ("scores", [2, 2])]
     assert answer.json()["id"]  # one is made up when the request names none
+
+
+def test_outputs_asked_as_binary_data_are_answered_so_as_over_grpc(
+    client: triton.InferenceServerClient, service: Service, http: httpx.Client, model: dict
+) -> None:
+    """tritonclient asks for binary outputs by default (`binary_data_output`, or each output's
+    `binary_data`): answered as binary data after the JSON header, as Triton and KServe answer, so
+    the same client code gets the labels as bytes over REST and over gRPC; JSON where asked."""
+    grpc = run_client(
+        """
+        import numpy as np, tritonclient.grpc as triton
+        text = triton.InferInput("text", [len(texts)], "BYTES")
+        text.set_data_from_numpy(np.array(texts, dtype=object))
+        result = triton.InferenceServerClient(url).infer(name, [text])
+        print(json.dumps(repr(result.as_numpy("label").tolist())))
+        """,
+        url=f"127.0.0.1:{service.env['SENTIMENT_GRPC_PORT']}",
+        name=model["name"],
+        texts=TEXTS,
+    )
+    by_default = client.infer(model["name"], [text_input(TEXTS, [5], True)])
+    assert repr(by_default.as_numpy("label").tolist()) == grpc
+    assert "data" not in by_default.get_output("label") and by_default.as_numpy("scores").shape == (5, 2)
+    mixed = client.infer(
+        model["name"],
+        [text_input(TEXTS, [5], False)],
+        outputs=[triton.InferRequestedOutput("label", binary_data=False), triton.InferRequestedOutput("scores")],
+    )
+    assert mixed.as_numpy("label").tolist() == [label.decode() for label in by_default.as_numpy("label")]
+    assert mixed.get_output("scores")["parameters"] == {"binary_data_size": 5 * 2 * 4}
+    assert mixed.as_numpy("scores").tolist() == by_default.as_numpy("scores").tolist()
+    body = {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["x"]}], "parameters": {}}
+    for flag in ("true", 1):
+        body["parameters"] = {"binary_data_output": flag}
+        refused = http.post(f"/v2/models/{model['name']}/infer", json=body)
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"].startswith("body.parameters.binary_data_output: a boolean")
 
 
 def test_an_unknown_model_is_404(client: triton.InferenceServerClient, http: httpx.Client) -> None:
