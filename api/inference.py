@@ -62,6 +62,7 @@ EXTENSIONS = ["binary_tensor_data"]
 
 # A V2 parameter's value; bounded so that a request's envelope fits `ENVELOPE_BYTES`.
 Short = Annotated[str, StringConstraints(max_length=64)]
+Long = Annotated[str, StringConstraints(max_length=256)]  # an id; a model's name, its directory's (255 bytes)
 InferParameters = Annotated[dict[Short, StrictBool | int | float | Short], Field(max_length=8)]
 ENVELOPE_BYTES = 32 * BODY_OVERHEAD  # id, names, shapes and parameters around the texts, escaped
 Location = tuple[str | int, ...]
@@ -109,8 +110,8 @@ class InferRequest(BaseModel):
             "examples": [{"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["Good.", "Bad."]}]}]
         },
     )
-    id: Annotated[str, StringConstraints(max_length=256)] | None = None
-    model_name: Short | None = Field(None, description="KServe's REST client sends it: the path's name, if any.")
+    id: Long | None = None
+    model_name: Long | None = Field(None, description="KServe's REST client sends it: the path's name, if any.")
     parameters: InferParameters | None = None
     inputs: Annotated[list[InferInput], Field(min_length=1, max_length=1)]
     outputs: Annotated[list[RequestedOutput], Field(max_length=2)] | None = None

@@ -378,3 +378,42 @@ async def test_a_header_length_not_in_ascii_digits_is_a_422(
         )
         assert (response.status_code, response.json()["error_type"]) == (422, "invalid_request"), length
         assert "inference-header-content-length must be the size of the JSON header" in response.text
+
+
+def test_kserves_rest_client_calls_a_model_of_a_long_directory_name(
+    settings: Settings,
+    fake_server: fakeredis.FakeServer,
+    redis: fakeredis.FakeRedis,
+    classifier: Classifier,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The model's name is its directory's (up to 255 bytes): KServe's REST client repeats it in the
+    body's `model_name`, which takes as long a name as the path does."""
+    monkeypatch.setattr(classifier, "name", "distilbert-base-uncased-finetuned-sst-2-english-int8-dynamic-2024-06")
+    worker = Worker(settings, redis, classifier)
+    app = create_app(settings, fakeredis.FakeAsyncRedis(server=fake_server), fakeredis.FakeRedis(server=fake_server))
+    start_worker(worker)
+    try:
+        with serving(app) as url:
+            answer = run_client(
+                """
+                import asyncio, numpy as np
+                from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+                async def main():
+                    client = InferenceRESTClient(RESTConfig(protocol="v2", timeout=60))
+                    text = InferInput("text", [1], "BYTES")
+                    text.set_data_from_numpy(np.array(["fine"], dtype=object), binary_data=False)
+                    request = InferRequest(model_name=name, infer_inputs=[text])
+                    result = await client.infer(url, request, model_name=name)
+                    await client.close()
+                    return result.model_name, [o.name for o in result.outputs]
+
+                print(json.dumps(asyncio.run(main())))
+                """,
+                url=url,
+                name=classifier.name,
+            )
+    finally:
+        worker.stop()
+    assert answer == [classifier.name, ["label", "scores"]]
