@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import FastAPI, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag
 
 from api.access import client_of
 from api.deadline import request_deadline
@@ -52,12 +52,23 @@ def classification_request(max_texts: int, max_chars: int) -> type[BaseModel]:
             extra="forbid",
             json_schema_extra={"examples": [{"inputs": "I love you.", "parameters": {"top_k": 1}}]},
         )
-        inputs: Text | Annotated[list[Text], Field(min_length=1, max_length=max_texts)] = Field(
-            description="A text, or a list of texts (a list of labels each)."
-        )
+        inputs: Annotated[
+            Annotated[Text, Tag("text")]
+            | Annotated[list[Text], Field(min_length=1, max_length=max_texts), Tag("texts")],
+            Discriminator(
+                text_or_texts,
+                custom_error_type="invalid_inputs",
+                custom_error_message="Input should be a text, or a list of texts",
+            ),
+        ] = Field(description="A text, or a list of texts (a list of labels each).")
         parameters: ClassificationParameters | None = None
 
     return TextClassificationRequest
+
+
+def text_or_texts(inputs: Any) -> str | None:
+    """Which form `inputs` takes, so that a 422 says what is wrong with it, not what the other form needs."""
+    return "text" if isinstance(inputs, str) else "texts" if isinstance(inputs, list) else None
 
 
 def body_limit_of(max_texts: int, max_chars: int) -> int:

@@ -134,3 +134,18 @@ async def test_a_compressed_body_is_a_415_not_malformed_json(client: httpx.Async
     assert response.status_code == 415, response.text
     assert response.json()["error_type"] == "unsupported_media_type"
     assert response.json()["error"].startswith("the body must not be compressed")
+
+
+@pytest.mark.anyio
+async def test_a_bad_text_is_named_where_it_is_in_a_text_or_a_list(client: httpx.AsyncClient) -> None:
+    """`inputs` is a text or a list of texts: the 422's line names what is wrong with the one sent,
+    not what the other form would have needed (a list's long text is no "valid string" error)."""
+    for inputs, error in (
+        ("x" * 2001, "body.inputs.text: String should have at most 2000 characters"),
+        (["ok", "x" * 2001], "body.inputs.texts.1: String should have at most 2000 characters"),
+        (["ok", 5], "body.inputs.texts.1: Input should be a valid string"),
+        ([], "body.inputs.texts: List should have at least 1 item after validation, not 0"),
+        (5, "body.inputs: Input should be a text, or a list of texts"),
+    ):
+        response = await client.post("/", json={"inputs": inputs})
+        assert (response.status_code, response.json()["error"]) == (422, error), error
