@@ -10,7 +10,7 @@ from cachetools import TTLCache
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from api import docs_page, errors, hugging_face, limits, metrics
+from api import docs_page, errors, hugging_face, metrics
 from api.access import AccessControl, ApiKeys, document
 from api.admission import Admission, Load
 from api.hot_path import HotPathApp
@@ -146,7 +146,6 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
     app.include_router(router)
     app.include_router(metrics.router)
     errors.install(app)
-    limits.install(app)
 
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:

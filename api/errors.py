@@ -309,16 +309,18 @@ def quoted(error: dict[str, Any]) -> dict[str, Any]:
 
 
 def install(app: FastAPI) -> None:
-    async def on_error(_: Request, exc: Exception) -> Response:
-        """Every error a route raises, as `failure` answers it; after a bug's answer Starlette logs
-        its traceback and re-raises it."""
+    async def on_error(request: Request, exc: Exception) -> Response:
+        """Every error a route raises, as `failure` answers it, and the router's (`http_error_response`);
+        after a bug's answer Starlette logs its traceback and re-raises it."""
         if isinstance(exc, RequestValidationError):
             return validation_response(exc.errors())
+        if isinstance(exc, HTTPException):
+            return http_error_response(request, exc)
         error = failure(exc)
         return error_response(error.error_type, error.message, error.retry_after_s, fields=error.fields)
 
     # (each but `Exception` answered where the route is: Starlette logs and re-raises only a bug)
-    for raised in (RequestValidationError, ServiceError, RedisError, ClientDisconnect, Exception):
+    for raised in (RequestValidationError, HTTPException, ServiceError, RedisError, ClientDisconnect, Exception):
         app.add_exception_handler(raised, on_error)
 
 

@@ -4,20 +4,18 @@ Fire and poll: a submission answers at once (202 + Location); the jobs worker do
 The routes are plain `def`: RQ is synchronous, and FastAPI runs such routes in its threadpool.
 """
 
-# No `from __future__ import annotations`: FastAPI must see the per-app request model itself.
+# No `from __future__ import annotations`: FastAPI must see the per-app body dependency itself.
 
-import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints, WithJsonSchema
 
-from api.errors import BODY_RESPONSES, ErrorType, json_invalid, responses
+from api.errors import BODY_RESPONSES, ErrorType, responses
 from api.job_store import JobStore
-from api.schemas import Score, require_json, texts_request
+from api.schemas import Score, TextsRequest, json_body, parse_json, texts_request
 from core.settings import Settings
 from core.webhooks import MAX_URL_CHARS, check_url
 
@@ -48,38 +46,32 @@ class JobResponse(BaseModel):
     error: str | None = Field(None, description="When failed: why, in one line.")
 
 
-async def sent_as_json(request: Request) -> None:
-    """415 for a body declared as something other than JSON, and the 422 of malformed JSON for one
-    not in UTF-8, as `/predict` answers (`async`: run inline, not in the threadpool). FastAPI parses
-    the body with the standard library, which also reads UTF-8 after a byte order mark, UTF-16 and
-    UTF-32 (`json.detect_encoding`, from the first bytes); JSON is UTF-8 (RFC 8259), as `/predict`'s
-    parser reads it."""
-    require_json(request.headers.get("content-type", ""))
-    if json.detect_encoding(await request.body()) != "utf-8":  # (the body FastAPI read, kept)
-        raise RequestValidationError(
-            [json_invalid({"error": "the body is not UTF-8: a byte order mark, or UTF-16 or UTF-32"})]
-        )
-
-
 def jobs_router(settings: Settings) -> APIRouter:
-    # A body without Content-Type is read as JSON (`api.schemas.is_json`); one declared otherwise is a 415.
-    router = APIRouter(prefix="/jobs", tags=["jobs"], strict_content_type=False)
+    router = APIRouter(prefix="/jobs", tags=["jobs"])
     JobRequest = texts_request(
         "JobRequest", settings.jobs_max_texts, settings.max_chars, callback_url=callback_url_field(settings)
     )
+
+    async def job_request(request: Request) -> TextsRequest:
+        """The body, read as /predict reads its own (`api.schemas.parse_json`): a compressed one or one
+        declared other than JSON is refused before it is parsed, which a body parameter, parsed by
+        FastAPI before any check of the route runs, cannot do (`async`: run inline, not in the threadpool)."""
+        headers = request.headers
+        return parse_json(
+            JobRequest, await request.body(), headers.get("content-type", ""), headers.get("content-encoding", "")
+        )
 
     @router.post(
         "",
         status_code=202,
         response_model=JobCreated,
-        dependencies=[Depends(sent_as_json)],
+        openapi_extra=json_body(JobRequest),
         responses={**responses(ErrorType.UNAVAILABLE), **BODY_RESPONSES},
     )
-    # (The `type: ignore`s: `JobRequest` is made at run time, with the configured limits, so mypy
-    # cannot use it as a type; FastAPI reads the annotation and validates the body as it.)
-    def create(body: JobRequest, request: Request, response: Response) -> JobCreated:  # type: ignore[valid-type]
+    def create(body: Annotated[TextsRequest, Depends(job_request)], request: Request, response: Response) -> JobCreated:
         """Queue texts for classification; poll `status_url` for progress and predictions, or name a
         `callback_url` that gets the job's status document when it ends."""
+        # (`callback_url` is a field of the `JobRequest` made at run time, with the configured limits.)
         job_id = _store(request).create(body.text, body.callback_url)  # type: ignore[attr-defined]
         url = f"/jobs/{job_id}"
         response.headers["Location"] = url

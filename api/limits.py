@@ -9,10 +9,8 @@ request's deadline is fixed before (`api.deadline`): its upload counts, as a dec
 A path the router redirects to its route (`/predict/`, 307) has that route's limit.
 (FastAPI's own `max_body_size` answers a declared oversize in plain text, outside the JSON error
 shape.) Each route's limit is the largest body its configured text limits allow (`body_limit`); other routes take none.
-`install` turns FastAPI's "error parsing the body" of a body parameter (`/jobs`: nesting too deep,
-invalid UTF-8, a number with thousands of digits) into the 422 that malformed JSON gets, a client gone
-mid-body into its 499 (every other HTTP error, the router's 404 and 405 among them, into `api.errors`'
-shape); `/predict` parses its own body (`api.schemas.parse_json`), where these are malformed JSON already.
+Each route parses its own body (`api.schemas.parse_json`): nesting too deep, invalid UTF-8 or a number
+with thousands of digits is the 422 of malformed JSON.
 """
 
 from __future__ import annotations
@@ -20,16 +18,12 @@ from __future__ import annotations
 import contextlib
 import re
 
-from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
 from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deadline import request_deadline
-from api.errors import ErrorType, error_response, failure, http_error_response, json_invalid, validation_response
+from api.errors import ErrorType, error_response
 
 # "\uXXXX" is the longest a character of the Basic Multilingual Plane takes in JSON (UTF-8 takes at
 # most 4 bytes); only a text of mostly escaped astral characters (12 bytes each) can exceed this.
@@ -37,13 +31,6 @@ BYTES_PER_CHAR = 6
 TEXT_OVERHEAD = 8  # quotes, comma and a space around each text
 BODY_OVERHEAD = 1024  # {"text": [...]} and some whitespace
 NO_BODY_BYTES = 1024  # GET, DELETE, /metrics: nothing to send
-
-# Why the JSON parser gave up, for the 422 (never the input itself).
-PARSE_FAILURES = {
-    RecursionError: "nesting too deep",
-    UnicodeDecodeError: "the body is not valid UTF-8",
-    ValueError: "a value the parser refuses (such as a number with thousands of digits)",
-}
 
 
 def body_limit(max_texts: int, max_chars: int) -> int:
@@ -133,19 +120,3 @@ class BodyLimit:
     async def _refuse(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(ErrorType.TOO_LARGE, f"request body larger than this route's limit of {limit} bytes")
         await response(scope, receive, send)
-
-
-def install(app: FastAPI) -> None:
-    async def on_unparseable_body(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        cause = exc.__cause__
-        why = next((w for t, w in PARSE_FAILURES.items() if isinstance(cause, t)), None)
-        if exc.status_code == 400 and why:
-            # The 422 FastAPI gives malformed JSON, so every unparseable body reads the same.
-            return validation_response([json_invalid({"error": why})])
-        if isinstance(cause, ClientDisconnect):  # gone mid-body: as on the routes that read their own
-            gone = failure(cause)
-            return error_response(gone.error_type, gone.message)
-        return http_error_response(request, exc)
-
-    app.add_exception_handler(HTTPException, on_unparseable_body)

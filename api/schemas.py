@@ -56,7 +56,7 @@ def texts_request(name: str, max_texts: int, max_chars: int, **fields: Any) -> t
 def is_json(content_type: str) -> bool:
     """Whether a body with this Content-Type header is read as JSON: with none (as curl scripts and
     k6 send), or `application/json` or `application/<anything>+json`, parameters such as charset
-    aside. The rule FastAPI parses `/jobs` by (with `strict_content_type` off), so both routes agree."""
+    aside: the rule of FastAPI's own body parameters (with `strict_content_type` off)."""
     if not content_type or content_type == "application/json":
         return True
     kind, _, subtype = content_type.partition(";")[0].strip().lower().partition("/")

@@ -156,7 +156,7 @@ content_types = st.builds(
 def test_a_body_is_read_as_json_exactly_when_its_content_type_says_json_or_nothing(
     http: httpx.Client, content_type: str, path: str
 ) -> None:
-    """Both routes draw the line where `is_json` does (`/jobs` through FastAPI's own parsing), so no
+    """Both routes draw the line where `is_json` does (`api.schemas.require_json`), so no
     body meets a parser it was not meant for: 415 or an answer, never a 422 or a 5xx."""
     headers = {"content-type": content_type} if content_type else {}
     response = http.post(path, content=b'{"text": ["ok"]}', headers=headers)
