@@ -52,20 +52,22 @@ class BulkFailed(Exception):
 
 
 class TooLong(BulkFailed):
-    """The model refused texts as longer than it takes (`SENTIMENT_LONG_TEXTS=reject`): each with its tokens."""
+    """The model refused texts as longer than it takes (`SENTIMENT_LONG_TEXTS=reject`): each with its
+    tokens. Final: a job that meets it fails at once, as no retry changes its texts."""
 
     def __init__(self, why: str, texts: dict[str, int]) -> None:
         super().__init__(why)
         self.texts = texts
 
-    def named(self, job: Sequence[str]) -> BulkFailed:
+    def named(self, job: Sequence[str]) -> TooLong:
         """The failure naming each refused text by its first place in `job` and its tokens, as /predict's
         422 does (never the text): the one line a job of thousands of texts fails with."""
         places: dict[str, int] = {}
         for index, text in enumerate(job):
             places.setdefault(text, index)
         refused = sorted((places[text], tokens) for text, tokens in self.texts.items() if text in places)
-        return BulkFailed(", ".join(f"text {place} ({tokens:,} tokens)" for place, tokens in refused) + f": {self}")
+        named = ", ".join(f"text {place} ({tokens:,} tokens)" for place, tokens in refused)
+        return TooLong(f"{named}: {self}", self.texts)
 
 
 class BulkStopped(Exception):

@@ -241,6 +241,7 @@ class JobsWorker(SimpleWorker):
         self.drained = False  # the last look at the queue found it empty (how burst mode ends)
         self.dropped: str | None = None  # the last job said to be dropped (canceled or deleted)
         self.interrupted: str | None = None  # the last job stopped by `request_stop`, to requeue
+        self.refused: str | None = None  # the last job whose texts the model refused (`TooLong`): no retry
 
     @property
     def dequeue_timeout(self) -> int:
@@ -399,6 +400,8 @@ class JobsWorker(SimpleWorker):
             log.info("job %s %s; back at the front of the queue", job.id, exc_info[1])
             self.interrupted = job.id
             return
+        if isinstance(exc_info[1], TooLong):
+            self.refused = job.id
         super().handle_exception(job, *exc_info)
 
     def handle_job_failure(
@@ -410,8 +413,8 @@ class JobsWorker(SimpleWorker):
         execution: Execution | None = None,
     ) -> None:
         """RQ's failure (retried while retries are left, else status `failed` with its error and the
-        webhook made due), unless the job was canceled or deleted: then it is neither retried nor
-        failed, only its execution goes."""
+        webhook made due; failed at once when the model refused its texts, which no retry changes),
+        unless the job was canceled or deleted: then it is neither retried nor failed, only its execution goes."""
         retries_left = job.retries_left  # `job.retry` counts one off: a fresh look (WatchError) starts here again
 
         def fail(pipe: Pipeline) -> None:
@@ -420,7 +423,7 @@ class JobsWorker(SimpleWorker):
                 queue._enqueue_job(job, pipeline=pipe, at_front=True)
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
                 return
-            if job.should_retry:
+            if job.should_retry and self.refused != job.id:
                 job.retry(queue, pipe)
             else:
                 job.set_status(JobStatus.FAILED, pipeline=pipe)

@@ -653,11 +653,14 @@ def test_a_failing_job_is_retried_as_often_when_a_heartbeat_lands_as_its_failure
     assert client.get(f"/jobs/{job_id}").json()["status"] == "failed"
 
 
-def test_a_job_with_a_text_refused_as_too_long_fails_naming_its_place_in_the_job(tmp_path: Path) -> None:
+def test_a_job_with_a_text_refused_as_too_long_fails_at_once_naming_its_place_in_the_job(tmp_path: Path) -> None:
     """SENTIMENT_LONG_TEXTS=reject: /predict's 422 names the refused text; a job of thousands of texts
-    failed with "longer than the model's 128 tokens" alone, naming none."""
+    failed with "longer than the model's 128 tokens" alone, naming none. And no retry changes the
+    texts: the job was run three times, each sending its texts to the model workers again."""
     settings = Settings(redis_url="redis://unused:1/0", max_batch_size=2, jobs_max_texts=20, long_texts="reject")
     svc = Service(Classifier(write_tiny_model(tmp_path / "model"), "cpu", 1, long_texts="reject"), settings)
+    runs: list[int] = []
+    svc.bulk.before_part = lambda texts: runs.append(1) if texts[0] == TEXTS[0] else None  # a run's first part
     thread = threading.Thread(target=svc.worker.run, daemon=True)
     thread.start()
     long = " ".join(["great"] * 200)
@@ -669,9 +672,10 @@ def test_a_job_with_a_text_refused_as_too_long_fails_naming_its_place_in_the_job
     finally:
         svc.worker.stop()
         thread.join(10)
+    assert len(runs) == 1
     assert view["status"] == "failed"
     assert view["error"].endswith(
-        "BulkFailed: text 10 (202 tokens): longer than the model's 128 tokens (SENTIMENT_LONG_TEXTS=reject)"
+        "TooLong: text 10 (202 tokens): longer than the model's 128 tokens (SENTIMENT_LONG_TEXTS=reject)"
     ), view["error"]
 
 
