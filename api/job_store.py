@@ -26,7 +26,7 @@ from rq.job import Job, JobStatus
 from rq.results import Result
 from rq.utils import as_text, now, utcformat
 
-from api.errors import ErrorType, ServiceError
+from api.errors import ErrorType, ServiceError, quote
 from core import webhooks
 from core.job_spec import (
     ENDED,
@@ -154,4 +154,5 @@ class JobStore:
 
 
 def _not_found(job_id: str) -> ServiceError:
-    return ServiceError(ErrorType.NOT_FOUND, f"no job {job_id} (unknown, or expired)")
+    """The 404, quoting the id in part: it is any path segment a client sent, up to the server's limit."""
+    return ServiceError(ErrorType.NOT_FOUND, f"no job {quote(job_id)} (unknown, or expired)")

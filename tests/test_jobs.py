@@ -698,6 +698,17 @@ def test_unknown_and_expired_jobs_are_404(service: tuple[Service, TestClient]) -
     assert client.get(f"/jobs/{job_id}").status_code == 404
 
 
+def test_a_404_for_a_long_job_id_quotes_it_in_part(service: tuple[Service, TestClient]) -> None:
+    """The 404 echoed the id whole: 60 KB of path, 60 KB of answer, where every other error quotes
+    about 100 characters of a bad value."""
+    _, client = service
+    job_id = "a" * 10_000
+    for method in ("GET", "DELETE"):
+        response = client.request(method, f"/jobs/{job_id}")
+        assert response.status_code == 404 and len(response.content) < 1000, len(response.content)
+        assert response.json()["error"] == f"no job {job_id[:100]}… (10000 characters) (unknown, or expired)"
+
+
 @pytest.mark.parametrize(
     "body",
     [{"text": ["x"] * 21}, {"text": ["x" * 101]}, {"text": []}, {"text": "x"}, {"text": ["x"], "extra": 1}, {}],
