@@ -26,7 +26,7 @@ import http.client
 import logging
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
@@ -42,7 +42,7 @@ from batcher.webhook_http import DEADLINE_S, AddressRefused, Undelivered, post
 from core import webhooks
 from core.job_spec import ENDED, JOB_STATUS, SERIALIZER, status_document
 from core.protocol import Keys, new_id
-from core.redis_errors import describe
+from core.redis_errors import Backoff, describe
 from core.redis_replies import raw, text
 from core.settings import Settings
 from core.webhooks import secret_key, signed_headers
@@ -60,7 +60,13 @@ ERROR_CHARS = 200
 class Sender:
     """Delivers the webhooks that are due, on each `tick` (run every `DUE_WEBHOOKS_EVERY_S` by a `Periodic` thread)."""
 
-    def __init__(self, settings: Settings, redis: Redis, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Redis,
+        tls: ssl.SSLContext | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if not settings.webhook_secrets:
             raise ValueError("webhooks need SENTIMENT_WEBHOOK_SECRETS")
         self.redis = redis
@@ -72,9 +78,15 @@ class Sender:
         self.look_s = settings.heartbeat_ttl_s
         self.tls = tls or ssl.create_default_context()  # the system's CAs, host names checked
         self.name = new_id()
+        self.clock = clock  # monotonic seconds
+        self.backoff = Backoff(log)
+        self._resume_at = float("-inf")  # after a Redis failure, no look before this (`clock`)
 
     def tick(self) -> None:
-        """Deliver the webhooks that are due and that no other jobs worker is delivering."""
+        """Deliver the webhooks that are due and that no other jobs worker is delivering. After a Redis
+        failure the next look waits out a backoff (each tick would meet the outage, and log it)."""
+        if self.clock() < self._resume_at:
+            return
         try:
             due: list[bytes] = self.redis.zrangebyscore(
                 self.keys.webhooks, "-inf", time.time(), start=0, num=DUE_PER_LOOK
@@ -91,8 +103,12 @@ class Sender:
                         self._finish(job_id, dead_letter_entry(job_id, None, 0, "its record is unreadable"))
                     finally:
                         self._release(claim)
-        except RedisError as exc:  # the next look tries again
-            log.warning("webhooks not looked at: redis failed (%s)", describe(exc))
+        except RedisError as exc:
+            delay = self.backoff.next()
+            log.warning("webhooks not looked at: redis failed (%s); looking again in %.1f s", describe(exc), delay)
+            self._resume_at = self.clock() + delay
+        else:
+            self.backoff.reset()
 
     def _release(self, claim: str) -> None:
         """Delete `claim` if it is still this sender's: compare and delete, in one transaction."""

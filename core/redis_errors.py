@@ -25,7 +25,7 @@ def describe(exc: Exception) -> str:
 class Backoff:
     """The wait between tries after a Redis error: 0.1 s doubling to 2 s, each failure logged by its
     class; `reset` after a success. The one such loop: the /predict worker's stages, the API's result
-    subscription (`next` in an `asyncio.sleep`), the jobs worker's restarts (`pause`)."""
+    subscription (`next` in an `asyncio.sleep`), the jobs worker's restarts (`pause`) and its webhook looks."""
 
     FIRST_S, MOST_S = 0.1, 2.0
 

@@ -40,8 +40,9 @@ from redis import Redis
 from api.app import create_app
 from api.job_store import JobStore
 from batcher.webhook_http import post
-from batcher.webhooks import CLAIM_S, Sender
+from batcher.webhooks import CLAIM_S, DUE_WEBHOOKS_EVERY_S, Sender
 from core.protocol import Keys
+from core.redis_errors import Backoff
 from core.settings import Settings
 from core.webhooks import check_url, refusal
 from tests.conftest import REPO, Service, thread_stacks, wait_for
@@ -550,6 +551,30 @@ def test_a_claim_that_lapsed_and_was_taken_by_another_sender_stays_theirs(
     Sender(settings, fake).tick()
     assert len(receiver.at("/slow")) == 1
     assert fake.get(claim) == b"another-sender"
+
+
+def test_a_redis_outage_is_looked_through_with_backoff_not_a_warning_every_look(
+    settings: Settings, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each look (four a second) met the outage and logged a warning: 14,400 lines an hour of it from
+    every jobs worker, where the other loops back off (`core.redis_errors.Backoff`). The webhook
+    goes out once Redis answers again."""
+    server = fakeredis.FakeServer()
+    fake = fakeredis.FakeRedis(server=server)
+    job_id = canceled_job(fake, settings, receiver.url("/after"))
+    now = [0.0]
+    sender = Sender(settings, fake, clock=lambda: now[0])
+    server.connected = False
+    with caplog.at_level(logging.INFO, logger="batcher.webhooks"):
+        for _ in range(40):  # ten seconds of looks
+            sender.tick()
+            now[0] += DUE_WEBHOOKS_EVERY_S
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert 1 <= len(warnings) <= 10, len(warnings)
+    server.connected = True
+    now[0] += Backoff.MOST_S
+    sender.tick()
+    assert [d.body for d in receiver.at("/after")] and not fake.exists(Keys(settings.key_prefix).webhook(job_id))
 
 
 def test_a_job_that_ends_as_its_webhook_is_looked_at_keeps_its_webhook_due_at_once(
