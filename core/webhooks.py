@@ -193,9 +193,11 @@ def check_url(url: str, allowed: Sequence[Network]) -> None:
     if why := name_refusal(parts.hostname):
         raise ValueError(why)
     try:
-        parts.port  # noqa: B018 (parsing it is the check)
+        port = parts.port
     except ValueError:
-        raise ValueError("a callback URL's port is a number from 0 to 65535") from None
+        port = 0
+    if port == 0:  # (urlsplit takes 0, which nothing can connect to)
+        raise ValueError("a callback URL's port is a number from 1 to 65535")
     address = literal_address(parts.hostname)
     if address is not None and (why := refusal(address, allowed, parts.hostname)):
         raise ValueError(why)

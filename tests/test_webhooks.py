@@ -197,7 +197,8 @@ def test_numeric_host_forms_are_the_addresses_they_spell(host: str, why: str) ->
         ("file:///etc/passwd", "http:// or https://"),
         ("https://user:pass@example.com/hook", "no credentials"),
         ("https:///hook", "names a host"),
-        ("https://example.com:99999/hook", "port"),
+        ("https://example.com:99999/hook", "port is a number from 1 to 65535"),
+        ("https://example.com:0/hook", "port is a number from 1 to 65535"),  # never connected to: 10 tries, then dead
         ("https://example.com/a hook", "no spaces or control characters"),
         ("https://bücher.example/hook", "ASCII"),
         ("http://example.com/café", "percent-encoded"),  # an HTTP request line is ASCII: it could never be sent
