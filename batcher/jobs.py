@@ -38,7 +38,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import FrameType
@@ -463,7 +463,7 @@ def serve_jobs(settings: Settings, bulk: Bulk, redis: Redis, burst: bool = False
     sending = (
         Periodic("webhooks", webhooks.DUE_WEBHOOKS_EVERY_S, webhooks.Sender(settings, redis).tick, failure)
         if settings.webhook_secrets
-        else nullcontext()
+        else Periodic("webhooks", webhooks.UNSENT_SAID_EVERY_S, webhooks.Unsent(settings, redis).tick, failure)
     )
     try:
         with sending:

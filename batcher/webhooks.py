@@ -55,6 +55,7 @@ HEADERS = {"Content-Type": "application/json", "User-Agent": "sentiment-batcher-
 DUE_PER_LOOK = 16
 DEAD_LETTERS_KEPT = 10_000  # the newest; older ones are dropped
 ERROR_CHARS = 200
+UNSENT_SAID_EVERY_S = 60.0  # how often a jobs worker without secrets says that webhooks wait (`Unsent`)
 
 
 class Sender:
@@ -210,6 +211,30 @@ class Sender:
                 pipe.ltrim(self.keys.webhook_dead_letters, 0, DEAD_LETTERS_KEPT - 1)
             webhooks.forget(pipe, self.keys, job_id)
             pipe.execute()
+
+
+class Unsent:
+    """What a jobs worker without SENTIMENT_WEBHOOK_SECRETS does about webhooks (it can sign none):
+    while some are overdue (an API with secrets took their callback URLs, and no jobs worker sends
+    them), it says so every `UNSENT_SAID_EVERY_S` (run by a `Periodic`), rather than leave them
+    unsent, and unexpiring, in silence. Overdue by that long: a jobs worker with secrets, if any, takes
+    a due one within `DUE_WEBHOOKS_EVERY_S`."""
+
+    def __init__(self, settings: Settings, redis: Redis) -> None:
+        self.redis = redis
+        self.keys = Keys(settings.key_prefix)
+
+    def tick(self) -> None:
+        try:
+            overdue = self.redis.zcount(self.keys.webhooks, "-inf", time.time() - UNSENT_SAID_EVERY_S)
+        except RedisError:
+            return  # the worker's own loop says when Redis fails
+        if overdue:
+            log.warning(
+                "%d webhooks overdue, but this jobs worker sends none: it has no SENTIMENT_WEBHOOK_SECRETS "
+                "(set the API's on every jobs worker)",
+                overdue,
+            )
 
 
 def _ended(status: bytes | None) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gzip
 import json
@@ -651,6 +652,27 @@ def test_a_failing_job_is_retried_as_often_when_a_heartbeat_lands_as_its_failure
     svc.run_jobs()
     assert len(runs) == 3 and len(calls) == 4  # two retries, each written on its second try
     assert client.get(f"/jobs/{job_id}").json()["status"] == "failed"
+
+
+def test_a_jobs_worker_without_webhook_secrets_says_that_webhooks_wait_unsent(
+    service: tuple[Service, TestClient], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An API with SENTIMENT_WEBHOOK_SECRETS takes callback URLs; a jobs worker without them started no
+    sender, and said nothing: the webhooks never went out, and their records never expired."""
+    svc, client = service
+    secret = "whsec_" + base64.b64encode(b"s" * 32).decode()
+    signing = svc.settings.model_copy(update={"webhook_secrets": [secret]})
+    JobStore(svc.redis, signing).delete(JobStore(svc.redis, signing).create(["a"], "https://hooks.example/"))
+    monkeypatch.setattr("batcher.webhooks.UNSENT_SAID_EVERY_S", 0.01)
+    said = lambda: [r.getMessage() for r in caplog.records if r.name == "batcher.webhooks"]  # noqa: E731
+    svc.bulk.before_part = lambda texts: wait_for("the warning", said)  # the job runs until it is said
+    submit(client, TEXTS[:2])
+    with caplog.at_level(logging.WARNING, logger="batcher.webhooks"):
+        svc.run_jobs()
+    assert said()[0] == (
+        "1 webhooks overdue, but this jobs worker sends none: it has no SENTIMENT_WEBHOOK_SECRETS "
+        "(set the API's on every jobs worker)"
+    ), said()
 
 
 def test_a_job_with_a_text_refused_as_too_long_fails_at_once_naming_its_place_in_the_job(tmp_path: Path) -> None:
