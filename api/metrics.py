@@ -56,6 +56,10 @@ REQUESTS_REFUSED = Counter(
     "Requests refused before any work (counted by api.errors.error_response): overload, rate limit, auth, size.",
     ["reason"],
 )
+RATE_LIMIT_UNCHECKED = Counter(
+    "sentiment_rate_limit_unchecked",
+    "Requests let through without a rate-limit check: Redis failed the bucket's script (outage, NOPERM, OOM).",
+)
 REQUESTS_ABANDONED = Counter(
     "sentiment_requests_abandoned",
     "Requests that stopped waiting for their queued work (`disconnected`: the client went away; `deadline`: "

@@ -7,6 +7,7 @@ real redis-server (fakeredis here has no Lua: `lupa` is not installed).
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ import httpx
 import pytest
 import redis as sync_redis
 from fastapi.responses import PlainTextResponse
+from prometheus_client import REGISTRY
 from pydantic import SecretStr, ValidationError
 from redis.asyncio import Redis
 
@@ -34,7 +36,7 @@ from batcher.worker import Worker
 from core.protocol import Keys
 from core.settings import Settings
 from sentiment.embedded import free_port
-from tests.conftest import HANG_GUARD_S, Service, answers, start_worker, wait_for
+from tests.conftest import HANG_GUARD_S, RedisServer, Service, answers, start_worker, wait_for
 from tests.test_api import stall
 from tests.test_k8s import TARGETS, container_of
 
@@ -400,6 +402,35 @@ async def test_an_unreachable_redis_does_not_turn_the_limit_into_a_500(settings:
     async with serve(config, Redis.from_url(down, socket_connect_timeout=1)) as client:
         response = await client.post("/predict", json={"text": ["hi"]})
         assert response.status_code == 503 and response.json()["error_type"] == "unavailable"
+
+
+async def test_a_rate_limit_script_redis_refuses_lets_requests_through_and_says_so_once_a_run(
+    settings: Settings, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An ACL user without the scripting commands (NOPERM at EVALSHA; OOM comes the same way): the limit
+    # fails open, as for an outage, but was said at DEBUG alone, as "redis unreachable": nobody learned
+    # that it was off. Now a WARNING once a run of failures (again after a take that worked) and a count.
+    caplog.set_level(logging.DEBUG, logger="api.rate_limit")
+
+    def warnings() -> int:
+        return sum(r.levelno == logging.WARNING for r in caplog.records if r.name == "api.rate_limit")
+
+    def unchecked() -> float:
+        return REGISTRY.get_sample_value("sentiment_rate_limit_unchecked_total") or 0.0
+
+    config = limited(settings, redis_server.url, rate=0.01, burst=1)
+    with sync_redis.Redis.from_url(redis_server.url) as admin:
+        admin.execute_command("ACL", "SETUSER", "api", "on", ">secret", "~*", "&*", "+@all", "-@scripting")
+        before = unchecked()
+        async with serve(config, Redis.from_url(f"redis://api:secret@127.0.0.1:{redis_server.port}/0")) as client:
+            statuses = [(await client.get("/jobs/" + "0" * 32)).status_code for _ in range(3)]
+            assert (statuses, warnings(), unchecked() - before) == ([404] * 3, 1, 3)
+            assert "NoPermissionError" in caplog.records[-1].getMessage()
+            admin.execute_command("ACL", "SETUSER", "api", "+@scripting")
+            assert [(await client.get("/jobs/" + "0" * 32)).status_code for _ in range(2)] == [404, 429]
+            admin.execute_command("ACL", "SETUSER", "api", "-@scripting")
+            assert (await client.get("/jobs/" + "0" * 32)).status_code == 404
+    assert warnings() == 2, "a new run of failures is said again"
 
 
 # ---------------------------------------------------------------- Kubernetes
