@@ -77,13 +77,16 @@ def client_of(scope: Scope) -> str:
 def address_client(address: str) -> str:
     """The client named by its address, one name however a transport writes it: `::1` (HTTP's),
     `[::1]` (gRPC's peer), or an IPv4 address mapped into IPv6 (`::ffff:10.0.0.1`, from a dual-stack
-    socket) as the IPv4 address. What is no IP address (a Unix socket's) is kept as it is."""
+    socket) as the IPv4 address. An IPv6 address is named by its /64 (`2001:db8::/64`): one host or
+    home holds a whole /64 and could take a new address, and bucket, for each request. What is no IP
+    address (a Unix socket's) is kept as it is."""
     try:
         ip = ipaddress.ip_address(address.removeprefix("[").removesuffix("]"))
     except ValueError:
         return f"addr-{address}"
-    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
-    return f"addr-{mapped or ip}"
+    if isinstance(ip, ipaddress.IPv4Address):
+        return f"addr-{ip}"
+    return f"addr-{ip.ipv4_mapped or ipaddress.IPv6Network((ip, 64), strict=False)}"
 
 
 def is_open(path: str) -> bool:

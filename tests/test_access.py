@@ -304,7 +304,8 @@ async def test_with_keys_the_bucket_is_per_key_and_named_by_its_digest(settings:
 
 @pytest.mark.parametrize(
     ("http_address", "grpc_host"),
-    [("::1", "::1"), ("::ffff:127.0.0.1", "127.0.0.1")],  # (a dual-stack socket's IPv4 client over HTTP)
+    # (A dual-stack socket's IPv4 client over HTTP; `::2`, in `::1`'s /64, as another address of one host.)
+    [("::1", "::1"), ("::ffff:127.0.0.1", "127.0.0.1"), ("::2", "::1")],
 )
 async def test_a_client_has_one_bucket_over_http_and_grpc(
     settings: Settings, redis_url: str, http_address: str, grpc_host: str
@@ -321,6 +322,21 @@ async def test_a_client_has_one_bucket_over_http_and_grpc(
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await pb_grpc.GRPCInferenceServiceStub(channel).ServerMetadata(pb.ServerMetadataRequest())
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_an_ipv6_client_has_one_bucket_for_its_64(settings: Settings, redis_url: str) -> None:
+    # A host (or home) gets a /64 and may send from any address in it: one bucket per address let it
+    # change address at each request and never meet the limit.
+    config = limited(settings, redis_url, rate=0.01, burst=1)
+    redis = Redis.from_url(redis_url)
+    statuses = []
+    for address in ("2001:db8:1:2::1", "2001:db8:1:2:ffff:ffff:ffff:fffe", "2001:db8:1:3::1"):
+        async with serve(config, redis, address=address) as client:
+            statuses.append((await client.get("/jobs/" + "0" * 32)).status_code)
+    names = sorted(
+        k.decode().removeprefix(f"{config.key_prefix}:ratelimit:") for k in await redis.keys(f"{config.key_prefix}:*")
+    )
+    assert (statuses, names) == ([404, 429, 404], ["addr-2001:db8:1:2::/64", "addr-2001:db8:1:3::/64"])
 
 
 @pytest.mark.parametrize(
