@@ -360,11 +360,15 @@ class Settings(BaseSettings):
     )
     rate_limit_per_s: float | None = Field(
         None,
-        gt=0,
+        ge=0.00001,  # (an emptied bucket's expiry, burst / rate, in ms Redis takes, at the most burst too: else no take works)
+        allow_inf_nan=False,  # (infinity would be no limit, in silence)
         description="Requests per second each client (API key, else address) may sustain, beyond it 429 with Retry-After (scrapes of /metrics are not counted); unset: no limit.",
     )
     rate_limit_burst: int = Field(
-        20, ge=1, description="Requests a client may send at once before the rate applies (the token bucket's size)."
+        20,
+        ge=1,
+        le=100000,
+        description="Requests a client may send at once before the rate applies (the token bucket's size).",
     )
 
     @field_validator("api_keys", "webhook_secrets", mode="before")

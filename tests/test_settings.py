@@ -95,6 +95,9 @@ def test_log_level_takes_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
         ("SENTIMENT_MAX_WAIT_MS", "inf"),  # the first batch that waits for company kills its lane
         ("SENTIMENT_WEBHOOK_BACKOFF_S", "inf"),  # a failed webhook's next look: dead-lettered as "unreadable"
         ("SENTIMENT_WEBHOOK_BACKOFF_S", "1e300"),  # (its key's expiry past Redis's most)
+        ("SENTIMENT_RATE_LIMIT_PER_S", "inf"),  # no limit at all, in silence
+        ("SENTIMENT_RATE_LIMIT_PER_S", "1e-13"),  # a bucket's expiry Redis refuses: every request unchecked
+        ("SENTIMENT_RATE_LIMIT_BURST", "100000000000000000000"),  # (the same)
     ],
 )
 def test_a_setting_that_could_only_fail_later_is_refused_at_start(
