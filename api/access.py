@@ -95,8 +95,9 @@ def is_open(path: str) -> bool:
 
 
 def presented_key(headers: Headers) -> str | None:
-    """The key from `X-API-Key`, else from `Authorization: Bearer`."""
-    if key := headers.get("x-api-key"):
+    """The key from `X-API-Key`, else from `Authorization: Bearer`; without the whitespace around it,
+    which is no part of a header's value (RFC 9110) but which uvicorn and gRPC pass on."""
+    if key := headers.get("x-api-key", "").strip():
         return key
     scheme, _, token = headers.get("authorization", "").partition(" ")
     return (token.strip() or None) if scheme.lower() == "bearer" else None

@@ -678,3 +678,20 @@ async def test_a_key_sent_twice_is_read_over_grpc_as_over_rest(
     assert (rest, code) == (
         (200, grpc.StatusCode.OK) if order == "right key first" else (403, grpc.StatusCode.PERMISSION_DENIED)
     )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("header", ["x-api-key", "authorization"])
+@pytest.mark.parametrize("sent", [f"{KEY} ", f" {KEY}"])  # (gRPC refuses a tab in metadata)
+async def test_a_key_is_read_without_the_whitespace_around_it_in_either_header(
+    settings: Settings, fake_server: fakeredis.FakeServer, header: str, sent: str
+) -> None:
+    """`X-API-Key: KEY ` (as requests and urllib send a value with a trailing space, uvicorn passing it
+    on whole; gRPC keeps it too) was a 403 while `Authorization: Bearer KEY ` was read as KEY."""
+    keyed = settings.model_copy(update={"api_keys": Settings(api_keys=KEY).api_keys})
+    value = sent if header == "x-api-key" else f"Bearer {sent}"
+    async for local in in_process(keyed, fake_server):
+        rest = (await local.http.get("/v2", headers={header: value})).status_code
+        metadata = ((header, value),)
+        served = await local.stub.ServerMetadata(pb.ServerMetadataRequest(), metadata=metadata, timeout=HANG_GUARD_S)
+    assert (rest, served.name) == (200, "sentiment-batcher")
