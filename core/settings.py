@@ -454,6 +454,13 @@ class Settings(BaseSettings):
             warnings.append(
                 "SENTIMENT_RATE_LIMIT_BURST is set but unused: without SENTIMENT_RATE_LIMIT_PER_S no rate limit"
             )
+        # uvicorn's "trust all" takes a request's first X-Forwarded-For entry, which its caller writes.
+        if os.environ.get("FORWARDED_ALLOW_IPS") == "*" and self.rate_limit_per_s is not None and not self.api_keys:
+            warnings.append(
+                "FORWARDED_ALLOW_IPS='*' trusts any caller's X-Forwarded-For: with the rate limit by address (no "
+                "SENTIMENT_API_KEYS) a caller gets a new bucket for each address it claims; name the proxies' "
+                "addresses or networks"
+            )
         return warnings
 
 

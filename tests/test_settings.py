@@ -192,6 +192,10 @@ def test_a_duration_of_no_time_is_refused_not_taken_for_the_default(
 
 NO_RATE_LIMIT = "SENTIMENT_RATE_LIMIT_BURST is set but unused: without SENTIMENT_RATE_LIMIT_PER_S no rate limit"
 NO_AUTHENTICATION = "SENTIMENT_API_KEYS is set but holds no key: no authentication"
+ANY_ADDRESS = (
+    "FORWARDED_ALLOW_IPS='*' trusts any caller's X-Forwarded-For: with the rate limit by address (no "
+    "SENTIMENT_API_KEYS) a caller gets a new bucket for each address it claims; name the proxies' addresses or networks"
+)
 
 
 @pytest.mark.parametrize(
@@ -201,10 +205,20 @@ NO_AUTHENTICATION = "SENTIMENT_API_KEYS is set but holds no key: no authenticati
         ({"SENTIMENT_RATE_LIMIT_BURST": "10", "SENTIMENT_RATE_LIMIT_PER_S": "5"}, []),
         ({"SENTIMENT_API_KEYS": " , "}, [NO_AUTHENTICATION]),  # `--from-literal=keys="$KEY_1,$KEY_2"`, neither set
         ({"SENTIMENT_API_KEYS": "a-key-long-enough-to-keep"}, []),
+        ({"SENTIMENT_RATE_LIMIT_PER_S": "5", "FORWARDED_ALLOW_IPS": "*"}, [ANY_ADDRESS]),  # (uvicorn's "trust all")
+        ({"SENTIMENT_RATE_LIMIT_PER_S": "5", "FORWARDED_ALLOW_IPS": "10.0.0.0/8"}, []),
+        (
+            {
+                "SENTIMENT_RATE_LIMIT_PER_S": "5",
+                "FORWARDED_ALLOW_IPS": "*",
+                "SENTIMENT_API_KEYS": "a-key-long-enough-to-keep",
+            },
+            [],
+        ),
     ],
 )
 def test_a_setting_that_leaves_the_api_open_in_silence_is_warned_of(env: dict[str, str], warnings: list[str]) -> None:
-    ours = ("SENTIMENT_RATE_LIMIT_BURST", "SENTIMENT_RATE_LIMIT_PER_S", "SENTIMENT_API_KEYS")
+    ours = ("SENTIMENT_RATE_LIMIT_BURST", "SENTIMENT_RATE_LIMIT_PER_S", "SENTIMENT_API_KEYS", "FORWARDED_ALLOW_IPS")
     with socket.create_server(("127.0.0.1", 0)) as taken:  # (past the warnings, `sentiment api` ends at its port)
         done = subprocess.run(
             [sys.executable, "-m", "sentiment.cli", "api", "--port", str(taken.getsockname()[1])],
