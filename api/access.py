@@ -21,20 +21,25 @@ import hashlib
 import hmac
 import ipaddress
 import math
+import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Never, cast
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from pydantic import SecretStr
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from api.deadline import Deadline, Stage, request_deadline
 from api.docs_page import ASSETS, DOCS, OPENAPI, REDOC
 from api.errors import ErrorType, ServiceError, error_response, responses
 from api.rate_limit import RateLimit
 from core.protocol import DEFAULT_CLIENT
+
+if TYPE_CHECKING:
+    from uvicorn._types import HTTPScope
 
 PROBES = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready"})
 OPEN_PATHS = PROBES | {DOCS, REDOC, OPENAPI}  # the README's Security section names the same
@@ -87,6 +92,34 @@ def address_client(address: str) -> str:
     if isinstance(ip, ipaddress.IPv4Address):
         return f"addr-{ip}"
     return f"addr-{ip.ipv4_mapped or ipaddress.IPv6Network((ip, 64), strict=False)}"
+
+
+class ForwardedFor:
+    """A gRPC caller's address as uvicorn names an HTTP caller's: behind a proxy `FORWARDED_ALLOW_IPS`
+    names, the `x-forwarded-for` entry that proxy vouches for (else every client behind it would share
+    the proxy's bucket); unset, the peer's own. uvicorn's own layer applies its own rules to a call's
+    metadata, so that the two transports cannot differ."""
+
+    def __init__(self) -> None:
+        trusted = os.environ.get("FORWARDED_ALLOW_IPS")
+        self._proxy = None if trusted is None else ProxyHeadersMiddleware(_nothing, trusted)
+
+    async def client(self, peer: str, metadata: list[tuple[bytes, bytes]]) -> str:
+        """The address of the caller whose gRPC peer is `peer` (bare, or `[IPv6]`)."""
+        address = peer.removeprefix("[").removesuffix("]")
+        if self._proxy is None:
+            return address
+        scope = {"type": "http", "client": (address, 0), "headers": metadata}
+        await self._proxy(cast("HTTPScope", scope), _unused, _unused)
+        return str(scope["client"][0])
+
+
+async def _nothing(scope: object, receive: object, send: object) -> None:
+    """The app behind `ForwardedFor`'s uvicorn layer: only the scope that layer rewrites is wanted."""
+
+
+async def _unused(*_: object) -> Never:
+    raise AssertionError("uvicorn's proxy layer neither reads nor sends")
 
 
 def is_open(path: str) -> bool:

@@ -22,7 +22,8 @@ queue, limits and access control apply. What differs from REST is carried by gRP
 - ServerReady and ModelReady answer `api.inference.ready` as a bool: another model's name, or a
   service not ready, is `ready: false` (REST's 404 and 503).
 - API keys ride in the `authorization: Bearer KEY` or `x-api-key` metadata; ServerLive and
-  ServerReady are open, as /v2/health/live and /v2/health/ready are.
+  ServerReady are open, as /v2/health/live and /v2/health/ready are. Behind a proxy that
+  `FORWARDED_ALLOW_IPS` names, the client is the one its `x-forwarded-for` names, as over HTTP.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet  # type: ignore[impor
 from starlette.datastructures import Headers
 
 from api import inference
-from api.access import ApiKeys, Denied, check, presented_key
+from api.access import ApiKeys, Denied, ForwardedFor, check, presented_key
 from api.deadline import Deadline
 from api.errors import ErrorType, ServiceError, counted, failure
 from api.grpc_v2 import grpc_predict_v2_pb2 as pb
@@ -134,6 +135,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.settings = settings
         self.keys = ApiKeys(settings.api_keys or [])
         self.checked = bool(settings.api_keys) or settings.rate_limit_per_s is not None
+        self.forwarded = ForwardedFor()
         self.inference = Inference(settings.max_texts, settings.max_chars)
 
     @answered
@@ -219,7 +221,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         metadata = [(k.encode(), v.encode()) for k, v in context.invocation_metadata() or () if isinstance(v, str)]
         presented = presented_key(Headers(raw=metadata))
         # The peer is a URI: `ipv4:10.0.0.1:port`, `ipv6:%5B::1%5D:port`.
-        address = unquote(context.peer()).rsplit(":", 1)[0].removeprefix("ipv4:").removeprefix("ipv6:")
+        peer = unquote(context.peer()).rsplit(":", 1)[0].removeprefix("ipv4:").removeprefix("ipv6:")
+        address = await self.forwarded.client(peer, metadata)
         client = await check(self.keys, getattr(self.app.state, "rate_limit", None), presented, address, deadline)
         if isinstance(client, Denied):
             raise ServiceError(client.error_type, client.message, client.retry_after_s)

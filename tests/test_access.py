@@ -324,6 +324,46 @@ async def test_a_client_has_one_bucket_over_http_and_grpc(
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+@pytest.mark.parametrize(
+    ("allowed", "codes", "buckets"),
+    [
+        (None, ["OK", "RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED"], ["addr-127.0.0.1"]),  # its own address
+        ("127.0.0.1", ["OK", "OK", "RESOURCE_EXHAUSTED"], ["addr-10.9.8.1", "addr-10.9.8.2"]),  # a named proxy
+    ],
+)
+async def test_grpc_names_a_client_behind_a_proxy_as_http_does(
+    settings: Settings,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    allowed: str | None,
+    codes: list[str],
+    buckets: list[str],
+) -> None:
+    # Over HTTP uvicorn reads X-Forwarded-For from the proxies FORWARDED_ALLOW_IPS names; gRPC named
+    # every client behind such a proxy by the proxy's address: one bucket that all of them shared.
+    if allowed is None:
+        monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+    else:
+        monkeypatch.setenv("FORWARDED_ALLOW_IPS", allowed)
+    config = limited(settings, redis_url, rate=0.01, burst=1)
+    server = GrpcServer(config, "127.0.0.1", 0)
+    redis = Redis.from_url(redis_url)
+    app = create_app(config, redis=redis, jobs_redis=fakeredis.FakeRedis(), grpc=server)
+    answered = []
+    async with app.router.lifespan_context(app), grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for claimed in ("10.9.8.1", "10.9.8.2", "10.9.8.1"):
+            try:
+                await stub.ServerMetadata(pb.ServerMetadataRequest(), metadata=(("x-forwarded-for", claimed),))
+                answered.append("OK")
+            except grpc.aio.AioRpcError as refused:
+                answered.append(refused.code().name)
+    names = sorted(
+        k.decode().removeprefix(f"{config.key_prefix}:ratelimit:") for k in await redis.keys(f"{config.key_prefix}:*")
+    )
+    assert (answered, names) == (codes, buckets)
+
+
 async def test_an_ipv6_client_has_one_bucket_for_its_64(settings: Settings, redis_url: str) -> None:
     # A host (or home) gets a /64 and may send from any address in it: one bucket per address let it
     # change address at each request and never meet the limit.
