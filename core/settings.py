@@ -15,7 +15,7 @@ from pathlib import Path
 from types import NoneType, UnionType
 from typing import Annotated, Literal, get_args, get_origin
 
-from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationError, field_validator
+from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core.redis_connect import check_url, masked
@@ -169,6 +169,7 @@ class Settings(BaseSettings):
         description="Longest a lone request waits for company before its forward runs; it waits only when "
         "recent requests arrived less than this far apart, so a lone client never waits (docs/tuning.md, "
         '"Batching").',
+        json_schema_extra={"rule": "a number >= 0, less than SENTIMENT_REQUEST_TIMEOUT_S in milliseconds"},
     )
     bulk_delay_ms: float = Field(
         5.0,
@@ -336,6 +337,19 @@ class Settings(BaseSettings):
     @classmethod
     def _connectable(cls, url: str) -> str:
         return check_url(url)
+
+    @field_validator("max_wait_ms")
+    @classmethod
+    def _wait_within_deadline(cls, wait_ms: float, info: ValidationInfo) -> float:
+        """A wait for company that reaches the requests' deadline answers every request that waits too late:
+        no single value is wrong, only the two together (a refused timeout is named alone)."""
+        timeout_s = info.data.get("request_timeout_s")
+        if timeout_s is not None and wait_ms >= timeout_s * 1000:
+            raise ValueError(
+                "a batch waiting that long for company answers after its requests' deadline, "
+                f"SENTIMENT_REQUEST_TIMEOUT_S={timeout_s:g} s"
+            )
+        return wait_ms
 
     @field_validator("int8_dir", mode="before")
     @classmethod

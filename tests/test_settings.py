@@ -109,6 +109,25 @@ def test_a_setting_that_could_only_fail_later_is_refused_at_start(
     assert str(refusal.value).startswith(f"{variable}={value!r} is refused: ")
 
 
+def test_a_wait_for_company_as_long_as_the_deadline_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests a second apart under SENTIMENT_MAX_WAIT_MS=20000 waited for company past their 10 s
+    deadline: every one but the first was a 504, and the worker started as if all were well."""
+    monkeypatch.setenv("SENTIMENT_MAX_WAIT_MS", "10000")
+    with pytest.raises(SettingsError) as refusal:
+        from_environment()
+    assert str(refusal.value) == (
+        f"SENTIMENT_MAX_WAIT_MS='10000' is refused: {rule('max_wait_ms')} (a batch waiting that long for "
+        "company answers after its requests' deadline, SENTIMENT_REQUEST_TIMEOUT_S=10 s)"
+    )
+    monkeypatch.setenv("SENTIMENT_REQUEST_TIMEOUT_S", "inf")  # (then the timeout alone is named: it has no deadline)
+    with pytest.raises(SettingsError) as refusal:
+        from_environment()
+    assert str(refusal.value).startswith("SENTIMENT_REQUEST_TIMEOUT_S='inf' is refused: ")
+    assert "MAX_WAIT" not in str(refusal.value)
+    monkeypatch.setenv("SENTIMENT_REQUEST_TIMEOUT_S", "10.5")
+    assert from_environment().max_wait_ms == 10_000
+
+
 def test_the_longest_redis_timeout_accepted_still_reaches_redis(redis_server: RedisServer) -> None:
     """The bound is the kernel's, not a guess: at the most accepted, a connection still opens."""
     longest = next(m.le for m in Settings.model_fields["redis_timeout_s"].metadata if hasattr(m, "le"))
