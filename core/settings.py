@@ -435,8 +435,8 @@ class Settings(BaseSettings):
         9100,
         ge=0,
         le=65535,
-        description="Port of the model worker's Prometheus /metrics (`serve`'s further "
-        "workers take the ports after it, passing over the jobs worker's); 0 disables.",
+        description="Port of the model worker's Prometheus /metrics (`serve`'s further workers take the ports "
+        "after it, passing over the jobs worker's and the API's; `serve` refuses one that is the API's); 0 disables.",
     )
     jobs_metrics_port: int = Field(
         9101,

@@ -253,19 +253,18 @@ def _seconds(text: str) -> float:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> None:
-    from sentiment.embedded import serve
+    from sentiment.embedded import port_clash, serve
 
+    settings = settings.model_copy(update={"workers": args.workers, "grpc_port": args.grpc_port})
+    if clash := port_clash(settings, args.port):  # (a setting refused, as `main` refuses one)
+        print(f"sentiment: {clash}", file=sys.stderr)
+        sys.exit(2)
     if settings.redis_url_given and (args.ephemeral or args.data_dir):  # (the up line names the Redis, not this)
         log.warning("--data-dir and --ephemeral are the embedded Redis's: unused with SENTIMENT_REDIS_URL")
     data_dir = None if args.ephemeral else (args.data_dir or settings.data_dir).resolve()
     for warning in settings.unheeded():
         log.warning(warning)
-    serve(
-        settings.model_copy(update={"workers": args.workers, "grpc_port": args.grpc_port}),
-        args.host,
-        args.port,
-        data_dir,
-    )
+    serve(settings, args.host, args.port, data_dir)
 
 
 def _api(settings: Settings, args: argparse.Namespace) -> None:

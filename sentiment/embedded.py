@@ -248,14 +248,34 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return {"SENTIMENT_TORCH_THREADS": str(threads)} if threads else {}
 
 
-def worker_metrics_ports(settings: Settings) -> list[int]:
+def worker_metrics_ports(settings: Settings, port: int) -> list[int]:
     """Each worker's metrics port, so that none is left unscraped: SENTIMENT_METRICS_PORT and the
-    ports after it, passing over the jobs worker's (9100, 9102, 9103, ... by default); 0 (off) for all
-    when it is 0."""
+    ports after it, passing over the jobs worker's and the API's (`port`, gRPC) (9100, 9102, 9103, ...
+    by default); 0 (off) for all when it is 0."""
     if not settings.metrics_port:
         return [0] * settings.workers
-    free = (p for p in itertools.count(settings.metrics_port) if p != settings.jobs_metrics_port)
+    taken = {settings.jobs_metrics_port, port, settings.grpc_port}
+    free = (p for p in itertools.count(settings.metrics_port) if p not in taken)
     return list(itertools.islice(free, settings.workers))
+
+
+def port_clash(settings: Settings, port: int) -> str | None:
+    """Why serve's servers cannot each have the port set for it: a workers' metrics port that is also
+    the API's (`port`) or its gRPC's, which a child would take first (serve ended once all had started,
+    blaming "another process"); None when none is."""
+    apis = {
+        "API port (--port, SENTIMENT_PORT)": port,
+        "gRPC port (--grpc-port, SENTIMENT_GRPC_PORT)": settings.grpc_port,
+    }
+    for name in ("metrics_port", "jobs_metrics_port"):
+        metrics = getattr(settings, name)
+        for what, taken in apis.items():
+            if metrics and metrics == taken:
+                return (
+                    f"SENTIMENT_{name.upper()}={metrics} is refused: it is serve's {what} too, "
+                    "and each of its servers needs its own"
+                )
+    return None
 
 
 def serve(settings: Settings, host: str, port: int, data_dir: Path | None) -> None:
@@ -280,7 +300,7 @@ def serve(settings: Settings, host: str, port: int, data_dir: Path | None) -> No
             if given
             else embedded_redis(data_dir, settings.embedded_redis_max_mb, watched=True) as url
         ):
-            supervisor = Supervisor(children(settings, url), serving(settings, url))
+            supervisor = Supervisor(children(settings, url, port), serving(settings, url))
             try:
                 log.debug("starting the workers")
                 supervisor.start()
@@ -305,8 +325,9 @@ def serve(settings: Settings, host: str, port: int, data_dir: Path | None) -> No
         raise SystemExit(f"sentiment serve: {exc}") from None
 
 
-def children(settings: Settings, url: str) -> list[Child]:
-    """`settings.workers` micro-batching workers, each with its share of the cores, and a jobs worker.
+def children(settings: Settings, url: str, port: int) -> list[Child]:
+    """`settings.workers` micro-batching workers, each with its share of the cores and a metrics port
+    apart from the API's (`port`), and a jobs worker.
     Variables that are no setting stay with serve, which warned of them: each child would again."""
     stray = strays(os.environ)
     env = {**{k: v for k, v in os.environ.items() if k not in stray}, "SENTIMENT_REDIS_URL": url}
@@ -317,7 +338,7 @@ def children(settings: Settings, url: str) -> list[Child]:
             {**env, **worker_env(settings), "SENTIMENT_METRICS_PORT": str(metrics)},
             finishing="its forwards under way",
         )
-        for n, metrics in enumerate(worker_metrics_ports(settings), 1)
+        for n, metrics in enumerate(worker_metrics_ports(settings, port), 1)
     ]
     return [*workers, Child("jobs-worker", "jobs-worker", env, finishing="the chunk of a running job")]
 

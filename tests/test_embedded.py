@@ -82,12 +82,23 @@ def test_workers_share_the_cores_unless_torch_threads_are_set(
 
 @pytest.mark.parametrize(
     ("workers", "metrics_port", "jobs_metrics_port", "ports"),
-    [(1, 9100, 9101, [9100]), (3, 9100, 9101, [9100, 9102, 9103]), (2, 9200, 9101, [9200, 9201]), (2, 0, 9101, [0, 0])],
+    [
+        (1, 9100, 9101, [9100]),
+        (3, 9100, 9101, [9100, 9102, 9103]),
+        (2, 9200, 9101, [9200, 9201]),
+        (2, 0, 9101, [0, 0]),
+        (4, 7999, 9101, [7999, 8002, 8003, 8004]),  # (not the API's 8000 nor its gRPC's 8001: no metrics there)
+    ],
 )
 def test_each_worker_gets_a_metrics_port_of_its_own(
     workers: int, metrics_port: int, jobs_metrics_port: int, ports: list[int], settings: Settings
 ) -> None:
     settings = settings.model_copy(
-        update={"workers": workers, "metrics_port": metrics_port, "jobs_metrics_port": jobs_metrics_port}
+        update={
+            "workers": workers,
+            "metrics_port": metrics_port,
+            "jobs_metrics_port": jobs_metrics_port,
+            "grpc_port": 8001,
+        }
     )
-    assert embedded.worker_metrics_ports(settings) == ports
+    assert embedded.worker_metrics_ports(settings, 8000) == ports

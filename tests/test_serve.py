@@ -164,6 +164,30 @@ def test_a_taken_port_ends_serve_with_one_line_before_anything_starts(
     ]
 
 
+@pytest.mark.parametrize(
+    ("variable", "server", "what"),
+    [
+        ("SENTIMENT_METRICS_PORT", "grpc", "gRPC port (--grpc-port, SENTIMENT_GRPC_PORT)"),
+        ("SENTIMENT_JOBS_METRICS_PORT", "grpc", "gRPC port (--grpc-port, SENTIMENT_GRPC_PORT)"),
+        ("SENTIMENT_METRICS_PORT", "http", "API port (--port, SENTIMENT_PORT)"),
+    ],
+)
+def test_a_metrics_port_that_is_also_the_apis_is_refused_before_anything_starts(
+    serves: list[Serve], tiny_model_dir: Path, variable: str, server: str, what: str
+) -> None:
+    """Serve's own child took the port first: on the gRPC port, serve started everything, then ended
+    saying another process held it (exit 1); on the API's, the worker served no metrics, said only in its log."""
+    port, grpc_port = free_port(), free_port()
+    clash = grpc_port if server == "grpc" else port
+    serve = start(serves, tiny_model_dir, port, env={"SENTIMENT_GRPC_PORT": str(grpc_port), variable: str(clash)})
+    _, stderr = serve.proc.communicate(timeout=60)
+    assert serve.proc.returncode == 2, stderr
+    assert not serve.family()
+    assert stderr.strip().splitlines() == [
+        f"sentiment: {variable}={clash} is refused: it is serve's {what} too, and each of its servers needs its own"
+    ]
+
+
 def test_serves_up_line_names_the_http_address_then_grpc_and_redis(serves: list[Serve], tiny_model_dir: Path) -> None:
     # What a newcomer looks for once serve is up: where to send requests, in one line.
     grpc_port = free_port()
