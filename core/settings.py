@@ -59,7 +59,12 @@ class Settings(BaseSettings):
         "idle time. A Redis that goes silent (its host gone, a partition: no reset) is noticed within about this "
         "long, twice it for an idle connection.",
     )
-    key_prefix: str = Field("sentiment", description="Prefix of every Redis key the service uses.")
+    key_prefix: str = Field(
+        "sentiment",
+        pattern=r"^[!-~]*$",  # (it names each worker's Redis connections: Redis refuses any other client name)
+        description="Prefix of every Redis key the service uses.",
+        json_schema_extra={"rule": "printable ASCII text without spaces"},
+    )
     model_dir: Path = Field(
         Path("models/distilbert-base-uncased-finetuned-sst2"),
         description="Local Hugging Face checkpoint directory the worker loads (never downloaded at start).",

@@ -128,6 +128,17 @@ def test_a_wait_for_company_as_long_as_the_deadline_is_refused(monkeypatch: pyte
     assert from_environment().max_wait_ms == 10_000
 
 
+@pytest.mark.parametrize("prefix", ["my app", "tab\there", "caf\u00e9", "line\nbreak"])
+def test_a_key_prefix_that_cannot_name_a_redis_connection_is_refused(prefix: str) -> None:
+    """The prefix names each worker's Redis connections, and Redis refuses a client name with a space,
+    a control or a non-ASCII character: a worker started before its Redis retried "redis failed
+    (ResponseError)" every 2 s, never serving; one started after it lost the quick notice of its death."""
+    stderr = refused(["worker"], SENTIMENT_KEY_PREFIX=prefix)
+    assert stderr == f"sentiment: SENTIMENT_KEY_PREFIX={prefix!r} is refused: {rule('key_prefix')}\n"
+    assert rule("key_prefix") == "printable ASCII text without spaces"
+    assert Settings(key_prefix="team-a:{sentiment}").key_prefix == "team-a:{sentiment}"
+
+
 def test_the_longest_redis_timeout_accepted_still_reaches_redis(redis_server: RedisServer) -> None:
     """The bound is the kernel's, not a guess: at the most accepted, a connection still opens."""
     longest = next(m.le for m in Settings.model_fields["redis_timeout_s"].metadata if hasattr(m, "le"))
