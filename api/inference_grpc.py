@@ -51,6 +51,9 @@ from core.protocol import DEFAULT_CLIENT
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
+# gRPC's channel arguments are C ints, and it takes no larger message: where the text limits allow a
+# larger request, this is the limit (a larger value cannot even be set).
+MOST_MESSAGE_BYTES = 2**31 - 1
 Service = TypeVar("Service", bound="InferenceService")
 Message = TypeVar("Message")
 Answer = TypeVar("Answer")
@@ -69,7 +72,7 @@ class GrpcServer:
 
     def bind(self) -> None:
         """Make the server and bind its port; call it in the loop that will run it (grpc.aio's rule)."""
-        limit = infer_body_limit(self.settings.max_texts, self.settings.max_chars)
+        limit = min(infer_body_limit(self.settings.max_texts, self.settings.max_chars), MOST_MESSAGE_BYTES)
         # No SO_REUSEPORT (grpc's default): a second process on the port must fail, not share its calls.
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", limit)])
         try:

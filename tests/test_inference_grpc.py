@@ -484,6 +484,18 @@ async def test_a_fault_is_the_same_error_over_rest_and_grpc(
 
 
 @pytest.mark.anyio
+async def test_text_limits_past_grpcs_largest_message_still_serve(
+    settings: Settings, fake_server: fakeredis.FakeServer
+) -> None:
+    """Limits each valid alone (SENTIMENT_MAX_TEXTS=1000, SENTIMENT_MAX_CHARS=1000000) made a receive
+    limit past gRPC's int: `sentiment api` ended at start in an OverflowError's traceback. gRPC takes
+    no message past its own most, so that is the limit then."""
+    wide = settings.model_copy(update={"max_texts": 1000, "max_chars": 1_000_000})
+    async for running in in_process(wide, fake_server):
+        assert (await running.stub.ServerLive(pb.ServerLiveRequest())).live
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("situation", ["ready", "another model", "no live worker", "redis fails the model lookup"])
 async def test_readiness_is_one_answer_over_rest_and_grpc(
     local: InProcess, monkeypatch: pytest.MonkeyPatch, situation: str
