@@ -22,6 +22,9 @@ from core.redis_connect import check_url, masked
 from core.webhooks import secret_key
 
 MIN_API_KEY_CHARS = 16  # a guessable key is no key
+# The longest expiry Redis sets on a key (its deadline in ms since 1970 fits 64 bits: 9.2e15 s from
+# 1970), rounded down: past it each SET EX or EXPIRE is refused.
+MOST_EXPIRY_S = 10**15
 # Characters of English the full-size model classifies per second on 2 busy CPU cores, rounded down
 # (docs/tuning.md, "Long texts"): what bounds a request that must be answered within its deadline.
 CHARS_PER_S = 1000
@@ -145,7 +148,7 @@ class Settings(BaseSettings):
     )
 
     # Results
-    cache_ttl_s: int = Field(86_400, ge=1, description="Lifetime of a cached per-text prediction.")
+    cache_ttl_s: int = Field(86_400, ge=1, le=MOST_EXPIRY_S, description="Lifetime of a cached per-text prediction.")
     local_cache_size: int = Field(
         10_000,
         ge=0,
@@ -292,7 +295,9 @@ class Settings(BaseSettings):
         description="RQ queue name of bulk jobs (Redis list `rq:queue:<name>`); default `<key prefix>-jobs`.",
     )
     jobs_max_texts: int = Field(10_000, ge=1, description="Most texts in one /jobs submission.")
-    job_ttl_s: int = Field(86_400, ge=1, description="How long a job and its results are kept after it ends.")
+    job_ttl_s: int = Field(
+        86_400, ge=1, le=MOST_EXPIRY_S, description="How long a job and its results are kept after it ends."
+    )
 
     # Webhooks of bulk jobs (docs/jobs.md, "Webhooks")
     webhook_secrets: Annotated[list[SecretStr] | None, NoDecode] = Field(

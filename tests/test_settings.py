@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from core.redis_connect import reach
+from core.redis_connect import reach, sync_client
 from core.settings import Settings, SettingsError, from_environment, rule
 from tests.conftest import REPO, RedisServer
 
@@ -98,6 +98,8 @@ def test_log_level_takes_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
         ("SENTIMENT_RATE_LIMIT_PER_S", "inf"),  # no limit at all, in silence
         ("SENTIMENT_RATE_LIMIT_PER_S", "1e-13"),  # a bucket's expiry Redis refuses: every request unchecked
         ("SENTIMENT_RATE_LIMIT_BURST", "100000000000000000000"),  # (the same)
+        ("SENTIMENT_CACHE_TTL_S", "10000000000000000"),  # past Redis's most: every cache SET refused, in silence
+        ("SENTIMENT_JOB_TTL_S", "10000000000000000"),  # RQ's EXPIRE refused: each job computed, then failed
     ],
 )
 def test_a_setting_that_could_only_fail_later_is_refused_at_start(
@@ -144,6 +146,15 @@ def test_the_longest_redis_timeout_accepted_still_reaches_redis(redis_server: Re
     longest = next(m.le for m in Settings.model_fields["redis_timeout_s"].metadata if hasattr(m, "le"))
     assert math.isfinite(longest)
     reach(redis_server.url, longest)  # (past it: RedisUnreachable, `Invalid argument`)
+
+
+@pytest.mark.parametrize("name", ["cache_ttl_s", "job_ttl_s"])
+def test_the_longest_lifetime_accepted_is_one_redis_sets(redis_server: RedisServer, name: str) -> None:
+    """The bound is Redis's, not a guess: at the most accepted, a key's expiry is still set."""
+    longest = next(m.le for m in Settings.model_fields[name].metadata if hasattr(m, "le"))
+    client = sync_client(redis_server.url, 5)
+    assert client.set("key", "value", ex=longest)
+    assert client.expire("key", longest)
 
 
 # What Kubernetes adds to every pod of the namespace for k8s/base/api.yaml's Service `sentiment-api`.
