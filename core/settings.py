@@ -331,6 +331,7 @@ class Settings(BaseSettings):
     heartbeat_ttl_s: float = Field(
         10.0,
         ge=1,  # (under a millisecond its key's PX is 0, which Redis refuses inside the beat's MULTI, silently)
+        le=86400,  # (a worker silent for longer is no heartbeat; past about 3e10 s a running job's beat overflows its wait)
         allow_inf_nan=False,  # (a key's expiry and the jobs worker's beat are whole numbers)
         description="A worker silent for this long is dead: /ready drops it and its work is reclaimed (a killed one is noticed sooner, by its closed Redis connections).",
     )

@@ -100,6 +100,7 @@ def test_log_level_takes_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
         ("SENTIMENT_RATE_LIMIT_BURST", "100000000000000000000"),  # (the same)
         ("SENTIMENT_CACHE_TTL_S", "10000000000000000"),  # past Redis's most: every cache SET refused, in silence
         ("SENTIMENT_JOB_TTL_S", "10000000000000000"),  # RQ's EXPIRE refused: each job computed, then failed
+        ("SENTIMENT_HEARTBEAT_TTL_S", "100000000000"),  # a running job's beat thread: an OverflowError in its wait
     ],
 )
 def test_a_setting_that_could_only_fail_later_is_refused_at_start(
