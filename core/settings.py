@@ -551,20 +551,22 @@ def _refusal(exc: ValidationError) -> str:
             reason = error["msg"].removeprefix("Value error, ") if said else ""
             reasons.setdefault(str(error["loc"][0]), []).append(reason)
     return "; ".join(
-        f"SENTIMENT_{name.upper()}={_shown(name)} is refused: {rule(name)}"
-        + "".join(f" ({reason})" for reason in dict.fromkeys(why) if reason)
+        f"{_shown(name)} is refused: {rule(name)}" + "".join(f" ({reason})" for reason in dict.fromkeys(why) if reason)
         for name, why in reasons.items()
     )
 
 
 def _shown(name: str) -> str:
-    """The variable's value as set, quoted; a secret's only as its values' lengths, a Redis URL's
-    without its password."""
+    """The variable with its value as set, quoted; a secret's only as its values' lengths, a Redis
+    URL's without its password. Unset: its default (one computed from, or checked against, another
+    setting), which nobody set to ''."""
     variable = f"SENTIMENT_{name}".upper()
-    value = next((v for k, v in os.environ.items() if k.upper() == variable), "")
+    value = next((v for k, v in os.environ.items() if k.upper() == variable), None)
+    if value is None:
+        return f"{variable}'s default"
     if name == "redis_url":
-        return repr(masked(value))
+        return f"{variable}={masked(value)!r}"
     if "SecretStr" not in str(Settings.model_fields[name].annotation):
-        return repr(value)
+        return f"{variable}={value!r}"
     lengths = [str(len(v.strip())) for v in value.split(",") if v.strip()]
-    return f"<hidden: {len(lengths)} {'value' if len(lengths) == 1 else 'values'} of {', '.join(lengths)} characters>"
+    return f"{variable}=<hidden: {len(lengths)} {'value' if len(lengths) == 1 else 'values'} of {', '.join(lengths)} characters>"

@@ -142,6 +142,23 @@ def test_a_key_prefix_that_cannot_name_a_redis_connection_is_refused(prefix: str
     assert Settings(key_prefix="team-a:{sentiment}").key_prefix == "team-a:{sentiment}"
 
 
+def test_a_refused_default_is_named_as_the_default_not_as_a_value_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny timeout makes defaults computed from it, or checked against it, wrong: the refusal said
+    SENTIMENT_MAX_REQUEST_CHARS='' and SENTIMENT_MAX_WAIT_MS='', variables nobody had set to ''."""
+    monkeypatch.setenv("SENTIMENT_REQUEST_TIMEOUT_S", "0.0005")
+    with pytest.raises(SettingsError) as refusal:
+        from_environment()
+    assert str(refusal.value).split("; ") == [
+        f"SENTIMENT_MAX_REQUEST_CHARS's default is refused: {rule('max_request_chars')}",
+        f"SENTIMENT_MAX_WAIT_MS's default is refused: {rule('max_wait_ms')} (a batch waiting that long for company "
+        "answers after its requests' deadline, SENTIMENT_REQUEST_TIMEOUT_S=0.0005 s)",
+    ]
+    monkeypatch.setenv("SENTIMENT_MAX_REQUEST_CHARS", "")  # (set, empty: its value, as set)
+    with pytest.raises(SettingsError) as refusal:
+        from_environment()
+    assert str(refusal.value).startswith("SENTIMENT_MAX_REQUEST_CHARS='' is refused: ")
+
+
 def test_the_longest_redis_timeout_accepted_still_reaches_redis(redis_server: RedisServer) -> None:
     """The bound is the kernel's, not a guess: at the most accepted, a connection still opens."""
     longest = next(m.le for m in Settings.model_fields["redis_timeout_s"].metadata if hasattr(m, "le"))
