@@ -253,12 +253,10 @@ def _seconds(text: str) -> float:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> None:
-    from sentiment.embedded import port_clash, serve
+    from sentiment.embedded import serve
 
     settings = settings.model_copy(update={"workers": args.workers, "grpc_port": args.grpc_port})
-    if clash := port_clash(settings, args.port):  # (a setting refused, as `main` refuses one)
-        print(f"sentiment: {clash}", file=sys.stderr)
-        sys.exit(2)
+    _refuse_clash(settings, args.port)
     if settings.redis_url_given and (args.ephemeral or args.data_dir):  # (the up line names the Redis, not this)
         log.warning("--data-dir and --ephemeral are the embedded Redis's: unused with SENTIMENT_REDIS_URL")
     data_dir = None if args.ephemeral else (args.data_dir or settings.data_dir).resolve()
@@ -270,11 +268,23 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
 def _api(settings: Settings, args: argparse.Namespace) -> None:
     import api.server
 
+    settings = settings.model_copy(update={"grpc_port": args.grpc_port})
+    _refuse_clash(settings, args.port, workers=False)
     for warning in settings.unheeded():
         log.warning(warning)
     listening = api.server.listen(args.host, args.port)  # a taken port first: it costs nothing
     _reach_redis(settings, "api", "answering 503 until it does")
-    api.server.run(settings.model_copy(update={"grpc_port": args.grpc_port}), args.host, args.port, listening)
+    api.server.run(settings, args.host, args.port, listening)
+
+
+def _refuse_clash(settings: Settings, port: int, workers: bool = True) -> None:
+    """Ports set for two of the servers this command runs refused in one line, exit 2, as `main`
+    refuses a setting (`embedded.port_clash`)."""
+    from sentiment.embedded import port_clash
+
+    if clash := port_clash(settings, port, workers):
+        print(f"sentiment: {clash}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _reach_redis(settings: Settings, command: str, meanwhile: str) -> None:

@@ -259,17 +259,17 @@ def worker_metrics_ports(settings: Settings, port: int) -> list[int]:
     return list(itertools.islice(free, settings.workers))
 
 
-def port_clash(settings: Settings, port: int) -> str | None:
-    """Why serve's servers cannot each have the port set for it: a workers' metrics port that is also
-    the API's (`port`) or its gRPC's, which a child would take first (serve ended once all had started,
-    blaming "another process"); None when none is."""
-    apis = {
-        "API port (--port, SENTIMENT_PORT)": port,
-        "gRPC port (--grpc-port, SENTIMENT_GRPC_PORT)": settings.grpc_port,
-    }
-    for name in ("metrics_port", "jobs_metrics_port"):
+def port_clash(settings: Settings, port: int, workers: bool = True) -> str | None:
+    """Why the API's servers, and with `workers` serve's workers, cannot each have the port set for
+    it: a gRPC port that is the API's (`port`), or a workers' metrics port that is either, which a
+    child would take first (serve ended once all had started, blaming "another process"); None when
+    none is."""
+    api, grpc = "API port (--port, SENTIMENT_PORT)", "gRPC port (--grpc-port, SENTIMENT_GRPC_PORT)"
+    if settings.grpc_port == port:
+        return f"--grpc-port {port} (SENTIMENT_GRPC_PORT) is refused: it is the {api} too"
+    for name in ("metrics_port", "jobs_metrics_port") if workers else ():
         metrics = getattr(settings, name)
-        for what, taken in apis.items():
+        for what, taken in ((api, port), (grpc, settings.grpc_port)):
             if metrics and metrics == taken:
                 return (
                     f"SENTIMENT_{name.upper()}={metrics} is refused: it is serve's {what} too, "

@@ -188,6 +188,27 @@ def test_a_metrics_port_that_is_also_the_apis_is_refused_before_anything_starts(
     ]
 
 
+@pytest.mark.parametrize("command", ["api", "serve"])
+def test_one_port_for_http_and_grpc_is_refused_naming_both_options(command: str, tiny_model_dir: Path) -> None:
+    """It said "another process holds it?" of the API's own HTTP port."""
+    port = free_port()
+    done = subprocess.run(
+        [sys.executable, "-m", "sentiment.cli", command, "--port", str(port), "--grpc-port", str(port)],
+        env={
+            **os.environ,
+            "SENTIMENT_MODEL_DIR": str(tiny_model_dir),
+            "SENTIMENT_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stderr.strip().splitlines()[-1]) == (
+        2,
+        f"sentiment: --grpc-port {port} (SENTIMENT_GRPC_PORT) is refused: it is the API port (--port, SENTIMENT_PORT) too",
+    ), done.stderr
+
+
 def test_serves_up_line_names_the_http_address_then_grpc_and_redis(serves: list[Serve], tiny_model_dir: Path) -> None:
     # What a newcomer looks for once serve is up: where to send requests, in one line.
     grpc_port = free_port()
