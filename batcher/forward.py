@@ -3,7 +3,9 @@
 A lane asks `Window` for a forward when it is free, runs it on the engine, and hands the
 logits to the reply stage. A forward that fails, or answers another shape than a row of
 finite label logits per text, is run again one text at a time, so a text the model cannot take fails
-only the requests that hold it.
+only the requests that hold it. When every text fails alone too, and so does the text the engine
+computed at start, the engine is broken (a CUDA error fails every call after it), not the texts:
+`EngineFailed` stops the worker, whose work goes back to the queue for another.
 """
 
 from __future__ import annotations
@@ -29,12 +31,17 @@ from model_store.engine import Engine
 log = logging.getLogger(__name__)
 
 
+class EngineFailed(Exception):
+    """The engine fails even the text it computed at start: it is broken, whatever it is given."""
+
+
 class Lanes:
     """`engine.lanes` threads named `forward-N`; `running` holds each busy lane's forward and start."""
 
-    def __init__(self, engine: Engine, labels: int, window: Window, replies: Replies) -> None:
+    def __init__(self, engine: Engine, labels: int, window: Window, replies: Replies, known_good: list[int]) -> None:
         self.engine = engine
         self.labels = labels
+        self.known_good = known_good  # token ids the engine computed at start (`Classifier.known_good`)
         self.window = window
         self.replies = replies
         self.running: dict[int, tuple[Forward, float]] = {}  # lane -> (forward, unix start)
@@ -114,13 +121,25 @@ class Lanes:
         # Exception messages may quote the input: their text and traceback only at DEBUG.
         log.warning("a forward of %d texts failed (%s); running them one by one", len(texts), type(failure).__name__)
         log.debug("the forward failed with", exc_info=failure)
+        failed: list[tuple[Text, Exception]] = []
         for text in texts:
             try:
                 self.replies.computed([text], self._checked(self.engine.forward([text.ids]), 1))
             except Exception as exc:
-                log.warning("a text failed in the model (%s)", type(exc).__name__)
-                log.debug("the text failed with", exc_info=True)
-                self.replies.failed([text], f"the model failed on this request's texts ({type(exc).__name__})")
+                failed.append((text, exc))
+        if len(failed) == len(texts):
+            self._check_engine()
+        for text, error in failed:
+            log.warning("a text failed in the model (%s)", type(error).__name__)
+            log.debug("the text failed with", exc_info=error)
+            self.replies.failed([text], f"the model failed on this request's texts ({type(error).__name__})")
+
+    def _check_engine(self) -> None:
+        """Raise `EngineFailed` unless the engine still computes the text it computed at start."""
+        try:
+            self._checked(self.engine.forward([self.known_good]), 1)
+        except Exception as exc:
+            raise EngineFailed(f"the engine fails even the text it computed at start ({type(exc).__name__})") from exc
 
     def _count(self, forward: Forward) -> None:
         requests = len({id(held) for text in forward.texts for held, _ in text.waiters})

@@ -80,7 +80,7 @@ class Worker:
             self._stopping,
             self.heartbeat.writes,
         )
-        self.lanes = Lanes(classifier.engine, len(classifier.labels), self.window, self.replies)
+        self.lanes = Lanes(classifier.engine, len(classifier.labels), self.window, self.replies, classifier.known_good)
         self.intake = Intake(
             self.queue,
             self.window,

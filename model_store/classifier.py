@@ -49,7 +49,10 @@ class Classifier:
         # Each handling of long texts answers them differently: its own cache (truncate, the default, none).
         handling = "" if self.long_texts == LongTexts.TRUNCATE else f"-{self.long_texts}"
         self.version = self.checkpoint.version(self.engine.precision) + handling
-        self.forward(self.tokenize(["warm up"]))  # the first call pays allocator and kernel set-up
+        # The first call pays allocator and kernel set-up; a text the engine computed, to tell a broken
+        # engine from texts it cannot take (`batcher.forward`).
+        [self.known_good] = self.tokenize(["warm up"])
+        self.forward([self.known_good])
         log.info(
             "model %s version %s on %s (%s, %s, %d threads, %d forward lanes), labels %s, scores by %s, long texts %s",
             self.name,

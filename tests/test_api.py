@@ -15,6 +15,7 @@ from unittest.mock import AsyncMock
 
 import fakeredis
 import httpx
+import numpy as np
 import orjson
 import pytest
 import redis as sync_redis
@@ -870,8 +871,14 @@ async def test_openapi_states_the_configured_limits_and_docs_render(client: http
 async def test_model_failure_is_a_424_json_error(
     client: httpx.AsyncClient, worker: Worker, classifier: Classifier, monkeypatch
 ) -> None:
-    def broken(batch: list[list[int]], packed: bool = False) -> list[list[float]]:
-        raise RuntimeError("out of cheese")
+    # A text the model cannot take; the engine still computes the one it computed at start (else it is
+    # broken, and the worker stops: tests/test_worker.py).
+    forward = classifier.engine.forward
+
+    def broken(batch: list[list[int]], packed: bool = False) -> np.ndarray:
+        if batch != [classifier.known_good]:
+            raise RuntimeError("out of cheese")
+        return forward(batch, packed)
 
     monkeypatch.setattr(classifier.engine, "forward", broken)
     start_worker(worker)

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import fakeredis
 import httpx
+import numpy as np
 import pytest
 
 from api.app import create_app
@@ -48,7 +49,11 @@ async def run_every_path(
     assert (await client.post("/predict", json={"text": [MARKER, 3]})).status_code == 422
     assert (await client.post("/jobs", json={"text": texts})).status_code == 202
 
-    def quoting(batch: list[list[int]], packed: bool = False) -> list[list[float]]:
+    forward = classifier.engine.forward
+
+    def quoting(batch: list[list[int]], packed: bool = False) -> np.ndarray:
+        if batch == [classifier.known_good]:  # (the engine works: the text fails, not the engine)
+            return forward(batch, packed)
         raise RuntimeError(f"cannot classify {MARKER!r}")  # as a tokenizer or model error might
 
     monkeypatch.setattr(classifier.engine, "forward", quoting)

@@ -480,6 +480,29 @@ def test_a_poison_text_fails_only_its_own_request(
     assert redis.llen(keys.processing(worker.id)) == 0  # the failed request is answered, not stuck
 
 
+def test_an_engine_that_fails_every_text_stops_the_worker_which_hands_back_its_work(
+    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, monkeypatch
+) -> None:
+    # A CUDA error (an illegal memory access, a device-side assert) fails every forward after it in that
+    # process. Read as poison, it failed every request with a 424 while the worker beat on and looked
+    # ready; a broken engine is not its requests' fault: the worker stops, and another computes them.
+    keys = Keys(settings.key_prefix)
+
+    def broken(batch: list[list[int]], packed: bool = False) -> NoReturn:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(classifier.engine, "forward", broken)
+    item = push(redis, keys, "a fine text", "another")
+    failed: list[BaseException] = []
+    thread = threading.Thread(target=_run_catching, args=(worker, failed), daemon=True)
+    thread.start()
+    wait_for("an answer, or the worker's stop", lambda: redis.exists(keys.result(item.id)) or not thread.is_alive())
+    assert not redis.exists(keys.result(item.id)), Result.decode(redis.get(keys.result(item.id)))
+    assert [type(exc) for exc in failed] == [ThreadFailed]
+    assert "the forward-0 thread failed (EngineFailed: " in str(failed[0])
+    assert [WorkItem.decode(raw).id for raw in redis.lrange(keys.queue, 0, -1)] == [item.id]
+
+
 def test_a_malformed_work_item_is_dropped_and_the_worker_carries_on(
     worker: Worker, redis: fakeredis.FakeRedis, settings: Settings
 ) -> None:
