@@ -4,9 +4,9 @@ Every third of `heartbeat_ttl_s` it writes the worker's status under a key that 
 TTL (and the served model, should a restarted Redis have lost it); every `DEATH_WATCH_S` it asks the death
 watch (`liveness.DeathWatch`) which registered workers died, by their lapsed key or their closed
 connections, and pushes their processing lists back onto the queue. A stuck pipeline (a lane in a
-forward past every deadline of its requests, the take or the reply stage in one step longer than
-the TTL: `Worker._healthy`) stops the beats: nobody waits for that work any more, so it is reclaimed
-and a liveness probe restarts the worker. A long forward within its deadlines is work, and keeps
+forward past every deadline of its requests or the request timeout, the take or the reply stage in
+one step longer than the TTL: `Worker._healthy`) stops the beats: nobody waits for that work any
+more, so it is reclaimed and a liveness probe restarts the worker. A long forward within its deadlines is work, and keeps
 beating. A Redis failure skips a tick, and holds the death watch's reading of lapsed heartbeats back
 for a TTL once Redis answers (an outage that lapsed this worker's heartbeat lapsed the others' too,
 and they beat again meanwhile); any other failure is a bug, and stops the worker.

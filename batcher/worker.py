@@ -177,11 +177,12 @@ class Worker:
         return self._lanes_on_time()
 
     def _lanes_on_time(self) -> bool:
-        """False while a lane is hung: in a forward past every deadline of its requests, and longer than
-        the heartbeat TTL (bulk work is never late: its forward may start past its items' deadlines)."""
-        now, ttl_s = time.time(), self.settings.heartbeat_ttl_s
+        """False while a lane is hung: in a forward past every deadline of its requests, or longer than
+        the request timeout (nobody waits longer, whatever a work item says), and longer than the
+        heartbeat TTL (bulk work is never late: its forward may start past its items' deadlines)."""
+        now, ttl_s, timeout_s = time.time(), self.settings.heartbeat_ttl_s, self.settings.request_timeout_s
         return all(
-            now < max(max(t.deadline for t in forward.texts), started + ttl_s)
+            now < max(min(max(t.deadline for t in forward.texts), started + timeout_s), started + ttl_s)
             for forward, started in list(self.lanes.running.values())
         )
 

@@ -232,15 +232,17 @@ def test_a_forward_longer_than_the_heartbeat_ttl_keeps_its_work(
         thread.join(10)
 
 
+@pytest.mark.parametrize("deadline_s", [5, 1e300], ids=["its deadline", "a deadline far off (garbage)"])
 def test_a_forward_past_its_deadlines_stops_beating_so_a_hung_worker_is_reclaimed(
-    redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, monkeypatch
+    redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, monkeypatch, deadline_s: float
 ) -> None:
     # A forward that never returns must not keep the worker "alive" forever: once its requests'
-    # deadlines pass, nobody waits for it, its heartbeat lapses and its work is reclaimed.
-    settings = settings.model_copy(update={"heartbeat_ttl_s": 1.0})
+    # deadlines pass, nobody waits for it, its heartbeat lapses and its work is reclaimed. Nobody waits
+    # past the request timeout either, whatever a work item's deadline says: one far off hid a hung lane.
+    settings = settings.model_copy(update={"heartbeat_ttl_s": 1.0, "request_timeout_s": 5})
     keys = Keys(settings.key_prefix)
     now = time.time()
-    item = WorkItem(new_id(), ["stuck"], now, now + 5, keys.reply_channel("api"))
+    item = WorkItem(new_id(), ["stuck"], now, now + deadline_s, keys.reply_channel("api"))
     worker, forwarding, release = worker_holding(redis, settings, classifier, monkeypatch, item, keys.queue)
     with running_until_released(worker, release):
         wait_for("the forward to start", forwarding.is_set)
