@@ -23,7 +23,7 @@ from batcher import metrics
 from batcher.batches import Forward
 from batcher.plan import Window
 from batcher.reply import Replies
-from batcher.thread_failure import ThreadFailure
+from batcher.thread_failure import ThreadFailure, stops
 from batcher.work import Text, traceparents
 from core import tracing
 from model_store.engine import Engine
@@ -103,7 +103,9 @@ class Lanes:
                 metrics.timed_forward(self.engine.forward, [t.ids for t in forward.texts], forward.packed),
                 len(forward.texts),
             )
-        except Exception as exc:
+        except BaseException as exc:  # (a Rust panic too: `stops`)
+            if stops(exc):
+                raise
             self._one_by_one(forward.texts, exc)
             return None
 
@@ -117,15 +119,17 @@ class Lanes:
             raise ValueError("the engine answered logits that are not finite numbers")
         return logits
 
-    def _one_by_one(self, texts: list[Text], failure: Exception) -> None:
+    def _one_by_one(self, texts: list[Text], failure: BaseException) -> None:
         # Exception messages may quote the input: their text and traceback only at DEBUG.
         log.warning("a forward of %d texts failed (%s); running them one by one", len(texts), type(failure).__name__)
         log.debug("the forward failed with", exc_info=failure)
-        failed: list[tuple[Text, Exception]] = []
+        failed: list[tuple[Text, BaseException]] = []
         for text in texts:
             try:
                 self.replies.computed([text], self._checked(self.engine.forward([text.ids]), 1))
-            except Exception as exc:
+            except BaseException as exc:
+                if stops(exc):
+                    raise
                 failed.append((text, exc))
         if len(failed) == len(texts):
             self._check_engine()
@@ -138,7 +142,9 @@ class Lanes:
         """Raise `EngineFailed` unless the engine still computes the text it computed at start."""
         try:
             self._checked(self.engine.forward([self.known_good]), 1)
-        except Exception as exc:
+        except BaseException as exc:
+            if stops(exc):
+                raise
             raise EngineFailed(f"the engine fails even the text it computed at start ({type(exc).__name__})") from exc
 
     def _count(self, forward: Forward) -> None:

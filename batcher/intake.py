@@ -24,6 +24,7 @@ from batcher.policy import TAKE_AT_ONCE
 from batcher.queue import WorkQueue
 from batcher.redis_link import Command
 from batcher.reply import Replies
+from batcher.thread_failure import stops
 from batcher.work import Chunks, Held, Text, traceparents
 from core import tracing
 from core.protocol import ScoreFunction, Unreadable, WorkItem, read_prediction
@@ -269,14 +270,18 @@ class Intake:
         worker would take the same item and fail the same way)."""
         try:
             return list(zip(texts, self.split([t.text for t in texts]), strict=True))
-        except Exception as exc:
+        except BaseException as exc:  # (a Rust panic too: `stops`)
+            if stops(exc):
+                raise
             log.warning("tokenizing %d texts failed (%s); one by one", len(texts), type(exc).__name__)
         tokenized = []
         for text in texts:
             try:
                 [tokens] = self.split([text.text])
                 tokenized.append((text, tokens))
-            except Exception as exc:
+            except BaseException as exc:
+                if stops(exc):
+                    raise
                 log.warning("a text failed in the tokenizer (%s)", type(exc).__name__)
                 self.replies.failed([text], f"the tokenizer failed on this request's texts ({type(exc).__name__})")
         return tokenized

@@ -78,6 +78,14 @@ class ThreadFailure:
         os._exit(EXIT_STATUS)
 
 
+def stops(exc: BaseException) -> bool:
+    """Whether `exc` is one of the interpreter's own stops (SystemExit, KeyboardInterrupt, GeneratorExit),
+    which a thread that recovers from a failure by design must let through. Any other BaseException is
+    a failure as an Exception is: pyo3 raises a native library's panic (tokenizers panics on some
+    inputs) as `PanicException`, a BaseException."""
+    return isinstance(exc, SystemExit | KeyboardInterrupt | GeneratorExit)
+
+
 def _message(exc: BaseException) -> str:
     """`str(exc)`, or a stand-in where that fails (a `__str__` that raises, an argument whose repr does):
     describing a failure must never stop the stop it sets off."""

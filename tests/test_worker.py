@@ -18,6 +18,7 @@ import pytest
 from prometheus_client import REGISTRY
 from redis.client import PubSub
 from redis.exceptions import OutOfMemoryError
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from batcher.queue import WorkQueue
 from batcher.thread_failure import ThreadFailed
@@ -390,21 +391,41 @@ def _run_catching(worker: Worker, failed: list[BaseException]) -> None:
         failed.append(exc)
 
 
+def rust_panic() -> NoReturn:
+    """A panic in a native library, as pyo3 raises it: `PanicException`, a BaseException (here tokenizers'
+    truncation, asserting that its stride is shorter than what the special tokens leave of the length)."""
+    tokenizer = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1, "[CLS]": 2, "[SEP]": 3}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = [("[CLS]", 2), ("[SEP]", 3)]
+    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=special)
+    tokenizer.enable_truncation(4, stride=2)
+    tokenizer.encode("a a a a a a")
+    raise AssertionError("tokenizers no longer panics here: find another panic")
+
+
+def cannot_spell() -> NoReturn:
+    raise RuntimeError("cannot spell this")
+
+
+@pytest.mark.parametrize("failure", [cannot_spell, rust_panic], ids=["an exception", "a Rust panic"])
 def test_a_text_the_tokenizer_cannot_take_fails_only_its_own_request(
-    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, monkeypatch
+    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, monkeypatch, failure
 ) -> None:
+    # A Rust panic (tokenizers on some inputs) is a BaseException: it stopped the worker, which handed the
+    # item back for the next worker to stop on, one after the other.
     keys = Keys(settings.key_prefix)
     real_split = worker.intake.split
 
     def split(texts: list[str]) -> list[Tokenized]:
         if "unspeakable" in texts:
-            raise RuntimeError("cannot spell this")
+            failure()
         return real_split(texts)
 
     monkeypatch.setattr(worker.intake, "split", split)
     good, bad = push(redis, keys, "fine"), push(redis, keys, "ok", "unspeakable")
     thread = start_worker(worker)
-    assert wait_result(redis, keys, bad).error == "the tokenizer failed on this request's texts (RuntimeError)"
+    error = {cannot_spell: "RuntimeError", rust_panic: "PanicException"}[failure]
+    assert wait_result(redis, keys, bad).error == f"the tokenizer failed on this request's texts ({error})"
     assert wait_result(redis, keys, good).predictions == expected(classifier, "fine")
     assert wait_result(redis, keys, push(redis, keys, "still serving")).predictions
     assert thread.is_alive()
@@ -459,8 +480,13 @@ def test_a_stuck_reply_stage_stops_the_heartbeat_so_another_worker_reclaims_the_
         thread.join(10)
 
 
+def cannot_digest() -> NoReturn:
+    raise RuntimeError("cannot digest this")
+
+
+@pytest.mark.parametrize("failure", [cannot_digest, rust_panic], ids=["an exception", "a Rust panic"])
 def test_a_poison_text_fails_only_its_own_request(
-    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, monkeypatch
+    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, monkeypatch, failure
 ) -> None:
     keys = Keys(settings.key_prefix)
     [poison] = classifier.tokenize(["poison pill"])
@@ -468,13 +494,14 @@ def test_a_poison_text_fails_only_its_own_request(
 
     def forward(batch: list[list[int]], packed: bool = False) -> np.ndarray:
         if poison in batch:
-            raise RuntimeError("cannot digest this")
+            failure()
         return real_forward(batch, packed)
 
     monkeypatch.setattr(classifier.engine, "forward", forward)
     good, bad, other = push(redis, keys, "fine"), push(redis, keys, "ok", "poison pill"), push(redis, keys, "good")
     thread = start_worker(worker)
-    assert wait_result(redis, keys, bad).error == "the model failed on this request's texts (RuntimeError)"
+    error = {cannot_digest: "RuntimeError", rust_panic: "PanicException"}[failure]
+    assert wait_result(redis, keys, bad).error == f"the model failed on this request's texts ({error})"
     assert wait_result(redis, keys, good).predictions and wait_result(redis, keys, other).predictions
     after = push(redis, keys, "still serving")
     assert wait_result(redis, keys, after).predictions
