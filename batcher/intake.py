@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from batcher import metrics
 from batcher.plan import Window
@@ -83,6 +83,7 @@ class Intake:
         self.texts_per_item = 1.0  # distinct texts an interactive item brought, at the last take
         self._bulk_taken = float("-inf")  # monotonic time of the last take that got bulk work
         self._bulk_looked = float("-inf")  # monotonic time of the last look for bulk work
+        self._bulk_refused = False  # Redis refused the last look for bulk work (said once a run of refusals)
         self.busy_since: float | None = None  # monotonic start of the take under way; None between takes
 
     def take(self) -> bool:
@@ -136,10 +137,20 @@ class Intake:
 
     def _take_bulk(self) -> bool:
         """Bulk items for the window's bulk room (one round trip; an item is at most a forward of texts),
-        only once it has room for a whole forward; whether any came."""
+        only once it has room for a whole forward; whether any came. Redis refusing the bulk list alone
+        (WRONGTYPE on a key something else wrote, an ACL without it) leaves bulk work waiting, said once
+        a run of refusals, and the take going on to the queue: raised, it backed every take off, and
+        took no interactive work once a take had found the queue empty."""
         self._bulk_looked = time.monotonic()
         most = min(self.window.bulk_room() // self.window.policy.max_texts, TAKE_AT_ONCE)
-        raws = self.queue.take_queued(most, bulk=True)
+        try:
+            raws = self.queue.take_queued(most, bulk=True)
+        except ResponseError as exc:
+            if not self._bulk_refused:
+                log.error("redis refuses the bulk list (%s): bulk work waits, interactive work goes on", describe(exc))
+            self._bulk_refused = True
+            return False
+        self._bulk_refused = False
         if raws:
             self._bulk_taken = time.monotonic()
             self.hold(raws, bulk=True)

@@ -305,6 +305,28 @@ def test_an_error_reply_from_redis_is_survived_like_an_outage(
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and text in r.getMessage()]
 
 
+def test_a_bulk_list_redis_refuses_leaves_interactive_work_going(
+    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Something else wrote the bulk list's key (WRONGTYPE), or an ACL leaves it out (NOPERM): every take
+    # failed at its look for bulk work and backed off, and once one had found the queue empty, the next
+    # looked for bulk work alone: no interactive request was ever taken again.
+    keys = Keys(settings.key_prefix)
+    redis.set(keys.bulk, "not a list")
+    caplog.set_level(logging.INFO)
+    thread = start_worker(worker)
+    for i in range(3):
+        assert wait_result(redis, keys, push(redis, keys, f"asked while the bulk list is garbage {i}")).predictions
+    redis.delete(keys.bulk)
+    now = time.time()
+    chunk = WorkItem(new_id(), ["a job's text"], now, now + 30, keys.reply_channel("jobs"))
+    redis.lpush(keys.bulk, chunk.encode())
+    assert wait_result(redis, keys, chunk).predictions
+    assert thread.is_alive()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert errors == ["redis refuses the bulk list (ResponseError): bulk work waits, interactive work goes on"]
+
+
 def crash(*args: object, **kwargs: object) -> NoReturn:
     raise RuntimeError("a bug")
 
