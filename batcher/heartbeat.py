@@ -1,15 +1,16 @@
 """The heartbeat thread: says this worker is alive, and requeues the work of workers that are not.
 
 Every third of `heartbeat_ttl_s` it writes the worker's status under a key that lapses after the
-TTL (and the served model, should a restarted Redis have lost it); every `DEATH_WATCH_S` it asks the death
-watch (`liveness.DeathWatch`) which registered workers died, by their lapsed key or their closed
-connections, and pushes their processing lists back onto the queue. A stuck pipeline (a lane in a
-forward past every deadline of its requests or the request timeout, the take or the reply stage in
-one step longer than the TTL: `Worker._healthy`) stops the beats: nobody waits for that work any
-more, so it is reclaimed and a liveness probe restarts the worker. A long forward within its deadlines is work, and keeps
-beating. A Redis failure skips a tick, and holds the death watch's reading of lapsed heartbeats back
-for a TTL once Redis answers (an outage that lapsed this worker's heartbeat lapsed the others' too,
-and they beat again meanwhile); any other failure is a bug, and stops the worker.
+TTL, and announces its model where no live worker serves the one announced; every `DEATH_WATCH_S` it
+asks the death watch (`liveness.DeathWatch`) which registered workers died, by their lapsed key or
+their closed connections, and pushes their processing lists back onto the queue. A stuck pipeline (a
+lane in a forward past every deadline of its requests or the request timeout, the take or the reply
+stage in one step longer than the TTL: `Worker._healthy`) stops the beats: nobody waits for that work
+any more, so it is reclaimed and a liveness probe restarts the worker. A long forward within its
+deadlines is work, and keeps beating. A Redis failure skips a tick, and holds the death watch's
+reading of lapsed heartbeats back for a TTL once Redis answers (an outage that lapsed this worker's
+heartbeat lapsed the others' too, and they beat again meanwhile); any other failure is a bug, and
+stops the worker.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ import time
 from collections.abc import Callable
 
 from redis import Redis
+from redis.client import Pipeline
 from redis.exceptions import RedisError
 
 from batcher.periodic import Periodic
 from batcher.queue import WorkQueue
 from batcher.redis_link import Command, Link
 from batcher.thread_failure import ThreadFailure
-from core.protocol import Keys, ModelInfo, WorkerStatus
+from core.liveness import live_workers
+from core.protocol import Keys, ModelInfo, Unreadable, WorkerStatus
 from core.redis_errors import describe
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ class Heartbeat:
         healthy: Callable[[], bool],
         model: ModelInfo,
     ) -> None:
+        self.redis = redis
         self.link = Link(redis)
         self.keys = keys
         self.queue = queue
@@ -66,6 +70,32 @@ class Heartbeat:
     def beat(self) -> None:
         if writes := self.writes():
             self.link.transaction(*writes)
+            self.announce()
+
+    def announce(self, anyway: bool = False) -> None:
+        """Announce this worker's model (its version names the API's cache) `anyway` (a worker starting:
+        the newest model wins a rolling upgrade), or where no live worker serves the one announced
+        (`_orphaned`). Called after a beat, so that a worker's own heartbeat is there before its
+        announcement; WATCHed, so that one announced meanwhile stands."""
+
+        def claim(pipe: Pipeline) -> None:
+            if anyway or self._orphaned(pipe.get(self.keys.model), pipe):
+                pipe.multi()
+                pipe.set(self.keys.model, self.model)
+
+        self.redis.transaction(claim, self.keys.model)
+
+    def _orphaned(self, announced: bytes | str | None, redis: Redis) -> bool:
+        """Whether the `announced` model is served by no live worker: none (a Redis that restarted
+        empty), unreadable, or one whose workers all stopped (an upgrade rolled back, the old model's
+        workers serving on): the API would name it, and look its cache up, in vain."""
+        if announced == self.model:
+            return False
+        try:
+            version = ModelInfo.decode(announced).version if announced else None
+        except Unreadable:
+            return True
+        return version not in {status.model_version for status in live_workers(redis, self.keys.prefix)}
 
     def writes(self) -> list[Command]:
         """The beat as writes, for a busy worker's result transactions to carry (none while unhealthy)."""
@@ -75,7 +105,6 @@ class Heartbeat:
         return [
             ("SET", self.keys.heartbeat(status.id), status.encode(), "PX", int(self.ttl_s * 1000)),
             ("SADD", self.keys.workers, status.id),
-            ("SET", self.keys.model, self.model, "NX"),  # again after a Redis that restarted empty
         ]
 
     def stop(self) -> None:

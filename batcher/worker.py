@@ -158,8 +158,8 @@ class Worker:
         backoff = Backoff(log, self._stopping)
         while True:
             try:
-                self.redis.set(self.keys.model, self.heartbeat.model)
                 self.heartbeat.beat()
+                self.heartbeat.announce(anyway=True)
                 metrics.describe_model(self.classifier)
                 return
             except RedisError as exc:

@@ -23,6 +23,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from batcher.queue import WorkQueue
 from batcher.thread_failure import ThreadFailed
 from batcher.worker import Worker
+from benchmarks.checkpoints import write_tiny_model
 from core.liveness import live_workers
 from core.protocol import Keys, ModelInfo, Result, WorkItem, new_id, parse_replies, prediction
 from core.settings import Settings
@@ -109,6 +110,33 @@ def test_worker_announces_model_and_heartbeat(worker: Worker, redis: fakeredis.F
     info = ModelInfo.decode(redis.get(keys.model))
     assert (info.version, info.labels) == (worker.classifier.version, ["NEGATIVE", "POSITIVE"])
     assert [s.id for s in live_workers(redis, settings.key_prefix)] == [worker.id]
+
+
+def test_the_announced_model_is_one_a_live_worker_serves_through_a_rolled_back_upgrade(
+    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings, tmp_path: Path
+) -> None:
+    # A rolling upgrade: a worker of a new checkpoint starts beside the old model's and announces its
+    # model; the old one's beats leave it announced. The upgrade rolled back (the new worker gone, the
+    # old serving on), a beat announces the old model again: the API would otherwise name, and look
+    # up the cache of, a model nobody serves. A Redis that lost the announcement has it again too.
+    keys = Keys(settings.key_prefix)
+    start_worker(worker)
+    upgrade = Worker(settings, redis, Classifier(write_tiny_model(tmp_path, seed=1), device="cpu", threads=1))
+    thread = start_worker(upgrade)
+
+    def announced() -> str:
+        return ModelInfo.decode(redis.get(keys.model)).version
+
+    assert announced() == upgrade.classifier.version != worker.classifier.version
+    worker.heartbeat.beat()
+    assert announced() == upgrade.classifier.version
+    upgrade.stop()
+    thread.join(HANG_GUARD_S)
+    worker.heartbeat.beat()
+    assert announced() == worker.classifier.version
+    redis.delete(keys.model)
+    worker.heartbeat.beat()
+    assert announced() == worker.classifier.version
 
 
 def test_the_heartbeat_publishes_the_measured_throughput_once_a_forward_was_timed(
