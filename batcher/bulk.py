@@ -102,8 +102,7 @@ class Bulk:
         """Read what is cached, queue the rest; `receive` waits for it."""
         unique = list(dict.fromkeys(texts))
         part = Part(list(texts), {})
-        if (raw := self.redis.get(self.keys.model)) is not None:
-            version = ModelInfo.decode(raw).version
+        if (version := self._version()) is not None:
             cached = self.redis.mget([self.keys.cache(version, t) for t in unique])
             part.found = {
                 t: p
@@ -112,6 +111,17 @@ class Bulk:
             }
         self._queue(part, [t for t in unique if t not in part.found])
         return part
+
+    def _version(self) -> str | None:
+        """The announced model's version, which names the cache; None while none is announced or the
+        announcement is unreadable (until a model worker's beat announces it again): the part's texts
+        are then queued, and the model workers read their cache as they take them."""
+        raw = self.redis.get(self.keys.model)
+        try:
+            return ModelInfo.decode(raw).version if raw is not None else None
+        except Unreadable as exc:
+            log.warning("the announced model is unreadable (%s): a part queued without a cache lookup", exc)
+            return None
 
     def receive(
         self, part: Part, stopping: threading.Event | None = None, again: Callable[[], object] | None = None

@@ -321,6 +321,19 @@ def test_a_cache_entry_that_holds_no_prediction_is_queued_as_a_miss(redis: faker
     assert queued.texts == ["garbled"]
 
 
+def test_an_unreadable_announcement_costs_a_part_the_cache_not_the_job(redis: fakeredis.FakeRedis) -> None:
+    """Garbage where the model is announced (until a model worker's next beat announces it again) is,
+    as on /predict, no model announced: the part's texts are queued, for the model workers to read
+    from their cache or compute, never the job failed (it failed, all its runs at once, on Unreadable)."""
+    settings = Settings(key_prefix="garbled-model")
+    keys = Keys(settings.key_prefix)
+    redis.set(keys.model, b"\x00 garbage")
+    part = Bulk(settings, redis).send(["a text", "another"])
+    assert part.found == {}
+    [queued] = [WorkItem.decode(raw) for raw in redis.lrange(keys.bulk, 0, -1)]
+    assert queued.texts == ["a text", "another"]
+
+
 def test_texts_past_their_deadline_are_queued_again_once_however_many_deadlines_pass(
     redis: fakeredis.FakeRedis,
 ) -> None:
