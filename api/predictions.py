@@ -220,15 +220,14 @@ class Predictor:
         uncounted from the admitted texts, never having been queued (`Admitted.queued`)."""
         unique = list(dict.fromkeys(texts))
         found: dict[str, Prediction] = {}
-        function = call.function
         keys: dict[str, str] = {}  # each text's cache key, while a model is announced
         local = self._local if self._local is not None else {}  # disabled: a throwaway per request
         with call.deadline.on_redis(Stage.MODEL_LOOKUP):
             model = await self._models.current()
         if model:
-            if function == model.function:  # the model's own: its cache, and its work
-                function = None
-            version = scored_version(model.version, function)
+            # The model's own function by name is its cache; its work still names it, for a worker of
+            # another model (a rolling upgrade) whose own function is another.
+            version = scored_version(model.version, None if call.function == model.function else call.function)
             keys = {t: self._keys.cache(version, t) for t in unique}
             # One read per entry: `in` then `[]` reads a TTLCache's clock twice, and an entry expiring
             # in between would raise KeyError.
@@ -252,14 +251,14 @@ class Predictor:
         CACHE_MISSES.inc(len(missing))
         if missing:
             try:
-                computed = await self._compute(missing, call, function)
+                computed = await self._compute(missing, call)
             except _TooLong as exc:
                 raise exc.refusal(texts) from None
             found.update(zip(missing, computed, strict=True))
         return [found[t] for t in texts], status
 
-    async def _compute(self, texts: list[str], call: _Call, function: ScoreFunction | None) -> list[Prediction]:
-        """Queue the texts, scored by `function` (None: the model's own), and wait for the worker's
+    async def _compute(self, texts: list[str], call: _Call) -> list[Prediction]:
+        """Queue the texts, scored by `call.function` (None: the model's own), and wait for the worker's
         result. From its push (Redis may queue it, whatever the push's answer) until its result, the
         item is `call.pending`: a request cut meanwhile, by the deadline or by its client going away,
         unregisters its wait and marks the item abandoned (`_bounded`); a worker drops it unstarted, or
@@ -272,7 +271,7 @@ class Predictor:
             reply_to=self._waiter.channel,
             client=call.client,
             traceparent=tracing.traceparent() if tracing.enabled else None,  # the `predict` span's
-            function=function,
+            function=call.function,
         )
         encoded = item.encode()
         with self._waiter.expect(item.id, encoded) as wait:

@@ -21,9 +21,11 @@ from huggingface_hub import InferenceClient
 
 from api.app import create_app
 from batcher.worker import Worker
+from benchmarks.checkpoints import write_tiny_model
+from core.protocol import Keys, ModelInfo, WorkerStatus
 from core.settings import Settings
 from model_store.classifier import Classifier
-from tests.conftest import REPO, Service, start_service, start_worker
+from tests.conftest import HANG_GUARD_S, REPO, Service, start_service, start_worker
 
 README = (REPO / "README.md").read_text()
 TEXTS = ["a good movie", "bad", "", "ünïcödé ✓"]
@@ -110,6 +112,34 @@ async def test_function_to_apply_is_the_pipelines_on_the_models_logits_cached_ap
     for count in (1, 1.0):  # (JSON Schema's integer: 1.0 is one, "1" and true are not)
         one = await client.post("/", json={"inputs": "a good movie", "parameters": {"top_k": count}})
         assert len(one.json()) == 1 and len(one.json()[0]) == 1
+
+
+@pytest.mark.anyio
+async def test_a_function_asked_for_by_name_is_applied_by_a_worker_of_another_model(
+    client: httpx.AsyncClient, settings: Settings, fake_server: fakeredis.FakeServer, tmp_path: Path
+) -> None:
+    # A rolling upgrade from a multi-label checkpoint (its own function sigmoid) to a single-label one
+    # (softmax): the new model is announced, its worker busy (a live heartbeat, nothing taken), and
+    # the old one takes the work. A request naming softmax is answered softmax's probabilities; it got
+    # the old model's own sigmoid scores (NEGATIVE 0.5023 + POSITIVE 0.4969), asked for as the new one's own.
+    old = Classifier(write_tiny_model(tmp_path, problem_type="multi_label_classification"), "cpu", 1)
+    redis, keys = fakeredis.FakeRedis(server=fake_server), Keys(settings.key_prefix)
+    worker = Worker(settings, redis, old)
+    thread = start_worker(worker)
+    try:
+        new = WorkerStatus(id="new", host="h", pid=1, model_version="new", started_at=0.0)
+        redis.sadd(keys.workers, new.id)
+        redis.set(keys.heartbeat(new.id), new.encode(), px=int(HANG_GUARD_S * 1000))
+        redis.set(keys.model, ModelInfo(old.name, "new", old.labels, "cpu", "float32", "softmax").encode())
+        answer = await client.post("/", json={"inputs": "a good movie", "parameters": {"function_to_apply": "softmax"}})
+    finally:
+        worker.stop()
+        thread.join(10)
+    logits = old.engine.forward(old.tokenize(["a good movie"]))[0]
+    softmax = np.exp(logits) / np.exp(logits).sum()
+    assert {s["label"]: s["score"] for s in answer.json()[0]} == pytest.approx(
+        dict(zip(old.labels, softmax.tolist(), strict=True)), abs=1e-5
+    )
 
 
 @pytest.mark.anyio
