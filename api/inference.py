@@ -194,6 +194,12 @@ class Inference:
         texts = self.texts(request, binary)
         predictor: Predictor = state.predictor
         predictions, cache = await predictor.predict(texts, client, receive, deadline=deadline)
+        if any([s["label"] for s in p] != info.labels for p in predictions):
+            # A worker of another model answered (a rolling upgrade): its scores are no tensor of the
+            # metadata's shape and label order.
+            raise ServiceError(
+                ErrorType.UNAVAILABLE, "the model is changing: a worker of another model's labels answered; retry"
+            )
         wanted: set[str] = {o.name for o in request.outputs or ()} or set(OUTPUTS)
         tensors = output_tensors(predictions)
         outputs = [tensors[name] for name in OUTPUTS if name in wanted]

@@ -22,11 +22,11 @@ from tritonclient.utils import InferenceServerException
 from api.app import create_app
 from api.inference import infer_body_limit
 from batcher.worker import Worker
-from core.protocol import Keys, ModelInfo, prediction
+from core.protocol import Keys, ModelInfo, WorkerStatus, prediction
 from core.settings import Settings
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
-from tests.conftest import REPO, Service, start_service, start_worker
+from tests.conftest import HANG_GUARD_S, REPO, Service, start_service, start_worker
 from tests.test_docs_page import serving
 from tests.test_inference_grpc import run_client
 
@@ -356,6 +356,26 @@ async def test_probes_are_open_and_the_rest_keyed_404_and_503_before_work(
     limit = infer_body_limit(settings.max_texts, settings.max_chars)
     over = await keyed.post("/v2/models/tiny/infer", content=b" " * (limit + 1), headers=auth)
     assert (over.status_code, over.json()["error_type"]) == (413, "too_large")
+
+
+@pytest.mark.anyio
+async def test_an_answer_in_another_models_labels_is_a_503_never_a_tensor_against_the_metadata(
+    keyed: httpx.AsyncClient, settings: Settings, redis: fakeredis.FakeRedis, worker: Worker
+) -> None:
+    # A rolling upgrade to a model of three labels: it is announced (its worker live, busy), and a
+    # worker of the old two-label model takes the work. Its scores are no tensor of the metadata's
+    # shape and order: they were answered as `scores` [1, 2] under metadata of 3 labels (and, beside
+    # a cached new-model text, [2, 3] holding 5 values).
+    keys = Keys(settings.key_prefix)
+    start_worker(worker)
+    new = WorkerStatus(id="new", host="h", pid=1, model_version="new", started_at=0.0)
+    redis.sadd(keys.workers, new.id)
+    redis.set(keys.heartbeat(new.id), new.encode(), px=int(HANG_GUARD_S * 1000))
+    redis.set(keys.model, ModelInfo("tiny", "new", ["NEGATIVE", "NEUTRAL", "POSITIVE"], "cpu", "f32").encode())
+    body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}
+    answer = await keyed.post("/v2/models/tiny/infer", json=body, headers={"X-API-Key": KEY})
+    assert (answer.status_code, answer.json()["error_type"]) == (503, "unavailable"), answer.text
+    assert answer.headers["retry-after"] == "1"
 
 
 @pytest.fixture
