@@ -4,7 +4,7 @@
 declared size within it pass untouched (the server never delivers more than Content-Length bytes).
 A chunked body (or one whose Content-Length is not a number) is read first, counting bytes as
 they arrive and refused as soon as it grows past the limit, so nothing oversized is buffered whole
-or parsed; it is then handed on as it came (the route would have buffered it whole anyway). The
+or parsed (a client gone before its end is the 499 a route gives); it is then handed on as it came (the route would have buffered it whole anyway). The
 request's deadline is fixed before (`api.deadline`): its upload counts, as a declared size's does.
 A path the router redirects to its route (`/predict/`, 307) has that route's limit.
 (FastAPI's own `max_body_size` answers a declared oversize in plain text, outside the JSON error
@@ -20,10 +20,12 @@ import re
 
 from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deadline import request_deadline
-from api.errors import ErrorType, error_response
+from api.errors import ErrorType, ServiceError, error_response, failure
 
 # "\uXXXX" is the longest a character of the Basic Multilingual Plane takes in JSON (UTF-8 takes at
 # most 4 bytes); only a text of mostly escaped astral characters (12 bytes each) can exceed this.
@@ -97,8 +99,9 @@ class BodyLimit:
         more = True
         while more:
             message = await receive()
-            if message["type"] != "http.request":
-                return  # the client left
+            if message["type"] != "http.request":  # the client left: its 499, as where a route reads the body
+                await _response(failure(ClientDisconnect()))(scope, receive, send)
+                return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > limit:
@@ -120,3 +123,8 @@ class BodyLimit:
     async def _refuse(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(ErrorType.TOO_LARGE, f"request body larger than this route's limit of {limit} bytes")
         await response(scope, receive, send)
+
+
+def _response(error: ServiceError) -> Response:
+    """`error`'s answer (`api.errors.failure`'s, for a client gone)."""
+    return error_response(error.error_type, error.message, error.retry_after_s)

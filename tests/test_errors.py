@@ -263,8 +263,9 @@ def test_every_refusal_of_a_body_is_strict_json(sync_client: TestClient, value: 
     strict_json(response.content)
 
 
-async def cut_off_upload(path: str) -> list[Message]:
-    """What the app sends for a POST whose client goes away after the first bytes of its declared body."""
+async def cut_off_upload(path: str, chunked: bool = False) -> list[Message]:
+    """What the app sends for a POST whose client goes away after the first bytes of its body: of a
+    declared size, or `chunked` (no Content-Length)."""
     server = fakeredis.FakeServer()
     announce(fakeredis.FakeRedis(server=server), Keys("cut"))
     app = create_app(
@@ -282,15 +283,19 @@ async def cut_off_upload(path: str) -> list[Message]:
         sent.append(message)
 
     scope = asgi_post(path, b" " * 1000)  # (a body of 1,000 bytes declared, its first sent)
+    if chunked:
+        scope["headers"] = [(name, value) for name, value in scope["headers"] if name != b"content-length"]
     async with app.router.lifespan_context(app):
         await app(scope, receive, send)
     return sent
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("path", ROUTES)
-async def test_a_client_gone_mid_upload_is_client_gone_not_a_bug(path: str) -> None:
+async def test_a_client_gone_mid_upload_is_client_gone_not_a_bug(path: str, chunked: bool) -> None:
     """Nobody reads the answer, but the status is what the metrics record and the logs blame: a
-    client that hangs up while sending is the 499 of one that hangs up while waiting, not a 500."""
-    sent = await cut_off_upload(path)  # (a bug's 500 would also raise here, for the server to log)
-    assert sent[0]["status"] == 499
+    client that hangs up while sending is the 499 of one that hangs up while waiting, not a 500,
+    whether its body was of a declared size or chunked."""
+    sent = await cut_off_upload(path, chunked)  # (a bug's 500 would also raise here, for the server to log)
+    assert sent and sent[0]["status"] == 499, sent
     assert json.loads(sent[1]["body"])["error_type"] == "client_gone"
