@@ -160,6 +160,7 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
             hugging_face.PATH: hugging_face.body_limit_of(settings.max_texts, settings.max_chars),
         },
         timeout_s=settings.request_timeout_s,
+        timed=("/predict", *INFER_PATHS, hugging_face.PATH),
     )
     if settings.api_keys or settings.rate_limit_per_s is not None:  # nothing to check: no layer to pass
         app.add_middleware(AccessControl, keys=ApiKeys(settings.api_keys or []), timeout_s=settings.request_timeout_s)

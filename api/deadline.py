@@ -2,12 +2,12 @@
 lookup, and the stage it has reached, which its 504 names.
 
 The first layer that asks fixes it (`request_deadline`): the access control when keys or a rate
-limit are on, else the body limit before it reads a chunked body (`api.limits`), else the route,
-each before anything else. The gRPC service fixes a call's from the call's own deadline. Every wait
-on Redis on a request's path is cut at it: the prediction path as a whole (`api.predictions`), the
-steps before it each (`Deadline.redis_call`). A stage begun past the deadline makes no call: its 504
-says the deadline was reached there, and blames Redis only when a call to Redis was the one
-outstanding.
+limit are on, else the body limit before the upload (`api.limits`), else the route, each before
+anything else. The gRPC service fixes a call's from the call's own deadline. Every wait on Redis on
+a request's path is cut at it: the prediction path as a whole (`api.predictions`), the steps before
+it each (`Deadline.redis_call`); so is the upload of its body (`api.limits`). A stage begun past the
+deadline makes no call: its 504 says the deadline was reached there, and blames Redis only when a
+call to Redis was the one outstanding.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class Stage(StrEnum):
 
     AUTHENTICATION = "authentication"
     RATE_LIMIT = "rate limit"
+    UPLOAD = "upload"  # its body arriving (`api.limits`)
     MODEL_LOOKUP = "model lookup"  # the model the workers announced
     ADMISSION = "admission"  # the fleet's load (the `deadline` overload policy)
     CACHE_LOOKUP = "cache lookup"
@@ -75,17 +76,27 @@ class Deadline:
             self.redis = False
 
     @contextlib.asynccontextmanager
+    async def cut(self, stage: Stage | None = None) -> AsyncIterator[None]:
+        """The block cut at the deadline, the 504 (`reached`) then, in `stage` (else the stage entered).
+        Begun past the deadline, it runs until it would wait: what is at hand (a body that has all
+        arrived) is taken, and the next stage's `enter` answers the 504."""
+        if stage is not None:
+            self.stage, self.redis = stage, False
+        timeout = asyncio.timeout_at(self.loop_at())
+        try:
+            async with timeout:
+                yield
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+            raise self.reached() from None
+
+    @contextlib.asynccontextmanager
     async def redis_call(self, stage: Stage) -> AsyncIterator[None]:
-        """`on_redis`, with the block cut at the deadline: the 504 (`reached`) then."""
+        """`on_redis`, with the block `cut` at the deadline."""
         with self.on_redis(stage):
-            timeout = asyncio.timeout_at(self.loop_at())
-            try:
-                async with timeout:
-                    yield
-            except TimeoutError:
-                if not timeout.expired():
-                    raise
-                raise self.reached() from None
+            async with self.cut():
+                yield
 
     def reached(self, detail: str | None = None) -> ServiceError:
         """The 504 for a request its deadline cut: the stage, whether it was waiting on Redis, and

@@ -1,11 +1,13 @@
 """Hostile bodies: bounded before they are parsed; unparseable ones are a 422, never a 400 or 500.
 
-`BodyLimit` refuses a Content-Length over the route's limit before a byte is read, and lets a
-declared size within it pass untouched (the server never delivers more than Content-Length bytes).
-A chunked body (or one whose Content-Length is not a number) is read first, counting bytes as
-they arrive and refused as soon as it grows past the limit, so nothing oversized is buffered whole
-or parsed (a client gone before its end is the 499 a route gives); it is then handed on as it came (the route would have buffered it whole anyway). The
-request's deadline is fixed before (`api.deadline`): its upload counts, as a declared size's does.
+`BodyLimit` refuses a Content-Length over the route's limit before a byte is read. A chunked body
+(or one whose Content-Length is not a number) is read first, counting bytes as they arrive and
+refused as soon as it grows past the limit, so nothing oversized is buffered whole or parsed (a
+client gone before its end is the 499 a route gives); so is every body of a route that answers by
+the request's deadline (`timed`), within that deadline, fixed before (`api.deadline`): a body not
+all arrived by then is the 504 naming the upload, never a request held as long as its client
+pleases. A body read here is handed on as it came (the route would have buffered it whole anyway);
+elsewhere a declared size within the limit passes untouched.
 A path the router redirects to its route (`/predict/`, 307) has that route's limit.
 (FastAPI's own `max_body_size` answers a declared oversize in plain text, outside the JSON error
 shape.) Each route's limit is the largest body its configured text limits allow (`body_limit`); other routes take none.
@@ -15,8 +17,8 @@ with thousands of digits is the 422 of malformed JSON.
 
 from __future__ import annotations
 
-import contextlib
 import re
+from collections.abc import Collection
 
 from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import Headers
@@ -24,7 +26,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.deadline import request_deadline
+from api.deadline import Deadline, Stage, request_deadline
 from api.errors import ErrorType, ServiceError, error_response, failure
 
 # "\uXXXX" is the longest a character of the Basic Multilingual Plane takes in JSON (UTF-8 takes at
@@ -55,76 +57,100 @@ def declared_size(header: str) -> int | None:
 class BodyLimit:
     """ASGI middleware: 413 for a body over its path's limit (`limits`, else `NO_BODY_BYTES`). A
     path may be a route template: `{name}` stands for one path segment. `timeout_s`: the service's
-    request timeout, for the deadline of a request whose body it reads."""
+    request timeout, for the deadline of a request whose body it reads; `timed`, the paths (of
+    `limits`) whose POSTs answer by that deadline, which cuts their upload."""
 
-    def __init__(self, app: ASGIApp, limits: dict[str, int], timeout_s: float) -> None:
+    def __init__(self, app: ASGIApp, limits: dict[str, int], timeout_s: float, timed: Collection[str] = ()) -> None:
         self.app = app
         self.timeout_s = timeout_s
-        self.limits = {path: limit for path, limit in limits.items() if "{" not in path}
+        self.limits = limits
+        self.timed = frozenset(timed)
         self.templates = [  # (the rarer case: tried after the exact paths)
             (
                 re.compile("/".join("[^/]+" if part.startswith("{") else re.escape(part) for part in path.split("/"))),
-                limit,
+                path,
             )
-            for path, limit in limits.items()
+            for path in limits
             if "{" in path
         ]
 
-    def limit(self, path: str) -> int:
-        if (limit := self.limits.get(path)) is not None:
-            return limit
+    def route(self, path: str) -> str | None:
+        """The path of `limits` that `path` is, if any."""
+        if path in self.limits:
+            return path
         # `/predict/`: the router redirects it to its route (307), where the client sends the body again
         path = path.removesuffix("/")
-        if (limit := self.limits.get(path)) is not None:
-            return limit
-        return next((limit for template, limit in self.templates if template.fullmatch(path)), NO_BODY_BYTES)
+        if path in self.limits:
+            return path
+        return next((route for template, route in self.templates if template.fullmatch(path)), None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit(scope["path"])
+        route = self.route(scope["path"])
+        limit = NO_BODY_BYTES if route is None else self.limits[route]
         headers = Headers(scope=scope)
         declared = declared_size(headers.get("content-length", ""))
-        if declared is not None:
-            if declared > limit:
-                await self._refuse(limit, scope, receive, send)
-            else:  # the server delivers no more than Content-Length bytes: nothing to count
-                await self.app(scope, receive, send)
+        if declared is not None and declared > limit:
+            await _response(self._too_large(limit))(scope, receive, send)
             return
-        with contextlib.suppress(RequestValidationError):  # (a bad X-Request-Timeout: the route's 422)
-            request_deadline(scope, headers, self.timeout_s)  # before the upload, which it bounds
+        if route in self.timed and scope["method"] == "POST":
+            body = await self._upload(scope, headers, limit, receive)
+        elif declared is None:
+            body = await self._read(limit, receive)
+        else:  # the server delivers no more than Content-Length bytes: nothing to count
+            await self.app(scope, receive, send)
+            return
+        if isinstance(body, ServiceError):
+            await _response(body)(scope, receive, send)
+            return
+        message: Message | None = {"type": "http.request", "body": body, "more_body": False}
+
+        async def replay() -> Message:
+            nonlocal message
+            if message is None:
+                return await receive()  # after the body: wait for the disconnect, as the server would
+            sent, message = message, None
+            return sent
+
+        await self.app(scope, replay, send)
+
+    async def _upload(self, scope: Scope, headers: Headers, limit: int, receive: Receive) -> bytes | ServiceError:
+        """`_read` within the request's deadline, which it fixes first if no layer did: the 504 at the
+        deadline, naming the upload, for a body that has not all arrived."""
+        try:
+            deadline = request_deadline(scope, headers, self.timeout_s)
+        except RequestValidationError:  # (a bad X-Request-Timeout: the route's 422; the default meanwhile)
+            deadline = Deadline(self.timeout_s)
+        try:
+            async with deadline.cut(Stage.UPLOAD):
+                return await self._read(limit, receive)
+        except ServiceError as error:
+            return error
+
+    async def _read(self, limit: int, receive: Receive) -> bytes | ServiceError:
+        """The body, counted as it arrives: or the 413 once it passes `limit`, the 499 when its client
+        leaves (as where a route reads it)."""
         chunks: list[bytes] = []
         size = 0
         more = True
         while more:
             message = await receive()
-            if message["type"] != "http.request":  # the client left: its 499, as where a route reads the body
-                await _response(failure(ClientDisconnect()))(scope, receive, send)
-                return
+            if message["type"] != "http.request":
+                return failure(ClientDisconnect())
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > limit:
-                await self._refuse(limit, scope, receive, send)
-                return
+                return self._too_large(limit)
             more = message.get("more_body", False)
-        body: Message | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-        async def replay() -> Message:
-            nonlocal body
-            if body is None:
-                return await receive()  # after the body: wait for the disconnect, as the server would
-            message, body = body, None
-            return message
-
-        await self.app(scope, replay, send)
+        return b"".join(chunks)
 
     @staticmethod
-    async def _refuse(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(ErrorType.TOO_LARGE, f"request body larger than this route's limit of {limit} bytes")
-        await response(scope, receive, send)
+    def _too_large(limit: int) -> ServiceError:
+        return ServiceError(ErrorType.TOO_LARGE, f"request body larger than this route's limit of {limit} bytes")
 
 
 def _response(error: ServiceError) -> Response:
-    """`error`'s answer (`api.errors.failure`'s, for a client gone)."""
+    """`error`'s answer, as the app's handlers give it."""
     return error_response(error.error_type, error.message, error.retry_after_s)

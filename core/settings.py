@@ -112,8 +112,8 @@ class Settings(BaseSettings):
         10.0,
         gt=0,
         allow_inf_nan=False,  # (infinity has no request size, `max_request_chars`, nor deadline)
-        description="How long /predict waits for its answer before a 504, from the request's arrival (its rate "
-        "limit and model lookup included), a stalled Redis included; also each work item's deadline, past which the "
+        description="How long /predict waits for its answer before a 504, from the request's arrival (its upload, "
+        "rate limit and model lookup included), a stalled Redis included; also each work item's deadline, past which the "
         "worker skips it.",
     )
     max_request_chars: int = Field(

@@ -4,6 +4,7 @@ once (413, its size and the ways out), and a 504 says what was slow."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -19,7 +20,9 @@ from api.predictions import ModelInfoCache, Predictor
 from api.results import ResultWaiter
 from core.protocol import Keys, ModelInfo, WorkerStatus
 from core.settings import Settings
-from tests.test_api import client_for
+from tests.conftest import HANG_GUARD_S
+from tests.test_abandoned import asgi_post
+from tests.test_api import announce, client_for
 
 pytestmark = pytest.mark.anyio
 
@@ -121,3 +124,39 @@ async def test_a_body_sent_to_a_path_with_a_trailing_slash_is_redirected_within_
         too_large = await client.post("/predict/", json={"text": ["a"] * 1_000_000})
     assert (moved.status_code, moved.headers["location"]) == (307, "http://api/predict"), moved.text
     assert too_large.status_code == 413 and str(body_limit(settings.max_texts, settings.max_chars)) in too_large.text
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("path", ["/predict", "/", "/v2/models/tiny/infer"])
+async def test_an_upload_that_outlasts_its_deadline_is_cut_there_with_a_504(
+    settings: Settings, fake_server: fakeredis.FakeServer, path: str, chunked: bool
+) -> None:
+    """A client that stops sending midway through its body (less than its Content-Length, or a chunked
+    body never ended) holds its request until its deadline, which runs from its arrival, and no
+    longer: the 504 then names the upload, not a later stage it never reached."""
+    announce(fakeredis.FakeRedis(server=fake_server), Keys(settings.key_prefix))
+    app = create_app(settings, fakeredis.FakeAsyncRedis(server=fake_server), fakeredis.FakeRedis(server=fake_server))
+    scope = asgi_post(path, b" " * 1000)  # (1,000 bytes declared, the first few sent)
+    headers = [(name, value) for name, value in scope["headers"] if not (chunked and name == b"content-length")]
+    scope["headers"] = [*headers, (b"x-request-timeout", b"0.1")]
+    sent: list[Message] = []
+    answered = asyncio.Event()
+    first: list[Message] = [{"type": "http.request", "body": b'{"text": ["', "more_body": True}]
+
+    async def receive() -> Message:
+        if first:
+            return first.pop()
+        await answered.wait()  # (the rest of the body never comes; the client leaves once answered)
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            answered.set()
+
+    async with app.router.lifespan_context(app):
+        await asyncio.wait_for(app(scope, receive, send), HANG_GUARD_S)
+    assert sent[0]["status"] == 504, sent
+    error = json.loads(sent[1]["body"])
+    assert error["error_type"] == "timeout"
+    assert "no result within 0.1 s: the deadline was reached at the upload stage" in error["error"]
