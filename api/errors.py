@@ -46,6 +46,7 @@ class ErrorType(StrEnum):
     BAD_RESULT = "bad_result"  # the worker's result could not be read (garbage in Redis, a worker of another protocol)
     NOT_FOUND = "not_found"  # no such path; no such job (never was, expired, or deleted); a V2 model name not served
     TOO_LARGE = "too_large"  # request body over the route's limit, refused before parsing
+    HEADERS_TOO_LARGE = "headers_too_large"  # a request's line and headers over their limit (`api.server`)
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # a body declared as something other than JSON
     UNAUTHORIZED = "unauthorized"  # API keys are on and the request sent none
     FORBIDDEN = "forbidden"  # the request sent a key that is not configured
@@ -119,6 +120,7 @@ ERRORS: dict[ErrorType, ErrorSpec] = {
     ErrorType.BAD_RESULT: ErrorSpec(502, StatusCode.INTERNAL),
     ErrorType.NOT_FOUND: ErrorSpec(404, StatusCode.NOT_FOUND),
     ErrorType.TOO_LARGE: ErrorSpec(413, StatusCode.RESOURCE_EXHAUSTED, refusal=True),
+    ErrorType.HEADERS_TOO_LARGE: ErrorSpec(431, StatusCode.RESOURCE_EXHAUSTED, refusal=True),
     ErrorType.UNSUPPORTED_MEDIA_TYPE: ErrorSpec(415, StatusCode.INVALID_ARGUMENT),
     ErrorType.UNAUTHORIZED: ErrorSpec(
         401, StatusCode.UNAUTHENTICATED, refusal=True, headers={"WWW-Authenticate": "Bearer"}

@@ -11,10 +11,13 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from http import HTTPStatus
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from api.app import create_app
+from api.errors import ErrorBody, ErrorType, counted
 from api.inference_grpc import GrpcServer
 from core import tracing
 from core.settings import Settings
@@ -72,6 +75,7 @@ def run(
         access_log=settings.log_level.upper() in ("DEBUG", "INFO"),  # else uvicorn still builds each line
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
         log_config=None,
+        http=BoundedHeadProtocol,
         # X-Forwarded-For names the client (its rate-limit bucket, the access log) only from the proxies
         # FORWARDED_ALLOW_IPS names: uvicorn's default trusts loopback, where any local caller may
         # claim any address (docs/security.md, "Behind a proxy or ingress").
@@ -97,6 +101,49 @@ def run(
     gc.set_threshold(*gc.get_threshold()[:2], FULL_COLLECTION_AFTER)
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:  # (what `uvicorn.Server.run` does)
         runner.run(serve())
+
+
+# A request's line and headers, at most: keys, trace context and a proxy's headers fit many times over.
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class BoundedHeadProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol (httptools), with a request's head bounded at `MAX_HEAD_BYTES`:
+    httptools keeps a header however long it grows, so one connection sending an endless header
+    would hold as much memory as it sent. Past the bound (counted from the read after the head's
+    first, so one read over it at most), the 431 in the error shape, and the connection closed."""
+
+    head_bytes: int | None = 0  # of the head being read; None once its headers are in
+
+    def data_received(self, data: bytes) -> None:
+        if self.head_bytes is not None:
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._refuse_head()
+                return
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.head_bytes = 0
+
+    def on_headers_complete(self) -> None:
+        self.head_bytes = None
+        super().on_headers_complete()
+
+    def _refuse_head(self) -> None:
+        error = ErrorType.HEADERS_TOO_LARGE
+        spec = counted(error)
+        body = ErrorBody.of(error, f"the request's line and headers are larger than {MAX_HEAD_BYTES} bytes")
+        content = body.model_dump_json().encode()
+        status = HTTPStatus(spec.status)
+        self.transport.write(
+            f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(content)}\r\nconnection: close\r\n\r\n".encode()
+            + content
+        )
+        self.transport.close()
+        self.head_bytes = None
 
 
 class _Server(uvicorn.Server):

@@ -23,6 +23,7 @@ from schemathesis.specs.openapi.checks import allow_header_conformance
 from api.app import create_app
 from api.limits import body_limit
 from api.schemas import is_json
+from api.server import MAX_HEAD_BYTES
 from core.settings import Settings
 from tests.conftest import Service, start_service
 
@@ -210,6 +211,21 @@ def test_a_chunked_body_is_refused_once_it_passes_the_limit_before_it_ends(servi
         (b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(over)),  # and never the final empty chunk
     )
     assert reply.startswith(b"HTTP/1.1 413") and b'"error_type":"too_large"' in reply
+
+
+def test_a_request_head_that_never_ends_is_refused_once_it_passes_its_limit(service: Service) -> None:
+    """httptools keeps a header however long it grows: one connection sending an endless header would
+    hold as much of the API's memory as it sent (200 MB of it, 370 MB more). Past the head's limit it
+    is refused, in the error shape, and closed."""
+    piece = b"a" * 8192
+    reply = raw_request(
+        service,
+        b"POST /predict HTTP/1.1\r\nHost: api\r\nX-Long: ",
+        (piece for _ in range(MAX_HEAD_BYTES // len(piece) + 2)),  # and never the head's end
+    )
+    assert reply.startswith(b"HTTP/1.1 431"), reply[:200]
+    assert json.loads(reply.partition(b"\r\n\r\n")[2])["error_type"] == "headers_too_large"
+    assert httpx.get(f"{service.url}/health").status_code == 200  # (the server itself unharmed)
 
 
 def test_the_largest_valid_request_fits_every_encoding(http: httpx.Client) -> None:
