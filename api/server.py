@@ -108,12 +108,27 @@ MAX_HEAD_BYTES = 64 * 1024
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP/1.1 protocol (httptools), with a request's head bounded at `MAX_HEAD_BYTES`:
+    """uvicorn's HTTP/1.1 protocol (httptools), with a request's head bounded in size and in time.
+
     httptools keeps a header however long it grows, so one connection sending an endless header
-    would hold as much memory as it sent. Past the bound (counted from the read after the head's
-    first, so one read over it at most), the 431 in the error shape, and the connection closed."""
+    would hold as much memory as it sent: past `MAX_HEAD_BYTES` (counted from the read after the
+    head's first, so one read over it at most), the 431 in the error shape, and the connection
+    closed. And uvicorn times a connection out only between requests, so one opened and left silent,
+    or stopped midway through a head, would hold its socket for good: it has uvicorn's keep-alive
+    timeout from its opening, or from a later head's first byte, to send the head, else it is closed
+    (once any request in flight on it is answered).
+    """
 
     head_bytes: int | None = 0  # of the head being read; None once its headers are in
+    head_timer: asyncio.TimerHandle | None = None  # closes the connection if the head is not in by then
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # (as uvicorn's)
+        super().connection_made(transport)
+        self._time_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._untime_head()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self.head_bytes is not None:
@@ -122,6 +137,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
                 self._refuse_head()
                 return
         super().data_received(data)
+        if self.head_bytes is not None and self.head_timer is None:  # a later head begun, not all in
+            self._time_head()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -129,7 +146,23 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self.head_bytes = None
+        self._untime_head()
         super().on_headers_complete()
+
+    def _time_head(self) -> None:
+        self.head_timer = self.loop.call_later(self.timeout_keep_alive, self._head_late)
+
+    def _untime_head(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def _head_late(self) -> None:
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._time_head()  # (a pipelined head begun while a request is in flight: its answer first)
+        else:
+            self.head_timer = None
+            self.transport.close()
 
     def _refuse_head(self) -> None:
         error = ErrorType.HEADERS_TOO_LARGE

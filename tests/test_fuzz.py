@@ -228,6 +228,16 @@ def test_a_request_head_that_never_ends_is_refused_once_it_passes_its_limit(serv
     assert httpx.get(f"{service.url}/health").status_code == 200  # (the server itself unharmed)
 
 
+@pytest.mark.parametrize("sent", [b"", b"POST /predict HTTP/1.1\r\nHost: api\r\nX-Slow: "])
+def test_a_connection_that_never_completes_a_request_head_is_closed(service: Service, sent: bytes) -> None:
+    """A connection opened and left silent, or stopped midway through its head, held its socket for
+    good: enough of them take every file descriptor the API has. Within uvicorn's keep-alive timeout
+    (of the connection's opening, or of a later head's first byte) the server closes it."""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:  # (a hang guard)
+        sock.sendall(sent)
+        assert sock.recv(65536) == b""  # closed, without an answer to a request it never made
+
+
 def test_the_largest_valid_request_fits_every_encoding(http: httpx.Client) -> None:
     texts = ["é" * MAX_CHARS] * MAX_TEXTS  # 6 bytes a character once \\u-escaped
     for ascii_only in (True, False):
