@@ -85,6 +85,16 @@ def test_concurrent_requests_are_answered_correctly_in_shared_batches(
     assert again.json() == responses[0].json()
 
 
+@pytest.mark.parametrize("path", ["/health", "/ready", "/model", "/v2", "/docs", "/openapi.json", "/metrics"])
+def test_head_is_get_without_the_body_wherever_get_is_answered(tiny_service: Service, path: str) -> None:
+    """HTTP's HEAD is GET without the body (RFC 9110 9.3.2; every general-purpose server takes both):
+    uptime monitors and `curl -I` probe with it, and a 405 reads as the service being down."""
+    got = httpx.get(f"{tiny_service.url}{path}")
+    head = httpx.head(f"{tiny_service.url}{path}")
+    assert (head.status_code, head.headers["content-type"]) == (got.status_code, got.headers["content-type"])
+    assert head.content == b"" and int(head.headers["content-length"]) > 0
+
+
 def test_love_and_hate_through_the_service(small_service: Service) -> None:
     response = httpx.post(f"{small_service.url}/predict", json={"text": ["I love you.", "I hate you."]})
     love, hate = response.json()["predictions"]
