@@ -105,6 +105,9 @@ def run(
 
 # A request's line and headers, at most: keys, trace context and a proxy's headers fit many times over.
 MAX_HEAD_BYTES = 64 * 1024
+# How long the rest of a refused head is read and dropped: closed with unread data, a socket resets,
+# and the client's kernel discards the 431 before the client reads it.
+LINGER_S = 2.0
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
@@ -113,7 +116,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     httptools keeps a header however long it grows, so one connection sending an endless header
     would hold as much memory as it sent: past `MAX_HEAD_BYTES` (counted from the read after the
     head's first, so one read over it at most), the 431 in the error shape, and the connection
-    closed. And uvicorn times a connection out only between requests, so one opened and left silent,
+    closed (lingering: `LINGER_S`). And uvicorn times a connection out only between requests, so one opened and left silent,
     or stopped midway through a head, would hold its socket for good: it has uvicorn's keep-alive
     timeout from its opening, or from a later head's first byte, to send the head, else it is closed
     (once any request in flight on it is answered).
@@ -121,6 +124,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     head_bytes: int | None = 0  # of the head being read; None once its headers are in
     head_timer: asyncio.TimerHandle | None = None  # closes the connection if the head is not in by then
+    refused = False  # the 431 sent: what else arrives is dropped until the close
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # (as uvicorn's)
         super().connection_made(transport)
@@ -131,6 +135,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
         if self.head_bytes is not None:
             self.head_bytes += len(data)
             if self.head_bytes > MAX_HEAD_BYTES:
@@ -175,8 +181,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             f"content-length: {len(content)}\r\nconnection: close\r\n\r\n".encode()
             + content
         )
-        self.transport.close()
-        self.head_bytes = None
+        # A lingering close: the answer and our end of the stream now, the rest of its upload dropped
+        # for `LINGER_S`, then the close.
+        self.refused, self.head_bytes = True, None
+        self._untime_head()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
 
 
 class _Server(uvicorn.Server):
