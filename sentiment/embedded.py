@@ -290,7 +290,9 @@ def serve(settings: Settings, host: str, port: int, data_dir: Path | None) -> No
         api.server.listen(host, settings.grpc_port, "--grpc-port").close()
     # A closed terminal (SIGHUP) stops serve as Ctrl-C does: the API drains, the workers finish.
     signal.signal(signal.SIGHUP, lambda *_: signal.raise_signal(signal.SIGTERM))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # (until the API's own handler replaces it)
+    # Ctrl-C and SIGTERM end it cleanly, exit 0, from the start, as the API's own handlers do once it serves.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sys.exit(0))
     given = settings.redis_url if settings.redis_url_given else None
     try:
         if given:  # one machine, nothing of its own to wait for: a Redis that is not up ends serve

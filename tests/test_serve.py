@@ -322,6 +322,29 @@ def test_serves_children_end_with_it(serves: list[Serve], tiny_model_dir: Path, 
         assert serve.proc.returncode == 0
 
 
+def test_ctrl_c_while_serve_starts_stops_it_as_sigterm_does(
+    serves: list[Serve], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Ctrl-C before the "up" line, the model still loading (when a person gives up waiting): serve
+    # stops its children and exits 0, as after it, not with a KeyboardInterrupt traceback.
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(  # (Python runs it at start: the model worker never comes up)
+        "import time\n"
+        "if b'sentiment.cli\\0worker\\0' in open('/proc/self/cmdline', 'rb').read():\n"
+        "    time.sleep(600)\n"
+    )
+    pythonpath = os.pathsep.join([str(slow), os.environ.get("PYTHONPATH", "")])
+    serve = start(serves, tiny_model_dir, env={"PYTHONPATH": pythonpath})
+    wait_for("the worker to start", lambda: any("cli worker" in cmd for cmd in serve.children().values()))
+    children = serve.children()
+    serve.proc.send_signal(signal.SIGINT)
+    _, stderr = serve.proc.communicate(timeout=60)
+    assert serve.proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    wait_for("serve's children to end", lambda: not serve.alive(set(children)))
+
+
 def test_the_supervisor_outlives_a_child_it_cannot_start_again_and_tries_later(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
