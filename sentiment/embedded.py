@@ -54,7 +54,7 @@ def free_port() -> int:
 
 
 SILENT_S = 10.0  # a redis-server that answers nothing this long, loading or not, will not start
-LOG_LINE = re.compile(rb"^\d+:[A-Z] \d+ \w+ \d+ [\d:.]+ [.*#-] ")  # `pid:role date time level ` of its log
+LOG_LINE = re.compile(rb"^\d+:[A-Z] \d+ \w+ \d+ [\d:.]+ ([.*#-]) ")  # `pid:role date time level ` (#: a warning)
 
 
 class DataDirInUse(Exception):
@@ -228,9 +228,12 @@ def _wait_for_redis(url: str, proc: subprocess.Popen[bytes], where: str) -> str 
 
 
 def _last_word(said: bytes) -> str:
-    """redis-server's last meaningful line: its log's last that is not blank, without the prefix."""
-    lines = [LOG_LINE.sub(b"", line).strip() for line in said.splitlines()]
-    return next((line.decode(errors="replace") for line in reversed(lines) if line), "it said nothing")
+    """Why redis-server gave up, without its log's prefix: its last warning, else (a bad option, said
+    before it logs) its last line that is not blank. Not merely its last line: after a load that
+    failed it runs its RDB check, whose first line (`[offset 0] Checking RDB file ...`) says nothing."""
+    lines = [line.strip() for line in said.splitlines() if line.strip()]
+    warned = [line for line in lines if (m := LOG_LINE.match(line)) and m[1] == b"#"]
+    return LOG_LINE.sub(b"", (warned or lines or [b"it said nothing"])[-1]).decode(errors="replace")
 
 
 def worker_threads(settings: Settings) -> int | None:

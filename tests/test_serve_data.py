@@ -186,3 +186,24 @@ def test_a_redis_server_that_will_not_start_ends_serve_with_its_own_reason(
         f"sentiment serve: redis-server would not start in {data} (exit 1): "
         "Can't open or create append-only dir appendonlydir: Not a directory"
     ]
+
+
+def test_a_corrupt_append_only_file_ends_serve_with_redis_servers_reason_not_its_check(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # A base file whose checksum no longer matches (a disk's bit flip): redis-server logs why it gives
+    # up, then runs its RDB check, whose first line (`[offset 0] Checking RDB file ...`) is its last.
+    data = tmp_path / "data"
+    data.mkdir()
+    first = embedded.start_redis_server(free_port(), data)  # (it makes the files)
+    first.terminate()
+    first.wait()
+    [base] = (data / "appendonlydir").glob("*.base.rdb")
+    kept = base.read_bytes()
+    base.write_bytes(kept[:-1] + bytes([kept[-1] ^ 0xFF]))
+    [line] = refused_data_dir(tiny_model_dir, data)
+    assert re.fullmatch(
+        rf"sentiment serve: redis-server would not start in {re.escape(str(data))} \(exit 1\): "
+        r"Internal error in RDB reading offset 0, function at rdb\.c:\d+ -> RDB CRC error",
+        line,
+    ), line
