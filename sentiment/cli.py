@@ -106,7 +106,9 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
 
     model = commands.add_parser("model", help="model checkpoints").add_subparsers(required=True, metavar="ACTION")
     pull = model.add_parser("pull", help="download a checkpoint from the Hugging Face hub (for image builds)")
-    pull.add_argument("repo_id", nargs="?", default=DEFAULT_REPO, help="hub repository (default %(default)s)")
+    pull.add_argument(
+        "repo_id", nargs="?", type=_repo_id, default=DEFAULT_REPO, help="hub repository (default %(default)s)"
+    )
     pull.add_argument("--dest", type=Path, default=settings.model_dir, help="directory (default SENTIMENT_MODEL_DIR)")
     pull.add_argument("--revision", help="branch, tag or commit (default: the main branch)")
     pull.add_argument("--verbose", action="store_true", help="on failure, the traceback too (default: one line)")
@@ -239,6 +241,21 @@ def _port(name: str) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected {rule(name)}, got {text!r}") from None
 
     return port
+
+
+def _repo_id(text: str) -> str:
+    """A hub repository's name, held to the hub client's rule before anything is fetched (its own
+    refusal was a traceback)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        raise argparse.ArgumentTypeError(
+            f"expected a hub repository (owner/name or name, of letters, digits, '-', '_' and '.'), got {text!r}"
+        ) from None
+    return text
 
 
 def _seconds(text: str) -> float:

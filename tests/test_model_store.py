@@ -447,6 +447,17 @@ def test_pull_from_an_unreachable_hub_fails_in_one_line_that_names_the_ways_out(
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.parametrize("repo_id", ["owner/name/more", "no spaces!", ""])
+def test_pull_of_a_name_no_hub_repository_has_is_refused_as_a_bad_argument(tmp_path: Path, repo_id: str) -> None:
+    done = model_pull(repo_id, "--dest", str(tmp_path / "model"), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    assert done.returncode == 2, done.stderr  # (the hub client's HFValidationError was a traceback, exit 1)
+    assert done.stderr.splitlines()[-1] == (
+        "sentiment model pull: error: argument repo_id: expected a hub repository (owner/name or name, of "
+        f"letters, digits, '-', '_' and '.'), got {repo_id!r}"
+    )
+    assert not (tmp_path / "model").exists()
+
+
 def test_pull_shows_the_traceback_with_verbose(tmp_path: Path) -> None:
     done = model_pull(
         "--dest", str(tmp_path / "model"), "--verbose", HF_ENDPOINT=closed_port_url(), HF_HOME=str(tmp_path / "hf")
