@@ -51,7 +51,7 @@ from api.results import HEALTH_CHECK_S
 from benchmarks import machine
 from benchmarks.cache_writes import CacheWrites
 from benchmarks.fault_proxy import FaultProxy
-from benchmarks.report import replace_block
+from benchmarks.report import replace_block, results_dir
 from benchmarks.workload import UniqueTexts, load_texts
 from core.liveness import jobs_worker_alive_on_this_host, live_workers, worker_alive_on_this_host
 from core.protocol import Keys, WorkItem, new_id, prediction, text_digest
@@ -430,6 +430,8 @@ def run(
     model_dir: Path, data: Path, duration_s: float, out: Path | None = None, doc: Path | None = None
 ) -> dict[str, Any]:
     """Run the chaos for `duration_s` and check everything; the results (also written to `out`)."""
+    if out is not None:
+        results_dir(out, "chaos")
     pool = load_texts(data)
     random.Random(11).shuffle(pool)
     pool = pool[:POOL_TEXTS]
@@ -479,7 +481,6 @@ def run(
         "machine": machine.describe("cpu"),
     }
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         path = out / f"chaos-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(started))}.json"
         path.write_text(json.dumps(results, indent=1) + "\n")
         results["results_file"] = str(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,19 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import NullLocator
 
 from benchmarks.targets import shown
+
+
+def results_dir(out: Path, command: str) -> Path:
+    """`out`, made and found writable before the run: its results are written at its end, where a
+    directory that could not be made was a traceback, the whole run lost."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as exc:
+        raise SystemExit(
+            f"sentiment {command}: cannot write results in {out} ({exc.strerror}): name another with --out"
+        ) from None
+    return out
 
 
 def replace_block(doc: Path, name: str, body: str) -> None:

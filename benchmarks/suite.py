@@ -58,6 +58,7 @@ class Bench:
     only: list[str]
     shared: Path
     data: Path
+    out: Path  # the results' directory, found writable before the run
     config_dir: Path
     duration: float
     warmup: float
@@ -69,7 +70,8 @@ class Bench:
 
     @classmethod
     def of(cls, settings: Settings, args: argparse.Namespace) -> Bench:
-        from benchmarks.workload import default_shared_dir, load_texts
+        from benchmarks.report import results_dir
+        from benchmarks.workload import CHECKOUT, default_shared_dir, load_texts
         from model_store.engine import pick_device, resolve_engine, resolve_precision
         from sentiment.embedded import worker_threads
 
@@ -78,6 +80,7 @@ class Bench:
             raise SystemExit(f"--only: unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
         if args.texts_per_request < 1:
             raise SystemExit("--texts-per-request: at least 1")
+        out = results_dir(args.out or CHECKOUT / "benchmarks" / "results", "bench")
         shared = default_shared_dir()
         data = args.data or shared / "data" / "sst2-train.tsv"
         target = pick_device(args.device)
@@ -93,6 +96,7 @@ class Bench:
             only,
             shared,
             data,
+            out,
             args.config_dir or shared / "models" / "distilbert-base-sst2-config",
             args.duration or (2.0 if args.quick else 30.0),
             0.5 if args.quick else 2.0,
@@ -297,11 +301,9 @@ def _write(results: dict[str, Any], bench: Bench) -> None:
     from benchmarks.workload import CHECKOUT
 
     args = bench.args
-    out = args.out or CHECKOUT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    results_file = out / f"bench-{stamp}-{bench.tag}.json"
-    plot_files = report.plots(results, out, bench.tag)
+    results_file = bench.out / f"bench-{stamp}-{bench.tag}.json"
+    plot_files = report.plots(results, bench.out, bench.tag)
     results["plots"] = [p.name for p in plot_files]
     results_file.write_text(json.dumps(results, indent=2) + "\n")
     doc = args.doc or (None if args.quick else CHECKOUT / "docs" / "performance.md")

@@ -150,6 +150,29 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
     assert ("cores, no bfloat16 in hardware" in text) == (precision == "fp32")  # the same CPU name comes both ways
 
 
+@pytest.mark.parametrize(
+    "command", [["bench", "--quick", "--only", "cache", "--model", "small"], ["chaos", "--quick"]], ids=lambda c: c[0]
+)
+def test_an_out_directory_that_cannot_be_written_is_refused_before_the_run(
+    tmp_path: Path, tiny_model_dir: Path, command: list[str]
+) -> None:
+    # (results are written at the end: an --out under a file was a traceback then, the whole run lost)
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "sentiment.cli", *command, "--model-dir", str(tiny_model_dir), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (
+        1,
+        "",
+        f"sentiment {command[0]}: cannot write results in {out} (Not a directory): name another with --out\n",
+    )
+
+
 def test_doc_block_is_replaced_in_place_not_appended(tmp_path: Path) -> None:
     doc = tmp_path / "doc.md"
     doc.write_text("# Title\n<!-- k6:load -->\nold\n<!-- /k6:load -->\ntail\n")
