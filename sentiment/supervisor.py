@@ -170,8 +170,9 @@ class Supervisor:
         return None
 
     def stop(self, timeout_s: float = 30.0, quiet: bool = False) -> None:
-        """SIGTERM every child (workers finish their batch and hand back the rest); SIGKILL after `timeout_s`.
-        What it waits for is logged at INFO, at DEBUG when `quiet`."""
+        """SIGTERM every child (workers finish their batch and hand back the rest); SIGKILL after `timeout_s`,
+        or at once when told to stop again meanwhile (a second Ctrl-C: SystemExit or KeyboardInterrupt), so
+        that no child outlives serve. What it waits for is logged at INFO, at DEBUG when `quiet`."""
         level = logging.DEBUG if quiet else logging.INFO
         self._stopping.set()
         if self._watch.is_alive():
@@ -183,13 +184,22 @@ class Supervisor:
         for _, proc in running:
             proc.send_signal(signal.SIGTERM)
         give_up = time.monotonic() + timeout_s
-        for child, proc in running:
-            try:
-                log.log(level, "%s stopped (exit %s)", child.name, proc.wait(max(0.0, give_up - time.monotonic())))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop within %.0f s: killed", child.name, timeout_s)
-                proc.kill()
-                proc.wait()
+        try:
+            for child, proc in running:
+                try:
+                    wait_s = max(0.0, give_up - time.monotonic())
+                    log.log(level, "%s stopped (exit %s)", child.name, proc.wait(wait_s))
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop within %.0f s: killed", child.name, timeout_s)
+                    proc.kill()
+                    proc.wait()
+        except (SystemExit, KeyboardInterrupt):
+            for child, proc in running:
+                if proc.poll() is None:
+                    log.warning("%s killed: told again to stop", child.name)
+                    proc.kill()
+                    proc.wait()
+            raise
 
     def _run(self) -> None:
         """Look after every child each 0.2 s. Whatever fails while looking after one (a fork refused

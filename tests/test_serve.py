@@ -345,6 +345,34 @@ def test_ctrl_c_while_serve_starts_stops_it_as_sigterm_does(
     wait_for("serve's children to end", lambda: not serve.alive(set(children)))
 
 
+def test_a_second_ctrl_c_while_serve_waits_for_a_child_kills_it_before_serve_exits(
+    serves: list[Serve], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # A child slow to finish (here one deaf to SIGTERM) holds serve's stop; Ctrl-C again is a person's
+    # "now": serve must not exit with the child still running, its Redis stopped under it.
+    deaf, ready = tmp_path / "deaf", tmp_path / "deaf-now"
+    deaf.mkdir()
+    (deaf / "sitecustomize.py").write_text(
+        "import signal, time\n"
+        "if b'sentiment.cli\\0worker\\0' in open('/proc/self/cmdline', 'rb').read():\n"
+        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        f"    open({str(ready)!r}, 'w').close()\n"
+        "    time.sleep(600)\n"
+    )
+    pythonpath = os.pathsep.join([str(deaf), os.environ.get("PYTHONPATH", "")])
+    serve = start(serves, tiny_model_dir, env={"PYTHONPATH": pythonpath})
+    wait_for("the worker to turn deaf to SIGTERM", ready.exists)
+    children = serve.children()
+    serve.proc.send_signal(signal.SIGINT)
+    wait_for("the jobs worker to stop", lambda: not any("jobs-worker" in cmd for cmd in serve.children().values()))
+    assert serve.proc.poll() is None  # waiting for the worker
+    serve.proc.send_signal(signal.SIGINT)
+    _, stderr = serve.proc.communicate(timeout=60)
+    assert serve.alive(set(children)) == set(), stderr
+    assert serve.proc.returncode == 0 and "Traceback" not in stderr, stderr
+    assert "worker-1 killed: told again to stop" in stderr
+
+
 def test_the_supervisor_outlives_a_child_it_cannot_start_again_and_tries_later(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
