@@ -432,7 +432,7 @@ def run(
     """Run the chaos for `duration_s` and check everything; the results (also written to `out`)."""
     if out is not None:
         results_dir(out, "chaos")
-    pool = load_texts(data)
+    pool = load_texts(data, HOT_TEXTS + 1)  # the hot texts, and new ones
     random.Random(11).shuffle(pool)
     pool = pool[:POOL_TEXTS]
     expected = expected_scores(model_dir, pool)

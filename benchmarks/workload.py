@@ -18,12 +18,22 @@ def default_shared_dir() -> Path:
     return Path(os.environ.get("SENTIMENT_SHARED_DIR", CHECKOUT.parent / "shared"))
 
 
-def load_texts(path: Path) -> list[str]:
-    """Unique texts in file order: the first column of a TSV with a `text` header, else one per line."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+def load_texts(path: Path, at_least: int = 1) -> list[str]:
+    """Unique texts in file order: the first column of a TSV with a `text` header, else one per line.
+    A file that cannot be read, or holds fewer than `at_least`, ends the command in one line: it is
+    the `--data` a person named (a traceback before, chaos's only once its processes had started)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise SystemExit(f"--data: cannot read {path} ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise SystemExit(f"--data: cannot read {path} (not UTF-8 text: {exc.reason} at byte {exc.start})") from None
     if lines and lines[0].split("\t")[0] == "text":
         lines = [line.split("\t")[0] for line in lines[1:]]
-    return list(dict.fromkeys(t.strip() for t in lines if t.strip()))
+    texts = list(dict.fromkeys(t.strip() for t in lines if t.strip()))
+    if len(texts) < at_least:
+        raise SystemExit(f"--data: {path} holds too few distinct texts ({len(texts)}; the run needs {at_least})")
+    return texts
 
 
 def blank(round_: int) -> str:

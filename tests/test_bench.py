@@ -173,6 +173,34 @@ def test_an_out_directory_that_cannot_be_written_is_refused_before_the_run(
     )
 
 
+@pytest.mark.parametrize("command", [["bench", "--quick", "--only", "cache"], ["chaos", "--quick"]], ids=lambda c: c[0])
+@pytest.mark.parametrize(
+    ("content", "refusal"),
+    [
+        (None, "cannot read {data} (No such file or directory)"),
+        (b"text\tlabel\n\xffgarbage\t1\n", "cannot read {data} (not UTF-8 text: invalid start byte at byte 11)"),
+        (b"text\tlabel\n\n", "{data} holds too few distinct texts (0; the run needs {needs})"),
+    ],
+    ids=["missing", "binary", "too-few"],
+)
+def test_a_data_file_the_run_cannot_use_is_refused_in_one_line(
+    tmp_path: Path, command: list[str], content: bytes | None, refusal: str
+) -> None:
+    # (a traceback before: chaos's too few texts only once every process of its topology had started)
+    data = tmp_path / "texts.tsv"
+    if content is not None:
+        data.write_bytes(content)
+    done = subprocess.run(
+        [sys.executable, "-m", "sentiment.cli", *command, "--data", str(data)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    needs = 201 if command[0] == "chaos" else 1  # (chaos: its 200 hot texts and at least one new one)
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", f"--data: {refusal.format(data=data, needs=needs)}\n")
+
+
 def test_doc_block_is_replaced_in_place_not_appended(tmp_path: Path) -> None:
     doc = tmp_path / "doc.md"
     doc.write_text("# Title\n<!-- k6:load -->\nold\n<!-- /k6:load -->\ntail\n")
