@@ -100,11 +100,34 @@ class WorkQueue:
         """Requeue the work of the registered workers `deaths` says died and deregister them; returns
         items moved."""
         moved = 0
-        for worker_id in self.deaths.dead():
-            count = self._requeue(worker_id)
-            self.redis.srem(self.keys.workers, worker_id)
+        for worker_id, heartbeat in self.deaths.dead().items():
+            count = self._reclaim(worker_id, heartbeat)
+            if count is None:
+                log.info("worker %s beat again since it was found dead: its work stays its own", worker_id)
+                continue
             log.warning("reclaimed %d work items from dead worker %s", count, worker_id)
             moved += count
+        return moved
+
+    def _reclaim(self, worker_id: str, heartbeat: bytes | None) -> int | None:
+        """Requeue a dead worker's work and deregister it in one transaction, unless its heartbeat is no
+        longer what the look that found it dead read (None then): it beat since, so it lives, and may
+        have taken work since, which must stay its own, as must its registration."""
+        key, lists = self.keys.heartbeat(worker_id), self._lists(worker_id)
+
+        def move(pipe: Pipeline) -> int | None:
+            if pipe.get(key) != heartbeat:
+                return None
+            lengths = [pipe.llen(processing) for _, processing in lists]
+            pipe.multi()
+            for (queue, processing), length in zip(lists, lengths, strict=True):
+                for _ in range(length):  # newest first onto the consuming end: the oldest first in line again
+                    pipe.lmove(processing, queue, "LEFT", "RIGHT")
+            pipe.srem(self.keys.workers, worker_id)
+            return sum(lengths)
+
+        # (`type: ignore`: as in `requeue_unheld`.)
+        moved: int | None = self.redis.transaction(move, key, *(p for _, p in lists), value_from_callable=True)  # type: ignore[arg-type,assignment]
         return moved
 
     def _requeue(self, worker_id: str) -> int:

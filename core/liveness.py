@@ -16,7 +16,7 @@ from rq import Worker as RQWorker
 
 from core.protocol import Keys, Unreadable, WorkerStatus, new_id
 from core.redis_connect import sync_client
-from core.redis_replies import raw, text
+from core.redis_replies import raw, raws, text
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ class DeathWatch:
         self._lapses_from = float("-inf")  # (our clock) from when a lapsed heartbeat is a death
         self._grace_s: float | None = None  # set by `redis_failed`: how long after the next look that is
 
-    def dead(self) -> list[str]:
+    def dead(self) -> dict[str, bytes | None]:
+        """The workers that died, each with its heartbeat as this look read it (None: lapsed)."""
         others = [w for w in self._registered() if w != self.me]
         beats = self.redis.mget([self.keys.heartbeat(w) for w in others]) if others else []
         named = {w: _status(w, b) for w, b in zip(others, beats, strict=True) if b is not None}
@@ -79,7 +80,8 @@ class DeathWatch:
         dead = [w for w in others if (lapses and w not in named) or now - self._gone_since.get(w, now) >= RECONNECT_S]
         for worker in dead:
             self._gone_since.pop(worker, None)
-        return dead
+        read = dict(zip(others, raws(beats), strict=True))
+        return {worker: read[worker] for worker in dead}
 
     def redis_failed(self, grace_s: float) -> None:
         """`me` failed to reach or write to Redis: the other workers may have failed to beat as long, so

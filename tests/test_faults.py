@@ -501,7 +501,7 @@ def test_an_outage_longer_than_the_heartbeat_ttl_reclaims_only_the_workers_that_
     down, watched = threading.Event(), threading.Event()
     real_dead, real_beat = watcher.queue.deaths.dead, holder.heartbeat.beat
 
-    def watcher_dead() -> list[str]:
+    def watcher_dead() -> dict[str, bytes | None]:
         dead = real_dead()
         if down.is_set():
             watched.set()
