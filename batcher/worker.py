@@ -132,7 +132,7 @@ class Worker:
         self.lanes.start(self.failure)
         self.heartbeat.start(self.failure)
         self._announce()
-        backoff, lost = Backoff(log, self._stopping), False
+        backoff, lost, away = Backoff(log, self._stopping), False, False
         try:
             while not self._stopping.is_set():
                 try:
@@ -140,11 +140,16 @@ class Worker:
                         log.warning("requeued %d items whose take a Redis failure cut short", orphans)
                     lost = False
                     if not self._healthy():  # a hung lane or stuck reply: take nothing it would hold up
+                        away = True
                         self._stopping.wait(IDLE_POLL_S)
-                    elif self.intake.take():
+                        continue
+                    if away:
+                        self._rejoin()
+                        away = False
+                    if self.intake.take():
                         backoff.reset()
                 except RedisError as exc:
-                    lost = True
+                    lost = away = True
                     backoff.wait(exc)
         except Exception as exc:
             self.failure.report("take", exc)
@@ -165,6 +170,14 @@ class Worker:
             except RedisError as exc:
                 if backoff.wait(exc):
                     return
+
+    def _rejoin(self) -> None:
+        """Beat from the take stage, before it takes again after it was held up (unhealthy, or Redis
+        failing): meanwhile the heartbeat may have lapsed and another worker deregistered this one, and
+        work taken before the heartbeat thread's next beat would sit where no death watch looks, lost
+        if this worker died then."""
+        if writes := self.heartbeat.writes():
+            self.queue.link.transaction(*writes)
 
     def _healthy(self) -> bool:
         """Whether the pipeline moves, as the heartbeat says: no thread failed, the take and reply

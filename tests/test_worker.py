@@ -278,6 +278,45 @@ def test_a_forward_past_its_deadlines_stops_beating_so_a_hung_worker_is_reclaime
         reclaimed_once_its_heartbeat_lapses(redis, keys, worker, item)
 
 
+def test_a_worker_back_from_a_hang_is_registered_again_before_it_takes_work(
+    worker: Worker, redis: fakeredis.FakeRedis, settings: Settings, monkeypatch
+) -> None:
+    # Hung, its heartbeat lapsed and another worker deregistered it. Back, it took work before its
+    # heartbeat thread's next beat: into the processing list of a worker no death watch looks at, lost
+    # if it died then (found by tests/test_reclaim_states.py).
+    keys = Keys(settings.key_prefix)
+    hung, seen_hung = threading.Event(), threading.Event()
+    registered_at_take: list[bool] = []
+    real_hold = worker.intake.hold
+
+    def healthy() -> bool:  # (a hung lane, a stuck reply stage: `Worker._healthy`)
+        if hung.is_set():
+            seen_hung.set()
+        return not hung.is_set()
+
+    def hold(raws: list[bytes], bulk: bool = False) -> None:
+        registered_at_take.append(bool(redis.sismember(keys.workers, worker.id)))
+        real_hold(raws, bulk)
+
+    thread = start_worker(worker)
+    monkeypatch.setattr(worker, "_healthy", healthy)
+    monkeypatch.setattr(worker.heartbeat, "beat", lambda: None)  # its thread's next beat comes later
+    monkeypatch.setattr(worker.intake, "hold", hold)
+    try:
+        hung.set()
+        wait_for("the worker to see itself hung", seen_hung.is_set)
+        redis.delete(keys.heartbeat(worker.id))  # lapsed
+        assert WorkQueue(redis, keys, "another worker").reclaim_dead() == 0
+        assert not redis.sismember(keys.workers, worker.id)
+        hung.clear()
+        item = push(redis, keys, "taken once back")
+        assert wait_result(redis, keys, item).error is None
+        assert registered_at_take == [True]
+    finally:
+        worker.stop()
+        thread.join(10)
+
+
 def test_a_bulk_forward_past_its_items_deadlines_is_work_not_a_hung_lane(
     redis: fakeredis.FakeRedis, settings: Settings, classifier: Classifier, monkeypatch
 ) -> None:
