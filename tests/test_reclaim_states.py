@@ -2,18 +2,18 @@
 death watch (`core.liveness.DeathWatch`), heartbeat thread's tick (`batcher.heartbeat.Heartbeat`) and
 work queue (`batcher.queue.WorkQueue`), on fakeredis.
 
-Two to four workers, each on a client whose connections carry its name, take work (some takes lose
-their replies to a broken connection), answer it (the reply stage's transaction: the result, the LREM,
-the beat riding along), tick (beat when due, look for the dead and requeue their work), hang (no beat,
-no take; the thread still looks) and come back, or are killed (their connections closed); new ones
-start; Redis goes down, closing every connection, and comes back with its keys, their expiry run on
-(an append-only Redis). Between a watcher's look and its requeue, another worker may beat and take,
+Two to four workers, each on a client whose connections carry its name, take work as `Worker.run`
+does (some takes lose their replies to a broken connection), answer it (the reply stage's
+transaction: the result, the LREM, the beat riding along), tick (beat when due, look for the dead
+and requeue their work), hang (no beat, no take; the thread still looks) and come back, leave
+(`Worker._leave`) or are killed (their connections closed); new ones start; Redis goes down, closing
+every connection, and comes back with its keys, their expiry run on (an append-only Redis). Between a watcher's look and its requeue, another worker may beat and take,
 or reclaim too. The clock, Redis's as well, moves half a second at a time (`DEATH_WATCH_S`), every
 worker's heartbeat thread ticking in between. After every step:
 
 - no work is lost: an item pushed and not answered is queued, or in the processing list of a worker
   that runs or is registered (whose death a look will see);
-- an item is in one list at most;
+- an item is in one list at most, and answered once unless a hung worker held it;
 - a running worker keeps its work: an item it holds leaves its processing list only with its answer,
   unless it hung holding it (a hung worker's lapsed heartbeat is its death: docs/reliability.md);
 - a killed worker is deregistered, its work requeued, once its connections have been gone
@@ -32,6 +32,7 @@ from unittest import mock
 
 import fakeredis
 from fakeredis._socket import _base as fakeredis_socket
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -70,10 +71,11 @@ class SimWorker:
         self.queue.deaths.clock = clock
         self.heartbeat = Heartbeat(self.client, KEYS, self.queue, TTL_S, self.status, self.healthy, MODEL)
         self.replies = Link(self.client)
-        self.state = "running"  # or "hung", "killed"
+        self.state = "running"  # or "hung", "killed", "left"
         self.held: dict[str, bytes] = {}  # item id -> raw: taken, not answered
         self.forfeit: set[str] = set()  # held while it hung: its lapsed heartbeat may hand them to another
         self.lost = False  # a take's replies were lost: the next take requeues what it does not hold first
+        self.away = False  # hung, or Redis failed it: it beats before its next take (`Worker._rejoin`)
         self.ticked = False  # since the clock last moved
         self.killed_at = 0.0
 
@@ -99,6 +101,7 @@ class ReclaimMachine(RuleBasedStateMachine):
         self.workers: list[SimWorker] = []
         self.raws: dict[str, bytes] = {}  # every item pushed
         self.answered: set[str] = set()
+        self.forfeit: set[str] = set()  # items a hung worker held: they may be computed, and answered, twice
         self.down = False
         self.up_at = self.clock.now  # when Redis last came back
 
@@ -141,15 +144,19 @@ class ReclaimMachine(RuleBasedStateMachine):
     @rule(index=st.integers(0, MOST_WORKERS - 1), most=st.integers(1, 3), replies_lost=st.booleans())
     def take(self, index: int, most: int, replies_lost: bool) -> None:
         """A running worker's take (`Worker.run`): first the items a lost take left in its processing
-        list requeued, then LMOVEs; with `replies_lost`, Redis moved them but the replies never came."""
+        list requeued, and a beat if it was away, then LMOVEs; with `replies_lost`, Redis moved them but
+        the replies never came."""
         if (worker := self._worker(index, "running")) is None:
             return
         if worker.lost:
             worker.queue.requeue_unheld()
             worker.lost = False
+        if worker.away:
+            worker.queue.link.transaction(*worker.heartbeat.writes())
+            worker.away = False
         raws = worker.queue.take_queued(most)
         if replies_lost:
-            worker.lost = True
+            worker.lost = worker.away = True
             return
         worker.queue.held_raws.update(raws)
         worker.held.update({WorkItem.decode(raw).id: raw for raw in raws})
@@ -168,6 +175,7 @@ class ReclaimMachine(RuleBasedStateMachine):
             *worker.heartbeat.writes(),
         ]
         worker.replies.transaction(*writes)
+        assert item_id not in self.answered or item_id in self.forfeit, f"{item_id} answered twice"
         del worker.held[item_id]
         worker.queue.held_raws.discard(raw)
         self.answered.add(item_id)
@@ -178,7 +186,7 @@ class ReclaimMachine(RuleBasedStateMachine):
         worker beats (a hung one coming back) and takes an item, or another watcher reclaims too."""
         if (worker := self._worker(index, "running", "hung")) is None:
             return
-        others = [w for w in self.workers if w is not worker and w.state != "killed"]
+        others = [w for w in self.workers if w is not worker and w.state in ("running", "hung")]
         with self._between_look_and_requeue(worker, others[0] if others and not self.down else None, meanwhile):
             worker.heartbeat._tick()
         worker.ticked = True
@@ -194,7 +202,7 @@ class ReclaimMachine(RuleBasedStateMachine):
             "reclaim": other.heartbeat._tick,
         }
 
-        def dead() -> list[str]:
+        def dead() -> dict[str, bytes | None]:
             found = look()
             if found:
                 actions[meanwhile]()
@@ -216,13 +224,28 @@ class ReclaimMachine(RuleBasedStateMachine):
         if (worker := self._worker(index, "running")) is not None:
             worker.state = "hung"
             worker.forfeit |= set(worker.held)
+            self.forfeit |= set(worker.held)
+            worker.away = True
 
     @rule(index=st.integers(0, MOST_WORKERS - 1))
     def resume(self, index: int) -> None:
         if (worker := self._worker(index, "hung")) is not None:
             worker.state = "running"
 
-    @precondition(lambda self: sum(w.state != "killed" for w in self.workers) > 1)
+    @precondition(lambda self: not self.down and sum(w.state not in ("killed", "left") for w in self.workers) > 1)
+    @rule(index=st.integers(0, MOST_WORKERS - 1))
+    def leave(self, index: int) -> None:
+        """SIGTERM (`Worker._leave`), once its lanes' results are written: the rest handed back, then
+        its heartbeat deleted and its registration."""
+        if (worker := self._worker(index, "running")) is None:
+            return
+        worker.queue.give_back()
+        worker.client.delete(KEYS.heartbeat(worker.id))
+        worker.client.srem(KEYS.workers, worker.id)
+        worker.state = "left"
+        worker.held.clear()
+
+    @precondition(lambda self: sum(w.state not in ("killed", "left") for w in self.workers) > 1)
     @rule(index=st.integers(0, MOST_WORKERS - 1))
     def kill(self, index: int) -> None:
         """SIGKILL: the kernel closes its connections; what it held in memory is gone."""
@@ -241,6 +264,8 @@ class ReclaimMachine(RuleBasedStateMachine):
         self.server.connected = False
         for client in [self.api, *(w.client for w in self.workers)]:
             client.connection_pool.disconnect()
+        for worker in self.workers:  # each take stage meets the outage
+            worker.lost = worker.away = True
 
     @precondition(lambda self: self.down)
     @rule()
@@ -253,7 +278,7 @@ class ReclaimMachine(RuleBasedStateMachine):
     def time_passes(self) -> None:
         """Half a second, in which every worker's heartbeat thread ticked (those that did not yet, now)."""
         for worker in self.workers:
-            if worker.state != "killed" and not worker.ticked:
+            if worker.state in ("running", "hung") and not worker.ticked:
                 worker.heartbeat._tick()
         self.clock.now += DEATH_WATCH_S
         for worker in self.workers:
@@ -285,15 +310,17 @@ class ReclaimMachine(RuleBasedStateMachine):
                 continue
             assert where, f"{item_id} is nowhere, never answered"
             holder = next((w for w in self.workers if w.id == where[0]), None)
-            if holder is not None and holder.state == "killed":
-                assert holder.id in registered, f"{item_id} is with killed {holder.id}, which nobody will reclaim"
+            if holder is not None and holder.state in ("killed", "left"):
+                assert holder.id in registered, (
+                    f"{item_id} is with {holder.state} {holder.id}, which nobody will reclaim"
+                )
 
     @invariant()
     def a_running_worker_keeps_its_work(self) -> None:
         if self.down:
             return
         for worker in self.workers:
-            if worker.state == "killed":
+            if worker.state not in ("running", "hung"):
                 continue
             listed = set(self.api.lrange(worker.queue.processing, 0, -1))
             for item_id in set(worker.held) - worker.forfeit:
@@ -310,6 +337,12 @@ class ReclaimMachine(RuleBasedStateMachine):
             if worker.state == "killed" and worker.id in registered:
                 due = max(worker.killed_at, self.up_at) + DEATH_WATCH_S + RECONNECT_S + DEATH_WATCH_S
                 assert self.clock.now <= due, f"{worker.id}, killed at {worker.killed_at}, is still registered"
+
+
+ReclaimMachine.TestCase.settings = settings(
+    max_examples=350, stateful_step_count=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+test_dead_workers_work_is_reclaimed_once_and_a_live_workers_never = ReclaimMachine.TestCase
 
 
 # --- sequences it found, kept as plain tests ------------------------------------------------------
