@@ -36,9 +36,11 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     StrictBool,
     StringConstraints,
+    Tag,
     ValidationError,
     create_model,
 )
@@ -124,11 +126,29 @@ def infer_request(max_texts: int, max_chars: int) -> type[InferRequest]:
     Rows = Annotated[
         list[Annotated[list[Text], Field(min_length=1, max_length=1)]], Field(min_length=1, max_length=max_texts)
     ]
-    Data: Any = Texts | Rows | None
+    Data: Any = (
+        Annotated[
+            Annotated[Texts, Tag("texts")] | Annotated[Rows, Tag("rows")],
+            Discriminator(
+                texts_or_rows,
+                custom_error_type="invalid_data",
+                custom_error_message="Input should be a list of texts, or of rows of one text",
+            ),
+        ]
+        | None
+    )
     Input = create_model("InferInput", __base__=InferInput, data=(Data, InferInput.model_fields["data"]))
     return create_model(
         "InferRequest", __base__=InferRequest, inputs=(Annotated[list[Input], Field(min_length=1, max_length=1)], ...)
     )
+
+
+def texts_or_rows(data: Any) -> str | None:
+    """Which form `data` takes, rows if its first item is a list, so that a 422 says what is wrong
+    with it, not what the other form needs (a number among texts is no "valid array" error)."""
+    if not isinstance(data, list):
+        return None
+    return "rows" if data and isinstance(data[0], list) else "texts"
 
 
 @dataclass(frozen=True)

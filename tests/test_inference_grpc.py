@@ -458,6 +458,37 @@ async def test_a_bad_request_is_the_same_error_over_rest_and_grpc(local: InProce
     assert local.redis.llen(local.keys.queue) == 0
 
 
+# A bad `data` (texts, or rows of one text): the one fault, in the form sent, as /predict words it
+# ("texts over gRPC": its `bytes_contents`, always a flat list, say the same).
+BAD_DATA: dict[str, tuple[Any, str, bool]] = {
+    "65 texts": (["x"] * 65, ".texts: List should have at most 64 items after validation, not 65", True),
+    "65 rows": ([["x"]] * 65, ".rows: List should have at most 64 items after validation, not 65", False),
+    "a number among the texts": (["a", 5], ".texts.1: Input should be a valid string", False),
+    "a text among the rows": ([["a"], "b"], ".rows.1: Input should be a valid array", False),
+    "a row of two": ([["a"], ["b", "c"]], ".rows.1: List should have at most 1 item after validation, not 2", False),
+    "a text over SENTIMENT_MAX_CHARS": (["x" * 2001], ".texts.0: String should have at most 2000 characters", True),
+    "no texts": ([], ".texts: List should have at least 1 item after validation, not 0", False),
+    "a string": ("abc", ": Input should be a list of texts, or of rows of one text", False),
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("case", BAD_DATA)
+async def test_bad_data_is_named_in_the_form_sent_over_rest_and_grpc(local: InProcess, case: str) -> None:
+    """`data` is a list of texts or of rows of one: the 422 names what is wrong with the form sent, in
+    one line, never the other form's type error ("Input should be a valid string (and 2 more)")."""
+    local.announce()
+    data, error, over_grpc = BAD_DATA[case]
+    body = {"inputs": [tensor(shape=[max(len(data), 1)], data=data)]}
+    rest = await local.http.post("/v2/models/tiny/infer", json=body)
+    expected = f"inputs.0.data{error}"
+    assert (rest.status_code, rest.json()["error"]) == (422, f"body.{expected}"), rest.text
+    if over_grpc:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await local.stub.ModelInfer(grpc_infer_request(body, None), timeout=HANG_GUARD_S)
+        assert (refused.value.code(), refused.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, expected)
+
+
 async def broken_predictor(*_: object, **__: object) -> None:
     raise RuntimeError("a bug")
 
