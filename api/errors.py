@@ -54,7 +54,7 @@ class ErrorType(StrEnum):
     NOT_READY = "not_ready"  # /ready: Redis down, no live worker, or a worker of `sentiment serve` down
     CLIENT_GONE = "client_gone"  # the client left while its request was sent or waited: nobody reads the answer
     INVALID_REQUEST = "invalid_request"  # a body or parameter that does not validate (FastAPI's 422)
-    BAD_REQUEST = "bad_request"  # a body FastAPI could not read at all (its 400)
+    BAD_REQUEST = "bad_request"  # a body FastAPI could not read at all (its 400); a head not HTTP (`api.server`)
     METHOD_NOT_ALLOWED = "method_not_allowed"  # the path has no such method (the router's 405, with `Allow`)
     INTERNAL = "internal"  # a bug: an exception nothing handles
     TEXT_TOO_LONG = "text_too_long"  # texts of more tokens than the model takes (SENTIMENT_LONG_TEXTS=reject)

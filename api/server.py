@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from http import HTTPStatus
 
+import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -119,7 +120,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     closed (lingering: `LINGER_S`). And uvicorn times a connection out only between requests, so one opened and left silent,
     or stopped midway through a head, would hold its socket for good: it has uvicorn's keep-alive
     timeout from its opening, or from a later head's first byte, to send the head, else it is closed
-    (once any request in flight on it is answered).
+    (once any request in flight on it is answered). A head httptools cannot parse is uvicorn's 400
+    and close, in the error shape too.
     """
 
     head_bytes: int | None = 0  # of the head being read; None once its headers are in
@@ -170,17 +172,24 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self.head_timer = None
             self.transport.close()
 
+    def send_400_response(self, msg: str) -> None:
+        """A request head httptools cannot parse (a NUL or a folded line in a header, a second
+        Content-Length, a bad request line): uvicorn's 400 and close, in the error shape. uvicorn
+        calls it only handling httptools' error, whose reason the message names (a failure of
+        uvicorn's callbacks, httptools' "User callback error", by the error it handled)."""
+        reason = sys.exception()
+        if isinstance(reason, httptools.HttpParserCallbackError):  # (uvicorn's, reading the request target)
+            reason = reason.__context__
+        if isinstance(reason, httptools.HttpParserInvalidURLError):  # (its own words quote the target's bytes)
+            why = " (the request target is not a path or a URL)"
+        else:
+            why = f" ({reason})" if isinstance(reason, httptools.HttpParserError) else ""
+        self.transport.write(self._answer(ErrorType.BAD_REQUEST, f"the request is not valid HTTP/1.1{why}"))
+        self.transport.close()
+
     def _refuse_head(self) -> None:
-        error = ErrorType.HEADERS_TOO_LARGE
-        spec = counted(error)
-        body = ErrorBody.of(error, f"the request's line and headers are larger than {MAX_HEAD_BYTES} bytes")
-        content = body.model_dump_json().encode()
-        status = HTTPStatus(spec.status)
-        self.transport.write(
-            f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(content)}\r\nconnection: close\r\n\r\n".encode()
-            + content
-        )
+        message = f"the request's line and headers are larger than {MAX_HEAD_BYTES} bytes"
+        self.transport.write(self._answer(ErrorType.HEADERS_TOO_LARGE, message))
         # A lingering close: the answer and our end of the stream now, the rest of its upload dropped
         # for `LINGER_S`, then the close.
         self.refused, self.head_bytes = True, None
@@ -188,6 +197,20 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER_S, self.transport.close)
+
+    def _answer(self, error: ErrorType, message: str) -> bytes:
+        """An error refused before the app sees the request: its status and body as `ERRORS` says (a
+        refusal counted), uvicorn's default headers (date, server), and the close it is followed by."""
+        spec = counted(error)
+        content = ErrorBody.of(error, message).model_dump_json().encode()
+        status = HTTPStatus(spec.status)
+        defaults = b"".join(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers)
+        return (
+            f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode()
+            + defaults
+            + f"content-type: application/json\r\ncontent-length: {len(content)}\r\nconnection: close\r\n\r\n".encode()
+            + content
+        )
 
 
 class _Server(uvicorn.Server):

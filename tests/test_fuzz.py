@@ -244,6 +244,38 @@ def test_a_connection_that_never_completes_a_request_head_is_closed(service: Ser
         assert sock.recv(65536) == b""  # closed, without an answer to a request it never made
 
 
+# Request heads httptools cannot parse, and why: uvicorn's own 400 answered them in plain text.
+MALFORMED_HEADS = {
+    b"GET /health HTTP/1.1\r\nHost: api\r\nX-A: a\x00b\r\n\r\n": "Invalid header value char",
+    b"GET /health HTTP/1.1\r\nHost: api\r\nX-A: a\r\n b\r\n\r\n": "Unexpected whitespace after header value",
+    b"POST /predict HTTP/1.1\r\nHost: api\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}": "Duplicate Content-Length",
+    b"POST /predict HTTP/1.1\r\nHost: api\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}": (
+        "Transfer-Encoding can't be present with Content-Length"
+    ),
+    b"GET /health HTTP/9.Z\r\nHost: api\r\n\r\n": "Invalid minor version",
+    # (uvicorn's reading of the target fails: httptools says "User callback error")
+    b"CONNECT api:443 HTTP/1.1\r\nHost: api:443\r\n\r\n": "the request target is not a path or a URL",
+    b"GET http://[::1/health HTTP/1.1\r\nHost: api\r\n\r\n": "the request target is not a path or a URL",
+}
+
+
+@pytest.mark.parametrize(("head", "reason"), MALFORMED_HEADS.items())
+def test_a_request_head_that_is_not_http_is_a_400_in_the_error_shape(
+    service: Service, head: bytes, reason: str
+) -> None:
+    """What httptools refuses to parse is answered as every error is, a JSON body saying why, and the
+    connection closed as uvicorn closes it (nothing after it can be read as a request)."""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:  # (a hang guard)
+        sock.sendall(head)
+        reply = b""
+        while received := sock.recv(65536):  # to the close
+            reply += received
+    answered, _, body = reply.partition(b"\r\n\r\n")
+    assert answered.startswith(b"HTTP/1.1 400"), reply
+    assert b"content-type: application/json" in answered.lower() and b"connection: close" in answered.lower()
+    assert json.loads(body) == {"error": f"the request is not valid HTTP/1.1 ({reason})", "error_type": "bad_request"}
+
+
 def test_the_largest_valid_request_fits_every_encoding(http: httpx.Client) -> None:
     texts = ["é" * MAX_CHARS] * MAX_TEXTS  # 6 bytes a character once \\u-escaped
     for ascii_only in (True, False):
