@@ -31,8 +31,9 @@ from pydantic import BaseModel, ConfigDict
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match, Mount
 
-from api.metrics import REQUESTS_REFUSED
+from api.metrics import METHODS, REQUESTS_REFUSED
 from core.redis_errors import describe
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,9 @@ ERRORS: dict[ErrorType, ErrorSpec] = {
     ErrorType.INTERNAL: ErrorSpec(500, StatusCode.INTERNAL),
     ErrorType.TEXT_TOO_LONG: ErrorSpec(422, StatusCode.INVALID_ARGUMENT, refusal=True, body=InvalidRequestBody),
 }
+# The scope's key for the method a client sent, where the app serves it as another (`api.hot_path`:
+# HEAD as GET): what an error names.
+SENT_METHOD = "sentiment.sent_method"
 # The router's and FastAPI's own HTTP errors (`HTTPException`), by status.
 HTTP_ERRORS = {
     400: ErrorType.BAD_REQUEST,
@@ -327,15 +331,36 @@ def install(app: FastAPI) -> None:
 
 
 def http_error_response(request: Request, exc: HTTPException) -> Response:
-    """The router's 404 and 405 (and FastAPI's 400), in the one shape, their headers (`Allow`) kept;
-    any other status (nothing raises one) is a bug's 500."""
+    """The router's 404 and 405 (and FastAPI's 400), in the one shape, their headers kept (`Allow` as
+    `allowed` says), naming the method the client sent; any other status (nothing raises one) is a
+    bug's 500."""
     error_type = HTTP_ERRORS.get(exc.status_code, ErrorType.INTERNAL)
-    where = f"{request.method} {quote(request.url.path)}"
+    headers = dict(exc.headers or {})
+    if "Allow" in headers:
+        headers["Allow"] = allowed(request, headers["Allow"])
+    where = f"{request.scope.get(SENT_METHOD, request.method)} {quote(request.url.path)}"
     message = {
         ErrorType.NOT_FOUND: f"{where}: no such path (GET /docs lists the routes)",
-        ErrorType.METHOD_NOT_ALLOWED: f"{where}: this path takes {(exc.headers or {}).get('Allow', 'other methods')}",
+        ErrorType.METHOD_NOT_ALLOWED: f"{where}: this path takes {headers.get('Allow', 'other methods')}",
     }.get(error_type, f"{where}: {exc.detail}")
-    return error_response(error_type, message, headers=exc.headers)
+    return error_response(error_type, message, headers=headers)
+
+
+def allowed(request: Request, allow: str) -> str:
+    """A 405's `Allow`, every method the path takes: the router names those of the first route of the
+    path alone (GET of /jobs/{id}, not its DELETE), so each route's too, matched from the app's root
+    (past a mount, the scope's root path is the mount's), but a mount's, which takes every method
+    and whose app names its own; and HEAD wherever GET (`api.hot_path`); sorted, as Starlette sorts its own."""
+    scope = {**request.scope, "root_path": request.scope.get("app_root_path", request.scope.get("root_path", ""))}
+    routes = [route for route in request.app.router.routes if not isinstance(route, Mount)]
+    methods = {method.strip() for method in allow.split(",")} | {
+        method
+        for method in METHODS
+        if any(route.matches({**scope, "method": method})[0] is Match.FULL for route in routes)
+    }
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
 
 
 def document(app: FastAPI) -> None:

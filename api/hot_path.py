@@ -21,6 +21,7 @@ from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.errors import SENT_METHOD
 from api.routes import RequestRoute
 
 PATH = "/predict"
@@ -38,7 +39,7 @@ class HotPathApp(FastAPI):
         if scope["type"] == "http" and scope["method"] == "HEAD":
             # GET without the body (RFC 9110 9.3.2), which the server leaves out: its own scope says HEAD.
             # FastAPI's routes take GET alone, and a monitor probing with HEAD would read a 405 as down.
-            scope = {**scope, "method": "GET"}
+            scope = {**scope, "method": "GET", SENT_METHOD: "HEAD"}
         if (
             scope["type"] == "http"
             and scope["method"] == "POST"

@@ -133,6 +133,30 @@ async def test_every_status_answers_the_one_shape(
         assert (body["status"], body["reason"]) == ("not ready", body["error"])  # /ready's own fields too
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("DELETE", "/health", "GET, HEAD"),  # HEAD is answered as GET (api/hot_path.py)
+        ("PUT", "/jobs/" + "0" * 32, "DELETE, GET, HEAD"),  # two routes, one path
+        ("HEAD", "/predict", "POST"),
+        ("HEAD", "/jobs", "POST"),
+        ("POST", "/docs/assets/app.js", "GET, HEAD"),  # (a mount's own 405)
+        ("POST", "/docs/assets/", "GET, HEAD"),  # (not POST /'s, the path past the mount)
+    ],
+)
+async def test_a_405_says_every_method_the_path_takes_and_the_method_sent(
+    client: httpx.AsyncClient, method: str, path: str, allow: str
+) -> None:
+    """RFC 9110 10.2.1: `Allow` lists the methods the resource takes: HEAD with GET, and those of
+    every route of the path, not the first's; the message names the method the client sent."""
+    response = await client.request(method, path)
+    assert (response.status_code, response.headers["allow"]) == (405, allow)
+    error = {"error": f"{method} {path}: this path takes {allow}", "error_type": "method_not_allowed"}
+    body = json.dumps(error, separators=(",", ":")).encode()
+    assert response.headers["content-length"] == str(len(body))  # (a HEAD's, of the body it leaves out)
+    assert response.content == (b"" if method == "HEAD" else body)
+
+
 async def test_refused_callers_get_the_one_shape(keyed: httpx.AsyncClient) -> None:
     check_shape(await keyed.get("/no-such-path"), 401, ErrorType.UNAUTHORIZED)
     check_shape(await keyed.post("/predict", json={"text": ["x"]}), 401, ErrorType.UNAUTHORIZED)
