@@ -115,10 +115,11 @@ def requested_timeout(headers: Headers, most_s: float) -> float | None:
     A client that needs its answer sooner says so, so that the service refuses at once what it could
     not answer in time, and never computes for a client that has given up. A value that is not a
     number of seconds above 0 and at most `most_s` is a 422: a longer wait than the service's own
-    deadline is not on offer."""
-    raw = headers.get(TIMEOUT_HEADER)
-    if raw is None:
+    deadline is not on offer. Sent twice, it is the two values joined, as a proxy may join them (RFC
+    9110 5.3): no number, whichever came first."""
+    if not (values := headers.getlist(TIMEOUT_HEADER)):
         return None
+    raw = ", ".join(values)
     # ASCII digits, as `1.5`, `.5` or `5e-3`: `float` also takes `1_0`, `inf`, `nan` and non-ASCII spaces.
     # Around them, HTTP's optional whitespace, no part of the value (httptools leaves the trailing one).
     seconds = float(raw) if SECONDS.fullmatch(raw.strip(" \t")) else math.nan

@@ -996,6 +996,21 @@ async def test_a_bad_request_timeout_header_is_a_422_naming_it(client: httpx.Asy
     assert "at most 10" in error["msg"]
 
 
+@pytest.mark.parametrize(
+    "sent", [[("X-Request-Timeout", "0.5"), ("X-Request-Timeout", "9")], [("X-Request-Timeout", "0.5, 9")]]
+)
+async def test_a_deadline_sent_twice_is_a_422_whether_or_not_a_proxy_joined_the_two(
+    client: httpx.AsyncClient, sent: list[tuple[str, str]]
+) -> None:
+    """Two field lines of a name are the one value of the two joined (RFC 9110 5.3), which a proxy may
+    join on the way: either way the request names two deadlines, refused alike, the first never
+    taken as if alone."""
+    response = await client.post("/predict", json={"text": ["x"]}, headers=sent)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert (error["loc"], error["input"]) == (["header", "X-Request-Timeout"], "0.5, 9")
+
+
 async def test_work_that_cannot_make_its_deadline_is_answered_late_unstarted(
     settings: Settings,
     fake_server: fakeredis.FakeServer,
