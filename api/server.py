@@ -121,12 +121,16 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     or stopped midway through a head, would hold its socket for good: it has uvicorn's keep-alive
     timeout from its opening, or from a later head's first byte, to send the head, else it is closed
     (once any request in flight on it is answered). A head httptools cannot parse is uvicorn's 400
-    and close, in the error shape too.
+    and close, in the error shape too. A head offering an upgrade not taken (`Upgrade: h2c`, as
+    curl --http2 and Java's HttpClient send) is parsed again without it, so that its request keeps
+    its body: httptools would take the bytes after that head for the new protocol's.
     """
 
     head_bytes: int | None = 0  # of the head being read; None once its headers are in
     head_timer: asyncio.TimerHandle | None = None  # closes the connection if the head is not in by then
     refused = False  # the 431 sent: what else arrives is dropped until the close
+    upgrade_ignored = False  # the head just parsed offers an upgrade not taken: its request is the parse again's
+    upgrade_at = 0  # where in the read the bytes after that head begin
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # (as uvicorn's)
         super().connection_made(transport)
@@ -145,6 +149,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
                 self._refuse_head()
                 return
         super().data_received(data)
+        while self.upgrade_ignored:  # (a head after it, in what is parsed again, may offer one too)
+            data = self._parse_without_upgrade(data)
         if self.head_bytes is not None and self.head_timer is None:  # a later head begun, not all in
             self._time_head()
 
@@ -155,7 +161,36 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self.head_bytes = None
         self._untime_head()
+        if self.parser.should_upgrade() and self._get_upgrade() is not None and not self._should_upgrade():
+            self.upgrade_ignored = True  # (no request yet: `_parse_without_upgrade` makes it)
+            return
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        if not self.upgrade_ignored:  # (httptools ends an upgrade's message at its head)
+            super().on_message_complete()
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """uvicorn's, handling httptools' HttpParserUpgrade, which says where the head ended: an upgrade
+        not taken is no warning (a curl --http2), but a CONNECT's is."""
+        if not self.upgrade_ignored:
+            super()._unsupported_upgrade_warning()
+            return
+        upgrade = sys.exception()
+        self.upgrade_at = upgrade.args[0] if isinstance(upgrade, httptools.HttpParserUpgrade) else 0
+
+    def _parse_without_upgrade(self, parsed: bytes) -> bytes:
+        """The head just parsed, without its Upgrade header, then what followed it in `parsed` (its
+        body, and what comes after it on the connection), by a fresh parser of uvicorn's, which goes
+        on with the connection; what it parsed."""
+        self.upgrade_ignored = False
+        line = b"%s %s HTTP/%s\r\n" % (self.parser.get_method(), self.url, self.parser.get_http_version().encode())
+        headers = b"".join(b"%s: %s\r\n" % (name, value) for name, value in self.headers if name != b"upgrade")
+        again = line + headers + b"\r\n" + parsed[self.upgrade_at :]
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # (as uvicorn's)
+        super().data_received(again)
+        return again
 
     def _time_head(self) -> None:
         self.head_timer = self.loop.call_later(self.timeout_keep_alive, self._head_late)

@@ -276,6 +276,31 @@ def test_a_request_head_that_is_not_http_is_a_400_in_the_error_shape(
     assert json.loads(body) == {"error": f"the request is not valid HTTP/1.1 ({reason})", "error_type": "bad_request"}
 
 
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_request_offering_an_upgrade_the_server_ignores_keeps_its_body(service: Service, framing: str) -> None:
+    """`Upgrade: h2c` on a POST (curl --http2, Java's HttpClient and Spring's RestClient): the server
+    answers in HTTP/1.1, as RFC 9110 7.8 lets it, the request with its body (httptools takes the
+    bytes after such a head for the new protocol's: the app read an empty body, a 422), and the
+    connection goes on to its next request."""
+    body = b'{"text": ["a fine film"]}'
+    framed = {
+        "content-length": b"Content-Length: %d\r\n\r\n%s" % (len(body), body),
+        "chunked": b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body),
+    }[framing]
+    offered = (
+        b"POST /predict HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\nUpgrade: h2c\r\n"
+        b"Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n" + framed
+    )
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:  # (a hang guard)
+        sock.sendall(offered * 2 + b"GET /health HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while received := sock.recv(65536):  # to the close, after the last answer
+            reply += received
+    *predicted, healthy = reply.split(b"HTTP/1.1 ")[1:]
+    assert len(predicted) == 2 and all(p.startswith(b"200") and b'"predictions"' in p for p in predicted), reply
+    assert healthy.startswith(b"200") and healthy.endswith(b'{"status":"healthy"}'), reply
+
+
 def test_the_largest_valid_request_fits_every_encoding(http: httpx.Client) -> None:
     texts = ["é" * MAX_CHARS] * MAX_TEXTS  # 6 bytes a character once \\u-escaped
     for ascii_only in (True, False):
