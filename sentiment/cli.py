@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -371,6 +372,12 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
     worker = Worker(settings, client, classifier)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
+    # What start-up made (torch, transformers, the model) out of the collector's reach, as the API does:
+    # else the interpreter's last collections walk it all at exit, at the worker's lowered CPU priority,
+    # after its work is handed back, while a supervisor waits to kill it (docs/tuning.md, "Garbage
+    # collection"). Garbage first: the frozen is never collected.
+    gc.collect()
+    gc.freeze()
     try:
         worker.run()
     except ThreadFailed as exc:  # logged with its traceback; the exit says it in one line

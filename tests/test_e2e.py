@@ -201,6 +201,46 @@ def test_the_model_worker_sets_the_openmp_wait_policy_before_torch_loads(tmp_pat
     assert "GOMP_SPINCOUNT = '0'" in run.stderr, run.stderr[-2000:]
 
 
+def test_a_stopped_worker_leaves_its_start_up_heap_out_of_the_collections_at_exit(
+    redis_url: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The interpreter's last collections walk every object it still tracks: with torch and the model
+    loaded, over a second of CPU at the worker's lowered priority once its work is handed back, so a
+    supervisor waiting for it may kill it. What start-up made must be frozen out of their reach by then.
+
+    A hook registered first at start runs last at exit, after logging's and tracing's own."""
+    counts = tmp_path / "at-exit"
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import atexit, gc\n"
+        "if b'sentiment.cli\\0worker\\0' in open('/proc/self/cmdline', 'rb').read():\n"
+        f"    atexit.register(lambda: open({str(counts)!r}, 'w').write("
+        "f'{len(gc.get_objects())} {gc.get_freeze_count()}'))\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+        "SENTIMENT_REDIS_URL": redis_url,
+        "SENTIMENT_MODEL_DIR": str(tiny_model_dir),
+        "SENTIMENT_KEY_PREFIX": "e2e-exit",
+        "SENTIMENT_METRICS_PORT": "0",
+        "SENTIMENT_LOG_LEVEL": "INFO",
+    }
+    client = redis.Redis.from_url(redis_url)
+    log = tmp_path / "worker.log"
+    with log.open("w") as stderr:
+        worker = subprocess.Popen([sys.executable, "-m", "sentiment.cli", "worker"], env=env, stderr=stderr)
+    try:
+        wait_for("the worker to serve", lambda: live_workers(client, "e2e-exit"))
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 0, log.read_text()[-2000:]
+    assert log.read_text().splitlines()[-1].endswith("stopped; handed back 0 unfinished items")
+    tracked, frozen = map(int, counts.read_text().split())
+    assert tracked < frozen, (tracked, frozen)
+
+
 def test_a_request_due_sooner_than_the_workers_can_answer_is_refused_at_once_by_its_own_deadline(
     redis_url: str, tiny_model_dir: Path
 ) -> None:
