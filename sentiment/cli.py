@@ -284,6 +284,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _api(settings: Settings, args: argparse.Namespace) -> None:
+    _stop_when_told()
     import api.server
 
     settings = settings.model_copy(update={"grpc_port": args.grpc_port})
@@ -354,6 +355,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
 
         _probe(args.probe, lambda client: worker_alive_on_this_host(client, settings.key_prefix), settings)
 
+    _stop_when_told()
     _model_process(settings)
     _give_way(settings.worker_nice)
     from batcher import metrics
@@ -390,6 +392,7 @@ def _jobs_worker(settings: Settings, args: argparse.Namespace) -> None:
 
         _probe(args.probe, lambda client: jobs_worker_alive_on_this_host(client, settings.jobs_queue), settings)
 
+    _stop_when_told()
     from batcher.jobs import run
     from batcher.thread_failure import ThreadFailed
 
@@ -398,6 +401,14 @@ def _jobs_worker(settings: Settings, args: argparse.Namespace) -> None:
         run(settings)
     except ThreadFailed as exc:  # logged with its traceback; the exit says it in one line
         raise SystemExit(f"sentiment jobs-worker: {exc}") from None
+
+
+def _stop_when_told() -> None:
+    """Ctrl-C and SIGTERM end a service that is still starting (importing, loading its model, waiting
+    for Redis) with exit 0, as they end it once it serves and as `serve` from its start: not a
+    KeyboardInterrupt traceback. Nothing is taken yet; the service's own stop replaces this once it serves."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sys.exit(0))
 
 
 @contextmanager

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -160,6 +162,27 @@ def test_a_process_started_before_its_redis_says_once_what_it_waits_for_and_serv
         proc.kill()  # (its stop is another test's: a worker at low priority may wait long for a core)
         proc.wait()
         server.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+@pytest.mark.parametrize("command", ["api", "worker", "jobs-worker"])
+def test_ctrl_c_while_a_process_starts_stops_it_cleanly_as_sigterm_does(
+    command: str, sig: signal.Signals, tiny_model_dir: Path
+) -> None:
+    # A person who gives up waiting (the worker loads its model first): exit 0, as `serve` and as a
+    # process that serves, not a KeyboardInterrupt traceback. Here a Redis that takes the connection
+    # and never answers holds the process in its start for as long as the test likes.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        env = environment(url, tiny_model_dir) | {"SENTIMENT_REDIS_TIMEOUT_S": "600"}
+        proc = subprocess.Popen(command_line(command), env=env, stderr=subprocess.PIPE, text=True)
+        silent.settimeout(HANG_GUARD_S)
+        connection, _ = silent.accept()  # its start-up PING, never answered
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=HANG_GUARD_S)
+        connection.close()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr, stderr
 
 
 @pytest.mark.parametrize(
