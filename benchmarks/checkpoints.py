@@ -88,11 +88,25 @@ def write_tiny_model(
 
 def write_full_size_model(config_dir: Path, dest: Path, seed: int = 0) -> Path:
     """The architecture and tokenizer of `config_dir` with random weights (for cost measurements)."""
+    config = full_size_config(config_dir)
     dest.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
         if (config_dir / name).is_file():
             shutil.copy(config_dir / name, dest / name)
-    return _write_weights(AutoConfig.from_pretrained(config_dir), dest, seed)
+    return _write_weights(config, dest, seed)
+
+
+def full_size_config(config_dir: Path) -> PretrainedConfig:
+    """The model config in `config_dir` (`--config-dir`). One that is missing or no model config ends
+    the command in one line, naming the file: transformers' traceback before, and a path that is not
+    there read as a hub repository's name."""
+    config = config_dir / "config.json"
+    if not config.is_file():
+        raise SystemExit(f"--config-dir: no config.json in {config_dir}")
+    try:
+        return AutoConfig.from_pretrained(config_dir, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--config-dir: {config} is no model config ({str(exc).splitlines()[0]})") from None
 
 
 # Products whose input activation only one other product writes, so planting changes nothing else:

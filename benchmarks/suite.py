@@ -70,6 +70,7 @@ class Bench:
 
     @classmethod
     def of(cls, settings: Settings, args: argparse.Namespace) -> Bench:
+        from benchmarks.checkpoints import full_size_config
         from benchmarks.report import results_dir
         from benchmarks.workload import CHECKOUT, default_shared_dir, load_texts
         from model_store.engine import pick_device, resolve_engine, resolve_precision
@@ -86,6 +87,9 @@ class Bench:
         target = pick_device(args.device)
         precision = resolve_precision(settings.precision, target)
         model_dir = args.model_dir or shared / "models" / "distilbert-sst2-small"
+        config_dir = args.config_dir or shared / "models" / "distilbert-base-sst2-config"
+        if args.model == "full":  # refused before the run, not once its parts begin
+            full_size_config(config_dir)
         # The full-size shape's int8 artifact is made for its speed, its report failing (random weights).
         random_int8 = (args.model == "full" and precision == "int8") or settings.int8_allow_failing
         update = {"model_dir": model_dir, "workers": args.workers, "int8_allow_failing": random_int8}
@@ -97,7 +101,7 @@ class Bench:
             shared,
             data,
             out,
-            args.config_dir or shared / "models" / "distilbert-base-sst2-config",
+            config_dir,
             args.duration or (2.0 if args.quick else 30.0),
             0.5 if args.quick else 2.0,
             target.type,

@@ -201,6 +201,41 @@ def test_a_data_file_the_run_cannot_use_is_refused_in_one_line(
     assert (done.returncode, done.stdout, done.stderr) == (1, "", f"--data: {refusal.format(data=data, needs=needs)}\n")
 
 
+@pytest.mark.parametrize(
+    ("config", "refusal"),
+    [
+        (None, "no config.json in {dir}"),
+        (
+            b"{bad",
+            "{dir}/config.json is no model config (It looks like the config file at '{dir}/config.json' is "
+            "not a valid JSON file.)",
+        ),
+        (
+            b"{}",
+            "{dir}/config.json is no model config (Unrecognized model in {dir}. Should have a `model_type` key "
+            "in its config.json.)",
+        ),
+    ],
+    ids=["missing", "not-json", "no-model-type"],
+)
+def test_a_config_dir_the_full_model_cannot_be_built_from_is_refused_in_one_line(
+    tmp_path: Path, config: bytes | None, refusal: str
+) -> None:
+    # (a traceback from transformers before, "Repo id must use alphanumeric chars" for a missing one)
+    config_dir = tmp_path / "shape"
+    if config is not None:
+        config_dir.mkdir()
+        (config_dir / "config.json").write_bytes(config)
+    done = subprocess.run(
+        [sys.executable, "-m", "sentiment.cli", "bench", "--quick", "--only", "limit", "--config-dir", str(config_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", f"--config-dir: {refusal.format(dir=config_dir)}\n")
+
+
 def test_doc_block_is_replaced_in_place_not_appended(tmp_path: Path) -> None:
     doc = tmp_path / "doc.md"
     doc.write_text("# Title\n<!-- k6:load -->\nold\n<!-- /k6:load -->\ntail\n")
