@@ -76,7 +76,9 @@ class Bench:
         from model_store.engine import pick_device, resolve_engine, resolve_precision
         from sentiment.embedded import worker_threads
 
-        only = [p.strip() for p in (args.only or ",".join(DEFAULT_PARTS)).split(",") if p.strip()]
+        only = [p.strip() for p in (DEFAULT_PARTS if args.only is None else args.only.split(",")) if p.strip()]
+        if not only:  # (an empty --only, a script's unset variable, is no request for the default parts)
+            raise SystemExit(f"--only: no part named; choose from {', '.join(PARTS)}")
         if unknown := set(only) - set(PARTS):
             raise SystemExit(f"--only: unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
         if args.texts_per_request < 1:

@@ -236,6 +236,26 @@ def test_a_config_dir_the_full_model_cannot_be_built_from_is_refused_in_one_line
     assert (done.returncode, done.stdout, done.stderr) == (1, "", f"--config-dir: {refusal.format(dir=config_dir)}\n")
 
 
+@pytest.mark.parametrize("only", ["", ", "])
+def test_an_only_that_names_no_part_is_refused_not_read_as_the_default(tmp_path: Path, only: str) -> None:
+    # (`--only ""`, a script's empty variable, ran the default parts: many minutes a person did not ask
+    # for. The --data that is not there stops such a run before it starts.)
+    command = ["bench", "--quick", "--only", only, "--out", str(tmp_path), "--data", str(tmp_path / "none.tsv")]
+    done = subprocess.run(
+        [sys.executable, "-m", "sentiment.cli", *command],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (
+        1,
+        "",
+        "--only: no part named; choose from limit, naive, service, cache, ceiling, fairness, cancel, goodput\n",
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_doc_block_is_replaced_in_place_not_appended(tmp_path: Path) -> None:
     doc = tmp_path / "doc.md"
     doc.write_text("# Title\n<!-- k6:load -->\nold\n<!-- /k6:load -->\ntail\n")
