@@ -46,10 +46,21 @@ OUTLIER_RANGE = 3.0  # a channel whose calibration range is this many times the 
 BATCH = 32  # sentences per forward, sorted by length as the worker batches them
 
 
+def _lines(path: Path) -> list[str]:
+    """`path`'s lines. Raises ValueError naming it where it cannot be read as UTF-8 text: the codec's
+    own error named no file, and --calibration and --eval are two."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path} ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"cannot read {path} (not UTF-8 text: {exc.reason} at byte {exc.start})") from None
+
+
 def read_sentences(path: Path) -> list[str]:
     """One sentence a line; of a TSV (a tab in its first line, its header, as SST-2's `text` or GLUE's
     `sentence`), the first column. Raises ValueError where there is none to calibrate on."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _lines(path)
     if lines and ("\t" in lines[0] or lines[0].strip() == "text"):
         lines = [line.split("\t")[0] for line in lines[1:]]
     sentences = [line.strip() for line in lines if line.strip()]
@@ -61,7 +72,7 @@ def read_sentences(path: Path) -> list[str]:
 def read_labelled(path: Path, classes: int) -> tuple[list[str], list[int]]:
     """A TSV of `text<TAB>label` under a header, the label a class index below `classes`, the
     model's labels (SST-2's format). Raises ValueError on anything else, rather than measure it."""
-    rows = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
+    rows = [line.split("\t") for line in _lines(path)[1:] if line.strip()]
     if not rows or any(len(row) < 2 or not row[1].strip().isdigit() for row in rows):
         raise ValueError(f"{path}: expected a header, then text<TAB>label rows with a class index as the label")
     labels = [int(row[1]) for row in rows]

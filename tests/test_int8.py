@@ -161,11 +161,16 @@ def test_quantize_refuses_what_it_cannot_measure_in_one_line(tiny_model_dir: Pat
     header_only.write_text("text\tlabel\n")
     three_classes = tmp_path / "three.tsv"
     three_classes.write_text("text\tlabel\n" + "".join(f"{t}\t{i % 3}\n" for i, t in enumerate(TEXTS[:8])))
+    binary, missing = tmp_path / "binary.tsv", tmp_path / "missing.tsv"
+    binary.write_bytes(b"text\tlabel\n\xffbad\t1\n")
     dest = tmp_path / "int8"
     argv = ["model", "quantize", str(tiny_model_dir), "--dest", str(dest)]
     for calibration, evaluation, said in (
         (header_only, good, "empty.tsv: no sentences to calibrate on"),
         (good, three_classes, "three.tsv: a label 2, and the model has 2 labels"),
+        (binary, good, f": cannot read {binary} (not UTF-8 text: invalid start byte at byte 11)"),  # (named no file)
+        (good, binary, f": cannot read {binary} (not UTF-8 text: invalid start byte at byte 11)"),
+        (missing, good, f": cannot read {missing} (No such file or directory)"),
     ):
         with pytest.raises(SystemExit) as refused:
             main([*argv, "--calibration", str(calibration), "--eval", str(evaluation)])
