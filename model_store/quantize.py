@@ -15,6 +15,7 @@ failing.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import logging
 import os
@@ -89,8 +90,9 @@ def check_destination(dest: Path) -> None:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryDirectory(prefix=f".{dest.name}-", dir=dest.parent).cleanup()  # as the staging needs
-    except OSError as exc:
-        raise ValueError(f"cannot write the int8 artifact at {dest} ({exc.strerror}: {exc.filename})") from exc
+    except OSError as exc:  # (mkdir's own word for a parent that is a file is "File exists")
+        why = os.strerror(errno.ENOTDIR) if isinstance(exc, FileExistsError) else exc.strerror
+        raise ValueError(f"cannot write the int8 artifact at {dest} ({why}: {exc.filename})") from exc
 
 
 def quantize(

@@ -183,8 +183,9 @@ def test_quantize_refuses_what_it_cannot_measure_in_one_line(tiny_model_dir: Pat
     a_file.write_text("")
     for where, said in (
         (a_file, "a-file is a file"),
-        (a_file / "int8", "cannot write the int8 artifact"),
-    ):  # refused before the work
+        (a_file / "int8", f"cannot write the int8 artifact at {a_file / 'int8'} (Not a directory: {a_file})"),
+        (a_file / "x" / "int8", f"cannot write the int8 artifact at {a_file / 'x' / 'int8'} (Not a directory: "),
+    ):  # refused before the work (under a file, "File exists" was said of the file)
         with pytest.raises(SystemExit) as refused:
             main([*argv[:-1], str(where), "--calibration", str(good), "--eval", str(good)])
         assert str(refused.value.code).startswith("sentiment model quantize: ") and said in str(refused.value.code)
