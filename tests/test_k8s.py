@@ -298,6 +298,28 @@ def test_istio_routes_reach_the_api_service() -> None:
 # ---------------------------------------------------------------- code <-> manifests
 
 
+def test_an_overlay_that_changes_only_the_key_prefix_moves_the_jobs_queue_with_it(tmp_path: Path) -> None:
+    # Two deployments on one Redis under two prefixes: with the queue pinned in the base, each one's
+    # jobs workers took the other's jobs and sent their texts to its own model (the derived default,
+    # `<key prefix>-jobs`, exists to prevent it).
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(K8S / "base", tmp_path)],  # (kustomize takes no absolute one)
+                "patches": [
+                    {
+                        "target": {"kind": "ConfigMap", "name": "sentiment-config"},
+                        "patch": "- {op: replace, path: /data/SENTIMENT_KEY_PREFIX, value: tenant-b}",
+                    }
+                ],
+            }
+        )
+    )
+    assert configmap_settings(str(tmp_path)).jobs_queue == "tenant-b-jobs"
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_configmap_and_env_keys_are_real_settings(target: str) -> None:
     data = get(target, "ConfigMap", "sentiment-config")["data"]
