@@ -115,10 +115,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     """uvicorn's HTTP/1.1 protocol (httptools), with a request's head bounded in size and in time.
 
     httptools keeps a header however long it grows, so one connection sending an endless header
-    would hold as much memory as it sent: past `MAX_HEAD_BYTES` (counted from the read after the
-    head's first, so one read over it at most), the 431 in the error shape, and the connection
-    closed (lingering: `LINGER_S`). And uvicorn times a connection out only between requests, so one opened and left silent,
-    or stopped midway through a head, would hold its socket for good: it has uvicorn's keep-alive
+    would hold as much memory as it sent: past `MAX_HEAD_BYTES` (from the connection's first byte;
+    for a later request on it, from the read after the one its head began in, so one read over at
+    most), the 431 in the error shape, and the connection closed (lingering: `LINGER_S`). And
+    uvicorn times a connection out only between requests, so one opened and left silent, or stopped
+    midway through a head, would hold its socket for good: it has uvicorn's keep-alive
     timeout from its opening, or from a later head's first byte, to send the head, else it is closed
     (once any request in flight on it is answered). A head httptools cannot parse is uvicorn's 400
     and close, in the error shape too. A head offering an upgrade not taken (`Upgrade: h2c`, as
@@ -156,7 +157,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.head_bytes = 0
+        if self.head_bytes is None:  # (a later request on the connection; the first's count began with it)
+            self.head_bytes = 0
 
     def on_headers_complete(self) -> None:
         self.head_bytes = None
