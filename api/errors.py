@@ -49,6 +49,7 @@ class ErrorType(StrEnum):
     TOO_LARGE = "too_large"  # request body over the route's limit, refused before parsing
     HEADERS_TOO_LARGE = "headers_too_large"  # a request's line and headers over their limit (`api.server`)
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # a body declared as something other than JSON
+    NOT_IMPLEMENTED = "not_implemented"  # a body in a transfer coding other than chunked (`api.limits`)
     UNAUTHORIZED = "unauthorized"  # API keys are on and the request sent none
     FORBIDDEN = "forbidden"  # the request sent a key that is not configured
     RATE_LIMITED = "rate_limited"  # this client's token bucket is empty
@@ -123,6 +124,7 @@ ERRORS: dict[ErrorType, ErrorSpec] = {
     ErrorType.TOO_LARGE: ErrorSpec(413, StatusCode.RESOURCE_EXHAUSTED, refusal=True),
     ErrorType.HEADERS_TOO_LARGE: ErrorSpec(431, StatusCode.RESOURCE_EXHAUSTED, refusal=True),
     ErrorType.UNSUPPORTED_MEDIA_TYPE: ErrorSpec(415, StatusCode.INVALID_ARGUMENT),
+    ErrorType.NOT_IMPLEMENTED: ErrorSpec(501, StatusCode.UNIMPLEMENTED),
     ErrorType.UNAUTHORIZED: ErrorSpec(
         401, StatusCode.UNAUTHENTICATED, refusal=True, headers={"WWW-Authenticate": "Bearer"}
     ),

@@ -8,7 +8,8 @@ the request's deadline (`timed`), within that deadline, fixed before (`api.deadl
 all arrived by then is the 504 naming the upload, never a request held as long as its client
 pleases. A body read here is handed on as it came (the route would have buffered it whole anyway);
 elsewhere a declared size within the limit passes untouched.
-A path the router redirects to its route (`/predict/`, 307) has that route's limit.
+A path the router redirects to its route (`/predict/`, 307) has that route's limit. A body in a
+transfer coding other than chunked alone is a 501 (`unknown_codings`), unread.
 (FastAPI's own `max_body_size` answers a declared oversize in plain text, outside the JSON error
 shape.) Each route's limit is the largest body its configured text limits allow (`body_limit`); other routes take none.
 Each route parses its own body (`api.schemas.parse_json`): nesting too deep, invalid UTF-8 or a number
@@ -27,7 +28,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deadline import Deadline, Stage, request_deadline
-from api.errors import ErrorType, ServiceError, error_response, failure
+from api.errors import ErrorType, ServiceError, error_response, failure, quote
 
 # "\uXXXX" is the longest a character of the Basic Multilingual Plane takes in JSON (UTF-8 takes at
 # most 4 bytes); only a text of mostly escaped astral characters (12 bytes each) can exceed this.
@@ -52,6 +53,14 @@ def declared_size(header: str) -> int | None:
         return int(header)
     except ValueError:  # past int's digit limit: no body is that long
         return None
+
+
+def unknown_codings(transfer_encodings: list[str]) -> str:
+    """The transfer codings of a request's `Transfer-Encoding` headers other than chunked, the one
+    httptools decodes (it requires it last, else a 400), joined; "" if none. Under chunked, httptools
+    hands on the bytes of the others as the body: gzip's read as JSON, a 422 that misleads."""
+    codings = (coding.strip() for value in transfer_encodings for coding in value.split(","))
+    return ", ".join(coding for coding in codings if coding and coding.lower() != "chunked")
 
 
 class BodyLimit:
@@ -94,6 +103,9 @@ class BodyLimit:
         declared = declared_size(headers.get("content-length", ""))
         if declared is not None and declared > limit:
             await _response(self._too_large(limit))(scope, receive, send)
+            return
+        if declared is None and (codings := unknown_codings(headers.getlist("transfer-encoding"))):
+            await _response(_not_implemented(codings))(scope, receive, send)
             return
         if route in self.timed and scope["method"] == "POST":
             body = await self._upload(scope, headers, limit, receive)
@@ -149,6 +161,16 @@ class BodyLimit:
     @staticmethod
     def _too_large(limit: int) -> ServiceError:
         return ServiceError(ErrorType.TOO_LARGE, f"request body larger than this route's limit of {limit} bytes")
+
+
+def _not_implemented(codings: str) -> ServiceError:
+    """The 501 for a transfer coding not decoded (RFC 9112 6.1, as nginx answers any but chunked); the
+    chunked framing still ends the body, so the connection goes on."""
+    return ServiceError(
+        ErrorType.NOT_IMPLEMENTED,
+        f"the body's transfer coding {quote(codings)!r} is not implemented: send it with Transfer-Encoding: "
+        "chunked alone, or with a Content-Length",
+    )
 
 
 def _response(error: ServiceError) -> Response:

@@ -8,6 +8,7 @@ must be answered correctly. Example counts are bounded to keep this fast.
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import time
@@ -308,3 +309,30 @@ def test_the_largest_valid_request_fits_every_encoding(http: httpx.Client) -> No
     for ascii_only in (True, False):
         response = post(http, "/predict", encode({"text": texts}, ascii_only))
         assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "coding"),
+    [("/predict", b"gzip, chunked"), ("/jobs", b"gzip\r\nTransfer-Encoding: chunked"), ("/", b"x-rot13, Chunked")],
+)
+def test_a_body_in_a_transfer_coding_not_chunked_is_a_501_and_the_connection_goes_on(
+    service: Service, path: str, coding: bytes
+) -> None:
+    """httptools strips the chunked framing and hands on what is under it, gzip's bytes read as JSON: a
+    422 "JSON decode error" that misleads. RFC 9112 6.1: an unknown transfer coding is a 501, as nginx
+    answers any but chunked; the framing still says where the body ends, so the connection goes on."""
+    body = gzip.compress(b'{"text": ["a fine film"]}')
+    head = b"POST %s HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\nTransfer-Encoding: %s\r\n\r\n"
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:  # (a hang guard)
+        sock.sendall(
+            head % (path.encode(), coding) + chunked + b"GET /health HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+        )
+        reply = b""
+        while received := sock.recv(65536):  # to the close, after the last answer
+            reply += received
+    refused, healthy = reply.split(b"HTTP/1.1 ")[1:]
+    assert refused.startswith(b"501"), reply
+    error = json.loads(refused.partition(b"\r\n\r\n")[2])
+    assert error["error_type"] == "not_implemented" and "transfer coding" in error["error"], error
+    assert healthy.startswith(b"200") and healthy.endswith(b'{"status":"healthy"}'), reply
