@@ -77,6 +77,7 @@ def run(
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
         log_config=None,
         http=BoundedHeadProtocol,
+        ws="none",  # no WebSocket route: an upgrade to it is the plain request it also is (`BoundedHeadProtocol`)
         # X-Forwarded-For names the client (its rate-limit bucket, the access log) only from the proxies
         # FORWARDED_ALLOW_IPS names: uvicorn's default trusts loopback, where any local caller may
         # claim any address (docs/security.md, "Behind a proxy or ingress").
@@ -123,8 +124,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     timeout from its opening, or from a later head's first byte, to send the head, else it is closed
     (once any request in flight on it is answered). A head httptools cannot parse is uvicorn's 400
     and close, in the error shape too. A head offering an upgrade not taken (`Upgrade: h2c`, as
-    curl --http2 and Java's HttpClient send) is parsed again without it, so that its request keeps
-    its body: httptools would take the bytes after that head for the new protocol's.
+    curl --http2 and Java's HttpClient send; `websocket`, the service having no such route) is parsed
+    again without it, so that its request keeps its body: httptools would take the bytes after that
+    head for the new protocol's.
     """
 
     head_bytes: int | None = 0  # of the head being read; None once its headers are in

@@ -304,6 +304,24 @@ def test_a_request_offering_an_upgrade_the_server_ignores_keeps_its_body(service
     assert healthy.startswith(b"200") and healthy.endswith(b'{"status":"healthy"}'), reply
 
 
+def test_a_websocket_upgrade_is_answered_as_the_plain_request_it_also_is(service: Service) -> None:
+    """The service has no WebSocket route: uvicorn took the upgrade and answered its own 403, plain text
+    with an empty body, outside the error shape, logging two lines each time. As for h2c (RFC 9110 7.8:
+    a server may ignore an upgrade), the GET is answered in HTTP/1.1, and the connection goes on."""
+    offered = (
+        b"GET /health HTTP/1.1\r\nHost: api\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:  # (a hang guard)
+        sock.sendall(offered + b"GET /missing HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while received := sock.recv(65536):  # to the close, after the last answer
+            reply += received
+    healthy, missing = reply.split(b"HTTP/1.1 ")[1:]
+    assert healthy.startswith(b"200") and healthy.endswith(b'{"status":"healthy"}'), reply
+    assert missing.startswith(b"404") and b'"error_type":"not_found"' in missing, reply
+
+
 def test_the_largest_valid_request_fits_every_encoding(http: httpx.Client) -> None:
     texts = ["é" * MAX_CHARS] * MAX_TEXTS  # 6 bytes a character once \\u-escaped
     for ascii_only in (True, False):
