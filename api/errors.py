@@ -48,6 +48,7 @@ class ErrorType(StrEnum):
     NOT_FOUND = "not_found"  # no such path; no such job (never was, expired, or deleted); a V2 model name not served
     TOO_LARGE = "too_large"  # request body over the route's limit, refused before parsing
     HEADERS_TOO_LARGE = "headers_too_large"  # a request's line and headers over their limit (`api.server`)
+    UPLOAD_STALLED = "upload_stalled"  # no byte of a request's body for the keep-alive timeout (`api.server`)
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # a body declared as something other than JSON
     NOT_IMPLEMENTED = "not_implemented"  # a body in a transfer coding other than chunked (`api.limits`)
     UNAUTHORIZED = "unauthorized"  # API keys are on and the request sent none
@@ -123,6 +124,7 @@ ERRORS: dict[ErrorType, ErrorSpec] = {
     ErrorType.NOT_FOUND: ErrorSpec(404, StatusCode.NOT_FOUND),
     ErrorType.TOO_LARGE: ErrorSpec(413, StatusCode.RESOURCE_EXHAUSTED, refusal=True),
     ErrorType.HEADERS_TOO_LARGE: ErrorSpec(431, StatusCode.RESOURCE_EXHAUSTED, refusal=True),
+    ErrorType.UPLOAD_STALLED: ErrorSpec(408, StatusCode.DEADLINE_EXCEEDED, refusal=True),
     ErrorType.UNSUPPORTED_MEDIA_TYPE: ErrorSpec(415, StatusCode.INVALID_ARGUMENT),
     ErrorType.NOT_IMPLEMENTED: ErrorSpec(501, StatusCode.UNIMPLEMENTED),
     ErrorType.UNAUTHORIZED: ErrorSpec(

@@ -113,7 +113,8 @@ LINGER_S = 2.0
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP/1.1 protocol (httptools), with a request's head bounded in size and in time.
+    """uvicorn's HTTP/1.1 protocol (httptools), with a request's head bounded in size and in time,
+    and its body's silences.
 
     httptools keeps a header however long it grows, so one connection sending an endless header
     would hold as much memory as it sent: past `MAX_HEAD_BYTES` (from the connection's first byte;
@@ -127,13 +128,26 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     curl --http2 and Java's HttpClient send; `websocket`, the service having no such route) is parsed
     again without it, so that its request keeps its body: httptools would take the bytes after that
     head for the new protocol's.
+
+    uvicorn waits for a body's bytes as long as they take: one declaring more than it sends, or a
+    chunked one left open, held its request (/jobs has no deadline) and its connection for good; one
+    answered unread, then trickling, too (each read stops the keep-alive timer, which nothing starts
+    again). As nginx's `client_body_timeout`, a body from which no byte comes for the keep-alive
+    timeout (between two reads: /jobs takes ~120 MB) is the 408 in the error shape, or, answered
+    already, closed. Time the server holds it up (its buffer full, a `100-continue` not yet sent, the
+    request queued behind another, its answer going out) is no silence of the client's. One timer per
+    connection, armed only by a read that leaves a body unfinished, never cancelled: a request whose
+    body comes with its head starts none.
     """
 
     head_bytes: int | None = 0  # of the head being read; None once its headers are in
     head_timer: asyncio.TimerHandle | None = None  # closes the connection if the head is not in by then
-    refused = False  # the 431 sent: what else arrives is dropped until the close
+    refused = False  # the 431 or 408 sent: what else arrives is dropped until the close
     upgrade_ignored = False  # the head just parsed offers an upgrade not taken: its request is the parse again's
     upgrade_at = 0  # where in the read the bytes after that head begin
+    body_open = False  # a request's head is in, its body not all
+    body_read_at = 0.0  # (loop time) the last read of the open body, or the last time the server held it up
+    body_timer: asyncio.TimerHandle | None = None  # checks the open body's silence
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # (as uvicorn's)
         super().connection_made(transport)
@@ -141,6 +155,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._untime_head()
+        if self.body_timer is not None:
+            self.body_timer.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -149,13 +165,18 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self.head_bytes is not None:
             self.head_bytes += len(data)
             if self.head_bytes > MAX_HEAD_BYTES:
-                self._refuse_head()
+                message = f"the request's line and headers are larger than {MAX_HEAD_BYTES} bytes"
+                self._refuse(ErrorType.HEADERS_TOO_LARGE, message)
                 return
         super().data_received(data)
         while self.upgrade_ignored:  # (a head after it, in what is parsed again, may offer one too)
             data = self._parse_without_upgrade(data)
         if self.head_bytes is not None and self.head_timer is None:  # a later head begun, not all in
             self._time_head()
+        if self.body_open:
+            self.body_read_at = self.loop.time()
+            if self.body_timer is None:
+                self.body_timer = self.loop.call_later(self.timeout_keep_alive, self._body_late)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -169,9 +190,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self.upgrade_ignored = True  # (no request yet: `_parse_without_upgrade` makes it)
             return
         super().on_headers_complete()
+        self.body_open = True
 
     def on_message_complete(self) -> None:
         if not self.upgrade_ignored:  # (httptools ends an upgrade's message at its head)
+            self.body_open = False
             super().on_message_complete()
 
     def _unsupported_upgrade_warning(self) -> None:
@@ -211,6 +234,26 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self.head_timer = None
             self.transport.close()
 
+    def _body_late(self) -> None:
+        """The open body's check, a keep-alive timeout after the read that armed it, then after its
+        last read (or hold-up); a body all in meanwhile has nothing to check."""
+        self.body_timer = None
+        if not self.body_open:
+            return
+        cycle, now = self.cycle, self.loop.time()
+        answering = cycle.response_started and not cycle.response_complete
+        if self.pipeline or self.flow.read_paused or cycle.waiting_for_100_continue or answering:
+            self.body_read_at = now  # (held up by the server: its silence starts once it reads again)
+        if (silent := now - self.body_read_at) < self.timeout_keep_alive:
+            self.body_timer = self.loop.call_later(self.timeout_keep_alive - silent, self._body_late)
+        elif cycle.response_complete:  # (answered without its body: nothing to say)
+            self.transport.close()
+        else:  # its request sees its client gone, so that nothing it answers follows the 408
+            cycle.disconnected = True
+            cycle.message_event.set()
+            message = f"no byte of the request's body came for {self.timeout_keep_alive} s"
+            self._refuse(ErrorType.UPLOAD_STALLED, message)
+
     def send_400_response(self, msg: str) -> None:
         """A request head httptools cannot parse (a NUL or a folded line in a header, a second
         Content-Length, a bad request line): uvicorn's 400 and close, in the error shape. uvicorn
@@ -226,11 +269,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self.transport.write(self._answer(ErrorType.BAD_REQUEST, f"the request is not valid HTTP/1.1{why}"))
         self.transport.close()
 
-    def _refuse_head(self) -> None:
-        message = f"the request's line and headers are larger than {MAX_HEAD_BYTES} bytes"
-        self.transport.write(self._answer(ErrorType.HEADERS_TOO_LARGE, message))
-        # A lingering close: the answer and our end of the stream now, the rest of its upload dropped
-        # for `LINGER_S`, then the close.
+    def _refuse(self, error: ErrorType, message: str) -> None:
+        """`error`'s answer, then a lingering close: the answer and our end of the stream now, the rest
+        of its upload dropped for `LINGER_S`, then the close."""
+        self.transport.write(self._answer(error, message))
         self.refused, self.head_bytes = True, None
         self._untime_head()
         if self.transport.can_write_eof():

@@ -27,7 +27,7 @@ from api.limits import body_limit
 from api.schemas import is_json
 from api.server import MAX_HEAD_BYTES
 from core.settings import Settings
-from tests.conftest import Service, start_service
+from tests.conftest import Service, answers, start_service, wait_for
 
 MAX_TEXTS, MAX_CHARS, JOBS_MAX_TEXTS = 8, 200, 12  # small limits so generated bodies reach and cross them
 # (a long deadline for the slow generated bodies; the schema names it: the X-Request-Timeout header's most)
@@ -245,6 +245,66 @@ def test_a_connection_that_never_completes_a_request_head_is_closed(service: Ser
     with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:  # (a hang guard)
         sock.sendall(sent)
         assert sock.recv(65536) == b""  # closed, without an answer to a request it never made
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b'POST /jobs HTTP/1.1\r\nHost: api\r\nContent-Length: 100\r\n\r\n{"text": [',
+        b'POST /jobs HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\na\r\n{"text": [\r\n',
+    ],
+    ids=["content-length", "chunked"],
+)
+def test_a_body_that_stops_arriving_is_a_408_and_closed(service: Service, sent: bytes) -> None:
+    """/jobs has no deadline (its bodies run to ~120 MB): a body that stopped short held its request and
+    its connection for good. As nginx's client_body_timeout, a body with no byte for uvicorn's keep-alive
+    timeout (not the whole body's time) is answered 408 and closed."""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:  # (a hang guard)
+        sock.sendall(sent)
+        reply = b""
+        while received := sock.recv(65536):  # to the close
+            reply += received
+    answered, _, body = reply.partition(b"\r\n\r\n")
+    assert answered.startswith(b"HTTP/1.1 408") and b"connection: close" in answered.lower(), reply
+    assert json.loads(body)["error_type"] == "upload_stalled"
+
+
+def test_a_body_that_stops_arriving_after_its_answer_is_closed(service: Service) -> None:
+    """Answered before its body was read (a 405), a request whose body went on trickling held its
+    connection for good: each byte stopped uvicorn's keep-alive timer, which nothing started again."""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:  # (a hang guard)
+        sock.sendall(b"POST /health HTTP/1.1\r\nHost: api\r\nContent-Length: 100\r\n\r\n{")
+        answer = b""
+        while not answer.endswith(b"}"):
+            answer += sock.recv(65536)
+        sock.sendall(b" ")  # the body goes on, then stops
+        assert answer.startswith(b"HTTP/1.1 405") and sock.recv(65536) == b""  # closed
+
+
+def test_a_pipelined_body_is_not_timed_while_its_request_waits_its_turn(redis_url: str, tiny_model_dir: Path) -> None:
+    """A request pipelined behind one still in flight is not read on (nginx reads it only once the first
+    is answered), so the silence of its body is not its client's: it is timed once its turn comes.
+    With no worker, the /predict ahead of it waits for its deadline."""
+    service = Service(redis_url, tiny_model_dir, "pipelined")
+    predict = b'{"text": ["a fine film"]}'
+    try:
+        service.start("api", "--port", str(service.port))  # (no worker)
+        wait_for("the API", lambda: answers(f"{service.url}/health"))
+        with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:  # (a hang guard)
+            sock.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: api\r\nX-Request-Timeout: 9\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(predict), predict)
+                + b'POST /jobs HTTP/1.1\r\nHost: api\r\nConnection: close\r\nContent-Length: 15\r\n\r\n{"text"'
+            )
+            time.sleep(7)  # (past the keep-alive timeout, before the /predict's deadline)
+            sock.sendall(b': ["a"]}')
+            reply = b""
+            while received := sock.recv(65536):  # to the close, after the last answer
+                reply += received
+    finally:
+        assert service.stop() == [0]
+    late, accepted = reply.split(b"HTTP/1.1 ")[1:]
+    assert late.startswith(b"504") and accepted.startswith(b"202"), reply
 
 
 # Request heads httptools cannot parse, and why: uvicorn's own 400 answered them in plain text.
