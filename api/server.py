@@ -116,18 +116,18 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     """uvicorn's HTTP/1.1 protocol (httptools), with a request's head bounded in size and in time,
     and its body's silences.
 
-    httptools keeps a header however long it grows, so one connection sending an endless header
-    would hold as much memory as it sent: past `MAX_HEAD_BYTES` (from the connection's first byte;
-    for a later request on it, from the read after the one its head began in, so one read over at
-    most), the 431 in the error shape, and the connection closed (lingering: `LINGER_S`). And
-    uvicorn times a connection out only between requests, so one opened and left silent, or stopped
-    midway through a head, would hold its socket for good: it has uvicorn's keep-alive
-    timeout from its opening, or from a later head's first byte, to send the head, else it is closed
-    (once any request in flight on it is answered). A head httptools cannot parse is uvicorn's 400
-    and close, in the error shape too. A head offering an upgrade not taken (`Upgrade: h2c`, as
-    curl --http2 and Java's HttpClient send; `websocket`, the service having no such route) is parsed
-    again without it, so that its request keeps its body: httptools would take the bytes after that
-    head for the new protocol's.
+    httptools keeps a header however long it grows, so one connection sending an endless header would
+    hold as much memory as it sent: a head not all in past `MAX_HEAD_BYTES` (counted once each read is
+    parsed, from the connection's first byte; for a later request on it, from the read after the one
+    its head began in, so one read over at most; never the read it ends in, which holds its body too)
+    is the 431 in the error shape, and the connection closed (lingering: `LINGER_S`). And uvicorn times
+    a connection out only between requests, so one opened and left silent, or stopped midway through a
+    head, would hold its socket for good: it has uvicorn's keep-alive timeout from its opening, or from
+    a later head's first byte, to send the head, else it is closed (once any request in flight on it is
+    answered). A head httptools cannot parse is uvicorn's 400 and close, in the error shape too. A head
+    offering an upgrade not taken (`Upgrade: h2c`, as curl --http2 and Java's HttpClient send;
+    `websocket`, the service having no such route) is parsed again without it, so that its request
+    keeps its body: httptools would take the bytes after that head for the new protocol's.
 
     uvicorn waits for a body's bytes as long as they take: one declaring more than it sends, or a
     chunked one left open, held its request (/jobs has no deadline) and its connection for good; one
@@ -163,16 +163,17 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self.refused:
             return
         if self.head_bytes is not None:
-            self.head_bytes += len(data)
+            self.head_bytes += len(data)  # (moot if the head ends in it)
+        super().data_received(data)
+        while self.upgrade_ignored:  # (a head after it, in what is parsed again, may offer one too)
+            data = self._parse_without_upgrade(data)
+        if self.head_bytes is not None:  # a head not all in
             if self.head_bytes > MAX_HEAD_BYTES:
                 message = f"the request's line and headers are larger than {MAX_HEAD_BYTES} bytes"
                 self._refuse(ErrorType.HEADERS_TOO_LARGE, message)
                 return
-        super().data_received(data)
-        while self.upgrade_ignored:  # (a head after it, in what is parsed again, may offer one too)
-            data = self._parse_without_upgrade(data)
-        if self.head_bytes is not None and self.head_timer is None:  # a later head begun, not all in
-            self._time_head()
+            if self.head_timer is None:  # (a later head, begun in this read)
+                self._time_head()
         if self.body_open:
             self.body_read_at = self.loop.time()
             if self.body_timer is None:
@@ -268,6 +269,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             why = f" ({reason})" if isinstance(reason, httptools.HttpParserError) else ""
         self.transport.write(self._answer(ErrorType.BAD_REQUEST, f"the request is not valid HTTP/1.1{why}"))
         self.transport.close()
+        self.head_bytes = None  # (answered: no 431 after it)
 
     def _refuse(self, error: ErrorType, message: str) -> None:
         """`error`'s answer, then a lingering close: the answer and our end of the stream now, the rest

@@ -237,6 +237,27 @@ def test_a_request_head_that_never_ends_is_refused_once_it_passes_its_limit(serv
     assert httpx.get(f"{service.url}/health").status_code == 200  # (the server itself unharmed)
 
 
+@pytest.mark.parametrize("reads", [1, 3])
+def test_a_body_read_with_the_end_of_its_head_is_not_counted_as_head(service: Service, reads: int) -> None:
+    """A read holding the end of a head and the body after it was counted whole against the head's
+    limit: a fresh connection's first request, its head and /jobs body together over 64 KiB, each
+    within its limit, was a 431, the body's bytes "headers"; so was a head that came in several reads
+    (a long token, a proxy's headers), its body with the last."""
+    body = b'{"text": ["a fine film"]}'.ljust(body_limit(JOBS_MAX_TEXTS, MAX_CHARS))  # (whitespace is valid JSON)
+    head = b"POST /jobs HTTP/1.1\r\nHost: api\r\nX-Long: %s\r\nContent-Length: %d\r\n\r\n" % (
+        b"a" * (MAX_HEAD_BYTES - 1000),
+        len(body),
+    )
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:  # (a hang guard)
+        for sent in (head[:30], head[30:-100], head[-100:] + body) if reads == 3 else (head + body,):
+            sock.sendall(sent)
+            time.sleep(0.5)  # (each read apart)
+        reply = b""
+        while not reply.endswith(b"}") and (received := sock.recv(65536)):
+            reply += received
+    assert reply.startswith(b"HTTP/1.1 202"), reply
+
+
 @pytest.mark.parametrize("sent", [b"", b"POST /predict HTTP/1.1\r\nHost: api\r\nX-Slow: "])
 def test_a_connection_that_never_completes_a_request_head_is_closed(service: Service, sent: bytes) -> None:
     """A connection opened and left silent, or stopped midway through its head, held its socket for
