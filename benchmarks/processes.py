@@ -1,4 +1,5 @@
-"""The processes a benchmark measures: started in their own session, ready-checked, always stopped."""
+"""The processes a benchmark measures: started in their own session, ready-checked, always stopped,
+and SIGTERMed by Linux if the benchmark itself is killed (`die_with_parent`, as serve's children)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 
 import httpx
 
+from sentiment.supervisor import die_with_parent
+
 logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per readiness poll
 
 
@@ -23,9 +26,14 @@ class Processes:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        """`python <args>`; its stderr (warnings and errors) shows in the benchmark's output."""
+        """`python <args>`; its stderr (warnings and errors) shows in the benchmark's output. Call it
+        from the thread that outlives the child (the parent-death signal follows that thread)."""
         proc = subprocess.Popen(
-            [sys.executable, *args], env={**os.environ, **env}, stdout=subprocess.DEVNULL, start_new_session=True
+            [sys.executable, *args],
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent(os.getpid()),
         )
         self.procs.append(proc)
         return proc

@@ -4,10 +4,12 @@ never in asserts), the worker-counter arithmetic, and the doc block it rewrites.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +26,7 @@ from benchmarks.report import replace_block
 from benchmarks.targets import evaluate, shown
 from benchmarks.workload import UniqueTexts
 from model_store.engine import resolve_precision
-from tests.conftest import HANG_GUARD_S, REPO
+from tests.conftest import HANG_GUARD_S, REPO, wait_for
 
 SENTENCES = ["a gorgeous film", "the plot is a mess", "funny and warm", "i hated every minute", "not bad at all"]
 
@@ -254,6 +256,42 @@ def test_an_only_that_names_no_part_is_refused_not_read_as_the_default(tmp_path:
         "--only: no part named; choose from limit, naive, service, cache, ceiling, fairness, cancel, goodput\n",
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_processes_a_bench_started_end_when_the_bench_is_killed(tmp_path: Path) -> None:
+    # (SIGKILL of a bench, or of its terminal, left the API, the workers and their Redis running,
+    # each holding a core the next run then measured against)
+    bench = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\n"
+            "from benchmarks.processes import running\n"
+            "with running() as procs:\n"
+            "    print(procs.start(['-c', 'import time; time.sleep(600)'], {}).pid, flush=True)\n"
+            "    time.sleep(600)\n",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert bench.stdout is not None
+    child = int(bench.stdout.readline())
+    bench.kill()
+    bench.wait()
+    try:
+        wait_for("the bench's child to end", lambda: not _running(child))
+    finally:  # (not left behind by a failure)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, ended but not yet reaped by its new parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_doc_block_is_replaced_in_place_not_appended(tmp_path: Path) -> None:
