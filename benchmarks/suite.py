@@ -36,7 +36,7 @@ SATURATION_ROUNDS = 3  # limit / service / limit rounds for the saturation targe
 SECRET = re.compile(r"url|password|secret|api_key", flags=re.IGNORECASE)
 
 
-def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
+def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     """The parts `--only` names, their targets, the results file and plots, and the doc's section."""
     from benchmarks import machine, targets
 
@@ -47,6 +47,9 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
     results["targets"] = targets.evaluate(results, clients=32)
     _write(results, bench)
     return results
+
+
+INTERRUPTED = "interrupted (Ctrl-C)"  # a part's `failed` reason: it and the parts after it did not finish
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,10 @@ def _measure(bench: Bench, results: dict[str, Any]) -> dict[str, str]:
             except Exception as exc:
                 failed[part] = f"{type(exc).__name__}: {exc}"
                 print(f"  {part} FAILED: {failed[part]}", flush=True)
+            except KeyboardInterrupt:  # the parts measured so far are kept: a results file, no doc block
+                failed[part] = INTERRUPTED
+                print(f"  {part} {INTERRUPTED}: writing the parts measured before it", flush=True)
+                break
     return failed
 
 
@@ -302,7 +309,8 @@ class ModelAlone:
 
 
 def _write(results: dict[str, Any], bench: Bench) -> None:
-    """The results file and plots; the doc's section for this device (printed instead for --quick)."""
+    """The results file and plots; the doc's section for this device (printed instead for --quick or a
+    run cut short, whose block would stand for a run that did not happen)."""
     from benchmarks import report, targets
     from benchmarks.workload import CHECKOUT
 
@@ -313,6 +321,8 @@ def _write(results: dict[str, Any], bench: Bench) -> None:
     results["plots"] = [p.name for p in plot_files]
     results_file.write_text(json.dumps(results, indent=2) + "\n")
     doc = args.doc or (None if args.quick else CHECKOUT / "docs" / "performance.md")
+    if INTERRUPTED in results["failed"].values():
+        doc = None
     block = report.markdown(results, results_file, plot_files, (doc or CHECKOUT / "docs" / "performance.md").parent)
     for t in targets.shown(results):
         print(f"{t['status']:>4}  {t['name']}: {t['value']} (goal {t['goal']})")
@@ -322,7 +332,8 @@ def _write(results: dict[str, Any], bench: Bench) -> None:
         print(f"wrote {results_file}, {len(plot_files)} plots, and the block <!-- {name} --> of {doc}")
     else:
         print(block)
-        print(f"wrote {results_file} and {len(plot_files)} plots (no doc: a --quick run)")
+        why = "the run was interrupted" if INTERRUPTED in results["failed"].values() else "a --quick run"
+        print(f"wrote {results_file} and {len(plot_files)} plots (no doc: {why})")
 
 
 def _progress(part: str, point: Mapping[str, object]) -> None:

@@ -481,9 +481,10 @@ def _bench(settings: Settings, args: argparse.Namespace) -> None:
     if args.model == "small" and args.config_dir:
         raise SystemExit("sentiment bench: --config-dir is --model full's; --model small measures --model-dir")
     _model_process(settings)  # the limit's model threads behave as the worker's: the ratio is the service's cost
-    from benchmarks.suite import run
+    from benchmarks.suite import INTERRUPTED, run
 
-    run(settings, args)
+    if INTERRUPTED in run(settings, args)["failed"].values():
+        sys.exit(130)  # (128 + SIGINT, as a shell reports a command Ctrl-C stopped)
 
 
 def _chaos(settings: Settings, args: argparse.Namespace) -> None:

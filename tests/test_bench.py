@@ -258,6 +258,35 @@ def test_an_only_that_names_no_part_is_refused_not_read_as_the_default(tmp_path:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_keeps_the_parts_measured_before_it_and_leaves_the_doc(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # (a KeyboardInterrupt traceback before, and no results file: every part measured so far lost)
+    data, out, doc = tmp_path / "sentences.txt", tmp_path / "results", tmp_path / "performance.md"
+    data.write_text("\n".join(SENTENCES) + "\n")
+    doc.write_text("# Performance\n")
+    command = ["bench", "--only", "limit,cache", "--duration", "0.5", "--model", "small", "--device", "cpu"]
+    paths = ["--model-dir", str(tiny_model_dir), "--data", str(data), "--out", str(out), "--doc", str(doc)]
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "sentiment.cli", *command, *paths],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert bench.stdout is not None
+    for line in bench.stdout:  # the limit's last point: the service starts next
+        if line.startswith("  limit: {'batch_size': 64"):
+            break
+    bench.send_signal(signal.SIGINT)
+    stdout, stderr = bench.communicate(timeout=HANG_GUARD_S)
+    assert (bench.returncode, "Traceback" in stderr) == (130, False), stdout + stderr
+    [results_file] = out.glob("bench-*.json")
+    results = json.loads(results_file.read_text())
+    assert [p["batch_size"] for p in results["limit"]["points"]] == [1, 8, 16, 32, 64]
+    assert results["failed"] == {"service": "interrupted (Ctrl-C)"}
+    assert "(no doc: the run was interrupted)" in stdout
+    assert doc.read_text() == "# Performance\n"
+
+
 def test_the_processes_a_bench_started_end_when_the_bench_is_killed(tmp_path: Path) -> None:
     # (SIGKILL of a bench, or of its terminal, left the API, the workers and their Redis running,
     # each holding a core the next run then measured against)
