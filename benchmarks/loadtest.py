@@ -74,6 +74,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     args.model_dir = args.model_dir or default_shared_dir() / "models" / "distilbert-sst2-small"
     if not (args.model_dir / "config.json").is_file():
         raise SystemExit(f"sentiment loadtest: no model at {args.model_dir}: name one with --model-dir")
+    k6_binary()  # (refused before the service starts, not once it is up)
     port, grpc_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="k6-") as tmp, running() as procs:

