@@ -34,6 +34,10 @@ CACHE_CLIENTS = 32
 LIMIT_TEXTS = 4096  # texts the limit tokenizes once and cycles through (it has no cache to defeat)
 SATURATION_ROUNDS = 3  # limit / service / limit rounds for the saturation target (1 with --quick)
 SECRET = re.compile(r"url|password|secret|api_key", flags=re.IGNORECASE)
+READ_BY = {  # the options only some parts read: named with none of those, a run would ignore them
+    "api_processes": ("service", "cache", "goodput"),
+    "texts_per_request": ("naive", "service", "cancel"),
+}
 
 
 def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
@@ -85,6 +89,12 @@ class Bench:
             raise SystemExit(f"--only: no part named; choose from {', '.join(PARTS)}")
         if unknown := set(only) - set(PARTS):
             raise SystemExit(f"--only: unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
+        for option, parts in READ_BY.items():
+            if getattr(args, option) is not None and not set(parts) & set(only):
+                flag = "--" + option.replace("_", "-")
+                raise SystemExit(f"{flag}: no part of this run reads it (only {', '.join(parts)} do)")
+        args.api_processes = args.api_processes or 1
+        args.texts_per_request = 1 if args.texts_per_request is None else args.texts_per_request
         if args.texts_per_request < 1:
             raise SystemExit("--texts-per-request: at least 1")
         if "goodput" in only:  # its k6 points come last: a missing k6 is refused before the run

@@ -176,8 +176,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     bench.add_argument(
         "--api-processes",
         type=_count,
-        default=1,
-        help="API replicas in front of the workers (default %(default)s; a GPU worker outruns one)",
+        help="API replicas in front of the workers of service, cache and goodput (default 1; a GPU worker outruns one)",
     )
     bench.add_argument(
         "--workers",
@@ -189,9 +188,8 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     bench.add_argument(
         "--texts-per-request",
         type=int,
-        default=1,
         metavar="N",
-        help="never-seen texts in each request of (2) and (3) (default 1, the API's most work per text; "
+        help="never-seen texts in each request of naive, service and cancel (default 1, the API's most work per text; "
         "the targets are set for it)",
     )
     bench.add_argument("--quick", action="store_true", help="a smoke: short points, no doc update (under 2 minutes)")

@@ -348,6 +348,31 @@ def _running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.parametrize(
+    ("option", "only", "readers"),
+    [
+        ("--api-processes", "limit,ceiling", "service, cache, goodput"),
+        ("--texts-per-request", "goodput", "naive, service, cancel"),
+    ],
+)
+def test_an_option_no_part_of_the_run_reads_is_refused(tmp_path: Path, option: str, only: str, readers: str) -> None:
+    # (`--only ceiling --api-processes 4` measured one API, and recorded 4 in the results file)
+    done = _sentiment("bench", "--quick", "--only", only, option, "2", "--out", str(tmp_path))
+    assert (done.returncode, done.stdout, done.stderr) == (
+        1,
+        "",
+        f"{option}: no part of this run reads it (only {readers} do)\n",
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def _sentiment(*args: str) -> subprocess.CompletedProcess[str]:
+    """A `sentiment` command run to its end, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "sentiment.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
+
+
 def test_doc_block_is_replaced_in_place_not_appended(tmp_path: Path) -> None:
     doc = tmp_path / "doc.md"
     doc.write_text("# Title\n<!-- k6:load -->\nold\n<!-- /k6:load -->\ntail\n")
