@@ -165,13 +165,7 @@ def test_an_out_directory_that_cannot_be_written_is_refused_before_the_run(
     # (results are written at the end: an --out under a file was a traceback then, the whole run lost)
     (tmp_path / "a-file").write_text("")
     out = tmp_path / "a-file" / "results"
-    done = subprocess.run(
-        [sys.executable, "-m", "sentiment.cli", *command, "--model-dir", str(tiny_model_dir), "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-    )
+    done = _sentiment(*command, "--model-dir", str(tiny_model_dir), "--out", str(out))
     assert (done.returncode, done.stdout, done.stderr) == (
         1,
         "",
@@ -196,13 +190,7 @@ def test_a_data_file_the_run_cannot_use_is_refused_in_one_line(
     data = tmp_path / "texts.tsv"
     if content is not None:
         data.write_bytes(content)
-    done = subprocess.run(
-        [sys.executable, "-m", "sentiment.cli", *command, "--data", str(data)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-    )
+    done = _sentiment(*command, "--data", str(data))
     needs = 201 if command[0] == "chaos" else 1  # (chaos: its 200 hot texts and at least one new one)
     assert (done.returncode, done.stdout, done.stderr) == (1, "", f"--data: {refusal.format(data=data, needs=needs)}\n")
 
@@ -232,13 +220,7 @@ def test_a_config_dir_the_full_model_cannot_be_built_from_is_refused_in_one_line
     if config is not None:
         config_dir.mkdir()
         (config_dir / "config.json").write_bytes(config)
-    done = subprocess.run(
-        [sys.executable, "-m", "sentiment.cli", "bench", "--quick", "--only", "limit", "--config-dir", str(config_dir)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-    )
+    done = _sentiment("bench", "--quick", "--only", "limit", "--config-dir", str(config_dir))
     assert (done.returncode, done.stdout, done.stderr) == (1, "", f"--config-dir: {refusal.format(dir=config_dir)}\n")
 
 
@@ -247,13 +229,7 @@ def test_an_only_that_names_no_part_is_refused_not_read_as_the_default(tmp_path:
     # (`--only ""`, a script's empty variable, ran the default parts: many minutes a person did not ask
     # for. The --data that is not there stops such a run before it starts.)
     command = ["bench", "--quick", "--only", only, "--out", str(tmp_path), "--data", str(tmp_path / "none.tsv")]
-    done = subprocess.run(
-        [sys.executable, "-m", "sentiment.cli", *command],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-    )
+    done = _sentiment(*command)
     assert (done.returncode, done.stdout, done.stderr) == (
         1,
         "",
