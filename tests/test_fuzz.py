@@ -196,6 +196,16 @@ def raw_request(service: Service, head: bytes, body_chunks: Iterable[bytes] = ()
         return reply
 
 
+def to_the_close(service: Service, sent: bytes) -> bytes:
+    """Send `sent` on a fresh connection; every byte the server answers, to its close."""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:  # (a hang guard)
+        sock.sendall(sent)
+        reply = b""
+        while received := sock.recv(65536):
+            reply += received
+        return reply
+
+
 def test_an_announced_oversized_body_is_refused_before_a_byte_of_it_is_sent(service: Service) -> None:
     reply = raw_request(
         service,
@@ -280,11 +290,7 @@ def test_a_body_that_stops_arriving_is_a_408_and_closed(service: Service, sent: 
     """/jobs has no deadline (its bodies run to ~120 MB): a body that stopped short held its request and
     its connection for good. As nginx's client_body_timeout, a body with no byte for uvicorn's keep-alive
     timeout (not the whole body's time) is answered 408 and closed."""
-    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:  # (a hang guard)
-        sock.sendall(sent)
-        reply = b""
-        while received := sock.recv(65536):  # to the close
-            reply += received
+    reply = to_the_close(service, sent)
     answered, _, body = reply.partition(b"\r\n\r\n")
     assert answered.startswith(b"HTTP/1.1 408") and b"connection: close" in answered.lower(), reply
     assert json.loads(body)["error_type"] == "upload_stalled"
@@ -349,11 +355,7 @@ def test_a_request_head_that_is_not_http_is_a_400_in_the_error_shape(
 ) -> None:
     """What httptools refuses to parse is answered as every error is, a JSON body saying why, and the
     connection closed as uvicorn closes it (nothing after it can be read as a request)."""
-    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:  # (a hang guard)
-        sock.sendall(head)
-        reply = b""
-        while received := sock.recv(65536):  # to the close
-            reply += received
+    reply = to_the_close(service, head)
     answered, _, body = reply.partition(b"\r\n\r\n")
     assert answered.startswith(b"HTTP/1.1 400"), reply
     assert b"content-type: application/json" in answered.lower() and b"connection: close" in answered.lower()
@@ -375,11 +377,7 @@ def test_a_request_offering_an_upgrade_the_server_ignores_keeps_its_body(service
         b"POST /predict HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\nUpgrade: h2c\r\n"
         b"Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n" + framed
     )
-    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:  # (a hang guard)
-        sock.sendall(offered * 2 + b"GET /health HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
-        reply = b""
-        while received := sock.recv(65536):  # to the close, after the last answer
-            reply += received
+    reply = to_the_close(service, offered * 2 + b"GET /health HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
     *predicted, healthy = reply.split(b"HTTP/1.1 ")[1:]
     assert len(predicted) == 2 and all(p.startswith(b"200") and b'"predictions"' in p for p in predicted), reply
     assert healthy.startswith(b"200") and healthy.endswith(b'{"status":"healthy"}'), reply
@@ -393,11 +391,7 @@ def test_a_websocket_upgrade_is_answered_as_the_plain_request_it_also_is(service
         b"GET /health HTTP/1.1\r\nHost: api\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
-    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:  # (a hang guard)
-        sock.sendall(offered + b"GET /missing HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
-        reply = b""
-        while received := sock.recv(65536):  # to the close, after the last answer
-            reply += received
+    reply = to_the_close(service, offered + b"GET /missing HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
     healthy, missing = reply.split(b"HTTP/1.1 ")[1:]
     assert healthy.startswith(b"200") and healthy.endswith(b'{"status":"healthy"}'), reply
     assert missing.startswith(b"404") and b'"error_type":"not_found"' in missing, reply
@@ -423,13 +417,10 @@ def test_a_body_in_a_transfer_coding_not_chunked_is_a_501_and_the_connection_goe
     body = gzip.compress(b'{"text": ["a fine film"]}')
     head = b"POST %s HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\nTransfer-Encoding: %s\r\n\r\n"
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
-    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:  # (a hang guard)
-        sock.sendall(
-            head % (path.encode(), coding) + chunked + b"GET /health HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
-        )
-        reply = b""
-        while received := sock.recv(65536):  # to the close, after the last answer
-            reply += received
+    reply = to_the_close(
+        service,
+        head % (path.encode(), coding) + chunked + b"GET /health HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n",
+    )
     refused, healthy = reply.split(b"HTTP/1.1 ")[1:]
     assert refused.startswith(b"501"), reply
     error = json.loads(refused.partition(b"\r\n\r\n")[2])
