@@ -177,6 +177,8 @@ def binary_outputs(v2: Inference, body: InferRequest) -> set[str]:
 
 
 def flag(v2: Inference, parameters: dict[str, Any] | None, where: Location, key: str) -> bool | None:
+    """A boolean parameter (`binary_data_output`, an output's `binary_data`): None when absent, a 422
+    naming where it is for anything but a JSON boolean (a string "false" is not read as true)."""
     value = (parameters or {}).get(key)
     if value is None or isinstance(value, bool):
         return value
