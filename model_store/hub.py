@@ -6,6 +6,7 @@ The service itself never downloads: it loads `SENTIMENT_MODEL_DIR` from disk.
 from __future__ import annotations
 
 import shutil
+from fnmatch import fnmatch
 from pathlib import Path
 
 DEFAULT_REPO = "winegarj/distilbert-base-uncased-finetuned-sst2"
@@ -61,6 +62,7 @@ def _download(repo_id: str, dest: Path, revision: str | None) -> None:
 
     info = HfApi().model_info(repo_id, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
     files = [sibling.rfilename for sibling in info.siblings or []]
+    _require_checkpoint(f"{repo_id}@{revision or constants.DEFAULT_REVISION}", files)
     snapshot_download(
         repo_id,
         revision=info.sha,
@@ -79,9 +81,29 @@ def _copy_from_cache(repo_id: str, dest: Path, revision: str | None) -> None:
     cached = snapshot_download(repo_id, revision=revision, allow_patterns=[*CHECKPOINT_FILES, SAFETENSORS, PICKLE])
     snapshot = Path(cached)
     files = [str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file()]
+    _require_checkpoint(f"the cached {repo_id}@{revision or 'main'}", files)
     for name in filter_repo_objects(files, allow_patterns=[*CHECKPOINT_FILES, _weights(files)]):
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(snapshot / name, dest / name)  # follows the cache's symlinks
+
+
+def _require_checkpoint(where: str, files: list[str]) -> None:
+    """Refuse, before a byte is written, a repository the service could not load (`missing_checkpoint`:
+    config.json and weights beside it): a tokenizer-only, GGUF or dataset repository."""
+    top = [f for f in files if "/" not in f]
+    lacks = [
+        what
+        for what, present in (
+            ("config.json", "config.json" in top),
+            (
+                "weights (*.safetensors or pytorch_model*.bin)",
+                any(fnmatch(f, p) for f in top for p in (SAFETENSORS, PICKLE)),
+            ),
+        )
+        if not present
+    ]
+    if lacks:
+        raise PullError(f"{where} is no checkpoint the service can load: it has no {' and no '.join(lacks)}")
 
 
 def _weights(files: list[str]) -> str:

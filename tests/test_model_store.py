@@ -3,6 +3,7 @@ ONNX Runtime, null), lanes, padding, packing, truncation, and the real checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -406,16 +407,25 @@ class _FakeHubHandler(BaseHTTPRequestHandler):
         """Quiet: pytest shows the pull's own output on failure."""
 
 
+@contextlib.contextmanager
+def serving(files: dict[str, bytes]) -> Iterator[FakeHub]:
+    """`files` as a hub repository, served on a thread until the block ends."""
+    hub = FakeHub(files)
+    thread = threading.Thread(target=hub.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield hub
+    finally:
+        hub.shutdown()
+        hub.server_close()
+
+
 @pytest.fixture
 def fake_hub(tiny_model_dir: Path) -> Iterator[FakeHub]:
     """The tiny checkpoint as a hub repository that also holds a pickle copy of the weights and a README."""
     files = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir() if p.is_file()}
-    hub = FakeHub({**files, "pytorch_model.bin": b"pickle", "README.md": b"# tiny"})
-    thread = threading.Thread(target=hub.serve_forever, daemon=True)
-    thread.start()
-    yield hub
-    hub.shutdown()
-    hub.server_close()
+    with serving({**files, "pytorch_model.bin": b"pickle", "README.md": b"# tiny"}) as hub:
+        yield hub
 
 
 def model_pull(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -476,6 +486,26 @@ def test_pull_fetches_config_tokenizer_and_safetensors_from_a_mirror(
     pulled = {p.name for p in dest.iterdir() if p.is_file()}
     assert pulled == {p.name for p in tiny_model_dir.iterdir()}, "no pickle weights beside safetensors, no README"
     assert Classifier(dest, device="cpu", threads=1, precision="fp32").version == fingerprint(tiny_model_dir)
+
+
+@pytest.mark.parametrize(
+    ("left_out", "lacks"),
+    [(".safetensors", "weights (*.safetensors or pytorch_model*.bin)"), ("config.json", "config.json")],
+    ids=["no-weights", "no-config"],
+)
+def test_pull_of_a_repository_the_service_cannot_load_is_refused_before_it_writes(
+    tiny_model_dir: Path, tmp_path: Path, left_out: str, lacks: str
+) -> None:
+    # (a tokenizer-only or GGUF repository was pulled with exit 0, and serve then found no checkpoint)
+    files = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir() if p.is_file() and not p.name.endswith(left_out)}
+    dest = tmp_path / "model"
+    with serving(files) as hub:
+        done = model_pull(hub.repo_id, "--dest", str(dest), HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"))
+    assert done.returncode == 1 and done.stdout == "", done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"sentiment model pull: {hub.repo_id}@main is no checkpoint the service can load: it has no {lacks}"
+    )
+    assert not dest.exists()
 
 
 def test_pull_copies_from_the_hub_cache_when_offline(fake_hub: FakeHub, tiny_model_dir: Path, tmp_path: Path) -> None:
