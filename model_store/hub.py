@@ -27,7 +27,8 @@ def pull(repo_id: str, dest: Path, revision: str | None = None) -> Path:
     """Config, tokenizer and weights (safetensors when the repo has them) into `dest`: from the hub
     (or the mirror at `HF_ENDPOINT`), or from the local hub cache when `HF_HUB_OFFLINE=1`.
 
-    Raises `PullError` when the hub cannot be reached or answers no, or the cache lacks the repo.
+    Raises `PullError` when the hub cannot be reached or answers no, the cache lacks the repo, the
+    repo holds no checkpoint, or `dest` cannot be written.
     """
     import httpx2
     from huggingface_hub import constants
@@ -51,6 +52,8 @@ def pull(repo_id: str, dest: Path, revision: str | None = None) -> Path:
         raise PullError(
             f"cannot reach the Hugging Face hub at {constants.ENDPOINT} ({type(exc).__name__}: {exc}); {WAYS_OUT}"
         ) from exc
+    except OSError as exc:  # --dest under a regular file, not this user's to write, a full disk
+        raise PullError(f"cannot write the checkpoint in {dest} ({exc.strerror}): name another with --dest") from exc
     return dest
 
 

@@ -508,6 +508,17 @@ def test_pull_of_a_repository_the_service_cannot_load_is_refused_before_it_write
     assert not dest.exists()
 
 
+def test_pull_to_a_dest_it_cannot_write_is_refused_in_one_line(fake_hub: FakeHub, tmp_path: Path) -> None:
+    # (a NotADirectoryError traceback from the hub client's own folder before)
+    (tmp_path / "a-file").write_text("")
+    dest = tmp_path / "a-file" / "model"
+    done = model_pull(fake_hub.repo_id, "--dest", str(dest), HF_ENDPOINT=fake_hub.url, HF_HOME=str(tmp_path / "hf"))
+    assert (done.returncode, done.stdout, "Traceback" in done.stderr) == (1, "", False), done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"sentiment model pull: cannot write the checkpoint in {dest} (Not a directory): name another with --dest"
+    )
+
+
 def test_pull_copies_from_the_hub_cache_when_offline(fake_hub: FakeHub, tiny_model_dir: Path, tmp_path: Path) -> None:
     hf_home = str(tmp_path / "hf")
     empty = model_pull(fake_hub.repo_id, "--dest", str(tmp_path / "none"), HF_HUB_OFFLINE="1", HF_HOME=hf_home)
