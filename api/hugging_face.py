@@ -27,7 +27,7 @@ from api.errors import RESPONSES, TEXTS_RESPONSES
 from api.limits import body_limit
 from api.predictions import Predictor
 from api.routes import RequestRoute
-from api.schemas import JSON_INTEGER, Score, json_body, parse_json, timeout_parameter
+from api.schemas import JSON_INTEGER, Score, content_encoding, json_body, parse_json, timeout_parameter
 from core.protocol import Prediction, ScoreFunction
 
 PATH = "/"
@@ -92,7 +92,7 @@ def add_text_classification_route(app: FastAPI, max_texts: int, max_chars: int, 
         deadline = request_deadline(request.scope, request.headers, timeout_s)
         headers = request.headers
         body: Any = parse_json(
-            Request_, await request.body(), headers.get("content-type", ""), headers.get("content-encoding", "")
+            Request_, await request.body(), headers.get("content-type", ""), content_encoding(headers)
         )
         parameters = body.parameters or ClassificationParameters()
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs

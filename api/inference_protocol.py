@@ -25,7 +25,7 @@ from api.deadline import request_deadline
 from api.errors import RESPONSES, TEXTS_RESPONSES, ErrorType, responses
 from api.inference import OUTPUTS, Inference, InferRequest, InferResponse, Location, packed
 from api.limits import declared_size
-from api.schemas import json_body, parse_json, require_uncompressed, timeout_parameter
+from api.schemas import content_encoding, json_body, parse_json, require_uncompressed, timeout_parameter
 from core.settings import Settings
 
 MODEL_PATHS = ("/models/{name}", "/models/{name}/versions/{version}")  # (under /v2)
@@ -146,7 +146,7 @@ def parse_infer(v2: Inference, raw: bytes, headers: Headers) -> tuple[InferReque
     """The request and its input's binary data after the JSON header, if any (`HEADER_LENGTH` says
     where the header ends; the input's `binary_data_size`, how long its data is); a compressed body
     is a 415, as one not JSON is."""
-    require_uncompressed(headers.get("content-encoding", ""))  # (tritonclient's `request_compression_algorithm`)
+    require_uncompressed(content_encoding(headers))  # (tritonclient's `request_compression_algorithm`)
     header = headers.get(HEADER_LENGTH)
     if header is None:
         return parse_json(v2.request_model, raw, headers.get("content-type", "")), None

@@ -15,7 +15,7 @@ from pydantic import AfterValidator, BaseModel, Field, StringConstraints, WithJs
 
 from api.errors import BODY_RESPONSES, ErrorType, responses
 from api.job_store import JobStore
-from api.schemas import Score, TextsRequest, json_body, parse_json, texts_request
+from api.schemas import Score, TextsRequest, content_encoding, json_body, parse_json, texts_request
 from core.settings import Settings
 from core.webhooks import MAX_URL_CHARS, check_url
 
@@ -57,9 +57,7 @@ def jobs_router(settings: Settings) -> APIRouter:
         declared other than JSON is refused before it is parsed, which a body parameter, parsed by
         FastAPI before any check of the route runs, cannot do (`async`: run inline, not in the threadpool)."""
         headers = request.headers
-        return parse_json(
-            JobRequest, await request.body(), headers.get("content-type", ""), headers.get("content-encoding", "")
-        )
+        return parse_json(JobRequest, await request.body(), headers.get("content-type", ""), content_encoding(headers))
 
     @router.post(
         "",

@@ -20,6 +20,7 @@ from api.schemas import (
     ModelResponse,
     PredictResponse,
     ReadyResponse,
+    content_encoding,
     json_body,
     parse_json,
     texts_request,
@@ -69,7 +70,7 @@ def add_predict_route(app: FastAPI, settings: Settings) -> None:
         deadline = request_deadline(request.scope, request.headers, settings.request_timeout_s)
         headers = request.headers
         body = parse_json(
-            PredictRequest, await request.body(), headers.get("content-type", ""), headers.get("content-encoding", "")
+            PredictRequest, await request.body(), headers.get("content-type", ""), content_encoding(headers)
         )
         predictor: Predictor = request.app.state.predictor
         # With the body read, `receive` says when the client goes away: a wait for the worker then stops.

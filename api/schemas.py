@@ -63,10 +63,17 @@ def is_json(content_type: str) -> bool:
     return kind == "application" and "/" not in subtype and (subtype == "json" or subtype.endswith("+json"))
 
 
+def content_encoding(headers: Headers) -> str:
+    """Every Content-Encoding header's codings as one list: a list sent on two lines is the same list
+    joined (RFC 9110 5.3), `identity` then `gzip` a gzipped body."""
+    return ", ".join(headers.getlist("content-encoding"))
+
+
 def require_uncompressed(content_encoding: str) -> None:
-    """415 for a compressed body (Content-Encoding: gzip, deflate, br), before it is read: it would
-    read as malformed JSON, a 422 that misleads."""
-    if (coding := content_encoding.strip().lower()) not in ("", "identity"):
+    """415 for a compressed body (Content-Encoding: gzip, deflate, br; any coding but `identity` in
+    the list), before it is read: it would read as malformed JSON, a 422 that misleads."""
+    coding = content_encoding.strip().lower()
+    if any(c.strip() not in ("", "identity") for c in coding.split(",")):
         raise ServiceError(
             ErrorType.UNSUPPORTED_MEDIA_TYPE,
             f"the body must not be compressed: send it with no Content-Encoding, not {quote(coding)!r}",

@@ -831,6 +831,33 @@ async def test_an_identity_content_encoding_is_read_as_it_is(client: httpx.Async
 
 
 @pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/predict", {"text": ["ok"]}),
+        ("/", {"inputs": "ok"}),
+        ("/jobs", {"text": ["ok"]}),
+        ("/v2/models/tiny/infer", {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["ok"]}]}),
+    ],
+)
+async def test_a_content_encoding_in_two_header_lines_is_read_as_one_list(
+    client: httpx.AsyncClient, redis: fakeredis.FakeRedis, settings: Settings, path: str, body: dict
+) -> None:
+    """`identity` then `gzip` on two lines is `identity, gzip` (RFC 9110 5.3): a compressed body, the
+    415, not the first line alone and the misleading "JSON decode error" of gzip read as JSON."""
+    announce(redis, Keys(settings.key_prefix))
+    split = [("content-encoding", "identity"), ("content-encoding", "gzip")]
+    response = await client.post(path, content=gzip.compress(orjson.dumps(body)), headers=split)
+    assert response.status_code == 415, response.text
+    assert (
+        response.json()["error"]
+        == "the body must not be compressed: send it with no Content-Encoding, not 'identity, gzip'"
+    )
+    both = [("content-encoding", "identity"), ("content-encoding", "Identity")]  # (uncompressed, twice said)
+    unread = await client.post(path, content=b"[]", headers=both)
+    assert unread.status_code == 422, unread.text
+
+
+@pytest.mark.parametrize(
     ("body", "quoted"),
     [
         ({"text": ["x" * 100_000]}, "x" * 100 + "… (100000 characters)"),
