@@ -71,7 +71,7 @@ def content_encoding(headers: Headers) -> str:
 
 def require_uncompressed(content_encoding: str) -> None:
     """415 for a compressed body (Content-Encoding: gzip, deflate, br; any coding but `identity` in
-    the list), before it is read: it would read as malformed JSON, a 422 that misleads."""
+    the list), before it is parsed: it would read as malformed JSON, a 422 that misleads."""
     coding = content_encoding.strip().lower()
     if any(c.strip() not in ("", "identity") for c in coding.split(",")):
         raise ServiceError(
@@ -82,7 +82,7 @@ def require_uncompressed(content_encoding: str) -> None:
 
 def require_json(content_type: str, content_encoding: str = "") -> None:
     """415 for a body declared as something else (a form, plain text), or compressed
-    (`require_uncompressed`), before it is read."""
+    (`require_uncompressed`), before it is parsed."""
     require_uncompressed(content_encoding)
     if not is_json(content_type):
         raise ServiceError(
