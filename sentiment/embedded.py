@@ -53,6 +53,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+REDIS_STOP_S = 10.0  # what SIGTERM gets to end redis-server (its last fsync) before SIGKILL
 SILENT_S = 10.0  # a redis-server that answers nothing this long, loading or not, will not start
 LOG_LINE = re.compile(rb"^\d+:[A-Z] \d+ \w+ \d+ [\d:.]+ ([.*#-]) ")  # `pid:role date time level ` (#: a warning)
 
@@ -95,7 +96,12 @@ def embedded_redis(data_dir: Path | None = None, max_mb: int | None = None, watc
             stopping.set()
             died = proc.poll()
             proc.terminate()
-            proc.wait(10)
+            try:
+                proc.wait(REDIS_STOP_S)
+            except subprocess.TimeoutExpired:  # stopped (SIGSTOP) or stuck: it would hold the data directory
+                log.warning("redis-server did not stop within %.0f s: killed", REDIS_STOP_S)
+                proc.kill()
+                proc.wait()
             if watched and died is not None:
                 raise RedisServerDied(f"stopped: {_death(died, data_dir)}")
     else:

@@ -464,3 +464,20 @@ def test_a_redis_server_that_dies_under_serve_ends_it_with_one_line(
     assert serve.proc.returncode == 1
     assert stderr.strip().splitlines()[-1] == "sentiment serve: stopped: its redis-server was killed by SIGKILL"
     wait_for("serve's children to end", lambda: not serve.alive(set(children)))
+
+
+def test_a_redis_server_that_will_not_stop_is_killed_and_serve_ends_cleanly(
+    serves: list[Serve], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Stopped (SIGSTOP, a debugger): SIGTERM waits on it for good. Serve kills it rather than ending
+    # in a traceback that leaves it holding the data directory for the next serve.
+    serve = start(serves, tiny_model_dir, env={"SENTIMENT_DATA_DIR": str(tmp_path / "data")})
+    serve.wait_ready()
+    [redis_server] = [pid for pid, cmd in serve.children().items() if "redis-server" in cmd]
+    os.kill(redis_server, signal.SIGSTOP)
+    serve.proc.send_signal(signal.SIGINT)
+    _, stderr = serve.proc.communicate(timeout=120)
+    assert serve.proc.returncode == 0, stderr
+    assert "Traceback" not in stderr, stderr
+    assert "redis-server did not stop within 10 s: killed" in stderr.strip().splitlines()[-1]
+    assert not serve.alive({redis_server})
