@@ -82,6 +82,7 @@ class Settings(BaseSettings):
     embedded_redis_max_mb: int = Field(
         256,
         ge=1,
+        le=10**13,  # redis-server wraps `maxmemory` in bytes past 2**64 in silence (2**44 MiB is 0: no bound)
         description="Most memory (MiB) `sentiment serve`'s embedded redis-server holds (its `maxmemory`): past it "
         "keys that expire yield, least recently used first (`volatile-lru`, as in k8s/): cached predictions and "
         "ended bulk jobs (which then answer 404 early), never the queues, work in hand or a queued or running job, "

@@ -13,6 +13,7 @@ import pytest
 
 from core.redis_connect import reach, sync_client
 from core.settings import Settings, SettingsError, from_environment, rule
+from sentiment.embedded import free_port, start_redis_server
 from tests.conftest import REPO, RedisServer
 
 COMMANDS = [
@@ -173,6 +174,25 @@ def test_the_longest_lifetime_accepted_is_one_redis_sets(redis_server: RedisServ
     client = sync_client(redis_server.url, 5)
     assert client.set("key", "value", ex=longest)
     assert client.expire("key", longest)
+
+
+def test_the_most_memory_accepted_for_serves_redis_is_the_bound_redis_server_keeps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """redis-server takes `maxmemory` in bytes and silently wraps a count past 2**64 (2**44 MiB is 0:
+    no bound at all): such a count is refused at start, and the most accepted is kept to the byte."""
+    monkeypatch.setenv("SENTIMENT_EMBEDDED_REDIS_MAX_MB", str(2**44))
+    with pytest.raises(SettingsError):
+        from_environment()
+    longest = next(m.le for m in Settings.model_fields["embedded_redis_max_mb"].metadata if hasattr(m, "le"))
+    port = free_port()
+    server = start_redis_server(port, max_mb=longest)
+    try:
+        maxmemory = sync_client(f"redis://127.0.0.1:{port}/0", 5).config_get("maxmemory")["maxmemory"]
+        assert int(maxmemory) == longest * 2**20
+    finally:
+        server.terminate()
+        server.wait()
 
 
 # What Kubernetes adds to every pod of the namespace for k8s/base/api.yaml's Service `sentiment-api`.
