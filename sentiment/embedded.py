@@ -19,6 +19,7 @@ line, and so does its death later (nothing else can serve without it): serve sto
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import itertools
 import logging
@@ -181,7 +182,7 @@ def start_redis_server(
     its log in `redis-server.log` there. `holding`: a descriptor it keeps open as long as it runs (a
     lock). `max_mb`: its `maxmemory`, past which keys that expire yield, least recently used first
     (the service gives none to queued work or a queued or running job). DataDirUnusable, with its own
-    last word, when it will not start."""
+    last word, when it will not start (a full disk, which refuses its log too: saying so)."""
     exe = shutil.which("redis-server") or "redis-server"
     args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
     if max_mb is not None:
@@ -205,7 +206,22 @@ def start_redis_server(
         proc.kill()
         proc.wait()
         said.seek(0)
+        if data_dir is not None and not said.read(1) and _full(data_dir):  # (its log refused too: nothing said)
+            raise DataDirUnusable(
+                f"cannot keep data in {data_dir} ({os.strerror(errno.ENOSPC)}): "
+                "free some space, name another --data-dir, or run --ephemeral"
+            )
+        said.seek(0)
         raise DataDirUnusable(f"redis-server would not start {where} ({failure}): {_last_word(said.read())}")
+
+
+def _full(data_dir: Path) -> bool:
+    """Whether the file system holding `data_dir` has no block or no inode left to write."""
+    try:
+        room = os.statvfs(data_dir)
+    except OSError:
+        return False
+    return room.f_bavail == 0 or (room.f_files > 0 and room.f_favail == 0)
 
 
 def _wait_for_redis(url: str, proc: subprocess.Popen[bytes], where: str) -> str | None:

@@ -176,6 +176,31 @@ def test_a_data_directory_that_cannot_be_made_ends_serve_with_one_line(tiny_mode
     ]
 
 
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a file system with no space left: a tmpfs of its own, filled (root alone may mount)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        with (disk / "filler").open("wb", buffering=0) as filler, contextlib.suppress(OSError):
+            while True:
+                filler.write(b"x" * 4096)
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_ends_serve_saying_so(tiny_model_dir: Path, full_disk: Path) -> None:
+    # redis-server says why it gave up in its log, which the full disk refuses too.
+    data = full_disk / "data"
+    assert refused_data_dir(tiny_model_dir, data) == [
+        f"sentiment serve: cannot keep data in {data} (No space left on device): "
+        "free some space, name another --data-dir, or run --ephemeral"
+    ]
+
+
 def test_a_redis_server_that_will_not_start_ends_serve_with_its_own_reason(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
