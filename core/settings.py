@@ -363,6 +363,13 @@ class Settings(BaseSettings):
             )
         return wait_ms
 
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _default_when_empty(cls, value: object) -> object:
+        """An empty SENTIMENT_DATA_DIR (a template's blank) is unset: as a path it is the working directory,
+        where serve's redis-server would write its files among the user's own."""
+        return cls.model_fields["data_dir"].default if value == "" else value
+
     @field_validator("int8_dir", mode="before")
     @classmethod
     def _unset_when_empty(cls, value: object) -> object:

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -309,6 +310,12 @@ def test_a_setting_that_leaves_the_api_open_in_silence_is_warned_of(env: dict[st
         )
     assert done.returncode == 1 and "cannot listen on 127.0.0.1:" in done.stderr.splitlines()[-1], done.stderr
     assert [line.split("] ", 1)[1] for line in done.stderr.splitlines() if " WARNING sentiment [" in line] == warnings
+
+
+def test_an_empty_data_dir_is_the_default_not_the_working_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    # (as `.`, serve's redis-server wrote its append-only files, log and lock among the user's own)
+    monkeypatch.setenv("SENTIMENT_DATA_DIR", "")
+    assert from_environment().data_dir == Path("sentiment-data")
 
 
 def test_an_empty_int8_dir_is_unset_not_the_working_directory(monkeypatch: pytest.MonkeyPatch) -> None:
