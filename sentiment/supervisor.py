@@ -232,7 +232,7 @@ class Supervisor:
         """Start `child` again 1, 2, 4 ... `RESTART_MAX_S` seconds from now (1 s again once it stayed
         up `STEADY_S`); returns the delay."""
         steady = now - child.started_at >= STEADY_S
-        delay = 1.0 if steady else min(RESTART_MAX_S, 2.0**child.restarts)
+        delay = 1.0 if steady else min(RESTART_MAX_S, 2.0 ** min(child.restarts, 16))  # (2.0**1024 overflows)
         child.restarts = 1 if steady else child.restarts + 1
         child.restart_at = now + delay
         return delay

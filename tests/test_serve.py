@@ -397,6 +397,25 @@ def test_the_supervisor_outlives_a_child_it_cannot_start_again_and_tries_later(
         supervisor.stop()
 
 
+def test_a_child_dying_for_hours_is_given_its_next_restart(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A crash loop of hours (a model directory gone overnight): past 1023 restarts the doubling
+    # backoff overflowed, and the supervisor logged that 5 times a second, never restarting it again.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    child = Child("pull", "model", env, ("pull", "no/such-model", "--dest", str(tmp_path / "model")))
+    supervisor = Supervisor([child], lambda _: True)
+    supervisor.start()
+    child.restarts = 1100
+    try:
+        reason = wait_for(
+            "the death noticed",
+            lambda: "looking after" in caplog.text or ((r := supervisor.problem()) and "died" in r and r),
+        )
+    finally:
+        supervisor.stop()
+    assert "looking after" not in caplog.text, caplog.text
+    assert reason.startswith("pull died; restart 1101 in "), reason
+
+
 def test_ready_says_a_child_died_but_never_its_last_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # A child that exits at once with a cause that names a path (a model pull with no hub): /ready's
     # reason, which anyone may read, says it died; its words go to serve's log alone.
