@@ -275,7 +275,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
     _refuse_clash(settings, args.port)
     if settings.redis_url_given and (args.ephemeral or args.data_dir):  # (the up line names the Redis, not this)
         log.warning("--data-dir and --ephemeral are the embedded Redis's: unused with SENTIMENT_REDIS_URL")
-    data_dir = None if args.ephemeral else (args.data_dir or settings.data_dir).resolve()
+    # Absolute, its links left to the system: a loop in them is one line where serve makes the directory.
+    data_dir = None if args.ephemeral else (args.data_dir or settings.data_dir).absolute()
     for warning in settings.unheeded():
         log.warning(warning)
     serve(settings, args.host, args.port, data_dir)

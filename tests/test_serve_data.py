@@ -176,6 +176,14 @@ def test_a_data_directory_that_cannot_be_made_ends_serve_with_one_line(tiny_mode
     ]
 
 
+def test_a_data_directory_in_a_symlink_loop_ends_serve_with_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)  # (a link to itself: in the way of a directory, as a file would be)
+    assert refused_data_dir(tiny_model_dir, loop) == [
+        f"sentiment serve: cannot keep data in {loop} (File exists): name another --data-dir, or run --ephemeral"
+    ]
+
+
 @pytest.fixture
 def full_disk(tmp_path: Path) -> Iterator[Path]:
     """A directory on a file system with no space left: a tmpfs of its own, filled (root alone may mount)."""
