@@ -193,14 +193,17 @@ def start_redis_server(
         args += ["--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", fsync]
     where = f"on 127.0.0.1:{port}" if data_dir is None else f"in {data_dir}"
     with open(data_dir / "redis-server.log", "w+b") if data_dir else tempfile.TemporaryFile() as said:
-        proc = subprocess.Popen(
-            args,
-            stdout=said,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent(os.getpid()),
-            pass_fds=() if holding is None else (holding,),
-        )
+        try:
+            proc = subprocess.Popen(
+                args,
+                stdout=said,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent(os.getpid()),
+                pass_fds=() if holding is None else (holding,),
+            )
+        except OSError as exc:  # no program this system runs (another architecture's build, a broken one)
+            raise DataDirUnusable(f"redis-server would not start {where}: {exe}: {exc.strerror}") from None
         if (failure := _wait_for_redis(f"redis://127.0.0.1:{port}/0", proc, where)) is None:
             return proc
         proc.kill()

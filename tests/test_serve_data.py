@@ -155,11 +155,12 @@ def test_without_redis_server_serve_says_nothing_persists(monkeypatch: pytest.Mo
     assert "nothing persists, jobs, results and the cache end with serve" in said
 
 
-def refused_data_dir(model_dir: Path, data: Path) -> list[str]:
-    """What `sentiment serve --data-dir DATA` wrote, line by line, having exited 1."""
+def refused_data_dir(model_dir: Path, data: Path, **env: str) -> list[str]:
+    """What `sentiment serve --data-dir DATA` (its environment `serve_env` and `env`) wrote, line by
+    line, having exited 1."""
     done = subprocess.run(
         [sys.executable, "-m", "sentiment.cli", "serve", "--port", str(free_port()), "--data-dir", str(data)],
-        env=serve_env(model_dir),
+        env=serve_env(model_dir) | env,
         capture_output=True,
         text=True,
         timeout=HANG_GUARD_S,
@@ -218,6 +219,18 @@ def test_a_redis_server_that_will_not_start_ends_serve_with_its_own_reason(
     assert refused_data_dir(tiny_model_dir, data) == [
         f"sentiment serve: redis-server would not start in {data} (exit 1): "
         "Can't open or create append-only dir appendonlydir: Not a directory"
+    ]
+
+
+def test_a_redis_server_the_system_cannot_run_ends_serve_with_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # On PATH and executable, but no program for this machine (another architecture's build).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "redis-server").write_bytes(b"\x7fELF\x02\x01\x01not a program")
+    (bin_dir / "redis-server").chmod(0o755)
+    data = tmp_path / "data"
+    assert refused_data_dir(tiny_model_dir, data, PATH=f"{bin_dir}:{os.environ['PATH']}") == [
+        f"sentiment serve: redis-server would not start in {data}: {bin_dir / 'redis-server'}: Exec format error"
     ]
 
 
