@@ -89,13 +89,14 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         default=settings.workers,
         help="micro-batching workers (default %(default)s: SENTIMENT_WORKERS)",
     )
-    serve.add_argument(
+    kept = serve.add_mutually_exclusive_group()  # (one keeps nothing: the other would be ignored)
+    kept.add_argument(
         "--data-dir",
         type=Path,
         help="where the embedded redis-server keeps jobs, results and the cache across restarts "
         f"(default {settings.data_dir}: SENTIMENT_DATA_DIR)",
     )
-    serve.add_argument(
+    kept.add_argument(
         "--ephemeral", action="store_true", help="keep nothing: the embedded Redis in memory only (tests, smokes)"
     )
     serve.set_defaults(run=_serve)

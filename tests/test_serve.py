@@ -255,6 +255,20 @@ def test_a_data_option_that_a_given_redis_makes_unused_is_warned_of(tmp_path: Pa
     assert warned == ["--data-dir and --ephemeral are the embedded Redis's: unused with SENTIMENT_REDIS_URL"]
 
 
+def test_ephemeral_with_a_data_dir_is_refused_naming_both(tmp_path: Path) -> None:
+    """One keeps nothing, the other names where to keep it: served, the data directory was ignored."""
+    done = subprocess.run(
+        [sys.executable, "-m", "sentiment.cli", "serve", "--ephemeral", "--data-dir", "kept-here"],
+        env={**os.environ, "SENTIMENT_MODEL_DIR": str(tmp_path)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1].endswith("argument --data-dir: not allowed with argument --ephemeral")
+
+
 def test_a_worker_that_dies_is_restarted_and_ready_says_so_meanwhile(serves: list[Serve], tiny_model_dir: Path) -> None:
     serve = start(serves, tiny_model_dir)
     serve.wait_ready()

@@ -114,7 +114,7 @@ def test_serve_keeps_jobs_results_and_cache_across_a_restart_and_ctrl_c_requeues
         assert job.retries_left == RETRY.max, "a stop is not a failure: no retry spent"
         assert len(finished(url, big)["predictions"]) == len(BIG_JOB)
 
-    with serving(tiny_model_dir, log, "--data-dir", str(data), "--ephemeral") as url:
+    with serving(tiny_model_dir, log, "--ephemeral", SENTIMENT_DATA_DIR=str(data)) as url:  # (the option wins)
         assert "memory only (--ephemeral)" in log.read_text()
         assert httpx.get(f"{url}/jobs/{small}").status_code == 404
 
