@@ -92,7 +92,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     kept = serve.add_mutually_exclusive_group()  # (one keeps nothing: the other would be ignored)
     kept.add_argument(
         "--data-dir",
-        type=Path,
+        type=_directory,
         help="where the embedded redis-server keeps jobs, results and the cache across restarts "
         f"(default {settings.data_dir}: SENTIMENT_DATA_DIR)",
     )
@@ -227,6 +227,14 @@ def _count(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return int(text)
+
+
+def _directory(text: str) -> Path:
+    """A command-line directory, never empty: `--data-dir "$DIR"` with DIR unset would be `.`, the
+    working directory."""
+    if not text:
+        raise argparse.ArgumentTypeError(f"expected a directory, got {text!r}")
+    return Path(text)
 
 
 def _port(name: str) -> Callable[[str], int]:

@@ -269,6 +269,20 @@ def test_ephemeral_with_a_data_dir_is_refused_naming_both(tmp_path: Path) -> Non
     assert done.stderr.splitlines()[-1].endswith("argument --data-dir: not allowed with argument --ephemeral")
 
 
+def test_an_empty_data_dir_option_is_refused_not_taken_for_the_working_directory(tmp_path: Path) -> None:
+    """`--data-dir "$DIR"` with DIR unset: as the path `.`, redis-server kept its files among the user's own."""
+    done = subprocess.run(
+        [sys.executable, "-m", "sentiment.cli", "serve", "--data-dir", ""],
+        env={**os.environ, "SENTIMENT_MODEL_DIR": str(tmp_path)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1].endswith("argument --data-dir: expected a directory, got ''")
+
+
 def test_a_worker_that_dies_is_restarted_and_ready_says_so_meanwhile(serves: list[Serve], tiny_model_dir: Path) -> None:
     serve = start(serves, tiny_model_dir)
     serve.wait_ready()
