@@ -240,7 +240,7 @@ def failure(exc: Exception) -> ServiceError:
     error; a request that does not validate, `invalid_request`; Redis down or refusing (OOM under
     maxmemory, READONLY after a failover, MISCONF, NOPERM), unavailable, since the client's remedy is
     the same, retry later; a client that hung up mid-body, gone; else a bug. The log names Redis's
-    error class; an error reply's message only at DEBUG, since redis-py quotes a failed pipeline's
+    error (`describe`); the whole message only at DEBUG, since redis-py quotes a failed pipeline's
     commands in it (a job's texts too)."""
     if isinstance(exc, ServiceError):
         return exc

@@ -1,9 +1,10 @@
 """Redis errors as the API and the workers tell them apart and log them.
 
 An outage (connection lost, refused or timed out) heals by itself; an error reply (OOM at
-maxmemory, READONLY, NOPERM) needs an operator. Both are logged by class; only an outage's message
-too, since redis-py quotes a failed pipeline's commands in an error reply, work items and their
-text included.
+maxmemory, READONLY, NOPERM, MISCONF for a full disk) needs an operator. An outage is logged by
+class and message; an error reply by its class, and where that is a bare ResponseError (MISCONF,
+NOREPLICAS) by Redis's own first line too, bounded, without what redis-py adds to it for a failed
+pipeline: its commands, work items and their text included.
 """
 
 from __future__ import annotations
@@ -12,14 +13,33 @@ import logging
 import threading
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
+PIPELINE = "of pipeline caused error: "  # redis-py's, before Redis's words
+REPLY_MAX = 120  # characters of an error reply logged: MISCONF's longest is about 330
 
 
 def describe(exc: Exception) -> str:
-    """`ConnectionError: Error 111 connecting to ...` for an outage, `OutOfMemoryError` for a reply."""
-    return f"{type(exc).__name__}: {exc}" if isinstance(exc, OUTAGE) else type(exc).__name__
+    """`ConnectionError: Error 111 connecting to ...` for an outage, `OutOfMemoryError` for a reply
+    redis-py names, and Redis's words for one it does not, which its class alone would not say:
+    `ResponseError: MISCONF Errors writing to the AOF file: No space left on device`."""
+    if isinstance(exc, OUTAGE):
+        return f"{type(exc).__name__}: {exc}"
+    if type(exc) is not ResponseError:  # (its class names Redis's error: OutOfMemoryError, ReadOnlyError)
+        return type(exc).__name__
+    said = str(exc.args[0]) if exc.args else ""
+    # A pipeline's: "Command # 2 (LPUSH queue <item>) of pipeline caused error: <Redis's words>", the
+    # words as the asyncio client's `repr` of the args tuple.
+    if (at := said.find(PIPELINE)) >= 0:
+        said = said[at + len(PIPELINE) :]
+        if said.startswith(("('", '("')):
+            said = said[2:].split(said[1], 1)[0]
+    said = said.strip().split("\n", 1)[0]
+    if len(said) > REPLY_MAX:
+        said = said[:REPLY_MAX] + "…"
+    return f"{type(exc).__name__}: {said}" if said else type(exc).__name__
 
 
 class Backoff:

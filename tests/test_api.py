@@ -7,9 +7,11 @@ import asyncio
 import gzip
 import itertools
 import logging
+import shutil
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 from unittest.mock import AsyncMock
 
@@ -31,6 +33,7 @@ from api.results import ResultWaiter
 from api.routes import RequestRoute
 from batcher.worker import Worker
 from core.protocol import Keys, ModelInfo, Result, WorkerStatus, WorkItem, new_id, prediction, read_prediction, replies
+from core.redis_errors import describe
 from core.settings import Settings
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
@@ -382,6 +385,38 @@ async def test_redis_refusing_commands_is_503_with_retry_after(
         assert (response.status_code, response.headers["retry-after"]) == (503, "1")
         assert response.json()["error_type"] == "unavailable"
     assert f"redis unavailable ({error_class})" in caplog.text
+
+
+async def test_redis_refusing_writes_for_its_disk_is_logged_in_its_own_words_not_told_to_probes(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A full disk (here: its directory gone, a snapshot failing) makes redis-server refuse writes and
+    # PING with MISCONF, a reply redis-py raises as a bare ResponseError: the log must say why, the
+    # probe only that Redis is unavailable (docs/security.md, "Open paths").
+    server = RedisServer(tmp_path / "data")
+    server.data.mkdir()  # type: ignore[union-attr]
+    server.start()
+    try:
+        with sync_redis.Redis.from_url(server.url) as admin:
+            admin.config_set("save", "3600 1")  # (a failed snapshot then stops writes)
+            shutil.rmtree(tmp_path / "data")
+            admin.bgsave()
+            wait_for("the snapshot to fail", lambda: admin.info("persistence")["rdb_last_bgsave_status"] == "err")
+            with caplog.at_level(logging.WARNING, logger="api"):
+                async with Redis.from_url(server.url) as redis, client_for(settings, redis) as client:
+                    ready = await client.get("/ready")
+                    predict = await client.post("/predict", json={"text": ["private words"]})
+            with pytest.raises(sync_redis.ResponseError) as refused:  # (a worker's writes: a transaction)
+                admin.pipeline().lpush("queue", "private words").execute()
+            admin.config_set("save", "")  # (else it refuses SIGTERM, unable to save)
+    finally:
+        server.stop()
+    assert (ready.status_code, ready.json()["reason"]) == (503, "redis unavailable (ResponseError)")
+    assert predict.status_code == 503 and "MISCONF" not in predict.text
+    logged = [r.getMessage() for r in caplog.records if "redis unavailable" in r.getMessage()]
+    assert len(logged) >= 2 and all("ResponseError: MISCONF " in m for m in logged), logged
+    assert all(len(m) < 200 and "\n" not in m and "private words" not in m for m in logged), logged
+    assert describe(refused.value).startswith("ResponseError: MISCONF ")  # redis-py's quote of the command dropped
 
 
 INFER = "/v2/models/tiny/infer"

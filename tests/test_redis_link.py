@@ -76,4 +76,6 @@ def test_a_command_that_fails_as_exec_runs_it_is_logged_once_and_the_rest_applie
             assert replies[0] == b"OK" and isinstance(replies[1], redis.ResponseError)
         assert client.get("link:beat") == b"1"
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-        assert errors == ["redis refused a transaction's SADD (ResponseError); the rest was applied"]
+        assert errors == [
+            "redis refused a transaction's SADD (ResponseError: WRONGTYPE Operation against a key holding the wrong kind of value); the rest was applied"
+        ]

@@ -391,7 +391,9 @@ def test_a_bulk_list_redis_refuses_leaves_interactive_work_going(
     assert wait_result(redis, keys, chunk).predictions
     assert thread.is_alive()
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert errors == ["redis refuses the bulk list (ResponseError): bulk work waits, interactive work goes on"]
+    assert errors == [
+        "redis refuses the bulk list (ResponseError: WRONGTYPE Operation against a key holding the wrong kind of value): bulk work waits, interactive work goes on"
+    ]
 
 
 def crash(*args: object, **kwargs: object) -> NoReturn:
