@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
+import logging
 import os
 import signal
 import socket
@@ -55,7 +56,7 @@ def run(
     up: Callable[[str, str | None], None] | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM; uvicorn then stops accepting and drains in-flight requests, then
-    the gRPC service (on `settings.grpc_port`, unless 0) its calls. `problem`: what else /ready must
+    the gRPC service (on `settings.grpc_port`, unless 0) its calls; Ctrl-C again cuts them (`_Server`). `problem`: what else /ready must
     report (`sentiment serve`'s supervisor). `up`: called once both serve, with the API's URL and
     gRPC's address (None without gRPC)."""
     listening = listening or listen(host, port)
@@ -87,7 +88,7 @@ def run(
     async def serve() -> None:
         if grpc is not None:  # in the loop that runs it (grpc.aio's rule), before anything starts
             grpc.bind()
-        await _Server(config, serving).serve(sockets=[listening])
+        await _Server(config, serving, grpc).serve(sockets=[listening])
 
     def serving() -> None:
         if up is not None:
@@ -298,12 +299,46 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
 class _Server(uvicorn.Server):
     """uvicorn's server, calling `up` once it serves: the app started (gRPC with it), the socket
-    accepting (uvicorn says nothing of a socket it was given)."""
+    accepting (uvicorn says nothing of a socket it was given). A second Ctrl-C while it drains
+    (uvicorn's force exit) stops it now (`_cut`)."""
 
-    def __init__(self, config: uvicorn.Config, up: Callable[[], None]) -> None:
+    def __init__(self, config: uvicorn.Config, up: Callable[[], None], grpc: GrpcServer | None) -> None:
         super().__init__(config)
         self.up = up
+        self.grpc = grpc
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         self.up()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        if self.force_exit:
+            await self._cut()
+
+    async def _cut(self) -> None:
+        """Stop now: requests in flight cut (their connections reset, their tasks cancelled), gRPC's
+        calls too, then the app closed as after a drain, unless it already was. uvicorn's force exit
+        skips the app's close, and leaves the cancelling of what still runs to the exit, each logged as
+        an error with its traceback."""
+        for connection in list(self.server_state.connections):
+            connection.transport.abort()
+        cut = _CancelledQuietly()
+        logging.getLogger("uvicorn.error").addFilter(cut)
+        try:
+            for task in self.server_state.tasks:
+                task.cancel()
+            await asyncio.gather(*self.server_state.tasks, return_exceptions=True)
+        finally:
+            logging.getLogger("uvicorn.error").removeFilter(cut)
+        if not self.lifespan.shutdown_event.is_set():  # (set: the app closed before Ctrl-C came again)
+            if self.grpc is not None:
+                await self.grpc.stop(0)
+            await self.lifespan.shutdown()
+
+
+class _CancelledQuietly(logging.Filter):
+    """Drops uvicorn's error for a request whose task was cancelled: one `_cut` cut on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,7 @@ from core.liveness import live_workers
 from core.protocol import Keys, WorkItem, prediction
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
-from tests.conftest import SCORE_ABS, Service, shared_path, start_service, wait_for
+from tests.conftest import HANG_GUARD_S, SCORE_ABS, RedisServer, Service, shared_path, start_service, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -283,3 +284,51 @@ def test_a_request_due_sooner_than_the_workers_can_answer_is_refused_at_once_by_
     finally:
         worker.send_signal(signal.SIGCONT)
         service.stop()
+
+
+def test_ctrl_c_again_while_the_api_drains_stops_it_now_without_a_traceback(
+    redis_server: RedisServer, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Ctrl-C waits for requests in flight (here one no worker will answer, for up to its 120 s
+    # deadline); Ctrl-C again is a person's "now": the API exits 0 at once, cutting that request,
+    # its app closed as after a drain, and nothing logged as an error.
+    port = free_port()
+    env = {
+        **os.environ,
+        "SENTIMENT_REDIS_URL": redis_server.url,
+        "SENTIMENT_MODEL_DIR": str(tiny_model_dir),
+        "SENTIMENT_KEY_PREFIX": "again",
+        "SENTIMENT_METRICS_PORT": "0",
+        "SENTIMENT_GRPC_PORT": str(free_port()),
+        "SENTIMENT_REQUEST_TIMEOUT_S": "120",
+    }
+    log = tmp_path / "api.log"
+    with log.open("w") as stderr:
+        api = subprocess.Popen(
+            [sys.executable, "-m", "sentiment.cli", "api", "--port", str(port)], env=env, stderr=stderr
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for("the API", lambda: api.poll() is not None or "Application startup complete" in log.read_text())
+        cut: list[BaseException] = []
+
+        def predict() -> None:
+            try:
+                httpx.post(f"{url}/predict", json={"text": ["hi"]}, timeout=HANG_GUARD_S)
+            except httpx.TransportError as exc:
+                cut.append(exc)
+
+        client = threading.Thread(target=predict)
+        client.start()
+        queued = redis.Redis.from_url(redis_server.url)
+        wait_for("the request to be queued", lambda: queued.llen(Keys("again").queue))
+        api.send_signal(signal.SIGINT)
+        wait_for("the drain", lambda: "Waiting for connections to close" in log.read_text())
+        api.send_signal(signal.SIGINT)
+        assert api.wait(HANG_GUARD_S) == 0
+        client.join(HANG_GUARD_S)
+    finally:
+        api.kill()
+    said = log.read_text()
+    assert "Traceback" not in said and " ERROR " not in said, said
+    assert cut, "the request in flight was answered, not cut"
