@@ -56,9 +56,9 @@ def run(
     up: Callable[[str, str | None], None] | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM; uvicorn then stops accepting and drains in-flight requests, then
-    the gRPC service (on `settings.grpc_port`, unless 0) its calls; Ctrl-C again cuts them (`_Server`). `problem`: what else /ready must
-    report (`sentiment serve`'s supervisor). `up`: called once both serve, with the API's URL and
-    gRPC's address (None without gRPC)."""
+    the gRPC service (on `settings.grpc_port`, unless 0) its calls; Ctrl-C again cuts them
+    (`_Server`). `problem`: what else /ready must report (`sentiment serve`'s supervisor). `up`:
+    called once both serve, with the API's URL and gRPC's address (None without gRPC)."""
     listening = listening or listen(host, port)
     grpc = None
     if settings.grpc_port:
