@@ -1,5 +1,6 @@
 """`sentiment loadtest`: one k6 script against `sentiment serve` (embedded Redis, worker, API) on a
-free port; prints k6's summary, optionally writes it into a doc, and stops everything afterwards."""
+free port; prints k6's summary, optionally writes it into a doc, and stops everything afterwards (k6
+and the service are SIGTERMed by Linux if the loadtest itself is killed)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from benchmarks.report import replace_block, writable_doc
 from benchmarks.workload import default_shared_dir
 from core.settings import Settings
 from sentiment.embedded import free_port
+from sentiment.supervisor import die_with_parent
 
 K6_DIR = Path(__file__).resolve().parents[1] / "k6"
 TREND_STATS = "avg,min,med,max,p(90),p(95),p(99)"
@@ -88,7 +90,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         procs.wait_ok(f"{url}/ready")
         duration = None if args.full else args.duration
         command = k6_command(args.script, url, summary, duration, grpc_address=f"127.0.0.1:{grpc_port}", rate=args.rate)
-        status = subprocess.run(command, check=False).returncode
+        status = subprocess.Popen(command, preexec_fn=die_with_parent(os.getpid())).wait()
         table = markdown(json.loads(summary.read_text()), args, status)
     print(table)
     if args.doc:

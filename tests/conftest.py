@@ -158,6 +158,14 @@ def wait_for(what: str, check: Callable[[], T], guard_s: float = HANG_GUARD_S) -
     return value
 
 
+def runs(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, ended but not yet reaped by its new parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def thread_stacks() -> str:
     """Where every thread of this process is: what a hang guard reports when it trips."""
     names = {t.ident: t.name for t in threading.enumerate()}

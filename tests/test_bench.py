@@ -30,7 +30,7 @@ from benchmarks.workload import UniqueTexts
 from core.settings import Settings
 from model_store.engine import resolve_precision
 from sentiment.cli import _parser
-from tests.conftest import HANG_GUARD_S, REPO, wait_for
+from tests.conftest import HANG_GUARD_S, REPO, runs, wait_for
 
 SENTENCES = ["a gorgeous film", "the plot is a mess", "funny and warm", "i hated every minute", "not bad at all"]
 
@@ -341,18 +341,10 @@ def test_the_processes_a_bench_started_end_when_the_bench_is_killed(tmp_path: Pa
     bench.kill()
     bench.wait()
     try:
-        wait_for("the bench's child to end", lambda: not _running(child))
+        wait_for("the bench's child to end", lambda: not runs(child))
     finally:  # (not left behind by a failure)
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
-
-
-def _running(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, ended but not yet reaped by its new parent, does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.mark.parametrize(

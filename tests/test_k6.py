@@ -3,8 +3,12 @@ check and threshold holding (a broken script fails here, not on the day of a loa
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ from transformers import AutoTokenizer
 
 from benchmarks.loadtest import K6_DIR, k6_binary, k6_command
 from sentiment.embedded import free_port
-from tests.conftest import start_service
+from tests.conftest import REPO, runs, start_service, wait_for
 
 SCRIPTS = ("load", "unique", "jobs", "grpc", "goodput")
 
@@ -73,3 +77,32 @@ def test_a_unique_text_is_new_to_the_cache_yet_costs_the_model_what_its_sentence
         sentence = text.rstrip()
         assert sentence in ("a quietly moving film", "the plot never comes together")
         assert tokenizer(text)["input_ids"] == tokenizer(sentence)["input_ids"]
+
+
+def test_k6_ends_when_the_loadtest_is_killed(tiny_model_dir: Path) -> None:
+    # (SIGKILL of a loadtest, or of its terminal, left k6 sending its load for the rest of its stages)
+    command = ["loadtest", "--duration", "60s", "--model-dir", str(tiny_model_dir)]
+    loadtest = subprocess.Popen(
+        [sys.executable, "-m", "sentiment.cli", *command],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    k6 = wait_for("the loadtest's k6", lambda: _k6_of(loadtest.pid))
+    loadtest.kill()
+    loadtest.wait()
+    try:
+        wait_for("the loadtest's k6 to end", lambda: not runs(k6))
+    finally:  # (not left behind by a failure)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(k6, signal.SIGKILL)
+
+
+def _k6_of(parent: int) -> int | None:
+    """The k6 process `parent` started, if it runs yet."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            name, fields = stat.read_text().rsplit(")", 1)
+            if name.endswith("(k6") and int(fields.split()[1]) == parent:
+                return int(stat.parent.name)
+    return None
