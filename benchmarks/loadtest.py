@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -90,21 +91,30 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         procs.wait_ok(f"{url}/ready")
         duration = None if args.full else args.duration
         command = k6_command(args.script, url, summary, duration, grpc_address=f"127.0.0.1:{grpc_port}", rate=args.rate)
-        status = subprocess.Popen(command, preexec_fn=die_with_parent(os.getpid())).wait()
-        table = markdown(json.loads(summary.read_text()), args, status)
+        k6 = subprocess.Popen(command, start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
+        interrupted = False
+        try:
+            status = k6.wait()
+        except KeyboardInterrupt:  # (k6, in a session of its own, hears it from here once: it ends its run
+            # and writes the summary of what it measured; a second SIGINT would abort it without one)
+            k6.send_signal(signal.SIGINT)
+            status, interrupted = k6.wait(), True
+        table = markdown(json.loads(summary.read_text()), args, status, interrupted)
     print(table)
+    if interrupted:
+        return 130  # (128 + SIGINT, as a shell reports a command Ctrl-C stopped; no doc for a cut run)
     if args.doc:
         replace_block(args.doc, f"k6:{args.script}", table)
     return status
 
 
-def markdown(summary: dict[str, Any], args: argparse.Namespace, status: int) -> str:
+def markdown(summary: dict[str, Any], args: argparse.Namespace, status: int, interrupted: bool = False) -> str:
     """The export's headline numbers as a table (requests, latency percentiles, checks, thresholds)."""
     metrics = summary["metrics"]
     stages = "the script's own stages" if args.full else f"5 s ramps around a {args.duration} hold"
     if args.script == "goodput":  # an open loop: no ramps
         stages = f"{args.rate or 'the script default'} requests/s for {'1m' if args.full else args.duration}"
-    verdict = "thresholds held" if status == 0 else "a threshold failed"
+    verdict = "interrupted: Ctrl-C" if interrupted else "thresholds held" if status == 0 else "a threshold failed"
     when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     lines = [
         f"`sentiment loadtest --script {args.script}{' --full' if args.full else ''}"

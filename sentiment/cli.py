@@ -524,7 +524,10 @@ def _loadtest(settings: Settings, args: argparse.Namespace) -> None:
     args.duration = args.duration or "20s"
     from benchmarks.loadtest import run
 
-    sys.exit(run(settings, args))
+    try:
+        sys.exit(run(settings, args))
+    except KeyboardInterrupt:  # before k6 ran (the service starting): nothing measured
+        sys.exit(130)
 
 
 if __name__ == "__main__":

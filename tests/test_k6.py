@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from benchmarks.loadtest import K6_DIR, k6_binary, k6_command
 from sentiment.embedded import free_port
-from tests.conftest import REPO, runs, start_service, wait_for
+from tests.conftest import HANG_GUARD_S, REPO, runs, start_service, wait_for
 
 SCRIPTS = ("load", "unique", "jobs", "grpc", "goodput")
 
@@ -106,3 +106,32 @@ def _k6_of(parent: int) -> int | None:
             if name.endswith("(k6") and int(fields.split()[1]) == parent:
                 return int(stat.parent.name)
     return None
+
+
+def test_ctrl_c_prints_what_k6_measured_and_leaves_the_doc(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # (a KeyboardInterrupt traceback before: k6's summary was never read, no table printed)
+    doc = tmp_path / "performance.md"
+    doc.write_text("# Performance\n")
+    command = ["loadtest", "--duration", "60s", "--model-dir", str(tiny_model_dir), "--doc", str(doc)]
+    loadtest = subprocess.Popen(
+        [sys.executable, "-m", "sentiment.cli", *command],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # (its own process group, as a terminal's Ctrl-C reaches)
+    )
+    k6 = wait_for("the loadtest's k6", lambda: _k6_of(loadtest.pid))
+    wait_for("k6 to send its load", lambda: _holds_a_socket(k6))
+    os.killpg(loadtest.pid, signal.SIGINT)
+    stdout, stderr = loadtest.communicate(timeout=HANG_GUARD_S)
+    assert (loadtest.returncode, "Traceback" in stderr) == (130, False), stdout + stderr
+    assert "(interrupted: Ctrl-C)" in stdout and "| http_reqs |" in stdout, stdout
+    assert doc.read_text() == "# Performance\n"
+
+
+def _holds_a_socket(pid: int) -> bool:
+    """Whether `pid` has a socket open (k6: once its run has begun)."""
+    with contextlib.suppress(OSError):
+        return any(os.readlink(fd).startswith("socket:") for fd in Path(f"/proc/{pid}/fd").iterdir())
+    return False
