@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -203,7 +204,9 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     loadtest.add_argument(
         "--rate", type=_count, help="goodput: requests a second, an open loop (default: the script's, 20)"
     )
-    loadtest.add_argument("--duration", help="k6 hold stage (default 20s; --full: the script's)")
+    loadtest.add_argument(
+        "--duration", type=_k6_duration, help="k6 hold stage: seconds, or 1m30s (default 20s; --full: the script's)"
+    )
     loadtest.add_argument("--full", action="store_true", help="the script's own stages (load: 30 s ramp, 1 m hold)")
     loadtest.add_argument("--model-dir", type=Path, help="default $SENTIMENT_SHARED_DIR/models/distilbert-sst2-small")
     loadtest.add_argument("--doc", type=Path, help="also write the summary into this doc (docs/performance.md)")
@@ -264,6 +267,22 @@ def _repo_id(text: str) -> str:
             f"expected a hub repository (owner/name or name, of letters, digits, '-', '_' and '.'), got {text!r}"
         ) from None
     return text
+
+
+K6_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _k6_duration(text: str) -> str:
+    """k6's hold stage: seconds, as the other commands' --duration (k6 itself reads a bare number as
+    milliseconds), or a k6 duration; above 0 and one k6 takes, checked before the service starts."""
+    try:
+        seconds, hold = float(text), f"{float(text):g}s"
+    except ValueError:
+        terms = re.fullmatch(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h))+", text) and re.findall(r"([\d.]+)(ms|s|m|h)", text)
+        seconds, hold = sum(float(n) * K6_UNITS[unit] for n, unit in terms) if terms else math.nan, text
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"expected seconds or a k6 duration above 0 (20s, 1m30s), got {text!r}")
+    return hold
 
 
 def _seconds(text: str) -> float:

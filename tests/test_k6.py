@@ -15,6 +15,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from benchmarks.loadtest import K6_DIR, k6_binary, k6_command
+from core.settings import Settings
+from sentiment.cli import _parser
 from sentiment.embedded import free_port
 from tests.conftest import HANG_GUARD_S, REPO, runs, start_service, wait_for
 
@@ -135,3 +137,19 @@ def _holds_a_socket(pid: int) -> bool:
     with contextlib.suppress(OSError):
         return any(os.readlink(fd).startswith("socket:") for fd in Path(f"/proc/{pid}/fd").iterdir())
     return False
+
+
+@pytest.mark.parametrize(("given", "hold"), [("20", "20s"), ("1.5", "1.5s"), ("20s", "20s"), ("1m30s", "1m30s")])
+def test_a_duration_in_bare_seconds_holds_that_many_seconds(given: str, hold: str) -> None:
+    # (k6 reads a bare number as milliseconds: `--duration 20` held the load 20 ms)
+    assert _parser(Settings()).parse_args(["loadtest", "--duration", given]).duration == hold
+
+
+@pytest.mark.parametrize("given", ["abc", "0", "0s", "-5", "5x", "inf"])
+def test_a_duration_k6_cannot_hold_is_refused_before_the_service_starts(
+    given: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # (k6 refused it only once the service was up, and no summary was then a FileNotFoundError traceback)
+    with pytest.raises(SystemExit):
+        _parser(Settings()).parse_args(["loadtest", "--duration", given])
+    assert f"expected seconds or a k6 duration above 0 (20s, 1m30s), got {given!r}" in capsys.readouterr().err
