@@ -6,6 +6,8 @@ checks failing on counts that break them."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from benchmarks.cache_writes import CacheWrites
 from benchmarks.chaos import Answer, Fault, JobRun, Traffic, check, computed_past_put_back, run
 from benchmarks.workload import UniqueTexts
 from core.protocol import text_digest
-from tests.conftest import shared_path
+from tests.conftest import HANG_GUARD_S, REPO, shared_path
 
 
 @pytest.mark.faults
@@ -77,3 +79,22 @@ def test_memory_grown_past_its_bound_or_not_measured_fails_the_run(
     results = check(traffic, [], {}, writes, [], memory)
     assert results["passed"] == (not broken), results["invariants"]
     assert sorted(n for found in results["examples"].values() for n in found) == broken
+
+
+@pytest.mark.parametrize("option", [["--duration", "300"], ["--doc", "reliability.md"]], ids=lambda o: o[0])
+def test_an_option_quick_overrides_is_refused(tmp_path: Path, option: list[str]) -> None:
+    # (`--quick --duration 300` ran a minute, `--quick --doc` wrote no doc: each in silence. The --data
+    # that is not there stops such a run before it starts.)
+    command = ["chaos", "--quick", *option, "--data", str(tmp_path / "none.tsv")]
+    done = subprocess.run(
+        [sys.executable, "-m", "sentiment.cli", *command],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (
+        1,
+        "",
+        f"sentiment chaos: --quick runs a minute and updates no doc: {option[0]} or --quick, not both\n",
+    )
