@@ -84,11 +84,17 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="k6-") as tmp, running() as procs:
         summary = Path(tmp) / "summary.json"
-        procs.start(
+        serve = procs.start(
             ["-m", "sentiment.cli", "serve", "--port", str(port), "--grpc-port", str(grpc_port), "--ephemeral"],
             {"SENTIMENT_MODEL_DIR": str(args.model_dir), "SENTIMENT_LOG_LEVEL": "WARNING"},
         )
-        procs.wait_ok(f"{url}/ready")
+        try:
+            procs.wait_ok(f"{url}/ready")
+        except RuntimeError:  # serve has said why on its stderr, this command's
+            raise SystemExit(
+                f"sentiment loadtest: the service exited before it was ready (exit status {serve.returncode}; "
+                "its reason above)"
+            ) from None
         duration = None if args.full else args.duration
         command = k6_command(args.script, url, summary, duration, grpc_address=f"127.0.0.1:{grpc_port}", rate=args.rate)
         k6 = subprocess.Popen(command, start_new_session=True, preexec_fn=die_with_parent(os.getpid()))

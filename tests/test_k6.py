@@ -153,3 +153,21 @@ def test_a_duration_k6_cannot_hold_is_refused_before_the_service_starts(
     with pytest.raises(SystemExit):
         _parser(Settings()).parse_args(["loadtest", "--duration", given])
     assert f"expected seconds or a k6 duration above 0 (20s, 1m30s), got {given!r}" in capsys.readouterr().err
+
+
+def test_a_service_that_cannot_start_ends_the_loadtest_with_its_reason(tmp_path: Path) -> None:
+    # (serve's one line was followed by loadtest's RuntimeError traceback)
+    (tmp_path / "config.json").write_text("{bad")
+    done = subprocess.run(
+        [sys.executable, "-m", "sentiment.cli", "loadtest", "--model-dir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert (done.returncode, done.stdout, "Traceback" in done.stderr) == (1, "", False), done.stderr
+    assert done.stderr.endswith(
+        f"sentiment serve: no Hugging Face checkpoint (config.json + weights) in {tmp_path}; set SENTIMENT_MODEL_DIR "
+        "or fetch one with `sentiment model pull`\n"
+        "sentiment loadtest: the service exited before it was ready (exit status 1; its reason above)\n"
+    ), done.stderr
