@@ -206,14 +206,17 @@ class Traffic:
         self.answers: list[Answer] = []
         self.jobs: list[JobRun] = []
         self._stop = threading.Event()
+        self._abandon = threading.Event()  # the jobs still running are no longer polled to their end
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="chaos-load", daemon=True)
         self._rng = random.Random(7)
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop the load, then wait for every accepted job to end."""
+    def stop(self, wait_for_jobs: bool = True) -> None:
+        """Stop the load, then wait for every accepted job to end (unless told not to: a Ctrl-C)."""
+        if not wait_for_jobs:
+            self._abandon.set()
         self._stop.set()
         self._thread.join(JOB_END_WAIT_S + 60)
 
@@ -253,7 +256,7 @@ class Traffic:
         polling: list[JobRun] = []
         next_job = time.monotonic()
         give_up = float("inf")
-        while not self._stop.is_set() or (polling and time.monotonic() < give_up):
+        while not self._stop.is_set() or (polling and not self._abandon.is_set() and time.monotonic() < give_up):
             if self._stop.is_set() and give_up == float("inf"):
                 give_up = time.monotonic() + JOB_END_WAIT_S
             if not self._stop.is_set() and time.monotonic() >= next_job:
@@ -429,7 +432,8 @@ def expected_scores(model_dir: Path, texts: list[str]) -> dict[str, list[float]]
 def run(
     model_dir: Path, data: Path, duration_s: float, out: Path | None = None, doc: Path | None = None
 ) -> dict[str, Any]:
-    """Run the chaos for `duration_s` and check everything; the results (also written to `out`)."""
+    """Run the chaos for `duration_s` and check everything; the results (also written to `out`). A
+    Ctrl-C ends the run there: what happened so far is checked and written, no doc ("interrupted")."""
     if out is not None:
         results_dir(out, "chaos")
     if doc is not None:
@@ -443,6 +447,7 @@ def run(
         topology = Topology(model_dir, Path(data_dir))
         faults: list[Fault] = []
         memory: dict[str, dict[str, int | None]] = {}
+        interrupted = False
         try:
             topology.start()
             with CacheWrites(topology.redis_url, topology.prefix) as writes:
@@ -453,22 +458,25 @@ def run(
                 gap_s = duration_s / (len(schedule) + 1)
                 begun = time.monotonic()
                 base_at = min(MEMORY_BASE_S, duration_s / 3)
-                for n, fault in enumerate(schedule, 1):
-                    # On schedule, but never before the last fault has healed and been seen to heal.
-                    due = begun + n * gap_s
-                    if faults:
-                        due = max(due, time.monotonic() + faults[-1].healed - time.time() + 2 * RECOVERY_S)
-                    while (wait := due - time.monotonic()) > 0:
-                        if "base" not in memory and time.monotonic() - begun >= base_at:
-                            memory["base"] = {name: rss_kib(topology.pid(name)) for name in ("api-1", "worker-1")}
-                        time.sleep(min(wait, 0.5))
-                    faults.append(fault())
-                    print(f"chaos: {faults[-1].name} at {faults[-1].at - started:.0f} s", file=sys.stderr)
-                # Past the last fault's healing, long enough to see the service recover from it.
-                end = max(begun + duration_s, time.monotonic() + faults[-1].healed - time.time() + 2 * RECOVERY_S)
-                time.sleep(max(0.0, end - time.monotonic()))
+                try:
+                    for n, fault in enumerate(schedule, 1):
+                        # On schedule, but never before the last fault has healed and been seen to heal.
+                        due = begun + n * gap_s
+                        if faults:
+                            due = max(due, time.monotonic() + faults[-1].healed - time.time() + 2 * RECOVERY_S)
+                        while (wait := due - time.monotonic()) > 0:
+                            if "base" not in memory and time.monotonic() - begun >= base_at:
+                                memory["base"] = {name: rss_kib(topology.pid(name)) for name in ("api-1", "worker-1")}
+                            time.sleep(min(wait, 0.5))
+                        faults.append(fault())
+                        print(f"chaos: {faults[-1].name} at {faults[-1].at - started:.0f} s", file=sys.stderr)
+                    # Past the last fault's healing, long enough to see the service recover from it.
+                    end = max(begun + duration_s, time.monotonic() + faults[-1].healed - time.time() + 2 * RECOVERY_S)
+                    time.sleep(max(0.0, end - time.monotonic()))
+                except KeyboardInterrupt:  # the run so far is checked and kept
+                    interrupted = True
                 memory["end"] = {name: rss_kib(topology.pid(name)) for name in ("api-1", "worker-1")}
-                traffic.stop()
+                traffic.stop(wait_for_jobs=not interrupted)
                 time.sleep(1.0)  # the last cache writes reach MONITOR
         finally:
             topology.stop()
@@ -480,13 +488,14 @@ def run(
     results |= {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_s": duration_s,
+        "interrupted": interrupted,
         "machine": machine.describe("cpu"),
     }
     if out is not None:
         path = out / f"chaos-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(started))}.json"
         path.write_text(json.dumps(results, indent=1) + "\n")
         results["results_file"] = str(path)
-        if doc is not None:
+        if doc is not None and not interrupted:
             replace_block(doc, "chaos", markdown(results, path.name))
     return results
 

@@ -523,16 +523,19 @@ def _chaos(settings: Settings, args: argparse.Namespace) -> None:
     from benchmarks.workload import CHECKOUT, default_shared_dir
 
     shared = default_shared_dir()
-    results = run(
-        args.model_dir or shared / "models" / "distilbert-sst2-small",
-        args.data or shared / "data" / "sst2-train.tsv",
-        60.0 if args.quick else args.duration or 600.0,
-        args.out or (None if args.quick else CHECKOUT / "benchmarks" / "results"),
-        None if args.quick else args.doc or CHECKOUT / "docs" / "reliability.md",
-    )
-    shown = ("passed", "invariants", "examples", "requests", "statuses", "jobs")  # examples: of what broke
-    print(json.dumps({k: results[k] for k in shown}, indent=1))
-    sys.exit(0 if results["passed"] else 1)
+    try:
+        results = run(
+            args.model_dir or shared / "models" / "distilbert-sst2-small",
+            args.data or shared / "data" / "sst2-train.tsv",
+            60.0 if args.quick else args.duration or 600.0,
+            args.out or (None if args.quick else CHECKOUT / "benchmarks" / "results"),
+            None if args.quick else args.doc or CHECKOUT / "docs" / "reliability.md",
+        )
+    except KeyboardInterrupt:  # before the load began (the topology starting): nothing happened to check
+        sys.exit(130)
+    shown = ("passed", "interrupted", "invariants", "examples", "requests", "statuses", "jobs", "results_file")
+    print(json.dumps({k: results[k] for k in shown if k in results}, indent=1))  # examples: of what broke
+    sys.exit(130 if results["interrupted"] else 0 if results["passed"] else 1)
 
 
 def _loadtest(settings: Settings, args: argparse.Namespace) -> None:

@@ -6,6 +6,7 @@ checks failing on counts that break them."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,30 @@ def test_an_option_quick_overrides_is_refused(tmp_path: Path, option: list[str])
         "",
         f"sentiment chaos: --quick runs a minute and updates no doc: {option[0]} or --quick, not both\n",
     )
+
+
+def test_ctrl_c_keeps_what_happened_so_far_checked_and_leaves_the_doc(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # (a KeyboardInterrupt traceback before, and no results file: the faults run so far lost)
+    data, out, doc = tmp_path / "sentences.txt", tmp_path / "results", tmp_path / "reliability.md"
+    data.write_text("\n".join(f"sentence number {n}" for n in range(300)) + "\n")
+    doc.write_text("# Reliability\n")
+    paths = ["--model-dir", str(tiny_model_dir), "--data", str(data), "--out", str(out), "--doc", str(doc)]
+    chaos = subprocess.Popen(
+        [sys.executable, "-m", "sentiment.cli", "chaos", "--duration", "60", *paths],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert chaos.stderr is not None
+    for line in chaos.stderr:  # the first fault: the load runs
+        if line.startswith("chaos: "):
+            break
+    chaos.send_signal(signal.SIGINT)
+    stdout, stderr = chaos.communicate(timeout=HANG_GUARD_S)
+    assert (chaos.returncode, "Traceback" in stderr) == (130, False), stdout + stderr
+    [results_file] = out.glob("chaos-*.json")
+    results = json.loads(results_file.read_text())
+    assert results["interrupted"] and results["faults"] and results["requests"] > 0
+    assert json.loads(stdout)["results_file"] == str(results_file)
+    assert doc.read_text() == "# Reliability\n"
