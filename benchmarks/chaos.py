@@ -51,7 +51,7 @@ from api.results import HEALTH_CHECK_S
 from benchmarks import machine
 from benchmarks.cache_writes import CacheWrites
 from benchmarks.fault_proxy import FaultProxy
-from benchmarks.report import replace_block, results_dir, writable_doc
+from benchmarks.report import replace_block, results_dir, writable_file
 from benchmarks.workload import UniqueTexts, load_texts
 from core.liveness import jobs_worker_alive_on_this_host, live_workers, worker_alive_on_this_host
 from core.protocol import Keys, WorkItem, new_id, prediction, text_digest
@@ -437,7 +437,7 @@ def run(
     if out is not None:
         results_dir(out, "chaos")
     if doc is not None:
-        writable_doc(doc, "chaos")
+        writable_file(doc, "--doc", "sentiment chaos")
     pool = load_texts(data, HOT_TEXTS + 1)  # the hot texts, and new ones
     random.Random(11).shuffle(pool)
     pool = pool[:POOL_TEXTS]

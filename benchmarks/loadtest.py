@@ -18,7 +18,7 @@ from typing import Any
 
 from benchmarks.machine import cpu_model
 from benchmarks.processes import running
-from benchmarks.report import replace_block, writable_doc
+from benchmarks.report import replace_block, writable_file
 from benchmarks.workload import default_shared_dir
 from core.settings import Settings
 from sentiment.embedded import free_port
@@ -79,7 +79,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         raise SystemExit(f"sentiment loadtest: no model at {args.model_dir}: name one with --model-dir")
     k6_binary()  # (refused before the service starts, not once it is up)
     if args.doc:
-        writable_doc(args.doc, "loadtest")
+        writable_file(args.doc, "--doc", "sentiment loadtest")
     port, grpc_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="k6-") as tmp, running() as procs:

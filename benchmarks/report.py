@@ -30,17 +30,17 @@ def results_dir(out: Path, command: str) -> Path:
     return out
 
 
-def writable_doc(doc: Path, command: str) -> Path:
-    """`doc`, found readable and writable (or creatable) before the run: its block is written at the
-    run's end, where a directory or a doc it could not write was a traceback, the whole run over."""
+def writable_file(path: Path, option: str, command: str) -> Path:
+    """`path`, found readable and writable (or creatable) before the run: it is written at the run's
+    end, where a directory or a file it could not write was a traceback, the whole run over."""
     try:
-        if doc.exists():
-            doc.open("r+").close()
+        if path.exists():
+            path.open("r+").close()
         else:
-            tempfile.TemporaryFile(dir=doc.parent).close()
+            tempfile.TemporaryFile(dir=path.parent).close()
     except OSError as exc:
-        raise SystemExit(f"sentiment {command}: cannot write {doc} ({exc.strerror}): name another with --doc") from None
-    return doc
+        raise SystemExit(f"{command}: cannot write {path} ({exc.strerror}): name another with {option}") from None
+    return path
 
 
 def replace_block(doc: Path, name: str, body: str) -> None:

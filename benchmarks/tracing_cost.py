@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from benchmarks import ceiling, machine, service
+from benchmarks.report import writable_file
 from benchmarks.workload import UniqueTexts, default_shared_dir, load_texts
 from sentiment.embedded import free_port
 
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    writable_file(args.out, "--out", "tracing_cost")  # (a file here: the other commands' --out is a directory)
     shared = default_shared_dir()
     model = shared / "models" / "distilbert-sst2-small"
     texts = UniqueTexts(load_texts(shared / "data" / "sst2-train.tsv"))

@@ -19,7 +19,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from benchmarks import chaos, loadgen, loadtest
+from benchmarks import chaos, loadgen, loadtest, tracing_cost
 from benchmarks.batch_stats import Snapshot, between, parse_metrics
 from benchmarks.limit import batches
 from benchmarks.processes import Processes
@@ -317,6 +317,26 @@ def test_a_doc_that_cannot_be_written_is_refused_before_the_run(
         "a-directory",
         *(["results", "sentences.txt"] if command == "chaos" else []),
     ]
+
+
+@pytest.mark.parametrize("out", ["a-directory", "missing/tracing.json"])
+def test_a_tracing_cost_out_that_cannot_be_written_is_refused_before_the_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, out: str
+) -> None:
+    # (--out is a file here, a directory for the other commands: `--out benchmarks/results` was an
+    # IsADirectoryError once every round had run)
+    (tmp_path / "a-directory").mkdir()
+
+    def measure(*_: object) -> None:
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(tracing_cost.ceiling, "measure", measure)
+    path = tmp_path / out
+    monkeypatch.setattr(sys, "argv", ["tracing_cost", "--out", str(path)])
+    with pytest.raises(
+        SystemExit, match=rf"^tracing_cost: cannot write {re.escape(str(path))} \(.+\): name another with --out$"
+    ):
+        tracing_cost.main()
 
 
 def test_the_processes_a_bench_started_end_when_the_bench_is_killed(tmp_path: Path) -> None:
