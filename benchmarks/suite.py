@@ -79,7 +79,7 @@ class Bench:
     def of(cls, settings: Settings, args: argparse.Namespace) -> Bench:
         from benchmarks.checkpoints import full_size_config
         from benchmarks.loadtest import k6_binary
-        from benchmarks.report import results_dir
+        from benchmarks.report import results_dir, writable_file
         from benchmarks.workload import CHECKOUT, default_shared_dir, load_texts
         from model_store.engine import pick_device, resolve_engine, resolve_precision
         from sentiment.embedded import worker_threads
@@ -100,6 +100,8 @@ class Bench:
         if "goodput" in only:  # its k6 points come last: a missing k6 is refused before the run
             k6_binary()
         out = results_dir(args.out or CHECKOUT / "benchmarks" / "results", "bench")
+        if args.doc:
+            writable_file(args.doc, "--doc", "sentiment bench")
         shared = default_shared_dir()
         data = args.data or shared / "data" / "sst2-train.tsv"
         target = pick_device(args.device)

@@ -288,7 +288,7 @@ def test_a_missing_k6_is_refused_before_anything_starts(
     assert started == []
 
 
-@pytest.mark.parametrize("command", ["loadtest", "chaos"])
+@pytest.mark.parametrize("command", ["loadtest", "chaos", "bench"])
 @pytest.mark.parametrize("doc", ["a-directory", "missing/performance.md"])
 def test_a_doc_that_cannot_be_written_is_refused_before_the_run(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dir: Path, command: str, doc: str
@@ -309,6 +309,10 @@ def test_a_doc_that_cannot_be_written_is_refused_before_the_run(
             settings = Settings()
             args = _parser(settings).parse_args(["loadtest", "--model-dir", str(tiny_model_dir), "--doc", str(path)])
             loadtest.run(settings, args)
+        elif command == "bench":  # (it had written its results file first, the doc's traceback came after)
+            settings = Settings()
+            args = _parser(settings).parse_args(["bench", "--quick", "--only", "cache", "--doc", str(path)])
+            Bench.of(settings, args)
         else:
             data = tmp_path / "sentences.txt"
             data.write_text("\n".join(f"sentence number {n}" for n in range(300)) + "\n")
