@@ -343,6 +343,22 @@ def test_a_tracing_cost_out_that_cannot_be_written_is_refused_before_the_run(
         tracing_cost.main()
 
 
+@pytest.mark.parametrize("option", [["--duration", "0"], ["--duration", "-1"], ["--rounds", "0"]], ids=" ".join)
+def test_a_tracing_cost_run_that_measures_nothing_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], option: list[str]
+) -> None:
+    # (`--rounds 0` wrote a results file of no runs, as if measured; `--duration 0` started the service)
+    def measure(*_: object) -> None:
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(tracing_cost.ceiling, "measure", measure)
+    monkeypatch.setattr(sys, "argv", ["tracing_cost", *option, "--out", str(tmp_path / "tracing.json")])
+    with pytest.raises(SystemExit):
+        tracing_cost.main()
+    assert f"argument {option[0]}: expected " in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_processes_a_bench_started_end_when_the_bench_is_killed(tmp_path: Path) -> None:
     # (SIGKILL of a bench, or of its terminal, left the API, the workers and their Redis running,
     # each holding a core the next run then measured against)
