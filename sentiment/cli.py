@@ -492,9 +492,18 @@ def _quantize(settings: Settings, args: argparse.Namespace) -> None:
         dest = args.dest or checkpoint.dir / DEFAULT_DIR
         check_destination(dest)
     recipes = [args.recipe] if args.recipe else RECIPES
-    report = quantize(
-        checkpoint, dest, (args.calibration, calibration), (args.eval, texts, labels), settings.torch_threads, recipes
-    )
+    try:
+        report = quantize(
+            checkpoint,
+            dest,
+            (args.calibration, calibration),
+            (args.eval, texts, labels),
+            settings.torch_threads,
+            recipes,
+        )
+    except KeyboardInterrupt:  # quantize removes what it staged; dest is replaced only at its very end
+        print(f"sentiment model quantize: interrupted (Ctrl-C): {dest} left as it was", file=sys.stderr)
+        sys.exit(130)
     verdict = "passes the accuracy rule" if report.passes else "FAILS the accuracy rule"
     print(f"{dest}: {verdict}; {report.summary()}")
 

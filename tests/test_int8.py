@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -445,3 +447,35 @@ def test_int8_lanes_forward_side_by_side_each_as_one_lane_does(
     for thread in lanes:
         thread.join(HANG_GUARD_S)
     assert [np.array(got[index]) for index in (0, 1)] == [pytest.approx(np.array(w), abs=1e-5) for w in want]
+
+
+def test_ctrl_c_while_quantizing_leaves_the_model_directory_as_it_was(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # (a KeyboardInterrupt traceback from deep in the quantizer before; what it staged was removed then too)
+    model_dir = copy_checkpoint(tiny_model_dir, tmp_path / "model")
+    before = sorted(p.name for p in model_dir.iterdir())
+    (tmp_path / "calibration.txt").write_text("\n".join(TEXTS[:20]) + "\n")
+    (tmp_path / "eval.tsv").write_text(
+        "sentence\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(TEXTS[:20]))
+    )
+    script = (
+        "import sys, time\n"
+        "from model_store import quantize\n"
+        "def making(*_):\n"  # a recipe held under way: the Ctrl-C lands there, not after the run
+        "    print('making', flush=True)\n"
+        "    time.sleep(600)\n"
+        "quantize._make = making\n"
+        "from sentiment.cli import main\n"
+        f"sys.argv = ['sentiment', 'model', 'quantize', '--calibration', {str(tmp_path / 'calibration.txt')!r}, "
+        f"'--eval', {str(tmp_path / 'eval.tsv')!r}]\n"
+        "main()\n"
+    )
+    env = {**os.environ, "SENTIMENT_MODEL_DIR": str(model_dir)}
+    command = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert command.stdout is not None and command.stdout.readline() == "making\n"
+    command.send_signal(signal.SIGINT)
+    _, stderr = command.communicate(timeout=HANG_GUARD_S)
+    assert (command.returncode, "Traceback" in stderr) == (130, False), stderr
+    assert stderr.endswith(f"sentiment model quantize: interrupted (Ctrl-C): {model_dir / 'int8'} left as it was\n")
+    assert sorted(p.name for p in model_dir.iterdir()) == before
