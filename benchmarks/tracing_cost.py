@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import http.server
 import json
-import math
 import os
 import threading
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from typing import Any, cast
 from benchmarks import ceiling, machine, service
 from benchmarks.report import writable_file
 from benchmarks.workload import UniqueTexts, default_shared_dir, load_texts
+from sentiment.arguments import count, seconds
 from sentiment.embedded import free_port
 
 TRACING_ON = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
@@ -58,28 +58,10 @@ def tracing(on: bool) -> Iterator[None]:
         sink.shutdown()
 
 
-def _seconds(text: str) -> float:
-    """--duration: seconds above 0, finite (0 started the service to measure nothing)."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not 0 < seconds < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
-    return seconds
-
-
-def _rounds(text: str) -> int:
-    """--rounds: at least 1 (0 wrote a results file of no runs, as if measured)."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=_seconds, default=10.0)
-    parser.add_argument("--rounds", type=_rounds, default=2)
+    parser.add_argument("--duration", type=seconds, default=10.0)
+    parser.add_argument("--rounds", type=count, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     writable_file(args.out, "--out", "tracing_cost")  # (a file here: the other commands' --out is a directory)

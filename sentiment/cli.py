@@ -24,6 +24,7 @@ from core.redis_errors import OUTAGE
 from core.settings import Settings, SettingsError, from_environment, rule, strays
 from model_store.hub import DEFAULT_REPO
 from model_store.int8 import RECIPES
+from sentiment.arguments import count, seconds
 
 log = logging.getLogger("sentiment")
 PROBE_TIMEOUT_S = 2.0  # a probe answers within Kubernetes' timeoutSeconds (its default is 1 s; ours say 3)
@@ -86,7 +87,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--workers",
-        type=_count,
+        type=count,
         default=settings.workers,
         help="micro-batching workers (default %(default)s: SENTIMENT_WORKERS)",
     )
@@ -137,7 +138,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         help="labelled sentences the report measures, text<TAB>label under a header (SST-2 dev)",
     )
     quantize.add_argument(
-        "--calibration-size", type=_count, default=512, help="sentences taken from --calibration (default %(default)s)"
+        "--calibration-size", type=count, default=512, help="sentences taken from --calibration (default %(default)s)"
     )
     quantize.add_argument(
         "--dest", type=Path, default=settings.int8_dir, help="default SENTIMENT_INT8_DIR, else int8/ in the checkpoint"
@@ -174,15 +175,15 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         help="sentences: an SST-2 TSV or one per line (default $SENTIMENT_SHARED_DIR/data/sst2-train.tsv)",
     )
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default=settings.device, help="default %(default)s")
-    bench.add_argument("--duration", type=_seconds, help="seconds per load point (default 30, 2 with --quick)")
+    bench.add_argument("--duration", type=seconds, help="seconds per load point (default 30, 2 with --quick)")
     bench.add_argument(
         "--api-processes",
-        type=_count,
+        type=count,
         help="API replicas in front of the workers of service, cache and goodput (default 1; a GPU worker outruns one)",
     )
     bench.add_argument(
         "--workers",
-        type=_count,
+        type=count,
         default=settings.workers,
         help="micro-batching workers, sharing the cores as `serve`'s do; the limit runs as many model copies "
         "side by side (default %(default)s: SENTIMENT_WORKERS)",
@@ -202,7 +203,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     scripts = ("load", "unique", "jobs", "grpc", "goodput")
     loadtest.add_argument("--script", choices=scripts, default="load", help="k6/<script>.js")
     loadtest.add_argument(
-        "--rate", type=_count, help="goodput: requests a second, an open loop (default: the script's, 20)"
+        "--rate", type=count, help="goodput: requests a second, an open loop (default: the script's, 20)"
     )
     loadtest.add_argument(
         "--duration", type=_k6_duration, help="k6 hold stage: seconds, or 1m30s (default 20s; --full: the script's)"
@@ -214,7 +215,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     chaos = commands.add_parser(
         "chaos", help="the production topology under mixed load while faults run; every promise checked"
     )
-    chaos.add_argument("--duration", type=_seconds, help="seconds of load (default 600)")
+    chaos.add_argument("--duration", type=seconds, help="seconds of load (default 600)")
     chaos.add_argument("--quick", action="store_true", help="a minute, no doc update (what CI runs)")
     chaos.add_argument("--model-dir", type=Path, help="default $SENTIMENT_SHARED_DIR/models/distilbert-sst2-small")
     chaos.add_argument("--data", type=Path, help="sentences (default $SENTIMENT_SHARED_DIR/data/sst2-train.tsv)")
@@ -223,13 +224,6 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     chaos.set_defaults(run=_chaos)
     parser.description = f"The sentiment-batcher service and its tools: {' | '.join(commands.choices)}."
     return parser
-
-
-def _count(text: str) -> int:
-    """A command-line count (processes, sentences): a whole number, at least 1."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
 
 
 def _directory(text: str) -> Path:
@@ -276,24 +270,13 @@ def _k6_duration(text: str) -> str:
     """k6's hold stage: seconds, as the other commands' --duration (k6 itself reads a bare number as
     milliseconds), or a k6 duration; above 0 and one k6 takes, checked before the service starts."""
     try:
-        seconds, hold = float(text), f"{float(text):g}s"
+        held_s, hold = float(text), f"{float(text):g}s"
     except ValueError:
         terms = re.fullmatch(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h))+", text) and re.findall(r"([\d.]+)(ms|s|m|h)", text)
-        seconds, hold = sum(float(n) * K6_UNITS[unit] for n, unit in terms) if terms else math.nan, text
-    if not 0 < seconds < math.inf:
+        held_s, hold = sum(float(n) * K6_UNITS[unit] for n, unit in terms) if terms else math.nan, text
+    if not 0 < held_s < math.inf:
         raise argparse.ArgumentTypeError(f"expected seconds or a k6 duration above 0 (20s, 1m30s), got {text!r}")
     return hold
-
-
-def _seconds(text: str) -> float:
-    """A command-line duration: seconds above 0, finite (bench took `--duration 0` for its default)."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not 0 < seconds < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
-    return seconds
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> None:
