@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import fakeredis
 import httpx
@@ -164,6 +166,27 @@ def runs(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def killed_with(parent: subprocess.Popen[Any], child: int, what: str) -> None:
+    """SIGKILL `parent`, then wait for its `child` to end with it (killed here if it does not, so that
+    a failure leaves nothing running)."""
+    parent.kill()
+    parent.wait()
+    try:
+        wait_for(f"{what} to end with its parent", lambda: not runs(child))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
+def interrupted_at(proc: subprocess.Popen[str], lines: Iterable[str], prefix: str) -> tuple[str, str]:
+    """Ctrl-C (SIGINT) to `proc` once one of its output `lines` starts with `prefix`; its output after."""
+    for line in lines:
+        if line.startswith(prefix):
+            break
+    proc.send_signal(signal.SIGINT)
+    return proc.communicate(timeout=HANG_GUARD_S)
 
 
 def thread_stacks() -> str:

@@ -4,12 +4,10 @@ never in asserts), the worker-counter arithmetic, and the doc block it rewrites.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -30,7 +28,7 @@ from benchmarks.workload import UniqueTexts
 from core.settings import Settings
 from model_store.engine import resolve_precision
 from sentiment.cli import _parser
-from tests.conftest import HANG_GUARD_S, REPO, runs, wait_for
+from tests.conftest import HANG_GUARD_S, REPO, interrupted_at, killed_with
 
 SENTENCES = ["a gorgeous film", "the plot is a mess", "funny and warm", "i hated every minute", "not bad at all"]
 
@@ -252,12 +250,8 @@ def test_ctrl_c_keeps_the_parts_measured_before_it_and_leaves_the_doc(tmp_path: 
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert bench.stdout is not None
-    for line in bench.stdout:  # the limit's last point: the service starts next
-        if line.startswith("  limit: {'batch_size': 64"):
-            break
-    bench.send_signal(signal.SIGINT)
-    stdout, stderr = bench.communicate(timeout=HANG_GUARD_S)
+    assert bench.stdout is not None  # (the limit's last point: the service starts next)
+    stdout, stderr = interrupted_at(bench, bench.stdout, "  limit: {'batch_size': 64")
     assert (bench.returncode, "Traceback" in stderr) == (130, False), stdout + stderr
     [results_file] = out.glob("bench-*.json")
     results = json.loads(results_file.read_text())
@@ -377,14 +371,7 @@ def test_the_processes_a_bench_started_end_when_the_bench_is_killed(tmp_path: Pa
         text=True,
     )
     assert bench.stdout is not None
-    child = int(bench.stdout.readline())
-    bench.kill()
-    bench.wait()
-    try:
-        wait_for("the bench's child to end", lambda: not runs(child))
-    finally:  # (not left behind by a failure)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signal.SIGKILL)
+    killed_with(bench, int(bench.stdout.readline()), "the bench's child")
 
 
 @pytest.mark.parametrize(

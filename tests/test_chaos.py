@@ -6,7 +6,6 @@ checks failing on counts that break them."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from benchmarks.cache_writes import CacheWrites
 from benchmarks.chaos import Answer, Fault, JobRun, Traffic, check, computed_past_put_back, run
 from benchmarks.workload import UniqueTexts
 from core.protocol import text_digest
-from tests.conftest import HANG_GUARD_S, REPO, shared_path
+from tests.conftest import HANG_GUARD_S, REPO, interrupted_at, shared_path
 
 
 @pytest.mark.faults
@@ -114,12 +113,8 @@ def test_ctrl_c_keeps_what_happened_so_far_checked_and_leaves_the_doc(tmp_path: 
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert chaos.stderr is not None
-    for line in chaos.stderr:  # the first fault: the load runs
-        if line.startswith("chaos: "):
-            break
-    chaos.send_signal(signal.SIGINT)
-    stdout, stderr = chaos.communicate(timeout=HANG_GUARD_S)
+    assert chaos.stderr is not None  # (the first fault: the load runs)
+    stdout, stderr = interrupted_at(chaos, chaos.stderr, "chaos: ")
     assert (chaos.returncode, "Traceback" in stderr) == (130, False), stdout + stderr
     [results_file] = out.glob("chaos-*.json")
     results = json.loads(results_file.read_text())

@@ -18,7 +18,7 @@ from benchmarks.loadtest import K6_DIR, k6_binary, k6_command
 from core.settings import Settings
 from sentiment.cli import _parser
 from sentiment.embedded import free_port
-from tests.conftest import HANG_GUARD_S, REPO, runs, start_service, wait_for
+from tests.conftest import HANG_GUARD_S, REPO, killed_with, start_service, wait_for
 
 SCRIPTS = ("load", "unique", "jobs", "grpc", "goodput")
 
@@ -90,14 +90,7 @@ def test_k6_ends_when_the_loadtest_is_killed(tiny_model_dir: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    k6 = wait_for("the loadtest's k6", lambda: _k6_of(loadtest.pid))
-    loadtest.kill()
-    loadtest.wait()
-    try:
-        wait_for("the loadtest's k6 to end", lambda: not runs(k6))
-    finally:  # (not left behind by a failure)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(k6, signal.SIGKILL)
+    killed_with(loadtest, wait_for("the loadtest's k6", lambda: _k6_of(loadtest.pid)), "the loadtest's k6")
 
 
 def _k6_of(parent: int) -> int | None:

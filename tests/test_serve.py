@@ -255,10 +255,21 @@ def test_a_data_option_that_a_given_redis_makes_unused_is_warned_of(tmp_path: Pa
     assert warned == ["--data-dir and --ephemeral are the embedded Redis's: unused with SENTIMENT_REDIS_URL"]
 
 
-def test_ephemeral_with_a_data_dir_is_refused_naming_both(tmp_path: Path) -> None:
-    """One keeps nothing, the other names where to keep it: served, the data directory was ignored."""
+@pytest.mark.parametrize(
+    ("options", "refusal"),
+    [
+        # One keeps nothing, the other names where to keep it: served, the data directory was ignored.
+        (["--ephemeral", "--data-dir", "kept-here"], "argument --data-dir: not allowed with argument --ephemeral"),
+        # `--data-dir "$DIR"` with DIR unset: as the path `.`, redis-server kept its files among the user's own.
+        (["--data-dir", ""], "argument --data-dir: expected a directory, got ''"),
+    ],
+    ids=["ephemeral-and-data-dir", "empty-data-dir"],
+)
+def test_data_options_that_contradict_or_name_nothing_are_refused(
+    tmp_path: Path, options: list[str], refusal: str
+) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "sentiment.cli", "serve", "--ephemeral", "--data-dir", "kept-here"],
+        [sys.executable, "-m", "sentiment.cli", "serve", *options],
         env={**os.environ, "SENTIMENT_MODEL_DIR": str(tmp_path)},
         cwd=tmp_path,
         capture_output=True,
@@ -266,21 +277,7 @@ def test_ephemeral_with_a_data_dir_is_refused_naming_both(tmp_path: Path) -> Non
         timeout=120,
     )
     assert done.returncode == 2, done.stderr
-    assert done.stderr.splitlines()[-1].endswith("argument --data-dir: not allowed with argument --ephemeral")
-
-
-def test_an_empty_data_dir_option_is_refused_not_taken_for_the_working_directory(tmp_path: Path) -> None:
-    """`--data-dir "$DIR"` with DIR unset: as the path `.`, redis-server kept its files among the user's own."""
-    done = subprocess.run(
-        [sys.executable, "-m", "sentiment.cli", "serve", "--data-dir", ""],
-        env={**os.environ, "SENTIMENT_MODEL_DIR": str(tmp_path)},
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.splitlines()[-1].endswith("argument --data-dir: expected a directory, got ''")
+    assert done.stderr.splitlines()[-1].endswith(refusal)
 
 
 def test_a_worker_that_dies_is_restarted_and_ready_says_so_meanwhile(serves: list[Serve], tiny_model_dir: Path) -> None:
