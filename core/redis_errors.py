@@ -18,7 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
 PIPELINE = "of pipeline caused error: "  # redis-py's, before Redis's words
-REPLY_MAX = 120  # characters of an error reply logged: MISCONF's longest is about 330
+REPLY_MAX = 120  # characters of an error reply logged: a disk-full MISCONF whole, a longer reply cut
 
 
 def describe(exc: Exception) -> str:

@@ -134,7 +134,7 @@ def _holds_a_socket(pid: int) -> bool:
 
 @pytest.mark.parametrize(("given", "hold"), [("20", "20s"), ("1.5", "1.5s"), ("20s", "20s"), ("1m30s", "1m30s")])
 def test_a_duration_in_bare_seconds_holds_that_many_seconds(given: str, hold: str) -> None:
-    # (k6 reads a bare number as milliseconds: `--duration 20` held the load 20 ms)
+    # (k6 reads a bare number as milliseconds; every other command's --duration is seconds)
     assert _parser(Settings()).parse_args(["loadtest", "--duration", given]).duration == hold
 
 
