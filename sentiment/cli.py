@@ -6,9 +6,7 @@ import argparse
 import gc
 import json
 import logging
-import math
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -24,7 +22,7 @@ from core.redis_errors import OUTAGE
 from core.settings import Settings, SettingsError, from_environment, rule, strays
 from model_store.hub import DEFAULT_REPO
 from model_store.int8 import RECIPES
-from sentiment.arguments import count, seconds
+from sentiment.arguments import count, directory, k6_duration, seconds
 
 log = logging.getLogger("sentiment")
 PROBE_TIMEOUT_S = 2.0  # a probe answers within Kubernetes' timeoutSeconds (its default is 1 s; ours say 3)
@@ -94,7 +92,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     kept = serve.add_mutually_exclusive_group()  # (one keeps nothing: the other would be ignored)
     kept.add_argument(
         "--data-dir",
-        type=_directory,
+        type=directory,
         help="where the embedded redis-server keeps jobs, results and the cache across restarts "
         f"(default {settings.data_dir}: SENTIMENT_DATA_DIR)",
     )
@@ -206,7 +204,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         "--rate", type=count, help="goodput: requests a second, an open loop (default: the script's, 20)"
     )
     loadtest.add_argument(
-        "--duration", type=_k6_duration, help="k6 hold stage: seconds, or 1m30s (default 20s; --full: the script's)"
+        "--duration", type=k6_duration, help="k6 hold stage: seconds, or 1m30s (default 20s; --full: the script's)"
     )
     loadtest.add_argument("--full", action="store_true", help="the script's own stages (load: 30 s ramp, 1 m hold)")
     loadtest.add_argument("--model-dir", type=Path, help="default $SENTIMENT_SHARED_DIR/models/distilbert-sst2-small")
@@ -224,14 +222,6 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     chaos.set_defaults(run=_chaos)
     parser.description = f"The sentiment-batcher service and its tools: {' | '.join(commands.choices)}."
     return parser
-
-
-def _directory(text: str) -> Path:
-    """A command-line directory, never empty: `--data-dir "$DIR"` with DIR unset would be `.`, the
-    working directory."""
-    if not text:
-        raise argparse.ArgumentTypeError(f"expected a directory, got {text!r}")
-    return Path(text)
 
 
 def _port(name: str) -> Callable[[str], int]:
@@ -261,22 +251,6 @@ def _repo_id(text: str) -> str:
             f"expected a hub repository (owner/name or name, of letters, digits, '-', '_' and '.'), got {text!r}"
         ) from None
     return text
-
-
-K6_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def _k6_duration(text: str) -> str:
-    """k6's hold stage: seconds, as the other commands' --duration (k6 itself reads a bare number as
-    milliseconds), or a k6 duration; above 0 and one k6 takes, checked before the service starts."""
-    try:
-        held_s, hold = float(text), f"{float(text):g}s"
-    except ValueError:
-        terms = re.fullmatch(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h))+", text) and re.findall(r"([\d.]+)(ms|s|m|h)", text)
-        held_s, hold = sum(float(n) * K6_UNITS[unit] for n, unit in terms) if terms else math.nan, text
-    if not 0 < held_s < math.inf:
-        raise argparse.ArgumentTypeError(f"expected seconds or a k6 duration above 0 (20s, 1m30s), got {text!r}")
-    return hold
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> None:
