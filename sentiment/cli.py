@@ -29,6 +29,10 @@ PROBE_TIMEOUT_S = 2.0  # a probe answers within Kubernetes' timeoutSeconds (its 
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Ctrl-C is heard whoever sends the SIGINT: Python leaves SIGINT ignored in a process started with it
+    # ignored (a non-interactive shell's background job, some CI runners), and bench, chaos, loadtest and
+    # quantize would then neither stop nor keep what they promise a Ctrl-C keeps.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         settings = from_environment()
     except SettingsError as exc:  # a person's typo, not a bug: one line, exit 2 as for a bad argument

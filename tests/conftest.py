@@ -189,6 +189,16 @@ def interrupted_at(proc: subprocess.Popen[str], lines: Iterable[str], prefix: st
     return proc.communicate(timeout=HANG_GUARD_S)
 
 
+def as_background_job(command: list[str], **popen: Any) -> subprocess.Popen[str]:
+    """`command` started as a non-interactive shell's `command &` starts it, with SIGINT ignored (as nohup'd
+    jobs and some CI runners start pytest too): a test of what Ctrl-C keeps then holds whatever signal
+    disposition the test run itself inherited."""
+    ignoring_sigint = ["/bin/sh", "-c", 'trap "" INT; exec "$@"', "sh"]
+    return subprocess.Popen(
+        [*ignoring_sigint, *command], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen
+    )
+
+
 def thread_stacks() -> str:
     """Where every thread of this process is: what a hang guard reports when it trips."""
     names = {t.ident: t.name for t in threading.enumerate()}

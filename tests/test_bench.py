@@ -28,7 +28,7 @@ from benchmarks.workload import UniqueTexts
 from core.settings import Settings
 from model_store.engine import resolve_precision
 from sentiment.cli import _parser
-from tests.conftest import HANG_GUARD_S, REPO, interrupted_at, killed_with
+from tests.conftest import HANG_GUARD_S, REPO, as_background_job, interrupted_at, killed_with
 
 SENTENCES = ["a gorgeous film", "the plot is a mess", "funny and warm", "i hated every minute", "not bad at all"]
 
@@ -243,13 +243,7 @@ def test_ctrl_c_keeps_the_parts_measured_before_it_and_leaves_the_doc(tmp_path: 
     doc.write_text("# Performance\n")
     command = ["bench", "--only", "limit,cache", "--duration", "0.5", "--model", "small", "--device", "cpu"]
     paths = ["--model-dir", str(tiny_model_dir), "--data", str(data), "--out", str(out), "--doc", str(doc)]
-    bench = subprocess.Popen(
-        [sys.executable, "-m", "sentiment.cli", *command, *paths],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    bench = as_background_job([sys.executable, "-m", "sentiment.cli", *command, *paths])
     assert bench.stdout is not None  # (the limit's last point: the service starts next)
     stdout, stderr = interrupted_at(bench, bench.stdout, "  limit: {'batch_size': 64")
     assert (bench.returncode, "Traceback" in stderr) == (130, False), stdout + stderr

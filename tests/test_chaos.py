@@ -16,7 +16,7 @@ from benchmarks.cache_writes import CacheWrites
 from benchmarks.chaos import Answer, Fault, JobRun, Traffic, check, computed_past_put_back, run
 from benchmarks.workload import UniqueTexts
 from core.protocol import text_digest
-from tests.conftest import HANG_GUARD_S, REPO, interrupted_at, shared_path
+from tests.conftest import HANG_GUARD_S, REPO, as_background_job, interrupted_at, shared_path
 
 
 @pytest.mark.faults
@@ -106,13 +106,7 @@ def test_ctrl_c_keeps_what_happened_so_far_checked_and_leaves_the_doc(tmp_path: 
     data.write_text("\n".join(f"sentence number {n}" for n in range(300)) + "\n")
     doc.write_text("# Reliability\n")
     paths = ["--model-dir", str(tiny_model_dir), "--data", str(data), "--out", str(out), "--doc", str(doc)]
-    chaos = subprocess.Popen(
-        [sys.executable, "-m", "sentiment.cli", "chaos", "--duration", "60", *paths],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    chaos = as_background_job([sys.executable, "-m", "sentiment.cli", "chaos", "--duration", "60", *paths])
     assert chaos.stderr is not None  # (the first fault: the load runs)
     stdout, stderr = interrupted_at(chaos, chaos.stderr, "chaos: ")
     assert (chaos.returncode, "Traceback" in stderr) == (130, False), stdout + stderr

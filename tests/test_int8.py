@@ -39,7 +39,7 @@ from model_store.long_texts import LongTexts
 from model_store.onnx_engine import OnnxEngine, export
 from model_store.torch_engine import TRACE_EXAMPLE, load_module
 from sentiment.cli import main
-from tests.conftest import HANG_GUARD_S, REPO, start_worker
+from tests.conftest import HANG_GUARD_S, REPO, as_background_job, start_worker
 from tests.test_long_texts import push, review, wait_result
 from tests.test_scores import KINDS
 
@@ -470,9 +470,7 @@ def test_ctrl_c_while_quantizing_leaves_the_model_directory_as_it_was(tiny_model
         "main()\n"
     )
     env = {**os.environ, "SENTIMENT_MODEL_DIR": str(model_dir)}
-    command = subprocess.Popen(
-        [sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    command = as_background_job([sys.executable, "-c", script], env=env)
     assert command.stdout is not None and command.stdout.readline() == "making\n"
     command.send_signal(signal.SIGINT)
     _, stderr = command.communicate(timeout=HANG_GUARD_S)

@@ -18,7 +18,7 @@ from benchmarks.loadtest import K6_DIR, k6_binary, k6_command
 from core.settings import Settings
 from sentiment.cli import _parser
 from sentiment.embedded import free_port
-from tests.conftest import HANG_GUARD_S, REPO, killed_with, start_service, wait_for
+from tests.conftest import HANG_GUARD_S, REPO, as_background_job, killed_with, start_service, wait_for
 
 SCRIPTS = ("load", "unique", "jobs", "grpc", "goodput")
 
@@ -108,13 +108,8 @@ def test_ctrl_c_prints_what_k6_measured_and_leaves_the_doc(tmp_path: Path, tiny_
     doc = tmp_path / "performance.md"
     doc.write_text("# Performance\n")
     command = ["loadtest", "--duration", "60s", "--model-dir", str(tiny_model_dir), "--doc", str(doc)]
-    loadtest = subprocess.Popen(
-        [sys.executable, "-m", "sentiment.cli", *command],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # (its own process group, as a terminal's Ctrl-C reaches)
+    loadtest = as_background_job(  # (its own process group, as a terminal's Ctrl-C reaches)
+        [sys.executable, "-m", "sentiment.cli", *command], start_new_session=True
     )
     k6 = wait_for("the loadtest's k6", lambda: _k6_of(loadtest.pid))
     wait_for("k6 to send its load", lambda: _holds_a_socket(k6))
