@@ -706,15 +706,16 @@ def test_the_next_forward_is_chosen_when_a_lane_is_free(
 
 def test_a_worker_names_its_few_threads(worker: Worker) -> None:
     # The threads of docs/architecture.md: take on the caller's, a forward lane per engine lane, reply, heartbeat.
-    before = {t.name for t in threading.enumerate()}
+    # (threads, not names: another test's worker may still be ending, its threads named the same)
+    before = set(threading.enumerate())
     thread = start_worker(worker)
     try:
-        mine = {t.name for t in threading.enumerate()} - before - {thread.name}
-        assert mine == {"forward-0", "reply", "heartbeat"}
+        mine = set(threading.enumerate()) - before - {thread}
+        assert {t.name for t in mine} == {"forward-0", "reply", "heartbeat"}
     finally:
         worker.stop()
         thread.join(10)
-    assert not {"forward-0", "reply", "heartbeat"} & {t.name for t in threading.enumerate()}
+    assert not [t.name for t in mine if t.is_alive()]
 
 
 def test_an_interactive_request_during_a_bulk_stream_rides_the_next_forward_with_bulk_in_its_spare_room(
