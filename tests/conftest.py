@@ -36,6 +36,10 @@ SHARED = Path(os.environ.get("SENTIMENT_SHARED_DIR", REPO.parent / "shared"))
 # The services tests start open no gRPC port unless a test gives one: the default port would be taken
 # by the first, and the next would fail to start.
 os.environ["SENTIMENT_GRPC_PORT"] = "0"
+# The model workers tests start keep their CPU priority unless a test gives one: the suite runs in parallel, and
+# a worker at a lower priority than the other tests' processes on the same cores waits on them, past the hang
+# guards (its default priority is for sharing cores with its own API, tests/test_serve.py checks it).
+os.environ["SENTIMENT_WORKER_NICE"] = "0"
 # `sentiment serve` keeps its Redis data in a directory of this session's, not the working directory's.
 os.environ["SENTIMENT_DATA_DIR"] = tempfile.mkdtemp(prefix="sentiment-data-")
 atexit.register(shutil.rmtree, os.environ["SENTIMENT_DATA_DIR"], ignore_errors=True)
