@@ -387,6 +387,7 @@ async def test_redis_refusing_commands_is_503_with_retry_after(
     assert f"redis unavailable ({error_class})" in caplog.text
 
 
+@pytest.mark.slow
 async def test_redis_refusing_writes_for_its_disk_is_logged_in_its_own_words_not_told_to_probes(
     settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

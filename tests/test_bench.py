@@ -33,6 +33,7 @@ from tests.conftest import HANG_GUARD_S, REPO, as_background_job, interrupted_at
 SENTENCES = ["a gorgeous film", "the plot is a mess", "funny and warm", "i hated every minute", "not bad at all"]
 
 
+@pytest.mark.slow
 def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, tiny_model_dir: Path) -> None:
     data = tmp_path / "sentences.txt"
     data.write_text("\n".join(SENTENCES * 3) + "\n")  # repeats are dropped: the workload is unique texts
@@ -154,6 +155,7 @@ def test_quick_bench_writes_results_plots_and_its_doc_section(tmp_path: Path, ti
     assert ("cores, no bfloat16 in hardware" in text) == (precision == "fp32")  # the same CPU name comes both ways
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "command", [["bench", "--quick", "--only", "cache", "--model", "small"], ["chaos", "--quick"]], ids=lambda c: c[0]
 )
@@ -171,6 +173,7 @@ def test_an_out_directory_that_cannot_be_written_is_refused_before_the_run(
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["bench", "--quick", "--only", "cache"], ["chaos", "--quick"]], ids=lambda c: c[0])
 @pytest.mark.parametrize(
     ("content", "refusal"),
@@ -193,6 +196,7 @@ def test_a_data_file_the_run_cannot_use_is_refused_in_one_line(
     assert (done.returncode, done.stdout, done.stderr) == (1, "", f"--data: {refusal.format(data=data, needs=needs)}\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("config", "refusal"),
     [
@@ -222,6 +226,7 @@ def test_a_config_dir_the_full_model_cannot_be_built_from_is_refused_in_one_line
     assert (done.returncode, done.stdout, done.stderr) == (1, "", f"--config-dir: {refusal.format(dir=config_dir)}\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("only", ["", ", "])
 def test_an_only_that_names_no_part_is_refused_not_read_as_the_default(tmp_path: Path, only: str) -> None:
     # (`--only ""`, a script's empty variable, ran the default parts: many minutes a person did not ask
@@ -236,6 +241,7 @@ def test_an_only_that_names_no_part_is_refused_not_read_as_the_default(tmp_path:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_parts_measured_before_it_and_leaves_the_doc(tmp_path: Path, tiny_model_dir: Path) -> None:
     # (a KeyboardInterrupt traceback before, and no results file: every part measured so far lost)
     data, out, doc = tmp_path / "sentences.txt", tmp_path / "results", tmp_path / "performance.md"
@@ -347,6 +353,7 @@ def test_a_tracing_cost_run_that_measures_nothing_is_refused(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_the_processes_a_bench_started_end_when_the_bench_is_killed(tmp_path: Path) -> None:
     # (SIGKILL of a bench, or of its terminal, left the API, the workers and their Redis running,
     # each holding a core the next run then measured against)
@@ -368,6 +375,7 @@ def test_the_processes_a_bench_started_end_when_the_bench_is_killed(tmp_path: Pa
     killed_with(bench, int(bench.stdout.readline()), "the bench's child")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("option", "only", "readers"),
     [
@@ -457,6 +465,7 @@ def test_unique_texts_never_repeat_and_cost_the_model_the_same_in_every_round(ti
     assert len(set(many)) == 5000 and max(map(len, many)) <= len(SENTENCES[0]) + 13
 
 
+@pytest.mark.slow
 def test_quick_goodput_bench_runs_both_overload_policies_side_by_side(tmp_path: Path, tiny_model_dir: Path) -> None:
     data = tmp_path / "sentences.txt"
     data.write_text("\n".join(SENTENCES) + "\n")

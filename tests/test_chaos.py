@@ -81,6 +81,7 @@ def test_memory_grown_past_its_bound_or_not_measured_fails_the_run(
     assert sorted(n for found in results["examples"].values() for n in found) == broken
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", [["--duration", "300"], ["--doc", "reliability.md"]], ids=lambda o: o[0])
 def test_an_option_quick_overrides_is_refused(tmp_path: Path, option: list[str]) -> None:
     # (`--quick --duration 300` ran a minute, `--quick --doc` wrote no doc: each in silence. The --data
@@ -100,6 +101,7 @@ def test_an_option_quick_overrides_is_refused(tmp_path: Path, option: list[str])
     )
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_what_happened_so_far_checked_and_leaves_the_doc(tmp_path: Path, tiny_model_dir: Path) -> None:
     # (a KeyboardInterrupt traceback before, and no results file: the faults run so far lost)
     data, out, doc = tmp_path / "sentences.txt", tmp_path / "results", tmp_path / "reliability.md"

@@ -100,17 +100,20 @@ def test_the_docs_pages_load_every_asset_from_the_app(api_url: str) -> None:
             assert httpx.get(api_url + asset).status_code == 200, asset
 
 
+@pytest.mark.slow
 def test_swagger_ui_renders_the_predict_operation_offline(api_url: str, tmp_path: Path) -> None:
     dom = render(f"{api_url}/docs", tmp_path)
     assert re.search(r'class="opblock opblock-post[^"]*".*?data-path="/predict"', dom, flags=re.DOTALL), dom[-2000:]
 
 
+@pytest.mark.slow
 def test_redoc_renders_the_predict_operation_offline(api_url: str, tmp_path: Path) -> None:
     operation = httpx.get(f"{api_url}/openapi.json").json()["paths"]["/predict"]["post"]["operationId"]
     dom = render(f"{api_url}/redoc", tmp_path)
     assert f'data-section-id="operation/{operation}"' in dom and ">/predict<" in dom, dom[-2000:]
 
 
+@pytest.mark.slow
 def test_the_browser_reaches_no_cdn(tmp_path: Path) -> None:
     """The control: FastAPI's own page, whose assets come from a CDN, stays blank in this browser
     (else the tests above would pass on a machine with internet whatever the app served)."""
@@ -188,6 +191,7 @@ TYPE = """(selector, text) => {
 PREDICT = '.opblock-post:has([data-path="/predict"])'
 
 
+@pytest.mark.slow
 def test_with_keys_on_swagger_ui_authorizes_and_calls_predict(
     settings: Settings, fake_server: fakeredis.FakeServer, worker: Worker, tmp_path: Path
 ) -> None:

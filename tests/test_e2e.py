@@ -33,6 +33,8 @@ from model_store.classifier import Classifier
 from sentiment.embedded import free_port
 from tests.conftest import HANG_GUARD_S, SCORE_ABS, RedisServer, Service, shared_path, start_service, wait_for
 
+pytestmark = pytest.mark.slow  # (every test here runs the service's processes on a real Redis)
+
 
 @pytest.fixture(scope="module")
 def tiny_service(redis_url: str, tiny_model_dir: Path) -> Iterator[Service]:

@@ -15,6 +15,7 @@ from sentiment import embedded
 from tests.conftest import wait_for
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("has_redis_server", [True, False])
 def test_embedded_redis_serves_the_commands_the_service_uses(
     has_redis_server: bool, monkeypatch: pytest.MonkeyPatch
@@ -38,6 +39,7 @@ def test_embedded_redis_serves_the_commands_the_service_uses(
         redis.Redis.from_url(url, socket_connect_timeout=1).ping()  # gone with its context
 
 
+@pytest.mark.slow
 def test_a_redis_server_loading_a_large_append_only_file_is_waited_for(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

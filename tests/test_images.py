@@ -123,6 +123,7 @@ def hadolint() -> str:
 # ---------------------------------------------------------------- hadolint
 
 
+@pytest.mark.slow
 def test_hadolint_finds_nothing() -> None:
     for name in DOCKERFILES:
         assert "hadolint ignore" not in (REPO / name).read_text(), f"{name}: no inline rule exceptions"
@@ -133,6 +134,7 @@ def test_hadolint_finds_nothing() -> None:
     assert (done.returncode, done.stdout + done.stderr) == (0, "")
 
 
+@pytest.mark.slow
 def test_hadolint_flags_a_bad_dockerfile(tmp_path: Path) -> None:
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:latest\nRUN pip install requests\n")
@@ -184,6 +186,7 @@ def _healthcheck() -> list[str]:
     return exec_form(command)
 
 
+@pytest.mark.slow
 def test_api_healthcheck_probes_health_with_python(tmp_path: Path) -> None:
     """Runs the image's HEALTHCHECK command against a real `sentiment api` (no curl in slim)."""
     command = _healthcheck()
@@ -398,6 +401,7 @@ def test_dockerignore_keeps_serve_data_and_checkout_only_trees_out() -> None:
         assert _excluded(path, patterns), f"{path} would be sent to the Docker daemon"
 
 
+@pytest.mark.slow
 def test_api_image_healthcheck_probes_the_jobs_worker_when_the_image_runs_it(tmp_path: Path) -> None:
     """The API image also runs `jobs-worker` (no HTTP there): its HEALTHCHECK, run against PID 1's
     arguments, must pass for a registered jobs worker and still check /health for the API."""

@@ -656,6 +656,7 @@ async def test_api_keys_guard_every_call_but_the_server_probes(
             assert (await stub.ServerMetadata(metadata, metadata=good)).name == "sentiment-batcher"
 
 
+@pytest.mark.slow
 def test_the_proto_is_the_protocols_as_kserve_ships_it() -> None:
     """Every message and RPC of ours has the kserve package's names, field numbers and types: the wire
     format tritonclient and kserve speak. (kserve's descriptor is read in a process of its own.)"""

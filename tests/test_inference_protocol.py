@@ -400,6 +400,7 @@ async def test_a_header_length_not_in_ascii_digits_is_a_422(
         assert "inference-header-content-length must be the size of the JSON header" in response.text
 
 
+@pytest.mark.slow
 def test_kserves_rest_client_calls_a_model_of_a_long_directory_name(
     settings: Settings,
     fake_server: fakeredis.FakeServer,

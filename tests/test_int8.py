@@ -204,6 +204,7 @@ def worker_start(model_dir: Path, **env: str) -> subprocess.CompletedProcess[str
     )
 
 
+@pytest.mark.slow
 def test_a_failing_artifact_is_refused_in_one_line_unless_told_to_serve_it(
     with_artifact: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -261,6 +262,7 @@ def test_an_openvino_artifact_is_refused_where_onnxruntime_is_asked_for_by_name(
         Classifier(model_dir, device="cpu", threads=1, precision="int8", engine="onnxruntime")
 
 
+@pytest.mark.slow
 def test_int8_without_an_artifact_says_how_to_make_one(tiny_model_dir: Path, tmp_path: Path) -> None:
     refused = worker_start(tiny_model_dir, SENTIMENT_PRECISION="int8", SENTIMENT_INT8_DIR=str(tmp_path / "none"))
     assert refused.returncode == 1
@@ -449,6 +451,7 @@ def test_int8_lanes_forward_side_by_side_each_as_one_lane_does(
     assert [np.array(got[index]) for index in (0, 1)] == [pytest.approx(np.array(w), abs=1e-5) for w in want]
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_quantizing_leaves_the_model_directory_as_it_was(tiny_model_dir: Path, tmp_path: Path) -> None:
     # (a KeyboardInterrupt traceback from deep in the quantizer before; what it staged was removed then too)
     model_dir = copy_checkpoint(tiny_model_dir, tmp_path / "model")

@@ -30,6 +30,8 @@ from model_store.classifier import Classifier
 from sentiment.embedded import free_port
 from tests.conftest import SCORE_ABS, RedisServer, wait_for
 
+pytestmark = pytest.mark.slow  # (every test here runs the service's processes on a real Redis)
+
 TEXTS = [f"text {i} is {'good' if i % 3 else 'bad'} or {'fun' if i % 7 else 'boring'}" for i in range(2000)]
 WAIT_S = 180.0  # a hang guard, not a timing assert: a busy box is slow
 

@@ -23,6 +23,7 @@ from tests.conftest import HANG_GUARD_S, REPO, as_background_job, killed_with, s
 SCRIPTS = ("load", "unique", "jobs", "grpc", "goodput")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_script_passes_k6_inspect(script: str) -> None:
     out = subprocess.run([k6_binary(), "inspect", str(K6_DIR / f"{script}.js")], capture_output=True, check=True)
@@ -53,6 +54,7 @@ def test_every_script_runs_against_the_service_with_its_thresholds_holding(
         service.stop()
 
 
+@pytest.mark.slow
 def test_a_unique_text_is_new_to_the_cache_yet_costs_the_model_what_its_sentence_costs(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
@@ -81,6 +83,7 @@ def test_a_unique_text_is_new_to_the_cache_yet_costs_the_model_what_its_sentence
         assert tokenizer(text)["input_ids"] == tokenizer(sentence)["input_ids"]
 
 
+@pytest.mark.slow
 def test_k6_ends_when_the_loadtest_is_killed(tiny_model_dir: Path) -> None:
     # (SIGKILL of a loadtest, or of its terminal, left k6 sending its load for the rest of its stages)
     command = ["loadtest", "--duration", "60s", "--model-dir", str(tiny_model_dir)]
@@ -103,6 +106,7 @@ def _k6_of(parent: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_ctrl_c_prints_what_k6_measured_and_leaves_the_doc(tmp_path: Path, tiny_model_dir: Path) -> None:
     # (a KeyboardInterrupt traceback before: k6's summary was never read, no table printed)
     doc = tmp_path / "performance.md"
@@ -143,6 +147,7 @@ def test_a_duration_k6_cannot_hold_is_refused_before_the_service_starts(
     assert f"expected seconds or a k6 duration above 0 (20s, 1m30s), got {given!r}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_service_that_cannot_start_ends_the_loadtest_with_its_reason(tmp_path: Path) -> None:
     # (serve's one line was followed by loadtest's RuntimeError traceback)
     (tmp_path / "config.json").write_text("{bad")

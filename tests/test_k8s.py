@@ -298,6 +298,7 @@ def test_istio_routes_reach_the_api_service() -> None:
 # ---------------------------------------------------------------- code <-> manifests
 
 
+@pytest.mark.slow
 def test_an_overlay_that_changes_only_the_key_prefix_moves_the_jobs_queue_with_it(tmp_path: Path) -> None:
     # Two deployments on one Redis under two prefixes: with the queue pinned in the base, each one's
     # jobs workers took the other's jobs and sent their texts to its own model (the derived default,
@@ -451,6 +452,7 @@ def _run_probe(command: list[str], env: dict[str, str]) -> int:
     return done.returncode
 
 
+@pytest.mark.slow
 def test_worker_exec_probe_reports_a_live_worker_on_this_pod() -> None:
     """The worker's probe, run as the kubelet would, against a real Redis server."""
     import redis
@@ -474,6 +476,7 @@ def test_worker_exec_probe_reports_a_live_worker_on_this_pod() -> None:
     assert [_run_probe(p, env) for p in probes] == [1, 0]
 
 
+@pytest.mark.slow
 def test_jobs_worker_exec_probe_reports_an_rq_worker_on_this_pod() -> None:
     import redis
     import rq  # the jobs worker's dependency (arrives with `sentiment jobs-worker`)
@@ -701,6 +704,7 @@ def test_prod_jobs_workers_reach_only_dns_redis_and_the_web_ports_of_public_addr
         assert not any(ip_address(public) in network for network in excepted), public
 
 
+@pytest.mark.slow
 def test_the_sentinel_component_opens_the_sentinels_port_to_the_jobs_workers(tmp_path: Path) -> None:
     with_sentinel = f"""
 apiVersion: kustomize.config.k8s.io/v1beta1
@@ -780,6 +784,7 @@ def _metrics_endpoint(target: str, deployment: str) -> tuple[str, str, int, str]
     return "metrics", settings.metrics_host, port, "/metrics"
 
 
+@pytest.mark.slow
 def test_monitoring_renders_on_its_own_and_the_base_needs_no_operator() -> None:
     kinds = sorted(doc["kind"] for doc in render(MONITORING))
     assert kinds == ["ConfigMap", "PodMonitor", "PrometheusRule"]
@@ -791,6 +796,7 @@ def test_monitoring_renders_on_its_own_and_the_base_needs_no_operator() -> None:
         assert _monitoring(kind)["apiVersion"] == "monitoring.coreos.com/v1"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 def test_podmonitor_scrapes_every_app_pod_where_it_serves_metrics(target: str) -> None:
     monitor = _monitoring("PodMonitor")
@@ -813,6 +819,7 @@ def test_podmonitor_scrapes_every_app_pod_where_it_serves_metrics(target: str) -
         assert (annotations["prometheus.io/port"], annotations["prometheus.io/path"]) == (str(port), path), name
 
 
+@pytest.mark.slow
 def test_the_scraped_api_path_serves_prometheus_text() -> None:
     import fakeredis
     from fastapi.testclient import TestClient
@@ -836,6 +843,7 @@ def _promql() -> list[tuple[str, str]]:
     return promql_expressions()
 
 
+@pytest.mark.slow
 def test_alert_rules_wait_before_firing_and_say_what_to_do() -> None:
     rules = [r for g in _monitoring("PrometheusRule")["spec"]["groups"] for r in g["rules"]]
     alerts = {r["alert"] for r in rules}
@@ -861,6 +869,7 @@ def test_dashboard_and_alerts_filter_on_labels_that_exist() -> None:
             assert value in allowed, f"{where}: {label}={value!r}"
 
 
+@pytest.mark.slow
 def test_dashboard_configmap_carries_the_dashboard_for_grafana() -> None:
     configmap = _monitoring("ConfigMap")
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"

@@ -89,6 +89,7 @@ def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[
     )
 
 
+@pytest.mark.slow
 def test_a_worker_that_cannot_start_ends_serve_in_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A checkpoint whose weights are garbage: the model worker fails as it loads it, and all serve
     prints is its own line with that cause (not the worker's lines too, nor the jobs worker's, which
@@ -103,6 +104,7 @@ def test_a_worker_that_cannot_start_ends_serve_in_one_line(tiny_model_dir: Path,
     assert lines[0].startswith("sentiment serve: ") and "exited while starting (exit 1: sentiment " in lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("command", "says"),
     [

@@ -448,6 +448,7 @@ def closed_port_url() -> str:
         return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
+@pytest.mark.slow
 def test_pull_from_an_unreachable_hub_fails_in_one_line_that_names_the_ways_out(tmp_path: Path) -> None:
     done = model_pull("--dest", str(tmp_path / "model"), HF_ENDPOINT=closed_port_url(), HF_HOME=str(tmp_path / "hf"))
     assert done.returncode == 1
@@ -457,6 +458,7 @@ def test_pull_from_an_unreachable_hub_fails_in_one_line_that_names_the_ways_out(
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("repo_id", ["owner/name/more", "no spaces!", ""])
 def test_pull_of_a_name_no_hub_repository_has_is_refused_as_a_bad_argument(tmp_path: Path, repo_id: str) -> None:
     done = model_pull(repo_id, "--dest", str(tmp_path / "model"), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
@@ -468,6 +470,7 @@ def test_pull_of_a_name_no_hub_repository_has_is_refused_as_a_bad_argument(tmp_p
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.slow
 def test_pull_shows_the_traceback_with_verbose(tmp_path: Path) -> None:
     done = model_pull(
         "--dest", str(tmp_path / "model"), "--verbose", HF_ENDPOINT=closed_port_url(), HF_HOME=str(tmp_path / "hf")
@@ -476,6 +479,7 @@ def test_pull_shows_the_traceback_with_verbose(tmp_path: Path) -> None:
     assert "Traceback" in done.stderr and "ConnectError" in done.stderr and "PullError" in done.stderr
 
 
+@pytest.mark.slow
 def test_pull_fetches_config_tokenizer_and_safetensors_from_a_mirror(
     fake_hub: FakeHub, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -488,6 +492,7 @@ def test_pull_fetches_config_tokenizer_and_safetensors_from_a_mirror(
     assert Classifier(dest, device="cpu", threads=1, precision="fp32").version == fingerprint(tiny_model_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("left_out", "lacks"),
     [(".safetensors", "weights (*.safetensors or pytorch_model*.bin)"), ("config.json", "config.json")],
@@ -508,6 +513,7 @@ def test_pull_of_a_repository_the_service_cannot_load_is_refused_before_it_write
     assert not dest.exists()
 
 
+@pytest.mark.slow
 def test_pull_to_a_dest_it_cannot_write_is_refused_in_one_line(fake_hub: FakeHub, tmp_path: Path) -> None:
     # (a NotADirectoryError traceback from the hub client's own folder before)
     (tmp_path / "a-file").write_text("")
@@ -519,6 +525,7 @@ def test_pull_to_a_dest_it_cannot_write_is_refused_in_one_line(fake_hub: FakeHub
     )
 
 
+@pytest.mark.slow
 def test_pull_copies_from_the_hub_cache_when_offline(fake_hub: FakeHub, tiny_model_dir: Path, tmp_path: Path) -> None:
     hf_home = str(tmp_path / "hf")
     empty = model_pull(fake_hub.repo_id, "--dest", str(tmp_path / "none"), HF_HUB_OFFLINE="1", HF_HOME=hf_home)

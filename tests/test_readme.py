@@ -101,6 +101,7 @@ def end_group(group: int, grace_s: float = 60.0) -> None:
         os.killpg(group, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_the_readmes_bash_blocks_run_as_written(tmp_path: Path) -> None:
     shared_path("models/distilbert-sst2-small")  # what the README's commands name
     ports = {"8000": free_port(), "8001": free_port()}

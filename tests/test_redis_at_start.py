@@ -107,6 +107,7 @@ def test_a_redis_that_turns_the_api_away_ends_it_with_the_reason(
     assert line.endswith("): check SENTIMENT_REDIS_URL") and PASSWORD not in line
 
 
+@pytest.mark.slow
 def test_an_unreachable_redis_ends_serve_with_one_line(tiny_model_dir: Path) -> None:
     port = free_port()  # nothing listens there
     done = ended("serve", f"redis://:{PASSWORD}@127.0.0.1:{port}/0", tiny_model_dir)
@@ -118,6 +119,7 @@ def test_an_unreachable_redis_ends_serve_with_one_line(tiny_model_dir: Path) -> 
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("url", ["localhost:6390", f"redis://:{PASSWORD}@localhost:63q0/0"])
 @pytest.mark.parametrize("command", ["serve", "api", "worker", "jobs-worker"])
 def test_a_malformed_url_is_a_refused_setting_shown_without_its_password(
@@ -131,6 +133,7 @@ def test_a_malformed_url_is_a_refused_setting_shown_without_its_password(
     assert PASSWORD not in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["api", "worker", "jobs-worker"])
 def test_a_process_started_before_its_redis_says_once_what_it_waits_for_and_serves_once_it_comes(
     command: str, tiny_model_dir: Path, tmp_path: Path
@@ -164,6 +167,7 @@ def test_a_process_started_before_its_redis_says_once_what_it_waits_for_and_serv
         server.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
 @pytest.mark.parametrize("command", ["api", "worker", "jobs-worker"])
 def test_ctrl_c_while_a_process_starts_stops_it_cleanly_as_sigterm_does(
@@ -205,6 +209,7 @@ def test_a_url_redis_py_would_read_as_another_port_or_database_is_a_refused_sett
     assert line.endswith(f"({why})") and "hunter2" not in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["api", "worker"])
 def test_a_unix_socket_url_serves_like_a_tcp_one(command: str, tiny_model_dir: Path, tmp_path: Path) -> None:
     """The settings take a unix:// URL, so every client of the process must connect by it: redis-py

@@ -25,6 +25,8 @@ from core.redis_connect import RedisRefused, reach
 from sentiment.embedded import free_port
 from tests.conftest import Service
 
+pytestmark = pytest.mark.slow  # (every test here runs the service's processes on a real Redis)
+
 PASSWORD = "correct-horse-battery-staple"
 PREFIX = "secured"
 

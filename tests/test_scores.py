@@ -159,6 +159,7 @@ def test_scores_cached_when_every_head_was_a_softmax_are_never_served(root: Path
     assert score["score"] == pytest.approx(classifier.forward(classifier.tokenize([TEXTS[0]]))[0][0], abs=SCORE_ABS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["multi_label", "regression"])
 def test_a_head_through_sentiment_serve_answers_what_transformers_answers(root: Path, kind: str) -> None:
     """As a new user runs it: `sentiment serve` on the checkpoint (fp32, as the pipeline computes), and

@@ -166,6 +166,7 @@ def sentinels(tmp_path: Path) -> Iterator[Sentinels]:
     cluster.stop()
 
 
+@pytest.mark.slow
 def test_a_killed_primary_costs_no_500_and_no_accepted_request_once_its_replica_is_promoted(
     sentinels: Sentinels, tiny_model_dir: Path, classifier: Classifier
 ) -> None:
@@ -224,6 +225,7 @@ def test_a_killed_primary_costs_no_500_and_no_accepted_request_once_its_replica_
     assert max(b - a for a, b in itertools.pairwise(answered)) < float(env["SENTIMENT_REQUEST_TIMEOUT_S"])
 
 
+@pytest.mark.slow
 def test_work_the_failover_lost_is_pushed_again_by_the_waiting_api(
     sentinels: Sentinels, tiny_model_dir: Path, classifier: Classifier
 ) -> None:
@@ -283,6 +285,7 @@ def test_after_a_blip_only_work_that_is_nowhere_is_pushed_again(redis_url: str) 
     assert asyncio.run(push(lost, lost.encode())) == 1  # a second blip: queued now, not again
 
 
+@pytest.mark.slow
 def test_the_k8s_sentinel_component_points_the_service_and_keda_at_the_sentinels(tmp_path: Path) -> None:
     """The prod overlay with its commented-out Sentinel component switched on."""
     k8s = shutil.copytree(Path(__file__).resolve().parent.parent / "k8s", tmp_path / "k8s")
@@ -392,6 +395,7 @@ def test_sentinels_that_all_refuse_are_an_outage_said_in_one_short_line() -> Non
     assert line.startswith(f"Redis at {url} is unreachable (no sentinel answers: ConnectionError: ")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["redis:// at a sentinel", "a sentinel naming itself"])
 def test_a_sentinel_taken_for_the_primary_is_a_refusal(form: str, tmp_path: Path) -> None:
     """A sentinel answers PING, so a URL that leads to one (its port in a redis:// URL, or a sentinel

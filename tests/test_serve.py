@@ -128,6 +128,7 @@ def refused_at_start(serve: Serve) -> list[str]:
     return stderr.strip().splitlines()
 
 
+@pytest.mark.slow
 def test_no_model_ends_serve_with_one_line_before_anything_starts(serves: list[Serve], tmp_path: Path) -> None:
     assert refused_at_start(start(serves, tmp_path / "no-model-here")) == [
         f"sentiment serve: no Hugging Face checkpoint (config.json + weights) in {tmp_path / 'no-model-here'}; "
@@ -135,6 +136,7 @@ def test_no_model_ends_serve_with_one_line_before_anything_starts(serves: list[S
     ]
 
 
+@pytest.mark.slow
 def test_a_worker_that_cannot_start_ends_serve_with_its_one_line_cause(
     serves: list[Serve], tmp_path: Path, tiny_model_dir: Path
 ) -> None:
@@ -152,6 +154,7 @@ def test_a_worker_that_cannot_start_ends_serve_with_its_one_line_cause(
     wait_for("serve's children to end", lambda: not serve.family())
 
 
+@pytest.mark.slow
 def test_a_taken_port_ends_serve_with_one_line_before_anything_starts(
     serves: list[Serve], tiny_model_dir: Path
 ) -> None:
@@ -164,6 +167,7 @@ def test_a_taken_port_ends_serve_with_one_line_before_anything_starts(
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("variable", "server", "what"),
     [
@@ -188,6 +192,7 @@ def test_a_metrics_port_that_is_also_the_apis_is_refused_before_anything_starts(
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["api", "serve"])
 def test_one_port_for_http_and_grpc_is_refused_naming_both_options(command: str, tiny_model_dir: Path) -> None:
     """It said "another process holds it?" of the API's own HTTP port."""
@@ -209,6 +214,7 @@ def test_one_port_for_http_and_grpc_is_refused_naming_both_options(command: str,
     ), done.stderr
 
 
+@pytest.mark.slow
 def test_serves_up_line_names_the_http_address_then_grpc_and_redis(serves: list[Serve], tiny_model_dir: Path) -> None:
     # What a newcomer looks for once serve is up: where to send requests, in one line.
     grpc_port = free_port()
@@ -226,6 +232,7 @@ def test_serves_up_line_names_the_http_address_then_grpc_and_redis(serves: list[
     ), up
 
 
+@pytest.mark.slow
 def test_serve_warns_of_a_misspelt_setting_once_not_once_per_child(serves: list[Serve], tiny_model_dir: Path) -> None:
     serve = start(serves, tiny_model_dir, env={"SENTIMENT_MAX_BATCHSIZE": "3"})
     serve.wait_ready()  # (the children's start-up output is out once all are up)
@@ -236,6 +243,7 @@ def test_serve_warns_of_a_misspelt_setting_once_not_once_per_child(serves: list[
     assert warned[0].endswith("is no setting, so it is ignored: did you mean SENTIMENT_MAX_BATCH_SIZE?")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", [["--ephemeral"], ["--data-dir", "kept-here"]], ids=lambda o: o[0])
 def test_a_data_option_that_a_given_redis_makes_unused_is_warned_of(tmp_path: Path, option: list[str]) -> None:
     done = subprocess.run(  # (past the warning, serve ends for want of a model)
@@ -255,6 +263,7 @@ def test_a_data_option_that_a_given_redis_makes_unused_is_warned_of(tmp_path: Pa
     assert warned == ["--data-dir and --ephemeral are the embedded Redis's: unused with SENTIMENT_REDIS_URL"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("options", "refusal"),
     [
@@ -280,6 +289,7 @@ def test_data_options_that_contradict_or_name_nothing_are_refused(
     assert done.stderr.splitlines()[-1].endswith(refusal)
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_is_restarted_and_ready_says_so_meanwhile(serves: list[Serve], tiny_model_dir: Path) -> None:
     serve = start(serves, tiny_model_dir)
     serve.wait_ready()
@@ -294,6 +304,7 @@ def test_a_worker_that_dies_is_restarted_and_ready_says_so_meanwhile(serves: lis
     assert r.status_code == 200 and len(r.json()["predictions"]) == 1
 
 
+@pytest.mark.slow
 def test_the_model_worker_gives_way_to_the_api_on_the_cores_they_share(
     serves: list[Serve], tiny_model_dir: Path
 ) -> None:
@@ -329,6 +340,7 @@ def test_a_worker_refused_a_lower_priority_serves_all_the_same(
     assert "the worker's CPU priority stays as it was: [Errno 1] Operation not permitted" in caplog.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=lambda s: s.name)
 def test_serves_children_end_with_it(serves: list[Serve], tiny_model_dir: Path, sig: signal.Signals) -> None:
     serve = start(serves, tiny_model_dir)
@@ -347,6 +359,7 @@ def test_serves_children_end_with_it(serves: list[Serve], tiny_model_dir: Path, 
         assert serve.proc.returncode == 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_serve_starts_stops_it_as_sigterm_does(
     serves: list[Serve], tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -370,6 +383,7 @@ def test_ctrl_c_while_serve_starts_stops_it_as_sigterm_does(
     wait_for("serve's children to end", lambda: not serve.alive(set(children)))
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_while_serve_waits_for_a_child_kills_it_before_serve_exits(
     serves: list[Serve], tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -398,6 +412,7 @@ def test_a_second_ctrl_c_while_serve_waits_for_a_child_kills_it_before_serve_exi
     assert "worker-1 killed: told again to stop" in stderr
 
 
+@pytest.mark.slow
 def test_the_supervisor_outlives_a_child_it_cannot_start_again_and_tries_later(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -422,6 +437,7 @@ def test_the_supervisor_outlives_a_child_it_cannot_start_again_and_tries_later(
         supervisor.stop()
 
 
+@pytest.mark.slow
 def test_a_child_dying_for_hours_is_given_its_next_restart(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # A crash loop of hours (a model directory gone overnight): past 1023 restarts the doubling
     # backoff overflowed, and the supervisor logged that 5 times a second, never restarting it again.
@@ -441,6 +457,7 @@ def test_a_child_dying_for_hours_is_given_its_next_restart(tmp_path: Path, caplo
     assert reason.startswith("pull died; restart 1101 in "), reason
 
 
+@pytest.mark.slow
 def test_ready_says_a_child_died_but_never_its_last_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # A child that exits at once with a cause that names a path (a model pull with no hub): /ready's
     # reason, which anyone may read, says it died; its words go to serve's log alone.
@@ -457,6 +474,7 @@ def test_ready_says_a_child_died_but_never_its_last_line(tmp_path: Path, caplog:
     assert "exit 1: sentiment model pull: HF_HUB_OFFLINE is set and the hub cache" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_child_writing_much_keeps_running_once_serves_stderr_is_gone(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -494,6 +512,7 @@ def test_a_child_writing_much_keeps_running_once_serves_stderr_is_gone(
 # Its embedded redis-server dying under it: nothing can serve without Redis, and nothing brings it back.
 
 
+@pytest.mark.slow
 def test_a_redis_server_that_dies_under_serve_ends_it_with_one_line(
     serves: list[Serve], tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -510,6 +529,7 @@ def test_a_redis_server_that_dies_under_serve_ends_it_with_one_line(
     wait_for("serve's children to end", lambda: not serve.alive(set(children)))
 
 
+@pytest.mark.slow
 def test_a_redis_server_that_will_not_stop_is_killed_and_serve_ends_cleanly(
     serves: list[Serve], tiny_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -72,6 +72,7 @@ def finished(url: str, job_id: str) -> dict:
     )
 
 
+@pytest.mark.slow
 def test_serve_keeps_jobs_results_and_cache_across_a_restart_and_ctrl_c_requeues_a_running_job(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -119,6 +120,7 @@ def test_serve_keeps_jobs_results_and_cache_across_a_restart_and_ctrl_c_requeues
         assert httpx.get(f"{url}/jobs/{small}").status_code == 404
 
 
+@pytest.mark.slow
 def test_serves_redis_is_bounded_and_the_cache_yields_never_queued_work_or_a_job(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -169,6 +171,7 @@ def refused_data_dir(model_dir: Path, data: Path, **env: str) -> list[str]:
     return done.stderr.strip().splitlines()
 
 
+@pytest.mark.slow
 def test_a_data_directory_that_cannot_be_made_ends_serve_with_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("")
     data = tmp_path / "a-file" / "data"  # under a regular file: nobody can make it, root included
@@ -177,6 +180,7 @@ def test_a_data_directory_that_cannot_be_made_ends_serve_with_one_line(tiny_mode
     ]
 
 
+@pytest.mark.slow
 def test_a_data_directory_in_a_symlink_loop_ends_serve_with_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
     loop = tmp_path / "loop"
     loop.symlink_to(loop)  # (a link to itself: in the way of a directory, as a file would be)
@@ -201,6 +205,7 @@ def full_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(disk)], check=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_ends_serve_saying_so(tiny_model_dir: Path, full_disk: Path) -> None:
     # redis-server says why it gave up in its log, which the full disk refuses too.
     data = full_disk / "data"
@@ -210,6 +215,7 @@ def test_a_full_disk_ends_serve_saying_so(tiny_model_dir: Path, full_disk: Path)
     ]
 
 
+@pytest.mark.slow
 def test_a_redis_server_that_will_not_start_ends_serve_with_its_own_reason(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -222,6 +228,7 @@ def test_a_redis_server_that_will_not_start_ends_serve_with_its_own_reason(
     ]
 
 
+@pytest.mark.slow
 def test_a_redis_server_the_system_cannot_run_ends_serve_with_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
     # On PATH and executable, but no program for this machine (another architecture's build).
     bin_dir = tmp_path / "bin"
@@ -234,6 +241,7 @@ def test_a_redis_server_the_system_cannot_run_ends_serve_with_one_line(tiny_mode
     ]
 
 
+@pytest.mark.slow
 def test_a_corrupt_append_only_file_ends_serve_with_redis_servers_reason_not_its_check(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -44,6 +44,7 @@ def refused(command: list[str], **env: str) -> str:
     return done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
 def test_every_command_refuses_a_bad_setting_in_one_line(command: list[str]) -> None:
     stderr = refused(command, SENTIMENT_MAX_TEXTS="lots")
@@ -51,6 +52,7 @@ def test_every_command_refuses_a_bad_setting_in_one_line(command: list[str]) -> 
     assert rule("max_texts") == "a whole number >= 1"
 
 
+@pytest.mark.slow
 def test_a_short_api_key_is_refused_by_its_rule_and_never_shown() -> None:
     stderr = refused(["api"], SENTIMENT_API_KEYS="alice-key,bob-key")
     assert stderr.count("\n") == 1 and stderr.startswith("sentiment: SENTIMENT_API_KEYS=")
@@ -133,6 +135,7 @@ def test_a_wait_for_company_as_long_as_the_deadline_is_refused(monkeypatch: pyte
     assert from_environment().max_wait_ms == 10_000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prefix", ["my app", "tab\there", "caf\u00e9", "line\nbreak"])
 def test_a_key_prefix_that_cannot_name_a_redis_connection_is_refused(prefix: str) -> None:
     """The prefix names each worker's Redis connections, and Redis refuses a client name with a space,
@@ -177,6 +180,7 @@ def test_the_longest_lifetime_accepted_is_one_redis_sets(redis_server: RedisServ
     assert client.expire("key", longest)
 
 
+@pytest.mark.slow
 def test_the_most_memory_accepted_for_serves_redis_is_the_bound_redis_server_keeps(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -211,6 +215,7 @@ SERVICE_LINKS = {
 }
 
 
+@pytest.mark.slow
 def test_a_misspelt_setting_is_warned_of_naming_the_closest_and_others_variables_are_not() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "sentiment.cli", "model", "pull", "--help"],
@@ -235,6 +240,7 @@ def test_a_misspelt_setting_is_warned_of_naming_the_closest_and_others_variables
     assert " WARNING sentiment [" in done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("options", "refusal"),
     [
@@ -260,6 +266,7 @@ def test_a_loadtest_option_the_run_would_ignore_is_refused_before_it_starts(
     assert (done.returncode, done.stdout, done.stderr) == (1, "", f"sentiment loadtest: {refusal}\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["bench"], ["chaos"]], ids=" ".join)
 @pytest.mark.parametrize("duration", ["0", "-5", "nan", "inf"])
 def test_a_duration_of_no_time_is_refused_not_taken_for_the_default(
@@ -278,6 +285,7 @@ ANY_ADDRESS = (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("env", "warnings"),
     [
@@ -324,6 +332,7 @@ def test_an_empty_int8_dir_is_unset_not_the_working_directory(monkeypatch: pytes
     assert from_environment().int8_dir is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("options", "refusal"),
     [
@@ -356,6 +365,7 @@ def test_a_bench_model_option_the_chosen_model_would_ignore_is_refused(
     assert (done.returncode, done.stdout, done.stderr) == (1, "", f"sentiment bench: {refusal}\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("option", "value", "rule"),
     [

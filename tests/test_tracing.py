@@ -203,6 +203,7 @@ def test_setup_leaves_tracing_off_when_the_environment_does_not_ask(monkeypatch:
     assert not tracing.enabled
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("env", "on", "says"),
     [
