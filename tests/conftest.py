@@ -46,6 +46,55 @@ atexit.register(shutil.rmtree, os.environ["SENTIMENT_DATA_DIR"], ignore_errors=T
 # Every wait in the tests is a hang guard, never a timing claim: generous on a loaded 2-core box.
 HANG_GUARD_S = 60.0
 T = TypeVar("T")
+# The fast tier (`--fast`) is every test of pure logic: it leaves out the tests marked `slow`, those that
+# start a process, a real Redis or a browser, or load the real checkpoint. A test that takes one of these
+# fixtures, or is marked `faults`, is marked for it; one that starts a process itself carries the marker,
+# and an unmarked test that starts one fails saying so (`refuse_processes`): the tier stays what it says.
+SLOW_FIXTURES = frozenset({"redis_url", "redis_server", "small_model_dir"})
+FAST_EXAMPLES = 10  # the fewest examples a Hypothesis test runs in the fast tier (a tenth of its full count)
+fast_tier = False  # set from `--fast` at configure, before any test module is imported
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fast",
+        action="store_true",
+        help="the fast tier: only tests not marked slow, Hypothesis tests at a tenth of their examples",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global fast_tier
+    fast_tier = config.getoption("--fast")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("faults") or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+    if fast_tier:
+        slow = [item for item in items if item.get_closest_marker("slow")]
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+        config.hook.pytest_deselected(items=slow)
+
+
+def examples(full: int) -> int:
+    """A Hypothesis test's example count: `full` in the full suite, a tenth (at least `FAST_EXAMPLES`) in the
+    fast tier, which runs the same rules and invariants on fewer sequences."""
+    return min(full, max(FAST_EXAMPLES, full // 10)) if fast_tier else full
+
+
+@pytest.fixture(autouse=True)
+def refuse_processes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test not marked `slow` starts no process: it fails at the start, naming the marker."""
+    if request.node.get_closest_marker("slow"):
+        return
+
+    def refused(self: subprocess.Popen[Any], args: object, *_: object, **__: object) -> None:
+        pytest.fail(f"{request.node.nodeid} starts a process ({args!r}): mark it `slow`, out of the fast tier")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refused)
 
 
 class LoopMachine(RuleBasedStateMachine):

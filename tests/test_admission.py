@@ -17,7 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from api.admission import MAX_AGE_S, REFRESH_S, Admission, Admitted, Fleet, Load
 from api.errors import ErrorType, ServiceError
 from core.protocol import Keys, WorkerStatus, WorkItem, new_id
-from tests.conftest import HANG_GUARD_S, LoopMachine
+from tests.conftest import HANG_GUARD_S, LoopMachine, examples
 
 pytestmark = pytest.mark.anyio
 KEYS = Keys("t")
@@ -375,14 +375,14 @@ async def queue_texts(redis: fakeredis.FakeAsyncRedis, texts: int) -> None:
 
 
 TestAdmittedTextsMachine = AdmittedTextsMachine.TestCase
-TestAdmittedTextsMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestAdmittedTextsMachine.settings = settings(max_examples=examples(150), stateful_step_count=40, deadline=None)
 
 
 # What a heartbeat can hold and still decode: any finite number where the fields are numbers.
 rates = st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @example(beats=[(5.0, 0.1, 10), (-5.0, 0.1, 0)], queued=0, texts=1, timeout_s=1.0)  # throughputs summing to 0
 @example(beats=[(1e-308, 1.0, 10)], queued=0, texts=1, timeout_s=1.0)  # an endless wait
 @given(

@@ -53,7 +53,7 @@ from core.protocol import (
     replies,
 )
 from core.settings import Settings
-from tests.conftest import HANG_GUARD_S
+from tests.conftest import HANG_GUARD_S, examples
 
 SETTINGS = Settings(
     redis_url="redis://unused:1/0", key_prefix="bulk", max_batch_size=2, request_timeout_s=10, job_ttl_s=600
@@ -294,6 +294,6 @@ class BulkMachine(RuleBasedStateMachine):
 
 
 BulkMachine.TestCase.settings = settings(
-    max_examples=300, stateful_step_count=80, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=examples(300), stateful_step_count=80, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_a_jobs_parts_are_answered_queued_once_and_withdrawn_in_any_sequence = BulkMachine.TestCase

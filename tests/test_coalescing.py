@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import invariant, precondition, rule
 
 from api.coalescing import Coalescer
-from tests.conftest import LoopMachine
+from tests.conftest import LoopMachine, examples
 
 pytestmark = pytest.mark.anyio
 
@@ -210,4 +210,4 @@ class CoalescerMachine(LoopMachine):
 
 
 TestCoalescerMachine = CoalescerMachine.TestCase
-TestCoalescerMachine.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+TestCoalescerMachine.settings = settings(max_examples=examples(150), stateful_step_count=30, deadline=None)

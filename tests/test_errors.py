@@ -24,6 +24,7 @@ from api.app import create_app
 from api.errors import ERRORS, ErrorBody, ErrorType
 from core.protocol import Keys
 from core.settings import Settings
+from tests.conftest import examples
 from tests.test_abandoned import asgi_post
 from tests.test_api import announce
 
@@ -279,7 +280,7 @@ def non_finite_in(value: object) -> bool:
     return False
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(value=documents.filter(non_finite_in), path=st.sampled_from(ROUTES))
 def test_every_refusal_of_a_body_is_strict_json(sync_client: TestClient, value: object, path: str) -> None:
     response = sync_client.post(path, content=json.dumps(body_for(path, value)).encode())

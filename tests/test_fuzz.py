@@ -27,7 +27,7 @@ from api.limits import body_limit
 from api.schemas import is_json
 from api.server import MAX_HEAD_BYTES
 from core.settings import Settings
-from tests.conftest import Service, answers, start_service, wait_for
+from tests.conftest import Service, answers, examples, start_service, wait_for
 
 MAX_TEXTS, MAX_CHARS, JOBS_MAX_TEXTS = 8, 200, 12  # small limits so generated bodies reach and cross them
 # (a long deadline for the slow generated bodies; the schema names it: the X-Request-Timeout header's most)
@@ -68,7 +68,7 @@ def test_the_fuzzed_schema_is_the_served_one(http: httpx.Client) -> None:
 
 
 @schema.parametrize()
-@settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(50), deadline=None, suppress_health_check=list(HealthCheck))
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(case: schemathesis.Case, service: Service) -> None:
     # Every check: no 5xx, statuses and bodies as documented, invalid data refused, valid data accepted.
     # Except the 405's Allow header: Starlette lists only the methods of the first route matching the
@@ -105,7 +105,7 @@ def valid(texts: object, max_texts: int) -> bool:
     )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     texts=st.lists(any_text, max_size=JOBS_MAX_TEXTS + 2) | json_values,
     path=st.sampled_from(["/predict", "/jobs"]),
@@ -123,13 +123,13 @@ def test_arbitrary_json_bodies_are_answered_or_refused_never_a_5xx(
         assert response.status_code == 422, response.text[:300]
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(30), deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=json_values, ascii_only=st.booleans())
 def test_any_json_document_is_a_clean_4xx_or_an_answer(http: httpx.Client, body: object, ascii_only: bool) -> None:
     post(http, "/predict", encode(body, ascii_only))
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(20), deadline=None, suppress_health_check=list(HealthCheck))
 @given(depth=st.integers(1, 100_000), kind=st.sampled_from(["[]", "{}"]))
 def test_deep_nesting_is_refused_without_a_5xx(http: httpx.Client, depth: int, kind: str) -> None:
     opening, closing = kind
@@ -139,7 +139,7 @@ def test_deep_nesting_is_refused_without_a_5xx(http: httpx.Client, depth: int, k
     assert status in (413, 422)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(30), deadline=None, suppress_health_check=list(HealthCheck))
 @given(raw=st.binary(max_size=2000))
 def test_arbitrary_bytes_are_refused_without_a_5xx(http: httpx.Client, raw: bytes) -> None:
     assert post(http, "/predict", raw).status_code == 422
@@ -154,7 +154,7 @@ content_types = st.builds(
 ) | st.text(st.sampled_from("ajnosx+/;= -."), max_size=30).filter(lambda value: value == value.strip())
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=list(HealthCheck))
 @given(content_type=content_types | st.just(""), path=st.sampled_from(["/predict", "/jobs"]))
 def test_a_body_is_read_as_json_exactly_when_its_content_type_says_json_or_nothing(
     http: httpx.Client, content_type: str, path: str

@@ -43,7 +43,7 @@ from core.job_spec import SERIALIZER
 from core.protocol import Keys, ModelInfo, WorkItem
 from core.settings import Settings
 from model_store.classifier import Classifier
-from tests.conftest import HANG_GUARD_S, wait_for
+from tests.conftest import HANG_GUARD_S, examples, wait_for
 
 TEXTS = [
     "i love this movie",
@@ -808,6 +808,7 @@ def test_openapi_describes_every_response(service: tuple[Service, TestClient]) -
             assert status == "204" or "schema" in response["content"]["application/json"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["api.app", "batcher.jobs"])
 def test_the_api_and_the_jobs_worker_import_no_torch(module: str) -> None:
     code = f"import sys, {module}; bad = [m for m in ('torch', 'transformers') if m in sys.modules]; sys.exit(str(bad) if bad else 0)"
@@ -1022,7 +1023,7 @@ class AbandonedJobs(RuleBasedStateMachine):
                 assert self.redis.ttl(Job.key_for(job_id)) == -1, job_id
 
 
-AbandonedJobs.TestCase.settings = hypothesis_settings(max_examples=60, stateful_step_count=12, deadline=None)
+AbandonedJobs.TestCase.settings = hypothesis_settings(max_examples=examples(60), stateful_step_count=12, deadline=None)
 test_a_cleanup_of_abandoned_jobs_never_undoes_a_delete_nor_queues_a_job_twice = AbandonedJobs.TestCase
 
 

@@ -53,6 +53,7 @@ from core.protocol import Keys, Result, ScoreFunction, WorkItem
 from model_store import scoring
 from model_store.cost import ForwardCost
 from model_store.long_texts import Tokenized
+from tests.conftest import examples
 
 KEYS = Keys("s")
 LABELS = ["NEGATIVE", "POSITIVE"]
@@ -455,7 +456,7 @@ class PlanMachine(RuleBasedStateMachine):
 
 
 PlanMachine.TestCase.settings = settings(
-    max_examples=300, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=examples(300), stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_the_plan_keeps_its_promises_in_any_sequence = PlanMachine.TestCase
 
@@ -634,6 +635,6 @@ class OddItemsMachine(PlanMachine):
 
 
 OddItemsMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=examples(150), stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_odd_items_keep_the_plans_promises = OddItemsMachine.TestCase

@@ -42,6 +42,7 @@ from batcher.queue import WorkQueue
 from batcher.redis_link import Link
 from core.liveness import RECONNECT_S
 from core.protocol import Keys, ModelInfo, WorkerStatus, WorkItem, new_id
+from tests.conftest import examples
 
 KEYS = Keys("reclaim")
 TTL_S = 1.5  # (a beat every tick: a lapse within a few steps)
@@ -340,7 +341,7 @@ class ReclaimMachine(RuleBasedStateMachine):
 
 
 ReclaimMachine.TestCase.settings = settings(
-    max_examples=350, stateful_step_count=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=examples(350), stateful_step_count=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_dead_workers_work_is_reclaimed_once_and_a_live_workers_never = ReclaimMachine.TestCase
 

@@ -14,7 +14,7 @@ from hypothesis.stateful import invariant, precondition, rule
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from api.refreshed import Refreshed
-from tests.conftest import Gate, LoopMachine
+from tests.conftest import Gate, LoopMachine, examples
 
 pytestmark = pytest.mark.anyio
 
@@ -145,4 +145,4 @@ class RefreshedMachine(LoopMachine):
 
 
 TestRefreshedMachine = RefreshedMachine.TestCase
-TestRefreshedMachine.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+TestRefreshedMachine.settings = settings(max_examples=examples(200), stateful_step_count=40, deadline=None)

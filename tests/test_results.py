@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from api.results import ResultWait
-from tests.conftest import HANG_GUARD_S, Gate, LoopMachine
+from tests.conftest import HANG_GUARD_S, Gate, LoopMachine, examples
 
 RESULT = b'{"id": "r", "predictions": []}'
 
@@ -134,7 +134,7 @@ class ResultWaitMachine(LoopMachine):
 
 
 TestResultWaitMachine = ResultWaitMachine.TestCase
-TestResultWaitMachine.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
+TestResultWaitMachine.settings = settings(max_examples=examples(200), stateful_step_count=30, deadline=None)
 
 
 class RequeueWaitMachine(ResultWaitMachine):
@@ -187,7 +187,7 @@ class RequeueWaitMachine(ResultWaitMachine):
 
 
 TestRequeueWaitMachine = RequeueWaitMachine.TestCase
-TestRequeueWaitMachine.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
+TestRequeueWaitMachine.settings = settings(max_examples=examples(200), stateful_step_count=30, deadline=None)
 
 
 def test_a_result_delivered_while_a_failing_look_was_out_is_answered() -> None:

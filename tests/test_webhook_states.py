@@ -36,6 +36,7 @@ from batcher.webhooks import CLAIM_S, Sender
 from core import webhooks as core_webhooks
 from core.protocol import Keys
 from core.settings import Settings
+from tests.conftest import examples
 
 ATTEMPTS = 3
 SETTINGS = Settings(
@@ -177,6 +178,6 @@ class WebhookMachine(RuleBasedStateMachine):
 
 
 WebhookMachine.TestCase.settings = settings(
-    max_examples=250, stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=examples(250), stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_a_webhook_is_sent_by_one_sender_at_a_time_counted_and_dead_lettered = WebhookMachine.TestCase
