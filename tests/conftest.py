@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ import fakeredis
 import httpx
 import numpy as np
 import pytest
+from hypothesis import is_hypothesis_test
 from hypothesis.stateful import RuleBasedStateMachine
 
 from batcher.worker import Worker
@@ -73,6 +75,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("faults") or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    # On parallel workers: the slow tests first, then the Hypothesis tests (each runs its examples on one core),
+    # then the rest, and those that need the machine alone last; a stable sort, a module's tests stay in order.
+    # The workers then start the long tests early and end on short ones; a test alone waits for short ones.
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        items.sort(
+            key=lambda item: (
+                bool(item.get_closest_marker("alone")),
+                not item.get_closest_marker("slow"),
+                not is_hypothesis_test(getattr(item, "obj", None)),
+            )
+        )
     if fast_tier:
         slow = [item for item in items if item.get_closest_marker("slow")]
         items[:] = [item for item in items if not item.get_closest_marker("slow")]
@@ -83,6 +96,29 @@ def examples(full: int) -> int:
     """A Hypothesis test's example count: `full` in the full suite, a tenth (at least `FAST_EXAMPLES`) in the
     fast tier, which runs the same rules and invariants on fewer sequences."""
     return min(full, max(FAST_EXAMPLES, full // 10)) if fast_tier else full
+
+
+@pytest.fixture(autouse=True)
+def machine_share(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """On parallel workers (pytest-xdist), a test marked `alone` has the machine to itself: it waits for the
+    tests running on the other workers to end, and they wait for it. A readers-writer lock over two files in
+    the run's shared temporary directory; the turnstile, held by a waiting test alone, lets no other start."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    shared = tmp_path_factory.getbasetemp().parent  # (each worker's own directory is in the run's)
+    alone = request.node.get_closest_marker("alone") is not None
+    with open(shared / "turnstile.lock", "a") as turnstile, open(shared / "machine.lock", "a") as machine:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        if not alone:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        fcntl.flock(machine, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        if alone:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(machine, fcntl.LOCK_UN)
 
 
 @pytest.fixture(autouse=True)
