@@ -957,7 +957,8 @@ async def test_past_the_queue_limit_a_request_is_refused_unless_a_worker_already
     settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, worker: Worker, monkeypatch
 ) -> None:
     keys = Keys(settings.key_prefix)
-    full = settings.model_copy(update={"max_queue_depth": 1, "request_timeout_s": 5})
+    # (a deadline as long as the hang guards: on a loaded box a shorter one is refused by admission, 503)
+    full = settings.model_copy(update={"max_queue_depth": 1, "request_timeout_s": HANG_GUARD_S})
     async with client_for(full, fakeredis.FakeAsyncRedis(server=fake_server)) as client:
         redis.lpush(keys.queue, b"someone else's work")
         refused = await client.post("/predict", json={"text": ["over the limit"]})
