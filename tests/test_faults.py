@@ -306,7 +306,8 @@ def test_a_worker_whose_thread_dies_exits_with_its_cause_in_one_line_and_another
 ) -> None:
     # A bug that kills the reply thread, put into the process from outside (Python runs any
     # `sitecustomize` on its path at start): the worker must not live on with its work stuck.
-    svc = service(services, redis_url, model_dir, "faults-thread")
+    # (a deadline past the hang guards: on a loaded box the successor's start-up alone may take 30 s)
+    svc = service(services, redis_url, model_dir, "faults-thread", SENTIMENT_REQUEST_TIMEOUT_S="120")
     svc.start("api", "--port", str(svc.port))
     wait_for("the API", lambda: answers(f"{svc.url}/health"))
     buggy = start_with_a_bug(svc, tmp_path, "batcher.reply", "Replies._write", "worker")
