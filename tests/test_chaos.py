@@ -20,6 +20,8 @@ from tests.conftest import HANG_GUARD_S, REPO, as_background_job, interrupted_at
 
 
 @pytest.mark.faults
+@pytest.mark.alone  # (it asks over 1,000 answers in its 60 s of load: other tests on the cores would take them)
+@pytest.mark.timeout(600)  # (its turn alone waits for the tests running on the other workers to end)
 def test_every_promise_holds_while_faults_run_under_mixed_load(small_model_dir: Path, tmp_path: Path) -> None:
     results = run(small_model_dir, shared_path("data/sst2-train.tsv"), 60.0, out=tmp_path)
     recovery = {f["name"]: (f["at"], f["recovery_s"], f["answers_meanwhile"]) for f in results["faults"]}
