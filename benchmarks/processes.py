@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import httpx
 
-from sentiment.supervisor import die_with_parent
+from sentiment.supervisor import die_with_parent, sigint_kept_while_forking
 
 logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per readiness poll
 
@@ -28,14 +28,15 @@ class Processes:
     def start(self, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         """`python <args>`; its stderr (warnings and errors) shows in the benchmark's output. Call it
         from the thread that outlives the child (the parent-death signal follows that thread)."""
-        proc = subprocess.Popen(
-            [sys.executable, *args],
-            env={**os.environ, **env},
-            stdout=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=die_with_parent(os.getpid()),
-        )
-        self.procs.append(proc)
+        with sigint_kept_while_forking():
+            proc = subprocess.Popen(
+                [sys.executable, *args],
+                env={**os.environ, **env},
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=die_with_parent(os.getpid()),
+            )
+            self.procs.append(proc)
         return proc
 
     def wait_ok(self, url: str, timeout_s: float = 300) -> None:

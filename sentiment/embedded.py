@@ -43,7 +43,7 @@ from core.liveness import jobs_worker_alive_on_this_host, worker_alive_on_this_h
 from core.redis_connect import RedisAtStart, RedisUnreachable, masked, reach, sync_client
 from core.settings import Settings, strays
 from model_store.checkpoint_files import missing_checkpoint
-from sentiment.supervisor import Child, StartFailed, Supervisor, die_with_parent
+from sentiment.supervisor import Child, StartFailed, Supervisor, die_with_parent, sigint_kept_while_forking
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +194,15 @@ def start_redis_server(
     where = f"on 127.0.0.1:{port}" if data_dir is None else f"in {data_dir}"
     with open(data_dir / "redis-server.log", "w+b") if data_dir else tempfile.TemporaryFile() as said:
         try:
-            proc = subprocess.Popen(
-                args,
-                stdout=said,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent(os.getpid()),
-                pass_fds=() if holding is None else (holding,),
-            )
+            with sigint_kept_while_forking():
+                proc = subprocess.Popen(
+                    args,
+                    stdout=said,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=die_with_parent(os.getpid()),
+                    pass_fds=() if holding is None else (holding,),
+                )
         except OSError as exc:  # no program this system runs (another architecture's build, a broken one)
             raise DataDirUnusable(f"redis-server would not start {where}: {exe}: {exc.strerror}") from None
         if (failure := _wait_for_redis(f"redis://127.0.0.1:{port}/0", proc, where)) is None:

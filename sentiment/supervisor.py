@@ -20,7 +20,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,25 @@ def die_with_parent(parent: int) -> Callable[[], None]:
                 os.kill(os.getpid(), signal.SIGTERM)
 
     return arm
+
+
+@contextmanager
+def sigint_kept_while_forking() -> Iterator[None]:
+    """A Ctrl-C that lands while a child is forked is delivered once the fork is done: with a `preexec_fn`
+    (`die_with_parent`) Python runs its at-fork hooks (logging's) in the parent, and a KeyboardInterrupt
+    raised in one is printed and lost ("Exception ignored"). Python runs signal handlers in the main thread
+    only: elsewhere this changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    heard: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _: heard.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if heard:
+        signal.raise_signal(signal.SIGINT)
 
 
 @dataclass

@@ -261,6 +261,28 @@ def test_ctrl_c_keeps_the_parts_measured_before_it_and_leaves_the_doc(tmp_path: 
     assert doc.read_text() == "# Performance\n"
 
 
+@pytest.mark.slow
+def test_a_ctrl_c_while_a_benchmark_process_is_forked_is_not_lost() -> None:
+    # (a KeyboardInterrupt raised in Python's at-fork hooks is printed and lost: a bench Ctrl-C'd as it
+    # started a process ran on to its end, exit 0; here the hook itself raises the SIGINT)
+    script = (
+        "import os, signal, sys\n"
+        "from benchmarks.processes import running\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "os.register_at_fork(after_in_parent=lambda: signal.raise_signal(signal.SIGINT))\n"
+        "try:\n"
+        "    with running() as procs:\n"
+        "        procs.start(['-c', 'pass'], {})\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(130)\n"
+        "print('not interrupted')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
+    assert (done.returncode, done.stdout) == (130, ""), done.stderr
+
+
 @pytest.mark.parametrize(
     "command",
     [["bench", "--quick", "--only", "cache,goodput", "--model", "small"], ["loadtest", "--script", "goodput"]],
