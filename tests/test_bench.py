@@ -4,10 +4,12 @@ never in asserts), the worker-counter arithmetic, and the doc block it rewrites.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -28,7 +30,7 @@ from benchmarks.workload import UniqueTexts
 from core.settings import Settings
 from model_store.engine import resolve_precision
 from sentiment.cli import _parser
-from tests.conftest import HANG_GUARD_S, REPO, as_background_job, interrupted_at, killed_with
+from tests.conftest import HANG_GUARD_S, REPO, as_background_job, killed_with, wait_for
 
 SENTENCES = ["a gorgeous film", "the plot is a mess", "funny and warm", "i hated every minute", "not bad at all"]
 
@@ -250,8 +252,13 @@ def test_ctrl_c_keeps_the_parts_measured_before_it_and_leaves_the_doc(tmp_path: 
     command = ["bench", "--only", "limit,cache", "--duration", "0.5", "--model", "small", "--device", "cpu"]
     paths = ["--model-dir", str(tiny_model_dir), "--data", str(data), "--out", str(out), "--doc", str(doc)]
     bench = as_background_job([sys.executable, "-m", "sentiment.cli", *command, *paths])
-    assert bench.stdout is not None  # (the limit's last point: the service starts next)
-    stdout, stderr = interrupted_at(bench, bench.stdout, "  limit: {'batch_size': 64")
+    assert bench.stdout is not None
+    # After the limit's last point, once the service part has started a process: the line is printed within
+    # the limit part, and a SIGINT sent as it is read may be handled there still.
+    next(line for line in bench.stdout if line.startswith("  limit: {'batch_size': 64"))
+    wait_for("the service part's first process", lambda: children_of(bench.pid))
+    bench.send_signal(signal.SIGINT)
+    stdout, stderr = bench.communicate(timeout=HANG_GUARD_S)
     assert (bench.returncode, "Traceback" in stderr) == (130, False), stdout + stderr
     [results_file] = out.glob("bench-*.json")
     results = json.loads(results_file.read_text())
@@ -259,6 +266,16 @@ def test_ctrl_c_keeps_the_parts_measured_before_it_and_leaves_the_doc(tmp_path: 
     assert results["failed"] == {"service": "interrupted (Ctrl-C)"}
     assert "(no doc: the run was interrupted)" in stdout
     assert doc.read_text() == "# Performance\n"
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes `pid` started that run yet."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
 
 
 @pytest.mark.slow
