@@ -257,6 +257,17 @@ def runs(pid: int) -> bool:
         return False
 
 
+def children_of(pid: int) -> dict[int, str]:
+    """The processes `pid` started that run yet, by pid: their program's name (as /proc's stat has it)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            name, fields = stat.read_text().rsplit(")", 1)
+            if int(fields.split()[1]) == pid:
+                found[int(stat.parent.name)] = name.split("(", 1)[1]
+    return found
+
+
 def killed_with(parent: subprocess.Popen[Any], child: int, what: str) -> None:
     """SIGKILL `parent`, then wait for its `child` to end with it (killed here if it does not, so that
     a failure leaves nothing running)."""

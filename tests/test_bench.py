@@ -4,7 +4,6 @@ never in asserts), the worker-counter arithmetic, and the doc block it rewrites.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from benchmarks.workload import UniqueTexts
 from core.settings import Settings
 from model_store.engine import resolve_precision
 from sentiment.cli import _parser
-from tests.conftest import HANG_GUARD_S, REPO, as_background_job, killed_with, wait_for
+from tests.conftest import HANG_GUARD_S, REPO, as_background_job, children_of, killed_with, wait_for
 
 SENTENCES = ["a gorgeous film", "the plot is a mess", "funny and warm", "i hated every minute", "not bad at all"]
 
@@ -266,16 +265,6 @@ def test_ctrl_c_keeps_the_parts_measured_before_it_and_leaves_the_doc(tmp_path: 
     assert results["failed"] == {"service": "interrupted (Ctrl-C)"}
     assert "(no doc: the run was interrupted)" in stdout
     assert doc.read_text() == "# Performance\n"
-
-
-def children_of(pid: int) -> list[int]:
-    """The processes `pid` started that run yet."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-    return found
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from benchmarks.loadtest import K6_DIR, k6_binary, k6_command
 from core.settings import Settings
 from sentiment.cli import _parser
 from sentiment.embedded import free_port
-from tests.conftest import HANG_GUARD_S, REPO, as_background_job, killed_with, start_service, wait_for
+from tests.conftest import HANG_GUARD_S, REPO, as_background_job, children_of, killed_with, start_service, wait_for
 
 SCRIPTS = ("load", "unique", "jobs", "grpc", "goodput")
 
@@ -98,12 +98,7 @@ def test_k6_ends_when_the_loadtest_is_killed(tiny_model_dir: Path) -> None:
 
 def _k6_of(parent: int) -> int | None:
     """The k6 process `parent` started, if it runs yet."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            name, fields = stat.read_text().rsplit(")", 1)
-            if name.endswith("(k6") and int(fields.split()[1]) == parent:
-                return int(stat.parent.name)
-    return None
+    return next((pid for pid, name in children_of(parent).items() if name == "k6"), None)
 
 
 @pytest.mark.slow
