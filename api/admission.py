@@ -1,7 +1,7 @@
 """Admission by predicted completion (the `deadline` overload policy): a request that the workers
 could not answer by its deadline is refused at once, 503 with `Retry-After`, instead of being queued
-to time out; decided before the cache lookup (`api.predictions`), its refusal costs no Redis round
-trip.
+to time out. It decides for the texts no cache answered (`api.predictions`): a cache hit costs the
+model nothing and is never refused; the decision itself waits on no Redis round trip.
 
 The prediction (`Fleet.wait_s`): the texts ahead of a new request (the queued items' texts, plus the
 texts the workers hold) over the fleet's throughput, counted `QUEUE_MARGIN` times, plus one full
@@ -72,30 +72,6 @@ def fleet(statuses: list[WorkerStatus], queued_texts: float) -> Fleet | None:
     )
 
 
-@dataclass
-class _Count:
-    """Texts admitted between two reads being asked for, less those the cache then answered."""
-
-    texts: int = 0
-
-
-class Admitted:
-    """One request's admitted texts, in the count of their time between reads (`Load`)."""
-
-    def __init__(self, count: _Count, items: deque[int], texts: int) -> None:
-        self._count = count
-        self._items = items
-        self._texts = texts
-
-    def queued(self, texts: int) -> None:
-        """Its work item holds `texts` of them (0: none was queued): the others, which the cache
-        answered, are uncounted from their own count. Once a read took that count for queued, it no
-        longer adds to the load: nothing is uncounted twice, and no count goes below zero."""
-        self._count.texts -= self._texts - texts
-        if texts:
-            self._items.append(texts)
-
-
 class Load:
     """This API process's view of the fleet's load, read again when older than `REFRESH_S`."""
 
@@ -105,19 +81,19 @@ class Load:
         self._workers: list[str] = []  # the registered workers at the last read: whose heartbeats the next reads
         # The texts of the work items this process queued, newest last.
         self._items: deque[int] = deque(maxlen=ITEMS_KEPT)
-        self._admitted = _Count()  # texts admitted since the last read was asked for
-        self._reading: _Count | None = None  # those admitted before the read on its way was asked for
+        self._admitted = 0  # texts admitted since the last read was asked for
+        self._reading = 0  # those admitted before the read on its way was asked for (0: none on its way)
         self.view: Refreshed[Fleet | None] = Refreshed(self._ask, None, REFRESH_S, MAX_AGE_S, clock)
 
     @property
     def admitted(self) -> int:
         """Texts this process admitted that the last read did not see queued."""
-        return self._admitted.texts + (self._reading.texts if self._reading is not None else 0)
+        return self._admitted + self._reading
 
-    def admit(self, texts: int) -> Admitted:
-        """`texts` counted as queued (until `Admitted.queued` says how many were)."""
-        self._admitted.texts += texts
-        return Admitted(self._admitted, self._items, texts)
+    def admit(self, texts: int) -> None:
+        """`texts` counted as queued, one work item's, until a read asked for from now on sees them."""
+        self._admitted += texts
+        self._items.append(texts)
 
     async def current(self) -> Fleet | None:
         """The fleet's load as last read (`Refreshed`: one round trip, whatever the requests); None
@@ -126,7 +102,7 @@ class Load:
 
     def _ask(self) -> Coroutine[Any, Any, Fleet | None]:
         """A read, asked for now: the queue's length it reads holds what was admitted until now."""
-        self._reading, self._admitted = self._admitted, _Count()
+        self._reading, self._admitted = self._admitted, 0
         return self._read()
 
     def _queued_texts(self, items: int) -> float:
@@ -159,7 +135,7 @@ class Load:
                     with contextlib.suppress(Unreadable):  # (`core.liveness` logs it)
                         statuses.append(WorkerStatus.decode(raw))
             found = fleet(statuses, self._queued_texts(queued))
-        self._reading = None
+        self._reading = 0
         return found
 
 
@@ -169,9 +145,9 @@ class Admission:
     def __init__(self, load: Load) -> None:
         self.load = load
 
-    async def admit(self, texts: int, timeout_s: float) -> Admitted:
-        """Admit `texts` due within `timeout_s`, counted as queued until `Admitted.queued` says how
-        many its work item holds; else `ServiceError` OVERLOADED, with `Retry-After` the seconds until
+    async def admit(self, texts: int, timeout_s: float) -> None:
+        """Admit one work item of `texts` texts due within `timeout_s`, counted as queued from now on;
+        else `ServiceError` OVERLOADED, with `Retry-After` the seconds until
         the work ahead would have shrunk enough (at least 1). With nothing ahead a request is always
         admitted: its forward is the only measure of a forward time that is wrong (a first, slow
         one), and the plan still drops it if it cannot make it."""
@@ -185,4 +161,4 @@ class Admission:
                 f"({timeout_s:.2g} s from now); retry later",
                 retry_after_s=max(1, math.ceil(wait_s - timeout_s)),
             )
-        return self.load.admit(texts)
+        self.load.admit(texts)

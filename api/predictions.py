@@ -1,7 +1,7 @@
 """The cache-first prediction path: cache lookup, one queued work item for the misses, merge.
 
-Texts the process's own cache lacks meet admission (`api.admission`, the `deadline` policy) before
-Redis's cache. Each of the three Redis commands is coalesced (`api.coalescing`): the requests that
+Texts neither cache holds meet admission (`api.admission`, the `deadline` policy): a cache hit is
+answered under any load. Each of the three Redis commands is coalesced (`api.coalescing`): the requests that
 look up, queue or give up in the same turn of the event loop share one MGET, one LPUSH of their work
 items, and one write of their abandoned marks. A request that stops waiting for its work (its client
 went away, or its deadline cut the wait) marks the item abandoned, for the workers to drop
@@ -214,10 +214,8 @@ class Predictor:
             )
 
     async def _predict(self, texts: list[str], call: _Call) -> tuple[list[Prediction], CacheStatus]:
-        """The process's own cache, then Redis's, then the workers. Admission (`deadline` policy) comes
-        before Redis's lookup, so that a refusal waits on no round trip: under overload only the
-        process's own cache answers (docs/tuning.md, "Overload"). What Redis's cache then answers is
-        uncounted from the admitted texts, never having been queued (`Admitted.queued`)."""
+        """The process's own cache, then Redis's, then admission (`deadline` policy) and the workers
+        for the rest: what either cache holds is answered however loaded the workers are."""
         unique = list(dict.fromkeys(texts))
         found: dict[str, Prediction] = {}
         keys: dict[str, str] = {}  # each text's cache key, while a model is announced
@@ -233,10 +231,6 @@ class Predictor:
             # in between would raise KeyError.
             found = {t: p for t, k in keys.items() if (p := local.get(k)) is not None}
         remote = [t for t in unique if t not in found]
-        admitted = None
-        if remote and self._admission is not None:
-            with call.deadline.on_redis(Stage.ADMISSION):
-                admitted = await self._admission.admit(len(remote), call.deadline.left_s())
         if remote and keys:
             with tracing.span("predict.cache_lookup"), call.deadline.on_redis(Stage.CACHE_LOOKUP):
                 cached = await self._lookup([keys[t] for t in remote])
@@ -244,8 +238,9 @@ class Predictor:
                 if raw is not None and (cached_prediction := read_prediction(raw)) is not None:
                     found[text] = local[keys[text]] = cached_prediction
         missing = [t for t in unique if t not in found]
-        if admitted is not None:
-            admitted.queued(len(missing))
+        if missing and self._admission is not None:
+            with call.deadline.on_redis(Stage.ADMISSION):
+                await self._admission.admit(len(missing), call.deadline.left_s())
         status = CacheStatus.HIT if not missing else CacheStatus.PARTIAL if found else CacheStatus.MISS
         CACHE_HITS.inc(len(found))
         CACHE_MISSES.inc(len(missing))

@@ -1124,12 +1124,12 @@ async def test_a_request_the_workers_could_not_answer_in_time_is_refused_at_once
     assert (redis.llen(keys.queue), redis.dbsize()) == (100, before)  # nothing queued, nothing written
 
 
-async def test_under_overload_a_refusal_looks_nothing_up_and_only_the_process_cache_answers(
-    settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+async def test_under_overload_a_cache_hit_is_answered_and_only_texts_no_cache_holds_are_refused(
+    settings: Settings, fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis
 ) -> None:
-    # Admission comes before Redis's cache lookup, so a refusal waits on no round trip: a text only
-    # Redis's cache holds is refused like a miss once the fleet is overloaded; one in the process's
-    # own cache is still answered. An admitted text that Redis's cache answers is uncounted again.
+    # A cache hit costs the model nothing: however loaded the fleet, a text in Redis's cache (this
+    # process's own cache empty, as behind another API process) is answered; admission decides for
+    # the texts neither cache holds, and counts only those it admitted.
     keys = Keys(settings.key_prefix)
     hot = [{"label": "NEGATIVE", "score": 0.1}, {"label": "POSITIVE", "score": 0.9}]
     behind(redis, keys, 4)  # 0.5 s until a new request is answered (0.9 counted with the margin): in time
@@ -1143,23 +1143,18 @@ async def test_under_overload_a_refusal_looks_nothing_up_and_only_the_process_ca
     predictor = Predictor(
         client, keys, ResultWaiter(client, keys), ModelInfoCache(client, keys), 1.0, 0, local, admission=admission
     )
-    lookups, mget = [], client.mget  # the cache's (the view of the load is read on a client of its own)
-
-    async def lookup(wanted: list[str]) -> list[bytes | None]:
-        lookups.append(wanted)
-        return await mget(wanted)
-
-    monkeypatch.setattr(client, "mget", lookup)
     assert await predictor.predict(["in redis"]) == ([hot], CacheStatus.HIT)  # and held here from now on
-    assert (admission.load.admitted, len(lookups)) == (0, 1)
+    assert admission.load.admitted == 0
 
     queue_more(redis, keys, 95)  # 10 s: past a 1-s deadline
     now[0] += MAX_AGE_S  # the view is read again before the next request decides by it
-    with pytest.raises(ServiceError) as refused:
-        await predictor.predict(["also in redis"])
-    assert refused.value.error_type is ErrorType.OVERLOADED
-    assert len(lookups) == 1  # no lookup for the refusal
+    assert await predictor.predict(["also in redis"]) == ([hot], CacheStatus.HIT)
     assert await predictor.predict(["held here", "in redis"]) == ([hot, hot], CacheStatus.HIT)
+    for texts in (["never seen"], ["also in redis", "never seen"]):
+        with pytest.raises(ServiceError) as refused:
+            await predictor.predict(texts)
+        assert refused.value.error_type is ErrorType.OVERLOADED
+    assert (admission.load.admitted, redis.llen(keys.queue)) == (0, 99)  # nothing admitted, nothing queued
 
 
 async def test_under_overload_a_refusal_waits_on_no_read_of_the_announced_model_and_requests_share_one(
