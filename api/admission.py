@@ -22,7 +22,6 @@ admits); so is a request with nothing ahead of it (an idle fleet admits).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import time
@@ -36,7 +35,8 @@ from redis.exceptions import RedisError
 
 from api.errors import ErrorType, ServiceError
 from api.refreshed import Refreshed
-from core.protocol import Keys, Unreadable, WorkerStatus
+from core.liveness import beating
+from core.protocol import Keys, WorkerStatus
 from core.redis_replies import text
 
 REFRESH_S = 0.1  # how stale the view of the fleet's load may be
@@ -129,11 +129,7 @@ class Load:
         except RedisError:
             found = None
         else:
-            statuses = []
-            for raw in beats[0] if self._workers else []:
-                if raw is not None:
-                    with contextlib.suppress(Unreadable):  # (`core.liveness` logs it)
-                        statuses.append(WorkerStatus.decode(raw))
+            statuses = beating(self._workers, beats[0]) if self._workers else []
             found = fleet(statuses, self._queued_texts(queued))
         self._reading = 0
         return found

@@ -30,6 +30,7 @@ from api.metrics import CACHE_HITS, CACHE_MISSES, REQUESTS_ABANDONED
 from api.refreshed import Refreshed
 from api.results import ResultWait, ResultWaiter
 from core import redis_replies, tracing
+from core.liveness import beating
 from core.protocol import (
     ABANDONED_GRACE_S,
     DEFAULT_CLIENT,
@@ -193,9 +194,9 @@ class Predictor:
             pipe.lpos(keys.queue, item)  # type: ignore[arg-type]
             pipe.llen(keys.queue)
             pipe.smembers(keys.workers)
-            position, depth, workers = await pipe.execute()
-            heartbeats = [keys.heartbeat(redis_replies.text(w)) for w in workers]
-            alive: int = await self._redis.exists(*heartbeats) if heartbeats else 0
+            position, depth, members = await pipe.execute()
+            workers = [redis_replies.text(w) for w in members]
+            alive = beating(workers, await self._redis.mget([keys.heartbeat(w) for w in workers])) if workers else []
         except RedisError:
             return
         if not alive:

@@ -26,6 +26,7 @@ from api.schemas import (
     texts_request,
     timeout_parameter,
 )
+from core.liveness import beating
 from core.protocol import Keys
 from core.redis_errors import describe
 from core.redis_replies import text
@@ -120,8 +121,8 @@ async def readiness(state: State) -> int | str:
     keys: Keys = state.keys
     try:
         await redis.ping()
-        worker_ids = await redis.smembers(keys.workers)
-        alive: int = await redis.exists(*(keys.heartbeat(text(w)) for w in worker_ids)) if worker_ids else 0
+        worker_ids = [text(w) for w in await redis.smembers(keys.workers)]
+        alive = len(beating(worker_ids, await redis.mget([keys.heartbeat(w) for w in worker_ids]))) if worker_ids else 0
     except RedisError as exc:  # where Redis is, and its words, are the operator's: the log's, not the probe's
         log.warning("not ready: redis unavailable (%s)", describe(exc))
         return f"redis unavailable ({type(exc).__name__})"

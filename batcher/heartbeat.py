@@ -1,7 +1,7 @@
 """The heartbeat thread: says this worker is alive, and requeues the work of workers that are not.
 
-Every third of `heartbeat_ttl_s` it writes the worker's status under a key that lapses after the
-TTL, and announces its model where no live worker serves the one announced; every `DEATH_WATCH_S` it
+Every third of `heartbeat_ttl_s` it writes the worker's status, saying when it lapses (a TTL from
+now), under a key without an expiry that no memory policy evicts, and announces its model where no live worker serves the one announced; every `DEATH_WATCH_S` it
 asks the death watch (`liveness.DeathWatch`) which registered workers died, by their lapsed key or
 their closed connections, and pushes their processing lists back onto the queue. A stuck pipeline (a
 lane in a forward past every deadline of its requests or the request timeout, the take or the reply
@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from redis import Redis
 from redis.client import Pipeline
@@ -101,9 +102,9 @@ class Heartbeat:
         """The beat as writes, for a busy worker's result transactions to carry (none while unhealthy)."""
         if not self.healthy():
             return []
-        status = self.status()
+        status = replace(self.status(), lapses_at=time.time() + self.ttl_s)
         return [
-            ("SET", self.keys.heartbeat(status.id), status.encode(), "PX", int(self.ttl_s * 1000)),
+            ("SET", self.keys.heartbeat(status.id), status.encode()),
             ("SADD", self.keys.workers, status.id),
         ]
 

@@ -16,6 +16,7 @@ from redis.exceptions import ResponseError
 from batcher.redis_link import Link
 from core.liveness import DeathWatch
 from core.protocol import Keys
+from core.settings import HEARTBEAT_TTL_S
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ class WorkQueue:
     """Take, acknowledge and reclaim work items for one worker. Taking and acknowledging go through
     `link`, the take stage's connection (its cache check too): call them from that one thread."""
 
-    def __init__(self, redis: Redis, keys: Keys, worker_id: str) -> None:
+    def __init__(self, redis: Redis, keys: Keys, worker_id: str, heartbeat_ttl_s: float = HEARTBEAT_TTL_S) -> None:
         self.redis = redis
         self.keys = keys
         self.worker_id = worker_id
@@ -32,7 +33,7 @@ class WorkQueue:
         self.bulk_processing = keys.bulk_processing(worker_id)
         self.link = Link(redis)
         self.held_raws: set[bytes] = set()  # the items this process holds (`Held.raw`), until acknowledged
-        self.deaths = DeathWatch(redis, keys, worker_id)
+        self.deaths = DeathWatch(redis, keys, worker_id, heartbeat_ttl_s)
 
     def take(self, timeout: float) -> bytes | None:
         """The oldest queued item, moved into our processing list, waiting up to `timeout` s for one
@@ -124,6 +125,7 @@ class WorkQueue:
                 for _ in range(length):  # newest first onto the consuming end: the oldest first in line again
                     pipe.lmove(processing, queue, "LEFT", "RIGHT")
             pipe.srem(self.keys.workers, worker_id)
+            pipe.delete(key)  # (it has no expiry)
             return sum(lengths)
 
         # (`type: ignore`: as in `requeue_unheld`.)

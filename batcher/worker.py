@@ -57,7 +57,7 @@ class Worker:
         self._connection = redis.get_connection_kwargs().get("client_name")  # see `liveness.worker_client`
         self._started_at = time.time()
         self._stopping = threading.Event()
-        self.queue = WorkQueue(redis, self.keys, self.id)
+        self.queue = WorkQueue(redis, self.keys, self.id, settings.heartbeat_ttl_s)
         self.window = Window(
             Policy.of(settings, classifier.cost, classifier.lanes),
             deadlines=settings.overload_policy == "deadline",

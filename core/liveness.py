@@ -1,5 +1,9 @@
 """Which workers are alive: their heartbeats, and the named Redis connections a killed process loses
-at once (no torch needed: probes, /ready and the worker's death watch read it)."""
+at once (no torch needed: probes, /ready, admission and the worker's death watch read it).
+
+A heartbeat says when it lapses (`WorkerStatus.lapses_at`, the writer's wall clock, read by the
+reader's: hosts' clocks must agree to well within a heartbeat TTL, as RQ's own heartbeats need);
+its key has no expiry, so no memory policy evicts a live worker's."""
 
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ class DeathWatch:
     """Which registered workers died, as seen by the worker `me`.
 
     A worker is dead when its heartbeat lapsed (hung, partitioned from Redis, or its Redis refuses
-    CLIENT LIST), or when none of its named connections was open at any look for `RECONNECT_S`: the
+    CLIENT LIST; an unreadable one lapses once it stayed the same for `ttl_s`), or when none of its named connections was open at any look for `RECONNECT_S`: the
     kernel closes a killed process's sockets at once, while a live worker that lost its connections
     (a network blip, a failover) opens new ones within its reconnect backoff, and its work must not
     be computed twice. A live worker in a long forward keeps its connections open and its heartbeat
@@ -54,11 +58,22 @@ class DeathWatch:
     too: a lapsed heartbeat is death again only once the workers had a heartbeat TTL to beat again.
     """
 
-    def __init__(self, redis: Redis, keys: Keys, me: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        me: str,
+        ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.me = me
+        self.ttl_s = ttl_s
         self.clock = clock
+        self.wall = wall
+        self._unreadable_since: dict[str, tuple[bytes, float]] = {}  # worker -> its unreadable heartbeat, since when
         self._gone_since: dict[str, float] = {}  # workers without an open connection, since when (our clock)
         self._client_list = True  # False once Redis refused CLIENT LIST: heartbeats only
         self._lapses_from = float("-inf")  # (our clock) from when a lapsed heartbeat is a death
@@ -67,21 +82,33 @@ class DeathWatch:
     def dead(self) -> dict[str, bytes | None]:
         """The workers that died, each with its heartbeat as this look read it (None: lapsed)."""
         others = [w for w in self._registered() if w != self.me]
-        beats = self.redis.mget([self.keys.heartbeat(w) for w in others]) if others else []
+        beats = raws(self.redis.mget([self.keys.heartbeat(w) for w in others]) if others else [])
+        now, wall = self.clock(), self.wall()
         named = {w: _status(w, b) for w, b in zip(others, beats, strict=True) if b is not None}
+        alive = {w for w, s in named.items() if s is not None and not s.lapsed(wall)}
+        unreadable = {w: b for w, b in zip(others, beats, strict=True) if b is not None and named[w] is None}
+        alive |= self._unreadable_beating(unreadable, now)
         connections = {w: s.connection for w, s in named.items() if s is not None and s.connection}
         open_now = self._open_connections() if connections else None
-        now = self.clock()
         if self._grace_s is not None:
             self._lapses_from, self._grace_s = now + self._grace_s, None
         lapses = now >= self._lapses_from
         gone = [w for w, name in connections.items() if open_now is not None and name not in open_now]
         self._gone_since = {w: self._gone_since.get(w, now) for w in gone}
-        dead = [w for w in others if (lapses and w not in named) or now - self._gone_since.get(w, now) >= RECONNECT_S]
+        dead = [w for w in others if (lapses and w not in alive) or now - self._gone_since.get(w, now) >= RECONNECT_S]
         for worker in dead:
             self._gone_since.pop(worker, None)
-        read = dict(zip(others, raws(beats), strict=True))
+        read = dict(zip(others, beats, strict=True))
         return {worker: read[worker] for worker in dead}
+
+    def _unreadable_beating(self, unreadable: dict[str, bytes], now: float) -> set[str]:
+        """The workers whose unreadable heartbeat has not yet stayed the same for `ttl_s` (it says no
+        lapse time; a live worker's next beat overwrites it)."""
+        self._unreadable_since = {
+            w: kept if (kept := self._unreadable_since.get(w)) and kept[0] == b else (b, now)
+            for w, b in unreadable.items()
+        }
+        return {w for w, (_, since) in self._unreadable_since.items() if now - since < self.ttl_s}
 
     def redis_failed(self, grace_s: float) -> None:
         """`me` failed to reach or write to Redis: the other workers may have failed to beat as long, so
@@ -126,12 +153,19 @@ def _status(worker: str, raw: bytes | str) -> WorkerStatus | None:
         return None
 
 
+def beating(workers: list[str], beats: list[bytes | str | None], now: float | None = None) -> list[WorkerStatus]:
+    """The statuses of `workers` whose heartbeats (`beats`, as read from Redis, in their order) are
+    there, readable and not lapsed at `now` (seconds since the epoch; by default, now)."""
+    now = time.time() if now is None else now
+    statuses = (_status(w, b) for w, b in zip(workers, beats, strict=True) if b is not None)
+    return [s for s in statuses if s is not None and not s.lapsed(now)]
+
+
 def live_workers(redis: Redis, key_prefix: str) -> list[WorkerStatus]:
-    """The status of every registered worker whose heartbeat has not expired (and can be read)."""
+    """The status of every registered worker whose heartbeat beats."""
     keys = Keys(key_prefix)
     ids = [text(w) for w in redis.smembers(keys.workers)]
-    beats = redis.mget([keys.heartbeat(w) for w in ids]) if ids else []
-    return [s for w, b in zip(ids, beats, strict=True) if b is not None and (s := _status(w, b)) is not None]
+    return beating(ids, redis.mget([keys.heartbeat(w) for w in ids]) if ids else [])
 
 
 def worker_alive_on_this_host(redis: Redis, key_prefix: str, pid: int | None = None) -> bool:

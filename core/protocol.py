@@ -331,3 +331,11 @@ class WorkerStatus(_Json):
     texts_per_s: float | None = None
     forward_s: float | None = None
     texts_ahead: int = 0
+    # When this heartbeat lapses (seconds since the epoch, the writer's clock): the key carries no
+    # expiry, so that no memory policy evicts a live worker's (docs/reliability.md, "When Redis is
+    # full"). None: it lapses when its key expires.
+    lapses_at: float | None = None
+
+    def lapsed(self, now: float) -> bool:
+        """Whether the worker wrote no newer heartbeat by `now` (seconds since the epoch)."""
+        return self.lapses_at is not None and now >= self.lapses_at

@@ -22,6 +22,7 @@ from core.redis_connect import check_url, masked
 from core.webhooks import secret_key
 
 MIN_API_KEY_CHARS = 16  # a guessable key is no key
+HEARTBEAT_TTL_S = 10.0  # the default heartbeat TTL (`Settings.heartbeat_ttl_s`)
 # The longest expiry Redis sets on a key (its deadline in ms since 1970 fits 64 bits: 9.2e15 s from
 # 1970), rounded down: past it each SET EX or EXPIRE is refused.
 MOST_EXPIRY_S = 10**15
@@ -330,8 +331,8 @@ class Settings(BaseSettings):
 
     # Worker liveness
     heartbeat_ttl_s: float = Field(
-        10.0,
-        ge=1,  # (under a millisecond its key's PX is 0, which Redis refuses inside the beat's MULTI, silently)
+        HEARTBEAT_TTL_S,
+        ge=1,  # (the jobs worker's beat and RQ's TTLs are whole seconds, at least 1)
         le=86400,  # (a worker silent for longer is no heartbeat; past about 3e10 s a running job's beat overflows its wait)
         allow_inf_nan=False,  # (a key's expiry and the jobs worker's beat are whole numbers)
         description="A worker silent for this long is dead: /ready drops it and its work is reclaimed (a killed one is noticed sooner, by its closed Redis connections).",

@@ -6,6 +6,7 @@ import asyncio
 import atexit
 import contextlib
 import fcntl
+import itertools
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ import numpy as np
 import pytest
 from hypothesis import is_hypothesis_test
 from hypothesis.stateful import RuleBasedStateMachine
+from redis import Redis
 
 from batcher.worker import Worker
 from benchmarks.checkpoints import write_tiny_model
@@ -335,6 +337,21 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
+
+
+def evicting_cache(client: Redis, evictions: int = 2000) -> None:
+    """Fill `client`'s Redis (a `maxmemory` set) with cache entries, as the workers write them (an
+    expiry each), until it evicted `evictions` keys."""
+    filler = itertools.count()
+
+    def evicted_plenty() -> bool:
+        with client.pipeline(transaction=False) as pipe:
+            for _ in range(100):
+                pipe.set(f"cache:{next(filler)}", b"x" * 10_000, ex=3600)
+            pipe.execute()
+        return client.info("stats")["evicted_keys"] >= evictions
+
+    wait_for("Redis to evict cache entries", evicted_plenty, 60.0)
 
 
 @pytest.fixture

@@ -748,6 +748,18 @@ async def test_a_bug_in_the_result_listener_resubscribes_and_no_waiter_is_left_b
     assert len(errors) == 1 and errors[0].exc_info is not None  # the bug, with its traceback
 
 
+async def test_ready_counts_the_workers_whose_heartbeats_have_not_lapsed(
+    client: httpx.AsyncClient, redis: fakeredis.FakeRedis, settings: Settings
+) -> None:
+    # A heartbeat has no expiry (no memory policy evicts it): a key past its lapse time is no worker.
+    keys = Keys(settings.key_prefix)
+    for worker_id, lapses_at in (("lapsed", time.time() - 1), ("beating", time.time() + 60)):
+        status = WorkerStatus(id=worker_id, host="h", pid=1, model_version="v", started_at=0, lapses_at=lapses_at)
+        redis.set(keys.heartbeat(worker_id), status.encode())
+        redis.sadd(keys.workers, worker_id)
+    assert (await client.get("/ready")).json() == {"status": "ready", "workers": 1}
+
+
 async def test_ready_and_model_follow_the_worker(client: httpx.AsyncClient, worker: Worker) -> None:
     assert (await client.get("/health")).json() == {"status": "healthy"}
     not_ready = await client.get("/ready")

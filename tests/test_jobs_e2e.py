@@ -7,7 +7,6 @@ The Redis here keeps an append-only file, as deployed, so what it held survives 
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import signal
@@ -28,7 +27,7 @@ from core.protocol import Keys, Prediction, WorkerStatus, prediction
 from core.settings import Settings
 from model_store.classifier import Classifier
 from sentiment.embedded import free_port
-from tests.conftest import SCORE_ABS, RedisServer, wait_for
+from tests.conftest import SCORE_ABS, RedisServer, evicting_cache, wait_for
 
 pytestmark = pytest.mark.slow  # (every test here runs the service's processes on a real Redis)
 
@@ -273,16 +272,7 @@ def test_memory_pressure_never_evicts_a_queued_job(redis_server: RedisServer) ->
     client.config_set("maxmemory", client.info("memory")["used_memory"] + 8 * 2**20)
     store = JobStore(client, Settings(redis_url=redis_server.url))
     job_id = store.create(["still here"])
-    filler = itertools.count()
-
-    def evicted_plenty() -> bool:  # cache entries with a TTL, as the workers write them, until 2,000 are evicted
-        with client.pipeline(transaction=False) as pipe:
-            for _ in range(100):
-                pipe.set(f"cache:{next(filler)}", b"x" * 10_000, ex=3600)
-            pipe.execute()
-        return client.info("stats")["evicted_keys"] >= 2000
-
-    wait_for("Redis to evict cache entries", evicted_plenty, WAIT_S)
+    evicting_cache(client)
     assert store.view(job_id)["status"] == "queued"
     assert store.queue.job_ids == [job_id]
 

@@ -685,8 +685,8 @@ def test_a_worker_whose_connections_stay_closed_past_a_reconnect_is_reclaimed_be
     now[0] = RECONNECT_S - 0.1
     assert alive.reclaim_dead() == 0  # still within a reconnect's time
     now[0] = RECONNECT_S
-    assert alive.reclaim_dead() == 1  # dead, though its heartbeat key still stands
-    assert redis.exists(KEYS.heartbeat("killed")) and not redis.sismember(KEYS.workers, "killed")
+    assert alive.reclaim_dead() == 1  # dead, though its heartbeat had not lapsed: deregistered, heartbeat and all
+    assert not redis.exists(KEYS.heartbeat("killed")) and not redis.sismember(KEYS.workers, "killed")
 
 
 def test_a_worker_that_reconnects_slower_than_several_looks_keeps_its_work(
@@ -711,24 +711,47 @@ def test_a_worker_that_reconnects_slower_than_several_looks_keeps_its_work(
 
 
 @pytest.mark.parametrize("garbage", [b"not json", b"[1, 2]", b'{"id": 7}', b'{"connection": ["a list"]}'])
-def test_an_unreadable_heartbeat_is_logged_once_and_read_as_alive_until_it_lapses(
+def test_an_unreadable_heartbeat_is_logged_once_and_read_as_alive_until_it_stayed_a_ttl(
     fake_server: fakeredis.FakeServer,
     redis: fakeredis.FakeRedis,
     garbage: bytes,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # One bad value must not break every worker's death watch (and the probes, /metrics) at once.
+    # One bad value must not break every worker's death watch (and the probes, /metrics) at once. It
+    # says no lapse time: a live worker's next beat overwrites it, a dead one's stays as it is.
     holding_work(fake_server, redis, "odd")
     redis.set(KEYS.heartbeat("odd"), garbage)
     redis.sadd(KEYS.workers, "\udcff".encode("utf-8", "surrogatepass"))  # a member that is not even UTF-8
-    alive = WorkQueue(redis, KEYS, "alive")
+    now = [0.0]
+    alive = watching_at(WorkQueue(redis, KEYS, "alive", heartbeat_ttl_s=10.0), now)
     assert [alive.reclaim_dead() for _ in range(3)] == [0, 0, 0]
     assert redis.smembers(KEYS.workers) == {b"odd"}  # the member that is no id is gone
     assert live_workers(redis, KEYS.prefix) == []
     assert redis.llen(KEYS.processing("odd")) == 1
     assert len([r for r in caplog.records if "unreadable heartbeat" in r.getMessage()]) <= 1
-    redis.delete(KEYS.heartbeat("odd"))  # its TTL ran out
+    now[0] = 9.5
+    redis.set(KEYS.heartbeat("odd"), garbage + b" ")  # another value: its time starts again
+    assert alive.reclaim_dead() == 0
+    now[0] = 19.25
+    assert alive.reclaim_dead() == 0
+    now[0] = 19.5
     assert alive.reclaim_dead() == 1
+
+
+def test_a_heartbeat_past_its_lapse_time_is_a_death_though_its_key_stands(redis: fakeredis.FakeRedis) -> None:
+    # No memory policy evicts a heartbeat (no expiry): the time it carries says when it lapsed.
+    status = WorkerStatus(id="hung", host="h", pid=1, model_version="v", started_at=0, lapses_at=1000.0)
+    redis.set(KEYS.heartbeat("hung"), status.encode())
+    redis.sadd(KEYS.workers, "hung")
+    push(redis, "held by hung")
+    assert WorkQueue(redis, KEYS, "hung").take_queued(1)
+    alive = WorkQueue(redis, KEYS, "alive")
+    alive.deaths.wall = lambda: 999.9
+    assert alive.reclaim_dead() == 0
+    alive.deaths.wall = lambda: 1000.0
+    assert alive.reclaim_dead() == 1
+    assert redis.llen(KEYS.queue) == 1 and not redis.exists(KEYS.heartbeat("hung"))
+    assert live_workers(redis, KEYS.prefix) == []
 
 
 def test_without_client_list_a_dead_worker_is_reclaimed_when_its_heartbeat_lapses(

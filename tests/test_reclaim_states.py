@@ -51,7 +51,8 @@ MOST_WORKERS = 4
 
 
 class Clock:
-    """The test's time: Redis's (key expiry), the heartbeat's and the death watch's, moved by the test."""
+    """The test's time: Redis's (key expiry), the heartbeat's (its lapse time too) and the death watch's,
+    moved by the test."""
 
     def __init__(self) -> None:
         self.now = 1_000_000.0
@@ -68,8 +69,8 @@ class SimWorker:
         self.id = f"w{number}"
         self.connection = KEYS.worker_connection(f"process-{number}")
         self.client = fakeredis.FakeRedis(server=server, client_name=self.connection)
-        self.queue = WorkQueue(self.client, KEYS, self.id)
-        self.queue.deaths.clock = clock
+        self.queue = WorkQueue(self.client, KEYS, self.id, TTL_S)
+        self.queue.deaths.clock = self.queue.deaths.wall = clock
         self.heartbeat = Heartbeat(self.client, KEYS, self.queue, TTL_S, self.status, self.healthy, MODEL)
         self.replies = Link(self.client)
         self.state = "running"  # or "hung", "killed", "left"
@@ -93,7 +94,7 @@ class ReclaimMachine(RuleBasedStateMachine):
         self.clock = Clock()
         self._patches = [
             mock.patch.object(fakeredis_socket, "time", SimpleNamespace(time=self.clock, sleep=time.sleep)),
-            mock.patch.object(heartbeat_module, "time", SimpleNamespace(monotonic=self.clock)),
+            mock.patch.object(heartbeat_module, "time", SimpleNamespace(monotonic=self.clock, time=self.clock)),
         ]
         for patch in self._patches:
             patch.start()

@@ -72,7 +72,7 @@ def running_until_released(worker: Worker, release: threading.Event) -> Iterator
 
 def reclaimed_once_its_heartbeat_lapses(redis: fakeredis.FakeRedis, keys: Keys, worker: Worker, item: WorkItem) -> None:
     """`worker`, stuck, stops beating; another worker then requeues `item`, which it held."""
-    wait_for("the stuck worker's heartbeat to lapse", lambda: not redis.exists(keys.heartbeat(worker.id)))
+    wait_for("the stuck worker's heartbeat to lapse", lambda: not live_workers(redis, keys.prefix))
     assert WorkQueue(redis, keys, "another worker").reclaim_dead() == 1
     assert WorkItem.decode(redis.rpop(keys.queue)).id == item.id
 
