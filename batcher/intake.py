@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from batcher import metrics
 from batcher.plan import Window
@@ -140,11 +140,14 @@ class Intake:
         only once it has room for a whole forward; whether any came. Redis refusing the bulk list alone
         (WRONGTYPE on a key something else wrote, an ACL without it) leaves bulk work waiting, said once
         a run of refusals, and the take going on to the queue: raised, it backed every take off, and
-        took no interactive work once a take had found the queue empty."""
+        took no interactive work once a take had found the queue empty. A full Redis (OOM) refuses
+        every take alike: raised, as an outage."""
         self._bulk_looked = time.monotonic()
         most = min(self.window.bulk_room() // self.window.policy.max_texts, TAKE_AT_ONCE)
         try:
             raws = self.queue.take_queued(most, bulk=True)
+        except OutOfMemoryError:
+            raise
         except ResponseError as exc:
             if not self._bulk_refused:
                 log.error("redis refuses the bulk list (%s): bulk work waits, interactive work goes on", describe(exc))

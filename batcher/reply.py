@@ -5,8 +5,10 @@ for each request whose texts all have a prediction (or that failed), its result 
 acknowledgement (LREM from the processing list); and one message per API process, on its reply
 channel, with the results of all its requests finished here.
 A refused or lost write is retried with backoff, the same transaction again, until it goes or the
-worker stops; its work stays in the processing list meanwhile, so it is never lost. Any other
-failure is a bug, and stops the worker (`thread_failure`).
+worker stops; its work stays in the processing list meanwhile, so it is never lost. A Redis full of
+what it may not evict refuses every transaction (OOM): the answers then go without their cache
+entries and result keys, in commands that need no memory (`_deliver`). Any other failure is a bug,
+and stops the worker (`thread_failure`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from queue import SimpleQueue
 
 import numpy as np
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 
 from batcher import metrics
 from batcher.queue import WorkQueue
@@ -72,6 +74,7 @@ class Replies:
         self.stopping = stopping
         self.heartbeat = heartbeat  # writes that say the worker is alive: a busy worker's beat rides along
         self.answered = 0  # requests
+        self.full = False  # the last write found Redis full (said once a spell at WARNING)
         self.busy_since: float | None = None  # monotonic start of the round being written; None while idle
         self._inbox: SimpleQueue[Outcome | None] = SimpleQueue()
         self.thread: threading.Thread | None = None
@@ -177,16 +180,19 @@ class Replies:
         now = time.time()
         answers: dict[str, list[tuple[str, bytes]]] = {}  # by reply channel
         done: dict[str, list[str]] = {}  # answered ids by client: no longer its outstanding work
+        acknowledged: list[Command] = []
         for held in finished:
             result = held.result()
             # Read only by a waiter the reply missed, and nobody waits past the deadline: a second more at most.
             ttl_s = min(self.result_ttl_s, max(held.item.deadline - now, 0.0) + 1.0)
             writes.append(("SET", self.keys.result(held.item.id), result, "PX", int(ttl_s * 1000)))
-            writes.append(("LREM", self.queue.processing_list(held.bulk), 1, held.raw))
+            acknowledged.append(("LREM", self.queue.processing_list(held.bulk), 1, held.raw))
             answers.setdefault(held.item.reply_to, []).append((held.item.id, result))
             done.setdefault(held.item.client, []).append(held.item.id)
-        writes += [("PUBLISH", channel, replies(pairs)) for channel, pairs in answers.items()]
-        writes += [("ZREM", self.keys.outstanding(client), *ids) for client, ids in done.items()]
+        # What answers the requests, and needs no memory: each PUBLISH before any LREM (`_deliver`).
+        delivery: list[Command] = [("PUBLISH", channel, replies(pairs)) for channel, pairs in answers.items()]
+        delivery += [("ZREM", self.keys.outstanding(client), *ids) for client, ids in done.items()]
+        delivery += acknowledged
         self.answered += len(finished)
         if writes:
             with (
@@ -194,18 +200,41 @@ class Replies:
                 if tracing.enabled
                 else tracing.OFF
             ):
-                self._execute(writes + self.heartbeat())
+                self._execute(writes, delivery)
         self.queue.held_raws.difference_update(held.raw for held in finished)
 
-    def _execute(self, writes: list[Command]) -> None:
-        """One transaction (nothing applies if Redis refuses any of it), sent again until it goes; a
-        stopping worker gives up, leaving the work in its processing list for another worker."""
+    def _execute(self, writes: list[Command], delivery: list[Command]) -> None:
+        """The cache and result `writes`, the `delivery` and the beat in one transaction (nothing
+        applies if Redis refuses any of it), sent again until it goes; a stopping worker gives up,
+        leaving the work in its processing list for another worker. A Redis full (OOM) takes the
+        `delivery` alone (`_deliver`)."""
         backoff = Backoff(log, self.stopping)
         while True:
             try:
-                self.link.transaction(*writes)
+                self.link.transaction(*writes, *delivery, *self.heartbeat())
+                self.full = False
                 return
-            except RedisError as exc:
-                if self.stopping.is_set() or backoff.wait(exc):
-                    log.warning("results not written (%s); their work stays queued for another worker", describe(exc))
+            except OutOfMemoryError as exc:
+                if self._deliver(delivery, len(writes), exc):
                     return
+                error: RedisError = exc
+            except RedisError as exc:
+                error = exc
+            if self.stopping.is_set() or backoff.wait(error):
+                log.warning("results not written (%s); their work stays queued for another worker", describe(error))
+                return
+
+    def _deliver(self, delivery: list[Command], dropped: int, full: OutOfMemoryError) -> bool:
+        """Redis is at its maxmemory with nothing it may evict, and refuses every transaction: send the
+        answers' PUBLISHes, then the ZREMs and LREMs, outside one (Redis takes them full: they need no
+        memory; a worker dying between them leaves an answered item to be computed again, never an
+        item lost), without the `dropped` cache entries, result keys and beat. Whether it went."""
+        try:
+            if delivery:
+                self.link.call(*delivery)
+        except RedisError:
+            return False
+        level = logging.DEBUG if self.full else logging.WARNING
+        log.log(level, "redis is full (%s): answers sent without %d cache and result writes", describe(full), dropped)
+        self.full = True
+        return True

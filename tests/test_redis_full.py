@@ -4,16 +4,22 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 
 import pytest
 import redis
+from redis.client import PubSub
 
 from batcher.heartbeat import Heartbeat
 from batcher.queue import WorkQueue
+from batcher.worker import Worker
 from core.liveness import live_workers
-from core.protocol import Keys, ModelInfo, WorkerStatus
-from tests.conftest import RedisServer, evicting_cache
+from core.protocol import Keys, ModelInfo, WorkerStatus, WorkItem, new_id, parse_replies
+from core.settings import Settings
+from model_store.classifier import Classifier
+from tests.conftest import RedisServer, evicting_cache, hold_forwards, start_worker, wait_for
 
 KEYS = Keys("full")
 MODEL = ModelInfo(name="m", version="v", labels=["NEGATIVE", "POSITIVE"], device="cpu", dtype="fp32")
@@ -43,3 +49,58 @@ def test_a_live_workers_heartbeat_is_never_evicted_for_the_cache(client: redis.R
     assert WorkQueue(client, KEYS, "another").reclaim_dead() == 0
     assert client.lrange(KEYS.processing("alive"), 0, -1) == [b"held"]
 
+
+def test_a_full_redis_takes_the_answers_without_their_cache_entries_and_nothing_is_computed_twice(
+    redis_server: RedisServer,
+    settings: Settings,
+    classifier: Classifier,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # At maxmemory with nothing it may evict, Redis refuses every transaction, the reply's too: the
+    # answer goes on its channel, the item is acknowledged, and its cache entry and result key are not
+    # written; the worker goes on, and caches again once Redis has room.
+    client = redis.Redis.from_url(redis_server.url)
+    client.config_set("maxmemory-policy", "noeviction")
+    keys = Keys(settings.key_prefix)
+    worker = Worker(settings, client, classifier)
+    forwarding, release = hold_forwards(monkeypatch, classifier)
+    pubsub = client.pubsub()
+    pubsub.subscribe(keys.reply_channel("api"))
+    pubsub.get_message(timeout=1)
+    caplog.set_level(logging.INFO)
+    thread = start_worker(worker)
+    try:
+        first = queued(client, keys, "computed while Redis fills")
+        wait_for("the forward to start", forwarding.is_set)
+        client.config_set("maxmemory", 1)  # full: every write that needs memory is refused
+        release.set()
+        assert wait_for("the answer", lambda: answers(pubsub)) == [first.id]
+        assert client.llen(keys.processing(worker.id)) == 0 and not client.exists(keys.result(first.id))
+        assert not client.keys(keys.cache("*", "computed while Redis fills").rsplit(":", 1)[0] + ":*")
+        client.config_set("maxmemory", 0)
+        second = queued(client, keys, "computed once Redis has room")
+        assert wait_for("the second answer", lambda: answers(pubsub)) == [second.id]
+        assert client.exists(keys.result(second.id))
+        assert thread.is_alive() and worker.lanes.computed == 2
+    finally:
+        worker.stop()
+        thread.join(10)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [w for w in warnings if not w.startswith("redis failed (OutOfMemoryError)")] == [
+        "redis is full (OutOfMemoryError): answers sent without 2 cache and result writes"
+    ]  # (the takes meanwhile back off as in an outage)
+
+
+def queued(client: redis.Redis, keys: Keys, text: str) -> WorkItem:
+    now = time.time()
+    item = WorkItem(new_id(), [text], now, now + 30, keys.reply_channel("api"))
+    client.lpush(keys.queue, item.encode())
+    return item
+
+
+def answers(pubsub: PubSub) -> list[str]:
+    ids = []
+    while message := pubsub.get_message(timeout=0.5):
+        ids += [request_id for request_id, _ in parse_replies(message["data"])]
+    return ids
