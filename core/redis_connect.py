@@ -194,9 +194,10 @@ class RedisRefused(RedisAtStart):
 def reach(url: str, timeout_s: float) -> None:
     """PING Redis at `url` once, as a process starts. `RedisRefused` when it answers but refuses the
     URL's credentials (a wrong password, an unknown user), its database or the PING, when its TLS
-    certificate fails verification, when it is a Sentinel, or when the sentinels refuse the URL or
-    know no such service; `RedisUnreachable` when nothing answers within `timeout_s` (a Redis still
-    loading its data counts: it will answer)."""
+    certificate fails verification, when it is a Sentinel, when its memory policy would evict the
+    service's state (`_evicts_state`), or when the sentinels refuse the URL or know no such service;
+    `RedisUnreachable` when nothing answers within `timeout_s` (a Redis still loading its data
+    counts: it will answer)."""
     if (sentinel := SentinelUrl.parse(url)) is not None:
         _ask_sentinels(url, sentinel)
     client = sync_client(url, timeout_s)
@@ -206,6 +207,11 @@ def reach(url: str, timeout_s: float) -> None:
             raise RedisRefused(
                 f"Redis at {masked(url)} refused this service (it is a Sentinel, which holds no data): "
                 "check SENTIMENT_REDIS_URL"
+            )
+        if policy := _evicts_state(client):
+            raise RedisRefused(
+                f"Redis at {masked(url)} evicts any key at its maxmemory (maxmemory-policy {policy}), this service's "
+                "queues and jobs too: set maxmemory-policy to volatile-lru or noeviction (docs/reliability.md)"
             )
     except (RedisError, OSError) as exc:
         said = f"{type(exc).__name__}: {exc}"
@@ -245,6 +251,18 @@ def _role(client: redis.Redis) -> bytes | None:
         return raw(client.execute_command("ROLE")[0])
     except ResponseError:
         return None
+
+
+def _evicts_state(client: redis.Redis) -> str | None:
+    """The server's maxmemory-policy where it may evict a key without an expiry (`allkeys-*`): every
+    key of the service's state has none, its cache entries one each (docs/reliability.md, "When Redis
+    is full"). None where the policy spares them, or where Redis refuses CONFIG GET (a managed Redis,
+    an ACL without it: the operator's word stands)."""
+    try:
+        policy = str(client.config_get("maxmemory-policy").get("maxmemory-policy") or "")  # (redis-py decodes it)
+    except ResponseError:
+        return None
+    return policy if policy.startswith("allkeys-") else None
 
 
 def _untrusted(exc: BaseException) -> bool:

@@ -84,6 +84,22 @@ def test_a_wrong_password_ends_every_command_with_one_line_naming_the_url_masked
     assert PASSWORD not in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("command", ["serve", "api", "worker", "jobs-worker"])
+def test_a_redis_that_would_evict_state_ends_every_command_with_the_policy_it_needs(
+    command: str, redis_server: RedisServer, tiny_model_dir: Path
+) -> None:
+    # Queues, processing lists, heartbeats and jobs have no expiry: `allkeys-*` would evict them at
+    # maxmemory as readily as cache entries. `volatile-lru` evicts only what expires: the cache.
+    redis.Redis.from_url(redis_server.url).config_set("maxmemory-policy", "allkeys-lru")
+    done = ended(command, redis_server.url, tiny_model_dir)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"sentiment {command}: Redis at {redis_server.url} evicts any key at its maxmemory (maxmemory-policy "
+        "allkeys-lru), this service's queues and jobs too: set maxmemory-policy to volatile-lru or noeviction "
+        "(docs/reliability.md)"
+    )
+
+
 @pytest.mark.parametrize(
     ("userinfo", "db", "why"),
     [
