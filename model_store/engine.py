@@ -87,8 +87,9 @@ def int8_artifact(
 ) -> Artifact | None:
     """The int8 artifact to serve. Asked for (`int8`): the one in `directory` (default: `int8/` in
     the model directory), refused in one line (`Refused`) where there is none, it cannot be trusted, or
-    it fails the accuracy rule and `allow_failing` is off. Under `auto`: one that passes, else None,
-    and the log says which and why."""
+    it fails the accuracy rule and `allow_failing` is off. Under `auto`: one that passes, measured on
+    this CPU kind and faster there than the float engine it would replace (`Artifact.not_for_here`),
+    else None, and the log says which and why."""
     directory = directory or checkpoint.dir / DEFAULT_DIR
     if precision == "int8":
         artifact = Artifact.find(directory, checkpoint.fingerprint)
@@ -110,6 +111,9 @@ def int8_artifact(
         log.warning(
             "precision auto: the int8 artifact in %s fails the accuracy rule (%s)", directory, artifact.report.summary()
         )
+        return None
+    if why := artifact.not_for_here():
+        log.warning("precision auto: not serving the int8 artifact in %s: %s", directory, why)
         return None
     log.info("precision auto: serving the int8 artifact in %s (%s)", directory, artifact.report.summary())
     return artifact

@@ -37,17 +37,25 @@ def file_digest(*paths: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def int8_instructions() -> str:
-    """This CPU's instructions that multiply int8 (`/proc/cpuinfo`'s flags), "avx2" at the least: an
-    artifact's figures hold for CPUs of the same set (AVX2's products can saturate, VNNI's and AMX's
-    cannot, docs/tuning.md "Precision")."""
+# The CPU instructions an artifact's figures depend on: those that multiply int8 (AVX2's products can
+# saturate, VNNI's and AMX's cannot) and bf16 (where the float engine `auto` serves is bf16).
+INSTRUCTIONS = ("avx2", "avx_vnni", "avx512_vnni", "amx_int8", "avx512_bf16", "amx_tile")
+NATIVE_BF16 = ("avx512_bf16", "amx_tile")  # as torch reads it (`engine.native_bf16`)
+
+
+def cpu_instructions() -> str:
+    """This CPU's `INSTRUCTIONS` (`/proc/cpuinfo`'s flags): an artifact's figures hold for CPUs of
+    the same set (docs/tuning.md "Precision")."""
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return "unknown"
-    return (
-        " ".join(f for f in ("avx2", "avx_vnni", "avx512_vnni", "amx_int8") if f in flags) or "none of avx2, vnni, amx"
-    )
+    return " ".join(f for f in INSTRUCTIONS if f in flags) or "none of avx2, vnni, amx, bf16"
+
+
+def multiplies_bf16(instructions: str) -> bool:
+    """Whether a CPU of these `cpu_instructions` multiplies bf16 natively: `auto`'s float engine there is bf16."""
+    return any(flag in instructions.split() for flag in NATIVE_BF16)
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,7 @@ class Report:
     checkpoint: str  # the fingerprint of the checkpoint it was made from
     artifact: str  # `file_digest` of its graph's files (`MODEL_FILES`)
     tool: str  # e.g. "onnxruntime 1.32.0"
-    cpu: str  # the int8 instructions of the CPU it was measured on (`int8_instructions`)
+    cpu: str  # the instructions of the CPU it was measured on (`cpu_instructions`)
     recipe: str  # one of RECIPES
     method: str  # what was quantized, and how
     kept_float: list[str]  # the graph's MatMul/Gemm nodes left in float (ONNX Runtime's recipes)
@@ -72,6 +80,13 @@ class Report:
     rule: dict[str, float] = field(
         default_factory=lambda: {"max_accuracy_drop": MAX_ACCURACY_DROP, "min_agreement": MIN_AGREEMENT}
     )
+    bf16_speedup: float | None = None  # torch bf16's time over its own, where `cpu` multiplies bf16 natively
+
+    @property
+    def float_speedup(self) -> float | None:
+        """Its speed over the float engine `auto` serves on a CPU of its `cpu`: torch bf16 where that
+        multiplies bf16 natively, else ONNX Runtime's fp32; None where that was not measured."""
+        return self.bf16_speedup if multiplies_bf16(self.cpu) else self.speedup
 
     @property
     def passes(self) -> bool:
@@ -92,7 +107,7 @@ class Report:
             f"recipe {self.recipe}, {self.evaluation['sentences']} sentences of {self.evaluation['data']}: accuracy "
             f"{self.int8_accuracy:.2%} against fp32's {self.fp32_accuracy:.2%}, {self.agreement:.2%} of labels "
             f"agreeing, largest score difference {self.largest_score_difference:.4f}, {self.speedup:.2f}x fp32's "
-            f"speed, measured with {self.cpu}"
+            f"speed{'' if self.bf16_speedup is None else f' and {self.bf16_speedup:.2f}x bf16s'}, measured with {self.cpu}"
         )
 
     def write(self, directory: Path) -> None:
@@ -150,6 +165,22 @@ class Artifact:
         if digest != report.artifact:
             raise Refused(f"the int8 artifact's graph is not the one its report measured; {remake}")
         return cls(directory, report)
+
+    def not_for_here(self) -> str | None:
+        """Why `auto` leaves it aside on this machine, else None: its figures were measured on a CPU
+        of other instructions (accuracy and speed both change with them), or it was no faster there
+        than the float engine it would replace."""
+        here = cpu_instructions()
+        if self.report.cpu != here:
+            return (
+                f"it was measured on a CPU with {self.report.cpu}, and this one has {here}: make it on this CPU kind "
+                "with `sentiment model quantize` (or set SENTIMENT_PRECISION=int8 to serve it anyway)"
+            )
+        speedup, engine = self.report.float_speedup, "bf16" if multiplies_bf16(here) else "fp32"
+        if speedup is None or speedup <= 1.0:
+            measured = "was not timed against" if speedup is None else f"ran at {speedup:.2f}x"
+            return f"it {measured} the {engine} engine it would replace, on this CPU kind"
+        return None
 
     def check(self, allow_failing: bool) -> None:
         """Raise `Refused` unless the report passes the accuracy rule, or `allow_failing` says to serve it anyway."""

@@ -36,10 +36,11 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from model_store import layout, scoring
 from model_store.checkpoint import Checkpoint
-from model_store.int8 import MODEL_FILES, RECIPES, RUNTIMES, Report, file_digest, int8_instructions
+from model_store.engine import Engine
+from model_store.int8 import MODEL_FILES, RECIPES, RUNTIMES, Report, cpu_instructions, file_digest, multiplies_bf16
 from model_store.onnx_engine import OnnxEngine, export
 from model_store.openvino_engine import OpenVinoEngine, takes_segments
-from model_store.torch_engine import TRACE_EXAMPLE, load_module
+from model_store.torch_engine import TRACE_EXAMPLE, TorchEngine, load_module
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,11 @@ def quantize(
         export(module, fp32, layout.inputs(TRACE_EXAMPLE, checkpoint.pad_id, segments=segments, packed=False))
         del module
         reference, fp32_seconds = _timed_scores(OnnxEngine(fp32, threads, checkpoint.pad_id), checkpoint, texts)
+        bf16_seconds = None
+        if multiplies_bf16(cpu_instructions()):  # `auto`'s float engine on this CPU: what int8 must beat
+            bf16 = TorchEngine(checkpoint, torch.device("cpu"), "bf16", lanes=1)
+            bf16_seconds = _timed_scores(bf16, checkpoint, texts)[1]
+            del bf16
         made: dict[str, Report] = {}
         try:
             for recipe in recipes:
@@ -131,7 +137,7 @@ def quantize(
                         calibration,
                         evaluation,
                         reference,
-                        fp32_seconds,
+                        (fp32_seconds, bf16_seconds),
                         threads,
                     )
                 except Exception:  # a tool that cannot take this model costs its recipe, not the others
@@ -169,10 +175,11 @@ def _make(
     calibration: tuple[Path, Sequence[str]],
     evaluation: tuple[Path, Sequence[str], Sequence[int]],
     reference: np.ndarray,
-    fp32_seconds: float,
+    float_seconds: tuple[float, float | None],
     threads: int,
 ) -> Report:
-    """One recipe's graph and report in `dest`."""
+    """One recipe's graph and report in `dest`; `float_seconds`: fp32's time on the evaluation
+    sentences, and bf16's where this CPU multiplies bf16 natively."""
     files = [dest / name for name in MODEL_FILES[RUNTIMES[recipe]]]
     engine: OnnxEngine | OpenVinoEngine
     if RUNTIMES[recipe] == "openvino":
@@ -188,7 +195,7 @@ def _make(
         checkpoint=checkpoint.fingerprint,
         artifact=file_digest(*files),
         tool=tool,
-        cpu=int8_instructions(),
+        cpu=cpu_instructions(),
         recipe=recipe,
         method=method,
         kept_float=kept_float,
@@ -198,8 +205,9 @@ def _make(
         int8_accuracy=float((scores.argmax(-1) == truth).mean()),
         agreement=float((reference.argmax(-1) == scores.argmax(-1)).mean()),
         largest_score_difference=float(np.abs(reference - scores).max()),
-        speedup=fp32_seconds / seconds,
+        speedup=float_seconds[0] / seconds,
         tried={},
+        bf16_speedup=None if float_seconds[1] is None else float_seconds[1] / seconds,
     )
     report.write(dest)
     return report
@@ -264,9 +272,7 @@ def _nncf_int8(fp32: Path, int8: Path, checkpoint: Checkpoint, sentences: Sequen
     return tool, "static int8 (NNCF, transformer preset: activations' ranges from calibration), OpenVINO", []
 
 
-def _timed_scores(
-    engine: OnnxEngine | OpenVinoEngine, checkpoint: Checkpoint, texts: Sequence[str]
-) -> tuple[np.ndarray, float]:
+def _timed_scores(engine: Engine, checkpoint: Checkpoint, texts: Sequence[str]) -> tuple[np.ndarray, float]:
     """`_scores`, and the seconds a second pass takes (the first warms the runtime's shapes up)."""
     scores = _scores(engine, checkpoint, texts)
     start = time.perf_counter()
@@ -281,6 +287,7 @@ def _figures(report: Report) -> dict[str, object]:
         "agreement": report.agreement,
         "int8_accuracy": report.int8_accuracy,
         "speedup": round(report.speedup, 3),
+        "bf16_speedup": None if report.bf16_speedup is None else round(report.bf16_speedup, 3),
     }
 
 
@@ -365,7 +372,7 @@ def _split(graph: onnx.ModelProto, outliers: dict[str, np.ndarray]) -> None:
     graph.graph.node.extend(nodes)
 
 
-def _scores(engine: OnnxEngine | OpenVinoEngine, checkpoint: Checkpoint, texts: Sequence[str]) -> np.ndarray:
+def _scores(engine: Engine, checkpoint: Checkpoint, texts: Sequence[str]) -> np.ndarray:
     """The model's scores per text, forwards of `BATCH` sentences of similar length."""
     ids = checkpoint.tokenize(list(texts))
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
