@@ -5,8 +5,10 @@ Every `DUE_WEBHOOKS_EVERY_S` the thread takes the webhooks that are due (`Keys.w
 look next). One whose job has not ended is looked at again a heartbeat TTL later: the worker that
 ends a job, and the API that cancels one, make its webhook due at once; the periodic look catches a
 job that RQ's abandoned-job handling failed. Once the job has ended its document is made, once, and
-kept with the webhook: every try sends the same body under the same delivery id. From then on the
-webhook expires with its job, or after its next try if that is later (`Sender._update`).
+kept with the webhook: every try sends the same body under the same delivery id, the job itself
+gone or not. The record has no expiry, so no memory policy evicts it: it goes when delivered or
+dead-lettered, or with its job deleted. A job gone before its document was made (expired, evicted:
+an ended job is cache) dead-letters its webhook, saying so.
 
 Any failure of a try is one of `SENTIMENT_WEBHOOK_ATTEMPTS`, foreseen (not 2xx, no connection, the
 deadline) or not (a bug, an input nothing foresaw); a refused address ends the tries at once.
@@ -123,7 +125,7 @@ class Sender:
 
     def _handle(self, job_id: str) -> None:
         record = {text(field): raw(value) for field, value in self.redis.hgetall(self.keys.webhook(job_id)).items()}
-        if "url" not in record:  # dropped with its job meanwhile, or expired
+        if "url" not in record:  # dropped with its job meanwhile
             self.redis.zrem(self.keys.webhooks, job_id)
             return
         url, tries = record["url"].decode(), int(record.get("attempts", b"0")) + 1
@@ -136,8 +138,7 @@ class Sender:
                 try:
                     job = Job.fetch(job_id, connection=self.redis, serializer=SERIALIZER)
                 except NoSuchJobError:
-                    log.info("job %s expired before its webhook went out: nothing to send", job_id)
-                    self._finish(job_id)
+                    self._give_up(job_id, host, tries - 1, "its job was gone (expired or evicted) before it went out")
                     return
                 record |= {"body": orjson.dumps(status_document(job)), "delivery": new_id().encode()}
                 if not self._update(job_id, {"body": record["body"], "delivery": record["delivery"]}, time.time()):
@@ -176,24 +177,18 @@ class Sender:
 
     def _update(self, job_id: str, fields: Mapping[FieldT, EncodableT], look_at: float, ended: bool = True) -> bool:
         """Write `fields` to the webhook and look at it again at `look_at`, unless it was dropped
-        meanwhile with its job (False then). Once the job has `ended`, the webhook expires with it, or
-        after the next try's claim would lapse, whichever is later: it never outlives its job by
-        more than its tries take, nor vanishes before they run out. A job looked at running that ended
-        since (WATCHed) is looked at now: its end made the webhook due at once, and a later look would
-        undo that, sending it a heartbeat TTL late."""
+        meanwhile with its job (False then). A job looked at running (not `ended`) that ended since
+        (WATCHed) is looked at now: its end made the webhook due at once, and a later look would undo
+        that, sending it a heartbeat TTL late."""
         key, job_key = self.keys.webhook(job_id), Job.key_for(job_id)
 
         def write(pipe: Pipeline) -> bool:
             if not pipe.exists(key):
                 return False
             look = look_at if ended or not _ended(raw(pipe.hget(job_key, "status"))) else time.time()
-            next_try_ms = int((look - time.time() + CLAIM_S) * 1000)
-            expire_ms = max(int(pipe.pttl(Job.key_for(job_id))), next_try_ms) if ended else None
             pipe.multi()
             if fields:
                 pipe.hset(key, mapping=fields)
-            if expire_ms is not None:
-                pipe.pexpire(key, expire_ms)
             pipe.zadd(self.keys.webhooks, {job_id: look}, xx=True)
             return True
 

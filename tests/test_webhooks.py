@@ -40,7 +40,7 @@ from redis import Redis
 from api.app import create_app
 from api.job_store import JobStore
 from batcher.webhook_http import post
-from batcher.webhooks import CLAIM_S, DUE_WEBHOOKS_EVERY_S, Sender
+from batcher.webhooks import DUE_WEBHOOKS_EVERY_S, Sender
 from core.protocol import Keys
 from core.redis_errors import Backoff
 from core.settings import Settings
@@ -520,26 +520,39 @@ def test_a_record_the_sender_cannot_read_is_dead_lettered_at_once(settings: Sett
     assert fake.keys(f"*{job_id}*") == [f"rq:job:{job_id}".encode()]
 
 
-@pytest.mark.parametrize(("job_ttl_s", "backoff_s"), [(86_400, 0.01), (1, 600.0)])
-def test_a_webhook_record_expires_with_its_job_or_after_its_next_try_whichever_is_later(
-    settings: Settings, receiver: Receiver, job_ttl_s: int, backoff_s: float
+def test_a_webhook_record_has_no_expiry_and_outlives_its_job_until_delivered(
+    settings: Settings, receiver: Receiver
 ) -> None:
-    settings = settings.model_copy(update={"job_ttl_s": job_ttl_s, "webhook_backoff_s": backoff_s})
+    # No memory policy evicts it (state until delivered or dead-lettered), and its job, once ended, is
+    # cache: evicted or expired, the document made at its end still goes out.
     fake = fakeredis.FakeRedis()
     store = JobStore(fake, settings)
     job_id = store.create(["a text"], receiver.url("/later"))
     record = Keys(settings.key_prefix).webhook(job_id)
-    assert fake.pttl(record) == -1  # while the job is queued neither has a TTL (nothing evicts them)
     receiver.plan["/later"] = [500]
     store.delete(job_id)  # canceled: it has ended, its webhook is due
     Sender(settings, fake).tick()
-    assert fake.hget(record, "error") == b"HTTP 500"  # its second try is due in `backoff_s`
-    expires_ms, job_ms = fake.pttl(record), fake.pttl(f"rq:job:{job_id}")
-    assert 0 < job_ms <= job_ttl_s * 1000
-    if job_ttl_s * 1000 > (backoff_s + CLAIM_S) * 1000:
-        assert (backoff_s + CLAIM_S) * 1000 < expires_ms <= job_ttl_s * 1000  # the job's: not a day past it
-    else:
-        assert expires_ms > backoff_s * 1000  # the next try's: the tries run out on the dead-letter list
+    assert fake.hget(record, "error") == b"HTTP 500" and fake.pttl(record) == -1
+    fake.delete(f"rq:job:{job_id}")  # evicted
+    fake.zadd(Keys(settings.key_prefix).webhooks, {job_id: 0}, xx=True)  # its second try due now
+    Sender(settings, fake).tick()
+    first, second = receiver.at("/later")
+    assert second.body == first.body and json.loads(second.body)["status"] == "canceled"
+    assert fake.keys(f"*{job_id}*") == [] and dead_letters(fake, Keys(settings.key_prefix)) == []
+
+
+def test_a_job_gone_before_its_webhook_was_made_dead_letters_it_saying_so(
+    settings: Settings, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = fakeredis.FakeRedis()
+    job_id = canceled_job(fake, settings, receiver.url("/never"))
+    fake.delete(f"rq:job:{job_id}")  # evicted (an ended job is cache) before any sender looked
+    Sender(settings, fake).tick()
+    assert receiver.at("/never") == []
+    [letter] = dead_letters(fake, Keys(settings.key_prefix))
+    assert (letter["job_id"], letter["attempts"]) == (job_id, 0)
+    assert letter["error"] == "its job was gone (expired or evicted) before it went out"
+    assert "dead-lettered" in caplog.text and fake.keys(f"*{job_id}*") == []
 
 
 def test_a_claim_that_lapsed_and_was_taken_by_another_sender_stays_theirs(
