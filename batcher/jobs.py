@@ -37,6 +37,7 @@ import math
 import os
 import signal
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
@@ -47,7 +48,7 @@ from typing import Any
 from opentelemetry.trace import Span
 from redis import Redis
 from redis.client import Pipeline, PubSub, PubSubWorkerThread
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import OutOfMemoryError, RedisError, WatchError
 from rq import Queue, SimpleWorker, get_current_job, worker_registration
 from rq.exceptions import StopRequested
 from rq.executions import Execution
@@ -70,6 +71,7 @@ from core.webhooks import look_now
 log = logging.getLogger(__name__)
 
 DEQUEUE_WAIT_S = 2  # longest one wait for a job blocks
+ROOM_SLACK_B = 64 * 1024  # the room a job's failure needs beside its empty data, and what others write meanwhile
 FAILED_STOP_S = 30.0  # a jobs worker whose webhook thread failed may finish its job this long (else it is retried)
 
 
@@ -101,6 +103,12 @@ class JobInterrupted(Exception):
     """This worker was told to stop (SIGTERM, serve's Ctrl-C) while the job ran: it stops at its next
     part and goes back to the front of its queue, its retries untouched, for the next jobs worker
     (the parts done are in the cache, so it resumes at about where it stopped)."""
+
+
+class ResultsTooLarge(Exception):
+    """Redis, full of what it may not evict (OOM), refused the job's finish: its predictions do not fit.
+    Final: it fails with this reason, its texts given up to make room for the failure (`_make_room`);
+    a retry would compute them again to the same end."""
 
 
 class JobCanceled(Exception):
@@ -242,6 +250,7 @@ class JobsWorker(SimpleWorker):
         self.dropped: str | None = None  # the last job said to be dropped (canceled or deleted)
         self.interrupted: str | None = None  # the last job stopped by `request_stop`, to requeue
         self.refused: str | None = None  # the last job whose texts the model refused (`TooLong`): no retry
+        self.too_large: tuple[str, str] | None = None  # the last job whose results Redis refused, and why
 
     @property
     def dequeue_timeout(self) -> int:
@@ -335,7 +344,9 @@ class JobsWorker(SimpleWorker):
         def beat() -> None:
             try:
                 self.maintain_heartbeats(job, execution)
-            except Exception:  # a missed beat is survivable; the next one may work
+            except RedisError as exc:  # a missed beat is survivable; the next one may work
+                log.warning("job %s heartbeat failed (%s)", job.id, describe(exc))
+            except Exception:
                 log.warning("job %s heartbeat failed", job.id, exc_info=True)
 
         with Periodic(f"heartbeat-{job.id}", self.job_heartbeat_ttl / 3, beat), running(self.context):
@@ -389,7 +400,17 @@ class JobsWorker(SimpleWorker):
             self.cleanup_execution(job, pipeline=pipe, execution=execution)
             look_now(pipe, self.keys, job.id)
 
-        _write_running(job, finish, "as it finished")
+        try:
+            _write_running(job, finish, "as it finished")
+        except OutOfMemoryError as exc:
+            # Redis holds the refused transaction's bytes in the buffer of the connection that sent them
+            # until it is idle a while; closed, they are freed now, for the failure to fit.
+            self.connection.connection_pool.disconnect(inuse_connections=False)
+            texts = job.get_meta(refresh=False).get("total", 0)
+            raise ResultsTooLarge(
+                f"its {texts:,} predictions did not fit in Redis, which is full ({describe(exc)}; nothing left it may "
+                "evict): delete ended jobs or raise its maxmemory, then submit it again, or in smaller jobs"
+            ) from None
 
     def handle_exception(self, job: Job, *exc_info: object) -> None:
         if isinstance(exc_info[1], JobCanceled):
@@ -399,6 +420,10 @@ class JobsWorker(SimpleWorker):
         if isinstance(exc_info[1], JobInterrupted):
             log.info("job %s %s; back at the front of the queue", job.id, exc_info[1])
             self.interrupted = job.id
+            return
+        if isinstance(exc_info[1], ResultsTooLarge):
+            log.warning("job %s failed: %s", job.id, exc_info[1])
+            self.refused, self.too_large = job.id, (job.id, str(exc_info[1]))
             return
         if isinstance(exc_info[1], TooLong):
             self.refused = job.id
@@ -416,6 +441,9 @@ class JobsWorker(SimpleWorker):
         webhook made due; failed at once when the model refused its texts, which no retry changes),
         unless the job was canceled or deleted: then it is neither retried nor failed, only its execution goes."""
         retries_left = job.retries_left  # `job.retry` counts one off: a fresh look (WatchError) starts here again
+        if self.too_large is not None and self.too_large[0] == job.id:
+            exc_string = self.too_large[1]  # (the one line, not a traceback: it is all the failure there is)
+            self._make_room(job)
 
         def fail(pipe: Pipeline) -> None:
             job.retries_left = retries_left
@@ -440,13 +468,43 @@ class JobsWorker(SimpleWorker):
             self.cleanup_execution(job, pipeline=pipe, execution=execution)
 
         try:
-            _write_running(job, fail, "as it failed")
+            self._written_when_room(job, fail)
         except JobCanceled as why:
             if self.dropped != job.id:  # a failure, not the JobCanceled `handle_exception` told of
                 log.info("job %s %s; dropped", job.id, why)
             with self.connection.pipeline() as pipe:
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
                 pipe.execute()
+
+    def _written_when_room(self, job: Job, write: Callable[[Pipeline], object]) -> None:
+        """`write` the job's outcome; while a full Redis refuses it, again with backoff (nothing is
+        computed again meanwhile), until memory frees or the worker stops (the job, left started, is
+        then the next worker's to run)."""
+        backoff = Backoff(log, self.context.stopping)
+        while True:
+            try:
+                _write_running(job, write, "as it failed")
+                return
+            except OutOfMemoryError as exc:
+                if backoff.wait(exc):
+                    return
+
+    def _make_room(self, job: Job) -> None:
+        """Give up the texts of a job Redis had no room to finish, so that its failure fits: its hash
+        keeps an empty argument list in their place (RQ reads one); it is not retried. Outside a
+        transaction, which a full Redis refuses whole: HDEL needs no memory and frees what the HSET
+        needs; where it would not free enough (others' state fills Redis) the texts stay, and the
+        failure waits for room (`_written_when_room`): a job without its data field would read as none."""
+        job.args = ([],)
+        small = zlib.compress(job.data)
+        memory = self.connection.info("memory")
+        texts = self.connection.memory_usage(job.key, samples=0) or 0
+        if memory.get("maxmemory") and memory["used_memory"] - texts + len(small) + ROOM_SLACK_B >= memory["maxmemory"]:
+            return
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.hdel(job.key, "data")
+            pipe.hset(job.key, "data", small)
+            pipe.execute(raise_on_error=False)
 
 
 def serve_jobs(settings: Settings, bulk: Bulk, redis: Redis, burst: bool = False) -> bool:

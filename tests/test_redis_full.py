@@ -7,12 +7,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
 from redis.client import PubSub
 
+from api.job_store import JobStore
+from batcher.bulk import Bulk
 from batcher.heartbeat import Heartbeat
+from batcher.jobs import JobsWorker, serve_jobs
 from batcher.queue import WorkQueue
 from batcher.worker import Worker
 from core.liveness import live_workers
@@ -104,3 +108,51 @@ def answers(pubsub: PubSub) -> list[str]:
     while message := pubsub.get_message(timeout=0.5):
         ids += [request_id for request_id, _ in parse_replies(message["data"])]
     return ids
+
+
+def test_a_job_whose_predictions_do_not_fit_fails_saying_so_once_and_the_next_one_finishes(
+    redis_server: RedisServer,
+    settings: Settings,
+    classifier: Classifier,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Redis fills (other jobs' texts, nothing it may evict) while a job runs: its finish, results and
+    # all, is refused. It was retried, computing every text again to the same end, and the jobs
+    # worker quit with a traceback. Now it fails with a reason a person can act on, its texts given
+    # up to make room for that; the jobs worker goes on and, with room again, finishes the next.
+    client = redis.Redis.from_url(redis_server.url)
+    client.config_set("maxmemory-policy", "noeviction")
+    settings = settings.model_copy(update={"redis_url": redis_server.url, "jobs_max_texts": 5000})
+    store = JobStore(client, settings)
+    worker = Worker(settings, redis.Redis.from_url(redis_server.url), classifier)
+    parts: list[int] = []
+    bulk = Bulk(settings, client)
+    send = bulk.send
+    monkeypatch.setattr(bulk, "send", lambda texts: parts.append(len(texts)) or send(texts))
+    finish = JobsWorker.handle_job_success
+
+    def filled_as_it_finishes(self: JobsWorker, *args: Any, **kwargs: Any) -> None:
+        if kwargs["job"].id == big:
+            client.config_set("maxmemory", client.info("memory")["used_memory"] + 65536)
+        return finish(self, *args, **kwargs)
+
+    monkeypatch.setattr(JobsWorker, "handle_job_success", filled_as_it_finishes)
+    caplog.set_level(logging.INFO)
+    thread = start_worker(worker)
+    try:
+        big = store.create([f"review {new_id()} {new_id()}" for _ in range(5000)])  # (texts that compress little)
+        serve_jobs(settings, bulk, client, burst=True)
+        view = store.view(big)
+        assert (view["status"], view["progress"]["done"]) == ("failed", 5000)
+        assert view["error"].startswith("its 5,000 predictions did not fit in Redis, which is full (OutOfMemoryError")
+        assert sum(parts) == 5000  # computed once: not retried
+        client.config_set("maxmemory", 0)
+        small = store.create(["once Redis has room"])
+        serve_jobs(settings, bulk, client, burst=True)
+        assert store.view(small)["status"] == "finished"
+    finally:
+        worker.stop()
+        thread.join(10)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text[-3000:]
+    assert "stopped unasked" not in caplog.text
