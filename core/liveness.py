@@ -48,7 +48,8 @@ class DeathWatch:
     """Which registered workers died, as seen by the worker `me`.
 
     A worker is dead when its heartbeat lapsed (hung, partitioned from Redis, or its Redis refuses
-    CLIENT LIST; an unreadable one lapses once it stayed the same for `ttl_s`), or when none of its named connections was open at any look for `RECONNECT_S`: the
+    CLIENT LIST; one missing or unreadable, which says no lapse time, once it stayed so for `ttl_s`:
+    a live worker's next beat writes it again within a third of that), or when none of its named connections was open at any look for `RECONNECT_S`: the
     kernel closes a killed process's sockets at once, while a live worker that lost its connections
     (a network blip, a failover) opens new ones within its reconnect backoff, and its work must not
     be computed twice. A live worker in a long forward keeps its connections open and its heartbeat
@@ -73,7 +74,8 @@ class DeathWatch:
         self.ttl_s = ttl_s
         self.clock = clock
         self.wall = wall
-        self._unreadable_since: dict[str, tuple[bytes, float]] = {}  # worker -> its unreadable heartbeat, since when
+        self._unknown_since: dict[str, tuple[bytes | None, float]] = {}  # worker -> its heartbeat, missing or
+        # unreadable, since when (our clock)
         self._gone_since: dict[str, float] = {}  # workers without an open connection, since when (our clock)
         self._client_list = True  # False once Redis refused CLIENT LIST: heartbeats only
         self._lapses_from = float("-inf")  # (our clock) from when a lapsed heartbeat is a death
@@ -86,8 +88,7 @@ class DeathWatch:
         now, wall = self.clock(), self.wall()
         named = {w: _status(w, b) for w, b in zip(others, beats, strict=True) if b is not None}
         alive = {w for w, s in named.items() if s is not None and not s.lapsed(wall)}
-        unreadable = {w: b for w, b in zip(others, beats, strict=True) if b is not None and named[w] is None}
-        alive |= self._unreadable_beating(unreadable, now)
+        alive |= self._unknown_beating({w: b for w, b in zip(others, beats, strict=True) if named.get(w) is None}, now)
         connections = {w: s.connection for w, s in named.items() if s is not None and s.connection}
         open_now = self._open_connections() if connections else None
         if self._grace_s is not None:
@@ -101,14 +102,13 @@ class DeathWatch:
         read = dict(zip(others, beats, strict=True))
         return {worker: read[worker] for worker in dead}
 
-    def _unreadable_beating(self, unreadable: dict[str, bytes], now: float) -> set[str]:
-        """The workers whose unreadable heartbeat has not yet stayed the same for `ttl_s` (it says no
-        lapse time; a live worker's next beat overwrites it)."""
-        self._unreadable_since = {
-            w: kept if (kept := self._unreadable_since.get(w)) and kept[0] == b else (b, now)
-            for w, b in unreadable.items()
+    def _unknown_beating(self, unknown: dict[str, bytes | None], now: float) -> set[str]:
+        """The workers whose heartbeat, missing (lost: deleted, or a Redis that dropped it) or unreadable,
+        has not yet stayed so, the same, for `ttl_s`."""
+        self._unknown_since = {
+            w: kept if (kept := self._unknown_since.get(w)) and kept[0] == b else (b, now) for w, b in unknown.items()
         }
-        return {w for w, (_, since) in self._unreadable_since.items() if now - since < self.ttl_s}
+        return {w for w, (_, since) in self._unknown_since.items() if now - since < self.ttl_s}
 
     def redis_failed(self, grace_s: float) -> None:
         """`me` failed to reach or write to Redis: the other workers may have failed to beat as long, so

@@ -3,6 +3,7 @@ forward holds, when it goes, how much is taken, and that work is held until answ
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -629,9 +630,16 @@ def holding_work(server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, worke
     return client
 
 
+def lapsed(redis: fakeredis.FakeRedis, worker_id: str) -> None:
+    """A registered worker whose heartbeat lapsed (it says so: the key has no expiry)."""
+    status = WorkerStatus(id=worker_id, host="h", pid=1, model_version="v", started_at=0, lapses_at=1.0)
+    redis.set(KEYS.heartbeat(worker_id), status.encode())
+    redis.sadd(KEYS.workers, worker_id)
+
+
 def test_dead_workers_work_is_reclaimed_oldest_first(redis: fakeredis.FakeRedis) -> None:
     dead = WorkQueue(redis, KEYS, "dead")
-    redis.sadd(KEYS.workers, "dead")  # registered, but its heartbeat key has expired
+    lapsed(redis, "dead")
     first, second = push(redis, "one"), push(redis, "two")
     assert len(dead.take_queued(2)) == 2
     assert redis.llen(KEYS.queue) == 0
@@ -646,7 +654,7 @@ def test_a_dead_workers_bulk_work_is_reclaimed_onto_the_bulk_list_as_its_interac
     redis: fakeredis.FakeRedis,
 ) -> None:
     dead = WorkQueue(redis, KEYS, "dead")
-    redis.sadd(KEYS.workers, "dead")  # registered, but its heartbeat key has expired
+    lapsed(redis, "dead")
     interactive = push(redis, "asked")
     now = time.time()
     chunk = [WorkItem(new_id(), [f"bulk {i}"], now, now + 30, "jobs") for i in range(2)]
@@ -738,6 +746,22 @@ def test_an_unreadable_heartbeat_is_logged_once_and_read_as_alive_until_it_staye
     assert alive.reclaim_dead() == 1
 
 
+def test_a_worker_whose_heartbeat_key_is_lost_keeps_its_work_until_it_stayed_missing_a_ttl(
+    fake_server: fakeredis.FakeServer, redis: fakeredis.FakeRedis
+) -> None:
+    # Deleted by hand, or by a Redis told to evict it: a live worker writes it again within a third of
+    # a TTL. One that stays missing (a worker hung, its key lost) is a death a TTL after it was seen so.
+    holding_work(fake_server, redis, "lost")
+    now = [0.0]
+    alive = watching_at(WorkQueue(redis, KEYS, "alive", heartbeat_ttl_s=10.0), now)
+    redis.delete(KEYS.heartbeat("lost"))
+    assert alive.reclaim_dead() == 0
+    now[0] = 9.5
+    assert alive.reclaim_dead() == 0 and redis.llen(KEYS.processing("lost")) == 1
+    now[0] = 10.0
+    assert alive.reclaim_dead() == 1
+
+
 def test_a_heartbeat_past_its_lapse_time_is_a_death_though_its_key_stands(redis: fakeredis.FakeRedis) -> None:
     # No memory policy evicts a heartbeat (no expiry): the time it carries says when it lapsed.
     status = WorkerStatus(id="hung", host="h", pid=1, model_version="v", started_at=0, lapses_at=1000.0)
@@ -766,7 +790,8 @@ def test_without_client_list_a_dead_worker_is_reclaimed_when_its_heartbeat_lapse
     monkeypatch.setattr(redis, "client_list", refused)  # an ACL user with -@dangerous, as docs/security.md's
     alive = WorkQueue(redis, KEYS, "alive")
     assert [alive.reclaim_dead() for _ in range(3)] == [0, 0, 0]
-    redis.delete(KEYS.heartbeat("killed"))  # its TTL ran out
+    beat = WorkerStatus.decode(redis.get(KEYS.heartbeat("killed")))
+    redis.set(KEYS.heartbeat("killed"), dataclasses.replace(beat, lapses_at=time.time() - 1).encode())  # lapsed
     assert alive.reclaim_dead() == 1
 
 

@@ -5,8 +5,8 @@ work queue (`batcher.queue.WorkQueue`), on fakeredis.
 Two to four workers, each on a client whose connections carry its name, take work as `Worker.run`
 does (some takes lose their replies to a broken connection), answer it (the reply stage's
 transaction: the result, the LREM, the beat riding along), tick (beat when due, look for the dead
-and requeue their work), hang (no beat, no take; the thread still looks) and come back, leave
-(`Worker._leave`) or are killed (their connections closed); new ones start; Redis goes down, closing
+and requeue their work), hang (no beat, no take; the thread still looks) and come back, lose
+their heartbeat keys, leave (`Worker._leave`) or are killed (their connections closed); new ones start; Redis goes down, closing
 every connection, and comes back with its keys, their expiry run on (an append-only Redis). Between a watcher's look and its requeue, another worker may beat and take,
 or reclaim too. The clock, Redis's as well, moves half a second at a time (`DEATH_WATCH_S`), every
 worker's heartbeat thread ticking in between. After every step:
@@ -228,6 +228,14 @@ class ReclaimMachine(RuleBasedStateMachine):
             worker.forfeit |= set(worker.held)
             self.forfeit |= set(worker.held)
             worker.away = True
+
+    @precondition(lambda self: not self.down)
+    @rule(index=st.integers(0, MOST_WORKERS - 1))
+    def its_heartbeat_is_lost(self, index: int) -> None:
+        """A worker's heartbeat key goes (deleted by hand, or by a Redis told to evict it): a running
+        worker beats again within a third of a TTL, before a watcher may take it for dead."""
+        if (worker := self._worker(index, "running", "hung")) is not None:
+            self.api.delete(KEYS.heartbeat(worker.id))
 
     @rule(index=st.integers(0, MOST_WORKERS - 1))
     def resume(self, index: int) -> None:

@@ -4,6 +4,7 @@ Redis errors, shutdown."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -305,7 +306,7 @@ def test_a_worker_back_from_a_hang_is_registered_again_before_it_takes_work(
     try:
         hung.set()
         wait_for("the worker to see itself hung", seen_hung.is_set)
-        redis.delete(keys.heartbeat(worker.id))  # lapsed
+        redis.set(keys.heartbeat(worker.id), dataclasses.replace(worker.status, lapses_at=1.0).encode())  # lapsed
         assert WorkQueue(redis, keys, "another worker").reclaim_dead() == 0
         assert not redis.sismember(keys.workers, worker.id)
         hung.clear()
