@@ -1,6 +1,7 @@
 """Webhooks between jobs workers, as a state machine (Hypothesis's stateful testing) over the real
 `batcher.webhooks.Sender` (two of them, as two jobs workers run) and `api.job_store.JobStore` (jobs
-created with a callback URL, canceled, deleted), on fakeredis.
+created with a callback URL, canceled, deleted), on fakeredis. Jobs end `finished` or `failed` as the
+jobs worker ends them, and an ended job's hash may be evicted (it is cache; its webhook is state).
 
 Senders tick; each delivery (`post`, faked) succeeds, fails or times out, and while it is on its
 way the other sender ticks, the job is deleted, or the claim lapses (a delivery longer than
@@ -10,7 +11,8 @@ way the other sender ticks, the job is deleted, or the claim lapses (a delivery 
   docs/jobs.md says: receivers deduplicate by `webhook-id`), each try under the same delivery id;
 - a delivered webhook is not sent again (but after a lapsed claim), nor one whose job was deleted;
 - its record counts the failed tries; once they reach `SENTIMENT_WEBHOOK_ATTEMPTS` it is on the
-  dead-letter list, with that count, and sent no more.
+  dead-letter list, with that count, and sent no more;
+- no webhook vanishes: one of a job not deleted is delivered, still kept, or dead-lettered.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from core.settings import Settings
 from tests.conftest import examples
 
 ATTEMPTS = 3
+ENDED = (b"finished", b"failed", b"canceled")
 SETTINGS = Settings(
     key_prefix="hooks",
     webhook_secrets="whsec_" + "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=",
@@ -76,6 +79,8 @@ class WebhookMachine(RuleBasedStateMachine):
         self.lapsed: set[str] = set()  # jobs a delivery of which outlived its claim
         self.delivered: set[str] = set()
         self.deleted: set[str] = set()
+        self.submitted: set[str] = set()
+        self.evicted: set[str] = set()  # ended jobs whose hash Redis evicted
         self.failed: Counter[str] = Counter()  # job -> failed tries
         self.delivery_ids: dict[str, str] = {}
         self.wrong: list[str] = []  # what `post` saw that it should not have
@@ -88,18 +93,36 @@ class WebhookMachine(RuleBasedStateMachine):
 
     @rule(target=jobs)
     def submit(self) -> str:
-        return self.store.create(["a text"], URL)
+        job_id = self.store.create(["a text"], URL)
+        self.submitted.add(job_id)
+        return job_id
 
     @rule(job_id=jobs)
     def delete(self, job_id: str) -> None:
         """DELETE /jobs/{id}: a running job is canceled (it ended: its webhook is due at once), an
         ended one deleted with its webhook."""
-        if job_id in self.deleted:
+        if job_id in self.deleted | self.evicted:
             return
         status = self.redis.hget(f"rq:job:{job_id}", "status")
         self.store.delete(job_id)
-        if status == b"canceled":
+        if status in ENDED:
             self.deleted.add(job_id)
+
+    @rule(job_id=jobs, outcome=st.sampled_from(["finished", "failed"]))
+    def the_job_ends(self, job_id: str, outcome: str) -> None:
+        """The jobs worker ends a job that has not ended (`batcher.jobs`): its status, and its webhook due at once."""
+        if self.redis.hget(f"rq:job:{job_id}", "status") in (b"queued", b"started"):
+            with self.redis.pipeline() as pipe:
+                pipe.hset(f"rq:job:{job_id}", "status", outcome)
+                core_webhooks.look_now(pipe, KEYS, job_id)
+                pipe.execute()
+
+    @rule(job_id=jobs)
+    def an_ended_job_is_evicted(self, job_id: str) -> None:
+        """Redis at its maxmemory evicts an ended job's hash (it has an expiry: cache)."""
+        if self.redis.hget(f"rq:job:{job_id}", "status") in ENDED:
+            self.redis.delete(f"rq:job:{job_id}")
+            self.evicted.add(job_id)
 
     @rule(seconds=st.sampled_from([0.3, 2.0, 6.0]))
     def time_passes(self, seconds: float) -> None:
@@ -161,6 +184,12 @@ class WebhookMachine(RuleBasedStateMachine):
     @invariant()
     def each_delivery_was_one_to_make(self) -> None:
         assert not self.wrong, self.wrong
+
+    @invariant()
+    def no_webhook_vanishes(self) -> None:
+        letters = {json.loads(raw)["job_id"] for raw in self.redis.lrange(KEYS.webhook_dead_letters, 0, -1)}
+        for job_id in self.submitted - self.deleted - self.delivered - letters:
+            assert self.redis.exists(KEYS.webhook(job_id)), f"{job_id}'s webhook vanished"
 
     @invariant()
     def failed_tries_are_counted_then_dead_lettered(self) -> None:
