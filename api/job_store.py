@@ -84,8 +84,10 @@ class JobStore:
             reap_abandoned(self.queue)  # is its worker gone? (cheap: one ZRANGEBYSCORE)
             job = self._fetch(job_id)
         document = status_document(job)
-        # An ended job's result is a second read: a job deleted in between is gone, not finished without predictions.
-        if document["status"] in ("finished", "failed") and not self.redis.exists(job.key):
+        # An ended job's result is a second read: a job deleted in between is gone, not finished without
+        # predictions; so is one whose result a full Redis evicted (an ended job is cache, as its hash).
+        gone = not self.redis.exists(job.key) or (document["status"] == "finished" and document["predictions"] is None)
+        if document["status"] in ("finished", "failed") and gone:
             raise _not_found(job_id)
         return document
 

@@ -733,6 +733,20 @@ def test_unknown_and_expired_jobs_are_404(service: tuple[Service, TestClient]) -
     assert client.get(f"/jobs/{job_id}").status_code == 404
 
 
+def test_a_finished_job_whose_result_a_full_redis_evicted_is_404_not_finished_without_predictions(
+    service: tuple[Service, TestClient],
+) -> None:
+    # An ended job is cache (its keys expire): at maxmemory Redis may evict its result before its hash.
+    svc, client = service
+    job_id = submit(client, TEXTS[:3])
+    svc.run_jobs()
+    assert client.get(f"/jobs/{job_id}").json()["status"] == "finished"
+    for key in svc.redis.keys(f"*{job_id}*"):
+        if key != svc.job(job_id).key.encode():
+            svc.redis.delete(key)  # evicted: the result, not the hash
+    assert client.get(f"/jobs/{job_id}").status_code == 404
+
+
 def test_a_404_for_a_long_job_id_quotes_it_in_part(service: tuple[Service, TestClient]) -> None:
     """The 404 echoed the id whole: 60 KB of path, 60 KB of answer, where every other error quotes
     about 100 characters of a bad value."""
