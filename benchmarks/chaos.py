@@ -10,12 +10,14 @@ bulk job every few seconds, polled to its end. Faults, spaced evenly over the ru
 the full run): SIGKILL of a worker, an API process or the jobs worker (always the second of each: the
 first lives the whole run, for the memory check); Redis SIGKILL and restart; a 5 s blackhole; 200 ms
 of added latency; connection resets; every open connection gone silent; a garbage heartbeat and
-garbage work items written into Redis.
+garbage work items written into Redis; Redis full (`Faults.full_redis`).
 
 Checked (`check`): every 200 carries the right predictions (the model run here, in process); every
 other answer is a 503 with Retry-After or a 504, within the deadline + 1 s; a connection error only
 for requests the killed API process held; every accepted job ends finished with the right
-predictions, or failed with a reason; after each fault heals, a request is answered 200 within 3 s;
+predictions, or failed with a reason (or, run while Redis was full, answers 404: an ended job is
+cache); a fault's own promise (a full Redis's job larger than its room
+fails saying its predictions did not fit); after each fault heals, a request is answered 200 within 3 s;
 no process left behind; the never-killed API and worker use at most 10% more memory at the end than
 at the end of the warm-up (minute 2, or a third of a shorter run); no text computed more often than
 the run put it back: once, plus once for each further request or job that asked for it before its
@@ -73,6 +75,10 @@ CLIENTS = 4
 JOB_EVERY_S = 5.0
 POOL_TEXTS = 5000  # SST-2 sentences; new texts are these again with trailing whitespace (`UniqueTexts`)
 HOT_TEXTS = 200  # of them, those that come back again and again: cache hits
+FULL_ROOM_B = 64 * 1024  # a full Redis's room above what it held once its job larger than that was queued
+FULL_BIG_TEXTS = 2000  # that job: its predictions (about 90 bytes each) do not fit in the room
+FULL_FILLER_TEXTS = 200  # each job queued to fill the room, until refused
+FULL_S = 5.0  # how long Redis stays full of queued jobs
 
 
 @dataclass
@@ -109,6 +115,8 @@ class Fault:
     at: float
     healed: float
     detail: str = ""
+    broken: str = ""  # the fault's own promise, where it was broken
+    evicts: bool = False  # it emptied the cache: every text cached by its end may be computed once more
 
 
 @dataclass
@@ -319,6 +327,7 @@ class Faults:
             self.kill_jobs_worker,
             self.latency,
             self.silence,
+            self.full_redis,
         ]
 
     def kill_worker(self) -> Fault:
@@ -382,6 +391,64 @@ class Faults:
         wrong = item.replace(b'"texts":["fine"]', b'"texts":[1,2]')
         self.direct.lpush(self.keys.queue, b"\xff not json", wrong)
         return Fault("garbage work items", at, time.time())
+
+    def full_redis(self) -> Fault:
+        """Redis at its maxmemory (`volatile-lru`, as shipped), full of state: the cache evicted (what
+        the limit evicts first, gone at once), the room left a little above what it held once a job
+        larger than that room was queued. The load's cache misses fill it (evicting each other), the
+        big job fails saying its predictions did not fit, then queued jobs fill it until refused (503)
+        for `FULL_S`; then the limit is lifted and the fault's jobs deleted."""
+        at = time.time()
+        api, refused = self.t.api_urls[0], 0
+        fillers: list[str] = []
+        big = self._job(api, FULL_BIG_TEXTS)
+        if cached := list(self.direct.scan_iter(f"{self.keys.prefix}:cache:*", count=1000)):
+            self.direct.unlink(*cached)
+        self.direct.config_set("maxmemory-policy", "volatile-lru")
+        self.direct.config_set("maxmemory", self.direct.info("memory")["used_memory"] + FULL_ROOM_B)
+        try:
+            ended = self._ended(api, big) if big else {"status": "refused"}
+            while refused < 3 and len(fillers) < 100:
+                if job_id := self._job(api, FULL_FILLER_TEXTS):
+                    fillers.append(job_id)
+                else:
+                    refused += 1
+            time.sleep(FULL_S)
+        finally:
+            self.direct.config_set("maxmemory", 0)
+        for job_id in [*fillers, *([big] if big else [])]:
+            for _ in range(2):  # cancel, then delete
+                with contextlib.suppress(httpx.HTTPError):
+                    httpx.delete(f"{api}/jobs/{job_id}", timeout=DEADLINE_S)
+        fits = ended.get("status") == "failed" and "did not fit" in ended.get("error", "")
+        detail = (
+            f"{len(fillers)} jobs queued, then {refused} refused; the job larger than the room: {ended.get('status')}"
+        )
+        return Fault(
+            "Redis full", at, time.time(), detail, "" if fits else f"the job larger than the room: {ended}", evicts=True
+        )
+
+    def _job(self, api: str, texts: int) -> str | None:
+        """A job of `texts` new texts (that compress little) queued; its id, or None where refused."""
+        with contextlib.suppress(httpx.HTTPError):
+            response = httpx.post(
+                f"{api}/jobs", json={"text": [f"a review {new_id()}" for _ in range(texts)]}, timeout=DEADLINE_S
+            )
+            if response.status_code == 202:
+                return str(response.json()["job_id"])
+        return None
+
+    def _ended(self, api: str, job_id: str, wait_s: float = 60.0) -> dict[str, Any]:
+        """The job's view once it ended (or as it stood after `wait_s`)."""
+        view: dict[str, Any] = {}
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                view = httpx.get(f"{api}/jobs/{job_id}", timeout=DEADLINE_S).json()
+                if view.get("status") in ("finished", "failed", "canceled"):
+                    return view
+            time.sleep(0.5)
+        return view
 
     def _kill(self, name: str, what: str) -> Fault:
         at = time.time()
@@ -529,6 +596,10 @@ def check(
         """When the requests and jobs that asked for a text began and ended (unix s, as the faults')."""
         return [(start, end) for start, end, texts in _spans(answers, jobs) if digest in map(text_digest, texts)]
 
+    def evicted_meanwhile(j: JobRun) -> bool:
+        """It ran while a fault emptied the cache: a full Redis evicts ended jobs too (404 early)."""
+        return any(f.evicts and j.created <= f.healed and (j.ended_at or f.at) >= f.at for f in faults)
+
     recovery = []
     for fault in faults:
         after = [a.ended for a in answers if a.status == 200 and a.started >= fault.healed]
@@ -549,11 +620,16 @@ def check(
         "accepted job not finished right nor failed with a reason": [
             j
             for j in jobs
-            if not ((j.ended == "finished" and not wrong(j.predictions, j.texts)) or (j.ended == "failed" and j.error))
+            if not (
+                (j.ended == "finished" and not wrong(j.predictions, j.texts))
+                or (j.ended == "failed" and j.error)
+                or (j.ended == "gone" and evicted_meanwhile(j))
+            )
         ],
         "fault not followed by a 200 within 3 s": [
             f for f, r in zip(faults, recovery, strict=True) if r is None or r > RECOVERY_S
         ],
+        "fault's own promise broken": [f for f in faults if f.broken],
         "process left behind": behind,
         "memory grown more than 10% since the warm-up, or not measured": [
             n for n, g in growth.items() if g is None or g > MEMORY_GROWTH
@@ -602,8 +678,9 @@ def computed_past_put_back(
     fault during a request or job that asks for it (a push whose reply the fault lost is sent once
     more, `core.redis_connect.link_options`, so the item is queued twice; a job a fault cut runs
     again, RQ's retry; bulk work a fault held past its deadline is queued again; and the two copies
-    may meet in two workers). A killed worker adds none: the worker that reclaims its work finds what
-    it wrote in the cache, and computes what it computed without writing, the one write of those texts."""
+    may meet in two workers), and once more for each fault that emptied the cache after it was first
+    written. A killed worker adds none: the worker that reclaims its work finds what it wrote in the
+    cache, and computes what it computed without writing, the one write of those texts."""
     raced: Counter[str] = Counter()
     for at, texts in [*((a.started, a.texts) for a in answers), *((j.created, j.texts) for j in jobs)]:
         raced.update(d for d in map(text_digest, texts) if at < first_written.get(d, float("-inf")))
@@ -613,6 +690,9 @@ def computed_past_put_back(
         for started, ended, texts in spans:
             if started <= fault.healed and (ended is None or ended >= fault.at):
                 cut.update(map(text_digest, texts))
+    for fault in faults:
+        if fault.evicts:
+            cut.update(d for d, at in first_written.items() if at <= fault.healed)
     return [
         {"text": digest, "computed": n, "bound": bound}
         for digest, n in computed.items()

@@ -29,7 +29,7 @@ def test_every_promise_holds_while_faults_run_under_mixed_load(small_model_dir: 
         {k: results[k] for k in ("invariants", "statuses", "jobs", "examples")} | {"recovery": recovery}, indent=1
     )
     assert results["passed"], shown
-    assert len(results["faults"]) == 10 and all(f["recovery_s"] is not None for f in results["faults"])
+    assert len(results["faults"]) == 11 and all(f["recovery_s"] is not None for f in results["faults"])
     assert results["statuses"].get("200", 0) > 1000 and results["jobs"]["finished"] >= 5, shown
     assert (tmp_path / Path(results["results_file"]).name).is_file()
 
