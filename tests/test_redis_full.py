@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import redis
-from redis.client import PubSub
 
 from api.job_store import JobStore
 from batcher.bulk import Bulk
@@ -20,10 +19,13 @@ from batcher.jobs import JobsWorker, serve_jobs
 from batcher.queue import WorkQueue
 from batcher.worker import Worker
 from core.liveness import live_workers
-from core.protocol import Keys, ModelInfo, WorkerStatus, WorkItem, new_id, parse_replies
+from core.protocol import Keys, ModelInfo, WorkerStatus, WorkItem, new_id
 from core.settings import Settings
 from model_store.classifier import Classifier
 from tests.conftest import RedisServer, evicting_cache, hold_forwards, start_worker, wait_for
+from tests.test_worker import announcements
+
+Caplog = pytest.LogCaptureFixture
 
 KEYS = Keys("full")
 MODEL = ModelInfo(name="m", version="v", labels=["NEGATIVE", "POSITIVE"], device="cpu", dtype="fp32")
@@ -36,6 +38,15 @@ def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_server.url)
     client.config_set("maxmemory-policy", "volatile-lru")
     client.config_set("maxmemory", client.info("memory")["used_memory"] + 8 * 2**20)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def full(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A client of a Redis that evicts nothing: once at its `maxmemory` (set by the test), full."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.config_set("maxmemory-policy", "noeviction")
     yield client
     client.close()
 
@@ -55,17 +66,12 @@ def test_a_live_workers_heartbeat_is_never_evicted_for_the_cache(client: redis.R
 
 
 def test_a_full_redis_takes_the_answers_without_their_cache_entries_and_nothing_is_computed_twice(
-    redis_server: RedisServer,
-    settings: Settings,
-    classifier: Classifier,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    full: redis.Redis, settings: Settings, classifier: Classifier, monkeypatch: pytest.MonkeyPatch, caplog: Caplog
 ) -> None:
     # At maxmemory with nothing it may evict, Redis refuses every transaction, the reply's too: the
     # answer goes on its channel, the item is acknowledged, and its cache entry and result key are not
     # written; the worker goes on, and caches again once Redis has room.
-    client = redis.Redis.from_url(redis_server.url)
-    client.config_set("maxmemory-policy", "noeviction")
+    client = full
     keys = Keys(settings.key_prefix)
     worker = Worker(settings, client, classifier)
     forwarding, release = hold_forwards(monkeypatch, classifier)
@@ -79,12 +85,12 @@ def test_a_full_redis_takes_the_answers_without_their_cache_entries_and_nothing_
         wait_for("the forward to start", forwarding.is_set)
         client.config_set("maxmemory", 1)  # full: every write that needs memory is refused
         release.set()
-        assert wait_for("the answer", lambda: answers(pubsub)) == [first.id]
+        assert wait_for("the answer", lambda: announcements(pubsub)) == [first.id]
         assert client.llen(keys.processing(worker.id)) == 0 and not client.exists(keys.result(first.id))
         assert not client.keys(keys.cache("*", "computed while Redis fills").rsplit(":", 1)[0] + ":*")
         client.config_set("maxmemory", 0)
         second = queued(client, keys, "computed once Redis has room")
-        assert wait_for("the second answer", lambda: answers(pubsub)) == [second.id]
+        assert wait_for("the second answer", lambda: announcements(pubsub)) == [second.id]
         assert client.exists(keys.result(second.id))
         assert thread.is_alive() and worker.lanes.computed == 2
     finally:
@@ -103,27 +109,20 @@ def queued(client: redis.Redis, keys: Keys, text: str) -> WorkItem:
     return item
 
 
-def answers(pubsub: PubSub) -> list[str]:
-    ids = []
-    while message := pubsub.get_message(timeout=0.5):
-        ids += [request_id for request_id, _ in parse_replies(message["data"])]
-    return ids
-
-
 def test_a_job_whose_predictions_do_not_fit_fails_saying_so_once_and_the_next_one_finishes(
     redis_server: RedisServer,
+    full: redis.Redis,
     settings: Settings,
     classifier: Classifier,
     monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    caplog: Caplog,
 ) -> None:
     # Redis fills (other jobs' texts, nothing it may evict) while a job runs: its finish, results and
     # all, is refused. It was retried, computing every text again to the same end, and the jobs
     # worker quit with a traceback. Now it fails with a reason a person can act on, its texts given
     # up to make room for that; the jobs worker goes on and, with room again, finishes the next.
-    client = redis.Redis.from_url(redis_server.url)
-    client.config_set("maxmemory-policy", "noeviction")
-    settings = settings.model_copy(update={"redis_url": redis_server.url, "jobs_max_texts": 5000})
+    client = full
+    settings = settings.model_copy(update={"jobs_max_texts": 5000})
     store = JobStore(client, settings)
     worker = Worker(settings, redis.Redis.from_url(redis_server.url), classifier)
     parts: list[int] = []
