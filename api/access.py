@@ -23,7 +23,7 @@ import ipaddress
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Never, cast
+from typing import Any, Never, cast
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -37,9 +37,6 @@ from api.docs_page import ASSETS, DOCS, OPENAPI, REDOC
 from api.errors import ErrorType, ServiceError, error_response, responses
 from api.rate_limit import RateLimit
 from core.protocol import DEFAULT_CLIENT
-
-if TYPE_CHECKING:
-    from uvicorn._types import HTTPScope
 
 PROBES = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready"})
 OPEN_PATHS = PROBES | {DOCS, REDOC, OPENAPI}  # the README's Security section names the same
@@ -110,7 +107,7 @@ class ForwardedFor:
         if self._proxy is None:
             return address
         scope = {"type": "http", "client": (address, 0), "headers": metadata}
-        await self._proxy(cast("HTTPScope", scope), _unused, _unused)
+        await self._proxy(cast("Any", scope), _unused, _unused)  # (uvicorn types its scope in a private module)
         return str(scope["client"][0])
 
 

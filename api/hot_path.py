@@ -5,8 +5,8 @@ stack for uploaded files, and the router's matching: /predict needs none of them
 on the hot path (what skipping them bought: docs/tuning.md, "/predict without FastAPI's request
 handler"). Its POSTs get the same error handling and the app's own middleware, in the order Starlette
 gives them (a bug's 500, the app's middleware, the handlers of known errors, the route), built once.
-With FastAPI's telemetry on (a tracer provider configured), every request takes the full stack,
-where FastAPI makes the request's span.
+With FastAPI's telemetry on (`telemetry_on`), every request takes the full stack, where FastAPI makes
+the request's span.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
-from starlette._utils import get_route_path
+from opentelemetry import trace
 from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
@@ -40,12 +40,7 @@ class HotPathApp(FastAPI):
             # GET without the body (RFC 9110 9.3.2), which the server leaves out: its own scope says HEAD.
             # FastAPI's routes take GET alone, and a monitor probing with HEAD would read a 405 as down.
             scope = {**scope, "method": "GET", SENT_METHOD: "HEAD"}
-        if (
-            scope["type"] == "http"
-            and scope["method"] == "POST"
-            and get_route_path(scope) == PATH
-            and not self._native_telemetry.enabled()  # (FastAPI's own check, on each request too)
-        ):
+        if scope["type"] == "http" and scope["method"] == "POST" and route_path(scope) == PATH and not telemetry_on():
             scope["app"] = self
             if self._hot is None:
                 self._hot = self._hot_stack()
@@ -75,3 +70,20 @@ class HotPathApp(FastAPI):
             app = cls(app, *args, **kwargs)
         bug = next((h for k, h in reversed(self.exception_handlers.items()) if k in (500, Exception)), None)
         return ServerErrorMiddleware(app, handler=bug, debug=self.debug)
+
+
+def route_path(scope: Scope) -> str:
+    """The path the router matches: the request's, less the app's `root_path` where the path starts
+    with it (as Starlette's router reads it; its helper for it is private)."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root) and (path == root or path[len(root)] == "/"):
+        return path[len(root) :]
+    return path
+
+
+def telemetry_on() -> bool:
+    """Whether FastAPI's telemetry spans requests: where a tracer provider is configured (ours,
+    `core.tracing`, or a user's own), as FastAPI reads it on each request (the app turns its metrics
+    and logs off): OpenTelemetry's deferred provider is the unconfigured one."""
+    return type(trace.get_tracer_provider()) is not trace.ProxyTracerProvider
