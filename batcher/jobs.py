@@ -498,8 +498,8 @@ class JobsWorker(SimpleWorker):
         job.args = ([],)
         small = zlib.compress(job.data)
         memory = self.connection.info("memory")
-        texts = self.connection.memory_usage(job.key, samples=0) or 0
-        if memory.get("maxmemory") and memory["used_memory"] - texts + len(small) + ROOM_SLACK_B >= memory["maxmemory"]:
+        held = self.connection.memory_usage(job.key, samples=0) or 0  # its hash, texts and all
+        if memory.get("maxmemory") and memory["used_memory"] - held + len(small) + ROOM_SLACK_B >= memory["maxmemory"]:
             return
         with self.connection.pipeline(transaction=False) as pipe:
             pipe.hdel(job.key, "data")

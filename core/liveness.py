@@ -49,8 +49,9 @@ class DeathWatch:
 
     A worker is dead when its heartbeat lapsed (hung, partitioned from Redis, or its Redis refuses
     CLIENT LIST; one missing or unreadable, which says no lapse time, once it stayed so for `ttl_s`:
-    a live worker's next beat writes it again within a third of that), or when none of its named connections was open at any look for `RECONNECT_S`: the
-    kernel closes a killed process's sockets at once, while a live worker that lost its connections
+    a live worker's next beat writes it again within a third of that), or when none of its named
+    connections was open at any look for `RECONNECT_S`: the kernel closes a killed process's
+    sockets at once, while a live worker that lost its connections
     (a network blip, a failover) opens new ones within its reconnect backoff, and its work must not
     be computed twice. A live worker in a long forward keeps its connections open and its heartbeat
     thread beating, so it is never taken for dead. An unreadable heartbeat is logged once and read
