@@ -557,26 +557,30 @@ def test_an_outage_longer_than_the_heartbeat_ttl_reclaims_only_the_workers_that_
 def test_redis_refusing_writes_is_survived_like_an_outage(
     services: list[Service], redis_server: RedisServer, model_dir: Path, reference: Classifier
 ) -> None:
-    # Redis at maxmemory with noeviction answers every write with an error reply (OOM), not a lost
-    # connection; READONLY after a failover and NOPERM come the same way. The worker holds on to its
-    # work, backs off, and serves it once writes are accepted again: the same process, one answer.
-    prefix = "faults-oom"
+    # A Redis turned replica by a failover answers every write with an error reply (READONLY), not a
+    # lost connection; NOPERM comes the same way. The worker holds on to its work, backs off, and
+    # serves it once writes are accepted again: the same process, one answer. (A full Redis, OOM, is
+    # another case: its answers go without their result keys, tests/test_redis_full.py.)
+    prefix = "faults-readonly"
     keys = Keys(prefix)
     client = redis.Redis.from_url(redis_server.url)
     pubsub = client.pubsub()
     pubsub.subscribe(keys.reply_channel("api"))
     worker = service(services, redis_server.url, model_dir, prefix).start("worker")
     held_by = keys.processing(worker_id(client, prefix, worker.pid))
+    wait_for("the worker to wait for work", lambda: client.info("clients")["blocked_clients"])
     worker.send_signal(signal.SIGSTOP)  # so the work below cannot be answered before writes are refused
     now = time.time()
     item = WorkItem(new_id(), ["a good movie"], now, now + 600, keys.reply_channel("api"))
-    client.lpush(keys.queue, item.encode())
-    client.config_set("maxmemory-policy", "noeviction")
-    client.config_set("maxmemory", 1)
-    worker.send_signal(signal.SIGCONT)
-    wait_for("the worker's heartbeat to lapse (its writes are refused)", lambda: not live_workers(client, prefix))
-    assert worker.poll() is None
-    client.config_set("maxmemory", 0)
+    client.lpush(keys.queue, item.encode())  # Redis hands it to the waiting take at once
+    assert client.lrange(held_by, 0, -1) == [item.encode()]
+    client.replicaof("127.0.0.1", "1")  # a master that never answers: this Redis keeps its data
+    try:
+        worker.send_signal(signal.SIGCONT)
+        wait_for("the worker's heartbeat to lapse (its writes are refused)", lambda: not live_workers(client, prefix))
+        assert worker.poll() is None and client.lrange(held_by, 0, -1) == [item.encode()]
+    finally:
+        client.replicaof("NO", "ONE")
     result = Result.decode(wait_for("the answer once Redis takes writes", lambda: client.get(keys.result(item.id))))
     [want] = reference.forward(reference.tokenize(item.texts))
     assert [s["score"] for s in result.predictions[0]] == pytest.approx(want, abs=SCORE_ABS)
