@@ -5,8 +5,9 @@ Topology: a redis-server with an append-only file synced on every write, two `se
 processes, two `sentiment worker`s and a `sentiment jobs-worker`, each behind a fault proxy of its
 own (`benchmarks/fault_proxy.py`) and restarted when it dies (`sentiment.supervisor`, as Kubernetes
 would). Load: clients posting 1-4 texts to /predict (a hot pool that hits the cache, and new texts),
-round robin over the APIs (a refused connection goes to the other, as a load balancer does), and a
-bulk job every few seconds, polled to its end. Faults, spaced evenly over the run (twice each in
+and such requests sent open loop a few a second (`Traffic._probing`), round robin over the APIs (a
+refused connection goes to the other, as a load balancer does), and a bulk job every few seconds,
+polled to its end. Faults, spaced evenly over the run (twice each in
 the full run): SIGKILL of a worker, an API process or the jobs worker (always the second of each: the
 first lives the whole run, for the memory check); Redis SIGKILL and restart; a 5 s blackhole; 200 ms
 of added latency; connection resets; every open connection gone silent; a garbage heartbeat and
@@ -72,6 +73,7 @@ MEMORY_BASE_S = 120.0  # the warm-up: this long, or a third of a shorter run
 SCORE_TOLERANCE = 1e-4  # the service's fp32 forwards against the same model run here
 JOB_END_WAIT_S = 180.0  # for the jobs accepted during the run to end once the load stops
 CLIENTS = 4
+PROBE_EVERY_S = 0.25  # besides the clients, a request this often whatever the answers (`Traffic._probing`)
 JOB_EVERY_S = 5.0
 POOL_TEXTS = 5000  # SST-2 sentences; new texts are these again with trailing whitespace (`UniqueTexts`)
 HOT_TEXTS = 200  # of them, those that come back again and again: cache hits
@@ -235,30 +237,51 @@ class Traffic:
     async def _main(self) -> None:
         limits = httpx.Limits(max_keepalive_connections=0)  # a killed API's clients reconnect elsewhere
         async with httpx.AsyncClient(timeout=DEADLINE_S + 5, limits=limits) as client:
-            await asyncio.gather(*(self._predicting(client, n) for n in range(CLIENTS)), self._jobs(client))
+            await asyncio.gather(
+                *(self._predicting(client, n) for n in range(CLIENTS)), self._probing(client), self._jobs(client)
+            )
 
     async def _predicting(self, client: httpx.AsyncClient, number: int) -> None:
+        """A client of its own: each request once the last is answered."""
         for turn in itertools.count(number):
             if self._stop.is_set():
                 return
-            texts = self.texts(1, 4)
-            for api in (self.apis[turn % 2], self.apis[(turn + 1) % 2]):
-                answer = Answer(api, texts, time.time())
-                try:
-                    response = await client.post(f"{api}/predict", json={"text": texts})
-                except httpx.ConnectError:
-                    continue  # never accepted: the other API, as a load balancer would
-                except httpx.HTTPError as exc:
-                    answer.error = f"{type(exc).__name__}: {exc}"
-                else:
-                    answer.status, answer.retry_after = response.status_code, response.headers.get("retry-after")
-                    if response.status_code == 200:
-                        answer.predictions = response.json()["predictions"]
-                answer.ended = time.time()
-                self.answers.append(answer)
+            await self._ask(client, turn)
+
+    async def _probing(self, client: httpx.AsyncClient) -> None:
+        """A request every `PROBE_EVERY_S`, whatever the answers: when a fault holds every client's
+        request (a killed worker's batch, until its death is seen), requests are still sent after it
+        heals, and its recovery is timed on them."""
+        sent: set[asyncio.Task[None]] = set()
+        for turn in itertools.count():
+            if self._stop.is_set():
                 break
+            task = asyncio.create_task(self._ask(client, turn))
+            sent.add(task)
+            task.add_done_callback(sent.discard)
+            await asyncio.sleep(PROBE_EVERY_S)
+        await asyncio.gather(*sent)
+
+    async def _ask(self, client: httpx.AsyncClient, turn: int) -> None:
+        """One /predict of 1-4 texts, to the API whose `turn` it is, or the other if that one refuses
+        the connection."""
+        texts = self.texts(1, 4)
+        for api in (self.apis[turn % 2], self.apis[(turn + 1) % 2]):
+            answer = Answer(api, texts, time.time())
+            try:
+                response = await client.post(f"{api}/predict", json={"text": texts})
+            except httpx.ConnectError:
+                continue  # never accepted: the other API, as a load balancer would
+            except httpx.HTTPError as exc:
+                answer.error = f"{type(exc).__name__}: {exc}"
             else:
-                await asyncio.sleep(0.05)  # both APIs down at once: not a request
+                answer.status, answer.retry_after = response.status_code, response.headers.get("retry-after")
+                if response.status_code == 200:
+                    answer.predictions = response.json()["predictions"]
+            answer.ended = time.time()
+            self.answers.append(answer)
+            return
+        await asyncio.sleep(0.05)  # both APIs down at once: not a request
 
     async def _jobs(self, client: httpx.AsyncClient) -> None:
         polling: list[JobRun] = []
