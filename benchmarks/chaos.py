@@ -507,13 +507,15 @@ def left_behind(prefix: str) -> list[int]:
 
 def expected_scores(model_dir: Path, texts: list[str]) -> dict[str, list[float]]:
     """Each pool text's label probabilities from the model run here, as the workers run it (fp32);
-    a text with trailing whitespace (`UniqueTexts`' later rounds) tokenizes, so scores, the same."""
+    a text with trailing whitespace (`UniqueTexts`' later rounds) tokenizes, so scores, the same.
+    Batched in order of length, so that little of each batch is padding."""
     from model_store.classifier import Classifier
 
     classifier = Classifier(model_dir, "cpu", precision="fp32")
     scores: dict[str, list[float]] = {}
-    for start in range(0, len(texts), 64):
-        chunk = texts[start : start + 64]
+    by_length = sorted(texts, key=len)
+    for start in range(0, len(by_length), 64):
+        chunk = by_length[start : start + 64]
         for text, p in zip(chunk, classifier.forward(classifier.tokenize(chunk)), strict=True):
             scores[text] = [s["score"] for s in prediction(classifier.labels, p)]
     return scores
