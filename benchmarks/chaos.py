@@ -67,6 +67,7 @@ logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request o
 DEADLINE_S = 10.0  # SENTIMENT_REQUEST_TIMEOUT_S, the default
 REDIS_TIMEOUT_S = 5.0  # SENTIMENT_REDIS_TIMEOUT_S, the default
 RECOVERY_S = 3.0  # after a fault heals, a request is answered 200 within this
+SETTLE_S = 1.0  # the next fault comes this long after the last was seen to heal, at the earliest
 KILL_TAKES_S = 0.5  # a SIGKILLed process may still hold its sockets this long after the signal
 MEMORY_GROWTH = 0.10  # most growth of the never-killed processes' memory from the warm-up's end to the end
 MEMORY_BASE_S = 120.0  # the warm-up: this long, or a third of a shorter run
@@ -229,6 +230,22 @@ class Traffic:
             self._abandon.set()
         self._stop.set()
         self._thread.join(JOB_END_WAIT_S + 60)
+
+    def recovered_at(self, healed: float) -> float | None:
+        """When the first request sent at or after `healed` (unix s) was answered 200; None: none yet."""
+        first = None
+        for answer in reversed(self.answers):  # (in the order they ended)
+            if answer.ended < healed:
+                break
+            if answer.status == 200 and answer.started >= healed:
+                first = answer.ended
+        return first
+
+    def settled(self, fault: Fault) -> bool:
+        """Whether `fault` was seen to heal `SETTLE_S` ago (`recovered_at`), or had twice its
+        `RECOVERY_S` to (the check then finds it late): the next may come."""
+        seen, now = self.recovered_at(fault.healed), time.time()
+        return (seen is not None and now >= seen + SETTLE_S) or now >= fault.healed + 2 * RECOVERY_S
 
     def texts(self, low: int, high: int) -> list[str]:
         count = self._rng.randint(low, high)
@@ -552,19 +569,15 @@ def run(
                 base_at = min(MEMORY_BASE_S, duration_s / 3)
                 try:
                     for n, fault in enumerate(schedule, 1):
-                        # On schedule, but never before the last fault has healed and been seen to heal.
-                        due = begun + n * gap_s
-                        if faults:
-                            due = max(due, time.monotonic() + faults[-1].healed - time.time() + 2 * RECOVERY_S)
-                        while (wait := due - time.monotonic()) > 0:
+                        due = begun + n * gap_s  # on schedule, but never before the last fault has settled
+                        while time.monotonic() < due or (faults and not traffic.settled(faults[-1])):
                             if "base" not in memory and time.monotonic() - begun >= base_at:
                                 memory["base"] = {name: rss_kib(topology.pid(name)) for name in ("api-1", "worker-1")}
-                            time.sleep(min(wait, 0.5))
+                            time.sleep(0.1)
                         faults.append(fault())
                         print(f"chaos: {faults[-1].name} at {faults[-1].at - started:.0f} s", file=sys.stderr)
-                    # Past the last fault's healing, long enough to see the service recover from it.
-                    end = max(begun + duration_s, time.monotonic() + faults[-1].healed - time.time() + 2 * RECOVERY_S)
-                    time.sleep(max(0.0, end - time.monotonic()))
+                    while time.monotonic() < begun + duration_s or not traffic.settled(faults[-1]):
+                        time.sleep(0.1)
                 except KeyboardInterrupt:  # the run so far is checked and kept
                     interrupted = True
                 memory["end"] = {name: rss_kib(topology.pid(name)) for name in ("api-1", "worker-1")}
@@ -625,10 +638,7 @@ def check(
         """It ran while a fault emptied the cache: a full Redis evicts ended jobs too (404 early)."""
         return any(f.evicts and j.created <= f.healed and (j.ended_at or f.at) >= f.at for f in faults)
 
-    recovery = []
-    for fault in faults:
-        after = [a.ended for a in answers if a.status == 200 and a.started >= fault.healed]
-        recovery.append(round(min(after) - fault.healed, 2) if after else None)
+    recovery = [None if (at := traffic.recovered_at(f.healed)) is None else round(at - f.healed, 2) for f in faults]
     growth = {
         name: round(end / base - 1, 3)
         if (base := memory.get("base", {}).get(name)) and (end := memory.get("end", {}).get(name))

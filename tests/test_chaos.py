@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 
@@ -81,6 +82,30 @@ def test_memory_grown_past_its_bound_or_not_measured_fails_the_run(
     results = check(traffic, [], {}, writes, [], memory)
     assert results["passed"] == (not broken), results["invariants"]
     assert sorted(n for found in results["examples"].values() for n in found) == broken
+
+
+def test_a_fault_heals_at_the_first_200_to_a_request_sent_after_it_and_settles_a_second_later() -> None:
+    traffic = Traffic(["http://127.0.0.1:1", "http://127.0.0.1:2"], [], UniqueTexts(["unsent"]))
+    fault = Fault("every connection reset", 9.0, 10.0)
+    traffic.answers += [
+        Answer("http://api-1", ["sent before it healed"], 9.5, 10.2, status=200),
+        Answer("http://api-2", ["refused after"], 10.1, 10.3, status=503),
+    ]
+    assert traffic.recovered_at(fault.healed) is None
+    traffic.answers += [
+        Answer("http://api-1", ["the first after"], 10.2, 10.5, status=200),
+        Answer("http://api-2", ["a later one"], 10.4, 10.6, status=200),
+    ]
+    assert traffic.recovered_at(fault.healed) == 10.5
+    with patch("benchmarks.chaos.time.time", return_value=11.4):
+        assert not traffic.settled(fault)  # seen 0.9 s ago
+    with patch("benchmarks.chaos.time.time", return_value=11.5):
+        assert traffic.settled(fault)
+    unseen = Fault("200 ms latency for 10 s", 10.0, 20.0)
+    with patch("benchmarks.chaos.time.time", return_value=25.9):
+        assert not traffic.settled(unseen)
+    with patch("benchmarks.chaos.time.time", return_value=26.0):
+        assert traffic.settled(unseen)  # twice its bound gone by: the check finds it late
 
 
 @pytest.mark.slow
