@@ -425,6 +425,10 @@ class JobsWorker(SimpleWorker):
             log.warning("job %s failed: %s", job.id, exc_info[1])
             self.refused, self.too_large = job.id, (job.id, str(exc_info[1]))
             return
+        if isinstance(exc_info[1], RedisError):  # down, or refusing (full): no bug, so no traceback
+            then = "retried" if job.should_retry else "it fails"
+            log.warning("job %s: redis failed while it ran (%s); %s", job.id, describe(exc_info[1]), then)
+            return
         if isinstance(exc_info[1], TooLong):
             self.refused = job.id
         super().handle_exception(job, *exc_info)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -155,3 +156,38 @@ def test_a_job_whose_predictions_do_not_fit_fails_saying_so_once_and_the_next_on
         thread.join(10)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text[-3000:]
     assert "stopped unasked" not in caplog.text
+
+
+def test_a_job_whose_part_a_full_redis_refuses_is_retried_without_a_traceback(
+    full: redis.Redis, settings: Settings, classifier: Classifier, monkeypatch: pytest.MonkeyPatch, caplog: Caplog
+) -> None:
+    # Redis fills as a job queues its part (its LPUSH refused): RQ logged the error with a traceback
+    # as a bug's. It is a Redis that refuses, as when it is down: one line, and the job retried, which
+    # finishes once there is room (its failure write waits for that room meanwhile).
+    client = full
+    store = JobStore(client, settings)
+    worker = Worker(settings, client, classifier)
+    bulk = Bulk(settings, client)
+    send = bulk.send
+    filled = []
+
+    def filled_as_it_queues(texts: list[str]) -> Any:
+        if not filled:
+            filled.append(client.config_set("maxmemory", 1))
+            threading.Timer(0.5, client.config_set, ("maxmemory", 0)).start()  # room again, a moment later
+        return send(texts)
+
+    monkeypatch.setattr(bulk, "send", filled_as_it_queues)
+    caplog.set_level(logging.INFO)
+    thread = start_worker(worker)
+    try:
+        job_id = store.create(["queued as Redis fills"])
+        serve_jobs(settings, bulk, client, burst=True)
+        view = store.view(job_id)
+        assert view["status"] == "finished" and len(view["predictions"]) == 1
+    finally:
+        worker.stop()
+        thread.join(10)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text[-3000:]
+    [line] = [r.getMessage() for r in caplog.records if "while it ran" in r.getMessage()]
+    assert line == f"job {job_id}: redis failed while it ran (OutOfMemoryError); retried"
