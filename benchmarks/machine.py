@@ -8,10 +8,6 @@ import platform
 import subprocess
 from pathlib import Path
 
-import torch
-
-from model_store.engine import native_bf16
-
 
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo (Linux), else what the platform says."""
@@ -39,6 +35,12 @@ def git_commit(checkout: Path | None = None) -> str | None:
 
 
 def describe(device: str) -> dict[str, object]:
+    """The machine and software of a run (torch imported here: a command refused before it runs
+    never pays for that import)."""
+    import torch
+
+    from model_store.engine import native_bf16
+
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),

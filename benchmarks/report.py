@@ -8,12 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt
-from matplotlib.ticker import NullLocator
-
 from benchmarks.targets import shown
 
 
@@ -54,7 +48,14 @@ def replace_block(doc: Path, name: str, body: str) -> None:
 
 
 def plots(results: dict[str, Any], out: Path, tag: str) -> list[Path]:
-    """One PNG per measured part: limit per batch size, service vs naive per concurrency, cache vs bare."""
+    """One PNG per measured part: limit per batch size, service vs naive per concurrency, cache vs bare
+    (matplotlib imported here: a command refused before it runs never pays for that import)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
+
     written = []
     limit, naive, bare = results.get("limit"), results.get("naive") or [], results.get("bare") or []
     service = results.get("service") or {}
@@ -110,6 +111,8 @@ def plots(results: dict[str, Any], out: Path, tag: str) -> list[Path]:
 
 
 def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt  # (imported by `plots`)
+
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
