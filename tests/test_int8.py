@@ -298,7 +298,9 @@ def test_int8_without_an_artifact_says_how_to_make_one(tiny_model_dir: Path, tmp
     )
 
 
-@pytest.mark.parametrize("recipe", ["dynamic", "openvino"])  # one a runtime
+# One recipe a runtime; OpenVINO's six (4-6 s each, NNCF calibrating and OpenVINO compiling) outside
+# the fast tier, where the other OpenVINO tests still run its engine.
+@pytest.mark.parametrize("recipe", ["dynamic", pytest.param("openvino", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("architecture", ["distilbert", "bert"])
 @pytest.mark.parametrize("kind", ["single_label", "multi_label", "regression"])
 def test_every_head_answers_as_fp32_does(recipe: str, architecture: str, kind: str, tmp_path: Path) -> None:
