@@ -7,11 +7,11 @@ own (`benchmarks/fault_proxy.py`) and restarted when it dies (`sentiment.supervi
 would). Load: clients posting 1-4 texts to /predict (a hot pool that hits the cache, and new texts),
 and such requests sent open loop a few a second (`Traffic._probing`), round robin over the APIs (a
 refused connection goes to the other, as a load balancer does), and a bulk job every few seconds,
-polled to its end. Faults, spaced evenly over the run (twice each in
-the full run): SIGKILL of a worker, an API process or the jobs worker (always the second of each: the
-first lives the whole run, for the memory check); Redis SIGKILL and restart; a 5 s blackhole; 200 ms
-of added latency; connection resets; every open connection gone silent; a garbage heartbeat and
-garbage work items written into Redis; Redis full (`Faults.full_redis`).
+polled to its end. Faults, spaced evenly over the run (twice each in the full run): SIGKILL of a
+worker, an API process or the jobs worker (always the second of each: the first lives the whole run,
+for the memory check); Redis SIGKILL and restart; a 5 s blackhole; 200 ms of added latency;
+connection resets; every open connection gone silent; a garbage heartbeat and garbage work items
+written into Redis; Redis full (`Faults.full_redis`).
 
 Checked (`check`): every 200 carries the right predictions (the model run here, in process); every
 other answer is a 503 with Retry-After or a 504, within the deadline + 1 s; a connection error only
